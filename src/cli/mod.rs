@@ -1,0 +1,1 @@
+//! Command-line verbs. `main.rs` parses arguments and calls into here.

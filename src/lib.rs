@@ -1,0 +1,13 @@
+//! ferry: a durable cross-cluster replication relay.
+//!
+//! The data path, stage by stage (see `docs/ARCHITECTURE.md`):
+//! source Redis → [`redis::psync`] (replica-side replication client, streaming
+//! [`redis::rdb`] parse) → listener WAL → gRPC → drainer WAL → applier → target Redis.
+//!
+//! This crate is a library with one thin binary (`src/main.rs`); every stage
+//! lives in its own module and can be used on its own by recovery tooling and
+//! benchmarks.
+
+pub mod cli;
+pub mod position;
+pub mod redis;

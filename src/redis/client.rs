@@ -1,0 +1,235 @@
+//! A small async Redis client over [`super::resp`]: connect, authenticate,
+//! select a db, send commands one at a time or pipelined.
+//!
+//! What flows in: [`Command`]s. What flows out: reply [`Frame`]s, in order.
+//! Used for the target side (apply, `rdb load`), for admin look-ups (`INFO`)
+//! and for the replication handshake before the connection is handed to
+//! [`super::psync`] with [`Client::into_parts`].
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::command::Command;
+use super::resp::{encode_command, Frame, RespDecoder, RespError, RespLimits};
+use super::url::RedisUrl;
+
+/// Connection settings.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    pub connect_timeout: Duration,
+    pub limits: RespLimits,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            connect_timeout: Duration::from_secs(5),
+            limits: RespLimits::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("timed out connecting to {addr}")]
+    ConnectTimeout { addr: String },
+    #[error("i/o error talking to redis: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Protocol(#[from] RespError),
+    #[error("redis replied with an error to {command}: {message}")]
+    Server { command: String, message: String },
+    #[error("redis closed the connection")]
+    Closed,
+    #[error("unexpected reply to {command}: {reply}")]
+    UnexpectedReply { command: String, reply: String },
+}
+
+/// One connection to a Redis server.
+pub struct Client {
+    stream: TcpStream,
+    read_buf: BytesMut,
+    write_buf: BytesMut,
+    decoder: RespDecoder,
+    /// Replies owed for commands queued or sent and not yet read.
+    pending: usize,
+}
+
+impl Client {
+    /// Connects with default options, then AUTHs and SELECTs as `url` says.
+    pub async fn connect(url: &RedisUrl) -> Result<Client, ClientError> {
+        Client::connect_with(url, &ClientOptions::default()).await
+    }
+
+    pub async fn connect_with(url: &RedisUrl, opts: &ClientOptions) -> Result<Client, ClientError> {
+        let addr = url.addr();
+        let stream =
+            match tokio::time::timeout(opts.connect_timeout, TcpStream::connect(&addr)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(source)) => return Err(ClientError::Connect { addr, source }),
+                Err(_) => return Err(ClientError::ConnectTimeout { addr }),
+            };
+        stream.set_nodelay(true)?;
+        let mut client = Client {
+            stream,
+            read_buf: BytesMut::with_capacity(16 * 1024),
+            write_buf: BytesMut::with_capacity(16 * 1024),
+            decoder: RespDecoder::new(opts.limits),
+            pending: 0,
+        };
+        if let Some(password) = &url.password {
+            match &url.user {
+                Some(user) => {
+                    client
+                        .call(["AUTH", user.as_str(), password.as_str()])
+                        .await?
+                }
+                None => client.call(["AUTH", password.as_str()]).await?,
+            };
+        }
+        if url.db != 0 {
+            client
+                .call(["SELECT".to_string(), url.db.to_string()])
+                .await?;
+        }
+        Ok(client)
+    }
+
+    /// Sends one command and waits for its reply; an error reply is
+    /// [`ClientError::Server`].
+    pub async fn call<I, T>(&mut self, args: I) -> Result<Frame, ClientError>
+    where
+        I: IntoIterator<Item = T>,
+        T: AsRef<[u8]>,
+    {
+        let cmd = Command::from_parts(args);
+        self.call_command(&cmd).await
+    }
+
+    pub async fn call_command(&mut self, cmd: &Command) -> Result<Frame, ClientError> {
+        self.queue(cmd);
+        self.flush().await?;
+        let reply = self.read_reply().await?;
+        match reply.error_message() {
+            Some(message) => Err(ClientError::Server {
+                command: command_name(cmd),
+                message,
+            }),
+            None => Ok(reply),
+        }
+    }
+
+    /// Buffers a command; it is sent by the next [`Client::flush`].
+    pub fn queue(&mut self, cmd: &Command) {
+        encode_command(&cmd.args, &mut self.write_buf);
+        self.pending += 1;
+    }
+
+    /// Bytes queued and not yet flushed.
+    pub fn queued_bytes(&self) -> usize {
+        self.write_buf.len()
+    }
+
+    /// Replies owed for commands sent or queued.
+    pub fn pending_replies(&self) -> usize {
+        self.pending
+    }
+
+    pub async fn flush(&mut self) -> Result<(), ClientError> {
+        if !self.write_buf.is_empty() {
+            self.stream.write_all(&self.write_buf).await?;
+            self.write_buf.clear();
+        }
+        Ok(())
+    }
+
+    /// Reads the next reply; error replies come back as frames, not errors.
+    pub async fn read_reply(&mut self) -> Result<Frame, ClientError> {
+        let frame = self.read_frame().await?;
+        self.pending = self.pending.saturating_sub(1);
+        Ok(frame)
+    }
+
+    /// Reads the next frame without counting it as a reply (push messages,
+    /// or a stream the server writes on its own).
+    pub async fn read_frame(&mut self) -> Result<Frame, ClientError> {
+        loop {
+            if let Some((frame, _)) = self.decoder.decode_frame(&mut self.read_buf)? {
+                return Ok(frame);
+            }
+            self.read_buf.reserve(16 * 1024);
+            if self.stream.read_buf(&mut self.read_buf).await? == 0 {
+                return Err(ClientError::Closed);
+            }
+        }
+    }
+
+    /// Sends all commands in one write and reads all their replies.
+    pub async fn pipeline(&mut self, cmds: &[Command]) -> Result<Vec<Frame>, ClientError> {
+        for cmd in cmds {
+            self.queue(cmd);
+        }
+        self.flush().await?;
+        let mut replies = Vec::with_capacity(cmds.len());
+        for _ in cmds {
+            replies.push(self.read_reply().await?);
+        }
+        Ok(replies)
+    }
+
+    /// `INFO [section]` as a map of `field -> value`.
+    pub async fn info(&mut self, section: &str) -> Result<HashMap<String, String>, ClientError> {
+        let reply = self.call(["INFO", section]).await?;
+        let text = reply
+            .as_bytes()
+            .ok_or_else(|| ClientError::UnexpectedReply {
+                command: "INFO".into(),
+                reply: format!("{reply:?}"),
+            })?;
+        Ok(parse_info(&String::from_utf8_lossy(text)))
+    }
+
+    /// The socket, the bytes read past the last decoded frame, and the decoder
+    /// (whose `consumed()` counts every byte decoded so far).
+    pub fn into_parts(self) -> (TcpStream, BytesMut, RespDecoder) {
+        (self.stream, self.read_buf, self.decoder)
+    }
+}
+
+/// Parses `INFO` text (`field:value` lines, `#` section headers).
+pub fn parse_info(text: &str) -> HashMap<String, String> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect()
+}
+
+fn command_name(cmd: &Command) -> String {
+    String::from_utf8_lossy(cmd.name()).to_uppercase()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_info_text() {
+        let info = parse_info("# Replication\r\nrole:master\r\nmaster_repl_offset:42\r\n\r\n");
+        assert_eq!(info.get("role").map(String::as_str), Some("master"));
+        assert_eq!(
+            info.get("master_repl_offset").map(String::as_str),
+            Some("42")
+        );
+    }
+}

@@ -1,0 +1,200 @@
+//! Redis addresses: `redis://[[user]:password@]host[:port][/db]`, or a bare
+//! `host:port`. The password never appears in `Display` output.
+
+use std::fmt;
+
+/// A parsed Redis address.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisUrl {
+    pub host: String,
+    pub port: u16,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub db: u32,
+}
+
+/// Why an address was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("bad redis address {input:?}: {reason}")]
+pub struct UrlError {
+    pub input: String,
+    pub reason: String,
+}
+
+impl RedisUrl {
+    pub fn parse(input: &str) -> Result<RedisUrl, UrlError> {
+        let fail = |reason: &str| UrlError {
+            input: redact(input),
+            reason: reason.to_string(),
+        };
+        let rest = match input.split_once("://") {
+            Some(("redis", rest)) => rest,
+            Some((scheme, _)) => {
+                return Err(fail(&format!(
+                    "unsupported scheme {scheme:?} (only redis://)"
+                )))
+            }
+            None => input,
+        };
+        let (auth, hostpart) = match rest.rsplit_once('@') {
+            Some((auth, host)) => (Some(auth), host),
+            None => (None, rest),
+        };
+        let (user, password) = match auth {
+            None => (None, None),
+            Some(auth) => match auth.split_once(':') {
+                Some((user, pass)) => (
+                    (!user.is_empty())
+                        .then(|| percent_decode(user))
+                        .transpose()
+                        .map_err(|e| fail(&e))?,
+                    Some(percent_decode(pass).map_err(|e| fail(&e))?),
+                ),
+                // `redis://secret@host` is the password-only form.
+                None => (None, Some(percent_decode(auth).map_err(|e| fail(&e))?)),
+            },
+        };
+        let (hostport, db) = match hostpart.split_once('/') {
+            Some((hp, "")) => (hp, 0),
+            Some((hp, db)) => (
+                hp,
+                db.parse()
+                    .map_err(|_| fail(&format!("bad db index {db:?}")))?,
+            ),
+            None => (hostpart, 0),
+        };
+        let (host, port) = if let Some(stripped) = hostport.strip_prefix('[') {
+            let (h, p) = stripped
+                .split_once(']')
+                .ok_or_else(|| fail("unclosed '[' in IPv6 host"))?;
+            (h.to_string(), p.strip_prefix(':'))
+        } else {
+            match hostport.rsplit_once(':') {
+                Some((h, p)) => (h.to_string(), Some(p)),
+                None => (hostport.to_string(), None),
+            }
+        };
+        if host.is_empty() {
+            return Err(fail("missing host"));
+        }
+        let port = match port {
+            None => 6379,
+            Some(p) => p.parse().map_err(|_| fail(&format!("bad port {p:?}")))?,
+        };
+        Ok(RedisUrl {
+            host,
+            port,
+            user,
+            password,
+            db,
+        })
+    }
+
+    /// `host:port`, suitable for `TcpStream::connect`.
+    pub fn addr(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl std::str::FromStr for RedisUrl {
+    type Err = UrlError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        RedisUrl::parse(s)
+    }
+}
+
+impl fmt::Display for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "redis://")?;
+        match (&self.user, &self.password) {
+            (Some(u), Some(_)) => write!(f, "{u}:***@")?,
+            (Some(u), None) => write!(f, "{u}@")?,
+            (None, Some(_)) => write!(f, ":***@")?,
+            (None, None) => {}
+        }
+        write!(f, "{}", self.addr())?;
+        if self.db != 0 {
+            write!(f, "/{}", self.db)?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+fn redact(input: &str) -> String {
+    match (input.find("://"), input.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}***{}", &input[..s + 3], &input[at..]),
+        (None, Some(at)) => format!("***{}", &input[at..]),
+        _ => input.to_string(),
+    }
+}
+
+fn percent_decode(s: &str) -> Result<String, String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3).ok_or("truncated %-escape")?;
+            let hex = std::str::from_utf8(hex).map_err(|_| "bad %-escape")?;
+            out.push(u8::from_str_radix(hex, 16).map_err(|_| "bad %-escape")?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| "credentials are not UTF-8".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_forms() {
+        let u = RedisUrl::parse("redis://admin:p%40ss@127.0.0.1:7000/3").unwrap();
+        assert_eq!((u.host.as_str(), u.port, u.db), ("127.0.0.1", 7000, 3));
+        assert_eq!(u.user.as_deref(), Some("admin"));
+        assert_eq!(u.password.as_deref(), Some("p@ss"));
+        assert_eq!(u.to_string(), "redis://admin:***@127.0.0.1:7000/3");
+
+        let u = RedisUrl::parse("localhost:6380").unwrap();
+        assert_eq!(
+            (u.host.as_str(), u.port, u.user, u.password),
+            ("localhost", 6380, None, None)
+        );
+
+        let u = RedisUrl::parse("redis://:secret@h").unwrap();
+        assert_eq!(
+            (u.port, u.user, u.password.as_deref()),
+            (6379, None, Some("secret"))
+        );
+
+        let u = RedisUrl::parse("redis://[::1]:7001").unwrap();
+        assert_eq!(u.addr(), "[::1]:7001");
+    }
+
+    #[test]
+    fn refuses_bad_addresses_without_leaking_passwords() {
+        for bad in [
+            "http://h:1",
+            "redis://:pw@h:notaport",
+            "redis://h:1/x",
+            "redis://",
+            "redis://[::1",
+        ] {
+            let err = RedisUrl::parse(bad).unwrap_err();
+            assert!(!err.to_string().contains("pw@"), "{err}");
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! Test support: real `redis-server` processes on free loopback ports, each
+//! in its own temp dir, killed on drop.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A free TCP port on 127.0.0.1 (bound, then released).
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener.local_addr().expect("local addr").port()
+}
+
+/// Path of the shared RDB fixtures, relative to the crate root.
+pub fn fixtures_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/rdb")
+}
+
+pub fn redis_server_bin() -> String {
+    std::env::var("FERRY_REDIS_SERVER").unwrap_or_else(|_| "redis-server".to_string())
+}
+
+pub fn redis_cli_bin() -> String {
+    std::env::var("FERRY_REDIS_CLI").unwrap_or_else(|_| "redis-cli".to_string())
+}
+
+/// A running `redis-server`.
+pub struct RedisServer {
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl RedisServer {
+    /// Starts a server with debug commands enabled, no persistence, and
+    /// `extra` config directives (e.g. `["--repl-diskless-sync", "yes"]`).
+    pub fn start(extra: &[&str]) -> RedisServer {
+        let dir = tempfile::tempdir().expect("temp dir");
+        Self::start_in(dir, extra)
+    }
+
+    /// Starts a server in `dir` (which may already hold a `dump.rdb`).
+    pub fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> RedisServer {
+        for _attempt in 0..5 {
+            let port = free_port();
+            let mut cmd = Command::new(redis_server_bin());
+            cmd.arg("--port")
+                .arg(port.to_string())
+                .args(["--bind", "127.0.0.1"])
+                .arg("--dir")
+                .arg(dir.path())
+                .args(["--save", "", "--appendonly", "no"])
+                .args(["--enable-debug-command", "yes"])
+                .args(["--daemonize", "no", "--protected-mode", "no"])
+                .args(["--logfile", "redis.log"])
+                .args(extra)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            let mut child = cmd
+                .spawn()
+                .unwrap_or_else(|e| panic!("spawn {}: {e}", redis_server_bin()));
+            if wait_ready(&mut child, port, Duration::from_secs(20)) {
+                return RedisServer { port, dir, child };
+            }
+            // Port taken between free_port() and bind, or a slow start: retry.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("redis-server did not start (log in {:?})", dir.path());
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Runs `redis-cli` against this server; returns stdout.
+    pub fn cli(&self, args: &[&str]) -> std::io::Result<String> {
+        let out = Command::new(redis_cli_bin())
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(args)
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `redis-cli` that must succeed; returns trimmed stdout.
+    pub fn cmd(&self, args: &[&str]) -> String {
+        self.cli(args).expect("redis-cli").trim().to_string()
+    }
+
+    /// A field of `INFO`.
+    pub fn info_field(&self, field: &str) -> Option<String> {
+        let info = self.cmd(&["INFO", "everything"]);
+        info.lines()
+            .filter_map(|l| l.split_once(':'))
+            .find(|(k, _)| *k == field)
+            .map(|(_, v)| v.trim().to_string())
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("redis.log")
+    }
+
+    /// Kills the server without letting it save.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_ready(child: &mut Child, port: u16, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return false;
+        }
+        let out = Command::new(redis_cli_bin())
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "PING"])
+            .output();
+        if let Ok(out) = out {
+            let reply = String::from_utf8_lossy(&out.stdout);
+            if reply.contains("PONG") || reply.contains("NOAUTH") {
+                return true;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
