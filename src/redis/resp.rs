@@ -852,4 +852,99 @@ mod tests {
             b"*4\r\n$3\r\nSET\r\n$3\r\nkey\r\n$19\r\na value with spaces\r\n$0\r\n\r\n"
         );
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn bytes() -> impl Strategy<Value = Bytes> {
+            proptest::collection::vec(any::<u8>(), 0..40).prop_map(Bytes::from)
+        }
+
+        fn line() -> impl Strategy<Value = Bytes> {
+            proptest::collection::vec(
+                any::<u8>().prop_filter("no CR/LF", |b| *b != b'\r' && *b != b'\n'),
+                0..20,
+            )
+            .prop_map(Bytes::from)
+        }
+
+        fn frame() -> impl Strategy<Value = Frame> {
+            let leaf = prop_oneof![
+                line().prop_map(Frame::Simple),
+                line().prop_map(Frame::Error),
+                any::<i64>().prop_map(Frame::Integer),
+                bytes().prop_map(Frame::Bulk),
+                Just(Frame::Null),
+                any::<f64>()
+                    .prop_filter("NaN never equals itself", |d| !d.is_nan())
+                    .prop_map(Frame::Double),
+                any::<bool>().prop_map(Frame::Boolean),
+                bytes().prop_map(Frame::BulkError),
+                (proptest::array::uniform3(b'a'..=b'z'), bytes())
+                    .prop_map(|(format, text)| Frame::Verbatim { format, text }),
+            ];
+            leaf.prop_recursive(4, 64, 8, |inner| {
+                prop_oneof![
+                    proptest::collection::vec(inner.clone(), 0..8).prop_map(Frame::Array),
+                    proptest::collection::vec(inner.clone(), 0..8).prop_map(Frame::Set),
+                    proptest::collection::vec(inner.clone(), 0..8).prop_map(Frame::Push),
+                    proptest::collection::vec((inner.clone(), inner), 0..4).prop_map(Frame::Map),
+                ]
+            })
+        }
+
+        proptest! {
+            /// Any split of a valid stream into reads decodes to the same frames
+            /// with the same wire lengths.
+            #[test]
+            fn any_split_decodes_the_same(frames in proptest::collection::vec(frame(), 1..6),
+                                          cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..8)) {
+                let mut wire = BytesMut::new();
+                let mut lens = Vec::new();
+                for f in &frames {
+                    let before = wire.len();
+                    f.encode(&mut wire);
+                    lens.push(wire.len() - before);
+                }
+                let mut points: Vec<usize> = cuts.iter().map(|i| i.index(wire.len() + 1)).collect();
+                points.push(wire.len());
+                points.sort_unstable();
+                let mut dec = RespDecoder::default();
+                let mut buf = BytesMut::new();
+                let mut got = Vec::new();
+                let mut fed = 0;
+                for p in points {
+                    buf.extend_from_slice(&wire[fed..p]);
+                    fed = p;
+                    while let Some((f, len)) = dec.decode_frame(&mut buf).unwrap() {
+                        got.push((f, len));
+                    }
+                }
+                prop_assert_eq!(buf.len(), 0);
+                prop_assert_eq!(dec.consumed(), wire.len() as u64);
+                let expected: Vec<(Frame, usize)> = frames.into_iter().zip(lens).collect();
+                prop_assert_eq!(got, expected);
+            }
+
+            /// Arbitrary bytes never panic the decoder, and every error names an
+            /// offset inside the input.
+            #[test]
+            fn garbage_is_an_error_not_a_panic(data in proptest::collection::vec(any::<u8>(), 0..256)) {
+                let mut dec = RespDecoder::new(RespLimits { max_bulk_len: 1 << 20, max_aggregate_len: 1 << 10, max_depth: 8, max_line_len: 128 });
+                let mut buf = BytesMut::from(&data[..]);
+                loop {
+                    match dec.decode_frame(&mut buf) {
+                        Ok(Some(_)) => continue,
+                        Ok(None) => break,
+                        Err(RespError::Invalid { offset, .. }) | Err(RespError::TooLarge { offset, .. }) | Err(RespError::TooDeep { offset, .. }) => {
+                            prop_assert!(offset <= data.len() as u64);
+                            break;
+                        }
+                        Err(e) => return Err(TestCaseError::fail(format!("unexpected {e}"))),
+                    }
+                }
+            }
+        }
+    }
 }
