@@ -1613,3 +1613,229 @@ impl<R: Read> RdbParser<R> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::redis::rdb::encoding::{listpack, ziplist};
+
+    /// Builds RDB bytes by hand for the forms no public fixture covers.
+    struct RdbWriter(Vec<u8>);
+
+    impl RdbWriter {
+        fn new(version: u32) -> RdbWriter {
+            RdbWriter(format!("REDIS{version:04}").into_bytes())
+        }
+
+        fn byte(&mut self, b: u8) -> &mut Self {
+            self.0.push(b);
+            self
+        }
+
+        fn len(&mut self, len: u64) -> &mut Self {
+            if len < 64 {
+                self.0.push(len as u8);
+            } else if len < 16384 {
+                self.0.push(0x40 | (len >> 8) as u8);
+                self.0.push(len as u8);
+            } else {
+                self.0.push(0x81);
+                self.0.extend_from_slice(&len.to_be_bytes());
+            }
+            self
+        }
+
+        fn string(&mut self, s: &[u8]) -> &mut Self {
+            self.len(s.len() as u64);
+            self.0.extend_from_slice(s);
+            self
+        }
+
+        fn raw(&mut self, bytes: &[u8]) -> &mut Self {
+            self.0.extend_from_slice(bytes);
+            self
+        }
+
+        fn finish(&mut self) -> Vec<u8> {
+            self.0.push(OPCODE_EOF);
+            let crc = crc64(0, &self.0);
+            self.0.extend_from_slice(&crc.to_le_bytes());
+            std::mem::take(&mut self.0)
+        }
+    }
+
+    fn events(data: &[u8]) -> Result<Vec<RdbEvent>, RdbError> {
+        let mut parser = RdbParser::new(data, ParseOptions::default());
+        let mut out = Vec::new();
+        while let Some(ev) = parser.next_event()? {
+            out.push(ev);
+        }
+        Ok(out)
+    }
+
+    fn hash_fields(events: &[RdbEvent]) -> Vec<HashField> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                RdbEvent::Chunk(ValueChunk::HashFields(f)) => Some(f.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    }
+
+    fn field(f: &str, v: &str, ttl: Option<i64>) -> HashField {
+        HashField {
+            field: Bytes::copy_from_slice(f.as_bytes()),
+            value: Bytes::copy_from_slice(v.as_bytes()),
+            expire_ms: ttl,
+        }
+    }
+
+    #[test]
+    fn hash_metadata_ttls_are_relative_to_the_minimum() {
+        let min = 1_800_000_000_000i64;
+        let data = RdbWriter::new(12)
+            .byte(TYPE_HASH_METADATA)
+            .string(b"h")
+            .raw(&min.to_le_bytes())
+            .len(2)
+            .len(0)
+            .string(b"a")
+            .string(b"1")
+            .len(501)
+            .string(b"b")
+            .string(b"2")
+            .finish();
+        let evs = events(&data).unwrap();
+        assert_eq!(
+            hash_fields(&evs),
+            vec![field("a", "1", None), field("b", "2", Some(min + 500))]
+        );
+    }
+
+    #[test]
+    fn hash_listpack_ex_carries_field_ttls() {
+        let lp = listpack::encode(&[
+            Element::Str(Bytes::from_static(b"a")),
+            Element::Str(Bytes::from_static(b"1")),
+            Element::Int(0),
+            Element::Str(Bytes::from_static(b"b")),
+            Element::Str(Bytes::from_static(b"x")),
+            Element::Int(1_800_000_000_123),
+        ]);
+        let data = RdbWriter::new(12)
+            .byte(TYPE_HASH_LISTPACK_EX)
+            .string(b"h")
+            .raw(&1_800_000_000_123i64.to_le_bytes())
+            .string(&lp)
+            .finish();
+        let evs = events(&data).unwrap();
+        assert_eq!(
+            hash_fields(&evs),
+            vec![field("a", "1", None), field("b", "x", Some(1_800_000_000_123))]
+        );
+        let Some(RdbEvent::KeyEnd { raw: Some(raw) }) = evs.iter().rev().nth(1) else {
+            panic!("raw capture: {evs:?}")
+        };
+        assert_eq!(raw[0], TYPE_HASH_LISTPACK_EX);
+        // Everything but the header, the key name, EOF and the checksum.
+        assert_eq!(raw.len(), data.len() - 9 - 2 - 9);
+    }
+
+    #[test]
+    fn pre_ga_function_keeps_the_code() {
+        let data = RdbWriter::new(10)
+            .byte(OPCODE_FUNCTION_PRE_GA)
+            .string(b"mylib")
+            .string(b"LUA")
+            .len(1)
+            .string(b"a description")
+            .string(b"redis.register_function('f', function() return 1 end)")
+            .finish();
+        let evs = events(&data).unwrap();
+        assert_eq!(
+            evs[1],
+            RdbEvent::Function {
+                code: Bytes::from_static(b"redis.register_function('f', function() return 1 end)")
+            }
+        );
+    }
+
+    #[test]
+    fn pre_ga_module_values_are_refused() {
+        let data = RdbWriter::new(8).byte(TYPE_MODULE_PRE_GA).string(b"k").len(1).finish();
+        let err = events(&data).unwrap_err();
+        assert!(matches!(err, RdbError::Unsupported { offset: 9, ref what } if what.contains("\"k\"")), "{err}");
+    }
+
+    #[test]
+    fn seconds_expiry_and_enterprise_hints() {
+        let data = RdbWriter::new(9)
+            .byte(OPCODE_EXPIRETIME)
+            .raw(&1_700_000_000i32.to_le_bytes())
+            .byte(OPCODE_RAM_LRU)
+            .len(77)
+            .byte(TYPE_STRING)
+            .string(b"k")
+            .raw(&[0xC0, 0xFB]) // int8 -5
+            .finish();
+        let evs = events(&data).unwrap();
+        let RdbEvent::KeyStart(header) = &evs[1] else { panic!("{evs:?}") };
+        assert_eq!(header.expire_ms, Some(1_700_000_000_000));
+        assert_eq!(evs[2], RdbEvent::Chunk(ValueChunk::String(Bytes::from_static(b"-5"))));
+    }
+
+    #[test]
+    fn corrupt_blobs_name_the_blob_offset_and_key() {
+        let mut zl = ziplist::encode(&[Element::Str(Bytes::from_static(b"abc"))]);
+        zl[11] = 40; // string length past the end
+        let data = RdbWriter::new(9)
+            .byte(TYPE_LIST_ZIPLIST)
+            .string(b"mylist")
+            .string(&zl)
+            .finish();
+        match events(&data) {
+            Err(RdbError::Corrupt { offset, what }) => {
+                assert_eq!(offset, 9 + 1 + 7, "blob starts after type and key");
+                assert!(what.contains("\"mylist\"") && what.contains("ziplist"), "{what}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn lying_lengths_do_not_allocate() {
+        // A 4 GiB string claim in a 20-byte input: refused by the limit, or
+        // by the end of input, without allocating the claimed size.
+        let mut w = RdbWriter::new(9);
+        w.byte(TYPE_STRING).string(b"k").raw(&[0x80, 0xFF, 0xFF, 0xFF, 0xF0]);
+        let data = w.0.clone();
+        let opts = ParseOptions {
+            max_string_len: u64::MAX,
+            ..ParseOptions::default()
+        };
+        let mut parser = RdbParser::new(&data[..], opts);
+        let mut result = Ok(None);
+        for _ in 0..4 {
+            result = parser.next_event();
+            if result.is_err() {
+                break;
+            }
+        }
+        assert!(matches!(result, Err(RdbError::UnexpectedEof { .. })), "{result:?}");
+        assert!(matches!(events(&data), Err(RdbError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn module_names_decode() {
+        // "ReJSON-RL" encver 1, as in redis-rdb-tools' redis_40_with_module.rdb.
+        let charset = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let id = b"ReJSON-RL"
+            .iter()
+            .fold(0u64, |acc, c| (acc << 6) | charset.iter().position(|x| x == c).unwrap() as u64)
+            << 10
+            | 1;
+        assert_eq!(module_name(id), "ReJSON-RL");
+    }
+}
