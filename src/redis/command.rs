@@ -57,7 +57,8 @@
 //! Redis in one documented place: a key count that is not a non-negative
 //! integer, or that exceeds the arguments, is an error even for EVAL/FCALL
 //! (which Redis' GETKEYS answers with no keys, while EVAL itself fails).
-//! A key count of 0 is valid only for commands flagged `no_mandatory_keys`
+//! A command whose key specs all find nothing (XREAD without `STREAMS`) is
+//! [`CommandError::MissingKeys`]. A key count of 0 is valid only for commands flagged `no_mandatory_keys`
 //! (EVAL, EVALSHA, EVAL_RO, EVALSHA_RO, FCALL, FCALL_RO).
 //!
 //! # Cluster slots
@@ -440,6 +441,8 @@ pub enum CommandError {
         last: i64,
         argc: usize,
     },
+    #[error("'{command}': no key argument found (a required keyword is missing)")]
+    MissingKeys { command: String },
     #[error("'{command}': {reason} at argument {index}")]
     InvalidKeyLayout {
         command: String,
@@ -520,9 +523,7 @@ pub fn lookup_args(args: &[Bytes]) -> Option<&'static CommandSpec> {
 pub fn resolve(cmd: &Command) -> Result<&'static CommandSpec, CommandError> {
     let args = &cmd.args;
     let name = args.first().ok_or(CommandError::Empty)?;
-    let base = lookup_name(name).ok_or_else(|| CommandError::Unknown {
-        name: lossy(name),
-    })?;
+    let base = lookup_name(name).ok_or_else(|| CommandError::Unknown { name: lossy(name) })?;
     let spec = match args.get(1) {
         Some(sub) if base.is_container() => {
             search(base.subcommands, sub, |spec| spec.subcommand.unwrap_or("")).ok_or_else(
@@ -613,34 +614,66 @@ fn lossy(arg: &[u8]) -> String {
 }
 
 /// Appends the key indices of `args` (already resolved to `spec`, arity
-/// checked) to `out`.
+/// checked) to `out`: the key specs first, and, as in Redis, the command's
+/// [`KeyProc`] when they cannot answer (a spec that is incomplete, unknown or
+/// does not fit the arguments).
 fn find_keys(
     spec: &'static CommandSpec,
     args: &[Bytes],
     include_not_keys: bool,
     out: &mut Vec<usize>,
 ) -> Result<(), CommandError> {
-    match spec.key_proc {
-        KeyProc::Specs => {
-            for key_spec in spec.key_specs {
-                if key_spec.flags.contains(KeySpecFlags::NOT_KEY) && !include_not_keys {
-                    continue;
-                }
-                spec_keys(spec, key_spec, args, out)?;
-            }
-            Ok(())
-        }
-        KeyProc::SortRo => {
+    let from_specs = specs_keys(spec, args, include_not_keys, out);
+    match (from_specs, spec.key_proc) {
+        (Ok(()), _) => Ok(()),
+        (Err(error), KeyProc::Specs) => Err(error),
+        (Err(_), KeyProc::SortRo) => {
+            out.clear();
             out.push(1);
             Ok(())
         }
-        KeyProc::Sort => {
+        (Err(_), KeyProc::Sort) => {
+            out.clear();
             out.push(1);
             sort_store_key(args, out);
             Ok(())
         }
-        KeyProc::Migrate => migrate_keys(spec, args, out),
+        (Err(_), KeyProc::Migrate) => {
+            out.clear();
+            migrate_keys(spec, args, out)
+        }
     }
+}
+
+fn specs_keys(
+    spec: &'static CommandSpec,
+    args: &[Bytes],
+    include_not_keys: bool,
+    out: &mut Vec<usize>,
+) -> Result<(), CommandError> {
+    let mut has_real_keys = false;
+    for key_spec in spec.key_specs {
+        let not_key = key_spec.flags.contains(KeySpecFlags::NOT_KEY);
+        if not_key && !include_not_keys {
+            continue;
+        }
+        has_real_keys |= !not_key;
+        match spec_keys(spec, key_spec, args, out) {
+            Ok(()) => {}
+            // Channels only steer cluster routing: SUNSUBSCRIBE with no
+            // channel at all is valid and simply has no slot.
+            Err(_) if not_key => {}
+            Err(error) => return Err(error),
+        }
+    }
+    // A command with keys whose key specs all found nothing (XREAD without
+    // STREAMS) would be rejected; Redis' GETKEYS says so too.
+    if has_real_keys && out.is_empty() && !spec.flags.contains(CommandFlags::NO_MANDATORY_KEYS) {
+        return Err(CommandError::MissingKeys {
+            command: spec.to_string(),
+        });
+    }
+    Ok(())
 }
 
 /// Applies one key spec (see the module docs for the rules).
@@ -658,9 +691,6 @@ fn spec_keys(
         index: 0,
         reason: "key spec cannot be interpreted",
     };
-    if key_spec.flags.contains(KeySpecFlags::INCOMPLETE) {
-        return Err(unsupported());
-    }
     let start = match key_spec.begin_search {
         BeginSearch::Index { pos } => i64::from(pos),
         BeginSearch::Keyword { keyword, startfrom } => {
@@ -736,6 +766,11 @@ fn spec_keys(
     }
     let step = usize::try_from(step.max(1)).unwrap_or(1);
     out.extend((first as usize..=last as usize).step_by(step));
+    if key_spec.flags.contains(KeySpecFlags::INCOMPLETE) {
+        // The positions found may be only some of the keys: the command's
+        // KeyProc decides (MIGRATE's KEYS form).
+        return Err(unsupported());
+    }
     Ok(())
 }
 
@@ -1043,7 +1078,11 @@ mod tests {
         ));
         assert!(matches!(
             indices(&["GET"]),
-            Err(CommandError::WrongArity { arity: 2, argc: 1, .. })
+            Err(CommandError::WrongArity {
+                arity: 2,
+                argc: 1,
+                ..
+            })
         ));
         assert!(matches!(
             indices(&["CONFIG"]),
@@ -1119,6 +1158,7 @@ mod tests {
             Ok(Some(slot))
         );
         assert_eq!(command_slot(&cmd(&["PING"])), Ok(None));
+        assert_eq!(command_slot(&cmd(&["SUNSUBSCRIBE"])), Ok(None));
         assert_eq!(
             command_slot(&cmd(&["SPUBLISH", "chan", "m"])),
             Ok(Some(key_hash_slot(b"chan")))
