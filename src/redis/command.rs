@@ -14,8 +14,10 @@
 //! holds Redis' own arity, flags, legacy first/last/step and 7.0 key specs for
 //! every command and subcommand. Invariant: top-level entries are sorted by
 //! uppercase name, and each container's subcommands by uppercase subcommand
-//! name; [`lookup`] binary-searches both levels with the name uppercased into
-//! a stack buffer, so a lookup never allocates. `tests/command_table.rs`
+//! name. [`lookup`] finds a top-level name with a perfect hash generated with
+//! the table (FNV-1a of the uppercased name, see `name_hash`; one probe, one
+//! comparison) and a subcommand by binary search with the name uppercased
+//! into a stack buffer, so a lookup never allocates. `tests/command_table.rs`
 //! compares the table with `COMMAND INFO` of a live server.
 //!
 //! # Subcommands
@@ -469,18 +471,14 @@ pub fn table_redis_version() -> &'static str {
     command_table::REDIS_VERSION
 }
 
-/// Longest command or subcommand name in the table: a longer name is
-/// unknown without further work. Also sizes the lookup's stack buffer.
+/// Size of the subcommand lookup's stack buffer: at least the longest name
+/// in the table (a longer name is unknown without further work).
 const NAME_BUF_LEN: usize = 32;
 const _: () = assert!(command_table::MAX_NAME_LEN <= NAME_BUF_LEN);
 
-/// Binary search of `table` (sorted by `key`) for `name`, ASCII
-/// case-insensitively, without allocating.
-fn search(
-    table: &'static [CommandSpec],
-    name: &[u8],
-    key: impl Fn(&CommandSpec) -> &'static str,
-) -> Option<&'static CommandSpec> {
+/// Binary search of `container`'s subcommands (sorted by name) for `name`,
+/// ASCII case-insensitively, without allocating.
+fn search_subcommand(container: &'static CommandSpec, name: &[u8]) -> Option<&'static CommandSpec> {
     if name.len() > NAME_BUF_LEN {
         return None;
     }
@@ -489,15 +487,36 @@ fn search(
     upper.copy_from_slice(name);
     upper.make_ascii_uppercase();
     let upper = &*upper;
+    let table = container.subcommands;
     table
-        .binary_search_by(|spec| key(spec).as_bytes().cmp(upper))
+        .binary_search_by(|spec| spec.subcommand.unwrap_or("").as_bytes().cmp(upper))
         .ok()
         .map(|i| &table[i])
 }
 
-/// The top-level command named `name` (any case), containers included.
+/// 32-bit FNV-1a of the ASCII-uppercased `name` from `seed` (the generator
+/// computes the same hash to build `HASH_INDEX`).
+#[inline]
+fn name_hash(name: &[u8], seed: u32) -> u32 {
+    name.iter().fold(seed, |h, &b| {
+        (h ^ u32::from(b.to_ascii_uppercase())).wrapping_mul(0x0100_0193)
+    })
+}
+
+/// The top-level command named `name` (any case), containers included: one
+/// perfect-hash probe and one case-insensitive comparison.
 pub fn lookup_name(name: &[u8]) -> Option<&'static CommandSpec> {
-    search(command_table::COMMANDS, name, |spec| spec.name)
+    if name.len() > command_table::MAX_NAME_LEN {
+        return None;
+    }
+    let hash = name_hash(name, command_table::HASH_SEED);
+    let slot = (hash >> (32 - command_table::HASH_BITS)) as usize;
+    let index = usize::from(*command_table::HASH_INDEX.get(slot)?);
+    let spec = command_table::COMMANDS.get(index)?;
+    spec.name
+        .as_bytes()
+        .eq_ignore_ascii_case(name)
+        .then_some(spec)
 }
 
 /// The spec of `cmd`, resolving container commands to the subcommand named by
@@ -511,9 +530,7 @@ pub fn lookup(cmd: &Command) -> Option<&'static CommandSpec> {
 pub fn lookup_args(args: &[Bytes]) -> Option<&'static CommandSpec> {
     let base = lookup_name(args.first()?)?;
     match args.get(1) {
-        Some(sub) if base.is_container() => {
-            search(base.subcommands, sub, |spec| spec.subcommand.unwrap_or(""))
-        }
+        Some(sub) if base.is_container() => search_subcommand(base, sub),
         _ => Some(base),
     }
 }
@@ -526,12 +543,10 @@ pub fn resolve(cmd: &Command) -> Result<&'static CommandSpec, CommandError> {
     let base = lookup_name(name).ok_or_else(|| CommandError::Unknown { name: lossy(name) })?;
     let spec = match args.get(1) {
         Some(sub) if base.is_container() => {
-            search(base.subcommands, sub, |spec| spec.subcommand.unwrap_or("")).ok_or_else(
-                || CommandError::UnknownSubcommand {
-                    command: base.name.to_string(),
-                    subcommand: lossy(sub),
-                },
-            )?
+            search_subcommand(base, sub).ok_or_else(|| CommandError::UnknownSubcommand {
+                command: base.name.to_string(),
+                subcommand: lossy(sub),
+            })?
         }
         _ => base,
     };
@@ -1043,6 +1058,43 @@ mod tests {
                 assert!(pair[0].subcommand < pair[1].subcommand);
             }
         }
+    }
+
+    #[test]
+    fn perfect_hash_finds_every_name_and_only_those() {
+        let mixed_case = |name: &str| -> String {
+            name.chars()
+                .enumerate()
+                .map(|(i, c)| {
+                    if i % 2 == 0 {
+                        c.to_ascii_lowercase()
+                    } else {
+                        c
+                    }
+                })
+                .collect()
+        };
+        for spec in commands() {
+            for name in [
+                spec.name.to_string(),
+                spec.name.to_ascii_lowercase(),
+                mixed_case(spec.name),
+            ] {
+                assert_eq!(lookup_name(name.as_bytes()), Some(spec), "{name}");
+            }
+            // Near misses never resolve to a different name.
+            let longer = format!("{}X", spec.name);
+            let shorter = &spec.name[..spec.name.len() - 1];
+            let changed = format!("{}\0", shorter);
+            for probe in [longer.as_str(), shorter, changed.as_str()] {
+                if let Some(found) = lookup_name(probe.as_bytes()) {
+                    assert!(found.name.eq_ignore_ascii_case(probe), "{probe} -> {found}");
+                }
+            }
+        }
+        assert_eq!(lookup_name(b""), None);
+        assert_eq!(lookup_name(b"GET\0"), None);
+        assert_eq!(lookup_name("GÉT".as_bytes()), None);
     }
 
     #[test]
