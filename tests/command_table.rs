@@ -911,18 +911,33 @@ async fn table_matches_command_info_of_the_live_server() {
         problems.join("\n")
     );
 
-    // Also ask COMMAND INFO by name for a few, as the brief's check does.
-    let reply = client
-        .call(["COMMAND", "INFO", "set", "xreadgroup", "config|set"])
-        .await
-        .expect("COMMAND INFO");
-    for entry in items(&reply) {
+    // And COMMAND INFO by name for every entry of the table, subcommands
+    // addressed as `container|sub`, each checked on its own.
+    let mut names: Vec<String> = vec!["COMMAND".into(), "INFO".into()];
+    names.extend(all_entries().iter().map(|(_, spec)| spec.to_string()));
+    let reply = client.call(&names).await.expect("COMMAND INFO");
+    let entries = items(&reply);
+    assert_eq!(entries.len(), names.len() - 2);
+    for (name, entry) in names[2..].iter().zip(entries) {
+        if *entry == Frame::Null {
+            problems.push(format!("{name}: unknown to COMMAND INFO"));
+            continue;
+        }
         let sc = parse_server_command(entry);
         let args: Vec<&str> = sc.name.split('|').collect();
-        let spec = lookup(&Command::from_parts(&args)).expect("in table");
-        compare_info(&sc, spec, &mut problems);
+        match lookup(&Command::from_parts(&args)) {
+            Some(spec) if spec.to_string() == *name => compare_info(&sc, spec, &mut problems),
+            other => problems.push(format!(
+                "{name}: COMMAND INFO says {}, table {other:?}",
+                sc.name
+            )),
+        }
     }
-    assert!(problems.is_empty(), "{problems:?}");
+    assert!(
+        problems.is_empty(),
+        "table drifted from COMMAND INFO:\n{}",
+        problems.join("\n")
+    );
 }
 
 #[tokio::test]

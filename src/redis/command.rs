@@ -48,20 +48,30 @@
 //!   [`keys`] but used by [`command_slot`], because a cluster routes a
 //!   sharded channel by its slot.
 //!
-//! Three commands have key specs that Redis marks incomplete or unknown and
-//! resolves with dedicated code instead; [`KeyProc`] names the same rules here:
-//! SORT (key 1, plus the key after the last `STORE`, skipping the arguments of
-//! `LIMIT`, `GET` and `BY`), SORT_RO (key 1), MIGRATE (key 3, or the keys
-//! after `KEYS` when argument 3 is empty).
+//! A key count must be a strict decimal (Redis' `string2ll`: no sign, no
+//! leading zeros, no spaces); 0 is accepted only for commands flagged
+//! `no_mandatory_keys` (EVAL, EVALSHA, EVAL_RO, EVALSHA_RO, FCALL, FCALL_RO),
+//! and the keys it announces must all be present. Keys are in spec order
+//! (ZUNIONSTORE: destination first, then the sources).
 //!
-//! Where `COMMAND GETKEYS` would answer "Invalid arguments", these functions
-//! return a typed [`CommandError`] naming the argument. They are stricter than
-//! Redis in one documented place: a key count that is not a non-negative
-//! integer, or that exceeds the arguments, is an error even for EVAL/FCALL
-//! (which Redis' GETKEYS answers with no keys, while EVAL itself fails).
-//! A command whose key specs all find nothing (XREAD without `STREAMS`) is
-//! [`CommandError::MissingKeys`]. A key count of 0 is valid only for commands flagged `no_mandatory_keys`
-//! (EVAL, EVALSHA, EVAL_RO, EVALSHA_RO, FCALL, FCALL_RO).
+//! When a spec cannot answer (it is incomplete, unknown, or does not fit the
+//! arguments), Redis falls back to a getkeys procedure written for the
+//! command. For three commands that fallback is the normal path, and
+//! [`KeyProc`] implements the same rules here: SORT (key 1, plus the key
+//! after the last `STORE`, the arguments of `LIMIT`, `GET` and `BY` skipped),
+//! SORT_RO (key 1), MIGRATE (key 3, or, when a `KEYS` keyword is found, the
+//! keys after it, which requires an empty argument 3). For every other
+//! command the fallback only ever finds keys Redis' command would reject, so
+//! a spec that does not fit is a typed [`CommandError`] naming the argument:
+//! [`CommandError::InvalidNumkeys`], [`CommandError::NumkeysOutOfRange`],
+//! [`CommandError::KeysOutOfRange`], and [`CommandError::MissingKeys`] for a
+//! command whose key specs all found nothing (XREAD without `STREAMS`).
+//!
+//! `tests/command_table.rs` checks all of this against `COMMAND GETKEYS` of a
+//! live server. The answers differ only where the command itself fails:
+//! GETKEYS' fallback reads a key count with C `atoi` (so `01` or `2x` give
+//! keys), and answers "no keys" for EVAL/FCALL with a bad or too large count;
+//! ferry reports the bad count instead.
 //!
 //! # Cluster slots
 //!
