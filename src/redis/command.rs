@@ -461,7 +461,10 @@ pub enum CommandError {
         index: usize,
         reason: &'static str,
     },
-    #[error("'{command}': keys hash to different slots ({slot} at argument {first_index}, {other_slot} at argument {other_index})")]
+    #[error(
+        "'{command}': keys hash to different slots ({slot} at argument {first_index}, \
+         {other_slot} at argument {other_index})"
+    )]
     CrossSlot {
         command: String,
         slot: u16,
@@ -596,7 +599,10 @@ pub fn key_indices_into(cmd: &Command, out: &mut Vec<usize>) -> Result<(), Comma
 /// The keys of `cmd` (cheap clones of its arguments), as [`key_indices`].
 pub fn keys(cmd: &Command) -> Result<Vec<Bytes>, CommandError> {
     let indices = key_indices(cmd)?;
-    Ok(indices.into_iter().map(|i| cmd.args[i].clone()).collect())
+    Ok(indices
+        .into_iter()
+        .filter_map(|i| cmd.args.get(i).cloned())
+        .collect())
 }
 
 /// The cluster slot of `cmd`: `None` when it has no keys, the common slot of
@@ -608,7 +614,10 @@ pub fn command_slot(cmd: &Command) -> Result<Option<u16>, CommandError> {
     find_keys(spec, &cmd.args, true, &mut indices)?;
     let mut first: Option<(usize, u16)> = None;
     for index in indices {
-        let slot = key_hash_slot(&cmd.args[index]);
+        let Some(key) = cmd.args.get(index) else {
+            continue; // indices come from bounds-checked ranges
+        };
+        let slot = key_hash_slot(key);
         match first {
             None => first = Some((index, slot)),
             Some((first_index, first_slot)) if first_slot != slot => {
