@@ -288,3 +288,241 @@ async fn full_sync_then_stream_disk_based() {
 async fn full_sync_then_stream_diskless() {
     full_sync_then_stream(true).await;
 }
+
+/// The `slave0:` line of the master's INFO: its acked offset.
+async fn replica_ack(server: &RedisServer) -> Option<u64> {
+    let line = info(server).await.get("slave0")?.clone();
+    line.split(',')
+        .find_map(|kv| kv.strip_prefix("offset="))
+        .and_then(|v| v.parse().ok())
+}
+
+async fn wait_for_ack(server: &RedisServer, want: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let ack = replica_ack(server).await.unwrap_or(0);
+        if ack == want || Instant::now() > deadline {
+            return ack;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_carry_the_offset_the_caller_chose() {
+    let server = master(false, &[]);
+    let mut cfg = config(&server.url());
+    cfg.listening_port = Some(7777);
+    let mut source = PsyncSource::connect(&cfg, None).await.unwrap();
+    take_full_sync(&mut source, cfg.rdb_chunk_size).await;
+    let acks = source.ack_handle();
+
+    let mut writer = client(&server, 0).await;
+    for i in 0..3 {
+        call(&mut writer, &["SET", &format!("k{i}"), "v"]).await;
+    }
+    let entries = read_to_rest(&mut source, &server).await;
+    assert_eq!(entries.len(), 3);
+    let received = source.position().offset.0;
+
+    // Not yet durable past the first entry: that is all the master hears.
+    let first = entries[0].offset.0;
+    acks.set(ReplOffset(first));
+    assert_eq!(wait_for_ack(&server, first).await, first);
+    let info_line = info(&server).await["slave0"].clone();
+    assert!(info_line.contains("port=7777"), "{info_line}");
+    // WAIT on the writer's last write cannot be satisfied.
+    let reply = writer.call(["WAIT", "1", "1500"]).await.unwrap();
+    assert_eq!(reply.as_integer(), Some(0));
+    assert_eq!(replica_ack(&server).await, Some(first));
+
+    // The caller allows everything: the client still acks only what it received.
+    acks.set(ReplOffset(u64::MAX));
+    assert_eq!(wait_for_ack(&server, received).await, received);
+    let reply = writer.call(["WAIT", "1", "5000"]).await.unwrap();
+    assert_eq!(reply.as_integer(), Some(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn getack_is_answered_at_once() {
+    let server = master(true, &[]);
+    let mut cfg = config(&server.url());
+    // No periodic ack after the first: only GETACK answers can satisfy WAIT.
+    cfg.ack_interval = Duration::from_secs(3600);
+    let mut source = PsyncSource::connect(&cfg, None).await.unwrap();
+    take_full_sync(&mut source, cfg.rdb_chunk_size).await;
+    let acks = source.ack_handle();
+    // The caller stores every event before asking for the next one.
+    let driver = tokio::spawn(async move {
+        loop {
+            match source.next_event().await {
+                Ok(_) => acks.set(source.position().offset),
+                Err(e) => return e,
+            }
+        }
+    });
+    let mut writer = client(&server, 0).await;
+    call(&mut writer, &["SET", "k", "v"]).await;
+    let started = Instant::now();
+    let reply = writer.call(["WAIT", "1", "10000"]).await.unwrap();
+    assert_eq!(reply.as_integer(), Some(1), "WAIT timed out: GETACK unanswered");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    driver.abort();
+}
+
+#[tokio::test]
+async fn resume_continues_after_the_saved_offset_and_db() {
+    let server = master(false, &[]);
+    let cfg = config(&server.url());
+    let mut source = PsyncSource::connect(&cfg, None).await.unwrap();
+    let (replid, _, _) = take_full_sync(&mut source, cfg.rdb_chunk_size).await;
+    let mut c3 = client(&server, 3).await;
+    call(&mut c3, &["SET", "a", "1"]).await;
+    read_to_rest(&mut source, &server).await;
+    let saved = source.position();
+    assert_eq!(saved.db, 3);
+    assert_eq!(saved.replid, replid);
+    drop(source);
+
+    let full_before = info_u64(&server, "sync_full").await;
+    let partial_before = info_u64(&server, "sync_partial_ok").await;
+    call(&mut c3, &["SET", "r1", "v"]).await;
+    call(&mut c3, &["INCR", "r2"]).await;
+
+    let mut source = PsyncSource::connect(&cfg, Some(saved.clone()))
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut source).await,
+        ReplEvent::Continue {
+            replid: replid.clone(),
+            offset: saved.offset,
+            db: 3
+        }
+    );
+    assert_eq!(source.position(), saved);
+    let before_first = saved.offset.0;
+    let (entries, progress) = read_until(&mut source, before_first + 1).await;
+    // SELECT is not re-sent after CONTINUE: the saved db is what applies.
+    assert!(progress.iter().all(|&p| p < entries[0].offset.0));
+    let last_before = progress.last().copied().unwrap_or(before_first);
+    assert_entry(&entries[0], 3, false, &["SET r1 v"]);
+    assert_eq!(
+        entries[0].offset.0,
+        last_before + encoded_command_len(&["SET", "r1", "v"]) as u64
+    );
+    let rest = read_to_rest(&mut source, &server).await;
+    assert_entry(rest.last().unwrap(), 3, false, &["INCR r2"]);
+    assert_eq!(info_u64(&server, "sync_full").await, full_before);
+    assert_eq!(
+        info_u64(&server, "sync_partial_ok").await,
+        partial_before + 1
+    );
+}
+
+#[tokio::test]
+async fn resume_outside_the_backlog_falls_back_to_full_sync() {
+    let server = master(true, &["--repl-backlog-size", "16384"]);
+    let cfg = config(&server.url());
+    let mut source = PsyncSource::connect(&cfg, None).await.unwrap();
+    take_full_sync(&mut source, cfg.rdb_chunk_size).await;
+    let mut c0 = client(&server, 0).await;
+    call(&mut c0, &["SET", "a", "1"]).await;
+    read_to_rest(&mut source, &server).await;
+    let saved = source.position();
+    drop(source);
+    let value = incompressible(10_000);
+    for i in 0..100 {
+        call(&mut c0, &["SET", &format!("k{i}"), &value]).await;
+    }
+    let mut source = PsyncSource::connect(&cfg, Some(saved.clone()))
+        .await
+        .unwrap();
+    let (replid, offset, rdb) = take_full_sync(&mut source, cfg.rdb_chunk_size).await;
+    assert_eq!(replid, saved.replid, "same history, just too far behind");
+    assert!(offset > saved.offset.0 + 1_000_000);
+    assert!(rdb.len() > 1_000_000);
+    assert_eq!(source.position().db, 0);
+    read_to_rest(&mut source, &server).await;
+}
+
+#[tokio::test]
+async fn failover_to_a_promoted_replica_continues_with_its_new_replid() {
+    let a = master(false, &[]);
+    let b = master(false, &["--replicaof", "127.0.0.1", &a.port.to_string()]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while info(&b).await["master_link_status"] != "up" {
+        assert!(Instant::now() < deadline, "replica B never linked to A");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let cfg_a = config(&a.url());
+    let mut source = PsyncSource::connect(&cfg_a, None).await.unwrap();
+    let (a_replid, _, _) = take_full_sync(&mut source, cfg_a.rdb_chunk_size).await;
+    let mut ca = client(&a, 6).await;
+    call(&mut ca, &["SET", "x", "1"]).await;
+    call(&mut ca, &["LPUSH", "y", "1"]).await;
+    read_to_rest(&mut source, &a).await;
+    let saved = source.position();
+    drop(source);
+    let a_offset = info_u64(&a, "master_repl_offset").await;
+    while info_u64(&b, "master_repl_offset").await < a_offset {
+        assert!(Instant::now() < deadline, "replica B never caught up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    call(&mut client(&b, 0).await, &["REPLICAOF", "NO", "ONE"]).await;
+    let b_replid = info(&b).await["master_replid"].clone();
+    assert_ne!(b_replid, a_replid.as_str());
+    let mut cb = client(&b, 6).await;
+    call(&mut cb, &["SET", "after", "failover"]).await;
+
+    let cfg_b = config(&b.url());
+    let mut source = PsyncSource::connect(&cfg_b, Some(saved.clone()))
+        .await
+        .unwrap();
+    let ReplEvent::Continue { replid, offset, db } = next(&mut source).await else {
+        panic!("expected +CONTINUE from the promoted replica");
+    };
+    assert_eq!(replid.as_str(), b_replid);
+    assert_eq!((offset, db), (saved.offset, 6));
+    let entries = read_to_rest(&mut source, &b).await;
+    assert_entry(entries.last().unwrap(), 6, false, &["SET after failover"]);
+    assert_eq!(source.position().replid.as_str(), b_replid);
+    assert_eq!(info_u64(&b, "sync_full").await, 0);
+    assert_eq!(info_u64(&b, "sync_partial_ok").await, 1);
+}
+
+#[tokio::test]
+async fn authentication() {
+    let server = master(false, &["--requirepass", "s3cret"]);
+    let port = server.port;
+    let wrong = config(&format!("redis://:nope@127.0.0.1:{port}"));
+    let err = PsyncSource::connect(&wrong, None).await.err().unwrap();
+    assert!(matches!(err, ReplError::Auth { step: "AUTH", .. }), "{err}");
+    assert!(!err.is_retryable());
+    let missing = config(&format!("redis://127.0.0.1:{port}"));
+    let err = PsyncSource::connect(&missing, None).await.err().unwrap();
+    assert!(matches!(err, ReplError::Auth { step: "PING", .. }), "{err}");
+
+    let right = config(&format!("redis://default:s3cret@127.0.0.1:{port}"));
+    let mut source = PsyncSource::connect(&right, None).await.unwrap();
+    take_full_sync(&mut source, right.rdb_chunk_size).await;
+    let right = config(&format!("redis://:s3cret@127.0.0.1:{port}"));
+    let mut source = PsyncSource::connect(&right, None).await.unwrap();
+    take_full_sync(&mut source, right.rdb_chunk_size).await;
+}
+
+#[tokio::test]
+async fn replica_without_master_link_is_retryable() {
+    let nowhere = common::free_port().to_string();
+    let server = master(false, &["--replicaof", "127.0.0.1", &nowhere]);
+    let err = PsyncSource::connect(&config(&server.url()), None)
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        matches!(&err, ReplError::MasterError { step: "PSYNC", message } if message.starts_with("NOMASTERLINK")),
+        "{err}"
+    );
+    assert!(err.is_retryable());
+}
