@@ -16,7 +16,7 @@ use ferry::redis::psync::{
 use ferry::redis::resp::{encode_command, encoded_command_len, RespDecoder, RespError};
 use ferry::redis::url::RedisUrl;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 const EVENT_WAIT: Duration = Duration::from_secs(15);
 
@@ -345,7 +345,10 @@ async fn acks_carry_the_offset_the_caller_chose() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn getack_is_answered_at_once() {
-    let server = master(true, &[]);
+    // Disk-based: a diskless master may ignore an ack that beats its own
+    // bookkeeping of the finished transfer and start streaming only on the
+    // next periodic one, which this test turns off.
+    let server = master(false, &[]);
     let mut cfg = config(&server.url());
     // No periodic ack after the first: only GETACK answers can satisfy WAIT.
     cfg.ack_interval = Duration::from_secs(3600);
@@ -525,4 +528,418 @@ async fn replica_without_master_link_is_retryable() {
         "{err}"
     );
     assert!(err.is_retryable());
+}
+
+// ---------------------------------------------------------------------------
+// A fake master under the test's control, for input a real one never sends.
+
+const REPLID: &str = "0123456789abcdef0123456789abcdef01234567";
+const MARK: &[u8; 40] = b"fedcba9876543210fedcba9876543210fedcba98";
+
+enum Step {
+    Write(Vec<u8>),
+    Sleep(u64),
+    Close,
+}
+
+fn w(bytes: impl AsRef<[u8]>) -> Step {
+    Step::Write(bytes.as_ref().to_vec())
+}
+
+fn resp(args: &[&str]) -> Vec<u8> {
+    let mut buf = BytesMut::new();
+    encode_command(args, &mut buf);
+    buf.to_vec()
+}
+
+/// What the client sent: the handshake commands, then the raw bytes after PSYNC.
+struct FakeLog {
+    handshake: Vec<Vec<String>>,
+    after_psync: Vec<u8>,
+}
+
+/// Answers the handshake (`+PONG`, `+OK`; `ping_reply` instead for PING when
+/// given) until `PSYNC`, plays `steps`, then records what the client sends
+/// until it hangs up.
+async fn fake_master(
+    ping_reply: Option<&'static [u8]>,
+    steps: Vec<Step>,
+) -> (String, tokio::task::JoinHandle<FakeLog>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("redis://{}", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut log = FakeLog {
+            handshake: Vec::new(),
+            after_psync: Vec::new(),
+        };
+        let mut buf = BytesMut::new();
+        let mut decoder = RespDecoder::default();
+        'handshake: loop {
+            while let Some((frame, _)) = decoder.decode_frame(&mut buf).unwrap() {
+                let ferry::redis::resp::Frame::Array(items) = frame else {
+                    panic!("client sent a non-array");
+                };
+                let args: Vec<String> = items
+                    .iter()
+                    .map(|f| String::from_utf8_lossy(f.as_bytes().unwrap()).into_owned())
+                    .collect();
+                let name = args[0].to_ascii_uppercase();
+                log.handshake.push(args);
+                match name.as_str() {
+                    "PSYNC" => break 'handshake,
+                    "PING" => {
+                        let reply = ping_reply.unwrap_or(b"+PONG\r\n");
+                        stream.write_all(reply).await.unwrap();
+                    }
+                    _ => stream.write_all(b"+OK\r\n").await.unwrap(),
+                }
+            }
+            if stream.read_buf(&mut buf).await.unwrap() == 0 {
+                return log;
+            }
+        }
+        for step in steps {
+            match step {
+                Step::Write(bytes) => stream.write_all(&bytes).await.unwrap(),
+                Step::Sleep(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
+                Step::Close => return log,
+            }
+        }
+        log.after_psync.extend_from_slice(&buf);
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            while let Ok(n) = stream.read_buf(&mut log.after_psync).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        })
+        .await;
+        log
+    });
+    (url, task)
+}
+
+fn fake_config(url: &str) -> ReplicaConfig {
+    let mut cfg = config(url);
+    cfg.read_timeout = Duration::from_secs(5);
+    cfg
+}
+
+fn saved(offset: u64, db: u32) -> ReplPosition {
+    ReplPosition {
+        replid: ReplId::parse(REPLID).unwrap(),
+        offset: ReplOffset(offset),
+        db,
+    }
+}
+
+#[tokio::test]
+async fn fake_diskless_transfer_with_keepalives_and_a_split_mark() {
+    let body: Vec<u8> = (0..3000u32).map(|i| (i * 31 % 256) as u8).collect();
+    let ping = resp(&["PING"]);
+    let set = resp(&["SET", "k", "v"]);
+    let mut tail = MARK[17..].to_vec();
+    tail.extend_from_slice(&ping);
+    tail.extend_from_slice(&set);
+    let (url, fake) = fake_master(
+        None,
+        vec![
+            w("\n"),
+            Step::Sleep(20),
+            w(format!("\n+FULLRESYNC {REPLID} 100\r\n")),
+            w("\n\n"),
+            w([b"$EOF:".as_slice(), MARK, b"\r\n"].concat()),
+            w(&body[..1000]),
+            Step::Sleep(20),
+            w([&body[1000..], &MARK[..17]].concat()),
+            Step::Sleep(20),
+            Step::Write(tail),
+        ],
+    )
+    .await;
+    let mut cfg = fake_config(&url);
+    cfg.rdb_chunk_size = 700;
+    cfg.listening_port = Some(6390);
+    let mut source = PsyncSource::connect(&cfg, None).await.unwrap();
+    let (replid, offset, rdb) = take_full_sync(&mut source, 700).await;
+    assert_eq!((replid.as_str(), offset), (REPLID, 100));
+    assert_eq!(rdb, body, "payload must exclude the end mark");
+    assert_eq!(
+        next(&mut source).await,
+        ReplEvent::Progress {
+            offset: ReplOffset(100 + ping.len() as u64)
+        }
+    );
+    let ReplEvent::Entry(entry) = next(&mut source).await else {
+        panic!("expected the SET");
+    };
+    assert_entry(&entry, 0, false, &["SET k v"]);
+    assert_eq!(entry.offset.0, 100 + (ping.len() + set.len()) as u64);
+    source.ack_handle().set(entry.offset);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    drop(source);
+
+    let log = fake.await.unwrap();
+    let handshake: Vec<String> = log.handshake.iter().map(|c| c.join(" ")).collect();
+    assert_eq!(
+        handshake,
+        [
+            "PING",
+            "REPLCONF listening-port 6390",
+            "REPLCONF capa eof capa psync2",
+            "PSYNC ? -1"
+        ]
+    );
+    // First ack right after the RDB (nothing durable yet), then the caller's.
+    let sent = String::from_utf8_lossy(&log.after_psync).into_owned();
+    let first_ack = String::from_utf8(resp(&["REPLCONF", "ACK", "0"])).unwrap();
+    let later_ack = String::from_utf8(resp(&["REPLCONF", "ACK", &entry.offset.to_string()])).unwrap();
+    assert!(sent.starts_with(&first_ack), "{sent:?}");
+    assert!(sent.contains(&later_ack), "{sent:?}");
+}
+
+#[tokio::test]
+async fn fake_disk_transfer_split_into_chunks() {
+    let body: Vec<u8> = (0..5000u32).map(|i| (i % 253) as u8).collect();
+    let set = resp(&["SET", "k", "v"]);
+    let (url, _fake) = fake_master(
+        None,
+        vec![
+            w(format!("+FULLRESYNC {REPLID} 7\r\n\n$5000\r\n")),
+            w(&body[..10]),
+            Step::Sleep(10),
+            // The command stream follows the payload with no separator.
+            w([&body[10..], &set[..]].concat()),
+        ],
+    )
+    .await;
+    let mut cfg = fake_config(&url);
+    cfg.rdb_chunk_size = 1024;
+    let mut source = PsyncSource::connect(&cfg, None).await.unwrap();
+    let (_, offset, rdb) = take_full_sync(&mut source, 1024).await;
+    assert_eq!(offset, 7);
+    assert_eq!(rdb, body);
+    let ReplEvent::Entry(entry) = next(&mut source).await else {
+        panic!("expected the SET");
+    };
+    assert_eq!(entry.offset.0, 7 + set.len() as u64);
+}
+
+async fn fake_error(steps: Vec<Step>, from: Option<ReplPosition>, cfg: impl Fn(&mut ReplicaConfig)) -> ReplError {
+    let (url, _fake) = fake_master(None, steps).await;
+    let mut config = fake_config(&url);
+    cfg(&mut config);
+    let mut source = match PsyncSource::connect(&config, from).await {
+        Ok(source) => source,
+        Err(e) => return e,
+    };
+    let err = next_err(&mut source).await;
+    assert!(
+        matches!(source.next_event().await, Err(ReplError::Failed)),
+        "a failed session stays failed"
+    );
+    err
+}
+
+#[tokio::test]
+async fn fake_truncated_and_oversized_rdb_transfers() {
+    let fullresync = format!("+FULLRESYNC {REPLID} 0\r\n");
+    let err = fake_error(
+        vec![w(&fullresync), w("$100\r\n"), w([7u8; 50]), Step::Close],
+        None,
+        |_| {},
+    )
+    .await;
+    assert!(
+        matches!(err, ReplError::RdbTruncated { received: 50, expected: Some(100) }),
+        "{err}"
+    );
+    assert!(err.is_retryable());
+
+    // A length no one could hold is streamed, never allocated.
+    let err = fake_error(
+        vec![w(&fullresync), w("$1000000000000\r\n"), w([7u8; 10]), Step::Close],
+        None,
+        |_| {},
+    )
+    .await;
+    assert!(
+        matches!(err, ReplError::RdbTruncated { received: 10, expected: Some(1_000_000_000_000) }),
+        "{err}"
+    );
+
+    let err = fake_error(
+        vec![w(&fullresync), w("$99999999999999999999999\r\n")],
+        None,
+        |_| {},
+    )
+    .await;
+    assert!(matches!(err, ReplError::RdbTransfer { .. }), "{err}");
+
+    let err = fake_error(
+        vec![w(&fullresync), w([b"$EOF:".as_slice(), MARK, b"\r\n"].concat()), w([1u8; 100]), Step::Close],
+        None,
+        |_| {},
+    )
+    .await;
+    assert!(
+        matches!(err, ReplError::RdbTruncated { received, expected: None } if received <= 100),
+        "{err}"
+    );
+
+    let err = fake_error(vec![w(&fullresync), w("hello\r\n")], None, |_| {}).await;
+    assert!(matches!(err, ReplError::RdbTransfer { .. }), "{err}");
+
+    let err = fake_error(vec![w(&fullresync), w("\n")], None, |c| {
+        c.read_timeout = Duration::from_millis(300)
+    })
+    .await;
+    assert!(matches!(err, ReplError::Timeout { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn fake_bad_command_streams() {
+    let cont = || w("+CONTINUE\r\n");
+    let err = fake_error(vec![cont(), w(":5\r\n")], Some(saved(1000, 0)), |_| {}).await;
+    assert!(matches!(err, ReplError::Protocol { offset: 1000, .. }), "{err}");
+
+    let err = fake_error(
+        vec![cont(), w(resp(&["PING"])), w("*1\r\n$3\r\nabcd\r\n")],
+        Some(saved(1000, 0)),
+        |_| {},
+    )
+    .await;
+    assert!(
+        matches!(err, ReplError::Resp(RespError::Invalid { offset: 1025, .. })),
+        "{err}"
+    );
+
+    let err = fake_error(
+        vec![cont(), w("*1\r\n$99999999999\r\n")],
+        Some(saved(1000, 0)),
+        |_| {},
+    )
+    .await;
+    assert!(
+        matches!(err, ReplError::Resp(RespError::TooLarge { offset: 1005, .. })),
+        "{err}"
+    );
+
+    let err = fake_error(
+        vec![cont(), w(resp(&["SELECT", "banana"]))],
+        Some(saved(1000, 0)),
+        |_| {},
+    )
+    .await;
+    assert!(matches!(err, ReplError::Protocol { offset: 1000, .. }), "{err}");
+
+    let err = fake_error(
+        vec![cont(), w(resp(&["EXEC"]))],
+        Some(saved(1000, 0)),
+        |_| {},
+    )
+    .await;
+    assert!(matches!(err, ReplError::Protocol { offset: 1000, .. }), "{err}");
+
+    // Cut in the middle of a frame: the position stays before it.
+    let (url, _fake) = fake_master(
+        None,
+        vec![cont(), w(resp(&["SET", "a", "b"])), w("*3\r\n$3\r\nSET"), Step::Close],
+    )
+    .await;
+    let mut source = PsyncSource::connect(&fake_config(&url), Some(saved(1000, 2)))
+        .await
+        .unwrap();
+    next(&mut source).await;
+    let ReplEvent::Entry(entry) = next(&mut source).await else {
+        panic!("expected the SET");
+    };
+    assert_entry(&entry, 2, false, &["SET a b"]);
+    let err = next_err(&mut source).await;
+    assert!(matches!(err, ReplError::Closed { .. }), "{err}");
+    assert_eq!(source.position().offset, entry.offset);
+}
+
+#[tokio::test]
+async fn fake_transaction_too_large() {
+    let big = "v".repeat(200);
+    let (url, _fake) = fake_master(
+        None,
+        vec![
+            w("+CONTINUE\r\n"),
+            w(resp(&["SET", "small", "1"])),
+            w(resp(&["MULTI"])),
+            w(resp(&["SET", "k", &big])),
+            w(resp(&["EXEC"])),
+        ],
+    )
+    .await;
+    let mut cfg = fake_config(&url);
+    cfg.max_transaction_bytes = 100;
+    let mut source = PsyncSource::connect(&cfg, Some(saved(0, 0))).await.unwrap();
+    next(&mut source).await;
+    let ReplEvent::Entry(small) = next(&mut source).await else {
+        panic!("expected the small SET");
+    };
+    let err = next_err(&mut source).await;
+    assert!(
+        matches!(err, ReplError::TransactionTooLarge { offset, limit: 100 } if offset == small.offset.0),
+        "{err}"
+    );
+    assert_eq!(source.position().offset, small.offset);
+}
+
+#[tokio::test]
+async fn fake_handshake_failures() {
+    let (url, _fake) = fake_master(Some(b"hello\r\n"), vec![]).await;
+    let err = PsyncSource::connect(&fake_config(&url), None).await.err().unwrap();
+    assert!(matches!(err, ReplError::Handshake { step: "PING", .. }), "{err}");
+
+    let err = fake_error(vec![w("-LOADING Redis is loading the dataset in memory\r\n")], None, |_| {}).await;
+    assert!(matches!(err, ReplError::MasterError { step: "PSYNC", .. }), "{err}");
+    assert!(err.is_retryable());
+
+    let err = fake_error(vec![w("-ERR something else\r\n")], None, |_| {}).await;
+    assert!(!err.is_retryable(), "{err}");
+
+    // CONTINUE to a PSYNC ? -1 makes no sense.
+    let err = fake_error(vec![w("+CONTINUE\r\n")], None, |_| {}).await;
+    assert!(matches!(err, ReplError::Handshake { step: "PSYNC ? -1", .. }), "{err}");
+
+    let err = fake_error(vec![w("+FULLRESYNC notanid 12\r\n")], None, |_| {}).await;
+    assert!(matches!(err, ReplError::Handshake { step: "PSYNC", .. }), "{err}");
+
+    // A reply line that never ends is refused, not buffered forever.
+    let err = fake_error(vec![w(vec![b'+'; 100_000])], None, |_| {}).await;
+    assert!(matches!(err, ReplError::Handshake { .. }), "{err}");
+
+    let err = PsyncSource::connect(&config("redis://127.0.0.1:1"), None).await.err().unwrap();
+    assert!(matches!(err, ReplError::Connect { .. }) && err.is_retryable(), "{err}");
+}
+
+#[tokio::test]
+async fn continue_with_a_new_replid_is_adopted() {
+    let new_id = "ffffffffffffffffffffffffffffffffffffffff";
+    let (url, _fake) = fake_master(
+        None,
+        vec![w(format!("+CONTINUE {new_id}\r\n")), w(resp(&["SET", "k", "v"]))],
+    )
+    .await;
+    let mut source = PsyncSource::connect(&fake_config(&url), Some(saved(500, 9)))
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut source).await,
+        ReplEvent::Continue {
+            replid: ReplId::parse(new_id).unwrap(),
+            offset: ReplOffset(500),
+            db: 9
+        }
+    );
+    let ReplEvent::Entry(entry) = next(&mut source).await else {
+        panic!("expected the SET");
+    };
+    assert_entry(&entry, 9, false, &["SET k v"]);
+    assert_eq!(source.position().replid.as_str(), new_id);
 }

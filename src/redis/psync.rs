@@ -65,8 +65,9 @@
 //! [`ReplicaConfig::ack_interval`] and as soon as a `REPLCONF GETACK` is
 //! consumed. `<offset>` is `min(AckHandle value, bytes received)`: the caller
 //! publishes its durable offset through the handle, and the client never acks
-//! beyond what it received. The first ack goes out right after the RDB (a
-//! diskless master starts the command stream only on that first ack).
+//! beyond what it received. The first ack goes out right after the RDB: a
+//! diskless master starts the command stream only on an ack that arrives once
+//! it has seen its RDB child finish (so possibly only on the next periodic one).
 //!
 //! # Failure
 //!
@@ -120,7 +121,10 @@ pub struct ReplicaConfig {
     /// the RDB, so this should stay well above 10 s. Default 60 s (Redis's
     /// `repl-timeout`).
     pub read_timeout: Duration,
-    /// Period of `REPLCONF ACK`. Default 1 s (as Redis replicas do).
+    /// Period of `REPLCONF ACK`. Default 1 s (as Redis replicas do). Keep it
+    /// short: after a diskless transfer the master starts the command stream
+    /// on the first ack it sees after reaping its RDB child, which can be a
+    /// periodic one rather than the one sent right after the payload.
     pub ack_interval: Duration,
     /// Most wire bytes one `MULTI` .. `EXEC` may buffer before
     /// [`ReplError::TransactionTooLarge`]. Default 256 MiB.
@@ -608,7 +612,7 @@ impl PsyncSource {
         if let Some(pos) = start {
             // The resume position is the caller's saved (durable) one.
             source.acks.allowed.set(pos.offset);
-            source.start_stream();
+            source.start_stream().await?;
         }
         Ok(source)
     }
@@ -649,15 +653,20 @@ impl PsyncSource {
         self.acks.allowed.clone()
     }
 
-    fn start_stream(&mut self) {
+    /// Enters the command stream: sends the first ack at once (a diskless
+    /// master starts streaming only on it), then hands the write side to the
+    /// ack task.
+    async fn start_stream(&mut self) -> Result<(), ReplError> {
         self.phase = Phase::Stream;
-        if let Some(writer) = self.writer.take() {
+        if let Some(mut writer) = self.writer.take() {
+            send_ack(&mut writer, self.acks.ack_offset()).await?;
             self.ack_task = Some(tokio::spawn(ack_loop(
                 writer,
                 Arc::clone(&self.acks),
                 self.ack_interval,
             )));
         }
+        Ok(())
     }
 
     async fn step(&mut self) -> Result<ReplEvent, ReplError> {
@@ -674,7 +683,7 @@ impl PsyncSource {
                 Phase::RdbSized { len, received } => {
                     let (len, got) = (*len, *received);
                     if got == len {
-                        return Ok(self.finish_rdb(got));
+                        return self.finish_rdb(got).await;
                     }
                     if self.link.buf.is_empty() {
                         self.link.fill().await.map_err(|e| {
@@ -700,7 +709,7 @@ impl PsyncSource {
                         }
                         EofScan::Mark => {
                             self.link.buf.advance(EOF_MARK_LEN);
-                            return Ok(self.finish_rdb(got));
+                            return self.finish_rdb(got).await;
                         }
                         EofScan::NeedMore => {
                             self.link.fill().await.map_err(|e| {
@@ -714,10 +723,10 @@ impl PsyncSource {
         }
     }
 
-    fn finish_rdb(&mut self, len: u64) -> ReplEvent {
+    async fn finish_rdb(&mut self, len: u64) -> Result<ReplEvent, ReplError> {
         debug!(len, "rdb transfer complete");
-        self.start_stream();
-        ReplEvent::RdbEnd { len }
+        self.start_stream().await?;
+        Ok(ReplEvent::RdbEnd { len })
     }
 
     async fn next_stream_event(&mut self) -> Result<ReplEvent, ReplError> {
@@ -847,23 +856,24 @@ impl PsyncSource {
 /// Sends `REPLCONF ACK` every `interval` and on each GETACK, until the link
 /// fails or the session is dropped (which aborts this task).
 async fn ack_loop(mut writer: OwnedWriteHalf, acks: Arc<AckShared>, interval: Duration) {
-    let mut ticker = tokio::time::interval(interval);
+    let start = tokio::time::Instant::now() + interval;
+    let mut ticker = tokio::time::interval_at(start, interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut buf = BytesMut::new();
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
             _ = acks.getack.notified() => {}
         }
-        let offset = acks.ack_offset();
-        buf.clear();
-        encode_command(&["REPLCONF", "ACK", &offset.to_string()], &mut buf);
-        if let Err(error) = writer.write_all(&buf).await {
+        if let Err(error) = send_ack(&mut writer, acks.ack_offset()).await {
             // The read side sees the broken link and reports it.
             debug!(%error, "ack write failed; ack task stops");
             return;
         }
     }
+}
+
+async fn send_ack(writer: &mut OwnedWriteHalf, offset: u64) -> Result<(), ReplError> {
+    send(writer, &["REPLCONF", "ACK", &offset.to_string()]).await
 }
 
 async fn send<T: AsRef<[u8]>>(writer: &mut OwnedWriteHalf, args: &[T]) -> Result<(), ReplError> {
