@@ -943,3 +943,110 @@ async fn continue_with_a_new_replid_is_adopted() {
     assert_entry(&entry, 9, false, &["SET k v"]);
     assert_eq!(source.position().replid.as_str(), new_id);
 }
+
+// ---------------------------------------------------------------------------
+// The RDB bridge: a live full sync parsed while it arrives.
+
+async fn parse_live_full_sync(diskless: bool) {
+    use ferry::redis::rdb::{RdbEvent, ValueChunk};
+    use ferry::redis::rdb_stream::{spawn_rdb_parser, RdbStreamConfig};
+
+    let server = master(diskless, &[]);
+    let mut c0 = client(&server, 0).await;
+    let big = incompressible(300_000);
+    call(&mut c0, &["SET", "big", &big]).await;
+    call(&mut c0, &["RPUSH", "list", "a", "b", "c"]).await;
+    let mut c7 = client(&server, 7).await;
+    call(&mut c7, &["HSET", "h", "f1", "v1", "f2", "v2"]).await;
+    call(&mut c7, &["ZADD", "z", "1.5", "m"]).await;
+
+    let mut cfg = config(&server.url());
+    cfg.rdb_chunk_size = 8 * 1024;
+    let mut source = PsyncSource::connect(&cfg, None).await.unwrap();
+    let (feeder, mut events) = spawn_rdb_parser(RdbStreamConfig {
+        chunk_queue: 2,
+        event_queue: 2,
+        ..RdbStreamConfig::default()
+    });
+    // Feed from one task while this one consumes the events.
+    let feeding = tokio::spawn(async move {
+        let mut chunks = 0;
+        loop {
+            match source.next_event().await.unwrap() {
+                ReplEvent::FullResync { .. } => {}
+                ReplEvent::RdbChunk(chunk) => {
+                    chunks += 1;
+                    feeder.feed(chunk).await.unwrap();
+                }
+                ReplEvent::RdbEnd { .. } => {
+                    feeder.finish();
+                    return (source, chunks);
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    });
+    let mut keys: Vec<(u32, String)> = Vec::new();
+    let mut big_value = Vec::new();
+    let mut db = 0;
+    let mut ended = false;
+    while let Some(event) = events.next().await.unwrap() {
+        match event {
+            RdbEvent::SelectDb(d) => db = d,
+            RdbEvent::KeyStart(header) => {
+                assert_eq!(header.db, db);
+                keys.push((db, String::from_utf8_lossy(&header.key).into_owned()));
+            }
+            RdbEvent::Chunk(ValueChunk::String(s)) if keys.last().unwrap().1 == "big" => {
+                big_value.extend_from_slice(&s)
+            }
+            RdbEvent::End { .. } => ended = true,
+            _ => {}
+        }
+    }
+    assert!(ended);
+    let (mut source, chunks) = feeding.await.unwrap();
+    assert!(chunks > 30, "the RDB came in {chunks} chunks");
+    keys.sort();
+    let expected: Vec<(u32, String)> = [(0, "big"), (0, "list"), (7, "h"), (7, "z")]
+        .iter()
+        .map(|(d, k)| (*d, k.to_string()))
+        .collect();
+    assert_eq!(keys, expected);
+    assert_eq!(big_value, big.as_bytes());
+    // The stream goes on after the snapshot.
+    call(&mut c7, &["SET", "after", "1"]).await;
+    let entries = read_to_rest(&mut source, &server).await;
+    assert_entry(entries.last().unwrap(), 7, false, &["SET after 1"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_rdb_parsed_while_it_arrives_disk_based() {
+    parse_live_full_sync(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_rdb_parsed_while_it_arrives_diskless() {
+    parse_live_full_sync(true).await;
+}
+
+#[tokio::test]
+async fn rdb_bridge_reports_a_truncated_rdb() {
+    use ferry::redis::rdb_stream::{spawn_rdb_parser, RdbStreamConfig, RdbStreamError};
+
+    let (feeder, mut events) = spawn_rdb_parser(RdbStreamConfig::default());
+    feeder
+        .feed(bytes::Bytes::from_static(b"REDIS0010\xfa"))
+        .await
+        .unwrap();
+    feeder.finish();
+    let mut outcome = Ok(None);
+    for _ in 0..10 {
+        outcome = events.next().await;
+        if !matches!(outcome, Ok(Some(_))) {
+            break;
+        }
+    }
+    assert!(matches!(outcome, Err(RdbStreamError::Rdb(_))), "{outcome:?}");
+    assert!(matches!(events.next().await, Ok(None)));
+}
