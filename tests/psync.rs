@@ -122,7 +122,11 @@ async fn read_until(source: &mut PsyncSource, target: u64) -> (Vec<ReplEntry>, V
 async fn read_to_rest(source: &mut PsyncSource, server: &RedisServer) -> Vec<ReplEntry> {
     let target = info_u64(server, "master_repl_offset").await;
     let (entries, _) = read_until(source, target).await;
-    assert_eq!(source.position().offset.0, target, "offset overshoots master");
+    assert_eq!(
+        source.position().offset.0,
+        target,
+        "offset overshoots master"
+    );
     entries
 }
 
@@ -150,7 +154,11 @@ fn assert_entry(entry: &ReplEntry, db: u32, transaction: bool, patterns: &[&str]
         entry.db == db
             && entry.transaction == transaction
             && entry.commands.len() == patterns.len()
-            && entry.commands.iter().zip(patterns).all(|(c, p)| matches(c, p)),
+            && entry
+                .commands
+                .iter()
+                .zip(patterns)
+                .all(|(c, p)| matches(c, p)),
         "expected db {db} tx {transaction} {patterns:?}, got db {} tx {} {shown:?}",
         entry.db,
         entry.transaction
@@ -194,8 +202,15 @@ async fn full_sync_then_stream(diskless: bool) {
     assert_eq!(source.position().db, 0);
     let _ = start;
     let log = std::fs::read_to_string(server.log_path()).unwrap();
-    let target = if diskless { "target: replicas sockets" } else { "target: disk" };
-    assert!(log.contains(target), "master did not do a {target} sync:\n{log}");
+    let target = if diskless {
+        "target: replicas sockets"
+    } else {
+        "target: disk"
+    };
+    assert!(
+        log.contains(target),
+        "master did not do a {target} sync:\n{log}"
+    );
 
     // A wide mix of writes, each kind once.
     call(&mut c0, &["SET", "k1", "v1"]).await;
@@ -267,7 +282,13 @@ async fn full_sync_then_stream(diskless: bool) {
     ];
     let shown: Vec<_> = entries
         .iter()
-        .map(|e| (e.db, e.transaction, e.commands.iter().map(words).collect::<Vec<_>>()))
+        .map(|e| {
+            (
+                e.db,
+                e.transaction,
+                e.commands.iter().map(words).collect::<Vec<_>>(),
+            )
+        })
         .collect();
     assert_eq!(entries.len(), expected.len(), "{shown:#?}");
     for (entry, (db, tx, patterns)) in entries.iter().zip(&expected) {
@@ -368,7 +389,11 @@ async fn getack_is_answered_at_once() {
     call(&mut writer, &["SET", "k", "v"]).await;
     let started = Instant::now();
     let reply = writer.call(["WAIT", "1", "10000"]).await.unwrap();
-    assert_eq!(reply.as_integer(), Some(1), "WAIT timed out: GETACK unanswered");
+    assert_eq!(
+        reply.as_integer(),
+        Some(1),
+        "WAIT timed out: GETACK unanswered"
+    );
     assert!(started.elapsed() < Duration::from_secs(5));
     driver.abort();
 }
@@ -694,7 +719,8 @@ async fn fake_diskless_transfer_with_keepalives_and_a_split_mark() {
     // First ack right after the RDB (nothing durable yet), then the caller's.
     let sent = String::from_utf8_lossy(&log.after_psync).into_owned();
     let first_ack = String::from_utf8(resp(&["REPLCONF", "ACK", "0"])).unwrap();
-    let later_ack = String::from_utf8(resp(&["REPLCONF", "ACK", &entry.offset.to_string()])).unwrap();
+    let later_ack =
+        String::from_utf8(resp(&["REPLCONF", "ACK", &entry.offset.to_string()])).unwrap();
     assert!(sent.starts_with(&first_ack), "{sent:?}");
     assert!(sent.contains(&later_ack), "{sent:?}");
 }
@@ -726,7 +752,11 @@ async fn fake_disk_transfer_split_into_chunks() {
     assert_eq!(entry.offset.0, 7 + set.len() as u64);
 }
 
-async fn fake_error(steps: Vec<Step>, from: Option<ReplPosition>, cfg: impl Fn(&mut ReplicaConfig)) -> ReplError {
+async fn fake_error(
+    steps: Vec<Step>,
+    from: Option<ReplPosition>,
+    cfg: impl Fn(&mut ReplicaConfig),
+) -> ReplError {
     let (url, _fake) = fake_master(None, steps).await;
     let mut config = fake_config(&url);
     cfg(&mut config);
@@ -752,20 +782,37 @@ async fn fake_truncated_and_oversized_rdb_transfers() {
     )
     .await;
     assert!(
-        matches!(err, ReplError::RdbTruncated { received: 50, expected: Some(100) }),
+        matches!(
+            err,
+            ReplError::RdbTruncated {
+                received: 50,
+                expected: Some(100)
+            }
+        ),
         "{err}"
     );
     assert!(err.is_retryable());
 
     // A length no one could hold is streamed, never allocated.
     let err = fake_error(
-        vec![w(&fullresync), w("$1000000000000\r\n"), w([7u8; 10]), Step::Close],
+        vec![
+            w(&fullresync),
+            w("$1000000000000\r\n"),
+            w([7u8; 10]),
+            Step::Close,
+        ],
         None,
         |_| {},
     )
     .await;
     assert!(
-        matches!(err, ReplError::RdbTruncated { received: 10, expected: Some(1_000_000_000_000) }),
+        matches!(
+            err,
+            ReplError::RdbTruncated {
+                received: 10,
+                expected: Some(1_000_000_000_000)
+            }
+        ),
         "{err}"
     );
 
@@ -778,7 +825,12 @@ async fn fake_truncated_and_oversized_rdb_transfers() {
     assert!(matches!(err, ReplError::RdbTransfer { .. }), "{err}");
 
     let err = fake_error(
-        vec![w(&fullresync), w([b"$EOF:".as_slice(), MARK, b"\r\n"].concat()), w([1u8; 100]), Step::Close],
+        vec![
+            w(&fullresync),
+            w([b"$EOF:".as_slice(), MARK, b"\r\n"].concat()),
+            w([1u8; 100]),
+            Step::Close,
+        ],
         None,
         |_| {},
     )
@@ -802,7 +854,10 @@ async fn fake_truncated_and_oversized_rdb_transfers() {
 async fn fake_bad_command_streams() {
     let cont = || w("+CONTINUE\r\n");
     let err = fake_error(vec![cont(), w(":5\r\n")], Some(saved(1000, 0)), |_| {}).await;
-    assert!(matches!(err, ReplError::Protocol { offset: 1000, .. }), "{err}");
+    assert!(
+        matches!(err, ReplError::Protocol { offset: 1000, .. }),
+        "{err}"
+    );
 
     let err = fake_error(
         vec![cont(), w(resp(&["PING"])), w("*1\r\n$3\r\nabcd\r\n")],
@@ -811,7 +866,10 @@ async fn fake_bad_command_streams() {
     )
     .await;
     assert!(
-        matches!(err, ReplError::Resp(RespError::Invalid { offset: 1025, .. })),
+        matches!(
+            err,
+            ReplError::Resp(RespError::Invalid { offset: 1025, .. })
+        ),
         "{err}"
     );
 
@@ -822,7 +880,10 @@ async fn fake_bad_command_streams() {
     )
     .await;
     assert!(
-        matches!(err, ReplError::Resp(RespError::TooLarge { offset: 1005, .. })),
+        matches!(
+            err,
+            ReplError::Resp(RespError::TooLarge { offset: 1005, .. })
+        ),
         "{err}"
     );
 
@@ -832,7 +893,10 @@ async fn fake_bad_command_streams() {
         |_| {},
     )
     .await;
-    assert!(matches!(err, ReplError::Protocol { offset: 1000, .. }), "{err}");
+    assert!(
+        matches!(err, ReplError::Protocol { offset: 1000, .. }),
+        "{err}"
+    );
 
     let err = fake_error(
         vec![cont(), w(resp(&["EXEC"]))],
@@ -840,12 +904,20 @@ async fn fake_bad_command_streams() {
         |_| {},
     )
     .await;
-    assert!(matches!(err, ReplError::Protocol { offset: 1000, .. }), "{err}");
+    assert!(
+        matches!(err, ReplError::Protocol { offset: 1000, .. }),
+        "{err}"
+    );
 
     // Cut in the middle of a frame: the position stays before it.
     let (url, _fake) = fake_master(
         None,
-        vec![cont(), w(resp(&["SET", "a", "b"])), w("*3\r\n$3\r\nSET"), Step::Close],
+        vec![
+            cont(),
+            w(resp(&["SET", "a", "b"])),
+            w("*3\r\n$3\r\nSET"),
+            Step::Close,
+        ],
     )
     .await;
     let mut source = PsyncSource::connect(&fake_config(&url), Some(saved(1000, 2)))
@@ -893,11 +965,25 @@ async fn fake_transaction_too_large() {
 #[tokio::test]
 async fn fake_handshake_failures() {
     let (url, _fake) = fake_master(Some(b"hello\r\n"), vec![]).await;
-    let err = PsyncSource::connect(&fake_config(&url), None).await.err().unwrap();
-    assert!(matches!(err, ReplError::Handshake { step: "PING", .. }), "{err}");
+    let err = PsyncSource::connect(&fake_config(&url), None)
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        matches!(err, ReplError::Handshake { step: "PING", .. }),
+        "{err}"
+    );
 
-    let err = fake_error(vec![w("-LOADING Redis is loading the dataset in memory\r\n")], None, |_| {}).await;
-    assert!(matches!(err, ReplError::MasterError { step: "PSYNC", .. }), "{err}");
+    let err = fake_error(
+        vec![w("-LOADING Redis is loading the dataset in memory\r\n")],
+        None,
+        |_| {},
+    )
+    .await;
+    assert!(
+        matches!(err, ReplError::MasterError { step: "PSYNC", .. }),
+        "{err}"
+    );
     assert!(err.is_retryable());
 
     let err = fake_error(vec![w("-ERR something else\r\n")], None, |_| {}).await;
@@ -905,17 +991,35 @@ async fn fake_handshake_failures() {
 
     // CONTINUE to a PSYNC ? -1 makes no sense.
     let err = fake_error(vec![w("+CONTINUE\r\n")], None, |_| {}).await;
-    assert!(matches!(err, ReplError::Handshake { step: "PSYNC ? -1", .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            ReplError::Handshake {
+                step: "PSYNC ? -1",
+                ..
+            }
+        ),
+        "{err}"
+    );
 
     let err = fake_error(vec![w("+FULLRESYNC notanid 12\r\n")], None, |_| {}).await;
-    assert!(matches!(err, ReplError::Handshake { step: "PSYNC", .. }), "{err}");
+    assert!(
+        matches!(err, ReplError::Handshake { step: "PSYNC", .. }),
+        "{err}"
+    );
 
     // A reply line that never ends is refused, not buffered forever.
     let err = fake_error(vec![w(vec![b'+'; 100_000])], None, |_| {}).await;
     assert!(matches!(err, ReplError::Handshake { .. }), "{err}");
 
-    let err = PsyncSource::connect(&config("redis://127.0.0.1:1"), None).await.err().unwrap();
-    assert!(matches!(err, ReplError::Connect { .. }) && err.is_retryable(), "{err}");
+    let err = PsyncSource::connect(&config("redis://127.0.0.1:1"), None)
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        matches!(err, ReplError::Connect { .. }) && err.is_retryable(),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -923,7 +1027,10 @@ async fn continue_with_a_new_replid_is_adopted() {
     let new_id = "ffffffffffffffffffffffffffffffffffffffff";
     let (url, _fake) = fake_master(
         None,
-        vec![w(format!("+CONTINUE {new_id}\r\n")), w(resp(&["SET", "k", "v"]))],
+        vec![
+            w(format!("+CONTINUE {new_id}\r\n")),
+            w(resp(&["SET", "k", "v"])),
+        ],
     )
     .await;
     let mut source = PsyncSource::connect(&fake_config(&url), Some(saved(500, 9)))
@@ -1047,6 +1154,9 @@ async fn rdb_bridge_reports_a_truncated_rdb() {
             break;
         }
     }
-    assert!(matches!(outcome, Err(RdbStreamError::Rdb(_))), "{outcome:?}");
+    assert!(
+        matches!(outcome, Err(RdbStreamError::Rdb(_))),
+        "{outcome:?}"
+    );
     assert!(matches!(events.next().await, Ok(None)));
 }

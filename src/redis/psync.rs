@@ -205,12 +205,23 @@ pub struct ReplEntry {
 /// What [`PsyncSource::next_event`] yields; see the module docs for offsets.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ReplEvent {
-    FullResync { replid: ReplId, offset: ReplOffset },
+    FullResync {
+        replid: ReplId,
+        offset: ReplOffset,
+    },
     RdbChunk(Bytes),
-    RdbEnd { len: u64 },
-    Continue { replid: ReplId, offset: ReplOffset, db: u32 },
+    RdbEnd {
+        len: u64,
+    },
+    Continue {
+        replid: ReplId,
+        offset: ReplOffset,
+        db: u32,
+    },
     Entry(ReplEntry),
-    Progress { offset: ReplOffset },
+    Progress {
+        offset: ReplOffset,
+    },
 }
 
 /// Everything that ends a replication session.
@@ -235,7 +246,10 @@ pub enum ReplError {
     #[error("bad RDB transfer after {received} payload bytes: {what}")]
     RdbTransfer { received: u64, what: String },
     #[error("RDB transfer cut after {received} payload bytes{}", expected.map(|e| format!(" of {e}")).unwrap_or_default())]
-    RdbTruncated { received: u64, expected: Option<u64> },
+    RdbTruncated {
+        received: u64,
+        expected: Option<u64>,
+    },
     #[error("protocol error in the replication stream at offset {offset}: {what}")]
     Protocol { offset: u64, what: String },
     /// Malformed or oversized RESP; its offsets are replication offsets.
@@ -302,7 +316,10 @@ struct AckShared {
 
 impl AckShared {
     fn ack_offset(&self) -> u64 {
-        self.allowed.get().0.min(self.received.load(Ordering::Acquire))
+        self.allowed
+            .get()
+            .0
+            .min(self.received.load(Ordering::Acquire))
     }
 }
 
@@ -319,8 +336,14 @@ struct PendingTransaction {
 enum Phase {
     /// Waiting for `$<len>` / `$EOF:<mark>`.
     RdbHeader,
-    RdbSized { len: u64, received: u64 },
-    RdbEof { mark: [u8; EOF_MARK_LEN], received: u64 },
+    RdbSized {
+        len: u64,
+        received: u64,
+    },
+    RdbEof {
+        mark: [u8; EOF_MARK_LEN],
+        received: u64,
+    },
     Stream,
     Failed,
 }
@@ -443,18 +466,17 @@ impl PsyncSource {
     ) -> Result<PsyncSource, ReplError> {
         cfg.validate()?;
         let addr = cfg.source.addr();
-        let stream = match tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(&addr))
-            .await
-        {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(source)) => return Err(ReplError::Connect { addr, source }),
-            Err(_) => {
-                return Err(ReplError::Connect {
-                    addr,
-                    source: io::Error::new(io::ErrorKind::TimedOut, "connect timed out"),
-                })
-            }
-        };
+        let stream =
+            match tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(&addr)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(source)) => return Err(ReplError::Connect { addr, source }),
+                Err(_) => {
+                    return Err(ReplError::Connect {
+                        addr,
+                        source: io::Error::new(io::ErrorKind::TimedOut, "connect timed out"),
+                    })
+                }
+            };
         stream.set_nodelay(true)?;
         let (reader, mut writer) = stream.into_split();
         let mut link = Link {
@@ -535,7 +557,11 @@ impl PsyncSource {
         };
         send(&mut writer, &psync_args).await?;
         // Keepalive newlines may precede the answer while the master prepares.
-        let reply = lossy(&link.read_nonempty_line("waiting for the PSYNC reply").await?);
+        let reply = lossy(
+            &link
+                .read_nonempty_line("waiting for the PSYNC reply")
+                .await?,
+        );
 
         let (replid, start, first_event) = if let Some(rest) = reply.strip_prefix("+FULLRESYNC") {
             let mut words = rest.split_whitespace();
@@ -916,7 +942,12 @@ fn lossy(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-fn rdb_read_error(e: ReadError, received: u64, expected: Option<u64>, after: Duration) -> ReplError {
+fn rdb_read_error(
+    e: ReadError,
+    received: u64,
+    expected: Option<u64>,
+    after: Duration,
+) -> ReplError {
     match e {
         ReadError::Closed => ReplError::RdbTruncated { received, expected },
         ReadError::Timeout => ReplError::Timeout {
@@ -937,7 +968,10 @@ fn parse_rdb_header(line: &[u8]) -> Result<Phase, ReplError> {
         });
     }
     let Some(rest) = line.strip_prefix(b"$") else {
-        return Err(bad(format!("expected $<len> or $EOF:<mark>, got {:?}", lossy(line))));
+        return Err(bad(format!(
+            "expected $<len> or $EOF:<mark>, got {:?}",
+            lossy(line)
+        )));
     };
     if let Some(mark) = rest.strip_prefix(b"EOF:") {
         let mark: [u8; EOF_MARK_LEN] = mark.try_into().map_err(|_| {
@@ -977,7 +1011,10 @@ fn eof_scan(buf: &[u8], mark: &[u8; EOF_MARK_LEN], chunk_size: usize) -> EofScan
         Some(0) => EofScan::Mark,
         Some(at) => EofScan::Data(at.min(chunk_size)),
         None => {
-            let sure = window.len().saturating_sub(EOF_MARK_LEN - 1).min(chunk_size);
+            let sure = window
+                .len()
+                .saturating_sub(EOF_MARK_LEN - 1)
+                .min(chunk_size);
             if sure == 0 {
                 EofScan::NeedMore
             } else {
@@ -1164,7 +1201,9 @@ mod tests {
             step: "PSYNC",
             message: m.into(),
         };
-        assert!(master("NOMASTERLINK Can't SYNC while not connected with my master").is_retryable());
+        assert!(
+            master("NOMASTERLINK Can't SYNC while not connected with my master").is_retryable()
+        );
         assert!(master("LOADING Redis is loading the dataset in memory").is_retryable());
         assert!(!master("ERR unknown command").is_retryable());
         assert!(!ReplError::Auth {
