@@ -638,13 +638,15 @@ impl PsyncSource {
         if let Some(pos) = start {
             // The resume position is the caller's saved (durable) one.
             source.acks.allowed.set(pos.offset);
-            source.start_stream().await?;
+            source.start_stream();
         }
         Ok(source)
     }
 
-    /// The next event. Cancel-safe only between events: dropping the future
-    /// mid-way may lose buffered data, so drop the source after that.
+    /// The next event. Cancel-safe (e.g. in `select!` with a shutdown
+    /// signal): its only await is a socket read into the session's buffer,
+    /// and state changes happen between awaits, so a dropped call loses
+    /// nothing and the next call picks up where it stopped.
     pub async fn next_event(&mut self) -> Result<ReplEvent, ReplError> {
         if let Some(event) = self.first_event.take() {
             return Ok(event);
@@ -679,20 +681,17 @@ impl PsyncSource {
         self.acks.allowed.clone()
     }
 
-    /// Enters the command stream: sends the first ack at once (a diskless
-    /// master starts streaming only on it), then hands the write side to the
-    /// ack task.
-    async fn start_stream(&mut self) -> Result<(), ReplError> {
+    /// Enters the command stream: hands the write side to the ack task,
+    /// which acks at once (a diskless master starts streaming only on an ack).
+    fn start_stream(&mut self) {
         self.phase = Phase::Stream;
-        if let Some(mut writer) = self.writer.take() {
-            send_ack(&mut writer, self.acks.ack_offset()).await?;
+        if let Some(writer) = self.writer.take() {
             self.ack_task = Some(tokio::spawn(ack_loop(
                 writer,
                 Arc::clone(&self.acks),
                 self.ack_interval,
             )));
         }
-        Ok(())
     }
 
     async fn step(&mut self) -> Result<ReplEvent, ReplError> {
@@ -709,7 +708,7 @@ impl PsyncSource {
                 Phase::RdbSized { len, received } => {
                     let (len, got) = (*len, *received);
                     if got == len {
-                        return self.finish_rdb(got).await;
+                        return Ok(self.finish_rdb(got));
                     }
                     if self.link.buf.is_empty() {
                         self.link.fill().await.map_err(|e| {
@@ -735,7 +734,7 @@ impl PsyncSource {
                         }
                         EofScan::Mark => {
                             self.link.buf.advance(EOF_MARK_LEN);
-                            return self.finish_rdb(got).await;
+                            return Ok(self.finish_rdb(got));
                         }
                         EofScan::NeedMore => {
                             self.link.fill().await.map_err(|e| {
@@ -749,10 +748,10 @@ impl PsyncSource {
         }
     }
 
-    async fn finish_rdb(&mut self, len: u64) -> Result<ReplEvent, ReplError> {
+    fn finish_rdb(&mut self, len: u64) -> ReplEvent {
         debug!(len, "rdb transfer complete");
-        self.start_stream().await?;
-        Ok(ReplEvent::RdbEnd { len })
+        self.start_stream();
+        ReplEvent::RdbEnd { len }
     }
 
     async fn next_stream_event(&mut self) -> Result<ReplEvent, ReplError> {
@@ -882,8 +881,8 @@ impl PsyncSource {
 /// Sends `REPLCONF ACK` every `interval` and on each GETACK, until the link
 /// fails or the session is dropped (which aborts this task).
 async fn ack_loop(mut writer: OwnedWriteHalf, acks: Arc<AckShared>, interval: Duration) {
-    let start = tokio::time::Instant::now() + interval;
-    let mut ticker = tokio::time::interval_at(start, interval);
+    // The first tick is immediate: the first ack goes out right away.
+    let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
