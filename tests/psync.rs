@@ -348,6 +348,7 @@ async fn acks_carry_the_offset_the_caller_chose() {
     let server = master(false, &[]);
     let mut cfg = config(&server.url());
     cfg.listening_port = Some(7777);
+    cfg.announce_ip = Some("10.1.2.3".into());
     let mut source = PsyncSource::connect(&cfg, None).await.unwrap();
     take_full_sync(&mut source, cfg.rdb_chunk_size).await;
     let acks = source.ack_handle();
@@ -365,7 +366,7 @@ async fn acks_carry_the_offset_the_caller_chose() {
     acks.set(ReplOffset(first));
     assert_eq!(wait_for_ack(&server, first).await, first);
     let info_line = info(&server).await["slave0"].clone();
-    assert!(info_line.contains("port=7777"), "{info_line}");
+    assert!(info_line.contains("ip=10.1.2.3,port=7777"), "{info_line}");
     // WAIT on the writer's last write cannot be satisfied.
     let reply = writer.call(["WAIT", "1", "1500"]).await.unwrap();
     assert_eq!(reply.as_integer(), Some(0));
@@ -423,6 +424,9 @@ async fn resume_continues_after_the_saved_offset_and_db() {
     read_to_rest(&mut source, &server).await;
     let saved = source.position();
     assert_eq!(saved.db, 3);
+    // No listening port configured: the master lists the replica with port 0.
+    let line = info(&server).await["slave0"].clone();
+    assert!(line.contains(",port=0,"), "{line}");
     assert_eq!(saved.replid, replid);
     drop(source);
 
@@ -1259,5 +1263,19 @@ async fn throughput() {
         bytes as f64 / 1e6,
         entries as f64 / secs,
         bytes as f64 / 1e6 / secs
+    );
+
+    // One very wide command: the decoder rescans a partial frame on each read.
+    let mut args = vec!["RPUSH".to_string(), "wide".to_string()];
+    args.extend((0..1_000_000).map(|i| format!("element-{i}")));
+    c0.call(&args).await.unwrap();
+    let started = Instant::now();
+    let target = info_u64(&server, "master_repl_offset").await;
+    let (wide, _) = read_until(&mut source, target).await;
+    assert_eq!(wide.last().unwrap().commands[0].args.len(), 1_000_002);
+    println!(
+        "one RPUSH of 1M elements ({:.1} MB): received in {:.2} s",
+        encoded_command_len(&args) as f64 / 1e6,
+        started.elapsed().as_secs_f64()
     );
 }

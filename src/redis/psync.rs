@@ -362,10 +362,14 @@ enum ReadError {
 }
 
 impl Link {
-    /// Reads more bytes into the buffer.
+    /// Reads more bytes into the buffer. The room offered grows with what is
+    /// already buffered: a partial frame is rescanned from its start after
+    /// every read, so reads must grow with it for a huge command to cost
+    /// O(len log len) rather than O(len^2 / READ_SIZE).
     async fn fill(&mut self) -> Result<(), ReadError> {
-        if self.buf.capacity() - self.buf.len() < READ_SIZE / 4 {
-            self.buf.reserve(READ_SIZE);
+        let room = READ_SIZE.max(self.buf.len());
+        if self.buf.capacity() - self.buf.len() < room / 4 {
+            self.buf.reserve(room);
         }
         match tokio::time::timeout(self.read_timeout, self.reader.read_buf(&mut self.buf)).await {
             Err(_) => Err(ReadError::Timeout),
@@ -444,6 +448,9 @@ pub struct PsyncSource {
     current_db: u32,
     transaction: Option<PendingTransaction>,
     decoder: RespDecoder,
+    /// How much of the partial frame at the front of the buffer is known.
+    frame_scan: FrameScan,
+    resp_limits: RespLimits,
     max_transaction_bytes: usize,
     rdb_chunk_size: usize,
 }
@@ -632,6 +639,8 @@ impl PsyncSource {
             current_db: db,
             transaction: None,
             decoder,
+            frame_scan: FrameScan::default(),
+            resp_limits: cfg.resp_limits,
             max_transaction_bytes: cfg.max_transaction_bytes,
             rdb_chunk_size: cfg.rdb_chunk_size,
         };
@@ -756,13 +765,22 @@ impl PsyncSource {
 
     async fn next_stream_event(&mut self) -> Result<ReplEvent, ReplError> {
         loop {
+            if !self.frame_scan.complete(&self.link.buf, &self.resp_limits) {
+                let offset = self.received;
+                self.link
+                    .fill_or(|| format!("reading the command stream at offset {offset}"))
+                    .await?;
+                continue;
+            }
             let Some((frame, len)) = self.decoder.decode_frame(&mut self.link.buf)? else {
+                self.frame_scan = FrameScan::default();
                 let offset = self.received;
                 self.link
                     .fill_or(|| format!("reading the command stream at offset {offset}"))
                     .await?;
                 continue;
             };
+            self.frame_scan = FrameScan::default();
             let start = self.received;
             self.received += len as u64;
             self.acks.received.store(self.received, Ordering::Release);
@@ -1023,6 +1041,107 @@ fn eof_scan(buf: &[u8], mark: &[u8; EOF_MARK_LEN], chunk_size: usize) -> EofScan
     }
 }
 
+/// Incremental completeness check for the usual frame of a replication
+/// stream, an array of bulk strings. [`RespDecoder::decode_frame`] rescans a
+/// partial frame from its start on every call; this remembers how far the
+/// frame at the front of the buffer is known to be whole, so a huge command
+/// is scanned once overall rather than once per read. Anything else (another
+/// frame type, a bad header, a length over the limits) is reported complete
+/// so that the decoder proper decodes it or names the error.
+#[derive(Debug, Default, Clone, PartialEq)]
+struct FrameScan {
+    /// Bytes of the front frame known to be whole (header and elements).
+    scanned: usize,
+    /// Elements of the array still to be found; `None` before its header.
+    elements_left: Option<u64>,
+}
+
+impl FrameScan {
+    /// True when `buf` may hold a whole frame (ask the decoder); false when
+    /// it certainly does not yet.
+    fn complete(&mut self, buf: &[u8], limits: &RespLimits) -> bool {
+        let Some(mut left) = self.elements_left else {
+            match read_header(buf, 0, b'*', limits.max_aggregate_len as u64) {
+                Header::Incomplete => return false,
+                Header::Other => return true,
+                Header::Len { value, end } => {
+                    self.scanned = end;
+                    self.elements_left = Some(value);
+                    return self.complete(buf, limits);
+                }
+            }
+        };
+        while left > 0 {
+            match read_header(buf, self.scanned, b'$', limits.max_bulk_len as u64) {
+                Header::Incomplete => return false,
+                Header::Other => return true,
+                Header::Len { value, end } => {
+                    let Some(after) = usize::try_from(value)
+                        .ok()
+                        .and_then(|v| end.checked_add(v)?.checked_add(2))
+                    else {
+                        return true;
+                    };
+                    if buf.len() < after {
+                        return false;
+                    }
+                    self.scanned = after;
+                    left -= 1;
+                    self.elements_left = Some(left);
+                }
+            }
+        }
+        true
+    }
+}
+
+enum Header {
+    Incomplete,
+    /// Not a well-formed `<tag><len>\r\n` within the limits.
+    Other,
+    Len {
+        value: u64,
+        end: usize,
+    },
+}
+
+/// Reads `<tag><decimal>\r\n` at `pos`.
+fn read_header(buf: &[u8], pos: usize, tag: u8, limit: u64) -> Header {
+    let Some(&first) = buf.get(pos) else {
+        return Header::Incomplete;
+    };
+    if first != tag {
+        return Header::Other;
+    }
+    let digits_start = pos + 1;
+    // u64 lengths have at most 20 digits.
+    let window = &buf[digits_start..buf.len().min(digits_start + 22)];
+    let Some(cr) = window.iter().position(|b| !b.is_ascii_digit()) else {
+        return if window.len() >= 22 {
+            Header::Other
+        } else {
+            Header::Incomplete
+        };
+    };
+    if window[cr] != b'\r' {
+        return Header::Other;
+    }
+    let Some(&lf) = window.get(cr + 1) else {
+        return Header::Incomplete;
+    };
+    let digits = &window[..cr];
+    let value = (lf == b'\n' && !digits.is_empty() && digits.iter().all(u8::is_ascii_digit))
+        .then(|| std::str::from_utf8(digits).ok()?.parse::<u64>().ok())
+        .flatten();
+    match value {
+        Some(value) if value <= limit => Header::Len {
+            value,
+            end: digits_start + cr + 2,
+        },
+        _ => Header::Other,
+    }
+}
+
 /// A propagated command: a non-empty array of bulk strings.
 fn frame_to_command(frame: Frame, offset: u64) -> Result<Command, ReplError> {
     let Frame::Array(items) = frame else {
@@ -1139,6 +1258,37 @@ mod tests {
         let (payload, rest) = run_eof(&data, 5, 8);
         assert_eq!(payload, [&MARK[..39], b"xyz"].concat());
         assert!(rest.is_empty());
+    }
+
+    #[test]
+    fn frame_scan_agrees_with_the_decoder_at_every_cut() {
+        use crate::redis::resp::encode_command;
+        let mut data = BytesMut::new();
+        encode_command(&["SET", "key", "a value", ""], &mut data);
+        encode_command(&["PING"], &mut data);
+        let limits = RespLimits::default();
+        for cut in 0..=data.len() {
+            // Fed byte by byte up to `cut`, as reads would.
+            let mut scan = FrameScan::default();
+            let mut said_complete = false;
+            for end in 0..=cut {
+                said_complete = scan.complete(&data[..end], &limits);
+            }
+            let decoded = RespDecoder::new(limits)
+                .decode_frame(&mut BytesMut::from(&data[..cut]))
+                .unwrap()
+                .is_some();
+            assert_eq!(said_complete, decoded, "cut at {cut}");
+        }
+        // Other shapes go to the decoder at once.
+        for other in [
+            &b":1\r\n"[..],
+            b"*1\r\n:1\r\n",
+            b"*x",
+            b"*99999999999999999999999999",
+        ] {
+            assert!(FrameScan::default().complete(other, &limits));
+        }
     }
 
     #[test]
