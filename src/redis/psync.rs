@@ -68,11 +68,18 @@
 //! beyond what it received. The first ack goes out right after the RDB: a
 //! diskless master starts the command stream only on an ack that arrives once
 //! it has seen its RDB child finish (so possibly only on the next periodic one).
+//! The handle starts at 0 after `FULLRESYNC` (nothing is durable yet) and at
+//! the resume offset after `CONTINUE` (the caller saved it, so it is durable).
+//! A `GETACK` is answered when [`PsyncSource::next_event`] consumes it, so a
+//! caller that stops reading delays `WAIT`s by up to one ack interval.
 //!
 //! # Failure
 //!
 //! Any error ends the session: later calls return [`ReplError::Failed`].
-//! Reconnect with the last saved position.
+//! Reconnect with the last saved position; [`ReplError::is_retryable`] tells
+//! lost links and not-ready masters from hostile or misconfigured ones.
+//! `next_event` is cancel-safe, so it can sit in a `select!` with a shutdown
+//! signal.
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
