@@ -4,6 +4,8 @@
 //! - [`ReplOffset`]: a byte offset in a Redis master's replication stream
 //!   (`master_repl_offset`). The offset carried by an entry is the offset
 //!   *after* that entry, the value a replica reports with `REPLCONF ACK`.
+//! - [`ReplId`]: a master's 40-character replication id (`master_replid`);
+//!   an offset only means something together with the id of its history.
 
 use std::fmt;
 
@@ -21,5 +23,37 @@ impl ReplOffset {
 impl fmt::Display for ReplOffset {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.0)
+    }
+}
+
+/// A Redis replication id: exactly 40 ASCII hex digits (`master_replid`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ReplId(String);
+
+impl ReplId {
+    /// Length of a replication id (`CONFIG_RUN_ID_SIZE` in Redis).
+    pub const LEN: usize = 40;
+
+    /// Checks `text` is 40 hex digits; `None` otherwise.
+    pub fn parse(text: &str) -> Option<ReplId> {
+        (text.len() == Self::LEN && text.bytes().all(|b| b.is_ascii_hexdigit()))
+            .then(|| ReplId(text.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ReplId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::str::FromStr for ReplId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        ReplId::parse(s).ok_or_else(|| format!("bad replication id {s:?}: expected 40 hex digits"))
     }
 }

@@ -6,6 +6,7 @@
 //! - [`url`]: `redis://[user:pass@]host:port[/db]` target/source addresses.
 //! - [`psync`]: replica-side replication client (handshake, PSYNC, RDB
 //!   transfer, command stream with exact offsets).
+//! - [`rdb_stream`]: parses an RDB on a blocking thread while it arrives.
 //! - [`rdb`]: streaming RDB parser and its consumers (rebuild commands,
 //!   RESTORE payloads, JSON dump).
 //! - [`command`]: Redis 7 command table (arity, flags, key positions) and
@@ -15,5 +16,6 @@ pub mod client;
 pub mod command;
 pub mod psync;
 pub mod rdb;
+pub mod rdb_stream;
 pub mod resp;
 pub mod url;

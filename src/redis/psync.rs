@@ -1,1 +1,1385 @@
-//! Placeholder, replaced by the psync work.
+//! Replica-side replication client: ferry's listener connects to a Redis
+//! master the way a replica does and receives its snapshot and its write
+//! stream, with exact replication offsets.
+//!
+//! What flows in: a source address ([`ReplicaConfig`]) and, when resuming,
+//! the last saved [`ReplPosition`]. What flows out: [`ReplEvent`]s from
+//! [`PsyncSource::next_event`], in stream order; and `REPLCONF ACK`s to the
+//! master carrying the offset the caller published through an [`AckHandle`].
+//!
+//! # Wire protocol (Redis 2.8 .. 7.x)
+//!
+//! Handshake, one command at a time, each answered by one line:
+//! `AUTH [user] password` (when the URL has one), `PING`,
+//! `REPLCONF listening-port <port>` (only when configured),
+//! `REPLCONF ip-address <ip>` (only when configured),
+//! `REPLCONF capa eof capa psync2`, then `PSYNC <replid> <offset+1>` to resume
+//! from a saved position or `PSYNC ? -1` for a full sync. Errors to the
+//! `REPLCONF`s are tolerated (old masters do not know every option), as Redis's
+//! own replica does. The master may send bare `\n` keepalives before its PSYNC
+//! reply and before the RDB header; they are skipped and never count in offsets.
+//!
+//! PSYNC replies:
+//! - `+FULLRESYNC <replid> <offset>`: an RDB follows, either disk-based
+//!   (`$<len>\r\n` then exactly `len` bytes) or diskless
+//!   (`$EOF:<40-byte mark>\r\n`, the bytes, then the mark again). The command
+//!   stream that follows starts at `<offset>`.
+//! - `+CONTINUE` / `+CONTINUE <new replid>`: the stream resumes at the
+//!   requested offset, with no RDB. A new id means the server is a promoted
+//!   replica that kept our history under its new id; the id is adopted.
+//! - `-NOMASTERLINK`, `-LOADING`: the server cannot serve now (retryable, see
+//!   [`ReplError::is_retryable`]); any other error is [`ReplError::MasterError`].
+//!
+//! The command stream is RESP arrays of bulk strings. Every byte of it counts
+//! in the replication offset, including `PING`, `SELECT` and
+//! `REPLCONF GETACK *`. `SELECT` is only sent when the db changes and is not
+//! re-sent after `+CONTINUE`, so the db is part of the resumable position.
+//! `MULTI` .. `EXEC` (also how scripts and functions with several writes are
+//! propagated) must be applied atomically, so it comes out as one entry.
+//!
+//! # Events and their offsets
+//!
+//! After every event, [`PsyncSource::position`] is the position just after
+//! it; it is resumable (a later `PSYNC` from it is exact) once the snapshot
+//! was taken in, i.e. after [`ReplEvent::RdbEnd`] on a full sync, and at any
+//! time after [`ReplEvent::Continue`]. A transaction that is only partly
+//! received never moves the position.
+//!
+//! - `FullResync { replid, offset }`: first event of a full sync; the RDB
+//!   describes the dataset at `offset`.
+//! - `RdbChunk(bytes)`: the next at most [`ReplicaConfig::rdb_chunk_size`]
+//!   bytes of the RDB payload, as they arrive (the RDB is never held whole).
+//! - `RdbEnd { len }`: the payload (of `len` bytes) is complete; the stream
+//!   starts at the `FullResync` offset in db 0.
+//! - `Continue { replid, offset, db }`: first event of a partial resync.
+//! - `Entry(ReplEntry)`: one command, or one whole transaction; its `offset`
+//!   is the stream offset just after its last byte (after `EXEC`).
+//! - `Progress { offset }`: bytes that carry no data (`PING`, `SELECT`,
+//!   `REPLCONF ...`) were consumed; `offset` is just after them. Surfaced so
+//!   that an idle or db-switching stream still moves the position the caller
+//!   persists and acks.
+//!
+//! # Acks
+//!
+//! Once the stream runs, a background task sends `REPLCONF ACK <offset>` every
+//! [`ReplicaConfig::ack_interval`] and as soon as a `REPLCONF GETACK` is
+//! consumed. `<offset>` is `min(AckHandle value, bytes received)`: the caller
+//! publishes its durable offset through the handle, and the client never acks
+//! beyond what it received. The first ack goes out right after the RDB: a
+//! diskless master starts the command stream only on an ack that arrives once
+//! it has seen its RDB child finish (so possibly only on the next periodic one).
+//! The handle starts at 0 after `FULLRESYNC` (nothing is durable yet) and at
+//! the resume offset after `CONTINUE` (the caller saved it, so it is durable).
+//! A `GETACK` is answered when [`PsyncSource::next_event`] consumes it, so a
+//! caller that stops reading delays `WAIT`s by up to one ack interval.
+//!
+//! # Failure
+//!
+//! Any error ends the session: later calls return [`ReplError::Failed`].
+//! Reconnect with the last saved position; [`ReplError::is_retryable`] tells
+//! lost links and not-ready masters from hostile or misconfigured ones.
+//! `next_event` is cancel-safe, so it can sit in a `select!` with a shutdown
+//! signal.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use super::command::Command;
+use super::resp::{encode_command, Frame, RespDecoder, RespError, RespLimits};
+use super::url::RedisUrl;
+use crate::position::{ReplId, ReplOffset};
+
+/// Length of the diskless transfer's end mark (`CONFIG_RUN_ID_SIZE`).
+const EOF_MARK_LEN: usize = 40;
+/// Longest handshake or RDB header line accepted.
+const MAX_LINE_LEN: usize = 4096;
+/// Bytes asked of the socket per read.
+const READ_SIZE: usize = 64 * 1024;
+
+/// How to reach the master and the limits of one replication session.
+#[derive(Debug, Clone)]
+pub struct ReplicaConfig {
+    /// The master; user/password are sent with `AUTH`. The URL's db is ignored
+    /// (a replica receives every db).
+    pub source: RedisUrl,
+    /// Sent as `REPLCONF listening-port`. Default `None`: not sent, and the
+    /// master lists the replica with `port=0`. Redis accepts any number here
+    /// (it is only shown in `INFO`/`ROLE` and used by Sentinel to reach
+    /// replicas); set it to a port of ferry's when Sentinel watches the source.
+    pub listening_port: Option<u16>,
+    /// Sent as `REPLCONF ip-address`. Default `None`: the master shows the
+    /// connection's peer address.
+    pub announce_ip: Option<String>,
+    /// TCP connect timeout. Default 5 s.
+    pub connect_timeout: Duration,
+    /// A master that sends no byte for this long is considered dead
+    /// ([`ReplError::Timeout`]). Masters send a `PING` every
+    /// `repl-ping-replica-period` (10 s) and `\n` every second while preparing
+    /// the RDB, so this should stay well above 10 s. Default 60 s (Redis's
+    /// `repl-timeout`).
+    pub read_timeout: Duration,
+    /// Period of `REPLCONF ACK`. Default 1 s (as Redis replicas do). Keep it
+    /// short: after a diskless transfer the master starts the command stream
+    /// on the first ack it sees after reaping its RDB child, which can be a
+    /// periodic one rather than the one sent right after the payload.
+    pub ack_interval: Duration,
+    /// Most wire bytes one `MULTI` .. `EXEC` may buffer before
+    /// [`ReplError::TransactionTooLarge`]. Default 256 MiB.
+    pub max_transaction_bytes: usize,
+    /// Largest [`ReplEvent::RdbChunk`]. Default 64 KiB.
+    pub rdb_chunk_size: usize,
+    /// Limits on each frame of the command stream (bulk length etc.).
+    /// Default [`RespLimits::default`] (512 MiB bulk strings, like Redis's
+    /// `proto-max-bulk-len`).
+    pub resp_limits: RespLimits,
+}
+
+impl ReplicaConfig {
+    /// The defaults documented on each field.
+    pub fn new(source: RedisUrl) -> ReplicaConfig {
+        ReplicaConfig {
+            source,
+            listening_port: None,
+            announce_ip: None,
+            connect_timeout: Duration::from_secs(5),
+            read_timeout: Duration::from_secs(60),
+            ack_interval: Duration::from_secs(1),
+            max_transaction_bytes: 256 * 1024 * 1024,
+            rdb_chunk_size: 64 * 1024,
+            resp_limits: RespLimits::default(),
+        }
+    }
+
+    /// Rejects values the client cannot work with, naming the field.
+    pub fn validate(&self) -> Result<(), ReplError> {
+        let fail = |what: &str| Err(ReplError::Config(what.to_string()));
+        if self.rdb_chunk_size == 0 {
+            return fail("rdb_chunk_size must be at least 1 byte");
+        }
+        if self.max_transaction_bytes == 0 {
+            return fail("max_transaction_bytes must be at least 1 byte");
+        }
+        if self.read_timeout.is_zero() || self.connect_timeout.is_zero() {
+            return fail("read_timeout and connect_timeout must not be 0");
+        }
+        if self.ack_interval.is_zero() {
+            return fail("ack_interval must not be 0");
+        }
+        if let Some(ip) = &self.announce_ip {
+            if ip.is_empty() || ip.bytes().any(|b| b.is_ascii_whitespace()) {
+                return fail("announce_ip must be a non-empty address without spaces");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where a replica stands in a master's history: resumable with
+/// `PSYNC <replid> <offset+1>`, in db `db` (the last `SELECT` before `offset`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplPosition {
+    pub replid: ReplId,
+    pub offset: ReplOffset,
+    pub db: u32,
+}
+
+/// One unit of data of the command stream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplEntry {
+    /// The db `commands[0]` runs in. Inside a transaction that switches db
+    /// between commands (a client's `MULTI` with a `SELECT` inside), the
+    /// `SELECT` is kept in `commands`; a `SELECT` before the first command is
+    /// folded into `db`.
+    pub db: u32,
+    /// Stream offset just after the entry's last byte (after `EXEC`).
+    pub offset: ReplOffset,
+    /// The commands, exactly as propagated; without `MULTI`/`EXEC`.
+    pub commands: Vec<Command>,
+    /// True for a `MULTI` .. `EXEC` block, to be applied atomically.
+    pub transaction: bool,
+}
+
+/// What [`PsyncSource::next_event`] yields; see the module docs for offsets.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReplEvent {
+    FullResync {
+        replid: ReplId,
+        offset: ReplOffset,
+    },
+    RdbChunk(Bytes),
+    RdbEnd {
+        len: u64,
+    },
+    Continue {
+        replid: ReplId,
+        offset: ReplOffset,
+        db: u32,
+    },
+    Entry(ReplEntry),
+    Progress {
+        offset: ReplOffset,
+    },
+}
+
+/// Everything that ends a replication session.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplError {
+    #[error("invalid replica config: {0}")]
+    Config(String),
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("no byte from the master for {after:?} while {during}")]
+    Timeout { during: String, after: Duration },
+    #[error("master refused authentication at {step}: {message}")]
+    Auth { step: &'static str, message: String },
+    #[error("unexpected reply to {step}: {reply:?}")]
+    Handshake { step: &'static str, reply: String },
+    #[error("master answered {step} with an error: {message}")]
+    MasterError { step: &'static str, message: String },
+    #[error("bad RDB transfer after {received} payload bytes: {what}")]
+    RdbTransfer { received: u64, what: String },
+    #[error("RDB transfer cut after {received} payload bytes{}", expected.map(|e| format!(" of {e}")).unwrap_or_default())]
+    RdbTruncated {
+        received: u64,
+        expected: Option<u64>,
+    },
+    #[error("protocol error in the replication stream at offset {offset}: {what}")]
+    Protocol { offset: u64, what: String },
+    /// Malformed or oversized RESP; its offsets are replication offsets.
+    #[error("replication stream: {0}")]
+    Resp(#[from] RespError),
+    #[error("transaction starting at offset {offset} exceeds the limit of {limit} bytes")]
+    TransactionTooLarge { offset: u64, limit: usize },
+    #[error("master closed the connection while {during}")]
+    Closed { during: String },
+    #[error("i/o error on the replication link: {0}")]
+    Io(#[from] io::Error),
+    #[error("the replication session failed earlier; reconnect from the saved position")]
+    Failed,
+}
+
+impl ReplError {
+    /// True when reconnecting (after a pause) may succeed without any change:
+    /// lost links, timeouts, and masters that are loading or have lost their
+    /// own master.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ReplError::Connect { .. }
+            | ReplError::Timeout { .. }
+            | ReplError::Closed { .. }
+            | ReplError::RdbTruncated { .. }
+            | ReplError::Io(_) => true,
+            ReplError::MasterError { message, .. } => {
+                let code = message.split_whitespace().next().unwrap_or("");
+                matches!(
+                    code,
+                    "LOADING" | "NOMASTERLINK" | "MASTERDOWN" | "BUSY" | "TRYAGAIN"
+                )
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The offset the caller allows the client to acknowledge (typically its
+/// durable offset). Cheap to clone; shared with the session's ack task.
+#[derive(Debug, Clone, Default)]
+pub struct AckHandle(Arc<AtomicU64>);
+
+impl AckHandle {
+    /// Raises the acknowledgeable offset to `offset` (never lowers it: the
+    /// master keeps the highest ack anyway).
+    pub fn set(&self, offset: ReplOffset) {
+        self.0.fetch_max(offset.0, Ordering::AcqRel);
+    }
+
+    pub fn get(&self) -> ReplOffset {
+        ReplOffset(self.0.load(Ordering::Acquire))
+    }
+}
+
+/// State shared between the session and its ack task.
+struct AckShared {
+    allowed: AckHandle,
+    /// Offset after the last whole frame received.
+    received: AtomicU64,
+    /// Signalled on `REPLCONF GETACK`.
+    getack: Notify,
+}
+
+impl AckShared {
+    fn ack_offset(&self) -> u64 {
+        self.allowed
+            .get()
+            .0
+            .min(self.received.load(Ordering::Acquire))
+    }
+}
+
+/// A `MULTI` being collected.
+struct PendingTransaction {
+    /// Offset of the `MULTI`.
+    start: u64,
+    db: u32,
+    commands: Vec<Command>,
+    /// Wire bytes since (and including) `MULTI`.
+    bytes: usize,
+}
+
+enum Phase {
+    /// Waiting for `$<len>` / `$EOF:<mark>`.
+    RdbHeader,
+    RdbSized {
+        len: u64,
+        received: u64,
+    },
+    RdbEof {
+        mark: [u8; EOF_MARK_LEN],
+        received: u64,
+    },
+    Stream,
+    Failed,
+}
+
+/// The read side of the link with its buffer.
+struct Link {
+    reader: OwnedReadHalf,
+    buf: BytesMut,
+    read_timeout: Duration,
+}
+
+enum ReadError {
+    Closed,
+    Timeout,
+    Io(io::Error),
+}
+
+impl Link {
+    /// Reads more bytes into the buffer. The room offered grows with what is
+    /// already buffered: a partial frame is rescanned from its start after
+    /// every read, so reads must grow with it for a huge command to cost
+    /// O(len log len) rather than O(len^2 / READ_SIZE).
+    async fn fill(&mut self) -> Result<(), ReadError> {
+        let room = READ_SIZE.max(self.buf.len());
+        if self.buf.capacity() - self.buf.len() < room / 4 {
+            self.buf.reserve(room);
+        }
+        match tokio::time::timeout(self.read_timeout, self.reader.read_buf(&mut self.buf)).await {
+            Err(_) => Err(ReadError::Timeout),
+            Ok(Err(e)) => Err(ReadError::Io(e)),
+            Ok(Ok(0)) => Err(ReadError::Closed),
+            Ok(Ok(_)) => Ok(()),
+        }
+    }
+
+    /// Reads more bytes; errors name what was going on.
+    async fn fill_or(&mut self, during: impl FnOnce() -> String) -> Result<(), ReplError> {
+        self.fill().await.map_err(|e| match e {
+            ReadError::Closed => ReplError::Closed { during: during() },
+            ReadError::Timeout => ReplError::Timeout {
+                during: during(),
+                after: self.read_timeout,
+            },
+            ReadError::Io(e) => ReplError::Io(e),
+        })
+    }
+
+    /// One `\n`-terminated line without its `\r\n`/`\n`.
+    async fn read_line(&mut self, during: &str) -> Result<Bytes, ReplError> {
+        loop {
+            if let Some(nl) = self.buf.iter().position(|&b| b == b'\n') {
+                let mut line = self.buf.split_to(nl + 1).freeze();
+                line.truncate(nl);
+                if line.last() == Some(&b'\r') {
+                    line.truncate(nl - 1);
+                }
+                return Ok(line);
+            }
+            if self.buf.len() > MAX_LINE_LEN {
+                return Err(ReplError::Handshake {
+                    step: "reading a reply line",
+                    reply: format!(
+                        "no end of line within {MAX_LINE_LEN} bytes: {}",
+                        lossy(&self.buf[..64])
+                    ),
+                });
+            }
+            self.fill_or(|| during.to_string()).await?;
+        }
+    }
+
+    /// The next non-empty line (bare `\n` keepalives are skipped).
+    async fn read_nonempty_line(&mut self, during: &str) -> Result<Bytes, ReplError> {
+        loop {
+            let line = self.read_line(during).await?;
+            if !line.is_empty() {
+                return Ok(line);
+            }
+        }
+    }
+}
+
+/// A replication session with one master.
+pub struct PsyncSource {
+    link: Link,
+    /// Until the stream starts: then it moves into the ack task.
+    writer: Option<OwnedWriteHalf>,
+    ack_task: Option<JoinHandle<()>>,
+    acks: Arc<AckShared>,
+    ack_interval: Duration,
+    phase: Phase,
+    /// The first event, decided by the handshake.
+    first_event: Option<ReplEvent>,
+    replid: ReplId,
+    /// Offset after the last event.
+    offset: u64,
+    /// Db at `offset`.
+    db: u32,
+    /// Offset after the last whole frame received (>= `offset`).
+    received: u64,
+    /// Db after the last frame received.
+    current_db: u32,
+    transaction: Option<PendingTransaction>,
+    decoder: RespDecoder,
+    /// How much of the partial frame at the front of the buffer is known.
+    frame_scan: FrameScan,
+    resp_limits: RespLimits,
+    max_transaction_bytes: usize,
+    rdb_chunk_size: usize,
+}
+
+impl Drop for PsyncSource {
+    fn drop(&mut self) {
+        if let Some(task) = self.ack_task.take() {
+            task.abort();
+        }
+    }
+}
+
+impl PsyncSource {
+    /// Connects, runs the handshake and sends `PSYNC`: from `from` when given
+    /// (a resume), else `PSYNC ? -1`. Returns once the master answered; the
+    /// first event is then `FullResync` or `Continue`.
+    pub async fn connect(
+        cfg: &ReplicaConfig,
+        from: Option<ReplPosition>,
+    ) -> Result<PsyncSource, ReplError> {
+        cfg.validate()?;
+        let addr = cfg.source.addr();
+        let stream =
+            match tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(&addr)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(source)) => return Err(ReplError::Connect { addr, source }),
+                Err(_) => {
+                    return Err(ReplError::Connect {
+                        addr,
+                        source: io::Error::new(io::ErrorKind::TimedOut, "connect timed out"),
+                    })
+                }
+            };
+        stream.set_nodelay(true)?;
+        let (reader, mut writer) = stream.into_split();
+        let mut link = Link {
+            reader,
+            buf: BytesMut::with_capacity(READ_SIZE),
+            read_timeout: cfg.read_timeout,
+        };
+
+        if let Some(password) = &cfg.source.password {
+            let mut args = vec!["AUTH"];
+            if let Some(user) = &cfg.source.user {
+                args.push(user);
+            }
+            args.push(password);
+            let reply = exchange(&mut link, &mut writer, &args, "AUTH").await?;
+            if let Some(message) = reply.strip_prefix('-') {
+                return Err(ReplError::Auth {
+                    step: "AUTH",
+                    message: message.to_string(),
+                });
+            }
+            expect_ok(&reply, "AUTH")?;
+        }
+
+        let reply = exchange(&mut link, &mut writer, &["PING"], "PING").await?;
+        if let Some(message) = reply.strip_prefix('-') {
+            let code = message.split_whitespace().next().unwrap_or("");
+            // Redis before 6 said "operation not permitted" instead of NOAUTH.
+            if matches!(code, "NOAUTH" | "WRONGPASS" | "NOPERM")
+                || message.contains("operation not permitted")
+            {
+                return Err(ReplError::Auth {
+                    step: "PING",
+                    message: message.to_string(),
+                });
+            }
+            return Err(ReplError::MasterError {
+                step: "PING",
+                message: message.to_string(),
+            });
+        }
+        expect_ok(&reply, "PING")?;
+
+        let port = cfg.listening_port.map(|p| p.to_string());
+        let mut replconfs: Vec<(&'static str, Vec<&str>)> = Vec::new();
+        if let Some(port) = &port {
+            replconfs.push(("REPLCONF listening-port", vec!["listening-port", port]));
+        }
+        if let Some(ip) = &cfg.announce_ip {
+            replconfs.push(("REPLCONF ip-address", vec!["ip-address", ip]));
+        }
+        replconfs.push(("REPLCONF capa", vec!["capa", "eof", "capa", "psync2"]));
+        for (step, tail) in replconfs {
+            let mut args = vec!["REPLCONF"];
+            args.extend(tail);
+            let reply = exchange(&mut link, &mut writer, &args, step).await?;
+            if let Some(message) = reply.strip_prefix('-') {
+                // Redis's own replica goes on too: older masters lack options.
+                warn!(master = %cfg.source, step, message, "master refused a replconf option");
+                continue;
+            }
+            expect_ok(&reply, step)?;
+        }
+
+        let request_offset;
+        let psync_args: Vec<String> = match &from {
+            Some(pos) => {
+                request_offset = pos.offset.0.checked_add(1).ok_or_else(|| {
+                    ReplError::Config(format!("resume offset {} overflows", pos.offset))
+                })?;
+                vec![
+                    "PSYNC".into(),
+                    pos.replid.to_string(),
+                    request_offset.to_string(),
+                ]
+            }
+            None => vec!["PSYNC".into(), "?".into(), "-1".into()],
+        };
+        send(&mut writer, &psync_args).await?;
+        // Keepalive newlines may precede the answer while the master prepares.
+        let reply = lossy(
+            &link
+                .read_nonempty_line("waiting for the PSYNC reply")
+                .await?,
+        );
+
+        let (replid, start, first_event) = if let Some(rest) = reply.strip_prefix("+FULLRESYNC") {
+            let mut words = rest.split_whitespace();
+            let (Some(id), Some(offset), None) = (words.next(), words.next(), words.next()) else {
+                return Err(handshake_error("PSYNC", &reply));
+            };
+            let replid = ReplId::parse(id).ok_or_else(|| handshake_error("PSYNC", &reply))?;
+            let offset: u64 = offset
+                .parse()
+                .map_err(|_| handshake_error("PSYNC", &reply))?;
+            info!(master = %cfg.source, %replid, offset, "full resync");
+            let event = ReplEvent::FullResync {
+                replid: replid.clone(),
+                offset: ReplOffset(offset),
+            };
+            (replid, None, event)
+        } else if let Some(rest) = reply.strip_prefix("+CONTINUE") {
+            let Some(pos) = from else {
+                return Err(handshake_error("PSYNC ? -1", &reply));
+            };
+            let replid = match rest.trim() {
+                "" => pos.replid.clone(),
+                id => ReplId::parse(id).ok_or_else(|| handshake_error("PSYNC", &reply))?,
+            };
+            if replid != pos.replid {
+                info!(master = %cfg.source, old = %pos.replid, new = %replid, "master has a new replication id; adopting it");
+            }
+            info!(master = %cfg.source, %replid, offset = %pos.offset, db = pos.db, "partial resync");
+            let event = ReplEvent::Continue {
+                replid: replid.clone(),
+                offset: pos.offset,
+                db: pos.db,
+            };
+            (replid, Some(pos), event)
+        } else if let Some(message) = reply.strip_prefix('-') {
+            return Err(ReplError::MasterError {
+                step: "PSYNC",
+                message: message.to_string(),
+            });
+        } else {
+            return Err(handshake_error("PSYNC", &reply));
+        };
+
+        let (offset, db) = match (&start, &first_event) {
+            (Some(pos), _) => (pos.offset.0, pos.db),
+            (None, ReplEvent::FullResync { offset, .. }) => (offset.0, 0),
+            (None, _) => (0, 0),
+        };
+        let mut decoder = RespDecoder::new(cfg.resp_limits);
+        // RESP errors then name replication offsets.
+        decoder.skip(offset);
+        let mut source = PsyncSource {
+            link,
+            writer: Some(writer),
+            ack_task: None,
+            acks: Arc::new(AckShared {
+                allowed: AckHandle::default(),
+                received: AtomicU64::new(offset),
+                getack: Notify::new(),
+            }),
+            ack_interval: cfg.ack_interval,
+            phase: Phase::RdbHeader,
+            first_event: Some(first_event),
+            replid,
+            offset,
+            db,
+            received: offset,
+            current_db: db,
+            transaction: None,
+            decoder,
+            frame_scan: FrameScan::default(),
+            resp_limits: cfg.resp_limits,
+            max_transaction_bytes: cfg.max_transaction_bytes,
+            rdb_chunk_size: cfg.rdb_chunk_size,
+        };
+        if let Some(pos) = start {
+            // The resume position is the caller's saved (durable) one.
+            source.acks.allowed.set(pos.offset);
+            source.start_stream();
+        }
+        Ok(source)
+    }
+
+    /// The next event. Cancel-safe (e.g. in `select!` with a shutdown
+    /// signal): its only await is a socket read into the session's buffer,
+    /// and state changes happen between awaits, so a dropped call loses
+    /// nothing and the next call picks up where it stopped.
+    pub async fn next_event(&mut self) -> Result<ReplEvent, ReplError> {
+        if let Some(event) = self.first_event.take() {
+            return Ok(event);
+        }
+        match self.step().await {
+            Ok(event) => Ok(event),
+            Err(e) => {
+                self.phase = Phase::Failed;
+                Err(e)
+            }
+        }
+    }
+
+    /// The position after the last event returned (see the module docs for
+    /// when it is resumable).
+    pub fn position(&self) -> ReplPosition {
+        ReplPosition {
+            replid: self.replid.clone(),
+            offset: ReplOffset(self.offset),
+            db: self.db,
+        }
+    }
+
+    /// Offset after the last whole frame received; ahead of
+    /// [`PsyncSource::position`] while a transaction is being collected.
+    pub fn received_offset(&self) -> ReplOffset {
+        ReplOffset(self.received)
+    }
+
+    /// The handle through which the caller sets the offset to acknowledge.
+    pub fn ack_handle(&self) -> AckHandle {
+        self.acks.allowed.clone()
+    }
+
+    /// Enters the command stream: hands the write side to the ack task,
+    /// which acks at once (a diskless master starts streaming only on an ack).
+    fn start_stream(&mut self) {
+        self.phase = Phase::Stream;
+        if let Some(writer) = self.writer.take() {
+            self.ack_task = Some(tokio::spawn(ack_loop(
+                writer,
+                Arc::clone(&self.acks),
+                self.ack_interval,
+            )));
+        }
+    }
+
+    async fn step(&mut self) -> Result<ReplEvent, ReplError> {
+        loop {
+            match &mut self.phase {
+                Phase::Failed => return Err(ReplError::Failed),
+                Phase::RdbHeader => {
+                    let line = self
+                        .link
+                        .read_nonempty_line("waiting for the RDB transfer")
+                        .await?;
+                    self.phase = parse_rdb_header(&line)?;
+                }
+                Phase::RdbSized { len, received } => {
+                    let (len, got) = (*len, *received);
+                    if got == len {
+                        return Ok(self.finish_rdb(got));
+                    }
+                    if self.link.buf.is_empty() {
+                        self.link.fill().await.map_err(|e| {
+                            rdb_read_error(e, got, Some(len), self.link.read_timeout)
+                        })?;
+                    }
+                    let want = (len - got).min(self.rdb_chunk_size as u64) as usize;
+                    let n = want.min(self.link.buf.len());
+                    let chunk = self.link.buf.split_to(n).freeze();
+                    self.phase = Phase::RdbSized {
+                        len,
+                        received: got + n as u64,
+                    };
+                    return Ok(ReplEvent::RdbChunk(chunk));
+                }
+                Phase::RdbEof { mark, received } => {
+                    let got = *received;
+                    match eof_scan(&self.link.buf, mark, self.rdb_chunk_size) {
+                        EofScan::Data(n) => {
+                            let chunk = self.link.buf.split_to(n).freeze();
+                            *received += n as u64;
+                            return Ok(ReplEvent::RdbChunk(chunk));
+                        }
+                        EofScan::Mark => {
+                            self.link.buf.advance(EOF_MARK_LEN);
+                            return Ok(self.finish_rdb(got));
+                        }
+                        EofScan::NeedMore => {
+                            self.link.fill().await.map_err(|e| {
+                                rdb_read_error(e, got, None, self.link.read_timeout)
+                            })?;
+                        }
+                    }
+                }
+                Phase::Stream => return self.next_stream_event().await,
+            }
+        }
+    }
+
+    fn finish_rdb(&mut self, len: u64) -> ReplEvent {
+        debug!(len, "rdb transfer complete");
+        self.start_stream();
+        ReplEvent::RdbEnd { len }
+    }
+
+    async fn next_stream_event(&mut self) -> Result<ReplEvent, ReplError> {
+        loop {
+            if !self.frame_scan.complete(&self.link.buf, &self.resp_limits) {
+                let offset = self.received;
+                self.link
+                    .fill_or(|| format!("reading the command stream at offset {offset}"))
+                    .await?;
+                continue;
+            }
+            let Some((frame, len)) = self.decoder.decode_frame(&mut self.link.buf)? else {
+                self.frame_scan = FrameScan::default();
+                let offset = self.received;
+                self.link
+                    .fill_or(|| format!("reading the command stream at offset {offset}"))
+                    .await?;
+                continue;
+            };
+            self.frame_scan = FrameScan::default();
+            let start = self.received;
+            self.received += len as u64;
+            self.acks.received.store(self.received, Ordering::Release);
+            if let Some(event) = self.on_frame(frame, start, len)? {
+                return Ok(event);
+            }
+        }
+    }
+
+    /// Folds one frame of `len` wire bytes starting at `start` into the state.
+    fn on_frame(
+        &mut self,
+        frame: Frame,
+        start: u64,
+        len: usize,
+    ) -> Result<Option<ReplEvent>, ReplError> {
+        let end = self.received;
+        let command = frame_to_command(frame, start)?;
+        if let Some(tx) = &mut self.transaction {
+            tx.bytes = tx.bytes.saturating_add(len);
+            if tx.bytes > self.max_transaction_bytes {
+                return Err(ReplError::TransactionTooLarge {
+                    offset: tx.start,
+                    limit: self.max_transaction_bytes,
+                });
+            }
+        }
+        if command.is("SELECT") {
+            let db = parse_select(&command, start)?;
+            self.current_db = db;
+            match &mut self.transaction {
+                Some(tx) if tx.commands.is_empty() => tx.db = db,
+                Some(tx) => tx.commands.push(command),
+                None => return Ok(Some(self.progress(end))),
+            }
+            return Ok(None);
+        }
+        if command.is("PING") || command.is("REPLCONF") {
+            if command.is("REPLCONF")
+                && command
+                    .args
+                    .get(1)
+                    .is_some_and(|a| a.eq_ignore_ascii_case(b"GETACK"))
+            {
+                self.acks.getack.notify_one();
+            }
+            // Never inside MULTI from a real master; if so, it has no effect.
+            if self.transaction.is_some() {
+                return Ok(None);
+            }
+            return Ok(Some(self.progress(end)));
+        }
+        if command.is("MULTI") {
+            if self.transaction.is_some() {
+                return Err(ReplError::Protocol {
+                    offset: start,
+                    what: "MULTI inside a transaction".into(),
+                });
+            }
+            self.transaction = Some(PendingTransaction {
+                start,
+                db: self.current_db,
+                commands: Vec::new(),
+                bytes: len,
+            });
+            if len > self.max_transaction_bytes {
+                return Err(ReplError::TransactionTooLarge {
+                    offset: start,
+                    limit: self.max_transaction_bytes,
+                });
+            }
+            return Ok(None);
+        }
+        if command.is("EXEC") {
+            let Some(tx) = self.transaction.take() else {
+                return Err(ReplError::Protocol {
+                    offset: start,
+                    what: "EXEC without MULTI".into(),
+                });
+            };
+            if tx.commands.is_empty() {
+                return Ok(Some(self.progress(end)));
+            }
+            self.offset = end;
+            self.db = self.current_db;
+            return Ok(Some(ReplEvent::Entry(ReplEntry {
+                db: tx.db,
+                offset: ReplOffset(end),
+                commands: tx.commands,
+                transaction: true,
+            })));
+        }
+        if let Some(tx) = &mut self.transaction {
+            tx.commands.push(command);
+            return Ok(None);
+        }
+        self.offset = end;
+        self.db = self.current_db;
+        Ok(Some(ReplEvent::Entry(ReplEntry {
+            db: self.current_db,
+            offset: ReplOffset(end),
+            commands: vec![command],
+            transaction: false,
+        })))
+    }
+
+    fn progress(&mut self, end: u64) -> ReplEvent {
+        self.offset = end;
+        self.db = self.current_db;
+        ReplEvent::Progress {
+            offset: ReplOffset(end),
+        }
+    }
+}
+
+/// Sends `REPLCONF ACK` every `interval` and on each GETACK, until the link
+/// fails or the session is dropped (which aborts this task).
+async fn ack_loop(mut writer: OwnedWriteHalf, acks: Arc<AckShared>, interval: Duration) {
+    // The first tick is immediate: the first ack goes out right away.
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = acks.getack.notified() => {}
+        }
+        if let Err(error) = send_ack(&mut writer, acks.ack_offset()).await {
+            // The read side sees the broken link and reports it.
+            debug!(%error, "ack write failed; ack task stops");
+            return;
+        }
+    }
+}
+
+async fn send_ack(writer: &mut OwnedWriteHalf, offset: u64) -> Result<(), ReplError> {
+    send(writer, &["REPLCONF", "ACK", &offset.to_string()]).await
+}
+
+async fn send<T: AsRef<[u8]>>(writer: &mut OwnedWriteHalf, args: &[T]) -> Result<(), ReplError> {
+    let mut buf = BytesMut::new();
+    encode_command(args, &mut buf);
+    writer.write_all(&buf).await?;
+    Ok(())
+}
+
+/// Sends one handshake command and reads its one-line reply.
+async fn exchange(
+    link: &mut Link,
+    writer: &mut OwnedWriteHalf,
+    args: &[&str],
+    step: &'static str,
+) -> Result<String, ReplError> {
+    send(writer, args).await?;
+    let line = link
+        .read_line(&format!("waiting for the reply to {step}"))
+        .await?;
+    Ok(lossy(&line))
+}
+
+fn expect_ok(reply: &str, step: &'static str) -> Result<(), ReplError> {
+    if reply.starts_with('+') {
+        Ok(())
+    } else {
+        Err(handshake_error(step, reply))
+    }
+}
+
+fn handshake_error(step: &'static str, reply: &str) -> ReplError {
+    ReplError::Handshake {
+        step,
+        reply: reply.chars().take(200).collect(),
+    }
+}
+
+fn lossy(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn rdb_read_error(
+    e: ReadError,
+    received: u64,
+    expected: Option<u64>,
+    after: Duration,
+) -> ReplError {
+    match e {
+        ReadError::Closed => ReplError::RdbTruncated { received, expected },
+        ReadError::Timeout => ReplError::Timeout {
+            during: format!("receiving the RDB after {received} bytes"),
+            after,
+        },
+        ReadError::Io(e) => ReplError::Io(e),
+    }
+}
+
+/// `$<len>` or `$EOF:<mark>`; `-ERR ...` when the master gave up.
+fn parse_rdb_header(line: &[u8]) -> Result<Phase, ReplError> {
+    let bad = |what: String| ReplError::RdbTransfer { received: 0, what };
+    if let Some(message) = line.strip_prefix(b"-") {
+        return Err(ReplError::MasterError {
+            step: "RDB transfer",
+            message: lossy(message),
+        });
+    }
+    let Some(rest) = line.strip_prefix(b"$") else {
+        return Err(bad(format!(
+            "expected $<len> or $EOF:<mark>, got {:?}",
+            lossy(line)
+        )));
+    };
+    if let Some(mark) = rest.strip_prefix(b"EOF:") {
+        let mark: [u8; EOF_MARK_LEN] = mark.try_into().map_err(|_| {
+            bad(format!(
+                "EOF mark of {} bytes, expected {EOF_MARK_LEN}",
+                mark.len()
+            ))
+        })?;
+        return Ok(Phase::RdbEof { mark, received: 0 });
+    }
+    let len = std::str::from_utf8(rest)
+        .ok()
+        .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|s| s.parse::<u64>().ok())
+        .ok_or_else(|| bad(format!("bad RDB length {:?}", lossy(rest))))?;
+    Ok(Phase::RdbSized { len, received: 0 })
+}
+
+/// What the front of the buffer holds during a diskless transfer.
+#[derive(Debug, PartialEq, Eq)]
+enum EofScan {
+    /// This many bytes are payload for sure (at most the chunk size).
+    Data(usize),
+    /// The buffer starts with the end mark.
+    Mark,
+    /// Too few bytes to tell payload from a split mark.
+    NeedMore,
+}
+
+/// Finds how much of `buf` is payload. The payload ends at the first
+/// occurrence of the mark (a random 40-char id the master chose for this
+/// transfer); the last 39 bytes stay buffered until it is known they are not
+/// the start of a mark split across reads.
+fn eof_scan(buf: &[u8], mark: &[u8; EOF_MARK_LEN], chunk_size: usize) -> EofScan {
+    let window = &buf[..buf.len().min(chunk_size.saturating_add(EOF_MARK_LEN))];
+    match window.windows(EOF_MARK_LEN).position(|w| w == mark) {
+        Some(0) => EofScan::Mark,
+        Some(at) => EofScan::Data(at.min(chunk_size)),
+        None => {
+            let sure = window
+                .len()
+                .saturating_sub(EOF_MARK_LEN - 1)
+                .min(chunk_size);
+            if sure == 0 {
+                EofScan::NeedMore
+            } else {
+                EofScan::Data(sure)
+            }
+        }
+    }
+}
+
+/// Incremental completeness check for the usual frame of a replication
+/// stream, an array of bulk strings. [`RespDecoder::decode_frame`] rescans a
+/// partial frame from its start on every call; this remembers how far the
+/// frame at the front of the buffer is known to be whole, so a huge command
+/// is scanned once overall rather than once per read. Anything else (another
+/// frame type, a bad header, a length over the limits) is reported complete
+/// so that the decoder proper decodes it or names the error.
+#[derive(Debug, Default, Clone, PartialEq)]
+struct FrameScan {
+    /// Bytes of the front frame known to be whole (header and elements).
+    scanned: usize,
+    /// Elements of the array still to be found; `None` before its header.
+    elements_left: Option<u64>,
+}
+
+impl FrameScan {
+    /// True when `buf` may hold a whole frame (ask the decoder); false when
+    /// it certainly does not yet.
+    fn complete(&mut self, buf: &[u8], limits: &RespLimits) -> bool {
+        let Some(mut left) = self.elements_left else {
+            match read_header(buf, 0, b'*', limits.max_aggregate_len as u64) {
+                Header::Incomplete => return false,
+                Header::Other => return true,
+                Header::Len { value, end } => {
+                    self.scanned = end;
+                    self.elements_left = Some(value);
+                    return self.complete(buf, limits);
+                }
+            }
+        };
+        while left > 0 {
+            match read_header(buf, self.scanned, b'$', limits.max_bulk_len as u64) {
+                Header::Incomplete => return false,
+                Header::Other => return true,
+                Header::Len { value, end } => {
+                    let Some(after) = usize::try_from(value)
+                        .ok()
+                        .and_then(|v| end.checked_add(v)?.checked_add(2))
+                    else {
+                        return true;
+                    };
+                    if buf.len() < after {
+                        return false;
+                    }
+                    self.scanned = after;
+                    left -= 1;
+                    self.elements_left = Some(left);
+                }
+            }
+        }
+        true
+    }
+}
+
+enum Header {
+    Incomplete,
+    /// Not a well-formed `<tag><len>\r\n` within the limits.
+    Other,
+    Len {
+        value: u64,
+        end: usize,
+    },
+}
+
+/// Reads `<tag><decimal>\r\n` at `pos`.
+fn read_header(buf: &[u8], pos: usize, tag: u8, limit: u64) -> Header {
+    let Some(&first) = buf.get(pos) else {
+        return Header::Incomplete;
+    };
+    if first != tag {
+        return Header::Other;
+    }
+    let digits_start = pos + 1;
+    // u64 lengths have at most 20 digits.
+    let window = &buf[digits_start..buf.len().min(digits_start + 22)];
+    let Some(cr) = window.iter().position(|b| !b.is_ascii_digit()) else {
+        return if window.len() >= 22 {
+            Header::Other
+        } else {
+            Header::Incomplete
+        };
+    };
+    if window[cr] != b'\r' {
+        return Header::Other;
+    }
+    let Some(&lf) = window.get(cr + 1) else {
+        return Header::Incomplete;
+    };
+    let digits = &window[..cr];
+    let value = (lf == b'\n' && !digits.is_empty() && digits.iter().all(u8::is_ascii_digit))
+        .then(|| std::str::from_utf8(digits).ok()?.parse::<u64>().ok())
+        .flatten();
+    match value {
+        Some(value) if value <= limit => Header::Len {
+            value,
+            end: digits_start + cr + 2,
+        },
+        _ => Header::Other,
+    }
+}
+
+/// A propagated command: a non-empty array of bulk strings.
+fn frame_to_command(frame: Frame, offset: u64) -> Result<Command, ReplError> {
+    let Frame::Array(items) = frame else {
+        return Err(ReplError::Protocol {
+            offset,
+            what: format!("expected a command array, got {}", frame_kind(&frame)),
+        });
+    };
+    if items.is_empty() {
+        return Err(ReplError::Protocol {
+            offset,
+            what: "empty command array".into(),
+        });
+    }
+    let mut args = Vec::with_capacity(items.len());
+    for item in items {
+        match item {
+            Frame::Bulk(b) => args.push(b),
+            other => {
+                return Err(ReplError::Protocol {
+                    offset,
+                    what: format!(
+                        "command argument is {}, not a bulk string",
+                        frame_kind(&other)
+                    ),
+                })
+            }
+        }
+    }
+    Ok(Command::new(args))
+}
+
+fn frame_kind(frame: &Frame) -> &'static str {
+    match frame {
+        Frame::Simple(_) => "a simple string",
+        Frame::Error(_) | Frame::BulkError(_) => "an error",
+        Frame::Integer(_) => "an integer",
+        Frame::Bulk(_) => "a bulk string",
+        Frame::Null => "a null",
+        Frame::Array(_) => "an array",
+        _ => "a RESP3 value",
+    }
+}
+
+fn parse_select(command: &Command, offset: u64) -> Result<u32, ReplError> {
+    match command.args.as_slice() {
+        [_, db] => std::str::from_utf8(db)
+            .ok()
+            .and_then(|s| s.parse::<u32>().ok())
+            .ok_or_else(|| ReplError::Protocol {
+                offset,
+                what: format!("SELECT with a bad db index {:?}", lossy(db)),
+            }),
+        _ => Err(ReplError::Protocol {
+            offset,
+            what: format!("SELECT with {} arguments", command.args.len() - 1),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MARK: &[u8; 40] = b"0123456789abcdef0123456789abcdef01234567";
+
+    /// Feeds `data` to the EOF scanner in pieces of `step` bytes, as reads
+    /// would, and returns the payload found and what is left after the mark.
+    fn run_eof(data: &[u8], step: usize, chunk: usize) -> (Vec<u8>, Vec<u8>) {
+        let mut buf = Vec::new();
+        let mut payload = Vec::new();
+        let mut fed = 0;
+        loop {
+            match eof_scan(&buf, MARK, chunk) {
+                EofScan::Data(n) => {
+                    assert!(n <= chunk);
+                    payload.extend(buf.drain(..n));
+                }
+                EofScan::Mark => {
+                    buf.drain(..EOF_MARK_LEN);
+                    buf.extend_from_slice(&data[fed..]);
+                    return (payload, buf);
+                }
+                EofScan::NeedMore => {
+                    assert!(fed < data.len(), "ran out of input before the mark");
+                    let n = step.min(data.len() - fed);
+                    buf.extend_from_slice(&data[fed..fed + n]);
+                    fed += n;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn eof_mark_found_across_any_split() {
+        let body: Vec<u8> = (0..300u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut data = body.clone();
+        data.extend_from_slice(MARK);
+        data.extend_from_slice(b"*1\r\n$4\r\nPING\r\n");
+        for step in [1, 2, 39, 40, 41, 64, 1000] {
+            for chunk in [1, 16, 64 * 1024] {
+                let (payload, rest) = run_eof(&data, step, chunk);
+                assert_eq!(payload, body, "step {step} chunk {chunk}");
+                assert_eq!(rest, b"*1\r\n$4\r\nPING\r\n");
+            }
+        }
+    }
+
+    #[test]
+    fn eof_mark_prefix_inside_payload_is_payload() {
+        let mut data = MARK[..39].to_vec();
+        data.extend_from_slice(b"xyz");
+        data.extend_from_slice(MARK);
+        let (payload, rest) = run_eof(&data, 5, 8);
+        assert_eq!(payload, [&MARK[..39], b"xyz"].concat());
+        assert!(rest.is_empty());
+    }
+
+    #[test]
+    fn frame_scan_agrees_with_the_decoder_at_every_cut() {
+        use crate::redis::resp::encode_command;
+        let mut data = BytesMut::new();
+        encode_command(&["SET", "key", "a value", ""], &mut data);
+        encode_command(&["PING"], &mut data);
+        let limits = RespLimits::default();
+        for cut in 0..=data.len() {
+            // Fed byte by byte up to `cut`, as reads would.
+            let mut scan = FrameScan::default();
+            let mut said_complete = false;
+            for end in 0..=cut {
+                said_complete = scan.complete(&data[..end], &limits);
+            }
+            let decoded = RespDecoder::new(limits)
+                .decode_frame(&mut BytesMut::from(&data[..cut]))
+                .unwrap()
+                .is_some();
+            assert_eq!(said_complete, decoded, "cut at {cut}");
+        }
+        // Other shapes go to the decoder at once.
+        for other in [
+            &b":1\r\n"[..],
+            b"*1\r\n:1\r\n",
+            b"*x",
+            b"*99999999999999999999999999",
+        ] {
+            assert!(FrameScan::default().complete(other, &limits));
+        }
+    }
+
+    #[test]
+    fn rdb_headers() {
+        assert!(matches!(
+            parse_rdb_header(b"$12"),
+            Ok(Phase::RdbSized { len: 12, .. })
+        ));
+        assert!(matches!(
+            parse_rdb_header(&[b"$EOF:".as_slice(), MARK].concat()),
+            Ok(Phase::RdbEof { .. })
+        ));
+        for bad in [
+            &b"$"[..],
+            b"$-1",
+            b"$12a",
+            b"$99999999999999999999999",
+            b"$EOF:short",
+            b"+OK",
+        ] {
+            assert!(
+                matches!(parse_rdb_header(bad), Err(ReplError::RdbTransfer { .. })),
+                "{:?}",
+                lossy(bad)
+            );
+        }
+        assert!(matches!(
+            parse_rdb_header(b"-ERR bgsave failed"),
+            Err(ReplError::MasterError { .. })
+        ));
+    }
+
+    #[test]
+    fn commands_must_be_bulk_arrays() {
+        let ok = Frame::Array(vec![Frame::bulk("SET"), Frame::bulk("k")]);
+        assert_eq!(
+            frame_to_command(ok, 0).unwrap(),
+            Command::from_parts(["SET", "k"])
+        );
+        for bad in [
+            Frame::Integer(1),
+            Frame::Array(vec![]),
+            Frame::Array(vec![Frame::bulk("SET"), Frame::Integer(1)]),
+        ] {
+            assert!(matches!(
+                frame_to_command(bad, 7),
+                Err(ReplError::Protocol { offset: 7, .. })
+            ));
+        }
+        let select = |db: &str| parse_select(&Command::from_parts(["SELECT", db]), 3);
+        assert_eq!(select("15").unwrap(), 15);
+        assert!(select("-1").is_err());
+        assert!(select("x").is_err());
+    }
+
+    #[test]
+    fn retryable_errors() {
+        let master = |m: &str| ReplError::MasterError {
+            step: "PSYNC",
+            message: m.into(),
+        };
+        assert!(
+            master("NOMASTERLINK Can't SYNC while not connected with my master").is_retryable()
+        );
+        assert!(master("LOADING Redis is loading the dataset in memory").is_retryable());
+        assert!(!master("ERR unknown command").is_retryable());
+        assert!(!ReplError::Auth {
+            step: "AUTH",
+            message: "WRONGPASS".into()
+        }
+        .is_retryable());
+    }
+
+    #[test]
+    fn ack_handle_never_lowers() {
+        let h = AckHandle::default();
+        h.set(ReplOffset(10));
+        h.set(ReplOffset(5));
+        assert_eq!(h.get(), ReplOffset(10));
+        let shared = AckShared {
+            allowed: h.clone(),
+            received: AtomicU64::new(7),
+            getack: Notify::new(),
+        };
+        assert_eq!(shared.ack_offset(), 7, "never beyond what was received");
+    }
+}
