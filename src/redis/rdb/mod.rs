@@ -261,6 +261,10 @@ pub enum RdbError {
     UnknownType { byte: u8, offset: u64 },
     #[error("corrupt RDB at byte {offset}: {what}")]
     Corrupt { offset: u64, what: String },
+    /// Well-formed input this parser deliberately does not read (e.g. module
+    /// values of the Redis 4.0 release candidates, which Redis refuses too).
+    #[error("unsupported RDB content at byte {offset}: {what}")]
+    Unsupported { offset: u64, what: String },
     #[error("length {len} at byte {offset} exceeds the limit of {limit} for {what}")]
     TooLarge {
         offset: u64,
