@@ -79,8 +79,9 @@ pub fn dump<W: Write>(file: &Path, opts: DumpOptions, out: W) -> Result<u64, Dum
             Ok(None) => break,
             Err(error) => {
                 let keys = dumper.keys();
-                // What was written stays readable up to the last whole line.
-                let _ = dumper.finish();
+                // Whole lines stay valid JSON; a partly written key line is
+                // ended so the error does not run into it.
+                let _ = dumper.abort();
                 return Err(DumpCommandError::Rdb { error, keys });
             }
         }

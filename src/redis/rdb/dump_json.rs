@@ -166,6 +166,16 @@ impl<W: Write> JsonDumper<W> {
         Ok(self.out)
     }
 
+    /// Stops after an error: ends a partly written key line with a newline
+    /// (that line is not valid JSON), flushes, and returns the writer.
+    pub fn abort(mut self) -> Result<W, DumpError> {
+        if self.open.take().is_some() {
+            self.out.write_all(b"\n")?;
+        }
+        self.out.flush()?;
+        Ok(self.out)
+    }
+
     fn key_start(&mut self, h: &KeyHeader) -> Result<(), DumpError> {
         if self.open.is_some() {
             return Err(DumpError::Sequence {
