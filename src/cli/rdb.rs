@@ -55,11 +55,13 @@ pub enum DumpCommandError {
         #[source]
         source: std::io::Error,
     },
-    #[error("RDB refused: {error} ({keys} keys were written before it)")]
+    #[error("RDB refused: {error}{} ({keys} keys were written before it)", where_refused(.error, *.offset))]
     Rdb {
         #[source]
         error: RdbError,
         keys: u64,
+        /// Bytes the parser had consumed.
+        offset: u64,
     },
     #[error(transparent)]
     Dump(#[from] DumpError),
@@ -79,10 +81,15 @@ pub fn dump<W: Write>(file: &Path, opts: DumpOptions, out: W) -> Result<u64, Dum
             Ok(None) => break,
             Err(error) => {
                 let keys = dumper.keys();
+                let offset = parser.offset();
                 // Whole lines stay valid JSON; a partly written key line is
                 // ended so the error does not run into it.
                 let _ = dumper.abort();
-                return Err(DumpCommandError::Rdb { error, keys });
+                return Err(DumpCommandError::Rdb {
+                    error,
+                    keys,
+                    offset,
+                });
             }
         }
     }
@@ -183,11 +190,17 @@ pub struct ParseFailed {
     pub keys_loaded: u64,
     /// The key whose commands had partly gone out when the error came.
     pub partial_key: Option<(u32, Bytes)>,
+    /// Bytes the parser had consumed.
+    pub offset: u64,
 }
 
 impl fmt::Display for ParseFailed {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "RDB refused: {}; ", self.error)?;
+        write!(f, "RDB refused: {}", self.error)?;
+        match &self.error {
+            ParseFailure::Rdb(e) => write!(f, "{}; ", where_refused(e, self.offset))?,
+            ParseFailure::Rebuild(_) => write!(f, " at byte {}; ", self.offset)?,
+        }
         match self.keys_loaded {
             0 => write!(f, "no key was loaded")?,
             1 => write!(f, "1 key was loaded before the error")?,
@@ -308,6 +321,17 @@ impl fmt::Display for LoadReport {
     }
 }
 
+/// Where a refusal happened, for the errors whose message does not say.
+fn where_refused(error: &RdbError, parser_offset: u64) -> String {
+    match error {
+        RdbError::UnsupportedVersion { .. } => " at byte 0 (the 9-byte header)".to_string(),
+        RdbError::ChecksumMismatch { .. } => {
+            format!(" (checksum trailer ending at byte {parser_offset})")
+        }
+        _ => String::new(),
+    }
+}
+
 /// A key for humans: as text when UTF-8, else escaped (see `dump_json`).
 fn show_key(key: &[u8]) -> String {
     match std::str::from_utf8(key) {
@@ -338,7 +362,7 @@ enum Feed {
     Batch(Vec<Output>),
     Done {
         stats: RebuildStats,
-        error: Option<(ParseFailure, Option<(u32, Bytes)>)>,
+        error: Option<(ParseFailure, Option<(u32, Bytes)>, u64)>,
     },
 }
 
@@ -417,10 +441,11 @@ pub async fn load(config: &LoadConfig) -> Result<LoadReport, LoadError> {
     result.map_err(client_err)?;
     let (stats, error) =
         outcome.ok_or_else(|| LoadError::ParseThread("ended without a result".into()))?;
-    let parse_error = error.map(|(error, partial_key)| ParseFailed {
+    let parse_error = error.map(|(error, partial_key, offset)| ParseFailed {
         error,
         keys_loaded: stats.keys_loaded(),
         partial_key,
+        offset,
     });
     let report = LoadReport {
         target: caps,
@@ -484,12 +509,13 @@ fn parse_and_rebuild<R: std::io::Read>(
     }
     let partial = rebuilder.partial_key().map(|(db, key)| (db, key.clone()));
     let stats = rebuilder.stats().clone();
+    let offset = parser.offset();
     let error = match error {
-        Some(e) => Some((e, partial)),
+        Some(e) => Some((e, partial, offset)),
         None => rebuilder
             .finish()
             .err()
-            .map(|e| (ParseFailure::from(e), partial)),
+            .map(|e| (ParseFailure::from(e), partial, offset)),
     };
     let _ = feed_tx.blocking_send(Feed::Done { stats, error });
 }
