@@ -47,19 +47,27 @@ fn check(name: &str, want: &[&str]) {
 fn dump_strings_expiry_and_memory_hints() {
     check(
         "librdb/test__dumps__single_key.rdb",
-        &[r#"{"db":0,"key":"xxx","type":"string","encoding":"string","expire_ms":null,"value":"111"}"#],
+        &[
+            r#"{"db":0,"key":"xxx","type":"string","encoding":"string","expire_ms":null,"value":"111"}"#,
+        ],
     );
     check(
         "librdb/test__dumps__set_not_expired_v11.rdb",
-        &[r#"{"db":0,"key":"mykey","type":"string","encoding":"string","expire_ms":3692539827000,"value":"myval"}"#],
+        &[
+            r#"{"db":0,"key":"mykey","type":"string","encoding":"string","expire_ms":3692539827000,"value":"myval"}"#,
+        ],
     );
     check(
         "librdb/test__dumps__mem_policy_lfu.rdb",
-        &[r#"{"db":0,"key":"abcdefghijk","type":"string","encoding":"string","expire_ms":null,"lfu_freq":5,"value":"012345789abcdefghik"}"#],
+        &[
+            r#"{"db":0,"key":"abcdefghijk","type":"string","encoding":"string","expire_ms":null,"lfu_freq":5,"value":"012345789abcdefghik"}"#,
+        ],
     );
     check(
         "librdb/test__dumps__mem_policy_lru.rdb",
-        &[r#"{"db":0,"key":"abcdefghijk","type":"string","encoding":"string","expire_ms":null,"lru_idle":24,"value":"012345789abcdefghik"}"#],
+        &[
+            r#"{"db":0,"key":"abcdefghijk","type":"string","encoding":"string","expire_ms":null,"lru_idle":24,"value":"012345789abcdefghik"}"#,
+        ],
     );
     check(
         "librdb/test__dumps__multiple_dbs.rdb",
@@ -84,11 +92,15 @@ fn dump_collections() {
     );
     check(
         "librdb/test__dumps__set_is_v11.rdb",
-        &[r#"{"db":0,"key":"myintest","type":"set","encoding":"intset","expire_ms":null,"value":["1","2","3","4","5","1234567890"]}"#],
+        &[
+            r#"{"db":0,"key":"myintest","type":"set","encoding":"intset","expire_ms":null,"value":["1","2","3","4","5","1234567890"]}"#,
+        ],
     );
     check(
         "librdb/test__dumps__set_lp_v11.rdb",
-        &[r#"{"db":0,"key":"myset","type":"set","encoding":"listpack","expire_ms":null,"value":["1","2","3","1.1","1.2","1.3","a","b","c"]}"#],
+        &[
+            r#"{"db":0,"key":"myset","type":"set","encoding":"listpack","expire_ms":null,"value":["1","2","3","1.1","1.2","1.3","a","b","c"]}"#,
+        ],
     );
     check(
         "librdb/test__dumps__zset_zl_v6.rdb",
@@ -112,7 +124,9 @@ fn dump_collections() {
     );
     check(
         "redis/tests__assets__hash-zipmap.rdb",
-        &[r#"{"db":0,"key":"hash","type":"hash","encoding":"zipmap","expire_ms":null,"value":[{"field":"f1","value":"v1"},{"field":"f2","value":"v2"}]}"#],
+        &[
+            r#"{"db":0,"key":"hash","type":"hash","encoding":"zipmap","expire_ms":null,"value":[{"field":"f1","value":"v1"},{"field":"f2","value":"v2"}]}"#,
+        ],
     );
     // Field TTLs (Redis 7.4 pre-GA listpack-ex).
     check(
@@ -152,7 +166,10 @@ fn dump_stream_with_groups() {
 
 #[test]
 fn dump_non_utf8_is_escaped_losslessly() {
-    let lines = dump_lines("redis-rdb-tools/tests__dumps__non_ascii_values.rdb", &["--no-aux"]);
+    let lines = dump_lines(
+        "redis-rdb-tools/tests__dumps__non_ascii_values.rdb",
+        &["--no-aux"],
+    );
     assert_eq!(
         lines,
         [
@@ -192,7 +209,9 @@ fn dump_aux_function_and_module_lines() {
     );
     assert_eq!(
         dump_lines("librdb/test__dumps__function.rdb", &["--no-aux"]),
-        [r##"{"function":"#!lua name=mylib \n redis.register_function('myfunc', function(keys, args) return args[1] end)"}"##]
+        [
+            r##"{"function":"#!lua name=mylib \n redis.register_function('myfunc', function(keys, args) return args[1] end)"}"##
+        ]
     );
     assert!(dump_lines(
         "librdb/test__dumps__function.rdb",
@@ -201,7 +220,9 @@ fn dump_aux_function_and_module_lines() {
     .is_empty());
     check(
         "librdb/test__dumps__module.rdb",
-        &[r#"{"db":0,"key":"key1","type":"module","encoding":"module","expire_ms":null,"value":{"module":"test__rdb","module_id":13108621717840686081}}"#],
+        &[
+            r#"{"db":0,"key":"key1","type":"module","encoding":"module","expire_ms":null,"value":{"module":"test__rdb","module_id":13108621717840686081}}"#,
+        ],
     );
 }
 
@@ -222,7 +243,10 @@ fn dump_refuses_bad_files_with_the_offset() {
     let corrupt = fixture("redis/tests__assets__corrupt_ziplist.rdb");
     let (stdout, stderr) = refused(&["rdb", "dump", &corrupt, "--no-aux"]);
     assert!(stderr.contains("corrupt RDB at byte 488"), "{stderr}");
-    assert!(stderr.contains("15 keys were written before it"), "{stderr}");
+    assert!(
+        stderr.contains("15 keys were written before it"),
+        "{stderr}"
+    );
     // The 15 keys before the corrupt one are whole JSON lines.
     let lines: Vec<&str> = stdout.lines().collect();
     for line in &lines[..15] {
@@ -249,7 +273,10 @@ fn dump_refuses_bad_files_with_the_offset() {
     assert!(stderr.contains("at byte 209"), "{stderr}");
 
     let (_, stderr) = refused(&["rdb", "dump", "/nonexistent/dump.rdb"]);
-    assert!(stderr.contains("cannot open /nonexistent/dump.rdb"), "{stderr}");
+    assert!(
+        stderr.contains("cannot open /nonexistent/dump.rdb"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -280,7 +307,10 @@ fn load_refuses_bad_files_and_says_what_was_loaded() {
     let out = ferry(&["rdb", "load", &single, "--target", &url]);
     assert!(out.status.success());
     let (stdout, stderr) = refused(&["rdb", "load", &single, "--target", &url]);
-    assert!(stdout.contains("failed: RESTORE \"xxx\" (db 0): BUSYKEY"), "{stdout}");
+    assert!(
+        stdout.contains("failed: RESTORE \"xxx\" (db 0): BUSYKEY"),
+        "{stdout}"
+    );
     assert!(stderr.contains("1 of 2 commands failed"), "{stderr}");
 
     // An unreachable target is a clear error.

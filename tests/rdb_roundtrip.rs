@@ -151,28 +151,70 @@ async fn fill_source(client: &mut Client) -> Vec<&'static str> {
     for i in 1..=60 {
         let id = format!("{}-{}", 1_000 + i, i % 3);
         let value = format!("value{i}");
-        cmds.push(cmd(&["XADD", "stream:full", &id, "field", &value, "n", "1"]));
+        cmds.push(cmd(&[
+            "XADD",
+            "stream:full",
+            &id,
+            "field",
+            &value,
+            "n",
+            "1",
+        ]));
     }
     cmds.push(cmd(&["XDEL", "stream:full", "1005-2", "1060-0"]));
     cmds.push(cmd(&["XGROUP", "CREATE", "stream:full", "g1", "0"]));
     cmds.push(cmd(&["XGROUP", "CREATE", "stream:full", "g2", "$"]));
-    cmds.push(cmd(&["XGROUP", "CREATECONSUMER", "stream:full", "g1", "carol"]));
+    cmds.push(cmd(&[
+        "XGROUP",
+        "CREATECONSUMER",
+        "stream:full",
+        "g1",
+        "carol",
+    ]));
     pipeline(client, cmds).await;
     // Deliveries: alice gets 10, bob 5; alice's first two are claimed again
     // by bob (delivery count 2); a few are acknowledged.
     call_s(
         client,
-        &["XREADGROUP", "GROUP", "g1", "alice", "COUNT", "10", "STREAMS", "stream:full", ">"],
+        &[
+            "XREADGROUP",
+            "GROUP",
+            "g1",
+            "alice",
+            "COUNT",
+            "10",
+            "STREAMS",
+            "stream:full",
+            ">",
+        ],
     )
     .await;
     call_s(
         client,
-        &["XREADGROUP", "GROUP", "g1", "bob", "COUNT", "5", "STREAMS", "stream:full", ">"],
+        &[
+            "XREADGROUP",
+            "GROUP",
+            "g1",
+            "bob",
+            "COUNT",
+            "5",
+            "STREAMS",
+            "stream:full",
+            ">",
+        ],
     )
     .await;
     call_s(
         client,
-        &["XCLAIM", "stream:full", "g1", "bob", "0", "1001-1", "1002-2"],
+        &[
+            "XCLAIM",
+            "stream:full",
+            "g1",
+            "bob",
+            "0",
+            "1001-1",
+            "1002-2",
+        ],
     )
     .await;
     call_s(client, &["XACK", "stream:full", "g1", "1003-0", "1004-1"]).await;
@@ -209,7 +251,9 @@ async fn stream_state(client: &mut Client, key: &str) -> Vec<Frame> {
     state.push(call_s(client, &["XINFO", "GROUPS", key]).await);
     if let Frame::Array(groups) = state.last().cloned().unwrap() {
         for group in groups {
-            let Frame::Array(fields) = group else { continue };
+            let Frame::Array(fields) = group else {
+                continue;
+            };
             let name = fields[1].as_bytes().unwrap().clone();
             let name = String::from_utf8(name.to_vec()).unwrap();
             // Consumers: name and pending count (idle times differ).
@@ -282,7 +326,10 @@ async fn every_type_round_trips_with_restore_and_with_rebuild() {
     tokio::time::sleep(Duration::from_millis(20)).await;
     call_s(&mut src, &["SAVE"]).await;
     // Touching it makes the source drop it too.
-    assert_eq!(call_s(&mut src, &["EXISTS", "gone"]).await, Frame::Integer(0));
+    assert_eq!(
+        call_s(&mut src, &["EXISTS", "gone"]).await,
+        Frame::Integer(0)
+    );
     let rdb: PathBuf = source.dir.path().join("dump.rdb");
     let want_digest = digest(&mut src).await;
     assert_ne!(
@@ -359,7 +406,10 @@ async fn every_type_round_trips_with_restore_and_with_rebuild() {
     let mut tgt2 = connect(&target2).await;
     assert_eq!(digest(&mut tgt2).await, want_digest);
     assert_eq!(stream_state(&mut tgt2, "stream:full").await, want_stream);
-    assert_eq!(stream_state(&mut tgt2, "stream:emptied").await, want_emptied);
+    assert_eq!(
+        stream_state(&mut tgt2, "stream:emptied").await,
+        want_emptied
+    );
     assert_eq!(stream_state(&mut tgt2, "stream:mk").await, want_mk);
     assert_eq!(pexpiretimes(&mut tgt2, &ttl_keys).await, want_ttls);
     assert_eq!(
@@ -396,11 +446,17 @@ async fn newer_fixtures_load_into_7_0_by_rebuild() {
     let mut tgt = connect(&target).await;
 
     // RDB 11 set listpack (type 20, unknown to 7.0): rebuilt.
-    let report = load(&config(&fixture("librdb/test__dumps__set_lp_v11.rdb"), &target))
-        .await
-        .unwrap();
+    let report = load(&config(
+        &fixture("librdb/test__dumps__set_lp_v11.rdb"),
+        &target,
+    ))
+    .await
+    .unwrap();
     check_clean(&report);
-    assert_eq!((report.stats.keys_rebuilt, report.stats.keys_restored), (1, 0));
+    assert_eq!(
+        (report.stats.keys_rebuilt, report.stats.keys_restored),
+        (1, 0)
+    );
     let mut members = bulk_strings(&call_s(&mut tgt, &["SMEMBERS", "myset"]).await);
     members.sort();
     assert_eq!(members, ["1", "1.1", "1.2", "1.3", "2", "3", "a", "b", "c"]);
@@ -419,7 +475,11 @@ async fn newer_fixtures_load_into_7_0_by_rebuild() {
         assert_eq!(report.stats.warnings, 1, "{report}");
         let w = &report.warnings[0];
         assert_eq!(w.key.as_deref(), Some(b"myhash".as_ref()));
-        assert!(w.what.contains("TTLs of 2 hash fields dropped"), "{}", w.what);
+        assert!(
+            w.what.contains("TTLs of 2 hash fields dropped"),
+            "{}",
+            w.what
+        );
         let mut pairs: Vec<(String, String)> =
             bulk_strings(&call_s(&mut tgt, &["HGETALL", "myhash"]).await)
                 .chunks(2)
@@ -430,13 +490,19 @@ async fn newer_fixtures_load_into_7_0_by_rebuild() {
             .map(|i| (format!("field{i}"), format!("value{i}")))
             .collect();
         assert_eq!(pairs, want);
-        assert_eq!(call_s(&mut tgt, &["PTTL", "myhash"]).await, Frame::Integer(-1));
+        assert_eq!(
+            call_s(&mut tgt, &["PTTL", "myhash"]).await,
+            Frame::Integer(-1)
+        );
     }
 
     // RDB 11 stream (type 21) with groups: rebuilt, metadata exact.
-    let report = load(&config(&fixture("librdb/test__dumps__stream_v11.rdb"), &target))
-        .await
-        .unwrap();
+    let report = load(&config(
+        &fixture("librdb/test__dumps__stream_v11.rdb"),
+        &target,
+    ))
+    .await
+    .unwrap();
     check_clean(&report);
     assert_eq!(report.stats.keys_rebuilt, 1);
     assert_eq!(
@@ -456,10 +522,16 @@ async fn newer_fixtures_load_into_7_0_by_rebuild() {
     ] {
         assert!(text.contains(want), "{want} missing from {text}");
     }
-    let pel = call_s(&mut tgt, &["XPENDING", "mystream", "groupA", "-", "+", "10"]).await;
+    let pel = call_s(
+        &mut tgt,
+        &["XPENDING", "mystream", "groupA", "-", "+", "10"],
+    )
+    .await;
     let Frame::Array(pel) = pel else { panic!() };
     assert_eq!(pel.len(), 1);
-    let Frame::Array(entry) = &pel[0] else { panic!() };
+    let Frame::Array(entry) = &pel[0] else {
+        panic!()
+    };
     assert_eq!(entry[0].as_bytes().unwrap().as_ref(), b"1695649446276-0");
     assert_eq!(entry[1].as_bytes().unwrap().as_ref(), b"consumerA2");
     assert_eq!(entry[3], Frame::Integer(1));
@@ -469,12 +541,16 @@ async fn newer_fixtures_load_into_7_0_by_rebuild() {
 
     // RDB 11 zset listpack (type 17 exists in 7.0): RESTOREd with a payload
     // tagged RDB 10, scores exact.
-    let report = load(&config(&fixture("librdb/test__dumps__zset_lp_v11.rdb"), &target))
-        .await
-        .unwrap();
+    let report = load(&config(
+        &fixture("librdb/test__dumps__zset_lp_v11.rdb"),
+        &target,
+    ))
+    .await
+    .unwrap();
     check_clean(&report);
     assert_eq!(report.stats.keys_restored, 1);
-    let scores = bulk_strings(&call_s(&mut tgt, &["ZRANGE", "myzset", "0", "-1", "WITHSCORES"]).await);
+    let scores =
+        bulk_strings(&call_s(&mut tgt, &["ZRANGE", "myzset", "0", "-1", "WITHSCORES"]).await);
     // Redis 7.0 prints scores with %.17g: compare the doubles.
     let parsed: Vec<(String, f64)> = scores
         .chunks(2)
@@ -487,9 +563,12 @@ async fn newer_fixtures_load_into_7_0_by_rebuild() {
     assert_eq!(parsed[23], ("a9".to_string(), f64::INFINITY));
 
     // RDB 12 functions and strings.
-    let report = load(&config(&fixture("librdb/test__dumps__function2.rdb"), &target))
-        .await
-        .unwrap();
+    let report = load(&config(
+        &fixture("librdb/test__dumps__function2.rdb"),
+        &target,
+    ))
+    .await
+    .unwrap();
     check_clean(&report);
     assert_eq!(report.stats.functions, 2);
     assert_eq!(report.stats.keys_loaded(), 10);
@@ -521,7 +600,10 @@ async fn parse_error_mid_file_reports_keys_loaded() {
     ))
     .await
     .unwrap();
-    let failed = report.parse_error.as_ref().expect("the corrupt ziplist is refused");
+    let failed = report
+        .parse_error
+        .as_ref()
+        .expect("the corrupt ziplist is refused");
     assert!(failed.keys_loaded > 0);
     let text = failed.to_string();
     assert!(text.contains("at byte"), "{text}");

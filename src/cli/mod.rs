@@ -113,8 +113,8 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 pipeline,
                 chunk_items,
             } => {
-                let target = crate::redis::url::RedisUrl::parse(&target)
-                    .map_err(rdb::LoadError::from)?;
+                let target =
+                    crate::redis::url::RedisUrl::parse(&target).map_err(rdb::LoadError::from)?;
                 let mut config = rdb::LoadConfig::new(file, target);
                 config.replace = replace;
                 config.restore_max_bytes = restore_max_bytes;

@@ -101,7 +101,11 @@ pub fn dump<W: Write>(file: &Path, opts: DumpOptions, out: W) -> Result<u64, Dum
 /// [`dump`] to stdout; a closed stdout (`| head`) ends the dump quietly.
 pub fn dump_to_stdout(file: &Path, opts: DumpOptions) -> Result<(), DumpCommandError> {
     let stdout = std::io::stdout().lock();
-    match dump(file, opts, std::io::BufWriter::with_capacity(1 << 16, stdout)) {
+    match dump(
+        file,
+        opts,
+        std::io::BufWriter::with_capacity(1 << 16, stdout),
+    ) {
         Err(DumpCommandError::Dump(DumpError::Io(e)))
             if e.kind() == std::io::ErrorKind::BrokenPipe =>
         {
@@ -207,7 +211,11 @@ impl fmt::Display for ParseFailed {
             n => write!(f, "{n} keys were loaded before the error")?,
         }
         if let Some((db, key)) = &self.partial_key {
-            write!(f, ", and key {} in db {db} is partly written", show_key(key))?;
+            write!(
+                f,
+                ", and key {} in db {db} is partly written",
+                show_key(key)
+            )?;
         }
         Ok(())
     }
@@ -289,7 +297,13 @@ impl fmt::Display for LoadReport {
         writeln!(f, "warnings: {}", s.warnings)?;
         for w in &self.warnings {
             match &w.key {
-                Some(key) => writeln!(f, "  warning: db {} key {}: {}", w.db, show_key(key), w.what)?,
+                Some(key) => writeln!(
+                    f,
+                    "  warning: db {} key {}: {}",
+                    w.db,
+                    show_key(key),
+                    w.what
+                )?,
                 None => writeln!(f, "  warning: {}", w.what)?,
             }
         }
@@ -357,12 +371,16 @@ pub async fn load_and_report(config: &LoadConfig) -> Result<LoadReport, LoadErro
     Ok(report)
 }
 
+/// How the parse thread stopped early: the error, the partly written key,
+/// and the parser's byte offset.
+type StreamFailure = (ParseFailure, Option<(u32, Bytes)>, u64);
+
 /// Messages from the parse thread.
 enum Feed {
     Batch(Vec<Output>),
     Done {
         stats: RebuildStats,
-        error: Option<(ParseFailure, Option<(u32, Bytes)>, u64)>,
+        error: Option<StreamFailure>,
     },
 }
 

@@ -509,7 +509,10 @@ fn write_stream_group<W: Write>(out: &mut W, group: &StreamGroup) -> std::io::Re
     write_id(out, group.last_id)?;
     out.write_all(b",\"entries_read\":")?;
     // The RDB stores "unknown" as the u64 of -1.
-    write_opt(out, group.entries_read.map(|n| i64::try_from(n).unwrap_or(-1)))?;
+    write_opt(
+        out,
+        group.entries_read.map(|n| i64::try_from(n).unwrap_or(-1)),
+    )?;
     out.write_all(b",\"pending\":[")?;
     let mut first = true;
     for PendingEntry {
@@ -604,7 +607,9 @@ mod tests {
                 key: b("redis-ver"),
                 value: b("7.2.0"),
             },
-            RdbEvent::Function { code: b("#!lua name=f\n") },
+            RdbEvent::Function {
+                code: b("#!lua name=f\n"),
+            },
             RdbEvent::SelectDb(0),
         ];
         let mut h = header(b"s", ValueType::String, 0);
@@ -748,7 +753,9 @@ mod tests {
     fn non_utf8_is_escaped() {
         let events = key(
             header(b"k\xff", ValueType::String, 0),
-            vec![ValueChunk::String(Bytes::from_static(b"a\\b\x00\x7f\xff\""))],
+            vec![ValueChunk::String(Bytes::from_static(
+                b"a\\b\x00\x7f\xff\"",
+            ))],
         );
         let text = dump(&events, DumpOptions::default());
         check_json(&text);
@@ -778,10 +785,14 @@ mod tests {
     fn sequence_errors() {
         let mut d = JsonDumper::new(Vec::new(), DumpOptions::default());
         assert!(d.feed(&RdbEvent::KeyEnd { raw: None }).is_err());
-        assert!(d.feed(&RdbEvent::Chunk(ValueChunk::String(b("x")))).is_err());
+        assert!(d
+            .feed(&RdbEvent::Chunk(ValueChunk::String(b("x"))))
+            .is_err());
         d.feed(&RdbEvent::KeyStart(header(b"l", ValueType::List, 18)))
             .unwrap();
-        assert!(d.feed(&RdbEvent::Chunk(ValueChunk::String(b("x")))).is_err());
+        assert!(d
+            .feed(&RdbEvent::Chunk(ValueChunk::String(b("x"))))
+            .is_err());
         assert!(d
             .feed(&RdbEvent::KeyStart(header(b"l", ValueType::List, 18)))
             .is_err());

@@ -1089,11 +1089,13 @@ mod tests {
         let mut r = Rebuilder::new(o);
         let mut h = header("k", ValueType::String, 0);
         h.expire_ms = Some(1_800_000_000_000);
-        let out = run_key(&mut r, h, vec![ValueChunk::String(b("v"))], Some(b"\x00\x01v"));
-        assert_eq!(
-            render(&out),
-            ["0: SET k v", "0: PEXPIREAT k 1800000000000"]
+        let out = run_key(
+            &mut r,
+            h,
+            vec![ValueChunk::String(b("v"))],
+            Some(b"\x00\x01v"),
         );
+        assert_eq!(render(&out), ["0: SET k v", "0: PEXPIREAT k 1800000000000"]);
         assert_eq!(r.stats().keys_rebuilt, 1);
         assert_eq!(r.stats().commands, 2);
     }
@@ -1134,7 +1136,12 @@ mod tests {
         let cmds = commands(&out);
         assert_eq!(
             cmds[0].args,
-            vec![b("RESTORE"), b("k"), b("5000"), Bytes::from(dump_payload(raw, 8))]
+            vec![
+                b("RESTORE"),
+                b("k"),
+                b("5000"),
+                Bytes::from(dump_payload(raw, 8))
+            ]
         );
     }
 
@@ -1172,9 +1179,19 @@ mod tests {
         let mut r = Rebuilder::new(o);
         let mut h = header("gone", ValueType::String, 0);
         h.expire_ms = Some(now);
-        let out = run_key(&mut r, h, vec![ValueChunk::String(b("v"))], Some(b"\x00\x01v"));
+        let out = run_key(
+            &mut r,
+            h,
+            vec![ValueChunk::String(b("v"))],
+            Some(b"\x00\x01v"),
+        );
         assert!(out.is_empty());
-        let out = run_key(&mut r, header("e", ValueType::Set, 2), vec![], Some(b"\x02\x00"));
+        let out = run_key(
+            &mut r,
+            header("e", ValueType::Set, 2),
+            vec![],
+            Some(b"\x02\x00"),
+        );
         assert!(out.is_empty());
         let out = run_key(
             &mut r,
@@ -1203,7 +1220,9 @@ mod tests {
         .unwrap();
         // 2500 items of 10 bytes in parser chunks of 100.
         for c in 0..25 {
-            let items = (0..100).map(|i| b(&format!("item{:06}", c * 100 + i))).collect();
+            let items = (0..100)
+                .map(|i| b(&format!("item{:06}", c * 100 + i)))
+                .collect();
             r.feed(RdbEvent::Chunk(ValueChunk::ListItems(items)), &mut out)
                 .unwrap();
         }
@@ -1257,8 +1276,11 @@ mod tests {
         o.chunk_items = 2;
         let mut r = Rebuilder::new(o);
         let mut out = Vec::new();
-        r.feed(RdbEvent::KeyStart(header("l", ValueType::List, 18)), &mut out)
-            .unwrap();
+        r.feed(
+            RdbEvent::KeyStart(header("l", ValueType::List, 18)),
+            &mut out,
+        )
+        .unwrap();
         assert_eq!(r.partial_key(), None);
         r.feed(
             RdbEvent::Chunk(ValueChunk::ListItems(vec![b("a"), b("b"), b("c")])),
@@ -1362,7 +1384,12 @@ mod tests {
         o.restore_max_bytes = 0;
         let now = o.now_ms;
         let mut r = Rebuilder::new(o);
-        let out = run_key(&mut r, header("h", ValueType::Hash, 25), ttl_hash(now), None);
+        let out = run_key(
+            &mut r,
+            header("h", ValueType::Hash, 25),
+            ttl_hash(now),
+            None,
+        );
         assert_eq!(
             render(&out),
             [
@@ -1431,7 +1458,12 @@ mod tests {
         let mut o = opts("7.0.15");
         o.restore_max_bytes = 0;
         let mut r = Rebuilder::new(o);
-        let out = run_key(&mut r, header("s", ValueType::Stream, 19), sample_stream(), None);
+        let out = run_key(
+            &mut r,
+            header("s", ValueType::Stream, 19),
+            sample_stream(),
+            None,
+        );
         assert_eq!(
             render(&out),
             [
@@ -1506,19 +1538,34 @@ mod tests {
             }]
         };
         let mut r = Rebuilder::new(opts("7.0.15"));
-        let out = run_key(&mut r, header("m", ValueType::Module, 7), module(), Some(b"\x07abc"));
+        let out = run_key(
+            &mut r,
+            header("m", ValueType::Module, 7),
+            module(),
+            Some(b"\x07abc"),
+        );
         assert_eq!(commands(&out)[0].args[0], b("RESTORE"));
         let mut o = opts("7.0.15");
         o.restore_max_bytes = 0;
         let mut r = Rebuilder::new(o);
-        let out = run_key(&mut r, header("m", ValueType::Module, 7), module(), Some(b"\x07abc"));
+        let out = run_key(
+            &mut r,
+            header("m", ValueType::Module, 7),
+            module(),
+            Some(b"\x07abc"),
+        );
         assert_eq!(
             render(&out),
             ["WARN m: module value not loaded: RESTORE is disabled"]
         );
         assert_eq!(r.stats().unsupported_skipped, 1);
         let mut r = Rebuilder::new(opts("7.0.15"));
-        let out = run_key(&mut r, header("m", ValueType::Module, 6), module(), Some(b"\x06abc"));
+        let out = run_key(
+            &mut r,
+            header("m", ValueType::Module, 6),
+            module(),
+            Some(b"\x06abc"),
+        );
         assert!(render(&out)[0].contains("RDB type 6 cannot be restored"));
     }
 
@@ -1526,8 +1573,13 @@ mod tests {
     fn functions_dbs_and_sequence() {
         let mut r = Rebuilder::new(opts("7.0.15"));
         let mut out = Vec::new();
-        r.feed(RdbEvent::Function { code: b("#!lua name=x") }, &mut out)
-            .unwrap();
+        r.feed(
+            RdbEvent::Function {
+                code: b("#!lua name=x"),
+            },
+            &mut out,
+        )
+        .unwrap();
         r.feed(RdbEvent::SelectDb(3), &mut out).unwrap();
         out.extend(run_key(
             &mut r,
@@ -1543,16 +1595,15 @@ mod tests {
             ["*: FUNCTION LOAD REPLACE #!lua name=x", "3: SET k v"]
         );
         assert_eq!(r.stats().functions, 1);
-        assert!(r
-            .feed(RdbEvent::KeyEnd { raw: None }, &mut out)
-            .is_err());
+        assert!(r.feed(RdbEvent::KeyEnd { raw: None }, &mut out).is_err());
         assert!(r
             .feed(RdbEvent::Chunk(ValueChunk::String(b("x"))), &mut out)
             .is_err());
 
         let mut r = Rebuilder::new(opts("6.2.6"));
         let mut out = Vec::new();
-        r.feed(RdbEvent::Function { code: b("x") }, &mut out).unwrap();
+        r.feed(RdbEvent::Function { code: b("x") }, &mut out)
+            .unwrap();
         assert!(render(&out)[0].contains("has no functions"));
     }
 
@@ -1565,8 +1616,10 @@ mod tests {
             &mut |_| seen += 1,
         )
         .unwrap();
-        r.feed_with(RdbEvent::Chunk(ValueChunk::String(b("v"))), &mut |_| seen += 1)
-            .unwrap();
+        r.feed_with(RdbEvent::Chunk(ValueChunk::String(b("v"))), &mut |_| {
+            seen += 1
+        })
+        .unwrap();
         r.feed_with(RdbEvent::KeyEnd { raw: None }, &mut |_| seen += 1)
             .unwrap();
         assert_eq!(seen, 1);
