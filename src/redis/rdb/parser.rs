@@ -51,8 +51,9 @@ use super::encoding::{
     zipmap::ZipmapIter, Element, EncodingError,
 };
 use super::{
-    HashField, KeyHeader, ParseOptions, PendingEntry, RdbError, RdbEvent, StreamConsumer, StreamEntry,
-    StreamGroup, StreamId, StreamMeta, ValueChunk, ValueType, MAX_RDB_VERSION, MIN_RDB_VERSION,
+    HashField, KeyHeader, ParseOptions, PendingEntry, RdbError, RdbEvent, StreamConsumer,
+    StreamEntry, StreamGroup, StreamId, StreamMeta, ValueChunk, ValueType, MAX_RDB_VERSION,
+    MIN_RDB_VERSION,
 };
 
 const TYPE_STRING: u8 = 0;
@@ -314,8 +315,12 @@ impl<R: Read> Input<R> {
                 Ok(StringHeader::Plain(len))
             }
             Err(0) => Ok(StringHeader::Int(self.read_u8(what)? as i8 as i64)),
-            Err(1) => Ok(StringHeader::Int(i16::from_le_bytes(self.read_array(what)?) as i64)),
-            Err(2) => Ok(StringHeader::Int(i32::from_le_bytes(self.read_array(what)?) as i64)),
+            Err(1) => Ok(StringHeader::Int(
+                i16::from_le_bytes(self.read_array(what)?) as i64,
+            )),
+            Err(2) => Ok(StringHeader::Int(
+                i32::from_le_bytes(self.read_array(what)?) as i64,
+            )),
             Err(3) => {
                 let clen = self.read_len(what)?;
                 let len = self.read_len(what)?;
@@ -337,10 +342,11 @@ impl<R: Read> Input<R> {
             StringHeader::Int(v) => Ok(Bytes::from(v.to_string())),
             StringHeader::Lzf { clen, len } => {
                 let packed = self.read_vec(clen, what)?;
-                let unpacked = lzf::decompress(&packed, len as usize).map_err(|e| RdbError::Corrupt {
-                    offset: at,
-                    what: format!("LZF string ({what}): {e}"),
-                })?;
+                let unpacked =
+                    lzf::decompress(&packed, len as usize).map_err(|e| RdbError::Corrupt {
+                        offset: at,
+                        what: format!("LZF string ({what}): {e}"),
+                    })?;
                 Ok(Bytes::from(unpacked))
             }
         }
@@ -367,7 +373,10 @@ impl<R: Read> Input<R> {
                 let text = self.read_vec(len as u64, what)?;
                 parse_f64(&text).ok_or_else(|| RdbError::Corrupt {
                     offset: at,
-                    what: format!("{what} {:?} is not a number", String::from_utf8_lossy(&text)),
+                    what: format!(
+                        "{what} {:?} is not a number",
+                        String::from_utf8_lossy(&text)
+                    ),
                 })
             }
         }
@@ -431,7 +440,9 @@ pub(crate) fn module_name(module_id: u64) -> String {
 fn value_type(rdb_type: u8) -> Option<ValueType> {
     Some(match rdb_type {
         TYPE_STRING => ValueType::String,
-        TYPE_LIST | TYPE_LIST_ZIPLIST | TYPE_LIST_QUICKLIST | TYPE_LIST_QUICKLIST_2 => ValueType::List,
+        TYPE_LIST | TYPE_LIST_ZIPLIST | TYPE_LIST_QUICKLIST | TYPE_LIST_QUICKLIST_2 => {
+            ValueType::List
+        }
         TYPE_SET | TYPE_SET_INTSET | TYPE_SET_LISTPACK => ValueType::Set,
         TYPE_ZSET | TYPE_ZSET_2 | TYPE_ZSET_ZIPLIST | TYPE_ZSET_LISTPACK => ValueType::ZSet,
         TYPE_HASH
@@ -442,9 +453,10 @@ fn value_type(rdb_type: u8) -> Option<ValueType> {
         | TYPE_HASH_LISTPACK_EX_PRE_GA
         | TYPE_HASH_METADATA
         | TYPE_HASH_LISTPACK_EX => ValueType::Hash,
-        TYPE_STREAM_LISTPACKS | TYPE_STREAM_LISTPACKS_2 | TYPE_STREAM_LISTPACKS_3 | TYPE_STREAM_LISTPACKS_4 => {
-            ValueType::Stream
-        }
+        TYPE_STREAM_LISTPACKS
+        | TYPE_STREAM_LISTPACKS_2
+        | TYPE_STREAM_LISTPACKS_3
+        | TYPE_STREAM_LISTPACKS_4 => ValueType::Stream,
         TYPE_MODULE_PRE_GA | TYPE_MODULE_2 => ValueType::Module,
         _ => return None,
     })
@@ -585,8 +597,11 @@ impl Blob {
     }
 
     fn need_element(&mut self, what: &str) -> Result<Element, RdbError> {
-        self.next_element()?
-            .ok_or_else(|| self.corrupt_msg(format!("element count is not a multiple of the tuple size (missing {what})")))
+        self.next_element()?.ok_or_else(|| {
+            self.corrupt_msg(format!(
+                "element count is not a multiple of the tuple size (missing {what})"
+            ))
+        })
     }
 
     /// Moves elements into `acc` until the budget is spent; true when the
@@ -633,9 +648,9 @@ impl Blob {
                         }
                         (BlobShape::ZSet, Acc::ZSet(out)) => {
                             let score_el = self.need_element("a score")?;
-                            let score = score_el
-                                .as_f64()
-                                .ok_or_else(|| self.corrupt_msg(format!("score {score_el:?} is not a number")))?;
+                            let score = score_el.as_f64().ok_or_else(|| {
+                                self.corrupt_msg(format!("score {score_el:?} is not a number"))
+                            })?;
                             let member = first.into_bytes();
                             budget.take(member.len() + 8);
                             out.push((member, score));
@@ -653,9 +668,9 @@ impl Blob {
                         (BlobShape::HashWithTtl, Acc::Hash(out)) => {
                             let value = self.need_element("a value")?.into_bytes();
                             let ttl_el = self.need_element("a TTL")?;
-                            let ttl = ttl_el
-                                .as_int()
-                                .ok_or_else(|| self.corrupt_msg(format!("field TTL {ttl_el:?} is not an integer")))?;
+                            let ttl = ttl_el.as_int().ok_or_else(|| {
+                                self.corrupt_msg(format!("field TTL {ttl_el:?} is not an integer"))
+                            })?;
                             let field = first.into_bytes();
                             budget.take(field.len() + value.len() + 8);
                             out.push(HashField {
@@ -664,10 +679,17 @@ impl Blob {
                                 expire_ms: (ttl != 0).then_some(ttl),
                             });
                         }
-                        _ => return Err(self.corrupt_msg("internal: blob shape does not match the value type")),
+                        _ => {
+                            return Err(self
+                                .corrupt_msg("internal: blob shape does not match the value type"))
+                        }
                     }
                 }
-                _ => return Err(self.corrupt_msg("internal: blob source does not match the value type")),
+                _ => {
+                    return Err(
+                        self.corrupt_msg("internal: blob source does not match the value type")
+                    )
+                }
             }
         }
         Ok(false)
@@ -688,8 +710,10 @@ struct StreamNode {
 impl StreamNode {
     fn int(&mut self, what: &str) -> Result<i64, RdbError> {
         let el = self.blob.need_element(what)?;
-        el.as_int()
-            .ok_or_else(|| self.blob.corrupt_msg(format!("stream {what} {el:?} is not an integer")))
+        el.as_int().ok_or_else(|| {
+            self.blob
+                .corrupt_msg(format!("stream {what} {el:?} is not an integer"))
+        })
     }
 
     fn bytes(&mut self, what: &str) -> Result<Bytes, RdbError> {
@@ -710,14 +734,18 @@ impl StreamNode {
         node.deleted = node.int("master deleted count")?;
         let fields = node.int("master field count")?;
         if fields < 0 || node.valid < 0 || node.deleted < 0 {
-            return Err(node.blob.corrupt_msg("negative count in the stream master entry"));
+            return Err(node
+                .blob
+                .corrupt_msg("negative count in the stream master entry"));
         }
         for _ in 0..fields {
             let field = node.bytes("master field")?;
             node.master_fields.push(field);
         }
         if node.int("master entry terminator")? != 0 {
-            return Err(node.blob.corrupt_msg("stream master entry terminator is not 0"));
+            return Err(node
+                .blob
+                .corrupt_msg("stream master entry terminator is not 0"));
         }
         Ok(node)
     }
@@ -734,9 +762,10 @@ impl StreamNode {
                 }
                 return Ok(None);
             };
-            let flags = flags_el
-                .as_int()
-                .ok_or_else(|| self.blob.corrupt_msg("stream entry flags are not an integer"))?;
+            let flags = flags_el.as_int().ok_or_else(|| {
+                self.blob
+                    .corrupt_msg("stream entry flags are not an integer")
+            })?;
             let ms_diff = self.int("entry id ms delta")?;
             let seq_diff = self.int("entry id seq delta")?;
             let id = StreamId {
@@ -765,9 +794,9 @@ impl StreamNode {
             }
             let declared = self.int("entry lp-count")?;
             if declared != lp_count {
-                return Err(self
-                    .blob
-                    .corrupt_msg(format!("stream entry lp-count {declared}, entry has {lp_count} elements")));
+                return Err(self.blob.corrupt_msg(format!(
+                    "stream entry lp-count {declared}, entry has {lp_count} elements"
+                )));
             }
             if flags & STREAM_ITEM_FLAG_DELETED != 0 {
                 self.seen_deleted += 1;
@@ -912,19 +941,17 @@ impl<R: Read> RdbParser<R> {
                 Ok(Some(RdbEvent::Header { version }))
             }
             State::Body => self.top_level(),
-            State::Value(mut value) => {
-                match self.value_chunk(&mut value)? {
-                    Some(chunk) => {
-                        self.state = State::Value(value);
-                        Ok(Some(RdbEvent::Chunk(chunk)))
-                    }
-                    None => {
-                        let raw = self.input.finish_capture();
-                        self.state = State::Body;
-                        Ok(Some(RdbEvent::KeyEnd { raw }))
-                    }
+            State::Value(mut value) => match self.value_chunk(&mut value)? {
+                Some(chunk) => {
+                    self.state = State::Value(value);
+                    Ok(Some(RdbEvent::Chunk(chunk)))
                 }
-            }
+                None => {
+                    let raw = self.input.finish_capture();
+                    self.state = State::Body;
+                    Ok(Some(RdbEvent::KeyEnd { raw }))
+                }
+            },
         }
     }
 
@@ -988,7 +1015,10 @@ impl<R: Read> RdbParser<R> {
                     let db_size = self.input.read_len("RESIZEDB db size")?;
                     let expires_size = self.input.read_len("RESIZEDB expires size")?;
                     self.state = State::Body;
-                    return Ok(Some(RdbEvent::ResizeDb { db_size, expires_size }));
+                    return Ok(Some(RdbEvent::ResizeDb {
+                        db_size,
+                        expires_size,
+                    }));
                 }
                 OPCODE_SLOT_INFO => {
                     let slot_id = self.input.read_len("SLOT_INFO slot id")?;
@@ -1034,7 +1064,9 @@ impl<R: Read> RdbParser<R> {
                     if when_opcode != MODULE_OPCODE_UINT {
                         return Err(RdbError::Corrupt {
                             offset: at,
-                            what: format!("MODULE_AUX 'when' has module opcode {when_opcode}, expected UINT"),
+                            what: format!(
+                                "MODULE_AUX 'when' has module opcode {when_opcode}, expected UINT"
+                            ),
                         });
                     }
                     self.input.read_len("MODULE_AUX when")?;
@@ -1066,7 +1098,8 @@ impl<R: Read> RdbParser<R> {
                     let computed = self.input.crc;
                     self.input.track_crc = false;
                     let checksum = if self.version >= 5 {
-                        let expected = u64::from_le_bytes(self.input.read_array("the CRC64 checksum")?);
+                        let expected =
+                            u64::from_le_bytes(self.input.read_array("the CRC64 checksum")?);
                         if self.opts.verify_checksum && expected != 0 && expected != computed {
                             return Err(RdbError::ChecksumMismatch { expected, computed });
                         }
@@ -1095,7 +1128,8 @@ impl<R: Read> RdbParser<R> {
                         });
                     };
                     let key = self.input.read_string("key")?;
-                    self.input.start_capture(rdb_type, self.opts.raw_capture_limit);
+                    self.input
+                        .start_capture(rdb_type, self.opts.raw_capture_limit);
                     let pending = std::mem::take(&mut self.pending);
                     let header = KeyHeader {
                         db: self.db,
@@ -1137,7 +1171,9 @@ impl<R: Read> RdbParser<R> {
                 other => {
                     return Err(RdbError::Corrupt {
                         offset: opcode_at,
-                        what: format!("{what} starting at byte {at}: unknown module opcode {other}"),
+                        what: format!(
+                            "{what} starting at byte {at}: unknown module opcode {other}"
+                        ),
                     })
                 }
             }
@@ -1145,7 +1181,13 @@ impl<R: Read> RdbParser<R> {
     }
 
     /// Reads one compact blob (an RDB string) and checks its structure whole.
-    fn open_blob(&mut self, key: &Bytes, rdb_type: u8, shape: BlobShape, kind: &'static str) -> Result<Blob, RdbError> {
+    fn open_blob(
+        &mut self,
+        key: &Bytes,
+        rdb_type: u8,
+        shape: BlobShape,
+        kind: &'static str,
+    ) -> Result<Blob, RdbError> {
         let offset = self.input.offset();
         let data = self.input.read_string(kind)?;
         let label = key_label(key);
@@ -1156,11 +1198,17 @@ impl<R: Read> RdbParser<R> {
         let (source, count) = match rdb_type {
             TYPE_SET_INTSET => {
                 let n = IntsetIter::validate(data.clone()).map_err(blob_err)?;
-                (BlobSource::Intset(IntsetIter::new(data).map_err(blob_err)?), n)
+                (
+                    BlobSource::Intset(IntsetIter::new(data).map_err(blob_err)?),
+                    n,
+                )
             }
             TYPE_HASH_ZIPMAP => {
                 let n = ZipmapIter::validate(data.clone()).map_err(blob_err)?;
-                (BlobSource::Zipmap(ZipmapIter::new(data).map_err(blob_err)?), n)
+                (
+                    BlobSource::Zipmap(ZipmapIter::new(data).map_err(blob_err)?),
+                    n,
+                )
             }
             TYPE_LIST_ZIPLIST | TYPE_ZSET_ZIPLIST | TYPE_HASH_ZIPLIST | TYPE_LIST_QUICKLIST => {
                 let n = ZiplistIter::validate(data.clone()).map_err(blob_err)?;
@@ -1181,7 +1229,9 @@ impl<R: Read> RdbParser<R> {
         if count % tuple != 0 {
             return Err(RdbError::Corrupt {
                 offset,
-                what: format!("{kind} of key {label}: {count} elements is not a multiple of {tuple}"),
+                what: format!(
+                    "{kind} of key {label}: {count} elements is not a multiple of {tuple}"
+                ),
             });
         }
         Ok(Blob {
@@ -1206,12 +1256,16 @@ impl<R: Read> RdbParser<R> {
                 Stage::Plain { remaining, kind } => {
                     let kind = *kind;
                     let mut budget = Budget::new(&self.opts);
-                    let prealloc = (*remaining).min(budget.items as u64).min(MAX_PREALLOC_ITEMS as u64) as usize;
+                    let prealloc = (*remaining)
+                        .min(budget.items as u64)
+                        .min(MAX_PREALLOC_ITEMS as u64) as usize;
                     let mut acc = match kind {
                         PlainKind::List => Acc::List(Vec::with_capacity(prealloc)),
                         PlainKind::Set => Acc::Set(Vec::with_capacity(prealloc)),
                         PlainKind::ZSet { .. } => Acc::ZSet(Vec::with_capacity(prealloc)),
-                        PlainKind::Hash | PlainKind::HashWithTtl { .. } => Acc::Hash(Vec::with_capacity(prealloc)),
+                        PlainKind::Hash | PlainKind::HashWithTtl { .. } => {
+                            Acc::Hash(Vec::with_capacity(prealloc))
+                        }
                     };
                     while *remaining > 0 && !budget.full() {
                         self.read_plain_element(kind, &mut acc, &mut budget)?;
@@ -1272,12 +1326,17 @@ impl<R: Read> RdbParser<R> {
 
     /// Strings and module values are read whole by `init_value`, which leaves
     /// them in `Stage::Finished`; this reads them.
-    fn take_whole_value(&mut self, value: &mut ValueReader) -> Result<Option<ValueChunk>, RdbError> {
+    fn take_whole_value(
+        &mut self,
+        value: &mut ValueReader,
+    ) -> Result<Option<ValueChunk>, RdbError> {
         if !matches!(value.stage, Stage::Finished) {
             return Ok(None);
         }
         match value.rdb_type {
-            TYPE_STRING => Ok(Some(ValueChunk::String(self.input.read_string("string value")?))),
+            TYPE_STRING => Ok(Some(ValueChunk::String(
+                self.input.read_string("string value")?,
+            ))),
             TYPE_MODULE_2 => {
                 let at = self.input.offset();
                 let module_id = self.input.read_len("module id")?;
@@ -1298,8 +1357,14 @@ impl<R: Read> RdbParser<R> {
             TYPE_STRING | TYPE_MODULE_2 => Stage::Finished,
             TYPE_LIST => plain(self.input.read_len("list length")?, PlainKind::List),
             TYPE_SET => plain(self.input.read_len("set length")?, PlainKind::Set),
-            TYPE_ZSET => plain(self.input.read_len("zset length")?, PlainKind::ZSet { binary: false }),
-            TYPE_ZSET_2 => plain(self.input.read_len("zset length")?, PlainKind::ZSet { binary: true }),
+            TYPE_ZSET => plain(
+                self.input.read_len("zset length")?,
+                PlainKind::ZSet { binary: false },
+            ),
+            TYPE_ZSET_2 => plain(
+                self.input.read_len("zset length")?,
+                PlainKind::ZSet { binary: true },
+            ),
             TYPE_HASH => plain(self.input.read_len("hash length")?, PlainKind::Hash),
             TYPE_HASH_METADATA_PRE_GA => plain(
                 self.input.read_len("hash length")?,
@@ -1318,10 +1383,14 @@ impl<R: Read> RdbParser<R> {
             TYPE_SET_INTSET => self.blob_stage(key, rdb_type, BlobShape::Set, "intset")?,
             TYPE_SET_LISTPACK => self.blob_stage(key, rdb_type, BlobShape::Set, "set listpack")?,
             TYPE_ZSET_ZIPLIST => self.blob_stage(key, rdb_type, BlobShape::ZSet, "zset ziplist")?,
-            TYPE_ZSET_LISTPACK => self.blob_stage(key, rdb_type, BlobShape::ZSet, "zset listpack")?,
+            TYPE_ZSET_LISTPACK => {
+                self.blob_stage(key, rdb_type, BlobShape::ZSet, "zset listpack")?
+            }
             TYPE_HASH_ZIPMAP => self.blob_stage(key, rdb_type, BlobShape::Hash, "hash zipmap")?,
             TYPE_HASH_ZIPLIST => self.blob_stage(key, rdb_type, BlobShape::Hash, "hash ziplist")?,
-            TYPE_HASH_LISTPACK => self.blob_stage(key, rdb_type, BlobShape::Hash, "hash listpack")?,
+            TYPE_HASH_LISTPACK => {
+                self.blob_stage(key, rdb_type, BlobShape::Hash, "hash listpack")?
+            }
             TYPE_HASH_LISTPACK_EX_PRE_GA => {
                 self.blob_stage(key, rdb_type, BlobShape::HashWithTtl, "hash listpack-ex")?
             }
@@ -1335,12 +1404,13 @@ impl<R: Read> RdbParser<R> {
                 v2: rdb_type == TYPE_LIST_QUICKLIST_2,
                 node: None,
             },
-            TYPE_STREAM_LISTPACKS | TYPE_STREAM_LISTPACKS_2 | TYPE_STREAM_LISTPACKS_3 | TYPE_STREAM_LISTPACKS_4 => {
-                Stage::StreamNodes {
-                    remaining_nodes: self.input.read_len("stream listpack count")?,
-                    node: None,
-                }
-            }
+            TYPE_STREAM_LISTPACKS
+            | TYPE_STREAM_LISTPACKS_2
+            | TYPE_STREAM_LISTPACKS_3
+            | TYPE_STREAM_LISTPACKS_4 => Stage::StreamNodes {
+                remaining_nodes: self.input.read_len("stream listpack count")?,
+                node: None,
+            },
             other => {
                 return Err(RdbError::UnknownType {
                     byte: other,
@@ -1350,11 +1420,24 @@ impl<R: Read> RdbParser<R> {
         })
     }
 
-    fn blob_stage(&mut self, key: &Bytes, rdb_type: u8, shape: BlobShape, kind: &'static str) -> Result<Stage, RdbError> {
-        Ok(Stage::Blob(Box::new(self.open_blob(key, rdb_type, shape, kind)?)))
+    fn blob_stage(
+        &mut self,
+        key: &Bytes,
+        rdb_type: u8,
+        shape: BlobShape,
+        kind: &'static str,
+    ) -> Result<Stage, RdbError> {
+        Ok(Stage::Blob(Box::new(
+            self.open_blob(key, rdb_type, shape, kind)?,
+        )))
     }
 
-    fn read_plain_element(&mut self, kind: PlainKind, acc: &mut Acc, budget: &mut Budget) -> Result<(), RdbError> {
+    fn read_plain_element(
+        &mut self,
+        kind: PlainKind,
+        acc: &mut Acc,
+        budget: &mut Budget,
+    ) -> Result<(), RdbError> {
         match (kind, acc) {
             (PlainKind::List, Acc::List(out)) | (PlainKind::Set, Acc::Set(out)) => {
                 let item = self.input.read_string("collection element")?;
@@ -1462,13 +1545,25 @@ impl<R: Read> RdbParser<R> {
             } else {
                 (TYPE_LIST_QUICKLIST, "quicklist ziplist node")
             };
-            *node = Some(Box::new(self.open_blob(&value.key, rdb_type, BlobShape::List, kind)?));
+            *node = Some(Box::new(self.open_blob(
+                &value.key,
+                rdb_type,
+                BlobShape::List,
+                kind,
+            )?));
         }
         Ok(acc.into_chunk())
     }
 
-    fn stream_entries_chunk(&mut self, value: &mut ValueReader) -> Result<Option<ValueChunk>, RdbError> {
-        let Stage::StreamNodes { remaining_nodes, node } = &mut value.stage else {
+    fn stream_entries_chunk(
+        &mut self,
+        value: &mut ValueReader,
+    ) -> Result<Option<ValueChunk>, RdbError> {
+        let Stage::StreamNodes {
+            remaining_nodes,
+            node,
+        } = &mut value.stage
+        else {
             return Ok(None);
         };
         let mut budget = Budget::new(&self.opts);
@@ -1477,7 +1572,12 @@ impl<R: Read> RdbParser<R> {
             if let Some(current) = node {
                 match current.next_entry()? {
                     Some(entry) => {
-                        let bytes = 16 + entry.fields.iter().map(|(f, v)| f.len() + v.len()).sum::<usize>();
+                        let bytes = 16
+                            + entry
+                                .fields
+                                .iter()
+                                .map(|(f, v)| f.len() + v.len())
+                                .sum::<usize>();
                         budget.take(bytes);
                         entries.push(entry);
                     }
@@ -1501,7 +1601,12 @@ impl<R: Read> RdbParser<R> {
                 ),
             })?;
             let master = stream_id_from_be(&raw);
-            let blob = self.open_blob(&value.key, TYPE_STREAM_LISTPACKS, BlobShape::List, "stream listpack")?;
+            let blob = self.open_blob(
+                &value.key,
+                TYPE_STREAM_LISTPACKS,
+                BlobShape::List,
+                "stream listpack",
+            )?;
             if let BlobSource::Elements(ElementIter::Listpack(it)) = &blob.source {
                 if it.declared_len() == Some(0) {
                     return Err(blob.corrupt_msg("empty listpack inside a stream"));
@@ -1611,5 +1716,253 @@ impl<R: Read> RdbParser<R> {
         self.input.read_len("stream IDMP ids added")?;
         self.input.read_len("stream IDMP duplicate ids")?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::redis::rdb::encoding::{listpack, ziplist};
+
+    /// Builds RDB bytes by hand for the forms no public fixture covers.
+    struct RdbWriter(Vec<u8>);
+
+    impl RdbWriter {
+        fn new(version: u32) -> RdbWriter {
+            RdbWriter(format!("REDIS{version:04}").into_bytes())
+        }
+
+        fn byte(&mut self, b: u8) -> &mut Self {
+            self.0.push(b);
+            self
+        }
+
+        fn len(&mut self, len: u64) -> &mut Self {
+            if len < 64 {
+                self.0.push(len as u8);
+            } else if len < 16384 {
+                self.0.push(0x40 | (len >> 8) as u8);
+                self.0.push(len as u8);
+            } else {
+                self.0.push(0x81);
+                self.0.extend_from_slice(&len.to_be_bytes());
+            }
+            self
+        }
+
+        fn string(&mut self, s: &[u8]) -> &mut Self {
+            self.len(s.len() as u64);
+            self.0.extend_from_slice(s);
+            self
+        }
+
+        fn raw(&mut self, bytes: &[u8]) -> &mut Self {
+            self.0.extend_from_slice(bytes);
+            self
+        }
+
+        fn finish(&mut self) -> Vec<u8> {
+            self.0.push(OPCODE_EOF);
+            let crc = crc64(0, &self.0);
+            self.0.extend_from_slice(&crc.to_le_bytes());
+            std::mem::take(&mut self.0)
+        }
+    }
+
+    fn events(data: &[u8]) -> Result<Vec<RdbEvent>, RdbError> {
+        let mut parser = RdbParser::new(data, ParseOptions::default());
+        let mut out = Vec::new();
+        while let Some(ev) = parser.next_event()? {
+            out.push(ev);
+        }
+        Ok(out)
+    }
+
+    fn hash_fields(events: &[RdbEvent]) -> Vec<HashField> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                RdbEvent::Chunk(ValueChunk::HashFields(f)) => Some(f.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    }
+
+    fn field(f: &str, v: &str, ttl: Option<i64>) -> HashField {
+        HashField {
+            field: Bytes::copy_from_slice(f.as_bytes()),
+            value: Bytes::copy_from_slice(v.as_bytes()),
+            expire_ms: ttl,
+        }
+    }
+
+    #[test]
+    fn hash_metadata_ttls_are_relative_to_the_minimum() {
+        let min = 1_800_000_000_000i64;
+        let data = RdbWriter::new(12)
+            .byte(TYPE_HASH_METADATA)
+            .string(b"h")
+            .raw(&min.to_le_bytes())
+            .len(2)
+            .len(0)
+            .string(b"a")
+            .string(b"1")
+            .len(501)
+            .string(b"b")
+            .string(b"2")
+            .finish();
+        let evs = events(&data).unwrap();
+        assert_eq!(
+            hash_fields(&evs),
+            vec![field("a", "1", None), field("b", "2", Some(min + 500))]
+        );
+    }
+
+    #[test]
+    fn hash_listpack_ex_carries_field_ttls() {
+        let lp = listpack::encode(&[
+            Element::Str(Bytes::from_static(b"a")),
+            Element::Str(Bytes::from_static(b"1")),
+            Element::Int(0),
+            Element::Str(Bytes::from_static(b"b")),
+            Element::Str(Bytes::from_static(b"x")),
+            Element::Int(1_800_000_000_123),
+        ]);
+        let data = RdbWriter::new(12)
+            .byte(TYPE_HASH_LISTPACK_EX)
+            .string(b"h")
+            .raw(&1_800_000_000_123i64.to_le_bytes())
+            .string(&lp)
+            .finish();
+        let evs = events(&data).unwrap();
+        assert_eq!(
+            hash_fields(&evs),
+            vec![
+                field("a", "1", None),
+                field("b", "x", Some(1_800_000_000_123))
+            ]
+        );
+        let Some(RdbEvent::KeyEnd { raw: Some(raw) }) = evs.iter().rev().nth(1) else {
+            panic!("raw capture: {evs:?}")
+        };
+        assert_eq!(raw[0], TYPE_HASH_LISTPACK_EX);
+        // Everything but the header, the key name, EOF and the checksum.
+        assert_eq!(raw.len(), data.len() - 9 - 2 - 9);
+    }
+
+    #[test]
+    fn pre_ga_function_keeps_the_code() {
+        let data = RdbWriter::new(10)
+            .byte(OPCODE_FUNCTION_PRE_GA)
+            .string(b"mylib")
+            .string(b"LUA")
+            .len(1)
+            .string(b"a description")
+            .string(b"redis.register_function('f', function() return 1 end)")
+            .finish();
+        let evs = events(&data).unwrap();
+        assert_eq!(
+            evs[1],
+            RdbEvent::Function {
+                code: Bytes::from_static(b"redis.register_function('f', function() return 1 end)")
+            }
+        );
+    }
+
+    #[test]
+    fn pre_ga_module_values_are_refused() {
+        let data = RdbWriter::new(8)
+            .byte(TYPE_MODULE_PRE_GA)
+            .string(b"k")
+            .len(1)
+            .finish();
+        let err = events(&data).unwrap_err();
+        assert!(
+            matches!(err, RdbError::Unsupported { offset: 9, ref what } if what.contains("\"k\"")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn seconds_expiry_and_enterprise_hints() {
+        let data = RdbWriter::new(9)
+            .byte(OPCODE_EXPIRETIME)
+            .raw(&1_700_000_000i32.to_le_bytes())
+            .byte(OPCODE_RAM_LRU)
+            .len(77)
+            .byte(TYPE_STRING)
+            .string(b"k")
+            .raw(&[0xC0, 0xFB]) // int8 -5
+            .finish();
+        let evs = events(&data).unwrap();
+        let RdbEvent::KeyStart(header) = &evs[1] else {
+            panic!("{evs:?}")
+        };
+        assert_eq!(header.expire_ms, Some(1_700_000_000_000));
+        assert_eq!(
+            evs[2],
+            RdbEvent::Chunk(ValueChunk::String(Bytes::from_static(b"-5")))
+        );
+    }
+
+    #[test]
+    fn corrupt_blobs_name_the_blob_offset_and_key() {
+        let mut zl = ziplist::encode(&[Element::Str(Bytes::from_static(b"abc"))]);
+        zl[11] = 40; // string length past the end
+        let data = RdbWriter::new(9)
+            .byte(TYPE_LIST_ZIPLIST)
+            .string(b"mylist")
+            .string(&zl)
+            .finish();
+        match events(&data) {
+            Err(RdbError::Corrupt { offset, what }) => {
+                assert_eq!(offset, 9 + 1 + 7, "blob starts after type and key");
+                assert!(
+                    what.contains("\"mylist\"") && what.contains("ziplist"),
+                    "{what}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn lying_lengths_do_not_allocate() {
+        // A 4 GiB string claim in a 20-byte input: refused by the limit, or
+        // by the end of input, without allocating the claimed size.
+        let mut w = RdbWriter::new(9);
+        w.byte(TYPE_STRING)
+            .string(b"k")
+            .raw(&[0x80, 0xFF, 0xFF, 0xFF, 0xF0]);
+        let data = w.0.clone();
+        let opts = ParseOptions {
+            max_string_len: u64::MAX,
+            ..ParseOptions::default()
+        };
+        let mut parser = RdbParser::new(&data[..], opts);
+        let mut result = Ok(None);
+        for _ in 0..4 {
+            result = parser.next_event();
+            if result.is_err() {
+                break;
+            }
+        }
+        assert!(
+            matches!(result, Err(RdbError::UnexpectedEof { .. })),
+            "{result:?}"
+        );
+        assert!(matches!(events(&data), Err(RdbError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn module_names_decode() {
+        // "ReJSON-RL" encver 1, as in redis-rdb-tools' redis_40_with_module.rdb.
+        let charset = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let id = b"ReJSON-RL".iter().fold(0u64, |acc, c| {
+            (acc << 6) | charset.iter().position(|x| x == c).unwrap() as u64
+        }) << 10
+            | 1;
+        assert_eq!(module_name(id), "ReJSON-RL");
     }
 }

@@ -25,18 +25,27 @@ impl IntsetIter {
     /// Checks the header against the blob length.
     pub fn new(data: Bytes) -> Result<IntsetIter, EncodingError> {
         if data.len() < HEADER_LEN {
-            return Err(EncodingError::new(0, format!("intset of {} bytes is shorter than its header", data.len())));
+            return Err(EncodingError::new(
+                0,
+                format!("intset of {} bytes is shorter than its header", data.len()),
+            ));
         }
         let width = u32::from_le_bytes([data[0], data[1], data[2], data[3]]) as usize;
         if !matches!(width, 2 | 4 | 8) {
-            return Err(EncodingError::new(0, format!("invalid intset encoding {width}")));
+            return Err(EncodingError::new(
+                0,
+                format!("invalid intset encoding {width}"),
+            ));
         }
         let len = u32::from_le_bytes([data[4], data[5], data[6], data[7]]) as usize;
         let expected = (len as u64) * (width as u64) + HEADER_LEN as u64;
         if expected != data.len() as u64 {
             return Err(EncodingError::new(
                 4,
-                format!("intset of {len} x {width}-byte members needs {expected} bytes, blob has {}", data.len()),
+                format!(
+                    "intset of {len} x {width}-byte members needs {expected} bytes, blob has {}",
+                    data.len()
+                ),
             ));
         }
         Ok(IntsetIter {
@@ -86,7 +95,10 @@ impl Iterator for IntsetIter {
         if let Some(prev) = self.prev {
             if value <= prev {
                 self.index = self.len;
-                return Some(Err(EncodingError::new(at, format!("intset member {value} not above {prev}"))));
+                return Some(Err(EncodingError::new(
+                    at,
+                    format!("intset member {value} not above {prev}"),
+                )));
             }
         }
         self.prev = Some(value);

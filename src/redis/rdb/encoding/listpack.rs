@@ -42,18 +42,27 @@ impl ListpackIter {
         if data.len() < HEADER_LEN + 1 {
             return Err(EncodingError::new(
                 0,
-                format!("listpack of {} bytes is shorter than its header", data.len()),
+                format!(
+                    "listpack of {} bytes is shorter than its header",
+                    data.len()
+                ),
             ));
         }
         let total = u32::from_le_bytes([data[0], data[1], data[2], data[3]]) as usize;
         if total != data.len() {
             return Err(EncodingError::new(
                 0,
-                format!("listpack header says {total} bytes, blob has {}", data.len()),
+                format!(
+                    "listpack header says {total} bytes, blob has {}",
+                    data.len()
+                ),
             ));
         }
         if data[data.len() - 1] != TERMINATOR {
-            return Err(EncodingError::new(data.len() - 1, "listpack does not end with 0xFF"));
+            return Err(EncodingError::new(
+                data.len() - 1,
+                "listpack does not end with 0xFF",
+            ));
         }
         let declared = u16::from_le_bytes([data[4], data[5]]);
         Ok(ListpackIter {
@@ -72,9 +81,9 @@ impl ListpackIter {
 
     /// Walks a whole listpack and returns its element count.
     pub fn validate(data: Bytes) -> Result<usize, EncodingError> {
-        let mut iter = ListpackIter::new(data)?;
+        let iter = ListpackIter::new(data)?;
         let mut n = 0;
-        while let Some(item) = iter.next() {
+        for item in iter {
             item?;
             n += 1;
         }
@@ -87,12 +96,18 @@ impl ListpackIter {
         let first = data[start];
         if first == TERMINATOR {
             if start != data.len() - 1 {
-                return Err(EncodingError::new(start, "listpack terminator before the end of the blob"));
+                return Err(EncodingError::new(
+                    start,
+                    "listpack terminator before the end of the blob",
+                ));
             }
             if self.declared != COUNT_UNKNOWN && self.declared as usize != self.seen {
                 return Err(EncodingError::new(
                     0,
-                    format!("listpack header says {} elements, found {}", self.declared, self.seen),
+                    format!(
+                        "listpack header says {} elements, found {}",
+                        self.declared, self.seen
+                    ),
                 ));
             }
             return Ok(None);
@@ -101,7 +116,10 @@ impl ListpackIter {
         let avail = data.len() - 1 - start;
         let need = |n: usize| -> Result<(), EncodingError> {
             if n > avail {
-                Err(EncodingError::new(start, format!("listpack entry of {n} bytes runs past the end")))
+                Err(EncodingError::new(
+                    start,
+                    format!("listpack entry of {n} bytes runs past the end"),
+                ))
             } else {
                 Ok(())
             }
@@ -111,7 +129,10 @@ impl ListpackIter {
         } else if first & 0xC0 == 0x80 {
             let len = (first & 0x3f) as usize;
             need(1 + len)?;
-            (Element::Str(data.slice(start + 1..start + 1 + len)), 1 + len)
+            (
+                Element::Str(data.slice(start + 1..start + 1 + len)),
+                1 + len,
+            )
         } else if first & 0xE0 == 0xC0 {
             need(2)?;
             let raw = (((first & 0x1f) as u16) << 8) | data[start + 1] as u16;
@@ -122,7 +143,10 @@ impl ListpackIter {
             need(2)?;
             let len = (((first & 0x0f) as usize) << 8) | data[start + 1] as usize;
             need(2 + len)?;
-            (Element::Str(data.slice(start + 2..start + 2 + len)), 2 + len)
+            (
+                Element::Str(data.slice(start + 2..start + 2 + len)),
+                2 + len,
+            )
         } else {
             match first {
                 0xF0 => {
@@ -134,7 +158,10 @@ impl ListpackIter {
                         data[start + 4],
                     ]) as usize;
                     need(5usize.saturating_add(len))?;
-                    (Element::Str(data.slice(start + 5..start + 5 + len)), 5 + len)
+                    (
+                        Element::Str(data.slice(start + 5..start + 5 + len)),
+                        5 + len,
+                    )
                 }
                 0xF1 => {
                     need(3)?;
@@ -143,7 +170,9 @@ impl ListpackIter {
                 }
                 0xF2 => {
                     need(4)?;
-                    let v = i32::from_le_bytes([0, data[start + 1], data[start + 2], data[start + 3]]) >> 8;
+                    let v =
+                        i32::from_le_bytes([0, data[start + 1], data[start + 2], data[start + 3]])
+                            >> 8;
                     (Element::Int(v as i64), 4)
                 }
                 0xF3 => {
@@ -163,7 +192,10 @@ impl ListpackIter {
                     (Element::Int(i64::from_le_bytes(b)), 9)
                 }
                 other => {
-                    return Err(EncodingError::new(start, format!("invalid listpack encoding byte 0x{other:02x}")));
+                    return Err(EncodingError::new(
+                        start,
+                        format!("invalid listpack encoding byte 0x{other:02x}"),
+                    ));
                 }
             }
         };
@@ -316,7 +348,8 @@ mod tests {
         prop_oneof![
             any::<i64>().prop_map(Element::Int),
             (-5000i64..5000).prop_map(Element::Int),
-            proptest::collection::vec(any::<u8>(), 0..5000).prop_map(|v| Element::Str(Bytes::from(v))),
+            proptest::collection::vec(any::<u8>(), 0..5000)
+                .prop_map(|v| Element::Str(Bytes::from(v))),
             "[a-z]{0,70}".prop_map(|s| Element::Str(Bytes::from(s))),
         ]
     }
@@ -333,10 +366,28 @@ mod tests {
 
     #[test]
     fn decodes_integer_encodings() {
-        let values = [0, 127, -1, -4096, 4095, 8191, -4097, 32767, -32768, 1 << 22, -(1 << 23), 1 << 30, i64::MIN, i64::MAX];
+        let values = [
+            0,
+            127,
+            -1,
+            -4096,
+            4095,
+            8191,
+            -4097,
+            32767,
+            -32768,
+            1 << 22,
+            -(1 << 23),
+            1 << 30,
+            i64::MIN,
+            i64::MAX,
+        ];
         let elements: Vec<_> = values.iter().map(|&v| Element::Int(v)).collect();
         let blob = encode(&elements);
-        let back: Vec<_> = ListpackIter::new(Bytes::from(blob)).unwrap().collect::<Result<_, _>>().unwrap();
+        let back: Vec<_> = ListpackIter::new(Bytes::from(blob))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
         assert_eq!(back, elements);
     }
 

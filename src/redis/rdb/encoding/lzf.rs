@@ -38,10 +38,16 @@ pub fn decompress(input: &[u8], out_len: usize) -> Result<Vec<u8>, EncodingError
         if ctrl < 32 {
             let run = ctrl + 1;
             if ip + run > input.len() {
-                return Err(EncodingError::new(ctrl_pos, "LZF literal run past the input"));
+                return Err(EncodingError::new(
+                    ctrl_pos,
+                    "LZF literal run past the input",
+                ));
             }
             if out.len() + run > out_len {
-                return Err(EncodingError::new(ctrl_pos, "LZF output longer than declared"));
+                return Err(EncodingError::new(
+                    ctrl_pos,
+                    "LZF output longer than declared",
+                ));
             }
             out.extend_from_slice(&input[ip..ip + run]);
             ip += run;
@@ -49,13 +55,19 @@ pub fn decompress(input: &[u8], out_len: usize) -> Result<Vec<u8>, EncodingError
             let mut len = ctrl >> 5;
             if len == 7 {
                 let Some(&extra) = input.get(ip) else {
-                    return Err(EncodingError::new(ctrl_pos, "LZF reference length past the input"));
+                    return Err(EncodingError::new(
+                        ctrl_pos,
+                        "LZF reference length past the input",
+                    ));
                 };
                 len += extra as usize;
                 ip += 1;
             }
             let Some(&low) = input.get(ip) else {
-                return Err(EncodingError::new(ctrl_pos, "LZF reference offset past the input"));
+                return Err(EncodingError::new(
+                    ctrl_pos,
+                    "LZF reference offset past the input",
+                ));
             };
             ip += 1;
             let distance = ((ctrl & 0x1f) << 8) + low as usize + 1;
@@ -67,7 +79,10 @@ pub fn decompress(input: &[u8], out_len: usize) -> Result<Vec<u8>, EncodingError
                 ));
             }
             if out.len() + len > out_len {
-                return Err(EncodingError::new(ctrl_pos, "LZF output longer than declared"));
+                return Err(EncodingError::new(
+                    ctrl_pos,
+                    "LZF output longer than declared",
+                ));
             }
             let start = out.len() - distance;
             if distance >= len {
@@ -109,8 +124,10 @@ pub fn compress(input: &[u8]) -> Vec<u8> {
         let mut matched = 0;
         let mut distance = 0;
         if i + 3 <= input.len() {
-            let h = (u32::from(input[i]) << 16 | u32::from(input[i + 1]) << 8 | u32::from(input[i + 2]))
-                .wrapping_mul(2654435761)
+            let h = (u32::from(input[i]) << 16
+                | u32::from(input[i + 1]) << 8
+                | u32::from(input[i + 2]))
+            .wrapping_mul(2654435761)
                 >> (32 - HASH_BITS);
             let candidate = table[h as usize];
             table[h as usize] = i;
@@ -161,9 +178,15 @@ mod tests {
     #[test]
     fn refuses_bad_streams() {
         assert!(decompress(&[5, b'a'], 6).is_err(), "literal past input");
-        assert!(decompress(&[0, b'a', 0x20, 5], 4).is_err(), "reference before start");
+        assert!(
+            decompress(&[0, b'a', 0x20, 5], 4).is_err(),
+            "reference before start"
+        );
         assert!(decompress(&[0, b'a'], 2).is_err(), "short output");
-        assert!(decompress(&[0, b'a'], 1_000_000).is_err(), "impossible length");
+        assert!(
+            decompress(&[0, b'a'], 1_000_000).is_err(),
+            "impossible length"
+        );
     }
 
     proptest! {

@@ -54,10 +54,16 @@ impl ZiplistIter {
         }
         let tail = u32::from_le_bytes([data[4], data[5], data[6], data[7]]) as usize;
         if tail < HEADER_LEN || tail > data.len() - 1 {
-            return Err(EncodingError::new(4, format!("ziplist tail offset {tail} out of bounds")));
+            return Err(EncodingError::new(
+                4,
+                format!("ziplist tail offset {tail} out of bounds"),
+            ));
         }
         if data[data.len() - 1] != END {
-            return Err(EncodingError::new(data.len() - 1, "ziplist does not end with 0xFF"));
+            return Err(EncodingError::new(
+                data.len() - 1,
+                "ziplist does not end with 0xFF",
+            ));
         }
         let declared = u16::from_le_bytes([data[8], data[9]]);
         Ok(ZiplistIter {
@@ -73,9 +79,9 @@ impl ZiplistIter {
 
     /// Walks a whole ziplist and returns its element count.
     pub fn validate(data: Bytes) -> Result<usize, EncodingError> {
-        let mut iter = ZiplistIter::new(data)?;
+        let iter = ZiplistIter::new(data)?;
         let mut n = 0;
-        while let Some(item) = iter.next() {
+        for item in iter {
             item?;
             n += 1;
         }
@@ -87,10 +93,17 @@ impl ZiplistIter {
         let start = self.pos;
         if data[start] == END {
             if start != data.len() - 1 {
-                return Err(EncodingError::new(start, "ziplist terminator before the end of the blob"));
+                return Err(EncodingError::new(
+                    start,
+                    "ziplist terminator before the end of the blob",
+                ));
             }
             let tail = u32::from_le_bytes([data[4], data[5], data[6], data[7]]) as usize;
-            let expected_tail = if self.seen == 0 { HEADER_LEN } else { self.last_entry };
+            let expected_tail = if self.seen == 0 {
+                HEADER_LEN
+            } else {
+                self.last_entry
+            };
             if tail != expected_tail {
                 return Err(EncodingError::new(
                     4,
@@ -100,7 +113,10 @@ impl ZiplistIter {
             if self.declared != u16::MAX && self.declared as usize != self.seen {
                 return Err(EncodingError::new(
                     8,
-                    format!("ziplist header says {} elements, found {}", self.declared, self.seen),
+                    format!(
+                        "ziplist header says {} elements, found {}",
+                        self.declared, self.seen
+                    ),
                 ));
             }
             return Ok(None);
@@ -108,14 +124,22 @@ impl ZiplistIter {
         let avail = data.len() - 1 - start;
         let need = |n: usize| -> Result<(), EncodingError> {
             if n > avail {
-                Err(EncodingError::new(start, format!("ziplist entry of {n} bytes runs past the end")))
+                Err(EncodingError::new(
+                    start,
+                    format!("ziplist entry of {n} bytes runs past the end"),
+                ))
             } else {
                 Ok(())
             }
         };
         let (prevlen, mut p) = if data[start] == BIG_PREVLEN {
             need(5)?;
-            let v = u32::from_le_bytes([data[start + 1], data[start + 2], data[start + 3], data[start + 4]]);
+            let v = u32::from_le_bytes([
+                data[start + 1],
+                data[start + 2],
+                data[start + 3],
+                data[start + 4],
+            ]);
             (v as usize, 5)
         } else {
             (data[start] as usize, 1)
@@ -123,7 +147,10 @@ impl ZiplistIter {
         if prevlen != self.prev_len {
             return Err(EncodingError::new(
                 start,
-                format!("ziplist prevlen {prevlen}, previous entry is {} bytes", self.prev_len),
+                format!(
+                    "ziplist prevlen {prevlen}, previous entry is {} bytes",
+                    self.prev_len
+                ),
             ));
         }
         need(p + 1)?;
@@ -148,7 +175,10 @@ impl ZiplistIter {
             }
             2 => {
                 if enc != 0x80 {
-                    return Err(EncodingError::new(start + p, format!("invalid ziplist encoding 0x{enc:02x}")));
+                    return Err(EncodingError::new(
+                        start + p,
+                        format!("invalid ziplist encoding 0x{enc:02x}"),
+                    ));
                 }
                 need(p + 5)?;
                 let b = &data[start + p + 1..start + p + 5];
@@ -169,7 +199,10 @@ impl ZiplistIter {
                     0xFE => 1,
                     0xF1..=0xFD => 0,
                     other => {
-                        return Err(EncodingError::new(start + p - 1, format!("invalid ziplist encoding 0x{other:02x}")));
+                        return Err(EncodingError::new(
+                            start + p - 1,
+                            format!("invalid ziplist encoding 0x{other:02x}"),
+                        ));
                     }
                 };
                 need(p + int_len)?;
@@ -290,7 +323,8 @@ mod tests {
         prop_oneof![
             any::<i64>().prop_map(Element::Int),
             (-300i64..300).prop_map(Element::Int),
-            proptest::collection::vec(any::<u8>(), 0..20000).prop_map(|v| Element::Str(Bytes::from(v))),
+            proptest::collection::vec(any::<u8>(), 0..20000)
+                .prop_map(|v| Element::Str(Bytes::from(v))),
             "[a-z]{0,300}".prop_map(|s| Element::Str(Bytes::from(s))),
         ]
     }

@@ -26,10 +26,16 @@ impl ZipmapIter {
     /// Checks the blob is long enough for a count and a terminator.
     pub fn new(data: Bytes) -> Result<ZipmapIter, EncodingError> {
         if data.len() < 2 {
-            return Err(EncodingError::new(0, format!("zipmap of {} bytes is too short", data.len())));
+            return Err(EncodingError::new(
+                0,
+                format!("zipmap of {} bytes is too short", data.len()),
+            ));
         }
         if data[data.len() - 1] != END {
-            return Err(EncodingError::new(data.len() - 1, "zipmap does not end with 0xFF"));
+            return Err(EncodingError::new(
+                data.len() - 1,
+                "zipmap does not end with 0xFF",
+            ));
         }
         Ok(ZipmapIter {
             declared: data[0],
@@ -42,9 +48,9 @@ impl ZipmapIter {
 
     /// Walks a whole zipmap and returns its pair count.
     pub fn validate(data: Bytes) -> Result<usize, EncodingError> {
-        let mut iter = ZipmapIter::new(data)?;
+        let iter = ZipmapIter::new(data)?;
         let mut n = 0;
-        while let Some(item) = iter.next() {
+        for item in iter {
             item?;
             n += 1;
         }
@@ -54,7 +60,9 @@ impl ZipmapIter {
     fn read_len(&mut self) -> Result<usize, EncodingError> {
         let at = self.pos;
         let data = &self.data;
-        let first = *data.get(at).ok_or_else(|| EncodingError::new(at, "zipmap length past the end"))?;
+        let first = *data
+            .get(at)
+            .ok_or_else(|| EncodingError::new(at, "zipmap length past the end"))?;
         match first {
             END => Err(EncodingError::new(at, "zipmap ends inside an entry")),
             BIG_LEN => {
@@ -74,7 +82,10 @@ impl ZipmapIter {
     fn take(&mut self, len: usize) -> Result<Bytes, EncodingError> {
         let end = self.pos.checked_add(len).filter(|&e| e < self.data.len());
         let Some(end) = end else {
-            return Err(EncodingError::new(self.pos, format!("zipmap string of {len} bytes runs past the end")));
+            return Err(EncodingError::new(
+                self.pos,
+                format!("zipmap string of {len} bytes runs past the end"),
+            ));
         };
         let s = self.data.slice(self.pos..end);
         self.pos = end;
@@ -84,12 +95,18 @@ impl ZipmapIter {
     fn entry(&mut self) -> Result<Option<(Bytes, Bytes)>, EncodingError> {
         if self.data[self.pos] == END {
             if self.pos != self.data.len() - 1 {
-                return Err(EncodingError::new(self.pos, "zipmap terminator before the end of the blob"));
+                return Err(EncodingError::new(
+                    self.pos,
+                    "zipmap terminator before the end of the blob",
+                ));
             }
             if self.declared < BIG_LEN && self.declared as usize != self.seen {
                 return Err(EncodingError::new(
                     0,
-                    format!("zipmap header says {} entries, found {}", self.declared, self.seen),
+                    format!(
+                        "zipmap header says {} entries, found {}",
+                        self.declared, self.seen
+                    ),
                 ));
             }
             return Ok(None);
@@ -100,7 +117,8 @@ impl ZipmapIter {
         let free = *self
             .data
             .get(self.pos)
-            .ok_or_else(|| EncodingError::new(self.pos, "zipmap free byte past the end"))? as usize;
+            .ok_or_else(|| EncodingError::new(self.pos, "zipmap free byte past the end"))?
+            as usize;
         self.pos += 1;
         let value = self.take(value_len)?;
         self.take(free)?;
