@@ -42,6 +42,10 @@
 //! `{"slot_info":{"slot_id","slot_size","expires_slot_size"}}` with `aux`;
 //! `{"function":CODE}` with `functions`. `SELECTDB`, `RESIZEDB` and the
 //! end-of-file marker write nothing (each key line carries its db).
+//!
+//! After a parse error the caller stops with [`JsonDumper::abort`]: every
+//! line before it is whole JSON; a key line that was being written is ended
+//! with a newline and is not valid JSON.
 
 use std::io::Write;
 
