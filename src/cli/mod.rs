@@ -51,7 +51,7 @@ pub enum RdbCommand {
     Load {
         /// The RDB file.
         file: PathBuf,
-        /// The server to load into: redis://[user:pass@]host:port.
+        /// The server to load into: `redis://[user:pass@]host:port`.
         #[arg(long)]
         target: String,
         /// Overwrite keys that already exist (RESTORE … REPLACE, DEL before
