@@ -1,1 +1,210 @@
-//! Command-line verbs. `main.rs` parses arguments and calls into here.
+//! Command-line verbs. `main.rs` parses arguments into [`Cli`] and calls
+//! [`run`]; each verb lives in its own module and is callable as a library
+//! function (integration tests do).
+//!
+//! - `ferry rdb dump FILE [--format json] [--no-aux] [--no-functions]`:
+//!   the RDB as JSON lines on stdout ([`rdb::dump`]).
+//! - `ferry rdb load FILE --target redis://… [--replace]
+//!   [--restore-max-bytes N] [--pipeline N] [--chunk-items N]`: load an RDB
+//!   into a running server ([`rdb::load`]).
+
+pub mod rdb;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// ferry: durable cross-cluster replication relay.
+#[derive(Debug, Parser)]
+#[command(name = "ferry", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub verb: Verb,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Verb {
+    /// Read RDB files: dump them as JSON, or load them into a Redis server.
+    Rdb {
+        #[command(subcommand)]
+        command: RdbCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RdbCommand {
+    /// Write the keys of an RDB file to stdout, one JSON object per line.
+    Dump {
+        /// The RDB file.
+        file: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = DumpFormat::Json)]
+        format: DumpFormat,
+        /// Leave out the header, aux field, module aux and slot info lines.
+        #[arg(long)]
+        no_aux: bool,
+        /// Leave out function library lines.
+        #[arg(long)]
+        no_functions: bool,
+    },
+    /// Load an RDB file into a running Redis server.
+    Load {
+        /// The RDB file.
+        file: PathBuf,
+        /// The server to load into: `redis://[user:pass@]host:port`.
+        #[arg(long)]
+        target: String,
+        /// Overwrite keys that already exist (RESTORE … REPLACE, DEL before
+        /// a rebuild). Without it a RESTORE of an existing key fails and a
+        /// rebuilt key merges into the existing one.
+        #[arg(long)]
+        replace: bool,
+        /// Largest encoded value sent with RESTORE (bytes; KiB/MiB/GiB
+        /// suffixes accepted); 0 rebuilds every key with commands.
+        #[arg(long, default_value = "1MiB", value_parser = parse_size)]
+        restore_max_bytes: usize,
+        /// Most commands awaiting a reply at once.
+        #[arg(long, default_value_t = 1000)]
+        pipeline: usize,
+        /// Most elements per rebuild command.
+        #[arg(long, default_value_t = 1000)]
+        chunk_items: usize,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DumpFormat {
+    Json,
+}
+
+/// Why a verb failed; `main` prints it and exits non-zero.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Dump(#[from] rdb::DumpCommandError),
+    #[error(transparent)]
+    Load(#[from] rdb::LoadError),
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+}
+
+/// Runs the verb `cli` names.
+pub fn run(cli: Cli) -> Result<(), CliError> {
+    match cli.verb {
+        Verb::Rdb { command } => match command {
+            RdbCommand::Dump {
+                file,
+                format: DumpFormat::Json,
+                no_aux,
+                no_functions,
+            } => {
+                let opts = crate::redis::rdb::dump_json::DumpOptions {
+                    aux: !no_aux,
+                    functions: !no_functions,
+                };
+                rdb::dump_to_stdout(&file, opts)?;
+                Ok(())
+            }
+            RdbCommand::Load {
+                file,
+                target,
+                replace,
+                restore_max_bytes,
+                pipeline,
+                chunk_items,
+            } => {
+                let target =
+                    crate::redis::url::RedisUrl::parse(&target).map_err(rdb::LoadError::from)?;
+                let mut config = rdb::LoadConfig::new(file, target);
+                config.replace = replace;
+                config.restore_max_bytes = restore_max_bytes;
+                config.pipeline = pipeline.max(1);
+                config.chunk_items = chunk_items.max(1);
+                let runtime = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .map_err(CliError::Runtime)?;
+                runtime.block_on(rdb::load_and_report(&config))?;
+                Ok(())
+            }
+        },
+    }
+}
+
+/// Parses a byte size: a number with an optional `B`, `K`/`KB`/`KiB`,
+/// `M`/`MB`/`MiB` or `G`/`GB`/`GiB` suffix (all powers of 1024).
+pub fn parse_size(text: &str) -> Result<usize, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, suffix) = text.split_at(split);
+    let number: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size (e.g. 1048576, 512KiB, 8MiB)"))?;
+    let unit: u64 = match suffix.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        other => return Err(format!("unknown size unit {other:?} in {text:?}")),
+    };
+    number
+        .checked_mul(unit)
+        .and_then(|n| usize::try_from(n).ok())
+        .ok_or_else(|| format!("size {text:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("0"), Ok(0));
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        assert_eq!(parse_size("512KiB"), Ok(512 << 10));
+        assert_eq!(parse_size("8MiB"), Ok(8 << 20));
+        assert_eq!(parse_size("2g"), Ok(2 << 30));
+        assert!(parse_size("MiB").is_err());
+        assert!(parse_size("3 parsecs").is_err());
+        assert!(parse_size("99999999999999999999GiB").is_err());
+    }
+
+    #[test]
+    fn parses_load_arguments() {
+        let cli = Cli::try_parse_from([
+            "ferry",
+            "rdb",
+            "load",
+            "dump.rdb",
+            "--target",
+            "redis://127.0.0.1:6379",
+            "--replace",
+            "--restore-max-bytes",
+            "0",
+            "--pipeline",
+            "10",
+        ])
+        .unwrap();
+        match cli.verb {
+            Verb::Rdb {
+                command:
+                    RdbCommand::Load {
+                        replace,
+                        restore_max_bytes,
+                        pipeline,
+                        ..
+                    },
+            } => {
+                assert!(replace);
+                assert_eq!(restore_max_bytes, 0);
+                assert_eq!(pipeline, 10);
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+        assert!(Cli::try_parse_from(["ferry", "rdb", "load", "x.rdb"]).is_err());
+        assert!(Cli::try_parse_from(["ferry", "rdb", "dump", "x.rdb", "--format", "xml"]).is_err());
+    }
+}
