@@ -7,7 +7,10 @@
 //! - `ferry rdb load FILE --target redis://… [--replace]
 //!   [--restore-max-bytes N] [--pipeline N] [--chunk-items N]`: load an RDB
 //!   into a running server ([`rdb::load`]).
+//! - `ferry rdb fetch --source redis://… FILE`: take a snapshot of a live
+//!   source through the replication protocol ([`fetch::fetch`]).
 
+pub mod fetch;
 pub mod rdb;
 
 use std::path::PathBuf;
@@ -47,6 +50,15 @@ pub enum RdbCommand {
         #[arg(long)]
         no_functions: bool,
     },
+    /// Take an RDB snapshot of a live Redis the way a replica does
+    /// (PSYNC), verify it, and write it to FILE.
+    Fetch {
+        /// The server to snapshot: `redis://[user:pass@]host:port`.
+        #[arg(long)]
+        source: String,
+        /// Where to write the RDB (written to FILE.partial, renamed when verified).
+        file: PathBuf,
+    },
     /// Load an RDB file into a running Redis server.
     Load {
         /// The RDB file.
@@ -84,6 +96,10 @@ pub enum CliError {
     Dump(#[from] rdb::DumpCommandError),
     #[error(transparent)]
     Load(#[from] rdb::LoadError),
+    #[error(transparent)]
+    Fetch(#[from] fetch::FetchError),
+    #[error(transparent)]
+    Url(#[from] crate::redis::url::UrlError),
     #[error("cannot start the async runtime: {0}")]
     Runtime(#[source] std::io::Error),
 }
@@ -105,6 +121,12 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 rdb::dump_to_stdout(&file, opts)?;
                 Ok(())
             }
+            RdbCommand::Fetch { source, file } => {
+                let source = crate::redis::url::RedisUrl::parse(&source)?;
+                let report = runtime()?.block_on(fetch::fetch(&source, &file))?;
+                println!("{report}");
+                Ok(())
+            }
             RdbCommand::Load {
                 file,
                 target,
@@ -120,16 +142,19 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 config.restore_max_bytes = restore_max_bytes;
                 config.pipeline = pipeline.max(1);
                 config.chunk_items = chunk_items.max(1);
-                let runtime = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()
-                    .map_err(CliError::Runtime)?;
-                runtime.block_on(rdb::load_and_report(&config))?;
+                runtime()?.block_on(rdb::load_and_report(&config))?;
                 Ok(())
             }
         },
     }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(CliError::Runtime)
 }
 
 /// Parses a byte size: a number with an optional `B`, `K`/`KB`/`KiB`,
