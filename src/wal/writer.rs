@@ -596,7 +596,7 @@ impl Wal {
         &self,
         now_unix_ms: u64,
     ) -> Result<Vec<(PartitionId, LogId)>, WalError> {
-        let snapshot: Vec<(PartitionId, PartitionState)> = {
+        let mut snapshot: Vec<(PartitionId, PartitionState)> = {
             let shared = lock(&self.inner.shared);
             shared
                 .partitions
@@ -604,6 +604,7 @@ impl Wal {
                 .map(|(partition, state)| (*partition, state.clone()))
                 .collect()
         };
+        snapshot.sort_by_key(|(partition, _)| *partition);
         let storage = Arc::clone(&self.inner.storage);
         let ttl_ms = self.inner.config.wal_ttl.0.as_millis() as u64;
         let size_cap = self.inner.config.partition_size_cap.map(|cap| cap.as_u64());
@@ -731,7 +732,9 @@ async fn run_retention(
     period: Duration,
     mut shutdown_rx: watch::Receiver<bool>,
 ) {
-    let mut interval = tokio::time::interval(period);
+    // The first round waits a full period: right after open the caller may
+    // still be registering its downstreams.
+    let mut interval = tokio::time::interval_at(Instant::now() + period, period);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
