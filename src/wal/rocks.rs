@@ -30,6 +30,10 @@ use crate::position::{LogId, PartitionId};
 type Db = DBWithThreadMode<MultiThreaded>;
 
 const META_CF: &str = "meta";
+const ARENA_BLOCK_SIZE: usize = 64 << 10;
+/// Table files kept open; more are reopened through the table cache, so the
+/// process stays well within common file descriptor limits.
+const MAX_OPEN_FILES: i32 = 512;
 
 /// RocksDB-backed WAL storage; one instance per data dir.
 pub struct RocksWalStorage {
@@ -45,6 +49,11 @@ fn cf_options(config: &WalConfig, cache: &Cache) -> Options {
     let mut options = Options::default();
     options.set_write_buffer_size(config.cf_write_buffer_size.as_usize());
     options.set_max_write_buffer_number(2);
+    // Every memtable that received a write holds at least one arena block,
+    // charged to the shared budget; RocksDB's default (an eighth of the write
+    // buffer) would let hundreds of partitions exhaust the budget with
+    // near-empty memtables and cause flush storms.
+    options.set_arena_block_size(ARENA_BLOCK_SIZE.min(config.cf_write_buffer_size.as_usize() / 8));
     options.set_compression_type(DBCompressionType::Lz4);
     options.set_level_compaction_dynamic_level_bytes(true);
     let mut table = BlockBasedOptions::default();
@@ -66,6 +75,7 @@ fn db_options(config: &WalConfig, cache: &Cache) -> Options {
     // Replay RocksDB's WAL up to the first damaged record: batches stay atomic
     // and everything synced before it is recovered.
     options.set_wal_recovery_mode(DBRecoveryMode::PointInTime);
+    options.set_max_open_files(MAX_OPEN_FILES);
     options.set_keep_log_file_num(4);
     options.set_max_log_file_size(16 << 20);
     options
@@ -195,9 +205,11 @@ impl WalStorage for RocksWalStorage {
                     from,
                     to,
                 } => {
-                    let cf = self.log_cf(*partition)?;
-                    batch.delete_range_cf(&cf, codec::log_key(*from), codec::log_key(*to));
-                    trims.push((*partition, *from, *to));
+                    if from < to {
+                        let cf = self.log_cf(*partition)?;
+                        batch.delete_range_cf(&cf, codec::log_key(*from), codec::log_key(*to));
+                        trims.push((*partition, *from, *to));
+                    }
                 }
                 WriteOp::Applied { partition, log_id } => {
                     let key = codec::meta_key(codec::META_APPLIED, *partition);
@@ -252,9 +264,6 @@ impl WalStorage for RocksWalStorage {
         // The range tombstone above already hides the entries, so a failure
         // here costs disk space, not correctness.
         for (partition, from, to) in trims {
-            if to.0 <= from.0 {
-                continue;
-            }
             let cf = self.log_cf(partition)?;
             if let Err(error) = self.db.delete_file_in_range_cf(
                 &cf,

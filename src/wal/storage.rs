@@ -251,7 +251,7 @@ fn apply_op(state: &mut MemState, op: &WriteOp) {
             from,
             to,
         } => {
-            if let Some(log) = state.logs.get_mut(partition) {
+            if let Some(log) = state.logs.get_mut(partition).filter(|_| from < to) {
                 let doomed: Vec<LogId> = log.range(*from..*to).map(|(id, _)| *id).collect();
                 for log_id in doomed {
                     log.remove(&log_id);

@@ -573,10 +573,19 @@ impl Wal {
         &self,
         partition: PartitionId,
     ) -> Result<Option<PartitionPositions>, WalError> {
-        let Some(state) = self.state(partition)? else {
-            return Ok(None);
+        // Retention may trim the first entry between reading the state and
+        // sizing the log; then the state is read again.
+        let mut attempts = 0;
+        let (state, stored_bytes) = loop {
+            let Some(state) = self.state(partition)? else {
+                return Ok(None);
+            };
+            match stored_bytes(self.inner.storage.as_ref(), partition, &state.log) {
+                Ok(bytes) => break (state, bytes),
+                Err(WalError::Trimmed { .. }) if attempts < 3 => attempts += 1,
+                Err(error) => return Err(error),
+            }
         };
-        let stored_bytes = stored_bytes(self.inner.storage.as_ref(), partition, &state.log)?;
         Ok(Some(PartitionPositions {
             first_available: state.log.first,
             received: state.received,
