@@ -16,15 +16,16 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use ferry::position::{PartitionId, ReplOffset};
-use ferry::wal::{NewEntry, SourcePosition, Wal, WalConfig};
+use ferry::wal::{NewEntry, RocksWalStorage, SourcePosition, Wal, WalConfig};
 
 const ENTRIES_PER_ITERATION: usize = 4096;
 const ENTRIES_PER_APPEND: usize = 16;
 const PAYLOAD_LEN: usize = 256;
 
-fn peak_rss_kib() -> Option<u64> {
+/// A `/proc/self/status` field in KiB (`VmHWM`: peak RSS, `VmRSS`: current).
+fn status_kib(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
+    let line = status.lines().find(|line| line.starts_with(field))?;
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
@@ -83,19 +84,52 @@ fn bench_append(c: &mut Criterion) {
     group.throughput(Throughput::Bytes(
         (ENTRIES_PER_ITERATION * PAYLOAD_LEN) as u64,
     ));
+    // Cases the command line filters out are not set up at all, so that a
+    // single-case run measures only its own peak RSS.
+    let filter = std::env::args()
+        .skip(1)
+        .find(|arg| !arg.starts_with('-'))
+        .map(|arg| arg.trim_end_matches('$').to_string());
     for fsync in [true, false] {
         for partitions in [1u32, 16, 256] {
+            let case = format!("partitions={partitions}/fsync={fsync}");
+            if filter
+                .as_ref()
+                .is_some_and(|filter| !case.contains(filter.as_str()))
+            {
+                continue;
+            }
             let dir = tempfile::tempdir().expect("tempdir");
             let config = WalConfig {
                 sync: fsync,
-                group_commit_linger: "100us".parse().expect("duration"),
                 ..WalConfig::with_dir(dir.path())
             };
             reset_peak_rss();
-            let wal = runtime.block_on(Wal::open(config)).expect("open wal");
+            let storage = Arc::new(RocksWalStorage::open(&config).expect("open rocksdb"));
+            let wal = runtime
+                .block_on(Wal::with_storage(storage.clone(), config))
+                .expect("open wal");
+            // Samples memtable memory while the case runs.
+            let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
+            let sampler = {
+                let storage = Arc::clone(&storage);
+                let sampling = Arc::clone(&sampling);
+                std::thread::spawn(move || {
+                    let mut peak = 0;
+                    while sampling.load(std::sync::atomic::Ordering::Relaxed) {
+                        peak = peak.max(storage.memtable_bytes().unwrap_or(0));
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    peak
+                })
+            };
+            // Creating the column families of new partitions (one MANIFEST
+            // write each) is a one-time cost, not part of append throughput.
+            runtime.block_on(append_workload(&wal, partitions, &payload));
+            let setup_rss_mib = status_kib("VmRSS:").map_or(0, |kib| kib / 1024);
             let mut total_entries = 0u64;
             let mut total_time = Duration::ZERO;
-            let id = BenchmarkId::from_parameter(format!("partitions={partitions}/fsync={fsync}"));
+            let id = BenchmarkId::from_parameter(&case);
             group.bench_function(id, |b| {
                 b.iter_custom(|iters| {
                     let started = Instant::now();
@@ -110,12 +144,15 @@ fn bench_append(c: &mut Criterion) {
                     elapsed
                 })
             });
+            sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+            let peak_memtables_mib = sampler.join().unwrap_or(0) >> 20;
             let entries_per_sec = total_entries as f64 / total_time.as_secs_f64();
             println!(
-                "wal_append/partitions={partitions}/fsync={fsync}: {entries_per_sec:.0} entries/s, \
-                 {:.2} MB/s payload, peak RSS {} MiB",
+                "wal_append/{case}: {entries_per_sec:.0} entries/s, \
+                 {:.2} MB/s payload, RSS after creating the partitions {setup_rss_mib} MiB, \
+                 peak RSS {} MiB, peak memtables {peak_memtables_mib} MiB",
                 entries_per_sec * PAYLOAD_LEN as f64 / 1e6,
-                peak_rss_kib().map_or(0, |kib| kib / 1024),
+                status_kib("VmHWM:").map_or(0, |kib| kib / 1024),
             );
             runtime.block_on(wal.close()).expect("close wal");
         }

@@ -33,7 +33,8 @@ pub struct WalConfig {
     /// How long the group-commit writer waits for more work after the first
     /// request of a batch. Work that arrives while a batch is being written
     /// joins the next batch anyway, so this only matters at low load.
-    /// Default: `"1ms"` (tokio's timer granularity).
+    /// Below 1ms (tokio's timer granularity) the writer waits by yielding to
+    /// other tasks rather than sleeping. Default: `"200us"`.
     pub group_commit_linger: HumanDuration,
     /// Stop collecting a batch once its payload reaches this many bytes.
     /// Default: `"4MiB"`.
@@ -51,7 +52,10 @@ pub struct WalConfig {
     /// Default: `"10s"`.
     pub retention_interval: HumanDuration,
     /// Memtable memory shared by all column families (RocksDB's
-    /// `db_write_buffer_size`, a write buffer manager). Default: `"64MiB"`.
+    /// `db_write_buffer_size`, a write buffer manager, which triggers flushes
+    /// but does not stall writers). Immutable memtables waiting for flush come
+    /// on top, so the WAL writer itself stalls while all memtables hold more
+    /// than twice this. Default: `"64MiB"`.
     pub memtable_budget: ByteSize,
     /// Memtable size of one column family before it is flushed. Default:
     /// `"4MiB"`.
@@ -70,7 +74,7 @@ impl Default for WalConfig {
         WalConfig {
             dir: PathBuf::from("data/wal"),
             sync: true,
-            group_commit_linger: HumanDuration(Duration::from_millis(1)),
+            group_commit_linger: HumanDuration(Duration::from_micros(200)),
             group_commit_max_bytes: ByteSize::mib(4),
             queue_depth: 4096,
             wal_ttl: HumanDuration(Duration::from_secs(24 * 3600)),

@@ -13,7 +13,9 @@
 //!   from many partitions (for up to `group-commit-linger` or
 //!   `group-commit-max-bytes`), validates them against the positions, writes
 //!   them as one atomic batch with `sync = true` and only then resolves each
-//!   request. A retention task trims acked and expired entries.
+//!   request. It stalls while RocksDB's memtables hold more than twice
+//!   `memtable-budget` (flushes lagging behind appends). A retention task
+//!   trims acked and expired entries.
 //! - [`WalStorage`] (in `storage.rs`): the narrow storage boundary (atomic
 //!   write of a batch of [`WriteOp`]s, read a range, load progress).
 //!   [`RocksWalStorage`] is the real one, [`MemWalStorage`] the in-memory one

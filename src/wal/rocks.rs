@@ -136,6 +136,31 @@ impl RocksWalStorage {
         Ok(self.db.property_int_value(name)?)
     }
 
+    /// Memory held by the memtables of all column families, mutable,
+    /// immutable and pinned (`rocksdb.size-all-mem-tables` summed). Costs a
+    /// property lookup per column family.
+    pub fn memtable_bytes(&self) -> Result<u64, WalError> {
+        let partitions = self.log_partitions()?;
+        let mut names = vec![
+            rocksdb::DEFAULT_COLUMN_FAMILY_NAME.to_string(),
+            META_CF.to_string(),
+        ];
+        for partition in partitions {
+            names.push(codec::log_cf_name(partition));
+            names.push(codec::snap_cf_name(partition));
+        }
+        let mut total = 0;
+        for name in names {
+            if let Some(cf) = self.cf(&name) {
+                total += self
+                    .db
+                    .property_int_value_cf(&cf, "rocksdb.size-all-mem-tables")?
+                    .unwrap_or(0);
+            }
+        }
+        Ok(total)
+    }
+
     fn cf(&self, name: &str) -> Option<Arc<BoundColumnFamily<'_>>> {
         self.db.cf_handle(name)
     }
@@ -378,6 +403,10 @@ impl WalStorage for RocksWalStorage {
         }
         iter.status()?;
         Ok(chunks)
+    }
+
+    fn buffered_bytes(&self) -> Result<u64, WalError> {
+        self.memtable_bytes()
     }
 
     fn load_progress(&self) -> Result<Vec<StoredPartition>, WalError> {

@@ -107,6 +107,12 @@ pub trait WalStorage: Send + Sync + 'static {
 
     /// The stored progress of every partition that has any.
     fn load_progress(&self) -> Result<Vec<StoredPartition>, WalError>;
+
+    /// Bytes of write buffers not yet flushed, for write stalls (0 where the
+    /// storage has no such buffers).
+    fn buffered_bytes(&self) -> Result<u64, WalError> {
+        Ok(0)
+    }
 }
 
 /// Decodes stored meta records (shared by both implementations so that they

@@ -677,3 +677,83 @@ proptest! {
         run_model(&ops)?;
     }
 }
+
+/// A storage whose write buffers are as full as the test says.
+struct BufferedStorage {
+    inner: MemWalStorage,
+    buffered: std::sync::atomic::AtomicU64,
+}
+
+impl WalStorage for BufferedStorage {
+    fn write(&self, ops: &[WriteOp], sync: bool) -> Result<(), WalError> {
+        self.inner.write(ops, sync)
+    }
+
+    fn read_entries(
+        &self,
+        partition: PartitionId,
+        from: LogId,
+        to: LogId,
+        limits: ReadLimits,
+    ) -> Result<Vec<WalEntry>, WalError> {
+        self.inner.read_entries(partition, from, to, limits)
+    }
+
+    fn stored_bounds(&self, partition: PartitionId) -> Result<Option<(LogId, LogId)>, WalError> {
+        self.inner.stored_bounds(partition)
+    }
+
+    fn log_partitions(&self) -> Result<Vec<PartitionId>, WalError> {
+        self.inner.log_partitions()
+    }
+
+    fn read_snapshot_chunks(
+        &self,
+        partition: PartitionId,
+        epoch: u64,
+        from_seq: u64,
+        max_chunks: usize,
+    ) -> Result<Vec<(u64, Bytes)>, WalError> {
+        self.inner
+            .read_snapshot_chunks(partition, epoch, from_seq, max_chunks)
+    }
+
+    fn load_progress(&self) -> Result<Vec<StoredPartition>, WalError> {
+        self.inner.load_progress()
+    }
+
+    fn buffered_bytes(&self) -> Result<u64, WalError> {
+        Ok(self.buffered.load(std::sync::atomic::Ordering::SeqCst))
+    }
+}
+
+#[tokio::test]
+async fn appends_stall_while_write_buffers_exceed_twice_the_budget() {
+    use std::sync::atomic::Ordering;
+    let storage = Arc::new(BufferedStorage {
+        inner: MemWalStorage::new(),
+        buffered: std::sync::atomic::AtomicU64::new(0),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let config = test_config(dir.path());
+    let limit = config.memtable_budget.as_u64() * 2;
+    let wal = Wal::with_storage(storage.clone(), config).await.unwrap();
+    wal.append(P1, vec![entry(b"a", 1)]).await.unwrap();
+
+    storage.buffered.store(limit + 1, Ordering::SeqCst);
+    // Let the writer notice on its next periodic measurement.
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let stalled = wal.clone();
+    let append = tokio::spawn(async move { stalled.append(P1, vec![entry(b"b", 2)]).await });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert!(!append.is_finished(), "append went through over the limit");
+    assert_eq!(wal.last_log_id(P1).unwrap(), Some(LogId(1)));
+
+    storage.buffered.store(limit, Ordering::SeqCst);
+    let range = tokio::time::timeout(std::time::Duration::from_secs(5), append)
+        .await
+        .expect("append resumes once buffers drain")
+        .unwrap()
+        .unwrap();
+    assert_eq!(range.first, LogId(2));
+}

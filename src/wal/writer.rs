@@ -132,6 +132,9 @@ enum Outcome {
     Done,
 }
 
+/// Granularity of tokio's timer; shorter lingers are waited by yielding.
+const TIMER_RESOLUTION: Duration = Duration::from_millis(1);
+
 type Reply = oneshot::Sender<Result<Outcome, WalError>>;
 
 enum Command {
@@ -273,6 +276,9 @@ impl Wal {
             sync: config.sync,
             linger: config.group_commit_linger.0,
             max_bytes: config.group_commit_max_bytes.as_usize(),
+            buffered_limit: config.memtable_budget.as_u64().saturating_mul(2),
+            last_buffer_check: None,
+            over_buffer_limit: false,
         };
         let writer_task = tokio::spawn(writer.run(command_rx));
         let inner = Arc::new(Inner {
@@ -782,10 +788,22 @@ struct GroupCommitWriter {
     sync: bool,
     linger: Duration,
     max_bytes: usize,
+    /// Stall writes while the storage buffers more than this.
+    buffered_limit: u64,
+    /// When buffered bytes were last measured, and whether they were over.
+    last_buffer_check: Option<Instant>,
+    over_buffer_limit: bool,
 }
 
+/// How often buffered bytes are measured while under the limit (the
+/// measurement costs a property lookup per column family).
+const BUFFER_CHECK_INTERVAL: Duration = Duration::from_millis(10);
+/// Longest stall of one batch: if flushes stop entirely (a RocksDB
+/// background error), writing on and failing loudly beats hanging.
+const MAX_BUFFER_STALL: Duration = Duration::from_secs(10);
+
 impl GroupCommitWriter {
-    async fn run(self, mut command_rx: mpsc::Receiver<Command>) {
+    async fn run(mut self, mut command_rx: mpsc::Receiver<Command>) {
         let mut open = true;
         while open {
             let Some(first) = command_rx.recv().await else {
@@ -806,6 +824,16 @@ impl GroupCommitWriter {
                     Ok(command) => Some(command),
                     Err(mpsc::error::TryRecvError::Disconnected) => None,
                     Err(mpsc::error::TryRecvError::Empty) => {
+                        if Instant::now() >= deadline {
+                            break;
+                        }
+                        if self.linger < TIMER_RESOLUTION {
+                            // tokio's timer would round a sub-millisecond
+                            // linger up to 1ms; yielding instead lets the
+                            // appenders run and enqueue until the deadline.
+                            tokio::task::yield_now().await;
+                            continue;
+                        }
                         match tokio::time::timeout_at(deadline, command_rx.recv()).await {
                             Ok(command) => command,
                             Err(_elapsed) => break,
@@ -827,7 +855,7 @@ impl GroupCommitWriter {
         debug!("wal writer stopped");
     }
 
-    async fn commit(&self, batch: Vec<(Request, Reply)>) {
+    async fn commit(&mut self, batch: Vec<(Request, Reply)>) {
         let now = now_unix_ms();
         let mut staged: HashMap<PartitionId, Staged> = HashMap::new();
         let mut ops = Vec::new();
@@ -879,6 +907,7 @@ impl GroupCommitWriter {
             }
         }
         if !ops.is_empty() {
+            self.wait_for_buffer_space().await;
             let storage = Arc::clone(&self.storage);
             let sync = self.sync;
             let written = tokio::task::spawn_blocking(move || storage.write(&ops, sync))
@@ -907,6 +936,61 @@ impl GroupCommitWriter {
         }
         for (reply, outcome) in answers {
             let _ = reply.send(Ok(outcome));
+        }
+    }
+}
+
+impl GroupCommitWriter {
+    /// Stalls while the storage buffers more than `buffered_limit` bytes, so
+    /// that flushes lagging behind appends cannot grow memory without bound.
+    async fn wait_for_buffer_space(&mut self) {
+        let stall_started = Instant::now();
+        loop {
+            let due = match self.last_buffer_check {
+                Some(checked) => checked.elapsed() >= BUFFER_CHECK_INTERVAL,
+                None => true,
+            };
+            if !self.over_buffer_limit && !due {
+                return;
+            }
+            let storage = Arc::clone(&self.storage);
+            let buffered = match tokio::task::spawn_blocking(move || storage.buffered_bytes()).await
+            {
+                Ok(Ok(bytes)) => bytes,
+                Ok(Err(error)) => {
+                    warn!(%error, "measuring buffered bytes failed");
+                    0
+                }
+                Err(error) => {
+                    warn!(%error, "measuring buffered bytes failed");
+                    0
+                }
+            };
+            self.last_buffer_check = Some(Instant::now());
+            let was_over = self.over_buffer_limit;
+            self.over_buffer_limit = buffered > self.buffered_limit;
+            if !self.over_buffer_limit {
+                if was_over {
+                    debug!(buffered, waited = ?stall_started.elapsed(), "write stall over");
+                }
+                return;
+            }
+            if !was_over {
+                debug!(
+                    buffered,
+                    limit = self.buffered_limit,
+                    "memtables over budget, stalling writes"
+                );
+            }
+            if stall_started.elapsed() >= MAX_BUFFER_STALL {
+                warn!(
+                    buffered,
+                    limit = self.buffered_limit,
+                    "memtables stay over budget, writing anyway"
+                );
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
         }
     }
 }
