@@ -9,5 +9,7 @@
 //! benchmarks.
 
 pub mod cli;
+pub mod config_units;
 pub mod position;
 pub mod redis;
+pub mod wal;

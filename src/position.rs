@@ -6,6 +6,8 @@
 //!   *after* that entry, the value a replica reports with `REPLCONF ACK`.
 //! - [`ReplId`]: a master's 40-character replication id (`master_replid`);
 //!   an offset only means something together with the id of its history.
+//! - [`LogId`]: the position of an entry in one partition of a ferry WAL.
+//! - [`PartitionId`]: which partition of the WAL.
 
 use std::fmt;
 
@@ -55,5 +57,43 @@ impl std::str::FromStr for ReplId {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         ReplId::parse(s).ok_or_else(|| format!("bad replication id {s:?}: expected 40 hex digits"))
+    }
+}
+
+/// Position of an entry in one partition of a ferry WAL. Ids are dense and
+/// start at 1; `LogId(0)` means "before the first entry" (nothing appended,
+/// nothing acked).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct LogId(pub u64);
+
+impl LogId {
+    /// The position before any entry.
+    pub const ZERO: LogId = LogId(0);
+
+    /// The id after this one.
+    pub fn next(self) -> LogId {
+        LogId(self.0.saturating_add(1))
+    }
+
+    /// The id before this one (`ZERO` stays `ZERO`).
+    pub fn prev(self) -> LogId {
+        LogId(self.0.saturating_sub(1))
+    }
+}
+
+impl fmt::Display for LogId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// A partition of the replicated keyspace: each has its own log, snapshot and
+/// progress in the WAL, and is shipped and applied independently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct PartitionId(pub u32);
+
+impl fmt::Display for PartitionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
     }
 }

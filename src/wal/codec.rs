@@ -1,0 +1,443 @@
+//! Byte layouts of WAL keys and values (documented in `wal/mod.rs`).
+//!
+//! In: [`WalEntry`], [`LogMeta`], acks, snapshot records. Out: the bytes
+//! stored in RocksDB, and back. Every value ends in a crc32c over the key and
+//! the value body, so a value written under the wrong key is caught too.
+//! Decoding never panics and never allocates from a length it has not checked
+//! against the bytes actually present.
+
+use bytes::Bytes;
+
+use super::{
+    DownstreamId, LogMeta, SnapshotPhase, SnapshotState, SourcePosition, WalEntry, MAX_REPLID_LEN,
+};
+use crate::position::{LogId, PartitionId, ReplOffset};
+
+/// Version byte of every value this code writes.
+pub const FORMAT_VERSION: u8 = 1;
+
+/// Meta key tags (first byte of a `meta` key).
+pub const META_LOG: u8 = b'L';
+pub const META_APPLIED: u8 = b'A';
+pub const META_DOWNSTREAM: u8 = b'D';
+pub const META_SNAPSHOT: u8 = b'S';
+
+const CRC_LEN: usize = 4;
+/// Fixed part of an entry value before the replid.
+const ENTRY_FIXED_LEN: usize = 1 + 2 + 8 + 8 + 8 + 4 + 1;
+
+pub fn log_cf_name(partition: PartitionId) -> String {
+    format!("p{}.log", partition.0)
+}
+
+pub fn snap_cf_name(partition: PartitionId) -> String {
+    format!("p{}.snap", partition.0)
+}
+
+/// `p<id>.log` / `p<id>.snap` back to the partition; `None` for other names.
+pub fn parse_cf_name(name: &str) -> Option<(PartitionId, bool)> {
+    let rest = name.strip_prefix('p')?;
+    let (id, is_log) = if let Some(id) = rest.strip_suffix(".log") {
+        (id, true)
+    } else {
+        (rest.strip_suffix(".snap")?, false)
+    };
+    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((PartitionId(id.parse().ok()?), is_log))
+}
+
+pub fn log_key(log_id: LogId) -> [u8; 8] {
+    log_id.0.to_be_bytes()
+}
+
+pub fn snap_key(epoch: u64, seq: u64) -> [u8; 16] {
+    let mut key = [0u8; 16];
+    key[..8].copy_from_slice(&epoch.to_be_bytes());
+    key[8..].copy_from_slice(&seq.to_be_bytes());
+    key
+}
+
+pub fn meta_key(tag: u8, partition: PartitionId) -> Vec<u8> {
+    let mut key = Vec::with_capacity(5);
+    key.push(tag);
+    key.extend_from_slice(&partition.0.to_be_bytes());
+    key
+}
+
+pub fn downstream_key(partition: PartitionId, downstream: &DownstreamId) -> Vec<u8> {
+    let mut key = meta_key(META_DOWNSTREAM, partition);
+    key.extend_from_slice(downstream.as_str().as_bytes());
+    key
+}
+
+/// A meta key split into its tag, partition and (for acks) downstream.
+pub fn parse_meta_key(key: &[u8]) -> Result<(u8, PartitionId, &[u8]), String> {
+    if key.len() < 5 {
+        return Err(format!("meta key of {} bytes is too short", key.len()));
+    }
+    let partition = PartitionId(u32::from_be_bytes([key[1], key[2], key[3], key[4]]));
+    Ok((key[0], partition, &key[5..]))
+}
+
+fn seal(key: &[u8], mut value: Vec<u8>) -> Vec<u8> {
+    let crc = crc32c::crc32c_append(crc32c::crc32c(key), &value);
+    value.extend_from_slice(&crc.to_be_bytes());
+    value
+}
+
+/// Checks version and checksum; returns the body between them.
+fn unseal<'a>(key: &[u8], value: &'a [u8]) -> Result<&'a [u8], String> {
+    if value.len() < 1 + CRC_LEN {
+        return Err(format!("value of {} bytes is too short", value.len()));
+    }
+    let (sealed, crc_bytes) = value.split_at(value.len() - CRC_LEN);
+    let stored = u32::from_be_bytes([crc_bytes[0], crc_bytes[1], crc_bytes[2], crc_bytes[3]]);
+    let computed = crc32c::crc32c_append(crc32c::crc32c(key), sealed);
+    if stored != computed {
+        return Err(format!(
+            "checksum mismatch (stored {stored:#010x}, computed {computed:#010x})"
+        ));
+    }
+    if sealed[0] != FORMAT_VERSION {
+        return Err(format!("unknown format version {}", sealed[0]));
+    }
+    Ok(&sealed[1..])
+}
+
+/// A bounds-checked reader over a value body.
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    offset: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn new(bytes: &'a [u8]) -> Self {
+        Cursor { bytes, offset: 0 }
+    }
+
+    fn take(&mut self, len: usize, what: &str) -> Result<&'a [u8], String> {
+        let end = self
+            .offset
+            .checked_add(len)
+            .filter(|end| *end <= self.bytes.len())
+            .ok_or_else(|| {
+                format!(
+                    "truncated {what}: need {len} bytes at body offset {}, {} left",
+                    self.offset,
+                    self.bytes.len() - self.offset
+                )
+            })?;
+        let slice = &self.bytes[self.offset..end];
+        self.offset = end;
+        Ok(slice)
+    }
+
+    fn u8(&mut self, what: &str) -> Result<u8, String> {
+        Ok(self.take(1, what)?[0])
+    }
+
+    fn u16(&mut self, what: &str) -> Result<u16, String> {
+        let b = self.take(2, what)?;
+        Ok(u16::from_be_bytes([b[0], b[1]]))
+    }
+
+    fn u32(&mut self, what: &str) -> Result<u32, String> {
+        let b = self.take(4, what)?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn u64(&mut self, what: &str) -> Result<u64, String> {
+        let b = self.take(8, what)?;
+        let mut array = [0u8; 8];
+        array.copy_from_slice(b);
+        Ok(u64::from_be_bytes(array))
+    }
+
+    fn finish(&self, what: &str) -> Result<(), String> {
+        if self.offset != self.bytes.len() {
+            return Err(format!(
+                "{} trailing bytes after {what}",
+                self.bytes.len() - self.offset
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn put_source(out: &mut Vec<u8>, source: &SourcePosition) {
+    out.extend_from_slice(&source.offset.0.to_be_bytes());
+    out.extend_from_slice(&source.db.to_be_bytes());
+    // Callers validate the length against MAX_REPLID_LEN (< 256) first.
+    out.push(source.replid.len() as u8);
+    out.extend_from_slice(source.replid.as_bytes());
+}
+
+fn get_source(cursor: &mut Cursor<'_>) -> Result<SourcePosition, String> {
+    let offset = ReplOffset(cursor.u64("source offset")?);
+    let db = cursor.u32("source db")?;
+    let replid_len = usize::from(cursor.u8("replid length")?);
+    if replid_len > MAX_REPLID_LEN {
+        return Err(format!(
+            "replid length {replid_len} exceeds {MAX_REPLID_LEN}"
+        ));
+    }
+    let replid = std::str::from_utf8(cursor.take(replid_len, "replid")?)
+        .map_err(|_| "replid is not utf-8".to_string())?
+        .to_string();
+    Ok(SourcePosition { replid, offset, db })
+}
+
+/// Encodes an entry value (layout in `wal/mod.rs`).
+pub fn encode_entry(entry: &WalEntry) -> Vec<u8> {
+    let mut out = Vec::with_capacity(
+        ENTRY_FIXED_LEN + entry.source.replid.len() + 4 + entry.payload.len() + CRC_LEN,
+    );
+    out.push(FORMAT_VERSION);
+    out.extend_from_slice(&entry.flags.to_be_bytes());
+    out.extend_from_slice(&entry.created_unix_ms.to_be_bytes());
+    out.extend_from_slice(&entry.bytes_end.to_be_bytes());
+    put_source(&mut out, &entry.source);
+    // Payload length is bounded by MAX_PAYLOAD_LEN (< 4GiB) at append.
+    out.extend_from_slice(&(entry.payload.len() as u32).to_be_bytes());
+    out.extend_from_slice(&entry.payload);
+    seal(&log_key(entry.log_id), out)
+}
+
+/// The stored size of an entry, as [`encode_entry`] would produce it.
+pub fn encoded_entry_len(replid_len: usize, payload_len: usize) -> u64 {
+    (ENTRY_FIXED_LEN + replid_len + 4 + payload_len + CRC_LEN) as u64
+}
+
+/// Decodes an entry value stored under `log_id`.
+pub fn decode_entry(log_id: LogId, value: &[u8]) -> Result<WalEntry, String> {
+    let body = unseal(&log_key(log_id), value)?;
+    let mut cursor = Cursor::new(body);
+    let flags = cursor.u16("flags")?;
+    let created_unix_ms = cursor.u64("creation time")?;
+    let bytes_end = cursor.u64("cumulative size")?;
+    let source = get_source(&mut cursor)?;
+    let payload_len = cursor.u32("payload length")? as usize;
+    let payload = Bytes::copy_from_slice(cursor.take(payload_len, "payload")?);
+    cursor.finish("payload")?;
+    Ok(WalEntry {
+        log_id,
+        flags,
+        created_unix_ms,
+        bytes_end,
+        stored_len: value.len() as u64,
+        source,
+        payload,
+    })
+}
+
+pub fn encode_log_meta(partition: PartitionId, meta: &LogMeta) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
+    out.push(FORMAT_VERSION);
+    out.extend_from_slice(&meta.first.0.to_be_bytes());
+    out.extend_from_slice(&meta.last.0.to_be_bytes());
+    out.extend_from_slice(&meta.last_created_unix_ms.to_be_bytes());
+    out.extend_from_slice(&meta.bytes_end.to_be_bytes());
+    match &meta.source {
+        Some(source) => {
+            out.push(1);
+            put_source(&mut out, source);
+        }
+        None => out.push(0),
+    }
+    seal(&meta_key(META_LOG, partition), out)
+}
+
+pub fn decode_log_meta(partition: PartitionId, value: &[u8]) -> Result<LogMeta, String> {
+    let body = unseal(&meta_key(META_LOG, partition), value)?;
+    let mut cursor = Cursor::new(body);
+    let first = LogId(cursor.u64("first log id")?);
+    let last = LogId(cursor.u64("last log id")?);
+    let last_created_unix_ms = cursor.u64("last creation time")?;
+    let bytes_end = cursor.u64("cumulative size")?;
+    let source = match cursor.u8("source flag")? {
+        0 => None,
+        1 => Some(get_source(&mut cursor)?),
+        other => return Err(format!("bad source flag {other}")),
+    };
+    cursor.finish("log meta")?;
+    if first.0 == 0 || first > last.next() {
+        return Err(format!(
+            "first log id {first} is not in 1..={}",
+            last.next()
+        ));
+    }
+    Ok(LogMeta {
+        first,
+        last,
+        last_created_unix_ms,
+        bytes_end,
+        source,
+    })
+}
+
+/// Encodes a single log id (applied or acked) stored under `key`.
+pub fn encode_log_id(key: &[u8], log_id: LogId) -> Vec<u8> {
+    let mut out = Vec::with_capacity(13);
+    out.push(FORMAT_VERSION);
+    out.extend_from_slice(&log_id.0.to_be_bytes());
+    seal(key, out)
+}
+
+pub fn decode_log_id(key: &[u8], value: &[u8]) -> Result<LogId, String> {
+    let body = unseal(key, value)?;
+    let mut cursor = Cursor::new(body);
+    let log_id = LogId(cursor.u64("log id")?);
+    cursor.finish("log id")?;
+    Ok(log_id)
+}
+
+pub fn encode_snapshot_state(partition: PartitionId, state: &SnapshotState) -> Vec<u8> {
+    let mut out = Vec::with_capacity(14);
+    out.push(FORMAT_VERSION);
+    out.extend_from_slice(&state.epoch.to_be_bytes());
+    out.push(match state.phase {
+        SnapshotPhase::Absent => 0,
+        SnapshotPhase::Writing => 1,
+        SnapshotPhase::Complete => 2,
+    });
+    seal(&meta_key(META_SNAPSHOT, partition), out)
+}
+
+pub fn decode_snapshot_state(
+    partition: PartitionId,
+    value: &[u8],
+) -> Result<SnapshotState, String> {
+    let body = unseal(&meta_key(META_SNAPSHOT, partition), value)?;
+    let mut cursor = Cursor::new(body);
+    let epoch = cursor.u64("snapshot epoch")?;
+    let phase = match cursor.u8("snapshot phase")? {
+        0 => SnapshotPhase::Absent,
+        1 => SnapshotPhase::Writing,
+        2 => SnapshotPhase::Complete,
+        other => return Err(format!("unknown snapshot phase {other}")),
+    };
+    cursor.finish("snapshot state")?;
+    Ok(SnapshotState { epoch, phase })
+}
+
+pub fn encode_snapshot_chunk(epoch: u64, seq: u64, data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + data.len() + CRC_LEN);
+    out.push(FORMAT_VERSION);
+    out.extend_from_slice(data);
+    seal(&snap_key(epoch, seq), out)
+}
+
+pub fn decode_snapshot_chunk(epoch: u64, seq: u64, value: &[u8]) -> Result<Bytes, String> {
+    Ok(Bytes::copy_from_slice(unseal(
+        &snap_key(epoch, seq),
+        value,
+    )?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample_entry() -> WalEntry {
+        WalEntry {
+            log_id: LogId(42),
+            flags: 3,
+            created_unix_ms: 1_700_000_000_000,
+            bytes_end: 1234,
+            stored_len: 0,
+            source: SourcePosition {
+                replid: "8f3c".repeat(10),
+                offset: ReplOffset(99),
+                db: 2,
+            },
+            payload: Bytes::from_static(b"*1\r\n$4\r\nPING\r\n"),
+        }
+    }
+
+    #[test]
+    fn entry_round_trips_and_len_is_predicted() {
+        let entry = sample_entry();
+        let value = encode_entry(&entry);
+        assert_eq!(
+            value.len() as u64,
+            encoded_entry_len(entry.source.replid.len(), entry.payload.len())
+        );
+        let back = decode_entry(LogId(42), &value).unwrap();
+        assert_eq!(back.stored_len, value.len() as u64);
+        assert_eq!(
+            WalEntry {
+                stored_len: 0,
+                ..back
+            },
+            entry
+        );
+    }
+
+    #[test]
+    fn every_single_byte_flip_is_detected() {
+        let value = encode_entry(&sample_entry());
+        for index in 0..value.len() {
+            let mut bad = value.clone();
+            bad[index] ^= 0x40;
+            assert!(decode_entry(LogId(42), &bad).is_err(), "flip at {index}");
+        }
+        // The same bytes under another key are rejected too.
+        let err = decode_entry(LogId(43), &value).unwrap_err();
+        assert!(err.contains("checksum"), "{err}");
+    }
+
+    #[test]
+    fn truncations_are_errors_not_panics() {
+        let value = encode_entry(&sample_entry());
+        for len in 0..value.len() {
+            assert!(decode_entry(LogId(42), &value[..len]).is_err());
+        }
+    }
+
+    #[test]
+    fn meta_records_round_trip() {
+        let partition = PartitionId(7);
+        let meta = LogMeta {
+            first: LogId(3),
+            last: LogId(10),
+            last_created_unix_ms: 5,
+            bytes_end: 77,
+            source: Some(sample_entry().source),
+        };
+        let value = encode_log_meta(partition, &meta);
+        assert_eq!(decode_log_meta(partition, &value).unwrap(), meta);
+        assert!(decode_log_meta(PartitionId(8), &value).is_err());
+
+        let key = downstream_key(partition, &DownstreamId::new("drainer-1").unwrap());
+        let value = encode_log_id(&key, LogId(9));
+        assert_eq!(decode_log_id(&key, &value).unwrap(), LogId(9));
+
+        let state = SnapshotState {
+            epoch: 4,
+            phase: SnapshotPhase::Complete,
+        };
+        let value = encode_snapshot_state(partition, &state);
+        assert_eq!(decode_snapshot_state(partition, &value).unwrap(), state);
+
+        let value = encode_snapshot_chunk(4, 1, b"chunk");
+        assert_eq!(&decode_snapshot_chunk(4, 1, &value).unwrap()[..], b"chunk");
+        assert!(decode_snapshot_chunk(4, 2, &value).is_err());
+    }
+
+    #[test]
+    fn cf_names_parse_back() {
+        assert_eq!(
+            parse_cf_name(&log_cf_name(PartitionId(12))),
+            Some((PartitionId(12), true))
+        );
+        assert_eq!(
+            parse_cf_name(&snap_cf_name(PartitionId(0))),
+            Some((PartitionId(0), false))
+        );
+        assert_eq!(parse_cf_name("meta"), None);
+        assert_eq!(parse_cf_name("p.log"), None);
+        assert_eq!(parse_cf_name("p99999999999.log"), None);
+    }
+}

@@ -1,0 +1,376 @@
+//! The durable write-ahead log of a ferry process (listener or drainer).
+//!
+//! In: entries to append per partition (opaque payload bytes plus the source
+//! position they came from), acks from downstreams, applied marks, snapshot
+//! chunks. Out: durable [`LogId`]s (an `append` resolves only after its batch
+//! was fsynced), entry ranges read back for shipping or applying, per-partition
+//! positions, and typed errors for corrupt or trimmed data.
+//!
+//! # Layers
+//!
+//! - [`Wal`] (in `writer.rs`): the handle the rest of ferry uses. All
+//!   mutations go through one group-commit writer task that collects requests
+//!   from many partitions (for up to `group-commit-linger` or
+//!   `group-commit-max-bytes`), validates them against the positions, writes
+//!   them as one atomic batch with `sync = true` and only then resolves each
+//!   request. It stalls while RocksDB's memtables hold more than twice
+//!   `memtable-budget` (flushes lagging behind appends). A retention task
+//!   trims acked and expired entries.
+//! - [`WalStorage`] (in `storage.rs`): the narrow storage boundary (atomic
+//!   write of a batch of [`WriteOp`]s, read a range, load progress).
+//!   [`RocksWalStorage`] is the real one, [`MemWalStorage`] the in-memory one
+//!   used by unit and model tests. Both store the same encoded bytes.
+//!
+//! # Positions
+//!
+//! Per partition: `received` (ids assigned to appends the writer has taken but
+//! not yet made durable), `durable` (last id whose batch was fsynced; the
+//! `last` of the log meta), `acked` (per registered downstream: the last id it
+//! made durable on its side) and `applied` (last id applied to the sink, used
+//! by the drainer). The writer enforces
+//! `acked <= durable <= received` and `applied <= durable`: acking or applying
+//! past `durable` is [`WalError::AckBeyondDurable`] /
+//! [`WalError::ApplyBeyondDurable`]. On a drainer, which acks upstream only
+//! what it made durable and applies from its own WAL, `applied <= durable`
+//! holds likewise. Acks and applied marks never move backwards (a stale one is
+//! a no-op). Readers only ever see durable entries.
+//!
+//! # On-disk format (format version 1)
+//!
+//! One RocksDB instance per data dir. Column families:
+//!
+//! - `p<id>.log` (one per partition, `<id>` decimal): key = LogId as 8 bytes
+//!   big-endian (so RocksDB's bytewise order is log order); value:
+//!
+//!   ```text
+//!   u8  version (1)
+//!   u16 flags            caller-defined, stored and returned untouched
+//!   u64 created_unix_ms  creation time, non-decreasing within a partition
+//!   u64 bytes_end        cumulative stored bytes of the partition's log
+//!                        including this entry (size accounting without scans)
+//!   u64 source offset    replication offset after this entry
+//!   u32 source db        selected db at this entry
+//!   u8  replid length (<= 64), then the replid bytes (utf-8)
+//!   u32 payload length, then the payload (opaque to the WAL)
+//!   u32 crc32c over (key ++ everything above)
+//!   ```
+//!
+//!   All integers are big-endian. A value whose checksum, version or lengths
+//!   do not match is [`WalError::Corrupt`] naming the partition and log id.
+//! - `p<id>.snap`: key = snapshot epoch (u64 BE) ++ chunk sequence (u64 BE);
+//!   value = `u8 version, chunk bytes, u32 crc32c(key ++ version ++ bytes)`.
+//! - `meta`: one record per partition and kind, every value
+//!   `u8 version, body, u32 crc32c(key ++ version ++ body)`:
+//!   - `'L' ++ partition u32 BE` → log meta: first available id, last durable
+//!     id, last creation time, cumulative bytes, source position of the last
+//!     entry (replid, offset, db) if any.
+//!   - `'A' ++ partition` → applied log id.
+//!   - `'D' ++ partition ++ downstream id bytes` → acked log id of that
+//!     downstream (registered downstreams hold back retention).
+//!   - `'S' ++ partition` → snapshot epoch and phase (absent/writing/complete).
+//! - `default`: unused (RocksDB requires it).
+//!
+//! # Recovery invariants
+//!
+//! 1. Entries and the log meta describing them are written in the same
+//!    RocksDB `WriteBatch`, which RocksDB's own WAL applies atomically after a
+//!    crash (`PointInTime` recovery). So after any crash `meta.last` is
+//!    exactly the greatest stored key: never ahead of the entries, never
+//!    behind them.
+//! 2. Trims are a `delete_range` of `[first, new_first)` in the same batch as
+//!    the meta update of `first`; entries in `[first, last]` are all present.
+//! 3. An `append` resolves only after the batch containing it was written with
+//!    fsync, so every acknowledged id survives a crash; appends after a
+//!    restart continue at `last + 1`.
+//! 4. `Wal::open` checks 1 and 2 against the stored keys and refuses to start
+//!    ([`WalError::Inconsistent`]) if they do not hold.
+//! 5. After a failed write the WAL is poisoned: everything fails with
+//!    [`WalError::Poisoned`] until the process reopens it, because the state
+//!    of a failed fsync is unknown.
+//!
+//! # Retention
+//!
+//! An entry is kept until every downstream registered on its partition acked
+//! it, but never longer than `wal-ttl` (by creation time) nor beyond
+//! `partition-size-cap`. Reading below the first available id is
+//! [`WalError::Trimmed`], so the caller can fall back to a snapshot.
+
+mod codec;
+pub mod config;
+mod rocks;
+mod storage;
+mod writer;
+
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+
+use bytes::Bytes;
+
+use crate::position::{LogId, PartitionId, ReplOffset};
+
+pub use config::{WalConfig, WalConfigError};
+pub use rocks::RocksWalStorage;
+pub use storage::{MemWalStorage, StoredPartition, WalStorage, WriteOp};
+pub use writer::Wal;
+
+/// Longest replication id stored (Redis uses 40 hex characters).
+pub const MAX_REPLID_LEN: usize = 64;
+/// Largest payload of one entry. Bigger replication entries must be split by
+/// the caller; this keeps one corrupt length from asking for gigabytes.
+pub const MAX_PAYLOAD_LEN: usize = 64 << 20;
+/// Longest downstream id.
+pub const MAX_DOWNSTREAM_ID_LEN: usize = 64;
+
+/// Where in the source's replication stream an entry came from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct SourcePosition {
+    /// The source master's replication id.
+    pub replid: String,
+    /// The replication offset after this entry.
+    pub offset: ReplOffset,
+    /// The db selected at this entry.
+    pub db: u32,
+}
+
+impl fmt::Display for SourcePosition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{} db{}", self.replid, self.offset, self.db)
+    }
+}
+
+/// An entry handed to [`Wal::append`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEntry {
+    /// Caller-defined flags, stored and returned untouched.
+    pub flags: u16,
+    /// Creation time in unix ms; `None` stamps the time of the append. The
+    /// WAL raises it to the previous entry's time if it is earlier, so that
+    /// creation times never decrease within a partition (TTL trimming
+    /// relies on it).
+    pub created_unix_ms: Option<u64>,
+    pub source: SourcePosition,
+    /// The serialized replication entry; opaque to the WAL.
+    pub payload: Bytes,
+}
+
+impl NewEntry {
+    /// An entry stamped with the append time and no flags.
+    pub fn new(source: SourcePosition, payload: Bytes) -> NewEntry {
+        NewEntry {
+            flags: 0,
+            created_unix_ms: None,
+            source,
+            payload,
+        }
+    }
+}
+
+/// An entry as stored and read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WalEntry {
+    pub log_id: LogId,
+    pub flags: u16,
+    pub created_unix_ms: u64,
+    /// Cumulative stored bytes of the partition's log up to and including
+    /// this entry.
+    pub bytes_end: u64,
+    /// Size of the stored value (0 before it is stored).
+    pub stored_len: u64,
+    pub source: SourcePosition,
+    pub payload: Bytes,
+}
+
+/// The ids given to one append: `first..=last`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppendedRange {
+    pub first: LogId,
+    pub last: LogId,
+}
+
+/// Name of a consumer of a partition (a drainer, or a drainer's applier),
+/// 1 to 64 bytes of `[A-Za-z0-9._:-]`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DownstreamId(String);
+
+impl DownstreamId {
+    pub fn new(id: impl Into<String>) -> Result<DownstreamId, WalError> {
+        let id = id.into();
+        let valid_char =
+            |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-');
+        if id.is_empty() || id.len() > MAX_DOWNSTREAM_ID_LEN || !id.bytes().all(valid_char) {
+            return Err(WalError::InvalidDownstreamId(id));
+        }
+        Ok(DownstreamId(id))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for DownstreamId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Stored state of a partition's log (the `'L'` meta record).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogMeta {
+    /// First available id (everything before it was trimmed).
+    pub first: LogId,
+    /// Last durable id (`LogId::ZERO` if nothing was ever appended).
+    pub last: LogId,
+    pub last_created_unix_ms: u64,
+    /// Cumulative stored bytes up to and including `last`.
+    pub bytes_end: u64,
+    /// Source position of entry `last`.
+    pub source: Option<SourcePosition>,
+}
+
+impl Default for LogMeta {
+    fn default() -> Self {
+        LogMeta {
+            first: LogId(1),
+            last: LogId::ZERO,
+            last_created_unix_ms: 0,
+            bytes_end: 0,
+            source: None,
+        }
+    }
+}
+
+/// Phase of a partition's snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SnapshotPhase {
+    #[default]
+    Absent,
+    /// Chunks are being written; not usable yet.
+    Writing,
+    /// All chunks of the epoch are stored.
+    Complete,
+}
+
+/// Snapshot epoch and phase of a partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SnapshotState {
+    pub epoch: u64,
+    pub phase: SnapshotPhase,
+}
+
+/// The positions of one partition (see the module doc for their order).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionPositions {
+    /// First id still stored; `first_available > durable` means empty.
+    pub first_available: LogId,
+    /// Last id handed out to an append (durable or being written).
+    pub received: LogId,
+    /// Last id made durable.
+    pub durable: LogId,
+    /// Last id applied to the sink.
+    pub applied: LogId,
+    /// Last id acked, per registered downstream.
+    pub acked: Vec<(DownstreamId, LogId)>,
+    /// Source position of the last durable entry.
+    pub source: Option<SourcePosition>,
+    /// Stored bytes of the entries `first_available..=durable`.
+    pub stored_bytes: u64,
+    pub snapshot: SnapshotState,
+}
+
+/// Bounds of one read: it stops after `max_entries` entries or once
+/// `max_bytes` of payload were collected (at least one entry is returned if
+/// any is available, so an oversize entry still makes progress).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadLimits {
+    pub max_entries: usize,
+    pub max_bytes: usize,
+}
+
+impl Default for ReadLimits {
+    fn default() -> Self {
+        ReadLimits {
+            max_entries: 1024,
+            max_bytes: 4 << 20,
+        }
+    }
+}
+
+/// Errors at the WAL boundary.
+#[derive(Debug, thiserror::Error)]
+pub enum WalError {
+    #[error("rocksdb: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Config(#[from] WalConfigError),
+    #[error("corrupt entry {log_id} in partition {partition}: {what}")]
+    Corrupt {
+        partition: PartitionId,
+        log_id: LogId,
+        what: String,
+    },
+    #[error("corrupt meta record for partition {partition}: {what}")]
+    CorruptMeta {
+        partition: PartitionId,
+        what: String,
+    },
+    #[error("corrupt snapshot chunk {epoch}/{seq} in partition {partition}: {what}")]
+    CorruptSnapshot {
+        partition: PartitionId,
+        epoch: u64,
+        seq: u64,
+        what: String,
+    },
+    #[error("partition {partition} is inconsistent: {what}")]
+    Inconsistent {
+        partition: PartitionId,
+        what: String,
+    },
+    #[error(
+        "partition {partition}: entry {wanted} was trimmed, first available is {first_available}"
+    )]
+    Trimmed {
+        partition: PartitionId,
+        wanted: LogId,
+        first_available: LogId,
+    },
+    #[error("partition {partition}: downstream {downstream} acked {ack} beyond durable {durable}")]
+    AckBeyondDurable {
+        partition: PartitionId,
+        downstream: DownstreamId,
+        ack: LogId,
+        durable: LogId,
+    },
+    #[error("partition {partition}: applied {applied} beyond durable {durable}")]
+    ApplyBeyondDurable {
+        partition: PartitionId,
+        applied: LogId,
+        durable: LogId,
+    },
+    #[error("partition {partition}: trim to {before} beyond durable {durable}")]
+    TrimBeyondDurable {
+        partition: PartitionId,
+        before: LogId,
+        durable: LogId,
+    },
+    #[error("partition {partition}: downstream {downstream} is not registered")]
+    UnknownDownstream {
+        partition: PartitionId,
+        downstream: DownstreamId,
+    },
+    #[error("partition {partition}: invalid entry: {what}")]
+    InvalidEntry {
+        partition: PartitionId,
+        what: String,
+    },
+    #[error("invalid downstream id {0:?}")]
+    InvalidDownstreamId(String),
+    #[error("wal is poisoned by an earlier failed write: {0}")]
+    Poisoned(String),
+    #[error("wal is closed")]
+    Closed,
+}

@@ -1,0 +1,420 @@
+//! [`RocksWalStorage`]: the [`WalStorage`] on RocksDB (format in `wal/mod.rs`).
+//!
+//! In: batches of [`WriteOp`]s, written as one `WriteBatch` (fsynced when
+//! asked). Out: entries, snapshot chunks and progress read back, with
+//! corruption reported as typed errors.
+//!
+//! Memory stays bounded with many partitions: all column families share one
+//! memtable budget (`db_write_buffer_size`, RocksDB's write buffer manager),
+//! have small memtables of their own, share one LRU block cache, and RocksDB's
+//! own WAL is capped (`max_total_wal_size`), which forces flushes of column
+//! families that pin old WAL files.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use rocksdb::{
+    BlockBasedOptions, BoundColumnFamily, Cache, ColumnFamilyDescriptor, DBCompressionType,
+    DBRecoveryMode, DBWithThreadMode, MultiThreaded, Options, ReadOptions, WriteBatch,
+    WriteOptions,
+};
+use tracing::{info, warn};
+
+use super::codec;
+use super::storage::{decode_meta_records, EntryCollector, StoredPartition, WalStorage, WriteOp};
+use super::{ReadLimits, WalConfig, WalEntry, WalError};
+use crate::position::{LogId, PartitionId};
+
+type Db = DBWithThreadMode<MultiThreaded>;
+
+const META_CF: &str = "meta";
+const ARENA_BLOCK_SIZE: usize = 64 << 10;
+/// Table files kept open; more are reopened through the table cache, so the
+/// process stays well within common file descriptor limits.
+const MAX_OPEN_FILES: i32 = 512;
+
+/// RocksDB-backed WAL storage; one instance per data dir.
+pub struct RocksWalStorage {
+    db: Db,
+    cf_options: Options,
+    /// Partitions with a log column family; guarded so that creation is
+    /// check-then-create without races.
+    log_partitions: Mutex<BTreeSet<PartitionId>>,
+    path: PathBuf,
+}
+
+fn cf_options(config: &WalConfig, cache: &Cache) -> Options {
+    let mut options = Options::default();
+    options.set_write_buffer_size(config.cf_write_buffer_size.as_usize());
+    options.set_max_write_buffer_number(2);
+    // Every memtable that received a write holds at least one arena block,
+    // charged to the shared budget; RocksDB's default (an eighth of the write
+    // buffer) would let hundreds of partitions exhaust the budget with
+    // near-empty memtables and cause flush storms.
+    options.set_arena_block_size(ARENA_BLOCK_SIZE.min(config.cf_write_buffer_size.as_usize() / 8));
+    options.set_compression_type(DBCompressionType::Lz4);
+    options.set_level_compaction_dynamic_level_bytes(true);
+    let mut table = BlockBasedOptions::default();
+    table.set_block_cache(cache);
+    // Index and filter blocks count against the shared cache instead of
+    // growing with the number of files.
+    table.set_cache_index_and_filter_blocks(true);
+    options.set_block_based_table_factory(&table);
+    options
+}
+
+fn db_options(config: &WalConfig, cache: &Cache) -> Options {
+    let mut options = cf_options(config, cache);
+    options.create_if_missing(true);
+    options.create_missing_column_families(true);
+    options.set_db_write_buffer_size(config.memtable_budget.as_usize());
+    options.set_max_total_wal_size(config.max_rocksdb_wal_size.as_u64());
+    options.set_max_background_jobs(config.max_background_jobs as i32);
+    // Replay RocksDB's WAL up to the first damaged record: batches stay atomic
+    // and everything synced before it is recovered.
+    options.set_wal_recovery_mode(DBRecoveryMode::PointInTime);
+    options.set_max_open_files(MAX_OPEN_FILES);
+    options.set_keep_log_file_num(4);
+    options.set_max_log_file_size(16 << 20);
+    options
+}
+
+fn parse_log_key(partition: PartitionId, key: &[u8]) -> Result<LogId, WalError> {
+    let bytes: [u8; 8] = key.try_into().map_err(|_| WalError::Inconsistent {
+        partition,
+        what: format!("log key of {} bytes, expected 8", key.len()),
+    })?;
+    Ok(LogId(u64::from_be_bytes(bytes)))
+}
+
+impl RocksWalStorage {
+    /// Opens (or creates) the RocksDB instance in `config.dir`.
+    pub fn open(config: &WalConfig) -> Result<RocksWalStorage, WalError> {
+        std::fs::create_dir_all(&config.dir)?;
+        let cache = Cache::new_lru_cache(config.block_cache_size.as_usize())?;
+        let options = db_options(config, &cache);
+        let cf_options = cf_options(config, &cache);
+        let mut names = vec![
+            rocksdb::DEFAULT_COLUMN_FAMILY_NAME.to_string(),
+            META_CF.to_string(),
+        ];
+        if config.dir.join("CURRENT").exists() {
+            for name in Db::list_cf(&options, &config.dir)? {
+                if !names.contains(&name) {
+                    names.push(name);
+                }
+            }
+        }
+        let descriptors = names
+            .iter()
+            .map(|name| ColumnFamilyDescriptor::new(name, cf_options.clone()));
+        let db = Db::open_cf_descriptors(&options, &config.dir, descriptors)?;
+        let log_partitions = names
+            .iter()
+            .filter_map(|name| codec::parse_cf_name(name))
+            .filter(|(_, is_log)| *is_log)
+            .map(|(partition, _)| partition)
+            .collect();
+        info!(dir = %config.dir.display(), column_families = names.len(), "wal opened");
+        Ok(RocksWalStorage {
+            db,
+            cf_options,
+            log_partitions: Mutex::new(log_partitions),
+            path: config.dir.clone(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A RocksDB property (e.g. `rocksdb.cur-size-all-mem-tables`), for
+    /// metrics.
+    pub fn property_int(&self, name: &str) -> Result<Option<u64>, WalError> {
+        Ok(self.db.property_int_value(name)?)
+    }
+
+    /// Memory held by the memtables of all column families, mutable,
+    /// immutable and pinned (`rocksdb.size-all-mem-tables` summed). Costs a
+    /// property lookup per column family.
+    pub fn memtable_bytes(&self) -> Result<u64, WalError> {
+        let partitions = self.log_partitions()?;
+        let mut names = vec![
+            rocksdb::DEFAULT_COLUMN_FAMILY_NAME.to_string(),
+            META_CF.to_string(),
+        ];
+        for partition in partitions {
+            names.push(codec::log_cf_name(partition));
+            names.push(codec::snap_cf_name(partition));
+        }
+        let mut total = 0;
+        for name in names {
+            if let Some(cf) = self.cf(&name) {
+                total += self
+                    .db
+                    .property_int_value_cf(&cf, "rocksdb.size-all-mem-tables")?
+                    .unwrap_or(0);
+            }
+        }
+        Ok(total)
+    }
+
+    fn cf(&self, name: &str) -> Option<Arc<BoundColumnFamily<'_>>> {
+        self.db.cf_handle(name)
+    }
+
+    fn meta_cf(&self) -> Result<Arc<BoundColumnFamily<'_>>, WalError> {
+        self.cf(META_CF).ok_or_else(|| WalError::Inconsistent {
+            partition: PartitionId(0),
+            what: "meta column family missing".into(),
+        })
+    }
+
+    /// The column family `name`, created if missing.
+    fn cf_or_create(&self, name: &str) -> Result<Arc<BoundColumnFamily<'_>>, WalError> {
+        if let Some(cf) = self.cf(name) {
+            return Ok(cf);
+        }
+        let mut log_partitions = self
+            .log_partitions
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        if self.cf(name).is_none() {
+            self.db.create_cf(name, &self.cf_options)?;
+        }
+        if let Some((partition, true)) = codec::parse_cf_name(name) {
+            log_partitions.insert(partition);
+        }
+        self.cf(name).ok_or_else(|| WalError::Inconsistent {
+            partition: PartitionId(0),
+            what: format!("column family {name} missing after creation"),
+        })
+    }
+
+    fn log_cf(&self, partition: PartitionId) -> Result<Arc<BoundColumnFamily<'_>>, WalError> {
+        self.cf_or_create(&codec::log_cf_name(partition))
+    }
+
+    fn snap_cf(&self, partition: PartitionId) -> Result<Arc<BoundColumnFamily<'_>>, WalError> {
+        self.cf_or_create(&codec::snap_cf_name(partition))
+    }
+}
+
+impl WalStorage for RocksWalStorage {
+    fn write(&self, ops: &[WriteOp], sync: bool) -> Result<(), WalError> {
+        let meta = self.meta_cf()?;
+        let mut batch = WriteBatch::default();
+        let mut trims = Vec::new();
+        for op in ops {
+            match op {
+                WriteOp::Entry { partition, entry } => {
+                    let cf = self.log_cf(*partition)?;
+                    batch.put_cf(
+                        &cf,
+                        codec::log_key(entry.log_id),
+                        codec::encode_entry(entry),
+                    );
+                }
+                WriteOp::LogMeta {
+                    partition,
+                    meta: log_meta,
+                } => batch.put_cf(
+                    &meta,
+                    codec::meta_key(codec::META_LOG, *partition),
+                    codec::encode_log_meta(*partition, log_meta),
+                ),
+                WriteOp::Trim {
+                    partition,
+                    from,
+                    to,
+                } => {
+                    if from < to {
+                        let cf = self.log_cf(*partition)?;
+                        batch.delete_range_cf(&cf, codec::log_key(*from), codec::log_key(*to));
+                        trims.push((*partition, *from, *to));
+                    }
+                }
+                WriteOp::Applied { partition, log_id } => {
+                    let key = codec::meta_key(codec::META_APPLIED, *partition);
+                    let value = codec::encode_log_id(&key, *log_id);
+                    batch.put_cf(&meta, key, value);
+                }
+                WriteOp::Ack {
+                    partition,
+                    downstream,
+                    log_id,
+                } => {
+                    let key = codec::downstream_key(*partition, downstream);
+                    let value = codec::encode_log_id(&key, *log_id);
+                    batch.put_cf(&meta, key, value);
+                }
+                WriteOp::RemoveDownstream {
+                    partition,
+                    downstream,
+                } => batch.delete_cf(&meta, codec::downstream_key(*partition, downstream)),
+                WriteOp::SnapshotChunk {
+                    partition,
+                    epoch,
+                    seq,
+                    data,
+                } => {
+                    let cf = self.snap_cf(*partition)?;
+                    batch.put_cf(
+                        &cf,
+                        codec::snap_key(*epoch, *seq),
+                        codec::encode_snapshot_chunk(*epoch, *seq, data),
+                    );
+                }
+                WriteOp::SnapshotState { partition, state } => batch.put_cf(
+                    &meta,
+                    codec::meta_key(codec::META_SNAPSHOT, *partition),
+                    codec::encode_snapshot_state(*partition, state),
+                ),
+                WriteOp::DeleteSnapshot { partition, epoch } => {
+                    let cf = self.snap_cf(*partition)?;
+                    let last = codec::snap_key(*epoch, u64::MAX);
+                    batch.delete_range_cf(&cf, codec::snap_key(*epoch, 0), last);
+                    batch.delete_cf(&cf, last);
+                }
+            }
+        }
+        let mut write_options = WriteOptions::default();
+        write_options.set_sync(sync);
+        self.db.write_opt(batch, &write_options)?;
+
+        // Space reclamation hint: drop the SST files that hold only trimmed
+        // entries right away instead of waiting for compaction to reach them.
+        // The range tombstone above already hides the entries, so a failure
+        // here costs disk space, not correctness.
+        for (partition, from, to) in trims {
+            let cf = self.log_cf(partition)?;
+            if let Err(error) = self.db.delete_file_in_range_cf(
+                &cf,
+                codec::log_key(from),
+                codec::log_key(to.prev()),
+            ) {
+                warn!(partition = %partition, %error, "dropping trimmed sst files failed");
+            }
+        }
+        Ok(())
+    }
+
+    fn read_entries(
+        &self,
+        partition: PartitionId,
+        from: LogId,
+        to: LogId,
+        limits: ReadLimits,
+    ) -> Result<Vec<WalEntry>, WalError> {
+        let Some(cf) = self.cf(&codec::log_cf_name(partition)) else {
+            return Ok(Vec::new());
+        };
+        let mut read_options = ReadOptions::default();
+        // The bound lets RocksDB stop at `to` instead of reading ahead.
+        read_options.set_iterate_upper_bound(codec::log_key(to.next()).to_vec());
+        let mut iter = self.db.raw_iterator_cf_opt(&cf, read_options);
+        iter.seek(codec::log_key(from));
+        let mut collector = EntryCollector::new(partition, to, limits);
+        while iter.valid() {
+            let (Some(key), Some(value)) = (iter.key(), iter.value()) else {
+                break;
+            };
+            let log_id = parse_log_key(partition, key)?;
+            if collector.is_done(log_id) {
+                break;
+            }
+            collector.push(log_id, value)?;
+            iter.next();
+        }
+        iter.status()?;
+        Ok(collector.finish())
+    }
+
+    fn stored_bounds(&self, partition: PartitionId) -> Result<Option<(LogId, LogId)>, WalError> {
+        let Some(cf) = self.cf(&codec::log_cf_name(partition)) else {
+            return Ok(None);
+        };
+        let mut iter = self.db.raw_iterator_cf(&cf);
+        iter.seek_to_first();
+        let first = match iter.key() {
+            Some(key) if iter.valid() => parse_log_key(partition, key)?,
+            _ => {
+                iter.status()?;
+                return Ok(None);
+            }
+        };
+        iter.seek_to_last();
+        let last = match iter.key() {
+            Some(key) if iter.valid() => parse_log_key(partition, key)?,
+            _ => {
+                iter.status()?;
+                return Ok(None);
+            }
+        };
+        Ok(Some((first, last)))
+    }
+
+    fn log_partitions(&self) -> Result<Vec<PartitionId>, WalError> {
+        let log_partitions = self
+            .log_partitions
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        Ok(log_partitions.iter().copied().collect())
+    }
+
+    fn read_snapshot_chunks(
+        &self,
+        partition: PartitionId,
+        epoch: u64,
+        from_seq: u64,
+        max_chunks: usize,
+    ) -> Result<Vec<(u64, Bytes)>, WalError> {
+        let Some(cf) = self.cf(&codec::snap_cf_name(partition)) else {
+            return Ok(Vec::new());
+        };
+        let mut iter = self.db.raw_iterator_cf(&cf);
+        iter.seek(codec::snap_key(epoch, from_seq));
+        let mut chunks = Vec::new();
+        while iter.valid() && chunks.len() < max_chunks {
+            let (Some(key), Some(value)) = (iter.key(), iter.value()) else {
+                break;
+            };
+            let corrupt = |seq: u64, what: String| WalError::CorruptSnapshot {
+                partition,
+                epoch,
+                seq,
+                what,
+            };
+            let key: [u8; 16] = key
+                .try_into()
+                .map_err(|_| corrupt(0, format!("snapshot key of {} bytes", key.len())))?;
+            let (key_epoch, key_seq) = key.split_at(8);
+            let key_epoch = u64::from_be_bytes(key_epoch.try_into().unwrap_or([0xff; 8]));
+            let seq = u64::from_be_bytes(key_seq.try_into().unwrap_or([0xff; 8]));
+            if key_epoch != epoch {
+                break;
+            }
+            let data = codec::decode_snapshot_chunk(epoch, seq, value)
+                .map_err(|what| corrupt(seq, what))?;
+            chunks.push((seq, data));
+            iter.next();
+        }
+        iter.status()?;
+        Ok(chunks)
+    }
+
+    fn buffered_bytes(&self) -> Result<u64, WalError> {
+        self.memtable_bytes()
+    }
+
+    fn load_progress(&self) -> Result<Vec<StoredPartition>, WalError> {
+        let meta = self.meta_cf()?;
+        let mut records = Vec::new();
+        for item in self.db.iterator_cf(&meta, rocksdb::IteratorMode::Start) {
+            records.push(item?);
+        }
+        decode_meta_records(records.iter().map(|(key, value)| (&key[..], &value[..])))
+    }
+}

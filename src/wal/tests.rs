@@ -1,0 +1,759 @@
+//! Tests of [`Wal`] on both storages, and a model test: random operations on
+//! the in-memory and the RocksDB storage must give the same observable
+//! results, and reads must return exactly what was appended.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use proptest::prelude::*;
+
+use super::*;
+use crate::config_units::{ByteSize, HumanDuration};
+use crate::position::{LogId, PartitionId, ReplOffset};
+
+fn source(offset: u64) -> SourcePosition {
+    SourcePosition {
+        replid: "a".repeat(40),
+        offset: ReplOffset(offset),
+        db: 0,
+    }
+}
+
+fn entry(payload: &[u8], created_unix_ms: u64) -> NewEntry {
+    NewEntry {
+        flags: 0,
+        created_unix_ms: Some(created_unix_ms),
+        source: source(created_unix_ms),
+        payload: Bytes::copy_from_slice(payload),
+    }
+}
+
+fn test_config(dir: &std::path::Path) -> WalConfig {
+    WalConfig {
+        // The tests drive retention themselves.
+        retention_interval: HumanDuration(std::time::Duration::from_secs(3600)),
+        ..WalConfig::with_dir(dir)
+    }
+}
+
+/// Runs `body` once on the in-memory and once on the RocksDB storage.
+async fn on_both<F, Fut>(config: impl Fn(&std::path::Path) -> WalConfig, body: F)
+where
+    F: Fn(Wal) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let dir = tempfile::tempdir().unwrap();
+    let mem = Wal::with_storage(Arc::new(MemWalStorage::new()), config(dir.path()))
+        .await
+        .unwrap();
+    body(mem.clone()).await;
+    mem.close().await.unwrap();
+    let rocks = Wal::open(config(dir.path())).await.unwrap();
+    body(rocks.clone()).await;
+    rocks.close().await.unwrap();
+}
+
+const P1: PartitionId = PartitionId(1);
+const P2: PartitionId = PartitionId(2);
+
+#[tokio::test]
+async fn appends_get_dense_ids_per_partition_and_read_back() {
+    on_both(test_config, |wal| async move {
+        let range = wal
+            .append(P1, vec![entry(b"a", 10), entry(b"b", 11), entry(b"c", 12)])
+            .await
+            .unwrap();
+        assert_eq!((range.first, range.last), (LogId(1), LogId(3)));
+        let range = wal.append(P2, vec![entry(b"x", 5)]).await.unwrap();
+        assert_eq!((range.first, range.last), (LogId(1), LogId(1)));
+        let range = wal.append(P1, vec![entry(b"d", 9)]).await.unwrap();
+        assert_eq!(range.first, LogId(4));
+
+        let entries = wal.read(P1, LogId(2), ReadLimits::default()).unwrap();
+        let payloads: Vec<&[u8]> = entries.iter().map(|e| &e.payload[..]).collect();
+        assert_eq!(payloads, vec![&b"b"[..], b"c", b"d"]);
+        // Creation times never go backwards within a partition.
+        assert_eq!(entries[2].created_unix_ms, 12);
+        assert_eq!(entries[2].source, source(9));
+        assert!(wal
+            .read(P1, LogId(5), ReadLimits::default())
+            .unwrap()
+            .is_empty());
+        assert_eq!(wal.first_log_id(P1).unwrap(), Some(LogId(1)));
+        assert_eq!(wal.last_log_id(P1).unwrap(), Some(LogId(4)));
+        assert_eq!(wal.last_log_id(PartitionId(9)).unwrap(), None);
+        assert_eq!(wal.partitions(), vec![P1, P2]);
+
+        let positions = wal.positions(P1).unwrap().unwrap();
+        assert_eq!(positions.durable, LogId(4));
+        assert_eq!(positions.received, LogId(4));
+        assert_eq!(positions.source, Some(source(9)));
+        let expected_bytes: u64 = entries.iter().map(|e| e.stored_len).sum::<u64>()
+            + wal.read(P1, LogId(1), ReadLimits::default()).unwrap()[0].stored_len;
+        assert_eq!(positions.stored_bytes, expected_bytes);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn reads_respect_limits_but_always_make_progress() {
+    on_both(test_config, |wal| async move {
+        let big = vec![7u8; 1000];
+        wal.append(P1, (0..10).map(|i| entry(&big, i)).collect())
+            .await
+            .unwrap();
+        let limits = ReadLimits {
+            max_entries: 3,
+            max_bytes: usize::MAX,
+        };
+        assert_eq!(wal.read(P1, LogId(1), limits).unwrap().len(), 3);
+        let limits = ReadLimits {
+            max_entries: 100,
+            max_bytes: 2500,
+        };
+        assert_eq!(wal.read(P1, LogId(1), limits).unwrap().len(), 3);
+        let limits = ReadLimits {
+            max_entries: 100,
+            max_bytes: 1,
+        };
+        assert_eq!(wal.read(P1, LogId(9), limits).unwrap().len(), 1);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn acks_and_applied_cannot_pass_durable() {
+    on_both(test_config, |wal| async move {
+        let drainer = DownstreamId::new("drainer-a").unwrap();
+        wal.append(P1, vec![entry(b"a", 1), entry(b"b", 2)])
+            .await
+            .unwrap();
+        let err = wal.ack(P1, drainer.clone(), LogId(1)).await.unwrap_err();
+        assert!(matches!(err, WalError::UnknownDownstream { .. }), "{err}");
+        wal.register_downstream(P1, drainer.clone()).await.unwrap();
+        let err = wal.ack(P1, drainer.clone(), LogId(3)).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                WalError::AckBeyondDurable {
+                    ack: LogId(3),
+                    durable: LogId(2),
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        wal.ack(P1, drainer.clone(), LogId(2)).await.unwrap();
+        // A stale ack does not move the position back.
+        wal.ack(P1, drainer.clone(), LogId(1)).await.unwrap();
+        let err = wal.set_applied(P1, LogId(5)).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                WalError::ApplyBeyondDurable {
+                    applied: LogId(5),
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        wal.set_applied(P1, LogId(2)).await.unwrap();
+        let positions = wal.positions(P1).unwrap().unwrap();
+        assert_eq!(positions.acked, vec![(drainer, LogId(2))]);
+        assert_eq!(positions.applied, LogId(2));
+        let err = wal.trim(P1, LogId(4)).await.unwrap_err();
+        assert!(matches!(err, WalError::TrimBeyondDurable { .. }), "{err}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_ack_racing_its_own_append_is_rejected_not_lost() {
+    on_both(test_config, |wal| async move {
+        let drainer = DownstreamId::new("d").unwrap();
+        wal.register_downstream(P1, drainer.clone()).await.unwrap();
+        // Both requests may land in one batch: the ack must still be checked
+        // against what was durable before that batch.
+        let (append, ack) = tokio::join!(
+            wal.append(P1, vec![entry(b"a", 1)]),
+            wal.ack(P1, drainer.clone(), LogId(1))
+        );
+        append.unwrap();
+        if let Err(err) = ack {
+            assert!(matches!(err, WalError::AckBeyondDurable { .. }), "{err}");
+        }
+        wal.ack(P1, drainer, LogId(1)).await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn retention_keeps_unacked_entries_and_reports_trimmed_reads() {
+    on_both(test_config, |wal| async move {
+        let a = DownstreamId::new("a").unwrap();
+        let b = DownstreamId::new("b").unwrap();
+        let now = 1_000_000;
+        wal.append(P1, (1..=5).map(|i| entry(b"x", now - 10 + i)).collect())
+            .await
+            .unwrap();
+        wal.register_downstream(P1, a.clone()).await.unwrap();
+        wal.register_downstream(P1, b.clone()).await.unwrap();
+        assert!(wal.enforce_retention(now).await.unwrap().is_empty());
+        wal.ack(P1, a.clone(), LogId(4)).await.unwrap();
+        wal.ack(P1, b.clone(), LogId(2)).await.unwrap();
+        assert_eq!(
+            wal.enforce_retention(now).await.unwrap(),
+            vec![(P1, LogId(3))]
+        );
+        let err = wal.read(P1, LogId(2), ReadLimits::default()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                WalError::Trimmed {
+                    wanted: LogId(2),
+                    first_available: LogId(3),
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(
+            wal.read(P1, LogId(3), ReadLimits::default()).unwrap().len(),
+            3
+        );
+        // A newly registered downstream starts at the first available entry.
+        let c = DownstreamId::new("c").unwrap();
+        wal.register_downstream(P1, c.clone()).await.unwrap();
+        let positions = wal.positions(P1).unwrap().unwrap();
+        assert!(positions.acked.contains(&(c, LogId(2))));
+        // Once everybody acked everything, the log is empty but ids go on.
+        wal.unregister_downstream(P1, DownstreamId::new("c").unwrap())
+            .await
+            .unwrap();
+        wal.ack(P1, a, LogId(5)).await.unwrap();
+        wal.ack(P1, b, LogId(5)).await.unwrap();
+        assert_eq!(
+            wal.enforce_retention(now).await.unwrap(),
+            vec![(P1, LogId(6))]
+        );
+        assert_eq!(wal.first_log_id(P1).unwrap(), None);
+        assert_eq!(wal.positions(P1).unwrap().unwrap().stored_bytes, 0);
+        let range = wal.append(P1, vec![entry(b"y", now)]).await.unwrap();
+        assert_eq!(range.first, LogId(6));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn ttl_trims_unacked_entries_by_creation_time() {
+    let config = |dir: &std::path::Path| WalConfig {
+        wal_ttl: HumanDuration(std::time::Duration::from_secs(1)),
+        ..test_config(dir)
+    };
+    on_both(config, |wal| async move {
+        wal.register_downstream(P1, DownstreamId::new("slow").unwrap())
+            .await
+            .unwrap();
+        wal.append(
+            P1,
+            vec![
+                entry(b"1", 1_000),
+                entry(b"2", 2_000),
+                entry(b"3", 3_000),
+                entry(b"4", 4_000),
+            ],
+        )
+        .await
+        .unwrap();
+        // cutoff = 3_500 - 1_000: entries created before 2_500 expire.
+        assert_eq!(
+            wal.enforce_retention(3_500).await.unwrap(),
+            vec![(P1, LogId(3))]
+        );
+        assert_eq!(
+            wal.enforce_retention(60_000).await.unwrap(),
+            vec![(P1, LogId(5))]
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn size_cap_trims_the_oldest_entries() {
+    let config = |dir: &std::path::Path| WalConfig {
+        partition_size_cap: Some(ByteSize::kib(64)),
+        ..test_config(dir)
+    };
+    on_both(config, |wal| async move {
+        let payload = vec![1u8; 16 * 1024];
+        wal.append(P1, (0..10).map(|i| entry(&payload, i)).collect())
+            .await
+            .unwrap();
+        let now = 5;
+        assert_eq!(
+            wal.enforce_retention(now).await.unwrap(),
+            vec![(P1, LogId(8))]
+        );
+        let positions = wal.positions(P1).unwrap().unwrap();
+        assert!(positions.stored_bytes <= 64 * 1024);
+        assert!(positions.stored_bytes > 32 * 1024);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn snapshot_chunks_round_trip_and_delete() {
+    on_both(test_config, |wal| async move {
+        for seq in 0..5u64 {
+            wal.put_snapshot_chunk(P1, 3, seq, Bytes::from(vec![seq as u8; 10]))
+                .await
+                .unwrap();
+        }
+        wal.put_snapshot_chunk(P1, 4, 0, Bytes::from_static(b"next"))
+            .await
+            .unwrap();
+        let state = SnapshotState {
+            epoch: 3,
+            phase: SnapshotPhase::Complete,
+        };
+        wal.set_snapshot_state(P1, state).await.unwrap();
+        let chunks = wal.read_snapshot_chunks(P1, 3, 2, 10).unwrap();
+        assert_eq!(
+            chunks.iter().map(|c| c.0).collect::<Vec<_>>(),
+            vec![2, 3, 4]
+        );
+        assert_eq!(&chunks[0].1[..], &[2u8; 10]);
+        wal.delete_snapshot(P1, 3).await.unwrap();
+        assert!(wal.read_snapshot_chunks(P1, 3, 0, 10).unwrap().is_empty());
+        assert_eq!(wal.read_snapshot_chunks(P1, 4, 0, 10).unwrap().len(), 1);
+        assert_eq!(wal.positions(P1).unwrap().unwrap().snapshot, state);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn concurrent_appenders_share_group_commits() {
+    on_both(test_config, |wal| async move {
+        let mut tasks = Vec::new();
+        for task in 0..16u32 {
+            let wal = wal.clone();
+            tasks.push(tokio::spawn(async move {
+                let partition = PartitionId(task % 4);
+                let mut ids = Vec::new();
+                for i in 0..20 {
+                    let range = wal
+                        .append(partition, vec![entry(format!("{task}-{i}").as_bytes(), 1)])
+                        .await
+                        .unwrap();
+                    ids.push(range.first);
+                }
+                (partition, ids)
+            }));
+        }
+        let mut per_partition: std::collections::BTreeMap<PartitionId, Vec<LogId>> =
+            Default::default();
+        for task in tasks {
+            let (partition, ids) = task.await.unwrap();
+            per_partition.entry(partition).or_default().extend(ids);
+        }
+        for (partition, mut ids) in per_partition {
+            ids.sort();
+            assert_eq!(ids, (1..=80).map(LogId).collect::<Vec<_>>());
+            assert_eq!(
+                wal.read(partition, LogId(1), ReadLimits::default())
+                    .unwrap()
+                    .len(),
+                80
+            );
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn invalid_appends_are_rejected_without_side_effects() {
+    on_both(test_config, |wal| async move {
+        let err = wal.append(P1, Vec::new()).await.unwrap_err();
+        assert!(matches!(err, WalError::InvalidEntry { .. }), "{err}");
+        let mut bad = entry(b"x", 1);
+        bad.source.replid = "r".repeat(MAX_REPLID_LEN + 1);
+        let err = wal
+            .append(P1, vec![entry(b"ok", 1), bad])
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("replid"), "{err}");
+        assert_eq!(wal.last_log_id(P1).unwrap(), None);
+        assert!(wal.partitions().is_empty());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn corrupt_entries_in_memory_are_typed_errors() {
+    let storage = Arc::new(MemWalStorage::new());
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::with_storage(storage.clone(), test_config(dir.path()))
+        .await
+        .unwrap();
+    wal.append(P2, vec![entry(b"a", 1), entry(b"b", 1)])
+        .await
+        .unwrap();
+    storage.overwrite_raw_entry(P2, LogId(2), vec![1, 2, 3, 4, 5, 6]);
+    let err = wal.read(P2, LogId(1), ReadLimits::default()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            WalError::Corrupt {
+                partition: P2,
+                log_id: LogId(2),
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn rocks_state_survives_reopen_and_ids_continue() {
+    let dir = tempfile::tempdir().unwrap();
+    let drainer = DownstreamId::new("d1").unwrap();
+    {
+        let wal = Wal::open(test_config(dir.path())).await.unwrap();
+        wal.append(P1, vec![entry(b"a", 1), entry(b"b", 2), entry(b"c", 3)])
+            .await
+            .unwrap();
+        wal.register_downstream(P1, drainer.clone()).await.unwrap();
+        wal.ack(P1, drainer.clone(), LogId(2)).await.unwrap();
+        wal.set_applied(P1, LogId(1)).await.unwrap();
+        wal.trim(P1, LogId(2)).await.unwrap();
+        wal.close().await.unwrap();
+    }
+    let wal = Wal::open(test_config(dir.path())).await.unwrap();
+    let positions = wal.positions(P1).unwrap().unwrap();
+    assert_eq!(positions.first_available, LogId(2));
+    assert_eq!(positions.durable, LogId(3));
+    assert_eq!(positions.applied, LogId(1));
+    assert_eq!(positions.acked, vec![(drainer, LogId(2))]);
+    assert_eq!(positions.source, Some(source(3)));
+    let range = wal.append(P1, vec![entry(b"d", 4)]).await.unwrap();
+    assert_eq!(range.first, LogId(4));
+    let payloads: Vec<Bytes> = wal
+        .read(P1, LogId(2), ReadLimits::default())
+        .unwrap()
+        .into_iter()
+        .map(|e| e.payload)
+        .collect();
+    assert_eq!(
+        payloads,
+        vec![Bytes::from("b"), Bytes::from("c"), Bytes::from("d")]
+    );
+    wal.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn writes_after_close_fail_with_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(test_config(dir.path())).await.unwrap();
+    let other = wal.clone();
+    wal.close().await.unwrap();
+    let err = other.append(P1, vec![entry(b"a", 1)]).await.unwrap_err();
+    assert!(matches!(err, WalError::Closed), "{err}");
+}
+
+/// One step of the model test.
+#[derive(Debug, Clone)]
+enum Op {
+    Append {
+        partition: u32,
+        sizes: Vec<usize>,
+    },
+    Register {
+        partition: u32,
+        downstream: u8,
+    },
+    Unregister {
+        partition: u32,
+        downstream: u8,
+    },
+    Ack {
+        partition: u32,
+        downstream: u8,
+        log_id: u64,
+    },
+    Apply {
+        partition: u32,
+        log_id: u64,
+    },
+    Trim {
+        partition: u32,
+        before: u64,
+    },
+    Retain {
+        now: u64,
+    },
+    Read {
+        partition: u32,
+        from: u64,
+        max_entries: usize,
+    },
+    Reopen,
+}
+
+fn op_strategy() -> impl Strategy<Value = Op> {
+    let partition = 0u32..3;
+    prop_oneof![
+        4 => (partition.clone(), prop::collection::vec(0usize..300, 1..4))
+            .prop_map(|(partition, sizes)| Op::Append { partition, sizes }),
+        1 => (partition.clone(), 0u8..2)
+            .prop_map(|(partition, downstream)| Op::Register { partition, downstream }),
+        1 => (partition.clone(), 0u8..2)
+            .prop_map(|(partition, downstream)| Op::Unregister { partition, downstream }),
+        2 => (partition.clone(), 0u8..2, 0u64..16)
+            .prop_map(|(partition, downstream, log_id)| Op::Ack { partition, downstream, log_id }),
+        1 => (partition.clone(), 0u64..16).prop_map(|(partition, log_id)| Op::Apply { partition, log_id }),
+        1 => (partition.clone(), 0u64..16).prop_map(|(partition, before)| Op::Trim { partition, before }),
+        1 => (0u64..40).prop_map(|now| Op::Retain { now }),
+        3 => (partition, 0u64..16, 1usize..6)
+            .prop_map(|(partition, from, max_entries)| Op::Read { partition, from, max_entries }),
+        1 => Just(Op::Reopen),
+    ]
+}
+
+fn model_config(dir: &std::path::Path) -> WalConfig {
+    WalConfig {
+        wal_ttl: HumanDuration(std::time::Duration::from_secs(1)),
+        partition_size_cap: Some(ByteSize::kib(64)),
+        ..test_config(dir)
+    }
+}
+
+/// Applies `op` and renders everything observable about it.
+async fn run_op(wal: &Wal, op: &Op, counter: &mut u64) -> String {
+    let downstream = |d: u8| DownstreamId::new(format!("d{d}")).unwrap();
+    let result = match op {
+        Op::Append { partition, sizes } => {
+            let entries = sizes
+                .iter()
+                .map(|size| {
+                    *counter += 1;
+                    // Creation times are in seconds of the model clock so
+                    // that TTL retention (1s) trims some of them.
+                    entry(&vec![*counter as u8; *size], *counter * 100)
+                })
+                .collect();
+            format!("{:?}", wal.append(PartitionId(*partition), entries).await)
+        }
+        Op::Register {
+            partition,
+            downstream: d,
+        } => format!(
+            "{:?}",
+            wal.register_downstream(PartitionId(*partition), downstream(*d))
+                .await
+        ),
+        Op::Unregister {
+            partition,
+            downstream: d,
+        } => format!(
+            "{:?}",
+            wal.unregister_downstream(PartitionId(*partition), downstream(*d))
+                .await
+        ),
+        Op::Ack {
+            partition,
+            downstream: d,
+            log_id,
+        } => format!(
+            "{:?}",
+            wal.ack(PartitionId(*partition), downstream(*d), LogId(*log_id))
+                .await
+        ),
+        Op::Apply { partition, log_id } => format!(
+            "{:?}",
+            wal.set_applied(PartitionId(*partition), LogId(*log_id))
+                .await
+        ),
+        Op::Trim { partition, before } => format!(
+            "{:?}",
+            wal.trim(PartitionId(*partition), LogId(*before)).await
+        ),
+        Op::Retain { now } => format!("{:?}", wal.enforce_retention(now * 100).await),
+        Op::Read {
+            partition,
+            from,
+            max_entries,
+        } => {
+            let limits = ReadLimits {
+                max_entries: *max_entries,
+                max_bytes: 600,
+            };
+            format!(
+                "{:?}",
+                wal.read(PartitionId(*partition), LogId(*from), limits)
+            )
+        }
+        Op::Reopen => String::new(),
+    };
+    let positions: Vec<_> = wal
+        .partitions()
+        .into_iter()
+        .map(|partition| wal.positions(partition).map_err(|e| e.to_string()))
+        .collect();
+    format!("{result} {positions:?}")
+}
+
+fn run_model(ops: &[Op]) -> Result<(), TestCaseError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let mem_storage: Arc<MemWalStorage> = Arc::new(MemWalStorage::new());
+        let mut mem = Wal::with_storage(mem_storage.clone(), model_config(dir.path()))
+            .await
+            .unwrap();
+        let mut rocks = Wal::open(model_config(dir.path())).await.unwrap();
+        // Reference: every payload appended per partition, by log id.
+        let mut appended: std::collections::BTreeMap<(u32, u64), Bytes> = Default::default();
+        let (mut mem_counter, mut rocks_counter) = (0, 0);
+        for (step, op) in ops.iter().enumerate() {
+            if let Op::Reopen = op {
+                mem.close().await.unwrap();
+                mem = Wal::with_storage(mem_storage.clone(), model_config(dir.path()))
+                    .await
+                    .unwrap();
+                rocks.close().await.unwrap();
+                rocks = Wal::open(model_config(dir.path())).await.unwrap();
+            }
+            let from_mem = run_op(&mem, op, &mut mem_counter).await;
+            let from_rocks = run_op(&rocks, op, &mut rocks_counter).await;
+            prop_assert_eq!(&from_mem, &from_rocks, "step {} {:?}", step, op);
+
+            if let Op::Append { partition, sizes } = op {
+                if let Some(last) = mem.last_log_id(PartitionId(*partition)).unwrap() {
+                    let first = last.0 + 1 - sizes.len() as u64;
+                    for (index, log_id) in (first..=last.0).enumerate() {
+                        let value = (mem_counter - sizes.len() as u64 + 1 + index as u64) as u8;
+                        appended
+                            .insert((*partition, log_id), Bytes::from(vec![value; sizes[index]]));
+                    }
+                }
+            }
+            if let Op::Read {
+                partition,
+                from,
+                max_entries,
+            } = op
+            {
+                let limits = ReadLimits {
+                    max_entries: *max_entries,
+                    max_bytes: 600,
+                };
+                if let Ok(entries) = rocks.read(PartitionId(*partition), LogId(*from), limits) {
+                    for read in entries {
+                        prop_assert_eq!(
+                            Some(&read.payload),
+                            appended.get(&(*partition, read.log_id.0)),
+                            "payload of {}/{}",
+                            partition,
+                            read.log_id
+                        );
+                    }
+                }
+            }
+        }
+        mem.close().await.unwrap();
+        rocks.close().await.unwrap();
+        Ok(())
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn memory_and_rocksdb_storages_agree(ops in prop::collection::vec(op_strategy(), 1..40)) {
+        run_model(&ops)?;
+    }
+}
+
+/// A storage whose write buffers are as full as the test says.
+struct BufferedStorage {
+    inner: MemWalStorage,
+    buffered: std::sync::atomic::AtomicU64,
+}
+
+impl WalStorage for BufferedStorage {
+    fn write(&self, ops: &[WriteOp], sync: bool) -> Result<(), WalError> {
+        self.inner.write(ops, sync)
+    }
+
+    fn read_entries(
+        &self,
+        partition: PartitionId,
+        from: LogId,
+        to: LogId,
+        limits: ReadLimits,
+    ) -> Result<Vec<WalEntry>, WalError> {
+        self.inner.read_entries(partition, from, to, limits)
+    }
+
+    fn stored_bounds(&self, partition: PartitionId) -> Result<Option<(LogId, LogId)>, WalError> {
+        self.inner.stored_bounds(partition)
+    }
+
+    fn log_partitions(&self) -> Result<Vec<PartitionId>, WalError> {
+        self.inner.log_partitions()
+    }
+
+    fn read_snapshot_chunks(
+        &self,
+        partition: PartitionId,
+        epoch: u64,
+        from_seq: u64,
+        max_chunks: usize,
+    ) -> Result<Vec<(u64, Bytes)>, WalError> {
+        self.inner
+            .read_snapshot_chunks(partition, epoch, from_seq, max_chunks)
+    }
+
+    fn load_progress(&self) -> Result<Vec<StoredPartition>, WalError> {
+        self.inner.load_progress()
+    }
+
+    fn buffered_bytes(&self) -> Result<u64, WalError> {
+        Ok(self.buffered.load(std::sync::atomic::Ordering::SeqCst))
+    }
+}
+
+#[tokio::test]
+async fn appends_stall_while_write_buffers_exceed_twice_the_budget() {
+    use std::sync::atomic::Ordering;
+    let storage = Arc::new(BufferedStorage {
+        inner: MemWalStorage::new(),
+        buffered: std::sync::atomic::AtomicU64::new(0),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let config = test_config(dir.path());
+    let limit = config.memtable_budget.as_u64() * 2;
+    let wal = Wal::with_storage(storage.clone(), config).await.unwrap();
+    wal.append(P1, vec![entry(b"a", 1)]).await.unwrap();
+
+    storage.buffered.store(limit + 1, Ordering::SeqCst);
+    // Let the writer notice on its next periodic measurement.
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let stalled = wal.clone();
+    let append = tokio::spawn(async move { stalled.append(P1, vec![entry(b"b", 2)]).await });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert!(!append.is_finished(), "append went through over the limit");
+    assert_eq!(wal.last_log_id(P1).unwrap(), Some(LogId(1)));
+
+    storage.buffered.store(limit, Ordering::SeqCst);
+    let range = tokio::time::timeout(std::time::Duration::from_secs(5), append)
+        .await
+        .expect("append resumes once buffers drain")
+        .unwrap()
+        .unwrap();
+    assert_eq!(range.first, LogId(2));
+}

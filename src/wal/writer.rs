@@ -1,0 +1,1193 @@
+//! [`Wal`]: the handle to a partitioned WAL, its group-commit writer task and
+//! its retention task.
+//!
+//! In: append / ack / apply / trim / snapshot requests from any number of
+//! tasks. Out: each request resolves once the batch holding it is durable
+//! (fsynced when `sync`), with the ids it was given or a typed error; reads
+//! return durable entries only.
+//!
+//! The writer is the only task that mutates the storage. It collects requests
+//! until `group-commit-linger` passed or `group-commit-max-bytes` of payload
+//! are pending, validates them against the committed positions (so an ack in
+//! the same batch as the append it names is rejected: that entry was not
+//! durable when the ack was sent), writes one batch, and only then publishes
+//! the new positions and answers.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::{debug, error, info, warn};
+
+use super::codec::encoded_entry_len;
+use super::storage::{StoredPartition, WalStorage, WriteOp};
+use super::{
+    AppendedRange, DownstreamId, LogMeta, NewEntry, PartitionPositions, ReadLimits,
+    RocksWalStorage, SnapshotState, WalConfig, WalEntry, WalError, MAX_PAYLOAD_LEN, MAX_REPLID_LEN,
+};
+use crate::position::{LogId, PartitionId};
+
+/// Committed state of one partition, as the writer last made it durable.
+#[derive(Debug, Clone, Default)]
+struct PartitionState {
+    log: LogMeta,
+    received: LogId,
+    applied: LogId,
+    acks: BTreeMap<DownstreamId, LogId>,
+    snapshot: SnapshotState,
+}
+
+impl From<StoredPartition> for PartitionState {
+    fn from(stored: StoredPartition) -> Self {
+        PartitionState {
+            received: stored.log.last,
+            log: stored.log,
+            applied: stored.applied,
+            acks: stored.acks,
+            snapshot: stored.snapshot,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Shared {
+    partitions: HashMap<PartitionId, PartitionState>,
+    poisoned: Option<String>,
+}
+
+enum Request {
+    Append {
+        partition: PartitionId,
+        entries: Vec<NewEntry>,
+    },
+    Register {
+        partition: PartitionId,
+        downstream: DownstreamId,
+    },
+    Unregister {
+        partition: PartitionId,
+        downstream: DownstreamId,
+    },
+    Ack {
+        partition: PartitionId,
+        downstream: DownstreamId,
+        log_id: LogId,
+    },
+    Apply {
+        partition: PartitionId,
+        log_id: LogId,
+    },
+    Trim {
+        partition: PartitionId,
+        before: LogId,
+    },
+    SnapshotChunk {
+        partition: PartitionId,
+        epoch: u64,
+        seq: u64,
+        data: Bytes,
+    },
+    SnapshotState {
+        partition: PartitionId,
+        state: SnapshotState,
+    },
+    DeleteSnapshot {
+        partition: PartitionId,
+        epoch: u64,
+    },
+}
+
+impl Request {
+    fn partition(&self) -> PartitionId {
+        match self {
+            Request::Append { partition, .. }
+            | Request::Register { partition, .. }
+            | Request::Unregister { partition, .. }
+            | Request::Ack { partition, .. }
+            | Request::Apply { partition, .. }
+            | Request::Trim { partition, .. }
+            | Request::SnapshotChunk { partition, .. }
+            | Request::SnapshotState { partition, .. }
+            | Request::DeleteSnapshot { partition, .. } => *partition,
+        }
+    }
+
+    /// Bytes this request adds to a batch, for the group-commit size limit.
+    fn batch_bytes(&self) -> usize {
+        match self {
+            Request::Append { entries, .. } => entries.iter().map(|e| e.payload.len() + 64).sum(),
+            Request::SnapshotChunk { data, .. } => data.len() + 32,
+            _ => 32,
+        }
+    }
+}
+
+enum Outcome {
+    Appended(AppendedRange),
+    Trimmed(LogId),
+    Done,
+}
+
+/// Granularity of tokio's timer; shorter lingers are waited by yielding.
+const TIMER_RESOLUTION: Duration = Duration::from_millis(1);
+
+type Reply = oneshot::Sender<Result<Outcome, WalError>>;
+
+enum Command {
+    Request(Request, Reply),
+    Shutdown,
+}
+
+struct Inner {
+    storage: Arc<dyn WalStorage>,
+    config: WalConfig,
+    shared: Arc<Mutex<Shared>>,
+    command_tx: mpsc::Sender<Command>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    retention: Mutex<Option<JoinHandle<()>>>,
+    shutdown_tx: watch::Sender<bool>,
+}
+
+/// Handle to an open WAL; cheap to clone. Must be opened inside a tokio
+/// runtime (it spawns its writer and retention tasks).
+#[derive(Clone)]
+pub struct Wal {
+    inner: Arc<Inner>,
+}
+
+fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
+    // Writers replace whole partition states under the lock, so a poisoned
+    // lock still guards consistent data.
+    shared.lock().unwrap_or_else(|poison| poison.into_inner())
+}
+
+fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn join_error(error: tokio::task::JoinError) -> WalError {
+    WalError::Io(std::io::Error::other(format!("wal task failed: {error}")))
+}
+
+/// Checks the recovery invariants (module doc, 1 and 2) of stored progress.
+fn check_recovered(storage: &dyn WalStorage, stored: &StoredPartition) -> Result<(), WalError> {
+    let partition = stored.partition;
+    let inconsistent = |what: String| WalError::Inconsistent { partition, what };
+    let log = &stored.log;
+    let bounds = storage.stored_bounds(partition)?;
+    if log.first <= log.last {
+        let Some((lowest, highest)) = bounds else {
+            return Err(inconsistent(format!(
+                "meta holds entries {}..={} but none are stored",
+                log.first, log.last
+            )));
+        };
+        if highest != log.last {
+            return Err(inconsistent(format!(
+                "greatest stored entry is {highest} but meta says last is {}",
+                log.last
+            )));
+        }
+        if lowest != log.first {
+            return Err(inconsistent(format!(
+                "smallest stored entry is {lowest} but meta says first is {}",
+                log.first
+            )));
+        }
+    } else if let Some((lowest, highest)) = bounds {
+        return Err(inconsistent(format!(
+            "entries {lowest}..={highest} are stored but meta says the log is empty before {}",
+            log.first
+        )));
+    }
+    if stored.applied > log.last {
+        return Err(inconsistent(format!(
+            "applied {} is beyond durable {}",
+            stored.applied, log.last
+        )));
+    }
+    if let Some((downstream, acked)) = stored.acks.iter().find(|(_, acked)| **acked > log.last) {
+        return Err(inconsistent(format!(
+            "downstream {downstream} acked {acked} beyond durable {}",
+            log.last
+        )));
+    }
+    Ok(())
+}
+
+impl Wal {
+    /// Opens the RocksDB WAL in `config.dir`, checks the recovery invariants
+    /// and starts the writer and retention tasks.
+    pub async fn open(config: WalConfig) -> Result<Wal, WalError> {
+        let config = config.validate()?;
+        let open_config = config.clone();
+        let storage = tokio::task::spawn_blocking(move || RocksWalStorage::open(&open_config))
+            .await
+            .map_err(join_error)??;
+        Wal::with_storage(Arc::new(storage), config).await
+    }
+
+    /// Runs the WAL on any storage (the in-memory one in tests).
+    pub async fn with_storage(
+        storage: Arc<dyn WalStorage>,
+        config: WalConfig,
+    ) -> Result<Wal, WalError> {
+        let config = config.validate()?;
+        let load_storage = Arc::clone(&storage);
+        let partitions = tokio::task::spawn_blocking(move || {
+            let stored = load_storage.load_progress()?;
+            let mut partitions = HashMap::new();
+            for partition in stored {
+                check_recovered(load_storage.as_ref(), &partition)?;
+                partitions.insert(partition.partition, PartitionState::from(partition));
+            }
+            // A log without a meta record must be empty (invariant 1).
+            for partition in load_storage.log_partitions()? {
+                if !partitions.contains_key(&partition) {
+                    let empty = StoredPartition {
+                        partition,
+                        ..StoredPartition::default()
+                    };
+                    check_recovered(load_storage.as_ref(), &empty)?;
+                }
+            }
+            Ok::<_, WalError>(partitions)
+        })
+        .await
+        .map_err(join_error)??;
+        info!(partitions = partitions.len(), "wal recovered");
+
+        let shared = Arc::new(Mutex::new(Shared {
+            partitions,
+            poisoned: None,
+        }));
+        let (command_tx, command_rx) = mpsc::channel(config.queue_depth);
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let writer = GroupCommitWriter {
+            storage: Arc::clone(&storage),
+            shared: Arc::clone(&shared),
+            sync: config.sync,
+            linger: config.group_commit_linger.0,
+            max_bytes: config.group_commit_max_bytes.as_usize(),
+            buffered_limit: config.memtable_budget.as_u64().saturating_mul(2),
+            last_buffer_check: None,
+            over_buffer_limit: false,
+        };
+        let writer_task = tokio::spawn(writer.run(command_rx));
+        let inner = Arc::new(Inner {
+            storage,
+            config,
+            shared,
+            command_tx,
+            writer: Mutex::new(Some(writer_task)),
+            retention: Mutex::new(None),
+            shutdown_tx,
+        });
+        let retention_task = tokio::spawn(run_retention(
+            Arc::downgrade(&inner),
+            inner.config.retention_interval.0,
+            shutdown_rx,
+        ));
+        *inner
+            .retention
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner()) = Some(retention_task);
+        Ok(Wal { inner })
+    }
+
+    /// Flushes what was received, stops the tasks and waits for them. Other
+    /// clones of this handle get [`WalError::Closed`] afterwards.
+    pub async fn close(self) -> Result<(), WalError> {
+        let _ = self.inner.shutdown_tx.send(true);
+        let _ = self.inner.command_tx.send(Command::Shutdown).await;
+        let writer = self
+            .inner
+            .writer
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .take();
+        if let Some(writer) = writer {
+            writer.await.map_err(join_error)?;
+        }
+        let retention = self
+            .inner
+            .retention
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .take();
+        if let Some(retention) = retention {
+            retention.await.map_err(join_error)?;
+        }
+        Ok(())
+    }
+
+    pub fn config(&self) -> &WalConfig {
+        &self.inner.config
+    }
+
+    /// The storage under this WAL (read-only use: writing to it directly
+    /// bypasses the position checks).
+    pub fn storage(&self) -> &Arc<dyn WalStorage> {
+        &self.inner.storage
+    }
+
+    async fn call(&self, request: Request) -> Result<Outcome, WalError> {
+        let (reply_tx, reply_rx) = oneshot::channel();
+        self.inner
+            .command_tx
+            .send(Command::Request(request, reply_tx))
+            .await
+            .map_err(|_| WalError::Closed)?;
+        reply_rx.await.map_err(|_| WalError::Closed)?
+    }
+
+    /// Appends `entries` to `partition`; resolves with their ids once they
+    /// are durable.
+    pub async fn append(
+        &self,
+        partition: PartitionId,
+        entries: Vec<NewEntry>,
+    ) -> Result<AppendedRange, WalError> {
+        match self.call(Request::Append { partition, entries }).await? {
+            Outcome::Appended(range) => Ok(range),
+            _ => Err(WalError::Closed),
+        }
+    }
+
+    /// Registers a downstream: from now on entries are kept until it acks
+    /// them (within TTL and size cap). Its ack starts just before the first
+    /// available entry. Registering twice is a no-op.
+    pub async fn register_downstream(
+        &self,
+        partition: PartitionId,
+        downstream: DownstreamId,
+    ) -> Result<(), WalError> {
+        self.call(Request::Register {
+            partition,
+            downstream,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Forgets a downstream; it no longer holds back retention.
+    pub async fn unregister_downstream(
+        &self,
+        partition: PartitionId,
+        downstream: DownstreamId,
+    ) -> Result<(), WalError> {
+        self.call(Request::Unregister {
+            partition,
+            downstream,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Records that `downstream` made everything up to `log_id` durable.
+    /// Past `durable` it is [`WalError::AckBeyondDurable`]; an older ack than
+    /// the stored one is a no-op.
+    pub async fn ack(
+        &self,
+        partition: PartitionId,
+        downstream: DownstreamId,
+        log_id: LogId,
+    ) -> Result<(), WalError> {
+        self.call(Request::Ack {
+            partition,
+            downstream,
+            log_id,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Records that everything up to `log_id` was applied to the sink. Past
+    /// `durable` it is [`WalError::ApplyBeyondDurable`]; an older mark is a
+    /// no-op.
+    pub async fn set_applied(&self, partition: PartitionId, log_id: LogId) -> Result<(), WalError> {
+        self.call(Request::Apply { partition, log_id })
+            .await
+            .map(|_| ())
+    }
+
+    /// Deletes entries before `before`; returns the first available id
+    /// afterwards. Trimming to at most the current first is a no-op.
+    pub async fn trim(&self, partition: PartitionId, before: LogId) -> Result<LogId, WalError> {
+        match self.call(Request::Trim { partition, before }).await? {
+            Outcome::Trimmed(first) => Ok(first),
+            _ => Err(WalError::Closed),
+        }
+    }
+
+    /// Stores chunk `seq` of snapshot `epoch` (epochs below `u64::MAX`).
+    pub async fn put_snapshot_chunk(
+        &self,
+        partition: PartitionId,
+        epoch: u64,
+        seq: u64,
+        data: Bytes,
+    ) -> Result<(), WalError> {
+        self.call(Request::SnapshotChunk {
+            partition,
+            epoch,
+            seq,
+            data,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn set_snapshot_state(
+        &self,
+        partition: PartitionId,
+        state: SnapshotState,
+    ) -> Result<(), WalError> {
+        self.call(Request::SnapshotState { partition, state })
+            .await
+            .map(|_| ())
+    }
+
+    /// Deletes every chunk of snapshot `epoch`.
+    pub async fn delete_snapshot(
+        &self,
+        partition: PartitionId,
+        epoch: u64,
+    ) -> Result<(), WalError> {
+        self.call(Request::DeleteSnapshot { partition, epoch })
+            .await
+            .map(|_| ())
+    }
+
+    /// Chunks `from_seq..` of snapshot `epoch`, at most `max_chunks`.
+    /// Blocking (disk reads).
+    pub fn read_snapshot_chunks(
+        &self,
+        partition: PartitionId,
+        epoch: u64,
+        from_seq: u64,
+        max_chunks: usize,
+    ) -> Result<Vec<(u64, Bytes)>, WalError> {
+        self.inner
+            .storage
+            .read_snapshot_chunks(partition, epoch, from_seq, max_chunks)
+    }
+
+    fn state(&self, partition: PartitionId) -> Result<Option<PartitionState>, WalError> {
+        let shared = lock(&self.inner.shared);
+        if let Some(reason) = &shared.poisoned {
+            return Err(WalError::Poisoned(reason.clone()));
+        }
+        Ok(shared.partitions.get(&partition).cloned())
+    }
+
+    /// Partitions that have any stored state.
+    pub fn partitions(&self) -> Vec<PartitionId> {
+        let mut partitions: Vec<_> = lock(&self.inner.shared)
+            .partitions
+            .keys()
+            .copied()
+            .collect();
+        partitions.sort();
+        partitions
+    }
+
+    /// First available (untrimmed, durable) entry of `partition`.
+    pub fn first_log_id(&self, partition: PartitionId) -> Result<Option<LogId>, WalError> {
+        Ok(self
+            .state(partition)?
+            .filter(|state| state.log.first <= state.log.last)
+            .map(|state| state.log.first))
+    }
+
+    /// Last durable entry of `partition` (even if trimmed since).
+    pub fn last_log_id(&self, partition: PartitionId) -> Result<Option<LogId>, WalError> {
+        Ok(self
+            .state(partition)?
+            .map(|state| state.log.last)
+            .filter(|last| *last > LogId::ZERO))
+    }
+
+    /// Durable entries of `partition` from `from` on, within `limits`; empty
+    /// when `from` is past the last durable entry. [`WalError::Trimmed`] if
+    /// `from` is no longer stored. Blocking (disk reads).
+    pub fn read(
+        &self,
+        partition: PartitionId,
+        from: LogId,
+        limits: ReadLimits,
+    ) -> Result<Vec<WalEntry>, WalError> {
+        let from = from.max(LogId(1));
+        let Some(state) = self.state(partition)? else {
+            return Ok(Vec::new());
+        };
+        let trimmed = |first_available| WalError::Trimmed {
+            partition,
+            wanted: from,
+            first_available,
+        };
+        if from < state.log.first {
+            return Err(trimmed(state.log.first));
+        }
+        let durable = state.log.last;
+        if from > durable || limits.max_entries == 0 {
+            return Ok(Vec::new());
+        }
+        let entries = self
+            .inner
+            .storage
+            .read_entries(partition, from, durable, limits)?;
+        if entries.first().map(|entry| entry.log_id) != Some(from) {
+            // A trim may have run between the position check and the read.
+            let first = self
+                .state(partition)?
+                .map(|state| state.log.first)
+                .unwrap_or(LogId(1));
+            if from < first {
+                return Err(trimmed(first));
+            }
+            return Err(WalError::Inconsistent {
+                partition,
+                what: format!("durable entry {from} is missing"),
+            });
+        }
+        for (offset, entry) in entries.iter().enumerate() {
+            if entry.log_id.0 != from.0 + offset as u64 {
+                return Err(WalError::Inconsistent {
+                    partition,
+                    what: format!(
+                        "entry {} follows {} (gap in the log)",
+                        entry.log_id,
+                        LogId(from.0 + offset as u64).prev()
+                    ),
+                });
+            }
+        }
+        Ok(entries)
+    }
+
+    /// All positions of `partition`; `None` if it has no stored state.
+    /// Blocking (reads the first entry to size the log).
+    pub fn positions(
+        &self,
+        partition: PartitionId,
+    ) -> Result<Option<PartitionPositions>, WalError> {
+        // Retention may trim the first entry between reading the state and
+        // sizing the log; then the state is read again.
+        let mut attempts = 0;
+        let (state, stored_bytes) = loop {
+            let Some(state) = self.state(partition)? else {
+                return Ok(None);
+            };
+            match stored_bytes(self.inner.storage.as_ref(), partition, &state.log) {
+                Ok(bytes) => break (state, bytes),
+                Err(WalError::Trimmed { .. }) if attempts < 3 => attempts += 1,
+                Err(error) => return Err(error),
+            }
+        };
+        Ok(Some(PartitionPositions {
+            first_available: state.log.first,
+            received: state.received,
+            durable: state.log.last,
+            applied: state.applied,
+            acked: state.acks.into_iter().collect(),
+            source: state.log.source,
+            stored_bytes,
+            snapshot: state.snapshot,
+        }))
+    }
+
+    /// Trims every partition as far as retention allows at `now_unix_ms`
+    /// (see the module doc); returns the partitions trimmed and their new
+    /// first ids. The retention task calls this every `retention-interval`.
+    pub async fn enforce_retention(
+        &self,
+        now_unix_ms: u64,
+    ) -> Result<Vec<(PartitionId, LogId)>, WalError> {
+        let mut snapshot: Vec<(PartitionId, PartitionState)> = {
+            let shared = lock(&self.inner.shared);
+            shared
+                .partitions
+                .iter()
+                .map(|(partition, state)| (*partition, state.clone()))
+                .collect()
+        };
+        snapshot.sort_by_key(|(partition, _)| *partition);
+        let storage = Arc::clone(&self.inner.storage);
+        let ttl_ms = self.inner.config.wal_ttl.0.as_millis() as u64;
+        let size_cap = self.inner.config.partition_size_cap.map(|cap| cap.as_u64());
+        let targets = tokio::task::spawn_blocking(move || {
+            let mut targets = Vec::new();
+            for (partition, state) in snapshot {
+                let cutoff = now_unix_ms.saturating_sub(ttl_ms);
+                match retention_target(storage.as_ref(), partition, &state, cutoff, size_cap) {
+                    Ok(Some(target)) => targets.push((partition, target)),
+                    Ok(None) => {}
+                    Err(WalError::Trimmed { .. }) => {} // trimmed meanwhile; next round
+                    Err(error) => return Err(error),
+                }
+            }
+            Ok(targets)
+        })
+        .await
+        .map_err(join_error)??;
+        let mut trimmed = Vec::new();
+        for (partition, target) in targets {
+            let first = self.trim(partition, target).await?;
+            trimmed.push((partition, first));
+        }
+        Ok(trimmed)
+    }
+}
+
+fn read_one(
+    storage: &dyn WalStorage,
+    partition: PartitionId,
+    log_id: LogId,
+) -> Result<WalEntry, WalError> {
+    let limits = ReadLimits {
+        max_entries: 1,
+        max_bytes: usize::MAX,
+    };
+    storage
+        .read_entries(partition, log_id, log_id, limits)?
+        .pop()
+        .ok_or(WalError::Trimmed {
+            partition,
+            wanted: log_id,
+            first_available: log_id.next(),
+        })
+}
+
+/// Stored bytes of entries `log.first..=log.last`.
+fn stored_bytes(
+    storage: &dyn WalStorage,
+    partition: PartitionId,
+    log: &LogMeta,
+) -> Result<u64, WalError> {
+    if log.first > log.last {
+        return Ok(0);
+    }
+    let first = read_one(storage, partition, log.first)?;
+    Ok(log.bytes_end - (first.bytes_end - first.stored_len))
+}
+
+/// Smallest id in `lo..=hi` whose entry satisfies `pred`, for a `pred` that
+/// is false then true along the log; `hi + 1` if none does.
+fn search_log(
+    storage: &dyn WalStorage,
+    partition: PartitionId,
+    mut lo: LogId,
+    mut hi: LogId,
+    pred: impl Fn(&WalEntry) -> bool,
+) -> Result<LogId, WalError> {
+    let mut answer = hi.next();
+    while lo <= hi {
+        let mid = LogId(lo.0 + (hi.0 - lo.0) / 2);
+        if pred(&read_one(storage, partition, mid)?) {
+            answer = mid;
+            if mid == lo {
+                break;
+            }
+            hi = mid.prev();
+        } else {
+            lo = mid.next();
+        }
+    }
+    Ok(answer)
+}
+
+/// Where retention wants the first available id of a partition to be.
+fn retention_target(
+    storage: &dyn WalStorage,
+    partition: PartitionId,
+    state: &PartitionState,
+    cutoff_unix_ms: u64,
+    size_cap: Option<u64>,
+) -> Result<Option<LogId>, WalError> {
+    let first = state.log.first;
+    let durable = state.log.last;
+    if first > durable {
+        return Ok(None);
+    }
+    let mut target = first;
+    if let Some(min_acked) = state.acks.values().min() {
+        target = target.max(min_acked.next());
+    }
+    if state.log.last_created_unix_ms < cutoff_unix_ms {
+        target = durable.next();
+    } else {
+        let ttl_target = search_log(storage, partition, first, durable, |entry| {
+            entry.created_unix_ms >= cutoff_unix_ms
+        })?;
+        target = target.max(ttl_target);
+    }
+    if let Some(cap) = size_cap {
+        let bytes_end = state.log.bytes_end;
+        if stored_bytes(storage, partition, &state.log)? > cap {
+            let cap_target = search_log(storage, partition, first, durable, |entry| {
+                bytes_end - (entry.bytes_end - entry.stored_len) <= cap
+            })?;
+            target = target.max(cap_target);
+        }
+    }
+    let target = target.min(durable.next());
+    Ok((target > first).then_some(target))
+}
+
+async fn run_retention(
+    inner: Weak<Inner>,
+    period: Duration,
+    mut shutdown_rx: watch::Receiver<bool>,
+) {
+    // The first round waits a full period: right after open the caller may
+    // still be registering its downstreams.
+    let mut interval = tokio::time::interval_at(Instant::now() + period, period);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown_rx.changed() => break,
+            _ = interval.tick() => {
+                let Some(inner) = inner.upgrade() else { break };
+                let wal = Wal { inner };
+                match wal.enforce_retention(now_unix_ms()).await {
+                    Ok(trimmed) if !trimmed.is_empty() => {
+                        debug!(partitions = trimmed.len(), "retention trimmed");
+                    }
+                    Ok(_) => {}
+                    Err(WalError::Closed) => break,
+                    Err(error) => warn!(%error, "retention failed"),
+                }
+            }
+        }
+    }
+}
+
+/// A partition's state while a batch is being staged.
+struct Staged {
+    state: PartitionState,
+    /// `durable` when the batch started: acks and applied marks are checked
+    /// against it, not against appends of the same batch.
+    durable: LogId,
+    log_changed: bool,
+    /// Whether any request changed this partition (only then is its staged
+    /// state committed, so failed requests do not invent partitions).
+    changed: bool,
+}
+
+struct GroupCommitWriter {
+    storage: Arc<dyn WalStorage>,
+    shared: Arc<Mutex<Shared>>,
+    sync: bool,
+    linger: Duration,
+    max_bytes: usize,
+    /// Stall writes while the storage buffers more than this.
+    buffered_limit: u64,
+    /// When buffered bytes were last measured, and whether they were over.
+    last_buffer_check: Option<Instant>,
+    over_buffer_limit: bool,
+}
+
+/// How often buffered bytes are measured while under the limit (the
+/// measurement costs a property lookup per column family).
+const BUFFER_CHECK_INTERVAL: Duration = Duration::from_millis(10);
+/// Longest stall of one batch: if flushes stop entirely (a RocksDB
+/// background error), writing on and failing loudly beats hanging.
+const MAX_BUFFER_STALL: Duration = Duration::from_secs(10);
+
+impl GroupCommitWriter {
+    async fn run(mut self, mut command_rx: mpsc::Receiver<Command>) {
+        let mut open = true;
+        while open {
+            let Some(first) = command_rx.recv().await else {
+                break;
+            };
+            let mut batch = Vec::new();
+            let mut bytes = 0;
+            match first {
+                Command::Request(request, reply) => {
+                    bytes += request.batch_bytes();
+                    batch.push((request, reply));
+                }
+                Command::Shutdown => open = false,
+            }
+            let deadline = Instant::now() + self.linger;
+            while open && bytes < self.max_bytes {
+                let next = match command_rx.try_recv() {
+                    Ok(command) => Some(command),
+                    Err(mpsc::error::TryRecvError::Disconnected) => None,
+                    Err(mpsc::error::TryRecvError::Empty) => {
+                        if Instant::now() >= deadline {
+                            break;
+                        }
+                        if self.linger < TIMER_RESOLUTION {
+                            // tokio's timer would round a sub-millisecond
+                            // linger up to 1ms; yielding instead lets the
+                            // appenders run and enqueue until the deadline.
+                            tokio::task::yield_now().await;
+                            continue;
+                        }
+                        match tokio::time::timeout_at(deadline, command_rx.recv()).await {
+                            Ok(command) => command,
+                            Err(_elapsed) => break,
+                        }
+                    }
+                };
+                match next {
+                    Some(Command::Request(request, reply)) => {
+                        bytes += request.batch_bytes();
+                        batch.push((request, reply));
+                    }
+                    Some(Command::Shutdown) | None => open = false,
+                }
+            }
+            if !batch.is_empty() {
+                self.commit(batch).await;
+            }
+        }
+        debug!("wal writer stopped");
+    }
+
+    async fn commit(&mut self, batch: Vec<(Request, Reply)>) {
+        let now = now_unix_ms();
+        let mut staged: HashMap<PartitionId, Staged> = HashMap::new();
+        let mut ops = Vec::new();
+        let mut answers = Vec::new();
+        {
+            let mut shared = lock(&self.shared);
+            if let Some(reason) = shared.poisoned.clone() {
+                drop(shared);
+                for (_, reply) in batch {
+                    let _ = reply.send(Err(WalError::Poisoned(reason.clone())));
+                }
+                return;
+            }
+            for (request, reply) in batch {
+                let partition = request.partition();
+                let entry = staged.entry(partition).or_insert_with(|| {
+                    let state = shared
+                        .partitions
+                        .get(&partition)
+                        .cloned()
+                        .unwrap_or_default();
+                    Staged {
+                        durable: state.log.last,
+                        state,
+                        log_changed: false,
+                        changed: false,
+                    }
+                });
+                let ops_before = ops.len();
+                let result = stage(request, entry, &mut ops, now);
+                entry.changed |= ops.len() > ops_before;
+                match result {
+                    Ok(outcome) => answers.push((reply, outcome)),
+                    Err(error) => {
+                        let _ = reply.send(Err(error));
+                    }
+                }
+            }
+            for (partition, staged) in &staged {
+                if staged.log_changed {
+                    ops.push(WriteOp::LogMeta {
+                        partition: *partition,
+                        meta: staged.state.log.clone(),
+                    });
+                    if let Some(state) = shared.partitions.get_mut(partition) {
+                        state.received = staged.state.log.last;
+                    }
+                }
+            }
+        }
+        if !ops.is_empty() {
+            self.wait_for_buffer_space().await;
+            let storage = Arc::clone(&self.storage);
+            let sync = self.sync;
+            let written = tokio::task::spawn_blocking(move || storage.write(&ops, sync))
+                .await
+                .map_err(join_error)
+                .and_then(|result| result);
+            if let Err(error) = written {
+                error!(%error, "wal write failed, poisoning the wal");
+                let reason = error.to_string();
+                lock(&self.shared).poisoned = Some(reason.clone());
+                for (reply, _) in answers {
+                    let _ = reply.send(Err(WalError::Poisoned(reason.clone())));
+                }
+                return;
+            }
+        }
+        {
+            let mut shared = lock(&self.shared);
+            for (partition, mut staged) in staged {
+                if !staged.changed {
+                    continue;
+                }
+                staged.state.received = staged.state.log.last;
+                shared.partitions.insert(partition, staged.state);
+            }
+        }
+        for (reply, outcome) in answers {
+            let _ = reply.send(Ok(outcome));
+        }
+    }
+}
+
+impl GroupCommitWriter {
+    /// Stalls while the storage buffers more than `buffered_limit` bytes, so
+    /// that flushes lagging behind appends cannot grow memory without bound.
+    async fn wait_for_buffer_space(&mut self) {
+        let stall_started = Instant::now();
+        loop {
+            let due = match self.last_buffer_check {
+                Some(checked) => checked.elapsed() >= BUFFER_CHECK_INTERVAL,
+                None => true,
+            };
+            if !self.over_buffer_limit && !due {
+                return;
+            }
+            let storage = Arc::clone(&self.storage);
+            let buffered = match tokio::task::spawn_blocking(move || storage.buffered_bytes()).await
+            {
+                Ok(Ok(bytes)) => bytes,
+                Ok(Err(error)) => {
+                    warn!(%error, "measuring buffered bytes failed");
+                    0
+                }
+                Err(error) => {
+                    warn!(%error, "measuring buffered bytes failed");
+                    0
+                }
+            };
+            self.last_buffer_check = Some(Instant::now());
+            let was_over = self.over_buffer_limit;
+            self.over_buffer_limit = buffered > self.buffered_limit;
+            if !self.over_buffer_limit {
+                if was_over {
+                    debug!(buffered, waited = ?stall_started.elapsed(), "write stall over");
+                }
+                return;
+            }
+            if !was_over {
+                debug!(
+                    buffered,
+                    limit = self.buffered_limit,
+                    "memtables over budget, stalling writes"
+                );
+            }
+            if stall_started.elapsed() >= MAX_BUFFER_STALL {
+                warn!(
+                    buffered,
+                    limit = self.buffered_limit,
+                    "memtables stay over budget, writing anyway"
+                );
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+}
+
+/// Validates one request against the staged state, updates it and adds the
+/// write ops it needs.
+fn stage(
+    request: Request,
+    staged: &mut Staged,
+    ops: &mut Vec<WriteOp>,
+    now_unix_ms: u64,
+) -> Result<Outcome, WalError> {
+    let state = &mut staged.state;
+    match request {
+        Request::Append { partition, entries } => {
+            let invalid = |what: String| WalError::InvalidEntry { partition, what };
+            if entries.is_empty() {
+                return Err(invalid("append of no entries".into()));
+            }
+            for (index, entry) in entries.iter().enumerate() {
+                if entry.payload.len() > MAX_PAYLOAD_LEN {
+                    return Err(invalid(format!(
+                        "entry {index}: payload of {} bytes exceeds {MAX_PAYLOAD_LEN}",
+                        entry.payload.len()
+                    )));
+                }
+                if entry.source.replid.len() > MAX_REPLID_LEN {
+                    return Err(invalid(format!(
+                        "entry {index}: replid of {} bytes exceeds {MAX_REPLID_LEN}",
+                        entry.source.replid.len()
+                    )));
+                }
+            }
+            let first = state.log.last.next();
+            for entry in entries {
+                let log_id = state.log.last.next();
+                let created_unix_ms = entry
+                    .created_unix_ms
+                    .unwrap_or(now_unix_ms)
+                    .max(state.log.last_created_unix_ms);
+                let stored_len = encoded_entry_len(entry.source.replid.len(), entry.payload.len());
+                let bytes_end = state.log.bytes_end + stored_len;
+                state.log.last = log_id;
+                state.log.last_created_unix_ms = created_unix_ms;
+                state.log.bytes_end = bytes_end;
+                state.log.source = Some(entry.source.clone());
+                ops.push(WriteOp::Entry {
+                    partition,
+                    entry: WalEntry {
+                        log_id,
+                        flags: entry.flags,
+                        created_unix_ms,
+                        bytes_end,
+                        stored_len,
+                        source: entry.source,
+                        payload: entry.payload,
+                    },
+                });
+            }
+            staged.log_changed = true;
+            Ok(Outcome::Appended(AppendedRange {
+                first,
+                last: state.log.last,
+            }))
+        }
+        Request::Register {
+            partition,
+            downstream,
+        } => {
+            if !state.acks.contains_key(&downstream) {
+                let acked = state.log.first.prev();
+                state.acks.insert(downstream.clone(), acked);
+                ops.push(WriteOp::Ack {
+                    partition,
+                    downstream,
+                    log_id: acked,
+                });
+            }
+            Ok(Outcome::Done)
+        }
+        Request::Unregister {
+            partition,
+            downstream,
+        } => {
+            if state.acks.remove(&downstream).is_some() {
+                ops.push(WriteOp::RemoveDownstream {
+                    partition,
+                    downstream,
+                });
+            }
+            Ok(Outcome::Done)
+        }
+        Request::Ack {
+            partition,
+            downstream,
+            log_id,
+        } => {
+            let Some(current) = state.acks.get_mut(&downstream) else {
+                return Err(WalError::UnknownDownstream {
+                    partition,
+                    downstream,
+                });
+            };
+            if log_id > staged.durable {
+                return Err(WalError::AckBeyondDurable {
+                    partition,
+                    downstream,
+                    ack: log_id,
+                    durable: staged.durable,
+                });
+            }
+            if log_id > *current {
+                *current = log_id;
+                ops.push(WriteOp::Ack {
+                    partition,
+                    downstream,
+                    log_id,
+                });
+            }
+            Ok(Outcome::Done)
+        }
+        Request::Apply { partition, log_id } => {
+            if log_id > staged.durable {
+                return Err(WalError::ApplyBeyondDurable {
+                    partition,
+                    applied: log_id,
+                    durable: staged.durable,
+                });
+            }
+            if log_id > state.applied {
+                state.applied = log_id;
+                ops.push(WriteOp::Applied { partition, log_id });
+            }
+            Ok(Outcome::Done)
+        }
+        Request::Trim { partition, before } => {
+            if before > staged.durable.next() {
+                return Err(WalError::TrimBeyondDurable {
+                    partition,
+                    before,
+                    durable: staged.durable,
+                });
+            }
+            if before > state.log.first {
+                ops.push(WriteOp::Trim {
+                    partition,
+                    from: state.log.first,
+                    to: before,
+                });
+                state.log.first = before;
+                staged.log_changed = true;
+            }
+            Ok(Outcome::Trimmed(state.log.first))
+        }
+        Request::SnapshotChunk {
+            partition,
+            epoch,
+            seq,
+            data,
+        } => {
+            if epoch == u64::MAX {
+                return Err(WalError::InvalidEntry {
+                    partition,
+                    what: "snapshot epoch u64::MAX is reserved".into(),
+                });
+            }
+            if data.len() > MAX_PAYLOAD_LEN {
+                return Err(WalError::InvalidEntry {
+                    partition,
+                    what: format!(
+                        "snapshot chunk of {} bytes exceeds {MAX_PAYLOAD_LEN}",
+                        data.len()
+                    ),
+                });
+            }
+            ops.push(WriteOp::SnapshotChunk {
+                partition,
+                epoch,
+                seq,
+                data,
+            });
+            Ok(Outcome::Done)
+        }
+        Request::SnapshotState {
+            partition,
+            state: snapshot,
+        } => {
+            state.snapshot = snapshot;
+            ops.push(WriteOp::SnapshotState {
+                partition,
+                state: snapshot,
+            });
+            Ok(Outcome::Done)
+        }
+        Request::DeleteSnapshot { partition, epoch } => {
+            ops.push(WriteOp::DeleteSnapshot { partition, epoch });
+            Ok(Outcome::Done)
+        }
+    }
+}
