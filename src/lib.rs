@@ -11,5 +11,6 @@
 pub mod cli;
 pub mod config_units;
 pub mod position;
+pub mod record;
 pub mod redis;
 pub mod wal;
