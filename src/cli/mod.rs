@@ -157,28 +157,11 @@ fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
         .map_err(CliError::Runtime)
 }
 
-/// Parses a byte size: a number with an optional `B`, `K`/`KB`/`KiB`,
-/// `M`/`MB`/`MiB` or `G`/`GB`/`GiB` suffix (all powers of 1024).
+/// Parses a byte size for a flag, with the same grammar as the config files
+/// (`crate::config_units::parse_size`: `1048576`, `512KiB`, `8MiB`, `1GB`).
 pub fn parse_size(text: &str) -> Result<usize, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (digits, suffix) = text.split_at(split);
-    let number: u64 = digits
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size (e.g. 1048576, 512KiB, 8MiB)"))?;
-    let unit: u64 = match suffix.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        other => return Err(format!("unknown size unit {other:?} in {text:?}")),
-    };
-    number
-        .checked_mul(unit)
-        .and_then(|n| usize::try_from(n).ok())
-        .ok_or_else(|| format!("size {text:?} is too large"))
+    let bytes = crate::config_units::parse_size(text).map_err(|e| e.to_string())?;
+    usize::try_from(bytes).map_err(|_| format!("size {text:?} is too large"))
 }
 
 #[cfg(test)]
@@ -191,7 +174,7 @@ mod tests {
         assert_eq!(parse_size("1048576"), Ok(1 << 20));
         assert_eq!(parse_size("512KiB"), Ok(512 << 10));
         assert_eq!(parse_size("8MiB"), Ok(8 << 20));
-        assert_eq!(parse_size("2g"), Ok(2 << 30));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
         assert!(parse_size("MiB").is_err());
         assert!(parse_size("3 parsecs").is_err());
         assert!(parse_size("99999999999999999999GiB").is_err());

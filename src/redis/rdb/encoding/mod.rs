@@ -29,6 +29,26 @@ pub struct EncodingError {
     pub what: String,
 }
 
+/// Turns one decoding step into an iterator item. After the end or an error
+/// `done` is set, so the caller yields nothing more (a corrupt blob is
+/// reported once).
+pub(crate) fn fuse<T>(
+    done: &mut bool,
+    step: Result<Option<T>, EncodingError>,
+) -> Option<Result<T, EncodingError>> {
+    match step {
+        Ok(Some(item)) => Some(Ok(item)),
+        Ok(None) => {
+            *done = true;
+            None
+        }
+        Err(e) => {
+            *done = true;
+            Some(Err(e))
+        }
+    }
+}
+
 impl EncodingError {
     pub(crate) fn new(pos: usize, what: impl Into<String>) -> EncodingError {
         EncodingError {

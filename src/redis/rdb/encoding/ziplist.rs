@@ -234,17 +234,8 @@ impl Iterator for ZiplistIter {
         if self.done {
             return None;
         }
-        match self.entry() {
-            Ok(Some(element)) => Some(Ok(element)),
-            Ok(None) => {
-                self.done = true;
-                None
-            }
-            Err(e) => {
-                self.done = true;
-                Some(Err(e))
-            }
-        }
+        let step = self.entry();
+        super::fuse(&mut self.done, step)
     }
 }
 

@@ -134,17 +134,8 @@ impl Iterator for ZipmapIter {
         if self.done {
             return None;
         }
-        match self.entry() {
-            Ok(Some(pair)) => Some(Ok(pair)),
-            Ok(None) => {
-                self.done = true;
-                None
-            }
-            Err(e) => {
-                self.done = true;
-                Some(Err(e))
-            }
-        }
+        let step = self.entry();
+        super::fuse(&mut self.done, step)
     }
 }
 
