@@ -290,9 +290,11 @@ async fn full_sync_then_stream() {
     wait_caught_up(&source, &status).await;
     let at_rest = master_offset(&source);
     // The ack is sent every second: wait for the next one.
-    wait_until("the source to see the durable ack", Duration::from_secs(10), || {
-        replica_ack_offset(&source) == Some(at_rest)
-    })
+    wait_until(
+        "the source to see the durable ack",
+        Duration::from_secs(10),
+        || replica_ack_offset(&source) == Some(at_rest),
+    )
     .await;
 
     let log = read_log(&running.wal);
@@ -357,7 +359,10 @@ async fn heartbeat_flows_through_the_wal_when_idle() {
     assert!(beats.len() >= 7, "{beats:?}");
     for pair in beats.windows(2) {
         let gap = pair[1] - pair[0];
-        assert!((100..2000).contains(&gap), "heartbeat gap {gap} ms: {beats:?}");
+        assert!(
+            (100..2000).contains(&gap),
+            "heartbeat gap {gap} ms: {beats:?}"
+        );
     }
     let snapshot = status.snapshot();
     let latency = snapshot.heartbeat_latency_ms.expect("heartbeat latency");
@@ -415,7 +420,10 @@ async fn fallback_snapshot_is_located_in_the_log() {
         "a fallback snapshot adds no log entry"
     );
     let m = fallback.marker_log_id;
-    assert!(m > LogId(1) && m < log.last().unwrap().0.log_id, "{fallback:?}");
+    assert!(
+        m > LogId(1) && m < log.last().unwrap().0.log_id,
+        "{fallback:?}"
+    );
     for (entry, _) in &log {
         if entry.log_id <= m {
             assert!(entry.source.offset.0 <= fallback.offset, "{entry:?}");
@@ -677,12 +685,15 @@ fn kill9_resumes_without_loss_or_full_resync() {
             200 + rng.below(1500)
         };
         std::thread::sleep(Duration::from_millis(delay));
-        assert!(child.try_wait().unwrap().is_none(), "child exited on its own");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "child exited on its own"
+        );
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         let lines = reader.join().unwrap();
         let full_after = stat(&source, "sync_full");
-        let resumes = lines.iter().any(|l| l == "resume true");
+        let resumes = lines.iter().any(|l| l.ends_with("resume true"));
         println!(
             "round {round}: killed after {delay} ms, resumes={resumes}, sync_full +{}, last line {:?}",
             full_after - full_before,
@@ -696,7 +707,10 @@ fn kill9_resumes_without_loss_or_full_resync() {
             assert!(full_after - full_before <= 1, "round {round}: {lines:?}");
         }
     }
-    assert!(resumed_rounds >= 2, "too few rounds got past the first full sync");
+    assert!(
+        resumed_rounds >= 2,
+        "too few rounds got past the first full sync"
+    );
 
     // Stop the load, then let a last listener catch up and kill it too.
     stop.store(true, Ordering::Relaxed);

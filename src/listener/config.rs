@@ -154,7 +154,8 @@ impl ListenerConfig {
 
     /// Checks every value and builds the checked config.
     pub fn validate(&self) -> Result<CheckedListenerConfig, ListenerConfigError> {
-        let valid_char = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-');
+        let valid_char =
+            |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-');
         if self.id.is_empty()
             || self.id.len() > MAX_LISTENER_ID_LEN
             || !self.id.bytes().all(valid_char)
@@ -236,8 +237,7 @@ impl ListenerConfig {
             .resp_limits
             .max_bulk_len
             .min(replica.max_transaction_bytes.as_usize());
-        repl.validate()
-            .map_err(|e| bad("replica", e.to_string()))?;
+        repl.validate().map_err(|e| bad("replica", e.to_string()))?;
         let heartbeat = self.heartbeat_interval.as_duration();
         Ok(CheckedListenerConfig {
             id: self.id.clone(),
@@ -355,7 +355,9 @@ mod tests {
         for (config, field) in cases {
             let error = config.validate().unwrap_err();
             assert_eq!(error.field, field, "{error}");
-            assert!(error.to_string().starts_with(&format!("invalid listener.{field}")));
+            assert!(error
+                .to_string()
+                .starts_with(&format!("invalid listener.{field}")));
         }
     }
 }

@@ -51,7 +51,9 @@ pub(crate) async fn run_heartbeat(
             let value = unix_ms().to_string();
             // The db of the URL is selected on connect; the key is internal
             // (`__ferry` prefix), never applied as data downstream.
-            connection.call(["SET", key.as_str(), value.as_str()]).await?;
+            connection
+                .call(["SET", key.as_str(), value.as_str()])
+                .await?;
             Ok::<(), crate::redis::client::ClientError>(())
         };
         let outcome = tokio::select! {
@@ -69,7 +71,9 @@ pub(crate) async fn run_heartbeat(
             (Some(now), previous) if previous.as_ref() != Some(now) => {
                 warn!(source = %source, error = %now, "heartbeat write failed; retrying")
             }
-            (Some(now), _) => debug!(source = %source, error = %now, "heartbeat write failed again"),
+            (Some(now), _) => {
+                debug!(source = %source, error = %now, "heartbeat write failed again")
+            }
             (None, None) => {}
         }
         if error.is_some() {

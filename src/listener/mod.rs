@@ -84,7 +84,9 @@ pub enum ListenerError {
     Config(#[from] ListenerConfigError),
     #[error("wal: {0}")]
     Wal(#[from] WalError),
-    #[error("partition {partition}: stored source position {position} has an invalid replication id")]
+    #[error(
+        "partition {partition}: stored source position {position} has an invalid replication id"
+    )]
     BadStoredPosition {
         partition: PartitionId,
         position: SourcePosition,
@@ -111,7 +113,10 @@ pub enum ListenerError {
         error: Box<ReplError>,
     },
     #[error("partition {partition}: fallback snapshot: source answered PSYNC ? -1 with {what} instead of a full resync")]
-    FallbackNotFullResync { partition: PartitionId, what: String },
+    FallbackNotFullResync {
+        partition: PartitionId,
+        what: String,
+    },
     #[error("partition {partition}: fallback snapshot at {replid}:{offset} not reached by the durable stream ({durable}) within {waited:?}")]
     FallbackTimeout {
         partition: PartitionId,
@@ -580,8 +585,10 @@ impl Session {
         let ack = psync.ack_handle();
         let wal = self.inner().wal.clone();
         let mut pending = Pending::default();
-        let mut in_flight: Option<(BoxFuture<'static, Result<AppendedRange, WalError>>, BatchInfo)> =
-            None;
+        let mut in_flight: Option<(
+            BoxFuture<'static, Result<AppendedRange, WalError>>,
+            BatchInfo,
+        )> = None;
         // Offset after the latest data-free bytes, acked once nothing is
         // waiting to become durable.
         let mut progress: Option<u64> = None;
@@ -624,9 +631,8 @@ impl Session {
                     return Ok(end);
                 }
             }
-            let reading = end.is_none()
-                && pending.entries.len() < max_entries
-                && pending.bytes < max_bytes;
+            let reading =
+                end.is_none() && pending.entries.len() < max_entries && pending.bytes < max_bytes;
             enum Step {
                 Stop,
                 Appended(Result<AppendedRange, WalError>),
@@ -657,9 +663,13 @@ impl Session {
                     // the batch limits.
                     while let Some(next) = event.take() {
                         match next {
-                            Ok(next) => {
-                                self.take_event(psync, next, &mut pending, &mut progress, &mut replid)?
-                            }
+                            Ok(next) => self.take_event(
+                                psync,
+                                next,
+                                &mut pending,
+                                &mut progress,
+                                &mut replid,
+                            )?,
                             Err(error) => {
                                 end = Some(SessionEnd::Lost {
                                     error,

@@ -307,9 +307,8 @@ impl ListenerHandle {
         shutdown: &CancellationToken,
     ) -> Result<LogId, ListenerError> {
         let mut durable_rx = self.inner.durable_tx.subscribe();
-        let wait = durable_rx.wait_for(|mark| {
-            mark.replid.as_deref() == Some(replid) && mark.offset >= offset
-        });
+        let wait = durable_rx
+            .wait_for(|mark| mark.replid.as_deref() == Some(replid) && mark.offset >= offset);
         let mark = tokio::select! {
             _ = shutdown.cancelled() => return Err(ListenerError::Shutdown),
             mark = tokio::time::timeout(timeout, wait) => mark,
@@ -324,11 +323,7 @@ impl ListenerHandle {
                     waited: timeout,
                     replid: replid.to_string(),
                     offset,
-                    durable: format!(
-                        "{}:{}",
-                        now.replid.as_deref().unwrap_or("-"),
-                        now.offset
-                    ),
+                    durable: format!("{}:{}", now.replid.as_deref().unwrap_or("-"), now.offset),
                 })
             }
         }
@@ -472,8 +467,8 @@ mod tests {
     use super::*;
     use crate::position::ReplOffset;
     use crate::record::SnapshotMarker;
-    use crate::redis::command::Command;
     use crate::record::WriteRecord;
+    use crate::redis::command::Command;
     use crate::wal::{MemWalStorage, NewEntry, SourcePosition, WalConfig};
 
     fn write(offset: u64) -> NewEntry {
@@ -553,6 +548,9 @@ mod tests {
         assert_eq!(found.marker_log_id, LogId(2));
         assert_eq!(found.era_start, None);
         let error = find_marker_log_id(&wal, p, None, LogId(3), 5).unwrap_err();
-        assert!(matches!(error, ListenerError::FallbackBehindLog { .. }), "{error}");
+        assert!(
+            matches!(error, ListenerError::FallbackBehindLog { .. }),
+            "{error}"
+        );
     }
 }
