@@ -766,3 +766,175 @@ fn kill9_resumes_without_loss_or_full_resync() {
         wal.close().await.unwrap();
     });
 }
+
+/// A source on a fixed port that can be shut down and started again from
+/// its dir (`RedisServer` picks a new port on every start).
+struct RestartableSource {
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Option<std::process::Child>,
+}
+
+impl RestartableSource {
+    fn start() -> RestartableSource {
+        let mut source = RestartableSource {
+            port: common::free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+        };
+        source.spawn();
+        source
+    }
+
+    fn spawn(&mut self) {
+        let child = Process::new(common::redis_server_bin())
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .args(["--enable-debug-command", "yes"])
+            .args(["--logfile", "redis.log"])
+            .args(SOURCE_ARGS)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.cli(&["PING"]) != "PONG" {
+            assert!(Instant::now() < deadline, "source did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn cli(&self, args: &[&str]) -> String {
+        let out = Process::new(common::redis_cli_bin())
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    fn info_field(&self, field: &str) -> String {
+        let info = self.cli(&["INFO", "everything"]);
+        info.lines()
+            .filter_map(|l| l.split_once(':'))
+            .find(|(k, _)| *k == field)
+            .map(|(_, v)| v.trim().to_string())
+            .unwrap_or_default()
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// `SHUTDOWN SAVE`: waits for the replica's ack, saves the RDB with the
+    /// replication id and offset.
+    fn shutdown_and_save(&mut self) {
+        let _ = self.cli(&["SHUTDOWN", "SAVE"]);
+        if let Some(mut child) = self.child.take() {
+            child.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for RestartableSource {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Redis 7.0 keeps no backlog across a restart ("Unable to partial resync
+/// ... for lack of backlog"), so a restarted source answers `+FULLRESYNC`:
+/// the listener retries while it is down, then stores a new epoch and marker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_source_full_resyncs_into_a_new_epoch() {
+    let mut source = RestartableSource::start();
+    let wal_dir = tempfile::tempdir().unwrap();
+    let cfg = ListenerConfig {
+        id: "restart".into(),
+        heartbeat_interval: "0s".parse().unwrap(),
+        reconnect_backoff_min: "100ms".parse().unwrap(),
+        reconnect_backoff_max: "500ms".parse().unwrap(),
+        ..ListenerConfig::for_source(source.url())
+    };
+    let running = Running::start(wal_dir.path(), cfg).await;
+    let status = Arc::clone(&running.status);
+    wait_until("the full sync", Duration::from_secs(30), || {
+        status.snapshot().state == SyncState::Online
+    })
+    .await;
+    for i in 0..100 {
+        source.cli(&["INCR", "counter"]);
+        source.cli(&["RPUSH", "list", &i.to_string()]);
+    }
+    let old_replid = source.info_field("master_replid");
+    let offset_before: u64 = source.info_field("master_repl_offset").parse().unwrap();
+    // SHUTDOWN waits for the listener's ack of everything, then saves.
+    source.shutdown_and_save();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let down = status.snapshot();
+    assert_eq!(down.state, SyncState::Offline, "{down:?}");
+    assert!(down.last_error.is_some(), "{down:?}");
+    // Everything was acked (plus the `REPLCONF GETACK` SHUTDOWN sends).
+    assert!(down.durable_offset >= offset_before, "{down:?}");
+    source.spawn();
+    for _ in 0..100 {
+        source.cli(&["INCR", "counter"]);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let target: u64 = source.info_field("master_repl_offset").parse().unwrap();
+        let s = status.snapshot();
+        if s.state == SyncState::Online && s.full_syncs == 2 && s.durable_offset >= target {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not caught up: {s:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let new_replid = source.info_field("master_replid");
+    assert_ne!(new_replid, old_replid);
+    assert_eq!(source.info_field("sync_full"), "1");
+    let s = status.snapshot();
+    assert_eq!(s.replid.as_deref(), Some(new_replid.as_str()));
+
+    let wal = running.stop().await;
+    let log = read_log(&wal);
+    let markers: Vec<(LogId, ferry::record::SnapshotMarker)> = log
+        .iter()
+        .filter_map(|(entry, record)| match record {
+            Record::Snapshot(marker) => Some((entry.log_id, marker.clone())),
+            Record::Write(_) => None,
+        })
+        .collect();
+    assert_eq!(markers.len(), 2, "{markers:?}");
+    assert_eq!((markers[0].1.epoch, markers[1].1.epoch), (1, 2));
+    assert_eq!(markers[1].1.replid, new_replid);
+    // Everything of the first history is there, under its id.
+    let (before, after): (Vec<_>, Vec<_>) = log.iter().partition(|(e, _)| e.log_id < markers[1].0);
+    let last_old = &before.last().unwrap().0;
+    assert_eq!(
+        (last_old.source.replid.as_str(), last_old.source.offset.0),
+        (old_replid.as_str(), offset_before)
+    );
+    // A consumer starting at the new marker rebuilds the restarted source.
+    let marker = &markers[1].1;
+    let replayed = server_from_rdb(&snapshot_rdb(
+        &wal,
+        marker.epoch,
+        marker.chunks,
+        marker.rdb_bytes,
+    ));
+    let after: Vec<(WalEntry, Record)> = after.into_iter().cloned().collect();
+    replay(&replayed, &writes(&after)).await;
+    assert_eq!(replayed.cmd(&["GET", "counter"]), "200");
+    assert_eq!(
+        replayed.cmd(&["DEBUG", "DIGEST"]),
+        source.cli(&["DEBUG", "DIGEST"])
+    );
+    wal.close().await.unwrap();
+}

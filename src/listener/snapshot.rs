@@ -256,18 +256,19 @@ impl ListenerHandle {
         let outcome = self.receive_rdb(&mut psync, epoch, shutdown, |_| {}).await;
         // The snapshot is all this connection is for.
         drop(psync);
-        let (rdb_bytes, chunks) = match outcome {
-            Ok(RdbOutcome::Complete { rdb_bytes, chunks }) => (rdb_bytes, chunks),
-            other => {
-                if let Err(error) = self.finish_epoch(epoch, false).await {
-                    warn!(partition = %partition, epoch, %error, "cannot delete an abandoned snapshot epoch");
+        let failure = match outcome {
+            Ok(RdbOutcome::Complete { rdb_bytes, chunks }) => Ok((rdb_bytes, chunks)),
+            Ok(RdbOutcome::Shutdown) => Err(ListenerError::Shutdown),
+            Ok(RdbOutcome::Lost(error)) => Err(repl_err(error)),
+            Err(error) => Err(error),
+        };
+        let (rdb_bytes, chunks) = match failure {
+            Ok(done) => done,
+            Err(error) => {
+                if let Err(cleanup) = self.finish_epoch(epoch, false).await {
+                    warn!(partition = %partition, epoch, error = %cleanup, "cannot delete an abandoned snapshot epoch");
                 }
-                return Err(match other {
-                    Ok(RdbOutcome::Shutdown) => ListenerError::Shutdown,
-                    Ok(RdbOutcome::Lost(error)) => repl_err(error),
-                    Err(error) => error,
-                    Ok(RdbOutcome::Complete { .. }) => ListenerError::Shutdown,
-                });
+                return Err(error);
             }
         };
         self.finish_epoch(epoch, true).await?;
@@ -534,9 +535,7 @@ mod tests {
         assert_eq!(search(10_000, None).marker_log_id, LogId(9));
         // X before the latest marker: M is just before it.
         assert_eq!(search(50, None).marker_log_id, LogId(3));
-        // A stale hint (older marker) is not below the real era start's
-        // answer when offsets are monotonic after it... but the hint must be
-        // the latest marker: the listener keeps it current.
+        // The listener's hint (the latest marker) gives the same answers.
         assert_eq!(search(140, Some(LogId(4))).marker_log_id, LogId(8));
     }
 
