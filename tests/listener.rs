@@ -674,13 +674,21 @@ fn kill9_resumes_without_loss_or_full_resync() {
     let full_start = stat(&source, "sync_full");
     let partial_start = stat(&source, "sync_partial_ok");
     let mut resumed_rounds = 0;
+    let mut fresh_syncs = 0u64;
+    let mut killed_mid_transfer = 0u64;
     let rounds = 7;
     for round in 0..rounds {
         let full_before = stat(&source, "sync_full");
-        let (mut child, reader, _lines) = spawn_child(wal_dir.path(), &source);
-        // Early rounds die during the first full sync.
+        let (mut child, reader, lines) = spawn_child(wal_dir.path(), &source);
         let delay = if round < 2 {
-            150 + rng.below(500)
+            // The first rounds die while the RDB is being stored.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !lines
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .expect("the child never started a full sync")
+                .contains("FULL_SYNC")
+            {}
+            rng.below(80)
         } else {
             200 + rng.below(1500)
         };
@@ -699,17 +707,31 @@ fn kill9_resumes_without_loss_or_full_resync() {
             full_after - full_before,
             lines.last()
         );
+        let reached_psync = lines
+            .iter()
+            .any(|l| l.contains("FULL_SYNC") || l.contains("ONLINE"));
         if resumes {
             // Once a snapshot is complete, never another full sync.
             assert_eq!(full_after, full_before, "round {round}: {lines:?}");
             resumed_rounds += 1;
+        } else if reached_psync {
+            // Started without a complete snapshot: one `PSYNC ? -1`.
+            assert_eq!(full_after - full_before, 1, "round {round}: {lines:?}");
+            fresh_syncs += 1;
+            killed_mid_transfer += u64::from(!lines.iter().any(|l| l.contains("ONLINE")));
         } else {
+            // Killed before (or just as) it asked.
             assert!(full_after - full_before <= 1, "round {round}: {lines:?}");
+            fresh_syncs += full_after - full_before;
         }
     }
     assert!(
         resumed_rounds >= 2,
         "too few rounds got past the first full sync"
+    );
+    assert!(
+        killed_mid_transfer >= 1,
+        "no full sync was killed mid-transfer"
     );
 
     // Stop the load, then let a last listener catch up and kill it too.
@@ -750,10 +772,10 @@ fn kill9_resumes_without_loss_or_full_resync() {
             })
             .collect();
         assert_eq!(markers.len(), 1, "exactly one complete full sync: {markers:?}");
+        assert_eq!(full_total, fresh_syncs);
         assert_eq!(markers[0].0, LogId(1));
         println!(
-            "sync_full on the source grew by {full_total} (1 completed, {} killed mid-transfer); {} entries",
-            full_total - 1,
+            "sync_full on the source grew by {full_total} (1 completed, {killed_mid_transfer} killed mid-transfer); {} entries",
             log.len()
         );
         let marker = &markers[0].1;
