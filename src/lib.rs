@@ -10,6 +10,7 @@
 
 pub mod cli;
 pub mod config_units;
+pub mod listener;
 pub mod position;
 pub mod record;
 pub mod redis;

@@ -1,0 +1,741 @@
+//! The listener's source side: ingests one source Redis into the local WAL,
+//! durably, resumable after a crash.
+//!
+//! In: the source's replication stream ([`PsyncSource`]: a snapshot, then
+//! commands) and a shutdown token. Out: WAL entries of one partition (RELAY.md
+//! conventions 2 and 3), `REPLCONF ACK`s carrying the durable offset, a
+//! heartbeat key written to the source, fallback snapshots on request
+//! ([`ListenerHandle::take_fallback_snapshot`]) and a live
+//! [`ListenerStatus`].
+//!
+//! # What is stored
+//!
+//! - Per replication entry (one command, or one whole `MULTI`/`EXEC`): one
+//!   `Record::Write` log entry whose source position is (replid, offset after
+//!   the entry, db selected after the entry) and whose creation time is the
+//!   receive time.
+//! - Per full resync: the RDB as snapshot chunks of a new epoch E exactly as
+//!   received, E set complete, then a `Record::Snapshot` marker log entry at
+//!   source position (replid, FULLRESYNC offset, db 0). Entries after the
+//!   marker apply on top of the RDB.
+//!
+//! # Positions and recovery
+//!
+//! `acked to the source <= durable <= received`: the [`AckHandle`] is raised
+//! only after the `append` holding an entry resolved (fsynced), to that
+//! entry's offset; a `Progress` event (data-free bytes: `PING`, `SELECT`,
+//! `REPLCONF`) raises it further only when no entry is waiting to become
+//! durable. On start and after every lost link the listener resumes with
+//! `PSYNC <replid> <offset+1>` from the source position of its last durable
+//! entry (that position is exact: the db after the entry is stored with it),
+//! so a kill -9 loses nothing acknowledged and duplicates nothing: entries
+//! received but not durable are received again. It never asks for a full
+//! resync itself once its WAL has a position; if the source answers
+//! `+FULLRESYNC` (backlog lost, history changed) a new snapshot epoch and
+//! marker are written, which downstreams see. A `+CONTINUE <new replid>`
+//! (failover to a promoted replica) is followed: later entries carry the new
+//! id.
+//!
+//! # Failures
+//!
+//! Replication errors (lost link, source down, `-LOADING`, timeouts, protocol
+//! errors) end the session: what was received is made durable, the status
+//! goes OFFLINE with the error, and the listener reconnects after a capped
+//! exponential backoff (reset once a session is established), logging once
+//! per change of error. WAL errors are fatal: [`run`] returns them (the WAL
+//! is poisoned after a failed write and must be reopened).
+//!
+//! On shutdown the listener stops reading, makes everything received durable
+//! and returns. A full resync interrupted by shutdown is abandoned (its
+//! chunks deleted; the next start resumes from the old position).
+
+mod config;
+mod heartbeat;
+mod snapshot;
+mod status;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use tokio::sync::{watch, Mutex};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+pub use config::{CheckedListenerConfig, ListenerConfig, ListenerConfigError, ReplicaSettings};
+pub use snapshot::FallbackSnapshot;
+pub use status::{ListenerStatus, ListenerStatusSnapshot, SyncState};
+
+use crate::position::{LogId, PartitionId, ReplId, ReplOffset};
+use crate::record::{Record, RecordError, SnapshotMarker};
+use crate::redis::psync::{AckHandle, PsyncSource, ReplError, ReplEvent, ReplPosition};
+use crate::wal::{AppendedRange, NewEntry, SnapshotPhase, SourcePosition, Wal, WalError};
+use snapshot::{EpochAllocator, RdbOutcome};
+
+/// Prefix of the heartbeat key; the listener id follows.
+pub const HEARTBEAT_KEY_PREFIX: &str = "__ferry:heartbeat:";
+
+/// Errors that end [`run`] or a fallback snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenerError {
+    #[error(transparent)]
+    Config(#[from] ListenerConfigError),
+    #[error("wal: {0}")]
+    Wal(#[from] WalError),
+    #[error(
+        "partition {partition}: stored source position {position} has an invalid replication id"
+    )]
+    BadStoredPosition {
+        partition: PartitionId,
+        position: SourcePosition,
+    },
+    #[error("partition {partition}: entry at source offset {offset} encodes to {len} bytes, more than a WAL entry holds ({limit})")]
+    EntryTooLarge {
+        partition: PartitionId,
+        offset: u64,
+        len: usize,
+        limit: usize,
+    },
+    #[error("partition {partition}: corrupt record at log id {log_id}: {error}")]
+    CorruptRecord {
+        partition: PartitionId,
+        log_id: LogId,
+        #[source]
+        error: RecordError,
+    },
+    #[error("partition {partition}: fallback snapshot {what} failed: {error}")]
+    Fallback {
+        partition: PartitionId,
+        what: String,
+        #[source]
+        error: Box<ReplError>,
+    },
+    #[error("partition {partition}: fallback snapshot: source answered PSYNC ? -1 with {what} instead of a full resync")]
+    FallbackNotFullResync {
+        partition: PartitionId,
+        what: String,
+    },
+    #[error("partition {partition}: fallback snapshot at {replid}:{offset} not reached by the durable stream ({durable}) within {waited:?}")]
+    FallbackTimeout {
+        partition: PartitionId,
+        waited: Duration,
+        replid: String,
+        offset: u64,
+        durable: String,
+    },
+    #[error("partition {partition}: fallback snapshot at offset {offset} is older than the first stored entry {first} (offset {first_offset}); take a new one")]
+    FallbackBehindLog {
+        partition: PartitionId,
+        offset: u64,
+        first: LogId,
+        first_offset: u64,
+    },
+    #[error("listener task failed: {0}")]
+    Task(String),
+    #[error("shut down")]
+    Shutdown,
+}
+
+/// The durable end of the stream, published after every durable batch.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct DurableMark {
+    replid: Option<String>,
+    /// Offset acknowledged to the source (see the module doc).
+    offset: u64,
+    log_id: LogId,
+}
+
+struct Inner {
+    cfg: CheckedListenerConfig,
+    wal: Wal,
+    status: Arc<ListenerStatus>,
+    durable_tx: watch::Sender<DurableMark>,
+    epochs: Mutex<EpochAllocator>,
+    /// Log id of the latest snapshot marker, once known.
+    era_start: Mutex<Option<LogId>>,
+}
+
+/// A listener bound to its WAL, before it runs.
+pub struct Listener {
+    handle: ListenerHandle,
+    /// Where the replication resumes (`None`: full sync).
+    resume: Option<ReplPosition>,
+}
+
+/// Cheap-to-clone handle to a listener, for other tasks (the shipper): its
+/// status and [`ListenerHandle::take_fallback_snapshot`].
+#[derive(Clone)]
+pub struct ListenerHandle {
+    inner: Arc<Inner>,
+}
+
+impl ListenerHandle {
+    pub fn status(&self) -> &Arc<ListenerStatus> {
+        &self.inner.status
+    }
+
+    pub fn partition(&self) -> PartitionId {
+        self.inner.cfg.partition
+    }
+
+    pub fn config(&self) -> &CheckedListenerConfig {
+        &self.inner.cfg
+    }
+}
+
+/// Runs a listener until `shutdown` (see the module doc). Equivalent to
+/// [`Listener::open`] then [`Listener::run`]; use those to get a
+/// [`ListenerHandle`] first.
+pub async fn run(
+    cfg: ListenerConfig,
+    wal: Wal,
+    status: Arc<ListenerStatus>,
+    shutdown: CancellationToken,
+) -> Result<(), ListenerError> {
+    Listener::open(cfg, wal, status).await?.run(shutdown).await
+}
+
+pub(crate) fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Listener {
+    /// Validates `cfg`, reads the partition's durable position from the WAL
+    /// and cleans up a snapshot epoch a crash left half-written.
+    pub async fn open(
+        cfg: ListenerConfig,
+        wal: Wal,
+        status: Arc<ListenerStatus>,
+    ) -> Result<Listener, ListenerError> {
+        let cfg = cfg.validate()?;
+        let partition = cfg.partition;
+        let positions_wal = wal.clone();
+        let positions = tokio::task::spawn_blocking(move || positions_wal.positions(partition))
+            .await
+            .map_err(|e| ListenerError::Task(e.to_string()))??;
+        let (resume, snapshot_state, durable) = match positions {
+            None => (None, Default::default(), LogId::ZERO),
+            Some(positions) => {
+                let resume = match positions.source {
+                    None => None,
+                    Some(source) => {
+                        let Some(replid) = ReplId::parse(&source.replid) else {
+                            return Err(ListenerError::BadStoredPosition {
+                                partition,
+                                position: source,
+                            });
+                        };
+                        Some(ReplPosition {
+                            replid,
+                            offset: source.offset,
+                            db: source.db,
+                        })
+                    }
+                };
+                (resume, positions.snapshot, positions.durable)
+            }
+        };
+        if snapshot_state.phase == SnapshotPhase::Writing {
+            info!(partition = %partition, epoch = snapshot_state.epoch, "deleting a snapshot epoch left incomplete by a crash");
+            wal.delete_snapshot(partition, snapshot_state.epoch).await?;
+            wal.set_snapshot_state(
+                partition,
+                crate::wal::SnapshotState {
+                    epoch: snapshot_state.epoch,
+                    phase: SnapshotPhase::Absent,
+                },
+            )
+            .await?;
+        }
+        let mark = DurableMark {
+            replid: resume.as_ref().map(|p| p.replid.to_string()),
+            offset: resume.as_ref().map(|p| p.offset.0).unwrap_or(0),
+            log_id: durable,
+        };
+        status.update(|s| {
+            s.partition = partition.0;
+            s.replid = mark.replid.clone();
+            s.durable_offset = mark.offset;
+            s.received_offset = mark.offset;
+            s.last_log_id = durable.0;
+        });
+        let (durable_tx, _) = watch::channel(mark);
+        let inner = Arc::new(Inner {
+            cfg,
+            wal,
+            status,
+            durable_tx,
+            epochs: Mutex::new(EpochAllocator::recovered(snapshot_state)),
+            era_start: Mutex::new(None),
+        });
+        Ok(Listener {
+            handle: ListenerHandle { inner },
+            resume,
+        })
+    }
+
+    pub fn handle(&self) -> ListenerHandle {
+        self.handle.clone()
+    }
+
+    /// Replicates until `shutdown`; returns after everything received is
+    /// durable. Returns early only on a WAL error.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), ListenerError> {
+        let cfg = &self.handle.inner.cfg;
+        let heartbeat = cfg.heartbeat_interval.map(|interval| {
+            tokio::spawn(heartbeat::run_heartbeat(
+                cfg.source.clone(),
+                cfg.heartbeat_key(),
+                interval,
+                cfg.replica.connect_timeout,
+                Arc::clone(&self.handle.inner.status),
+                shutdown.child_token(),
+            ))
+        });
+        let mut session = Session {
+            handle: self.handle.clone(),
+            resume: self.resume,
+            heartbeat_key: Bytes::from(cfg.heartbeat_key()),
+        };
+        let result = session.run_sessions(&shutdown).await;
+        if let Some(task) = heartbeat {
+            task.abort();
+            let _ = task.await;
+        }
+        result
+    }
+}
+
+/// How one replication session ended.
+enum SessionEnd {
+    Shutdown,
+    /// The link failed; `established` says whether the stream had started
+    /// (the backoff restarts from its minimum then).
+    Lost {
+        error: ReplError,
+        established: bool,
+    },
+}
+
+/// A batch handed to the WAL and what its durability means.
+struct BatchInfo {
+    last: SourcePosition,
+    /// Highest heartbeat timestamp in the batch.
+    heartbeat_unix_ms: Option<u64>,
+}
+
+/// Entries waiting for an append.
+#[derive(Default)]
+struct Pending {
+    entries: Vec<NewEntry>,
+    bytes: usize,
+    heartbeat_unix_ms: Option<u64>,
+}
+
+struct Session {
+    handle: ListenerHandle,
+    resume: Option<ReplPosition>,
+    heartbeat_key: Bytes,
+}
+
+impl Session {
+    fn inner(&self) -> &Inner {
+        &self.handle.inner
+    }
+
+    /// Connects, replicates, reconnects with backoff; until shutdown.
+    async fn run_sessions(&mut self, shutdown: &CancellationToken) -> Result<(), ListenerError> {
+        let partition = self.inner().cfg.partition;
+        let backoff_min = self.inner().cfg.reconnect_backoff_min;
+        let backoff_max = self.inner().cfg.reconnect_backoff_max;
+        let mut backoff = backoff_min;
+        let mut last_error: Option<String> = None;
+        loop {
+            if shutdown.is_cancelled() {
+                return Ok(());
+            }
+            self.inner()
+                .status
+                .update(|s| s.state = SyncState::Connecting);
+            let connect = PsyncSource::connect(&self.inner().cfg.replica, self.resume.clone());
+            let connected = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                connected = connect => connected,
+            };
+            let (error, established) = match connected {
+                Ok(psync) => match self.session(psync, shutdown).await? {
+                    SessionEnd::Shutdown => return Ok(()),
+                    SessionEnd::Lost { error, established } => (error, established),
+                },
+                Err(error) => (error, false),
+            };
+            if established {
+                backoff = backoff_min;
+            }
+            let message = error.to_string();
+            if last_error.as_ref() != Some(&message) {
+                warn!(partition = %partition, %error, retry_in = ?backoff, "replication link lost; reconnecting");
+            } else {
+                debug!(partition = %partition, %error, "replication link still failing");
+            }
+            self.inner().status.update(|s| {
+                s.state = SyncState::Offline;
+                s.last_error = Some(message.clone());
+            });
+            last_error = Some(message);
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(backoff_max);
+        }
+    }
+
+    /// One replication session, from the PSYNC answer to its end.
+    async fn session(
+        &mut self,
+        mut psync: PsyncSource,
+        shutdown: &CancellationToken,
+    ) -> Result<SessionEnd, ListenerError> {
+        let partition = self.inner().cfg.partition;
+        let first = match psync.next_event().await {
+            Ok(event) => event,
+            Err(error) => {
+                return Ok(SessionEnd::Lost {
+                    error,
+                    established: false,
+                })
+            }
+        };
+        match first {
+            ReplEvent::FullResync { replid, offset } => {
+                match self.full_sync(&mut psync, replid, offset, shutdown).await? {
+                    None => {}
+                    Some(end) => return Ok(end),
+                }
+            }
+            ReplEvent::Continue { replid, offset, .. } => {
+                info!(partition = %partition, %replid, %offset, "partial resync");
+                self.inner().status.update(|s| {
+                    s.state = SyncState::Online;
+                    s.partial_resyncs += 1;
+                    s.replid = Some(replid.to_string());
+                });
+            }
+            other => {
+                return Ok(SessionEnd::Lost {
+                    error: ReplError::Protocol {
+                        offset: psync.received_offset().0,
+                        what: format!("session started with {other:?}"),
+                    },
+                    established: false,
+                })
+            }
+        }
+        self.stream(&mut psync, shutdown).await
+    }
+
+    /// Stores a full resync (RELAY.md convention 3). `None` when the stream
+    /// may follow.
+    async fn full_sync(
+        &mut self,
+        psync: &mut PsyncSource,
+        replid: ReplId,
+        offset: ReplOffset,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<SessionEnd>, ListenerError> {
+        let partition = self.inner().cfg.partition;
+        info!(partition = %partition, %replid, %offset, "full resync: storing the source's rdb");
+        self.inner().status.update(|s| {
+            s.state = SyncState::FullSync;
+            s.full_syncs += 1;
+            s.full_sync_bytes_received = 0;
+            s.full_sync_bytes_total = None;
+        });
+        let epoch = self.handle.begin_epoch().await?;
+        let status = Arc::clone(&self.inner().status);
+        let outcome = self
+            .handle
+            .receive_rdb(psync, epoch, shutdown, |bytes| {
+                status.update(|s| s.full_sync_bytes_received = bytes)
+            })
+            .await;
+        let (rdb_bytes, chunks) = match outcome {
+            Ok(RdbOutcome::Complete { rdb_bytes, chunks }) => (rdb_bytes, chunks),
+            Ok(RdbOutcome::Shutdown) => {
+                self.handle.finish_epoch(epoch, false).await?;
+                return Ok(Some(SessionEnd::Shutdown));
+            }
+            Ok(RdbOutcome::Lost(error)) => {
+                self.handle.finish_epoch(epoch, false).await?;
+                return Ok(Some(SessionEnd::Lost {
+                    error,
+                    established: false,
+                }));
+            }
+            Err(error) => return Err(error),
+        };
+        self.handle.finish_epoch(epoch, true).await?;
+        let source = SourcePosition {
+            replid: replid.to_string(),
+            offset,
+            db: 0,
+        };
+        let marker = Record::Snapshot(SnapshotMarker {
+            epoch,
+            rdb_bytes,
+            chunks,
+            replid: replid.to_string(),
+            offset: offset.0,
+        });
+        let range = self
+            .inner()
+            .wal
+            .append(
+                partition,
+                vec![NewEntry {
+                    flags: 0,
+                    created_unix_ms: Some(unix_ms()),
+                    source: source.clone(),
+                    payload: marker.encode(),
+                }],
+            )
+            .await?;
+        *self.inner().era_start.lock().await = Some(range.last);
+        info!(partition = %partition, epoch, rdb_bytes, chunks, marker_log_id = %range.last, "full resync stored");
+        self.inner().status.update(|s| {
+            s.full_sync_bytes_total = Some(rdb_bytes);
+            s.state = SyncState::Online;
+        });
+        self.made_durable(
+            &psync.ack_handle(),
+            range,
+            &BatchInfo {
+                last: source,
+                heartbeat_unix_ms: None,
+            },
+        );
+        Ok(None)
+    }
+
+    /// Publishes a durable batch: resume position, source ack, status.
+    fn made_durable(&mut self, ack: &AckHandle, range: AppendedRange, batch: &BatchInfo) {
+        let last = &batch.last;
+        if let Some(replid) = ReplId::parse(&last.replid) {
+            self.resume = Some(ReplPosition {
+                replid,
+                offset: last.offset,
+                db: last.db,
+            });
+        }
+        ack.set(last.offset);
+        self.publish_durable(ack, range.last, &last.replid);
+        if let Some(sent) = batch.heartbeat_unix_ms {
+            let latency = unix_ms().saturating_sub(sent);
+            self.inner().status.update(|s| {
+                s.heartbeat_latency_ms = Some(latency);
+                s.heartbeat_unix_ms = Some(sent);
+            });
+        }
+    }
+
+    fn publish_durable(&self, ack: &AckHandle, log_id: LogId, replid: &str) {
+        let offset = ack.get().0;
+        let mark = DurableMark {
+            replid: Some(replid.to_string()),
+            offset,
+            log_id,
+        };
+        self.inner().status.update(|s| {
+            s.durable_offset = offset;
+            s.last_log_id = log_id.0;
+            s.replid = mark.replid.clone();
+        });
+        self.inner().durable_tx.send_replace(mark);
+    }
+
+    /// The heartbeat timestamp if `commands` is this listener's heartbeat.
+    fn heartbeat_value(&self, entry: &crate::redis::psync::ReplEntry) -> Option<u64> {
+        let [command] = entry.commands.as_slice() else {
+            return None;
+        };
+        let [name, key, value, ..] = command.args.as_slice() else {
+            return None;
+        };
+        if !name.eq_ignore_ascii_case(b"SET") || key != &self.heartbeat_key {
+            return None;
+        }
+        std::str::from_utf8(value).ok()?.parse().ok()
+    }
+
+    /// Streams commands into the WAL until the link fails or shutdown.
+    async fn stream(
+        &mut self,
+        psync: &mut PsyncSource,
+        shutdown: &CancellationToken,
+    ) -> Result<SessionEnd, ListenerError> {
+        let partition = self.inner().cfg.partition;
+        let max_entries = self.inner().cfg.batch_max_entries;
+        let max_bytes = self.inner().cfg.batch_max_bytes;
+        let ack = psync.ack_handle();
+        let wal = self.inner().wal.clone();
+        let mut pending = Pending::default();
+        let mut in_flight: Option<(
+            BoxFuture<'static, Result<AppendedRange, WalError>>,
+            BatchInfo,
+        )> = None;
+        // Offset after the latest data-free bytes, acked once nothing is
+        // waiting to become durable.
+        let mut progress: Option<u64> = None;
+        let mut end: Option<SessionEnd> = None;
+        let mut replid = psync.position().replid.to_string();
+        if self
+            .resume
+            .as_ref()
+            .is_some_and(|r| r.replid.as_str() != replid)
+        {
+            // `+CONTINUE <new id>`: the durable history is now known under it.
+            self.publish_durable(&ack, self.inner().durable_tx.borrow().log_id, &replid);
+        }
+        loop {
+            if in_flight.is_none() && !pending.entries.is_empty() {
+                let batch = std::mem::take(&mut pending);
+                let info = BatchInfo {
+                    last: batch
+                        .entries
+                        .last()
+                        .map(|e| e.source.clone())
+                        .unwrap_or_default(),
+                    heartbeat_unix_ms: batch.heartbeat_unix_ms,
+                };
+                let wal = wal.clone();
+                in_flight = Some((
+                    async move { wal.append(partition, batch.entries).await }.boxed(),
+                    info,
+                ));
+            }
+            if in_flight.is_none() && pending.entries.is_empty() {
+                if let Some(offset) = progress.take() {
+                    if offset > ack.get().0 {
+                        ack.set(ReplOffset(offset));
+                        let log_id = self.inner().durable_tx.borrow().log_id;
+                        self.publish_durable(&ack, log_id, &replid);
+                    }
+                }
+                if let Some(end) = end.take() {
+                    return Ok(end);
+                }
+            }
+            let reading =
+                end.is_none() && pending.entries.len() < max_entries && pending.bytes < max_bytes;
+            enum Step {
+                Stop,
+                Appended(Result<AppendedRange, WalError>),
+                Event(Result<ReplEvent, ReplError>),
+            }
+            let step = tokio::select! {
+                biased;
+                _ = shutdown.cancelled(), if end.is_none() => Step::Stop,
+                appended = async {
+                    match in_flight.as_mut() {
+                        Some((future, _)) => future.await,
+                        None => std::future::pending().await,
+                    }
+                }, if in_flight.is_some() => Step::Appended(appended),
+                event = psync.next_event(), if reading => Step::Event(event),
+            };
+            match step {
+                Step::Stop => end = Some(SessionEnd::Shutdown),
+                Step::Appended(result) => {
+                    let range = result?;
+                    if let Some((_, info)) = in_flight.take() {
+                        self.made_durable(&ack, range, &info);
+                    }
+                }
+                Step::Event(event) => {
+                    let mut event = Some(event);
+                    // Take what is already buffered without waiting, up to
+                    // the batch limits.
+                    while let Some(next) = event.take() {
+                        match next {
+                            Ok(next) => self.take_event(
+                                psync,
+                                next,
+                                &mut pending,
+                                &mut progress,
+                                &mut replid,
+                            )?,
+                            Err(error) => {
+                                end = Some(SessionEnd::Lost {
+                                    error,
+                                    established: true,
+                                });
+                                break;
+                            }
+                        }
+                        if pending.entries.len() < max_entries && pending.bytes < max_bytes {
+                            event = psync.next_event().now_or_never();
+                        }
+                    }
+                    let received = psync.received_offset().0;
+                    self.inner().status.update(|s| s.received_offset = received);
+                }
+            }
+        }
+    }
+
+    fn take_event(
+        &self,
+        psync: &PsyncSource,
+        event: ReplEvent,
+        pending: &mut Pending,
+        progress: &mut Option<u64>,
+        replid: &mut String,
+    ) -> Result<(), ListenerError> {
+        let partition = self.inner().cfg.partition;
+        match event {
+            ReplEvent::Entry(entry) => {
+                let position = psync.position();
+                *replid = position.replid.to_string();
+                let payload = Record::from_repl_entry(&entry).encode();
+                if payload.len() > crate::wal::MAX_PAYLOAD_LEN {
+                    return Err(ListenerError::EntryTooLarge {
+                        partition,
+                        offset: entry.offset.0,
+                        len: payload.len(),
+                        limit: crate::wal::MAX_PAYLOAD_LEN,
+                    });
+                }
+                if let Some(sent) = self.heartbeat_value(&entry) {
+                    pending.heartbeat_unix_ms = Some(sent);
+                }
+                pending.bytes += payload.len();
+                pending.entries.push(NewEntry {
+                    flags: 0,
+                    created_unix_ms: Some(unix_ms()),
+                    // The db after the entry, so that resuming here is exact
+                    // even after a transaction that switched db.
+                    source: SourcePosition {
+                        replid: position.replid.to_string(),
+                        offset: entry.offset,
+                        db: position.db,
+                    },
+                    payload,
+                });
+                // Data-free bytes before this entry are covered by its ack.
+                *progress = None;
+            }
+            ReplEvent::Progress { offset } => *progress = Some(offset.0),
+            other => {
+                // The client yields these only at a session's start.
+                warn!(partition = %partition, event = ?other, "unexpected replication event in the stream; ignored");
+            }
+        }
+        Ok(())
+    }
+}

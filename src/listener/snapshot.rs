@@ -1,0 +1,555 @@
+//! Snapshot epochs of the listener's partition: storing an RDB received from
+//! the source as WAL snapshot chunks (full resyncs and fallback snapshots),
+//! and locating a fallback snapshot in the log.
+//!
+//! In: RDB chunks from a [`PsyncSource`]. Out: a complete snapshot epoch in
+//! the WAL (`(partition, epoch, seq 0..n)` chunks exactly as received, then
+//! the partition's snapshot state set to complete) and, for fallback
+//! snapshots, the log id M the snapshot corresponds to.
+//!
+//! # Epochs
+//!
+//! Epochs are allocated in increasing order by one allocator per listener
+//! (shared by the replication loop and fallback snapshots, which may run at
+//! the same time). The partition's stored [`SnapshotState`] is
+//! `(latest allocated epoch, Writing)` while any snapshot is being written,
+//! and `(latest epoch, Complete)` (or `Absent` if that one failed) once none
+//! is. A marker entry or a [`FallbackSnapshot`] is only produced after its
+//! epoch's chunks are durable, so an incomplete epoch is never referenced.
+//! On start, an epoch left `Writing` by a crash is deleted; chunks of an
+//! older epoch interrupted by the same crash while a newer one was being
+//! written stay behind unreferenced (garbage, never read).
+//!
+//! # Locating a fallback snapshot (RELAY.md convention 4)
+//!
+//! A fallback snapshot is consistent with the source at (R, X). Once the
+//! listener's durable stream is on R at offset >= X, M is the last log id
+//! whose source offset is <= X. Source offsets increase along the log except
+//! at a snapshot marker (a full resync may restart them), so M is searched by
+//! bisection between the latest marker (the "era" start) and the durable end;
+//! if that marker itself lies after X, M is the id just before it (applying
+//! the marker replaces the state anyway).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::stream::{FuturesUnordered, StreamExt};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::{ListenerError, ListenerHandle};
+use crate::position::{LogId, PartitionId};
+use crate::record::{Record, RecordLimits};
+use crate::redis::psync::{PsyncSource, ReplError, ReplEvent};
+use crate::wal::{ReadLimits, SnapshotPhase, SnapshotState, Wal, WalEntry, WalError};
+
+/// Snapshot chunk writes kept in flight: the WAL group-commits them, so one
+/// fsync covers many chunks instead of one per chunk.
+const CHUNKS_IN_FLIGHT: usize = 32;
+/// Entries read per step when scanning the log backwards for a marker.
+const MARKER_SCAN_WINDOW: u64 = 512;
+
+/// A fallback snapshot stored in the WAL (RELAY.md convention 4).
+///
+/// The downstream that needs it receives chunks `0..chunks` of `epoch`, then
+/// a `SnapshotMarker { epoch, rdb_bytes, chunks, replid, offset }` record at
+/// log id `marker_log_id`, then the entries from `marker_log_id + 1` on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FallbackSnapshot {
+    pub epoch: u64,
+    /// The source's replication id the RDB is consistent with.
+    pub replid: String,
+    /// The source offset X the RDB is consistent with.
+    pub offset: u64,
+    pub rdb_bytes: u64,
+    pub chunks: u64,
+    /// M: the last log id whose source offset is <= `offset` (`LogId::ZERO`
+    /// if the log holds none); every entry after it has a source offset >
+    /// `offset`, or follows a newer snapshot marker.
+    pub marker_log_id: LogId,
+}
+
+/// Allocation state of snapshot epochs (see the module doc).
+#[derive(Debug, Default)]
+pub(crate) struct EpochAllocator {
+    pub(crate) last_allocated: u64,
+    in_progress: Vec<u64>,
+    last_failed: bool,
+}
+
+impl EpochAllocator {
+    pub(crate) fn recovered(state: SnapshotState) -> EpochAllocator {
+        EpochAllocator {
+            last_allocated: state.epoch,
+            in_progress: Vec::new(),
+            last_failed: state.phase != SnapshotPhase::Complete,
+        }
+    }
+}
+
+/// How an RDB transfer ended.
+pub(crate) enum RdbOutcome {
+    Complete { rdb_bytes: u64, chunks: u64 },
+    Shutdown,
+    Lost(ReplError),
+}
+
+impl ListenerHandle {
+    /// Allocates the next epoch and records it as being written.
+    pub(crate) async fn begin_epoch(&self) -> Result<u64, ListenerError> {
+        let mut epochs = self.inner.epochs.lock().await;
+        let epoch = epochs.last_allocated + 1;
+        self.inner
+            .wal
+            .set_snapshot_state(
+                self.inner.cfg.partition,
+                SnapshotState {
+                    epoch,
+                    phase: SnapshotPhase::Writing,
+                },
+            )
+            .await?;
+        epochs.last_allocated = epoch;
+        epochs.last_failed = false;
+        epochs.in_progress.push(epoch);
+        Ok(epoch)
+    }
+
+    /// Ends `epoch`: on failure its chunks are deleted. The stored state
+    /// leaves `Writing` once no epoch is in progress.
+    pub(crate) async fn finish_epoch(&self, epoch: u64, ok: bool) -> Result<(), ListenerError> {
+        let partition = self.inner.cfg.partition;
+        let mut epochs = self.inner.epochs.lock().await;
+        epochs.in_progress.retain(|e| *e != epoch);
+        if !ok {
+            self.inner.wal.delete_snapshot(partition, epoch).await?;
+            if epoch == epochs.last_allocated {
+                epochs.last_failed = true;
+            }
+        }
+        if epochs.in_progress.is_empty() {
+            let phase = if epochs.last_failed {
+                SnapshotPhase::Absent
+            } else {
+                SnapshotPhase::Complete
+            };
+            self.inner
+                .wal
+                .set_snapshot_state(
+                    partition,
+                    SnapshotState {
+                        epoch: epochs.last_allocated,
+                        phase,
+                    },
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Stores the RDB that `psync` is sending (after its `FullResync` event)
+    /// as chunks of `epoch`, `on_bytes` seeing the running total. Returns
+    /// once every chunk is durable, or how the transfer ended early.
+    pub(crate) async fn receive_rdb(
+        &self,
+        psync: &mut PsyncSource,
+        epoch: u64,
+        shutdown: &CancellationToken,
+        mut on_bytes: impl FnMut(u64),
+    ) -> Result<RdbOutcome, ListenerError> {
+        let partition = self.inner.cfg.partition;
+        let mut writes = FuturesUnordered::new();
+        let mut seq = 0u64;
+        let mut received = 0u64;
+        loop {
+            // Bound the chunks held in memory while the WAL catches up.
+            while writes.len() >= CHUNKS_IN_FLIGHT {
+                if let Some(result) = writes.next().await {
+                    result?;
+                }
+            }
+            let event = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return Ok(RdbOutcome::Shutdown),
+                Some(result) = writes.next(), if !writes.is_empty() => {
+                    result?;
+                    continue;
+                }
+                event = psync.next_event() => event,
+            };
+            match event {
+                Ok(ReplEvent::RdbChunk(chunk)) => {
+                    received += chunk.len() as u64;
+                    on_bytes(received);
+                    writes.push(put_chunk(
+                        self.inner.wal.clone(),
+                        partition,
+                        epoch,
+                        seq,
+                        chunk,
+                    ));
+                    seq += 1;
+                }
+                Ok(ReplEvent::RdbEnd { len }) => {
+                    while let Some(result) = writes.next().await {
+                        result?;
+                    }
+                    if len != received {
+                        return Ok(RdbOutcome::Lost(ReplError::RdbTransfer {
+                            received,
+                            what: format!("end of a {len}-byte payload"),
+                        }));
+                    }
+                    return Ok(RdbOutcome::Complete {
+                        rdb_bytes: received,
+                        chunks: seq,
+                    });
+                }
+                Ok(other) => {
+                    return Ok(RdbOutcome::Lost(ReplError::Protocol {
+                        offset: psync.received_offset().0,
+                        what: format!("{other:?} in the middle of the RDB"),
+                    }))
+                }
+                Err(error) => return Ok(RdbOutcome::Lost(error)),
+            }
+        }
+    }
+
+    /// Takes a fallback snapshot (RELAY.md convention 4): opens a second
+    /// replication connection to the source with `PSYNC ? -1`, stores the
+    /// RDB (consistent with the source at (R, X)) as a new complete epoch
+    /// without any log entry, waits until the listener's durable stream is
+    /// on R at offset >= X (at most `fallback-wait-timeout`), and locates M
+    /// (see [`FallbackSnapshot::marker_log_id`]).
+    ///
+    /// The source forks a BGSAVE (or a diskless transfer) for it exactly as
+    /// for a new replica. Errors leave no usable epoch behind (its chunks
+    /// are deleted); retrying is safe. `shutdown` aborts it
+    /// ([`ListenerError::Shutdown`]).
+    pub async fn take_fallback_snapshot(
+        &self,
+        shutdown: &CancellationToken,
+    ) -> Result<FallbackSnapshot, ListenerError> {
+        let cfg = &self.inner.cfg;
+        let partition = cfg.partition;
+        let repl_err = |error| ListenerError::Fallback {
+            partition,
+            what: "replication".into(),
+            error: Box::new(error),
+        };
+        let mut psync = tokio::select! {
+            _ = shutdown.cancelled() => return Err(ListenerError::Shutdown),
+            connected = PsyncSource::connect(&cfg.replica, None) => connected.map_err(repl_err)?,
+        };
+        let (replid, offset) = match psync.next_event().await.map_err(repl_err)? {
+            ReplEvent::FullResync { replid, offset } => (replid.to_string(), offset.0),
+            other => {
+                return Err(ListenerError::FallbackNotFullResync {
+                    partition,
+                    what: format!("{other:?}"),
+                })
+            }
+        };
+        info!(partition = %partition, %replid, offset, "fallback snapshot: receiving rdb");
+        let epoch = self.begin_epoch().await?;
+        let outcome = self.receive_rdb(&mut psync, epoch, shutdown, |_| {}).await;
+        // The snapshot is all this connection is for.
+        drop(psync);
+        let failure = match outcome {
+            Ok(RdbOutcome::Complete { rdb_bytes, chunks }) => Ok((rdb_bytes, chunks)),
+            Ok(RdbOutcome::Shutdown) => Err(ListenerError::Shutdown),
+            Ok(RdbOutcome::Lost(error)) => Err(repl_err(error)),
+            Err(error) => Err(error),
+        };
+        let (rdb_bytes, chunks) = match failure {
+            Ok(done) => done,
+            Err(error) => {
+                if let Err(cleanup) = self.finish_epoch(epoch, false).await {
+                    warn!(partition = %partition, epoch, error = %cleanup, "cannot delete an abandoned snapshot epoch");
+                }
+                return Err(error);
+            }
+        };
+        self.finish_epoch(epoch, true).await?;
+
+        let durable = self
+            .wait_durable(&replid, offset, cfg.fallback_wait_timeout, shutdown)
+            .await?;
+        let era_hint = *self.inner.era_start.lock().await;
+        let wal = self.inner.wal.clone();
+        let found = tokio::task::spawn_blocking(move || {
+            find_marker_log_id(&wal, partition, era_hint, durable, offset)
+        })
+        .await
+        .map_err(|e| ListenerError::Task(e.to_string()))??;
+        let mut era_start = self.inner.era_start.lock().await;
+        if era_start.is_none() || *era_start < found.era_start {
+            *era_start = found.era_start;
+        }
+        info!(partition = %partition, epoch, %replid, offset, rdb_bytes, marker_log_id = %found.marker_log_id, "fallback snapshot stored");
+        Ok(FallbackSnapshot {
+            epoch,
+            replid,
+            offset,
+            rdb_bytes,
+            chunks,
+            marker_log_id: found.marker_log_id,
+        })
+    }
+
+    /// Waits until the durable stream is on `replid` at offset >= `offset`;
+    /// returns the last durable log id at that moment.
+    async fn wait_durable(
+        &self,
+        replid: &str,
+        offset: u64,
+        timeout: Duration,
+        shutdown: &CancellationToken,
+    ) -> Result<LogId, ListenerError> {
+        let mut durable_rx = self.inner.durable_tx.subscribe();
+        let wait = durable_rx
+            .wait_for(|mark| mark.replid.as_deref() == Some(replid) && mark.offset >= offset);
+        let mark = tokio::select! {
+            _ = shutdown.cancelled() => return Err(ListenerError::Shutdown),
+            mark = tokio::time::timeout(timeout, wait) => mark,
+        };
+        match mark {
+            Ok(Ok(mark)) => Ok(mark.log_id),
+            Ok(Err(_)) => Err(ListenerError::Shutdown),
+            Err(_) => {
+                let now = self.inner.durable_tx.borrow().clone();
+                Err(ListenerError::FallbackTimeout {
+                    partition: self.inner.cfg.partition,
+                    waited: timeout,
+                    replid: replid.to_string(),
+                    offset,
+                    durable: format!("{}:{}", now.replid.as_deref().unwrap_or("-"), now.offset),
+                })
+            }
+        }
+    }
+}
+
+async fn put_chunk(
+    wal: Wal,
+    partition: PartitionId,
+    epoch: u64,
+    seq: u64,
+    chunk: Bytes,
+) -> Result<(), WalError> {
+    wal.put_snapshot_chunk(partition, epoch, seq, chunk).await
+}
+
+/// Where the search for M ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct MarkerSearch {
+    pub(crate) marker_log_id: LogId,
+    /// The latest snapshot marker at or before the durable end, if any.
+    pub(crate) era_start: Option<LogId>,
+}
+
+fn read_one(wal: &Wal, partition: PartitionId, id: LogId) -> Result<WalEntry, ListenerError> {
+    let limits = ReadLimits {
+        max_entries: 1,
+        max_bytes: 1,
+    };
+    wal.read(partition, id, limits)?
+        .into_iter()
+        .next()
+        .ok_or(ListenerError::Wal(WalError::Inconsistent {
+            partition,
+            what: format!("durable entry {id} cannot be read"),
+        }))
+}
+
+fn is_marker(entry: &WalEntry, partition: PartitionId) -> Result<bool, ListenerError> {
+    match Record::decode(&entry.payload, RecordLimits::default()) {
+        Ok(record) => Ok(matches!(record, Record::Snapshot(_))),
+        Err(error) => Err(ListenerError::CorruptRecord {
+            partition,
+            log_id: entry.log_id,
+            error,
+        }),
+    }
+}
+
+/// The latest snapshot marker in `first..=hi`, scanning backwards.
+fn scan_back_for_marker(
+    wal: &Wal,
+    partition: PartitionId,
+    first: LogId,
+    hi: LogId,
+) -> Result<Option<LogId>, ListenerError> {
+    let mut end = hi;
+    while end >= first && end > LogId::ZERO {
+        let start = LogId(end.0.saturating_sub(MARKER_SCAN_WINDOW - 1).max(first.0));
+        let limits = ReadLimits {
+            max_entries: (end.0 - start.0 + 1) as usize,
+            max_bytes: usize::MAX,
+        };
+        let entries = wal.read(partition, start, limits)?;
+        for entry in entries.iter().rev() {
+            if entry.log_id <= end && is_marker(entry, partition)? {
+                return Ok(Some(entry.log_id));
+            }
+        }
+        if start == first {
+            break;
+        }
+        end = start.prev();
+    }
+    Ok(None)
+}
+
+/// Finds M for a snapshot at source offset `x` (module doc), searching the
+/// log up to the durable id `hi`. `era_hint` is the latest marker known to
+/// the listener, if any. Blocking (disk reads).
+pub(crate) fn find_marker_log_id(
+    wal: &Wal,
+    partition: PartitionId,
+    era_hint: Option<LogId>,
+    hi: LogId,
+    x: u64,
+) -> Result<MarkerSearch, ListenerError> {
+    let Some(first) = wal.first_log_id(partition)? else {
+        return Ok(MarkerSearch {
+            marker_log_id: hi,
+            era_start: era_hint,
+        });
+    };
+    if hi < first {
+        return Ok(MarkerSearch {
+            marker_log_id: hi,
+            era_start: era_hint,
+        });
+    }
+    let era_start = match era_hint {
+        Some(id) if id >= first && id <= hi => Some(id),
+        _ => scan_back_for_marker(wal, partition, first, hi)?,
+    };
+    let lo = era_start.unwrap_or(first);
+    let lo_entry = read_one(wal, partition, lo)?;
+    if lo_entry.source.offset.0 > x {
+        if era_start == Some(lo) {
+            // A full resync after X: the marker replaces the state anyway.
+            return Ok(MarkerSearch {
+                marker_log_id: lo.prev(),
+                era_start,
+            });
+        }
+        return Err(ListenerError::FallbackBehindLog {
+            partition,
+            offset: x,
+            first,
+            first_offset: lo_entry.source.offset.0,
+        });
+    }
+    // Invariant: offset(lo) <= x; answer in lo..=hi.
+    let (mut low, mut high) = (lo.0, hi.0);
+    while low < high {
+        let mid = low + (high - low).div_ceil(2);
+        if read_one(wal, partition, LogId(mid))?.source.offset.0 <= x {
+            low = mid;
+        } else {
+            high = mid - 1;
+        }
+    }
+    Ok(MarkerSearch {
+        marker_log_id: LogId(low),
+        era_start,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::position::ReplOffset;
+    use crate::record::SnapshotMarker;
+    use crate::record::WriteRecord;
+    use crate::redis::command::Command;
+    use crate::wal::{MemWalStorage, NewEntry, SourcePosition, WalConfig};
+
+    fn write(offset: u64) -> NewEntry {
+        let record = Record::Write(WriteRecord {
+            db: 0,
+            commands: vec![Command::from_parts(["INCR", "k"])],
+            transaction: false,
+        });
+        NewEntry::new(
+            SourcePosition {
+                replid: "a".repeat(40),
+                offset: ReplOffset(offset),
+                db: 0,
+            },
+            record.encode(),
+        )
+    }
+
+    fn marker(offset: u64) -> NewEntry {
+        let record = Record::Snapshot(SnapshotMarker {
+            epoch: 1,
+            rdb_bytes: 0,
+            chunks: 0,
+            replid: "a".repeat(40),
+            offset,
+        });
+        NewEntry::new(
+            SourcePosition {
+                replid: "a".repeat(40),
+                offset: ReplOffset(offset),
+                db: 0,
+            },
+            record.encode(),
+        )
+    }
+
+    async fn wal_with(entries: Vec<NewEntry>) -> Wal {
+        let wal = Wal::with_storage(
+            Arc::new(MemWalStorage::default()),
+            WalConfig::with_dir("unused"),
+        )
+        .await
+        .unwrap();
+        wal.append(PartitionId(0), entries).await.unwrap();
+        wal
+    }
+
+    #[tokio::test]
+    async fn finds_the_last_entry_at_or_before_x() {
+        // Era 1 (offsets up to 900), then a full resync restarting at 100.
+        let mut entries = vec![marker(500), write(600), write(900)];
+        entries.push(marker(100));
+        entries.extend([110, 120, 130, 140, 150].map(write));
+        let wal = wal_with(entries).await;
+        let p = PartitionId(0);
+        let hi = LogId(9);
+        let search = |x, hint| find_marker_log_id(&wal, p, hint, hi, x).unwrap();
+        // Ids 4..=9 carry offsets 100, 110, .., 150.
+        assert_eq!(search(100, None).marker_log_id, LogId(4));
+        assert_eq!(search(100, None).era_start, Some(LogId(4)));
+        assert_eq!(search(125, None).marker_log_id, LogId(6));
+        assert_eq!(search(150, Some(LogId(4))).marker_log_id, LogId(9));
+        assert_eq!(search(10_000, None).marker_log_id, LogId(9));
+        // X before the latest marker: M is just before it.
+        assert_eq!(search(50, None).marker_log_id, LogId(3));
+        // The listener's hint (the latest marker) gives the same answers.
+        assert_eq!(search(140, Some(LogId(4))).marker_log_id, LogId(8));
+    }
+
+    #[tokio::test]
+    async fn log_without_marker_starts_at_the_first_entry() {
+        let wal = wal_with([10, 20, 30].map(write).to_vec()).await;
+        let p = PartitionId(0);
+        let found = find_marker_log_id(&wal, p, None, LogId(3), 25).unwrap();
+        assert_eq!(found.marker_log_id, LogId(2));
+        assert_eq!(found.era_start, None);
+        let error = find_marker_log_id(&wal, p, None, LogId(3), 5).unwrap_err();
+        assert!(
+            matches!(error, ListenerError::FallbackBehindLog { .. }),
+            "{error}"
+        );
+    }
+}
