@@ -492,7 +492,13 @@ impl Applier {
             // Everything read is applied: wait for more.
             tokio::select! {
                 _ = self.shutdown.cancelled() => return Ok(()),
-                run = feed.runs.recv() => feed.accept(run)?,
+                run = feed.runs.recv() => {
+                    // The reader also stops on shutdown.
+                    if run.is_none() && self.shutdown.is_cancelled() {
+                        return Ok(());
+                    }
+                    feed.accept(run)?
+                }
             }
         }
     }
@@ -555,8 +561,8 @@ impl Feed {
         while self.pending.len() < self.max_pending {
             match self.runs.try_recv() {
                 Ok(run) => self.accept(Some(run))?,
-                Err(mpsc::error::TryRecvError::Empty) => break,
-                Err(mpsc::error::TryRecvError::Disconnected) => self.accept(None)?,
+                // A stopped reader is noticed when entries are awaited.
+                Err(_) => break,
             }
         }
         Ok(())
