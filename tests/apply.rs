@@ -1000,7 +1000,8 @@ fn sigkill_during_a_snapshot_load_converges() {
     drop(runtime);
     let mut kills_while_loading = 0;
     for round in 0..4 {
-        if checkpoint(target.port).ends_with("epoch=1") {
+        let now = checkpoint(target.port);
+        if now.starts_with("v1 applied=") && now.ends_with(" epoch=1") {
             break; // loaded: no more loads to interrupt
         }
         let mut child = spawn_child(&wal_dir, target.port, 64, None);

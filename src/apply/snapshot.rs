@@ -208,6 +208,8 @@ impl Applier {
         let mut db = 0u32;
         let mut skipping_internal = false;
         let mut out_of_range_dbs: Vec<u32> = Vec::new();
+        // Replies owed for commands already flushed.
+        let mut unread_before_flush = 0usize;
         loop {
             if self.shutdown.is_cancelled() {
                 return Ok(false);
@@ -285,17 +287,23 @@ impl Applier {
                     key: cmd.args.get(1).cloned(),
                 });
             }
-            if in_flight.len() >= self.cfg.load_window
+            let window = self.cfg.load_window;
+            if in_flight.len() >= unread_before_flush + window
                 || target.client.queued_bytes() >= self.cfg.batch_max_bytes.as_usize()
             {
-                self.drain_load(target, &mut in_flight, &mut progress)
+                // The window just sent runs while the replies of the one
+                // before it are read.
+                target.flush().await?;
+                self.read_load_replies(target, &mut in_flight, &mut progress, window)
                     .await?;
+                unread_before_flush = in_flight.len();
                 progress.bytes_loaded = bytes_fed.load(Ordering::Relaxed);
                 progress.keys_loaded = rebuilder.stats().keys_loaded();
                 self.status.set_snapshot_load(progress.clone());
             }
         }
-        self.drain_load(target, &mut in_flight, &mut progress)
+        target.flush().await?;
+        self.read_load_replies(target, &mut in_flight, &mut progress, 0)
             .await?;
         let stats = rebuilder
             .finish()
@@ -339,15 +347,18 @@ impl Applier {
         Ok(true)
     }
 
-    /// Sends what is queued and reads every owed reply of the load.
-    async fn drain_load(
+    /// Reads replies of the load until at most `keep` are owed.
+    async fn read_load_replies(
         &mut self,
         target: &mut Target,
         in_flight: &mut VecDeque<InFlight>,
         progress: &mut SnapshotLoadProgress,
+        keep: usize,
     ) -> Result<(), ApplyError> {
-        target.flush().await?;
-        while let Some(sent) = in_flight.pop_front() {
+        while in_flight.len() > keep {
+            let Some(sent) = in_flight.pop_front() else {
+                break;
+            };
             let reply = target.reply().await?;
             let Some(error) = reply.error_message() else {
                 continue;
