@@ -424,7 +424,7 @@ async fn queue_time_refusal_is_retried_and_shown_offline() {
     let target = RedisServer::start(&[]);
     let wal_dir = tempfile::tempdir().unwrap();
     let wal = Wal::open(wal_config(wal_dir.path())).await.unwrap();
-    let records = vec![
+    let records = [
         single(0, &["INCR", "c"]),
         single(0, &["INCR", "c"]),
         // Wrong arity: refused when queued, so the whole batch is discarded.
@@ -1028,4 +1028,64 @@ fn sigkill_during_a_snapshot_load_converges() {
     );
     assert_eq!(target.cmd(&["EXISTS", "unrelated:a"]), "0");
     assert_same_data(&target, &source);
+}
+
+// ---------------------------------------------------------------------------
+// Figures (run in release: `cargo test --release --test apply -- --ignored
+// throughput_figures --nocapture`).
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "throughput figures, run by hand in release mode"]
+async fn throughput_figures() {
+    let target = RedisServer::start(&[]);
+    let source = RedisServer::start(&[]);
+    let work = tempfile::tempdir().unwrap();
+    let wal = Wal::open(wal_config(&work.path().join("wal")))
+        .await
+        .unwrap();
+    let n = 500_000u64;
+    let value = "v".repeat(100);
+    let records: Vec<Record> = (0..n)
+        .map(|i| single(0, &["SET", &format!("key:{i}"), &value]))
+        .collect();
+    let last = append(&wal, &records).await;
+    let started = Instant::now();
+    let applier = start(default_config(&target.url()), &wal);
+    applier.wait_applied(last).await;
+    let elapsed = started.elapsed();
+    applier.stop().await;
+    println!(
+        "stream: {n} SET records (100 B values) in {elapsed:.2?}: {:.0} records/s",
+        n as f64 / elapsed.as_secs_f64()
+    );
+
+    let keys = 1_000_000u64;
+    source.cmd(&["DEBUG", "POPULATE", &keys.to_string(), "key", "100"]);
+    let marker = store_snapshot(&wal, &source, 1, work.path()).await;
+    let marker_id = wal
+        .append(PARTITION, vec![entry(&Record::Snapshot(marker.clone()), 0)])
+        .await
+        .unwrap()
+        .last;
+    let started = Instant::now();
+    let applier = start(default_config(&target.url()), &wal);
+    applier.wait_applied(marker_id).await;
+    let elapsed = started.elapsed();
+    applier.stop().await;
+    println!(
+        "snapshot: {keys} keys x 100 B ({} RDB bytes) loaded in {elapsed:.2?}: {:.0} keys/s",
+        marker.rdb_bytes,
+        keys as f64 / elapsed.as_secs_f64()
+    );
+    assert_eq!(target.cmd(&["DBSIZE"]), (keys + 1).to_string());
+    wal.close().await.unwrap();
+}
+
+/// The default config, pointed at `target`.
+fn default_config(target: &str) -> ApplyConfig {
+    ApplyConfig {
+        drainer_id: DRAINER.to_string(),
+        target: target.to_string(),
+        ..ApplyConfig::default()
+    }
 }

@@ -39,10 +39,10 @@ pub struct ApplyConfig {
     pub target: String,
     /// The partition of the WAL to apply. Default: `0`.
     pub partition: u32,
-    /// Most WAL entries in one `MULTI`/`EXEC` batch. Default: `1000`.
+    /// Most WAL entries in one `MULTI`/`EXEC` batch. Default: `4000`.
     pub batch_max_entries: usize,
     /// Most command bytes in one batch (an entry larger than this still goes,
-    /// alone). Default: `"1MiB"`.
+    /// alone). Default: `"2MiB"`.
     pub batch_max_bytes: ByteSize,
     /// First wait after a failure; it doubles per consecutive failure.
     /// Default: `"100ms"`.
@@ -58,8 +58,8 @@ pub struct ApplyConfig {
     /// considered dead (a `FLUSHALL` of a big target counts). Default:
     /// `"60s"`.
     pub reply_timeout: HumanDuration,
-    /// Commands sent per round trip while loading a snapshot. Default:
-    /// `1024`.
+    /// Commands sent per round trip while loading a snapshot (two such
+    /// windows are in flight). Default: `8192`.
     pub load_window: usize,
     /// Keys whose serialized value is at most this long are loaded with
     /// `RESTORE`; bigger ones are rebuilt element by element. Default:
@@ -73,14 +73,14 @@ impl Default for ApplyConfig {
             drainer_id: "drainer".to_string(),
             target: "redis://127.0.0.1:6379".to_string(),
             partition: 0,
-            batch_max_entries: 1000,
-            batch_max_bytes: ByteSize::mib(1),
+            batch_max_entries: 4000,
+            batch_max_bytes: ByteSize::mib(2),
             retry_backoff_min: HumanDuration(Duration::from_millis(100)),
             retry_backoff_max: HumanDuration(Duration::from_secs(10)),
             idle_poll: HumanDuration(Duration::from_millis(2)),
             connect_timeout: HumanDuration(Duration::from_secs(5)),
             reply_timeout: HumanDuration(Duration::from_secs(60)),
-            load_window: 1024,
+            load_window: 8192,
             restore_max_bytes: ByteSize::mib(1),
         }
     }
@@ -182,7 +182,7 @@ mod tests {
     fn defaults_are_valid_and_round_trip() {
         let cfg = ApplyConfig::default().validate().unwrap();
         let json = serde_json::to_string(&cfg).unwrap();
-        assert!(json.contains("\"batch-max-bytes\":\"1MiB\""), "{json}");
+        assert!(json.contains("\"batch-max-bytes\":\"2MiB\""), "{json}");
         let back: ApplyConfig = serde_json::from_str(&json).unwrap();
         assert_eq!(back, cfg);
     }

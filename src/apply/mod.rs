@@ -351,13 +351,21 @@ impl Applier {
     /// One connection to the target: read the checkpoint, then apply until
     /// shutdown or the first error.
     async fn session(&mut self, last_error: &mut Option<String>) -> Result<(), ApplyError> {
-        let mut target = Target::connect(
-            &self.url,
-            self.cfg.connect_timeout.0,
-            self.cfg.reply_timeout.0,
-        )
-        .await?;
-        let checkpoint = target.read_checkpoint(&self.key).await?;
+        let connect = async {
+            let mut target = Target::connect(
+                &self.url,
+                self.cfg.connect_timeout.0,
+                self.cfg.reply_timeout.0,
+            )
+            .await?;
+            let checkpoint = target.read_checkpoint(&self.key).await?;
+            Ok::<_, ApplyError>((target, checkpoint))
+        };
+        // Nothing is in flight yet: shutdown need not wait for a slow target.
+        let (mut target, checkpoint) = tokio::select! {
+            _ = self.shutdown.cancelled() => return Ok(()),
+            connected = connect => connected?,
+        };
         let resume = self.reconcile(checkpoint).await?;
         self.status.set_online();
         if last_error.take().is_some() {
