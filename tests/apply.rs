@@ -1089,3 +1089,43 @@ fn default_config(target: &str) -> ApplyConfig {
         ..ApplyConfig::default()
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_behind_the_wal_is_caught_up_or_reported() {
+    let first = RedisServer::start(&[]);
+    let wal_dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(wal_config(wal_dir.path())).await.unwrap();
+    let records: Vec<Record> = (0..10).map(|_| single(0, &["INCR", "c"])).collect();
+    let last = append(&wal, &records).await;
+    let applier = start(apply_config(&first.url(), 3), &wal);
+    applier.wait_applied(last).await;
+    applier.stop().await;
+    assert_eq!(wal.positions(PARTITION).unwrap().unwrap().applied, last);
+
+    // A fresh target (the old one lost its data, or was replaced): the WAL's
+    // applied mark is ahead of its (missing) checkpoint; it gets everything.
+    let second = RedisServer::start(&[]);
+    let applier = start(apply_config(&second.url(), 3), &wal);
+    applier.wait_applied(last).await;
+    applier.stop().await;
+    assert_eq!(second.cmd(&["GET", "c"]), "10");
+
+    // Once the entries it needs are trimmed (and no snapshot marker replaces
+    // them) a fresh target cannot be caught up: OFFLINE, saying so.
+    wal.trim(PARTITION, LogId(4)).await.unwrap();
+    let third = RedisServer::start(&[]);
+    let applier = start(apply_config(&third.url(), 3), &wal);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let error = loop {
+        let report = applier.status.snapshot();
+        if let (SyncState::Offline, Some(error)) = (report.state, report.last_error) {
+            break error;
+        }
+        assert!(Instant::now() < deadline, "never OFFLINE");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(error.contains("needs a snapshot"), "{error}");
+    assert_eq!(third.cmd(&["EXISTS", "c"]), "0");
+    applier.stop().await;
+    wal.close().await.unwrap();
+}

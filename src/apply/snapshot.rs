@@ -13,6 +13,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use tracing::{info, warn};
@@ -33,6 +34,9 @@ use crate::wal::Wal;
 
 /// Snapshot chunks read from the WAL at a time.
 const CHUNKS_PER_READ: usize = 16;
+/// How long a failed parse waits for the feeder's own error, which names
+/// the cause better (a missing chunk rather than an early end of the RDB).
+const FEEDER_GRACE: Duration = Duration::from_secs(2);
 /// Refused commands logged one by one per load; the rest are counted.
 const LOGGED_REFUSALS: u64 = 10;
 
@@ -157,8 +161,20 @@ impl Applier {
         for _ in 0..flush.len() + 2 {
             replies.push(target.reply().await?);
         }
+        // FLUSHALL and the checkpoint must have run; a refused FUNCTION FLUSH
+        // (functions disabled on a managed target) only leaves functions.
         let committed = match replies.last() {
-            Some(Frame::Array(results)) => results.iter().all(|r| r.error_message().is_none()),
+            Some(Frame::Array(results)) if results.len() == flush.len() => {
+                for (result, cmd) in results.iter().zip(&flush) {
+                    if let (Some(error), true) = (result.error_message(), cmd.is("FUNCTION")) {
+                        warn!(partition = %self.partition, %error, "the target refused FUNCTION FLUSH");
+                    }
+                }
+                results
+                    .iter()
+                    .zip(&flush)
+                    .all(|(result, cmd)| result.error_message().is_none() || cmd.is("FUNCTION"))
+            }
             _ => false,
         };
         if !committed {
@@ -220,10 +236,10 @@ impl Applier {
                 Err(error) => {
                     // A feeder failure also ends the parser's input: report it
                     // rather than the parser's end of input.
-                    if feeding.is_finished() {
-                        if let Ok(Err(why)) = feeding.await {
-                            return Err(snapshot_error(why));
-                        }
+                    // The feeder ends right after its input does (a feed
+                    // into a stopped parser fails at once).
+                    if let Ok(Ok(Err(why))) = tokio::time::timeout(FEEDER_GRACE, feeding).await {
+                        return Err(snapshot_error(why));
                     }
                     return Err(data_error(error.to_string()));
                 }
