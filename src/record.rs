@@ -16,6 +16,10 @@ use prost::Message;
 use crate::redis::command::Command;
 use crate::redis::psync::ReplEntry;
 
+/// Every key ferry itself writes into a source or a target starts with this
+/// (heartbeats, checkpoints); such keys are never replicated as data.
+pub const INTERNAL_PREFIX: &[u8] = b"__ferry";
+
 /// The generated protobuf types of `proto/ferry.proto`.
 pub mod pb {
     #![allow(clippy::all, missing_docs)]

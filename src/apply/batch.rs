@@ -1,0 +1,526 @@
+//! Turning WAL records into one `MULTI`/`EXEC` batch, and reading the
+//! target's replies to it. Pure logic: no I/O, unit-tested here.
+//!
+//! A batch, as sent (the connection is in db 0 before and after it):
+//!
+//! ```text
+//! MULTI
+//! [SELECT <db>]  <commands of record a>      one record: its commands in its db
+//! [SELECT <db>]  <commands of record b>      (a source transaction's commands
+//! ...                                         stay together: one EXEC)
+//! [SELECT 0]
+//! SET __ferry:checkpoint:<drainer>:<partition> "v1 applied=<last id> epoch=<E>"
+//! EXEC
+//! ```
+//!
+//! Commands whose keys are all internal (`__ferry*`: heartbeats, another
+//! ferry's checkpoints) are left out but still covered by the checkpoint. A
+//! record naming a db the target does not have (its db, or a `SELECT` among
+//! its commands) is refused whole without being sent: a failed `SELECT`
+//! inside `EXEC` would let the commands after it run in the wrong db.
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+
+use super::checkpoint::Checkpoint;
+use super::status::RefusedCommand;
+use crate::position::LogId;
+use crate::record::{Record, INTERNAL_PREFIX};
+use crate::redis::command::{self, Command};
+use crate::redis::resp::Frame;
+
+/// One decoded WAL entry waiting to be applied.
+#[derive(Debug, Clone)]
+pub(crate) struct Pending {
+    pub log_id: LogId,
+    pub record: Record,
+    /// Payload size, for the batch byte limit.
+    pub size: usize,
+}
+
+/// What one command queued in a batch is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Slot {
+    /// A `SELECT` or the checkpoint `SET` added by the applier.
+    Internal,
+    /// A command of the entry `log_id`.
+    Data { log_id: LogId },
+}
+
+/// One `MULTI`/`EXEC` worth of records.
+#[derive(Debug, Clone)]
+pub(crate) struct Batch {
+    pub first: LogId,
+    pub last: LogId,
+    /// Commands between `MULTI` and `EXEC`, the checkpoint `SET` last.
+    pub commands: Vec<Command>,
+    /// What each of `commands` is.
+    pub slots: Vec<Slot>,
+    /// Commands refused without being sent (db out of range).
+    pub refused_unsent: Vec<RefusedCommand>,
+    /// Commands left out because all their keys are internal.
+    pub skipped: u64,
+    /// The checkpoint this batch writes.
+    pub checkpoint: Checkpoint,
+}
+
+/// Limits and fixed parts of every batch.
+#[derive(Debug, Clone)]
+pub(crate) struct BatchBuilder {
+    pub checkpoint_key: Bytes,
+    pub max_entries: usize,
+    pub max_bytes: usize,
+    /// Number of dbs of the target (`databases`).
+    pub databases: u32,
+}
+
+/// Upper-case command name for logs and status, at most 64 bytes.
+pub(crate) fn command_name(cmd: &Command) -> String {
+    let name = cmd.name();
+    String::from_utf8_lossy(&name[..name.len().min(64)]).to_uppercase()
+}
+
+/// True when `cmd` has keys and every one is internal.
+pub(crate) fn is_internal(cmd: &Command) -> bool {
+    match command::keys(cmd) {
+        Ok(keys) => !keys.is_empty() && keys.iter().all(|k| k.starts_with(INTERNAL_PREFIX)),
+        // Unknown to the command table: data, as far as we can tell.
+        Err(_) => false,
+    }
+}
+
+fn select(db: u32) -> Command {
+    Command::new(vec![
+        Bytes::from_static(b"SELECT"),
+        Bytes::from(db.to_string()),
+    ])
+}
+
+/// The db a `SELECT` command switches to, if it is one and well formed.
+fn select_target(cmd: &Command) -> Option<Option<u32>> {
+    if !cmd.is("SELECT") {
+        return None;
+    }
+    let db = match cmd.args.as_slice() {
+        [_, db] => std::str::from_utf8(db).ok().and_then(|d| d.parse().ok()),
+        _ => None,
+    };
+    Some(db)
+}
+
+impl BatchBuilder {
+    /// Takes records from the front of `pending` into a batch, up to the
+    /// limits, stopping before a snapshot marker. `None` when the front is a
+    /// snapshot marker or `pending` is empty.
+    pub fn build(&self, pending: &mut VecDeque<Pending>, epoch: u64) -> Option<Batch> {
+        let mut batch: Option<Batch> = None;
+        let mut db = 0u32;
+        let mut bytes = 0usize;
+        let mut entries = 0usize;
+        while let Some(front) = pending.front() {
+            let Record::Write(write) = &front.record else {
+                break;
+            };
+            if entries >= self.max_entries || (entries > 0 && bytes + front.size > self.max_bytes) {
+                break;
+            }
+            let log_id = front.log_id;
+            let batch = batch.get_or_insert_with(|| Batch {
+                first: log_id,
+                last: log_id,
+                commands: Vec::new(),
+                slots: Vec::new(),
+                refused_unsent: Vec::new(),
+                skipped: 0,
+                checkpoint: Checkpoint::Applied { log_id, epoch },
+            });
+            batch.last = log_id;
+            entries += 1;
+            bytes += front.size;
+            if let Some(why) = self.db_out_of_range(write.db, &write.commands) {
+                for cmd in &write.commands {
+                    batch.refused_unsent.push(RefusedCommand {
+                        log_id,
+                        command: command_name(cmd),
+                        error: why.clone(),
+                    });
+                }
+            } else {
+                let mut selected = false;
+                for cmd in &write.commands {
+                    if is_internal(cmd) {
+                        batch.skipped += 1;
+                        continue;
+                    }
+                    if !selected && db != write.db {
+                        batch.commands.push(select(write.db));
+                        batch.slots.push(Slot::Internal);
+                        db = write.db;
+                    }
+                    selected = true;
+                    if let Some(Some(to)) = select_target(cmd) {
+                        db = to;
+                    }
+                    batch.commands.push(cmd.clone());
+                    batch.slots.push(Slot::Data { log_id });
+                }
+            }
+            pending.pop_front();
+        }
+        let mut batch = batch?;
+        if db != 0 {
+            batch.commands.push(select(0));
+            batch.slots.push(Slot::Internal);
+        }
+        batch.checkpoint = Checkpoint::Applied {
+            log_id: batch.last,
+            epoch,
+        };
+        batch.commands.push(Command::new(vec![
+            Bytes::from_static(b"SET"),
+            self.checkpoint_key.clone(),
+            Bytes::from(batch.checkpoint.encode()),
+        ]));
+        batch.slots.push(Slot::Internal);
+        Some(batch)
+    }
+
+    /// Why a record cannot be applied to this target, if it cannot.
+    fn db_out_of_range(&self, db: u32, commands: &[Command]) -> Option<String> {
+        if db >= self.databases {
+            return Some(format!(
+                "db {db} is out of range: the target has {} databases",
+                self.databases
+            ));
+        }
+        for cmd in commands {
+            match select_target(cmd) {
+                Some(Some(to)) if to < self.databases => {}
+                Some(Some(to)) => {
+                    return Some(format!(
+                        "SELECT {to} is out of range: the target has {} databases",
+                        self.databases
+                    ))
+                }
+                Some(None) => return Some("SELECT with a bad db index".to_string()),
+                None => {}
+            }
+        }
+        None
+    }
+}
+
+/// How the target took a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum BatchOutcome {
+    /// `EXEC` ran: the checkpoint moved to the batch's last id. `refused`
+    /// lists the data commands that failed inside it (not retried).
+    Committed {
+        applied: u64,
+        refused: Vec<RefusedCommand>,
+    },
+    /// Nothing ran (a queue-time error, `EXECABORT`): retry the batch.
+    Aborted { error: String },
+}
+
+/// What cannot be explained by the target refusing data.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReplyError {
+    /// The applier's own `SELECT` or checkpoint `SET` failed inside `EXEC`:
+    /// the commands after it may have run in the wrong db.
+    #[error("the target refused the applier's own {command} inside EXEC: {error}")]
+    InternalRefused { command: String, error: String },
+    #[error("unexpected reply to {what}: {reply}")]
+    Unexpected { what: String, reply: String },
+}
+
+fn show(frame: &Frame) -> String {
+    let mut text = format!("{frame:?}");
+    if text.len() > 200 {
+        let mut end = 200;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push_str("...");
+    }
+    text
+}
+
+impl Batch {
+    /// Number of replies the target sends for this batch: `MULTI`, one per
+    /// queued command, `EXEC`.
+    pub fn reply_count(&self) -> usize {
+        self.commands.len() + 2
+    }
+
+    /// Interprets the replies to `MULTI`, each queued command and `EXEC`.
+    pub fn outcome(&self, replies: &[Frame]) -> Result<BatchOutcome, ReplyError> {
+        let unexpected = |what: &str, reply: &Frame| ReplyError::Unexpected {
+            what: what.to_string(),
+            reply: show(reply),
+        };
+        let [multi, queued @ .., exec] = replies else {
+            return Err(ReplyError::Unexpected {
+                what: "a batch".into(),
+                reply: format!("{} replies", replies.len()),
+            });
+        };
+        if queued.len() != self.commands.len() {
+            return Err(ReplyError::Unexpected {
+                what: "a batch".into(),
+                reply: format!(
+                    "{} replies for {} queued commands",
+                    queued.len(),
+                    self.commands.len()
+                ),
+            });
+        }
+        if let Some(error) = multi.error_message() {
+            // Not in a transaction: what followed ran, or failed, one by one.
+            return Ok(BatchOutcome::Aborted {
+                error: format!("MULTI refused: {error}"),
+            });
+        }
+        // The first queue-time refusal explains an EXECABORT.
+        let queue_error =
+            queued
+                .iter()
+                .zip(&self.commands)
+                .zip(&self.slots)
+                .find_map(|((reply, cmd), slot)| {
+                    let error = reply.error_message()?;
+                    Some(match slot {
+                        Slot::Data { log_id } => {
+                            format!("entry {log_id}: {} refused: {error}", command_name(cmd))
+                        }
+                        Slot::Internal => format!("{} refused: {error}", command_name(cmd)),
+                    })
+                });
+        let results = match exec {
+            Frame::Array(results) => results,
+            Frame::Error(_) | Frame::BulkError(_) => {
+                let exec_error = exec.error_message().unwrap_or_default();
+                let error = match queue_error {
+                    Some(queue_error) => format!("{exec_error} ({queue_error})"),
+                    None => exec_error,
+                };
+                return Ok(BatchOutcome::Aborted { error });
+            }
+            // Only a WATCHed key aborts with a null; the applier watches none.
+            other => return Err(unexpected("EXEC", other)),
+        };
+        if results.len() != self.commands.len() {
+            return Err(ReplyError::Unexpected {
+                what: "EXEC".into(),
+                reply: format!(
+                    "{} results for {} queued commands",
+                    results.len(),
+                    self.commands.len()
+                ),
+            });
+        }
+        let mut applied = 0;
+        let mut refused = Vec::new();
+        for ((result, cmd), slot) in results.iter().zip(&self.commands).zip(&self.slots) {
+            match (result.error_message(), slot) {
+                (None, Slot::Data { .. }) => applied += 1,
+                (None, Slot::Internal) => {}
+                (Some(error), Slot::Data { log_id }) => refused.push(RefusedCommand {
+                    log_id: *log_id,
+                    command: command_name(cmd),
+                    error,
+                }),
+                (Some(error), Slot::Internal) => {
+                    return Err(ReplyError::InternalRefused {
+                        command: command_name(cmd),
+                        error,
+                    })
+                }
+            }
+        }
+        Ok(BatchOutcome::Committed { applied, refused })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::{SnapshotMarker, WriteRecord};
+
+    fn write(log_id: u64, db: u32, commands: &[&[&str]], transaction: bool) -> Pending {
+        let record = Record::Write(WriteRecord {
+            db,
+            commands: commands
+                .iter()
+                .map(|c| Command::from_parts(c.iter()))
+                .collect(),
+            transaction,
+        });
+        Pending {
+            log_id: LogId(log_id),
+            size: record.encode().len(),
+            record,
+        }
+    }
+
+    fn builder(max_entries: usize) -> BatchBuilder {
+        BatchBuilder {
+            checkpoint_key: Bytes::from_static(b"__ferry:checkpoint:d:0"),
+            max_entries,
+            max_bytes: 1 << 20,
+            databases: 16,
+        }
+    }
+
+    fn shown(batch: &Batch) -> Vec<String> {
+        batch
+            .commands
+            .iter()
+            .map(|c| {
+                c.args
+                    .iter()
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .collect()
+    }
+
+    #[test]
+    fn selects_dbs_skips_internal_keys_and_ends_in_db_0() {
+        let mut pending: VecDeque<Pending> = [
+            write(5, 0, &[&["SET", "a", "1"]], false),
+            write(6, 3, &[&["SET", "__ferry:heartbeat:l", "9"]], false),
+            write(
+                7,
+                3,
+                &[&["INCR", "c"], &["SELECT", "4"], &["LPUSH", "l", "x"]],
+                true,
+            ),
+            write(8, 4, &[&["DEL", "l"]], false),
+        ]
+        .into();
+        let batch = builder(10).build(&mut pending, 2).unwrap();
+        assert!(pending.is_empty());
+        assert_eq!((batch.first, batch.last), (LogId(5), LogId(8)));
+        assert_eq!(
+            shown(&batch),
+            [
+                "SET a 1",
+                "SELECT 3",
+                "INCR c",
+                "SELECT 4",
+                "LPUSH l x",
+                "DEL l",
+                "SELECT 0",
+                "SET __ferry:checkpoint:d:0 v1 applied=8 epoch=2",
+            ]
+        );
+        assert_eq!(batch.skipped, 1);
+        assert_eq!(batch.slots[1], Slot::Internal);
+        assert_eq!(batch.slots[3], Slot::Data { log_id: LogId(7) });
+    }
+
+    #[test]
+    fn stops_at_limits_and_snapshot_markers() {
+        let marker = Pending {
+            log_id: LogId(3),
+            size: 10,
+            record: Record::Snapshot(SnapshotMarker {
+                epoch: 1,
+                rdb_bytes: 0,
+                chunks: 0,
+                replid: String::new(),
+                offset: 0,
+            }),
+        };
+        let mut pending: VecDeque<Pending> = [
+            write(1, 0, &[&["SET", "a", "1"]], false),
+            write(2, 0, &[&["SET", "b", "1"]], false),
+            marker,
+            write(4, 0, &[&["SET", "c", "1"]], false),
+        ]
+        .into();
+        let one = builder(1).build(&mut pending, 0).unwrap();
+        assert_eq!((one.first, one.last), (LogId(1), LogId(1)));
+        let two = builder(10).build(&mut pending, 0).unwrap();
+        assert_eq!((two.first, two.last), (LogId(2), LogId(2)));
+        assert!(builder(10).build(&mut pending, 0).is_none());
+        assert_eq!(pending.len(), 2);
+    }
+
+    #[test]
+    fn refuses_records_naming_missing_dbs() {
+        let mut pending: VecDeque<Pending> = [
+            write(1, 16, &[&["SET", "a", "1"]], false),
+            write(2, 0, &[&["SELECT", "20"], &["SET", "b", "1"]], true),
+            write(3, 2, &[&["SET", "c", "1"]], false),
+        ]
+        .into();
+        let batch = builder(10).build(&mut pending, 0).unwrap();
+        assert_eq!(batch.refused_unsent.len(), 3);
+        assert_eq!(batch.refused_unsent[1].command, "SELECT");
+        assert_eq!(
+            shown(&batch),
+            [
+                "SELECT 2",
+                "SET c 1",
+                "SELECT 0",
+                "SET __ferry:checkpoint:d:0 v1 applied=3 epoch=0"
+            ]
+        );
+    }
+
+    #[test]
+    fn reads_commits_refusals_and_aborts() {
+        let mut pending: VecDeque<Pending> = [
+            write(1, 1, &[&["SET", "k", "v"]], false),
+            write(2, 1, &[&["LPUSH", "k", "x"]], false),
+        ]
+        .into();
+        let batch = builder(10).build(&mut pending, 0).unwrap();
+        assert_eq!(batch.reply_count(), 7);
+        let ok = || Frame::Simple(Bytes::from_static(b"OK"));
+        let queued = || Frame::Simple(Bytes::from_static(b"QUEUED"));
+        let wrongtype = Frame::Error(Bytes::from_static(b"WRONGTYPE Operation"));
+        let mut replies = vec![ok(), queued(), queued(), queued(), queued(), queued()];
+        replies.push(Frame::Array(vec![
+            ok(),
+            ok(),
+            wrongtype.clone(),
+            ok(),
+            ok(),
+        ]));
+        match batch.outcome(&replies).unwrap() {
+            BatchOutcome::Committed { applied, refused } => {
+                assert_eq!(applied, 1);
+                assert_eq!(refused.len(), 1);
+                assert_eq!(refused[0].log_id, LogId(2));
+                assert_eq!(refused[0].command, "LPUSH");
+            }
+            other => panic!("{other:?}"),
+        }
+        replies[3] = Frame::Error(Bytes::from_static(b"ERR wrong number of arguments"));
+        replies[6] = Frame::Error(Bytes::from_static(b"EXECABORT Transaction discarded"));
+        match batch.outcome(&replies).unwrap() {
+            BatchOutcome::Aborted { error } => {
+                assert!(error.starts_with("EXECABORT"), "{error}");
+                assert!(error.contains("entry 2: LPUSH refused"), "{error}");
+            }
+            other => panic!("{other:?}"),
+        }
+        replies[6] = Frame::Array(vec![ok(), ok(), ok(), ok(), wrongtype]);
+        assert!(matches!(
+            batch.outcome(&replies),
+            Err(ReplyError::InternalRefused { .. })
+        ));
+        replies[6] = Frame::Null;
+        assert!(matches!(
+            batch.outcome(&replies),
+            Err(ReplyError::Unexpected { .. })
+        ));
+        assert!(batch.outcome(&replies[1..]).is_err());
+    }
+}

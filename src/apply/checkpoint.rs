@@ -1,0 +1,194 @@
+//! The exactly-once checkpoint an applier keeps in its target.
+//!
+//! Key: `__ferry:checkpoint:<drainer-id>:<partition>` in db 0 (under
+//! [`crate::record::INTERNAL_PREFIX`], so it is never taken for data).
+//! Value, ASCII, one of:
+//!
+//! ```text
+//! v1 applied=<log id> epoch=<epoch>
+//! v1 loading=<log id> epoch=<epoch>
+//! ```
+//!
+//! - `applied=L epoch=E`: every WAL entry up to and including `L` is applied,
+//!   on top of snapshot epoch `E` (0: no snapshot was ever loaded; the data
+//!   came from the log alone). The applier resumes at `L + 1`.
+//! - `loading=M epoch=E`: the snapshot marker at log id `M` (epoch `E`) is
+//!   being loaded: the target was flushed in the same transaction that wrote
+//!   this value and holds a partial data set. The applier resumes by loading
+//!   the marker at `M` again, from the flush.
+//!
+//! The version prefix changes if the fields ever do; an unknown version or a
+//! malformed value is [`CheckpointError`], never guessed at.
+
+use std::fmt;
+
+use crate::position::{LogId, PartitionId};
+use crate::record::INTERNAL_PREFIX;
+
+/// Longest value accepted when reading a checkpoint back.
+pub const MAX_CHECKPOINT_LEN: usize = 256;
+
+/// What the target's data set is, as far as this applier is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checkpoint {
+    /// Entries up to and including `log_id` are applied.
+    Applied { log_id: LogId, epoch: u64 },
+    /// The snapshot marker at `log_id` is being loaded.
+    Loading { log_id: LogId, epoch: u64 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("checkpoint value {value:?} is not valid: {why}")]
+pub struct CheckpointError {
+    pub value: String,
+    pub why: String,
+}
+
+/// The checkpoint key of `drainer_id`'s applier of `partition`.
+pub fn checkpoint_key(drainer_id: &str, partition: PartitionId) -> Vec<u8> {
+    let mut key = INTERNAL_PREFIX.to_vec();
+    key.extend_from_slice(format!(":checkpoint:{drainer_id}:{partition}").as_bytes());
+    key
+}
+
+impl Checkpoint {
+    /// The first log id still to be applied.
+    pub fn resume_at(&self) -> LogId {
+        match *self {
+            Checkpoint::Applied { log_id, .. } => log_id.next(),
+            Checkpoint::Loading { log_id, .. } => log_id,
+        }
+    }
+
+    /// The last log id whose effect the target fully holds (entries before a
+    /// snapshot being loaded no longer count: the flush removed them).
+    pub fn applied(&self) -> LogId {
+        match *self {
+            Checkpoint::Applied { log_id, .. } => log_id,
+            Checkpoint::Loading { log_id, .. } => log_id.prev(),
+        }
+    }
+
+    pub fn epoch(&self) -> u64 {
+        match *self {
+            Checkpoint::Applied { epoch, .. } | Checkpoint::Loading { epoch, .. } => epoch,
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        self.to_string()
+    }
+
+    pub fn decode(value: &[u8]) -> Result<Checkpoint, CheckpointError> {
+        let shown = String::from_utf8_lossy(&value[..value.len().min(MAX_CHECKPOINT_LEN)]);
+        let fail = |why: &str| CheckpointError {
+            value: shown.to_string(),
+            why: why.to_string(),
+        };
+        if value.len() > MAX_CHECKPOINT_LEN {
+            return Err(fail(&format!("longer than {MAX_CHECKPOINT_LEN} bytes")));
+        }
+        let text = std::str::from_utf8(value).map_err(|_| fail("not UTF-8"))?;
+        let mut fields = text.split(' ');
+        match fields.next() {
+            Some("v1") => {}
+            Some(v) if v.starts_with('v') => {
+                return Err(fail(&format!(
+                    "unsupported version {v} (this ferry reads v1)"
+                )))
+            }
+            _ => return Err(fail("no version prefix")),
+        }
+        let number = |field: Option<&str>, name: &str| -> Result<(String, u64), CheckpointError> {
+            let field = field.ok_or_else(|| fail(&format!("no {name} field")))?;
+            let (key, value) = field
+                .split_once('=')
+                .ok_or_else(|| fail(&format!("{name} field {field:?} has no '='")))?;
+            let value = value
+                .parse::<u64>()
+                .ok()
+                .filter(|_| value.bytes().all(|b| b.is_ascii_digit()))
+                .ok_or_else(|| fail(&format!("{key} is not a number")))?;
+            Ok((key.to_string(), value))
+        };
+        let (phase, log_id) = number(fields.next(), "phase")?;
+        let (epoch_key, epoch) = number(fields.next(), "epoch")?;
+        if epoch_key != "epoch" {
+            return Err(fail(&format!("expected epoch=, found {epoch_key}=")));
+        }
+        if fields.next().is_some() {
+            return Err(fail("trailing fields"));
+        }
+        let log_id = LogId(log_id);
+        match phase.as_str() {
+            "applied" => Ok(Checkpoint::Applied { log_id, epoch }),
+            "loading" if log_id > LogId::ZERO => Ok(Checkpoint::Loading { log_id, epoch }),
+            "loading" => Err(fail("loading a snapshot at log id 0")),
+            other => Err(fail(&format!("unknown phase {other:?}"))),
+        }
+    }
+}
+
+impl fmt::Display for Checkpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Checkpoint::Applied { log_id, epoch } => write!(f, "v1 applied={log_id} epoch={epoch}"),
+            Checkpoint::Loading { log_id, epoch } => write!(f, "v1 loading={log_id} epoch={epoch}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_resumes() {
+        let applied = Checkpoint::Applied {
+            log_id: LogId(1234),
+            epoch: 7,
+        };
+        assert_eq!(applied.encode(), "v1 applied=1234 epoch=7");
+        assert_eq!(Checkpoint::decode(b"v1 applied=1234 epoch=7"), Ok(applied));
+        assert_eq!(applied.resume_at(), LogId(1235));
+        assert_eq!(applied.applied(), LogId(1234));
+        let loading = Checkpoint::Loading {
+            log_id: LogId(40),
+            epoch: 2,
+        };
+        assert_eq!(Checkpoint::decode(loading.encode().as_bytes()), Ok(loading));
+        assert_eq!(loading.resume_at(), LogId(40));
+        assert_eq!(loading.applied(), LogId(39));
+        assert_eq!(
+            checkpoint_key("d1", PartitionId(3)),
+            b"__ferry:checkpoint:d1:3".to_vec()
+        );
+    }
+
+    #[test]
+    fn refuses_malformed_values() {
+        let long = vec![b'v'; MAX_CHECKPOINT_LEN + 1];
+        let cases: [&[u8]; 11] = [
+            b"",
+            b"v2 applied=1 epoch=0",
+            b"applied=1 epoch=0",
+            b"v1 applied=1",
+            b"v1 applied=x epoch=0",
+            b"v1 applied=+1 epoch=0",
+            b"v1 done=1 epoch=0",
+            b"v1 applied=1 epoch=0 more",
+            b"v1 applied=1 era=0",
+            b"v1 loading=0 epoch=0",
+            &long,
+        ];
+        for value in cases {
+            assert!(
+                Checkpoint::decode(value).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(value)
+            );
+        }
+        let error = Checkpoint::decode(b"v2 applied=1 epoch=0").unwrap_err();
+        assert!(error.why.contains("unsupported version v2"), "{error}");
+    }
+}

@@ -1,0 +1,218 @@
+//! [`ApplyConfig`]: which partition of the drainer's WAL is applied to which
+//! target, in what batch sizes, and how failures are retried.
+//!
+//! In: the `[apply]` section of a drainer config (serde, kebab-case, unknown
+//! fields rejected). Out: a checked config from [`ApplyConfig::validate`],
+//! whose error names the offending field.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config_units::{ByteSize, HumanDuration};
+use crate::position::PartitionId;
+use crate::redis::url::RedisUrl;
+
+/// Longest drainer id (it is part of the checkpoint key).
+pub const MAX_DRAINER_ID_LEN: usize = 64;
+
+/// A config value that cannot work, naming the field (`apply.<field>`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid apply.{field}: {reason}")]
+pub struct ApplyConfigError {
+    pub field: &'static str,
+    pub reason: String,
+}
+
+/// Configuration of one applier (one partition of one drainer).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct ApplyConfig {
+    /// Name of the drainer, 1 to 64 bytes of `[A-Za-z0-9._-]`; part of the
+    /// checkpoint key `__ferry:checkpoint:<drainer-id>:<partition>`, so two
+    /// drainers writing to one target must have different ids. Default:
+    /// `"drainer"`.
+    pub drainer_id: String,
+    /// The target Redis, `redis://[[user]:password@]host[:port]`. No db in
+    /// the URL: every record carries the db it was written in. Default:
+    /// `"redis://127.0.0.1:6379"`.
+    pub target: String,
+    /// The partition of the WAL to apply. Default: `0`.
+    pub partition: u32,
+    /// Most WAL entries in one `MULTI`/`EXEC` batch. Default: `4000`.
+    pub batch_max_entries: usize,
+    /// Most command bytes in one batch (an entry larger than this still goes,
+    /// alone). Default: `"2MiB"`.
+    pub batch_max_bytes: ByteSize,
+    /// First wait after a failure; it doubles per consecutive failure.
+    /// Default: `"100ms"`.
+    pub retry_backoff_min: HumanDuration,
+    /// Longest wait between retries. Default: `"10s"`.
+    pub retry_backoff_max: HumanDuration,
+    /// How often the WAL is looked at for new entries while everything is
+    /// applied. Default: `"2ms"`.
+    pub idle_poll: HumanDuration,
+    /// Timeout of a connection attempt to the target. Default: `"5s"`.
+    pub connect_timeout: HumanDuration,
+    /// Longest wait for one reply of the target before the connection is
+    /// considered dead (a `FLUSHALL` of a big target counts). Default:
+    /// `"60s"`.
+    pub reply_timeout: HumanDuration,
+    /// Commands sent per round trip while loading a snapshot (two such
+    /// windows are in flight). Default: `8192`.
+    pub load_window: usize,
+    /// Keys whose serialized value is at most this long are loaded with
+    /// `RESTORE`; bigger ones are rebuilt element by element. Default:
+    /// `"1MiB"`.
+    pub restore_max_bytes: ByteSize,
+}
+
+impl Default for ApplyConfig {
+    fn default() -> Self {
+        ApplyConfig {
+            drainer_id: "drainer".to_string(),
+            target: "redis://127.0.0.1:6379".to_string(),
+            partition: 0,
+            batch_max_entries: 4000,
+            batch_max_bytes: ByteSize::mib(2),
+            retry_backoff_min: HumanDuration(Duration::from_millis(100)),
+            retry_backoff_max: HumanDuration(Duration::from_secs(10)),
+            idle_poll: HumanDuration(Duration::from_millis(2)),
+            connect_timeout: HumanDuration(Duration::from_secs(5)),
+            reply_timeout: HumanDuration(Duration::from_secs(60)),
+            load_window: 8192,
+            restore_max_bytes: ByteSize::mib(1),
+        }
+    }
+}
+
+fn bad(field: &'static str, reason: impl Into<String>) -> ApplyConfigError {
+    ApplyConfigError {
+        field,
+        reason: reason.into(),
+    }
+}
+
+impl ApplyConfig {
+    pub fn partition_id(&self) -> PartitionId {
+        PartitionId(self.partition)
+    }
+
+    /// The parsed target address.
+    pub fn target_url(&self) -> Result<RedisUrl, ApplyConfigError> {
+        let url = RedisUrl::parse(&self.target).map_err(|e| bad("target", e.to_string()))?;
+        if url.db != 0 {
+            return Err(bad(
+                "target",
+                format!(
+                    "a db in the URL (/{}) is not supported: records are applied in the db they were written in",
+                    url.db
+                ),
+            ));
+        }
+        Ok(url)
+    }
+
+    /// Checks values that would make the applier misbehave rather than fail.
+    pub fn validate(self) -> Result<ApplyConfig, ApplyConfigError> {
+        let id_char = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-');
+        if self.drainer_id.is_empty()
+            || self.drainer_id.len() > MAX_DRAINER_ID_LEN
+            || !self.drainer_id.bytes().all(id_char)
+        {
+            return Err(bad(
+                "drainer-id",
+                format!(
+                    "{:?} must be 1 to {MAX_DRAINER_ID_LEN} bytes of [A-Za-z0-9._-]",
+                    self.drainer_id
+                ),
+            ));
+        }
+        self.target_url()?;
+        if self.batch_max_entries == 0 || self.batch_max_entries > 1_000_000 {
+            return Err(bad("batch-max-entries", "must be 1 to 1000000"));
+        }
+        if self.batch_max_bytes.0 == 0 || self.batch_max_bytes.0 > 1 << 30 {
+            return Err(bad("batch-max-bytes", "must be 1B to 1GiB"));
+        }
+        if self.retry_backoff_min.0.is_zero() {
+            return Err(bad("retry-backoff-min", "must be more than 0"));
+        }
+        if self.retry_backoff_max.0 < self.retry_backoff_min.0 {
+            return Err(bad(
+                "retry-backoff-max",
+                format!(
+                    "{} is shorter than retry-backoff-min {}",
+                    self.retry_backoff_max, self.retry_backoff_min
+                ),
+            ));
+        }
+        if self.idle_poll.0.is_zero() || self.idle_poll.0 > Duration::from_secs(1) {
+            return Err(bad("idle-poll", "must be more than 0 and at most 1s"));
+        }
+        if self.connect_timeout.0.is_zero() {
+            return Err(bad("connect-timeout", "must be more than 0"));
+        }
+        if self.reply_timeout.0.is_zero() {
+            return Err(bad("reply-timeout", "must be more than 0"));
+        }
+        if self.load_window == 0 || self.load_window > 1_000_000 {
+            return Err(bad("load-window", "must be 1 to 1000000"));
+        }
+        if self.restore_max_bytes.0 > 512 << 20 {
+            return Err(bad(
+                "restore-max-bytes",
+                "at most 512MiB (Redis' largest bulk string)",
+            ));
+        }
+        Ok(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<ApplyConfig, String> {
+        let cfg: ApplyConfig = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        cfg.validate().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_are_valid_and_round_trip() {
+        let cfg = ApplyConfig::default().validate().unwrap();
+        let json = serde_json::to_string(&cfg).unwrap();
+        assert!(json.contains("\"batch-max-bytes\":\"2MiB\""), "{json}");
+        let back: ApplyConfig = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, cfg);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let unknown = parse(r#"{"batch-size": 3}"#).unwrap_err();
+        assert!(unknown.contains("batch-size"), "{unknown}");
+        let cases = [
+            (r#"{"drainer-id": "a:b"}"#, "apply.drainer-id"),
+            (r#"{"drainer-id": ""}"#, "apply.drainer-id"),
+            (r#"{"target": "http://x"}"#, "apply.target"),
+            (r#"{"target": "redis://h:1/3"}"#, "apply.target"),
+            (r#"{"batch-max-entries": 0}"#, "apply.batch-max-entries"),
+            (r#"{"batch-max-bytes": "0B"}"#, "apply.batch-max-bytes"),
+            (
+                r#"{"retry-backoff-min": "2s", "retry-backoff-max": "1s"}"#,
+                "apply.retry-backoff-max",
+            ),
+            (r#"{"idle-poll": "0ms"}"#, "apply.idle-poll"),
+            (r#"{"load-window": 0}"#, "apply.load-window"),
+        ];
+        for (text, field) in cases {
+            let error = parse(text).unwrap_err();
+            assert!(
+                error.starts_with(&format!("invalid {field}:")),
+                "{text}: {error}"
+            );
+        }
+        let bad_unit = parse(r#"{"reply-timeout": "10"}"#).unwrap_err();
+        assert!(bad_unit.contains("unknown unit"), "{bad_unit}");
+    }
+}

@@ -1,0 +1,650 @@
+//! The drainer's applier: one partition of the drainer's WAL applied to the
+//! target Redis, in log order, exactly once across crashes of the applier
+//! and of the target.
+//!
+//! In: durable WAL entries ([`crate::record::Record`]s at the listener's log
+//! ids) and the snapshot chunks they refer to. Out: `MULTI`/`EXEC`
+//! transactions on the target, the WAL's `applied` mark
+//! ([`Wal::set_applied`]), and an [`ApplyStatus`] for `ferry status`.
+//!
+//! # Exactly once
+//!
+//! The target is the truth. Every batch of entries is one `MULTI … EXEC`
+//! that also writes the checkpoint key
+//! `__ferry:checkpoint:<drainer-id>:<partition>` in db 0 (format in
+//! [`checkpoint`]): the commands of a batch and the checkpoint naming its
+//! last log id commit together or not at all. On start, and after every
+//! reconnect, the applier reads the checkpoint back and resumes right after
+//! it, so a batch whose `EXEC` ran is never sent again and one that did not
+//! run is sent again. A target that persists (AOF) writes a `MULTI`/`EXEC`
+//! atomically, so after its own crash it comes back with data and checkpoint
+//! from the same moment and the applier continues from there.
+//!
+//! The WAL's `applied` mark is advisory (status, retention decisions): it is
+//! set only after `EXEC`'s reply was read, so a crash between the two leaves
+//! it *behind* the checkpoint, never ahead; the applier then moves it up to
+//! the checkpoint. It can only be *ahead* when the target lost writes it had
+//! acknowledged (restarted without persistence, restored from an older
+//! backup, flushed by hand, or a different server behind the same address):
+//! the applier logs a warning and re-applies from the target's checkpoint,
+//! which is what the target needs.
+//!
+//! # Batches and pipelining
+//!
+//! A batch ([`batch`]) holds up to `batch-max-entries` entries /
+//! `batch-max-bytes`; a source transaction (one record) is never split, so
+//! it stays atomic. While the `EXEC` of batch *k* runs, the `MULTI` and
+//! commands of batch *k + 1* are already sent and queued on the server; its
+//! `EXEC` is sent only once *k*'s `EXEC` reply says it committed. Sending
+//! several `EXEC`s ahead would not be safe: if *k* were discarded at queue
+//! time (`EXECABORT`: out of memory, a read-only replica, a command the
+//! target does not know) a later batch could still commit and move the
+//! checkpoint past *k*'s entries. With one `EXEC` in flight, the batches that
+//! committed are always a prefix of those sent.
+//!
+//! Commands whose keys are all internal (`__ferry*`: the listener's
+//! heartbeats, another ferry's checkpoints) are not applied but are covered
+//! by the checkpoint.
+//!
+//! # Failures
+//!
+//! - A command the target refuses *inside* `EXEC` (a runtime error such as
+//!   `WRONGTYPE`) is not retried: the source refused or would refuse the
+//!   same. It is counted, logged with its log id and name, and shown in the
+//!   status. A record naming a db the target does not have is refused the
+//!   same way, without being sent.
+//! - `EXECABORT`, a refused `MULTI`, a connection error, a reply timeout:
+//!   the connection is dropped (which discards a queued `MULTI`), the status
+//!   goes OFFLINE with the error, and after a capped exponential backoff the
+//!   applier reconnects, re-reads the checkpoint and resends from there.
+//! - A corrupt entry or snapshot in the WAL, or the applier's own `SELECT` or
+//!   checkpoint `SET` refused inside `EXEC`, ends [`run`] with an error: no
+//!   retry can fix them.
+//!
+//! # Snapshots
+//!
+//! A [`crate::record::Record::Snapshot`] marker at log id `M` means "the
+//! state at `M` is the RDB of epoch `E`" (RELAY.md conventions 3 and 4). The
+//! applier waits for the batches before it, then in one transaction flushes
+//! the target (`FLUSHALL`, plus `FUNCTION FLUSH` on 7.0+: the snapshot is the
+//! whole source) and writes the checkpoint `loading=M`; it then streams the
+//! RDB from the WAL's snapshot chunks through the parser and a
+//! [`crate::redis::rdb::rebuild::Rebuilder`] (`RESTORE … REPLACE` where the
+//! target accepts it), pipelined, skipping internal keys, and finally writes
+//! `applied=M epoch=E`. A crash during the load finds `loading=M` and loads
+//! again from the flush. When the entries after the checkpoint were trimmed
+//! from the WAL and the first entry still stored is a snapshot marker, the
+//! applier continues from that marker.
+
+mod batch;
+pub mod checkpoint;
+pub mod config;
+mod reader;
+mod snapshot;
+pub mod status;
+mod target;
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn, Instrument};
+
+use crate::position::{LogId, PartitionId};
+use crate::record::{Record, RecordError};
+use crate::redis::client::ClientError;
+use crate::redis::command::Command;
+use crate::redis::rdb_stream::RdbStreamError;
+use crate::wal::{ReadLimits, Wal, WalError};
+
+use batch::{Batch, BatchBuilder, BatchOutcome, Pending};
+use checkpoint::{checkpoint_key, Checkpoint, CheckpointError};
+use reader::{spawn_reader, ReadResult};
+use target::Target;
+
+pub use batch::ReplyError;
+pub use config::{ApplyConfig, ApplyConfigError};
+pub use status::{ApplyReport, ApplyStatus, RefusedCommand, SnapshotLoadProgress, SyncState};
+
+/// Errors at the applier boundary. [`ApplyError::is_fatal`] tells which end
+/// [`run`]; the others are retried with backoff.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Config(#[from] ApplyConfigError),
+    #[error("wal: {0}")]
+    Wal(#[from] WalError),
+    #[error("partition {partition}: entry {log_id} does not decode: {error}")]
+    Record {
+        partition: PartitionId,
+        log_id: LogId,
+        error: RecordError,
+    },
+    #[error(
+        "partition {partition}: entry {wanted} is needed but the WAL starts at {first_available} \
+         without a snapshot marker there; the target needs a snapshot"
+    )]
+    Gap {
+        partition: PartitionId,
+        wanted: LogId,
+        first_available: LogId,
+    },
+    #[error("partition {partition}: {what}")]
+    Inconsistent {
+        partition: PartitionId,
+        what: String,
+    },
+    #[error("target: {0}")]
+    Client(#[from] ClientError),
+    #[error("target did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("target checkpoint: {0}")]
+    Checkpoint(#[from] CheckpointError),
+    #[error("batch of entries {first}..={last} was not applied: {error}")]
+    Aborted {
+        first: LogId,
+        last: LogId,
+        error: String,
+    },
+    #[error("target: {0}")]
+    Reply(#[from] ReplyError),
+    /// The snapshot cannot be loaded now (chunks missing, the flush refused).
+    #[error("snapshot epoch {epoch} (marker {log_id}): {what}")]
+    Snapshot {
+        log_id: LogId,
+        epoch: u64,
+        what: String,
+    },
+    /// The snapshot's RDB does not parse or rebuild.
+    #[error("snapshot epoch {epoch} (marker {log_id}) does not load: {error}")]
+    SnapshotData {
+        log_id: LogId,
+        epoch: u64,
+        error: String,
+    },
+    #[error("applier task failed: {0}")]
+    Task(String),
+}
+
+impl ApplyError {
+    /// True for errors no retry can fix (bad config, corrupt WAL data, the
+    /// target refusing the applier's own commands).
+    pub fn is_fatal(&self) -> bool {
+        match self {
+            ApplyError::Config(_)
+            | ApplyError::Record { .. }
+            | ApplyError::Inconsistent { .. }
+            | ApplyError::SnapshotData { .. }
+            | ApplyError::Task(_) => true,
+            ApplyError::Wal(error) => !matches!(error, WalError::Trimmed { .. }),
+            ApplyError::Reply(error) => matches!(error, ReplyError::InternalRefused { .. }),
+            ApplyError::Gap { .. }
+            | ApplyError::Client(_)
+            | ApplyError::Timeout(_)
+            | ApplyError::Checkpoint(_)
+            | ApplyError::Aborted { .. }
+            | ApplyError::Snapshot { .. } => false,
+        }
+    }
+}
+
+impl From<RdbStreamError> for ApplyError {
+    fn from(error: RdbStreamError) -> Self {
+        ApplyError::Task(format!("rdb stream: {error}"))
+    }
+}
+
+/// Capped exponential backoff.
+struct Backoff {
+    min: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    fn new(min: Duration, max: Duration) -> Backoff {
+        Backoff {
+            min,
+            max,
+            next: min,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.next = self.min;
+    }
+
+    fn next_delay(&mut self) -> Duration {
+        let delay = self.next;
+        self.next = (self.next * 2).min(self.max);
+        delay
+    }
+}
+
+/// Applies `cfg.partition` of `wal` to `cfg.target` until `shutdown`.
+///
+/// Returns `Ok(())` on shutdown (after the batch whose `EXEC` was sent is
+/// answered; a batch only queued is discarded with the connection and sent
+/// again on the next start). Returns an error only for fatal errors
+/// ([`ApplyError::is_fatal`]); everything else is retried with backoff
+/// while `status` shows OFFLINE and the error.
+pub async fn run(
+    cfg: ApplyConfig,
+    wal: Wal,
+    status: Arc<ApplyStatus>,
+    shutdown: CancellationToken,
+) -> Result<(), ApplyError> {
+    let cfg = cfg.validate()?;
+    let partition = cfg.partition_id();
+    let span = tracing::info_span!("apply", partition = %partition, drainer = %cfg.drainer_id);
+    async move {
+        let (applied_tx, applied_rx) = watch::channel(LogId::ZERO);
+        let marker = tokio::spawn(keep_applied_mark(wal.clone(), partition, applied_rx));
+        let mut applier = Applier {
+            url: cfg.target_url()?,
+            key: Bytes::from(checkpoint_key(&cfg.drainer_id, partition)),
+            partition,
+            wal,
+            status,
+            shutdown,
+            applied_tx,
+            epoch: 0,
+            progressed: false,
+            cfg,
+        };
+        let result = applier.run().await;
+        // Lets the marker task write the last applied id, then end.
+        drop(applier);
+        let marker_result = marker
+            .await
+            .map_err(|error| ApplyError::Task(error.to_string()))?;
+        result.and(marker_result)
+    }
+    .instrument(span)
+    .await
+}
+
+/// Writes the latest applied id to the WAL, coalescing ids that arrive
+/// while a write is in progress (each `set_applied` waits for a group
+/// commit; the applier does not). Ends when the sender is dropped, after
+/// writing the last id.
+async fn keep_applied_mark(
+    wal: Wal,
+    partition: PartitionId,
+    mut applied_rx: watch::Receiver<LogId>,
+) -> Result<(), ApplyError> {
+    let mut written = LogId::ZERO;
+    loop {
+        let changed = applied_rx.changed().await;
+        let latest = *applied_rx.borrow_and_update();
+        if latest > written {
+            match wal.set_applied(partition, latest).await {
+                Ok(()) => written = latest,
+                // A WAL closed during shutdown: nothing more to mark.
+                Err(WalError::Closed) => return Ok(()),
+                Err(error) => {
+                    error!(partition = %partition, %error, "cannot mark entries applied in the wal");
+                    return Err(error.into());
+                }
+            }
+        }
+        if changed.is_err() {
+            return Ok(());
+        }
+    }
+}
+
+pub(crate) struct Applier {
+    cfg: ApplyConfig,
+    url: crate::redis::url::RedisUrl,
+    partition: PartitionId,
+    /// The checkpoint key.
+    key: Bytes,
+    wal: Wal,
+    status: Arc<ApplyStatus>,
+    shutdown: CancellationToken,
+    applied_tx: watch::Sender<LogId>,
+    /// Snapshot epoch of the target's data set.
+    epoch: u64,
+    /// Something was applied since the last failure (resets the backoff).
+    progressed: bool,
+}
+
+impl Applier {
+    async fn run(&mut self) -> Result<(), ApplyError> {
+        let mut backoff = Backoff::new(self.cfg.retry_backoff_min.0, self.cfg.retry_backoff_max.0);
+        let mut last_error: Option<String> = None;
+        loop {
+            if self.shutdown.is_cancelled() {
+                return Ok(());
+            }
+            self.progressed = false;
+            let error = match self.session(&mut last_error).await {
+                Ok(()) => return Ok(()),
+                Err(error) => error,
+            };
+            let text = error.to_string();
+            self.status.set_offline(text.clone());
+            if error.is_fatal() {
+                error!(partition = %self.partition, %error, "apply stopped");
+                return Err(error);
+            }
+            if self.progressed {
+                backoff.reset();
+            }
+            if last_error.as_deref() != Some(text.as_str()) {
+                warn!(partition = %self.partition, %error, "apply failed; retrying");
+            } else {
+                debug!(partition = %self.partition, %error, "apply failed again");
+            }
+            last_error = Some(text);
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
+            }
+        }
+    }
+
+    /// One connection to the target: read the checkpoint, then apply until
+    /// shutdown or the first error.
+    async fn session(&mut self, last_error: &mut Option<String>) -> Result<(), ApplyError> {
+        let connect = async {
+            let mut target = Target::connect(
+                &self.url,
+                self.cfg.connect_timeout.0,
+                self.cfg.reply_timeout.0,
+            )
+            .await?;
+            let checkpoint = target.read_checkpoint(&self.key).await?;
+            Ok::<_, ApplyError>((target, checkpoint))
+        };
+        // Nothing is in flight yet: shutdown need not wait for a slow target.
+        let (mut target, checkpoint) = tokio::select! {
+            _ = self.shutdown.cancelled() => return Ok(()),
+            connected = connect => connected?,
+        };
+        let resume = self.reconcile(checkpoint).await?;
+        self.status.set_online();
+        if last_error.take().is_some() {
+            info!(partition = %self.partition, resume = %resume, "target reachable again; applying");
+        } else {
+            info!(partition = %self.partition, resume = %resume, ?checkpoint, "applying");
+        }
+        let cancel = self.shutdown.child_token();
+        // Stops the reader whenever this session ends.
+        let _stop_reader = cancel.clone().drop_guard();
+        let limits = ReadLimits {
+            max_entries: self.cfg.batch_max_entries,
+            max_bytes: self.cfg.batch_max_bytes.as_usize(),
+        };
+        let (runs, _reader) = spawn_reader(
+            self.wal.clone(),
+            self.partition,
+            resume,
+            limits,
+            self.cfg.idle_poll.0,
+            cancel,
+        );
+        let mut feed = Feed {
+            runs,
+            pending: VecDeque::new(),
+            expected: resume,
+            marker_first: matches!(checkpoint, Some(Checkpoint::Loading { .. })),
+            partition: self.partition,
+            max_pending: self.cfg.batch_max_entries.saturating_mul(2),
+        };
+        self.apply_loop(&mut target, &mut feed).await
+    }
+
+    /// Compares the target's checkpoint with the WAL's applied mark; returns
+    /// the first log id to apply.
+    async fn reconcile(&mut self, checkpoint: Option<Checkpoint>) -> Result<LogId, ApplyError> {
+        let wal = self.wal.clone();
+        let partition = self.partition;
+        let positions = tokio::task::spawn_blocking(move || wal.positions(partition))
+            .await
+            .map_err(|error| ApplyError::Task(error.to_string()))??;
+        let (wal_applied, durable) = positions
+            .map(|p| (p.applied, p.durable))
+            .unwrap_or((LogId::ZERO, LogId::ZERO));
+        let target_applied = checkpoint.map(|c| c.applied()).unwrap_or(LogId::ZERO);
+        self.epoch = checkpoint.map(|c| c.epoch()).unwrap_or(0);
+        self.status.set_applied(target_applied, self.epoch);
+        if wal_applied > target_applied {
+            warn!(
+                partition = %self.partition,
+                wal_applied = %wal_applied,
+                checkpoint = ?checkpoint,
+                "the target is behind the wal's applied mark (it lost acknowledged writes, or it \
+                 is another server); applying again from its checkpoint"
+            );
+        } else if target_applied > durable {
+            warn!(
+                partition = %self.partition,
+                durable = %durable,
+                checkpoint = ?checkpoint,
+                "the target's checkpoint is ahead of the wal; waiting for the wal to reach it"
+            );
+        } else if target_applied > wal_applied {
+            // A crash between EXEC and set_applied.
+            let _ = self.applied_tx.send(target_applied);
+        }
+        Ok(checkpoint.map(|c| c.resume_at()).unwrap_or(LogId(1)))
+    }
+
+    fn builder(&self, target: &Target) -> BatchBuilder {
+        BatchBuilder {
+            checkpoint_key: self.key.clone(),
+            max_entries: self.cfg.batch_max_entries,
+            max_bytes: self.cfg.batch_max_bytes.as_usize(),
+            databases: target.databases,
+        }
+    }
+
+    /// Queues `MULTI` and the batch's commands (not `EXEC`).
+    fn queue_batch(target: &mut Target, batch: &Batch) {
+        target.client.queue(&Command::from_parts(["MULTI"]));
+        for cmd in &batch.commands {
+            target.client.queue(cmd);
+        }
+    }
+
+    async fn apply_loop(&mut self, target: &mut Target, feed: &mut Feed) -> Result<(), ApplyError> {
+        let builder = self.builder(target);
+        let exec = Command::from_parts(["EXEC"]);
+        // MULTI and commands sent, EXEC not yet.
+        let mut open: Option<Batch> = None;
+        // EXEC sent, replies not read yet.
+        let mut executing: Option<Batch> = None;
+        loop {
+            feed.take_ready()?;
+            if executing.is_none() {
+                if self.shutdown.is_cancelled() {
+                    return Ok(());
+                }
+                if open.is_none() {
+                    open = builder.build(&mut feed.pending, self.epoch);
+                    if let Some(batch) = &open {
+                        Self::queue_batch(target, batch);
+                    }
+                }
+                if let Some(batch) = open.take() {
+                    target.client.queue(&exec);
+                    executing = Some(batch);
+                    // The next batch waits on the server behind this EXEC.
+                    feed.take_ready()?;
+                    open = builder.build(&mut feed.pending, self.epoch);
+                    if let Some(batch) = &open {
+                        Self::queue_batch(target, batch);
+                    }
+                }
+            }
+            if let Some(batch) = executing.take() {
+                target.flush().await?;
+                self.finish_batch(target, &batch).await?;
+                continue;
+            }
+            if let Some(front) = feed.pending.front() {
+                if let Record::Snapshot(marker) = &front.record {
+                    let (log_id, marker) = (front.log_id, marker.clone());
+                    feed.pending.pop_front();
+                    if !self.load_snapshot(target, log_id, marker).await? {
+                        return Ok(()); // shut down during the load
+                    }
+                    continue;
+                }
+            }
+            // Everything read is applied: wait for more.
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return Ok(()),
+                run = feed.runs.recv() => {
+                    // The reader also stops on shutdown.
+                    if run.is_none() && self.shutdown.is_cancelled() {
+                        return Ok(());
+                    }
+                    feed.accept(run)?
+                }
+            }
+        }
+    }
+
+    /// Reads the replies of `batch` (whose `EXEC` was sent) and records the
+    /// outcome.
+    async fn finish_batch(&mut self, target: &mut Target, batch: &Batch) -> Result<(), ApplyError> {
+        let mut replies = Vec::with_capacity(batch.reply_count().min(1 << 16));
+        for _ in 0..batch.reply_count() {
+            replies.push(target.reply().await?);
+        }
+        let (applied, refused) = match batch.outcome(&replies)? {
+            BatchOutcome::Committed { applied, refused } => (applied, refused),
+            BatchOutcome::Aborted { error } => {
+                return Err(ApplyError::Aborted {
+                    first: batch.first,
+                    last: batch.last,
+                    error,
+                })
+            }
+        };
+        let refused_count = (refused.len() + batch.refused_unsent.len()) as u64;
+        for refused in batch.refused_unsent.iter().chain(&refused) {
+            warn!(
+                partition = %self.partition,
+                log_id = %refused.log_id,
+                command = %refused.command,
+                error = %refused.error,
+                "the target refused a command; it is not retried"
+            );
+            self.status.set_last_refused(refused.clone());
+        }
+        self.status
+            .add_counts(applied, refused_count, batch.skipped);
+        self.status.set_applied(batch.last, self.epoch);
+        self.status.set_online();
+        let _ = self.applied_tx.send(batch.last);
+        self.progressed = true;
+        Ok(())
+    }
+}
+
+/// Entries from the reader, checked for order, waiting to be batched.
+struct Feed {
+    runs: mpsc::Receiver<ReadResult>,
+    pending: VecDeque<Pending>,
+    /// The log id the next entry must have.
+    expected: LogId,
+    /// The checkpoint said `loading`: the first entry must be a snapshot
+    /// marker (the one being loaded, or a later one after a trim).
+    marker_first: bool,
+    partition: PartitionId,
+    /// Entries held here at most (the reader's channel holds more).
+    max_pending: usize,
+}
+
+impl Feed {
+    /// Takes what the reader has ready, without waiting.
+    fn take_ready(&mut self) -> Result<(), ApplyError> {
+        while self.pending.len() < self.max_pending {
+            match self.runs.try_recv() {
+                Ok(run) => self.accept(Some(run))?,
+                // A stopped reader is noticed when entries are awaited.
+                Err(_) => break,
+            }
+        }
+        Ok(())
+    }
+
+    fn accept(&mut self, run: Option<ReadResult>) -> Result<(), ApplyError> {
+        let Some(run) = run else {
+            return Err(ApplyError::Task("the wal reader stopped".into()));
+        };
+        for entry in run? {
+            let is_marker = matches!(entry.record, Record::Snapshot(_));
+            // Only a snapshot marker may follow a gap (it replaces what was
+            // trimmed before it).
+            if entry.log_id != self.expected && !(is_marker && entry.log_id > self.expected) {
+                return Err(ApplyError::Inconsistent {
+                    partition: self.partition,
+                    what: format!(
+                        "the wal reader returned entry {} where {} was expected",
+                        entry.log_id, self.expected
+                    ),
+                });
+            }
+            if self.marker_first && !is_marker {
+                return Err(ApplyError::Inconsistent {
+                    partition: self.partition,
+                    what: format!(
+                        "the target's checkpoint says a snapshot is loading at entry {}, but that \
+                         entry is not a snapshot marker",
+                        entry.log_id
+                    ),
+                });
+            }
+            self.marker_first = false;
+            self.expected = entry.log_id.next();
+            self.pending.push_back(entry);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_millis(350));
+        let delays: Vec<_> = (0..4).map(|_| backoff.next_delay().as_millis()).collect();
+        assert_eq!(delays, [100, 200, 350, 350]);
+        backoff.reset();
+        assert_eq!(backoff.next_delay(), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn fatal_errors_are_the_unfixable_ones() {
+        assert!(ApplyError::Task("x".into()).is_fatal());
+        assert!(ApplyError::Reply(ReplyError::InternalRefused {
+            command: "SELECT".into(),
+            error: "ERR".into()
+        })
+        .is_fatal());
+        assert!(!ApplyError::Timeout(Duration::from_secs(1)).is_fatal());
+        assert!(!ApplyError::Aborted {
+            first: LogId(1),
+            last: LogId(2),
+            error: "EXECABORT".into()
+        }
+        .is_fatal());
+        assert!(!ApplyError::Wal(WalError::Trimmed {
+            partition: PartitionId(0),
+            wanted: LogId(1),
+            first_available: LogId(5)
+        })
+        .is_fatal());
+        assert!(ApplyError::Wal(WalError::Closed).is_fatal());
+    }
+}

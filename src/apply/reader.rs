@@ -1,0 +1,156 @@
+//! The applier's WAL reader: a task that follows one partition of the WAL
+//! from a log id on and hands decoded records to the applier.
+//!
+//! In: durable WAL entries (read on a blocking thread, since RocksDB reads
+//! block). Out: `Vec<Pending>` runs in log order through a bounded channel,
+//! or one error, after which the task ends.
+//!
+//! Entries are contiguous, with one exception: when the entry wanted was
+//! trimmed and the first entry still stored is a snapshot marker, the reader
+//! continues from that marker (loading it replaces everything before it;
+//! RELAY.md convention 5: a drainer's log restarts at a snapshot marker).
+
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use super::batch::Pending;
+use super::ApplyError;
+use crate::position::{LogId, PartitionId};
+use crate::record::{Record, RecordLimits};
+use crate::wal::{ReadLimits, Wal, WalError};
+
+/// Runs of entries queued between the reader and the applier.
+const QUEUE_RUNS: usize = 2;
+
+pub(crate) type ReadResult = Result<Vec<Pending>, ApplyError>;
+
+fn join_error(error: tokio::task::JoinError) -> ApplyError {
+    ApplyError::Task(error.to_string())
+}
+
+/// Reads and decodes entries `from..` within `limits` (blocking).
+fn read_run(
+    wal: &Wal,
+    partition: PartitionId,
+    from: LogId,
+    limits: ReadLimits,
+) -> Result<Vec<Pending>, ApplyError> {
+    let entries = match wal.read(partition, from, limits) {
+        Ok(entries) => entries,
+        Err(WalError::Trimmed {
+            first_available, ..
+        }) => {
+            // Only a snapshot marker may stand in for trimmed entries.
+            let first = wal.read(
+                partition,
+                first_available,
+                ReadLimits {
+                    max_entries: 1,
+                    max_bytes: 1,
+                },
+            )?;
+            let is_marker = first.first().is_some_and(|entry| {
+                matches!(
+                    Record::decode(&entry.payload, RecordLimits::default()),
+                    Ok(Record::Snapshot(_))
+                )
+            });
+            if !is_marker {
+                return Err(ApplyError::Gap {
+                    partition,
+                    wanted: from,
+                    first_available,
+                });
+            }
+            info!(
+                partition = %partition,
+                wanted = %from,
+                marker = %first_available,
+                "entries were trimmed; resuming at the snapshot marker that replaces them"
+            );
+            wal.read(partition, first_available, limits)?
+        }
+        Err(error) => return Err(error.into()),
+    };
+    entries
+        .into_iter()
+        .map(|entry| {
+            let record =
+                Record::decode(&entry.payload, RecordLimits::default()).map_err(|error| {
+                    ApplyError::Record {
+                        partition,
+                        log_id: entry.log_id,
+                        error,
+                    }
+                })?;
+            Ok(Pending {
+                log_id: entry.log_id,
+                size: entry.payload.len(),
+                record,
+            })
+        })
+        .collect()
+}
+
+/// Starts the reader at `from`. It stops on `cancel`, when the receiver is
+/// dropped, or after sending an error.
+pub(crate) fn spawn_reader(
+    wal: Wal,
+    partition: PartitionId,
+    from: LogId,
+    limits: ReadLimits,
+    idle_poll: Duration,
+    cancel: CancellationToken,
+) -> (mpsc::Receiver<ReadResult>, JoinHandle<()>) {
+    let (run_tx, run_rx) = mpsc::channel(QUEUE_RUNS);
+    let task = tokio::spawn(async move {
+        let mut next = from;
+        loop {
+            let durable = match wal.last_log_id(partition) {
+                Ok(durable) => durable.unwrap_or(LogId::ZERO),
+                Err(error) => {
+                    let _ = run_tx.send(Err(error.into())).await;
+                    return;
+                }
+            };
+            if durable < next {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(idle_poll) => continue,
+                }
+            }
+            let read_wal = wal.clone();
+            let run =
+                tokio::task::spawn_blocking(move || read_run(&read_wal, partition, next, limits))
+                    .await
+                    .map_err(join_error)
+                    .and_then(|run| run);
+            let failed = run.is_err();
+            if let Ok(run) = &run {
+                match run.last() {
+                    Some(last) => next = last.log_id.next(),
+                    // Raced with a trim between the look and the read.
+                    None => {
+                        tokio::select! {
+                            _ = cancel.cancelled() => return,
+                            _ = tokio::time::sleep(idle_poll) => continue,
+                        }
+                    }
+                }
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                sent = run_tx.send(run) => {
+                    if sent.is_err() || failed {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    (run_rx, task)
+}

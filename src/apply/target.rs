@@ -1,0 +1,107 @@
+//! The applier's connection to the target Redis: connect, learn what the
+//! target can take (`databases`, version), read the checkpoint, and read
+//! replies with a timeout so that a hung target counts as a dead one.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::checkpoint::Checkpoint;
+use super::ApplyError;
+use crate::redis::client::{Client, ClientOptions};
+use crate::redis::command::Command;
+use crate::redis::rdb::rebuild::TargetCaps;
+use crate::redis::resp::Frame;
+use crate::redis::url::RedisUrl;
+
+/// Number of dbs assumed when `CONFIG GET databases` is not allowed (Redis'
+/// default).
+const DEFAULT_DATABASES: u32 = 16;
+
+pub(crate) struct Target {
+    pub client: Client,
+    pub reply_timeout: Duration,
+    /// `databases` of the target: records for higher dbs are refused.
+    pub databases: u32,
+    /// `None` when `INFO server` had no usable version (only snapshot loads
+    /// need it).
+    pub caps: Option<TargetCaps>,
+}
+
+impl Target {
+    pub async fn connect(
+        url: &RedisUrl,
+        connect_timeout: Duration,
+        reply_timeout: Duration,
+    ) -> Result<Target, ApplyError> {
+        let opts = ClientOptions {
+            connect_timeout,
+            ..ClientOptions::default()
+        };
+        let client = tokio::time::timeout(reply_timeout, Client::connect_with(url, &opts))
+            .await
+            .map_err(|_| ApplyError::Timeout(reply_timeout))??;
+        let mut target = Target {
+            client,
+            reply_timeout,
+            databases: DEFAULT_DATABASES,
+            caps: None,
+        };
+        let info = target.call(&["INFO", "server"]).await?;
+        let text = info
+            .as_bytes()
+            .map(|b| String::from_utf8_lossy(b).into_owned());
+        let fields = crate::redis::client::parse_info(text.as_deref().unwrap_or(""));
+        target.caps = TargetCaps::from_info(&fields).ok();
+        // Managed Redis often forbids CONFIG: then assume the default.
+        if let Ok(Frame::Array(pair)) = target.call(&["CONFIG", "GET", "databases"]).await {
+            if let Some(databases) = pair.get(1).and_then(Frame::as_integer) {
+                target.databases = u32::try_from(databases).unwrap_or(DEFAULT_DATABASES);
+            }
+        }
+        Ok(target)
+    }
+
+    /// The next reply, or [`ApplyError::Timeout`].
+    pub async fn reply(&mut self) -> Result<Frame, ApplyError> {
+        tokio::time::timeout(self.reply_timeout, self.client.read_reply())
+            .await
+            .map_err(|_| ApplyError::Timeout(self.reply_timeout))?
+            .map_err(ApplyError::from)
+    }
+
+    pub async fn flush(&mut self) -> Result<(), ApplyError> {
+        tokio::time::timeout(self.reply_timeout, self.client.flush())
+            .await
+            .map_err(|_| ApplyError::Timeout(self.reply_timeout))?
+            .map_err(ApplyError::from)
+    }
+
+    /// Sends one command and waits for its reply; an error reply is
+    /// [`ApplyError::Client`] (`ClientError::Server`).
+    pub async fn call_command(&mut self, cmd: &Command) -> Result<Frame, ApplyError> {
+        tokio::time::timeout(self.reply_timeout, self.client.call_command(cmd))
+            .await
+            .map_err(|_| ApplyError::Timeout(self.reply_timeout))?
+            .map_err(ApplyError::from)
+    }
+
+    pub async fn call(&mut self, args: &[&str]) -> Result<Frame, ApplyError> {
+        self.call_command(&Command::from_parts(args)).await
+    }
+
+    /// Reads the checkpoint at `key` (the connection is in db 0).
+    pub async fn read_checkpoint(&mut self, key: &Bytes) -> Result<Option<Checkpoint>, ApplyError> {
+        let get = Command::new(vec![Bytes::from_static(b"GET"), key.clone()]);
+        match self.call_command(&get).await? {
+            Frame::Null => Ok(None),
+            Frame::Bulk(value) => Ok(Some(Checkpoint::decode(&value)?)),
+            other => Err(ApplyError::Client(
+                crate::redis::client::ClientError::UnexpectedReply {
+                    command: "GET checkpoint".into(),
+                    reply: format!("{other:?}"),
+                },
+            )),
+        }
+    }
+}

@@ -1,0 +1,1131 @@
+//! The applier against real redis-servers: a WAL (in a temp dir, filled by
+//! appending `Record`s) applied to a target, checked against a reference
+//! server that received the same commands directly (`DEBUG DIGEST`, with the
+//! `__ferry*` keys removed), or against exact counts.
+//!
+//! The SIGKILL tests re-execute this binary as a child process (the ignored
+//! `apply_child` test, selected with `--exact` and configured through
+//! environment variables) that runs the applier until it is killed or, in
+//! the last round, until everything is applied.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command as Process, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use common::{free_port, redis_cli_bin, redis_server_bin, RedisServer};
+use ferry::apply::{run, ApplyConfig, ApplyError, ApplyStatus, SyncState};
+use ferry::position::{LogId, PartitionId, ReplOffset};
+use ferry::record::{Record, SnapshotMarker, WriteRecord};
+use ferry::redis::client::Client;
+use ferry::redis::command::Command;
+use ferry::redis::url::RedisUrl;
+use ferry::wal::{NewEntry, SnapshotPhase, SnapshotState, SourcePosition, Wal, WalConfig};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const PARTITION: PartitionId = PartitionId(0);
+const DRAINER: &str = "test-drainer";
+const CHECKPOINT_KEY: &str = "__ferry:checkpoint:test-drainer:0";
+const APPLY_WAIT: Duration = Duration::from_secs(120);
+
+// Child process configuration.
+const WAL_DIR_ENV: &str = "FERRY_APPLY_TEST_WAL";
+const TARGET_ENV: &str = "FERRY_APPLY_TEST_TARGET";
+const BATCH_ENV: &str = "FERRY_APPLY_TEST_BATCH";
+const UNTIL_ENV: &str = "FERRY_APPLY_TEST_UNTIL";
+
+fn wal_config(dir: &Path) -> WalConfig {
+    WalConfig {
+        group_commit_linger: "100us".parse().unwrap(),
+        ..WalConfig::with_dir(dir)
+    }
+}
+
+fn apply_config(target: &str, batch_max_entries: usize) -> ApplyConfig {
+    ApplyConfig {
+        drainer_id: DRAINER.to_string(),
+        target: target.to_string(),
+        batch_max_entries,
+        retry_backoff_min: "20ms".parse().unwrap(),
+        retry_backoff_max: "200ms".parse().unwrap(),
+        reply_timeout: "20s".parse().unwrap(),
+        ..ApplyConfig::default()
+    }
+}
+
+fn cmd<T: AsRef<[u8]>>(args: &[T]) -> Command {
+    Command::from_parts(args)
+}
+
+fn write(db: u32, commands: Vec<Command>, transaction: bool) -> Record {
+    Record::Write(WriteRecord {
+        db,
+        commands,
+        transaction,
+    })
+}
+
+fn single(db: u32, args: &[&str]) -> Record {
+    write(db, vec![cmd(args)], false)
+}
+
+fn entry(record: &Record, offset: u64) -> NewEntry {
+    let db = match record {
+        Record::Write(w) => w.db,
+        Record::Snapshot(_) => 0,
+    };
+    NewEntry::new(
+        SourcePosition {
+            replid: "a".repeat(40),
+            offset: ReplOffset(offset),
+            db,
+        },
+        record.encode(),
+    )
+}
+
+/// Appends `records` in groups; returns the last id.
+async fn append(wal: &Wal, records: &[Record]) -> LogId {
+    let mut last = LogId::ZERO;
+    for group in records.chunks(2000) {
+        let entries = group
+            .iter()
+            .enumerate()
+            .map(|(i, r)| entry(r, last.0 + i as u64 + 1))
+            .collect();
+        last = wal.append(PARTITION, entries).await.unwrap().last;
+    }
+    last
+}
+
+/// An applier running in this process.
+struct Running {
+    status: Arc<ApplyStatus>,
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), ApplyError>>,
+}
+
+fn start(cfg: ApplyConfig, wal: &Wal) -> Running {
+    let status = Arc::new(ApplyStatus::new(PARTITION));
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(run(cfg, wal.clone(), Arc::clone(&status), shutdown.clone()));
+    Running {
+        status,
+        shutdown,
+        task,
+    }
+}
+
+impl Running {
+    async fn wait_applied(&self, last: LogId) {
+        let deadline = Instant::now() + APPLY_WAIT;
+        loop {
+            let report = self.status.snapshot();
+            if report.applied >= last {
+                return;
+            }
+            assert!(!self.task.is_finished(), "the applier ended: {report:?}");
+            assert!(
+                Instant::now() < deadline,
+                "not applied up to {last} in {APPLY_WAIT:?}: {report:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn stop(self) -> Arc<ApplyStatus> {
+        self.shutdown.cancel();
+        let result = tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("the applier stops on shutdown")
+            .expect("applier task");
+        if let Err(error) = result {
+            panic!("the applier failed: {error}");
+        }
+        self.status
+    }
+}
+
+async fn connect(server: &RedisServer) -> Client {
+    Client::connect(&RedisUrl::parse(&server.url()).unwrap())
+        .await
+        .unwrap()
+}
+
+/// Sends every record to `reference` the way Redis would have run it:
+/// its commands in its db, a transaction inside `MULTI`/`EXEC`.
+async fn apply_directly(reference: &mut Client, records: &[Record]) {
+    for record in records {
+        let Record::Write(w) = record else {
+            panic!("only writes go to the reference");
+        };
+        let mut cmds = vec![cmd(&["SELECT".to_string(), w.db.to_string()])];
+        if w.transaction {
+            cmds.push(cmd(&["MULTI"]));
+        }
+        cmds.extend(w.commands.iter().cloned());
+        if w.transaction {
+            cmds.push(cmd(&["EXEC"]));
+        }
+        let replies = reference.pipeline(&cmds).await.unwrap();
+        for (reply, sent) in replies.iter().zip(&cmds) {
+            assert!(
+                reply.error_message().is_none(),
+                "reference refused {:?}: {reply:?}",
+                sent.args
+            );
+        }
+    }
+}
+
+/// Deletes every `__ferry*` key of every db; returns how many there were.
+fn delete_internal_keys(server: &RedisServer) -> usize {
+    let mut deleted = 0;
+    for db in 0..16 {
+        let db = db.to_string();
+        let keys = server.cmd(&["-n", &db, "--scan", "--pattern", "__ferry*"]);
+        for key in keys.lines().filter(|k| !k.is_empty()) {
+            server.cmd(&["-n", &db, "DEL", key]);
+            deleted += 1;
+        }
+    }
+    deleted
+}
+
+fn db_sizes(server: &RedisServer) -> Vec<String> {
+    (0..16)
+        .map(|db| server.cmd(&["-n", &db.to_string(), "DBSIZE"]))
+        .collect()
+}
+
+/// Asserts both servers hold the same data, `__ferry*` keys aside.
+fn assert_same_data(target: &RedisServer, reference: &RedisServer) {
+    delete_internal_keys(target);
+    delete_internal_keys(reference);
+    assert_eq!(db_sizes(target), db_sizes(reference), "DBSIZE per db");
+    let digest = target.cmd(&["DEBUG", "DIGEST"]);
+    assert_eq!(digest, reference.cmd(&["DEBUG", "DIGEST"]), "DEBUG DIGEST");
+    assert_ne!(digest, "0".repeat(40), "the data set is empty");
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// Writes of every kind across dbs, transactions included.
+fn varied_workload() -> Vec<Record> {
+    let far = "4102444800000"; // 2100-01-01, so TTLs are equal on both sides
+    let big = "x".repeat(200_000);
+    let mut records = vec![
+        single(0, &["SET", "s1", "hello"]),
+        single(0, &["APPEND", "s1", " world"]),
+        single(0, &["SET", "n", "10"]),
+        single(0, &["INCRBY", "n", "5"]),
+        single(0, &["SET", "big", &big]),
+        single(0, &["RPUSH", "l", "a", "b", "c", "d"]),
+        single(0, &["LPOP", "l"]),
+        single(0, &["LSET", "l", "0", "B"]),
+        single(0, &["SADD", "set", "a", "b", "c"]),
+        single(0, &["SREM", "set", "a"]),
+        single(0, &["ZADD", "z", "1", "a", "2", "b", "3.5", "c"]),
+        single(0, &["ZINCRBY", "z", "3", "a"]),
+        single(0, &["HSET", "h", "f1", "v1", "f2", "v2", "f3", "v3"]),
+        single(0, &["HDEL", "h", "f1"]),
+        single(0, &["XADD", "st", "1-1", "f", "v"]),
+        single(0, &["XADD", "st", "2-1", "f", "w"]),
+        single(0, &["XGROUP", "CREATE", "st", "g", "0"]),
+        single(0, &["SETBIT", "bits", "77", "1"]),
+        single(0, &["PFADD", "hll", "a", "b", "c"]),
+        single(0, &["SET", "ttl", "v", "PXAT", far]),
+        single(0, &["PEXPIREAT", "s1", far]),
+        // A heartbeat: internal, never data.
+        single(0, &["SET", "__ferry:heartbeat:l1", "1700000000000"]),
+        single(1, &["SET", "db1", "one"]),
+        single(1, &["RENAME", "db1", "db1-renamed"]),
+        single(1, &["COPY", "db1-renamed", "copied", "DB", "6"]),
+        single(1, &["SET", "tomove", "m"]),
+        single(1, &["MOVE", "tomove", "7"]),
+        write(
+            2,
+            vec![
+                cmd(&["INCR", "tx:c"]),
+                cmd(&["LPUSH", "tx:q", "x"]),
+                cmd(&["SET", "tx:k", "v"]),
+            ],
+            true,
+        ),
+        // A client's transaction that switches db inside it.
+        write(
+            2,
+            vec![
+                cmd(&["SET", "a", "1"]),
+                cmd(&["SELECT", "5"]),
+                cmd(&["SET", "b", "2"]),
+                cmd(&["SET", "__ferry:heartbeat:l1", "1700000000001"]),
+            ],
+            true,
+        ),
+        single(9, &["SET", "gone1", "x"]),
+        single(9, &["SET", "gone2", "x"]),
+        single(9, &["FLUSHDB"]),
+        single(3, &["SET", "in3", "x"]),
+        single(4, &["SET", "in4", "y"]),
+        single(3, &["SWAPDB", "3", "4"]),
+        single(5, &["DEL", "b", "nonexistent"]),
+        single(5, &["SET", "b", "again"]),
+    ];
+    // Enough small records for many batches, across dbs.
+    for i in 0..3000u32 {
+        let db = i % 4;
+        records.push(match i % 5 {
+            0 => single(db, &["INCR", "many:c"]),
+            1 => single(
+                db,
+                &["HSET", "many:h", &format!("f{}", i % 97), &i.to_string()],
+            ),
+            2 => single(db, &["RPUSH", "many:l", &i.to_string()]),
+            3 => single(
+                db,
+                &["ZADD", "many:z", &i.to_string(), &format!("m{}", i % 50)],
+            ),
+            _ => single(0, &["SET", "__ferry:heartbeat:l1", &i.to_string()]),
+        });
+    }
+    records
+}
+
+fn is_heartbeat(record: &Record) -> bool {
+    matches!(record, Record::Write(w) if w.commands.len() == 1
+        && w.commands[0].args.get(1).is_some_and(|k| k.starts_with(b"__ferry")))
+}
+
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_record_kind_applies_like_the_source() {
+    let target = RedisServer::start(&[]);
+    let reference = RedisServer::start(&[]);
+    let wal_dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(wal_config(wal_dir.path())).await.unwrap();
+
+    let records = varied_workload();
+    let data: Vec<Record> = records
+        .iter()
+        .filter(|r| !is_heartbeat(r))
+        .cloned()
+        .collect();
+    // The heartbeat inside the transaction is not data either.
+    let mut reference_client = connect(&reference).await;
+    let strip = |r: &Record| match r {
+        Record::Write(w) => write(
+            w.db,
+            w.commands
+                .iter()
+                .filter(|c| !c.args.get(1).is_some_and(|k| k.starts_with(b"__ferry")))
+                .cloned()
+                .collect(),
+            w.transaction,
+        ),
+        other => other.clone(),
+    };
+    let data: Vec<Record> = data.iter().map(strip).collect();
+    apply_directly(&mut reference_client, &data).await;
+
+    let last = append(&wal, &records).await;
+    let applier = start(apply_config(&target.url(), 100), &wal);
+    applier.wait_applied(last).await;
+    let status = applier.stop().await;
+
+    let report = status.report(&wal).unwrap();
+    assert_eq!(report.state, SyncState::Online);
+    assert_eq!(report.applied, last);
+    assert_eq!((report.lag, report.latency_ms), (0, 0), "{report:?}");
+    assert_eq!(report.commands_refused, 0, "{report:?}");
+    let heartbeats = records.iter().filter(|r| is_heartbeat(r)).count() as u64 + 1;
+    assert_eq!(report.commands_skipped, heartbeats);
+    let data_commands: usize = data
+        .iter()
+        .map(|r| match r {
+            Record::Write(w) => w.commands.len(),
+            Record::Snapshot(_) => 0,
+        })
+        .sum();
+    assert_eq!(report.commands_applied, data_commands as u64);
+    let positions = wal.positions(PARTITION).unwrap().unwrap();
+    assert_eq!(positions.applied, last, "the wal's applied mark");
+
+    assert_eq!(
+        target.cmd(&["GET", CHECKPOINT_KEY]),
+        format!("v1 applied={last} epoch=0")
+    );
+    assert_eq!(target.cmd(&["EXISTS", "__ferry:heartbeat:l1"]), "0");
+    assert_eq!(
+        target.cmd(&["-n", "5", "EXISTS", "__ferry:heartbeat:l1"]),
+        "0"
+    );
+    assert_same_data(&target, &reference);
+
+    // Pending entries show as lag and latency.
+    let more: Vec<Record> = (0..3).map(|_| single(0, &["INCR", "later"])).collect();
+    append(&wal, &more).await;
+    let report = status.report_at(&wal, now_ms() + 5_000).unwrap();
+    assert_eq!(report.lag, 3, "{report:?}");
+    assert!(report.latency_ms >= 5_000, "{report:?}");
+    wal.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_commands_are_counted_and_do_not_block() {
+    let target = RedisServer::start(&[]);
+    let wal_dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(wal_config(wal_dir.path())).await.unwrap();
+    let records = vec![
+        single(0, &["SET", "k", "v"]),
+        single(0, &["LPUSH", "k", "x"]), // WRONGTYPE: id 2
+        single(0, &["INCR", "c"]),
+        write(
+            0,
+            vec![
+                cmd(&["INCR", "c"]),
+                cmd(&["LPUSH", "k", "y"]), // WRONGTYPE inside a transaction: id 4
+                cmd(&["INCR", "c"]),
+            ],
+            true,
+        ),
+        single(20, &["SET", "z", "1"]), // the target has 16 dbs: id 5
+        single(0, &["INCR", "c"]),
+    ];
+    let last = append(&wal, &records).await;
+    let applier = start(apply_config(&target.url(), 2), &wal);
+    applier.wait_applied(last).await;
+    let status = applier.stop().await;
+    let report = status.snapshot();
+    assert_eq!(report.commands_refused, 3, "{report:?}");
+    assert_eq!(report.commands_applied, 5, "{report:?}");
+    let refused = report.last_refused.expect("last refused command");
+    assert_eq!(refused.log_id, LogId(5));
+    assert_eq!(refused.command, "SET");
+    assert!(refused.error.contains("out of range"), "{refused:?}");
+    assert_eq!(target.cmd(&["GET", "c"]), "4");
+    assert_eq!(target.cmd(&["GET", "k"]), "v");
+    wal.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_time_refusal_is_retried_and_shown_offline() {
+    let target = RedisServer::start(&[]);
+    let wal_dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(wal_config(wal_dir.path())).await.unwrap();
+    let records = [
+        single(0, &["INCR", "c"]),
+        single(0, &["INCR", "c"]),
+        // Wrong arity: refused when queued, so the whole batch is discarded.
+        single(0, &["SET", "only-a-key"]),
+        single(0, &["INCR", "c"]),
+    ];
+    let last = append(&wal, &records[..2]).await;
+    let applier = start(apply_config(&target.url(), 10), &wal);
+    applier.wait_applied(last).await;
+    append(&wal, &records[2..]).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let report = loop {
+        let report = applier.status.snapshot();
+        if report.state == SyncState::Offline {
+            break report;
+        }
+        assert!(Instant::now() < deadline, "never OFFLINE: {report:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let error = report.last_error.clone().unwrap();
+    assert!(error.contains("EXECABORT"), "{error}");
+    assert!(error.contains("entry 3: SET refused"), "{error}");
+    // Retried, never skipped: entry 4 waits behind entry 3.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(applier.status.snapshot().applied, LogId(2));
+    assert_eq!(target.cmd(&["GET", "c"]), "2");
+    applier.stop().await;
+    wal.close().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// Exactly once under SIGKILL of the applier.
+
+/// Counts of what a counter workload did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Counts {
+    incr: u64,
+    lpush: u64,
+    xadd: u64,
+}
+
+/// INCR / LPUSH / XADD (explicit increasing ids) records, some of them
+/// transactions of all three, some heartbeats.
+fn counter_workload(n: u64, first_stream_id: u64) -> (Vec<Record>, Counts) {
+    let mut counts = Counts::default();
+    let mut stream_id = first_stream_id;
+    let mut xadd = |counts: &mut Counts| {
+        counts.xadd += 1;
+        stream_id += 1;
+        cmd(&[
+            "XADD".to_string(),
+            "x:stream".into(),
+            format!("{stream_id}-0"),
+            "f".into(),
+            "v".into(),
+        ])
+    };
+    let mut records = Vec::new();
+    for i in 0..n {
+        records.push(match i % 7 {
+            0 | 3 => {
+                counts.incr += 1;
+                single(0, &["INCR", "x:counter"])
+            }
+            1 | 4 => {
+                counts.lpush += 1;
+                single(1, &["LPUSH", "x:list", &i.to_string()])
+            }
+            2 => write(2, vec![xadd(&mut counts)], false),
+            5 => {
+                counts.incr += 1;
+                counts.lpush += 1;
+                let x = xadd(&mut counts);
+                write(
+                    0,
+                    vec![
+                        cmd(&["INCR", "x:counter"]),
+                        cmd(&["SELECT", "1"]),
+                        cmd(&["LPUSH", "x:list", "tx"]),
+                        cmd(&["SELECT", "2"]),
+                        x,
+                    ],
+                    true,
+                )
+            }
+            _ => single(0, &["SET", "__ferry:heartbeat:l", &i.to_string()]),
+        });
+    }
+    (records, counts)
+}
+
+fn assert_counts(target_port: u16, counts: Counts) {
+    let cli = |args: &[&str]| -> String {
+        let out = Process::new(redis_cli_bin())
+            .args(["-h", "127.0.0.1", "-p", &target_port.to_string()])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(cli(&["GET", "x:counter"]), counts.incr.to_string(), "INCRs");
+    assert_eq!(
+        cli(&["-n", "1", "LLEN", "x:list"]),
+        counts.lpush.to_string(),
+        "LPUSHes"
+    );
+    assert_eq!(
+        cli(&["-n", "2", "XLEN", "x:stream"]),
+        counts.xadd.to_string(),
+        "XADDs"
+    );
+}
+
+/// Fills a fresh WAL in `dir` with `records` (in its own runtime, closed
+/// after, so that a child process can open it).
+fn fill_wal(dir: &Path, records: &[Record]) -> LogId {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let wal = Wal::open(wal_config(dir)).await.unwrap();
+        let last = append(&wal, records).await;
+        wal.close().await.unwrap();
+        last
+    })
+}
+
+#[test]
+#[ignore = "helper process of the SIGKILL tests"]
+fn apply_child() {
+    let Ok(wal_dir) = std::env::var(WAL_DIR_ENV) else {
+        panic!("apply_child runs only as a helper process");
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .try_init();
+    let target = std::env::var(TARGET_ENV).unwrap();
+    let batch: usize = std::env::var(BATCH_ENV).unwrap().parse().unwrap();
+    let until: Option<u64> = std::env::var(UNTIL_ENV).ok().map(|v| v.parse().unwrap());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async move {
+        let wal = Wal::open(wal_config(Path::new(&wal_dir))).await.unwrap();
+        let applier = start(apply_config(&target, batch), &wal);
+        match until {
+            Some(last) => {
+                applier.wait_applied(LogId(last)).await;
+                applier.stop().await;
+                // The applied mark reaches the WAL before the applier ends.
+                let positions = wal.positions(PARTITION).unwrap().unwrap();
+                assert_eq!(positions.applied, LogId(last), "the wal's applied mark");
+                wal.close().await.unwrap();
+            }
+            None => {
+                let result = applier.task.await.unwrap();
+                panic!("the applier ended on its own: {result:?}");
+            }
+        }
+    });
+}
+
+fn spawn_child(wal_dir: &Path, target_port: u16, batch: u64, until: Option<LogId>) -> Child {
+    let mut child = Process::new(std::env::current_exe().unwrap());
+    child
+        .args([
+            "--exact",
+            "apply_child",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(WAL_DIR_ENV, wal_dir)
+        .env(TARGET_ENV, format!("redis://127.0.0.1:{target_port}"))
+        .env(BATCH_ENV, batch.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    if let Some(until) = until {
+        child.env(UNTIL_ENV, until.0.to_string());
+    }
+    child.spawn().unwrap()
+}
+
+/// The checkpoint value in the target, "" when absent.
+fn checkpoint(port: u16) -> String {
+    let out = Process::new(redis_cli_bin())
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "GET",
+            CHECKPOINT_KEY,
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Tiny xorshift generator: the test prints its seed so that a failing run
+/// can be repeated with `FERRY_APPLY_SEED`.
+struct Rng(u64);
+
+impl Rng {
+    fn from_env() -> Rng {
+        let seed = std::env::var("FERRY_APPLY_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| now_ms() | 1);
+        println!("FERRY_APPLY_SEED={seed}");
+        Rng(seed)
+    }
+
+    fn below(&mut self, bound: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % bound
+    }
+}
+
+/// Waits until `ready` holds for the checkpoint (or `timeout`).
+fn wait_checkpoint(port: u16, timeout: Duration, ready: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let value = checkpoint(port);
+        if ready(&value) || Instant::now() > deadline {
+            return value;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Runs a child to completion (everything up to `last` applied).
+fn finish_in_child(wal_dir: &Path, port: u16, last: LogId) {
+    let mut child = spawn_child(wal_dir, port, 64, Some(last));
+    let deadline = Instant::now() + APPLY_WAIT;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "the final applier run failed: {status}");
+            return;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the final applier run did not finish in {APPLY_WAIT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn exactly_once_under_sigkill_of_the_applier() {
+    let mut rng = Rng::from_env();
+    let target = RedisServer::start(&[]);
+    let wal_dir = tempfile::tempdir().unwrap();
+    let (records, counts) = counter_workload(40_000, 0);
+    let last = fill_wal(wal_dir.path(), &records);
+    let done = format!("v1 applied={last} epoch=0");
+    let mut kills_mid_way = 0;
+    for round in 0..8 {
+        let batch = 1 + rng.below(20);
+        let before = checkpoint(target.port);
+        if before == done {
+            break;
+        }
+        let mut child = spawn_child(wal_dir.path(), target.port, batch, None);
+        // Kill once it applies something, at a random moment after.
+        wait_checkpoint(target.port, Duration::from_secs(30), |v| v != before);
+        std::thread::sleep(Duration::from_millis(rng.below(100)));
+        assert!(child.try_wait().unwrap().is_none(), "the child ended early");
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let after = checkpoint(target.port);
+        if after != done {
+            kills_mid_way += 1;
+        }
+        println!("round {round}: batch {batch}, killed at checkpoint {after:?}");
+    }
+    assert!(
+        kills_mid_way >= 3,
+        "only {kills_mid_way} kills hit before the end"
+    );
+    finish_in_child(wal_dir.path(), target.port, last);
+    assert_eq!(
+        checkpoint(target.port),
+        format!("v1 applied={last} epoch=0")
+    );
+    assert_counts(target.port, counts);
+}
+
+// ---------------------------------------------------------------------------
+// The target killed and restarted.
+
+/// A redis-server on a fixed port that keeps its data across restarts
+/// (AOF, fsync on every write).
+struct DurableRedis {
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl DurableRedis {
+    fn start() -> DurableRedis {
+        let mut server = DurableRedis {
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+        };
+        server.restart();
+        server
+    }
+
+    fn restart(&mut self) {
+        let child = Process::new(redis_server_bin())
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ])
+            .args(["--enable-debug-command", "yes", "--protected-mode", "no"])
+            .args(["--daemonize", "no", "--logfile", "redis.log"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = Process::new(redis_cli_bin())
+                .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "PING"])
+                .output()
+                .unwrap();
+            if String::from_utf8_lossy(&out.stdout).contains("PONG") {
+                return;
+            }
+            assert!(Instant::now() < deadline, "redis-server did not restart");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: no shutdown save, only what the AOF fsynced survives.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for DurableRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_killed_and_restarted_loses_and_doubles_nothing() {
+    let mut target = DurableRedis::start();
+    let wal_dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(wal_config(wal_dir.path())).await.unwrap();
+    let (records, counts) = counter_workload(12_000, 0);
+    let half = records.len() / 2;
+    append(&wal, &records[..half]).await;
+    let applier = start(apply_config(&target.url(), 20), &wal);
+    let mut offline_errors = BTreeSet::new();
+    for round in 0..3 {
+        // Kill once the applier is under way again.
+        let before = applier.status.snapshot().applied;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while applier.status.snapshot().applied == before {
+            assert!(Instant::now() < deadline, "no progress in round {round}");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        target.kill();
+        if round == 1 {
+            // Entries keep arriving while the target is down.
+            append(&wal, &records[half..]).await;
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let report = applier.status.snapshot();
+            if report.state == SyncState::Offline {
+                offline_errors.insert(report.last_error.unwrap_or_default());
+                break;
+            }
+            assert!(Instant::now() < deadline, "never OFFLINE: {report:?}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        println!(
+            "round {round}: target killed at applied {}",
+            applier.status.snapshot().applied
+        );
+        target.restart();
+    }
+    let last = wal.last_log_id(PARTITION).unwrap().unwrap();
+    applier.wait_applied(last).await;
+    let status = applier.stop().await;
+    assert_eq!(status.snapshot().state, SyncState::Online);
+    println!("offline errors: {offline_errors:?}");
+    assert_counts(target.port, counts);
+    wal.close().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// Snapshot markers.
+
+/// Fills `source` with a data set across dbs; `keys` plain strings in db 0.
+fn fill_source(source: &RedisServer, keys: u64) {
+    source.cmd(&["DEBUG", "POPULATE", &keys.to_string(), "key", "64"]);
+    source.cmd(&["-n", "1", "RPUSH", "snap:list", "a", "b", "c"]);
+    source.cmd(&["-n", "1", "HSET", "snap:hash", "f", "v", "g", "w"]);
+    source.cmd(&["-n", "3", "ZADD", "snap:zset", "1", "a", "2", "b"]);
+    source.cmd(&["-n", "3", "XADD", "snap:stream", "5-1", "f", "v"]);
+    source.cmd(&["-n", "3", "SET", "snap:ttl", "v", "PXAT", "4102444800000"]);
+    source.cmd(&["SET", "snap:counter", "100"]);
+    // The listener's heartbeat lives in the source too; never data.
+    source.cmd(&["SET", "__ferry:heartbeat:l", "1700000000000"]);
+}
+
+/// Takes an RDB of `source`; returns the marker describing it once its
+/// chunks are stored in `wal` as `epoch` (state complete).
+async fn store_snapshot(wal: &Wal, source: &RedisServer, epoch: u64, dir: &Path) -> SnapshotMarker {
+    let file: PathBuf = dir.join("snapshot.rdb");
+    let report = ferry::cli::fetch::fetch(&RedisUrl::parse(&source.url()).unwrap(), &file)
+        .await
+        .unwrap();
+    let rdb = Bytes::from(std::fs::read(&file).unwrap());
+    let state = |phase| SnapshotState { epoch, phase };
+    wal.set_snapshot_state(PARTITION, state(SnapshotPhase::Writing))
+        .await
+        .unwrap();
+    let mut chunks = 0;
+    for (seq, chunk) in rdb.chunks(64 << 10).enumerate() {
+        wal.put_snapshot_chunk(PARTITION, epoch, seq as u64, rdb.slice_ref(chunk))
+            .await
+            .unwrap();
+        chunks += 1;
+    }
+    wal.set_snapshot_state(PARTITION, state(SnapshotPhase::Complete))
+        .await
+        .unwrap();
+    SnapshotMarker {
+        epoch,
+        rdb_bytes: rdb.len() as u64,
+        chunks,
+        replid: report.replid.to_string(),
+        offset: report.offset.0,
+    }
+}
+
+/// Writes applied to the source directly and recorded for the WAL.
+async fn writes_on_top(source: &RedisServer) -> Vec<Record> {
+    let records = vec![
+        single(0, &["INCR", "snap:counter"]),
+        single(0, &["DEL", "key:7"]),
+        single(1, &["RPUSH", "snap:list", "d"]),
+        write(
+            3,
+            vec![
+                cmd(&["ZADD", "snap:zset", "3", "c"]),
+                cmd(&["XADD", "snap:stream", "6-1", "f", "w"]),
+            ],
+            true,
+        ),
+        single(0, &["SET", "__ferry:heartbeat:l", "1700000000001"]),
+    ];
+    let mut client = connect(source).await;
+    let data: Vec<Record> = records
+        .iter()
+        .filter(|r| !is_heartbeat(r))
+        .cloned()
+        .collect();
+    apply_directly(&mut client, &data).await;
+    records
+}
+
+fn seed_unrelated(target_port: u16) {
+    for (db, key) in [("0", "unrelated:a"), ("0", "key:1"), ("7", "unrelated:b")] {
+        let out = Process::new(redis_cli_bin())
+            .args(["-h", "127.0.0.1", "-p", &target_port.to_string(), "-n", db])
+            .args(["SET", key, "stale"])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_marker_makes_the_target_equal_to_the_source() {
+    let source = RedisServer::start(&[]);
+    let target = RedisServer::start(&[]);
+    let work = tempfile::tempdir().unwrap();
+    let wal = Wal::open(wal_config(&work.path().join("wal")))
+        .await
+        .unwrap();
+    fill_source(&source, 5_000);
+    seed_unrelated(target.port);
+    // Entries before the marker are superseded by it.
+    append(&wal, &[single(0, &["SET", "before-snapshot", "x"])]).await;
+    let marker = store_snapshot(&wal, &source, 1, work.path()).await;
+    let marker_id = wal
+        .append(
+            PARTITION,
+            vec![entry(&Record::Snapshot(marker.clone()), marker.offset)],
+        )
+        .await
+        .unwrap()
+        .last;
+    let on_top = writes_on_top(&source).await;
+    let last = append(&wal, &on_top).await;
+
+    let applier = start(apply_config(&target.url(), 100), &wal);
+    applier.wait_applied(last).await;
+    let status = applier.stop().await;
+    let report = status.snapshot();
+    let load = report.snapshot_load.clone().expect("load progress");
+    assert!(load.done, "{load:?}");
+    assert_eq!(load.log_id, marker_id);
+    assert_eq!(load.bytes_loaded, marker.rdb_bytes);
+    // 5000 populated keys + 6 typed ones; the heartbeat is not loaded.
+    assert_eq!(load.keys_loaded, 5_006, "{load:?}");
+    assert_eq!(report.epoch, 1);
+    assert_eq!(
+        target.cmd(&["GET", CHECKPOINT_KEY]),
+        format!("v1 applied={last} epoch=1")
+    );
+    assert_eq!(target.cmd(&["EXISTS", "unrelated:a"]), "0");
+    assert_eq!(target.cmd(&["-n", "7", "DBSIZE"]), "0");
+    assert_eq!(target.cmd(&["EXISTS", "before-snapshot"]), "0");
+    assert_eq!(target.cmd(&["EXISTS", "__ferry:heartbeat:l"]), "0");
+    assert_same_data(&target, &source);
+    wal.close().await.unwrap();
+}
+
+#[test]
+fn sigkill_during_a_snapshot_load_converges() {
+    let mut rng = Rng::from_env();
+    let source = RedisServer::start(&[]);
+    let target = RedisServer::start(&[]);
+    let work = tempfile::tempdir().unwrap();
+    let wal_dir = work.path().join("wal");
+    fill_source(&source, 100_000);
+    seed_unrelated(target.port);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let last = runtime.block_on(async {
+        let wal = Wal::open(wal_config(&wal_dir)).await.unwrap();
+        let (before, _) = counter_workload(50, 0);
+        append(&wal, &before).await;
+        let marker = store_snapshot(&wal, &source, 1, work.path()).await;
+        wal.append(
+            PARTITION,
+            vec![entry(&Record::Snapshot(marker.clone()), marker.offset)],
+        )
+        .await
+        .unwrap();
+        let on_top = writes_on_top(&source).await;
+        let last = append(&wal, &on_top).await;
+        wal.close().await.unwrap();
+        last
+    });
+    drop(runtime);
+    let mut kills_while_loading = 0;
+    for round in 0..4 {
+        let now = checkpoint(target.port);
+        if now.starts_with("v1 applied=") && now.ends_with(" epoch=1") {
+            break; // loaded: no more loads to interrupt
+        }
+        let mut child = spawn_child(&wal_dir, target.port, 64, None);
+        let seen = wait_checkpoint(target.port, Duration::from_secs(30), |v| {
+            v.starts_with("v1 loading=")
+        });
+        std::thread::sleep(Duration::from_millis(rng.below(400)));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let after = checkpoint(target.port);
+        if after.starts_with("v1 loading=") {
+            kills_while_loading += 1;
+        }
+        println!(
+            "round {round}: saw {seen:?}, killed at {after:?}, target dbsize {}",
+            target.cmd(&["DBSIZE"])
+        );
+    }
+    assert!(kills_while_loading >= 1, "no kill landed during a load");
+    finish_in_child(&wal_dir, target.port, last);
+    assert_eq!(
+        checkpoint(target.port),
+        format!("v1 applied={last} epoch=1")
+    );
+    assert_eq!(target.cmd(&["EXISTS", "unrelated:a"]), "0");
+    assert_same_data(&target, &source);
+}
+
+// ---------------------------------------------------------------------------
+// Figures (run in release: `cargo test --release --test apply -- --ignored
+// throughput_figures --nocapture`).
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "throughput figures, run by hand in release mode"]
+async fn throughput_figures() {
+    let target = RedisServer::start(&[]);
+    let source = RedisServer::start(&[]);
+    let work = tempfile::tempdir().unwrap();
+    let wal = Wal::open(wal_config(&work.path().join("wal")))
+        .await
+        .unwrap();
+    let n = 500_000u64;
+    let value = "v".repeat(100);
+    let records: Vec<Record> = (0..n)
+        .map(|i| single(0, &["SET", &format!("key:{i}"), &value]))
+        .collect();
+    let last = append(&wal, &records).await;
+    let started = Instant::now();
+    let applier = start(default_config(&target.url()), &wal);
+    applier.wait_applied(last).await;
+    let elapsed = started.elapsed();
+    applier.stop().await;
+    println!(
+        "stream: {n} SET records (100 B values) in {elapsed:.2?}: {:.0} records/s",
+        n as f64 / elapsed.as_secs_f64()
+    );
+
+    let keys = 1_000_000u64;
+    source.cmd(&["DEBUG", "POPULATE", &keys.to_string(), "key", "100"]);
+    let marker = store_snapshot(&wal, &source, 1, work.path()).await;
+    let marker_id = wal
+        .append(PARTITION, vec![entry(&Record::Snapshot(marker.clone()), 0)])
+        .await
+        .unwrap()
+        .last;
+    let started = Instant::now();
+    let applier = start(default_config(&target.url()), &wal);
+    applier.wait_applied(marker_id).await;
+    let elapsed = started.elapsed();
+    applier.stop().await;
+    println!(
+        "snapshot: {keys} keys x 100 B ({} RDB bytes) loaded in {elapsed:.2?}: {:.0} keys/s",
+        marker.rdb_bytes,
+        keys as f64 / elapsed.as_secs_f64()
+    );
+    assert_eq!(target.cmd(&["DBSIZE"]), (keys + 1).to_string());
+    wal.close().await.unwrap();
+}
+
+/// The default config, pointed at `target`.
+fn default_config(target: &str) -> ApplyConfig {
+    ApplyConfig {
+        drainer_id: DRAINER.to_string(),
+        target: target.to_string(),
+        ..ApplyConfig::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_behind_the_wal_is_caught_up_or_reported() {
+    let first = RedisServer::start(&[]);
+    let wal_dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(wal_config(wal_dir.path())).await.unwrap();
+    let records: Vec<Record> = (0..10).map(|_| single(0, &["INCR", "c"])).collect();
+    let last = append(&wal, &records).await;
+    let applier = start(apply_config(&first.url(), 3), &wal);
+    applier.wait_applied(last).await;
+    applier.stop().await;
+    assert_eq!(wal.positions(PARTITION).unwrap().unwrap().applied, last);
+
+    // A fresh target (the old one lost its data, or was replaced): the WAL's
+    // applied mark is ahead of its (missing) checkpoint; it gets everything.
+    let second = RedisServer::start(&[]);
+    let applier = start(apply_config(&second.url(), 3), &wal);
+    applier.wait_applied(last).await;
+    applier.stop().await;
+    assert_eq!(second.cmd(&["GET", "c"]), "10");
+
+    // Once the entries it needs are trimmed (and no snapshot marker replaces
+    // them) a fresh target cannot be caught up: OFFLINE, saying so.
+    wal.trim(PARTITION, LogId(4)).await.unwrap();
+    let third = RedisServer::start(&[]);
+    let applier = start(apply_config(&third.url(), 3), &wal);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let error = loop {
+        let report = applier.status.snapshot();
+        if let (SyncState::Offline, Some(error)) = (report.state, report.last_error) {
+            break error;
+        }
+        assert!(Instant::now() < deadline, "never OFFLINE");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(error.contains("needs a snapshot"), "{error}");
+    assert_eq!(third.cmd(&["EXISTS", "c"]), "0");
+    applier.stop().await;
+    wal.close().await.unwrap();
+}
