@@ -13,4 +13,5 @@ pub mod config_units;
 pub mod position;
 pub mod record;
 pub mod redis;
+pub mod ship;
 pub mod wal;

@@ -562,6 +562,14 @@ impl Wal {
         Ok(shared.partitions.get(&partition).cloned())
     }
 
+    /// Snapshot epoch and phase of `partition` (default if it has none).
+    pub fn snapshot_state(&self, partition: PartitionId) -> Result<SnapshotState, WalError> {
+        Ok(self
+            .state(partition)?
+            .map(|state| state.snapshot)
+            .unwrap_or_default())
+    }
+
     /// Partitions that have any stored state.
     pub fn partitions(&self) -> Vec<PartitionId> {
         let mut partitions: Vec<_> = lock(&self.inner.shared)
