@@ -1200,19 +1200,28 @@ async fn trimmed_drainer_gets_a_fallback_snapshot_and_an_up_to_date_one_does_not
     for i in 0..20 {
         source.cmd(&["SET", &format!("c{i}"), "after the gap"]);
     }
-    wait_until("drainer A to catch up", Duration::from_secs(60), || {
-        let last = last_id(&listener_wal);
-        last_id(&drainer_a.wal) == last && last_id(&drainer_b.wal) == last
-    })
-    .await;
-    // Let the tail of the c-writes arrive too.
     wait_until(
-        "the c-writes on both drainers",
-        Duration::from_secs(30),
+        "the fallback snapshot on drainer A",
+        Duration::from_secs(60),
+        || first_entry_marker(&drainer_a.wal).is_some_and(|(_, marker)| marker.epoch >= 2),
+    )
+    .await;
+    // Entries after the snapshot flow on top of it.
+    for i in 0..20 {
+        source.cmd(&["SET", &format!("d{i}"), "after the snapshot"]);
+    }
+    let has_d19 = |wal: &Wal| {
+        let first = wal.first_log_id(P).unwrap().unwrap_or(LogId(1));
+        read_all(wal, first)
+            .iter()
+            .any(|e| e.payload.windows(3).any(|w| w == b"d19"))
+    };
+    wait_until(
+        "the d-writes on both drainers",
+        Duration::from_secs(60),
         || {
-            read_all(&drainer_b.wal, LogId(1))
-                .iter()
-                .any(|e| e.payload.windows(3).any(|w| w == b"c19"))
+            has_d19(&drainer_a.wal)
+                && has_d19(&drainer_b.wal)
                 && last_id(&drainer_a.wal) == last_id(&drainer_b.wal)
         },
     )
