@@ -1280,3 +1280,68 @@ async fn trimmed_drainer_gets_a_fallback_snapshot_and_an_up_to_date_one_does_not
     drainer_b.stop().await;
     listener_wal.close().await.unwrap();
 }
+
+/// Figures, not a check: `cargo test --release --test ship throughput -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn throughput() {
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let listener_wal = Wal::open(wal_config(dirs.0.path())).await.unwrap();
+    let total = 200_000u64;
+    let value = "x".repeat(100);
+    for start in (1..=total).step_by(1000) {
+        let burst = (start..start + 1000)
+            .map(|i| NewEntry {
+                payload: write_payload(&format!("key:{i}"), &value),
+                ..entry(i)
+            })
+            .collect();
+        listener_wal.append(P, burst).await.unwrap();
+    }
+    let payload_bytes: usize = read_all(&listener_wal, LogId(1))
+        .iter()
+        .map(|e| e.payload.len())
+        .sum();
+    let drainer = DrainerServer::start(dirs.1.path(), None).await;
+    let started = Instant::now();
+    let target = DrainerTarget {
+        drainer_id: DownstreamId::new("drainer-a").unwrap(),
+        endpoint: drainer.endpoint(),
+        listener_id: LISTENER.into(),
+        secret: SECRET.into(),
+    };
+    // Default batching (the other tests use small batches to cut streams
+    // mid-way more often).
+    let shipper = Shipper::new(
+        listener_wal.clone(),
+        P,
+        target,
+        ShipperConfig::default(),
+        Arc::new(NoSnapshots),
+    )
+    .unwrap();
+    let shutdown = CancellationToken::new();
+    let shipper = RunningShipper {
+        status: shipper.status_handle(),
+        shutdown: shutdown.clone(),
+        task: tokio::spawn(shipper.run(shutdown)),
+    };
+    wait_until("everything acked", Duration::from_secs(300), || {
+        shipper.status.snapshot().acked == LogId(total)
+    })
+    .await;
+    let elapsed = started.elapsed();
+    let status = shipper.status.snapshot();
+    println!(
+        "shipped {total} entries ({:.1} MB payload) in {elapsed:.2?}: {:.0} entries/s, {:.1} MB/s; \
+         wire {:.1} MB compressed from {:.1} MB",
+        payload_bytes as f64 / 1e6,
+        total as f64 / elapsed.as_secs_f64(),
+        payload_bytes as f64 / 1e6 / elapsed.as_secs_f64(),
+        status.bytes_sent as f64 / 1e6,
+        status.raw_bytes_sent as f64 / 1e6,
+    );
+    shipper.stop().await;
+    drainer.stop().await;
+    listener_wal.close().await.unwrap();
+}

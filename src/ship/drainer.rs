@@ -334,9 +334,9 @@ impl DrainerService {
             Ok(guard) => Ok((session, cancel, guard)),
             Err(_) => {
                 self.release(partition, session);
-                Err(ShipError::Remote(Status::unavailable(format!(
+                Err(ShipError::Remote(Box::new(Status::unavailable(format!(
                     "partition {partition}: the previous stream did not stop within {wait:?}"
-                ))))
+                )))))
             }
         }
     }
@@ -369,7 +369,7 @@ impl DrainerService {
         let first = tokio::time::timeout(hello_timeout, inbound.message())
             .await
             .map_err(|_| ShipError::HelloTimeout(hello_timeout))?
-            .map_err(ShipError::Remote)?;
+            .map_err(ShipError::remote)?;
         let hello = match first.and_then(|message| message.kind) {
             Some(ship_message::Kind::Hello(hello)) => hello,
             Some(_) => return Err(ShipError::invalid("first message: expected Hello")),

@@ -213,7 +213,7 @@ pub enum ShipError {
         error: tonic::transport::Error,
     },
     #[error("drainer answered {}: {}", .0.code(), .0.message())]
-    Remote(Status),
+    Remote(Box<Status>),
     #[error("drainer closed the stream")]
     StreamClosed,
     #[error("protocol error from the drainer: {0}")]
@@ -239,6 +239,10 @@ pub enum ShipError {
 }
 
 impl ShipError {
+    fn remote(status: Status) -> ShipError {
+        ShipError::Remote(Box::new(status))
+    }
+
     fn invalid(what: impl Into<String>) -> ShipError {
         ShipError::InvalidFrame { what: what.into() }
     }
@@ -290,7 +294,7 @@ impl From<ShipError> for Status {
             ShipError::Wal(WalError::Closed | WalError::Poisoned(_)) => {
                 Status::unavailable(message)
             }
-            ShipError::Remote(status) => status,
+            ShipError::Remote(status) => *status,
             ShipError::Wal(_)
             | ShipError::Connect { .. }
             | ShipError::StreamClosed
@@ -356,7 +360,7 @@ mod tests {
             ),
             (ShipError::Wal(WalError::Closed), Code::Unavailable),
             (
-                ShipError::Remote(Status::permission_denied("p")),
+                ShipError::remote(Status::permission_denied("p")),
                 Code::PermissionDenied,
             ),
         ];

@@ -466,7 +466,7 @@ impl Shipper {
             out_rx.recv().await.map(|message| (message, out_rx))
         });
         let handshake = async {
-            let response = client.ship(outbound).await.map_err(ShipError::Remote)?;
+            let response = client.ship(outbound).await.map_err(ShipError::remote)?;
             let mut replies = response.into_inner();
             match replies.message().await {
                 Ok(Some(pb::ShipReply {
@@ -476,7 +476,7 @@ impl Shipper {
                     "expected Welcome, got {other:?}"
                 ))),
                 Ok(None) => Err(ShipError::StreamClosed),
-                Err(status) => Err(ShipError::Remote(status)),
+                Err(status) => Err(ShipError::remote(status)),
             }
         };
         let timeout = self.config.handshake_timeout.0;
@@ -856,7 +856,7 @@ impl ActiveStream<'_> {
         let reply = match reply {
             Ok(Some(reply)) => reply,
             Ok(None) => return Err(ShipError::StreamClosed),
-            Err(status) => return Err(ShipError::Remote(status)),
+            Err(status) => return Err(ShipError::remote(status)),
         };
         match reply.kind {
             Some(ship_reply::Kind::Ack(ack)) => {
