@@ -765,7 +765,7 @@ async fn hostile_frames_get_typed_errors_and_leave_the_wal_unchanged() {
             "gap",
             vec![good(5..=6)],
             tonic::Code::OutOfRange,
-            "gap: entry 5 does not follow durable entry 3",
+            "gap: entry 5 does not follow entry 3",
         ),
         (
             "garbage entries",

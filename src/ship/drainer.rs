@@ -5,7 +5,7 @@
 //! markers turned into partition resets, and `Ack`s of what is durable.
 //! Rules in `ship/mod.rs`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -26,7 +26,9 @@ use crate::position::{LogId, PartitionId};
 use crate::record::pb::drainer_server::{Drainer, DrainerServer};
 use crate::record::pb::{self, ship_message, ship_reply};
 use crate::record::SnapshotMarker;
-use crate::wal::{NewEntry, ReadLimits, SnapshotPhase, SnapshotState, Wal, WalEntry, WalError};
+use crate::wal::{
+    NewEntry, PendingAppend, ReadLimits, SnapshotPhase, SnapshotState, Wal, WalEntry, WalError,
+};
 
 /// A listener allowed to ship to this drainer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -413,15 +415,18 @@ impl DrainerService {
             service: self.clone(),
             partition,
             durable,
+            received: durable,
+            queued: VecDeque::new(),
             snapshot,
             transfer: None,
             received_snapshot: None,
+            reply_tx,
         };
         let span =
             tracing::info_span!("ship", partition = %partition, listener = %hello.listener_id);
         let task = tokio::spawn(
             stream
-                .run(inbound, reply_tx, cancel, running, session)
+                .run(inbound, cancel, running, session)
                 .instrument(span),
         );
         let mut tasks = self
@@ -460,29 +465,39 @@ struct Transfer {
     next_seq: u64,
 }
 
+/// Appends a stream may have queued in the WAL before their acks: enough to
+/// fill a group commit while one is being fsynced.
+const MAX_QUEUED_APPENDS: usize = 16;
+
 /// One accepted stream; the only writer of its partition while it runs.
 struct StreamSession {
     service: DrainerService,
     partition: PartitionId,
+    /// Last id made durable (and acked).
     durable: LogId,
+    /// Last id queued to the WAL (`durable <= received`).
+    received: LogId,
+    /// Queued appends, oldest first.
+    queued: VecDeque<PendingAppend>,
     snapshot: SnapshotState,
     transfer: Option<Transfer>,
     /// (epoch, chunk count) of the last complete transfer on this stream:
     /// a marker may only name that one.
     received_snapshot: Option<(u64, u64)>,
+    reply_tx: mpsc::Sender<Result<pb::ShipReply, Status>>,
 }
 
 impl StreamSession {
     async fn run(
         mut self,
         mut inbound: Streaming<pb::ShipMessage>,
-        reply_tx: mpsc::Sender<Result<pb::ShipReply, Status>>,
         cancel: CancellationToken,
         running: OwnedMutexGuard<()>,
         session: u64,
     ) {
         loop {
-            let message = tokio::select! {
+            let queue_full = self.queued.len() >= MAX_QUEUED_APPENDS;
+            let step = tokio::select! {
                 biased;
                 _ = cancel.cancelled() => {
                     let error = if self.service.inner.shutdown.is_cancelled() {
@@ -491,52 +506,95 @@ impl StreamSession {
                         ShipError::Replaced
                     };
                     debug!(%error, "ship stream ended");
-                    let _ = reply_tx.send(Err(error.into())).await;
+                    // Appends already queued still become durable; the next
+                    // stream's Welcome reports them.
+                    let _ = self.reply_tx.send(Err(error.into())).await;
                     break;
                 }
-                message = inbound.message() => message,
-            };
-            let message = match message {
-                Ok(Some(message)) => message,
-                Ok(None) => {
-                    debug!("listener closed the ship stream");
-                    break;
+                durable = async {
+                    match self.queued.front_mut() {
+                        Some(pending) => pending.await,
+                        None => std::future::pending().await,
+                    }
+                }, if !self.queued.is_empty() => {
+                    self.queued.pop_front();
+                    self.appended(durable).await
                 }
-                Err(status) => {
-                    debug!(%status, "ship stream broke");
-                    break;
-                }
-            };
-            self.service.touch(self.partition);
-            match self.handle(message).await {
-                Ok(Some(ack)) => {
-                    let reply = pb::ShipReply {
-                        kind: Some(ship_reply::Kind::Ack(pb::Ack {
-                            durable_log_id: ack.0,
-                        })),
-                    };
-                    if reply_tx.send(Ok(reply)).await.is_err() {
+                message = inbound.message(), if !queue_full => match message {
+                    Ok(Some(message)) => {
+                        self.service.touch(self.partition);
+                        self.handle(message).await
+                    }
+                    Ok(None) => {
+                        debug!("listener closed the ship stream");
                         break;
                     }
-                }
-                Ok(None) => {}
+                    Err(status) => {
+                        debug!(%status, "ship stream broke");
+                        break;
+                    }
+                },
+            };
+            match step {
+                Ok(()) => {}
+                Err(ShipError::StreamClosed) => break,
                 Err(error) => {
                     warn!(%error, "ship stream failed");
-                    let _ = reply_tx.send(Err(error.into())).await;
+                    let _ = self.reply_tx.send(Err(error.into())).await;
                     break;
                 }
             }
+        }
+        // Queued appends must be resolved before the next stream reads the
+        // partition's positions for its Welcome.
+        while let Some(pending) = self.queued.pop_front() {
+            let _ = pending.await;
         }
         self.service.release(self.partition, session);
         drop(running);
     }
 
-    /// Handles one message; returns the id to ack, if any.
-    async fn handle(&mut self, message: pb::ShipMessage) -> Result<Option<LogId>, ShipError> {
+    /// A queued append became durable: ack it.
+    async fn appended(
+        &mut self,
+        durable: Result<crate::wal::AppendedRange, WalError>,
+    ) -> Result<(), ShipError> {
+        self.durable = durable?.last;
+        self.ack().await
+    }
+
+    async fn ack(&mut self) -> Result<(), ShipError> {
+        let reply = pb::ShipReply {
+            kind: Some(ship_reply::Kind::Ack(pb::Ack {
+                durable_log_id: self.durable.0,
+            })),
+        };
+        self.reply_tx
+            .send(Ok(reply))
+            .await
+            .map_err(|_| ShipError::StreamClosed)
+    }
+
+    /// Waits for every queued append and acks it (before anything that
+    /// must see them durable: a reset, a snapshot transfer).
+    async fn drain_queue(&mut self) -> Result<(), ShipError> {
+        let mut acked = false;
+        while let Some(pending) = self.queued.pop_front() {
+            self.durable = pending.await?.last;
+            acked = true;
+        }
+        if acked {
+            self.ack().await?;
+        }
+        Ok(())
+    }
+
+    async fn handle(&mut self, message: pb::ShipMessage) -> Result<(), ShipError> {
         match message.kind {
-            Some(ship_message::Kind::Entries(batch)) => self.entries(&batch).await.map(Some),
+            Some(ship_message::Kind::Entries(batch)) => self.entries(&batch).await,
             Some(ship_message::Kind::SnapshotChunk(chunk)) => {
-                self.chunk(chunk).await.map(|()| None)
+                self.drain_queue().await?;
+                self.chunk(chunk).await
             }
             Some(ship_message::Kind::Hello(_)) => {
                 Err(ShipError::invalid("Hello after the stream started"))
@@ -545,32 +603,35 @@ impl StreamSession {
         }
     }
 
-    async fn entries(&mut self, batch: &pb::EntryBatch) -> Result<LogId, ShipError> {
+    async fn entries(&mut self, batch: &pb::EntryBatch) -> Result<(), ShipError> {
         let limits = self.service.inner.limits;
         let entries = wire::decode_batch(batch, &limits)?;
         let wal = self.service.inner.wal.clone();
         let mut run: Vec<NewEntry> = Vec::new();
         let mut run_first = LogId::ZERO;
+        let mut queued_any = false;
         for decoded in entries {
-            if decoded.log_id <= self.durable {
-                // Re-sent by a resumed stream: already durable here.
+            if decoded.log_id <= self.received {
+                // Re-sent by a resumed stream: already here.
                 continue;
             }
             if let Some(marker) = decoded.marker().cloned() {
                 if !run.is_empty() {
-                    let range = wal
-                        .append_at(self.partition, run_first, std::mem::take(&mut run))
+                    let pending = wal
+                        .submit_append_at(self.partition, run_first, std::mem::take(&mut run))
                         .await?;
-                    self.durable = range.last;
+                    self.queued.push_back(pending);
                 }
+                self.drain_queue().await?;
                 self.marker(decoded, marker).await?;
+                self.ack().await?;
                 continue;
             }
-            let expected = LogId(self.durable.0 + run.len() as u64 + 1);
+            let expected = self.received.next();
             if decoded.log_id != expected {
                 return Err(ShipError::Gap {
                     partition: self.partition,
-                    durable: expected.prev(),
+                    last: self.received,
                     got: decoded.log_id,
                 });
             }
@@ -578,12 +639,19 @@ impl StreamSession {
                 run_first = decoded.log_id;
             }
             run.push(decoded.entry);
+            self.received = decoded.log_id;
         }
         if !run.is_empty() {
-            let range = wal.append_at(self.partition, run_first, run).await?;
-            self.durable = range.last;
+            let pending = wal.submit_append_at(self.partition, run_first, run).await?;
+            self.queued.push_back(pending);
+            queued_any = true;
         }
-        Ok(self.durable)
+        if !queued_any && self.queued.is_empty() {
+            // Nothing new (a replay): ack what is durable so the listener
+            // moves on.
+            self.ack().await?;
+        }
+        Ok(())
     }
 
     async fn marker(
@@ -615,6 +683,7 @@ impl StreamSession {
         wal.reset_partition(self.partition, log_id, decoded.entry)
             .await?;
         self.durable = log_id;
+        self.received = log_id;
         info!(partition = %self.partition, %log_id, epoch = marker.epoch, "snapshot marker stored, log reset");
         if let Some(previous) = previous.filter(|previous| *previous != marker.epoch) {
             // The old log is gone, so nothing refers to its snapshot any more.

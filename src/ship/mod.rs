@@ -60,7 +60,11 @@
 //!    as entries, but only entries are acked.
 //! 5. `Ack { durable_log_id }` is sent after every durable append, so the
 //!    listener's downstream ack never passes what the drainer fsynced
-//!    (`acked <= durable`, RELAY.md convention 8).
+//!    (`acked <= durable`, RELAY.md convention 8). A stream keeps up to 16
+//!    appends queued in the WAL ([`Wal::submit_append_at`](crate::wal::Wal::submit_append_at))
+//!    so that consecutive batches share a group commit; a marker or a chunk
+//!    first waits for all of them. Duplicates and gaps are judged against
+//!    the last *queued* id.
 //! 6. Hostile input: message sizes are capped on both tonic endpoints;
 //!    `raw_len` and the snappy header's length are checked against
 //!    [`ShipLimits`] before anything is allocated; every length inside is
@@ -185,12 +189,12 @@ pub enum ShipError {
     #[error("protocol version {got} is not supported (this drainer speaks {supported})")]
     UnsupportedVersion { got: u32, supported: u32 },
     #[error(
-        "partition {partition}: gap: entry {got} does not follow durable entry {durable}; \
+        "partition {partition}: gap: entry {got} does not follow entry {last}; \
          resume from the Welcome point"
     )]
     Gap {
         partition: PartitionId,
-        durable: LogId,
+        last: LogId,
         got: LogId,
     },
     #[error("partition {partition} is being shipped by listener {owner:?}")]
@@ -353,7 +357,7 @@ mod tests {
             (
                 ShipError::Gap {
                     partition: PartitionId(0),
-                    durable: LogId(3),
+                    last: LogId(3),
                     got: LogId(5),
                 },
                 Code::OutOfRange,

@@ -828,10 +828,19 @@ impl ActiveStream<'_> {
                 snapshot.epoch
             )));
         }
+        // The marker stands for entry `marker_id`: it takes that entry's
+        // creation time, so the drainer's WAL (which keeps creation times
+        // non-decreasing) does not raise the times of the entries after it.
+        let wal = self.shipper.wal.clone();
+        let created_unix_ms =
+            tokio::task::spawn_blocking(move || oldest_created(&wal, partition, marker_id))
+                .await
+                .map_err(join_error)?
+                .unwrap_or_else(now_unix_ms);
         let entry = WalEntry {
             log_id: marker_id,
             flags: 0,
-            created_unix_ms: now_unix_ms(),
+            created_unix_ms,
             bytes_end: 0,
             stored_len: 0,
             source: SourcePosition {

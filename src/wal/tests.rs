@@ -932,3 +932,37 @@ async fn subscribers_wake_after_appends_only() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn submitted_appends_resolve_in_order_and_a_failure_fails_the_rest() {
+    on_both(test_config, |wal| async move {
+        let first = wal
+            .submit_append_at(P1, LogId(1), vec![entry(b"a", 1), entry(b"b", 2)])
+            .await
+            .unwrap();
+        let second = wal
+            .submit_append_at(P1, LogId(3), vec![entry(b"c", 3)])
+            .await
+            .unwrap();
+        let gap = wal
+            .submit_append_at(P1, LogId(9), vec![entry(b"x", 4)])
+            .await
+            .unwrap();
+        let after_gap = wal
+            .submit_append_at(P1, LogId(10), vec![entry(b"y", 5)])
+            .await
+            .unwrap();
+        assert_eq!(first.await.unwrap().last, LogId(2));
+        assert_eq!(second.await.unwrap().last, LogId(3));
+        assert!(matches!(
+            gap.await,
+            Err(WalError::NotContiguous {
+                expected: LogId(4),
+                ..
+            })
+        ));
+        assert!(after_gap.await.is_err());
+        assert_eq!(wal.last_log_id(P1).unwrap(), Some(LogId(3)));
+    })
+    .await;
+}

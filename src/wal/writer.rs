@@ -169,6 +169,27 @@ struct Inner {
     appended_tx: Arc<watch::Sender<u64>>,
 }
 
+/// An append queued by [`Wal::submit_append_at`]; resolves with its ids
+/// once durable.
+pub struct PendingAppend(oneshot::Receiver<Result<Outcome, WalError>>);
+
+impl std::future::Future for PendingAppend {
+    type Output = Result<AppendedRange, WalError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|reply| match reply {
+                Ok(Ok(Outcome::Appended(range))) => Ok(range),
+                Ok(Ok(_)) | Err(_) => Err(WalError::Closed),
+                Ok(Err(error)) => Err(error),
+            })
+    }
+}
+
 /// Handle to an open WAL; cheap to clone. Must be opened inside a tokio
 /// runtime (it spawns its writer and retention tasks).
 #[derive(Clone)]
@@ -359,13 +380,45 @@ impl Wal {
     }
 
     async fn call(&self, request: Request) -> Result<Outcome, WalError> {
+        self.submit(request)
+            .await?
+            .await
+            .map_err(|_| WalError::Closed)?
+    }
+
+    /// Queues `request`; the receiver resolves once its batch is durable.
+    async fn submit(
+        &self,
+        request: Request,
+    ) -> Result<oneshot::Receiver<Result<Outcome, WalError>>, WalError> {
         let (reply_tx, reply_rx) = oneshot::channel();
         self.inner
             .command_tx
             .send(Command::Request(request, reply_tx))
             .await
             .map_err(|_| WalError::Closed)?;
-        reply_rx.await.map_err(|_| WalError::Closed)?
+        Ok(reply_rx)
+    }
+
+    /// [`Wal::append_at`] split in two: this resolves once the request is
+    /// queued, the returned [`PendingAppend`] once it is durable. Requests
+    /// are staged in the order they were queued, so a caller may queue
+    /// `first..=k` and then `k+1..` before the first is durable: both can
+    /// share a group commit instead of paying one fsync each. If one fails,
+    /// every later one of the partition fails too (its `first` no longer
+    /// follows).
+    pub async fn submit_append_at(
+        &self,
+        partition: PartitionId,
+        first: LogId,
+        entries: Vec<NewEntry>,
+    ) -> Result<PendingAppend, WalError> {
+        let request = Request::AppendAt {
+            partition,
+            first,
+            entries,
+        };
+        Ok(PendingAppend(self.submit(request).await?))
     }
 
     /// Appends `entries` to `partition`; resolves with their ids once they
