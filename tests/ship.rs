@@ -443,7 +443,11 @@ const CHILD_ADDR_ENV: &str = "FERRY_SHIP_TEST_CHILD_ADDR";
 #[ignore]
 fn drainer_child_process() {
     let (Ok(dir), Ok(addr)) = (std::env::var(CHILD_DIR_ENV), std::env::var(CHILD_ADDR_ENV)) else {
-        panic!("run by drainer_killed_with_sigkill_resumes_without_gaps only");
+        // `--ignored` runs without the parent: nothing to serve.
+        eprintln!(
+            "drainer_child_process is started by drainer_killed_with_sigkill_resumes_without_gaps"
+        );
+        return;
     };
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async move {
