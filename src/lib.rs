@@ -15,4 +15,5 @@ pub mod listener;
 pub mod position;
 pub mod record;
 pub mod redis;
+pub mod ship;
 pub mod wal;

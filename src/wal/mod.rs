@@ -16,6 +16,8 @@
 //!   request. It stalls while RocksDB's memtables hold more than twice
 //!   `memtable-budget` (flushes lagging behind appends). A retention task
 //!   trims acked and expired entries.
+//!   After each batch that appended entries it bumps a counter that
+//!   readers which caught up wait on ([`Wal::subscribe_appends`]).
 //! - [`WalStorage`] (in `storage.rs`): the narrow storage boundary (atomic
 //!   write of a batch of [`WriteOp`]s, read a range, load progress).
 //!   [`RocksWalStorage`] is the real one, [`MemWalStorage`] the in-memory one
@@ -87,6 +89,15 @@
 //! 5. After a failed write the WAL is poisoned: everything fails with
 //!    [`WalError::Poisoned`] until the process reopens it, because the state
 //!    of a failed fsync is unknown.
+//! 6. Ids are dense: [`Wal::append`] takes the ids after `last`;
+//!    [`Wal::append_at`] (a drainer mirroring its listener's ids) must name
+//!    exactly `last + 1` ([`WalError::NotContiguous`] otherwise). The only
+//!    jump is [`Wal::reset_partition`] (a snapshot marker at `start`): in one
+//!    batch it deletes `[first, last]`, sets `first = start` and stores the
+//!    marker as entry `start`, so the log is never seen empty without its
+//!    marker. `start` must be past `last` ([`WalError::ResetBehindLog`]):
+//!    durable only moves forward, and acked/applied marks (all `<= last`)
+//!    stay below it without moving backwards.
 //!
 //! # Retention
 //!
@@ -113,7 +124,7 @@ use crate::position::{LogId, PartitionId, ReplOffset};
 pub use config::{WalConfig, WalConfigError};
 pub use rocks::RocksWalStorage;
 pub use storage::{MemWalStorage, StoredPartition, WalStorage, WriteOp};
-pub use writer::Wal;
+pub use writer::{PendingAppend, Wal};
 
 /// Longest replication id stored (Redis uses 40 hex characters).
 pub const MAX_REPLID_LEN: usize = 64;
@@ -366,6 +377,18 @@ pub enum WalError {
     InvalidEntry {
         partition: PartitionId,
         what: String,
+    },
+    #[error("partition {partition}: append at {got} but the next id is {expected}")]
+    NotContiguous {
+        partition: PartitionId,
+        expected: LogId,
+        got: LogId,
+    },
+    #[error("partition {partition}: reset to start at {start} but ids up to {last} are taken")]
+    ResetBehindLog {
+        partition: PartitionId,
+        start: LogId,
+        last: LogId,
     },
     #[error("invalid downstream id {0:?}")]
     InvalidDownstreamId(String),

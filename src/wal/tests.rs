@@ -757,3 +757,212 @@ async fn appends_stall_while_write_buffers_exceed_twice_the_budget() {
         .unwrap();
     assert_eq!(range.first, LogId(2));
 }
+
+#[tokio::test]
+async fn append_at_keeps_the_given_ids_and_refuses_gaps_and_replays() {
+    on_both(test_config, |wal| async move {
+        // A fresh partition takes id 1 only.
+        let gap = wal.append_at(P1, LogId(3), vec![entry(b"x", 1)]).await;
+        assert!(matches!(
+            gap,
+            Err(WalError::NotContiguous {
+                expected: LogId(1),
+                got: LogId(3),
+                ..
+            })
+        ));
+        let range = wal
+            .append_at(P1, LogId(1), vec![entry(b"a", 10), entry(b"b", 11)])
+            .await
+            .unwrap();
+        assert_eq!((range.first, range.last), (LogId(1), LogId(2)));
+        let replay = wal.append_at(P1, LogId(2), vec![entry(b"b", 11)]).await;
+        assert!(matches!(
+            replay,
+            Err(WalError::NotContiguous {
+                expected: LogId(3),
+                got: LogId(2),
+                ..
+            })
+        ));
+        wal.append_at(P1, LogId(3), vec![entry(b"c", 12)])
+            .await
+            .unwrap();
+        // Plain appends continue after append_at's ids.
+        assert_eq!(
+            wal.append(P1, vec![entry(b"d", 13)]).await.unwrap().first,
+            LogId(4)
+        );
+        let payloads: Vec<Bytes> = wal
+            .read(P1, LogId(1), ReadLimits::default())
+            .unwrap()
+            .into_iter()
+            .map(|e| e.payload)
+            .collect();
+        assert_eq!(payloads, vec!["a", "b", "c", "d"]);
+        // Refused appends left nothing behind.
+        assert_eq!(wal.positions(P1).unwrap().unwrap().durable, LogId(4));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn reset_partition_replaces_the_log_with_its_marker_atomically() {
+    on_both(test_config, |wal| async move {
+        let downstream = DownstreamId::new("drainer-a").unwrap();
+        wal.register_downstream(P1, downstream.clone())
+            .await
+            .unwrap();
+        wal.append(P1, (0..5).map(|i| entry(b"old", 10 + i)).collect())
+            .await
+            .unwrap();
+        wal.ack(P1, downstream.clone(), LogId(3)).await.unwrap();
+        wal.set_applied(P1, LogId(2)).await.unwrap();
+
+        // Not past the log: refused, nothing changed.
+        let behind = wal.reset_partition(P1, LogId(5), entry(b"m", 20)).await;
+        assert!(matches!(
+            behind,
+            Err(WalError::ResetBehindLog {
+                start: LogId(5),
+                last: LogId(5),
+                ..
+            })
+        ));
+        assert_eq!(wal.first_log_id(P1).unwrap(), Some(LogId(1)));
+
+        let range = wal
+            .reset_partition(P1, LogId(40), entry(b"marker", 20))
+            .await
+            .unwrap();
+        assert_eq!((range.first, range.last), (LogId(40), LogId(40)));
+        let positions = wal.positions(P1).unwrap().unwrap();
+        assert_eq!(positions.first_available, LogId(40));
+        assert_eq!(positions.durable, LogId(40));
+        // Marks stay where they were: below durable, not moved backwards.
+        assert_eq!(positions.applied, LogId(2));
+        assert_eq!(positions.acked, vec![(downstream, LogId(3))]);
+        assert!(matches!(
+            wal.read(P1, LogId(5), ReadLimits::default()),
+            Err(WalError::Trimmed {
+                first_available: LogId(40),
+                ..
+            })
+        ));
+        let entries = wal.read(P1, LogId(40), ReadLimits::default()).unwrap();
+        assert_eq!(entries.len(), 1);
+        assert_eq!(&entries[0].payload[..], b"marker");
+        assert_eq!(entries[0].source, source(20));
+        // Entries continue after the marker; gaps are still refused.
+        assert!(wal
+            .append_at(P1, LogId(42), vec![entry(b"x", 21)])
+            .await
+            .is_err());
+        wal.append_at(P1, LogId(41), vec![entry(b"next", 21)])
+            .await
+            .unwrap();
+        assert_eq!(wal.last_log_id(P1).unwrap(), Some(LogId(41)));
+        // A reset of an empty partition just places the marker.
+        let range = wal
+            .reset_partition(P2, LogId(7), entry(b"m2", 1))
+            .await
+            .unwrap();
+        assert_eq!(range.first, LogId(7));
+        assert_eq!(wal.first_log_id(P2).unwrap(), Some(LogId(7)));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn reset_partition_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let wal = Wal::open(test_config(dir.path())).await.unwrap();
+        wal.append(P1, (0..3).map(|i| entry(b"old", i)).collect())
+            .await
+            .unwrap();
+        wal.reset_partition(P1, LogId(10), entry(b"marker", 5))
+            .await
+            .unwrap();
+        wal.append_at(P1, LogId(11), vec![entry(b"after", 6)])
+            .await
+            .unwrap();
+        wal.close().await.unwrap();
+    }
+    // Reopening checks the recovery invariants against the stored keys.
+    let wal = Wal::open(test_config(dir.path())).await.unwrap();
+    let positions = wal.positions(P1).unwrap().unwrap();
+    assert_eq!(
+        (positions.first_available, positions.durable),
+        (LogId(10), LogId(11))
+    );
+    let payloads: Vec<Bytes> = wal
+        .read(P1, LogId(10), ReadLimits::default())
+        .unwrap()
+        .into_iter()
+        .map(|e| e.payload)
+        .collect();
+    assert_eq!(payloads, vec!["marker", "after"]);
+    assert_eq!(
+        wal.append(P1, vec![entry(b"more", 7)]).await.unwrap().first,
+        LogId(12)
+    );
+    wal.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn subscribers_wake_after_appends_only() {
+    on_both(test_config, |wal| async move {
+        let mut appended_rx = wal.subscribe_appends();
+        appended_rx.borrow_and_update();
+        wal.register_downstream(P1, DownstreamId::new("d").unwrap())
+            .await
+            .unwrap();
+        assert!(!appended_rx.has_changed().unwrap());
+        wal.append(P1, vec![entry(b"a", 1)]).await.unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), appended_rx.changed())
+            .await
+            .unwrap()
+            .unwrap();
+        appended_rx.borrow_and_update();
+        wal.append_at(P1, LogId(2), vec![entry(b"b", 2)])
+            .await
+            .unwrap();
+        assert!(appended_rx.has_changed().unwrap());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn submitted_appends_resolve_in_order_and_a_failure_fails_the_rest() {
+    on_both(test_config, |wal| async move {
+        let first = wal
+            .submit_append_at(P1, LogId(1), vec![entry(b"a", 1), entry(b"b", 2)])
+            .await
+            .unwrap();
+        let second = wal
+            .submit_append_at(P1, LogId(3), vec![entry(b"c", 3)])
+            .await
+            .unwrap();
+        let gap = wal
+            .submit_append_at(P1, LogId(9), vec![entry(b"x", 4)])
+            .await
+            .unwrap();
+        let after_gap = wal
+            .submit_append_at(P1, LogId(10), vec![entry(b"y", 5)])
+            .await
+            .unwrap();
+        assert_eq!(first.await.unwrap().last, LogId(2));
+        assert_eq!(second.await.unwrap().last, LogId(3));
+        assert!(matches!(
+            gap.await,
+            Err(WalError::NotContiguous {
+                expected: LogId(4),
+                ..
+            })
+        ));
+        assert!(after_gap.await.is_err());
+        assert_eq!(wal.last_log_id(P1).unwrap(), Some(LogId(3)));
+    })
+    .await;
+}

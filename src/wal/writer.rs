@@ -64,6 +64,16 @@ enum Request {
         partition: PartitionId,
         entries: Vec<NewEntry>,
     },
+    AppendAt {
+        partition: PartitionId,
+        first: LogId,
+        entries: Vec<NewEntry>,
+    },
+    Reset {
+        partition: PartitionId,
+        start: LogId,
+        entry: NewEntry,
+    },
     Register {
         partition: PartitionId,
         downstream: DownstreamId,
@@ -105,6 +115,8 @@ impl Request {
     fn partition(&self) -> PartitionId {
         match self {
             Request::Append { partition, .. }
+            | Request::AppendAt { partition, .. }
+            | Request::Reset { partition, .. }
             | Request::Register { partition, .. }
             | Request::Unregister { partition, .. }
             | Request::Ack { partition, .. }
@@ -119,7 +131,10 @@ impl Request {
     /// Bytes this request adds to a batch, for the group-commit size limit.
     fn batch_bytes(&self) -> usize {
         match self {
-            Request::Append { entries, .. } => entries.iter().map(|e| e.payload.len() + 64).sum(),
+            Request::Append { entries, .. } | Request::AppendAt { entries, .. } => {
+                entries.iter().map(|e| e.payload.len() + 64).sum()
+            }
+            Request::Reset { entry, .. } => entry.payload.len() + 64,
             Request::SnapshotChunk { data, .. } => data.len() + 32,
             _ => 32,
         }
@@ -150,6 +165,29 @@ struct Inner {
     writer: Mutex<Option<JoinHandle<()>>>,
     retention: Mutex<Option<JoinHandle<()>>>,
     shutdown_tx: watch::Sender<bool>,
+    /// Bumped after every committed batch that appended entries.
+    appended_tx: Arc<watch::Sender<u64>>,
+}
+
+/// An append queued by [`Wal::submit_append_at`]; resolves with its ids
+/// once durable.
+pub struct PendingAppend(oneshot::Receiver<Result<Outcome, WalError>>);
+
+impl std::future::Future for PendingAppend {
+    type Output = Result<AppendedRange, WalError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|reply| match reply {
+                Ok(Ok(Outcome::Appended(range))) => Ok(range),
+                Ok(Ok(_)) | Err(_) => Err(WalError::Closed),
+                Ok(Err(error)) => Err(error),
+            })
+    }
 }
 
 /// Handle to an open WAL; cheap to clone. Must be opened inside a tokio
@@ -270,7 +308,9 @@ impl Wal {
         }));
         let (command_tx, command_rx) = mpsc::channel(config.queue_depth);
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let appended_tx = Arc::new(watch::channel(0u64).0);
         let writer = GroupCommitWriter {
+            appended_tx: Arc::clone(&appended_tx),
             storage: Arc::clone(&storage),
             shared: Arc::clone(&shared),
             sync: config.sync,
@@ -289,6 +329,7 @@ impl Wal {
             writer: Mutex::new(Some(writer_task)),
             retention: Mutex::new(None),
             shutdown_tx,
+            appended_tx,
         });
         let retention_task = tokio::spawn(run_retention(
             Arc::downgrade(&inner),
@@ -339,13 +380,45 @@ impl Wal {
     }
 
     async fn call(&self, request: Request) -> Result<Outcome, WalError> {
+        self.submit(request)
+            .await?
+            .await
+            .map_err(|_| WalError::Closed)?
+    }
+
+    /// Queues `request`; the receiver resolves once its batch is durable.
+    async fn submit(
+        &self,
+        request: Request,
+    ) -> Result<oneshot::Receiver<Result<Outcome, WalError>>, WalError> {
         let (reply_tx, reply_rx) = oneshot::channel();
         self.inner
             .command_tx
             .send(Command::Request(request, reply_tx))
             .await
             .map_err(|_| WalError::Closed)?;
-        reply_rx.await.map_err(|_| WalError::Closed)?
+        Ok(reply_rx)
+    }
+
+    /// [`Wal::append_at`] split in two: this resolves once the request is
+    /// queued, the returned [`PendingAppend`] once it is durable. Requests
+    /// are staged in the order they were queued, so a caller may queue
+    /// `first..=k` and then `k+1..` before the first is durable: both can
+    /// share a group commit instead of paying one fsync each. If one fails,
+    /// every later one of the partition fails too (its `first` no longer
+    /// follows).
+    pub async fn submit_append_at(
+        &self,
+        partition: PartitionId,
+        first: LogId,
+        entries: Vec<NewEntry>,
+    ) -> Result<PendingAppend, WalError> {
+        let request = Request::AppendAt {
+            partition,
+            first,
+            entries,
+        };
+        Ok(PendingAppend(self.submit(request).await?))
     }
 
     /// Appends `entries` to `partition`; resolves with their ids once they
@@ -359,6 +432,60 @@ impl Wal {
             Outcome::Appended(range) => Ok(range),
             _ => Err(WalError::Closed),
         }
+    }
+
+    /// Appends `entries` at ids `first..`, for a WAL that mirrors another
+    /// one's ids (a drainer keeps the listener's ids). `first` must be
+    /// exactly the id after the last one taken
+    /// ([`WalError::NotContiguous`] otherwise), so the log stays dense.
+    pub async fn append_at(
+        &self,
+        partition: PartitionId,
+        first: LogId,
+        entries: Vec<NewEntry>,
+    ) -> Result<AppendedRange, WalError> {
+        let request = Request::AppendAt {
+            partition,
+            first,
+            entries,
+        };
+        match self.call(request).await? {
+            Outcome::Appended(range) => Ok(range),
+            _ => Err(WalError::Closed),
+        }
+    }
+
+    /// Drops every entry of `partition` and makes `entry` (a snapshot
+    /// marker) its entry `start`, atomically: after a crash the log is either
+    /// untouched or starts with the marker, never empty in between (an empty
+    /// log at `start - 1` would let the next entry land without the snapshot
+    /// it builds on). `start` must be past every id taken so far
+    /// ([`WalError::ResetBehindLog`]), so acked and applied marks stay at or
+    /// below durable and never move backwards.
+    pub async fn reset_partition(
+        &self,
+        partition: PartitionId,
+        start: LogId,
+        entry: NewEntry,
+    ) -> Result<AppendedRange, WalError> {
+        let request = Request::Reset {
+            partition,
+            start,
+            entry,
+        };
+        match self.call(request).await? {
+            Outcome::Appended(range) => Ok(range),
+            _ => Err(WalError::Closed),
+        }
+    }
+
+    /// A receiver whose value changes after every committed batch that
+    /// appended entries (to any partition), so a reader that caught up can
+    /// wait for more instead of polling. Mark it seen (`borrow_and_update`)
+    /// before reading, then wait on `changed()` once the read came back
+    /// empty: no append can be missed in between.
+    pub fn subscribe_appends(&self) -> watch::Receiver<u64> {
+        self.inner.appended_tx.subscribe()
     }
 
     /// Registers a downstream: from now on entries are kept until it acks
@@ -486,6 +613,14 @@ impl Wal {
             return Err(WalError::Poisoned(reason.clone()));
         }
         Ok(shared.partitions.get(&partition).cloned())
+    }
+
+    /// Snapshot epoch and phase of `partition` (default if it has none).
+    pub fn snapshot_state(&self, partition: PartitionId) -> Result<SnapshotState, WalError> {
+        Ok(self
+            .state(partition)?
+            .map(|state| state.snapshot)
+            .unwrap_or_default())
     }
 
     /// Partitions that have any stored state.
@@ -783,6 +918,7 @@ struct Staged {
 }
 
 struct GroupCommitWriter {
+    appended_tx: Arc<watch::Sender<u64>>,
     storage: Arc<dyn WalStorage>,
     shared: Arc<Mutex<Shared>>,
     sync: bool,
@@ -934,6 +1070,13 @@ impl GroupCommitWriter {
                 shared.partitions.insert(partition, staged.state);
             }
         }
+        if answers
+            .iter()
+            .any(|(_, outcome)| matches!(outcome, Outcome::Appended(_)))
+        {
+            self.appended_tx
+                .send_modify(|generation| *generation = generation.wrapping_add(1));
+        }
         for (reply, outcome) in answers {
             let _ = reply.send(Ok(outcome));
         }
@@ -1006,55 +1149,56 @@ fn stage(
     let state = &mut staged.state;
     match request {
         Request::Append { partition, entries } => {
-            let invalid = |what: String| WalError::InvalidEntry { partition, what };
-            if entries.is_empty() {
-                return Err(invalid("append of no entries".into()));
-            }
-            for (index, entry) in entries.iter().enumerate() {
-                if entry.payload.len() > MAX_PAYLOAD_LEN {
-                    return Err(invalid(format!(
-                        "entry {index}: payload of {} bytes exceeds {MAX_PAYLOAD_LEN}",
-                        entry.payload.len()
-                    )));
-                }
-                if entry.source.replid.len() > MAX_REPLID_LEN {
-                    return Err(invalid(format!(
-                        "entry {index}: replid of {} bytes exceeds {MAX_REPLID_LEN}",
-                        entry.source.replid.len()
-                    )));
-                }
-            }
-            let first = state.log.last.next();
-            for entry in entries {
-                let log_id = state.log.last.next();
-                let created_unix_ms = entry
-                    .created_unix_ms
-                    .unwrap_or(now_unix_ms)
-                    .max(state.log.last_created_unix_ms);
-                let stored_len = encoded_entry_len(entry.source.replid.len(), entry.payload.len());
-                let bytes_end = state.log.bytes_end + stored_len;
-                state.log.last = log_id;
-                state.log.last_created_unix_ms = created_unix_ms;
-                state.log.bytes_end = bytes_end;
-                state.log.source = Some(entry.source.clone());
-                ops.push(WriteOp::Entry {
+            check_entries(partition, &entries)?;
+            let range = stage_entries(partition, entries, state, ops, now_unix_ms);
+            staged.log_changed = true;
+            Ok(Outcome::Appended(range))
+        }
+        Request::AppendAt {
+            partition,
+            first,
+            entries,
+        } => {
+            check_entries(partition, &entries)?;
+            let expected = state.log.last.next();
+            if first != expected {
+                return Err(WalError::NotContiguous {
                     partition,
-                    entry: WalEntry {
-                        log_id,
-                        flags: entry.flags,
-                        created_unix_ms,
-                        bytes_end,
-                        stored_len,
-                        source: entry.source,
-                        payload: entry.payload,
-                    },
+                    expected,
+                    got: first,
                 });
             }
+            let range = stage_entries(partition, entries, state, ops, now_unix_ms);
             staged.log_changed = true;
-            Ok(Outcome::Appended(AppendedRange {
-                first,
-                last: state.log.last,
-            }))
+            Ok(Outcome::Appended(range))
+        }
+        Request::Reset {
+            partition,
+            start,
+            entry,
+        } => {
+            let entries = vec![entry];
+            check_entries(partition, &entries)?;
+            if start <= state.log.last {
+                return Err(WalError::ResetBehindLog {
+                    partition,
+                    start,
+                    last: state.log.last,
+                });
+            }
+            if state.log.first <= state.log.last {
+                ops.push(WriteOp::Trim {
+                    partition,
+                    from: state.log.first,
+                    to: state.log.last.next(),
+                });
+            }
+            state.log.first = start;
+            state.log.last = start.prev();
+            state.log.source = None;
+            let range = stage_entries(partition, entries, state, ops, now_unix_ms);
+            staged.log_changed = true;
+            Ok(Outcome::Appended(range))
         }
         Request::Register {
             partition,
@@ -1189,5 +1333,69 @@ fn stage(
             ops.push(WriteOp::DeleteSnapshot { partition, epoch });
             Ok(Outcome::Done)
         }
+    }
+}
+
+/// Checks entries against the WAL's limits before anything is staged, so a
+/// rejected append has no side effects.
+fn check_entries(partition: PartitionId, entries: &[NewEntry]) -> Result<(), WalError> {
+    let invalid = |what: String| WalError::InvalidEntry { partition, what };
+    if entries.is_empty() {
+        return Err(invalid("append of no entries".into()));
+    }
+    for (index, entry) in entries.iter().enumerate() {
+        if entry.payload.len() > MAX_PAYLOAD_LEN {
+            return Err(invalid(format!(
+                "entry {index}: payload of {} bytes exceeds {MAX_PAYLOAD_LEN}",
+                entry.payload.len()
+            )));
+        }
+        if entry.source.replid.len() > MAX_REPLID_LEN {
+            return Err(invalid(format!(
+                "entry {index}: replid of {} bytes exceeds {MAX_REPLID_LEN}",
+                entry.source.replid.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Gives checked `entries` the ids after `state.log.last` and stages them.
+fn stage_entries(
+    partition: PartitionId,
+    entries: Vec<NewEntry>,
+    state: &mut PartitionState,
+    ops: &mut Vec<WriteOp>,
+    now_unix_ms: u64,
+) -> AppendedRange {
+    let first = state.log.last.next();
+    for entry in entries {
+        let log_id = state.log.last.next();
+        let created_unix_ms = entry
+            .created_unix_ms
+            .unwrap_or(now_unix_ms)
+            .max(state.log.last_created_unix_ms);
+        let stored_len = encoded_entry_len(entry.source.replid.len(), entry.payload.len());
+        let bytes_end = state.log.bytes_end + stored_len;
+        state.log.last = log_id;
+        state.log.last_created_unix_ms = created_unix_ms;
+        state.log.bytes_end = bytes_end;
+        state.log.source = Some(entry.source.clone());
+        ops.push(WriteOp::Entry {
+            partition,
+            entry: WalEntry {
+                log_id,
+                flags: entry.flags,
+                created_unix_ms,
+                bytes_end,
+                stored_len,
+                source: entry.source,
+                payload: entry.payload,
+            },
+        });
+    }
+    AppendedRange {
+        first,
+        last: state.log.last,
     }
 }
