@@ -26,6 +26,49 @@ pub fn redis_cli_bin() -> String {
     std::env::var("FERRY_REDIS_CLI").unwrap_or_else(|_| "redis-cli".to_string())
 }
 
+/// Runs `cmd` to completion like `Command::output`, but kills it and returns
+/// a `TimedOut` error after `timeout`: no test waits forever on a child.
+pub fn output_within(
+    cmd: &mut Command,
+    timeout: Duration,
+) -> std::io::Result<std::process::Output> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        if child.try_wait()?.is_some() {
+            return child.wait_with_output();
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("{cmd:?} still running after {timeout:?}; killed"),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Waits for `child` to exit, at most `timeout`; false if it is still running.
+pub fn wait_exit_within(child: &mut Child, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
+/// Longest a single `redis-cli` call may take in a test.
+pub const CLI_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// A running `redis-server`.
 pub struct RedisServer {
     pub port: u16,
@@ -81,10 +124,12 @@ impl RedisServer {
 
     /// Runs `redis-cli` against this server; returns stdout.
     pub fn cli(&self, args: &[&str]) -> std::io::Result<String> {
-        let out = Command::new(redis_cli_bin())
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
-            .args(args)
-            .output()?;
+        let out = output_within(
+            Command::new(redis_cli_bin())
+                .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+                .args(args),
+            CLI_TIMEOUT,
+        )?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
@@ -119,9 +164,16 @@ fn wait_ready(child: &mut Child, port: u16, timeout: Duration) -> bool {
         if let Ok(Some(_)) = child.try_wait() {
             return false;
         }
-        let out = Command::new(redis_cli_bin())
-            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "PING"])
-            .output();
+        let out = output_within(
+            Command::new(redis_cli_bin()).args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "PING",
+            ]),
+            Duration::from_secs(5),
+        );
         if let Ok(out) = out {
             let reply = String::from_utf8_lossy(&out.stdout);
             if reply.contains("PONG") || reply.contains("NOAUTH") {
