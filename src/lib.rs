@@ -12,6 +12,7 @@ pub mod apply;
 pub mod cli;
 pub mod config_units;
 pub mod listener;
+pub mod node;
 pub mod position;
 pub mod record;
 pub mod redis;

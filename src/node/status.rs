@@ -1,0 +1,151 @@
+//! What a ferry process reports about itself: the rows of `ferry status`.
+//!
+//! In: readings of the listener, shipper and applier status cells, taken by
+//! the node ([`crate::node`]) that runs them. Out: a [`NodeStatus`] value,
+//! which the admin API turns into its protobuf reply and `ferry status
+//! --json` prints as JSON.
+//!
+//! The columns follow NebulaGraph's `SHOW SYNC STATUS`: per partition, a
+//! Sync Status (ONLINE/OFFLINE/STOPPED), a LogId Lag (entries not yet acked
+//! by the next stage) and a Time Latency (ms from now back to the oldest
+//! such entry; 0 when nothing is pending).
+
+use serde::Serialize;
+
+/// Everything one process runs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct NodeStatus {
+    /// `"listener"`, `"drainer"` or `"sync"` (both in one process).
+    pub role: String,
+    /// Unix ms when this reading was taken.
+    pub taken_unix_ms: u64,
+    /// One per listener partition.
+    pub listeners: Vec<ListenerSide>,
+    /// One per (drainer, partition) applier.
+    pub drainers: Vec<DrainerSide>,
+}
+
+/// A listener partition: its link to the source and what it ships.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ListenerSide {
+    pub listener_id: String,
+    pub partition: u32,
+    /// The source address, never with its password.
+    pub source: String,
+    /// CONNECTING, FULL_SYNC, ONLINE or OFFLINE.
+    pub source_state: String,
+    pub source_error: Option<String>,
+    /// The source's replication id and the offsets received / acked to it.
+    pub replid: Option<String>,
+    pub received_offset: u64,
+    pub durable_offset: u64,
+    /// First and last log id held in the listener's WAL.
+    pub first_log_id: u64,
+    pub last_log_id: u64,
+    pub full_syncs: u64,
+    pub partial_resyncs: u64,
+    /// RDB bytes received by the current (or last) full sync, and its size
+    /// once known.
+    pub full_sync_bytes_received: u64,
+    pub full_sync_bytes_total: Option<u64>,
+    /// Heartbeat round trip (source write → durable in the WAL).
+    pub heartbeat_latency_ms: Option<u64>,
+    /// One per drainer this partition ships to.
+    pub shipping: Vec<ShipSide>,
+}
+
+/// Shipping of one listener partition to one drainer.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ShipSide {
+    pub drainer_id: String,
+    pub endpoint: String,
+    /// ONLINE (stream established), OFFLINE (retrying) or STOPPED
+    /// (`ferry stop-sync`).
+    pub state: String,
+    /// Last log id the drainer made durable.
+    pub acked: u64,
+    /// Entries the drainer does not have yet.
+    pub lag: u64,
+    /// Ms from now back to the oldest entry not acked; 0 if none.
+    pub latency_ms: u64,
+    pub fallback_snapshots: u64,
+    pub entries_sent: u64,
+    pub bytes_sent: u64,
+    pub last_error: Option<String>,
+}
+
+/// One applier: a partition of a drainer's WAL applied to a target.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct DrainerSide {
+    pub drainer_id: String,
+    pub partition: u32,
+    /// The target address, never with its password.
+    pub target: String,
+    /// ONLINE (applying) or OFFLINE (target unreachable or refusing;
+    /// `last_error` says why).
+    pub state: String,
+    pub last_error: Option<String>,
+    /// The listener whose stream is connected, if one is.
+    pub connected_listener: Option<String>,
+    /// Last log id durable in the drainer's WAL, and last applied to the
+    /// target.
+    pub durable: u64,
+    pub applied: u64,
+    /// `durable - applied`.
+    pub lag: u64,
+    /// Ms from now back to the oldest entry not applied; 0 if none.
+    pub latency_ms: u64,
+    /// Snapshot epoch the target's data is based on.
+    pub epoch: u64,
+    pub commands_applied: u64,
+    pub commands_refused: u64,
+    /// The latest snapshot load (full sync) into the target, if any.
+    pub snapshot_load: Option<SnapshotLoad>,
+}
+
+/// Progress of loading a snapshot into the target.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct SnapshotLoad {
+    pub epoch: u64,
+    pub rdb_bytes: u64,
+    pub bytes_loaded: u64,
+    pub keys_loaded: u64,
+    pub done: bool,
+}
+
+/// Which shippers a `stop-sync` / `restart-sync` applies to; `None` fields
+/// match everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SyncSelector {
+    pub partition: Option<u32>,
+    pub drainer_id: Option<String>,
+}
+
+/// Error of a control request, shown to the operator as is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ControlError {
+    #[error("this process runs no listener, so it has no sync to {0}")]
+    NoListener(&'static str),
+    #[error("no shipper matches partition {partition:?} drainer {drainer_id:?}")]
+    NoMatch {
+        partition: Option<u32>,
+        drainer_id: Option<String>,
+    },
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// What the admin API needs from a running process (implemented by the
+/// nodes in [`crate::node`]).
+pub trait NodeControl: Send + Sync + 'static {
+    /// A reading of every stage now. May block briefly (point reads of the
+    /// WAL); call it from a blocking-friendly context.
+    fn status(&self) -> NodeStatus;
+    /// Stops shipping to the selected drainers: the listener keeps
+    /// replicating and its WAL accumulates (subject to `wal-ttl`). Persisted:
+    /// a restarted process stays stopped. Returns how many shippers changed.
+    fn stop_sync(&self, which: &SyncSelector) -> Result<usize, ControlError>;
+    /// Resumes shipping: the drainer gets what accumulated, or a fallback
+    /// snapshot if entries it needs expired. Returns how many changed.
+    fn restart_sync(&self, which: &SyncSelector) -> Result<usize, ControlError>;
+}
