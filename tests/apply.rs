@@ -1129,3 +1129,77 @@ async fn a_target_behind_the_wal_is_caught_up_or_reported() {
     applier.stop().await;
     wal.close().await.unwrap();
 }
+
+/// Milliseconds of `durations` at quantile `q` (sorted in place).
+fn quantile_ms(durations: &mut [Duration], q: f64) -> f64 {
+    durations.sort();
+    let index = ((durations.len() - 1) as f64 * q).round() as usize;
+    durations[index].as_secs_f64() * 1000.0
+}
+
+// Figures (run in release: `cargo test --release --test apply -- --ignored
+// idle_latency_figures --nocapture`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "latency figures, run by hand in release mode"]
+async fn idle_latency_figures() {
+    let target = RedisServer::start(&[]);
+    target.cmd(&["CONFIG", "SET", "notify-keyspace-events", "K$"]);
+    let mut watcher = connect(&target).await;
+    watcher
+        .call(["SUBSCRIBE", "__keyspace@0__:latency"])
+        .await
+        .unwrap();
+    let work = tempfile::tempdir().unwrap();
+    // The default WAL config: fsync'd group commits.
+    let wal = Wal::open(WalConfig::with_dir(work.path().join("wal")))
+        .await
+        .unwrap();
+    let applier = start(default_config(&target.url()), &wal);
+    let rounds = 300u64;
+    let mut latencies = Vec::new();
+    let mut appends = Vec::new();
+    let mut after_append = Vec::new();
+    for i in 0..rounds {
+        // Idle between entries, for a varying time so that the entry lands
+        // at any point of a polling period.
+        tokio::time::sleep(Duration::from_millis(10 + i % 7)).await;
+        let started = Instant::now();
+        let record = single(0, &["SET", "latency", &i.to_string()]);
+        wal.append(PARTITION, vec![entry(&record, i + 1)])
+            .await
+            .unwrap();
+        let appended = started.elapsed();
+        appends.push(appended);
+        // The keyspace notification of this SET on the target.
+        let message = tokio::time::timeout(Duration::from_secs(10), watcher.read_frame())
+            .await
+            .expect("the SET reaches the target")
+            .unwrap();
+        let total = started.elapsed();
+        latencies.push(total);
+        after_append.push(total - appended);
+        assert!(format!("{message:?}").contains("set"), "{message:?}");
+    }
+    applier.stop().await;
+    assert_eq!(target.cmd(&["GET", "latency"]), (rounds - 1).to_string());
+    let mean = latencies.iter().sum::<Duration>().as_secs_f64() * 1000.0 / rounds as f64;
+    let append_mean = appends.iter().sum::<Duration>().as_secs_f64() * 1000.0 / rounds as f64;
+    println!(
+        "idle latency of one SET, append -> target, {rounds} rounds: mean {mean:.3} ms, \
+         p50 {:.3} ms, p90 {:.3} ms, p99 {:.3} ms, max {:.3} ms (of which the fsync'd append: \
+         mean {append_mean:.3} ms)",
+        quantile_ms(&mut latencies, 0.5),
+        quantile_ms(&mut latencies, 0.9),
+        quantile_ms(&mut latencies, 0.99),
+        quantile_ms(&mut latencies, 1.0),
+    );
+    let applied_mean = after_append.iter().sum::<Duration>().as_secs_f64() * 1000.0 / rounds as f64;
+    println!(
+        "  durable -> on the target (applier wake-up, MULTI/EXEC, notification): mean \
+         {applied_mean:.3} ms, p50 {:.3} ms, p90 {:.3} ms, p99 {:.3} ms",
+        quantile_ms(&mut after_append, 0.5),
+        quantile_ms(&mut after_append, 0.9),
+        quantile_ms(&mut after_append, 0.99),
+    );
+    wal.close().await.unwrap();
+}
