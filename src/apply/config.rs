@@ -49,8 +49,9 @@ pub struct ApplyConfig {
     pub retry_backoff_min: HumanDuration,
     /// Longest wait between retries. Default: `"10s"`.
     pub retry_backoff_max: HumanDuration,
-    /// How often the WAL is looked at for new entries while everything is
-    /// applied. Default: `"2ms"`.
+    /// While everything is applied the applier waits for the WAL's append
+    /// notification; this is how often it looks for new entries anyway (a
+    /// fallback, not the normal wake-up). Default: `"1s"`, at most `"60s"`.
     pub idle_poll: HumanDuration,
     /// Timeout of a connection attempt to the target. Default: `"5s"`.
     pub connect_timeout: HumanDuration,
@@ -77,7 +78,7 @@ impl Default for ApplyConfig {
             batch_max_bytes: ByteSize::mib(2),
             retry_backoff_min: HumanDuration(Duration::from_millis(100)),
             retry_backoff_max: HumanDuration(Duration::from_secs(10)),
-            idle_poll: HumanDuration(Duration::from_millis(2)),
+            idle_poll: HumanDuration(Duration::from_secs(1)),
             connect_timeout: HumanDuration(Duration::from_secs(5)),
             reply_timeout: HumanDuration(Duration::from_secs(60)),
             load_window: 8192,
@@ -147,8 +148,8 @@ impl ApplyConfig {
                 ),
             ));
         }
-        if self.idle_poll.0.is_zero() || self.idle_poll.0 > Duration::from_secs(1) {
-            return Err(bad("idle-poll", "must be more than 0 and at most 1s"));
+        if self.idle_poll.0.is_zero() || self.idle_poll.0 > Duration::from_secs(60) {
+            return Err(bad("idle-poll", "must be more than 0 and at most 60s"));
         }
         if self.connect_timeout.0.is_zero() {
             return Err(bad("connect-timeout", "must be more than 0"));

@@ -929,6 +929,29 @@ async fn subscribers_wake_after_appends_only() {
             .await
             .unwrap();
         assert!(appended_rx.has_changed().unwrap());
+        // The drainer's paths: queued appends and partition resets.
+        appended_rx.borrow_and_update();
+        let pending = wal
+            .submit_append_at(P1, LogId(3), vec![entry(b"c", 3)])
+            .await
+            .unwrap();
+        pending.await.unwrap();
+        assert!(appended_rx.has_changed().unwrap());
+        appended_rx.borrow_and_update();
+        wal.reset_partition(P1, LogId(10), entry(b"marker", 4))
+            .await
+            .unwrap();
+        assert!(appended_rx.has_changed().unwrap());
+        // Acks, applied marks, trims and snapshot chunks do not wake readers.
+        appended_rx.borrow_and_update();
+        wal.ack(P1, DownstreamId::new("d").unwrap(), LogId(10))
+            .await
+            .unwrap();
+        wal.set_applied(P1, LogId(10)).await.unwrap();
+        wal.put_snapshot_chunk(P1, 1, 0, Bytes::from_static(b"c"))
+            .await
+            .unwrap();
+        assert!(!appended_rx.has_changed().unwrap());
     })
     .await;
 }
