@@ -124,7 +124,7 @@ use crate::position::{LogId, PartitionId, ReplOffset};
 pub use config::{WalConfig, WalConfigError};
 pub use rocks::RocksWalStorage;
 pub use storage::{MemWalStorage, StoredPartition, WalStorage, WriteOp};
-pub use writer::{PendingAppend, Wal};
+pub use writer::{PendingAppend, SnapshotPin, Wal};
 
 /// Longest replication id stored (Redis uses 40 hex characters).
 pub const MAX_REPLID_LEN: usize = 64;

@@ -718,6 +718,10 @@ impl WalStorage for BufferedStorage {
             .read_snapshot_chunks(partition, epoch, from_seq, max_chunks)
     }
 
+    fn snapshot_epochs(&self, partition: PartitionId) -> Result<Vec<u64>, WalError> {
+        self.inner.snapshot_epochs(partition)
+    }
+
     fn load_progress(&self) -> Result<Vec<StoredPartition>, WalError> {
         self.inner.load_progress()
     }
