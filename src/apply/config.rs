@@ -114,7 +114,9 @@ impl ApplyConfig {
             Some(name) => DownstreamId::new(name.clone()).map_err(|_| {
                 bad(
                     "wal-downstream",
-                    format!("{name:?} must be 1 to {MAX_DOWNSTREAM_ID_LEN} bytes of [A-Za-z0-9._:-]"),
+                    format!(
+                        "{name:?} must be 1 to {MAX_DOWNSTREAM_ID_LEN} bytes of [A-Za-z0-9._:-]"
+                    ),
                 )
             }),
             None => DownstreamId::new(format!("apply:{}", self.drainer_id)).map_err(|_| {
@@ -247,7 +249,10 @@ mod tests {
             );
         }
         let long_id = parse(&format!(r#"{{"drainer-id": "{}"}}"#, "d".repeat(60))).unwrap_err();
-        assert!(long_id.starts_with("invalid apply.wal-downstream:"), "{long_id}");
+        assert!(
+            long_id.starts_with("invalid apply.wal-downstream:"),
+            "{long_id}"
+        );
         let cfg = ApplyConfig::default();
         assert_eq!(cfg.downstream_id().unwrap().as_str(), "apply:drainer");
         let named = parse(r#"{"wal-downstream": "apply:blue"}"#).unwrap();

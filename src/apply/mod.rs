@@ -94,11 +94,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
 
 use crate::position::{LogId, PartitionId};
+use crate::record::RecordLimits;
 use crate::record::{Record, RecordError};
 use crate::redis::client::ClientError;
 use crate::redis::command::Command;
 use crate::redis::rdb_stream::RdbStreamError;
-use crate::record::RecordLimits;
 use crate::wal::{DownstreamId, ReadLimits, SnapshotPhase, Wal, WalError};
 
 use batch::{Batch, BatchBuilder, BatchOutcome, Pending};
@@ -407,11 +407,13 @@ pub(crate) async fn collect_drainer_snapshots(
         let entries = match read_wal.read(partition, first, one) {
             Ok(entries) => entries,
             // Trimmed meanwhile: look again next time.
-            Err(WalError::Trimmed { .. }) => return Err(WalError::Trimmed {
-                partition,
-                wanted: first,
-                first_available: first.next(),
-            }),
+            Err(WalError::Trimmed { .. }) => {
+                return Err(WalError::Trimmed {
+                    partition,
+                    wanted: first,
+                    first_available: first.next(),
+                })
+            }
             Err(error) => return Err(error),
         };
         Ok(entries

@@ -254,9 +254,7 @@ impl Listener {
         }
         // Nothing can begin an epoch yet: superseded ones left by an earlier
         // run go now.
-        if let Err(error) =
-            snapshot::collect_listener_snapshots(&wal, partition, &[], None).await
-        {
+        if let Err(error) = snapshot::collect_listener_snapshots(&wal, partition, &[], None).await {
             warn!(partition = %partition, %error, "cannot delete superseded snapshot epochs");
         }
         let mark = DurableMark {

@@ -26,9 +26,7 @@ use crate::position::{LogId, PartitionId};
 use crate::record::pb::drainer_server::{Drainer, DrainerServer};
 use crate::record::pb::{self, ship_message, ship_reply};
 use crate::record::SnapshotMarker;
-use crate::wal::{
-    NewEntry, PendingAppend, SnapshotPhase, SnapshotState, Wal, WalError,
-};
+use crate::wal::{NewEntry, PendingAppend, SnapshotPhase, SnapshotState, Wal, WalError};
 
 /// A listener allowed to ship to this drainer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

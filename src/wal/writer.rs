@@ -181,7 +181,10 @@ pub struct SnapshotPin {
 
 impl Drop for SnapshotPin {
     fn drop(&mut self) {
-        let mut pins = self.pins.lock().unwrap_or_else(|poison| poison.into_inner());
+        let mut pins = self
+            .pins
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
         if let Some(count) = pins.get_mut(&self.key) {
             *count -= 1;
             if *count == 0 {
