@@ -628,6 +628,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn superseded_epochs_go_the_latest_logged_and_pinned_stay() {
+        let p = PartitionId(0);
+        // Log: a marker of epoch 1 at id 1, then writes.
+        let wal = wal_with(vec![marker(100), write(110), write(120)]).await;
+        for epoch in 1..=6u64 {
+            wal.put_snapshot_chunk(p, epoch, 0, Bytes::from_static(b"rdb"))
+                .await
+                .unwrap();
+        }
+        let pinned = wal.pin_snapshot(p, 2);
+        // 6 is being written; 4 and 5 are the latest complete; 1 is the
+        // logged marker's; 2 is being shipped.
+        let deleted = collect_listener_snapshots(&wal, p, &[6], Some(LogId(1)))
+            .await
+            .unwrap();
+        assert_eq!(deleted, vec![3]);
+        drop(pinned);
+        // Once the marker is trimmed, its epoch goes too.
+        wal.trim(p, LogId(2)).await.unwrap();
+        let deleted = collect_listener_snapshots(&wal, p, &[], Some(LogId(1)))
+            .await
+            .unwrap();
+        assert_eq!(deleted, vec![1, 2, 4]);
+        assert_eq!(wal.snapshot_epochs(p).unwrap(), vec![5, 6]);
+    }
+
+    #[tokio::test]
     async fn log_without_marker_starts_at_the_first_entry() {
         let wal = wal_with([10, 20, 30].map(write).to_vec()).await;
         let p = PartitionId(0);

@@ -993,3 +993,31 @@ async fn submitted_appends_resolve_in_order_and_a_failure_fails_the_rest() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn snapshot_epochs_are_listed_and_collected_except_kept_and_pinned() {
+    on_both(test_config, |wal| async move {
+        for epoch in [2u64, 3, 5, 9] {
+            for seq in 0..3u64 {
+                wal.put_snapshot_chunk(P1, epoch, seq, Bytes::from_static(b"chunk"))
+                    .await
+                    .unwrap();
+            }
+        }
+        wal.put_snapshot_chunk(P2, 4, 0, Bytes::from_static(b"other"))
+            .await
+            .unwrap();
+        assert_eq!(wal.snapshot_epochs(P1).unwrap(), vec![2, 3, 5, 9]);
+        let pin = wal.pin_snapshot(P1, 3);
+        let deleted = wal.collect_snapshots(P1, |epoch| epoch >= 9).await.unwrap();
+        assert_eq!(deleted, vec![2, 5]);
+        assert_eq!(wal.snapshot_epochs(P1).unwrap(), vec![3, 9]);
+        assert_eq!(wal.read_snapshot_chunks(P1, 3, 0, 10).unwrap().len(), 3);
+        drop(pin);
+        let deleted = wal.collect_snapshots(P1, |epoch| epoch >= 9).await.unwrap();
+        assert_eq!(deleted, vec![3]);
+        assert_eq!(wal.snapshot_epochs(P1).unwrap(), vec![9]);
+        assert_eq!(wal.snapshot_epochs(P2).unwrap(), vec![4]);
+    })
+    .await;
+}
