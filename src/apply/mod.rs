@@ -5,7 +5,25 @@
 //! In: durable WAL entries ([`crate::record::Record`]s at the listener's log
 //! ids) and the snapshot chunks they refer to. Out: `MULTI`/`EXEC`
 //! transactions on the target, the WAL's `applied` mark
-//! ([`Wal::set_applied`]), and an [`ApplyStatus`] for `ferry status`.
+//! ([`Wal::set_applied`]) and this applier's downstream ack (so retention
+//! trims applied entries), deleted snapshot epochs it no longer needs, and
+//! an [`ApplyStatus`] for `ferry status`.
+//!
+//! # Waking up
+//!
+//! Caught up, the WAL reader waits for the WAL's append notification
+//! ([`Wal::subscribe_appends`]), with `idle-poll` (1s) as a fallback poll.
+//!
+//! # Retention and snapshot epochs
+//!
+//! The applier registers as a downstream of its partition (`wal-downstream`,
+//! default `apply:<drainer-id>`) and acks every applied id, coalesced with
+//! the `applied` mark. Entries it has not applied are kept, but `wal-ttl`
+//! (and the size cap) stay the hard limit: entries that expire before they
+//! are applied, with no snapshot marker in their place, end [`run`] with the
+//! fatal [`ApplyError::Gap`] naming the partition and the log id needed.
+//! Snapshot epochs it has loaded are deleted by [`collect_drainer_snapshots`]
+//! (its doc has the rule).
 //!
 //! # Exactly once
 //!
