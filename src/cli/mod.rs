@@ -9,9 +9,13 @@
 //!   into a running server ([`rdb::load`]).
 //! - `ferry rdb fetch --source redis://… FILE`: take a snapshot of a live
 //!   source through the replication protocol ([`fetch::fetch`]).
+//! - `ferry status [--admin ADDR | --data-dir DIR] [--json] [--watch SECS]`,
+//!   `ferry stop-sync` / `ferry restart-sync [--admin ADDR | --data-dir DIR]
+//!   [--partition N] [--drainer ID]`: the admin API's client ([`status`]).
 
 pub mod fetch;
 pub mod rdb;
+pub mod status;
 
 use std::path::PathBuf;
 
@@ -32,6 +36,15 @@ pub enum Verb {
         #[command(subcommand)]
         command: RdbCommand,
     },
+    /// Show the sync status of a running ferry process (listener → drainer,
+    /// drainer → target).
+    Status(status::StatusArgs),
+    /// Stop shipping to drainers; the listener keeps replicating and its WAL
+    /// accumulates (within wal-ttl).
+    StopSync(status::SyncControlArgs),
+    /// Resume shipping stopped by stop-sync: drainers get what accumulated,
+    /// or a snapshot if it expired.
+    RestartSync(status::SyncControlArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -102,6 +115,8 @@ pub enum CliError {
     Url(#[from] crate::redis::url::UrlError),
     #[error("cannot start the async runtime: {0}")]
     Runtime(#[source] std::io::Error),
+    #[error(transparent)]
+    Status(#[from] status::StatusCommandError),
 }
 
 /// Runs the verb `cli` names.
@@ -146,6 +161,9 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 Ok(())
             }
         },
+        Verb::Status(args) => Ok(status::status(&args)?),
+        Verb::StopSync(args) => Ok(status::stop_sync(&args)?),
+        Verb::RestartSync(args) => Ok(status::restart_sync(&args)?),
     }
 }
 
