@@ -118,6 +118,14 @@ impl AdminError {
         if let Some(source) = std::error::Error::source(&status) {
             append_chain(&mut message, source);
         }
+        // The client's own request deadline (`Endpoint::timeout`) surfaces
+        // as CANCELLED with tonic's `TimeoutExpired` text.
+        if code == Code::Cancelled && status.message() == tonic::TimeoutExpired(()).to_string() {
+            return AdminError::Timeout {
+                addr: addr.to_string(),
+                after: REQUEST_TIMEOUT,
+            };
+        }
         match code {
             Code::FailedPrecondition | Code::NotFound | Code::InvalidArgument => {
                 AdminError::Refused {
@@ -137,12 +145,13 @@ impl AdminError {
 
 /// Appends `error` and its sources to `text` as `: a: b`, skipping a level
 /// whose text the previous one already contains (transport errors repeat
-/// themselves down the chain).
+/// themselves down the chain) and tonic's bare "transport error" wrapper,
+/// which says nothing its sources do not.
 fn append_chain(text: &mut String, error: &(dyn std::error::Error + 'static)) {
     let mut next = Some(error);
     while let Some(error) = next {
         let level = error.to_string();
-        if !level.is_empty() && !text.contains(&level) {
+        if !level.is_empty() && level != "transport error" && !text.contains(&level) {
             if !text.is_empty() {
                 text.push_str(": ");
             }
