@@ -107,7 +107,8 @@ pub enum AdminError {
         dir: PathBuf,
         reason: String,
     },
-    #[error("admin API: {0}")]
+    /// Serving failed (callers add the "admin API" context).
+    #[error("{0}")]
     Serve(String),
 }
 
