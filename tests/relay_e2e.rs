@@ -1,21 +1,25 @@
 //! The relay end to end: real `ferry` processes (`ferry sync`, `ferry
 //! listener`, `ferry drainer`) between real redis-servers.
 //!
-//! - [`sync_replicates_every_type_and_seed_command`]: full sync of every type
-//!   × encoding, then every command of the seeds' lists; the target equals
-//!   the source key by key, and the only internal keys are where they belong.
+//! - [`sync_replicates_every_type_and_seed_command`] (and
+//!   [`sync_replicates_the_full_size_data_set`]): full sync of every type ×
+//!   encoding, then every command of the seeds' lists; the target equals the
+//!   source key by key, and the only internal keys are where they belong.
 //! - [`drainer_down_past_wal_ttl_gets_a_fallback_snapshot`]: a drainer down
 //!   longer than the listener's `wal-ttl` comes back to a snapshot that
-//!   includes the deletions of the gap, while a second drainer keeps
-//!   streaming and never gets one.
+//!   includes the deletions of the gap (and the writes made while it loads,
+//!   once each), while a second drainer keeps streaming and never gets one.
 //! - [`listener_with_a_wrong_secret_is_refused`]: refused, named, retried,
 //!   nothing applied; converges once the secret is fixed.
 //! - [`sync_waits_for_an_unreachable_source_and_target`]: no crash loop; it
 //!   converges once both come up.
 //! - [`bad_configs_are_refused_naming_file_and_field`].
+//! - [`stop_sync_holds_the_target_and_restart_sync_delivers`]: through the
+//!   admin API; stopped survives a restart of the process; and
+//!   [`restart_sync_after_wal_ttl_sends_a_snapshot`].
 //!
 //! Every wait is bounded; failures show the tail of the ferry logs involved.
-//! Run: `cargo test --test relay_e2e` (about 40 s on two cores).
+//! Run: `cargo test --test relay_e2e` (20 to 50 s on two busy cores).
 
 mod common;
 
@@ -279,11 +283,23 @@ fn key_count(state: &ServerState) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_replicates_every_type_and_seed_command() {
+    every_type_and_seed_command(false).await;
+}
+
+/// The same with the full-size data set: a 300 000-element list and a
+/// 200 000-field hash, rebuilt in chunks rather than restored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_replicates_the_full_size_data_set() {
+    every_type_and_seed_command(true).await;
+}
+
+/// Test 1: `big` selects the full-size data set ([`fill_source`]).
+async fn every_type_and_seed_command(big: bool) {
     let mut args = vec!["--repl-diskless-sync-delay", "0"];
     args.extend_from_slice(SOURCE_ENCODING_CONFIG);
     let source = RedisServer::start(&args);
     let target = RedisServer::start(&[]);
-    fill_source(&mut connect(&source).await, false).await;
+    fill_source(&mut connect(&source).await, big).await;
     let dir = tempfile::tempdir().expect("temp dir");
     let mut ferry = FerryProcess::sync(
         &dir.path().join("sync"),
@@ -473,6 +489,23 @@ async fn drainer_down_past_wal_ttl_gets_a_fallback_snapshot() {
     assert_alive(&mut listener, "while drainer A is down");
 
     drainer_a.spawn();
+    // Writes go on while A's snapshot is taken, shipped and loaded: the
+    // stream after the snapshot must carry on from exactly its position.
+    let during_snapshot = tokio::spawn({
+        let mut writer = connect(&source).await;
+        async move {
+            let started = Instant::now();
+            let mut incrs = 0u64;
+            while started.elapsed() < Duration::from_millis(2_000) {
+                common::workload::call(&mut writer, &["INCR", "gap:during-snapshot"]).await;
+                common::workload::call(&mut writer, &["LPUSH", "gap:list", "x"]).await;
+                incrs += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            incrs
+        }
+    });
+    let incrs = during_snapshot.await.expect("writer task");
     let logs = Logs::of(&[&listener, &drainer_a, &drainer_b]);
     let context = || logs.tail();
     let converged = wait_converged(
@@ -484,6 +517,15 @@ async fn drainer_down_past_wal_ttl_gets_a_fallback_snapshot() {
     )
     .await;
     assert!(!converged.has(0, "base:0") && converged.has(0, "base:299"));
+    for target in [&target_a, &target_b] {
+        assert_eq!(
+            target.cmd(&["GET", "gap:during-snapshot"]),
+            incrs.to_string(),
+            "INCRs during the snapshot applied once each\n{}",
+            context()
+        );
+        assert_eq!(target.cmd(&["LLEN", "gap:list"]), incrs.to_string());
+    }
     for deleted in 0..round {
         assert_eq!(
             target_a.cmd(&["EXISTS", &format!("base:{deleted}")]),
@@ -526,6 +568,26 @@ async fn drainer_down_past_wal_ttl_gets_a_fallback_snapshot() {
         Some(epoch_b),
         "B's target changed epoch\n{}",
         context()
+    );
+    // The listener's status says the same: one snapshot for A, none for B.
+    let status = listener.status_json();
+    let shippers = status["listeners"][0]["shipping"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no shippers in {status}"));
+    let fallbacks = |drainer: &str| {
+        shippers
+            .iter()
+            .find(|shipper| shipper["drainer_id"] == drainer)
+            .and_then(|shipper| shipper["fallback_snapshots"].as_u64())
+            .unwrap_or_else(|| panic!("no fallback_snapshots of {drainer} in {status}"))
+    };
+    assert_eq!(fallbacks("drainer-a"), 1, "{status}");
+    assert_eq!(fallbacks("drainer-b"), 0, "{status}");
+    let drainer_status = drainer_a.status_json();
+    assert_eq!(
+        drainer_status["drainers"][0]["epoch"].as_u64(),
+        Some(new_epoch_a),
+        "{drainer_status}"
     );
     common::workload::call(&mut writer, &["SET", "gap:after", "1"]).await;
     wait_converged(
@@ -805,4 +867,197 @@ fn bad_configs_are_refused_naming_file_and_field() {
     assert_ne!(without_listeners, drainer);
     write_config(&path, &without_listeners);
     assert_refused("drainer", &path, &["drainer"]);
+}
+
+// ---------------------------------------------------------------------------
+// 6. stop-sync / restart-sync through the admin API.
+
+/// `ferry <verb> --admin ADDR`; must succeed. Returns stdout.
+fn control(verb: &str, admin: &str, logs: &Logs) -> String {
+    let out = output_within(
+        Command::new(ferry_bin()).args([verb, "--admin", admin]),
+        Duration::from_secs(20),
+    )
+    .expect("ferry ran");
+    assert!(
+        out.status.success(),
+        "ferry {verb} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        logs.tail()
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The state of the only shipper in `status` (`ferry status --json`).
+fn ship_state(status: &serde_json::Value) -> String {
+    status["listeners"][0]["shipping"][0]["state"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no shipper state in {status}"))
+        .to_string()
+}
+
+/// The replication offset the source's one replica acknowledged.
+fn replica_ack_offset(source: &RedisServer) -> Option<u64> {
+    let info = source.cmd(&["INFO", "replication"]);
+    let line = info.lines().find(|line| line.starts_with("slave0:"))?;
+    line.split(',')
+        .find_map(|field| field.strip_prefix("offset="))
+        .and_then(|offset| offset.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_sync_holds_the_target_and_restart_sync_delivers() {
+    let source = RedisServer::start(&["--repl-diskless-sync-delay", "0"]);
+    let target = RedisServer::start(&[]);
+    source.cmd(&["DEBUG", "POPULATE", "200", "key", "10"]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut ferry = FerryProcess::sync(
+        &dir.path().join("sync"),
+        &source.url(),
+        &target.url(),
+        &["--id", "ctl"],
+    );
+    let logs = Logs::of(&[&ferry]);
+    let context = || logs.tail();
+    wait_converged(&source.url(), &target.url(), "full sync", CONVERGE, context).await;
+    let admin = ferry.admin_addr(CONVERGE);
+
+    let said = control("stop-sync", &admin, &logs);
+    assert!(said.starts_with("stopped 1 shipper"), "{said}");
+    assert_eq!(ship_state(&ferry.status_json()), "STOPPED", "{}", context());
+    // What was in flight when it stopped has landed by now.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let checkpoint_key = "__ferry:checkpoint:ctl:0";
+    let held = server_state(&mut connect(&target).await).await;
+    let held_checkpoint = target.cmd(&["GET", checkpoint_key]);
+
+    let mut writer = connect(&source).await;
+    for i in 0..100 {
+        common::workload::call(&mut writer, &["INCR", "counter"]).await;
+        common::workload::call(&mut writer, &["SET", &format!("held:{i}"), "v"]).await;
+    }
+    // The listener keeps replicating and acking the source while stopped.
+    let written = source
+        .info_field("master_repl_offset")
+        .and_then(|offset| offset.parse::<u64>().ok())
+        .expect("master_repl_offset");
+    wait_until(
+        "the listener's ack of every write",
+        CONVERGE,
+        context,
+        || replica_ack_offset(&source).is_some_and(|acked| acked >= written),
+    )
+    .await;
+    let status = ferry.status_json();
+    assert!(
+        status["listeners"][0]["durable_offset"]
+            .as_u64()
+            .is_some_and(|durable| durable >= written),
+        "the listener is not durable up to the writes: {status}"
+    );
+    assert!(
+        status["listeners"][0]["shipping"][0]["lag"]
+            .as_u64()
+            .is_some_and(|lag| lag >= 200),
+        "the stopped shipper shows no lag: {status}"
+    );
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let still = server_state(&mut connect(&target).await).await;
+    assert!(
+        differences(&held, &still).is_empty() && still.internal == held.internal,
+        "the target changed while the sync was stopped: {:?}\n{}",
+        differences(&held, &still),
+        context()
+    );
+    assert_eq!(target.cmd(&["GET", checkpoint_key]), held_checkpoint);
+
+    // Stopped stays stopped across a restart of the process.
+    stop(&mut ferry);
+    ferry.spawn();
+    assert_eq!(ship_state(&ferry.status_json()), "STOPPED", "{}", context());
+    common::workload::call(&mut writer, &["INCR", "counter"]).await;
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert_eq!(target.cmd(&["GET", checkpoint_key]), held_checkpoint);
+    assert_eq!(target.cmd(&["EXISTS", "counter"]), "0", "{}", context());
+
+    let admin = ferry.admin_addr(CONVERGE);
+    let said = control("restart-sync", &admin, &logs);
+    assert!(said.starts_with("restarted 1 shipper"), "{said}");
+    wait_converged(
+        &source.url(),
+        &target.url(),
+        "after restart-sync",
+        CONVERGE,
+        context,
+    )
+    .await;
+    assert_eq!(target.cmd(&["GET", "counter"]), "101");
+    wait_until("the shipper back ONLINE", CONVERGE, context, || {
+        ship_state(&ferry.status_json()) == "ONLINE"
+    })
+    .await;
+    assert_eq!(
+        source.info_field("sync_full").as_deref(),
+        Some("1"),
+        "stop/restart must not cost a full sync\n{}",
+        context()
+    );
+    stop(&mut ferry);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_sync_after_wal_ttl_sends_a_snapshot() {
+    let source = RedisServer::start(&["--repl-diskless-sync-delay", "0"]);
+    let target = RedisServer::start(&[]);
+    source.cmd(&["DEBUG", "POPULATE", "200", "key", "10"]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("sync.toml");
+    write_config(&config, "[wal]\nretention-interval = \"200ms\"\n");
+    let mut ferry = FerryProcess::sync(
+        &dir.path().join("sync"),
+        &source.url(),
+        &target.url(),
+        &[
+            "--id",
+            "ttl",
+            "--wal-ttl",
+            "2s",
+            "--config",
+            config.to_str().expect("utf-8 path"),
+        ],
+    );
+    let logs = Logs::of(&[&ferry]);
+    let context = || logs.tail();
+    wait_converged(&source.url(), &target.url(), "full sync", CONVERGE, context).await;
+    let epoch = checkpoint_epoch(&target, "ttl").expect("checkpoint");
+    let admin = ferry.admin_addr(CONVERGE);
+    control("stop-sync", &admin, &logs);
+    for i in 0..50 {
+        source.cmd(&["DEL", &format!("key:{i}")]);
+    }
+    source.cmd(&["SET", "while-stopped", "1"]);
+    // Past wal-ttl: what accumulated is gone from the WAL.
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
+    assert_eq!(target.cmd(&["EXISTS", "key:0"]), "1", "{}", context());
+    control("restart-sync", &admin, &logs);
+    wait_converged(
+        &source.url(),
+        &target.url(),
+        "after restart-sync past wal-ttl",
+        CONVERGE,
+        context,
+    )
+    .await;
+    let status = ferry.status_json();
+    assert_eq!(
+        status["listeners"][0]["shipping"][0]["fallback_snapshots"].as_u64(),
+        Some(1),
+        "{status}"
+    );
+    assert!(
+        checkpoint_epoch(&target, "ttl").is_some_and(|now| now > epoch),
+        "the target did not load a new snapshot epoch\n{}",
+        context()
+    );
+    stop(&mut ferry);
 }
