@@ -684,6 +684,16 @@ async fn listener_with_a_wrong_secret_is_refused() {
         "the refusal is logged at every retry: {refused:#?}"
     );
     assert_alive(&mut listener, "while refused");
+    // The refusal is visible in the listener's status too.
+    let status = listener.status_json();
+    let shipper = &status["listeners"][0]["shipping"][0];
+    assert_eq!(shipper["state"], "OFFLINE", "{status}");
+    assert!(
+        shipper["last_error"]
+            .as_str()
+            .is_some_and(|error| error.contains("secret does not match")),
+        "{status}"
+    );
     assert_alive(&mut drainer, "while refusing");
     let on_target = server_state(&mut connect(&target).await).await;
     assert!(
@@ -737,6 +747,24 @@ async fn sync_waits_for_an_unreachable_source_and_target() {
     // Retrying quietly for a while: alive, the same failure logged once.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_alive(&mut ferry, "while source and target are down");
+    // ferry status says what it waits for.
+    let status = ferry.status_json();
+    let listener = &status["listeners"][0];
+    assert_ne!(listener["source_state"], "ONLINE", "{status}");
+    assert!(
+        listener["source_error"]
+            .as_str()
+            .is_some_and(|error| !error.is_empty()),
+        "no source error in {status}"
+    );
+    let applier = &status["drainers"][0];
+    assert_eq!(applier["state"], "OFFLINE", "{status}");
+    assert!(
+        applier["last_error"]
+            .as_str()
+            .is_some_and(|error| error.contains(&target_address)),
+        "the applier's error does not name the target: {status}"
+    );
     assert_eq!(
         log_lines(&ferry, &["replication link lost"]).len(),
         1,
@@ -867,6 +895,33 @@ fn bad_configs_are_refused_naming_file_and_field() {
     assert_ne!(without_listeners, drainer);
     write_config(&path, &without_listeners);
     assert_refused("drainer", &path, &["drainer"]);
+    // ferry sync --config: the file's keys are checked the same way.
+    let path = dir.path().join("sync-unknown.toml");
+    write_config(&path, "[wal]\nwal-ttl = \"1h\"\nretention = \"1s\"\n");
+    let out = output_within(
+        Command::new(ferry_bin()).args([
+            "sync",
+            "--config",
+            path.to_str().expect("utf-8 path"),
+            "--source",
+            "redis://127.0.0.1:1",
+            "--target",
+            "redis://127.0.0.1:2",
+            "--data-dir",
+            data.to_str().expect("utf-8 path"),
+        ]),
+        Duration::from_secs(20),
+    )
+    .expect("ferry ran");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.contains(&path.display().to_string())
+            && stderr.contains("retention"),
+        "ferry sync with an unknown key: {:?}\n{stderr}",
+        out.status
+    );
+    assert!(!data.exists(), "a refused config created its data dir");
 }
 
 // ---------------------------------------------------------------------------
