@@ -951,6 +951,37 @@ fn ship_state(status: &serde_json::Value) -> String {
         .to_string()
 }
 
+/// Waits until what was in flight when a sync stopped has landed: the
+/// target's checkpoint `key` unchanged for a second and the applier caught
+/// up with its WAL. Returns the checkpoint.
+async fn wait_quiet(
+    ferry: &FerryProcess,
+    target: &RedisServer,
+    key: &str,
+    context: impl Fn() -> String,
+) -> String {
+    let deadline = Instant::now() + CONVERGE;
+    let mut last = target.cmd(&["GET", key]);
+    let mut since = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = target.cmd(&["GET", key]);
+        if now != last {
+            last = now;
+            since = Instant::now();
+        }
+        let caught_up = ferry.status_json()["drainers"][0]["lag"].as_u64() == Some(0);
+        if caught_up && since.elapsed() >= Duration::from_secs(1) {
+            return last;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the target kept changing after stop-sync\n{}",
+            context()
+        );
+    }
+}
+
 /// The replication offset the source's one replica acknowledged.
 fn replica_ack_offset(source: &RedisServer) -> Option<u64> {
     let info = source.cmd(&["INFO", "replication"]);
@@ -980,11 +1011,9 @@ async fn stop_sync_holds_the_target_and_restart_sync_delivers() {
     let said = control("stop-sync", &admin, &logs);
     assert!(said.starts_with("stopped 1 shipper"), "{said}");
     assert_eq!(ship_state(&ferry.status_json()), "STOPPED", "{}", context());
-    // What was in flight when it stopped has landed by now.
-    tokio::time::sleep(Duration::from_millis(500)).await;
     let checkpoint_key = "__ferry:checkpoint:ctl:0";
+    let held_checkpoint = wait_quiet(&ferry, &target, checkpoint_key, context).await;
     let held = server_state(&mut connect(&target).await).await;
-    let held_checkpoint = target.cmd(&["GET", checkpoint_key]);
 
     let mut writer = connect(&source).await;
     for i in 0..100 {
@@ -1087,6 +1116,7 @@ async fn restart_sync_after_wal_ttl_sends_a_snapshot() {
     let epoch = checkpoint_epoch(&target, "ttl").expect("checkpoint");
     let admin = ferry.admin_addr(CONVERGE);
     control("stop-sync", &admin, &logs);
+    wait_quiet(&ferry, &target, "__ferry:checkpoint:ttl:0", context).await;
     for i in 0..50 {
         source.cmd(&["DEL", &format!("key:{i}")]);
     }
