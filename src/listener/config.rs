@@ -48,8 +48,8 @@ pub struct ListenerConfig {
     /// How often the heartbeat key is written to the source; `"0s"` turns
     /// the heartbeat off. Default: `"1s"`.
     pub heartbeat_interval: HumanDuration,
-    /// Most replication entries appended to the WAL in one batch. Default:
-    /// `1024`.
+    /// Most replication entries appended to the WAL in one batch (one
+    /// batch is in flight while the next one fills). Default: `16384`.
     pub batch_max_entries: usize,
     /// Most payload bytes appended to the WAL in one batch (a single larger
     /// entry still goes alone). Default: `"4MiB"`.
@@ -96,7 +96,7 @@ impl Default for ListenerConfig {
             source: String::new(),
             partition: 0,
             heartbeat_interval: HumanDuration(Duration::from_secs(1)),
-            batch_max_entries: 1024,
+            batch_max_entries: 16384,
             batch_max_bytes: ByteSize::mib(4),
             reconnect_backoff_min: HumanDuration(Duration::from_millis(100)),
             reconnect_backoff_max: HumanDuration(Duration::from_secs(5)),
@@ -265,7 +265,7 @@ mod tests {
             .unwrap();
         assert_eq!(checked.partition, PartitionId(0));
         assert_eq!(checked.heartbeat_interval, Some(Duration::from_secs(1)));
-        assert_eq!(checked.batch_max_entries, 1024);
+        assert_eq!(checked.batch_max_entries, 16384);
         assert_eq!(checked.batch_max_bytes, 4 << 20);
         assert_eq!(checked.replica.max_transaction_bytes, MAX_PAYLOAD_LEN);
         assert_eq!(checked.replica.resp_limits.max_bulk_len, MAX_PAYLOAD_LEN);

@@ -64,8 +64,14 @@ use crate::redis::psync::{PsyncSource, ReplError, ReplEvent};
 use crate::wal::{ReadLimits, SnapshotPhase, SnapshotState, Wal, WalEntry, WalError};
 
 /// Snapshot chunk writes kept in flight: the WAL group-commits them, so one
-/// fsync covers many chunks instead of one per chunk.
-const CHUNKS_IN_FLIGHT: usize = 32;
+/// fsync covers several chunks instead of one per chunk.
+const CHUNKS_IN_FLIGHT: usize = 8;
+/// Size of a stored snapshot chunk. The replication client hands over what
+/// each socket read returned (often ~20 KiB); those are joined into chunks
+/// of this size so that the WAL, the ship stream and the drainer's WAL each
+/// handle (and fsync) a few dozen chunks per 32 MB instead of thousands.
+/// Held in memory: at most `CHUNKS_IN_FLIGHT + 1` of them.
+const CHUNK_TARGET_BYTES: usize = 1 << 20;
 /// Entries read per step when scanning the log backwards for a marker.
 const MARKER_SCAN_WINDOW: u64 = 512;
 
@@ -249,6 +255,7 @@ impl ListenerHandle {
         let mut writes = FuturesUnordered::new();
         let mut seq = 0u64;
         let mut received = 0u64;
+        let mut joined = bytes::BytesMut::new();
         loop {
             // Bound the chunks held in memory while the WAL catches up.
             while writes.len() >= CHUNKS_IN_FLIGHT {
@@ -269,16 +276,29 @@ impl ListenerHandle {
                 Ok(ReplEvent::RdbChunk(chunk)) => {
                     received += chunk.len() as u64;
                     on_bytes(received);
-                    writes.push(put_chunk(
-                        self.inner.wal.clone(),
-                        partition,
-                        epoch,
-                        seq,
-                        chunk,
-                    ));
-                    seq += 1;
+                    joined.extend_from_slice(&chunk);
+                    if joined.len() >= CHUNK_TARGET_BYTES {
+                        writes.push(put_chunk(
+                            self.inner.wal.clone(),
+                            partition,
+                            epoch,
+                            seq,
+                            joined.split().freeze(),
+                        ));
+                        seq += 1;
+                    }
                 }
                 Ok(ReplEvent::RdbEnd { len }) => {
+                    if !joined.is_empty() {
+                        writes.push(put_chunk(
+                            self.inner.wal.clone(),
+                            partition,
+                            epoch,
+                            seq,
+                            joined.split().freeze(),
+                        ));
+                        seq += 1;
+                    }
                     while let Some(result) = writes.next().await {
                         result?;
                     }

@@ -32,13 +32,13 @@ use crate::wal::{DownstreamId, ReadLimits, SourcePosition, Wal, WalEntry, WalErr
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub struct ShipperConfig {
-    /// Most entries per batch. Default: `1024`.
+    /// Most entries per batch. Default: `8192`.
     pub max_batch_entries: usize,
     /// Target size of a batch before compression (one bigger entry still
-    /// goes alone). Default: `"1MiB"`.
+    /// goes alone). Default: `"2MiB"`.
     pub max_batch_bytes: ByteSize,
     /// Uncompressed bytes sent but not yet acked before sending pauses.
-    /// Default: `"16MiB"`.
+    /// Default: `"32MiB"`.
     pub max_unacked_bytes: ByteSize,
     /// Batches sent but not yet acked before sending pauses (bounds the acks
     /// the drainer may have to queue). Default: `256`.
@@ -69,9 +69,9 @@ pub struct ShipperConfig {
 impl Default for ShipperConfig {
     fn default() -> Self {
         ShipperConfig {
-            max_batch_entries: 1024,
-            max_batch_bytes: ByteSize::mib(1),
-            max_unacked_bytes: ByteSize::mib(16),
+            max_batch_entries: 8192,
+            max_batch_bytes: ByteSize::mib(2),
+            max_unacked_bytes: ByteSize::mib(32),
             max_unacked_batches: 256,
             connect_timeout: HumanDuration(Duration::from_secs(5)),
             handshake_timeout: HumanDuration(Duration::from_secs(60)),
