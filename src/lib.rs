@@ -8,6 +8,7 @@
 //! lives in its own module and can be used on its own by recovery tooling and
 //! benchmarks.
 
+pub mod admin;
 pub mod apply;
 pub mod cli;
 pub mod config_units;

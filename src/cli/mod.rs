@@ -9,8 +9,11 @@
 //!   into a running server ([`rdb::load`]).
 //! - `ferry rdb fetch --source redis://… FILE`: take a snapshot of a live
 //!   source through the replication protocol ([`fetch::fetch`]).
+//! - `ferry sync --source … --target … --data-dir DIR`, `ferry listener
+//!   --config FILE`, `ferry drainer --config FILE`: the daemons ([`node`]).
 
 pub mod fetch;
+pub mod node;
 pub mod rdb;
 
 use std::path::PathBuf;
@@ -27,6 +30,22 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Verb {
+    /// Replicate a source Redis into a target Redis: listener and drainer in
+    /// one process, each with its own WAL under --data-dir.
+    Sync(node::SyncArgs),
+    /// Run a listener: replicate a source, persist, ship to drainers.
+    Listener {
+        /// Its TOML config (see conf/listener.toml).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run a drainer: accept streams from listeners, persist, apply to the
+    /// target.
+    Drainer {
+        /// Its TOML config (see conf/drainer.toml).
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Read RDB files: dump them as JSON, or load them into a Redis server.
     Rdb {
         #[command(subcommand)]
@@ -102,11 +121,26 @@ pub enum CliError {
     Url(#[from] crate::redis::url::UrlError),
     #[error("cannot start the async runtime: {0}")]
     Runtime(#[source] std::io::Error),
+    #[error(transparent)]
+    Node(#[from] node::NodeCommandError),
+}
+
+impl Verb {
+    /// Whether the verb is a long-running daemon (logs at `info` by default).
+    pub fn is_daemon(&self) -> bool {
+        matches!(
+            self,
+            Verb::Sync(_) | Verb::Listener { .. } | Verb::Drainer { .. }
+        )
+    }
 }
 
 /// Runs the verb `cli` names.
 pub fn run(cli: Cli) -> Result<(), CliError> {
     match cli.verb {
+        Verb::Sync(args) => Ok(node::sync(args)?),
+        Verb::Listener { config } => Ok(node::listener(config)?),
+        Verb::Drainer { config } => Ok(node::drainer(config)?),
         Verb::Rdb { command } => match command {
             RdbCommand::Dump {
                 file,

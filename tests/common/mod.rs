@@ -2,6 +2,8 @@
 //! in its own temp dir, killed on drop.
 #![allow(dead_code)]
 
+pub mod ferry;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

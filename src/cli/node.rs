@@ -1,0 +1,121 @@
+//! The daemon verbs: `ferry listener`, `ferry drainer`, `ferry sync`.
+//!
+//! Each builds a multi-threaded runtime, turns SIGINT/SIGTERM into the
+//! node's shutdown token and runs the node until it stops (see
+//! [`crate::node::run`]).
+
+use std::path::PathBuf;
+
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::config_units::HumanDuration;
+use crate::node::{
+    self, DrainerNodeConfig, ListenerNodeConfig, NodeConfigError, NodeError, SyncConfig,
+    SyncOverrides,
+};
+
+/// Why a daemon verb failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeCommandError {
+    #[error(transparent)]
+    Config(#[from] NodeConfigError),
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+}
+
+/// `ferry sync` flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SyncArgs {
+    /// The source Redis: `redis://[user:pass@]host:port`.
+    #[arg(long)]
+    pub source: Option<String>,
+    /// The target Redis: `redis://[user:pass@]host:port`.
+    #[arg(long)]
+    pub target: Option<String>,
+    /// Where the WALs and state files live (created if missing).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Address of the admin API (`ferry status`); `127.0.0.1:0` picks a
+    /// free port (written to DATA_DIR/admin.addr). Default 127.0.0.1:7390.
+    #[arg(long)]
+    pub admin: Option<String>,
+    /// A TOML file with the same keys and the stage sections (see
+    /// conf/sync.toml); flags win over it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Keep WAL entries at most this long (e.g. `30m`, `24h`).
+    #[arg(long)]
+    pub wal_ttl: Option<HumanDuration>,
+    /// Name of this sync (listener id, drainer id, checkpoint key).
+    #[arg(long)]
+    pub id: Option<String>,
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, NodeCommandError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(NodeCommandError::Runtime)
+}
+
+/// A token cancelled by the first SIGINT or SIGTERM.
+fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        let terminate = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut signal) => {
+                    signal.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => info!("SIGINT: stopping"),
+            _ = terminate => info!("SIGTERM: stopping"),
+        }
+        cancel.cancel();
+    });
+    token
+}
+
+pub fn sync(args: SyncArgs) -> Result<(), NodeCommandError> {
+    let cfg = SyncConfig::build(
+        args.config.as_deref(),
+        SyncOverrides {
+            source: args.source,
+            target: args.target,
+            data_dir: args.data_dir,
+            admin: args.admin,
+            id: args.id,
+            wal_ttl: args.wal_ttl,
+        },
+    )?;
+    runtime()?.block_on(async {
+        let shutdown = shutdown_on_signal();
+        node::run_sync(cfg, shutdown).await
+    })?;
+    Ok(())
+}
+
+pub fn listener(config: PathBuf) -> Result<(), NodeCommandError> {
+    let cfg = ListenerNodeConfig::load(&config)?;
+    runtime()?.block_on(async {
+        let shutdown = shutdown_on_signal();
+        node::run_listener(cfg, shutdown).await
+    })?;
+    Ok(())
+}
+
+pub fn drainer(config: PathBuf) -> Result<(), NodeCommandError> {
+    let cfg = DrainerNodeConfig::load(&config)?;
+    runtime()?.block_on(async {
+        let shutdown = shutdown_on_signal();
+        node::run_drainer(cfg, shutdown).await
+    })?;
+    Ok(())
+}

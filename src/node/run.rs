@@ -1,0 +1,929 @@
+//! Running nodes: [`run_listener`], [`run_drainer`], [`run_sync`].
+//!
+//! In: a checked config and a shutdown token (SIGTERM/SIGINT in the CLI).
+//! Out: the stages running as tokio tasks until shutdown, a [`Node`] that
+//! answers the admin API, and `Ok(())` after a clean stop: every stage
+//! flushed what it received and the WALs are closed.
+//!
+//! Failure policy: network and target failures are retried inside each stage
+//! (backoff, state shown in `ferry status`); only a failing WAL (disk) or an
+//! applier's fatal error stops the node, which then shuts the other stages
+//! down cleanly and returns the error (exit code 1, so a supervisor restarts
+//! it and the stages resume from their durable positions).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{BuildHasher, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::future::BoxFuture;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use super::config::{DrainerNodeConfig, DrainerPeer, ListenerNodeConfig, SyncConfig};
+use super::status::{
+    ControlError, DrainerSide, ListenerSide, NodeControl, NodeStatus, ShipSide, SnapshotLoad,
+    SyncSelector,
+};
+use crate::apply::{self, ApplyConfig, ApplyStatus};
+use crate::listener::{Listener, ListenerHandle, ListenerStatus};
+use crate::position::{LogId, PartitionId};
+use crate::record::SnapshotMarker;
+use crate::redis::url::RedisUrl;
+use crate::ship::{
+    self, AllowedListener, DrainerService, DrainerServiceConfig, DrainerTarget, FallbackSnapshot,
+    Shipper, ShipperConfig, ShipperStatusHandle, SnapshotProvider, SnapshotProviderError,
+};
+use crate::wal::{DownstreamId, ReadLimits, Wal, WalConfig, WalError};
+
+/// Why a node could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("{what}: {error}")]
+    Io {
+        what: String,
+        #[source]
+        error: std::io::Error,
+    },
+    #[error("opening the WAL in {dir}: {error}")]
+    WalOpen {
+        dir: PathBuf,
+        #[source]
+        error: WalError,
+    },
+    #[error("listener: {0}")]
+    Listener(#[from] crate::listener::ListenerError),
+    #[error("ship: {0}")]
+    Ship(#[from] ship::ShipError),
+    #[error("apply: {0}")]
+    Apply(#[from] apply::ApplyError),
+    #[error("{0}")]
+    Config(String),
+    /// A stage failed for good; the node stopped the others.
+    #[error("{0}")]
+    Fatal(String),
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section here assigns whole values.
+    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
+}
+
+fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The first fatal error of any stage; setting it stops the node.
+struct Fatal {
+    stop: CancellationToken,
+    error: Mutex<Option<String>>,
+}
+
+impl Fatal {
+    fn new(stop: CancellationToken) -> Arc<Fatal> {
+        Arc::new(Fatal {
+            stop,
+            error: Mutex::new(None),
+        })
+    }
+
+    fn raise(&self, what: String) {
+        error!(error = %what, "stopping the node");
+        lock(&self.error).get_or_insert(what);
+        self.stop.cancel();
+    }
+
+    fn take(&self) -> Option<String> {
+        lock(&self.error).take()
+    }
+}
+
+/// The address of `url` without its password (for status and logs).
+fn redacted(url: &str) -> String {
+    RedisUrl::parse(url)
+        .map(|url| url.to_string())
+        .unwrap_or_else(|_| "<invalid url>".to_string())
+}
+
+/// Entries after `acked` and the age of the oldest of them. Blocking.
+fn lag_after(wal: &Wal, partition: PartitionId, acked: LogId) -> (u64, u64) {
+    let last = wal
+        .last_log_id(partition)
+        .ok()
+        .flatten()
+        .unwrap_or(LogId::ZERO);
+    let lag = last.0.saturating_sub(acked.0);
+    if lag == 0 {
+        return (0, 0);
+    }
+    let one = ReadLimits {
+        max_entries: 1,
+        max_bytes: 1,
+    };
+    let created = match wal.read(partition, acked.next(), one) {
+        Ok(entries) => entries.first().map(|entry| entry.created_unix_ms),
+        Err(WalError::Trimmed {
+            first_available, ..
+        }) => wal
+            .read(partition, first_available, one)
+            .ok()
+            .and_then(|entries| entries.first().map(|entry| entry.created_unix_ms)),
+        Err(_) => None,
+    };
+    let latency = created.map_or(0, |created| now_unix_ms().saturating_sub(created));
+    (lag, latency)
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> NodeError {
+    let what = what.into();
+    move |error| NodeError::Io { what, error }
+}
+
+async fn open_wal(cfg: WalConfig) -> Result<Wal, NodeError> {
+    let dir = cfg.dir.clone();
+    std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
+    Wal::open(cfg)
+        .await
+        .map_err(|error| NodeError::WalOpen { dir, error })
+}
+
+// ---------------------------------------------------------------------------
+// Listener side
+
+/// Fallback snapshots for the shippers, taken by the listener.
+struct ListenerSnapshots {
+    handle: ListenerHandle,
+    shutdown: CancellationToken,
+}
+
+impl SnapshotProvider for ListenerSnapshots {
+    fn fallback_snapshot(
+        &self,
+        partition: PartitionId,
+    ) -> BoxFuture<'_, Result<FallbackSnapshot, SnapshotProviderError>> {
+        Box::pin(async move {
+            if partition != self.handle.partition() {
+                return Err(format!(
+                    "this listener replicates partition {}, not {partition}",
+                    self.handle.partition()
+                )
+                .into());
+            }
+            let taken = self.handle.take_fallback_snapshot(&self.shutdown).await?;
+            Ok(FallbackSnapshot {
+                epoch: taken.epoch,
+                marker: SnapshotMarker {
+                    epoch: taken.epoch,
+                    rdb_bytes: taken.rdb_bytes,
+                    chunks: taken.chunks,
+                    replid: taken.replid,
+                    offset: taken.offset,
+                },
+                marker_log_id: taken.marker_log_id,
+            })
+        })
+    }
+}
+
+struct RunningShipper {
+    cancel: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+struct ShipSlot {
+    target: DrainerTarget,
+    stopped: bool,
+    running: Option<RunningShipper>,
+    status: Option<ShipperStatusHandle>,
+}
+
+/// A listener partition and its shippers.
+pub struct ListenerPart {
+    listener_id: String,
+    source: String,
+    partition: PartitionId,
+    wal: Wal,
+    handle: ListenerHandle,
+    ship_cfg: ShipperConfig,
+    provider: Arc<dyn SnapshotProvider>,
+    slots: Mutex<Vec<ShipSlot>>,
+    stop_file: PathBuf,
+    runtime: tokio::runtime::Handle,
+    shutdown: CancellationToken,
+    fatal: Arc<Fatal>,
+}
+
+/// `<data-dir>/stopped-syncs`: one `<partition> <drainer-id>` per line.
+fn read_stopped(path: &Path) -> Result<BTreeSet<(u32, String)>, NodeError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeSet::new()),
+        Err(error) => return Err(io(format!("reading {}", path.display()))(error)),
+    };
+    let mut stopped = BTreeSet::new();
+    for (index, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let parsed = line
+            .split_once(' ')
+            .and_then(|(p, d)| Some((p.parse::<u32>().ok()?, d.to_string())));
+        match parsed {
+            Some(entry) => {
+                stopped.insert(entry);
+            }
+            None => {
+                return Err(NodeError::Config(format!(
+                    "{} line {}: expected `<partition> <drainer-id>`, got {line:?}",
+                    path.display(),
+                    index + 1
+                )))
+            }
+        }
+    }
+    Ok(stopped)
+}
+
+fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+impl ListenerPart {
+    fn spawn_shipper(&self, slot: &mut ShipSlot) -> Result<(), ship::ShipError> {
+        let shipper = Shipper::new(
+            self.wal.clone(),
+            self.partition,
+            slot.target.clone(),
+            self.ship_cfg.clone(),
+            Arc::clone(&self.provider),
+        )?;
+        slot.status = Some(shipper.status_handle());
+        let cancel = self.shutdown.child_token();
+        let fatal = Arc::clone(&self.fatal);
+        let drainer = slot.target.drainer_id.to_string();
+        let partition = self.partition;
+        let task = self.runtime.spawn({
+            let cancel = cancel.clone();
+            async move {
+                if let Err(error) = shipper.run(cancel).await {
+                    fatal.raise(format!(
+                        "shipper of partition {partition} to {drainer}: {error}"
+                    ));
+                }
+            }
+        });
+        slot.running = Some(RunningShipper { cancel, task });
+        Ok(())
+    }
+
+    fn save_stopped(&self, slots: &[ShipSlot]) -> Result<(), ControlError> {
+        let text: String = slots
+            .iter()
+            .filter(|slot| slot.stopped)
+            .map(|slot| format!("{} {}\n", self.partition.0, slot.target.drainer_id))
+            .collect();
+        write_atomically(&self.stop_file, &text).map_err(|error| {
+            ControlError::Failed(format!("writing {}: {error}", self.stop_file.display()))
+        })
+    }
+
+    fn matches(&self, slot: &ShipSlot, which: &SyncSelector) -> bool {
+        which.partition.map_or(true, |p| p == self.partition.0)
+            && which
+                .drainer_id
+                .as_deref()
+                .map_or(true, |d| d == slot.target.drainer_id.as_str())
+    }
+
+    fn set_stopped(&self, which: &SyncSelector, stop: bool) -> Result<usize, ControlError> {
+        let mut slots = lock(&self.slots);
+        let mut matched = 0;
+        let mut changed = 0;
+        for index in 0..slots.len() {
+            if !self.matches(&slots[index], which) {
+                continue;
+            }
+            matched += 1;
+            if slots[index].stopped == stop {
+                continue;
+            }
+            let slot = &mut slots[index];
+            slot.stopped = stop;
+            if stop {
+                if let Some(running) = slot.running.take() {
+                    running.cancel.cancel();
+                    // The task finishes on its own (it waits for acks of
+                    // what it sent); nothing here needs its result.
+                    drop(running.task);
+                }
+                info!(partition = %self.partition, drainer = %slot.target.drainer_id, "sync stopped");
+            } else {
+                self.spawn_shipper(slot)
+                    .map_err(|error| ControlError::Failed(error.to_string()))?;
+                info!(partition = %self.partition, drainer = %slot.target.drainer_id, "sync restarted");
+            }
+            changed += 1;
+        }
+        if matched == 0 {
+            return Err(ControlError::NoMatch {
+                partition: which.partition,
+                drainer_id: which.drainer_id.clone(),
+            });
+        }
+        self.save_stopped(&slots)?;
+        Ok(changed)
+    }
+
+    fn status(&self) -> ListenerSide {
+        let listener = self.handle.status().snapshot();
+        let acked_in_wal: BTreeMap<String, LogId> = self
+            .wal
+            .positions(self.partition)
+            .ok()
+            .flatten()
+            .map(|positions| {
+                positions
+                    .acked
+                    .into_iter()
+                    .map(|(id, acked)| (id.to_string(), acked))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let slots = lock(&self.slots);
+        let shipping = slots
+            .iter()
+            .map(|slot| {
+                let drainer_id = slot.target.drainer_id.to_string();
+                let live = slot.status.as_ref().map(|status| status.snapshot());
+                let acked = acked_in_wal
+                    .get(&drainer_id)
+                    .copied()
+                    .unwrap_or(LogId::ZERO)
+                    .max(live.as_ref().map_or(LogId::ZERO, |live| live.acked));
+                let (lag, latency_ms) = lag_after(&self.wal, self.partition, acked);
+                let state = if slot.stopped {
+                    "STOPPED".to_string()
+                } else {
+                    live.as_ref()
+                        .map_or("OFFLINE".to_string(), |live| live.state.to_string())
+                };
+                ShipSide {
+                    drainer_id,
+                    endpoint: slot.target.endpoint.clone(),
+                    state,
+                    acked: acked.0,
+                    lag,
+                    latency_ms,
+                    fallback_snapshots: live.as_ref().map_or(0, |l| l.fallback_snapshots),
+                    entries_sent: live.as_ref().map_or(0, |l| l.entries_sent),
+                    bytes_sent: live.as_ref().map_or(0, |l| l.bytes_sent),
+                    last_error: live.and_then(|l| l.last_error),
+                }
+            })
+            .collect();
+        ListenerSide {
+            listener_id: self.listener_id.clone(),
+            partition: self.partition.0,
+            source: self.source.clone(),
+            source_state: listener.state.to_string(),
+            source_error: listener.last_error,
+            replid: listener.replid,
+            received_offset: listener.received_offset,
+            durable_offset: listener.durable_offset,
+            first_log_id: self
+                .wal
+                .first_log_id(self.partition)
+                .ok()
+                .flatten()
+                .map_or(0, |id| id.0),
+            last_log_id: listener.last_log_id,
+            full_syncs: listener.full_syncs,
+            partial_resyncs: listener.partial_resyncs,
+            full_sync_bytes_received: listener.full_sync_bytes_received,
+            full_sync_bytes_total: listener.full_sync_bytes_total,
+            heartbeat_latency_ms: listener.heartbeat_latency_ms,
+            shipping,
+        }
+    }
+}
+
+/// Opens the listener, starts it and its shippers (tasks pushed to `tasks`).
+async fn start_listener_part(
+    data_dir: &Path,
+    cfg: crate::listener::ListenerConfig,
+    wal: Wal,
+    ship_cfg: ShipperConfig,
+    peers: &[DrainerPeer],
+    shutdown: &CancellationToken,
+    fatal: &Arc<Fatal>,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> Result<Arc<ListenerPart>, NodeError> {
+    let partition = PartitionId(cfg.partition);
+    let listener_id = cfg.id.clone();
+    let source = redacted(&cfg.source);
+    let status = Arc::new(ListenerStatus::new(partition));
+    let listener = Listener::open(cfg, wal.clone(), status).await?;
+    let handle = listener.handle();
+    let stop_file = data_dir.join("stopped-syncs");
+    let stopped = read_stopped(&stop_file)?;
+    let mut slots = Vec::new();
+    for peer in peers {
+        let drainer_id = DownstreamId::new(peer.id.clone())
+            .map_err(|e| NodeError::Config(format!("drainer id {:?}: {e}", peer.id)))?;
+        slots.push(ShipSlot {
+            stopped: stopped.contains(&(partition.0, peer.id.clone())),
+            target: DrainerTarget {
+                drainer_id,
+                endpoint: peer.endpoint.clone(),
+                listener_id: listener_id.clone(),
+                secret: peer.secret.clone(),
+            },
+            running: None,
+            status: None,
+        });
+    }
+    let part = Arc::new(ListenerPart {
+        listener_id,
+        source,
+        partition,
+        wal,
+        provider: Arc::new(ListenerSnapshots {
+            handle: handle.clone(),
+            shutdown: shutdown.clone(),
+        }),
+        handle,
+        ship_cfg,
+        slots: Mutex::new(Vec::new()),
+        stop_file,
+        runtime: tokio::runtime::Handle::current(),
+        shutdown: shutdown.clone(),
+        fatal: Arc::clone(fatal),
+    });
+    for slot in slots.iter_mut() {
+        if slot.stopped {
+            info!(partition = %partition, drainer = %slot.target.drainer_id, "sync is stopped (ferry restart-sync resumes it)");
+        } else {
+            part.spawn_shipper(slot)?;
+        }
+    }
+    *lock(&part.slots) = slots;
+    let fatal = Arc::clone(fatal);
+    let listener_shutdown = shutdown.clone();
+    tasks.push(tokio::spawn(async move {
+        if let Err(error) = listener.run(listener_shutdown).await {
+            fatal.raise(format!("listener of partition {partition}: {error}"));
+        }
+    }));
+    Ok(part)
+}
+
+impl ListenerPart {
+    /// Waits for the shippers still running.
+    async fn join_shippers(&self) {
+        let tasks: Vec<JoinHandle<()>> = lock(&self.slots)
+            .iter_mut()
+            .filter_map(|slot| slot.running.take().map(|running| running.task))
+            .collect();
+        for task in tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Drainer side
+
+/// The drainer's ship endpoint and its appliers, one per partition.
+pub struct DrainerPart {
+    drainer_id: String,
+    target: String,
+    wal: Wal,
+    service: DrainerService,
+    apply_cfg: ApplyConfig,
+    appliers: Mutex<BTreeMap<PartitionId, (Arc<ApplyStatus>, JoinHandle<()>)>>,
+    shutdown: CancellationToken,
+    fatal: Arc<Fatal>,
+}
+
+impl DrainerPart {
+    /// Starts an applier for every partition that has none yet.
+    fn spawn_appliers(&self) {
+        let mut partitions = self.wal.partitions();
+        partitions.extend(self.service.status().iter().map(|s| s.partition));
+        let mut appliers = lock(&self.appliers);
+        for partition in partitions {
+            if appliers.contains_key(&partition) {
+                continue;
+            }
+            let status = Arc::new(ApplyStatus::new(partition));
+            let cfg = ApplyConfig {
+                partition: partition.0,
+                ..self.apply_cfg.clone()
+            };
+            let fatal = Arc::clone(&self.fatal);
+            let task = tokio::spawn(apply::run(
+                cfg,
+                self.wal.clone(),
+                Arc::clone(&status),
+                self.shutdown.clone(),
+            ));
+            let task = tokio::spawn(async move {
+                match task.await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => {
+                        fatal.raise(format!("applier of partition {partition}: {error}"))
+                    }
+                    Err(error) => fatal.raise(format!(
+                        "applier of partition {partition} panicked: {error}"
+                    )),
+                }
+            });
+            info!(partition = %partition, target = %self.target, "applier started");
+            appliers.insert(partition, (status, task));
+        }
+    }
+
+    async fn supervise(self: Arc<Self>) {
+        loop {
+            self.spawn_appliers();
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
+    }
+
+    async fn join_appliers(&self) {
+        let tasks: Vec<JoinHandle<()>> = std::mem::take(&mut *lock(&self.appliers))
+            .into_values()
+            .map(|(_, task)| task)
+            .collect();
+        for task in tasks {
+            let _ = task.await;
+        }
+    }
+
+    fn status(&self) -> Vec<DrainerSide> {
+        let streams: BTreeMap<PartitionId, Option<String>> = self
+            .service
+            .status()
+            .into_iter()
+            .map(|s| (s.partition, s.connected_listener))
+            .collect();
+        let appliers: Vec<(PartitionId, Arc<ApplyStatus>)> = lock(&self.appliers)
+            .iter()
+            .map(|(partition, (status, _))| (*partition, Arc::clone(status)))
+            .collect();
+        appliers
+            .into_iter()
+            .map(|(partition, status)| {
+                let report = status
+                    .report(&self.wal)
+                    .unwrap_or_else(|_| status.snapshot());
+                DrainerSide {
+                    drainer_id: self.drainer_id.clone(),
+                    partition: partition.0,
+                    target: self.target.clone(),
+                    state: report.state.to_string(),
+                    last_error: report.last_error,
+                    connected_listener: streams.get(&partition).cloned().flatten(),
+                    durable: report.durable.0,
+                    applied: report.applied.0,
+                    lag: report.lag,
+                    latency_ms: report.latency_ms,
+                    epoch: report.epoch,
+                    commands_applied: report.commands_applied,
+                    commands_refused: report.commands_refused,
+                    snapshot_load: report.snapshot_load.map(|load| SnapshotLoad {
+                        epoch: load.epoch,
+                        rdb_bytes: load.rdb_bytes,
+                        bytes_loaded: load.bytes_loaded,
+                        keys_loaded: load.keys_loaded,
+                        done: load.done,
+                    }),
+                }
+            })
+            .collect()
+    }
+}
+
+/// Starts the ship endpoint on `socket` and the applier supervisor.
+fn start_drainer_part(
+    socket: tokio::net::TcpListener,
+    service_cfg: DrainerServiceConfig,
+    wal: Wal,
+    apply_cfg: ApplyConfig,
+    shutdown: &CancellationToken,
+    fatal: &Arc<Fatal>,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> Result<Arc<DrainerPart>, NodeError> {
+    let service = DrainerService::new(wal.clone(), service_cfg)?;
+    let part = Arc::new(DrainerPart {
+        drainer_id: apply_cfg.drainer_id.clone(),
+        target: redacted(&apply_cfg.target),
+        wal,
+        service: service.clone(),
+        apply_cfg,
+        appliers: Mutex::new(BTreeMap::new()),
+        shutdown: shutdown.clone(),
+        fatal: Arc::clone(fatal),
+    });
+    let serve_fatal = Arc::clone(fatal);
+    let serve_shutdown = shutdown.clone();
+    tasks.push(tokio::spawn(async move {
+        if let Err(error) = ship::serve_drainer(socket, service, serve_shutdown).await {
+            serve_fatal.raise(format!("ship endpoint: {error}"));
+        }
+    }));
+    part.spawn_appliers();
+    tasks.push(tokio::spawn(Arc::clone(&part).supervise()));
+    Ok(part)
+}
+
+// ---------------------------------------------------------------------------
+// The node
+
+/// A running process: what the admin API reads and controls.
+pub struct Node {
+    role: &'static str,
+    listener: Option<Arc<ListenerPart>>,
+    drainer: Option<Arc<DrainerPart>>,
+}
+
+impl NodeControl for Node {
+    fn status(&self) -> NodeStatus {
+        NodeStatus {
+            role: self.role.to_string(),
+            taken_unix_ms: now_unix_ms(),
+            listeners: self.listener.iter().map(|part| part.status()).collect(),
+            drainers: self
+                .drainer
+                .as_ref()
+                .map(|part| part.status())
+                .unwrap_or_default(),
+        }
+    }
+
+    fn stop_sync(&self, which: &SyncSelector) -> Result<usize, ControlError> {
+        match &self.listener {
+            Some(part) => part.set_stopped(which, true),
+            None => Err(ControlError::NoListener("stop")),
+        }
+    }
+
+    fn restart_sync(&self, which: &SyncSelector) -> Result<usize, ControlError> {
+        match &self.listener {
+            Some(part) => part.set_stopped(which, false),
+            None => Err(ControlError::NoListener("restart")),
+        }
+    }
+}
+
+/// Binds the admin API and writes `<data-dir>/admin.addr`.
+async fn start_admin(
+    data_dir: &Path,
+    addr: &str,
+    node: Arc<Node>,
+    shutdown: &CancellationToken,
+    fatal: &Arc<Fatal>,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> Result<(), NodeError> {
+    let socket = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(io(format!("binding the admin API on {addr}")))?;
+    let bound = socket
+        .local_addr()
+        .map_err(io("reading the admin API address"))?;
+    crate::admin::write_addr_file(data_dir, bound).map_err(io(format!(
+        "writing {}",
+        data_dir.join("admin.addr").display()
+    )))?;
+    info!(admin = %bound, "admin API listening");
+    let fatal = Arc::clone(fatal);
+    let shutdown = shutdown.clone();
+    tasks.push(tokio::spawn(async move {
+        if let Err(error) = crate::admin::serve_admin(socket, node, shutdown).await {
+            fatal.raise(format!("admin API: {error}"));
+        }
+    }));
+    Ok(())
+}
+
+/// Waits for the stop signal, then for every task, then closes the WALs.
+async fn finish(
+    shutdown: CancellationToken,
+    fatal: Arc<Fatal>,
+    node: Arc<Node>,
+    tasks: Vec<JoinHandle<()>>,
+    wals: Vec<Wal>,
+) -> Result<(), NodeError> {
+    shutdown.cancelled().await;
+    info!("shutting down");
+    if let Some(part) = &node.listener {
+        part.join_shippers().await;
+    }
+    if let Some(part) = &node.drainer {
+        part.join_appliers().await;
+    }
+    for task in tasks {
+        if let Err(error) = task.await {
+            warn!(%error, "a task ended abnormally");
+        }
+    }
+    drop(node);
+    for wal in wals {
+        if let Err(error) = wal.close().await {
+            warn!(%error, "closing a WAL");
+        }
+    }
+    match fatal.take() {
+        Some(error) => Err(NodeError::Fatal(error)),
+        None => Ok(()),
+    }
+}
+
+fn create_data_dir(data_dir: &Path) -> Result<(), NodeError> {
+    std::fs::create_dir_all(data_dir).map_err(io(format!("creating {}", data_dir.display())))
+}
+
+/// `ferry listener`: runs until `shutdown` is cancelled.
+pub async fn run_listener(
+    cfg: ListenerNodeConfig,
+    shutdown: CancellationToken,
+) -> Result<(), NodeError> {
+    create_data_dir(&cfg.data_dir)?;
+    let fatal = Fatal::new(shutdown.clone());
+    let wal = open_wal(cfg.wal.clone()).await?;
+    let mut tasks = Vec::new();
+    let listener = start_listener_part(
+        &cfg.data_dir,
+        cfg.listener.clone(),
+        wal.clone(),
+        cfg.ship.clone(),
+        &cfg.drainers,
+        &shutdown,
+        &fatal,
+        &mut tasks,
+    )
+    .await?;
+    let node = Arc::new(Node {
+        role: "listener",
+        listener: Some(listener),
+        drainer: None,
+    });
+    start_admin(
+        &cfg.data_dir,
+        &cfg.admin,
+        Arc::clone(&node),
+        &shutdown,
+        &fatal,
+        &mut tasks,
+    )
+    .await?;
+    finish(shutdown, fatal, node, tasks, vec![wal]).await
+}
+
+/// `ferry drainer`: runs until `shutdown` is cancelled.
+pub async fn run_drainer(
+    cfg: DrainerNodeConfig,
+    shutdown: CancellationToken,
+) -> Result<(), NodeError> {
+    create_data_dir(&cfg.data_dir)?;
+    let fatal = Fatal::new(shutdown.clone());
+    let wal = open_wal(cfg.wal.clone()).await?;
+    let socket = tokio::net::TcpListener::bind(&cfg.listen)
+        .await
+        .map_err(io(format!("binding the ship endpoint on {}", cfg.listen)))?;
+    info!(listen = %cfg.listen, "ship endpoint listening");
+    let mut tasks = Vec::new();
+    let drainer = start_drainer_part(
+        socket,
+        cfg.drainer.clone(),
+        wal.clone(),
+        cfg.apply.clone(),
+        &shutdown,
+        &fatal,
+        &mut tasks,
+    )?;
+    let node = Arc::new(Node {
+        role: "drainer",
+        listener: None,
+        drainer: Some(drainer),
+    });
+    start_admin(
+        &cfg.data_dir,
+        &cfg.admin,
+        Arc::clone(&node),
+        &shutdown,
+        &fatal,
+        &mut tasks,
+    )
+    .await?;
+    finish(shutdown, fatal, node, tasks, vec![wal]).await
+}
+
+/// A secret for the in-process listener → drainer stream of `ferry sync`
+/// (fresh per run: both ends restart together).
+fn random_secret() -> String {
+    let state = std::collections::hash_map::RandomState::new();
+    (0..2u64)
+        .map(|round| {
+            let mut hasher = state.build_hasher();
+            hasher.write_u64(round);
+            hasher.write_u128(
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_nanos())
+                    .unwrap_or(0),
+            );
+            hasher.write_u32(std::process::id());
+            format!("{:016x}", hasher.finish())
+        })
+        .collect()
+}
+
+/// `ferry sync`: a listener and a drainer in one process, the stream between
+/// them over gRPC on 127.0.0.1, each with its own WAL.
+pub async fn run_sync(cfg: SyncConfig, shutdown: CancellationToken) -> Result<(), NodeError> {
+    create_data_dir(&cfg.data_dir)?;
+    let fatal = Fatal::new(shutdown.clone());
+    let listener_wal = open_wal(cfg.listener_wal.clone()).await?;
+    let drainer_wal = open_wal(cfg.drainer_wal.clone()).await?;
+    let socket = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(io("binding the internal ship endpoint"))?;
+    let endpoint = format!(
+        "http://{}",
+        socket
+            .local_addr()
+            .map_err(io("reading the ship endpoint address"))?
+    );
+    let secret = random_secret();
+    let mut tasks = Vec::new();
+    let drainer = start_drainer_part(
+        socket,
+        DrainerServiceConfig {
+            listeners: vec![AllowedListener {
+                id: cfg.id.clone(),
+                secret: secret.clone(),
+            }],
+            ..DrainerServiceConfig::default()
+        },
+        drainer_wal.clone(),
+        cfg.apply.clone(),
+        &shutdown,
+        &fatal,
+        &mut tasks,
+    )?;
+    let listener = start_listener_part(
+        &cfg.data_dir,
+        cfg.listener.clone(),
+        listener_wal.clone(),
+        cfg.ship.clone(),
+        &[DrainerPeer {
+            id: cfg.id.clone(),
+            endpoint,
+            secret,
+        }],
+        &shutdown,
+        &fatal,
+        &mut tasks,
+    )
+    .await?;
+    let node = Arc::new(Node {
+        role: "sync",
+        listener: Some(listener),
+        drainer: Some(drainer),
+    });
+    start_admin(
+        &cfg.data_dir,
+        &cfg.admin,
+        Arc::clone(&node),
+        &shutdown,
+        &fatal,
+        &mut tasks,
+    )
+    .await?;
+    info!(source = %redacted(&cfg.listener.source), target = %redacted(&cfg.apply.target), "sync running");
+    finish(
+        shutdown,
+        fatal,
+        node,
+        tasks,
+        vec![listener_wal, drainer_wal],
+    )
+    .await
+}

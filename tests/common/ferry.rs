@@ -1,0 +1,176 @@
+//! Test support: real `ferry` daemon processes (`ferry sync`, `listener`,
+//! `drainer`) with their logs in a file, stopped with SIGTERM or SIGKILL,
+//! killed on drop.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{output_within, wait_exit_within};
+
+/// The `ferry` binary cargo built for this test run.
+pub fn ferry_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_ferry")
+}
+
+/// A running ferry daemon.
+pub struct FerryProcess {
+    pub child: Option<Child>,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+    args: Vec<String>,
+}
+
+impl FerryProcess {
+    /// Starts `ferry <args>`; its stderr goes to `<data_dir>.log` (appended,
+    /// so restarts keep the history). `data_dir` is where the daemon writes
+    /// `admin.addr`.
+    pub fn start(data_dir: &Path, args: &[String]) -> FerryProcess {
+        let log = data_dir.with_extension("log");
+        let mut process = FerryProcess {
+            child: None,
+            data_dir: data_dir.to_path_buf(),
+            log,
+            args: args.to_vec(),
+        };
+        process.spawn();
+        process
+    }
+
+    /// `ferry sync` between two servers, admin on a free port.
+    pub fn sync(data_dir: &Path, source: &str, target: &str, extra: &[&str]) -> FerryProcess {
+        let mut args: Vec<String> = [
+            "sync",
+            "--source",
+            source,
+            "--target",
+            target,
+            "--data-dir",
+            data_dir.to_str().expect("utf-8 path"),
+            "--admin",
+            "127.0.0.1:0",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        FerryProcess::start(data_dir, &args)
+    }
+
+    /// Starts the process again with the same arguments (after a stop or kill).
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let _ = std::fs::remove_file(self.data_dir.join("admin.addr"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open ferry log");
+        let child = Command::new(ferry_bin())
+            .args(&self.args)
+            .env(
+                "RUST_LOG",
+                std::env::var("FERRY_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn ferry");
+        self.child = Some(child);
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// SIGKILL, no chance to flush anything.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit (panics after `timeout`, with the
+    /// log's tail).
+    pub fn terminate(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        signal(child.id(), "TERM");
+        if !wait_exit_within(&mut child, timeout) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "ferry did not stop within {timeout:?} of SIGTERM; {}",
+                self.log_tail(40)
+            );
+        }
+        child.wait().expect("wait ferry")
+    }
+
+    /// Whether the process has exited (and how).
+    pub fn try_exit(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|child| child.try_wait().ok().flatten())
+    }
+
+    /// The admin address, once the daemon wrote `admin.addr`.
+    pub fn admin_addr(&self, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(text) = std::fs::read_to_string(self.data_dir.join("admin.addr")) {
+                if text.ends_with('\n') {
+                    return text.trim().to_string();
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no admin.addr; {}",
+                self.log_tail(40)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `ferry status --admin ADDR --json`, parsed.
+    pub fn status_json(&self) -> serde_json::Value {
+        let addr = self.admin_addr(Duration::from_secs(30));
+        let out = output_within(
+            Command::new(ferry_bin()).args(["status", "--admin", &addr, "--json"]),
+            Duration::from_secs(20),
+        )
+        .expect("ferry status");
+        assert!(
+            out.status.success(),
+            "ferry status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("status JSON")
+    }
+
+    /// The last `lines` lines of the log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        format!(
+            "ferry log {} ends:\n{}",
+            self.log.display(),
+            all[all.len().saturating_sub(lines)..].join("\n")
+        )
+    }
+}
+
+impl Drop for FerryProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Sends `SIG<name>` to `pid` with kill(1).
+pub fn signal(pid: u32, name: &str) {
+    let _ = Command::new("kill")
+        .args([&format!("-{name}"), &pid.to_string()])
+        .status();
+}
