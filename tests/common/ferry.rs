@@ -58,6 +58,17 @@ impl FerryProcess {
         FerryProcess::start(data_dir, &args)
     }
 
+    /// `ferry <verb> --config FILE` (`listener` or `drainer`); `data_dir` is
+    /// the `data-dir` the file names.
+    pub fn with_config(verb: &str, config: &Path, data_dir: &Path) -> FerryProcess {
+        let args = vec![
+            verb.to_string(),
+            "--config".to_string(),
+            config.to_str().expect("utf-8 path").to_string(),
+        ];
+        FerryProcess::start(data_dir, &args)
+    }
+
     /// Starts the process again with the same arguments (after a stop or kill).
     pub fn spawn(&mut self) {
         assert!(self.child.is_none(), "already running");
@@ -148,6 +159,18 @@ impl FerryProcess {
             String::from_utf8_lossy(&out.stderr)
         );
         serde_json::from_slice(&out.stdout).expect("status JSON")
+    }
+
+    /// The log's length in bytes: a mark for [`FerryProcess::log_since`].
+    pub fn log_len(&self) -> u64 {
+        std::fs::metadata(&self.log).map_or(0, |meta| meta.len())
+    }
+
+    /// What the log got since `mark` (a [`FerryProcess::log_len`]).
+    pub fn log_since(&self, mark: u64) -> String {
+        let bytes = std::fs::read(&self.log).unwrap_or_default();
+        let start = (mark as usize).min(bytes.len());
+        String::from_utf8_lossy(&bytes[start..]).into_owned()
     }
 
     /// The last `lines` lines of the log.
