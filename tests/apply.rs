@@ -24,7 +24,9 @@ use ferry::record::{Record, SnapshotMarker, WriteRecord};
 use ferry::redis::client::Client;
 use ferry::redis::command::Command;
 use ferry::redis::url::RedisUrl;
-use ferry::wal::{NewEntry, SnapshotPhase, SnapshotState, SourcePosition, Wal, WalConfig};
+use ferry::wal::{
+    DownstreamId, NewEntry, SnapshotPhase, SnapshotState, SourcePosition, Wal, WalConfig,
+};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -1111,21 +1113,267 @@ async fn a_target_behind_the_wal_is_caught_up_or_reported() {
     assert_eq!(second.cmd(&["GET", "c"]), "10");
 
     // Once the entries it needs are trimmed (and no snapshot marker replaces
-    // them) a fresh target cannot be caught up: OFFLINE, saying so.
+    // them) a fresh target cannot be caught up: the applier stops, saying so.
     wal.trim(PARTITION, LogId(4)).await.unwrap();
     let third = RedisServer::start(&[]);
     let applier = start(apply_config(&third.url(), 3), &wal);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let error = loop {
-        let report = applier.status.snapshot();
-        if let (SyncState::Offline, Some(error)) = (report.state, report.last_error) {
-            break error;
-        }
-        assert!(Instant::now() < deadline, "never OFFLINE");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
-    assert!(error.contains("needs a snapshot"), "{error}");
+    let error = expect_fatal(applier).await;
+    assert!(
+        matches!(
+            error,
+            ApplyError::Gap {
+                partition: PARTITION,
+                wanted: LogId(1),
+                first_available: LogId(4)
+            }
+        ),
+        "{error}"
+    );
+    assert!(error.to_string().contains("needs a snapshot"), "{error}");
     assert_eq!(third.cmd(&["EXISTS", "c"]), "0");
+    wal.close().await.unwrap();
+}
+
+/// Waits for `applier` to end with a fatal error; checks the status shows
+/// it OFFLINE with that error.
+async fn expect_fatal(applier: Running) -> ApplyError {
+    let result = tokio::time::timeout(Duration::from_secs(30), applier.task)
+        .await
+        .expect("the applier stops on a fatal error")
+        .expect("applier task");
+    let error = result.expect_err("the applier ended without an error");
+    assert!(error.is_fatal(), "{error}");
+    let report = applier.status.snapshot();
+    assert_eq!(report.state, SyncState::Offline);
+    assert_eq!(report.last_error, Some(error.to_string()));
+    error
+}
+
+/// The applier's ack of `PARTITION` in `wal`, if it registered.
+fn applier_ack(wal: &Wal) -> Option<LogId> {
+    wal.positions(PARTITION)
+        .unwrap()
+        .unwrap()
+        .acked
+        .into_iter()
+        .find(|(downstream, _)| downstream.as_str() == "apply:test-drainer")
+        .map(|(_, acked)| acked)
+}
+
+async fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ready() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn applied_entries_are_trimmed_unapplied_kept_until_wal_ttl_which_is_fatal() {
+    let target = RedisServer::start(&[]);
+    let wal_dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(wal_config(wal_dir.path())).await.unwrap();
+    let records: Vec<Record> = (0..10).map(|_| single(0, &["INCR", "c"])).collect();
+    let applied = append(&wal, &records).await;
+    let applier = start(apply_config(&target.url(), 3), &wal);
+    applier.wait_applied(applied).await;
+    // The applier acks what it applied, so retention may trim it.
+    wait_for("the applier's ack", || applier_ack(&wal) == Some(applied)).await;
+    wal.enforce_retention(now_ms()).await.unwrap();
+    let positions = wal.positions(PARTITION).unwrap().unwrap();
+    assert_eq!(positions.first_available, applied.next());
+    assert_eq!(positions.applied, applied);
     applier.stop().await;
+
+    // Entries it has not applied are kept...
+    let more: Vec<Record> = (0..5).map(|_| single(0, &["INCR", "c"])).collect();
+    let last = append(&wal, &more).await;
+    wal.enforce_retention(now_ms()).await.unwrap();
+    assert_eq!(wal.first_log_id(PARTITION).unwrap(), Some(applied.next()));
+    // ... but not past wal-ttl, the hard limit.
+    let ttl_ms = wal.config().wal_ttl.0.as_millis() as u64;
+    wal.enforce_retention(now_ms() + ttl_ms + 1_000)
+        .await
+        .unwrap();
+    assert_eq!(wal.first_log_id(PARTITION).unwrap(), None);
+    assert_eq!(wal.last_log_id(PARTITION).unwrap(), Some(last));
+
+    // For the applier that is fatal, naming the partition and the entry.
+    let applier = start(apply_config(&target.url(), 3), &wal);
+    let error = expect_fatal(applier).await;
+    assert!(
+        matches!(
+            error,
+            ApplyError::Gap {
+                partition: PARTITION,
+                wanted,
+                first_available,
+            } if wanted == applied.next() && first_available == last.next()
+        ),
+        "{error}"
+    );
+    let text = error.to_string();
+    assert!(
+        text.contains("partition 0") && text.contains("entry 11"),
+        "{text}"
+    );
+    // Nothing was skipped silently: the target stays where it was.
+    assert_eq!(target.cmd(&["GET", "c"]), "10");
+    assert_eq!(
+        target.cmd(&["GET", CHECKPOINT_KEY]),
+        format!("v1 applied={applied} epoch=0")
+    );
+    wal.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_epochs_are_deleted_once_loaded_and_superseded_or_trimmed() {
+    let source = RedisServer::start(&[]);
+    let target = RedisServer::start(&[]);
+    let work = tempfile::tempdir().unwrap();
+    let wal = Wal::open(WalConfig {
+        retention_interval: "100ms".parse().unwrap(),
+        ..wal_config(&work.path().join("wal"))
+    })
+    .await
+    .unwrap();
+    // Another applier of the partition that lags: it holds retention.
+    let holder = DownstreamId::new("apply:lagging").unwrap();
+    wal.register_downstream(PARTITION, holder.clone())
+        .await
+        .unwrap();
+    fill_source(&source, 1_000);
+    // As on a drainer: a snapshot marker resets the log.
+    let first = store_snapshot(&wal, &source, 1, work.path()).await;
+    let first_id = LogId(10);
+    wal.reset_partition(
+        PARTITION,
+        first_id,
+        entry(&Record::Snapshot(first.clone()), first.offset),
+    )
+    .await
+    .unwrap();
+    let on_top = writes_on_top(&source).await;
+    let last = append(&wal, &on_top).await;
+    let applier = start(apply_config(&target.url(), 100), &wal);
+    applier.wait_applied(last).await;
+    wait_for("the applier's ack", || applier_ack(&wal) == Some(last)).await;
+    // Loaded, but its marker is still the log's first entry (the lagging
+    // applier needs it): the epoch stays through several collections.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(wal.snapshot_epochs(PARTITION).unwrap(), vec![1]);
+    assert_eq!(wal.first_log_id(PARTITION).unwrap(), Some(first_id));
+
+    // A newer snapshot replaces the log: once loaded, epoch 1 goes, the
+    // current epoch 2 stays while its marker is held.
+    source.cmd(&["SET", "after-first-snapshot", "x"]);
+    let second = store_snapshot(&wal, &source, 2, work.path()).await;
+    assert_eq!(wal.snapshot_epochs(PARTITION).unwrap(), vec![1, 2]);
+    let second_id = LogId(last.0 + 5);
+    wal.reset_partition(
+        PARTITION,
+        second_id,
+        entry(&Record::Snapshot(second.clone()), second.offset),
+    )
+    .await
+    .unwrap();
+    applier.wait_applied(second_id).await;
+    wait_for("epoch 1 deleted", || {
+        wal.snapshot_epochs(PARTITION).unwrap() == vec![2]
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(wal.snapshot_epochs(PARTITION).unwrap(), vec![2]);
+    assert_eq!(
+        wal.read_snapshot_chunks(PARTITION, 2, 0, 1 << 20)
+            .unwrap()
+            .len() as u64,
+        second.chunks
+    );
+
+    // Once every applier applied its marker, retention trims it and the
+    // epoch goes too.
+    wal.ack(PARTITION, holder, second_id).await.unwrap();
+    wait_for("epoch 2 deleted", || {
+        wal.snapshot_epochs(PARTITION).unwrap().is_empty()
+    })
+    .await;
+    assert_eq!(wal.first_log_id(PARTITION).unwrap(), None);
+    applier.stop().await;
+    assert_same_data(&target, &source);
+    wal.close().await.unwrap();
+}
+
+/// Milliseconds of `durations` at quantile `q` (sorted in place).
+fn quantile_ms(durations: &mut [Duration], q: f64) -> f64 {
+    durations.sort();
+    let index = ((durations.len() - 1) as f64 * q).round() as usize;
+    durations[index].as_secs_f64() * 1000.0
+}
+
+// Figures (run in release: `cargo test --release --test apply -- --ignored
+// idle_latency_figures --nocapture`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "latency figures, run by hand in release mode"]
+async fn idle_latency_figures() {
+    let target = RedisServer::start(&[]);
+    target.cmd(&["CONFIG", "SET", "notify-keyspace-events", "K$"]);
+    let mut watcher = connect(&target).await;
+    watcher
+        .call(["SUBSCRIBE", "__keyspace@0__:latency"])
+        .await
+        .unwrap();
+    let work = tempfile::tempdir().unwrap();
+    // The default WAL config: fsync'd group commits.
+    let wal = Wal::open(WalConfig::with_dir(work.path().join("wal")))
+        .await
+        .unwrap();
+    let applier = start(default_config(&target.url()), &wal);
+    let rounds = 300u64;
+    let mut latencies = Vec::new();
+    let mut appends = Vec::new();
+    let mut after_append = Vec::new();
+    for i in 0..rounds {
+        // Idle between entries, for a varying time so that the entry lands
+        // at any point of a polling period.
+        tokio::time::sleep(Duration::from_millis(10 + i % 7)).await;
+        let started = Instant::now();
+        let record = single(0, &["SET", "latency", &i.to_string()]);
+        wal.append(PARTITION, vec![entry(&record, i + 1)])
+            .await
+            .unwrap();
+        let appended = started.elapsed();
+        appends.push(appended);
+        // The keyspace notification of this SET on the target.
+        let message = tokio::time::timeout(Duration::from_secs(10), watcher.read_frame())
+            .await
+            .expect("the SET reaches the target")
+            .unwrap();
+        let total = started.elapsed();
+        latencies.push(total);
+        after_append.push(total - appended);
+        assert!(format!("{message:?}").contains("set"), "{message:?}");
+    }
+    applier.stop().await;
+    assert_eq!(target.cmd(&["GET", "latency"]), (rounds - 1).to_string());
+    let mean = latencies.iter().sum::<Duration>().as_secs_f64() * 1000.0 / rounds as f64;
+    let append_mean = appends.iter().sum::<Duration>().as_secs_f64() * 1000.0 / rounds as f64;
+    println!(
+        "idle latency of one SET, append -> target, {rounds} rounds: mean {mean:.3} ms, \
+         p50 {:.3} ms, p90 {:.3} ms, p99 {:.3} ms, max {:.3} ms (of which the fsync'd append: \
+         mean {append_mean:.3} ms)",
+        quantile_ms(&mut latencies, 0.5),
+        quantile_ms(&mut latencies, 0.9),
+        quantile_ms(&mut latencies, 0.99),
+        quantile_ms(&mut latencies, 1.0),
+    );
+    let applied_mean = after_append.iter().sum::<Duration>().as_secs_f64() * 1000.0 / rounds as f64;
+    println!(
+        "  durable -> on the target (applier wake-up, MULTI/EXEC, notification): mean \
+         {applied_mean:.3} ms, p50 {:.3} ms, p90 {:.3} ms, p99 {:.3} ms",
+        quantile_ms(&mut after_append, 0.5),
+        quantile_ms(&mut after_append, 0.9),
+        quantile_ms(&mut after_append, 0.99),
+    );
     wal.close().await.unwrap();
 }

@@ -2,12 +2,11 @@
 # The README's main command: on a fresh machine, install what is missing,
 # build ferry, start two local redis-servers (source and target) on free
 # loopback ports, write sample data to the source, move it to the target
-# through ferry, and show the result. Everything it starts is stopped on exit.
+# continuously through `ferry sync`, and show its status. Everything it starts is stopped on exit.
 #
-# Today this runs the snapshot path that ferry's wire-format layer provides:
-# `ferry rdb fetch` takes the source's dataset through the replication
-# protocol (PSYNC, as a replica would), `ferry rdb load` replays it into the
-# target. The continuous `ferry sync` joins here when the relay lands.
+# `ferry sync` runs listener and drainer in one process (each with its own
+# RocksDB WAL under a data dir): a full sync first, then the live stream.
+# The demo writes data before and while it runs, then shows `ferry status`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source tools/setup.sh
@@ -61,18 +60,41 @@ echo "== writing sample data to the source"
     echo "INCRBY counter 42"
 } | redis-cli -p "$src_port" >/dev/null
 
-echo "== ferry rdb fetch (snapshot through PSYNC)"
-"$ferry" rdb fetch --source "redis://127.0.0.1:$src_port" "$work/snapshot.rdb"
-echo "== ferry rdb load (into the target)"
-"$ferry" rdb load "$work/snapshot.rdb" --target "redis://127.0.0.1:$dst_port"
+echo "== ferry sync (data dir $work/sync)"
+"$ferry" sync --source "redis://127.0.0.1:$src_port" --target "redis://127.0.0.1:$dst_port" \
+    --data-dir "$work/sync" --admin 127.0.0.1:0 2>"$work/ferry.log" &
+pids+=($!)
 
-echo "== result"
-printf '%-8s %-12s %-12s %s\n' side "keys(db0)" "keys(db2)" "digest"
+echo "== writing live data to the source while ferry runs"
+{
+    for i in $(seq 1 1000); do echo "INCR live:counter"; done
+    for i in $(seq 1 200); do echo "LPUSH live:list $i"; done
+    echo "MULTI"; echo "INCR tx:a"; echo "INCR tx:b"; echo "EXEC"
+    echo "DEL user:1"
+    echo "SET demo:sentinel done"
+} | redis-cli -p "$src_port" >/dev/null
+
+for _ in $(seq 600); do
+    [ "$(redis-cli -p "$dst_port" GET demo:sentinel)" = "done" ] && break
+    sleep 0.1
+done
+if [ "$(redis-cli -p "$dst_port" GET demo:sentinel)" != "done" ]; then
+    echo "the target did not catch up within 60 s; ferry's log:" >&2
+    tail -n 30 "$work/ferry.log" >&2
+    exit 1
+fi
+sleep 1.5 # one heartbeat, so the latency columns have a recent sample
+
+echo "== ferry status"
+"$ferry" status --data-dir "$work/sync"
+
+echo "== result (the target also holds ferry's checkpoint key __ferry:checkpoint:ferry:0)"
+printf '%-8s %-10s %-10s %-14s %s\n' side "keys(db0)" "keys(db2)" "live:counter" "user:1"
 for side in source:$src_port target:$dst_port; do
     port=${side#*:}
-    printf '%-8s %-12s %-12s %s\n' "${side%%:*}" \
+    printf '%-8s %-10s %-10s %-14s %s\n' "${side%%:*}" \
         "$(redis-cli -p "$port" DBSIZE)" "$(redis-cli -p "$port" -n 2 DBSIZE)" \
-        "$(redis-cli -p "$port" DEBUG DIGEST 2>/dev/null || echo n/a)"
+        "$(redis-cli -p "$port" GET live:counter)" "$(redis-cli -p "$port" EXISTS user:1)"
 done
-echo "== sample JSON of the snapshot (first 3 keys)"
-"$ferry" rdb dump "$work/snapshot.rdb" --no-aux | head -n 3
+echo "== ferry's log: $work/ferry.log (removed on exit); the last lines:"
+tail -n 5 "$work/ferry.log" | cut -c1-200

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::config_units::{ByteSize, HumanDuration};
 use crate::position::PartitionId;
 use crate::redis::url::RedisUrl;
+use crate::wal::{DownstreamId, MAX_DOWNSTREAM_ID_LEN};
 
 /// Longest drainer id (it is part of the checkpoint key).
 pub const MAX_DRAINER_ID_LEN: usize = 64;
@@ -39,6 +40,13 @@ pub struct ApplyConfig {
     pub target: String,
     /// The partition of the WAL to apply. Default: `0`.
     pub partition: u32,
+    /// The applier's name as a downstream of the drainer's WAL: entries are
+    /// kept until it acks them as applied (within `wal-ttl`, which stays the
+    /// hard limit), and become trimmable once it does. Two appliers of one
+    /// partition of one WAL need different names. Default:
+    /// `"apply:<drainer-id>"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wal_downstream: Option<String>,
     /// Most WAL entries in one `MULTI`/`EXEC` batch. Default: `4000`.
     pub batch_max_entries: usize,
     /// Most command bytes in one batch (an entry larger than this still goes,
@@ -49,8 +57,9 @@ pub struct ApplyConfig {
     pub retry_backoff_min: HumanDuration,
     /// Longest wait between retries. Default: `"10s"`.
     pub retry_backoff_max: HumanDuration,
-    /// How often the WAL is looked at for new entries while everything is
-    /// applied. Default: `"2ms"`.
+    /// While everything is applied the applier waits for the WAL's append
+    /// notification; this is how often it looks for new entries anyway (a
+    /// fallback, not the normal wake-up). Default: `"1s"`, at most `"60s"`.
     pub idle_poll: HumanDuration,
     /// Timeout of a connection attempt to the target. Default: `"5s"`.
     pub connect_timeout: HumanDuration,
@@ -73,11 +82,12 @@ impl Default for ApplyConfig {
             drainer_id: "drainer".to_string(),
             target: "redis://127.0.0.1:6379".to_string(),
             partition: 0,
+            wal_downstream: None,
             batch_max_entries: 4000,
             batch_max_bytes: ByteSize::mib(2),
             retry_backoff_min: HumanDuration(Duration::from_millis(100)),
             retry_backoff_max: HumanDuration(Duration::from_secs(10)),
-            idle_poll: HumanDuration(Duration::from_millis(2)),
+            idle_poll: HumanDuration(Duration::from_secs(1)),
             connect_timeout: HumanDuration(Duration::from_secs(5)),
             reply_timeout: HumanDuration(Duration::from_secs(60)),
             load_window: 8192,
@@ -96,6 +106,30 @@ fn bad(field: &'static str, reason: impl Into<String>) -> ApplyConfigError {
 impl ApplyConfig {
     pub fn partition_id(&self) -> PartitionId {
         PartitionId(self.partition)
+    }
+
+    /// The downstream name under which the applier acks the drainer's WAL.
+    pub fn downstream_id(&self) -> Result<DownstreamId, ApplyConfigError> {
+        match &self.wal_downstream {
+            Some(name) => DownstreamId::new(name.clone()).map_err(|_| {
+                bad(
+                    "wal-downstream",
+                    format!(
+                        "{name:?} must be 1 to {MAX_DOWNSTREAM_ID_LEN} bytes of [A-Za-z0-9._:-]"
+                    ),
+                )
+            }),
+            None => DownstreamId::new(format!("apply:{}", self.drainer_id)).map_err(|_| {
+                bad(
+                    "wal-downstream",
+                    format!(
+                        "the default \"apply:{}\" is longer than {MAX_DOWNSTREAM_ID_LEN} bytes; \
+                         set a shorter one",
+                        self.drainer_id
+                    ),
+                )
+            }),
+        }
     }
 
     /// The parsed target address.
@@ -129,6 +163,7 @@ impl ApplyConfig {
             ));
         }
         self.target_url()?;
+        self.downstream_id()?;
         if self.batch_max_entries == 0 || self.batch_max_entries > 1_000_000 {
             return Err(bad("batch-max-entries", "must be 1 to 1000000"));
         }
@@ -147,8 +182,8 @@ impl ApplyConfig {
                 ),
             ));
         }
-        if self.idle_poll.0.is_zero() || self.idle_poll.0 > Duration::from_secs(1) {
-            return Err(bad("idle-poll", "must be more than 0 and at most 1s"));
+        if self.idle_poll.0.is_zero() || self.idle_poll.0 > Duration::from_secs(60) {
+            return Err(bad("idle-poll", "must be more than 0 and at most 60s"));
         }
         if self.connect_timeout.0.is_zero() {
             return Err(bad("connect-timeout", "must be more than 0"));
@@ -204,6 +239,7 @@ mod tests {
             ),
             (r#"{"idle-poll": "0ms"}"#, "apply.idle-poll"),
             (r#"{"load-window": 0}"#, "apply.load-window"),
+            (r#"{"wal-downstream": "a b"}"#, "apply.wal-downstream"),
         ];
         for (text, field) in cases {
             let error = parse(text).unwrap_err();
@@ -212,6 +248,15 @@ mod tests {
                 "{text}: {error}"
             );
         }
+        let long_id = parse(&format!(r#"{{"drainer-id": "{}"}}"#, "d".repeat(60))).unwrap_err();
+        assert!(
+            long_id.starts_with("invalid apply.wal-downstream:"),
+            "{long_id}"
+        );
+        let cfg = ApplyConfig::default();
+        assert_eq!(cfg.downstream_id().unwrap().as_str(), "apply:drainer");
+        let named = parse(r#"{"wal-downstream": "apply:blue"}"#).unwrap();
+        assert_eq!(named.downstream_id().unwrap().as_str(), "apply:blue");
         let bad_unit = parse(r#"{"reply-timeout": "10"}"#).unwrap_err();
         assert!(bad_unit.contains("unknown unit"), "{bad_unit}");
     }

@@ -5,7 +5,25 @@
 //! In: durable WAL entries ([`crate::record::Record`]s at the listener's log
 //! ids) and the snapshot chunks they refer to. Out: `MULTI`/`EXEC`
 //! transactions on the target, the WAL's `applied` mark
-//! ([`Wal::set_applied`]), and an [`ApplyStatus`] for `ferry status`.
+//! ([`Wal::set_applied`]) and this applier's downstream ack (so retention
+//! trims applied entries), deleted snapshot epochs it no longer needs, and
+//! an [`ApplyStatus`] for `ferry status`.
+//!
+//! # Waking up
+//!
+//! Caught up, the WAL reader waits for the WAL's append notification
+//! ([`Wal::subscribe_appends`]), with `idle-poll` (1s) as a fallback poll.
+//!
+//! # Retention and snapshot epochs
+//!
+//! The applier registers as a downstream of its partition (`wal-downstream`,
+//! default `apply:<drainer-id>`) and acks every applied id, coalesced with
+//! the `applied` mark. Entries it has not applied are kept, but `wal-ttl`
+//! (and the size cap) stay the hard limit: entries that expire before they
+//! are applied, with no snapshot marker in their place, end [`run`] with the
+//! fatal [`ApplyError::Gap`] naming the partition and the log id needed.
+//! Snapshot epochs it has loaded are deleted by [`collect_drainer_snapshots`]
+//! (its doc has the rule).
 //!
 //! # Exactly once
 //!
@@ -94,11 +112,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
 
 use crate::position::{LogId, PartitionId};
+use crate::record::RecordLimits;
 use crate::record::{Record, RecordError};
 use crate::redis::client::ClientError;
 use crate::redis::command::Command;
 use crate::redis::rdb_stream::RdbStreamError;
-use crate::wal::{ReadLimits, Wal, WalError};
+use crate::wal::{DownstreamId, ReadLimits, SnapshotPhase, Wal, WalError};
 
 use batch::{Batch, BatchBuilder, BatchOutcome, Pending};
 use checkpoint::{checkpoint_key, Checkpoint, CheckpointError};
@@ -123,9 +142,14 @@ pub enum ApplyError {
         log_id: LogId,
         error: RecordError,
     },
+    /// Entries the target still needs were trimmed from the drainer's WAL
+    /// (past `wal-ttl` or the size cap) before they were applied, and no
+    /// snapshot marker replaces them. Fatal: nothing in this WAL can bring
+    /// them back.
     #[error(
         "partition {partition}: entry {wanted} is needed but the WAL starts at {first_available} \
-         without a snapshot marker there; the target needs a snapshot"
+         without a snapshot marker there (trimmed past wal-ttl or the size cap before it was \
+         applied); the target needs a snapshot"
     )]
     Gap {
         partition: PartitionId,
@@ -178,11 +202,11 @@ impl ApplyError {
             | ApplyError::Record { .. }
             | ApplyError::Inconsistent { .. }
             | ApplyError::SnapshotData { .. }
+            | ApplyError::Gap { .. }
             | ApplyError::Task(_) => true,
             ApplyError::Wal(error) => !matches!(error, WalError::Trimmed { .. }),
             ApplyError::Reply(error) => matches!(error, ReplyError::InternalRefused { .. }),
-            ApplyError::Gap { .. }
-            | ApplyError::Client(_)
+            ApplyError::Client(_)
             | ApplyError::Timeout(_)
             | ApplyError::Checkpoint(_)
             | ApplyError::Aborted { .. }
@@ -241,9 +265,20 @@ pub async fn run(
     let partition = cfg.partition_id();
     let span = tracing::info_span!("apply", partition = %partition, drainer = %cfg.drainer_id);
     async move {
+        let downstream = cfg.downstream_id()?;
+        wal.register_downstream(partition, downstream.clone())
+            .await?;
         let (applied_tx, applied_rx) = watch::channel(LogId::ZERO);
-        let marker = tokio::spawn(keep_applied_mark(wal.clone(), partition, applied_rx));
+        let (loaded_tx, loaded_rx) = watch::channel(0u64);
+        let marker = tokio::spawn(keep_wal_marks(
+            wal.clone(),
+            partition,
+            downstream,
+            applied_rx,
+            loaded_rx,
+        ));
         let mut applier = Applier {
+            loaded_tx,
             url: cfg.target_url()?,
             key: Bytes::from(checkpoint_key(&cfg.drainer_id, partition)),
             partition,
@@ -267,21 +302,54 @@ pub async fn run(
     .await
 }
 
-/// Writes the latest applied id to the WAL, coalescing ids that arrive
-/// while a write is in progress (each `set_applied` waits for a group
-/// commit; the applier does not). Ends when the sender is dropped, after
-/// writing the last id.
-async fn keep_applied_mark(
+/// Keeps the drainer's WAL informed of the applier's progress, until the
+/// applier ends (then it writes the last applied id and returns):
+///
+/// - the latest applied id as the WAL's `applied` mark and as this
+///   applier's downstream ack (which lets retention trim what is applied),
+///   coalescing ids that arrive while a write is in progress (each write
+///   waits for a group commit; the applier does not);
+/// - snapshot epochs this applier no longer needs
+///   ([`collect_drainer_snapshots`]), after every load and every
+///   `retention-interval` (retention trimming a snapshot marker is what
+///   makes the latest epoch collectable).
+async fn keep_wal_marks(
     wal: Wal,
     partition: PartitionId,
+    downstream: DownstreamId,
     mut applied_rx: watch::Receiver<LogId>,
+    mut loaded_rx: watch::Receiver<u64>,
 ) -> Result<(), ApplyError> {
     let mut written = LogId::ZERO;
+    let mut collect = tokio::time::interval(wal.config().retention_interval.0);
+    collect.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let changed = applied_rx.changed().await;
+        let mut ended = false;
+        tokio::select! {
+            changed = applied_rx.changed() => ended = changed.is_err(),
+            changed = loaded_rx.changed(), if !loaded_rx.is_closed() => {
+                if changed.is_ok() {
+                    collect.reset_immediately();
+                }
+            }
+            _ = collect.tick() => {
+                let loaded_epoch = *loaded_rx.borrow();
+                match collect_drainer_snapshots(&wal, partition, loaded_epoch).await {
+                    Ok(deleted) if !deleted.is_empty() => {
+                        info!(partition = %partition, epochs = ?deleted, "deleted snapshot epochs no longer needed");
+                    }
+                    Ok(_) => {}
+                    Err(WalError::Closed) => return Ok(()),
+                    Err(error) => {
+                        warn!(partition = %partition, %error, "cannot delete old snapshot epochs");
+                    }
+                }
+                continue;
+            }
+        }
         let latest = *applied_rx.borrow_and_update();
         if latest > written {
-            match wal.set_applied(partition, latest).await {
+            match mark_applied(&wal, partition, &downstream, latest).await {
                 Ok(()) => written = latest,
                 // A WAL closed during shutdown: nothing more to mark.
                 Err(WalError::Closed) => return Ok(()),
@@ -291,10 +359,99 @@ async fn keep_applied_mark(
                 }
             }
         }
-        if changed.is_err() {
+        if ended {
             return Ok(());
         }
     }
+}
+
+/// Sets the `applied` mark and acks `log_id` as `downstream`, in one group
+/// commit.
+async fn mark_applied(
+    wal: &Wal,
+    partition: PartitionId,
+    downstream: &DownstreamId,
+    log_id: LogId,
+) -> Result<(), WalError> {
+    let ack = async {
+        match wal.ack(partition, downstream.clone(), log_id).await {
+            // Unregistered behind our back (by hand): hold retention again.
+            Err(WalError::UnknownDownstream { .. }) => {
+                wal.register_downstream(partition, downstream.clone())
+                    .await?;
+                wal.ack(partition, downstream.clone(), log_id).await
+            }
+            other => other,
+        }
+    };
+    tokio::try_join!(wal.set_applied(partition, log_id), ack).map(|_| ())
+}
+
+/// Deletes the snapshot epochs of `partition` that no reader of the
+/// drainer's WAL can need any more, given that this applier's target holds
+/// (at least) epoch `loaded_epoch` fully loaded; returns them.
+///
+/// A drainer's log holds at most one snapshot marker, as its first entry
+/// (a marker resets the log, RELAY.md convention 5). An epoch is kept if
+/// - it is newer than `loaded_epoch` (being received, waiting for its
+///   marker, or its marker waits to be applied), or
+/// - the first entry of the log is its marker (another applier of the
+///   partition, or this one after a crash mid-load or with a target that
+///   lost its data, may still load it; retention keeps the marker until
+///   every registered applier acked it), or
+/// - it is being received (snapshot state `writing`).
+///
+/// Everything else (epochs up to `loaded_epoch` whose marker was trimmed
+/// after every applier applied it, or replaced by a newer marker) is
+/// deleted. With `loaded_epoch == 0` nothing is.
+pub(crate) async fn collect_drainer_snapshots(
+    wal: &Wal,
+    partition: PartitionId,
+    loaded_epoch: u64,
+) -> Result<Vec<u64>, WalError> {
+    if loaded_epoch == 0 {
+        return Ok(Vec::new());
+    }
+    let state = wal.snapshot_state(partition)?;
+    let read_wal = wal.clone();
+    let first = tokio::task::spawn_blocking(move || -> Result<Option<Record>, WalError> {
+        let Some(first) = read_wal.first_log_id(partition)? else {
+            return Ok(None);
+        };
+        let one = ReadLimits {
+            max_entries: 1,
+            max_bytes: 1,
+        };
+        let entries = match read_wal.read(partition, first, one) {
+            Ok(entries) => entries,
+            // Trimmed meanwhile: look again next time.
+            Err(WalError::Trimmed { .. }) => {
+                return Err(WalError::Trimmed {
+                    partition,
+                    wanted: first,
+                    first_available: first.next(),
+                })
+            }
+            Err(error) => return Err(error),
+        };
+        Ok(entries
+            .first()
+            .and_then(|entry| Record::decode(&entry.payload, RecordLimits::default()).ok()))
+    })
+    .await
+    .map_err(|error| WalError::Io(std::io::Error::other(error.to_string())));
+    let first_marker = match first {
+        Ok(Ok(Some(Record::Snapshot(marker)))) => Some(marker.epoch),
+        Ok(Ok(_)) => None,
+        // Unsure what the log starts with: keep everything this round.
+        Ok(Err(WalError::Trimmed { .. })) => return Ok(Vec::new()),
+        Ok(Err(error)) | Err(error) => return Err(error),
+    };
+    let writing = (state.phase == SnapshotPhase::Writing).then_some(state.epoch);
+    wal.collect_snapshots(partition, |epoch| {
+        epoch > loaded_epoch || Some(epoch) == first_marker || Some(epoch) == writing
+    })
+    .await
 }
 
 pub(crate) struct Applier {
@@ -307,6 +464,9 @@ pub(crate) struct Applier {
     status: Arc<ApplyStatus>,
     shutdown: CancellationToken,
     applied_tx: watch::Sender<LogId>,
+    /// The snapshot epoch the target holds fully loaded, once known (for
+    /// [`collect_drainer_snapshots`]).
+    loaded_tx: watch::Sender<u64>,
     /// Snapshot epoch of the target's data set.
     epoch: u64,
     /// Something was applied since the last failure (resets the backoff).
@@ -431,6 +591,17 @@ impl Applier {
         } else if target_applied > wal_applied {
             // A crash between EXEC and set_applied.
             let _ = self.applied_tx.send(target_applied);
+        }
+        if let Some(Checkpoint::Applied { epoch, .. }) = checkpoint {
+            if target_applied <= durable {
+                // This WAL holds what the target loaded (not so for a
+                // checkpoint ahead of it: a WAL wiped and started again).
+                self.loaded_tx.send_if_modified(|loaded| {
+                    let newer = epoch > *loaded;
+                    *loaded = (*loaded).max(epoch);
+                    newer
+                });
+            }
         }
         Ok(checkpoint.map(|c| c.resume_at()).unwrap_or(LogId(1)))
     }

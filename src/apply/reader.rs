@@ -5,6 +5,13 @@
 //! block). Out: `Vec<Pending>` runs in log order through a bounded channel,
 //! or one error, after which the task ends.
 //!
+//! Once it caught up with the WAL's durable end, the reader sleeps until the
+//! WAL's append notification ([`Wal::subscribe_appends`]) says a batch was
+//! committed, or `idle-poll` passed (a fallback only: the notification is
+//! sent after every committed append, `append_at` and `reset_partition`
+//! included). It marks the notification seen *before* looking at the
+//! durable end, so an append committed in between still wakes it.
+//!
 //! Entries are contiguous, with one exception: when the entry wanted was
 //! trimmed and the first entry still stored is a snapshot marker, the reader
 //! continues from that marker (loading it replaces everything before it;
@@ -12,7 +19,7 @@
 
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -96,8 +103,32 @@ fn read_run(
         .collect()
 }
 
+/// Waits until the WAL committed another append (or `idle_poll` passed);
+/// `false` on `cancel`.
+async fn wait_for_appends(
+    appended_rx: &mut watch::Receiver<u64>,
+    idle_poll: Duration,
+    cancel: &CancellationToken,
+) -> bool {
+    tokio::select! {
+        _ = cancel.cancelled() => false,
+        changed = appended_rx.changed() => {
+            if changed.is_err() {
+                // The WAL is gone; only the fallback poll is left.
+                tokio::select! {
+                    _ = cancel.cancelled() => return false,
+                    _ = tokio::time::sleep(idle_poll) => {}
+                }
+            }
+            true
+        }
+        _ = tokio::time::sleep(idle_poll) => true,
+    }
+}
+
 /// Starts the reader at `from`. It stops on `cancel`, when the receiver is
-/// dropped, or after sending an error.
+/// dropped, or after sending an error. `idle_poll` is the fallback period of
+/// looking for new entries when no append notification came.
 pub(crate) fn spawn_reader(
     wal: Wal,
     partition: PartitionId,
@@ -107,9 +138,11 @@ pub(crate) fn spawn_reader(
     cancel: CancellationToken,
 ) -> (mpsc::Receiver<ReadResult>, JoinHandle<()>) {
     let (run_tx, run_rx) = mpsc::channel(QUEUE_RUNS);
+    let mut appended_rx = wal.subscribe_appends();
     let task = tokio::spawn(async move {
         let mut next = from;
         loop {
+            appended_rx.borrow_and_update();
             let durable = match wal.last_log_id(partition) {
                 Ok(durable) => durable.unwrap_or(LogId::ZERO),
                 Err(error) => {
@@ -118,10 +151,10 @@ pub(crate) fn spawn_reader(
                 }
             };
             if durable < next {
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(idle_poll) => continue,
+                if !wait_for_appends(&mut appended_rx, idle_poll, &cancel).await {
+                    return;
                 }
+                continue;
             }
             let read_wal = wal.clone();
             let run =
@@ -135,10 +168,10 @@ pub(crate) fn spawn_reader(
                     Some(last) => next = last.log_id.next(),
                     // Raced with a trim between the look and the read.
                     None => {
-                        tokio::select! {
-                            _ = cancel.cancelled() => return,
-                            _ = tokio::time::sleep(idle_poll) => continue,
+                        if !wait_for_appends(&mut appended_rx, idle_poll, &cancel).await {
+                            return;
                         }
+                        continue;
                     }
                 }
             }

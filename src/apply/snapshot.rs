@@ -359,6 +359,7 @@ impl Applier {
             .add_counts(stats.commands, progress.commands_refused, 0);
         self.status.set_applied(log_id, epoch);
         let _ = self.applied_tx.send(log_id);
+        self.loaded_tx.send_replace(epoch);
         self.progressed = true;
         Ok(true)
     }

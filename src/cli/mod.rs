@@ -11,10 +11,14 @@
 //!   source through the replication protocol ([`fetch::fetch`]).
 //! - `ferry sync --source … --target … --data-dir DIR`, `ferry listener
 //!   --config FILE`, `ferry drainer --config FILE`: the daemons ([`node`]).
+//! - `ferry status [--admin ADDR | --data-dir DIR] [--json] [--watch SECS]`,
+//!   `ferry stop-sync` / `ferry restart-sync [--admin ADDR | --data-dir DIR]
+//!   [--partition N] [--drainer ID]`: the admin API's client ([`status`]).
 
 pub mod fetch;
 pub mod node;
 pub mod rdb;
+pub mod status;
 
 use std::path::PathBuf;
 
@@ -51,6 +55,15 @@ pub enum Verb {
         #[command(subcommand)]
         command: RdbCommand,
     },
+    /// Show the sync status of a running ferry process (listener → drainer,
+    /// drainer → target).
+    Status(status::StatusArgs),
+    /// Stop shipping to drainers; the listener keeps replicating and its WAL
+    /// accumulates (within wal-ttl).
+    StopSync(status::SyncControlArgs),
+    /// Resume shipping stopped by stop-sync: drainers get what accumulated,
+    /// or a snapshot if it expired.
+    RestartSync(status::SyncControlArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -123,6 +136,8 @@ pub enum CliError {
     Runtime(#[source] std::io::Error),
     #[error(transparent)]
     Node(#[from] node::NodeCommandError),
+    #[error(transparent)]
+    Status(#[from] status::StatusCommandError),
 }
 
 impl Verb {
@@ -180,6 +195,9 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 Ok(())
             }
         },
+        Verb::Status(args) => Ok(status::status(&args)?),
+        Verb::StopSync(args) => Ok(status::stop_sync(&args)?),
+        Verb::RestartSync(args) => Ok(status::restart_sync(&args)?),
     }
 }
 

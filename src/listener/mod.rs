@@ -252,6 +252,11 @@ impl Listener {
             )
             .await?;
         }
+        // Nothing can begin an epoch yet: superseded ones left by an earlier
+        // run go now.
+        if let Err(error) = snapshot::collect_listener_snapshots(&wal, partition, &[], None).await {
+            warn!(partition = %partition, %error, "cannot delete superseded snapshot epochs");
+        }
         let mark = DurableMark {
             replid: resume.as_ref().map(|p| p.replid.to_string()),
             offset: resume.as_ref().map(|p| p.offset.0).unwrap_or(0),

@@ -20,6 +20,26 @@
 //! older epoch interrupted by the same crash while a newer one was being
 //! written stay behind unreferenced (garbage, never read).
 //!
+//! # Deleting superseded epochs
+//!
+//! Whenever an epoch completes, and at start, the listener deletes the
+//! stored epochs nothing is likely to read again. It keeps
+//! - every epoch being written,
+//! - the latest [`KEPT_COMPLETE_EPOCHS`] other stored epochs (the newest is
+//!   what a fallback snapshot hands out; one more covers a shipper that
+//!   just received the previous one),
+//! - the epoch of the latest snapshot marker of the log while that marker
+//!   is still stored (a drainer resuming before it gets it with its chunks),
+//! - epochs a shipper is sending right now ([`Wal::pin_snapshot`]).
+//!
+//! Deleting is always safe, only sometimes costly: a shipper that finds
+//! the chunks of a logged marker gone sends a fresh fallback snapshot
+//! instead, and one whose fallback epoch vanished mid-transfer fails the
+//! session (the drainer never gets a marker for an incomplete epoch) and
+//! retries with a new snapshot. The collection runs under the epoch
+//! allocator's lock, so an epoch that begins meanwhile is never taken for
+//! an old one.
+//!
 //! # Locating a fallback snapshot (RELAY.md convention 4)
 //!
 //! A fallback snapshot is consistent with the source at (R, X). Once the
@@ -67,6 +87,64 @@ pub struct FallbackSnapshot {
     /// if the log holds none); every entry after it has a source offset >
     /// `offset`, or follows a newer snapshot marker.
     pub marker_log_id: LogId,
+}
+
+/// Complete epochs kept besides those in progress (module doc).
+pub(crate) const KEPT_COMPLETE_EPOCHS: usize = 2;
+
+/// Deletes the epochs of `partition` the module doc's rule does not keep;
+/// returns them. `in_progress` are the epochs being written, `era_start`
+/// the latest marker of the log if known. The caller holds the epoch
+/// allocator's lock (or runs before anything can begin an epoch).
+pub(crate) async fn collect_listener_snapshots(
+    wal: &Wal,
+    partition: PartitionId,
+    in_progress: &[u64],
+    era_start: Option<LogId>,
+) -> Result<Vec<u64>, ListenerError> {
+    let read_wal = wal.clone();
+    let (stored, logged) = tokio::task::spawn_blocking(move || {
+        let stored = read_wal.snapshot_epochs(partition)?;
+        let logged = match era_start {
+            Some(marker_id) => match read_wal.read(
+                partition,
+                marker_id,
+                ReadLimits {
+                    max_entries: 1,
+                    max_bytes: 1,
+                },
+            ) {
+                Ok(entries) => entries.first().and_then(|entry| {
+                    match Record::decode(&entry.payload, RecordLimits::default()) {
+                        Ok(Record::Snapshot(marker)) => Some(marker.epoch),
+                        _ => None,
+                    }
+                }),
+                Err(WalError::Trimmed { .. }) => None,
+                Err(error) => return Err(error),
+            },
+            None => None,
+        };
+        Ok::<_, WalError>((stored, logged))
+    })
+    .await
+    .map_err(|e| ListenerError::Task(e.to_string()))??;
+    let latest: Vec<u64> = stored
+        .iter()
+        .rev()
+        .filter(|epoch| !in_progress.contains(epoch))
+        .take(KEPT_COMPLETE_EPOCHS)
+        .copied()
+        .collect();
+    let deleted = wal
+        .collect_snapshots(partition, |epoch| {
+            in_progress.contains(&epoch) || latest.contains(&epoch) || Some(epoch) == logged
+        })
+        .await?;
+    if !deleted.is_empty() {
+        info!(partition = %partition, epochs = ?deleted, "deleted superseded snapshot epochs");
+    }
+    Ok(deleted)
 }
 
 /// Allocation state of snapshot epochs (see the module doc).
@@ -125,6 +203,16 @@ impl ListenerHandle {
             self.inner.wal.delete_snapshot(partition, epoch).await?;
             if epoch == epochs.last_allocated {
                 epochs.last_failed = true;
+            }
+        }
+        if ok {
+            let era_start = *self.inner.era_start.lock().await;
+            let in_progress = epochs.in_progress.clone();
+            if let Err(error) =
+                collect_listener_snapshots(&self.inner.wal, partition, &in_progress, era_start)
+                    .await
+            {
+                warn!(partition = %partition, %error, "cannot delete superseded snapshot epochs");
             }
         }
         if epochs.in_progress.is_empty() {
@@ -537,6 +625,33 @@ mod tests {
         assert_eq!(search(50, None).marker_log_id, LogId(3));
         // The listener's hint (the latest marker) gives the same answers.
         assert_eq!(search(140, Some(LogId(4))).marker_log_id, LogId(8));
+    }
+
+    #[tokio::test]
+    async fn superseded_epochs_go_the_latest_logged_and_pinned_stay() {
+        let p = PartitionId(0);
+        // Log: a marker of epoch 1 at id 1, then writes.
+        let wal = wal_with(vec![marker(100), write(110), write(120)]).await;
+        for epoch in 1..=6u64 {
+            wal.put_snapshot_chunk(p, epoch, 0, Bytes::from_static(b"rdb"))
+                .await
+                .unwrap();
+        }
+        let pinned = wal.pin_snapshot(p, 2);
+        // 6 is being written; 4 and 5 are the latest complete; 1 is the
+        // logged marker's; 2 is being shipped.
+        let deleted = collect_listener_snapshots(&wal, p, &[6], Some(LogId(1)))
+            .await
+            .unwrap();
+        assert_eq!(deleted, vec![3]);
+        drop(pinned);
+        // Once the marker is trimmed, its epoch goes too.
+        wal.trim(p, LogId(2)).await.unwrap();
+        let deleted = collect_listener_snapshots(&wal, p, &[], Some(LogId(1)))
+            .await
+            .unwrap();
+        assert_eq!(deleted, vec![1, 2, 4]);
+        assert_eq!(wal.snapshot_epochs(p).unwrap(), vec![5, 6]);
     }
 
     #[tokio::test]

@@ -26,9 +26,7 @@ use crate::position::{LogId, PartitionId};
 use crate::record::pb::drainer_server::{Drainer, DrainerServer};
 use crate::record::pb::{self, ship_message, ship_reply};
 use crate::record::SnapshotMarker;
-use crate::wal::{
-    NewEntry, PendingAppend, ReadLimits, SnapshotPhase, SnapshotState, Wal, WalEntry, WalError,
-};
+use crate::wal::{NewEntry, PendingAppend, SnapshotPhase, SnapshotState, Wal, WalError};
 
 /// A listener allowed to ship to this drainer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -679,42 +677,24 @@ impl StreamSession {
             )));
         }
         let wal = &self.service.inner.wal;
-        let previous = self.first_marker_epoch().await?;
         wal.reset_partition(self.partition, log_id, decoded.entry)
             .await?;
         self.durable = log_id;
         self.received = log_id;
         info!(partition = %self.partition, %log_id, epoch = marker.epoch, "snapshot marker stored, log reset");
-        if let Some(previous) = previous.filter(|previous| *previous != marker.epoch) {
-            // The old log is gone, so nothing refers to its snapshot any more.
-            wal.delete_snapshot(self.partition, previous).await?;
+        // The old log is gone, so nothing refers to an older epoch any more
+        // (its marker, if it had one, was the old log's first entry; an
+        // epoch whose marker never came is superseded too). An applier still
+        // loading one fails on the missing chunks and moves on to this
+        // marker.
+        let epoch = marker.epoch;
+        let deleted = wal
+            .collect_snapshots(self.partition, |stored| stored >= epoch)
+            .await?;
+        if !deleted.is_empty() {
+            debug!(epochs = ?deleted, "deleted superseded snapshot epochs");
         }
         Ok(())
-    }
-
-    /// The epoch of the marker the drainer's log starts with, if it does.
-    async fn first_marker_epoch(&self) -> Result<Option<u64>, ShipError> {
-        let wal = self.service.inner.wal.clone();
-        let partition = self.partition;
-        let first = tokio::task::spawn_blocking(move || -> Result<Vec<WalEntry>, WalError> {
-            let Some(first) = wal.first_log_id(partition)? else {
-                return Ok(Vec::new());
-            };
-            let limits = ReadLimits {
-                max_entries: 1,
-                max_bytes: usize::MAX,
-            };
-            match wal.read(partition, first, limits) {
-                Err(WalError::Trimmed { .. }) => Ok(Vec::new()),
-                other => other,
-            }
-        })
-        .await
-        .map_err(|error| ShipError::Wal(WalError::Io(std::io::Error::other(error))))??;
-        Ok(first
-            .first()
-            .and_then(|entry| wire::peek_marker(&entry.payload))
-            .map(|marker| marker.epoch))
     }
 
     async fn chunk(&mut self, chunk: pb::SnapshotChunk) -> Result<(), ShipError> {

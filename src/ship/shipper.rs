@@ -732,6 +732,8 @@ impl ActiveStream<'_> {
         chunks: u64,
         shutdown: &CancellationToken,
     ) -> Result<bool, ShipError> {
+        // The listener's snapshot collection leaves an epoch being sent alone.
+        let _pin = self.shipper.wal.pin_snapshot(self.partition(), epoch);
         let mut seq = 0;
         while seq < chunks {
             let wal = self.shipper.wal.clone();

@@ -104,7 +104,19 @@
 //! An entry is kept until every downstream registered on its partition acked
 //! it, but never longer than `wal-ttl` (by creation time) nor beyond
 //! `partition-size-cap`. Reading below the first available id is
-//! [`WalError::Trimmed`], so the caller can fall back to a snapshot.
+//! [`WalError::Trimmed`], so the caller can fall back to a snapshot. On a
+//! drainer the appliers are the downstreams (they ack what they applied).
+//!
+//! # Snapshot epochs
+//!
+//! Chunks stay until their owner deletes them: [`Wal::collect_snapshots`]
+//! deletes every stored epoch a caller-given rule does not keep, except
+//! those pinned in memory by a reader ([`Wal::pin_snapshot`]). The rules
+//! (listener: epochs in progress, the latest two, the latest logged
+//! marker's; drainer: what the log's first marker or an unfinished load
+//! needs) live in `listener/snapshot.rs` and `apply/mod.rs` and are
+//! summarised in docs/wal.md. Readers treat missing chunks as gone, never
+//! as corruption, so a deletion racing a read costs a retry, not data.
 
 mod codec;
 pub mod config;
@@ -124,7 +136,7 @@ use crate::position::{LogId, PartitionId, ReplOffset};
 pub use config::{WalConfig, WalConfigError};
 pub use rocks::RocksWalStorage;
 pub use storage::{MemWalStorage, StoredPartition, WalStorage, WriteOp};
-pub use writer::{PendingAppend, Wal};
+pub use writer::{PendingAppend, SnapshotPin, Wal};
 
 /// Longest replication id stored (Redis uses 40 hex characters).
 pub const MAX_REPLID_LEN: usize = 64;

@@ -405,6 +405,36 @@ impl WalStorage for RocksWalStorage {
         Ok(chunks)
     }
 
+    fn snapshot_epochs(&self, partition: PartitionId) -> Result<Vec<u64>, WalError> {
+        let Some(cf) = self.cf(&codec::snap_cf_name(partition)) else {
+            return Ok(Vec::new());
+        };
+        // One seek per epoch: jump past every chunk of the epoch just found.
+        let mut iter = self.db.raw_iterator_cf(&cf);
+        let mut epochs = Vec::new();
+        iter.seek(codec::snap_key(0, 0));
+        while iter.valid() {
+            let Some(key) = iter.key() else { break };
+            let epoch_bytes: [u8; 8] = key
+                .get(..8)
+                .and_then(|bytes| bytes.try_into().ok())
+                .ok_or_else(|| WalError::CorruptSnapshot {
+                    partition,
+                    epoch: 0,
+                    seq: 0,
+                    what: format!("snapshot key of {} bytes", key.len()),
+                })?;
+            let epoch = u64::from_be_bytes(epoch_bytes);
+            epochs.push(epoch);
+            let Some(next) = epoch.checked_add(1) else {
+                break;
+            };
+            iter.seek(codec::snap_key(next, 0));
+        }
+        iter.status()?;
+        Ok(epochs)
+    }
+
     fn buffered_bytes(&self) -> Result<u64, WalError> {
         self.memtable_bytes()
     }

@@ -105,6 +105,9 @@ pub trait WalStorage: Send + Sync + 'static {
         max_chunks: usize,
     ) -> Result<Vec<(u64, Bytes)>, WalError>;
 
+    /// Epochs of `partition` that have at least one stored chunk, ascending.
+    fn snapshot_epochs(&self, partition: PartitionId) -> Result<Vec<u64>, WalError>;
+
     /// The stored progress of every partition that has any.
     fn load_progress(&self) -> Result<Vec<StoredPartition>, WalError>;
 
@@ -384,6 +387,17 @@ impl WalStorage for MemWalStorage {
                     })
             })
             .collect()
+    }
+
+    fn snapshot_epochs(&self, partition: PartitionId) -> Result<Vec<u64>, WalError> {
+        let state = self.lock();
+        let mut epochs: Vec<u64> = state
+            .snapshots
+            .get(&partition)
+            .map(|chunks| chunks.keys().map(|(epoch, _)| *epoch).collect())
+            .unwrap_or_default();
+        epochs.dedup();
+        Ok(epochs)
     }
 
     fn load_progress(&self) -> Result<Vec<StoredPartition>, WalError> {

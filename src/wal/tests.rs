@@ -718,6 +718,10 @@ impl WalStorage for BufferedStorage {
             .read_snapshot_chunks(partition, epoch, from_seq, max_chunks)
     }
 
+    fn snapshot_epochs(&self, partition: PartitionId) -> Result<Vec<u64>, WalError> {
+        self.inner.snapshot_epochs(partition)
+    }
+
     fn load_progress(&self) -> Result<Vec<StoredPartition>, WalError> {
         self.inner.load_progress()
     }
@@ -929,6 +933,29 @@ async fn subscribers_wake_after_appends_only() {
             .await
             .unwrap();
         assert!(appended_rx.has_changed().unwrap());
+        // The drainer's paths: queued appends and partition resets.
+        appended_rx.borrow_and_update();
+        let pending = wal
+            .submit_append_at(P1, LogId(3), vec![entry(b"c", 3)])
+            .await
+            .unwrap();
+        pending.await.unwrap();
+        assert!(appended_rx.has_changed().unwrap());
+        appended_rx.borrow_and_update();
+        wal.reset_partition(P1, LogId(10), entry(b"marker", 4))
+            .await
+            .unwrap();
+        assert!(appended_rx.has_changed().unwrap());
+        // Acks, applied marks, trims and snapshot chunks do not wake readers.
+        appended_rx.borrow_and_update();
+        wal.ack(P1, DownstreamId::new("d").unwrap(), LogId(10))
+            .await
+            .unwrap();
+        wal.set_applied(P1, LogId(10)).await.unwrap();
+        wal.put_snapshot_chunk(P1, 1, 0, Bytes::from_static(b"c"))
+            .await
+            .unwrap();
+        assert!(!appended_rx.has_changed().unwrap());
     })
     .await;
 }
@@ -963,6 +990,34 @@ async fn submitted_appends_resolve_in_order_and_a_failure_fails_the_rest() {
         ));
         assert!(after_gap.await.is_err());
         assert_eq!(wal.last_log_id(P1).unwrap(), Some(LogId(3)));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn snapshot_epochs_are_listed_and_collected_except_kept_and_pinned() {
+    on_both(test_config, |wal| async move {
+        for epoch in [2u64, 3, 5, 9] {
+            for seq in 0..3u64 {
+                wal.put_snapshot_chunk(P1, epoch, seq, Bytes::from_static(b"chunk"))
+                    .await
+                    .unwrap();
+            }
+        }
+        wal.put_snapshot_chunk(P2, 4, 0, Bytes::from_static(b"other"))
+            .await
+            .unwrap();
+        assert_eq!(wal.snapshot_epochs(P1).unwrap(), vec![2, 3, 5, 9]);
+        let pin = wal.pin_snapshot(P1, 3);
+        let deleted = wal.collect_snapshots(P1, |epoch| epoch >= 9).await.unwrap();
+        assert_eq!(deleted, vec![2, 5]);
+        assert_eq!(wal.snapshot_epochs(P1).unwrap(), vec![3, 9]);
+        assert_eq!(wal.read_snapshot_chunks(P1, 3, 0, 10).unwrap().len(), 3);
+        drop(pin);
+        let deleted = wal.collect_snapshots(P1, |epoch| epoch >= 9).await.unwrap();
+        assert_eq!(deleted, vec![3]);
+        assert_eq!(wal.snapshot_epochs(P1).unwrap(), vec![9]);
+        assert_eq!(wal.snapshot_epochs(P2).unwrap(), vec![4]);
     })
     .await;
 }

@@ -167,6 +167,31 @@ struct Inner {
     shutdown_tx: watch::Sender<bool>,
     /// Bumped after every committed batch that appended entries.
     appended_tx: Arc<watch::Sender<u64>>,
+    /// Snapshot epochs being read right now ([`Wal::pin_snapshot`]), with
+    /// their reader counts; [`Wal::collect_snapshots`] leaves them alone.
+    pins: Arc<Mutex<HashMap<(PartitionId, u64), usize>>>,
+}
+
+/// Keeps a snapshot epoch from [`Wal::collect_snapshots`] while it lives
+/// (in memory only: a restart forgets every pin, and so do its readers).
+pub struct SnapshotPin {
+    pins: Arc<Mutex<HashMap<(PartitionId, u64), usize>>>,
+    key: (PartitionId, u64),
+}
+
+impl Drop for SnapshotPin {
+    fn drop(&mut self) {
+        let mut pins = self
+            .pins
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        if let Some(count) = pins.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0 {
+                pins.remove(&self.key);
+            }
+        }
+    }
 }
 
 /// An append queued by [`Wal::submit_append_at`]; resolves with its ids
@@ -330,6 +355,7 @@ impl Wal {
             retention: Mutex::new(None),
             shutdown_tx,
             appended_tx,
+            pins: Arc::new(Mutex::new(HashMap::new())),
         });
         let retention_task = tokio::spawn(run_retention(
             Arc::downgrade(&inner),
@@ -591,6 +617,62 @@ impl Wal {
         self.call(Request::DeleteSnapshot { partition, epoch })
             .await
             .map(|_| ())
+    }
+
+    /// Epochs of `partition` with any stored chunk, ascending. Blocking
+    /// (one seek per epoch).
+    pub fn snapshot_epochs(&self, partition: PartitionId) -> Result<Vec<u64>, WalError> {
+        self.inner.storage.snapshot_epochs(partition)
+    }
+
+    /// Marks snapshot `epoch` as being read until the pin is dropped, so
+    /// that [`Wal::collect_snapshots`] keeps it. A pin taken after a
+    /// collection already chose the epoch does not bring it back: readers
+    /// must still treat missing chunks as "gone" (the shipper then falls
+    /// back to a fresh snapshot).
+    pub fn pin_snapshot(&self, partition: PartitionId, epoch: u64) -> SnapshotPin {
+        let key = (partition, epoch);
+        *self
+            .inner
+            .pins
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .entry(key)
+            .or_insert(0) += 1;
+        SnapshotPin {
+            pins: Arc::clone(&self.inner.pins),
+            key,
+        }
+    }
+
+    /// Deletes every stored snapshot epoch of `partition` for which `keep`
+    /// is false, except pinned ones ([`Wal::pin_snapshot`]); returns the
+    /// epochs deleted. The caller owns the rule of what is still needed
+    /// (module doc, "Snapshot epochs").
+    pub async fn collect_snapshots(
+        &self,
+        partition: PartitionId,
+        keep: impl Fn(u64) -> bool,
+    ) -> Result<Vec<u64>, WalError> {
+        let storage = Arc::clone(&self.inner.storage);
+        let stored = tokio::task::spawn_blocking(move || storage.snapshot_epochs(partition))
+            .await
+            .map_err(join_error)??;
+        let doomed: Vec<u64> = {
+            let pins = self
+                .inner
+                .pins
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner());
+            stored
+                .into_iter()
+                .filter(|epoch| !keep(*epoch) && !pins.contains_key(&(partition, *epoch)))
+                .collect()
+        };
+        for epoch in &doomed {
+            self.delete_snapshot(partition, *epoch).await?;
+        }
+        Ok(doomed)
     }
 
     /// Chunks `from_seq..` of snapshot `epoch`, at most `max_chunks`.

@@ -1,0 +1,464 @@
+//! [`NodeStatus`] and [`SyncSelector`] to their protobuf messages and back.
+//!
+//! Both directions are lossless: every field maps to a field of the same
+//! name and type, `Option` to proto3 `optional`. The conversions destructure
+//! the Rust structs without `..`, so a field added to `src/node/status.rs`
+//! without a wire counterpart is a compile error here rather than a silently
+//! dropped column.
+
+use crate::node::{DrainerSide, ListenerSide, NodeStatus, ShipSide, SnapshotLoad, SyncSelector};
+use crate::record::pb;
+
+impl From<NodeStatus> for pb::NodeStatus {
+    fn from(status: NodeStatus) -> Self {
+        let NodeStatus {
+            role,
+            taken_unix_ms,
+            listeners,
+            drainers,
+        } = status;
+        pb::NodeStatus {
+            role,
+            taken_unix_ms,
+            listeners: listeners.into_iter().map(Into::into).collect(),
+            drainers: drainers.into_iter().map(Into::into).collect(),
+        }
+    }
+}
+
+impl From<pb::NodeStatus> for NodeStatus {
+    fn from(status: pb::NodeStatus) -> Self {
+        let pb::NodeStatus {
+            role,
+            taken_unix_ms,
+            listeners,
+            drainers,
+        } = status;
+        NodeStatus {
+            role,
+            taken_unix_ms,
+            listeners: listeners.into_iter().map(Into::into).collect(),
+            drainers: drainers.into_iter().map(Into::into).collect(),
+        }
+    }
+}
+
+impl From<ListenerSide> for pb::ListenerSide {
+    fn from(side: ListenerSide) -> Self {
+        let ListenerSide {
+            listener_id,
+            partition,
+            source,
+            source_state,
+            source_error,
+            replid,
+            received_offset,
+            durable_offset,
+            first_log_id,
+            last_log_id,
+            full_syncs,
+            partial_resyncs,
+            full_sync_bytes_received,
+            full_sync_bytes_total,
+            heartbeat_latency_ms,
+            shipping,
+        } = side;
+        pb::ListenerSide {
+            listener_id,
+            partition,
+            source,
+            source_state,
+            source_error,
+            replid,
+            received_offset,
+            durable_offset,
+            first_log_id,
+            last_log_id,
+            full_syncs,
+            partial_resyncs,
+            full_sync_bytes_received,
+            full_sync_bytes_total,
+            heartbeat_latency_ms,
+            shipping: shipping.into_iter().map(Into::into).collect(),
+        }
+    }
+}
+
+impl From<pb::ListenerSide> for ListenerSide {
+    fn from(side: pb::ListenerSide) -> Self {
+        let pb::ListenerSide {
+            listener_id,
+            partition,
+            source,
+            source_state,
+            source_error,
+            replid,
+            received_offset,
+            durable_offset,
+            first_log_id,
+            last_log_id,
+            full_syncs,
+            partial_resyncs,
+            full_sync_bytes_received,
+            full_sync_bytes_total,
+            heartbeat_latency_ms,
+            shipping,
+        } = side;
+        ListenerSide {
+            listener_id,
+            partition,
+            source,
+            source_state,
+            source_error,
+            replid,
+            received_offset,
+            durable_offset,
+            first_log_id,
+            last_log_id,
+            full_syncs,
+            partial_resyncs,
+            full_sync_bytes_received,
+            full_sync_bytes_total,
+            heartbeat_latency_ms,
+            shipping: shipping.into_iter().map(Into::into).collect(),
+        }
+    }
+}
+
+impl From<ShipSide> for pb::ShipSide {
+    fn from(side: ShipSide) -> Self {
+        let ShipSide {
+            drainer_id,
+            endpoint,
+            state,
+            acked,
+            lag,
+            latency_ms,
+            fallback_snapshots,
+            entries_sent,
+            bytes_sent,
+            last_error,
+        } = side;
+        pb::ShipSide {
+            drainer_id,
+            endpoint,
+            state,
+            acked,
+            lag,
+            latency_ms,
+            fallback_snapshots,
+            entries_sent,
+            bytes_sent,
+            last_error,
+        }
+    }
+}
+
+impl From<pb::ShipSide> for ShipSide {
+    fn from(side: pb::ShipSide) -> Self {
+        let pb::ShipSide {
+            drainer_id,
+            endpoint,
+            state,
+            acked,
+            lag,
+            latency_ms,
+            fallback_snapshots,
+            entries_sent,
+            bytes_sent,
+            last_error,
+        } = side;
+        ShipSide {
+            drainer_id,
+            endpoint,
+            state,
+            acked,
+            lag,
+            latency_ms,
+            fallback_snapshots,
+            entries_sent,
+            bytes_sent,
+            last_error,
+        }
+    }
+}
+
+impl From<DrainerSide> for pb::DrainerSide {
+    fn from(side: DrainerSide) -> Self {
+        let DrainerSide {
+            drainer_id,
+            partition,
+            target,
+            state,
+            last_error,
+            connected_listener,
+            durable,
+            applied,
+            lag,
+            latency_ms,
+            epoch,
+            commands_applied,
+            commands_refused,
+            snapshot_load,
+        } = side;
+        pb::DrainerSide {
+            drainer_id,
+            partition,
+            target,
+            state,
+            last_error,
+            connected_listener,
+            durable,
+            applied,
+            lag,
+            latency_ms,
+            epoch,
+            commands_applied,
+            commands_refused,
+            snapshot_load: snapshot_load.map(Into::into),
+        }
+    }
+}
+
+impl From<pb::DrainerSide> for DrainerSide {
+    fn from(side: pb::DrainerSide) -> Self {
+        let pb::DrainerSide {
+            drainer_id,
+            partition,
+            target,
+            state,
+            last_error,
+            connected_listener,
+            durable,
+            applied,
+            lag,
+            latency_ms,
+            epoch,
+            commands_applied,
+            commands_refused,
+            snapshot_load,
+        } = side;
+        DrainerSide {
+            drainer_id,
+            partition,
+            target,
+            state,
+            last_error,
+            connected_listener,
+            durable,
+            applied,
+            lag,
+            latency_ms,
+            epoch,
+            commands_applied,
+            commands_refused,
+            snapshot_load: snapshot_load.map(Into::into),
+        }
+    }
+}
+
+impl From<SnapshotLoad> for pb::SnapshotLoad {
+    fn from(load: SnapshotLoad) -> Self {
+        let SnapshotLoad {
+            epoch,
+            rdb_bytes,
+            bytes_loaded,
+            keys_loaded,
+            done,
+        } = load;
+        pb::SnapshotLoad {
+            epoch,
+            rdb_bytes,
+            bytes_loaded,
+            keys_loaded,
+            done,
+        }
+    }
+}
+
+impl From<pb::SnapshotLoad> for SnapshotLoad {
+    fn from(load: pb::SnapshotLoad) -> Self {
+        let pb::SnapshotLoad {
+            epoch,
+            rdb_bytes,
+            bytes_loaded,
+            keys_loaded,
+            done,
+        } = load;
+        SnapshotLoad {
+            epoch,
+            rdb_bytes,
+            bytes_loaded,
+            keys_loaded,
+            done,
+        }
+    }
+}
+
+impl From<SyncSelector> for pb::SyncSelector {
+    fn from(selector: SyncSelector) -> Self {
+        let SyncSelector {
+            partition,
+            drainer_id,
+        } = selector;
+        pb::SyncSelector {
+            partition,
+            drainer_id,
+        }
+    }
+}
+
+impl From<pb::SyncSelector> for SyncSelector {
+    fn from(selector: pb::SyncSelector) -> Self {
+        let pb::SyncSelector {
+            partition,
+            drainer_id,
+        } = selector;
+        SyncSelector {
+            partition,
+            drainer_id,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    use super::*;
+
+    /// A status with every field set to a distinct non-default value, and
+    /// every `Option` both ways across the rows.
+    fn full_status() -> NodeStatus {
+        NodeStatus {
+            role: "sync".into(),
+            taken_unix_ms: 1_700_000_000_123,
+            listeners: vec![
+                ListenerSide {
+                    listener_id: "l1".into(),
+                    partition: 3,
+                    source: "127.0.0.1:6379".into(),
+                    source_state: "FULL_SYNC".into(),
+                    source_error: Some("connection reset".into()),
+                    replid: Some("8f3c".repeat(10)),
+                    received_offset: 11,
+                    durable_offset: 10,
+                    first_log_id: 2,
+                    last_log_id: 9,
+                    full_syncs: 4,
+                    partial_resyncs: 5,
+                    full_sync_bytes_received: 6,
+                    full_sync_bytes_total: Some(7),
+                    heartbeat_latency_ms: Some(8),
+                    shipping: vec![
+                        ShipSide {
+                            drainer_id: "d1".into(),
+                            endpoint: "http://127.0.0.1:9000".into(),
+                            state: "STOPPED".into(),
+                            acked: 12,
+                            lag: 13,
+                            latency_ms: 14,
+                            fallback_snapshots: 15,
+                            entries_sent: 16,
+                            bytes_sent: 17,
+                            last_error: Some("refused".into()),
+                        },
+                        ShipSide {
+                            drainer_id: "d2".into(),
+                            state: "ONLINE".into(),
+                            last_error: None,
+                            ..ShipSide::default()
+                        },
+                    ],
+                },
+                ListenerSide {
+                    listener_id: "l1".into(),
+                    partition: u32::MAX,
+                    received_offset: u64::MAX,
+                    source_error: None,
+                    replid: None,
+                    full_sync_bytes_total: None,
+                    heartbeat_latency_ms: None,
+                    ..ListenerSide::default()
+                },
+            ],
+            drainers: vec![
+                DrainerSide {
+                    drainer_id: "d1".into(),
+                    partition: 3,
+                    target: "127.0.0.1:6380".into(),
+                    state: "OFFLINE".into(),
+                    last_error: Some("READONLY".into()),
+                    connected_listener: Some("l1".into()),
+                    durable: 21,
+                    applied: 20,
+                    lag: 1,
+                    latency_ms: 22,
+                    epoch: 23,
+                    commands_applied: 24,
+                    commands_refused: 25,
+                    snapshot_load: Some(SnapshotLoad {
+                        epoch: 23,
+                        rdb_bytes: 26,
+                        bytes_loaded: 27,
+                        keys_loaded: 28,
+                        done: true,
+                    }),
+                },
+                DrainerSide {
+                    drainer_id: "d1".into(),
+                    partition: 0,
+                    last_error: None,
+                    connected_listener: None,
+                    snapshot_load: None,
+                    ..DrainerSide::default()
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn status_round_trips_through_protobuf_bytes() {
+        let status = full_status();
+        let wire = pb::NodeStatus::from(status.clone()).encode_to_vec();
+        let decoded = pb::NodeStatus::decode(wire.as_slice()).unwrap();
+        assert_eq!(NodeStatus::from(decoded), status);
+    }
+
+    #[test]
+    fn optional_fields_stay_distinct_from_defaults() {
+        // `Some(0)` / `Some("")` must not collapse into `None` on the wire.
+        let mut status = full_status();
+        status.listeners[0].full_sync_bytes_total = Some(0);
+        status.listeners[0].replid = Some(String::new());
+        status.drainers[0].snapshot_load = Some(SnapshotLoad::default());
+        let wire = pb::NodeStatus::from(status.clone()).encode_to_vec();
+        let back = NodeStatus::from(pb::NodeStatus::decode(wire.as_slice()).unwrap());
+        assert_eq!(back, status);
+        assert_eq!(back.listeners[0].full_sync_bytes_total, Some(0));
+        assert_eq!(back.listeners[1].full_sync_bytes_total, None);
+    }
+
+    #[test]
+    fn selector_round_trips() {
+        for selector in [
+            SyncSelector::default(),
+            SyncSelector {
+                partition: Some(0),
+                drainer_id: None,
+            },
+            SyncSelector {
+                partition: None,
+                drainer_id: Some(String::new()),
+            },
+            SyncSelector {
+                partition: Some(7),
+                drainer_id: Some("d1".into()),
+            },
+        ] {
+            let wire = pb::SyncSelector::from(selector.clone()).encode_to_vec();
+            let back = SyncSelector::from(pb::SyncSelector::decode(wire.as_slice()).unwrap());
+            assert_eq!(back, selector);
+        }
+    }
+}

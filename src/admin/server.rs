@@ -1,0 +1,145 @@
+//! [`AdminService`]: the server end of the `Admin` gRPC service, answering
+//! from a [`NodeControl`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+use tracing::{debug, info};
+
+use super::{AdminError, MAX_MESSAGE_BYTES, MAX_REQUEST_BYTES};
+use crate::node::{ControlError, NodeControl, SyncSelector};
+use crate::record::pb;
+use crate::record::pb::admin_server::{Admin, AdminServer};
+
+/// How long a graceful shutdown waits for open admin connections before
+/// dropping them: admin calls are short, a client that holds a connection
+/// longer must not hold the process's exit.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// Longest time the server spends on one call.
+const SERVER_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The admin service of one process.
+#[derive(Clone)]
+pub struct AdminService {
+    node: Arc<dyn NodeControl>,
+}
+
+impl AdminService {
+    pub fn new(node: Arc<dyn NodeControl>) -> AdminService {
+        AdminService { node }
+    }
+
+    /// The tonic service with the admin API's message size limits.
+    pub fn into_server(self) -> AdminServer<AdminService> {
+        AdminServer::new(self)
+            .max_decoding_message_size(MAX_REQUEST_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    /// Runs a control request on a blocking thread (a node may persist the
+    /// stopped state before answering).
+    async fn control(
+        &self,
+        request: pb::SyncControlRequest,
+        verb: &'static str,
+        apply: fn(&dyn NodeControl, &SyncSelector) -> Result<usize, ControlError>,
+    ) -> Result<Response<pb::SyncControlReply>, Status> {
+        let selector: SyncSelector = request.selector.map(Into::into).unwrap_or_default();
+        let node = Arc::clone(&self.node);
+        let which = selector.clone();
+        let changed = tokio::task::spawn_blocking(move || apply(node.as_ref(), &which))
+            .await
+            .map_err(|error| Status::internal(format!("{verb} panicked: {error}")))?
+            .map_err(control_error_status)?;
+        info!(
+            partition = ?selector.partition,
+            drainer = ?selector.drainer_id,
+            changed,
+            "{verb}"
+        );
+        Ok(Response::new(pb::SyncControlReply {
+            changed: u32::try_from(changed).unwrap_or(u32::MAX),
+        }))
+    }
+}
+
+/// The one place a [`ControlError`] becomes a gRPC status.
+pub fn control_error_status(error: ControlError) -> Status {
+    let message = error.to_string();
+    match error {
+        ControlError::NoListener(_) => Status::failed_precondition(message),
+        ControlError::NoMatch { .. } => Status::not_found(message),
+        ControlError::Failed(_) => Status::internal(message),
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn status(
+        &self,
+        _request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusReply>, Status> {
+        let node = Arc::clone(&self.node);
+        // `status()` may do point reads of the WAL.
+        let status = tokio::task::spawn_blocking(move || node.status())
+            .await
+            .map_err(|error| Status::internal(format!("status panicked: {error}")))?;
+        Ok(Response::new(pb::StatusReply {
+            status: Some(status.into()),
+        }))
+    }
+
+    async fn stop_sync(
+        &self,
+        request: Request<pb::SyncControlRequest>,
+    ) -> Result<Response<pb::SyncControlReply>, Status> {
+        self.control(request.into_inner(), "stop-sync", |node, which| {
+            node.stop_sync(which)
+        })
+        .await
+    }
+
+    async fn restart_sync(
+        &self,
+        request: Request<pb::SyncControlRequest>,
+    ) -> Result<Response<pb::SyncControlReply>, Status> {
+        self.control(request.into_inner(), "restart-sync", |node, which| {
+            node.restart_sync(which)
+        })
+        .await
+    }
+}
+
+/// Serves the admin API of `node` on `listener` until `shutdown` fires.
+///
+/// The caller binds the listener (so it can write the address file with
+/// [`write_addr_file`](super::write_addr_file) once it knows the port).
+pub async fn serve_admin(
+    listener: tokio::net::TcpListener,
+    node: Arc<dyn NodeControl>,
+    shutdown: CancellationToken,
+) -> Result<(), AdminError> {
+    let local: Option<SocketAddr> = listener.local_addr().ok();
+    let incoming = tonic::transport::server::TcpIncoming::from_listener(listener, true, None)
+        .map_err(|error| AdminError::Serve(format!("listening socket: {error}")))?;
+    let server = tonic::transport::Server::builder()
+        .timeout(SERVER_REQUEST_TIMEOUT)
+        .add_service(AdminService::new(node).into_server())
+        .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
+    debug!(addr = ?local, "admin API serving");
+    tokio::pin!(server);
+    let grace_over = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::select! {
+        served = &mut server => {
+            served.map_err(|error| AdminError::Serve(format!("serving: {}", super::error_chain(&error))))
+        }
+        // Dropping the server closes the connections still open.
+        _ = grace_over => Ok(()),
+    }
+}

@@ -1,0 +1,793 @@
+//! `ferry status`, `ferry stop-sync` and `ferry restart-sync`: the admin
+//! API's client verbs.
+//!
+//! In: the address of a running ferry process (`--admin ADDR`, or
+//! `--data-dir DIR` whose `admin.addr` the process wrote; default
+//! [`DEFAULT_ADMIN_ADDR`]). Out: on stdout, the process's status as two
+//! tables in the style of NebulaGraph's `SHOW SYNC STATUS` /
+//! `SHOW DRAINER SYNC STATUS` ([`render_status`]) or as one JSON object per
+//! reading (`--json`: the serde form of [`NodeStatus`], field names as in
+//! `src/node/status.rs`); for the control verbs, how many shippers changed.
+//!
+//! `--watch SECS` repeats the reading; on a terminal it redraws the screen
+//! and shows full-sync progress as bars, elsewhere it appends plain
+//! readings (JSON: one object per line). A failed reading while watching is
+//! printed and retried at the next tick; without `--watch` it is the verb's
+//! error (non-zero exit).
+
+use std::fmt::Write as _;
+use std::io::{self, IsTerminal, Write as _};
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use clap::Args;
+
+use crate::admin::{self, AdminError, DEFAULT_ADMIN_ADDR};
+use crate::node::{DrainerSide, ListenerSide, NodeStatus, SyncSelector};
+
+/// Which process to talk to.
+#[derive(Debug, Clone, Default, Args)]
+pub struct AdminTarget {
+    /// Admin API address of the ferry process, HOST:PORT [default: 127.0.0.1:7390].
+    #[arg(long, value_name = "ADDR", conflicts_with = "data_dir")]
+    pub admin: Option<String>,
+    /// Data dir of the ferry process: its admin address is read from DIR/admin.addr.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+impl AdminTarget {
+    /// The `HOST:PORT` to connect to.
+    pub fn resolve(&self) -> Result<String, AdminError> {
+        match (&self.admin, &self.data_dir) {
+            (Some(addr), _) => Ok(addr.clone()),
+            (None, Some(dir)) => Ok(admin::read_addr_file(dir)?.to_string()),
+            (None, None) => Ok(DEFAULT_ADMIN_ADDR.to_string()),
+        }
+    }
+}
+
+/// `ferry status` arguments.
+#[derive(Debug, Clone, Default, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub target: AdminTarget,
+    /// Print the status as one JSON object (one per line with --watch).
+    #[arg(long)]
+    pub json: bool,
+    /// Repeat every SECS seconds (fractions allowed) until interrupted.
+    #[arg(long, value_name = "SECS", value_parser = parse_interval)]
+    pub watch: Option<Duration>,
+}
+
+/// `ferry stop-sync` / `ferry restart-sync` arguments.
+#[derive(Debug, Clone, Default, Args)]
+pub struct SyncControlArgs {
+    #[command(flatten)]
+    pub target: AdminTarget,
+    /// Only this listener partition [default: every partition].
+    #[arg(long, value_name = "N")]
+    pub partition: Option<u32>,
+    /// Only the shipper to this drainer id [default: every drainer].
+    #[arg(long = "drainer", value_name = "ID")]
+    pub drainer: Option<String>,
+}
+
+impl SyncControlArgs {
+    pub fn selector(&self) -> SyncSelector {
+        SyncSelector {
+            partition: self.partition,
+            drainer_id: self.drainer.clone(),
+        }
+    }
+}
+
+/// Why a status or control verb failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusCommandError {
+    #[error(transparent)]
+    Admin(#[from] AdminError),
+    #[error("cannot write to stdout: {0}")]
+    Output(#[source] io::Error),
+    #[error("cannot encode the status as JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(#[source] io::Error),
+}
+
+/// How [`render_status`] draws progress.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RenderStyle {
+    /// Draw `[#####.....] 42%` bars for full syncs in progress.
+    pub progress_bars: bool,
+}
+
+/// Parses `--watch`: positive seconds, fractions allowed, at least 0.1.
+pub fn parse_interval(text: &str) -> Result<Duration, String> {
+    let secs: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    if !secs.is_finite() || !(0.1..=86_400.0).contains(&secs) {
+        return Err(format!(
+            "{text:?}: the interval must be 0.1 to 86400 seconds"
+        ));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// `ferry status`.
+pub fn status(args: &StatusArgs) -> Result<(), StatusCommandError> {
+    let runtime = runtime()?;
+    match args.watch {
+        None => {
+            let status = runtime.block_on(fetch(&args.target))?;
+            let text = if args.json {
+                serde_json::to_string(&status)? + "\n"
+            } else {
+                let style = RenderStyle::default();
+                render_status(&status, unix_ms(), style)
+            };
+            write_stdout(&text)
+        }
+        Some(interval) => runtime.block_on(watch(args, interval)),
+    }
+}
+
+/// `ferry stop-sync`.
+pub fn stop_sync(args: &SyncControlArgs) -> Result<(), StatusCommandError> {
+    let selector = args.selector();
+    let changed = runtime()?.block_on(async {
+        let addr = args.target.resolve()?;
+        admin::stop_sync(&addr, &selector).await
+    })?;
+    write_stdout(&control_summary("stopped", changed, &selector))
+}
+
+/// `ferry restart-sync`.
+pub fn restart_sync(args: &SyncControlArgs) -> Result<(), StatusCommandError> {
+    let selector = args.selector();
+    let changed = runtime()?.block_on(async {
+        let addr = args.target.resolve()?;
+        admin::restart_sync(&addr, &selector).await
+    })?;
+    write_stdout(&control_summary("restarted", changed, &selector))
+}
+
+fn control_summary(done: &str, changed: u32, selector: &SyncSelector) -> String {
+    let noun = if changed == 1 { "shipper" } else { "shippers" };
+    let mut which = String::new();
+    if let Some(partition) = selector.partition {
+        let _ = write!(which, " partition {partition}");
+    }
+    if let Some(drainer) = &selector.drainer_id {
+        let _ = write!(which, " drainer {}", clean(drainer));
+    }
+    if which.is_empty() {
+        which.push_str(" all");
+    }
+    format!("{done} {changed} {noun} (selected:{which})\n")
+}
+
+async fn fetch(target: &AdminTarget) -> Result<NodeStatus, AdminError> {
+    let addr = target.resolve()?;
+    admin::fetch_status(&addr).await
+}
+
+async fn watch(args: &StatusArgs, interval: Duration) -> Result<(), StatusCommandError> {
+    let redraw = io::stdout().is_terminal() && !args.json;
+    let style = RenderStyle {
+        progress_bars: redraw,
+    };
+    loop {
+        // The address is resolved on every tick: a restarted process may
+        // have written a new one into its data dir.
+        let reading = fetch(&args.target).await;
+        let now = unix_ms();
+        let text = match (&reading, args.json) {
+            (Ok(status), true) => serde_json::to_string(status)? + "\n",
+            (Ok(status), false) => render_status(status, now, style),
+            (Err(error), true) => {
+                eprintln!("error: {error}");
+                String::new()
+            }
+            (Err(error), false) => format!("error: {error}\n"),
+        };
+        if redraw {
+            // Home the cursor and clear the screen, then the new reading.
+            write_stdout(&format!(
+                "\x1b[H\x1b[2Jevery {:.1} s (Ctrl-C to stop)\n\n{text}",
+                interval.as_secs_f64()
+            ))?;
+        } else if args.json {
+            write_stdout(&text)?;
+        } else {
+            write_stdout(&format!("{text}\n"))?;
+        }
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
+fn write_stdout(text: &str) -> Result<(), StatusCommandError> {
+    let mut out = io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        // `ferry status | head` is not a failure of ferry.
+        Err(error) if error.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.map_err(StatusCommandError::Output),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, StatusCommandError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(StatusCommandError::Runtime)
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| {
+            u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
+        })
+}
+
+/// The status as text: a heading, then the listener → drainer section and
+/// the drainer → target section, each with one line per partition (link
+/// state, positions, full-sync progress), a table in the style of
+/// NebulaGraph's `SHOW SYNC STATUS`, and the errors last. `now_unix_ms`
+/// only dates the reading. Strings from the node are shown with control
+/// characters escaped, so a hostile status cannot drive the terminal.
+pub fn render_status(status: &NodeStatus, now_unix_ms: u64, style: RenderStyle) -> String {
+    let mut out = String::new();
+    let role = if status.role.is_empty() {
+        "unknown".to_string()
+    } else {
+        clean(&status.role)
+    };
+    let age = now_unix_ms.saturating_sub(status.taken_unix_ms);
+    let _ = writeln!(out, "ferry {role}: status taken {age} ms ago");
+    out.push('\n');
+    render_listeners(&mut out, &status.listeners, style);
+    out.push('\n');
+    render_drainers(&mut out, &status.drainers, style);
+    out
+}
+
+fn render_listeners(out: &mut String, listeners: &[ListenerSide], style: RenderStyle) {
+    out.push_str("Listener → drainer\n");
+    if listeners.is_empty() {
+        out.push_str("  (no listener in this process)\n");
+        return;
+    }
+    let mut rows = Vec::new();
+    let mut errors = Vec::new();
+    for side in listeners {
+        let part = side.partition;
+        let mut line = format!(
+            "  part {part} (listener {}): source {} {}",
+            clean(&side.listener_id),
+            clean(&side.source),
+            clean(&side.source_state)
+        );
+        if let Some(replid) = &side.replid {
+            let _ = write!(line, ", replid {}", clean(replid));
+        }
+        let _ = write!(
+            line,
+            ", durable offset {} (received {}), log ids {}..{}, full syncs {}, partial resyncs {}",
+            side.durable_offset,
+            side.received_offset,
+            side.first_log_id,
+            side.last_log_id,
+            side.full_syncs,
+            side.partial_resyncs
+        );
+        if let Some(latency) = side.heartbeat_latency_ms {
+            let _ = write!(line, ", heartbeat {latency} ms");
+        }
+        out.push_str(&line);
+        out.push('\n');
+        if side.source_state == "FULL_SYNC" {
+            let received = side.full_sync_bytes_received;
+            let progress = match side.full_sync_bytes_total {
+                Some(total) => format!(
+                    "{}{} of {} MiB received",
+                    bar(style, received, total),
+                    mib(received),
+                    mib(total)
+                ),
+                None => format!("{} MiB received", mib(received)),
+            };
+            let _ = writeln!(out, "  part {part}: full sync: {progress}");
+        }
+        if let Some(error) = &side.source_error {
+            errors.push(format!("  part {part}: source error: {}", clean(error)));
+        }
+        for ship in &side.shipping {
+            rows.push(vec![
+                part.to_string(),
+                clean(&ship.drainer_id),
+                clean(&ship.state),
+                ship.lag.to_string(),
+                ship.latency_ms.to_string(),
+                ship.acked.to_string(),
+                ship.fallback_snapshots.to_string(),
+            ]);
+            if let Some(error) = &ship.last_error {
+                errors.push(format!(
+                    "  part {part} → {} ({}): last error: {}",
+                    clean(&ship.drainer_id),
+                    clean(&ship.endpoint),
+                    clean(error)
+                ));
+            }
+        }
+    }
+    if rows.is_empty() {
+        out.push_str("  (no drainer configured)\n");
+    } else {
+        table(
+            out,
+            &[
+                "PartId",
+                "Drainer",
+                "Sync Status",
+                "LogId Lag",
+                "Time Latency (ms)",
+                "Acked",
+                "Fallback Snapshots",
+            ],
+            &rows,
+        );
+    }
+    for error in errors {
+        out.push_str(&error);
+        out.push('\n');
+    }
+}
+
+fn render_drainers(out: &mut String, drainers: &[DrainerSide], style: RenderStyle) {
+    out.push_str("Drainer → target\n");
+    if drainers.is_empty() {
+        out.push_str("  (no drainer in this process)\n");
+        return;
+    }
+    let mut rows = Vec::new();
+    let mut errors = Vec::new();
+    for side in drainers {
+        let part = side.partition;
+        let listener = match &side.connected_listener {
+            Some(listener) => format!("listener {} connected", clean(listener)),
+            None => "no listener connected".to_string(),
+        };
+        let _ = writeln!(
+            out,
+            "  part {part} (drainer {}): {listener}, durable {}, commands applied {}, refused {}",
+            clean(&side.drainer_id),
+            side.durable,
+            side.commands_applied,
+            side.commands_refused
+        );
+        if let Some(load) = side.snapshot_load.as_ref().filter(|load| !load.done) {
+            let _ = writeln!(
+                out,
+                "  part {part}: loading snapshot epoch {}: {}{} of {} MiB, {} keys",
+                load.epoch,
+                bar(style, load.bytes_loaded, load.rdb_bytes),
+                mib(load.bytes_loaded),
+                mib(load.rdb_bytes),
+                load.keys_loaded
+            );
+        }
+        rows.push(vec![
+            part.to_string(),
+            clean(&side.target),
+            clean(&side.state),
+            side.lag.to_string(),
+            side.latency_ms.to_string(),
+            side.applied.to_string(),
+            side.epoch.to_string(),
+        ]);
+        if let Some(error) = &side.last_error {
+            errors.push(format!(
+                "  part {part} → {}: last error: {}",
+                clean(&side.target),
+                clean(error)
+            ));
+        }
+    }
+    table(
+        out,
+        &[
+            "PartId",
+            "Target",
+            "Sync Status",
+            "LogId Lag",
+            "Time Latency (ms)",
+            "Applied",
+            "Epoch",
+        ],
+        &rows,
+    );
+    for error in errors {
+        out.push_str(&error);
+        out.push('\n');
+    }
+}
+
+/// A bordered table, every cell left-aligned (NebulaGraph's console style).
+fn table(out: &mut String, headers: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut rule = String::from("+");
+    for width in &widths {
+        rule.push_str(&"-".repeat(width + 2));
+        rule.push('+');
+    }
+    rule.push('\n');
+    let line = |out: &mut String, cells: &mut dyn Iterator<Item = &str>| {
+        out.push('|');
+        for (cell, width) in cells.zip(&widths) {
+            let pad = width - cell.chars().count();
+            let _ = write!(out, " {cell}{} |", " ".repeat(pad));
+        }
+        out.push('\n');
+    };
+    out.push_str(&rule);
+    line(out, &mut headers.iter().copied());
+    out.push_str(&rule);
+    for row in rows {
+        line(out, &mut row.iter().map(String::as_str));
+    }
+    out.push_str(&rule);
+}
+
+/// `[########............]  42% ` when bars are on and the total is known.
+fn bar(style: RenderStyle, done: u64, total: u64) -> String {
+    const WIDTH: u64 = 20;
+    if !style.progress_bars || total == 0 {
+        return String::new();
+    }
+    let percent = (u128::from(done) * 100 / u128::from(total)).min(100) as u64;
+    let filled = (percent * WIDTH / 100) as usize;
+    format!(
+        "[{}{}] {percent:>3}% ",
+        "#".repeat(filled),
+        ".".repeat(WIDTH as usize - filled)
+    )
+}
+
+/// Bytes as MiB with one decimal.
+fn mib(bytes: u64) -> String {
+    format!("{:.1}", bytes as f64 / (1024.0 * 1024.0))
+}
+
+/// `text` with control characters escaped (`\u{1b}`), everything else as is.
+fn clean(text: &str) -> String {
+    let mut cleaned = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            cleaned.extend(c.escape_default());
+        } else {
+            cleaned.push(c);
+        }
+    }
+    cleaned
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::{ShipSide, SnapshotLoad};
+
+    const NOW: u64 = 1_700_000_000_250;
+
+    fn online() -> NodeStatus {
+        NodeStatus {
+            role: "sync".into(),
+            taken_unix_ms: NOW - 12,
+            listeners: vec![ListenerSide {
+                listener_id: "l1".into(),
+                partition: 0,
+                source: "127.0.0.1:6379".into(),
+                source_state: "ONLINE".into(),
+                source_error: None,
+                replid: Some("5f1c0e3b9d2a47e8a1b6c0d9e8f7a6b5c4d3e2f1".into()),
+                received_offset: 1300,
+                durable_offset: 1234,
+                first_log_id: 1,
+                last_log_id: 57,
+                full_syncs: 1,
+                partial_resyncs: 2,
+                full_sync_bytes_received: 4096,
+                full_sync_bytes_total: Some(4096),
+                heartbeat_latency_ms: Some(3),
+                shipping: vec![ShipSide {
+                    drainer_id: "d1".into(),
+                    endpoint: "http://127.0.0.1:9000".into(),
+                    state: "ONLINE".into(),
+                    acked: 57,
+                    lag: 0,
+                    latency_ms: 0,
+                    fallback_snapshots: 0,
+                    entries_sent: 57,
+                    bytes_sent: 9000,
+                    last_error: None,
+                }],
+            }],
+            drainers: vec![DrainerSide {
+                drainer_id: "d1".into(),
+                partition: 0,
+                target: "127.0.0.1:6380".into(),
+                state: "ONLINE".into(),
+                last_error: None,
+                connected_listener: Some("l1".into()),
+                durable: 57,
+                applied: 57,
+                lag: 0,
+                latency_ms: 0,
+                epoch: 1,
+                commands_applied: 1000,
+                commands_refused: 0,
+                snapshot_load: Some(SnapshotLoad {
+                    epoch: 1,
+                    rdb_bytes: 4096,
+                    bytes_loaded: 4096,
+                    keys_loaded: 10,
+                    done: true,
+                }),
+            }],
+        }
+    }
+
+    #[test]
+    fn renders_an_online_sync_node() {
+        let expected = "\
+ferry sync: status taken 12 ms ago
+
+Listener → drainer
+  part 0 (listener l1): source 127.0.0.1:6379 ONLINE, replid 5f1c0e3b9d2a47e8a1b6c0d9e8f7a6b5c4d3e2f1, durable offset 1234 (received 1300), log ids 1..57, full syncs 1, partial resyncs 2, heartbeat 3 ms
++--------+---------+-------------+-----------+-------------------+-------+--------------------+
+| PartId | Drainer | Sync Status | LogId Lag | Time Latency (ms) | Acked | Fallback Snapshots |
++--------+---------+-------------+-----------+-------------------+-------+--------------------+
+| 0      | d1      | ONLINE      | 0         | 0                 | 57    | 0                  |
++--------+---------+-------------+-----------+-------------------+-------+--------------------+
+
+Drainer → target
+  part 0 (drainer d1): listener l1 connected, durable 57, commands applied 1000, refused 0
++--------+----------------+-------------+-----------+-------------------+---------+-------+
+| PartId | Target         | Sync Status | LogId Lag | Time Latency (ms) | Applied | Epoch |
++--------+----------------+-------------+-----------+-------------------+---------+-------+
+| 0      | 127.0.0.1:6380 | ONLINE      | 0         | 0                 | 57      | 1     |
++--------+----------------+-------------+-----------+-------------------+---------+-------+
+";
+        assert_eq!(
+            render_status(&online(), NOW, RenderStyle::default()),
+            expected
+        );
+    }
+
+    #[test]
+    fn renders_offline_links_with_their_errors() {
+        let mut status = online();
+        let listener = &mut status.listeners[0];
+        listener.source_state = "OFFLINE".into();
+        listener.source_error = Some("connection refused".into());
+        listener.heartbeat_latency_ms = None;
+        listener.replid = None;
+        let ship = &mut listener.shipping[0];
+        ship.state = "OFFLINE".into();
+        ship.lag = 1523;
+        ship.latency_ms = 48213;
+        ship.acked = 40;
+        ship.last_error = Some("transport error: connection refused".into());
+        let drainer = &mut status.drainers[0];
+        drainer.state = "OFFLINE".into();
+        drainer.connected_listener = None;
+        drainer.durable = 40;
+        drainer.applied = 31;
+        drainer.lag = 9;
+        drainer.latency_ms = 7001;
+        drainer.last_error = Some("MISCONF \x1b[2Jdisk full".into());
+        let expected = "\
+ferry sync: status taken 12 ms ago
+
+Listener → drainer
+  part 0 (listener l1): source 127.0.0.1:6379 OFFLINE, durable offset 1234 (received 1300), log ids 1..57, full syncs 1, partial resyncs 2
++--------+---------+-------------+-----------+-------------------+-------+--------------------+
+| PartId | Drainer | Sync Status | LogId Lag | Time Latency (ms) | Acked | Fallback Snapshots |
++--------+---------+-------------+-----------+-------------------+-------+--------------------+
+| 0      | d1      | OFFLINE     | 1523      | 48213             | 40    | 0                  |
++--------+---------+-------------+-----------+-------------------+-------+--------------------+
+  part 0: source error: connection refused
+  part 0 → d1 (http://127.0.0.1:9000): last error: transport error: connection refused
+
+Drainer → target
+  part 0 (drainer d1): no listener connected, durable 40, commands applied 1000, refused 0
++--------+----------------+-------------+-----------+-------------------+---------+-------+
+| PartId | Target         | Sync Status | LogId Lag | Time Latency (ms) | Applied | Epoch |
++--------+----------------+-------------+-----------+-------------------+---------+-------+
+| 0      | 127.0.0.1:6380 | OFFLINE     | 9         | 7001              | 31      | 1     |
++--------+----------------+-------------+-----------+-------------------+---------+-------+
+  part 0 → 127.0.0.1:6380: last error: MISCONF \\u{1b}[2Jdisk full
+";
+        assert_eq!(
+            render_status(&status, NOW, RenderStyle::default()),
+            expected
+        );
+    }
+
+    #[test]
+    fn renders_a_stopped_listener_node() {
+        let mut status = online();
+        status.role = "listener".into();
+        status.taken_unix_ms = NOW + 5; // a clock ahead of ours: age 0, not a wrap
+        status.drainers.clear();
+        let mut second = status.listeners[0].shipping[0].clone();
+        second.drainer_id = "dr-east-2".into();
+        second.state = "STOPPED".into();
+        second.lag = 310;
+        second.latency_ms = 65000;
+        second.acked = 0;
+        second.fallback_snapshots = 2;
+        status.listeners[0].shipping.push(second);
+        let expected = "\
+ferry listener: status taken 0 ms ago
+
+Listener → drainer
+  part 0 (listener l1): source 127.0.0.1:6379 ONLINE, replid 5f1c0e3b9d2a47e8a1b6c0d9e8f7a6b5c4d3e2f1, durable offset 1234 (received 1300), log ids 1..57, full syncs 1, partial resyncs 2, heartbeat 3 ms
++--------+-----------+-------------+-----------+-------------------+-------+--------------------+
+| PartId | Drainer   | Sync Status | LogId Lag | Time Latency (ms) | Acked | Fallback Snapshots |
++--------+-----------+-------------+-----------+-------------------+-------+--------------------+
+| 0      | d1        | ONLINE      | 0         | 0                 | 57    | 0                  |
+| 0      | dr-east-2 | STOPPED     | 310       | 65000             | 0     | 2                  |
++--------+-----------+-------------+-----------+-------------------+-------+--------------------+
+
+Drainer → target
+  (no drainer in this process)
+";
+        assert_eq!(
+            render_status(&status, NOW, RenderStyle::default()),
+            expected
+        );
+    }
+
+    fn full_sync_in_progress() -> NodeStatus {
+        let mut status = online();
+        let listener = &mut status.listeners[0];
+        listener.source_state = "FULL_SYNC".into();
+        listener.full_sync_bytes_received = 44 << 20;
+        listener.full_sync_bytes_total = Some(100 << 20);
+        listener.shipping[0].lag = 0;
+        let drainer = &mut status.drainers[0];
+        drainer.epoch = 2;
+        drainer.snapshot_load = Some(SnapshotLoad {
+            epoch: 2,
+            rdb_bytes: 8 << 20,
+            bytes_loaded: 3 << 20,
+            keys_loaded: 123_456,
+            done: false,
+        });
+        status
+    }
+
+    #[test]
+    fn renders_full_sync_progress_as_lines_or_bars() {
+        let status = full_sync_in_progress();
+        let plain = render_status(&status, NOW, RenderStyle::default());
+        assert!(
+            plain.contains("\n  part 0: full sync: 44.0 of 100.0 MiB received\n"),
+            "{plain}"
+        );
+        assert!(
+            plain.contains("\n  part 0: loading snapshot epoch 2: 3.0 of 8.0 MiB, 123456 keys\n"),
+            "{plain}"
+        );
+        let bars = render_status(
+            &status,
+            NOW,
+            RenderStyle {
+                progress_bars: true,
+            },
+        );
+        let expected_listener = "\
+  part 0 (listener l1): source 127.0.0.1:6379 FULL_SYNC, replid 5f1c0e3b9d2a47e8a1b6c0d9e8f7a6b5c4d3e2f1, durable offset 1234 (received 1300), log ids 1..57, full syncs 1, partial resyncs 2, heartbeat 3 ms
+  part 0: full sync: [########............]  44% 44.0 of 100.0 MiB received
++--------+";
+        assert!(bars.contains(expected_listener), "{bars}");
+        let expected_drainer = "\
+  part 0 (drainer d1): listener l1 connected, durable 57, commands applied 1000, refused 0
+  part 0: loading snapshot epoch 2: [#######.............]  37% 3.0 of 8.0 MiB, 123456 keys
++--------+";
+        assert!(bars.contains(expected_drainer), "{bars}");
+        // Unknown total: no bar, no percentage, just the bytes.
+        let mut unknown = status.clone();
+        unknown.listeners[0].full_sync_bytes_total = None;
+        let text = render_status(
+            &unknown,
+            NOW,
+            RenderStyle {
+                progress_bars: true,
+            },
+        );
+        assert!(
+            text.contains("\n  part 0: full sync: 44.0 MiB received\n"),
+            "{text}"
+        );
+        // Finished loads and other states show no progress line.
+        assert!(!render_status(
+            &online(),
+            NOW,
+            RenderStyle {
+                progress_bars: true
+            }
+        )
+        .contains('['));
+    }
+
+    #[test]
+    fn bars_clamp_and_fill() {
+        let on = RenderStyle {
+            progress_bars: true,
+        };
+        assert_eq!(bar(on, 0, 10), "[....................]   0% ");
+        assert_eq!(bar(on, 10, 10), "[####################] 100% ");
+        assert_eq!(bar(on, 25, 10), "[####################] 100% ");
+        assert_eq!(bar(on, u64::MAX, u64::MAX), "[####################] 100% ");
+        assert_eq!(bar(on, 5, 0), "");
+        assert_eq!(bar(RenderStyle::default(), 5, 10), "");
+    }
+
+    #[test]
+    fn empty_node_renders_both_sections() {
+        let text = render_status(&NodeStatus::default(), 0, RenderStyle::default());
+        assert_eq!(
+            text,
+            "ferry unknown: status taken 0 ms ago\n\nListener → drainer\n  (no listener in this process)\n\nDrainer → target\n  (no drainer in this process)\n"
+        );
+    }
+
+    #[test]
+    fn json_field_names_are_stable() {
+        let json: serde_json::Value = serde_json::to_value(full_sync_in_progress()).unwrap();
+        assert_eq!(json["role"], "sync");
+        assert_eq!(json["listeners"][0]["shipping"][0]["drainer_id"], "d1");
+        assert_eq!(json["listeners"][0]["full_sync_bytes_total"], 100 << 20);
+        assert_eq!(json["drainers"][0]["snapshot_load"]["keys_loaded"], 123_456);
+        assert_eq!(json["drainers"][0]["last_error"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn intervals() {
+        assert_eq!(parse_interval("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_interval("0.5"), Ok(Duration::from_millis(500)));
+        assert!(parse_interval("0").is_err());
+        assert!(parse_interval("-1").is_err());
+        assert!(parse_interval("NaN").is_err());
+        assert!(parse_interval("soon").is_err());
+    }
+
+    #[test]
+    fn control_summaries_name_the_selection() {
+        assert_eq!(
+            control_summary("stopped", 1, &SyncSelector::default()),
+            "stopped 1 shipper (selected: all)\n"
+        );
+        let selector = SyncSelector {
+            partition: Some(3),
+            drainer_id: Some("d\n2".into()),
+        };
+        assert_eq!(
+            control_summary("restarted", 0, &selector),
+            "restarted 0 shippers (selected: partition 3 drainer d\\n2)\n"
+        );
+    }
+}
