@@ -56,6 +56,8 @@ const PARTIAL_RESYNC: &str = "partial resync";
 /// Log lines of the applier (src/apply/mod.rs).
 const APPLY_FAILED: &str = "apply failed; retrying";
 const APPLY_BACK: &str = "target reachable again; applying";
+/// The applier's session start (after it read the checkpoint).
+const APPLYING: &str = "ferry::apply: applying";
 
 // ---------------------------------------------------------------------------
 // A small blocking RESP client (the load, the sampler and the comparison
@@ -352,6 +354,11 @@ fn wait_until(
         assert!(
             Instant::now() < deadline,
             "timed out after {timeout:?} waiting for {what}\n{}",
+            tails(processes)
+        );
+        assert!(
+            !processes.iter().any(|process| process.has_exited()),
+            "a ferry process exited on its own while waiting for {what}\n{}",
             tails(processes)
         );
         std::thread::sleep(Duration::from_millis(20));
@@ -726,10 +733,16 @@ fn assert_converged(
         }
     );
     let (a, b) = (get_int(&mut t, "a"), get_int(&mut t, "b"));
+    let on_source = (get_int(&mut s, "a"), get_int(&mut s, "b"));
     assert_eq!(
         (a, b),
-        (get_int(&mut s, "a"), get_int(&mut s, "b")),
-        "a and b"
+        on_source,
+        "(a, b) on the target vs the source: a transaction {}",
+        if a > on_source.0 {
+            "applied twice"
+        } else {
+            "lost or split"
+        }
     );
     assert_eq!(a as u64, load.transactions, "one INCR a per transaction");
     let range = |conn: &mut Conn, args: &[&str]| conn.call(args).expect("range").items().to_vec();
@@ -934,7 +947,19 @@ fn stored_stats(runs: &Runs, listener: &FerryProcess, source: &RedisServer) -> O
 // ---------------------------------------------------------------------------
 // The tests.
 
-/// Seconds of load after the last restart before the fence.
+/// Reads the applier's checkpoint key on the target ("" when absent).
+fn checkpoint_reader(target: &str, key: &str) -> impl FnMut() -> String {
+    let mut conn = connect(target);
+    let key = key.to_string();
+    move || {
+        conn.call(&["GET", &key])
+            .expect("GET checkpoint")
+            .text()
+            .unwrap_or_default()
+    }
+}
+
+/// Load after the last restart, before the fence.
 const SETTLE: Duration = Duration::from_millis(500);
 
 #[test]
@@ -953,17 +978,11 @@ fn sync_survives_random_sigkills() {
     let mut ferry = FerryProcess::sync(&data, &source.url(), &target.url(), &[]);
     let mut runs = Runs::first();
     let mut stored = None;
-    let mut target_conn = connect(&target.addr());
-    let mut checkpoint = move || {
-        target_conn
-            .call(&["GET", "__ferry:checkpoint:ferry:0"])
-            .expect("GET checkpoint")
-            .text()
-            .unwrap_or_default()
-    };
+    let mut checkpoint = checkpoint_reader(&target.addr(), "__ferry:checkpoint:ferry:0");
     // Kills 0-1 aim at the RDB transfer, 2-3 at what follows the stored
     // snapshot (shipping its chunks, the applier loading it), 4-9 at the
-    // stream applied batch after batch.
+    // stream applied batch after batch: 4-6 counted from the start (some
+    // land while the process starts), 7-9 from the applier's first batch.
     let kills = 10;
     let mut mid_stream = 0;
     for kill in 0..kills {
@@ -997,7 +1016,17 @@ fn sync_survives_random_sigkills() {
                 &[&ferry],
                 || checkpoint().contains("applied="),
             );
-            (rng.millis(50, 800), "the start")
+            if kill >= 7 {
+                wait_until(
+                    "the applier to start applying",
+                    Duration::from_secs(30),
+                    &[&ferry],
+                    || runs.current(&ferry).contains(APPLYING),
+                );
+                (rng.millis(50, 800), "the applier started")
+            } else {
+                (rng.millis(50, 800), "the start")
+            }
         };
         let before = checkpoint();
         std::thread::sleep(delay);
@@ -1115,7 +1144,9 @@ fn listener_and_drainer_survive_random_sigkills() {
     let mut rng = Rng::from_env("listener_and_drainer_survive_random_sigkills");
     let source = RedisServer::start(SOURCE_ARGS);
     let target = RedisServer::start(&[]);
-    source.cmd(&["DEBUG", "POPULATE", "20000", "pre", "100"]);
+    // Large enough for the first kill to have a chance to land while the
+    // RDB streams in (not asserted here: sync_survives_random_sigkills does).
+    source.cmd(&["DEBUG", "POPULATE", "60000", "pre", "100"]);
     let full_start = info_stat(&source, "sync_full");
     let load = Load::start(&source.addr());
     let sampler = Sampler::start(
@@ -1131,27 +1162,78 @@ fn listener_and_drainer_survive_random_sigkills() {
     let mut listener =
         FerryProcess::with_config("listener", &listener_toml, &dir.path().join("listener"));
     let mut runs = Runs::first();
-    wait_until(
-        "the first full sync to be stored",
-        Duration::from_secs(60),
-        &[&listener, &drainer],
-        || runs.current(&listener).contains(FULL_SYNC_STORED),
-    );
-    let (full_at_stored, partial_at_stored) =
-        stored_stats(&runs, &listener, &source).expect("stored");
+    let mut stored = None;
     for kill in 0..4 {
-        let delay = rng.millis(50, 800);
+        let (delay, after) = if kill == 0 {
+            wait_until(
+                "the listener to start the full sync",
+                Duration::from_secs(30),
+                &[&listener, &drainer],
+                || runs.current(&listener).contains(FULL_SYNC_STARTED),
+            );
+            (rng.millis(50, 250), "the full sync started")
+        } else if kill >= 2 {
+            wait_until(
+                "the listener to resume",
+                Duration::from_secs(30),
+                &[&listener, &drainer],
+                || runs.current(&listener).contains(PARTIAL_RESYNC),
+            );
+            (rng.millis(50, 800), "the partial resync")
+        } else {
+            if stored.is_none() {
+                wait_until(
+                    "the first full sync to be stored",
+                    Duration::from_secs(60),
+                    &[&listener, &drainer],
+                    || runs.current(&listener).contains(FULL_SYNC_STORED),
+                );
+            }
+            (rng.millis(50, 800), "the start")
+        };
         std::thread::sleep(delay);
         kill9_running(&mut listener, "ferry listener");
-        println!("listener kill {kill} after {delay:?}");
+        let log = runs.current(&listener);
+        println!(
+            "listener kill {kill}: {delay:?} after {after}; stored={} resumed={}",
+            log.contains(FULL_SYNC_STORED),
+            log.contains(PARTIAL_RESYNC)
+        );
+        stored = stored.or_else(|| stored_stats(&runs, &listener, &source));
         runs.starting(&listener);
         listener.spawn();
     }
+    let (full_at_stored, partial_at_stored) = stored.expect("stored before kill 1");
+    // Drainer kill 0 counted from its start (it may land in the snapshot
+    // load), 1-3 from its applier's first batch.
+    let mut checkpoint = checkpoint_reader(&target.addr(), "__ferry:checkpoint:crash-drainer:0");
+    let mut drainer_run = 0;
+    let mut mid_stream = 0;
     for kill in 0..4 {
+        let after = if kill == 0 {
+            "the start"
+        } else {
+            wait_until(
+                "the drainer's applier to start applying",
+                Duration::from_secs(60),
+                &[&listener, &drainer],
+                || {
+                    drainer.log_since(drainer_run).contains(APPLYING)
+                        && checkpoint().contains("applied=")
+                },
+            );
+            "the applier started"
+        };
         let delay = rng.millis(50, 800);
+        let before = checkpoint();
         std::thread::sleep(delay);
+        let at_kill = checkpoint();
         kill9_running(&mut drainer, "ferry drainer");
-        println!("drainer kill {kill} after {delay:?}");
+        if kill >= 1 && at_kill.contains("applied=") && at_kill != before {
+            mid_stream += 1;
+        }
+        println!("drainer kill {kill}: {delay:?} after {after}; target checkpoint {before:?} -> {at_kill:?}");
+        drainer_run = drainer.log_len();
         drainer.spawn();
     }
     std::thread::sleep(SETTLE);
@@ -1175,6 +1257,10 @@ fn listener_and_drainer_survive_random_sigkills() {
         &source,
     );
     assert!(resumed >= 2, "only {resumed} listener runs resumed");
+    assert!(
+        mid_stream >= 2,
+        "only {mid_stream} drainer kills landed while batches were being applied"
+    );
     let drainer_restarts = drainer.log_since(0).matches("ship stream accepted").count();
     assert!(
         drainer_restarts >= 5,

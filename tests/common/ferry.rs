@@ -127,6 +127,22 @@ impl FerryProcess {
             .and_then(|child| child.try_wait().ok().flatten())
     }
 
+    /// Whether the process is gone or a zombie, read from `/proc` (works
+    /// through a shared reference, unlike [`FerryProcess::try_exit`]);
+    /// false when it is not started.
+    pub fn has_exited(&self) -> bool {
+        let Some(child) = self.child.as_ref() else {
+            return false;
+        };
+        match std::fs::read_to_string(format!("/proc/{}/stat", child.id())) {
+            // The state follows the parenthesised command name.
+            Ok(stat) => stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
+            Err(_) => true,
+        }
+    }
+
     /// The admin address, once the daemon wrote `admin.addr`.
     pub fn admin_addr(&self, timeout: Duration) -> String {
         let deadline = Instant::now() + timeout;
