@@ -65,7 +65,17 @@ echo "== ferry sync (data dir $work/sync)"
     --data-dir "$work/sync" --admin 127.0.0.1:0 2>"$work/ferry.log" &
 pids+=($!)
 
-echo "== writing live data to the source while ferry runs"
+wait_target() { # key value what
+    for _ in $(seq 600); do
+        [ "$(redis-cli -p "$dst_port" GET "$1")" = "$2" ] && return 0
+        sleep 0.1
+    done
+    echo "the target did not get $3 within 60 s; ferry's log:" >&2
+    tail -n 30 "$work/ferry.log" >&2
+    exit 1
+}
+wait_target user:20000 name-20000 "the full sync"
+echo "== full sync done; writing live data to the source (streamed)"
 {
     for i in $(seq 1 1000); do echo "INCR live:counter"; done
     for i in $(seq 1 200); do echo "LPUSH live:list $i"; done
@@ -74,15 +84,7 @@ echo "== writing live data to the source while ferry runs"
     echo "SET demo:sentinel done"
 } | redis-cli -p "$src_port" >/dev/null
 
-for _ in $(seq 600); do
-    [ "$(redis-cli -p "$dst_port" GET demo:sentinel)" = "done" ] && break
-    sleep 0.1
-done
-if [ "$(redis-cli -p "$dst_port" GET demo:sentinel)" != "done" ]; then
-    echo "the target did not catch up within 60 s; ferry's log:" >&2
-    tail -n 30 "$work/ferry.log" >&2
-    exit 1
-fi
+wait_target demo:sentinel done "the live writes"
 sleep 1.5 # one heartbeat, so the latency columns have a recent sample
 
 echo "== ferry status"

@@ -78,6 +78,24 @@ fn now_unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// What every stage of a node is started with: the node's stop token, its
+/// fatal-error slot, and the list of tasks `finish` waits for.
+struct Stages {
+    shutdown: CancellationToken,
+    fatal: Arc<Fatal>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Stages {
+    fn new(shutdown: CancellationToken) -> Stages {
+        Stages {
+            fatal: Fatal::new(shutdown.clone()),
+            shutdown,
+            tasks: Vec::new(),
+        }
+    }
+}
+
 /// The first fatal error of any stage; setting it stops the node.
 struct Fatal {
     stop: CancellationToken,
@@ -427,10 +445,10 @@ async fn start_listener_part(
     wal: Wal,
     ship_cfg: ShipperConfig,
     peers: &[DrainerPeer],
-    shutdown: &CancellationToken,
-    fatal: &Arc<Fatal>,
-    tasks: &mut Vec<JoinHandle<()>>,
+    stages: &mut Stages,
 ) -> Result<Arc<ListenerPart>, NodeError> {
+    let shutdown = &stages.shutdown;
+    let fatal = &stages.fatal;
     let partition = PartitionId(cfg.partition);
     let listener_id = cfg.id.clone();
     let source = redacted(&cfg.source);
@@ -482,7 +500,7 @@ async fn start_listener_part(
     *lock(&part.slots) = slots;
     let fatal = Arc::clone(fatal);
     let listener_shutdown = shutdown.clone();
-    tasks.push(tokio::spawn(async move {
+    stages.tasks.push(tokio::spawn(async move {
         if let Err(error) = listener.run(listener_shutdown).await {
             fatal.raise(format!("listener of partition {partition}: {error}"));
         }
@@ -506,6 +524,9 @@ impl ListenerPart {
 // ---------------------------------------------------------------------------
 // Drainer side
 
+/// Each partition's applier: its status and its task.
+type Appliers = BTreeMap<PartitionId, (Arc<ApplyStatus>, JoinHandle<()>)>;
+
 /// The drainer's ship endpoint and its appliers, one per partition.
 pub struct DrainerPart {
     drainer_id: String,
@@ -513,7 +534,7 @@ pub struct DrainerPart {
     wal: Wal,
     service: DrainerService,
     apply_cfg: ApplyConfig,
-    appliers: Mutex<BTreeMap<PartitionId, (Arc<ApplyStatus>, JoinHandle<()>)>>,
+    appliers: Mutex<Appliers>,
     shutdown: CancellationToken,
     fatal: Arc<Fatal>,
 }
@@ -626,10 +647,10 @@ fn start_drainer_part(
     service_cfg: DrainerServiceConfig,
     wal: Wal,
     apply_cfg: ApplyConfig,
-    shutdown: &CancellationToken,
-    fatal: &Arc<Fatal>,
-    tasks: &mut Vec<JoinHandle<()>>,
+    stages: &mut Stages,
 ) -> Result<Arc<DrainerPart>, NodeError> {
+    let shutdown = &stages.shutdown;
+    let fatal = &stages.fatal;
     let service = DrainerService::new(wal.clone(), service_cfg)?;
     let part = Arc::new(DrainerPart {
         drainer_id: apply_cfg.drainer_id.clone(),
@@ -643,13 +664,15 @@ fn start_drainer_part(
     });
     let serve_fatal = Arc::clone(fatal);
     let serve_shutdown = shutdown.clone();
-    tasks.push(tokio::spawn(async move {
+    stages.tasks.push(tokio::spawn(async move {
         if let Err(error) = ship::serve_drainer(socket, service, serve_shutdown).await {
             serve_fatal.raise(format!("ship endpoint: {error}"));
         }
     }));
     part.spawn_appliers();
-    tasks.push(tokio::spawn(Arc::clone(&part).supervise()));
+    stages
+        .tasks
+        .push(tokio::spawn(Arc::clone(&part).supervise()));
     Ok(part)
 }
 
@@ -697,9 +720,7 @@ async fn start_admin(
     data_dir: &Path,
     addr: &str,
     node: Arc<Node>,
-    shutdown: &CancellationToken,
-    fatal: &Arc<Fatal>,
-    tasks: &mut Vec<JoinHandle<()>>,
+    stages: &mut Stages,
 ) -> Result<(), NodeError> {
     let socket = tokio::net::TcpListener::bind(addr)
         .await
@@ -712,9 +733,9 @@ async fn start_admin(
         data_dir.join("admin.addr").display()
     )))?;
     info!(admin = %bound, "admin API listening");
-    let fatal = Arc::clone(fatal);
-    let shutdown = shutdown.clone();
-    tasks.push(tokio::spawn(async move {
+    let fatal = Arc::clone(&stages.fatal);
+    let shutdown = stages.shutdown.clone();
+    stages.tasks.push(tokio::spawn(async move {
         if let Err(error) = crate::admin::serve_admin(socket, node, shutdown).await {
             fatal.raise(format!("admin API: {error}"));
         }
@@ -723,13 +744,12 @@ async fn start_admin(
 }
 
 /// Waits for the stop signal, then for every task, then closes the WALs.
-async fn finish(
-    shutdown: CancellationToken,
-    fatal: Arc<Fatal>,
-    node: Arc<Node>,
-    tasks: Vec<JoinHandle<()>>,
-    wals: Vec<Wal>,
-) -> Result<(), NodeError> {
+async fn finish(stages: Stages, node: Arc<Node>, wals: Vec<Wal>) -> Result<(), NodeError> {
+    let Stages {
+        shutdown,
+        fatal,
+        tasks,
+    } = stages;
     shutdown.cancelled().await;
     info!("shutting down");
     if let Some(part) = &node.listener {
@@ -765,18 +785,15 @@ pub async fn run_listener(
     shutdown: CancellationToken,
 ) -> Result<(), NodeError> {
     create_data_dir(&cfg.data_dir)?;
-    let fatal = Fatal::new(shutdown.clone());
+    let mut stages = Stages::new(shutdown);
     let wal = open_wal(cfg.wal.clone()).await?;
-    let mut tasks = Vec::new();
     let listener = start_listener_part(
         &cfg.data_dir,
         cfg.listener.clone(),
         wal.clone(),
         cfg.ship.clone(),
         &cfg.drainers,
-        &shutdown,
-        &fatal,
-        &mut tasks,
+        &mut stages,
     )
     .await?;
     let node = Arc::new(Node {
@@ -784,16 +801,8 @@ pub async fn run_listener(
         listener: Some(listener),
         drainer: None,
     });
-    start_admin(
-        &cfg.data_dir,
-        &cfg.admin,
-        Arc::clone(&node),
-        &shutdown,
-        &fatal,
-        &mut tasks,
-    )
-    .await?;
-    finish(shutdown, fatal, node, tasks, vec![wal]).await
+    start_admin(&cfg.data_dir, &cfg.admin, Arc::clone(&node), &mut stages).await?;
+    finish(stages, node, vec![wal]).await
 }
 
 /// `ferry drainer`: runs until `shutdown` is cancelled.
@@ -802,37 +811,26 @@ pub async fn run_drainer(
     shutdown: CancellationToken,
 ) -> Result<(), NodeError> {
     create_data_dir(&cfg.data_dir)?;
-    let fatal = Fatal::new(shutdown.clone());
+    let mut stages = Stages::new(shutdown);
     let wal = open_wal(cfg.wal.clone()).await?;
     let socket = tokio::net::TcpListener::bind(&cfg.listen)
         .await
         .map_err(io(format!("binding the ship endpoint on {}", cfg.listen)))?;
     info!(listen = %cfg.listen, "ship endpoint listening");
-    let mut tasks = Vec::new();
     let drainer = start_drainer_part(
         socket,
         cfg.drainer.clone(),
         wal.clone(),
         cfg.apply.clone(),
-        &shutdown,
-        &fatal,
-        &mut tasks,
+        &mut stages,
     )?;
     let node = Arc::new(Node {
         role: "drainer",
         listener: None,
         drainer: Some(drainer),
     });
-    start_admin(
-        &cfg.data_dir,
-        &cfg.admin,
-        Arc::clone(&node),
-        &shutdown,
-        &fatal,
-        &mut tasks,
-    )
-    .await?;
-    finish(shutdown, fatal, node, tasks, vec![wal]).await
+    start_admin(&cfg.data_dir, &cfg.admin, Arc::clone(&node), &mut stages).await?;
+    finish(stages, node, vec![wal]).await
 }
 
 /// A secret for the in-process listener → drainer stream of `ferry sync`
@@ -859,7 +857,7 @@ fn random_secret() -> String {
 /// them over gRPC on 127.0.0.1, each with its own WAL.
 pub async fn run_sync(cfg: SyncConfig, shutdown: CancellationToken) -> Result<(), NodeError> {
     create_data_dir(&cfg.data_dir)?;
-    let fatal = Fatal::new(shutdown.clone());
+    let mut stages = Stages::new(shutdown);
     let listener_wal = open_wal(cfg.listener_wal.clone()).await?;
     let drainer_wal = open_wal(cfg.drainer_wal.clone()).await?;
     let socket = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -872,7 +870,6 @@ pub async fn run_sync(cfg: SyncConfig, shutdown: CancellationToken) -> Result<()
             .map_err(io("reading the ship endpoint address"))?
     );
     let secret = random_secret();
-    let mut tasks = Vec::new();
     let drainer = start_drainer_part(
         socket,
         DrainerServiceConfig {
@@ -884,9 +881,7 @@ pub async fn run_sync(cfg: SyncConfig, shutdown: CancellationToken) -> Result<()
         },
         drainer_wal.clone(),
         cfg.apply.clone(),
-        &shutdown,
-        &fatal,
-        &mut tasks,
+        &mut stages,
     )?;
     let listener = start_listener_part(
         &cfg.data_dir,
@@ -898,9 +893,7 @@ pub async fn run_sync(cfg: SyncConfig, shutdown: CancellationToken) -> Result<()
             endpoint,
             secret,
         }],
-        &shutdown,
-        &fatal,
-        &mut tasks,
+        &mut stages,
     )
     .await?;
     let node = Arc::new(Node {
@@ -908,22 +901,7 @@ pub async fn run_sync(cfg: SyncConfig, shutdown: CancellationToken) -> Result<()
         listener: Some(listener),
         drainer: Some(drainer),
     });
-    start_admin(
-        &cfg.data_dir,
-        &cfg.admin,
-        Arc::clone(&node),
-        &shutdown,
-        &fatal,
-        &mut tasks,
-    )
-    .await?;
+    start_admin(&cfg.data_dir, &cfg.admin, Arc::clone(&node), &mut stages).await?;
     info!(source = %redacted(&cfg.listener.source), target = %redacted(&cfg.apply.target), "sync running");
-    finish(
-        shutdown,
-        fatal,
-        node,
-        tasks,
-        vec![listener_wal, drainer_wal],
-    )
-    .await
+    finish(stages, node, vec![listener_wal, drainer_wal]).await
 }

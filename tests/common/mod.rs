@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod ferry;
+pub mod workload;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
