@@ -7,8 +7,16 @@
 //! - `listener_and_drainer_survive_random_sigkills`: `ferry listener` and
 //!   `ferry drainer` as two processes, each SIGKILLed several times.
 //! - `paused_target_resumes_without_loss` / `persistent_target_restart_
-//!   resumes_without_loss`: the target frozen (SIGSTOP/SIGCONT), and a target
-//!   with `appendfsync always` SIGKILLed and started again.
+//!   resumes_without_loss`: the target frozen (SIGSTOP/SIGCONT) for 3 s, and
+//!   a target with `appendfsync always` SIGKILLed and started again on its
+//!   port, twice each; meanwhile `ferry status --json` must show the applier
+//!   OFFLINE with the error, then ONLINE again.
+//! - `frozen_target_during_catch_up` (ignored, long): the target frozen
+//!   while the applier catches up with ~2 MiB batches, five times.
+//!
+//! Run: `cargo test --test crash` (30 to 50 s on two busy cores; the tests
+//! run in parallel), `cargo test --test crash -- --ignored` for the long one.
+//! `--nocapture` prints what every kill interrupted.
 //!
 //! The load (one connection to the source) does `INCR counter`, `LPUSH list
 //! <i>`, `XADD stream * i <i>`, `HINCRBY`, `SET`/`DEL` of a few keys, `SET
