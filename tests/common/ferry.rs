@@ -58,6 +58,17 @@ impl FerryProcess {
         FerryProcess::start(data_dir, &args)
     }
 
+    /// `ferry <verb> --config FILE` (`listener` or `drainer`); `data_dir` is
+    /// the `data-dir` the file names.
+    pub fn with_config(verb: &str, config: &Path, data_dir: &Path) -> FerryProcess {
+        let args = vec![
+            verb.to_string(),
+            "--config".to_string(),
+            config.to_str().expect("utf-8 path").to_string(),
+        ];
+        FerryProcess::start(data_dir, &args)
+    }
+
     /// Starts the process again with the same arguments (after a stop or kill).
     pub fn spawn(&mut self) {
         assert!(self.child.is_none(), "already running");
@@ -116,6 +127,22 @@ impl FerryProcess {
             .and_then(|child| child.try_wait().ok().flatten())
     }
 
+    /// Whether the process is gone or a zombie, read from `/proc` (works
+    /// through a shared reference, unlike [`FerryProcess::try_exit`]);
+    /// false when it is not started.
+    pub fn has_exited(&self) -> bool {
+        let Some(child) = self.child.as_ref() else {
+            return false;
+        };
+        match std::fs::read_to_string(format!("/proc/{}/stat", child.id())) {
+            // The state follows the parenthesised command name.
+            Ok(stat) => stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
+            Err(_) => true,
+        }
+    }
+
     /// The admin address, once the daemon wrote `admin.addr`.
     pub fn admin_addr(&self, timeout: Duration) -> String {
         let deadline = Instant::now() + timeout;
@@ -148,6 +175,18 @@ impl FerryProcess {
             String::from_utf8_lossy(&out.stderr)
         );
         serde_json::from_slice(&out.stdout).expect("status JSON")
+    }
+
+    /// The log's length in bytes: a mark for [`FerryProcess::log_since`].
+    pub fn log_len(&self) -> u64 {
+        std::fs::metadata(&self.log).map_or(0, |meta| meta.len())
+    }
+
+    /// What the log got since `mark` (a [`FerryProcess::log_len`]).
+    pub fn log_since(&self, mark: u64) -> String {
+        let bytes = std::fs::read(&self.log).unwrap_or_default();
+        let start = (mark as usize).min(bytes.len());
+        String::from_utf8_lossy(&bytes[start..]).into_owned()
     }
 
     /// The last `lines` lines of the log.
