@@ -308,7 +308,8 @@ impl Batch {
                 };
                 return Ok(BatchOutcome::Aborted { error });
             }
-            // Only a WATCHed key aborts with a null; the applier watches none.
+            // A null (the watched checkpoint changed) is handled before
+            // this by the applier; anything else here is unexpected.
             other => return Err(unexpected("EXEC", other)),
         };
         if results.len() != self.commands.len() {

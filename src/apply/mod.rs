@@ -47,6 +47,22 @@
 //! the applier logs a warning and re-applies from the target's checkpoint,
 //! which is what the target needs.
 //!
+//! A connection the applier gave up on (reply timeout, a stalled target)
+//! may still have a whole `EXEC` queued at the target, which the target runs
+//! once it gets to it, possibly after the next connection read the
+//! checkpoint. So every connection `WATCH`es the checkpoint key before it
+//! reads it, and every batch is `WATCH checkpoint; MULTI …; EXEC`: if such a
+//! late batch moved the checkpoint, the next `EXEC` is refused (a null
+//! reply), the session ends ([`ApplyError::CheckpointMoved`]) and the next
+//! one resumes after the checkpoint the late batch wrote. What this does not
+//! cover is a late batch that commits *after* this connection's first
+//! `EXEC`: its bytes all reached the target before this connection was
+//! opened, and the target reads every readable connection a slice per event
+//! loop turn, so it finishes reading the late batch (at most
+//! `batch-max-bytes`) while this connection is still in its handshake and
+//! first batch of the same size bound; a test that stalls the target
+//! (SIGSTOP) mid-`EXEC` never produced a double apply (tests/crash.rs).
+//!
 //! # Batches and pipelining
 //!
 //! A batch ([`batch`]) holds up to `batch-max-entries` entries /
@@ -117,6 +133,7 @@ use crate::record::{Record, RecordError};
 use crate::redis::client::ClientError;
 use crate::redis::command::Command;
 use crate::redis::rdb_stream::RdbStreamError;
+use crate::redis::resp::Frame;
 use crate::wal::{DownstreamId, ReadLimits, SnapshotPhase, Wal, WalError};
 
 use batch::{Batch, BatchBuilder, BatchOutcome, Pending};
@@ -191,6 +208,16 @@ pub enum ApplyError {
     },
     #[error("applier task failed: {0}")]
     Task(String),
+    /// `EXEC` was refused because the checkpoint key changed after this
+    /// connection `WATCH`ed it: a batch of an earlier, abandoned connection
+    /// (its `EXEC` still queued at the target when the applier gave up on
+    /// it) ran in between. Retried: the next session reads the checkpoint
+    /// again, so that batch is not applied twice.
+    #[error(
+        "batch of entries {first}..={last} not applied: the checkpoint changed under it (an \
+         earlier connection's batch ran late); reading the checkpoint again"
+    )]
+    CheckpointMoved { first: LogId, last: LogId },
 }
 
 impl ApplyError {
@@ -210,6 +237,7 @@ impl ApplyError {
             | ApplyError::Timeout(_)
             | ApplyError::Checkpoint(_)
             | ApplyError::Aborted { .. }
+            | ApplyError::CheckpointMoved { .. }
             | ApplyError::Snapshot { .. } => false,
         }
     }
@@ -518,6 +546,17 @@ impl Applier {
                 self.cfg.reply_timeout.0,
             )
             .await?;
+            // Watched before it is read: if a batch of an abandoned earlier
+            // connection still runs after this read, this session's first
+            // EXEC is refused instead of applying that batch a second time.
+            let watch = Command::new(vec![Bytes::from_static(b"WATCH"), self.key.clone()]);
+            if let Some(error) = target.call_command(&watch).await?.error_message() {
+                return Err(ApplyError::Aborted {
+                    first: LogId::ZERO,
+                    last: LogId::ZERO,
+                    error: format!("WATCH refused: {error}"),
+                });
+            }
             let checkpoint = target.read_checkpoint(&self.key).await?;
             Ok::<_, ApplyError>((target, checkpoint))
         };
@@ -615,8 +654,14 @@ impl Applier {
         }
     }
 
-    /// Queues `MULTI` and the batch's commands (not `EXEC`).
-    fn queue_batch(target: &mut Target, batch: &Batch) {
+    /// Queues `WATCH <checkpoint>`, `MULTI` and the batch's commands (not
+    /// `EXEC`). The `WATCH` makes the target refuse the `EXEC` if anything
+    /// else wrote the checkpoint since (see [`ApplyError::CheckpointMoved`]).
+    fn queue_batch(target: &mut Target, batch: &Batch, key: &Bytes) {
+        target.client.queue(&Command::new(vec![
+            Bytes::from_static(b"WATCH"),
+            key.clone(),
+        ]));
         target.client.queue(&Command::from_parts(["MULTI"]));
         for cmd in &batch.commands {
             target.client.queue(cmd);
@@ -639,7 +684,7 @@ impl Applier {
                 if open.is_none() {
                     open = builder.build(&mut feed.pending, self.epoch);
                     if let Some(batch) = &open {
-                        Self::queue_batch(target, batch);
+                        Self::queue_batch(target, batch, &self.key);
                     }
                 }
                 if let Some(batch) = open.take() {
@@ -649,7 +694,7 @@ impl Applier {
                     feed.take_ready()?;
                     open = builder.build(&mut feed.pending, self.epoch);
                     if let Some(batch) = &open {
-                        Self::queue_batch(target, batch);
+                        Self::queue_batch(target, batch, &self.key);
                     }
                 }
             }
@@ -685,9 +730,23 @@ impl Applier {
     /// Reads the replies of `batch` (whose `EXEC` was sent) and records the
     /// outcome.
     async fn finish_batch(&mut self, target: &mut Target, batch: &Batch) -> Result<(), ApplyError> {
+        let watch = target.reply().await?;
+        if let Some(error) = watch.error_message() {
+            return Err(ApplyError::Aborted {
+                first: batch.first,
+                last: batch.last,
+                error: format!("WATCH refused: {error}"),
+            });
+        }
         let mut replies = Vec::with_capacity(batch.reply_count().min(1 << 16));
         for _ in 0..batch.reply_count() {
             replies.push(target.reply().await?);
+        }
+        if matches!(replies.last(), Some(Frame::Null)) {
+            return Err(ApplyError::CheckpointMoved {
+                first: batch.first,
+                last: batch.last,
+            });
         }
         let (applied, refused) = match batch.outcome(&replies)? {
             BatchOutcome::Committed { applied, refused } => (applied, refused),
