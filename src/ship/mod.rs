@@ -216,7 +216,7 @@ pub enum ShipError {
         #[source]
         error: tonic::transport::Error,
     },
-    #[error("drainer answered {}: {}", .0.code(), .0.message())]
+    #[error("drainer answered {:?}: {}", .0.code(), .0.message())]
     Remote(Box<Status>),
     #[error("drainer closed the stream")]
     StreamClosed,
