@@ -558,6 +558,9 @@ impl Session {
         };
         self.inner().status.update(|s| {
             s.durable_offset = offset;
+            // Everything durable was received (the stream loop updates the
+            // received offset only as frames arrive).
+            s.received_offset = s.received_offset.max(offset);
             s.last_log_id = log_id.0;
             s.replid = mark.replid.clone();
         });
