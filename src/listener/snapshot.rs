@@ -256,6 +256,13 @@ impl ListenerHandle {
         let mut seq = 0u64;
         let mut received = 0u64;
         let mut joined = bytes::BytesMut::new();
+        let wal = &self.inner.wal;
+        // Stores what `joined` holds as chunk `seq`, then moves to the next.
+        let store_next = |joined: &mut bytes::BytesMut, seq: &mut u64| {
+            let write = put_chunk(wal.clone(), partition, epoch, *seq, joined.split().freeze());
+            *seq += 1;
+            write
+        };
         loop {
             // Bound the chunks held in memory while the WAL catches up.
             while writes.len() >= CHUNKS_IN_FLIGHT {
@@ -278,26 +285,12 @@ impl ListenerHandle {
                     on_bytes(received);
                     joined.extend_from_slice(&chunk);
                     if joined.len() >= CHUNK_TARGET_BYTES {
-                        writes.push(put_chunk(
-                            self.inner.wal.clone(),
-                            partition,
-                            epoch,
-                            seq,
-                            joined.split().freeze(),
-                        ));
-                        seq += 1;
+                        writes.push(store_next(&mut joined, &mut seq));
                     }
                 }
                 Ok(ReplEvent::RdbEnd { len }) => {
                     if !joined.is_empty() {
-                        writes.push(put_chunk(
-                            self.inner.wal.clone(),
-                            partition,
-                            epoch,
-                            seq,
-                            joined.split().freeze(),
-                        ));
-                        seq += 1;
+                        writes.push(store_next(&mut joined, &mut seq));
                     }
                     while let Some(result) = writes.next().await {
                         result?;
