@@ -140,6 +140,20 @@ async fn equal_servers_are_equal_in_every_mode() {
         assert_eq!(report.dbs[0].keys_checked, 12);
         assert_eq!(report.dbs[0].passes, 1);
     }
+    // Digests only for small keys: bigger ones are walked even where DEBUG
+    // is allowed (many more commands), and still equal.
+    let mut config = config(&source, &target);
+    let digested = run(&config).await;
+    config.digest_max_elements = 100;
+    config.digest_max_bytes = 1000;
+    let walked = run(&config).await;
+    assert_equal(&walked, "walked");
+    assert!(
+        walked.target_commands > digested.target_commands + 50,
+        "{} vs {}",
+        walked.target_commands,
+        digested.target_commands
+    );
 }
 
 /// Writes one difference of each kind on top of [`base_data`].

@@ -33,9 +33,12 @@
 //! - *value*, [`Mode::Outline`]: the length or cardinality differs
 //!   (`STRLEN`, `LLEN`, `HLEN`, `SCARD`, `ZCARD`, `XLEN`).
 //! - *value*, [`Mode::Full`]: the lengths, then the values. When both
-//!   servers allow `DEBUG`, equal `DEBUG DIGEST-VALUE`s settle a key at once;
-//!   otherwise (DEBUG refused, or digests that differ, to name the
-//!   difference) the value is walked in chunks, never loaded whole: strings
+//!   servers allow `DEBUG`, equal `DEBUG DIGEST-VALUE`s settle a key at once
+//!   (only for keys up to [`VerifyConfig::digest_max_elements`] /
+//!   [`VerifyConfig::digest_max_bytes`]: a digest is one command that blocks
+//!   the server for the whole value); otherwise (DEBUG refused, a bigger
+//!   key, or digests that differ, to name the difference) the value is
+//!   walked in chunks, never loaded whole: strings
 //!   by `GETRANGE` of [`VerifyConfig::string_chunk`] bytes; lists by
 //!   `LRANGE`, sorted sets by `ZRANGE … WITHSCORES` (by index, scores
 //!   compared as numbers) and streams by `XRANGE … COUNT` (exclusive start,
@@ -170,6 +173,11 @@ pub struct VerifyConfig {
     pub batch: usize,
     /// Bytes per `GETRANGE` chunk of a string. Default 256 KiB.
     pub string_chunk: usize,
+    /// Largest collection (elements) and string (bytes) compared with
+    /// `DEBUG DIGEST-VALUE`, which blocks the server for the whole value;
+    /// bigger ones are walked. Defaults 10 000 and 8 MiB.
+    pub digest_max_elements: u64,
+    pub digest_max_bytes: u64,
     /// Pause before each pass after the first. Default 1 s.
     pub pass_interval: Duration,
     /// Most differing keys listed in the report. Default 1000.
@@ -190,6 +198,8 @@ impl VerifyConfig {
             ttl_tolerance_ms: 2000,
             batch: 100,
             string_chunk: 256 * 1024,
+            digest_max_elements: 10_000,
+            digest_max_bytes: 8 << 20,
             pass_interval: Duration::from_secs(1),
             max_listed: 1000,
         }
