@@ -109,14 +109,22 @@ fn value(kind: DiffKind, detail: impl Into<String>) -> Difference {
     }
 }
 
-/// A key that changed type under a walk (`WRONGTYPE`) or vanished is in
-/// flight: a difference for now, re-checked by the next pass.
+/// A key that changed type under a walk (`WRONGTYPE`) or vanished (`XINFO`
+/// on a deleted stream: `no such key`) is in flight: a difference for now,
+/// re-checked by the next pass.
 fn in_flight(result: Result<Frame, VerifyError>) -> Result<Result<Frame, String>, VerifyError> {
     match result {
         Ok(frame) => Ok(Ok(frame)),
         Err(VerifyError::Server { side, message, .. }) if message.starts_with("WRONGTYPE") => Ok(
             Err(format!("changed type on the {side} while being compared")),
         ),
+        Err(VerifyError::Server { side, message, .. })
+            if message.starts_with("ERR no such key") =>
+        {
+            Ok(Err(format!(
+                "vanished from the {side} while being compared"
+            )))
+        }
         Err(other) => Err(other),
     }
 }

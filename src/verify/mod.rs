@@ -52,8 +52,9 @@
 //!   first difference of a key is named (offset, index, field or member).
 //!   Module types are compared by existence, type and TTL only.
 //!
-//! A key that changes type under a walk (`WRONGTYPE`) is a difference for
-//! that pass and is re-checked by the next. Any other error reply, and any
+//! A key that changes type under a walk (`WRONGTYPE`), or a stream deleted
+//! under it (`no such key`), is a difference for that pass and is re-checked
+//! by the next. Any other error reply, and any
 //! reply of the wrong shape, ends the verify with a [`VerifyError`].
 //!
 //! # Cost and memory
