@@ -654,18 +654,22 @@ async fn the_binary_reports_and_exits_by_outcome() {
     );
 }
 
-/// Peak RSS of a `ferry verify` walking a 1M-element list and a 200k-field
-/// hash stays small: values are compared chunk by chunk.
+/// Peak RSS of a `ferry verify` walking a 1M-element list, a 200k-field
+/// hash and a list of forty 2 MB elements stays small: values are compared
+/// chunk by chunk, and chunks of big elements hold fewer of them. The target
+/// refuses DEBUG, so every value is walked.
 #[tokio::test]
 async fn big_keys_are_walked_in_bounded_memory() {
     const FILL: &str = "for i = 1, 1000000 do redis.call('RPUSH', KEYS[1], 'element-' .. i) end \
         for i = 1, 200000 do redis.call('HSET', KEYS[2], 'field-' .. i, 'value-' .. i) end \
+        local fat = string.rep('x', 2000000) \
+        for i = 1, 40 do redis.call('RPUSH', KEYS[3], fat .. i) end \
         return redis.call('LLEN', KEYS[1])";
     let source = RedisServer::start(&[]);
-    let target = RedisServer::start(&[]);
+    let target = RedisServer::start(NO_DEBUG);
     for server in [&source, &target] {
         assert_eq!(
-            server.cmd(&["EVAL", FILL, "2", "biglist", "bighash"]),
+            server.cmd(&["EVAL", FILL, "3", "biglist", "bighash", "fatlist"]),
             "1000000"
         );
     }
@@ -688,7 +692,7 @@ async fn big_keys_are_walked_in_bounded_memory() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
-    assert!(stdout.contains("equal: 2 keys checked"), "{stdout}");
+    assert!(stdout.contains("equal: 3 keys checked"), "{stdout}");
     let peak_kib: u64 = stderr
         .lines()
         .find_map(|line| {

@@ -3,8 +3,9 @@
 //! In: keys of one db (both connections have it selected). Out: for each key
 //! that differs, its [`Difference`]s. See the module doc of [`super`] for
 //! what is compared in each mode; the value walks here read at most one
-//! chunk (`batch` elements, or [`super::VerifyConfig::string_chunk`] bytes)
-//! per side at a time.
+//! chunk per side at a time: [`super::VerifyConfig::string_chunk`] bytes of
+//! a string, or up to `batch` elements of a collection, fewer when its
+//! elements are big ([`ChunkSize`]).
 
 use bytes::Bytes;
 
@@ -304,17 +305,27 @@ async fn values(
         let detail = if equal && kind != KeyType::Stream {
             None
         } else {
+            let walks_elements = match kind {
+                KeyType::List | KeyType::Hash | KeyType::Set | KeyType::ZSet => true,
+                KeyType::Stream => !equal,
+                KeyType::String | KeyType::None | KeyType::Other(_) => false,
+            };
+            let size = if walks_elements {
+                chunk_size(&mut pair.source, key, length, config).await?
+            } else {
+                ChunkSize::new(config)
+            };
             let found = match kind {
                 KeyType::String => walk_string(pair, key, length, config.string_chunk).await?,
-                KeyType::List => walk_list(pair, key, length, config.batch).await?,
-                KeyType::Hash => walk_unordered(pair, key, Unordered::Hash, config.batch).await?,
-                KeyType::Set => walk_unordered(pair, key, Unordered::Set, config.batch).await?,
-                KeyType::ZSet => walk_zset(pair, key, length, config.batch).await?,
+                KeyType::List => walk_list(pair, key, length, size).await?,
+                KeyType::Hash => walk_unordered(pair, key, Unordered::Hash, size).await?,
+                KeyType::Set => walk_unordered(pair, key, Unordered::Set, size).await?,
+                KeyType::ZSet => walk_zset(pair, key, length, size).await?,
                 KeyType::Stream => {
                     let found = if equal {
                         None
                     } else {
-                        walk_stream(pair, key, config.batch).await?
+                        walk_stream(pair, key, size).await?
                     };
                     match found {
                         Some(detail) => Some(detail),
@@ -505,23 +516,100 @@ async fn walk_string(pair: &mut Pair, key: &Bytes, length: u64, chunk: usize) ->
     Ok(None)
 }
 
-/// Lists: `LRANGE` chunks of `batch` elements, compared in order.
-async fn walk_list(pair: &mut Pair, key: &Bytes, length: u64, batch: usize) -> Walk {
-    let batch = batch.max(1) as u64;
+/// Elements per chunk of a walk: `batch`, fewer while the elements are so
+/// big that a chunk would exceed the byte budget
+/// ([`VerifyConfig::chunk_budget`]), so memory stays near the budget per
+/// side (a single element bigger than the budget is still read whole).
+struct ChunkSize {
+    count: u64,
+    max: u64,
+    budget: u64,
+}
+
+impl ChunkSize {
+    fn new(config: &VerifyConfig) -> ChunkSize {
+        let max = config.batch.max(1) as u64;
+        ChunkSize {
+            count: max,
+            max,
+            budget: config.chunk_budget.max(1) as u64,
+        }
+    }
+
+    /// Adjusts to the chunk just read: `elements` taking `bytes`.
+    fn observe(&mut self, elements: usize, bytes: usize) {
+        if elements == 0 {
+            return;
+        }
+        let per_element = (bytes / elements).max(1) as u64;
+        self.count = (self.budget / per_element).clamp(1, self.max);
+    }
+}
+
+/// The first chunk size of a walk: from the key's `MEMORY USAGE` on the
+/// source (sampled, so an estimate) divided by its length, so that even the
+/// first chunk of a list of huge elements stays near the budget. Without
+/// `MEMORY USAGE` (refused, or the key vanished): `batch`.
+async fn chunk_size(
+    conn: &mut Conn,
+    key: &Bytes,
+    length: u64,
+    config: &VerifyConfig,
+) -> Result<ChunkSize, VerifyError> {
+    let mut size = ChunkSize::new(config);
+    if length <= 1 {
+        return Ok(size);
+    }
+    let cmd = Command::new(vec![
+        Bytes::from_static(b"MEMORY"),
+        Bytes::from_static(b"USAGE"),
+        key.clone(),
+    ]);
+    match conn.call(cmd, Some(key)).await {
+        Ok(Frame::Integer(bytes)) => {
+            let bytes = usize::try_from(bytes).unwrap_or(0);
+            let elements = usize::try_from(length).unwrap_or(usize::MAX);
+            size.observe(elements, bytes);
+        }
+        Ok(_) | Err(VerifyError::Server { .. }) => {}
+        Err(other) => return Err(other),
+    }
+    Ok(size)
+}
+
+/// Bytes of payload in a reply (strings, plus a little per element).
+fn frame_bytes(frame: &Frame) -> usize {
+    match frame {
+        Frame::Array(items) | Frame::Set(items) | Frame::Push(items) => {
+            items.iter().map(frame_bytes).sum::<usize>() + 16
+        }
+        Frame::Map(entries) | Frame::Attribute(entries) => entries
+            .iter()
+            .map(|(k, v)| frame_bytes(k) + frame_bytes(v))
+            .sum::<usize>()
+            .saturating_add(16),
+        other => other.as_bytes().map_or(16, |b| b.len() + 16),
+    }
+}
+
+/// Lists: `LRANGE` chunks, compared in order.
+async fn walk_list(pair: &mut Pair, key: &Bytes, length: u64, mut size: ChunkSize) -> Walk {
     let mut start = 0u64;
     while start < length {
         let args = vec![
             Bytes::from_static(b"LRANGE"),
             key.clone(),
             num(start),
-            num(start + batch - 1),
+            num(start + size.count - 1),
         ];
         let (a, b) = match both(pair, args, key).await? {
             Ok(replies) => replies,
             Err(detail) => return Ok(Some(detail)),
         };
+        let bytes = frame_bytes(&a).max(frame_bytes(&b));
         let a = items(&pair.source, "LRANGE", key, &a)?;
         let b = items(&pair.target, "LRANGE", key, &b)?;
+        size.observe(a.len().max(b.len()), bytes);
         for (offset, (x, y)) in a.iter().zip(b).enumerate() {
             if x != y {
                 return Ok(Some(format!(
@@ -584,7 +672,12 @@ impl Unordered {
 
 /// Hashes and sets: scan one side in pages, look each page up on the other
 /// side (`HMGET` / `SMISMEMBER`), then the same the other way round.
-async fn walk_unordered(pair: &mut Pair, key: &Bytes, shape: Unordered, batch: usize) -> Walk {
+async fn walk_unordered(
+    pair: &mut Pair,
+    key: &Bytes,
+    shape: Unordered,
+    mut size: ChunkSize,
+) -> Walk {
     for (scanned, other) in [(Side::Source, Side::Target), (Side::Target, Side::Source)] {
         let mut cursor = Bytes::from_static(b"0");
         loop {
@@ -593,7 +686,7 @@ async fn walk_unordered(pair: &mut Pair, key: &Bytes, shape: Unordered, batch: u
                 key.clone(),
                 cursor.clone(),
                 Bytes::from_static(b"COUNT"),
-                num(batch.max(1) as u64),
+                num(size.count),
             ];
             let reply =
                 match in_flight(pair.side(scanned).call(Command::new(args), Some(key)).await)? {
@@ -604,6 +697,7 @@ async fn walk_unordered(pair: &mut Pair, key: &Bytes, shape: Unordered, batch: u
             let (next, page) = scan_page(conn, shape.scan(), key, &reply)?;
             let page = page.to_vec();
             let step = if shape == Unordered::Hash { 2 } else { 1 };
+            size.observe(page.len() / step, frame_bytes(&reply));
             if page.len() % step != 0 {
                 return Err(conn.bad_reply(shape.scan(), Some(key), &reply));
             }
@@ -688,23 +782,24 @@ fn scan_page<'a>(
 
 /// Sorted sets: `ZRANGE … WITHSCORES` by index in chunks, in order; scores
 /// compared as numbers.
-async fn walk_zset(pair: &mut Pair, key: &Bytes, length: u64, batch: usize) -> Walk {
-    let batch = batch.max(1) as u64;
+async fn walk_zset(pair: &mut Pair, key: &Bytes, length: u64, mut size: ChunkSize) -> Walk {
     let mut start = 0u64;
     while start < length {
         let args = vec![
             Bytes::from_static(b"ZRANGE"),
             key.clone(),
             num(start),
-            num(start + batch - 1),
+            num(start + size.count - 1),
             Bytes::from_static(b"WITHSCORES"),
         ];
         let (a, b) = match both(pair, args, key).await? {
             Ok(replies) => replies,
             Err(detail) => return Ok(Some(detail)),
         };
+        let bytes = frame_bytes(&a).max(frame_bytes(&b));
         let a_items = items(&pair.source, "ZRANGE", key, &a)?;
         let b_items = items(&pair.target, "ZRANGE", key, &b)?;
+        size.observe(a_items.len().max(b_items.len()) / 2, bytes);
         if a_items.len() % 2 != 0 {
             return Err(pair.source.bad_reply("ZRANGE", Some(key), &a));
         }
@@ -764,8 +859,8 @@ fn score(frame: &Frame) -> Option<f64> {
     }
 }
 
-/// Streams: `XRANGE` chunks of `batch` entries, compared in order.
-async fn walk_stream(pair: &mut Pair, key: &Bytes, batch: usize) -> Walk {
+/// Streams: `XRANGE … COUNT` chunks, compared in order.
+async fn walk_stream(pair: &mut Pair, key: &Bytes, mut size: ChunkSize) -> Walk {
     let mut start = Bytes::from_static(b"-");
     loop {
         let args = vec![
@@ -774,14 +869,17 @@ async fn walk_stream(pair: &mut Pair, key: &Bytes, batch: usize) -> Walk {
             start.clone(),
             Bytes::from_static(b"+"),
             Bytes::from_static(b"COUNT"),
-            num(batch.max(1) as u64),
+            num(size.count),
         ];
+        let asked = size.count;
         let (a, b) = match both(pair, args, key).await? {
             Ok(replies) => replies,
             Err(detail) => return Ok(Some(detail)),
         };
+        let bytes = frame_bytes(&a).max(frame_bytes(&b));
         let a = items(&pair.source, "XRANGE", key, &a)?;
         let b = items(&pair.target, "XRANGE", key, &b)?;
+        size.observe(a.len().max(b.len()), bytes);
         for (x, y) in a.iter().zip(b) {
             if x != y {
                 let id = |conn: &Conn, entry: &Frame| -> Result<String, VerifyError> {
@@ -813,7 +911,7 @@ async fn walk_stream(pair: &mut Pair, key: &Bytes, batch: usize) -> Walk {
         next.push(b'(');
         next.extend_from_slice(&last_id);
         start = Bytes::from(next);
-        if a.len() < batch.max(1) {
+        if (a.len() as u64) < asked {
             break;
         }
     }
@@ -942,6 +1040,33 @@ mod tests {
         assert!(one_sided.detail.contains("no TTL on the target"));
         let other_side = ttl_difference(&head(None), &head(Some(5)), 2000).unwrap();
         assert!(other_side.detail.contains("no TTL on the source"));
+    }
+
+    #[test]
+    fn chunks_shrink_for_big_elements_and_grow_back() {
+        let mut config = VerifyConfig::new(
+            crate::redis::url::RedisUrl::parse("h:1").unwrap(),
+            crate::redis::url::RedisUrl::parse("h:2").unwrap(),
+        );
+        config.batch = 100;
+        config.chunk_budget = 1 << 20;
+        let mut size = ChunkSize::new(&config);
+        assert_eq!(size.count, 100);
+        size.observe(100, 100 * 100 * 1024); // 100 KiB elements
+        assert_eq!(size.count, 10);
+        size.observe(10, 10 << 20); // 1 MiB elements
+        assert_eq!(size.count, 1);
+        size.observe(1, 600 << 20); // one element over the budget
+        assert_eq!(size.count, 1);
+        size.observe(1, 10);
+        assert_eq!(size.count, 100);
+        size.observe(0, 0);
+        assert_eq!(size.count, 100);
+        let reply = Frame::Array(vec![
+            Frame::bulk("abc"),
+            Frame::Array(vec![Frame::bulk("de")]),
+        ]);
+        assert_eq!(frame_bytes(&reply), (3 + 16) + (2 + 16 + 16) + 16);
     }
 
     #[test]

@@ -42,7 +42,8 @@
 //!   by `GETRANGE` of [`VerifyConfig::string_chunk`] bytes; lists by
 //!   `LRANGE`, sorted sets by `ZRANGE … WITHSCORES` (by index, scores
 //!   compared as numbers) and streams by `XRANGE … COUNT` (exclusive start,
-//!   Redis 6.2+), [`VerifyConfig::batch`] elements at a time, in order;
+//!   Redis 6.2+), [`VerifyConfig::batch`] elements at a time (fewer when
+//!   elements are big: see [`VerifyConfig::chunk_budget`]), in order;
 //!   hashes and sets, which have no order, by `HSCAN`/`SSCAN` pages of one
 //!   side looked up on the other with `HMGET`/`SMISMEMBER` (Redis 6.2+), in
 //!   both directions. Streams also compare `XINFO STREAM` (length, last
@@ -62,7 +63,9 @@
 //! Each side's commands go through a token bucket of
 //! [`VerifyConfig::qps`] commands per second (a pipeline of `n` takes `n`
 //! tokens), so a verify can run against production while a sync runs.
-//! Memory per key is one chunk per side; what grows with the data is the
+//! Memory per key is one chunk per side (about
+//! [`VerifyConfig::chunk_budget`], or one element when a single element is
+//! bigger); what grows with the data is the
 //! set of differing keys kept between passes (their names only).
 
 mod compare;
@@ -174,6 +177,9 @@ pub struct VerifyConfig {
     pub batch: usize,
     /// Bytes per `GETRANGE` chunk of a string. Default 256 KiB.
     pub string_chunk: usize,
+    /// Bytes a chunk of collection elements should stay under: chunks hold
+    /// fewer than `batch` elements when elements are big. Default 4 MiB.
+    pub chunk_budget: usize,
     /// Largest collection (elements) and string (bytes) compared with
     /// `DEBUG DIGEST-VALUE`, which blocks the server for the whole value;
     /// bigger ones are walked. Defaults 10 000 and 8 MiB.
@@ -199,6 +205,7 @@ impl VerifyConfig {
             ttl_tolerance_ms: 2000,
             batch: 100,
             string_chunk: 256 * 1024,
+            chunk_budget: 4 << 20,
             digest_max_elements: 10_000,
             digest_max_bytes: 8 << 20,
             pass_interval: Duration::from_secs(1),
