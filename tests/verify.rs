@@ -652,6 +652,35 @@ async fn the_binary_reports_and_exits_by_outcome() {
         stderr.contains("cannot connect to the target redis://127.0.0.1:1"),
         "{stderr}"
     );
+
+    // Something that is not Redis answers on the target's port.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let talker = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let (mut socket, _) = listener.accept().expect("accept");
+        let mut request = [0u8; 256];
+        let _ = socket.read(&mut request);
+        let _ = socket.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n");
+    });
+    let garbled = {
+        let mut process = Process::new(ferry_bin());
+        process.args([
+            "verify",
+            "--source",
+            &source.url(),
+            "--target",
+            &format!("redis://127.0.0.1:{port}"),
+        ]);
+        output_within(&mut process, Duration::from_secs(60)).expect("ferry verify")
+    };
+    talker.join().expect("talker");
+    assert_eq!(garbled.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&garbled.stderr);
+    assert!(
+        stderr.contains("lost the target connection during DEBUG: invalid RESP at byte 0"),
+        "{stderr}"
+    );
 }
 
 /// Peak RSS of a `ferry verify` walking a 1M-element list, a 200k-field

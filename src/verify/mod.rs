@@ -65,8 +65,8 @@
 //! tokens), so a verify can run against production while a sync runs.
 //! Memory per key is one chunk per side (about
 //! [`VerifyConfig::chunk_budget`], or one element when a single element is
-//! bigger); what grows with the data is the
-//! set of differing keys kept between passes (their names only).
+//! bigger); what grows with the data is the set of differing keys kept
+//! between passes (each key's name and a one-line description).
 
 mod compare;
 mod conn;
