@@ -139,3 +139,83 @@ pub fn verify(args: &VerifyArgs) -> Result<(), VerifyCommandError> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Verb};
+    use clap::Parser;
+
+    fn parse(args: &[&str]) -> Result<VerifyArgs, clap::Error> {
+        let mut argv = vec!["ferry", "verify"];
+        argv.extend_from_slice(args);
+        match Cli::try_parse_from(argv)?.verb {
+            Verb::Verify(args) => Ok(args),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn parses_flags_into_a_config() {
+        let args = parse(&[
+            "--source",
+            "redis://:pw@127.0.0.1:7000",
+            "--target",
+            "127.0.0.1:7001",
+            "--db",
+            "3",
+            "--db",
+            "0",
+            "--match",
+            "user:*",
+            "--mode",
+            "outline",
+            "--passes",
+            "5",
+            "--qps",
+            "0",
+            "--ttl-tolerance",
+            "500",
+            "--batch",
+            "1000",
+            "--json",
+        ])
+        .unwrap();
+        assert!(args.json);
+        let config = args.config().unwrap();
+        assert_eq!(config.dbs, [3, 0]);
+        assert_eq!(config.pattern.as_deref(), Some(&b"user:*"[..]));
+        assert_eq!(config.mode, Mode::Outline);
+        assert_eq!(
+            (
+                config.passes,
+                config.qps,
+                config.ttl_tolerance_ms,
+                config.batch
+            ),
+            (5, 0, 500, 1000)
+        );
+        assert_eq!(config.source.password.as_deref(), Some("pw"));
+
+        let defaults = parse(&["--source", "a:1", "--target", "b:2"]).unwrap();
+        let config = defaults.config().unwrap();
+        assert_eq!(config.mode, Mode::Full);
+        assert_eq!((config.passes, config.qps, config.batch), (3, 5000, 100));
+        assert!(config.dbs.is_empty() && config.pattern.is_none());
+    }
+
+    #[test]
+    fn refuses_bad_flags() {
+        assert!(parse(&["--source", "a:1"]).is_err());
+        assert!(parse(&["--source", "a:1", "--target", "b:2", "--passes", "0"]).is_err());
+        assert!(parse(&["--source", "a:1", "--target", "b:2", "--batch", "0"]).is_err());
+        assert!(parse(&["--source", "a:1", "--target", "b:2", "--mode", "deep"]).is_err());
+        let bad_url = parse(&["--source", "http://a:1", "--target", "b:2"]).unwrap();
+        assert!(bad_url.config().is_err());
+        assert_eq!(VerifyCommandError::Differences { keys: 1 }.exit_code(), 1);
+        assert_eq!(
+            VerifyCommandError::Url(bad_url.config().unwrap_err()).exit_code(),
+            2
+        );
+    }
+}
