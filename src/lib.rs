@@ -18,4 +18,5 @@ pub mod position;
 pub mod record;
 pub mod redis;
 pub mod ship;
+pub mod verify;
 pub mod wal;

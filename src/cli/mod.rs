@@ -14,11 +14,16 @@
 //! - `ferry status [--admin ADDR | --data-dir DIR] [--json] [--watch SECS]`,
 //!   `ferry stop-sync` / `ferry restart-sync [--admin ADDR | --data-dir DIR]
 //!   [--partition N] [--drainer ID]`: the admin API's client ([`status`]).
+//! - `ferry verify --source … --target … [--db N]… [--match PATTERN]
+//!   [--mode full|outline] [--passes N] [--qps N] [--json]`: compare two
+//!   servers key by key ([`verify`]; exit code 1 on a difference, 2 on an
+//!   error).
 
 pub mod fetch;
 pub mod node;
 pub mod rdb;
 pub mod status;
+pub mod verify;
 
 use std::path::PathBuf;
 
@@ -64,6 +69,9 @@ pub enum Verb {
     /// Resume shipping stopped by stop-sync: drainers get what accumulated,
     /// or a snapshot if it expired.
     RestartSync(status::SyncControlArgs),
+    /// Compare a source and a target key by key (type, TTL, value), in
+    /// passes; exit code 1 when they differ.
+    Verify(verify::VerifyArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -138,6 +146,19 @@ pub enum CliError {
     Node(#[from] node::NodeCommandError),
     #[error(transparent)]
     Status(#[from] status::StatusCommandError),
+    #[error(transparent)]
+    Verify(#[from] verify::VerifyCommandError),
+}
+
+impl CliError {
+    /// The process exit code: `ferry verify` tells differences (1) from
+    /// errors (2); every other failure is 1.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Verify(error) => error.exit_code(),
+            _ => 1,
+        }
+    }
 }
 
 impl Verb {
@@ -198,6 +219,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Verb::Status(args) => Ok(status::status(&args)?),
         Verb::StopSync(args) => Ok(status::stop_sync(&args)?),
         Verb::RestartSync(args) => Ok(status::restart_sync(&args)?),
+        Verb::Verify(args) => Ok(verify::verify(&args)?),
     }
 }
 

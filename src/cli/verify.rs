@@ -1,0 +1,221 @@
+//! `ferry verify --source URL --target URL`: compare two servers key by key
+//! ([`crate::verify`]).
+//!
+//! In: the flags of [`VerifyArgs`]. Out: on stdout, the summary table and
+//! the differing keys ([`crate::verify::render_report`]) or, with `--json`,
+//! the report as one JSON object (the serde form of
+//! [`crate::verify::VerifyReport`]); progress after each pass on stderr
+//! (`RUST_LOG=info`). The verb fails with [`VerifyCommandError::Differences`]
+//! when keys still differ after the last pass (exit code 1) and with another
+//! [`VerifyCommandError`] when it cannot finish (exit code 2).
+
+use std::io::{self, Write as _};
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::Args;
+
+use crate::redis::url::{RedisUrl, UrlError};
+use crate::verify::{self, Mode, VerifyConfig, VerifyError};
+
+/// `ferry verify` arguments.
+#[derive(Debug, Clone, Args)]
+pub struct VerifyArgs {
+    /// The reference server: `redis://[user:pass@]host:port`.
+    #[arg(long)]
+    pub source: String,
+    /// The server checked against it.
+    #[arg(long)]
+    pub target: String,
+    /// A db to compare (repeatable) [default: every db holding keys on either side].
+    #[arg(long = "db", value_name = "N")]
+    pub dbs: Vec<u32>,
+    /// Only keys matching this SCAN MATCH pattern.
+    #[arg(long = "match", value_name = "PATTERN")]
+    pub pattern: Option<String>,
+    /// full: values too; outline: existence, type, TTL and lengths.
+    #[arg(long, value_enum, default_value_t = Mode::Full)]
+    pub mode: Mode,
+    /// Passes per db; later passes re-check only the keys that differed.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub passes: u32,
+    /// Commands per second sent to each server; 0 for no limit.
+    #[arg(long, default_value_t = 5000)]
+    pub qps: u32,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    /// Largest gap between the expiry times of a key that is still equal (ms).
+    #[arg(long, value_name = "MS", default_value_t = 2000)]
+    pub ttl_tolerance: u64,
+    /// Keys per SCAN page and pipeline, elements per chunk of a big key.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub batch: u64,
+    /// Pause before each pass after the first (ms).
+    #[arg(long, value_name = "MS", default_value_t = 1000)]
+    pub pass_interval: u64,
+    /// Most differing keys listed (the rest are counted).
+    #[arg(long, default_value_t = 1000)]
+    pub max_listed: usize,
+}
+
+impl VerifyArgs {
+    pub fn config(&self) -> Result<VerifyConfig, UrlError> {
+        let mut config = VerifyConfig::new(
+            RedisUrl::parse(&self.source)?,
+            RedisUrl::parse(&self.target)?,
+        );
+        config.dbs = self.dbs.clone();
+        config.pattern = self.pattern.clone().map(Bytes::from);
+        config.mode = self.mode;
+        config.passes = self.passes;
+        config.qps = self.qps;
+        config.ttl_tolerance_ms = self.ttl_tolerance;
+        config.batch = usize::try_from(self.batch).unwrap_or(usize::MAX);
+        config.pass_interval = Duration::from_millis(self.pass_interval);
+        config.max_listed = self.max_listed;
+        Ok(config)
+    }
+}
+
+/// Why `ferry verify` did not end with "equal".
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyCommandError {
+    #[error("{keys} keys differ between the source and the target after the last pass")]
+    Differences { keys: u64 },
+    #[error(transparent)]
+    Url(#[from] UrlError),
+    #[error(transparent)]
+    Verify(#[from] VerifyError),
+    #[error("cannot write to stdout: {0}")]
+    Output(#[source] io::Error),
+    #[error("cannot encode the report as JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(#[source] io::Error),
+}
+
+impl VerifyCommandError {
+    /// 1 when the servers differ, 2 when the verify could not finish.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            VerifyCommandError::Differences { .. } => 1,
+            _ => 2,
+        }
+    }
+}
+
+/// `ferry verify`.
+pub fn verify(args: &VerifyArgs) -> Result<(), VerifyCommandError> {
+    let config = args.config()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(VerifyCommandError::Runtime)?;
+    let report = runtime.block_on(verify::run_observed(&config, &mut |event| {
+        tracing::info!(
+            db = event.db,
+            pass = event.pass,
+            differing = event.differing,
+            another_pass = event.another_pass,
+            "verify pass done"
+        );
+    }))?;
+    let text = if args.json {
+        serde_json::to_string(&report)? + "\n"
+    } else {
+        verify::render_report(&report)
+    };
+    let mut stdout = io::stdout().lock();
+    stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+        .map_err(VerifyCommandError::Output)?;
+    if report.equal {
+        Ok(())
+    } else {
+        Err(VerifyCommandError::Differences {
+            keys: report.differences_total,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Verb};
+    use clap::Parser;
+
+    fn parse(args: &[&str]) -> Result<VerifyArgs, clap::Error> {
+        let mut argv = vec!["ferry", "verify"];
+        argv.extend_from_slice(args);
+        match Cli::try_parse_from(argv)?.verb {
+            Verb::Verify(args) => Ok(args),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn parses_flags_into_a_config() {
+        let args = parse(&[
+            "--source",
+            "redis://:pw@127.0.0.1:7000",
+            "--target",
+            "127.0.0.1:7001",
+            "--db",
+            "3",
+            "--db",
+            "0",
+            "--match",
+            "user:*",
+            "--mode",
+            "outline",
+            "--passes",
+            "5",
+            "--qps",
+            "0",
+            "--ttl-tolerance",
+            "500",
+            "--batch",
+            "1000",
+            "--json",
+        ])
+        .unwrap();
+        assert!(args.json);
+        let config = args.config().unwrap();
+        assert_eq!(config.dbs, [3, 0]);
+        assert_eq!(config.pattern.as_deref(), Some(&b"user:*"[..]));
+        assert_eq!(config.mode, Mode::Outline);
+        assert_eq!(
+            (
+                config.passes,
+                config.qps,
+                config.ttl_tolerance_ms,
+                config.batch
+            ),
+            (5, 0, 500, 1000)
+        );
+        assert_eq!(config.source.password.as_deref(), Some("pw"));
+
+        let defaults = parse(&["--source", "a:1", "--target", "b:2"]).unwrap();
+        let config = defaults.config().unwrap();
+        assert_eq!(config.mode, Mode::Full);
+        assert_eq!((config.passes, config.qps, config.batch), (3, 5000, 100));
+        assert!(config.dbs.is_empty() && config.pattern.is_none());
+    }
+
+    #[test]
+    fn refuses_bad_flags() {
+        assert!(parse(&["--source", "a:1"]).is_err());
+        assert!(parse(&["--source", "a:1", "--target", "b:2", "--passes", "0"]).is_err());
+        assert!(parse(&["--source", "a:1", "--target", "b:2", "--batch", "0"]).is_err());
+        assert!(parse(&["--source", "a:1", "--target", "b:2", "--mode", "deep"]).is_err());
+        let bad_url = parse(&["--source", "http://a:1", "--target", "b:2"]).unwrap();
+        assert!(bad_url.config().is_err());
+        assert_eq!(VerifyCommandError::Differences { keys: 1 }.exit_code(), 1);
+        assert_eq!(
+            VerifyCommandError::Url(bad_url.config().unwrap_err()).exit_code(),
+            2
+        );
+    }
+}

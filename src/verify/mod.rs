@@ -1,0 +1,495 @@
+//! `ferry verify`: compare a source and a target Redis key by key.
+//!
+//! In: two servers ([`VerifyConfig`]). Out: a [`VerifyReport`] (per-db
+//! counts and the keys that still differ after the last pass), or a
+//! [`VerifyError`] naming the side, db, key and command that failed.
+//!
+//! # Passes
+//!
+//! The design follows redis-full-check: compare everything once, then
+//! compare again only what differed, so that keys written while the check
+//! runs (a sync in progress) get time to settle.
+//!
+//! - Pass 1, per db: `SCAN` the source (`MATCH` `--match`, `COUNT`
+//!   `--batch`) and compare each page of keys on both sides; then `SCAN` the
+//!   target, ask the source `EXISTS` for each page, and compare the keys the
+//!   source lacks (they are *extra*). Keys starting with `__ferry` (ferry's
+//!   own heartbeats and checkpoints) are skipped on both sides.
+//! - Passes 2..=N: after [`VerifyConfig::pass_interval`], re-compare only the
+//!   keys that differed in the previous pass. A db stops early once nothing
+//!   differs. What differs after its last pass is reported.
+//!
+//! # What is compared
+//!
+//! For each key, on both sides: `TYPE` and `PTTL` (pipelined).
+//!
+//! - *missing*: on the source, not on the target; *extra*: the reverse. A
+//!   key gone from both (deleted or expired since the scan) is not a
+//!   difference.
+//! - *type*: the types differ (nothing more is compared).
+//! - *ttl*: one side has a TTL and the other not, or the two expiry times
+//!   (`PTTL` turned into an absolute time by our clock when the reply
+//!   arrived) are more than [`VerifyConfig::ttl_tolerance_ms`] apart.
+//! - *value*, [`Mode::Outline`]: the length or cardinality differs
+//!   (`STRLEN`, `LLEN`, `HLEN`, `SCARD`, `ZCARD`, `XLEN`).
+//! - *value*, [`Mode::Full`]: the lengths, then the values. When both
+//!   servers allow `DEBUG`, equal `DEBUG DIGEST-VALUE`s settle a key at once
+//!   (only for keys up to [`VerifyConfig::digest_max_elements`] /
+//!   [`VerifyConfig::digest_max_bytes`]: a digest is one command that blocks
+//!   the server for the whole value); otherwise (DEBUG refused, a bigger
+//!   key, or digests that differ, to name the difference) the value is
+//!   walked in chunks, never loaded whole: strings
+//!   by `GETRANGE` of [`VerifyConfig::string_chunk`] bytes; lists by
+//!   `LRANGE`, sorted sets by `ZRANGE … WITHSCORES` (by index, scores
+//!   compared as numbers) and streams by `XRANGE … COUNT` (exclusive start,
+//!   Redis 6.2+), [`VerifyConfig::batch`] elements at a time (fewer when
+//!   elements are big: see [`VerifyConfig::chunk_budget`]), in order;
+//!   hashes and sets, which have no order, by `HSCAN`/`SSCAN` pages of one
+//!   side looked up on the other with `HMGET`/`SMISMEMBER` (Redis 6.2+), in
+//!   both directions. Streams also compare `XINFO STREAM` (length, last
+//!   generated id, max deleted id, entries added, group count) and each
+//!   group's consumers, pending count and last delivered id (not
+//!   `entries-read` and `lag`, which Redis 7.0 does not replicate). The
+//!   first difference of a key is named (offset, index, field or member).
+//!   Module types are compared by existence, type and TTL only.
+//!
+//! A key that changes type under a walk (`WRONGTYPE`), or a stream deleted
+//! under it (`no such key`), is a difference for that pass and is re-checked
+//! by the next. Any other error reply, and any
+//! reply of the wrong shape, ends the verify with a [`VerifyError`].
+//!
+//! # Cost and memory
+//!
+//! Each side's commands go through a token bucket of
+//! [`VerifyConfig::qps`] commands per second (a pipeline of `n` takes `n`
+//! tokens), so a verify can run against production while a sync runs.
+//! Memory per key is one chunk per side (about
+//! [`VerifyConfig::chunk_budget`], or one element when a single element is
+//! bigger); what grows with the data is the set of differing keys kept
+//! between passes (each key's name and a one-line description).
+
+mod compare;
+mod conn;
+pub mod rate;
+pub mod report;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde::Serialize;
+
+use self::compare::{check_keys, Pair};
+use self::conn::Conn;
+pub use self::report::{escape_key, render_report, DbReport, KeyReport, VerifyReport};
+use crate::record::INTERNAL_PREFIX;
+use crate::redis::client::ClientError;
+use crate::redis::command::Command;
+use crate::redis::resp::Frame;
+use crate::redis::url::RedisUrl;
+
+/// Which server a message is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Side {
+    Source,
+    Target,
+}
+
+impl std::fmt::Display for Side {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Side::Source => "source",
+            Side::Target => "target",
+        })
+    }
+}
+
+/// How deep the comparison goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Existence, type, TTL, and values element by element.
+    Full,
+    /// Existence, type, TTL, and length or cardinality.
+    Outline,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Full => "full",
+            Mode::Outline => "outline",
+        }
+    }
+}
+
+/// What kind of difference a key has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiffKind {
+    Missing,
+    Extra,
+    Type,
+    Ttl,
+    Value,
+}
+
+impl DiffKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            DiffKind::Missing => "missing",
+            DiffKind::Extra => "extra",
+            DiffKind::Type => "type",
+            DiffKind::Ttl => "ttl",
+            DiffKind::Value => "value",
+        }
+    }
+}
+
+/// One difference of one key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Difference {
+    pub kind: DiffKind,
+    /// What differs, for people.
+    pub detail: String,
+}
+
+/// What to compare and how fast.
+#[derive(Debug, Clone)]
+pub struct VerifyConfig {
+    pub source: RedisUrl,
+    pub target: RedisUrl,
+    /// Dbs to compare; empty: every db holding keys on either side
+    /// (`INFO keyspace`).
+    pub dbs: Vec<u32>,
+    /// `SCAN MATCH` pattern; `None`: every key.
+    pub pattern: Option<Bytes>,
+    /// Default [`Mode::Full`].
+    pub mode: Mode,
+    /// Passes per db, at least 1. Default 3.
+    pub passes: u32,
+    /// Commands per second to each server; 0: unlimited. Default 5000.
+    pub qps: u32,
+    /// Largest gap between expiry times that is still equal. Default 2000 ms.
+    pub ttl_tolerance_ms: u64,
+    /// Keys per `SCAN` page and pipeline, elements per chunk. Default 100.
+    pub batch: usize,
+    /// Bytes per `GETRANGE` chunk of a string. Default 256 KiB.
+    pub string_chunk: usize,
+    /// Bytes a chunk of collection elements should stay under: chunks hold
+    /// fewer than `batch` elements when elements are big. Default 4 MiB.
+    pub chunk_budget: usize,
+    /// Largest collection (elements) and string (bytes) compared with
+    /// `DEBUG DIGEST-VALUE`, which blocks the server for the whole value;
+    /// bigger ones are walked. Defaults 10 000 and 8 MiB.
+    pub digest_max_elements: u64,
+    pub digest_max_bytes: u64,
+    /// Pause before each pass after the first. Default 1 s.
+    pub pass_interval: Duration,
+    /// Most differing keys listed in the report. Default 1000.
+    pub max_listed: usize,
+}
+
+impl VerifyConfig {
+    /// The defaults above, for two servers.
+    pub fn new(source: RedisUrl, target: RedisUrl) -> VerifyConfig {
+        VerifyConfig {
+            source,
+            target,
+            dbs: Vec::new(),
+            pattern: None,
+            mode: Mode::Full,
+            passes: 3,
+            qps: 5000,
+            ttl_tolerance_ms: 2000,
+            batch: 100,
+            string_chunk: 256 * 1024,
+            chunk_budget: 4 << 20,
+            digest_max_elements: 10_000,
+            digest_max_bytes: 8 << 20,
+            pass_interval: Duration::from_secs(1),
+            max_listed: 1000,
+        }
+    }
+}
+
+/// Why a verify could not finish.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("cannot connect to the {side} {url}: {source}")]
+    Connect {
+        side: Side,
+        url: String,
+        #[source]
+        source: ClientError,
+    },
+    #[error("lost the {side} connection during {command}: {source}")]
+    Link {
+        side: Side,
+        command: String,
+        #[source]
+        source: ClientError,
+    },
+    #[error("the {side} refused {command} ({at}): {message}")]
+    Server {
+        side: Side,
+        at: String,
+        command: String,
+        message: String,
+    },
+    #[error("unexpected reply from the {side} to {command} ({at}): {reply}")]
+    Reply {
+        side: Side,
+        at: String,
+        command: String,
+        reply: String,
+    },
+}
+
+/// Progress, reported after each pass of each db.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PassEvent {
+    pub db: u32,
+    /// 1-based.
+    pub pass: u32,
+    /// Keys differing after this pass.
+    pub differing: u64,
+    /// Whether another pass follows (after the pass interval).
+    pub another_pass: bool,
+}
+
+/// Runs a verify; see the module doc.
+pub async fn run(config: &VerifyConfig) -> Result<VerifyReport, VerifyError> {
+    run_observed(config, &mut |_| {}).await
+}
+
+/// [`run`], calling `observer` after each pass (before the pause that
+/// precedes the next one).
+pub async fn run_observed(
+    config: &VerifyConfig,
+    observer: &mut (dyn FnMut(&PassEvent) + Send),
+) -> Result<VerifyReport, VerifyError> {
+    let started = Instant::now();
+    let mut pair = Pair {
+        source: Conn::connect(Side::Source, &config.source, config.qps).await?,
+        target: Conn::connect(Side::Target, &config.target, config.qps).await?,
+    };
+    let dbs = if config.dbs.is_empty() {
+        let mut dbs = keyspace_dbs(&mut pair.source).await?;
+        dbs.extend(keyspace_dbs(&mut pair.target).await?);
+        dbs
+    } else {
+        config.dbs.clone()
+    };
+    let mut dbs = dbs;
+    dbs.sort_unstable();
+    dbs.dedup();
+
+    let mut db_reports = Vec::with_capacity(dbs.len());
+    let mut listed = Vec::new();
+    let mut total = 0u64;
+    for db in dbs {
+        let (db_report, differing) = verify_db(&mut pair, db, config, observer).await?;
+        total += differing.len() as u64;
+        for (key, diffs) in differing {
+            if listed.len() >= config.max_listed {
+                break;
+            }
+            let mut kinds: Vec<DiffKind> = diffs.iter().map(|d| d.kind).collect();
+            kinds.sort_unstable();
+            kinds.dedup();
+            listed.push(KeyReport {
+                db,
+                key: report::escape_bytes(&key),
+                kinds,
+                detail: diffs
+                    .iter()
+                    .map(|d| d.detail.as_str())
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            });
+        }
+        db_reports.push(db_report);
+    }
+    Ok(VerifyReport {
+        source: config.source.to_string(),
+        target: config.target.to_string(),
+        mode: config.mode,
+        passes_max: config.passes.max(1),
+        equal: total == 0,
+        dbs: db_reports,
+        differences_total: total,
+        differences_omitted: total - listed.len() as u64,
+        differences: listed,
+        source_commands: pair.source.commands,
+        target_commands: pair.target.commands,
+        elapsed_ms: millis(started.elapsed()),
+    })
+}
+
+fn millis(elapsed: Duration) -> u64 {
+    u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Dbs with keys, from `INFO keyspace` (`db3:keys=10,expires=0,…`).
+async fn keyspace_dbs(conn: &mut Conn) -> Result<Vec<u32>, VerifyError> {
+    let reply = conn
+        .call(Command::from_parts(["INFO", "keyspace"]), None)
+        .await?;
+    let text = reply
+        .as_bytes()
+        .ok_or_else(|| conn.bad_reply("INFO", None, &reply))?;
+    let info = crate::redis::client::parse_info(&String::from_utf8_lossy(text));
+    let mut dbs = Vec::new();
+    for (name, value) in info {
+        let Some(db) = name.strip_prefix("db").and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let keys = value
+            .split(',')
+            .find_map(|part| part.strip_prefix("keys="))
+            .and_then(|n| n.parse::<u64>().ok())
+            .ok_or_else(|| conn.bad_reply("INFO keyspace", None, &reply))?;
+        if keys > 0 {
+            dbs.push(db);
+        }
+    }
+    Ok(dbs)
+}
+
+type Differing = BTreeMap<Bytes, Vec<crate::verify::Difference>>;
+
+/// All passes over one db.
+async fn verify_db(
+    pair: &mut Pair,
+    db: u32,
+    config: &VerifyConfig,
+    observer: &mut (dyn FnMut(&PassEvent) + Send),
+) -> Result<(DbReport, Differing), VerifyError> {
+    let started = Instant::now();
+    pair.source.select(db).await?;
+    pair.target.select(db).await?;
+    let batch = config.batch.max(1);
+    let passes = config.passes.max(1);
+    let mut differing = Differing::new();
+    let mut keys_checked = 0u64;
+
+    // Pass 1, source side: every key.
+    let mut cursor = Bytes::from_static(b"0");
+    loop {
+        let (next, keys) = scan(&mut pair.source, &cursor, config).await?;
+        keys_checked += keys.len() as u64;
+        for chunk in keys.chunks(batch) {
+            differing.extend(check_keys(pair, chunk, config).await?);
+        }
+        if next.as_ref() == b"0" {
+            break;
+        }
+        cursor = next;
+    }
+    // Pass 1, target side: keys the source lacks.
+    let mut cursor = Bytes::from_static(b"0");
+    loop {
+        let (next, keys) = scan(&mut pair.target, &cursor, config).await?;
+        for chunk in keys.chunks(batch) {
+            let cmds: Vec<Command> = chunk
+                .iter()
+                .map(|key| Command::new(vec![Bytes::from_static(b"EXISTS"), key.clone()]))
+                .collect();
+            let replies = pair.source.pipeline(&cmds).await?;
+            let mut absent = Vec::new();
+            for (key, reply) in chunk.iter().zip(&replies) {
+                if let Some(message) = reply.error_message() {
+                    return Err(pair.source.server_error("EXISTS", Some(key), message));
+                }
+                match reply.as_integer() {
+                    Some(0) => absent.push(key.clone()),
+                    Some(_) => {}
+                    None => return Err(pair.source.bad_reply("EXISTS", Some(key), reply)),
+                }
+            }
+            keys_checked += absent.len() as u64;
+            differing.extend(check_keys(pair, &absent, config).await?);
+        }
+        if next.as_ref() == b"0" {
+            break;
+        }
+        cursor = next;
+    }
+
+    let mut differing_after_pass = vec![differing.len() as u64];
+    let mut pass = 1;
+    loop {
+        let another_pass = pass < passes && !differing.is_empty();
+        observer(&PassEvent {
+            db,
+            pass,
+            differing: differing.len() as u64,
+            another_pass,
+        });
+        if !another_pass {
+            break;
+        }
+        tokio::time::sleep(config.pass_interval).await;
+        pass += 1;
+        let keys: Vec<Bytes> = std::mem::take(&mut differing).into_keys().collect();
+        for chunk in keys.chunks(batch) {
+            differing.extend(check_keys(pair, chunk, config).await?);
+        }
+        differing_after_pass.push(differing.len() as u64);
+    }
+
+    let mut db_report = DbReport {
+        db,
+        keys_checked,
+        passes: pass,
+        differing_after_pass,
+        elapsed_ms: millis(started.elapsed()),
+        ..DbReport::default()
+    };
+    for diffs in differing.values() {
+        let has = |kind| diffs.iter().any(|d| d.kind == kind);
+        db_report.missing += u64::from(has(DiffKind::Missing));
+        db_report.extra += u64::from(has(DiffKind::Extra));
+        db_report.type_ += u64::from(has(DiffKind::Type));
+        db_report.ttl += u64::from(has(DiffKind::Ttl));
+        db_report.value += u64::from(has(DiffKind::Value));
+    }
+    Ok((db_report, differing))
+}
+
+/// One `SCAN` page of `conn`'s current db, without ferry's internal keys.
+async fn scan(
+    conn: &mut Conn,
+    cursor: &Bytes,
+    config: &VerifyConfig,
+) -> Result<(Bytes, Vec<Bytes>), VerifyError> {
+    let mut args = vec![Bytes::from_static(b"SCAN"), cursor.clone()];
+    if let Some(pattern) = &config.pattern {
+        args.push(Bytes::from_static(b"MATCH"));
+        args.push(pattern.clone());
+    }
+    args.push(Bytes::from_static(b"COUNT"));
+    args.push(Bytes::from(config.batch.max(1).to_string()));
+    let reply = conn.call(Command::new(args), None).await?;
+    let Frame::Array(parts) = &reply else {
+        return Err(conn.bad_reply("SCAN", None, &reply));
+    };
+    let [next, Frame::Array(page)] = parts.as_slice() else {
+        return Err(conn.bad_reply("SCAN", None, &reply));
+    };
+    let Some(next) = next.as_bytes() else {
+        return Err(conn.bad_reply("SCAN", None, &reply));
+    };
+    let mut keys = Vec::with_capacity(page.len());
+    for item in page {
+        let Some(key) = item.as_bytes() else {
+            return Err(conn.bad_reply("SCAN", None, &reply));
+        };
+        if !key.starts_with(INTERNAL_PREFIX) {
+            keys.push(key.clone());
+        }
+    }
+    Ok((next.clone(), keys))
+}
