@@ -390,19 +390,15 @@ async fn connection(client: TcpStream, shared: Arc<Shared>) {
             }
         }
     };
-    let upstream = match tokio::time::timeout(
-        UPSTREAM_CONNECT_TIMEOUT,
-        TcpStream::connect(upstream),
-    )
-    .await
-    {
-        Ok(Ok(stream)) => stream,
-        _ => {
-            // What the client would have got connecting directly.
-            prepare_close(&[&client_control], Close::Rst);
-            return;
-        }
-    };
+    let upstream =
+        match tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, TcpStream::connect(upstream)).await {
+            Ok(Ok(stream)) => stream,
+            _ => {
+                // What the client would have got connecting directly.
+                prepare_close(&[&client_control], Close::Rst);
+                return;
+            }
+        };
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
     let Ok((upstream, upstream_control)) = control_handle(upstream) else {
