@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod ferry;
+pub mod proxy;
 pub mod workload;
 
 use std::net::TcpListener;
