@@ -1070,7 +1070,6 @@ async fn sigstop_under_load() {
 // e. Source failover.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails: after the listener continues on the promoted replica, ferry's admin API stops answering (bug found by this suite)"]
 async fn source_failover() {
     let source = RedisServer::start(SOURCE_ARGS);
     let replica = RedisServer::start(SOURCE_ARGS);
@@ -1158,10 +1157,13 @@ reconnect-backoff-max = "500ms"
         info_stat(&replica, "sync_partial_ok") >= 1,
         "no partial resync on the promoted replica"
     );
-    assert_eq!(
-        info_stat(&source, "sync_full"),
-        stats.0 + 1,
-        "the replica's own full sync"
+    // The replica's own full sync is counted before or after `stats` was
+    // read, depending on how fast it finished; ferry adds none.
+    let source_full = info_stat(&source, "sync_full");
+    assert!(
+        source_full == stats.0 || source_full == stats.0 + 1,
+        "source sync_full {source_full}, {} when ferry's first sync was done: more than the replica's own",
+        stats.0
     );
     assert_eq!(
         ferry.log_since(0).matches(FULL_SYNC_STARTED).count(),

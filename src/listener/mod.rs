@@ -608,7 +608,10 @@ impl Session {
             .is_some_and(|r| r.replid.as_str() != replid)
         {
             // `+CONTINUE <new id>`: the durable history is now known under it.
-            self.publish_durable(&ack, self.inner().durable_tx.borrow().log_id, &replid);
+            // The borrow must end before publish_durable writes the watch:
+            // a guard kept for the whole statement deadlocks this thread.
+            let log_id = self.inner().durable_tx.borrow().log_id;
+            self.publish_durable(&ack, log_id, &replid);
         }
         loop {
             if in_flight.is_none() && !pending.entries.is_empty() {
