@@ -492,8 +492,7 @@ impl Applier {
                 // rather than the parser's end of input. The feeder ends
                 // right after its input does (a send to a stopped parser
                 // fails at once).
-                if let Ok(Ok(Err(feed_error))) = tokio::time::timeout(FEEDER_GRACE, feeding).await
-                {
+                if let Ok(Ok(Err(feed_error))) = tokio::time::timeout(FEEDER_GRACE, feeding).await {
                     return Err(snapshot_error(feed_error));
                 }
                 return Err(data_error(why));
@@ -553,4 +552,26 @@ fn scopeguard(f: impl FnOnce()) -> impl Drop {
         }
     }
     Guard(Some(f))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_command_is_found_again_in_its_window() {
+        let mut wire = BytesMut::new();
+        encode_command(&[b"SELECT".as_slice(), b"3"], &mut wire);
+        let second = wire.len();
+        encode_command(&[b"set".as_slice(), b"key:1", b"value"], &mut wire);
+        let (name, key) = describe_command(&wire[second..]);
+        assert_eq!(name, "SET");
+        assert_eq!(key.as_deref(), Some(b"key:1".as_slice()));
+        let (name, key) = describe_command(&wire[..second]);
+        assert_eq!(
+            (name.as_str(), key.as_deref()),
+            ("SELECT", Some(b"3".as_slice()))
+        );
+        assert_eq!(describe_command(b"*2\r\n$3\r\nSE").0, "?");
+    }
 }

@@ -1105,6 +1105,56 @@ mod tests {
     }
 
     #[test]
+    fn strings_by_set_send_one_set_with_pxat_instead_of_restore() {
+        let mut o = opts("7.0.15");
+        o.strings_by_set = true;
+        o.replace = true;
+        let mut r = Rebuilder::new(o);
+        let plain = run_key(
+            &mut r,
+            header("a", ValueType::String, 0),
+            vec![ValueChunk::String(b("v1"))],
+            Some(b"\x00\x02v1"),
+        );
+        assert_eq!(render(&plain), ["0: SET a v1"]);
+        let mut h = header("b", ValueType::String, 0);
+        h.expire_ms = Some(1_800_000_000_000);
+        let expiring = run_key(
+            &mut r,
+            h,
+            vec![ValueChunk::String(b(""))],
+            Some(b"\x00\x00"),
+        );
+        assert_eq!(render(&expiring), ["0: SET b  PXAT 1800000000000"]);
+        // Other types still go by RESTORE.
+        let list = run_key(
+            &mut r,
+            header("l", ValueType::List, 18),
+            vec![ValueChunk::ListItems(vec![b("x")])],
+            Some(b"raw"),
+        );
+        assert_eq!(commands(&list)[0].name(), b"RESTORE");
+        let stats = r.finish().unwrap();
+        assert_eq!((stats.keys_rebuilt, stats.keys_restored), (2, 1));
+    }
+
+    #[test]
+    fn strings_by_set_use_pexpireat_before_6_2() {
+        let mut o = opts("6.0.9");
+        o.strings_by_set = true;
+        let mut r = Rebuilder::new(o);
+        let mut h = header("k", ValueType::String, 0);
+        h.expire_ms = Some(1_800_000_000_000);
+        let out = run_key(
+            &mut r,
+            h,
+            vec![ValueChunk::String(b("v"))],
+            Some(b"\x00\x01v"),
+        );
+        assert_eq!(render(&out), ["0: SET k v", "0: PEXPIREAT k 1800000000000"]);
+    }
+
+    #[test]
     fn type_minimum_versions() {
         let c70 = caps("7.0.0");
         assert!(c70.can_restore_type(0));
