@@ -26,7 +26,11 @@
 //! refused command is found again in its window's buffer by offset, so no
 //! per-command bookkeeping is kept for the common case.
 //!
-//! String keys go as `SET` ([`RebuildOptions::strings_by_set`]); the rest as
+//! String keys go as `SET` ([`RebuildOptions::strings_by_set`]), and runs of
+//! plain `SET key value` (no TTL) in one db are joined into one `MSET` of up
+//! to [`MSET_MAX_KEYS`] keys, sent before any other command so that the
+//! order of commands per key is unchanged (on a flushed target, `MSET` of
+//! distinct keys is the same as their `SET`s). The rest goes as
 //! `RESTORE … REPLACE` where the target accepts it, else rebuild commands.
 //!
 //! The load starts only at the marker, once the whole epoch is durable in
@@ -64,6 +68,11 @@ const CHUNK_QUEUE: usize = 16;
 /// Encoded windows queued before the writer, and written windows whose
 /// replies are not read yet.
 const LOAD_QUEUE: usize = 2;
+/// Most keys in one `MSET` of consecutive plain `SET`s, and the most bytes
+/// of their data: `MSET` of 100 keys costs the target ~0.9 µs per 100-byte
+/// key against ~1.3 µs for `SET`s (`redis-cli --pipe`, 300k keys).
+const MSET_MAX_KEYS: usize = 128;
+const MSET_MAX_BYTES: usize = 64 << 10;
 /// How long a failed parse waits for the feeder's own error, which names
 /// the cause better (a missing chunk rather than an early end of the RDB).
 const FEEDER_GRACE: Duration = Duration::from_secs(2);
@@ -77,6 +86,52 @@ struct Window {
     starts: Vec<u32>,
     /// Keys produced up to the end of this window.
     keys_loaded: u64,
+}
+
+/// Consecutive plain `SET key value` commands held to be sent as one `MSET`.
+#[derive(Default)]
+struct MsetRun {
+    pairs: Vec<(Bytes, Bytes)>,
+    bytes: usize,
+}
+
+impl MsetRun {
+    /// Takes `cmd` into the run when it is a plain `SET key value`; gives it
+    /// back otherwise.
+    fn take(&mut self, cmd: Command) -> Option<Command> {
+        let plain_set = cmd.args.len() == 3 && cmd.args[0].eq_ignore_ascii_case(b"SET");
+        if !plain_set {
+            return Some(cmd);
+        }
+        let mut args = cmd.args.into_iter().skip(1);
+        if let (Some(key), Some(value)) = (args.next(), args.next()) {
+            self.bytes += key.len() + value.len();
+            self.pairs.push((key, value));
+        }
+        None
+    }
+
+    fn is_full(&self) -> bool {
+        self.pairs.len() >= MSET_MAX_KEYS || self.bytes >= MSET_MAX_BYTES
+    }
+
+    /// Encodes the run (`SET` for a single key, else `MSET`) into `wire`.
+    fn flush_into(&mut self, wire: &mut BytesMut, starts: &mut Vec<u32>) {
+        let pairs = std::mem::take(&mut self.pairs);
+        self.bytes = 0;
+        if pairs.is_empty() {
+            return;
+        }
+        starts.push(wire.len() as u32);
+        let name: &'static [u8] = if pairs.len() == 1 { b"SET" } else { b"MSET" };
+        let mut args: Vec<&[u8]> = Vec::with_capacity(1 + 2 * pairs.len());
+        args.push(name);
+        for (key, value) in &pairs {
+            args.push(key);
+            args.push(value);
+        }
+        encode_command(&args, wire);
+    }
 }
 
 /// What the producer thread needs to turn the RDB into windows.
@@ -168,6 +223,7 @@ fn produce_windows(
     let mut skipping_internal = false;
     let mut out_of_range_dbs: Vec<u32> = Vec::new();
     let mut refused_unsent = 0u64;
+    let mut mset = MsetRun::default();
     loop {
         let event = match parser.next_event() {
             Ok(Some(event)) => event,
@@ -220,12 +276,25 @@ fn produce_windows(
                     continue;
                 }
                 if cmd_db != db {
+                    mset.flush_into(&mut wire, &mut starts);
                     starts.push(wire.len() as u32);
                     let db_arg = cmd_db.to_string();
                     encode_command(&[b"SELECT".as_slice(), db_arg.as_bytes()], &mut wire);
                     db = cmd_db;
                 }
+                // Only db commands join a run (a global one is sent alone).
+                let Some(cmd) = mset.take(cmd) else {
+                    if mset.is_full() {
+                        mset.flush_into(&mut wire, &mut starts);
+                    }
+                    continue;
+                };
+                mset.flush_into(&mut wire, &mut starts);
+                starts.push(wire.len() as u32);
+                encode_command(&cmd.args, &mut wire);
+                continue;
             }
+            mset.flush_into(&mut wire, &mut starts);
             starts.push(wire.len() as u32);
             encode_command(&cmd.args, &mut wire);
         }
@@ -233,6 +302,9 @@ fn produce_windows(
         // (`batch-max-bytes` is at most 1 GiB, one command at most 512 MiB
         // for the target to accept it).
         let full = starts.len() >= cfg.window_commands || wire.len() >= cfg.window_bytes;
+        if full || end {
+            mset.flush_into(&mut wire, &mut starts);
+        }
         if (full || end) && !starts.is_empty() {
             let window = Window {
                 wire: wire.split().freeze(),
@@ -246,6 +318,19 @@ fn produce_windows(
         }
     }
     let stats = rebuilder.finish().map_err(|error| error.to_string())?;
+    // `End` sent everything; this only guards against a parser that stops
+    // without it.
+    mset.flush_into(&mut wire, &mut starts);
+    if !starts.is_empty() {
+        let window = Window {
+            wire: wire.split().freeze(),
+            starts,
+            keys_loaded: stats.keys_loaded(),
+        };
+        if window_tx.blocking_send(window).is_err() {
+            return Err("the load ended early".into());
+        }
+    }
     Ok(Produced {
         stats,
         db,
@@ -573,5 +658,38 @@ mod tests {
             ("SELECT", Some(b"3".as_slice()))
         );
         assert_eq!(describe_command(b"*2\r\n$3\r\nSE").0, "?");
+    }
+
+    fn set(key: &str, value: &str) -> Command {
+        Command::from_parts(["SET", key, value])
+    }
+
+    #[test]
+    fn plain_sets_join_into_mset_and_others_pass_through() {
+        let mut run = MsetRun::default();
+        assert!(run.take(set("a", "1")).is_none());
+        assert!(run.take(set("b", "2")).is_none());
+        let with_ttl = Command::from_parts(["SET", "c", "3", "PXAT", "9"]);
+        let back = run
+            .take(with_ttl.clone())
+            .expect("a SET with options is not joined");
+        assert_eq!(back, with_ttl);
+        let (mut wire, mut starts) = (BytesMut::new(), Vec::new());
+        run.flush_into(&mut wire, &mut starts);
+        run.flush_into(&mut wire, &mut starts); // nothing left: no command
+        assert_eq!(starts, [0]);
+        assert_eq!(
+            &wire[..],
+            b"*5\r\n$4\r\nMSET\r\n$1\r\na\r\n$1\r\n1\r\n$1\r\nb\r\n$1\r\n2\r\n"
+        );
+        // A run of one stays a SET.
+        assert!(run.take(set("d", "4")).is_none());
+        run.flush_into(&mut wire, &mut starts);
+        assert_eq!(describe_command(&wire[starts[1] as usize..]).0, "SET");
+        for i in 0..MSET_MAX_KEYS {
+            assert!(!run.is_full());
+            assert!(run.take(set(&format!("k{i}"), "v")).is_none());
+        }
+        assert!(run.is_full());
     }
 }
