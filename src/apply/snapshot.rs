@@ -33,10 +33,24 @@
 //! distinct keys is the same as their `SET`s). The rest goes as
 //! `RESTORE … REPLACE` where the target accepts it, else rebuild commands.
 //!
+//! # Why the load waits for the marker
+//!
 //! The load starts only at the marker, once the whole epoch is durable in
-//! the WAL: the marker is what says the snapshot is complete, and the flush
-//! that starts the load writes `loading=M` in the same transaction, so a
-//! crash or an aborted load always restarts from the flush.
+//! the WAL: the marker is what says the snapshot is complete and at which
+//! log id `M` it holds, and the flush that starts the load writes
+//! `loading=M` in the same transaction, so a crash or an aborted load always
+//! restarts from the flush. Starting on chunks that arrive before the
+//! marker would need more than that: the flush would have to be recorded
+//! without `M` (a checkpoint state such as `preloading epoch=E`, restarted
+//! from the flush on any crash), the applier would have to stop applying
+//! entries from then on, and the protocol would have to guarantee that the
+//! next entry the drainer stores after a chunk transfer is a marker (today
+//! it is, after an aborted transfer: the shipper resumes at the same
+//! drainer position, where a marker is due), else a target flushed for a
+//! transfer that never completes would wait with no data for the next
+//! snapshot. Not done: the load now mostly waits for the target's CPU, and
+//! the overlap would only pay off together with shipping chunks while the
+//! listener still receives them.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
