@@ -288,6 +288,51 @@ fn command_name(cmd: &Command) -> String {
 mod tests {
     use super::*;
 
+    /// A client connected to a local socket whose other end writes
+    /// `pieces` one after the other, with a pause between them.
+    async fn client_fed_with(pieces: Vec<&'static [u8]>) -> Client {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            for piece in pieces {
+                socket.write_all(piece).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            // Hold the connection open: the reader must time out, not see EOF.
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        });
+        let url = RedisUrl::parse(&format!("redis://127.0.0.1:{port}")).unwrap();
+        Client::connect(&url).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn reply_reader_skips_ok_and_decodes_the_rest_across_reads() {
+        let pieces: Vec<&'static [u8]> = vec![b"+OK\r\n:5\r\n+O", b"K\r\n-ERR no\r\n+OKAY\r\n"];
+        let mut client = client_fed_with(pieces).await;
+        let (_write, mut replies) = client.split_pipeline(Duration::from_millis(300));
+        assert_eq!(replies.next_unless_ok().await.unwrap(), None);
+        assert_eq!(
+            replies.next_unless_ok().await.unwrap(),
+            Some(Frame::Integer(5))
+        );
+        assert_eq!(replies.next_unless_ok().await.unwrap(), None);
+        let error = replies.next_unless_ok().await.unwrap();
+        assert_eq!(
+            error.and_then(|f| f.error_message()).as_deref(),
+            Some("ERR no")
+        );
+        let okay = replies.next_unless_ok().await.unwrap();
+        assert_eq!(
+            okay,
+            Some(Frame::Simple(bytes::Bytes::from_static(b"OKAY")))
+        );
+        match replies.next_unless_ok().await {
+            Err(ClientError::Io(error)) => assert_eq!(error.kind(), std::io::ErrorKind::TimedOut),
+            other => panic!("expected a timeout, got {other:?}"),
+        }
+    }
+
     #[test]
     fn parses_info_text() {
         let info = parse_info("# Replication\r\nrole:master\r\nmaster_repl_offset:42\r\n\r\n");
