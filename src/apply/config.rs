@@ -67,12 +67,14 @@ pub struct ApplyConfig {
     /// considered dead (a `FLUSHALL` of a big target counts). Default:
     /// `"60s"`.
     pub reply_timeout: HumanDuration,
-    /// Commands sent per round trip while loading a snapshot (two such
-    /// windows are in flight). Default: `8192`.
+    /// Most commands in one window of a snapshot load (a window also ends
+    /// at `batch-max-bytes`); the parser thread hands windows over already
+    /// encoded, and up to five are between it and the target's replies.
+    /// Default: `8192`.
     pub load_window: usize,
-    /// Keys whose serialized value is at most this long are loaded with
-    /// `RESTORE`; bigger ones are rebuilt element by element. Default:
-    /// `"1MiB"`.
+    /// Keys other than strings whose serialized value is at most this long
+    /// are loaded with `RESTORE`; bigger ones are rebuilt element by element
+    /// (strings always go by `SET`/`MSET`). Default: `"1MiB"`.
     pub restore_max_bytes: ByteSize,
 }
 

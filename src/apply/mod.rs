@@ -103,8 +103,10 @@
 //! the target (`FLUSHALL`, plus `FUNCTION FLUSH` on 7.0+: the snapshot is the
 //! whole source) and writes the checkpoint `loading=M`; it then streams the
 //! RDB from the WAL's snapshot chunks through the parser and a
-//! [`crate::redis::rdb::rebuild::Rebuilder`] (`RESTORE … REPLACE` where the
-//! target accepts it), pipelined, skipping internal keys, and finally writes
+//! [`crate::redis::rdb::rebuild::Rebuilder`] (strings by `SET`/`MSET`, other
+//! keys by `RESTORE … REPLACE` where the target accepts it), pipelined with
+//! writes and reply reads overlapping (`snapshot.rs` has the details),
+//! skipping internal keys, and finally writes
 //! `applied=M epoch=E`. A crash during the load finds `loading=M` and loads
 //! again from the flush. When the entries after the checkpoint were trimmed
 //! from the WAL and the first entry still stored is a snapshot marker, the

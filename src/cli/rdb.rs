@@ -413,6 +413,7 @@ pub async fn load(config: &LoadConfig) -> Result<LoadReport, LoadError> {
         chunk_bytes: config.chunk_bytes,
         replace: config.replace,
         now_ms: config.now_ms.unwrap_or_else(unix_now_ms),
+        strings_by_set: false,
     };
     let parse_opts = ParseOptions {
         raw_capture_limit: config.restore_max_bytes,

@@ -9,8 +9,9 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
 use super::command::Command;
@@ -199,10 +200,74 @@ impl Client {
         Ok(parse_info(&String::from_utf8_lossy(text)))
     }
 
+    /// Splits the connection for one long pipeline whose writes and reply
+    /// reads run at the same time (a bulk load): the caller writes encoded
+    /// commands on the [`WriteHalf`] and reads their replies with the
+    /// [`ReplyReader`]. Nothing may be queued or owed when it is called;
+    /// the split bypasses [`Client::queue`], so the caller must read every
+    /// reply it caused before using the client again.
+    pub fn split_pipeline(&mut self, idle_timeout: Duration) -> (WriteHalf<'_>, ReplyReader<'_>) {
+        debug_assert!(self.write_buf.is_empty() && self.pending == 0);
+        let (read, write) = self.stream.split();
+        let reader = ReplyReader {
+            read,
+            read_buf: &mut self.read_buf,
+            decoder: &mut self.decoder,
+            idle_timeout,
+        };
+        (write, reader)
+    }
+
     /// The socket, the bytes read past the last decoded frame, and the decoder
     /// (whose `consumed()` counts every byte decoded so far).
     pub fn into_parts(self) -> (TcpStream, BytesMut, RespDecoder) {
         (self.stream, self.read_buf, self.decoder)
+    }
+}
+
+/// Reads replies from the read half of a [`Client::split_pipeline`].
+pub struct ReplyReader<'a> {
+    read: ReadHalf<'a>,
+    read_buf: &'a mut BytesMut,
+    decoder: &'a mut RespDecoder,
+    /// Longest wait for any byte while a reply is owed.
+    idle_timeout: Duration,
+}
+
+impl ReplyReader<'_> {
+    /// The next reply; `None` when it is `+OK`, the reply of nearly every
+    /// command of a bulk load, which is then skipped without building a
+    /// frame. Waiting longer than the idle timeout for the next bytes is an
+    /// [`std::io::ErrorKind::TimedOut`] error.
+    pub async fn next_unless_ok(&mut self) -> Result<Option<Frame>, ClientError> {
+        const OK: &[u8] = b"+OK\r\n";
+        loop {
+            if self.read_buf.starts_with(OK) {
+                self.read_buf.advance(OK.len());
+                self.decoder.skip(OK.len() as u64);
+                return Ok(None);
+            }
+            // A buffer shorter than `+OK\r\n` that could still become one.
+            let maybe_ok = self.read_buf.len() < OK.len() && OK.starts_with(self.read_buf);
+            if !maybe_ok {
+                if let Some((frame, _)) = self.decoder.decode_frame(self.read_buf)? {
+                    return Ok(Some(frame));
+                }
+            }
+            self.read_buf.reserve(64 * 1024);
+            let read = tokio::time::timeout(self.idle_timeout, self.read.read_buf(self.read_buf));
+            match read.await {
+                Ok(Ok(0)) => return Err(ClientError::Closed),
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => return Err(error.into()),
+                Err(_) => {
+                    return Err(ClientError::Io(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no reply within {:?}", self.idle_timeout),
+                    )))
+                }
+            }
+        }
     }
 }
 
@@ -222,6 +287,51 @@ fn command_name(cmd: &Command) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A client connected to a local socket whose other end writes
+    /// `pieces` one after the other, with a pause between them.
+    async fn client_fed_with(pieces: Vec<&'static [u8]>) -> Client {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            for piece in pieces {
+                socket.write_all(piece).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            // Hold the connection open: the reader must time out, not see EOF.
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        });
+        let url = RedisUrl::parse(&format!("redis://127.0.0.1:{port}")).unwrap();
+        Client::connect(&url).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn reply_reader_skips_ok_and_decodes_the_rest_across_reads() {
+        let pieces: Vec<&'static [u8]> = vec![b"+OK\r\n:5\r\n+O", b"K\r\n-ERR no\r\n+OKAY\r\n"];
+        let mut client = client_fed_with(pieces).await;
+        let (_write, mut replies) = client.split_pipeline(Duration::from_millis(300));
+        assert_eq!(replies.next_unless_ok().await.unwrap(), None);
+        assert_eq!(
+            replies.next_unless_ok().await.unwrap(),
+            Some(Frame::Integer(5))
+        );
+        assert_eq!(replies.next_unless_ok().await.unwrap(), None);
+        let error = replies.next_unless_ok().await.unwrap();
+        assert_eq!(
+            error.and_then(|f| f.error_message()).as_deref(),
+            Some("ERR no")
+        );
+        let okay = replies.next_unless_ok().await.unwrap();
+        assert_eq!(
+            okay,
+            Some(Frame::Simple(bytes::Bytes::from_static(b"OKAY")))
+        );
+        match replies.next_unless_ok().await {
+            Err(ClientError::Io(error)) => assert_eq!(error.kind(), std::io::ErrorKind::TimedOut),
+            other => panic!("expected a timeout, got {other:?}"),
+        }
+    }
 
     #[test]
     fn parses_info_text() {
