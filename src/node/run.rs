@@ -417,7 +417,8 @@ impl ListenerPart {
             partition: self.partition.0,
             source: self.source.clone(),
             source_state: listener.state.to_string(),
-            source_error: listener.last_error,
+            // A paused WAL explains a stalled stream better than any link error.
+            source_error: self.wal.disk_pause().or(listener.last_error),
             replid: listener.replid,
             received_offset: listener.received_offset,
             durable_offset: listener.durable_offset,
@@ -619,7 +620,7 @@ impl DrainerPart {
                     partition: partition.0,
                     target: self.target.clone(),
                     state: report.state.to_string(),
-                    last_error: report.last_error,
+                    last_error: self.wal.disk_pause().or(report.last_error),
                     connected_listener: streams.get(&partition).cloned().flatten(),
                     durable: report.durable.0,
                     applied: report.applied.0,

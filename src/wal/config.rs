@@ -67,6 +67,12 @@ pub struct WalConfig {
     pub block_cache_size: ByteSize,
     /// RocksDB flush and compaction threads. Default: `2`.
     pub max_background_jobs: u32,
+    /// Free space the WAL's file system must keep: below it, writes pause
+    /// (appends wait: backpressure up to the source) and a warning says so,
+    /// until space returns. RocksDB must never run out of space mid-write
+    /// (it cannot recover in-process). `"0B"` turns the check off. Default:
+    /// `"256MiB"`.
+    pub min_free_space: ByteSize,
 }
 
 impl Default for WalConfig {
@@ -85,6 +91,7 @@ impl Default for WalConfig {
             max_rocksdb_wal_size: ByteSize::mib(256),
             block_cache_size: ByteSize::mib(64),
             max_background_jobs: 2,
+            min_free_space: ByteSize::mib(256),
         }
     }
 }

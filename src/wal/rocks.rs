@@ -439,6 +439,13 @@ impl WalStorage for RocksWalStorage {
         self.memtable_bytes()
     }
 
+    fn background_errors(&self) -> Result<u64, WalError> {
+        Ok(self
+            .db
+            .property_int_value("rocksdb.background-errors")?
+            .unwrap_or(0))
+    }
+
     fn load_progress(&self) -> Result<Vec<StoredPartition>, WalError> {
         let meta = self.meta_cf()?;
         let mut records = Vec::new();

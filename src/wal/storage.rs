@@ -116,6 +116,13 @@ pub trait WalStorage: Send + Sync + 'static {
     fn buffered_bytes(&self) -> Result<u64, WalError> {
         Ok(0)
     }
+
+    /// Background errors the storage engine has hit so far (RocksDB's
+    /// `rocksdb.background-errors`: a flush or compaction that failed, e.g.
+    /// for lack of space); 0 where there are none to report.
+    fn background_errors(&self) -> Result<u64, WalError> {
+        Ok(0)
+    }
 }
 
 /// Decodes stored meta records (shared by both implementations so that they

@@ -14,6 +14,7 @@
 //! the new positions and answers.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -170,6 +171,8 @@ struct Inner {
     /// Snapshot epochs being read right now ([`Wal::pin_snapshot`]), with
     /// their reader counts; [`Wal::collect_snapshots`] leaves them alone.
     pins: Arc<Mutex<HashMap<(PartitionId, u64), usize>>>,
+    /// Why writes are paused for lack of disk space, while they are.
+    disk_state: Arc<Mutex<Option<String>>>,
 }
 
 /// Keeps a snapshot epoch from [`Wal::collect_snapshots`] while it lives
@@ -334,6 +337,7 @@ impl Wal {
         let (command_tx, command_rx) = mpsc::channel(config.queue_depth);
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let appended_tx = Arc::new(watch::channel(0u64).0);
+        let disk_state = Arc::new(Mutex::new(None));
         let writer = GroupCommitWriter {
             appended_tx: Arc::clone(&appended_tx),
             storage: Arc::clone(&storage),
@@ -344,6 +348,16 @@ impl Wal {
             buffered_limit: config.memtable_budget.as_u64().saturating_mul(2),
             last_buffer_check: None,
             over_buffer_limit: false,
+            disk: DiskGuard {
+                dir: config.dir.clone(),
+                min_free: config.min_free_space.as_u64(),
+                last_check: None,
+                low: false,
+                errors_at_pause: 0,
+                storage: Arc::clone(&storage),
+                shutdown: shutdown_rx.clone(),
+                state: Arc::clone(&disk_state),
+            },
         };
         let writer_task = tokio::spawn(writer.run(command_rx));
         let inner = Arc::new(Inner {
@@ -356,6 +370,7 @@ impl Wal {
             shutdown_tx,
             appended_tx,
             pins: Arc::new(Mutex::new(HashMap::new())),
+            disk_state,
         });
         let retention_task = tokio::spawn(run_retention(
             Arc::downgrade(&inner),
@@ -393,6 +408,16 @@ impl Wal {
             retention.await.map_err(join_error)?;
         }
         Ok(())
+    }
+
+    /// Why appends are paused (the file system is below `min-free-space`),
+    /// while they are; `None` when writing normally.
+    pub fn disk_pause(&self) -> Option<String> {
+        self.inner
+            .disk_state
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .clone()
     }
 
     pub fn config(&self) -> &WalConfig {
@@ -1011,6 +1036,112 @@ struct GroupCommitWriter {
     /// When buffered bytes were last measured, and whether they were over.
     last_buffer_check: Option<Instant>,
     over_buffer_limit: bool,
+    disk: DiskGuard,
+}
+
+/// Keeps `min-free-space` free on the WAL's file system by pausing writes.
+struct DiskGuard {
+    dir: PathBuf,
+    min_free: u64,
+    last_check: Option<Instant>,
+    low: bool,
+    /// The storage's background error count when writes were paused.
+    errors_at_pause: u64,
+    storage: Arc<dyn WalStorage>,
+    shutdown: watch::Receiver<bool>,
+    /// Why writes are paused, for [`Wal::disk_pause`].
+    state: Arc<Mutex<Option<String>>>,
+}
+
+/// How often free space is measured while there is enough.
+const DISK_CHECK_INTERVAL: Duration = Duration::from_millis(20);
+/// How often it is measured while writes are paused.
+const DISK_RECHECK: Duration = Duration::from_millis(200);
+
+fn set_reason(state: &Mutex<Option<String>>, reason: Option<String>) {
+    // A plain value: a poisoned lock still guards a usable one.
+    *state.lock().unwrap_or_else(|poison| poison.into_inner()) = reason;
+}
+
+/// Free bytes for unprivileged users on the file system holding `dir`.
+fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+    let stat = rustix::fs::statvfs(dir)?;
+    Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
+impl DiskGuard {
+    /// Returns once the file system has `min_free` bytes free (at once,
+    /// between checks, while it had). Errors only when shutdown is asked
+    /// while writes are paused: the batch is then refused, never written
+    /// into a full disk.
+    async fn wait_for_space(&mut self) -> Result<(), WalError> {
+        if self.min_free == 0 {
+            return Ok(());
+        }
+        loop {
+            let due = self
+                .last_check
+                .map_or(true, |checked| checked.elapsed() >= DISK_CHECK_INTERVAL);
+            if !self.low && !due {
+                return Ok(());
+            }
+            self.last_check = Some(Instant::now());
+            let free = match free_bytes(&self.dir) {
+                Ok(free) => free,
+                // Not a directory of a real file system (in-memory storage
+                // in tests), or a transient error: do not block on it.
+                Err(error) => {
+                    debug!(%error, dir = %self.dir.display(), "cannot measure free space");
+                    return Ok(());
+                }
+            };
+            if free >= self.min_free {
+                if self.low {
+                    self.low = false;
+                    set_reason(&self.state, None);
+                    // RocksDB itself ran out of space while writes were
+                    // paused (someone else filled the disk): its open files
+                    // are in an error state it does not leave in-process,
+                    // and writing on could abort. Stop cleanly instead; a
+                    // restart recovers everything acknowledged.
+                    let errors = self.storage.background_errors().unwrap_or(0);
+                    if errors > self.errors_at_pause {
+                        return Err(WalError::Poisoned(format!(
+                            "the storage engine hit {} background error(s) while the disk in {} \
+                             was full; restart to reopen the wal (everything acknowledged is on \
+                             disk)",
+                            errors - self.errors_at_pause,
+                            self.dir.display()
+                        )));
+                    }
+                    info!(dir = %self.dir.display(), free, "disk space is back; wal writes resumed");
+                }
+                return Ok(());
+            }
+            if !self.low {
+                self.low = true;
+                self.errors_at_pause = self.storage.background_errors().unwrap_or(0);
+                let reason = format!(
+                    "No space left on device for the wal in {}: {free} bytes free, below \
+                     min-free-space ({} bytes); writes paused until space returns",
+                    self.dir.display(),
+                    self.min_free
+                );
+                warn!("{reason}");
+                set_reason(&self.state, Some(reason));
+            }
+            if *self.shutdown.borrow() {
+                return Err(WalError::Io(std::io::Error::other(format!(
+                    "wal in {} is out of space; not written",
+                    self.dir.display()
+                ))));
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(DISK_RECHECK) => {}
+                _ = self.shutdown.changed() => {}
+            }
+        }
+    }
 }
 
 /// How often buffered bytes are measured while under the limit (the
@@ -1074,6 +1205,22 @@ impl GroupCommitWriter {
     }
 
     async fn commit(&mut self, batch: Vec<(Request, Reply)>) {
+        let waited = self.disk.wait_for_space().await;
+        if let Err(WalError::Poisoned(reason)) = &waited {
+            error!("{reason}");
+            lock(&self.shared).poisoned = Some(reason.clone());
+            for (_, reply) in batch {
+                let _ = reply.send(Err(WalError::Poisoned(reason.clone())));
+            }
+            return;
+        }
+        if let Err(error) = waited {
+            let reason = error.to_string();
+            for (_, reply) in batch {
+                let _ = reply.send(Err(WalError::Io(std::io::Error::other(reason.clone()))));
+            }
+            return;
+        }
         let now = now_unix_ms();
         let mut staged: HashMap<PartitionId, Staged> = HashMap::new();
         let mut ops = Vec::new();
