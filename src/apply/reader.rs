@@ -62,7 +62,7 @@ fn read_run(
             )?;
             let is_marker = first.first().is_some_and(|entry| {
                 matches!(
-                    Record::decode(&entry.payload, RecordLimits::default()),
+                    Record::decode_shared(&entry.payload, RecordLimits::default()),
                     Ok(Record::Snapshot(_))
                 )
             });
@@ -87,7 +87,7 @@ fn read_run(
         .into_iter()
         .map(|entry| {
             let record =
-                Record::decode(&entry.payload, RecordLimits::default()).map_err(|error| {
+                Record::decode_shared(&entry.payload, RecordLimits::default()).map_err(|error| {
                     ApplyError::Record {
                         partition,
                         log_id: entry.log_id,
