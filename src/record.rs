@@ -105,8 +105,9 @@ impl Record {
         const WRITE_TRANSACTION: u8 = 3 << 3;
         const COMMAND_ARG: u8 = 1 << 3 | 2;
         let field_len = |len: usize| 1 + encoded_len_varint(len as u64) + len;
-        let command_len =
-            |command: &Command| -> usize { command.args.iter().map(|arg| field_len(arg.len())).sum() };
+        let command_len = |command: &Command| -> usize {
+            command.args.iter().map(|arg| field_len(arg.len())).sum()
+        };
         let mut write_len: usize = commands
             .iter()
             .map(|command| field_len(command_len(command)))
@@ -163,8 +164,8 @@ impl Record {
     /// it, no copies): the form for payloads already held as [`Bytes`].
     pub fn decode_shared(payload: &Bytes, limits: RecordLimits) -> Result<Record, RecordError> {
         Record::check_len(payload.len(), limits)?;
-        let message = pb::Record::decode(payload.clone())
-            .map_err(|e| RecordError::Decode(e.to_string()))?;
+        let message =
+            pb::Record::decode(payload.clone()).map_err(|e| RecordError::Decode(e.to_string()))?;
         Record::from_pb(message, limits)
     }
 
@@ -177,8 +178,8 @@ impl Record {
         limits: RecordLimits,
     ) -> Result<Option<SnapshotMarker>, RecordError> {
         Record::check_len(payload.len(), limits)?;
-        let message = pb::Record::decode(payload.clone())
-            .map_err(|e| RecordError::Decode(e.to_string()))?;
+        let message =
+            pb::Record::decode(payload.clone()).map_err(|e| RecordError::Decode(e.to_string()))?;
         match message.kind.ok_or(RecordError::Empty)? {
             pb::record::Kind::Write(w) => {
                 check_commands(&w.commands, limits)?;
@@ -303,7 +304,11 @@ mod tests {
                 3,
                 vec![
                     Command::from_parts(["INCR", "counter"]),
-                    Command::new(vec![Bytes::from_static(b"SET"), big_arg.clone(), Bytes::new()]),
+                    Command::new(vec![
+                        Bytes::from_static(b"SET"),
+                        big_arg.clone(),
+                        Bytes::new(),
+                    ]),
                 ],
                 true,
             ),

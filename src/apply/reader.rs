@@ -86,14 +86,13 @@ fn read_run(
     entries
         .into_iter()
         .map(|entry| {
-            let record =
-                Record::decode_shared(&entry.payload, RecordLimits::default()).map_err(|error| {
-                    ApplyError::Record {
-                        partition,
-                        log_id: entry.log_id,
-                        error,
-                    }
-                })?;
+            let record = Record::decode_shared(&entry.payload, RecordLimits::default()).map_err(
+                |error| ApplyError::Record {
+                    partition,
+                    log_id: entry.log_id,
+                    error,
+                },
+            )?;
             Ok(Pending {
                 log_id: entry.log_id,
                 size: entry.payload.len(),

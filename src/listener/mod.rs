@@ -709,8 +709,7 @@ impl Session {
                 if replid.as_str() != position.replid.as_str() {
                     *replid = position.replid.to_string();
                 }
-                let payload =
-                    Record::encode_write(entry.db, &entry.commands, entry.transaction);
+                let payload = Record::encode_write(entry.db, &entry.commands, entry.transaction);
                 if payload.len() > crate::wal::MAX_PAYLOAD_LEN {
                     return Err(ListenerError::EntryTooLarge {
                         partition,
