@@ -10,7 +10,8 @@
 //! only allocates what is present) and that a write carries at least one
 //! non-empty command.
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
+use prost::encoding::{encode_varint, encoded_len_varint};
 use prost::Message;
 
 use crate::redis::command::Command;
@@ -92,7 +93,58 @@ impl Record {
         })
     }
 
+    /// The encoded record of a write, built straight from borrowed commands:
+    /// the same bytes as `Record::Write(..).encode()` (prost's field order,
+    /// defaults left out), without cloning the commands into messages first.
+    /// This runs once per replication entry on the listener.
+    pub fn encode_write(db: u32, commands: &[Command], transaction: bool) -> Bytes {
+        // Protobuf tags: field number << 3 | wire type (0 varint, 2 bytes).
+        const RECORD_WRITE: u8 = 1 << 3 | 2;
+        const WRITE_DB: u8 = 1 << 3;
+        const WRITE_COMMAND: u8 = 2 << 3 | 2;
+        const WRITE_TRANSACTION: u8 = 3 << 3;
+        const COMMAND_ARG: u8 = 1 << 3 | 2;
+        let field_len = |len: usize| 1 + encoded_len_varint(len as u64) + len;
+        let command_len = |command: &Command| -> usize {
+            command.args.iter().map(|arg| field_len(arg.len())).sum()
+        };
+        let mut write_len: usize = commands
+            .iter()
+            .map(|command| field_len(command_len(command)))
+            .sum();
+        if db != 0 {
+            write_len += 1 + encoded_len_varint(u64::from(db));
+        }
+        if transaction {
+            write_len += 2;
+        }
+        let mut buf = BytesMut::with_capacity(field_len(write_len));
+        buf.put_u8(RECORD_WRITE);
+        encode_varint(write_len as u64, &mut buf);
+        if db != 0 {
+            buf.put_u8(WRITE_DB);
+            encode_varint(u64::from(db), &mut buf);
+        }
+        for command in commands {
+            buf.put_u8(WRITE_COMMAND);
+            encode_varint(command_len(command) as u64, &mut buf);
+            for arg in &command.args {
+                buf.put_u8(COMMAND_ARG);
+                encode_varint(arg.len() as u64, &mut buf);
+                buf.put_slice(arg);
+            }
+        }
+        if transaction {
+            buf.put_u8(WRITE_TRANSACTION);
+            buf.put_u8(1);
+        }
+        buf.freeze()
+    }
+
     pub fn encode(&self) -> Bytes {
+        if let Record::Write(write) = self {
+            return Record::encode_write(write.db, &write.commands, write.transaction);
+        }
         let message = self.to_pb();
         let mut buf = BytesMut::with_capacity(message.encoded_len());
         // Encoding into a buffer with enough capacity cannot fail.
@@ -100,30 +152,65 @@ impl Record {
         buf.freeze()
     }
 
+    /// Decodes a record; its arguments are copied out of `payload`.
     pub fn decode(payload: &[u8], limits: RecordLimits) -> Result<Record, RecordError> {
-        if payload.len() > limits.max_payload {
+        Record::check_len(payload.len(), limits)?;
+        let message =
+            pb::Record::decode(payload).map_err(|e| RecordError::Decode(e.to_string()))?;
+        Record::from_pb(message, limits)
+    }
+
+    /// Decodes a record whose arguments share `payload`'s buffer (slices of
+    /// it, no copies): the form for payloads already held as [`Bytes`].
+    pub fn decode_shared(payload: &Bytes, limits: RecordLimits) -> Result<Record, RecordError> {
+        Record::check_len(payload.len(), limits)?;
+        let message =
+            pb::Record::decode(payload.clone()).map_err(|e| RecordError::Decode(e.to_string()))?;
+        Record::from_pb(message, limits)
+    }
+
+    /// Checks that `payload` decodes as a valid record, as [`Record::decode`]
+    /// would, without building it; returns the snapshot marker if it is one.
+    /// Write records are checked zero-copy (their arguments are slices of
+    /// `payload`, dropped right away).
+    pub fn check_shared(
+        payload: &Bytes,
+        limits: RecordLimits,
+    ) -> Result<Option<SnapshotMarker>, RecordError> {
+        Record::check_len(payload.len(), limits)?;
+        let message =
+            pb::Record::decode(payload.clone()).map_err(|e| RecordError::Decode(e.to_string()))?;
+        match message.kind.ok_or(RecordError::Empty)? {
+            pb::record::Kind::Write(w) => {
+                check_commands(&w.commands, limits)?;
+                Ok(None)
+            }
+            kind => match Record::from_pb(pb::Record { kind: Some(kind) }, limits)? {
+                Record::Snapshot(marker) => Ok(Some(marker)),
+                Record::Write(_) => Ok(None),
+            },
+        }
+    }
+
+    fn check_len(len: usize, limits: RecordLimits) -> Result<(), RecordError> {
+        if len > limits.max_payload {
             return Err(RecordError::TooLarge {
-                len: payload.len(),
+                len,
                 limit: limits.max_payload,
             });
         }
-        let message =
-            pb::Record::decode(payload).map_err(|e| RecordError::Decode(e.to_string()))?;
+        Ok(())
+    }
+
+    fn from_pb(message: pb::Record, limits: RecordLimits) -> Result<Record, RecordError> {
         match message.kind.ok_or(RecordError::Empty)? {
             pb::record::Kind::Write(w) => {
-                if w.commands.is_empty() || w.commands.len() > limits.max_commands {
-                    return Err(RecordError::BadCommandCount(
-                        w.commands.len(),
-                        limits.max_commands,
-                    ));
-                }
-                let mut commands = Vec::with_capacity(w.commands.len());
-                for (i, c) in w.commands.into_iter().enumerate() {
-                    if c.args.is_empty() {
-                        return Err(RecordError::EmptyCommand(i));
-                    }
-                    commands.push(Command::new(c.args));
-                }
+                check_commands(&w.commands, limits)?;
+                let commands = w
+                    .commands
+                    .into_iter()
+                    .map(|c| Command::new(c.args))
+                    .collect();
                 Ok(Record::Write(WriteRecord {
                     db: w.db,
                     commands,
@@ -165,6 +252,20 @@ impl Record {
     }
 }
 
+/// A write must carry 1..=`max_commands` commands, none of them empty.
+fn check_commands(commands: &[pb::Command], limits: RecordLimits) -> Result<(), RecordError> {
+    if commands.is_empty() || commands.len() > limits.max_commands {
+        return Err(RecordError::BadCommandCount(
+            commands.len(),
+            limits.max_commands,
+        ));
+    }
+    if let Some(index) = commands.iter().position(|c| c.args.is_empty()) {
+        return Err(RecordError::EmptyCommand(index));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,6 +293,54 @@ mod tests {
             let bytes = record.encode();
             assert_eq!(Record::decode(&bytes, RecordLimits::default()), Ok(record));
         }
+    }
+
+    #[test]
+    fn direct_write_encoding_matches_prost() {
+        let big_arg = Bytes::from(vec![7u8; 300]);
+        let writes = [
+            (0, vec![Command::from_parts(["SET", "k", "v"])], false),
+            (
+                3,
+                vec![
+                    Command::from_parts(["INCR", "counter"]),
+                    Command::new(vec![
+                        Bytes::from_static(b"SET"),
+                        big_arg.clone(),
+                        Bytes::new(),
+                    ]),
+                ],
+                true,
+            ),
+            (u32::MAX, vec![Command::new(vec![big_arg; 200])], false),
+        ];
+        for (db, commands, transaction) in writes {
+            let record = Record::Write(WriteRecord {
+                db,
+                commands,
+                transaction,
+            });
+            let direct = record.encode();
+            assert_eq!(&direct[..], &record.to_pb().encode_to_vec()[..]);
+            let shared = Record::decode_shared(&direct, RecordLimits::default());
+            assert_eq!(shared.as_ref(), Ok(&record));
+            assert_eq!(
+                Record::check_shared(&direct, RecordLimits::default()),
+                Ok(None)
+            );
+        }
+        let marker = SnapshotMarker {
+            epoch: 2,
+            rdb_bytes: 9,
+            chunks: 1,
+            replid: "r".repeat(40),
+            offset: 5,
+        };
+        let payload = Record::Snapshot(marker.clone()).encode();
+        assert_eq!(
+            Record::check_shared(&payload, RecordLimits::default()),
+            Ok(Some(marker))
+        );
     }
 
     #[test]
@@ -227,5 +376,19 @@ mod tests {
             Record::decode(&empty.encode(), limits),
             Err(RecordError::EmptyCommand(0))
         );
+        // The shared forms refuse exactly the same payloads.
+        let bad: [Bytes; 5] = [
+            Bytes::from(vec![0u8; 65]),
+            Bytes::new(),
+            Bytes::from_static(&[0x0a, 0x05, 0x01]),
+            three.encode(),
+            empty.encode(),
+        ];
+        for payload in bad {
+            let copied = Record::decode(&payload, limits).map(|_| ());
+            assert!(copied.is_err());
+            assert_eq!(Record::decode_shared(&payload, limits).map(|_| ()), copied);
+            assert_eq!(Record::check_shared(&payload, limits).map(|_| ()), copied);
+        }
     }
 }

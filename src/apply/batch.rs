@@ -119,13 +119,21 @@ impl BatchBuilder {
         let mut bytes = 0usize;
         let mut entries = 0usize;
         while let Some(front) = pending.front() {
-            let Record::Write(write) = &front.record else {
-                break;
-            };
-            if entries >= self.max_entries || (entries > 0 && bytes + front.size > self.max_bytes) {
+            if !matches!(front.record, Record::Write(_))
+                || entries >= self.max_entries
+                || (entries > 0 && bytes + front.size > self.max_bytes)
+            {
                 break;
             }
-            let log_id = front.log_id;
+            // Taken by value: its commands move into the batch uncloned.
+            let Some(Pending {
+                log_id,
+                record: Record::Write(write),
+                size,
+            }) = pending.pop_front()
+            else {
+                break;
+            };
             let batch = batch.get_or_insert_with(|| Batch {
                 first: log_id,
                 last: log_id,
@@ -137,7 +145,7 @@ impl BatchBuilder {
             });
             batch.last = log_id;
             entries += 1;
-            bytes += front.size;
+            bytes += size;
             if let Some(why) = self.db_out_of_range(write.db, &write.commands) {
                 for cmd in &write.commands {
                     batch.refused_unsent.push(RefusedCommand {
@@ -148,8 +156,8 @@ impl BatchBuilder {
                 }
             } else {
                 let mut selected = false;
-                for cmd in &write.commands {
-                    if is_internal(cmd) {
+                for cmd in write.commands {
+                    if is_internal(&cmd) {
                         batch.skipped += 1;
                         continue;
                     }
@@ -159,14 +167,13 @@ impl BatchBuilder {
                         db = write.db;
                     }
                     selected = true;
-                    if let Some(Some(to)) = select_target(cmd) {
+                    if let Some(Some(to)) = select_target(&cmd) {
                         db = to;
                     }
-                    batch.commands.push(cmd.clone());
+                    batch.commands.push(cmd);
                     batch.slots.push(Slot::Data { log_id });
                 }
             }
-            pending.pop_front();
         }
         let mut batch = batch?;
         if db != 0 {

@@ -62,7 +62,7 @@ fn read_run(
             )?;
             let is_marker = first.first().is_some_and(|entry| {
                 matches!(
-                    Record::decode(&entry.payload, RecordLimits::default()),
+                    Record::decode_shared(&entry.payload, RecordLimits::default()),
                     Ok(Record::Snapshot(_))
                 )
             });
@@ -86,14 +86,13 @@ fn read_run(
     entries
         .into_iter()
         .map(|entry| {
-            let record =
-                Record::decode(&entry.payload, RecordLimits::default()).map_err(|error| {
-                    ApplyError::Record {
-                        partition,
-                        log_id: entry.log_id,
-                        error,
-                    }
-                })?;
+            let record = Record::decode_shared(&entry.payload, RecordLimits::default()).map_err(
+                |error| ApplyError::Record {
+                    partition,
+                    log_id: entry.log_id,
+                    error,
+                },
+            )?;
             Ok(Pending {
                 log_id: entry.log_id,
                 size: entry.payload.len(),

@@ -712,8 +712,10 @@ impl Session {
         match event {
             ReplEvent::Entry(entry) => {
                 let position = psync.position();
-                *replid = position.replid.to_string();
-                let payload = Record::from_repl_entry(&entry).encode();
+                if replid.as_str() != position.replid.as_str() {
+                    *replid = position.replid.to_string();
+                }
+                let payload = Record::encode_write(entry.db, &entry.commands, entry.transaction);
                 if payload.len() > crate::wal::MAX_PAYLOAD_LEN {
                     return Err(ListenerError::EntryTooLarge {
                         partition,
@@ -732,7 +734,7 @@ impl Session {
                     // The db after the entry, so that resuming here is exact
                     // even after a transaction that switched db.
                     source: SourcePosition {
-                        replid: position.replid.to_string(),
+                        replid: replid.clone(),
                         offset: entry.offset,
                         db: position.db,
                     },

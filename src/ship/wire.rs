@@ -20,22 +20,69 @@ use crate::wal::{NewEntry, SourcePosition, WalEntry, MAX_PAYLOAD_LEN, MAX_REPLID
 /// other fields.
 const MAX_WIRE_ENTRY_LEN: usize = MAX_PAYLOAD_LEN + 4096;
 
-/// Length of one entry inside a batch's raw bytes (prefix included).
-pub fn wire_entry_len(entry: &WalEntry) -> usize {
-    let len = to_wire(entry).encoded_len();
-    prost::length_delimiter_len(len) + len
+/// Encoded length of `entry` as a `WireEntry` message (without its prefix).
+/// The message is written field by field from the borrowed entry (see
+/// [`put_wire_entry`]) rather than through `pb::WireEntry`, which would clone
+/// the replid for every entry shipped.
+fn wire_body_len(entry: &WalEntry) -> usize {
+    use prost::encoding::{bytes, string, uint32, uint64};
+    let mut len = 0;
+    if entry.log_id.0 != 0 {
+        len += uint64::encoded_len(1, &entry.log_id.0);
+    }
+    if entry.created_unix_ms != 0 {
+        len += uint64::encoded_len(2, &entry.created_unix_ms);
+    }
+    if entry.flags != 0 {
+        len += uint32::encoded_len(3, &u32::from(entry.flags));
+    }
+    if !entry.source.replid.is_empty() {
+        len += string::encoded_len(4, &entry.source.replid);
+    }
+    if entry.source.offset.0 != 0 {
+        len += uint64::encoded_len(5, &entry.source.offset.0);
+    }
+    if entry.source.db != 0 {
+        len += uint32::encoded_len(6, &entry.source.db);
+    }
+    if !entry.payload.is_empty() {
+        len += bytes::encoded_len(7, &entry.payload);
+    }
+    len
 }
 
-fn to_wire(entry: &WalEntry) -> pb::WireEntry {
-    pb::WireEntry {
-        log_id: entry.log_id.0,
-        created_unix_ms: entry.created_unix_ms,
-        flags: u32::from(entry.flags),
-        replid: entry.source.replid.clone(),
-        offset: entry.source.offset.0,
-        db: entry.source.db,
-        payload: entry.payload.clone(),
+/// Writes `entry` as a length-prefixed `WireEntry`: the same bytes as
+/// prost's encoding of `pb::WireEntry` (field order, defaults left out).
+fn put_wire_entry(entry: &WalEntry, out: &mut BytesMut) {
+    use prost::encoding::{bytes, encode_varint, string, uint32, uint64};
+    encode_varint(wire_body_len(entry) as u64, out);
+    if entry.log_id.0 != 0 {
+        uint64::encode(1, &entry.log_id.0, out);
     }
+    if entry.created_unix_ms != 0 {
+        uint64::encode(2, &entry.created_unix_ms, out);
+    }
+    if entry.flags != 0 {
+        uint32::encode(3, &u32::from(entry.flags), out);
+    }
+    if !entry.source.replid.is_empty() {
+        string::encode(4, &entry.source.replid, out);
+    }
+    if entry.source.offset.0 != 0 {
+        uint64::encode(5, &entry.source.offset.0, out);
+    }
+    if entry.source.db != 0 {
+        uint32::encode(6, &entry.source.db, out);
+    }
+    if !entry.payload.is_empty() {
+        bytes::encode(7, &entry.payload, out);
+    }
+}
+
+/// Length of one entry inside a batch's raw bytes (prefix included).
+pub fn wire_entry_len(entry: &WalEntry) -> usize {
+    let len = wire_body_len(entry);
+    prost::length_delimiter_len(len) + len
 }
 
 /// Encodes consecutive `entries` (at least one) as one batch.
@@ -43,8 +90,7 @@ pub fn encode_batch(entries: &[WalEntry]) -> pb::EntryBatch {
     let raw_len: usize = entries.iter().map(wire_entry_len).sum();
     let mut raw = BytesMut::with_capacity(raw_len);
     for entry in entries {
-        // Encoding into a buffer with room for it cannot fail.
-        let _ = to_wire(entry).encode_length_delimited(&mut raw);
+        put_wire_entry(entry, &mut raw);
     }
     let compressed = snap::raw::Encoder::new()
         .compress_vec(&raw)
@@ -57,21 +103,20 @@ pub fn encode_batch(entries: &[WalEntry]) -> pb::EntryBatch {
     }
 }
 
-/// One entry of a received batch.
+/// One entry of a received batch; its payload was checked to decode as a
+/// record.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DecodedEntry {
     pub log_id: LogId,
     pub entry: NewEntry,
-    /// The decoded payload; a snapshot marker needs special handling.
-    pub record: Record,
+    /// The payload's snapshot marker, if it is one (it needs special
+    /// handling); write records are only checked, not kept decoded.
+    pub marker: Option<SnapshotMarker>,
 }
 
 impl DecodedEntry {
     pub fn marker(&self) -> Option<&SnapshotMarker> {
-        match &self.record {
-            Record::Snapshot(marker) => Some(marker),
-            Record::Write(_) => None,
-        }
+        self.marker.as_ref()
     }
 }
 
@@ -193,7 +238,7 @@ pub fn decode_batch(
                 wire.payload.len()
             ))));
         }
-        let record = Record::decode(&wire.payload, record_limits)
+        let marker = Record::check_shared(&wire.payload, record_limits)
             .map_err(|error| ShipError::invalid(at(&format!("payload: {error}"))))?;
         entries.push(DecodedEntry {
             log_id,
@@ -207,7 +252,7 @@ pub fn decode_batch(
                 },
                 payload: wire.payload,
             },
-            record,
+            marker,
         });
         offset = body_start + len;
     }
@@ -310,6 +355,37 @@ mod tests {
             assert_eq!(got.entry.flags, wal.flags);
             assert_eq!(got.entry.created_unix_ms, Some(wal.created_unix_ms));
             assert!(got.marker().is_none());
+        }
+    }
+
+    #[test]
+    fn direct_entry_encoding_matches_prost() {
+        let mut entries = vec![
+            wal_entry(1, write_payload("a")),
+            wal_entry(u64::MAX / 1000, Bytes::from(vec![9u8; 1000])),
+        ];
+        // Defaults (0, empty) are left out, as prost does.
+        entries.push(WalEntry {
+            flags: 0,
+            created_unix_ms: 0,
+            source: SourcePosition::default(),
+            payload: Bytes::new(),
+            ..wal_entry(7, Bytes::new())
+        });
+        for entry in &entries {
+            let message = pb::WireEntry {
+                log_id: entry.log_id.0,
+                created_unix_ms: entry.created_unix_ms,
+                flags: u32::from(entry.flags),
+                replid: entry.source.replid.clone(),
+                offset: entry.source.offset.0,
+                db: entry.source.db,
+                payload: entry.payload.clone(),
+            };
+            let mut direct = BytesMut::new();
+            put_wire_entry(entry, &mut direct);
+            assert_eq!(&direct[..], &message.encode_length_delimited_to_vec()[..]);
+            assert_eq!(wire_entry_len(entry), direct.len());
         }
     }
 

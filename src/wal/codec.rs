@@ -194,15 +194,24 @@ pub fn encode_entry(entry: &WalEntry) -> Vec<u8> {
     let mut out = Vec::with_capacity(
         ENTRY_FIXED_LEN + entry.source.replid.len() + 4 + entry.payload.len() + CRC_LEN,
     );
+    encode_entry_into(entry, &mut out);
+    out
+}
+
+/// Encodes an entry value into `out` (cleared first), so that a writer can
+/// reuse one buffer for a whole batch.
+pub fn encode_entry_into(entry: &WalEntry, out: &mut Vec<u8>) {
+    out.clear();
     out.push(FORMAT_VERSION);
     out.extend_from_slice(&entry.flags.to_be_bytes());
     out.extend_from_slice(&entry.created_unix_ms.to_be_bytes());
     out.extend_from_slice(&entry.bytes_end.to_be_bytes());
-    put_source(&mut out, &entry.source);
+    put_source(out, &entry.source);
     // Payload length is bounded by MAX_PAYLOAD_LEN (< 4GiB) at append.
     out.extend_from_slice(&(entry.payload.len() as u32).to_be_bytes());
     out.extend_from_slice(&entry.payload);
-    seal(&log_key(entry.log_id), out)
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&log_key(entry.log_id)), out);
+    out.extend_from_slice(&crc.to_be_bytes());
 }
 
 /// The stored size of an entry, as [`encode_entry`] would produce it.
@@ -210,8 +219,22 @@ pub fn encoded_entry_len(replid_len: usize, payload_len: usize) -> u64 {
     (ENTRY_FIXED_LEN + replid_len + 4 + payload_len + CRC_LEN) as u64
 }
 
-/// Decodes an entry value stored under `log_id`.
+/// Decodes an entry value stored under `log_id` (tests; readers use
+/// [`decode_entry_header`]).
+#[cfg(test)]
 pub fn decode_entry(log_id: LogId, value: &[u8]) -> Result<WalEntry, String> {
+    let (mut entry, payload) = decode_entry_header(log_id, value)?;
+    entry.payload = Bytes::copy_from_slice(&value[payload]);
+    Ok(entry)
+}
+
+/// Decodes and checks an entry value stored under `log_id` except for
+/// copying its payload: returns the entry with an empty payload and where
+/// the payload lies in `value` (readers copy many payloads into one buffer).
+pub fn decode_entry_header(
+    log_id: LogId,
+    value: &[u8],
+) -> Result<(WalEntry, std::ops::Range<usize>), String> {
     let body = unseal(&log_key(log_id), value)?;
     let mut cursor = Cursor::new(body);
     let flags = cursor.u16("flags")?;
@@ -219,17 +242,20 @@ pub fn decode_entry(log_id: LogId, value: &[u8]) -> Result<WalEntry, String> {
     let bytes_end = cursor.u64("cumulative size")?;
     let source = get_source(&mut cursor)?;
     let payload_len = cursor.u32("payload length")? as usize;
-    let payload = Bytes::copy_from_slice(cursor.take(payload_len, "payload")?);
+    cursor.take(payload_len, "payload")?;
     cursor.finish("payload")?;
-    Ok(WalEntry {
+    // The body starts after the version byte.
+    let payload_end = 1 + cursor.offset;
+    let entry = WalEntry {
         log_id,
         flags,
         created_unix_ms,
         bytes_end,
         stored_len: value.len() as u64,
         source,
-        payload,
-    })
+        payload: Bytes::new(),
+    };
+    Ok((entry, payload_end - payload_len..payload_end))
 }
 
 pub fn encode_log_meta(partition: PartitionId, meta: &LogMeta) -> Vec<u8> {

@@ -48,8 +48,10 @@ pub struct WalConfig {
     /// Optional cap on the stored bytes of one partition's log; the oldest
     /// entries beyond it are trimmed even if unacked. Default: none.
     pub partition_size_cap: Option<ByteSize>,
-    /// How often the retention task trims acked and expired entries.
-    /// Default: `"10s"`.
+    /// How often the retention task trims acked and expired entries. Often
+    /// enough that acked entries are usually trimmed while still in RocksDB's
+    /// memtables or first files, before a compaction rewrites them.
+    /// Default: `"1s"`.
     pub retention_interval: HumanDuration,
     /// Memtable memory shared by all column families (RocksDB's
     /// `db_write_buffer_size`, a write buffer manager, which triggers flushes
@@ -85,7 +87,7 @@ impl Default for WalConfig {
             queue_depth: 4096,
             wal_ttl: HumanDuration(Duration::from_secs(24 * 3600)),
             partition_size_cap: None,
-            retention_interval: HumanDuration(Duration::from_secs(10)),
+            retention_interval: HumanDuration(Duration::from_secs(1)),
             memtable_budget: ByteSize::mib(64),
             cf_write_buffer_size: ByteSize::mib(4),
             max_rocksdb_wal_size: ByteSize::mib(256),

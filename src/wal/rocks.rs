@@ -34,11 +34,14 @@ const ARENA_BLOCK_SIZE: usize = 64 << 10;
 /// Table files kept open; more are reopened through the table cache, so the
 /// process stays well within common file descriptor limits.
 const MAX_OPEN_FILES: i32 = 512;
+/// L0 files of a log column family before they are compacted.
+const LOG_L0_COMPACTION_TRIGGER: i32 = 8;
 
 /// RocksDB-backed WAL storage; one instance per data dir.
 pub struct RocksWalStorage {
     db: Db,
     cf_options: Options,
+    log_cf_options: Options,
     /// Partitions with a log column family; guarded so that creation is
     /// check-then-create without races.
     log_partitions: Mutex<BTreeSet<PartitionId>>,
@@ -62,6 +65,23 @@ fn cf_options(config: &WalConfig, cache: &Cache) -> Options {
     // growing with the number of files.
     table.set_cache_index_and_filter_blocks(true);
     options.set_block_based_table_factory(&table);
+    options
+}
+
+/// Options of the `p<id>.log` column families. Log entries are short-lived
+/// (trimmed once every downstream acked them, usually seconds after they
+/// were written), so they are stored uncompressed: compressing them on
+/// every flush and compaction cost more CPU than anything else RocksDB did
+/// under load, for data that is mostly deleted before it is read from disk.
+/// L0 holds more files before compacting, so that trims (range tombstones)
+/// usually catch entries before a compaction rewrites them. A long backlog
+/// (a drainer away for hours) takes correspondingly more disk.
+fn log_cf_options(config: &WalConfig, cache: &Cache) -> Options {
+    let mut options = cf_options(config, cache);
+    options.set_compression_type(DBCompressionType::None);
+    options.set_level_zero_file_num_compaction_trigger(LOG_L0_COMPACTION_TRIGGER);
+    options.set_level_zero_slowdown_writes_trigger(LOG_L0_COMPACTION_TRIGGER * 3);
+    options.set_level_zero_stop_writes_trigger(LOG_L0_COMPACTION_TRIGGER * 5);
     options
 }
 
@@ -96,6 +116,7 @@ impl RocksWalStorage {
         let cache = Cache::new_lru_cache(config.block_cache_size.as_usize())?;
         let options = db_options(config, &cache);
         let cf_options = cf_options(config, &cache);
+        let log_cf_options = log_cf_options(config, &cache);
         let mut names = vec![
             rocksdb::DEFAULT_COLUMN_FAMILY_NAME.to_string(),
             META_CF.to_string(),
@@ -107,9 +128,13 @@ impl RocksWalStorage {
                 }
             }
         }
-        let descriptors = names
-            .iter()
-            .map(|name| ColumnFamilyDescriptor::new(name, cf_options.clone()));
+        let descriptors = names.iter().map(|name| {
+            let options = match codec::parse_cf_name(name) {
+                Some((_, true)) => log_cf_options.clone(),
+                _ => cf_options.clone(),
+            };
+            ColumnFamilyDescriptor::new(name, options)
+        });
         let db = Db::open_cf_descriptors(&options, &config.dir, descriptors)?;
         let log_partitions = names
             .iter()
@@ -121,6 +146,7 @@ impl RocksWalStorage {
         Ok(RocksWalStorage {
             db,
             cf_options,
+            log_cf_options,
             log_partitions: Mutex::new(log_partitions),
             path: config.dir.clone(),
         })
@@ -182,7 +208,11 @@ impl RocksWalStorage {
             .lock()
             .unwrap_or_else(|poison| poison.into_inner());
         if self.cf(name).is_none() {
-            self.db.create_cf(name, &self.cf_options)?;
+            let options = match codec::parse_cf_name(name) {
+                Some((_, true)) => &self.log_cf_options,
+                _ => &self.cf_options,
+            };
+            self.db.create_cf(name, options)?;
         }
         if let Some((partition, true)) = codec::parse_cf_name(name) {
             log_partitions.insert(partition);
@@ -207,15 +237,20 @@ impl WalStorage for RocksWalStorage {
         let meta = self.meta_cf()?;
         let mut batch = WriteBatch::default();
         let mut trims = Vec::new();
+        // Per batch, not per entry: the last log column family used (a batch
+        // holds runs of one partition) and one encoding buffer (the batch
+        // copies each value).
+        let mut log_cf: Option<(PartitionId, Arc<BoundColumnFamily<'_>>)> = None;
+        let mut value = Vec::new();
         for op in ops {
             match op {
                 WriteOp::Entry { partition, entry } => {
-                    let cf = self.log_cf(*partition)?;
-                    batch.put_cf(
-                        &cf,
-                        codec::log_key(entry.log_id),
-                        codec::encode_entry(entry),
-                    );
+                    let cf = match &log_cf {
+                        Some((cached, cf)) if cached == partition => cf,
+                        _ => &log_cf.insert((*partition, self.log_cf(*partition)?)).1,
+                    };
+                    codec::encode_entry_into(entry, &mut value);
+                    batch.put_cf(cf, codec::log_key(entry.log_id), &value);
                 }
                 WriteOp::LogMeta {
                     partition,
@@ -314,6 +349,9 @@ impl WalStorage for RocksWalStorage {
         let mut read_options = ReadOptions::default();
         // The bound lets RocksDB stop at `to` instead of reading ahead.
         read_options.set_iterate_upper_bound(codec::log_key(to.next()).to_vec());
+        // Entries are read once each (shipping, applying), so their blocks
+        // would only push other data out of the cache and grow the RSS.
+        read_options.fill_cache(false);
         let mut iter = self.db.raw_iterator_cf_opt(&cf, read_options);
         iter.seek(codec::log_key(from));
         let mut collector = EntryCollector::new(partition, to, limits);

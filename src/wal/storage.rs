@@ -174,7 +174,11 @@ pub(crate) struct EntryCollector {
     to: LogId,
     limits: ReadLimits,
     payload_bytes: usize,
-    entries: Vec<WalEntry>,
+    /// Entries read, with the range of their payload in `payloads`.
+    entries: Vec<(WalEntry, std::ops::Range<usize>)>,
+    /// Every payload of the read, copied out of the storage once: one
+    /// allocation per read instead of one per entry.
+    payloads: Vec<u8>,
 }
 
 impl EntryCollector {
@@ -185,6 +189,7 @@ impl EntryCollector {
             limits,
             payload_bytes: 0,
             entries: Vec::new(),
+            payloads: Vec::new(),
         }
     }
 
@@ -196,18 +201,28 @@ impl EntryCollector {
     }
 
     pub(crate) fn push(&mut self, log_id: LogId, value: &[u8]) -> Result<(), WalError> {
-        let entry = codec::decode_entry(log_id, value).map_err(|what| WalError::Corrupt {
-            partition: self.partition,
-            log_id,
-            what,
-        })?;
-        self.payload_bytes += entry.payload.len();
-        self.entries.push(entry);
+        let (entry, payload) =
+            codec::decode_entry_header(log_id, value).map_err(|what| WalError::Corrupt {
+                partition: self.partition,
+                log_id,
+                what,
+            })?;
+        let start = self.payloads.len();
+        self.payloads.extend_from_slice(&value[payload]);
+        self.payload_bytes += self.payloads.len() - start;
+        self.entries.push((entry, start..self.payloads.len()));
         Ok(())
     }
 
     pub(crate) fn finish(self) -> Vec<WalEntry> {
+        let payloads = Bytes::from(self.payloads);
         self.entries
+            .into_iter()
+            .map(|(mut entry, range)| {
+                entry.payload = payloads.slice(range);
+                entry
+            })
+            .collect()
     }
 }
 

@@ -1598,7 +1598,8 @@ fn stage_entries(
     now_unix_ms: u64,
 ) -> AppendedRange {
     let first = state.log.last.next();
-    for entry in entries {
+    let count = entries.len();
+    for (index, entry) in entries.into_iter().enumerate() {
         let log_id = state.log.last.next();
         let created_unix_ms = entry
             .created_unix_ms
@@ -1609,7 +1610,11 @@ fn stage_entries(
         state.log.last = log_id;
         state.log.last_created_unix_ms = created_unix_ms;
         state.log.bytes_end = bytes_end;
-        state.log.source = Some(entry.source.clone());
+        if index + 1 == count {
+            // Only the last entry's position is the log's (one clone per
+            // batch rather than per entry).
+            state.log.source = Some(entry.source.clone());
+        }
         ops.push(WriteOp::Entry {
             partition,
             entry: WalEntry {
