@@ -97,3 +97,12 @@ impl fmt::Display for PartitionId {
         write!(f, "{}", self.0)
     }
 }
+
+/// Milliseconds since the Unix epoch by the wall clock (0 if the clock is
+/// before 1970): entry creation times, heartbeats and latencies use it.
+pub fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -5,8 +5,8 @@
 //! snapshot load progress). Out: [`ApplyReport`]s, which add the LogId lag
 //! and time latency computed against the WAL at the moment of the report.
 
+pub(crate) use crate::position::now_unix_ms;
 use std::sync::{Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::position::{LogId, PartitionId};
 use crate::wal::{ReadLimits, Wal, WalError};
@@ -100,13 +100,6 @@ pub struct ApplyReport {
     pub commands_skipped: u64,
     pub last_refused: Option<RefusedCommand>,
     pub snapshot_load: Option<SnapshotLoadProgress>,
-}
-
-pub(crate) fn now_unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 impl ApplyStatus {

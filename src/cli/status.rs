@@ -18,7 +18,7 @@
 use std::fmt::Write as _;
 use std::io::{self, IsTerminal, Write as _};
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use clap::Args;
 
@@ -126,7 +126,7 @@ pub fn status(args: &StatusArgs) -> Result<(), StatusCommandError> {
                 serde_json::to_string(&status)? + "\n"
             } else {
                 let style = RenderStyle::default();
-                render_status(&status, unix_ms(), style)
+                render_status(&status, crate::position::now_unix_ms(), style)
             };
             write_stdout(&text)
         }
@@ -183,7 +183,7 @@ async fn watch(args: &StatusArgs, interval: Duration) -> Result<(), StatusComman
         // The address is resolved on every tick: a restarted process may
         // have written a new one into its data dir.
         let reading = fetch(&args.target).await;
-        let now = unix_ms();
+        let now = crate::position::now_unix_ms();
         let text = match (&reading, args.json) {
             (Ok(status), true) => serde_json::to_string(status)? + "\n",
             (Ok(status), false) => render_status(status, now, style),
@@ -225,14 +225,6 @@ fn runtime() -> Result<tokio::runtime::Runtime, StatusCommandError> {
         .enable_all()
         .build()
         .map_err(StatusCommandError::Runtime)
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| {
-            u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
-        })
 }
 
 /// The status as text: a heading, then the listener → drainer section and

@@ -54,8 +54,9 @@ mod heartbeat;
 mod snapshot;
 mod status;
 
+pub(crate) use crate::position::now_unix_ms as unix_ms;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -195,13 +196,6 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), ListenerError> {
     Listener::open(cfg, wal, status).await?.run(shutdown).await
-}
-
-pub(crate) fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 impl Listener {

@@ -11,6 +11,7 @@
 //! down cleanly and returns the error (exit code 1, so a supervisor restarts
 //! it and the stages resume from their durable positions).
 
+use crate::position::now_unix_ms;
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{BuildHasher, Hasher};
 use std::path::{Path, PathBuf};
@@ -69,13 +70,6 @@ pub enum NodeError {
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every critical section here assigns whole values.
     mutex.lock().unwrap_or_else(|poison| poison.into_inner())
-}
-
-fn now_unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// What every stage of a node is started with: the node's stop token, its

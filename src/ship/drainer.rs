@@ -5,11 +5,12 @@
 //! markers turned into partition resets, and `Ack`s of what is durable.
 //! Rules in `ship/mod.rs`.
 
+use crate::position::now_unix_ms;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use futures::Stream;
 use serde::{Deserialize, Serialize};
@@ -178,13 +179,6 @@ struct Inner {
 #[derive(Clone)]
 pub struct DrainerService {
     inner: Arc<Inner>,
-}
-
-fn now_unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 impl DrainerService {

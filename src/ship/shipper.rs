@@ -7,9 +7,10 @@
 //! listener WAL's downstream acks, and a [`ShipperStatus`] readable at any
 //! time. Rules in `ship/mod.rs`.
 
+use crate::position::now_unix_ms;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use futures::FutureExt;
 use serde::{Deserialize, Serialize};
@@ -226,13 +227,6 @@ pub struct ShipperStatusHandle {
 fn lock_cell(cell: &Mutex<StatusCell>) -> MutexGuard<'_, StatusCell> {
     // Plain counters: a poisoned lock still guards usable values.
     cell.lock().unwrap_or_else(|poison| poison.into_inner())
-}
-
-fn now_unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 impl ShipperStatusHandle {

@@ -13,10 +13,11 @@
 //! durable when the ack was sent), writes one batch, and only then publishes
 //! the new positions and answers.
 
+use crate::position::now_unix_ms;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -229,13 +230,6 @@ fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
     // Writers replace whole partition states under the lock, so a poisoned
     // lock still guards consistent data.
     shared.lock().unwrap_or_else(|poison| poison.into_inner())
-}
-
-fn now_unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 fn join_error(error: tokio::task::JoinError) -> WalError {
