@@ -412,7 +412,7 @@ fn render_drainers(out: &mut String, drainers: &[DrainerSide], style: RenderStyl
 }
 
 /// A bordered table, every cell left-aligned (NebulaGraph's console style).
-fn table(out: &mut String, headers: &[&str], rows: &[Vec<String>]) {
+pub(crate) fn table(out: &mut String, headers: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
     for row in rows {
         for (width, cell) in widths.iter_mut().zip(row) {
