@@ -6,6 +6,7 @@
 //! control characters and bytes that are not UTF-8 become `\xNN`, so a
 //! report is always one line per key and valid JSON.
 
+use crate::cli::status::table;
 use std::fmt::Write as _;
 
 use serde::Serialize;
@@ -187,8 +188,6 @@ pub fn render_report(report: &VerifyReport) -> String {
     }
     out
 }
-
-use crate::cli::status::table;
 
 #[cfg(test)]
 mod tests {
