@@ -9,7 +9,7 @@ pub(crate) use crate::position::now_unix_ms;
 use std::sync::{Mutex, MutexGuard};
 
 use crate::position::{LogId, PartitionId};
-use crate::wal::{ReadLimits, Wal, WalError};
+use crate::wal::{Wal, WalError};
 
 /// Whether the applier is applying (ONLINE) or waiting to retry (OFFLINE).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,20 +168,9 @@ impl ApplyStatus {
         report.durable = durable;
         report.lag = durable.0.saturating_sub(report.applied.0);
         if report.lag > 0 {
-            let one = ReadLimits {
-                max_entries: 1,
-                max_bytes: 1,
-            };
-            let oldest = match wal.read(self.partition, report.applied.next(), one) {
-                Ok(entries) => entries,
-                // The pending entries start at the first one still stored.
-                Err(WalError::Trimmed {
-                    first_available, ..
-                }) => wal.read(self.partition, first_available, one)?,
-                Err(error) => return Err(error),
-            };
-            if let Some(entry) = oldest.first() {
-                report.latency_ms = now_unix_ms.saturating_sub(entry.created_unix_ms);
+            // The pending entries start at the first one still stored.
+            if let Some(created) = wal.oldest_created(self.partition, report.applied.next())? {
+                report.latency_ms = now_unix_ms.saturating_sub(created);
             }
         }
         Ok(report)

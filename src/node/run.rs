@@ -37,7 +37,7 @@ use crate::ship::{
     self, AllowedListener, DrainerService, DrainerServiceConfig, DrainerTarget, FallbackSnapshot,
     Shipper, ShipperConfig, ShipperStatusHandle, SnapshotProvider, SnapshotProviderError,
 };
-use crate::wal::{DownstreamId, ReadLimits, Wal, WalConfig, WalError};
+use crate::wal::{DownstreamId, Wal, WalConfig, WalError};
 
 /// Why a node could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
@@ -133,20 +133,7 @@ fn lag_after(wal: &Wal, partition: PartitionId, acked: LogId) -> (u64, u64) {
     if lag == 0 {
         return (0, 0);
     }
-    let one = ReadLimits {
-        max_entries: 1,
-        max_bytes: 1,
-    };
-    let created = match wal.read(partition, acked.next(), one) {
-        Ok(entries) => entries.first().map(|entry| entry.created_unix_ms),
-        Err(WalError::Trimmed {
-            first_available, ..
-        }) => wal
-            .read(partition, first_available, one)
-            .ok()
-            .and_then(|entries| entries.first().map(|entry| entry.created_unix_ms)),
-        Err(_) => None,
-    };
+    let created = wal.oldest_created(partition, acked.next()).ok().flatten();
     let latency = created.map_or(0, |created| now_unix_ms().saturating_sub(created));
     (lag, latency)
 }

@@ -280,25 +280,6 @@ fn join_error(error: tokio::task::JoinError) -> ShipError {
     ShipError::Wal(WalError::Io(std::io::Error::other(error)))
 }
 
-/// Created time of the oldest entry from `from` on (the first available one
-/// if `from` was trimmed); `None` if there is none. Blocking.
-fn oldest_created(wal: &Wal, partition: PartitionId, from: LogId) -> Option<u64> {
-    let one = ReadLimits {
-        max_entries: 1,
-        max_bytes: usize::MAX,
-    };
-    match wal.read(partition, from, one) {
-        Ok(entries) => entries.first().map(|entry| entry.created_unix_ms),
-        Err(WalError::Trimmed {
-            first_available, ..
-        }) => wal
-            .read(partition, first_available, one)
-            .ok()
-            .and_then(|entries| entries.first().map(|entry| entry.created_unix_ms)),
-        Err(_) => None,
-    }
-}
-
 impl Shipper {
     /// A shipper of `partition` to `target`; the config is validated.
     pub fn new(
@@ -410,10 +391,11 @@ impl Shipper {
         let wal = self.wal.clone();
         let partition = self.partition;
         let from = self.status().acked.next();
-        let oldest = tokio::task::spawn_blocking(move || oldest_created(&wal, partition, from))
-            .await
-            .ok()
-            .flatten();
+        let oldest =
+            tokio::task::spawn_blocking(move || wal.oldest_created(partition, from).ok().flatten())
+                .await
+                .ok()
+                .flatten();
         self.status().oldest_unacked_created_ms = oldest;
     }
 
@@ -828,11 +810,12 @@ impl ActiveStream<'_> {
         // creation time, so the drainer's WAL (which keeps creation times
         // non-decreasing) does not raise the times of the entries after it.
         let wal = self.shipper.wal.clone();
-        let created_unix_ms =
-            tokio::task::spawn_blocking(move || oldest_created(&wal, partition, marker_id))
-                .await
-                .map_err(join_error)?
-                .unwrap_or_else(now_unix_ms);
+        let created_unix_ms = tokio::task::spawn_blocking(move || {
+            wal.oldest_created(partition, marker_id).ok().flatten()
+        })
+        .await
+        .map_err(join_error)?
+        .unwrap_or_else(now_unix_ms);
         let entry = WalEntry {
             log_id: marker_id,
             flags: 0,

@@ -751,6 +751,29 @@ impl Wal {
             .filter(|last| *last > LogId::ZERO))
     }
 
+    /// Creation time of the first entry of `partition` at or after `from`
+    /// (the first one still stored if `from` was trimmed); `None` if there
+    /// is none. Lag reports use it for their time latency. Blocking (one
+    /// point read).
+    pub fn oldest_created(
+        &self,
+        partition: PartitionId,
+        from: LogId,
+    ) -> Result<Option<u64>, WalError> {
+        let one = ReadLimits {
+            max_entries: 1,
+            max_bytes: 1,
+        };
+        let entries = match self.read(partition, from, one) {
+            Ok(entries) => entries,
+            Err(WalError::Trimmed {
+                first_available, ..
+            }) => self.read(partition, first_available, one)?,
+            Err(error) => return Err(error),
+        };
+        Ok(entries.first().map(|entry| entry.created_unix_ms))
+    }
+
     /// Durable entries of `partition` from `from` on, within `limits`; empty
     /// when `from` is past the last durable entry. [`WalError::Trimmed`] if
     /// `from` is no longer stored. Blocking (disk reads).
