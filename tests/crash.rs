@@ -44,6 +44,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use common::ferry::log::{
+    APPLYING, APPLY_BACK, APPLY_FAILED, FULL_SYNC_STARTED, FULL_SYNC_STORED, PARTIAL_RESYNC,
+};
 use common::ferry::{signal, FerryProcess};
 use common::{free_port, redis_server_bin, RedisServer};
 
@@ -56,16 +59,6 @@ const SOURCE_ARGS: &[&str] = &[
     "--repl-backlog-size",
     "256mb",
 ];
-
-/// Log lines the listener writes (src/listener/mod.rs).
-const FULL_SYNC_STARTED: &str = "full resync: storing the source's rdb";
-const FULL_SYNC_STORED: &str = "full resync stored";
-const PARTIAL_RESYNC: &str = "partial resync";
-/// Log lines of the applier (src/apply/mod.rs).
-const APPLY_FAILED: &str = "apply failed; retrying";
-const APPLY_BACK: &str = "target reachable again; applying";
-/// The applier's session start (after it read the checkpoint).
-const APPLYING: &str = "ferry::apply: applying";
 
 // ---------------------------------------------------------------------------
 // A small blocking RESP client (the load, the sampler and the comparison

@@ -44,6 +44,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use common::ferry::log::{
+    APPLY_BACK, APPLY_FAILED, DRAINER_OFFLINE, DRAINER_ONLINE, FULL_SYNC_STARTED, FULL_SYNC_STORED,
+    LINK_LOST, NODE_STOPS, PARTIAL_RESYNC, STREAM_ACCEPTED,
+};
 use common::ferry::{signal, FerryProcess};
 use common::proxy::{Direction, Proxy};
 use common::workload::{call, cmd, connect_url, text, wait_converged};
@@ -57,22 +61,6 @@ const SOURCE_ARGS: &[&str] = &[
     "--repl-backlog-size",
     "128mb",
 ];
-
-/// Log lines of the listener (src/listener/mod.rs).
-const FULL_SYNC_STORED: &str = "full resync stored";
-const FULL_SYNC_STARTED: &str = "full resync: storing the source's rdb";
-const PARTIAL_RESYNC: &str = "partial resync";
-const LINK_LOST: &str = "replication link lost; reconnecting";
-/// Of the shipper (src/ship/shipper.rs).
-const DRAINER_OFFLINE: &str = "drainer offline";
-const DRAINER_ONLINE: &str = "drainer online";
-/// Of the drainer's endpoint (src/ship/drainer.rs).
-const STREAM_ACCEPTED: &str = "ship stream accepted";
-/// Of the applier (src/apply/mod.rs).
-const APPLY_FAILED: &str = "apply failed; retrying";
-const APPLY_BACK: &str = "target reachable again; applying";
-/// Of a node stopping on a fatal error (src/node/run.rs).
-const NODE_STOPS: &str = "stopping the node";
 
 /// Longest wait for the target to equal the source.
 const CONVERGE: Duration = Duration::from_secs(60);

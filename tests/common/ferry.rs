@@ -9,6 +9,28 @@ use std::time::{Duration, Instant};
 
 use super::{output_within, wait_exit_within};
 
+/// Log lines the daemons write, which tests wait for (one place to keep in
+/// step with the sources named).
+pub mod log {
+    /// The listener (src/listener/mod.rs).
+    pub const FULL_SYNC_STARTED: &str = "full resync: storing the source's rdb";
+    pub const FULL_SYNC_STORED: &str = "full resync stored";
+    pub const PARTIAL_RESYNC: &str = "partial resync";
+    pub const LINK_LOST: &str = "replication link lost; reconnecting";
+    /// The shipper (src/ship/shipper.rs).
+    pub const DRAINER_OFFLINE: &str = "drainer offline";
+    pub const DRAINER_ONLINE: &str = "drainer online";
+    /// The drainer's endpoint (src/ship/drainer.rs).
+    pub const STREAM_ACCEPTED: &str = "ship stream accepted";
+    /// The applier (src/apply/mod.rs); `APPLYING` is its session start,
+    /// after it read the checkpoint.
+    pub const APPLY_FAILED: &str = "apply failed; retrying";
+    pub const APPLY_BACK: &str = "target reachable again; applying";
+    pub const APPLYING: &str = "ferry::apply: applying";
+    /// A node stopping on a fatal error (src/node/run.rs).
+    pub const NODE_STOPS: &str = "stopping the node";
+}
+
 /// The `ferry` binary cargo built for this test run.
 pub fn ferry_bin() -> &'static str {
     env!("CARGO_BIN_EXE_ferry")
