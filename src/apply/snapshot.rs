@@ -76,9 +76,15 @@ use crate::redis::resp::{encode_command, Frame, RespDecoder, RespLimits};
 use crate::wal::Wal;
 
 /// Snapshot chunks read from the WAL at a time.
-const CHUNKS_PER_READ: usize = 16;
+///
+/// With the queue below, up to `CHUNKS_PER_READ + CHUNK_QUEUE + 1` chunks of
+/// up to 1 MiB are alive at once. 16 + 16 held ~33 MiB and, in the memory
+/// case of `tools/bench --memory` (a 548 MB RDB), left glibc's arenas
+/// holding that much more after being freed on another thread; 4 + 4 still
+/// keep the parser busy (a 1 MiB chunk takes it ~20 ms, a read of 4 a few ms).
+const CHUNKS_PER_READ: usize = 4;
 /// Chunks queued between the WAL reader and the parser.
-const CHUNK_QUEUE: usize = 16;
+const CHUNK_QUEUE: usize = 4;
 /// Encoded windows queued before the writer, and written windows whose
 /// replies are not read yet.
 const LOAD_QUEUE: usize = 2;
