@@ -78,10 +78,11 @@ use crate::wal::Wal;
 /// Snapshot chunks read from the WAL at a time.
 ///
 /// With the queue below, up to `CHUNKS_PER_READ + CHUNK_QUEUE + 1` chunks of
-/// up to 1 MiB are alive at once. 16 + 16 held ~33 MiB and, in the memory
-/// case of `tools/bench --memory` (a 548 MB RDB), left glibc's arenas
-/// holding that much more after being freed on another thread; 4 + 4 still
-/// keep the parser busy (a 1 MiB chunk takes it ~20 ms, a read of 4 a few ms).
+/// up to 1 MiB are alive at once: ~33 MiB with the earlier 16 + 16, which
+/// the load step added on top of both WALs' memtables and block caches (the
+/// memory case of `tools/bench --memory`, a 548 MB RDB, peaked at 189-245
+/// MiB there; 181-213 MiB with 4 + 4). Eight chunks ahead still keep the
+/// parser busy: it takes ~20 ms per 1 MiB chunk.
 const CHUNKS_PER_READ: usize = 4;
 /// Chunks queued between the WAL reader and the parser.
 const CHUNK_QUEUE: usize = 4;
