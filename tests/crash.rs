@@ -41,7 +41,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::ferry::log::{
-    APPLYING, APPLY_BACK, APPLY_FAILED, FULL_SYNC_STARTED, FULL_SYNC_STORED, PARTIAL_RESYNC,
+    APPLYING, APPLY_BACK, APPLY_FAILED, FULL_SYNC_STARTED, FULL_SYNC_STORED, GAP, PARTIAL_RESYNC,
     TARGET_BEHIND,
 };
 use common::ferry::{assert_verify_clean, signal, FerryProcess};
@@ -874,15 +874,32 @@ fn sync_with_fast_retries(
     source: &RedisServer,
     target: &FixedPortRedis,
 ) -> FerryProcess {
+    sync_with_config(dir, source, target, "", "")
+}
+
+/// [`sync_with_fast_retries`] with more `[apply]` lines and a `[wal]`
+/// section.
+fn sync_with_config(
+    dir: &Path,
+    source: &RedisServer,
+    target: &FixedPortRedis,
+    apply: &str,
+    wal: &str,
+) -> FerryProcess {
     let config = dir.join("sync.toml");
     std::fs::write(
         &config,
-        r#"[apply]
+        format!(
+            r#"[apply]
 reply-timeout = "1s"
 connect-timeout = "1s"
 retry-backoff-min = "50ms"
 retry-backoff-max = "500ms"
-"#,
+{apply}
+[wal]
+{wal}
+"#
+        ),
     )
     .unwrap();
     FerryProcess::sync(
@@ -1141,6 +1158,77 @@ fn target_losing_its_last_second_gets_it_again() {
     assert!(
         behind >= 1,
         "the restored copies never put the target behind: the test proves nothing"
+    );
+}
+
+/// A target without persistence SIGKILLed and started again comes back
+/// empty, its checkpoint gone. What a non-persistent target lost is not
+/// re-sent (docs/ARCHITECTURE.md, "Recovery rules"); pinned here: the
+/// applier notices (no checkpoint while the WAL says applied), finds the
+/// entries it would need trimmed with no snapshot marker in their place, and
+/// the node stops with exit 1 and the fatal gap error saying the target
+/// needs a snapshot. Nothing is applied to the empty target: applying the
+/// entries still in the WAL on an empty data set would be a silent loss.
+#[test]
+fn empty_target_after_restart_stops_the_node() {
+    let source = RedisServer::start(SOURCE_ARGS);
+    let mut target = FixedPortRedis::start(&[]);
+    source.cmd(&["DEBUG", "POPULATE", "2000", "pre", "100"]);
+    let load = Load::start(&source.addr());
+    let dir = tempfile::tempdir().unwrap();
+    // Acked (and so trimmable) 200 ms after being applied, trimmed every
+    // 200 ms: the snapshot marker is long gone when the target restarts.
+    let mut ferry = sync_with_config(
+        dir.path(),
+        &source,
+        &target,
+        "retain-applied = \"200ms\"",
+        "retention-interval = \"200ms\"",
+    );
+    wait_until(
+        "the first full sync to be stored",
+        Duration::from_secs(60),
+        &[&ferry],
+        || ferry.log_since(0).contains(FULL_SYNC_STORED),
+    );
+    wait_for_fence(&source.addr(), &target.addr(), &[&ferry]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let mark = ferry.log_len();
+    target.kill9();
+    target.spawn();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = ferry.try_exit() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ferry still runs 30 s after its target came back empty\n{}",
+            ferry.log_tail(40)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let report = load.finish();
+    println!("{status}; load {} iterations", report.iterations);
+    let log = ferry.log_since(mark);
+    assert_eq!(status.code(), Some(1), "{}", ferry.log_tail(40));
+    for needle in [
+        TARGET_BEHIND,
+        GAP,
+        "the target needs a snapshot",
+        "stopping the node",
+    ] {
+        assert!(
+            log.contains(needle),
+            "{needle:?} not logged\n{}",
+            ferry.log_tail(40)
+        );
+    }
+    let mut conn = connect(&target.addr());
+    assert_eq!(
+        conn.call(&["DBSIZE"]).expect("DBSIZE").int(),
+        0,
+        "something was applied to the empty target"
     );
 }
 
