@@ -92,12 +92,13 @@ pub struct Load {
 }
 
 impl Load {
-    /// Starts the load against `source` (`host:port`), pausing `pause`
-    /// between iterations.
+    /// Starts the load against `source` (`host:port`), 1 ms between
+    /// iterations.
     pub fn start(source: &str) -> Load {
         Load::with_pause(source, Duration::from_millis(1))
     }
 
+    /// Starts the load with `pause` between iterations.
     pub fn with_pause(source: &str, pause: Duration) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let mut conn = connect(source);
@@ -118,12 +119,17 @@ impl Load {
                     i += 1;
                     std::thread::sleep(pause);
                 }
+                // One more, sent after the stop: its replies come after
+                // anything the test wrote before stopping the load (a
+                // burst), so the counters are final.
+                writer.iteration(i);
                 writer.report
             }
         });
         Load { stop, thread }
     }
 
+    /// Stops the load (after one last iteration) and returns its report.
     pub fn finish(self) -> LoadReport {
         self.stop.store(true, Ordering::Relaxed);
         match self.thread.join() {
