@@ -253,6 +253,7 @@ mod tests {
                 "apply.retry-backoff-max",
             ),
             (r#"{"idle-poll": "0ms"}"#, "apply.idle-poll"),
+            (r#"{"retain-applied": "2h"}"#, "apply.retain-applied"),
             (r#"{"load-window": 0}"#, "apply.load-window"),
             (r#"{"wal-downstream": "a b"}"#, "apply.wal-downstream"),
         ];
