@@ -245,7 +245,8 @@ pub fn signal(pid: u32, name: &str) {
 }
 
 /// Runs the real `ferry verify --source S --target T --json` (one pass, no
-/// rate limit: the load has stopped and the target caught up) and requires
+/// rate limit, 10,000 keys per page: the load has stopped and the target
+/// caught up) and requires
 /// exit 0 and no difference in its JSON; returns the report. Panics with
 /// the differences listed and `context()` (e.g. the nodes' log tails).
 pub fn assert_verify_clean(
@@ -266,6 +267,8 @@ pub fn assert_verify_clean(
             "1",
             "--qps",
             "0",
+            "--batch",
+            "10000",
         ]),
         Duration::from_secs(120),
     )

@@ -210,8 +210,14 @@ pub struct FixedPortRedis {
 
 impl FixedPortRedis {
     pub fn start(extra: &[&str]) -> FixedPortRedis {
+        FixedPortRedis::start_on(free_port(), extra)
+    }
+
+    /// Starts a server on `port` (e.g. one a daemon was told to use before
+    /// anything listened there).
+    pub fn start_on(port: u16, extra: &[&str]) -> FixedPortRedis {
         let mut server = FixedPortRedis {
-            port: free_port(),
+            port,
             dir: tempfile::tempdir().expect("temp dir"),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             child: None,
@@ -265,6 +271,18 @@ impl FixedPortRedis {
 
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
+    }
+
+    /// `redis-cli` that must succeed; returns trimmed stdout.
+    pub fn cmd(&self, args: &[&str]) -> String {
+        let out = output_within(
+            Command::new(redis_cli_bin())
+                .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+                .args(args),
+            CLI_TIMEOUT,
+        )
+        .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
     pub fn kill9(&mut self) {
