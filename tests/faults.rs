@@ -23,14 +23,21 @@
 //!   WAL write); once space is back and it is restarted, nothing is lost.
 //!   Skipped, with the reason printed, where tmpfs cannot be mounted.
 //!
-//! Every scenario ends with the target equal to the source key by key
-//! (`__ferry*` keys aside), the load's counter and list equal on both
-//! (an `INCR` applied twice or lost shows there), and the source's
+//! The load is [`common::load`]: a continuous mix of every seed command
+//! (every type, expiry, blocking pops, `MOVE`/`SWAPDB`, `EVAL`/`FCALL`,
+//! `MULTI`/`EXEC` across dbs, streams with a consumer group) with counters
+//! taken from the source's replies.
+//!
+//! Every scenario ends with the target equal to the source key by key in
+//! every db (`__ferry*` keys aside), the load's counters and list equal on
+//! both (an `INCR` applied twice or lost shows there), `ferry verify` clean
+//! (the real binary: exit 0, no difference in its JSON), and the source's
 //! `sync_full` unchanged since the first full sync: no unexpected full
 //! resync. `sync_partial_ok` grows exactly where the source link broke.
 //!
-//! Run: `cargo test --test faults` (about 25 s on two busy cores);
-//! `cargo test --test faults -- --ignored` adds the long variants.
+//! Run: `cargo test --test faults` (about 45 s on two busy cores);
+//! `cargo test --test faults -- --ignored` adds the long variant
+//! (`sigstop_under_load_long`, ten stalls).
 //! `--nocapture` prints what each fault did.
 
 mod common;
@@ -913,6 +920,19 @@ retry-backoff-max = "500ms"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigstop_under_load() {
+    sigstop_rounds(2).await;
+}
+
+/// Long variant: ten stalls.
+/// Run: `cargo test --test faults -- --ignored sigstop_under_load_long`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "long: cargo test --test faults -- --ignored sigstop_under_load_long"]
+async fn sigstop_under_load_long() {
+    sigstop_rounds(10).await;
+}
+
+/// `ferry sync` frozen 2.5 s, `rounds` times, under the load.
+async fn sigstop_rounds(rounds: usize) {
     let source = RedisServer::start(SOURCE_ARGS);
     let target = RedisServer::start(&[]);
     source.cmd(&["DEBUG", "POPULATE", "20000", "pre", "100"]);
@@ -920,7 +940,7 @@ async fn sigstop_under_load() {
     let mut ferry = start_sync(dir.path(), &source.url(), &target.url(), "");
     let stats = initial_sync(&ferry, &source.url(), &source, &target, &[&ferry]).await;
     let load = Load::start(&source.addr());
-    for round in 0..2 {
+    for round in 0..rounds {
         tokio::time::sleep(Duration::from_millis(700)).await;
         signal(ferry.pid(), "STOP");
         // A batch ferry sent just before the signal may still commit.
