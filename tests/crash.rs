@@ -779,11 +779,7 @@ fn listener_and_drainer_survive_random_sigkills() {
 #[test]
 #[ignore = "long: cargo test --test crash -- --ignored listener_and_drainer_survive_many_sigkills_long"]
 fn listener_and_drainer_survive_many_sigkills_long() {
-    split_kill_loop(
-        "listener_and_drainer_survive_many_sigkills_long",
-        12,
-        12,
-    );
+    split_kill_loop("listener_and_drainer_survive_many_sigkills_long", 12, 12);
 }
 
 /// `ferry listener` SIGKILLed `listener_kills` times, then `ferry drainer`

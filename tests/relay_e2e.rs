@@ -216,7 +216,6 @@ retry-backoff-max = "500ms"
 /// ferry started while nothing listens there yet).
 const ON_PORT_ARGS: &[&str] = &["--appendonly", "no", "--repl-diskless-sync-delay", "0"];
 
-
 /// How many data keys `state` holds.
 fn key_count(state: &ServerState) -> usize {
     state.keys.len()

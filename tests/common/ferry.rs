@@ -257,18 +257,8 @@ pub fn assert_verify_clean(
 ) -> serde_json::Value {
     let out = output_within(
         Command::new(ferry_bin()).args([
-            "verify",
-            "--source",
-            source_url,
-            "--target",
-            target_url,
-            "--json",
-            "--passes",
-            "1",
-            "--qps",
-            "0",
-            "--batch",
-            "10000",
+            "verify", "--source", source_url, "--target", target_url, "--json", "--passes", "1",
+            "--qps", "0", "--batch", "10000",
         ]),
         Duration::from_secs(120),
     )
@@ -291,7 +281,11 @@ pub fn assert_verify_clean(
     );
     let checked: u64 = report["dbs"]
         .as_array()
-        .map(|dbs| dbs.iter().filter_map(|db| db["keys_checked"].as_u64()).sum())
+        .map(|dbs| {
+            dbs.iter()
+                .filter_map(|db| db["keys_checked"].as_u64())
+                .sum()
+        })
         .unwrap_or(0);
     assert!(checked > 0, "{what}: ferry verify checked no key: {stdout}");
     println!("{what}: ferry verify clean, {checked} keys checked");

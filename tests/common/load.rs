@@ -149,7 +149,10 @@ struct Setup {
 impl Setup {
     fn run(conn: &mut Conn) -> Setup {
         let must = |reply: Resp, what: &str| -> Resp {
-            assert!(!matches!(reply, Resp::Error(_)), "load setup {what}: {reply:?}");
+            assert!(
+                !matches!(reply, Resp::Error(_)),
+                "load setup {what}: {reply:?}"
+            );
             reply
         };
         must(
@@ -358,8 +361,25 @@ impl Writer {
                 self.q(&["ZINCRBY", "m:z", "1.5", "a"]);
                 self.q(&["ZREM", "m:z", "c"]);
                 self.q(&["ZADD", "m:z2", "1", "a", "5", "x"]);
-                self.q(&["ZUNIONSTORE", "m:zu", "2", "m:z", "m:z2", "WEIGHTS", "1", "2"]);
-                self.q(&["ZINTERSTORE", "m:zi", "2", "m:z", "m:z2", "AGGREGATE", "MAX"]);
+                self.q(&[
+                    "ZUNIONSTORE",
+                    "m:zu",
+                    "2",
+                    "m:z",
+                    "m:z2",
+                    "WEIGHTS",
+                    "1",
+                    "2",
+                ]);
+                self.q(&[
+                    "ZINTERSTORE",
+                    "m:zi",
+                    "2",
+                    "m:z",
+                    "m:z2",
+                    "AGGREGATE",
+                    "MAX",
+                ]);
                 self.q(&["ZADD", "m:zl", "0", "a", "0", "b", "0", "c", "0", "d"]);
                 self.q(&["ZREMRANGEBYLEX", "m:zl", "[b", "[c"]);
                 self.q(&["ZREMRANGEBYRANK", "m:z", "0", "0"]);
@@ -414,7 +434,15 @@ impl Writer {
                 slots.xadd = Some(self.q(&["XADD", "m:x", "MAXLEN", "200", "*", "f", n]));
                 let consumer = format!("c{}", j % 3);
                 self.q(&[
-                    "XREADGROUP", "GROUP", "g", &consumer, "COUNT", "1", "STREAMS", "m:x", ">",
+                    "XREADGROUP",
+                    "GROUP",
+                    "g",
+                    &consumer,
+                    "COUNT",
+                    "1",
+                    "STREAMS",
+                    "m:x",
+                    ">",
                 ]);
                 if let Some(id) = self.last_xadd.clone() {
                     self.q(&["XACK", "m:x", "g", &id]);
@@ -437,20 +465,52 @@ pub fn assert_counters(what: &str, report: &LoadReport, source: &str, target: &s
     let (mut s, mut t) = (connect(source), connect(target));
     let llen = |conn: &mut Conn| conn.call(&["LLEN", "list"]).expect("LLEN").int();
     let checks = [
-        ("INCR counter", report.counter, get_int(&mut s, "counter"), get_int(&mut t, "counter")),
+        (
+            "INCR counter",
+            report.counter,
+            get_int(&mut s, "counter"),
+            get_int(&mut t, "counter"),
+        ),
         ("LPUSH list", report.list_len, llen(&mut s), llen(&mut t)),
-        ("MULTI/EXEC INCR a", report.a, get_int(&mut s, "a"), get_int(&mut t, "a")),
-        ("MULTI/EXEC INCR b", report.a, get_int(&mut s, "b"), get_int(&mut t, "b")),
-        ("EVAL INCR m:evc", report.script_counter, get_int(&mut s, "m:evc"), get_int(&mut t, "m:evc")),
-        ("FCALL INCR m:fc", report.function_counter, get_int(&mut s, "m:fc"), get_int(&mut t, "m:fc")),
+        (
+            "MULTI/EXEC INCR a",
+            report.a,
+            get_int(&mut s, "a"),
+            get_int(&mut t, "a"),
+        ),
+        (
+            "MULTI/EXEC INCR b",
+            report.a,
+            get_int(&mut s, "b"),
+            get_int(&mut t, "b"),
+        ),
+        (
+            "EVAL INCR m:evc",
+            report.script_counter,
+            get_int(&mut s, "m:evc"),
+            get_int(&mut t, "m:evc"),
+        ),
+        (
+            "FCALL INCR m:fc",
+            report.function_counter,
+            get_int(&mut s, "m:fc"),
+            get_int(&mut t, "m:fc"),
+        ),
     ];
     for (name, reported, on_source, on_target) in checks {
-        assert_eq!(on_source, reported, "{what}: {name} on the source vs the load's last reply");
+        assert_eq!(
+            on_source, reported,
+            "{what}: {name} on the source vs the load's last reply"
+        );
         assert_eq!(
             on_target,
             on_source,
             "{what}: {name} is {on_target} on the target, {on_source} on the source ({})",
-            if on_target > on_source { "applied twice" } else { "lost" }
+            if on_target > on_source {
+                "applied twice"
+            } else {
+                "lost"
+            }
         );
     }
     let missing = report.missing_seed_commands();

@@ -153,4 +153,3 @@ pub fn get_int(conn: &mut Conn, key: &str) -> i64 {
         .text()
         .map_or(0, |text| text.parse().expect("an integer value"))
 }
-
