@@ -1175,10 +1175,24 @@ async fn applied_entries_are_trimmed_unapplied_kept_until_wal_ttl_which_is_fatal
     let wal = Wal::open(wal_config(wal_dir.path())).await.unwrap();
     let records: Vec<Record> = (0..10).map(|_| single(0, &["INCR", "c"])).collect();
     let applied = append(&wal, &records).await;
-    let applier = start(apply_config(&target.url(), 3), &wal);
+    let retained = ApplyConfig {
+        retain_applied: "1s".parse().unwrap(),
+        ..apply_config(&target.url(), 3)
+    };
+    let applier = start(retained, &wal);
     applier.wait_applied(applied).await;
-    // The applier acks what it applied, so retention may trim it.
+    // The applier acks what it applied once it has been applied for
+    // retain-applied (a target that lost its last second needs it again),
+    // so retention may trim it then, and not before.
+    let applied_at = Instant::now();
+    assert_eq!(wal.positions(PARTITION).unwrap().unwrap().applied, applied);
+    assert_ne!(applier_ack(&wal), Some(applied), "acked at once");
     wait_for("the applier's ack", || applier_ack(&wal) == Some(applied)).await;
+    assert!(
+        applied_at.elapsed() >= Duration::from_millis(900),
+        "acked {:?} after it was applied, before retain-applied",
+        applied_at.elapsed()
+    );
     wal.enforce_retention(now_ms()).await.unwrap();
     let positions = wal.positions(PARTITION).unwrap().unwrap();
     assert_eq!(positions.first_available, applied.next());
@@ -1255,7 +1269,13 @@ async fn snapshot_epochs_are_deleted_once_loaded_and_superseded_or_trimmed() {
     .unwrap();
     let on_top = writes_on_top(&source).await;
     let last = append(&wal, &on_top).await;
-    let applier = start(apply_config(&target.url(), 100), &wal);
+    let applier = start(
+        ApplyConfig {
+            retain_applied: "0s".parse().unwrap(),
+            ..apply_config(&target.url(), 100)
+        },
+        &wal,
+    );
     applier.wait_applied(last).await;
     wait_for("the applier's ack", || applier_ack(&wal) == Some(last)).await;
     // Loaded, but its marker is still the log's first entry (the lagging
@@ -1375,5 +1395,106 @@ async fn idle_latency_figures() {
         quantile_ms(&mut after_append, 0.9),
         quantile_ms(&mut after_append, 0.99),
     );
+    wal.close().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// The WATCH guard against a late batch of an abandoned connection.
+
+/// The `CLIENT LIST` lines of `server`'s clients other than redis-cli's own.
+fn other_clients(server: &RedisServer) -> Vec<String> {
+    server
+        .cmd(&["CLIENT", "LIST"])
+        .lines()
+        .filter(|line| !line.contains("cmd=client|list"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The guard described in src/apply/mod.rs ("Exactly once"), made to fire
+/// deterministically: an applier session starts with nothing to apply (it
+/// `WATCH`ed the checkpoint, then read it: `applied=10`) and waits. From
+/// another connection, the batch an abandoned earlier connection could run
+/// late commits on the target: entry 11 (`INCR c`) with the checkpoint
+/// naming it. Entry 11 then reaches the WAL: the applier's `EXEC` of it must
+/// be refused (a null reply: `ApplyError::CheckpointMoved`, shown as the
+/// last error), and the next session must resume after the checkpoint the
+/// late batch wrote, so `c` ends at 11, not 12. Entry 12 (`INCR d`) shows
+/// that it goes on from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_batch_moving_the_checkpoint_is_caught_by_the_watch_guard() {
+    let target = RedisServer::start(&[]);
+    let wal_dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(wal_config(wal_dir.path())).await.unwrap();
+    let first: Vec<Record> = (0..10).map(|_| single(0, &["INCR", "c"])).collect();
+    let last = append(&wal, &first).await;
+    assert_eq!(last, LogId(10));
+    let applier = start(apply_config(&target.url(), 100), &wal);
+    applier.wait_applied(last).await;
+    applier.stop().await;
+
+    // A new session: connect, WATCH, GET the checkpoint, nothing to apply.
+    let applier = start(apply_config(&target.url(), 100), &wal);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let clients = other_clients(&target);
+        if clients.iter().any(|line| line.contains(" cmd=get ")) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the applier did not read its checkpoint: {clients:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        target.cmd(&["GET", CHECKPOINT_KEY]),
+        "v1 applied=10 epoch=0"
+    );
+
+    // The late batch: entry 11 and its checkpoint, committed by another
+    // connection while the session waits.
+    let mut late = connect(&target).await;
+    let replies = late
+        .pipeline(&[
+            cmd(&["MULTI"]),
+            cmd(&["INCR", "c"]),
+            cmd(&["SET", CHECKPOINT_KEY, "v1 applied=11 epoch=0"]),
+            cmd(&["EXEC"]),
+        ])
+        .await
+        .expect("the late batch");
+    assert!(
+        matches!(replies.last(), Some(ferry::redis::resp::Frame::Array(items)) if items.len() == 2),
+        "{replies:?}"
+    );
+    let more = [single(0, &["INCR", "c"]), single(0, &["INCR", "d"])];
+    let last = wal
+        .append(
+            PARTITION,
+            more.iter()
+                .enumerate()
+                .map(|(i, r)| entry(r, 11 + i as u64))
+                .collect(),
+        )
+        .await
+        .unwrap()
+        .last;
+    assert_eq!(last, LogId(12));
+    applier.wait_applied(last).await;
+    let report = applier.status.snapshot();
+    let error = report.last_error.clone().unwrap_or_default();
+    assert!(
+        error.contains("batch of entries 11..=12 not applied")
+            && error.contains("the checkpoint changed under it"),
+        "the guard did not fire: {report:?}"
+    );
+    assert_eq!(target.cmd(&["GET", "c"]), "11", "entry 11 applied twice");
+    assert_eq!(target.cmd(&["GET", "d"]), "1");
+    assert_eq!(
+        target.cmd(&["GET", CHECKPOINT_KEY]),
+        "v1 applied=12 epoch=0"
+    );
+    applier.stop().await;
     wal.close().await.unwrap();
 }

@@ -23,14 +23,21 @@
 //!   WAL write); once space is back and it is restarted, nothing is lost.
 //!   Skipped, with the reason printed, where tmpfs cannot be mounted.
 //!
-//! Every scenario ends with the target equal to the source key by key
-//! (`__ferry*` keys aside), the load's counter and list equal on both
-//! (an `INCR` applied twice or lost shows there), and the source's
+//! The load is [`common::load`]: a continuous mix of every seed command
+//! (every type, expiry, blocking pops, `MOVE`/`SWAPDB`, `EVAL`/`FCALL`,
+//! `MULTI`/`EXEC` across dbs, streams with a consumer group) with counters
+//! taken from the source's replies.
+//!
+//! Every scenario ends with the target equal to the source key by key in
+//! every db (`__ferry*` keys aside), the load's counters and list equal on
+//! both (an `INCR` applied twice or lost shows there), `ferry verify` clean
+//! (the real binary: exit 0, no difference in its JSON), and the source's
 //! `sync_full` unchanged since the first full sync: no unexpected full
 //! resync. `sync_partial_ok` grows exactly where the source link broke.
 //!
-//! Run: `cargo test --test faults` (about 25 s on two busy cores);
-//! `cargo test --test faults -- --ignored` adds the long variants.
+//! Run: `cargo test --test faults` (about 45 s on two busy cores);
+//! `cargo test --test faults -- --ignored` adds the long variant
+//! (`sigstop_under_load_long`, ten stalls).
 //! `--nocapture` prints what each fault did.
 
 mod common;
@@ -39,16 +46,14 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::ferry::log::{
     APPLY_BACK, APPLY_FAILED, DRAINER_OFFLINE, DRAINER_ONLINE, FULL_SYNC_STARTED, FULL_SYNC_STORED,
     LINK_LOST, NODE_STOPS, PARTIAL_RESYNC, STREAM_ACCEPTED,
 };
-use common::ferry::{signal, FerryProcess};
+use common::ferry::{assert_verify_clean, signal, FerryProcess};
+use common::load::{assert_counters, Load, LoadReport};
 use common::proxy::{Direction, Proxy};
 use common::workload::{call, cmd, connect_url, text, wait_converged};
 use common::{free_port, RedisServer};
@@ -328,89 +333,9 @@ async fn wait_for_fence(source_url: &str, target: &RedisServer, processes: &[&Fe
     }
 }
 
-/// What a write load did on the source.
-#[derive(Debug, Default, Clone, Copy)]
-struct LoadReport {
-    /// `INCR counter` and `LPUSH list` sent (one each per iteration).
-    iterations: u64,
-    transactions: u64,
-}
-
-impl std::ops::Add for LoadReport {
-    type Output = LoadReport;
-    fn add(self, other: LoadReport) -> LoadReport {
-        LoadReport {
-            iterations: self.iterations + other.iterations,
-            transactions: self.transactions + other.transactions,
-        }
-    }
-}
-
-/// A write load on its own thread and runtime (the test's runtime may be
-/// busy waiting): `INCR counter`, `LPUSH list <i>`, `SET k:<i % 50>`,
-/// `HINCRBY`, and every 4th iteration `MULTI; INCR a; INCR b; EXEC`.
-struct Load {
-    stop: Arc<AtomicBool>,
-    thread: JoinHandle<LoadReport>,
-}
-
-impl Load {
-    fn start(source_url: &str) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let url = source_url.to_string();
-        let thread = std::thread::spawn({
-            let stop = Arc::clone(&stop);
-            move || {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("load runtime");
-                runtime.block_on(async move {
-                    let mut client = connect_url(&url).await;
-                    let mut report = LoadReport::default();
-                    let mut i = 0u64;
-                    while !stop.load(Ordering::Relaxed) {
-                        let n = i.to_string();
-                        let mut cmds = vec![
-                            cmd(&["INCR", "counter"]),
-                            cmd(&["LPUSH", "list", &n]),
-                            cmd(&["SET", &format!("k:{}", i % 50), &n]),
-                            cmd(&["HINCRBY", "hash", &format!("f{}", i % 10), "1"]),
-                        ];
-                        let transaction = i % 4 == 0;
-                        if transaction {
-                            cmds.push(cmd(&["MULTI"]));
-                            cmds.push(cmd(&["INCR", "a"]));
-                            cmds.push(cmd(&["INCR", "b"]));
-                            cmds.push(cmd(&["EXEC"]));
-                        }
-                        let replies = client.pipeline(&cmds).await.expect("the source answers");
-                        for reply in &replies {
-                            assert!(reply.error_message().is_none(), "load: {reply:?}");
-                        }
-                        i += 1;
-                        report.iterations = i;
-                        if transaction {
-                            report.transactions += 1;
-                        }
-                        tokio::time::sleep(Duration::from_millis(2)).await;
-                    }
-                    report
-                })
-            }
-        });
-        Load { stop, thread }
-    }
-
-    fn finish(self) -> LoadReport {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().expect("load thread")
-    }
-}
-
 /// `iterations` of `INCR counter`, `LPUSH list burst:<i>` and a 1 KiB `SET`
 /// pipelined at once: big ship and apply batches.
-async fn burst(source_url: &str, iterations: u64) -> LoadReport {
+async fn burst(source_url: &str, iterations: u64) {
     let mut client = connect_url(source_url).await;
     let value = "v".repeat(1024);
     let mut cmds = Vec::new();
@@ -423,10 +348,6 @@ async fn burst(source_url: &str, iterations: u64) -> LoadReport {
         let replies = client.pipeline(window).await.expect("burst");
         assert!(replies.iter().all(|r| r.error_message().is_none()));
     }
-    LoadReport {
-        iterations,
-        transactions: 0,
-    }
 }
 
 async fn get_int(url: &str, key: &str) -> i64 {
@@ -437,8 +358,10 @@ async fn get_int(url: &str, key: &str) -> i64 {
     }
 }
 
-/// The target equals the source key by key, and the load's counters tell
-/// that every write arrived once.
+/// The target equals the source key by key in every db, the load's
+/// counters tell that every write arrived once (a burst while the load ran
+/// is in them: they are the source's own values), the list is equal element
+/// by element, and `ferry verify` finds no difference.
 async fn assert_converged(
     what: &str,
     source_url: &str,
@@ -448,49 +371,20 @@ async fn assert_converged(
 ) {
     let target_url = target.url();
     wait_converged(source_url, &target_url, what, CONVERGE, || tails(processes)).await;
-    let source_counter = get_int(source_url, "counter").await;
-    assert_eq!(
-        source_counter as u64, load.iterations,
-        "{what}: one INCR counter per iteration on the source"
-    );
-    let target_counter = get_int(&target_url, "counter").await;
-    assert_eq!(
-        target_counter,
-        source_counter,
-        "{what}: INCR counter {} on the target",
-        if target_counter > source_counter {
-            "applied twice"
-        } else {
-            "lost"
-        }
-    );
+    let source_addr = source_url.trim_start_matches("redis://");
+    assert_counters(what, &load, source_addr, &target.addr());
     let (mut s, mut t) = (
         connect_url(source_url).await,
         connect_url(&target_url).await,
     );
     let source_list = call(&mut s, &["LRANGE", "list", "0", "-1"]).await;
     let target_list = call(&mut t, &["LRANGE", "list", "0", "-1"]).await;
-    let length = |frame: &Frame| match frame {
-        Frame::Array(items) => items.len() as u64,
-        _ => 0,
-    };
-    assert_eq!(length(&source_list), load.iterations, "{what}: LPUSH list");
     assert!(
         source_list == target_list,
-        "{what}: the list differs ({} on the source, {} on the target)",
-        length(&source_list),
-        length(&target_list)
+        "{what}: the list differs ({:?} elements on the source)",
+        load.list_len
     );
-    let a = get_int(&target_url, "a").await;
-    assert_eq!(
-        a as u64, load.transactions,
-        "{what}: MULTI/EXEC on the target"
-    );
-    assert_eq!(
-        get_int(&target_url, "b").await,
-        a,
-        "{what}: a split transaction"
-    );
+    assert_verify_clean(what, source_url, &target_url, || tails(processes));
 }
 
 /// Fatal errors and panics in a node's log.
@@ -716,7 +610,7 @@ async fn listener_drainer_link_faults() {
         FerryProcess::with_config("listener", &listener_toml, &dir.path().join("listener"));
     let both = [&listener, &drainer];
     let stats = initial_sync(&listener, &source.url(), &source, &target, &both).await;
-    let load = Load::start(&source.url());
+    let load = Load::start(&source.addr());
 
     // Cut for 2 s.
     let mark = listener.log_len();
@@ -798,7 +692,7 @@ async fn listener_drainer_link_faults() {
     let fired = proxy.resets_fired();
     let mark = listener.log_len();
     proxy.reset_after_bytes(300_000);
-    let bursted = burst(&source.url(), 20_000).await;
+    burst(&source.url(), 20_000).await;
     assert!(
         proxy.wait_fired(fired, NOTICE),
         "no 300 kB went to the drainer during a burst\n{}",
@@ -812,7 +706,7 @@ async fn listener_drainer_link_faults() {
     )
     .await;
 
-    let report = load.finish() + bursted;
+    let report = load.finish();
     println!("{report:?}; proxy saw {} connections", proxy.connections());
     assert_converged(
         "listener/drainer link faults",
@@ -863,7 +757,7 @@ ack-interval = "500ms"
 "#,
     );
     let stats = initial_sync(&ferry, &source.url(), &source, &target, &[&ferry]).await;
-    let load = Load::start(&source.url());
+    let load = Load::start(&source.addr());
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // Cut: the listener resumes with a partial resync.
@@ -952,7 +846,7 @@ retry-backoff-max = "500ms"
 "#,
     );
     let stats = initial_sync(&ferry, &source.url(), &source, &target, &[&ferry]).await;
-    let load = Load::start(&source.url());
+    let load = Load::start(&source.addr());
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // Cut for 1.5 s.
@@ -993,7 +887,7 @@ retry-backoff-max = "500ms"
     let fired = proxy.resets_fired();
     let mark = ferry.log_len();
     proxy.reset_after_bytes(500_000);
-    let bursted = burst(&source.url(), 20_000).await;
+    burst(&source.url(), 20_000).await;
     assert!(
         proxy.wait_fired(fired, NOTICE),
         "no 500 kB went to the target during a burst\n{}",
@@ -1007,7 +901,7 @@ retry-backoff-max = "500ms"
     )
     .await;
 
-    let report = load.finish() + bursted;
+    let report = load.finish();
     assert_converged(
         "target link faults",
         &source.url(),
@@ -1026,14 +920,27 @@ retry-backoff-max = "500ms"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigstop_under_load() {
+    sigstop_rounds(2).await;
+}
+
+/// Long variant: ten stalls.
+/// Run: `cargo test --test faults -- --ignored sigstop_under_load_long`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "long: cargo test --test faults -- --ignored sigstop_under_load_long"]
+async fn sigstop_under_load_long() {
+    sigstop_rounds(10).await;
+}
+
+/// `ferry sync` frozen 2.5 s, `rounds` times, under the load.
+async fn sigstop_rounds(rounds: usize) {
     let source = RedisServer::start(SOURCE_ARGS);
     let target = RedisServer::start(&[]);
     source.cmd(&["DEBUG", "POPULATE", "20000", "pre", "100"]);
     let dir = tempfile::tempdir().expect("temp dir");
     let mut ferry = start_sync(dir.path(), &source.url(), &target.url(), "");
     let stats = initial_sync(&ferry, &source.url(), &source, &target, &[&ferry]).await;
-    let load = Load::start(&source.url());
-    for round in 0..2 {
+    let load = Load::start(&source.addr());
+    for round in 0..rounds {
         tokio::time::sleep(Duration::from_millis(700)).await;
         signal(ferry.pid(), "STOP");
         // A batch ferry sent just before the signal may still commit.
@@ -1080,7 +987,7 @@ reconnect-backoff-max = "500ms"
 "#,
     );
     let stats = initial_sync(&ferry, &source.url(), &source, &target, &[&ferry]).await;
-    let load = Load::start(&source.url());
+    let load = Load::start(&source.addr());
     tokio::time::sleep(Duration::from_secs(2)).await;
     let first = load.finish();
 
@@ -1108,7 +1015,7 @@ reconnect-backoff-max = "500ms"
     );
     proxy.set_upstream(&replica.addr());
     proxy.pass();
-    let load = Load::start(&replica.url());
+    let load = Load::start(&replica.addr());
     wait_until(
         "the listener to continue on the promoted replica",
         NOTICE,
@@ -1125,11 +1032,10 @@ reconnect-backoff-max = "500ms"
         "the listener follows the new replication id\n{}",
         ferry.log_tail(20)
     );
-    // The counter and the list continue on the new master.
-    let report = LoadReport {
-        iterations: first.iterations + second.iterations,
-        transactions: first.transactions + second.transactions,
-    };
+    // The counters and the list continue on the new master (the second
+    // load's values are the promoted replica's own, after the first's).
+    assert!(second.counter > first.counter, "{first:?} then {second:?}");
+    let report = second;
     assert_converged(
         "source failover",
         &replica.url(),
@@ -1264,14 +1170,13 @@ async fn drainer_disk_full() {
         &[&listener, &drainer],
     )
     .await;
-    let load = Load::start(&source.url());
+    let load = Load::start(&source.addr());
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let filler = mount.dir.join("filler");
     let mark = drainer.log_len();
     let filled = fill(&filler);
     println!("filled the drainer's tmpfs with {} MiB", filled >> 20);
-    let mut bursted = LoadReport::default();
     let disk_error = |log: &str| log.contains("No space left on device") || log.contains("ENOSPC");
     let started = Instant::now();
     while !disk_error(&drainer.log_since(mark)) {
@@ -1280,7 +1185,7 @@ async fn drainer_disk_full() {
             "the drainer did not report a full disk\n{}",
             tails(&[&listener, &drainer])
         );
-        bursted = bursted + burst(&source.url(), 5_000).await;
+        burst(&source.url(), 5_000).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let error_line = drainer
@@ -1348,7 +1253,7 @@ async fn drainer_disk_full() {
         drainer.kill9();
         drainer.spawn();
     }
-    let report = load.finish() + bursted;
+    let report = load.finish();
     assert_converged(
         "drainer disk full",
         &source.url(),

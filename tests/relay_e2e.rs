@@ -24,7 +24,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::ferry::{ferry_bin, FerryProcess};
@@ -32,7 +32,7 @@ use common::workload::{
     connect, differences, fill_source, run_workload, server_state, wait_converged, ServerState,
     SOURCE_ENCODING_CONFIG,
 };
-use common::{free_port, output_within, redis_cli_bin, redis_server_bin, RedisServer};
+use common::{free_port, output_within, FixedPortRedis, RedisServer};
 use ferry::redis::command::SEED_SYNC_COMMANDS;
 
 /// Longest wait for a target to equal its source.
@@ -212,66 +212,9 @@ retry-backoff-max = "500ms"
     )
 }
 
-/// A redis-server on a port chosen before it runs (for a ferry started
-/// while nothing listens there yet). Killed on drop.
-struct RedisOnPort {
-    port: u16,
-    _dir: tempfile::TempDir,
-    child: Child,
-}
-
-impl RedisOnPort {
-    fn start(port: u16) -> RedisOnPort {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let child = Command::new(redis_server_bin())
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .arg("--dir")
-            .arg(dir.path())
-            .args(["--save", "", "--appendonly", "no"])
-            .args(["--enable-debug-command", "yes", "--protected-mode", "no"])
-            .args(["--repl-diskless-sync-delay", "0", "--logfile", "redis.log"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn redis-server");
-        let server = RedisOnPort {
-            port,
-            _dir: dir,
-            child,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while server.cmd(&["PING"]) != "PONG" {
-            assert!(
-                Instant::now() < deadline,
-                "redis-server on port {port} did not start"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        server
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn cmd(&self, args: &[&str]) -> String {
-        let out = output_within(
-            Command::new(redis_cli_bin())
-                .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
-                .args(args),
-            Duration::from_secs(10),
-        )
-        .expect("redis-cli");
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    }
-}
-
-impl Drop for RedisOnPort {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+/// Settings of the servers started on a port chosen before they run (for a
+/// ferry started while nothing listens there yet).
+const ON_PORT_ARGS: &[&str] = &["--appendonly", "no", "--repl-diskless-sync-delay", "0"];
 
 /// How many data keys `state` holds.
 fn key_count(state: &ServerState) -> usize {
@@ -778,7 +721,7 @@ async fn sync_waits_for_an_unreachable_source_and_target() {
         context()
     );
 
-    let source = RedisOnPort::start(source_port);
+    let source = FixedPortRedis::start_on(source_port, ON_PORT_ARGS);
     source.cmd(&["DEBUG", "POPULATE", "500", "key", "10"]);
     wait_until("the source's full sync", CONVERGE, context, || {
         !log_lines(&ferry, &["full resync stored"]).is_empty()
@@ -788,7 +731,7 @@ async fn sync_waits_for_an_unreachable_source_and_target() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_alive(&mut ferry, "while the target is down");
 
-    let target = RedisOnPort::start(target_port);
+    let target = FixedPortRedis::start_on(target_port, ON_PORT_ARGS);
     wait_converged(
         &source.url(),
         &target.url(),

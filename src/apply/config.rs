@@ -47,6 +47,15 @@ pub struct ApplyConfig {
     /// `"apply:<drainer-id>"`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub wal_downstream: Option<String>,
+    /// How long an applied entry stays in the drainer's WAL before the
+    /// applier acks it for retention (the `applied` mark moves at once). A
+    /// target that loses its last acknowledged writes but keeps data and
+    /// checkpoint consistent (an `appendfsync everysec` AOF after a machine
+    /// crash: up to about 2 s) comes back with an older checkpoint and gets
+    /// the entries after it again; lost for longer than this, they may be
+    /// gone (fatal `Gap`: the target needs a snapshot). `"0s"` acks at once.
+    /// Default: `"5s"`, at most `"1h"` (`wal-ttl` stays the hard limit).
+    pub retain_applied: HumanDuration,
     /// Most WAL entries in one `MULTI`/`EXEC` batch. Default: `4000`.
     pub batch_max_entries: usize,
     /// Most command bytes in one batch (an entry larger than this still goes,
@@ -85,6 +94,7 @@ impl Default for ApplyConfig {
             target: "redis://127.0.0.1:6379".to_string(),
             partition: 0,
             wal_downstream: None,
+            retain_applied: HumanDuration(Duration::from_secs(5)),
             batch_max_entries: 4000,
             batch_max_bytes: ByteSize::mib(2),
             retry_backoff_min: HumanDuration(Duration::from_millis(100)),
@@ -166,6 +176,9 @@ impl ApplyConfig {
         }
         self.target_url()?;
         self.downstream_id()?;
+        if self.retain_applied.0 > Duration::from_secs(3600) {
+            return Err(bad("retain-applied", "must be at most 1h"));
+        }
         if self.batch_max_entries == 0 || self.batch_max_entries > 1_000_000 {
             return Err(bad("batch-max-entries", "must be 1 to 1000000"));
         }
@@ -240,6 +253,7 @@ mod tests {
                 "apply.retry-backoff-max",
             ),
             (r#"{"idle-poll": "0ms"}"#, "apply.idle-poll"),
+            (r#"{"retain-applied": "2h"}"#, "apply.retain-applied"),
             (r#"{"load-window": 0}"#, "apply.load-window"),
             (r#"{"wal-downstream": "a b"}"#, "apply.wal-downstream"),
         ];

@@ -17,8 +17,14 @@
 //! # Retention and snapshot epochs
 //!
 //! The applier registers as a downstream of its partition (`wal-downstream`,
-//! default `apply:<drainer-id>`) and acks every applied id, coalesced with
-//! the `applied` mark. Entries it has not applied are kept, but `wal-ttl`
+//! default `apply:<drainer-id>`) and acks every applied id once it has been
+//! applied for `retain-applied` (default 5s); the `applied` mark moves at
+//! once. The delay is for targets that lose their last acknowledged writes
+//! but keep data and checkpoint consistent (an `appendfsync everysec` AOF
+//! after a machine crash loses up to about 2 s): they come back with an
+//! older checkpoint, and the entries after it must still be in the WAL to be
+//! applied again (without them that is the fatal [`ApplyError::Gap`]).
+//! Entries it has not applied are kept, but `wal-ttl`
 //! (and the size cap) stay the hard limit: entries that expire before they
 //! are applied, with no snapshot marker in their place, end [`run`] with the
 //! fatal [`ApplyError::Gap`] naming the partition and the log id needed.
@@ -123,6 +129,8 @@ mod target;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
@@ -304,6 +312,7 @@ pub async fn run(
             wal.clone(),
             partition,
             downstream,
+            cfg.retain_applied.0,
             applied_rx,
             loaded_rx,
         ));
@@ -333,12 +342,16 @@ pub async fn run(
 }
 
 /// Keeps the drainer's WAL informed of the applier's progress, until the
-/// applier ends (then it writes the last applied id and returns):
+/// applier ends (then it writes the last applied id, acks what is due, and
+/// returns):
 ///
-/// - the latest applied id as the WAL's `applied` mark and as this
-///   applier's downstream ack (which lets retention trim what is applied),
-///   coalescing ids that arrive while a write is in progress (each write
-///   waits for a group commit; the applier does not);
+/// - the latest applied id as the WAL's `applied` mark at once, coalescing
+///   ids that arrive while a write is in progress (each write waits for a
+///   group commit; the applier does not);
+/// - as this applier's downstream ack (which lets retention trim it) only
+///   once it has been applied for `retain_applied`, so that a target that
+///   comes back from a crash with an older checkpoint still finds the
+///   entries after it (module doc, "Retention");
 /// - snapshot epochs this applier no longer needs
 ///   ([`collect_drainer_snapshots`]), after every load and every
 ///   `retention-interval` (retention trimming a snapshot marker is what
@@ -347,16 +360,24 @@ async fn keep_wal_marks(
     wal: Wal,
     partition: PartitionId,
     downstream: DownstreamId,
+    retain_applied: Duration,
     mut applied_rx: watch::Receiver<LogId>,
     mut loaded_rx: watch::Receiver<u64>,
 ) -> Result<(), ApplyError> {
     let mut written = LogId::ZERO;
+    let mut acked = LogId::ZERO;
+    // Applied ids and when they were applied, oldest first, waiting to be
+    // acked; ids applied within ACK_COALESCE of each other share a slot.
+    const ACK_COALESCE: Duration = Duration::from_millis(50);
+    let mut waiting: VecDeque<(Instant, LogId)> = VecDeque::new();
     let mut collect = tokio::time::interval(wal.config().retention_interval.0);
     collect.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let mut ended = false;
+        let ack_due = waiting.front().map(|(at, _)| *at + retain_applied);
         tokio::select! {
             changed = applied_rx.changed() => ended = changed.is_err(),
+            _ = tokio::time::sleep_until(ack_due.unwrap_or_else(Instant::now)), if ack_due.is_some() => {}
             changed = loaded_rx.changed(), if !loaded_rx.is_closed() => {
                 if changed.is_ok() {
                     collect.reset_immediately();
@@ -378,9 +399,29 @@ async fn keep_wal_marks(
             }
         }
         let latest = *applied_rx.borrow_and_update();
-        if latest > written {
-            match mark_applied(&wal, partition, &downstream, latest).await {
-                Ok(()) => written = latest,
+        let now = Instant::now();
+        let newest_waiting = waiting.back().map_or(acked, |(_, id)| *id);
+        if latest > newest_waiting {
+            match waiting.back_mut() {
+                Some((at, id)) if now.duration_since(*at) < ACK_COALESCE => *id = latest,
+                _ => waiting.push_back((now, latest)),
+            }
+        }
+        let mut ack = None;
+        while let Some(&(at, id)) = waiting.front() {
+            if now.duration_since(at) < retain_applied {
+                break;
+            }
+            ack = Some(id);
+            waiting.pop_front();
+        }
+        let applied = (latest > written).then_some(latest);
+        if applied.is_some() || ack.is_some() {
+            match mark_applied(&wal, partition, &downstream, applied, ack).await {
+                Ok(()) => {
+                    written = written.max(latest);
+                    acked = ack.unwrap_or(acked);
+                }
                 // A WAL closed during shutdown: nothing more to mark.
                 Err(WalError::Closed) => return Ok(()),
                 Err(error) => {
@@ -395,15 +436,19 @@ async fn keep_wal_marks(
     }
 }
 
-/// Sets the `applied` mark and acks `log_id` as `downstream`, in one group
-/// commit.
+/// Sets the `applied` mark to `applied` and acks `acked` as `downstream`
+/// (either may be absent), in one group commit.
 async fn mark_applied(
     wal: &Wal,
     partition: PartitionId,
     downstream: &DownstreamId,
-    log_id: LogId,
+    applied: Option<LogId>,
+    acked: Option<LogId>,
 ) -> Result<(), WalError> {
     let ack = async {
+        let Some(log_id) = acked else {
+            return Ok(());
+        };
         match wal.ack(partition, downstream.clone(), log_id).await {
             // Unregistered behind our back (by hand): hold retention again.
             Err(WalError::UnknownDownstream { .. }) => {
@@ -414,7 +459,13 @@ async fn mark_applied(
             other => other,
         }
     };
-    tokio::try_join!(wal.set_applied(partition, log_id), ack).map(|_| ())
+    let set = async {
+        match applied {
+            Some(log_id) => wal.set_applied(partition, log_id).await,
+            None => Ok(()),
+        }
+    };
+    tokio::try_join!(set, ack).map(|_| ())
 }
 
 /// Deletes the snapshot epochs of `partition` that no reader of the

@@ -27,6 +27,14 @@ pub mod log {
     pub const APPLY_FAILED: &str = "apply failed; retrying";
     pub const APPLY_BACK: &str = "target reachable again; applying";
     pub const APPLYING: &str = "ferry::apply: applying";
+    /// The applier found the target's checkpoint behind the WAL's applied
+    /// mark (the target lost acknowledged writes).
+    pub const TARGET_BEHIND: &str = "the target is behind the wal's applied mark";
+    /// The applier's fatal gap (src/apply/mod.rs `ApplyError::Gap`).
+    pub const GAP: &str = "without a snapshot marker there";
+    /// A session's first `EXEC` refused by the `WATCH` guard
+    /// (`ApplyError::CheckpointMoved`).
+    pub const CHECKPOINT_MOVED: &str = "the checkpoint changed under it";
     /// A node stopping on a fatal error (src/node/run.rs).
     pub const NODE_STOPS: &str = "stopping the node";
 }
@@ -234,4 +242,52 @@ pub fn signal(pid: u32, name: &str) {
     let _ = Command::new("kill")
         .args([&format!("-{name}"), &pid.to_string()])
         .status();
+}
+
+/// Runs the real `ferry verify --source S --target T --json` (one pass, no
+/// rate limit, 10,000 keys per page: the load has stopped and the target
+/// caught up) and requires
+/// exit 0 and no difference in its JSON; returns the report. Panics with
+/// the differences listed and `context()` (e.g. the nodes' log tails).
+pub fn assert_verify_clean(
+    what: &str,
+    source_url: &str,
+    target_url: &str,
+    context: impl Fn() -> String,
+) -> serde_json::Value {
+    let out = output_within(
+        Command::new(ferry_bin()).args([
+            "verify", "--source", source_url, "--target", target_url, "--json", "--passes", "1",
+            "--qps", "0", "--batch", "10000",
+        ]),
+        Duration::from_secs(120),
+    )
+    .unwrap_or_else(|error| panic!("{what}: ferry verify: {error}"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|error| {
+        panic!(
+            "{what}: ferry verify printed no JSON ({error}), exit {:?}: {stdout}\n{}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let differences = report["differences_total"].as_u64();
+    assert!(
+        out.status.success() && report["equal"] == true && differences == Some(0),
+        "{what}: ferry verify exit {:?}, {differences:?} differences:\n{}\n{}",
+        out.status.code(),
+        serde_json::to_string_pretty(&report["differences"]).unwrap_or_default(),
+        context()
+    );
+    let checked: u64 = report["dbs"]
+        .as_array()
+        .map(|dbs| {
+            dbs.iter()
+                .filter_map(|db| db["keys_checked"].as_u64())
+                .sum()
+        })
+        .unwrap_or(0);
+    assert!(checked > 0, "{what}: ferry verify checked no key: {stdout}");
+    println!("{what}: ferry verify clean, {checked} keys checked");
+    report
 }

@@ -3,7 +3,9 @@
 #![allow(dead_code)]
 
 pub mod ferry;
+pub mod load;
 pub mod proxy;
+pub mod resp;
 pub mod workload;
 
 use std::net::TcpListener;
@@ -192,5 +194,112 @@ fn wait_ready(child: &mut Child, port: u16, timeout: Duration) -> bool {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// A redis-server that keeps its port and dir across restarts (the target the
+// sync is configured with cannot move), with its pid for SIGSTOP/SIGCONT.
+
+pub struct FixedPortRedis {
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    extra: Vec<String>,
+    child: Option<Child>,
+}
+
+impl FixedPortRedis {
+    pub fn start(extra: &[&str]) -> FixedPortRedis {
+        FixedPortRedis::start_on(free_port(), extra)
+    }
+
+    /// Starts a server on `port` (e.g. one a daemon was told to use before
+    /// anything listened there).
+    pub fn start_on(port: u16, extra: &[&str]) -> FixedPortRedis {
+        let mut server = FixedPortRedis {
+            port,
+            dir: tempfile::tempdir().expect("temp dir"),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            child: None,
+        };
+        server.spawn();
+        server
+    }
+
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let child = Command::new(redis_server_bin())
+            .arg("--port")
+            .arg(self.port.to_string())
+            .args(["--bind", "127.0.0.1", "--save", ""])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args(["--enable-debug-command", "yes"])
+            .args(["--daemonize", "no", "--protected-mode", "no"])
+            .args(["--logfile", "redis.log"])
+            .args(&self.extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", redis_server_bin()));
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready = resp::Conn::connect(&self.addr(), Duration::from_secs(2))
+                .and_then(|mut conn| conn.call(&["PING"]))
+                .is_ok_and(|reply| reply == resp::Resp::Simple("PONG".into()));
+            if ready {
+                return;
+            }
+            let log = std::fs::read_to_string(self.dir.path().join("redis.log"));
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on port {} did not start: {log:?}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// `redis-cli` that must succeed; returns trimmed stdout.
+    pub fn cmd(&self, args: &[&str]) -> String {
+        let out = output_within(
+            Command::new(redis_cli_bin())
+                .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+                .args(args),
+            CLI_TIMEOUT,
+        )
+        .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for FixedPortRedis {
+    fn drop(&mut self) {
+        if let Some(child) = &self.child {
+            // A stopped process dies of SIGKILL too, but let it run first
+            // so that nothing is left half-way in the kernel.
+            ferry::signal(child.id(), "CONT");
+        }
+        self.kill9();
     }
 }

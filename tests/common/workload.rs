@@ -1041,3 +1041,18 @@ pub async fn wait_converged(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// [`differences`] between the servers at `source_url` and `target_url`
+/// right now, for blocking tests (it runs its own small runtime; not to be
+/// called from inside one).
+pub fn differences_now(source_url: &str, target_url: &str) -> Vec<String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("comparison runtime");
+    runtime.block_on(async {
+        let want = server_state(&mut connect_url(source_url).await).await;
+        let got = server_state(&mut connect_url(target_url).await).await;
+        differences(&want, &got)
+    })
+}
