@@ -4,9 +4,12 @@
 //! child process (the ignored `crash_child` test, selected with `--exact`
 //! and told what to do through environment variables). The child appends to
 //! several partitions with fsync group commit and prints every acknowledged
-//! range; the parent SIGKILLs it at a random moment, reopens the WAL and
-//! checks that every acknowledged entry is there and intact, that the meta
-//! never points past the entries, and that appends continue at the right id.
+//! range, while a trimmer keeps trimming the logs (trims write only the
+//! meta; the entries below `first` are released afterwards, so kills land
+//! between trims and releases too); the parent SIGKILLs it at a random
+//! moment, reopens the WAL and checks that every acknowledged entry at or
+//! after the first id is there and intact, that the meta never points past
+//! the entries, and that appends continue at the right id.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -21,6 +24,8 @@ use ferry::wal::{NewEntry, ReadLimits, SourcePosition, Wal, WalConfig, WalError}
 const DIR_ENV: &str = "FERRY_WAL_CRASH_DIR";
 const ROUND_ENV: &str = "FERRY_WAL_CRASH_ROUND";
 const PARTITIONS: u32 = 4;
+/// Entries the child's trimmer keeps below the last one.
+const TRIM_KEEP: u64 = 40;
 
 /// The payload of entry `log_id` of `partition` written in `round`; its size
 /// varies so that batches and values of several sizes are exercised.
@@ -78,6 +83,22 @@ fn crash_child() {
     runtime.block_on(async move {
         let wal = Wal::open(config(Path::new(&dir))).await.unwrap();
         let mut tasks = Vec::new();
+        let trimmer = wal.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(15)).await;
+                for partition in 0..PARTITIONS {
+                    let id = PartitionId(partition);
+                    let Some(last) = trimmer.last_log_id(id).unwrap() else {
+                        continue;
+                    };
+                    trimmer
+                        .trim(id, LogId(last.0.saturating_sub(TRIM_KEEP).max(1)))
+                        .await
+                        .unwrap();
+                }
+            }
+        }));
         for partition in 0..PARTITIONS {
             let wal = wal.clone();
             tasks.push(tokio::spawn(async move {
@@ -228,13 +249,20 @@ fn verify(dir: &Path, acked: &BTreeMap<(u32, u64), u64>, round: u64) {
             let Some(last) = last else { continue };
             let positions = wal.positions(id).unwrap().unwrap();
             assert_eq!(positions.durable, last);
-            let bounds = wal.storage().stored_bounds(id).unwrap();
-            assert_eq!(bounds, Some((LogId(1), last)), "partition {partition}");
+            let first = positions.first_available;
+            assert!(first <= last, "partition {partition}: first {first} last {last}");
+            let bounds = wal.storage().stored_bounds(id, first).unwrap();
+            assert_eq!(bounds, Some((first, last)), "partition {partition}");
 
-            // Every entry from 1 to last is readable, contiguous and intact;
-            // acknowledged ones carry exactly the acknowledged payload.
-            let mut from = LogId(1);
-            let mut bytes_end = 0;
+            // Every entry from first to last is readable, contiguous and
+            // intact; acknowledged ones carry exactly the acknowledged
+            // payload. Below first they were trimmed.
+            assert!(matches!(
+                wal.read(id, first.prev(), ReadLimits::default()),
+                Err(WalError::Trimmed { .. })
+            ) || first == LogId(1));
+            let mut from = first;
+            let mut bytes_end = None;
             while from <= last {
                 let entries = wal.read(id, from, ReadLimits::default()).unwrap();
                 assert!(
@@ -243,8 +271,10 @@ fn verify(dir: &Path, acked: &BTreeMap<(u32, u64), u64>, round: u64) {
                 );
                 for entry in entries {
                     assert_eq!(entry.log_id, from);
-                    assert_eq!(entry.bytes_end, bytes_end + entry.stored_len);
-                    bytes_end = entry.bytes_end;
+                    if let Some(bytes_end) = bytes_end {
+                        assert_eq!(entry.bytes_end, bytes_end + entry.stored_len);
+                    }
+                    bytes_end = Some(entry.bytes_end);
                     assert_eq!(entry.source.offset, ReplOffset(from.0 * 100));
                     if let Some(ack_round) = acked.get(&(partition, from.0)) {
                         assert_eq!(entry.payload, payload(*ack_round, partition, from.0));
