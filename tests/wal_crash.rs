@@ -154,6 +154,7 @@ fn acknowledged_entries_survive_sigkill() {
     let dir = tempfile::tempdir().unwrap();
     // (partition, log id) -> round that wrote it, for every acked entry.
     let mut acked: BTreeMap<(u32, u64), u64> = BTreeMap::new();
+    let mut highest_first = LogId(1);
     let rounds = 6;
     for round in 0..rounds {
         let mut child = Command::new(std::env::current_exe().unwrap())
@@ -217,17 +218,22 @@ fn acknowledged_entries_survive_sigkill() {
             "round {round}: killed after {:?}, {round_acks} entries acknowledged",
             started.elapsed()
         );
-        verify(dir.path(), &acked, round);
+        highest_first = highest_first.max(verify(dir.path(), &acked, round));
     }
     assert!(
         acked.len() > 100,
         "only {} entries were acknowledged over {rounds} rounds",
         acked.len()
     );
+    assert!(
+        highest_first > LogId(1),
+        "the child never trimmed, so trims were not crash-tested"
+    );
 }
 
-/// Reopens the WAL after a kill and checks it against the acknowledged ids.
-fn verify(dir: &Path, acked: &BTreeMap<(u32, u64), u64>, round: u64) {
+/// Reopens the WAL after a kill and checks it against the acknowledged ids;
+/// returns the highest first id of a partition (how far trims got).
+fn verify(dir: &Path, acked: &BTreeMap<(u32, u64), u64>, round: u64) -> LogId {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -235,6 +241,7 @@ fn verify(dir: &Path, acked: &BTreeMap<(u32, u64), u64>, round: u64) {
     runtime.block_on(async {
         // Open checks that meta.last equals the greatest stored entry.
         let wal = Wal::open(config(dir)).await.unwrap();
+        let mut highest_first = LogId(1);
         for partition in 0..PARTITIONS {
             let id = PartitionId(partition);
             let max_acked = acked
@@ -250,6 +257,7 @@ fn verify(dir: &Path, acked: &BTreeMap<(u32, u64), u64>, round: u64) {
             let positions = wal.positions(id).unwrap().unwrap();
             assert_eq!(positions.durable, last);
             let first = positions.first_available;
+            highest_first = highest_first.max(first);
             assert!(first <= last, "partition {partition}: first {first} last {last}");
             let bounds = wal.storage().stored_bounds(id, first).unwrap();
             assert_eq!(bounds, Some((first, last)), "partition {partition}");
@@ -308,7 +316,8 @@ fn verify(dir: &Path, acked: &BTreeMap<(u32, u64), u64>, round: u64) {
             .unwrap();
         assert_eq!(range.first, expected);
         wal.close().await.unwrap();
-    });
+        highest_first
+    })
 }
 
 fn raw_db(dir: &Path) -> rocksdb::DB {
@@ -388,6 +397,51 @@ fn a_missing_tail_entry_makes_open_fail_as_inconsistent() {
         }
         other => panic!("expected Inconsistent, got {other:?}"),
     }
+}
+
+/// Garbage below `first` is ignored, but a hole at `first` is still caught.
+#[test]
+fn a_missing_first_entry_makes_open_fail_even_with_garbage_below() {
+    let dir = tempfile::tempdir().unwrap();
+    append_some(dir.path(), 2, 6);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let wal = Wal::open(config(dir.path())).await.unwrap();
+        wal.trim(PartitionId(2), LogId(3)).await.unwrap();
+        wal.close().await.unwrap();
+    });
+    {
+        // Entries 1 and 2 may still be stored as garbage (memtable); put
+        // one back for sure, and punch the hole at first.
+        let db = raw_db(dir.path());
+        let cf = db.cf_handle("p2.log").unwrap();
+        db.put_cf(cf, 1u64.to_be_bytes(), b"garbage").unwrap();
+        db.delete_cf(cf, 3u64.to_be_bytes()).unwrap();
+    }
+    match open_and_read(dir.path(), 2, 4) {
+        Err(WalError::Inconsistent { partition, what }) => {
+            assert_eq!(partition, PartitionId(2));
+            assert!(what.contains("is 4 but meta says first is 3"), "{what}");
+        }
+        other => panic!("expected Inconsistent, got {other:?}"),
+    }
+    // The same garbage without the hole opens and reads fine.
+    let fresh = tempfile::tempdir().unwrap();
+    append_some(fresh.path(), 2, 6);
+    runtime.block_on(async {
+        let wal = Wal::open(config(fresh.path())).await.unwrap();
+        wal.trim(PartitionId(2), LogId(3)).await.unwrap();
+        wal.close().await.unwrap();
+    });
+    {
+        let db = raw_db(fresh.path());
+        let cf = db.cf_handle("p2.log").unwrap();
+        db.put_cf(cf, 1u64.to_be_bytes(), b"garbage").unwrap();
+    }
+    assert_eq!(open_and_read(fresh.path(), 2, 3).unwrap(), 4);
 }
 
 #[test]
