@@ -258,17 +258,22 @@ fn verify(dir: &Path, acked: &BTreeMap<(u32, u64), u64>, round: u64) -> LogId {
             assert_eq!(positions.durable, last);
             let first = positions.first_available;
             highest_first = highest_first.max(first);
-            assert!(first <= last, "partition {partition}: first {first} last {last}");
+            assert!(
+                first <= last,
+                "partition {partition}: first {first} last {last}"
+            );
             let bounds = wal.storage().stored_bounds(id, first).unwrap();
             assert_eq!(bounds, Some((first, last)), "partition {partition}");
 
             // Every entry from first to last is readable, contiguous and
             // intact; acknowledged ones carry exactly the acknowledged
             // payload. Below first they were trimmed.
-            assert!(matches!(
-                wal.read(id, first.prev(), ReadLimits::default()),
-                Err(WalError::Trimmed { .. })
-            ) || first == LogId(1));
+            assert!(
+                matches!(
+                    wal.read(id, first.prev(), ReadLimits::default()),
+                    Err(WalError::Trimmed { .. })
+                ) || first == LogId(1)
+            );
             let mut from = first;
             let mut bytes_end = None;
             while from <= last {

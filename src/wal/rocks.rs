@@ -428,10 +428,11 @@ impl WalStorage for RocksWalStorage {
             .fetch_max(below.0, Ordering::AcqRel);
         // Whole files of garbage go at once; the compaction filter takes
         // the rest when a compaction rewrites the file holding it.
-        if let Err(error) =
-            self.db
-                .delete_file_in_range_cf(&cf, codec::log_key(LogId::ZERO), codec::log_key(below.prev()))
-        {
+        if let Err(error) = self.db.delete_file_in_range_cf(
+            &cf,
+            codec::log_key(LogId::ZERO),
+            codec::log_key(below.prev()),
+        ) {
             warn!(partition = %partition, %error, "dropping trimmed sst files failed");
         }
         Ok(())
