@@ -514,6 +514,9 @@ impl Shipper {
     }
 }
 
+/// A WAL read running on a blocking thread.
+type WalRead = JoinHandle<Result<Vec<WalEntry>, WalError>>;
+
 /// A batch sent and not yet acked.
 struct Inflight {
     last: LogId,
@@ -535,7 +538,7 @@ struct ActiveStream<'a> {
     read_next: LogId,
     /// A read started while the previous batch is encoded and sent, and the
     /// id it starts at (discarded if `read_next` moved elsewhere).
-    read_ahead: Option<(LogId, JoinHandle<Result<Vec<WalEntry>, WalError>>)>,
+    read_ahead: Option<(LogId, WalRead)>,
     last_sent: LogId,
     /// Latest ack from the drainer, and the latest one written to the WAL.
     acked_remote: LogId,
