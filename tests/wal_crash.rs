@@ -4,9 +4,12 @@
 //! child process (the ignored `crash_child` test, selected with `--exact`
 //! and told what to do through environment variables). The child appends to
 //! several partitions with fsync group commit and prints every acknowledged
-//! range; the parent SIGKILLs it at a random moment, reopens the WAL and
-//! checks that every acknowledged entry is there and intact, that the meta
-//! never points past the entries, and that appends continue at the right id.
+//! range, while a trimmer keeps trimming the logs (trims write only the
+//! meta; the entries below `first` are released afterwards, so kills land
+//! between trims and releases too); the parent SIGKILLs it at a random
+//! moment, reopens the WAL and checks that every acknowledged entry at or
+//! after the first id is there and intact, that the meta never points past
+//! the entries, and that appends continue at the right id.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -21,6 +24,8 @@ use ferry::wal::{NewEntry, ReadLimits, SourcePosition, Wal, WalConfig, WalError}
 const DIR_ENV: &str = "FERRY_WAL_CRASH_DIR";
 const ROUND_ENV: &str = "FERRY_WAL_CRASH_ROUND";
 const PARTITIONS: u32 = 4;
+/// Entries the child's trimmer keeps below the last one.
+const TRIM_KEEP: u64 = 40;
 
 /// The payload of entry `log_id` of `partition` written in `round`; its size
 /// varies so that batches and values of several sizes are exercised.
@@ -78,6 +83,22 @@ fn crash_child() {
     runtime.block_on(async move {
         let wal = Wal::open(config(Path::new(&dir))).await.unwrap();
         let mut tasks = Vec::new();
+        let trimmer = wal.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(15)).await;
+                for partition in 0..PARTITIONS {
+                    let id = PartitionId(partition);
+                    let Some(last) = trimmer.last_log_id(id).unwrap() else {
+                        continue;
+                    };
+                    trimmer
+                        .trim(id, LogId(last.0.saturating_sub(TRIM_KEEP).max(1)))
+                        .await
+                        .unwrap();
+                }
+            }
+        }));
         for partition in 0..PARTITIONS {
             let wal = wal.clone();
             tasks.push(tokio::spawn(async move {
@@ -133,6 +154,7 @@ fn acknowledged_entries_survive_sigkill() {
     let dir = tempfile::tempdir().unwrap();
     // (partition, log id) -> round that wrote it, for every acked entry.
     let mut acked: BTreeMap<(u32, u64), u64> = BTreeMap::new();
+    let mut highest_first = LogId(1);
     let rounds = 6;
     for round in 0..rounds {
         let mut child = Command::new(std::env::current_exe().unwrap())
@@ -196,17 +218,22 @@ fn acknowledged_entries_survive_sigkill() {
             "round {round}: killed after {:?}, {round_acks} entries acknowledged",
             started.elapsed()
         );
-        verify(dir.path(), &acked, round);
+        highest_first = highest_first.max(verify(dir.path(), &acked, round));
     }
     assert!(
         acked.len() > 100,
         "only {} entries were acknowledged over {rounds} rounds",
         acked.len()
     );
+    assert!(
+        highest_first > LogId(1),
+        "the child never trimmed, so trims were not crash-tested"
+    );
 }
 
-/// Reopens the WAL after a kill and checks it against the acknowledged ids.
-fn verify(dir: &Path, acked: &BTreeMap<(u32, u64), u64>, round: u64) {
+/// Reopens the WAL after a kill and checks it against the acknowledged ids;
+/// returns the highest first id of a partition (how far trims got).
+fn verify(dir: &Path, acked: &BTreeMap<(u32, u64), u64>, round: u64) -> LogId {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -214,6 +241,7 @@ fn verify(dir: &Path, acked: &BTreeMap<(u32, u64), u64>, round: u64) {
     runtime.block_on(async {
         // Open checks that meta.last equals the greatest stored entry.
         let wal = Wal::open(config(dir)).await.unwrap();
+        let mut highest_first = LogId(1);
         for partition in 0..PARTITIONS {
             let id = PartitionId(partition);
             let max_acked = acked
@@ -228,13 +256,26 @@ fn verify(dir: &Path, acked: &BTreeMap<(u32, u64), u64>, round: u64) {
             let Some(last) = last else { continue };
             let positions = wal.positions(id).unwrap().unwrap();
             assert_eq!(positions.durable, last);
-            let bounds = wal.storage().stored_bounds(id).unwrap();
-            assert_eq!(bounds, Some((LogId(1), last)), "partition {partition}");
+            let first = positions.first_available;
+            highest_first = highest_first.max(first);
+            assert!(
+                first <= last,
+                "partition {partition}: first {first} last {last}"
+            );
+            let bounds = wal.storage().stored_bounds(id, first).unwrap();
+            assert_eq!(bounds, Some((first, last)), "partition {partition}");
 
-            // Every entry from 1 to last is readable, contiguous and intact;
-            // acknowledged ones carry exactly the acknowledged payload.
-            let mut from = LogId(1);
-            let mut bytes_end = 0;
+            // Every entry from first to last is readable, contiguous and
+            // intact; acknowledged ones carry exactly the acknowledged
+            // payload. Below first they were trimmed.
+            assert!(
+                matches!(
+                    wal.read(id, first.prev(), ReadLimits::default()),
+                    Err(WalError::Trimmed { .. })
+                ) || first == LogId(1)
+            );
+            let mut from = first;
+            let mut bytes_end = None;
             while from <= last {
                 let entries = wal.read(id, from, ReadLimits::default()).unwrap();
                 assert!(
@@ -243,8 +284,10 @@ fn verify(dir: &Path, acked: &BTreeMap<(u32, u64), u64>, round: u64) {
                 );
                 for entry in entries {
                     assert_eq!(entry.log_id, from);
-                    assert_eq!(entry.bytes_end, bytes_end + entry.stored_len);
-                    bytes_end = entry.bytes_end;
+                    if let Some(bytes_end) = bytes_end {
+                        assert_eq!(entry.bytes_end, bytes_end + entry.stored_len);
+                    }
+                    bytes_end = Some(entry.bytes_end);
                     assert_eq!(entry.source.offset, ReplOffset(from.0 * 100));
                     if let Some(ack_round) = acked.get(&(partition, from.0)) {
                         assert_eq!(entry.payload, payload(*ack_round, partition, from.0));
@@ -278,7 +321,8 @@ fn verify(dir: &Path, acked: &BTreeMap<(u32, u64), u64>, round: u64) {
             .unwrap();
         assert_eq!(range.first, expected);
         wal.close().await.unwrap();
-    });
+        highest_first
+    })
 }
 
 fn raw_db(dir: &Path) -> rocksdb::DB {
@@ -358,6 +402,51 @@ fn a_missing_tail_entry_makes_open_fail_as_inconsistent() {
         }
         other => panic!("expected Inconsistent, got {other:?}"),
     }
+}
+
+/// Garbage below `first` is ignored, but a hole at `first` is still caught.
+#[test]
+fn a_missing_first_entry_makes_open_fail_even_with_garbage_below() {
+    let dir = tempfile::tempdir().unwrap();
+    append_some(dir.path(), 2, 6);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let wal = Wal::open(config(dir.path())).await.unwrap();
+        wal.trim(PartitionId(2), LogId(3)).await.unwrap();
+        wal.close().await.unwrap();
+    });
+    {
+        // Entries 1 and 2 may still be stored as garbage (memtable); put
+        // one back for sure, and punch the hole at first.
+        let db = raw_db(dir.path());
+        let cf = db.cf_handle("p2.log").unwrap();
+        db.put_cf(cf, 1u64.to_be_bytes(), b"garbage").unwrap();
+        db.delete_cf(cf, 3u64.to_be_bytes()).unwrap();
+    }
+    match open_and_read(dir.path(), 2, 4) {
+        Err(WalError::Inconsistent { partition, what }) => {
+            assert_eq!(partition, PartitionId(2));
+            assert!(what.contains("is 4 but meta says first is 3"), "{what}");
+        }
+        other => panic!("expected Inconsistent, got {other:?}"),
+    }
+    // The same garbage without the hole opens and reads fine.
+    let fresh = tempfile::tempdir().unwrap();
+    append_some(fresh.path(), 2, 6);
+    runtime.block_on(async {
+        let wal = Wal::open(config(fresh.path())).await.unwrap();
+        wal.trim(PartitionId(2), LogId(3)).await.unwrap();
+        wal.close().await.unwrap();
+    });
+    {
+        let db = raw_db(fresh.path());
+        let cf = db.cf_handle("p2.log").unwrap();
+        db.put_cf(cf, 1u64.to_be_bytes(), b"garbage").unwrap();
+    }
+    assert_eq!(open_and_read(fresh.path(), 2, 3).unwrap(), 4);
 }
 
 #[test]

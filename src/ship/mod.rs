@@ -90,7 +90,10 @@
 //!    snapshot of rule 3 replaces it.
 //! 5. At most `max-unacked-bytes` / `max-unacked-batches` are in flight;
 //!    acks release the window and are written to the listener's WAL
-//!    (coalesced: one WAL ack per burst of replies).
+//!    (coalesced: one WAL ack per burst of replies). While behind (a read
+//!    filled a whole batch), the next WAL read runs ahead on a blocking
+//!    thread during the encoding and sending of the current batch; its
+//!    result is used only if it starts where shipping continues.
 //! 6. Any failure ends the session; the shipper reconnects with capped
 //!    exponential backoff (reset by a `Welcome`), logging once per state
 //!    change. On shutdown it stops sending, waits up to `shutdown-grace` for

@@ -15,6 +15,7 @@ use std::time::Duration;
 use futures::FutureExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Endpoint;
 use tonic::Streaming;
@@ -495,16 +496,26 @@ impl Shipper {
             unacked_bytes: 0,
             pending: VecDeque::new(),
             read_next: durable.next(),
+            read_ahead: None,
             last_sent: durable,
             acked_remote: durable,
             acked_wal: durable,
         };
-        match stream.pump(shutdown).await {
+        let result = stream.pump(shutdown).await;
+        // A read ahead holds a handle of the WAL: let it end before the
+        // caller may close the WAL.
+        if let Some((_, read)) = stream.read_ahead.take() {
+            let _ = read.await;
+        }
+        match result {
             Err(ShipError::Shutdown) => stream.finish().await,
             other => other,
         }
     }
 }
+
+/// A WAL read running on a blocking thread.
+type WalRead = JoinHandle<Result<Vec<WalEntry>, WalError>>;
 
 /// A batch sent and not yet acked.
 struct Inflight {
@@ -525,6 +536,9 @@ struct ActiveStream<'a> {
     pending: VecDeque<WalEntry>,
     /// Next id to read from the WAL.
     read_next: LogId,
+    /// A read started while the previous batch is encoded and sent, and the
+    /// id it starts at (discarded if `read_next` moved elsewhere).
+    read_ahead: Option<(LogId, WalRead)>,
     last_sent: LogId,
     /// Latest ack from the drainer, and the latest one written to the WAL.
     acked_remote: LogId,
@@ -597,19 +611,46 @@ impl ActiveStream<'_> {
     }
 
     /// Reads the next entries into `pending`; returns how many.
+    ///
+    /// After a full read (the shipper is behind), the next read starts at
+    /// once on a blocking thread, so that reading the WAL overlaps encoding,
+    /// compressing and sending the batch just read instead of alternating
+    /// with them.
     async fn read_more(&mut self) -> Result<usize, ShipError> {
-        let wal = self.shipper.wal.clone();
-        let partition = self.partition();
         let from = self.read_next;
         let limits = ReadLimits {
             max_entries: self.shipper.config.max_batch_entries,
             max_bytes: self.shipper.config.max_batch_bytes.as_usize(),
         };
-        let entries = tokio::task::spawn_blocking(move || wal.read(partition, from, limits))
-            .await
-            .map_err(join_error)??;
+        let read_ahead = match self.read_ahead.take() {
+            Some((start, read)) if start == from => Some(read.await.map_err(join_error)?),
+            // A read ahead of a position given up (fallback snapshot) is
+            // dropped; its thread finishes on its own.
+            _ => None,
+        };
+        let entries = match read_ahead {
+            Some(Ok(entries)) if !entries.is_empty() => entries,
+            // Nothing or an error (e.g. `Trimmed`): read again now, so that
+            // what is returned is as fresh as without the read ahead (the
+            // caller marked the append notification seen just before).
+            _ => {
+                let wal = self.shipper.wal.clone();
+                let partition = self.partition();
+                tokio::task::spawn_blocking(move || wal.read(partition, from, limits))
+                    .await
+                    .map_err(join_error)??
+            }
+        };
         if let Some(last) = entries.last() {
             self.read_next = last.log_id.next();
+        }
+        let payload_bytes: usize = entries.iter().map(|entry| entry.payload.len()).sum();
+        if entries.len() >= limits.max_entries || payload_bytes >= limits.max_bytes {
+            let wal = self.shipper.wal.clone();
+            let partition = self.partition();
+            let next = self.read_next;
+            let read = tokio::task::spawn_blocking(move || wal.read(partition, next, limits));
+            self.read_ahead = Some((next, read));
         }
         let count = entries.len();
         self.pending.extend(entries);

@@ -79,13 +79,29 @@
 //!    crash (`PointInTime` recovery). So after any crash `meta.last` is
 //!    exactly the greatest stored key: never ahead of the entries, never
 //!    behind them.
-//! 2. Trims are a `delete_range` of `[first, new_first)` in the same batch as
-//!    the meta update of `first`; entries in `[first, last]` are all present.
+//! 2. Trims (and resets) write only the meta update of `first`: stored ids
+//!    below `meta.first` are garbage, never read and ignored by recovery;
+//!    entries in `[first, last]` are all present. Garbage is dropped only
+//!    after the batch that raised `first` is durable and published to
+//!    readers ([`WalStorage::release_trimmed`]: whole SST files at once, a
+//!    compaction filter for the rest), so a crash can leave garbage behind
+//!    but never a hole at or above `first`. Range tombstones are avoided on
+//!    purpose: they overlap older files, so compactions of a log with a
+//!    backlog merged and rewrote files instead of moving them down; without
+//!    them the flushed files of a log (keys only grow) stay disjoint.
+//!    Format note: until this change (same format version 1) trims wrote a
+//!    `delete_range` and the invariant was `meta.first == smallest stored
+//!    id`. Data written either way satisfies the new check, so old data
+//!    dirs open unchanged; an older binary refuses a dir holding garbage
+//!    below `first` ([`WalError::Inconsistent`], "smallest stored entry").
 //! 3. An `append` resolves only after the batch containing it was written with
 //!    fsync, so every acknowledged id survives a crash; appends after a
 //!    restart continue at `last + 1`.
-//! 4. `Wal::open` checks 1 and 2 against the stored keys and refuses to start
-//!    ([`WalError::Inconsistent`]) if they do not hold.
+//! 4. `Wal::open` checks 1 and 2 against the stored keys (the smallest
+//!    stored id at or after `first` is `first`, the greatest stored id is
+//!    `last`; nothing at or after `first` for an empty log) and refuses to
+//!    start ([`WalError::Inconsistent`]) if they do not hold. It then
+//!    releases the garbage below `first`.
 //! 5. After a failed write the WAL is poisoned: everything fails with
 //!    [`WalError::Poisoned`] until the process reopens it, because the state
 //!    of a failed fsync is unknown.
@@ -93,9 +109,9 @@
 //!    [`Wal::append_at`] (a drainer mirroring its listener's ids) must name
 //!    exactly `last + 1` ([`WalError::NotContiguous`] otherwise). The only
 //!    jump is [`Wal::reset_partition`] (a snapshot marker at `start`): in one
-//!    batch it deletes `[first, last]`, sets `first = start` and stores the
-//!    marker as entry `start`, so the log is never seen empty without its
-//!    marker. `start` must be past `last` ([`WalError::ResetBehindLog`]):
+//!    batch it sets `first = start` (the old `[first, last]` become garbage,
+//!    invariant 2) and stores the marker as entry `start`, so the log is
+//!    never seen empty without its marker. `start` must be past `last` ([`WalError::ResetBehindLog`]):
 //!    durable only moves forward, and acked/applied marks (all `<= last`)
 //!    stay below it without moving backwards.
 //!

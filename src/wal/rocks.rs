@@ -9,12 +9,24 @@
 //! have small memtables of their own, share one LRU block cache, and RocksDB's
 //! own WAL is capped (`max_total_wal_size`), which forces flushes of column
 //! families that pin old WAL files.
+//!
+//! Trims write no range tombstones (module doc of `wal/mod.rs`, invariant
+//! 2): once a trim is durable and published, [`WalStorage::release_trimmed`]
+//! raises the partition's `trimmed_below` mark, which a compaction filter on
+//! its log column family uses to drop the ids below it, and drops the SST
+//! files that hold only such ids. Log keys only grow, so without tombstones
+//! the flushed files of a log do not overlap and compactions move them down
+//! instead of rewriting them.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
+use std::ffi::CStr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use rocksdb::compaction_filter::{CompactionFilter, Decision};
+use rocksdb::compaction_filter_factory::{CompactionFilterContext, CompactionFilterFactory};
 use rocksdb::{
     BlockBasedOptions, BoundColumnFamily, Cache, ColumnFamilyDescriptor, DBCompressionType,
     DBRecoveryMode, DBWithThreadMode, MultiThreaded, Options, ReadOptions, WriteBatch,
@@ -41,11 +53,63 @@ const LOG_L0_COMPACTION_TRIGGER: i32 = 8;
 pub struct RocksWalStorage {
     db: Db,
     cf_options: Options,
-    log_cf_options: Options,
+    /// What the options of a new log column family are built from (each
+    /// gets its own compaction filter).
+    config: WalConfig,
+    cache: Cache,
     /// Partitions with a log column family; guarded so that creation is
     /// check-then-create without races.
     log_partitions: Mutex<BTreeSet<PartitionId>>,
+    /// Per partition, the id below which stored entries are garbage (the
+    /// durable first id last released); read by the compaction filter.
+    trimmed_below: Mutex<HashMap<PartitionId, Arc<AtomicU64>>>,
+    /// Whether a batch was written without sync since the last release:
+    /// then the trim's meta may not be on disk yet, and dropping entries
+    /// before it is would break invariant 2 after a crash.
+    unsynced_writes: AtomicBool,
     path: PathBuf,
+}
+
+/// Makes one [`TrimmedFilter`] per compaction of a log column family.
+struct TrimmedFilterFactory {
+    trimmed_below: Arc<AtomicU64>,
+}
+
+/// Drops log entries below the partition's released first id. The mark is
+/// read once per compaction: a mark raised meanwhile only means some
+/// garbage survives until the next compaction or file deletion.
+struct TrimmedFilter {
+    below: u64,
+}
+
+const TRIMMED_FILTER_NAME: &CStr = c"ferry-trimmed-log-entries";
+
+impl CompactionFilterFactory for TrimmedFilterFactory {
+    type Filter = TrimmedFilter;
+
+    fn create(&mut self, _context: CompactionFilterContext) -> TrimmedFilter {
+        TrimmedFilter {
+            below: self.trimmed_below.load(Ordering::Acquire),
+        }
+    }
+
+    fn name(&self) -> &CStr {
+        TRIMMED_FILTER_NAME
+    }
+}
+
+impl CompactionFilter for TrimmedFilter {
+    fn filter(&mut self, _level: u32, key: &[u8], _value: &[u8]) -> Decision {
+        // A key that is not a log id is left alone: open reports it.
+        match <[u8; 8]>::try_from(key) {
+            Ok(id) if u64::from_be_bytes(id) < self.below => Decision::Remove,
+            _ => Decision::Keep,
+        }
+    }
+
+    fn name(&self) -> &CStr {
+        TRIMMED_FILTER_NAME
+    }
 }
 
 fn cf_options(config: &WalConfig, cache: &Cache) -> Options {
@@ -73,11 +137,13 @@ fn cf_options(config: &WalConfig, cache: &Cache) -> Options {
 /// were written), so they are stored uncompressed: compressing them on
 /// every flush and compaction cost more CPU than anything else RocksDB did
 /// under load, for data that is mostly deleted before it is read from disk.
-/// L0 holds more files before compacting, so that trims (range tombstones)
-/// usually catch entries before a compaction rewrites them. A long backlog
-/// (a drainer away for hours) takes correspondingly more disk.
-fn log_cf_options(config: &WalConfig, cache: &Cache) -> Options {
+/// L0 holds more files before compacting, so that trims usually drop whole
+/// files before a compaction reaches them. A long backlog (a drainer away
+/// for hours) takes correspondingly more disk. `trimmed_below` feeds the
+/// compaction filter that drops trimmed entries.
+fn log_cf_options(config: &WalConfig, cache: &Cache, trimmed_below: Arc<AtomicU64>) -> Options {
     let mut options = cf_options(config, cache);
+    options.set_compaction_filter_factory(TrimmedFilterFactory { trimmed_below });
     options.set_compression_type(DBCompressionType::None);
     options.set_level_zero_file_num_compaction_trigger(LOG_L0_COMPACTION_TRIGGER);
     options.set_level_zero_slowdown_writes_trigger(LOG_L0_COMPACTION_TRIGGER * 3);
@@ -116,7 +182,7 @@ impl RocksWalStorage {
         let cache = Cache::new_lru_cache(config.block_cache_size.as_usize())?;
         let options = db_options(config, &cache);
         let cf_options = cf_options(config, &cache);
-        let log_cf_options = log_cf_options(config, &cache);
+        let mut trimmed_below = HashMap::new();
         let mut names = vec![
             rocksdb::DEFAULT_COLUMN_FAMILY_NAME.to_string(),
             META_CF.to_string(),
@@ -130,7 +196,13 @@ impl RocksWalStorage {
         }
         let descriptors = names.iter().map(|name| {
             let options = match codec::parse_cf_name(name) {
-                Some((_, true)) => log_cf_options.clone(),
+                Some((partition, true)) => {
+                    // 0 until open releases the recovered first id: a low
+                    // mark only keeps garbage longer.
+                    let mark = Arc::new(AtomicU64::new(0));
+                    trimmed_below.insert(partition, Arc::clone(&mark));
+                    log_cf_options(config, &cache, mark)
+                }
                 _ => cf_options.clone(),
             };
             ColumnFamilyDescriptor::new(name, options)
@@ -146,8 +218,11 @@ impl RocksWalStorage {
         Ok(RocksWalStorage {
             db,
             cf_options,
-            log_cf_options,
+            config: config.clone(),
+            cache,
             log_partitions: Mutex::new(log_partitions),
+            trimmed_below: Mutex::new(trimmed_below),
+            unsynced_writes: AtomicBool::new(false),
             path: config.dir.clone(),
         })
     }
@@ -208,11 +283,14 @@ impl RocksWalStorage {
             .lock()
             .unwrap_or_else(|poison| poison.into_inner());
         if self.cf(name).is_none() {
-            let options = match codec::parse_cf_name(name) {
-                Some((_, true)) => &self.log_cf_options,
-                _ => &self.cf_options,
-            };
-            self.db.create_cf(name, options)?;
+            match codec::parse_cf_name(name) {
+                Some((partition, true)) => {
+                    let options =
+                        log_cf_options(&self.config, &self.cache, self.trimmed_mark(partition));
+                    self.db.create_cf(name, &options)?;
+                }
+                _ => self.db.create_cf(name, &self.cf_options)?,
+            }
         }
         if let Some((partition, true)) = codec::parse_cf_name(name) {
             log_partitions.insert(partition);
@@ -221,6 +299,28 @@ impl RocksWalStorage {
             partition: PartitionId(0),
             what: format!("column family {name} missing after creation"),
         })
+    }
+
+    /// The `trimmed_below` mark of `partition`, created at 0 if missing.
+    fn trimmed_mark(&self, partition: PartitionId) -> Arc<AtomicU64> {
+        let mut marks = self
+            .trimmed_below
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        Arc::clone(marks.entry(partition).or_default())
+    }
+
+    /// Flushes the memtable of `partition`'s log and compacts the whole log
+    /// column family, which runs the compaction filter over every file
+    /// (trivial moves skip it). Maintenance and tests; the data path never
+    /// needs it.
+    pub fn compact_log(&self, partition: PartitionId) -> Result<(), WalError> {
+        let Some(cf) = self.cf(&codec::log_cf_name(partition)) else {
+            return Ok(());
+        };
+        self.db.flush_cf(&cf)?;
+        self.db.compact_range_cf(&cf, None::<&[u8]>, None::<&[u8]>);
+        Ok(())
     }
 
     fn log_cf(&self, partition: PartitionId) -> Result<Arc<BoundColumnFamily<'_>>, WalError> {
@@ -236,7 +336,6 @@ impl WalStorage for RocksWalStorage {
     fn write(&self, ops: &[WriteOp], sync: bool) -> Result<(), WalError> {
         let meta = self.meta_cf()?;
         let mut batch = WriteBatch::default();
-        let mut trims = Vec::new();
         // Per batch, not per entry: the last log column family used (a batch
         // holds runs of one partition) and one encoding buffer (the batch
         // copies each value).
@@ -260,17 +359,6 @@ impl WalStorage for RocksWalStorage {
                     codec::meta_key(codec::META_LOG, *partition),
                     codec::encode_log_meta(*partition, log_meta),
                 ),
-                WriteOp::Trim {
-                    partition,
-                    from,
-                    to,
-                } => {
-                    if from < to {
-                        let cf = self.log_cf(*partition)?;
-                        batch.delete_range_cf(&cf, codec::log_key(*from), codec::log_key(*to));
-                        trims.push((*partition, *from, *to));
-                    }
-                }
                 WriteOp::Applied { partition, log_id } => {
                     let key = codec::meta_key(codec::META_APPLIED, *partition);
                     let value = codec::encode_log_id(&key, *log_id);
@@ -317,21 +405,35 @@ impl WalStorage for RocksWalStorage {
         }
         let mut write_options = WriteOptions::default();
         write_options.set_sync(sync);
+        if !sync {
+            self.unsynced_writes.store(true, Ordering::Release);
+        }
         self.db.write_opt(batch, &write_options)?;
+        Ok(())
+    }
 
-        // Space reclamation hint: drop the SST files that hold only trimmed
-        // entries right away instead of waiting for compaction to reach them.
-        // The range tombstone above already hides the entries, so a failure
-        // here costs disk space, not correctness.
-        for (partition, from, to) in trims {
-            let cf = self.log_cf(partition)?;
-            if let Err(error) = self.db.delete_file_in_range_cf(
-                &cf,
-                codec::log_key(from),
-                codec::log_key(to.prev()),
-            ) {
-                warn!(partition = %partition, %error, "dropping trimmed sst files failed");
-            }
+    fn release_trimmed(&self, partition: PartitionId, below: LogId) -> Result<(), WalError> {
+        if below <= LogId(1) {
+            return Ok(());
+        }
+        let Some(cf) = self.cf(&codec::log_cf_name(partition)) else {
+            return Ok(());
+        };
+        // Without fsync'd batches the meta that moved `first` may still be
+        // in RocksDB's log buffer; once entries are gone it must not be lost.
+        if self.unsynced_writes.swap(false, Ordering::AcqRel) {
+            self.db.flush_wal(true)?;
+        }
+        self.trimmed_mark(partition)
+            .fetch_max(below.0, Ordering::AcqRel);
+        // Whole files of garbage go at once; the compaction filter takes
+        // the rest when a compaction rewrites the file holding it.
+        if let Err(error) = self.db.delete_file_in_range_cf(
+            &cf,
+            codec::log_key(LogId::ZERO),
+            codec::log_key(below.prev()),
+        ) {
+            warn!(partition = %partition, %error, "dropping trimmed sst files failed");
         }
         Ok(())
     }
@@ -370,12 +472,16 @@ impl WalStorage for RocksWalStorage {
         Ok(collector.finish())
     }
 
-    fn stored_bounds(&self, partition: PartitionId) -> Result<Option<(LogId, LogId)>, WalError> {
+    fn stored_bounds(
+        &self,
+        partition: PartitionId,
+        from: LogId,
+    ) -> Result<Option<(LogId, LogId)>, WalError> {
         let Some(cf) = self.cf(&codec::log_cf_name(partition)) else {
             return Ok(None);
         };
         let mut iter = self.db.raw_iterator_cf(&cf);
-        iter.seek_to_first();
+        iter.seek(codec::log_key(from));
         let first = match iter.key() {
             Some(key) if iter.valid() => parse_log_key(partition, key)?,
             _ => {

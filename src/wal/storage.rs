@@ -28,12 +28,6 @@ pub enum WriteOp {
         partition: PartitionId,
         meta: LogMeta,
     },
-    /// Delete entries `from..to` (to exclusive).
-    Trim {
-        partition: PartitionId,
-        from: LogId,
-        to: LogId,
-    },
     Applied {
         partition: PartitionId,
         log_id: LogId,
@@ -88,9 +82,23 @@ pub trait WalStorage: Send + Sync + 'static {
         limits: ReadLimits,
     ) -> Result<Vec<WalEntry>, WalError>;
 
-    /// The smallest and greatest entry ids actually stored for `partition`,
-    /// used at open to check the recovery invariants.
-    fn stored_bounds(&self, partition: PartitionId) -> Result<Option<(LogId, LogId)>, WalError>;
+    /// The smallest and greatest entry ids stored for `partition` at or
+    /// after `from` (ids below `from` are ignored: below the log's first id
+    /// they are garbage awaiting [`WalStorage::release_trimmed`]). Used at
+    /// open to check the recovery invariants.
+    fn stored_bounds(
+        &self,
+        partition: PartitionId,
+        from: LogId,
+    ) -> Result<Option<(LogId, LogId)>, WalError>;
+
+    /// Called once `below` is the partition's first id in a durably written
+    /// log meta and published to readers (after a trim or a reset, and at
+    /// open): the storage may now drop every stored entry with an id below
+    /// `below`, whenever it likes. Trims write nothing but the meta, so
+    /// until then (and after a crash before it) those entries stay stored
+    /// as garbage, which readers never ask for and recovery ignores.
+    fn release_trimmed(&self, partition: PartitionId, below: LogId) -> Result<(), WalError>;
 
     /// Partitions that have a log in storage (possibly empty), so that
     /// recovery also checks logs whose meta record is missing.
@@ -277,18 +285,6 @@ fn apply_op(state: &mut MemState, op: &WriteOp) {
                 codec::encode_log_meta(*partition, meta),
             );
         }
-        WriteOp::Trim {
-            partition,
-            from,
-            to,
-        } => {
-            if let Some(log) = state.logs.get_mut(partition).filter(|_| from < to) {
-                let doomed: Vec<LogId> = log.range(*from..*to).map(|(id, _)| *id).collect();
-                for log_id in doomed {
-                    log.remove(&log_id);
-                }
-            }
-        }
         WriteOp::Applied { partition, log_id } => {
             let key = codec::meta_key(codec::META_APPLIED, *partition);
             let value = codec::encode_log_id(&key, *log_id);
@@ -369,15 +365,28 @@ impl WalStorage for MemWalStorage {
         Ok(collector.finish())
     }
 
-    fn stored_bounds(&self, partition: PartitionId) -> Result<Option<(LogId, LogId)>, WalError> {
+    fn stored_bounds(
+        &self,
+        partition: PartitionId,
+        from: LogId,
+    ) -> Result<Option<(LogId, LogId)>, WalError> {
         let state = self.lock();
         let Some(log) = state.logs.get(&partition) else {
             return Ok(None);
         };
-        Ok(log
-            .first_key_value()
-            .zip(log.last_key_value())
-            .map(|((first, _), (last, _))| (*first, *last)))
+        let mut stored = log.range(from..);
+        Ok(stored
+            .next()
+            .map(|(first, _)| *first)
+            .zip(log.last_key_value().map(|(last, _)| *last)))
+    }
+
+    fn release_trimmed(&self, partition: PartitionId, below: LogId) -> Result<(), WalError> {
+        let mut state = self.lock();
+        if let Some(log) = state.logs.get_mut(&partition) {
+            *log = log.split_off(&below);
+        }
+        Ok(())
     }
 
     fn log_partitions(&self) -> Result<Vec<PartitionId>, WalError> {

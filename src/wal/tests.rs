@@ -1,6 +1,8 @@
 //! Tests of [`Wal`] on both storages, and a model test: random operations on
 //! the in-memory and the RocksDB storage must give the same observable
-//! results, and reads must return exactly what was appended.
+//! results, and reads must return exactly what was appended. The model also
+//! holds back the release of trimmed entries for a while (as a crash between
+//! a trim and its release does) and reopens with that garbage stored.
 
 use std::sync::Arc;
 
@@ -496,6 +498,11 @@ enum Op {
         from: u64,
         max_entries: usize,
     },
+    /// Hold back (`true`) or let through releases of trimmed entries; held
+    /// releases are lost, like those of a process killed before them.
+    HoldReleases(bool),
+    /// Flush and compact the RocksDB logs (runs the compaction filter).
+    Compact,
     Reopen,
 }
 
@@ -511,11 +518,13 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         2 => (partition.clone(), 0u8..2, 0u64..16)
             .prop_map(|(partition, downstream, log_id)| Op::Ack { partition, downstream, log_id }),
         1 => (partition.clone(), 0u64..16).prop_map(|(partition, log_id)| Op::Apply { partition, log_id }),
-        1 => (partition.clone(), 0u64..16).prop_map(|(partition, before)| Op::Trim { partition, before }),
+        2 => (partition.clone(), 0u64..16).prop_map(|(partition, before)| Op::Trim { partition, before }),
         1 => (0u64..40).prop_map(|now| Op::Retain { now }),
         3 => (partition, 0u64..16, 1usize..6)
             .prop_map(|(partition, from, max_entries)| Op::Read { partition, from, max_entries }),
-        1 => Just(Op::Reopen),
+        1 => any::<bool>().prop_map(Op::HoldReleases),
+        1 => Just(Op::Compact),
+        2 => Just(Op::Reopen),
     ]
 }
 
@@ -592,7 +601,7 @@ async fn run_op(wal: &Wal, op: &Op, counter: &mut u64) -> String {
                 wal.read(PartitionId(*partition), LogId(*from), limits)
             )
         }
-        Op::Reopen => String::new(),
+        Op::HoldReleases(_) | Op::Compact | Op::Reopen => String::new(),
     };
     let positions: Vec<_> = wal
         .partitions()
@@ -602,6 +611,95 @@ async fn run_op(wal: &Wal, op: &Op, counter: &mut u64) -> String {
     format!("{result} {positions:?}")
 }
 
+/// A storage that drops releases of trimmed entries while `hold` is set, so
+/// that garbage below `first` stays stored (and is reopened with).
+struct ReleaseGate {
+    inner: Arc<dyn WalStorage>,
+    hold: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl WalStorage for ReleaseGate {
+    fn write(&self, ops: &[WriteOp], sync: bool) -> Result<(), WalError> {
+        self.inner.write(ops, sync)
+    }
+
+    fn read_entries(
+        &self,
+        partition: PartitionId,
+        from: LogId,
+        to: LogId,
+        limits: ReadLimits,
+    ) -> Result<Vec<WalEntry>, WalError> {
+        self.inner.read_entries(partition, from, to, limits)
+    }
+
+    fn stored_bounds(
+        &self,
+        partition: PartitionId,
+        from: LogId,
+    ) -> Result<Option<(LogId, LogId)>, WalError> {
+        self.inner.stored_bounds(partition, from)
+    }
+
+    fn release_trimmed(&self, partition: PartitionId, below: LogId) -> Result<(), WalError> {
+        if self.hold.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.inner.release_trimmed(partition, below)
+    }
+
+    fn log_partitions(&self) -> Result<Vec<PartitionId>, WalError> {
+        self.inner.log_partitions()
+    }
+
+    fn read_snapshot_chunks(
+        &self,
+        partition: PartitionId,
+        epoch: u64,
+        from_seq: u64,
+        max_chunks: usize,
+    ) -> Result<Vec<(u64, Bytes)>, WalError> {
+        self.inner
+            .read_snapshot_chunks(partition, epoch, from_seq, max_chunks)
+    }
+
+    fn snapshot_epochs(&self, partition: PartitionId) -> Result<Vec<u64>, WalError> {
+        self.inner.snapshot_epochs(partition)
+    }
+
+    fn load_progress(&self) -> Result<Vec<StoredPartition>, WalError> {
+        self.inner.load_progress()
+    }
+}
+
+/// Opens the RocksDB WAL of `config` behind a [`ReleaseGate`]; the storage
+/// is returned too (drop it before reopening).
+async fn open_gated_rocks(
+    config: WalConfig,
+    hold: &Arc<std::sync::atomic::AtomicBool>,
+) -> (Wal, Arc<RocksWalStorage>) {
+    let config = config.validate().unwrap();
+    let storage = Arc::new(RocksWalStorage::open(&config).unwrap());
+    let gate = ReleaseGate {
+        inner: storage.clone(),
+        hold: Arc::clone(hold),
+    };
+    let wal = Wal::with_storage(Arc::new(gate), config).await.unwrap();
+    (wal, storage)
+}
+
+async fn open_gated_mem(
+    storage: &Arc<MemWalStorage>,
+    config: WalConfig,
+    hold: &Arc<std::sync::atomic::AtomicBool>,
+) -> Wal {
+    let gate = ReleaseGate {
+        inner: storage.clone(),
+        hold: Arc::clone(hold),
+    };
+    Wal::with_storage(Arc::new(gate), config).await.unwrap()
+}
+
 fn run_model(ops: &[Op]) -> Result<(), TestCaseError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -609,22 +707,31 @@ fn run_model(ops: &[Op]) -> Result<(), TestCaseError> {
         .unwrap();
     runtime.block_on(async {
         let dir = tempfile::tempdir().unwrap();
+        let hold = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mem_storage: Arc<MemWalStorage> = Arc::new(MemWalStorage::new());
-        let mut mem = Wal::with_storage(mem_storage.clone(), model_config(dir.path()))
-            .await
-            .unwrap();
-        let mut rocks = Wal::open(model_config(dir.path())).await.unwrap();
+        let mut mem = open_gated_mem(&mem_storage, model_config(dir.path()), &hold).await;
+        let (mut rocks, mut rocks_storage) =
+            open_gated_rocks(model_config(dir.path()), &hold).await;
         // Reference: every payload appended per partition, by log id.
         let mut appended: std::collections::BTreeMap<(u32, u64), Bytes> = Default::default();
         let (mut mem_counter, mut rocks_counter) = (0, 0);
         for (step, op) in ops.iter().enumerate() {
-            if let Op::Reopen = op {
-                mem.close().await.unwrap();
-                mem = Wal::with_storage(mem_storage.clone(), model_config(dir.path()))
-                    .await
-                    .unwrap();
-                rocks.close().await.unwrap();
-                rocks = Wal::open(model_config(dir.path())).await.unwrap();
+            match op {
+                Op::Reopen => {
+                    mem.close().await.unwrap();
+                    mem = open_gated_mem(&mem_storage, model_config(dir.path()), &hold).await;
+                    rocks.close().await.unwrap();
+                    drop(rocks_storage);
+                    (rocks, rocks_storage) =
+                        open_gated_rocks(model_config(dir.path()), &hold).await;
+                }
+                Op::HoldReleases(on) => hold.store(*on, std::sync::atomic::Ordering::SeqCst),
+                Op::Compact => {
+                    for partition in rocks.partitions() {
+                        rocks_storage.compact_log(partition).unwrap();
+                    }
+                }
+                _ => {}
             }
             let from_mem = run_op(&mem, op, &mut mem_counter).await;
             let from_rocks = run_op(&rocks, op, &mut rocks_counter).await;
@@ -663,8 +770,33 @@ fn run_model(ops: &[Op]) -> Result<(), TestCaseError> {
                 }
             }
         }
+        // Garbage never hides a hole: with releases let through, a reopen
+        // drops what it can and both storages still agree on every entry.
+        hold.store(false, std::sync::atomic::Ordering::SeqCst);
         mem.close().await.unwrap();
         rocks.close().await.unwrap();
+        drop(rocks_storage);
+        let mem = open_gated_mem(&mem_storage, model_config(dir.path()), &hold).await;
+        let (rocks, rocks_storage) = open_gated_rocks(model_config(dir.path()), &hold).await;
+        for partition in mem.partitions() {
+            let first = mem.positions(partition).unwrap().unwrap().first_available;
+            // Below first the mem storage holds nothing once released.
+            prop_assert_eq!(
+                mem_storage.stored_bounds(partition, LogId(1)).unwrap(),
+                mem_storage.stored_bounds(partition, first).unwrap()
+            );
+            let limits = ReadLimits {
+                max_entries: usize::MAX,
+                max_bytes: usize::MAX,
+            };
+            prop_assert_eq!(
+                format!("{:?}", mem.read(partition, first, limits)),
+                format!("{:?}", rocks.read(partition, first, limits))
+            );
+        }
+        mem.close().await.unwrap();
+        rocks.close().await.unwrap();
+        drop(rocks_storage);
         Ok(())
     })
 }
@@ -699,8 +831,16 @@ impl WalStorage for BufferedStorage {
         self.inner.read_entries(partition, from, to, limits)
     }
 
-    fn stored_bounds(&self, partition: PartitionId) -> Result<Option<(LogId, LogId)>, WalError> {
-        self.inner.stored_bounds(partition)
+    fn stored_bounds(
+        &self,
+        partition: PartitionId,
+        from: LogId,
+    ) -> Result<Option<(LogId, LogId)>, WalError> {
+        self.inner.stored_bounds(partition, from)
+    }
+
+    fn release_trimmed(&self, partition: PartitionId, below: LogId) -> Result<(), WalError> {
+        self.inner.release_trimmed(partition, below)
     }
 
     fn log_partitions(&self) -> Result<Vec<PartitionId>, WalError> {
@@ -1020,4 +1160,81 @@ async fn snapshot_epochs_are_listed_and_collected_except_kept_and_pinned() {
         assert_eq!(wal.snapshot_epochs(P2).unwrap(), vec![4]);
     })
     .await;
+}
+
+#[tokio::test]
+async fn trimmed_entries_stay_as_garbage_until_released_then_go() {
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let hold = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let (wal, storage) = open_gated_rocks(test_config(dir.path()), &hold).await;
+    wal.append(P1, (0..100).map(|i| entry(b"entry", i)).collect())
+        .await
+        .unwrap();
+    // A reset on another partition turns its old log into garbage too.
+    wal.append(P2, (0..10).map(|i| entry(b"old", i)).collect())
+        .await
+        .unwrap();
+    wal.reset_partition(P2, LogId(50), entry(b"marker", 20))
+        .await
+        .unwrap();
+    assert_eq!(wal.trim(P1, LogId(60)).await.unwrap(), LogId(60));
+    assert!(matches!(
+        wal.read(P1, LogId(10), ReadLimits::default()),
+        Err(WalError::Trimmed {
+            first_available: LogId(60),
+            ..
+        })
+    ));
+    // Not released: the trim wrote no delete, and compactions keep them.
+    storage.compact_log(P1).unwrap();
+    assert_eq!(
+        storage.stored_bounds(P1, LogId(1)).unwrap(),
+        Some((LogId(1), LogId(100)))
+    );
+    wal.close().await.unwrap();
+    drop(storage);
+
+    // Reopening with the garbage stored (a crash before the release) is
+    // consistent: ids below first are ignored.
+    let (wal, storage) = open_gated_rocks(test_config(dir.path()), &hold).await;
+    let positions = wal.positions(P1).unwrap().unwrap();
+    assert_eq!(
+        (positions.first_available, positions.durable),
+        (LogId(60), LogId(100))
+    );
+    assert_eq!(
+        storage.stored_bounds(P2, LogId(1)).unwrap(),
+        Some((LogId(1), LogId(50)))
+    );
+    wal.close().await.unwrap();
+    drop(storage);
+
+    // Released at open: files below first go, the compaction filter drops
+    // the rest, and everything from first on is intact.
+    hold.store(false, Ordering::SeqCst);
+    let (wal, storage) = open_gated_rocks(test_config(dir.path()), &hold).await;
+    storage.compact_log(P1).unwrap();
+    storage.compact_log(P2).unwrap();
+    assert_eq!(
+        storage.stored_bounds(P1, LogId(1)).unwrap(),
+        Some((LogId(60), LogId(100)))
+    );
+    assert_eq!(
+        storage.stored_bounds(P2, LogId(1)).unwrap(),
+        Some((LogId(50), LogId(50)))
+    );
+    let entries = wal.read(P1, LogId(60), ReadLimits::default()).unwrap();
+    assert_eq!(
+        entries.iter().map(|e| e.log_id.0).collect::<Vec<_>>(),
+        (60..=100).collect::<Vec<_>>()
+    );
+    // A trim with releases let through drops them without a reopen.
+    wal.trim(P1, LogId(90)).await.unwrap();
+    wal.close().await.unwrap();
+    storage.compact_log(P1).unwrap();
+    assert_eq!(
+        storage.stored_bounds(P1, LogId(1)).unwrap(),
+        Some((LogId(90), LogId(100)))
+    );
 }

@@ -237,11 +237,12 @@ fn join_error(error: tokio::task::JoinError) -> WalError {
 }
 
 /// Checks the recovery invariants (module doc, 1 and 2) of stored progress.
+/// Stored ids below `first` are garbage of trims (invariant 2) and ignored.
 fn check_recovered(storage: &dyn WalStorage, stored: &StoredPartition) -> Result<(), WalError> {
     let partition = stored.partition;
     let inconsistent = |what: String| WalError::Inconsistent { partition, what };
     let log = &stored.log;
-    let bounds = storage.stored_bounds(partition)?;
+    let bounds = storage.stored_bounds(partition, log.first)?;
     if log.first <= log.last {
         let Some((lowest, highest)) = bounds else {
             return Err(inconsistent(format!(
@@ -257,8 +258,8 @@ fn check_recovered(storage: &dyn WalStorage, stored: &StoredPartition) -> Result
         }
         if lowest != log.first {
             return Err(inconsistent(format!(
-                "smallest stored entry is {lowest} but meta says first is {}",
-                log.first
+                "smallest stored entry from {} on is {lowest} but meta says first is {}",
+                log.first, log.first
             )));
         }
     } else if let Some((lowest, highest)) = bounds {
@@ -306,6 +307,9 @@ impl Wal {
             let mut partitions = HashMap::new();
             for partition in stored {
                 check_recovered(load_storage.as_ref(), &partition)?;
+                // Garbage left by a crash before its release goes now, and
+                // the storage learns the first ids.
+                load_storage.release_trimmed(partition.partition, partition.log.first)?;
                 partitions.insert(partition.partition, PartitionState::from(partition));
             }
             // A log without a meta record must be empty (invariant 1).
@@ -352,6 +356,7 @@ impl Wal {
                 shutdown: shutdown_rx.clone(),
                 state: Arc::clone(&disk_state),
             },
+            release: None,
         };
         let writer_task = tokio::spawn(writer.run(command_rx));
         let inner = Arc::new(Inner {
@@ -803,13 +808,19 @@ impl Wal {
             .inner
             .storage
             .read_entries(partition, from, durable, limits)?;
-        if entries.first().map(|entry| entry.log_id) != Some(from) {
-            // A trim may have run between the position check and the read.
+        // A trim may have run between the position check and the read, and
+        // its release may have dropped some of the entries read (whole
+        // files, so a gap can show up anywhere below the new first id):
+        // that is `Trimmed`, a hole at or above the first id is corruption.
+        let trimmed_meanwhile = || -> Result<Option<LogId>, WalError> {
             let first = self
                 .state(partition)?
                 .map(|state| state.log.first)
                 .unwrap_or(LogId(1));
-            if from < first {
+            Ok((from < first).then_some(first))
+        };
+        if entries.first().map(|entry| entry.log_id) != Some(from) {
+            if let Some(first) = trimmed_meanwhile()? {
                 return Err(trimmed(first));
             }
             return Err(WalError::Inconsistent {
@@ -819,6 +830,9 @@ impl Wal {
         }
         for (offset, entry) in entries.iter().enumerate() {
             if entry.log_id.0 != from.0 + offset as u64 {
+                if let Some(first) = trimmed_meanwhile()? {
+                    return Err(trimmed(first));
+                }
                 return Err(WalError::Inconsistent {
                     partition,
                     what: format!(
@@ -1039,6 +1053,9 @@ struct Staged {
     /// Whether any request changed this partition (only then is its staged
     /// state committed, so failed requests do not invent partitions).
     changed: bool,
+    /// Whether a trim or reset raised `first`: once committed and
+    /// published, the ids below it are released to the storage.
+    first_raised: bool,
 }
 
 struct GroupCommitWriter {
@@ -1054,6 +1071,9 @@ struct GroupCommitWriter {
     last_buffer_check: Option<Instant>,
     over_buffer_limit: bool,
     disk: DiskGuard,
+    /// The release of trimmed entries in flight (one at a time, awaited
+    /// before the next one and at shutdown).
+    release: Option<JoinHandle<()>>,
 }
 
 /// Keeps `min-free-space` free on the WAL's file system by pausing writes.
@@ -1218,6 +1238,7 @@ impl GroupCommitWriter {
                 self.commit(batch).await;
             }
         }
+        self.finish_release().await;
         debug!("wal writer stopped");
     }
 
@@ -1264,11 +1285,13 @@ impl GroupCommitWriter {
                         state,
                         log_changed: false,
                         changed: false,
+                        first_raised: false,
                     }
                 });
                 let ops_before = ops.len();
                 let result = stage(request, entry, &mut ops, now);
-                entry.changed |= ops.len() > ops_before;
+                // A trim adds no op of its own (its meta is added below).
+                entry.changed |= ops.len() > ops_before || entry.first_raised;
                 match result {
                     Ok(outcome) => answers.push((reply, outcome)),
                     Err(error) => {
@@ -1306,15 +1329,28 @@ impl GroupCommitWriter {
                 return;
             }
         }
+        let mut releases = Vec::new();
         {
             let mut shared = lock(&self.shared);
             for (partition, mut staged) in staged {
                 if !staged.changed {
                     continue;
                 }
+                if staged.first_raised {
+                    releases.push((partition, staged.state.log.first));
+                }
                 staged.state.received = staged.state.log.last;
                 shared.partitions.insert(partition, staged.state);
             }
+        }
+        if !releases.is_empty() {
+            // The new first ids are durable and published: readers check
+            // them before reading, so nobody asks for the released entries.
+            self.finish_release().await;
+            let storage = Arc::clone(&self.storage);
+            self.release = Some(tokio::task::spawn_blocking(move || {
+                release_trimmed(storage.as_ref(), &releases)
+            }));
         }
         if answers
             .iter()
@@ -1329,7 +1365,26 @@ impl GroupCommitWriter {
     }
 }
 
+/// Lets the storage drop entries below each partition's new first id. A
+/// failure costs disk space until the next release, not data: it is logged.
+fn release_trimmed(storage: &dyn WalStorage, releases: &[(PartitionId, LogId)]) {
+    for (partition, below) in releases {
+        if let Err(error) = storage.release_trimmed(*partition, *below) {
+            warn!(partition = %partition, %error, "releasing trimmed entries failed");
+        }
+    }
+}
+
 impl GroupCommitWriter {
+    /// Waits for the release in flight, if any.
+    async fn finish_release(&mut self) {
+        if let Some(release) = self.release.take() {
+            if let Err(error) = release.await {
+                warn!(%error, "releasing trimmed entries failed");
+            }
+        }
+    }
+
     /// Stalls while the storage buffers more than `buffered_limit` bytes, so
     /// that flushes lagging behind appends cannot grow memory without bound.
     async fn wait_for_buffer_space(&mut self) {
@@ -1432,13 +1487,9 @@ fn stage(
                     last: state.log.last,
                 });
             }
-            if state.log.first <= state.log.last {
-                ops.push(WriteOp::Trim {
-                    partition,
-                    from: state.log.first,
-                    to: state.log.last.next(),
-                });
-            }
+            // The old entries become garbage below the new first id (no
+            // delete is written; module doc, invariant 2).
+            staged.first_raised = true;
             state.log.first = start;
             state.log.last = start.prev();
             state.log.source = None;
@@ -1525,13 +1576,9 @@ fn stage(
                 });
             }
             if before > state.log.first {
-                ops.push(WriteOp::Trim {
-                    partition,
-                    from: state.log.first,
-                    to: before,
-                });
                 state.log.first = before;
                 staged.log_changed = true;
+                staged.first_raised = true;
             }
             Ok(Outcome::Trimmed(state.log.first))
         }
