@@ -518,7 +518,12 @@ impl WalStorage for RocksWalStorage {
         let Some(cf) = self.cf(&codec::snap_cf_name(partition)) else {
             return Ok(Vec::new());
         };
-        let mut iter = self.db.raw_iterator_cf(&cf);
+        let mut read_options = ReadOptions::default();
+        // A snapshot is read once per consumer (one ship, one load), in
+        // 1 MiB chunks: caching them only grows the RSS (the memory-bound
+        // case in benches/README.md).
+        read_options.fill_cache(false);
+        let mut iter = self.db.raw_iterator_cf_opt(&cf, read_options);
         iter.seek(codec::snap_key(epoch, from_seq));
         let mut chunks = Vec::new();
         while iter.valid() && chunks.len() < max_chunks {
