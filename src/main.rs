@@ -19,10 +19,12 @@ use tracing_subscriber::EnvFilter;
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 const MMAP_THRESHOLD: libc::c_int = 256 * 1024;
 
-/// Applies [`MMAP_THRESHOLD`]. Runs first in `main`, before any thread.
+/// Applies [`MMAP_THRESHOLD`], unless the operator set glibc's own
+/// `MALLOC_MMAP_THRESHOLD_` (which glibc has applied already). Runs first
+/// in `main`, before any thread.
 fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
+    if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
         // SAFETY: mallopt only changes malloc's parameters; it is called
         // before any other thread exists. A refusal (return 0) leaves
         // glibc's defaults, which are correct, only hungrier.

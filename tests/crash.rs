@@ -65,8 +65,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::ferry::log::{
-    APPLYING, APPLY_BACK, APPLY_FAILED, FULL_SYNC_STARTED, FULL_SYNC_STORED, GAP, PARTIAL_RESYNC,
-    TARGET_BEHIND,
+    APPLYING, APPLY_BACK, APPLY_FAILED, FALLBACK_SNAPSHOT, FULL_SYNC_STARTED, FULL_SYNC_STORED,
+    GAP, PARTIAL_RESYNC, TARGET_BEHIND,
 };
 use common::ferry::{assert_verify_clean, signal, FerryProcess};
 use common::load::{assert_counters, Load, LoadReport};
@@ -1235,6 +1235,9 @@ fn target_rollback_loop(test: &str, rounds: usize) {
 /// the node stops with exit 1 and the fatal gap error saying the target
 /// needs a snapshot. Nothing is applied to the empty target: applying the
 /// entries still in the WAL on an empty data set would be a silent loss.
+/// Then the way out the error names: with the drainer's WAL dir moved away,
+/// `ferry sync` starts again, the fresh drainer gets a fallback snapshot
+/// from the listener, and the target ends equal to the source.
 #[test]
 fn empty_target_after_restart_stops_the_node() {
     let source = RedisServer::start(SOURCE_ARGS);
@@ -1296,6 +1299,27 @@ fn empty_target_after_restart_stops_the_node() {
         0,
         "something was applied to the empty target"
     );
+    drop(ferry);
+
+    let lost = dir.path().join("drainer-wal-of-the-lost-target");
+    std::fs::rename(dir.path().join("sync").join("drainer"), &lost).unwrap();
+    let ferry = sync_with_config(
+        dir.path(),
+        &source,
+        &target,
+        "retain-applied = \"200ms\"",
+        "retention-interval = \"200ms\"",
+    );
+    wait_for_fence(&source.addr(), &target.addr(), &[&ferry]);
+    assert!(
+        ferry.log_since(0).contains(FALLBACK_SNAPSHOT),
+        "the fresh drainer was not sent a fallback snapshot\n{}",
+        ferry.log_tail(40)
+    );
+    assert_counters("target resynced", &report, &source.addr(), &target.addr());
+    assert_verify_clean("target resynced", &source.url(), &target.url(), || {
+        ferry.log_tail(40)
+    });
 }
 
 /// A target frozen while the applier catches up with big batches (about

@@ -176,7 +176,9 @@ pub enum ApplyError {
     #[error(
         "partition {partition}: entry {wanted} is needed but the WAL starts at {first_available} \
          without a snapshot marker there (trimmed past wal-ttl or the size cap before it was \
-         applied); the target needs a snapshot"
+         applied); the target needs a snapshot: restore the target, or stop the drainer, move its \
+         WAL dir away and start it again (a drainer without data gets a fresh snapshot from the \
+         listener)"
     )]
     Gap {
         partition: PartitionId,

@@ -37,6 +37,9 @@ pub mod log {
     pub const CHECKPOINT_MOVED: &str = "the checkpoint changed under it";
     /// A node stopping on a fatal error (src/node/run.rs).
     pub const NODE_STOPS: &str = "stopping the node";
+    /// The shipper's line when a drainer needs entries the listener no
+    /// longer holds.
+    pub const FALLBACK_SNAPSHOT: &str = "sending a fallback snapshot";
 }
 
 /// The `ferry` binary cargo built for this test run.
