@@ -1247,13 +1247,16 @@ fn empty_target_after_restart_stops_the_node() {
     let dir = tempfile::tempdir().unwrap();
     // Acked (and so trimmable) 200 ms after being applied, trimmed every
     // 200 ms: the snapshot marker is long gone when the target restarts.
-    let mut ferry = sync_with_config(
-        dir.path(),
-        &source,
-        &target,
-        "retain-applied = \"200ms\"",
-        "retention-interval = \"200ms\"",
-    );
+    let start = |target: &FixedPortRedis| {
+        sync_with_config(
+            dir.path(),
+            &source,
+            target,
+            "retain-applied = \"200ms\"",
+            "retention-interval = \"200ms\"",
+        )
+    };
+    let mut ferry = start(&target);
     wait_until(
         "the first full sync to be stored",
         Duration::from_secs(60),
@@ -1303,13 +1306,7 @@ fn empty_target_after_restart_stops_the_node() {
 
     let lost = dir.path().join("drainer-wal-of-the-lost-target");
     std::fs::rename(dir.path().join("sync").join("drainer"), &lost).unwrap();
-    let ferry = sync_with_config(
-        dir.path(),
-        &source,
-        &target,
-        "retain-applied = \"200ms\"",
-        "retention-interval = \"200ms\"",
-    );
+    let ferry = start(&target);
     wait_for_fence(&source.addr(), &target.addr(), &[&ferry]);
     assert!(
         ferry.log_since(0).contains(FALLBACK_SNAPSHOT),

@@ -611,11 +611,14 @@ async fn run_op(wal: &Wal, op: &Op, counter: &mut u64) -> String {
     format!("{result} {positions:?}")
 }
 
-/// A storage that drops releases of trimmed entries while `hold` is set, so
-/// that garbage below `first` stays stored (and is reopened with).
+/// A storage in front of a real one, for what tests must control: it drops
+/// releases of trimmed entries while `hold` is set (so that garbage below
+/// `first` stays stored, and is reopened with), and reports `buffered` as
+/// its write buffers' size when set.
 struct ReleaseGate {
     inner: Arc<dyn WalStorage>,
     hold: Arc<std::sync::atomic::AtomicBool>,
+    buffered: Option<std::sync::atomic::AtomicU64>,
 }
 
 impl WalStorage for ReleaseGate {
@@ -670,6 +673,13 @@ impl WalStorage for ReleaseGate {
     fn load_progress(&self) -> Result<Vec<StoredPartition>, WalError> {
         self.inner.load_progress()
     }
+
+    fn buffered_bytes(&self) -> Result<u64, WalError> {
+        match &self.buffered {
+            Some(buffered) => Ok(buffered.load(std::sync::atomic::Ordering::SeqCst)),
+            None => self.inner.buffered_bytes(),
+        }
+    }
 }
 
 /// Opens the RocksDB WAL of `config` behind a [`ReleaseGate`]; the storage
@@ -683,6 +693,7 @@ async fn open_gated_rocks(
     let gate = ReleaseGate {
         inner: storage.clone(),
         hold: Arc::clone(hold),
+        buffered: None,
     };
     let wal = Wal::with_storage(Arc::new(gate), config).await.unwrap();
     (wal, storage)
@@ -696,6 +707,7 @@ async fn open_gated_mem(
     let gate = ReleaseGate {
         inner: storage.clone(),
         hold: Arc::clone(hold),
+        buffered: None,
     };
     Wal::with_storage(Arc::new(gate), config).await.unwrap()
 }
@@ -810,73 +822,13 @@ proptest! {
     }
 }
 
-/// A storage whose write buffers are as full as the test says.
-struct BufferedStorage {
-    inner: MemWalStorage,
-    buffered: std::sync::atomic::AtomicU64,
-}
-
-impl WalStorage for BufferedStorage {
-    fn write(&self, ops: &[WriteOp], sync: bool) -> Result<(), WalError> {
-        self.inner.write(ops, sync)
-    }
-
-    fn read_entries(
-        &self,
-        partition: PartitionId,
-        from: LogId,
-        to: LogId,
-        limits: ReadLimits,
-    ) -> Result<Vec<WalEntry>, WalError> {
-        self.inner.read_entries(partition, from, to, limits)
-    }
-
-    fn stored_bounds(
-        &self,
-        partition: PartitionId,
-        from: LogId,
-    ) -> Result<Option<(LogId, LogId)>, WalError> {
-        self.inner.stored_bounds(partition, from)
-    }
-
-    fn release_trimmed(&self, partition: PartitionId, below: LogId) -> Result<(), WalError> {
-        self.inner.release_trimmed(partition, below)
-    }
-
-    fn log_partitions(&self) -> Result<Vec<PartitionId>, WalError> {
-        self.inner.log_partitions()
-    }
-
-    fn read_snapshot_chunks(
-        &self,
-        partition: PartitionId,
-        epoch: u64,
-        from_seq: u64,
-        max_chunks: usize,
-    ) -> Result<Vec<(u64, Bytes)>, WalError> {
-        self.inner
-            .read_snapshot_chunks(partition, epoch, from_seq, max_chunks)
-    }
-
-    fn snapshot_epochs(&self, partition: PartitionId) -> Result<Vec<u64>, WalError> {
-        self.inner.snapshot_epochs(partition)
-    }
-
-    fn load_progress(&self) -> Result<Vec<StoredPartition>, WalError> {
-        self.inner.load_progress()
-    }
-
-    fn buffered_bytes(&self) -> Result<u64, WalError> {
-        Ok(self.buffered.load(std::sync::atomic::Ordering::SeqCst))
-    }
-}
-
 #[tokio::test]
 async fn appends_stall_while_write_buffers_exceed_twice_the_budget() {
     use std::sync::atomic::Ordering;
-    let storage = Arc::new(BufferedStorage {
-        inner: MemWalStorage::new(),
-        buffered: std::sync::atomic::AtomicU64::new(0),
+    let storage = Arc::new(ReleaseGate {
+        inner: Arc::new(MemWalStorage::new()),
+        hold: Arc::default(),
+        buffered: Some(std::sync::atomic::AtomicU64::new(0)),
     });
     let dir = tempfile::tempdir().unwrap();
     let config = test_config(dir.path());
@@ -884,7 +836,11 @@ async fn appends_stall_while_write_buffers_exceed_twice_the_budget() {
     let wal = Wal::with_storage(storage.clone(), config).await.unwrap();
     wal.append(P1, vec![entry(b"a", 1)]).await.unwrap();
 
-    storage.buffered.store(limit + 1, Ordering::SeqCst);
+    storage
+        .buffered
+        .as_ref()
+        .unwrap()
+        .store(limit + 1, Ordering::SeqCst);
     // Let the writer notice on its next periodic measurement.
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     let stalled = wal.clone();
@@ -893,7 +849,11 @@ async fn appends_stall_while_write_buffers_exceed_twice_the_budget() {
     assert!(!append.is_finished(), "append went through over the limit");
     assert_eq!(wal.last_log_id(P1).unwrap(), Some(LogId(1)));
 
-    storage.buffered.store(limit, Ordering::SeqCst);
+    storage
+        .buffered
+        .as_ref()
+        .unwrap()
+        .store(limit, Ordering::SeqCst);
     let range = tokio::time::timeout(std::time::Duration::from_secs(5), append)
         .await
         .expect("append resumes once buffers drain")
