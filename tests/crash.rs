@@ -299,6 +299,16 @@ impl Sampler {
 
 /// Writes a fence key to the source and waits until the target has it: the
 /// log is applied in order, so everything written before is applied too.
+/// Waits until a fresh `ferry sync` stored its first full sync.
+fn wait_first_snapshot_stored(ferry: &FerryProcess) {
+    wait_until(
+        "the first full sync to be stored",
+        Duration::from_secs(60),
+        &[ferry],
+        || ferry.log_since(0).contains(FULL_SYNC_STORED),
+    );
+}
+
 fn wait_for_fence(source: &str, target: &str, processes: &[&FerryProcess]) {
     let fence = format!(
         "{}",
@@ -977,12 +987,7 @@ fn target_outage(
     let sampler = Sampler::start(&source.addr(), &target.addr(), "__ferry:checkpoint:ferry:0");
     let dir = tempfile::tempdir().unwrap();
     let mut ferry = sync_with_fast_retries(dir.path(), &source, &target);
-    wait_until(
-        "the first full sync to be stored",
-        Duration::from_secs(60),
-        &[&ferry],
-        || ferry.log_since(0).contains(FULL_SYNC_STORED),
-    );
+    wait_first_snapshot_stored(&ferry);
     let full_at_stored = info_stat(&source, "sync_full");
     wait_for_fence(&source.addr(), &target.addr(), &[&ferry]);
     for round in 0..rounds {
@@ -1257,12 +1262,7 @@ fn empty_target_after_restart_stops_the_node() {
         )
     };
     let mut ferry = start(&target);
-    wait_until(
-        "the first full sync to be stored",
-        Duration::from_secs(60),
-        &[&ferry],
-        || ferry.log_since(0).contains(FULL_SYNC_STORED),
-    );
+    wait_first_snapshot_stored(&ferry);
     wait_for_fence(&source.addr(), &target.addr(), &[&ferry]);
     std::thread::sleep(Duration::from_millis(1500));
     let mark = ferry.log_len();
@@ -1331,12 +1331,7 @@ fn frozen_target_during_catch_up() {
     let target = FixedPortRedis::start(&[]);
     let dir = tempfile::tempdir().unwrap();
     let mut ferry = sync_with_fast_retries(dir.path(), &source, &target);
-    wait_until(
-        "the first full sync to be stored",
-        Duration::from_secs(60),
-        &[&ferry],
-        || ferry.log_since(0).contains(FULL_SYNC_STORED),
-    );
+    wait_first_snapshot_stored(&ferry);
     wait_for_fence(&source.addr(), &target.addr(), &[&ferry]);
     let (mut s, mut t) = (connect(&source.addr()), connect(&target.addr()));
     let big = "x".repeat(2000);
