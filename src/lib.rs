@@ -10,6 +10,7 @@
 
 pub mod admin;
 pub mod apply;
+pub mod backoff;
 pub mod cli;
 pub mod config_units;
 pub mod listener;
@@ -18,5 +19,7 @@ pub mod position;
 pub mod record;
 pub mod redis;
 pub mod ship;
+pub mod status;
+pub mod table;
 pub mod verify;
 pub mod wal;

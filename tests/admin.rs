@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use ferry::admin::{self, AdminError, AdminService};
 use ferry::cli::status::{render_status, RenderStyle};
-use ferry::node::{
+use ferry::status::{
     ControlError, DrainerSide, ListenerSide, NodeControl, NodeStatus, ShipSide, SnapshotLoad,
     SyncSelector,
 };

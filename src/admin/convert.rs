@@ -2,12 +2,12 @@
 //!
 //! Both directions are lossless: every field maps to a field of the same
 //! name and type, `Option` to proto3 `optional`. The conversions destructure
-//! the Rust structs without `..`, so a field added to `src/node/status.rs`
+//! the Rust structs without `..`, so a field added to `src/status.rs`
 //! without a wire counterpart is a compile error here rather than a silently
 //! dropped column.
 
-use crate::node::{DrainerSide, ListenerSide, NodeStatus, ShipSide, SnapshotLoad, SyncSelector};
 use crate::record::pb;
+use crate::status::{DrainerSide, ListenerSide, NodeStatus, ShipSide, SnapshotLoad, SyncSelector};
 
 impl From<NodeStatus> for pb::NodeStatus {
     fn from(status: NodeStatus) -> Self {

@@ -2,7 +2,7 @@
 //!
 //! In (server side, [`serve_admin`]): requests of `ferry status`,
 //! `ferry stop-sync` and `ferry restart-sync`, answered by the process's
-//! [`NodeControl`](crate::node::NodeControl). Out: [`NodeStatus`] readings and the number of shippers
+//! [`NodeControl`](crate::status::NodeControl). Out: [`NodeStatus`] readings and the number of shippers
 //! a control request changed. The client side ([`fetch_status`],
 //! [`stop_sync`], [`restart_sync`]) is what the CLI verbs call.
 //!
@@ -16,7 +16,7 @@
 //! RestartSync(SyncControlRequest { selector })  -> SyncControlReply { changed }
 //! ```
 //!
-//! - The status messages mirror `src/node/status.rs` field for field
+//! - The status messages mirror `src/status.rs` field for field
 //!   ([`convert`]); an absent `selector` matches every shipper.
 //! - Control errors map to codes in one place ([`control_error_status`]):
 //!   `NoListener` → `FAILED_PRECONDITION`, `NoMatch` → `NOT_FOUND`,
@@ -51,8 +51,8 @@ use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
-use crate::node::{NodeStatus, SyncSelector};
 use crate::record::pb;
+use crate::status::{NodeStatus, SyncSelector};
 
 pub use crate::record::pb::admin_client::AdminClient;
 pub use crate::record::pb::admin_server::{Admin, AdminServer};
@@ -84,7 +84,7 @@ pub enum AdminError {
     Unreachable { addr: String, reason: String },
     #[error("the ferry admin API at {addr} did not answer within {after:?}")]
     Timeout { addr: String, after: Duration },
-    /// The node understood the request and refused it (a [`ControlError`](crate::node::ControlError)).
+    /// The node understood the request and refused it (a [`ControlError`](crate::status::ControlError)).
     #[error("ferry at {addr}: {message}")]
     Refused {
         addr: String,

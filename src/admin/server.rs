@@ -10,9 +10,9 @@ use tonic::{Request, Response, Status};
 use tracing::{debug, info};
 
 use super::{AdminError, MAX_MESSAGE_BYTES, MAX_REQUEST_BYTES};
-use crate::node::{ControlError, NodeControl, SyncSelector};
 use crate::record::pb;
 use crate::record::pb::admin_server::{Admin, AdminServer};
+use crate::status::{ControlError, NodeControl, SyncSelector};
 
 /// How long a graceful shutdown waits for open admin connections before
 /// dropping them: admin calls are short, a client that holds a connection

@@ -104,7 +104,7 @@
 //! # Snapshots
 //!
 //! A [`crate::record::Record::Snapshot`] marker at log id `M` means "the
-//! state at `M` is the RDB of epoch `E`" (RELAY.md conventions 3 and 4). The
+//! state at `M` is the RDB of epoch `E`" (relay conventions 3 and 4, docs/ARCHITECTURE.md). The
 //! applier waits for the batches before it, then in one transaction flushes
 //! the target (`FLUSHALL`, plus `FUNCTION FLUSH` on 7.0+: the snapshot is the
 //! whole source) and writes the checkpoint `loading=M`; it then streams the
@@ -137,6 +137,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
 
+use crate::backoff::Backoff;
 use crate::position::{LogId, PartitionId};
 use crate::record::RecordLimits;
 use crate::record::{Record, RecordError};
@@ -258,33 +259,6 @@ impl ApplyError {
 impl From<RdbStreamError> for ApplyError {
     fn from(error: RdbStreamError) -> Self {
         ApplyError::Task(format!("rdb stream: {error}"))
-    }
-}
-
-/// Capped exponential backoff.
-struct Backoff {
-    min: Duration,
-    max: Duration,
-    next: Duration,
-}
-
-impl Backoff {
-    fn new(min: Duration, max: Duration) -> Backoff {
-        Backoff {
-            min,
-            max,
-            next: min,
-        }
-    }
-
-    fn reset(&mut self) {
-        self.next = self.min;
-    }
-
-    fn next_delay(&mut self) -> Duration {
-        let delay = self.next;
-        self.next = (self.next * 2).min(self.max);
-        delay
     }
 }
 
@@ -475,7 +449,7 @@ async fn mark_applied(
 /// (at least) epoch `loaded_epoch` fully loaded; returns them.
 ///
 /// A drainer's log holds at most one snapshot marker, as its first entry
-/// (a marker resets the log, RELAY.md convention 5). An epoch is kept if
+/// (a marker resets the log, relay convention 5). An epoch is kept if
 /// - it is newer than `loaded_epoch` (being received, waiting for its
 ///   marker, or its marker waits to be applied), or
 /// - the first entry of the log is its marker (another applier of the
@@ -899,15 +873,6 @@ impl Feed {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_up_to_the_cap() {
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_millis(350));
-        let delays: Vec<_> = (0..4).map(|_| backoff.next_delay().as_millis()).collect();
-        assert_eq!(delays, [100, 200, 350, 350]);
-        backoff.reset();
-        assert_eq!(backoff.next_delay(), Duration::from_millis(100));
-    }
 
     #[test]
     fn fatal_errors_are_the_unfixable_ones() {

@@ -15,7 +15,7 @@
 //! Entries are contiguous, with one exception: when the entry wanted was
 //! trimmed and the first entry still stored is a snapshot marker, the reader
 //! continues from that marker (loading it replaces everything before it;
-//! RELAY.md convention 5: a drainer's log restarts at a snapshot marker).
+//! relay convention 5: a drainer's log restarts at a snapshot marker).
 
 use std::time::Duration;
 

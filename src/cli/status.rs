@@ -7,7 +7,7 @@
 //! tables in the style of NebulaGraph's `SHOW SYNC STATUS` /
 //! `SHOW DRAINER SYNC STATUS` ([`render_status`]) or as one JSON object per
 //! reading (`--json`: the serde form of [`NodeStatus`], field names as in
-//! `src/node/status.rs`); for the control verbs, how many shippers changed.
+//! `src/status.rs`); for the control verbs, how many shippers changed.
 //!
 //! `--watch SECS` repeats the reading; on a terminal it redraws the screen
 //! and shows full-sync progress as bars, elsewhere it appends plain
@@ -23,7 +23,8 @@ use std::time::Duration;
 use clap::Args;
 
 use crate::admin::{self, AdminError, DEFAULT_ADMIN_ADDR};
-use crate::node::{DrainerSide, ListenerSide, NodeStatus, SyncSelector};
+use crate::status::{DrainerSide, ListenerSide, NodeStatus, SyncSelector};
+use crate::table::table;
 
 /// Which process to talk to.
 #[derive(Debug, Clone, Default, Args)]
@@ -411,37 +412,6 @@ fn render_drainers(out: &mut String, drainers: &[DrainerSide], style: RenderStyl
     }
 }
 
-/// A bordered table, every cell left-aligned (NebulaGraph's console style).
-pub(crate) fn table(out: &mut String, headers: &[&str], rows: &[Vec<String>]) {
-    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
-    for row in rows {
-        for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.chars().count());
-        }
-    }
-    let mut rule = String::from("+");
-    for width in &widths {
-        rule.push_str(&"-".repeat(width + 2));
-        rule.push('+');
-    }
-    rule.push('\n');
-    let line = |out: &mut String, cells: &mut dyn Iterator<Item = &str>| {
-        out.push('|');
-        for (cell, width) in cells.zip(&widths) {
-            let pad = width - cell.chars().count();
-            let _ = write!(out, " {cell}{} |", " ".repeat(pad));
-        }
-        out.push('\n');
-    };
-    out.push_str(&rule);
-    line(out, &mut headers.iter().copied());
-    out.push_str(&rule);
-    for row in rows {
-        line(out, &mut row.iter().map(String::as_str));
-    }
-    out.push_str(&rule);
-}
-
 /// `[########............]  42% ` when bars are on and the total is known.
 fn bar(style: RenderStyle, done: u64, total: u64) -> String {
     const WIDTH: u64 = 20;
@@ -478,7 +448,7 @@ fn clean(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::node::{ShipSide, SnapshotLoad};
+    use crate::status::{ShipSide, SnapshotLoad};
 
     const NOW: u64 = 1_700_000_000_250;
 

@@ -2,7 +2,7 @@
 //! durably, resumable after a crash.
 //!
 //! In: the source's replication stream ([`PsyncSource`]: a snapshot, then
-//! commands) and a shutdown token. Out: WAL entries of one partition (RELAY.md
+//! commands) and a shutdown token. Out: WAL entries of one partition (relay
 //! conventions 2 and 3), `REPLCONF ACK`s carrying the durable offset, a
 //! heartbeat key written to the source, fallback snapshots on request
 //! ([`ListenerHandle::take_fallback_snapshot`]) and a live
@@ -69,6 +69,7 @@ pub use config::{CheckedListenerConfig, ListenerConfig, ListenerConfigError, Rep
 pub use snapshot::FallbackSnapshot;
 pub use status::{ListenerStatus, ListenerStatusSnapshot, SyncState};
 
+use crate::backoff::Backoff;
 use crate::position::{LogId, PartitionId, ReplId, ReplOffset};
 use crate::record::{Record, RecordError, SnapshotMarker};
 use crate::redis::psync::{AckHandle, PsyncSource, ReplError, ReplEvent, ReplPosition};
@@ -350,9 +351,10 @@ impl Session {
     /// Connects, replicates, reconnects with backoff; until shutdown.
     async fn run_sessions(&mut self, shutdown: &CancellationToken) -> Result<(), ListenerError> {
         let partition = self.inner().cfg.partition;
-        let backoff_min = self.inner().cfg.reconnect_backoff_min;
-        let backoff_max = self.inner().cfg.reconnect_backoff_max;
-        let mut backoff = backoff_min;
+        let mut backoff = Backoff::new(
+            self.inner().cfg.reconnect_backoff_min,
+            self.inner().cfg.reconnect_backoff_max,
+        );
         let mut last_error: Option<String> = None;
         loop {
             if shutdown.is_cancelled() {
@@ -374,11 +376,11 @@ impl Session {
                 Err(error) => (error, false),
             };
             if established {
-                backoff = backoff_min;
+                backoff.reset();
             }
             let message = error.to_string();
             if last_error.as_ref() != Some(&message) {
-                warn!(partition = %partition, %error, retry_in = ?backoff, "replication link lost; reconnecting");
+                warn!(partition = %partition, %error, retry_in = ?backoff.current(), "replication link lost; reconnecting");
             } else {
                 debug!(partition = %partition, %error, "replication link still failing");
             }
@@ -389,9 +391,8 @@ impl Session {
             last_error = Some(message);
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
             }
-            backoff = (backoff * 2).min(backoff_max);
         }
     }
 
@@ -439,7 +440,7 @@ impl Session {
         self.stream(&mut psync, shutdown).await
     }
 
-    /// Stores a full resync (RELAY.md convention 3). `None` when the stream
+    /// Stores a full resync (relay convention 3, docs/ARCHITECTURE.md). `None` when the stream
     /// may follow.
     async fn full_sync(
         &mut self,

@@ -40,7 +40,7 @@
 //! allocator's lock, so an epoch that begins meanwhile is never taken for
 //! an old one.
 //!
-//! # Locating a fallback snapshot (RELAY.md convention 4)
+//! # Locating a fallback snapshot (relay convention 4, docs/ARCHITECTURE.md)
 //!
 //! A fallback snapshot is consistent with the source at (R, X). Once the
 //! listener's durable stream is on R at offset >= X, M is the last log id
@@ -75,7 +75,7 @@ const CHUNK_TARGET_BYTES: usize = 1 << 20;
 /// Entries read per step when scanning the log backwards for a marker.
 const MARKER_SCAN_WINDOW: u64 = 512;
 
-/// A fallback snapshot stored in the WAL (RELAY.md convention 4).
+/// A fallback snapshot stored in the WAL (relay convention 4, docs/ARCHITECTURE.md).
 ///
 /// The downstream that needs it receives chunks `0..chunks` of `epoch`, then
 /// a `SnapshotMarker { epoch, rdb_bytes, chunks, replid, offset }` record at
@@ -317,7 +317,7 @@ impl ListenerHandle {
         }
     }
 
-    /// Takes a fallback snapshot (RELAY.md convention 4): opens a second
+    /// Takes a fallback snapshot (relay convention 4, docs/ARCHITECTURE.md): opens a second
     /// replication connection to the source with `PSYNC ? -1`, stores the
     /// RDB (consistent with the source at (R, X)) as a new complete epoch
     /// without any log entry, waits until the listener's durable stream is

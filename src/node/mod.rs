@@ -5,17 +5,14 @@
 //!
 //! - [`config`]: the TOML files in `conf/` and `ferry sync`'s flags.
 //! - [`run`]: starting, supervising and stopping the stages.
-//! - [`status`]: the rows of `ferry status` and the control trait.
+//!
+//! The rows of `ferry status` and the control trait live in [`crate::status`],
+//! below both this module and [`crate::admin`], which serves them.
 
 pub mod config;
 pub mod run;
-pub mod status;
 
 pub use config::{
     DrainerNodeConfig, ListenerNodeConfig, NodeConfigError, SyncConfig, SyncOverrides,
 };
 pub use run::{run_drainer, run_listener, run_sync, Node, NodeError};
-pub use status::{
-    ControlError, DrainerSide, ListenerSide, NodeControl, NodeStatus, ShipSide, SnapshotLoad,
-    SyncSelector,
-};

@@ -24,10 +24,6 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::config::{DrainerNodeConfig, DrainerPeer, ListenerNodeConfig, SyncConfig};
-use super::status::{
-    ControlError, DrainerSide, ListenerSide, NodeControl, NodeStatus, ShipSide, SnapshotLoad,
-    SyncSelector,
-};
 use crate::apply::{self, ApplyConfig, ApplyStatus};
 use crate::listener::{Listener, ListenerHandle, ListenerStatus};
 use crate::position::{LogId, PartitionId};
@@ -36,6 +32,10 @@ use crate::redis::url::RedisUrl;
 use crate::ship::{
     self, AllowedListener, DrainerService, DrainerServiceConfig, DrainerTarget, FallbackSnapshot,
     Shipper, ShipperConfig, ShipperStatusHandle, SnapshotProvider, SnapshotProviderError,
+};
+use crate::status::{
+    ControlError, DrainerSide, ListenerSide, NodeControl, NodeStatus, ShipSide, SnapshotLoad,
+    SyncSelector,
 };
 use crate::wal::{DownstreamId, Wal, WalConfig, WalError};
 

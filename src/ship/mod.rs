@@ -42,7 +42,7 @@
 //!    replaces the old one (the old one is cancelled between two messages,
 //!    never in the middle of a WAL write, and the new one waits for it to
 //!    finish); a stream of another listener is refused.
-//! 2. Entries keep the listener's ids (RELAY.md convention 5):
+//! 2. Entries keep the listener's ids (relay convention 5, docs/ARCHITECTURE.md):
 //!    [`Wal::append_at`](crate::wal::Wal::append_at) at exactly `durable + 1`.
 //!    Entries at or below `durable` are duplicates of what a resumed stream
 //!    re-sent and are skipped (acked again). A non-marker entry past
@@ -60,7 +60,7 @@
 //!    as entries, but only entries are acked.
 //! 5. `Ack { durable_log_id }` is sent after every durable append, so the
 //!    listener's downstream ack never passes what the drainer fsynced
-//!    (`acked <= durable`, RELAY.md convention 8). A stream keeps up to 16
+//!    (`acked <= durable`, relay convention 8). A stream keeps up to 16
 //!    appends queued in the WAL ([`Wal::submit_append_at`](crate::wal::Wal::submit_append_at))
 //!    so that consecutive batches share a group commit; a marker or a chunk
 //!    first waits for all of them. Duplicates and gaps are judged against
@@ -81,7 +81,7 @@
 //!    listener records `D` as the drainer's ack and sends from `D + 1`.
 //! 3. If `D + 1` is no longer stored (trimmed past `wal_ttl` or the size cap)
 //!    the listener asks its [`SnapshotProvider`] for a fresh snapshot
-//!    consistent with its log at `marker_log_id = M` (RELAY.md convention 4),
+//!    consistent with its log at `marker_log_id = M` (relay convention 4, docs/ARCHITECTURE.md),
 //!    sends its chunks, a marker entry at `M`, and continues at `M + 1`. A
 //!    drainer whose `D` is the listener's last id is up to date and never gets
 //!    a snapshot, however much was trimmed.
@@ -153,7 +153,7 @@ impl Default for ShipLimits {
 }
 
 /// A snapshot taken for a drainer that needs entries the listener no longer
-/// has (RELAY.md convention 4).
+/// has (relay convention 4, docs/ARCHITECTURE.md).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FallbackSnapshot {
     /// Epoch whose chunks are stored (state complete) in the listener's WAL

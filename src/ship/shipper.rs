@@ -23,6 +23,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use super::wire;
 use super::{ShipError, ShipLimits, SnapshotProvider, PROTOCOL_VERSION};
+use crate::backoff::Backoff;
 use crate::config_units::{ByteSize, HumanDuration};
 use crate::position::{LogId, PartitionId, ReplOffset};
 use crate::record::pb::drainer_client::DrainerClient;
@@ -348,7 +349,7 @@ impl Shipper {
         self.status().acked = registered;
         self.refresh_offline_latency().await;
 
-        let mut backoff = self.config.reconnect_min.0;
+        let mut backoff = Backoff::new(self.config.reconnect_min.0, self.config.reconnect_max.0);
         let mut logged_kind: Option<&'static str> = None;
         loop {
             if shutdown.is_cancelled() {
@@ -358,7 +359,7 @@ impl Shipper {
             let result = self.session(&shutdown, &mut welcomed).await;
             let was_online = std::mem::replace(&mut self.status().online, false);
             if welcomed {
-                backoff = self.config.reconnect_min.0;
+                backoff.reset();
                 logged_kind = None;
             }
             let error = match result {
@@ -370,18 +371,17 @@ impl Shipper {
                 Err(error) => error,
             };
             if was_online || logged_kind != Some(error.kind()) {
-                warn!(partition = %partition, endpoint = %self.target.endpoint, %error, retry_in = ?backoff, "drainer offline");
+                warn!(partition = %partition, endpoint = %self.target.endpoint, %error, retry_in = ?backoff.current(), "drainer offline");
                 logged_kind = Some(error.kind());
             } else {
-                debug!(partition = %partition, %error, retry_in = ?backoff, "drainer still offline");
+                debug!(partition = %partition, %error, retry_in = ?backoff.current(), "drainer still offline");
             }
             self.status().last_error = Some(error.to_string());
             self.refresh_offline_latency().await;
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
             }
-            backoff = (backoff * 2).min(self.config.reconnect_max.0);
         }
         self.status().online = false;
         info!(partition = %partition, "shipper stopped");

@@ -6,7 +6,7 @@
 //! control characters and bytes that are not UTF-8 become `\xNN`, so a
 //! report is always one line per key and valid JSON.
 
-use crate::cli::status::table;
+use crate::table::table;
 use std::fmt::Write as _;
 
 use serde::Serialize;
