@@ -16,6 +16,7 @@ pub mod config_units;
 pub mod listener;
 pub mod node;
 pub mod position;
+pub mod precheck;
 pub mod record;
 pub mod redis;
 pub mod ship;

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use common::{free_port, redis_cli_bin, redis_server_bin, RedisServer};
-use ferry::apply::{run, ApplyConfig, ApplyError, ApplyStatus, SyncState};
+use ferry::apply::{run, ApplyConfig, ApplyError, ApplyStatus, ExistingData, SyncState};
 use ferry::position::{LogId, PartitionId, ReplOffset};
 use ferry::record::{Record, SnapshotMarker, WriteRecord};
 use ferry::redis::client::Client;
@@ -56,6 +56,9 @@ fn apply_config(target: &str, batch_max_entries: usize) -> ApplyConfig {
         retry_backoff_min: "20ms".parse().unwrap(),
         retry_backoff_max: "200ms".parse().unwrap(),
         reply_timeout: "20s".parse().unwrap(),
+        // These tests' targets are theirs alone; the refusal of existing
+        // data is tested on its own.
+        existing_data: ExistingData::Flush,
         ..ApplyConfig::default()
     }
 }
@@ -356,7 +359,9 @@ async fn every_record_kind_applies_like_the_source() {
     let data_commands: usize = data
         .iter()
         .map(|r| match r {
-            Record::Write(w) => w.commands.len(),
+            // The source's SELECTs place the commands after them; the
+            // applier sends its own.
+            Record::Write(w) => w.commands.iter().filter(|c| !c.is("SELECT")).count(),
             Record::Snapshot(_) => 0,
         })
         .sum();
@@ -949,6 +954,32 @@ async fn snapshot_marker_makes_the_target_equal_to_the_source() {
         .last;
     let on_top = writes_on_top(&source).await;
     let last = append(&wal, &on_top).await;
+
+    // By default the first load refuses a target whose dbs hold keys, and
+    // writes nothing.
+    let refusing = start(
+        ApplyConfig {
+            existing_data: ExistingData::Refuse,
+            ..apply_config(&target.url(), 100)
+        },
+        &wal,
+    );
+    let result = tokio::time::timeout(APPLY_WAIT, refusing.task)
+        .await
+        .expect("the refusing applier ends")
+        .unwrap();
+    let error = result.expect_err("existing data refused").to_string();
+    assert!(
+        error.contains("db 0: 3 keys, db 7: 1 keys") && error.contains("existing-data"),
+        "{error}"
+    );
+    assert_eq!(target.cmd(&["GET", "unrelated:a"]), "stale");
+    assert_eq!(target.cmd(&["-n", "7", "GET", "unrelated:b"]), "stale");
+    // The entry before the marker was applied (not a load): its checkpoint.
+    assert_eq!(
+        target.cmd(&["GET", CHECKPOINT_KEY]),
+        format!("v1 applied={} epoch=0", marker_id.prev())
+    );
 
     let applier = start(apply_config(&target.url(), 100), &wal);
     applier.wait_applied(last).await;

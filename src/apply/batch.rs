@@ -14,16 +14,22 @@
 //! ```
 //!
 //! Commands whose keys are all internal (`__ferry*`: heartbeats, another
-//! ferry's checkpoints) are left out but still covered by the checkpoint. A
-//! record naming a db the target does not have (its db, or a `SELECT` among
-//! its commands) is refused whole without being sent: a failed `SELECT`
-//! inside `EXEC` would let the commands after it run in the wrong db.
+//! ferry's checkpoints) are left out but still covered by the checkpoint.
+//! The rest is translated for the keyspace this sync owns
+//! ([`super::keyspace`]): commands in dbs it does not own are left out,
+//! flushes touch only owned dbs and keep internal keys, and the applier
+//! places every command in its db with its own `SELECT`s (the source's are
+//! consumed). A record that cannot be applied without touching what is not
+//! owned, or that places a command in a db the target does not have, is
+//! refused whole without being sent: a failed `SELECT` inside `EXEC` would
+//! let the commands after it run in the wrong db.
 
 use std::collections::VecDeque;
 
 use bytes::Bytes;
 
 use super::checkpoint::Checkpoint;
+use super::keyspace::{OwnedKeyspace, Placed};
 use super::status::RefusedCommand;
 use crate::position::LogId;
 use crate::record::{Record, INTERNAL_PREFIX};
@@ -59,7 +65,8 @@ pub(crate) struct Batch {
     pub slots: Vec<Slot>,
     /// Commands refused without being sent (db out of range).
     pub refused_unsent: Vec<RefusedCommand>,
-    /// Commands left out because all their keys are internal.
+    /// Commands left out: all their keys are internal, or they run in a db
+    /// this sync does not own.
     pub skipped: u64,
     /// The checkpoint this batch writes.
     pub checkpoint: Checkpoint,
@@ -73,6 +80,8 @@ pub(crate) struct BatchBuilder {
     pub max_bytes: usize,
     /// Number of dbs of the target (`databases`).
     pub databases: u32,
+    /// What this sync owns on the target ([`super::keyspace`]).
+    pub keyspace: OwnedKeyspace,
 }
 
 /// Upper-case command name for logs and status, at most 64 bytes.
@@ -95,18 +104,6 @@ fn select(db: u32) -> Command {
         Bytes::from_static(b"SELECT"),
         Bytes::from(db.to_string()),
     ])
-}
-
-/// The db a `SELECT` command switches to, if it is one and well formed.
-fn select_target(cmd: &Command) -> Option<Option<u32>> {
-    if !cmd.is("SELECT") {
-        return None;
-    }
-    let db = match cmd.args.as_slice() {
-        [_, db] => std::str::from_utf8(db).ok().and_then(|d| d.parse().ok()),
-        _ => None,
-    };
-    Some(db)
 }
 
 impl BatchBuilder {
@@ -146,32 +143,53 @@ impl BatchBuilder {
             batch.last = log_id;
             entries += 1;
             bytes += size;
-            if let Some(why) = self.db_out_of_range(write.db, &write.commands) {
-                for cmd in &write.commands {
-                    batch.refused_unsent.push(RefusedCommand {
-                        log_id,
-                        command: command_name(cmd),
-                        error: why.clone(),
-                    });
+            // Internal keys first: a heartbeat is left out whatever its db.
+            let mut commands = Vec::with_capacity(write.commands.len());
+            for cmd in write.commands {
+                if is_internal(&cmd) {
+                    batch.skipped += 1;
+                } else {
+                    commands.push(cmd);
                 }
-            } else {
-                let mut selected = false;
-                for cmd in write.commands {
-                    if is_internal(&cmd) {
-                        batch.skipped += 1;
-                        continue;
+            }
+            let names: Vec<String> = commands.iter().map(command_name).collect();
+            let translated = self
+                .keyspace
+                .translate(write.db, commands, self.databases)
+                .map_err(|refusal| (refusal.command, refusal.reason))
+                .and_then(
+                    |translated| match self.db_out_of_range(&translated.commands) {
+                        Some((command, why)) => Err((command, why)),
+                        None => Ok(translated),
+                    },
+                );
+            match translated {
+                Err((command, why)) => {
+                    // Refused whole: a transaction stays all or nothing.
+                    for name in names {
+                        let error = if name == command {
+                            why.clone()
+                        } else {
+                            format!("not applied: {command} in the same entry was refused ({why})")
+                        };
+                        batch.refused_unsent.push(RefusedCommand {
+                            log_id,
+                            command: name,
+                            error,
+                        });
                     }
-                    if !selected && db != write.db {
-                        batch.commands.push(select(write.db));
-                        batch.slots.push(Slot::Internal);
-                        db = write.db;
+                }
+                Ok(translated) => {
+                    batch.skipped += translated.filtered;
+                    for placed in translated.commands {
+                        if placed.db != db {
+                            batch.commands.push(select(placed.db));
+                            batch.slots.push(Slot::Internal);
+                            db = placed.db;
+                        }
+                        batch.commands.push(placed.cmd);
+                        batch.slots.push(Slot::Data { log_id });
                     }
-                    selected = true;
-                    if let Some(Some(to)) = select_target(&cmd) {
-                        db = to;
-                    }
-                    batch.commands.push(cmd);
-                    batch.slots.push(Slot::Data { log_id });
                 }
             }
         }
@@ -193,28 +211,18 @@ impl BatchBuilder {
         Some(batch)
     }
 
-    /// Why a record cannot be applied to this target, if it cannot.
-    fn db_out_of_range(&self, db: u32, commands: &[Command]) -> Option<String> {
-        if db >= self.databases {
-            return Some(format!(
-                "db {db} is out of range: the target has {} databases",
-                self.databases
-            ));
-        }
-        for cmd in commands {
-            match select_target(cmd) {
-                Some(Some(to)) if to < self.databases => {}
-                Some(Some(to)) => {
-                    return Some(format!(
-                        "SELECT {to} is out of range: the target has {} databases",
-                        self.databases
-                    ))
-                }
-                Some(None) => return Some("SELECT with a bad db index".to_string()),
-                None => {}
-            }
-        }
-        None
+    /// The command and why, when a placed command names a db the target
+    /// does not have (a failed `SELECT` inside `EXEC` would let the commands
+    /// after it run in the wrong db).
+    fn db_out_of_range(&self, placed: &[Placed]) -> Option<(String, String)> {
+        let bad = placed.iter().find(|p| p.db >= self.databases)?;
+        Some((
+            command_name(&bad.cmd),
+            format!(
+                "db {} is out of range: the target has {} databases",
+                bad.db, self.databases
+            ),
+        ))
     }
 }
 
@@ -379,6 +387,7 @@ mod tests {
             max_entries,
             max_bytes: 1 << 20,
             databases: 16,
+            keyspace: OwnedKeyspace::all(),
         }
     }
 
@@ -428,7 +437,9 @@ mod tests {
         );
         assert_eq!(batch.skipped, 1);
         assert_eq!(batch.slots[1], Slot::Internal);
-        assert_eq!(batch.slots[3], Slot::Data { log_id: LogId(7) });
+        // The source's SELECT is consumed; the applier selects db 4 itself.
+        assert_eq!(batch.slots[3], Slot::Internal);
+        assert_eq!(batch.slots[4], Slot::Data { log_id: LogId(7) });
     }
 
     #[test]
@@ -469,7 +480,17 @@ mod tests {
         .into();
         let batch = builder(10).build(&mut pending, 0).unwrap();
         assert_eq!(batch.refused_unsent.len(), 3);
+        assert_eq!(batch.refused_unsent[0].command, "SET");
+        assert!(batch.refused_unsent[0]
+            .error
+            .contains("db 16 is out of range"));
         assert_eq!(batch.refused_unsent[1].command, "SELECT");
+        assert!(batch.refused_unsent[1]
+            .error
+            .contains("SET in the same entry"));
+        assert!(batch.refused_unsent[2]
+            .error
+            .contains("db 20 is out of range"));
         assert_eq!(
             shown(&batch),
             [

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::keyspace::{FilterConfig, OwnedKeyspace};
 use crate::config_units::{ByteSize, HumanDuration};
 use crate::position::PartitionId;
 use crate::redis::url::RedisUrl;
@@ -19,10 +20,17 @@ pub const MAX_DRAINER_ID_LEN: usize = 64;
 
 /// A config value that cannot work, naming the field (`apply.<field>`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid apply.{field}: {reason}")]
+#[error("invalid {}: {reason}", qualified(field))]
 pub struct ApplyConfigError {
     pub field: &'static str,
     pub reason: String,
+}
+
+impl ApplyConfigError {
+    /// The field with its section: `apply.<field>`, or `filter.dbs`.
+    pub fn path(&self) -> String {
+        qualified(self.field)
+    }
 }
 
 /// Configuration of one applier (one partition of one drainer).
@@ -85,6 +93,54 @@ pub struct ApplyConfig {
     /// are loaded with `RESTORE`; bigger ones are rebuilt element by element
     /// (strings always go by `SET`/`MSET`). Default: `"1MiB"`.
     pub restore_max_bytes: ByteSize,
+    /// What the first full sync does when the dbs this sync owns already
+    /// hold keys on the target (ferry's own `__ferry*` keys do not count):
+    /// `"refuse"` stops before writing anything and names the dbs and their
+    /// key counts; `"keep"` loads over them (same-named keys are replaced,
+    /// the others kept; every later snapshot load keeps them too, so keys
+    /// the source deleted while a snapshot was due may stay on the target:
+    /// `ferry verify` lists them); `"flush"` deletes the owned dbs' keys
+    /// first. Default: `"refuse"`.
+    pub existing_data: ExistingData,
+    /// The keyspace this sync owns: set from the node config's `[filter]`
+    /// section, not from `[apply]`.
+    #[serde(skip)]
+    pub filter: FilterConfig,
+}
+
+/// `existing-data`: see [`ApplyConfig::existing_data`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ExistingData {
+    #[default]
+    Refuse,
+    Keep,
+    Flush,
+}
+
+impl ExistingData {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExistingData::Refuse => "refuse",
+            ExistingData::Keep => "keep",
+            ExistingData::Flush => "flush",
+        }
+    }
+}
+
+impl std::str::FromStr for ExistingData {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "refuse" => Ok(ExistingData::Refuse),
+            "keep" => Ok(ExistingData::Keep),
+            "flush" => Ok(ExistingData::Flush),
+            other => Err(format!(
+                "{other:?} is not one of \"refuse\", \"keep\", \"flush\""
+            )),
+        }
+    }
 }
 
 impl Default for ApplyConfig {
@@ -104,7 +160,19 @@ impl Default for ApplyConfig {
             reply_timeout: HumanDuration(Duration::from_secs(60)),
             load_window: 8192,
             restore_max_bytes: ByteSize::mib(1),
+            existing_data: ExistingData::Refuse,
+            filter: FilterConfig::default(),
         }
+    }
+}
+
+/// `apply.<field>`, or the field itself when it is another section's
+/// (`filter.dbs`).
+fn qualified(field: &str) -> String {
+    if field.contains('.') {
+        field.to_string()
+    } else {
+        format!("apply.{field}")
     }
 }
 
@@ -144,6 +212,14 @@ impl ApplyConfig {
         }
     }
 
+    /// The keyspace this sync owns on the target (`filter.dbs`).
+    pub fn keyspace(&self) -> Result<OwnedKeyspace, ApplyConfigError> {
+        self.filter.keyspace().map_err(|reason| ApplyConfigError {
+            field: "filter.dbs",
+            reason,
+        })
+    }
+
     /// The parsed target address.
     pub fn target_url(&self) -> Result<RedisUrl, ApplyConfigError> {
         let url = RedisUrl::parse(&self.target).map_err(|e| bad("target", e.to_string()))?;
@@ -176,6 +252,7 @@ impl ApplyConfig {
         }
         self.target_url()?;
         self.downstream_id()?;
+        self.keyspace()?;
         if self.retain_applied.0 > Duration::from_secs(3600) {
             return Err(bad("retain-applied", "must be at most 1h"));
         }

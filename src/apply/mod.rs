@@ -121,6 +121,7 @@
 mod batch;
 pub mod checkpoint;
 pub mod config;
+pub mod keyspace;
 mod reader;
 mod snapshot;
 pub mod status;
@@ -153,7 +154,8 @@ use reader::{spawn_reader, ReadResult};
 use target::Target;
 
 pub use batch::ReplyError;
-pub use config::{ApplyConfig, ApplyConfigError};
+pub use config::{ApplyConfig, ApplyConfigError, ExistingData};
+pub use keyspace::{FilterConfig, OwnedKeyspace};
 pub use status::{ApplyReport, ApplyStatus, RefusedCommand, SnapshotLoadProgress, SyncState};
 
 /// Errors at the applier boundary. [`ApplyError::is_fatal`] tells which end
@@ -221,6 +223,18 @@ pub enum ApplyError {
     },
     #[error("applier task failed: {0}")]
     Task(String),
+    /// The first full sync into this target found keys in the dbs this sync
+    /// owns, and `existing-data = "refuse"`: nothing was written.
+    #[error(
+        "partition {partition}: the target already holds keys in the dbs this sync owns ({}); \
+         nothing was written. Choose existing-data = \"keep\" (load over them, keep the others) \
+         or \"flush\" (delete them first), or empty those dbs, or own other dbs ([filter] dbs)",
+        .dbs.iter().map(|(db, keys)| format!("db {db}: {keys} keys")).collect::<Vec<_>>().join(", ")
+    )]
+    ExistingData {
+        partition: PartitionId,
+        dbs: Vec<(u32, u64)>,
+    },
     /// `EXEC` was refused because the checkpoint key changed after this
     /// connection `WATCH`ed it: a batch of an earlier, abandoned connection
     /// (its `EXEC` still queued at the target when the applier gave up on
@@ -243,6 +257,7 @@ impl ApplyError {
             | ApplyError::Inconsistent { .. }
             | ApplyError::SnapshotData { .. }
             | ApplyError::Gap { .. }
+            | ApplyError::ExistingData { .. }
             | ApplyError::Task(_) => true,
             ApplyError::Wal(error) => !matches!(error, WalError::Trimmed { .. }),
             ApplyError::Reply(error) => matches!(error, ReplyError::InternalRefused { .. }),
@@ -303,6 +318,8 @@ pub async fn run(
             applied_tx,
             epoch: 0,
             progressed: false,
+            keyspace: cfg.keyspace()?,
+            first_load: false,
             cfg,
         };
         let result = applier.run().await;
@@ -528,6 +545,11 @@ pub(crate) struct Applier {
     epoch: u64,
     /// Something was applied since the last failure (resets the backoff).
     progressed: bool,
+    /// What this sync owns on the target (`[filter]`).
+    keyspace: OwnedKeyspace,
+    /// The target held no checkpoint of this sync when the session began:
+    /// the next snapshot load is the first, and `existing-data` applies.
+    first_load: bool,
 }
 
 impl Applier {
@@ -639,6 +661,7 @@ impl Applier {
             .map(|p| (p.applied, p.durable))
             .unwrap_or((LogId::ZERO, LogId::ZERO));
         let target_applied = checkpoint.map(|c| c.applied()).unwrap_or(LogId::ZERO);
+        self.first_load = checkpoint.is_none();
         self.epoch = checkpoint.map(|c| c.epoch()).unwrap_or(0);
         self.status.set_applied(target_applied, self.epoch);
         if wal_applied > target_applied {
@@ -680,6 +703,7 @@ impl Applier {
             max_entries: self.cfg.batch_max_entries,
             max_bytes: self.cfg.batch_max_bytes.as_usize(),
             databases: target.databases,
+            keyspace: self.keyspace.clone(),
         }
     }
 

@@ -62,6 +62,8 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use super::checkpoint::Checkpoint;
+use super::config::ExistingData;
+use super::keyspace::{self, OwnedKeyspace};
 use super::status::SnapshotLoadProgress;
 use super::target::Target;
 use super::{Applier, ApplyError};
@@ -69,7 +71,7 @@ use crate::position::{LogId, PartitionId};
 use crate::record::{SnapshotMarker, INTERNAL_PREFIX};
 use crate::redis::client::ClientError;
 use crate::redis::command::Command;
-use crate::redis::rdb::rebuild::{Output, RebuildOptions, RebuildStats, Rebuilder};
+use crate::redis::rdb::rebuild::{Output, RebuildOptions, RebuildStats, Rebuilder, TargetCaps};
 use crate::redis::rdb::{ParseOptions, RdbEvent, RdbParser};
 use crate::redis::rdb_stream::ChannelReader;
 use crate::redis::resp::{encode_command, Frame, RespDecoder, RespLimits};
@@ -162,6 +164,8 @@ struct ProducerConfig {
     rebuild: RebuildOptions,
     /// The target's `databases`: keys of higher dbs are not sent.
     databases: u32,
+    /// Keys of dbs this sync does not own are not sent.
+    keyspace: OwnedKeyspace,
     window_commands: usize,
     window_bytes: usize,
 }
@@ -241,7 +245,7 @@ fn produce_windows(
     let mut wire = BytesMut::with_capacity(cfg.window_bytes + (64 << 10));
     let mut starts: Vec<u32> = Vec::with_capacity(cfg.window_commands);
     let mut db = 0u32;
-    let mut skipping_internal = false;
+    let mut skipping = false;
     let mut out_of_range_dbs: Vec<u32> = Vec::new();
     let mut refused_unsent = 0u64;
     let mut mset = MsetRun::default();
@@ -253,15 +257,17 @@ fn produce_windows(
         };
         let end = matches!(event, RdbEvent::End { .. });
         match &event {
-            RdbEvent::KeyStart(header) if header.key.starts_with(INTERNAL_PREFIX) => {
-                skipping_internal = true;
+            RdbEvent::KeyStart(header)
+                if header.key.starts_with(INTERNAL_PREFIX) || !cfg.keyspace.owns_db(header.db) =>
+            {
+                skipping = true;
                 continue;
             }
-            RdbEvent::KeyEnd { .. } if skipping_internal => {
-                skipping_internal = false;
+            RdbEvent::KeyEnd { .. } if skipping => {
+                skipping = false;
                 continue;
             }
-            _ if skipping_internal => continue,
+            _ if skipping => continue,
             _ => {}
         }
         rebuilder
@@ -387,6 +393,98 @@ fn client_error(error: ClientError, reply_timeout: Duration) -> ApplyError {
 }
 
 impl Applier {
+    /// Starts the load of `marker` (at `log_id`) in one transaction: the
+    /// owned dbs are emptied (internal keys kept) unless `existing-data =
+    /// "keep"`, and the checkpoint says `loading=M`. On the first load into
+    /// this target (no checkpoint of this sync was there) with
+    /// `existing-data = "refuse"`, owned dbs that hold keys refuse it before
+    /// anything changes ([`ApplyError::ExistingData`]). Functions are
+    /// server-wide: only a sync that owns every db flushes them (after the
+    /// transaction; a crash in between loads again from the flush).
+    async fn start_load(
+        &mut self,
+        target: &mut Target,
+        log_id: LogId,
+        marker: &SnapshotMarker,
+        caps: TargetCaps,
+    ) -> Result<(), ApplyError> {
+        let epoch = marker.epoch;
+        let policy = self.cfg.existing_data;
+        let check = self.first_load && policy == ExistingData::Refuse;
+        let flush = policy != ExistingData::Keep;
+        info!(
+            partition = %self.partition,
+            marker = %log_id,
+            epoch,
+            rdb_bytes = marker.rdb_bytes,
+            owned = %self.keyspace,
+            first_load = self.first_load,
+            existing_data = policy.as_str(),
+            "loading snapshot: {}",
+            if flush { "emptying the owned dbs of the target" } else { "loading over the target's keys (existing-data = keep)" }
+        );
+        let loading = Checkpoint::Loading { log_id, epoch };
+        let start = self.keyspace.load_start(
+            target.databases,
+            check,
+            flush,
+            &self.key,
+            loading.encode().as_bytes(),
+        );
+        target.client.queue(&Command::from_parts(["MULTI"]));
+        target.client.queue(&start);
+        target.client.queue(&Command::from_parts(["EXEC"]));
+        target.flush().await?;
+        let mut replies = Vec::with_capacity(3);
+        for _ in 0..3 {
+            replies.push(target.reply().await?);
+        }
+        let result = match replies.last() {
+            Some(Frame::Array(results)) if results.len() == 1 => results[0].clone(),
+            // The checkpoint this connection watched moved: a late batch of
+            // an abandoned connection ran; start again from the checkpoint.
+            Some(Frame::Null) => {
+                return Err(ApplyError::CheckpointMoved {
+                    first: log_id,
+                    last: log_id,
+                })
+            }
+            _ => {
+                let why = replies
+                    .iter()
+                    .find_map(Frame::error_message)
+                    .unwrap_or_else(|| format!("{:?}", replies.last()));
+                return Err(ApplyError::Snapshot {
+                    log_id,
+                    epoch,
+                    what: format!("the target refused the start of the load: {why}"),
+                });
+            }
+        };
+        if let Some(error) = result.error_message() {
+            if let Some(dbs) = keyspace::parse_existing_data(&error) {
+                return Err(ApplyError::ExistingData {
+                    partition: self.partition,
+                    dbs,
+                });
+            }
+            return Err(ApplyError::Snapshot {
+                log_id,
+                epoch,
+                what: format!("the target refused the start of the load: {error}"),
+            });
+        }
+        self.first_load = false;
+        if flush && caps.at_least(7, 0) && self.keyspace.owns_every_db(target.databases) {
+            // A refused FUNCTION FLUSH (functions disabled on a managed
+            // target) only leaves functions.
+            if let Err(error) = target.call(&["FUNCTION", "FLUSH"]).await {
+                warn!(partition = %self.partition, %error, "the target refused FUNCTION FLUSH");
+            }
+        }
+        Ok(())
+    }
+
     /// Loads the snapshot of `marker` (at `log_id`). Returns `false` when
     /// shutdown interrupted it (the checkpoint still says `loading`, so the
     /// next start loads again).
@@ -420,60 +518,7 @@ impl Applier {
         if first.is_empty() && marker.chunks > 0 {
             return Err(snapshot_error("its chunks are not in the wal".into()));
         }
-        info!(
-            partition = %self.partition,
-            marker = %log_id,
-            epoch,
-            rdb_bytes = marker.rdb_bytes,
-            "loading snapshot: flushing the target"
-        );
-
-        // Flush and mark the load in one transaction.
-        let loading = Checkpoint::Loading { log_id, epoch };
-        let mut flush = vec![Command::from_parts(["FLUSHALL"])];
-        if caps.at_least(7, 0) {
-            flush.push(Command::from_parts(["FUNCTION", "FLUSH"]));
-        }
-        flush.push(Command::new(vec![
-            Bytes::from_static(b"SET"),
-            self.key.clone(),
-            Bytes::from(loading.encode()),
-        ]));
-        target.client.queue(&Command::from_parts(["MULTI"]));
-        for cmd in &flush {
-            target.client.queue(cmd);
-        }
-        target.client.queue(&Command::from_parts(["EXEC"]));
-        target.flush().await?;
-        let mut replies = Vec::with_capacity(flush.len() + 2);
-        for _ in 0..flush.len() + 2 {
-            replies.push(target.reply().await?);
-        }
-        // FLUSHALL and the checkpoint must have run; a refused FUNCTION FLUSH
-        // (functions disabled on a managed target) only leaves functions.
-        let committed = match replies.last() {
-            Some(Frame::Array(results)) if results.len() == flush.len() => {
-                for (result, cmd) in results.iter().zip(&flush) {
-                    if let (Some(error), true) = (result.error_message(), cmd.is("FUNCTION")) {
-                        warn!(partition = %self.partition, %error, "the target refused FUNCTION FLUSH");
-                    }
-                }
-                results
-                    .iter()
-                    .zip(&flush)
-                    .all(|(result, cmd)| result.error_message().is_none() || cmd.is("FUNCTION"))
-            }
-            _ => false,
-        };
-        if !committed {
-            let why = replies
-                .iter()
-                .find_map(Frame::error_message)
-                .unwrap_or_else(|| format!("{:?}", replies.last()));
-            return Err(snapshot_error(format!(
-                "the target refused the flush: {why}"
-            )));
-        }
+        self.start_load(target, log_id, &marker, caps).await?;
         self.status.set_applied(log_id.prev(), epoch);
         let mut progress = SnapshotLoadProgress {
             log_id,
@@ -496,6 +541,7 @@ impl Applier {
             },
             rebuild,
             databases: target.databases,
+            keyspace: self.keyspace.clone(),
             window_commands: self.cfg.load_window,
             window_bytes: self.cfg.batch_max_bytes.as_usize(),
         };

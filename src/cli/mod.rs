@@ -14,6 +14,9 @@
 //! - `ferry status [--admin ADDR | --data-dir DIR] [--json] [--watch SECS]`,
 //!   `ferry stop-sync` / `ferry restart-sync [--admin ADDR | --data-dir DIR]
 //!   [--partition N] [--drainer ID]`: the admin API's client ([`status`]).
+//! - `ferry precheck --source … --target … [--dbs N,…] [--existing-data
+//!   refuse|keep|flush] [--outage DUR] [--json]`: checks before a sync
+//!   ([`precheck`]; exit code 1 on a FAIL).
 //! - `ferry verify --source … --target … [--db N]… [--match PATTERN]
 //!   [--mode full|outline] [--passes N] [--qps N] [--json]`: compare two
 //!   servers key by key ([`verify`]; exit code 1 on a difference, 2 on an
@@ -21,6 +24,7 @@
 
 pub mod fetch;
 pub mod node;
+pub mod precheck;
 pub mod rdb;
 pub mod status;
 pub mod verify;
@@ -72,6 +76,11 @@ pub enum Verb {
     /// Compare a source and a target key by key (type, TTL, value), in
     /// passes; exit code 1 when they differ.
     Verify(verify::VerifyArgs),
+    /// Check a source and a target before a sync (reachability, versions,
+    /// cluster mode, target data, eviction policy, persistence, backlog and
+    /// output buffer against the write rate): a PASS / WARN / FAIL table;
+    /// exit code 1 on any FAIL.
+    Precheck(precheck::PrecheckArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -148,6 +157,8 @@ pub enum CliError {
     Status(#[from] status::StatusCommandError),
     #[error(transparent)]
     Verify(#[from] verify::VerifyCommandError),
+    #[error(transparent)]
+    Precheck(#[from] precheck::PrecheckCommandError),
 }
 
 impl CliError {
@@ -220,6 +231,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Verb::StopSync(args) => Ok(status::stop_sync(&args)?),
         Verb::RestartSync(args) => Ok(status::restart_sync(&args)?),
         Verb::Verify(args) => Ok(verify::verify(&args)?),
+        Verb::Precheck(args) => Ok(precheck::precheck(&args)?),
     }
 }
 

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use crate::apply::ExistingData;
 use crate::config_units::HumanDuration;
 use crate::node::{
     self, DrainerNodeConfig, ListenerNodeConfig, NodeConfigError, NodeError, SyncConfig,
@@ -52,6 +53,16 @@ pub struct SyncArgs {
     /// Name of this sync (listener id, drainer id, checkpoint key).
     #[arg(long)]
     pub id: Option<String>,
+    /// The dbs this sync replicates and owns on the target, e.g. `0,5`
+    /// (default: every db). Nothing in other dbs is ever written or
+    /// flushed.
+    #[arg(long, value_delimiter = ',')]
+    pub dbs: Option<Vec<u32>>,
+    /// When the owned dbs of the target already hold keys at the first
+    /// full sync: `refuse` (default; names the dbs and key counts), `keep`
+    /// (load over them, keep the others), `flush` (delete them first).
+    #[arg(long, value_name = "refuse|keep|flush")]
+    pub existing_data: Option<ExistingData>,
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, NodeCommandError> {
@@ -93,6 +104,8 @@ pub fn sync(args: SyncArgs) -> Result<(), NodeCommandError> {
             admin: args.admin,
             id: args.id,
             wal_ttl: args.wal_ttl,
+            dbs: args.dbs,
+            existing_data: args.existing_data,
         },
     )?;
     runtime()?.block_on(async {

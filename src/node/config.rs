@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::apply::ApplyConfig;
+use crate::apply::{ApplyConfig, ExistingData, FilterConfig};
 use crate::listener::ListenerConfig;
 use crate::ship::{AllowedListener, DrainerServiceConfig, ShipperConfig};
 use crate::wal::WalConfig;
@@ -93,6 +93,9 @@ pub struct DrainerNodeConfig {
     /// How every partition is applied to the target (`partition` is set per
     /// applier and ignored here).
     pub apply: ApplyConfig,
+    /// The part of the target this drainer owns (default: every db).
+    #[serde(default)]
+    pub filter: FilterConfig,
 }
 
 /// `ferry sync --config FILE` (every key optional; command-line flags win).
@@ -115,6 +118,8 @@ pub struct SyncFileConfig {
     pub ship: Option<ShipperConfig>,
     #[serde(default)]
     pub apply: Option<ApplyConfig>,
+    #[serde(default)]
+    pub filter: Option<FilterConfig>,
 }
 
 /// Everything `ferry sync` runs with, after flags and file are merged.
@@ -141,6 +146,10 @@ pub struct SyncOverrides {
     pub admin: Option<String>,
     pub id: Option<String>,
     pub wal_ttl: Option<crate::config_units::HumanDuration>,
+    /// `--dbs`: the owned dbs (`[filter] dbs`).
+    pub dbs: Option<Vec<u32>>,
+    /// `--existing-data` (`[apply] existing-data`).
+    pub existing_data: Option<ExistingData>,
 }
 
 fn default_admin() -> String {
@@ -286,13 +295,14 @@ impl DrainerNodeConfig {
             .validate()
             .map_err(|e| invalid(path, "drainer", e.to_string()))?;
         cfg.wal = check_wal(path, "wal", wal_in(cfg.wal, &cfg.data_dir, "wal"))?;
+        cfg.apply.filter = cfg.filter.clone();
         cfg.apply = cfg
             .apply
             .validate()
-            .map_err(|e| invalid(path, format!("apply.{}", e.field), e.reason))?;
+            .map_err(|e| invalid(path, e.path(), e.reason))?;
         cfg.apply
             .target_url()
-            .map_err(|e| invalid(path, format!("apply.{}", e.field), e.reason))?;
+            .map_err(|e| invalid(path, e.path(), e.reason))?;
         Ok(cfg)
     }
 }
@@ -353,12 +363,19 @@ impl SyncConfig {
         let mut apply = file_cfg.apply.unwrap_or_default();
         apply.target = target;
         apply.drainer_id = id.clone();
+        apply.filter = file_cfg.filter.unwrap_or_default();
+        if let Some(dbs) = flags.dbs {
+            apply.filter.dbs = Some(dbs);
+        }
+        if let Some(existing_data) = flags.existing_data {
+            apply.existing_data = existing_data;
+        }
         let apply = apply
             .validate()
-            .map_err(|e| invalid(path, format!("apply.{}", e.field), e.reason))?;
+            .map_err(|e| invalid(path, e.path(), e.reason))?;
         apply
             .target_url()
-            .map_err(|e| invalid(path, format!("apply.{}", e.field), e.reason))?;
+            .map_err(|e| invalid(path, e.path(), e.reason))?;
         Ok(SyncConfig {
             id,
             data_dir,

@@ -27,6 +27,7 @@ use super::config::{DrainerNodeConfig, DrainerPeer, ListenerNodeConfig, SyncConf
 use crate::apply::{self, ApplyConfig, ApplyStatus};
 use crate::listener::{Listener, ListenerHandle, ListenerStatus};
 use crate::position::{LogId, PartitionId};
+use crate::precheck::Verdict;
 use crate::record::SnapshotMarker;
 use crate::redis::url::RedisUrl;
 use crate::ship::{
@@ -65,6 +66,9 @@ pub enum NodeError {
     /// A stage failed for good; the node stopped the others.
     #[error("{0}")]
     Fatal(String),
+    /// The precheck before the first full sync failed: the report's table.
+    #[error("precheck failed; nothing was started:\n{0}")]
+    Precheck(String),
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -757,6 +761,76 @@ async fn finish(stages: Stages, node: Arc<Node>, wals: Vec<Wal>) -> Result<(), N
     }
 }
 
+/// The outage of the listener (or of its link to the source) the startup
+/// precheck checks the source's backlog against.
+const PRECHECK_OUTAGE: Duration = Duration::from_secs(60);
+
+/// The precheck before a node's first full sync (its WAL holds no
+/// partition yet): the checks of the sides it has, refusing to start on any
+/// FAIL with the report's table. A side that does not answer yet is not a
+/// refusal: the stages wait for it as they always do (and the applier still
+/// refuses existing data atomically at the first load); its checks are
+/// skipped with a warning. A node resuming (its WAL holds data) is not
+/// checked again.
+async fn precheck_first_sync(
+    wal: &Wal,
+    source: Option<&str>,
+    apply: Option<&apply::ApplyConfig>,
+    outage: Duration,
+) -> Result<(), NodeError> {
+    if !wal.partitions().is_empty() {
+        return Ok(());
+    }
+    let parse = |url: &str| {
+        crate::redis::url::RedisUrl::parse(url)
+            .map_err(|error| NodeError::Config(error.to_string()))
+    };
+    let source = source.map(parse).transpose()?;
+    let config = |error: apply::ApplyConfigError| NodeError::Config(error.to_string());
+    let target = apply.map(|a| a.target_url()).transpose().map_err(config)?;
+    let mut cfg = crate::precheck::PrecheckConfig::new(source, target);
+    cfg.outage = outage;
+    // Every fresh start waits for this: enough to see a busy source.
+    cfg.sample = Duration::from_millis(500);
+    if let Some(apply) = apply {
+        cfg.keyspace = apply.keyspace().map_err(config)?;
+        cfg.existing_data = apply.existing_data;
+        cfg.id = Some(apply.drainer_id.clone());
+    }
+    let report = crate::precheck::run(&cfg).await;
+    let unreachable: Vec<&str> = report
+        .checks
+        .iter()
+        .filter(|c| c.verdict == Verdict::Fail && c.check.ends_with(" reachable"))
+        .map(|c| c.detail.as_str())
+        .collect();
+    let refused = report
+        .checks
+        .iter()
+        .any(|c| c.verdict == Verdict::Fail && !c.check.ends_with(" reachable"));
+    if refused {
+        let table = report.render();
+        error!("precheck before the first full sync failed:\n{table}");
+        return Err(NodeError::Precheck(table));
+    }
+    for check in report.checks.iter().filter(|c| c.verdict == Verdict::Warn) {
+        warn!(check = %check.check, detail = %check.detail, "precheck warning");
+    }
+    if unreachable.is_empty() {
+        info!(
+            verdict = report.verdict().as_str(),
+            "precheck before the first full sync passed"
+        );
+    } else {
+        warn!(
+            unreachable = ?unreachable,
+            "precheck could not reach every server; the checks of a server that does not answer \
+             are skipped, and the stages wait for it"
+        );
+    }
+    Ok(())
+}
+
 fn create_data_dir(data_dir: &Path) -> Result<(), NodeError> {
     std::fs::create_dir_all(data_dir).map_err(io(format!("creating {}", data_dir.display())))
 }
@@ -769,6 +843,7 @@ pub async fn run_listener(
     create_data_dir(&cfg.data_dir)?;
     let mut stages = Stages::new(shutdown);
     let wal = open_wal(cfg.wal.clone()).await?;
+    precheck_first_sync(&wal, Some(&cfg.listener.source), None, PRECHECK_OUTAGE).await?;
     let listener = start_listener_part(
         &cfg.data_dir,
         cfg.listener.clone(),
@@ -795,6 +870,7 @@ pub async fn run_drainer(
     create_data_dir(&cfg.data_dir)?;
     let mut stages = Stages::new(shutdown);
     let wal = open_wal(cfg.wal.clone()).await?;
+    precheck_first_sync(&wal, None, Some(&cfg.apply), PRECHECK_OUTAGE).await?;
     let socket = tokio::net::TcpListener::bind(&cfg.listen)
         .await
         .map_err(io(format!("binding the ship endpoint on {}", cfg.listen)))?;
@@ -841,6 +917,13 @@ pub async fn run_sync(cfg: SyncConfig, shutdown: CancellationToken) -> Result<()
     create_data_dir(&cfg.data_dir)?;
     let mut stages = Stages::new(shutdown);
     let listener_wal = open_wal(cfg.listener_wal.clone()).await?;
+    precheck_first_sync(
+        &listener_wal,
+        Some(&cfg.listener.source),
+        Some(&cfg.apply),
+        PRECHECK_OUTAGE,
+    )
+    .await?;
     let drainer_wal = open_wal(cfg.drainer_wal.clone()).await?;
     let socket = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

@@ -1,0 +1,88 @@
+//! `ferry precheck --source URL --target URL [--json]`: the checks of
+//! [`crate::precheck`] as a PASS / WARN / FAIL table (or JSON); exit code 1
+//! when any check FAILs.
+
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::apply::{ExistingData, FilterConfig};
+use crate::config_units::HumanDuration;
+use crate::precheck::{self, PrecheckConfig, Report};
+use crate::redis::url::{RedisUrl, UrlError};
+
+/// `ferry precheck` flags.
+#[derive(Debug, Clone, Args)]
+pub struct PrecheckArgs {
+    /// The source Redis: `redis://[user:pass@]host:port`.
+    #[arg(long)]
+    pub source: String,
+    /// The target Redis: `redis://[user:pass@]host:port`.
+    #[arg(long)]
+    pub target: String,
+    /// The dbs the sync will own on the target, e.g. `0,5` (default: every
+    /// db).
+    #[arg(long, value_delimiter = ',')]
+    pub dbs: Option<Vec<u32>>,
+    /// What the sync will do with keys already in the owned dbs:
+    /// `refuse` (default: FAIL if there are any), `keep`, `flush`.
+    #[arg(long, value_name = "refuse|keep|flush", default_value = "refuse")]
+    pub existing_data: ExistingData,
+    /// The outage of the listener (or its link to the source) that must not
+    /// force a full sync: the source's backlog is checked against it.
+    #[arg(long, default_value = "60s")]
+    pub outage: HumanDuration,
+    /// The sync's id: its checkpoint on the target means it resumes.
+    #[arg(long)]
+    pub id: Option<String>,
+    /// How long the source's write rate is measured.
+    #[arg(long, default_value = "1s")]
+    pub sample: HumanDuration,
+    /// Print JSON instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrecheckCommandError {
+    #[error(transparent)]
+    Url(#[from] UrlError),
+    #[error("invalid --dbs: {0}")]
+    Dbs(String),
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    /// At least one check failed (the report was printed).
+    #[error("precheck failed")]
+    Failed,
+}
+
+/// Runs the checks and prints the report.
+pub fn precheck(args: &PrecheckArgs) -> Result<(), PrecheckCommandError> {
+    let mut cfg = PrecheckConfig::new(
+        Some(RedisUrl::parse(&args.source)?),
+        Some(RedisUrl::parse(&args.target)?),
+    );
+    cfg.keyspace = FilterConfig {
+        dbs: args.dbs.clone(),
+    }
+    .keyspace()
+    .map_err(PrecheckCommandError::Dbs)?;
+    cfg.existing_data = args.existing_data;
+    cfg.outage = args.outage.0;
+    cfg.id = args.id.clone();
+    cfg.sample = args.sample.0.max(Duration::from_millis(10));
+    let report: Report = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(PrecheckCommandError::Runtime)?
+        .block_on(precheck::run(&cfg));
+    if args.json {
+        println!("{}", report.to_json());
+    } else {
+        print!("{}", report.render());
+    }
+    if report.failed() {
+        return Err(PrecheckCommandError::Failed);
+    }
+    Ok(())
+}
