@@ -452,17 +452,31 @@ fn check_source_version(report: &mut Report, source: &Side) {
 }
 
 async fn check_backlog_and_buffers(report: &mut Report, source: &mut Side, cfg: &PrecheckConfig) {
-    // The write rate, from the replication offset.
-    let first = source.number("master_repl_offset").unwrap_or(0);
+    // The write rate: the replication offset moves only while a replica
+    // is attached; otherwise the clients' input bytes (reads included, an
+    // upper bound) stand in for it.
+    let first_offset = source.number("master_repl_offset").unwrap_or(0);
+    let first_input = source.number("total_net_input_bytes").unwrap_or(0);
     let started = Instant::now();
     tokio::time::sleep(cfg.sample).await;
-    let rate = match source.client.info("replication").await {
+    let (rate, measured) = match source.client.info("all").await {
         Ok(info) => {
-            let last = info
-                .get("master_repl_offset")
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(first);
-            last.saturating_sub(first) as f64 / started.elapsed().as_secs_f64().max(0.001)
+            let number = |field: &str, default: u64| {
+                info.get(field)
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .unwrap_or(default)
+            };
+            let seconds = started.elapsed().as_secs_f64().max(0.001);
+            let offset = number("master_repl_offset", first_offset).saturating_sub(first_offset);
+            let input = number("total_net_input_bytes", first_input).saturating_sub(first_input);
+            if offset > 0 {
+                (offset as f64 / seconds, "replication offset")
+            } else {
+                (
+                    input as f64 / seconds,
+                    "client input bytes, no replica attached",
+                )
+            }
         }
         Err(error) => {
             report.push(
@@ -470,7 +484,7 @@ async fn check_backlog_and_buffers(report: &mut Report, source: &mut Side, cfg: 
                 Verdict::Warn,
                 format!("cannot measure: {error}"),
             );
-            0.0
+            (0.0, "not measured")
         }
     };
     let outage = cfg.outage.as_secs_f64();
@@ -502,8 +516,8 @@ async fn check_backlog_and_buffers(report: &mut Report, source: &mut Side, cfg: 
         Some(backlog) => {
             let covers = backlog / rate;
             let detail = format!(
-                "repl-backlog-size {} at {}/s of writes (measured over {:?}) covers {:.1}s; the \
-                 outage to survive is {}s",
+                "repl-backlog-size {} at {}/s of writes (measured over {:?} from the {measured}) \
+                 covers {:.1}s; the outage to survive is {}s",
                 mib(backlog),
                 mib(rate),
                 cfg.sample,

@@ -105,14 +105,16 @@
 //!
 //! A [`crate::record::Record::Snapshot`] marker at log id `M` means "the
 //! state at `M` is the RDB of epoch `E`" (relay conventions 3 and 4, docs/ARCHITECTURE.md). The
-//! applier waits for the batches before it, then in one transaction flushes
-//! the target (`FLUSHALL`, plus `FUNCTION FLUSH` on 7.0+: the snapshot is the
-//! whole source) and writes the checkpoint `loading=M`; it then streams the
+//! applier waits for the batches before it, then in one transaction empties
+//! the dbs this sync owns, keeping ferry's own keys ([`keyspace`]; on the
+//! first load into the target, `existing-data` decides what happens to keys
+//! already there), and writes the checkpoint `loading=M` (a sync that owns
+//! every db also flushes functions, on 7.0+); it then streams the
 //! RDB from the WAL's snapshot chunks through the parser and a
 //! [`crate::redis::rdb::rebuild::Rebuilder`] (strings by `SET`/`MSET`, other
 //! keys by `RESTORE … REPLACE` where the target accepts it), pipelined with
 //! writes and reply reads overlapping (`snapshot.rs` has the details),
-//! skipping internal keys, and finally writes
+//! skipping internal keys and dbs not owned, and finally writes
 //! `applied=M epoch=E`. A crash during the load finds `loading=M` and loads
 //! again from the flush. When the entries after the checkpoint were trimmed
 //! from the WAL and the first entry still stored is a snapshot marker, the
