@@ -228,7 +228,7 @@ fn seed(source: &RedisServer, db: u32, prefix: &str) {
         ]);
     }
     source.cmd(&["-n", &db, "RPUSH", "list", "a", "b", "c"]);
-    source.cmd(&["-n", &db, "HSET", "hash", "f", &format!("{prefix}")]);
+    source.cmd(&["-n", &db, "HSET", "hash", "f", prefix]);
 }
 
 fn checkpoint(target: &RedisServer, id: &str) -> String {
