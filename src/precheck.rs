@@ -341,45 +341,37 @@ async fn command_names(client: &mut Client) -> Result<Vec<String>, ClientError> 
         .collect())
 }
 
+/// Connects to one side (if given), with its row.
+async fn reach(
+    report: &mut Report,
+    name: &str,
+    url: Option<&RedisUrl>,
+    cfg: &PrecheckConfig,
+) -> Option<Side> {
+    let url = url?;
+    let check = format!("{name} reachable");
+    match connect(url, cfg.connect_timeout).await {
+        Ok(side) => {
+            let detail = format!(
+                "{url}: redis {}, role {}",
+                side.version(),
+                side.get("role").unwrap_or("?")
+            );
+            report.push(check, Verdict::Pass, detail);
+            Some(side)
+        }
+        Err(error) => {
+            report.push(check, Verdict::Fail, format!("{url}: {error}"));
+            None
+        }
+    }
+}
+
 /// Runs every check the given sides allow.
 pub async fn run(cfg: &PrecheckConfig) -> Report {
     let mut report = Report::default();
-    let mut source = None;
-    let mut target = None;
-    if let Some(url) = &cfg.source {
-        match connect(url, cfg.connect_timeout).await {
-            Ok(side) => {
-                report.push(
-                    "source reachable",
-                    Verdict::Pass,
-                    format!(
-                        "{url}: redis {}, role {}",
-                        side.version(),
-                        side.get("role").unwrap_or("?")
-                    ),
-                );
-                source = Some(side);
-            }
-            Err(error) => report.push("source reachable", Verdict::Fail, format!("{url}: {error}")),
-        }
-    }
-    if let Some(url) = &cfg.target {
-        match connect(url, cfg.connect_timeout).await {
-            Ok(side) => {
-                report.push(
-                    "target reachable",
-                    Verdict::Pass,
-                    format!(
-                        "{url}: redis {}, role {}",
-                        side.version(),
-                        side.get("role").unwrap_or("?")
-                    ),
-                );
-                target = Some(side);
-            }
-            Err(error) => report.push("target reachable", Verdict::Fail, format!("{url}: {error}")),
-        }
-    }
+    let mut source = reach(&mut report, "source", cfg.source.as_ref(), cfg).await;
+    let mut target = reach(&mut report, "target", cfg.target.as_ref(), cfg).await;
     if let (Some(source), Some(target)) = (&source, &target) {
         let same = source.get("run_id").is_some() && source.get("run_id") == target.get("run_id");
         if same {
