@@ -13,7 +13,8 @@
 //! EXEC
 //! ```
 //!
-//! Commands whose keys are all internal (`__ferry*`: heartbeats, another
+//! Every data command goes through [`super::expire`] (expiry deadlines later
+//! by `expire-grace`). Commands whose keys are all internal (`__ferry*`: heartbeats, another
 //! ferry's checkpoints) are left out but still covered by the checkpoint.
 //! The rest is translated for the keyspace this sync owns
 //! ([`super::keyspace`]): commands in dbs it does not own are left out,
@@ -29,6 +30,7 @@ use std::collections::VecDeque;
 use bytes::Bytes;
 
 use super::checkpoint::Checkpoint;
+use super::expire::ExpireGrace;
 use super::keyspace::{OwnedKeyspace, Placed};
 use super::status::RefusedCommand;
 use crate::position::LogId;
@@ -82,6 +84,8 @@ pub(crate) struct BatchBuilder {
     pub databases: u32,
     /// What this sync owns on the target ([`super::keyspace`]).
     pub keyspace: OwnedKeyspace,
+    /// Added to every expiry deadline ([`super::expire`]).
+    pub expire_grace: ExpireGrace,
 }
 
 /// Upper-case command name for logs and status, at most 64 bytes.
@@ -187,7 +191,7 @@ impl BatchBuilder {
                             batch.slots.push(Slot::Internal);
                             db = placed.db;
                         }
-                        batch.commands.push(placed.cmd);
+                        batch.commands.push(self.expire_grace.rewrite(placed.cmd));
                         batch.slots.push(Slot::Data { log_id });
                     }
                 }
@@ -388,6 +392,7 @@ mod tests {
             max_bytes: 1 << 20,
             databases: 16,
             keyspace: OwnedKeyspace::all(),
+            expire_grace: ExpireGrace::default(),
         }
     }
 

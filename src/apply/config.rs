@@ -93,6 +93,20 @@ pub struct ApplyConfig {
     /// are loaded with `RESTORE`; bigger ones are rebuilt element by element
     /// (strings always go by `SET`/`MSET`). Default: `"1MiB"`.
     pub restore_max_bytes: ByteSize,
+    /// Added to every expiry deadline written to the target (replicated
+    /// `SET … PXAT`, `PEXPIREAT`, `RESTORE … ABSTTL`, and keys of a snapshot
+    /// load), so that a key leaves the target by the source's own `DEL`, as
+    /// on a Redis replica, and the target's own expiry only acts when that
+    /// `DEL` has not come within the grace (see `src/apply/expire.rs`).
+    /// Without it a source `EXPIRE`/`PERSIST` that refreshes a key shortly
+    /// before its deadline is lost whenever it reaches the target after
+    /// the deadline (lag, a stopped sync, a target clock ahead). Readers of
+    /// the target see `TTL`/`PTTL` longer by the grace, and a key whose `DEL`
+    /// does not come (the sync stopped) up to the grace after its deadline.
+    /// Raise it towards `wal-ttl` to ride out longer stops. `"0s"` writes
+    /// the source's deadlines unchanged. Default: `"5m"` (reconnects,
+    /// restarts, link flaps and clock skew), at most `"30d"`.
+    pub expire_grace: HumanDuration,
     /// What the first full sync does when the dbs this sync owns already
     /// hold keys on the target (ferry's own `__ferry*` keys do not count):
     /// `"refuse"` stops before writing anything and names the dbs and their
@@ -162,6 +176,7 @@ impl Default for ApplyConfig {
             restore_max_bytes: ByteSize::mib(1),
             existing_data: ExistingData::Refuse,
             filter: FilterConfig::default(),
+            expire_grace: HumanDuration(super::expire::DEFAULT_EXPIRE_GRACE),
         }
     }
 }
@@ -292,6 +307,9 @@ impl ApplyConfig {
                 "at most 512MiB (Redis' largest bulk string)",
             ));
         }
+        if self.expire_grace.0 > super::expire::MAX_EXPIRE_GRACE {
+            return Err(bad("expire-grace", "must be at most 30d"));
+        }
         Ok(self)
     }
 }
@@ -310,6 +328,7 @@ mod tests {
         let cfg = ApplyConfig::default().validate().unwrap();
         let json = serde_json::to_string(&cfg).unwrap();
         assert!(json.contains("\"batch-max-bytes\":\"2MiB\""), "{json}");
+        assert!(json.contains("\"expire-grace\":\"5m\""), "{json}");
         let back: ApplyConfig = serde_json::from_str(&json).unwrap();
         assert_eq!(back, cfg);
     }
@@ -333,6 +352,7 @@ mod tests {
             (r#"{"retain-applied": "2h"}"#, "apply.retain-applied"),
             (r#"{"load-window": 0}"#, "apply.load-window"),
             (r#"{"wal-downstream": "a b"}"#, "apply.wal-downstream"),
+            (r#"{"expire-grace": "31d"}"#, "apply.expire-grace"),
         ];
         for (text, field) in cases {
             let error = parse(text).unwrap_err();

@@ -123,6 +123,7 @@
 mod batch;
 pub mod checkpoint;
 pub mod config;
+pub mod expire;
 pub mod keyspace;
 mod reader;
 mod snapshot;
@@ -706,6 +707,7 @@ impl Applier {
             max_bytes: self.cfg.batch_max_bytes.as_usize(),
             databases: target.databases,
             keyspace: self.keyspace.clone(),
+            expire_grace: expire::ExpireGrace::new(self.cfg.expire_grace.0),
         }
     }
 

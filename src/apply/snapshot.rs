@@ -33,6 +33,11 @@
 //! distinct keys is the same as their `SET`s). The rest goes as
 //! `RESTORE … REPLACE` where the target accepts it, else rebuild commands.
 //!
+//! Every key's deadline is moved by `expire-grace` before it is rebuilt
+//! ([`super::expire`]): it is written as the source's deadline plus the
+//! grace, and a key whose deadline passed less than the grace ago is still
+//! loaded (the source propagates its `DEL`, which follows the marker).
+//!
 //! # Why the load waits for the marker
 //!
 //! The load starts only at the marker, once the whole epoch is durable in
@@ -63,6 +68,7 @@ use tracing::{info, warn};
 
 use super::checkpoint::Checkpoint;
 use super::config::ExistingData;
+use super::expire::ExpireGrace;
 use super::keyspace::{self, OwnedKeyspace};
 use super::status::SnapshotLoadProgress;
 use super::target::Target;
@@ -166,6 +172,8 @@ struct ProducerConfig {
     databases: u32,
     /// Keys of dbs this sync does not own are not sent.
     keyspace: OwnedKeyspace,
+    /// Added to every key's deadline before it is rebuilt.
+    expire_grace: ExpireGrace,
     window_commands: usize,
     window_bytes: usize,
 }
@@ -250,11 +258,12 @@ fn produce_windows(
     let mut refused_unsent = 0u64;
     let mut mset = MsetRun::default();
     loop {
-        let event = match parser.next_event() {
+        let mut event = match parser.next_event() {
             Ok(Some(event)) => event,
             Ok(None) => break,
             Err(error) => return Err(error.to_string()),
         };
+        cfg.expire_grace.shift_key_start(&mut event);
         let end = matches!(event, RdbEvent::End { .. });
         match &event {
             RdbEvent::KeyStart(header)
@@ -542,6 +551,7 @@ impl Applier {
             rebuild,
             databases: target.databases,
             keyspace: self.keyspace.clone(),
+            expire_grace: ExpireGrace::new(self.cfg.expire_grace.0),
             window_commands: self.cfg.load_window,
             window_bytes: self.cfg.batch_max_bytes.as_usize(),
         };
