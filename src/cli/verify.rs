@@ -15,6 +15,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use clap::Args;
 
+use crate::apply::expire::DEFAULT_EXPIRE_GRACE;
+use crate::config_units::HumanDuration;
 use crate::redis::url::{RedisUrl, UrlError};
 use crate::verify::{self, Mode, VerifyConfig, VerifyError};
 
@@ -48,6 +50,11 @@ pub struct VerifyArgs {
     /// Largest gap between the expiry times of a key that is still equal (ms).
     #[arg(long, value_name = "MS", default_value_t = 2000)]
     pub ttl_tolerance: u64,
+    /// How much later a target's expiry may be than the source's, and how
+    /// long a key expired on the source may stay on the target: the
+    /// drainer's `[apply] expire-grace` (e.g. "5m", "0s").
+    #[arg(long, value_name = "DURATION", default_value_t = HumanDuration(DEFAULT_EXPIRE_GRACE))]
+    pub expire_grace: HumanDuration,
     /// Keys per SCAN page and pipeline, elements per chunk of a big key.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub batch: u64,
@@ -71,6 +78,7 @@ impl VerifyArgs {
         config.passes = self.passes;
         config.qps = self.qps;
         config.ttl_tolerance_ms = self.ttl_tolerance;
+        config.expire_grace_ms = u64::try_from(self.expire_grace.0.as_millis()).unwrap_or(u64::MAX);
         config.batch = usize::try_from(self.batch).unwrap_or(usize::MAX);
         config.pass_interval = Duration::from_millis(self.pass_interval);
         config.max_listed = self.max_listed;
@@ -176,6 +184,8 @@ mod tests {
             "0",
             "--ttl-tolerance",
             "500",
+            "--expire-grace",
+            "90s",
             "--batch",
             "1000",
             "--json",
@@ -195,12 +205,14 @@ mod tests {
             ),
             (5, 0, 500, 1000)
         );
+        assert_eq!(config.expire_grace_ms, 90_000);
         assert_eq!(config.source.password.as_deref(), Some("pw"));
 
         let defaults = parse(&["--source", "a:1", "--target", "b:2"]).unwrap();
         let config = defaults.config().unwrap();
         assert_eq!(config.mode, Mode::Full);
         assert_eq!((config.passes, config.qps, config.batch), (3, 5000, 100));
+        assert_eq!(config.expire_grace_ms, 300_000);
         assert!(config.dbs.is_empty() && config.pattern.is_none());
     }
 
@@ -210,6 +222,7 @@ mod tests {
         assert!(parse(&["--source", "a:1", "--target", "b:2", "--passes", "0"]).is_err());
         assert!(parse(&["--source", "a:1", "--target", "b:2", "--batch", "0"]).is_err());
         assert!(parse(&["--source", "a:1", "--target", "b:2", "--mode", "deep"]).is_err());
+        assert!(parse(&["--source", "a:1", "--target", "b:2", "--expire-grace", "5"]).is_err());
         let bad_url = parse(&["--source", "http://a:1", "--target", "b:2"]).unwrap();
         assert!(bad_url.config().is_err());
         assert_eq!(VerifyCommandError::Differences { keys: 1 }.exit_code(), 1);

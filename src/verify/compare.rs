@@ -151,10 +151,7 @@ pub(crate) async fn check_keys(
         let mut diffs = Vec::new();
         match (&source.kind, &target.kind) {
             (KeyType::None, KeyType::None) => continue, // deleted (or expired) on both
-            (KeyType::None, kind) => diffs.push(value(
-                DiffKind::Extra,
-                format!("exists on the target only ({})", kind.name()),
-            )),
+            (KeyType::None, kind) => diffs.push(extra(kind, target, config)),
             (kind, KeyType::None) => diffs.push(value(
                 DiffKind::Missing,
                 format!("missing on the target ({} on the source)", kind.name()),
@@ -166,7 +163,7 @@ pub(crate) async fn check_keys(
             (kind, _) => {
                 one_sided_ttl[index] =
                     source.expire_at_ms.is_some() != target.expire_at_ms.is_some();
-                if let Some(ttl) = ttl_difference(source, target, config.ttl_tolerance_ms) {
+                if let Some(ttl) = ttl_difference(source, target, config) {
                     diffs.push(ttl);
                 }
                 same.push((index, kind.clone()));
@@ -223,7 +220,40 @@ async fn heads(conn: &mut Conn, keys: &[Bytes]) -> Result<Vec<Head>, VerifyError
     Ok(heads)
 }
 
-fn ttl_difference(source: &Head, target: &Head, tolerance_ms: u64) -> Option<Difference> {
+/// A key on the target only. One that expires there within the expire
+/// grace (plus the tolerance) is a key the source expired and the target
+/// keeps until the source's `DEL` arrives ([`DiffKind::Expiring`]); any
+/// other is extra.
+fn extra(kind: &KeyType, target: &Head, config: &VerifyConfig) -> Difference {
+    let now = now_ms();
+    let window = config
+        .expire_grace_ms
+        .saturating_add(config.ttl_tolerance_ms);
+    match target.expire_at_ms {
+        Some(at) if at.saturating_sub(now) <= i64::try_from(window).unwrap_or(i64::MAX) => value(
+            DiffKind::Expiring,
+            format!(
+                "on the target only ({}), expiring there in {} ms: expired on the source, kept \
+                 by the expire grace ({} ms) until the source's DEL arrives",
+                kind.name(),
+                at.saturating_sub(now).max(0),
+                config.expire_grace_ms
+            ),
+        ),
+        _ => value(
+            DiffKind::Extra,
+            format!("exists on the target only ({})", kind.name()),
+        ),
+    }
+}
+
+/// The TTLs of a key on both sides: equal when the target's expiry is at
+/// most the tolerance earlier, or the expire grace plus the tolerance later,
+/// than the source's (the applier writes the source's deadline plus the
+/// grace).
+fn ttl_difference(source: &Head, target: &Head, config: &VerifyConfig) -> Option<Difference> {
+    let tolerance_ms = config.ttl_tolerance_ms;
+    let grace_ms = config.expire_grace_ms;
     let now = now_ms();
     let detail = match (source.expire_at_ms, target.expire_at_ms) {
         (None, None) => return None,
@@ -237,10 +267,20 @@ fn ttl_difference(source: &Head, target: &Head, tolerance_ms: u64) -> Option<Dif
         ),
         (Some(a), Some(b)) => {
             let apart = a.abs_diff(b);
-            if apart <= tolerance_ms {
-                return None;
+            if b >= a {
+                if apart <= grace_ms.saturating_add(tolerance_ms) {
+                    return None;
+                }
+                format!(
+                    "the target expires {apart} ms later (tolerance {tolerance_ms} ms plus the \
+                     expire grace {grace_ms} ms)"
+                )
+            } else {
+                if apart <= tolerance_ms {
+                    return None;
+                }
+                format!("expiry times {apart} ms apart (tolerance {tolerance_ms} ms)")
             }
-            format!("expiry times {apart} ms apart (tolerance {tolerance_ms} ms)")
         }
     };
     Some(value(DiffKind::Ttl, detail))
@@ -1025,21 +1065,70 @@ fn lookup<'a>(fields: &[(&[u8], &'a Frame)], name: &str) -> Option<&'a Frame> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn ttl_within_tolerance_is_equal() {
-        let head = |at: Option<i64>| Head {
+    fn config(grace_ms: u64) -> VerifyConfig {
+        let mut config = VerifyConfig::new(
+            crate::redis::url::RedisUrl::parse("h:1").unwrap(),
+            crate::redis::url::RedisUrl::parse("h:2").unwrap(),
+        );
+        config.ttl_tolerance_ms = 2000;
+        config.expire_grace_ms = grace_ms;
+        config
+    }
+
+    fn head(at: Option<i64>) -> Head {
+        Head {
             kind: KeyType::String,
             expire_at_ms: at,
-        };
-        assert!(ttl_difference(&head(None), &head(None), 2000).is_none());
-        assert!(ttl_difference(&head(Some(10_000)), &head(Some(11_999)), 2000).is_none());
-        let far = ttl_difference(&head(Some(10_000)), &head(Some(12_001)), 2000).unwrap();
+        }
+    }
+
+    #[test]
+    fn ttl_within_tolerance_is_equal() {
+        let config = config(0);
+        assert!(ttl_difference(&head(None), &head(None), &config).is_none());
+        assert!(ttl_difference(&head(Some(10_000)), &head(Some(11_999)), &config).is_none());
+        assert!(ttl_difference(&head(Some(10_000)), &head(Some(8_001)), &config).is_none());
+        let far = ttl_difference(&head(Some(10_000)), &head(Some(7_999)), &config).unwrap();
         assert_eq!(far.kind, DiffKind::Ttl);
         assert!(far.detail.contains("2001 ms apart"), "{}", far.detail);
-        let one_sided = ttl_difference(&head(Some(i64::MAX)), &head(None), 2000).unwrap();
+        let later = ttl_difference(&head(Some(10_000)), &head(Some(12_001)), &config).unwrap();
+        assert!(later.detail.contains("2001 ms later"), "{}", later.detail);
+        let one_sided = ttl_difference(&head(Some(i64::MAX)), &head(None), &config).unwrap();
         assert!(one_sided.detail.contains("no TTL on the target"));
-        let other_side = ttl_difference(&head(None), &head(Some(5)), 2000).unwrap();
+        let other_side = ttl_difference(&head(None), &head(Some(5)), &config).unwrap();
         assert!(other_side.detail.contains("no TTL on the source"));
+    }
+
+    #[test]
+    fn the_target_may_expire_later_by_the_grace() {
+        let config = config(300_000);
+        let source = head(Some(10_000));
+        assert!(ttl_difference(&source, &head(Some(310_000)), &config).is_none());
+        assert!(ttl_difference(&source, &head(Some(312_000)), &config).is_none());
+        let beyond = ttl_difference(&source, &head(Some(312_001)), &config).unwrap();
+        assert!(
+            beyond.detail.contains("302001 ms later") && beyond.detail.contains("grace 300000"),
+            "{}",
+            beyond.detail
+        );
+        // Never earlier than the tolerance allows: an early target expiry is
+        // what the grace exists to prevent.
+        assert!(ttl_difference(&source, &head(Some(7_999)), &config).is_some());
+        assert!(ttl_difference(&head(Some(i64::MAX)), &head(Some(i64::MIN)), &config).is_some());
+    }
+
+    #[test]
+    fn a_target_only_key_expiring_within_the_grace_is_expiring() {
+        let config = config(300_000);
+        let now = now_ms();
+        let soon = extra(&KeyType::List, &head(Some(now + 200_000)), &config);
+        assert_eq!(soon.kind, DiffKind::Expiring, "{}", soon.detail);
+        assert!(soon.detail.contains("list"), "{}", soon.detail);
+        let late = extra(&KeyType::List, &head(Some(now + 400_000)), &config);
+        assert_eq!(late.kind, DiffKind::Extra);
+        assert_eq!(extra(&KeyType::List, &head(None), &config).kind, DiffKind::Extra);
+        let no_grace = extra(&KeyType::List, &head(Some(now + 60_000)), &self::config(0));
+        assert_eq!(no_grace.kind, DiffKind::Extra);
     }
 
     #[test]

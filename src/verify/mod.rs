@@ -26,10 +26,20 @@
 //! - *missing*: on the source, not on the target; *extra*: the reverse. A
 //!   key gone from both (deleted or expired since the scan) is not a
 //!   difference.
+//! - *expiring*: on the target only, and expiring there within
+//!   [`VerifyConfig::expire_grace_ms`] (plus the tolerance): the source
+//!   expired it, and the target keeps it until the source's `DEL` arrives
+//!   (the applier writes every deadline later by its `expire-grace`;
+//!   `src/apply/expire.rs`). Like a difference from lag it is re-checked
+//!   in the next pass (the verify's own `TYPE` on the source expires the
+//!   key there, which sends the `DEL`); still so after the last pass, it is
+//!   counted in [`DbReport::expiring`], not as a difference.
 //! - *type*: the types differ (nothing more is compared).
-//! - *ttl*: one side has a TTL and the other not, or the two expiry times
+//! - *ttl*: one side has a TTL and the other not, or the target's expiry
 //!   (`PTTL` turned into an absolute time by our clock when the reply
-//!   arrived) are more than [`VerifyConfig::ttl_tolerance_ms`] apart.
+//!   arrived) is more than [`VerifyConfig::ttl_tolerance_ms`] earlier, or
+//!   more than the tolerance plus [`VerifyConfig::expire_grace_ms`] later,
+//!   than the source's.
 //! - *value*, [`Mode::Outline`]: the length or cardinality differs
 //!   (`STRLEN`, `LLEN`, `HLEN`, `SCARD`, `ZCARD`, `XLEN`).
 //! - *value*, [`Mode::Full`]: the lengths, then the values. When both
@@ -82,6 +92,7 @@ use serde::Serialize;
 use self::compare::{check_keys, Pair};
 use self::conn::Conn;
 pub use self::report::{escape_key, render_report, DbReport, KeyReport, VerifyReport};
+use crate::apply::expire::DEFAULT_EXPIRE_GRACE;
 use crate::record::INTERNAL_PREFIX;
 use crate::redis::client::ClientError;
 use crate::redis::command::Command;
@@ -133,6 +144,10 @@ pub enum DiffKind {
     Type,
     Ttl,
     Value,
+    /// On the target only, expiring there within the expire grace: the
+    /// source expired it and the target keeps it until the source's `DEL`
+    /// arrives. Re-checked like any difference; not one after the last pass.
+    Expiring,
 }
 
 impl DiffKind {
@@ -143,6 +158,7 @@ impl DiffKind {
             DiffKind::Type => "type",
             DiffKind::Ttl => "ttl",
             DiffKind::Value => "value",
+            DiffKind::Expiring => "expiring",
         }
     }
 }
@@ -173,6 +189,10 @@ pub struct VerifyConfig {
     pub qps: u32,
     /// Largest gap between expiry times that is still equal. Default 2000 ms.
     pub ttl_tolerance_ms: u64,
+    /// How much later than the source's a target's expiry may be (the
+    /// applier's `expire-grace`), and how long a key expired on the source
+    /// may stay on the target. Default: the applier's default, 5 minutes.
+    pub expire_grace_ms: u64,
     /// Keys per `SCAN` page and pipeline, elements per chunk. Default 100.
     pub batch: usize,
     /// Bytes per `GETRANGE` chunk of a string. Default 256 KiB.
@@ -203,6 +223,7 @@ impl VerifyConfig {
             passes: 3,
             qps: 5000,
             ttl_tolerance_ms: 2000,
+            expire_grace_ms: DEFAULT_EXPIRE_GRACE.as_millis() as u64,
             batch: 100,
             string_chunk: 256 * 1024,
             chunk_budget: 4 << 20,
@@ -440,11 +461,15 @@ async fn verify_db(
         differing_after_pass.push(differing.len() as u64);
     }
 
+    // Keys still only expiring after the last pass are not differences.
+    let before = differing.len();
+    differing.retain(|_, diffs| !diffs.iter().all(|d| d.kind == DiffKind::Expiring));
     let mut db_report = DbReport {
         db,
         keys_checked,
         passes: pass,
         differing_after_pass,
+        expiring: (before - differing.len()) as u64,
         elapsed_ms: millis(started.elapsed()),
         ..DbReport::default()
     };

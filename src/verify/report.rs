@@ -52,6 +52,10 @@ pub struct DbReport {
     pub type_: u64,
     pub ttl: u64,
     pub value: u64,
+    /// Keys on the target only that still expire there within the expire
+    /// grace after the last pass (expired on the source, waiting for its
+    /// `DEL`): not differences.
+    pub expiring: u64,
     /// Passes run (stops early once nothing differs).
     pub passes: u32,
     /// Keys differing after each pass.
@@ -134,6 +138,7 @@ pub fn render_report(report: &VerifyReport) -> String {
         "Type",
         "TTL",
         "Value",
+        "Expiring",
         "Passes",
         "Time (ms)",
     ];
@@ -149,6 +154,7 @@ pub fn render_report(report: &VerifyReport) -> String {
                 db.type_.to_string(),
                 db.ttl.to_string(),
                 db.value.to_string(),
+                db.expiring.to_string(),
                 db.passes.to_string(),
                 db.elapsed_ms.to_string(),
             ]
@@ -177,6 +183,14 @@ pub fn render_report(report: &VerifyReport) -> String {
         }
     }
     let checked: u64 = report.dbs.iter().map(|db| db.keys_checked).sum();
+    let expiring: u64 = report.dbs.iter().map(|db| db.expiring).sum();
+    if expiring > 0 {
+        let _ = writeln!(
+            out,
+            "\n{expiring} keys on the target only are expiring within the expire grace (expired on \
+             the source, waiting for its DEL): not differences"
+        );
+    }
     if report.equal {
         let _ = writeln!(out, "\nequal: {checked} keys checked, no difference");
     } else {
@@ -219,6 +233,7 @@ mod tests {
                 keys_checked: 12,
                 missing: 1,
                 value: 1,
+                expiring: 2,
                 passes: 3,
                 differing_after_pass: vec![3, 2, 2],
                 elapsed_ms: 7,
@@ -246,22 +261,25 @@ mod tests {
         };
         let expected = "\
 ferry verify: redis://127.0.0.1:1 → redis://127.0.0.1:2, mode full, up to 3 passes, 9 ms
-+----+--------------+---------+-------+------+-----+-------+--------+-----------+
-| Db | Keys Checked | Missing | Extra | Type | TTL | Value | Passes | Time (ms) |
-+----+--------------+---------+-------+------+-----+-------+--------+-----------+
-| 0  | 12           | 1       | 0     | 0    | 0   | 1     | 3      | 7         |
-+----+--------------+---------+-------+------+-----+-------+--------+-----------+
++----+--------------+---------+-------+------+-----+-------+----------+--------+-----------+
+| Db | Keys Checked | Missing | Extra | Type | TTL | Value | Expiring | Passes | Time (ms) |
++----+--------------+---------+-------+------+-----+-------+----------+--------+-----------+
+| 0  | 12           | 1       | 0     | 0    | 0   | 1     | 2        | 3      | 7         |
++----+--------------+---------+-------+------+-----+-------+----------+--------+-----------+
 
 Differing keys (3):
   db 0 \"a\" [missing]: missing on the target (string on the source)
   db 0 \"b\\xff\" [value]: bytes differ from offset 3
   … and 1 more
 
+2 keys on the target only are expiring within the expire grace (expired on the source, waiting for its DEL): not differences
+
 different: 3 of 12 keys differ after the last pass
 ";
         assert_eq!(render_report(&report), expected);
         let json = serde_json::to_value(&report).unwrap();
         assert_eq!(json["dbs"][0]["type"], 0);
+        assert_eq!(json["dbs"][0]["expiring"], 2);
         assert_eq!(json["differences"][1]["kinds"][0], "value");
         assert_eq!(json["mode"], "full");
     }
