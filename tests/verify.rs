@@ -1,7 +1,10 @@
 //! `ferry verify` against real redis-servers: equal servers are equal in
 //! every mode, each kind of difference is found and named (also inside a big
 //! key past its first chunk, and with DEBUG refused so that values are
-//! walked), keys in flight settle across passes, `__ferry` keys are ignored,
+//! walked), keys in flight settle across passes, the applier's expire grace
+//! is allowed for (a target TTL up to the grace longer; a key expired on the
+//! source and still on the target within the grace is re-checked and
+//! counted as expiring, not as a difference), `__ferry` keys are ignored,
 //! `--match` / `--db` / `--qps` are honored, server errors are typed and
 //! name key and command, the binary's exit codes and JSON, and the peak RSS
 //! of a verify walking a 1M-element list and a 200k-field hash (under
@@ -577,6 +580,178 @@ async fn server_errors_are_typed_and_name_key_and_command() {
     );
 }
 
+/// Unix ms now.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .expect("clock after 1970")
+}
+
+/// The default grace, as the applier writes it.
+const GRACE_MS: i64 = 300_000;
+
+/// A source and a target as ferry leaves them with the default grace, plus
+/// keys the grace does not explain.
+async fn graced_pair() -> (RedisServer, RedisServer) {
+    let source = RedisServer::start(&[]);
+    let target = RedisServer::start(&[]);
+    let at = now_ms() + 3_600_000;
+    let px_at = |ms: i64| ms.to_string();
+    apply(
+        &source,
+        &[
+            cmd(&["SET", "g:graced", "v", "PXAT", &px_at(at)]),
+            cmd(&["SET", "g:late", "v", "PXAT", &px_at(at)]),
+            cmd(&["SET", "g:early", "v", "PXAT", &px_at(at)]),
+        ],
+    )
+    .await;
+    apply(
+        &target,
+        &[
+            // The source's deadline plus the grace: equal.
+            cmd(&["SET", "g:graced", "v", "PXAT", &px_at(at + GRACE_MS)]),
+            // Later than the grace allows, or earlier: differences.
+            cmd(&["SET", "g:late", "v", "PXAT", &px_at(at + GRACE_MS + 60_000)]),
+            cmd(&["SET", "g:early", "v", "PXAT", &px_at(at - 60_000)]),
+            // Expired on the source, kept by the grace: expiring.
+            cmd(&["SET", "g:expiring", "v", "PX", "60000"]),
+            // On the target only, beyond the grace: extra.
+            cmd(&["SET", "g:extra", "v", "PX", "3600000"]),
+        ],
+    )
+    .await;
+    (source, target)
+}
+
+#[tokio::test]
+async fn the_expire_grace_is_allowed_for() {
+    let (source, target) = graced_pair().await;
+    let mut config = config(&source, &target);
+    config.passes = 2;
+    assert_eq!(config.expire_grace_ms, GRACE_MS as u64, "the default");
+    let report = run(&config).await;
+    let names: Vec<&str> = report.differences.iter().map(|k| k.key.as_str()).collect();
+    assert_eq!(names, ["g:early", "g:extra", "g:late"], "{report:?}");
+    let kinds = |key: &str| listed(&report, 0, key).map(|k| k.kinds.clone());
+    assert_eq!(kinds("g:early"), Some(vec![DiffKind::Ttl]));
+    assert_eq!(kinds("g:late"), Some(vec![DiffKind::Ttl]));
+    assert_eq!(kinds("g:extra"), Some(vec![DiffKind::Extra]));
+    assert!(
+        listed(&report, 0, "g:late")
+            .is_some_and(|k| k.detail.contains("later") && k.detail.contains("grace")),
+        "{report:?}"
+    );
+    let db = &report.dbs[0];
+    // The expiring key was re-checked with the differences, then set apart.
+    assert_eq!(db.differing_after_pass, vec![4, 4]);
+    assert_eq!((db.expiring, db.extra, db.ttl), (1, 1, 2));
+    assert!(
+        verify::render_report(&report).contains("1 keys on the target only are expiring"),
+        "{}",
+        verify::render_report(&report)
+    );
+
+    // Without the grace, the graced key and the expiring one differ.
+    config.expire_grace_ms = 0;
+    let strict = run(&config).await;
+    let names: Vec<&str> = strict.differences.iter().map(|k| k.key.as_str()).collect();
+    assert_eq!(
+        names,
+        ["g:early", "g:expiring", "g:extra", "g:graced", "g:late"]
+    );
+    assert_eq!(
+        listed(&strict, 0, "g:expiring").map(|k| k.kinds.clone()),
+        Some(vec![DiffKind::Extra])
+    );
+    assert_eq!(strict.dbs[0].expiring, 0);
+}
+
+#[tokio::test]
+async fn an_expiring_key_settles_like_lag_once_the_del_arrives() {
+    let source = RedisServer::start(&[]);
+    let target = RedisServer::start(&[]);
+    apply(&source, &[cmd(&["SET", "same", "v"])]).await;
+    apply(
+        &target,
+        &[
+            cmd(&["SET", "same", "v"]),
+            cmd(&["SET", "expired", "v", "PX", "120000"]),
+        ],
+    )
+    .await;
+    let mut config = config(&source, &target);
+    config.passes = 3;
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let seen = events.clone();
+    let target_port = target.port.to_string();
+    let mut observer = move |event: &PassEvent| {
+        seen.lock().unwrap().push((event.pass, event.differing));
+        if event.pass == 1 {
+            // The source's DEL reaches the target between the passes.
+            let out = output_within(
+                Process::new(common::redis_cli_bin()).args(["-p", &target_port, "DEL", "expired"]),
+                Duration::from_secs(10),
+            )
+            .expect("redis-cli");
+            assert!(out.status.success());
+        }
+    };
+    let report = verify::run_observed(&config, &mut observer)
+        .await
+        .expect("verify");
+    assert_equal(&report, "the DEL arrived");
+    assert_eq!(report.dbs[0].differing_after_pass, vec![1, 0]);
+    assert_eq!(report.dbs[0].expiring, 0);
+    assert_eq!(*events.lock().unwrap(), [(1, 1), (2, 0)]);
+}
+
+#[tokio::test]
+async fn the_binary_allows_for_the_default_grace() {
+    let (source, target) = graced_pair().await;
+    for key in ["g:late", "g:early", "g:extra"] {
+        target.cmd(&["DEL", key]);
+        source.cmd(&["DEL", key]);
+    }
+    let verify = |extra: &[&str]| {
+        let mut process = Process::new(ferry_bin());
+        process
+            .args([
+                "verify",
+                "--source",
+                &source.url(),
+                "--target",
+                &target.url(),
+                "--json",
+                "--passes",
+                "2",
+                "--pass-interval",
+                "50",
+            ])
+            .args(extra);
+        output_within(&mut process, Duration::from_secs(60)).expect("ferry verify")
+    };
+    let graced = verify(&[]);
+    let json: serde_json::Value = serde_json::from_slice(&graced.stdout).expect("one JSON object");
+    assert_eq!(graced.status.code(), Some(0), "{json}");
+    assert_eq!(json["equal"], true, "{json}");
+    assert_eq!(json["dbs"][0]["expiring"], 1, "{json}");
+
+    let strict = verify(&["--expire-grace", "0s"]);
+    let json: serde_json::Value = serde_json::from_slice(&strict.stdout).expect("one JSON object");
+    assert_eq!(strict.status.code(), Some(1), "{json}");
+    assert_eq!(json["differences_total"], 2, "{json}");
+    assert_eq!(
+        (
+            json["dbs"][0]["ttl"].as_u64(),
+            json["dbs"][0]["extra"].as_u64()
+        ),
+        (Some(1), Some(1)),
+        "{json}"
+    );
+}
+
 #[tokio::test]
 async fn the_binary_reports_and_exits_by_outcome() {
     let source = RedisServer::start(&[]);
@@ -606,7 +781,7 @@ async fn the_binary_reports_and_exits_by_outcome() {
     assert_eq!(equal.status.code(), Some(0), "{stdout}");
     assert!(
         stdout.contains(
-            "| Db | Keys Checked | Missing | Extra | Type | TTL | Value | Passes | Time (ms) |"
+            "| Db | Keys Checked | Missing | Extra | Type | TTL | Value | Expiring | Passes | Time (ms) |"
         ),
         "{stdout}"
     );

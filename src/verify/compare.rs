@@ -1126,7 +1126,10 @@ mod tests {
         assert!(soon.detail.contains("list"), "{}", soon.detail);
         let late = extra(&KeyType::List, &head(Some(now + 400_000)), &config);
         assert_eq!(late.kind, DiffKind::Extra);
-        assert_eq!(extra(&KeyType::List, &head(None), &config).kind, DiffKind::Extra);
+        assert_eq!(
+            extra(&KeyType::List, &head(None), &config).kind,
+            DiffKind::Extra
+        );
         let no_grace = extra(&KeyType::List, &head(Some(now + 60_000)), &self::config(0));
         assert_eq!(no_grace.kind, DiffKind::Extra);
     }

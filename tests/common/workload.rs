@@ -10,7 +10,8 @@
 //!
 //! The comparison looks at what a replica must reproduce, key by key, in
 //! every db: `TYPE`, `DEBUG DIGEST-VALUE` (the value, whatever its
-//! encoding), whether the key has a TTL and when it expires (within a
+//! encoding), whether the key has a TTL and when it expires (the source's
+//! deadline plus ferry's default expire grace on the target, within a
 //! tolerance: ferry sends absolute expiry times, but a relative one may be
 //! re-based on the way), the stream state the digest does not see
 //! ([`stream_state`]), and the function libraries. Keys under ferry's
@@ -21,6 +22,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use ferry::apply::expire::DEFAULT_EXPIRE_GRACE;
 use ferry::record::INTERNAL_PREFIX;
 use ferry::redis::client::Client;
 use ferry::redis::command::Command;
@@ -818,6 +820,11 @@ pub async fn run_workload(mut client: Client) -> BTreeSet<String> {
 /// Largest difference between the expiry times of a key on two servers.
 pub const TTL_TOLERANCE_MS: i64 = 3_000;
 
+/// How much later a key expires on a target ferry wrote than on its source:
+/// the applier's default `expire-grace` (src/apply/expire.rs), which the
+/// tests' syncs run with.
+pub const EXPIRE_GRACE_MS: i64 = DEFAULT_EXPIRE_GRACE.as_millis() as i64;
+
 /// What one data key holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyState {
@@ -976,9 +983,14 @@ pub fn differences(want: &ServerState, got: &ServerState) -> Vec<String> {
                 "{name}: has a TTL (expires at {at}) but should not"
             )),
             (at, -1) => out.push(format!("{name}: has no TTL but should expire at {at}")),
-            (want_at, got_at) if (want_at - got_at).abs() > TTL_TOLERANCE_MS => out.push(format!(
-                "{name}: expires at {got_at} instead of {want_at} (ms since the epoch)"
-            )),
+            (want_at, got_at)
+                if (want_at.saturating_add(EXPIRE_GRACE_MS) - got_at).abs() > TTL_TOLERANCE_MS =>
+            {
+                out.push(format!(
+                    "{name}: expires at {got_at} instead of {want_at} plus the expire grace \
+                     {EXPIRE_GRACE_MS} (ms since the epoch)"
+                ))
+            }
             _ => {}
         }
         if got_key.stream != want_key.stream {
