@@ -1,34 +1,38 @@
 //! Expiry like a replica (`[apply] expire-grace`, src/apply/expire.rs),
 //! against real redis-server 7.0 processes.
 //!
-//! - [`redis_7_0_stream_deadlines_reach_the_target_later_by_the_grace`]: a
-//!   replica-side tap (ferry's own PSYNC client) records what a 7.0 master
-//!   propagates for every command that sets, keeps or drops a TTL (`SET`
-//!   with each option, `SETEX`, `PSETEX`, `GETEX`, `EXPIRE` and friends
-//!   with `NX`/`XX`/`GT`/`LT`, `PERSIST`, `RESTORE` with and without
-//!   `ABSTTL`, `COPY`, `RENAME`, `MULTI`/`EXEC`, a script, a function, past
-//!   and extreme deadlines); the entries go through
+//! - What 7.0 sends ([`redis_7_0_stream_deadlines_reach_the_target_later_by_the_grace`]):
+//!   for every command that sets, keeps or drops a TTL (`SET` with each
+//!   option, `SETEX`, `PSETEX`, `GETEX`, `EXPIRE` and friends with
+//!   `NX`/`XX`/`GT`/`LT`, `PERSIST`, `RESTORE` with and without `ABSTTL`,
+//!   `COPY`, `RENAME`, `MULTI`/`EXEC`, a script, a function, past and
+//!   extreme deadlines), a replica-side tap (ferry's own PSYNC client)
+//!   records what a 7.0 master propagates; the entries go through
 //!   [`ExpireGrace::rewrite`] into a second server, and every key's
 //!   `PEXPIRETIME` there must be the source's plus the grace, exactly. It
 //!   also checks that no relative time is ever on the stream, which is what
 //!   the rewrite rules assume.
-//! - [`a_refresh_near_the_deadline_survives_a_stopped_sync`]: the real
-//!   `ferry sync`, keys with a short TTL replicated, `ferry stop-sync`, on the
-//!   source an `EXPIRE` and a `PERSIST` shortly before the deadline, a wait
-//!   past it, `ferry restart-sync`: both keys are on the target with the
-//!   source's new TTL (plus the grace), and a third key that expired on the
-//!   source while stopped leaves the target by the source's `DEL`, though
-//!   its deadline there is minutes away.
-//! - [`a_full_sync_loads_deadlines_with_the_grace`]: keys with a TTL loaded
-//!   by the full sync carry the source's deadline plus the grace, and a key
+//! - A refresh near the deadline
+//!   ([`a_refresh_near_the_deadline_survives_a_stopped_sync`]): the real
+//!   `ferry sync` with keys of a short TTL replicated, `ferry stop-sync`, on
+//!   the source an `EXPIRE` and a `PERSIST` shortly before the deadline, a
+//!   wait past it, `ferry restart-sync`: both keys are on the target with
+//!   the source's new TTL (plus the grace), and a third key that expired on
+//!   the source while stopped leaves the target by the source's `DEL`,
+//!   though its deadline there is minutes away.
+//! - The full sync ([`a_full_sync_loads_deadlines_with_the_grace`]): keys
+//!   with a TTL carry the source's deadline plus the grace, and a key
 //!   already expired on the source (not yet reclaimed) is loaded too and
 //!   leaves by the source's `DEL`.
+//! - No grace ([`a_zero_grace_writes_the_sources_deadlines`]):
+//!   `expire-grace = "0s"` in the config file of `ferry sync` gives the
+//!   source's deadlines.
 //!
-//! The two `ferry sync` tests run with the default grace, 5 minutes
+//! The first two `ferry sync` tests run with the default grace, 5 minutes
 //! ([`DEFAULT_GRACE_MS`]); on a build without the grace they fail (the
 //! target drops the refreshed key, and loads the source's deadlines).
 //!
-//! Run: `cargo test --test expire -- --test-threads 2` (about 30 s).
+//! Run: `cargo test --test expire -- --test-threads 2` (about 15 s).
 
 mod common;
 
@@ -680,4 +684,46 @@ async fn a_full_sync_loads_deadlines_with_the_grace() {
         &target_server.url(),
         || ferry.log_tail(30),
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zero_grace_writes_the_sources_deadlines() {
+    let source_server = RedisServer::start(&["--repl-diskless-sync-delay", "0"]);
+    let target_server = RedisServer::start(&[]);
+    let mut source = connect(&source_server).await;
+    let mut target = connect(&target_server).await;
+    let far = now_ms() + 3_600_000;
+    call(
+        &mut source,
+        &["SET", "loaded", "v", "PXAT", &far.to_string()],
+    )
+    .await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("sync.toml");
+    std::fs::write(&config, "[apply]\nexpire-grace = \"0s\"\n").expect("write config");
+    let ferry = FerryProcess::sync(
+        &dir.path().join("sync"),
+        &source_server.url(),
+        &target_server.url(),
+        &[
+            "--id",
+            "zero",
+            "--config",
+            config.to_str().expect("utf-8 path"),
+        ],
+    );
+    wait_for!(
+        "the full sync",
+        ferry,
+        call(&mut target, &["EXISTS", "loaded"]).await == Frame::Integer(1)
+    );
+    assert_eq!(expire_time(&mut target, "loaded").await, far);
+    call(&mut source, &["SET", "streamed", "v", "PX", "600000"]).await;
+    let at = expire_time(&mut source, "streamed").await;
+    wait_for!(
+        "the streamed key",
+        ferry,
+        call(&mut target, &["EXISTS", "streamed"]).await == Frame::Integer(1)
+    );
+    assert_eq!(expire_time(&mut target, "streamed").await, at);
 }

@@ -297,16 +297,16 @@ impl ExpireGrace {
                     args.truncate(3);
                 }
             }
-            b"RESTORE" | b"RESTORE-ASKING" => {
-                // A TTL of 0 means none.
-                if parse_redis_int(&args[2]).is_some_and(|ttl| ttl > 0) {
-                    let form = if Self::restore_abs_ttl(args) {
-                        TimeForm::AbsoluteMs
-                    } else {
-                        TimeForm::RelativeMs
-                    };
-                    self.rewrite_at(args, 2, form);
-                }
+            // A TTL of 0 means none.
+            b"RESTORE" | b"RESTORE-ASKING"
+                if parse_redis_int(&args[2]).is_some_and(|ttl| ttl > 0) =>
+            {
+                let form = if Self::restore_abs_ttl(args) {
+                    TimeForm::AbsoluteMs
+                } else {
+                    TimeForm::RelativeMs
+                };
+                self.rewrite_at(args, 2, form);
             }
             _ => {}
         }

@@ -86,6 +86,13 @@
 //! heartbeats, another ferry's checkpoints) are not applied but are covered
 //! by the checkpoint.
 //!
+//! # Expiry
+//!
+//! Every deadline written to the target, by the stream and by snapshot
+//! loads, is the source's plus `expire-grace` ([`expire`] has the rules and
+//! why): keys leave the target by the source's `DEL`, as on a replica, and
+//! the target's own expiry is only a late backstop.
+//!
 //! # Failures
 //!
 //! - A command the target refuses *inside* `EXEC` (a runtime error such as
