@@ -421,44 +421,223 @@ async fn refused_commands_are_counted_and_do_not_block() {
     assert_eq!(refused.log_id, LogId(5));
     assert_eq!(refused.command, "SET");
     assert!(refused.error.contains("out of range"), "{refused:?}");
+    assert_eq!(report.entries_skipped, 0);
     assert_eq!(target.cmd(&["GET", "c"]), "4");
     assert_eq!(target.cmd(&["GET", "k"]), "v");
     wal.close().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn queue_time_refusal_is_retried_and_shown_offline() {
-    let target = RedisServer::start(&[]);
-    let wal_dir = tempfile::tempdir().unwrap();
-    let wal = Wal::open(wal_config(wal_dir.path())).await.unwrap();
-    let records = [
+/// Waits until the applier is blocked on `log_id`; returns the report.
+async fn wait_blocked(applier: &Running, log_id: LogId) -> ferry::apply::ApplyReport {
+    let deadline = Instant::now() + APPLY_WAIT;
+    loop {
+        let report = applier.status.snapshot();
+        if report.blocked.as_ref().is_some_and(|b| b.log_id == log_id) {
+            return report;
+        }
+        assert!(!applier.task.is_finished(), "the applier ended: {report:?}");
+        assert!(
+            Instant::now() < deadline,
+            "not blocked on {log_id}: {report:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The records of the refusal tests: entries 3 and 5 are refused when
+/// queued (wrong arity); the others are `INCR c`, four of them.
+fn refusal_workload() -> Vec<Record> {
+    vec![
         single(0, &["INCR", "c"]),
         single(0, &["INCR", "c"]),
-        // Wrong arity: refused when queued, so the whole batch is discarded.
         single(0, &["SET", "only-a-key"]),
         single(0, &["INCR", "c"]),
-    ];
-    let last = append(&wal, &records[..2]).await;
-    let applier = start(apply_config(&target.url(), 10), &wal);
-    applier.wait_applied(last).await;
-    append(&wal, &records[2..]).await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let report = loop {
-        let report = applier.status.snapshot();
-        if report.state == SyncState::Offline {
-            break report;
-        }
-        assert!(Instant::now() < deadline, "never OFFLINE: {report:?}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        write(
+            2,
+            vec![cmd(&["INCR", "c2"]), cmd(&["LPUSH", "only-a-key"])],
+            true,
+        ),
+        single(0, &["INCR", "c"]),
+    ]
+}
+
+/// The `log_id=` of every record of a dead-letter file, in order.
+fn dead_letter_ids(path: &Path) -> Vec<u64> {
+    let text = String::from_utf8_lossy(&std::fs::read(path).unwrap()).into_owned();
+    text.split("ferry-dead-letter v1 log_id=")
+        .skip(1)
+        .map(|rest| rest.split(' ').next().unwrap().parse().unwrap())
+        .collect()
+}
+
+/// `on-refused = "stop"`: an entry the target refuses when queued holds
+/// the partition (state BLOCKED, its log id and error in the status), the
+/// entries before it are applied and those after it wait; only the
+/// blocking entry can be skipped, and a skipped entry is in the dead-letter
+/// file before the applier goes past it; a skipped transaction is skipped
+/// whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_entry_blocks_until_skipped_and_is_recorded() {
+    let target = RedisServer::start(&[]);
+    let wal_dir = tempfile::tempdir().unwrap();
+    let dead_dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(wal_config(wal_dir.path())).await.unwrap();
+    let records = refusal_workload();
+    let last = append(&wal, &records).await;
+    let cfg = ApplyConfig {
+        dead_letter_dir: Some(dead_dir.path().join("dead-letter")),
+        retry_backoff_max: "500ms".parse().unwrap(),
+        ..apply_config(&target.url(), 10)
     };
-    let error = report.last_error.clone().unwrap();
-    assert!(error.contains("EXECABORT"), "{error}");
-    assert!(error.contains("entry 3: SET refused"), "{error}");
-    // Retried, never skipped: entry 4 waits behind entry 3.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(applier.status.snapshot().applied, LogId(2));
+    let applier = start(cfg, &wal);
+    let report = wait_blocked(&applier, LogId(3)).await;
+    assert_eq!(report.state, SyncState::Blocked, "{report:?}");
+    let blocked = report.blocked.clone().unwrap();
+    assert_eq!(blocked.command, "SET");
+    assert!(
+        blocked.error.contains("wrong number of arguments"),
+        "{blocked:?}"
+    );
+    assert!(!blocked.transient);
+    // Entries before it are applied, the ones after it wait (tried again
+    // every retry-backoff-max, refused every time).
+    applier.wait_applied(LogId(2)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let report = applier.status.snapshot();
+    assert_eq!(report.applied, LogId(2), "{report:?}");
+    assert_eq!(report.state, SyncState::Blocked);
     assert_eq!(target.cmd(&["GET", "c"]), "2");
-    applier.stop().await;
+
+    let file = dead_dir.path().join("dead-letter/test-drainer-0.resp");
+    assert_eq!(
+        applier
+            .status
+            .request_skip(LogId(4))
+            .unwrap_err()
+            .to_string(),
+        "partition 0 is blocked on entry 3, not 4: only the blocking entry can be skipped"
+    );
+    assert_eq!(
+        applier.status.request_skip(LogId(3)).unwrap(),
+        file.display().to_string()
+    );
+    let report = wait_blocked(&applier, LogId(5)).await;
+    let blocked = report.blocked.clone().unwrap();
+    assert_eq!(blocked.command, "LPUSH");
+    assert!(
+        blocked.error.contains("wrong number of arguments"),
+        "{blocked:?}"
+    );
+    applier.wait_applied(LogId(4)).await;
+    assert_eq!(target.cmd(&["GET", "c"]), "3");
+    assert_eq!(dead_letter_ids(&file), [3]);
+    applier.status.request_skip(LogId(5)).unwrap();
+    applier.wait_applied(last).await;
+    let status = applier.stop().await;
+    let report = status.snapshot();
+    assert_eq!(report.state, SyncState::Online, "{report:?}");
+    assert_eq!(report.blocked, None);
+    assert_eq!(
+        (report.entries_skipped, report.last_skipped),
+        (2, Some(LogId(5)))
+    );
+    assert_eq!(target.cmd(&["GET", "c"]), "4");
+    assert_eq!(target.cmd(&["-n", "2", "DBSIZE"]), "0");
+    assert_eq!(dead_letter_ids(&file), [3, 5]);
+    let text = String::from_utf8_lossy(&std::fs::read(&file).unwrap()).into_owned();
+    assert!(
+        text.contains("by=operator command=SET error=ERR wrong number of arguments"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "*2\r\n$6\r\nSELECT\r\n$1\r\n2\r\n*1\r\n$5\r\nMULTI\r\n*2\r\n$4\r\nINCR\r\n\
+             $2\r\nc2\r\n*2\r\n$5\r\nLPUSH\r\n$10\r\nonly-a-key\r\n*1\r\n$4\r\nEXEC\r\n"
+        ),
+        "{text:?}"
+    );
+    wal.close().await.unwrap();
+}
+
+/// `on-refused = "skip-and-record"`: refused entries are recorded and
+/// skipped without anyone asking, each exactly once; a crash after the
+/// record and before the checkpoint moved (simulated: the target's
+/// checkpoint and data put back to just before the skip) skips it again
+/// without recording it twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skip_and_record_goes_on_by_itself_and_records_each_entry_once() {
+    let target = RedisServer::start(&[]);
+    let wal_dir = tempfile::tempdir().unwrap();
+    let dead_dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(wal_config(wal_dir.path())).await.unwrap();
+    let last = append(&wal, &refusal_workload()).await;
+    let cfg = ApplyConfig {
+        dead_letter_dir: Some(dead_dir.path().to_path_buf()),
+        on_refused: ferry::apply::OnRefused::SkipAndRecord,
+        ..apply_config(&target.url(), 10)
+    };
+    let applier = start(cfg.clone(), &wal);
+    applier.wait_applied(last).await;
+    let report = applier.stop().await.snapshot();
+    assert_eq!(report.entries_skipped, 2, "{report:?}");
+    assert_eq!(report.blocked, None);
+    assert_eq!(target.cmd(&["GET", "c"]), "4");
+    let file = dead_dir.path().join("test-drainer-0.resp");
+    assert_eq!(dead_letter_ids(&file), [3, 5]);
+    let text = String::from_utf8_lossy(&std::fs::read(&file).unwrap()).into_owned();
+    assert!(text.contains("by=on-refused"), "{text}");
+
+    // As if the skip of entry 5 was recorded but its EXEC never ran.
+    target.cmd(&["SET", CHECKPOINT_KEY, "v1 applied=4 epoch=0"]);
+    target.cmd(&["SET", "c", "3"]);
+    let applier = start(cfg, &wal);
+    applier.wait_applied(last).await;
+    let deadline = Instant::now() + APPLY_WAIT;
+    while target.cmd(&["GET", CHECKPOINT_KEY]) != "v1 applied=6 epoch=0" {
+        assert!(Instant::now() < deadline, "not applied again");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let report = applier.stop().await.snapshot();
+    assert_eq!(report.entries_skipped, 1, "{report:?}");
+    assert_eq!(target.cmd(&["GET", "c"]), "4");
+    assert_eq!(dead_letter_ids(&file), [3, 5]);
+    wal.close().await.unwrap();
+}
+
+/// A refusal about the target's state (`OOM` under `noeviction`) is not
+/// the entry's fault: it blocks, shown as transient, and is retried even
+/// under `skip-and-record`, never skipped; once memory is back the entries
+/// apply, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oom_is_retried_never_skipped() {
+    let target = RedisServer::start(&["--maxmemory-policy", "noeviction"]);
+    let wal_dir = tempfile::tempdir().unwrap();
+    let dead_dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(wal_config(wal_dir.path())).await.unwrap();
+    let incr: Vec<Record> = (0..5).map(|_| single(0, &["INCR", "c"])).collect();
+    let cfg = ApplyConfig {
+        dead_letter_dir: Some(dead_dir.path().to_path_buf()),
+        on_refused: ferry::apply::OnRefused::SkipAndRecord,
+        ..apply_config(&target.url(), 10)
+    };
+    let last = append(&wal, &incr).await;
+    let applier = start(cfg, &wal);
+    applier.wait_applied(last).await;
+    target.cmd(&["CONFIG", "SET", "maxmemory", "1"]);
+    let last = append(&wal, &incr).await;
+    let report = wait_blocked(&applier, LogId(6)).await;
+    let blocked = report.blocked.clone().unwrap();
+    assert!(blocked.error.starts_with("OOM"), "{blocked:?}");
+    assert!(blocked.transient, "{blocked:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(applier.status.snapshot().applied, LogId(5));
+    assert_eq!(target.cmd(&["GET", "c"]), "5");
+    target.cmd(&["CONFIG", "SET", "maxmemory", "0"]);
+    applier.wait_applied(last).await;
+    let report = applier.stop().await.snapshot();
+    assert_eq!((report.entries_skipped, report.blocked), (0, None));
+    assert_eq!(target.cmd(&["GET", "c"]), "10");
+    assert!(!dead_dir.path().join("test-drainer-0.resp").exists());
     wal.close().await.unwrap();
 }
 
@@ -1527,5 +1706,123 @@ async fn a_late_batch_moving_the_checkpoint_is_caught_by_the_watch_guard() {
         "v1 applied=12 epoch=0"
     );
     applier.stop().await;
+    wal.close().await.unwrap();
+}
+
+/// The late `EXEC` the `WATCH` guard cannot catch (src/apply/mod.rs,
+/// "Exactly once"), made to happen: a proxy between the applier and the
+/// target holds back everything connection 1 sends from its second batch
+/// on (entries 11..=20: ten `INCR c` and their checkpoint). The applier
+/// times out on it (reply-timeout 2 s), drops it and opens connection 2,
+/// which commits entries 11..=20 itself. Only then does the proxy release
+/// connection 1's bytes to the target, followed by its FIN: a batch that
+/// arrives after the new session's first `EXEC`. Without a fence the
+/// target runs it (`c` gains ten more); with the applier killing its
+/// earlier connections (`CLIENT KILL ID`) before it reads the checkpoint,
+/// the target has closed that connection and discards the bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_exec_after_the_next_sessions_first_exec_is_discarded() {
+    let target = RedisServer::start(&[]);
+    let proxy = common::proxy::Proxy::start(&target.addr());
+    let wal_dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(wal_config(wal_dir.path())).await.unwrap();
+    let incr = |n: usize| -> Vec<Record> { (0..n).map(|_| single(0, &["INCR", "c"])).collect() };
+    let cfg = ApplyConfig {
+        reply_timeout: "2s".parse().unwrap(),
+        ..apply_config(&format!("redis://{}", proxy.addr()), 100)
+    };
+    let last = append(&wal, &incr(10)).await;
+    let applier = start(cfg, &wal);
+    applier.wait_applied(last).await;
+    assert_eq!(proxy.connections(), 1);
+
+    // Connection 1 is idle: what it sends next is held.
+    let held = proxy.hold_open_up();
+    assert_eq!(held, 1);
+    let last = append(&wal, &incr(10)).await;
+    assert_eq!(last, LogId(20));
+    // Connection 2 (or a later one) commits 11..=20 while 1 is held.
+    let deadline = Instant::now() + APPLY_WAIT;
+    loop {
+        if target.cmd(&["GET", CHECKPOINT_KEY]) == "v1 applied=20 epoch=0" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "entries 11..=20 not applied: {:?}",
+            applier.status.snapshot()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(proxy.connections() >= 2);
+    assert_eq!(target.cmd(&["GET", "c"]), "20");
+    let report = applier.status.snapshot();
+    assert!(
+        report
+            .last_error
+            .as_deref()
+            .is_some_and(|error| error.contains("did not answer within")),
+        "connection 1 was not given up on: {report:?}"
+    );
+
+    // Connection 1's batch reaches the target now, after connection 2's
+    // first EXEC; wait until the target is done with connection 1.
+    proxy.release_held();
+    let deadline = Instant::now() + APPLY_WAIT;
+    while proxy.is_open(1) {
+        assert!(
+            Instant::now() < deadline,
+            "connection 1 never ended after its release"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        target.cmd(&["GET", "c"]),
+        "20",
+        "the abandoned connection's late batch ran after the new session's first EXEC"
+    );
+    // And it goes on from there, exactly once.
+    let last = append(&wal, &incr(10)).await;
+    applier.wait_applied(last).await;
+    assert_eq!(target.cmd(&["GET", "c"]), "30");
+    assert_eq!(
+        target.cmd(&["GET", CHECKPOINT_KEY]),
+        "v1 applied=30 epoch=0"
+    );
+    let report = applier.stop().await.snapshot();
+    assert_eq!(report.fence.as_deref(), Some("client-kill"), "{report:?}");
+    wal.close().await.unwrap();
+}
+
+/// A target user without `CLIENT LIST`/`KILL` (`-@admin`): the applier
+/// still applies, guarded by `WATCH` alone, and its status says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_client_permissions_the_fence_falls_back_to_watch() {
+    let target = RedisServer::start(&[]);
+    target.cmd(&[
+        "ACL",
+        "SETUSER",
+        "applier",
+        "on",
+        ">secret-pw",
+        "~*",
+        "&*",
+        "+@all",
+        "-@admin",
+    ]);
+    let wal_dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(wal_config(wal_dir.path())).await.unwrap();
+    let records: Vec<Record> = (0..5).map(|_| single(0, &["INCR", "c"])).collect();
+    let last = append(&wal, &records).await;
+    let url = format!("redis://applier:secret-pw@127.0.0.1:{}", target.port);
+    let applier = start(apply_config(&url, 2), &wal);
+    applier.wait_applied(last).await;
+    let report = applier.stop().await.snapshot();
+    let fence = report.fence.unwrap_or_default();
+    assert!(
+        fence.starts_with("watch-only: CLIENT refused: NOPERM"),
+        "{fence}"
+    );
+    assert_eq!(target.cmd(&["GET", "c"]), "5");
     wal.close().await.unwrap();
 }

@@ -24,12 +24,19 @@
 //! owned, or that places a command in a db the target does not have, is
 //! refused whole without being sent: a failed `SELECT` inside `EXEC` would
 //! let the commands after it run in the wrong db.
+//!
+//! The entry the applier is held at ([`Hold`]: the target refused it when
+//! queued) never shares a batch: batches end before it, and it goes alone,
+//! or, when it is to be skipped, a batch of only the checkpoint `SET`
+//! naming it stands in for it ([`Batch::skip`], which keeps the commands
+//! the applier would have sent, for the dead-letter file).
 
 use std::collections::VecDeque;
 
 use bytes::Bytes;
 
 use super::checkpoint::Checkpoint;
+use super::dead_letter::SkippedBy;
 use super::expire::ExpireGrace;
 use super::keyspace::{OwnedKeyspace, Placed};
 use super::status::RefusedCommand;
@@ -67,11 +74,57 @@ pub(crate) struct Batch {
     pub slots: Vec<Slot>,
     /// Commands refused without being sent (db out of range).
     pub refused_unsent: Vec<RefusedCommand>,
+    /// The entry this batch skips (its only entry; `commands` is then just
+    /// the checkpoint `SET`).
+    pub skip: Option<Skip>,
     /// Commands left out: all their keys are internal, or they run in a db
     /// this sync does not own.
     pub skipped: u64,
     /// The checkpoint this batch writes.
     pub checkpoint: Checkpoint,
+}
+
+/// An entry skipped instead of applied: what the dead-letter file records.
+#[derive(Debug, Clone)]
+pub(crate) struct Skip {
+    pub log_id: LogId,
+    /// The db the source ran it in.
+    pub db: u32,
+    /// The commands the applier would have sent, each in its target db.
+    pub commands: Vec<(u32, Command)>,
+    pub transaction: bool,
+    pub by: SkippedBy,
+    pub refused: RefusedCommand,
+}
+
+/// The entry the applier is held at: the target refused it when queued.
+#[derive(Debug, Clone)]
+pub(crate) struct Hold {
+    pub log_id: LogId,
+    /// Skip it (and who decided), or send it alone again.
+    pub skip: Option<SkippedBy>,
+    /// Why it is held.
+    pub refused: RefusedCommand,
+}
+
+/// Whether a refusal is about the target's state rather than the command:
+/// those may clear by themselves (memory freed, a replica promoted, a load
+/// finished), so the entry is retried, never skipped by itself.
+pub(crate) fn refusal_is_transient(error: &str) -> bool {
+    const TRANSIENT: [&str; 10] = [
+        "OOM",
+        "READONLY",
+        "LOADING",
+        "BUSY",
+        "MASTERDOWN",
+        "NOREPLICAS",
+        "MISCONF",
+        "TRYAGAIN",
+        "CLUSTERDOWN",
+        "NOTREADY",
+    ];
+    let code = error.split(' ').next().unwrap_or("");
+    TRANSIENT.contains(&code)
 }
 
 /// Limits and fixed parts of every batch.
@@ -112,9 +165,15 @@ fn select(db: u32) -> Command {
 
 impl BatchBuilder {
     /// Takes records from the front of `pending` into a batch, up to the
-    /// limits, stopping before a snapshot marker. `None` when the front is a
+    /// limits, stopping before a snapshot marker and before the entry held
+    /// by `hold` (which goes alone, or skipped). `None` when the front is a
     /// snapshot marker or `pending` is empty.
-    pub fn build(&self, pending: &mut VecDeque<Pending>, epoch: u64) -> Option<Batch> {
+    pub fn build(
+        &self,
+        pending: &mut VecDeque<Pending>,
+        epoch: u64,
+        hold: Option<&Hold>,
+    ) -> Option<Batch> {
         let mut batch: Option<Batch> = None;
         let mut db = 0u32;
         let mut bytes = 0usize;
@@ -124,6 +183,10 @@ impl BatchBuilder {
                 || entries >= self.max_entries
                 || (entries > 0 && bytes + front.size > self.max_bytes)
             {
+                break;
+            }
+            let held = hold.filter(|hold| hold.log_id == front.log_id);
+            if held.is_some() && entries > 0 {
                 break;
             }
             // Taken by value: its commands move into the batch uncloned.
@@ -141,6 +204,7 @@ impl BatchBuilder {
                 commands: Vec::new(),
                 slots: Vec::new(),
                 refused_unsent: Vec::new(),
+                skip: None,
                 skipped: 0,
                 checkpoint: Checkpoint::Applied { log_id, epoch },
             });
@@ -183,6 +247,21 @@ impl BatchBuilder {
                         });
                     }
                 }
+                Ok(translated) if held.is_some_and(|hold| hold.skip.is_some()) => {
+                    let Some(hold) = held else { break };
+                    batch.skip = Some(Skip {
+                        log_id,
+                        db: write.db,
+                        commands: translated
+                            .commands
+                            .into_iter()
+                            .map(|placed| (placed.db, self.expire_grace.rewrite(placed.cmd)))
+                            .collect(),
+                        transaction: write.transaction,
+                        by: hold.skip.unwrap_or(SkippedBy::Operator),
+                        refused: hold.refused.clone(),
+                    });
+                }
                 Ok(translated) => {
                     batch.skipped += translated.filtered;
                     for placed in translated.commands {
@@ -195,6 +274,9 @@ impl BatchBuilder {
                         batch.slots.push(Slot::Data { log_id });
                     }
                 }
+            }
+            if held.is_some() {
+                break;
             }
         }
         let mut batch = batch?;
@@ -239,8 +321,14 @@ pub(crate) enum BatchOutcome {
         applied: u64,
         refused: Vec<RefusedCommand>,
     },
-    /// Nothing ran (a queue-time error, `EXECABORT`): retry the batch.
-    Aborted { error: String },
+    /// Nothing ran (a queue-time error, `EXECABORT`). `refused` is the
+    /// first data command the target refused when queued, which names the
+    /// entry that made it abort (none when the refusal was of the
+    /// applier's own commands, or no queued reply explains it).
+    Aborted {
+        error: String,
+        refused: Option<RefusedCommand>,
+    },
 }
 
 /// What cannot be explained by the target refusing data.
@@ -300,23 +388,29 @@ impl Batch {
             // Not in a transaction: what followed ran, or failed, one by one.
             return Ok(BatchOutcome::Aborted {
                 error: format!("MULTI refused: {error}"),
+                refused: None,
             });
         }
         // The first queue-time refusal explains an EXECABORT.
-        let queue_error =
-            queued
-                .iter()
-                .zip(&self.commands)
-                .zip(&self.slots)
-                .find_map(|((reply, cmd), slot)| {
-                    let error = reply.error_message()?;
-                    Some(match slot {
-                        Slot::Data { log_id } => {
-                            format!("entry {log_id}: {} refused: {error}", command_name(cmd))
-                        }
-                        Slot::Internal => format!("{} refused: {error}", command_name(cmd)),
-                    })
-                });
+        let first_refusal = queued
+            .iter()
+            .zip(&self.commands)
+            .zip(&self.slots)
+            .find_map(|((reply, cmd), slot)| Some((reply.error_message()?, cmd, slot)));
+        let queue_error = first_refusal.as_ref().map(|(error, cmd, slot)| match slot {
+            Slot::Data { log_id } => {
+                format!("entry {log_id}: {} refused: {error}", command_name(cmd))
+            }
+            Slot::Internal => format!("{} refused: {error}", command_name(cmd)),
+        });
+        let refused = first_refusal.and_then(|(error, cmd, slot)| match slot {
+            Slot::Data { log_id } => Some(RefusedCommand {
+                log_id: *log_id,
+                command: command_name(cmd),
+                error,
+            }),
+            Slot::Internal => None,
+        });
         let results = match exec {
             Frame::Array(results) => results,
             Frame::Error(_) | Frame::BulkError(_) => {
@@ -325,7 +419,7 @@ impl Batch {
                     Some(queue_error) => format!("{exec_error} ({queue_error})"),
                     None => exec_error,
                 };
-                return Ok(BatchOutcome::Aborted { error });
+                return Ok(BatchOutcome::Aborted { error, refused });
             }
             // A null (the watched checkpoint changed) is handled before
             // this by the applier; anything else here is unexpected.
@@ -424,7 +518,7 @@ mod tests {
             write(8, 4, &[&["DEL", "l"]], false),
         ]
         .into();
-        let batch = builder(10).build(&mut pending, 2).unwrap();
+        let batch = builder(10).build(&mut pending, 2, None).unwrap();
         assert!(pending.is_empty());
         assert_eq!((batch.first, batch.last), (LogId(5), LogId(8)));
         assert_eq!(
@@ -467,11 +561,11 @@ mod tests {
             write(4, 0, &[&["SET", "c", "1"]], false),
         ]
         .into();
-        let one = builder(1).build(&mut pending, 0).unwrap();
+        let one = builder(1).build(&mut pending, 0, None).unwrap();
         assert_eq!((one.first, one.last), (LogId(1), LogId(1)));
-        let two = builder(10).build(&mut pending, 0).unwrap();
+        let two = builder(10).build(&mut pending, 0, None).unwrap();
         assert_eq!((two.first, two.last), (LogId(2), LogId(2)));
-        assert!(builder(10).build(&mut pending, 0).is_none());
+        assert!(builder(10).build(&mut pending, 0, None).is_none());
         assert_eq!(pending.len(), 2);
     }
 
@@ -483,7 +577,7 @@ mod tests {
             write(3, 2, &[&["SET", "c", "1"]], false),
         ]
         .into();
-        let batch = builder(10).build(&mut pending, 0).unwrap();
+        let batch = builder(10).build(&mut pending, 0, None).unwrap();
         assert_eq!(batch.refused_unsent.len(), 3);
         assert_eq!(batch.refused_unsent[0].command, "SET");
         assert!(batch.refused_unsent[0]
@@ -508,13 +602,89 @@ mod tests {
     }
 
     #[test]
+    fn a_held_entry_goes_alone_or_is_skipped() {
+        let mut pending: VecDeque<Pending> = (1..=5)
+            .map(|id| write(id, 0, &[&["INCR", "c"]], false))
+            .collect();
+        let refused = RefusedCommand {
+            log_id: LogId(3),
+            command: "INCR".into(),
+            error: "OOM command not allowed".into(),
+        };
+        let mut hold = Hold {
+            log_id: LogId(3),
+            skip: None,
+            refused,
+        };
+        let build = |pending: &mut VecDeque<Pending>, hold: &Hold| {
+            builder(10).build(pending, 0, Some(hold)).expect("a batch")
+        };
+        let before = build(&mut pending, &hold);
+        assert_eq!((before.first, before.last), (LogId(1), LogId(2)));
+        let alone = build(&mut pending, &hold);
+        assert_eq!((alone.first, alone.last), (LogId(3), LogId(3)));
+        assert_eq!(shown(&alone)[0], "INCR c");
+        assert!(alone.skip.is_none());
+        let after = build(&mut pending, &hold);
+        assert_eq!((after.first, after.last), (LogId(4), LogId(5)));
+        // Skipped: a transaction of its own holding only the checkpoint,
+        // and the commands as they would have been sent, each in its db.
+        let mut pending: VecDeque<Pending> = [
+            write(
+                3,
+                5,
+                &[&["INCR", "c"], &["SELECT", "6"], &["DEL", "d"]],
+                true,
+            ),
+            write(4, 0, &[&["INCR", "c"]], false),
+        ]
+        .into();
+        hold.skip = Some(SkippedBy::OnRefused);
+        let skip = build(&mut pending, &hold);
+        assert_eq!(
+            shown(&skip),
+            ["SET __ferry:checkpoint:d:0 v1 applied=3 epoch=0"]
+        );
+        let skipped = skip.skip.expect("skip");
+        assert!(skipped.transaction && skipped.db == 5);
+        let placed: Vec<(u32, String)> = skipped
+            .commands
+            .iter()
+            .map(|(db, cmd)| (*db, command_name(cmd)))
+            .collect();
+        assert_eq!(placed, [(5, "INCR".to_string()), (6, "DEL".to_string())]);
+        assert_eq!(skipped.by, SkippedBy::OnRefused);
+        assert_eq!(pending.len(), 1);
+    }
+
+    #[test]
+    fn transient_refusals_are_the_targets_state() {
+        for error in [
+            "OOM command not allowed when used memory > 'maxmemory'.",
+            "READONLY You can't write against a read only replica.",
+            "LOADING Redis is loading the dataset in memory",
+            "MISCONF Redis is configured to save RDB snapshots",
+        ] {
+            assert!(refusal_is_transient(error), "{error}");
+        }
+        for error in [
+            "ERR unknown command 'LPUSH', with args beginning with: ",
+            "ERR wrong number of arguments for 'set' command",
+            "NOPERM this user has no permissions to run the 'flushall' command",
+            "OOMPH",
+        ] {
+            assert!(!refusal_is_transient(error), "{error}");
+        }
+    }
+
+    #[test]
     fn reads_commits_refusals_and_aborts() {
         let mut pending: VecDeque<Pending> = [
             write(1, 1, &[&["SET", "k", "v"]], false),
             write(2, 1, &[&["LPUSH", "k", "x"]], false),
         ]
         .into();
-        let batch = builder(10).build(&mut pending, 0).unwrap();
+        let batch = builder(10).build(&mut pending, 0, None).unwrap();
         assert_eq!(batch.reply_count(), 7);
         let ok = || Frame::Simple(Bytes::from_static(b"OK"));
         let queued = || Frame::Simple(Bytes::from_static(b"QUEUED"));
@@ -539,9 +709,15 @@ mod tests {
         replies[3] = Frame::Error(Bytes::from_static(b"ERR wrong number of arguments"));
         replies[6] = Frame::Error(Bytes::from_static(b"EXECABORT Transaction discarded"));
         match batch.outcome(&replies).unwrap() {
-            BatchOutcome::Aborted { error } => {
+            BatchOutcome::Aborted { error, refused } => {
                 assert!(error.starts_with("EXECABORT"), "{error}");
                 assert!(error.contains("entry 2: LPUSH refused"), "{error}");
+                let refused = refused.expect("the refused entry");
+                assert_eq!(
+                    (refused.log_id, refused.command.as_str()),
+                    (LogId(2), "LPUSH")
+                );
+                assert!(refused.error.starts_with("ERR wrong number"), "{refused:?}");
             }
             other => panic!("{other:?}"),
         }

@@ -5,6 +5,7 @@
 //! fields rejected). Out: a checked config from [`ApplyConfig::validate`],
 //! whose error names the offending field.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -116,10 +117,39 @@ pub struct ApplyConfig {
     /// `ferry verify` lists them); `"flush"` deletes the owned dbs' keys
     /// first. Default: `"refuse"`.
     pub existing_data: ExistingData,
+    /// `"stop"` or `"skip-and-record"`: what to do with an entry the target
+    /// refuses when it is queued ([`OnRefused`]). Default: `"stop"`.
+    pub on_refused: OnRefused,
+    /// Where skipped entries are recorded, one file per drainer and
+    /// partition: `<dir>/<drainer-id>-<partition>.resp`, replayable with
+    /// `redis-cli --pipe` (format in `src/apply/dead_letter.rs`). Default:
+    /// `<data-dir>/dead-letter`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dead_letter_dir: Option<PathBuf>,
     /// The keyspace this sync owns: set from the node config's `[filter]`
     /// section, not from `[apply]`.
     #[serde(skip)]
     pub filter: FilterConfig,
+}
+
+/// What the applier does with an entry the target refuses when it is
+/// queued (an unknown command, wrong arguments, `NOPERM`): its `MULTI` is
+/// discarded (`EXECABORT`), so it and everything after it would wait
+/// forever. Refusals about the target's state (`OOM`, `READONLY`,
+/// `LOADING`, `BUSY`, `MASTERDOWN`, `MISCONF`, ...) may clear by
+/// themselves: they are retried with backoff under both, never skipped by
+/// themselves.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnRefused {
+    /// Stop applying the partition at that entry (state BLOCKED, the entry
+    /// and the error in `ferry status`); it is tried again every
+    /// `retry-backoff-max` (so fixing the target unblocks it) until `ferry
+    /// skip` skips it.
+    #[default]
+    Stop,
+    /// Record the entry in the dead-letter file and go on after it.
+    SkipAndRecord,
 }
 
 /// `existing-data`: see [`ApplyConfig::existing_data`].
@@ -175,6 +205,8 @@ impl Default for ApplyConfig {
             load_window: 8192,
             restore_max_bytes: ByteSize::mib(1),
             existing_data: ExistingData::Refuse,
+            on_refused: OnRefused::Stop,
+            dead_letter_dir: None,
             filter: FilterConfig::default(),
             expire_grace: HumanDuration(super::expire::DEFAULT_EXPIRE_GRACE),
         }
@@ -301,6 +333,19 @@ impl ApplyConfig {
         if self.load_window == 0 || self.load_window > 1_000_000 {
             return Err(bad("load-window", "must be 1 to 1000000"));
         }
+        if self
+            .dead_letter_dir
+            .as_ref()
+            .is_some_and(|dir| dir.as_os_str().is_empty())
+        {
+            return Err(bad("dead-letter-dir", "must not be empty"));
+        }
+        if self.on_refused == OnRefused::SkipAndRecord && self.dead_letter_dir.is_none() {
+            return Err(bad(
+                "on-refused",
+                "\"skip-and-record\" needs a dead-letter-dir to record what it skips",
+            ));
+        }
         if self.restore_max_bytes.0 > 512 << 20 {
             return Err(bad(
                 "restore-max-bytes",
@@ -372,5 +417,16 @@ mod tests {
         assert_eq!(named.downstream_id().unwrap().as_str(), "apply:blue");
         let bad_unit = parse(r#"{"reply-timeout": "10"}"#).unwrap_err();
         assert!(bad_unit.contains("unknown unit"), "{bad_unit}");
+        let skip = parse(r#"{"on-refused": "skip-and-record", "dead-letter-dir": "/x"}"#).unwrap();
+        assert_eq!(skip.on_refused, OnRefused::SkipAndRecord);
+        let unknown = parse(r#"{"on-refused": "ignore"}"#).unwrap_err();
+        assert!(unknown.contains("unknown variant"), "{unknown}");
+        let no_dir = parse(r#"{"on-refused": "skip-and-record"}"#).unwrap_err();
+        assert!(no_dir.starts_with("invalid apply.on-refused:"), "{no_dir}");
+        let empty = parse(r#"{"dead-letter-dir": ""}"#).unwrap_err();
+        assert!(
+            empty.starts_with("invalid apply.dead-letter-dir:"),
+            "{empty}"
+        );
     }
 }

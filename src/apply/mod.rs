@@ -53,21 +53,50 @@
 //! the applier logs a warning and re-applies from the target's checkpoint,
 //! which is what the target needs.
 //!
-//! A connection the applier gave up on (reply timeout, a stalled target)
-//! may still have a whole `EXEC` queued at the target, which the target runs
-//! once it gets to it, possibly after the next connection read the
-//! checkpoint. So every connection `WATCH`es the checkpoint key before it
-//! reads it, and every batch is `WATCH checkpoint; MULTI …; EXEC`: if such a
-//! late batch moved the checkpoint, the next `EXEC` is refused (a null
-//! reply), the session ends ([`ApplyError::CheckpointMoved`]) and the next
-//! one resumes after the checkpoint the late batch wrote. What this does not
-//! cover is a late batch that commits *after* this connection's first
-//! `EXEC`: its bytes all reached the target before this connection was
-//! opened, and the target reads every readable connection a slice per event
-//! loop turn, so it finishes reading the late batch (at most
-//! `batch-max-bytes`) while this connection is still in its handshake and
-//! first batch of the same size bound; a test that stalls the target
-//! (SIGSTOP) mid-`EXEC` never produced a double apply (tests/crash.rs).
+//! A connection the applier gave up on (a reply timeout, a stalled target,
+//! a slow network) may still have a whole batch on its way to the target
+//! or unread in the target's query buffer, which the target would run once
+//! it gets to it, possibly after the next connection read the checkpoint.
+//! Two guards keep such a late batch out:
+//!
+//! - **The fence** ([`fence`]). Every connection names itself `CLIENT
+//!   SETNAME ferry-apply:<drainer-id>:<partition>` before it sends any
+//!   batch, and a new session, before it reads the checkpoint, lists the
+//!   target's clients and `CLIENT KILL ID`s every other one with that name.
+//!   What a killed connection had sent can never run afterwards (Redis 7.0
+//!   `src/networking.c`): `CLIENT KILL` calls `freeClient` at once (the
+//!   connection is not the caller), which frees the query buffer with
+//!   whatever it still holds unparsed, frees the `MULTI` state with the
+//!   commands queued so far (`freeClientMultiState`), and `unlinkClient`
+//!   removes it from the client list and from the io-threads'
+//!   pending-read list (so a read already done by an I/O thread is not
+//!   processed either) and closes the socket (`connClose`): bytes still in
+//!   flight then meet a closed socket (the kernel answers with a reset).
+//!   Only a client marked `CLIENT_PROTECTED` (one whose script runs long,
+//!   while the target answers everyone else `-BUSY`, so the kill itself
+//!   waits) is freed asynchronously instead, and `processInputBuffer` runs
+//!   nothing more for a client marked `CLIENT_CLOSE_ASAP`. Commands are run by the one main thread,
+//!   so no command of the killed connection is half-way through meanwhile;
+//!   an `EXEC` of it that ran before the kill is visible to the checkpoint
+//!   read that follows. A connection only sends a batch after its
+//!   `SETNAME` was answered, so any connection with a batch in flight is
+//!   named at the target when the next session lists the clients.
+//! - **`WATCH`**. Every connection `WATCH`es the checkpoint key before it
+//!   reads it, and every batch is `WATCH checkpoint; MULTI …; EXEC`: if a
+//!   late batch moved the checkpoint, the next `EXEC` is refused (a null
+//!   reply), the session ends ([`ApplyError::CheckpointMoved`]) and the
+//!   next one resumes after the checkpoint the late batch wrote. This alone
+//!   does not cover a late batch that commits *after* this connection's
+//!   first `EXEC`.
+//!
+//! A target user that may not run `CLIENT SETNAME`/`LIST`/`KILL` (ACL
+//! without `@admin`, a renamed command) gets the session anyway, guarded
+//! by `WATCH` alone: a warning is logged and `ferry status` shows the
+//! fence as `watch-only: <why>` instead of `client-kill`. Refusing to run
+//! would stop every managed Redis that forbids `CLIENT KILL`; the window
+//! left open needs a batch held back longer than `reply-timeout` and then
+//! delivered (tests/apply.rs drives it through a proxy). Grant the user
+//! `+client` to close it.
 //!
 //! # Batches and pipelining
 //!
@@ -98,15 +127,49 @@
 //! - A command the target refuses *inside* `EXEC` (a runtime error such as
 //!   `WRONGTYPE`) is not retried: the source refused or would refuse the
 //!   same. It is counted, logged with its log id and name, and shown in the
-//!   status. A record naming a db the target does not have is refused the
-//!   same way, without being sent.
-//! - `EXECABORT`, a refused `MULTI`, a connection error, a reply timeout:
-//!   the connection is dropped (which discards a queued `MULTI`), the status
-//!   goes OFFLINE with the error, and after a capped exponential backoff the
-//!   applier reconnects, re-reads the checkpoint and resends from there.
+//!   status. A record the applier refuses itself, without sending it (it
+//!   names a db the target does not have, or would touch what this sync
+//!   does not own: [`keyspace`]), is counted and shown the same way.
+//! - `EXECABORT` explained by a data command refused when queued: see
+//!   "Refused entries".
+//! - `EXECABORT` otherwise (the applier's own checkpoint `SET` refused,
+//!   `OOM` on a batch of only deletions), a refused `MULTI`, a connection
+//!   error, a reply timeout: the connection is dropped (which discards a
+//!   queued `MULTI`), the status goes OFFLINE with the error, and after a
+//!   capped exponential backoff the applier reconnects, re-reads the
+//!   checkpoint and resends from there.
 //! - A corrupt entry or snapshot in the WAL, or the applier's own `SELECT` or
 //!   checkpoint `SET` refused inside `EXEC`, ends [`run`] with an error: no
 //!   retry can fix them.
+//!
+//! # Refused entries
+//!
+//! When the target refuses a data command *when it is queued* (`ERR
+//! unknown command` on an older target, wrong arguments, `NOPERM`, `OOM`,
+//! `READONLY`, ...) its `EXEC` returns `EXECABORT` and nothing of the batch
+//! ran. The reply to each queued command names the refused one, so its
+//! entry is known ([`ApplyError::Refused`]). The applier then holds at
+//! that entry: the status says BLOCKED with its log
+//! id, command and error ([`BlockedEntry`]), batches end before it (so the
+//! entries before it are applied) and it is sent alone. What happens next
+//! depends on the refusal and on `on-refused` ([`OnRefused`]):
+//!
+//! | refusal | `stop` (default) | `skip-and-record` |
+//! |---|---|---|
+//! | about the entry (`ERR`, `NOPERM`) | tried again every `retry-backoff-max` until it applies (the target was fixed) or `ferry skip` skips it | skipped and recorded at once |
+//! | about the target's state (`OOM`, `READONLY`, `LOADING`, `BUSY`, `MASTERDOWN`, `MISCONF`, ...; `transient` in the status) | retried with backoff until it clears, or `ferry skip` | the same: never skipped by itself (it would skip everything while it lasts) |
+//!
+//! `ferry skip --partition P --log-id N` ([`ApplyStatus::request_skip`])
+//! is taken only for the entry the partition is blocked on, and wakes the
+//! applier out of its wait. A skipped entry is appended to the dead-letter
+//! file and fsync'd ([`dead_letter`]: `<data-dir>/dead-letter/<drainer-id>-
+//! <partition>.resp`, replayable with `redis-cli --pipe`) *before* the
+//! batch that moves the checkpoint past it is sent; that batch is a normal
+//! `WATCH`/`MULTI`/`EXEC` of only the checkpoint `SET`, so the entry is
+//! skipped exactly once, and a crash between the record and the `EXEC`
+//! skips it again without recording it twice. Nothing is skipped without a
+//! record: with no dead-letter dir, `skip-and-record` is a config error and
+//! `ferry skip` is refused.
 //!
 //! # Snapshots
 //!
@@ -130,7 +193,9 @@
 mod batch;
 pub mod checkpoint;
 pub mod config;
+pub mod dead_letter;
 pub mod expire;
+mod fence;
 pub mod keyspace;
 mod reader;
 mod snapshot;
@@ -158,15 +223,20 @@ use crate::redis::rdb_stream::RdbStreamError;
 use crate::redis::resp::Frame;
 use crate::wal::{DownstreamId, ReadLimits, SnapshotPhase, Wal, WalError};
 
-use batch::{Batch, BatchBuilder, BatchOutcome, Pending};
+use batch::{Batch, BatchBuilder, BatchOutcome, Hold, Pending};
 use checkpoint::{checkpoint_key, Checkpoint, CheckpointError};
+use dead_letter::{DeadEntry, DeadLetter, DeadLetterError, SkippedBy};
+use fence::Fence;
 use reader::{spawn_reader, ReadResult};
 use target::Target;
 
 pub use batch::ReplyError;
-pub use config::{ApplyConfig, ApplyConfigError, ExistingData};
+pub use config::{ApplyConfig, ApplyConfigError, ExistingData, OnRefused};
 pub use keyspace::{FilterConfig, OwnedKeyspace};
-pub use status::{ApplyReport, ApplyStatus, RefusedCommand, SnapshotLoadProgress, SyncState};
+pub use status::{
+    ApplyReport, ApplyStatus, BlockedEntry, RefusedCommand, SkipRefused, SnapshotLoadProgress,
+    SyncState,
+};
 
 /// Errors at the applier boundary. [`ApplyError::is_fatal`] tells which end
 /// [`run`]; the others are retried with backoff.
@@ -255,6 +325,18 @@ pub enum ApplyError {
          earlier connection's batch ran late); reading the checkpoint again"
     )]
     CheckpointMoved { first: LogId, last: LogId },
+    /// The target refused a command of entry `refused.log_id` when it was
+    /// queued: its batch did not run. The applier holds at that entry (module doc,
+    /// "Refused entries").
+    #[error("entry {} refused by the target: {}: {}", refused.log_id, refused.command, refused.error)]
+    Refused {
+        refused: RefusedCommand,
+        /// About the target's state ([`batch::refusal_is_transient`]).
+        transient: bool,
+    },
+    /// A skipped entry could not be recorded, so it is not skipped.
+    #[error(transparent)]
+    DeadLetter(#[from] DeadLetterError),
 }
 
 impl ApplyError {
@@ -276,6 +358,8 @@ impl ApplyError {
             | ApplyError::Checkpoint(_)
             | ApplyError::Aborted { .. }
             | ApplyError::CheckpointMoved { .. }
+            | ApplyError::Refused { .. }
+            | ApplyError::DeadLetter(_)
             | ApplyError::Snapshot { .. } => false,
         }
     }
@@ -317,10 +401,22 @@ pub async fn run(
             applied_rx,
             loaded_rx,
         ));
+        let dead_letter = cfg
+            .dead_letter_dir
+            .as_ref()
+            .map(|dir| DeadLetter::new(dead_letter::file_path(dir, &cfg.drainer_id, partition)));
+        status.set_dead_letter_file(
+            dead_letter
+                .as_ref()
+                .map(|file| file.path().display().to_string()),
+        );
         let mut applier = Applier {
             loaded_tx,
             url: cfg.target_url()?,
             key: Bytes::from(checkpoint_key(&cfg.drainer_id, partition)),
+            client_name: fence::client_name(&cfg.drainer_id, partition),
+            dead_letter,
+            fence_warned: None,
             partition,
             wal,
             status,
@@ -544,6 +640,12 @@ pub(crate) struct Applier {
     partition: PartitionId,
     /// The checkpoint key.
     key: Bytes,
+    /// The name every connection of this applier gives itself ([`fence`]).
+    client_name: String,
+    /// Where skipped entries are recorded; `None`: nothing can be skipped.
+    dead_letter: Option<DeadLetter>,
+    /// The last reason the fence was unavailable, once warned about.
+    fence_warned: Option<String>,
     wal: Wal,
     status: Arc<ApplyStatus>,
     shutdown: CancellationToken,
@@ -584,22 +686,156 @@ impl Applier {
             if self.progressed {
                 backoff.reset();
             }
+            let mut delay = backoff.next_delay();
+            if let ApplyError::Refused { refused, transient } = &error {
+                self.status.set_blocked(
+                    BlockedEntry {
+                        log_id: refused.log_id,
+                        command: refused.command.clone(),
+                        error: refused.error.clone(),
+                        transient: *transient,
+                        since_unix_ms: status::now_unix_ms(),
+                    },
+                    text.clone(),
+                );
+                if !*transient {
+                    delay = match self.cfg.on_refused {
+                        // Skipped by the next session.
+                        OnRefused::SkipAndRecord if self.dead_letter.is_some() => Duration::ZERO,
+                        // Until the target is fixed or `ferry skip`.
+                        _ => self.cfg.retry_backoff_max.0,
+                    };
+                }
+            }
             if last_error.as_deref() != Some(text.as_str()) {
-                warn!(partition = %self.partition, %error, "apply failed; retrying");
+                match &error {
+                    ApplyError::Refused {
+                        refused,
+                        transient: false,
+                    } => warn!(
+                        partition = %self.partition,
+                        log_id = %refused.log_id,
+                        command = %refused.command,
+                        error = %refused.error,
+                        on_refused = ?self.cfg.on_refused,
+                        "the target refuses an entry; the entries after it wait until it is \
+                         applied or skipped (ferry skip)"
+                    ),
+                    _ => warn!(partition = %self.partition, %error, "apply failed; retrying"),
+                }
             } else {
                 debug!(partition = %self.partition, %error, "apply failed again");
             }
             last_error = Some(text);
             tokio::select! {
                 _ = self.shutdown.cancelled() => return Ok(()),
-                _ = tokio::time::sleep(backoff.next_delay()) => {}
+                _ = tokio::time::sleep(delay) => {}
+                // `ferry skip`: no need to wait out the backoff.
+                _ = self.status.woken() => {}
             }
         }
+    }
+
+    /// The entry the batches must hold at, and whether to skip it now.
+    fn hold(&self) -> Option<Hold> {
+        let blocked = self.status.blocked()?;
+        let skip = if self.dead_letter.is_none() {
+            None
+        } else if self.status.skip_requested(blocked.log_id) {
+            Some(SkippedBy::Operator)
+        } else if !blocked.transient && self.cfg.on_refused == OnRefused::SkipAndRecord {
+            Some(SkippedBy::OnRefused)
+        } else {
+            None
+        };
+        Some(Hold {
+            log_id: blocked.log_id,
+            skip,
+            refused: RefusedCommand {
+                log_id: blocked.log_id,
+                command: blocked.command,
+                error: blocked.error,
+            },
+        })
+    }
+
+    /// The applier got to `resume` (the first id still to apply): a block
+    /// before it is over.
+    fn passed(&self, resume: LogId) {
+        if self
+            .status
+            .blocked()
+            .is_some_and(|blocked| blocked.log_id < resume)
+        {
+            self.status.clear_blocked();
+        }
+    }
+
+    /// Names the connection and closes this applier's earlier connections
+    /// (see [`fence`]); where the target does not allow it, the session goes
+    /// on guarded by `WATCH` alone, and status and log say so.
+    async fn fence(&mut self, target: &mut Target) -> Result<(), ApplyError> {
+        match fence::fence(target, &self.client_name).await? {
+            Fence::Closed(closed) => {
+                if closed > 0 {
+                    info!(partition = %self.partition, closed, "closed earlier connections of this applier at the target");
+                }
+                self.status.set_fence("client-kill".to_string());
+                self.fence_warned = None;
+            }
+            Fence::Unavailable(why) => {
+                if self.fence_warned.as_deref() != Some(why.as_str()) {
+                    warn!(
+                        partition = %self.partition,
+                        reason = %why,
+                        "cannot close earlier connections at the target (CLIENT SETNAME/LIST/KILL \
+                         not allowed); guarded by WATCH alone, which misses a batch of an \
+                         abandoned connection that runs after this session's first EXEC"
+                    );
+                    self.fence_warned = Some(why.clone());
+                }
+                self.status.set_fence(format!("watch-only: {why}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Records a skipped entry in the dead-letter file (fsync'd) before the
+    /// batch that moves the checkpoint past it is sent.
+    async fn record_skip(&mut self, batch: &Batch) -> Result<(), ApplyError> {
+        let Some(skip) = batch.skip.clone() else {
+            return Ok(());
+        };
+        let Some(mut letters) = self.dead_letter.take() else {
+            return Err(ApplyError::Task("no dead-letter file for a skip".into()));
+        };
+        let drainer_id = self.cfg.drainer_id.clone();
+        let partition = self.partition;
+        let (letters, written) = tokio::task::spawn_blocking(move || {
+            let entry = DeadEntry {
+                log_id: skip.log_id,
+                db: skip.db,
+                commands: &skip.commands,
+                transaction: skip.transaction,
+                by: skip.by,
+                refused: &skip.refused,
+            };
+            let written = letters.record(&entry, &drainer_id, partition, status::now_unix_ms());
+            (letters, written)
+        })
+        .await
+        .map_err(|error| ApplyError::Task(error.to_string()))?;
+        self.dead_letter = Some(letters);
+        if !written? {
+            debug!(partition = %self.partition, log_id = %batch.first, "entry already in the dead-letter file");
+        }
+        Ok(())
     }
 
     /// One connection to the target: read the checkpoint, then apply until
     /// shutdown or the first error.
     async fn session(&mut self, last_error: &mut Option<String>) -> Result<(), ApplyError> {
+        let shutdown = self.shutdown.clone();
         let connect = async {
             let mut target = Target::connect(
                 &self.url,
@@ -607,9 +843,13 @@ impl Applier {
                 self.cfg.reply_timeout.0,
             )
             .await?;
+            // Before the checkpoint is read: whatever an earlier connection
+            // still has unread or queued at the target is discarded.
+            self.fence(&mut target).await?;
             // Watched before it is read: if a batch of an abandoned earlier
-            // connection still runs after this read, this session's first
-            // EXEC is refused instead of applying that batch a second time.
+            // connection still runs after this read (the fence unavailable),
+            // this session's first EXEC is refused instead of applying that
+            // batch a second time.
             let watch = Command::new(vec![Bytes::from_static(b"WATCH"), self.key.clone()]);
             if let Some(error) = target.call_command(&watch).await?.error_message() {
                 return Err(ApplyError::Aborted {
@@ -623,10 +863,11 @@ impl Applier {
         };
         // Nothing is in flight yet: shutdown need not wait for a slow target.
         let (mut target, checkpoint) = tokio::select! {
-            _ = self.shutdown.cancelled() => return Ok(()),
+            _ = shutdown.cancelled() => return Ok(()),
             connected = connect => connected?,
         };
         let resume = self.reconcile(checkpoint).await?;
+        self.passed(resume);
         self.status.set_online();
         if last_error.take().is_some() {
             info!(partition = %self.partition, resume = %resume, "target reachable again; applying");
@@ -746,9 +987,12 @@ impl Applier {
                     return Ok(());
                 }
                 if open.is_none() {
-                    open = builder.build(&mut feed.pending, self.epoch);
-                    if let Some(batch) = &open {
-                        Self::queue_batch(target, batch, &self.key);
+                    if let Some(batch) =
+                        builder.build(&mut feed.pending, self.epoch, self.hold().as_ref())
+                    {
+                        self.record_skip(&batch).await?;
+                        Self::queue_batch(target, &batch, &self.key);
+                        open = Some(batch);
                     }
                 }
                 if let Some(batch) = open.take() {
@@ -756,9 +1000,20 @@ impl Applier {
                     executing = Some(batch);
                     // The next batch waits on the server behind this EXEC.
                     feed.take_ready()?;
-                    open = builder.build(&mut feed.pending, self.epoch);
-                    if let Some(batch) = &open {
-                        Self::queue_batch(target, batch, &self.key);
+                    // A held entry waits for the batch before it: it is
+                    // recorded as skipped only once everything before it
+                    // committed.
+                    let hold = self.hold();
+                    let held_next = hold.as_ref().is_some_and(|hold| {
+                        feed.pending.front().map(|p| p.log_id) == Some(hold.log_id)
+                    });
+                    if !held_next {
+                        if let Some(batch) =
+                            builder.build(&mut feed.pending, self.epoch, hold.as_ref())
+                        {
+                            Self::queue_batch(target, &batch, &self.key);
+                            open = Some(batch);
+                        }
                     }
                 }
             }
@@ -774,6 +1029,7 @@ impl Applier {
                     if !self.load_snapshot(target, log_id, marker).await? {
                         return Ok(()); // shut down during the load
                     }
+                    self.passed(log_id.next());
                     continue;
                 }
             }
@@ -814,7 +1070,17 @@ impl Applier {
         }
         let (applied, refused) = match batch.outcome(&replies)? {
             BatchOutcome::Committed { applied, refused } => (applied, refused),
-            BatchOutcome::Aborted { error } => {
+            BatchOutcome::Aborted {
+                refused: Some(refused),
+                ..
+            } => {
+                let transient = batch::refusal_is_transient(&refused.error);
+                return Err(ApplyError::Refused { refused, transient });
+            }
+            BatchOutcome::Aborted {
+                error,
+                refused: None,
+            } => {
                 return Err(ApplyError::Aborted {
                     first: batch.first,
                     last: batch.last,
@@ -822,6 +1088,19 @@ impl Applier {
                 })
             }
         };
+        if let Some(skip) = &batch.skip {
+            warn!(
+                partition = %self.partition,
+                log_id = %skip.log_id,
+                command = %skip.refused.command,
+                error = %skip.refused.error,
+                by = ?skip.by,
+                file = %self.dead_letter.as_ref().map(|d| d.path().display().to_string()).unwrap_or_default(),
+                "entry skipped; it is recorded in the dead-letter file"
+            );
+            self.status.add_skipped(skip.log_id);
+        }
+        self.passed(batch.last.next());
         let refused_count = (refused.len() + batch.refused_unsent.len()) as u64;
         for refused in batch.refused_unsent.iter().chain(&refused) {
             warn!(

@@ -2,20 +2,28 @@
 //! time from another task through an `Arc`.
 //!
 //! In: updates from the applier (state changes, applied ids, counters,
-//! snapshot load progress). Out: [`ApplyReport`]s, which add the LogId lag
-//! and time latency computed against the WAL at the moment of the report.
+//! snapshot load progress, the entry it is blocked on), and the operator's
+//! request to skip that entry ([`ApplyStatus::request_skip`], from `ferry
+//! skip`), which the applier takes when it next gets to the entry. Out:
+//! [`ApplyReport`]s, which add the LogId lag and time latency computed
+//! against the WAL at the moment of the report.
 
 pub(crate) use crate::position::now_unix_ms;
 use std::sync::{Mutex, MutexGuard};
 
+use tokio::sync::Notify;
+
 use crate::position::{LogId, PartitionId};
 use crate::wal::{Wal, WalError};
 
-/// Whether the applier is applying (ONLINE) or waiting to retry (OFFLINE).
+/// Whether the applier is applying (ONLINE), waiting to retry (OFFLINE),
+/// or held at an entry the target refuses (BLOCKED: the entries after it
+/// wait; [`ApplyReport::blocked`] names it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SyncState {
     Online,
     Offline,
+    Blocked,
 }
 
 impl std::fmt::Display for SyncState {
@@ -23,17 +31,53 @@ impl std::fmt::Display for SyncState {
         f.write_str(match self {
             SyncState::Online => "ONLINE",
             SyncState::Offline => "OFFLINE",
+            SyncState::Blocked => "BLOCKED",
         })
     }
 }
 
-/// The last command the target refused inside a committed batch.
+/// A command the target refused: inside a committed batch (the last one is
+/// shown), or when queued (the entry is then blocked or skipped).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RefusedCommand {
     pub log_id: LogId,
     /// Command name, upper case.
     pub command: String,
     pub error: String,
+}
+
+/// The entry the applier is held at: the target refused it when queued, so
+/// its batch did not run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockedEntry {
+    pub log_id: LogId,
+    /// The refused command's name, upper case.
+    pub command: String,
+    pub error: String,
+    /// The refusal is about the target's state (`OOM`, `READONLY`,
+    /// `LOADING`, ...), not about the entry: the applier retries it with
+    /// backoff under every `on-refused` and never skips it by itself.
+    pub transient: bool,
+    /// When the applier first found it blocked here (unix ms).
+    pub since_unix_ms: u64,
+}
+
+/// Why a skip request was not taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SkipRefused {
+    #[error("partition {partition} is not blocked (nothing to skip)")]
+    NotBlocked { partition: PartitionId },
+    #[error(
+        "partition {partition} is blocked on entry {blocked_on}, not {requested}: only the \
+         blocking entry can be skipped"
+    )]
+    OtherEntry {
+        partition: PartitionId,
+        blocked_on: LogId,
+        requested: LogId,
+    },
+    #[error("partition {partition}: no dead-letter dir is configured, so no entry can be skipped")]
+    NoDeadLetter { partition: PartitionId },
 }
 
 /// Progress of the latest snapshot load.
@@ -65,6 +109,13 @@ struct StatusFields {
     commands_skipped: u64,
     last_refused: Option<RefusedCommand>,
     snapshot_load: Option<SnapshotLoadProgress>,
+    blocked: Option<BlockedEntry>,
+    entries_skipped: u64,
+    last_skipped: Option<LogId>,
+    dead_letter_file: Option<String>,
+    fence: Option<String>,
+    /// `ferry skip` asked to skip this entry (the blocked one).
+    skip_request: Option<LogId>,
 }
 
 /// Shared status of one applier.
@@ -72,6 +123,8 @@ struct StatusFields {
 pub struct ApplyStatus {
     partition: PartitionId,
     fields: Mutex<StatusFields>,
+    /// Wakes the applier out of its retry wait when a skip is requested.
+    wake: Notify,
 }
 
 /// One reading of an applier's status.
@@ -100,6 +153,18 @@ pub struct ApplyReport {
     pub commands_skipped: u64,
     pub last_refused: Option<RefusedCommand>,
     pub snapshot_load: Option<SnapshotLoadProgress>,
+    /// The entry the applier is held at (state BLOCKED), if any.
+    pub blocked: Option<BlockedEntry>,
+    /// Entries skipped (by `ferry skip` or `on-refused =
+    /// "skip-and-record"`) and recorded in the dead-letter file.
+    pub entries_skipped: u64,
+    pub last_skipped: Option<LogId>,
+    /// Where skipped entries are recorded.
+    pub dead_letter_file: Option<String>,
+    /// How late batches of abandoned connections are kept out
+    /// (`client-kill`, or `watch-only: <why>`); `None` before the first
+    /// session.
+    pub fence: Option<String>,
 }
 
 impl ApplyStatus {
@@ -118,7 +183,14 @@ impl ApplyStatus {
                 commands_skipped: 0,
                 last_refused: None,
                 snapshot_load: None,
+                blocked: None,
+                entries_skipped: 0,
+                last_skipped: None,
+                dead_letter_file: None,
+                fence: None,
+                skip_request: None,
             }),
+            wake: Notify::new(),
         }
     }
 
@@ -140,7 +212,11 @@ impl ApplyStatus {
         let fields = self.lock().clone();
         ApplyReport {
             partition: self.partition,
-            state: fields.state,
+            state: if fields.blocked.is_some() {
+                SyncState::Blocked
+            } else {
+                fields.state
+            },
             last_error: fields.last_error,
             applied: fields.applied,
             epoch: fields.epoch,
@@ -152,6 +228,11 @@ impl ApplyStatus {
             commands_skipped: fields.commands_skipped,
             last_refused: fields.last_refused,
             snapshot_load: fields.snapshot_load,
+            blocked: fields.blocked,
+            entries_skipped: fields.entries_skipped,
+            last_skipped: fields.last_skipped,
+            dead_letter_file: fields.dead_letter_file,
+            fence: fields.fence,
         }
     }
 
@@ -206,5 +287,87 @@ impl ApplyStatus {
 
     pub(crate) fn set_snapshot_load(&self, progress: SnapshotLoadProgress) {
         self.lock().snapshot_load = Some(progress);
+    }
+
+    /// Holds the applier at `entry` (state BLOCKED); keeps the time it was
+    /// first blocked there.
+    pub(crate) fn set_blocked(&self, mut entry: BlockedEntry, error: String) {
+        let mut fields = self.lock();
+        if let Some(old) = &fields.blocked {
+            if old.log_id == entry.log_id {
+                entry.since_unix_ms = old.since_unix_ms;
+            }
+        }
+        if fields.skip_request.is_some_and(|id| id != entry.log_id) {
+            fields.skip_request = None;
+        }
+        fields.blocked = Some(entry);
+        fields.last_error = Some(error);
+    }
+
+    /// The applier got past the entry it was blocked on.
+    pub(crate) fn clear_blocked(&self) {
+        let mut fields = self.lock();
+        fields.blocked = None;
+        fields.skip_request = None;
+    }
+
+    pub(crate) fn blocked(&self) -> Option<BlockedEntry> {
+        self.lock().blocked.clone()
+    }
+
+    /// Records that `log_id` was skipped (and recorded).
+    pub(crate) fn add_skipped(&self, log_id: LogId) {
+        let mut fields = self.lock();
+        fields.entries_skipped += 1;
+        fields.last_skipped = Some(log_id);
+        if fields.skip_request == Some(log_id) {
+            fields.skip_request = None;
+        }
+    }
+
+    pub(crate) fn set_dead_letter_file(&self, path: Option<String>) {
+        self.lock().dead_letter_file = path;
+    }
+
+    pub(crate) fn set_fence(&self, fence: String) {
+        self.lock().fence = Some(fence);
+    }
+
+    /// Asks the applier to skip `log_id`, which must be the entry it is
+    /// blocked on; it does so (recording it in the dead-letter file first)
+    /// when it next gets to it, which is at once if it is waiting to
+    /// retry. Returns the dead-letter file.
+    pub fn request_skip(&self, log_id: LogId) -> Result<String, SkipRefused> {
+        let mut fields = self.lock();
+        let partition = self.partition;
+        let Some(blocked) = &fields.blocked else {
+            return Err(SkipRefused::NotBlocked { partition });
+        };
+        if blocked.log_id != log_id {
+            return Err(SkipRefused::OtherEntry {
+                partition,
+                blocked_on: blocked.log_id,
+                requested: log_id,
+            });
+        }
+        let Some(file) = fields.dead_letter_file.clone() else {
+            return Err(SkipRefused::NoDeadLetter { partition });
+        };
+        fields.skip_request = Some(log_id);
+        drop(fields);
+        self.wake.notify_one();
+        Ok(file)
+    }
+
+    /// Whether the operator asked to skip `log_id`.
+    pub(crate) fn skip_requested(&self, log_id: LogId) -> bool {
+        self.lock().skip_request == Some(log_id)
+    }
+
+    /// Resolves when a skip is requested (or at once if one was requested
+    /// since the last wait).
+    pub(crate) async fn woken(&self) {
+        self.wake.notified().await;
     }
 }

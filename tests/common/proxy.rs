@@ -25,6 +25,13 @@
 //!   every connection is reset: exactly `n` bytes reach that side, so the
 //!   cut lands in the middle of whatever was being sent. One shot:
 //!   forwarding resumes for new connections ([`Proxy::resets_fired`] counts).
+//! - [`Proxy::hold_open_up`]: every connection open now keeps what its
+//!   client sends from then on (read and queued in order, its FIN after
+//!   it) instead of forwarding it, until [`Proxy::release_held`]; new
+//!   connections are not held. The upstream sees those bytes arrive late,
+//!   after whatever newer connections did meanwhile (a client's abandoned
+//!   request reaching the server late). [`Proxy::is_open`] tells when a
+//!   connection has ended both ways.
 //! - [`Proxy::set_upstream`]: where new connections go (a failover).
 //!
 //! Connections refused by "cut" are accepted and closed rather than refused
@@ -90,6 +97,9 @@ struct State {
     /// `reset_after_bytes`: bytes still to forward per direction (up, down)
     /// before every connection is reset.
     armed: Option<(u64, u64)>,
+    /// Connections numbered up to this one hold what their client sends
+    /// ([`Proxy::hold_open_up`]); 0 holds none.
+    hold_up_through: u64,
     /// Bumped by every fault that ends the open connections; each
     /// connection remembers the value it started under.
     kill_epoch: u64,
@@ -102,6 +112,8 @@ struct Shared {
     /// Bumped after every change of `state`.
     changed: watch::Sender<u64>,
     accepted: AtomicU64,
+    /// Numbers (1 = first accepted) of the connections not yet ended.
+    open: Mutex<std::collections::BTreeSet<u64>>,
     bytes_up: AtomicU64,
     bytes_down: AtomicU64,
     resets_fired: AtomicU64,
@@ -148,12 +160,14 @@ impl Proxy {
                 delay_up: Duration::ZERO,
                 delay_down: Duration::ZERO,
                 armed: None,
+                hold_up_through: 0,
                 kill_epoch: 0,
                 kill_close: Close::Fin,
                 stopping: false,
             }),
             changed,
             accepted: AtomicU64::new(0),
+            open: Mutex::new(std::collections::BTreeSet::new()),
             bytes_up: AtomicU64::new(0),
             bytes_down: AtomicU64::new(0),
             resets_fired: AtomicU64::new(0),
@@ -196,6 +210,7 @@ impl Proxy {
             state.delay_up = Duration::ZERO;
             state.delay_down = Duration::ZERO;
             state.armed = None;
+            state.hold_up_through = 0;
         });
     }
 
@@ -249,6 +264,33 @@ impl Proxy {
     /// Whether a [`Proxy::reset_after_bytes`] is still waiting for its bytes.
     pub fn armed(&self) -> bool {
         self.shared.snapshot().armed.is_some()
+    }
+
+    /// Every connection open now stops forwarding what its client sends:
+    /// the bytes are read and queued (at most [`QUEUED_CHUNKS`] reads), the
+    /// client's FIN after them, until [`Proxy::release_held`]. Replies still
+    /// flow down. Connections accepted later are not held. Returns the
+    /// number of the newest connection held (0: none was open).
+    pub fn hold_open_up(&self) -> u64 {
+        let newest = self.connections();
+        self.shared.update(|state| state.hold_up_through = newest);
+        newest
+    }
+
+    /// Lets the connections held by [`Proxy::hold_open_up`] forward what
+    /// they kept, in order.
+    pub fn release_held(&self) {
+        self.shared.update(|state| state.hold_up_through = 0);
+    }
+
+    /// Whether connection number `n` (1 = the first accepted) is still open
+    /// in either direction.
+    pub fn is_open(&self, n: u64) -> bool {
+        self.shared
+            .open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&n)
     }
 
     /// New connections go to `upstream` (`127.0.0.1:PORT`); open ones stay
@@ -320,8 +362,13 @@ async fn accept_loop(listener: std::net::TcpListener, shared: Arc<Shared>) {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 };
-                shared.accepted.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(connection(client, Arc::clone(&shared)));
+                let number = shared.accepted.fetch_add(1, Ordering::SeqCst) + 1;
+                shared.open.lock().unwrap_or_else(|e| e.into_inner()).insert(number);
+                let shared = Arc::clone(&shared);
+                tokio::spawn(async move {
+                    connection(client, number, Arc::clone(&shared)).await;
+                    shared.open.lock().unwrap_or_else(|e| e.into_inner()).remove(&number);
+                });
             }
             alive = next_change(&mut changed) => if !alive { return },
         }
@@ -364,7 +411,7 @@ async fn drain(stream: &mut TcpStream) {
     .await;
 }
 
-async fn connection(client: TcpStream, shared: Arc<Shared>) {
+async fn connection(client: TcpStream, number: u64, shared: Arc<Shared>) {
     let mut changed = shared.changed.subscribe();
     let Ok((mut client, client_control)) = control_handle(client) else {
         return;
@@ -411,6 +458,7 @@ async fn connection(client: TcpStream, shared: Arc<Shared>) {
     spawn_direction(
         &mut pumps,
         &shared,
+        number,
         Direction::Up,
         client_read,
         upstream_write,
@@ -418,6 +466,7 @@ async fn connection(client: TcpStream, shared: Arc<Shared>) {
     spawn_direction(
         &mut pumps,
         &shared,
+        number,
         Direction::Down,
         upstream_read,
         client_write,
@@ -500,23 +549,41 @@ struct Chunk {
 fn spawn_direction(
     pumps: &mut tokio::task::JoinSet<()>,
     shared: &Arc<Shared>,
+    number: u64,
     direction: Direction,
     from: OwnedReadHalf,
     to: OwnedWriteHalf,
 ) {
     let (chunk_tx, chunk_rx) = mpsc::channel(QUEUED_CHUNKS);
     pumps.spawn(read_side(Arc::clone(shared), direction, from, chunk_tx));
-    pumps.spawn(write_side(Arc::clone(shared), direction, to, chunk_rx));
+    pumps.spawn(write_side(
+        Arc::clone(shared),
+        number,
+        direction,
+        to,
+        chunk_rx,
+    ));
 }
 
 /// Waits while the proxy is blackholed; false once it is stopping.
 async fn wait_flowing(shared: &Shared, changed: &mut watch::Receiver<u64>) -> bool {
+    wait_unheld(shared, changed, None).await
+}
+
+/// Waits while the proxy is blackholed or, for `held` (a connection number
+/// going up), while that connection is held; false once it is stopping.
+async fn wait_unheld(
+    shared: &Shared,
+    changed: &mut watch::Receiver<u64>,
+    held: Option<u64>,
+) -> bool {
     loop {
         let state = shared.snapshot();
         if state.stopping {
             return false;
         }
-        if state.mode != Mode::Blackhole {
+        let holding = held.is_some_and(|number| number <= state.hold_up_through);
+        if state.mode != Mode::Blackhole && !holding {
             return true;
         }
         if !next_change(changed).await {
@@ -586,6 +653,7 @@ async fn read_side(
 
 async fn write_side(
     shared: Arc<Shared>,
+    number: u64,
     direction: Direction,
     to: OwnedWriteHalf,
     mut chunk_rx: mpsc::Receiver<Chunk>,
@@ -595,9 +663,10 @@ async fn write_side(
         return;
     };
     let mut changed = shared.changed.subscribe();
+    let held = (direction == Direction::Up).then_some(number);
     while let Some(chunk) = chunk_rx.recv().await {
         tokio::time::sleep_until(chunk.due.into()).await;
-        if !wait_flowing(&shared, &mut changed).await {
+        if !wait_unheld(&shared, &mut changed, held).await {
             return;
         }
         if to.write_all(&chunk.data).await.is_err() {
@@ -620,6 +689,9 @@ async fn write_side(
             std::future::pending::<()>().await;
         }
     }
-    // The other side closed: pass the FIN on.
+    // The other side closed: pass the FIN on (after what a hold kept).
+    if !wait_unheld(&shared, &mut changed, held).await {
+        return;
+    }
     let _ = to.shutdown().await;
 }
