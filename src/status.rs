@@ -81,8 +81,9 @@ pub struct DrainerSide {
     pub partition: u32,
     /// The target address, never with its password.
     pub target: String,
-    /// ONLINE (applying) or OFFLINE (target unreachable or refusing;
-    /// `last_error` says why).
+    /// ONLINE (applying), OFFLINE (target unreachable or refusing;
+    /// `last_error` says why) or BLOCKED (held at the entry `blocked`
+    /// names: the target refuses it when queued).
     pub state: String,
     pub last_error: Option<String>,
     /// The listener whose stream is connected, if one is.
@@ -98,9 +99,46 @@ pub struct DrainerSide {
     /// Snapshot epoch the target's data is based on.
     pub epoch: u64,
     pub commands_applied: u64,
+    /// Commands the target refused inside a committed batch (not retried).
     pub commands_refused: u64,
     /// The latest snapshot load (full sync) into the target, if any.
     pub snapshot_load: Option<SnapshotLoad>,
+    /// The entry the applier is held at (state BLOCKED).
+    pub blocked: Option<BlockedEntry>,
+    /// Entries skipped (`ferry skip`, or `on-refused = "skip-and-record"`),
+    /// each recorded in `dead_letter_file`.
+    pub entries_skipped: u64,
+    pub last_skipped: Option<u64>,
+    pub dead_letter_file: Option<String>,
+    /// How a late batch of an abandoned connection is kept out:
+    /// `client-kill`, or `watch-only: <why>` when the target user may not
+    /// use `CLIENT`; absent before the first connection.
+    pub fence: Option<String>,
+    /// The last command the target refused inside a committed batch.
+    pub last_refused: Option<RefusedCommand>,
+}
+
+/// An entry the target refuses when it is queued, holding its partition.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct BlockedEntry {
+    pub log_id: u64,
+    /// The refused command's name.
+    pub command: String,
+    /// The target's error.
+    pub error: String,
+    /// About the target's state (`OOM`, `READONLY`, ...): retried until it
+    /// clears, never skipped by itself.
+    pub transient: bool,
+    /// When the applier first found it blocked there (unix ms).
+    pub since_unix_ms: u64,
+}
+
+/// A command the target refused.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct RefusedCommand {
+    pub log_id: u64,
+    pub command: String,
+    pub error: String,
 }
 
 /// Progress of loading a snapshot into the target.
@@ -121,6 +159,25 @@ pub struct SyncSelector {
     pub drainer_id: Option<String>,
 }
 
+/// `ferry skip`: the entry to skip.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SkipRequest {
+    pub partition: u32,
+    pub log_id: u64,
+    /// The drainer whose applier it is; `None`: the process's only one.
+    pub drainer_id: Option<String>,
+}
+
+/// What a skip request did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SkipOutcome {
+    /// Where the entry is (or will be) recorded.
+    pub dead_letter_file: String,
+    /// The applier skipped it before the reply (else it will when it next
+    /// gets to it; `ferry status` shows it).
+    pub done: bool,
+}
+
 /// Error of a control request, shown to the operator as is.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ControlError {
@@ -131,6 +188,17 @@ pub enum ControlError {
         partition: Option<u32>,
         drainer_id: Option<String>,
     },
+    #[error("this process runs no drainer, so it has no entry to skip")]
+    NoDrainer,
+    #[error("no applier of partition {partition} (drainer {drainer_id:?}) runs here")]
+    NoApplier {
+        partition: u32,
+        drainer_id: Option<String>,
+    },
+    /// The request does not fit the applier's state (not blocked, or on
+    /// another entry).
+    #[error("{0}")]
+    Refused(String),
     #[error("{0}")]
     Failed(String),
 }
@@ -148,4 +216,8 @@ pub trait NodeControl: Send + Sync + 'static {
     /// Resumes shipping: the drainer gets what accumulated, or a fallback
     /// snapshot if entries it needs expired. Returns how many changed.
     fn restart_sync(&self, which: &SyncSelector) -> Result<usize, ControlError>;
+    /// Skips the entry a partition's applier is blocked on (only that one),
+    /// recording it in the dead-letter file first. May block briefly to
+    /// report whether it was done.
+    fn skip(&self, request: &SkipRequest) -> Result<SkipOutcome, ControlError>;
 }

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use ferry::admin::{self, AdminError, AdminService};
 use ferry::cli::status::{render_status, RenderStyle};
 use ferry::status::{
-    ControlError, DrainerSide, ListenerSide, NodeControl, NodeStatus, ShipSide, SnapshotLoad,
-    SyncSelector,
+    BlockedEntry, ControlError, DrainerSide, ListenerSide, NodeControl, NodeStatus, ShipSide,
+    SkipOutcome, SkipRequest, SnapshotLoad, SyncSelector,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -75,6 +75,48 @@ impl NodeControl for FixtureNode {
     }
     fn restart_sync(&self, which: &SyncSelector) -> Result<usize, ControlError> {
         self.set_state(which, "STOPPED", "ONLINE")
+    }
+    /// Takes the skip of the blocking entry the way the real node does
+    /// (src/node/run.rs), as far as the status shows.
+    fn skip(&self, request: &SkipRequest) -> Result<SkipOutcome, ControlError> {
+        let mut status = self.status.lock().unwrap();
+        if status.drainers.is_empty() {
+            return Err(ControlError::NoDrainer);
+        }
+        let side = status
+            .drainers
+            .iter_mut()
+            .find(|side| {
+                side.partition == request.partition
+                    && request
+                        .drainer_id
+                        .as_ref()
+                        .map_or(true, |id| *id == side.drainer_id)
+            })
+            .ok_or_else(|| ControlError::NoApplier {
+                partition: request.partition,
+                drainer_id: request.drainer_id.clone(),
+            })?;
+        let Some(blocked) = side.blocked.clone() else {
+            return Err(ControlError::Refused(format!(
+                "partition {} is not blocked (nothing to skip)",
+                request.partition
+            )));
+        };
+        if blocked.log_id != request.log_id {
+            return Err(ControlError::Refused(format!(
+                "partition {} is blocked on entry {}, not {}",
+                request.partition, blocked.log_id, request.log_id
+            )));
+        }
+        side.blocked = None;
+        side.state = "ONLINE".into();
+        side.entries_skipped += 1;
+        side.last_skipped = Some(blocked.log_id);
+        Ok(SkipOutcome {
+            dead_letter_file: side.dead_letter_file.clone().unwrap_or_default(),
+            done: true,
+        })
     }
 }
 
@@ -140,6 +182,12 @@ fn sync_status() -> NodeStatus {
                 keys_loaded: 3,
                 done: true,
             }),
+            blocked: None,
+            entries_skipped: 0,
+            last_skipped: None,
+            dead_letter_file: Some("/data/dead-letter/d1-0.resp".into()),
+            fence: Some("client-kill".into()),
+            last_refused: None,
         }],
     }
 }
@@ -365,6 +413,68 @@ fn stop_and_restart_sync_flip_the_selected_shippers() {
     );
 }
 
+/// `ferry skip` through the API: only the blocking entry, named by
+/// partition (and drainer), errors as the operator sees them.
+#[test]
+fn skip_takes_only_the_blocking_entry() {
+    let mut status = sync_status();
+    status.drainers[0].state = "BLOCKED".into();
+    status.drainers[0].blocked = Some(BlockedEntry {
+        log_id: 94,
+        command: "LPUSH".into(),
+        error: "ERR unknown command 'LPUSH'".into(),
+        transient: false,
+        since_unix_ms: 1_700_000_000_000,
+    });
+    let fixture = AdminFixture::start(status);
+    let admin = fixture.admin();
+    let json = json_status(&["--admin", &admin]);
+    assert_eq!(json["drainers"][0]["state"], "BLOCKED");
+    assert_eq!(json["drainers"][0]["blocked"]["log_id"], 94);
+    assert_eq!(json["drainers"][0]["blocked"]["transient"], false);
+
+    let skip = |args: &[&str]| {
+        let mut all = vec!["skip", "--admin", &admin];
+        all.extend_from_slice(args);
+        ferry(&all)
+    };
+    let error = stderr_of_failure(&skip(&["--partition", "0", "--log-id", "95"]));
+    assert!(
+        error.contains("partition 0 is blocked on entry 94, not 95"),
+        "{error}"
+    );
+    let error = stderr_of_failure(&skip(&["--partition", "3", "--log-id", "94"]));
+    assert!(error.contains("no applier of partition 3"), "{error}");
+    let error = stderr_of_failure(&skip(&[
+        "--partition",
+        "0",
+        "--log-id",
+        "94",
+        "--drainer",
+        "d9",
+    ]));
+    assert!(error.contains("no applier of partition 0"), "{error}");
+    let error = stderr_of_failure(&skip(&["--partition", "0"]));
+    assert!(error.contains("--log-id"), "{error}");
+    let out = stdout_of(&skip(&[
+        "--partition",
+        "0",
+        "--log-id",
+        "94",
+        "--drainer",
+        "d1",
+    ]));
+    assert_eq!(
+        out,
+        "skipped entry 94 of partition 0; recorded in /data/dead-letter/d1-0.resp\n"
+    );
+    let json = json_status(&["--admin", &admin]);
+    assert_eq!(json["drainers"][0]["blocked"], serde_json::Value::Null);
+    assert_eq!(json["drainers"][0]["entries_skipped"], 1);
+    let error = stderr_of_failure(&skip(&["--partition", "0", "--log-id", "94"]));
+    assert!(error.contains("partition 0 is not blocked"), "{error}");
+}
+
 #[test]
 fn control_of_a_process_without_listener_is_refused() {
     let mut status = sync_status();
@@ -373,6 +483,19 @@ fn control_of_a_process_without_listener_is_refused() {
     let fixture = AdminFixture::start(status);
     let error = stderr_of_failure(&ferry(&["stop-sync", "--admin", &fixture.admin()]));
     assert!(error.contains("this process runs no listener"), "{error}");
+    let mut no_drainer = sync_status();
+    no_drainer.drainers.clear();
+    let listener_only = AdminFixture::start(no_drainer);
+    let error = stderr_of_failure(&ferry(&[
+        "skip",
+        "--admin",
+        &listener_only.admin(),
+        "--partition",
+        "0",
+        "--log-id",
+        "1",
+    ]));
+    assert!(error.contains("this process runs no drainer"), "{error}");
     // Status still works and says so.
     let text = stdout_of(&ferry(&["status", "--admin", &fixture.admin()]));
     assert!(

@@ -7,7 +7,10 @@
 //! dropped column.
 
 use crate::record::pb;
-use crate::status::{DrainerSide, ListenerSide, NodeStatus, ShipSide, SnapshotLoad, SyncSelector};
+use crate::status::{
+    BlockedEntry, DrainerSide, ListenerSide, NodeStatus, RefusedCommand, ShipSide, SkipOutcome,
+    SkipRequest, SnapshotLoad, SyncSelector,
+};
 
 impl From<NodeStatus> for pb::NodeStatus {
     fn from(status: NodeStatus) -> Self {
@@ -200,6 +203,12 @@ impl From<DrainerSide> for pb::DrainerSide {
             commands_applied,
             commands_refused,
             snapshot_load,
+            blocked,
+            entries_skipped,
+            last_skipped,
+            dead_letter_file,
+            fence,
+            last_refused,
         } = side;
         pb::DrainerSide {
             drainer_id,
@@ -216,6 +225,12 @@ impl From<DrainerSide> for pb::DrainerSide {
             commands_applied,
             commands_refused,
             snapshot_load: snapshot_load.map(Into::into),
+            blocked: blocked.map(Into::into),
+            entries_skipped,
+            last_skipped,
+            dead_letter_file,
+            fence,
+            last_refused: last_refused.map(Into::into),
         }
     }
 }
@@ -237,6 +252,12 @@ impl From<pb::DrainerSide> for DrainerSide {
             commands_applied,
             commands_refused,
             snapshot_load,
+            blocked,
+            entries_skipped,
+            last_skipped,
+            dead_letter_file,
+            fence,
+            last_refused,
         } = side;
         DrainerSide {
             drainer_id,
@@ -253,6 +274,12 @@ impl From<pb::DrainerSide> for DrainerSide {
             commands_applied,
             commands_refused,
             snapshot_load: snapshot_load.map(Into::into),
+            blocked: blocked.map(Into::into),
+            entries_skipped,
+            last_skipped,
+            dead_letter_file,
+            fence,
+            last_refused: last_refused.map(Into::into),
         }
     }
 }
@@ -290,6 +317,130 @@ impl From<pb::SnapshotLoad> for SnapshotLoad {
             rdb_bytes,
             bytes_loaded,
             keys_loaded,
+            done,
+        }
+    }
+}
+
+impl From<BlockedEntry> for pb::BlockedEntry {
+    fn from(entry: BlockedEntry) -> Self {
+        let BlockedEntry {
+            log_id,
+            command,
+            error,
+            transient,
+            since_unix_ms,
+        } = entry;
+        pb::BlockedEntry {
+            log_id,
+            command,
+            error,
+            transient,
+            since_unix_ms,
+        }
+    }
+}
+
+impl From<pb::BlockedEntry> for BlockedEntry {
+    fn from(entry: pb::BlockedEntry) -> Self {
+        let pb::BlockedEntry {
+            log_id,
+            command,
+            error,
+            transient,
+            since_unix_ms,
+        } = entry;
+        BlockedEntry {
+            log_id,
+            command,
+            error,
+            transient,
+            since_unix_ms,
+        }
+    }
+}
+
+impl From<RefusedCommand> for pb::RefusedCommand {
+    fn from(refused: RefusedCommand) -> Self {
+        let RefusedCommand {
+            log_id,
+            command,
+            error,
+        } = refused;
+        pb::RefusedCommand {
+            log_id,
+            command,
+            error,
+        }
+    }
+}
+
+impl From<pb::RefusedCommand> for RefusedCommand {
+    fn from(refused: pb::RefusedCommand) -> Self {
+        let pb::RefusedCommand {
+            log_id,
+            command,
+            error,
+        } = refused;
+        RefusedCommand {
+            log_id,
+            command,
+            error,
+        }
+    }
+}
+
+impl From<SkipRequest> for pb::SkipRequest {
+    fn from(request: SkipRequest) -> Self {
+        let SkipRequest {
+            partition,
+            log_id,
+            drainer_id,
+        } = request;
+        pb::SkipRequest {
+            partition,
+            log_id,
+            drainer_id,
+        }
+    }
+}
+
+impl From<pb::SkipRequest> for SkipRequest {
+    fn from(request: pb::SkipRequest) -> Self {
+        let pb::SkipRequest {
+            partition,
+            log_id,
+            drainer_id,
+        } = request;
+        SkipRequest {
+            partition,
+            log_id,
+            drainer_id,
+        }
+    }
+}
+
+impl From<SkipOutcome> for pb::SkipReply {
+    fn from(outcome: SkipOutcome) -> Self {
+        let SkipOutcome {
+            dead_letter_file,
+            done,
+        } = outcome;
+        pb::SkipReply {
+            dead_letter_file,
+            done,
+        }
+    }
+}
+
+impl From<pb::SkipReply> for SkipOutcome {
+    fn from(reply: pb::SkipReply) -> Self {
+        let pb::SkipReply {
+            dead_letter_file,
+            done,
+        } = reply;
+        SkipOutcome {
+            dead_letter_file,
             done,
         }
     }
@@ -404,6 +555,22 @@ mod tests {
                         keys_loaded: 28,
                         done: true,
                     }),
+                    blocked: Some(BlockedEntry {
+                        log_id: 29,
+                        command: "LPUSH".into(),
+                        error: "ERR unknown command 'LPUSH'".into(),
+                        transient: true,
+                        since_unix_ms: 30,
+                    }),
+                    entries_skipped: 31,
+                    last_skipped: Some(32),
+                    dead_letter_file: Some("/d/dead-letter/d1-3.resp".into()),
+                    fence: Some("client-kill".into()),
+                    last_refused: Some(RefusedCommand {
+                        log_id: 33,
+                        command: "SET".into(),
+                        error: "WRONGTYPE".into(),
+                    }),
                 },
                 DrainerSide {
                     drainer_id: "d1".into(),
@@ -411,6 +578,11 @@ mod tests {
                     last_error: None,
                     connected_listener: None,
                     snapshot_load: None,
+                    blocked: None,
+                    last_skipped: None,
+                    dead_letter_file: None,
+                    fence: None,
+                    last_refused: None,
                     ..DrainerSide::default()
                 },
             ],
@@ -437,6 +609,33 @@ mod tests {
         assert_eq!(back, status);
         assert_eq!(back.listeners[0].full_sync_bytes_total, Some(0));
         assert_eq!(back.listeners[1].full_sync_bytes_total, None);
+    }
+
+    #[test]
+    fn skip_request_and_reply_round_trip() {
+        for request in [
+            SkipRequest {
+                partition: 3,
+                log_id: 42,
+                drainer_id: Some("d1".into()),
+            },
+            SkipRequest {
+                partition: 0,
+                log_id: u64::MAX,
+                drainer_id: None,
+            },
+        ] {
+            let wire = pb::SkipRequest::from(request.clone()).encode_to_vec();
+            let back = SkipRequest::from(pb::SkipRequest::decode(wire.as_slice()).unwrap());
+            assert_eq!(back, request);
+        }
+        let outcome = SkipOutcome {
+            dead_letter_file: "/d/x.resp".into(),
+            done: true,
+        };
+        let wire = pb::SkipReply::from(outcome.clone()).encode_to_vec();
+        let back = SkipOutcome::from(pb::SkipReply::decode(wire.as_slice()).unwrap());
+        assert_eq!(back, outcome);
     }
 
     #[test]

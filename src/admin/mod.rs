@@ -1,27 +1,32 @@
 //! The admin API of a ferry process: status and sync control over gRPC.
 //!
 //! In (server side, [`serve_admin`]): requests of `ferry status`,
-//! `ferry stop-sync` and `ferry restart-sync`, answered by the process's
-//! [`NodeControl`](crate::status::NodeControl). Out: [`NodeStatus`] readings and the number of shippers
-//! a control request changed. The client side ([`fetch_status`],
-//! [`stop_sync`], [`restart_sync`]) is what the CLI verbs call.
+//! `ferry stop-sync`, `ferry restart-sync` and `ferry skip`, answered by
+//! the process's [`NodeControl`](crate::status::NodeControl). Out:
+//! [`NodeStatus`] readings, the number of shippers a control request
+//! changed, and what a skip did. The client side ([`fetch_status`],
+//! [`stop_sync`], [`restart_sync`], [`skip`]) is what the CLI verbs call.
 //!
 //! # Wire protocol (`proto/ferry.proto`, service `Admin`)
 //!
-//! Three unary calls on plain HTTP/2 (the API is meant for loopback):
+//! Four unary calls on plain HTTP/2 (the API is meant for loopback):
 //!
 //! ```text
 //! Status(StatusRequest {})                      -> StatusReply { status: NodeStatus }
 //! StopSync(SyncControlRequest { selector })     -> SyncControlReply { changed }
 //! RestartSync(SyncControlRequest { selector })  -> SyncControlReply { changed }
+//! Skip(SkipRequest { partition, log_id, drainer_id? })
+//!                                               -> SkipReply { dead_letter_file, done }
 //! ```
 //!
 //! - The status messages mirror `src/status.rs` field for field
 //!   ([`convert`]); an absent `selector` matches every shipper.
 //! - Control errors map to codes in one place ([`control_error_status`]):
-//!   `NoListener` → `FAILED_PRECONDITION`, `NoMatch` → `NOT_FOUND`,
-//!   `Failed` → `INTERNAL`; the message is the error's text, shown to the
-//!   operator as is.
+//!   `NoListener`, `NoDrainer`, `Refused` → `FAILED_PRECONDITION`,
+//!   `NoMatch`, `NoApplier` → `NOT_FOUND`, `Failed` → `INTERNAL`; the
+//!   message is the error's text, shown to the operator as is.
+//! - `Skip` waits (at most [`SKIP_WAIT`]) for the applier to have skipped
+//!   the entry; `done: false` means it will when it next gets to it.
 //! - Limits: requests are at most [`MAX_REQUEST_BYTES`], replies at most
 //!   [`MAX_MESSAGE_BYTES`] on both ends, so a hostile peer cannot make the
 //!   other side allocate more. The client bounds connecting by
@@ -52,7 +57,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 use crate::record::pb;
-use crate::status::{NodeStatus, SyncSelector};
+use crate::status::{NodeStatus, SkipOutcome, SkipRequest, SyncSelector};
 
 pub use crate::record::pb::admin_client::AdminClient;
 pub use crate::record::pb::admin_server::{Admin, AdminServer};
@@ -66,6 +71,9 @@ pub const ADDR_FILE_NAME: &str = "admin.addr";
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Longest wait for an answer once connected.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a skip request waits for the applier to have skipped the entry
+/// (well within [`REQUEST_TIMEOUT`]).
+pub const SKIP_WAIT: Duration = Duration::from_secs(3);
 /// Largest reply either side encodes or decodes.
 pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
 /// Largest request the server decodes (requests are a few bytes).
@@ -262,6 +270,14 @@ pub async fn restart_sync(addr: &str, which: &SyncSelector) -> Result<u32, Admin
     })
     .await?;
     Ok(reply.changed)
+}
+
+/// Asks the node at `addr` to skip the entry a partition's applier is
+/// blocked on.
+pub async fn skip(addr: &str, request: &SkipRequest) -> Result<SkipOutcome, AdminError> {
+    let request: pb::SkipRequest = request.clone().into();
+    let reply = call(addr, |mut client| async move { client.skip(request).await }).await?;
+    Ok(reply.into())
 }
 
 /// Connects to `addr` and runs one call, the whole bounded in time.

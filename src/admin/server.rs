@@ -12,7 +12,7 @@ use tracing::{debug, info};
 use super::{AdminError, MAX_MESSAGE_BYTES, MAX_REQUEST_BYTES};
 use crate::record::pb;
 use crate::record::pb::admin_server::{Admin, AdminServer};
-use crate::status::{ControlError, NodeControl, SyncSelector};
+use crate::status::{ControlError, NodeControl, SkipRequest, SyncSelector};
 
 /// How long a graceful shutdown waits for open admin connections before
 /// dropping them: admin calls are short, a client that holds a connection
@@ -70,8 +70,10 @@ impl AdminService {
 pub fn control_error_status(error: ControlError) -> Status {
     let message = error.to_string();
     match error {
-        ControlError::NoListener(_) => Status::failed_precondition(message),
-        ControlError::NoMatch { .. } => Status::not_found(message),
+        ControlError::NoListener(_) | ControlError::NoDrainer | ControlError::Refused(_) => {
+            Status::failed_precondition(message)
+        }
+        ControlError::NoMatch { .. } | ControlError::NoApplier { .. } => Status::not_found(message),
         ControlError::Failed(_) => Status::internal(message),
     }
 }
@@ -110,6 +112,29 @@ impl Admin for AdminService {
             node.restart_sync(which)
         })
         .await
+    }
+
+    async fn skip(
+        &self,
+        request: Request<pb::SkipRequest>,
+    ) -> Result<Response<pb::SkipReply>, Status> {
+        let request: SkipRequest = request.into_inner().into();
+        let node = Arc::clone(&self.node);
+        let asked = request.clone();
+        // The node waits a little for the applier to have skipped it.
+        let outcome = tokio::task::spawn_blocking(move || node.skip(&asked))
+            .await
+            .map_err(|error| Status::internal(format!("skip panicked: {error}")))?
+            .map_err(control_error_status)?;
+        info!(
+            partition = request.partition,
+            log_id = request.log_id,
+            drainer = ?request.drainer_id,
+            done = outcome.done,
+            file = %outcome.dead_letter_file,
+            "skip"
+        );
+        Ok(Response::new(outcome.into()))
     }
 }
 

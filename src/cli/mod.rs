@@ -13,7 +13,9 @@
 //!   --config FILE`, `ferry drainer --config FILE`: the daemons ([`node`]).
 //! - `ferry status [--admin ADDR | --data-dir DIR] [--json] [--watch SECS]`,
 //!   `ferry stop-sync` / `ferry restart-sync [--admin ADDR | --data-dir DIR]
-//!   [--partition N] [--drainer ID]`: the admin API's client ([`status`]).
+//!   [--partition N] [--drainer ID]`, `ferry skip --partition P --log-id N
+//!   [--drainer ID] [--admin ADDR | --data-dir DIR]`: the admin API's
+//!   client ([`status`]).
 //! - `ferry precheck --source … --target … [--dbs N,…] [--existing-data
 //!   refuse|keep|flush] [--outage DUR] [--json]`: checks before a sync
 //!   ([`precheck`]; exit code 1 on a FAIL).
@@ -73,6 +75,10 @@ pub enum Verb {
     /// Resume shipping stopped by stop-sync: drainers get what accumulated,
     /// or a snapshot if it expired.
     RestartSync(status::SyncControlArgs),
+    /// Skip the entry a partition is BLOCKED on (the target refuses it),
+    /// recording it in the dead-letter file first (replay it with
+    /// `redis-cli --pipe < FILE`).
+    Skip(status::SkipArgs),
     /// Compare a source and a target key by key (type, TTL, value), in
     /// passes; exit code 1 when they differ.
     Verify(verify::VerifyArgs),
@@ -230,6 +236,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Verb::Status(args) => Ok(status::status(&args)?),
         Verb::StopSync(args) => Ok(status::stop_sync(&args)?),
         Verb::RestartSync(args) => Ok(status::restart_sync(&args)?),
+        Verb::Skip(args) => Ok(status::skip(&args)?),
         Verb::Verify(args) => Ok(verify::verify(&args)?),
         Verb::Precheck(args) => Ok(precheck::precheck(&args)?),
     }

@@ -1,5 +1,5 @@
-//! `ferry status`, `ferry stop-sync` and `ferry restart-sync`: the admin
-//! API's client verbs.
+//! `ferry status`, `ferry stop-sync`, `ferry restart-sync` and `ferry
+//! skip`: the admin API's client verbs.
 //!
 //! In: the address of a running ferry process (`--admin ADDR`, or
 //! `--data-dir DIR` whose `admin.addr` the process wrote; default
@@ -7,7 +7,9 @@
 //! tables in the style of NebulaGraph's `SHOW SYNC STATUS` /
 //! `SHOW DRAINER SYNC STATUS` ([`render_status`]) or as one JSON object per
 //! reading (`--json`: the serde form of [`NodeStatus`], field names as in
-//! `src/status.rs`); for the control verbs, how many shippers changed.
+//! `src/status.rs`); for the control verbs, how many shippers changed; for
+//! `ferry skip`, whether the entry was skipped and the dead-letter file
+//! that holds it.
 //!
 //! `--watch SECS` repeats the reading; on a terminal it redraws the screen
 //! and shows full-sync progress as bars, elsewhere it appends plain
@@ -23,7 +25,9 @@ use std::time::Duration;
 use clap::Args;
 
 use crate::admin::{self, AdminError, DEFAULT_ADMIN_ADDR};
-use crate::status::{DrainerSide, ListenerSide, NodeStatus, SyncSelector};
+use crate::status::{
+    DrainerSide, ListenerSide, NodeStatus, SkipOutcome, SkipRequest, SyncSelector,
+};
 use crate::table::table;
 
 /// Which process to talk to.
@@ -81,6 +85,23 @@ impl SyncControlArgs {
             drainer_id: self.drainer.clone(),
         }
     }
+}
+
+/// `ferry skip` arguments.
+#[derive(Debug, Clone, Default, Args)]
+pub struct SkipArgs {
+    #[command(flatten)]
+    pub target: AdminTarget,
+    /// The partition whose applier is blocked.
+    #[arg(long, value_name = "P")]
+    pub partition: u32,
+    /// The entry it is blocked on (`blocked.log_id` in `ferry status --json`);
+    /// any other is refused.
+    #[arg(long, value_name = "N")]
+    pub log_id: u64,
+    /// The drainer whose applier it is [default: the process's only one].
+    #[arg(long = "drainer", value_name = "ID")]
+    pub drainer: Option<String>,
 }
 
 /// Why a status or control verb failed.
@@ -153,6 +174,33 @@ pub fn restart_sync(args: &SyncControlArgs) -> Result<(), StatusCommandError> {
         admin::restart_sync(&addr, &selector).await
     })?;
     write_stdout(&control_summary("restarted", changed, &selector))
+}
+
+/// `ferry skip`.
+pub fn skip(args: &SkipArgs) -> Result<(), StatusCommandError> {
+    let request = SkipRequest {
+        partition: args.partition,
+        log_id: args.log_id,
+        drainer_id: args.drainer.clone(),
+    };
+    let outcome = runtime()?.block_on(async {
+        let addr = args.target.resolve()?;
+        admin::skip(&addr, &request).await
+    })?;
+    write_stdout(&skip_summary(&request, &outcome))
+}
+
+fn skip_summary(request: &SkipRequest, outcome: &SkipOutcome) -> String {
+    let file = clean(&outcome.dead_letter_file);
+    let (partition, log_id) = (request.partition, request.log_id);
+    if outcome.done {
+        format!("skipped entry {log_id} of partition {partition}; recorded in {file}\n")
+    } else {
+        format!(
+            "entry {log_id} of partition {partition} will be skipped when the applier next gets \
+             to it (ferry status shows it); it is recorded in {file} first\n"
+        )
+    }
 }
 
 fn control_summary(done: &str, changed: u32, selector: &SyncSelector) -> String {
@@ -359,12 +407,34 @@ fn render_drainers(out: &mut String, drainers: &[DrainerSide], style: RenderStyl
         };
         let _ = writeln!(
             out,
-            "  part {part} (drainer {}): {listener}, durable {}, commands applied {}, refused {}",
+            "  part {part} (drainer {}): {listener}, durable {}, commands applied {}, refused {}, \
+             entries skipped {}",
             clean(&side.drainer_id),
             side.durable,
             side.commands_applied,
-            side.commands_refused
+            side.commands_refused,
+            side.entries_skipped
         );
+        if let Some(blocked) = &side.blocked {
+            let next = if blocked.transient {
+                "retried until the target takes it".to_string()
+            } else {
+                format!(
+                    "`ferry skip --partition {part} --log-id {}` skips it",
+                    blocked.log_id
+                )
+            };
+            let _ = writeln!(
+                out,
+                "  part {part}: BLOCKED at entry {}: the target refuses {}: {} ({next})",
+                blocked.log_id,
+                clean(&blocked.command),
+                clean(&blocked.error)
+            );
+        }
+        if let Some(fence) = side.fence.as_ref().filter(|f| f.as_str() != "client-kill") {
+            let _ = writeln!(out, "  part {part}: exactly-once fence: {}", clean(fence));
+        }
         if let Some(load) = side.snapshot_load.as_ref().filter(|load| !load.done) {
             let _ = writeln!(
                 out,
@@ -391,6 +461,25 @@ fn render_drainers(out: &mut String, drainers: &[DrainerSide], style: RenderStyl
                 clean(&side.target),
                 clean(error)
             ));
+        }
+        if let Some(refused) = &side.last_refused {
+            errors.push(format!(
+                "  part {part} → {}: last refused in EXEC: entry {} {}: {}",
+                clean(&side.target),
+                refused.log_id,
+                clean(&refused.command),
+                clean(&refused.error)
+            ));
+        }
+        if side.entries_skipped > 0 {
+            if let Some(file) = &side.dead_letter_file {
+                errors.push(format!(
+                    "  part {part}: {} skipped entries (last {}) recorded in {}",
+                    side.entries_skipped,
+                    side.last_skipped.unwrap_or(0),
+                    clean(file)
+                ));
+            }
         }
     }
     table(
@@ -506,8 +595,81 @@ mod tests {
                     keys_loaded: 10,
                     done: true,
                 }),
+                blocked: None,
+                entries_skipped: 0,
+                last_skipped: None,
+                dead_letter_file: Some("/d/dead-letter/d1-0.resp".into()),
+                fence: Some("client-kill".into()),
+                last_refused: None,
             }],
         }
+    }
+
+    #[test]
+    fn renders_a_blocked_partition_and_what_was_skipped() {
+        let mut status = online();
+        let drainer = &mut status.drainers[0];
+        drainer.state = "BLOCKED".into();
+        drainer.applied = 41;
+        drainer.lag = 16;
+        drainer.blocked = Some(crate::status::BlockedEntry {
+            log_id: 42,
+            command: "LPUSH".into(),
+            error: "ERR unknown command 'LPUSH'".into(),
+            transient: false,
+            since_unix_ms: NOW - 5000,
+        });
+        drainer.entries_skipped = 2;
+        drainer.last_skipped = Some(30);
+        drainer.fence = Some("watch-only: CLIENT refused: NOPERM".into());
+        drainer.last_refused = Some(crate::status::RefusedCommand {
+            log_id: 12,
+            command: "LPUSH".into(),
+            error: "WRONGTYPE Operation".into(),
+        });
+        let text = render_status(&status, NOW, RenderStyle::default());
+        let expected = "\
+Drainer → target
+  part 0 (drainer d1): listener l1 connected, durable 57, commands applied 1000, refused 0, entries skipped 2
+  part 0: BLOCKED at entry 42: the target refuses LPUSH: ERR unknown command 'LPUSH' (`ferry skip --partition 0 --log-id 42` skips it)
+  part 0: exactly-once fence: watch-only: CLIENT refused: NOPERM
++--------+----------------+-------------+-----------+-------------------+---------+-------+
+| PartId | Target         | Sync Status | LogId Lag | Time Latency (ms) | Applied | Epoch |
++--------+----------------+-------------+-----------+-------------------+---------+-------+
+| 0      | 127.0.0.1:6380 | BLOCKED     | 16        | 0                 | 41      | 1     |
++--------+----------------+-------------+-----------+-------------------+---------+-------+
+  part 0 → 127.0.0.1:6380: last refused in EXEC: entry 12 LPUSH: WRONGTYPE Operation
+  part 0: 2 skipped entries (last 30) recorded in /d/dead-letter/d1-0.resp
+";
+        assert!(text.ends_with(expected), "{text}");
+        let drainer = &mut status.drainers[0];
+        drainer.blocked.as_mut().unwrap().transient = true;
+        let text = render_status(&status, NOW, RenderStyle::default());
+        assert!(
+            text.contains("(retried until the target takes it)\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn skip_summaries_say_whether_it_is_done() {
+        let request = SkipRequest {
+            partition: 2,
+            log_id: 9,
+            drainer_id: None,
+        };
+        let mut outcome = SkipOutcome {
+            dead_letter_file: "/d/x.resp".into(),
+            done: true,
+        };
+        assert_eq!(
+            skip_summary(&request, &outcome),
+            "skipped entry 9 of partition 2; recorded in /d/x.resp\n"
+        );
+        outcome.done = false;
+        assert!(
+            skip_summary(&request, &outcome).starts_with("entry 9 of partition 2 will be skipped")
+        );
     }
 
     #[test]
@@ -524,7 +686,7 @@ Listener → drainer
 +--------+---------+-------------+-----------+-------------------+-------+--------------------+
 
 Drainer → target
-  part 0 (drainer d1): listener l1 connected, durable 57, commands applied 1000, refused 0
+  part 0 (drainer d1): listener l1 connected, durable 57, commands applied 1000, refused 0, entries skipped 0
 +--------+----------------+-------------+-----------+-------------------+---------+-------+
 | PartId | Target         | Sync Status | LogId Lag | Time Latency (ms) | Applied | Epoch |
 +--------+----------------+-------------+-----------+-------------------+---------+-------+
@@ -573,7 +735,7 @@ Listener → drainer
   part 0 → d1 (http://127.0.0.1:9000): last error: transport error: connection refused
 
 Drainer → target
-  part 0 (drainer d1): no listener connected, durable 40, commands applied 1000, refused 0
+  part 0 (drainer d1): no listener connected, durable 40, commands applied 1000, refused 0, entries skipped 0
 +--------+----------------+-------------+-----------+-------------------+---------+-------+
 | PartId | Target         | Sync Status | LogId Lag | Time Latency (ms) | Applied | Epoch |
 +--------+----------------+-------------+-----------+-------------------+---------+-------+
@@ -666,7 +828,7 @@ Drainer → target
 +--------+";
         assert!(bars.contains(expected_listener), "{bars}");
         let expected_drainer = "\
-  part 0 (drainer d1): listener l1 connected, durable 57, commands applied 1000, refused 0
+  part 0 (drainer d1): listener l1 connected, durable 57, commands applied 1000, refused 0, entries skipped 0
   part 0: loading snapshot epoch 2: [#######.............]  37% 3.0 of 8.0 MiB, 123456 keys
 +--------+";
         assert!(bars.contains(expected_drainer), "{bars}");

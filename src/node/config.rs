@@ -9,8 +9,10 @@
 //! [`DrainerServiceConfig`]); their docs are the reference of every key.
 //!
 //! The WAL of a node lives in `<data-dir>/wal` unless `[wal] dir` says
-//! otherwise; `<data-dir>` also holds `admin.addr` (the bound admin address)
-//! and `stopped-syncs` (shippers stopped by `ferry stop-sync`).
+//! otherwise; `<data-dir>` also holds `admin.addr` (the bound admin address),
+//! `stopped-syncs` (shippers stopped by `ferry stop-sync`) and, on a
+//! drainer, `dead-letter/` (entries skipped by `ferry skip` or `on-refused
+//! = "skip-and-record"`) unless `[apply] dead-letter-dir` says otherwise.
 
 use std::path::{Path, PathBuf};
 
@@ -187,6 +189,15 @@ fn wal_in(mut wal: WalConfig, data_dir: &Path, default_sub: &str) -> WalConfig {
     wal
 }
 
+/// The dead-letter dir: `[apply] dead-letter-dir` if set, else
+/// `<data-dir>/dead-letter`.
+fn dead_letter_in(mut apply: ApplyConfig, data_dir: &Path) -> ApplyConfig {
+    if apply.dead_letter_dir.is_none() {
+        apply.dead_letter_dir = Some(data_dir.join("dead-letter"));
+    }
+    apply
+}
+
 fn check_wal(path: &Path, section: &str, wal: WalConfig) -> Result<WalConfig, NodeConfigError> {
     wal.validate()
         .map_err(|e| invalid(path, format!("{section}.{}", e.field), e.reason))
@@ -296,8 +307,7 @@ impl DrainerNodeConfig {
             .map_err(|e| invalid(path, "drainer", e.to_string()))?;
         cfg.wal = check_wal(path, "wal", wal_in(cfg.wal, &cfg.data_dir, "wal"))?;
         cfg.apply.filter = cfg.filter.clone();
-        cfg.apply = cfg
-            .apply
+        cfg.apply = dead_letter_in(cfg.apply, &cfg.data_dir)
             .validate()
             .map_err(|e| invalid(path, e.path(), e.reason))?;
         cfg.apply
@@ -370,7 +380,7 @@ impl SyncConfig {
         if let Some(existing_data) = flags.existing_data {
             apply.existing_data = existing_data;
         }
-        let apply = apply
+        let apply = dead_letter_in(apply, &data_dir)
             .validate()
             .map_err(|e| invalid(path, e.path(), e.reason))?;
         apply
@@ -423,6 +433,14 @@ mod tests {
         assert_eq!(sync.drainer_wal.dir, Path::new("data/sync/drainer"));
         assert_eq!(sync.apply.drainer_id, "ferry");
         assert_eq!(sync.listener.id, "ferry");
+        assert_eq!(
+            sync.apply.dead_letter_dir.as_deref(),
+            Some(Path::new("data/sync/dead-letter"))
+        );
+        assert_eq!(
+            drainer.apply.dead_letter_dir.as_deref(),
+            Some(Path::new("data/drainer/dead-letter"))
+        );
     }
 
     fn listener_error(text: &str) -> String {

@@ -35,8 +35,8 @@ use crate::ship::{
     Shipper, ShipperConfig, ShipperStatusHandle, SnapshotProvider, SnapshotProviderError,
 };
 use crate::status::{
-    ControlError, DrainerSide, ListenerSide, NodeControl, NodeStatus, ShipSide, SnapshotLoad,
-    SyncSelector,
+    BlockedEntry, ControlError, DrainerSide, ListenerSide, NodeControl, NodeStatus, RefusedCommand,
+    ShipSide, SkipOutcome, SkipRequest, SnapshotLoad, SyncSelector,
 };
 use crate::wal::{DownstreamId, Wal, WalConfig, WalError};
 
@@ -621,9 +621,67 @@ impl DrainerPart {
                         keys_loaded: load.keys_loaded,
                         done: load.done,
                     }),
+                    blocked: report.blocked.map(|blocked| BlockedEntry {
+                        log_id: blocked.log_id.0,
+                        command: blocked.command,
+                        error: blocked.error,
+                        transient: blocked.transient,
+                        since_unix_ms: blocked.since_unix_ms,
+                    }),
+                    entries_skipped: report.entries_skipped,
+                    last_skipped: report.last_skipped.map(|id| id.0),
+                    dead_letter_file: report.dead_letter_file,
+                    fence: report.fence,
+                    last_refused: report.last_refused.map(|refused| RefusedCommand {
+                        log_id: refused.log_id.0,
+                        command: refused.command,
+                        error: refused.error,
+                    }),
                 }
             })
             .collect()
+    }
+
+    /// `ferry skip`: asks the partition's applier to skip the entry it is
+    /// blocked on, then waits up to [`crate::admin::SKIP_WAIT`] for it to
+    /// have done so. Blocking.
+    fn skip(&self, request: &SkipRequest) -> Result<SkipOutcome, ControlError> {
+        let partition = PartitionId(request.partition);
+        let no_applier = || ControlError::NoApplier {
+            partition: request.partition,
+            drainer_id: request.drainer_id.clone(),
+        };
+        if request
+            .drainer_id
+            .as_ref()
+            .is_some_and(|id| *id != self.drainer_id)
+        {
+            return Err(no_applier());
+        }
+        let status = lock(&self.appliers)
+            .get(&partition)
+            .map(|(status, _)| Arc::clone(status))
+            .ok_or_else(no_applier)?;
+        let log_id = LogId(request.log_id);
+        let dead_letter_file = status
+            .request_skip(log_id)
+            .map_err(|refused| ControlError::Refused(refused.to_string()))?;
+        info!(partition = %partition, log_id = %log_id, "skip requested");
+        let deadline = std::time::Instant::now() + crate::admin::SKIP_WAIT;
+        let done = loop {
+            let report = status.snapshot();
+            if report.last_skipped.is_some_and(|id| id >= log_id) || report.applied >= log_id {
+                break true;
+            }
+            if std::time::Instant::now() >= deadline {
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Ok(SkipOutcome {
+            dead_letter_file,
+            done,
+        })
     }
 }
 
@@ -697,6 +755,13 @@ impl NodeControl for Node {
         match &self.listener {
             Some(part) => part.set_stopped(which, false),
             None => Err(ControlError::NoListener("restart")),
+        }
+    }
+
+    fn skip(&self, request: &SkipRequest) -> Result<SkipOutcome, ControlError> {
+        match &self.drainer {
+            Some(part) => part.skip(request),
+            None => Err(ControlError::NoDrainer),
         }
     }
 }
