@@ -1734,11 +1734,11 @@ async fn a_late_exec_after_the_next_sessions_first_exec_is_discarded() {
     let last = append(&wal, &incr(10)).await;
     let applier = start(cfg, &wal);
     applier.wait_applied(last).await;
-    assert_eq!(proxy.connections(), 1);
 
-    // Connection 1 is idle: what it sends next is held.
+    // Connection 1 (the newest, if a loaded box made the applier reconnect
+    // already) is idle: what it sends next is held.
     let held = proxy.hold_open_up();
-    assert_eq!(held, 1);
+    assert!(held >= 1);
     let last = append(&wal, &incr(10)).await;
     assert_eq!(last, LogId(20));
     // Connection 2 (or a later one) commits 11..=20 while 1 is held.
@@ -1754,7 +1754,7 @@ async fn a_late_exec_after_the_next_sessions_first_exec_is_discarded() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!(proxy.connections() >= 2);
+    assert!(proxy.connections() > held);
     assert_eq!(target.cmd(&["GET", "c"]), "20");
     let report = applier.status.snapshot();
     assert!(
@@ -1769,7 +1769,7 @@ async fn a_late_exec_after_the_next_sessions_first_exec_is_discarded() {
     // first EXEC; wait until the target is done with connection 1.
     proxy.release_held();
     let deadline = Instant::now() + APPLY_WAIT;
-    while proxy.is_open(1) {
+    while (1..=held).any(|n| proxy.is_open(n)) {
         assert!(
             Instant::now() < deadline,
             "connection 1 never ended after its release"
