@@ -381,6 +381,11 @@ fn two_syncs_share_one_target_in_their_own_dbs() {
         refused_before + 2,
         "the refused SWAPDBs are not counted: {status}"
     );
+    let refused = applier["last_refused"].to_string();
+    assert!(
+        refused.contains("SWAPDB") && refused.contains("does not own"),
+        "last_refused does not name the SWAPDB: {status}"
+    );
     let log = sync_b.log_tail(400);
     assert!(
         log.lines()
