@@ -463,6 +463,52 @@ async fn fallback_snapshot_is_located_in_the_log() {
     running.stop().await.close().await.unwrap();
 }
 
+/// `WAIT 1` on the source returns once the listener made the write durable,
+/// not at its next periodic ack: with a 30 s ack interval only the answer to
+/// the master's `REPLCONF GETACK` can satisfy a `WAIT` of 5 s, twenty times
+/// in a row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_on_the_source_returns_once_the_write_is_durable() {
+    let source = RedisServer::start(SOURCE_ARGS);
+    let mut cfg = listener_config(&source, "0s");
+    cfg.replica.ack_interval = "30s".parse().unwrap();
+    cfg.replica.read_timeout = "120s".parse().unwrap();
+    let wal_dir = tempfile::tempdir().unwrap();
+    let running = Running::start(wal_dir.path(), cfg).await;
+    let status = Arc::clone(&running.status);
+    wait_until("the full sync", Duration::from_secs(30), || {
+        status.snapshot().state == SyncState::Online
+    })
+    .await;
+    let addr = source.addr();
+    let mut times = tokio::task::spawn_blocking(move || {
+        let mut conn = RespConn::connect(&addr);
+        let mut times = Vec::new();
+        for i in 0..20 {
+            conn.call(&["SET", &format!("wait:{i}"), "v"]);
+            let asked = Instant::now();
+            let acked = conn.call(&["WAIT", "1", "5000"]);
+            let took = asked.elapsed();
+            assert_eq!(acked, ":1", "WAIT {i} timed out after {took:?}");
+            times.push(took);
+        }
+        times
+    })
+    .await
+    .unwrap();
+    times.sort();
+    eprintln!(
+        "WAIT 1: median {:?}, slowest {:?}",
+        times[times.len() / 2],
+        times[times.len() - 1]
+    );
+    // The fast answers never ack what is not durable.
+    let acked = replica_ack_offset(&source).unwrap();
+    let durable = status.snapshot().durable_offset;
+    assert!(acked <= durable, "acked {acked}, durable {durable}");
+    running.stop().await.close().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_link_resumes_with_a_partial_resync() {
     let source = RedisServer::start(SOURCE_ARGS);

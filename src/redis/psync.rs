@@ -70,8 +70,13 @@
 //! it has seen its RDB child finish (so possibly only on the next periodic one).
 //! The handle starts at 0 after `FULLRESYNC` (nothing is durable yet) and at
 //! the resume offset after `CONTINUE` (the caller saved it, so it is durable).
-//! A `GETACK` is answered when [`PsyncSource::next_event`] consumes it, so a
-//! caller that stops reading delays `WAIT`s by up to one ack interval.
+//! A `GETACK` is answered when [`PsyncSource::next_event`] consumes it, with
+//! what the handle allows then; if that does not cover everything the master
+//! sent before the `GETACK` (the entries a `WAIT` on the master waits for are
+//! usually not durable yet), another ack follows as soon as the handle rises
+//! to cover it, so a `WAIT` returns after one fsync rather than at the next
+//! periodic ack. A caller that stops reading delays `WAIT`s until it reads
+//! the `GETACK`.
 //!
 //! # Failure
 //!
@@ -298,17 +303,27 @@ impl ReplError {
 /// The offset the caller allows the client to acknowledge (typically its
 /// durable offset). Cheap to clone; shared with the session's ack task.
 #[derive(Debug, Clone, Default)]
-pub struct AckHandle(Arc<AtomicU64>);
+pub struct AckHandle(Arc<AckCell>);
+
+#[derive(Debug, Default)]
+struct AckCell {
+    offset: AtomicU64,
+    /// Signalled whenever `offset` rises (the ack task waits on it while a
+    /// `GETACK` is owed an answer).
+    raised: Notify,
+}
 
 impl AckHandle {
     /// Raises the acknowledgeable offset to `offset` (never lowers it: the
     /// master keeps the highest ack anyway).
     pub fn set(&self, offset: ReplOffset) {
-        self.0.fetch_max(offset.0, Ordering::AcqRel);
+        if self.0.offset.fetch_max(offset.0, Ordering::AcqRel) < offset.0 {
+            self.0.raised.notify_one();
+        }
     }
 
     pub fn get(&self) -> ReplOffset {
-        ReplOffset(self.0.load(Ordering::Acquire))
+        ReplOffset(self.0.offset.load(Ordering::Acquire))
     }
 }
 
@@ -317,6 +332,9 @@ struct AckShared {
     allowed: AckHandle,
     /// Offset after the last whole frame received.
     received: AtomicU64,
+    /// Offset at which the latest `REPLCONF GETACK` starts: everything the
+    /// master sent before it (what a `WAIT` waits for) is owed an ack.
+    getack_at: AtomicU64,
     /// Signalled on `REPLCONF GETACK`.
     getack: Notify,
 }
@@ -634,6 +652,7 @@ impl PsyncSource {
             acks: Arc::new(AckShared {
                 allowed: AckHandle::default(),
                 received: AtomicU64::new(offset),
+                getack_at: AtomicU64::new(0),
                 getack: Notify::new(),
             }),
             ack_interval: cfg.ack_interval,
@@ -832,6 +851,7 @@ impl PsyncSource {
                     .get(1)
                     .is_some_and(|a| a.eq_ignore_ascii_case(b"GETACK"))
             {
+                self.acks.getack_at.fetch_max(start, Ordering::AcqRel);
                 self.acks.getack.notify_one();
             }
             // Never inside MULTI from a real master; if so, it has no effect.
@@ -903,22 +923,37 @@ impl PsyncSource {
     }
 }
 
-/// Sends `REPLCONF ACK` every `interval` and on each GETACK, until the link
-/// fails or the session is dropped (which aborts this task).
+/// Sends `REPLCONF ACK` every `interval`, on each GETACK, and, while a
+/// GETACK's answer did not cover everything before it, as soon as the
+/// caller's handle does; until the link fails or the session is dropped
+/// (which aborts this task).
 async fn ack_loop(mut writer: OwnedWriteHalf, acks: Arc<AckShared>, interval: Duration) {
     // The first tick is immediate: the first ack goes out right away.
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sent = 0u64;
     loop {
+        let owed = acks.getack_at.load(Ordering::Acquire);
         tokio::select! {
-            _ = ticker.tick() => {}
+            biased;
             _ = acks.getack.notified() => {}
+            _ = acks.allowed.0.raised.notified(), if owed > sent => {
+                // A `WAIT` on the master is satisfied by an ack of what was
+                // sent before its GETACK: answer once durability covers it,
+                // not at the next tick.
+                if acks.ack_offset() < owed {
+                    continue;
+                }
+            }
+            _ = ticker.tick() => {}
         }
-        if let Err(error) = send_ack(&mut writer, acks.ack_offset()).await {
+        let offset = acks.ack_offset();
+        if let Err(error) = send_ack(&mut writer, offset).await {
             // The read side sees the broken link and reports it.
             debug!(%error, "ack write failed; ack task stops");
             return;
         }
+        sent = sent.max(offset);
     }
 }
 
@@ -1378,6 +1413,7 @@ mod tests {
         let shared = AckShared {
             allowed: h.clone(),
             received: AtomicU64::new(7),
+            getack_at: AtomicU64::new(0),
             getack: Notify::new(),
         };
         assert_eq!(shared.ack_offset(), 7, "never beyond what was received");
