@@ -460,16 +460,24 @@ async fn fallback_snapshot_is_located_in_the_log() {
     replay(&replayed, &after_m).await;
     assert_eq!(replayed.cmd(&["GET", "during"]), increments.to_string());
     assert_eq!(digest(&replayed), digest(&source));
+    // The snapshot connection asked for the RDB only: the source kept no
+    // replication buffer for it and closed it after the RDB.
+    let log = std::fs::read_to_string(source.log_path()).unwrap();
+    assert!(log.contains("rdb only replica"), "source log:\n{log}");
     running.stop().await.close().await.unwrap();
 }
 
 /// `WAIT 1` on the source returns once the listener made the write durable,
 /// not at its next periodic ack: with a 30 s ack interval only the answer to
 /// the master's `REPLCONF GETACK` can satisfy a `WAIT` of 5 s, twenty times
-/// in a row.
+/// in a row. (The full sync is disk-based: after a diskless one the master
+/// starts streaming only on an ack that follows the reaping of its child,
+/// which with this interval may be the next periodic one.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wait_on_the_source_returns_once_the_write_is_durable() {
-    let source = RedisServer::start(SOURCE_ARGS);
+    let mut args = SOURCE_ARGS.to_vec();
+    args.extend(["--repl-diskless-sync", "no"]);
+    let source = RedisServer::start(&args);
     let mut cfg = listener_config(&source, "0s");
     cfg.replica.ack_interval = "30s".parse().unwrap();
     cfg.replica.read_timeout = "120s".parse().unwrap();

@@ -6,7 +6,10 @@
 //! complete and the file parses to its end with a valid checksum, plus the
 //! replication position (replid, offset) the snapshot is consistent with.
 //! The source does a BGSAVE (or a diskless transfer) exactly as for a new
-//! replica; nothing is written to it.
+//! replica; nothing is written to it. The connection asks for the RDB only
+//! (`REPLCONF rdb-only 1`, Redis 7.0+: no replication buffer is kept for it,
+//! nothing is streamed after the RDB); a source that refuses the option is
+//! fetched from the same way, and the link dropped after the RDB.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -17,6 +20,9 @@ use crate::position::{ReplId, ReplOffset};
 use crate::redis::psync::{PsyncSource, ReplError, ReplEvent, ReplicaConfig};
 use crate::redis::rdb::{ParseOptions, RdbError, RdbEvent, RdbParser};
 use crate::redis::url::RedisUrl;
+
+/// How long to wait for an rdb-only source to close the link after the RDB.
+const RDB_ONLY_CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// What a successful fetch produced.
 #[derive(Debug, Clone)]
@@ -85,7 +91,14 @@ pub async fn fetch(source: &RedisUrl, file: &Path) -> Result<FetchReport, FetchE
         error,
     };
 
-    let config = ReplicaConfig::new(source.clone());
+    // The snapshot alone (Redis 7.0+): no replication buffer is kept for
+    // this connection, so writes during a long transfer cannot overflow the
+    // source's `client-output-buffer-limit replica`; an older source streams
+    // after the RDB as to any replica, and leaving ends that.
+    let config = ReplicaConfig {
+        rdb_only: true,
+        ..ReplicaConfig::new(source.clone())
+    };
     let mut psync = PsyncSource::connect(&config, None)
         .await
         .map_err(repl_err)?;
@@ -115,7 +128,9 @@ pub async fn fetch(source: &RedisUrl, file: &Path) -> Result<FetchReport, FetchE
             }
         }
     }
-    // The snapshot is all we want; leaving now ends the replica link.
+    // The snapshot is all we want. An rdb-only source closes the link
+    // itself; from any other, leaving now ends the replica link.
+    psync.wait_closed(RDB_ONLY_CLOSE_WAIT).await;
     drop(psync);
     out.sync_all().await.map_err(write_err)?;
     drop(out);

@@ -60,7 +60,7 @@ use tracing::{info, warn};
 use super::{ListenerError, ListenerHandle};
 use crate::position::{LogId, PartitionId};
 use crate::record::{Record, RecordLimits};
-use crate::redis::psync::{PsyncSource, ReplError, ReplEvent};
+use crate::redis::psync::{PsyncSource, ReplError, ReplEvent, ReplicaConfig};
 use crate::wal::{ReadLimits, SnapshotPhase, SnapshotState, Wal, WalEntry, WalError};
 
 /// Snapshot chunk writes kept in flight: the WAL group-commits them, so one
@@ -72,6 +72,9 @@ const CHUNKS_IN_FLIGHT: usize = 8;
 /// handle (and fsync) a few dozen chunks per 32 MB instead of thousands.
 /// Held in memory: at most `CHUNKS_IN_FLIGHT + 1` of them.
 const CHUNK_TARGET_BYTES: usize = 1 << 20;
+/// How long a fallback snapshot's connection waits for an rdb-only source to
+/// close it after the RDB.
+const RDB_ONLY_CLOSE_WAIT: Duration = Duration::from_secs(2);
 /// Entries read per step when scanning the log backwards for a marker.
 const MARKER_SCAN_WINDOW: u64 = 512;
 
@@ -325,7 +328,10 @@ impl ListenerHandle {
     /// (see [`FallbackSnapshot::marker_log_id`]).
     ///
     /// The source forks a BGSAVE (or a diskless transfer) for it exactly as
-    /// for a new replica. Errors leave no usable epoch behind (its chunks
+    /// for a new replica; the connection asks for the RDB only
+    /// (`REPLCONF rdb-only 1`, Redis 7.0+), so the source buffers no stream
+    /// for it and closes it after the RDB (an older source streams as to any
+    /// replica until the connection is dropped). Errors leave no usable epoch behind (its chunks
     /// are deleted); retrying is safe. `shutdown` aborts it
     /// ([`ListenerError::Shutdown`]).
     pub async fn take_fallback_snapshot(
@@ -339,9 +345,16 @@ impl ListenerHandle {
             what: "replication".into(),
             error: Box::new(error),
         };
+        // The snapshot alone: the source then keeps no replication buffer for
+        // this connection while the RDB is made and sent (the listener's own
+        // link carries the stream), and closes it afterwards.
+        let replica = ReplicaConfig {
+            rdb_only: true,
+            ..cfg.replica.clone()
+        };
         let mut psync = tokio::select! {
             _ = shutdown.cancelled() => return Err(ListenerError::Shutdown),
-            connected = PsyncSource::connect(&cfg.replica, None) => connected.map_err(repl_err)?,
+            connected = PsyncSource::connect(&replica, None) => connected.map_err(repl_err)?,
         };
         let (replid, offset) = match psync.next_event().await.map_err(repl_err)? {
             ReplEvent::FullResync { replid, offset } => (replid.to_string(), offset.0),
@@ -355,8 +368,15 @@ impl ListenerHandle {
         info!(partition = %partition, %replid, offset, "fallback snapshot: receiving rdb");
         let epoch = self.begin_epoch().await?;
         let outcome = self.receive_rdb(&mut psync, epoch, shutdown, |_| {}).await;
-        // The snapshot is all this connection is for.
-        drop(psync);
+        // The snapshot is all this connection is for. An rdb-only source
+        // closes it itself, in the background of the wait that follows.
+        if psync.rdb_only() && matches!(outcome, Ok(RdbOutcome::Complete { .. })) {
+            tokio::spawn(async move {
+                psync.wait_closed(RDB_ONLY_CLOSE_WAIT).await;
+            });
+        } else {
+            drop(psync);
+        }
         let failure = match outcome {
             Ok(RdbOutcome::Complete { rdb_bytes, chunks }) => Ok((rdb_bytes, chunks)),
             Ok(RdbOutcome::Shutdown) => Err(ListenerError::Shutdown),

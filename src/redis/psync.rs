@@ -13,7 +13,9 @@
 //! `AUTH [user] password` (when the URL has one), `PING`,
 //! `REPLCONF listening-port <port>` (only when configured),
 //! `REPLCONF ip-address <ip>` (only when configured),
-//! `REPLCONF capa eof capa psync2`, then `PSYNC <replid> <offset+1>` to resume
+//! `REPLCONF capa eof capa psync2`, `REPLCONF rdb-only 1` (only on a full
+//! sync of a caller that wants the snapshot alone,
+//! [`ReplicaConfig::rdb_only`]), then `PSYNC <replid> <offset+1>` to resume
 //! from a saved position or `PSYNC ? -1` for a full sync. Errors to the
 //! `REPLCONF`s are tolerated (old masters do not know every option), as Redis's
 //! own replica does. The master may send bare `\n` keepalives before its PSYNC
@@ -147,6 +149,15 @@ pub struct ReplicaConfig {
     /// Default [`RespLimits::default`] (512 MiB bulk strings, like Redis's
     /// `proto-max-bulk-len`).
     pub resp_limits: RespLimits,
+    /// On a full sync, ask for the RDB alone (`REPLCONF rdb-only 1`, Redis
+    /// 7.0+): the master then keeps no replication buffer for this
+    /// connection while it prepares and sends the RDB (so a long transfer
+    /// cannot hit `client-output-buffer-limit replica`), sends no command
+    /// stream after it and closes the connection. For callers that want a
+    /// snapshot, not a replica link (fallback snapshots, `ferry rdb fetch`).
+    /// A master that refuses the option is used as without it
+    /// ([`PsyncSource::rdb_only`] says which). Default `false`.
+    pub rdb_only: bool,
 }
 
 impl ReplicaConfig {
@@ -162,6 +173,7 @@ impl ReplicaConfig {
             max_transaction_bytes: 256 * 1024 * 1024,
             rdb_chunk_size: 64 * 1024,
             resp_limits: RespLimits::default(),
+            rdb_only: false,
         }
     }
 
@@ -275,6 +287,8 @@ pub enum ReplError {
     Io(#[from] io::Error),
     #[error("the replication session failed earlier; reconnect from the saved position")]
     Failed,
+    #[error("this session asked for the RDB only (REPLCONF rdb-only): nothing follows it")]
+    RdbOnlyDone,
 }
 
 impl ReplError {
@@ -370,6 +384,8 @@ enum Phase {
         received: u64,
     },
     Stream,
+    /// An rdb-only transfer ended: the master sends nothing more.
+    RdbOnlyDone,
     Failed,
 }
 
@@ -478,6 +494,8 @@ pub struct PsyncSource {
     resp_limits: RespLimits,
     max_transaction_bytes: usize,
     rdb_chunk_size: usize,
+    /// The master accepted `REPLCONF rdb-only 1`.
+    rdb_only: bool,
 }
 
 impl Drop for PsyncSource {
@@ -571,6 +589,20 @@ impl PsyncSource {
                 continue;
             }
             expect_ok(&reply, step)?;
+        }
+        let mut rdb_only = false;
+        if cfg.rdb_only && from.is_none() {
+            let step = "REPLCONF rdb-only";
+            let reply =
+                exchange(&mut link, &mut writer, &["REPLCONF", "rdb-only", "1"], step).await?;
+            if let Some(message) = reply.strip_prefix('-') {
+                // Before 7.0 (or a proxy that filters it): the master streams
+                // after the RDB as for any replica; the caller drops the link.
+                info!(master = %cfg.source, message, "master does not take REPLCONF rdb-only; taking the RDB as a replica would");
+            } else {
+                expect_ok(&reply, step)?;
+                rdb_only = true;
+            }
         }
 
         let request_offset;
@@ -669,6 +701,7 @@ impl PsyncSource {
             resp_limits: cfg.resp_limits,
             max_transaction_bytes: cfg.max_transaction_bytes,
             rdb_chunk_size: cfg.rdb_chunk_size,
+            rdb_only,
         };
         if let Some(pos) = start {
             // The resume position is the caller's saved (durable) one.
@@ -711,6 +744,31 @@ impl PsyncSource {
         ReplOffset(self.received)
     }
 
+    /// Whether the master accepted `REPLCONF rdb-only 1`
+    /// ([`ReplicaConfig::rdb_only`]): after [`ReplEvent::RdbEnd`] it sends
+    /// nothing and closes the connection; `next_event` then returns
+    /// [`ReplError::RdbOnlyDone`].
+    pub fn rdb_only(&self) -> bool {
+        self.rdb_only
+    }
+
+    /// After an rdb-only transfer ([`PsyncSource::rdb_only`]): waits, at
+    /// most `timeout`, for the master to close the connection, which it does
+    /// once it counted the transfer done (a diskless one when its child
+    /// exited). Leaving earlier works too, but the master then logs a lost
+    /// replica instead of a finished transfer. Returns whether the master
+    /// closed it; `false` at once for any other session.
+    pub async fn wait_closed(&mut self, timeout: Duration) -> bool {
+        if !matches!(self.phase, Phase::RdbOnlyDone) || !self.link.buf.is_empty() {
+            return false;
+        }
+        let mut byte = [0u8; 1];
+        matches!(
+            tokio::time::timeout(timeout, self.link.reader.read(&mut byte)).await,
+            Ok(Ok(0))
+        )
+    }
+
     /// The handle through which the caller sets the offset to acknowledge.
     pub fn ack_handle(&self) -> AckHandle {
         self.acks.allowed.clone()
@@ -733,6 +791,7 @@ impl PsyncSource {
         loop {
             match &mut self.phase {
                 Phase::Failed => return Err(ReplError::Failed),
+                Phase::RdbOnlyDone => return Err(ReplError::RdbOnlyDone),
                 Phase::RdbHeader => {
                     let line = self
                         .link
@@ -784,8 +843,13 @@ impl PsyncSource {
     }
 
     fn finish_rdb(&mut self, len: u64) -> ReplEvent {
-        debug!(len, "rdb transfer complete");
-        self.start_stream();
+        debug!(len, rdb_only = self.rdb_only, "rdb transfer complete");
+        if self.rdb_only {
+            // No stream follows, so no ack is due either.
+            self.phase = Phase::RdbOnlyDone;
+        } else {
+            self.start_stream();
+        }
         ReplEvent::RdbEnd { len }
     }
 
