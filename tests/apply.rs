@@ -369,10 +369,7 @@ async fn every_record_kind_applies_like_the_source() {
     let positions = wal.positions(PARTITION).unwrap().unwrap();
     assert_eq!(positions.applied, last, "the wal's applied mark");
 
-    assert_eq!(
-        target.cmd(&["GET", CHECKPOINT_KEY]),
-        format!("v1 applied={last} epoch=0")
-    );
+    assert_eq!(checkpoint(target.port), format!("applied={last} epoch=0"));
     assert_eq!(target.cmd(&["EXISTS", "__ferry:heartbeat:l1"]), "0");
     assert_eq!(
         target.cmd(&["-n", "5", "EXISTS", "__ferry:heartbeat:l1"]),
@@ -593,7 +590,7 @@ async fn skip_and_record_goes_on_by_itself_and_records_each_entry_once() {
     let applier = start(cfg, &wal);
     applier.wait_applied(last).await;
     let deadline = Instant::now() + APPLY_WAIT;
-    while target.cmd(&["GET", CHECKPOINT_KEY]) != "v1 applied=6 epoch=0" {
+    while checkpoint(target.port) != "applied=6 epoch=0" {
         assert!(Instant::now() < deadline, "not applied again");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -795,8 +792,25 @@ fn spawn_child(wal_dir: &Path, target_port: u16, batch: u64, until: Option<LogId
     child.spawn().unwrap()
 }
 
-/// The checkpoint value in the target, "" when absent.
+/// The checkpoint value in the target without its version and the WAL's
+/// log tag (`applied=N epoch=E`, `loading=N epoch=E`), "" when absent.
 fn checkpoint(port: u16) -> String {
+    progress(&raw_checkpoint(port))
+}
+
+/// `v2 applied=N epoch=E log=T` (or `v1 ...` without a tag) as
+/// `applied=N epoch=E`.
+fn progress(value: &str) -> String {
+    let mut fields: Vec<&str> = value.split(' ').collect();
+    if fields.first().is_some_and(|v| *v == "v1" || *v == "v2") {
+        fields.remove(0);
+    }
+    fields.retain(|field| !field.starts_with("log="));
+    fields.join(" ")
+}
+
+/// The checkpoint value in the target, "" when absent.
+fn raw_checkpoint(port: u16) -> String {
     let out = Process::new(redis_cli_bin())
         .args([
             "-h",
@@ -869,7 +883,7 @@ fn exactly_once_under_sigkill_of_the_applier() {
     let wal_dir = tempfile::tempdir().unwrap();
     let (records, counts) = counter_workload(40_000, 0);
     let last = fill_wal(wal_dir.path(), &records);
-    let done = format!("v1 applied={last} epoch=0");
+    let done = format!("applied={last} epoch=0");
     let mut kills_mid_way = 0;
     for round in 0..8 {
         let batch = 1 + rng.below(20);
@@ -895,10 +909,7 @@ fn exactly_once_under_sigkill_of_the_applier() {
         "only {kills_mid_way} kills hit before the end"
     );
     finish_in_child(wal_dir.path(), target.port, last);
-    assert_eq!(
-        checkpoint(target.port),
-        format!("v1 applied={last} epoch=0")
-    );
+    assert_eq!(checkpoint(target.port), format!("applied={last} epoch=0"));
     assert_counts(target.port, counts);
 }
 
@@ -1156,8 +1167,8 @@ async fn snapshot_marker_makes_the_target_equal_to_the_source() {
     assert_eq!(target.cmd(&["-n", "7", "GET", "unrelated:b"]), "stale");
     // The entry before the marker was applied (not a load): its checkpoint.
     assert_eq!(
-        target.cmd(&["GET", CHECKPOINT_KEY]),
-        format!("v1 applied={} epoch=0", marker_id.prev())
+        checkpoint(target.port),
+        format!("applied={} epoch=0", marker_id.prev())
     );
 
     let applier = start(apply_config(&target.url(), 100), &wal);
@@ -1171,10 +1182,7 @@ async fn snapshot_marker_makes_the_target_equal_to_the_source() {
     // 5000 populated keys + 6 typed ones; the heartbeat is not loaded.
     assert_eq!(load.keys_loaded, 5_006, "{load:?}");
     assert_eq!(report.epoch, 1);
-    assert_eq!(
-        target.cmd(&["GET", CHECKPOINT_KEY]),
-        format!("v1 applied={last} epoch=1")
-    );
+    assert_eq!(checkpoint(target.port), format!("applied={last} epoch=1"));
     assert_eq!(target.cmd(&["EXISTS", "unrelated:a"]), "0");
     assert_eq!(target.cmd(&["-n", "7", "DBSIZE"]), "0");
     assert_eq!(target.cmd(&["EXISTS", "before-snapshot"]), "0");
@@ -1213,18 +1221,18 @@ fn sigkill_during_a_snapshot_load_converges() {
     let mut kills_while_loading = 0;
     for round in 0..4 {
         let now = checkpoint(target.port);
-        if now.starts_with("v1 applied=") && now.ends_with(" epoch=1") {
+        if now.starts_with("applied=") && now.ends_with(" epoch=1") {
             break; // loaded: no more loads to interrupt
         }
         let mut child = spawn_child(&wal_dir, target.port, 64, None);
         let seen = wait_checkpoint(target.port, Duration::from_secs(30), |v| {
-            v.starts_with("v1 loading=")
+            v.starts_with("loading=")
         });
         std::thread::sleep(Duration::from_millis(rng.below(400)));
         child.kill().unwrap();
         child.wait().unwrap();
         let after = checkpoint(target.port);
-        if after.starts_with("v1 loading=") {
+        if after.starts_with("loading=") {
             kills_while_loading += 1;
         }
         println!(
@@ -1234,10 +1242,7 @@ fn sigkill_during_a_snapshot_load_converges() {
     }
     assert!(kills_while_loading >= 1, "no kill landed during a load");
     finish_in_child(&wal_dir, target.port, last);
-    assert_eq!(
-        checkpoint(target.port),
-        format!("v1 applied={last} epoch=1")
-    );
+    assert_eq!(checkpoint(target.port), format!("applied={last} epoch=1"));
     assert_eq!(target.cmd(&["EXISTS", "unrelated:a"]), "0");
     assert_same_data(&target, &source);
 }
@@ -1444,8 +1449,8 @@ async fn applied_entries_are_trimmed_unapplied_kept_until_wal_ttl_which_is_fatal
     // Nothing was skipped silently: the target stays where it was.
     assert_eq!(target.cmd(&["GET", "c"]), "10");
     assert_eq!(
-        target.cmd(&["GET", CHECKPOINT_KEY]),
-        format!("v1 applied={applied} epoch=0")
+        checkpoint(target.port),
+        format!("applied={applied} epoch=0")
     );
     wal.close().await.unwrap();
 }
@@ -1657,19 +1662,18 @@ async fn a_late_batch_moving_the_checkpoint_is_caught_by_the_watch_guard() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(
-        target.cmd(&["GET", CHECKPOINT_KEY]),
-        "v1 applied=10 epoch=0"
-    );
+    assert_eq!(checkpoint(target.port), "applied=10 epoch=0");
 
     // The late batch: entry 11 and its checkpoint, committed by another
     // connection while the session waits.
+    let log_tag = wal.history(PARTITION).unwrap().unwrap().log_tag;
+    let late_checkpoint = format!("v2 applied=11 epoch=0 log={log_tag:016x}");
     let mut late = connect(&target).await;
     let replies = late
         .pipeline(&[
             cmd(&["MULTI"]),
             cmd(&["INCR", "c"]),
-            cmd(&["SET", CHECKPOINT_KEY, "v1 applied=11 epoch=0"]),
+            cmd(&["SET", CHECKPOINT_KEY, &late_checkpoint]),
             cmd(&["EXEC"]),
         ])
         .await
@@ -1701,10 +1705,7 @@ async fn a_late_batch_moving_the_checkpoint_is_caught_by_the_watch_guard() {
     );
     assert_eq!(target.cmd(&["GET", "c"]), "11", "entry 11 applied twice");
     assert_eq!(target.cmd(&["GET", "d"]), "1");
-    assert_eq!(
-        target.cmd(&["GET", CHECKPOINT_KEY]),
-        "v1 applied=12 epoch=0"
-    );
+    assert_eq!(checkpoint(target.port), "applied=12 epoch=0");
     applier.stop().await;
     wal.close().await.unwrap();
 }
@@ -1744,7 +1745,7 @@ async fn a_late_exec_after_the_next_sessions_first_exec_is_discarded() {
     // Connection 2 (or a later one) commits 11..=20 while 1 is held.
     let deadline = Instant::now() + APPLY_WAIT;
     loop {
-        if target.cmd(&["GET", CHECKPOINT_KEY]) == "v1 applied=20 epoch=0" {
+        if checkpoint(target.port) == "applied=20 epoch=0" {
             break;
         }
         assert!(
@@ -1785,10 +1786,7 @@ async fn a_late_exec_after_the_next_sessions_first_exec_is_discarded() {
     let last = append(&wal, &incr(10)).await;
     applier.wait_applied(last).await;
     assert_eq!(target.cmd(&["GET", "c"]), "30");
-    assert_eq!(
-        target.cmd(&["GET", CHECKPOINT_KEY]),
-        "v1 applied=30 epoch=0"
-    );
+    assert_eq!(checkpoint(target.port), "applied=30 epoch=0");
     let report = applier.stop().await.snapshot();
     assert_eq!(report.fence.as_deref(), Some("client-kill"), "{report:?}");
     wal.close().await.unwrap();

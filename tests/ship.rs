@@ -589,6 +589,9 @@ async fn raw_ship(
     Ok((got, error))
 }
 
+/// The incarnation raw streams claim for their (made-up) log.
+const RAW_INCARNATION: u64 = 0x5eed;
+
 fn hello(listener_id: &str, secret: &str, version: u32) -> pb::ShipMessage {
     pb::ShipMessage {
         kind: Some(ship_message::Kind::Hello(pb::Hello {
@@ -596,6 +599,7 @@ fn hello(listener_id: &str, secret: &str, version: u32) -> pb::ShipMessage {
             secret: Bytes::copy_from_slice(secret.as_bytes()),
             partition: P.0,
             protocol_version: version,
+            incarnation: RAW_INCARNATION,
         })),
     }
 }

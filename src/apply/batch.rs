@@ -9,7 +9,7 @@
 //! [SELECT <db>]  <commands of record b>      (a source transaction's commands
 //! ...                                         stay together: one EXEC)
 //! [SELECT 0]
-//! SET __ferry:checkpoint:<drainer>:<partition> "v1 applied=<last id> epoch=<E>"
+//! SET __ferry:checkpoint:<drainer>:<partition> "v2 applied=<last id> epoch=<E> log=<tag>"
 //! EXEC
 //! ```
 //!
@@ -139,6 +139,9 @@ pub(crate) struct BatchBuilder {
     pub keyspace: OwnedKeyspace,
     /// Added to every expiry deadline ([`super::expire`]).
     pub expire_grace: ExpireGrace,
+    /// Log tag of the WAL the batches come from (written into the
+    /// checkpoint).
+    pub log_tag: u64,
 }
 
 /// Upper-case command name for logs and status, at most 64 bytes.
@@ -206,7 +209,11 @@ impl BatchBuilder {
                 refused_unsent: Vec::new(),
                 skip: None,
                 skipped: 0,
-                checkpoint: Checkpoint::Applied { log_id, epoch },
+                checkpoint: Checkpoint::Applied {
+                    log_id,
+                    epoch,
+                    log: self.log_tag,
+                },
             });
             batch.last = log_id;
             entries += 1;
@@ -287,6 +294,7 @@ impl BatchBuilder {
         batch.checkpoint = Checkpoint::Applied {
             log_id: batch.last,
             epoch,
+            log: self.log_tag,
         };
         batch.commands.push(Command::new(vec![
             Bytes::from_static(b"SET"),
@@ -487,6 +495,7 @@ mod tests {
             databases: 16,
             keyspace: OwnedKeyspace::all(),
             expire_grace: ExpireGrace::default(),
+            log_tag: 0xab,
         }
     }
 
@@ -531,7 +540,7 @@ mod tests {
                 "LPUSH l x",
                 "DEL l",
                 "SELECT 0",
-                "SET __ferry:checkpoint:d:0 v1 applied=8 epoch=2",
+                "SET __ferry:checkpoint:d:0 v2 applied=8 epoch=2 log=00000000000000ab",
             ]
         );
         assert_eq!(batch.skipped, 1);
@@ -596,7 +605,7 @@ mod tests {
                 "SELECT 2",
                 "SET c 1",
                 "SELECT 0",
-                "SET __ferry:checkpoint:d:0 v1 applied=3 epoch=0"
+                "SET __ferry:checkpoint:d:0 v2 applied=3 epoch=0 log=00000000000000ab"
             ]
         );
     }

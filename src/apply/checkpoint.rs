@@ -5,9 +5,20 @@
 //! Value, ASCII, one of:
 //!
 //! ```text
-//! v1 applied=<log id> epoch=<epoch>
-//! v1 loading=<log id> epoch=<epoch>
+//! v2 applied=<log id> epoch=<epoch> log=<16 hex digits>
+//! v2 loading=<log id> epoch=<epoch> log=<16 hex digits>
 //! ```
+//!
+//! - `log=T`: the log tag of the drainer WAL partition whose ids these are
+//!   ([`crate::wal::PartitionHistory::log_tag`]). A WAL dir deleted and
+//!   started again, or swapped for another drainer's, has another tag: its
+//!   log ids are not the ones the checkpoint counts, so the applier does not
+//!   resume after them (it loads the snapshot marker the WAL starts with,
+//!   or waits for one).
+//! - `v1` values (written before the log tag existed, without the field)
+//!   are read as counting the WAL's ids, as they always were; the applier
+//!   writes `v2` from then on. An older ferry refuses a `v2` value
+//!   ("unsupported version v2").
 //!
 //! - `applied=L epoch=E`: every WAL entry up to and including `L` is applied,
 //!   on top of snapshot epoch `E` (0: no snapshot was ever loaded; the data
@@ -32,9 +43,9 @@ pub const MAX_CHECKPOINT_LEN: usize = 256;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Checkpoint {
     /// Entries up to and including `log_id` are applied.
-    Applied { log_id: LogId, epoch: u64 },
+    Applied { log_id: LogId, epoch: u64, log: u64 },
     /// The snapshot marker at `log_id` is being loaded.
-    Loading { log_id: LogId, epoch: u64 },
+    Loading { log_id: LogId, epoch: u64, log: u64 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -57,6 +68,14 @@ impl Checkpoint {
         match *self {
             Checkpoint::Applied { log_id, .. } => log_id.next(),
             Checkpoint::Loading { log_id, .. } => log_id,
+        }
+    }
+
+    /// The log tag of the WAL whose ids this counts; 0 for a `v1` value
+    /// (no tag).
+    pub fn log(&self) -> u64 {
+        match *self {
+            Checkpoint::Applied { log, .. } | Checkpoint::Loading { log, .. } => log,
         }
     }
 
@@ -90,15 +109,16 @@ impl Checkpoint {
         }
         let text = std::str::from_utf8(value).map_err(|_| fail("not UTF-8"))?;
         let mut fields = text.split(' ');
-        match fields.next() {
-            Some("v1") => {}
+        let tagged = match fields.next() {
+            Some("v1") => false,
+            Some("v2") => true,
             Some(v) if v.starts_with('v') => {
                 return Err(fail(&format!(
-                    "unsupported version {v} (this ferry reads v1)"
+                    "unsupported version {v} (this ferry reads v1 and v2)"
                 )))
             }
             _ => return Err(fail("no version prefix")),
-        }
+        };
         let number = |field: Option<&str>, name: &str| -> Result<(String, u64), CheckpointError> {
             let field = field.ok_or_else(|| fail(&format!("no {name} field")))?;
             let (key, value) = field
@@ -116,13 +136,25 @@ impl Checkpoint {
         if epoch_key != "epoch" {
             return Err(fail(&format!("expected epoch=, found {epoch_key}=")));
         }
+        let log = if tagged {
+            let field = fields.next().ok_or_else(|| fail("no log field"))?;
+            let hex = field
+                .strip_prefix("log=")
+                .ok_or_else(|| fail(&format!("expected log=, found {field:?}")))?;
+            u64::from_str_radix(hex, 16)
+                .ok()
+                .filter(|log| *log != 0 && hex.len() == 16)
+                .ok_or_else(|| fail("log is not 16 hex digits of a non-zero tag"))?
+        } else {
+            0
+        };
         if fields.next().is_some() {
             return Err(fail("trailing fields"));
         }
         let log_id = LogId(log_id);
         match phase.as_str() {
-            "applied" => Ok(Checkpoint::Applied { log_id, epoch }),
-            "loading" if log_id > LogId::ZERO => Ok(Checkpoint::Loading { log_id, epoch }),
+            "applied" => Ok(Checkpoint::Applied { log_id, epoch, log }),
+            "loading" if log_id > LogId::ZERO => Ok(Checkpoint::Loading { log_id, epoch, log }),
             "loading" => Err(fail("loading a snapshot at log id 0")),
             other => Err(fail(&format!("unknown phase {other:?}"))),
         }
@@ -131,9 +163,15 @@ impl Checkpoint {
 
 impl fmt::Display for Checkpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Checkpoint::Applied { log_id, epoch } => write!(f, "v1 applied={log_id} epoch={epoch}"),
-            Checkpoint::Loading { log_id, epoch } => write!(f, "v1 loading={log_id} epoch={epoch}"),
+        let (phase, log_id, epoch, log) = match *self {
+            Checkpoint::Applied { log_id, epoch, log } => ("applied", log_id, epoch, log),
+            Checkpoint::Loading { log_id, epoch, log } => ("loading", log_id, epoch, log),
+        };
+        if log == 0 {
+            // Only a value read as v1 has no tag; it is written back as it was.
+            write!(f, "v1 {phase}={log_id} epoch={epoch}")
+        } else {
+            write!(f, "v2 {phase}={log_id} epoch={epoch} log={log:016x}")
         }
     }
 }
@@ -147,14 +185,24 @@ mod tests {
         let applied = Checkpoint::Applied {
             log_id: LogId(1234),
             epoch: 7,
+            log: 0xab,
         };
-        assert_eq!(applied.encode(), "v1 applied=1234 epoch=7");
-        assert_eq!(Checkpoint::decode(b"v1 applied=1234 epoch=7"), Ok(applied));
+        assert_eq!(
+            applied.encode(),
+            "v2 applied=1234 epoch=7 log=00000000000000ab"
+        );
+        assert_eq!(Checkpoint::decode(applied.encode().as_bytes()), Ok(applied));
         assert_eq!(applied.resume_at(), LogId(1235));
         assert_eq!(applied.applied(), LogId(1234));
+        assert_eq!(applied.log(), 0xab);
+        // Written before the log tag: no tag, and written back the same.
+        let legacy = Checkpoint::decode(b"v1 applied=1234 epoch=7").unwrap();
+        assert_eq!(legacy.log(), 0);
+        assert_eq!(legacy.encode(), "v1 applied=1234 epoch=7");
         let loading = Checkpoint::Loading {
             log_id: LogId(40),
             epoch: 2,
+            log: u64::MAX,
         };
         assert_eq!(Checkpoint::decode(loading.encode().as_bytes()), Ok(loading));
         assert_eq!(loading.resume_at(), LogId(40));
@@ -168,9 +216,13 @@ mod tests {
     #[test]
     fn refuses_malformed_values() {
         let long = vec![b'v'; MAX_CHECKPOINT_LEN + 1];
-        let cases: [&[u8]; 11] = [
+        let cases: [&[u8]; 15] = [
             b"",
+            b"v3 applied=1 epoch=0",
             b"v2 applied=1 epoch=0",
+            b"v2 applied=1 epoch=0 log=0000000000000000",
+            b"v2 applied=1 epoch=0 log=abc",
+            b"v2 applied=1 epoch=0 tag=00000000000000ab",
             b"applied=1 epoch=0",
             b"v1 applied=1",
             b"v1 applied=x epoch=0",
@@ -188,7 +240,7 @@ mod tests {
                 String::from_utf8_lossy(value)
             );
         }
-        let error = Checkpoint::decode(b"v2 applied=1 epoch=0").unwrap_err();
-        assert!(error.why.contains("unsupported version v2"), "{error}");
+        let error = Checkpoint::decode(b"v3 applied=1 epoch=0").unwrap_err();
+        assert!(error.why.contains("unsupported version v3"), "{error}");
     }
 }

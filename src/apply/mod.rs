@@ -37,7 +37,11 @@
 //! that also writes the checkpoint key
 //! `__ferry:checkpoint:<drainer-id>:<partition>` in db 0 (format in
 //! [`checkpoint`]): the commands of a batch and the checkpoint naming its
-//! last log id commit together or not at all. On start, and after every
+//! last log id commit together or not at all. The checkpoint also names
+//! the log tag of the WAL partition whose ids it counts; one of another tag
+//! (a rebuilt or swapped WAL dir) is not resumed after: the applier loads
+//! the snapshot marker the WAL starts with, or waits for one
+//! ([`ApplyError::ForeignCheckpoint`], retried). On start, and after every
 //! reconnect, the applier reads the checkpoint back and resumes right after
 //! it, so a batch whose `EXEC` ran is never sent again and one that did not
 //! run is sent again. A target that persists (AOF) writes a `MULTI`/`EXEC`
@@ -273,6 +277,22 @@ pub enum ApplyError {
         partition: PartitionId,
         what: String,
     },
+    /// The target's checkpoint counts the ids of another WAL's log (this
+    /// WAL dir was deleted and started again, or swapped for another
+    /// drainer's), and the WAL does not start with a snapshot marker that
+    /// could replace what the target holds. Retried: the listener sends a
+    /// snapshot to a drainer that holds none of its log.
+    #[error(
+        "partition {partition}: the target's checkpoint counts the log ids of another WAL (log \
+         {checkpoint:016x}; this WAL's is {wal:016x}), so it cannot resume after it; waiting for \
+         a snapshot marker to load (if none comes, stop the drainer and move its WAL dir away: a \
+         drainer without data gets a snapshot)"
+    )]
+    ForeignCheckpoint {
+        partition: PartitionId,
+        checkpoint: u64,
+        wal: u64,
+    },
     #[error("target: {0}")]
     Client(#[from] ClientError),
     #[error("target did not answer within {0:?}")]
@@ -354,6 +374,7 @@ impl ApplyError {
             ApplyError::Wal(error) => !matches!(error, WalError::Trimmed { .. }),
             ApplyError::Reply(error) => matches!(error, ReplyError::InternalRefused { .. }),
             ApplyError::Client(_)
+            | ApplyError::ForeignCheckpoint { .. }
             | ApplyError::Timeout(_)
             | ApplyError::Checkpoint(_)
             | ApplyError::Aborted { .. }
@@ -423,6 +444,7 @@ pub async fn run(
             shutdown,
             applied_tx,
             epoch: 0,
+            log_tag: 0,
             progressed: false,
             keyspace: cfg.keyspace()?,
             first_load: false,
@@ -655,6 +677,8 @@ pub(crate) struct Applier {
     loaded_tx: watch::Sender<u64>,
     /// Snapshot epoch of the target's data set.
     epoch: u64,
+    /// Log tag of the WAL partition (written into every checkpoint).
+    log_tag: u64,
     /// Something was applied since the last failure (resets the backoff).
     progressed: bool,
     /// What this sync owns on the target (`[filter]`).
@@ -866,7 +890,7 @@ impl Applier {
             _ = shutdown.cancelled() => return Ok(()),
             connected = connect => connected?,
         };
-        let resume = self.reconcile(checkpoint).await?;
+        let (resume, marker_first) = self.reconcile(checkpoint).await?;
         self.passed(resume);
         self.status.set_online();
         if last_error.take().is_some() {
@@ -893,7 +917,7 @@ impl Applier {
             runs,
             pending: VecDeque::new(),
             expected: resume,
-            marker_first: matches!(checkpoint, Some(Checkpoint::Loading { .. })),
+            marker_first,
             partition: self.partition,
             max_pending: self.cfg.batch_max_entries.saturating_mul(2),
         };
@@ -901,10 +925,17 @@ impl Applier {
     }
 
     /// Compares the target's checkpoint with the WAL's applied mark; returns
-    /// the first log id to apply.
-    async fn reconcile(&mut self, checkpoint: Option<Checkpoint>) -> Result<LogId, ApplyError> {
+    /// the first log id to apply, and whether it must be a snapshot marker.
+    async fn reconcile(
+        &mut self,
+        checkpoint: Option<Checkpoint>,
+    ) -> Result<(LogId, bool), ApplyError> {
         let wal = self.wal.clone();
         let partition = self.partition;
+        self.log_tag = wal.follow_history(partition, None, 0).await?.log_tag;
+        if let Some(foreign) = checkpoint.filter(|c| c.log() != 0 && c.log() != self.log_tag) {
+            return self.reconcile_foreign(foreign).await;
+        }
         let positions = tokio::task::spawn_blocking(move || wal.positions(partition))
             .await
             .map_err(|error| ApplyError::Task(error.to_string()))??;
@@ -945,7 +976,65 @@ impl Applier {
                 });
             }
         }
-        Ok(checkpoint.map(|c| c.resume_at()).unwrap_or(LogId(1)))
+        let marker_first = matches!(checkpoint, Some(Checkpoint::Loading { .. }));
+        Ok((
+            checkpoint.map(|c| c.resume_at()).unwrap_or(LogId(1)),
+            marker_first,
+        ))
+    }
+
+    /// The target's checkpoint counts another WAL's log ids: nothing it
+    /// says about this WAL holds. Only a snapshot marker can bring the target
+    /// onto this log, so resume at the WAL's first entry if it is one.
+    async fn reconcile_foreign(
+        &mut self,
+        checkpoint: Checkpoint,
+    ) -> Result<(LogId, bool), ApplyError> {
+        let (wal, partition) = (self.wal.clone(), self.partition);
+        let first = tokio::task::spawn_blocking(move || -> Result<Option<LogId>, WalError> {
+            let Some(first) = wal.first_log_id(partition)? else {
+                return Ok(None);
+            };
+            let one = ReadLimits {
+                max_entries: 1,
+                max_bytes: 1,
+            };
+            let entries = wal.read(partition, first, one)?;
+            let is_marker = entries.first().is_some_and(|entry| {
+                matches!(
+                    Record::decode(&entry.payload, RecordLimits::default()),
+                    Ok(Record::Snapshot(_))
+                )
+            });
+            Ok(is_marker.then_some(first))
+        })
+        .await
+        .map_err(|error| ApplyError::Task(error.to_string()))?;
+        let marker = match first {
+            Ok(marker) => marker,
+            Err(WalError::Trimmed { .. }) => None,
+            Err(error) => return Err(error.into()),
+        };
+        let Some(marker) = marker else {
+            return Err(ApplyError::ForeignCheckpoint {
+                partition: self.partition,
+                checkpoint: checkpoint.log(),
+                wal: self.log_tag,
+            });
+        };
+        warn!(
+            partition = %self.partition,
+            ?checkpoint,
+            wal_log = format_args!("{:016x}", self.log_tag),
+            %marker,
+            "the target's checkpoint counts another WAL's log ids; loading the snapshot this WAL starts with"
+        );
+        self.epoch = 0;
+        // The target's data is this sync's (its checkpoint says so), not
+        // data that was there before it: not a first load.
+        self.first_load = false;
+        self.status.set_applied(LogId::ZERO, 0);
+        Ok((marker, true))
     }
 
     fn builder(&self, target: &Target) -> BatchBuilder {
@@ -956,6 +1045,7 @@ impl Applier {
             databases: target.databases,
             keyspace: self.keyspace.clone(),
             expire_grace: expire::ExpireGrace::new(self.cfg.expire_grace.0),
+            log_tag: self.log_tag,
         }
     }
 

@@ -432,7 +432,11 @@ impl Applier {
             "loading snapshot: {}",
             if flush { "emptying the owned dbs of the target" } else { "loading over the target's keys (existing-data = keep)" }
         );
-        let loading = Checkpoint::Loading { log_id, epoch };
+        let loading = Checkpoint::Loading {
+            log_id,
+            epoch,
+            log: self.log_tag,
+        };
         let start = self.keyspace.load_start(
             target.databases,
             check,
@@ -670,7 +674,11 @@ impl Applier {
         if produced.db != 0 {
             target.call(&["SELECT", "0"]).await?;
         }
-        let applied = Checkpoint::Applied { log_id, epoch };
+        let applied = Checkpoint::Applied {
+            log_id,
+            epoch,
+            log: self.log_tag,
+        };
         target
             .call_command(&Command::new(vec![
                 Bytes::from_static(b"SET"),

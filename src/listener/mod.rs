@@ -19,6 +19,12 @@
 //!   source position (replid, FULLRESYNC offset, db 0). Entries after the
 //!   marker apply on top of the RDB.
 //!
+//! # History
+//!
+//! The partition's log is this listener's: [`Listener::open`] creates its
+//! history record (a random incarnation, `ship` module doc "History") in a
+//! new WAL and refuses a WAL whose log another listener id created.
+//!
 //! # Positions and recovery
 //!
 //! `acked to the source <= durable <= received`: the [`AckHandle`] is raised
@@ -134,6 +140,16 @@ pub enum ListenerError {
         first: LogId,
         first_offset: u64,
     },
+    #[error(
+        "partition {partition}: this WAL holds the log of listener {owner:?}, not of {id:?}; run \
+         the listener under id {owner:?}, or give {id:?} a new WAL dir (its drainers then get a \
+         snapshot)"
+    )]
+    ForeignLog {
+        partition: PartitionId,
+        owner: String,
+        id: String,
+    },
     #[error("listener task failed: {0}")]
     Task(String),
     #[error("shut down")]
@@ -200,8 +216,10 @@ pub async fn run(
 }
 
 impl Listener {
-    /// Validates `cfg`, reads the partition's durable position from the WAL
-    /// and cleans up a snapshot epoch a crash left half-written.
+    /// Validates `cfg`, takes up the partition's history (a new WAL gets
+    /// one, a WAL holding another listener id's log is refused), reads the
+    /// partition's durable position from the WAL and cleans up a snapshot
+    /// epoch a crash left half-written.
     pub async fn open(
         cfg: ListenerConfig,
         wal: Wal,
@@ -209,6 +227,15 @@ impl Listener {
     ) -> Result<Listener, ListenerError> {
         let cfg = cfg.validate()?;
         let partition = cfg.partition;
+        let history = wal.open_history(partition, &cfg.id).await?;
+        if history.owner != cfg.id {
+            return Err(ListenerError::ForeignLog {
+                partition,
+                owner: history.owner,
+                id: cfg.id.clone(),
+            });
+        }
+        info!(partition = %partition, incarnation = format_args!("{:016x}", history.incarnation), "wal history");
         let positions_wal = wal.clone();
         let positions = tokio::task::spawn_blocking(move || positions_wal.positions(partition))
             .await

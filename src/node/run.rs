@@ -584,11 +584,16 @@ impl DrainerPart {
     }
 
     fn status(&self) -> Vec<DrainerSide> {
-        let streams: BTreeMap<PartitionId, Option<String>> = self
+        let streams: BTreeMap<PartitionId, (Option<String>, Option<String>)> = self
             .service
             .status()
             .into_iter()
-            .map(|s| (s.partition, s.connected_listener))
+            .map(|s| {
+                (
+                    s.partition,
+                    (s.connected_listener, recent_refusal(s.refused)),
+                )
+            })
             .collect();
         let appliers: Vec<(PartitionId, Arc<ApplyStatus>)> = lock(&self.appliers)
             .iter()
@@ -605,8 +610,14 @@ impl DrainerPart {
                     partition: partition.0,
                     target: self.target.clone(),
                     state: report.state.to_string(),
-                    last_error: self.wal.disk_pause().or(report.last_error),
-                    connected_listener: streams.get(&partition).cloned().flatten(),
+                    // A listener refused for this partition (it belongs to
+                    // another) is shown while it keeps trying.
+                    last_error: self
+                        .wal
+                        .disk_pause()
+                        .or(report.last_error)
+                        .or_else(|| streams.get(&partition).and_then(|s| s.1.clone())),
+                    connected_listener: streams.get(&partition).and_then(|s| s.0.clone()),
                     durable: report.durable.0,
                     applied: report.applied.0,
                     lag: report.lag,
@@ -683,6 +694,17 @@ impl DrainerPart {
             done,
         })
     }
+}
+
+/// How long a refused `Hello` stays in the status: a refused listener
+/// retries at least this often (its backoff tops out at `reconnect-max`,
+/// 10 s by default).
+const REFUSAL_SHOWN_MS: u64 = 60_000;
+
+fn recent_refusal(refused: Option<(u64, String)>) -> Option<String> {
+    refused
+        .filter(|(at, _)| now_unix_ms().saturating_sub(*at) <= REFUSAL_SHOWN_MS)
+        .map(|(_, error)| error)
 }
 
 /// Starts the ship endpoint on `socket` and the applier supervisor.

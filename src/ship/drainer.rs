@@ -26,8 +26,10 @@ use crate::config_units::HumanDuration;
 use crate::position::{LogId, PartitionId};
 use crate::record::pb::drainer_server::{Drainer, DrainerServer};
 use crate::record::pb::{self, ship_message, ship_reply};
-use crate::record::SnapshotMarker;
-use crate::wal::{NewEntry, PendingAppend, SnapshotPhase, SnapshotState, Wal, WalError};
+use crate::record::{Record, SnapshotMarker};
+use crate::wal::{
+    NewEntry, PartitionHistory, PendingAppend, SnapshotPhase, SnapshotState, Wal, WalError,
+};
 
 /// A listener allowed to ship to this drainer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -144,6 +146,11 @@ pub struct DrainerPartitionStatus {
     pub last_received_unix_ms: u64,
     /// Streams accepted for this partition since start.
     pub sessions: u64,
+    /// The latest `Hello` refused for this partition because another
+    /// listener owns it, and when (unix ms).
+    pub refused: Option<(u64, String)>,
+    /// The partition's history record, if it has one.
+    pub history: Option<PartitionHistory>,
 }
 
 /// Who currently ships a partition.
@@ -161,6 +168,7 @@ struct PartitionSlot {
     running: Arc<tokio::sync::Mutex<()>>,
     last_received_unix_ms: u64,
     sessions: u64,
+    refused: Option<(u64, String)>,
 }
 
 struct Inner {
@@ -239,6 +247,8 @@ impl DrainerService {
                     snapshot: self.inner.wal.snapshot_state(partition).unwrap_or_default(),
                     last_received_unix_ms: slot.map_or(0, |slot| slot.last_received_unix_ms),
                     sessions: slot.map_or(0, |slot| slot.sessions),
+                    refused: slot.and_then(|slot| slot.refused.clone()),
+                    history: self.inner.wal.history(partition).ok().flatten(),
                 }
             })
             .collect()
@@ -344,6 +354,26 @@ impl DrainerService {
         }
     }
 
+    /// Refuses `listener` for `partition`, owned by `owner`: logged and
+    /// kept for the status.
+    fn refuse_foreign(
+        &self,
+        partition: PartitionId,
+        owner: &str,
+        listener: &str,
+        peer: Option<SocketAddr>,
+    ) -> ShipError {
+        let error = ShipError::PartitionOwned {
+            partition,
+            owner: owner.to_string(),
+            listener: listener.to_string(),
+        };
+        warn!(partition = %partition, listener, owner, ?peer, %error, "ship stream refused");
+        self.slots().entry(partition).or_default().refused =
+            Some((now_unix_ms(), error.to_string()));
+        error
+    }
+
     fn touch(&self, partition: PartitionId) {
         if let Some(slot) = self.slots().get_mut(&partition) {
             slot.last_received_unix_ms = now_unix_ms();
@@ -373,10 +403,48 @@ impl DrainerService {
             warn!(listener = %hello.listener_id, ?peer, %error, "ship stream refused");
             return Err(error);
         }
+        if hello.incarnation == 0 {
+            return Err(ShipError::invalid("Hello without an incarnation"));
+        }
         let partition = PartitionId(hello.partition);
+        // Another listener's partition: refused before it can even end the
+        // owner's stream.
+        if let Some(history) = self.inner.wal.history(partition)? {
+            if !history.owner.is_empty() && history.owner != hello.listener_id {
+                return Err(self.refuse_foreign(
+                    partition,
+                    &history.owner,
+                    &hello.listener_id,
+                    peer,
+                ));
+            }
+        }
         let (session, cancel, running) = self
             .take_partition(partition, &hello.listener_id, peer)
             .await?;
+        // The only writer of the partition now: claim it (durably, before the
+        // Welcome), and adopt the listener's incarnation if its log is empty.
+        let history = match self
+            .inner
+            .wal
+            .follow_history(partition, Some(&hello.listener_id), hello.incarnation)
+            .await
+        {
+            Ok(history) if history.owner == hello.listener_id => history,
+            Ok(history) => {
+                self.release(partition, session);
+                return Err(self.refuse_foreign(
+                    partition,
+                    &history.owner,
+                    &hello.listener_id,
+                    peer,
+                ));
+            }
+            Err(error) => {
+                self.release(partition, session);
+                return Err(error.into());
+            }
+        };
         let wal = self.inner.wal.clone();
         let start = tokio::task::spawn_blocking(move || wal.positions(partition))
             .await
@@ -392,20 +460,46 @@ impl DrainerService {
         let (durable, snapshot) = positions
             .map(|positions| (positions.durable, positions.snapshot))
             .unwrap_or_default();
+        let follows = history.incarnation == hello.incarnation;
         let (reply_tx, reply_rx) = mpsc::channel(64);
         let welcome = pb::ShipReply {
             kind: Some(ship_reply::Kind::Welcome(pb::Welcome {
-                durable_log_id: durable.0,
-                snapshot_epoch: snapshot.epoch,
+                durable_log_id: if follows {
+                    durable.0.saturating_sub(history.id_base)
+                } else {
+                    0
+                },
+                snapshot_epoch: if follows {
+                    snapshot.epoch.saturating_sub(history.epoch_base)
+                } else {
+                    0
+                },
+                owner: history.owner.clone(),
+                incarnation: history.incarnation,
             })),
         };
         // The channel is empty and its receiver alive: this cannot fail.
         let _ = reply_tx.try_send(Ok(welcome));
-        info!(partition = %partition, listener = %hello.listener_id, ?peer, %durable, "ship stream accepted");
+        if follows {
+            info!(partition = %partition, listener = %hello.listener_id, ?peer, %durable, "ship stream accepted");
+        } else {
+            info!(
+                partition = %partition,
+                listener = %hello.listener_id,
+                ?peer,
+                %durable,
+                held = format_args!("{:016x}", history.incarnation),
+                shipped = format_args!("{:016x}", hello.incarnation),
+                "ship stream accepted; it ships another history, a snapshot must come first"
+            );
+        }
 
         let stream = StreamSession {
             service: self.clone(),
             partition,
+            epoch_base: follows.then_some(history.epoch_base),
+            history,
+            shipped: hello.incarnation,
             durable,
             received: durable,
             queued: VecDeque::new(),
@@ -462,9 +556,22 @@ struct Transfer {
 const MAX_QUEUED_APPENDS: usize = 16;
 
 /// One accepted stream; the only writer of its partition while it runs.
+///
+/// Ids and epochs here are the drainer's own (local) ones unless named
+/// otherwise; the listener's are local minus the history's bases (module
+/// doc, "History").
 struct StreamSession {
     service: DrainerService,
     partition: PartitionId,
+    /// The partition's history record, as of the latest reset.
+    history: PartitionHistory,
+    /// Incarnation of the listener's log this stream ships.
+    shipped: u64,
+    /// Local epoch = listener epoch + this, for this stream's transfers:
+    /// the history's base when the partition follows the stream's log;
+    /// otherwise chosen at the stream's first transfer, above every epoch
+    /// the partition has, and stored with the marker's reset.
+    epoch_base: Option<u64>,
     /// Last id made durable (and acked).
     durable: LogId,
     /// Last id queued to the WAL (`durable <= received`).
@@ -473,13 +580,32 @@ struct StreamSession {
     queued: VecDeque<PendingAppend>,
     snapshot: SnapshotState,
     transfer: Option<Transfer>,
-    /// (epoch, chunk count) of the last complete transfer on this stream:
-    /// a marker may only name that one.
+    /// (local epoch, chunk count) of the last complete transfer on this
+    /// stream: a marker may only name that one.
     received_snapshot: Option<(u64, u64)>,
     reply_tx: mpsc::Sender<Result<pb::ShipReply, Status>>,
 }
 
 impl StreamSession {
+    /// Whether the partition holds the log this stream ships.
+    fn follows(&self) -> bool {
+        self.history.incarnation == self.shipped
+    }
+
+    /// A local id in the listener's numbering (only meaningful while the
+    /// partition follows the stream's log).
+    fn listener_id(&self, local: LogId) -> LogId {
+        LogId(local.0.saturating_sub(self.history.id_base))
+    }
+
+    fn local_id(&self, listener: LogId) -> Result<LogId, ShipError> {
+        listener
+            .0
+            .checked_add(self.history.id_base)
+            .map(LogId)
+            .ok_or_else(|| ShipError::invalid(format!("entry id {listener} overflows")))
+    }
+
     async fn run(
         mut self,
         mut inbound: Streaming<pb::ShipMessage>,
@@ -556,9 +682,15 @@ impl StreamSession {
     }
 
     async fn ack(&mut self) -> Result<(), ShipError> {
+        // Nothing of the stream's log is here before its snapshot.
+        let durable = if self.follows() {
+            self.listener_id(self.durable)
+        } else {
+            LogId::ZERO
+        };
         let reply = pb::ShipReply {
             kind: Some(ship_reply::Kind::Ack(pb::Ack {
-                durable_log_id: self.durable.0,
+                durable_log_id: durable.0,
             })),
         };
         self.reply_tx
@@ -603,7 +735,8 @@ impl StreamSession {
         let mut run_first = LogId::ZERO;
         let mut queued_any = false;
         for decoded in entries {
-            if decoded.log_id <= self.received {
+            let follows = self.follows();
+            if follows && self.local_id(decoded.log_id)? <= self.received {
                 // Re-sent by a resumed stream: already here.
                 continue;
             }
@@ -619,19 +752,27 @@ impl StreamSession {
                 self.ack().await?;
                 continue;
             }
-            let expected = self.received.next();
-            if decoded.log_id != expected {
+            if !follows {
+                return Err(ShipError::HistoryMismatch {
+                    partition: self.partition,
+                    owner: self.history.owner.clone(),
+                    held: self.history.incarnation,
+                    shipped: self.shipped,
+                });
+            }
+            let local = self.local_id(decoded.log_id)?;
+            if local != self.received.next() {
                 return Err(ShipError::Gap {
                     partition: self.partition,
-                    last: self.received,
+                    last: self.listener_id(self.received),
                     got: decoded.log_id,
                 });
             }
             if run.is_empty() {
-                run_first = decoded.log_id;
+                run_first = local;
             }
             run.push(decoded.entry);
-            self.received = decoded.log_id;
+            self.received = local;
         }
         if !run.is_empty() {
             let pending = wal.submit_append_at(self.partition, run_first, run).await?;
@@ -658,30 +799,78 @@ impl StreamSession {
                 marker.epoch
             )));
         }
-        if self.received_snapshot != Some((marker.epoch, marker.chunks)) {
+        let local_epoch = self
+            .epoch_base
+            .and_then(|base| marker.epoch.checked_add(base));
+        let delivered = self
+            .received_snapshot
+            .zip(local_epoch)
+            .is_some_and(|((epoch, chunks), local)| epoch == local && chunks == marker.chunks);
+        if !delivered {
             return Err(ShipError::invalid(format!(
                 "snapshot marker at {log_id} names epoch {} with {} chunks, but this stream \
                  delivered {} before it (chunks must precede their marker)",
                 marker.epoch,
                 marker.chunks,
-                match self.received_snapshot {
-                    Some((epoch, chunks)) => format!("epoch {epoch} with {chunks} chunks"),
-                    None => "no complete snapshot".to_string(),
+                match (self.received_snapshot, self.epoch_base) {
+                    (Some((epoch, chunks)), Some(base)) =>
+                        format!("epoch {} with {chunks} chunks", epoch - base),
+                    _ => "no complete snapshot".to_string(),
                 }
             )));
         }
+        let Some(epoch) = local_epoch else {
+            return Err(ShipError::invalid("snapshot marker without a transfer"));
+        };
+        // A marker of another log starts following that log: its ids go
+        // above everything the partition held (module doc, "History").
+        let (start, history) = if self.follows() {
+            (self.local_id(log_id)?, None)
+        } else {
+            let id_base = (self.received.0 + 1).saturating_sub(log_id.0);
+            let history = PartitionHistory {
+                owner: self.history.owner.clone(),
+                incarnation: self.shipped,
+                id_base,
+                epoch_base: self.epoch_base.unwrap_or(0),
+                log_tag: self.history.log_tag,
+            };
+            let start = log_id
+                .0
+                .checked_add(id_base)
+                .map(LogId)
+                .ok_or_else(|| ShipError::invalid(format!("marker id {log_id} overflows")))?;
+            (start, Some(history))
+        };
+        let mut entry = decoded.entry;
+        if epoch != marker.epoch {
+            entry.payload = Record::Snapshot(SnapshotMarker {
+                epoch,
+                ..marker.clone()
+            })
+            .encode();
+        }
         let wal = &self.service.inner.wal;
-        wal.reset_partition(self.partition, log_id, decoded.entry)
+        wal.reset_partition_to(self.partition, start, entry, history.clone())
             .await?;
-        self.durable = log_id;
-        self.received = log_id;
-        info!(partition = %self.partition, %log_id, epoch = marker.epoch, "snapshot marker stored, log reset");
+        self.durable = start;
+        self.received = start;
+        if let Some(history) = history {
+            info!(
+                partition = %self.partition,
+                %log_id,
+                local_id = %start,
+                incarnation = format_args!("{:016x}", history.incarnation),
+                "snapshot of another history stored: the partition follows it now"
+            );
+            self.history = history;
+        }
+        info!(partition = %self.partition, %log_id, epoch, "snapshot marker stored, log reset");
         // The old log is gone, so nothing refers to an older epoch any more
         // (its marker, if it had one, was the old log's first entry; an
         // epoch whose marker never came is superseded too). An applier still
         // loading one fails on the missing chunks and moves on to this
         // marker.
-        let epoch = marker.epoch;
         let deleted = wal
             .collect_snapshots(self.partition, |stored| stored >= epoch)
             .await?;
@@ -694,7 +883,26 @@ impl StreamSession {
     async fn chunk(&mut self, chunk: pb::SnapshotChunk) -> Result<(), ShipError> {
         let data = wire::decode_chunk(&chunk, &self.service.inner.limits)?;
         let wal = &self.service.inner.wal;
-        let (epoch, seq) = (chunk.epoch, chunk.seq);
+        let seq = chunk.seq;
+        let base = match self.epoch_base {
+            Some(base) => base,
+            // Another log's first transfer on this stream: its epochs go
+            // above every epoch the partition has.
+            None if seq == 0 => {
+                let base = (self.snapshot.epoch + 1).saturating_sub(chunk.epoch);
+                self.epoch_base = Some(base);
+                base
+            }
+            None => {
+                return Err(ShipError::invalid(format!(
+                    "snapshot chunk {}/{seq} without a transfer (seq 0 starts one)",
+                    chunk.epoch
+                )))
+            }
+        };
+        let epoch = chunk.epoch.checked_add(base).ok_or_else(|| {
+            ShipError::invalid(format!("snapshot epoch {} overflows", chunk.epoch))
+        })?;
         if seq == 0 {
             if epoch < self.snapshot.epoch {
                 return Err(ShipError::invalid(format!(

@@ -7,17 +7,19 @@
 //! drainer's acks recorded as the listener WAL's downstream acks (which is
 //! what lets the listener's retention trim them).
 //!
-//! # Wire protocol (version 1, `proto/ferry.proto`, service `Drainer`)
+//! # Wire protocol (version 2, `proto/ferry.proto`, service `Drainer`)
 //!
 //! One bidirectional stream `Ship` per (listener, partition, drainer):
 //!
 //! ```text
 //! listener                                         drainer
 //!   Hello { listener_id, secret, partition,  ──▶   auth (constant-time secret compare)
-//!           protocol_version }                     refuse: UNAUTHENTICATED (unknown id, bad secret)
+//!           protocol_version, incarnation }        refuse: UNAUTHENTICATED (unknown id, bad secret)
 //!                                                          FAILED_PRECONDITION (version)
+//!                                                          PERMISSION_DENIED (partition owned by another listener)
 //!                                                          ALREADY_EXISTS (partition held by another listener)
-//!                                          ◀──   Welcome { durable_log_id = D, snapshot_epoch }
+//!                                          ◀──   Welcome { durable_log_id = D, snapshot_epoch,
+//!                                                          owner, incarnation }
 //!   [SnapshotChunk { epoch, seq 0..n, data, last }]*   (only right before a marker entry)
 //!   EntryBatch { first_log_id, count, raw_len, snappy_entries } ──▶ append_at, fsync
 //!                                          ◀──   Ack { durable_log_id }   (after each durable append)
@@ -36,8 +38,67 @@
 //! - The stream carries nothing else. Either side ends it on any error; the
 //!   listener reconnects and starts over with `Hello`.
 //!
+//! # History
+//!
+//! Log ids only mean something within one history: one listener's log of a
+//! partition, from the WAL dir that created it. A listener whose WAL dir was
+//! deleted and started again numbers its new log from 1 again; a drainer
+//! whose WAL dir was swapped for another drainer's holds ids of another
+//! listener's log. So every WAL partition has a history record
+//! ([`PartitionHistory`](crate::wal::PartitionHistory)):
+//!
+//! - On the listener: the listener id that created the log (the *owner*)
+//!   and a random, non-zero *incarnation*, created with the log and kept
+//!   across restarts. A listener refuses to start on a log another listener
+//!   id created. `Hello.incarnation` carries it.
+//! - On the drainer: the listener id that *claimed* the partition (the
+//!   first one whose `Hello` it accepted for it, recorded durably before the
+//!   `Welcome`) and the incarnation of that listener's log it holds.
+//!   A `Hello` of any other listener id for the partition is refused with
+//!   `PERMISSION_DENIED` naming both ids ([`ShipError::PartitionOwned`]),
+//!   shown in the drainer's status, before it can end the owner's stream or
+//!   write anything: another listener can never reset the partition.
+//!   `Welcome` carries owner and incarnation.
+//! - Same incarnation: the rules below, unchanged. Different (or none): the
+//!   drainer's ids are not the listener's, so the listener ignores `D`,
+//!   records no ack from it, and sends a snapshot first: its log's first
+//!   marker if that is its first entry and its chunks are stored, a
+//!   fallback snapshot otherwise. The drainer refuses any entry but a
+//!   marker from such a stream (`FAILED_PRECONDITION`,
+//!   [`ShipError::HistoryMismatch`]); the marker resets the partition and
+//!   replaces its history record in one atomic write, so the drainer holds
+//!   either the old log under the old history or the new marker under the
+//!   new one, never entries of one spliced onto the other.
+//! - A drainer's own ids must only grow (its appliers and the targets'
+//!   checkpoints count on it), but a new history may start below them. So
+//!   the drainer keeps local ids = listener ids + `id_base`, and local
+//!   snapshot epochs = listener epochs + `epoch_base`, both stored in the
+//!   history record: 0 while they can be (a drainer that only ever followed
+//!   one log has the listener's ids), raised just enough at a history reset
+//!   to stay above what the partition held. `Welcome`, acks and errors speak
+//!   the listener's numbering; the drainer's WAL, its appliers and `ferry
+//!   status`'s drainer rows the local one. A marker is stored with its local
+//!   epoch.
+//! - A drainer partition whose log is still empty adopts the incarnation of
+//!   its owner's first `Hello` (nothing could be spliced onto it), so a new
+//!   drainer streams from id 1 without a snapshot when the listener still
+//!   holds its log from the start.
+//!
+//! Older peers and data dirs: a protocol-1 peer is refused
+//! (`FAILED_PRECONDITION`, "protocol version 1 is not supported"): upgrade
+//! both ends; the listener's WAL keeps the stream meanwhile (up to
+//! `wal-ttl`). A listener WAL written before history records gets a new
+//! incarnation on first start; a drainer partition written before them is
+//! claimed by the first configured listener that connects and holds no
+//! known incarnation: each such drainer partition gets one snapshot after
+//! the upgrade, never an unchecked resume. (A drainer partition that old is
+//! trusted to belong to the listener that claims it, the one thing that
+//! cannot be checked.)
+//!
 //! # Rules (drainer side)
 //!
+//! 0. The partition's owner and history are checked first (section
+//!    "History").
 //! 1. One active stream per partition. A new stream of the same listener
 //!    replaces the old one (the old one is cancelled between two messages,
 //!    never in the middle of a WAL write, and the new one waits for it to
@@ -76,9 +137,11 @@
 //!
 //! 1. The shipper registers the drainer as a WAL downstream, so retention
 //!    keeps entries until it acked them (within `wal_ttl` and the size cap).
-//! 2. After `Welcome { D }`: `D` past the listener's last id is refused (the
-//!    drainer holds a history this listener never wrote); otherwise the
-//!    listener records `D` as the drainer's ack and sends from `D + 1`.
+//! 2. After `Welcome { D }` of the listener's own incarnation: `D` past the
+//!    listener's last id is refused (the drainer holds entries this log
+//!    never had); otherwise the listener records `D` as the drainer's ack
+//!    and sends from `D + 1`. Of another incarnation: a snapshot first
+//!    (section "History").
 //! 3. If `D + 1` is no longer stored (trimmed past `wal_ttl` or the size cap)
 //!    the listener asks its [`SnapshotProvider`] for a fresh snapshot
 //!    consistent with its log at `marker_log_id = M` (relay convention 4, docs/ARCHITECTURE.md),
@@ -122,7 +185,8 @@ pub use shipper::{
 };
 
 /// The protocol version this build speaks (`Hello.protocol_version`).
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: `Hello` and `Welcome` carry the history (module doc, "History").
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Bounds on what one side accepts from the other.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -189,8 +253,39 @@ pub enum ShipError {
     InvalidFrame { what: String },
     #[error("listener {listener_id:?} refused: {reason}")]
     Unauthenticated { listener_id: String, reason: String },
-    #[error("protocol version {got} is not supported (this drainer speaks {supported})")]
+    #[error(
+        "protocol version {got} is not supported (this drainer speaks {supported}); run the \
+         same ferry version on both ends"
+    )]
     UnsupportedVersion { got: u32, supported: u32 },
+    #[error(
+        "partition {partition} belongs to listener {owner:?} (it claimed the drainer's log \
+         first); listener {listener:?} may not ship to it nor reset it"
+    )]
+    PartitionOwned {
+        partition: PartitionId,
+        owner: String,
+        listener: String,
+    },
+    #[error(
+        "partition {partition}: the drainer holds incarnation {held:016x} of listener {owner:?}'s \
+         log, this stream ships incarnation {shipped:016x}: a snapshot must come before any entry"
+    )]
+    HistoryMismatch {
+        partition: PartitionId,
+        owner: String,
+        held: u64,
+        shipped: u64,
+    },
+    #[error(
+        "partition {partition}: this WAL holds the log of listener {owner:?}, not of \
+         {listener:?}; run it under id {owner:?}, or give listener {listener:?} a new WAL dir"
+    )]
+    ForeignLog {
+        partition: PartitionId,
+        owner: String,
+        listener: String,
+    },
     #[error(
         "partition {partition}: gap: entry {got} does not follow entry {last}; \
          resume from the Welcome point"
@@ -261,6 +356,9 @@ impl ShipError {
             ShipError::InvalidFrame { .. } => "invalid-frame",
             ShipError::Unauthenticated { .. } => "unauthenticated",
             ShipError::UnsupportedVersion { .. } => "unsupported-version",
+            ShipError::PartitionOwned { .. } => "partition-owned",
+            ShipError::HistoryMismatch { .. } => "history-mismatch",
+            ShipError::ForeignLog { .. } => "foreign-log",
             ShipError::Gap { .. } => "gap",
             ShipError::PartitionBusy { .. } => "partition-busy",
             ShipError::Replaced => "replaced",
@@ -270,6 +368,8 @@ impl ShipError {
             ShipError::Connect { .. } => "connect",
             ShipError::Remote(status) => match status.code() {
                 Code::Unauthenticated => "remote-unauthenticated",
+                Code::PermissionDenied => "remote-permission-denied",
+                Code::FailedPrecondition => "remote-failed-precondition",
                 Code::InvalidArgument => "remote-invalid-argument",
                 Code::Unavailable => "remote-unavailable",
                 _ => "remote",
@@ -290,9 +390,10 @@ impl From<ShipError> for Status {
         match error {
             ShipError::InvalidFrame { .. } => Status::invalid_argument(message),
             ShipError::Unauthenticated { .. } => Status::unauthenticated(message),
-            ShipError::UnsupportedVersion { .. } | ShipError::DrainerAhead { .. } => {
-                Status::failed_precondition(message)
-            }
+            ShipError::UnsupportedVersion { .. }
+            | ShipError::DrainerAhead { .. }
+            | ShipError::HistoryMismatch { .. } => Status::failed_precondition(message),
+            ShipError::PartitionOwned { .. } => Status::permission_denied(message),
             ShipError::Gap { .. } => Status::out_of_range(message),
             ShipError::PartitionBusy { .. } => Status::already_exists(message),
             ShipError::Replaced => Status::aborted(message),
@@ -307,6 +408,7 @@ impl From<ShipError> for Status {
             | ShipError::StreamClosed
             | ShipError::Protocol(_)
             | ShipError::Snapshot { .. }
+            | ShipError::ForeignLog { .. }
             | ShipError::Config(_) => Status::internal(message),
         }
     }
@@ -366,6 +468,23 @@ mod tests {
                 Code::OutOfRange,
             ),
             (ShipError::Wal(WalError::Closed), Code::Unavailable),
+            (
+                ShipError::PartitionOwned {
+                    partition: PartitionId(0),
+                    owner: "a".into(),
+                    listener: "b".into(),
+                },
+                Code::PermissionDenied,
+            ),
+            (
+                ShipError::HistoryMismatch {
+                    partition: PartitionId(0),
+                    owner: "a".into(),
+                    held: 1,
+                    shipped: 2,
+                },
+                Code::FailedPrecondition,
+            ),
             (
                 ShipError::remote(Status::permission_denied("p")),
                 Code::PermissionDenied,

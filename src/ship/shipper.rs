@@ -320,7 +320,8 @@ impl Shipper {
     }
 
     /// Ships until `shutdown`; reconnects after every failure. Returns an
-    /// error only when the listener's own WAL fails (closed or poisoned).
+    /// error only when the listener's own WAL fails (closed or poisoned) or
+    /// holds another listener's log ([`ShipError::ForeignLog`]).
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), ShipError> {
         let span = tracing::info_span!(
             "shipper",
@@ -332,6 +333,18 @@ impl Shipper {
 
     async fn run_inner(self, shutdown: CancellationToken) -> Result<(), ShipError> {
         let (partition, drainer_id) = (self.partition, self.target.drainer_id.clone());
+        let history = self
+            .wal
+            .open_history(partition, &self.target.listener_id)
+            .await?;
+        if history.owner != self.target.listener_id {
+            return Err(ShipError::ForeignLog {
+                partition,
+                owner: history.owner,
+                listener: self.target.listener_id.clone(),
+            });
+        }
+        let incarnation = history.incarnation;
         self.wal
             .register_downstream(partition, drainer_id.clone())
             .await?;
@@ -356,7 +369,7 @@ impl Shipper {
                 break;
             }
             let mut welcomed = false;
-            let result = self.session(&shutdown, &mut welcomed).await;
+            let result = self.session(&shutdown, incarnation, &mut welcomed).await;
             let was_online = std::mem::replace(&mut self.status().online, false);
             if welcomed {
                 backoff.reset();
@@ -404,6 +417,7 @@ impl Shipper {
     async fn session(
         &self,
         shutdown: &CancellationToken,
+        incarnation: u64,
         welcomed: &mut bool,
     ) -> Result<(), ShipError> {
         let endpoint = &self.target.endpoint;
@@ -435,6 +449,7 @@ impl Shipper {
                 secret: self.target.secret.clone().into_bytes().into(),
                 partition: self.partition.0,
                 protocol_version: PROTOCOL_VERSION,
+                incarnation,
             })),
         };
         // The channel is empty and its receiver alive: this cannot fail.
@@ -464,8 +479,22 @@ impl Shipper {
             })??,
         };
         *welcomed = true;
+        if welcome.owner != self.target.listener_id {
+            return Err(ShipError::Protocol(format!(
+                "Welcome names owner {:?}, not this listener {:?}",
+                welcome.owner, self.target.listener_id
+            )));
+        }
 
-        let durable = LogId(welcome.durable_log_id);
+        // The drainer's ids are this log's only if it holds this incarnation
+        // of it (module doc, "History"); otherwise a snapshot goes first and
+        // nothing of the Welcome counts as an ack.
+        let follows = welcome.incarnation == incarnation;
+        let durable = if follows {
+            LogId(welcome.durable_log_id)
+        } else {
+            LogId::ZERO
+        };
         let listener_last = self.wal.last_log_id(self.partition)?.unwrap_or(LogId::ZERO);
         if durable > listener_last {
             return Err(ShipError::DrainerAhead {
@@ -485,7 +514,25 @@ impl Shipper {
             status.online = true;
             status.last_error = None;
         }
-        info!(partition = %self.partition, endpoint = %endpoint, drainer_durable = %durable, snapshot_epoch = welcome.snapshot_epoch, "drainer online");
+        if follows {
+            info!(partition = %self.partition, endpoint = %endpoint, drainer_durable = %durable, snapshot_epoch = welcome.snapshot_epoch, "drainer online");
+        } else {
+            info!(
+                partition = %self.partition,
+                endpoint = %endpoint,
+                held = format_args!("{:016x}", welcome.incarnation),
+                ours = format_args!("{:016x}", incarnation),
+                "drainer online; it holds another history of this partition, sending a snapshot first"
+            );
+        }
+        // Where shipping starts: after the drainer's durable id, or, for a
+        // snapshot first, at this log's first entry (a marker there is sent
+        // with its chunks; anything else makes it a fallback snapshot).
+        let read_next = if follows {
+            durable.next()
+        } else {
+            self.wal.first_log_id(self.partition)?.unwrap_or(LogId(1))
+        };
 
         let mut stream = ActiveStream {
             shipper: self,
@@ -495,11 +542,12 @@ impl Shipper {
             inflight: VecDeque::new(),
             unacked_bytes: 0,
             pending: VecDeque::new(),
-            read_next: durable.next(),
+            read_next,
             read_ahead: None,
             last_sent: durable,
             acked_remote: durable,
             acked_wal: durable,
+            needs_snapshot: !follows,
         };
         let result = stream.pump(shutdown).await;
         // A read ahead holds a handle of the WAL: let it end before the
@@ -543,6 +591,9 @@ struct ActiveStream<'a> {
     /// Latest ack from the drainer, and the latest one written to the WAL.
     acked_remote: LogId,
     acked_wal: LogId,
+    /// The drainer holds another history: the next thing sent must be a
+    /// snapshot (its marker resets the drainer's partition).
+    needs_snapshot: bool,
 }
 
 impl ActiveStream<'_> {
@@ -603,6 +654,11 @@ impl ActiveStream<'_> {
                 .and_then(|e| wire::peek_marker(&e.payload))
             {
                 self.ship_log_marker(marker, shutdown).await?;
+                continue;
+            }
+            if self.needs_snapshot {
+                info!(partition = %self.partition(), "the log does not start with a snapshot marker; sending a fallback snapshot");
+                self.fallback(shutdown).await?;
                 continue;
             }
             let batch = self.take_batch();
@@ -801,6 +857,7 @@ impl ActiveStream<'_> {
         {
             if let Some(entry) = self.pending.pop_front() {
                 self.send_batch(vec![entry], shutdown).await?;
+                self.needs_snapshot = false;
             }
             return Ok(());
         }
@@ -873,6 +930,7 @@ impl ActiveStream<'_> {
         self.send_batch(vec![entry], shutdown).await?;
         self.pending.clear();
         self.read_next = marker_id.next();
+        self.needs_snapshot = false;
         self.shipper.status().fallback_snapshots += 1;
         info!(partition = %partition, epoch = snapshot.epoch, %marker_id, "fallback snapshot sent");
         Ok(())

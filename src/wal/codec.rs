@@ -9,7 +9,8 @@
 use bytes::Bytes;
 
 use super::{
-    DownstreamId, LogMeta, SnapshotPhase, SnapshotState, SourcePosition, WalEntry, MAX_REPLID_LEN,
+    DownstreamId, LogMeta, PartitionHistory, SnapshotPhase, SnapshotState, SourcePosition,
+    WalEntry, MAX_OWNER_LEN, MAX_REPLID_LEN,
 };
 use crate::position::{LogId, PartitionId, ReplOffset};
 
@@ -21,6 +22,7 @@ pub const META_LOG: u8 = b'L';
 pub const META_APPLIED: u8 = b'A';
 pub const META_DOWNSTREAM: u8 = b'D';
 pub const META_SNAPSHOT: u8 = b'S';
+pub const META_HISTORY: u8 = b'H';
 
 const CRC_LEN: usize = 4;
 /// Fixed part of an entry value before the replid.
@@ -348,6 +350,41 @@ pub fn decode_snapshot_state(
     Ok(SnapshotState { epoch, phase })
 }
 
+/// Encodes a history record; callers check `owner` against
+/// [`MAX_OWNER_LEN`] first.
+pub fn encode_history(partition: PartitionId, history: &PartitionHistory) -> Vec<u8> {
+    let mut out = Vec::with_capacity(2 + history.owner.len() + 32 + CRC_LEN);
+    out.push(FORMAT_VERSION);
+    out.push(history.owner.len() as u8);
+    out.extend_from_slice(history.owner.as_bytes());
+    out.extend_from_slice(&history.incarnation.to_be_bytes());
+    out.extend_from_slice(&history.id_base.to_be_bytes());
+    out.extend_from_slice(&history.epoch_base.to_be_bytes());
+    out.extend_from_slice(&history.log_tag.to_be_bytes());
+    seal(&meta_key(META_HISTORY, partition), out)
+}
+
+pub fn decode_history(partition: PartitionId, value: &[u8]) -> Result<PartitionHistory, String> {
+    let body = unseal(&meta_key(META_HISTORY, partition), value)?;
+    let mut cursor = Cursor::new(body);
+    let owner_len = usize::from(cursor.u8("owner length")?);
+    if owner_len > MAX_OWNER_LEN {
+        return Err(format!("owner length {owner_len} exceeds {MAX_OWNER_LEN}"));
+    }
+    let owner = std::str::from_utf8(cursor.take(owner_len, "owner")?)
+        .map_err(|_| "owner is not utf-8".to_string())?
+        .to_string();
+    let history = PartitionHistory {
+        owner,
+        incarnation: cursor.u64("incarnation")?,
+        id_base: cursor.u64("id base")?,
+        epoch_base: cursor.u64("epoch base")?,
+        log_tag: cursor.u64("log tag")?,
+    };
+    cursor.finish("history")?;
+    Ok(history)
+}
+
 pub fn encode_snapshot_chunk(epoch: u64, seq: u64, data: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(1 + data.len() + CRC_LEN);
     out.push(FORMAT_VERSION);
@@ -446,6 +483,20 @@ mod tests {
         };
         let value = encode_snapshot_state(partition, &state);
         assert_eq!(decode_snapshot_state(partition, &value).unwrap(), state);
+
+        let history = PartitionHistory {
+            owner: "listener-1".into(),
+            incarnation: 0x0123_4567_89ab_cdef,
+            id_base: 500,
+            epoch_base: 3,
+            log_tag: 77,
+        };
+        let value = encode_history(partition, &history);
+        assert_eq!(decode_history(partition, &value).unwrap(), history);
+        assert!(decode_history(PartitionId(8), &value).is_err());
+        for len in 0..value.len() {
+            assert!(decode_history(partition, &value[..len]).is_err());
+        }
 
         let value = encode_snapshot_chunk(4, 1, b"chunk");
         assert_eq!(&decode_snapshot_chunk(4, 1, &value).unwrap()[..], b"chunk");

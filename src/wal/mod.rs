@@ -70,6 +70,15 @@
 //!   - `'D' ++ partition ++ downstream id bytes` → acked log id of that
 //!     downstream (registered downstreams hold back retention).
 //!   - `'S' ++ partition` → snapshot epoch and phase (absent/writing/complete).
+//!   - `'H' ++ partition` → the partition's history ([`PartitionHistory`]):
+//!     u8 owner length (<= 64), the owner (utf-8), then u64 incarnation,
+//!     u64 id base, u64 epoch base, u64 log tag. Written with the first
+//!     use of the partition ([`Wal::open_history`], [`Wal::follow_history`])
+//!     and, on a drainer, in the same batch as the reset that makes the
+//!     partition follow another history ([`Wal::reset_partition`]).
+//!     Data dirs written before it existed have none: the record is created
+//!     on first use (module doc of `ship`, "History"). An older binary
+//!     refuses a dir holding one ("unknown meta tag 0x48").
 //! - `default`: unused (RocksDB requires it).
 //!
 //! # Recovery invariants
@@ -281,6 +290,63 @@ impl Default for LogMeta {
     }
 }
 
+/// Which history a partition's log holds: whose log it is and which
+/// incarnation of it, so that a log rebuilt from scratch, or a drainer fed
+/// by another listener's log, is never mistaken for the one it replaced
+/// (`ship` module doc, "History").
+///
+/// On a listener the record describes its own log: `owner` is the listener
+/// id that created it, `incarnation` a random id given at creation (a WAL
+/// dir deleted and started again gets a new one), the bases are 0. On a
+/// drainer it describes the log it mirrors: the listener id that claimed
+/// the partition (no other listener may ship to it), the incarnation of that
+/// listener's log it holds (0: none yet), and how its ids and snapshot
+/// epochs map to the listener's (local = listener + base; 0 until the
+/// partition had to follow a new history whose ids lie below its own).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PartitionHistory {
+    /// The listener id the log belongs to (empty: not claimed yet).
+    pub owner: String,
+    /// Incarnation of the owner's log (0: none yet).
+    pub incarnation: u64,
+    /// Local log id = listener log id + `id_base`.
+    pub id_base: u64,
+    /// Local snapshot epoch = listener epoch + `epoch_base`.
+    pub epoch_base: u64,
+    /// Random id of this WAL's own log of the partition, created with the
+    /// record and never changed (its ids only ever grow): the applier's
+    /// checkpoint names it, so a target is never resumed against another
+    /// WAL's log ids.
+    pub log_tag: u64,
+}
+
+/// Longest owner (listener id) in a [`PartitionHistory`].
+pub const MAX_OWNER_LEN: usize = 64;
+
+/// A random non-zero u64 (an incarnation or a log tag): 64 bits from the
+/// standard library's randomly keyed hasher, mixed with the time, the pid
+/// and a counter. Not for secrets; distinct ids are all it must give.
+pub fn random_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    loop {
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+        hasher.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0),
+        );
+        hasher.write_u32(std::process::id());
+        let id = hasher.finish();
+        if id != 0 {
+            return id;
+        }
+    }
+}
+
 /// Phase of a partition's snapshot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SnapshotPhase {
@@ -317,6 +383,8 @@ pub struct PartitionPositions {
     /// Stored bytes of the entries `first_available..=durable`.
     pub stored_bytes: u64,
     pub snapshot: SnapshotState,
+    /// The partition's history record, if it has one.
+    pub history: Option<PartitionHistory>,
 }
 
 /// Bounds of one read: it stops after `max_entries` entries or once
@@ -411,6 +479,11 @@ pub enum WalError {
         partition: PartitionId,
         expected: LogId,
         got: LogId,
+    },
+    #[error("partition {partition}: invalid history: {what}")]
+    InvalidHistory {
+        partition: PartitionId,
+        what: String,
     },
     #[error("partition {partition}: reset to start at {start} but ids up to {last} are taken")]
     ResetBehindLog {

@@ -401,6 +401,11 @@ impl WalStorage for RocksWalStorage {
                     batch.delete_range_cf(&cf, codec::snap_key(*epoch, 0), last);
                     batch.delete_cf(&cf, last);
                 }
+                WriteOp::History { partition, history } => batch.put_cf(
+                    &meta,
+                    codec::meta_key(codec::META_HISTORY, *partition),
+                    codec::encode_history(*partition, history),
+                ),
             }
         }
         let mut write_options = WriteOptions::default();

@@ -12,7 +12,9 @@ use std::sync::Mutex;
 use bytes::Bytes;
 
 use super::codec;
-use super::{DownstreamId, LogMeta, ReadLimits, SnapshotState, WalEntry, WalError};
+use super::{
+    DownstreamId, LogMeta, PartitionHistory, ReadLimits, SnapshotState, WalEntry, WalError,
+};
 use crate::position::{LogId, PartitionId};
 
 /// One mutation of a write batch.
@@ -54,6 +56,11 @@ pub enum WriteOp {
     },
     /// Delete every chunk of `epoch`.
     DeleteSnapshot { partition: PartitionId, epoch: u64 },
+    /// Replace the partition's history record.
+    History {
+        partition: PartitionId,
+        history: PartitionHistory,
+    },
 }
 
 /// Everything stored about one partition except its entries.
@@ -64,6 +71,7 @@ pub struct StoredPartition {
     pub applied: LogId,
     pub acks: BTreeMap<DownstreamId, LogId>,
     pub snapshot: SnapshotState,
+    pub history: Option<PartitionHistory>,
 }
 
 /// Durable storage of entries, snapshot chunks and progress.
@@ -161,6 +169,9 @@ pub(crate) fn decode_meta_records<'a>(
             }
             codec::META_SNAPSHOT => {
                 stored.snapshot = codec::decode_snapshot_state(partition, value).map_err(corrupt)?
+            }
+            codec::META_HISTORY => {
+                stored.history = Some(codec::decode_history(partition, value).map_err(corrupt)?)
             }
             codec::META_DOWNSTREAM => {
                 let name = std::str::from_utf8(rest)
@@ -331,6 +342,12 @@ fn apply_op(state: &mut MemState, op: &WriteOp) {
             if let Some(chunks) = state.snapshots.get_mut(partition) {
                 chunks.retain(|(chunk_epoch, _), _| chunk_epoch != epoch);
             }
+        }
+        WriteOp::History { partition, history } => {
+            state.meta.insert(
+                codec::meta_key(codec::META_HISTORY, *partition),
+                codec::encode_history(*partition, history),
+            );
         }
     }
 }

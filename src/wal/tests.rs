@@ -1015,6 +1015,82 @@ async fn reset_partition_survives_reopen() {
 }
 
 #[tokio::test]
+async fn a_listener_history_is_created_once_and_kept_across_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = {
+        let wal = Wal::open(test_config(dir.path())).await.unwrap();
+        assert_eq!(wal.history(P1).unwrap(), None);
+        let created = wal.open_history(P1, "listener-a").await.unwrap();
+        assert_eq!(created.owner, "listener-a");
+        assert_ne!(created.incarnation, 0);
+        assert_eq!((created.id_base, created.epoch_base), (0, 0));
+        // Taken up again (by the shipper, or under another name): unchanged.
+        assert_eq!(wal.open_history(P1, "listener-b").await.unwrap(), created);
+        wal.close().await.unwrap();
+        created
+    };
+    let wal = Wal::open(test_config(dir.path())).await.unwrap();
+    assert_eq!(wal.history(P1).unwrap(), Some(first.clone()));
+    assert_eq!(wal.open_history(P1, "listener-a").await.unwrap(), first);
+    wal.close().await.unwrap();
+    // A rebuilt WAL dir is another history.
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(test_config(dir.path())).await.unwrap();
+    let rebuilt = wal.open_history(P1, "listener-a").await.unwrap();
+    assert_ne!(rebuilt.incarnation, first.incarnation);
+    wal.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_drainer_partition_is_claimed_once_and_adopts_only_into_an_empty_log() {
+    on_both(test_config, |wal| async move {
+        // An applier's look creates an unclaimed record with a log tag.
+        let unclaimed = wal.follow_history(P1, None, 0).await.unwrap();
+        assert_eq!((unclaimed.owner.as_str(), unclaimed.incarnation), ("", 0));
+        assert_ne!(unclaimed.log_tag, 0);
+        // Another listener cannot take the incarnation of a claimed log.
+        let claimed = wal.follow_history(P1, Some("listener-a"), 7).await.unwrap();
+        assert_eq!(
+            (claimed.owner.as_str(), claimed.incarnation),
+            ("listener-a", 7)
+        );
+        assert_eq!(claimed.log_tag, unclaimed.log_tag);
+        let refused = wal.follow_history(P1, Some("listener-b"), 8).await.unwrap();
+        assert_eq!(refused, claimed);
+        // A log with entries keeps the history it has.
+        let other = wal.follow_history(P2, Some("listener-a"), 0).await.unwrap();
+        assert_eq!(other.incarnation, 0);
+        wal.append_at(P2, LogId(1), vec![entry(b"x", 1)])
+            .await
+            .unwrap();
+        let kept = wal.follow_history(P2, Some("listener-a"), 9).await.unwrap();
+        assert_eq!(kept.incarnation, 0);
+        // A reset replaces it atomically with the marker.
+        let next = PartitionHistory {
+            incarnation: 9,
+            id_base: 4,
+            epoch_base: 2,
+            ..kept.clone()
+        };
+        wal.reset_partition_to(P2, LogId(5), entry(b"marker", 2), Some(next.clone()))
+            .await
+            .unwrap();
+        assert_eq!(wal.history(P2).unwrap(), Some(next.clone()));
+        assert_eq!(wal.positions(P2).unwrap().unwrap().history, Some(next));
+        let too_long = PartitionHistory {
+            owner: "x".repeat(MAX_OWNER_LEN + 1),
+            ..PartitionHistory::default()
+        };
+        assert!(matches!(
+            wal.reset_partition_to(P2, LogId(9), entry(b"m", 3), Some(too_long))
+                .await,
+            Err(WalError::InvalidHistory { .. })
+        ));
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn subscribers_wake_after_appends_only() {
     on_both(test_config, |wal| async move {
         let mut appended_rx = wal.subscribe_appends();

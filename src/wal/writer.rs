@@ -28,8 +28,9 @@ use tracing::{debug, error, info, warn};
 use super::codec::encoded_entry_len;
 use super::storage::{StoredPartition, WalStorage, WriteOp};
 use super::{
-    AppendedRange, DownstreamId, LogMeta, NewEntry, PartitionPositions, ReadLimits,
-    RocksWalStorage, SnapshotState, WalConfig, WalEntry, WalError, MAX_PAYLOAD_LEN, MAX_REPLID_LEN,
+    random_id, AppendedRange, DownstreamId, LogMeta, NewEntry, PartitionHistory,
+    PartitionPositions, ReadLimits, RocksWalStorage, SnapshotState, WalConfig, WalEntry, WalError,
+    MAX_OWNER_LEN, MAX_PAYLOAD_LEN, MAX_REPLID_LEN,
 };
 use crate::position::{LogId, PartitionId};
 
@@ -41,6 +42,7 @@ struct PartitionState {
     applied: LogId,
     acks: BTreeMap<DownstreamId, LogId>,
     snapshot: SnapshotState,
+    history: Option<PartitionHistory>,
 }
 
 impl From<StoredPartition> for PartitionState {
@@ -51,8 +53,25 @@ impl From<StoredPartition> for PartitionState {
             applied: stored.applied,
             acks: stored.acks,
             snapshot: stored.snapshot,
+            history: stored.history,
         }
     }
+}
+
+/// How a caller takes up a partition's history record
+/// ([`Wal::open_history`], [`Wal::follow_history`]).
+#[derive(Debug, Clone)]
+enum HistoryClaim {
+    /// A listener's own log: the record is created, with a new random
+    /// incarnation, if it is absent; otherwise left as it is.
+    Own { owner: String },
+    /// A drainer's mirror: a record is created if absent (no owner, no
+    /// incarnation, a new log tag); `owner` claims it if nobody has; while
+    /// the log is empty, the owner's `incarnation` is adopted.
+    Follow {
+        owner: Option<String>,
+        incarnation: u64,
+    },
 }
 
 #[derive(Default)]
@@ -75,6 +94,11 @@ enum Request {
         partition: PartitionId,
         start: LogId,
         entry: NewEntry,
+        history: Option<PartitionHistory>,
+    },
+    History {
+        partition: PartitionId,
+        claim: HistoryClaim,
     },
     Register {
         partition: PartitionId,
@@ -119,6 +143,7 @@ impl Request {
             Request::Append { partition, .. }
             | Request::AppendAt { partition, .. }
             | Request::Reset { partition, .. }
+            | Request::History { partition, .. }
             | Request::Register { partition, .. }
             | Request::Unregister { partition, .. }
             | Request::Ack { partition, .. }
@@ -146,6 +171,7 @@ impl Request {
 enum Outcome {
     Appended(AppendedRange),
     Trimmed(LogId),
+    History(PartitionHistory),
     Done,
 }
 
@@ -518,15 +544,81 @@ impl Wal {
         start: LogId,
         entry: NewEntry,
     ) -> Result<AppendedRange, WalError> {
+        self.reset_partition_to(partition, start, entry, None).await
+    }
+
+    /// [`Wal::reset_partition`] that, when `history` is given, also replaces
+    /// the partition's history record in the same atomic write: a drainer
+    /// that starts following another log (a snapshot of it) never holds the
+    /// new marker under the old history, nor the old log under the new one.
+    pub async fn reset_partition_to(
+        &self,
+        partition: PartitionId,
+        start: LogId,
+        entry: NewEntry,
+        history: Option<PartitionHistory>,
+    ) -> Result<AppendedRange, WalError> {
         let request = Request::Reset {
             partition,
             start,
             entry,
+            history,
         };
         match self.call(request).await? {
             Outcome::Appended(range) => Ok(range),
             _ => Err(WalError::Closed),
         }
+    }
+
+    /// The history record of a listener's own log of `partition`: created
+    /// durably, with a new random incarnation, if the partition has none (a
+    /// new WAL, or one written before history records existed); returned as
+    /// stored otherwise. The caller checks that `owner` is its own id.
+    pub async fn open_history(
+        &self,
+        partition: PartitionId,
+        owner: &str,
+    ) -> Result<PartitionHistory, WalError> {
+        let claim = HistoryClaim::Own {
+            owner: owner.to_string(),
+        };
+        self.claim_history(partition, claim).await
+    }
+
+    /// The history record of a drainer's mirror of `partition`, created
+    /// durably if absent (unclaimed, no incarnation, a new log tag). With
+    /// `owner`, an unclaimed partition becomes that listener's (the caller
+    /// checks the returned owner: a partition claimed by another listener
+    /// stays its). With a non-zero `incarnation` of the owner's log, a
+    /// partition whose log is still empty adopts it: an empty log holds no
+    /// history that entries could be spliced onto.
+    pub async fn follow_history(
+        &self,
+        partition: PartitionId,
+        owner: Option<&str>,
+        incarnation: u64,
+    ) -> Result<PartitionHistory, WalError> {
+        let claim = HistoryClaim::Follow {
+            owner: owner.map(str::to_string),
+            incarnation,
+        };
+        self.claim_history(partition, claim).await
+    }
+
+    async fn claim_history(
+        &self,
+        partition: PartitionId,
+        claim: HistoryClaim,
+    ) -> Result<PartitionHistory, WalError> {
+        match self.call(Request::History { partition, claim }).await? {
+            Outcome::History(history) => Ok(history),
+            _ => Err(WalError::Closed),
+        }
+    }
+
+    /// The history record of `partition`, if it has one.
+    pub fn history(&self, partition: PartitionId) -> Result<Option<PartitionHistory>, WalError> {
+        Ok(self.state(partition)?.and_then(|state| state.history))
     }
 
     /// A receiver whose value changes after every committed batch that
@@ -874,6 +966,7 @@ impl Wal {
             source: state.log.source,
             stored_bytes,
             snapshot: state.snapshot,
+            history: state.history,
         }))
     }
 
@@ -1477,6 +1570,7 @@ fn stage(
             partition,
             start,
             entry,
+            history,
         } => {
             let entries = vec![entry];
             check_entries(partition, &entries)?;
@@ -1487,6 +1581,11 @@ fn stage(
                     last: state.log.last,
                 });
             }
+            if let Some(history) = history {
+                check_owner(partition, &history.owner)?;
+                state.history = Some(history.clone());
+                ops.push(WriteOp::History { partition, history });
+            }
             // The old entries become garbage below the new first id (no
             // delete is written; module doc, invariant 2).
             staged.first_raised = true;
@@ -1496,6 +1595,42 @@ fn stage(
             let range = stage_entries(partition, entries, state, ops, now_unix_ms);
             staged.log_changed = true;
             Ok(Outcome::Appended(range))
+        }
+        Request::History { partition, claim } => {
+            let empty = state.log.last == LogId::ZERO;
+            let next = match (claim, &state.history) {
+                (HistoryClaim::Own { .. }, Some(existing)) => existing.clone(),
+                (HistoryClaim::Own { owner }, None) => {
+                    check_owner(partition, &owner)?;
+                    let incarnation = random_id();
+                    PartitionHistory {
+                        owner,
+                        incarnation,
+                        id_base: 0,
+                        epoch_base: 0,
+                        log_tag: incarnation,
+                    }
+                }
+                (HistoryClaim::Follow { owner, incarnation }, existing) => {
+                    let mut next = existing.clone().unwrap_or_else(|| PartitionHistory {
+                        log_tag: random_id(),
+                        ..PartitionHistory::default()
+                    });
+                    let Some(owner) = owner else {
+                        return Ok(Outcome::History(next_or_store(state, ops, partition, next)));
+                    };
+                    if next.owner.is_empty() {
+                        check_owner(partition, &owner)?;
+                        next.owner = owner.clone();
+                    }
+                    // Only the owner's log, and only into an empty one.
+                    if next.owner == owner && incarnation != 0 && next.incarnation == 0 && empty {
+                        next.incarnation = incarnation;
+                    }
+                    next
+                }
+            };
+            Ok(Outcome::History(next_or_store(state, ops, partition, next)))
         }
         Request::Register {
             partition,
@@ -1627,6 +1762,34 @@ fn stage(
             Ok(Outcome::Done)
         }
     }
+}
+
+/// Stages `next` as the partition's history record if it differs from the
+/// stored one; returns it.
+fn next_or_store(
+    state: &mut PartitionState,
+    ops: &mut Vec<WriteOp>,
+    partition: PartitionId,
+    next: PartitionHistory,
+) -> PartitionHistory {
+    if state.history.as_ref() != Some(&next) {
+        state.history = Some(next.clone());
+        ops.push(WriteOp::History {
+            partition,
+            history: next.clone(),
+        });
+    }
+    next
+}
+
+fn check_owner(partition: PartitionId, owner: &str) -> Result<(), WalError> {
+    if owner.len() > MAX_OWNER_LEN {
+        return Err(WalError::InvalidHistory {
+            partition,
+            what: format!("owner of {} bytes exceeds {MAX_OWNER_LEN}", owner.len()),
+        });
+    }
+    Ok(())
 }
 
 /// Checks entries against the WAL's limits before anything is staged, so a
