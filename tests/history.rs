@@ -18,6 +18,8 @@
 //!   listener's log (one above its ids, one below, so the drainer's id base
 //!   moves), and each target ends equal to its source, never resumed from a
 //!   checkpoint that counts the other WAL's ids.
+//! - [`a_listener_refuses_a_wal_holding_another_listeners_log`]: it names
+//!   both ids and writes nothing.
 //! - [`old_protocol_and_foreign_streams_are_refused_before_any_write`]. Raw
 //!   streams: a protocol-1 `Hello`, another listener's `Hello`, entries of
 //!   another incarnation: typed errors, the drainer's WAL unchanged.
@@ -569,7 +571,45 @@ async fn swapped_drainer_wals_get_snapshots_of_their_listeners() {
 }
 
 // ---------------------------------------------------------------------------
-// 4. Raw streams against a drainer process.
+// 4. A listener on another listener's WAL.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_refuses_a_wal_holding_another_listeners_log() {
+    use ferry::listener::{Listener, ListenerConfig, ListenerError, ListenerStatus};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let wal = Wal::open(WalConfig::with_dir(dir.path())).await.unwrap();
+    let config = |id: &str| ListenerConfig {
+        id: id.into(),
+        ..ListenerConfig::for_source("redis://127.0.0.1:1")
+    };
+    let status = || std::sync::Arc::new(ListenerStatus::new(PartitionId(0)));
+    Listener::open(config("listener-a"), wal.clone(), status())
+        .await
+        .expect("a new WAL is the listener's");
+    let history = wal.history(PartitionId(0)).unwrap().expect("created");
+    assert_eq!(history.owner, "listener-a");
+    assert_ne!(history.incarnation, 0);
+    match Listener::open(config("listener-b"), wal.clone(), status()).await {
+        Err(error @ ListenerError::ForeignLog { .. }) => {
+            let text = error.to_string();
+            assert!(
+                text.contains("\"listener-a\"") && text.contains("\"listener-b\""),
+                "{text}"
+            );
+        }
+        Err(other) => panic!("expected ForeignLog, got {other}"),
+        Ok(_) => panic!("listener-b opened listener-a's log"),
+    }
+    // Its own id again: the same history.
+    Listener::open(config("listener-a"), wal.clone(), status())
+        .await
+        .expect("reopened");
+    assert_eq!(wal.history(PartitionId(0)).unwrap(), Some(history));
+    wal.close().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// 5. Raw streams against a drainer process.
 
 const LISTENER: &str = "listener-1";
 const SECRET: &str = "raw-secret-of-one";
