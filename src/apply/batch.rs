@@ -652,7 +652,7 @@ mod tests {
         let skip = build(&mut pending, &hold);
         assert_eq!(
             shown(&skip),
-            ["SET __ferry:checkpoint:d:0 v1 applied=3 epoch=0"]
+            ["SET __ferry:checkpoint:d:0 v2 applied=3 epoch=0 log=00000000000000ab"]
         );
         let skipped = skip.skip.expect("skip");
         assert!(skipped.transaction && skipped.db == 5);
