@@ -81,7 +81,9 @@ pub struct ReplicaSettings {
     /// The source is considered gone after this long without a byte; keep it
     /// above the source's `repl-ping-replica-period` (10 s). Default: `"60s"`.
     pub read_timeout: HumanDuration,
-    /// Period of `REPLCONF ACK`. Default: `"1s"`.
+    /// Period of `REPLCONF ACK`; a source's `REPLCONF GETACK` (sent by
+    /// `WAIT`) is answered as soon as the durable offset covers it, not at
+    /// this period. Default: `"1s"`.
     pub ack_interval: HumanDuration,
     /// Largest `MULTI` .. `EXEC` (and largest single bulk string) accepted;
     /// at most the WAL's largest entry (64 MiB) since a transaction is stored

@@ -149,8 +149,6 @@ pub struct DrainerPartitionStatus {
     /// The latest `Hello` refused for this partition because another
     /// listener owns it, and when (unix ms).
     pub refused: Option<(u64, String)>,
-    /// The partition's history record, if it has one.
-    pub history: Option<PartitionHistory>,
 }
 
 /// Who currently ships a partition.
@@ -248,7 +246,6 @@ impl DrainerService {
                     last_received_unix_ms: slot.map_or(0, |slot| slot.last_received_unix_ms),
                     sessions: slot.map_or(0, |slot| slot.sessions),
                     refused: slot.and_then(|slot| slot.refused.clone()),
-                    history: self.inner.wal.history(partition).ok().flatten(),
                 }
             })
             .collect()
@@ -814,7 +811,7 @@ impl StreamSession {
                 marker.chunks,
                 match (self.received_snapshot, self.epoch_base) {
                     (Some((epoch, chunks)), Some(base)) =>
-                        format!("epoch {} with {chunks} chunks", epoch - base),
+                        format!("epoch {} with {chunks} chunks", epoch.saturating_sub(base)),
                     _ => "no complete snapshot".to_string(),
                 }
             )));
@@ -827,7 +824,7 @@ impl StreamSession {
         let (start, history) = if self.follows() {
             (self.local_id(log_id)?, None)
         } else {
-            let id_base = (self.received.0 + 1).saturating_sub(log_id.0);
+            let id_base = self.received.0.saturating_add(1).saturating_sub(log_id.0);
             let history = PartitionHistory {
                 owner: self.history.owner.clone(),
                 incarnation: self.shipped,
@@ -889,7 +886,11 @@ impl StreamSession {
             // Another log's first transfer on this stream: its epochs go
             // above every epoch the partition has.
             None if seq == 0 => {
-                let base = (self.snapshot.epoch + 1).saturating_sub(chunk.epoch);
+                let base = self
+                    .snapshot
+                    .epoch
+                    .saturating_add(1)
+                    .saturating_sub(chunk.epoch);
                 self.epoch_base = Some(base);
                 base
             }

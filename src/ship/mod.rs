@@ -103,7 +103,8 @@
 //!    replaces the old one (the old one is cancelled between two messages,
 //!    never in the middle of a WAL write, and the new one waits for it to
 //!    finish); a stream of another listener is refused.
-//! 2. Entries keep the listener's ids (relay convention 5, docs/ARCHITECTURE.md):
+//! 2. Entries keep the listener's ids (relay convention 5, docs/ARCHITECTURE.md;
+//!    plus the partition's id base, section "History"):
 //!    [`Wal::append_at`](crate::wal::Wal::append_at) at exactly `durable + 1`.
 //!    Entries at or below `durable` are duplicates of what a resumed stream
 //!    re-sent and are skipped (acked again). A non-marker entry past
