@@ -7,8 +7,34 @@
 //!
 //! Decoding checks the payload against [`RecordLimits`] (a corrupt or
 //! hostile payload cannot ask for more than its own length anyway, prost
-//! only allocates what is present) and that a write carries at least one
-//! non-empty command.
+//! only allocates what is present), that a write carries at least one
+//! non-empty command, and that its streamed arguments are well formed.
+//!
+//! # Big entries
+//!
+//! An entry may be bigger than any buffer ferry holds (Redis accepts 512 MB
+//! arguments, and a `MULTI` of several of them). Its big arguments are
+//! *streamed*: the listener stores their bytes, as they arrive, in
+//! [`Record::Fragment`] entries of at most `fragment-size` bytes each
+//! (`seq` 0, 1, ... within the entry), then the entry's [`Record::Write`],
+//! whose [`WriteRecord::streamed`] lists each streamed argument (command
+//! and argument index, length, number of fragments) and holds an empty
+//! argument in its place. The rules every reader relies on:
+//!
+//! 1. The fragments of a write are the `n` entries right before it, `n` the
+//!    sum of its `streamed[i].fragments`, in `streamed` order, with `seq`
+//!    `0..n`: write `W` needs exactly the log ids `W - n ..= W - 1`.
+//! 2. A fragment carries the source position of its entry's *start* (the
+//!    position after the entry before it): durable fragments never make the
+//!    listener acknowledge the entry, and a restart resumes the source's
+//!    stream at the entry's first byte.
+//! 3. Fragments no write follows (a crash or a lost link in the middle of
+//!    an entry; the entry is received again and stored again after them)
+//!    are never referenced: by rule 1 a write reaches back only over its
+//!    own run, and a run starts at `seq` 0.
+//! 4. A position that cuts the log (an applier's checkpoint, a fallback
+//!    snapshot's marker id M) is never a fragment whose write follows it:
+//!    so whatever retention trims below such a cut, no write after it needs.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use prost::encoding::{encode_varint, encoded_len_varint};
@@ -16,6 +42,7 @@ use prost::Message;
 
 use crate::redis::command::Command;
 use crate::redis::psync::ReplEntry;
+pub use crate::redis::psync::StreamedArg;
 
 /// Every key ferry itself writes into a source or a target starts with this
 /// (heartbeats, checkpoints); such keys are never replicated as data.
@@ -32,6 +59,7 @@ pub mod pb {
 pub enum Record {
     Write(WriteRecord),
     Snapshot(SnapshotMarker),
+    Fragment(Fragment),
 }
 
 /// One entry of the source's stream: a command, or one MULTI/EXEC's commands.
@@ -40,6 +68,30 @@ pub struct WriteRecord {
     pub db: u32,
     pub commands: Vec<Command>,
     pub transaction: bool,
+    /// Arguments stored apart in the fragments before this record (module
+    /// doc, "Big entries"), in command and argument order; their places in
+    /// `commands` hold empty arguments. Empty for an ordinary entry.
+    pub streamed: Vec<StreamedArg>,
+}
+
+impl WriteRecord {
+    /// Fragments this write needs: the entries right before it.
+    pub fn fragment_count(&self) -> u64 {
+        self.streamed.iter().map(|s| u64::from(s.fragments)).sum()
+    }
+
+    /// Bytes of its streamed arguments.
+    pub fn streamed_bytes(&self) -> u64 {
+        self.streamed.iter().map(|s| s.len).sum()
+    }
+}
+
+/// A piece of a streamed argument of the write that follows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fragment {
+    /// Position among the fragments of its entry, from 0.
+    pub seq: u32,
+    pub data: Bytes,
 }
 
 /// The state at this log id is snapshot `epoch`, consistent with the source
@@ -81,6 +133,10 @@ pub enum RecordError {
     BadCommandCount(usize, usize),
     #[error("write record has an empty command at index {0}")]
     EmptyCommand(usize),
+    #[error("write record has a bad streamed argument at index {index}: {what}")]
+    BadStreamedArg { index: usize, what: String },
+    #[error("fragment {seq} is empty")]
+    EmptyFragment { seq: u32 },
 }
 
 impl Record {
@@ -90,6 +146,7 @@ impl Record {
             db: entry.db,
             commands: entry.commands.clone(),
             transaction: entry.transaction,
+            streamed: entry.streamed.clone(),
         })
     }
 
@@ -98,16 +155,28 @@ impl Record {
     /// defaults left out), without cloning the commands into messages first.
     /// This runs once per replication entry on the listener.
     pub fn encode_write(db: u32, commands: &[Command], transaction: bool) -> Bytes {
+        Record::encode_write_streamed(db, commands, transaction, &[])
+    }
+
+    /// [`Record::encode_write`] of a write with streamed arguments.
+    pub fn encode_write_streamed(
+        db: u32,
+        commands: &[Command],
+        transaction: bool,
+        streamed: &[StreamedArg],
+    ) -> Bytes {
         // Protobuf tags: field number << 3 | wire type (0 varint, 2 bytes).
         const RECORD_WRITE: u8 = 1 << 3 | 2;
         const WRITE_DB: u8 = 1 << 3;
         const WRITE_COMMAND: u8 = 2 << 3 | 2;
         const WRITE_TRANSACTION: u8 = 3 << 3;
+        const WRITE_STREAMED: u8 = 4 << 3 | 2;
         const COMMAND_ARG: u8 = 1 << 3 | 2;
         let field_len = |len: usize| 1 + encoded_len_varint(len as u64) + len;
         let command_len = |command: &Command| -> usize {
             command.args.iter().map(|arg| field_len(arg.len())).sum()
         };
+        let streamed_pb: Vec<pb::StreamedArg> = streamed.iter().map(StreamedArg::to_pb).collect();
         let mut write_len: usize = commands
             .iter()
             .map(|command| field_len(command_len(command)))
@@ -118,6 +187,10 @@ impl Record {
         if transaction {
             write_len += 2;
         }
+        write_len += streamed_pb
+            .iter()
+            .map(|arg| field_len(arg.encoded_len()))
+            .sum::<usize>();
         let mut buf = BytesMut::with_capacity(field_len(write_len));
         buf.put_u8(RECORD_WRITE);
         encode_varint(write_len as u64, &mut buf);
@@ -138,12 +211,36 @@ impl Record {
             buf.put_u8(WRITE_TRANSACTION);
             buf.put_u8(1);
         }
+        for arg in &streamed_pb {
+            buf.put_u8(WRITE_STREAMED);
+            encode_varint(arg.encoded_len() as u64, &mut buf);
+            // `buf` was sized for it: encoding cannot fail.
+            let _ = arg.encode(&mut buf);
+        }
+        buf.freeze()
+    }
+
+    /// The encoded record of a fragment (one copy of `data`).
+    pub fn encode_fragment(seq: u32, data: &[u8]) -> Bytes {
+        let message = pb::Record {
+            kind: Some(pb::record::Kind::Fragment(pb::Fragment {
+                seq,
+                data: Bytes::copy_from_slice(data),
+            })),
+        };
+        let mut buf = BytesMut::with_capacity(message.encoded_len());
+        let _ = message.encode(&mut buf);
         buf.freeze()
     }
 
     pub fn encode(&self) -> Bytes {
         if let Record::Write(write) = self {
-            return Record::encode_write(write.db, &write.commands, write.transaction);
+            return Record::encode_write_streamed(
+                write.db,
+                &write.commands,
+                write.transaction,
+                &write.streamed,
+            );
         }
         let message = self.to_pb();
         let mut buf = BytesMut::with_capacity(message.encoded_len());
@@ -183,11 +280,16 @@ impl Record {
         match message.kind.ok_or(RecordError::Empty)? {
             pb::record::Kind::Write(w) => {
                 check_commands(&w.commands, limits)?;
+                check_streamed(&w.streamed, &w.commands)?;
+                Ok(None)
+            }
+            pb::record::Kind::Fragment(f) => {
+                check_fragment(&f)?;
                 Ok(None)
             }
             kind => match Record::from_pb(pb::Record { kind: Some(kind) }, limits)? {
                 Record::Snapshot(marker) => Ok(Some(marker)),
-                Record::Write(_) => Ok(None),
+                Record::Write(_) | Record::Fragment(_) => Ok(None),
             },
         }
     }
@@ -206,6 +308,7 @@ impl Record {
         match message.kind.ok_or(RecordError::Empty)? {
             pb::record::Kind::Write(w) => {
                 check_commands(&w.commands, limits)?;
+                check_streamed(&w.streamed, &w.commands)?;
                 let commands = w
                     .commands
                     .into_iter()
@@ -215,6 +318,14 @@ impl Record {
                     db: w.db,
                     commands,
                     transaction: w.transaction,
+                    streamed: w.streamed.iter().map(StreamedArg::from_pb).collect(),
+                }))
+            }
+            pb::record::Kind::Fragment(f) => {
+                check_fragment(&f)?;
+                Ok(Record::Fragment(Fragment {
+                    seq: f.seq,
+                    data: f.data,
                 }))
             }
             pb::record::Kind::Snapshot(s) => Ok(Record::Snapshot(SnapshotMarker {
@@ -239,6 +350,11 @@ impl Record {
                     })
                     .collect(),
                 transaction: w.transaction,
+                streamed: w.streamed.iter().map(StreamedArg::to_pb).collect(),
+            }),
+            Record::Fragment(f) => pb::record::Kind::Fragment(pb::Fragment {
+                seq: f.seq,
+                data: f.data.clone(),
             }),
             Record::Snapshot(s) => pb::record::Kind::Snapshot(pb::SnapshotMarker {
                 epoch: s.epoch,
@@ -266,6 +382,83 @@ fn check_commands(commands: &[pb::Command], limits: RecordLimits) -> Result<(), 
     Ok(())
 }
 
+impl StreamedArg {
+    fn to_pb(&self) -> pb::StreamedArg {
+        pb::StreamedArg {
+            command: self.command,
+            arg: self.arg,
+            len: self.len,
+            fragments: self.fragments,
+        }
+    }
+
+    fn from_pb(arg: &pb::StreamedArg) -> StreamedArg {
+        StreamedArg {
+            command: arg.command,
+            arg: arg.arg,
+            len: arg.len,
+            fragments: arg.fragments,
+        }
+    }
+}
+
+/// Streamed arguments name existing, empty, non-first arguments, in strictly
+/// increasing (command, arg) order, each with 1..=len fragments.
+fn check_streamed(
+    streamed: &[pb::StreamedArg],
+    commands: &[pb::Command],
+) -> Result<(), RecordError> {
+    let mut previous: Option<(u32, u32)> = None;
+    let mut fragments = 0u64;
+    for (index, arg) in streamed.iter().enumerate() {
+        let bad = |what: String| RecordError::BadStreamedArg { index, what };
+        let place = commands
+            .get(arg.command as usize)
+            .and_then(|command| command.args.get(arg.arg as usize));
+        match place {
+            None => {
+                return Err(bad(format!(
+                    "argument {} of command {} does not exist",
+                    arg.arg, arg.command
+                )))
+            }
+            Some(_) if arg.arg == 0 => return Err(bad("a command name is never streamed".into())),
+            Some(held) if !held.is_empty() => {
+                return Err(bad(format!(
+                    "its place holds {} bytes instead of none",
+                    held.len()
+                )))
+            }
+            Some(_) => {}
+        }
+        if previous.is_some_and(|p| p >= (arg.command, arg.arg)) {
+            return Err(bad("out of order".into()));
+        }
+        previous = Some((arg.command, arg.arg));
+        if arg.fragments == 0 || u64::from(arg.fragments) > arg.len {
+            return Err(bad(format!(
+                "{} fragments for {} bytes",
+                arg.fragments, arg.len
+            )));
+        }
+        fragments += u64::from(arg.fragments);
+    }
+    if fragments > u64::from(u32::MAX) {
+        return Err(RecordError::BadStreamedArg {
+            index: streamed.len().saturating_sub(1),
+            what: format!("{fragments} fragments in one entry"),
+        });
+    }
+    Ok(())
+}
+
+fn check_fragment(fragment: &pb::Fragment) -> Result<(), RecordError> {
+    if fragment.data.is_empty() {
+        return Err(RecordError::EmptyFragment { seq: fragment.seq });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -280,6 +473,33 @@ mod tests {
                     Command::from_parts([&b"SET"[..], b"k\xff\x00", b""]),
                 ],
                 transaction: true,
+                streamed: vec![],
+            }),
+            Record::Write(WriteRecord {
+                db: 0,
+                commands: vec![
+                    Command::from_parts(["SET", "big", "", "EX", "10"]),
+                    Command::from_parts(["APPEND", "k", ""]),
+                ],
+                transaction: true,
+                streamed: vec![
+                    StreamedArg {
+                        command: 0,
+                        arg: 2,
+                        len: 300,
+                        fragments: 3,
+                    },
+                    StreamedArg {
+                        command: 1,
+                        arg: 2,
+                        len: 1,
+                        fragments: 1,
+                    },
+                ],
+            }),
+            Record::Fragment(Fragment {
+                seq: 4,
+                data: Bytes::from_static(b"piece"),
             }),
             Record::Snapshot(SnapshotMarker {
                 epoch: 7,
@@ -319,6 +539,7 @@ mod tests {
                 db,
                 commands,
                 transaction,
+                streamed: vec![],
             });
             let direct = record.encode();
             assert_eq!(&direct[..], &record.to_pb().encode_to_vec()[..]);
@@ -362,6 +583,7 @@ mod tests {
             db: 0,
             commands: vec![Command::from_parts(["PING"]); 3],
             transaction: true,
+            streamed: vec![],
         });
         assert_eq!(
             Record::decode(&three.encode(), limits),
@@ -371,6 +593,7 @@ mod tests {
             db: 0,
             commands: vec![Command::new(vec![])],
             transaction: false,
+            streamed: vec![],
         });
         assert_eq!(
             Record::decode(&empty.encode(), limits),
@@ -390,5 +613,58 @@ mod tests {
             assert_eq!(Record::decode_shared(&payload, limits).map(|_| ()), copied);
             assert_eq!(Record::check_shared(&payload, limits).map(|_| ()), copied);
         }
+    }
+
+    #[test]
+    fn refuses_bad_streamed_arguments_and_fragments() {
+        let write = |args: &[&str], streamed: Vec<StreamedArg>| {
+            Record::Write(WriteRecord {
+                db: 0,
+                commands: vec![Command::from_parts(args)],
+                transaction: false,
+                streamed,
+            })
+            .encode()
+        };
+        let arg = |arg: u32, len: u64, fragments: u32| StreamedArg {
+            command: 0,
+            arg,
+            len,
+            fragments,
+        };
+        let good = write(&["SET", "k", ""], vec![arg(2, 10, 2)]);
+        assert!(Record::decode(&good, RecordLimits::default()).is_ok());
+        // The direct encoding is prost's.
+        let decoded = Record::decode(&good, RecordLimits::default()).unwrap();
+        assert_eq!(&good[..], &decoded.to_pb().encode_to_vec()[..]);
+        let bad = [
+            write(&["SET", "k", ""], vec![arg(3, 10, 1)]),
+            write(&["SET", "k", "v"], vec![arg(2, 10, 1)]),
+            write(&["", "k", "v"], vec![arg(0, 10, 1)]),
+            write(&["SET", "", ""], vec![arg(2, 10, 1), arg(1, 10, 1)]),
+            write(&["SET", "k", ""], vec![arg(2, 10, 0)]),
+            write(&["SET", "k", ""], vec![arg(2, 2, 3)]),
+            Record::encode_fragment(3, b""),
+        ];
+        for payload in bad {
+            let error = Record::decode(&payload, RecordLimits::default()).unwrap_err();
+            assert!(
+                matches!(
+                    error,
+                    RecordError::BadStreamedArg { .. } | RecordError::EmptyFragment { .. }
+                ),
+                "{error}"
+            );
+            let shared = Record::check_shared(&payload, RecordLimits::default());
+            assert_eq!(shared.map(|_| ()), Err(error));
+        }
+        let fragment = Record::encode_fragment(7, b"data");
+        assert_eq!(
+            Record::decode_shared(&fragment, RecordLimits::default()),
+            Ok(Record::Fragment(Fragment {
+                seq: 7,
+                data: Bytes::from_static(b"data")
+            }))
+        );
     }
 }

@@ -72,6 +72,7 @@ fn write(db: u32, commands: Vec<Command>, transaction: bool) -> Record {
         db,
         commands,
         transaction,
+        streamed: vec![],
     })
 }
 

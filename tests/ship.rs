@@ -64,6 +64,7 @@ fn write_payload(key: &str, value: &str) -> Bytes {
         db: 0,
         commands: vec![Command::from_parts(["SET", key, value])],
         transaction: false,
+        streamed: vec![],
     })
     .encode()
 }

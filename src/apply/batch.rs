@@ -13,6 +13,16 @@
 //! EXEC
 //! ```
 //!
+//! A write with streamed arguments (`src/record.rs`, "Big entries") is
+//! batched with the fragment run before it, as one unit: the run is covered
+//! by the checkpoint but sends nothing itself, and the write's command is
+//! sent with its big arguments streamed from the fragments
+//! ([`Batch::streams`]). A batch never ends inside a run whose write is not
+//! in it (it ends before the run, or waits for the write), so no checkpoint,
+//! applied mark or ack ever lets retention trim fragments a later write
+//! needs. A run followed by a snapshot marker (left by a crash mid-entry) is
+//! covered like any other entry.
+//!
 //! Every data command goes through [`super::expire`] (expiry deadlines later
 //! by `expire-grace`). Commands whose keys are all internal (`__ferry*`: heartbeats, another
 //! ferry's checkpoints) are left out but still covered by the checkpoint.
@@ -38,20 +48,37 @@ use bytes::Bytes;
 use super::checkpoint::Checkpoint;
 use super::dead_letter::SkippedBy;
 use super::expire::ExpireGrace;
-use super::keyspace::{OwnedKeyspace, Placed};
+use super::keyspace::{OwnedKeyspace, Placed, Translated};
 use super::status::RefusedCommand;
 use crate::position::LogId;
-use crate::record::{Record, INTERNAL_PREFIX};
+use crate::record::{Record, WriteRecord, INTERNAL_PREFIX};
 use crate::redis::command::{self, Command};
 use crate::redis::resp::Frame;
 
-/// One decoded WAL entry waiting to be applied.
+/// One decoded WAL entry waiting to be applied. A fragment's data is not
+/// kept here: it is read again from the WAL when its write is sent.
 #[derive(Debug, Clone)]
 pub(crate) struct Pending {
     pub log_id: LogId,
     pub record: Record,
-    /// Payload size, for the batch byte limit.
+    /// Payload size, streamed bytes included, for the batch byte limit
+    /// (0 for a fragment: its write counts them).
     pub size: usize,
+}
+
+/// A streamed argument of a batch's command: its `len` bytes are the data
+/// of the fragments `first .. first + fragments` of the WAL, whose `seq`s
+/// start at `first_seq`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct StreamedPlace {
+    /// Index in [`Batch::commands`].
+    pub command: usize,
+    /// Index in that command's arguments (which holds an empty argument).
+    pub arg: usize,
+    pub len: u64,
+    pub first: LogId,
+    pub fragments: u32,
+    pub first_seq: u32,
 }
 
 /// What one command queued in a batch is.
@@ -82,6 +109,8 @@ pub(crate) struct Batch {
     pub skipped: u64,
     /// The checkpoint this batch writes.
     pub checkpoint: Checkpoint,
+    /// Streamed arguments of `commands`, in command and argument order.
+    pub streams: Vec<StreamedPlace>,
 }
 
 /// An entry skipped instead of applied: what the dead-letter file records.
@@ -95,6 +124,9 @@ pub(crate) struct Skip {
     pub transaction: bool,
     pub by: SkippedBy,
     pub refused: RefusedCommand,
+    /// Streamed arguments of `commands` (their bytes are written into the
+    /// dead-letter record from the fragments).
+    pub streams: Vec<StreamedPlace>,
 }
 
 /// The entry the applier is held at: the target refused it when queued.
@@ -166,6 +198,75 @@ fn select(db: u32) -> Command {
     ])
 }
 
+/// The places of `write`'s streamed arguments (at `log_id`), by command
+/// index; `command` is filled in when the command is placed in a batch.
+/// Empty (no allocation) for an ordinary write.
+fn stream_places(log_id: LogId, write: &WriteRecord) -> Vec<Vec<StreamedPlace>> {
+    if write.streamed.is_empty() {
+        return Vec::new();
+    }
+    let mut places = vec![Vec::new(); write.commands.len()];
+    let run_start = log_id.0.saturating_sub(write.fragment_count());
+    let mut next_fragment = run_start;
+    for arg in &write.streamed {
+        if let Some(at) = places.get_mut(arg.command as usize) {
+            at.push(StreamedPlace {
+                command: 0,
+                arg: arg.arg as usize,
+                len: arg.len,
+                first: LogId(next_fragment),
+                fragments: arg.fragments,
+                first_seq: (next_fragment - run_start) as u32,
+            });
+        }
+        next_fragment += u64::from(arg.fragments);
+    }
+    places
+}
+
+/// A command with streamed arguments that the owned keyspace or the expiry
+/// rewrite did not pass through unchanged (its empty placeholders must still
+/// be where they were), named with why: it is refused rather than sent
+/// without its bytes.
+fn rewritten_streamed(
+    translated: &Translated,
+    kept: &[usize],
+    places: &[Vec<StreamedPlace>],
+    expire_grace: ExpireGrace,
+) -> Option<(String, String)> {
+    translated
+        .commands
+        .iter()
+        .zip(&translated.origins)
+        .find_map(|(placed, &origin)| {
+            let places = places.get(*kept.get(origin)?)?;
+            if places.is_empty() {
+                return None;
+            }
+            // As it will be sent (the expiry rewrite only changes times).
+            let sent = expire_grace.rewrite(placed.cmd.clone());
+            let intact = places
+                .iter()
+                .all(|place| sent.args.get(place.arg).is_some_and(|a| a.is_empty()));
+            (!intact).then(|| {
+                (
+                    command_name(&placed.cmd),
+                    "a command with streamed arguments was rewritten for the owned keyspace"
+                        .to_string(),
+                )
+            })
+        })
+}
+
+/// The log id of the first entry of `pending` that is not a fragment: the
+/// write the front run (if any) belongs with.
+pub(crate) fn next_unit(pending: &VecDeque<Pending>) -> Option<LogId> {
+    pending
+        .iter()
+        .find(|p| !matches!(p.record, Record::Fragment(_)))
+        .map(|p| p.log_id)
+}
+
 impl BatchBuilder {
     /// Takes records from the front of `pending` into a batch, up to the
     /// limits, stopping before a snapshot marker and before the entry held
@@ -182,6 +283,30 @@ impl BatchBuilder {
         let mut bytes = 0usize;
         let mut entries = 0usize;
         while let Some(front) = pending.front() {
+            if matches!(front.record, Record::Fragment(_)) {
+                // A run and the entry after it go together, or not at all.
+                let Some(end) = pending
+                    .iter()
+                    .position(|p| !matches!(p.record, Record::Fragment(_)))
+                else {
+                    break;
+                };
+                let after = &pending[end];
+                let held = hold.is_some_and(|hold| hold.log_id == after.log_id);
+                if matches!(after.record, Record::Write(_))
+                    && (entries >= self.max_entries
+                        || (entries > 0 && (held || bytes + after.size > self.max_bytes)))
+                {
+                    break;
+                }
+                for fragment in pending.drain(..end) {
+                    let batch = batch.get_or_insert_with(|| {
+                        Batch::starting_at(fragment.log_id, epoch, self.log_tag)
+                    });
+                    batch.last = fragment.log_id;
+                }
+                continue;
+            }
             if !matches!(front.record, Record::Write(_))
                 || entries >= self.max_entries
                 || (entries > 0 && bytes + front.size > self.max_bytes)
@@ -201,30 +326,27 @@ impl BatchBuilder {
             else {
                 break;
             };
-            let batch = batch.get_or_insert_with(|| Batch {
-                first: log_id,
-                last: log_id,
-                commands: Vec::new(),
-                slots: Vec::new(),
-                refused_unsent: Vec::new(),
-                skip: None,
-                skipped: 0,
-                checkpoint: Checkpoint::Applied {
-                    log_id,
-                    epoch,
-                    log: self.log_tag,
-                },
-            });
+            let batch =
+                batch.get_or_insert_with(|| Batch::starting_at(log_id, epoch, self.log_tag));
             batch.last = log_id;
             entries += 1;
             bytes += size;
+            // The places of its streamed arguments, by command: its
+            // fragments are the entries right before it.
+            let mut places = stream_places(log_id, &write);
             // Internal keys first: a heartbeat is left out whatever its db.
             let mut commands = Vec::with_capacity(write.commands.len());
-            for cmd in write.commands {
+            // Which of the write's commands each of `commands` is (only
+            // needed to place streamed arguments).
+            let mut kept = Vec::new();
+            for (index, cmd) in write.commands.into_iter().enumerate() {
                 if is_internal(&cmd) {
                     batch.skipped += 1;
                 } else {
                     commands.push(cmd);
+                    if !places.is_empty() {
+                        kept.push(index);
+                    }
                 }
             }
             let names: Vec<String> = commands.iter().map(command_name).collect();
@@ -237,7 +359,14 @@ impl BatchBuilder {
                         Some((command, why)) => Err((command, why)),
                         None => Ok(translated),
                     },
-                );
+                )
+                .and_then(|translated| {
+                    match places.is_empty() {
+                        true => None,
+                        false => rewritten_streamed(&translated, &kept, &places, self.expire_grace),
+                    }
+                    .map_or(Ok(translated), Err)
+                });
             match translated {
                 Err((command, why)) => {
                     // Refused whole: a transaction stays all or nothing.
@@ -256,26 +385,42 @@ impl BatchBuilder {
                 }
                 Ok(translated) if held.is_some_and(|hold| hold.skip.is_some()) => {
                     let Some(hold) = held else { break };
+                    let mut streams = Vec::new();
+                    let mut commands = Vec::with_capacity(translated.commands.len());
+                    let origins = translated.origins.into_iter();
+                    for (placed, origin) in translated.commands.into_iter().zip(origins) {
+                        if let Some(places) = kept.get(origin).and_then(|&i| places.get_mut(i)) {
+                            for mut place in places.drain(..) {
+                                place.command = commands.len();
+                                streams.push(place);
+                            }
+                        }
+                        commands.push((placed.db, self.expire_grace.rewrite(placed.cmd)));
+                    }
                     batch.skip = Some(Skip {
                         log_id,
                         db: write.db,
-                        commands: translated
-                            .commands
-                            .into_iter()
-                            .map(|placed| (placed.db, self.expire_grace.rewrite(placed.cmd)))
-                            .collect(),
+                        commands,
                         transaction: write.transaction,
                         by: hold.skip.unwrap_or(SkippedBy::Operator),
                         refused: hold.refused.clone(),
+                        streams,
                     });
                 }
                 Ok(translated) => {
                     batch.skipped += translated.filtered;
-                    for placed in translated.commands {
+                    let origins = translated.origins.into_iter();
+                    for (placed, origin) in translated.commands.into_iter().zip(origins) {
                         if placed.db != db {
                             batch.commands.push(select(placed.db));
                             batch.slots.push(Slot::Internal);
                             db = placed.db;
+                        }
+                        if let Some(places) = kept.get(origin).and_then(|&i| places.get_mut(i)) {
+                            for mut place in places.drain(..) {
+                                place.command = batch.commands.len();
+                                batch.streams.push(place);
+                            }
                         }
                         batch.commands.push(self.expire_grace.rewrite(placed.cmd));
                         batch.slots.push(Slot::Data { log_id });
@@ -364,6 +509,20 @@ fn show(frame: &Frame) -> String {
 }
 
 impl Batch {
+    fn starting_at(log_id: LogId, epoch: u64, log: u64) -> Batch {
+        Batch {
+            first: log_id,
+            last: log_id,
+            commands: Vec::new(),
+            slots: Vec::new(),
+            refused_unsent: Vec::new(),
+            skip: None,
+            skipped: 0,
+            checkpoint: Checkpoint::Applied { log_id, epoch, log },
+            streams: Vec::new(),
+        }
+    }
+
     /// Number of replies the target sends for this batch: `MULTI`, one per
     /// queued command, `EXEC`.
     pub fn reply_count(&self) -> usize {
@@ -479,6 +638,7 @@ mod tests {
                 .map(|c| Command::from_parts(c.iter()))
                 .collect(),
             transaction,
+            streamed: vec![],
         });
         Pending {
             log_id: LogId(log_id),
@@ -741,5 +901,174 @@ mod tests {
             Err(ReplyError::Unexpected { .. })
         ));
         assert!(batch.outcome(&replies[1..]).is_err());
+    }
+
+    fn fragment(log_id: u64, seq: u32) -> Pending {
+        Pending {
+            log_id: LogId(log_id),
+            size: 0,
+            record: Record::Fragment(crate::record::Fragment {
+                seq,
+                data: Bytes::new(),
+            }),
+        }
+    }
+
+    /// A write of `SET <key> <streamed>` whose value is in `fragments`
+    /// fragments right before it.
+    fn big_write(log_id: u64, key: &str, len: u64, fragments: u32) -> Pending {
+        let record = Record::Write(WriteRecord {
+            db: 0,
+            commands: vec![Command::from_parts(["SET", key, ""])],
+            transaction: false,
+            streamed: vec![crate::record::StreamedArg {
+                command: 0,
+                arg: 2,
+                len,
+                fragments,
+            }],
+        });
+        Pending {
+            log_id: LogId(log_id),
+            size: record.encode().len() + len as usize,
+            record,
+        }
+    }
+
+    #[test]
+    fn a_fragment_run_and_its_write_are_one_unit() {
+        let place = |command, first, fragments, first_seq| StreamedPlace {
+            command,
+            arg: 2,
+            len: 100,
+            first: LogId(first),
+            fragments,
+            first_seq,
+        };
+        // A write, a run of two, its write.
+        let mut pending: VecDeque<Pending> = [
+            write(1, 3, &[&["SET", "a", "1"]], false),
+            fragment(2, 0),
+            fragment(3, 1),
+            big_write(4, "big", 100, 2),
+        ]
+        .into();
+        let batch = builder(10).build(&mut pending, 0, None).unwrap();
+        assert_eq!((batch.first, batch.last), (LogId(1), LogId(4)));
+        assert_eq!(
+            shown(&batch)[..4],
+            ["SELECT 3", "SET a 1", "SELECT 0", "SET big "]
+        );
+        assert_eq!(batch.streams, [place(3, 2, 2, 0)]);
+
+        // The write is not there yet: the batch ends before the run, which
+        // waits whole.
+        let mut pending: VecDeque<Pending> = [
+            write(1, 0, &[&["SET", "a", "1"]], false),
+            fragment(2, 0),
+            fragment(3, 1),
+        ]
+        .into();
+        let batch = builder(10).build(&mut pending, 0, None).unwrap();
+        assert_eq!(batch.last, LogId(1));
+        assert!(builder(10).build(&mut pending, 0, None).is_none());
+        assert_eq!(pending.len(), 2);
+        pending.push_back(big_write(4, "big", 100, 2));
+        let batch = builder(10).build(&mut pending, 0, None).unwrap();
+        assert_eq!((batch.first, batch.last), (LogId(2), LogId(4)));
+        assert_eq!(batch.streams, [place(0, 2, 2, 0)]);
+
+        // An orphan run (a crash mid-entry) before the run received again:
+        // covered, never streamed.
+        let mut pending: VecDeque<Pending> = [
+            fragment(5, 0),
+            fragment(6, 1),
+            fragment(7, 0),
+            big_write(8, "big", 100, 1),
+        ]
+        .into();
+        let batch = builder(10).build(&mut pending, 0, None).unwrap();
+        assert_eq!((batch.first, batch.last), (LogId(5), LogId(8)));
+        assert_eq!(batch.streams, [place(0, 7, 1, 0)]);
+
+        // An orphan run right before a snapshot marker: a batch of its own.
+        let marker = Pending {
+            log_id: LogId(11),
+            size: 10,
+            record: Record::Snapshot(SnapshotMarker {
+                epoch: 1,
+                rdb_bytes: 0,
+                chunks: 0,
+                replid: String::new(),
+                offset: 0,
+            }),
+        };
+        let mut pending: VecDeque<Pending> = [fragment(9, 0), fragment(10, 1), marker].into();
+        let batch = builder(10).build(&mut pending, 0, None).unwrap();
+        assert_eq!((batch.first, batch.last), (LogId(9), LogId(10)));
+        assert_eq!(
+            shown(&batch),
+            ["SET __ferry:checkpoint:d:0 v1 applied=10 epoch=0"]
+        );
+        assert!(builder(10).build(&mut pending, 0, None).is_none());
+
+        // Its streamed bytes count against the batch limit: a big write
+        // after a small one starts the next batch, with its run.
+        let mut pending: VecDeque<Pending> = [
+            write(1, 0, &[&["SET", "a", "1"]], false),
+            fragment(2, 0),
+            big_write(3, "big", 10 << 20, 1),
+            write(4, 0, &[&["SET", "b", "1"]], false),
+        ]
+        .into();
+        let batch = builder(10).build(&mut pending, 0, None).unwrap();
+        assert_eq!(batch.last, LogId(1));
+        let batch = builder(10).build(&mut pending, 0, None).unwrap();
+        assert_eq!((batch.first, batch.last), (LogId(2), LogId(3)));
+        let batch = builder(10).build(&mut pending, 0, None).unwrap();
+        assert_eq!((batch.first, batch.last), (LogId(4), LogId(4)));
+    }
+
+    #[test]
+    fn a_held_big_write_keeps_its_run_and_is_skipped_with_its_places() {
+        let hold = Hold {
+            log_id: LogId(4),
+            skip: Some(SkippedBy::Operator),
+            refused: RefusedCommand {
+                log_id: LogId(4),
+                command: "SET".into(),
+                error: "ERR no".into(),
+            },
+        };
+        let mut pending: VecDeque<Pending> = [
+            write(1, 0, &[&["SET", "a", "1"]], false),
+            fragment(2, 0),
+            fragment(3, 1),
+            big_write(4, "big", 100, 2),
+        ]
+        .into();
+        assert_eq!(next_unit(&pending), Some(LogId(1)));
+        // The batch before the held write ends before its run...
+        let batch = builder(10).build(&mut pending, 0, Some(&hold)).unwrap();
+        assert_eq!(batch.last, LogId(1));
+        assert_eq!(next_unit(&pending), Some(LogId(4)));
+        // ...which goes with it, skipped: only the checkpoint is sent, and
+        // the skip names where the value's bytes are.
+        let batch = builder(10).build(&mut pending, 0, Some(&hold)).unwrap();
+        assert_eq!((batch.first, batch.last), (LogId(2), LogId(4)));
+        assert!(batch.streams.is_empty());
+        let skip = batch.skip.expect("a skip");
+        assert_eq!(skip.log_id, LogId(4));
+        assert_eq!(
+            skip.streams,
+            [StreamedPlace {
+                command: 0,
+                arg: 2,
+                len: 100,
+                first: LogId(2),
+                fragments: 2,
+                first_seq: 0,
+            }]
+        );
     }
 }

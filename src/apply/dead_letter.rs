@@ -31,8 +31,9 @@
 //!
 //! # Durability and duplicates
 //!
-//! A record is written with one `write` at the end of the file and
-//! `fsync`ed before [`DeadLetter::record`] returns; the applier moves the
+//! A record is written at the end of the file (with one `write`, unless it
+//! carries a streamed argument: then in pieces as its fragments are read)
+//! and `fsync`ed before [`DeadLetter::record`] returns; the applier moves the
 //! checkpoint past the entry only after that, in a normal `MULTI`/`EXEC`,
 //! so a skipped entry is recorded before it is skipped and skipped exactly
 //! once. A crash after the record and before that `EXEC` brings the
@@ -50,10 +51,11 @@ use std::path::{Path, PathBuf};
 
 use bytes::BytesMut;
 
+use super::batch::StreamedPlace;
 use super::status::RefusedCommand;
 use crate::position::{LogId, PartitionId};
 use crate::redis::command::Command;
-use crate::redis::resp::encode_command;
+use crate::redis::resp::{encode_array_header, encode_bulk, encode_bulk_header, encode_command};
 
 /// First word of every record's header.
 pub const MAGIC: &str = "ferry-dead-letter";
@@ -91,6 +93,78 @@ pub(crate) struct DeadEntry<'a> {
     pub transaction: bool,
     pub by: SkippedBy,
     pub refused: &'a RefusedCommand,
+    /// Streamed arguments of `commands` (empty placeholders there), in
+    /// command and argument order; their bytes come from a [`Fill`].
+    pub streams: &'a [StreamedPlace],
+}
+
+/// Produces the bytes of a streamed argument, piece by piece, into the sink
+/// it is given (the applier reads them from the WAL's fragments); exactly
+/// `place.len` bytes, or an error.
+pub(crate) type Fill<'a> =
+    &'a mut dyn FnMut(&StreamedPlace, &mut dyn FnMut(&[u8]) -> io::Result<()>) -> io::Result<()>;
+
+/// Encodes the record body (from `SELECT` on) into `out`, in pieces: a big
+/// argument's bytes go through as `fill` produces them, never held whole.
+fn encode_body(
+    entry: &DeadEntry<'_>,
+    fill: &mut Option<Fill<'_>>,
+    out: &mut dyn FnMut(&[u8]) -> io::Result<()>,
+) -> io::Result<()> {
+    let mut body = BytesMut::new();
+    let select = |db: u32, body: &mut BytesMut| {
+        encode_command(
+            &Command::from_parts(["SELECT".to_string(), db.to_string()]).args,
+            body,
+        );
+    };
+    let mut db = entry.commands.first().map_or(entry.db, |(db, _)| *db);
+    select(db, &mut body);
+    if entry.transaction {
+        encode_command(&Command::from_parts(["MULTI"]).args, &mut body);
+    }
+    let mut streams = entry.streams.iter().peekable();
+    for (index, (cmd_db, cmd)) in entry.commands.iter().enumerate() {
+        if *cmd_db != db {
+            select(*cmd_db, &mut body);
+            db = *cmd_db;
+        }
+        if !streams.peek().is_some_and(|place| place.command == index) {
+            encode_command(&cmd.args, &mut body);
+            continue;
+        }
+        encode_array_header(cmd.args.len(), &mut body);
+        for (arg_index, arg) in cmd.args.iter().enumerate() {
+            let Some(place) =
+                streams.next_if(|place| place.command == index && place.arg == arg_index)
+            else {
+                encode_bulk(arg, &mut body);
+                continue;
+            };
+            encode_bulk_header(place.len, &mut body);
+            out(&body)?;
+            body.clear();
+            let Some(fill) = fill.as_mut() else {
+                return Err(io::Error::other("no source for a streamed argument"));
+            };
+            let mut produced = 0u64;
+            fill(place, &mut |piece: &[u8]| {
+                produced += piece.len() as u64;
+                out(piece)
+            })?;
+            if produced != place.len {
+                return Err(io::Error::other(format!(
+                    "a streamed argument of {} bytes produced {produced}",
+                    place.len
+                )));
+            }
+            body.extend_from_slice(b"\r\n");
+        }
+    }
+    if entry.transaction {
+        encode_command(&Command::from_parts(["EXEC"]).args, &mut body);
+    }
+    out(&body)
 }
 
 /// Why an entry could not be recorded (so it is not skipped).
@@ -170,10 +244,13 @@ impl DeadLetter {
     }
 
     /// Appends `entry` and fsyncs, unless the file already holds it (same
-    /// log id, same commands). Returns whether it wrote. Blocking.
+    /// log id, same commands). Returns whether it wrote. Blocking. The bytes
+    /// of its streamed arguments come from `fill` (twice: once to hash the
+    /// body, once to write it).
     pub fn record(
         &mut self,
         entry: &DeadEntry<'_>,
+        mut fill: Option<Fill<'_>>,
         drainer_id: &str,
         partition: PartitionId,
         now_unix_ms: u64,
@@ -181,31 +258,15 @@ impl DeadLetter {
         if self.open.is_none() {
             self.open = Some(self.open_file()?);
         }
-        let mut body = BytesMut::new();
-        let select = |db: u32, body: &mut BytesMut| {
-            encode_command(
-                &Command::from_parts(["SELECT".to_string(), db.to_string()]).args,
-                body,
-            );
-        };
-        let mut db = entry.commands.first().map_or(entry.db, |(db, _)| *db);
-        select(db, &mut body);
-        if entry.transaction {
-            encode_command(&Command::from_parts(["MULTI"]).args, &mut body);
-        }
-        for (cmd_db, cmd) in entry.commands {
-            if *cmd_db != db {
-                select(*cmd_db, &mut body);
-                db = *cmd_db;
-            }
-            encode_command(&cmd.args, &mut body);
-        }
-        if entry.transaction {
-            encode_command(&Command::from_parts(["EXEC"]).args, &mut body);
-        }
         let mut hash = Fnv::new();
-        hash.update(&body);
-        let key = (entry.log_id, body.len() as u64, hash.0);
+        let mut body_len = 0u64;
+        encode_body(entry, &mut fill, &mut |piece| {
+            hash.update(piece);
+            body_len += piece.len() as u64;
+            Ok(())
+        })
+        .map_err(|error| self.fail(format!("reading entry {}: {error}", entry.log_id)))?;
+        let key = (entry.log_id, body_len, hash.0);
         if self.holds(key)? {
             return Ok(false);
         }
@@ -214,25 +275,37 @@ impl DeadLetter {
              unix_ms={now_unix_ms} by={} command={} error={}",
             entry.log_id,
             entry.db,
-            body.len(),
+            body_len,
             entry.by.as_str(),
             one_line(&entry.refused.command).replace(' ', "_"),
             one_line(&entry.refused.error),
         );
-        let mut record = BytesMut::with_capacity(header.len() + body.len() + 32);
+        let mut head = BytesMut::with_capacity(header.len() + 32);
         encode_command(
             &Command::from_parts(["ECHO", header.as_str()]).args,
-            &mut record,
+            &mut head,
         );
-        record.extend_from_slice(&body);
         let path = self.path.clone();
         let Some(open) = self.open.as_mut() else {
             return Err(self.fail("not open"));
         };
-        let written = open
-            .file
-            .write_all(&record)
-            .and_then(|()| open.file.sync_data());
+        // A small entry is one write; a big one goes in pieces (a torn
+        // record is cut off at the next open either way).
+        let mut written_len = head.len() as u64;
+        let mut pending = head;
+        let file = &mut open.file;
+        let written = encode_body(entry, &mut fill, &mut |piece| {
+            written_len += piece.len() as u64;
+            if pending.len() + piece.len() <= 1 << 20 {
+                pending.extend_from_slice(piece);
+                return Ok(());
+            }
+            file.write_all(&pending)?;
+            pending.clear();
+            file.write_all(piece)
+        })
+        .and_then(|()| file.write_all(&pending))
+        .and_then(|()| file.sync_data());
         if let Err(error) = written {
             // Leave no torn record behind if the file system lets us.
             let _ = open.file.set_len(open.len);
@@ -243,7 +316,7 @@ impl DeadLetter {
                 what: format!("writing entry {}: {error}", entry.log_id),
             });
         }
-        open.len += record.len() as u64;
+        open.len += written_len;
         open.max_recorded = open.max_recorded.max(Some(entry.log_id));
         open.recent.push_back(key);
         if open.recent.len() > RECENT {
@@ -466,6 +539,7 @@ mod tests {
             transaction: commands.len() > 1,
             by: SkippedBy::Operator,
             refused,
+            streams: &[],
         }
     }
 
@@ -481,26 +555,26 @@ mod tests {
         ];
         let mut letters = DeadLetter::new(path.clone());
         assert!(letters
-            .record(&entry(7, &one, &refused), "d1", PartitionId(0), 5)
+            .record(&entry(7, &one, &refused), None, "d1", PartitionId(0), 5)
             .unwrap());
         assert!(letters
-            .record(&entry(9, &two, &refused), "d1", PartitionId(0), 6)
+            .record(&entry(9, &two, &refused), None, "d1", PartitionId(0), 6)
             .unwrap());
         // Again (a crash before the checkpoint moved): not written twice,
         // from memory or from the file.
         assert!(!letters
-            .record(&entry(7, &one, &refused), "d1", PartitionId(0), 7)
+            .record(&entry(7, &one, &refused), None, "d1", PartitionId(0), 7)
             .unwrap());
         let mut reopened = DeadLetter::new(path.clone());
         assert!(!reopened
-            .record(&entry(9, &two, &refused), "d1", PartitionId(0), 8)
+            .record(&entry(9, &two, &refused), None, "d1", PartitionId(0), 8)
             .unwrap());
         assert!(!reopened
-            .record(&entry(7, &one, &refused), "d1", PartitionId(0), 8)
+            .record(&entry(7, &one, &refused), None, "d1", PartitionId(0), 8)
             .unwrap());
         // The same log id with other commands is another history: kept.
         assert!(reopened
-            .record(&entry(7, &two, &refused), "d1", PartitionId(0), 9)
+            .record(&entry(7, &two, &refused), None, "d1", PartitionId(0), 9)
             .unwrap());
 
         let text = std::fs::read_to_string(&path).unwrap();
@@ -535,11 +609,11 @@ mod tests {
         let one = [(3, Command::from_parts(["SET", "k", "v"]))];
         let mut letters = DeadLetter::new(path.clone());
         letters
-            .record(&entry(1, &one, &refused), "d1", PartitionId(2), 1)
+            .record(&entry(1, &one, &refused), None, "d1", PartitionId(2), 1)
             .unwrap();
         let whole = std::fs::read(&path).unwrap();
         letters
-            .record(&entry(2, &one, &refused), "d1", PartitionId(2), 1)
+            .record(&entry(2, &one, &refused), None, "d1", PartitionId(2), 1)
             .unwrap();
         let both = std::fs::read(&path).unwrap();
         drop(letters);
@@ -548,7 +622,7 @@ mod tests {
             std::fs::write(&path, &both[..cut]).unwrap();
             let mut letters = DeadLetter::new(path.clone());
             assert!(letters
-                .record(&entry(3, &one, &refused), "d1", PartitionId(2), 1)
+                .record(&entry(3, &one, &refused), None, "d1", PartitionId(2), 1)
                 .unwrap());
             let after = std::fs::read(&path).unwrap();
             assert_eq!(&after[..whole.len()], &whole[..], "cut at {cut}");
@@ -561,10 +635,81 @@ mod tests {
         std::fs::write(&path, b"*1\r\n$4\r\nPING\r\n").unwrap();
         let mut letters = DeadLetter::new(path.clone());
         let error = letters
-            .record(&entry(4, &one, &refused), "d1", PartitionId(2), 1)
+            .record(&entry(4, &one, &refused), None, "d1", PartitionId(2), 1)
             .unwrap_err()
             .to_string();
         assert!(error.contains("no dead-letter record at byte 0"), "{error}");
         assert_eq!(std::fs::read(&path).unwrap(), b"*1\r\n$4\r\nPING\r\n");
+    }
+
+    #[test]
+    fn streamed_arguments_are_written_from_their_source_in_pieces() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d1-0.resp");
+        let refused = RefusedCommand {
+            log_id: LogId(5),
+            command: "SET".into(),
+            error: "ERR refused".into(),
+        };
+        let commands = [(0, Command::from_parts(["SET", "big", "", "PXAT", "9"]))];
+        let streams = [StreamedPlace {
+            command: 0,
+            arg: 2,
+            len: 2_500_000,
+            first: LogId(2),
+            fragments: 3,
+            first_seq: 0,
+        }];
+        let value: Vec<u8> = (0..2_500_000u32).map(|i| (i % 251) as u8).collect();
+        let mut entry = entry(5, &commands, &refused);
+        entry.streams = &streams;
+        let mut fill = |place: &StreamedPlace, out: &mut dyn FnMut(&[u8]) -> io::Result<()>| {
+            assert_eq!(place.len, value.len() as u64);
+            for piece in value.chunks(1 << 20) {
+                out(piece)?;
+            }
+            Ok(())
+        };
+        let mut letters = DeadLetter::new(path.clone());
+        assert!(letters
+            .record(&entry, Some(&mut fill), "d1", PartitionId(0), 1)
+            .unwrap());
+        // Recorded once: the same bytes are recognised.
+        assert!(!letters
+            .record(&entry, Some(&mut fill), "d1", PartitionId(0), 2)
+            .unwrap());
+        let file = std::fs::read(&path).unwrap();
+        let mut body =
+            b"*2\r\n$6\r\nSELECT\r\n$1\r\n0\r\n*5\r\n$3\r\nSET\r\n$3\r\nbig\r\n$2500000\r\n"
+                .to_vec();
+        body.extend_from_slice(&value);
+        body.extend_from_slice(b"\r\n$4\r\nPXAT\r\n$1\r\n9\r\n");
+        assert!(file.ends_with(&body));
+        let header = String::from_utf8_lossy(&file[..200]).into_owned();
+        assert!(
+            header.contains(&format!("bytes={}", body.len())),
+            "{header}"
+        );
+
+        // A source that gives the wrong length records nothing.
+        let mut short =
+            |_: &StreamedPlace, out: &mut dyn FnMut(&[u8]) -> io::Result<()>| out(b"too short");
+        let other = entry_with_id(6, &commands, &refused, &streams);
+        assert!(letters
+            .record(&other, Some(&mut short), "d1", PartitionId(0), 3)
+            .is_err());
+        let reopened_len = std::fs::metadata(&path).unwrap().len();
+        assert_eq!(reopened_len, file.len() as u64);
+    }
+
+    fn entry_with_id<'a>(
+        log_id: u64,
+        commands: &'a [(u32, Command)],
+        refused: &'a RefusedCommand,
+        streams: &'a [StreamedPlace],
+    ) -> DeadEntry<'a> {
+        let mut made = entry(log_id, commands, refused);
+        made.streams = streams;
+        made
     }
 }

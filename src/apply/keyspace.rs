@@ -111,6 +111,9 @@ pub struct Placed {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Translated {
     pub commands: Vec<Placed>,
+    /// For each of `commands`, the index of the input command it comes from
+    /// (the applier places streamed arguments by it).
+    pub origins: Vec<usize>,
     /// Commands left out: they run in dbs this sync does not own.
     pub filtered: u64,
 }
@@ -302,7 +305,7 @@ impl OwnedKeyspace {
     ) -> Result<Translated, Refusal> {
         let mut out = Translated::default();
         let mut db = db;
-        for cmd in commands {
+        for (index, cmd) in commands.into_iter().enumerate() {
             if cmd.is("SELECT") {
                 match cmd.args.get(1).and_then(|d| parse_db(d)) {
                     Some(to) if cmd.args.len() == 2 => db = to,
@@ -315,7 +318,10 @@ impl OwnedKeyspace {
                 }
                 continue;
             }
+            let before = out.commands.len();
             self.translate_one(db, cmd, databases, &mut out)?;
+            let made = out.commands.len() - before;
+            out.origins.extend(std::iter::repeat(index).take(made));
         }
         Ok(out)
     }

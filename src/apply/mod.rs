@@ -212,7 +212,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
@@ -224,10 +224,10 @@ use crate::record::{Record, RecordError};
 use crate::redis::client::ClientError;
 use crate::redis::command::Command;
 use crate::redis::rdb_stream::RdbStreamError;
-use crate::redis::resp::Frame;
+use crate::redis::resp::{encode_array_header, encode_bulk, encode_bulk_header, Frame};
 use crate::wal::{DownstreamId, ReadLimits, SnapshotPhase, Wal, WalError};
 
-use batch::{Batch, BatchBuilder, BatchOutcome, Hold, Pending};
+use batch::{Batch, BatchBuilder, BatchOutcome, Hold, Pending, StreamedPlace};
 use checkpoint::{checkpoint_key, Checkpoint, CheckpointError};
 use dead_letter::{DeadEntry, DeadLetter, DeadLetterError, SkippedBy};
 use fence::Fence;
@@ -835,6 +835,7 @@ impl Applier {
         };
         let drainer_id = self.cfg.drainer_id.clone();
         let partition = self.partition;
+        let wal = self.wal.clone();
         let (letters, written) = tokio::task::spawn_blocking(move || {
             let entry = DeadEntry {
                 log_id: skip.log_id,
@@ -843,8 +844,23 @@ impl Applier {
                 transaction: skip.transaction,
                 by: skip.by,
                 refused: &skip.refused,
+                streams: &skip.streams,
             };
-            let written = letters.record(&entry, &drainer_id, partition, status::now_unix_ms());
+            // A streamed argument's bytes, from its fragments in the WAL.
+            let mut fill =
+                |place: &StreamedPlace, out: &mut dyn FnMut(&[u8]) -> std::io::Result<()>| {
+                    for seq in 0..place.fragments {
+                        let log_id = LogId(place.first.0 + u64::from(seq));
+                        let data = read_fragment(&wal, partition, log_id, place.first_seq + seq)
+                            .map_err(|error| std::io::Error::other(error.to_string()))?;
+                        out(&data)?;
+                    }
+                    Ok(())
+                };
+            let fill: Option<dead_letter::Fill<'_>> =
+                (!skip.streams.is_empty()).then_some(&mut fill);
+            let written =
+                letters.record(&entry, fill, &drainer_id, partition, status::now_unix_ms());
             (letters, written)
         })
         .await
@@ -1052,15 +1068,61 @@ impl Applier {
     /// Queues `WATCH <checkpoint>`, `MULTI` and the batch's commands (not
     /// `EXEC`). The `WATCH` makes the target refuse the `EXEC` if anything
     /// else wrote the checkpoint since (see [`ApplyError::CheckpointMoved`]).
-    fn queue_batch(target: &mut Target, batch: &Batch, key: &Bytes) {
+    /// A command with streamed arguments is sent at once, with what was
+    /// queued before it, its big arguments written as they are read from
+    /// the WAL's fragments ([`stream_command`]).
+    async fn queue_batch(
+        target: &mut Target,
+        batch: &Batch,
+        key: &Bytes,
+        wal: &Wal,
+        partition: PartitionId,
+    ) -> Result<(), ApplyError> {
+        // The target drops the connection on a bulk header over its limit:
+        // such an entry is refused here, before anything of it is sent.
+        if let Some(limit) = target.max_bulk_len {
+            if let Some(place) = batch.streams.iter().find(|place| place.len > limit) {
+                let log_id = match batch.slots.get(place.command) {
+                    Some(batch::Slot::Data { log_id }) => *log_id,
+                    _ => batch.last,
+                };
+                let command = batch
+                    .commands
+                    .get(place.command)
+                    .map(batch::command_name)
+                    .unwrap_or_default();
+                return Err(ApplyError::Refused {
+                    refused: RefusedCommand {
+                        log_id,
+                        command,
+                        error: format!(
+                            "ERR an argument of {} bytes is over the target's proto-max-bulk-len \
+                             ({limit}); raise it on the target (CONFIG SET proto-max-bulk-len)",
+                            place.len
+                        ),
+                    },
+                    transient: false,
+                });
+            }
+        }
         target.client.queue(&Command::new(vec![
             Bytes::from_static(b"WATCH"),
             key.clone(),
         ]));
         target.client.queue(&Command::from_parts(["MULTI"]));
-        for cmd in &batch.commands {
-            target.client.queue(cmd);
+        let mut streams = batch.streams.iter().peekable();
+        for (index, cmd) in batch.commands.iter().enumerate() {
+            let mut places = Vec::new();
+            while let Some(place) = streams.next_if(|place| place.command == index) {
+                places.push(place);
+            }
+            if places.is_empty() {
+                target.client.queue(cmd);
+            } else {
+                stream_command(target, cmd, &places, wal, partition).await?;
+            }
         }
+        Ok(())
     }
 
     async fn apply_loop(&mut self, target: &mut Target, feed: &mut Feed) -> Result<(), ApplyError> {
@@ -1081,7 +1143,8 @@ impl Applier {
                         builder.build(&mut feed.pending, self.epoch, self.hold().as_ref())
                     {
                         self.record_skip(&batch).await?;
-                        Self::queue_batch(target, &batch, &self.key);
+                        Self::queue_batch(target, &batch, &self.key, &self.wal, self.partition)
+                            .await?;
                         open = Some(batch);
                     }
                 }
@@ -1094,14 +1157,16 @@ impl Applier {
                     // recorded as skipped only once everything before it
                     // committed.
                     let hold = self.hold();
-                    let held_next = hold.as_ref().is_some_and(|hold| {
-                        feed.pending.front().map(|p| p.log_id) == Some(hold.log_id)
-                    });
+                    // (A held write's fragment run goes with it.)
+                    let held_next = hold
+                        .as_ref()
+                        .is_some_and(|hold| batch::next_unit(&feed.pending) == Some(hold.log_id));
                     if !held_next {
                         if let Some(batch) =
                             builder.build(&mut feed.pending, self.epoch, hold.as_ref())
                         {
-                            Self::queue_batch(target, &batch, &self.key);
+                            Self::queue_batch(target, &batch, &self.key, &self.wal, self.partition)
+                                .await?;
                             open = Some(batch);
                         }
                     }
@@ -1209,6 +1274,128 @@ impl Applier {
         let _ = self.applied_tx.send(batch.last);
         self.progressed = true;
         Ok(())
+    }
+}
+
+/// Sends `cmd`, whose arguments at `places` are streamed: everything queued
+/// so far, then the command piece by piece, each big argument's bytes read
+/// from its fragments in the WAL one at a time (the next one read while the
+/// current one is written), so a value of any size costs two fragments of
+/// memory. The fragments must be exactly what the write names (rule 1 of
+/// `src/record.rs`, "Big entries"); anything else is fatal, and since the
+/// command is then cut short the connection is dropped with the error,
+/// which discards the open `MULTI` on the target.
+async fn stream_command(
+    target: &mut Target,
+    cmd: &Command,
+    places: &[&StreamedPlace],
+    wal: &Wal,
+    partition: PartitionId,
+) -> Result<(), ApplyError> {
+    let mut head = BytesMut::new();
+    encode_array_header(cmd.args.len(), &mut head);
+    let mut places = places.iter().peekable();
+    for (index, arg) in cmd.args.iter().enumerate() {
+        let Some(place) = places.next_if(|place| place.arg == index) else {
+            encode_bulk(arg, &mut head);
+            continue;
+        };
+        encode_bulk_header(place.len, &mut head);
+        target.client.queue_raw(&head);
+        head.clear();
+        let read = |seq: u32| {
+            let wal = wal.clone();
+            let log_id = LogId(place.first.0 + u64::from(seq));
+            let expected_seq = place.first_seq + seq;
+            tokio::task::spawn_blocking(move || {
+                read_fragment(&wal, partition, log_id, expected_seq)
+            })
+        };
+        let mut left = place.len;
+        let mut next = (place.fragments > 0).then(|| read(0));
+        for seq in 0..place.fragments {
+            let Some(reading) = next.take() else { break };
+            let data = reading
+                .await
+                .map_err(|error| ApplyError::Task(error.to_string()))??;
+            if seq + 1 < place.fragments {
+                next = Some(read(seq + 1));
+            }
+            let fragment_id = LogId(place.first.0 + u64::from(seq));
+            if data.len() as u64 > left || (seq + 1 == place.fragments && data.len() as u64 != left)
+            {
+                return Err(ApplyError::Inconsistent {
+                    partition,
+                    what: format!(
+                        "fragment {fragment_id} holds {} bytes where {left} of a {}-byte argument \
+                         remain in {} fragments",
+                        data.len(),
+                        place.len,
+                        place.fragments - seq
+                    ),
+                });
+            }
+            left -= data.len() as u64;
+            tokio::time::timeout(target.reply_timeout, target.client.write_through(&data))
+                .await
+                .map_err(|_| ApplyError::Timeout(target.reply_timeout))??;
+        }
+        head.extend_from_slice(b"\r\n");
+    }
+    target.client.queue_raw(&head);
+    target.client.expect_reply();
+    Ok(())
+}
+
+/// Reads fragment `log_id` (blocking) and checks it is the `seq`th of its
+/// write's run.
+fn read_fragment(
+    wal: &Wal,
+    partition: PartitionId,
+    log_id: LogId,
+    seq: u32,
+) -> Result<Bytes, ApplyError> {
+    let one = ReadLimits {
+        max_entries: 1,
+        max_bytes: 1,
+    };
+    let entries = match wal.read(partition, log_id, one) {
+        Ok(entries) => entries,
+        Err(WalError::Trimmed {
+            first_available, ..
+        }) => {
+            return Err(ApplyError::Gap {
+                partition,
+                wanted: log_id,
+                first_available,
+            })
+        }
+        Err(error) => return Err(error.into()),
+    };
+    let Some(entry) = entries.into_iter().find(|entry| entry.log_id == log_id) else {
+        return Err(ApplyError::Inconsistent {
+            partition,
+            what: format!("fragment {log_id} of a write is not in the wal"),
+        });
+    };
+    match Record::decode_shared(&entry.payload, RecordLimits::default()) {
+        Ok(Record::Fragment(fragment)) if fragment.seq == seq => Ok(fragment.data),
+        Ok(other) => Err(ApplyError::Inconsistent {
+            partition,
+            what: format!(
+                "entry {log_id} should be fragment {seq} of the write after it, but is {}",
+                match other {
+                    Record::Fragment(fragment) => format!("fragment {}", fragment.seq),
+                    Record::Write(_) => "a write".to_string(),
+                    Record::Snapshot(_) => "a snapshot marker".to_string(),
+                }
+            ),
+        }),
+        Err(error) => Err(ApplyError::Record {
+            partition,
+            log_id,
+            error,
+        }),
     }
 }
 

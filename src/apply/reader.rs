@@ -19,6 +19,7 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -27,7 +28,7 @@ use tracing::info;
 use super::batch::Pending;
 use super::ApplyError;
 use crate::position::{LogId, PartitionId};
-use crate::record::{Record, RecordLimits};
+use crate::record::{Fragment, Record, RecordLimits};
 use crate::wal::{ReadLimits, Wal, WalError};
 
 /// Runs of entries queued between the reader and the applier.
@@ -93,9 +94,26 @@ fn read_run(
                     error,
                 },
             )?;
+            let (record, size) = match record {
+                // Its data is read again when its write is sent: holding it
+                // here would hold whole big values.
+                Record::Fragment(fragment) => (
+                    Record::Fragment(Fragment {
+                        seq: fragment.seq,
+                        data: Bytes::new(),
+                    }),
+                    0,
+                ),
+                Record::Write(write) => {
+                    let streamed = usize::try_from(write.streamed_bytes()).unwrap_or(usize::MAX);
+                    let size = entry.payload.len().saturating_add(streamed);
+                    (Record::Write(write), size)
+                }
+                record => (record, entry.payload.len()),
+            };
             Ok(Pending {
                 log_id: entry.log_id,
-                size: entry.payload.len(),
+                size,
                 record,
             })
         })

@@ -26,6 +26,10 @@ pub(crate) struct Target {
     /// `None` when `INFO server` had no usable version (only snapshot loads
     /// need it).
     pub caps: Option<TargetCaps>,
+    /// The target's `proto-max-bulk-len` (`None` when `CONFIG` is not
+    /// allowed): a streamed argument longer than it is refused before it is
+    /// sent, since the target would drop the connection on its header.
+    pub max_bulk_len: Option<u64>,
 }
 
 impl Target {
@@ -46,6 +50,7 @@ impl Target {
             reply_timeout,
             databases: DEFAULT_DATABASES,
             caps: None,
+            max_bulk_len: None,
         };
         let info = target.call(&["INFO", "server"]).await?;
         let text = info
@@ -58,6 +63,13 @@ impl Target {
             if let Some(databases) = pair.get(1).and_then(Frame::as_integer) {
                 target.databases = u32::try_from(databases).unwrap_or(DEFAULT_DATABASES);
             }
+        }
+        if let Ok(Frame::Array(pair)) = target.call(&["CONFIG", "GET", "proto-max-bulk-len"]).await
+        {
+            target.max_bulk_len = pair
+                .get(1)
+                .and_then(Frame::as_integer)
+                .and_then(|limit| u64::try_from(limit).ok());
         }
         Ok(target)
     }

@@ -17,6 +17,9 @@ use crate::wal::MAX_PAYLOAD_LEN;
 
 /// Longest listener id (it is part of the heartbeat key).
 pub const MAX_LISTENER_ID_LEN: usize = 64;
+/// Largest `replica.fragment-size`: a fragment is one WAL entry, and a few
+/// of them make one append batch and one ship batch.
+pub const MAX_FRAGMENT_SIZE: usize = 16 << 20;
 
 /// A config value that cannot work, naming the field (`listener.<field>`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -85,10 +88,25 @@ pub struct ReplicaSettings {
     /// `WAIT`) is answered as soon as the durable offset covers it, not at
     /// this period. Default: `"1s"`.
     pub ack_interval: HumanDuration,
-    /// Largest `MULTI` .. `EXEC` (and largest single bulk string) accepted;
-    /// at most the WAL's largest entry (64 MiB) since a transaction is stored
-    /// as one entry. Default: `"64MiB"`.
+    /// Most wire bytes of one replication entry (a command, or a `MULTI` ..
+    /// `EXEC`) held in memory and stored in its WAL record; an argument that
+    /// would take an entry past it is streamed into fragments instead (see
+    /// `stream-threshold`). At most the WAL's largest entry (64 MiB).
+    /// Default: `"64MiB"`.
     pub max_transaction_bytes: ByteSize,
+    /// Arguments longer than this are not buffered: they are stored as they
+    /// arrive, in WAL fragments of `fragment-size`, and written to the target
+    /// as a stream (src/record.rs, "Big entries"). Default: `"4MiB"`.
+    pub stream_threshold: ByteSize,
+    /// Size of one fragment of a streamed argument, 1 byte to 16 MiB.
+    /// Default: `"1MiB"`.
+    pub fragment_size: ByteSize,
+    /// Largest replication entry carried (a `SET` of one value, or a whole
+    /// `MULTI` .. `EXEC`), streamed arguments included; it must fit twice on
+    /// disk (listener and drainer WALs). A bigger entry stops replication
+    /// with the listener `STOPPED` and the error in `ferry status`, never a
+    /// reconnect loop: raise this and restart to go on. Default: `"4GiB"`.
+    pub max_entry_bytes: ByteSize,
 }
 
 impl Default for ListenerConfig {
@@ -117,6 +135,9 @@ impl Default for ReplicaSettings {
             read_timeout: HumanDuration(Duration::from_secs(60)),
             ack_interval: HumanDuration(Duration::from_secs(1)),
             max_transaction_bytes: ByteSize(MAX_PAYLOAD_LEN as u64),
+            stream_threshold: ByteSize::mib(4),
+            fragment_size: ByteSize::mib(1),
+            max_entry_bytes: ByteSize(4 << 30),
         }
     }
 }
@@ -212,6 +233,26 @@ impl ListenerConfig {
                 ),
             ));
         }
+        let fragment = replica.fragment_size.as_u64();
+        if fragment == 0 || fragment > MAX_FRAGMENT_SIZE as u64 {
+            return Err(bad(
+                "replica.fragment-size",
+                format!(
+                    "{} must be between 1 byte and {}",
+                    replica.fragment_size,
+                    ByteSize(MAX_FRAGMENT_SIZE as u64)
+                ),
+            ));
+        }
+        if replica.max_entry_bytes.as_u64() < max_transaction {
+            return Err(bad(
+                "replica.max-entry-bytes",
+                format!(
+                    "{} is below replica.max-transaction-bytes {}",
+                    replica.max_entry_bytes, replica.max_transaction_bytes
+                ),
+            ));
+        }
         for (field, value) in [
             ("replica.connect-timeout", replica.connect_timeout),
             ("replica.read-timeout", replica.read_timeout),
@@ -234,7 +275,11 @@ impl ListenerConfig {
         repl.read_timeout = replica.read_timeout.as_duration();
         repl.ack_interval = replica.ack_interval.as_duration();
         repl.max_transaction_bytes = replica.max_transaction_bytes.as_usize();
-        // One command is one WAL entry too, so no bulk string may exceed it.
+        repl.stream_threshold = replica.stream_threshold.as_usize();
+        repl.fragment_size = replica.fragment_size.as_usize();
+        repl.max_entry_bytes = replica.max_entry_bytes.as_u64();
+        // Bulk strings a frame holds whole are within the entry's budget
+        // (bigger ones are streamed, never decoded whole).
         repl.resp_limits.max_bulk_len = repl
             .resp_limits
             .max_bulk_len
@@ -271,6 +316,9 @@ mod tests {
         assert_eq!(checked.batch_max_bytes, 4 << 20);
         assert_eq!(checked.replica.max_transaction_bytes, MAX_PAYLOAD_LEN);
         assert_eq!(checked.replica.resp_limits.max_bulk_len, MAX_PAYLOAD_LEN);
+        assert_eq!(checked.replica.stream_threshold, 4 << 20);
+        assert_eq!(checked.replica.fragment_size, 1 << 20);
+        assert_eq!(checked.replica.max_entry_bytes, 4 << 30);
         assert_eq!(checked.heartbeat_key(), "__ferry:heartbeat:listener");
     }
 
@@ -342,6 +390,26 @@ mod tests {
                     ..base.clone()
                 },
                 "replica.max-transaction-bytes",
+            ),
+            (
+                ListenerConfig {
+                    replica: ReplicaSettings {
+                        fragment_size: ByteSize::mib(17),
+                        ..ReplicaSettings::default()
+                    },
+                    ..base.clone()
+                },
+                "replica.fragment-size",
+            ),
+            (
+                ListenerConfig {
+                    replica: ReplicaSettings {
+                        max_entry_bytes: ByteSize::mib(8),
+                        ..ReplicaSettings::default()
+                    },
+                    ..base.clone()
+                },
+                "replica.max-entry-bytes",
             ),
             (
                 ListenerConfig {

@@ -14,6 +14,11 @@
 //!   `Record::Write` log entry whose source position is (replid, offset after
 //!   the entry, db selected after the entry) and whose creation time is the
 //!   receive time.
+//! - Before the write of an entry with streamed (big) arguments: its
+//!   `Record::Fragment`s, appended as they arrive (batched like entries),
+//!   each at the source position of the entry's *start* (replid, offset
+//!   after the previous entry, db there), so the source is acked past the
+//!   entry only once its write is durable (`src/record.rs`, "Big entries").
 //! - Per full resync: the RDB as snapshot chunks of a new epoch E exactly as
 //!   received, E set complete, then a `Record::Snapshot` marker log entry at
 //!   source position (replid, FULLRESYNC offset, db 0). Entries after the
@@ -50,6 +55,14 @@
 //! exponential backoff (reset once a session is established), logging once
 //! per change of error. WAL errors are fatal: [`run`] returns them (the WAL
 //! is poisoned after a failed write and must be reopened).
+//!
+//! An entry ferry cannot carry (more than `replica.max-entry-bytes`, or a
+//! record over the WAL's entry limit) is not a lost link: the source would
+//! send it again on every reconnect. What came before it is made durable,
+//! then the listener stops replicating (status `STOPPED` with the error,
+//! logged once) and waits for shutdown; the rest of the node goes on. Its
+//! position stays before the entry, so a restart with a higher limit
+//! resumes there (while the source's backlog still holds it).
 //!
 //! On shutdown the listener stops reading, makes everything received durable
 //! and returns. A full resync interrupted by shutdown is abandoned (its
@@ -99,7 +112,9 @@ pub enum ListenerError {
         partition: PartitionId,
         position: SourcePosition,
     },
-    #[error("partition {partition}: entry at source offset {offset} encodes to {len} bytes, more than a WAL entry holds ({limit})")]
+    #[error("{0}")]
+    Uncarriable(String),
+    #[error("partition {partition}: entry at source offset {offset} encodes to {len} bytes, more than a WAL entry holds ({limit}); ferry cannot carry it")]
     EntryTooLarge {
         partition: PartitionId,
         offset: u64,
@@ -347,6 +362,10 @@ enum SessionEnd {
         error: ReplError,
         established: bool,
     },
+    /// The source sent an entry ferry cannot carry: replication stops.
+    Refused {
+        error: String,
+    },
 }
 
 /// A batch handed to the WAL and what its durability means.
@@ -399,6 +418,15 @@ impl Session {
                 Ok(psync) => match self.session(psync, shutdown).await? {
                     SessionEnd::Shutdown => return Ok(()),
                     SessionEnd::Lost { error, established } => (error, established),
+                    SessionEnd::Refused { error } => {
+                        tracing::error!(partition = %partition, %error, "replication stopped: the source sent an entry ferry cannot carry; raise the limit named and restart ferry");
+                        self.inner().status.update(|s| {
+                            s.state = SyncState::Stopped;
+                            s.last_error = Some(error);
+                        });
+                        shutdown.cancelled().await;
+                        return Ok(());
+                    }
                 },
                 Err(error) => (error, false),
             };
@@ -623,6 +651,8 @@ impl Session {
         // waiting to become durable.
         let mut progress: Option<u64> = None;
         let mut end: Option<SessionEnd> = None;
+        // Fragments taken of the entry being received.
+        let mut fragments = 0u32;
         let mut replid = psync.position().replid.to_string();
         if self
             .resume
@@ -695,14 +725,18 @@ impl Session {
                     // Take what is already buffered without waiting, up to
                     // the batch limits.
                     while let Some(next) = event.take() {
-                        match next {
+                        let taken = match next {
                             Ok(next) => self.take_event(
                                 psync,
                                 next,
                                 &mut pending,
                                 &mut progress,
                                 &mut replid,
-                            )?,
+                                &mut fragments,
+                            ),
+                            Err(error) if error.is_uncarriable() => {
+                                Err(ListenerError::Uncarriable(error.to_string()))
+                            }
                             Err(error) => {
                                 end = Some(SessionEnd::Lost {
                                     error,
@@ -710,6 +744,19 @@ impl Session {
                                 });
                                 break;
                             }
+                        };
+                        match taken {
+                            Ok(()) => {}
+                            Err(
+                                error @ (ListenerError::EntryTooLarge { .. }
+                                | ListenerError::Uncarriable(_)),
+                            ) => {
+                                end = Some(SessionEnd::Refused {
+                                    error: error.to_string(),
+                                });
+                                break;
+                            }
+                            Err(error) => return Err(error),
                         }
                         if pending.entries.len() < max_entries && pending.bytes < max_bytes {
                             event = psync.next_event().now_or_never();
@@ -729,15 +776,51 @@ impl Session {
         pending: &mut Pending,
         progress: &mut Option<u64>,
         replid: &mut String,
+        fragments: &mut u32,
     ) -> Result<(), ListenerError> {
         let partition = self.inner().cfg.partition;
         match event {
+            ReplEvent::Fragment(data) => {
+                // The entry's start: this entry is not acked until its write
+                // is durable, and a restart receives it again from there.
+                let position = psync.position();
+                if replid.as_str() != position.replid.as_str() {
+                    *replid = position.replid.to_string();
+                }
+                let payload = Record::encode_fragment(*fragments, &data);
+                *fragments += 1;
+                pending.bytes += payload.len();
+                pending.entries.push(NewEntry {
+                    flags: 0,
+                    created_unix_ms: Some(unix_ms()),
+                    source: SourcePosition {
+                        replid: replid.clone(),
+                        offset: position.offset,
+                        db: position.db,
+                    },
+                    payload,
+                });
+                *progress = None;
+            }
             ReplEvent::Entry(entry) => {
                 let position = psync.position();
                 if replid.as_str() != position.replid.as_str() {
                     *replid = position.replid.to_string();
                 }
-                let payload = Record::encode_write(entry.db, &entry.commands, entry.transaction);
+                let expected: u64 = entry.streamed.iter().map(|s| u64::from(s.fragments)).sum();
+                if expected != u64::from(*fragments) {
+                    return Err(ListenerError::Task(format!(
+                        "entry at source offset {} names {expected} fragments but {} came before it",
+                        entry.offset, *fragments
+                    )));
+                }
+                *fragments = 0;
+                let payload = Record::encode_write_streamed(
+                    entry.db,
+                    &entry.commands,
+                    entry.transaction,
+                    &entry.streamed,
+                );
                 if payload.len() > crate::wal::MAX_PAYLOAD_LEN {
                     return Err(ListenerError::EntryTooLarge {
                         partition,

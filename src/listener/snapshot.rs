@@ -48,7 +48,12 @@
 //! at a snapshot marker (a full resync may restart them), so M is searched by
 //! bisection between the latest marker (the "era" start) and the durable end;
 //! if that marker itself lies after X, M is the id just before it (applying
-//! the marker replaces the state anyway).
+//! the marker replaces the state anyway). M is never a fragment whose write
+//! comes after it (`src/record.rs`, "Big entries", rule 4): fragments carry
+//! their entry's start offset, so when X is exactly where a big entry
+//! starts the search can land on one of its fragments (seq k at id F); M is
+//! then F - k - 1, the entry before the run, and the downstream gets the
+//! whole run after the marker.
 
 use std::time::Duration;
 
@@ -576,8 +581,35 @@ pub(crate) fn find_marker_log_id(
             high = mid - 1;
         }
     }
+    let mut marker_log_id = LogId(low);
+    let entry = read_one(wal, partition, marker_log_id)?;
+    match Record::decode_shared(&entry.payload, RecordLimits::default()) {
+        Ok(Record::Fragment(fragment)) => {
+            // Fragments of one run are consecutive from seq 0.
+            let run_start = marker_log_id.0.saturating_sub(u64::from(fragment.seq));
+            if run_start < first.0 || run_start == 0 {
+                // The start of the run was trimmed: no marker can precede
+                // it; a later snapshot will be past its write.
+                return Err(ListenerError::FallbackBehindLog {
+                    partition,
+                    offset: x,
+                    first,
+                    first_offset: lo_entry.source.offset.0,
+                });
+            }
+            marker_log_id = LogId(run_start - 1);
+        }
+        Ok(_) => {}
+        Err(error) => {
+            return Err(ListenerError::CorruptRecord {
+                partition,
+                log_id: marker_log_id,
+                error,
+            })
+        }
+    }
     Ok(MarkerSearch {
-        marker_log_id: LogId(low),
+        marker_log_id,
         era_start,
     })
 }
@@ -598,6 +630,7 @@ mod tests {
             db: 0,
             commands: vec![Command::from_parts(["INCR", "k"])],
             transaction: false,
+            streamed: vec![],
         });
         NewEntry::new(
             SourcePosition {
@@ -685,6 +718,55 @@ mod tests {
             .unwrap();
         assert_eq!(deleted, vec![1, 2, 4]);
         assert_eq!(wal.snapshot_epochs(p).unwrap(), vec![5, 6]);
+    }
+
+    fn fragment(offset: u64, seq: u32) -> NewEntry {
+        NewEntry::new(
+            SourcePosition {
+                replid: "a".repeat(40),
+                offset: ReplOffset(offset),
+                db: 0,
+            },
+            Record::encode_fragment(seq, b"piece"),
+        )
+    }
+
+    #[tokio::test]
+    async fn m_is_never_inside_a_fragment_run() {
+        // 1: marker@100, 2: write@110, 3-4: orphan run @110 (a crash),
+        // 5-7: the run received again @110, 8: its write @500, 9: write@510.
+        let entries = vec![
+            marker(100),
+            write(110),
+            fragment(110, 0),
+            fragment(110, 1),
+            fragment(110, 0),
+            fragment(110, 1),
+            fragment(110, 2),
+            write(500),
+            write(510),
+        ];
+        let wal = wal_with(entries).await;
+        let p = PartitionId(0);
+        let search = |x, hi| find_marker_log_id(&wal, p, None, LogId(hi), x).unwrap();
+        // X at the big entry's start: M before the run being written, so
+        // the downstream gets all its fragments (the orphans may go).
+        assert_eq!(search(110, 9).marker_log_id, LogId(4));
+        // Durable only up to the middle of the run: the same.
+        assert_eq!(search(110, 6).marker_log_id, LogId(4));
+        assert_eq!(search(110, 4).marker_log_id, LogId(2));
+        // Past the big entry: at its write or after.
+        assert_eq!(search(500, 9).marker_log_id, LogId(8));
+        assert_eq!(search(505, 9).marker_log_id, LogId(8));
+        assert_eq!(search(510, 9).marker_log_id, LogId(9));
+        // A run whose start was trimmed cannot be cut: take a new snapshot.
+        wal.trim(p, LogId(6)).await.unwrap();
+        let error = find_marker_log_id(&wal, p, None, LogId(9), 110).unwrap_err();
+        assert!(
+            matches!(error, ListenerError::FallbackBehindLog { .. }),
+            "{error}"
+        );
+        assert_eq!(search(500, 9).marker_log_id, LogId(8));
     }
 
     #[tokio::test]

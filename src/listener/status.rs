@@ -24,6 +24,10 @@ pub enum SyncState {
     Online,
     /// The link is down; reconnecting after a backoff. `last_error` says why.
     Offline,
+    /// Replication stopped on an entry ferry cannot carry (bigger than the
+    /// configured limits); no reconnect until ferry is restarted with
+    /// higher limits. `last_error` names the entry and the limit.
+    Stopped,
 }
 
 impl fmt::Display for SyncState {
@@ -33,6 +37,7 @@ impl fmt::Display for SyncState {
             SyncState::FullSync => "FULL_SYNC",
             SyncState::Online => "ONLINE",
             SyncState::Offline => "OFFLINE",
+            SyncState::Stopped => "STOPPED",
         })
     }
 }

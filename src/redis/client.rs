@@ -136,6 +136,27 @@ impl Client {
         self.pending += 1;
     }
 
+    /// Buffers raw bytes of a command the caller encodes itself (one whose
+    /// big arguments it streams with [`Client::write_through`]); it counts
+    /// its reply with [`Client::expect_reply`].
+    pub fn queue_raw(&mut self, bytes: &[u8]) {
+        self.write_buf.extend_from_slice(bytes);
+    }
+
+    /// Counts one more reply owed, for a command sent with
+    /// [`Client::queue_raw`].
+    pub fn expect_reply(&mut self) {
+        self.pending += 1;
+    }
+
+    /// Sends what is buffered, then `bytes` straight from the caller's
+    /// buffer (a piece of a streamed argument: never copied into ours).
+    pub async fn write_through(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
+        self.flush().await?;
+        self.stream.write_all(bytes).await?;
+        Ok(())
+    }
+
     /// Bytes queued and not yet flushed.
     pub fn queued_bytes(&self) -> usize {
         self.write_buf.len()

@@ -54,12 +54,33 @@
 //! - `RdbEnd { len }`: the payload (of `len` bytes) is complete; the stream
 //!   starts at the `FullResync` offset in db 0.
 //! - `Continue { replid, offset, db }`: first event of a partial resync.
+//! - `Fragment(bytes)`: the next piece of a *streamed* argument of the entry
+//!   being received (see below); the position does not move.
 //! - `Entry(ReplEntry)`: one command, or one whole transaction; its `offset`
 //!   is the stream offset just after its last byte (after `EXEC`).
 //! - `Progress { offset }`: bytes that carry no data (`PING`, `SELECT`,
 //!   `REPLCONF ...`) were consumed; `offset` is just after them. Surfaced so
 //!   that an idle or db-switching stream still moves the position the caller
 //!   persists and acks.
+//!
+//! # Big arguments
+//!
+//! An entry is never buffered whole when it is big. A bulk argument (other
+//! than a command name) is *streamed* when it is longer than
+//! [`ReplicaConfig::stream_threshold`], or when holding it would take the
+//! entry's buffered wire bytes past [`ReplicaConfig::max_transaction_bytes`]:
+//! its bytes come out as [`ReplEvent::Fragment`]s of exactly
+//! [`ReplicaConfig::fragment_size`] bytes (the last one shorter) as they
+//! arrive, and the entry's [`ReplEntry`] then holds an empty argument in its
+//! place and lists it in [`ReplEntry::streamed`] (with its length and
+//! fragment count). The fragments of an entry come in `streamed` order,
+//! right before the entry. An entry whose bytes (buffered and streamed)
+//! exceed [`ReplicaConfig::max_entry_bytes`], or whose buffered part still
+//! exceeds `max_transaction_bytes` (a transaction of millions of small
+//! commands), is [`ReplError::EntryTooLarge`] /
+//! [`ReplError::TransactionTooLarge`], found as soon as its headers say so;
+//! [`ReplError::is_uncarriable`] tells them apart: reconnecting would only
+//! receive the same entry again.
 //!
 //! # Acks
 //!
@@ -140,9 +161,19 @@ pub struct ReplicaConfig {
     /// on the first ack it sees after reaping its RDB child, which can be a
     /// periodic one rather than the one sent right after the payload.
     pub ack_interval: Duration,
-    /// Most wire bytes one `MULTI` .. `EXEC` may buffer before
-    /// [`ReplError::TransactionTooLarge`]. Default 256 MiB.
+    /// Most wire bytes of one entry (a command, or a `MULTI` .. `EXEC`)
+    /// held in memory; an argument that would take it past this is streamed
+    /// (module doc, "Big arguments"). Only an entry whose headers alone pass
+    /// it is [`ReplError::TransactionTooLarge`]. Default 256 MiB.
     pub max_transaction_bytes: usize,
+    /// Bulk arguments longer than this are streamed. Default 4 MiB.
+    pub stream_threshold: usize,
+    /// Size of the [`ReplEvent::Fragment`]s of a streamed argument (the last
+    /// one of an argument may be shorter). Default 1 MiB.
+    pub fragment_size: usize,
+    /// Largest entry, buffered and streamed bytes together, before
+    /// [`ReplError::EntryTooLarge`]. Default 4 GiB.
+    pub max_entry_bytes: u64,
     /// Largest [`ReplEvent::RdbChunk`]. Default 64 KiB.
     pub rdb_chunk_size: usize,
     /// Limits on each frame of the command stream (bulk length etc.).
@@ -171,6 +202,9 @@ impl ReplicaConfig {
             read_timeout: Duration::from_secs(60),
             ack_interval: Duration::from_secs(1),
             max_transaction_bytes: 256 * 1024 * 1024,
+            stream_threshold: 4 << 20,
+            fragment_size: 1 << 20,
+            max_entry_bytes: 4 << 30,
             rdb_chunk_size: 64 * 1024,
             resp_limits: RespLimits::default(),
             rdb_only: false,
@@ -185,6 +219,12 @@ impl ReplicaConfig {
         }
         if self.max_transaction_bytes == 0 {
             return fail("max_transaction_bytes must be at least 1 byte");
+        }
+        if self.fragment_size == 0 {
+            return fail("fragment_size must be at least 1 byte");
+        }
+        if self.max_entry_bytes < self.max_transaction_bytes as u64 {
+            return fail("max_entry_bytes must be at least max_transaction_bytes");
         }
         if self.read_timeout.is_zero() || self.connect_timeout.is_zero() {
             return fail("read_timeout and connect_timeout must not be 0");
@@ -224,6 +264,21 @@ pub struct ReplEntry {
     pub commands: Vec<Command>,
     /// True for a `MULTI` .. `EXEC` block, to be applied atomically.
     pub transaction: bool,
+    /// The streamed arguments, in command and argument order; their bytes
+    /// were the [`ReplEvent::Fragment`]s before this entry, in this order.
+    pub streamed: Vec<StreamedArg>,
+}
+
+/// An argument of an entry whose bytes were streamed as fragments:
+/// `commands[command].args[arg]` is empty in the entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamedArg {
+    pub command: u32,
+    pub arg: u32,
+    /// Its length in bytes.
+    pub len: u64,
+    /// How many fragments hold it.
+    pub fragments: u32,
 }
 
 /// What [`PsyncSource::next_event`] yields; see the module docs for offsets.
@@ -237,6 +292,7 @@ pub enum ReplEvent {
     RdbEnd {
         len: u64,
     },
+    Fragment(Bytes),
     Continue {
         replid: ReplId,
         offset: ReplOffset,
@@ -279,8 +335,10 @@ pub enum ReplError {
     /// Malformed or oversized RESP; its offsets are replication offsets.
     #[error("replication stream: {0}")]
     Resp(#[from] RespError),
-    #[error("transaction starting at offset {offset} exceeds the limit of {limit} bytes")]
+    #[error("entry starting at offset {offset} holds more than {limit} bytes of headers and small arguments (max-transaction-bytes); ferry cannot carry it")]
     TransactionTooLarge { offset: u64, limit: usize },
+    #[error("entry starting at offset {offset} is at least {len} bytes long, more than max-entry-bytes ({limit}); ferry cannot carry it")]
+    EntryTooLarge { offset: u64, len: u64, limit: u64 },
     #[error("master closed the connection while {during}")]
     Closed { during: String },
     #[error("i/o error on the replication link: {0}")]
@@ -292,6 +350,15 @@ pub enum ReplError {
 }
 
 impl ReplError {
+    /// True for an entry ferry cannot carry with its configured limits: the
+    /// source would send it again on every reconnect.
+    pub fn is_uncarriable(&self) -> bool {
+        matches!(
+            self,
+            ReplError::TransactionTooLarge { .. } | ReplError::EntryTooLarge { .. }
+        )
+    }
+
     /// True when reconnecting (after a pause) may succeed without any change:
     /// lost links, timeouts, and masters that are loading or have lost their
     /// own master.
@@ -368,8 +435,58 @@ struct PendingTransaction {
     start: u64,
     db: u32,
     commands: Vec<Command>,
-    /// Wire bytes since (and including) `MULTI`.
+    /// Wire bytes since (and including) `MULTI`, streamed arguments left out.
     bytes: usize,
+    /// Streamed arguments of `commands`.
+    streamed: Vec<StreamedArg>,
+    /// Their bytes.
+    streamed_bytes: u64,
+}
+
+/// A command frame received piecewise because one of its arguments is
+/// streamed (module doc, "Big arguments").
+struct StreamingFrame {
+    /// Stream offset of the frame's first byte.
+    start: u64,
+    /// Wire bytes of the frame consumed so far.
+    consumed: u64,
+    /// Of which streamed argument bytes.
+    streamed_bytes: u64,
+    /// Elements not started yet.
+    elements_left: u64,
+    /// The arguments so far; empty in the place of a streamed one.
+    args: Vec<Bytes>,
+    /// `(arg, len, fragments)` of its streamed arguments.
+    streamed: Vec<(u32, u64, u32)>,
+    /// The streamed argument being received.
+    current: Option<StreamingArg>,
+}
+
+struct StreamingArg {
+    arg: u32,
+    len: u64,
+    left: u64,
+    fragments: u32,
+}
+
+/// How the buffered bytes of an entry are bounded: when an argument is
+/// streamed rather than buffered.
+#[derive(Debug, Clone, Copy)]
+struct StreamRule {
+    threshold: usize,
+    /// Wire bytes the entry may still buffer.
+    budget_left: usize,
+}
+
+impl StreamRule {
+    /// True when a bulk of `len` bytes, after `buffered` bytes of its frame
+    /// and a header ending at `header_end`, is streamed.
+    fn streams(&self, len: u64, header_end: usize) -> bool {
+        len > 0
+            && (len > self.threshold as u64
+                || (header_end as u64).saturating_add(len).saturating_add(2)
+                    > self.budget_left as u64)
+    }
 }
 
 enum Phase {
@@ -491,8 +608,13 @@ pub struct PsyncSource {
     decoder: RespDecoder,
     /// How much of the partial frame at the front of the buffer is known.
     frame_scan: FrameScan,
+    /// The frame being received piecewise, if any.
+    streaming: Option<StreamingFrame>,
     resp_limits: RespLimits,
     max_transaction_bytes: usize,
+    stream_threshold: usize,
+    fragment_size: usize,
+    max_entry_bytes: u64,
     rdb_chunk_size: usize,
     /// The master accepted `REPLCONF rdb-only 1`.
     rdb_only: bool,
@@ -698,8 +820,12 @@ impl PsyncSource {
             transaction: None,
             decoder,
             frame_scan: FrameScan::default(),
+            streaming: None,
             resp_limits: cfg.resp_limits,
             max_transaction_bytes: cfg.max_transaction_bytes,
+            stream_threshold: cfg.stream_threshold,
+            fragment_size: cfg.fragment_size,
+            max_entry_bytes: cfg.max_entry_bytes,
             rdb_chunk_size: cfg.rdb_chunk_size,
             rdb_only,
         };
@@ -855,12 +981,37 @@ impl PsyncSource {
 
     async fn next_stream_event(&mut self) -> Result<ReplEvent, ReplError> {
         loop {
-            if !self.frame_scan.complete(&self.link.buf, &self.resp_limits) {
-                let offset = self.received;
-                self.link
-                    .fill_or(|| format!("reading the command stream at offset {offset}"))
-                    .await?;
-                continue;
+            if self.streaming.is_some() {
+                match self.advance_streaming()? {
+                    Streamed::Event(event) => return Ok(event),
+                    Streamed::Continue => continue,
+                    Streamed::NeedMore => {
+                        let offset = self.received;
+                        self.link
+                            .fill_or(|| format!("reading the command stream at offset {offset}"))
+                            .await?;
+                        continue;
+                    }
+                }
+            }
+            let rule = self.stream_rule();
+            match self
+                .frame_scan
+                .complete(&self.link.buf, &self.resp_limits, &rule)
+            {
+                Scan::Incomplete => {
+                    let offset = self.received;
+                    self.link
+                        .fill_or(|| format!("reading the command stream at offset {offset}"))
+                        .await?;
+                    continue;
+                }
+                Scan::Stream => {
+                    self.frame_scan = FrameScan::default();
+                    self.begin_streaming()?;
+                    continue;
+                }
+                Scan::Complete => {}
             }
             let Some((frame, len)) = self.decoder.decode_frame(&mut self.link.buf)? else {
                 self.frame_scan = FrameScan::default();
@@ -880,6 +1031,175 @@ impl PsyncSource {
         }
     }
 
+    /// When the next argument is streamed rather than buffered.
+    fn stream_rule(&self) -> StreamRule {
+        let buffered = self.transaction.as_ref().map_or(0, |tx| tx.bytes);
+        StreamRule {
+            threshold: self.stream_threshold,
+            budget_left: self.max_transaction_bytes.saturating_sub(buffered),
+        }
+    }
+
+    /// Starts receiving the frame at the front of the buffer piecewise: takes
+    /// its array header (which [`FrameScan`] found well formed).
+    fn begin_streaming(&mut self) -> Result<(), ReplError> {
+        let start = self.received;
+        let Header::Len { value, end } = read_header(
+            &self.link.buf,
+            0,
+            b'*',
+            self.resp_limits.max_aggregate_len as u64,
+        ) else {
+            return Err(ReplError::Protocol {
+                offset: start,
+                what: "expected a command array".into(),
+            });
+        };
+        if value == 0 {
+            return Err(ReplError::Protocol {
+                offset: start,
+                what: "empty command array".into(),
+            });
+        }
+        self.link.buf.advance(end);
+        self.streaming = Some(StreamingFrame {
+            start,
+            consumed: end as u64,
+            streamed_bytes: 0,
+            elements_left: value,
+            args: Vec::with_capacity(value.min(1024) as usize),
+            streamed: Vec::new(),
+            current: None,
+        });
+        Ok(())
+    }
+
+    /// Moves the frame being streamed on with what is buffered.
+    fn advance_streaming(&mut self) -> Result<Streamed, ReplError> {
+        let rule = self.stream_rule();
+        let (entry_buffered, entry_streamed) = self
+            .transaction
+            .as_ref()
+            .map_or((0, 0), |tx| (tx.bytes as u64, tx.streamed_bytes));
+        let entry_start = self.transaction.as_ref().map(|tx| tx.start);
+        let Some(frame) = self.streaming.as_mut() else {
+            return Ok(Streamed::Continue);
+        };
+        let buf = &mut self.link.buf;
+        if let Some(current) = &mut frame.current {
+            if current.left > 0 {
+                let want = current.left.min(self.fragment_size as u64) as usize;
+                if buf.len() < want {
+                    return Ok(Streamed::NeedMore);
+                }
+                let piece = buf.split_to(want).freeze();
+                current.left -= want as u64;
+                current.fragments += 1;
+                frame.consumed += want as u64;
+                return Ok(Streamed::Event(ReplEvent::Fragment(piece)));
+            }
+            if buf.len() < 2 {
+                return Ok(Streamed::NeedMore);
+            }
+            if &buf[..2] != b"\r\n" {
+                return Err(ReplError::Protocol {
+                    offset: frame.start + frame.consumed,
+                    what: "bulk string not followed by CRLF".into(),
+                });
+            }
+            buf.advance(2);
+            frame.consumed += 2;
+            frame
+                .streamed
+                .push((current.arg, current.len, current.fragments));
+            frame.current = None;
+            return Ok(Streamed::Continue);
+        }
+        if frame.elements_left > 0 {
+            let at = frame.start + frame.consumed;
+            let (value, end) = match read_header(buf, 0, b'$', u64::MAX) {
+                Header::Incomplete => return Ok(Streamed::NeedMore),
+                Header::Other => {
+                    return Err(ReplError::Protocol {
+                        offset: at,
+                        what: "command argument is not a bulk string".into(),
+                    })
+                }
+                Header::Len { value, end } => (value, end),
+            };
+            let index = frame.args.len();
+            let buffered = (frame.consumed - frame.streamed_bytes) as usize;
+            if index > 0 && rule.streams(value, buffered + end) {
+                let entry_len = entry_buffered
+                    + entry_streamed
+                    + frame.consumed
+                    + end as u64
+                    + value.saturating_add(2);
+                if entry_len > self.max_entry_bytes {
+                    return Err(ReplError::EntryTooLarge {
+                        offset: entry_start.unwrap_or(frame.start),
+                        len: entry_len,
+                        limit: self.max_entry_bytes,
+                    });
+                }
+                buf.advance(end);
+                frame.consumed += end as u64;
+                frame.streamed_bytes += value;
+                frame.current = Some(StreamingArg {
+                    arg: index as u32,
+                    len: value,
+                    left: value,
+                    fragments: 0,
+                });
+                frame.args.push(Bytes::new());
+                frame.elements_left -= 1;
+                return Ok(Streamed::Continue);
+            }
+            if value > self.resp_limits.max_bulk_len as u64 {
+                return Err(ReplError::Resp(RespError::TooLarge {
+                    offset: at,
+                    what: "bulk string",
+                    len: value,
+                    limit: self.resp_limits.max_bulk_len as u64,
+                }));
+            }
+            let total = end + value as usize + 2;
+            if buf.len() < total {
+                return Ok(Streamed::NeedMore);
+            }
+            if &buf[total - 2..total] != b"\r\n" {
+                return Err(ReplError::Protocol {
+                    offset: at,
+                    what: "bulk string not followed by CRLF".into(),
+                });
+            }
+            let element = buf.split_to(total).freeze();
+            frame.args.push(element.slice(end..total - 2));
+            frame.consumed += total as u64;
+            frame.elements_left -= 1;
+            return Ok(Streamed::Continue);
+        }
+        let Some(frame) = self.streaming.take() else {
+            return Ok(Streamed::Continue);
+        };
+        self.decoder.skip(frame.consumed);
+        self.received = frame.start + frame.consumed;
+        self.acks.received.store(self.received, Ordering::Release);
+        let buffered = (frame.consumed - frame.streamed_bytes) as usize;
+        let command = Command::new(frame.args);
+        let event = self.on_command(
+            command,
+            &frame.streamed,
+            frame.streamed_bytes,
+            frame.start,
+            buffered,
+        )?;
+        Ok(match event {
+            Some(event) => Streamed::Event(event),
+            None => Streamed::Continue,
+        })
+    }
+
     /// Folds one frame of `len` wire bytes starting at `start` into the state.
     fn on_frame(
         &mut self,
@@ -887,16 +1207,42 @@ impl PsyncSource {
         start: u64,
         len: usize,
     ) -> Result<Option<ReplEvent>, ReplError> {
-        let end = self.received;
         let command = frame_to_command(frame, start)?;
+        self.on_command(command, &[], 0, start, len)
+    }
+
+    /// Folds one command starting at `start` into the state: `len` wire
+    /// bytes buffered, plus the `streamed` arguments (`(arg, len,
+    /// fragments)`, `streamed_bytes` in all) that came out as fragments.
+    fn on_command(
+        &mut self,
+        command: Command,
+        streamed: &[(u32, u64, u32)],
+        streamed_bytes: u64,
+        start: u64,
+        len: usize,
+    ) -> Result<Option<ReplEvent>, ReplError> {
+        let end = self.received;
         if let Some(tx) = &mut self.transaction {
             tx.bytes = tx.bytes.saturating_add(len);
+            tx.streamed_bytes = tx.streamed_bytes.saturating_add(streamed_bytes);
             if tx.bytes > self.max_transaction_bytes {
                 return Err(ReplError::TransactionTooLarge {
                     offset: tx.start,
                     limit: self.max_transaction_bytes,
                 });
             }
+        }
+        let control = ["SELECT", "PING", "REPLCONF", "MULTI", "EXEC"];
+        if !streamed.is_empty() && control.iter().any(|name| command.is(name)) {
+            return Err(ReplError::Protocol {
+                offset: start,
+                what: format!(
+                    "{} with an argument of {} bytes",
+                    String::from_utf8_lossy(command.name()),
+                    streamed[0].1
+                ),
+            });
         }
         if command.is("SELECT") {
             let db = parse_select(&command, start)?;
@@ -936,6 +1282,8 @@ impl PsyncSource {
                 db: self.current_db,
                 commands: Vec::new(),
                 bytes: len,
+                streamed: Vec::new(),
+                streamed_bytes: 0,
             });
             if len > self.max_transaction_bytes {
                 return Err(ReplError::TransactionTooLarge {
@@ -962,9 +1310,21 @@ impl PsyncSource {
                 offset: ReplOffset(end),
                 commands: tx.commands,
                 transaction: true,
+                streamed: tx.streamed,
             })));
         }
+        let place = |index: usize| {
+            streamed
+                .iter()
+                .map(move |&(arg, len, fragments)| StreamedArg {
+                    command: index as u32,
+                    arg,
+                    len,
+                    fragments,
+                })
+        };
         if let Some(tx) = &mut self.transaction {
+            tx.streamed.extend(place(tx.commands.len()));
             tx.commands.push(command);
             return Ok(None);
         }
@@ -975,6 +1335,7 @@ impl PsyncSource {
             offset: ReplOffset(end),
             commands: vec![command],
             transaction: false,
+            streamed: place(0).collect(),
         })))
     }
 
@@ -1147,11 +1508,31 @@ fn eof_scan(buf: &[u8], mark: &[u8; EOF_MARK_LEN], chunk_size: usize) -> EofScan
     }
 }
 
+/// What [`FrameScan::complete`] found at the front of the buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scan {
+    /// Certainly not a whole frame yet.
+    Incomplete,
+    /// May be a whole frame: ask the decoder.
+    Complete,
+    /// A command with an argument to stream: receive it piecewise.
+    Stream,
+}
+
+/// What one step of a streamed frame gave.
+enum Streamed {
+    Event(ReplEvent),
+    /// Progress was made; step again.
+    Continue,
+    NeedMore,
+}
+
 /// Incremental completeness check for the usual frame of a replication
 /// stream, an array of bulk strings. [`RespDecoder::decode_frame`] rescans a
 /// partial frame from its start on every call; this remembers how far the
 /// frame at the front of the buffer is known to be whole, so a huge command
-/// is scanned once overall rather than once per read. Anything else (another
+/// is scanned once overall rather than once per read. An argument the
+/// [`StreamRule`] says to stream is [`Scan::Stream`]. Anything else (another
 /// frame type, a bad header, a length over the limits) is reported complete
 /// so that the decoder proper decodes it or names the error.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -1160,44 +1541,51 @@ struct FrameScan {
     scanned: usize,
     /// Elements of the array still to be found; `None` before its header.
     elements_left: Option<u64>,
+    /// Elements found whole.
+    elements_seen: u64,
 }
 
 impl FrameScan {
-    /// True when `buf` may hold a whole frame (ask the decoder); false when
-    /// it certainly does not yet.
-    fn complete(&mut self, buf: &[u8], limits: &RespLimits) -> bool {
+    fn complete(&mut self, buf: &[u8], limits: &RespLimits, rule: &StreamRule) -> Scan {
         let Some(mut left) = self.elements_left else {
             match read_header(buf, 0, b'*', limits.max_aggregate_len as u64) {
-                Header::Incomplete => return false,
-                Header::Other => return true,
+                Header::Incomplete => return Scan::Incomplete,
+                Header::Other => return Scan::Complete,
                 Header::Len { value, end } => {
                     self.scanned = end;
                     self.elements_left = Some(value);
-                    return self.complete(buf, limits);
+                    return self.complete(buf, limits, rule);
                 }
             }
         };
         while left > 0 {
-            match read_header(buf, self.scanned, b'$', limits.max_bulk_len as u64) {
-                Header::Incomplete => return false,
-                Header::Other => return true,
+            match read_header(buf, self.scanned, b'$', u64::MAX) {
+                Header::Incomplete => return Scan::Incomplete,
+                Header::Other => return Scan::Complete,
                 Header::Len { value, end } => {
+                    if self.elements_seen > 0 && rule.streams(value, end) {
+                        return Scan::Stream;
+                    }
+                    if value > limits.max_bulk_len as u64 {
+                        return Scan::Complete;
+                    }
                     let Some(after) = usize::try_from(value)
                         .ok()
                         .and_then(|v| end.checked_add(v)?.checked_add(2))
                     else {
-                        return true;
+                        return Scan::Complete;
                     };
                     if buf.len() < after {
-                        return false;
+                        return Scan::Incomplete;
                     }
                     self.scanned = after;
+                    self.elements_seen += 1;
                     left -= 1;
                     self.elements_left = Some(left);
                 }
             }
         }
-        true
+        Scan::Complete
     }
 }
 
@@ -1373,12 +1761,16 @@ mod tests {
         encode_command(&["SET", "key", "a value", ""], &mut data);
         encode_command(&["PING"], &mut data);
         let limits = RespLimits::default();
+        let rule = StreamRule {
+            threshold: 1 << 20,
+            budget_left: 1 << 20,
+        };
         for cut in 0..=data.len() {
             // Fed byte by byte up to `cut`, as reads would.
             let mut scan = FrameScan::default();
             let mut said_complete = false;
             for end in 0..=cut {
-                said_complete = scan.complete(&data[..end], &limits);
+                said_complete = scan.complete(&data[..end], &limits, &rule) == Scan::Complete;
             }
             let decoded = RespDecoder::new(limits)
                 .decode_frame(&mut BytesMut::from(&data[..cut]))
@@ -1393,8 +1785,40 @@ mod tests {
             b"*x",
             b"*99999999999999999999999999",
         ] {
-            assert!(FrameScan::default().complete(other, &limits));
+            assert_eq!(
+                FrameScan::default().complete(other, &limits, &rule),
+                Scan::Complete
+            );
         }
+        // An argument over the threshold, or over the budget, is streamed as
+        // soon as its header is in; a command name never is.
+        let tight = StreamRule {
+            threshold: 4,
+            budget_left: 1 << 20,
+        };
+        let mut scan = FrameScan::default();
+        assert_eq!(
+            scan.complete(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$5\r\n", &limits, &tight),
+            Scan::Stream
+        );
+        let small_budget = StreamRule {
+            threshold: 1 << 20,
+            budget_left: 20,
+        };
+        let mut scan = FrameScan::default();
+        assert_eq!(
+            scan.complete(
+                b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$5\r\n",
+                &limits,
+                &small_budget
+            ),
+            Scan::Stream
+        );
+        let mut scan = FrameScan::default();
+        assert_eq!(
+            scan.complete(b"*1\r\n$5\r\n", &limits, &tight),
+            Scan::Incomplete
+        );
     }
 
     #[test]

@@ -190,6 +190,23 @@ pub fn encode_command<T: AsRef<[u8]>>(args: &[T], dst: &mut BytesMut) {
     }
 }
 
+/// The start of a command of `args` arguments (`*<args>\r\n`), for a
+/// command encoded piece by piece (one whose big arguments are streamed).
+pub fn encode_array_header(args: usize, dst: &mut BytesMut) {
+    put_len(dst, b'*', args);
+}
+
+/// An argument encoded whole (`$<len>\r\n<data>\r\n`).
+pub fn encode_bulk(data: &[u8], dst: &mut BytesMut) {
+    put_bulk(dst, b'$', data);
+}
+
+/// The header of an argument of `len` bytes whose bytes, then `\r\n`,
+/// the caller writes itself.
+pub fn encode_bulk_header(len: u64, dst: &mut BytesMut) {
+    put_int(dst, b'$', i64::try_from(len).unwrap_or(i64::MAX));
+}
+
 /// Wire length of a command encoded by [`encode_command`].
 pub fn encoded_command_len<T: AsRef<[u8]>>(args: &[T]) -> usize {
     fn digits(mut n: usize) -> usize {

@@ -315,6 +315,7 @@ mod tests {
             db: 0,
             commands: vec![Command::from_parts(["SET", key, "v"])],
             transaction: false,
+            streamed: vec![],
         })
         .encode()
     }
