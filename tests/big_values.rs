@@ -16,8 +16,9 @@
 //!   `max-entry-bytes` stops the listener (`STOPPED`, the error in `ferry
 //!   status`), with no reconnect loop, and what came before it is applied.
 //! - [`big_strings_in_the_initial_snapshot_load_in_bounded_memory`]: a
-//!   400 MB string (and a compressible one, LZF in the RDB) that exist when
-//!   the sync starts.
+//!   400 MB string (with a TTL) and a compressible 64 MB one (LZF in the
+//!   RDB) that exist when the sync starts, loaded with peak RSS under
+//!   256 MB.
 //!
 //! Run: `cargo test --test big_values -- --test-threads 1` (they move
 //! gigabytes: one at a time). Disk: up to about 2 GB in temp dirs.
@@ -30,7 +31,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::ferry::FerryProcess;
-use common::proxy::{Direction, Proxy};
+use common::proxy::Proxy;
 use common::RedisServer;
 
 /// Longest wait for a big value to reach the target.
@@ -74,6 +75,11 @@ enum Arg<'a> {
         seed: u64,
         len: u64,
     },
+    /// `pattern` repeated up to `len` bytes (compressible: LZF in an RDB).
+    Repeated {
+        pattern: &'a [u8],
+        len: u64,
+    },
 }
 
 /// Writes one command whose big arguments are generated as they are sent.
@@ -86,15 +92,27 @@ fn write_command(stream: &mut TcpStream, args: &[Arg]) {
                 head.extend_from_slice(data);
                 head.extend_from_slice(b"\r\n");
             }
-            Arg::Generated { seed, len } => {
+            Arg::Generated { .. } | Arg::Repeated { .. } => {
+                let len = match arg {
+                    Arg::Generated { len, .. } | Arg::Repeated { len, .. } => *len,
+                    Arg::Inline(_) => 0,
+                };
                 head.extend_from_slice(format!("${len}\r\n").as_bytes());
                 stream.write_all(&head).expect("write");
                 head.clear();
                 let mut piece = vec![0u8; 1 << 20];
                 let mut sent = 0u64;
-                while sent < *len {
-                    let n = (*len - sent).min(piece.len() as u64) as usize;
-                    fill(*seed, sent, &mut piece[..n]);
+                while sent < len {
+                    let n = (len - sent).min(piece.len() as u64) as usize;
+                    match arg {
+                        Arg::Generated { seed, .. } => fill(*seed, sent, &mut piece[..n]),
+                        Arg::Repeated { pattern, .. } => {
+                            for (i, byte) in piece[..n].iter_mut().enumerate() {
+                                *byte = pattern[(sent as usize + i) % pattern.len()];
+                            }
+                        }
+                        Arg::Inline(_) => {}
+                    }
                     stream.write_all(&piece[..n]).expect("write");
                     sent += n as u64;
                 }
@@ -277,6 +295,294 @@ fn a_400mb_set_replicates_in_bounded_memory() {
     let rss = peak_rss_kb(ferry.pid());
     println!(
         "peak RSS of ferry after the 3 x 100 MB MULTI: {} MiB",
+        rss / 1024
+    );
+    assert!(
+        rss < RSS_LIMIT_KB,
+        "ferry's peak RSS was {} MiB (limit {} MiB)",
+        rss / 1024,
+        RSS_LIMIT_KB / 1024
+    );
+}
+
+#[test]
+fn restore_of_a_big_key_replicates() {
+    let scratch = RedisServer::start(&[]);
+    let source = RedisServer::start(BIG_SOURCE);
+    let target = RedisServer::start(&[]);
+    let (mut scratch_out, mut scratch_in) = raw(&scratch);
+    let len = 150 << 20;
+    write_command(
+        &mut scratch_out,
+        &[
+            Arg::Inline(b"SET"),
+            Arg::Inline(b"big"),
+            Arg::Generated { seed: 3, len },
+        ],
+    );
+    assert_eq!(reply_line(&mut scratch_in), "+OK");
+    source.cmd(&["SET", "before", "1"]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ferry = start_sync(dir.path(), &source.url(), &target.url(), "");
+    wait_marker(&target, "before", "1", &ferry);
+    let full_syncs = sync_full(&source);
+
+    // DUMP on the scratch server piped into RESTORE on the source, never
+    // held whole.
+    write_command(
+        &mut scratch_out,
+        &[Arg::Inline(b"DUMP"), Arg::Inline(b"big")],
+    );
+    let header = reply_line(&mut scratch_in);
+    let payload_len: u64 = header
+        .strip_prefix('$')
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("DUMP answered {header:?}"));
+    let (mut source_out, mut source_in) = raw(&source);
+    source_out
+        .write_all(
+            format!("*4\r\n$7\r\nRESTORE\r\n$3\r\nbig\r\n$1\r\n0\r\n${payload_len}\r\n").as_bytes(),
+        )
+        .expect("write");
+    let copied =
+        std::io::copy(&mut (&mut scratch_in).take(payload_len), &mut source_out).expect("copy");
+    assert_eq!(copied, payload_len);
+    source_out.write_all(b"\r\n").expect("write");
+    assert_eq!(reply_line(&mut source_in), "+OK");
+    assert_eq!(digest(&source, "big"), digest(&scratch, "big"));
+
+    source.cmd(&["SET", "after", "1"]);
+    wait_marker(&target, "after", "1", &ferry);
+    assert_same_value(&source, &target, "big", &ferry);
+    assert_eq!(sync_full(&source), full_syncs, "a full resync happened");
+}
+
+/// The listener's last durable log id, from `ferry status`.
+fn listener_last_log_id(ferry: &FerryProcess) -> u64 {
+    ferry.status_json()["listeners"][0]["last_log_id"]
+        .as_u64()
+        .expect("last_log_id")
+}
+
+#[test]
+fn kill_9_in_the_middle_of_a_big_entry_delivers_it_once() {
+    let source = RedisServer::start(BIG_SOURCE);
+    let target = RedisServer::start(&[]);
+    let source_proxy = Proxy::start(&source.addr());
+    let target_proxy = Proxy::start(&target.addr());
+    source.cmd(&["SET", "k", "prefix"]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    // Small fragments: many of them in a value of a reasonable size.
+    let toml = "[listener.replica]\nstream-threshold = \"1MiB\"\nfragment-size = \"256KiB\"\n";
+    let mut ferry = start_sync(
+        dir.path(),
+        &format!("redis://{}", source_proxy.addr()),
+        &format!("redis://{}", target_proxy.addr()),
+        toml,
+    );
+    wait_marker(&target, "k", "prefix", &ferry);
+    let full_syncs = sync_full(&source);
+    let len: u64 = 96 << 20;
+    let (mut stream, mut reader) = raw(&source);
+
+    // 1. Killed while the listener holds a third of an APPEND: the link to
+    // the source stalls after 32 MiB of it.
+    let log_before = listener_last_log_id(&ferry);
+    let fired = source_proxy.resets_fired();
+    source_proxy.blackhole_after_bytes(32 << 20);
+    write_command(
+        &mut stream,
+        &[
+            Arg::Inline(b"APPEND"),
+            Arg::Inline(b"k"),
+            Arg::Generated { seed: 21, len },
+        ],
+    );
+    assert_eq!(reply_line(&mut reader), format!(":{}", len + 6));
+    assert!(
+        source_proxy.wait_fired(fired, Duration::from_secs(60)),
+        "the stream never reached 32 MiB"
+    );
+    // Fragments of it are durable (at least 16 MiB of 256 KiB pieces).
+    wait_until(
+        "fragments of the APPEND in the listener's WAL",
+        ARRIVE,
+        || ferry.log_tail(30),
+        || listener_last_log_id(&ferry) >= log_before + 64,
+    );
+    assert_eq!(
+        strlen(&target, "k"),
+        6,
+        "applied before the entry was whole"
+    );
+    ferry.kill9();
+    source_proxy.pass();
+    ferry.spawn();
+    source.cmd(&["SET", "after-1", "1"]);
+    wait_marker(&target, "after-1", "1", &ferry);
+    assert_eq!(strlen(&target, "k"), 6 + len, "applied once");
+    assert_same_value(&source, &target, "k", &ferry);
+
+    // 2. Killed while the applier writes the next one to the target.
+    let fired = target_proxy.resets_fired();
+    target_proxy.blackhole_after_bytes(32 << 20);
+    write_command(
+        &mut stream,
+        &[
+            Arg::Inline(b"APPEND"),
+            Arg::Inline(b"k"),
+            Arg::Generated { seed: 22, len },
+        ],
+    );
+    assert_eq!(reply_line(&mut reader), format!(":{}", 2 * len + 6));
+    assert!(
+        target_proxy.wait_fired(fired, ARRIVE),
+        "the applier never wrote 32 MiB of it\n{}",
+        ferry.log_tail(30)
+    );
+    assert_eq!(strlen(&target, "k"), 6 + len);
+    ferry.kill9();
+    target_proxy.pass();
+    ferry.spawn();
+    source.cmd(&["SET", "after-2", "1"]);
+    wait_marker(&target, "after-2", "1", &ferry);
+    assert_eq!(strlen(&target, "k"), 6 + 2 * len, "applied once");
+    assert_same_value(&source, &target, "k", &ferry);
+    assert_eq!(sync_full(&source), full_syncs, "a full resync happened");
+}
+
+#[test]
+fn an_entry_over_the_limit_stops_with_a_typed_error() {
+    let source = RedisServer::start(BIG_SOURCE);
+    let target = RedisServer::start(&[]);
+    source.cmd(&["SET", "before", "1"]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let limits = |max_entry: &str| {
+        format!(
+            "[listener]\nreconnect-backoff-max = \"200ms\"\n[listener.replica]\n\
+             max-transaction-bytes = \"1MiB\"\nstream-threshold = \"256KiB\"\n\
+             fragment-size = \"256KiB\"\nmax-entry-bytes = \"{max_entry}\"\n"
+        )
+    };
+    let mut ferry = start_sync(dir.path(), &source.url(), &target.url(), &limits("8MiB"));
+    wait_marker(&target, "before", "1", &ferry);
+    let full_syncs = sync_full(&source);
+
+    let (mut stream, mut reader) = raw(&source);
+    write_command(
+        &mut stream,
+        &[
+            Arg::Inline(b"SET"),
+            Arg::Inline(b"big"),
+            Arg::Generated {
+                seed: 4,
+                len: 16 << 20,
+            },
+        ],
+    );
+    assert_eq!(reply_line(&mut reader), "+OK");
+    source.cmd(&["SET", "after", "1"]);
+    let stopped = || {
+        let status = ferry.status_json();
+        let listener = &status["listeners"][0];
+        (listener["source_state"] == "STOPPED").then(|| listener.clone())
+    };
+    let mut listener = None;
+    wait_until(
+        "the listener to stop",
+        ARRIVE,
+        || ferry.log_tail(30),
+        || {
+            listener = stopped();
+            listener.is_some()
+        },
+    );
+    let listener = listener.expect("stopped");
+    let error = listener["source_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        error.contains("max-entry-bytes") && error.contains("cannot carry"),
+        "{listener}"
+    );
+    // No reconnect loop: it stays stopped, logged once, nothing resent.
+    let partial = listener["partial_resyncs"].clone();
+    std::thread::sleep(Duration::from_secs(3));
+    let later = ferry.status_json()["listeners"][0].clone();
+    assert_eq!(later["source_state"], "STOPPED", "{later}");
+    assert_eq!(later["partial_resyncs"], partial, "{later}");
+    let log = std::fs::read_to_string(&ferry.log).unwrap_or_default();
+    assert_eq!(log.matches("replication stopped").count(), 1, "{log}");
+    assert!(!log.contains("replication link lost"), "{log}");
+    assert_eq!(target.cmd(&["EXISTS", "big", "after"]), "0");
+
+    // Restarted with a higher limit, it resumes at that entry.
+    ferry.terminate(Duration::from_secs(30));
+    std::fs::write(dir.path().join("sync.toml"), limits("64MiB")).expect("config");
+    ferry.spawn();
+    wait_marker(&target, "after", "1", &ferry);
+    assert_same_value(&source, &target, "big", &ferry);
+    assert_eq!(sync_full(&source), full_syncs, "a full resync happened");
+}
+
+#[test]
+fn big_strings_in_the_initial_snapshot_load_in_bounded_memory() {
+    let source = RedisServer::start(BIG_SOURCE);
+    let target = RedisServer::start(&[]);
+    let (mut stream, mut reader) = raw(&source);
+    let big = 400 << 20;
+    write_command(
+        &mut stream,
+        &[
+            Arg::Inline(b"SET"),
+            Arg::Inline(b"big"),
+            Arg::Generated { seed: 6, len: big },
+            Arg::Inline(b"EX"),
+            Arg::Inline(b"86400"),
+        ],
+    );
+    assert_eq!(reply_line(&mut reader), "+OK");
+    // Compressible: stored LZF-compressed in the RDB (under a megabyte that
+    // expands to 64 MB).
+    let packed = 64 << 20;
+    write_command(
+        &mut stream,
+        &[
+            Arg::Inline(b"SET"),
+            Arg::Inline(b"packed"),
+            Arg::Repeated {
+                pattern: b"0123456789abcdefghij",
+                len: packed,
+            },
+        ],
+    );
+    assert_eq!(reply_line(&mut reader), "+OK");
+    source.cmd(&["SET", "small", "1"]);
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ferry = start_sync(dir.path(), &source.url(), &target.url(), "");
+    wait_until(
+        "the full sync to be stored",
+        ARRIVE,
+        || ferry.log_tail(30),
+        || {
+            std::fs::read_to_string(&ferry.log)
+                .unwrap_or_default()
+                .contains(common::ferry::log::FULL_SYNC_STORED)
+        },
+    );
+    // Written after the snapshot: applied once the load is done.
+    source.cmd(&["SET", "after", "1"]);
+    wait_marker(&target, "after", "1", &ferry);
+    assert_eq!(target.cmd(&["GET", "small"]), "1");
+    assert_same_value(&source, &target, "big", &ferry);
+    assert_same_value(&source, &target, "packed", &ferry);
+    let ttl: i64 = target.cmd(&["TTL", "big"]).parse().expect("TTL");
+    assert!(ttl > 80_000, "the TTL of big is {ttl}");
+    let rss = peak_rss_kb(ferry.pid());
+    println!(
+        "peak RSS of ferry loading a 400 MB and a 64 MB string: {} MiB",
         rss / 1024
     );
     assert!(

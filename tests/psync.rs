@@ -11,7 +11,7 @@ use ferry::position::{ReplId, ReplOffset};
 use ferry::redis::client::Client;
 use ferry::redis::command::Command;
 use ferry::redis::psync::{
-    PsyncSource, ReplEntry, ReplError, ReplEvent, ReplPosition, ReplicaConfig,
+    PsyncSource, ReplEntry, ReplError, ReplEvent, ReplPosition, ReplicaConfig, StreamedArg,
 };
 use ferry::redis::resp::{encode_command, encoded_command_len, RespDecoder, RespError};
 use ferry::redis::url::RedisUrl;
@@ -411,6 +411,52 @@ async fn getack_is_answered_at_once() {
     );
     assert!(started.elapsed() < Duration::from_secs(5));
     driver.abort();
+}
+
+#[tokio::test]
+async fn a_big_value_streams_from_a_real_master() {
+    let server = master(false, &[]);
+    let mut cfg = config(&server.url());
+    cfg.stream_threshold = 1 << 20;
+    cfg.fragment_size = 256 << 10;
+    let mut source = PsyncSource::connect(&cfg, None).await.unwrap();
+    take_full_sync(&mut source, cfg.rdb_chunk_size).await;
+    read_to_rest(&mut source, &server).await;
+    let value = incompressible(12 << 20);
+    let mut c3 = client(&server, 3).await;
+    call(&mut c3, &["SET", "big", &value]).await;
+    let mut start = None;
+    let mut fragments = Vec::new();
+    let entry = loop {
+        match next(&mut source).await {
+            ReplEvent::Fragment(piece) => {
+                assert!(piece.len() <= 256 << 10);
+                fragments.extend_from_slice(&piece);
+                // Fragments stay at the entry's start (after its SELECT).
+                let at = start.get_or_insert_with(|| source.position());
+                assert_eq!(&source.position(), at);
+                assert_eq!(at.db, 3);
+            }
+            ReplEvent::Entry(entry) => break entry,
+            ReplEvent::Progress { .. } => {}
+            other => panic!("unexpected event: {other:?}"),
+        }
+    };
+    assert!(
+        fragments == value.as_bytes(),
+        "the fragments are not the value"
+    );
+    assert_entry(&entry, 3, false, &["SET big "]);
+    assert_eq!(
+        entry.streamed,
+        [StreamedArg {
+            command: 0,
+            arg: 2,
+            len: 12 << 20,
+            fragments: 48
+        }]
+    );
+    read_to_rest(&mut source, &server).await;
 }
 
 #[tokio::test]
@@ -987,9 +1033,114 @@ async fn fake_bad_command_streams() {
     assert_eq!(source.position().offset, entry.offset);
 }
 
+/// Collects the fragments before the next entry (which must come with
+/// them), checking the position does not move meanwhile.
+async fn fragments_then_entry(source: &mut PsyncSource, size: usize) -> (Vec<Vec<u8>>, ReplEntry) {
+    let before = source.position();
+    let mut fragments = Vec::new();
+    loop {
+        match next_cancelling(source).await {
+            ReplEvent::Fragment(piece) => {
+                assert!(!piece.is_empty() && piece.len() <= size, "{}", piece.len());
+                assert_eq!(source.position(), before, "a fragment moved the position");
+                fragments.push(piece.to_vec());
+            }
+            ReplEvent::Entry(entry) => return (fragments, entry),
+            other => panic!("unexpected event: {other:?}"),
+        }
+    }
+}
+
 #[tokio::test]
-async fn fake_transaction_too_large() {
-    let big = "v".repeat(200);
+async fn fake_big_arguments_stream_as_fragments() {
+    let big: String = (0..1000u32)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let second = "y".repeat(150);
+    let third = "z".repeat(64);
+    let set = resp(&["SET", "big", &big, "EX", "100"]);
+    let tx = [
+        resp(&["MULTI"]),
+        resp(&["SET", "k", &second]),
+        resp(&["SELECT", "5"]),
+        resp(&["APPEND", "k", &third]),
+        resp(&["EXEC"]),
+    ]
+    .concat();
+    let small = resp(&["SET", "a", "b"]);
+    let (url, _fake) = fake_master(
+        None,
+        vec![
+            w("+CONTINUE\r\n"),
+            w(&small),
+            // The big command arrives in uneven pieces.
+            w(&set[..30]),
+            Step::Sleep(10),
+            w(&set[30..500]),
+            Step::Sleep(10),
+            w(&set[500..]),
+            w(&tx),
+        ],
+    )
+    .await;
+    let mut cfg = fake_config(&url);
+    cfg.stream_threshold = 100;
+    cfg.fragment_size = 64;
+    let mut source = PsyncSource::connect(&cfg, Some(saved(1000, 3)))
+        .await
+        .unwrap();
+    next(&mut source).await;
+    let ReplEvent::Entry(a) = next(&mut source).await else {
+        panic!("expected SET a b");
+    };
+    assert_entry(&a, 3, false, &["SET a b"]);
+
+    let (fragments, entry) = fragments_then_entry(&mut source, 64).await;
+    assert_eq!(fragments.len(), 16);
+    assert!(fragments[..15].iter().all(|f| f.len() == 64));
+    assert_eq!(fragments.concat(), big.as_bytes());
+    assert_entry(&entry, 3, false, &["SET big  EX 100"]);
+    assert_eq!(
+        entry.streamed,
+        [StreamedArg {
+            command: 0,
+            arg: 2,
+            len: 1000,
+            fragments: 16
+        }]
+    );
+    assert_eq!(entry.offset.0, a.offset.0 + set.len() as u64);
+    assert_eq!(source.position().offset, entry.offset);
+
+    // In a transaction: each big argument in order, named by its command;
+    // a small one (64 bytes, under the threshold) stays inline.
+    let (fragments, entry) = fragments_then_entry(&mut source, 64).await;
+    assert_eq!(fragments.concat(), second.as_bytes());
+    assert_entry(
+        &entry,
+        3,
+        true,
+        &["SET k ", "SELECT 5", &format!("APPEND k {third}")],
+    );
+    assert_eq!(
+        entry.streamed,
+        [StreamedArg {
+            command: 0,
+            arg: 2,
+            len: 150,
+            fragments: 3
+        }]
+    );
+    let end = 1000 + (small.len() + set.len() + tx.len()) as u64;
+    assert_eq!(entry.offset.0, end);
+    assert_eq!(source.position().offset.0, end);
+    assert_eq!(source.position().db, 5);
+}
+
+#[tokio::test]
+async fn fake_entries_over_the_limits_are_uncarriable() {
+    // Over max-entry-bytes: refused at its header, before any byte of it.
+    let big = "v".repeat(2000);
     let (url, _fake) = fake_master(
         None,
         vec![
@@ -1002,7 +1153,9 @@ async fn fake_transaction_too_large() {
     )
     .await;
     let mut cfg = fake_config(&url);
-    cfg.max_transaction_bytes = 100;
+    cfg.stream_threshold = 100;
+    cfg.max_transaction_bytes = 500;
+    cfg.max_entry_bytes = 1000;
     let mut source = PsyncSource::connect(&cfg, Some(saved(0, 0))).await.unwrap();
     next(&mut source).await;
     let ReplEvent::Entry(small) = next(&mut source).await else {
@@ -1010,10 +1163,40 @@ async fn fake_transaction_too_large() {
     };
     let err = next_err(&mut source).await;
     assert!(
-        matches!(err, ReplError::TransactionTooLarge { offset, limit: 100 } if offset == small.offset.0),
+        matches!(err, ReplError::EntryTooLarge { offset, limit: 1000, .. } if offset == small.offset.0),
         "{err}"
     );
+    assert!(err.is_uncarriable() && !err.is_retryable());
     assert_eq!(source.position().offset, small.offset);
+
+    // An argument over max-transaction-bytes is streamed, not refused...
+    let value = "v".repeat(200);
+    let many: Vec<u8> = std::iter::once(resp(&["MULTI"]))
+        .chain(std::iter::repeat_with(|| resp(&["INCR", "k"])).take(40))
+        .chain([resp(&["EXEC"])])
+        .flatten()
+        .collect();
+    let (url, _fake) = fake_master(
+        None,
+        vec![w("+CONTINUE\r\n"), w(resp(&["SET", "k", &value])), w(&many)],
+    )
+    .await;
+    let mut cfg = fake_config(&url);
+    cfg.max_transaction_bytes = 100;
+    let mut source = PsyncSource::connect(&cfg, Some(saved(0, 0))).await.unwrap();
+    next(&mut source).await;
+    let (fragments, entry) = fragments_then_entry(&mut source, 1 << 20).await;
+    assert_eq!(fragments.concat(), value.as_bytes());
+    assert_entry(&entry, 0, false, &["SET k "]);
+    // ...but a transaction whose command names alone pass it cannot be
+    // carried.
+    let err = next_err(&mut source).await;
+    assert!(
+        matches!(err, ReplError::TransactionTooLarge { offset, limit: 100 } if offset == entry.offset.0),
+        "{err}"
+    );
+    assert!(err.is_uncarriable());
+    assert_eq!(source.position().offset, entry.offset);
 }
 
 #[tokio::test]

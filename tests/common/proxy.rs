@@ -32,6 +32,9 @@
 //!   after whatever newer connections did meanwhile (a client's abandoned
 //!   request reaching the server late). [`Proxy::is_open`] tells when a
 //!   connection has ended both ways.
+//! - [`Proxy::blackhole_after_bytes`]: the same, but instead of the reset
+//!   the proxy turns into a blackhole (connections stay open, what was read
+//!   beyond the `n` bytes is held until [`Proxy::pass`]).
 //! - [`Proxy::set_upstream`]: where new connections go (a failover).
 //!
 //! Connections refused by "cut" are accepted and closed rather than refused
@@ -100,6 +103,8 @@ struct State {
     /// Connections numbered up to this one hold what their client sends
     /// ([`Proxy::hold_open_up`]); 0 holds none.
     hold_up_through: u64,
+    /// What the armed count fires: a blackhole instead of a reset.
+    armed_blackhole: bool,
     /// Bumped by every fault that ends the open connections; each
     /// connection remembers the value it started under.
     kill_epoch: u64,
@@ -161,6 +166,7 @@ impl Proxy {
                 delay_down: Duration::ZERO,
                 armed: None,
                 hold_up_through: 0,
+                armed_blackhole: false,
                 kill_epoch: 0,
                 kill_close: Close::Fin,
                 stopping: false,
@@ -258,6 +264,18 @@ impl Proxy {
         self.shared.update(|state| {
             state.mode = Mode::Pass;
             state.armed = Some((n, n));
+            state.armed_blackhole = false;
+        });
+    }
+
+    /// Forward (without delay) until `n` more bytes went one way, then hold
+    /// everything as [`Proxy::blackhole`] does (counted by
+    /// [`Proxy::resets_fired`] too).
+    pub fn blackhole_after_bytes(&self, n: u64) {
+        self.shared.update(|state| {
+            state.mode = Mode::Pass;
+            state.armed = Some((n, n));
+            state.armed_blackhole = true;
         });
     }
 
@@ -539,11 +557,18 @@ impl Drop for NoFinOnDrop {
 }
 
 /// A chunk on its way: when it may be written, and whether writing it
-/// fires an armed reset.
+/// fires an armed fault.
 struct Chunk {
     due: Instant,
     data: Bytes,
-    fire: bool,
+    fire: Option<Fire>,
+}
+
+/// The fault an armed byte count fires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fire {
+    Reset,
+    Blackhole,
 }
 
 fn spawn_direction(
@@ -623,7 +648,8 @@ async fn read_side(
                 Direction::Up => state.delay_up,
                 Direction::Down => state.delay_down,
             };
-            let (mut take, mut fire) = (n, false);
+            let (mut take, mut fire) = (n, None);
+            let blackhole = state.armed_blackhole;
             if let Some((up, down)) = state.armed.as_mut() {
                 let left = match direction {
                     Direction::Up => up,
@@ -631,7 +657,11 @@ async fn read_side(
                 };
                 if n as u64 >= *left {
                     take = *left as usize;
-                    fire = true;
+                    fire = Some(if blackhole {
+                        Fire::Blackhole
+                    } else {
+                        Fire::Reset
+                    });
                     state.armed = None;
                 } else {
                     *left -= n as u64;
@@ -644,9 +674,20 @@ async fn read_side(
             data: Bytes::copy_from_slice(&buf[..take]),
             fire,
         };
-        if chunk_tx.send(chunk).await.is_err() || fire {
-            // After the byte that fires, nothing more goes through.
+        if chunk_tx.send(chunk).await.is_err() || fire == Some(Fire::Reset) {
+            // After the byte that fires a reset, nothing more goes through.
             return;
+        }
+        if fire == Some(Fire::Blackhole) && take < n {
+            // Held behind the blackhole the first chunk turns on.
+            let rest = Chunk {
+                due,
+                data: Bytes::copy_from_slice(&buf[take..n]),
+                fire: None,
+            };
+            if chunk_tx.send(rest).await.is_err() {
+                return;
+            }
         }
     }
 }
@@ -677,7 +718,13 @@ async fn write_side(
             Direction::Down => &shared.bytes_down,
         };
         counter.fetch_add(chunk.data.len() as u64, Ordering::SeqCst);
-        if chunk.fire {
+        if chunk.fire == Some(Fire::Blackhole) {
+            let _ = to.flush().await;
+            shared.update(|state| state.mode = Mode::Blackhole);
+            shared.resets_fired.fetch_add(1, Ordering::SeqCst);
+            continue;
+        }
+        if chunk.fire == Some(Fire::Reset) {
             let _ = to.flush().await;
             shared.resets_fired.fetch_add(1, Ordering::SeqCst);
             shared.update(|state| {

@@ -49,6 +49,8 @@
 
 use std::io::Write;
 
+use bytes::Bytes;
+
 use super::{
     HashField, KeyHeader, PendingEntry, RdbEvent, StreamConsumer, StreamEntry, StreamGroup,
     StreamId, StreamMeta, ValueChunk, ValueType,
@@ -85,6 +87,10 @@ pub enum DumpError {
 enum Open {
     /// A string (or module) value: written whole by its chunk.
     Scalar { written: bool },
+    /// A string value: its pieces (one, or several for a big one) are held
+    /// in `JsonDumper::string` and written at the key's end, where the
+    /// choice of a plain or an escaped JSON string sees the whole value.
+    String,
     /// An array (list, set, zset, hash); `first` until an element is written.
     Array { first: bool },
     /// Inside a stream's `entries` array.
@@ -101,6 +107,8 @@ pub struct JsonDumper<W: Write> {
     opts: DumpOptions,
     open: Option<Open>,
     keys: u64,
+    /// The pieces of the string value being read ([`Open::String`]).
+    string: Vec<Bytes>,
 }
 
 impl<W: Write> JsonDumper<W> {
@@ -110,6 +118,7 @@ impl<W: Write> JsonDumper<W> {
             opts,
             open: None,
             keys: 0,
+            string: Vec::new(),
         }
     }
 
@@ -207,7 +216,8 @@ impl<W: Write> JsonDumper<W> {
         }
         out.write_all(b",\"value\":")?;
         self.open = Some(match h.value_type {
-            ValueType::String | ValueType::Module => Open::Scalar { written: false },
+            ValueType::String => Open::String,
+            ValueType::Module => Open::Scalar { written: false },
             ValueType::Stream => {
                 out.write_all(b"{\"entries\":[")?;
                 Open::StreamEntries { first: true }
@@ -229,9 +239,9 @@ impl<W: Write> JsonDumper<W> {
             what: "value chunk does not match the key's type",
         };
         let next = match (open, chunk) {
-            (Open::Scalar { written: false }, ValueChunk::String(s)) => {
-                write_bytes(out, s)?;
-                Open::Scalar { written: true }
+            (Open::String, ValueChunk::String(s)) => {
+                self.string.push(s.clone());
+                Open::String
             }
             (Open::Scalar { written: false }, ValueChunk::Module { module_id, name }) => {
                 out.write_all(b"{\"module\":")?;
@@ -303,6 +313,20 @@ impl<W: Write> JsonDumper<W> {
             what: "KeyEnd without KeyStart",
         })?;
         let tail: &[u8] = match open {
+            Open::String => {
+                let pieces = std::mem::take(&mut self.string);
+                match pieces.as_slice() {
+                    [] => b"null}\n",
+                    [whole] => {
+                        write_bytes(&mut self.out, whole)?;
+                        b"}\n"
+                    }
+                    _ => {
+                        write_bytes(&mut self.out, &pieces.concat())?;
+                        b"}\n"
+                    }
+                }
+            }
             Open::Scalar { written: true } => b"}\n",
             Open::Scalar { written: false } => b"null}\n",
             Open::Array { .. } => b"]}\n",
@@ -601,6 +625,22 @@ mod tests {
             serde_json::from_str::<serde_json::Value>(line)
                 .unwrap_or_else(|e| panic!("{line}: {e}"));
         }
+    }
+
+    #[test]
+    fn a_string_in_pieces_is_written_whole() {
+        // The split cuts a two-byte character: each piece alone is not
+        // UTF-8, the value is.
+        let pieces = vec![
+            ValueChunk::String(Bytes::from_static(b"ab\xc3")),
+            ValueChunk::String(Bytes::from_static(b"\xa9cd")),
+        ];
+        let text = dump(
+            &key(header(b"k", ValueType::String, 0), pieces),
+            DumpOptions::default(),
+        );
+        check_json(&text);
+        assert!(text.contains("\"value\":\"abécd\""), "{text}");
     }
 
     #[test]

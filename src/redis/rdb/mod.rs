@@ -9,7 +9,12 @@
 //! Memory is bounded: a key's value never comes out whole. Collections come
 //! out as [`ValueChunk`]s of at most [`ParseOptions::chunk_items`] elements or
 //! about [`ParseOptions::chunk_bytes`] bytes, whichever is reached first; a
-//! string value is a single chunk, bounded by [`ParseOptions::max_string_len`].
+//! string value is a single [`ValueChunk::String`] when it is at most
+//! `chunk_bytes` long, else several, in order, of about `chunk_bytes` each
+//! (an LZF-compressed one is decompressed as it is read, keeping 8 KiB of
+//! history), which concatenate to the value. Elements inside collections
+//! (a list item, a hash field) are each held whole, bounded by
+//! [`ParseOptions::max_string_len`].
 //! Every length read from the input is checked against those limits before
 //! anything is allocated.
 //!
@@ -145,6 +150,7 @@ pub struct StreamGroup {
 /// A bounded piece of a key's value.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ValueChunk {
+    /// A string value, or the next piece of one longer than `chunk_bytes`.
     String(Bytes),
     ListItems(Vec<Bytes>),
     SetMembers(Vec<Bytes>),

@@ -35,7 +35,9 @@
 //!   checked against [`ParseOptions::max_string_len`]; collection counts are
 //!   only used to bound loops, never to size buffers.
 //! - Collections come out in chunks bounded by [`ParseOptions::chunk_items`]
-//!   and [`ParseOptions::chunk_bytes`]; compact blobs (listpack, ziplist,
+//!   and [`ParseOptions::chunk_bytes`], and so do string values longer than
+//!   `chunk_bytes` (plain ones read a piece at a time, LZF ones through a
+//!   streaming decompressor); compact blobs (listpack, ziplist,
 //!   intset, zipmap) are read whole (each is one RDB string, bounded by
 //!   `max_string_len`), validated whole, then iterated lazily.
 //! - The running CRC64 covers every byte before the 8-byte checksum; the raw
@@ -47,8 +49,8 @@ use std::io::{ErrorKind, Read};
 use bytes::Bytes;
 
 use super::encoding::{
-    crc64::crc64, intset::IntsetIter, listpack::ListpackIter, lzf, parse_f64, ziplist::ZiplistIter,
-    zipmap::ZipmapIter, Element, EncodingError,
+    crc64::crc64, intset::IntsetIter, listpack::ListpackIter, lzf, lzf::LzfStream, parse_f64,
+    ziplist::ZiplistIter, zipmap::ZipmapIter, Element, EncodingError,
 };
 use super::{
     HashField, KeyHeader, ParseOptions, PendingEntry, RdbError, RdbEvent, StreamConsumer,
@@ -337,7 +339,18 @@ impl<R: Read> Input<R> {
 
     fn read_string(&mut self, what: &'static str) -> Result<Bytes, RdbError> {
         let at = self.offset();
-        match self.read_string_header(what)? {
+        let header = self.read_string_header(what)?;
+        self.read_string_body(header, at, what)
+    }
+
+    /// The string after its `header` (read at `at`).
+    fn read_string_body(
+        &mut self,
+        header: StringHeader,
+        at: u64,
+        what: &'static str,
+    ) -> Result<Bytes, RdbError> {
+        match header {
             StringHeader::Plain(len) => Ok(Bytes::from(self.read_vec(len, what)?)),
             StringHeader::Int(v) => Ok(Bytes::from(v.to_string())),
             StringHeader::Lzf { clen, len } => {
@@ -845,8 +858,29 @@ enum Stage {
     StreamGroups {
         remaining: u64,
     },
+    /// A plain string longer than a chunk: `left` bytes still to read.
+    StringPlain {
+        left: u64,
+    },
+    /// An LZF string longer than a chunk, decompressed piece by piece.
+    StringLzf(Box<LzfString>),
     Finished,
 }
+
+/// A big LZF-compressed string being read.
+struct LzfString {
+    stream: LzfStream,
+    /// Compressed bytes still to read.
+    in_left: u64,
+    /// Where the string's header starts (for errors).
+    at: u64,
+}
+
+/// Most compressed bytes fed to an [`LzfStream`] at a time; fewer for small
+/// chunks: each feed makes at most `chunk_bytes` of output (LZF expands a
+/// byte to at most [`lzf::MAX_EXPANSION`]), so a piece stays under twice
+/// `chunk_bytes`.
+const LZF_FEED: u64 = 4096;
 
 struct ValueReader {
     rdb_type: u8,
@@ -1301,6 +1335,42 @@ impl<R: Read> RdbParser<R> {
                         return Ok(Some(chunk));
                     }
                 }
+                Stage::StringPlain { left } => {
+                    let n = (*left).min(self.opts.chunk_bytes.max(1) as u64);
+                    let piece = self.input.read_vec(n, "string value")?;
+                    *left -= n;
+                    if *left == 0 {
+                        value.stage = Stage::Finished;
+                    }
+                    return Ok(Some(ValueChunk::String(Bytes::from(piece))));
+                }
+                Stage::StringLzf(lzf) => {
+                    let chunk_bytes = self.opts.chunk_bytes.max(1);
+                    let feed = (chunk_bytes as u64 / lzf::MAX_EXPANSION).clamp(1, LZF_FEED);
+                    let mut piece = Vec::new();
+                    while lzf.in_left > 0 && piece.len() < chunk_bytes {
+                        let n = lzf.in_left.min(feed);
+                        let packed = self.input.read_vec(n, "string value")?;
+                        lzf.in_left -= n;
+                        let at = lzf.at;
+                        let out = lzf.stream.feed(&packed).map_err(|e| RdbError::Corrupt {
+                            offset: at,
+                            what: format!("LZF string (string value): {e}"),
+                        })?;
+                        piece.extend_from_slice(&out);
+                    }
+                    if lzf.in_left == 0 {
+                        let at = lzf.at;
+                        lzf.stream.finish().map_err(|e| RdbError::Corrupt {
+                            offset: at,
+                            what: format!("LZF string (string value): {e}"),
+                        })?;
+                        value.stage = Stage::Finished;
+                    }
+                    if !piece.is_empty() {
+                        return Ok(Some(ValueChunk::String(Bytes::from(piece))));
+                    }
+                }
                 Stage::StreamMeta => {
                     let meta = self.read_stream_meta(value.rdb_type)?;
                     let groups = self.input.read_len("stream consumer group count")?;
@@ -1325,7 +1395,10 @@ impl<R: Read> RdbParser<R> {
     }
 
     /// Strings and module values are read whole by `init_value`, which leaves
-    /// them in `Stage::Finished`; this reads them.
+    /// them in `Stage::Finished`; this reads them. A string longer than
+    /// `chunk_bytes` is not read whole: its stage becomes
+    /// [`Stage::StringPlain`] or [`Stage::StringLzf`], which emit it in
+    /// pieces.
     fn take_whole_value(
         &mut self,
         value: &mut ValueReader,
@@ -1334,9 +1407,27 @@ impl<R: Read> RdbParser<R> {
             return Ok(None);
         }
         match value.rdb_type {
-            TYPE_STRING => Ok(Some(ValueChunk::String(
-                self.input.read_string("string value")?,
-            ))),
+            TYPE_STRING => {
+                let at = self.input.offset();
+                let what = "string value";
+                let chunk_bytes = self.opts.chunk_bytes.max(1) as u64;
+                let whole = match self.input.read_string_header(what)? {
+                    StringHeader::Plain(len) if len > chunk_bytes => {
+                        value.stage = Stage::StringPlain { left: len };
+                        return Ok(None);
+                    }
+                    StringHeader::Lzf { clen, len } if len > chunk_bytes => {
+                        value.stage = Stage::StringLzf(Box::new(LzfString {
+                            stream: LzfStream::new(len),
+                            in_left: clen,
+                            at,
+                        }));
+                        return Ok(None);
+                    }
+                    header => self.input.read_string_body(header, at, what)?,
+                };
+                Ok(Some(ValueChunk::String(whole)))
+            }
             TYPE_MODULE_2 => {
                 let at = self.input.offset();
                 let module_id = self.input.read_len("module id")?;
@@ -1964,5 +2055,82 @@ mod tests {
         }) << 10
             | 1;
         assert_eq!(module_name(id), "ReJSON-RL");
+    }
+
+    /// The pieces of the first string value in `data`, parsed with chunks of
+    /// `chunk_bytes`, and the key's raw capture.
+    fn string_pieces(data: &[u8], chunk_bytes: usize) -> (Vec<Bytes>, Option<Bytes>) {
+        let opts = ParseOptions {
+            chunk_bytes,
+            ..ParseOptions::default()
+        };
+        let mut parser = RdbParser::new(data, opts);
+        let (mut pieces, mut raw) = (Vec::new(), None);
+        while let Some(event) = parser.next_event().unwrap() {
+            match event {
+                RdbEvent::Chunk(ValueChunk::String(piece)) => pieces.push(piece),
+                RdbEvent::KeyEnd { raw: r } => raw = r,
+                _ => {}
+            }
+        }
+        (pieces, raw)
+    }
+
+    #[test]
+    fn big_strings_come_out_in_pieces() {
+        let value: Vec<u8> = (0..300_000u32).map(|i| (i * 31 % 251) as u8).collect();
+        let plain = RdbWriter::new(9)
+            .byte(TYPE_STRING)
+            .string(b"k")
+            .string(&value)
+            .finish();
+        let (pieces, raw) = string_pieces(&plain, 64 << 10);
+        assert_eq!(pieces.len(), 5);
+        assert!(pieces.iter().all(|p| p.len() <= 64 << 10));
+        assert_eq!(pieces.concat(), value);
+        assert!(
+            raw.is_some(),
+            "a string under the capture limit is still captured"
+        );
+        // Small enough for one chunk: whole, as before.
+        let (pieces, _) = string_pieces(&plain, 1 << 20);
+        assert_eq!(pieces.len(), 1);
+
+        // LZF: decompressed as it is read.
+        let repetitive = b"0123456789abcdef".repeat(100_000);
+        let packed = lzf::compress(&repetitive);
+        let mut writer = RdbWriter::new(9);
+        writer.byte(TYPE_STRING).string(b"k").byte(0xc3);
+        writer.len(packed.len() as u64).len(repetitive.len() as u64);
+        let lzf_rdb = writer.raw(&packed).finish();
+        let (pieces, _) = string_pieces(&lzf_rdb, 64 << 10);
+        assert!(pieces.len() > 10, "{} pieces", pieces.len());
+        assert!(pieces
+            .iter()
+            .all(|p| !p.is_empty() && p.len() < 2 * (64 << 10) + 300));
+        assert_eq!(pieces.concat(), repetitive);
+        let (pieces, _) = string_pieces(&lzf_rdb, 4 << 20);
+        assert_eq!(pieces.concat(), repetitive);
+
+        // A corrupt stream is an error naming the string, never a panic.
+        let mut writer = RdbWriter::new(9);
+        writer.byte(TYPE_STRING).string(b"k").byte(0xc3);
+        writer
+            .len(packed.len() as u64)
+            .len(repetitive.len() as u64 + 1);
+        let bad = writer.raw(&packed).finish();
+        let opts = ParseOptions {
+            chunk_bytes: 64 << 10,
+            ..ParseOptions::default()
+        };
+        let mut parser = RdbParser::new(&bad[..], opts);
+        let error = loop {
+            match parser.next_event() {
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("a corrupt LZF string parsed"),
+                Err(error) => break error,
+            }
+        };
+        assert!(matches!(error, RdbError::Corrupt { .. }), "{error}");
     }
 }

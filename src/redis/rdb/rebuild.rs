@@ -19,7 +19,9 @@
 //!   encoding never changed, so the payload is tagged with the highest
 //!   version the target accepts.
 //! - Otherwise rebuild commands, chunked to at most `chunk_items` elements /
-//!   about `chunk_bytes` bytes of data per command: `SET`; `RPUSH`; `SADD`;
+//!   about `chunk_bytes` bytes of data per command: `SET` (a string the
+//!   parser emits in several pieces: `SET` of the first, `APPEND` of each
+//!   other, then `PEXPIREAT`); `RPUSH`; `SADD`;
 //!   `ZADD`; `HSET` (`HMSET` before 4.0) then `HPEXPIREAT … FIELDS` for field
 //!   TTLs on 7.4+; streams as `XADD` per entry, `XSETID` (with
 //!   `ENTRIESADDED`/`MAXDELETEDID` on 7.0+), `XGROUP CREATE` (with
@@ -618,13 +620,23 @@ impl KeyState {
     fn chunk(&mut self, ctx: &mut Ctx<'_>, chunk: ValueChunk) {
         match (self.plan, chunk) {
             (Plan::Skip, _) | (Plan::RestoreOnly, _) => {}
-            (Plan::Rebuild, ValueChunk::String(value)) if ctx.opts.strings_by_set => {
-                self.items += 1;
-                self.set_value = Some(value);
+            (Plan::Rebuild, ValueChunk::String(value)) if self.items == 0 => {
+                self.items = 1;
+                if ctx.opts.strings_by_set {
+                    self.set_value = Some(value);
+                } else {
+                    let cmd = Command::new(vec![Bytes::from_static(b"SET"), self.key(), value]);
+                    self.emit(ctx, cmd);
+                }
             }
             (Plan::Rebuild, ValueChunk::String(value)) => {
-                self.items += 1;
-                let cmd = Command::new(vec![Bytes::from_static(b"SET"), self.key(), value]);
+                // A later piece of a string too big for one chunk: the first
+                // piece by SET, the others appended.
+                if let Some(first) = self.set_value.take() {
+                    let cmd = Command::new(vec![Bytes::from_static(b"SET"), self.key(), first]);
+                    self.emit(ctx, cmd);
+                }
+                let cmd = Command::new(vec![Bytes::from_static(b"APPEND"), self.key(), value]);
                 self.emit(ctx, cmd);
             }
             (Plan::Rebuild, ValueChunk::ListItems(items)) => {
@@ -1136,6 +1148,35 @@ mod tests {
         assert_eq!(commands(&list)[0].name(), b"RESTORE");
         let stats = r.finish().unwrap();
         assert_eq!((stats.keys_rebuilt, stats.keys_restored), (2, 1));
+    }
+
+    #[test]
+    fn a_string_in_pieces_is_set_then_appended() {
+        let pieces = || {
+            ["aaaa", "bbbb", "cc"]
+                .map(|p| ValueChunk::String(b(p)))
+                .to_vec()
+        };
+        for strings_by_set in [false, true] {
+            let mut o = opts("7.0.15");
+            o.strings_by_set = strings_by_set;
+            o.restore_max_bytes = 4;
+            let mut r = Rebuilder::new(o);
+            let mut h = header("big", ValueType::String, 0);
+            h.expire_ms = Some(1_800_000_000_000);
+            let out = run_key(&mut r, h, pieces(), None);
+            assert_eq!(
+                render(&out),
+                [
+                    "0: SET big aaaa",
+                    "0: APPEND big bbbb",
+                    "0: APPEND big cc",
+                    "0: PEXPIREAT big 1800000000000"
+                ],
+                "strings_by_set {strings_by_set}"
+            );
+            assert_eq!(r.finish().unwrap().keys_rebuilt, 1);
+        }
     }
 
     #[test]

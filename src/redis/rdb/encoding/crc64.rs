@@ -8,7 +8,9 @@
 
 const POLY_REFLECTED: u64 = 0xad93d23594c935a9u64.reverse_bits();
 
-const TABLES: [[u64; 256]; 8] = build_tables();
+// A `static`, not a `const`: an unoptimized build copies a `const` array
+// (16 KiB) at every use, which made debug-built tests crawl over big RDBs.
+static TABLES: [[u64; 256]; 8] = build_tables();
 
 const fn build_tables() -> [[u64; 256]; 8] {
     let mut tables = [[0u64; 256]; 8];
