@@ -176,7 +176,8 @@ impl Record {
         let command_len = |command: &Command| -> usize {
             command.args.iter().map(|arg| field_len(arg.len())).sum()
         };
-        let streamed_pb: Vec<pb::StreamedArg> = streamed.iter().map(StreamedArg::to_pb).collect();
+        let streamed_pb: Vec<pb::StreamedArg> =
+            streamed.iter().copied().map(StreamedArg::to_pb).collect();
         let mut write_len: usize = commands
             .iter()
             .map(|command| field_len(command_len(command)))
@@ -350,7 +351,7 @@ impl Record {
                     })
                     .collect(),
                 transaction: w.transaction,
-                streamed: w.streamed.iter().map(StreamedArg::to_pb).collect(),
+                streamed: w.streamed.iter().copied().map(StreamedArg::to_pb).collect(),
             }),
             Record::Fragment(f) => pb::record::Kind::Fragment(pb::Fragment {
                 seq: f.seq,
@@ -383,7 +384,7 @@ fn check_commands(commands: &[pb::Command], limits: RecordLimits) -> Result<(), 
 }
 
 impl StreamedArg {
-    fn to_pb(&self) -> pb::StreamedArg {
+    fn to_pb(self) -> pb::StreamedArg {
         pb::StreamedArg {
             command: self.command,
             arg: self.arg,

@@ -32,7 +32,8 @@ pub struct ListenerSide {
     pub partition: u32,
     /// The source address, never with its password.
     pub source: String,
-    /// CONNECTING, FULL_SYNC, ONLINE or OFFLINE.
+    /// CONNECTING, FULL_SYNC, ONLINE, OFFLINE, or STOPPED (an entry ferry
+    /// cannot carry; `source_error` names it).
     pub source_state: String,
     pub source_error: Option<String>,
     /// The source's replication id and the offsets received / acked to it.

@@ -83,7 +83,7 @@ fn single(db: u32, args: &[&str]) -> Record {
 fn entry(record: &Record, offset: u64) -> NewEntry {
     let db = match record {
         Record::Write(w) => w.db,
-        Record::Snapshot(_) => 0,
+        Record::Snapshot(_) | Record::Fragment(_) => 0,
     };
     NewEntry::new(
         SourcePosition {
@@ -363,7 +363,7 @@ async fn every_record_kind_applies_like_the_source() {
             // The source's SELECTs place the commands after them; the
             // applier sends its own.
             Record::Write(w) => w.commands.iter().filter(|c| !c.is("SELECT")).count(),
-            Record::Snapshot(_) => 0,
+            Record::Snapshot(_) | Record::Fragment(_) => 0,
         })
         .sum();
     assert_eq!(report.commands_applied, data_commands as u64);
@@ -1824,4 +1824,108 @@ async fn without_client_permissions_the_fence_falls_back_to_watch() {
     );
     assert_eq!(target.cmd(&["GET", "c"]), "5");
     wal.close().await.unwrap();
+}
+
+/// A fragment record of a streamed argument.
+fn fragment(seq: u32, data: &[u8]) -> Record {
+    Record::Fragment(ferry::record::Fragment {
+        seq,
+        data: Bytes::copy_from_slice(data),
+    })
+}
+
+/// A write whose arguments at `streamed` (`(command, arg, len, fragments)`)
+/// are in the fragments right before it.
+fn streamed_write(
+    commands: Vec<Command>,
+    transaction: bool,
+    streamed: &[(u32, u32, u64, u32)],
+) -> Record {
+    Record::Write(WriteRecord {
+        db: 0,
+        commands,
+        transaction,
+        streamed: streamed
+            .iter()
+            .map(
+                |&(command, arg, len, fragments)| ferry::record::StreamedArg {
+                    command,
+                    arg,
+                    len,
+                    fragments,
+                },
+            )
+            .collect(),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_arguments_are_written_from_their_fragments() {
+    let target = RedisServer::start(&[]);
+    let wal_dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(wal_config(wal_dir.path())).await.unwrap();
+    let piece = |c: u8, n: usize| vec![c; n];
+    let value = [piece(b'a', 100), piece(b'b', 100), piece(b'c', 50)].concat();
+    let records = vec![
+        single(0, &["SET", "before", "1"]),
+        // An orphan run: a listener crashed in the middle of the entry...
+        fragment(0, &piece(b'x', 100)),
+        fragment(1, &piece(b'y', 100)),
+        // ...and stored it again.
+        fragment(0, &value[..100]),
+        fragment(1, &value[100..200]),
+        fragment(2, &value[200..]),
+        streamed_write(
+            vec![cmd(&["SET", "big", "", "EX", "1000"])],
+            false,
+            &[(0, 2, 250, 3)],
+        ),
+        // A transaction with two streamed arguments and a small one.
+        fragment(0, b"first-"),
+        fragment(1, b"part"),
+        fragment(2, b"second"),
+        streamed_write(
+            vec![
+                cmd(&["SET", "t", ""]),
+                cmd(&["INCR", "n"]),
+                cmd(&["APPEND", "t", ""]),
+                cmd(&["APPEND", "t", "-third"]),
+            ],
+            true,
+            &[(0, 2, 10, 2), (2, 2, 6, 1)],
+        ),
+        single(0, &["SET", "after", "1"]),
+    ];
+    let last = append(&wal, &records).await;
+    // One entry per batch at most: a run and its write still go together.
+    let applier = start(apply_config(&target.url(), 1), &wal);
+    applier.wait_applied(last).await;
+    let report = applier.stop().await.snapshot();
+    assert_eq!(target.cmd(&["GET", "big"]).as_bytes(), &value[..]);
+    assert!(target.cmd(&["TTL", "big"]).parse::<i64>().unwrap() > 900);
+    assert_eq!(target.cmd(&["GET", "t"]), "first-partsecond-third");
+    assert_eq!(target.cmd(&["GET", "n"]), "1");
+    assert_eq!(target.cmd(&["GET", "after"]), "1");
+    assert_eq!(report.commands_refused, 0);
+
+    // A write whose fragments are not what it names is fatal, and nothing
+    // of it reaches the target (the open MULTI dies with the connection).
+    let wal_dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(wal_config(wal_dir.path())).await.unwrap();
+    let bad = vec![
+        single(0, &["SET", "ok", "1"]),
+        fragment(0, &piece(b'a', 100)),
+        fragment(0, &piece(b'b', 100)),
+        streamed_write(vec![cmd(&["SET", "bad", ""])], false, &[(0, 2, 200, 2)]),
+    ];
+    append(&wal, &bad).await;
+    target.cmd(&["FLUSHALL"]);
+    let applier = start(apply_config(&target.url(), 100), &wal);
+    let error = expect_fatal(applier).await;
+    assert!(
+        matches!(error, ApplyError::Inconsistent { .. })
+            && error.to_string().contains("should be fragment 1"),
+        "{error}"
+    );
+    assert_eq!(target.cmd(&["EXISTS", "bad"]), "0");
 }

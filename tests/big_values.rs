@@ -1,21 +1,21 @@
 //! Values bigger than any buffer of ferry, end to end: real `ferry sync`
 //! processes between real redis-servers (issue 9, item 2).
 //!
-//! - [`a_400mb_set_replicates_in_bounded_memory`]: a 400 MB `SET` written to
+//! - [`a_400mb_set_replicates_in_bounded_memory`], a 400 MB `SET` written to
 //!   the source while ferry streams, then a `MULTI` of three 100 MB writes;
 //!   each arrives intact (same `DEBUG DIGEST-VALUE`), with no full resync
 //!   (`sync_full` of the source does not move) and ferry's peak RSS (`VmHWM`)
 //!   under 256 MB.
-//! - [`restore_of_a_big_key_replicates`]: `DUMP` of a 150 MB key on a scratch
+//! - [`restore_of_a_big_key_replicates`], `DUMP` of a 150 MB key on a scratch
 //!   server, `RESTORE` on the source.
-//! - [`kill_9_in_the_middle_of_a_big_entry_delivers_it_once`]: ferry killed
-//!   while the listener holds half of a big `APPEND` (the link to the source
+//! - [`kill_9_in_the_middle_of_a_big_entry_delivers_it_once`], ferry killed
+//!   while the listener holds a third of a big `APPEND` (the link to the source
 //!   held by a proxy), then again while the applier writes it to the target:
 //!   it arrives once.
-//! - [`an_entry_over_the_limit_stops_with_a_typed_error`]: an entry over
+//! - [`an_entry_over_the_limit_stops_with_a_typed_error`], an entry over
 //!   `max-entry-bytes` stops the listener (`STOPPED`, the error in `ferry
 //!   status`), with no reconnect loop, and what came before it is applied.
-//! - [`big_strings_in_the_initial_snapshot_load_in_bounded_memory`]: a
+//! - [`big_strings_in_the_initial_snapshot_load_in_bounded_memory`], a
 //!   400 MB string (with a TTL) and a compressible 64 MB one (LZF in the
 //!   RDB) that exist when the sync starts, loaded with peak RSS under
 //!   256 MB.
