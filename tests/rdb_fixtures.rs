@@ -116,8 +116,13 @@ fn model(events: &[RdbEvent]) -> Content {
                 key.chunks += 1;
                 match (&mut key.value, chunk) {
                     (Value::String(s), ValueChunk::String(b)) => {
-                        assert_eq!(key.chunks, 1, "a string is one chunk");
-                        *s = b.clone();
+                        // One chunk, or the pieces of one longer than
+                        // `chunk_bytes`.
+                        *s = if s.is_empty() {
+                            b.clone()
+                        } else {
+                            Bytes::from([&s[..], &b[..]].concat())
+                        };
                     }
                     (Value::List(l), ValueChunk::ListItems(items)) => {
                         l.extend(items.iter().cloned())
