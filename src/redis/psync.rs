@@ -226,6 +226,10 @@ impl ReplicaConfig {
         if self.max_entry_bytes < self.max_transaction_bytes as u64 {
             return fail("max_entry_bytes must be at least max_transaction_bytes");
         }
+        // Fragments are counted in u32 (per argument and per entry).
+        if self.max_entry_bytes.div_ceil(self.fragment_size as u64) > u64::from(u32::MAX) {
+            return fail("max_entry_bytes must fit in 2^32 - 1 fragments of fragment_size");
+        }
         if self.read_timeout.is_zero() || self.connect_timeout.is_zero() {
             return fail("read_timeout and connect_timeout must not be 0");
         }
@@ -479,8 +483,8 @@ struct StreamRule {
 }
 
 impl StreamRule {
-    /// True when a bulk of `len` bytes, after `buffered` bytes of its frame
-    /// and a header ending at `header_end`, is streamed.
+    /// True when a bulk of `len` bytes whose header ends `header_end` bytes
+    /// into the buffered part of its frame is streamed.
     fn streams(&self, len: u64, header_end: usize) -> bool {
         len > 0
             && (len > self.threshold as u64
