@@ -1071,4 +1071,65 @@ mod tests {
             }]
         );
     }
+
+    #[test]
+    fn streamed_arguments_follow_their_command_through_the_keyspace() {
+        // A transaction: a streamed SET in db 1 (not owned: left out), a
+        // SELECT, then a streamed SET with a TTL in db 2 (owned).
+        let write = Record::Write(WriteRecord {
+            db: 1,
+            commands: vec![
+                Command::from_parts(["SET", "x", ""]),
+                Command::from_parts(["SELECT", "2"]),
+                Command::from_parts(["SET", "y", "", "PXAT", "1000"]),
+            ],
+            transaction: true,
+            streamed: vec![
+                crate::record::StreamedArg {
+                    command: 0,
+                    arg: 2,
+                    len: 10,
+                    fragments: 2,
+                },
+                crate::record::StreamedArg {
+                    command: 2,
+                    arg: 2,
+                    len: 5,
+                    fragments: 1,
+                },
+            ],
+        });
+        let mut pending: VecDeque<Pending> = [
+            fragment(1, 0),
+            fragment(2, 1),
+            fragment(3, 2),
+            Pending {
+                log_id: LogId(4),
+                size: 100,
+                record: write,
+            },
+        ]
+        .into();
+        let mut builder = builder(10);
+        builder.keyspace = OwnedKeyspace::dbs([0, 2]);
+        builder.expire_grace = ExpireGrace::new(std::time::Duration::from_secs(1));
+        let batch = builder.build(&mut pending, 0, None).unwrap();
+        assert_eq!(
+            shown(&batch)[..3],
+            ["SELECT 2", "SET y  PXAT 2000", "SELECT 0"]
+        );
+        assert_eq!(batch.skipped, 1);
+        // The kept command's argument is the run's third fragment (seq 2).
+        assert_eq!(
+            batch.streams,
+            [StreamedPlace {
+                command: 1,
+                arg: 2,
+                len: 5,
+                first: LogId(3),
+                fragments: 1,
+                first_seq: 2,
+            }]
+        );
+    }
 }

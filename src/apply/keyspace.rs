@@ -523,6 +523,13 @@ mod tests {
             .unwrap();
         assert_eq!(shown(&t), ["0: SET a 1", "2: INCR c"]);
         assert_eq!(t.filtered, 1);
+        // Where each placed command comes from (SELECTs included in the
+        // count).
+        assert_eq!(t.origins, [0, 4]);
+        let t = owned
+            .translate(0, vec![cmd(&["FLUSHALL"]), cmd(&["SET", "a", "1"])], 16)
+            .unwrap();
+        assert_eq!(t.origins, [0, 0, 1]);
     }
 
     #[test]
