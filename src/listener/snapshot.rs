@@ -82,6 +82,8 @@ const CHUNK_TARGET_BYTES: usize = 1 << 20;
 const RDB_ONLY_CLOSE_WAIT: Duration = Duration::from_secs(2);
 /// Entries read per step when scanning the log backwards for a marker.
 const MARKER_SCAN_WINDOW: u64 = 512;
+/// Most payload bytes read at once while scanning for a marker.
+const MARKER_SCAN_BYTES: usize = 4 << 20;
 
 /// A fallback snapshot stored in the WAL (relay convention 4, docs/ARCHITECTURE.md).
 ///
@@ -490,6 +492,11 @@ fn read_one(wal: &Wal, partition: PartitionId, id: LogId) -> Result<WalEntry, Li
 }
 
 fn is_marker(entry: &WalEntry, partition: PartitionId) -> Result<bool, ListenerError> {
+    // A record's first byte is its kind's tag: writes (0x0a) and fragments
+    // (0x1a, up to megabytes each) are told apart without decoding them.
+    if matches!(entry.payload.first(), Some(0x0a | 0x1a)) {
+        return Ok(false);
+    }
     match Record::decode(&entry.payload, RecordLimits::default()) {
         Ok(record) => Ok(matches!(record, Record::Snapshot(_))),
         Err(error) => Err(ListenerError::CorruptRecord {
@@ -510,15 +517,28 @@ fn scan_back_for_marker(
     let mut end = hi;
     while end >= first && end > LogId::ZERO {
         let start = LogId(end.0.saturating_sub(MARKER_SCAN_WINDOW - 1).max(first.0));
-        let limits = ReadLimits {
-            max_entries: (end.0 - start.0 + 1) as usize,
-            max_bytes: usize::MAX,
-        };
-        let entries = wal.read(partition, start, limits)?;
-        for entry in entries.iter().rev() {
-            if entry.log_id <= end && is_marker(entry, partition)? {
-                return Ok(Some(entry.log_id));
+        // The window is read forward in pieces of bounded size (entries
+        // may be big fragments); the latest marker in it wins.
+        let mut found = None;
+        let mut from = start;
+        while from <= end {
+            let limits = ReadLimits {
+                max_entries: (end.0 - from.0 + 1) as usize,
+                max_bytes: MARKER_SCAN_BYTES,
+            };
+            let entries = wal.read(partition, from, limits)?;
+            let Some(last) = entries.last().map(|entry| entry.log_id) else {
+                break;
+            };
+            for entry in &entries {
+                if entry.log_id <= end && is_marker(entry, partition)? {
+                    found = Some(entry.log_id);
+                }
             }
+            from = last.next();
+        }
+        if found.is_some() {
+            return Ok(found);
         }
         if start == first {
             break;
