@@ -1929,3 +1929,68 @@ async fn streamed_arguments_are_written_from_their_fragments() {
     );
     assert_eq!(target.cmd(&["EXISTS", "bad"]), "0");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_argument_over_the_targets_limit_holds_until_it_is_raised() {
+    let target = RedisServer::start(&["--proto-max-bulk-len", "1mb"]);
+    let wal_dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(wal_config(wal_dir.path())).await.unwrap();
+    let value = vec![b'v'; 3 << 20];
+    let records = vec![
+        single(0, &["SET", "before", "1"]),
+        fragment(0, &value[..2 << 20]),
+        fragment(1, &value[2 << 20..]),
+        streamed_write(vec![cmd(&["SET", "big", ""])], false, &[(0, 2, 3 << 20, 2)]),
+        single(0, &["SET", "after", "1"]),
+    ];
+    let last = append(&wal, &records).await;
+    let applier = start(apply_config(&target.url(), 100), &wal);
+    // Held at the big entry with the reason, never sent (the target would
+    // drop the connection on its header); what came before is applied.
+    wait_for("the big entry blocked", || {
+        applier
+            .status
+            .snapshot()
+            .blocked
+            .is_some_and(|blocked| blocked.log_id == LogId(4))
+    })
+    .await;
+    let blocked = applier.status.snapshot().blocked.unwrap();
+    assert!(
+        blocked.error.contains("proto-max-bulk-len") && !blocked.transient,
+        "{blocked:?}"
+    );
+    assert_eq!(target.cmd(&["GET", "before"]), "1");
+    assert_eq!(target.cmd(&["EXISTS", "big", "after"]), "0");
+    // Raised on the target: the next attempt goes through.
+    target.cmd(&["CONFIG", "SET", "proto-max-bulk-len", "512mb"]);
+    applier.wait_applied(last).await;
+    let report = applier.stop().await.snapshot();
+    assert!(report.blocked.is_none(), "{report:?}");
+    assert_eq!(target.cmd(&["STRLEN", "big"]), (3 << 20).to_string());
+    assert_eq!(target.cmd(&["GET", "after"]), "1");
+
+    // Under skip-and-record it is skipped, and its dead-letter record holds
+    // the whole value, written from the fragments.
+    target.cmd(&["FLUSHALL"]);
+    target.cmd(&["CONFIG", "SET", "proto-max-bulk-len", "1mb"]);
+    let dead_dir = tempfile::tempdir().unwrap();
+    let cfg = ApplyConfig {
+        dead_letter_dir: Some(dead_dir.path().to_path_buf()),
+        on_refused: ferry::apply::OnRefused::SkipAndRecord,
+        ..apply_config(&target.url(), 100)
+    };
+    let applier = start(cfg, &wal);
+    applier.wait_applied(last).await;
+    let report = applier.stop().await.snapshot();
+    assert_eq!(report.entries_skipped, 1, "{report:?}");
+    assert_eq!(target.cmd(&["EXISTS", "big"]), "0");
+    assert_eq!(target.cmd(&["GET", "after"]), "1");
+    let file = dead_dir.path().join("test-drainer-0.resp");
+    assert_eq!(dead_letter_ids(&file), [4]);
+    let record = std::fs::read(&file).unwrap();
+    let mut command = format!("*3\r\n$3\r\nSET\r\n$3\r\nbig\r\n${}\r\n", value.len()).into_bytes();
+    command.extend_from_slice(&value);
+    command.extend_from_slice(b"\r\n");
+    assert!(record.ends_with(&command), "the record lacks the value");
+}

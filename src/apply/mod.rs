@@ -175,6 +175,16 @@
 //! record: with no dead-letter dir, `skip-and-record` is a config error and
 //! `ferry skip` is refused.
 //!
+//! A write with streamed arguments (`src/record.rs`, "Big entries") is held
+//! together with its fragment run (the batch before it ends before the run),
+//! and when it is skipped its record in the dead-letter file carries the
+//! whole values, written from the fragments as they are read. An argument
+//! longer than the target's `proto-max-bulk-len` (read with `CONFIG GET` on
+//! every connection; the target would drop the connection on its header) is
+//! refused by the applier itself before anything of the entry is sent, as
+//! an entry refusal (`ERR`, not transient): it holds until the target's
+//! limit is raised, or it is skipped.
+//!
 //! # Snapshots
 //!
 //! A [`crate::record::Record::Snapshot`] marker at log id `M` means "the
