@@ -350,9 +350,13 @@ impl BatchBuilder {
                 }
             }
             let names: Vec<String> = commands.iter().map(command_name).collect();
-            let translated = self
-                .keyspace
-                .translate(write.db, commands, self.databases)
+            let translated = if places.is_empty() {
+                self.keyspace.translate(write.db, commands, self.databases)
+            } else {
+                self.keyspace
+                    .translate_tracked(write.db, commands, self.databases)
+            };
+            let translated = translated
                 .map_err(|refusal| (refusal.command, refusal.reason))
                 .and_then(
                     |translated| match self.db_out_of_range(&translated.commands) {
@@ -387,9 +391,11 @@ impl BatchBuilder {
                     let Some(hold) = held else { break };
                     let mut streams = Vec::new();
                     let mut commands = Vec::with_capacity(translated.commands.len());
-                    let origins = translated.origins.into_iter();
-                    for (placed, origin) in translated.commands.into_iter().zip(origins) {
-                        if let Some(places) = kept.get(origin).and_then(|&i| places.get_mut(i)) {
+                    // Empty unless the write has streamed arguments.
+                    let mut origins = translated.origins.into_iter();
+                    for placed in translated.commands {
+                        let origin = origins.next().and_then(|origin| kept.get(origin));
+                        if let Some(places) = origin.and_then(|&i| places.get_mut(i)) {
                             for mut place in places.drain(..) {
                                 place.command = commands.len();
                                 streams.push(place);
@@ -409,14 +415,16 @@ impl BatchBuilder {
                 }
                 Ok(translated) => {
                     batch.skipped += translated.filtered;
-                    let origins = translated.origins.into_iter();
-                    for (placed, origin) in translated.commands.into_iter().zip(origins) {
+                    // Empty unless the write has streamed arguments.
+                    let mut origins = translated.origins.into_iter();
+                    for placed in translated.commands {
                         if placed.db != db {
                             batch.commands.push(select(placed.db));
                             batch.slots.push(Slot::Internal);
                             db = placed.db;
                         }
-                        if let Some(places) = kept.get(origin).and_then(|&i| places.get_mut(i)) {
+                        let origin = origins.next().and_then(|origin| kept.get(origin));
+                        if let Some(places) = origin.and_then(|&i| places.get_mut(i)) {
                             for mut place in places.drain(..) {
                                 place.command = batch.commands.len();
                                 batch.streams.push(place);

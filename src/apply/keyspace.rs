@@ -112,7 +112,8 @@ pub struct Placed {
 pub struct Translated {
     pub commands: Vec<Placed>,
     /// For each of `commands`, the index of the input command it comes from
-    /// (the applier places streamed arguments by it).
+    /// (the applier places streamed arguments by it); filled only by
+    /// [`OwnedKeyspace::translate_tracked`].
     pub origins: Vec<usize>,
     /// Commands left out: they run in dbs this sync does not own.
     pub filtered: u64,
@@ -296,12 +297,32 @@ impl OwnedKeyspace {
 
     /// Translates the commands of one entry that starts in source db `db`,
     /// for a target with `databases` dbs. `SELECT`s are consumed (the
-    /// placement says where each command runs).
+    /// placement says where each command runs). `origins` stays empty.
     pub fn translate(
         &self,
         db: u32,
         commands: Vec<Command>,
         databases: u32,
+    ) -> Result<Translated, Refusal> {
+        self.translate_as(db, commands, databases, false)
+    }
+
+    /// [`OwnedKeyspace::translate`], filling `origins` too.
+    pub fn translate_tracked(
+        &self,
+        db: u32,
+        commands: Vec<Command>,
+        databases: u32,
+    ) -> Result<Translated, Refusal> {
+        self.translate_as(db, commands, databases, true)
+    }
+
+    fn translate_as(
+        &self,
+        db: u32,
+        commands: Vec<Command>,
+        databases: u32,
+        track: bool,
     ) -> Result<Translated, Refusal> {
         let mut out = Translated::default();
         let mut db = db;
@@ -320,8 +341,10 @@ impl OwnedKeyspace {
             }
             let before = out.commands.len();
             self.translate_one(db, cmd, databases, &mut out)?;
-            let made = out.commands.len() - before;
-            out.origins.extend(std::iter::repeat(index).take(made));
+            if track {
+                let made = out.commands.len() - before;
+                out.origins.extend(std::iter::repeat(index).take(made));
+            }
         }
         Ok(out)
     }
@@ -523,11 +546,25 @@ mod tests {
             .unwrap();
         assert_eq!(shown(&t), ["0: SET a 1", "2: INCR c"]);
         assert_eq!(t.filtered, 1);
+        assert!(t.origins.is_empty());
         // Where each placed command comes from (SELECTs included in the
         // count).
+        let t = owned
+            .translate_tracked(
+                0,
+                vec![
+                    cmd(&["SET", "a", "1"]),
+                    cmd(&["SELECT", "1"]),
+                    cmd(&["SET", "b", "1"]),
+                    cmd(&["SELECT", "2"]),
+                    cmd(&["INCR", "c"]),
+                ],
+                16,
+            )
+            .unwrap();
         assert_eq!(t.origins, [0, 4]);
         let t = owned
-            .translate(0, vec![cmd(&["FLUSHALL"]), cmd(&["SET", "a", "1"])], 16)
+            .translate_tracked(0, vec![cmd(&["FLUSHALL"]), cmd(&["SET", "a", "1"])], 16)
             .unwrap();
         assert_eq!(t.origins, [0, 0, 1]);
     }
