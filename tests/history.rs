@@ -651,6 +651,7 @@ fn entries(ids: std::ops::RangeInclusive<u64>) -> pb::ShipMessage {
                 db: 0,
                 commands: vec![Command::from_parts(["SET", &format!("raw:{i}"), "v"])],
                 transaction: false,
+                streamed: vec![],
             })
             .encode(),
         })
