@@ -1016,7 +1016,7 @@ mod tests {
         assert_eq!((batch.first, batch.last), (LogId(9), LogId(10)));
         assert_eq!(
             shown(&batch),
-            ["SET __ferry:checkpoint:d:0 v1 applied=10 epoch=0"]
+            ["SET __ferry:checkpoint:d:0 v2 applied=10 epoch=0 log=00000000000000ab"]
         );
         assert!(builder(10).build(&mut pending, 0, None).is_none());
 
