@@ -20,8 +20,9 @@
 //!   RDB) that exist when the sync starts, loaded with peak RSS under
 //!   256 MB.
 //!
-//! Run: `cargo test --test big_values -- --test-threads 1` (they move
-//! gigabytes: one at a time). Disk: up to about 2 GB in temp dirs.
+//! Run: `cargo test --test big_values` (they move gigabytes: each test
+//! takes [`SERIAL`] first, so they run one at a time whatever
+//! `--test-threads` says). Disk: up to about 2 GB in temp dirs.
 
 mod common;
 
@@ -33,6 +34,15 @@ use std::time::{Duration, Instant};
 use common::ferry::FerryProcess;
 use common::proxy::Proxy;
 use common::RedisServer;
+
+/// Held by every test of this file for its whole run: one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Takes [`SERIAL`] (a test that failed before leaves it poisoned: that
+/// does not concern the next one).
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|poison| poison.into_inner())
+}
 
 /// Longest wait for a big value to reach the target.
 const ARRIVE: Duration = Duration::from_secs(300);
@@ -223,6 +233,7 @@ fn wait_marker(target: &RedisServer, key: &str, value: &str, ferry: &FerryProces
 
 #[test]
 fn a_400mb_set_replicates_in_bounded_memory() {
+    let _serial = one_at_a_time();
     let source = RedisServer::start(BIG_SOURCE);
     let target = RedisServer::start(&[]);
     source.cmd(&["SET", "before", "1"]);
@@ -307,6 +318,7 @@ fn a_400mb_set_replicates_in_bounded_memory() {
 
 #[test]
 fn restore_of_a_big_key_replicates() {
+    let _serial = one_at_a_time();
     let scratch = RedisServer::start(&[]);
     let source = RedisServer::start(BIG_SOURCE);
     let target = RedisServer::start(&[]);
@@ -366,6 +378,7 @@ fn listener_last_log_id(ferry: &FerryProcess) -> u64 {
 
 #[test]
 fn kill_9_in_the_middle_of_a_big_entry_delivers_it_once() {
+    let _serial = one_at_a_time();
     let source = RedisServer::start(BIG_SOURCE);
     let target = RedisServer::start(&[]);
     let source_proxy = Proxy::start(&source.addr());
@@ -453,6 +466,7 @@ fn kill_9_in_the_middle_of_a_big_entry_delivers_it_once() {
 
 #[test]
 fn an_entry_over_the_limit_stops_with_a_typed_error() {
+    let _serial = one_at_a_time();
     let source = RedisServer::start(BIG_SOURCE);
     let target = RedisServer::start(&[]);
     source.cmd(&["SET", "before", "1"]);
@@ -528,6 +542,7 @@ fn an_entry_over_the_limit_stops_with_a_typed_error() {
 
 #[test]
 fn big_strings_in_the_initial_snapshot_load_in_bounded_memory() {
+    let _serial = one_at_a_time();
     let source = RedisServer::start(BIG_SOURCE);
     let target = RedisServer::start(&[]);
     let (mut stream, mut reader) = raw(&source);
