@@ -142,24 +142,6 @@ fn admin(ferry: &FerryProcess, verb: &str) {
     );
 }
 
-/// Waits for `ferry status` to say the applier caught up (lag 0).
-fn wait_caught_up(ferry: &FerryProcess, what: &str) {
-    let deadline = Instant::now() + CONVERGE;
-    loop {
-        let status = ferry.status_json();
-        let shipped = status["listeners"][0]["shipping"][0]["lag"].as_u64() == Some(0);
-        if shipped && status["drainers"][0]["lag"].as_u64() == Some(0) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: not caught up: {status}\n{}",
-            ferry.log_tail(30)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// Stops shipping, changes the source for longer than wal-ttl, restarts:
 /// the drainer gets a fallback snapshot, which it loads.
 fn force_fallback_snapshot(ferry: &FerryProcess, source: &RedisServer, db: u32, what: &str) {
@@ -373,7 +355,26 @@ fn two_syncs_share_one_target_in_their_own_dbs() {
     let target_db5 = db_state(&target, 5);
     source_b.cmd(&["SWAPDB", "0", "5"]);
     source_b.cmd(&["SWAPDB", "0", "5"]);
-    wait_caught_up(&sync_b, "B after the refused SWAPDBs");
+    // A fence written after them: once it is on the target, so is what the
+    // SWAPDBs did (nothing).
+    source_b.cmd(&["-n", "5", "SET", "fence", "after-swapdb"]);
+    let deadline = Instant::now() + CONVERGE;
+    while target.cmd(&["-n", "5", "GET", "fence"]) != "after-swapdb" {
+        assert!(
+            Instant::now() < deadline,
+            "the fence never arrived\n{}",
+            context()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let target_db5 = {
+        let mut before = target_db5;
+        before.insert(
+            "fence".into(),
+            target.cmd(&["-n", "5", "DEBUG", "DIGEST-VALUE", "fence"]),
+        );
+        before
+    };
     let status = sync_b.status_json();
     let applier = &status["drainers"][0];
     assert_eq!(
@@ -402,7 +403,8 @@ fn two_syncs_share_one_target_in_their_own_dbs() {
     bump(5);
 
     // Exact counters: every INCR applied exactly once on each side.
-    wait_caught_up(&sync_a, "A at the end");
+    wait_dbs_equal(&source_a, &target, &[0, 1], "A at the end", &context);
+    wait_dbs_equal(&source_b, &target, &[5], "B at the end", &context);
     assert_eq!(
         target.cmd(&["GET", "counter"]),
         source_a.cmd(&["GET", "counter"])
