@@ -403,10 +403,12 @@ mod tests {
             .to_string()
             .contains("cannot read"));
 
-        let var = "FERRY_SECRET_TEST_VARIABLE_1";
-        std::env::set_var(var, "from-env");
+        // A variable every environment has (setting one in a threaded
+        // test process would race with other threads' getenv).
+        let var = "PATH";
+        let value = std::env::var(var).unwrap();
         let from_env = PasswordSource::from_keys("target-password", None, Some(var));
-        assert_eq!(from_env.read().unwrap().as_deref(), Some("from-env"));
+        assert_eq!(from_env.read().unwrap(), Some(value));
         let both = PasswordSource::from_keys("target-password", Some(&file), Some(var));
         let err = both.read().unwrap_err().to_string();
         assert!(
@@ -438,7 +440,6 @@ mod tests {
             .unwrap();
         assert_eq!(url.user.as_deref(), Some("app"));
         assert_eq!(url.password.as_deref(), Some("pw"));
-        std::env::remove_var(var);
     }
 
     #[test]

@@ -11,8 +11,9 @@
 //!   hash forms of 7.4, streams of all four types (deleted entries,
 //!   SAMEFIELDS, groups, PELs, consumers, IDMP), module values and module
 //!   aux, functions (GA and pre-GA), slot info, aux fields, EXPIRETIME in
-//!   seconds and ms, IDLE, FREQ and Redis Enterprise hints, checksums
-//!   present, absent, disabled and wrong;
+//!   seconds and ms, IDLE, FREQ and Redis Enterprise hints (RAM_LRU,
+//!   SLOT_NUM), checksums present, absent, disabled and wrong, files with
+//!   nothing but aux fields or nothing at all;
 //! - each is parsed and compared with what it was built from (values,
 //!   headers, raw captures), read again 1..7 bytes at a time, cut at every
 //!   byte, and parsed with tiny chunk limits;
@@ -267,7 +268,41 @@ fn rdb3_strings_and_lengths() -> Case {
     case("rdb3_strings_and_lengths", d, Trailer::None)
 }
 
-/// RDB 6 (first with a CRC64): ziplists with every integer encoding
+/// RDB 3 with nothing in it: the header and EOF.
+fn rdb3_empty_database() -> Case {
+    case("rdb3_empty_database", Dump::new(3), Trailer::None)
+}
+
+/// RDB 4: aux fields and no key.
+fn rdb4_aux_only() -> Case {
+    let mut d = Dump::new(4);
+    d.aux("redis-ver", "3.0.0");
+    d.aux(
+        "\u{db}__lua_script__a0c38691e9fffe4563723c32ba77a34398e090e6__\u{db}",
+        "return 1",
+    );
+    case("rdb4_aux_only", d, Trailer::None)
+}
+
+/// RDB 5 (the CRC64 appears): strings of every kind, checksum verified.
+fn rdb5_checksum() -> Case {
+    let mut d = Dump::new(5);
+    d.select_db(0);
+    for (k, v) in [
+        ("abcd", "efgh"),
+        ("foo", "bar"),
+        ("bar", "baz"),
+        ("abcdef", "abcdef"),
+        ("longerstring", "thisisalongerstring.idontknowwhatitmeans"),
+        ("a,\"b\",c", "comma"),
+    ] {
+        d.string(k, v.as_bytes(), StrForm::Plain);
+    }
+    d.string("+abc", b"-12", StrForm::Int);
+    case("rdb5_checksum", d, Trailer::Checksum)
+}
+
+/// RDB 6: ziplists with every integer encoding
 /// (4-bit immediates, 8/16/24/32/64-bit), string lengths across the 6/14/
 /// 32-bit forms and prevlen across its 254-byte boundary, in a list, a
 /// hash and a zset.
@@ -676,6 +711,7 @@ fn rdb12_redis_7_4() -> Case {
     );
     d.meta(KeyMeta {
         ram_lru: Some(77),
+        slot_num: Some(7638),
         ..KeyMeta::default()
     });
     d.string("abc", b"abc", StrForm::Plain);
@@ -756,7 +792,10 @@ fn rdb10_empty_collections() -> Case {
 fn cases() -> Vec<Case> {
     vec![
         rdb2_oldest_encodings(),
+        rdb3_empty_database(),
         rdb3_strings_and_lengths(),
+        rdb4_aux_only(),
+        rdb5_checksum(),
         rdb6_ziplist_encodings(),
         rdb7_checksum_disabled(),
         rdb8_quicklist_zset2(),
@@ -822,7 +861,9 @@ fn every_format_parses_to_what_it_was_built_from() {
     assert_eq!(types, all, "type bytes covered");
     assert_eq!(
         versions,
-        [2, 3, 6, 7, 8, 9, 10, 11, 12, 13].into_iter().collect()
+        [2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]
+            .into_iter()
+            .collect()
     );
 }
 
@@ -1125,7 +1166,7 @@ fn redis_7_loads_the_hand_built_dumps_as_parsed() {
         });
         loaded += 1;
     }
-    assert_eq!(loaded, 8, "dumps Redis 7.0 can read");
+    assert_eq!(loaded, 11, "dumps Redis 7.0 can read");
 }
 
 #[test]

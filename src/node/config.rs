@@ -958,8 +958,10 @@ secret = "12345678"
         let dir = tempfile::tempdir().unwrap();
         let secret_file = dir.path().join("secret");
         std::fs::write(&secret_file, format!("{SECRET}\n")).unwrap();
-        let password_var = "FERRY_CONFIG_TEST_PASSWORD_1";
-        std::env::set_var(password_var, PASSWORD);
+        // A variable every environment has (setting one in a threaded test
+        // process would race with other threads' getenv).
+        let password_var = "PATH";
+        let path_value = std::env::var(password_var).unwrap();
         let text = format!(
             "data-dir = \"d\"\n[listener]\nsource = \"redis://app@127.0.0.1:1\"\n\
              source-password-env = \"{password_var}\"\n[[drainers]]\nid = \"a\"\n\
@@ -970,7 +972,7 @@ secret = "12345678"
         assert_eq!(listener.drainers[0].secret.expose(), SECRET);
         let source = listener.listener.validate().unwrap().source;
         assert_eq!(source.user.as_deref(), Some("app"));
-        assert_eq!(source.password.as_deref(), Some(PASSWORD));
+        assert_eq!(source.password.as_deref(), Some(path_value.as_str()));
 
         // Two places for one secret are refused, naming both.
         let twice = text.replace(
@@ -990,7 +992,10 @@ secret = "12345678"
             "{error}"
         );
         assert!(!error.contains(PASSWORD), "{error}");
-        let missing = text.replace(password_var, "FERRY_CONFIG_TEST_UNSET_2");
+        let missing = text.replace(
+            &format!("\"{password_var}\""),
+            "\"FERRY_CONFIG_TEST_UNSET_2\"",
+        );
         let error = listener_error(&missing);
         assert!(
             error.contains("FERRY_CONFIG_TEST_UNSET_2") && error.contains("not set"),
@@ -1003,8 +1008,7 @@ secret = "12345678"
         // the target's password from a file.
         let password_file = dir.path().join("password");
         std::fs::write(&password_file, PASSWORD).unwrap();
-        let secret_var = "FERRY_CONFIG_TEST_SECRET_3";
-        std::env::set_var(secret_var, SECRET);
+        let secret_var = "PATH";
         let drainer_text = format!(
             "data-dir = \"d\"\nlisten = \"127.0.0.1:1\"\n[drainer]\n[[drainer.listeners]]\n\
              id = \"l\"\nsecret-env = \"{secret_var}\"\n[apply]\ntarget = \"redis://h:1\"\n\
@@ -1012,7 +1016,7 @@ secret = "12345678"
             password_file.display()
         );
         let drainer = DrainerNodeConfig::from_toml(Path::new("d.toml"), &drainer_text).unwrap();
-        assert_eq!(drainer.drainer.listeners[0].secret.expose(), SECRET);
+        assert_eq!(drainer.drainer.listeners[0].secret.expose(), path_value);
         assert_eq!(
             drainer.apply.target_url().unwrap().password.as_deref(),
             Some(PASSWORD)
@@ -1070,7 +1074,5 @@ secret = "12345678"
             "{error}"
         );
         assert!(!error.contains(PASSWORD), "{error}");
-        std::env::remove_var(password_var);
-        std::env::remove_var(secret_var);
     }
 }

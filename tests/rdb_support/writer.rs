@@ -335,6 +335,8 @@ pub struct KeyMeta {
     pub lfu_freq: Option<u8>,
     /// Redis Enterprise's RAM_LRU hint (skipped by readers).
     pub ram_lru: Option<u64>,
+    /// Redis Enterprise's SLOT_NUM hint (skipped by readers).
+    pub slot_num: Option<u64>,
 }
 
 fn bytes_of(items: &[&str]) -> Vec<Bytes> {
@@ -475,9 +477,13 @@ impl Dump {
             lru_idle: meta.lru_idle.or(pending.lru_idle),
             lfu_freq: meta.lfu_freq.or(pending.lfu_freq),
             ram_lru: meta.ram_lru.or(pending.ram_lru),
+            slot_num: meta.slot_num.or(pending.slot_num),
         };
         if let Some(n) = meta.ram_lru {
             self.w.byte(OPCODE_RAM_LRU).len(n);
+        }
+        if let Some(n) = meta.slot_num {
+            self.w.byte(OPCODE_SLOT_NUM).len(n);
         }
         match meta.expire_ms {
             Some(ms) if meta.expire_secs => {
