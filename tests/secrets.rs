@@ -157,6 +157,14 @@ fn check_sync(
     wait_for("a streamed write", Duration::from_secs(30), || {
         cli(target, ADMIN_PASSWORD, &["GET", &after]) == "1"
     });
+    // The startup precheck reached both sides with their passwords (a
+    // side it cannot authenticate to only makes it warn).
+    assert!(
+        sync.log()
+            .contains("precheck before the first full sync passed"),
+        "{}",
+        sync.log()
+    );
     let cmdline = sync.cmdline();
     assert!(cmdline.contains("sync"), "{cmdline}");
     for password in [SOURCE_PASSWORD, TARGET_PASSWORD, ADMIN_PASSWORD] {
