@@ -19,6 +19,7 @@ pub mod position;
 pub mod precheck;
 pub mod record;
 pub mod redis;
+pub mod secret;
 pub mod ship;
 pub mod status;
 pub mod table;

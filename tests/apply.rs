@@ -51,7 +51,7 @@ fn wal_config(dir: &Path) -> WalConfig {
 fn apply_config(target: &str, batch_max_entries: usize) -> ApplyConfig {
     ApplyConfig {
         drainer_id: DRAINER.to_string(),
-        target: target.to_string(),
+        target: target.into(),
         batch_max_entries,
         retry_backoff_min: "20ms".parse().unwrap(),
         retry_backoff_max: "200ms".parse().unwrap(),
@@ -1303,7 +1303,7 @@ async fn throughput_figures() {
 fn default_config(target: &str) -> ApplyConfig {
     ApplyConfig {
         drainer_id: DRAINER.to_string(),
-        target: target.to_string(),
+        target: target.into(),
         ..ApplyConfig::default()
     }
 }

@@ -2,20 +2,23 @@
 //! every type × encoding is saved, its dump.rdb loaded into empty servers
 //! (with RESTORE, and with rebuild commands only), and the data sets
 //! compared (`DEBUG DIGEST`, which covers values and key expiries, plus
-//! stream metadata, consumer groups, PELs, TTLs and functions). Fixtures
-//! written by newer Redis versions are loaded into 7.0 via rebuild commands.
+//! stream metadata, consumer groups, PELs, TTLs and functions). Dumps in
+//! the formats of newer Redis versions (built byte by byte) are loaded into
+//! 7.0 via rebuild commands.
 
 mod common;
+mod rdb_support;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{fixtures_dir, RedisServer};
+use common::RedisServer;
 use ferry::cli::rdb::{load, LoadConfig, LoadReport};
 use ferry::redis::client::Client;
 use ferry::redis::command::Command;
 use ferry::redis::resp::Frame;
 use ferry::redis::url::RedisUrl;
+use rdb_support::writer::*;
 
 async fn connect(server: &RedisServer) -> Client {
     Client::connect(&RedisUrl::parse(&server.url()).unwrap())
@@ -426,8 +429,15 @@ async fn every_type_round_trips_with_restore_and_with_rebuild() {
     );
 }
 
-fn fixture(name: &str) -> PathBuf {
-    fixtures_dir().join(name)
+/// Writes a dump built by `build` (db 0 selected) to `dir/name`.
+fn built(dir: &Path, name: &str, version: u32, build: impl FnOnce(&mut Dump)) -> PathBuf {
+    let mut d = Dump::new(version);
+    d.select_db(0);
+    build(&mut d);
+    let (data, _) = d.finish(Trailer::Checksum);
+    let path = dir.join(name);
+    std::fs::write(&path, data).unwrap();
+    path
 }
 
 fn bulk_strings(frame: &Frame) -> Vec<String> {
@@ -441,17 +451,20 @@ fn bulk_strings(frame: &Frame) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn newer_fixtures_load_into_7_0_by_rebuild() {
+async fn newer_formats_load_into_7_0_by_rebuild() {
     let target = RedisServer::start(&[]);
     let mut tgt = connect(&target).await;
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
 
     // RDB 11 set listpack (type 20, unknown to 7.0): rebuilt.
-    let report = load(&config(
-        &fixture("librdb/test__dumps__set_lp_v11.rdb"),
-        &target,
-    ))
-    .await
-    .unwrap();
+    let set_lp = built(dir, "set_lp.rdb", 11, |d| {
+        d.set_listpack(
+            "myset",
+            &strs(&["1", "2", "3", "1.1", "1.2", "1.3", "a", "b", "c"]),
+        );
+    });
+    let report = load(&config(&set_lp, &target)).await.unwrap();
     check_clean(&report);
     assert_eq!(
         (report.stats.keys_rebuilt, report.stats.keys_restored),
@@ -461,13 +474,26 @@ async fn newer_fixtures_load_into_7_0_by_rebuild() {
     members.sort();
     assert_eq!(members, ["1", "1.1", "1.2", "1.3", "2", "3", "a", "b", "c"]);
 
-    // RDB 12 hashes with field TTLs (types 22 and 23): fields kept, TTLs
+    // RDB 12 hashes with field TTLs (types 22 to 25): fields kept, TTLs
     // dropped with a warning naming the key.
-    for name in [
-        "librdb/test__dumps__hash_with_expire_v12.rdb",
-        "librdb/test__dumps__hash_lp_with_hexpire_v12.rdb",
+    for type_byte in [
+        TYPE_HASH_METADATA_PRE_GA,
+        TYPE_HASH_LISTPACK_EX_PRE_GA,
+        TYPE_HASH_METADATA,
+        TYPE_HASH_LISTPACK_EX,
     ] {
-        let mut cfg = config(&fixture(name), &target);
+        let path = built(dir, &format!("hash_{type_byte}.rdb"), 12, |d| {
+            d.hash_with_ttls(
+                "myhash",
+                type_byte,
+                &[
+                    ("field2", "value2", Some(70368744107663)),
+                    ("field1", "value1", Some(70368744177663)),
+                    ("field3", "value3", None),
+                ],
+            );
+        });
+        let mut cfg = config(&path, &target);
         cfg.replace = true;
         let report = load(&cfg).await.unwrap();
         check_clean(&report);
@@ -497,12 +523,10 @@ async fn newer_fixtures_load_into_7_0_by_rebuild() {
     }
 
     // RDB 11 stream (type 21) with groups: rebuilt, metadata exact.
-    let report = load(&config(
-        &fixture("librdb/test__dumps__stream_v11.rdb"),
-        &target,
-    ))
-    .await
-    .unwrap();
+    let stream = built(dir, "stream_v3.rdb", 11, |d| {
+        d.stream("mystream", TYPE_STREAM_LISTPACKS_3, &two_group_stream());
+    });
+    let report = load(&config(&stream, &target)).await.unwrap();
     check_clean(&report);
     assert_eq!(report.stats.keys_rebuilt, 1);
     assert_eq!(
@@ -541,12 +565,10 @@ async fn newer_fixtures_load_into_7_0_by_rebuild() {
 
     // RDB 11 zset listpack (type 17 exists in 7.0): RESTOREd with a payload
     // tagged RDB 10, scores exact.
-    let report = load(&config(
-        &fixture("librdb/test__dumps__zset_lp_v11.rdb"),
-        &target,
-    ))
-    .await
-    .unwrap();
+    let zset = built(dir, "zset_lp.rdb", 11, |d| {
+        d.zset_compact("myzset", true, &SCORES_24);
+    });
+    let report = load(&config(&zset, &target)).await.unwrap();
     check_clean(&report);
     assert_eq!(report.stats.keys_restored, 1);
     let scores =
@@ -563,12 +585,18 @@ async fn newer_fixtures_load_into_7_0_by_rebuild() {
     assert_eq!(parsed[23], ("a9".to_string(), f64::INFINITY));
 
     // RDB 12 functions and strings.
-    let report = load(&config(
-        &fixture("librdb/test__dumps__function2.rdb"),
-        &target,
-    ))
-    .await
-    .unwrap();
+    let functions = built(dir, "function2.rdb", 12, |d| {
+        d.function("#!lua name=mylib\nredis.register_function('myfunc', function(keys, args) return args[1] end)");
+        d.function("#!lua name=mylib2\nredis.register_function('myfunc2', function(keys, args) return 2 end)");
+        for i in 90..100 {
+            d.string(
+                &format!("key_{i}"),
+                format!("value_{i}").as_bytes(),
+                StrForm::Plain,
+            );
+        }
+    });
+    let report = load(&config(&functions, &target)).await.unwrap();
     check_clean(&report);
     assert_eq!(report.stats.functions, 2);
     assert_eq!(report.stats.keys_loaded(), 10);
@@ -580,12 +608,18 @@ async fn newer_fixtures_load_into_7_0_by_rebuild() {
     assert!(libs.contains("mylib2") && libs.contains("mylib"), "{libs}");
 
     // Empty collections are skipped, as Redis does.
-    let report = load(&config(
-        &fixture("redis/tests__assets__corrupt_empty_keys.rdb"),
-        &target,
-    ))
-    .await
-    .unwrap();
+    let empty = built(dir, "empty_keys.rdb", 10, |d| {
+        d.set_plain("set", &[]);
+        d.list_quicklist("list_quicklist", &[]);
+        d.list_quicklist("list_quicklist_empty_ziplist", &[(vec![], false)]);
+        d.list_ziplist("list_ziplist", &[], StrForm::Plain);
+        d.hash_plain("hash", &[]);
+        d.hash_compact("hash_ziplist", false, &[]);
+        d.zset_text("zset", &[]);
+        d.zset_compact("zset_ziplist", false, &[]);
+        d.zset_compact("zset_listpack", true, &[]);
+    });
+    let report = load(&config(&empty, &target)).await.unwrap();
     check_clean(&report);
     assert_eq!(report.stats.empty_skipped, 9, "{report}");
     assert_eq!(report.stats.keys_loaded(), 0);
@@ -594,17 +628,30 @@ async fn newer_fixtures_load_into_7_0_by_rebuild() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parse_error_mid_file_reports_keys_loaded() {
     let target = RedisServer::start(&[]);
-    let report = load(&config(
-        &fixture("redis/tests__assets__corrupt_ziplist.rdb"),
-        &target,
-    ))
-    .await
-    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let corrupt = built(dir.path(), "corrupt.rdb", 7, |d| {
+        for i in 0..20 {
+            d.string(&format!("good:{i}"), b"v", StrForm::Plain);
+        }
+        let mut zl = ferry::redis::rdb::encoding::ziplist::encode(&[
+            ferry::redis::rdb::encoding::Element::Str(bytes::Bytes::from_static(b"abc")),
+        ]);
+        zl[11] = 40; // the first entry runs past the end of the blob
+        d.custom(
+            "bad",
+            TYPE_LIST_ZIPLIST,
+            rdb_support::Value::List(vec![]),
+            |w| {
+                w.string(&zl);
+            },
+        );
+    });
+    let report = load(&config(&corrupt, &target)).await.unwrap();
     let failed = report
         .parse_error
         .as_ref()
         .expect("the corrupt ziplist is refused");
-    assert!(failed.keys_loaded > 0);
+    assert_eq!(failed.keys_loaded, 20);
     let text = failed.to_string();
     assert!(text.contains("at byte"), "{text}");
     assert!(

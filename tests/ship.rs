@@ -125,10 +125,7 @@ fn last_id(wal: &Wal) -> LogId {
 
 fn drainer_config() -> DrainerServiceConfig {
     DrainerServiceConfig {
-        listeners: vec![AllowedListener {
-            id: LISTENER.into(),
-            secret: SECRET.into(),
-        }],
+        listeners: vec![AllowedListener::new(LISTENER, SECRET)],
         ..DrainerServiceConfig::default()
     }
 }

@@ -3,7 +3,9 @@
 //!
 //! In: the `[apply]` section of a drainer config (serde, kebab-case, unknown
 //! fields rejected). Out: a checked config from [`ApplyConfig::validate`],
-//! whose error names the offending field.
+//! whose error names the offending field. The target's password is in its
+//! URL, or in a file or an environment variable ([`crate::secret`]);
+//! `Debug` and `Serialize` show it as `***`.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -14,6 +16,7 @@ use super::keyspace::{FilterConfig, OwnedKeyspace};
 use crate::config_units::{ByteSize, HumanDuration};
 use crate::position::PartitionId;
 use crate::redis::url::RedisUrl;
+use crate::secret::{PasswordSource, SecretUrl};
 use crate::wal::{DownstreamId, MAX_DOWNSTREAM_ID_LEN};
 
 /// Longest drainer id (it is part of the checkpoint key).
@@ -43,10 +46,19 @@ pub struct ApplyConfig {
     /// drainers writing to one target must have different ids. Default:
     /// `"drainer"`.
     pub drainer_id: String,
-    /// The target Redis, `redis://[[user]:password@]host[:port]`. No db in
+    /// The target Redis, `redis://[user[:password]@]host[:port]`. No db in
     /// the URL: every record carries the db it was written in. Default:
     /// `"redis://127.0.0.1:6379"`.
-    pub target: String,
+    pub target: SecretUrl,
+    /// A file holding the target's password (its content, one trailing
+    /// newline dropped), instead of writing it in `target`. Default: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_password_file: Option<PathBuf>,
+    /// The name of an environment variable holding the target's password.
+    /// At most one of a password in `target`, `target-password-file` and
+    /// `target-password-env`. Default: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_password_env: Option<String>,
     /// The partition of the WAL to apply. Default: `0`.
     pub partition: u32,
     /// The applier's name as a downstream of the drainer's WAL: entries are
@@ -191,7 +203,9 @@ impl Default for ApplyConfig {
     fn default() -> Self {
         ApplyConfig {
             drainer_id: "drainer".to_string(),
-            target: "redis://127.0.0.1:6379".to_string(),
+            target: SecretUrl::from("redis://127.0.0.1:6379"),
+            target_password_file: None,
+            target_password_env: None,
             partition: 0,
             wal_downstream: None,
             retain_applied: HumanDuration(Duration::from_secs(5)),
@@ -267,9 +281,22 @@ impl ApplyConfig {
         })
     }
 
-    /// The parsed target address.
+    /// Where the target's password comes from, besides its URL.
+    pub fn password_source(&self) -> PasswordSource {
+        PasswordSource::from_keys(
+            "target-password",
+            self.target_password_file.as_deref(),
+            self.target_password_env.as_deref(),
+        )
+    }
+
+    /// The parsed target address, with its password read from its file or
+    /// variable.
     pub fn target_url(&self) -> Result<RedisUrl, ApplyConfigError> {
-        let url = RedisUrl::parse(&self.target).map_err(|e| bad("target", e.to_string()))?;
+        let url = self
+            .target
+            .parse_with(&self.password_source())
+            .map_err(|e| bad("target", e.to_string()))?;
         if url.db != 0 {
             return Err(bad(
                 "target",

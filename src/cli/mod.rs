@@ -35,6 +35,8 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use crate::secret::{url_from_flags, SecretUrl};
+
 /// ferry: durable cross-cluster replication relay.
 #[derive(Debug, Parser)]
 #[command(name = "ferry", version, about)]
@@ -108,9 +110,14 @@ pub enum RdbCommand {
     /// Take an RDB snapshot of a live Redis the way a replica does
     /// (PSYNC), verify it, and write it to FILE.
     Fetch {
-        /// The server to snapshot: `redis://[user:pass@]host:port`.
+        /// The server to snapshot: `redis://[user[:password]@]host:port`
+        /// (a password here shows in `ps`: prefer --source-password-file or
+        /// FERRY_SOURCE_PASSWORD).
         #[arg(long)]
-        source: String,
+        source: SecretUrl,
+        /// A file holding the source's password.
+        #[arg(long, value_name = "FILE")]
+        source_password_file: Option<PathBuf>,
         /// Where to write the RDB (written to FILE.partial, renamed when verified).
         file: PathBuf,
     },
@@ -118,9 +125,14 @@ pub enum RdbCommand {
     Load {
         /// The RDB file.
         file: PathBuf,
-        /// The server to load into: `redis://[user:pass@]host:port`.
+        /// The server to load into: `redis://[user[:password]@]host:port`
+        /// (a password here shows in `ps`: prefer --target-password-file or
+        /// FERRY_TARGET_PASSWORD).
         #[arg(long)]
-        target: String,
+        target: SecretUrl,
+        /// A file holding the target's password.
+        #[arg(long, value_name = "FILE")]
+        target_password_file: Option<PathBuf>,
         /// Overwrite keys that already exist (RESTORE … REPLACE, DEL before
         /// a rebuild). Without it a RESTORE of an existing key fails and a
         /// rebuilt key merges into the existing one.
@@ -155,6 +167,8 @@ pub enum CliError {
     Fetch(#[from] fetch::FetchError),
     #[error(transparent)]
     Url(#[from] crate::redis::url::UrlError),
+    #[error(transparent)]
+    Password(#[from] crate::secret::FlagUrlError),
     #[error("cannot start the async runtime: {0}")]
     Runtime(#[source] std::io::Error),
     #[error(transparent)]
@@ -208,8 +222,12 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 rdb::dump_to_stdout(&file, opts)?;
                 Ok(())
             }
-            RdbCommand::Fetch { source, file } => {
-                let source = crate::redis::url::RedisUrl::parse(&source)?;
+            RdbCommand::Fetch {
+                source,
+                source_password_file,
+                file,
+            } => {
+                let source = url_from_flags("source", &source, source_password_file.as_deref())?;
                 let report = runtime()?.block_on(fetch::fetch(&source, &file))?;
                 println!("{report}");
                 Ok(())
@@ -217,13 +235,13 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             RdbCommand::Load {
                 file,
                 target,
+                target_password_file,
                 replace,
                 restore_max_bytes,
                 pipeline,
                 chunk_items,
             } => {
-                let target =
-                    crate::redis::url::RedisUrl::parse(&target).map_err(rdb::LoadError::from)?;
+                let target = url_from_flags("target", &target, target_password_file.as_deref())?;
                 let mut config = rdb::LoadConfig::new(file, target);
                 config.replace = replace;
                 config.restore_max_bytes = restore_max_bytes;
@@ -307,5 +325,61 @@ mod tests {
         }
         assert!(Cli::try_parse_from(["ferry", "rdb", "load", "x.rdb"]).is_err());
         assert!(Cli::try_parse_from(["ferry", "rdb", "dump", "x.rdb", "--format", "xml"]).is_err());
+    }
+
+    #[test]
+    fn debug_of_arguments_hides_passwords() {
+        let argvs: [&[&str]; 5] = [
+            &[
+                "ferry",
+                "sync",
+                "--source",
+                "redis://:hunter2@h:1",
+                "--target",
+                "redis://app:hunter2@h:2",
+                "--data-dir",
+                "d",
+            ],
+            &[
+                "ferry",
+                "rdb",
+                "fetch",
+                "--source",
+                "redis://:hunter2@h:1",
+                "f",
+            ],
+            &[
+                "ferry",
+                "rdb",
+                "load",
+                "f",
+                "--target",
+                "redis://:hunter2@h:1",
+            ],
+            &[
+                "ferry",
+                "verify",
+                "--source",
+                "redis://:hunter2@h:1",
+                "--target",
+                "redis://app:hunter2@h:2",
+            ],
+            &[
+                "ferry",
+                "precheck",
+                "--source",
+                "redis://:hunter2@h:1",
+                "--target",
+                "redis://app:hunter2@h:2",
+            ],
+        ];
+        for argv in argvs {
+            let cli = Cli::try_parse_from(argv).unwrap();
+            let shown = format!("{cli:?}");
+            assert!(
+                !shown.contains("hunter2") && shown.contains("***"),
+                "{shown}"
+            );
+        }
     }
 }

@@ -15,6 +15,7 @@ use crate::node::{
     self, DrainerNodeConfig, ListenerNodeConfig, NodeConfigError, NodeError, SyncConfig,
     SyncOverrides,
 };
+use crate::secret::SecretUrl;
 
 /// Why a daemon verb failed.
 #[derive(Debug, thiserror::Error)]
@@ -30,13 +31,23 @@ pub enum NodeCommandError {
 /// `ferry sync` flags.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SyncArgs {
-    /// The source Redis: `redis://[user:pass@]host:port`.
+    /// The source Redis: `redis://[user[:password]@]host:port`. A password
+    /// here is visible in `ps`: prefer --source-password-file or the
+    /// FERRY_SOURCE_PASSWORD environment variable.
     #[arg(long)]
-    pub source: Option<String>,
-    /// The target Redis: `redis://[user:pass@]host:port`.
+    pub source: Option<SecretUrl>,
+    /// The target Redis: `redis://[user[:password]@]host:port` (see
+    /// --target-password-file, FERRY_TARGET_PASSWORD).
     #[arg(long)]
-    pub target: Option<String>,
-    /// Where the WALs and state files live (created if missing).
+    pub target: Option<SecretUrl>,
+    /// A file holding the source's password (one trailing newline dropped).
+    #[arg(long, value_name = "FILE")]
+    pub source_password_file: Option<PathBuf>,
+    /// A file holding the target's password (one trailing newline dropped).
+    #[arg(long, value_name = "FILE")]
+    pub target_password_file: Option<PathBuf>,
+    /// Where the WALs and state files live (created with mode 0700 if
+    /// missing).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
     /// Address of the admin API (`ferry status`); `127.0.0.1:0` picks a
@@ -100,6 +111,8 @@ pub fn sync(args: SyncArgs) -> Result<(), NodeCommandError> {
         SyncOverrides {
             source: args.source,
             target: args.target,
+            source_password_file: args.source_password_file,
+            target_password_file: args.target_password_file,
             data_dir: args.data_dir,
             admin: args.admin,
             id: args.id,

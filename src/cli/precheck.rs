@@ -2,6 +2,7 @@
 //! [`crate::precheck`] as a PASS / WARN / FAIL table (or JSON); exit code 1
 //! when any check FAILs.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
@@ -9,17 +10,26 @@ use clap::Args;
 use crate::apply::{ExistingData, FilterConfig};
 use crate::config_units::HumanDuration;
 use crate::precheck::{self, PrecheckConfig, Report};
-use crate::redis::url::{RedisUrl, UrlError};
+use crate::secret::{url_from_flags, FlagUrlError, SecretUrl};
 
 /// `ferry precheck` flags.
 #[derive(Debug, Clone, Args)]
 pub struct PrecheckArgs {
-    /// The source Redis: `redis://[user:pass@]host:port`.
+    /// The source Redis: `redis://[user[:password]@]host:port` (a password
+    /// here shows in `ps`: prefer --source-password-file or
+    /// FERRY_SOURCE_PASSWORD).
     #[arg(long)]
-    pub source: String,
-    /// The target Redis: `redis://[user:pass@]host:port`.
+    pub source: SecretUrl,
+    /// The target Redis: `redis://[user[:password]@]host:port` (see
+    /// --target-password-file, FERRY_TARGET_PASSWORD).
     #[arg(long)]
-    pub target: String,
+    pub target: SecretUrl,
+    /// A file holding the source's password.
+    #[arg(long, value_name = "FILE")]
+    pub source_password_file: Option<PathBuf>,
+    /// A file holding the target's password.
+    #[arg(long, value_name = "FILE")]
+    pub target_password_file: Option<PathBuf>,
     /// The dbs the sync will own on the target, e.g. `0,5` (default: every
     /// db).
     #[arg(long, value_delimiter = ',')]
@@ -46,7 +56,7 @@ pub struct PrecheckArgs {
 #[derive(Debug, thiserror::Error)]
 pub enum PrecheckCommandError {
     #[error(transparent)]
-    Url(#[from] UrlError),
+    Url(#[from] FlagUrlError),
     #[error("invalid --dbs: {0}")]
     Dbs(String),
     #[error("cannot start the async runtime: {0}")]
@@ -59,8 +69,16 @@ pub enum PrecheckCommandError {
 /// Runs the checks and prints the report.
 pub fn precheck(args: &PrecheckArgs) -> Result<(), PrecheckCommandError> {
     let mut cfg = PrecheckConfig::new(
-        Some(RedisUrl::parse(&args.source)?),
-        Some(RedisUrl::parse(&args.target)?),
+        Some(url_from_flags(
+            "source",
+            &args.source,
+            args.source_password_file.as_deref(),
+        )?),
+        Some(url_from_flags(
+            "target",
+            &args.target,
+            args.target_password_file.as_deref(),
+        )?),
     );
     cfg.keyspace = FilterConfig {
         dbs: args.dbs.clone(),

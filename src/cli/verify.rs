@@ -15,20 +15,31 @@ use std::time::Duration;
 use bytes::Bytes;
 use clap::Args;
 
+use std::path::PathBuf;
+
 use crate::apply::expire::DEFAULT_EXPIRE_GRACE;
 use crate::config_units::HumanDuration;
-use crate::redis::url::{RedisUrl, UrlError};
+use crate::secret::{url_from_flags, FlagUrlError, SecretUrl};
 use crate::verify::{self, Mode, VerifyConfig, VerifyError};
 
 /// `ferry verify` arguments.
 #[derive(Debug, Clone, Args)]
 pub struct VerifyArgs {
-    /// The reference server: `redis://[user:pass@]host:port`.
+    /// The reference server: `redis://[user[:password]@]host:port` (a
+    /// password here shows in `ps`: prefer --source-password-file or
+    /// FERRY_SOURCE_PASSWORD).
     #[arg(long)]
-    pub source: String,
-    /// The server checked against it.
+    pub source: SecretUrl,
+    /// The server checked against it (see --target-password-file,
+    /// FERRY_TARGET_PASSWORD).
     #[arg(long)]
-    pub target: String,
+    pub target: SecretUrl,
+    /// A file holding the source's password.
+    #[arg(long, value_name = "FILE")]
+    pub source_password_file: Option<PathBuf>,
+    /// A file holding the target's password.
+    #[arg(long, value_name = "FILE")]
+    pub target_password_file: Option<PathBuf>,
     /// A db to compare (repeatable) [default: every db holding keys on either side].
     #[arg(long = "db", value_name = "N")]
     pub dbs: Vec<u32>,
@@ -67,10 +78,10 @@ pub struct VerifyArgs {
 }
 
 impl VerifyArgs {
-    pub fn config(&self) -> Result<VerifyConfig, UrlError> {
+    pub fn config(&self) -> Result<VerifyConfig, FlagUrlError> {
         let mut config = VerifyConfig::new(
-            RedisUrl::parse(&self.source)?,
-            RedisUrl::parse(&self.target)?,
+            url_from_flags("source", &self.source, self.source_password_file.as_deref())?,
+            url_from_flags("target", &self.target, self.target_password_file.as_deref())?,
         );
         config.dbs = self.dbs.clone();
         config.pattern = self.pattern.clone().map(Bytes::from);
@@ -92,7 +103,7 @@ pub enum VerifyCommandError {
     #[error("{keys} keys differ between the source and the target after the last pass")]
     Differences { keys: u64 },
     #[error(transparent)]
-    Url(#[from] UrlError),
+    Url(#[from] FlagUrlError),
     #[error(transparent)]
     Verify(#[from] VerifyError),
     #[error("cannot write to stdout: {0}")]

@@ -3,8 +3,11 @@
 //!
 //! In: the `[listener]` section of a config file (serde, kebab-case, unknown
 //! fields rejected). Out: a [`CheckedListenerConfig`] from
-//! [`ListenerConfig::validate`], whose error names the offending field.
+//! [`ListenerConfig::validate`], whose error names the offending field. The
+//! source's password is in its URL, or in a file or an environment variable
+//! ([`crate::secret`]); `Debug` and `Serialize` show it as `***`.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -13,6 +16,7 @@ use crate::config_units::{ByteSize, HumanDuration};
 use crate::position::PartitionId;
 use crate::redis::psync::ReplicaConfig;
 use crate::redis::url::RedisUrl;
+use crate::secret::{PasswordSource, SecretUrl};
 use crate::wal::MAX_PAYLOAD_LEN;
 
 /// Longest listener id (it is part of the heartbeat key).
@@ -43,8 +47,17 @@ pub struct ListenerConfig {
     /// Name of this listener, 1 to 64 bytes of `[A-Za-z0-9._:-]`; the
     /// heartbeat key is `__ferry:heartbeat:<id>`. Default: `"listener"`.
     pub id: String,
-    /// The source Redis, `redis://[user:password@]host:port`. Required.
-    pub source: String,
+    /// The source Redis, `redis://[user[:password]@]host:port`. Required.
+    pub source: SecretUrl,
+    /// A file holding the source's password (its content, one trailing
+    /// newline dropped), instead of writing it in `source`. Default: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_password_file: Option<PathBuf>,
+    /// The name of an environment variable holding the source's password.
+    /// At most one of a password in `source`, `source-password-file` and
+    /// `source-password-env`. Default: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_password_env: Option<String>,
     /// The WAL partition this source is stored in (a standalone Redis is
     /// partition 0). Default: `0`.
     pub partition: u32,
@@ -113,7 +126,9 @@ impl Default for ListenerConfig {
     fn default() -> Self {
         ListenerConfig {
             id: "listener".into(),
-            source: String::new(),
+            source: SecretUrl::default(),
+            source_password_file: None,
+            source_password_env: None,
             partition: 0,
             heartbeat_interval: HumanDuration(Duration::from_secs(1)),
             batch_max_entries: 16384,
@@ -170,12 +185,22 @@ impl ListenerConfig {
     /// A default config for `source`.
     pub fn for_source(source: impl Into<String>) -> ListenerConfig {
         ListenerConfig {
-            source: source.into(),
+            source: SecretUrl::new(source),
             ..ListenerConfig::default()
         }
     }
 
-    /// Checks every value and builds the checked config.
+    /// Where the source's password comes from, besides its URL.
+    pub fn password_source(&self) -> PasswordSource {
+        PasswordSource::from_keys(
+            "source-password",
+            self.source_password_file.as_deref(),
+            self.source_password_env.as_deref(),
+        )
+    }
+
+    /// Checks every value and builds the checked config (reading the
+    /// source's password from its file or variable).
     pub fn validate(&self) -> Result<CheckedListenerConfig, ListenerConfigError> {
         let valid_char =
             |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-');
@@ -194,7 +219,10 @@ impl ListenerConfig {
         if self.source.is_empty() {
             return Err(bad("source", "is required (redis://host:port)"));
         }
-        let source = RedisUrl::parse(&self.source).map_err(|e| bad("source", e.to_string()))?;
+        let source = self
+            .source
+            .parse_with(&self.password_source())
+            .map_err(|e| bad("source", e.to_string()))?;
         if self.batch_max_entries == 0 {
             return Err(bad("batch-max-entries", "must be at least 1"));
         }
@@ -348,7 +376,7 @@ mod tests {
         let cases: Vec<(ListenerConfig, &str)> = vec![
             (
                 ListenerConfig {
-                    source: String::new(),
+                    source: SecretUrl::default(),
                     ..base.clone()
                 },
                 "source",

@@ -13,6 +13,14 @@
 //! `stopped-syncs` (shippers stopped by `ferry stop-sync`) and, on a
 //! drainer, `dead-letter/` (entries skipped by `ferry skip` or `on-refused
 //! = "skip-and-record"`) unless `[apply] dead-letter-dir` says otherwise.
+//!
+//! Secrets (passwords in the source and target URLs, the listener ↔
+//! drainer `secret`) may be written inline or come from a file or an
+//! environment variable (`*-file`, `*-env` keys; see [`crate::secret`]);
+//! they are read when the config is loaded, given twice they are refused,
+//! and `Debug`/`Serialize` of every config show them as `***`. A TOML error
+//! names the file, the line, the column and the key, and never quotes the
+//! file's text (whose bad line may hold a secret).
 
 use std::path::{Path, PathBuf};
 
@@ -20,6 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::apply::{ApplyConfig, ExistingData, FilterConfig};
 use crate::listener::ListenerConfig;
+use crate::secret::{PasswordSource, Secret, SecretUrl, SOURCE_PASSWORD_ENV, TARGET_PASSWORD_ENV};
 use crate::ship::{AllowedListener, DrainerServiceConfig, ShipperConfig};
 use crate::wal::WalConfig;
 
@@ -55,8 +64,17 @@ pub struct DrainerPeer {
     /// `http://host:port` of the drainer's ship endpoint.
     pub endpoint: String,
     /// The secret this drainer expects from this listener (at least 8
-    /// bytes).
-    pub secret: String,
+    /// bytes). Give it here, or in `secret-file` or `secret-env`.
+    #[serde(default)]
+    pub secret: Secret,
+    /// A file holding the secret (one trailing newline dropped), read when
+    /// the config is loaded. Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_file: Option<PathBuf>,
+    /// The name of an environment variable holding the secret. Default:
+    /// none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_env: Option<String>,
 }
 
 /// `ferry listener --config FILE`.
@@ -104,8 +122,22 @@ pub struct DrainerNodeConfig {
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct SyncFileConfig {
-    pub source: Option<String>,
-    pub target: Option<String>,
+    pub source: Option<SecretUrl>,
+    /// A file holding the source's password (instead of writing it in
+    /// `source`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_password_file: Option<PathBuf>,
+    /// An environment variable holding the source's password.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_password_env: Option<String>,
+    pub target: Option<SecretUrl>,
+    /// A file holding the target's password (instead of writing it in
+    /// `target`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_password_file: Option<PathBuf>,
+    /// An environment variable holding the target's password.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_password_env: Option<String>,
     pub data_dir: Option<PathBuf>,
     pub admin: Option<String>,
     /// Name of this sync: the listener id, the drainer id and so the
@@ -142,8 +174,12 @@ pub struct SyncConfig {
 /// `ferry sync` command-line values that override the file.
 #[derive(Debug, Clone, Default)]
 pub struct SyncOverrides {
-    pub source: Option<String>,
-    pub target: Option<String>,
+    pub source: Option<SecretUrl>,
+    pub target: Option<SecretUrl>,
+    /// `--source-password-file`.
+    pub source_password_file: Option<PathBuf>,
+    /// `--target-password-file`.
+    pub target_password_file: Option<PathBuf>,
     pub data_dir: Option<PathBuf>,
     pub admin: Option<String>,
     pub id: Option<String>,
@@ -168,9 +204,133 @@ fn read(path: &Path) -> Result<String, NodeConfigError> {
 fn parse<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T, NodeConfigError> {
     toml::from_str(text).map_err(|error| NodeConfigError::Parse {
         path: path.to_path_buf(),
-        // toml's message names the key, the line and the column.
-        message: error.to_string().trim_end().to_string(),
+        message: toml_error_message(text, &error),
     })
+}
+
+/// A TOML error as one line: where (line, column), the key, what is wrong.
+/// toml's own rendering quotes the offending line of the file, which may
+/// hold a secret or a password; this never quotes the file, and masks in
+/// toml's message (serde's "invalid type: integer `…`") every secret value
+/// the file holds.
+fn toml_error_message(text: &str, error: &toml::de::Error) -> String {
+    // Without its input, toml renders the message and "in `key.path`" only.
+    let mut bare = error.clone();
+    bare.set_input(None);
+    let rendered = bare.to_string();
+    let mut lines = rendered.lines();
+    let mut message = lines.next().unwrap_or("invalid TOML").trim().to_string();
+    let mut key = lines
+        .find_map(|l| l.strip_prefix("in `").and_then(|k| k.strip_suffix('`')))
+        .map(str::to_string);
+    for secret in secret_values(text) {
+        message = message.replace(&secret, crate::secret::REDACTED);
+    }
+    let mut out = String::new();
+    if let Some(span) = error.span() {
+        let before = &text.as_bytes()[..span.start.min(text.len())];
+        let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+        let line_start = before
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |i| i + 1);
+        let column = String::from_utf8_lossy(&before[line_start..])
+            .chars()
+            .count()
+            + 1;
+        out.push_str(&format!("line {line}, column {column}"));
+        if key.is_none() {
+            key = key_at_line(text, line);
+        }
+    }
+    if let Some(key) = key {
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.push_str(&format!("(key {key})"));
+    }
+    if out.is_empty() {
+        message
+    } else {
+        format!("{out}: {message}")
+    }
+}
+
+/// Whether a key holds a secret value itself (not a `*-file` path or a
+/// `*-env` variable name).
+fn is_secret_key(key: &str) -> bool {
+    let key = key
+        .trim()
+        .trim_matches(|c| c == '"' || c == '\'')
+        .to_ascii_lowercase();
+    (key.contains("secret") || key.contains("password"))
+        && !key.ends_with("-file")
+        && !key.ends_with("-env")
+}
+
+/// The secret values written in `text`: values of secret keys, and the
+/// passwords of URLs (`scheme://user:password@…`), found line by line
+/// whether or not the file parses.
+fn secret_values(text: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for line in text.lines() {
+        if let Some((key, value)) = line.split_once('=') {
+            if is_secret_key(key) {
+                let value = value.trim();
+                let token = match value.chars().next() {
+                    Some(q @ ('"' | '\'')) => value[1..].split(q).next().unwrap_or(""),
+                    _ => value
+                        .split(|c: char| c.is_whitespace() || c == '#')
+                        .next()
+                        .unwrap_or(""),
+                };
+                if !token.is_empty() {
+                    found.push(token.to_string());
+                }
+            }
+        }
+        let mut rest = line;
+        while let Some(at) = rest.find("://") {
+            rest = &rest[at + 3..];
+            let authority = rest
+                .split(|c: char| c == '/' || c == '"' || c == '\'' || c.is_whitespace())
+                .next()
+                .unwrap_or("");
+            if let Some((userinfo, _)) = authority.rsplit_once('@') {
+                if let Some((_, password)) = userinfo.split_once(':') {
+                    if !password.is_empty() {
+                        found.push(password.to_string());
+                    }
+                }
+            }
+        }
+    }
+    // Longest first, so that a secret containing another is masked whole.
+    found.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    found
+}
+
+/// The key written on line `line` (1-based) of `text`, with the table it is
+/// in: `drainers.secret`, `listener.source`.
+fn key_at_line(text: &str, line: usize) -> Option<String> {
+    let lines: Vec<&str> = text.lines().collect();
+    let here = lines.get(line.checked_sub(1)?)?.trim();
+    let table = lines[..line - 1]
+        .iter()
+        .rev()
+        .map(|l| l.trim())
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    let key = here
+        .split_once('=')
+        .map(|(k, _)| k.trim().to_string())
+        .filter(|k| !k.is_empty() && !k.starts_with('#'));
+    match (table, key) {
+        (Some(table), Some(key)) => Some(format!("{table}.{key}")),
+        (None, Some(key)) => Some(key),
+        (Some(table), None) if here.starts_with('[') => Some(table),
+        _ => None,
+    }
 }
 
 fn invalid(path: &Path, field: impl Into<String>, reason: impl Into<String>) -> NodeConfigError {
@@ -239,6 +399,15 @@ impl ListenerNodeConfig {
         if cfg.drainers.is_empty() {
             return Err(invalid(path, "drainers", "name at least one [[drainers]]"));
         }
+        for (index, peer) in cfg.drainers.iter_mut().enumerate() {
+            PasswordSource::from_keys(
+                "secret",
+                peer.secret_file.as_deref(),
+                peer.secret_env.as_deref(),
+            )
+            .resolve_into(&mut peer.secret, "secret")
+            .map_err(|e| invalid(path, format!("drainers[{index}].secret"), e.to_string()))?;
+        }
         for (index, peer) in cfg.drainers.iter().enumerate() {
             check_peer(path, index, peer)?;
             if cfg.drainers[..index].iter().any(|p| p.id == peer.id) {
@@ -266,6 +435,13 @@ fn check_peer(path: &Path, index: usize, peer: &DrainerPeer) -> Result<(), NodeC
             path,
             format!("drainers[{index}].endpoint"),
             format!("{:?} must look like http://host:port", peer.endpoint),
+        ));
+    }
+    if peer.secret.is_empty() {
+        return Err(invalid(
+            path,
+            format!("drainers[{index}].secret"),
+            "is required: give secret, secret-file or secret-env",
         ));
     }
     if peer.secret.len() < 8 {
@@ -300,6 +476,23 @@ impl DrainerNodeConfig {
                 "drainer.listeners",
                 "name at least one [[drainer.listeners]] allowed to ship here",
             ));
+        }
+        for (index, allowed) in cfg.drainer.listeners.iter_mut().enumerate() {
+            let field = format!("drainer.listeners[{index}].secret");
+            PasswordSource::from_keys(
+                "secret",
+                allowed.secret_file.as_deref(),
+                allowed.secret_env.as_deref(),
+            )
+            .resolve_into(&mut allowed.secret, "secret")
+            .map_err(|e| invalid(path, field.clone(), e.to_string()))?;
+            if allowed.secret.is_empty() {
+                return Err(invalid(
+                    path,
+                    field,
+                    "is required: give secret, secret-file or secret-env",
+                ));
+            }
         }
         cfg.drainer = cfg
             .drainer
@@ -345,6 +538,35 @@ impl SyncConfig {
         let mut listener = file_cfg.listener.unwrap_or_default();
         listener.source = source;
         listener.id = id.clone();
+        let (file, env) = one_password_source(
+            path,
+            "source",
+            [
+                (
+                    "source-password-file",
+                    file_cfg.source_password_file.map(PasswordRef::File),
+                ),
+                (
+                    "source-password-env",
+                    file_cfg.source_password_env.map(PasswordRef::Env),
+                ),
+                (
+                    "listener.source-password-file",
+                    listener.source_password_file.take().map(PasswordRef::File),
+                ),
+                (
+                    "listener.source-password-env",
+                    listener.source_password_env.take().map(PasswordRef::Env),
+                ),
+                (
+                    "--source-password-file",
+                    flags.source_password_file.map(PasswordRef::File),
+                ),
+                (SOURCE_PASSWORD_ENV, implicit_env(SOURCE_PASSWORD_ENV)),
+            ],
+        )?;
+        listener.source_password_file = file;
+        listener.source_password_env = env;
         let listener_checked = listener
             .validate()
             .map_err(|e| invalid(path, format!("listener.{}", e.field), e.reason))?;
@@ -380,6 +602,35 @@ impl SyncConfig {
         if let Some(existing_data) = flags.existing_data {
             apply.existing_data = existing_data;
         }
+        let (file, env) = one_password_source(
+            path,
+            "target",
+            [
+                (
+                    "target-password-file",
+                    file_cfg.target_password_file.map(PasswordRef::File),
+                ),
+                (
+                    "target-password-env",
+                    file_cfg.target_password_env.map(PasswordRef::Env),
+                ),
+                (
+                    "apply.target-password-file",
+                    apply.target_password_file.take().map(PasswordRef::File),
+                ),
+                (
+                    "apply.target-password-env",
+                    apply.target_password_env.take().map(PasswordRef::Env),
+                ),
+                (
+                    "--target-password-file",
+                    flags.target_password_file.map(PasswordRef::File),
+                ),
+                (TARGET_PASSWORD_ENV, implicit_env(TARGET_PASSWORD_ENV)),
+            ],
+        )?;
+        apply.target_password_file = file;
+        apply.target_password_env = env;
         let apply = dead_letter_in(apply, &data_dir)
             .validate()
             .map_err(|e| invalid(path, e.path(), e.reason))?;
@@ -399,12 +650,48 @@ impl SyncConfig {
     }
 }
 
+/// One place a `ferry sync` password may come from besides the URL.
+enum PasswordRef {
+    File(PathBuf),
+    Env(String),
+}
+
+/// `Some(Env(name))` when the variable `name` is set (the command-line
+/// verbs read `FERRY_SOURCE_PASSWORD` / `FERRY_TARGET_PASSWORD` when set).
+fn implicit_env(name: &str) -> Option<PasswordRef> {
+    std::env::var_os(name).map(|_| PasswordRef::Env(name.to_string()))
+}
+
+/// The one file or variable the `what` password comes from, among the
+/// places `ferry sync` accepts (config keys, flag, implicit variable); two
+/// of them are refused, naming both.
+fn one_password_source<const N: usize>(
+    path: &Path,
+    what: &str,
+    places: [(&str, Option<PasswordRef>); N],
+) -> Result<(Option<PathBuf>, Option<String>), NodeConfigError> {
+    let mut given = places
+        .into_iter()
+        .filter_map(|(name, p)| p.map(|p| (name, p)));
+    let Some((first, place)) = given.next() else {
+        return Ok((None, None));
+    };
+    if let Some((second, _)) = given.next() {
+        return Err(invalid(
+            path,
+            what,
+            format!("its password is given by {first} and by {second}; give it once"),
+        ));
+    }
+    Ok(match place {
+        PasswordRef::File(file) => (Some(file), None),
+        PasswordRef::Env(name) => (None, Some(name)),
+    })
+}
+
 /// Convenience for tests and docs: the allowed-listener entry of a peer.
 pub fn allowed(id: &str, secret: &str) -> AllowedListener {
-    AllowedListener {
-        id: id.to_string(),
-        secret: secret.to_string(),
-    }
+    AllowedListener::new(id, secret)
 }
 
 #[cfg(test)]
@@ -515,5 +802,277 @@ secret = "12345678"
             bad_target.to_string().contains("apply.target"),
             "{bad_target}"
         );
+    }
+
+    const SECRET: &str = "hunter2-s3cret-value";
+    const PASSWORD: &str = "pa55-w0rd-XYZ";
+
+    /// A listener config whose source URL holds a password and whose
+    /// drainer secret is inline, with `bad` put on line `line` (replacing
+    /// it).
+    fn broken_listener(line: usize, bad: &str) -> String {
+        let good = format!(
+            "data-dir = \"d\"\n\
+             [listener]\n\
+             source = \"redis://app:{PASSWORD}@127.0.0.1:1\"\n\
+             partition = 0\n\
+             [[drainers]]\n\
+             id = \"a\"\n\
+             endpoint = \"http://127.0.0.1:2\"\n\
+             secret = \"{SECRET}\"\n"
+        );
+        let mut lines: Vec<String> = good.lines().map(str::to_string).collect();
+        lines[line - 1] = bad.to_string();
+        lines.join("\n") + "\n"
+    }
+
+    #[test]
+    fn toml_errors_never_quote_a_secret_or_a_password() {
+        let cases = [
+            // A syntax error on the secret's line.
+            (
+                8,
+                format!("secret = \"{SECRET}\" trailing"),
+                "drainers.secret",
+            ),
+            // The secret unquoted.
+            (8, format!("secret = {SECRET}"), "drainers.secret"),
+            // A number where a string goes: serde quotes the value.
+            (8, "secret = 987654321987".to_string(), "drainers.secret"),
+            // A syntax error on the URL's line.
+            (
+                3,
+                format!("source = \"redis://app:{PASSWORD}@127.0.0.1:1\" ,"),
+                "listener.source",
+            ),
+            // A type error on the URL's line.
+            (
+                3,
+                format!("source = [\"redis://app:{PASSWORD}@h:1\"]"),
+                "listener.source",
+            ),
+            // An error elsewhere, in a file that holds both.
+            (4, "partition = \"zero\"".to_string(), "listener.partition"),
+        ];
+        for (line, bad, key) in cases {
+            let text = broken_listener(line, &bad);
+            let error = listener_error(&text);
+            for secret in [SECRET, PASSWORD, "987654321987", "trailing"] {
+                assert!(!error.contains(secret), "{secret:?} quoted in: {error}");
+            }
+            assert!(error.contains("l.toml"), "{error}");
+            assert!(error.contains(&format!("line {line}, column ")), "{error}");
+            assert!(error.contains(key), "{key} not named in: {error}");
+            assert!(!error.contains('\n'), "one line: {error}");
+        }
+        // The same for a drainer config's target URL and listener secret.
+        let drainer = format!(
+            "data-dir = \"d\"\nlisten = \"127.0.0.1:1\"\n\
+             [drainer]\n[[drainer.listeners]]\nid = \"l\"\nsecret = {SECRET}\n\
+             [apply]\ntarget = \"redis://:{PASSWORD}@h:1\"\n"
+        );
+        let error = DrainerNodeConfig::from_toml(Path::new("d.toml"), &drainer)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            !error.contains(SECRET) && !error.contains(PASSWORD),
+            "{error}"
+        );
+        assert!(
+            error.contains("line 6, column") && error.contains("drainer.listeners.secret"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn debug_and_serialize_of_configs_redact_secrets() {
+        let text = broken_listener(4, "partition = 0");
+        let listener = ListenerNodeConfig::from_toml(Path::new("l.toml"), &text).unwrap();
+        assert_eq!(listener.drainers[0].secret.expose(), SECRET);
+        let checked = listener.listener.validate().unwrap();
+        assert_eq!(checked.source.password.as_deref(), Some(PASSWORD));
+        let drainer_text = format!(
+            "data-dir = \"d\"\nlisten = \"127.0.0.1:1\"\n\
+             [drainer]\n[[drainer.listeners]]\nid = \"l\"\nsecret = \"{SECRET}\"\n\
+             [apply]\ntarget = \"redis://app:{PASSWORD}@h:1\"\n"
+        );
+        let drainer = DrainerNodeConfig::from_toml(Path::new("d.toml"), &drainer_text).unwrap();
+        let sync = SyncConfig::build(
+            None,
+            SyncOverrides {
+                source: Some(format!("redis://:{PASSWORD}@127.0.0.1:1").into()),
+                target: Some(format!("redis://u:{PASSWORD}@127.0.0.1:2").into()),
+                data_dir: Some("x".into()),
+                ..SyncOverrides::default()
+            },
+        )
+        .unwrap();
+        let file: SyncFileConfig = toml::from_str(&format!(
+            "source = \"redis://:{PASSWORD}@h:1\"\ntarget = \"redis://:{PASSWORD}@h:2\"\n"
+        ))
+        .unwrap();
+        let overrides = SyncOverrides {
+            source: Some(format!("redis://:{PASSWORD}@h:1").into()),
+            ..SyncOverrides::default()
+        };
+        let shown = [
+            format!("{listener:?}"),
+            format!("{:?}", listener.drainers[0]),
+            format!("{checked:?}"),
+            format!("{drainer:?}"),
+            format!("{:?}", drainer.drainer.listeners[0]),
+            format!("{:?}", drainer.apply.target_url().unwrap()),
+            format!("{sync:?}"),
+            format!("{file:?}"),
+            format!("{overrides:?}"),
+            toml::to_string(&listener).unwrap(),
+            toml::to_string(&drainer).unwrap(),
+            toml::to_string(&file).unwrap(),
+            serde_json::to_string(&listener).unwrap(),
+            serde_json::to_string(&drainer).unwrap(),
+            serde_json::to_string(&sync.listener).unwrap(),
+            serde_json::to_string(&sync.apply).unwrap(),
+            format!(
+                "{:?}",
+                crate::ship::DrainerTarget {
+                    drainer_id: crate::wal::DownstreamId::new("d".to_string()).unwrap(),
+                    endpoint: "http://h:1".into(),
+                    listener_id: "l".into(),
+                    secret: listener.drainers[0].secret.clone(),
+                }
+            ),
+        ];
+        for text in &shown {
+            assert!(!text.contains(SECRET), "secret shown: {text}");
+            assert!(!text.contains(PASSWORD), "password shown: {text}");
+        }
+        assert!(
+            shown[0].contains("***") && shown[9].contains("***"),
+            "{shown:?}"
+        );
+        assert!(shown[3].contains("redis://app:***@h:1"), "{}", shown[3]);
+    }
+
+    #[test]
+    fn secrets_come_from_files_and_variables_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret_file = dir.path().join("secret");
+        std::fs::write(&secret_file, format!("{SECRET}\n")).unwrap();
+        // A variable every environment has (setting one in a threaded test
+        // process would race with other threads' getenv).
+        let password_var = "PATH";
+        let path_value = std::env::var(password_var).unwrap();
+        let text = format!(
+            "data-dir = \"d\"\n[listener]\nsource = \"redis://app@127.0.0.1:1\"\n\
+             source-password-env = \"{password_var}\"\n[[drainers]]\nid = \"a\"\n\
+             endpoint = \"http://127.0.0.1:2\"\nsecret-file = \"{}\"\n",
+            secret_file.display()
+        );
+        let listener = ListenerNodeConfig::from_toml(Path::new("l.toml"), &text).unwrap();
+        assert_eq!(listener.drainers[0].secret.expose(), SECRET);
+        let source = listener.listener.validate().unwrap().source;
+        assert_eq!(source.user.as_deref(), Some("app"));
+        assert_eq!(source.password.as_deref(), Some(path_value.as_str()));
+
+        // Two places for one secret are refused, naming both.
+        let twice = text.replace(
+            "secret-file",
+            &format!("secret = \"{SECRET}\"\nsecret-file"),
+        );
+        let error = listener_error(&twice);
+        assert!(
+            error.contains("drainers[0].secret") && error.contains("secret-file"),
+            "{error}"
+        );
+        assert!(!error.contains(SECRET), "{error}");
+        let in_url = text.replace("redis://app@", &format!("redis://app:{PASSWORD}@"));
+        let error = listener_error(&in_url);
+        assert!(
+            error.contains("the URL") && error.contains("source-password-env"),
+            "{error}"
+        );
+        assert!(!error.contains(PASSWORD), "{error}");
+        let missing = text.replace(
+            &format!("\"{password_var}\""),
+            "\"FERRY_CONFIG_TEST_UNSET_2\"",
+        );
+        let error = listener_error(&missing);
+        assert!(
+            error.contains("FERRY_CONFIG_TEST_UNSET_2") && error.contains("not set"),
+            "{error}"
+        );
+        let no_secret = text.replace("secret-file", "secret-file-x");
+        assert!(listener_error(&no_secret).contains("secret-file-x"));
+
+        // The drainer side: the allowed listener's secret from a variable,
+        // the target's password from a file.
+        let password_file = dir.path().join("password");
+        std::fs::write(&password_file, PASSWORD).unwrap();
+        let secret_var = "PATH";
+        let drainer_text = format!(
+            "data-dir = \"d\"\nlisten = \"127.0.0.1:1\"\n[drainer]\n[[drainer.listeners]]\n\
+             id = \"l\"\nsecret-env = \"{secret_var}\"\n[apply]\ntarget = \"redis://h:1\"\n\
+             target-password-file = \"{}\"\n",
+            password_file.display()
+        );
+        let drainer = DrainerNodeConfig::from_toml(Path::new("d.toml"), &drainer_text).unwrap();
+        assert_eq!(drainer.drainer.listeners[0].secret.expose(), path_value);
+        assert_eq!(
+            drainer.apply.target_url().unwrap().password.as_deref(),
+            Some(PASSWORD)
+        );
+        let no_secret = drainer_text.replace(&format!("secret-env = \"{secret_var}\"\n"), "");
+        let error = DrainerNodeConfig::from_toml(Path::new("d.toml"), &no_secret)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("drainer.listeners[0].secret") && error.contains("secret-file"),
+            "{error}"
+        );
+
+        // ferry sync: a file key and a flag for one password are refused.
+        let sync_file = dir.path().join("sync.toml");
+        std::fs::write(
+            &sync_file,
+            format!("source-password-file = \"{}\"\n", password_file.display()),
+        )
+        .unwrap();
+        let flags = SyncOverrides {
+            source: Some("redis://127.0.0.1:1".into()),
+            target: Some("redis://127.0.0.1:2".into()),
+            data_dir: Some("x".into()),
+            ..SyncOverrides::default()
+        };
+        let sync = SyncConfig::build(Some(&sync_file), flags.clone()).unwrap();
+        let source = sync.listener.validate().unwrap().source;
+        assert_eq!(source.password.as_deref(), Some(PASSWORD));
+        let error = SyncConfig::build(
+            Some(&sync_file),
+            SyncOverrides {
+                source_password_file: Some(password_file.clone()),
+                ..flags.clone()
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("source-password-file") && error.contains("--source-password-file"),
+            "{error}"
+        );
+        let error = SyncConfig::build(
+            None,
+            SyncOverrides {
+                target: Some(format!("redis://:{PASSWORD}@127.0.0.1:2").into()),
+                target_password_file: Some(password_file),
+                ..flags
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("apply.target") && error.contains("the URL"),
+            "{error}"
+        );
+        assert!(!error.contains(PASSWORD), "{error}");
     }
 }

@@ -30,6 +30,7 @@ use crate::position::{LogId, PartitionId};
 use crate::precheck::Verdict;
 use crate::record::SnapshotMarker;
 use crate::redis::url::RedisUrl;
+use crate::secret::Secret;
 use crate::ship::{
     self, AllowedListener, DrainerService, DrainerServiceConfig, DrainerTarget, FallbackSnapshot,
     Shipper, ShipperConfig, ShipperStatusHandle, SnapshotProvider, SnapshotProviderError,
@@ -149,7 +150,7 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> NodeError {
 
 async fn open_wal(cfg: WalConfig) -> Result<Wal, NodeError> {
     let dir = cfg.dir.clone();
-    std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
+    crate::secret::create_private_dir(&dir).map_err(io(format!("creating {}", dir.display())))?;
     Wal::open(cfg)
         .await
         .map_err(|error| NodeError::WalOpen { dir, error })
@@ -861,16 +862,20 @@ const PRECHECK_OUTAGE: Duration = Duration::from_secs(60);
 /// checked again.
 async fn precheck_first_sync(
     wal: &Wal,
-    source: Option<&str>,
+    source: Option<&crate::listener::ListenerConfig>,
     apply: Option<&apply::ApplyConfig>,
     outage: Duration,
 ) -> Result<(), NodeError> {
     if !wal.partitions().is_empty() {
         return Ok(());
     }
-    let parse = |url: &str| {
-        crate::redis::url::RedisUrl::parse(url)
-            .map_err(|error| NodeError::Config(error.to_string()))
+    // The source's address with its password (from the URL, a file or a
+    // variable).
+    let parse = |listener: &crate::listener::ListenerConfig| {
+        listener
+            .source
+            .parse_with(&listener.password_source())
+            .map_err(|error| NodeError::Config(format!("listener.source: {error}")))
     };
     let source = source.map(parse).transpose()?;
     let config = |error: apply::ApplyConfigError| NodeError::Config(error.to_string());
@@ -918,8 +923,11 @@ async fn precheck_first_sync(
     Ok(())
 }
 
+/// Creates the data dir (mode 0700: it holds the WALs, i.e. the replicated
+/// data); an existing one keeps its mode.
 fn create_data_dir(data_dir: &Path) -> Result<(), NodeError> {
-    std::fs::create_dir_all(data_dir).map_err(io(format!("creating {}", data_dir.display())))
+    crate::secret::create_private_dir(data_dir)
+        .map_err(io(format!("creating {}", data_dir.display())))
 }
 
 /// `ferry listener`: runs until `shutdown` is cancelled.
@@ -930,7 +938,7 @@ pub async fn run_listener(
     create_data_dir(&cfg.data_dir)?;
     let mut stages = Stages::new(shutdown);
     let wal = open_wal(cfg.wal.clone()).await?;
-    precheck_first_sync(&wal, Some(&cfg.listener.source), None, PRECHECK_OUTAGE).await?;
+    precheck_first_sync(&wal, Some(&cfg.listener), None, PRECHECK_OUTAGE).await?;
     let listener = start_listener_part(
         &cfg.data_dir,
         cfg.listener.clone(),
@@ -980,7 +988,7 @@ pub async fn run_drainer(
 
 /// A secret for the in-process listener → drainer stream of `ferry sync`
 /// (fresh per run: both ends restart together).
-fn random_secret() -> String {
+fn random_secret() -> Secret {
     let state = std::collections::hash_map::RandomState::new();
     (0..2u64)
         .map(|round| {
@@ -995,7 +1003,8 @@ fn random_secret() -> String {
             hasher.write_u32(std::process::id());
             format!("{:016x}", hasher.finish())
         })
-        .collect()
+        .collect::<String>()
+        .into()
 }
 
 /// `ferry sync`: a listener and a drainer in one process, the stream between
@@ -1006,7 +1015,7 @@ pub async fn run_sync(cfg: SyncConfig, shutdown: CancellationToken) -> Result<()
     let listener_wal = open_wal(cfg.listener_wal.clone()).await?;
     precheck_first_sync(
         &listener_wal,
-        Some(&cfg.listener.source),
+        Some(&cfg.listener),
         Some(&cfg.apply),
         PRECHECK_OUTAGE,
     )
@@ -1025,10 +1034,7 @@ pub async fn run_sync(cfg: SyncConfig, shutdown: CancellationToken) -> Result<()
     let drainer = start_drainer_part(
         socket,
         DrainerServiceConfig {
-            listeners: vec![AllowedListener {
-                id: cfg.id.clone(),
-                secret: secret.clone(),
-            }],
+            listeners: vec![AllowedListener::new(cfg.id.clone(), secret.clone())],
             ..DrainerServiceConfig::default()
         },
         drainer_wal.clone(),
@@ -1044,6 +1050,8 @@ pub async fn run_sync(cfg: SyncConfig, shutdown: CancellationToken) -> Result<()
             id: cfg.id.clone(),
             endpoint,
             secret,
+            secret_file: None,
+            secret_env: None,
         }],
         &mut stages,
     )

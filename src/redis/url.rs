@@ -1,5 +1,8 @@
-//! Redis addresses: `redis://[[user]:password@]host[:port][/db]`, or a bare
-//! `host:port`. The password never appears in `Display` output.
+//! Redis addresses: `redis://[user[:password]@]host[:port][/db]` (or
+//! `redis://:password@…` without a user), or a bare `host:port`. The
+//! password never appears in `Display` or `Debug` output. A user without a
+//! password (`redis://app@host`) takes its password from a file or the
+//! environment (see [`crate::secret`]).
 
 use std::fmt;
 
@@ -50,8 +53,9 @@ impl RedisUrl {
                         .map_err(|e| fail(&e))?,
                     Some(percent_decode(pass).map_err(|e| fail(&e))?),
                 ),
-                // `redis://secret@host` is the password-only form.
-                None => (None, Some(percent_decode(auth).map_err(|e| fail(&e))?)),
+                // `redis://user@host`: an ACL user whose password comes from
+                // elsewhere (a file or the environment), as in other clients.
+                None => (Some(percent_decode(auth).map_err(|e| fail(&e))?), None),
             },
         };
         let (hostport, db) = match hostpart.split_once('/') {
@@ -182,6 +186,22 @@ mod tests {
 
         let u = RedisUrl::parse("redis://[::1]:7001").unwrap();
         assert_eq!(u.addr(), "[::1]:7001");
+
+        // A user without a password (it comes from a file or a variable).
+        let u = RedisUrl::parse("redis://app@h:1").unwrap();
+        assert_eq!(
+            (u.user.as_deref(), u.password.as_deref()),
+            (Some("app"), None)
+        );
+        assert_eq!(u.to_string(), "redis://app@h:1");
+    }
+
+    #[test]
+    fn debug_hides_the_password() {
+        let u = RedisUrl::parse("redis://admin:hunter2@127.0.0.1:7000").unwrap();
+        assert_eq!(format!("{u:?}"), "redis://admin:***@127.0.0.1:7000");
+        let u = RedisUrl::parse("redis://:hunter2@h").unwrap();
+        assert!(!format!("{u:?} {u}").contains("hunter2"));
     }
 
     #[test]

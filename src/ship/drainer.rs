@@ -8,6 +8,7 @@
 use crate::position::now_unix_ms;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -27,18 +28,39 @@ use crate::position::{LogId, PartitionId};
 use crate::record::pb::drainer_server::{Drainer, DrainerServer};
 use crate::record::pb::{self, ship_message, ship_reply};
 use crate::record::{Record, SnapshotMarker};
+use crate::secret::Secret;
 use crate::wal::{
     NewEntry, PartitionHistory, PendingAppend, SnapshotPhase, SnapshotState, Wal, WalError,
 };
 
 /// A listener allowed to ship to this drainer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct AllowedListener {
     /// The listener's id (its `Hello.listener_id`).
     pub id: String,
-    /// The shared secret it must present.
-    pub secret: String,
+    /// The shared secret it must present (at least 8 bytes). Give it here,
+    /// or in `secret-file` or `secret-env`.
+    #[serde(default)]
+    pub secret: Secret,
+    /// A file holding the secret (one trailing newline dropped), read when
+    /// the config is loaded. Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_file: Option<PathBuf>,
+    /// The name of an environment variable holding the secret. Default:
+    /// none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_env: Option<String>,
+}
+
+impl AllowedListener {
+    pub fn new(id: impl Into<String>, secret: impl Into<Secret>) -> AllowedListener {
+        AllowedListener {
+            id: id.into(),
+            secret: secret.into(),
+            ..AllowedListener::default()
+        }
+    }
 }
 
 /// Configuration of the drainer's `Ship` endpoint.
@@ -194,7 +216,10 @@ impl DrainerService {
         let secrets = config
             .listeners
             .iter()
-            .map(|listener| (listener.id.clone(), listener.secret.as_bytes().to_vec()))
+            .map(|listener| {
+                let secret = listener.secret.expose().as_bytes().to_vec();
+                (listener.id.clone(), secret)
+            })
             .collect();
         Ok(DrainerService {
             inner: Arc::new(Inner {

@@ -29,6 +29,7 @@ use crate::position::{LogId, PartitionId, ReplOffset};
 use crate::record::pb::drainer_client::DrainerClient;
 use crate::record::pb::{self, ship_message, ship_reply};
 use crate::record::{Record, SnapshotMarker};
+use crate::secret::Secret;
 use crate::wal::{DownstreamId, ReadLimits, SourcePosition, Wal, WalEntry, WalError};
 
 /// Tuning of a shipper (the `[ship]` section of the listener's config).
@@ -155,7 +156,7 @@ pub struct DrainerTarget {
     pub endpoint: String,
     /// This listener's id and the secret the drainer expects from it.
     pub listener_id: String,
-    pub secret: String,
+    pub secret: Secret,
 }
 
 /// Sync status of one (partition, drainer) pair, as `ferry status` shows it.
@@ -446,7 +447,7 @@ impl Shipper {
         let hello = pb::ShipMessage {
             kind: Some(ship_message::Kind::Hello(pb::Hello {
                 listener_id: self.target.listener_id.clone(),
-                secret: self.target.secret.clone().into_bytes().into(),
+                secret: bytes::Bytes::copy_from_slice(self.target.secret.expose().as_bytes()),
                 partition: self.partition.0,
                 protocol_version: PROTOCOL_VERSION,
                 incarnation,

@@ -178,7 +178,7 @@ fn parse_log_key(partition: PartitionId, key: &[u8]) -> Result<LogId, WalError> 
 impl RocksWalStorage {
     /// Opens (or creates) the RocksDB instance in `config.dir`.
     pub fn open(config: &WalConfig) -> Result<RocksWalStorage, WalError> {
-        std::fs::create_dir_all(&config.dir)?;
+        crate::secret::create_private_dir(&config.dir)?;
         let cache = Cache::new_lru_cache(config.block_cache_size.as_usize())?;
         let options = db_options(config, &cache);
         let cf_options = cf_options(config, &cache);

@@ -9,7 +9,7 @@ pub mod resp;
 pub mod workload;
 
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -17,11 +17,6 @@ use std::time::{Duration, Instant};
 pub fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     listener.local_addr().expect("local addr").port()
-}
-
-/// Path of the shared RDB fixtures, relative to the crate root.
-pub fn fixtures_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/rdb")
 }
 
 pub fn redis_server_bin() -> String {

@@ -142,7 +142,7 @@ impl Iterator for ZipmapIter {
 /// Encodes `pairs` as a zipmap with `free` unused bytes after each value.
 pub fn encode(pairs: &[(Bytes, Bytes)], free: u8) -> Vec<u8> {
     fn put_len(out: &mut Vec<u8>, len: usize) {
-        if len < BIG_LEN as usize - 1 {
+        if len < BIG_LEN as usize {
             out.push(len as u8);
         } else {
             out.push(BIG_LEN);
@@ -177,6 +177,20 @@ mod tests {
         let mut long_key = blob;
         long_key[1] = 30;
         assert!(ZipmapIter::validate(Bytes::from(long_key)).is_err());
+    }
+
+    #[test]
+    fn lengths_below_254_take_one_byte() {
+        // Redis writes and reads a 5-byte length only from 254 up; a 253
+        // written long is refused by its integrity check.
+        let blob = encode(
+            &[(Bytes::from(vec![b'k'; 253]), Bytes::from_static(b"v"))],
+            0,
+        );
+        assert_eq!(blob[1], 253);
+        assert_eq!(blob.len(), 1 + (1 + 253) + (1 + 1 + 1) + 1);
+        let blob = encode(&[(Bytes::from(vec![b'k'; 254]), Bytes::new())], 0);
+        assert_eq!(&blob[1..6], &[BIG_LEN, 254, 0, 0, 0]);
     }
 
     proptest! {
