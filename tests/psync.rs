@@ -1197,6 +1197,35 @@ async fn fake_entries_over_the_limits_are_uncarriable() {
     );
     assert!(err.is_uncarriable());
     assert_eq!(source.position().offset, entry.offset);
+
+    // A command of many empty arguments (none can be streamed) is counted
+    // with what each takes once decoded: refused, not buffered without end.
+    let mut args = vec!["RPUSH", "k"];
+    args.extend(std::iter::repeat("").take(5000));
+    let (url, _fake) = fake_master(
+        None,
+        vec![
+            w("+CONTINUE\r\n"),
+            w(resp(&["SET", "small", "1"])),
+            w(resp(&args)),
+        ],
+    )
+    .await;
+    let mut cfg = fake_config(&url);
+    // 5000 × 6 wire bytes fit, the decoded arguments past the first 1024
+    // (48 bytes each) do not.
+    cfg.max_transaction_bytes = 100_000;
+    let mut source = PsyncSource::connect(&cfg, Some(saved(0, 0))).await.unwrap();
+    next(&mut source).await;
+    let ReplEvent::Entry(small) = next(&mut source).await else {
+        panic!("expected the small SET");
+    };
+    let err = next_err(&mut source).await;
+    assert!(
+        matches!(err, ReplError::TransactionTooLarge { offset, limit: 100_000 } if offset == small.offset.0),
+        "{err}"
+    );
+    assert!(err.is_uncarriable());
 }
 
 #[tokio::test]

@@ -1134,11 +1134,12 @@ impl PsyncSource {
             let index = frame.args.len();
             let buffered = (frame.consumed - frame.streamed_bytes) as usize;
             if index > 0 && rule.streams(value, buffered + end) {
+                // Saturating: a hostile length must not wrap under the limit.
                 let entry_len = entry_buffered
-                    + entry_streamed
-                    + frame.consumed
-                    + end as u64
-                    + value.saturating_add(2);
+                    .saturating_add(entry_streamed)
+                    .saturating_add(frame.consumed)
+                    .saturating_add(end as u64)
+                    .saturating_add(value.saturating_add(2));
                 if entry_len > self.max_entry_bytes {
                     return Err(ReplError::EntryTooLarge {
                         offset: entry_start.unwrap_or(frame.start),
@@ -1168,6 +1169,16 @@ impl PsyncSource {
                 }));
             }
             let total = end + value as usize + 2;
+            // What the frame holds buffered, each argument counted with the
+            // memory it takes once decoded: a command of millions of empty
+            // (never streamed) arguments must not grow without bound.
+            let cost = (buffered + total) as u64 + args_overhead(index as u64 + 1);
+            if cost > rule.budget_left as u64 {
+                return Err(ReplError::TransactionTooLarge {
+                    offset: entry_start.unwrap_or(frame.start),
+                    limit: self.max_transaction_bytes,
+                });
+            }
             if buf.len() < total {
                 return Ok(Streamed::NeedMore);
             }
@@ -1512,6 +1523,17 @@ fn eof_scan(buf: &[u8], mark: &[u8; EOF_MARK_LEN], chunk_size: usize) -> EofScan
     }
 }
 
+/// Memory one buffered argument takes once decoded, beyond its bytes (its
+/// `Bytes` handle and frame slot), counted against `max-transaction-bytes`
+/// past the first [`FREE_ARGS`] arguments of a command.
+const ARG_OVERHEAD: u64 = 48;
+const FREE_ARGS: u64 = 1024;
+
+/// The decoded overhead of `args` buffered arguments of one command.
+fn args_overhead(args: u64) -> u64 {
+    args.saturating_sub(FREE_ARGS).saturating_mul(ARG_OVERHEAD)
+}
+
 /// What [`FrameScan::complete`] found at the front of the buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Scan {
@@ -1572,6 +1594,14 @@ impl FrameScan {
                     }
                     if value > limits.max_bulk_len as u64 {
                         return Scan::Complete;
+                    }
+                    // Past the budget with arguments that cannot stream (many
+                    // small or empty ones): the piecewise path refuses it.
+                    let cost = (end as u64)
+                        .saturating_add(value)
+                        .saturating_add(args_overhead(self.elements_seen + 1));
+                    if cost > rule.budget_left as u64 {
+                        return Scan::Stream;
                     }
                     let Some(after) = usize::try_from(value)
                         .ok()
