@@ -130,6 +130,13 @@ impl SecretUrl {
             }
             url.password = Some(found);
         }
+        if url.user.is_some() && url.password.is_none() {
+            // The name is not shown: `redis://secret@host` used to mean a
+            // password.
+            return Err(SecretError::UserWithoutPassword {
+                url: format!("redis://***@{}", url.addr()),
+            });
+        }
         Ok(url)
     }
 }
@@ -198,6 +205,13 @@ pub enum SecretError {
     Twice { first: String, second: String },
     #[error(transparent)]
     Url(UrlError),
+    /// `redis://NAME@host` with no password anywhere: older ferry read NAME
+    /// as the password, so it is not shown.
+    #[error(
+        "{url} names a user but no password: write redis://:PASSWORD@host for a password alone, \
+         or give the user's password from a file or an environment variable"
+    )]
+    UserWithoutPassword { url: String },
 }
 
 /// Where a secret that is not written inline comes from: at most one of a
@@ -440,6 +454,21 @@ mod tests {
             .unwrap();
         assert_eq!(url.user.as_deref(), Some("app"));
         assert_eq!(url.password.as_deref(), Some("pw"));
+    }
+
+    #[test]
+    fn a_user_without_a_password_is_refused_without_showing_it() {
+        let none = PasswordSource::default();
+        let error = SecretUrl::from("redis://hunter2-hunter2@127.0.0.1:6379")
+            .parse_with(&none)
+            .unwrap_err()
+            .to_string();
+        assert!(!error.contains("hunter2"), "{error}");
+        assert!(error.contains("redis://***@127.0.0.1:6379"), "{error}");
+        let password_alone = SecretUrl::from("redis://:hunter2@127.0.0.1:6379")
+            .parse_with(&none)
+            .unwrap();
+        assert_eq!(password_alone.password.as_deref(), Some("hunter2"));
     }
 
     #[test]

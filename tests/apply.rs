@@ -388,9 +388,10 @@ async fn every_record_kind_applies_like_the_source() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn refused_commands_are_counted_and_do_not_block() {
+async fn runtime_refusals_are_counted_and_entries_the_applier_refuses_block() {
     let target = RedisServer::start(&[]);
     let wal_dir = tempfile::tempdir().unwrap();
+    let dead_dir = tempfile::tempdir().unwrap();
     let wal = Wal::open(wal_config(wal_dir.path())).await.unwrap();
     let records = vec![
         single(0, &["SET", "k", "v"]),
@@ -409,19 +410,42 @@ async fn refused_commands_are_counted_and_do_not_block() {
         single(0, &["INCR", "c"]),
     ];
     let last = append(&wal, &records).await;
-    let applier = start(apply_config(&target.url(), 2), &wal);
+    let cfg = ApplyConfig {
+        dead_letter_dir: Some(dead_dir.path().to_path_buf()),
+        retry_backoff_max: "500ms".parse().unwrap(),
+        ..apply_config(&target.url(), 2)
+    };
+    let applier = start(cfg, &wal);
+    // Runtime refusals (inside EXEC) are counted and passed over; the entry
+    // the applier refuses itself (a db the target lacks) holds the
+    // partition, unsent, until it is skipped.
+    let report = wait_blocked(&applier, LogId(5)).await;
+    let blocked = report.blocked.clone().unwrap();
+    assert_eq!(blocked.command, "SET");
+    assert!(
+        blocked.error.contains("db 20 is out of range"),
+        "{blocked:?}"
+    );
+    assert!(!blocked.transient);
+    applier.wait_applied(LogId(4)).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(applier.status.snapshot().applied, LogId(4));
+    assert_eq!(target.cmd(&["GET", "c"]), "3");
+    applier.status.request_skip(LogId(5)).unwrap();
     applier.wait_applied(last).await;
     let status = applier.stop().await;
     let report = status.snapshot();
-    assert_eq!(report.commands_refused, 3, "{report:?}");
+    assert_eq!(report.commands_refused, 2, "{report:?}");
     assert_eq!(report.commands_applied, 5, "{report:?}");
     let refused = report.last_refused.expect("last refused command");
     assert_eq!(refused.log_id, LogId(5));
     assert_eq!(refused.command, "SET");
     assert!(refused.error.contains("out of range"), "{refused:?}");
-    assert_eq!(report.entries_skipped, 0);
+    assert_eq!(report.entries_skipped, 1);
     assert_eq!(target.cmd(&["GET", "c"]), "4");
     assert_eq!(target.cmd(&["GET", "k"]), "v");
+    let file = dead_dir.path().join("test-drainer-0.resp");
+    assert_eq!(dead_letter_ids(&file), [5]);
     wal.close().await.unwrap();
 }
 

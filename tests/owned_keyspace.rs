@@ -180,7 +180,13 @@ fn sync_with(
     dbs: &str,
 ) -> FerryProcess {
     let config = dir.join(format!("{name}.toml"));
-    std::fs::write(&config, "[wal]\nretention-interval = \"200ms\"\n").expect("config");
+    // Entries that cannot be applied inside the owned keyspace are skipped
+    // and recorded in the dead-letter file.
+    std::fs::write(
+        &config,
+        "[wal]\nretention-interval = \"200ms\"\n[apply]\non-refused = \"skip-and-record\"\n",
+    )
+    .expect("config");
     FerryProcess::sync(
         &dir.join(name),
         &source.url(),
@@ -343,20 +349,19 @@ fn two_syncs_share_one_target_in_their_own_dbs() {
     assert!(checkpoint(&target, "a").starts_with("v2 applied="));
 
     // 7. SWAPDB 0 5 on B's source would give B's db 5 what B's source has
-    //    in db 0 (never replicated) and write into A's db 0: refused and
-    //    shown in status; the target's dbs are untouched. Swapped back on
-    //    the source right away (refused too), so both sides agree again.
+    //    in db 0 (never replicated) and write into A's db 0: refused before
+    //    anything is sent, skipped (on-refused = skip-and-record) and
+    //    recorded in the dead-letter file; the target's dbs are untouched.
+    //    Swapped back on the source right away (refused too), so both sides
+    //    agree again.
     seed(&source_b, 5, "b5-again");
     wait_dbs_equal(&source_b, &target, &[5], "B reseeded", &context);
-    let refused_before = sync_b.status_json()["drainers"][0]["commands_refused"]
-        .as_u64()
-        .unwrap_or(0);
     let target_db0 = db_state(&target, 0);
     let target_db5 = db_state(&target, 5);
     source_b.cmd(&["SWAPDB", "0", "5"]);
     source_b.cmd(&["SWAPDB", "0", "5"]);
-    // A fence written after them: once it is on the target, so is what the
-    // SWAPDBs did (nothing).
+    // A fence written after them: once it is on the target, the SWAPDBs
+    // were dealt with.
     source_b.cmd(&["-n", "5", "SET", "fence", "after-swapdb"]);
     let deadline = Instant::now() + CONVERGE;
     while target.cmd(&["-n", "5", "GET", "fence"]) != "after-swapdb" {
@@ -378,21 +383,22 @@ fn two_syncs_share_one_target_in_their_own_dbs() {
     let status = sync_b.status_json();
     let applier = &status["drainers"][0];
     assert_eq!(
-        applier["commands_refused"].as_u64().unwrap_or(0),
-        refused_before + 2,
-        "the refused SWAPDBs are not counted: {status}"
+        applier["entries_skipped"].as_u64(),
+        Some(2),
+        "the refused SWAPDBs are not skipped: {status}"
     );
     let refused = applier["last_refused"].to_string();
     assert!(
         refused.contains("SWAPDB") && refused.contains("does not own"),
         "last_refused does not name the SWAPDB: {status}"
     );
-    let log = sync_b.log_tail(400);
+    let letters = applier["dead_letter_file"]
+        .as_str()
+        .expect("dead-letter file");
+    let recorded = std::fs::read_to_string(letters).expect("read the dead-letter file");
     assert!(
-        log.lines()
-            .any(|line| line.contains("command=SWAPDB")
-                && line.contains("which this sync does not own")),
-        "no log line names the refused SWAPDB: {log}"
+        recorded.matches("SWAPDB 0 5").count() >= 2,
+        "the dead-letter file does not hold both SWAPDBs: {recorded}"
     );
     assert_eq!(db_state(&target, 5), target_db5, "B's SWAPDB changed db 5");
     assert_eq!(

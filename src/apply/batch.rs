@@ -30,10 +30,15 @@
 //! ([`super::keyspace`]): commands in dbs it does not own are left out,
 //! flushes touch only owned dbs and keep internal keys, and the applier
 //! places every command in its db with its own `SELECT`s (the source's are
-//! consumed). A record that cannot be applied without touching what is not
-//! owned, or that places a command in a db the target does not have, is
-//! refused whole without being sent: a failed `SELECT` inside `EXEC` would
-//! let the commands after it run in the wrong db.
+//! consumed). A command naming ferry's own keys with data keys goes without
+//! them when each key stands alone (`DEL`, `UNLINK`, `EXISTS`, `TOUCH`). A
+//! record that cannot be applied without touching what is not owned, that
+//! names ferry's keys in any other command, or that places a command in a
+//! db the target does not have, is refused by the applier itself, whole and
+//! before anything of it is sent (a failed `SELECT` inside `EXEC` would let
+//! the commands after it run in the wrong db): it ends the batch before it
+//! and comes alone as [`Batch::refused`], which the applier holds at like an
+//! entry the target refused.
 //!
 //! The entry the applier is held at ([`Hold`]: the target refused it when
 //! queued) never shares a batch: batches end before it, and it goes alone,
@@ -99,8 +104,13 @@ pub(crate) struct Batch {
     pub commands: Vec<Command>,
     /// What each of `commands` is.
     pub slots: Vec<Slot>,
-    /// Commands refused without being sent (db out of range).
-    pub refused_unsent: Vec<RefusedCommand>,
+    /// The entry this batch stops at because the applier refuses it itself,
+    /// before sending anything (it cannot be applied without touching what
+    /// this sync does not own, a db the target lacks, ferry's own keys):
+    /// nothing of this batch is sent; the applier holds at it like at an
+    /// entry the target refused (module doc of [`super`], "Refused
+    /// entries"). It is the batch's only entry (after its fragment run).
+    pub refused: Option<RefusedCommand>,
     /// The entry this batch skips (its only entry; `commands` is then just
     /// the checkpoint `SET`).
     pub skip: Option<Skip>,
@@ -111,6 +121,17 @@ pub(crate) struct Batch {
     pub checkpoint: Checkpoint,
     /// Streamed arguments of `commands`, in command and argument order.
     pub streams: Vec<StreamedPlace>,
+}
+
+/// One write translated for the target ([`BatchBuilder::prepare`]).
+struct Prepared {
+    translated: Result<Translated, (String, String)>,
+    /// Which of the write's commands each translated input command is.
+    kept: Vec<usize>,
+    /// Streamed argument places, by the write's command index.
+    places: Vec<Vec<StreamedPlace>>,
+    /// Commands left out for naming only internal keys.
+    internal: u64,
 }
 
 /// An entry skipped instead of applied: what the dead-letter file records.
@@ -178,17 +199,86 @@ pub(crate) struct BatchBuilder {
 
 /// Upper-case command name for logs and status, at most 64 bytes.
 pub(crate) fn command_name(cmd: &Command) -> String {
-    let name = cmd.name();
-    String::from_utf8_lossy(&name[..name.len().min(64)]).to_uppercase()
+    super::keyspace::upper(cmd.name())
 }
 
-/// True when `cmd` has keys and every one is internal.
-pub(crate) fn is_internal(cmd: &Command) -> bool {
+/// Whose keys a command names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KeyClass {
+    /// Data keys only (or no keys, or unknown to the command table).
+    Data,
+    /// Only ferry's own keys (`__ferry*`): left out.
+    Internal,
+    /// Both: applied without the internal keys where each key stands on
+    /// its own (`DEL`, `UNLINK`, `EXISTS`, `TOUCH`), refused otherwise (it
+    /// would write another sync's checkpoint or heartbeat).
+    Mixed,
+}
+
+/// Classifies `cmd` by the keys it names.
+pub(crate) fn classify(cmd: &Command) -> KeyClass {
     match command::keys(cmd) {
-        Ok(keys) => !keys.is_empty() && keys.iter().all(|k| k.starts_with(INTERNAL_PREFIX)),
+        Ok(keys) if keys.is_empty() => KeyClass::Data,
+        Ok(keys) => {
+            let internal = keys
+                .iter()
+                .filter(|k| k.starts_with(INTERNAL_PREFIX))
+                .count();
+            match internal {
+                0 => KeyClass::Data,
+                n if n == keys.len() => KeyClass::Internal,
+                _ => KeyClass::Mixed,
+            }
+        }
         // Unknown to the command table: data, as far as we can tell.
-        Err(_) => false,
+        Err(_) => KeyClass::Data,
     }
+}
+
+/// Commands whose every argument after the name is a key of its own.
+const KEY_LIST_COMMANDS: [&str; 4] = ["DEL", "UNLINK", "EXISTS", "TOUCH"];
+
+/// `cmd` without its internal keys, for a [`KeyClass::Mixed`] command of
+/// [`KEY_LIST_COMMANDS`]; `None` for any other command.
+fn without_internal_keys(cmd: &Command) -> Option<Command> {
+    if !KEY_LIST_COMMANDS.iter().any(|name| cmd.is(name)) {
+        return None;
+    }
+    let mut args = Vec::with_capacity(cmd.args.len());
+    args.push(cmd.args.first()?.clone());
+    args.extend(
+        cmd.args[1..]
+            .iter()
+            .filter(|key| !key.starts_with(INTERNAL_PREFIX))
+            .cloned(),
+    );
+    Some(Command::new(args))
+}
+
+/// The source's commands of an entry starting in `db`, each in the db it
+/// ran in (its `SELECT`s consumed): what a refused entry's dead-letter
+/// record holds. `index[i]` is where command `i` went (`None`: a `SELECT`).
+fn placed_as_received(db: u32, commands: &[Command]) -> (Vec<(u32, Command)>, Vec<Option<usize>>) {
+    let mut db = db;
+    let mut placed = Vec::with_capacity(commands.len());
+    let mut index = Vec::with_capacity(commands.len());
+    for cmd in commands {
+        if cmd.is("SELECT") {
+            if let Some(to) = cmd
+                .args
+                .get(1)
+                .and_then(|d| std::str::from_utf8(d).ok())
+                .and_then(|d| d.parse().ok())
+            {
+                db = to;
+                index.push(None);
+                continue;
+            }
+        }
+        index.push(Some(placed.len()));
+        placed.push((db, cmd.clone()));
+    }
+    (placed, index)
 }
 
 fn select(db: u32) -> Command {
@@ -292,12 +382,14 @@ impl BatchBuilder {
                     break;
                 };
                 let after = &pending[end];
-                let held = hold.is_some_and(|hold| hold.log_id == after.log_id);
-                if matches!(after.record, Record::Write(_))
-                    && (entries >= self.max_entries
-                        || (entries > 0 && (held || bytes + after.size > self.max_bytes)))
-                {
-                    break;
+                if let Record::Write(write) = &after.record {
+                    let alone = hold.is_some_and(|hold| hold.log_id == after.log_id)
+                        || self.check(after.log_id, write).is_err();
+                    if entries >= self.max_entries
+                        || (entries > 0 && (alone || bytes + after.size > self.max_bytes))
+                    {
+                        break;
+                    }
                 }
                 for fragment in pending.drain(..end) {
                     let batch = batch.get_or_insert_with(|| {
@@ -307,16 +399,69 @@ impl BatchBuilder {
                 }
                 continue;
             }
-            if !matches!(front.record, Record::Write(_))
-                || entries >= self.max_entries
-                || (entries > 0 && bytes + front.size > self.max_bytes)
-            {
+            let Record::Write(write) = &front.record else {
+                break;
+            };
+            if entries >= self.max_entries || (entries > 0 && bytes + front.size > self.max_bytes) {
                 break;
             }
             let held = hold.filter(|hold| hold.log_id == front.log_id);
             if held.is_some() && entries > 0 {
                 break;
             }
+            let classes = match self.check(front.log_id, write) {
+                Ok(classes) => classes,
+                Err((command, why)) => {
+                    // Refused by the applier itself: alone, like an entry
+                    // the target refused.
+                    if entries > 0 {
+                        break;
+                    }
+                    let Some(Pending {
+                        log_id,
+                        record: Record::Write(write),
+                        ..
+                    }) = pending.pop_front()
+                    else {
+                        break;
+                    };
+                    let batch = batch
+                        .get_or_insert_with(|| Batch::starting_at(log_id, epoch, self.log_tag));
+                    batch.last = log_id;
+                    let refused = RefusedCommand {
+                        log_id,
+                        command,
+                        error: why,
+                    };
+                    match held.and_then(|hold| hold.skip.map(|by| (hold, by))) {
+                        Some((hold, by)) => {
+                            let (commands, index) = placed_as_received(write.db, &write.commands);
+                            let mut streams = Vec::new();
+                            for (at, places) in
+                                stream_places(log_id, &write).into_iter().enumerate()
+                            {
+                                if let Some(Some(command)) = index.get(at) {
+                                    streams.extend(places.into_iter().map(|mut place| {
+                                        place.command = *command;
+                                        place
+                                    }));
+                                }
+                            }
+                            batch.skip = Some(Skip {
+                                log_id,
+                                db: write.db,
+                                commands,
+                                transaction: write.transaction,
+                                by,
+                                refused: hold.refused.clone(),
+                                streams,
+                            });
+                        }
+                        None => batch.refused = Some(refused),
+                    }
+                    break;
+                }
+            };
             // Taken by value: its commands move into the batch uncloned.
             let Some(Pending {
                 log_id,
@@ -331,64 +476,17 @@ impl BatchBuilder {
             batch.last = log_id;
             entries += 1;
             bytes += size;
-            // The places of its streamed arguments, by command: its
-            // fragments are the entries right before it.
-            let mut places = stream_places(log_id, &write);
-            // Internal keys first: a heartbeat is left out whatever its db.
-            let mut commands = Vec::with_capacity(write.commands.len());
-            // Which of the write's commands each of `commands` is (only
-            // needed to place streamed arguments).
-            let mut kept = Vec::new();
-            for (index, cmd) in write.commands.into_iter().enumerate() {
-                if is_internal(&cmd) {
-                    batch.skipped += 1;
-                } else {
-                    commands.push(cmd);
-                    if !places.is_empty() {
-                        kept.push(index);
-                    }
-                }
-            }
-            let names: Vec<String> = commands.iter().map(command_name).collect();
-            let translated = if places.is_empty() {
-                self.keyspace.translate(write.db, commands, self.databases)
-            } else {
-                self.keyspace
-                    .translate_tracked(write.db, commands, self.databases)
+            let (db_of, transaction) = (write.db, write.transaction);
+            let prepared = self.prepare(log_id, write, &classes);
+            batch.skipped += prepared.internal;
+            // `check` translated the entries that can be refused.
+            let Ok(translated) = prepared.translated else {
+                debug_assert!(false, "an entry refused after check passed");
+                break;
             };
-            let translated = translated
-                .map_err(|refusal| (refusal.command, refusal.reason))
-                .and_then(
-                    |translated| match self.db_out_of_range(&translated.commands) {
-                        Some((command, why)) => Err((command, why)),
-                        None => Ok(translated),
-                    },
-                )
-                .and_then(|translated| {
-                    match places.is_empty() {
-                        true => None,
-                        false => rewritten_streamed(&translated, &kept, &places, self.expire_grace),
-                    }
-                    .map_or(Ok(translated), Err)
-                });
-            match translated {
-                Err((command, why)) => {
-                    // Refused whole: a transaction stays all or nothing.
-                    for name in names {
-                        let error = if name == command {
-                            why.clone()
-                        } else {
-                            format!("not applied: {command} in the same entry was refused ({why})")
-                        };
-                        batch.refused_unsent.push(RefusedCommand {
-                            log_id,
-                            command: name,
-                            error,
-                        });
-                    }
-                }
-                Ok(translated) if held.is_some_and(|hold| hold.skip.is_some()) => {
-                    let Some(hold) = held else { break };
+            let (kept, mut places) = (prepared.kept, prepared.places);
+            match held.and_then(|hold| hold.skip.map(|by| (hold, by))) {
+                Some((hold, by)) => {
                     let mut streams = Vec::new();
                     let mut commands = Vec::with_capacity(translated.commands.len());
                     // Empty unless the write has streamed arguments.
@@ -405,15 +503,15 @@ impl BatchBuilder {
                     }
                     batch.skip = Some(Skip {
                         log_id,
-                        db: write.db,
+                        db: db_of,
                         commands,
-                        transaction: write.transaction,
-                        by: hold.skip.unwrap_or(SkippedBy::Operator),
+                        transaction,
+                        by,
                         refused: hold.refused.clone(),
                         streams,
                     });
                 }
-                Ok(translated) => {
+                None => {
                     batch.skipped += translated.filtered;
                     // Empty unless the write has streamed arguments.
                     let mut origins = translated.origins.into_iter();
@@ -456,6 +554,101 @@ impl BatchBuilder {
         ]));
         batch.slots.push(Slot::Internal);
         Some(batch)
+    }
+
+    /// Whether the applier itself must refuse `write` (at `log_id`), with
+    /// the refused command's name and why; else the key class of each of
+    /// its commands. Entries that can be refused (a `SELECT`, a command
+    /// reaching across dbs, a db the target lacks, streamed arguments, a
+    /// command naming ferry's keys with others) are translated on a copy.
+    fn check(&self, log_id: LogId, write: &WriteRecord) -> Result<Vec<KeyClass>, (String, String)> {
+        let classes: Vec<KeyClass> = write.commands.iter().map(classify).collect();
+        for (cmd, class) in write.commands.iter().zip(&classes) {
+            if *class == KeyClass::Mixed && without_internal_keys(cmd).is_none() {
+                return Err((
+                    command_name(cmd),
+                    format!(
+                        "it names ferry's own keys ({}*) together with data keys; applying it \
+                         could change another sync's checkpoint",
+                        String::from_utf8_lossy(INTERNAL_PREFIX)
+                    ),
+                ));
+            }
+        }
+        const ACROSS_DBS: [&str; 7] = [
+            "SELECT", "FLUSHALL", "FLUSHDB", "SWAPDB", "MOVE", "COPY", "FUNCTION",
+        ];
+        let may_refuse = write.db >= self.databases
+            || !write.streamed.is_empty()
+            || write
+                .commands
+                .iter()
+                .any(|cmd| ACROSS_DBS.iter().any(|name| cmd.is(name)));
+        if may_refuse {
+            self.prepare(log_id, write.clone(), &classes).translated?;
+        }
+        Ok(classes)
+    }
+
+    /// Translates `write`'s commands for the target: internal keys left
+    /// out ([`KeyClass`]), the owned keyspace, the db range, streamed
+    /// arguments still in place.
+    fn prepare(&self, log_id: LogId, write: WriteRecord, classes: &[KeyClass]) -> Prepared {
+        // The places of its streamed arguments, by command: its fragments
+        // are the entries right before it.
+        let places = stream_places(log_id, &write);
+        let mut internal = 0;
+        let mut commands = Vec::with_capacity(write.commands.len());
+        // Which of the write's commands each of `commands` is (only needed
+        // to place streamed arguments).
+        let mut kept = Vec::new();
+        for ((index, cmd), class) in write.commands.into_iter().enumerate().zip(classes) {
+            let cmd = match class {
+                KeyClass::Data => cmd,
+                KeyClass::Internal => {
+                    internal += 1;
+                    continue;
+                }
+                KeyClass::Mixed => match without_internal_keys(&cmd) {
+                    Some(stripped) if stripped.args.len() > 1 => stripped,
+                    _ => {
+                        internal += 1;
+                        continue;
+                    }
+                },
+            };
+            commands.push(cmd);
+            if !places.is_empty() {
+                kept.push(index);
+            }
+        }
+        let translated = if places.is_empty() {
+            self.keyspace.translate(write.db, commands, self.databases)
+        } else {
+            self.keyspace
+                .translate_tracked(write.db, commands, self.databases)
+        };
+        let translated = translated
+            .map_err(|refusal| (refusal.command, refusal.reason))
+            .and_then(
+                |translated| match self.db_out_of_range(&translated.commands) {
+                    Some((command, why)) => Err((command, why)),
+                    None => Ok(translated),
+                },
+            )
+            .and_then(|translated| {
+                match places.is_empty() {
+                    true => None,
+                    false => rewritten_streamed(&translated, &kept, &places, self.expire_grace),
+                }
+                .map_or(Ok(translated), Err)
+            });
+        Prepared {
+            translated,
+            kept,
+            places,
+            internal,
+        }
     }
 
     /// The command and why, when a placed command names a db the target
@@ -523,7 +716,7 @@ impl Batch {
             last: log_id,
             commands: Vec::new(),
             slots: Vec::new(),
-            refused_unsent: Vec::new(),
+            refused: None,
             skip: None,
             skipped: 0,
             checkpoint: Checkpoint::Applied { log_id, epoch, log },
@@ -747,34 +940,84 @@ mod tests {
     }
 
     #[test]
-    fn refuses_records_naming_missing_dbs() {
+    fn entries_the_applier_refuses_go_alone_and_are_not_sent() {
         let mut pending: VecDeque<Pending> = [
-            write(1, 16, &[&["SET", "a", "1"]], false),
-            write(2, 0, &[&["SELECT", "20"], &["SET", "b", "1"]], true),
-            write(3, 2, &[&["SET", "c", "1"]], false),
+            write(1, 2, &[&["SET", "ok", "1"]], false),
+            write(2, 16, &[&["SET", "a", "1"]], false),
+            write(3, 0, &[&["SELECT", "20"], &["SET", "b", "1"]], true),
+            write(
+                4,
+                0,
+                &[&["DEL", "x", "__ferry:checkpoint:other:0", "y"]],
+                false,
+            ),
+            write(
+                5,
+                0,
+                &[&["RENAME", "x", "__ferry:checkpoint:other:0"]],
+                false,
+            ),
+            write(6, 2, &[&["SET", "c", "1"]], false),
         ]
         .into();
-        let batch = builder(10).build(&mut pending, 0, None).unwrap();
-        assert_eq!(batch.refused_unsent.len(), 3);
-        assert_eq!(batch.refused_unsent[0].command, "SET");
-        assert!(batch.refused_unsent[0]
-            .error
-            .contains("db 16 is out of range"));
-        assert_eq!(batch.refused_unsent[1].command, "SELECT");
-        assert!(batch.refused_unsent[1]
-            .error
-            .contains("SET in the same entry"));
-        assert!(batch.refused_unsent[2]
-            .error
-            .contains("db 20 is out of range"));
+        // The batch ends before the first refused entry...
+        let first = builder(10).build(&mut pending, 0, None).unwrap();
         assert_eq!(
-            shown(&batch),
+            (first.first, first.last, first.refused.clone()),
+            (LogId(1), LogId(1), None)
+        );
+        // ...which is a batch of its own, refused, with nothing to send.
+        let refused = |pending: &mut VecDeque<Pending>| {
+            let batch = builder(10).build(pending, 0, None).unwrap();
+            assert_eq!(batch.first, batch.last);
+            let refused = batch.refused.clone().expect("refused");
+            assert_eq!(refused.log_id, batch.last);
+            refused
+        };
+        let out_of_range = refused(&mut pending);
+        assert_eq!(out_of_range.command, "SET");
+        assert!(out_of_range.error.contains("db 16 is out of range"));
+        let selected = refused(&mut pending);
+        assert!(selected.error.contains("db 20 is out of range"));
+        // A DEL naming ferry's keys among others goes without them...
+        let del = builder(10).build(&mut pending, 0, None).unwrap();
+        assert_eq!(del.refused, None);
+        assert_eq!(shown(&del)[0], "DEL x y");
+        // ...any other command naming them is refused.
+        let rename = refused(&mut pending);
+        assert_eq!(rename.command, "RENAME");
+        assert!(
+            rename.error.contains("ferry's own keys"),
+            "{}",
+            rename.error
+        );
+        let last = builder(10).build(&mut pending, 0, None).unwrap();
+        assert_eq!(
+            shown(&last),
             [
                 "SELECT 2",
                 "SET c 1",
                 "SELECT 0",
-                "SET __ferry:checkpoint:d:0 v2 applied=3 epoch=0 log=00000000000000ab"
+                "SET __ferry:checkpoint:d:0 v2 applied=6 epoch=0 log=00000000000000ab"
             ]
+        );
+        // Held and skipped: recorded as the source sent it, the SELECT
+        // placing the command.
+        let mut pending: VecDeque<Pending> =
+            [write(3, 0, &[&["SELECT", "20"], &["SET", "b", "1"]], true)].into();
+        let hold = Hold {
+            log_id: LogId(3),
+            skip: Some(SkippedBy::Operator),
+            refused: selected.clone(),
+        };
+        let skipped = builder(10).build(&mut pending, 0, Some(&hold)).unwrap();
+        assert_eq!(skipped.refused, None);
+        let skip = skipped.skip.clone().expect("skip");
+        assert_eq!(skip.commands.len(), 1);
+        assert_eq!(skip.commands[0].0, 20);
+        assert_eq!(
+            shown(&skipped),
+            ["SET __ferry:checkpoint:d:0 v2 applied=3 epoch=0 log=00000000000000ab"]
         );
     }
 

@@ -34,7 +34,9 @@
 //!   target, refused otherwise.
 //!
 //! A refused entry is not sent at all (a transaction stays all or nothing);
-//! the applier reports it like any refused command.
+//! the applier holds at it like at an entry the target refused: blocked
+//! until `ferry skip` (or skipped at once with `on-refused =
+//! "skip-and-record"`), and recorded in the dead-letter file when skipped.
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -204,7 +206,8 @@ pub fn parse_existing_data(error: &str) -> Option<Vec<(u32, u64)>> {
         .collect()
 }
 
-fn upper(arg: &[u8]) -> String {
+/// `arg` upper-cased for logs and status, at most 64 bytes of it.
+pub(crate) fn upper(arg: &[u8]) -> String {
     String::from_utf8_lossy(&arg[..arg.len().min(64)]).to_uppercase()
 }
 

@@ -155,7 +155,11 @@
 //! entry is known ([`ApplyError::Refused`]). The applier then holds at
 //! that entry: the status says BLOCKED with its log
 //! id, command and error ([`BlockedEntry`]), batches end before it (so the
-//! entries before it are applied) and it is sent alone. What happens next
+//! entries before it are applied) and it is sent alone. An entry the
+//! applier refuses itself, before sending it (it cannot be applied without
+//! touching what this sync does not own, it names a db the target lacks, or
+//! ferry's own keys among data keys: [`batch`]), is held the same way, as
+//! an entry refusal (`transient` false). What happens next
 //! depends on the refusal and on `on-refused` ([`OnRefused`]):
 //!
 //! | refusal | `stop` (default) | `skip-and-record` |
@@ -1152,13 +1156,24 @@ impl Applier {
                     if let Some(batch) =
                         builder.build(&mut feed.pending, self.epoch, self.hold().as_ref())
                     {
-                        self.record_skip(&batch).await?;
-                        Self::queue_batch(target, &batch, &self.key, &self.wal, self.partition)
-                            .await?;
+                        if batch.refused.is_none() {
+                            self.record_skip(&batch).await?;
+                            Self::queue_batch(target, &batch, &self.key, &self.wal, self.partition)
+                                .await?;
+                        }
                         open = Some(batch);
                     }
                 }
                 if let Some(batch) = open.take() {
+                    // Refused by the applier itself: nothing of it was
+                    // queued, everything before it committed.
+                    if let Some(refused) = batch.refused {
+                        self.status.set_last_refused(refused.clone());
+                        return Err(ApplyError::Refused {
+                            refused,
+                            transient: false,
+                        });
+                    }
                     target.client.queue(&exec);
                     executing = Some(batch);
                     // The next batch waits on the server behind this EXEC.
@@ -1175,8 +1190,19 @@ impl Applier {
                         if let Some(batch) =
                             builder.build(&mut feed.pending, self.epoch, hold.as_ref())
                         {
-                            Self::queue_batch(target, &batch, &self.key, &self.wal, self.partition)
+                            // A batch the applier refuses is not queued: it
+                            // is turned into the error once the one before
+                            // it committed.
+                            if batch.refused.is_none() {
+                                Self::queue_batch(
+                                    target,
+                                    &batch,
+                                    &self.key,
+                                    &self.wal,
+                                    self.partition,
+                                )
                                 .await?;
+                            }
                             open = Some(batch);
                         }
                     }
@@ -1266,8 +1292,8 @@ impl Applier {
             self.status.add_skipped(skip.log_id);
         }
         self.passed(batch.last.next());
-        let refused_count = (refused.len() + batch.refused_unsent.len()) as u64;
-        for refused in batch.refused_unsent.iter().chain(&refused) {
+        let refused_count = refused.len() as u64;
+        for refused in &refused {
             warn!(
                 partition = %self.partition,
                 log_id = %refused.log_id,

@@ -444,12 +444,18 @@ impl Applier {
             &self.key,
             loading.encode().as_bytes(),
         );
+        // WATCHed like every batch: a late batch of an abandoned connection
+        // that moved the checkpoint makes this EXEC null.
+        target.client.queue(&Command::new(vec![
+            Bytes::from_static(b"WATCH"),
+            self.key.clone(),
+        ]));
         target.client.queue(&Command::from_parts(["MULTI"]));
         target.client.queue(&start);
         target.client.queue(&Command::from_parts(["EXEC"]));
         target.flush().await?;
-        let mut replies = Vec::with_capacity(3);
-        for _ in 0..3 {
+        let mut replies = Vec::with_capacity(4);
+        for _ in 0..4 {
             replies.push(target.reply().await?);
         }
         let result = match replies.last() {

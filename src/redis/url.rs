@@ -2,7 +2,8 @@
 //! `redis://:password@…` without a user), or a bare `host:port`. The
 //! password never appears in `Display` or `Debug` output. A user without a
 //! password (`redis://app@host`) takes its password from a file or the
-//! environment (see [`crate::secret`]).
+//! environment (see [`crate::secret`]); with neither, it is refused there
+//! (older ferry read `redis://NAME@host` as a password).
 
 use std::fmt;
 
