@@ -21,6 +21,18 @@ export PATH="$HOME/.cargo/bin:$PATH"
 if [ -z "${CARGO_TARGET_DIR:-}" ] && [ "${CI:-}" = "true" ]; then
     export CARGO_TARGET_DIR=/var/cache/ferry/target
     mkdir -p "$CARGO_TARGET_DIR"
+    # A fresh clone rebuilds ferry itself anyway: incremental state only grows.
+    export CARGO_INCREMENTAL=0
+    rm -rf "$CARGO_TARGET_DIR/debug/incremental"
+fi
+if [ -n "${CARGO_TARGET_DIR:-}" ]; then
+    mkdir -p "$CARGO_TARGET_DIR"
+    free_kib=$(df -Pk "$CARGO_TARGET_DIR" | awk 'NR==2 {print $4}')
+    if [ "${free_kib:-0}" -lt $((4 * 1024 * 1024)) ]; then
+        echo "only $((free_kib / 1024)) MiB free under $CARGO_TARGET_DIR: the build needs about 4 GiB" >&2
+        df -h "$CARGO_TARGET_DIR" >&2
+        exit 1
+    fi
 fi
 
 if [ -n "${FERRY_RDB_CORPUS:-}" ]; then
