@@ -13,6 +13,7 @@
 //!   cluster hash slots.
 
 pub mod client;
+pub mod cluster;
 pub mod command;
 pub mod psync;
 pub mod rdb;
