@@ -2,6 +2,7 @@
 //! in its own temp dir, killed on drop.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod ferry;
 pub mod load;
 pub mod proxy;
