@@ -40,7 +40,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 use prost::encoding::{encode_varint, encoded_len_varint};
 use prost::Message;
 
-use crate::redis::command::Command;
+use crate::redis::cluster::SlotRanges;
+use crate::redis::command::{Command, CLUSTER_SLOTS};
 use crate::redis::psync::ReplEntry;
 pub use crate::redis::psync::StreamedArg;
 
@@ -103,6 +104,9 @@ pub struct SnapshotMarker {
     pub chunks: u64,
     pub replid: String,
     pub offset: u64,
+    /// The hash slots the snapshot holds (one shard of a cluster source);
+    /// `None`: the whole keyspace. Loading it replaces only these slots' keys.
+    pub scope: Option<SlotRanges>,
 }
 
 /// Bounds checked when decoding.
@@ -137,6 +141,8 @@ pub enum RecordError {
     BadStreamedArg { index: usize, what: String },
     #[error("fragment {seq} is empty")]
     EmptyFragment { seq: u32 },
+    #[error("snapshot marker has a bad slot range {first}-{last} (0 <= first <= last <= 16383)")]
+    BadSlotRange { first: u32, last: u32 },
 }
 
 impl Record {
@@ -329,13 +335,17 @@ impl Record {
                     data: f.data,
                 }))
             }
-            pb::record::Kind::Snapshot(s) => Ok(Record::Snapshot(SnapshotMarker {
-                epoch: s.epoch,
-                rdb_bytes: s.rdb_bytes,
-                chunks: s.chunks,
-                replid: s.replid,
-                offset: s.offset,
-            })),
+            pb::record::Kind::Snapshot(s) => {
+                let scope = s.scope.map(scope_from_pb).transpose()?;
+                Ok(Record::Snapshot(SnapshotMarker {
+                    epoch: s.epoch,
+                    rdb_bytes: s.rdb_bytes,
+                    chunks: s.chunks,
+                    replid: s.replid,
+                    offset: s.offset,
+                    scope,
+                }))
+            }
         }
     }
 
@@ -363,10 +373,35 @@ impl Record {
                 chunks: s.chunks,
                 replid: s.replid.clone(),
                 offset: s.offset,
+                scope: s.scope.as_ref().map(|slots| pb::SlotScope {
+                    ranges: slots
+                        .ranges()
+                        .iter()
+                        .map(|&(first, last)| pb::SlotRange {
+                            first: u32::from(first),
+                            last: u32::from(last),
+                        })
+                        .collect(),
+                }),
             }),
         };
         pb::Record { kind: Some(kind) }
     }
+}
+
+fn scope_from_pb(scope: pb::SlotScope) -> Result<SlotRanges, RecordError> {
+    let mut ranges = Vec::with_capacity(scope.ranges.len().min(usize::from(CLUSTER_SLOTS)));
+    for r in scope.ranges {
+        if r.first > r.last || r.last >= u32::from(CLUSTER_SLOTS) {
+            return Err(RecordError::BadSlotRange {
+                first: r.first,
+                last: r.last,
+            });
+        }
+        // Both fit in u16: checked against CLUSTER_SLOTS above.
+        ranges.push((r.first as u16, r.last as u16));
+    }
+    Ok(SlotRanges::from_ranges(ranges))
 }
 
 /// A write must carry 1..=`max_commands` commands, none of them empty.
@@ -465,6 +500,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_marker_with_a_bad_slot_range_is_a_typed_error() {
+        for (first, last) in [(5, 4), (0, 16384), (u32::MAX, u32::MAX)] {
+            let pb = pb::Record {
+                kind: Some(pb::record::Kind::Snapshot(pb::SnapshotMarker {
+                    epoch: 1,
+                    scope: Some(pb::SlotScope {
+                        ranges: vec![pb::SlotRange { first, last }],
+                    }),
+                    ..Default::default()
+                })),
+            };
+            let err = Record::decode(&pb.encode_to_vec(), RecordLimits::default()).unwrap_err();
+            assert_eq!(err, RecordError::BadSlotRange { first, last });
+        }
+    }
+
+    #[test]
     fn round_trips() {
         let records = [
             Record::Write(WriteRecord {
@@ -508,6 +560,7 @@ mod tests {
                 chunks: 16384,
                 replid: "a".repeat(40),
                 offset: 12345,
+                scope: Some(SlotRanges::from_ranges([(0, 5460), (16383, 16383)])),
             }),
         ];
         for record in records {
@@ -557,6 +610,7 @@ mod tests {
             chunks: 1,
             replid: "r".repeat(40),
             offset: 5,
+            scope: None,
         };
         let payload = Record::Snapshot(marker.clone()).encode();
         assert_eq!(

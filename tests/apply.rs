@@ -1106,6 +1106,7 @@ async fn store_snapshot(wal: &Wal, source: &RedisServer, epoch: u64, dir: &Path)
         chunks,
         replid: report.replid.to_string(),
         offset: report.offset.0,
+        scope: None,
     }
 }
 

@@ -738,6 +738,7 @@ async fn hostile_frames_get_typed_errors_and_leave_the_wal_unchanged() {
         chunks: 1,
         replid: REPLID.into(),
         offset: 1,
+        scope: None,
     })
     .encode();
     let mut marker_entry = wal_entries(4..=4);
@@ -942,6 +943,7 @@ async fn run_test_listener(
         chunks: seq,
         replid: replid.to_string(),
         offset: offset.0,
+        scope: None,
     });
     let position = |offset: ReplOffset, db| SourcePosition {
         replid: replid.to_string(),
@@ -1071,6 +1073,7 @@ impl PsyncSnapshotProvider {
                 chunks: seq,
                 replid: replid.to_string(),
                 offset: offset.0,
+                scope: None,
             },
             marker_log_id,
         })

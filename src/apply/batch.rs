@@ -922,6 +922,7 @@ mod tests {
                 chunks: 0,
                 replid: String::new(),
                 offset: 0,
+                scope: None,
             }),
         };
         let mut pending: VecDeque<Pending> = [
@@ -1252,6 +1253,7 @@ mod tests {
                 chunks: 0,
                 replid: String::new(),
                 offset: 0,
+                scope: None,
             }),
         };
         let mut pending: VecDeque<Pending> = [fragment(9, 0), fragment(10, 1), marker].into();

@@ -547,6 +547,7 @@ impl Session {
             chunks,
             replid: replid.to_string(),
             offset: offset.0,
+            scope: None,
         });
         let range = self
             .inner()

@@ -669,6 +669,7 @@ mod tests {
             chunks: 0,
             replid: "a".repeat(40),
             offset,
+            scope: None,
         });
         NewEntry::new(
             SourcePosition {

@@ -187,6 +187,7 @@ impl SnapshotProvider for ListenerSnapshots {
                     chunks: taken.chunks,
                     replid: taken.replid,
                     offset: taken.offset,
+                    scope: None,
                 },
                 marker_log_id: taken.marker_log_id,
             })

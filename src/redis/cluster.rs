@@ -61,15 +61,22 @@ impl SlotRanges {
 
     /// Builds from any ranges (overlapping or unordered ones are merged).
     pub fn from_ranges(ranges: impl IntoIterator<Item = (u16, u16)>) -> SlotRanges {
-        let mut set = SlotRanges::new();
-        for (a, b) in ranges {
-            set.insert_range(a.min(b), a.max(b));
-        }
+        let mut set = SlotRanges(
+            ranges
+                .into_iter()
+                .map(|(a, b)| (a.min(b), a.max(b)))
+                .collect(),
+        );
+        set.normalize();
         set
     }
 
     pub fn insert_range(&mut self, first: u16, last: u16) {
-        self.0.push((first, last));
+        self.0.push((first.min(last), first.max(last)));
+        self.normalize();
+    }
+
+    fn normalize(&mut self) {
         self.0.sort_unstable();
         let mut merged: Vec<(u16, u16)> = Vec::with_capacity(self.0.len());
         for &(a, b) in &self.0 {

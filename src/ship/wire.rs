@@ -398,6 +398,7 @@ mod tests {
             chunks: 1,
             replid: "c".repeat(40),
             offset: 77,
+            scope: None,
         };
         let payload = Record::Snapshot(marker.clone()).encode();
         assert_eq!(peek_marker(&payload), Some(marker.clone()));
