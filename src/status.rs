@@ -117,6 +117,13 @@ pub struct DrainerSide {
     pub fence: Option<String>,
     /// The last command the target refused inside a committed batch.
     pub last_refused: Option<RefusedCommand>,
+    /// Entries applied as several transactions because their keys are in
+    /// several slots of a cluster target: each piece exactly once, the
+    /// entry not atomic.
+    pub split_entries: u64,
+    /// A cluster target: its masters, and the slot the applier waits on
+    /// (a migration, `TRYAGAIN`, `CLUSTERDOWN`), if any.
+    pub cluster: Option<String>,
 }
 
 /// An entry the target refuses when it is queued, holding its partition.

@@ -209,6 +209,8 @@ impl From<DrainerSide> for pb::DrainerSide {
             dead_letter_file,
             fence,
             last_refused,
+            split_entries,
+            cluster,
         } = side;
         pb::DrainerSide {
             drainer_id,
@@ -231,6 +233,8 @@ impl From<DrainerSide> for pb::DrainerSide {
             dead_letter_file,
             fence,
             last_refused: last_refused.map(Into::into),
+            split_entries,
+            cluster,
         }
     }
 }
@@ -258,6 +262,8 @@ impl From<pb::DrainerSide> for DrainerSide {
             dead_letter_file,
             fence,
             last_refused,
+            split_entries,
+            cluster,
         } = side;
         DrainerSide {
             drainer_id,
@@ -280,6 +286,8 @@ impl From<pb::DrainerSide> for DrainerSide {
             dead_letter_file,
             fence,
             last_refused: last_refused.map(Into::into),
+            split_entries,
+            cluster,
         }
     }
 }
@@ -566,6 +574,8 @@ mod tests {
                     last_skipped: Some(32),
                     dead_letter_file: Some("/d/dead-letter/d1-3.resp".into()),
                     fence: Some("client-kill".into()),
+                    split_entries: 34,
+                    cluster: Some("cluster: 3 masters".into()),
                     last_refused: Some(RefusedCommand {
                         log_id: 33,
                         command: "SET".into(),

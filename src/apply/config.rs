@@ -291,12 +291,35 @@ impl ApplyConfig {
     }
 
     /// The parsed target address, with its password read from its file or
-    /// variable.
+    /// variable: the first of the seed list when `target` is one.
     pub fn target_url(&self) -> Result<RedisUrl, ApplyConfigError> {
-        let url = self
-            .target
+        let mut seeds = self.target_seeds()?;
+        Ok(seeds.swap_remove(0))
+    }
+
+    /// Every address of `target`: one, or a comma-separated seed list of a
+    /// Redis Cluster (`redis://user:pass@host1:port,host2:port`: the first
+    /// in full, the others may be bare `host:port` and then take the first
+    /// one's credentials).
+    pub fn target_seeds(&self) -> Result<Vec<RedisUrl>, ApplyConfigError> {
+        let mut parts = self.target.split(',').map(str::trim);
+        let first = SecretUrl::from(parts.next().unwrap_or(""));
+        let url = first
             .parse_with(&self.password_source())
             .map_err(|e| bad("target", e.to_string()))?;
+        let mut seeds = vec![url.clone()];
+        for part in parts.filter(|p| !p.is_empty()) {
+            let mut seed = RedisUrl::parse(part).map_err(|e| bad("target", e.to_string()))?;
+            if seed.user.is_none() && seed.password.is_none() {
+                seed.user = url.user.clone();
+                seed.password = url.password.clone();
+            }
+            if seed.db != 0 {
+                return Err(bad("target", "a db in a seed address is not supported"));
+            }
+            seeds.push(seed);
+        }
+        let url = seeds[0].clone();
         if url.db != 0 {
             return Err(bad(
                 "target",
@@ -306,7 +329,7 @@ impl ApplyConfig {
                 ),
             ));
         }
-        Ok(url)
+        Ok(seeds)
     }
 
     /// Checks values that would make the applier misbehave rather than fail.

@@ -210,6 +210,7 @@
 
 mod batch;
 pub mod checkpoint;
+mod cluster;
 pub mod config;
 pub mod dead_letter;
 pub mod expire;
@@ -371,6 +372,11 @@ pub enum ApplyError {
     /// A skipped entry could not be recorded, so it is not skipped.
     #[error(transparent)]
     DeadLetter(#[from] DeadLetterError),
+    /// A cluster target's topology cannot be read, or changed in a way the
+    /// session cannot follow (a master it did not fence at its start).
+    /// Retried: the next session discovers the cluster again.
+    #[error("target cluster: {0}")]
+    Topology(String),
 }
 
 impl ApplyError {
@@ -395,6 +401,7 @@ impl ApplyError {
             | ApplyError::CheckpointMoved { .. }
             | ApplyError::Refused { .. }
             | ApplyError::DeadLetter(_)
+            | ApplyError::Topology(_)
             | ApplyError::Snapshot { .. } => false,
         }
     }
@@ -462,6 +469,8 @@ pub async fn run(
             progressed: false,
             keyspace: cfg.keyspace()?,
             first_load: false,
+            cluster: None,
+            cluster_nodes: Vec::new(),
             cfg,
         };
         let result = applier.run().await;
@@ -700,6 +709,12 @@ pub(crate) struct Applier {
     /// The target held no checkpoint of this sync when the session began:
     /// the next snapshot load is the first, and `existing-data` applies.
     first_load: bool,
+    /// Whether the target is a Redis Cluster (`None` until a session found
+    /// out): its sessions are [`cluster`]'s.
+    cluster: Option<bool>,
+    /// Every node of the cluster target seen so far: where the next session
+    /// discovers it when the seeds do not answer.
+    cluster_nodes: Vec<crate::redis::url::RedisUrl>,
 }
 
 impl Applier {
@@ -889,6 +904,22 @@ impl Applier {
     /// One connection to the target: read the checkpoint, then apply until
     /// shutdown or the first error.
     async fn session(&mut self, last_error: &mut Option<String>) -> Result<(), ApplyError> {
+        if self.cluster.is_none() {
+            let seeds = self.cfg.target_seeds()?;
+            let detect = cluster::detect(&seeds);
+            let found = tokio::select! {
+                _ = self.shutdown.cancelled() => return Ok(()),
+                found = tokio::time::timeout(self.cfg.reply_timeout.0, detect) => found,
+            };
+            let found = found.map_err(|_| ApplyError::Timeout(self.cfg.reply_timeout.0))??;
+            if found {
+                info!(partition = %self.partition, "the target is a Redis Cluster: applying by slot");
+            }
+            self.cluster = Some(found);
+        }
+        if self.cluster == Some(true) {
+            return self.cluster_session(last_error).await;
+        }
         let shutdown = self.shutdown.clone();
         let connect = async {
             let mut target = Target::connect(

@@ -93,7 +93,7 @@ use crate::wal::Wal;
 /// parser busy: it takes ~20 ms per 1 MiB chunk.
 const CHUNKS_PER_READ: usize = 4;
 /// Chunks queued between the WAL reader and the parser.
-const CHUNK_QUEUE: usize = 4;
+pub(super) const CHUNK_QUEUE: usize = 4;
 /// Encoded windows queued before the writer, and written windows whose
 /// replies are not read yet.
 const LOAD_QUEUE: usize = 2;
@@ -189,7 +189,7 @@ struct Produced {
 
 /// Reads the chunks of `epoch` in order into `chunk_tx`; checks them
 /// against the marker.
-async fn feed_chunks(
+pub(super) async fn feed_chunks(
     wal: Wal,
     partition: PartitionId,
     marker: SnapshotMarker,
@@ -392,7 +392,7 @@ fn describe_command(wire: &[u8]) -> (String, Option<Bytes>) {
     }
 }
 
-fn client_error(error: ClientError, reply_timeout: Duration) -> ApplyError {
+pub(super) fn client_error(error: ClientError, reply_timeout: Duration) -> ApplyError {
     match error {
         ClientError::Io(io) if io.kind() == std::io::ErrorKind::TimedOut => {
             ApplyError::Timeout(reply_timeout)
@@ -718,7 +718,7 @@ impl Applier {
 }
 
 /// Runs `f` when dropped.
-fn scopeguard(f: impl FnOnce()) -> impl Drop {
+pub(super) fn scopeguard(f: impl FnOnce()) -> impl Drop {
     struct Guard<F: FnOnce()>(Option<F>);
     impl<F: FnOnce()> Drop for Guard<F> {
         fn drop(&mut self) {

@@ -114,6 +114,8 @@ struct StatusFields {
     last_skipped: Option<LogId>,
     dead_letter_file: Option<String>,
     fence: Option<String>,
+    split_entries: u64,
+    cluster: Option<String>,
     /// `ferry skip` asked to skip this entry (the blocked one).
     skip_request: Option<LogId>,
 }
@@ -165,6 +167,15 @@ pub struct ApplyReport {
     /// (`client-kill`, or `watch-only: <why>`); `None` before the first
     /// session.
     pub fence: Option<String>,
+    /// Entries of the source applied as several transactions because their
+    /// keys live in several slots of a cluster target (or, for `FLUSHALL`
+    /// and functions, on several masters): each piece is exactly once, but
+    /// the entry is not atomic on the target.
+    pub split_entries: u64,
+    /// A cluster target: its masters, and the slot the applier waits on
+    /// (migrating, `TRYAGAIN`, `CLUSTERDOWN`), if any; `None` for a
+    /// standalone target.
+    pub cluster: Option<String>,
 }
 
 impl ApplyStatus {
@@ -188,6 +199,8 @@ impl ApplyStatus {
                 last_skipped: None,
                 dead_letter_file: None,
                 fence: None,
+                split_entries: 0,
+                cluster: None,
                 skip_request: None,
             }),
             wake: Notify::new(),
@@ -233,6 +246,8 @@ impl ApplyStatus {
             last_skipped: fields.last_skipped,
             dead_letter_file: fields.dead_letter_file,
             fence: fields.fence,
+            split_entries: fields.split_entries,
+            cluster: fields.cluster,
         }
     }
 
@@ -332,6 +347,14 @@ impl ApplyStatus {
 
     pub(crate) fn set_fence(&self, fence: String) {
         self.lock().fence = Some(fence);
+    }
+
+    pub(crate) fn add_split_entries(&self, entries: u64) {
+        self.lock().split_entries += entries;
+    }
+
+    pub(crate) fn set_cluster(&self, cluster: Option<String>) {
+        self.lock().cluster = cluster;
     }
 
     /// Asks the applier to skip `log_id`, which must be the entry it is

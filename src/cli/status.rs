@@ -435,6 +435,16 @@ fn render_drainers(out: &mut String, drainers: &[DrainerSide], style: RenderStyl
         if let Some(fence) = side.fence.as_ref().filter(|f| f.as_str() != "client-kill") {
             let _ = writeln!(out, "  part {part}: exactly-once fence: {}", clean(fence));
         }
+        if let Some(cluster) = &side.cluster {
+            let _ = writeln!(out, "  part {part}: target {}", clean(cluster));
+        }
+        if side.split_entries > 0 {
+            let _ = writeln!(
+                out,
+                "  part {part}: {} entries split over several target slots (not atomic there)",
+                side.split_entries
+            );
+        }
         if let Some(load) = side.snapshot_load.as_ref().filter(|load| !load.done) {
             let _ = writeln!(
                 out,
@@ -599,6 +609,8 @@ mod tests {
                 entries_skipped: 0,
                 last_skipped: None,
                 dead_letter_file: Some("/d/dead-letter/d1-0.resp".into()),
+                split_entries: 0,
+                cluster: None,
                 fence: Some("client-kill".into()),
                 last_refused: None,
             }],

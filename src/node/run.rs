@@ -645,6 +645,8 @@ impl DrainerPart {
                     last_skipped: report.last_skipped.map(|id| id.0),
                     dead_letter_file: report.dead_letter_file,
                     fence: report.fence,
+                    split_entries: report.split_entries,
+                    cluster: report.cluster,
                     last_refused: report.last_refused.map(|refused| RefusedCommand {
                         log_id: refused.log_id.0,
                         command: refused.command,

@@ -1,0 +1,572 @@
+//! A Redis Cluster as the target: a real standalone `redis-server` source,
+//! real clusters (tests/common/cluster.rs) as targets, `ferry sync` end to end
+//! and the applier driven directly from a WAL for precise crash points.
+//!
+//! Run: `cargo test --test cluster_target -- --test-threads 2` (each test
+//! starts its own cluster; a few minutes on a loaded box).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::cluster::{key_in_slot, Cluster};
+use common::ferry::FerryProcess;
+use common::resp::{connect, Conn, Resp};
+use common::RedisServer;
+use ferry::apply::{run, ApplyConfig, ApplyError, ApplyStatus, ExistingData, SyncState};
+use ferry::position::{LogId, PartitionId, ReplOffset};
+use ferry::record::{Record, WriteRecord};
+use ferry::redis::command::{key_hash_slot, Command};
+use ferry::wal::{NewEntry, SourcePosition, Wal, WalConfig};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const CONVERGE: Duration = Duration::from_secs(180);
+
+fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<String>) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let Some(why) = check() else { return };
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {why}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The data keys of one node (`__ferry*` left out) with a canonical text of
+/// their value.
+fn node_data(conn: &mut Conn) -> BTreeMap<String, String> {
+    conn.queue(&["KEYS", "*"]);
+    let keys: Vec<String> = match conn.replies().expect("KEYS").pop() {
+        Some(Resp::Array(Some(items))) => items.iter().filter_map(Resp::text).collect(),
+        other => panic!("KEYS reply {other:?}"),
+    };
+    let keys: Vec<String> = keys
+        .into_iter()
+        .filter(|k| !k.starts_with("__ferry"))
+        .collect();
+    for key in &keys {
+        conn.queue(&["TYPE", key]);
+    }
+    let types: Vec<String> = conn
+        .replies()
+        .expect("TYPE")
+        .iter()
+        .map(|r| r.text().unwrap_or_default())
+        .collect();
+    for (key, kind) in keys.iter().zip(&types) {
+        match kind.as_str() {
+            "string" => conn.queue(&["GET", key]),
+            "hash" => conn.queue(&["HGETALL", key]),
+            "list" => conn.queue(&["LRANGE", key, "0", "-1"]),
+            "set" => conn.queue(&["SMEMBERS", key]),
+            "zset" => conn.queue(&["ZRANGE", key, "0", "-1", "WITHSCORES"]),
+            _ => conn.queue(&["TYPE", key]),
+        }
+    }
+    let values = conn.replies().expect("values");
+    keys.into_iter()
+        .zip(types.iter().zip(values))
+        .map(|(key, (kind, value))| {
+            let mut parts: Vec<String> = match value {
+                Resp::Array(Some(items)) => items.iter().filter_map(Resp::text).collect(),
+                other => vec![other.text().unwrap_or_default()],
+            };
+            match kind.as_str() {
+                "set" => parts.sort(),
+                "hash" => {
+                    let mut pairs: Vec<String> = parts.chunks(2).map(|p| p.join("=")).collect();
+                    pairs.sort();
+                    parts = pairs;
+                }
+                _ => {}
+            }
+            (key, format!("{kind}:{}", parts.join(",")))
+        })
+        .collect()
+}
+
+fn source_data(source: &RedisServer) -> BTreeMap<String, String> {
+    node_data(&mut connect(&source.addr()))
+}
+
+fn cluster_data(cluster: &Cluster) -> BTreeMap<String, String> {
+    let mut all = BTreeMap::new();
+    for port in cluster.master_ports() {
+        all.extend(node_data(&mut cluster.node(port).conn()));
+    }
+    all
+}
+
+/// `None` when both hold the same keys and values; else what differs.
+fn difference(
+    source: &BTreeMap<String, String>,
+    target: &BTreeMap<String, String>,
+) -> Option<String> {
+    if source == target {
+        return None;
+    }
+    let missing: Vec<&String> = source.keys().filter(|k| !target.contains_key(*k)).collect();
+    let extra: Vec<&String> = target.keys().filter(|k| !source.contains_key(*k)).collect();
+    let differ: Vec<&String> = source
+        .iter()
+        .filter(|(k, v)| target.get(*k).is_some_and(|t| t != *v))
+        .map(|(k, _)| k)
+        .collect();
+    Some(format!(
+        "{} source keys, {} target keys; missing {:?}, extra {:?}, different {:?}",
+        source.len(),
+        target.len(),
+        &missing[..missing.len().min(5)],
+        &extra[..extra.len().min(5)],
+        &differ[..differ.len().min(5)]
+    ))
+}
+
+fn wait_converged(source: &RedisServer, cluster: &Cluster, ferry: &FerryProcess, when: &str) {
+    wait_for(when, CONVERGE, || {
+        let want = source_data(source);
+        let got = cluster_data(cluster);
+        difference(&want, &got).map(|d| format!("{d}\n{}", ferry.log_tail(20)))
+    });
+}
+
+fn start_source() -> RedisServer {
+    RedisServer::start(&["--repl-diskless-sync-delay", "0"])
+}
+
+/// Keys `{t}<i>`-style names that spread over every slot.
+fn key(prefix: &str, i: usize) -> String {
+    format!("{prefix}:{i}")
+}
+
+/// Runs `commands` on `conn` pipelined, asserting no error.
+fn run_all(conn: &mut Conn, commands: &[Vec<String>]) {
+    for chunk in commands.chunks(500) {
+        for cmd in chunk {
+            conn.queue(cmd);
+        }
+        for (reply, cmd) in conn.replies().expect("replies").iter().zip(chunk) {
+            assert!(
+                !matches!(reply, Resp::Error(_)),
+                "source refused {cmd:?}: {reply:?}"
+            );
+        }
+    }
+}
+
+fn words(parts: &[&str]) -> Vec<String> {
+    parts.iter().map(|s| s.to_string()).collect()
+}
+
+/// A mixed stream: strings, counters, hashes, lists, cross-slot `MSET`,
+/// `DEL k1 k2` and transactions over several slots.
+fn mixed_writes(round: usize, count: usize) -> Vec<Vec<String>> {
+    let mut out = Vec::new();
+    for i in 0..count {
+        let a = key("w", (round * count + i) % 997);
+        let b = key("w", (round * count + i * 7 + 3) % 997);
+        match i % 8 {
+            0 => out.push(words(&["SET", &a, &format!("v{round}-{i}")])),
+            1 => out.push(words(&["INCR", &key("counter", i % 50)])),
+            2 => out.push(words(&[
+                "HSET",
+                &key("hash", i % 20),
+                &format!("f{i}"),
+                "x",
+            ])),
+            3 => out.push(words(&["RPUSH", &key("list", i % 10), &format!("{i}")])),
+            4 => out.push(words(&["MSET", &a, &format!("m{i}"), &b, &format!("n{i}")])),
+            5 => out.push(words(&["DEL", &a, &key("w", (i * 13) % 997)])),
+            6 => {
+                out.push(words(&["MULTI"]));
+                out.push(words(&["INCR", &key("counter", (i + 1) % 50)]));
+                out.push(words(&["SET", &b, "in-multi"]));
+                out.push(words(&["EXEC"]));
+            }
+            _ => out.push(words(&["SADD", &key("set", i % 5), &format!("{i}")])),
+        }
+    }
+    out
+}
+
+fn split_entries(ferry: &FerryProcess) -> u64 {
+    ferry.status_json()["drainers"][0]["split_entries"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+#[test]
+fn standalone_to_cluster_full_and_incremental_converge() {
+    let source = start_source();
+    source.cmd(&["DEBUG", "POPULATE", "3000", "pre", "20"]);
+    let mut conn = connect(&source.addr());
+    run_all(&mut conn, &mixed_writes(0, 400));
+    let cluster = Cluster::start(3, 0);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("sync");
+    // The target as a seed list.
+    let ferry = FerryProcess::sync(&data, &source.url(), &cluster.seed_list(), &[]);
+    wait_converged(&source, &cluster, &ferry, "the full sync");
+    for round in 1..4 {
+        run_all(&mut conn, &mixed_writes(round, 800));
+    }
+    wait_converged(&source, &cluster, &ferry, "the stream");
+    // Every master holds a share, and nothing of ferry but its checkpoints.
+    for port in cluster.master_ports() {
+        assert!(
+            cluster.node(port).dbsize() > 500,
+            "master {port} is nearly empty"
+        );
+    }
+    let split = split_entries(&ferry);
+    assert!(split >= 300, "split entries counted: {split}");
+    let status = ferry.status_json();
+    let drainer = &status["drainers"][0];
+    assert!(
+        drainer["cluster"]
+            .as_str()
+            .unwrap_or("")
+            .contains("3 masters"),
+        "{drainer}"
+    );
+    // A FLUSHALL of the source empties every master but keeps the
+    // checkpoints; the stream goes on after it.
+    run_all(&mut conn, &[words(&["FLUSHALL"])]);
+    run_all(&mut conn, &mixed_writes(9, 200));
+    wait_converged(&source, &cluster, &ferry, "after FLUSHALL");
+    let checkpoints: usize = cluster
+        .master_ports()
+        .iter()
+        .map(
+            |&port| match cluster.node(port).call(&["KEYS", "__ferry:checkpoint:*"]) {
+                Resp::Array(Some(items)) => items.len(),
+                _ => 0,
+            },
+        )
+        .sum();
+    assert!(checkpoints > 1, "slot checkpoints kept: {checkpoints}");
+}
+
+#[test]
+fn counters_are_applied_exactly_once_across_kill9_of_ferry() {
+    let source = start_source();
+    let cluster = Cluster::start(3, 0);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("sync");
+    let mut ferry = FerryProcess::sync(&data, &source.url(), &cluster.url(), &[]);
+    let counters: Vec<String> = (0..40).map(|i| key("c", i)).collect();
+    let mut conn = connect(&source.addr());
+    let mut kills = 0;
+    for round in 0..12 {
+        let mut writes = Vec::new();
+        for i in 0..600 {
+            let c = &counters[(round * 7 + i) % counters.len()];
+            let d = &counters[(round * 3 + i * 11) % counters.len()];
+            if i % 5 == 0 {
+                // One entry over several slots: split, each piece once.
+                writes.push(words(&["MULTI"]));
+                writes.push(words(&["INCR", c]));
+                writes.push(words(&["INCRBY", d, "2"]));
+                writes.push(words(&["EXEC"]));
+            } else {
+                writes.push(words(&["INCR", c]));
+            }
+        }
+        run_all(&mut conn, &writes);
+        if round % 3 == 1 {
+            // Mid-stream: the applier is somewhere in these writes.
+            std::thread::sleep(Duration::from_millis(50 + 40 * round as u64));
+            ferry.kill9();
+            kills += 1;
+            ferry.spawn();
+        }
+    }
+    assert_eq!(kills, 4);
+    wait_converged(&source, &cluster, &ferry, "every increment");
+    let log = std::fs::read_to_string(&ferry.log).unwrap_or_default();
+    assert!(
+        log.matches("applying to a cluster").count() >= 5,
+        "every restart resumed from the checkpoints"
+    );
+}
+
+#[test]
+fn target_failover_during_writes_converges() {
+    let source = start_source();
+    let cluster = Cluster::start(3, 1);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("sync");
+    let ferry = FerryProcess::sync(&data, &source.url(), &cluster.url(), &[]);
+    let mut conn = connect(&source.addr());
+    run_all(&mut conn, &mixed_writes(0, 500));
+    wait_converged(&source, &cluster, &ferry, "before the failover");
+    let writer = {
+        let addr = source.addr();
+        std::thread::spawn(move || {
+            let mut conn = connect(&addr);
+            for round in 1..30 {
+                run_all(&mut conn, &mixed_writes(round, 200));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    let victim = cluster.master_ports()[0];
+    let promoted = cluster.failover(victim);
+    writer.join().expect("writer");
+    wait_converged(&source, &cluster, &ferry, "after the failover");
+    assert!(cluster.master_ports().contains(&promoted));
+    assert!(!cluster.master_ports().contains(&victim));
+}
+
+#[test]
+fn slot_migration_on_the_target_during_writes_converges() {
+    let source = start_source();
+    let cluster = Cluster::start(3, 0);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("sync");
+    let ferry = FerryProcess::sync(&data, &source.url(), &cluster.url(), &[]);
+    let mut conn = connect(&source.addr());
+    run_all(&mut conn, &mixed_writes(0, 500));
+    wait_converged(&source, &cluster, &ferry, "before the migration");
+    let masters = cluster.master_ports();
+    let (from, to) = (masters[0], masters[1]);
+    // A slot held half-migrated by hand (ASK), with writes into it.
+    let slot = (0..16384u16)
+        .find(|&s| cluster.master_for_slot(s).port == from)
+        .expect("a slot of the first master");
+    let hot: Vec<String> = (0..5)
+        .map(|i| key_in_slot(&format!("hot{i}"), slot))
+        .collect();
+    for k in &hot {
+        run_all(&mut conn, &[words(&["INCR", k])]);
+    }
+    wait_converged(&source, &cluster, &ferry, "the hot slot written");
+    cluster.begin_slot_migration(slot, from, to);
+    cluster.migrate_key(&hot[0], from, to);
+    for _ in 0..20 {
+        for k in &hot {
+            run_all(&mut conn, &[words(&["INCR", k])]);
+        }
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let status = ferry.status_json();
+    let shown = status["drainers"][0]["cluster"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    cluster.migrate_slot_keys(slot, from, to);
+    cluster.finish_slot_migration(slot, from, to);
+    // And a whole resharding while writes run.
+    let writer = {
+        let addr = source.addr();
+        std::thread::spawn(move || {
+            let mut conn = connect(&addr);
+            for round in 1..25 {
+                run_all(&mut conn, &mixed_writes(round, 200));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    cluster.reshard(to, masters[2], 300);
+    writer.join().expect("writer");
+    wait_converged(&source, &cluster, &ferry, "after the migrations");
+    assert!(
+        shown.contains(&format!("slot {slot}")),
+        "the status named the slot held during its migration: {shown:?}"
+    );
+}
+
+// ---- The applier driven from a WAL, for precise crash points. ----
+
+const PARTITION: PartitionId = PartitionId(0);
+const DRAINER: &str = "ct";
+const FLOOR: &str = "__ferry:checkpoint:ct:0";
+
+fn write(commands: Vec<Command>, transaction: bool) -> Record {
+    Record::Write(WriteRecord {
+        db: 0,
+        commands,
+        transaction,
+        streamed: vec![],
+    })
+}
+
+fn cmd(parts: &[&str]) -> Command {
+    Command::from_parts(parts)
+}
+
+async fn append(wal: &Wal, records: &[Record], first_offset: u64) -> LogId {
+    let entries = records
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            NewEntry::new(
+                SourcePosition {
+                    replid: "b".repeat(40),
+                    offset: ReplOffset(first_offset + i as u64),
+                    db: 0,
+                },
+                r.encode(),
+            )
+        })
+        .collect();
+    wal.append(PARTITION, entries).await.unwrap().last
+}
+
+struct Running {
+    status: Arc<ApplyStatus>,
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), ApplyError>>,
+}
+
+fn start_applier(target: &str, wal: &Wal, batch: usize) -> Running {
+    let cfg = ApplyConfig {
+        drainer_id: DRAINER.into(),
+        target: target.into(),
+        batch_max_entries: batch,
+        retry_backoff_min: "20ms".parse().unwrap(),
+        retry_backoff_max: "300ms".parse().unwrap(),
+        existing_data: ExistingData::Flush,
+        ..ApplyConfig::default()
+    };
+    let status = Arc::new(ApplyStatus::new(PARTITION));
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(run(cfg, wal.clone(), Arc::clone(&status), shutdown.clone()));
+    Running {
+        status,
+        shutdown,
+        task,
+    }
+}
+
+impl Running {
+    async fn wait(&self, what: &str, mut done: impl FnMut(&ApplyStatus) -> bool) {
+        let deadline = Instant::now() + CONVERGE;
+        while !done(&self.status) {
+            assert!(
+                !self.task.is_finished(),
+                "the applier ended: {:?}",
+                self.status.snapshot()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "{what}: {:?}",
+                self.status.snapshot()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn stop(self) -> Arc<ApplyStatus> {
+        self.shutdown.cancel();
+        let result = tokio::time::timeout(Duration::from_secs(60), self.task)
+            .await
+            .expect("stops")
+            .expect("task");
+        if let Err(error) = result {
+            panic!("the applier failed: {error}");
+        }
+        self.status
+    }
+}
+
+fn get(cluster: &Cluster, key: &str) -> Option<String> {
+    cluster.call_key(key, &["GET", key]).text()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_slot_entries_are_split_counted_and_resumed_per_slot() {
+    let cluster = tokio::task::spawn_blocking(|| Cluster::start(3, 0))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(WalConfig::with_dir(dir.path())).await.unwrap();
+    let (a, b, c) = ("{a}k", "{b}k", "{c}k");
+    assert!(key_hash_slot(b"a") != key_hash_slot(b"b"));
+    let records = vec![
+        write(vec![cmd(&["MSET", a, "1", b, "2", c, "3"])], false),
+        write(vec![cmd(&["INCR", "{a}n"]), cmd(&["INCR", "{b}n"])], true),
+        write(vec![cmd(&["DEL", a, b])], false),
+        write(vec![cmd(&["SET", "{a}one", "x"])], false),
+    ];
+    let last = append(&wal, &records, 1).await;
+    let applier = start_applier(&cluster.url(), &wal, 100);
+    applier
+        .wait("the first entries", |s| s.snapshot().applied >= last)
+        .await;
+    assert_eq!(get(&cluster, a), None);
+    assert_eq!(get(&cluster, b), None);
+    assert_eq!(get(&cluster, c).as_deref(), Some("3"));
+    assert_eq!(get(&cluster, "{a}n").as_deref(), Some("1"));
+    assert_eq!(get(&cluster, "{b}n").as_deref(), Some("1"));
+    let status = applier.stop().await;
+    // MSET over 3 slots, the transaction over 2, DEL over 2.
+    assert_eq!(status.snapshot().split_entries, 3);
+
+    // A crash after some pieces of a batch committed and before the floor:
+    // the floor is put back, the slot checkpoints stay. Started again, the
+    // applier sends each slot only what it lacks.
+    let floor_before = cluster.call_key(FLOOR, &["GET", FLOOR]).text().unwrap();
+    let more = vec![
+        write(vec![cmd(&["INCR", "{a}n"]), cmd(&["INCR", "{b}n"])], true),
+        write(vec![cmd(&["INCR", "{c}n"])], false),
+    ];
+    let last = append(&wal, &more, 10).await;
+    let applier = start_applier(&cluster.url(), &wal, 100);
+    applier
+        .wait("the second entries", |s| s.snapshot().applied >= last)
+        .await;
+    applier.stop().await;
+    assert_eq!(get(&cluster, "{a}n").as_deref(), Some("2"));
+    // Roll the floor back: as if the process died before writing it.
+    cluster.call_key(FLOOR, &["SET", FLOOR, &floor_before]);
+    // ... and as if the piece of slot {b} had not committed: its counter and
+    // its slot checkpoint back where they were.
+    let b_slot = key_hash_slot(b"b");
+    let b_key = format!("{FLOOR}:{}", tag(b_slot));
+    let b_checkpoint = cluster.call_key(&b_key, &["GET", &b_key]).text();
+    assert!(b_checkpoint.is_some(), "slot {b_slot} has a checkpoint");
+    cluster.call_key("{b}n", &["SET", "{b}n", "1"]);
+    let c_key = format!("{FLOOR}:{}", tag(key_hash_slot(b"c")));
+    cluster.call_key(&c_key, &["DEL", &c_key]);
+    cluster.call_key("{c}n", &["DEL", "{c}n"]);
+    // The {b} checkpoint goes back to the first batch's value.
+    cluster.call_key(&b_key, &["SET", &b_key, &floor_before]);
+    let applier = start_applier(&cluster.url(), &wal, 1);
+    applier
+        .wait("applied again", |s| s.snapshot().applied >= last)
+        .await;
+    applier.stop().await;
+    // {a} committed before the "crash": not applied twice. {b} and {c} did
+    // not: applied once.
+    assert_eq!(get(&cluster, "{a}n").as_deref(), Some("2"));
+    assert_eq!(get(&cluster, "{b}n").as_deref(), Some("2"));
+    assert_eq!(get(&cluster, "{c}n").as_deref(), Some("1"));
+
+    // A command that cannot be cut is held (BLOCKED), nothing of it sent.
+    let rename = vec![write(vec![cmd(&["RENAME", "{a}one", "{b}two"])], false)];
+    let held = append(&wal, &rename, 20).await;
+    let applier = start_applier(&cluster.url(), &wal, 100);
+    applier
+        .wait("held at the RENAME", |s| {
+            s.snapshot()
+                .blocked
+                .is_some_and(|b| b.log_id == held && b.command == "RENAME")
+        })
+        .await;
+    assert_eq!(applier.status.snapshot().state, SyncState::Blocked);
+    assert_eq!(get(&cluster, "{a}one").as_deref(), Some("x"));
+    applier.stop().await;
+    tokio::task::spawn_blocking(move || drop(cluster))
+        .await
+        .unwrap();
+}
+
+fn tag(slot: u16) -> String {
+    ferry::redis::cluster::tag_for_slot(slot)
+}
