@@ -47,7 +47,9 @@ pub struct ApplyConfig {
     /// `"drainer"`.
     pub drainer_id: String,
     /// The target Redis, `redis://[user[:password]@]host[:port]`. No db in
-    /// the URL: every record carries the db it was written in. Default:
+    /// the URL: every record carries the db it was written in. A Redis
+    /// Cluster target is detected; it may be any node or a comma-separated
+    /// seed list ([`ApplyConfig::target_seeds`]). Default:
     /// `"redis://127.0.0.1:6379"`.
     pub target: SecretUrl,
     /// A file holding the target's password (its content, one trailing

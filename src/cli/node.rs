@@ -37,7 +37,8 @@ pub struct SyncArgs {
     #[arg(long)]
     pub source: Option<SecretUrl>,
     /// The target Redis: `redis://[user[:password]@]host:port` (see
-    /// --target-password-file, FERRY_TARGET_PASSWORD).
+    /// --target-password-file, FERRY_TARGET_PASSWORD); a Redis Cluster is
+    /// detected, given as any node or a comma-separated seed list.
     #[arg(long)]
     pub target: Option<SecretUrl>,
     /// A file holding the source's password (one trailing newline dropped).
