@@ -207,6 +207,44 @@
 //! again from the flush. When the entries after the checkpoint were trimmed
 //! from the WAL and the first entry still stored is a snapshot marker, the
 //! applier continues from that marker.
+//!
+//! # Slot scopes
+//!
+//! A marker may carry a slot `scope` (a Redis Cluster source: one partition
+//! per shard, the shard's hash slots). All partitions of a sync apply into
+//! the same target, so a partition with a scope owns, within the owned dbs,
+//! only the keys of its slots, and never empties a db. Its scope is the one
+//! of the last marker it loaded, kept in the target next to the checkpoint
+//! ([`scope::scope_key`], written in the transaction that writes
+//! `loading=M`, read back by every session; dropped when an unscoped marker
+//! is loaded), since the marker itself is trimmed from the log once applied.
+//!
+//! Loading a scoped marker ([`scope`] has the deletion and why it is not
+//! one script):
+//!
+//! 1. first load of the partition (no checkpoint of it) with
+//!    `existing-data = "refuse"`: `WATCH` the checkpoint, then count the keys
+//!    *of the scope* in the owned dbs with `SCAN` ([`scope::count_scope`]);
+//!    any refuse the load ([`ApplyError::ExistingData`], nothing written).
+//!    Keys another partition loaded are of other slots: they never refuse
+//!    it;
+//! 2. one `MULTI` (the `WATCH` still on) writes `loading=M` and the scope;
+//! 3. unless `existing-data = "keep"`, or step 1 counted no key, the
+//!    scope's keys are deleted from every owned db in bounded steps
+//!    ([`scope::delete_scope`]: `SCAN … COUNT`, `UNLINK` of at most 1000
+//!    keys, `__ferry*` kept);
+//! 4. the RDB is loaded as above, every key whatever its slot (a shard's RDB
+//!    holds the keys of slots it is importing), then `applied=M`.
+//!
+//! Atomic: step 2 alone; its `EXEC` is refused if another connection of
+//! this applier moved the checkpoint after step 1 began (the `WATCH`). Not
+//! atomic: the count of step 1 is not a snapshot (a key of the scope that
+//! someone else writes after the `SCAN` passed its place and before step
+//! 2's `EXEC` is not counted); the deletion is visible to readers key by
+//! key. Crash-safe: nothing is deleted or loaded before `loading=M` is
+//! written, and a session that finds `loading=M` starts again at step 2
+//! (no count: it is not a first load), so the deletion is run again from
+//! the start, which is idempotent.
 
 mod batch;
 pub mod checkpoint;
@@ -216,6 +254,7 @@ pub mod expire;
 mod fence;
 pub mod keyspace;
 mod reader;
+pub mod scope;
 mod snapshot;
 pub mod status;
 mod target;
@@ -236,6 +275,7 @@ use crate::position::{LogId, PartitionId};
 use crate::record::RecordLimits;
 use crate::record::{Record, RecordError};
 use crate::redis::client::ClientError;
+use crate::redis::cluster::SlotRanges;
 use crate::redis::command::Command;
 use crate::redis::rdb_stream::RdbStreamError;
 use crate::redis::resp::{encode_array_header, encode_bulk, encode_bulk_header, Frame};
@@ -338,16 +378,20 @@ pub enum ApplyError {
     #[error("applier task failed: {0}")]
     Task(String),
     /// The first full sync into this target found keys in the dbs this sync
-    /// owns, and `existing-data = "refuse"`: nothing was written.
+    /// owns (of the partition's hash slots, when its snapshot has a slot
+    /// scope), and `existing-data = "refuse"`: nothing was written.
     #[error(
-        "partition {partition}: the target already holds keys in the dbs this sync owns ({}); \
+        "partition {partition}: the target already holds keys in the dbs this sync owns ({}{}); \
          nothing was written. Choose existing-data = \"keep\" (load over them, keep the others) \
          or \"flush\" (delete them first), or empty those dbs, or own other dbs ([filter] dbs)",
-        .dbs.iter().map(|(db, keys)| format!("db {db}: {keys} keys")).collect::<Vec<_>>().join(", ")
+        .dbs.iter().map(|(db, keys)| format!("db {db}: {keys} keys")).collect::<Vec<_>>().join(", "),
+        .slots.as_ref().map(|slots| format!(" in hash slots {slots}")).unwrap_or_default()
     )]
     ExistingData {
         partition: PartitionId,
         dbs: Vec<(u32, u64)>,
+        /// The partition's slot scope, when only its keys were counted.
+        slots: Option<SlotRanges>,
     },
     /// `EXEC` was refused because the checkpoint key changed after this
     /// connection `WATCH`ed it: a batch of an earlier, abandoned connection
@@ -462,6 +506,8 @@ pub async fn run(
             progressed: false,
             keyspace: cfg.keyspace()?,
             first_load: false,
+            scope: None,
+            scope_key: Bytes::from(scope::scope_key(&cfg.drainer_id, partition)),
             cfg,
         };
         let result = applier.run().await;
@@ -700,6 +746,12 @@ pub(crate) struct Applier {
     /// The target held no checkpoint of this sync when the session began:
     /// the next snapshot load is the first, and `existing-data` applies.
     first_load: bool,
+    /// The hash slots this partition holds on the target (the scope of the
+    /// last snapshot marker loaded, read back from [`Applier::scope_key`]);
+    /// `None`: the whole owned keyspace (a standalone source).
+    scope: Option<SlotRanges>,
+    /// Where the scope is kept in the target ([`scope::scope_key`]).
+    scope_key: Bytes,
 }
 
 impl Applier {
@@ -913,13 +965,17 @@ impl Applier {
                 });
             }
             let checkpoint = target.read_checkpoint(&self.key).await?;
-            Ok::<_, ApplyError>((target, checkpoint))
+            let scope = target.read_scope(&self.scope_key).await?;
+            Ok::<_, ApplyError>((target, checkpoint, scope))
         };
         // Nothing is in flight yet: shutdown need not wait for a slow target.
-        let (mut target, checkpoint) = tokio::select! {
+        let (mut target, checkpoint, scope) = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             connected = connect => connected?,
         };
+        // Only with a checkpoint of this partition: its scope goes with the
+        // data the checkpoint describes.
+        self.scope = if checkpoint.is_some() { scope } else { None };
         let (resume, marker_first) = self.reconcile(checkpoint).await?;
         self.passed(resume);
         self.status.set_online();
