@@ -597,3 +597,164 @@ fn scoped_deletion_survives_sigkill() {
     let value = target.cmd(&["GET", &checkpoint_key(0)]);
     assert!(value.contains(&format!("applied={last} ")), "{value}");
 }
+
+fn transaction(commands: &[&[&str]]) -> Record {
+    Record::Write(WriteRecord {
+        db: 0,
+        commands: commands.iter().map(|c| Command::from_parts(*c)).collect(),
+        transaction: true,
+        streamed: vec![],
+    })
+}
+
+/// A `FLUSHALL` (or `FLUSHDB`) in a scoped partition's stream empties only
+/// that shard at the source: on the target it deletes the keys of the
+/// partition's slots, and keeps the other partition's keys, every
+/// checkpoint and ferry's other keys. Commands after it in the same entry
+/// apply after the deletion; writes before it in the entry are erased by
+/// it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flushall_in_a_scoped_partition_deletes_only_its_slots() {
+    let source_a = RedisServer::start(&[]);
+    let source_b = RedisServer::start(&[]);
+    let target = RedisServer::start(&[]);
+    let work = tempfile::tempdir().unwrap();
+    let wal = Wal::open(wal_config(&work.path().join("wal")))
+        .await
+        .unwrap();
+    let a = pairs(&keys_in(&scope_a(), "a", 2000), "from-a");
+    let b = pairs(&keys_in(&scope_b(), "b", 2000), "from-b");
+    set_all(&source_a, &a).await;
+    set_all(&source_b, &b).await;
+    let marker_a = append_snapshot(&wal, 0, &source_a, 1, Some(scope_a()), work.path()).await;
+    let marker_b = append_snapshot(&wal, 1, &source_b, 1, Some(scope_b()), work.path()).await;
+    apply_until(&wal, &target, 0, marker_a).await;
+    apply_until(&wal, &target, 1, marker_b).await;
+    target.cmd(&["SET", "__ferry:other:key", "kept"]);
+
+    let k = keys_in(&scope_a(), "after", 4);
+    let stream_a = [
+        single(&["SET", &k[0], "before-flush"]),
+        single(&["FLUSHALL"]),
+        single(&["SET", &k[1], "after-flush"]),
+        transaction(&[
+            &["SET", &k[2], "erased"],
+            &["FLUSHDB"],
+            &["SET", &k[3], "after-flushdb"],
+            &["INCR", &k[1]],
+        ]),
+    ];
+    let stream_b = [single(&["SET", "b:0", "still-b"])];
+    let last_a = append(&wal, 0, &stream_a).await;
+    let last_b = append(&wal, 1, &stream_b).await;
+    let one = start(apply_config(&target.url(), 0, ExistingData::Refuse), &wal);
+    let other = start(apply_config(&target.url(), 1, ExistingData::Refuse), &wal);
+    one.wait_applied(last_a).await;
+    other.wait_applied(last_b).await;
+    one.stop().await;
+    other.stop().await;
+
+    let mut expected: BTreeMap<String, String> = b.iter().cloned().collect();
+    expected.insert("b:0".into(), "still-b".into());
+    expected.insert(k[3].clone(), "after-flushdb".into());
+    expected.insert(k[1].clone(), "1".into());
+    let got = data(&target).await;
+    assert_eq!(got.len(), expected.len(), "keys on the target");
+    assert_eq!(got, expected);
+    assert_eq!(target.cmd(&["GET", "__ferry:other:key"]), "kept");
+    for (partition, at) in [(0, last_a), (1, last_b)] {
+        let value = target.cmd(&["GET", &checkpoint_key(partition)]);
+        assert!(value.contains(&format!("applied={at} ")), "{value}");
+    }
+    wal.close().await.unwrap();
+}
+
+/// SIGKILL of the applier while a `FLUSHALL` of its shard deletes the
+/// partition's slots (150k of the target's 300k keys): each restart deletes
+/// again and then applies the rest of the entry once. The `INCR` after the
+/// flush in the same transaction is of a key outside the scope (a slot the
+/// shard imports), which the deletion does not reset: it ends at 1, not at
+/// the number of runs.
+#[test]
+fn a_scoped_flush_survives_sigkill_mid_deletion_exactly_once() {
+    const POPULATED: usize = 300_000;
+    let source_a = RedisServer::start(&[]);
+    let target = RedisServer::start(&[]);
+    let work = tempfile::tempdir().unwrap();
+    let wal_dir = work.path().join("wal");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let counter = keys_in(&scope_b(), "counter", 1).remove(0);
+    let erased = keys_in(&scope_a(), "erased", 1).remove(0);
+    let marker = runtime.block_on(async {
+        set_all(&source_a, &pairs(&keys_in(&scope_a(), "a", 100), "from-a")).await;
+        let wal = Wal::open(wal_config(&wal_dir)).await.unwrap();
+        let marker = append_snapshot(&wal, 0, &source_a, 1, Some(scope_a()), work.path()).await;
+        wal.close().await.unwrap();
+        marker
+    });
+    let mut child = spawn_child(&wal_dir, &target, 0, Some(marker));
+    assert!(child.wait().unwrap().success());
+    // Keys of every slot, as if written by this partition (its slots) and
+    // another one (the others), then the stream with the flush.
+    target.cmd(&["DEBUG", "POPULATE", &POPULATED.to_string(), "key", "8"]);
+    let others = populated_in(&scope_b(), POPULATED);
+    let last = runtime.block_on(async {
+        let wal = Wal::open(wal_config(&wal_dir)).await.unwrap();
+        let last = append(
+            &wal,
+            0,
+            &[
+                single(&["SET", &erased, "1"]),
+                transaction(&[&["FLUSHALL"], &["INCR", &counter]]),
+                single(&["SET", "a:after", "1"]),
+            ],
+        )
+        .await;
+        wal.close().await.unwrap();
+        last
+    });
+    let flush_entry = LogId(last.0 - 1);
+    let mut kills_mid_deletion = 0;
+    let mut before: usize = target.cmd(&["DBSIZE"]).parse().unwrap();
+    for round in 0..3 {
+        let mut child = spawn_child(&wal_dir, &target, 0, None);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let size: usize = target.cmd(&["DBSIZE"]).parse().unwrap();
+            if size + 3000 < before {
+                before = size;
+                break;
+            }
+            assert!(Instant::now() < deadline, "no deletion seen: {size}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let value = target.cmd(&["GET", &checkpoint_key(0)]);
+        let size: usize = target.cmd(&["DBSIZE"]).parse().unwrap();
+        println!("round {round}: killed at {value:?}, dbsize {size}");
+        if value.contains(&format!("applied={} ", flush_entry.prev())) && size > others + 3 {
+            kills_mid_deletion += 1;
+        }
+    }
+    assert!(kills_mid_deletion >= 1, "no kill landed mid-deletion");
+    let mut child = spawn_child(&wal_dir, &target, 0, Some(last));
+    assert!(child.wait().unwrap().success());
+
+    let got = runtime.block_on(data(&target));
+    let populated: Vec<_> = got.keys().filter(|k| k.starts_with("key:")).collect();
+    assert_eq!(populated.len(), others, "the other partition's keys");
+    let ours: BTreeMap<String, String> = got
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("key:"))
+        .collect();
+    let expected: BTreeMap<String, String> = [
+        (counter.clone(), "1".to_string()),
+        ("a:after".to_string(), "1".to_string()),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(ours, expected, "exactly once after the flush");
+    let value = target.cmd(&["GET", &checkpoint_key(0)]);
+    assert!(value.contains(&format!("applied={last} ")), "{value}");
+}

@@ -245,6 +245,24 @@
 //! written, and a session that finds `loading=M` starts again at step 2
 //! (no count: it is not a first load), so the deletion is run again from
 //! the start, which is idempotent.
+//!
+//! A `FLUSHALL`/`FLUSHDB` in a scoped partition's stream (a shard's flush
+//! empties only that shard) is the deletion of the scope's keys in the
+//! owned dbs it covers ([`batch`]): its entry `L` is never batched with
+//! others, and is applied once every batch before it committed as the
+//! deletion (outside `MULTI`: a big scope cannot be one script), then one
+//! `WATCH`/`MULTI`/`EXEC` with the rest of the entry and `applied=L`. A
+//! crash in between leaves the checkpoint at `L - 1`, and the next session
+//! runs the deletion again: from the state at `L - 1`, deleting the scope's
+//! keys ends in the same state however much of it ran before, so `L` is
+//! applied exactly once. Commands before the flush in the same entry are
+//! dropped when the flush erases them (keyed commands in a db it covers),
+//! and the entry is refused otherwise (held at like any entry the applier
+//! refuses). Keys of the scope's slots are the partition's own; keys of
+//! slots outside it that the shard held (slots it was importing) are not
+//! deleted by its flush: they belong to another partition's scope. The
+//! scope is the last marker's: slots migrated away from the shard after
+//! its snapshot are still deleted by its flush, until its next snapshot.
 
 mod batch;
 pub mod checkpoint;
@@ -1132,6 +1150,7 @@ impl Applier {
             keyspace: self.keyspace.clone(),
             expire_grace: expire::ExpireGrace::new(self.cfg.expire_grace.0),
             log_tag: self.log_tag,
+            scope: self.scope.clone(),
         }
     }
 
@@ -1196,7 +1215,7 @@ impl Applier {
     }
 
     async fn apply_loop(&mut self, target: &mut Target, feed: &mut Feed) -> Result<(), ApplyError> {
-        let builder = self.builder(target);
+        let mut builder = self.builder(target);
         let exec = Command::from_parts(["EXEC"]);
         // MULTI and commands sent, EXEC not yet.
         let mut open: Option<Batch> = None;
@@ -1213,6 +1232,13 @@ impl Applier {
                         builder.build(&mut feed.pending, self.epoch, self.hold().as_ref())
                     {
                         if batch.refused.is_none() {
+                            // Every batch before it committed: a flush of a
+                            // scoped partition deletes its scope now.
+                            if !batch.scope_delete.is_empty()
+                                && !self.delete_scope_for(target, &batch).await?
+                            {
+                                return Ok(()); // shut down during the deletion
+                            }
                             self.record_skip(&batch).await?;
                             Self::queue_batch(target, &batch, &self.key, &self.wal, self.partition)
                                 .await?;
@@ -1242,7 +1268,8 @@ impl Applier {
                     let held_next = hold
                         .as_ref()
                         .is_some_and(|hold| batch::next_unit(&feed.pending) == Some(hold.log_id));
-                    if !held_next {
+                    // (A scoped flush's deletion waits for this EXEC.)
+                    if !held_next && !builder.scoped_flush_next(&feed.pending) {
                         if let Some(batch) =
                             builder.build(&mut feed.pending, self.epoch, hold.as_ref())
                         {
@@ -1276,6 +1303,8 @@ impl Applier {
                     if !self.load_snapshot(target, log_id, marker).await? {
                         return Ok(()); // shut down during the load
                     }
+                    // The marker's scope is the partition's from now on.
+                    builder.scope = self.scope.clone();
                     self.passed(log_id.next());
                     continue;
                 }
@@ -1292,6 +1321,44 @@ impl Applier {
                 }
             }
         }
+    }
+
+    /// Deletes the partition's slot scope in the owned dbs of `batch` (a
+    /// flush of a scoped partition; module doc, "Slot scopes"), before the
+    /// batch with the rest of its entry and its checkpoint is sent. Every
+    /// batch before it committed, so running this again after a crash, from
+    /// any point, ends in the same state. Returns `false` on shutdown.
+    async fn delete_scope_for(
+        &mut self,
+        target: &mut Target,
+        batch: &Batch,
+    ) -> Result<bool, ApplyError> {
+        let Some(scope) = self.scope.clone() else {
+            return Err(ApplyError::Task("a scoped flush without a scope".into()));
+        };
+        let conn = scope::ScopeConn {
+            reply_timeout: target.reply_timeout,
+            unlink: target.caps.is_some_and(|caps| caps.at_least(4, 0)),
+        };
+        let mut total = scope::ScopeDeletion::default();
+        for &db in &batch.scope_delete {
+            let done = tokio::select! {
+                _ = self.shutdown.cancelled() => return Ok(false),
+                done = scope::delete_scope(&mut target.client, db, &scope, conn) => done?,
+            };
+            total.scanned += done.scanned;
+            total.deleted += done.deleted;
+        }
+        info!(
+            partition = %self.partition,
+            log_id = %batch.last,
+            %scope,
+            dbs = ?batch.scope_delete,
+            scanned = total.scanned,
+            deleted = total.deleted,
+            "a flush of the source shard: deleted the keys of its slots"
+        );
+        Ok(true)
     }
 
     /// Reads the replies of `batch` (whose `EXEC` was sent) and records the

@@ -3,7 +3,9 @@
 //!
 //! In: the snapshot chunks `(partition, epoch, 0..n)` from the WAL. Out: a
 //! flushed target holding the RDB's keys and functions, the checkpoint
-//! `applied=M epoch=E`, and load progress in the status.
+//! `applied=M epoch=E`, and load progress in the status. A marker with a
+//! slot scope flushes nothing: only the keys of its slots are deleted first
+//! ([`Applier::start_scoped_load`]; module doc of [`super`], "Slot scopes").
 //!
 //! ```text
 //! WAL chunks ──(feeder task, blocking reads, 1 MiB chunks)──▶ producer thread:
