@@ -301,7 +301,11 @@ fn counters_are_applied_exactly_once_across_kill9_of_ferry() {
                     }
                     break;
                 }
-                assert!(Instant::now() < deadline, "nothing applied; {}", ferry.log_tail(20));
+                assert!(
+                    Instant::now() < deadline,
+                    "nothing applied; {}",
+                    ferry.log_tail(20)
+                );
                 std::thread::sleep(Duration::from_millis(5));
             }
             ferry.spawn();

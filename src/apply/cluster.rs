@@ -154,7 +154,7 @@ use super::{stream_command, Applier, ApplyError, Feed, ReplyError};
 use crate::backoff::Backoff;
 use crate::position::LogId;
 use crate::record::{Record, SnapshotMarker, INTERNAL_PREFIX};
-use crate::redis::cluster::{discover, Topology};
+use crate::redis::cluster::{discover, SlotRanges, Topology};
 use crate::redis::command::{self, key_hash_slot, Command, CommandError, CLUSTER_SLOTS};
 use crate::redis::rdb::rebuild::{Output, RebuildOptions, RebuildStats, Rebuilder};
 use crate::redis::rdb::{ParseOptions, RdbEvent, RdbParser};
@@ -488,12 +488,20 @@ impl Applier {
             }
             let floor = self.read_floor(&mut cluster).await?;
             let slots = self.read_slot_checkpoints(&mut cluster, floor).await?;
-            Ok::<_, ApplyError>((cluster, floor, slots))
+            let scope_node = cluster.node_of(key_hash_slot(&self.scope_key))?;
+            let scope = cluster.nodes[scope_node]
+                .target
+                .read_scope(&self.scope_key)
+                .await?;
+            Ok::<_, ApplyError>((cluster, floor, slots, scope))
         };
-        let (mut cluster, floor, mut table) = tokio::select! {
+        let (mut cluster, floor, mut table, scope) = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             connected = connect => connected?,
         };
+        // Only with a floor of this partition: its scope goes with the data
+        // the floor describes.
+        self.scope = if floor.is_some() { scope } else { None };
         self.cluster_nodes = cluster.seeds.clone();
         self.status.set_cluster(Some(cluster.describe()));
         let (resume, marker_first) = self.reconcile(floor).await?;
@@ -645,6 +653,19 @@ impl Applier {
                         transient: false,
                     });
                 }
+                // Every batch before it committed: a flush of a scoped
+                // partition deletes its slots' keys now (idempotent: a crash
+                // before its floor runs it again).
+                if !batch.scope_delete.is_empty() {
+                    let Some(scope) = self.scope.clone() else {
+                        return Err(ApplyError::Task("a scoped flush without a scope".into()));
+                    };
+                    let deleted = tokio::select! {
+                        _ = self.shutdown.cancelled() => return Ok(()),
+                        deleted = delete_slots(cluster, &scope) => deleted?,
+                    };
+                    info!(partition = %self.partition, log_id = %batch.last, %scope, deleted, "a flush of the source shard: deleted the keys of its slots on every master");
+                }
                 if !self.cluster_batch(cluster, &batch, table).await? {
                     return Ok(()); // shut down while held
                 }
@@ -657,6 +678,8 @@ impl Applier {
                     if !self.cluster_load(cluster, table, log_id, marker).await? {
                         return Ok(());
                     }
+                    // The marker's scope is the partition's from now on.
+                    builder.scope = self.scope.clone();
                     self.passed(log_id.next());
                     continue;
                 }
@@ -1246,6 +1269,109 @@ return #kept";
 const COUNT_DATA_SCRIPT: &str = "\
 return redis.call('DBSIZE') - #redis.call('KEYS', '__ferry*')";
 
+/// The slots of `scope` per master serving them.
+fn slots_by_node(cluster: &ClusterTarget, scope: &SlotRanges) -> Result<Vec<Vec<u16>>, ApplyError> {
+    let mut by_node = vec![Vec::new(); cluster.nodes.len()];
+    for &(first, last) in scope.ranges() {
+        for slot in first..=last {
+            by_node[cluster.node_of(slot)?].push(slot);
+        }
+    }
+    Ok(by_node)
+}
+
+/// The data keys (`__ferry*` left out) `CLUSTER GETKEYSINSLOT` gives for
+/// each of `slots` (at most [`SLOT_KEYS`] each), pipelined on `target`.
+async fn keys_in_slots(
+    target: &mut Target,
+    slots: &[u16],
+) -> Result<Vec<(u16, usize, Vec<Bytes>)>, ApplyError> {
+    let count = SLOT_KEYS.to_string();
+    for slot in slots {
+        target.client.queue(&Command::from_parts([
+            "CLUSTER",
+            "GETKEYSINSLOT",
+            &slot.to_string(),
+            &count,
+        ]));
+    }
+    target.flush().await?;
+    let mut out = Vec::with_capacity(slots.len());
+    for &slot in slots {
+        let reply = target.reply().await?;
+        let Frame::Array(items) = reply else {
+            return Err(ApplyError::Topology(format!(
+                "CLUSTER GETKEYSINSLOT {slot}: {reply:?}"
+            )));
+        };
+        let returned = items.len();
+        let keys = items
+            .into_iter()
+            .filter_map(|item| item.as_bytes().cloned())
+            .filter(|key| !key.starts_with(INTERNAL_PREFIX))
+            .collect();
+        out.push((slot, returned, keys));
+    }
+    Ok(out)
+}
+
+/// Keys asked per slot and step by the scoped deletion and count.
+const SLOT_KEYS: usize = 1000;
+
+/// Deletes every data key of `scope`'s slots from the masters serving them
+/// (`CLUSTER GETKEYSINSLOT`, `UNLINK` of one slot's keys at a time), keeping
+/// `__ferry*` keys; returns how many. Idempotent: run again from any point it
+/// ends in the same state.
+async fn delete_slots(cluster: &mut ClusterTarget, scope: &SlotRanges) -> Result<u64, ApplyError> {
+    let by_node = slots_by_node(cluster, scope)?;
+    let mut deleted = 0u64;
+    for (index, mut slots) in by_node.into_iter().enumerate() {
+        let target = &mut cluster.nodes[index].target;
+        while !slots.is_empty() {
+            let found = keys_in_slots(target, &slots).await?;
+            let mut again = Vec::new();
+            let mut unlinks = 0usize;
+            for (slot, returned, keys) in found {
+                if keys.is_empty() {
+                    continue;
+                }
+                let mut args = vec![Bytes::from_static(b"UNLINK")];
+                args.extend(keys);
+                target.client.queue(&Command::new(args));
+                unlinks += 1;
+                if returned >= SLOT_KEYS {
+                    again.push(slot);
+                }
+            }
+            target.flush().await?;
+            for _ in 0..unlinks {
+                let reply = target.reply().await?;
+                if let Some(error) = reply.error_message() {
+                    return Err(ApplyError::Topology(format!(
+                        "deleting a slot's keys: {error}"
+                    )));
+                }
+                deleted += reply.as_integer().unwrap_or(0).max(0) as u64;
+            }
+            slots = again;
+        }
+    }
+    Ok(deleted)
+}
+
+/// The data keys of `scope`'s slots on the masters serving them.
+async fn count_slots(cluster: &mut ClusterTarget, scope: &SlotRanges) -> Result<u64, ApplyError> {
+    let by_node = slots_by_node(cluster, scope)?;
+    let mut keys = 0u64;
+    for (index, slots) in by_node.into_iter().enumerate() {
+        let target = &mut cluster.nodes[index].target;
+        for (_, _, found) in keys_in_slots(target, &slots).await? {
+            keys += found.len() as u64;
+        }
+    }
+    Ok(keys)
+}
+
 /// One command of a load: for the master of its key's slot, or for every
 /// master (functions).
 enum LoadCommand {
@@ -1383,7 +1509,10 @@ impl Applier {
         let flush = policy != ExistingData::Keep;
         if self.first_load && policy == ExistingData::Refuse {
             let mut keys = 0i64;
-            for node in &mut cluster.nodes {
+            if let Some(scope) = &marker.scope {
+                keys = count_slots(cluster, scope).await? as i64;
+            }
+            for node in cluster.nodes.iter_mut().filter(|_| marker.scope.is_none()) {
                 let count = node
                     .target
                     .call(&["EVAL", COUNT_DATA_SCRIPT, "0"])
@@ -1396,6 +1525,7 @@ impl Applier {
                 return Err(ApplyError::ExistingData {
                     partition: self.partition,
                     dbs: vec![(0, keys as u64)],
+                    slots: marker.scope.clone(),
                 });
             }
         }
@@ -1416,11 +1546,34 @@ impl Applier {
         };
         self.set_floor(cluster, Bytes::from(loading.encode()))
             .await?;
+        // The scope next to the floor (after `loading=M`: a crash before it
+        // loads the marker again, which carries it).
+        let scope_node = cluster.node_of(key_hash_slot(&self.scope_key))?;
+        let scope_cmd = match &marker.scope {
+            Some(scope) => Command::new(vec![
+                Bytes::from_static(b"SET"),
+                self.scope_key.clone(),
+                Bytes::from(super::scope::encode_scope(scope)),
+            ]),
+            None => Command::new(vec![Bytes::from_static(b"DEL"), self.scope_key.clone()]),
+        };
+        cluster.nodes[scope_node]
+            .target
+            .call_command(&scope_cmd)
+            .await?;
+        self.scope = marker.scope.clone();
         let mut pattern = self.key.to_vec();
         pattern.extend_from_slice(b":*");
         let pattern = String::from_utf8_lossy(&pattern).into_owned();
+        if let (Some(scope), true) = (&marker.scope, flush) {
+            let deleted = delete_slots(cluster, scope).await?;
+            info!(partition = %self.partition, %scope, deleted, "deleted the keys of the partition's slots on every master");
+        }
+        // A scoped partition never empties a master: only its slots' keys
+        // (deleted above) and its own slot checkpoints.
+        let flush_all = flush && marker.scope.is_none();
         for node in &mut cluster.nodes {
-            let mode = if flush { "flush" } else { "keep" };
+            let mode = if flush_all { "flush" } else { "keep" };
             node.target
                 .call(&["EVAL", LOAD_START_SCRIPT, "0", mode, &pattern])
                 .await
@@ -1430,7 +1583,7 @@ impl Applier {
                         node.addr
                     ))
                 })?;
-            if flush && caps.at_least(7, 0) && self.keyspace.owns_db(0) {
+            if flush_all && caps.at_least(7, 0) && self.keyspace.owns_db(0) {
                 if let Err(error) = node.target.call(&["FUNCTION", "FLUSH"]).await {
                     warn!(partition = %self.partition, node = %node.addr, %error, "the target refused FUNCTION FLUSH");
                 }
