@@ -11,15 +11,18 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use common::cluster::{key_in_slot, Cluster};
 use common::ferry::FerryProcess;
 use common::resp::{connect, Conn, Resp};
 use common::RedisServer;
 use ferry::apply::{run, ApplyConfig, ApplyError, ApplyStatus, ExistingData, SyncState};
 use ferry::position::{LogId, PartitionId, ReplOffset};
-use ferry::record::{Record, WriteRecord};
+use ferry::record::{Record, SnapshotMarker, WriteRecord};
+use ferry::redis::cluster::SlotRanges;
 use ferry::redis::command::{key_hash_slot, Command};
-use ferry::wal::{NewEntry, SourcePosition, Wal, WalConfig};
+use ferry::redis::url::RedisUrl;
+use ferry::wal::{NewEntry, SnapshotPhase, SnapshotState, SourcePosition, Wal, WalConfig};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -424,6 +427,15 @@ fn cmd(parts: &[&str]) -> Command {
 }
 
 async fn append(wal: &Wal, records: &[Record], first_offset: u64) -> LogId {
+    append_to(wal, PARTITION, records, first_offset).await
+}
+
+async fn append_to(
+    wal: &Wal,
+    partition: PartitionId,
+    records: &[Record],
+    first_offset: u64,
+) -> LogId {
     let entries = records
         .iter()
         .enumerate()
@@ -438,7 +450,7 @@ async fn append(wal: &Wal, records: &[Record], first_offset: u64) -> LogId {
             )
         })
         .collect();
-    wal.append(PARTITION, entries).await.unwrap().last
+    wal.append(partition, entries).await.unwrap().last
 }
 
 struct Running {
@@ -448,8 +460,13 @@ struct Running {
 }
 
 fn start_applier(target: &str, wal: &Wal, batch: usize) -> Running {
+    start_partition(target, wal, batch, 0)
+}
+
+fn start_partition(target: &str, wal: &Wal, batch: usize, partition: u32) -> Running {
     let cfg = ApplyConfig {
         drainer_id: DRAINER.into(),
+        partition,
         target: target.into(),
         batch_max_entries: batch,
         retry_backoff_min: "20ms".parse().unwrap(),
@@ -457,7 +474,7 @@ fn start_applier(target: &str, wal: &Wal, batch: usize) -> Running {
         existing_data: ExistingData::Flush,
         ..ApplyConfig::default()
     };
-    let status = Arc::new(ApplyStatus::new(PARTITION));
+    let status = Arc::new(ApplyStatus::new(PartitionId(partition)));
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(run(cfg, wal.clone(), Arc::clone(&status), shutdown.clone()));
     Running {
@@ -592,4 +609,149 @@ async fn cross_slot_entries_are_split_counted_and_resumed_per_slot() {
 
 fn tag(slot: u16) -> String {
     ferry::redis::cluster::tag_for_slot(slot)
+}
+
+// ---- Partitions with a slot scope (one per source shard) into a cluster. ----
+
+/// `n` keys `<prefix>:<i>` whose hash slot is in `scope`.
+fn keys_in(scope: &SlotRanges, prefix: &str, n: usize) -> Vec<String> {
+    (0..)
+        .map(|i| format!("{prefix}:{i}"))
+        .filter(|key| scope.contains(key_hash_slot(key.as_bytes())))
+        .take(n)
+        .collect()
+}
+
+/// Takes an RDB of `source` and stores it as `epoch` of `partition` with
+/// its marker (whose `scope` is given) appended; returns the marker's id.
+async fn append_snapshot(
+    wal: &Wal,
+    partition: PartitionId,
+    source: &RedisServer,
+    epoch: u64,
+    scope: Option<SlotRanges>,
+    dir: &std::path::Path,
+) -> LogId {
+    let file = dir.join(format!("snapshot-{partition}-{epoch}.rdb"));
+    let report = ferry::cli::fetch::fetch(&RedisUrl::parse(&source.url()).unwrap(), &file)
+        .await
+        .unwrap();
+    let rdb = Bytes::from(std::fs::read(&file).unwrap());
+    let state = |phase| SnapshotState { epoch, phase };
+    wal.set_snapshot_state(partition, state(SnapshotPhase::Writing))
+        .await
+        .unwrap();
+    let mut chunks = 0;
+    for (seq, chunk) in rdb.chunks(64 << 10).enumerate() {
+        wal.put_snapshot_chunk(partition, epoch, seq as u64, rdb.slice_ref(chunk))
+            .await
+            .unwrap();
+        chunks += 1;
+    }
+    wal.set_snapshot_state(partition, state(SnapshotPhase::Complete))
+        .await
+        .unwrap();
+    let marker = SnapshotMarker {
+        epoch,
+        rdb_bytes: rdb.len() as u64,
+        chunks,
+        replid: report.replid.to_string(),
+        offset: report.offset.0,
+        scope,
+    };
+    append_to(wal, partition, &[Record::Snapshot(marker)], 1).await
+}
+
+fn string_data(cluster: &Cluster) -> BTreeMap<String, String> {
+    cluster_data(cluster)
+        .into_iter()
+        .map(|(k, v)| (k, v.trim_start_matches("string:").to_string()))
+        .collect()
+}
+
+/// Two partitions (two source shards, each with its slot scope) into one
+/// cluster: each load and each `FLUSHALL` in a partition's stream deletes
+/// only the keys of its slots, on every master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scoped_partitions_share_a_cluster_target() {
+    let cluster = tokio::task::spawn_blocking(|| Cluster::start(3, 0))
+        .await
+        .unwrap();
+    let (scope_a, scope_b) = (
+        SlotRanges::from_ranges([(0, 8191)]),
+        SlotRanges::from_ranges([(8192, 16383)]),
+    );
+    let source_a = RedisServer::start(&[]);
+    let source_b = RedisServer::start(&[]);
+    let a = keys_in(&scope_a, "a", 1500);
+    let b = keys_in(&scope_b, "b", 1500);
+    for (source, keys, value) in [(&source_a, &a, "from-a"), (&source_b, &b, "from-b")] {
+        let mut conn = connect(&source.addr());
+        let writes: Vec<Vec<String>> = keys.iter().map(|k| words(&["SET", k, value])).collect();
+        run_all(&mut conn, &writes);
+    }
+    let work = tempfile::tempdir().unwrap();
+    let wal = Wal::open(WalConfig::with_dir(&work.path().join("wal")))
+        .await
+        .unwrap();
+    let (pa, pb) = (PartitionId(0), PartitionId(1));
+    let marker_b =
+        append_snapshot(&wal, pb, &source_b, 1, Some(scope_b.clone()), work.path()).await;
+    let marker_a =
+        append_snapshot(&wal, pa, &source_a, 1, Some(scope_a.clone()), work.path()).await;
+    let url = cluster.url();
+    let one = start_partition(&url, &wal, 64, 1);
+    one.wait("partition 1 loaded", |s| s.snapshot().applied >= marker_b)
+        .await;
+    let two = start_partition(&url, &wal, 64, 0);
+    two.wait("partition 0 loaded", |s| s.snapshot().applied >= marker_a)
+        .await;
+    let mut expected: BTreeMap<String, String> = a
+        .iter()
+        .map(|k| (k.clone(), "from-a".to_string()))
+        .chain(b.iter().map(|k| (k.clone(), "from-b".to_string())))
+        .collect();
+    let url_cluster = &cluster;
+    assert_eq!(
+        string_data(url_cluster),
+        expected,
+        "both loads, neither erasing the other"
+    );
+
+    // A's stream: a FLUSHALL of shard A, then writes.
+    let k = keys_in(&scope_a, "after", 2);
+    let stream_a = vec![
+        write(vec![cmd(&["SET", &k[0], "before-flush"])], false),
+        write(vec![cmd(&["FLUSHALL"])], false),
+        write(vec![cmd(&["SET", &k[1], "after-flush"])], false),
+    ];
+    let last_a = append_to(&wal, pa, &stream_a, 10).await;
+    let stream_b = vec![write(vec![cmd(&["SET", &b[0], "still-b"])], false)];
+    let last_b = append_to(&wal, pb, &stream_b, 10).await;
+    two.wait("A's stream", |s| s.snapshot().applied >= last_a)
+        .await;
+    one.wait("B's stream", |s| s.snapshot().applied >= last_b)
+        .await;
+    two.stop().await;
+    one.stop().await;
+    expected.retain(|key, _| !scope_a.contains(key_hash_slot(key.as_bytes())));
+    expected.insert(b[0].clone(), "still-b".into());
+    expected.insert(k[1].clone(), "after-flush".into());
+    assert_eq!(
+        string_data(&cluster),
+        expected,
+        "A's flush deleted only A's slots"
+    );
+    // The scope is kept next to each partition's floor.
+    let scope_key = "__ferry:scope:ct:0";
+    assert_eq!(
+        cluster
+            .call_key(scope_key, &["GET", scope_key])
+            .text()
+            .as_deref(),
+        Some("v1 0-8191")
+    );
+    tokio::task::spawn_blocking(move || drop(cluster))
+        .await
+        .unwrap();
 }
