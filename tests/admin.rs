@@ -188,6 +188,8 @@ fn sync_status() -> NodeStatus {
             dead_letter_file: Some("/data/dead-letter/d1-0.resp".into()),
             fence: Some("client-kill".into()),
             last_refused: None,
+            split_entries: 0,
+            cluster: None,
         }],
     }
 }

@@ -691,7 +691,7 @@ async fn scoped_partitions_share_a_cluster_target() {
         run_all(&mut conn, &writes);
     }
     let work = tempfile::tempdir().unwrap();
-    let wal = Wal::open(WalConfig::with_dir(&work.path().join("wal")))
+    let wal = Wal::open(WalConfig::with_dir(work.path().join("wal")))
         .await
         .unwrap();
     let (pa, pb) = (PartitionId(0), PartitionId(1));
