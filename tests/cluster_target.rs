@@ -321,6 +321,44 @@ fn counters_are_applied_exactly_once_across_kill9_of_ferry() {
     );
 }
 
+/// kill -9 of ferry while the snapshot loads into the cluster: the floor
+/// says `loading=M`, every master deletes again and the load restarts; the
+/// stream after it is applied once.
+#[test]
+fn kill9_mid_snapshot_load_into_a_cluster_converges() {
+    let source = start_source();
+    source.cmd(&["DEBUG", "POPULATE", "200000", "big", "64"]);
+    let cluster = Cluster::start(3, 0);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("sync");
+    let mut ferry = FerryProcess::sync(&data, &source.url(), &cluster.url(), &[]);
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let status = ferry.status_json();
+        let load = &status["drainers"][0]["snapshot_load"];
+        let keys = load["keys_loaded"].as_u64().unwrap_or(0);
+        if keys > 1000 && load["done"] == false {
+            ferry.kill9();
+            break;
+        }
+        assert!(
+            load["done"] != true,
+            "the load ended before the kill: {status}"
+        );
+        assert!(Instant::now() < deadline, "no load seen; {}", ferry.log_tail(20));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut conn = connect(&source.addr());
+    run_all(&mut conn, &mixed_writes(1, 1000));
+    ferry.spawn();
+    wait_converged(&source, &cluster, &ferry, "after the kill mid-load");
+    let log = std::fs::read_to_string(&ferry.log).unwrap_or_default();
+    assert!(
+        log.matches("loading snapshot into the cluster").count() >= 2,
+        "the load started again from the deletion"
+    );
+}
+
 #[test]
 fn target_failover_during_writes_converges() {
     let source = start_source();
