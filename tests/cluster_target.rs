@@ -345,7 +345,11 @@ fn kill9_mid_snapshot_load_into_a_cluster_converges() {
             load["done"] != true,
             "the load ended before the kill: {status}"
         );
-        assert!(Instant::now() < deadline, "no load seen; {}", ferry.log_tail(20));
+        assert!(
+            Instant::now() < deadline,
+            "no load seen; {}",
+            ferry.log_tail(20)
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     let mut conn = connect(&source.addr());
@@ -792,4 +796,64 @@ async fn scoped_partitions_share_a_cluster_target() {
     tokio::task::spawn_blocking(move || drop(cluster))
         .await
         .unwrap();
+}
+
+/// Figures, not a check: full sync of 200k keys and a stream of 100k writes
+/// into a standalone target and into a 3-master cluster, in one run.
+/// `cargo test --release --test cluster_target figures -- --ignored --nocapture`
+#[test]
+#[ignore = "figures; run by hand"]
+fn figures_standalone_vs_cluster_target() {
+    const KEYS: usize = 200_000;
+    const WRITES: usize = 100_000;
+    for kind in ["standalone", "cluster"] {
+        let source = start_source();
+        source.cmd(&["DEBUG", "POPULATE", &KEYS.to_string(), "key", "64"]);
+        let standalone = (kind == "standalone").then(|| RedisServer::start(&[]));
+        let cluster = (kind == "cluster").then(|| Cluster::start(3, 0));
+        let target_url = standalone
+            .as_ref()
+            .map(|t| t.url())
+            .or_else(|| cluster.as_ref().map(|c| c.url()))
+            .unwrap();
+        let get = |key: &str| -> Option<String> {
+            match (&standalone, &cluster) {
+                (Some(t), _) => {
+                    let value = t.cmd(&["GET", key]);
+                    (!value.is_empty()).then_some(value)
+                }
+                (_, Some(c)) => c.call_key(key, &["GET", key]).text(),
+                _ => None,
+            }
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let started = Instant::now();
+        let ferry = FerryProcess::sync(&dir.path().join("sync"), &source.url(), &target_url, &[]);
+        let last = format!("key:{}", KEYS - 1);
+        wait_for("the full sync", CONVERGE, || {
+            get(&last).is_none().then(|| ferry.log_tail(5))
+        });
+        let full = started.elapsed();
+        let mut conn = connect(&source.addr());
+        let writes: Vec<Vec<String>> = (0..WRITES)
+            .map(|i| words(&["SET", &format!("w:{i}"), "0123456789abcdef"]))
+            .chain(std::iter::once(words(&["SET", "done", "1"])))
+            .collect();
+        let started = Instant::now();
+        run_all(&mut conn, &writes);
+        let written = started.elapsed();
+        wait_for("the stream", CONVERGE, || {
+            get("done").is_none().then(|| ferry.log_tail(5))
+        });
+        let stream = started.elapsed();
+        eprintln!(
+            "FIGURE {kind}: full sync of {KEYS} keys in {:.2}s; {WRITES} SETs written in {:.2}s, \
+             applied in {:.2}s ({:.0} entries/s)",
+            full.as_secs_f64(),
+            written.as_secs_f64(),
+            stream.as_secs_f64(),
+            WRITES as f64 / stream.as_secs_f64()
+        );
+        drop(ferry);
+    }
 }

@@ -483,8 +483,30 @@ impl Applier {
                     .await?;
             // Before any checkpoint is read: whatever an earlier connection
             // still has queued at any master is discarded.
+            let mut unavailable = Vec::new();
             for node in &mut cluster.nodes {
-                self.fence(&mut node.target).await?;
+                match super::fence::fence(&mut node.target, &self.client_name).await? {
+                    super::fence::Fence::Closed(closed) if closed > 0 => {
+                        info!(partition = %self.partition, node = %node.addr, closed, "closed earlier connections of this applier at a target master");
+                    }
+                    super::fence::Fence::Closed(_) => {}
+                    super::fence::Fence::Unavailable(why) => {
+                        unavailable.push(format!("{}: {why}", node.addr));
+                    }
+                }
+            }
+            // One master without the fence is enough for the session to be
+            // guarded by WATCH alone there.
+            if unavailable.is_empty() {
+                self.status.set_fence("client-kill".to_string());
+                self.fence_warned = None;
+            } else {
+                let why = unavailable.join("; ");
+                if self.fence_warned.as_deref() != Some(why.as_str()) {
+                    warn!(partition = %self.partition, reason = %why, "cannot close earlier connections at some target masters (CLIENT not allowed); guarded by WATCH alone there");
+                    self.fence_warned = Some(why.clone());
+                }
+                self.status.set_fence(format!("watch-only: {why}"));
             }
             let floor = self.read_floor(&mut cluster).await?;
             let slots = self.read_slot_checkpoints(&mut cluster, floor).await?;
@@ -1026,10 +1048,16 @@ impl Applier {
         let set = Command::new(vec![Bytes::from_static(b"SET"), self.key.clone(), value]);
         let slot = key_hash_slot(&self.key);
         let mut backoff = Backoff::new(self.cfg.retry_backoff_min.0, self.cfg.retry_backoff_max.0);
+        let mut waited = false;
         loop {
             let node = cluster.node_of(slot)?;
             match cluster.nodes[node].target.call_command(&set).await {
-                Ok(_) => return Ok(()),
+                Ok(_) => {
+                    if waited {
+                        self.status.set_cluster(Some(cluster.describe()));
+                    }
+                    return Ok(());
+                }
                 Err(ApplyError::Client(crate::redis::client::ClientError::Server {
                     message,
                     ..
@@ -1043,6 +1071,7 @@ impl Applier {
                         _ = tokio::time::sleep(backoff.next_delay()) => {}
                     }
                     cluster.refresh().await?;
+                    waited = true;
                 }
                 Err(error) => return Err(error),
             }
