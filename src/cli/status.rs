@@ -618,6 +618,27 @@ mod tests {
     }
 
     #[test]
+    fn renders_a_cluster_target_and_its_split_entries() {
+        let mut status = online();
+        let drainer = &mut status.drainers[0];
+        drainer.cluster = Some("cluster: 3 masters (127.0.0.1:7000, 127.0.0.1:7001, 127.0.0.1:7002); waiting on slot 12: ASK 12 127.0.0.1:7001".into());
+        drainer.split_entries = 17;
+        let text = render_status(&status, NOW, RenderStyle::default());
+        assert!(
+            text.contains("  part 0: target cluster: 3 masters (127.0.0.1:7000, 127.0.0.1:7001, 127.0.0.1:7002); waiting on slot 12: ASK 12 127.0.0.1:7001\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "  part 0: 17 entries split over several target slots (not atomic there)\n"
+            ),
+            "{text}"
+        );
+        let plain = render_status(&online(), NOW, RenderStyle::default());
+        assert!(!plain.contains("split over"), "{plain}");
+    }
+
+    #[test]
     fn renders_a_blocked_partition_and_what_was_skipped() {
         let mut status = online();
         let drainer = &mut status.drainers[0];
