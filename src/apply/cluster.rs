@@ -45,10 +45,14 @@
 //! ```
 //!
 //! with every piece of the batch sent at once (one connection per master,
-//! pieces of different slots are independent). Once every piece committed,
-//! the floor is set to `b` (a plain `SET`). A batch is sent only after the
-//! one before it has its floor written, so two pieces of one slot are never
-//! in flight together. On start (every session) the applier reads the floor
+//! pieces of different slots are independent). A batch is sent only once
+//! every piece of the one before committed, so two pieces of one slot are
+//! never in flight together. The floor follows lazily: at most 200 ms after
+//! the pieces it covers committed (sooner when idle, before a barrier or a
+//! load, on shutdown), the applier `WAIT`s (up to 1 s) for the replicas of
+//! every master that got pieces since the last floor, then `SET`s the floor
+//! to the last batch whose pieces all committed; the WAL's applied mark and
+//! ack follow the floor. On start (every session) the applier reads the floor
 //! and every slot checkpoint (pipelined `GET`s per master), resumes the WAL
 //! after the floor, and sends to slot `s` only the commands of entries above
 //! `s`'s checkpoint: a piece that committed is never sent again, one that did
@@ -110,11 +114,14 @@
 //!   the next one discovers the cluster again (from the seeds and every node
 //!   it knew) and reconnects through the new map.
 //!
-//! A master that comes back from a failover *without* writes it had
-//! acknowledged (asynchronous replication lost them) may miss pieces below
-//! the floor, which lives on another master: unlike on a standalone target
-//! they are not applied again. A coordinated `CLUSTER FAILOVER` loses
-//! nothing.
+//! A replica promoted after a crash of its master holds every piece below
+//! the floor when its replicas acknowledged the `WAIT` before the floor
+//! moved (pieces above the floor are applied again from its own slot
+//! checkpoints). A replica that did not acknowledge within the `WAIT`'s
+//! second (lagging, down) is logged, and the floor moves anyway: if its
+//! master then crashes and it is promoted without those pieces, they are
+//! not applied again (the floor lives on another master). A coordinated
+//! `CLUSTER FAILOVER` loses nothing.
 //!
 //! # Snapshot loads
 //!
@@ -146,16 +153,17 @@
 //!
 //! Every piece is `WATCH`, `MULTI`, its commands, `SET`, `EXEC`: with keys
 //! spread over the slots, about four extra commands per entry, and a batch
-//! waits for its floor before the next is sent (no pipelining of one batch
+//! waits for the pieces of the one before (no pipelining of one batch
 //! behind the `EXEC` of the one before, unlike a standalone target). Debug
-//! build, one box: 100k `SET`s applied at ~14k entries/s into 3 masters
-//! against ~27k into a standalone target; a 200k-key full sync as fast
-//! (tests/cluster_target.rs `figures_standalone_vs_cluster_target`).
+//! build, one shared box: 100k `SET`s applied at ~26k entries/s into 3
+//! masters against ~51k into a standalone target in the same run; a 200k-key
+//! full sync as fast (tests/cluster_target.rs
+//! `figures_standalone_vs_cluster_target`).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -188,6 +196,11 @@ const SLOTS: usize = CLUSTER_SLOTS as usize;
 const NO_NODE: usize = usize::MAX;
 /// Commands handed from the load's parser thread to the router at a time.
 const LOAD_CHUNK: usize = 256;
+/// The floor is written at most this long after the pieces it covers
+/// committed (sooner when idle, before a barrier or a load, on shutdown).
+const FLOOR_INTERVAL: Duration = Duration::from_millis(200);
+/// How long the floor waits for the replicas of the masters it covers.
+const FLOOR_WAIT_MS: u64 = 1000;
 /// Refused snapshot commands logged one by one per load.
 const LOGGED_REFUSALS: u64 = 10;
 
@@ -246,6 +259,11 @@ struct Node {
     id: String,
     addr: String,
     target: Target,
+    /// Replicas of this master in the topology (`WAIT` for them before the
+    /// floor moves past pieces sent here).
+    replicas: usize,
+    /// Pieces were committed here since the floor was last written.
+    touched: bool,
 }
 
 /// The target cluster as one session sees it.
@@ -257,6 +275,11 @@ struct ClusterTarget {
     /// seen.
     seeds: Vec<RedisUrl>,
     template: RedisUrl,
+    /// The end of the last segment whose pieces all committed, when the
+    /// floor is not written up to it yet.
+    pending_floor: Option<LogId>,
+    /// When the floor was last written.
+    floor_written: Instant,
 }
 
 impl ClusterTarget {
@@ -278,6 +301,8 @@ impl ClusterTarget {
                 id: shard.master.id.clone(),
                 addr: shard.master.addr.clone(),
                 target,
+                replicas: shard.replicas.iter().filter(|r| !r.failing).count(),
+                touched: false,
             });
         }
         let mut cluster = ClusterTarget {
@@ -285,6 +310,8 @@ impl ClusterTarget {
             owner: vec![NO_NODE; SLOTS],
             seeds,
             template,
+            pending_floor: None,
+            floor_written: Instant::now(),
         };
         cluster.remap(&topology)?;
         Ok(cluster)
@@ -302,6 +329,7 @@ impl ClusterTarget {
                     shard.slots()
                 )));
             };
+            self.nodes[index].replicas = shard.replicas.iter().filter(|r| !r.failing).count();
             for &(first, last) in shard.slots().ranges() {
                 for slot in first..=last {
                     owner[usize::from(slot)] = index;
@@ -684,6 +712,7 @@ impl Applier {
         loop {
             feed.take_ready()?;
             if self.shutdown.is_cancelled() {
+                self.flush_floor(cluster).await?;
                 return Ok(());
             }
             if let Some(batch) = builder.build(&mut feed.pending, self.epoch, self.hold().as_ref())
@@ -717,6 +746,8 @@ impl Applier {
                 if let Record::Snapshot(marker) = &front.record {
                     let (log_id, marker) = (front.log_id, marker.clone());
                     feed.pending.pop_front();
+                    // The load rewrites the floor (`loading=M`, `applied=M`).
+                    self.flush_floor(cluster).await?;
                     if !self.cluster_load(cluster, table, log_id, marker).await? {
                         return Ok(());
                     }
@@ -726,6 +757,8 @@ impl Applier {
                     continue;
                 }
             }
+            // Idle: the floor catches up before waiting.
+            self.flush_floor(cluster).await?;
             tokio::select! {
                 _ = self.shutdown.cancelled() => return Ok(()),
                 run = feed.runs.recv() => {
@@ -760,7 +793,6 @@ impl Applier {
     ) -> Result<bool, ApplyError> {
         if let Some(skip) = &batch.skip {
             self.record_skip(batch).await?;
-            self.write_floor(cluster, batch.last).await?;
             warn!(
                 partition = %self.partition,
                 log_id = %skip.log_id,
@@ -772,6 +804,7 @@ impl Applier {
             );
             self.status.add_skipped(skip.log_id);
             self.floor_reached(batch.last, 0, Vec::new(), batch.skipped, 0);
+            self.flush_floor_at(cluster, batch.last).await?;
             return Ok(true);
         }
         // The data commands of each entry, in order.
@@ -846,6 +879,7 @@ impl Applier {
                     }
                     skipped = 0;
                 }
+                self.flush_floor(cluster).await?;
                 self.apply_barrier(cluster, entry).await?;
                 start = log_id.next();
                 continue;
@@ -887,8 +921,79 @@ impl Applier {
         }
         self.status.set_applied(floor, self.epoch);
         self.status.set_online();
-        let _ = self.applied_tx.send(floor);
         self.progressed = true;
+    }
+
+    /// Every piece up to `end` committed: the floor moves there at the
+    /// latest [`FLOOR_INTERVAL`] after its last write (sooner when idle,
+    /// before a barrier or a load, on shutdown).
+    async fn floor_due(
+        &mut self,
+        cluster: &mut ClusterTarget,
+        end: LogId,
+    ) -> Result<(), ApplyError> {
+        cluster.pending_floor = Some(end);
+        if cluster.floor_written.elapsed() >= FLOOR_INTERVAL {
+            self.flush_floor(cluster).await?;
+        }
+        Ok(())
+    }
+
+    /// Moves the floor to `end` now (a skip: no piece to wait for).
+    async fn flush_floor_at(
+        &mut self,
+        cluster: &mut ClusterTarget,
+        end: LogId,
+    ) -> Result<(), ApplyError> {
+        cluster.pending_floor = Some(end);
+        self.flush_floor(cluster).await
+    }
+
+    /// Writes the pending floor, after `WAIT`ing (up to
+    /// [`FLOOR_WAIT_MS`]) for the replicas of every master that got pieces
+    /// since the last floor, so that a replica promoted after a crash of its
+    /// master holds every piece below the floor; the WAL's applied mark and
+    /// ack follow the floor.
+    async fn flush_floor(&mut self, cluster: &mut ClusterTarget) -> Result<(), ApplyError> {
+        let Some(end) = cluster.pending_floor else {
+            return Ok(());
+        };
+        let wait_ms = FLOOR_WAIT_MS.to_string();
+        let mut waiting = Vec::new();
+        for (index, node) in cluster.nodes.iter_mut().enumerate() {
+            if node.touched && node.replicas > 0 {
+                let replicas = node.replicas.to_string();
+                node.target.client.queue(&Command::from_parts([
+                    "WAIT",
+                    replicas.as_str(),
+                    wait_ms.as_str(),
+                ]));
+                node.target.flush().await?;
+                waiting.push(index);
+            }
+        }
+        for index in waiting {
+            let node = &mut cluster.nodes[index];
+            let acked = node.target.reply().await?.as_integer().unwrap_or(0);
+            if acked < node.replicas as i64 {
+                warn!(
+                    partition = %self.partition,
+                    node = %node.addr,
+                    acked,
+                    replicas = node.replicas,
+                    "not every replica of a target master acknowledged its pieces in time; the \
+                     floor moves anyway (a crash of that master now may lose them)"
+                );
+            }
+        }
+        self.write_floor(cluster, end).await?;
+        for node in &mut cluster.nodes {
+            node.touched = false;
+        }
+        cluster.pending_floor = None;
+        cluster.floor_written = Instant::now();
+        let _ = self.applied_tx.send(end);
+        Ok(())
     }
 
     /// Applies the entries of `segment` (all keyed) up to `end` as one piece
@@ -954,6 +1059,7 @@ impl Applier {
                             applied += n;
                             refused.extend(r);
                             table.0[usize::from(*slot)] = end;
+                            cluster.nodes[node].touched = true;
                         }
                         PieceOutcome::Redirect(why) => {
                             redirect.get_or_insert((*slot, why));
@@ -988,8 +1094,8 @@ impl Applier {
             self.cluster_nodes = cluster.seeds.clone();
             self.status.set_cluster(Some(cluster.describe()));
         }
-        self.write_floor(cluster, end).await?;
         self.floor_reached(end, applied, refused, skipped, split);
+        self.floor_due(cluster, end).await?;
         Ok(true)
     }
 
@@ -1210,6 +1316,8 @@ impl Applier {
         }
         let split = u64::from(cluster.nodes.len() > 1 && !every.is_empty());
         self.floor_reached(entry.log_id, applied, refused, 0, split);
+        cluster.floor_written = Instant::now();
+        let _ = self.applied_tx.send(entry.log_id);
         Ok(())
     }
 }
@@ -1801,6 +1909,7 @@ impl Applier {
         };
         self.set_floor(cluster, Bytes::from(applied.encode()))
             .await?;
+        cluster.floor_written = Instant::now();
         self.epoch = epoch;
         progress.bytes_loaded = bytes_fed.load(Ordering::Relaxed);
         progress.keys_loaded = stats.keys_loaded();
