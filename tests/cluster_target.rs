@@ -55,12 +55,7 @@ fn node_data(conn: &mut Conn) -> BTreeMap<String, String> {
     for key in &keys {
         conn.queue(&["TYPE", key]);
     }
-    let types: Vec<String> = conn
-        .replies()
-        .expect("TYPE")
-        .iter()
-        .map(|r| r.text().unwrap_or_default())
-        .collect();
+    let types: Vec<String> = conn.replies().expect("TYPE").iter().map(shown).collect();
     for (key, kind) in keys.iter().zip(&types) {
         match kind.as_str() {
             "string" => conn.queue(&["GET", key]),
@@ -76,8 +71,8 @@ fn node_data(conn: &mut Conn) -> BTreeMap<String, String> {
         .zip(types.iter().zip(values))
         .map(|(key, (kind, value))| {
             let mut parts: Vec<String> = match value {
-                Resp::Array(Some(items)) => items.iter().filter_map(Resp::text).collect(),
-                other => vec![other.text().unwrap_or_default()],
+                Resp::Array(Some(items)) => items.iter().map(shown).collect(),
+                other => vec![shown(&other)],
             };
             match kind.as_str() {
                 "set" => parts.sort(),
@@ -91,6 +86,16 @@ fn node_data(conn: &mut Conn) -> BTreeMap<String, String> {
             (key, format!("{kind}:{}", parts.join(",")))
         })
         .collect()
+}
+
+/// A reply as text; an error reply (a cluster not up yet) as `ERR <it>`,
+/// which never equals a value, so the comparison waits.
+fn shown(reply: &Resp) -> String {
+    match reply {
+        Resp::Error(error) => format!("ERR {error}"),
+        Resp::Int(n) => n.to_string(),
+        other => other.text().unwrap_or_default(),
+    }
 }
 
 fn source_data(source: &RedisServer) -> BTreeMap<String, String> {
@@ -389,6 +394,55 @@ fn target_failover_during_writes_converges() {
     wait_converged(&source, &cluster, &ferry, "after the failover");
     assert!(cluster.master_ports().contains(&promoted));
     assert!(!cluster.master_ports().contains(&victim));
+}
+
+/// kill -9 of a target master during writes: its replica takes over after
+/// the cluster's node timeout; the applier rediscovers the cluster, reads
+/// the promoted replica's slot checkpoints and converges (the floor only
+/// moved past pieces its replica acknowledged with `WAIT`).
+#[test]
+fn target_master_killed_during_writes_converges() {
+    let source = start_source();
+    let mut cluster = Cluster::start(3, 1);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("sync");
+    // The seed list names every node: any may be the one killed.
+    let ferry = FerryProcess::sync(&data, &source.url(), &cluster.seed_list(), &[]);
+    let mut conn = connect(&source.addr());
+    run_all(&mut conn, &mixed_writes(0, 500));
+    wait_converged(&source, &cluster, &ferry, "before the kill");
+    let writer = {
+        let addr = source.addr();
+        std::thread::spawn(move || {
+            let mut conn = connect(&addr);
+            for round in 1..40 {
+                run_all(&mut conn, &mixed_writes(round, 200));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let victim = cluster.master_ports()[1];
+    let slot = (0..16384u16)
+        .find(|&s| cluster.master_for_slot(s).port == victim)
+        .expect("a slot of the victim");
+    cluster.kill9(victim);
+    let promoted = cluster.wait_promoted_after_crash(victim, slot);
+    // Every master answers again (cluster_state ok).
+    wait_for("the cluster up again", CONVERGE, || {
+        let down: Vec<u16> = cluster
+            .master_ports()
+            .into_iter()
+            .filter(|&p| {
+                let info = cluster.node(p).call(&["CLUSTER", "INFO"]);
+                !shown(&info).contains("cluster_state:ok")
+            })
+            .collect();
+        (!down.is_empty()).then(|| format!("masters {down:?} refuse"))
+    });
+    writer.join().expect("writer");
+    wait_converged(&source, &cluster, &ferry, "after the master was killed");
+    assert_ne!(promoted, victim);
 }
 
 #[test]
