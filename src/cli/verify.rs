@@ -15,11 +15,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use clap::Args;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::apply::expire::DEFAULT_EXPIRE_GRACE;
 use crate::config_units::HumanDuration;
-use crate::secret::{url_from_flags, FlagUrlError, SecretUrl};
+use crate::redis::cluster::parse_seed_list;
+use crate::redis::url::RedisUrl;
+use crate::secret::{url_from_flags, FlagUrlError, SecretError, SecretUrl};
 use crate::verify::{self, Mode, VerifyConfig, VerifyError};
 
 /// `ferry verify` arguments.
@@ -27,11 +29,14 @@ use crate::verify::{self, Mode, VerifyConfig, VerifyError};
 pub struct VerifyArgs {
     /// The reference server: `redis://[user[:password]@]host:port` (a
     /// password here shows in `ps`: prefer --source-password-file or
-    /// FERRY_SOURCE_PASSWORD).
+    /// FERRY_SOURCE_PASSWORD). A Redis Cluster is found out by itself: give
+    /// any node, or a comma-separated seed list (`redis://a:7000,b:7001`,
+    /// the others taking the first one's credentials); every master is
+    /// scanned and each key read from the master serving its slot.
     #[arg(long)]
     pub source: SecretUrl,
-    /// The server checked against it (see --target-password-file,
-    /// FERRY_TARGET_PASSWORD).
+    /// The server checked against it, standalone or a cluster like
+    /// --source (see --target-password-file, FERRY_TARGET_PASSWORD).
     #[arg(long)]
     pub target: SecretUrl,
     /// A file holding the source's password.
@@ -40,7 +45,8 @@ pub struct VerifyArgs {
     /// A file holding the target's password.
     #[arg(long, value_name = "FILE")]
     pub target_password_file: Option<PathBuf>,
-    /// A db to compare (repeatable) [default: every db holding keys on either side].
+    /// A db to compare (repeatable) [default: every db holding keys on
+    /// either side]. A cluster has db 0 only.
     #[arg(long = "db", value_name = "N")]
     pub dbs: Vec<u32>,
     /// Only keys matching this SCAN MATCH pattern.
@@ -79,10 +85,13 @@ pub struct VerifyArgs {
 
 impl VerifyArgs {
     pub fn config(&self) -> Result<VerifyConfig, FlagUrlError> {
-        let mut config = VerifyConfig::new(
-            url_from_flags("source", &self.source, self.source_password_file.as_deref())?,
-            url_from_flags("target", &self.target, self.target_password_file.as_deref())?,
-        );
+        let (source, source_seeds) =
+            seeds_from_flags("source", &self.source, self.source_password_file.as_deref())?;
+        let (target, target_seeds) =
+            seeds_from_flags("target", &self.target, self.target_password_file.as_deref())?;
+        let mut config = VerifyConfig::new(source, target);
+        config.source_seeds = source_seeds;
+        config.target_seeds = target_seeds;
         config.dbs = self.dbs.clone();
         config.pattern = self.pattern.clone().map(Bytes::from);
         config.mode = self.mode;
@@ -95,6 +104,52 @@ impl VerifyArgs {
         config.max_listed = self.max_listed;
         Ok(config)
     }
+}
+
+/// The address of `--source` or `--target` (`which`): one address, or a
+/// cluster's comma-separated seed list, whose first address takes its
+/// password as [`url_from_flags`] says and whose other addresses without
+/// credentials take the first one's ([`parse_seed_list`]). Returns the first
+/// address and the others.
+fn seeds_from_flags(
+    which: &'static str,
+    text: &SecretUrl,
+    password_file: Option<&Path>,
+) -> Result<(RedisUrl, Vec<RedisUrl>), FlagUrlError> {
+    let Some((first_text, rest)) = text.split_once(',') else {
+        return Ok((url_from_flags(which, text, password_file)?, Vec::new()));
+    };
+    let first = url_from_flags(which, &SecretUrl::new(first_text.trim()), password_file)?;
+    let as_given = RedisUrl::parse(first_text.trim()).map_err(|e| FlagUrlError {
+        which,
+        error: SecretError::Url(e),
+    })?;
+    let mut others = Vec::new();
+    for mut seed in parse_seed_list(&format!("{first_text},{rest}"))
+        .map_err(|e| FlagUrlError {
+            which,
+            error: SecretError::Url(e),
+        })?
+        .into_iter()
+        .skip(1)
+    {
+        // Inherited from the address as written: take the credentials the
+        // first one ended up with (its password may come from a file).
+        if seed.user == as_given.user && seed.password == as_given.password {
+            seed.user = first.user.clone();
+            seed.password = first.password.clone();
+        }
+        if seed.user.is_some() && seed.password.is_none() {
+            return Err(FlagUrlError {
+                which,
+                error: SecretError::UserWithoutPassword {
+                    url: format!("redis://***@{}", seed.addr()),
+                },
+            });
+        }
+        others.push(seed);
+    }
+    Ok((first, others))
 }
 
 /// Why `ferry verify` did not end with "equal".

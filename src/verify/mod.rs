@@ -78,6 +78,7 @@
 //! bigger); what grows with the data is the set of differing keys kept
 //! between passes (each key's name and a one-line description).
 
+mod cluster;
 mod compare;
 mod conn;
 pub mod rate;
@@ -90,13 +91,13 @@ use bytes::Bytes;
 use serde::Serialize;
 
 use self::compare::{check_keys, Pair};
-use self::conn::Conn;
-pub use self::report::{escape_key, render_report, DbReport, KeyReport, VerifyReport};
+use self::conn::{Conn, KeyCommand};
+pub use self::report::{
+    escape_key, render_report, DbReport, KeyReport, SideTopology, VerifyReport,
+};
 use crate::apply::expire::DEFAULT_EXPIRE_GRACE;
-use crate::record::INTERNAL_PREFIX;
 use crate::redis::client::ClientError;
-use crate::redis::command::Command;
-use crate::redis::resp::Frame;
+use crate::redis::cluster::TopologyError;
 use crate::redis::url::RedisUrl;
 
 /// Which server a message is about.
@@ -174,8 +175,13 @@ pub struct Difference {
 /// What to compare and how fast.
 #[derive(Debug, Clone)]
 pub struct VerifyConfig {
+    /// The source: a standalone server, or any node of a cluster.
     pub source: RedisUrl,
     pub target: RedisUrl,
+    /// More nodes of a cluster side given as a seed list, tried after
+    /// `source` (`target`) when it does not answer. Default none.
+    pub source_seeds: Vec<RedisUrl>,
+    pub target_seeds: Vec<RedisUrl>,
     /// Dbs to compare; empty: every db holding keys on either side
     /// (`INFO keyspace`).
     pub dbs: Vec<u32>,
@@ -217,6 +223,8 @@ impl VerifyConfig {
         VerifyConfig {
             source,
             target,
+            source_seeds: Vec::new(),
+            target_seeds: Vec::new(),
             dbs: Vec::new(),
             pattern: None,
             mode: Mode::Full,
@@ -232,6 +240,32 @@ impl VerifyConfig {
             pass_interval: Duration::from_secs(1),
             max_listed: 1000,
         }
+    }
+}
+
+impl VerifyConfig {
+    /// Every address given for `side`, the first one first.
+    pub fn seeds(&self, side: Side) -> Vec<RedisUrl> {
+        let (first, more) = match side {
+            Side::Source => (&self.source, &self.source_seeds),
+            Side::Target => (&self.target, &self.target_seeds),
+        };
+        std::iter::once(first).chain(more).cloned().collect()
+    }
+
+    /// `side`'s address(es) for the report, without passwords:
+    /// `redis://host:port` or `redis://host:port,host2:port2,…`.
+    pub fn describe(&self, side: Side) -> String {
+        let mut text = String::new();
+        for (i, url) in self.seeds(side).iter().enumerate() {
+            if i == 0 {
+                text.push_str(&url.to_string());
+            } else {
+                text.push(',');
+                text.push_str(&url.addr());
+            }
+        }
+        text
     }
 }
 
@@ -266,6 +300,34 @@ pub enum VerifyError {
         command: String,
         reply: String,
     },
+    #[error("the {side} is a Redis Cluster whose slot map cannot be read: {source}")]
+    Topology {
+        side: Side,
+        #[source]
+        source: TopologyError,
+    },
+    #[error(
+        "the {side} was given as a seed list (for a Redis Cluster) but {url} is a standalone server"
+    )]
+    NotCluster { side: Side, url: String },
+    #[error(
+        "the {side} is a Redis Cluster, which has db 0 only: db {db} cannot be compared there \
+         (it was asked for, or holds keys on the other side; compare db 0 alone with --db 0)"
+    )]
+    ClusterDb { side: Side, db: u32 },
+    #[error("the {side} redirected {command} ({at}) more than {limit} times; last: {last}")]
+    Redirects {
+        side: Side,
+        at: String,
+        command: String,
+        limit: usize,
+        last: String,
+    },
+    #[error(
+        "the {side} cluster's slots kept moving while its keys were walked (walked again for \
+         {secs} s): a resharding in progress? verify again once it ends"
+    )]
+    Unsettled { side: Side, secs: u64 },
 }
 
 /// Progress, reported after each pass of each db.
@@ -293,12 +355,12 @@ pub async fn run_observed(
 ) -> Result<VerifyReport, VerifyError> {
     let started = Instant::now();
     let mut pair = Pair {
-        source: Conn::connect(Side::Source, &config.source, config.qps).await?,
-        target: Conn::connect(Side::Target, &config.target, config.qps).await?,
+        source: Conn::connect(Side::Source, &config.seeds(Side::Source), config.qps).await?,
+        target: Conn::connect(Side::Target, &config.seeds(Side::Target), config.qps).await?,
     };
     let dbs = if config.dbs.is_empty() {
-        let mut dbs = keyspace_dbs(&mut pair.source).await?;
-        dbs.extend(keyspace_dbs(&mut pair.target).await?);
+        let mut dbs = pair.source.keyspace_dbs().await?;
+        dbs.extend(pair.target.keyspace_dbs().await?);
         dbs
     } else {
         config.dbs.clone()
@@ -307,6 +369,7 @@ pub async fn run_observed(
     dbs.sort_unstable();
     dbs.dedup();
 
+    let walked = !dbs.is_empty();
     let mut db_reports = Vec::with_capacity(dbs.len());
     let mut listed = Vec::new();
     let mut total = 0u64;
@@ -334,8 +397,8 @@ pub async fn run_observed(
         db_reports.push(db_report);
     }
     Ok(VerifyReport {
-        source: config.source.to_string(),
-        target: config.target.to_string(),
+        source: config.describe(Side::Source),
+        target: config.describe(Side::Target),
         mode: config.mode,
         passes_max: config.passes.max(1),
         equal: total == 0,
@@ -343,40 +406,22 @@ pub async fn run_observed(
         differences_total: total,
         differences_omitted: total - listed.len() as u64,
         differences: listed,
-        source_commands: pair.source.commands,
-        target_commands: pair.target.commands,
+        source_commands: pair.source.commands(),
+        target_commands: pair.target.commands(),
+        source_topology: SideTopology {
+            cluster: pair.source.is_cluster(),
+            masters_scanned: pair.source.masters_scanned(walked),
+        },
+        target_topology: SideTopology {
+            cluster: pair.target.is_cluster(),
+            masters_scanned: pair.target.masters_scanned(walked),
+        },
         elapsed_ms: millis(started.elapsed()),
     })
 }
 
 fn millis(elapsed: Duration) -> u64 {
     u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
-}
-
-/// Dbs with keys, from `INFO keyspace` (`db3:keys=10,expires=0,…`).
-async fn keyspace_dbs(conn: &mut Conn) -> Result<Vec<u32>, VerifyError> {
-    let reply = conn
-        .call(Command::from_parts(["INFO", "keyspace"]), None)
-        .await?;
-    let text = reply
-        .as_bytes()
-        .ok_or_else(|| conn.bad_reply("INFO", None, &reply))?;
-    let info = crate::redis::client::parse_info(&String::from_utf8_lossy(text));
-    let mut dbs = Vec::new();
-    for (name, value) in info {
-        let Some(db) = name.strip_prefix("db").and_then(|n| n.parse::<u32>().ok()) else {
-            continue;
-        };
-        let keys = value
-            .split(',')
-            .find_map(|part| part.strip_prefix("keys="))
-            .and_then(|n| n.parse::<u64>().ok())
-            .ok_or_else(|| conn.bad_reply("INFO keyspace", None, &reply))?;
-        if keys > 0 {
-            dbs.push(db);
-        }
-    }
-    Ok(dbs)
 }
 
 type Differing = BTreeMap<Bytes, Vec<crate::verify::Difference>>;
@@ -397,26 +442,20 @@ async fn verify_db(
     let mut keys_checked = 0u64;
 
     // Pass 1, source side: every key.
-    let mut cursor = Bytes::from_static(b"0");
-    loop {
-        let (next, keys) = scan(&mut pair.source, &cursor, config).await?;
+    let mut walk = pair.source.walk(config);
+    while let Some(keys) = pair.source.next_page(&mut walk, config).await? {
         keys_checked += keys.len() as u64;
         for chunk in keys.chunks(batch) {
             differing.extend(check_keys(pair, chunk, config).await?);
         }
-        if next.as_ref() == b"0" {
-            break;
-        }
-        cursor = next;
     }
     // Pass 1, target side: keys the source lacks.
-    let mut cursor = Bytes::from_static(b"0");
-    loop {
-        let (next, keys) = scan(&mut pair.target, &cursor, config).await?;
+    let mut walk = pair.target.walk(config);
+    while let Some(keys) = pair.target.next_page(&mut walk, config).await? {
         for chunk in keys.chunks(batch) {
-            let cmds: Vec<Command> = chunk
+            let cmds: Vec<KeyCommand> = chunk
                 .iter()
-                .map(|key| Command::new(vec![Bytes::from_static(b"EXISTS"), key.clone()]))
+                .map(|key| KeyCommand::on(b"EXISTS", key))
                 .collect();
             let replies = pair.source.pipeline(&cmds).await?;
             let mut absent = Vec::new();
@@ -433,10 +472,6 @@ async fn verify_db(
             keys_checked += absent.len() as u64;
             differing.extend(check_keys(pair, &absent, config).await?);
         }
-        if next.as_ref() == b"0" {
-            break;
-        }
-        cursor = next;
     }
 
     let mut differing_after_pass = vec![differing.len() as u64];
@@ -482,39 +517,4 @@ async fn verify_db(
         db_report.value += u64::from(has(DiffKind::Value));
     }
     Ok((db_report, differing))
-}
-
-/// One `SCAN` page of `conn`'s current db, without ferry's internal keys.
-async fn scan(
-    conn: &mut Conn,
-    cursor: &Bytes,
-    config: &VerifyConfig,
-) -> Result<(Bytes, Vec<Bytes>), VerifyError> {
-    let mut args = vec![Bytes::from_static(b"SCAN"), cursor.clone()];
-    if let Some(pattern) = &config.pattern {
-        args.push(Bytes::from_static(b"MATCH"));
-        args.push(pattern.clone());
-    }
-    args.push(Bytes::from_static(b"COUNT"));
-    args.push(Bytes::from(config.batch.max(1).to_string()));
-    let reply = conn.call(Command::new(args), None).await?;
-    let Frame::Array(parts) = &reply else {
-        return Err(conn.bad_reply("SCAN", None, &reply));
-    };
-    let [next, Frame::Array(page)] = parts.as_slice() else {
-        return Err(conn.bad_reply("SCAN", None, &reply));
-    };
-    let Some(next) = next.as_bytes() else {
-        return Err(conn.bad_reply("SCAN", None, &reply));
-    };
-    let mut keys = Vec::with_capacity(page.len());
-    for item in page {
-        let Some(key) = item.as_bytes() else {
-            return Err(conn.bad_reply("SCAN", None, &reply));
-        };
-        if !key.starts_with(INTERNAL_PREFIX) {
-            keys.push(key.clone());
-        }
-    }
-    Ok((next.clone(), keys))
 }
