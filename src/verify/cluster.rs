@@ -8,14 +8,20 @@
 //!
 //! # Routing
 //!
-//! The slot map comes from `CLUSTER NODES` ([`crate::redis::cluster`]). A
+//! The slot map comes from `CLUSTER NODES` ([`crate::redis::cluster`]),
+//! with each master's migration marks from its own `CLUSTER NODES` (a node
+//! shows only its own). A
 //! pipeline is split per master and each part sent to its master as one
 //! write, the parts concurrently; every server keeps its own rate limiter.
 //! A reply `MOVED slot addr` reads the topology again (from `addr` first)
 //! and resends the command to the slot's owner (to `addr` while the
 //! topology read disagrees with it); `ASK addr` (a slot being migrated
 //! whose key has left) resends `ASKING` then the command to `addr`;
-//! `TRYAGAIN` resends after a short pause. A command redirected more than
+//! `TRYAGAIN` resends after a short pause. A command that names a key but
+//! that the server runs wherever it is sent (`DEBUG DIGEST-VALUE`, which
+//! would digest a key absent there as an empty one) goes right after an
+//! `EXISTS` of its key on the same connection, and follows that one's
+//! redirect. A command redirected more than
 //! [`MAX_REDIRECTS`] times ends the verify ([`VerifyError::Redirects`]).
 //!
 //! # Walk
@@ -23,17 +29,20 @@
 //! Every master is walked with `SCAN` (a cluster node scans only its own
 //! keys). A key a master holds for a slot it neither serves nor imports
 //! (left behind, unreachable by clients) is skipped; a key of a slot it
-//! imports (already migrated, reached through `ASK`) is kept. A key that
-//! moves to another master while the walk runs (a resharding) could be
-//! missed by both `SCAN`s, so the walk goes in rounds: after a round, the
-//! slot map is read again, and the slots whose owner changed since the
-//! round began, or that were migrating at its beginning or end, are walked
-//! again on the masters that then serve or import them (only those slots'
-//! keys kept), after [`super::VerifyConfig::pass_interval`]. The walk ends
-//! after a round in which no slot moved; a key present during that whole
-//! round was seen. A key may be seen twice (a `SCAN` may return it twice
-//! too). When slots still move after [`UNSETTLED_LIMIT`] of rounds, the
-//! verify ends with [`VerifyError::Unsettled`].
+//! imports (already migrated, reached through `ASK`) is kept. Keys of a
+//! slot being migrated only go from the migrating master to the importing
+//! one, so the migrating one is scanned first: a key that left it before
+//! its turn is found on the other. A key that moves in a way the round did
+//! not see coming (a migration that began or ended during the round, a
+//! failover) could be missed by both `SCAN`s, so the walk goes in rounds:
+//! after a round, the slot map is read again, and the slots whose owner or
+//! migration marks changed since the round began are walked again on the
+//! masters that then serve or import them (only those slots' keys kept),
+//! after [`super::VerifyConfig::pass_interval`]. The walk ends after a
+//! round in which no slot changed; a key present during that whole round
+//! was seen. A key may be seen twice (a `SCAN` may return it twice too).
+//! When slots still change after [`UNSETTLED_LIMIT`] of rounds, the verify
+//! ends with [`VerifyError::Unsettled`].
 //!
 //! A cluster has db 0 only: comparing any other db with a cluster side is
 //! refused ([`VerifyError::ClusterDb`]).
@@ -79,6 +88,8 @@ pub(crate) struct ClusterConn {
     pub digest: bool,
     /// Ids of the masters walked.
     scanned: BTreeSet<String>,
+    /// Rounds of walks that walked again slots which had changed.
+    pub rewalks: u32,
 }
 
 impl ClusterConn {
@@ -103,6 +114,7 @@ impl ClusterConn {
             nodes: BTreeMap::new(),
             digest: true,
             scanned: BTreeSet::new(),
+            rewalks: 0,
         };
         // The seed's connection is kept for its commands count; it is used
         // like any other when the seed is a master.
@@ -110,6 +122,7 @@ impl ClusterConn {
         for addr in cluster.master_addrs() {
             cluster.node(&addr).await?;
         }
+        cluster.learn_marks().await?;
         Ok(cluster)
     }
 
@@ -170,6 +183,48 @@ impl ClusterConn {
                 source,
             })?;
         self.moved.clear();
+        self.learn_marks().await
+    }
+
+    /// `CLUSTER NODES` shows a slot's migration marks (`[slot->-id]`,
+    /// `[slot-<-id]`) on the line of the node answering only: each master
+    /// is asked for its own, and they are put into the topology read.
+    async fn learn_marks(&mut self) -> Result<(), VerifyError> {
+        let side = self.side;
+        let masters: Vec<(String, String)> = self
+            .topology
+            .nodes
+            .iter()
+            .filter(|n| n.master && !n.failing)
+            .map(|n| (n.id.clone(), n.addr.clone()))
+            .collect();
+        let cmd = Command::from_parts(["CLUSTER", "NODES"]);
+        for (id, addr) in masters {
+            let reply = self.node(&addr).await?.send(side, &cmd).await?;
+            let text = match &reply {
+                Frame::Bulk(b) | Frame::Simple(b) => String::from_utf8_lossy(b).into_owned(),
+                Frame::Verbatim { text, .. } => String::from_utf8_lossy(text).into_owned(),
+                other => {
+                    return Err(bad_reply(
+                        side,
+                        format!("node {addr}"),
+                        "CLUSTER NODES",
+                        other,
+                    ))
+                }
+            };
+            let view = Topology::parse(&addr, &text)
+                .map_err(|source| VerifyError::Topology { side, source })?;
+            let Some(me) = view.nodes.iter().find(|n| n.myself && n.id == id) else {
+                // Another node answers there now (restarted, replaced): the
+                // next read of the topology will say.
+                continue;
+            };
+            if let Some(node) = self.topology.nodes.iter_mut().find(|n| n.id == id) {
+                node.migrating = me.migrating.clone();
+                node.importing = me.importing.clone();
+            }
+        }
         Ok(())
     }
 
@@ -216,6 +271,17 @@ impl ClusterConn {
         // Commands still to send: their index, and the node that said ASK.
         let mut todo: Vec<(usize, Option<String>)> = (0..cmds.len()).map(|i| (i, None)).collect();
         let mut last_redirect = String::new();
+        let asking_cmd = Command::from_parts(["ASKING"]);
+        // Commands the server runs without looking where the key lives: an
+        // EXISTS just before, on the same connection, is redirected for
+        // them.
+        let guards: Vec<Option<Command>> = cmds
+            .iter()
+            .map(|c| {
+                c.unrouted
+                    .then(|| Command::new(vec![Bytes::from_static(b"EXISTS"), c.key.clone()]))
+            })
+            .collect();
         for _round in 0..=MAX_REDIRECTS {
             if todo.is_empty() {
                 break;
@@ -241,7 +307,6 @@ impl ClusterConn {
             for addr in groups.keys() {
                 self.node(addr).await?;
             }
-            let asking_cmd = Command::from_parts(["ASKING"]);
             let sends = self
                 .nodes
                 .iter_mut()
@@ -251,6 +316,9 @@ impl ClusterConn {
                     for &(index, asking) in group {
                         if asking {
                             batch.push(&asking_cmd);
+                        }
+                        if let Some(guard) = &guards[index] {
+                            batch.push(guard);
                         }
                         batch.push(&cmds[index].cmd);
                     }
@@ -273,6 +341,10 @@ impl ClusterConn {
                         // command's own reply.
                         let _ = got.next();
                     }
+                    let guard_reply = match guards[index] {
+                        Some(_) => got.next(),
+                        None => None,
+                    };
                     let Some(reply) = got.next() else {
                         return Err(bad_reply(
                             side,
@@ -281,7 +353,7 @@ impl ClusterConn {
                             &Frame::Null,
                         ));
                     };
-                    match redirect(&reply, &addr) {
+                    match redirect(guard_reply.as_ref().unwrap_or(&reply), &addr) {
                         None => replies[index] = Some(reply),
                         Some(Redirect::Moved { slot, to }) => {
                             last_redirect = format!("MOVED {slot} {to} from {addr}");
@@ -369,7 +441,7 @@ impl ClusterConn {
                             continue;
                         };
                         self.refresh(None).await?;
-                        let moved = moved_slots(&start, &self.topology);
+                        let moved = moved_slots(&start, &self.topology, &walk.unordered);
                         if moved.is_empty() {
                             walk.done = true;
                             return Ok(None);
@@ -387,6 +459,7 @@ impl ClusterConn {
                             "slots moved during the walk: walking them again"
                         );
                         let now = self.topology.clone();
+                        self.rewalks += 1;
                         tokio::time::sleep(walk.pause).await;
                         walk.begin_round(now, moved);
                         continue;
@@ -445,6 +518,9 @@ pub(crate) struct ClusterWalk {
     start: Option<Topology>,
     /// Slots the current round covers.
     slots: SlotRanges,
+    /// Slots being migrated between masters that could not be walked
+    /// source before destination (migrations in a cycle): walked again.
+    unordered: SlotRanges,
     /// Masters left to scan in this round (`host:port`).
     queue: VecDeque<String>,
     /// The master being scanned, and its next cursor.
@@ -460,6 +536,7 @@ impl ClusterWalk {
         ClusterWalk {
             start: None,
             slots: SlotRanges::new(),
+            unordered: SlotRanges::new(),
             queue: VecDeque::new(),
             current: None,
             unsettled_since: None,
@@ -469,7 +546,10 @@ impl ClusterWalk {
     }
 
     /// A round over `slots`: every master of `topology` serving or
-    /// importing one of them, by first slot.
+    /// importing one of them, by first slot, except that a master
+    /// migrating a slot comes before the master importing it (keys only go
+    /// that way, so a key leaving one before it was scanned is found on the
+    /// other).
     fn begin_round(&mut self, topology: Topology, slots: SlotRanges) {
         let mut masters: Vec<&NodeInfo> =
             topology
@@ -483,33 +563,64 @@ impl ClusterWalk {
                 })
                 .collect();
         masters.sort_by_key(|n| n.slots.first().unwrap_or(CLUSTER_SLOTS));
-        self.queue = masters.iter().map(|n| n.addr.clone()).collect();
+        // Migrations among these masters: (from id, to id, slot).
+        let edges: Vec<(&str, &str, u16)> = masters
+            .iter()
+            .flat_map(|n| {
+                n.migrating
+                    .iter()
+                    .filter(|(slot, _)| slots.contains(*slot))
+                    .map(|(slot, to)| (n.id.as_str(), to.as_str(), *slot))
+            })
+            .collect();
+        let mut order: Vec<&NodeInfo> = Vec::with_capacity(masters.len());
+        self.unordered = SlotRanges::new();
+        while !masters.is_empty() {
+            let waiting = |n: &NodeInfo| {
+                edges.iter().any(|&(from, to, _)| {
+                    to == n.id && masters.iter().any(|m| m.id == from && m.id != n.id)
+                })
+            };
+            let pick = masters.iter().position(|n| !waiting(n)).unwrap_or(0);
+            let node = masters.remove(pick);
+            // In a cycle: what still had to come first is out of order.
+            for &(from, to, slot) in &edges {
+                if to == node.id && masters.iter().any(|m| m.id == from) {
+                    self.unordered.insert_range(slot, slot);
+                }
+            }
+            order.push(node);
+        }
+        self.queue = order.iter().map(|n| n.addr.clone()).collect();
         self.current = None;
         self.slots = slots;
         self.start = Some(topology);
     }
 }
 
-/// Slots whose owner differs between `before` and `after`, or that either
-/// marks as migrating or importing.
-fn moved_slots(before: &Topology, after: &Topology) -> SlotRanges {
-    let (owners_before, marked_before) = slot_map(before);
-    let (owners_after, marked_after) = slot_map(after);
-    let mut moved = SlotRanges::new();
+/// Slots to walk again after a round that began with `before` and ended
+/// with `after`: those whose owner changed, or whose migration marks did
+/// (a migration began or ended), plus `unordered`.
+fn moved_slots(before: &Topology, after: &Topology, unordered: &SlotRanges) -> SlotRanges {
+    let before = slot_map(before);
+    let after = slot_map(after);
+    let mut moved = unordered.clone();
     for slot in 0..CLUSTER_SLOTS {
         let i = usize::from(slot);
-        if owners_before[i] != owners_after[i] || marked_before[i] || marked_after[i] {
+        if before.0[i] != after.0[i] || before.1.get(&slot) != after.1.get(&slot) {
             moved.insert_range(slot, slot);
         }
     }
     moved
 }
 
-/// Per slot: the id of the master serving it, and whether a node marks it
-/// migrating or importing.
-fn slot_map(topology: &Topology) -> (Vec<Option<&str>>, Vec<bool>) {
+/// A slot's migration marks: (node id, importing, peer id), sorted.
+type Marks<'a> = Vec<(&'a str, bool, &'a str)>;
+
+/// Per slot: the id of the master serving it; and the marked slots' marks.
+fn slot_map(topology: &Topology) -> (Vec<Option<&str>>, BTreeMap<u16, Marks<'_>>) {
     let mut owners = vec![None; usize::from(CLUSTER_SLOTS)];
-    let mut marked = vec![false; usize::from(CLUSTER_SLOTS)];
+    let mut marks: BTreeMap<u16, Marks<'_>> = BTreeMap::new();
     for node in &topology.nodes {
         if node.master {
             for &(a, b) in node.slots.ranges() {
@@ -518,11 +629,23 @@ fn slot_map(topology: &Topology) -> (Vec<Option<&str>>, Vec<bool>) {
                 }
             }
         }
-        for (slot, _) in node.migrating.iter().chain(&node.importing) {
-            marked[usize::from(*slot)] = true;
+        for (slot, peer) in &node.migrating {
+            marks
+                .entry(*slot)
+                .or_default()
+                .push((node.id.as_str(), false, peer.as_str()));
+        }
+        for (slot, peer) in &node.importing {
+            marks
+                .entry(*slot)
+                .or_default()
+                .push((node.id.as_str(), true, peer.as_str()));
         }
     }
-    (owners, marked)
+    for list in marks.values_mut() {
+        list.sort_unstable();
+    }
+    (owners, marks)
 }
 
 /// A redirect reply.
@@ -641,7 +764,8 @@ c 127.0.0.1:5@6 master - 0 0 3 connected 10923-16383
     #[test]
     fn moved_slots_are_new_owners_and_migrations() {
         let before = topology(THREE);
-        assert!(moved_slots(&before, &before).is_empty());
+        let none = SlotRanges::new();
+        assert!(moved_slots(&before, &before, &none).is_empty());
         let resharded = topology(
             "\
 a 127.0.0.1:1@2 myself,master - 0 0 1 connected 0-5459
@@ -649,8 +773,30 @@ b 127.0.0.1:3@4 master - 0 0 2 connected 5460-10922 [10923-<-c]
 c 127.0.0.1:5@6 master - 0 0 3 connected 10923-16383 [10923->-b]
 ",
         );
-        assert_eq!(moved_slots(&before, &resharded).to_string(), "5460,10923");
-        assert_eq!(moved_slots(&resharded, &before).to_string(), "5460,10923");
+        assert_eq!(
+            moved_slots(&before, &resharded, &none).to_string(),
+            "5460,10923"
+        );
+        assert_eq!(
+            moved_slots(&resharded, &before, &none).to_string(),
+            "5460,10923"
+        );
+        // A migration under way for the whole round is no move (keys went
+        // from the migrating master, walked first, to the importing one).
+        assert!(moved_slots(&resharded, &resharded, &none).is_empty());
+        let other_peer = topology(
+            "\
+a 127.0.0.1:1@2 myself,master - 0 0 1 connected 0-5459 [10923-<-c]
+b 127.0.0.1:3@4 master - 0 0 2 connected 5460-10922
+c 127.0.0.1:5@6 master - 0 0 3 connected 10923-16383 [10923->-a]
+",
+        );
+        assert_eq!(
+            moved_slots(&resharded, &other_peer, &none).to_string(),
+            "10923"
+        );
+        let odd = SlotRanges::from_ranges([(7, 7)]);
+        assert_eq!(moved_slots(&resharded, &resharded, &odd).to_string(), "7");
     }
 
     #[test]
@@ -675,6 +821,32 @@ e 127.0.0.1:9@10 slave a 0 0 1 connected
             Vec::from(walk.queue.clone()),
             ["127.0.0.1:1", "127.0.0.1:3", "127.0.0.1:5", "127.0.0.1:7"]
         );
+        assert!(walk.unordered.is_empty());
+        // The migrating master before the importing one.
+        let backwards = topology(
+            "\
+a 127.0.0.1:1@2 myself,master - 0 0 1 connected 0-5460 [5461-<-b]
+b 127.0.0.1:3@4 master - 0 0 2 connected 5461-10922 [5461->-a] [10923-<-c]
+c 127.0.0.1:5@6 master - 0 0 3 connected 10923-16383 [10923->-b]
+",
+        );
+        walk.begin_round(backwards.clone(), SlotRanges::all());
+        assert_eq!(
+            Vec::from(walk.queue.clone()),
+            ["127.0.0.1:5", "127.0.0.1:3", "127.0.0.1:1"]
+        );
+        assert!(walk.unordered.is_empty());
+        // A cycle cannot be ordered: its slot is walked again.
+        let cycle = topology(
+            "\
+a 127.0.0.1:1@2 myself,master - 0 0 1 connected 0-5460 [5461-<-b] [0->-b]
+b 127.0.0.1:3@4 master - 0 0 2 connected 5461-10922 [5461->-a] [0-<-a]
+c 127.0.0.1:5@6 master - 0 0 3 connected 10923-16383
+",
+        );
+        walk.begin_round(cycle, SlotRanges::all());
+        assert_eq!(walk.queue.len(), 3);
+        assert_eq!(walk.unordered.count(), 1);
         walk.begin_round(t.clone(), SlotRanges::from_ranges([(10923, 10923)]));
         assert_eq!(
             Vec::from(walk.queue.clone()),

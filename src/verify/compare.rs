@@ -445,6 +445,7 @@ async fn digests(
                     Bytes::from_static(b"DIGEST-VALUE"),
                     key.clone(),
                 ]),
+                unrouted: true,
             }
         })
         .collect();

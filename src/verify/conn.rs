@@ -31,6 +31,9 @@ const DIGEST_PROBE_KEY: &str = "__ferry:verify:digest-probe";
 pub(crate) struct KeyCommand {
     pub key: Bytes,
     pub cmd: Command,
+    /// A cluster node runs it without checking that it serves the key
+    /// (`DEBUG DIGEST-VALUE`): no `MOVED`/`ASK` would say it went astray.
+    pub unrouted: bool,
 }
 
 impl KeyCommand {
@@ -39,6 +42,7 @@ impl KeyCommand {
         KeyCommand {
             key: key.clone(),
             cmd: Command::new(vec![Bytes::from_static(name), key.clone()]),
+            unrouted: false,
         }
     }
 }
@@ -227,6 +231,15 @@ impl Conn {
         }
     }
 
+    /// Rounds of the walks that walked again slots which had moved under
+    /// them (0 for a standalone server).
+    pub fn rewalks(&self) -> u32 {
+        match &self.route {
+            Route::Server(_) => 0,
+            Route::Cluster(cluster) => cluster.rewalks,
+        }
+    }
+
     /// Selects `db`. A cluster has db 0 alone: any other is refused.
     pub async fn select(&mut self, db: u32) -> Result<(), VerifyError> {
         if self.db == db {
@@ -259,6 +272,7 @@ impl Conn {
                     let keyed = KeyCommand {
                         key: Bytes::copy_from_slice(key),
                         cmd: cmd.clone(),
+                        unrouted: false,
                     };
                     cluster.pipeline(&[keyed]).await?.pop().ok_or_else(|| {
                         self.bad_reply(&command_name(&cmd), Some(key), &Frame::Null)

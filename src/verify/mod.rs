@@ -411,10 +411,12 @@ pub async fn run_observed(
         source_topology: SideTopology {
             cluster: pair.source.is_cluster(),
             masters_scanned: pair.source.masters_scanned(walked),
+            rewalks: pair.source.rewalks(),
         },
         target_topology: SideTopology {
             cluster: pair.target.is_cluster(),
             masters_scanned: pair.target.masters_scanned(walked),
+            rewalks: pair.target.rewalks(),
         },
         elapsed_ms: millis(started.elapsed()),
     })

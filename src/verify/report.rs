@@ -48,11 +48,19 @@ pub struct SideTopology {
     /// Masters whose keys were walked with `SCAN` (a standalone server
     /// counts as one; 0 when no db was compared).
     pub masters_scanned: u32,
+    /// Rounds of the walk that walked again the slots whose owner or
+    /// migration changed under it (a resharding during the verify).
+    pub rewalks: u32,
 }
 
 impl SideTopology {
     fn describe(&self) -> String {
-        if self.cluster {
+        if self.cluster && self.rewalks > 0 {
+            format!(
+                "cluster, {} masters scanned, slots that moved walked again {} times",
+                self.masters_scanned, self.rewalks
+            )
+        } else if self.cluster {
             format!("cluster, {} masters scanned", self.masters_scanned)
         } else {
             "standalone".to_string()
@@ -291,10 +299,12 @@ mod tests {
             source_topology: SideTopology {
                 cluster: false,
                 masters_scanned: 1,
+                rewalks: 0,
             },
             target_topology: SideTopology {
                 cluster: false,
                 masters_scanned: 1,
+                rewalks: 0,
             },
             elapsed_ms: 9,
         };
@@ -329,6 +339,7 @@ different: 3 of 12 keys differ after the last pass
         clustered.source_topology = SideTopology {
             cluster: true,
             masters_scanned: 3,
+            rewalks: 0,
         };
         let text = render_report(&clustered);
         let lines: Vec<&str> = text.lines().collect();
