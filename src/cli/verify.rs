@@ -18,6 +18,7 @@ use clap::Args;
 use std::path::PathBuf;
 
 use crate::apply::expire::DEFAULT_EXPIRE_GRACE;
+use crate::apply::keyspace::FilterError;
 use crate::config_units::HumanDuration;
 use crate::secret::{url_from_flags, FlagUrlError, SecretUrl};
 use crate::verify::{self, Mode, VerifyConfig, VerifyError};
@@ -46,6 +47,11 @@ pub struct VerifyArgs {
     /// Only keys matching this SCAN MATCH pattern.
     #[arg(long = "match", value_name = "PATTERN")]
     pub pattern: Option<String>,
+    /// One sync's keyspace: the same --db-map, --key-prefix and
+    /// --exclude-key-prefix as the sync (its other keys on a shared target
+    /// are not extra).
+    #[command(flatten)]
+    pub filter: super::FilterArgs,
     /// full: values too; outline: existence, type, TTL and lengths.
     #[arg(long, value_enum, default_value_t = Mode::Full)]
     pub mode: Mode,
@@ -78,11 +84,18 @@ pub struct VerifyArgs {
 }
 
 impl VerifyArgs {
-    pub fn config(&self) -> Result<VerifyConfig, FlagUrlError> {
+    pub fn config(&self) -> Result<VerifyConfig, VerifyCommandError> {
         let mut config = VerifyConfig::new(
             url_from_flags("source", &self.source, self.source_password_file.as_deref())?,
             url_from_flags("target", &self.target, self.target_password_file.as_deref())?,
         );
+        let keyspace = self
+            .filter
+            .to_config(None)
+            .keyspace()
+            .map_err(VerifyCommandError::Filter)?;
+        config.db_map = keyspace.db_map().unwrap_or_default();
+        config.key_filter = keyspace.key_filter().cloned();
         config.dbs = self.dbs.clone();
         config.pattern = self.pattern.clone().map(Bytes::from);
         config.mode = self.mode;
@@ -104,6 +117,8 @@ pub enum VerifyCommandError {
     Differences { keys: u64 },
     #[error(transparent)]
     Url(#[from] FlagUrlError),
+    #[error("{0}")]
+    Filter(FilterError),
     #[error(transparent)]
     Verify(#[from] VerifyError),
     #[error("cannot write to stdout: {0}")]
@@ -237,9 +252,6 @@ mod tests {
         let bad_url = parse(&["--source", "http://a:1", "--target", "b:2"]).unwrap();
         assert!(bad_url.config().is_err());
         assert_eq!(VerifyCommandError::Differences { keys: 1 }.exit_code(), 1);
-        assert_eq!(
-            VerifyCommandError::Url(bad_url.config().unwrap_err()).exit_code(),
-            2
-        );
+        assert_eq!(bad_url.config().unwrap_err().exit_code(), 2);
     }
 }

@@ -184,8 +184,9 @@ pub struct SyncOverrides {
     pub admin: Option<String>,
     pub id: Option<String>,
     pub wal_ttl: Option<crate::config_units::HumanDuration>,
-    /// `--dbs`: the owned dbs (`[filter] dbs`).
-    pub dbs: Option<Vec<u32>>,
+    /// `--dbs`, `--db-map`, `--key-prefix`, `--exclude-key-prefix`: laid
+    /// over the file's `[filter]` ([`FilterConfig::overridden_by`]).
+    pub filter: FilterConfig,
     /// `--existing-data` (`[apply] existing-data`).
     pub existing_data: Option<ExistingData>,
 }
@@ -595,10 +596,10 @@ impl SyncConfig {
         let mut apply = file_cfg.apply.unwrap_or_default();
         apply.target = target;
         apply.drainer_id = id.clone();
-        apply.filter = file_cfg.filter.unwrap_or_default();
-        if let Some(dbs) = flags.dbs {
-            apply.filter.dbs = Some(dbs);
-        }
+        apply.filter = file_cfg
+            .filter
+            .unwrap_or_default()
+            .overridden_by(flags.filter);
         if let Some(existing_data) = flags.existing_data {
             apply.existing_data = existing_data;
         }

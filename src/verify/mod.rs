@@ -15,6 +15,10 @@
 //!   target, ask the source `EXISTS` for each page, and compare the keys the
 //!   source lacks (they are *extra*). Keys starting with `__ferry` (ferry's
 //!   own heartbeats and checkpoints) are skipped on both sides.
+//! - A sync's keyspace: [`VerifyConfig::db_map`] compares each source db
+//!   with the target db it maps to, [`VerifyConfig::key_filter`] only the
+//!   keys a sync owns (other keys of a shared target db are another sync's,
+//!   not *extra*).
 //! - Passes 2..=N: after [`VerifyConfig::pass_interval`], re-compare only the
 //!   keys that differed in the previous pass. A db stops early once nothing
 //!   differs. What differs after its last pass is reported.
@@ -93,6 +97,7 @@ use self::compare::{check_keys, Pair};
 use self::conn::Conn;
 pub use self::report::{escape_key, render_report, DbReport, KeyReport, VerifyReport};
 use crate::apply::expire::DEFAULT_EXPIRE_GRACE;
+use crate::apply::keyspace::KeyFilter;
 use crate::record::INTERNAL_PREFIX;
 use crate::redis::client::ClientError;
 use crate::redis::command::Command;
@@ -181,6 +186,14 @@ pub struct VerifyConfig {
     pub dbs: Vec<u32>,
     /// `SCAN MATCH` pattern; `None`: every key.
     pub pattern: Option<Bytes>,
+    /// Source db to target db (a sync's `[filter] db-map`): each source db
+    /// is compared with its target db, and only those (`dbs`, if given,
+    /// picks among them). Empty: each db with the db of the same number.
+    pub db_map: Vec<(u32, u32)>,
+    /// Only the keys a sync's `[filter] key-prefix` / `exclude-key-prefix`
+    /// own, on both sides (the target's other keys belong to other syncs).
+    /// `None`: every key.
+    pub key_filter: Option<KeyFilter>,
     /// Default [`Mode::Full`].
     pub mode: Mode,
     /// Passes per db, at least 1. Default 3.
@@ -219,6 +232,8 @@ impl VerifyConfig {
             target,
             dbs: Vec::new(),
             pattern: None,
+            db_map: Vec::new(),
+            key_filter: None,
             mode: Mode::Full,
             passes: 3,
             qps: 5000,
@@ -296,22 +311,35 @@ pub async fn run_observed(
         source: Conn::connect(Side::Source, &config.source, config.qps).await?,
         target: Conn::connect(Side::Target, &config.target, config.qps).await?,
     };
-    let dbs = if config.dbs.is_empty() {
-        let mut dbs = keyspace_dbs(&mut pair.source).await?;
-        dbs.extend(keyspace_dbs(&mut pair.target).await?);
-        dbs
+    // (source db, target db) pairs.
+    let dbs: Vec<(u32, u32)> = if !config.db_map.is_empty() {
+        let mut pairs: Vec<(u32, u32)> = config
+            .db_map
+            .iter()
+            .copied()
+            .filter(|(source, _)| config.dbs.is_empty() || config.dbs.contains(source))
+            .collect();
+        pairs.sort_unstable();
+        pairs.dedup();
+        pairs
     } else {
-        config.dbs.clone()
+        let mut dbs = if config.dbs.is_empty() {
+            let mut dbs = keyspace_dbs(&mut pair.source).await?;
+            dbs.extend(keyspace_dbs(&mut pair.target).await?);
+            dbs
+        } else {
+            config.dbs.clone()
+        };
+        dbs.sort_unstable();
+        dbs.dedup();
+        dbs.into_iter().map(|db| (db, db)).collect()
     };
-    let mut dbs = dbs;
-    dbs.sort_unstable();
-    dbs.dedup();
 
     let mut db_reports = Vec::with_capacity(dbs.len());
     let mut listed = Vec::new();
     let mut total = 0u64;
-    for db in dbs {
-        let (db_report, differing) = verify_db(&mut pair, db, config, observer).await?;
+    for (db, target_db) in dbs {
+        let (db_report, differing) = verify_db(&mut pair, db, target_db, config, observer).await?;
         total += differing.len() as u64;
         for (key, diffs) in differing {
             if listed.len() >= config.max_listed {
@@ -381,16 +409,17 @@ async fn keyspace_dbs(conn: &mut Conn) -> Result<Vec<u32>, VerifyError> {
 
 type Differing = BTreeMap<Bytes, Vec<crate::verify::Difference>>;
 
-/// All passes over one db.
+/// All passes over source db `db` against target db `target_db`.
 async fn verify_db(
     pair: &mut Pair,
     db: u32,
+    target_db: u32,
     config: &VerifyConfig,
     observer: &mut (dyn FnMut(&PassEvent) + Send),
 ) -> Result<(DbReport, Differing), VerifyError> {
     let started = Instant::now();
     pair.source.select(db).await?;
-    pair.target.select(db).await?;
+    pair.target.select(target_db).await?;
     let batch = config.batch.max(1);
     let passes = config.passes.max(1);
     let mut differing = Differing::new();
@@ -466,6 +495,7 @@ async fn verify_db(
     differing.retain(|_, diffs| !diffs.iter().all(|d| d.kind == DiffKind::Expiring));
     let mut db_report = DbReport {
         db,
+        target_db,
         keys_checked,
         passes: pass,
         differing_after_pass,
@@ -484,16 +514,30 @@ async fn verify_db(
     Ok((db_report, differing))
 }
 
-/// One `SCAN` page of `conn`'s current db, without ferry's internal keys.
+/// The `SCAN MATCH` pattern of a db's scan: `--match`, else the key
+/// filter's one include prefix (several, or none, are filtered per key).
+fn scan_pattern(config: &VerifyConfig) -> Option<Bytes> {
+    if config.pattern.is_some() {
+        return config.pattern.clone();
+    }
+    let filter = config.key_filter.as_ref()?;
+    match filter.patterns().as_slice() {
+        [one] if one.as_ref() != b"*" => Some(one.clone()),
+        _ => None,
+    }
+}
+
+/// One `SCAN` page of `conn`'s current db, without ferry's internal keys
+/// and keys outside the key filter.
 async fn scan(
     conn: &mut Conn,
     cursor: &Bytes,
     config: &VerifyConfig,
 ) -> Result<(Bytes, Vec<Bytes>), VerifyError> {
     let mut args = vec![Bytes::from_static(b"SCAN"), cursor.clone()];
-    if let Some(pattern) = &config.pattern {
+    if let Some(pattern) = scan_pattern(config) {
         args.push(Bytes::from_static(b"MATCH"));
-        args.push(pattern.clone());
+        args.push(pattern);
     }
     args.push(Bytes::from_static(b"COUNT"));
     args.push(Bytes::from(config.batch.max(1).to_string()));
@@ -512,7 +556,11 @@ async fn scan(
         let Some(key) = item.as_bytes() else {
             return Err(conn.bad_reply("SCAN", None, &reply));
         };
-        if !key.starts_with(INTERNAL_PREFIX) {
+        let owned = match &config.key_filter {
+            Some(filter) => filter.owns(key),
+            None => !key.starts_with(INTERNAL_PREFIX),
+        };
+        if owned {
             keys.push(key.clone());
         }
     }

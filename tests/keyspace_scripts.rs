@@ -1,0 +1,278 @@
+//! The owned keyspace's scripts (`src/apply/keyspace.rs`) against a real
+//! redis-server: what the applier sends for a replicated `FLUSHALL`,
+//! `SWAPDB` and the start of a snapshot load under a key filter
+//! (`[filter] key-prefix` / `exclude-key-prefix`) and a `db-map`, run inside
+//! `MULTI`/`EXEC` as a batch runs them. Each must change exactly the owned
+//! keys: never a key outside the filter (whatever glob characters the
+//! prefixes hold), never ferry's own keys, never a db not owned.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use ferry::apply::{FilterConfig, OwnedKeyspace};
+use ferry::redis::command::Command;
+
+use common::resp::{connect, Conn, Resp};
+use common::RedisServer;
+
+fn keyspace(dbs: Option<Vec<u32>>, include: &[&str], exclude: &[&str]) -> OwnedKeyspace {
+    let list = |l: &[&str]| (!l.is_empty()).then(|| l.iter().map(|p| p.to_string()).collect());
+    FilterConfig {
+        dbs,
+        key_prefix: list(include),
+        exclude_key_prefix: list(exclude),
+        ..FilterConfig::default()
+    }
+    .keyspace()
+    .expect("a valid filter")
+}
+
+/// Runs `placed` (db, command) as one `MULTI`/`EXEC` from db 0, with a
+/// `SELECT` before each change of db and back to 0, as a batch does.
+fn run_batch(conn: &mut Conn, placed: &[(u32, Command)]) -> Vec<Resp> {
+    let mut db = 0;
+    conn.queue(&["MULTI"]);
+    let mut queued = 1;
+    for (at, cmd) in placed {
+        if *at != db {
+            conn.queue(&["SELECT".to_string(), at.to_string()]);
+            queued += 1;
+            db = *at;
+        }
+        conn.queue(&cmd.args);
+        queued += 1;
+    }
+    if db != 0 {
+        conn.queue(&["SELECT", "0"]);
+    }
+    conn.queue(&["EXEC"]);
+    let replies = conn.replies().expect("batch replies");
+    assert!(
+        replies[..queued]
+            .iter()
+            .all(|r| matches!(r, Resp::Simple(s) if s == "OK" || s == "QUEUED")),
+        "a command was refused when queued: {replies:?}"
+    );
+    let exec = replies.last().expect("EXEC reply").items().to_vec();
+    for reply in &exec {
+        assert!(!matches!(reply, Resp::Error(_)), "inside EXEC: {exec:?}");
+    }
+    exec
+}
+
+fn translate(owned: &OwnedKeyspace, db: u32, parts: &[&str]) -> Vec<(u32, Command)> {
+    owned
+        .translate(db, vec![Command::from_parts(parts.iter())], 16)
+        .expect("not refused")
+        .commands
+        .into_iter()
+        .map(|p| (p.db, p.cmd))
+        .collect()
+}
+
+/// Every key of `db` with its string value (`?` for other types) and
+/// whether it has a TTL.
+fn contents(conn: &mut Conn, db: u32) -> BTreeMap<String, (String, bool)> {
+    conn.call(&["SELECT".to_string(), db.to_string()])
+        .expect("SELECT");
+    let keys = conn.call(&["KEYS", "*"]).expect("KEYS");
+    let mut out = BTreeMap::new();
+    for key in keys.items() {
+        let key = key.text().expect("key");
+        let kind = conn.call(&["TYPE", &key]).expect("TYPE").text().unwrap();
+        let value = if kind == "string" {
+            conn.call(&["GET", &key])
+                .expect("GET")
+                .text()
+                .unwrap_or_default()
+        } else {
+            "?".into()
+        };
+        let ttl = conn.call(&["PTTL", &key]).expect("PTTL").int() > 0;
+        out.insert(key, (value, ttl));
+    }
+    conn.call(&["SELECT", "0"]).expect("SELECT 0");
+    out
+}
+
+fn keys(map: &BTreeMap<String, (String, bool)>) -> Vec<&str> {
+    map.keys().map(String::as_str).collect()
+}
+
+/// Fills dbs 0, 2 and 3: owned keys (`app:`, the glob-laden `a*b:`),
+/// excluded ones (`app:tmp:`), other syncs' keys (`other:`, `aXb:` which an
+/// unescaped `a*b:*` would match), ferry's own keys.
+fn seed(conn: &mut Conn) {
+    for db in ["0", "2", "3"] {
+        conn.call(&["SELECT", db]).expect("SELECT");
+        for key in ["app:1", "a*b:1", "app:tmp:1", "other:1", "aXb:1"] {
+            conn.call(&["SET", key, &format!("{db}-{key}")])
+                .expect("SET");
+        }
+        conn.call(&["SET", "app:ttl", &format!("{db}-ttl"), "PX", "600000"])
+            .expect("SET PX");
+        conn.call(&["RPUSH", "app:list", "x"]).expect("RPUSH");
+    }
+    conn.call(&["SELECT", "0"]).expect("SELECT");
+    conn.call(&["SET", "__ferry:checkpoint:other:0", "v2 applied=7"])
+        .expect("SET");
+    conn.call(&["SET", "__ferry:heartbeat:x", "1"])
+        .expect("SET");
+}
+
+#[test]
+fn a_flush_under_a_key_filter_deletes_only_owned_keys() {
+    let server = RedisServer::start(&[]);
+    let mut conn = connect(&server.addr());
+    seed(&mut conn);
+    let owned = keyspace(Some(vec![0, 2]), &["app:", "a*b:"], &["app:tmp:"]);
+
+    // FLUSHALL: dbs 0 and 2, owned keys only.
+    run_batch(&mut conn, &translate(&owned, 0, &["FLUSHALL"]));
+    let kept = [
+        "__ferry:checkpoint:other:0",
+        "__ferry:heartbeat:x",
+        "aXb:1",
+        "app:tmp:1",
+        "other:1",
+    ];
+    assert_eq!(keys(&contents(&mut conn, 0)), kept);
+    assert_eq!(
+        keys(&contents(&mut conn, 2)),
+        ["aXb:1", "app:tmp:1", "other:1"]
+    );
+    assert_eq!(contents(&mut conn, 3).len(), 7, "db 3 is not owned");
+
+    // FLUSHDB ASYNC of db 3 (owned this time, exclusions only).
+    let owned = keyspace(Some(vec![3]), &[], &["other:", "aXb:"]);
+    run_batch(&mut conn, &translate(&owned, 3, &["FLUSHDB", "ASYNC"]));
+    assert_eq!(keys(&contents(&mut conn, 3)), ["aXb:1", "other:1"]);
+    assert_eq!(contents(&mut conn, 0).len(), 5, "db 0 untouched");
+}
+
+#[test]
+fn a_swap_under_a_key_filter_exchanges_only_owned_keys() {
+    let server = RedisServer::start(&[]);
+    let mut conn = connect(&server.addr());
+    seed(&mut conn);
+    conn.call(&["SELECT", "2"]).expect("SELECT");
+    conn.call(&["SET", "app:only-in-2", "x"]).expect("SET");
+    conn.call(&["DEL", "app:1"]).expect("DEL");
+    conn.call(&["SELECT", "0"]).expect("SELECT");
+    let before0 = contents(&mut conn, 0);
+    let before2 = contents(&mut conn, 2);
+    let owned = keyspace(Some(vec![0, 2]), &["app:", "a*b:"], &["app:tmp:"]);
+    let placed = translate(&owned, 5, &["SWAPDB", "2", "0"]);
+    run_batch(&mut conn, &placed);
+    let after0 = contents(&mut conn, 0);
+    let after2 = contents(&mut conn, 2);
+    let is_owned = |key: &str| {
+        (key.starts_with("app:") || key.starts_with("a*b:")) && !key.starts_with("app:tmp:")
+    };
+    for (before_here, before_there, after) in
+        [(&before0, &before2, &after0), (&before2, &before0, &after2)]
+    {
+        let expected: BTreeMap<String, (String, bool)> = before_here
+            .iter()
+            .filter(|(k, _)| !is_owned(k))
+            .chain(before_there.iter().filter(|(k, _)| is_owned(k)))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        assert_eq!(after, &expected);
+    }
+    // TTLs moved with their keys; nothing was left under a temporary name.
+    assert_eq!(after0["app:ttl"], ("2-ttl".to_string(), true));
+    assert!(after0.keys().all(|k| !k.starts_with("__ferry:swap:")));
+    assert!(after2.keys().all(|k| !k.starts_with("__ferry:")));
+    assert_eq!(contents(&mut conn, 3).len(), 7, "db 3 is not owned");
+}
+
+#[test]
+fn a_load_start_under_a_key_filter_counts_and_empties_only_owned_keys() {
+    let server = RedisServer::start(&[]);
+    let mut conn = connect(&server.addr());
+    seed(&mut conn);
+    let owned = keyspace(Some(vec![0, 2]), &["app:", "a*b:"], &["app:tmp:"]);
+    let key = Bytes::from_static(b"__ferry:checkpoint:me:0");
+    // check: refused with the owned keys counted, nothing changed.
+    let start = owned.load_start(16, true, true, &key, b"v2 loading=5");
+    let reply = run_batch_raw(&mut conn, &start);
+    assert_eq!(
+        reply,
+        Resp::Error("FERRYEXISTING 0:4 2:4".into()),
+        "app:1, a*b:1, app:ttl, app:list in each"
+    );
+    assert_eq!(contents(&mut conn, 0).len(), 9);
+    // flush: owned keys go, the others and ferry's keys stay.
+    let start = owned.load_start(16, false, true, &key, b"v2 loading=5");
+    assert_eq!(
+        run_batch_raw(&mut conn, &start),
+        Resp::Bulk(Some(b"OK".to_vec()))
+    );
+    assert_eq!(
+        keys(&contents(&mut conn, 0)),
+        [
+            "__ferry:checkpoint:me:0",
+            "__ferry:checkpoint:other:0",
+            "__ferry:heartbeat:x",
+            "aXb:1",
+            "app:tmp:1",
+            "other:1"
+        ]
+    );
+    assert_eq!(
+        keys(&contents(&mut conn, 2)),
+        ["aXb:1", "app:tmp:1", "other:1"]
+    );
+    assert_eq!(contents(&mut conn, 3).len(), 7);
+    // keep: nothing deleted, the checkpoint written.
+    let start = owned.load_start(16, false, false, &key, b"v2 loading=9");
+    run_batch_raw(&mut conn, &start);
+    assert_eq!(
+        conn.call(&["GET", "__ferry:checkpoint:me:0"]).unwrap(),
+        Resp::Bulk(Some(b"v2 loading=9".to_vec()))
+    );
+}
+
+#[test]
+fn a_load_start_and_flushall_under_a_db_map_touch_only_the_target_dbs() {
+    let server = RedisServer::start(&[]);
+    let mut conn = connect(&server.addr());
+    seed(&mut conn);
+    // Source dbs 0 and 5 into target dbs 2 and 0.
+    let owned = OwnedKeyspace::mapped([(0, 2), (5, 0)]).expect("a valid map");
+    let key = Bytes::from_static(b"__ferry:checkpoint:me:0");
+    let start = owned.load_start(16, true, false, &key, b"v2 loading=5");
+    assert_eq!(
+        run_batch_raw(&mut conn, &start),
+        Resp::Error("FERRYEXISTING 0:7 2:7".into())
+    );
+    run_batch(&mut conn, &translate(&owned, 0, &["FLUSHALL"]));
+    assert_eq!(
+        keys(&contents(&mut conn, 0)),
+        ["__ferry:checkpoint:other:0", "__ferry:heartbeat:x"]
+    );
+    assert!(contents(&mut conn, 2).is_empty());
+    assert_eq!(contents(&mut conn, 3).len(), 7, "db 3 is not a target db");
+    // A SWAPDB of the source dbs swaps their target dbs.
+    conn.call(&["SELECT", "2"]).unwrap();
+    conn.call(&["SET", "in-2", "x"]).unwrap();
+    conn.call(&["SELECT", "0"]).unwrap();
+    run_batch(&mut conn, &translate(&owned, 0, &["SWAPDB", "0", "5"]));
+    assert_eq!(
+        keys(&contents(&mut conn, 0)),
+        ["__ferry:checkpoint:other:0", "__ferry:heartbeat:x", "in-2"]
+    );
+    assert!(contents(&mut conn, 2).is_empty());
+}
+
+/// Runs one load-start command (in db 0) as `MULTI cmd EXEC`; its result.
+fn run_batch_raw(conn: &mut Conn, cmd: &Command) -> Resp {
+    conn.queue(&["MULTI"]);
+    conn.queue(&cmd.args);
+    conn.queue(&["EXEC"]);
+    let replies = conn.replies().expect("replies");
+    replies.last().expect("EXEC").items()[0].clone()
+}
