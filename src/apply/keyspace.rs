@@ -1144,8 +1144,8 @@ impl OwnedKeyspace {
                     (owns_a, _) => {
                         let (owned, other) = if owns_a.is_some() { (a, b) } else { (b, a) };
                         Err(refuse(format!(
-                            "SWAPDB {a} {b} would exchange replicated db {owned} with db \
-                             {other}, which this sync does not replicate ([filter] {})",
+                            "SWAPDB {a} {b} would exchange owned db {owned} with db {other}, \
+                             which this sync does not own ([filter] {})",
                             self.db_field()
                         )))
                     }

@@ -243,6 +243,36 @@ mod tests {
     }
 
     #[test]
+    fn a_syncs_filter_narrows_the_comparison() {
+        let args = parse(&[
+            "--source",
+            "a:1",
+            "--target",
+            "b:2",
+            "--db-map",
+            "0=3,5=6",
+            "--key-prefix",
+            "app:",
+            "--key-prefix",
+            "web:",
+            "--exclude-key-prefix",
+            "app:tmp:",
+        ])
+        .unwrap();
+        let config = args.config().unwrap();
+        assert_eq!(config.db_map, [(0, 3), (5, 6)]);
+        let filter = config.key_filter.expect("a key filter");
+        assert!(filter.owns(b"web:1") && !filter.owns(b"app:tmp:1") && !filter.owns(b"x"));
+        let clash = parse(&["--source", "a:1", "--target", "b:2", "--db-map", "0=1,2=1"])
+            .unwrap()
+            .config()
+            .unwrap_err();
+        assert!(clash.to_string().contains("filter.db-map"), "{clash}");
+        assert_eq!(clash.exit_code(), 2);
+        assert!(parse(&["--source", "a:1", "--target", "b:2", "--db-map", "x"]).is_err());
+    }
+
+    #[test]
     fn refuses_bad_flags() {
         assert!(parse(&["--source", "a:1"]).is_err());
         assert!(parse(&["--source", "a:1", "--target", "b:2", "--passes", "0"]).is_err());
