@@ -23,6 +23,8 @@
 //!   [--mode full|outline] [--passes N] [--qps N] [--json]`: compare two
 //!   servers key by key ([`verify`]; exit code 1 on a difference, 2 on an
 //!   error).
+//! - `sync`, `precheck` and `verify` take a sync's keyspace ([`FilterArgs`]:
+//!   `--db-map S=T,…`, `--key-prefix P`, `--exclude-key-prefix P`).
 
 pub mod fetch;
 pub mod node;
@@ -159,16 +161,19 @@ pub enum RdbCommand {
 /// same values as the sync).
 #[derive(Debug, Clone, Default, PartialEq, Eq, clap::Args)]
 pub struct FilterArgs {
-    /// Source db to target db, e.g. `0=3,5=6`: only these source dbs are
-    /// replicated (compared), each into (with) its target db ([filter]
-    /// db-map; not with --dbs).
+    /// Source db to target db, e.g. `0=3,5=6`: only these source dbs, each
+    /// into its target db ([filter] db-map; not with --dbs; two source dbs
+    /// into one target db are refused). `verify` compares each source db
+    /// with its target db.
     #[arg(long, value_name = "SRC=DST,...", value_parser = crate::apply::keyspace::parse_db_map)]
     pub db_map: Option<BTreeMap<String, u32>>,
-    /// Only keys starting with PREFIX (repeatable; [filter] key-prefix).
+    /// Only keys starting with PREFIX are replicated and owned (repeatable;
+    /// [filter] key-prefix): other keys are never written, flushed or
+    /// compared.
     #[arg(long = "key-prefix", value_name = "PREFIX")]
     pub key_prefix: Vec<String>,
-    /// Never keys starting with PREFIX (repeatable; [filter]
-    /// exclude-key-prefix).
+    /// Keys starting with PREFIX are neither replicated nor owned
+    /// (repeatable; [filter] exclude-key-prefix).
     #[arg(long = "exclude-key-prefix", value_name = "PREFIX")]
     pub exclude_key_prefix: Vec<String>,
 }
