@@ -276,3 +276,83 @@ fn run_batch_raw(conn: &mut Conn, cmd: &Command) -> Resp {
     let replies = conn.replies().expect("replies");
     replies.last().expect("EXEC").items()[0].clone()
 }
+
+/// `db-map` and a key filter together: every flush, swap and load start
+/// touches only the owned keys, and only in the target dbs the replicated
+/// source dbs land in (here source 0 → target 3, source 5 → target 0;
+/// target db 2 belongs to nobody of this sync, whatever its keys).
+#[test]
+fn a_db_map_with_a_key_filter_touches_only_owned_keys_of_the_target_dbs() {
+    let server = RedisServer::start(&[]);
+    let mut conn = connect(&server.addr());
+    seed(&mut conn);
+    let mut map = BTreeMap::new();
+    map.insert("0".to_string(), 3);
+    map.insert("5".to_string(), 0);
+    let owned = FilterConfig {
+        db_map: Some(map),
+        key_prefix: Some(vec!["app:".into(), "a*b:".into()]),
+        exclude_key_prefix: Some(vec!["app:tmp:".into()]),
+        ..FilterConfig::default()
+    }
+    .keyspace()
+    .expect("a valid filter");
+    let others = |db: u32| -> Vec<&'static str> {
+        let mut kept = vec!["aXb:1", "app:tmp:1", "other:1"];
+        if db == 0 {
+            kept.splice(0..0, ["__ferry:checkpoint:other:0", "__ferry:heartbeat:x"]);
+        }
+        kept
+    };
+    let untouched_2 = contents(&mut conn, 2);
+    assert_eq!(untouched_2.len(), 7);
+
+    // The load start counts the owned keys of target dbs 0 and 3 only.
+    let key = Bytes::from_static(b"__ferry:checkpoint:me:0");
+    let start = owned.load_start(16, true, true, &key, b"v2 loading=5");
+    assert_eq!(
+        run_batch_raw(&mut conn, &start),
+        Resp::Error("FERRYEXISTING 0:4 3:4".into()),
+        "app:1, a*b:1, app:ttl, app:list in each"
+    );
+
+    // FLUSHDB in source db 5: the owned keys of target db 0, nothing else.
+    run_batch(&mut conn, &translate(&owned, 5, &["FLUSHDB"]));
+    assert_eq!(keys(&contents(&mut conn, 0)), others(0));
+    assert_eq!(contents(&mut conn, 3).len(), 7, "db 3 is source db 0's");
+    assert_eq!(contents(&mut conn, 2), untouched_2);
+
+    // SWAPDB 0 5 (source dbs): the owned keys of target dbs 3 and 0 change
+    // places (db 0 had none left), the others stay.
+    let before3 = contents(&mut conn, 3);
+    run_batch(&mut conn, &translate(&owned, 0, &["SWAPDB", "0", "5"]));
+    let mut expected0: Vec<&str> = others(0);
+    expected0.extend(["a*b:1", "app:1", "app:list", "app:ttl"]);
+    expected0.sort_unstable();
+    assert_eq!(keys(&contents(&mut conn, 0)), expected0);
+    assert_eq!(contents(&mut conn, 0)["app:1"], before3["app:1"]);
+    assert_eq!(keys(&contents(&mut conn, 3)), others(3));
+    assert_eq!(contents(&mut conn, 2), untouched_2);
+
+    // FLUSHALL: the owned keys of target dbs 0 and 3.
+    run_batch(&mut conn, &translate(&owned, 0, &["FLUSHALL"]));
+    assert_eq!(keys(&contents(&mut conn, 0)), others(0));
+    assert_eq!(keys(&contents(&mut conn, 3)), others(3));
+    assert_eq!(contents(&mut conn, 2), untouched_2);
+
+    // A load start that flushes leaves the same keys and writes the
+    // checkpoint.
+    conn.call(&["SELECT", "3"]).unwrap();
+    conn.call(&["SET", "app:again", "x"]).unwrap();
+    conn.call(&["SELECT", "0"]).unwrap();
+    let start = owned.load_start(16, false, true, &key, b"v2 loading=7");
+    assert_eq!(
+        run_batch_raw(&mut conn, &start),
+        Resp::Bulk(Some(b"OK".to_vec()))
+    );
+    assert_eq!(keys(&contents(&mut conn, 3)), others(3));
+    let mut expected0 = others(0);
+    expected0.insert(0, "__ferry:checkpoint:me:0");
+    assert_eq!(keys(&contents(&mut conn, 0)), expected0);
+    assert_eq!(contents(&mut conn, 2), untouched_2);
+}
