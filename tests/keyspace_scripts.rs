@@ -366,3 +366,45 @@ fn a_db_map_with_a_key_filter_touches_only_owned_keys_of_the_target_dbs() {
     assert_eq!(keys(&contents(&mut conn, 0)), expected0);
     assert_eq!(contents(&mut conn, 2), untouched_2);
 }
+
+/// The swap script under a key filter selects both dbs before it changes
+/// anything: a script stopped by an error keeps what it did, so a db the
+/// target lacks must stop it before the first `RENAME` (the applier also
+/// refuses such a `SWAPDB` up front; this is for a target whose
+/// `databases` shrank after it was read).
+#[test]
+fn a_swap_with_a_db_the_target_lacks_changes_nothing() {
+    let server = RedisServer::start(&[]);
+    let mut conn = connect(&server.addr());
+    seed(&mut conn);
+    let mut map = BTreeMap::new();
+    map.insert("0".to_string(), 0);
+    map.insert("5".to_string(), 20);
+    let owned = FilterConfig {
+        db_map: Some(map),
+        key_prefix: Some(vec!["app:".into()]),
+        ..FilterConfig::default()
+    }
+    .keyspace()
+    .expect("a valid filter");
+    let before = contents(&mut conn, 0);
+    // Translated for a target of 32 dbs; this one has 16.
+    let placed: Vec<(u32, Command)> = owned
+        .translate(0, vec![Command::from_parts(["SWAPDB", "5", "0"])], 32)
+        .expect("in range for 32 dbs")
+        .commands
+        .into_iter()
+        .map(|p| (p.db, p.cmd))
+        .collect();
+    assert_eq!(placed.len(), 1);
+    conn.queue(&["MULTI"]);
+    conn.queue(&placed[0].1.args);
+    conn.queue(&["EXEC"]);
+    let replies = conn.replies().expect("replies");
+    let exec = replies.last().expect("EXEC").items().to_vec();
+    assert!(
+        matches!(&exec[0], Resp::Error(e) if e.contains("out of range")),
+        "{exec:?}"
+    );
+    assert_eq!(contents(&mut conn, 0), before, "db 0 changed");
+}

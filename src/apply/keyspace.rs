@@ -70,7 +70,10 @@
 //!   Out of the replicated dbs they are a `DEL` (`MOVE`) or nothing
 //!   (`COPY`) for this sync; into them from a db it does not replicate they
 //!   are refused (the value was never received). A key filter applies to
-//!   the key's name, which `MOVE` keeps: an owned key stays owned;
+//!   the key's name, which `MOVE` keeps: an owned key stays owned. A
+//!   `SWAPDB`/`MOVE`/`COPY` whose db maps past the target's `databases` is
+//!   refused (it would fail only inside `EXEC`, and the swap script half
+//!   way);
 //! - `FUNCTION FLUSH` and `FUNCTION RESTORE ... FLUSH` (functions are
 //!   server-wide) are applied only by a sync that owns the whole target
 //!   (every db, no key filter), refused otherwise;
@@ -558,7 +561,9 @@ const FILTERED_FLUSH_SCRIPT: &str = concat!(
 
 /// Lua swapping the owned keys of target dbs `ARGV[1]` and `ARGV[2]`
 /// under a key filter (filter from `ARGV[3]`), leaving every other key
-/// where it is: the owned keys of `b` are renamed to `__ferry:swap:<key>`
+/// where it is: both dbs are selected and their owned keys listed before
+/// anything changes (a script stopped by an error keeps what it did), then
+/// the owned keys of `b` are renamed to `__ferry:swap:<key>`
 /// (no owned key of `a` can collide with them), those of `a` `MOVE`d to
 /// `b`, the renamed ones `MOVE`d to `a` and renamed back. Keys keep their
 /// TTLs; no value is copied. Returns the number of keys moved.
@@ -567,11 +572,12 @@ const FILTERED_SWAP_SCRIPT: &str = concat!(
     "\
 local a, b = ARGV[1], ARGV[2]
 local filter = filter_from(3)
+redis.call('SELECT', a)
+local in_a = owned_keys(filter)
 redis.call('SELECT', b)
 local in_b = owned_keys(filter)
 for _, key in ipairs(in_b) do redis.call('RENAME', key, '__ferry:swap:' .. key) end
 redis.call('SELECT', a)
-local in_a = owned_keys(filter)
 for _, key in ipairs(in_a) do redis.call('MOVE', key, b) end
 redis.call('SELECT', b)
 for _, key in ipairs(in_b) do redis.call('MOVE', '__ferry:swap:' .. key, a) end
@@ -1075,6 +1081,18 @@ impl OwnedKeyspace {
             command: name.to_string(),
             reason,
         };
+        // A db argument the target lacks fails only when the command runs,
+        // inside `EXEC` (and a script would stop half way): refused whole
+        // before anything is sent, like a command placed in such a db.
+        let in_range = |target: u32| {
+            if target < databases {
+                Ok(())
+            } else {
+                Err(refuse(format!(
+                    "db {target} is out of range: the target has {databases} databases"
+                )))
+            }
+        };
         match name {
             "FLUSHALL" => {
                 let mode = cmd.args.get(1).map(|m| m.as_ref());
@@ -1117,6 +1135,8 @@ impl OwnedKeyspace {
                         Ok(())
                     }
                     (Some(ta), Some(tb)) => {
+                        in_range(ta)?;
+                        in_range(tb)?;
                         let (ta_arg, tb_arg) = (ta.to_string(), tb.to_string());
                         // Any owned db will do (the current one if owned),
                         // but the script keeping internal keys reads db 0.
@@ -1157,6 +1177,7 @@ impl OwnedKeyspace {
                 };
                 match (self.target_db(db), self.target_db(to)) {
                     (Some(from), Some(target)) => {
+                        in_range(target)?;
                         let cmd = if target == to {
                             cmd
                         } else {
@@ -1196,6 +1217,7 @@ impl OwnedKeyspace {
                 };
                 match (self.target_db(db), self.target_db(to)) {
                     (Some(from), Some(target)) => {
+                        in_range(target)?;
                         let cmd = match copy_destination_db(&cmd) {
                             Some((at, _)) if target != to => {
                                 let mut args = cmd.args;
@@ -1634,6 +1656,34 @@ mod tests {
             }),
             ["0: EVAL <load-start> 0 check flush ck v 0 3 6"]
         );
+    }
+
+    #[test]
+    fn db_arguments_mapped_past_the_targets_dbs_are_refused() {
+        // Source db 5 into target db 20 of a 16-db target.
+        let keyspace = mapped(&[(0, 0), (5, 20)]);
+        let filtered = keyspace
+            .clone()
+            .with_keys(KeyFilter::new(vec!["a:".into()], vec![]));
+        for owned in [&keyspace, &filtered] {
+            for (db, parts) in [
+                (0, &["SWAPDB", "5", "0"][..]),
+                (0, &["SWAPDB", "0", "5"]),
+                (0, &["MOVE", "a:k", "5"]),
+                (0, &["COPY", "a:k", "a:l", "DB", "5"]),
+            ] {
+                let refused = owned.translate(db, vec![cmd(parts)], 16).unwrap_err();
+                assert!(
+                    refused.reason.contains("db 20 is out of range"),
+                    "{parts:?}: {}",
+                    refused.reason
+                );
+            }
+            // Within range it goes.
+            assert!(owned
+                .translate(0, vec![cmd(&["SWAPDB", "5", "0"])], 32)
+                .is_ok());
+        }
     }
 
     #[test]
