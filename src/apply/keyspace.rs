@@ -65,7 +65,11 @@
 //!   one db are renamed to `__ferry:swap:<key>`, the other db's are
 //!   `MOVE`d over, the renamed ones moved back and renamed: O(owned keys),
 //!   values are never copied); the other keys of both dbs stay where they
-//!   are, as they do for the syncs that own them. Internal keys never move;
+//!   are, as they do for the syncs that own them. Internal keys never move.
+//!   The target replicates the script's effects: a ferry syncing from this
+//!   target (a cascade) sees renames between data keys and `__ferry:swap:`
+//!   names and refuses them, so such a `SWAPDB` stops the next hop until
+//!   `ferry skip`;
 //! - `MOVE key n` and `COPY src dst DB n` name a source db: it is mapped.
 //!   Out of the replicated dbs they are a `DEL` (`MOVE`) or nothing
 //!   (`COPY`) for this sync; into them from a db it does not replicate they
