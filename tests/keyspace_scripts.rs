@@ -408,3 +408,41 @@ fn a_swap_with_a_db_the_target_lacks_changes_nothing() {
     );
     assert_eq!(contents(&mut conn, 0), before, "db 0 changed");
 }
+
+/// A prefix that ferry's own keys also start with (`__`) owns the other
+/// keys it matches, never ferry's: counted, flushed and swapped without
+/// them.
+#[test]
+fn a_prefix_matching_ferrys_keys_too_never_owns_them() {
+    let server = RedisServer::start(&[]);
+    let mut conn = connect(&server.addr());
+    seed(&mut conn);
+    conn.call(&["SET", "__mine", "x"]).unwrap();
+    conn.call(&["SELECT", "2"]).unwrap();
+    conn.call(&["SET", "__theirs", "y"]).unwrap();
+    conn.call(&["SELECT", "0"]).unwrap();
+    let owned = keyspace(Some(vec![0, 2]), &["__"], &[]);
+    let key = Bytes::from_static(b"__ferry:checkpoint:me:0");
+    let start = owned.load_start(16, true, false, &key, b"v2 loading=1");
+    assert_eq!(
+        run_batch_raw(&mut conn, &start),
+        Resp::Error("FERRYEXISTING 0:1 2:1".into())
+    );
+    run_batch(&mut conn, &translate(&owned, 0, &["SWAPDB", "0", "2"]));
+    let db0 = contents(&mut conn, 0);
+    assert_eq!(db0["__theirs"].0, "y");
+    assert!(
+        db0.contains_key("__ferry:checkpoint:other:0") && db0.contains_key("__ferry:heartbeat:x")
+    );
+    assert!(!contents(&mut conn, 2)
+        .keys()
+        .any(|k| k.starts_with("__ferry")));
+    run_batch(&mut conn, &translate(&owned, 0, &["FLUSHALL"]));
+    let db0 = contents(&mut conn, 0);
+    assert_eq!(
+        keys(&db0)[..2],
+        ["__ferry:checkpoint:other:0", "__ferry:heartbeat:x"]
+    );
+    assert!(!db0.contains_key("__theirs") && db0.len() == 9, "{db0:?}");
+    assert_eq!(contents(&mut conn, 2).len(), 7);
+}

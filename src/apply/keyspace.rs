@@ -269,13 +269,13 @@ impl FilterConfig {
                             field,
                             "an empty prefix matches every key; leave it out instead",
                         ))
-                    } else if prefix.as_bytes().starts_with(INTERNAL_PREFIX)
-                        || INTERNAL_PREFIX.starts_with(prefix.as_bytes())
-                    {
+                    } else if prefix.as_bytes().starts_with(INTERNAL_PREFIX) {
+                        // A shorter one (`_`, `__f`) is fine: ferry's own
+                        // keys are never owned whatever the filter says.
                         Err(filter_error(
                             field,
                             format!(
-                                "{prefix:?} overlaps ferry's own keys ({}*), which are never \
+                                "{prefix:?} names only ferry's own keys ({}*), which are never \
                                  replicated",
                                 String::from_utf8_lossy(INTERNAL_PREFIX)
                             ),
@@ -1875,10 +1875,15 @@ mod tests {
             config(None, Some(&[""])).keyspace().unwrap_err().field,
             "filter.exclude-key-prefix"
         );
-        for internal in ["__ferry:x", "__f"] {
+        for internal in ["__ferry:x", "__ferry"] {
             let why = config(Some(&[internal]), None).keyspace().unwrap_err();
             assert!(why.reason.contains("ferry's own keys"), "{}", why.reason);
         }
+        // A prefix of ferry's prefix owns the other keys it matches, never
+        // ferry's own.
+        let underscore = config(Some(&["__f"]), None).keyspace().unwrap();
+        assert!(underscore.owns_key(b"__foo") && !underscore.owns_key(b"__ferry:x"));
+        assert!(!underscore.owns_key(b"app:1"));
         assert_eq!(config(None, None).keyspace().unwrap(), OwnedKeyspace::all());
     }
 }
