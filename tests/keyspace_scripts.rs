@@ -11,11 +11,12 @@ mod common;
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
+use ferry::apply::keyspace::KeyClass;
 use ferry::apply::{FilterConfig, OwnedKeyspace};
 use ferry::redis::command::Command;
 
 use common::resp::{connect, Conn, Resp};
-use common::RedisServer;
+use common::{redis_cli_bin, RedisServer};
 
 fn keyspace(dbs: Option<Vec<u32>>, include: &[&str], exclude: &[&str]) -> OwnedKeyspace {
     let list = |l: &[&str]| (!l.is_empty()).then(|| l.iter().map(|p| p.to_string()).collect());
@@ -184,7 +185,7 @@ fn a_swap_under_a_key_filter_exchanges_only_owned_keys() {
     }
     // TTLs moved with their keys; nothing was left under a temporary name.
     assert_eq!(after0["app:ttl"], ("2-ttl".to_string(), true));
-    assert!(after0.keys().all(|k| !k.starts_with("__ferry:swap:")));
+    assert!(after0.keys().all(|k| !k.contains("ferry-swap")));
     assert!(after2.keys().all(|k| !k.starts_with("__ferry:")));
     assert_eq!(contents(&mut conn, 3).len(), 7, "db 3 is not owned");
 }
@@ -445,4 +446,137 @@ fn a_prefix_matching_ferrys_keys_too_never_owns_them() {
     );
     assert!(!db0.contains_key("__theirs") && db0.len() == 9, "{db0:?}");
     assert_eq!(contents(&mut conn, 2).len(), 7);
+}
+
+/// One argument list of a `MONITOR` line (`sdscatrepr` quoting).
+fn monitor_args(line: &str) -> Vec<Vec<u8>> {
+    let mut args = Vec::new();
+    let bytes = line.as_bytes();
+    let mut i = match line.find("] ") {
+        Some(at) => at + 2,
+        None => return args,
+    };
+    while i < bytes.len() {
+        if bytes[i] != b'"' {
+            i += 1;
+            continue;
+        }
+        i += 1;
+        let mut arg = Vec::new();
+        while i < bytes.len() && bytes[i] != b'"' {
+            if bytes[i] == b'\\' && i + 1 < bytes.len() {
+                i += 1;
+                match bytes[i] {
+                    b'n' => arg.push(b'\n'),
+                    b'r' => arg.push(b'\r'),
+                    b't' => arg.push(b'\t'),
+                    b'a' => arg.push(7),
+                    b'b' => arg.push(8),
+                    b'x' => {
+                        let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).expect("hex");
+                        arg.push(u8::from_str_radix(hex, 16).expect("hex"));
+                        i += 2;
+                    }
+                    other => arg.push(other),
+                }
+            } else {
+                arg.push(bytes[i]);
+            }
+            i += 1;
+        }
+        i += 1;
+        args.push(arg);
+    }
+    args
+}
+
+/// What Redis replicates of the swap script is its effects: every write it
+/// makes must name only owned keys, so that a ferry syncing from this
+/// target (a cascade) applies them like any `RENAME`/`MOVE` instead of
+/// meeting ferry's own key names. Here with temporary names that must
+/// step aside: `app:1!ferry-swap-0` is held (an owned key of db 2) and
+/// `a*b:1!` is excluded.
+#[test]
+fn a_swaps_replicated_effects_name_only_owned_keys() {
+    use std::io::BufRead as _;
+
+    let server = RedisServer::start(&[]);
+    let mut conn = connect(&server.addr());
+    seed(&mut conn);
+    conn.call(&["SELECT", "2"]).unwrap();
+    conn.call(&["SET", "app:1!ferry-swap-0", "held"]).unwrap();
+    conn.call(&["SELECT", "0"]).unwrap();
+    let owned = keyspace(Some(vec![0, 2]), &["app:", "a*b:"], &["app:tmp:", "a*b:1!"]);
+    let before0 = contents(&mut conn, 0);
+    let before2 = contents(&mut conn, 2);
+
+    let mut monitor = std::process::Command::new(redis_cli_bin())
+        .args(["-h", "127.0.0.1", "-p", &server.port.to_string(), "MONITOR"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("redis-cli MONITOR");
+    let mut lines = std::io::BufReader::new(monitor.stdout.take().expect("stdout")).lines();
+    assert_eq!(lines.next().expect("MONITOR OK").expect("line"), "OK");
+    run_batch(&mut conn, &translate(&owned, 0, &["SWAPDB", "0", "2"]));
+    conn.call(&["ECHO", "monitor-end"]).unwrap();
+    let mut writes: Vec<Vec<Vec<u8>>> = Vec::new();
+    for line in lines {
+        let line = line.expect("MONITOR line");
+        if line.contains("monitor-end") {
+            break;
+        }
+        let args = monitor_args(&line);
+        let is_write = args.first().is_some_and(|name| {
+            let name = String::from_utf8_lossy(name).to_uppercase();
+            name == "RENAME" || name == "MOVE"
+        });
+        if line.contains(" lua] ") && is_write {
+            writes.push(args);
+        }
+    }
+    monitor.kill().ok();
+    monitor.wait().ok();
+
+    let shown: Vec<String> = writes
+        .iter()
+        .map(|args| {
+            args.iter()
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect();
+    assert!(
+        shown.contains(&"RENAME app:1 app:1!ferry-swap-1".to_string())
+            && shown.contains(&"RENAME a*b:1 a*b:1\"ferry-swap-0".to_string()),
+        "{shown:#?}"
+    );
+    for args in &writes {
+        let cmd = Command::new(args.iter().map(|a| Bytes::from(a.clone())).collect());
+        for downstream in [&OwnedKeyspace::all(), &owned] {
+            assert_eq!(
+                downstream.classify(&cmd),
+                KeyClass::Data,
+                "a replicated effect names keys not owned: {shown:#?}"
+            );
+        }
+    }
+
+    // And the swap itself: owned keys changed places, nothing else moved,
+    // no temporary name left.
+    let is_owned = |key: &str| {
+        (key.starts_with("app:") || key.starts_with("a*b:"))
+            && !key.starts_with("app:tmp:")
+            && !key.starts_with("a*b:1!")
+    };
+    for (before_here, before_there, db) in [(&before0, &before2, 0), (&before2, &before0, 2)] {
+        let expected: BTreeMap<String, (String, bool)> = before_here
+            .iter()
+            .filter(|(k, _)| !is_owned(k))
+            .chain(before_there.iter().filter(|(k, _)| is_owned(k)))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        assert_eq!(contents(&mut conn, db), expected, "db {db} after SWAPDB");
+    }
+    assert_eq!(contents(&mut conn, 0)["app:1!ferry-swap-0"].0, "held");
 }

@@ -62,14 +62,12 @@
 //!   when only one: the owned db would take data this sync never received,
 //!   or give its data to a db it does not own. With a key filter only the
 //!   owned keys of the two dbs change places (one script: the owned keys of
-//!   one db are renamed to `__ferry:swap:<key>`, the other db's are
-//!   `MOVE`d over, the renamed ones moved back and renamed: O(owned keys),
-//!   values are never copied); the other keys of both dbs stay where they
-//!   are, as they do for the syncs that own them. Internal keys never move.
-//!   The target replicates the script's effects: a ferry syncing from this
-//!   target (a cascade) sees renames between data keys and `__ferry:swap:`
-//!   names and refuses them, so such a `SWAPDB` stops the next hop until
-//!   `ferry skip`;
+//!   one db that the other also holds are renamed to owned temporary names
+//!   neither db holds, the other db's are `MOVE`d over, the first db's
+//!   moved back and renamed: O(owned keys), values are never copied); the
+//!   other keys of both dbs stay where they are, as they do for the syncs
+//!   that own them. Internal keys never move, and the script's replicated
+//!   effects name only owned keys (a cascade's next hop applies them);
 //! - `MOVE key n` and `COPY src dst DB n` name a source db: it is mapped.
 //!   Out of the replicated dbs they are a `DEL` (`MOVE`) or nothing
 //!   (`COPY`) for this sync; into them from a db it does not replicate they
@@ -565,12 +563,18 @@ const FILTERED_FLUSH_SCRIPT: &str = concat!(
 
 /// Lua swapping the owned keys of target dbs `ARGV[1]` and `ARGV[2]`
 /// under a key filter (filter from `ARGV[3]`), leaving every other key
-/// where it is: both dbs are selected and their owned keys listed before
-/// anything changes (a script stopped by an error keeps what it did), then
-/// the owned keys of `b` are renamed to `__ferry:swap:<key>`
-/// (no owned key of `a` can collide with them), those of `a` `MOVE`d to
-/// `b`, the renamed ones `MOVE`d to `a` and renamed back. Keys keep their
-/// TTLs; no value is copied. Returns the number of keys moved.
+/// where it is. Both dbs are listed, and a temporary name chosen for each
+/// key both hold, before anything changes (a script stopped by an error
+/// keeps what it did). Then those keys of `b` are renamed to their
+/// temporary names, the owned keys of `a` `MOVE`d to `b`, those of `b`
+/// (under their temporary names where renamed) `MOVE`d to `a`, and the
+/// temporary names renamed back. A temporary name extends its key
+/// (`<key>!ferry-swap-0`, another byte or number where that is taken or
+/// excluded) and is owned by the filter and held by neither db, so Redis
+/// replicating the script's effects shows a ferry syncing from this target
+/// (a cascade) only `RENAME`s and `MOVE`s of owned keys, never one of
+/// ferry's own names. Keys keep their TTLs; no value is copied. Returns the
+/// number of keys moved.
 const FILTERED_SWAP_SCRIPT: &str = concat!(
     filter_lua!(),
     "\
@@ -580,13 +584,42 @@ redis.call('SELECT', a)
 local in_a = owned_keys(filter)
 redis.call('SELECT', b)
 local in_b = owned_keys(filter)
-for _, key in ipairs(in_b) do redis.call('RENAME', key, '__ferry:swap:' .. key) end
+local in_a_set = {}
+for _, key in ipairs(in_a) do in_a_set[key] = true end
+local taken = {}
+local function held(name)
+  redis.call('SELECT', a)
+  local n = redis.call('EXISTS', name)
+  redis.call('SELECT', b)
+  return n + redis.call('EXISTS', name) > 0
+end
+local function temporary(key)
+  for c = 33, 126 do
+    for n = 0, 999 do
+      local name = key .. string.char(c) .. 'ferry-swap-' .. n
+      if owned(name, filter) and not taken[name] and not held(name) then
+        taken[name] = true
+        return name
+      end
+    end
+  end
+  error({err = 'FERRYSWAP no free temporary name for a key both dbs hold'})
+end
+local both, temp = {}, {}
+for _, key in ipairs(in_b) do
+  if in_a_set[key] then
+    both[#both + 1] = key
+    temp[key] = temporary(key)
+  end
+end
+redis.call('SELECT', b)
+for _, key in ipairs(both) do redis.call('RENAME', key, temp[key]) end
 redis.call('SELECT', a)
 for _, key in ipairs(in_a) do redis.call('MOVE', key, b) end
 redis.call('SELECT', b)
-for _, key in ipairs(in_b) do redis.call('MOVE', '__ferry:swap:' .. key, a) end
+for _, key in ipairs(in_b) do redis.call('MOVE', temp[key] or key, a) end
 redis.call('SELECT', a)
-for _, key in ipairs(in_b) do redis.call('RENAME', '__ferry:swap:' .. key, key) end
+for _, key in ipairs(both) do redis.call('RENAME', temp[key], key) end
 return #in_a + #in_b"
 );
 
