@@ -12,6 +12,9 @@
 //!   no `__ferry*` key of sync 1 (its checkpoint on B) or of sync 2 (its
 //!   heartbeat on B) reaches C: ferry's own keys never propagate. Expiry
 //!   deadlines on C are later than A's by the two hops' expire graces.
+//! - [`cascade_with_a_key_filter_carries_a_swapdb`]: A → B with
+//!   `--key-prefix`, B → C whole; a `SWAPDB` on A swaps only A's keys on
+//!   B, and its replicated effects (owned keys only) reach C unrefused.
 //! - [`two_sources_into_one_target_by_db_map`]: two sources both writing
 //!   db 0, mapped to target dbs 1 and 2 (`--db-map`); each one's fallback
 //!   snapshot and `FLUSHALL` leave the other's db alone.
@@ -848,4 +851,67 @@ fn two_sources_into_one_target_db_by_key_prefix() {
     verify_clean(&source_b, &target, &view_b, &[], "sync B");
     sync_a.terminate(Duration::from_secs(30));
     sync_b.terminate(Duration::from_secs(30));
+}
+
+/// A cascade whose first hop has a key filter: a `SWAPDB` on A is applied
+/// on B as a swap of the owned keys only (a script), and Redis replicates
+/// the script's effects to the next hop. Those must name only owned keys
+/// (no `__ferry*` temporary names), so B → C applies them and C follows B:
+/// nothing refused or skipped on either hop, B's own keys stay in their
+/// dbs on B and on C, and ferry's own keys never reach C.
+#[test]
+fn cascade_with_a_key_filter_carries_a_swapdb() {
+    let a = RedisServer::start(&["--repl-diskless-sync-delay", "0"]);
+    let b = RedisServer::start(&["--repl-diskless-sync-delay", "0"]);
+    let c = RedisServer::start(&[]);
+    // The same key names in both dbs (the swap must exchange values of
+    // keys both dbs hold), keys A → B does not own, and B's own keys.
+    for db in [0, 1] {
+        seed(&a, db, "app:", &format!("a{db}"));
+        seed(&a, db, "other:", &format!("a{db}-not-replicated"));
+        seed(&b, db, "local:", &format!("b{db}"));
+    }
+    a.cmd(&["-n", "1", "SET", "app:only-in-1", "x"]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut ab = sync_with(dir.path(), "ab", &a, &b, &["--key-prefix", "app:"]);
+    let hop1 = View {
+        dbs: vec![(0, 0), (1, 1)],
+        include: vec!["app:"],
+        exclude: vec![],
+    };
+    let every = View::same_dbs(&[0, 1]);
+    let context_ab = || ab.log_tail(30);
+    wait_equal(&a, &b, &hop1, "A → B full sync", &context_ab);
+    let mut bc = sync_with(dir.path(), "bc", &b, &c, &["--existing-data", "refuse"]);
+    let context = || format!("{}\n{}", ab.log_tail(30), bc.log_tail(30));
+    wait_equal(&b, &c, &every, "B → C full sync", &context);
+
+    incr(&a, 0, "app:counter", 10);
+    a.cmd(&["SWAPDB", "0", "1"]);
+    incr(&a, 0, "app:counter", 3);
+    incr(&a, 1, "app:counter", 5);
+    wait_equal(&a, &b, &hop1, "B after SWAPDB on A", &context);
+    wait_equal(&b, &c, &every, "C after SWAPDB on A", &context);
+    // The swap moved A's owned keys on B; B's own keys stayed put.
+    assert_eq!(b.cmd(&["GET", "app:seed:0"]), "a1-0");
+    assert_eq!(b.cmd(&["-n", "1", "GET", "app:seed:0"]), "a0-0");
+    assert_eq!(b.cmd(&["GET", "app:only-in-1"]), "x");
+    assert_eq!(b.cmd(&["GET", "local:seed:0"]), "b0-0");
+    assert_eq!(c.cmd(&["GET", "local:seed:0"]), "b0-0");
+    assert_eq!(c.cmd(&["-n", "1", "GET", "app:counter"]), "15");
+    assert_eq!(c.cmd(&["GET", "app:counter"]), "3");
+    for server in [&b, &c] {
+        for db in ["0", "1"] {
+            let stray = server.cmd(&["-n", db, "--scan", "--pattern", "*ferry-swap*"]);
+            assert!(stray.trim().is_empty(), "temporary names left: {stray}");
+        }
+    }
+    assert_eq!(entries_skipped(&ab), 0);
+    assert_eq!(entries_skipped(&bc), 0, "{}", bc.status_json());
+    assert_eq!(internal_keys(&c), ["0:__ferry:checkpoint:bc:0"]);
+    verify_clean(&a, &b, &hop1, &[], "A → B");
+    verify_clean(&b, &c, &every, &[], "B → C");
+    verify_clean(&a, &c, &hop1, &["--expire-grace", "10m"], "A → C");
+    ab.terminate(Duration::from_secs(30));
+    bc.terminate(Duration::from_secs(30));
 }
