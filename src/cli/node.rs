@@ -69,6 +69,10 @@ pub struct SyncArgs {
     /// flushed.
     #[arg(long, value_delimiter = ',')]
     pub dbs: Option<Vec<u32>>,
+    /// Which source dbs go into which target dbs, and which keys this sync
+    /// owns: nothing else on the target is ever written or flushed.
+    #[command(flatten)]
+    pub filter: super::FilterArgs,
     /// When the owned dbs of the target already hold keys at the first
     /// full sync: `refuse` (default; names the dbs and key counts), `keep`
     /// (load over them, keep the others), `flush` (delete them first).
@@ -117,7 +121,7 @@ pub fn sync(args: SyncArgs) -> Result<(), NodeCommandError> {
             admin: args.admin,
             id: args.id,
             wal_ttl: args.wal_ttl,
-            dbs: args.dbs,
+            filter: args.filter.to_config(args.dbs),
             existing_data: args.existing_data,
         },
     )?;

@@ -55,7 +55,6 @@ use bytes::Bytes;
 
 use super::conn::{at, bad_reply, parse_scan, scan_command, KeyCommand, NodeConn};
 use super::{Side, VerifyConfig, VerifyError};
-use crate::record::INTERNAL_PREFIX;
 use crate::redis::cluster::{discover, NodeInfo, SlotRanges, Topology};
 use crate::redis::command::{key_hash_slot, Command, CLUSTER_SLOTS};
 use crate::redis::resp::Frame;
@@ -419,7 +418,8 @@ impl ClusterConn {
 
     /// The next page of `walk` (see the module doc): keys of the slots of
     /// the round that the scanned master serves or imports, without
-    /// ferry's internal keys; `None` once a round saw no slot move.
+    /// ferry's internal keys and keys outside the key filter; `None` once a
+    /// round saw no slot move.
     pub async fn next_page(
         &mut self,
         walk: &mut ClusterWalk,
@@ -493,7 +493,7 @@ impl ClusterConn {
                 .into_iter()
                 .filter(|key| {
                     let slot = key_hash_slot(key);
-                    !key.starts_with(INTERNAL_PREFIX)
+                    super::compared(config, key)
                         && walk.slots.contains(slot)
                         && node.is_some_and(|n| holds(n, slot))
                 })

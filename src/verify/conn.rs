@@ -15,7 +15,6 @@ use super::cluster::{ClusterConn, ClusterWalk};
 use super::rate::RateLimiter;
 use super::report::escape_key;
 use super::{Side, VerifyConfig, VerifyError};
-use crate::record::INTERNAL_PREFIX;
 use crate::redis::client::{parse_info, Client, ClientError};
 use crate::redis::command::Command;
 use crate::redis::resp::Frame;
@@ -348,7 +347,8 @@ impl Conn {
     }
 
     /// The next page of `walk` (`SCAN MATCH --match COUNT --batch`), without
-    /// ferry's internal keys; `None` once the walk is over. A page may be
+    /// ferry's internal keys and keys outside the key filter; `None` once
+    /// the walk is over. A page may be
     /// empty.
     pub async fn next_page(
         &mut self,
@@ -371,7 +371,7 @@ impl Conn {
                 }
                 Ok(Some(
                     keys.into_iter()
-                        .filter(|key| !key.starts_with(INTERNAL_PREFIX))
+                        .filter(|key| super::compared(config, key))
                         .collect(),
                 ))
             }
@@ -443,9 +443,9 @@ pub(crate) fn bad_reply(side: Side, at: String, command: &str, reply: &Frame) ->
 /// `SCAN cursor [MATCH pattern] COUNT batch`.
 pub(crate) fn scan_command(cursor: &Bytes, config: &VerifyConfig) -> Command {
     let mut args = vec![Bytes::from_static(b"SCAN"), cursor.clone()];
-    if let Some(pattern) = &config.pattern {
+    if let Some(pattern) = super::scan_pattern(config) {
         args.push(Bytes::from_static(b"MATCH"));
-        args.push(pattern.clone());
+        args.push(pattern);
     }
     args.push(Bytes::from_static(b"COUNT"));
     args.push(Bytes::from(config.batch.max(1).to_string()));

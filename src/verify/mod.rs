@@ -15,6 +15,10 @@
 //!   target, ask the source `EXISTS` for each page, and compare the keys the
 //!   source lacks (they are *extra*). Keys starting with `__ferry` (ferry's
 //!   own heartbeats and checkpoints) are skipped on both sides.
+//! - A sync's keyspace: [`VerifyConfig::db_map`] compares each source db
+//!   with the target db it maps to, [`VerifyConfig::key_filter`] only the
+//!   keys a sync owns (other keys of a shared target db are another sync's,
+//!   not *extra*).
 //! - Passes 2..=N: after [`VerifyConfig::pass_interval`], re-compare only the
 //!   keys that differed in the previous pass. A db stops early once nothing
 //!   differs. What differs after its last pass is reported.
@@ -96,6 +100,8 @@ pub use self::report::{
     escape_key, render_report, DbReport, KeyReport, SideTopology, VerifyReport,
 };
 use crate::apply::expire::DEFAULT_EXPIRE_GRACE;
+use crate::apply::keyspace::KeyFilter;
+use crate::record::INTERNAL_PREFIX;
 use crate::redis::client::ClientError;
 use crate::redis::cluster::TopologyError;
 use crate::redis::url::RedisUrl;
@@ -187,6 +193,14 @@ pub struct VerifyConfig {
     pub dbs: Vec<u32>,
     /// `SCAN MATCH` pattern; `None`: every key.
     pub pattern: Option<Bytes>,
+    /// Source db to target db (a sync's `[filter] db-map`): each source db
+    /// is compared with its target db, and only those (`dbs`, if given,
+    /// picks among them). Empty: each db with the db of the same number.
+    pub db_map: Vec<(u32, u32)>,
+    /// Only the keys a sync's `[filter] key-prefix` / `exclude-key-prefix`
+    /// own, on both sides (the target's other keys belong to other syncs).
+    /// `None`: every key.
+    pub key_filter: Option<KeyFilter>,
     /// Default [`Mode::Full`].
     pub mode: Mode,
     /// Passes per db, at least 1. Default 3.
@@ -227,6 +241,8 @@ impl VerifyConfig {
             target_seeds: Vec::new(),
             dbs: Vec::new(),
             pattern: None,
+            db_map: Vec::new(),
+            key_filter: None,
             mode: Mode::Full,
             passes: 3,
             qps: 5000,
@@ -358,23 +374,36 @@ pub async fn run_observed(
         source: Conn::connect(Side::Source, &config.seeds(Side::Source), config.qps).await?,
         target: Conn::connect(Side::Target, &config.seeds(Side::Target), config.qps).await?,
     };
-    let dbs = if config.dbs.is_empty() {
-        let mut dbs = pair.source.keyspace_dbs().await?;
-        dbs.extend(pair.target.keyspace_dbs().await?);
-        dbs
+    // (source db, target db) pairs.
+    let dbs: Vec<(u32, u32)> = if !config.db_map.is_empty() {
+        let mut pairs: Vec<(u32, u32)> = config
+            .db_map
+            .iter()
+            .copied()
+            .filter(|(source, _)| config.dbs.is_empty() || config.dbs.contains(source))
+            .collect();
+        pairs.sort_unstable();
+        pairs.dedup();
+        pairs
     } else {
-        config.dbs.clone()
+        let mut dbs = if config.dbs.is_empty() {
+            let mut dbs = pair.source.keyspace_dbs().await?;
+            dbs.extend(pair.target.keyspace_dbs().await?);
+            dbs
+        } else {
+            config.dbs.clone()
+        };
+        dbs.sort_unstable();
+        dbs.dedup();
+        dbs.into_iter().map(|db| (db, db)).collect()
     };
-    let mut dbs = dbs;
-    dbs.sort_unstable();
-    dbs.dedup();
 
     let walked = !dbs.is_empty();
     let mut db_reports = Vec::with_capacity(dbs.len());
     let mut listed = Vec::new();
     let mut total = 0u64;
-    for db in dbs {
-        let (db_report, differing) = verify_db(&mut pair, db, config, observer).await?;
+    for (db, target_db) in dbs {
+        let (db_report, differing) = verify_db(&mut pair, db, target_db, config, observer).await?;
         total += differing.len() as u64;
         for (key, diffs) in differing {
             if listed.len() >= config.max_listed {
@@ -428,16 +457,17 @@ fn millis(elapsed: Duration) -> u64 {
 
 type Differing = BTreeMap<Bytes, Vec<crate::verify::Difference>>;
 
-/// All passes over one db.
+/// All passes over source db `db` against target db `target_db`.
 async fn verify_db(
     pair: &mut Pair,
     db: u32,
+    target_db: u32,
     config: &VerifyConfig,
     observer: &mut (dyn FnMut(&PassEvent) + Send),
 ) -> Result<(DbReport, Differing), VerifyError> {
     let started = Instant::now();
     pair.source.select(db).await?;
-    pair.target.select(db).await?;
+    pair.target.select(target_db).await?;
     let batch = config.batch.max(1);
     let passes = config.passes.max(1);
     let mut differing = Differing::new();
@@ -503,6 +533,7 @@ async fn verify_db(
     differing.retain(|_, diffs| !diffs.iter().all(|d| d.kind == DiffKind::Expiring));
     let mut db_report = DbReport {
         db,
+        target_db,
         keys_checked,
         passes: pass,
         differing_after_pass,
@@ -519,4 +550,26 @@ async fn verify_db(
         db_report.value += u64::from(has(DiffKind::Value));
     }
     Ok((db_report, differing))
+}
+
+/// The `SCAN MATCH` pattern of a db's scan: `--match`, else the key
+/// filter's one include prefix (several, or none, are filtered per key).
+pub(crate) fn scan_pattern(config: &VerifyConfig) -> Option<Bytes> {
+    if config.pattern.is_some() {
+        return config.pattern.clone();
+    }
+    let filter = config.key_filter.as_ref()?;
+    match filter.patterns().as_slice() {
+        [one] if one.as_ref() != b"*" => Some(one.clone()),
+        _ => None,
+    }
+}
+
+/// Whether a scanned key is compared: not one of ferry's internal keys,
+/// and inside the key filter.
+pub(crate) fn compared(config: &VerifyConfig, key: &[u8]) -> bool {
+    match &config.key_filter {
+        Some(filter) => filter.owns(key),
+        None => !key.starts_with(INTERNAL_PREFIX),
+    }
 }

@@ -71,7 +71,10 @@ impl SideTopology {
 /// One db.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct DbReport {
+    /// The source db.
     pub db: u32,
+    /// The target db compared with it (`db` unless `--db-map`).
+    pub target_db: u32,
     /// Keys compared in the first pass (scanned on the source, plus keys
     /// found on the target only; SCAN may return a key twice).
     pub keys_checked: u64,
@@ -186,7 +189,11 @@ pub fn render_report(report: &VerifyReport) -> String {
         .iter()
         .map(|db| {
             vec![
-                db.db.to_string(),
+                if db.db == db.target_db {
+                    db.db.to_string()
+                } else {
+                    format!("{} → {}", db.db, db.target_db)
+                },
                 db.keys_checked.to_string(),
                 db.missing.to_string(),
                 db.extra.to_string(),
