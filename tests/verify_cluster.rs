@@ -29,7 +29,7 @@ use common::resp::Resp;
 use common::{output_within, RedisServer};
 use ferry::redis::url::RedisUrl;
 use ferry::verify::{
-    self, DiffKind, KeyReport, PassEvent, SideTopology, VerifyConfig, VerifyReport,
+    self, DiffKind, KeyReport, PassEvent, SideTopology, VerifyConfig, VerifyError, VerifyReport,
 };
 
 /// A command about one key: `(key, args)`.
@@ -582,4 +582,76 @@ fn a_resharding_during_the_walk_ends_clean_and_misses_nothing() {
     );
     assert_equal(&report, "standalone → cluster during a resharding");
     assert_eq!(report.dbs[0].keys_checked, 3040);
+}
+
+#[test]
+fn what_a_cluster_cannot_hold_is_a_typed_error() {
+    let cluster = Cluster::start(3, 0);
+    let server = RedisServer::start(&[]);
+    let other = RedisServer::start(&[]);
+    let fails = |config: &VerifyConfig| {
+        runtime()
+            .block_on(verify::run(config))
+            .expect_err("the verify cannot finish")
+    };
+
+    // A db other than 0 asked for, or holding keys on the standalone side.
+    let mut asked = config(&server.url(), &cluster.url());
+    asked.dbs = vec![5];
+    let error = fails(&asked);
+    assert!(
+        matches!(
+            error,
+            VerifyError::ClusterDb {
+                side: verify::Side::Target,
+                db: 5
+            }
+        ),
+        "{error}"
+    );
+    assert!(error.to_string().contains("--db 0"), "{error}");
+    Store::Server(&server).write(&[keyed("x", &["SET", "x", "1"])]);
+    let mut conn = common::resp::connect(&server.addr());
+    conn.call(&["MOVE", "x", "3"]).expect("MOVE");
+    let error = fails(&config(&cluster.url(), &server.url()));
+    assert!(
+        matches!(
+            error,
+            VerifyError::ClusterDb {
+                side: verify::Side::Source,
+                db: 3
+            }
+        ),
+        "{error}"
+    );
+    let error = fails(&config(&format!("{}/2", cluster.url()), &server.url()));
+    assert!(
+        matches!(
+            error,
+            VerifyError::ClusterDb {
+                side: verify::Side::Source,
+                db: 2
+            }
+        ),
+        "{error}"
+    );
+    // With --db 0 the same pair compares.
+    let mut db0 = config(&cluster.url(), &server.url());
+    db0.dbs = vec![0];
+    assert_equal(&run(&db0), "db 0 alone");
+
+    // A seed list of standalone servers.
+    let mut seeds = config(&server.url(), &cluster.url());
+    seeds.source_seeds = vec![url(&other.url())];
+    let error = fails(&seeds);
+    assert!(
+        matches!(
+            error,
+            VerifyError::NotCluster {
+                side: verify::Side::Source,
+                ..
+            }
+        ),
+        "{error}"
+    );
 }

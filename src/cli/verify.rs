@@ -328,6 +328,67 @@ mod tests {
     }
 
     #[test]
+    fn a_seed_list_shares_the_first_addresss_credentials() {
+        let args = parse(&[
+            "--source",
+            "redis://:pw@10.0.0.1:7000, 10.0.0.2:7001,redis://other:secret@10.0.0.3:7002",
+            "--target",
+            "127.0.0.1:7001",
+        ])
+        .unwrap();
+        let config = args.config().unwrap();
+        assert_eq!(config.source.addr(), "10.0.0.1:7000");
+        let seeds: Vec<(String, Option<&str>)> = config
+            .source_seeds
+            .iter()
+            .map(|u| (u.addr(), u.password.as_deref()))
+            .collect();
+        assert_eq!(
+            seeds,
+            [
+                ("10.0.0.2:7001".to_string(), Some("pw")),
+                ("10.0.0.3:7002".to_string(), Some("secret"))
+            ]
+        );
+        assert!(config.target_seeds.is_empty());
+        assert_eq!(
+            config.describe(crate::verify::Side::Source),
+            "redis://:***@10.0.0.1:7000,10.0.0.2:7001,10.0.0.3:7002"
+        );
+
+        // The first address's password from a file goes to the others too.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "from-file\n").unwrap();
+        let args = parse(&[
+            "--source",
+            "a:1",
+            "--target",
+            "redis://10.0.0.1:7000,10.0.0.2:7001",
+            "--target-password-file",
+            file.to_str().unwrap(),
+        ])
+        .unwrap();
+        let config = args.config().unwrap();
+        assert_eq!(config.target.password.as_deref(), Some("from-file"));
+        assert_eq!(
+            config.target_seeds[0].password.as_deref(),
+            Some("from-file")
+        );
+
+        for bad in [
+            "redis://a:1,http://b:2",
+            "redis://a:1,b:x",
+            "redis://:pw@a:1,app@b:2",
+        ] {
+            let args = parse(&["--source", bad, "--target", "b:2"]).unwrap();
+            let error = args.config().unwrap_err();
+            assert!(error.to_string().starts_with("--source"), "{bad}: {error}");
+            assert!(!error.to_string().contains("pw"), "{error}");
+        }
+    }
+
+    #[test]
     fn refuses_bad_flags() {
         assert!(parse(&["--source", "a:1"]).is_err());
         assert!(parse(&["--source", "a:1", "--target", "b:2", "--passes", "0"]).is_err());

@@ -168,11 +168,24 @@ impl Conn {
     pub async fn connect(side: Side, seeds: &[RedisUrl], qps: u32) -> Result<Conn, VerifyError> {
         let mut last_error = None;
         for url in seeds {
-            let mut node = match NodeConn::connect(side, url, qps).await {
+            // A cluster node refuses SELECT: the db is selected once the
+            // server is known to be standalone.
+            let at_db0 = RedisUrl {
+                db: 0,
+                ..url.clone()
+            };
+            let mut node = match NodeConn::connect(side, &at_db0, qps).await {
                 Ok(node) => node,
                 // Another seed may answer.
                 Err(error) => {
-                    last_error = Some(error);
+                    last_error = Some(match error {
+                        VerifyError::Connect { side, source, .. } => VerifyError::Connect {
+                            side,
+                            url: url.to_string(),
+                            source,
+                        },
+                        other => other,
+                    });
                     continue;
                 }
             };
@@ -183,6 +196,18 @@ impl Conn {
                         side,
                         url: url.to_string(),
                     });
+                }
+                if url.db != 0 {
+                    let select = Command::from_parts(["SELECT".to_string(), url.db.to_string()]);
+                    let reply = node.send(side, &select).await?;
+                    if let Some(message) = reply.error_message() {
+                        return Err(VerifyError::Server {
+                            side,
+                            at: at(url.db, None),
+                            command: "SELECT".to_string(),
+                            message,
+                        });
+                    }
                 }
                 return Ok(Conn {
                     side,

@@ -1,8 +1,16 @@
 //! `ferry verify`: compare a source and a target Redis key by key.
 //!
-//! In: two servers ([`VerifyConfig`]). Out: a [`VerifyReport`] (per-db
-//! counts and the keys that still differ after the last pass), or a
-//! [`VerifyError`] naming the side, db, key and command that failed.
+//! In: two sides ([`VerifyConfig`]), each a standalone server or a Redis
+//! Cluster (found out from `INFO cluster`; any node, or a seed list). Out: a
+//! [`VerifyReport`] (per-db counts, the keys that still differ after the
+//! last pass, and per side whether it is a cluster and how many masters
+//! were scanned), or a [`VerifyError`] naming the side, db, key and command
+//! that failed.
+//!
+//! A cluster side is walked master by master and each key read from the
+//! master serving its slot, following `MOVED` and `ASK`, with the slots
+//! that moved under the walk walked again (`src/verify/cluster.rs` says
+//! how); it has db 0 only.
 //!
 //! # Passes
 //!
@@ -74,9 +82,10 @@
 //!
 //! # Cost and memory
 //!
-//! Each side's commands go through a token bucket of
+//! Each server's commands go through a token bucket of
 //! [`VerifyConfig::qps`] commands per second (a pipeline of `n` takes `n`
-//! tokens), so a verify can run against production while a sync runs.
+//! tokens; each master of a cluster has its own), so a verify can run
+//! against production while a sync runs.
 //! Memory per key is one chunk per side (about
 //! [`VerifyConfig::chunk_budget`], or one element when a single element is
 //! bigger); what grows with the data is the set of differing keys kept
