@@ -260,6 +260,10 @@ fn cluster_and_standalone_are_compared_either_way() {
     // Cluster → standalone, the cluster given by one node.
     let report = run(&config(&cluster.url(), &server.url()));
     assert_equal(&report, "cluster → standalone");
+    println!(
+        "cluster → standalone, {KEYS} keys, no rate limit: {} ms, {} + {} commands",
+        report.elapsed_ms, report.source_commands, report.target_commands
+    );
     assert_eq!(report.source_topology, cluster_side(3));
     assert_eq!(report.target_topology, standalone_side());
     assert_eq!(report.dbs.len(), 1);
@@ -504,7 +508,15 @@ fn verify_during(config: &VerifyConfig, change: impl FnOnce() + Send) -> VerifyR
         let report = run(config);
         let verified_in = started.elapsed();
         let changed_in = changer.join().expect("change thread");
-        println!("verify took {verified_in:?}, the change {changed_in:?}");
+        println!(
+            "verify took {verified_in:?} (the change ended after {changed_in:?}): {} keys \
+             checked, slots walked again in {} + {} rounds, {} + {} commands",
+            report.dbs.iter().map(|db| db.keys_checked).sum::<u64>(),
+            report.source_topology.rewalks,
+            report.target_topology.rewalks,
+            report.source_commands,
+            report.target_commands
+        );
         report
     })
 }
