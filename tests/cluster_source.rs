@@ -1,0 +1,473 @@
+//! A Redis Cluster source (issue 10, item 1, listener side): `ferry sync`
+//! from a cluster of 3 masters x 1 replica (tests/common/cluster.rs) into a
+//! standalone target, with writes spread over every slot. One listener
+//! partition per shard, a stable id per shard, failover followed with a
+//! partial resync, kill -9 resumed without any full resync.
+//!
+//! Until the applier loads a partition's snapshot over its own slots only
+//! (the slot-scoped loads of `SnapshotMarker.scope`), a load empties the
+//! whole owned keyspace of the target, which would wipe the keys the other
+//! partitions loaded; these tests run with `--existing-data keep` (every
+//! load goes over what is there, nothing is emptied), which an empty target
+//! and a stream without deletes during the loads make exact.
+//!
+//! Run: `cargo test --test cluster_source -- --test-threads 2` (each test
+//! starts 6 cluster nodes, a target and ferry; a minute or two each on a
+//! loaded box).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::cluster::{spread_keys, Cluster};
+use common::ferry::FerryProcess;
+use common::resp::{self, Resp};
+use common::RedisServer;
+
+/// Longest wait for ferry to reach a state or the target to converge.
+const CONVERGE: Duration = Duration::from_secs(180);
+
+/// See the module doc.
+const EXISTING_DATA: &[&str] = &["--existing-data", "keep"];
+
+/// Counters every writer round increments once each (spread over slots).
+const COUNTERS: usize = 24;
+
+fn counter_keys() -> Vec<String> {
+    spread_keys("ctr", COUNTERS)
+}
+
+/// Every data key of one server (`__ferry*` keys left out) and its string
+/// value.
+fn dump(addr: &str) -> BTreeMap<String, String> {
+    let mut conn = resp::connect(addr);
+    let keys: Vec<String> = conn
+        .call(&["KEYS", "*"])
+        .unwrap_or_else(|e| panic!("KEYS on {addr}: {e}"))
+        .items()
+        .iter()
+        .filter_map(Resp::text)
+        .filter(|key| !key.starts_with("__ferry"))
+        .collect();
+    let mut out = BTreeMap::new();
+    for chunk in keys.chunks(1000) {
+        for key in chunk {
+            conn.queue(&["GET", key.as_str()]);
+        }
+        let replies = conn
+            .replies()
+            .unwrap_or_else(|e| panic!("GET on {addr}: {e}"));
+        for (key, reply) in chunk.iter().zip(replies) {
+            if let Some(value) = reply.text() {
+                out.insert(key.clone(), value);
+            }
+        }
+    }
+    out
+}
+
+/// Every data key of the cluster, read from each master.
+fn dump_cluster(cluster: &Cluster) -> BTreeMap<String, String> {
+    let mut all = BTreeMap::new();
+    for port in cluster.master_ports() {
+        all.extend(dump(&format!("127.0.0.1:{port}")));
+    }
+    all
+}
+
+/// What differs between the two dumps (a few keys named).
+fn difference(source: &BTreeMap<String, String>, target: &BTreeMap<String, String>) -> String {
+    let mut out = Vec::new();
+    for (key, value) in source {
+        match target.get(key) {
+            None => out.push(format!("{key} missing on the target")),
+            Some(other) if other != value => {
+                out.push(format!("{key}: source {value:?}, target {other:?}"))
+            }
+            Some(_) => {}
+        }
+    }
+    for key in target.keys().filter(|k| !source.contains_key(*k)) {
+        out.push(format!("{key} only on the target"));
+    }
+    let count = out.len();
+    out.truncate(8);
+    format!("{count} differences: {}", out.join("; "))
+}
+
+fn wait_for(what: &str, ferry: &FerryProcess, mut check: impl FnMut() -> Result<(), String>) {
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let error = match check() {
+            Ok(()) => return,
+            Err(error) => error,
+        };
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not reached in {CONVERGE:?}: {error}\n{}",
+            ferry.log_tail(60)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// Waits until the target holds exactly the cluster's keys and values.
+fn wait_converged(cluster: &Cluster, target: &RedisServer, ferry: &FerryProcess, when: &str) {
+    wait_for(&format!("target converged {when}"), ferry, || {
+        let source = dump_cluster(cluster);
+        let target = dump(&target.addr());
+        if source == target {
+            Ok(())
+        } else {
+            Err(difference(&source, &target))
+        }
+    });
+}
+
+/// The listener rows of `ferry status --json`.
+fn listeners(ferry: &FerryProcess) -> Vec<serde_json::Value> {
+    ferry.status_json()["listeners"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Waits until the listener has one ONLINE partition per shard of
+/// `cluster`, each showing its shard's master and slots.
+fn wait_partitions_online(cluster: &Cluster, ferry: &FerryProcess) -> Vec<serde_json::Value> {
+    let mut rows = Vec::new();
+    wait_for("a partition per shard, online", ferry, || {
+        rows = listeners(ferry);
+        let shards = cluster.shards();
+        if rows.len() != shards.len() {
+            return Err(format!(
+                "{} partitions for {} shards: {rows:?}",
+                rows.len(),
+                shards.len()
+            ));
+        }
+        for shard in &shards {
+            let addr = format!("127.0.0.1:{}", shard.master.port);
+            let Some(row) = rows.iter().find(|r| r["source"] == addr.as_str()) else {
+                return Err(format!("no partition shows master {addr}: {rows:?}"));
+            };
+            if row["source_state"] != "ONLINE" {
+                return Err(format!("partition of {addr} is {}", row["source_state"]));
+            }
+            let count: u64 = shard.master.slot_count() as u64;
+            if row["shard"]["slot_count"] != count
+                || row["shard"]["master_id"] != shard.master.id.as_str()
+            {
+                return Err(format!("partition of {addr} shows shard {}", row["shard"]));
+            }
+        }
+        Ok(())
+    });
+    rows
+}
+
+/// Partition id of the shard whose master's node id is `master_id`, by
+/// status.
+fn partition_by_master(rows: &[serde_json::Value]) -> BTreeMap<String, u64> {
+    rows.iter()
+        .map(|r| {
+            (
+                r["shard"]["master_id"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                r["partition"].as_u64().unwrap_or(u64::MAX),
+            )
+        })
+        .collect()
+}
+
+/// Writes `keys` with values of `round` and increments every counter once.
+fn write_round(cluster: &Cluster, prefix: &str, round: usize, keys: usize) {
+    let mut commands: Vec<(String, Vec<String>)> = counter_keys()
+        .into_iter()
+        .map(|k| (k.clone(), vec!["INCR".to_string(), k]))
+        .collect();
+    for key in spread_keys(&format!("{prefix}{round}"), keys) {
+        commands.push((key.clone(), vec!["SET".into(), key, format!("v{round}")]));
+    }
+    for reply in cluster.pipeline_keys(&commands) {
+        assert!(
+            !matches!(reply, Resp::Error(_)),
+            "write round {round}: {reply:?}"
+        );
+    }
+}
+
+/// A 3 x 1 cluster whose backlog holds what the writers of these tests
+/// send during a listener outage of a few seconds (the 1 MB default does
+/// not: the source would answer a full resync, as it should).
+fn start_cluster() -> Cluster {
+    let cluster = Cluster::start(3, 1);
+    for node in cluster.nodes() {
+        assert_eq!(
+            node.call(&["CONFIG", "SET", "repl-backlog-size", "256mb"]),
+            Resp::Simple("OK".into())
+        );
+    }
+    cluster
+}
+
+fn start_sync(dir: &Path, source: &str, target: &RedisServer) -> FerryProcess {
+    FerryProcess::sync(&dir.join("sync"), source, &target.url(), EXISTING_DATA)
+}
+
+fn assert_counters(cluster: &Cluster, target: &RedisServer, rounds: usize) {
+    let source = dump_cluster(cluster);
+    let copy = dump(&target.addr());
+    for key in counter_keys() {
+        assert_eq!(
+            source.get(&key).map(String::as_str),
+            Some(rounds.to_string().as_str()),
+            "source {key}"
+        );
+        assert_eq!(
+            copy.get(&key),
+            source.get(&key),
+            "target {key}: an INCR lost or applied twice"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// (a) full sync, then incremental, over every slot.
+
+#[test]
+fn a_cluster_source_syncs_every_shard_into_its_own_partition() {
+    let cluster = start_cluster();
+    let target = RedisServer::start(&[]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    // Data before the sync: every shard has some.
+    for round in 0..3 {
+        write_round(&cluster, "pre", round, 1000);
+    }
+    // Any one node names the cluster.
+    let ferry = start_sync(dir.path(), &cluster.url(), &target);
+    let rows = wait_partitions_online(&cluster, &ferry);
+    let partitions: BTreeSet<u64> = rows
+        .iter()
+        .filter_map(|r| r["partition"].as_u64())
+        .collect();
+    assert_eq!(partitions, BTreeSet::from([0, 1, 2]), "{rows:?}");
+    let slots: u64 = rows
+        .iter()
+        .filter_map(|r| r["shard"]["slot_count"].as_u64())
+        .sum();
+    assert_eq!(slots, 16384, "{rows:?}");
+    for row in &rows {
+        assert_eq!(row["full_syncs"], 1, "one full sync per shard: {row}");
+    }
+    wait_converged(&cluster, &target, &ferry, "after the full sync");
+
+    // Incremental: more keys, counters, deletes across every slot.
+    for round in 3..8 {
+        write_round(&cluster, "inc", round, 600);
+    }
+    let doomed: Vec<(String, Vec<String>)> = spread_keys("pre0", 300)
+        .into_iter()
+        .map(|k| (k.clone(), vec!["DEL".to_string(), k]))
+        .collect();
+    cluster.pipeline_keys(&doomed);
+    wait_converged(&cluster, &target, &ferry, "after incremental writes");
+    assert_counters(&cluster, &target, 8);
+
+    // A heartbeat per shard: every partition has a latency, and each
+    // partition's shipper and applier exist.
+    wait_for("a heartbeat latency per partition", &ferry, || {
+        let rows = listeners(&ferry);
+        match rows.iter().find(|r| r["heartbeat_latency_ms"].is_null()) {
+            None if rows.len() == 3 => Ok(()),
+            None => Err(format!("{} partitions", rows.len())),
+            Some(row) => Err(format!("no heartbeat latency: {row}")),
+        }
+    });
+    let status = ferry.status_json();
+    let appliers: BTreeSet<u64> = status["drainers"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|d| d["partition"].as_u64()).collect())
+        .unwrap_or_default();
+    assert_eq!(appliers, BTreeSet::from([0, 1, 2]), "{status}");
+    for row in status["listeners"].as_array().into_iter().flatten() {
+        assert_eq!(row["full_syncs"], 1, "no full sync beyond the first: {row}");
+    }
+    // `ferry status` (text) shows the shard next to each row.
+    let text = std::process::Command::new(common::ferry::ferry_bin())
+        .args([
+            "status",
+            "--admin",
+            &ferry.admin_addr(Duration::from_secs(5)),
+        ])
+        .output()
+        .expect("ferry status");
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("Source Shard") && text.contains("shard slots 0-"),
+        "{text}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// (b) CLUSTER FAILOVER in one shard while writes run.
+
+#[test]
+fn a_failover_in_a_source_shard_continues_its_partition_without_a_full_resync() {
+    let cluster = start_cluster();
+    let target = RedisServer::start(&[]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    write_round(&cluster, "pre", 0, 2000);
+    let ferry = start_sync(dir.path(), &cluster.url(), &target);
+    let rows = wait_partitions_online(&cluster, &ferry);
+    wait_converged(&cluster, &target, &ferry, "after the full sync");
+    let before = partition_by_master(&rows);
+    let old_master = cluster.master_ports()[1];
+    let old_id = cluster.node(old_master).id();
+    let partition = before[&old_id];
+    let epoch_before = applier_epoch(&ferry, partition);
+    let replid_before = listener_row(&ferry, partition)["replid"].clone();
+
+    let rounds = AtomicUsize::new(1);
+    let done = AtomicBool::new(false);
+    let promoted = std::thread::scope(|scope| {
+        let writer = scope.spawn(|| {
+            while !done.load(Ordering::Relaxed) {
+                let round = rounds.load(Ordering::Relaxed);
+                write_round(&cluster, "live", round, 200);
+                rounds.store(round + 1, Ordering::Relaxed);
+            }
+            // A few more once the failover is over.
+            for _ in 0..5 {
+                let round = rounds.load(Ordering::Relaxed);
+                write_round(&cluster, "live", round, 200);
+                rounds.store(round + 1, Ordering::Relaxed);
+            }
+        });
+        std::thread::sleep(Duration::from_secs(2));
+        let promoted = cluster.failover(old_master);
+        done.store(true, Ordering::Relaxed);
+        writer.join().expect("writer");
+        promoted
+    });
+    let rounds = rounds.load(Ordering::Relaxed);
+
+    wait_converged(&cluster, &target, &ferry, "after the failover");
+    assert_counters(&cluster, &target, rounds);
+    let promoted_addr = format!("127.0.0.1:{promoted}");
+    wait_for("the partition on the promoted master", &ferry, || {
+        let row = listener_row(&ferry, partition);
+        if row["source"] == promoted_addr.as_str() && row["source_state"] == "ONLINE" {
+            Ok(())
+        } else {
+            Err(format!("{row}"))
+        }
+    });
+    let row = listener_row(&ferry, partition);
+    // Same partition (the shard is its nodes), no new snapshot epoch: a
+    // partial resync under the promoted master's replication id.
+    assert_eq!(
+        row["full_syncs"], 1,
+        "a full resync after the failover: {row}"
+    );
+    assert!(row["partial_resyncs"].as_u64() >= Some(1), "{row}");
+    assert_ne!(row["replid"], replid_before, "{row}");
+    assert_eq!(
+        applier_epoch(&ferry, partition),
+        epoch_before,
+        "a new snapshot epoch was loaded"
+    );
+    let after = partition_by_master(&listeners(&ferry));
+    let promoted_id = cluster.node(promoted).id();
+    assert_eq!(after.get(&promoted_id), Some(&partition), "{after:?}");
+    assert_eq!(after.len(), 3, "{after:?}");
+    for row in listeners(&ferry) {
+        assert_eq!(row["full_syncs"], 1, "{row}");
+    }
+}
+
+fn listener_row(ferry: &FerryProcess, partition: u64) -> serde_json::Value {
+    listeners(ferry)
+        .into_iter()
+        .find(|r| r["partition"] == partition)
+        .unwrap_or_else(|| panic!("no listener partition {partition}"))
+}
+
+fn applier_epoch(ferry: &FerryProcess, partition: u64) -> u64 {
+    let status = ferry.status_json();
+    status["drainers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|d| d["partition"] == partition)
+        .and_then(|d| d["epoch"].as_u64())
+        .unwrap_or_else(|| panic!("no applier of partition {partition}: {status}"))
+}
+
+// ---------------------------------------------------------------------------
+// (c) kill -9 of ferry mid-stream, restart.
+
+#[test]
+fn kill_9_mid_stream_resumes_every_shard_without_a_full_resync() {
+    let cluster = start_cluster();
+    let target = RedisServer::start(&[]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    write_round(&cluster, "pre", 0, 2000);
+    // A seed list names the cluster.
+    let mut ferry = start_sync(dir.path(), &cluster.seed_list(), &target);
+    let rows = wait_partitions_online(&cluster, &ferry);
+    let before = partition_by_master(&rows);
+    wait_converged(&cluster, &target, &ferry, "after the full sync");
+    let epochs: Vec<u64> = (0..3).map(|p| applier_epoch(&ferry, p)).collect();
+
+    let rounds = AtomicUsize::new(1);
+    let done = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let writer = scope.spawn(|| {
+            while !done.load(Ordering::Relaxed) {
+                let round = rounds.load(Ordering::Relaxed);
+                write_round(&cluster, "live", round, 200);
+                rounds.store(round + 1, Ordering::Relaxed);
+            }
+        });
+        std::thread::sleep(Duration::from_secs(2));
+        ferry.kill9();
+        std::thread::sleep(Duration::from_secs(1));
+        ferry.spawn();
+        std::thread::sleep(Duration::from_secs(3));
+        done.store(true, Ordering::Relaxed);
+        writer.join().expect("writer");
+    });
+    let rounds = rounds.load(Ordering::Relaxed);
+    assert!(rounds > 2, "the writer ran {rounds} rounds");
+
+    let rows = wait_partitions_online(&cluster, &ferry);
+    wait_converged(&cluster, &target, &ferry, "after kill -9 and restart");
+    assert_counters(&cluster, &target, rounds);
+    assert_eq!(
+        partition_by_master(&rows),
+        before,
+        "a shard changed partition across the restart"
+    );
+    for row in listeners(&ferry) {
+        assert_eq!(
+            row["full_syncs"], 0,
+            "a full resync after the restart: {row}"
+        );
+        assert!(row["partial_resyncs"].as_u64() >= Some(1), "{row}");
+    }
+    let after: Vec<u64> = (0..3).map(|p| applier_epoch(&ferry, p)).collect();
+    assert_eq!(after, epochs, "a snapshot was loaded again");
+    let map = std::fs::read_to_string(dir.path().join("sync").join("cluster-shards"))
+        .expect("the shard map");
+    assert_eq!(
+        map.lines().filter(|l| !l.starts_with('#')).count(),
+        3,
+        "{map}"
+    );
+}
