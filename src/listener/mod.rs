@@ -8,6 +8,13 @@
 //! ([`ListenerHandle::take_fallback_snapshot`]) and a live
 //! [`ListenerStatus`].
 //!
+//! A listener of a Redis Cluster source replicates one shard
+//! ([`Listener::open_routed`]): each connection goes to the shard's master
+//! of the moment, found from the cluster ([`ShardRoute::locate`], module
+//! `cluster`), a session ends when the route names another master (a
+//! failover), snapshot markers carry the shard's slots as their scope, and
+//! the heartbeat key carries a hash tag of the shard's first slot.
+//!
 //! # What is stored
 //!
 //! - Per replication entry (one command, or one whole `MULTI`/`EXEC`): one
