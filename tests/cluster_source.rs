@@ -471,3 +471,71 @@ fn kill_9_mid_stream_resumes_every_shard_without_a_full_resync() {
         "{map}"
     );
 }
+
+// ---------------------------------------------------------------------------
+// (d) A shard added while the sync runs gets a partition of its own.
+
+#[test]
+fn a_shard_added_while_running_gets_a_new_partition() {
+    let mut cluster = start_cluster();
+    let target = RedisServer::start(&[]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    // Keys only outside the slots that will move: what a resharding does
+    // to keys (a DEL in one shard's stream, a RESTORE in another's) is not
+    // what this test is about.
+    const MOVED: u16 = 200;
+    let outside = |prefix: &str, count: usize| -> Vec<(String, String)> {
+        spread_keys(prefix, count * 2)
+            .into_iter()
+            .filter(|k| ferry::redis::command::key_hash_slot(k.as_bytes()) >= MOVED)
+            .take(count)
+            .map(|k| (k.clone(), format!("{k}-v")))
+            .collect()
+    };
+    cluster.set_all(&outside("pre", 3000));
+    let ferry = start_sync(dir.path(), &cluster.url(), &target);
+    let rows = wait_partitions_online(&cluster, &ferry);
+    assert_eq!(rows.len(), 3);
+    wait_converged(&cluster, &target, &ferry, "after the full sync");
+
+    let first = cluster.master_for_slot(0).port;
+    let added = cluster.add_master();
+    assert_eq!(
+        cluster
+            .node(added)
+            .call(&["CONFIG", "SET", "repl-backlog-size", "256mb"]),
+        Resp::Simple("OK".into())
+    );
+    cluster.reshard(first, added, usize::from(MOVED));
+    let rows = wait_partitions_online(&cluster, &ferry);
+    let added_addr = format!("127.0.0.1:{added}");
+    let row = rows
+        .iter()
+        .find(|r| r["source"] == added_addr.as_str())
+        .expect("a partition for the new shard");
+    assert_eq!(row["partition"], 3, "{rows:?}");
+    assert_eq!(row["shard"]["slots"], "0-199", "{row}");
+    // Keys in every slot now, the moved ones included.
+    write_round(&cluster, "after", 1, 3000);
+    wait_converged(&cluster, &target, &ferry, "after the shard was added");
+    wait_for("a heartbeat latency for the new shard", &ferry, || {
+        let row = listener_row(&ferry, 3);
+        if row["heartbeat_latency_ms"].is_null() {
+            Err(format!("{row}"))
+        } else {
+            Ok(())
+        }
+    });
+    for row in listeners(&ferry) {
+        assert_eq!(row["full_syncs"], 1, "{row}");
+    }
+    let status = ferry.status_json();
+    assert!(
+        status["drainers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|d| d["partition"] == 3),
+        "no applier for the new partition: {status}"
+    );
+}
