@@ -539,3 +539,81 @@ fn a_shard_added_while_running_gets_a_new_partition() {
         "no applier for the new partition: {status}"
     );
 }
+
+// ---------------------------------------------------------------------------
+// (e) The listener of one shard: markers scoped to its slots, heartbeat.
+
+#[test]
+fn a_shard_listener_scopes_its_snapshot_markers_to_the_shard_slots() {
+    use std::sync::Arc;
+
+    use ferry::listener::{ClusterSource, Listener, ListenerConfig, ListenerStatus, SyncState};
+    use ferry::position::LogId;
+    use ferry::record::{Record, RecordLimits};
+    use ferry::redis::cluster::SlotRanges;
+    use ferry::redis::url::RedisUrl;
+    use ferry::wal::{ReadLimits, Wal, WalConfig};
+    use tokio_util::sync::CancellationToken;
+
+    let cluster = start_cluster();
+    write_round(&cluster, "pre", 0, 1000);
+    let shard = cluster.shards()[1].clone();
+    let slots = SlotRanges::from_ranges(shard.master.slots.iter().copied());
+    let dir = tempfile::tempdir().expect("temp dir");
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let seeds = vec![RedisUrl::parse(&cluster.url()).unwrap()];
+        let source = ClusterSource::open(seeds, dir.path()).unwrap();
+        source.refresh().await.unwrap();
+        let routes = source.take_new();
+        assert_eq!(routes.len(), 3);
+        let route = routes
+            .into_iter()
+            .find(|r| r.state().master_id.as_deref() == Some(shard.master.id.as_str()))
+            .expect("a route for the shard");
+        let partition = route.partition();
+        assert_eq!(partition.0, 1, "partitions follow the slot order");
+        let wal = Wal::open(WalConfig::with_dir(dir.path().join("wal")))
+            .await
+            .unwrap();
+        let status = Arc::new(ListenerStatus::new(partition));
+        let cfg = ListenerConfig {
+            heartbeat_interval: "200ms".parse().unwrap(),
+            ..ListenerConfig::for_source(cluster.url())
+        };
+        let listener = Listener::open_routed(cfg, wal.clone(), Arc::clone(&status), Some(route))
+            .await
+            .unwrap();
+        let handle = listener.handle();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(listener.run(shutdown.clone()));
+        let deadline = Instant::now() + CONVERGE;
+        loop {
+            let now = status.snapshot();
+            if now.state == SyncState::Online && now.heartbeat_latency_ms.is_some() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "listener not online: {now:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let first = wal
+            .read(partition, LogId(1), ReadLimits::default())
+            .unwrap();
+        let record = Record::decode(&first[0].payload, RecordLimits::default()).unwrap();
+        let Record::Snapshot(marker) = record else {
+            panic!("the log does not start with a marker: {record:?}");
+        };
+        assert_eq!(
+            marker.scope,
+            Some(slots.clone()),
+            "the full resync's marker"
+        );
+        // Only the shard's keys came (the other masters' keys are elsewhere).
+        assert!(marker.rdb_bytes > 0);
+        let fallback = handle.take_fallback_snapshot(&shutdown).await.unwrap();
+        assert_eq!(fallback.scope, Some(slots), "the fallback snapshot's scope");
+        shutdown.cancel();
+        task.await.unwrap().unwrap();
+        wal.close().await.unwrap();
+    });
+}
