@@ -33,6 +33,12 @@
 //!   server-wide) are applied only by a sync that owns every db of the
 //!   target, refused otherwise.
 //!
+//! Within the owned dbs, a partition whose snapshot has a slot scope (one
+//! Redis Cluster source shard) owns only the keys of its hash slots: its
+//! loads and its flushes do not empty dbs but delete those keys
+//! ([`super::scope`]; the batch builder takes its flushes before they reach
+//! [`OwnedKeyspace::translate`]).
+//!
 //! A refused entry is not sent at all (a transaction stays all or nothing);
 //! the applier holds at it like at an entry the target refused: blocked
 //! until `ferry skip` (or skipped at once with `on-refused =
