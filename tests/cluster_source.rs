@@ -4,12 +4,10 @@
 //! partition per shard, a stable id per shard, failover followed with a
 //! partial resync, kill -9 resumed without any full resync.
 //!
-//! Until the applier loads a partition's snapshot over its own slots only
-//! (the slot-scoped loads of `SnapshotMarker.scope`), a load empties the
-//! whole owned keyspace of the target, which would wipe the keys the other
-//! partitions loaded; these tests run with `--existing-data keep` (every
-//! load goes over what is there, nothing is emptied), which an empty target
-//! and a stream without deletes during the loads make exact.
+//! The target starts empty and the sync runs with the default
+//! `existing-data = "refuse"`: each partition's snapshot load replaces only
+//! its shard's slots on the target (`SnapshotMarker.scope`), so the
+//! partitions' loads leave each other's keys alone.
 //!
 //! Run: `cargo test --test cluster_source -- --test-threads 2` (each test
 //! starts 6 cluster nodes, a target and ferry; a minute or two each on a
@@ -31,7 +29,7 @@ use common::RedisServer;
 const CONVERGE: Duration = Duration::from_secs(180);
 
 /// See the module doc.
-const EXISTING_DATA: &[&str] = &["--existing-data", "keep"];
+const EXISTING_DATA: &[&str] = &[];
 
 /// Counters every writer round increments once each (spread over slots).
 const COUNTERS: usize = 24;
