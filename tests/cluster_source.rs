@@ -615,3 +615,47 @@ fn a_shard_listener_scopes_its_snapshot_markers_to_the_shard_slots() {
         wal.close().await.unwrap();
     });
 }
+
+// ---------------------------------------------------------------------------
+// (f) A source that did not answer when ferry started is taken for a
+// standalone one, and refuses a first full sync from a cluster node.
+
+#[test]
+fn a_source_down_at_start_that_turns_out_a_cluster_node_is_not_full_synced() {
+    let target = RedisServer::start(&[]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = common::cluster::cluster_port();
+    let ferry = start_sync(dir.path(), &format!("redis://127.0.0.1:{port}"), &target);
+    wait_for("the listener retrying the absent source", &ferry, || {
+        let rows = listeners(&ferry);
+        match rows.first() {
+            Some(row) if row["source_state"] == "OFFLINE" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    let _node = common::FixedPortRedis::start_on(
+        port,
+        &[
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+        ],
+    );
+    wait_for("the listener stopped", &ferry, || {
+        let rows = listeners(&ferry);
+        match rows.first() {
+            Some(row) if row["source_state"] == "STOPPED" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    let row = &listeners(&ferry)[0];
+    assert!(
+        row["source_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("Redis Cluster") && e.contains("restart ferry")),
+        "{row}"
+    );
+    assert_eq!(row["full_syncs"], 0, "{row}");
+    assert_eq!(row["last_log_id"], 0, "{row}");
+}

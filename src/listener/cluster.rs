@@ -304,17 +304,25 @@ impl ShardRoute {
     }
 
     /// The master to replicate from; rediscovers the cluster first when
-    /// `rediscover` (the last link failed) or no master is known.
+    /// `rediscover` (the last link failed) or no master is known. When the
+    /// topology cannot be read (a shard elsewhere has no master for a
+    /// while, say), the master known before is tried again.
     pub async fn locate(&self, rediscover: bool) -> Result<RedisUrl, String> {
+        let mut refresh_error = None;
         if rediscover || self.state.borrow().master.is_none() {
-            self.source.refresh().await.map_err(|e| e.to_string())?;
+            if let Err(error) = self.source.refresh().await {
+                refresh_error = Some(error.to_string());
+            }
         }
-        self.state.borrow().master.clone().ok_or_else(|| {
-            format!(
+        let known = self.state.borrow().master.clone();
+        match (known, refresh_error) {
+            (Some(master), _) => Ok(master),
+            (None, Some(error)) => Err(error),
+            (None, None) => Err(format!(
                 "shard of partition {} has no master in the cluster (idle)",
                 self.partition
-            )
-        })
+            )),
+        }
     }
 
     /// Resolves once the route names a master other than `addr` (the

@@ -644,7 +644,12 @@ async fn start_listeners(
     let has_map = ClusterSource::has_map(data_dir);
     let cluster = ClusterSource::open(checked.seeds.clone(), data_dir)
         .map_err(|error| NodeError::Config(error.to_string()))?;
-    if !has_map && !ctx.wal.partitions().is_empty() {
+    let holds_log = ctx
+        .wal
+        .partitions()
+        .into_iter()
+        .any(|p| matches!(ctx.wal.last_log_id(p), Ok(Some(_))));
+    if !has_map && holds_log {
         return Err(NodeError::Config(format!(
             "the source is a Redis Cluster but {} holds the log of a standalone source (no {}); \
              give the cluster sync a new data dir",
