@@ -354,8 +354,13 @@ fn a_failover_in_a_source_shard_continues_its_partition_without_a_full_resync() 
         promoted
     });
     let rounds = rounds.load(Ordering::Relaxed);
+    let failed_over = Instant::now();
 
     wait_converged(&cluster, &target, &ferry, "after the failover");
+    eprintln!(
+        "failover: target converged {:?} after the cluster settled, {rounds} writer rounds",
+        failed_over.elapsed()
+    );
     assert_counters(&cluster, &target, rounds);
     let promoted_addr = format!("127.0.0.1:{promoted}");
     wait_for("the partition on the promoted master", &ferry, || {
@@ -437,7 +442,13 @@ fn kill_9_mid_stream_resumes_every_shard_without_a_full_resync() {
         ferry.kill9();
         std::thread::sleep(Duration::from_secs(1));
         ferry.spawn();
-        std::thread::sleep(Duration::from_secs(3));
+        let restarted = Instant::now();
+        wait_partitions_online(&cluster, &ferry);
+        eprintln!(
+            "kill -9: every partition ONLINE again {:?} after the restart",
+            restarted.elapsed()
+        );
+        std::thread::sleep(Duration::from_secs(2));
         done.store(true, Ordering::Relaxed);
         writer.join().expect("writer");
     });

@@ -5,6 +5,11 @@
 //! answers the admin API, and `Ok(())` after a clean stop: every stage
 //! flushed what it received and the WALs are closed.
 //!
+//! A listener runs one partition for a standalone source, or one per shard
+//! of a Redis Cluster source ([`crate::listener::ClusterSource`]: detected
+//! when the node starts, shards added later get their partition from a
+//! topology poll), each with its shippers to every drainer.
+//!
 //! Failure policy: network and target failures are retried inside each stage
 //! (backoff, state shown in `ferry status`); only a failing WAL (disk) or an
 //! applier's fatal error stops the node, which then shuts the other stages
