@@ -310,6 +310,44 @@ fn a_cluster_source_syncs_every_shard_into_its_own_partition() {
         text.contains("Source Shard") && text.contains("shard slots 0-"),
         "{text}"
     );
+
+    // stop-sync / restart-sync select one shard's partition, and the stop
+    // is kept for that partition only.
+    let admin = ferry.admin_addr(Duration::from_secs(5));
+    let control = |args: &[&str]| {
+        let out = std::process::Command::new(common::ferry::ferry_bin())
+            .args(args)
+            .args(["--admin", &admin])
+            .output()
+            .expect("ferry control");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    control(&["stop-sync", "--partition", "1"]);
+    let shipping = |partition: u64| listener_row(&ferry, partition)["shipping"][0]["state"].clone();
+    assert_eq!(shipping(1), "STOPPED");
+    assert_ne!(shipping(0), "STOPPED");
+    assert_ne!(shipping(2), "STOPPED");
+    let stopped = std::fs::read_to_string(dir.path().join("sync").join("stopped-syncs")).unwrap();
+    assert_eq!(
+        stopped.lines().collect::<Vec<_>>(),
+        vec!["1 ferry"],
+        "{stopped}"
+    );
+    write_round(&cluster, "stopped", 9, 600);
+    control(&["restart-sync", "--partition", "1"]);
+    wait_converged(
+        &cluster,
+        &target,
+        &ferry,
+        "after restart-sync of one partition",
+    );
+    assert_counters(&cluster, &target, 9);
+    let stopped = std::fs::read_to_string(dir.path().join("sync").join("stopped-syncs")).unwrap();
+    assert_eq!(stopped, "", "{stopped}");
 }
 
 // ---------------------------------------------------------------------------
