@@ -708,3 +708,86 @@ fn a_source_down_at_start_that_turns_out_a_cluster_node_is_not_full_synced() {
     assert_eq!(row["full_syncs"], 0, "{row}");
     assert_eq!(row["last_log_id"], 0, "{row}");
 }
+
+// ---------------------------------------------------------------------------
+// (g) `ferry listener` with a seed list in its config, shipping every
+// shard's partition to each of two drainers (two targets).
+
+#[test]
+fn a_listener_node_ships_every_shard_to_each_drainer() {
+    let cluster = start_cluster();
+    let targets = [RedisServer::start(&[]), RedisServer::start(&[])];
+    let dir = tempfile::tempdir().expect("temp dir");
+    write_round(&cluster, "pre", 0, 1500);
+    let ports = [common::free_port(), common::free_port()];
+    let secret = "a-secret-of-at-least-16-bytes";
+    let drainers: Vec<FerryProcess> = (0..2)
+        .map(|i| {
+            let name = format!("drainer-{i}");
+            let config = dir.path().join(format!("{name}.toml"));
+            std::fs::write(
+                &config,
+                format!(
+                    r#"data-dir = "{}"
+admin = "127.0.0.1:0"
+listen = "127.0.0.1:{}"
+
+[[drainer.listeners]]
+id = "listener-1"
+secret = "{secret}"
+
+[apply]
+drainer-id = "d{i}"
+target = "{}"
+"#,
+                    dir.path().join(&name).display(),
+                    ports[i],
+                    targets[i].url()
+                ),
+            )
+            .unwrap();
+            FerryProcess::with_config("drainer", &config, &dir.path().join(&name))
+        })
+        .collect();
+    let config = dir.path().join("listener.toml");
+    let mut text = format!(
+        r#"data-dir = "{}"
+admin = "127.0.0.1:0"
+
+[listener]
+id = "listener-1"
+source = "{}"
+"#,
+        dir.path().join("listener").display(),
+        cluster.seed_list()
+    );
+    for (i, port) in ports.iter().enumerate() {
+        text.push_str(&format!(
+            "\n[[drainers]]\nid = \"d{i}\"\nendpoint = \"http://127.0.0.1:{port}\"\nsecret = \"{secret}\"\n"
+        ));
+    }
+    std::fs::write(&config, text).unwrap();
+    let listener = FerryProcess::with_config("listener", &config, &dir.path().join("listener"));
+    let rows = wait_partitions_online(&cluster, &listener);
+    for row in &rows {
+        let drainers: BTreeSet<&str> = row["shipping"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s["drainer_id"].as_str())
+            .collect();
+        assert_eq!(drainers, BTreeSet::from(["d0", "d1"]), "{row}");
+    }
+    for round in 1..4 {
+        write_round(&cluster, "inc", round, 500);
+    }
+    for (target, drainer) in targets.iter().zip(&drainers) {
+        wait_converged(&cluster, target, drainer, "on each target");
+        assert_counters(&cluster, target, 4);
+        let appliers: BTreeSet<u64> = drainer.status_json()["drainers"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|d| d["partition"].as_u64()).collect())
+            .unwrap_or_default();
+        assert_eq!(appliers, BTreeSet::from([0, 1, 2]));
+    }
+}
