@@ -791,3 +791,79 @@ source = "{}"
         assert_eq!(appliers, BTreeSet::from([0, 1, 2]));
     }
 }
+
+// ---------------------------------------------------------------------------
+// (h) A shard that lost all its slots, then its node, keeps its partition,
+// shown idle, across a restart.
+
+#[test]
+fn a_shard_that_lost_its_slots_and_nodes_keeps_its_partition_idle() {
+    let mut cluster = start_cluster();
+    let target = RedisServer::start(&[]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut ferry = start_sync(dir.path(), &cluster.url(), &target);
+    wait_partitions_online(&cluster, &ferry);
+    // A fourth shard gets some slots (a partition of its own), then gives
+    // them back (slots resharded without keys in them: only the heartbeat
+    // keys move, which are never applied).
+    let first = cluster.master_for_slot(0).port;
+    let added = cluster.add_master();
+    cluster.reshard(first, added, 50);
+    let rows = wait_partitions_online(&cluster, &ferry);
+    let partition = partition_by_master(&rows)[&cluster.node(added).id()];
+    assert_eq!(partition, 3, "{rows:?}");
+    cluster.reshard(added, first, 50);
+    let idle = |ferry: &FerryProcess| {
+        wait_for("the emptied shard's partition idle", ferry, || {
+            let rows = listeners(ferry);
+            let row = rows
+                .iter()
+                .find(|r| r["partition"] == partition)
+                .ok_or_else(|| format!("partition {partition} gone: {rows:?}"))?;
+            let total: u64 = rows
+                .iter()
+                .filter_map(|r| r["shard"]["slot_count"].as_u64())
+                .sum();
+            if rows.len() == 4 && row["shard"]["slot_count"] == 0 && total == 16384 {
+                Ok(())
+            } else {
+                Err(format!("{rows:?}"))
+            }
+        });
+    };
+    idle(&ferry);
+    let text = std::process::Command::new(common::ferry::ferry_bin())
+        .args([
+            "status",
+            "--admin",
+            &ferry.admin_addr(Duration::from_secs(5)),
+        ])
+        .output()
+        .expect("ferry status");
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("shard idle (no slots)"), "{text}");
+
+    // Its node leaves the cluster: the partition stays, idle, no master.
+    cluster.remove_node(added);
+    write_round(&cluster, "after", 1, 1000);
+    wait_converged(&cluster, &target, &ferry, "with one shard gone");
+    idle(&ferry);
+    wait_for("the gone shard without a master", &ferry, || {
+        let row = listener_row(&ferry, partition);
+        if row["shard"]["master_id"] == "" {
+            Ok(())
+        } else {
+            Err(format!("{row}"))
+        }
+    });
+
+    // A restart finds the same partitions, the gone shard's included.
+    ferry.kill9();
+    ferry.spawn();
+    idle(&ferry);
+    write_round(&cluster, "restarted", 2, 1000);
+    wait_converged(&cluster, &target, &ferry, "after the restart");
+    for row in listeners(&ferry) {
+        assert_eq!(row["full_syncs"], 0, "{row}");
+    }
+}
