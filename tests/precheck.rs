@@ -199,7 +199,7 @@ fn every_fail_and_warn_names_its_cause() {
 }
 
 #[test]
-fn a_cluster_node_fails_the_cluster_check() {
+fn a_cluster_source_passes_the_cluster_check_and_a_cluster_target_fails_it() {
     let dir = tempfile::tempdir().expect("temp dir");
     let conf = dir.path().join("nodes.conf");
     let node = RedisServer::start(&[
@@ -209,11 +209,13 @@ fn a_cluster_node_fails_the_cluster_check() {
         conf.to_str().expect("utf-8"),
     ]);
     let target = RedisServer::start(&[]);
-    let (code, rows) = precheck(&node.url(), &target.url(), &[]);
-    assert_eq!(code, 1, "{rows:#?}");
-    assert_eq!(verdict(&rows, "source cluster mode"), "FAIL");
+    let (_, rows) = precheck(&node.url(), &target.url(), &[]);
+    assert_eq!(verdict(&rows, "source cluster mode"), "PASS", "{rows:#?}");
     assert!(rows["source cluster mode"].1.contains("cluster_enabled:1"));
     assert_eq!(verdict(&rows, "target cluster mode"), "PASS");
+    let (code, rows) = precheck(&target.url(), &node.url(), &[]);
+    assert_eq!(code, 1, "{rows:#?}");
+    assert_eq!(verdict(&rows, "target cluster mode"), "FAIL");
 }
 
 /// A sync that owns some keys of a shared target: only its own keys count as

@@ -45,6 +45,14 @@
 //! [`Batch::refused`], which the applier holds at like an entry the target
 //! refused.
 //!
+//! In a partition with a slot scope ([`BatchBuilder::scope`]), an entry
+//! with a `FLUSHALL`/`FLUSHDB` is not translated into flushes: it goes
+//! alone, as [`Batch::scope_delete`] (the owned dbs whose scope keys the
+//! applier deletes before sending the batch, once every batch before it
+//! committed) and the commands after its last flush; the writes before the
+//! flush are dropped when it erases them, else the entry is refused (module
+//! doc of [`super`], "Slot scopes").
+//!
 //! The entry the applier is held at ([`Hold`]: the target refused it when
 //! queued) never shares a batch: batches end before it, and it goes alone,
 //! or, when it is to be skipped, a batch of only the checkpoint `SET`
@@ -62,7 +70,8 @@ use super::keyspace::{KeyClass, OwnedKeyspace, Placed, Translated};
 use super::status::RefusedCommand;
 use crate::position::LogId;
 use crate::record::{Record, WriteRecord};
-use crate::redis::command::Command;
+use crate::redis::cluster::SlotRanges;
+use crate::redis::command::{self, Command};
 use crate::redis::resp::Frame;
 
 /// One decoded WAL entry waiting to be applied. A fragment's data is not
@@ -126,6 +135,11 @@ pub(crate) struct Batch {
     pub checkpoint: Checkpoint,
     /// Streamed arguments of `commands`, in command and argument order.
     pub streams: Vec<StreamedPlace>,
+    /// The owned dbs in which the partition's slot scope is to be deleted
+    /// before this batch is sent (a `FLUSHALL`/`FLUSHDB` of a partition with
+    /// a scope: [`BatchBuilder::scope`]); empty: none. Such a batch holds
+    /// only the flush's entry (its other commands, the checkpoint).
+    pub scope_delete: Vec<u32>,
 }
 
 /// One write translated for the target ([`BatchBuilder::prepare`]).
@@ -201,6 +215,18 @@ pub(crate) struct BatchBuilder {
     /// Log tag of the WAL the batches come from (written into the
     /// checkpoint).
     pub log_tag: u64,
+    /// The partition's slot scope (module doc of [`super`], "Slot scopes"):
+    /// with one, a flush is not a flush but the deletion of the scope's
+    /// keys, run before its batch ([`Batch::scope_delete`]).
+    pub scope: Option<SlotRanges>,
+}
+
+/// Whether `write` holds a `FLUSHALL` or `FLUSHDB`.
+fn flushes(write: &WriteRecord) -> bool {
+    write
+        .commands
+        .iter()
+        .any(|cmd| cmd.is("FLUSHALL") || cmd.is("FLUSHDB"))
 }
 
 /// Upper-case command name for logs and status, at most 64 bytes.
@@ -367,6 +393,46 @@ impl BatchBuilder {
             if held.is_some() && entries > 0 {
                 break;
             }
+            // A flush of a partition with a slot scope goes alone, as the
+            // deletion of the scope and the rest of its entry (a skipped
+            // one is recorded as received).
+            let mut scope_delete = None;
+            if self.scope.is_some()
+                && flushes(write)
+                && !held.is_some_and(|hold| hold.skip.is_some())
+            {
+                if entries > 0 {
+                    break;
+                }
+                match self.split_scoped_flush(write) {
+                    Ok((dbs, rest)) => {
+                        scope_delete = Some(dbs);
+                        if let Some(front) = pending.front_mut() {
+                            front.record = Record::Write(rest);
+                        }
+                    }
+                    Err((command, why)) => {
+                        let Some(Pending { log_id, .. }) = pending.pop_front() else {
+                            break;
+                        };
+                        let batch = batch
+                            .get_or_insert_with(|| Batch::starting_at(log_id, epoch, self.log_tag));
+                        batch.last = log_id;
+                        batch.refused = Some(RefusedCommand {
+                            log_id,
+                            command,
+                            error: why,
+                        });
+                        break;
+                    }
+                }
+            }
+            let Some(front) = pending.front() else {
+                break;
+            };
+            let Record::Write(write) = &front.record else {
+                break;
+            };
             let classes = match self.check(front.log_id, write) {
                 Ok(classes) => classes,
                 Err((command, why)) => {
@@ -492,6 +558,12 @@ impl BatchBuilder {
                     }
                 }
             }
+            if let Some(dbs) = scope_delete {
+                if batch.refused.is_none() {
+                    batch.scope_delete = dbs;
+                }
+                break;
+            }
             if held.is_some() {
                 break;
             }
@@ -513,6 +585,117 @@ impl BatchBuilder {
         ]));
         batch.slots.push(Slot::Internal);
         Some(batch)
+    }
+
+    /// Splits an entry that flushes, of a partition with a slot scope, into
+    /// the owned dbs whose scope keys its flushes delete and the write of
+    /// what follows its last flush (applied after the deletion, in the
+    /// batch's `MULTI`). What comes before the last flush is dropped: the
+    /// source's flush erased it, which holds for a keyed command in a db a
+    /// later flush of the entry covers; anything else there (a keyless
+    /// command, a write in another db, streamed arguments) cannot be
+    /// ordered around a deletion that runs outside `MULTI`, and refuses
+    /// the entry (the command and why).
+    fn split_scoped_flush(
+        &self,
+        write: &WriteRecord,
+    ) -> Result<(Vec<u32>, WriteRecord), (String, String)> {
+        let refuse = |name: String, what: String| {
+            Err((
+                name,
+                format!(
+                    "in a partition with a slot scope a flush is the deletion of the scope's keys, run outside the batch's MULTI; {what}"
+                ),
+            ))
+        };
+        let mut db = write.db;
+        // The db each command runs in, and the owned dbs each flush covers.
+        let mut dbs_at = Vec::with_capacity(write.commands.len());
+        let mut covers: Vec<Option<Vec<u32>>> = Vec::with_capacity(write.commands.len());
+        for cmd in &write.commands {
+            if cmd.is("SELECT") {
+                match cmd
+                    .args
+                    .get(1)
+                    .and_then(|d| std::str::from_utf8(d).ok()?.parse().ok())
+                {
+                    Some(to) => db = to,
+                    None => {
+                        return refuse(
+                            "SELECT".into(),
+                            "it has a SELECT with a bad db index".into(),
+                        )
+                    }
+                }
+            }
+            dbs_at.push(db);
+            // Target dbs (the db map applied).
+            covers.push(if cmd.is("FLUSHALL") {
+                Some(self.keyspace.owned_target_dbs(self.databases))
+            } else if cmd.is("FLUSHDB") {
+                Some(self.keyspace.target_db(db).into_iter().collect())
+            } else {
+                None
+            });
+        }
+        let Some(last) = covers.iter().rposition(Option::is_some) else {
+            return Err(("?".into(), "no flush in the entry".into()));
+        };
+        if let Some(streamed) = write.streamed.first() {
+            let name = write
+                .commands
+                .get(streamed.command as usize)
+                .map(command_name)
+                .unwrap_or_else(|| "?".into());
+            return refuse(name, "the same entry streams big arguments".into());
+        }
+        let mut covered: Vec<u32> = covers[last].clone().unwrap_or_default();
+        let mut all: Vec<u32> = covered.clone();
+        for index in (0..last).rev() {
+            let cmd = &write.commands[index];
+            if let Some(dbs) = &covers[index] {
+                covered.extend(dbs);
+                all.extend(dbs);
+                continue;
+            }
+            let at = dbs_at[index];
+            let Some(target_at) = self.keyspace.target_db(at) else {
+                continue;
+            };
+            if cmd.is("SELECT") {
+                continue;
+            }
+            let keyed = command::key_indices(cmd).is_ok_and(|keys| !keys.is_empty());
+            if !keyed || !covered.contains(&target_at) {
+                return refuse(
+                    command_name(cmd),
+                    format!(
+                        "{} in db {at} before the flush in the same entry is not erased by it",
+                        command_name(cmd)
+                    ),
+                );
+            }
+        }
+        all.sort_unstable();
+        all.dedup();
+        let rest = WriteRecord {
+            db: dbs_at[last],
+            commands: write.commands[last + 1..].to_vec(),
+            transaction: write.transaction,
+            streamed: Vec::new(),
+        };
+        Ok((all, rest))
+    }
+
+    /// Whether the next entry to batch (after a fragment run) flushes in a
+    /// partition with a slot scope: its batch must be built only once every
+    /// batch before it committed (its deletion runs first).
+    pub fn scoped_flush_next(&self, pending: &VecDeque<Pending>) -> bool {
+        self.scope.is_some()
+            && pending
+                .iter()
+                .find(|p| !matches!(p.record, Record::Fragment(_)))
+                .is_some_and(|p| matches!(&p.record, Record::Write(write) if flushes(write)))
     }
 
     /// Whether the applier itself must refuse `write` (at `log_id`), with
@@ -711,6 +894,7 @@ impl Batch {
             skipped: 0,
             checkpoint: Checkpoint::Applied { log_id, epoch, log },
             streams: Vec::new(),
+            scope_delete: Vec::new(),
         }
     }
 
@@ -847,6 +1031,7 @@ mod tests {
             keyspace: OwnedKeyspace::all(),
             expire_grace: ExpireGrace::default(),
             log_tag: 0xab,
+            scope: None,
         }
     }
 
@@ -862,6 +1047,81 @@ mod tests {
                     .join(" ")
             })
             .collect()
+    }
+
+    #[test]
+    fn a_flush_of_a_scoped_partition_goes_alone_as_a_scope_deletion() {
+        let scoped = BatchBuilder {
+            keyspace: OwnedKeyspace::dbs([0, 1]),
+            scope: Some(SlotRanges::from_ranges([(0, 8191)])),
+            ..builder(10)
+        };
+        let mut pending: VecDeque<Pending> = [
+            write(5, 0, &[&["SET", "a", "1"]], false),
+            write(6, 0, &[&["FLUSHALL"]], false),
+            write(
+                7,
+                0,
+                &[&["SET", "x", "1"], &["FLUSHDB"], &["SET", "z", "1"]],
+                true,
+            ),
+            write(8, 0, &[&["SET", "b", "1"]], false),
+        ]
+        .into();
+        let first = scoped.build(&mut pending, 1, None).unwrap();
+        assert_eq!((first.first, first.last), (LogId(5), LogId(5)));
+        assert!(first.scope_delete.is_empty());
+        // While the batch before it executes, the flush is not built.
+        assert!(scoped.scoped_flush_next(&pending));
+        assert!(!builder(10).scoped_flush_next(&pending));
+        let flush = scoped.build(&mut pending, 1, None).unwrap();
+        assert_eq!((flush.first, flush.last), (LogId(6), LogId(6)));
+        assert_eq!(flush.scope_delete, [0, 1]);
+        assert_eq!(
+            shown(&flush),
+            ["SET __ferry:checkpoint:d:0 v2 applied=6 epoch=1 log=00000000000000ab"]
+        );
+        // What the flush erases is dropped; what follows it is applied.
+        let mixed = scoped.build(&mut pending, 1, None).unwrap();
+        assert_eq!((mixed.first, mixed.last), (LogId(7), LogId(7)));
+        assert_eq!(mixed.scope_delete, [0]);
+        assert_eq!(shown(&mixed)[0], "SET z 1");
+        assert_eq!(mixed.commands.len(), 2);
+        let last = scoped.build(&mut pending, 1, None).unwrap();
+        assert_eq!(shown(&last)[0], "SET b 1");
+        assert!(last.scope_delete.is_empty());
+
+        // A write in another db before a FLUSHDB, or a keyless command
+        // before the flush, cannot be ordered around the deletion.
+        for refused in [
+            write(
+                9,
+                0,
+                &[
+                    &["SELECT", "1"],
+                    &["SET", "y", "1"],
+                    &["SELECT", "0"],
+                    &["FLUSHDB"],
+                ],
+                true,
+            ),
+            write(9, 0, &[&["FUNCTION", "LOAD", "code"], &["FLUSHALL"]], true),
+        ] {
+            let mut pending: VecDeque<Pending> = [refused].into();
+            let batch = scoped.build(&mut pending, 1, None).unwrap();
+            let why = batch.refused.expect("refused").error;
+            assert!(why.contains("slot scope"), "{why}");
+            assert!(batch.scope_delete.is_empty());
+        }
+        // Without a scope a flush is a flush, batched like any entry.
+        let mut pending: VecDeque<Pending> = [
+            write(5, 0, &[&["SET", "a", "1"]], false),
+            write(6, 0, &[&["FLUSHDB"]], false),
+        ]
+        .into();
+        let plain = builder(10).build(&mut pending, 1, None).unwrap();
+        assert_eq!(plain.last, LogId(6));
+        assert!(plain.scope_delete.is_empty());
     }
 
     #[test]

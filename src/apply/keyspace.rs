@@ -84,6 +84,12 @@
 //!   only the owned keys of the owned dbs (the same scripts as the
 //!   flushes), keeping internal keys ([`OwnedKeyspace::load_start`]).
 //!
+//! Within the owned dbs, a partition whose snapshot has a slot scope (one
+//! Redis Cluster source shard) owns only the keys of its hash slots: its
+//! loads and its flushes do not empty dbs but delete those keys
+//! ([`super::scope`]; the batch builder takes its flushes before they reach
+//! [`OwnedKeyspace::translate`]).
+//!
 //! A refused entry is not sent at all (a transaction stays all or nothing);
 //! the applier holds at it like at an entry the target refused: blocked
 //! until `ferry skip` (or skipped at once with `on-refused =

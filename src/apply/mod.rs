@@ -210,6 +210,62 @@
 //! again from the flush. When the entries after the checkpoint were trimmed
 //! from the WAL and the first entry still stored is a snapshot marker, the
 //! applier continues from that marker.
+//!
+//! # Slot scopes
+//!
+//! A marker may carry a slot `scope` (a Redis Cluster source: one partition
+//! per shard, the shard's hash slots). All partitions of a sync apply into
+//! the same target, so a partition with a scope owns, within the owned dbs,
+//! only the keys of its slots, and never empties a db. Its scope is the one
+//! of the last marker it loaded, kept in the target next to the checkpoint
+//! ([`scope::scope_key`], written in the transaction that writes
+//! `loading=M`, read back by every session; dropped when an unscoped marker
+//! is loaded), since the marker itself is trimmed from the log once applied.
+//!
+//! Loading a scoped marker ([`scope`] has the deletion and why it is not
+//! one script):
+//!
+//! 1. first load of the partition (no checkpoint of it) with
+//!    `existing-data = "refuse"`: `WATCH` the checkpoint, then count the keys
+//!    *of the scope* in the owned dbs with `SCAN` ([`scope::count_scope`]);
+//!    any refuse the load ([`ApplyError::ExistingData`], nothing written).
+//!    Keys another partition loaded are of other slots: they never refuse
+//!    it;
+//! 2. one `MULTI` (the `WATCH` still on) writes `loading=M` and the scope;
+//! 3. unless `existing-data = "keep"`, or step 1 counted no key, the
+//!    scope's keys are deleted from every owned db in bounded steps
+//!    ([`scope::delete_scope`]: `SCAN … COUNT`, `UNLINK` of at most 1000
+//!    keys, `__ferry*` kept);
+//! 4. the RDB is loaded as above, every key whatever its slot (a shard's RDB
+//!    holds the keys of slots it is importing), then `applied=M`.
+//!
+//! Atomic: step 2 alone; its `EXEC` is refused if another connection of
+//! this applier moved the checkpoint after step 1 began (the `WATCH`). Not
+//! atomic: the count of step 1 is not a snapshot (a key of the scope that
+//! someone else writes after the `SCAN` passed its place and before step
+//! 2's `EXEC` is not counted); the deletion is visible to readers key by
+//! key. Crash-safe: nothing is deleted or loaded before `loading=M` is
+//! written, and a session that finds `loading=M` starts again at step 2
+//! (no count: it is not a first load), so the deletion is run again from
+//! the start, which is idempotent.
+//!
+//! A `FLUSHALL`/`FLUSHDB` in a scoped partition's stream (a shard's flush
+//! empties only that shard) is the deletion of the scope's keys in the
+//! owned dbs it covers ([`batch`]): its entry `L` is never batched with
+//! others, and is applied once every batch before it committed as the
+//! deletion (outside `MULTI`: a big scope cannot be one script), then one
+//! `WATCH`/`MULTI`/`EXEC` with the rest of the entry and `applied=L`. A
+//! crash in between leaves the checkpoint at `L - 1`, and the next session
+//! runs the deletion again: from the state at `L - 1`, deleting the scope's
+//! keys ends in the same state however much of it ran before, so `L` is
+//! applied exactly once. Commands before the flush in the same entry are
+//! dropped when the flush erases them (keyed commands in a db it covers),
+//! and the entry is refused otherwise (held at like any entry the applier
+//! refuses). Keys of the scope's slots are the partition's own; keys of
+//! slots outside it that the shard held (slots it was importing) are not
+//! deleted by its flush: they belong to another partition's scope. The
+//! scope is the last marker's: slots migrated away from the shard after
+//! its snapshot are still deleted by its flush, until its next snapshot.
 
 mod batch;
 pub mod checkpoint;
@@ -219,6 +275,7 @@ pub mod expire;
 mod fence;
 pub mod keyspace;
 mod reader;
+pub mod scope;
 mod snapshot;
 pub mod status;
 mod target;
@@ -239,6 +296,7 @@ use crate::position::{LogId, PartitionId};
 use crate::record::RecordLimits;
 use crate::record::{Record, RecordError};
 use crate::redis::client::ClientError;
+use crate::redis::cluster::SlotRanges;
 use crate::redis::command::Command;
 use crate::redis::rdb_stream::RdbStreamError;
 use crate::redis::resp::{encode_array_header, encode_bulk, encode_bulk_header, Frame};
@@ -341,17 +399,21 @@ pub enum ApplyError {
     #[error("applier task failed: {0}")]
     Task(String),
     /// The first full sync into this target found keys this sync owns in
-    /// the dbs it owns, and `existing-data = "refuse"`: nothing was written.
+    /// the dbs it owns (of the partition's hash slots, when its snapshot has
+    /// a slot scope), and `existing-data = "refuse"`: nothing was written.
     #[error(
-        "partition {partition}: the target already holds keys in the dbs this sync owns ({}); \
+        "partition {partition}: the target already holds keys in the dbs this sync owns ({}{}); \
          nothing was written. Choose existing-data = \"keep\" (load over them, keep the others) \
          or \"flush\" (delete them first), or empty those dbs, or own other dbs or keys \
          ([filter] dbs, db-map, key-prefix)",
-        .dbs.iter().map(|(db, keys)| format!("db {db}: {keys} keys")).collect::<Vec<_>>().join(", ")
+        .dbs.iter().map(|(db, keys)| format!("db {db}: {keys} keys")).collect::<Vec<_>>().join(", "),
+        .slots.as_ref().map(|slots| format!(" in hash slots {slots}")).unwrap_or_default()
     )]
     ExistingData {
         partition: PartitionId,
         dbs: Vec<(u32, u64)>,
+        /// The partition's slot scope, when only its keys were counted.
+        slots: Option<SlotRanges>,
     },
     /// `EXEC` was refused because the checkpoint key changed after this
     /// connection `WATCH`ed it: a batch of an earlier, abandoned connection
@@ -466,6 +528,8 @@ pub async fn run(
             progressed: false,
             keyspace: cfg.keyspace()?,
             first_load: false,
+            scope: None,
+            scope_key: Bytes::from(scope::scope_key(&cfg.drainer_id, partition)),
             cfg,
         };
         let result = applier.run().await;
@@ -704,6 +768,12 @@ pub(crate) struct Applier {
     /// The target held no checkpoint of this sync when the session began:
     /// the next snapshot load is the first, and `existing-data` applies.
     first_load: bool,
+    /// The hash slots this partition holds on the target (the scope of the
+    /// last snapshot marker loaded, read back from [`Applier::scope_key`]);
+    /// `None`: the whole owned keyspace (a standalone source).
+    scope: Option<SlotRanges>,
+    /// Where the scope is kept in the target ([`scope::scope_key`]).
+    scope_key: Bytes,
 }
 
 impl Applier {
@@ -917,13 +987,17 @@ impl Applier {
                 });
             }
             let checkpoint = target.read_checkpoint(&self.key).await?;
-            Ok::<_, ApplyError>((target, checkpoint))
+            let scope = target.read_scope(&self.scope_key).await?;
+            Ok::<_, ApplyError>((target, checkpoint, scope))
         };
         // Nothing is in flight yet: shutdown need not wait for a slow target.
-        let (mut target, checkpoint) = tokio::select! {
+        let (mut target, checkpoint, scope) = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             connected = connect => connected?,
         };
+        // Only with a checkpoint of this partition: its scope goes with the
+        // data the checkpoint describes.
+        self.scope = if checkpoint.is_some() { scope } else { None };
         let (resume, marker_first) = self.reconcile(checkpoint).await?;
         self.passed(resume);
         self.status.set_online();
@@ -1080,6 +1154,7 @@ impl Applier {
             keyspace: self.keyspace.clone(),
             expire_grace: expire::ExpireGrace::new(self.cfg.expire_grace.0),
             log_tag: self.log_tag,
+            scope: self.scope.clone(),
         }
     }
 
@@ -1144,7 +1219,7 @@ impl Applier {
     }
 
     async fn apply_loop(&mut self, target: &mut Target, feed: &mut Feed) -> Result<(), ApplyError> {
-        let builder = self.builder(target);
+        let mut builder = self.builder(target);
         let exec = Command::from_parts(["EXEC"]);
         // MULTI and commands sent, EXEC not yet.
         let mut open: Option<Batch> = None;
@@ -1161,6 +1236,13 @@ impl Applier {
                         builder.build(&mut feed.pending, self.epoch, self.hold().as_ref())
                     {
                         if batch.refused.is_none() {
+                            // Every batch before it committed: a flush of a
+                            // scoped partition deletes its scope now.
+                            if !batch.scope_delete.is_empty()
+                                && !self.delete_scope_for(target, &batch).await?
+                            {
+                                return Ok(()); // shut down during the deletion
+                            }
                             self.record_skip(&batch).await?;
                             Self::queue_batch(target, &batch, &self.key, &self.wal, self.partition)
                                 .await?;
@@ -1190,7 +1272,8 @@ impl Applier {
                     let held_next = hold
                         .as_ref()
                         .is_some_and(|hold| batch::next_unit(&feed.pending) == Some(hold.log_id));
-                    if !held_next {
+                    // (A scoped flush's deletion waits for this EXEC.)
+                    if !held_next && !builder.scoped_flush_next(&feed.pending) {
                         if let Some(batch) =
                             builder.build(&mut feed.pending, self.epoch, hold.as_ref())
                         {
@@ -1224,6 +1307,8 @@ impl Applier {
                     if !self.load_snapshot(target, log_id, marker).await? {
                         return Ok(()); // shut down during the load
                     }
+                    // The marker's scope is the partition's from now on.
+                    builder.scope = self.scope.clone();
                     self.passed(log_id.next());
                     continue;
                 }
@@ -1240,6 +1325,44 @@ impl Applier {
                 }
             }
         }
+    }
+
+    /// Deletes the partition's slot scope in the owned dbs of `batch` (a
+    /// flush of a scoped partition; module doc, "Slot scopes"), before the
+    /// batch with the rest of its entry and its checkpoint is sent. Every
+    /// batch before it committed, so running this again after a crash, from
+    /// any point, ends in the same state. Returns `false` on shutdown.
+    async fn delete_scope_for(
+        &mut self,
+        target: &mut Target,
+        batch: &Batch,
+    ) -> Result<bool, ApplyError> {
+        let Some(scope) = self.scope.clone() else {
+            return Err(ApplyError::Task("a scoped flush without a scope".into()));
+        };
+        let conn = scope::ScopeConn {
+            reply_timeout: target.reply_timeout,
+            unlink: target.caps.is_some_and(|caps| caps.at_least(4, 0)),
+        };
+        let mut total = scope::ScopeDeletion::default();
+        for &db in &batch.scope_delete {
+            let done = tokio::select! {
+                _ = self.shutdown.cancelled() => return Ok(false),
+                done = scope::delete_scope(&mut target.client, db, &scope, &self.keyspace, conn) => done?,
+            };
+            total.scanned += done.scanned;
+            total.deleted += done.deleted;
+        }
+        info!(
+            partition = %self.partition,
+            log_id = %batch.last,
+            %scope,
+            dbs = ?batch.scope_delete,
+            scanned = total.scanned,
+            deleted = total.deleted,
+            "a flush of the source shard: deleted the keys of its slots"
+        );
+        Ok(true)
     }
 
     /// Reads the replies of `batch` (whose `EXEC` was sent) and records the

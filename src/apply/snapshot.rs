@@ -3,7 +3,9 @@
 //!
 //! In: the snapshot chunks `(partition, epoch, 0..n)` from the WAL. Out: a
 //! flushed target holding the RDB's keys and functions, the checkpoint
-//! `applied=M epoch=E`, and load progress in the status.
+//! `applied=M epoch=E`, and load progress in the status. A marker with a
+//! slot scope flushes nothing: only the keys of its slots are deleted first
+//! ([`Applier::start_scoped_load`]; module doc of [`super`], "Slot scopes").
 //!
 //! ```text
 //! WAL chunks ──(feeder task, blocking reads, 1 MiB chunks)──▶ producer thread:
@@ -70,12 +72,14 @@ use super::checkpoint::Checkpoint;
 use super::config::ExistingData;
 use super::expire::ExpireGrace;
 use super::keyspace::{self, OwnedKeyspace};
+use super::scope::{self, ScopeConn};
 use super::status::SnapshotLoadProgress;
 use super::target::Target;
 use super::{Applier, ApplyError};
 use crate::position::{LogId, PartitionId};
 use crate::record::{SnapshotMarker, INTERNAL_PREFIX};
 use crate::redis::client::ClientError;
+use crate::redis::cluster::SlotRanges;
 use crate::redis::command::Command;
 use crate::redis::rdb::rebuild::{Output, RebuildOptions, RebuildStats, Rebuilder, TargetCaps};
 use crate::redis::rdb::{ParseOptions, RdbEvent, RdbParser};
@@ -460,14 +464,24 @@ impl Applier {
         ]));
         target.client.queue(&Command::from_parts(["MULTI"]));
         target.client.queue(&start);
+        // A partition that held a slot scope and now loads the whole
+        // keyspace (its source is no longer a cluster shard) drops it.
+        let drop_scope = self.scope.is_some();
+        if drop_scope {
+            target.client.queue(&Command::new(vec![
+                Bytes::from_static(b"DEL"),
+                self.scope_key.clone(),
+            ]));
+        }
         target.client.queue(&Command::from_parts(["EXEC"]));
         target.flush().await?;
-        let mut replies = Vec::with_capacity(4);
-        for _ in 0..4 {
+        let queued = if drop_scope { 2 } else { 1 };
+        let mut replies = Vec::with_capacity(3 + queued);
+        for _ in 0..3 + queued {
             replies.push(target.reply().await?);
         }
         let result = match replies.last() {
-            Some(Frame::Array(results)) if results.len() == 1 => results[0].clone(),
+            Some(Frame::Array(results)) if results.len() == queued => results[0].clone(),
             // The checkpoint this connection watched moved: a late batch of
             // an abandoned connection ran; start again from the checkpoint.
             Some(Frame::Null) => {
@@ -493,6 +507,7 @@ impl Applier {
                 return Err(ApplyError::ExistingData {
                     partition: self.partition,
                     dbs,
+                    slots: None,
                 });
             }
             return Err(ApplyError::Snapshot {
@@ -502,6 +517,7 @@ impl Applier {
             });
         }
         self.first_load = false;
+        self.scope = None;
         if flush && caps.at_least(7, 0) && self.keyspace.owns_whole_target(target.databases) {
             // A refused FUNCTION FLUSH (functions disabled on a managed
             // target) only leaves functions.
@@ -510,6 +526,146 @@ impl Applier {
             }
         }
         Ok(())
+    }
+
+    /// Starts the load of `marker`, whose `scope` holds only the hash slots
+    /// `scope` (one cluster shard of the source), without touching the keys
+    /// of other slots, which other partitions of this sync may own on the
+    /// same target (module doc of [`super`], "Slot scopes"):
+    ///
+    /// 1. on the first load of this partition (no checkpoint of it) with
+    ///    `existing-data = "refuse"`, the owned dbs' keys *of the scope* are
+    ///    counted with `SCAN` while the checkpoint is `WATCH`ed; any there
+    ///    refuse the load ([`ApplyError::ExistingData`], nothing written);
+    /// 2. `WATCH`ed, one `MULTI` writes `loading=M` and the scope
+    ///    ([`super::scope::scope_key`]);
+    /// 3. unless `existing-data = "keep"` (or step 1 just counted no key of
+    ///    the scope), the scope's keys are deleted from each owned db
+    ///    ([`super::scope::delete_scope`], bounded steps, not atomic); a
+    ///    crash here finds `loading=M` and starts again at step 2.
+    ///
+    /// Functions (server-wide, in every shard's RDB) are not flushed.
+    /// Returns `false` when shutdown interrupted the deletion (the
+    /// checkpoint says `loading=M`: the next start deletes again).
+    async fn start_scoped_load(
+        &mut self,
+        target: &mut Target,
+        log_id: LogId,
+        marker: &SnapshotMarker,
+        scope: SlotRanges,
+        caps: TargetCaps,
+    ) -> Result<bool, ApplyError> {
+        let epoch = marker.epoch;
+        let policy = self.cfg.existing_data;
+        let check = self.first_load && policy == ExistingData::Refuse;
+        let conn = ScopeConn {
+            reply_timeout: target.reply_timeout,
+            unlink: caps.at_least(4, 0),
+        };
+        let owned = self.keyspace.owned_target_dbs(target.databases);
+        info!(
+            partition = %self.partition,
+            marker = %log_id,
+            epoch,
+            rdb_bytes = marker.rdb_bytes,
+            owned = %self.keyspace,
+            %scope,
+            first_load = self.first_load,
+            existing_data = policy.as_str(),
+            "loading a snapshot of slots {scope}: {}",
+            if policy == ExistingData::Keep { "loading over the target's keys (existing-data = keep)" } else { "deleting the keys of those slots first" }
+        );
+        let watch = Command::new(vec![Bytes::from_static(b"WATCH"), self.key.clone()]);
+        target.call_command(&watch).await?;
+        if check {
+            let mut busy = Vec::new();
+            for &db in &owned {
+                let count = tokio::select! {
+                    _ = self.shutdown.cancelled() => return Ok(false),
+                    count = scope::count_scope(&mut target.client, db, &scope, &self.keyspace, conn) => count?,
+                };
+                if count > 0 {
+                    busy.push((db, count));
+                }
+            }
+            if !busy.is_empty() {
+                return Err(ApplyError::ExistingData {
+                    partition: self.partition,
+                    dbs: busy,
+                    slots: Some(scope),
+                });
+            }
+        }
+        let loading = Checkpoint::Loading {
+            log_id,
+            epoch,
+            log: self.log_tag,
+        };
+        target.client.queue(&Command::from_parts(["MULTI"]));
+        target.client.queue(&Command::new(vec![
+            Bytes::from_static(b"SET"),
+            self.key.clone(),
+            Bytes::from(loading.encode()),
+        ]));
+        target.client.queue(&Command::new(vec![
+            Bytes::from_static(b"SET"),
+            self.scope_key.clone(),
+            Bytes::from(scope::encode_scope(&scope)),
+        ]));
+        target.client.queue(&Command::from_parts(["EXEC"]));
+        target.flush().await?;
+        let mut replies = Vec::with_capacity(4);
+        for _ in 0..4 {
+            replies.push(target.reply().await?);
+        }
+        match replies.last() {
+            Some(Frame::Array(results)) if results.iter().all(|r| r.error_message().is_none()) => {}
+            Some(Frame::Null) => {
+                return Err(ApplyError::CheckpointMoved {
+                    first: log_id,
+                    last: log_id,
+                })
+            }
+            _ => {
+                let why = replies
+                    .iter()
+                    .find_map(|reply| match reply {
+                        Frame::Array(results) => results.iter().find_map(Frame::error_message),
+                        other => other.error_message(),
+                    })
+                    .unwrap_or_else(|| format!("{:?}", replies.last()));
+                return Err(ApplyError::Snapshot {
+                    log_id,
+                    epoch,
+                    what: format!("the target refused the start of the load: {why}"),
+                });
+            }
+        }
+        self.first_load = false;
+        self.scope = Some(scope.clone());
+        // A first load that counted no key of the scope has nothing to
+        // delete (a key written there since by someone else is not ours).
+        if policy == ExistingData::Keep || check {
+            return Ok(true);
+        }
+        let mut total = scope::ScopeDeletion::default();
+        for &db in &owned {
+            let done = tokio::select! {
+                _ = self.shutdown.cancelled() => return Ok(false),
+                done = scope::delete_scope(&mut target.client, db, &scope, &self.keyspace, conn) => done?,
+            };
+            total.scanned += done.scanned;
+            total.deleted += done.deleted;
+        }
+        info!(
+            partition = %self.partition,
+            marker = %log_id,
+            %scope,
+            scanned = total.scanned,
+            deleted = total.deleted,
+            "deleted the keys of the snapshot's slots"
+        );
+        Ok(true)
     }
 
     /// Loads the snapshot of `marker` (at `log_id`). Returns `false` when
@@ -545,7 +701,17 @@ impl Applier {
         if first.is_empty() && marker.chunks > 0 {
             return Err(snapshot_error("its chunks are not in the wal".into()));
         }
-        self.start_load(target, log_id, &marker, caps).await?;
+        match marker.scope.clone() {
+            Some(scope) => {
+                if !self
+                    .start_scoped_load(target, log_id, &marker, scope, caps)
+                    .await?
+                {
+                    return Ok(false); // shut down during the deletion
+                }
+            }
+            None => self.start_load(target, log_id, &marker, caps).await?,
+        }
         self.status.set_applied(log_id.prev(), epoch);
         let mut progress = SnapshotLoadProgress {
             log_id,

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use super::checkpoint::Checkpoint;
 use super::ApplyError;
 use crate::redis::client::{Client, ClientOptions};
+use crate::redis::cluster::SlotRanges;
 use crate::redis::command::Command;
 use crate::redis::rdb::rebuild::TargetCaps;
 use crate::redis::resp::Frame;
@@ -111,6 +112,27 @@ impl Target {
             other => Err(ApplyError::Client(
                 crate::redis::client::ClientError::UnexpectedReply {
                     command: "GET checkpoint".into(),
+                    reply: format!("{other:?}"),
+                },
+            )),
+        }
+    }
+
+    /// Reads the slot scope at `key` ([`super::scope::scope_key`]; the
+    /// connection is in db 0).
+    pub async fn read_scope(&mut self, key: &Bytes) -> Result<Option<SlotRanges>, ApplyError> {
+        let get = Command::new(vec![Bytes::from_static(b"GET"), key.clone()]);
+        match self.call_command(&get).await? {
+            Frame::Null => Ok(None),
+            Frame::Bulk(value) => super::scope::decode_scope(&value).map(Some).map_err(|why| {
+                ApplyError::Checkpoint(super::checkpoint::CheckpointError {
+                    value: format!("{} ({} bytes)", String::from_utf8_lossy(key), value.len()),
+                    why: format!("not a slot scope: {why}"),
+                })
+            }),
+            other => Err(ApplyError::Client(
+                crate::redis::client::ClientError::UnexpectedReply {
+                    command: "GET scope".into(),
                     reply: format!("{other:?}"),
                 },
             )),

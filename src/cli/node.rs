@@ -31,9 +31,12 @@ pub enum NodeCommandError {
 /// `ferry sync` flags.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SyncArgs {
-    /// The source Redis: `redis://[user[:password]@]host:port`. A password
-    /// here is visible in `ps`: prefer --source-password-file or the
-    /// FERRY_SOURCE_PASSWORD environment variable.
+    /// The source Redis: `redis://[user[:password]@]host:port`. A Redis
+    /// Cluster is detected: any node of it, or a comma-separated seed list
+    /// (`redis://host:7000,host:7001`), and each shard is replicated into a
+    /// partition of its own. A password here is visible in `ps`: prefer
+    /// --source-password-file or the FERRY_SOURCE_PASSWORD environment
+    /// variable.
     #[arg(long)]
     pub source: Option<SecretUrl>,
     /// The target Redis: `redis://[user[:password]@]host:port` (see
