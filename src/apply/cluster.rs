@@ -733,7 +733,7 @@ impl Applier {
                     };
                     let deleted = tokio::select! {
                         _ = self.shutdown.cancelled() => return Ok(()),
-                        deleted = delete_slots(cluster, &scope) => deleted?,
+                        deleted = delete_slots(cluster, &scope, &self.keyspace) => deleted?,
                     };
                     info!(partition = %self.partition, log_id = %batch.last, %scope, deleted, "a flush of the source shard: deleted the keys of its slots on every master");
                 }
@@ -1212,7 +1212,7 @@ impl Applier {
         entry: Routed,
     ) -> Result<(), ApplyError> {
         let floor_node = cluster.node_of(key_hash_slot(&self.key))?;
-        let every: Vec<Command> = entry
+        let mut every: Vec<Command> = entry
             .routes
             .iter()
             .filter_map(|(r, _)| match r {
@@ -1220,6 +1220,19 @@ impl Applier {
                 _ => None,
             })
             .collect();
+        // A flush under a key filter: its script deletes keys of several
+        // slots per command, which a cluster node refuses inside a script;
+        // the owned keys are deleted with SCAN and UNLINK per slot instead
+        // (before the floor moves: a crash deletes again, idempotent).
+        if self.keyspace.key_filter().is_some() {
+            let flush_script = self.keyspace.flush_db(0, None).args.get(1).cloned();
+            let before = every.len();
+            every.retain(|cmd| !(cmd.args.len() > 1 && cmd.args.get(1) == flush_script.as_ref()));
+            if every.len() < before {
+                let deleted = scan_owned(cluster, &self.keyspace, true).await?;
+                info!(partition = %self.partition, log_id = %entry.log_id, deleted, "a flush under the key filter: deleted the owned keys on every master");
+            }
+        }
         let once: Vec<Command> = entry
             .routes
             .iter()
@@ -1442,6 +1455,7 @@ fn slots_by_node(cluster: &ClusterTarget, scope: &SlotRanges) -> Result<Vec<Vec<
 async fn keys_in_slots(
     target: &mut Target,
     slots: &[u16],
+    keyspace: &OwnedKeyspace,
 ) -> Result<Vec<(u16, usize, Vec<Bytes>)>, ApplyError> {
     let count = SLOT_KEYS.to_string();
     for slot in slots {
@@ -1465,11 +1479,84 @@ async fn keys_in_slots(
         let keys = items
             .into_iter()
             .filter_map(|item| item.as_bytes().cloned())
-            .filter(|key| !key.starts_with(INTERNAL_PREFIX))
+            .filter(|key| keyspace.owns_key(key))
             .collect();
         out.push((slot, returned, keys));
     }
     Ok(out)
+}
+
+/// Walks every master with `SCAN` and counts (or, with `delete`, deletes:
+/// `UNLINK` per slot) the keys `keyspace` owns (`__ferry*` never). For a key
+/// filter: idempotent, run again from any point it ends in the same state.
+async fn scan_owned(
+    cluster: &mut ClusterTarget,
+    keyspace: &OwnedKeyspace,
+    delete: bool,
+) -> Result<u64, ApplyError> {
+    let mut total = 0u64;
+    for node in &mut cluster.nodes {
+        let target = &mut node.target;
+        let mut cursor = Bytes::from_static(b"0");
+        loop {
+            let reply = target
+                .call_command(&Command::new(vec![
+                    Bytes::from_static(b"SCAN"),
+                    cursor.clone(),
+                    Bytes::from_static(b"COUNT"),
+                    Bytes::from_static(b"1000"),
+                ]))
+                .await?;
+            let Frame::Array(parts) = reply else {
+                return Err(ApplyError::Topology(format!(
+                    "SCAN on {}: {reply:?}",
+                    node.addr
+                )));
+            };
+            let (Some(next), Some(Frame::Array(keys))) =
+                (parts.first().and_then(Frame::as_bytes), parts.get(1))
+            else {
+                return Err(ApplyError::Topology(format!(
+                    "SCAN on {}: {parts:?}",
+                    node.addr
+                )));
+            };
+            cursor = next.clone();
+            let mut by_slot: BTreeMap<u16, Vec<Bytes>> = BTreeMap::new();
+            for key in keys.iter().filter_map(Frame::as_bytes) {
+                if keyspace.owns_key(key) {
+                    by_slot
+                        .entry(key_hash_slot(key))
+                        .or_default()
+                        .push(key.clone());
+                }
+            }
+            if delete {
+                let unlinks = by_slot.len();
+                for (_, keys) in by_slot {
+                    let mut args = vec![Bytes::from_static(b"UNLINK")];
+                    args.extend(keys);
+                    target.client.queue(&Command::new(args));
+                }
+                target.flush().await?;
+                for _ in 0..unlinks {
+                    let reply = target.reply().await?;
+                    if let Some(error) = reply.error_message() {
+                        return Err(ApplyError::Topology(format!(
+                            "deleting owned keys: {error}"
+                        )));
+                    }
+                    total += reply.as_integer().unwrap_or(0).max(0) as u64;
+                }
+            } else {
+                total += by_slot.values().map(|k| k.len() as u64).sum::<u64>();
+            }
+            if &cursor[..] == b"0" {
+                break;
+            }
+        }
+    }
+    Ok(total)
 }
 
 /// Keys asked per slot and step by the scoped deletion and count.
@@ -1479,13 +1566,17 @@ const SLOT_KEYS: usize = 1000;
 /// (`CLUSTER GETKEYSINSLOT`, `UNLINK` of one slot's keys at a time), keeping
 /// `__ferry*` keys; returns how many. Idempotent: run again from any point it
 /// ends in the same state.
-async fn delete_slots(cluster: &mut ClusterTarget, scope: &SlotRanges) -> Result<u64, ApplyError> {
+async fn delete_slots(
+    cluster: &mut ClusterTarget,
+    scope: &SlotRanges,
+    keyspace: &OwnedKeyspace,
+) -> Result<u64, ApplyError> {
     let by_node = slots_by_node(cluster, scope)?;
     let mut deleted = 0u64;
     for (index, mut slots) in by_node.into_iter().enumerate() {
         let target = &mut cluster.nodes[index].target;
         while !slots.is_empty() {
-            let found = keys_in_slots(target, &slots).await?;
+            let found = keys_in_slots(target, &slots, keyspace).await?;
             let mut again = Vec::new();
             let mut unlinks = 0usize;
             for (slot, returned, keys) in found {
@@ -1517,12 +1608,16 @@ async fn delete_slots(cluster: &mut ClusterTarget, scope: &SlotRanges) -> Result
 }
 
 /// The data keys of `scope`'s slots on the masters serving them.
-async fn count_slots(cluster: &mut ClusterTarget, scope: &SlotRanges) -> Result<u64, ApplyError> {
+async fn count_slots(
+    cluster: &mut ClusterTarget,
+    scope: &SlotRanges,
+    keyspace: &OwnedKeyspace,
+) -> Result<u64, ApplyError> {
     let by_node = slots_by_node(cluster, scope)?;
     let mut keys = 0u64;
     for (index, slots) in by_node.into_iter().enumerate() {
         let target = &mut cluster.nodes[index].target;
-        for (_, _, found) in keys_in_slots(target, &slots).await? {
+        for (_, _, found) in keys_in_slots(target, &slots, keyspace).await? {
             keys += found.len() as u64;
         }
     }
@@ -1573,7 +1668,8 @@ fn produce_commands(
         cfg.expire_grace.shift_key_start(&mut event);
         match &event {
             RdbEvent::KeyStart(header)
-                if header.key.starts_with(INTERNAL_PREFIX) || !cfg.keyspace.owns_db(header.db) =>
+                if header.key.starts_with(INTERNAL_PREFIX)
+                    || !cfg.keyspace.replicates(header.db, &header.key) =>
             {
                 skipping = true;
                 continue;
@@ -1590,7 +1686,11 @@ fn produce_commands(
             .map_err(|error| error.to_string())?;
         for output in outputs.drain(..) {
             match output {
-                Output::Command { db: 0, cmd } => chunk.push(LoadCommand::Key(cmd)),
+                // Into the target db its source db maps to: 0 on a cluster.
+                Output::Command { db, cmd } if cfg.keyspace.target_db(db) == Some(0) => {
+                    chunk.push(LoadCommand::Key(cmd))
+                }
+                Output::Command { db, .. } if cfg.keyspace.target_db(db).is_none() => {}
                 Output::Command { db, .. } => {
                     unsent += 1;
                     if !warned_dbs.contains(&db) {
@@ -1663,13 +1763,17 @@ impl Applier {
             return Err(snapshot_error("its chunks are not in the wal".into()));
         }
         let policy = self.cfg.existing_data;
-        let flush = policy != ExistingData::Keep;
+        // A cluster has db 0 only: nothing of it may be owned.
+        let flush = policy != ExistingData::Keep && self.keyspace.owns_target_db(0);
         if self.first_load && policy == ExistingData::Refuse {
             let mut keys = 0i64;
             if let Some(scope) = &marker.scope {
-                keys = count_slots(cluster, scope).await? as i64;
+                keys = count_slots(cluster, scope, &self.keyspace).await? as i64;
+            } else if self.keyspace.key_filter().is_some() {
+                keys = scan_owned(cluster, &self.keyspace, false).await? as i64;
             }
-            for node in cluster.nodes.iter_mut().filter(|_| marker.scope.is_none()) {
+            let whole = marker.scope.is_none() && self.keyspace.key_filter().is_none();
+            for node in cluster.nodes.iter_mut().filter(|_| whole) {
                 let count = node
                     .target
                     .call(&["EVAL", COUNT_DATA_SCRIPT, "0"])
@@ -1723,14 +1827,21 @@ impl Applier {
         pattern.extend_from_slice(b":*");
         let pattern = String::from_utf8_lossy(&pattern).into_owned();
         if let (Some(scope), true) = (&marker.scope, flush) {
-            let deleted = delete_slots(cluster, scope).await?;
+            let deleted = delete_slots(cluster, scope, &self.keyspace).await?;
             info!(partition = %self.partition, %scope, deleted, "deleted the keys of the partition's slots on every master");
         }
         // A scoped partition never empties a master: only its slots' keys
         // (deleted above) and its own slot checkpoints.
         let flush_all = flush && marker.scope.is_none();
+        // Under a key filter only the owned keys go, found with SCAN (a
+        // script cannot delete keys of several slots in one command).
+        if flush_all && self.keyspace.key_filter().is_some() {
+            let deleted = scan_owned(cluster, &self.keyspace, true).await?;
+            info!(partition = %self.partition, deleted, "deleted the owned keys (key filter) on every master");
+        }
+        let whole = flush_all && self.keyspace.key_filter().is_none();
         for node in &mut cluster.nodes {
-            let mode = if flush_all { "flush" } else { "keep" };
+            let mode = if whole { "flush" } else { "keep" };
             node.target
                 .call(&["EVAL", LOAD_START_SCRIPT, "0", mode, &pattern])
                 .await
@@ -1740,7 +1851,7 @@ impl Applier {
                         node.addr
                     ))
                 })?;
-            if flush_all && caps.at_least(7, 0) && self.keyspace.owns_db(0) {
+            if whole && caps.at_least(7, 0) && self.keyspace.owns_whole_target(1) {
                 if let Err(error) = node.target.call(&["FUNCTION", "FLUSH"]).await {
                     warn!(partition = %self.partition, node = %node.addr, %error, "the target refused FUNCTION FLUSH");
                 }
@@ -2005,7 +2116,7 @@ mod tests {
             route(&Command::from_parts(["PUBLISH", "ch", "m"]), false).unwrap()[0],
             Route::Floor(_)
         ));
-        let flush = OwnedKeyspace::flush_db(0, None);
+        let flush = OwnedKeyspace::all().flush_db(0, None);
         assert!(matches!(route(&flush, false).unwrap()[0], Route::Every(_)));
     }
 
