@@ -270,6 +270,54 @@ fn drainer_marks(ferry: &FerryProcess) -> (u64, u64) {
     )
 }
 
+/// A sync owning only the keys under a prefix of a shared cluster target:
+/// its full sync and a `FLUSHALL` of its source delete only those keys, on
+/// every master (a script cannot delete keys of several slots at once on a
+/// cluster node: SCAN and UNLINK per slot); other keys stay.
+#[test]
+fn a_key_filter_on_a_cluster_target_keeps_other_keys() {
+    let source = start_source();
+    let cluster = Cluster::start(3, 0);
+    let others: Vec<(String, String)> = (0..300)
+        .map(|i| (format!("other:{i}"), format!("kept-{i}")))
+        .collect();
+    cluster.set_all(&others);
+    let mut conn = connect(&source.addr());
+    let app: Vec<Vec<String>> = (0..600)
+        .map(|i| words(&["SET", &format!("app:{i}"), &format!("v{i}")]))
+        .collect();
+    run_all(&mut conn, &app);
+    // The source also has keys outside the prefix: never written.
+    run_all(&mut conn, &[words(&["SET", "other:0", "from-source"])]);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("sync");
+    let ferry = FerryProcess::sync(
+        &data,
+        &source.url(),
+        &cluster.url(),
+        &["--key-prefix", "app:", "--existing-data", "flush"],
+    );
+    let owned = |all: BTreeMap<String, String>| -> BTreeMap<String, String> {
+        all.into_iter()
+            .filter(|(k, _)| k.starts_with("app:"))
+            .collect()
+    };
+    wait_for("the full sync", CONVERGE, || {
+        difference(&owned(source_data(&source)), &owned(cluster_data(&cluster)))
+            .map(|d| format!("{d}\n{}", ferry.log_tail(20)))
+    });
+    run_all(&mut conn, &[words(&["FLUSHALL"])]);
+    run_all(&mut conn, &[words(&["SET", "app:after", "1"])]);
+    wait_for("the flush", CONVERGE, || {
+        difference(&owned(source_data(&source)), &owned(cluster_data(&cluster)))
+            .map(|d| format!("{d}\n{}", ferry.log_tail(20)))
+    });
+    let kept: Vec<Option<String>> =
+        cluster.get_all(&others.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>());
+    let want: Vec<Option<String>> = others.iter().map(|(_, v)| Some(v.clone())).collect();
+    assert_eq!(kept, want, "keys outside the prefix kept");
+}
+
 #[test]
 fn counters_are_applied_exactly_once_across_kill9_of_ferry() {
     let source = start_source();
