@@ -318,6 +318,61 @@ fn a_key_filter_on_a_cluster_target_keeps_other_keys() {
     assert_eq!(kept, want, "keys outside the prefix kept");
 }
 
+/// A Redis Cluster source of 3 masters into a cluster target of 2 (made by
+/// hand): one partition per source shard, each applied by slot into the
+/// target with its slot scope; full sync and stream converge.
+#[test]
+fn cluster_source_of_three_masters_into_a_cluster_of_two() {
+    let source = Cluster::start(3, 0);
+    let target = Cluster::start_by_hand(2);
+    let pairs: Vec<(String, String)> = (0..2000)
+        .map(|i| (format!("pre:{i}"), format!("v{i}")))
+        .collect();
+    source.set_all(&pairs);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("sync");
+    let ferry = FerryProcess::sync(&data, &source.seed_list(), &target.seed_list(), &[]);
+    let converge = |when: &str| {
+        wait_for(when, CONVERGE, || {
+            difference(&cluster_data(&source), &cluster_data(&target))
+                .map(|d| format!("{d}\n{}", ferry.log_tail(20)))
+        })
+    };
+    converge("the full sync");
+    for round in 0..5 {
+        let commands: Vec<(String, Vec<String>)> = (0..400)
+            .map(|i| {
+                let key = format!("c:{}", (round * 31 + i) % 120);
+                (key.clone(), vec!["INCR".to_string(), key])
+            })
+            .chain((0..200).map(|i| {
+                let key = format!("s:{round}:{i}");
+                (key.clone(), vec!["SET".to_string(), key, "x".to_string()])
+            }))
+            .collect();
+        for reply in source.pipeline_keys(&commands) {
+            assert!(!matches!(reply, Resp::Error(_)), "{reply:?}");
+        }
+    }
+    converge("the stream");
+    let status = ferry.status_json();
+    let drainers = status["drainers"].as_array().cloned().unwrap_or_default();
+    assert_eq!(
+        drainers.len(),
+        3,
+        "one partition per source shard: {status}"
+    );
+    for drainer in &drainers {
+        assert!(
+            drainer["cluster"]
+                .as_str()
+                .unwrap_or("")
+                .contains("2 masters"),
+            "{drainer}"
+        );
+    }
+}
+
 #[test]
 fn counters_are_applied_exactly_once_across_kill9_of_ferry() {
     let source = start_source();
