@@ -821,3 +821,43 @@ async fn scope_deletion_figures() {
         done.scanned as f64 / delete_time.as_secs_f64()
     );
 }
+
+/// A partition whose next snapshot has no scope (its source is a
+/// standalone server again) owns the whole keyspace again: the load
+/// empties the owned dbs as without scopes, drops the recorded scope, and
+/// a later `FLUSHALL` is a flush.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unscoped_marker_after_a_scoped_one_owns_everything_again() {
+    let source = RedisServer::start(&[]);
+    let target = RedisServer::start(&[]);
+    let work = tempfile::tempdir().unwrap();
+    let wal = Wal::open(wal_config(&work.path().join("wal")))
+        .await
+        .unwrap();
+    let a = pairs(&keys_in(&scope_a(), "a", 200), "from-a");
+    set_all(&source, &a).await;
+    let scoped = append_snapshot(&wal, 0, &source, 1, Some(scope_a()), work.path()).await;
+    apply_until(&wal, &target, 0, scoped).await;
+    let scope_key = format!("__ferry:scope:{DRAINER}:0");
+    assert_eq!(target.cmd(&["GET", &scope_key]), "v1 0-8191");
+    let other = keys_in(&scope_b(), "other", 1).remove(0);
+    target.cmd(&["SET", &other, "not-in-a"]);
+
+    let unscoped = append_snapshot(&wal, 0, &source, 2, None, work.path()).await;
+    apply_until(&wal, &target, 0, unscoped).await;
+    assert_eq!(target.cmd(&["EXISTS", &scope_key]), "0");
+    assert_eq!(
+        target.cmd(&["EXISTS", &other]),
+        "0",
+        "the load emptied db 0"
+    );
+    assert_eq!(data(&target).await, a.iter().cloned().collect());
+
+    target.cmd(&["SET", &other, "again"]);
+    let last = append(&wal, 0, &[single(&["FLUSHALL"])]).await;
+    apply_until(&wal, &target, 0, last).await;
+    assert_eq!(data(&target).await, BTreeMap::new());
+    let value = target.cmd(&["GET", &checkpoint_key(0)]);
+    assert!(value.contains(&format!("applied={last} ")), "{value}");
+    wal.close().await.unwrap();
+}
