@@ -23,6 +23,7 @@ use bytes::Bytes;
 use serde::Serialize;
 
 use crate::apply::checkpoint::checkpoint_key;
+use crate::apply::keyspace::KeyFilter;
 use crate::apply::{ExistingData, OwnedKeyspace};
 use crate::position::PartitionId;
 use crate::record::INTERNAL_PREFIX;
@@ -37,6 +38,9 @@ use crate::redis::url::RedisUrl;
 /// output-buffer estimate (RDB generation and transfer on one core, loaded
 /// by a replica on another; measured 100-300 MB/s on this project's boxes).
 const ASSUMED_FULL_SYNC_BYTES_PER_SEC: f64 = 100.0 * 1024.0 * 1024.0;
+/// Owned keys counted per db under a key filter before the count says
+/// "at least".
+const OWNED_KEYS_COUNTED: u64 = 100_000;
 /// The most write commands listed by name in one row.
 const LISTED_COMMANDS: usize = 12;
 
@@ -301,6 +305,64 @@ async fn internal_keys(client: &mut Client, limit: usize) -> Result<Vec<Bytes>, 
     }
 }
 
+/// Owned keys of target db `db` under `filter` (SCAN MATCH of each include
+/// prefix, each key checked against the filter), counted up to `limit`:
+/// `(count, complete)`. Leaves the connection in db 0.
+async fn owned_keys(
+    client: &mut Client,
+    db: u32,
+    filter: &KeyFilter,
+    limit: u64,
+) -> Result<(u64, bool), ClientError> {
+    client
+        .call_command(&Command::new(vec![
+            Bytes::from_static(b"SELECT"),
+            Bytes::from(db.to_string()),
+        ]))
+        .await?;
+    let mut seen = std::collections::HashSet::new();
+    let mut complete = true;
+    'patterns: for pattern in filter.patterns() {
+        let mut cursor = Bytes::from_static(b"0");
+        loop {
+            let reply = client
+                .call_command(&Command::new(vec![
+                    Bytes::from_static(b"SCAN"),
+                    cursor.clone(),
+                    Bytes::from_static(b"MATCH"),
+                    pattern.clone(),
+                    Bytes::from_static(b"COUNT"),
+                    Bytes::from_static(b"1000"),
+                ]))
+                .await?;
+            let Frame::Array(parts) = reply else {
+                return Err(ClientError::UnexpectedReply {
+                    command: "SCAN".into(),
+                    reply: format!("{reply:?}"),
+                });
+            };
+            if let Some(Frame::Array(keys)) = parts.get(1) {
+                seen.extend(
+                    keys.iter()
+                        .filter_map(Frame::as_bytes)
+                        .filter(|key| filter.owns(key))
+                        .cloned(),
+                );
+            }
+            if seen.len() as u64 >= limit {
+                complete = false;
+                break 'patterns;
+            }
+            match parts.first().and_then(Frame::as_bytes) {
+                Some(next) if next.as_ref() != b"0" => cursor = next.clone(),
+                _ => break,
+            }
+        }
+    }
+    client.call(&["SELECT", "0"]).await?;
+    Ok((seen.len() as u64, complete))
+}
+
 /// Names of the write commands `COMMAND` lists (flag `write`).
 async fn write_commands(client: &mut Client) -> Result<Vec<String>, ClientError> {
     let Frame::Array(entries) = client.call(["COMMAND"]).await? else {
@@ -385,7 +447,14 @@ pub async fn run(cfg: &PrecheckConfig) -> Report {
     for (name, side) in [("source", &source), ("target", &target)] {
         if let Some(side) = side {
             let cluster = side.get("cluster_enabled") == Some("1");
-            if cluster {
+            if cluster && name == "source" {
+                report.push(
+                    format!("{name} cluster mode"),
+                    Verdict::Pass,
+                    "Redis Cluster (cluster_enabled:1): one partition per shard, each \
+                     replicated from its master (the checks below are of this node only)",
+                );
+            } else if cluster {
                 report.push(
                     format!("{name} cluster mode"),
                     Verdict::Fail,
@@ -745,10 +814,37 @@ async fn check_target_data(report: &mut Report, target: &mut Side, cfg: &Prechec
         .filter(|k| k.starts_with(b"__ferry:checkpoint:"))
         .map(|k| String::from_utf8_lossy(k).into_owned())
         .collect();
-    let busy: Vec<(u32, u64)> = counts
+    let mut busy: Vec<(u32, u64)> = counts
         .into_iter()
-        .filter(|&(db, keys)| keys > 0 && db < databases && cfg.keyspace.owns_db(db))
+        .filter(|&(db, keys)| keys > 0 && db < databases && cfg.keyspace.owns_target_db(db))
         .collect();
+    // Under a key filter only the owned keys count: the others are another
+    // sync's, or nobody's, and stay.
+    let mut at_least = false;
+    if let Some(filter) = cfg.keyspace.key_filter() {
+        let mut owned = Vec::with_capacity(busy.len());
+        for (db, _) in busy {
+            match owned_keys(&mut target.client, db, filter, OWNED_KEYS_COUNTED).await {
+                Ok((0, _)) => {}
+                Ok((keys, complete)) => {
+                    at_least |= !complete;
+                    owned.push((db, keys));
+                }
+                Err(error) => {
+                    report.push(
+                        "target data",
+                        Verdict::Warn,
+                        format!(
+                            "cannot count the owned keys of db {db} ({}): {error}",
+                            cfg.keyspace
+                        ),
+                    );
+                    return;
+                }
+            }
+        }
+        busy = owned;
+    }
     let others_note = if others.is_empty() {
         String::new()
     } else {
@@ -761,13 +857,19 @@ async fn check_target_data(report: &mut Report, target: &mut Side, cfg: &Prechec
         report.push(
             "target data",
             Verdict::Pass,
-            format!("the owned dbs ({}) hold no keys{others_note}", cfg.keyspace),
+            format!(
+                "the owned dbs ({}) hold no owned keys{others_note}",
+                cfg.keyspace
+            ),
         );
         return;
     }
     let listed = busy
         .iter()
-        .map(|(db, keys)| format!("db {db}: {keys} keys"))
+        .map(|(db, keys)| {
+            let more = if at_least { "at least " } else { "" };
+            format!("db {db}: {more}{keys} keys")
+        })
         .collect::<Vec<_>>()
         .join(", ");
     match cfg.existing_data {
@@ -777,7 +879,7 @@ async fn check_target_data(report: &mut Report, target: &mut Side, cfg: &Prechec
             format!(
                 "the owned dbs hold keys ({listed}); existing-data = refuse. Use \
                  --existing-data keep (load over them, keep the others) or flush (delete them \
-                 first), or own other dbs (--dbs){others_note}"
+                 first), or own other dbs or keys (--dbs, --db-map, --key-prefix){others_note}"
             ),
         ),
         ExistingData::Keep => report.push(
@@ -893,8 +995,13 @@ async fn check_pair(
         .unwrap_or(16);
     let missing: Vec<String> = keyspace_counts(&source.info)
         .into_iter()
-        .filter(|&(db, keys)| keys > 0 && db >= databases && cfg.keyspace.owns_db(db))
-        .map(|(db, keys)| format!("db {db} ({keys} keys)"))
+        .filter_map(|(db, keys)| {
+            let target = cfg.keyspace.target_db(db)?;
+            (keys > 0 && target >= databases).then(|| match target == db {
+                true => format!("db {db} ({keys} keys)"),
+                false => format!("db {db} ({keys} keys, into target db {target})"),
+            })
+        })
         .collect();
     if missing.is_empty() {
         report.push(
@@ -908,7 +1015,7 @@ async fn check_pair(
             Verdict::Fail,
             format!(
                 "the source has keys in {} but the target has only {databases} dbs; raise the \
-                 target's databases or leave them out (--dbs)",
+                 target's databases or leave them out (--dbs, --db-map)",
                 missing.join(", ")
             ),
         );

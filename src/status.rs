@@ -30,8 +30,11 @@ pub struct NodeStatus {
 pub struct ListenerSide {
     pub listener_id: String,
     pub partition: u32,
-    /// The source address, never with its password.
+    /// The source address, never with its password (of a cluster source:
+    /// the shard's master of the moment).
     pub source: String,
+    /// The source shard this partition replicates (a cluster source only).
+    pub shard: Option<SourceShard>,
     /// CONNECTING, FULL_SYNC, ONLINE, OFFLINE, or STOPPED (an entry ferry
     /// cannot carry; `source_error` names it).
     pub source_state: String,
@@ -53,6 +56,17 @@ pub struct ListenerSide {
     pub heartbeat_latency_ms: Option<u64>,
     /// One per drainer this partition ships to.
     pub shipping: Vec<ShipSide>,
+}
+
+/// A shard of a cluster source, as the listener last read the topology.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct SourceShard {
+    /// The node id of its master (empty while none is known).
+    pub master_id: String,
+    /// The slots its master serves, `0-5460,5462` (empty: idle, the shard
+    /// lost all its slots or its nodes left the cluster).
+    pub slots: String,
+    pub slot_count: u32,
 }
 
 /// Shipping of one listener partition to one drainer.

@@ -140,6 +140,7 @@ fn listener(partition: u32) -> ListenerSide {
         listener_id: "l1".into(),
         partition,
         source: "127.0.0.1:6379".into(),
+        shard: None,
         source_state: "ONLINE".into(),
         source_error: None,
         replid: Some("0123456789abcdef0123456789abcdef01234567".into()),

@@ -199,7 +199,7 @@ fn every_fail_and_warn_names_its_cause() {
 }
 
 #[test]
-fn a_cluster_node_fails_the_cluster_check() {
+fn a_cluster_source_passes_the_cluster_check_and_a_cluster_target_fails_it() {
     let dir = tempfile::tempdir().expect("temp dir");
     let conf = dir.path().join("nodes.conf");
     let node = RedisServer::start(&[
@@ -209,9 +209,100 @@ fn a_cluster_node_fails_the_cluster_check() {
         conf.to_str().expect("utf-8"),
     ]);
     let target = RedisServer::start(&[]);
-    let (code, rows) = precheck(&node.url(), &target.url(), &[]);
-    assert_eq!(code, 1, "{rows:#?}");
-    assert_eq!(verdict(&rows, "source cluster mode"), "FAIL");
+    let (_, rows) = precheck(&node.url(), &target.url(), &[]);
+    assert_eq!(verdict(&rows, "source cluster mode"), "PASS", "{rows:#?}");
     assert!(rows["source cluster mode"].1.contains("cluster_enabled:1"));
     assert_eq!(verdict(&rows, "target cluster mode"), "PASS");
+    let (code, rows) = precheck(&target.url(), &node.url(), &[]);
+    assert_eq!(code, 1, "{rows:#?}");
+    assert_eq!(verdict(&rows, "target cluster mode"), "FAIL");
+}
+
+/// A sync that owns some keys of a shared target: only its own keys count as
+/// existing data; a db map names the target db a source db lands in.
+#[test]
+fn a_key_filter_and_a_db_map_narrow_the_target_data_check() {
+    let source = RedisServer::start(&[]);
+    let target = RedisServer::start(&[]);
+    source.cmd(&["-n", "2", "SET", "a:1", "x"]);
+    for i in 0..5 {
+        target.cmd(&["SET", &format!("a:{i}"), "another sync's"]);
+    }
+    target.cmd(&["-n", "3", "SET", "b:1", "x"]);
+    target.cmd(&["SET", "a*b", "x"]);
+    // Another sync's keys (prefix a:) do not stop a sync of prefix b:.
+    let (code, rows) = precheck(&source.url(), &target.url(), &["--key-prefix", "b:"]);
+    assert_eq!(verdict(&rows, "target data"), "FAIL", "{rows:#?}");
+    assert!(rows["target data"].1.contains("db 3: 1 keys"), "{rows:#?}");
+    assert_eq!(code, 1);
+    let (code, rows) = precheck(
+        &source.url(),
+        &target.url(),
+        &["--key-prefix", "b:", "--dbs", "0,1,2"],
+    );
+    assert_eq!(
+        (code, verdict(&rows, "target data")),
+        (0, "PASS"),
+        "{rows:#?}"
+    );
+    // Its own prefix does; exclusions and glob characters are honoured.
+    let (_, rows) = precheck(
+        &source.url(),
+        &target.url(),
+        &[
+            "--key-prefix",
+            "a",
+            "--exclude-key-prefix",
+            "a:4",
+            "--dbs",
+            "0",
+        ],
+    );
+    assert!(rows["target data"].1.contains("db 0: 5 keys"), "{rows:#?}");
+    let (_, rows) = precheck(
+        &source.url(),
+        &target.url(),
+        &["--key-prefix", "a*", "--dbs", "0"],
+    );
+    assert!(rows["target data"].1.contains("db 0: 1 keys"), "{rows:#?}");
+    // Source db 2 into target db 20 of a 16-db target.
+    let (code, rows) = precheck(
+        &source.url(),
+        &target.url(),
+        &["--db-map", "2=20", "--existing-data", "keep"],
+    );
+    assert_eq!(
+        (code, verdict(&rows, "databases")),
+        (1, "FAIL"),
+        "{rows:#?}"
+    );
+    assert!(
+        rows["databases"]
+            .1
+            .contains("db 2 (1 keys, into target db 20)"),
+        "{rows:#?}"
+    );
+    let (code, rows) = precheck(&source.url(), &target.url(), &["--db-map", "2=5"]);
+    assert_eq!(
+        (code, verdict(&rows, "target data")),
+        (0, "PASS"),
+        "{rows:#?}"
+    );
+    // Two source dbs into one target db: refused before any check.
+    let out = output_within(
+        Command::new(ferry_bin()).args([
+            "precheck",
+            "--source",
+            &source.url(),
+            "--target",
+            &target.url(),
+            "--db-map",
+            "0=1,2=1",
+        ]),
+        Duration::from_secs(60),
+    )
+    .expect("ferry precheck");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("both map to target db 1"), "{stderr}");
 }

@@ -508,6 +508,70 @@ async fn match_and_db_are_honored() {
     assert_eq!(found, [(2, "a:2".to_string()), (7, "a:7".to_string())]);
 }
 
+/// One sync's keyspace on a shared target: each source db against the
+/// target db it maps to, only the keys of the key filter on both sides
+/// (the target's other keys are another sync's, not extra).
+#[tokio::test]
+async fn a_db_map_and_a_key_filter_narrow_the_comparison() {
+    let source = RedisServer::start(&[]);
+    let target = RedisServer::start(&[]);
+    apply(
+        &source,
+        &[
+            cmd(&["SET", "a:1", "x"]),
+            cmd(&["SET", "a:tmp:1", "not owned"]),
+            cmd(&["SET", "b:1", "not owned"]),
+            cmd(&["SELECT", "5"]),
+            cmd(&["SET", "a:5", "x"]),
+        ],
+    )
+    .await;
+    apply(
+        &target,
+        &[
+            cmd(&["SELECT", "3"]),
+            cmd(&["SET", "a:1", "x"]),
+            cmd(&["SET", "b:1", "another sync's"]),
+            cmd(&["SET", "c:1", "another sync's"]),
+            cmd(&["SELECT", "6"]),
+            cmd(&["SET", "a:5", "different"]),
+            cmd(&["SET", "a:6", "extra"]),
+        ],
+    )
+    .await;
+    let mut config = config(&source, &target);
+    config.passes = 1;
+    config.db_map = vec![(0, 3), (5, 6)];
+    config.key_filter = Some(ferry::apply::keyspace::KeyFilter::new(
+        vec!["a:".into()],
+        vec!["a:tmp:".into()],
+    ));
+    let report = run(&config).await;
+    let found: Vec<(u32, &str, Vec<DiffKind>)> = report
+        .differences
+        .iter()
+        .map(|k| (k.db, k.key.as_str(), k.kinds.clone()))
+        .collect();
+    assert_eq!(
+        found,
+        [
+            (5, "a:5", vec![DiffKind::Value]),
+            (5, "a:6", vec![DiffKind::Extra])
+        ]
+    );
+    let dbs: Vec<(u32, u32, u64)> = report
+        .dbs
+        .iter()
+        .map(|d| (d.db, d.target_db, d.keys_checked))
+        .collect();
+    assert_eq!(dbs, [(0, 3, 1), (5, 6, 2)]);
+    // --db picks among the mapped dbs.
+    config.dbs = vec![0];
+    let report = run(&config).await;
+    assert!(report.equal, "{report:?}");
+    assert_eq!(report.dbs.len(), 1);
+}
+
 #[tokio::test]
 async fn qps_limits_the_command_rate() {
     let source = RedisServer::start(&[]);

@@ -9,7 +9,7 @@
 use crate::record::pb;
 use crate::status::{
     BlockedEntry, DrainerSide, ListenerSide, NodeStatus, RefusedCommand, ShipSide, SkipOutcome,
-    SkipRequest, SnapshotLoad, SyncSelector,
+    SkipRequest, SnapshotLoad, SourceShard, SyncSelector,
 };
 
 impl From<NodeStatus> for pb::NodeStatus {
@@ -65,8 +65,14 @@ impl From<ListenerSide> for pb::ListenerSide {
             full_sync_bytes_total,
             heartbeat_latency_ms,
             shipping,
+            shard,
         } = side;
         pb::ListenerSide {
+            shard: shard.map(|shard| pb::SourceShard {
+                master_id: shard.master_id,
+                slots: shard.slots,
+                slot_count: shard.slot_count,
+            }),
             listener_id,
             partition,
             source,
@@ -106,8 +112,14 @@ impl From<pb::ListenerSide> for ListenerSide {
             full_sync_bytes_total,
             heartbeat_latency_ms,
             shipping,
+            shard,
         } = side;
         ListenerSide {
+            shard: shard.map(|shard| SourceShard {
+                master_id: shard.master_id,
+                slots: shard.slots,
+                slot_count: shard.slot_count,
+            }),
             listener_id,
             partition,
             source,
@@ -489,6 +501,11 @@ mod tests {
                     listener_id: "l1".into(),
                     partition: 3,
                     source: "127.0.0.1:6379".into(),
+                    shard: Some(SourceShard {
+                        master_id: "e7d1eecce10fd6bb5eb35b9f99a514335d9ba9ca".into(),
+                        slots: "0-5460,5462".into(),
+                        slot_count: 5462,
+                    }),
                     source_state: "FULL_SYNC".into(),
                     source_error: Some("connection reset".into()),
                     replid: Some("8f3c".repeat(10)),

@@ -24,21 +24,26 @@
 //! covered like any other entry.
 //!
 //! Every data command goes through [`super::expire`] (expiry deadlines later
-//! by `expire-grace`). Commands whose keys are all internal (`__ferry*`: heartbeats, another
-//! ferry's checkpoints) are left out but still covered by the checkpoint.
-//! The rest is translated for the keyspace this sync owns
-//! ([`super::keyspace`]): commands in dbs it does not own are left out,
-//! flushes touch only owned dbs and keep internal keys, and the applier
-//! places every command in its db with its own `SELECT`s (the source's are
-//! consumed). A command naming ferry's own keys with data keys goes without
-//! them when each key stands alone (`DEL`, `UNLINK`, `EXISTS`, `TOUCH`). A
-//! record that cannot be applied without touching what is not owned, that
-//! names ferry's keys in any other command, or that places a command in a
-//! db the target does not have, is refused by the applier itself, whole and
-//! before anything of it is sent (a failed `SELECT` inside `EXEC` would let
-//! the commands after it run in the wrong db): it ends the batch before it
-//! and comes alone as [`Batch::refused`], which the applier holds at like an
-//! entry the target refused.
+//! by `expire-grace`). Commands naming no key this sync owns (all internal,
+//! `__ferry*`: heartbeats, another ferry's checkpoints; or outside the
+//! `[filter]` key prefixes) are left out but still covered by the
+//! checkpoint. The rest is translated for the keyspace this sync owns
+//! ([`super::keyspace`]): commands in source dbs it does not replicate are
+//! left out, the others placed in the target db theirs maps to, flushes
+//! touch only owned keys of owned dbs and keep internal keys, and the
+//! applier places every command with its own `SELECT`s (the source's are
+//! consumed). A command naming keys it does not own with its own goes
+//! without them when each key stands alone (`DEL`, `UNLINK`, `EXISTS`,
+//! `TOUCH`, `MSET` pairs; [`OwnedKeyspace::resolve_mixed`]). A record that
+//! cannot be applied without touching what is not owned (another mixed
+//! command, one with streamed arguments among them, a script or unknown
+//! command under a key filter), that names ferry's keys in any other
+//! command, or that places a command in a db the target does not have, is
+//! refused by the applier itself, whole and before anything of it is sent
+//! (a failed `SELECT` inside `EXEC` would let the commands after it run in
+//! the wrong db): it ends the batch before it and comes alone as
+//! [`Batch::refused`], which the applier holds at like an entry the target
+//! refused.
 //!
 //! In a partition with a slot scope ([`BatchBuilder::scope`]), an entry
 //! with a `FLUSHALL`/`FLUSHDB` is not translated into flushes: it goes
@@ -61,10 +66,10 @@ use bytes::Bytes;
 use super::checkpoint::Checkpoint;
 use super::dead_letter::SkippedBy;
 use super::expire::ExpireGrace;
-use super::keyspace::{OwnedKeyspace, Placed, Translated};
+use super::keyspace::{KeyClass, OwnedKeyspace, Placed, Translated};
 use super::status::RefusedCommand;
 use crate::position::LogId;
-use crate::record::{Record, WriteRecord, INTERNAL_PREFIX};
+use crate::record::{Record, WriteRecord};
 use crate::redis::cluster::SlotRanges;
 use crate::redis::command::{self, Command};
 use crate::redis::resp::Frame;
@@ -123,8 +128,8 @@ pub(crate) struct Batch {
     /// The entry this batch skips (its only entry; `commands` is then just
     /// the checkpoint `SET`).
     pub skip: Option<Skip>,
-    /// Commands left out: all their keys are internal, or they run in a db
-    /// this sync does not own.
+    /// Commands left out: none of their keys is owned (internal, or outside
+    /// the key filter), or they run in a db this sync does not replicate.
     pub skipped: u64,
     /// The checkpoint this batch writes.
     pub checkpoint: Checkpoint,
@@ -144,8 +149,9 @@ struct Prepared {
     kept: Vec<usize>,
     /// Streamed argument places, by the write's command index.
     places: Vec<Vec<StreamedPlace>>,
-    /// Commands left out for naming only internal keys.
-    internal: u64,
+    /// Commands left out for naming only keys this sync does not own
+    /// (internal ones, or outside the key filter).
+    left_out: u64,
 }
 
 /// An entry skipped instead of applied: what the dead-letter file records.
@@ -228,63 +234,15 @@ pub(crate) fn command_name(cmd: &Command) -> String {
     super::keyspace::upper(cmd.name())
 }
 
-/// Whose keys a command names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum KeyClass {
-    /// Data keys only (or no keys, or unknown to the command table).
-    Data,
-    /// Only ferry's own keys (`__ferry*`): left out.
-    Internal,
-    /// Both: applied without the internal keys where each key stands on
-    /// its own (`DEL`, `UNLINK`, `EXISTS`, `TOUCH`), refused otherwise (it
-    /// would write another sync's checkpoint or heartbeat).
-    Mixed,
-}
-
-/// Classifies `cmd` by the keys it names.
-pub(crate) fn classify(cmd: &Command) -> KeyClass {
-    match command::keys(cmd) {
-        Ok(keys) if keys.is_empty() => KeyClass::Data,
-        Ok(keys) => {
-            let internal = keys
-                .iter()
-                .filter(|k| k.starts_with(INTERNAL_PREFIX))
-                .count();
-            match internal {
-                0 => KeyClass::Data,
-                n if n == keys.len() => KeyClass::Internal,
-                _ => KeyClass::Mixed,
-            }
-        }
-        // Unknown to the command table: data, as far as we can tell.
-        Err(_) => KeyClass::Data,
-    }
-}
-
-/// Commands whose every argument after the name is a key of its own.
-const KEY_LIST_COMMANDS: [&str; 4] = ["DEL", "UNLINK", "EXISTS", "TOUCH"];
-
-/// `cmd` without its internal keys, for a [`KeyClass::Mixed`] command of
-/// [`KEY_LIST_COMMANDS`]; `None` for any other command.
-fn without_internal_keys(cmd: &Command) -> Option<Command> {
-    if !KEY_LIST_COMMANDS.iter().any(|name| cmd.is(name)) {
-        return None;
-    }
-    let mut args = Vec::with_capacity(cmd.args.len());
-    args.push(cmd.args.first()?.clone());
-    args.extend(
-        cmd.args[1..]
-            .iter()
-            .filter(|key| !key.starts_with(INTERNAL_PREFIX))
-            .cloned(),
-    );
-    Some(Command::new(args))
-}
-
-/// The source's commands of an entry starting in `db`, each in the db it
-/// ran in (its `SELECT`s consumed): what a refused entry's dead-letter
-/// record holds. `index[i]` is where command `i` went (`None`: a `SELECT`).
-fn placed_as_received(db: u32, commands: &[Command]) -> (Vec<(u32, Command)>, Vec<Option<usize>>) {
+/// The source's commands of an entry starting in `db`, each in the target
+/// db its source db maps to (the source's db when it maps nowhere; its
+/// `SELECT`s consumed): what a refused entry's dead-letter record holds.
+/// `index[i]` is where command `i` went (`None`: a `SELECT`).
+fn placed_as_received(
+    keyspace: &OwnedKeyspace,
+    db: u32,
+    commands: &[Command],
+) -> (Vec<(u32, Command)>, Vec<Option<usize>>) {
     let mut db = db;
     let mut placed = Vec::with_capacity(commands.len());
     let mut index = Vec::with_capacity(commands.len());
@@ -302,7 +260,7 @@ fn placed_as_received(db: u32, commands: &[Command]) -> (Vec<(u32, Command)>, Ve
             }
         }
         index.push(Some(placed.len()));
-        placed.push((db, cmd.clone()));
+        placed.push((keyspace.target_db(db).unwrap_or(db), cmd.clone()));
     }
     (placed, index)
 }
@@ -502,7 +460,8 @@ impl BatchBuilder {
                     };
                     match held.and_then(|hold| hold.skip.map(|by| (hold, by))) {
                         Some((hold, by)) => {
-                            let (commands, index) = placed_as_received(write.db, &write.commands);
+                            let (commands, index) =
+                                placed_as_received(&self.keyspace, write.db, &write.commands);
                             let mut streams = Vec::new();
                             for (at, places) in
                                 stream_places(log_id, &write).into_iter().enumerate()
@@ -545,7 +504,7 @@ impl BatchBuilder {
             bytes += size;
             let (db_of, transaction) = (write.db, write.transaction);
             let prepared = self.prepare(log_id, write, &classes);
-            batch.skipped += prepared.internal;
+            batch.skipped += prepared.left_out;
             // `check` translated the entries that can be refused.
             let Ok(translated) = prepared.translated else {
                 debug_assert!(false, "an entry refused after check passed");
@@ -646,7 +605,7 @@ impl BatchBuilder {
             Err((
                 name,
                 format!(
-                    "in a partition with a slot scope a flush is the deletion of the scope's keys,                      run outside the batch's MULTI; {what}"
+                    "in a partition with a slot scope a flush is the deletion of the scope's keys, run outside the batch's MULTI; {what}"
                 ),
             ))
         };
@@ -671,14 +630,11 @@ impl BatchBuilder {
                 }
             }
             dbs_at.push(db);
+            // Target dbs (the db map applied).
             covers.push(if cmd.is("FLUSHALL") {
-                Some(self.keyspace.owned_dbs(self.databases))
+                Some(self.keyspace.owned_target_dbs(self.databases))
             } else if cmd.is("FLUSHDB") {
-                Some(if self.keyspace.owns_db(db) {
-                    vec![db]
-                } else {
-                    vec![]
-                })
+                Some(self.keyspace.target_db(db).into_iter().collect())
             } else {
                 None
             });
@@ -704,11 +660,14 @@ impl BatchBuilder {
                 continue;
             }
             let at = dbs_at[index];
-            if cmd.is("SELECT") || !self.keyspace.owns_db(at) {
+            let Some(target_at) = self.keyspace.target_db(at) else {
+                continue;
+            };
+            if cmd.is("SELECT") {
                 continue;
             }
             let keyed = command::key_indices(cmd).is_ok_and(|keys| !keys.is_empty());
-            if !keyed || !covered.contains(&at) {
+            if !keyed || !covered.contains(&target_at) {
                 return refuse(
                     command_name(cmd),
                     format!(
@@ -744,25 +703,34 @@ impl BatchBuilder {
     /// the refused command's name and why; else the key class of each of
     /// its commands. Entries that can be refused (a `SELECT`, a command
     /// reaching across dbs, a db the target lacks, streamed arguments, a
-    /// command naming ferry's keys with others) are translated on a copy.
+    /// command naming keys this sync does not own with its own) are
+    /// translated on a copy.
     fn check(&self, log_id: LogId, write: &WriteRecord) -> Result<Vec<KeyClass>, (String, String)> {
-        let classes: Vec<KeyClass> = write.commands.iter().map(classify).collect();
+        let classes: Vec<KeyClass> = write
+            .commands
+            .iter()
+            .map(|cmd| self.keyspace.classify(cmd))
+            .collect();
         for (cmd, class) in write.commands.iter().zip(&classes) {
-            if *class == KeyClass::Mixed && without_internal_keys(cmd).is_none() {
-                return Err((
-                    command_name(cmd),
-                    format!(
-                        "it names ferry's own keys ({}*) together with data keys; applying it \
-                         could change another sync's checkpoint",
-                        String::from_utf8_lossy(INTERNAL_PREFIX)
-                    ),
-                ));
+            match class {
+                KeyClass::Mixed => {
+                    if let Err(why) = self.keyspace.resolve_mixed(cmd) {
+                        return Err((command_name(cmd), why));
+                    }
+                }
+                KeyClass::Unknown => {
+                    return Err((command_name(cmd), self.keyspace.unknown_keys_reason(cmd)))
+                }
+                _ => {}
             }
         }
         const ACROSS_DBS: [&str; 7] = [
             "SELECT", "FLUSHALL", "FLUSHDB", "SWAPDB", "MOVE", "COPY", "FUNCTION",
         ];
-        let may_refuse = write.db >= self.databases
+        let may_refuse = self
+            .keyspace
+            .target_db(write.db)
+            .is_some_and(|db| db >= self.databases)
             || !write.streamed.is_empty()
             || write
                 .commands
@@ -774,14 +742,15 @@ impl BatchBuilder {
         Ok(classes)
     }
 
-    /// Translates `write`'s commands for the target: internal keys left
-    /// out ([`KeyClass`]), the owned keyspace, the db range, streamed
-    /// arguments still in place.
+    /// Translates `write`'s commands for the target: keys this sync does
+    /// not own left out ([`KeyClass`]), the owned keyspace, the db range,
+    /// streamed arguments still in place.
     fn prepare(&self, log_id: LogId, write: WriteRecord, classes: &[KeyClass]) -> Prepared {
         // The places of its streamed arguments, by command: its fragments
         // are the entries right before it.
         let places = stream_places(log_id, &write);
-        let mut internal = 0;
+        let mut left_out = 0;
+        let mut refusal = None;
         let mut commands = Vec::with_capacity(write.commands.len());
         // Which of the write's commands each of `commands` is (only needed
         // to place streamed arguments).
@@ -789,31 +758,52 @@ impl BatchBuilder {
         for ((index, cmd), class) in write.commands.into_iter().enumerate().zip(classes) {
             let cmd = match class {
                 KeyClass::Data => cmd,
-                KeyClass::Internal => {
-                    internal += 1;
+                KeyClass::Internal | KeyClass::Outside => {
+                    left_out += 1;
                     continue;
                 }
-                KeyClass::Mixed => match without_internal_keys(&cmd) {
-                    Some(stripped) if stripped.args.len() > 1 => stripped,
-                    _ => {
-                        internal += 1;
+                // Dropping keys would move its streamed arguments.
+                KeyClass::Mixed if places.get(index).is_some_and(|p| !p.is_empty()) => {
+                    refusal = Some((
+                        command_name(&cmd),
+                        "a command with streamed arguments names keys this sync does not own"
+                            .to_string(),
+                    ));
+                    break;
+                }
+                KeyClass::Mixed => match self.keyspace.resolve_mixed(&cmd) {
+                    Ok(Some(resolved)) => resolved,
+                    Ok(None) => {
+                        left_out += 1;
                         continue;
                     }
+                    Err(why) => {
+                        refusal = Some((command_name(&cmd), why));
+                        break;
+                    }
                 },
+                KeyClass::Unknown => {
+                    refusal = Some((command_name(&cmd), self.keyspace.unknown_keys_reason(&cmd)));
+                    break;
+                }
             };
             commands.push(cmd);
             if !places.is_empty() {
                 kept.push(index);
             }
         }
-        let translated = if places.is_empty() {
-            self.keyspace.translate(write.db, commands, self.databases)
-        } else {
-            self.keyspace
+        let translated = match refusal {
+            Some(refusal) => Err(refusal),
+            None if places.is_empty() => self
+                .keyspace
+                .translate(write.db, commands, self.databases)
+                .map_err(|refusal| (refusal.command, refusal.reason)),
+            None => self
+                .keyspace
                 .translate_tracked(write.db, commands, self.databases)
+                .map_err(|refusal| (refusal.command, refusal.reason)),
         };
         let translated = translated
-            .map_err(|refusal| (refusal.command, refusal.reason))
             .and_then(
                 |translated| match self.db_out_of_range(&translated.commands) {
                     Some((command, why)) => Err((command, why)),
@@ -831,7 +821,7 @@ impl BatchBuilder {
             translated,
             kept,
             places,
-            internal,
+            left_out,
         }
     }
 
@@ -1645,5 +1635,147 @@ mod tests {
                 first_seq: 2,
             }]
         );
+    }
+
+    fn key_filtered(include: &[&str]) -> OwnedKeyspace {
+        crate::apply::FilterConfig {
+            key_prefix: Some(include.iter().map(|p| p.to_string()).collect()),
+            ..crate::apply::FilterConfig::default()
+        }
+        .keyspace()
+        .unwrap()
+    }
+
+    #[test]
+    fn keys_outside_the_key_filter_are_left_out_or_refused() {
+        let mut pending: VecDeque<Pending> = [
+            write(
+                1,
+                0,
+                &[&["SET", "app:a", "1"], &["SET", "other", "1"]],
+                true,
+            ),
+            write(2, 0, &[&["DEL", "app:a", "other", "app:b"]], false),
+            write(3, 0, &[&["MSET", "other", "1", "app:c", "2"]], false),
+            write(4, 0, &[&["RENAME", "app:c", "other"]], false),
+            write(5, 0, &[&["COPY", "app:a", "other"]], false),
+            write(6, 0, &[&["PUBLISH", "channel", "m"]], false),
+            write(7, 0, &[&["SUNIONSTORE", "app:d", "other"]], false),
+            write(8, 0, &[&["EVAL", "return 1", "1", "app:a"]], false),
+            write(9, 0, &[&["INCR", "app:n"]], false),
+        ]
+        .into();
+        let mut builder = builder(10);
+        builder.keyspace = key_filtered(&["app:"]);
+        let batch = builder.build(&mut pending, 0, None).unwrap();
+        assert_eq!(
+            shown(&batch),
+            [
+                "SET app:a 1",
+                "DEL app:a app:b",
+                "MSET app:c 2",
+                "DEL app:c",
+                "PUBLISH channel m",
+                "SET __ferry:checkpoint:d:0 v2 applied=6 epoch=0 log=00000000000000ab",
+            ]
+        );
+        // SET other, COPY out of the owned keys.
+        assert_eq!(batch.skipped, 2);
+        // A mixed command whose keys do not stand alone, then a script:
+        // each refused alone, nothing of it sent.
+        for name in ["SUNIONSTORE", "EVAL"] {
+            let refused = builder.build(&mut pending, 0, None).unwrap();
+            let why = refused.refused.clone().expect("refused");
+            assert_eq!(why.command, name);
+            assert_eq!(refused.first, refused.last);
+        }
+        let last = builder.build(&mut pending, 0, None).unwrap();
+        assert_eq!(shown(&last)[0], "INCR app:n");
+        // Without a key filter the same entries all go (scripts too).
+        let mut pending: VecDeque<Pending> = [
+            write(7, 0, &[&["SUNIONSTORE", "app:d", "other"]], false),
+            write(8, 0, &[&["EVAL", "return 1", "1", "app:a"]], false),
+        ]
+        .into();
+        let batch = self::builder(10).build(&mut pending, 0, None).unwrap();
+        assert_eq!(batch.refused, None);
+        assert_eq!(batch.last, LogId(8));
+    }
+
+    #[test]
+    fn a_mixed_command_with_streamed_arguments_is_refused() {
+        let record = Record::Write(WriteRecord {
+            db: 0,
+            commands: vec![Command::from_parts(["MSET", "other", "", "app:b", "x"])],
+            transaction: false,
+            streamed: vec![crate::record::StreamedArg {
+                command: 0,
+                arg: 2,
+                len: 10,
+                fragments: 1,
+            }],
+        });
+        let mut pending: VecDeque<Pending> = [
+            fragment(1, 0),
+            Pending {
+                log_id: LogId(2),
+                size: 100,
+                record,
+            },
+        ]
+        .into();
+        let mut builder = builder(10);
+        builder.keyspace = key_filtered(&["app:"]);
+        let batch = builder.build(&mut pending, 0, None).unwrap();
+        let refused = batch.refused.expect("refused");
+        assert_eq!(refused.command, "MSET");
+        assert!(refused.error.contains("streamed"), "{}", refused.error);
+        assert!(!batch.slots.iter().any(|s| matches!(s, Slot::Data { .. })));
+    }
+
+    #[test]
+    fn entries_follow_the_db_map() {
+        let mut pending: VecDeque<Pending> = [
+            write(1, 0, &[&["SET", "a", "1"]], false),
+            write(2, 1, &[&["SET", "b", "1"]], false),
+            write(
+                3,
+                5,
+                &[&["INCR", "c"], &["SELECT", "0"], &["DEL", "a"]],
+                true,
+            ),
+            write(4, 7, &[&["SET", "d", "1"]], false),
+        ]
+        .into();
+        let mut builder = builder(10);
+        builder.keyspace = OwnedKeyspace::mapped([(0, 3), (5, 6), (7, 40)]).unwrap();
+        let batch = builder.build(&mut pending, 0, None).unwrap();
+        assert_eq!(
+            shown(&batch),
+            [
+                "SELECT 3",
+                "SET a 1",
+                "SELECT 6",
+                "INCR c",
+                "SELECT 3",
+                "DEL a",
+                "SELECT 0",
+                "SET __ferry:checkpoint:d:0 v2 applied=3 epoch=0 log=00000000000000ab",
+            ]
+        );
+        assert_eq!(batch.skipped, 1, "db 1 is not replicated");
+        // Source db 7 maps to a db the target does not have: refused, and
+        // recorded (when skipped) in the db it maps to.
+        let refused = builder.build(&mut pending, 0, None).unwrap();
+        let why = refused.refused.clone().expect("refused");
+        assert!(why.error.contains("db 40 is out of range"), "{}", why.error);
+        let mut pending: VecDeque<Pending> = [write(4, 7, &[&["SET", "d", "1"]], false)].into();
+        let hold = Hold {
+            log_id: LogId(4),
+            skip: Some(SkippedBy::Operator),
+            refused: why,
+        };
+        let skipped = builder.build(&mut pending, 0, Some(&hold)).unwrap();
+        assert_eq!(skipped.skip.expect("skip").commands[0].0, 40);
     }
 }

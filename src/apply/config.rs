@@ -276,11 +276,11 @@ impl ApplyConfig {
         }
     }
 
-    /// The keyspace this sync owns on the target (`filter.dbs`).
+    /// The keyspace this sync owns on the target (`[filter]`).
     pub fn keyspace(&self) -> Result<OwnedKeyspace, ApplyConfigError> {
-        self.filter.keyspace().map_err(|reason| ApplyConfigError {
-            field: "filter.dbs",
-            reason,
+        self.filter.keyspace().map_err(|error| ApplyConfigError {
+            field: error.field,
+            reason: error.reason,
         })
     }
 

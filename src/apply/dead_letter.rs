@@ -22,7 +22,11 @@
 //! [EXEC]
 //! ```
 //!
-//! `db` in the header is the db the source ran the entry in.
+//! `db` in the header is the db the source ran the entry in. An entry the
+//! applier refused itself (it could not be translated for the owned
+//! keyspace) is recorded as the source sent it, each command in the target
+//! db its source db maps to (`[filter] db-map`; the source's db when it maps
+//! nowhere).
 //!
 //! The header is an `ECHO` so that a replay just prints it back; `bytes` is
 //! the length of the rest of the record (from `SELECT` on), which is how a

@@ -193,16 +193,19 @@
 //!
 //! A [`crate::record::Record::Snapshot`] marker at log id `M` means "the
 //! state at `M` is the RDB of epoch `E`" (relay conventions 3 and 4, docs/ARCHITECTURE.md). The
-//! applier waits for the batches before it, then in one transaction empties
-//! the dbs this sync owns, keeping ferry's own keys ([`keyspace`]; on the
-//! first load into the target, `existing-data` decides what happens to keys
-//! already there), and writes the checkpoint `loading=M` (a sync that owns
-//! every db also flushes functions, on 7.0+); it then streams the
+//! applier waits for the batches before it, then in one transaction deletes
+//! the keys this sync owns in the dbs it owns, keeping ferry's own keys and
+//! every key outside its key filter ([`keyspace`]; on the first load into
+//! the target, `existing-data` decides what happens to keys already there),
+//! and writes the checkpoint `loading=M` (a sync that owns the whole target
+//! also flushes functions, on 7.0+); it then streams the
 //! RDB from the WAL's snapshot chunks through the parser and a
 //! [`crate::redis::rdb::rebuild::Rebuilder`] (strings by `SET`/`MSET`, other
 //! keys by `RESTORE … REPLACE` where the target accepts it), pipelined with
 //! writes and reply reads overlapping (`snapshot.rs` has the details),
-//! skipping internal keys and dbs not owned, and finally writes
+//! skipping internal keys, keys outside the key filter and source dbs not
+//! replicated (the others go to the target db theirs maps to), and finally
+//! writes
 //! `applied=M epoch=E`. A crash during the load finds `loading=M` and loads
 //! again from the flush. When the entries after the checkpoint were trimmed
 //! from the WAL and the first entry still stored is a snapshot marker, the
@@ -395,13 +398,14 @@ pub enum ApplyError {
     },
     #[error("applier task failed: {0}")]
     Task(String),
-    /// The first full sync into this target found keys in the dbs this sync
-    /// owns (of the partition's hash slots, when its snapshot has a slot
-    /// scope), and `existing-data = "refuse"`: nothing was written.
+    /// The first full sync into this target found keys this sync owns in
+    /// the dbs it owns (of the partition's hash slots, when its snapshot has
+    /// a slot scope), and `existing-data = "refuse"`: nothing was written.
     #[error(
         "partition {partition}: the target already holds keys in the dbs this sync owns ({}{}); \
          nothing was written. Choose existing-data = \"keep\" (load over them, keep the others) \
-         or \"flush\" (delete them first), or empty those dbs, or own other dbs ([filter] dbs)",
+         or \"flush\" (delete them first), or empty those dbs, or own other dbs or keys \
+         ([filter] dbs, db-map, key-prefix)",
         .dbs.iter().map(|(db, keys)| format!("db {db}: {keys} keys")).collect::<Vec<_>>().join(", "),
         .slots.as_ref().map(|slots| format!(" in hash slots {slots}")).unwrap_or_default()
     )]
@@ -1344,7 +1348,7 @@ impl Applier {
         for &db in &batch.scope_delete {
             let done = tokio::select! {
                 _ = self.shutdown.cancelled() => return Ok(false),
-                done = scope::delete_scope(&mut target.client, db, &scope, conn) => done?,
+                done = scope::delete_scope(&mut target.client, db, &scope, &self.keyspace, conn) => done?,
             };
             total.scanned += done.scanned;
             total.deleted += done.deleted;

@@ -42,6 +42,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use super::keyspace::OwnedKeyspace;
 use super::ApplyError;
 use crate::position::PartitionId;
 use crate::record::INTERNAL_PREFIX;
@@ -220,8 +221,9 @@ async fn scan_db(
     Ok(scanned)
 }
 
-/// Deletes every key of `db` whose hash slot is in `scope`, keeping
-/// `__ferry*` keys, in steps of one `SCAN … COUNT` [`SCAN_COUNT`] and one
+/// Deletes every key of `db` whose hash slot is in `scope` and that
+/// `keyspace`'s key filter owns (`db` is a target db), keeping `__ferry*`
+/// keys, in steps of one `SCAN … COUNT` [`SCAN_COUNT`] and one
 /// `UNLINK` of at most [`SCAN_COUNT`] keys (not atomic: see the module
 /// doc). The connection must be in db 0 with no reply pending (outside
 /// `MULTI`); it is left so.
@@ -229,13 +231,17 @@ pub async fn delete_scope(
     client: &mut Client,
     db: u32,
     scope: &SlotRanges,
+    keyspace: &OwnedKeyspace,
     conn: ScopeConn,
 ) -> Result<ScopeDeletion, ApplyError> {
     let mut deleted = 0u64;
     let name: &'static [u8] = if conn.unlink { b"UNLINK" } else { b"DEL" };
     let step = |client: &mut Client, keys: Vec<Bytes>| {
         let mut queued = 0;
-        let ours: Vec<Bytes> = keys.into_iter().filter(|k| in_scope(scope, k)).collect();
+        let ours: Vec<Bytes> = keys
+            .into_iter()
+            .filter(|k| in_scope(scope, k) && keyspace.owns_key(k))
+            .collect();
         for batch in ours.chunks(SCAN_COUNT) {
             let mut args = Vec::with_capacity(batch.len() + 1);
             args.push(Bytes::from_static(name));
@@ -262,19 +268,23 @@ pub async fn delete_scope(
     Ok(ScopeDeletion { scanned, deleted })
 }
 
-/// The number of keys of `db` whose hash slot is in `scope`, `__ferry*`
-/// keys excepted (a `SCAN` of the whole db; not a snapshot: see the module
+/// The number of keys of `db` whose hash slot is in `scope` and that
+/// `keyspace`'s key filter owns, `__ferry*` keys excepted (a `SCAN` of the whole db; not a snapshot: see the module
 /// doc). The connection must be in db 0 with no reply pending; it is left
 /// so.
 pub async fn count_scope(
     client: &mut Client,
     db: u32,
     scope: &SlotRanges,
+    keyspace: &OwnedKeyspace,
     conn: ScopeConn,
 ) -> Result<u64, ApplyError> {
     let mut count = 0u64;
     let step = |_: &mut Client, keys: Vec<Bytes>| {
-        count += keys.iter().filter(|k| in_scope(scope, k)).count() as u64;
+        count += keys
+            .iter()
+            .filter(|k| in_scope(scope, k) && keyspace.owns_key(k))
+            .count() as u64;
         0
     };
     scan_db(client, db, conn, step, |_| Ok(())).await?;

@@ -174,7 +174,8 @@ struct ProducerConfig {
     rebuild: RebuildOptions,
     /// The target's `databases`: keys of higher dbs are not sent.
     databases: u32,
-    /// Keys of dbs this sync does not own are not sent.
+    /// Keys this sync does not own are not sent; the others go to the
+    /// target db their source db maps to.
     keyspace: OwnedKeyspace,
     /// Added to every key's deadline before it is rebuilt.
     expire_grace: ExpireGrace,
@@ -271,7 +272,8 @@ fn produce_windows(
         let end = matches!(event, RdbEvent::End { .. });
         match &event {
             RdbEvent::KeyStart(header)
-                if header.key.starts_with(INTERNAL_PREFIX) || !cfg.keyspace.owns_db(header.db) =>
+                if header.key.starts_with(INTERNAL_PREFIX)
+                    || !cfg.keyspace.replicates(header.db, &header.key) =>
             {
                 skipping = true;
                 continue;
@@ -288,7 +290,12 @@ fn produce_windows(
             .map_err(|error| error.to_string())?;
         for output in outputs.drain(..) {
             let (cmd_db, cmd) = match output {
-                Output::Command { db, cmd } => (Some(db), cmd),
+                // Into the target db its source db maps to (keys of other
+                // dbs were skipped above).
+                Output::Command { db, cmd } => match cfg.keyspace.target_db(db) {
+                    Some(target) => (Some(target), cmd),
+                    None => continue,
+                },
                 Output::Global { cmd } => (None, cmd),
                 Output::Warning { db, key, what } => {
                     warn!(
@@ -407,13 +414,14 @@ fn client_error(error: ClientError, reply_timeout: Duration) -> ApplyError {
 
 impl Applier {
     /// Starts the load of `marker` (at `log_id`) in one transaction: the
-    /// owned dbs are emptied (internal keys kept) unless `existing-data =
-    /// "keep"`, and the checkpoint says `loading=M`. On the first load into
-    /// this target (no checkpoint of this sync was there) with
-    /// `existing-data = "refuse"`, owned dbs that hold keys refuse it before
-    /// anything changes ([`ApplyError::ExistingData`]). Functions are
-    /// server-wide: only a sync that owns every db flushes them (after the
-    /// transaction; a crash in between loads again from the flush).
+    /// owned keys of the owned dbs are deleted (internal keys kept) unless
+    /// `existing-data = "keep"`, and the checkpoint says `loading=M`. On the
+    /// first load into this target (no checkpoint of this sync was there)
+    /// with `existing-data = "refuse"`, owned dbs that hold owned keys
+    /// refuse it before anything changes ([`ApplyError::ExistingData`]).
+    /// Functions are server-wide: only a sync that owns the whole target
+    /// (every db, no key filter) flushes them (after the transaction; a
+    /// crash in between loads again from the flush).
     async fn start_load(
         &mut self,
         target: &mut Target,
@@ -510,7 +518,7 @@ impl Applier {
         }
         self.first_load = false;
         self.scope = None;
-        if flush && caps.at_least(7, 0) && self.keyspace.owns_every_db(target.databases) {
+        if flush && caps.at_least(7, 0) && self.keyspace.owns_whole_target(target.databases) {
             // A refused FUNCTION FLUSH (functions disabled on a managed
             // target) only leaves functions.
             if let Err(error) = target.call(&["FUNCTION", "FLUSH"]).await {
@@ -554,7 +562,7 @@ impl Applier {
             reply_timeout: target.reply_timeout,
             unlink: caps.at_least(4, 0),
         };
-        let owned = self.keyspace.owned_dbs(target.databases);
+        let owned = self.keyspace.owned_target_dbs(target.databases);
         info!(
             partition = %self.partition,
             marker = %log_id,
@@ -574,7 +582,7 @@ impl Applier {
             for &db in &owned {
                 let count = tokio::select! {
                     _ = self.shutdown.cancelled() => return Ok(false),
-                    count = scope::count_scope(&mut target.client, db, &scope, conn) => count?,
+                    count = scope::count_scope(&mut target.client, db, &scope, &self.keyspace, conn) => count?,
                 };
                 if count > 0 {
                     busy.push((db, count));
@@ -644,7 +652,7 @@ impl Applier {
         for &db in &owned {
             let done = tokio::select! {
                 _ = self.shutdown.cancelled() => return Ok(false),
-                done = scope::delete_scope(&mut target.client, db, &scope, conn) => done?,
+                done = scope::delete_scope(&mut target.client, db, &scope, &self.keyspace, conn) => done?,
             };
             total.scanned += done.scanned;
             total.deleted += done.deleted;

@@ -23,6 +23,8 @@
 //!   [--mode full|outline] [--passes N] [--qps N] [--json]`: compare two
 //!   servers key by key ([`verify`]; exit code 1 on a difference, 2 on an
 //!   error).
+//! - `sync`, `precheck` and `verify` take a sync's keyspace ([`FilterArgs`]:
+//!   `--db-map S=T,…`, `--key-prefix P`, `--exclude-key-prefix P`).
 
 pub mod fetch;
 pub mod node;
@@ -31,9 +33,12 @@ pub mod rdb;
 pub mod status;
 pub mod verify;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::apply::FilterConfig;
 
 use crate::secret::{url_from_flags, SecretUrl};
 
@@ -149,6 +154,42 @@ pub enum RdbCommand {
         #[arg(long, default_value_t = 1000)]
         chunk_items: usize,
     },
+}
+
+/// The `[filter]` flags beyond `--dbs`, shared by `ferry sync`, `ferry
+/// precheck` and `ferry verify` (a verify of one sync's keyspace takes the
+/// same values as the sync).
+#[derive(Debug, Clone, Default, PartialEq, Eq, clap::Args)]
+pub struct FilterArgs {
+    /// Source db to target db, e.g. `0=3,5=6`: only these source dbs, each
+    /// into its target db ([filter] db-map; not with --dbs; two source dbs
+    /// into one target db are refused). `verify` compares each source db
+    /// with its target db.
+    #[arg(long, value_name = "SRC=DST,...", value_parser = crate::apply::keyspace::parse_db_map)]
+    pub db_map: Option<BTreeMap<String, u32>>,
+    /// Only keys starting with PREFIX are replicated and owned (repeatable;
+    /// [filter] key-prefix): other keys are never written, flushed or
+    /// compared.
+    #[arg(long = "key-prefix", value_name = "PREFIX")]
+    pub key_prefix: Vec<String>,
+    /// Keys starting with PREFIX are neither replicated nor owned
+    /// (repeatable; [filter] exclude-key-prefix).
+    #[arg(long = "exclude-key-prefix", value_name = "PREFIX")]
+    pub exclude_key_prefix: Vec<String>,
+}
+
+impl FilterArgs {
+    /// The flags as a `[filter]` (with `--dbs`, where the verb has it), to
+    /// lay over a file's with [`FilterConfig::overridden_by`].
+    pub fn to_config(&self, dbs: Option<Vec<u32>>) -> FilterConfig {
+        let list = |prefixes: &Vec<String>| (!prefixes.is_empty()).then(|| prefixes.clone());
+        FilterConfig {
+            dbs,
+            db_map: self.db_map.clone(),
+            key_prefix: list(&self.key_prefix),
+            exclude_key_prefix: list(&self.exclude_key_prefix),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -31,9 +31,12 @@ pub enum NodeCommandError {
 /// `ferry sync` flags.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SyncArgs {
-    /// The source Redis: `redis://[user[:password]@]host:port`. A password
-    /// here is visible in `ps`: prefer --source-password-file or the
-    /// FERRY_SOURCE_PASSWORD environment variable.
+    /// The source Redis: `redis://[user[:password]@]host:port`. A Redis
+    /// Cluster is detected: any node of it, or a comma-separated seed list
+    /// (`redis://host:7000,host:7001`), and each shard is replicated into a
+    /// partition of its own. A password here is visible in `ps`: prefer
+    /// --source-password-file or the FERRY_SOURCE_PASSWORD environment
+    /// variable.
     #[arg(long)]
     pub source: Option<SecretUrl>,
     /// The target Redis: `redis://[user[:password]@]host:port` (see
@@ -69,6 +72,10 @@ pub struct SyncArgs {
     /// flushed.
     #[arg(long, value_delimiter = ',')]
     pub dbs: Option<Vec<u32>>,
+    /// Which source dbs go into which target dbs, and which keys this sync
+    /// owns: nothing else on the target is ever written or flushed.
+    #[command(flatten)]
+    pub filter: super::FilterArgs,
     /// When the owned dbs of the target already hold keys at the first
     /// full sync: `refuse` (default; names the dbs and key counts), `keep`
     /// (load over them, keep the others), `flush` (delete them first).
@@ -117,7 +124,7 @@ pub fn sync(args: SyncArgs) -> Result<(), NodeCommandError> {
             admin: args.admin,
             id: args.id,
             wal_ttl: args.wal_ttl,
-            dbs: args.dbs,
+            filter: args.filter.to_config(args.dbs),
             existing_data: args.existing_data,
         },
     )?;

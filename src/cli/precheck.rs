@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use clap::Args;
 
-use crate::apply::{ExistingData, FilterConfig};
+use crate::apply::keyspace::FilterError;
+use crate::apply::ExistingData;
 use crate::config_units::HumanDuration;
 use crate::precheck::{self, PrecheckConfig, Report};
 use crate::secret::{url_from_flags, FlagUrlError, SecretUrl};
@@ -34,6 +35,9 @@ pub struct PrecheckArgs {
     /// db).
     #[arg(long, value_delimiter = ',')]
     pub dbs: Option<Vec<u32>>,
+    /// The source dbs and keys the sync will own (as `ferry sync`).
+    #[command(flatten)]
+    pub filter: super::FilterArgs,
     /// What the sync will do with keys already in the owned dbs:
     /// `refuse` (default: FAIL if there are any), `keep`, `flush`.
     #[arg(long, value_name = "refuse|keep|flush", default_value = "refuse")]
@@ -57,8 +61,8 @@ pub struct PrecheckArgs {
 pub enum PrecheckCommandError {
     #[error(transparent)]
     Url(#[from] FlagUrlError),
-    #[error("invalid --dbs: {0}")]
-    Dbs(String),
+    #[error("{0}")]
+    Filter(FilterError),
     #[error("cannot start the async runtime: {0}")]
     Runtime(#[source] std::io::Error),
     /// At least one check failed (the report was printed).
@@ -80,11 +84,11 @@ pub fn precheck(args: &PrecheckArgs) -> Result<(), PrecheckCommandError> {
             args.target_password_file.as_deref(),
         )?),
     );
-    cfg.keyspace = FilterConfig {
-        dbs: args.dbs.clone(),
-    }
-    .keyspace()
-    .map_err(PrecheckCommandError::Dbs)?;
+    cfg.keyspace = args
+        .filter
+        .to_config(args.dbs.clone())
+        .keyspace()
+        .map_err(PrecheckCommandError::Filter)?;
     cfg.existing_data = args.existing_data;
     cfg.outage = args.outage.0;
     cfg.id = args.id.clone();

@@ -306,6 +306,8 @@ fn render_listeners(out: &mut String, listeners: &[ListenerSide], style: RenderS
     }
     let mut rows = Vec::new();
     let mut errors = Vec::new();
+    // A cluster source: each partition is a shard, shown next to its state.
+    let sharded = listeners.iter().any(|side| side.shard.is_some());
     for side in listeners {
         let part = side.partition;
         let mut line = format!(
@@ -314,6 +316,18 @@ fn render_listeners(out: &mut String, listeners: &[ListenerSide], style: RenderS
             clean(&side.source),
             clean(&side.source_state)
         );
+        if let Some(shard) = &side.shard {
+            if shard.slot_count == 0 {
+                let _ = write!(line, ", shard idle (no slots)");
+            } else {
+                let _ = write!(
+                    line,
+                    ", shard slots {} ({} slots)",
+                    clean(&shard.slots),
+                    shard.slot_count
+                );
+            }
+        }
         if let Some(replid) = &side.replid {
             let _ = write!(line, ", replid {}", clean(replid));
         }
@@ -349,8 +363,20 @@ fn render_listeners(out: &mut String, listeners: &[ListenerSide], style: RenderS
             errors.push(format!("  part {part}: source error: {}", clean(error)));
         }
         for ship in &side.shipping {
-            rows.push(vec![
-                part.to_string(),
+            let mut row = vec![part.to_string()];
+            if sharded {
+                let (source, slots) = match &side.shard {
+                    Some(shard) if shard.slot_count == 0 => (clean(&side.source), "idle".into()),
+                    Some(shard) => (
+                        clean(&side.source),
+                        format!("{} ({})", clean(&shard.slots), shard.slot_count),
+                    ),
+                    None => (clean(&side.source), String::new()),
+                };
+                row.push(source);
+                row.push(slots);
+            }
+            row.extend([
                 clean(&ship.drainer_id),
                 clean(&ship.state),
                 ship.lag.to_string(),
@@ -358,6 +384,7 @@ fn render_listeners(out: &mut String, listeners: &[ListenerSide], style: RenderS
                 ship.acked.to_string(),
                 ship.fallback_snapshots.to_string(),
             ]);
+            rows.push(row);
             if let Some(error) = &ship.last_error {
                 errors.push(format!(
                     "  part {part} → {} ({}): last error: {}",
@@ -371,19 +398,19 @@ fn render_listeners(out: &mut String, listeners: &[ListenerSide], style: RenderS
     if rows.is_empty() {
         out.push_str("  (no drainer configured)\n");
     } else {
-        table(
-            out,
-            &[
-                "PartId",
-                "Drainer",
-                "Sync Status",
-                "LogId Lag",
-                "Time Latency (ms)",
-                "Acked",
-                "Fallback Snapshots",
-            ],
-            &rows,
-        );
+        let mut headers = vec!["PartId"];
+        if sharded {
+            headers.extend(["Source Shard", "Slots"]);
+        }
+        headers.extend([
+            "Drainer",
+            "Sync Status",
+            "LogId Lag",
+            "Time Latency (ms)",
+            "Acked",
+            "Fallback Snapshots",
+        ]);
+        table(out, &headers, &rows);
     }
     for error in errors {
         out.push_str(&error);
@@ -549,6 +576,7 @@ mod tests {
                 listener_id: "l1".into(),
                 partition: 0,
                 source: "127.0.0.1:6379".into(),
+                shard: None,
                 source_state: "ONLINE".into(),
                 source_error: None,
                 replid: Some("5f1c0e3b9d2a47e8a1b6c0d9e8f7a6b5c4d3e2f1".into()),
@@ -747,6 +775,61 @@ Drainer → target
             render_status(&status, NOW, RenderStyle::default()),
             expected
         );
+    }
+
+    #[test]
+    fn renders_a_row_per_source_shard() {
+        let mut status = online();
+        let mut second = status.listeners[0].clone();
+        status.listeners[0].shard = Some(crate::status::SourceShard {
+            master_id: "a".repeat(40),
+            slots: "0-5460".into(),
+            slot_count: 5461,
+        });
+        second.partition = 1;
+        second.source = "127.0.0.1:30002".into();
+        second.shard = Some(crate::status::SourceShard {
+            master_id: String::new(),
+            slots: String::new(),
+            slot_count: 0,
+        });
+        status.listeners.push(second);
+        let text = render_status(&status, NOW, RenderStyle::default());
+        assert!(
+            text.contains("part 0 (listener l1): source 127.0.0.1:6379 ONLINE, shard slots 0-5460 (5461 slots), replid"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "part 1 (listener l1): source 127.0.0.1:30002 ONLINE, shard idle (no slots)"
+            ),
+            "{text}"
+        );
+        let header = text
+            .lines()
+            .find(|line| line.contains("PartId") && line.contains("Drainer"))
+            .expect("a table");
+        assert!(
+            header.contains("Source Shard") && header.contains("Slots"),
+            "{text}"
+        );
+        let row = |part: &str| {
+            text.lines()
+                .find(|line| line.starts_with(&format!("| {part}")) && line.contains("d1"))
+                .unwrap_or_else(|| panic!("no row {part}: {text}"))
+                .to_string()
+        };
+        assert!(
+            row("0 ").contains("127.0.0.1:6379") && row("0 ").contains("0-5460 (5461)"),
+            "{text}"
+        );
+        assert!(
+            row("1 ").contains("127.0.0.1:30002") && row("1 ").contains("idle"),
+            "{text}"
+        );
+        let json = serde_json::to_value(&status).unwrap();
+        assert_eq!(json["listeners"][0]["shard"]["slot_count"], 5461);
+        assert_eq!(json["listeners"][1]["shard"]["slots"], "");
     }
 
     #[test]

@@ -15,11 +15,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use clap::Args;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::apply::expire::DEFAULT_EXPIRE_GRACE;
+use crate::apply::keyspace::FilterError;
 use crate::config_units::HumanDuration;
-use crate::secret::{url_from_flags, FlagUrlError, SecretUrl};
+use crate::redis::cluster::parse_seed_list;
+use crate::redis::url::RedisUrl;
+use crate::secret::{url_from_flags, FlagUrlError, SecretError, SecretUrl};
 use crate::verify::{self, Mode, VerifyConfig, VerifyError};
 
 /// `ferry verify` arguments.
@@ -27,11 +30,14 @@ use crate::verify::{self, Mode, VerifyConfig, VerifyError};
 pub struct VerifyArgs {
     /// The reference server: `redis://[user[:password]@]host:port` (a
     /// password here shows in `ps`: prefer --source-password-file or
-    /// FERRY_SOURCE_PASSWORD).
+    /// FERRY_SOURCE_PASSWORD). A Redis Cluster is found out by itself: give
+    /// any node, or a comma-separated seed list (`redis://a:7000,b:7001`,
+    /// the others taking the first one's credentials); every master is
+    /// scanned and each key read from the master serving its slot.
     #[arg(long)]
     pub source: SecretUrl,
-    /// The server checked against it (see --target-password-file,
-    /// FERRY_TARGET_PASSWORD).
+    /// The server checked against it, standalone or a cluster like
+    /// --source (see --target-password-file, FERRY_TARGET_PASSWORD).
     #[arg(long)]
     pub target: SecretUrl,
     /// A file holding the source's password.
@@ -40,12 +46,18 @@ pub struct VerifyArgs {
     /// A file holding the target's password.
     #[arg(long, value_name = "FILE")]
     pub target_password_file: Option<PathBuf>,
-    /// A db to compare (repeatable) [default: every db holding keys on either side].
+    /// A db to compare (repeatable) [default: every db holding keys on
+    /// either side]. A cluster has db 0 only.
     #[arg(long = "db", value_name = "N")]
     pub dbs: Vec<u32>,
     /// Only keys matching this SCAN MATCH pattern.
     #[arg(long = "match", value_name = "PATTERN")]
     pub pattern: Option<String>,
+    /// One sync's keyspace: the same --db-map, --key-prefix and
+    /// --exclude-key-prefix as the sync (its other keys on a shared target
+    /// are not extra).
+    #[command(flatten)]
+    pub filter: super::FilterArgs,
     /// full: values too; outline: existence, type, TTL and lengths.
     #[arg(long, value_enum, default_value_t = Mode::Full)]
     pub mode: Mode,
@@ -78,11 +90,21 @@ pub struct VerifyArgs {
 }
 
 impl VerifyArgs {
-    pub fn config(&self) -> Result<VerifyConfig, FlagUrlError> {
-        let mut config = VerifyConfig::new(
-            url_from_flags("source", &self.source, self.source_password_file.as_deref())?,
-            url_from_flags("target", &self.target, self.target_password_file.as_deref())?,
-        );
+    pub fn config(&self) -> Result<VerifyConfig, VerifyCommandError> {
+        let (source, source_seeds) =
+            seeds_from_flags("source", &self.source, self.source_password_file.as_deref())?;
+        let (target, target_seeds) =
+            seeds_from_flags("target", &self.target, self.target_password_file.as_deref())?;
+        let mut config = VerifyConfig::new(source, target);
+        config.source_seeds = source_seeds;
+        config.target_seeds = target_seeds;
+        let keyspace = self
+            .filter
+            .to_config(None)
+            .keyspace()
+            .map_err(VerifyCommandError::Filter)?;
+        config.db_map = keyspace.db_map().unwrap_or_default();
+        config.key_filter = keyspace.key_filter().cloned();
         config.dbs = self.dbs.clone();
         config.pattern = self.pattern.clone().map(Bytes::from);
         config.mode = self.mode;
@@ -97,6 +119,52 @@ impl VerifyArgs {
     }
 }
 
+/// The address of `--source` or `--target` (`which`): one address, or a
+/// cluster's comma-separated seed list, whose first address takes its
+/// password as [`url_from_flags`] says and whose other addresses without
+/// credentials take the first one's ([`parse_seed_list`]). Returns the first
+/// address and the others.
+fn seeds_from_flags(
+    which: &'static str,
+    text: &SecretUrl,
+    password_file: Option<&Path>,
+) -> Result<(RedisUrl, Vec<RedisUrl>), FlagUrlError> {
+    let Some((first_text, rest)) = text.split_once(',') else {
+        return Ok((url_from_flags(which, text, password_file)?, Vec::new()));
+    };
+    let first = url_from_flags(which, &SecretUrl::new(first_text.trim()), password_file)?;
+    let as_given = RedisUrl::parse(first_text.trim()).map_err(|e| FlagUrlError {
+        which,
+        error: SecretError::Url(e),
+    })?;
+    let mut others = Vec::new();
+    for mut seed in parse_seed_list(&format!("{first_text},{rest}"))
+        .map_err(|e| FlagUrlError {
+            which,
+            error: SecretError::Url(e),
+        })?
+        .into_iter()
+        .skip(1)
+    {
+        // Inherited from the address as written: take the credentials the
+        // first one ended up with (its password may come from a file).
+        if seed.user == as_given.user && seed.password == as_given.password {
+            seed.user = first.user.clone();
+            seed.password = first.password.clone();
+        }
+        if seed.user.is_some() && seed.password.is_none() {
+            return Err(FlagUrlError {
+                which,
+                error: SecretError::UserWithoutPassword {
+                    url: format!("redis://***@{}", seed.addr()),
+                },
+            });
+        }
+        others.push(seed);
+    }
+    Ok((first, others))
+}
+
 /// Why `ferry verify` did not end with "equal".
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyCommandError {
@@ -104,6 +172,8 @@ pub enum VerifyCommandError {
     Differences { keys: u64 },
     #[error(transparent)]
     Url(#[from] FlagUrlError),
+    #[error("{0}")]
+    Filter(FilterError),
     #[error(transparent)]
     Verify(#[from] VerifyError),
     #[error("cannot write to stdout: {0}")]
@@ -228,6 +298,97 @@ mod tests {
     }
 
     #[test]
+    fn a_syncs_filter_narrows_the_comparison() {
+        let args = parse(&[
+            "--source",
+            "a:1",
+            "--target",
+            "b:2",
+            "--db-map",
+            "0=3,5=6",
+            "--key-prefix",
+            "app:",
+            "--key-prefix",
+            "web:",
+            "--exclude-key-prefix",
+            "app:tmp:",
+        ])
+        .unwrap();
+        let config = args.config().unwrap();
+        assert_eq!(config.db_map, [(0, 3), (5, 6)]);
+        let filter = config.key_filter.expect("a key filter");
+        assert!(filter.owns(b"web:1") && !filter.owns(b"app:tmp:1") && !filter.owns(b"x"));
+        let clash = parse(&["--source", "a:1", "--target", "b:2", "--db-map", "0=1,2=1"])
+            .unwrap()
+            .config()
+            .unwrap_err();
+        assert!(clash.to_string().contains("filter.db-map"), "{clash}");
+        assert_eq!(clash.exit_code(), 2);
+        assert!(parse(&["--source", "a:1", "--target", "b:2", "--db-map", "x"]).is_err());
+    }
+
+    #[test]
+    fn a_seed_list_shares_the_first_addresss_credentials() {
+        let args = parse(&[
+            "--source",
+            "redis://:pw@10.0.0.1:7000, 10.0.0.2:7001,redis://other:secret@10.0.0.3:7002",
+            "--target",
+            "127.0.0.1:7001",
+        ])
+        .unwrap();
+        let config = args.config().unwrap();
+        assert_eq!(config.source.addr(), "10.0.0.1:7000");
+        let seeds: Vec<(String, Option<&str>)> = config
+            .source_seeds
+            .iter()
+            .map(|u| (u.addr(), u.password.as_deref()))
+            .collect();
+        assert_eq!(
+            seeds,
+            [
+                ("10.0.0.2:7001".to_string(), Some("pw")),
+                ("10.0.0.3:7002".to_string(), Some("secret"))
+            ]
+        );
+        assert!(config.target_seeds.is_empty());
+        assert_eq!(
+            config.describe(crate::verify::Side::Source),
+            "redis://:***@10.0.0.1:7000,10.0.0.2:7001,10.0.0.3:7002"
+        );
+
+        // The first address's password from a file goes to the others too.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "from-file\n").unwrap();
+        let args = parse(&[
+            "--source",
+            "a:1",
+            "--target",
+            "redis://10.0.0.1:7000,10.0.0.2:7001",
+            "--target-password-file",
+            file.to_str().unwrap(),
+        ])
+        .unwrap();
+        let config = args.config().unwrap();
+        assert_eq!(config.target.password.as_deref(), Some("from-file"));
+        assert_eq!(
+            config.target_seeds[0].password.as_deref(),
+            Some("from-file")
+        );
+
+        for bad in [
+            "redis://a:1,http://b:2",
+            "redis://a:1,b:x",
+            "redis://:pw@a:1,app@b:2",
+        ] {
+            let args = parse(&["--source", bad, "--target", "b:2"]).unwrap();
+            let error = args.config().unwrap_err();
+            assert!(error.to_string().starts_with("--source"), "{bad}: {error}");
+            assert!(!error.to_string().contains("pw"), "{error}");
+        }
+    }
+
+    #[test]
     fn refuses_bad_flags() {
         assert!(parse(&["--source", "a:1"]).is_err());
         assert!(parse(&["--source", "a:1", "--target", "b:2", "--passes", "0"]).is_err());
@@ -237,9 +398,6 @@ mod tests {
         let bad_url = parse(&["--source", "http://a:1", "--target", "b:2"]).unwrap();
         assert!(bad_url.config().is_err());
         assert_eq!(VerifyCommandError::Differences { keys: 1 }.exit_code(), 1);
-        assert_eq!(
-            VerifyCommandError::Url(bad_url.config().unwrap_err()).exit_code(),
-            2
-        );
+        assert_eq!(bad_url.config().unwrap_err().exit_code(), 2);
     }
 }

@@ -48,6 +48,10 @@ pub struct ListenerConfig {
     /// heartbeat key is `__ferry:heartbeat:<id>`. Default: `"listener"`.
     pub id: String,
     /// The source Redis, `redis://[user[:password]@]host:port`. Required.
+    /// A Redis Cluster (`cluster_enabled:1`) is detected: then any node of
+    /// it, or a comma-separated seed list of its nodes (the first address
+    /// in full, the others `host:port`, taking its credentials), and each
+    /// shard is replicated into a partition of its own.
     pub source: SecretUrl,
     /// A file holding the source's password (its content, one trailing
     /// newline dropped), instead of writing it in `source`. Default: none.
@@ -59,7 +63,9 @@ pub struct ListenerConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source_password_env: Option<String>,
     /// The WAL partition this source is stored in (a standalone Redis is
-    /// partition 0). Default: `0`.
+    /// partition 0). Must stay `0` for a cluster source, whose shards get
+    /// their partitions by themselves (stable across restarts and
+    /// failovers, kept in `<data-dir>/cluster-shards`). Default: `0`.
     pub partition: u32,
     /// How often the heartbeat key is written to the source; `"0s"` turns
     /// the heartbeat off. Default: `"1s"`.
@@ -162,7 +168,10 @@ impl Default for ReplicaSettings {
 #[derive(Debug, Clone)]
 pub struct CheckedListenerConfig {
     pub id: String,
+    /// The first address of `source`.
     pub source: RedisUrl,
+    /// Every address of `source` (more than one: seeds of a cluster).
+    pub seeds: Vec<RedisUrl>,
     pub partition: PartitionId,
     /// `None` when the heartbeat is off.
     pub heartbeat_interval: Option<Duration>,
@@ -219,10 +228,26 @@ impl ListenerConfig {
         if self.source.is_empty() {
             return Err(bad("source", "is required (redis://host:port)"));
         }
-        let source = self
+        // A comma-separated seed list names nodes of one cluster: the first
+        // in full, the others taking its credentials.
+        let mut addresses = self
             .source
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty());
+        let first = addresses.next().unwrap_or_default();
+        let source = crate::secret::SecretUrl::new(first)
             .parse_with(&self.password_source())
             .map_err(|e| bad("source", e.to_string()))?;
+        let mut seeds = vec![source.clone()];
+        for address in addresses {
+            let mut seed = RedisUrl::parse(address).map_err(|e| bad("source", e.to_string()))?;
+            if seed.user.is_none() && seed.password.is_none() {
+                seed.user = source.user.clone();
+                seed.password = source.password.clone();
+            }
+            seeds.push(seed);
+        }
         if self.batch_max_entries == 0 {
             return Err(bad("batch-max-entries", "must be at least 1"));
         }
@@ -317,6 +342,7 @@ impl ListenerConfig {
         Ok(CheckedListenerConfig {
             id: self.id.clone(),
             source,
+            seeds,
             partition: PartitionId(self.partition),
             heartbeat_interval: (!heartbeat.is_zero()).then_some(heartbeat),
             batch_max_entries: self.batch_max_entries,

@@ -1,5 +1,9 @@
 //! The heartbeat task: writes `SET __ferry:heartbeat:<listener-id> <unix_ms>`
-//! to the source every interval over its own connection.
+//! to the source every interval over its own connection. For a shard of a
+//! cluster source the key is `__ferry:heartbeat:<listener-id>:<tag>`, the
+//! hash tag of the shard's first slot ([`crate::redis::cluster::tag_for_slot`]),
+//! written to the shard's current master, so that it comes back in that
+//! shard's stream; an idle shard (no slot) gets none.
 //!
 //! In: the source URL, the interval, a shutdown token. Out: writes on the
 //! source, which come back through the replication stream into the WAL, so
@@ -13,16 +17,51 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::cluster::ShardRoute;
 use super::status::ListenerStatus;
 use super::unix_ms;
 use crate::redis::client::{Client, ClientOptions};
 use crate::redis::url::RedisUrl;
 
+/// Where the heartbeat goes.
+pub(crate) enum HeartbeatTarget {
+    /// A standalone source: one key, one address.
+    Fixed { source: RedisUrl, key: String },
+    /// A cluster shard: `<key_base>:<tag of its first slot>` on its master.
+    Shard {
+        route: Arc<ShardRoute>,
+        key_base: String,
+    },
+}
+
+impl HeartbeatTarget {
+    /// The address and key of the next beat (`None`: nowhere to write now).
+    /// `tags` caches the tag of the last first slot (finding one is a search).
+    fn current(&self, tags: &mut Option<(u16, String)>) -> Option<(RedisUrl, String)> {
+        match self {
+            HeartbeatTarget::Fixed { source, key } => Some((source.clone(), key.clone())),
+            HeartbeatTarget::Shard { route, key_base } => {
+                let state = route.state();
+                let slot = state.slots.first()?;
+                let master = state.master?;
+                let tag = match tags {
+                    Some((cached, tag)) if *cached == slot => tag.clone(),
+                    _ => {
+                        let tag = crate::redis::cluster::tag_for_slot(slot);
+                        *tags = Some((slot, tag.clone()));
+                        tag
+                    }
+                };
+                Some((master, format!("{key_base}:{tag}")))
+            }
+        }
+    }
+}
+
 /// Runs until `shutdown`; failures are logged once per change of error and
 /// retried at the next tick with a fresh connection.
 pub(crate) async fn run_heartbeat(
-    source: RedisUrl,
-    key: String,
+    target: HeartbeatTarget,
     interval: Duration,
     connect_timeout: Duration,
     status: Arc<ListenerStatus>,
@@ -32,7 +71,8 @@ pub(crate) async fn run_heartbeat(
         connect_timeout,
         ..ClientOptions::default()
     };
-    let mut client: Option<Client> = None;
+    let mut client: Option<(String, Client)> = None;
+    let mut tags = None;
     let mut last_error: Option<String> = None;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -41,11 +81,23 @@ pub(crate) async fn run_heartbeat(
             _ = shutdown.cancelled() => return,
             _ = ticker.tick() => {}
         }
+        let Some((source, key)) = target.current(&mut tags) else {
+            continue;
+        };
         let beat = async {
-            if client.is_none() {
-                client = Some(Client::connect_with(&source, &options).await?);
+            if client
+                .as_ref()
+                .is_some_and(|(addr, _)| *addr != source.addr())
+            {
+                client = None;
             }
-            let Some(connection) = client.as_mut() else {
+            if client.is_none() {
+                client = Some((
+                    source.addr(),
+                    Client::connect_with(&source, &options).await?,
+                ));
+            }
+            let Some((_, connection)) = client.as_mut() else {
                 return Ok(());
             };
             let value = unix_ms().to_string();

@@ -8,6 +8,13 @@
 //! ([`ListenerHandle::take_fallback_snapshot`]) and a live
 //! [`ListenerStatus`].
 //!
+//! A listener of a Redis Cluster source replicates one shard
+//! ([`Listener::open_routed`]): each connection goes to the shard's master
+//! of the moment, found from the cluster ([`ShardRoute::locate`], module
+//! `cluster`), a session ends when the route names another master (a
+//! failover), snapshot markers carry the shard's slots as their scope, and
+//! the heartbeat key carries a hash tag of the shard's first slot.
+//!
 //! # What is stored
 //!
 //! - Per replication entry (one command, or one whole `MULTI`/`EXEC`): one
@@ -68,6 +75,7 @@
 //! and returns. A full resync interrupted by shutdown is abandoned (its
 //! chunks deleted; the next start resumes from the old position).
 
+mod cluster;
 mod config;
 mod heartbeat;
 mod snapshot;
@@ -84,6 +92,10 @@ use tokio::sync::{watch, Mutex};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+pub use cluster::{
+    ClusterSource, RefreshError, ShardMap, ShardMapError, ShardNodes, ShardRoute, ShardState,
+    SHARD_MAP_FILE,
+};
 pub use config::{CheckedListenerConfig, ListenerConfig, ListenerConfigError, ReplicaSettings};
 pub use snapshot::FallbackSnapshot;
 pub use status::{ListenerStatus, ListenerStatusSnapshot, SyncState};
@@ -165,6 +177,11 @@ pub enum ListenerError {
         owner: String,
         id: String,
     },
+    #[error("partition {partition}: source shard: {error}")]
+    Route {
+        partition: PartitionId,
+        error: String,
+    },
     #[error("listener task failed: {0}")]
     Task(String),
     #[error("shut down")]
@@ -188,6 +205,13 @@ struct Inner {
     epochs: Mutex<EpochAllocator>,
     /// Log id of the latest snapshot marker, once known.
     era_start: Mutex<Option<LogId>>,
+    /// The shard of a cluster source this partition replicates (`None`: a
+    /// standalone source at `cfg.source`).
+    route: Option<Arc<ShardRoute>>,
+    /// Whether the source was not asked yet whether it is a cluster (it did
+    /// not answer when the node started): a first full sync is then refused
+    /// from a cluster node (see [`Listener::check_not_cluster`]).
+    check_not_cluster: std::sync::atomic::AtomicBool,
 }
 
 /// A listener bound to its WAL, before it runs.
@@ -216,6 +240,30 @@ impl ListenerHandle {
     pub fn config(&self) -> &CheckedListenerConfig {
         &self.inner.cfg
     }
+
+    /// The cluster shard this partition replicates, if the source is a cluster.
+    pub fn route(&self) -> Option<&Arc<ShardRoute>> {
+        self.inner.route.as_ref()
+    }
+
+    /// The replication client's config for the next connection: the shard's
+    /// master for a cluster source (rediscovered first when `rediscover`).
+    pub(crate) async fn replica_config(
+        &self,
+        rediscover: bool,
+    ) -> Result<crate::redis::psync::ReplicaConfig, String> {
+        let mut replica = self.inner.cfg.replica.clone();
+        if let Some(route) = &self.inner.route {
+            replica.source = route.locate(rediscover).await?;
+        }
+        Ok(replica)
+    }
+
+    /// The scope of a snapshot taken now: the shard's slots for a cluster
+    /// source, the whole keyspace otherwise.
+    pub(crate) fn snapshot_scope(&self) -> Option<crate::redis::cluster::SlotRanges> {
+        self.inner.route.as_ref().map(|route| route.slots())
+    }
 }
 
 /// Runs a listener until `shutdown` (see the module doc). Equivalent to
@@ -240,7 +288,22 @@ impl Listener {
         wal: Wal,
         status: Arc<ListenerStatus>,
     ) -> Result<Listener, ListenerError> {
-        let cfg = cfg.validate()?;
+        Listener::open_routed(cfg, wal, status, None).await
+    }
+
+    /// [`Listener::open`] for one shard of a cluster source: the partition
+    /// is `route`'s, and every connection goes to the shard's master of the
+    /// moment (cluster module doc).
+    pub async fn open_routed(
+        cfg: ListenerConfig,
+        wal: Wal,
+        status: Arc<ListenerStatus>,
+        route: Option<Arc<ShardRoute>>,
+    ) -> Result<Listener, ListenerError> {
+        let mut cfg = cfg.validate()?;
+        if let Some(route) = &route {
+            cfg.partition = route.partition();
+        }
         let partition = cfg.partition;
         let history = wal.open_history(partition, &cfg.id).await?;
         if history.owner != cfg.id {
@@ -314,6 +377,8 @@ impl Listener {
             durable_tx,
             epochs: Mutex::new(EpochAllocator::recovered(snapshot_state)),
             era_start: Mutex::new(None),
+            route,
+            check_not_cluster: std::sync::atomic::AtomicBool::new(false),
         });
         Ok(Listener {
             handle: ListenerHandle { inner },
@@ -325,14 +390,38 @@ impl Listener {
         self.handle.clone()
     }
 
+    /// For a standalone source whose kind could not be asked when the node
+    /// started (it did not answer): before a first full sync (no stored
+    /// position), the source is asked whether it runs Redis Cluster, and if
+    /// so replication stops (`STOPPED`, the error says to restart ferry,
+    /// which then replicates it shard by shard) instead of taking one
+    /// shard's data for the whole source.
+    pub fn check_not_cluster(self) -> Listener {
+        self.handle
+            .inner
+            .check_not_cluster
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self
+    }
+
     /// Replicates until `shutdown`; returns after everything received is
     /// durable. Returns early only on a WAL error.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), ListenerError> {
         let cfg = &self.handle.inner.cfg;
+        let route = self.handle.inner.route.clone();
         let heartbeat = cfg.heartbeat_interval.map(|interval| {
+            let target = match &route {
+                None => heartbeat::HeartbeatTarget::Fixed {
+                    source: cfg.source.clone(),
+                    key: cfg.heartbeat_key(),
+                },
+                Some(route) => heartbeat::HeartbeatTarget::Shard {
+                    route: Arc::clone(route),
+                    key_base: cfg.heartbeat_key(),
+                },
+            };
             tokio::spawn(heartbeat::run_heartbeat(
-                cfg.source.clone(),
-                cfg.heartbeat_key(),
+                target,
                 interval,
                 cfg.replica.connect_timeout,
                 Arc::clone(&self.handle.inner.status),
@@ -343,6 +432,7 @@ impl Listener {
             handle: self.handle.clone(),
             resume: self.resume,
             heartbeat_key: Bytes::from(cfg.heartbeat_key()),
+            tagged_heartbeat: route.is_some(),
         };
         let result = session.run_sessions(&shutdown).await;
         if let Some(task) = heartbeat {
@@ -366,6 +456,11 @@ enum SessionEnd {
     Refused {
         error: String,
     },
+    /// The shard's master moved (a cluster failover): reconnect at once.
+    Moved {
+        from: String,
+        to: String,
+    },
 }
 
 /// A batch handed to the WAL and what its durability means.
@@ -387,6 +482,8 @@ struct Session {
     handle: ListenerHandle,
     resume: Option<ReplPosition>,
     heartbeat_key: Bytes,
+    /// The key is `heartbeat_key:<hash tag>` (a cluster shard's).
+    tagged_heartbeat: bool,
 }
 
 impl Session {
@@ -402,6 +499,8 @@ impl Session {
             self.inner().cfg.reconnect_backoff_max,
         );
         let mut last_error: Option<String> = None;
+        // A cluster shard's master is looked up again after a failed link.
+        let mut rediscover = false;
         loop {
             if shutdown.is_cancelled() {
                 return Ok(());
@@ -409,15 +508,57 @@ impl Session {
             self.inner()
                 .status
                 .update(|s| s.state = SyncState::Connecting);
-            let connect = PsyncSource::connect(&self.inner().cfg.replica, self.resume.clone());
+            let handle = self.handle.clone();
+            let resume = self.resume.clone();
+            let check = resume.is_none()
+                && self
+                    .inner()
+                    .check_not_cluster
+                    .load(std::sync::atomic::Ordering::Relaxed);
+            let connect = async move {
+                let replica = handle.replica_config(rediscover).await?;
+                if check {
+                    match crate::redis::cluster::is_cluster(&replica.source).await {
+                        Ok(true) => return Ok(None),
+                        Ok(false) => handle
+                            .inner
+                            .check_not_cluster
+                            .store(false, std::sync::atomic::Ordering::Relaxed),
+                        Err(error) => return Err(error.to_string()),
+                    }
+                }
+                let addr = replica.source.addr();
+                PsyncSource::connect(&replica, resume)
+                    .await
+                    .map(|psync| Some((psync, addr)))
+                    .map_err(|error| error.to_string())
+            };
             let connected = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 connected = connect => connected,
             };
+            rediscover = true;
             let (error, established) = match connected {
-                Ok(psync) => match self.session(psync, shutdown).await? {
+                Ok(None) => {
+                    let error = "the source runs Redis Cluster (cluster_enabled:1) but was \
+                                 started as a standalone source because it did not answer \
+                                 when ferry started; restart ferry to replicate it shard by shard";
+                    tracing::error!(partition = %partition, error, "replication stopped");
+                    self.inner().status.update(|s| {
+                        s.state = SyncState::Stopped;
+                        s.last_error = Some(error.to_string());
+                    });
+                    shutdown.cancelled().await;
+                    return Ok(());
+                }
+                Ok(Some((psync, addr))) => match self.session(psync, &addr, shutdown).await? {
                     SessionEnd::Shutdown => return Ok(()),
-                    SessionEnd::Lost { error, established } => (error, established),
+                    SessionEnd::Lost { error, established } => (error.to_string(), established),
+                    SessionEnd::Moved { from, to } => {
+                        info!(partition = %partition, %from, %to, "source shard master moved; following it");
+                        backoff.reset();
+                        continue;
+                    }
                     SessionEnd::Refused { error } => {
                         tracing::error!(partition = %partition, %error, "replication stopped: the source sent an entry ferry cannot carry; raise the limit named and restart ferry");
                         self.inner().status.update(|s| {
@@ -433,7 +574,7 @@ impl Session {
             if established {
                 backoff.reset();
             }
-            let message = error.to_string();
+            let message = error.clone();
             if last_error.as_ref() != Some(&message) {
                 warn!(partition = %partition, %error, retry_in = ?backoff.current(), "replication link lost; reconnecting");
             } else {
@@ -455,6 +596,7 @@ impl Session {
     async fn session(
         &mut self,
         mut psync: PsyncSource,
+        addr: &str,
         shutdown: &CancellationToken,
     ) -> Result<SessionEnd, ListenerError> {
         let partition = self.inner().cfg.partition;
@@ -492,7 +634,7 @@ impl Session {
                 })
             }
         }
-        self.stream(&mut psync, shutdown).await
+        self.stream(&mut psync, addr, shutdown).await
     }
 
     /// Stores a full resync (relay convention 3, docs/ARCHITECTURE.md). `None` when the stream
@@ -547,7 +689,7 @@ impl Session {
             chunks,
             replid: replid.to_string(),
             offset: offset.0,
-            scope: None,
+            scope: self.handle.snapshot_scope(),
         });
         let range = self
             .inner()
@@ -626,7 +768,12 @@ impl Session {
         let [name, key, value, ..] = command.args.as_slice() else {
             return None;
         };
-        if !name.eq_ignore_ascii_case(b"SET") || key != &self.heartbeat_key {
+        let ours = key == &self.heartbeat_key
+            || (self.tagged_heartbeat
+                && key.len() > self.heartbeat_key.len()
+                && key.starts_with(&self.heartbeat_key)
+                && key[self.heartbeat_key.len()] == b':');
+        if !name.eq_ignore_ascii_case(b"SET") || !ours {
             return None;
         }
         std::str::from_utf8(value).ok()?.parse().ok()
@@ -636,6 +783,7 @@ impl Session {
     async fn stream(
         &mut self,
         psync: &mut PsyncSource,
+        addr: &str,
         shutdown: &CancellationToken,
     ) -> Result<SessionEnd, ListenerError> {
         let partition = self.inner().cfg.partition;
@@ -699,12 +847,20 @@ impl Session {
                 end.is_none() && pending.entries.len() < max_entries && pending.bytes < max_bytes;
             enum Step {
                 Stop,
+                Moved(String),
                 Appended(Result<AppendedRange, WalError>),
                 Event(Result<ReplEvent, ReplError>),
             }
+            let route = self.inner().route.clone();
             let step = tokio::select! {
                 biased;
                 _ = shutdown.cancelled(), if end.is_none() => Step::Stop,
+                to = async {
+                    match &route {
+                        Some(route) => route.moved_from(addr).await,
+                        None => std::future::pending().await,
+                    }
+                }, if end.is_none() => Step::Moved(to),
                 appended = async {
                     match in_flight.as_mut() {
                         Some((future, _)) => future.await,
@@ -715,6 +871,14 @@ impl Session {
             };
             match step {
                 Step::Stop => end = Some(SessionEnd::Shutdown),
+                // What was received is made durable first (the loop drains
+                // before it returns `end`).
+                Step::Moved(to) => {
+                    end = Some(SessionEnd::Moved {
+                        from: addr.to_string(),
+                        to,
+                    })
+                }
                 Step::Appended(result) => {
                     let range = result?;
                     if let Some((_, info)) = in_flight.take() {

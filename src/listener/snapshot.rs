@@ -103,6 +103,9 @@ pub struct FallbackSnapshot {
     /// if the log holds none); every entry after it has a source offset >
     /// `offset`, or follows a newer snapshot marker.
     pub marker_log_id: LogId,
+    /// The slots of the cluster shard the RDB holds, as the listener knew
+    /// them when the source started it (`None`: a standalone source).
+    pub scope: Option<crate::redis::cluster::SlotRanges>,
 }
 
 /// Complete epochs kept besides those in progress (module doc).
@@ -357,7 +360,10 @@ impl ListenerHandle {
         // link carries the stream), and closes it afterwards.
         let replica = ReplicaConfig {
             rdb_only: true,
-            ..cfg.replica.clone()
+            ..self
+                .replica_config(false)
+                .await
+                .map_err(|error| ListenerError::Route { partition, error })?
         };
         let mut psync = tokio::select! {
             _ = shutdown.cancelled() => return Err(ListenerError::Shutdown),
@@ -372,6 +378,7 @@ impl ListenerHandle {
                 })
             }
         };
+        let scope = self.snapshot_scope();
         info!(partition = %partition, %replid, offset, "fallback snapshot: receiving rdb");
         let epoch = self.begin_epoch().await?;
         let outcome = self.receive_rdb(&mut psync, epoch, shutdown, |_| {}).await;
@@ -423,6 +430,7 @@ impl ListenerHandle {
             rdb_bytes,
             chunks,
             marker_log_id: found.marker_log_id,
+            scope,
         })
     }
 

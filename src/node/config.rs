@@ -184,8 +184,9 @@ pub struct SyncOverrides {
     pub admin: Option<String>,
     pub id: Option<String>,
     pub wal_ttl: Option<crate::config_units::HumanDuration>,
-    /// `--dbs`: the owned dbs (`[filter] dbs`).
-    pub dbs: Option<Vec<u32>>,
+    /// `--dbs`, `--db-map`, `--key-prefix`, `--exclude-key-prefix`: laid
+    /// over the file's `[filter]` ([`FilterConfig::overridden_by`]).
+    pub filter: FilterConfig,
     /// `--existing-data` (`[apply] existing-data`).
     pub existing_data: Option<ExistingData>,
 }
@@ -595,10 +596,10 @@ impl SyncConfig {
         let mut apply = file_cfg.apply.unwrap_or_default();
         apply.target = target;
         apply.drainer_id = id.clone();
-        apply.filter = file_cfg.filter.unwrap_or_default();
-        if let Some(dbs) = flags.dbs {
-            apply.filter.dbs = Some(dbs);
-        }
+        apply.filter = file_cfg
+            .filter
+            .unwrap_or_default()
+            .overridden_by(flags.filter);
         if let Some(existing_data) = flags.existing_data {
             apply.existing_data = existing_data;
         }
@@ -802,6 +803,71 @@ secret = "12345678"
             bad_target.to_string().contains("apply.target"),
             "{bad_target}"
         );
+    }
+
+    #[test]
+    fn filter_flags_lay_over_the_files_filter() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("sync.toml");
+        std::fs::write(
+            &file,
+            "[filter]\ndbs = [0, 5]\nkey-prefix = [\"app:\"]\nexclude-key-prefix = [\"app:tmp:\"]\n",
+        )
+        .unwrap();
+        let base = || SyncOverrides {
+            source: Some("redis://127.0.0.1:1".into()),
+            target: Some("redis://127.0.0.1:2".into()),
+            data_dir: Some(dir.path().join("data")),
+            ..SyncOverrides::default()
+        };
+        let cfg = SyncConfig::build(Some(&file), base()).unwrap();
+        let keyspace = cfg.apply.keyspace().unwrap();
+        assert_eq!(keyspace.to_string(), "db 0, 5, keys app:* but app:tmp:*");
+        // --db-map replaces the file's dbs; --key-prefix its prefixes.
+        let flags = SyncOverrides {
+            filter: FilterConfig {
+                db_map: Some([("0".to_string(), 3)].into_iter().collect()),
+                key_prefix: Some(vec!["web:".into()]),
+                ..FilterConfig::default()
+            },
+            ..base()
+        };
+        let keyspace = SyncConfig::build(Some(&file), flags)
+            .unwrap()
+            .apply
+            .keyspace()
+            .unwrap();
+        assert_eq!(
+            keyspace.to_string(),
+            "db 3 (source db 0), keys web:* but app:tmp:*"
+        );
+        // A map folding two source dbs into one target db stops the sync
+        // at config time, naming the field.
+        let flags = SyncOverrides {
+            filter: FilterConfig {
+                db_map: Some(
+                    [("0".to_string(), 3), ("1".to_string(), 3)]
+                        .into_iter()
+                        .collect(),
+                ),
+                ..FilterConfig::default()
+            },
+            ..base()
+        };
+        let err = SyncConfig::build(Some(&file), flags)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("filter.db-map") && err.contains("both map to target db 3"),
+            "{err}"
+        );
+        std::fs::write(&file, "[filter]\ndbs = [0]\ndb-map = { \"1\" = 2 }\n").unwrap();
+        let err = SyncConfig::build(Some(&file), base())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("filter.db-map"), "{err}");
+        std::fs::write(&file, "[filter]\nkey-prefixes = [\"a\"]\n").unwrap();
+        assert!(SyncConfig::build(Some(&file), base()).is_err());
     }
 
     const SECRET: &str = "hunter2-s3cret-value";

@@ -5,6 +5,11 @@
 //! answers the admin API, and `Ok(())` after a clean stop: every stage
 //! flushed what it received and the WALs are closed.
 //!
+//! A listener runs one partition for a standalone source, or one per shard
+//! of a Redis Cluster source ([`crate::listener::ClusterSource`]: detected
+//! when the node starts, shards added later get their partition from a
+//! topology poll), each with its shippers to every drainer.
+//!
 //! Failure policy: network and target failures are retried inside each stage
 //! (backoff, state shown in `ferry status`); only a failing WAL (disk) or an
 //! applier's fatal error stops the node, which then shuts the other stages
@@ -25,7 +30,10 @@ use tracing::{error, info, warn};
 
 use super::config::{DrainerNodeConfig, DrainerPeer, ListenerNodeConfig, SyncConfig};
 use crate::apply::{self, ApplyConfig, ApplyStatus};
-use crate::listener::{Listener, ListenerHandle, ListenerStatus};
+use crate::backoff::Backoff;
+use crate::listener::{
+    ClusterSource, Listener, ListenerHandle, ListenerStatus, ShardRoute as ClusterRoute,
+};
 use crate::position::{LogId, PartitionId};
 use crate::precheck::Verdict;
 use crate::record::SnapshotMarker;
@@ -37,7 +45,7 @@ use crate::ship::{
 };
 use crate::status::{
     BlockedEntry, ControlError, DrainerSide, ListenerSide, NodeControl, NodeStatus, RefusedCommand,
-    ShipSide, SkipOutcome, SkipRequest, SnapshotLoad, SyncSelector,
+    ShipSide, SkipOutcome, SkipRequest, SnapshotLoad, SourceShard, SyncSelector,
 };
 use crate::wal::{DownstreamId, Wal, WalConfig, WalError};
 
@@ -187,7 +195,7 @@ impl SnapshotProvider for ListenerSnapshots {
                     chunks: taken.chunks,
                     replid: taken.replid,
                     offset: taken.offset,
-                    scope: None,
+                    scope: taken.scope,
                 },
                 marker_log_id: taken.marker_log_id,
             })
@@ -217,7 +225,6 @@ pub struct ListenerPart {
     ship_cfg: ShipperConfig,
     provider: Arc<dyn SnapshotProvider>,
     slots: Mutex<Vec<ShipSlot>>,
-    stop_file: PathBuf,
     runtime: tokio::runtime::Handle,
     shutdown: CancellationToken,
     fatal: Arc<Fatal>,
@@ -294,15 +301,13 @@ impl ListenerPart {
         Ok(())
     }
 
-    fn save_stopped(&self, slots: &[ShipSlot]) -> Result<(), ControlError> {
-        let text: String = slots
+    /// This partition's lines of `<data-dir>/stopped-syncs`.
+    fn stopped_lines(&self) -> String {
+        lock(&self.slots)
             .iter()
             .filter(|slot| slot.stopped)
             .map(|slot| format!("{} {}\n", self.partition.0, slot.target.drainer_id))
-            .collect();
-        write_atomically(&self.stop_file, &text).map_err(|error| {
-            ControlError::Failed(format!("writing {}: {error}", self.stop_file.display()))
-        })
+            .collect()
     }
 
     fn matches(&self, slot: &ShipSlot, which: &SyncSelector) -> bool {
@@ -313,7 +318,13 @@ impl ListenerPart {
                 .map_or(true, |d| d == slot.target.drainer_id.as_str())
     }
 
-    fn set_stopped(&self, which: &SyncSelector, stop: bool) -> Result<usize, ControlError> {
+    /// Stops or restarts the matching shippers; returns (matched, changed).
+    /// The caller saves the stop file.
+    fn set_stopped(
+        &self,
+        which: &SyncSelector,
+        stop: bool,
+    ) -> Result<(usize, usize), ControlError> {
         let mut slots = lock(&self.slots);
         let mut matched = 0;
         let mut changed = 0;
@@ -342,14 +353,7 @@ impl ListenerPart {
             }
             changed += 1;
         }
-        if matched == 0 {
-            return Err(ControlError::NoMatch {
-                partition: which.partition,
-                drainer_id: which.drainer_id.clone(),
-            });
-        }
-        self.save_stopped(&slots)?;
-        Ok(changed)
+        Ok((matched, changed))
     }
 
     fn status(&self) -> ListenerSide {
@@ -399,10 +403,20 @@ impl ListenerPart {
                 }
             })
             .collect();
+        let route = self.handle.route().map(|route| route.state());
+        let source = match route.as_ref().and_then(|state| state.master.as_ref()) {
+            Some(master) => master.addr(),
+            None => self.source.clone(),
+        };
         ListenerSide {
             listener_id: self.listener_id.clone(),
             partition: self.partition.0,
-            source: self.source.clone(),
+            source,
+            shard: route.map(|state| SourceShard {
+                master_id: state.master_id.unwrap_or_default(),
+                slots: state.slots.to_string(),
+                slot_count: state.slots.count() as u32,
+            }),
             source_state: listener.state.to_string(),
             // A paused WAL explains a stalled stream better than any link error.
             source_error: self.wal.disk_pause().or(listener.last_error),
@@ -426,25 +440,48 @@ impl ListenerPart {
     }
 }
 
-/// Opens the listener, starts it and its shippers (tasks pushed to `tasks`).
-async fn start_listener_part(
-    data_dir: &Path,
+/// What a listener partition is started with (the node's, shared by every
+/// partition; a cluster source starts more while it runs).
+#[derive(Clone)]
+struct PartContext {
+    stop_file: PathBuf,
     cfg: crate::listener::ListenerConfig,
     wal: Wal,
     ship_cfg: ShipperConfig,
-    peers: &[DrainerPeer],
-    stages: &mut Stages,
-) -> Result<Arc<ListenerPart>, NodeError> {
-    let shutdown = &stages.shutdown;
-    let fatal = &stages.fatal;
-    let partition = PartitionId(cfg.partition);
+    peers: Vec<DrainerPeer>,
+    shutdown: CancellationToken,
+    fatal: Arc<Fatal>,
+}
+
+/// Opens the listener of one partition (a cluster shard's when `route`),
+/// starts its shippers and returns the listener's task.
+async fn start_listener_part(
+    ctx: &PartContext,
+    route: Option<Arc<ClusterRoute>>,
+    check_not_cluster: bool,
+) -> Result<(Arc<ListenerPart>, JoinHandle<()>), NodeError> {
+    let shutdown = &ctx.shutdown;
+    let fatal = &ctx.fatal;
+    let wal = ctx.wal.clone();
+    let peers = &ctx.peers;
+    let cfg = ctx.cfg.clone();
+    let partition = route
+        .as_ref()
+        .map_or(PartitionId(cfg.partition), |route| route.partition());
     let listener_id = cfg.id.clone();
-    let source = redacted(&cfg.source);
+    let source = cfg
+        .source
+        .split(',')
+        .map(|address| redacted(address.trim()))
+        .collect::<Vec<_>>()
+        .join(",");
     let status = Arc::new(ListenerStatus::new(partition));
-    let listener = Listener::open(cfg, wal.clone(), status).await?;
+    let mut listener = Listener::open_routed(cfg, wal.clone(), status, route).await?;
+    if check_not_cluster {
+        listener = listener.check_not_cluster();
+    }
     let handle = listener.handle();
-    let stop_file = data_dir.join("stopped-syncs");
-    let stopped = read_stopped(&stop_file)?;
+    let stopped = read_stopped(&ctx.stop_file)?;
     let mut slots = Vec::new();
     for peer in peers {
         let drainer_id = DownstreamId::new(peer.id.clone())
@@ -471,9 +508,8 @@ async fn start_listener_part(
             shutdown: shutdown.clone(),
         }),
         handle,
-        ship_cfg,
+        ship_cfg: ctx.ship_cfg.clone(),
         slots: Mutex::new(Vec::new()),
-        stop_file,
         runtime: tokio::runtime::Handle::current(),
         shutdown: shutdown.clone(),
         fatal: Arc::clone(fatal),
@@ -488,12 +524,228 @@ async fn start_listener_part(
     *lock(&part.slots) = slots;
     let fatal = Arc::clone(fatal);
     let listener_shutdown = shutdown.clone();
-    stages.tasks.push(tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         if let Err(error) = listener.run(listener_shutdown).await {
             fatal.raise(format!("listener of partition {partition}: {error}"));
         }
-    }));
-    Ok(part)
+    });
+    Ok((part, task))
+}
+
+/// Every listener partition of a process: one for a standalone source, one
+/// per shard of a cluster source (more appear as shards are added).
+pub struct ListenerParts {
+    parts: Mutex<Vec<Arc<ListenerPart>>>,
+    stop_file: PathBuf,
+    /// One stop/restart at a time (they rewrite the stop file).
+    control: Mutex<()>,
+}
+
+impl ListenerParts {
+    fn new(stop_file: PathBuf) -> Arc<ListenerParts> {
+        Arc::new(ListenerParts {
+            parts: Mutex::new(Vec::new()),
+            stop_file,
+            control: Mutex::new(()),
+        })
+    }
+
+    fn add(&self, part: Arc<ListenerPart>) {
+        let mut parts = lock(&self.parts);
+        parts.push(part);
+        parts.sort_by_key(|part| part.partition);
+    }
+
+    fn list(&self) -> Vec<Arc<ListenerPart>> {
+        lock(&self.parts).clone()
+    }
+
+    fn status(&self) -> Vec<ListenerSide> {
+        self.list().iter().map(|part| part.status()).collect()
+    }
+
+    fn set_stopped(&self, which: &SyncSelector, stop: bool) -> Result<usize, ControlError> {
+        let _one = lock(&self.control);
+        let parts = self.list();
+        let (mut matched, mut changed) = (0, 0);
+        let mut outcome = Ok(());
+        for part in &parts {
+            match part.set_stopped(which, stop) {
+                Ok((m, c)) => {
+                    matched += m;
+                    changed += c;
+                }
+                Err(error) => {
+                    outcome = Err(error);
+                    break;
+                }
+            }
+        }
+        // What changed is saved even when a later partition failed.
+        let text: String = parts.iter().map(|part| part.stopped_lines()).collect();
+        write_atomically(&self.stop_file, &text).map_err(|error| {
+            ControlError::Failed(format!("writing {}: {error}", self.stop_file.display()))
+        })?;
+        outcome?;
+        if matched == 0 {
+            return Err(ControlError::NoMatch {
+                partition: which.partition,
+                drainer_id: which.drainer_id.clone(),
+            });
+        }
+        Ok(changed)
+    }
+
+    async fn join_shippers(&self) {
+        for part in self.list() {
+            part.join_shippers().await;
+        }
+    }
+}
+
+/// How often a cluster source's topology is read while it answers.
+const TOPOLOGY_POLL: Duration = Duration::from_secs(2);
+/// Longest pause between topology reads while they fail.
+const TOPOLOGY_POLL_MAX: Duration = Duration::from_secs(30);
+
+/// Starts the listener partitions of the node's source (module doc of
+/// [`crate::listener::ClusterSource`] for a cluster); their tasks, and a
+/// cluster source's topology follower, go to `stages`.
+async fn start_listeners(
+    data_dir: &Path,
+    cfg: &crate::listener::ListenerConfig,
+    wal: Wal,
+    ship_cfg: ShipperConfig,
+    peers: &[DrainerPeer],
+    stages: &mut Stages,
+) -> Result<Arc<ListenerParts>, NodeError> {
+    let ctx = PartContext {
+        stop_file: data_dir.join("stopped-syncs"),
+        cfg: cfg.clone(),
+        wal,
+        ship_cfg,
+        peers: peers.to_vec(),
+        shutdown: stages.shutdown.clone(),
+        fatal: Arc::clone(&stages.fatal),
+    };
+    let parts = ListenerParts::new(ctx.stop_file.clone());
+    let checked = cfg
+        .validate()
+        .map_err(|e| NodeError::Config(format!("listener.{}: {}", e.field, e.reason)))?;
+    let kind = source_kind(data_dir, &checked).await;
+    let Some(true) = kind else {
+        // Standalone, or not known yet (the source does not answer).
+        let (part, task) = start_listener_part(&ctx, None, kind.is_none()).await?;
+        parts.add(part);
+        stages.tasks.push(task);
+        return Ok(parts);
+    };
+    if checked.partition != PartitionId(0) {
+        return Err(NodeError::Config(
+            "listener.partition: a cluster source gets a partition per shard; leave it at 0"
+                .to_string(),
+        ));
+    }
+    let has_map = ClusterSource::has_map(data_dir);
+    let cluster = ClusterSource::open(checked.seeds.clone(), data_dir)
+        .map_err(|error| NodeError::Config(error.to_string()))?;
+    let holds_log = ctx
+        .wal
+        .partitions()
+        .into_iter()
+        .any(|p| matches!(ctx.wal.last_log_id(p), Ok(Some(_))));
+    if !has_map && holds_log {
+        return Err(NodeError::Config(format!(
+            "the source is a Redis Cluster but {} holds the log of a standalone source (no {}); \
+             give the cluster sync a new data dir",
+            data_dir.display(),
+            crate::listener::SHARD_MAP_FILE
+        )));
+    }
+    if let Err(error) = cluster.refresh().await {
+        warn!(%error, "cannot read the source cluster's topology yet; retrying");
+    }
+    for route in cluster.take_new() {
+        info!(partition = %route.partition(), "starting the listener of a source shard");
+        let (part, task) = start_listener_part(&ctx, Some(route), false).await?;
+        parts.add(part);
+        stages.tasks.push(task);
+    }
+    stages.tasks.push(tokio::spawn(follow_cluster(
+        cluster,
+        ctx,
+        Arc::clone(&parts),
+    )));
+    Ok(parts)
+}
+
+/// Whether the source is a cluster: `Some(true)` when the data dir holds a
+/// shard map or the source is a seed list, else what the first address
+/// answers (`cluster_enabled`); `None` when it does not answer.
+async fn source_kind(
+    data_dir: &Path,
+    checked: &crate::listener::CheckedListenerConfig,
+) -> Option<bool> {
+    if ClusterSource::has_map(data_dir) || checked.seeds.len() > 1 {
+        return Some(true);
+    }
+    match crate::redis::cluster::is_cluster(&checked.source).await {
+        Ok(cluster) => Some(cluster),
+        Err(error) => {
+            warn!(%error, "cannot ask the source whether it runs Redis Cluster; replicating it as a standalone source, which stops before a first full sync if it turns out to be a cluster");
+            None
+        }
+    }
+}
+
+/// Reads a cluster source's topology every [`TOPOLOGY_POLL`] (backoff on
+/// errors): routes follow moved masters, and a new shard gets a partition
+/// and a listener. Waits for the listeners it started on shutdown.
+async fn follow_cluster(cluster: Arc<ClusterSource>, ctx: PartContext, parts: Arc<ListenerParts>) {
+    let mut tasks = Vec::new();
+    let mut backoff = Backoff::new(TOPOLOGY_POLL, TOPOLOGY_POLL_MAX);
+    let mut last_error: Option<String> = None;
+    loop {
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => break,
+            _ = tokio::time::sleep(backoff.current()) => {}
+        }
+        match cluster.refresh().await {
+            Ok(()) => {
+                backoff.reset();
+                if last_error.take().is_some() {
+                    info!("source cluster topology readable again");
+                }
+            }
+            Err(error) => {
+                let message = error.to_string();
+                if last_error.as_ref() != Some(&message) {
+                    warn!(%error, "cannot read the source cluster's topology; retrying");
+                }
+                last_error = Some(message);
+                backoff.next_delay();
+                continue;
+            }
+        }
+        for route in cluster.take_new() {
+            info!(partition = %route.partition(), "new source shard: starting its listener");
+            match start_listener_part(&ctx, Some(route), false).await {
+                Ok((part, task)) => {
+                    parts.add(part);
+                    tasks.push(task);
+                }
+                Err(error) => {
+                    ctx.fatal.raise(format!(
+                        "starting the listener of a new source shard: {error}"
+                    ));
+                    break;
+                }
+            }
+        }
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
 }
 
 impl ListenerPart {
@@ -750,7 +1002,7 @@ fn start_drainer_part(
 /// A running process: what the admin API reads and controls.
 pub struct Node {
     role: &'static str,
-    listener: Option<Arc<ListenerPart>>,
+    listener: Option<Arc<ListenerParts>>,
     drainer: Option<Arc<DrainerPart>>,
 }
 
@@ -759,7 +1011,11 @@ impl NodeControl for Node {
         NodeStatus {
             role: self.role.to_string(),
             taken_unix_ms: now_unix_ms(),
-            listeners: self.listener.iter().map(|part| part.status()).collect(),
+            listeners: self
+                .listener
+                .as_ref()
+                .map(|parts| parts.status())
+                .unwrap_or_default(),
             drainers: self
                 .drainer
                 .as_ref()
@@ -872,11 +1128,13 @@ async fn precheck_first_sync(
     }
     // The source's address with its password (from the URL, a file or a
     // variable).
+    // The source's (first) address with its password (from the URL, a file
+    // or a variable); of a cluster, the node named first.
     let parse = |listener: &crate::listener::ListenerConfig| {
         listener
-            .source
-            .parse_with(&listener.password_source())
-            .map_err(|error| NodeError::Config(format!("listener.source: {error}")))
+            .validate()
+            .map(|checked| checked.source)
+            .map_err(|e| NodeError::Config(format!("listener.{}: {}", e.field, e.reason)))
     };
     let source = source.map(parse).transpose()?;
     let config = |error: apply::ApplyConfigError| NodeError::Config(error.to_string());
@@ -940,9 +1198,9 @@ pub async fn run_listener(
     let mut stages = Stages::new(shutdown);
     let wal = open_wal(cfg.wal.clone()).await?;
     precheck_first_sync(&wal, Some(&cfg.listener), None, PRECHECK_OUTAGE).await?;
-    let listener = start_listener_part(
+    let listener = start_listeners(
         &cfg.data_dir,
-        cfg.listener.clone(),
+        &cfg.listener,
         wal.clone(),
         cfg.ship.clone(),
         &cfg.drainers,
@@ -1042,9 +1300,9 @@ pub async fn run_sync(cfg: SyncConfig, shutdown: CancellationToken) -> Result<()
         cfg.apply.clone(),
         &mut stages,
     )?;
-    let listener = start_listener_part(
+    let listener = start_listeners(
         &cfg.data_dir,
-        cfg.listener.clone(),
+        &cfg.listener,
         listener_wal.clone(),
         cfg.ship.clone(),
         &[DrainerPeer {

@@ -9,7 +9,7 @@
 
 use bytes::Bytes;
 
-use super::conn::Conn;
+use super::conn::{Conn, KeyCommand};
 use super::report::show_value;
 use super::{DiffKind, Difference, Mode, Side, VerifyConfig, VerifyError};
 use crate::redis::command::Command;
@@ -189,8 +189,8 @@ pub(crate) async fn check_keys(
 async fn heads(conn: &mut Conn, keys: &[Bytes]) -> Result<Vec<Head>, VerifyError> {
     let mut cmds = Vec::with_capacity(keys.len() * 2);
     for key in keys {
-        cmds.push(Command::new(vec![Bytes::from_static(b"TYPE"), key.clone()]));
-        cmds.push(Command::new(vec![Bytes::from_static(b"PTTL"), key.clone()]));
+        cmds.push(KeyCommand::on(b"TYPE", key));
+        cmds.push(KeyCommand::on(b"PTTL", key));
     }
     let replies = conn.pipeline(&cmds).await?;
     let now = now_ms();
@@ -298,14 +298,11 @@ async fn values(
         .iter()
         .filter(|(_, kind)| kind.length_command().is_some())
         .collect();
-    let cmds: Vec<Command> = measured
+    let cmds: Vec<KeyCommand> = measured
         .iter()
         .map(|(index, kind)| {
             let name = kind.length_command().unwrap_or("EXISTS");
-            Command::new(vec![
-                Bytes::from_static(name.as_bytes()),
-                keys[*index].clone(),
-            ])
+            KeyCommand::on(name.as_bytes(), &keys[*index])
         })
         .collect();
     let source_lengths = lengths(&mut pair.source, keys, &measured, &cmds).await?;
@@ -396,7 +393,7 @@ async fn lengths(
     conn: &mut Conn,
     keys: &[Bytes],
     measured: &[&(usize, KeyType)],
-    cmds: &[Command],
+    cmds: &[KeyCommand],
 ) -> Result<Vec<Result<u64, String>>, VerifyError> {
     let replies = conn.pipeline(cmds).await?;
     let mut out = Vec::with_capacity(replies.len());
@@ -437,14 +434,19 @@ async fn digests(
     if eligible.is_empty() {
         return Ok(verdicts);
     }
-    let cmds: Vec<Command> = eligible
+    let cmds: Vec<KeyCommand> = eligible
         .iter()
         .map(|&i| {
-            Command::new(vec![
-                Bytes::from_static(b"DEBUG"),
-                Bytes::from_static(b"DIGEST-VALUE"),
-                keys[walk[i].0].clone(),
-            ])
+            let key = &keys[walk[i].0];
+            KeyCommand {
+                key: key.clone(),
+                cmd: Command::new(vec![
+                    Bytes::from_static(b"DEBUG"),
+                    Bytes::from_static(b"DIGEST-VALUE"),
+                    key.clone(),
+                ]),
+                unrouted: true,
+            }
         })
         .collect();
     let mut per_side = Vec::with_capacity(2);

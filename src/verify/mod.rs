@@ -1,8 +1,16 @@
 //! `ferry verify`: compare a source and a target Redis key by key.
 //!
-//! In: two servers ([`VerifyConfig`]). Out: a [`VerifyReport`] (per-db
-//! counts and the keys that still differ after the last pass), or a
-//! [`VerifyError`] naming the side, db, key and command that failed.
+//! In: two sides ([`VerifyConfig`]), each a standalone server or a Redis
+//! Cluster (found out from `INFO cluster`; any node, or a seed list). Out: a
+//! [`VerifyReport`] (per-db counts, the keys that still differ after the
+//! last pass, and per side whether it is a cluster and how many masters
+//! were scanned), or a [`VerifyError`] naming the side, db, key and command
+//! that failed.
+//!
+//! A cluster side is walked master by master and each key read from the
+//! master serving its slot, following `MOVED` and `ASK`, with the slots
+//! that moved under the walk walked again (`src/verify/cluster.rs` says
+//! how); it has db 0 only.
 //!
 //! # Passes
 //!
@@ -15,6 +23,10 @@
 //!   target, ask the source `EXISTS` for each page, and compare the keys the
 //!   source lacks (they are *extra*). Keys starting with `__ferry` (ferry's
 //!   own heartbeats and checkpoints) are skipped on both sides.
+//! - A sync's keyspace: [`VerifyConfig::db_map`] compares each source db
+//!   with the target db it maps to, [`VerifyConfig::key_filter`] only the
+//!   keys a sync owns (other keys of a shared target db are another sync's,
+//!   not *extra*).
 //! - Passes 2..=N: after [`VerifyConfig::pass_interval`], re-compare only the
 //!   keys that differed in the previous pass. A db stops early once nothing
 //!   differs. What differs after its last pass is reported.
@@ -70,14 +82,16 @@
 //!
 //! # Cost and memory
 //!
-//! Each side's commands go through a token bucket of
+//! Each server's commands go through a token bucket of
 //! [`VerifyConfig::qps`] commands per second (a pipeline of `n` takes `n`
-//! tokens), so a verify can run against production while a sync runs.
+//! tokens; each master of a cluster has its own), so a verify can run
+//! against production while a sync runs.
 //! Memory per key is one chunk per side (about
 //! [`VerifyConfig::chunk_budget`], or one element when a single element is
 //! bigger); what grows with the data is the set of differing keys kept
 //! between passes (each key's name and a one-line description).
 
+mod cluster;
 mod compare;
 mod conn;
 pub mod rate;
@@ -90,13 +104,15 @@ use bytes::Bytes;
 use serde::Serialize;
 
 use self::compare::{check_keys, Pair};
-use self::conn::Conn;
-pub use self::report::{escape_key, render_report, DbReport, KeyReport, VerifyReport};
+use self::conn::{Conn, KeyCommand};
+pub use self::report::{
+    escape_key, render_report, DbReport, KeyReport, SideTopology, VerifyReport,
+};
 use crate::apply::expire::DEFAULT_EXPIRE_GRACE;
+use crate::apply::keyspace::KeyFilter;
 use crate::record::INTERNAL_PREFIX;
 use crate::redis::client::ClientError;
-use crate::redis::command::Command;
-use crate::redis::resp::Frame;
+use crate::redis::cluster::TopologyError;
 use crate::redis::url::RedisUrl;
 
 /// Which server a message is about.
@@ -174,13 +190,26 @@ pub struct Difference {
 /// What to compare and how fast.
 #[derive(Debug, Clone)]
 pub struct VerifyConfig {
+    /// The source: a standalone server, or any node of a cluster.
     pub source: RedisUrl,
     pub target: RedisUrl,
+    /// More nodes of a cluster side given as a seed list, tried after
+    /// `source` (`target`) when it does not answer. Default none.
+    pub source_seeds: Vec<RedisUrl>,
+    pub target_seeds: Vec<RedisUrl>,
     /// Dbs to compare; empty: every db holding keys on either side
     /// (`INFO keyspace`).
     pub dbs: Vec<u32>,
     /// `SCAN MATCH` pattern; `None`: every key.
     pub pattern: Option<Bytes>,
+    /// Source db to target db (a sync's `[filter] db-map`): each source db
+    /// is compared with its target db, and only those (`dbs`, if given,
+    /// picks among them). Empty: each db with the db of the same number.
+    pub db_map: Vec<(u32, u32)>,
+    /// Only the keys a sync's `[filter] key-prefix` / `exclude-key-prefix`
+    /// own, on both sides (the target's other keys belong to other syncs).
+    /// `None`: every key.
+    pub key_filter: Option<KeyFilter>,
     /// Default [`Mode::Full`].
     pub mode: Mode,
     /// Passes per db, at least 1. Default 3.
@@ -217,8 +246,12 @@ impl VerifyConfig {
         VerifyConfig {
             source,
             target,
+            source_seeds: Vec::new(),
+            target_seeds: Vec::new(),
             dbs: Vec::new(),
             pattern: None,
+            db_map: Vec::new(),
+            key_filter: None,
             mode: Mode::Full,
             passes: 3,
             qps: 5000,
@@ -232,6 +265,32 @@ impl VerifyConfig {
             pass_interval: Duration::from_secs(1),
             max_listed: 1000,
         }
+    }
+}
+
+impl VerifyConfig {
+    /// Every address given for `side`, the first one first.
+    pub fn seeds(&self, side: Side) -> Vec<RedisUrl> {
+        let (first, more) = match side {
+            Side::Source => (&self.source, &self.source_seeds),
+            Side::Target => (&self.target, &self.target_seeds),
+        };
+        std::iter::once(first).chain(more).cloned().collect()
+    }
+
+    /// `side`'s address(es) for the report, without passwords:
+    /// `redis://host:port` or `redis://host:port,host2:port2,…`.
+    pub fn describe(&self, side: Side) -> String {
+        let mut text = String::new();
+        for (i, url) in self.seeds(side).iter().enumerate() {
+            if i == 0 {
+                text.push_str(&url.to_string());
+            } else {
+                text.push(',');
+                text.push_str(&url.addr());
+            }
+        }
+        text
     }
 }
 
@@ -266,6 +325,34 @@ pub enum VerifyError {
         command: String,
         reply: String,
     },
+    #[error("the {side} is a Redis Cluster whose slot map cannot be read: {source}")]
+    Topology {
+        side: Side,
+        #[source]
+        source: TopologyError,
+    },
+    #[error(
+        "the {side} was given as a seed list (for a Redis Cluster) but {url} is a standalone server"
+    )]
+    NotCluster { side: Side, url: String },
+    #[error(
+        "the {side} is a Redis Cluster, which has db 0 only: db {db} cannot be compared there \
+         (it was asked for, or holds keys on the other side; compare db 0 alone with --db 0)"
+    )]
+    ClusterDb { side: Side, db: u32 },
+    #[error("the {side} redirected {command} ({at}) more than {limit} times; last: {last}")]
+    Redirects {
+        side: Side,
+        at: String,
+        command: String,
+        limit: usize,
+        last: String,
+    },
+    #[error(
+        "the {side} cluster's slots kept moving while its keys were walked (walked again for \
+         {secs} s): a resharding in progress? verify again once it ends"
+    )]
+    Unsettled { side: Side, secs: u64 },
 }
 
 /// Progress, reported after each pass of each db.
@@ -293,25 +380,39 @@ pub async fn run_observed(
 ) -> Result<VerifyReport, VerifyError> {
     let started = Instant::now();
     let mut pair = Pair {
-        source: Conn::connect(Side::Source, &config.source, config.qps).await?,
-        target: Conn::connect(Side::Target, &config.target, config.qps).await?,
+        source: Conn::connect(Side::Source, &config.seeds(Side::Source), config.qps).await?,
+        target: Conn::connect(Side::Target, &config.seeds(Side::Target), config.qps).await?,
     };
-    let dbs = if config.dbs.is_empty() {
-        let mut dbs = keyspace_dbs(&mut pair.source).await?;
-        dbs.extend(keyspace_dbs(&mut pair.target).await?);
-        dbs
+    // (source db, target db) pairs.
+    let dbs: Vec<(u32, u32)> = if !config.db_map.is_empty() {
+        let mut pairs: Vec<(u32, u32)> = config
+            .db_map
+            .iter()
+            .copied()
+            .filter(|(source, _)| config.dbs.is_empty() || config.dbs.contains(source))
+            .collect();
+        pairs.sort_unstable();
+        pairs.dedup();
+        pairs
     } else {
-        config.dbs.clone()
+        let mut dbs = if config.dbs.is_empty() {
+            let mut dbs = pair.source.keyspace_dbs().await?;
+            dbs.extend(pair.target.keyspace_dbs().await?);
+            dbs
+        } else {
+            config.dbs.clone()
+        };
+        dbs.sort_unstable();
+        dbs.dedup();
+        dbs.into_iter().map(|db| (db, db)).collect()
     };
-    let mut dbs = dbs;
-    dbs.sort_unstable();
-    dbs.dedup();
 
+    let walked = !dbs.is_empty();
     let mut db_reports = Vec::with_capacity(dbs.len());
     let mut listed = Vec::new();
     let mut total = 0u64;
-    for db in dbs {
-        let (db_report, differing) = verify_db(&mut pair, db, config, observer).await?;
+    for (db, target_db) in dbs {
+        let (db_report, differing) = verify_db(&mut pair, db, target_db, config, observer).await?;
         total += differing.len() as u64;
         for (key, diffs) in differing {
             if listed.len() >= config.max_listed {
@@ -334,8 +435,8 @@ pub async fn run_observed(
         db_reports.push(db_report);
     }
     Ok(VerifyReport {
-        source: config.source.to_string(),
-        target: config.target.to_string(),
+        source: config.describe(Side::Source),
+        target: config.describe(Side::Target),
         mode: config.mode,
         passes_max: config.passes.max(1),
         equal: total == 0,
@@ -343,8 +444,18 @@ pub async fn run_observed(
         differences_total: total,
         differences_omitted: total - listed.len() as u64,
         differences: listed,
-        source_commands: pair.source.commands,
-        target_commands: pair.target.commands,
+        source_commands: pair.source.commands(),
+        target_commands: pair.target.commands(),
+        source_topology: SideTopology {
+            cluster: pair.source.is_cluster(),
+            masters_scanned: pair.source.masters_scanned(walked),
+            rewalks: pair.source.rewalks(),
+        },
+        target_topology: SideTopology {
+            cluster: pair.target.is_cluster(),
+            masters_scanned: pair.target.masters_scanned(walked),
+            rewalks: pair.target.rewalks(),
+        },
         elapsed_ms: millis(started.elapsed()),
     })
 }
@@ -353,70 +464,39 @@ fn millis(elapsed: Duration) -> u64 {
     u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// Dbs with keys, from `INFO keyspace` (`db3:keys=10,expires=0,…`).
-async fn keyspace_dbs(conn: &mut Conn) -> Result<Vec<u32>, VerifyError> {
-    let reply = conn
-        .call(Command::from_parts(["INFO", "keyspace"]), None)
-        .await?;
-    let text = reply
-        .as_bytes()
-        .ok_or_else(|| conn.bad_reply("INFO", None, &reply))?;
-    let info = crate::redis::client::parse_info(&String::from_utf8_lossy(text));
-    let mut dbs = Vec::new();
-    for (name, value) in info {
-        let Some(db) = name.strip_prefix("db").and_then(|n| n.parse::<u32>().ok()) else {
-            continue;
-        };
-        let keys = value
-            .split(',')
-            .find_map(|part| part.strip_prefix("keys="))
-            .and_then(|n| n.parse::<u64>().ok())
-            .ok_or_else(|| conn.bad_reply("INFO keyspace", None, &reply))?;
-        if keys > 0 {
-            dbs.push(db);
-        }
-    }
-    Ok(dbs)
-}
-
 type Differing = BTreeMap<Bytes, Vec<crate::verify::Difference>>;
 
-/// All passes over one db.
+/// All passes over source db `db` against target db `target_db`.
 async fn verify_db(
     pair: &mut Pair,
     db: u32,
+    target_db: u32,
     config: &VerifyConfig,
     observer: &mut (dyn FnMut(&PassEvent) + Send),
 ) -> Result<(DbReport, Differing), VerifyError> {
     let started = Instant::now();
     pair.source.select(db).await?;
-    pair.target.select(db).await?;
+    pair.target.select(target_db).await?;
     let batch = config.batch.max(1);
     let passes = config.passes.max(1);
     let mut differing = Differing::new();
     let mut keys_checked = 0u64;
 
     // Pass 1, source side: every key.
-    let mut cursor = Bytes::from_static(b"0");
-    loop {
-        let (next, keys) = scan(&mut pair.source, &cursor, config).await?;
+    let mut walk = pair.source.walk(config);
+    while let Some(keys) = pair.source.next_page(&mut walk, config).await? {
         keys_checked += keys.len() as u64;
         for chunk in keys.chunks(batch) {
             differing.extend(check_keys(pair, chunk, config).await?);
         }
-        if next.as_ref() == b"0" {
-            break;
-        }
-        cursor = next;
     }
     // Pass 1, target side: keys the source lacks.
-    let mut cursor = Bytes::from_static(b"0");
-    loop {
-        let (next, keys) = scan(&mut pair.target, &cursor, config).await?;
+    let mut walk = pair.target.walk(config);
+    while let Some(keys) = pair.target.next_page(&mut walk, config).await? {
         for chunk in keys.chunks(batch) {
-            let cmds: Vec<Command> = chunk
+            let cmds: Vec<KeyCommand> = chunk
                 .iter()
-                .map(|key| Command::new(vec![Bytes::from_static(b"EXISTS"), key.clone()]))
+                .map(|key| KeyCommand::on(b"EXISTS", key))
                 .collect();
             let replies = pair.source.pipeline(&cmds).await?;
             let mut absent = Vec::new();
@@ -433,10 +513,6 @@ async fn verify_db(
             keys_checked += absent.len() as u64;
             differing.extend(check_keys(pair, &absent, config).await?);
         }
-        if next.as_ref() == b"0" {
-            break;
-        }
-        cursor = next;
     }
 
     let mut differing_after_pass = vec![differing.len() as u64];
@@ -466,6 +542,7 @@ async fn verify_db(
     differing.retain(|_, diffs| !diffs.iter().all(|d| d.kind == DiffKind::Expiring));
     let mut db_report = DbReport {
         db,
+        target_db,
         keys_checked,
         passes: pass,
         differing_after_pass,
@@ -484,37 +561,24 @@ async fn verify_db(
     Ok((db_report, differing))
 }
 
-/// One `SCAN` page of `conn`'s current db, without ferry's internal keys.
-async fn scan(
-    conn: &mut Conn,
-    cursor: &Bytes,
-    config: &VerifyConfig,
-) -> Result<(Bytes, Vec<Bytes>), VerifyError> {
-    let mut args = vec![Bytes::from_static(b"SCAN"), cursor.clone()];
-    if let Some(pattern) = &config.pattern {
-        args.push(Bytes::from_static(b"MATCH"));
-        args.push(pattern.clone());
+/// The `SCAN MATCH` pattern of a db's scan: `--match`, else the key
+/// filter's one include prefix (several, or none, are filtered per key).
+pub(crate) fn scan_pattern(config: &VerifyConfig) -> Option<Bytes> {
+    if config.pattern.is_some() {
+        return config.pattern.clone();
     }
-    args.push(Bytes::from_static(b"COUNT"));
-    args.push(Bytes::from(config.batch.max(1).to_string()));
-    let reply = conn.call(Command::new(args), None).await?;
-    let Frame::Array(parts) = &reply else {
-        return Err(conn.bad_reply("SCAN", None, &reply));
-    };
-    let [next, Frame::Array(page)] = parts.as_slice() else {
-        return Err(conn.bad_reply("SCAN", None, &reply));
-    };
-    let Some(next) = next.as_bytes() else {
-        return Err(conn.bad_reply("SCAN", None, &reply));
-    };
-    let mut keys = Vec::with_capacity(page.len());
-    for item in page {
-        let Some(key) = item.as_bytes() else {
-            return Err(conn.bad_reply("SCAN", None, &reply));
-        };
-        if !key.starts_with(INTERNAL_PREFIX) {
-            keys.push(key.clone());
-        }
+    let filter = config.key_filter.as_ref()?;
+    match filter.patterns().as_slice() {
+        [one] if one.as_ref() != b"*" => Some(one.clone()),
+        _ => None,
     }
-    Ok((next.clone(), keys))
+}
+
+/// Whether a scanned key is compared: not one of ferry's internal keys,
+/// and inside the key filter.
+pub(crate) fn compared(config: &VerifyConfig, key: &[u8]) -> bool {
+    match &config.key_filter {
+        Some(filter) => filter.owns(key),
+        None => !key.starts_with(INTERNAL_PREFIX),
+    }
 }

@@ -31,16 +31,50 @@ pub struct VerifyReport {
     pub differences: Vec<KeyReport>,
     /// Differing keys left out of [`VerifyReport::differences`].
     pub differences_omitted: u64,
-    /// Commands sent to the source and to the target.
+    /// Commands sent to the source and to the target (all their servers).
     pub source_commands: u64,
     pub target_commands: u64,
+    /// What each side is, and how many masters were walked.
+    pub source_topology: SideTopology,
+    pub target_topology: SideTopology,
     pub elapsed_ms: u64,
+}
+
+/// One side: a standalone server or a Redis Cluster.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct SideTopology {
+    /// A Redis Cluster (`cluster_enabled:1`).
+    pub cluster: bool,
+    /// Masters whose keys were walked with `SCAN` (a standalone server
+    /// counts as one; 0 when no db was compared).
+    pub masters_scanned: u32,
+    /// Rounds of the walk that walked again the slots whose owner or
+    /// migration changed under it (a resharding during the verify).
+    pub rewalks: u32,
+}
+
+impl SideTopology {
+    fn describe(&self) -> String {
+        if self.cluster && self.rewalks > 0 {
+            format!(
+                "cluster, {} masters scanned, slots that moved walked again {} times",
+                self.masters_scanned, self.rewalks
+            )
+        } else if self.cluster {
+            format!("cluster, {} masters scanned", self.masters_scanned)
+        } else {
+            "standalone".to_string()
+        }
+    }
 }
 
 /// One db.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct DbReport {
+    /// The source db.
     pub db: u32,
+    /// The target db compared with it (`db` unless `--db-map`).
+    pub target_db: u32,
     /// Keys compared in the first pass (scanned on the source, plus keys
     /// found on the target only; SCAN may return a key twice).
     pub keys_checked: u64,
@@ -130,6 +164,14 @@ pub fn render_report(report: &VerifyReport) -> String {
         report.passes_max,
         report.elapsed_ms
     );
+    if report.source_topology.cluster || report.target_topology.cluster {
+        let _ = writeln!(
+            out,
+            "source: {}; target: {}",
+            report.source_topology.describe(),
+            report.target_topology.describe()
+        );
+    }
     let headers = [
         "Db",
         "Keys Checked",
@@ -147,7 +189,11 @@ pub fn render_report(report: &VerifyReport) -> String {
         .iter()
         .map(|db| {
             vec![
-                db.db.to_string(),
+                if db.db == db.target_db {
+                    db.db.to_string()
+                } else {
+                    format!("{} → {}", db.db, db.target_db)
+                },
                 db.keys_checked.to_string(),
                 db.missing.to_string(),
                 db.extra.to_string(),
@@ -257,6 +303,16 @@ mod tests {
             differences_omitted: 1,
             source_commands: 10,
             target_commands: 10,
+            source_topology: SideTopology {
+                cluster: false,
+                masters_scanned: 1,
+                rewalks: 0,
+            },
+            target_topology: SideTopology {
+                cluster: false,
+                masters_scanned: 1,
+                rewalks: 0,
+            },
             elapsed_ms: 9,
         };
         let expected = "\
@@ -282,5 +338,22 @@ different: 3 of 12 keys differ after the last pass
         assert_eq!(json["dbs"][0]["expiring"], 2);
         assert_eq!(json["differences"][1]["kinds"][0], "value");
         assert_eq!(json["mode"], "full");
+        assert_eq!(json["source_topology"]["cluster"], false);
+        assert_eq!(json["target_topology"]["masters_scanned"], 1);
+
+        // A cluster side says so on a line of its own, after the header.
+        let mut clustered = report.clone();
+        clustered.source_topology = SideTopology {
+            cluster: true,
+            masters_scanned: 3,
+            rewalks: 0,
+        };
+        let text = render_report(&clustered);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[1],
+            "source: cluster, 3 masters scanned; target: standalone"
+        );
+        assert_eq!(text.replace(&format!("{}\n", lines[1]), ""), expected);
     }
 }

@@ -382,6 +382,41 @@ impl Cluster {
         cluster
     }
 
+    /// Starts `masters` masters without replicas and makes them a cluster
+    /// by hand (`CLUSTER ADDSLOTSRANGE` of an even share each,
+    /// `CLUSTER SET-CONFIG-EPOCH`, `CLUSTER MEET`), for the shapes
+    /// `redis-cli --cluster create` refuses (fewer than 3 masters); returns
+    /// once it settled.
+    pub fn start_by_hand(masters: usize) -> Cluster {
+        assert!((1..=16).contains(&masters), "{masters} masters");
+        let nodes: Vec<ClusterNode> = (0..masters).map(|_| ClusterNode::start()).collect();
+        let ok = Resp::Simple("OK".into());
+        let share = usize::from(SLOTS) / masters;
+        for (i, node) in nodes.iter().enumerate() {
+            let first = i * share;
+            let last = if i + 1 == masters {
+                usize::from(SLOTS) - 1
+            } else {
+                first + share - 1
+            };
+            let (first, last) = (first.to_string(), last.to_string());
+            assert_eq!(node.call(&["CLUSTER", "ADDSLOTSRANGE", &first, &last]), ok);
+            let epoch = (i + 1).to_string();
+            assert_eq!(node.call(&["CLUSTER", "SET-CONFIG-EPOCH", &epoch]), ok);
+        }
+        let first_port = nodes[0].port.to_string();
+        for node in &nodes[1..] {
+            assert_eq!(
+                node.call(&["CLUSTER", "MEET", "127.0.0.1", &first_port]),
+                ok
+            );
+        }
+        let cluster = Cluster { nodes };
+        cluster.wait_settled();
+        assert_eq!(cluster.shards().len(), masters, "{}", cluster.logs());
+        cluster
+    }
+
     /// The running nodes, in start order.
     pub fn nodes(&self) -> impl Iterator<Item = &ClusterNode> {
         self.nodes.iter().filter(|n| n.is_running())

@@ -1,0 +1,590 @@
+//! A Redis Cluster source: one listener partition per shard, each following
+//! its shard's master through failovers, with a partition id that never
+//! changes for a shard.
+//!
+//! In: the source's seed addresses (any nodes of the cluster) and the
+//! listener's data dir. Out: a [`ShardRoute`] per partition, which the
+//! [`super::Listener`] of that partition asks where to `PSYNC` (the shard's
+//! current master), which slots its snapshot markers cover, and where its
+//! heartbeat goes; and the shard map file that makes partition ids stable.
+//!
+//! # Shards and partitions
+//!
+//! A shard is a master, the slots it serves and its replicas. It is known by
+//! the node ids of those nodes, not by an address or a slot range: a
+//! promoted replica is the same shard (its partition goes on with a partial
+//! resync, `+CONTINUE`), and so is a shard whose slots moved. The map from
+//! partitions to node ids is kept in `<data-dir>/cluster-shards`, one line
+//! `<partition> <node-id>...` per partition, replaced atomically (written
+//! to a temporary file, fsynced, renamed, the dir fsynced) before any
+//! partition it names is started, so a crash never leaves a partition the
+//! map does not name, and a restart finds every shard under the id it had.
+//!
+//! Matching a topology against the map ([`ShardMap::assign`]): every master
+//! (with or without slots) takes the partition whose ids hold the master's
+//! id, else one holding a replica's id; the partition's ids then grow by the
+//! shard's current nodes, and those nodes leave any other partition's ids
+//! (a node belongs to one shard at a time). A master with slots that
+//! matches no partition is a new shard: it gets the next unused id. A
+//! partition whose master serves no slot any more, or whose nodes all left
+//! the cluster, keeps its id and stays, idle (shown so in `ferry status`).
+//!
+//! # Following the topology
+//!
+//! [`ClusterSource::refresh`] reads `CLUSTER NODES` from the first node that
+//! answers with every slot served (every node ever seen, then the seeds),
+//! and updates every route; the node polls it every few seconds (backoff on
+//! errors) to pick up new shards and moved masters. A listener whose link
+//! failed asks [`ShardRoute::locate`] to rediscover first, so a failover is
+//! followed as soon as the cluster has promoted a replica; a route whose
+//! master changes under a live session ends that session
+//! ([`ShardRoute::moved_from`]), so a demoted master is left for the new
+//! one.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::watch;
+use tracing::info;
+
+use crate::position::PartitionId;
+use crate::redis::cluster::{self, SlotRanges, Topology, TopologyError};
+use crate::redis::url::RedisUrl;
+
+/// Name of the shard map file in the listener's data dir.
+pub const SHARD_MAP_FILE: &str = "cluster-shards";
+
+/// Why the shard map could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum ShardMapError {
+    #[error("{path}: {error}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        error: std::io::Error,
+    },
+    #[error("{path} line {line}: {reason}")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
+}
+
+/// Partitions and the node ids of their shards (module doc).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ShardMap {
+    parts: BTreeMap<u32, BTreeSet<String>>,
+}
+
+/// The node ids of one shard as the topology shows it now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardNodes {
+    pub master: String,
+    pub replicas: Vec<String>,
+    /// Whether the master serves any slot (only such shards get a new id).
+    pub has_slots: bool,
+}
+
+/// Longest shard map file read (a few hundred shards of a few nodes each
+/// fit many times over).
+const MAX_MAP_BYTES: u64 = 4 << 20;
+
+impl ShardMap {
+    /// Reads the map; a missing file is `None`.
+    pub fn load(path: &Path) -> Result<Option<ShardMap>, ShardMapError> {
+        let io = |error| ShardMapError::Io {
+            path: path.to_path_buf(),
+            error,
+        };
+        let file = match std::fs::File::open(path) {
+            Ok(file) => file,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(error) => return Err(io(error)),
+        };
+        let mut text = String::new();
+        use std::io::Read;
+        file.take(MAX_MAP_BYTES + 1)
+            .read_to_string(&mut text)
+            .map_err(io)?;
+        if text.len() as u64 > MAX_MAP_BYTES {
+            return Err(ShardMapError::Parse {
+                path: path.to_path_buf(),
+                line: 0,
+                reason: format!("longer than {MAX_MAP_BYTES} bytes"),
+            });
+        }
+        ShardMap::parse(&text)
+            .map(Some)
+            .map_err(|(line, reason)| ShardMapError::Parse {
+                path: path.to_path_buf(),
+                line,
+                reason,
+            })
+    }
+
+    fn parse(text: &str) -> Result<ShardMap, (usize, String)> {
+        let mut parts = BTreeMap::new();
+        for (index, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let mut fields = line.split_whitespace();
+            let partition = fields
+                .next()
+                .and_then(|p| p.parse::<u32>().ok())
+                .ok_or_else(|| {
+                    (
+                        index + 1,
+                        format!("expected `<partition> <node-id>...`, got {line:?}"),
+                    )
+                })?;
+            let ids: BTreeSet<String> = fields.map(str::to_string).collect();
+            if let Some(bad) = ids
+                .iter()
+                .find(|id| id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric()))
+            {
+                return Err((index + 1, format!("bad node id {bad:?}")));
+            }
+            if parts.insert(partition, ids).is_some() {
+                return Err((index + 1, format!("partition {partition} listed twice")));
+            }
+        }
+        Ok(ShardMap { parts })
+    }
+
+    fn render(&self) -> String {
+        let mut text = String::from(
+            "# ferry: partition -> node ids of its source shard (written by ferry; do not edit)\n",
+        );
+        for (partition, ids) in &self.parts {
+            text.push_str(&partition.to_string());
+            for id in ids {
+                text.push(' ');
+                text.push_str(id);
+            }
+            text.push('\n');
+        }
+        text
+    }
+
+    /// Writes the map atomically and durably (module doc).
+    pub fn save(&self, path: &Path) -> Result<(), ShardMapError> {
+        write_atomically(path, self.render().as_bytes()).map_err(|error| ShardMapError::Io {
+            path: path.to_path_buf(),
+            error,
+        })
+    }
+
+    pub fn partitions(&self) -> impl Iterator<Item = PartitionId> + '_ {
+        self.parts.keys().map(|&p| PartitionId(p))
+    }
+
+    /// Matches `shards` to partitions (module doc); returns the partition of
+    /// each shard (`None`: a master without slots no partition knows) and
+    /// whether the map changed.
+    pub fn assign(&mut self, shards: &[ShardNodes]) -> (Vec<Option<PartitionId>>, bool) {
+        let before = self.clone();
+        let mut taken: BTreeSet<u32> = BTreeSet::new();
+        let mut assigned = Vec::with_capacity(shards.len());
+        for shard in shards {
+            let find = |id: &str| {
+                self.parts
+                    .iter()
+                    .find(|(p, ids)| !taken.contains(p) && ids.contains(id))
+                    .map(|(&p, _)| p)
+            };
+            let found = find(&shard.master).or_else(|| shard.replicas.iter().find_map(|r| find(r)));
+            let partition = match found {
+                Some(p) => p,
+                None if shard.has_slots => {
+                    let next = self.parts.keys().next_back().map_or(0, |&p| p + 1);
+                    self.parts.insert(next, BTreeSet::new());
+                    next
+                }
+                None => {
+                    assigned.push(None);
+                    continue;
+                }
+            };
+            taken.insert(partition);
+            let current: BTreeSet<String> = std::iter::once(shard.master.clone())
+                .chain(shard.replicas.iter().cloned())
+                .collect();
+            for (p, ids) in self.parts.iter_mut() {
+                if *p != partition {
+                    ids.retain(|id| !current.contains(id));
+                }
+            }
+            if let Some(ids) = self.parts.get_mut(&partition) {
+                ids.extend(current);
+            }
+            assigned.push(Some(PartitionId(partition)));
+        }
+        let changed = *self != before;
+        (assigned, changed)
+    }
+}
+
+/// Replaces `path` by `bytes` so that a crash leaves the old or the new file,
+/// and the new one is durable when this returns.
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// The node ids of every master of `topology` (with or without slots),
+/// masters with slots first, in slot order.
+fn shard_nodes(topology: &Topology) -> Vec<(ShardNodes, Option<&cluster::NodeInfo>)> {
+    let mut masters: Vec<&cluster::NodeInfo> = topology.nodes.iter().filter(|n| n.master).collect();
+    masters.sort_by_key(|m| (m.slots.is_empty(), m.slots.first(), m.id.clone()));
+    masters
+        .into_iter()
+        .map(|m| {
+            let replicas = topology
+                .nodes
+                .iter()
+                .filter(|r| r.master_id.as_deref() == Some(m.id.as_str()))
+                .map(|r| r.id.clone())
+                .collect();
+            (
+                ShardNodes {
+                    master: m.id.clone(),
+                    replicas,
+                    has_slots: !m.slots.is_empty(),
+                },
+                Some(m),
+            )
+        })
+        .collect()
+}
+
+/// Where a shard is now.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ShardState {
+    /// The shard's master (with the source's credentials), if the cluster
+    /// lists one.
+    pub master: Option<RedisUrl>,
+    pub master_id: Option<String>,
+    /// The slots the master serves (empty: idle).
+    pub slots: SlotRanges,
+}
+
+/// One partition's view of its shard, shared by its listener, heartbeat and
+/// status.
+pub struct ShardRoute {
+    partition: PartitionId,
+    state: watch::Sender<ShardState>,
+    source: Arc<ClusterSource>,
+}
+
+impl ShardRoute {
+    pub fn partition(&self) -> PartitionId {
+        self.partition
+    }
+
+    pub fn state(&self) -> ShardState {
+        self.state.borrow().clone()
+    }
+
+    /// The slots the shard serves now (a snapshot marker's scope).
+    pub fn slots(&self) -> SlotRanges {
+        self.state.borrow().slots.clone()
+    }
+
+    /// The master to replicate from; rediscovers the cluster first when
+    /// `rediscover` (the last link failed) or no master is known. When the
+    /// topology cannot be read (a shard elsewhere has no master for a
+    /// while, say), the master known before is tried again.
+    pub async fn locate(&self, rediscover: bool) -> Result<RedisUrl, String> {
+        let mut refresh_error = None;
+        if rediscover || self.state.borrow().master.is_none() {
+            if let Err(error) = self.source.refresh().await {
+                refresh_error = Some(error.to_string());
+            }
+        }
+        let known = self.state.borrow().master.clone();
+        match (known, refresh_error) {
+            (Some(master), _) => Ok(master),
+            (None, Some(error)) => Err(error),
+            (None, None) => Err(format!(
+                "shard of partition {} has no master in the cluster (idle)",
+                self.partition
+            )),
+        }
+    }
+
+    /// Resolves once the route names a master other than `addr` (the
+    /// session on `addr` should end); never while no master is known.
+    pub async fn moved_from(&self, addr: &str) -> String {
+        let mut rx = self.state.subscribe();
+        loop {
+            if let Some(master) = &rx.borrow_and_update().master {
+                if master.addr() != addr {
+                    return master.addr();
+                }
+            }
+            if rx.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    }
+}
+
+struct ClusterState {
+    map: ShardMap,
+    /// Every node address seen, for rediscovery beyond the seeds.
+    known: Vec<RedisUrl>,
+    routes: BTreeMap<PartitionId, Arc<ShardRoute>>,
+    /// Partitions whose route was handed out by [`ClusterSource::take_new`].
+    started: BTreeSet<PartitionId>,
+}
+
+/// A cluster source: its seeds, the shard map and a route per partition.
+pub struct ClusterSource {
+    seeds: Vec<RedisUrl>,
+    map_path: PathBuf,
+    state: Mutex<ClusterState>,
+    /// One discovery at a time (listeners and the poller share it).
+    discovering: tokio::sync::Mutex<()>,
+}
+
+impl ClusterSource {
+    /// Loads the shard map of `data_dir` (if any) and makes a route for each
+    /// partition it names (no master known until [`Self::refresh`]).
+    pub fn open(
+        seeds: Vec<RedisUrl>,
+        data_dir: &Path,
+    ) -> Result<Arc<ClusterSource>, ShardMapError> {
+        let map_path = data_dir.join(SHARD_MAP_FILE);
+        let map = ShardMap::load(&map_path)?.unwrap_or_default();
+        let source = Arc::new(ClusterSource {
+            seeds,
+            map_path,
+            state: Mutex::new(ClusterState {
+                map,
+                known: Vec::new(),
+                routes: BTreeMap::new(),
+                started: BTreeSet::new(),
+            }),
+            discovering: tokio::sync::Mutex::new(()),
+        });
+        {
+            let mut state = source.lock();
+            let partitions: Vec<PartitionId> = state.map.partitions().collect();
+            for partition in partitions {
+                let route = source.new_route(partition);
+                state.routes.insert(partition, route);
+            }
+        }
+        Ok(source)
+    }
+
+    /// Whether `data_dir` holds a shard map (it replicated a cluster).
+    pub fn has_map(data_dir: &Path) -> bool {
+        data_dir.join(SHARD_MAP_FILE).exists()
+    }
+
+    fn new_route(self: &Arc<Self>, partition: PartitionId) -> Arc<ShardRoute> {
+        let (state, _) = watch::channel(ShardState::default());
+        Arc::new(ShardRoute {
+            partition,
+            state,
+            source: Arc::clone(self),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ClusterState> {
+        // Critical sections assign whole values.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reads the topology and updates the map (saved before it returns) and
+    /// every route.
+    pub async fn refresh(self: &Arc<Self>) -> Result<(), RefreshError> {
+        let _one = self.discovering.lock().await;
+        let candidates: Vec<RedisUrl> = {
+            let state = self.lock();
+            state
+                .known
+                .iter()
+                .chain(self.seeds.iter())
+                .cloned()
+                .collect()
+        };
+        let topology = cluster::discover(&candidates).await?;
+        self.apply(&topology)
+    }
+
+    fn apply(self: &Arc<Self>, topology: &Topology) -> Result<(), RefreshError> {
+        let template = &self.seeds[0];
+        let shards = shard_nodes(topology);
+        let mut state = self.lock();
+        let nodes: Vec<ShardNodes> = shards.iter().map(|(n, _)| n.clone()).collect();
+        let mut map = state.map.clone();
+        let (assigned, changed) = map.assign(&nodes);
+        if changed {
+            map.save(&self.map_path)?;
+            info!(map = %self.map_path.display(), "cluster shard map updated");
+        }
+        state.map = map;
+        state.known = topology
+            .nodes
+            .iter()
+            .filter(|n| !n.failing)
+            .map(|n| Topology::url_for(n, template))
+            .collect();
+        let mut seen = BTreeSet::new();
+        for ((_, master), partition) in shards.iter().zip(assigned) {
+            let (Some(partition), Some(master)) = (partition, master) else {
+                continue;
+            };
+            seen.insert(partition);
+            let new = ShardState {
+                master: Some(Topology::url_for(master, template)),
+                master_id: Some(master.id.clone()),
+                slots: master.slots.clone(),
+            };
+            let route = match state.routes.get(&partition) {
+                Some(route) => Arc::clone(route),
+                None => {
+                    let route = self.new_route(partition);
+                    state.routes.insert(partition, Arc::clone(&route));
+                    route
+                }
+            };
+            route.state.send_if_modified(|s| {
+                if *s == new {
+                    return false;
+                }
+                info!(partition = %partition, master = %master.addr, slots = %new.slots, "source shard");
+                *s = new;
+                true
+            });
+        }
+        // A partition whose nodes all left the cluster: idle, master unknown.
+        for (partition, route) in &state.routes {
+            if !seen.contains(partition) {
+                route.state.send_if_modified(|s| {
+                    let changed = s.master.is_some() || !s.slots.is_empty();
+                    *s = ShardState::default();
+                    changed
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Routes of partitions not handed out before, in partition order.
+    pub fn take_new(&self) -> Vec<Arc<ShardRoute>> {
+        let mut state = self.lock();
+        let new: Vec<Arc<ShardRoute>> = state
+            .routes
+            .iter()
+            .filter(|(p, _)| !state.started.contains(p))
+            .map(|(_, r)| Arc::clone(r))
+            .collect();
+        for route in &new {
+            state.started.insert(route.partition);
+        }
+        new
+    }
+
+    /// The seeds, for status when no master is known.
+    pub fn seeds(&self) -> &[RedisUrl] {
+        &self.seeds
+    }
+}
+
+/// Why [`ClusterSource::refresh`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RefreshError {
+    #[error("cluster topology: {0}")]
+    Topology(#[from] TopologyError),
+    #[error("shard map: {0}")]
+    Map(#[from] ShardMapError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shard(master: &str, replicas: &[&str], has_slots: bool) -> ShardNodes {
+        ShardNodes {
+            master: master.into(),
+            replicas: replicas.iter().map(|r| r.to_string()).collect(),
+            has_slots,
+        }
+    }
+
+    #[test]
+    fn shards_keep_their_partition_through_failover_and_new_shards_get_new_ids() {
+        let mut map = ShardMap::default();
+        let (ids, changed) = map.assign(&[
+            shard("a", &["a2"], true),
+            shard("b", &["b2"], true),
+            shard("c", &["c2"], true),
+        ]);
+        assert!(changed);
+        assert_eq!(
+            ids,
+            vec![
+                Some(PartitionId(0)),
+                Some(PartitionId(1)),
+                Some(PartitionId(2))
+            ]
+        );
+        // Failover in shard b (b2 promoted, b its replica), listed first now.
+        let (ids, changed) = map.assign(&[
+            shard("b2", &["b"], true),
+            shard("a", &["a2"], true),
+            shard("c", &["c2"], true),
+        ]);
+        assert!(!changed);
+        assert_eq!(
+            ids,
+            vec![
+                Some(PartitionId(1)),
+                Some(PartitionId(0)),
+                Some(PartitionId(2))
+            ]
+        );
+        // A new master without slots gets nothing; with slots, the next id.
+        let (ids, _) = map.assign(&[shard("a", &["a2"], true), shard("d", &[], false)]);
+        assert_eq!(ids, vec![Some(PartitionId(0)), None]);
+        let (ids, changed) = map.assign(&[shard("d", &["d2"], true), shard("c", &[], false)]);
+        assert!(changed);
+        assert_eq!(ids, vec![Some(PartitionId(3)), Some(PartitionId(2))]);
+        // The map round-trips through its file form.
+        assert_eq!(ShardMap::parse(&map.render()).unwrap(), map);
+    }
+
+    #[test]
+    fn a_replica_moved_to_another_shard_leaves_its_old_partition() {
+        let mut map = ShardMap::default();
+        map.assign(&[shard("a", &["x"], true), shard("b", &[], true)]);
+        let (ids, changed) = map.assign(&[shard("a", &[], true), shard("b", &["x"], true)]);
+        assert!(changed);
+        assert_eq!(ids, vec![Some(PartitionId(0)), Some(PartitionId(1))]);
+        assert!(!map.parts[&0].contains("x"));
+        assert!(map.parts[&1].contains("x"));
+    }
+
+    #[test]
+    fn bad_map_files_are_errors_naming_the_line() {
+        assert_eq!(ShardMap::parse("# c\n0 abc\nzz abc\n").unwrap_err().0, 3);
+        assert_eq!(ShardMap::parse("0 a\n0 b\n").unwrap_err().0, 2);
+        assert!(ShardMap::parse("0 a;b\n").is_err());
+    }
+}

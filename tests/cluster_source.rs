@@ -1,0 +1,869 @@
+//! A Redis Cluster source (issue 10, item 1, listener side): `ferry sync`
+//! from a cluster of 3 masters x 1 replica (tests/common/cluster.rs) into a
+//! standalone target, with writes spread over every slot. One listener
+//! partition per shard, a stable id per shard, failover followed with a
+//! partial resync, kill -9 resumed without any full resync.
+//!
+//! The target starts empty and the sync runs with the default
+//! `existing-data = "refuse"`: each partition's snapshot load replaces only
+//! its shard's slots on the target (`SnapshotMarker.scope`), so the
+//! partitions' loads leave each other's keys alone.
+//!
+//! Run: `cargo test --test cluster_source -- --test-threads 2` (each test
+//! starts 6 cluster nodes, a target and ferry; a minute or two each on a
+//! loaded box).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::cluster::{spread_keys, Cluster};
+use common::ferry::FerryProcess;
+use common::resp::{self, Resp};
+use common::RedisServer;
+
+/// Longest wait for ferry to reach a state or the target to converge.
+const CONVERGE: Duration = Duration::from_secs(180);
+
+/// See the module doc.
+const EXISTING_DATA: &[&str] = &[];
+
+/// Counters every writer round increments once each (spread over slots).
+const COUNTERS: usize = 24;
+
+fn counter_keys() -> Vec<String> {
+    spread_keys("ctr", COUNTERS)
+}
+
+/// Every data key of one server (`__ferry*` keys left out) and its string
+/// value.
+fn dump(addr: &str) -> BTreeMap<String, String> {
+    let mut conn = resp::connect(addr);
+    let keys: Vec<String> = conn
+        .call(&["KEYS", "*"])
+        .unwrap_or_else(|e| panic!("KEYS on {addr}: {e}"))
+        .items()
+        .iter()
+        .filter_map(Resp::text)
+        .filter(|key| !key.starts_with("__ferry"))
+        .collect();
+    let mut out = BTreeMap::new();
+    for chunk in keys.chunks(1000) {
+        for key in chunk {
+            conn.queue(&["GET", key.as_str()]);
+        }
+        let replies = conn
+            .replies()
+            .unwrap_or_else(|e| panic!("GET on {addr}: {e}"));
+        for (key, reply) in chunk.iter().zip(replies) {
+            if let Some(value) = reply.text() {
+                out.insert(key.clone(), value);
+            }
+        }
+    }
+    out
+}
+
+/// Every data key of the cluster, read from each master.
+fn dump_cluster(cluster: &Cluster) -> BTreeMap<String, String> {
+    let mut all = BTreeMap::new();
+    for port in cluster.master_ports() {
+        all.extend(dump(&format!("127.0.0.1:{port}")));
+    }
+    all
+}
+
+/// What differs between the two dumps (a few keys named).
+fn difference(source: &BTreeMap<String, String>, target: &BTreeMap<String, String>) -> String {
+    let mut out = Vec::new();
+    for (key, value) in source {
+        match target.get(key) {
+            None => out.push(format!("{key} missing on the target")),
+            Some(other) if other != value => {
+                out.push(format!("{key}: source {value:?}, target {other:?}"))
+            }
+            Some(_) => {}
+        }
+    }
+    for key in target.keys().filter(|k| !source.contains_key(*k)) {
+        out.push(format!("{key} only on the target"));
+    }
+    let count = out.len();
+    out.truncate(8);
+    format!("{count} differences: {}", out.join("; "))
+}
+
+fn wait_for(what: &str, ferry: &FerryProcess, mut check: impl FnMut() -> Result<(), String>) {
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let error = match check() {
+            Ok(()) => return,
+            Err(error) => error,
+        };
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not reached in {CONVERGE:?}: {error}\n{}",
+            ferry.log_tail(60)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// Waits until the target holds exactly the cluster's keys and values.
+fn wait_converged(cluster: &Cluster, target: &RedisServer, ferry: &FerryProcess, when: &str) {
+    wait_for(&format!("target converged {when}"), ferry, || {
+        let source = dump_cluster(cluster);
+        let target = dump(&target.addr());
+        if source == target {
+            Ok(())
+        } else {
+            Err(difference(&source, &target))
+        }
+    });
+}
+
+/// The listener rows of `ferry status --json`.
+fn listeners(ferry: &FerryProcess) -> Vec<serde_json::Value> {
+    ferry.status_json()["listeners"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Waits until the listener has one ONLINE partition per shard of
+/// `cluster`, each showing its shard's master and slots.
+fn wait_partitions_online(cluster: &Cluster, ferry: &FerryProcess) -> Vec<serde_json::Value> {
+    let mut rows = Vec::new();
+    wait_for("a partition per shard, online", ferry, || {
+        rows = listeners(ferry);
+        let shards = cluster.shards();
+        if rows.len() != shards.len() {
+            return Err(format!(
+                "{} partitions for {} shards: {rows:?}",
+                rows.len(),
+                shards.len()
+            ));
+        }
+        for shard in &shards {
+            let addr = format!("127.0.0.1:{}", shard.master.port);
+            let Some(row) = rows.iter().find(|r| r["source"] == addr.as_str()) else {
+                return Err(format!("no partition shows master {addr}: {rows:?}"));
+            };
+            if row["source_state"] != "ONLINE" {
+                return Err(format!("partition of {addr} is {}", row["source_state"]));
+            }
+            let count: u64 = shard.master.slot_count() as u64;
+            if row["shard"]["slot_count"] != count
+                || row["shard"]["master_id"] != shard.master.id.as_str()
+            {
+                return Err(format!("partition of {addr} shows shard {}", row["shard"]));
+            }
+        }
+        Ok(())
+    });
+    rows
+}
+
+/// Partition id of the shard whose master's node id is `master_id`, by
+/// status.
+fn partition_by_master(rows: &[serde_json::Value]) -> BTreeMap<String, u64> {
+    rows.iter()
+        .map(|r| {
+            (
+                r["shard"]["master_id"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                r["partition"].as_u64().unwrap_or(u64::MAX),
+            )
+        })
+        .collect()
+}
+
+/// Writes `keys` with values of `round` and increments every counter once.
+fn write_round(cluster: &Cluster, prefix: &str, round: usize, keys: usize) {
+    let mut commands: Vec<(String, Vec<String>)> = counter_keys()
+        .into_iter()
+        .map(|k| (k.clone(), vec!["INCR".to_string(), k]))
+        .collect();
+    for key in spread_keys(&format!("{prefix}{round}"), keys) {
+        commands.push((key.clone(), vec!["SET".into(), key, format!("v{round}")]));
+    }
+    for reply in cluster.pipeline_keys(&commands) {
+        assert!(
+            !matches!(reply, Resp::Error(_)),
+            "write round {round}: {reply:?}"
+        );
+    }
+}
+
+/// A 3 x 1 cluster whose backlog holds what the writers of these tests
+/// send during a listener outage of a few seconds (the 1 MB default does
+/// not: the source would answer a full resync, as it should).
+fn start_cluster() -> Cluster {
+    let cluster = Cluster::start(3, 1);
+    for node in cluster.nodes() {
+        assert_eq!(
+            node.call(&["CONFIG", "SET", "repl-backlog-size", "256mb"]),
+            Resp::Simple("OK".into())
+        );
+    }
+    cluster
+}
+
+fn start_sync(dir: &Path, source: &str, target: &RedisServer) -> FerryProcess {
+    FerryProcess::sync(&dir.join("sync"), source, &target.url(), EXISTING_DATA)
+}
+
+fn assert_counters(cluster: &Cluster, target: &RedisServer, rounds: usize) {
+    let source = dump_cluster(cluster);
+    let copy = dump(&target.addr());
+    for key in counter_keys() {
+        assert_eq!(
+            source.get(&key).map(String::as_str),
+            Some(rounds.to_string().as_str()),
+            "source {key}"
+        );
+        assert_eq!(
+            copy.get(&key),
+            source.get(&key),
+            "target {key}: an INCR lost or applied twice"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// (a) full sync, then incremental, over every slot.
+
+#[test]
+fn a_cluster_source_syncs_every_shard_into_its_own_partition() {
+    let cluster = start_cluster();
+    let target = RedisServer::start(&[]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    // Data before the sync: every shard has some.
+    for round in 0..3 {
+        write_round(&cluster, "pre", round, 1000);
+    }
+    // Any one node names the cluster.
+    let ferry = start_sync(dir.path(), &cluster.url(), &target);
+    let rows = wait_partitions_online(&cluster, &ferry);
+    let partitions: BTreeSet<u64> = rows
+        .iter()
+        .filter_map(|r| r["partition"].as_u64())
+        .collect();
+    assert_eq!(partitions, BTreeSet::from([0, 1, 2]), "{rows:?}");
+    let slots: u64 = rows
+        .iter()
+        .filter_map(|r| r["shard"]["slot_count"].as_u64())
+        .sum();
+    assert_eq!(slots, 16384, "{rows:?}");
+    for row in &rows {
+        assert_eq!(row["full_syncs"], 1, "one full sync per shard: {row}");
+    }
+    wait_converged(&cluster, &target, &ferry, "after the full sync");
+
+    // Incremental: more keys, counters, deletes across every slot.
+    for round in 3..8 {
+        write_round(&cluster, "inc", round, 600);
+    }
+    let doomed: Vec<(String, Vec<String>)> = spread_keys("pre0", 300)
+        .into_iter()
+        .map(|k| (k.clone(), vec!["DEL".to_string(), k]))
+        .collect();
+    cluster.pipeline_keys(&doomed);
+    wait_converged(&cluster, &target, &ferry, "after incremental writes");
+    assert_counters(&cluster, &target, 8);
+
+    // A heartbeat per shard: every partition has a latency, and each
+    // partition's shipper and applier exist.
+    wait_for("a heartbeat latency per partition", &ferry, || {
+        let rows = listeners(&ferry);
+        match rows.iter().find(|r| r["heartbeat_latency_ms"].is_null()) {
+            None if rows.len() == 3 => Ok(()),
+            None => Err(format!("{} partitions", rows.len())),
+            Some(row) => Err(format!("no heartbeat latency: {row}")),
+        }
+    });
+    let status = ferry.status_json();
+    let appliers: BTreeSet<u64> = status["drainers"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|d| d["partition"].as_u64()).collect())
+        .unwrap_or_default();
+    assert_eq!(appliers, BTreeSet::from([0, 1, 2]), "{status}");
+    for row in status["listeners"].as_array().into_iter().flatten() {
+        assert_eq!(row["full_syncs"], 1, "no full sync beyond the first: {row}");
+    }
+    // `ferry status` (text) shows the shard next to each row.
+    let text = std::process::Command::new(common::ferry::ferry_bin())
+        .args([
+            "status",
+            "--admin",
+            &ferry.admin_addr(Duration::from_secs(5)),
+        ])
+        .output()
+        .expect("ferry status");
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("Source Shard") && text.contains("shard slots 0-"),
+        "{text}"
+    );
+
+    // stop-sync / restart-sync select one shard's partition, and the stop
+    // is kept for that partition only.
+    let admin = ferry.admin_addr(Duration::from_secs(5));
+    let control = |args: &[&str]| {
+        let out = std::process::Command::new(common::ferry::ferry_bin())
+            .args(args)
+            .args(["--admin", &admin])
+            .output()
+            .expect("ferry control");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    control(&["stop-sync", "--partition", "1"]);
+    let shipping = |partition: u64| listener_row(&ferry, partition)["shipping"][0]["state"].clone();
+    assert_eq!(shipping(1), "STOPPED");
+    assert_ne!(shipping(0), "STOPPED");
+    assert_ne!(shipping(2), "STOPPED");
+    let stopped = std::fs::read_to_string(dir.path().join("sync").join("stopped-syncs")).unwrap();
+    assert_eq!(
+        stopped.lines().collect::<Vec<_>>(),
+        vec!["1 ferry"],
+        "{stopped}"
+    );
+    write_round(&cluster, "stopped", 9, 600);
+    control(&["restart-sync", "--partition", "1"]);
+    wait_converged(
+        &cluster,
+        &target,
+        &ferry,
+        "after restart-sync of one partition",
+    );
+    assert_counters(&cluster, &target, 9);
+    let stopped = std::fs::read_to_string(dir.path().join("sync").join("stopped-syncs")).unwrap();
+    assert_eq!(stopped, "", "{stopped}");
+}
+
+// ---------------------------------------------------------------------------
+// (b) CLUSTER FAILOVER in one shard while writes run.
+
+#[test]
+fn a_failover_in_a_source_shard_continues_its_partition_without_a_full_resync() {
+    let cluster = start_cluster();
+    let target = RedisServer::start(&[]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    write_round(&cluster, "pre", 0, 2000);
+    let ferry = start_sync(dir.path(), &cluster.url(), &target);
+    let rows = wait_partitions_online(&cluster, &ferry);
+    wait_converged(&cluster, &target, &ferry, "after the full sync");
+    let before = partition_by_master(&rows);
+    let old_master = cluster.master_ports()[1];
+    let old_id = cluster.node(old_master).id();
+    let partition = before[&old_id];
+    let epoch_before = applier_epoch(&ferry, partition);
+    let replid_before = listener_row(&ferry, partition)["replid"].clone();
+
+    let rounds = AtomicUsize::new(1);
+    let done = AtomicBool::new(false);
+    let promoted = std::thread::scope(|scope| {
+        let writer = scope.spawn(|| {
+            while !done.load(Ordering::Relaxed) {
+                let round = rounds.load(Ordering::Relaxed);
+                write_round(&cluster, "live", round, 200);
+                rounds.store(round + 1, Ordering::Relaxed);
+            }
+            // A few more once the failover is over.
+            for _ in 0..5 {
+                let round = rounds.load(Ordering::Relaxed);
+                write_round(&cluster, "live", round, 200);
+                rounds.store(round + 1, Ordering::Relaxed);
+            }
+        });
+        std::thread::sleep(Duration::from_secs(2));
+        let promoted = cluster.failover(old_master);
+        done.store(true, Ordering::Relaxed);
+        writer.join().expect("writer");
+        promoted
+    });
+    let rounds = rounds.load(Ordering::Relaxed);
+    let failed_over = Instant::now();
+
+    wait_converged(&cluster, &target, &ferry, "after the failover");
+    eprintln!(
+        "failover: target converged {:?} after the cluster settled, {rounds} writer rounds",
+        failed_over.elapsed()
+    );
+    assert_counters(&cluster, &target, rounds);
+    let promoted_addr = format!("127.0.0.1:{promoted}");
+    wait_for("the partition on the promoted master", &ferry, || {
+        let row = listener_row(&ferry, partition);
+        if row["source"] == promoted_addr.as_str() && row["source_state"] == "ONLINE" {
+            Ok(())
+        } else {
+            Err(format!("{row}"))
+        }
+    });
+    let row = listener_row(&ferry, partition);
+    // Same partition (the shard is its nodes), no new snapshot epoch: a
+    // partial resync under the promoted master's replication id.
+    assert_eq!(
+        row["full_syncs"], 1,
+        "a full resync after the failover: {row}"
+    );
+    assert!(row["partial_resyncs"].as_u64() >= Some(1), "{row}");
+    assert_ne!(row["replid"], replid_before, "{row}");
+    assert_eq!(
+        applier_epoch(&ferry, partition),
+        epoch_before,
+        "a new snapshot epoch was loaded"
+    );
+    let after = partition_by_master(&listeners(&ferry));
+    let promoted_id = cluster.node(promoted).id();
+    assert_eq!(after.get(&promoted_id), Some(&partition), "{after:?}");
+    assert_eq!(after.len(), 3, "{after:?}");
+    for row in listeners(&ferry) {
+        assert_eq!(row["full_syncs"], 1, "{row}");
+    }
+}
+
+fn listener_row(ferry: &FerryProcess, partition: u64) -> serde_json::Value {
+    listeners(ferry)
+        .into_iter()
+        .find(|r| r["partition"] == partition)
+        .unwrap_or_else(|| panic!("no listener partition {partition}"))
+}
+
+fn applier_epoch(ferry: &FerryProcess, partition: u64) -> u64 {
+    let status = ferry.status_json();
+    status["drainers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|d| d["partition"] == partition)
+        .and_then(|d| d["epoch"].as_u64())
+        .unwrap_or_else(|| panic!("no applier of partition {partition}: {status}"))
+}
+
+// ---------------------------------------------------------------------------
+// (c) kill -9 of ferry mid-stream, restart.
+
+#[test]
+fn kill_9_mid_stream_resumes_every_shard_without_a_full_resync() {
+    let cluster = start_cluster();
+    let target = RedisServer::start(&[]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    write_round(&cluster, "pre", 0, 2000);
+    // A seed list names the cluster.
+    let mut ferry = start_sync(dir.path(), &cluster.seed_list(), &target);
+    let rows = wait_partitions_online(&cluster, &ferry);
+    let before = partition_by_master(&rows);
+    wait_converged(&cluster, &target, &ferry, "after the full sync");
+    let epochs: Vec<u64> = (0..3).map(|p| applier_epoch(&ferry, p)).collect();
+
+    let rounds = AtomicUsize::new(1);
+    let done = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let writer = scope.spawn(|| {
+            while !done.load(Ordering::Relaxed) {
+                let round = rounds.load(Ordering::Relaxed);
+                write_round(&cluster, "live", round, 200);
+                rounds.store(round + 1, Ordering::Relaxed);
+            }
+        });
+        std::thread::sleep(Duration::from_secs(2));
+        ferry.kill9();
+        std::thread::sleep(Duration::from_secs(1));
+        ferry.spawn();
+        let restarted = Instant::now();
+        wait_partitions_online(&cluster, &ferry);
+        eprintln!(
+            "kill -9: every partition ONLINE again {:?} after the restart",
+            restarted.elapsed()
+        );
+        std::thread::sleep(Duration::from_secs(2));
+        done.store(true, Ordering::Relaxed);
+        writer.join().expect("writer");
+    });
+    let rounds = rounds.load(Ordering::Relaxed);
+    assert!(rounds > 2, "the writer ran {rounds} rounds");
+
+    let rows = wait_partitions_online(&cluster, &ferry);
+    wait_converged(&cluster, &target, &ferry, "after kill -9 and restart");
+    assert_counters(&cluster, &target, rounds);
+    assert_eq!(
+        partition_by_master(&rows),
+        before,
+        "a shard changed partition across the restart"
+    );
+    for row in listeners(&ferry) {
+        assert_eq!(
+            row["full_syncs"], 0,
+            "a full resync after the restart: {row}"
+        );
+        assert!(row["partial_resyncs"].as_u64() >= Some(1), "{row}");
+    }
+    let after: Vec<u64> = (0..3).map(|p| applier_epoch(&ferry, p)).collect();
+    assert_eq!(after, epochs, "a snapshot was loaded again");
+    let map = std::fs::read_to_string(dir.path().join("sync").join("cluster-shards"))
+        .expect("the shard map");
+    assert_eq!(
+        map.lines().filter(|l| !l.starts_with('#')).count(),
+        3,
+        "{map}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// (d) A shard added while the sync runs gets a partition of its own.
+
+#[test]
+fn a_shard_added_while_running_gets_a_new_partition() {
+    let mut cluster = start_cluster();
+    let target = RedisServer::start(&[]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    // Keys only outside the slots that will move: what a resharding does
+    // to keys (a DEL in one shard's stream, a RESTORE in another's) is not
+    // what this test is about.
+    const MOVED: u16 = 200;
+    let outside = |prefix: &str, count: usize| -> Vec<(String, String)> {
+        spread_keys(prefix, count * 2)
+            .into_iter()
+            .filter(|k| ferry::redis::command::key_hash_slot(k.as_bytes()) >= MOVED)
+            .take(count)
+            .map(|k| (k.clone(), format!("{k}-v")))
+            .collect()
+    };
+    cluster.set_all(&outside("pre", 3000));
+    let ferry = start_sync(dir.path(), &cluster.url(), &target);
+    let rows = wait_partitions_online(&cluster, &ferry);
+    assert_eq!(rows.len(), 3);
+    wait_converged(&cluster, &target, &ferry, "after the full sync");
+
+    let first = cluster.master_for_slot(0).port;
+    let added = cluster.add_master();
+    assert_eq!(
+        cluster
+            .node(added)
+            .call(&["CONFIG", "SET", "repl-backlog-size", "256mb"]),
+        Resp::Simple("OK".into())
+    );
+    cluster.reshard(first, added, usize::from(MOVED));
+    let rows = wait_partitions_online(&cluster, &ferry);
+    let added_addr = format!("127.0.0.1:{added}");
+    let row = rows
+        .iter()
+        .find(|r| r["source"] == added_addr.as_str())
+        .expect("a partition for the new shard");
+    assert_eq!(row["partition"], 3, "{rows:?}");
+    assert_eq!(row["shard"]["slots"], "0-199", "{row}");
+    // Keys in every slot now, the moved ones included.
+    write_round(&cluster, "after", 1, 3000);
+    wait_converged(&cluster, &target, &ferry, "after the shard was added");
+    wait_for("a heartbeat latency for the new shard", &ferry, || {
+        let row = listener_row(&ferry, 3);
+        if row["heartbeat_latency_ms"].is_null() {
+            Err(format!("{row}"))
+        } else {
+            Ok(())
+        }
+    });
+    for row in listeners(&ferry) {
+        assert_eq!(row["full_syncs"], 1, "{row}");
+    }
+    let status = ferry.status_json();
+    assert!(
+        status["drainers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|d| d["partition"] == 3),
+        "no applier for the new partition: {status}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// (e) The listener of one shard: markers scoped to its slots, heartbeat.
+
+#[test]
+fn a_shard_listener_scopes_its_snapshot_markers_to_the_shard_slots() {
+    use std::sync::Arc;
+
+    use ferry::listener::{ClusterSource, Listener, ListenerConfig, ListenerStatus, SyncState};
+    use ferry::position::LogId;
+    use ferry::record::{Record, RecordLimits};
+    use ferry::redis::cluster::SlotRanges;
+    use ferry::redis::url::RedisUrl;
+    use ferry::wal::{ReadLimits, Wal, WalConfig};
+    use tokio_util::sync::CancellationToken;
+
+    let cluster = start_cluster();
+    write_round(&cluster, "pre", 0, 1000);
+    let shard = cluster.shards()[1].clone();
+    let slots = SlotRanges::from_ranges(shard.master.slots.iter().copied());
+    let dir = tempfile::tempdir().expect("temp dir");
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let seeds = vec![RedisUrl::parse(&cluster.url()).unwrap()];
+        let source = ClusterSource::open(seeds, dir.path()).unwrap();
+        source.refresh().await.unwrap();
+        let routes = source.take_new();
+        assert_eq!(routes.len(), 3);
+        let route = routes
+            .into_iter()
+            .find(|r| r.state().master_id.as_deref() == Some(shard.master.id.as_str()))
+            .expect("a route for the shard");
+        let partition = route.partition();
+        assert_eq!(partition.0, 1, "partitions follow the slot order");
+        let wal = Wal::open(WalConfig::with_dir(dir.path().join("wal")))
+            .await
+            .unwrap();
+        let status = Arc::new(ListenerStatus::new(partition));
+        let cfg = ListenerConfig {
+            heartbeat_interval: "200ms".parse().unwrap(),
+            ..ListenerConfig::for_source(cluster.url())
+        };
+        let listener = Listener::open_routed(cfg, wal.clone(), Arc::clone(&status), Some(route))
+            .await
+            .unwrap();
+        let handle = listener.handle();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(listener.run(shutdown.clone()));
+        let deadline = Instant::now() + CONVERGE;
+        loop {
+            let now = status.snapshot();
+            if now.state == SyncState::Online && now.heartbeat_latency_ms.is_some() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "listener not online: {now:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let first = wal
+            .read(partition, LogId(1), ReadLimits::default())
+            .unwrap();
+        let record = Record::decode(&first[0].payload, RecordLimits::default()).unwrap();
+        let Record::Snapshot(marker) = record else {
+            panic!("the log does not start with a marker: {record:?}");
+        };
+        assert_eq!(
+            marker.scope,
+            Some(slots.clone()),
+            "the full resync's marker"
+        );
+        // Only the shard's keys came (the other masters' keys are elsewhere).
+        assert!(marker.rdb_bytes > 0);
+        let fallback = handle.take_fallback_snapshot(&shutdown).await.unwrap();
+        assert_eq!(fallback.scope, Some(slots), "the fallback snapshot's scope");
+        shutdown.cancel();
+        task.await.unwrap().unwrap();
+        wal.close().await.unwrap();
+    });
+}
+
+// ---------------------------------------------------------------------------
+// (f) A source that did not answer when ferry started is taken for a
+// standalone one, and refuses a first full sync from a cluster node.
+
+#[test]
+fn a_source_down_at_start_that_turns_out_a_cluster_node_is_not_full_synced() {
+    let target = RedisServer::start(&[]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = common::cluster::cluster_port();
+    let ferry = start_sync(dir.path(), &format!("redis://127.0.0.1:{port}"), &target);
+    wait_for("the listener retrying the absent source", &ferry, || {
+        let rows = listeners(&ferry);
+        match rows.first() {
+            Some(row) if row["source_state"] == "OFFLINE" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    let _node = common::FixedPortRedis::start_on(
+        port,
+        &[
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+        ],
+    );
+    wait_for("the listener stopped", &ferry, || {
+        let rows = listeners(&ferry);
+        match rows.first() {
+            Some(row) if row["source_state"] == "STOPPED" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    let row = &listeners(&ferry)[0];
+    assert!(
+        row["source_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("Redis Cluster") && e.contains("restart ferry")),
+        "{row}"
+    );
+    assert_eq!(row["full_syncs"], 0, "{row}");
+    assert_eq!(row["last_log_id"], 0, "{row}");
+}
+
+// ---------------------------------------------------------------------------
+// (g) `ferry listener` with a seed list in its config, shipping every
+// shard's partition to each of two drainers (two targets).
+
+#[test]
+fn a_listener_node_ships_every_shard_to_each_drainer() {
+    let cluster = start_cluster();
+    let targets = [RedisServer::start(&[]), RedisServer::start(&[])];
+    let dir = tempfile::tempdir().expect("temp dir");
+    write_round(&cluster, "pre", 0, 1500);
+    let ports = [common::free_port(), common::free_port()];
+    let secret = "a-secret-of-at-least-16-bytes";
+    let drainers: Vec<FerryProcess> = (0..2)
+        .map(|i| {
+            let name = format!("drainer-{i}");
+            let config = dir.path().join(format!("{name}.toml"));
+            std::fs::write(
+                &config,
+                format!(
+                    r#"data-dir = "{}"
+admin = "127.0.0.1:0"
+listen = "127.0.0.1:{}"
+
+[[drainer.listeners]]
+id = "listener-1"
+secret = "{secret}"
+
+[apply]
+drainer-id = "d{i}"
+target = "{}"
+"#,
+                    dir.path().join(&name).display(),
+                    ports[i],
+                    targets[i].url()
+                ),
+            )
+            .unwrap();
+            FerryProcess::with_config("drainer", &config, &dir.path().join(&name))
+        })
+        .collect();
+    let config = dir.path().join("listener.toml");
+    let mut text = format!(
+        r#"data-dir = "{}"
+admin = "127.0.0.1:0"
+
+[listener]
+id = "listener-1"
+source = "{}"
+"#,
+        dir.path().join("listener").display(),
+        cluster.seed_list()
+    );
+    for (i, port) in ports.iter().enumerate() {
+        text.push_str(&format!(
+            "\n[[drainers]]\nid = \"d{i}\"\nendpoint = \"http://127.0.0.1:{port}\"\nsecret = \"{secret}\"\n"
+        ));
+    }
+    std::fs::write(&config, text).unwrap();
+    let listener = FerryProcess::with_config("listener", &config, &dir.path().join("listener"));
+    let rows = wait_partitions_online(&cluster, &listener);
+    for row in &rows {
+        let drainers: BTreeSet<&str> = row["shipping"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s["drainer_id"].as_str())
+            .collect();
+        assert_eq!(drainers, BTreeSet::from(["d0", "d1"]), "{row}");
+    }
+    for round in 1..4 {
+        write_round(&cluster, "inc", round, 500);
+    }
+    for (target, drainer) in targets.iter().zip(&drainers) {
+        wait_converged(&cluster, target, drainer, "on each target");
+        assert_counters(&cluster, target, 4);
+        let appliers: BTreeSet<u64> = drainer.status_json()["drainers"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|d| d["partition"].as_u64()).collect())
+            .unwrap_or_default();
+        assert_eq!(appliers, BTreeSet::from([0, 1, 2]));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// (h) A shard that lost all its slots, then its node, keeps its partition,
+// shown idle, across a restart.
+
+#[test]
+fn a_shard_that_lost_its_slots_and_nodes_keeps_its_partition_idle() {
+    let mut cluster = start_cluster();
+    let target = RedisServer::start(&[]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut ferry = start_sync(dir.path(), &cluster.url(), &target);
+    wait_partitions_online(&cluster, &ferry);
+    // A fourth shard gets some slots (a partition of its own), then gives
+    // them back (slots resharded without keys in them: only the heartbeat
+    // keys move, which are never applied).
+    let first = cluster.master_for_slot(0).port;
+    let added = cluster.add_master();
+    cluster.reshard(first, added, 50);
+    let rows = wait_partitions_online(&cluster, &ferry);
+    let partition = partition_by_master(&rows)[&cluster.node(added).id()];
+    assert_eq!(partition, 3, "{rows:?}");
+    cluster.reshard(added, first, 50);
+    let idle = |ferry: &FerryProcess| {
+        wait_for("the emptied shard's partition idle", ferry, || {
+            let rows = listeners(ferry);
+            let row = rows
+                .iter()
+                .find(|r| r["partition"] == partition)
+                .ok_or_else(|| format!("partition {partition} gone: {rows:?}"))?;
+            let total: u64 = rows
+                .iter()
+                .filter_map(|r| r["shard"]["slot_count"].as_u64())
+                .sum();
+            if rows.len() == 4 && row["shard"]["slot_count"] == 0 && total == 16384 {
+                Ok(())
+            } else {
+                Err(format!("{rows:?}"))
+            }
+        });
+    };
+    idle(&ferry);
+    let text = std::process::Command::new(common::ferry::ferry_bin())
+        .args([
+            "status",
+            "--admin",
+            &ferry.admin_addr(Duration::from_secs(5)),
+        ])
+        .output()
+        .expect("ferry status");
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("shard idle (no slots)"), "{text}");
+
+    // Its node leaves the cluster: the partition stays, idle, no master.
+    cluster.remove_node(added);
+    write_round(&cluster, "after", 1, 1000);
+    wait_converged(&cluster, &target, &ferry, "with one shard gone");
+    idle(&ferry);
+    wait_for("the gone shard without a master", &ferry, || {
+        let row = listener_row(&ferry, partition);
+        if row["shard"]["master_id"] == "" {
+            Ok(())
+        } else {
+            Err(format!("{row}"))
+        }
+    });
+
+    // A restart finds the same partitions, the gone shard's included.
+    ferry.kill9();
+    ferry.spawn();
+    idle(&ferry);
+    write_round(&cluster, "restarted", 2, 1000);
+    wait_converged(&cluster, &target, &ferry, "after the restart");
+    for row in listeners(&ferry) {
+        assert_eq!(row["full_syncs"], 0, "{row}");
+    }
+}
