@@ -793,13 +793,14 @@ async fn scope_deletion_figures() {
         reply_timeout: Duration::from_secs(30),
         unlink: true,
     };
+    let everything = ferry::apply::OwnedKeyspace::all();
     let started = Instant::now();
-    let counted = ferry::apply::scope::count_scope(&mut client, 0, &scope_a(), conn)
+    let counted = ferry::apply::scope::count_scope(&mut client, 0, &scope_a(), &everything, conn)
         .await
         .unwrap();
     let count_time = started.elapsed();
     let started = Instant::now();
-    let done = ferry::apply::scope::delete_scope(&mut client, 0, &scope_a(), conn)
+    let done = ferry::apply::scope::delete_scope(&mut client, 0, &scope_a(), &everything, conn)
         .await
         .unwrap();
     let delete_time = started.elapsed();
