@@ -867,3 +867,76 @@ fn a_shard_that_lost_its_slots_and_nodes_keeps_its_partition_idle() {
         assert_eq!(row["full_syncs"], 0, "{row}");
     }
 }
+
+// ---------------------------------------------------------------------------
+// A resharding of the source (keys moving between shards) is not carried
+// yet (docs/cluster.md): the receiving shard's partition holds at the first
+// migrated key, never applying it in no order with the giving shard's DEL.
+
+#[test]
+fn a_key_moved_by_a_source_resharding_holds_the_receiving_partition() {
+    let cluster = start_cluster();
+    let target = RedisServer::start(&[]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    write_round(&cluster, "pre", 0, 300);
+    let ferry = start_sync(dir.path(), &cluster.url(), &target);
+    let rows = wait_partitions_online(&cluster, &ferry);
+    wait_converged(&cluster, &target, &ferry, "before the resharding");
+
+    // One key with a value moves from its master to another one.
+    let key = spread_keys("pre0", 300).into_iter().next().expect("a key");
+    let from = cluster.master_for_key(&key).port;
+    let to = cluster
+        .master_ports()
+        .into_iter()
+        .find(|p| *p != from)
+        .expect("another master");
+    let slot = ferry::redis::command::key_hash_slot(key.as_bytes());
+    cluster.begin_slot_migration(slot, from, to);
+    cluster.migrate_key(&key, from, to);
+    let to_id = cluster.node(to).id();
+    let partition = partition_by_master(&rows)[&to_id];
+
+    // The receiving partition holds at the RESTORE-ASKING, naming it.
+    wait_for("the receiving partition to hold", &ferry, || {
+        let status = ferry.status_json();
+        let row = status["drainers"]
+            .as_array()
+            .and_then(|rows| {
+                rows.iter()
+                    .find(|r| r["partition"].as_u64() == Some(partition))
+                    .cloned()
+            })
+            .ok_or("no applier row")?;
+        if row["state"] != "BLOCKED" {
+            return Err(format!("partition {partition}: {row}"));
+        }
+        let blocked = &row["blocked"];
+        if blocked["command"] != "RESTORE-ASKING"
+            || !blocked["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("resharding")
+        {
+            return Err(format!("blocked on {blocked}"));
+        }
+        Ok(())
+    });
+    // Writes of the other shards still flow.
+    let other_key = spread_keys("after", 300)
+        .into_iter()
+        .find(|k| {
+            let port = cluster.master_for_key(k).port;
+            port != from && port != to
+        })
+        .expect("a key of the third shard");
+    cluster.call_key(&other_key, &["SET", &other_key, "flows"]);
+    wait_for("the third shard to go on", &ferry, || {
+        let value = dump(&target.addr()).remove(&other_key);
+        if value.as_deref() == Some("flows") {
+            Ok(())
+        } else {
+            Err(format!("{other_key} on the target: {value:?}"))
+        }
+    });
+}

@@ -488,12 +488,34 @@ fn scoped_apply_child() {
     });
 }
 
+/// A child applier, killed when dropped (a failing test must not leave
+/// one running against a port a later test's server may get).
+struct ChildApplier(Child);
+
+impl ChildApplier {
+    fn kill(&mut self) {
+        self.0.kill().unwrap();
+        self.0.wait().unwrap();
+    }
+
+    fn wait(&mut self) -> std::process::ExitStatus {
+        self.0.wait().unwrap()
+    }
+}
+
+impl Drop for ChildApplier {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn spawn_child(
     wal_dir: &Path,
     target: &RedisServer,
     partition: u32,
     until: Option<LogId>,
-) -> Child {
+) -> ChildApplier {
     let mut child = Process::new(std::env::current_exe().unwrap());
     child
         .args([
@@ -511,7 +533,7 @@ fn spawn_child(
     if let Some(until) = until {
         child.env(UNTIL_ENV, until.0.to_string());
     }
-    child.spawn().unwrap()
+    ChildApplier(child.spawn().unwrap())
 }
 
 /// The number of `key:<i>` keys (`DEBUG POPULATE n`) whose slot is in
@@ -567,8 +589,7 @@ fn scoped_deletion_survives_sigkill() {
             );
             std::thread::sleep(Duration::from_millis(2));
         }
-        child.kill().unwrap();
-        child.wait().unwrap();
+        child.kill();
         let value = target.cmd(&["GET", &checkpoint_key(0)]);
         let size: usize = target.cmd(&["DBSIZE"]).parse().unwrap();
         println!("round {round}: killed at {value:?}, dbsize {size}");
@@ -578,7 +599,7 @@ fn scoped_deletion_survives_sigkill() {
     }
     assert!(kills_mid_deletion >= 1, "no kill landed mid-deletion");
     let mut child = spawn_child(&wal_dir, &target, 0, Some(last));
-    let status = child.wait().unwrap();
+    let status = child.wait();
     assert!(status.success(), "the last run failed: {status}");
 
     let got = runtime.block_on(data(&target));
@@ -693,7 +714,7 @@ fn a_scoped_flush_survives_sigkill_mid_deletion_exactly_once() {
         marker
     });
     let mut child = spawn_child(&wal_dir, &target, 0, Some(marker));
-    assert!(child.wait().unwrap().success());
+    assert!(child.wait().success());
     // Keys of every slot, as if written by this partition (its slots) and
     // another one (the others), then the stream with the flush.
     target.cmd(&["DEBUG", "POPULATE", &POPULATED.to_string(), "key", "8"]);
@@ -728,8 +749,7 @@ fn a_scoped_flush_survives_sigkill_mid_deletion_exactly_once() {
             assert!(Instant::now() < deadline, "no deletion seen: {size}");
             std::thread::sleep(Duration::from_millis(2));
         }
-        child.kill().unwrap();
-        child.wait().unwrap();
+        child.kill();
         let value = target.cmd(&["GET", &checkpoint_key(0)]);
         let size: usize = target.cmd(&["DBSIZE"]).parse().unwrap();
         println!("round {round}: killed at {value:?}, dbsize {size}");
@@ -739,7 +759,7 @@ fn a_scoped_flush_survives_sigkill_mid_deletion_exactly_once() {
     }
     assert!(kills_mid_deletion >= 1, "no kill landed mid-deletion");
     let mut child = spawn_child(&wal_dir, &target, 0, Some(last));
-    assert!(child.wait().unwrap().success());
+    assert!(child.wait().success());
 
     let got = runtime.block_on(data(&target));
     let populated: Vec<_> = got.keys().filter(|k| k.starts_with("key:")).collect();
@@ -757,4 +777,88 @@ fn a_scoped_flush_survives_sigkill_mid_deletion_exactly_once() {
     assert_eq!(ours, expected, "exactly once after the flush");
     let value = target.cmd(&["GET", &checkpoint_key(0)]);
     assert!(value.contains(&format!("applied={last} ")), "{value}");
+}
+
+/// Figures: `SCAN` + slot + `UNLINK` of half of a 1M-key target, and a
+/// count of it (`cargo test --test scoped_apply -- --ignored
+/// scope_deletion_figures --nocapture`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "figures, run by hand"]
+async fn scope_deletion_figures() {
+    const KEYS: usize = 1_000_000;
+    let target = RedisServer::start(&[]);
+    target.cmd(&["DEBUG", "POPULATE", &KEYS.to_string(), "key", "16"]);
+    let mut client = connect(&target).await;
+    let conn = ferry::apply::scope::ScopeConn {
+        reply_timeout: Duration::from_secs(30),
+        unlink: true,
+    };
+    let everything = ferry::apply::OwnedKeyspace::all();
+    let started = Instant::now();
+    let counted = ferry::apply::scope::count_scope(&mut client, 0, &scope_a(), &everything, conn)
+        .await
+        .unwrap();
+    let count_time = started.elapsed();
+    let started = Instant::now();
+    let done = ferry::apply::scope::delete_scope(&mut client, 0, &scope_a(), &everything, conn)
+        .await
+        .unwrap();
+    let delete_time = started.elapsed();
+    assert_eq!(done.deleted, counted);
+    assert_eq!(
+        target.cmd(&["DBSIZE"]).parse::<u64>().unwrap(),
+        KEYS as u64 - counted
+    );
+    println!(
+        "count: {KEYS} keys scanned, {counted} in scope, {:.2}s ({:.0} keys/s scanned)",
+        count_time.as_secs_f64(),
+        KEYS as f64 / count_time.as_secs_f64()
+    );
+    println!(
+        "delete: {} scanned, {} deleted, {:.2}s ({:.0} keys/s scanned)",
+        done.scanned,
+        done.deleted,
+        delete_time.as_secs_f64(),
+        done.scanned as f64 / delete_time.as_secs_f64()
+    );
+}
+
+/// A partition whose next snapshot has no scope (its source is a
+/// standalone server again) owns the whole keyspace again: the load
+/// empties the owned dbs as without scopes, drops the recorded scope, and
+/// a later `FLUSHALL` is a flush.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unscoped_marker_after_a_scoped_one_owns_everything_again() {
+    let source = RedisServer::start(&[]);
+    let target = RedisServer::start(&[]);
+    let work = tempfile::tempdir().unwrap();
+    let wal = Wal::open(wal_config(&work.path().join("wal")))
+        .await
+        .unwrap();
+    let a = pairs(&keys_in(&scope_a(), "a", 200), "from-a");
+    set_all(&source, &a).await;
+    let scoped = append_snapshot(&wal, 0, &source, 1, Some(scope_a()), work.path()).await;
+    apply_until(&wal, &target, 0, scoped).await;
+    let scope_key = format!("__ferry:scope:{DRAINER}:0");
+    assert_eq!(target.cmd(&["GET", &scope_key]), "v1 0-8191");
+    let other = keys_in(&scope_b(), "other", 1).remove(0);
+    target.cmd(&["SET", &other, "not-in-a"]);
+
+    let unscoped = append_snapshot(&wal, 0, &source, 2, None, work.path()).await;
+    apply_until(&wal, &target, 0, unscoped).await;
+    assert_eq!(target.cmd(&["EXISTS", &scope_key]), "0");
+    assert_eq!(
+        target.cmd(&["EXISTS", &other]),
+        "0",
+        "the load emptied db 0"
+    );
+    assert_eq!(data(&target).await, a.iter().cloned().collect());
+
+    target.cmd(&["SET", &other, "again"]);
+    let last = append(&wal, 0, &[single(&["FLUSHALL"])]).await;
+    apply_until(&wal, &target, 0, last).await;
+    assert_eq!(data(&target).await, BTreeMap::new());
+    let value = target.cmd(&["GET", &checkpoint_key(0)]);
+    assert!(value.contains(&format!("applied={last} ")), "{value}");
+    wal.close().await.unwrap();
 }

@@ -368,6 +368,7 @@ impl BatchBuilder {
                 let after = &pending[end];
                 if let Record::Write(write) = &after.record {
                     let alone = hold.is_some_and(|hold| hold.log_id == after.log_id)
+                        || (self.scope.is_some() && flushes(write))
                         || self.check(after.log_id, write).is_err();
                     if entries >= self.max_entries
                         || (entries > 0 && (alone || bytes + after.size > self.max_bytes))

@@ -129,7 +129,10 @@ pub struct ApplyConfig {
     /// the others kept; every later snapshot load keeps them too, so keys
     /// the source deleted while a snapshot was due may stay on the target:
     /// `ferry verify` lists them); `"flush"` deletes the owned dbs' keys
-    /// first. Default: `"refuse"`.
+    /// first. A partition whose snapshot has a slot scope (a Redis Cluster
+    /// source shard) counts and deletes only the keys of its hash slots, on
+    /// its own first load: another shard's keys never refuse it and are
+    /// never deleted by it. Default: `"refuse"`.
     pub existing_data: ExistingData,
     /// `"stop"` or `"skip-and-record"`: what to do with an entry the target
     /// refuses when it is queued ([`OnRefused`]). Default: `"stop"`.
