@@ -711,7 +711,11 @@ impl BatchBuilder {
         // as it comes, in no order with the other shard's DEL, that key
         // could be lost or resurrected on the target: docs/cluster.md has the
         // rule that will carry it; until then the partition holds here.
-        if let Some(cmd) = write.commands.iter().find(|c| c.is("RESTORE-ASKING")) {
+        // Keys this sync does not own (ferry's heartbeats moving with their
+        // slot, keys outside the key filter) are left out as usual.
+        if let Some(cmd) = write.commands.iter().find(|c| {
+            c.is("RESTORE-ASKING") && c.args.get(1).is_some_and(|key| self.keyspace.owns_key(key))
+        }) {
             return Err((
                 command_name(cmd),
                 "a key moved into this shard by a resharding of the cluster source; ferry does not \
