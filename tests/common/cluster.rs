@@ -145,6 +145,9 @@ impl ClusterNode {
             .args(["--cluster-enabled", "yes"])
             .args(["--cluster-config-file", "nodes.conf"])
             .args(["--cluster-node-timeout", &NODE_TIMEOUT_MS.to_string()])
+            // A replica whose link to a crashed master was slow or down a
+            // while on a loaded box still takes over (tests wait for it).
+            .args(["--cluster-replica-validity-factor", "0"])
             .args(["--save", "", "--appendonly", "no"])
             .args(["--repl-diskless-sync-delay", "0"])
             .args(["--enable-debug-command", "yes"])
