@@ -807,7 +807,7 @@ async fn cross_slot_entries_are_split_counted_and_resumed_per_slot() {
 }
 
 fn tag(slot: u16) -> String {
-    ferry::redis::cluster::tag_for_slot(slot)
+    ferry::redis::cluster::tag_for_slot(slot).to_string()
 }
 
 // ---- Partitions with a slot scope (one per source shard) into a cluster. ----

@@ -162,7 +162,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -204,32 +204,11 @@ const FLOOR_WAIT_MS: u64 = 1000;
 /// Refused snapshot commands logged one by one per load.
 const LOGGED_REFUSALS: u64 = 10;
 
-/// `{ferry:N}` for every slot (the smallest N that lands there, as
-/// [`crate::redis::cluster::tag_for_slot`]), found in one pass.
-fn slot_tags() -> &'static [String] {
-    static TAGS: OnceLock<Vec<String>> = OnceLock::new();
-    TAGS.get_or_init(|| {
-        let mut tags: Vec<Option<String>> = vec![None; SLOTS];
-        let mut left = SLOTS;
-        let mut n: u32 = 0;
-        while left > 0 {
-            let tag = format!("ferry:{n}");
-            let slot = usize::from(key_hash_slot(tag.as_bytes()));
-            if tags[slot].is_none() {
-                tags[slot] = Some(format!("{{{tag}}}"));
-                left -= 1;
-            }
-            n += 1;
-        }
-        tags.into_iter().map(|t| t.unwrap_or_default()).collect()
-    })
-}
-
 /// The slot checkpoint key of slot `slot` for the floor key `floor`.
 pub(crate) fn slot_checkpoint_key(floor: &[u8], slot: u16) -> Bytes {
     let mut key = floor.to_vec();
     key.push(b':');
-    key.extend_from_slice(slot_tags()[usize::from(slot)].as_bytes());
+    key.extend_from_slice(crate::redis::cluster::tag_for_slot(slot).as_bytes());
     Bytes::from(key)
 }
 

@@ -48,7 +48,7 @@ use crate::position::PartitionId;
 use crate::record::INTERNAL_PREFIX;
 use crate::redis::client::{Client, ClientError};
 use crate::redis::cluster::SlotRanges;
-use crate::redis::command::{key_hash_slot, Command, CLUSTER_SLOTS};
+use crate::redis::command::{key_hash_slot, Command};
 use crate::redis::resp::Frame;
 
 /// `COUNT` of every `SCAN` step, and the most keys of one `UNLINK`.
@@ -97,22 +97,7 @@ pub fn decode_scope(value: &[u8]) -> Result<SlotRanges, String> {
     let Some(ranges) = text.strip_prefix("v1 ") else {
         return Err("no v1 prefix".into());
     };
-    let mut parsed = Vec::new();
-    for part in ranges.split(',').filter(|p| !p.is_empty()) {
-        let slot = |s: &str| match s.parse::<u16>() {
-            Ok(slot) if slot < CLUSTER_SLOTS => Ok(slot),
-            _ => Err(format!("bad slot {s:?}")),
-        };
-        let (a, b) = match part.split_once('-') {
-            Some((a, b)) => (slot(a)?, slot(b)?),
-            None => (slot(part)?, slot(part)?),
-        };
-        if a > b {
-            return Err(format!("range {part:?} ends before it starts"));
-        }
-        parsed.push((a, b));
-    }
-    Ok(SlotRanges::from_ranges(parsed))
+    SlotRanges::parse(ranges)
 }
 
 /// Whether `key` is one of the scope's data keys (ferry's own keys never
@@ -294,6 +279,7 @@ pub async fn count_scope(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::redis::command::CLUSTER_SLOTS;
 
     #[test]
     fn scope_values_round_trip_and_bad_ones_are_named() {

@@ -36,22 +36,14 @@ pub(crate) enum HeartbeatTarget {
 
 impl HeartbeatTarget {
     /// The address and key of the next beat (`None`: nowhere to write now).
-    /// `tags` caches the tag of the last first slot (finding one is a search).
-    fn current(&self, tags: &mut Option<(u16, String)>) -> Option<(RedisUrl, String)> {
+    fn current(&self) -> Option<(RedisUrl, String)> {
         match self {
             HeartbeatTarget::Fixed { source, key } => Some((source.clone(), key.clone())),
             HeartbeatTarget::Shard { route, key_base } => {
                 let state = route.state();
                 let slot = state.slots.first()?;
                 let master = state.master?;
-                let tag = match tags {
-                    Some((cached, tag)) if *cached == slot => tag.clone(),
-                    _ => {
-                        let tag = crate::redis::cluster::tag_for_slot(slot);
-                        *tags = Some((slot, tag.clone()));
-                        tag
-                    }
-                };
+                let tag = crate::redis::cluster::tag_for_slot(slot);
                 Some((master, format!("{key_base}:{tag}")))
             }
         }
@@ -72,7 +64,6 @@ pub(crate) async fn run_heartbeat(
         ..ClientOptions::default()
     };
     let mut client: Option<(String, Client)> = None;
-    let mut tags = None;
     let mut last_error: Option<String> = None;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -81,7 +72,7 @@ pub(crate) async fn run_heartbeat(
             _ = shutdown.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        let Some((source, key)) = target.current(&mut tags) else {
+        let Some((source, key)) = target.current() else {
             continue;
         };
         let beat = async {

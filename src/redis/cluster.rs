@@ -14,6 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::OnceLock;
 
 use super::client::{Client, ClientError};
 use super::command::{key_hash_slot, CLUSTER_SLOTS};
@@ -464,17 +465,28 @@ pub async fn discover(seeds: &[RedisUrl]) -> Result<Topology, TopologyError> {
     Err(incomplete.unwrap_or_else(|| TopologyError::NoSeed(errors.join("; "))))
 }
 
-/// A short hash tag whose keys map to `slot`: `{ferry:N}` for the smallest
-/// N that lands there (found by search; every slot has one below 100000).
-pub fn tag_for_slot(slot: u16) -> String {
-    let mut n: u32 = 0;
-    loop {
-        let tag = format!("ferry:{n}");
-        if key_hash_slot(tag.as_bytes()) == slot {
-            return format!("{{{tag}}}");
+/// A short hash tag whose keys map to `slot` (taken modulo 16384):
+/// `{ferry:N}` for the smallest N that lands there. The table of all 16384
+/// is found in one pass on first use (every slot has one below 100000).
+pub fn tag_for_slot(slot: u16) -> &'static str {
+    static TAGS: OnceLock<Vec<String>> = OnceLock::new();
+    let tags = TAGS.get_or_init(|| {
+        let slots = usize::from(CLUSTER_SLOTS);
+        let mut tags: Vec<Option<String>> = vec![None; slots];
+        let mut left = slots;
+        let mut n: u32 = 0;
+        while left > 0 {
+            let tag = format!("ferry:{n}");
+            let at = usize::from(key_hash_slot(tag.as_bytes()));
+            if tags[at].is_none() {
+                tags[at] = Some(format!("{{{tag}}}"));
+                left -= 1;
+            }
+            n += 1;
         }
-        n += 1;
-    }
+        tags.into_iter().map(Option::unwrap_or_default).collect()
+    });
+    &tags[usize::from(slot & (CLUSTER_SLOTS - 1))]
 }
 
 /// Groups keys by slot, keeping their order within a slot.
