@@ -862,3 +862,53 @@ async fn an_unscoped_marker_after_a_scoped_one_owns_everything_again() {
     assert!(value.contains(&format!("applied={last} ")), "{value}");
     wal.close().await.unwrap();
 }
+
+/// A scoped load with a key filter deletes only the keys the filter owns
+/// in its slots: another sync's keys in the same slots stay, at the first
+/// load (`existing-data = "flush"`) and at a reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scoped_load_with_a_key_filter_keeps_other_keys_of_its_slots() {
+    let source = RedisServer::start(&[]);
+    let target = RedisServer::start(&[]);
+    let work = tempfile::tempdir().unwrap();
+    let wal = Wal::open(wal_config(&work.path().join("wal")))
+        .await
+        .unwrap();
+    let ours = pairs(&keys_in(&scope_a(), "mine:", 500), "v1");
+    set_all(&source, &ours).await;
+    // Another sync's keys, in the same slots, on the target.
+    let theirs = pairs(&keys_in(&scope_a(), "theirs:", 300), "other-sync");
+    set_all(&target, &theirs).await;
+    // One of ours already there, stale: the flush deletes it.
+    let stale = keys_in(&scope_a(), "mine:stale", 1);
+    target.cmd(&["SET", &stale[0], "stale"]);
+    let cfg = |existing| {
+        let mut cfg = apply_config(&target.url(), 0, existing);
+        cfg.filter.key_prefix = Some(vec!["mine:".to_string()]);
+        cfg
+    };
+    let first = append_snapshot(&wal, 0, &source, 1, Some(scope_a()), work.path()).await;
+    let applier = start(cfg(ExistingData::Flush), &wal);
+    applier.wait_applied(first).await;
+    applier.stop().await;
+    let expected = merged(&[
+        &ours.iter().cloned().collect(),
+        &theirs.iter().cloned().collect(),
+    ]);
+    assert_eq!(data(&target).await, expected, "after the first load");
+
+    // A reload (new marker) of the same scope: the same rule.
+    set_all(&source, &pairs(&keys_in(&scope_a(), "mine:", 500), "v2")).await;
+    let second = append_snapshot(&wal, 0, &source, 2, Some(scope_a()), work.path()).await;
+    let applier = start(cfg(ExistingData::Refuse), &wal);
+    applier.wait_applied(second).await;
+    applier.stop().await;
+    let expected = merged(&[
+        &pairs(&keys_in(&scope_a(), "mine:", 500), "v2")
+            .into_iter()
+            .collect(),
+        &theirs.iter().cloned().collect(),
+    ]);
+    assert_eq!(data(&target).await, expected, "after the reload");
+    wal.close().await.unwrap();
+}
