@@ -958,11 +958,13 @@ impl Drop for RestartableSource {
     }
 }
 
-/// Redis 7.0 keeps no backlog across a restart ("Unable to partial resync
-/// ... for lack of backlog"), so a restarted source answers `+FULLRESYNC`:
-/// the listener retries while it is down, then stores a new epoch and marker.
+/// A source restarted from its RDB: the listener retries while it is down,
+/// then either continues (Redis 7 keeps the saved id as its second id) or
+/// stores a new epoch and marker after `+FULLRESYNC`; the data is whole
+/// either way. (CI once saw the `+CONTINUE`; here it is mostly a full resync,
+/// "for lack of backlog".)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn restarted_source_full_resyncs_into_a_new_epoch() {
+async fn restarted_source_continues_or_full_resyncs_into_a_new_epoch() {
     let mut source = RestartableSource::start();
     let wal_dir = tempfile::tempdir().unwrap();
     let cfg = ListenerConfig {
@@ -996,21 +998,35 @@ async fn restarted_source_full_resyncs_into_a_new_epoch() {
     for _ in 0..100 {
         source.cli(&["INCR", "counter"]);
     }
+    // Redis 7 keeps a restarted master's old id as its second id, so the
+    // listener's PSYNC may be accepted (+CONTINUE under the new id) when its
+    // offset is exactly the one saved in the RDB; otherwise it full-resyncs.
+    // Both are correct; which one happens is up to the timing of SHUTDOWN.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let target: u64 = source.info_field("master_repl_offset").parse().unwrap();
         let s = status.snapshot();
-        if s.state == SyncState::Online && s.full_syncs == 2 && s.durable_offset >= target {
+        let resumed = s.full_syncs == 2 || s.partial_resyncs >= 1;
+        if s.state == SyncState::Online && resumed && s.durable_offset >= target {
             break;
         }
-        assert!(Instant::now() < deadline, "not caught up: {s:?}");
+        assert!(
+            Instant::now() < deadline,
+            "not caught up: {s:?}; {}",
+            source.log_tail()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let new_replid = source.info_field("master_replid");
     assert_ne!(new_replid, old_replid);
-    assert_eq!(source.info_field("sync_full"), "1");
     let s = status.snapshot();
     assert_eq!(s.replid.as_deref(), Some(new_replid.as_str()));
+    let full_resync = s.full_syncs == 2;
+    assert_eq!(
+        source.info_field("sync_full"),
+        if full_resync { "1" } else { "0" },
+        "{s:?}"
+    );
 
     let wal = running.stop().await;
     let log = read_log(&wal);
@@ -1021,25 +1037,40 @@ async fn restarted_source_full_resyncs_into_a_new_epoch() {
             Record::Write(_) | Record::Fragment(_) => None,
         })
         .collect();
-    assert_eq!(markers.len(), 2, "{markers:?}");
-    assert_eq!((markers[0].1.epoch, markers[1].1.epoch), (1, 2));
-    assert_eq!(markers[1].1.replid, new_replid);
+    if full_resync {
+        assert_eq!(markers.len(), 2, "{markers:?}");
+        assert_eq!((markers[0].1.epoch, markers[1].1.epoch), (1, 2));
+        assert_eq!(markers[1].1.replid, new_replid);
+    } else {
+        // One history: the entries after the restart carry the new id.
+        assert_eq!(markers.len(), 1, "{markers:?}");
+        let last = &log.last().unwrap().0;
+        assert_eq!(last.source.replid, new_replid);
+    }
     // Everything of the first history is there, under its id.
-    let (before, after): (Vec<_>, Vec<_>) = log.iter().partition(|(e, _)| e.log_id < markers[1].0);
-    let last_old = &before.last().unwrap().0;
-    assert_eq!(
-        (last_old.source.replid.as_str(), last_old.source.offset.0),
-        (old_replid.as_str(), offset_before)
-    );
-    // A consumer starting at the new marker rebuilds the restarted source.
-    let marker = &markers[1].1;
+    let (last_marker, marker) = markers.last().unwrap();
+    let last_old = log
+        .iter()
+        .filter(|(e, _)| e.source.replid == old_replid)
+        .map(|(e, _)| e)
+        .next_back()
+        .unwrap();
+    assert_eq!(last_old.source.offset.0, offset_before);
+    if full_resync {
+        assert!(last_old.log_id < *last_marker);
+    }
+    // A consumer starting at the last marker rebuilds the restarted source.
+    let after: Vec<(WalEntry, Record)> = log
+        .iter()
+        .filter(|(e, _)| e.log_id > *last_marker)
+        .cloned()
+        .collect();
     let replayed = server_from_rdb(&snapshot_rdb(
         &wal,
         marker.epoch,
         marker.chunks,
         marker.rdb_bytes,
     ));
-    let after: Vec<(WalEntry, Record)> = after.into_iter().cloned().collect();
     replay(&replayed, &writes(&after)).await;
     assert_eq!(replayed.cmd(&["GET", "counter"]), "200");
     assert_eq!(
