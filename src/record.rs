@@ -61,6 +61,26 @@ pub enum Record {
     Write(WriteRecord),
     Snapshot(SnapshotMarker),
     Fragment(Fragment),
+    /// A slot of a cluster source handed over to another partition
+    /// (docs/cluster.md, rule 2).
+    Handoff(SlotHandoff),
+}
+
+/// The tenure of a cluster source's write: its keys' slot and the
+/// generation of that slot's ownership it belongs to (docs/cluster.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SlotTenure {
+    pub slot: u16,
+    pub gen: u64,
+}
+
+/// `slot` handed over by the partition whose log holds the record to
+/// partition `to`, opening tenure `gen`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SlotHandoff {
+    pub slot: u16,
+    pub to: u32,
+    pub gen: u64,
 }
 
 /// One entry of the source's stream: a command, or one MULTI/EXEC's commands.
@@ -73,6 +93,9 @@ pub struct WriteRecord {
     /// doc, "Big entries"), in command and argument order; their places in
     /// `commands` hold empty arguments. Empty for an ordinary entry.
     pub streamed: Vec<StreamedArg>,
+    /// The slot tenure of a cluster source's entry (docs/cluster.md, rule
+    /// 1); `None`: keyless, ferry's own key, or a standalone source.
+    pub tenure: Option<SlotTenure>,
 }
 
 impl WriteRecord {
@@ -107,6 +130,12 @@ pub struct SnapshotMarker {
     /// The hash slots the snapshot holds (one shard of a cluster source);
     /// `None`: the whole keyspace. Loading it replaces only these slots' keys.
     pub scope: Option<SlotRanges>,
+    /// Cluster sources: the tenure generation of the scope's slots
+    /// (docs/cluster.md, rule 3); empty for a standalone source.
+    pub tenures: Vec<(SlotRanges, u64)>,
+    /// Cluster sources: the slots this partition handed over last, to be
+    /// applied by a load of the marker (docs/cluster.md, rule 6).
+    pub handoffs: Vec<SlotHandoff>,
 }
 
 /// Bounds checked when decoding.
@@ -143,6 +172,8 @@ pub enum RecordError {
     EmptyFragment { seq: u32 },
     #[error("snapshot marker has a bad slot range {first}-{last} (0 <= first <= last <= 16383)")]
     BadSlotRange { first: u32, last: u32 },
+    #[error("{what} names slot {slot} (slots are 0..=16383)")]
+    BadSlot { what: &'static str, slot: u32 },
 }
 
 impl Record {
@@ -153,6 +184,7 @@ impl Record {
             commands: entry.commands.clone(),
             transaction: entry.transaction,
             streamed: entry.streamed.clone(),
+            tenure: None,
         })
     }
 
@@ -171,12 +203,24 @@ impl Record {
         transaction: bool,
         streamed: &[StreamedArg],
     ) -> Bytes {
+        Record::encode_write_tagged(db, commands, transaction, streamed, None)
+    }
+
+    /// [`Record::encode_write_streamed`] with a slot tenure.
+    pub fn encode_write_tagged(
+        db: u32,
+        commands: &[Command],
+        transaction: bool,
+        streamed: &[StreamedArg],
+        tenure: Option<SlotTenure>,
+    ) -> Bytes {
         // Protobuf tags: field number << 3 | wire type (0 varint, 2 bytes).
         const RECORD_WRITE: u8 = 1 << 3 | 2;
         const WRITE_DB: u8 = 1 << 3;
         const WRITE_COMMAND: u8 = 2 << 3 | 2;
         const WRITE_TRANSACTION: u8 = 3 << 3;
         const WRITE_STREAMED: u8 = 4 << 3 | 2;
+        const WRITE_TENURE: u8 = 5 << 3 | 2;
         const COMMAND_ARG: u8 = 1 << 3 | 2;
         let field_len = |len: usize| 1 + encoded_len_varint(len as u64) + len;
         let command_len = |command: &Command| -> usize {
@@ -198,6 +242,13 @@ impl Record {
             .iter()
             .map(|arg| field_len(arg.encoded_len()))
             .sum::<usize>();
+        let tenure_pb = tenure.map(|t| pb::SlotTenure {
+            slot: u32::from(t.slot),
+            gen: t.gen,
+        });
+        if let Some(t) = &tenure_pb {
+            write_len += field_len(t.encoded_len());
+        }
         let mut buf = BytesMut::with_capacity(field_len(write_len));
         buf.put_u8(RECORD_WRITE);
         encode_varint(write_len as u64, &mut buf);
@@ -224,6 +275,11 @@ impl Record {
             // `buf` was sized for it: encoding cannot fail.
             let _ = arg.encode(&mut buf);
         }
+        if let Some(t) = &tenure_pb {
+            buf.put_u8(WRITE_TENURE);
+            encode_varint(t.encoded_len() as u64, &mut buf);
+            let _ = t.encode(&mut buf);
+        }
         buf.freeze()
     }
 
@@ -242,11 +298,12 @@ impl Record {
 
     pub fn encode(&self) -> Bytes {
         if let Record::Write(write) = self {
-            return Record::encode_write_streamed(
+            return Record::encode_write_tagged(
                 write.db,
                 &write.commands,
                 write.transaction,
                 &write.streamed,
+                write.tenure,
             );
         }
         let message = self.to_pb();
@@ -288,6 +345,7 @@ impl Record {
             pb::record::Kind::Write(w) => {
                 check_commands(&w.commands, limits)?;
                 check_streamed(&w.streamed, &w.commands)?;
+                w.tenure.map(tenure_from_pb).transpose()?;
                 Ok(None)
             }
             pb::record::Kind::Fragment(f) => {
@@ -296,7 +354,7 @@ impl Record {
             }
             kind => match Record::from_pb(pb::Record { kind: Some(kind) }, limits)? {
                 Record::Snapshot(marker) => Ok(Some(marker)),
-                Record::Write(_) | Record::Fragment(_) => Ok(None),
+                Record::Write(_) | Record::Fragment(_) | Record::Handoff(_) => Ok(None),
             },
         }
     }
@@ -326,6 +384,7 @@ impl Record {
                     commands,
                     transaction: w.transaction,
                     streamed: w.streamed.iter().map(StreamedArg::from_pb).collect(),
+                    tenure: w.tenure.map(tenure_from_pb).transpose()?,
                 }))
             }
             pb::record::Kind::Fragment(f) => {
@@ -337,6 +396,25 @@ impl Record {
             }
             pb::record::Kind::Snapshot(s) => {
                 let scope = s.scope.map(scope_from_pb).transpose()?;
+                if s.tenures.len() > usize::from(CLUSTER_SLOTS)
+                    || s.handoffs.len() > usize::from(CLUSTER_SLOTS)
+                {
+                    return Err(RecordError::Decode(format!(
+                        "snapshot marker has {} tenure ranges and {} handoffs (at most {CLUSTER_SLOTS} each)",
+                        s.tenures.len(),
+                        s.handoffs.len()
+                    )));
+                }
+                let tenures = s
+                    .tenures
+                    .into_iter()
+                    .map(|t| Ok((scope_from_pb(t.slots.unwrap_or_default())?, t.gen)))
+                    .collect::<Result<Vec<_>, RecordError>>()?;
+                let handoffs = s
+                    .handoffs
+                    .into_iter()
+                    .map(handoff_from_pb)
+                    .collect::<Result<Vec<_>, RecordError>>()?;
                 Ok(Record::Snapshot(SnapshotMarker {
                     epoch: s.epoch,
                     rdb_bytes: s.rdb_bytes,
@@ -344,8 +422,11 @@ impl Record {
                     replid: s.replid,
                     offset: s.offset,
                     scope,
+                    tenures,
+                    handoffs,
                 }))
             }
+            pb::record::Kind::Handoff(h) => Ok(Record::Handoff(handoff_from_pb(h)?)),
         }
     }
 
@@ -362,7 +443,12 @@ impl Record {
                     .collect(),
                 transaction: w.transaction,
                 streamed: w.streamed.iter().copied().map(StreamedArg::to_pb).collect(),
+                tenure: w.tenure.map(|t| pb::SlotTenure {
+                    slot: u32::from(t.slot),
+                    gen: t.gen,
+                }),
             }),
+            Record::Handoff(h) => pb::record::Kind::Handoff(handoff_to_pb(h)),
             Record::Fragment(f) => pb::record::Kind::Fragment(pb::Fragment {
                 seq: f.seq,
                 data: f.data.clone(),
@@ -373,19 +459,63 @@ impl Record {
                 chunks: s.chunks,
                 replid: s.replid.clone(),
                 offset: s.offset,
-                scope: s.scope.as_ref().map(|slots| pb::SlotScope {
-                    ranges: slots
-                        .ranges()
-                        .iter()
-                        .map(|&(first, last)| pb::SlotRange {
-                            first: u32::from(first),
-                            last: u32::from(last),
-                        })
-                        .collect(),
-                }),
+                scope: s.scope.as_ref().map(scope_to_pb),
+                tenures: s
+                    .tenures
+                    .iter()
+                    .map(|(slots, gen)| pb::TenureRange {
+                        slots: Some(scope_to_pb(slots)),
+                        gen: *gen,
+                    })
+                    .collect(),
+                handoffs: s.handoffs.iter().map(handoff_to_pb).collect(),
             }),
         };
         pb::Record { kind: Some(kind) }
+    }
+}
+
+fn scope_to_pb(slots: &SlotRanges) -> pb::SlotScope {
+    pb::SlotScope {
+        ranges: slots
+            .ranges()
+            .iter()
+            .map(|&(first, last)| pb::SlotRange {
+                first: u32::from(first),
+                last: u32::from(last),
+            })
+            .collect(),
+    }
+}
+
+fn slot_from_pb(what: &'static str, slot: u32) -> Result<u16, RecordError> {
+    if slot >= u32::from(CLUSTER_SLOTS) {
+        return Err(RecordError::BadSlot { what, slot });
+    }
+    // Below CLUSTER_SLOTS: fits in u16.
+    Ok(slot as u16)
+}
+
+fn tenure_from_pb(t: pb::SlotTenure) -> Result<SlotTenure, RecordError> {
+    Ok(SlotTenure {
+        slot: slot_from_pb("write tenure", t.slot)?,
+        gen: t.gen,
+    })
+}
+
+fn handoff_from_pb(h: pb::SlotHandoff) -> Result<SlotHandoff, RecordError> {
+    Ok(SlotHandoff {
+        slot: slot_from_pb("slot handoff", h.slot)?,
+        to: h.to,
+        gen: h.gen,
+    })
+}
+
+fn handoff_to_pb(h: &SlotHandoff) -> pb::SlotHandoff {
+    pb::SlotHandoff {
+        slot: u32::from(h.slot),
+        to: h.to,
+        gen: h.gen,
     }
 }
 
@@ -527,6 +657,15 @@ mod tests {
                 ],
                 transaction: true,
                 streamed: vec![],
+                tenure: Some(SlotTenure {
+                    slot: 16383,
+                    gen: 7,
+                }),
+            }),
+            Record::Handoff(SlotHandoff {
+                slot: 42,
+                to: 3,
+                gen: 2,
             }),
             Record::Write(WriteRecord {
                 db: 0,
@@ -549,6 +688,7 @@ mod tests {
                         fragments: 1,
                     },
                 ],
+                tenure: None,
             }),
             Record::Fragment(Fragment {
                 seq: 4,
@@ -561,6 +701,8 @@ mod tests {
                 replid: "a".repeat(40),
                 offset: 12345,
                 scope: Some(SlotRanges::from_ranges([(0, 5460), (16383, 16383)])),
+                tenures: Vec::new(),
+                handoffs: Vec::new(),
             }),
         ];
         for record in records {
@@ -594,6 +736,7 @@ mod tests {
                 commands,
                 transaction,
                 streamed: vec![],
+                tenure: None,
             });
             let direct = record.encode();
             assert_eq!(&direct[..], &record.to_pb().encode_to_vec()[..]);
@@ -611,6 +754,8 @@ mod tests {
             replid: "r".repeat(40),
             offset: 5,
             scope: None,
+            tenures: Vec::new(),
+            handoffs: Vec::new(),
         };
         let payload = Record::Snapshot(marker.clone()).encode();
         assert_eq!(
@@ -639,6 +784,7 @@ mod tests {
             commands: vec![Command::from_parts(["PING"]); 3],
             transaction: true,
             streamed: vec![],
+            tenure: None,
         });
         assert_eq!(
             Record::decode(&three.encode(), limits),
@@ -649,6 +795,7 @@ mod tests {
             commands: vec![Command::new(vec![])],
             transaction: false,
             streamed: vec![],
+            tenure: None,
         });
         assert_eq!(
             Record::decode(&empty.encode(), limits),
@@ -678,6 +825,7 @@ mod tests {
                 commands: vec![Command::from_parts(args)],
                 transaction: false,
                 streamed,
+                tenure: None,
             })
             .encode()
         };

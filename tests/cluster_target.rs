@@ -618,6 +618,7 @@ fn write(commands: Vec<Command>, transaction: bool) -> Record {
         commands,
         transaction,
         streamed: vec![],
+        tenure: None,
     })
 }
 
@@ -857,6 +858,8 @@ async fn append_snapshot(
         replid: report.replid.to_string(),
         offset: report.offset.0,
         scope,
+        tenures: Vec::new(),
+        handoffs: Vec::new(),
     };
     append_to(wal, partition, &[Record::Snapshot(marker)], 1).await
 }

@@ -652,6 +652,7 @@ fn entries(ids: std::ops::RangeInclusive<u64>) -> pb::ShipMessage {
                 commands: vec![Command::from_parts(["SET", &format!("raw:{i}"), "v"])],
                 transaction: false,
                 streamed: vec![],
+                tenure: None,
             })
             .encode(),
         })

@@ -81,6 +81,7 @@ fn single(args: &[&str]) -> Record {
         commands: vec![Command::from_parts(args)],
         transaction: false,
         streamed: vec![],
+        tenure: None,
     })
 }
 
@@ -226,6 +227,8 @@ async fn store_snapshot(
         replid: report.replid.to_string(),
         offset: report.offset.0,
         scope,
+        tenures: Vec::new(),
+        handoffs: Vec::new(),
     }
 }
 
@@ -625,6 +628,7 @@ fn transaction(commands: &[&[&str]]) -> Record {
         commands: commands.iter().map(|c| Command::from_parts(*c)).collect(),
         transaction: true,
         streamed: vec![],
+        tenure: None,
     })
 }
 

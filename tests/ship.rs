@@ -65,6 +65,7 @@ fn write_payload(key: &str, value: &str) -> Bytes {
         commands: vec![Command::from_parts(["SET", key, value])],
         transaction: false,
         streamed: vec![],
+        tenure: None,
     })
     .encode()
 }
@@ -739,6 +740,8 @@ async fn hostile_frames_get_typed_errors_and_leave_the_wal_unchanged() {
         replid: REPLID.into(),
         offset: 1,
         scope: None,
+        tenures: Vec::new(),
+        handoffs: Vec::new(),
     })
     .encode();
     let mut marker_entry = wal_entries(4..=4);
@@ -944,6 +947,8 @@ async fn run_test_listener(
         replid: replid.to_string(),
         offset: offset.0,
         scope: None,
+        tenures: Vec::new(),
+        handoffs: Vec::new(),
     });
     let position = |offset: ReplOffset, db| SourcePosition {
         replid: replid.to_string(),
@@ -1074,6 +1079,8 @@ impl PsyncSnapshotProvider {
                 replid: replid.to_string(),
                 offset: offset.0,
                 scope: None,
+                tenures: Vec::new(),
+                handoffs: Vec::new(),
             },
             marker_log_id,
         })

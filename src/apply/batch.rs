@@ -384,6 +384,19 @@ impl BatchBuilder {
                 }
                 continue;
             }
+            if let Record::Handoff(_) = front.record {
+                // A slot handoff of a cluster source (docs/cluster.md): the
+                // target's owner map is not kept yet (the applier holds at a
+                // moved key instead), so it is passed like a write with
+                // nothing to send, its log id in this batch's checkpoint.
+                let Some(Pending { log_id, .. }) = pending.pop_front() else {
+                    break;
+                };
+                let batch =
+                    batch.get_or_insert_with(|| Batch::starting_at(log_id, epoch, self.log_tag));
+                batch.last = log_id;
+                continue;
+            }
             let Record::Write(write) = &front.record else {
                 break;
             };
@@ -684,6 +697,7 @@ impl BatchBuilder {
             commands: write.commands[last + 1..].to_vec(),
             transaction: write.transaction,
             streamed: Vec::new(),
+            tenure: write.tenure,
         };
         Ok((all, rest))
     }
@@ -1034,6 +1048,7 @@ mod tests {
                 .collect(),
             transaction,
             streamed: vec![],
+            tenure: None,
         });
         Pending {
             log_id: LogId(log_id),
@@ -1067,6 +1082,41 @@ mod tests {
                     .join(" ")
             })
             .collect()
+    }
+
+    #[test]
+    fn a_slot_handoff_is_passed_in_the_batch_with_nothing_sent() {
+        let handoff = Record::Handoff(crate::record::SlotHandoff {
+            slot: 7,
+            to: 2,
+            gen: 1,
+        });
+        let mut pending: VecDeque<Pending> = [
+            write(5, 0, &[&["SET", "a", "1"]], false),
+            Pending {
+                log_id: LogId(6),
+                size: handoff.encode().len(),
+                record: handoff.clone(),
+            },
+            write(7, 0, &[&["SET", "b", "1"]], false),
+        ]
+        .into();
+        let batch = builder(10).build(&mut pending, 1, None).unwrap();
+        assert_eq!((batch.first, batch.last), (LogId(5), LogId(7)));
+        assert_eq!(shown(&batch)[..2], ["SET a 1", "SET b 1"]);
+        assert!(pending.is_empty());
+        // Alone, it still moves the checkpoint.
+        let mut pending: VecDeque<Pending> = [Pending {
+            log_id: LogId(8),
+            size: 1,
+            record: handoff,
+        }]
+        .into();
+        let batch = builder(10).build(&mut pending, 1, None).unwrap();
+        assert_eq!(
+            shown(&batch),
+            ["SET __ferry:checkpoint:d:0 v2 applied=8 epoch=1 log=00000000000000ab"]
+        );
     }
 
     #[test]
@@ -1193,6 +1243,8 @@ mod tests {
                 replid: String::new(),
                 offset: 0,
                 scope: None,
+                tenures: Vec::new(),
+                handoffs: Vec::new(),
             }),
         };
         let mut pending: VecDeque<Pending> = [
@@ -1461,6 +1513,7 @@ mod tests {
                 len,
                 fragments,
             }],
+            tenure: None,
         });
         Pending {
             log_id: LogId(log_id),
@@ -1536,6 +1589,8 @@ mod tests {
                 replid: String::new(),
                 offset: 0,
                 scope: None,
+                tenures: Vec::new(),
+                handoffs: Vec::new(),
             }),
         };
         let mut pending: VecDeque<Pending> = [fragment(9, 0), fragment(10, 1), marker].into();
@@ -1633,6 +1688,7 @@ mod tests {
                     fragments: 1,
                 },
             ],
+            tenure: None,
         });
         let mut pending: VecDeque<Pending> = [
             fragment(1, 0),
@@ -1745,6 +1801,7 @@ mod tests {
                 len: 10,
                 fragments: 1,
             }],
+            tenure: None,
         });
         let mut pending: VecDeque<Pending> = [
             fragment(1, 0),

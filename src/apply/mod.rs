@@ -1591,6 +1591,7 @@ fn read_fragment(
                     Record::Fragment(fragment) => format!("fragment {}", fragment.seq),
                     Record::Write(_) => "a write".to_string(),
                     Record::Snapshot(_) => "a snapshot marker".to_string(),
+                    Record::Handoff(_) => "a slot handoff".to_string(),
                 }
             ),
         }),

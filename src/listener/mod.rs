@@ -690,6 +690,8 @@ impl Session {
             replid: replid.to_string(),
             offset: offset.0,
             scope: self.handle.snapshot_scope(),
+            tenures: Vec::new(),
+            handoffs: Vec::new(),
         });
         let range = self
             .inner()

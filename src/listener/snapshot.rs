@@ -88,7 +88,7 @@ const MARKER_SCAN_BYTES: usize = 4 << 20;
 /// A fallback snapshot stored in the WAL (relay convention 4, docs/ARCHITECTURE.md).
 ///
 /// The downstream that needs it receives chunks `0..chunks` of `epoch`, then
-/// a `SnapshotMarker { epoch, rdb_bytes, chunks, replid, offset }` record at
+/// a `SnapshotMarker { epoch, rdb_bytes, chunks, replid, offset  tenures: Vec::new(), handoffs: Vec::new(), }` record at
 /// log id `marker_log_id`, then the entries from `marker_log_id + 1` on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FallbackSnapshot {
@@ -659,6 +659,7 @@ mod tests {
             commands: vec![Command::from_parts(["INCR", "k"])],
             transaction: false,
             streamed: vec![],
+            tenure: None,
         });
         NewEntry::new(
             SourcePosition {
@@ -678,6 +679,8 @@ mod tests {
             replid: "a".repeat(40),
             offset,
             scope: None,
+            tenures: Vec::new(),
+            handoffs: Vec::new(),
         });
         NewEntry::new(
             SourcePosition {

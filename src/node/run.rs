@@ -196,6 +196,8 @@ impl SnapshotProvider for ListenerSnapshots {
                     replid: taken.replid,
                     offset: taken.offset,
                     scope: taken.scope,
+                    tenures: Vec::new(),
+                    handoffs: Vec::new(),
                 },
                 marker_log_id: taken.marker_log_id,
             })

@@ -316,6 +316,7 @@ mod tests {
             commands: vec![Command::from_parts(["SET", key, "v"])],
             transaction: false,
             streamed: vec![],
+            tenure: None,
         })
         .encode()
     }
@@ -399,6 +400,8 @@ mod tests {
             replid: "c".repeat(40),
             offset: 77,
             scope: None,
+            tenures: Vec::new(),
+            handoffs: Vec::new(),
         };
         let payload = Record::Snapshot(marker.clone()).encode();
         assert_eq!(peek_marker(&payload), Some(marker.clone()));
