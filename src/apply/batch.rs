@@ -68,6 +68,7 @@ use super::dead_letter::SkippedBy;
 use super::expire::ExpireGrace;
 use super::keyspace::{KeyClass, OwnedKeyspace, Placed, Translated};
 use super::status::RefusedCommand;
+use super::tenure::{self, Decision, Owner, OwnerMap};
 use crate::position::LogId;
 use crate::record::{Record, WriteRecord};
 use crate::redis::cluster::SlotRanges;
@@ -140,6 +141,24 @@ pub(crate) struct Batch {
     /// a scope: [`BatchBuilder::scope`]); empty: none. Such a batch holds
     /// only the flush's entry (its other commands, the checkpoint).
     pub scope_delete: Vec<u32>,
+    /// `refused` is a hold that may clear by itself (an entry whose slot
+    /// tenure is another partition's, until the map moves): retried with
+    /// backoff, never skipped by `on-refused`.
+    pub refused_transient: bool,
+    /// Entries covered but not applied: their slot moved on after their
+    /// tenure ([`BatchBuilder::tenures`]).
+    pub superseded: u64,
+}
+
+/// A cluster source's slot tenures on the target ([`super::tenure`]):
+/// the applier's copy of the owner map, raised by the handoffs it batches.
+#[derive(Debug, Clone)]
+pub(crate) struct Tenures {
+    /// This applier's partition.
+    pub partition: u32,
+    /// The owner map's key.
+    pub map_key: Bytes,
+    pub map: OwnerMap,
 }
 
 /// One write translated for the target ([`BatchBuilder::prepare`]).
@@ -219,6 +238,23 @@ pub(crate) struct BatchBuilder {
     /// with one, a flush is not a flush but the deletion of the scope's
     /// keys, run before its batch ([`Batch::scope_delete`]).
     pub scope: Option<SlotRanges>,
+    /// Slot tenures followed (docs/cluster.md, rules 4 and 5): a tagged
+    /// write is applied, skipped as superseded, or held by the owner map,
+    /// and a handoff raises the map in the batch's `MULTI`. `None` (the
+    /// cluster target's applier, which does not keep the map yet): tags
+    /// are ignored, a handoff is covered with nothing sent, and every
+    /// `RESTORE-ASKING` of an owned key holds the partition.
+    pub tenures: Option<Tenures>,
+}
+
+/// The slot tenure an applier holds its partition for: the next entry to
+/// batch waits until the owner map reaches `gen` for `slot`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TenureWait {
+    pub log_id: LogId,
+    pub slot: u16,
+    pub gen: u64,
+    pub current: Option<Owner>,
 }
 
 /// Whether `write` holds a `FLUSHALL` or `FLUSHDB`.
@@ -347,7 +383,7 @@ impl BatchBuilder {
     /// by `hold` (which goes alone, or skipped). `None` when the front is a
     /// snapshot marker or `pending` is empty.
     pub fn build(
-        &self,
+        &mut self,
         pending: &mut VecDeque<Pending>,
         epoch: u64,
         hold: Option<&Hold>,
@@ -367,6 +403,10 @@ impl BatchBuilder {
                 };
                 let after = &pending[end];
                 if let Record::Write(write) = &after.record {
+                    // A held write's run waits with it.
+                    if matches!(self.decision(write), Some(Decision::Wait { .. })) {
+                        break;
+                    }
                     let alone = hold.is_some_and(|hold| hold.log_id == after.log_id)
                         || (self.scope.is_some() && flushes(write))
                         || self.check(after.log_id, write).is_err();
@@ -384,17 +424,35 @@ impl BatchBuilder {
                 }
                 continue;
             }
-            if let Record::Handoff(_) = front.record {
-                // A slot handoff of a cluster source (docs/cluster.md): the
-                // target's owner map is not kept yet (the applier holds at a
-                // moved key instead), so it is passed like a write with
-                // nothing to send, its log id in this batch's checkpoint.
+            if let Record::Handoff(handoff) = front.record {
+                // A slot handoff of a cluster source (docs/cluster.md, rule
+                // 5): the owner map takes it in this batch's MULTI, with the
+                // checkpoint that covers it. Without tenures (a cluster
+                // target) it is covered with nothing sent.
                 let Some(Pending { log_id, .. }) = pending.pop_front() else {
                     break;
                 };
                 let batch =
                     batch.get_or_insert_with(|| Batch::starting_at(log_id, epoch, self.log_tag));
                 batch.last = log_id;
+                if let Some(tenures) = &mut self.tenures {
+                    let owner = Owner {
+                        partition: handoff.to,
+                        gen: handoff.gen,
+                    };
+                    tenures.map.raise(handoff.slot, owner);
+                    if db != 0 {
+                        batch.commands.push(select(0));
+                        batch.slots.push(Slot::Internal);
+                        db = 0;
+                    }
+                    batch.commands.push(tenure::raise_command(
+                        &tenures.map_key,
+                        &[(handoff.slot, owner)],
+                    ));
+                    batch.slots.push(Slot::Internal);
+                }
+                entries += 1;
                 continue;
             }
             let Record::Write(write) = &front.record else {
@@ -406,6 +464,26 @@ impl BatchBuilder {
             let held = hold.filter(|hold| hold.log_id == front.log_id);
             if held.is_some() && entries > 0 {
                 break;
+            }
+            match self.decision(write) {
+                // Held until the owner map moves (the applier waits).
+                Some(Decision::Wait { .. }) => break,
+                // Covered by the checkpoint, nothing sent.
+                Some(Decision::Superseded) => {
+                    let Some(Pending { log_id, .. }) = pending.pop_front() else {
+                        break;
+                    };
+                    let batch = batch
+                        .get_or_insert_with(|| Batch::starting_at(log_id, epoch, self.log_tag));
+                    batch.last = log_id;
+                    batch.superseded += 1;
+                    entries += 1;
+                    if held.is_some() {
+                        break;
+                    }
+                    continue;
+                }
+                _ => {}
             }
             // A flush of a partition with a slot scope goes alone, as the
             // deletion of the scope and the rest of its entry (a skipped
@@ -455,6 +533,8 @@ impl BatchBuilder {
                     if entries > 0 {
                         break;
                     }
+                    let blocked_tenure =
+                        matches!(self.decision(write), Some(Decision::Blocked { .. }));
                     let Some(Pending {
                         log_id,
                         record: Record::Write(write),
@@ -466,6 +546,7 @@ impl BatchBuilder {
                     let batch = batch
                         .get_or_insert_with(|| Batch::starting_at(log_id, epoch, self.log_tag));
                     batch.last = log_id;
+                    batch.refused_transient = blocked_tenure;
                     let refused = RefusedCommand {
                         log_id,
                         command,
@@ -702,6 +783,39 @@ impl BatchBuilder {
         Ok((all, rest))
     }
 
+    /// Rule 4 for `write`, when tenures are followed and it is tagged.
+    fn decision(&self, write: &WriteRecord) -> Option<Decision> {
+        let tenures = self.tenures.as_ref()?;
+        Some(tenure::decide(
+            &tenures.map,
+            tenures.partition,
+            write.tenure?,
+        ))
+    }
+
+    /// The tenure the next entry to batch (after a fragment run) waits for,
+    /// if it is held for a handoff.
+    pub fn tenure_wait(&self, pending: &VecDeque<Pending>) -> Option<TenureWait> {
+        let next = pending
+            .iter()
+            .find(|p| !matches!(p.record, Record::Fragment(_)))?;
+        let Record::Write(write) = &next.record else {
+            return None;
+        };
+        match self.decision(write)? {
+            Decision::Wait { current } => {
+                let tenure = write.tenure?;
+                Some(TenureWait {
+                    log_id: next.log_id,
+                    slot: tenure.slot,
+                    gen: tenure.gen,
+                    current,
+                })
+            }
+            _ => None,
+        }
+    }
+
     /// Whether the next entry to batch (after a fragment run) flushes in a
     /// partition with a slot scope: its batch must be built only once every
     /// batch before it committed (its deletion runs first).
@@ -720,14 +834,33 @@ impl BatchBuilder {
     /// command naming keys this sync does not own with its own) are
     /// translated on a copy.
     fn check(&self, log_id: LogId, write: &WriteRecord) -> Result<Vec<KeyClass>, (String, String)> {
+        if let Some(Decision::Blocked { owner }) = self.decision(write) {
+            let name = write.commands.first().map(command_name).unwrap_or_default();
+            let slot = write.tenure.map_or(0, |t| t.slot);
+            let gen = write.tenure.map_or(0, |t| t.gen);
+            return Err((
+                name,
+                format!(
+                    "TENURE slot {slot}: this entry is of tenure generation {gen}, which the \
+                     target's owner map gives to partition {} (docs/cluster.md, rule 4: a \
+                     migration aborted after keys moved); held until the slot is handed to this \
+                     partition, or skipped (ferry skip)",
+                    owner.partition
+                ),
+            ));
+        }
         // A cluster source's shard writes RESTORE-ASKING for each key moved
         // into it by a resharding (the shard it left writes a DEL). Applied
         // as it comes, in no order with the other shard's DEL, that key
-        // could be lost or resurrected on the target: docs/cluster.md has the
-        // rule that will carry it; until then the partition holds here.
-        // Keys this sync does not own (ferry's heartbeats moving with their
-        // slot, keys outside the key filter) are left out as usual.
-        if let Some(cmd) = write.commands.iter().find(|c| {
+        // could be lost or resurrected on the target. A tagged one is
+        // ordered by its slot tenure (above: it is applied only once the
+        // shard it left handed the slot over, after its DEL); an untagged
+        // one (a listener that does not tag, or an applier that does not
+        // follow tenures) holds the partition here. Keys this sync does not
+        // own (ferry's heartbeats moving with their slot, keys outside the
+        // key filter) are left out as usual.
+        let ordered = write.tenure.is_some() && self.tenures.is_some();
+        if let Some(cmd) = write.commands.iter().filter(|_| !ordered).find(|c| {
             c.is("RESTORE-ASKING") && c.args.get(1).is_some_and(|key| self.keyspace.owns_key(key))
         }) {
             return Err((
@@ -929,6 +1062,8 @@ impl Batch {
             checkpoint: Checkpoint::Applied { log_id, epoch, log },
             streams: Vec::new(),
             scope_delete: Vec::new(),
+            refused_transient: false,
+            superseded: 0,
         }
     }
 
@@ -1067,6 +1202,7 @@ mod tests {
             expire_grace: ExpireGrace::default(),
             log_tag: 0xab,
             scope: None,
+            tenures: None,
         }
     }
 
@@ -1119,9 +1255,170 @@ mod tests {
         );
     }
 
+    fn tagged(log_id: u64, args: &[&str], slot: u16, gen: u64) -> Pending {
+        let record = Record::Write(WriteRecord {
+            db: 0,
+            commands: vec![Command::from_parts(args)],
+            transaction: false,
+            streamed: vec![],
+            tenure: Some(crate::record::SlotTenure { slot, gen }),
+        });
+        Pending {
+            log_id: LogId(log_id),
+            size: record.encode().len(),
+            record,
+        }
+    }
+
+    fn handoff(log_id: u64, slot: u16, to: u32, gen: u64) -> Pending {
+        let record = Record::Handoff(crate::record::SlotHandoff { slot, to, gen });
+        Pending {
+            log_id: LogId(log_id),
+            size: record.encode().len(),
+            record,
+        }
+    }
+
+    /// Partition 1's builder with the owner map `owners`.
+    fn tenured(owners: &[(u16, u32, u64)]) -> BatchBuilder {
+        let mut map = OwnerMap::default();
+        for &(slot, partition, gen) in owners {
+            map.raise(slot, Owner { partition, gen });
+        }
+        BatchBuilder {
+            tenures: Some(Tenures {
+                partition: 1,
+                map_key: Bytes::from_static(b"__ferry:slots:d"),
+                map,
+            }),
+            ..builder(10)
+        }
+    }
+
+    #[test]
+    fn tagged_writes_are_applied_superseded_or_held_by_the_owner_map() {
+        let mut builder = tenured(&[(7, 1, 1), (8, 0, 2), (9, 0, 0)]);
+        let mut pending: VecDeque<Pending> = [
+            tagged(1, &["INCR", "a"], 7, 1),
+            tagged(2, &["INCR", "b"], 8, 1),
+            write(3, 0, &[&["SET", "c", "1"]], false),
+            tagged(4, &["RESTORE-ASKING", "d", "0", "x"], 7, 1),
+            tagged(5, &["INCR", "e"], 9, 1),
+            tagged(6, &["INCR", "f"], 7, 1),
+        ]
+        .into();
+        let batch = builder.build(&mut pending, 0, None).unwrap();
+        // Slot 8 moved on to generation 2: entry 2 superseded; a tagged
+        // RESTORE-ASKING of the tenure is applied.
+        assert_eq!(
+            shown(&batch),
+            [
+                "INCR a",
+                "SET c 1",
+                "RESTORE-ASKING d 0 x",
+                "SET __ferry:checkpoint:d:0 v2 applied=4 epoch=0 log=00000000000000ab"
+            ]
+        );
+        assert_eq!(batch.superseded, 1);
+        // Slot 9 is at generation 0 of partition 0: entry 5 waits.
+        assert!(builder.build(&mut pending, 0, None).is_none());
+        assert_eq!(
+            builder.tenure_wait(&pending),
+            Some(TenureWait {
+                log_id: LogId(5),
+                slot: 9,
+                gen: 1,
+                current: Some(Owner {
+                    partition: 0,
+                    gen: 0
+                })
+            })
+        );
+        assert_eq!(pending.len(), 2);
+        // Partition 0's handoff reaches the map.
+        if let Some(tenures) = &mut builder.tenures {
+            tenures.map.raise(
+                9,
+                Owner {
+                    partition: 1,
+                    gen: 1,
+                },
+            );
+        }
+        assert_eq!(builder.tenure_wait(&pending), None);
+        let batch = builder.build(&mut pending, 0, None).unwrap();
+        assert_eq!(shown(&batch)[..2], ["INCR e", "INCR f"]);
+
+        // Generation 1 of slot 9 given to partition 0: BLOCKED, alone, a
+        // hold that may clear.
+        let mut builder = tenured(&[(9, 0, 1)]);
+        let mut pending: VecDeque<Pending> = [
+            write(1, 0, &[&["SET", "c", "1"]], false),
+            tagged(2, &["INCR", "e"], 9, 1),
+        ]
+        .into();
+        let batch = builder.build(&mut pending, 0, None).unwrap();
+        assert_eq!(batch.last, LogId(1));
+        let blocked = builder.build(&mut pending, 0, None).unwrap();
+        let refused = blocked.refused.expect("held");
+        assert!(
+            refused.error.starts_with("TENURE slot 9"),
+            "{}",
+            refused.error
+        );
+        assert!(blocked.refused_transient);
+    }
+
+    #[test]
+    fn an_untagged_restore_asking_holds_and_tags_are_ignored_without_tenures() {
+        for mut builder in [tenured(&[]), builder(10)] {
+            let mut pending: VecDeque<Pending> =
+                [write(1, 0, &[&["RESTORE-ASKING", "d", "0", "x"]], false)].into();
+            let refused = builder.build(&mut pending, 0, None).unwrap();
+            assert_eq!(refused.refused.expect("held").command, "RESTORE-ASKING");
+        }
+        // Without tenures (a cluster target) a tag changes nothing, and a
+        // tagged RESTORE-ASKING still holds.
+        let mut pending: VecDeque<Pending> = [
+            tagged(1, &["INCR", "a"], 7, 5),
+            tagged(2, &["RESTORE-ASKING", "d", "0", "x"], 7, 5),
+        ]
+        .into();
+        let batch = builder(10).build(&mut pending, 0, None).unwrap();
+        assert_eq!(shown(&batch)[0], "INCR a");
+        let refused = builder(10).build(&mut pending, 0, None).unwrap();
+        assert!(!refused.refused_transient);
+        assert_eq!(refused.refused.expect("held").command, "RESTORE-ASKING");
+    }
+
+    #[test]
+    fn a_handoff_raises_the_map_in_the_batch() {
+        let mut builder = tenured(&[(7, 0, 0)]);
+        let mut pending: VecDeque<Pending> = [
+            write(1, 3, &[&["SET", "a", "1"]], false),
+            handoff(2, 7, 1, 1),
+            // Its own tenure, opened by the handoff just batched.
+            tagged(3, &["INCR", "b"], 7, 1),
+        ]
+        .into();
+        let batch = builder.build(&mut pending, 0, None).unwrap();
+        let shown = shown(&batch);
+        assert_eq!(shown[..2], ["SELECT 3", "SET a 1"]);
+        assert_eq!(shown[2], "SELECT 0");
+        assert!(shown[3].starts_with("EVAL "), "{}", shown[3]);
+        assert!(
+            shown[3].ends_with(" 1 __ferry:slots:d 7 1 1"),
+            "{}",
+            shown[3]
+        );
+        assert_eq!(shown[4], "INCR b");
+        assert_eq!(batch.slots[3], Slot::Internal);
+        assert_eq!(batch.last, LogId(3));
+    }
+
     #[test]
     fn a_flush_of_a_scoped_partition_goes_alone_as_a_scope_deletion() {
-        let scoped = BatchBuilder {
+        let mut scoped = BatchBuilder {
             keyspace: OwnedKeyspace::dbs([0, 1]),
             scope: Some(SlotRanges::from_ranges([(0, 8191)])),
             ..builder(10)

@@ -289,6 +289,7 @@ pub mod scope;
 mod snapshot;
 pub mod status;
 mod target;
+pub mod tenure;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -312,7 +313,7 @@ use crate::redis::rdb_stream::RdbStreamError;
 use crate::redis::resp::{encode_array_header, encode_bulk, encode_bulk_header, Frame};
 use crate::wal::{DownstreamId, ReadLimits, SnapshotPhase, Wal, WalError};
 
-use batch::{Batch, BatchBuilder, BatchOutcome, Hold, Pending, StreamedPlace};
+use batch::{Batch, BatchBuilder, BatchOutcome, Hold, Pending, StreamedPlace, TenureWait};
 use checkpoint::{checkpoint_key, Checkpoint, CheckpointError};
 use dead_letter::{DeadEntry, DeadLetter, DeadLetterError, SkippedBy};
 use fence::Fence;
@@ -323,8 +324,8 @@ pub use batch::ReplyError;
 pub use config::{ApplyConfig, ApplyConfigError, ExistingData, OnRefused};
 pub use keyspace::{FilterConfig, OwnedKeyspace};
 pub use status::{
-    ApplyReport, ApplyStatus, BlockedEntry, RefusedCommand, SkipRefused, SnapshotLoadProgress,
-    SyncState,
+    ApplyReport, ApplyStatus, BlockedEntry, HandoffWait, RefusedCommand, SkipRefused,
+    SnapshotLoadProgress, SyncState,
 };
 
 /// Errors at the applier boundary. [`ApplyError::is_fatal`] tells which end
@@ -548,6 +549,8 @@ pub async fn run(
             cluster_nodes: Vec::new(),
             scope: None,
             scope_key: Bytes::from(scope::scope_key(&cfg.drainer_id, partition)),
+            owners: tenure::OwnerMap::default(),
+            owners_key: Bytes::from(tenure::owner_map_key(&cfg.drainer_id)),
             cfg,
         };
         let result = applier.run().await;
@@ -798,6 +801,11 @@ pub(crate) struct Applier {
     scope: Option<SlotRanges>,
     /// Where the scope is kept in the target ([`scope::scope_key`]).
     scope_key: Bytes,
+    /// The target's slot owner map as last read ([`tenure`]; a cluster
+    /// source's slot tenures), shared by the drainer's partitions.
+    owners: tenure::OwnerMap,
+    /// Where the owner map is kept ([`tenure::owner_map_key`]).
+    owners_key: Bytes,
 }
 
 impl Applier {
@@ -1028,6 +1036,7 @@ impl Applier {
             }
             let checkpoint = target.read_checkpoint(&self.key).await?;
             let scope = target.read_scope(&self.scope_key).await?;
+            self.owners = target.read_owner_map(&self.owners_key).await?;
             Ok::<_, ApplyError>((target, checkpoint, scope))
         };
         // Nothing is in flight yet: shutdown need not wait for a slow target.
@@ -1040,6 +1049,7 @@ impl Applier {
         self.scope = if checkpoint.is_some() { scope } else { None };
         let (resume, marker_first) = self.reconcile(checkpoint).await?;
         self.passed(resume);
+        self.status.clear_handoff();
         self.status.set_online();
         if last_error.take().is_some() {
             info!(partition = %self.partition, resume = %resume, "target reachable again; applying");
@@ -1195,6 +1205,11 @@ impl Applier {
             expire_grace: expire::ExpireGrace::new(self.cfg.expire_grace.0),
             log_tag: self.log_tag,
             scope: self.scope.clone(),
+            tenures: Some(batch::Tenures {
+                partition: self.partition.0,
+                map_key: self.owners_key.clone(),
+                map: self.owners.clone(),
+            }),
         }
     }
 
@@ -1297,7 +1312,7 @@ impl Applier {
                         self.status.set_last_refused(refused.clone());
                         return Err(ApplyError::Refused {
                             refused,
-                            transient: false,
+                            transient: batch.refused_transient,
                         });
                     }
                     target.client.queue(&exec);
@@ -1347,11 +1362,23 @@ impl Applier {
                     if !self.load_snapshot(target, log_id, marker).await? {
                         return Ok(()); // shut down during the load
                     }
-                    // The marker's scope is the partition's from now on.
+                    // The marker's scope is the partition's from now on,
+                    // and the load may have changed the owner map.
                     builder.scope = self.scope.clone();
+                    if let Some(tenures) = &mut builder.tenures {
+                        tenures.map = self.owners.clone();
+                    }
                     self.passed(log_id.next());
                     continue;
                 }
+            }
+            // Everything before it is applied: the next entry waits for a
+            // slot handoff of another partition.
+            if let Some(wait) = builder.tenure_wait(&feed.pending) {
+                if !self.wait_for_tenure(target, &mut builder, wait).await? {
+                    return Ok(()); // shut down while held
+                }
+                continue;
             }
             // Everything read is applied: wait for more.
             tokio::select! {
@@ -1367,6 +1394,57 @@ impl Applier {
         }
     }
 
+    /// Holds the partition at `wait`'s entry (everything before it
+    /// committed) for one [`tenure::HOLD_POLL`], then reads the slot's
+    /// owner again into `builder`'s copy of the map. Returns `false` on
+    /// shutdown.
+    async fn wait_for_tenure(
+        &mut self,
+        target: &mut Target,
+        builder: &mut BatchBuilder,
+        wait: TenureWait,
+    ) -> Result<bool, ApplyError> {
+        // A hold of another kind at this entry (BLOCKED: the tenure was
+        // another partition's) turned into a wait for the handoff.
+        if self
+            .status
+            .blocked()
+            .is_some_and(|blocked| blocked.log_id == wait.log_id)
+        {
+            self.status.clear_blocked();
+        }
+        let shown = HandoffWait {
+            log_id: wait.log_id,
+            slot: wait.slot,
+            gen: wait.gen,
+            current: wait.current.map(|owner| (owner.partition, owner.gen)),
+            since_unix_ms: status::now_unix_ms(),
+        };
+        if self.status.snapshot().handoff.map_or(true, |old| {
+            old.log_id != wait.log_id || old.current != shown.current
+        }) {
+            info!(
+                partition = %self.partition,
+                log_id = %wait.log_id,
+                slot = wait.slot,
+                gen = wait.gen,
+                current = ?wait.current,
+                "held for a slot handoff of another partition"
+            );
+        }
+        self.status.set_handoff(shown);
+        tokio::select! {
+            _ = self.shutdown.cancelled() => return Ok(false),
+            _ = tokio::time::sleep(tenure::HOLD_POLL) => {}
+        }
+        let current = target.read_owner(&self.owners_key, wait.slot).await?;
+        self.owners.set_read(wait.slot, current);
+        if let Some(tenures) = &mut builder.tenures {
+            tenures.map.set_read(wait.slot, current);
+        }
+        Ok(true)
+    }
+
     /// Deletes the partition's slot scope in the owned dbs of `batch` (a
     /// flush of a scoped partition; module doc, "Slot scopes"), before the
     /// batch with the rest of its entry and its checkpoint is sent. Every
@@ -1380,6 +1458,11 @@ impl Applier {
         let Some(scope) = self.scope.clone() else {
             return Err(ApplyError::Task("a scoped flush without a scope".into()));
         };
+        // With slot tenures the shard's keys are those of the slots the
+        // owner map gives this partition now: slots it handed over since
+        // its marker are another's, slots it received are its own.
+        self.owners = target.read_owner_map(&self.owners_key).await?;
+        let scope = tenure::flush_slots(&scope, &self.owners, self.partition.0);
         let conn = scope::ScopeConn {
             reply_timeout: target.reply_timeout,
             unlink: target.caps.is_some_and(|caps| caps.at_least(4, 0)),
@@ -1472,6 +1555,10 @@ impl Applier {
         }
         self.status
             .add_counts(applied, refused_count, batch.skipped);
+        if batch.superseded > 0 {
+            self.status.add_superseded(batch.superseded);
+        }
+        self.status.clear_handoff();
         self.status.set_applied(batch.last, self.epoch);
         self.status.set_online();
         let _ = self.applied_tx.send(batch.last);

@@ -73,8 +73,9 @@ use super::config::ExistingData;
 use super::expire::ExpireGrace;
 use super::keyspace::{self, OwnedKeyspace};
 use super::scope::{self, ScopeConn};
-use super::status::SnapshotLoadProgress;
+use super::status::{HandoffWait, SnapshotLoadProgress};
 use super::target::Target;
+use super::tenure::{self, LoadPlan};
 use super::{Applier, ApplyError};
 use crate::position::{LogId, PartitionId};
 use crate::record::{SnapshotMarker, INTERNAL_PREFIX};
@@ -177,6 +178,9 @@ struct ProducerConfig {
     /// Keys this sync does not own are not sent; the others go to the
     /// target db their source db maps to.
     keyspace: OwnedKeyspace,
+    /// Only keys of these hash slots are sent (a marker with slot tenures:
+    /// the slots it loads); `None`: every key.
+    slots: Option<SlotRanges>,
     /// Added to every key's deadline before it is rebuilt.
     expire_grace: ExpireGrace,
     window_commands: usize,
@@ -273,7 +277,11 @@ fn produce_windows(
         match &event {
             RdbEvent::KeyStart(header)
                 if header.key.starts_with(INTERNAL_PREFIX)
-                    || !cfg.keyspace.replicates(header.db, &header.key) =>
+                    || !cfg.keyspace.replicates(header.db, &header.key)
+                    || cfg
+                        .slots
+                        .as_ref()
+                        .is_some_and(|slots| !slots.contains_key(&header.key)) =>
             {
                 skipping = true;
                 continue;
@@ -554,8 +562,12 @@ impl Applier {
         marker: &SnapshotMarker,
         scope: SlotRanges,
         caps: TargetCaps,
+        plan: Option<&LoadPlan>,
     ) -> Result<bool, ApplyError> {
         let epoch = marker.epoch;
+        // With slot tenures only the slots the load takes are counted and
+        // deleted; `scope` is still what is recorded as the partition's.
+        let deleted = plan.map_or_else(|| scope.clone(), |plan| plan.load.clone());
         let policy = self.cfg.existing_data;
         let check = self.first_load && policy == ExistingData::Refuse;
         let conn = ScopeConn {
@@ -582,7 +594,7 @@ impl Applier {
             for &db in &owned {
                 let count = tokio::select! {
                     _ = self.shutdown.cancelled() => return Ok(false),
-                    count = scope::count_scope(&mut target.client, db, &scope, &self.keyspace, conn) => count?,
+                    count = scope::count_scope(&mut target.client, db, &deleted, &self.keyspace, conn) => count?,
                 };
                 if count > 0 {
                     busy.push((db, count));
@@ -592,9 +604,32 @@ impl Applier {
                 return Err(ApplyError::ExistingData {
                     partition: self.partition,
                     dbs: busy,
-                    slots: Some(scope),
+                    slots: Some(deleted),
                 });
             }
+        }
+        // Slots this partition handed over before the marker (rule 6): their
+        // keys are all of its own tenure (the next owner is held until the
+        // map moves), deleted before the map moves, so that a crash
+        // half-way finds the map unmoved and deletes again.
+        let raises = plan.map(|plan| plan.raises.as_slice()).unwrap_or_default();
+        if let Some(handed_off) = plan.map(|plan| &plan.handed_off).filter(|s| !s.is_empty()) {
+            let mut total = scope::ScopeDeletion::default();
+            for &db in &owned {
+                let done = tokio::select! {
+                    _ = self.shutdown.cancelled() => return Ok(false),
+                    done = scope::delete_scope(&mut target.client, db, handed_off, &self.keyspace, conn) => done?,
+                };
+                total.scanned += done.scanned;
+                total.deleted += done.deleted;
+            }
+            info!(
+                partition = %self.partition,
+                marker = %log_id,
+                slots = %handed_off,
+                deleted = total.deleted,
+                "deleted the keys of the slots this partition handed over"
+            );
         }
         let loading = Checkpoint::Loading {
             log_id,
@@ -612,10 +647,17 @@ impl Applier {
             self.scope_key.clone(),
             Bytes::from(scope::encode_scope(&scope)),
         ]));
+        // The owner map's claims and handoffs, with `loading=M`.
+        if !raises.is_empty() {
+            target
+                .client
+                .queue(&tenure::raise_command(&self.owners_key, raises));
+        }
         target.client.queue(&Command::from_parts(["EXEC"]));
         target.flush().await?;
-        let mut replies = Vec::with_capacity(4);
-        for _ in 0..4 {
+        let expected = if raises.is_empty() { 4 } else { 5 };
+        let mut replies = Vec::with_capacity(expected);
+        for _ in 0..expected {
             replies.push(target.reply().await?);
         }
         match replies.last() {
@@ -643,6 +685,9 @@ impl Applier {
         }
         self.first_load = false;
         self.scope = Some(scope.clone());
+        for &(slot, owner) in raises {
+            self.owners.raise(slot, owner);
+        }
         // A first load that counted no key of the scope has nothing to
         // delete (a key written there since by someone else is not ours).
         if policy == ExistingData::Keep || check {
@@ -652,7 +697,7 @@ impl Applier {
         for &db in &owned {
             let done = tokio::select! {
                 _ = self.shutdown.cancelled() => return Ok(false),
-                done = scope::delete_scope(&mut target.client, db, &scope, &self.keyspace, conn) => done?,
+                done = scope::delete_scope(&mut target.client, db, &deleted, &self.keyspace, conn) => done?,
             };
             total.scanned += done.scanned;
             total.deleted += done.deleted;
@@ -660,12 +705,65 @@ impl Applier {
         info!(
             partition = %self.partition,
             marker = %log_id,
-            %scope,
+            scope = %deleted,
             scanned = total.scanned,
             deleted = total.deleted,
             "deleted the keys of the snapshot's slots"
         );
         Ok(true)
+    }
+
+    /// Reads the owner map and plans the load of `marker` (at `log_id`),
+    /// whose slot tenures say which slots it takes (docs/cluster.md, rule
+    /// 6); while a slot's tenure is not open yet (another partition's
+    /// handoff is not applied), holds (status HANDOFF) and reads the map
+    /// again every [`tenure::HOLD_POLL`]. Nothing is written before the
+    /// plan holds no wait. `None` on shutdown.
+    async fn plan_tenured_load(
+        &mut self,
+        target: &mut Target,
+        log_id: LogId,
+        marker: &SnapshotMarker,
+    ) -> Result<Option<LoadPlan>, ApplyError> {
+        let mut announced = None;
+        loop {
+            self.owners = target.read_owner_map(&self.owners_key).await?;
+            let plan = tenure::plan_load(&self.owners, self.partition.0, marker);
+            let Some(wait) = plan.wait else {
+                self.status.clear_handoff();
+                if !plan.left_alone.is_empty() {
+                    info!(
+                        partition = %self.partition,
+                        marker = %log_id,
+                        slots = %plan.left_alone,
+                        "the load leaves slots alone: the target's owner map is past the marker's tenure of them"
+                    );
+                }
+                return Ok(Some(plan));
+            };
+            if announced != Some(wait) {
+                info!(
+                    partition = %self.partition,
+                    marker = %log_id,
+                    slot = wait.slot,
+                    gen = wait.gen,
+                    current = ?wait.current,
+                    "the snapshot load waits for a slot handoff of another partition"
+                );
+                announced = Some(wait);
+            }
+            self.status.set_handoff(HandoffWait {
+                log_id,
+                slot: wait.slot,
+                gen: wait.gen,
+                current: wait.current.map(|owner| (owner.partition, owner.gen)),
+                since_unix_ms: super::status::now_unix_ms(),
+            });
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return Ok(None),
+                _ = tokio::time::sleep(tenure::HOLD_POLL) => {}
+            }
+        }
     }
 
     /// Loads the snapshot of `marker` (at `log_id`). Returns `false` when
@@ -701,10 +799,30 @@ impl Applier {
         if first.is_empty() && marker.chunks > 0 {
             return Err(snapshot_error("its chunks are not in the wal".into()));
         }
-        match marker.scope.clone() {
+        // A cluster source's marker with slot tenures (rule 6): waits until
+        // every slot's tenure is open, then loads only the slots it takes.
+        let tenured = !marker.tenures.is_empty() || !marker.handoffs.is_empty();
+        let plan = match tenured {
+            true => match self.plan_tenured_load(target, log_id, &marker).await? {
+                Some(plan) => Some(plan),
+                None => return Ok(false), // shut down while held
+            },
+            false => None,
+        };
+        let scope = marker.scope.clone().or_else(|| {
+            tenured.then(|| {
+                SlotRanges::from_ranges(
+                    marker
+                        .tenures
+                        .iter()
+                        .flat_map(|(ranges, _)| ranges.ranges().iter().copied()),
+                )
+            })
+        });
+        match scope {
             Some(scope) => {
                 if !self
-                    .start_scoped_load(target, log_id, &marker, scope, caps)
+                    .start_scoped_load(target, log_id, &marker, scope, caps, plan.as_ref())
                     .await?
                 {
                     return Ok(false); // shut down during the deletion
@@ -735,6 +853,7 @@ impl Applier {
             rebuild,
             databases: target.databases,
             keyspace: self.keyspace.clone(),
+            slots: plan.map(|plan| plan.load),
             expire_grace: ExpireGrace::new(self.cfg.expire_grace.0),
             window_commands: self.cfg.load_window,
             window_bytes: self.cfg.batch_max_bytes.as_usize(),

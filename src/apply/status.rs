@@ -17,13 +17,16 @@ use crate::position::{LogId, PartitionId};
 use crate::wal::{Wal, WalError};
 
 /// Whether the applier is applying (ONLINE), waiting to retry (OFFLINE),
-/// or held at an entry the target refuses (BLOCKED: the entries after it
-/// wait; [`ApplyReport::blocked`] names it).
+/// held at an entry the target refuses (BLOCKED: the entries after it
+/// wait; [`ApplyReport::blocked`] names it), or held until another
+/// partition hands a slot over (HANDOFF, a cluster source's resharding:
+/// [`ApplyReport::handoff`] names the slot and the tenure awaited).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SyncState {
     Online,
     Offline,
     Blocked,
+    Handoff,
 }
 
 impl std::fmt::Display for SyncState {
@@ -32,6 +35,7 @@ impl std::fmt::Display for SyncState {
             SyncState::Online => "ONLINE",
             SyncState::Offline => "OFFLINE",
             SyncState::Blocked => "BLOCKED",
+            SyncState::Handoff => "HANDOFF",
         })
     }
 }
@@ -60,6 +64,38 @@ pub struct BlockedEntry {
     pub transient: bool,
     /// When the applier first found it blocked here (unix ms).
     pub since_unix_ms: u64,
+}
+
+/// What a partition held for a slot handoff waits for (docs/cluster.md,
+/// rules 4 and 6): the owner map of the target must reach tenure `gen` of
+/// `slot`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandoffWait {
+    /// The entry (or snapshot marker) held.
+    pub log_id: LogId,
+    pub slot: u16,
+    /// The generation awaited.
+    pub gen: u64,
+    /// The map's tenure of the slot when last read: `(partition, gen)`;
+    /// `None`: no partition has loaded it yet.
+    pub current: Option<(u32, u64)>,
+    /// When the applier first waited here (unix ms).
+    pub since_unix_ms: u64,
+}
+
+impl std::fmt::Display for HandoffWait {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "entry {} waits for slot {} to be handed over (tenure generation {}); the target's \
+             owner map has ",
+            self.log_id, self.slot, self.gen
+        )?;
+        match self.current {
+            Some((partition, gen)) => write!(f, "partition {partition} generation {gen}"),
+            None => f.write_str("no owner yet"),
+        }
+    }
 }
 
 /// Why a skip request was not taken.
@@ -110,6 +146,8 @@ struct StatusFields {
     last_refused: Option<RefusedCommand>,
     snapshot_load: Option<SnapshotLoadProgress>,
     blocked: Option<BlockedEntry>,
+    handoff: Option<HandoffWait>,
+    entries_superseded: u64,
     entries_skipped: u64,
     last_skipped: Option<LogId>,
     dead_letter_file: Option<String>,
@@ -157,6 +195,12 @@ pub struct ApplyReport {
     pub snapshot_load: Option<SnapshotLoadProgress>,
     /// The entry the applier is held at (state BLOCKED), if any.
     pub blocked: Option<BlockedEntry>,
+    /// What the applier waits for (state HANDOFF), if anything.
+    pub handoff: Option<HandoffWait>,
+    /// Entries of a cluster source not applied because their slot moved on
+    /// after their tenure (a later owner's snapshot holds their effect;
+    /// docs/cluster.md, rule 4), covered by the checkpoint.
+    pub entries_superseded: u64,
     /// Entries skipped (by `ferry skip` or `on-refused =
     /// "skip-and-record"`) and recorded in the dead-letter file.
     pub entries_skipped: u64,
@@ -195,6 +239,8 @@ impl ApplyStatus {
                 last_refused: None,
                 snapshot_load: None,
                 blocked: None,
+                handoff: None,
+                entries_superseded: 0,
                 entries_skipped: 0,
                 last_skipped: None,
                 dead_letter_file: None,
@@ -227,6 +273,8 @@ impl ApplyStatus {
             partition: self.partition,
             state: if fields.blocked.is_some() {
                 SyncState::Blocked
+            } else if fields.handoff.is_some() && fields.state == SyncState::Online {
+                SyncState::Handoff
             } else {
                 fields.state
             },
@@ -242,6 +290,8 @@ impl ApplyStatus {
             last_refused: fields.last_refused,
             snapshot_load: fields.snapshot_load,
             blocked: fields.blocked,
+            handoff: fields.handoff,
+            entries_superseded: fields.entries_superseded,
             entries_skipped: fields.entries_skipped,
             last_skipped: fields.last_skipped,
             dead_letter_file: fields.dead_letter_file,
@@ -329,6 +379,27 @@ impl ApplyStatus {
 
     pub(crate) fn blocked(&self) -> Option<BlockedEntry> {
         self.lock().blocked.clone()
+    }
+
+    /// Holds the applier for a slot handoff; keeps the time it first
+    /// waited at that entry.
+    pub(crate) fn set_handoff(&self, mut wait: HandoffWait) {
+        let mut fields = self.lock();
+        if let Some(old) = &fields.handoff {
+            if old.log_id == wait.log_id {
+                wait.since_unix_ms = old.since_unix_ms;
+            }
+        }
+        fields.handoff = Some(wait);
+    }
+
+    /// The applier is not (or no longer) waiting for a handoff.
+    pub(crate) fn clear_handoff(&self) {
+        self.lock().handoff = None;
+    }
+
+    pub(crate) fn add_superseded(&self, entries: u64) {
+        self.lock().entries_superseded += entries;
     }
 
     /// Records that `log_id` was skipped (and recorded).

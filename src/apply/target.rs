@@ -138,4 +138,45 @@ impl Target {
             )),
         }
     }
+
+    /// Reads the slot owner map at `key` ([`super::tenure`]; the
+    /// connection is in db 0).
+    pub async fn read_owner_map(
+        &mut self,
+        key: &Bytes,
+    ) -> Result<super::tenure::OwnerMap, ApplyError> {
+        let get = Command::new(vec![Bytes::from_static(b"HGETALL"), key.clone()]);
+        let reply = self.call_command(&get).await?;
+        super::tenure::OwnerMap::from_reply(&reply).map_err(|why| bad_owner_map(key, why))
+    }
+
+    /// Reads one slot of the owner map at `key` (`None`: absent).
+    pub async fn read_owner(
+        &mut self,
+        key: &Bytes,
+        slot: u16,
+    ) -> Result<Option<super::tenure::Owner>, ApplyError> {
+        let reply = self
+            .call_command(&super::tenure::read_slot_command(key, slot))
+            .await?;
+        match reply {
+            Frame::Null => Ok(None),
+            Frame::Bulk(value) => super::tenure::parse_owner(&value)
+                .map(Some)
+                .map_err(|why| bad_owner_map(key, format!("slot {slot}: {why}"))),
+            other => Err(ApplyError::Client(
+                crate::redis::client::ClientError::UnexpectedReply {
+                    command: "HGET owner map".into(),
+                    reply: format!("{other:?}"),
+                },
+            )),
+        }
+    }
+}
+
+fn bad_owner_map(key: &Bytes, why: String) -> ApplyError {
+    ApplyError::Checkpoint(super::checkpoint::CheckpointError {
+        value: String::from_utf8_lossy(key).into_owned(),
+        why: format!("not a slot owner map: {why}"),
+    })
 }
