@@ -762,3 +762,182 @@ async fn an_untagged_restore_asking_holds_blocked_and_a_tagged_one_is_applied() 
     p1_run.stop().await;
     wal.close().await.unwrap();
 }
+
+/// The slots of `range` without `slot`.
+fn without(range: &SlotRanges, slot: u16) -> SlotRanges {
+    let mut out = SlotRanges::new();
+    for &(first, last) in range.ranges() {
+        if slot < first || slot > last {
+            out.insert_range(first, last);
+            continue;
+        }
+        if slot > first {
+            out.insert_range(first, slot - 1);
+        }
+        if slot < last {
+            out.insert_range(slot + 1, last);
+        }
+    }
+    out
+}
+
+/// (g) `s` moved P0 → P1 → P0 while P0's snapshot was taken: its marker
+/// hands `s` over (generation 1, the record is before the marker) and
+/// imports it back (tenure 2). The load takes the handoff first, which
+/// releases P1, whose handoff back opens tenure 2 for the load: no
+/// partition waits for itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_marker_handing_a_slot_over_and_taking_it_back_does_not_wait_for_itself() {
+    let source_0 = RedisServer::start(&[]);
+    let source_1 = RedisServer::start(&[]);
+    let target = RedisServer::start(&[]);
+    let work = tempfile::tempdir().unwrap();
+    let wal = Wal::open(wal_config(&work.path().join("wal")))
+        .await
+        .unwrap();
+    let m = moving();
+    first_marker(&wal, 0, &source_0, range_0(), work.path()).await;
+    let applied_0 = append(&wal, 0, &incrs(&m.counter, 5, m.slot, 0)).await;
+    let p0_run = start(&target, &wal, 0);
+    p0_run.wait_applied(applied_0).await;
+    p0_run.stop().await;
+
+    let payload = dump_payload(&source_1, &m.counter, "5").await;
+    first_marker(&wal, 1, &source_1, range_1(), work.path()).await;
+    let mut p1 = vec![restore_asking(&m.counter, payload, m.slot, 1)];
+    p1.extend(incrs(&m.counter, 2, m.slot, 1));
+    p1.push(tagged(&["DEL", &m.counter], m.slot, 1));
+    p1.push(handoff(m.slot, 0, 2));
+    let last_1 = append(&wal, 1, &p1).await;
+    let p1_run = start(&target, &wal, 1);
+    p1_run.wait_handoff(m.slot, 1).await;
+
+    // P0's snapshot: the counter back (7), s at tenure 2, the handoff of
+    // generation 1 in the marker.
+    source_0.cmd(&["SET", &m.counter, "7"]);
+    let reload = append_snapshot(
+        &wal,
+        0,
+        &source_0,
+        2,
+        Slots {
+            scope: range_0(),
+            tenures: vec![
+                (without(&range_0(), m.slot), 0),
+                (SlotRanges::from_ranges([(m.slot, m.slot)]), 2),
+            ],
+            handoffs: vec![SlotHandoff {
+                slot: m.slot,
+                to: 1,
+                gen: 1,
+            }],
+        },
+        work.path(),
+    )
+    .await;
+    let last_0 = append(&wal, 0, &incrs(&m.counter, 1, m.slot, 2)).await;
+    assert!(last_0 > reload);
+    let p0_run = start(&target, &wal, 0);
+    p1_run.wait_applied(last_1).await;
+    p0_run.wait_applied(last_0).await;
+    p0_run.stop().await;
+    p1_run.stop().await;
+    assert_eq!(target.cmd(&["GET", &m.counter]), "8");
+    assert_eq!(target.cmd(&["HGET", OWNER_MAP, &m.slot.to_string()]), "0 2");
+    wal.close().await.unwrap();
+}
+
+/// (h) P0's applier ended abruptly, again and again, while it takes the
+/// handoffs of its new snapshot and loads it (an RDB of 200k keys of every
+/// slot): every restart ends in the same state. Only the keys of the slots
+/// the load takes are written (not those of `s`, handed over, nor P1's
+/// slots), P1's keys are never deleted, and P1's counter of `s` is exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_with_tenures_ended_abruptly_converges() {
+    const POPULATED: usize = 200_000;
+    let source_0 = RedisServer::start(&[]);
+    let source_1 = RedisServer::start(&[]);
+    let target = RedisServer::start(&[]);
+    let work = tempfile::tempdir().unwrap();
+    let wal = Wal::open(wal_config(&work.path().join("wal")))
+        .await
+        .unwrap();
+    let m = moving();
+    let b_keys = keys_in(&range_1(), "b", 100);
+    for key in &b_keys {
+        source_1.cmd(&["SET", key, "from-b"]);
+    }
+    first_marker(&wal, 0, &source_0, range_0(), work.path()).await;
+    let applied_0 = append(&wal, 0, &incrs(&m.counter, 9, m.slot, 0)).await;
+    let p0_run = start(&target, &wal, 0);
+    p0_run.wait_applied(applied_0).await;
+    p0_run.stop().await;
+    first_marker(&wal, 1, &source_1, range_1(), work.path()).await;
+    let payload = dump_payload(&source_1, &m.counter, "9").await;
+    let mut p1 = vec![restore_asking(&m.counter, payload, m.slot, 1)];
+    p1.extend(incrs(&m.counter, 4, m.slot, 1));
+    let last_1 = append(&wal, 1, &p1).await;
+
+    // P0's new snapshot: 200k keys of every slot (a shard's RDB holds only
+    // its own; the others must not be written), s handed over.
+    source_0.cmd(&["DEBUG", "POPULATE", &POPULATED.to_string(), "key", "8"]);
+    let scope_0 = without(&range_0(), m.slot);
+    let reload = append_snapshot(
+        &wal,
+        0,
+        &source_0,
+        2,
+        Slots {
+            scope: scope_0.clone(),
+            tenures: vec![(scope_0.clone(), 0)],
+            handoffs: vec![SlotHandoff {
+                slot: m.slot,
+                to: 1,
+                gen: 1,
+            }],
+        },
+        work.path(),
+    )
+    .await;
+    let p1_run = start(&target, &wal, 1);
+    let mut ended_loading = 0;
+    for round in 0..4 {
+        let p0_run = start(&target, &wal, 0);
+        let deadline = Instant::now() + APPLY_WAIT;
+        loop {
+            let value = applied_at(&target, 0);
+            let size: usize = target.cmd(&["DBSIZE"]).parse().unwrap();
+            if value.contains("loading=") && size > 100 + 1000 * (round + 1) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "no load seen: {value} {size}");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        p0_run.abort().await;
+        let value = applied_at(&target, 0);
+        println!("round {round}: ended at {value:?}");
+        ended_loading += u32::from(value.contains("loading="));
+    }
+    assert!(ended_loading > 0, "no end landed mid-load");
+    let p0_run = start(&target, &wal, 0);
+    p0_run.wait_applied(reload).await;
+    p1_run.wait_applied(last_1).await;
+    p0_run.stop().await;
+    p1_run.stop().await;
+
+    let got = data(&target).await;
+    let populated: Vec<&String> = got.keys().filter(|k| k.starts_with("key:")).collect();
+    let expected_populated = (0..POPULATED)
+        .filter(|i| scope_0.contains(key_hash_slot(format!("key:{i}").as_bytes())))
+        .count();
+    assert_eq!(populated.len(), expected_populated, "only the loaded slots");
+    assert!(populated
+        .iter()
+        .all(|k| scope_0.contains(key_hash_slot(k.as_bytes()))));
+    assert_eq!(got.get(&m.counter).map(String::as_str), Some("13"));
+    assert!(b_keys
+        .iter()
+        .all(|k| got.get(k).map(String::as_str) == Some("from-b")));
+    assert_eq!(got.len(), expected_populated + b_keys.len() + 1);
+    wal.close().await.unwrap();
+}

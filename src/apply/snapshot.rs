@@ -608,29 +608,7 @@ impl Applier {
                 });
             }
         }
-        // Slots this partition handed over before the marker (rule 6): their
-        // keys are all of its own tenure (the next owner is held until the
-        // map moves), deleted before the map moves, so that a crash
-        // half-way finds the map unmoved and deletes again.
-        let raises = plan.map(|plan| plan.raises.as_slice()).unwrap_or_default();
-        if let Some(handed_off) = plan.map(|plan| &plan.handed_off).filter(|s| !s.is_empty()) {
-            let mut total = scope::ScopeDeletion::default();
-            for &db in &owned {
-                let done = tokio::select! {
-                    _ = self.shutdown.cancelled() => return Ok(false),
-                    done = scope::delete_scope(&mut target.client, db, handed_off, &self.keyspace, conn) => done?,
-                };
-                total.scanned += done.scanned;
-                total.deleted += done.deleted;
-            }
-            info!(
-                partition = %self.partition,
-                marker = %log_id,
-                slots = %handed_off,
-                deleted = total.deleted,
-                "deleted the keys of the slots this partition handed over"
-            );
-        }
+        let claims = plan.map(|plan| plan.claims.as_slice()).unwrap_or_default();
         let loading = Checkpoint::Loading {
             log_id,
             epoch,
@@ -647,15 +625,15 @@ impl Applier {
             self.scope_key.clone(),
             Bytes::from(scope::encode_scope(&scope)),
         ]));
-        // The owner map's claims and handoffs, with `loading=M`.
-        if !raises.is_empty() {
+        // The slots the load claims, with `loading=M`.
+        if !claims.is_empty() {
             target
                 .client
-                .queue(&tenure::raise_command(&self.owners_key, raises));
+                .queue(&tenure::raise_command(&self.owners_key, claims));
         }
         target.client.queue(&Command::from_parts(["EXEC"]));
         target.flush().await?;
-        let expected = if raises.is_empty() { 4 } else { 5 };
+        let expected = if claims.is_empty() { 4 } else { 5 };
         let mut replies = Vec::with_capacity(expected);
         for _ in 0..expected {
             replies.push(target.reply().await?);
@@ -685,7 +663,7 @@ impl Applier {
         }
         self.first_load = false;
         self.scope = Some(scope.clone());
-        for &(slot, owner) in raises {
+        for &(slot, owner) in claims {
             self.owners.raise(slot, owner);
         }
         // A first load that counted no key of the scope has nothing to
@@ -729,6 +707,15 @@ impl Applier {
         loop {
             self.owners = target.read_owner_map(&self.owners_key).await?;
             let plan = tenure::plan_load(&self.owners, self.partition.0, marker);
+            if !plan.handoffs.is_empty() {
+                if !self
+                    .take_handoffs(target, log_id, marker.epoch, &plan)
+                    .await?
+                {
+                    return Ok(None);
+                }
+                continue;
+            }
             let Some(wait) = plan.wait else {
                 self.status.clear_handoff();
                 if !plan.left_alone.is_empty() {
@@ -764,6 +751,86 @@ impl Applier {
                 _ = tokio::time::sleep(tenure::HOLD_POLL) => {}
             }
         }
+    }
+
+    /// Takes the `handoffs` of a marker (at `log_id`) that the owner map
+    /// has not taken yet (rule 6): deletes the target's keys of those
+    /// slots (the owned keyspace only, `__ferry*` kept), which are all of
+    /// this partition's tenure since the next owner is held until the map
+    /// moves, then raises the map in one `MULTI`. A crash during the
+    /// deletion finds the map unmoved and deletes again; one after the
+    /// `EXEC` finds the handoffs taken. Like the handoff records they
+    /// replace (which are before the marker in the log), they are taken
+    /// before the load, and before it waits for any slot: a marker that
+    /// hands a slot over and waits for it back must not wait for itself.
+    /// Returns `false` on shutdown.
+    async fn take_handoffs(
+        &mut self,
+        target: &mut Target,
+        log_id: LogId,
+        epoch: u64,
+        plan: &LoadPlan,
+    ) -> Result<bool, ApplyError> {
+        let conn = ScopeConn {
+            reply_timeout: target.reply_timeout,
+            unlink: target.caps.is_some_and(|caps| caps.at_least(4, 0)),
+        };
+        let mut total = scope::ScopeDeletion::default();
+        for db in self.keyspace.owned_target_dbs(target.databases) {
+            let done = tokio::select! {
+                _ = self.shutdown.cancelled() => return Ok(false),
+                done = scope::delete_scope(&mut target.client, db, &plan.handed_off, &self.keyspace, conn) => done?,
+            };
+            total.scanned += done.scanned;
+            total.deleted += done.deleted;
+        }
+        // WATCHed like every batch: a late batch of an abandoned
+        // connection that moved the checkpoint makes this EXEC null.
+        target.client.queue(&Command::new(vec![
+            Bytes::from_static(b"WATCH"),
+            self.key.clone(),
+        ]));
+        target.client.queue(&Command::from_parts(["MULTI"]));
+        target
+            .client
+            .queue(&tenure::raise_command(&self.owners_key, &plan.handoffs));
+        target.client.queue(&Command::from_parts(["EXEC"]));
+        target.flush().await?;
+        let mut replies = Vec::with_capacity(4);
+        for _ in 0..4 {
+            replies.push(target.reply().await?);
+        }
+        match replies.last() {
+            Some(Frame::Array(results)) if results.iter().all(|r| r.error_message().is_none()) => {}
+            Some(Frame::Null) => {
+                return Err(ApplyError::CheckpointMoved {
+                    first: log_id,
+                    last: log_id,
+                })
+            }
+            _ => {
+                let why = replies
+                    .iter()
+                    .find_map(|reply| match reply {
+                        Frame::Array(results) => results.iter().find_map(Frame::error_message),
+                        other => other.error_message(),
+                    })
+                    .unwrap_or_else(|| format!("{:?}", replies.last()));
+                return Err(ApplyError::Snapshot {
+                    log_id,
+                    epoch,
+                    what: format!("the target refused the owner map's handoffs: {why}"),
+                });
+            }
+        }
+        info!(
+            partition = %self.partition,
+            marker = %log_id,
+            slots = %plan.handed_off,
+            deleted = total.deleted,
+            "took the handoffs of the snapshot: deleted the keys of the slots handed over, moved the owner map"
+        );
+        Ok(true)
     }
 
     /// Loads the snapshot of `marker` (at `log_id`). Returns `false` when

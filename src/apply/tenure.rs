@@ -266,11 +266,13 @@ pub struct LoadPlan {
     /// nor written.
     pub left_alone: SlotRanges,
     /// Slots of `handoffs` the map has not taken yet: their keys are
-    /// deleted before the load starts, and the map takes the handoff.
+    /// deleted, then the map takes `handoffs`, before anything else of
+    /// the load (so that a marker that hands a slot over and waits for it
+    /// back does not wait for itself).
     pub handed_off: SlotRanges,
-    /// The map's changes, written with `loading=M`: claims (absent, tenure
-    /// 0) and the handoffs not taken yet.
-    pub raises: Vec<(u16, Owner)>,
+    pub handoffs: Vec<(u16, Owner)>,
+    /// The slots claimed (absent, tenure 0), written with `loading=M`.
+    pub claims: Vec<(u16, Owner)>,
 }
 
 /// Rule 6 for `marker` of `partition` (its `tenures` non-empty), with
@@ -284,7 +286,7 @@ pub fn plan_load(map: &OwnerMap, partition: u32, marker: &SnapshotMarker) -> Loa
             for slot in first..=last {
                 match map.get(slot) {
                     None if *gen == 0 => {
-                        plan.raises.push((slot, Owner { partition, gen: 0 }));
+                        plan.claims.push((slot, Owner { partition, gen: 0 }));
                         load.push((slot, slot));
                     }
                     None => {
@@ -314,7 +316,7 @@ pub fn plan_load(map: &OwnerMap, partition: u32, marker: &SnapshotMarker) -> Loa
         let SlotHandoff { slot, to, gen } = *handoff;
         if !matches!(map.get(slot), Some(owner) if owner.gen >= gen) {
             handed_off.push((slot, slot));
-            plan.raises.push((slot, Owner { partition: to, gen }));
+            plan.handoffs.push((slot, Owner { partition: to, gen }));
         }
     }
     plan.load = SlotRanges::from_ranges(load);
@@ -438,14 +440,10 @@ mod tests {
         assert_eq!(plan.left_alone, SlotRanges::from_ranges([(4, 5)]));
         assert_eq!(plan.handed_off, SlotRanges::from_ranges([(9, 9)]));
         assert_eq!(
-            plan.raises,
-            [
-                (0, owner(1, 0)),
-                (1, owner(1, 0)),
-                (2, owner(1, 0)),
-                (9, owner(2, 1))
-            ]
+            plan.claims,
+            [(0, owner(1, 0)), (1, owner(1, 0)), (2, owner(1, 0))]
         );
+        assert_eq!(plan.handoffs, [(9, owner(2, 1))]);
         // Absent with a tenure above 0, or below it: wait.
         let m = marker(vec![(SlotRanges::from_ranges([(3, 3), (8, 8)]), 1)], vec![]);
         let plan = plan_load(&map, 1, &m);
