@@ -941,3 +941,54 @@ async fn a_load_with_tenures_ended_abruptly_converges() {
     assert_eq!(got.len(), expected_populated + b_keys.len() + 1);
     wal.close().await.unwrap();
 }
+
+/// (i) A `FLUSHALL` of a shard deletes the keys of the slots the owner
+/// map gives its partition: P0's flush after it handed `s` over keeps
+/// P1's keys of `s` (its last marker's scope still names `s`), and P1's
+/// flush deletes them (`s` is not in its marker's scope, but it received
+/// it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_of_a_shard_follows_the_owner_map() {
+    let source_0 = RedisServer::start(&[]);
+    let source_1 = RedisServer::start(&[]);
+    let target = RedisServer::start(&[]);
+    let work = tempfile::tempdir().unwrap();
+    let wal = Wal::open(wal_config(&work.path().join("wal")))
+        .await
+        .unwrap();
+    let m = moving();
+    let a_key = keys_in(&range_0(), "a", 1).remove(0);
+    let b_key = keys_in(&range_1(), "b", 1).remove(0);
+    source_0.cmd(&["SET", &a_key, "a"]);
+    source_1.cmd(&["SET", &b_key, "b"]);
+    first_marker(&wal, 0, &source_0, range_0(), work.path()).await;
+    first_marker(&wal, 1, &source_1, range_1(), work.path()).await;
+    let mut p0 = incrs(&m.counter, 3, m.slot, 0);
+    p0.push(tagged(&["DEL", &m.counter], m.slot, 0));
+    p0.push(handoff(m.slot, 1, 1));
+    append(&wal, 0, &p0).await;
+    let payload = dump_payload(&source_1, &m.counter, "3").await;
+    let mut p1 = vec![restore_asking(&m.counter, payload, m.slot, 1)];
+    p1.extend(incrs(&m.counter, 2, m.slot, 1));
+    let before_flush_1 = append(&wal, 1, &p1).await;
+    let p0_run = start(&target, &wal, 0);
+    let p1_run = start(&target, &wal, 1);
+    p1_run.wait_applied(before_flush_1).await;
+    let last_0 = append(&wal, 0, &[untagged(&["FLUSHALL"])]).await;
+    p0_run.wait_applied(last_0).await;
+    let got = data(&target).await;
+    let expected: BTreeMap<String, String> = [
+        (m.counter.clone(), "5".to_string()),
+        (b_key.clone(), "b".to_string()),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(got, expected, "P0's flush kept P1's key of s");
+
+    let last_1 = append(&wal, 1, &[untagged(&["FLUSHALL"])]).await;
+    p1_run.wait_applied(last_1).await;
+    assert_eq!(data(&target).await, BTreeMap::new(), "P1's flush took s");
+    p0_run.stop().await;
+    p1_run.stop().await;
+    wal.close().await.unwrap();
+}
