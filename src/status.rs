@@ -97,8 +97,9 @@ pub struct DrainerSide {
     /// The target address, never with its password.
     pub target: String,
     /// ONLINE (applying), OFFLINE (target unreachable or refusing;
-    /// `last_error` says why) or BLOCKED (held at the entry `blocked`
-    /// names: the target refuses it when queued).
+    /// `last_error` says why), BLOCKED (held at the entry `blocked`
+    /// names: the target refuses it when queued) or HANDOFF (held until
+    /// another partition hands a slot over: `handoff` says which).
     pub state: String,
     pub last_error: Option<String>,
     /// The listener whose stream is connected, if one is.
@@ -138,6 +139,12 @@ pub struct DrainerSide {
     /// A cluster target: its masters, and the slot the applier waits on
     /// (a migration, `TRYAGAIN`, `CLUSTERDOWN`), if any.
     pub cluster: Option<String>,
+    /// State HANDOFF (a cluster source's resharding): the entry held, the
+    /// slot and the tenure generation it waits for.
+    pub handoff: Option<String>,
+    /// Entries of a cluster source not applied because their slot moved
+    /// on after their tenure (covered by the checkpoint).
+    pub entries_superseded: u64,
 }
 
 /// An entry the target refuses when it is queued, holding its partition.

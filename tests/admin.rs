@@ -190,6 +190,8 @@ fn sync_status() -> NodeStatus {
             fence: Some("client-kill".into()),
             last_refused: None,
             split_entries: 0,
+            handoff: None,
+            entries_superseded: 0,
             cluster: None,
         }],
     }

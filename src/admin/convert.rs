@@ -223,6 +223,8 @@ impl From<DrainerSide> for pb::DrainerSide {
             last_refused,
             split_entries,
             cluster,
+            handoff,
+            entries_superseded,
         } = side;
         pb::DrainerSide {
             drainer_id,
@@ -247,6 +249,8 @@ impl From<DrainerSide> for pb::DrainerSide {
             last_refused: last_refused.map(Into::into),
             split_entries,
             cluster,
+            handoff,
+            entries_superseded,
         }
     }
 }
@@ -276,6 +280,8 @@ impl From<pb::DrainerSide> for DrainerSide {
             last_refused,
             split_entries,
             cluster,
+            handoff,
+            entries_superseded,
         } = side;
         DrainerSide {
             drainer_id,
@@ -300,6 +306,8 @@ impl From<pb::DrainerSide> for DrainerSide {
             last_refused: last_refused.map(Into::into),
             split_entries,
             cluster,
+            handoff,
+            entries_superseded,
         }
     }
 }
@@ -593,6 +601,8 @@ mod tests {
                     fence: Some("client-kill".into()),
                     split_entries: 34,
                     cluster: Some("cluster: 3 masters".into()),
+                    handoff: Some("entry 35 waits for slot 7".into()),
+                    entries_superseded: 36,
                     last_refused: Some(RefusedCommand {
                         log_id: 33,
                         command: "SET".into(),

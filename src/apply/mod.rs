@@ -267,6 +267,23 @@
 //! scope is the last marker's: slots migrated away from the shard after
 //! its snapshot are still deleted by its flush, until its next snapshot.
 //!
+//! # Slot tenures (a cluster source's resharding)
+//!
+//! A cluster source's writes carry their slot's tenure, its handoff
+//! records move a slot to another partition, and its markers carry the
+//! tenures of their slots and the handoffs before them (docs/cluster.md,
+//! "The rule: slot tenures"). The partitions of the drainer share the
+//! owner map `__ferry:slots:<drainer-id>` on the target ([`tenure`]), read
+//! at every session's start. A tagged write is applied, skipped as
+//! superseded (covered by the checkpoint, counted), or held: HANDOFF while
+//! its tenure is not open (the batch before it commits, then the slot is
+//! read again every 200 ms, shutdown still answered) or BLOCKED when the
+//! map gives its tenure to another partition (retried with backoff). A
+//! handoff record raises the map in the `MULTI` that covers it ([`batch`]).
+//! A marker with tenures takes its handoffs, waits for the tenures it
+//! needs, and loads only the slots it takes ([`snapshot`]). Untagged
+//! entries are applied as before; an untagged `RESTORE-ASKING` holds.
+//!
 //! # Cluster targets
 //!
 //! A target that is a Redis Cluster (any node or a seed list) is applied by

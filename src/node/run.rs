@@ -901,6 +901,8 @@ impl DrainerPart {
                     fence: report.fence,
                     split_entries: report.split_entries,
                     cluster: report.cluster,
+                    handoff: report.handoff.map(|wait| wait.to_string()),
+                    entries_superseded: report.entries_superseded,
                     last_refused: report.last_refused.map(|refused| RefusedCommand {
                         log_id: refused.log_id.0,
                         command: refused.command,
