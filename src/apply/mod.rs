@@ -1573,6 +1573,13 @@ impl Applier {
         self.status
             .add_counts(applied, refused_count, batch.skipped);
         if batch.superseded > 0 {
+            info!(
+                partition = %self.partition,
+                first = %batch.first,
+                last = %batch.last,
+                entries = batch.superseded,
+                "entries superseded by a later tenure of their slot: covered, not applied"
+            );
             self.status.add_superseded(batch.superseded);
         }
         self.status.clear_handoff();

@@ -703,7 +703,6 @@ impl Applier {
         log_id: LogId,
         marker: &SnapshotMarker,
     ) -> Result<Option<LoadPlan>, ApplyError> {
-        let mut announced = None;
         loop {
             self.owners = target.read_owner_map(&self.owners_key).await?;
             let plan = tenure::plan_load(&self.owners, self.partition.0, marker);
@@ -728,27 +727,30 @@ impl Applier {
                 }
                 return Ok(Some(plan));
             };
-            if announced != Some(wait) {
-                info!(
-                    partition = %self.partition,
-                    marker = %log_id,
-                    slot = wait.slot,
-                    gen = wait.gen,
-                    current = ?wait.current,
-                    "the snapshot load waits for a slot handoff of another partition"
-                );
-                announced = Some(wait);
-            }
-            self.status.set_handoff(HandoffWait {
-                log_id,
-                slot: wait.slot,
-                gen: wait.gen,
-                current: wait.current.map(|owner| (owner.partition, owner.gen)),
-                since_unix_ms: super::status::now_unix_ms(),
-            });
-            tokio::select! {
-                _ = self.shutdown.cancelled() => return Ok(None),
-                _ = tokio::time::sleep(tenure::HOLD_POLL) => {}
+            info!(
+                partition = %self.partition,
+                marker = %log_id,
+                slot = wait.slot,
+                gen = wait.gen,
+                current = ?wait.current,
+                "the snapshot load waits for a slot handoff of another partition"
+            );
+            // Only the awaited slot is read while waiting; the whole map
+            // again once it moved.
+            let mut current = wait.current;
+            while current.map_or(true, |owner| owner.gen < wait.gen) {
+                self.status.set_handoff(HandoffWait {
+                    log_id,
+                    slot: wait.slot,
+                    gen: wait.gen,
+                    current: current.map(|owner| (owner.partition, owner.gen)),
+                    since_unix_ms: super::status::now_unix_ms(),
+                });
+                tokio::select! {
+                    _ = self.shutdown.cancelled() => return Ok(None),
+                    _ = tokio::time::sleep(tenure::HOLD_POLL) => {}
+                }
+                current = target.read_owner(&self.owners_key, wait.slot).await?;
             }
         }
     }

@@ -465,3 +465,45 @@ impl ApplyStatus {
         self.wake.notified().await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_handoff_wait_shows_as_handoff_unless_blocked_or_offline() {
+        let status = ApplyStatus::new(PartitionId(1));
+        status.set_online();
+        let wait = HandoffWait {
+            log_id: LogId(9),
+            slot: 7,
+            gen: 1,
+            current: Some((0, 0)),
+            since_unix_ms: 5,
+        };
+        status.set_handoff(wait.clone());
+        status.set_handoff(HandoffWait {
+            since_unix_ms: 6,
+            ..wait.clone()
+        });
+        let report = status.snapshot();
+        assert_eq!(report.state, SyncState::Handoff);
+        assert_eq!(report.state.to_string(), "HANDOFF");
+        assert_eq!(report.handoff, Some(wait.clone()), "keeps when it began");
+        assert_eq!(
+            wait.to_string(),
+            "entry 9 waits for slot 7 to be handed over (tenure generation 1); the target's \
+             owner map has partition 0 generation 0"
+        );
+        status.set_offline("target down".into());
+        assert_eq!(status.snapshot().state, SyncState::Offline);
+        status.set_online();
+        status.clear_handoff();
+        status.add_superseded(3);
+        let report = status.snapshot();
+        assert_eq!(
+            (report.state, report.entries_superseded),
+            (SyncState::Online, 3)
+        );
+    }
+}
