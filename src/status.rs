@@ -140,11 +140,8 @@ pub struct DrainerSide {
     /// (a migration, `TRYAGAIN`, `CLUSTERDOWN`), if any.
     pub cluster: Option<String>,
     /// State HANDOFF (a cluster source's resharding): the entry held, the
-    /// slot and the tenure generation it waits for.
+    /// slot it waits for and the slot's owner now.
     pub handoff: Option<String>,
-    /// Entries of a cluster source not applied because their slot moved
-    /// on after their tenure (covered by the checkpoint).
-    pub entries_superseded: u64,
 }
 
 /// An entry the target refuses when it is queued, holding its partition.

@@ -191,7 +191,6 @@ fn sync_status() -> NodeStatus {
             last_refused: None,
             split_entries: 0,
             handoff: None,
-            entries_superseded: 0,
             cluster: None,
         }],
     }

@@ -6,9 +6,10 @@
 //! them for a resharding: snapshot markers with slot `tenures` (and
 //! `handoffs`), writes tagged with their slot tenure, and `SlotHandoff`
 //! records. A slot `s` of P0 moves to P1 (generation 1): P1's entries of
-//! `s` must wait for P0's handoff, P0's entries of a past tenure must be
-//! skipped, and an `INCR` counter of `s` must end exact whatever order the
-//! appliers run in and wherever they are stopped.
+//! `s` (and a load of P1's snapshot naming `s`) must wait until the owner
+//! map names P1, which P0's handoff does, and an `INCR` counter of `s` must
+//! end exact whatever order the appliers run in and wherever they are
+//! stopped.
 
 mod common;
 
@@ -422,15 +423,14 @@ async fn a_moved_slot_is_applied_in_tenure_order_whatever_applier_runs_first() {
     wal.close().await.unwrap();
 }
 
-/// (b) After P0's handoff of `s`, P1's snapshot with tenure 1 for `s` is
-/// loaded (its RDB holds the counter at 30, P0's count), and P1 increments
-/// it. Entries of P0 tagged with `s`'s generation 0 that come after (a
-/// stale replay) are superseded: covered by P0's checkpoint, counted, not
-/// applied. A reload of P0 whose tenures still name `s` at generation 0
-/// leaves `s` alone: its RDB's stale counter is not written, P1's is not
-/// deleted.
+/// (b) P1's snapshot taken after the migration names `s` at tenure 1 (its
+/// RDB holds the counter at 30, P0's count). Its load, started before P0's
+/// applier, waits (HANDOFF, naming the marker and `s`) with nothing written
+/// until P0's handoff moves the owner map, then loads `s` and P1 increments
+/// it. An entry of P0 tagged for `s` after its handoff (a stale replay) is
+/// held (the map names P1), never applied: the owner decides (rule 4).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn entries_of_a_past_tenure_are_superseded_and_a_reload_leaves_the_slot_alone() {
+async fn a_load_waits_for_the_owner_and_a_stale_entry_of_a_moved_slot_is_held() {
     let source_0 = RedisServer::start(&[]);
     let source_1 = RedisServer::start(&[]);
     let target = RedisServer::start(&[]);
@@ -440,22 +440,12 @@ async fn entries_of_a_past_tenure_are_superseded_and_a_reload_leaves_the_slot_al
         .unwrap();
     let m = moving();
     let a_key = keys_in(&range_0(), "a", 1).remove(0);
-    source_0.cmd(&["SET", &a_key, "a1"]);
 
-    first_marker(&wal, 0, &source_0, range_0(), work.path()).await;
-    let mut p0 = incrs(&m.counter, 30, m.slot, 0);
-    p0.push(handoff(m.slot, 1, 1));
-    let handed = append(&wal, 0, &p0).await;
-    let p0_run = start(&target, &wal, 0);
-    p0_run.wait_applied(handed).await;
-
-    // P1's snapshot, taken after the migration: the counter at 30, s at
-    // tenure 1.
     source_1.cmd(&["SET", &m.counter, "30"]);
     let s = SlotRanges::from_ranges([(m.slot, m.slot)]);
     let mut scope_1 = range_1();
     scope_1.insert_range(m.slot, m.slot);
-    append_snapshot(
+    let marker_1 = append_snapshot(
         &wal,
         1,
         &source_1,
@@ -470,38 +460,31 @@ async fn entries_of_a_past_tenure_are_superseded_and_a_reload_leaves_the_slot_al
     .await;
     let last_1 = append(&wal, 1, &incrs(&m.counter, 5, m.slot, 1)).await;
     let p1_run = start(&target, &wal, 1);
+    let report = p1_run.wait_handoff(m.slot, 1).await;
+    assert_eq!(report.handoff.unwrap().log_id, marker_1, "the load waits");
+    assert_eq!(applied_at(&target, 1), "", "nothing written");
+    assert_eq!(target.cmd(&["EXISTS", &m.counter]), "0");
+
+    first_marker(&wal, 0, &source_0, range_0(), work.path()).await;
+    let mut p0 = incrs(&m.counter, 30, m.slot, 0);
+    p0.push(handoff(m.slot, 1, 1));
+    let handed = append(&wal, 0, &p0).await;
+    let p0_run = start(&target, &wal, 0);
+    p0_run.wait_applied(handed).await;
     p1_run.wait_applied(last_1).await;
     assert_eq!(target.cmd(&["GET", &m.counter]), "35");
 
-    // Stale entries of P0's tenure 0, then a write of its own slots.
+    // A stale entry of P0's tenure 0, then a write of its own slots: held
+    // at the first, naming s and its owner.
     let mut stale = incrs(&m.counter, 7, m.slot, 0);
     stale.push(untagged(&["SET", &a_key, "a2"]));
-    let last_0 = append(&wal, 0, &stale).await;
-    let report = p0_run.wait_applied(last_0).await;
-    assert_eq!(report.entries_superseded, 7, "{report:?}");
+    append(&wal, 0, &stale).await;
+    let report = p0_run.wait_handoff(m.slot, 0).await;
+    assert_eq!(report.applied, handed);
+    assert_eq!(report.handoff.unwrap().current, Some((1, 1)));
+    tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(target.cmd(&["GET", &m.counter]), "35");
-    assert_eq!(target.cmd(&["GET", &a_key]), "a2");
-    assert!(applied_at(&target, 0).contains(&format!("applied={last_0} ")));
-
-    // A reload of P0 naming s at its old tenure: s is left alone.
-    source_0.cmd(&["SET", &m.counter, "999"]);
-    source_0.cmd(&["SET", &a_key, "a3"]);
-    let reload = append_snapshot(
-        &wal,
-        0,
-        &source_0,
-        2,
-        Slots {
-            scope: range_0(),
-            tenures: vec![(range_0(), 0)],
-            handoffs: vec![],
-        },
-        work.path(),
-    )
-    .await;
-    p0_run.wait_applied(reload).await;
-    assert_eq!(target.cmd(&["GET", &m.counter]), "35", "s left alone");
-    assert_eq!(target.cmd(&["GET", &a_key]), "a3", "the rest reloaded");
+    assert_eq!(target.cmd(&["EXISTS", &a_key]), "0");
     p0_run.stop().await;
     p1_run.stop().await;
     wal.close().await.unwrap();

@@ -224,7 +224,6 @@ impl From<DrainerSide> for pb::DrainerSide {
             split_entries,
             cluster,
             handoff,
-            entries_superseded,
         } = side;
         pb::DrainerSide {
             drainer_id,
@@ -250,7 +249,6 @@ impl From<DrainerSide> for pb::DrainerSide {
             split_entries,
             cluster,
             handoff,
-            entries_superseded,
         }
     }
 }
@@ -281,7 +279,6 @@ impl From<pb::DrainerSide> for DrainerSide {
             split_entries,
             cluster,
             handoff,
-            entries_superseded,
         } = side;
         DrainerSide {
             drainer_id,
@@ -307,7 +304,6 @@ impl From<pb::DrainerSide> for DrainerSide {
             split_entries,
             cluster,
             handoff,
-            entries_superseded,
         }
     }
 }
@@ -602,7 +598,6 @@ mod tests {
                     split_entries: 34,
                     cluster: Some("cluster: 3 masters".into()),
                     handoff: Some("entry 35 waits for slot 7".into()),
-                    entries_superseded: 36,
                     last_refused: Some(RefusedCommand {
                         log_id: 33,
                         command: "SET".into(),

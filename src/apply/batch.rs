@@ -141,13 +141,6 @@ pub(crate) struct Batch {
     /// a scope: [`BatchBuilder::scope`]); empty: none. Such a batch holds
     /// only the flush's entry (its other commands, the checkpoint).
     pub scope_delete: Vec<u32>,
-    /// `refused` is a hold that may clear by itself (an entry whose slot
-    /// tenure is another partition's, until the map moves): retried with
-    /// backoff, never skipped by `on-refused`.
-    pub refused_transient: bool,
-    /// Entries covered but not applied: their slot moved on after their
-    /// tenure ([`BatchBuilder::tenures`]).
-    pub superseded: u64,
 }
 
 /// A cluster source's slot tenures on the target ([`super::tenure`]):
@@ -239,8 +232,9 @@ pub(crate) struct BatchBuilder {
     /// keys, run before its batch ([`Batch::scope_delete`]).
     pub scope: Option<SlotRanges>,
     /// Slot tenures followed (docs/cluster.md, rules 4 and 5): a tagged
-    /// write is applied, skipped as superseded, or held by the owner map,
-    /// and a handoff raises the map in the batch's `MULTI`. `None` (the
+    /// write is applied when the owner map names this partition as its
+    /// slot's owner, else held (the batch ends before it), and a handoff
+    /// raises the map in the batch's `MULTI`. `None` (the
     /// cluster target's applier, which does not keep the map yet): tags
     /// are ignored, a handoff is covered with nothing sent, and every
     /// `RESTORE-ASKING` of an owned key holds the partition.
@@ -465,25 +459,10 @@ impl BatchBuilder {
             if held.is_some() && entries > 0 {
                 break;
             }
-            match self.decision(write) {
-                // Held until the owner map moves (the applier waits).
-                Some(Decision::Wait { .. }) => break,
-                // Covered by the checkpoint, nothing sent.
-                Some(Decision::Superseded) => {
-                    let Some(Pending { log_id, .. }) = pending.pop_front() else {
-                        break;
-                    };
-                    let batch = batch
-                        .get_or_insert_with(|| Batch::starting_at(log_id, epoch, self.log_tag));
-                    batch.last = log_id;
-                    batch.superseded += 1;
-                    entries += 1;
-                    if held.is_some() {
-                        break;
-                    }
-                    continue;
-                }
-                _ => {}
+            // Held until the owner map names this partition (the applier
+            // waits).
+            if matches!(self.decision(write), Some(Decision::Wait { .. })) {
+                break;
             }
             // A flush of a partition with a slot scope goes alone, as the
             // deletion of the scope and the rest of its entry (a skipped
@@ -533,8 +512,6 @@ impl BatchBuilder {
                     if entries > 0 {
                         break;
                     }
-                    let blocked_tenure =
-                        matches!(self.decision(write), Some(Decision::Blocked { .. }));
                     let Some(Pending {
                         log_id,
                         record: Record::Write(write),
@@ -546,7 +523,6 @@ impl BatchBuilder {
                     let batch = batch
                         .get_or_insert_with(|| Batch::starting_at(log_id, epoch, self.log_tag));
                     batch.last = log_id;
-                    batch.refused_transient = blocked_tenure;
                     let refused = RefusedCommand {
                         log_id,
                         command,
@@ -834,21 +810,6 @@ impl BatchBuilder {
     /// command naming keys this sync does not own with its own) are
     /// translated on a copy.
     fn check(&self, log_id: LogId, write: &WriteRecord) -> Result<Vec<KeyClass>, (String, String)> {
-        if let Some(Decision::Blocked { owner }) = self.decision(write) {
-            let name = write.commands.first().map(command_name).unwrap_or_default();
-            let slot = write.tenure.map_or(0, |t| t.slot);
-            let gen = write.tenure.map_or(0, |t| t.gen);
-            return Err((
-                name,
-                format!(
-                    "TENURE slot {slot}: this entry is of tenure generation {gen}, which the \
-                     target's owner map gives to partition {} (docs/cluster.md, rule 4: a \
-                     migration aborted after keys moved); held until the slot is handed to this \
-                     partition, or skipped (ferry skip)",
-                    owner.partition
-                ),
-            ));
-        }
         // A cluster source's shard writes RESTORE-ASKING for each key moved
         // into it by a resharding (the shard it left writes a DEL). Applied
         // as it comes, in no order with the other shard's DEL, that key
@@ -1062,8 +1023,6 @@ impl Batch {
             checkpoint: Checkpoint::Applied { log_id, epoch, log },
             streams: Vec::new(),
             scope_delete: Vec::new(),
-            refused_transient: false,
-            superseded: 0,
         }
     }
 
@@ -1296,31 +1255,31 @@ mod tests {
     }
 
     #[test]
-    fn tagged_writes_are_applied_superseded_or_held_by_the_owner_map() {
+    fn tagged_writes_are_applied_or_held_by_the_owner_map() {
         let mut builder = tenured(&[(7, 1, 1), (8, 0, 2), (9, 0, 0)]);
         let mut pending: VecDeque<Pending> = [
             tagged(1, &["INCR", "a"], 7, 1),
-            tagged(2, &["INCR", "b"], 8, 1),
-            write(3, 0, &[&["SET", "c", "1"]], false),
-            tagged(4, &["RESTORE-ASKING", "d", "0", "x"], 7, 1),
+            write(2, 0, &[&["SET", "c", "1"]], false),
+            tagged(3, &["RESTORE-ASKING", "d", "0", "x"], 7, 1),
+            // The owner decides, not the generation.
+            tagged(4, &["INCR", "b"], 7, 0),
             tagged(5, &["INCR", "e"], 9, 1),
             tagged(6, &["INCR", "f"], 7, 1),
         ]
         .into();
         let batch = builder.build(&mut pending, 0, None).unwrap();
-        // Slot 8 moved on to generation 2: entry 2 superseded; a tagged
-        // RESTORE-ASKING of the tenure is applied.
+        // A tagged RESTORE-ASKING of a slot the partition owns is applied.
         assert_eq!(
             shown(&batch),
             [
                 "INCR a",
                 "SET c 1",
                 "RESTORE-ASKING d 0 x",
+                "INCR b",
                 "SET __ferry:checkpoint:d:0 v2 applied=4 epoch=0 log=00000000000000ab"
             ]
         );
-        assert_eq!(batch.superseded, 1);
-        // Slot 9 is at generation 0 of partition 0: entry 5 waits.
+        // Slot 9 is partition 0's: entry 5 waits.
         assert!(builder.build(&mut pending, 0, None).is_none());
         assert_eq!(
             builder.tenure_wait(&pending),
@@ -1348,25 +1307,10 @@ mod tests {
         assert_eq!(builder.tenure_wait(&pending), None);
         let batch = builder.build(&mut pending, 0, None).unwrap();
         assert_eq!(shown(&batch)[..2], ["INCR e", "INCR f"]);
-
-        // Generation 1 of slot 9 given to partition 0: BLOCKED, alone, a
-        // hold that may clear.
-        let mut builder = tenured(&[(9, 0, 1)]);
-        let mut pending: VecDeque<Pending> = [
-            write(1, 0, &[&["SET", "c", "1"]], false),
-            tagged(2, &["INCR", "e"], 9, 1),
-        ]
-        .into();
-        let batch = builder.build(&mut pending, 0, None).unwrap();
-        assert_eq!(batch.last, LogId(1));
-        let blocked = builder.build(&mut pending, 0, None).unwrap();
-        let refused = blocked.refused.expect("held");
-        assert!(
-            refused.error.starts_with("TENURE slot 9"),
-            "{}",
-            refused.error
-        );
-        assert!(blocked.refused_transient);
+        // Slot 8 is partition 0's at a later generation: held too.
+        let mut pending: VecDeque<Pending> = [tagged(7, &["INCR", "g"], 8, 3)].into();
+        assert!(builder.build(&mut pending, 0, None).is_none());
+        assert_eq!(builder.tenure_wait(&pending).map(|w| w.slot), Some(8));
     }
 
     #[test]
@@ -1387,7 +1331,6 @@ mod tests {
         let batch = builder(10).build(&mut pending, 0, None).unwrap();
         assert_eq!(shown(&batch)[0], "INCR a");
         let refused = builder(10).build(&mut pending, 0, None).unwrap();
-        assert!(!refused.refused_transient);
         assert_eq!(refused.refused.expect("held").command, "RESTORE-ASKING");
     }
 

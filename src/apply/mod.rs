@@ -274,15 +274,14 @@
 //! tenures of their slots and the handoffs before them (docs/cluster.md,
 //! "The rule: slot tenures"). The partitions of the drainer share the
 //! owner map `__ferry:slots:<drainer-id>` on the target ([`tenure`]), read
-//! at every session's start. A tagged write is applied, skipped as
-//! superseded (covered by the checkpoint, counted), or held: HANDOFF while
-//! its tenure is not open (the batch before it commits, then the slot is
-//! read again every 200 ms, shutdown still answered) or BLOCKED when the
-//! map gives its tenure to another partition (retried with backoff). A
-//! handoff record raises the map in the `MULTI` that covers it ([`batch`]).
-//! A marker with tenures takes its handoffs, waits for the tenures it
-//! needs, and loads only the slots it takes ([`snapshot`]). Untagged
-//! entries are applied as before; an untagged `RESTORE-ASKING` holds.
+//! at every session's start. A tagged write is applied when the map names
+//! its partition as the owner of its slot, else held (HANDOFF: the batch
+//! before it commits, then the slot is read again every 200 ms, shutdown
+//! still answered). A handoff record raises the map in the `MULTI` that
+//! covers it ([`batch`]). A marker with tenures takes its handoffs, waits
+//! until the map names it for every slot it loads (or claims them), and
+//! loads only those slots ([`snapshot`]). Untagged entries are applied as
+//! before; an untagged `RESTORE-ASKING` holds (BLOCKED).
 //!
 //! # Cluster targets
 //!
@@ -1329,7 +1328,7 @@ impl Applier {
                         self.status.set_last_refused(refused.clone());
                         return Err(ApplyError::Refused {
                             refused,
-                            transient: batch.refused_transient,
+                            transient: false,
                         });
                     }
                     target.client.queue(&exec);
@@ -1572,16 +1571,6 @@ impl Applier {
         }
         self.status
             .add_counts(applied, refused_count, batch.skipped);
-        if batch.superseded > 0 {
-            info!(
-                partition = %self.partition,
-                first = %batch.first,
-                last = %batch.last,
-                entries = batch.superseded,
-                "entries superseded by a later tenure of their slot: covered, not applied"
-            );
-            self.status.add_superseded(batch.superseded);
-        }
         self.status.clear_handoff();
         self.status.set_applied(batch.last, self.epoch);
         self.status.set_online();

@@ -717,14 +717,6 @@ impl Applier {
             }
             let Some(wait) = plan.wait else {
                 self.status.clear_handoff();
-                if !plan.left_alone.is_empty() {
-                    info!(
-                        partition = %self.partition,
-                        marker = %log_id,
-                        slots = %plan.left_alone,
-                        "the load leaves slots alone: the target's owner map is past the marker's tenure of them"
-                    );
-                }
                 return Ok(Some(plan));
             };
             info!(
@@ -738,7 +730,7 @@ impl Applier {
             // Only the awaited slot is read while waiting; the whole map
             // again once it moved.
             let mut current = wait.current;
-            while current.map_or(true, |owner| owner.gen < wait.gen) {
+            while current.map_or(true, |owner| owner.partition != self.partition.0) {
                 self.status.set_handoff(HandoffWait {
                     log_id,
                     slot: wait.slot,

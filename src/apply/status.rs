@@ -67,14 +67,14 @@ pub struct BlockedEntry {
 }
 
 /// What a partition held for a slot handoff waits for (docs/cluster.md,
-/// rules 4 and 6): the owner map of the target must reach tenure `gen` of
-/// `slot`.
+/// rules 4 and 6): the owner map of the target must name this partition
+/// as the owner of `slot`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HandoffWait {
     /// The entry (or snapshot marker) held.
     pub log_id: LogId,
     pub slot: u16,
-    /// The generation awaited.
+    /// The tenure generation of the entry (or of the marker's slot).
     pub gen: u64,
     /// The map's tenure of the slot when last read: `(partition, gen)`;
     /// `None`: no partition has loaded it yet.
@@ -87,8 +87,8 @@ impl std::fmt::Display for HandoffWait {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "entry {} waits for slot {} to be handed over (tenure generation {}); the target's \
-             owner map has ",
+            "entry {} waits for slot {} to be handed to this partition (tenure generation {}); \
+             the target's owner map has ",
             self.log_id, self.slot, self.gen
         )?;
         match self.current {
@@ -147,7 +147,6 @@ struct StatusFields {
     snapshot_load: Option<SnapshotLoadProgress>,
     blocked: Option<BlockedEntry>,
     handoff: Option<HandoffWait>,
-    entries_superseded: u64,
     entries_skipped: u64,
     last_skipped: Option<LogId>,
     dead_letter_file: Option<String>,
@@ -197,10 +196,6 @@ pub struct ApplyReport {
     pub blocked: Option<BlockedEntry>,
     /// What the applier waits for (state HANDOFF), if anything.
     pub handoff: Option<HandoffWait>,
-    /// Entries of a cluster source not applied because their slot moved on
-    /// after their tenure (a later owner's snapshot holds their effect;
-    /// docs/cluster.md, rule 4), covered by the checkpoint.
-    pub entries_superseded: u64,
     /// Entries skipped (by `ferry skip` or `on-refused =
     /// "skip-and-record"`) and recorded in the dead-letter file.
     pub entries_skipped: u64,
@@ -240,7 +235,6 @@ impl ApplyStatus {
                 snapshot_load: None,
                 blocked: None,
                 handoff: None,
-                entries_superseded: 0,
                 entries_skipped: 0,
                 last_skipped: None,
                 dead_letter_file: None,
@@ -291,7 +285,6 @@ impl ApplyStatus {
             snapshot_load: fields.snapshot_load,
             blocked: fields.blocked,
             handoff: fields.handoff,
-            entries_superseded: fields.entries_superseded,
             entries_skipped: fields.entries_skipped,
             last_skipped: fields.last_skipped,
             dead_letter_file: fields.dead_letter_file,
@@ -398,10 +391,6 @@ impl ApplyStatus {
         self.lock().handoff = None;
     }
 
-    pub(crate) fn add_superseded(&self, entries: u64) {
-        self.lock().entries_superseded += entries;
-    }
-
     /// Records that `log_id` was skipped (and recorded).
     pub(crate) fn add_skipped(&self, log_id: LogId) {
         let mut fields = self.lock();
@@ -492,18 +481,13 @@ mod tests {
         assert_eq!(report.handoff, Some(wait.clone()), "keeps when it began");
         assert_eq!(
             wait.to_string(),
-            "entry 9 waits for slot 7 to be handed over (tenure generation 1); the target's \
-             owner map has partition 0 generation 0"
+            "entry 9 waits for slot 7 to be handed to this partition (tenure generation 1); \
+             the target's owner map has partition 0 generation 0"
         );
         status.set_offline("target down".into());
         assert_eq!(status.snapshot().state, SyncState::Offline);
         status.set_online();
         status.clear_handoff();
-        status.add_superseded(3);
-        let report = status.snapshot();
-        assert_eq!(
-            (report.state, report.entries_superseded),
-            (SyncState::Online, 3)
-        );
+        assert_eq!(status.snapshot().state, SyncState::Online);
     }
 }

@@ -26,20 +26,15 @@
 //! # Why an in-memory copy is enough
 //!
 //! The applier reads the map at the start of every session and keeps a
-//! copy, raised by its own handoffs as it batches them. For a write of
-//! partition P tagged `(s, t)`:
-//!
-//! - map `(P, t)`: applied. Only P's own handoff (later in P's log) can
-//!   move the slot past `t`, so the copy is exact for every entry before it;
-//! - map `g > t`: superseded; the map never goes down, so it stays so;
-//! - map `g < t` or absent: held, and the slot is read again (every
-//!   [`HOLD_POLL`]) until it moves;
-//! - map `(Q, t)`, `Q != P`: held as BLOCKED (the tenure is someone else's);
-//!   the hold is retried with backoff, each retry a new session that reads
-//!   the whole map again.
-//!
-//! So a batch replayed after a crash is decided the same way as the first
-//! time, which is what makes a superseded entry's skip exactly once.
+//! copy, raised by its own handoffs as it batches them. A write of
+//! partition P tagged for slot `s` is applied when the map names P as the
+//! owner of `s`, else held (HANDOFF) while the slot is read again every
+//! [`HOLD_POLL`] (rule 4: the owner decides, not the tag's generation).
+//! The copy is exact for these decisions: P's entries of `s` all precede
+//! P's own handoff of `s`, so while P is at one of them only a handoff *to*
+//! P can change what the map says for `s` (which the hold reads), and
+//! nothing can take `s` from P before P passes its handoff. A batch
+//! replayed after a crash is therefore decided the same way.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -218,33 +213,23 @@ pub fn raise_command(key: &Bytes, raises: &[(u16, Owner)]) -> Command {
 /// What to do with a write of `partition` tagged `tenure` (rule 4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
-    /// The tenure is the map's: apply it.
+    /// The map names the partition as the slot's owner: apply it.
     Apply,
-    /// The slot moved on after this tenure (a later owner's snapshot holds
-    /// its effect): covered by the checkpoint, nothing sent.
-    Superseded,
-    /// The tenure is not open yet (`current` is the map's, `None`:
-    /// absent): hold until the map reaches it.
+    /// The map names another partition, or none (`current`): hold until
+    /// it names this one.
     Wait { current: Option<Owner> },
-    /// The map's tenure of that generation is another partition's: held,
-    /// BLOCKED.
-    Blocked { owner: Owner },
 }
 
 /// Rule 4 for a write of `partition` tagged `tenure`, with `map`.
 pub fn decide(map: &OwnerMap, partition: u32, tenure: SlotTenure) -> Decision {
     match map.get(tenure.slot) {
-        None => Decision::Wait { current: None },
-        Some(owner) if owner.gen < tenure.gen => Decision::Wait {
-            current: Some(owner),
-        },
-        Some(owner) if owner.gen > tenure.gen => Decision::Superseded,
         Some(owner) if owner.partition == partition => Decision::Apply,
-        Some(owner) => Decision::Blocked { owner },
+        current => Decision::Wait { current },
     }
 }
 
-/// A slot a load waits for (rule 6): its tenure `gen` is not open yet.
+/// A slot a load waits for (rule 6): the map does not name the partition
+/// (and the slot is not claimed: absent with tenure 0).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LoadWait {
     pub slot: u16,
@@ -259,12 +244,8 @@ pub struct LoadPlan {
     /// plan holds until it is gone.
     pub wait: Option<LoadWait>,
     /// Slots whose keys the load deletes and writes (claimed ones
-    /// included).
+    /// included); the RDB's keys of other slots are not written.
     pub load: SlotRanges,
-    /// Slots left alone (the map is past the marker's tenure, or the
-    /// tenure of that generation is another partition's): neither deleted
-    /// nor written.
-    pub left_alone: SlotRanges,
     /// Slots of `handoffs` the map has not taken yet: their keys are
     /// deleted, then the map takes `handoffs`, before anything else of
     /// the load (so that a marker that hands a slot over and waits for it
@@ -280,33 +261,22 @@ pub struct LoadPlan {
 pub fn plan_load(map: &OwnerMap, partition: u32, marker: &SnapshotMarker) -> LoadPlan {
     let mut plan = LoadPlan::default();
     let mut load = Vec::new();
-    let mut left_alone = Vec::new();
     for (ranges, gen) in &marker.tenures {
         for &(first, last) in ranges.ranges() {
             for slot in first..=last {
                 match map.get(slot) {
+                    Some(owner) if owner.partition == partition => load.push((slot, slot)),
                     None if *gen == 0 => {
                         plan.claims.push((slot, Owner { partition, gen: 0 }));
                         load.push((slot, slot));
                     }
-                    None => {
+                    current => {
                         plan.wait.get_or_insert(LoadWait {
                             slot,
                             gen: *gen,
-                            current: None,
+                            current,
                         });
                     }
-                    Some(owner) if owner.gen < *gen => {
-                        plan.wait.get_or_insert(LoadWait {
-                            slot,
-                            gen: *gen,
-                            current: Some(owner),
-                        });
-                    }
-                    Some(owner) if owner.gen == *gen && owner.partition == partition => {
-                        load.push((slot, slot));
-                    }
-                    Some(_) => left_alone.push((slot, slot)),
                 }
             }
         }
@@ -320,7 +290,6 @@ pub fn plan_load(map: &OwnerMap, partition: u32, marker: &SnapshotMarker) -> Loa
         }
     }
     plan.load = SlotRanges::from_ranges(load);
-    plan.left_alone = SlotRanges::from_ranges(left_alone);
     plan.handed_off = SlotRanges::from_ranges(handed_off);
     plan
 }
@@ -354,21 +323,19 @@ mod tests {
     }
 
     #[test]
-    fn entries_are_decided_by_the_map() {
+    fn entries_are_decided_by_the_owner() {
         let mut map = OwnerMap::default();
         assert_eq!(decide(&map, 0, tag(7, 0)), Decision::Wait { current: None });
         map.raise(7, owner(0, 0));
         assert_eq!(decide(&map, 0, tag(7, 0)), Decision::Apply);
-        assert_eq!(
-            decide(&map, 1, tag(7, 1)),
-            Decision::Wait {
-                current: Some(owner(0, 0))
-            }
-        );
-        assert_eq!(
-            decide(&map, 1, tag(7, 0)),
-            Decision::Blocked { owner: owner(0, 0) }
-        );
+        let held = Decision::Wait {
+            current: Some(owner(0, 0)),
+        };
+        assert_eq!(decide(&map, 1, tag(7, 1)), held);
+        // The owner decides, not the tag's generation (one guessed before
+        // an earlier handoff was logged).
+        assert_eq!(decide(&map, 1, tag(7, 0)), held);
+        assert_eq!(decide(&map, 0, tag(7, 1)), Decision::Apply);
         // P0's handoff to P1.
         assert!(map.raise(7, owner(1, 1)));
         assert!(
@@ -377,7 +344,12 @@ mod tests {
         );
         assert!(!map.raise(7, owner(0, 0)), "never lowered");
         assert_eq!(decide(&map, 1, tag(7, 1)), Decision::Apply);
-        assert_eq!(decide(&map, 0, tag(7, 0)), Decision::Superseded);
+        assert_eq!(
+            decide(&map, 0, tag(7, 0)),
+            Decision::Wait {
+                current: Some(owner(1, 1))
+            }
+        );
     }
 
     #[test]
@@ -415,7 +387,7 @@ mod tests {
     }
 
     #[test]
-    fn a_load_waits_claims_loads_and_leaves_alone_per_slot() {
+    fn a_load_waits_claims_and_loads_per_slot() {
         let mut map = OwnerMap::default();
         map.raise(3, owner(1, 0));
         map.raise(4, owner(1, 2));
@@ -424,7 +396,7 @@ mod tests {
             vec![
                 (SlotRanges::from_ranges([(0, 2)]), 0),
                 (SlotRanges::from_ranges([(3, 3)]), 0),
-                (SlotRanges::from_ranges([(4, 5)]), 1),
+                (SlotRanges::from_ranges([(4, 4)]), 1),
             ],
             vec![SlotHandoff {
                 slot: 9,
@@ -434,25 +406,32 @@ mod tests {
         );
         let plan = plan_load(&map, 1, &m);
         assert_eq!(plan.wait, None);
-        // 0-2 claimed, 3 is (1, 0): loaded; 4 is past: left alone; 5 is
-        // another partition's tenure 1: left alone.
-        assert_eq!(plan.load, SlotRanges::from_ranges([(0, 3)]));
-        assert_eq!(plan.left_alone, SlotRanges::from_ranges([(4, 5)]));
+        // 0-2 claimed; 3 and 4 name partition 1 (whatever the
+        // generation): loaded.
+        assert_eq!(plan.load, SlotRanges::from_ranges([(0, 4)]));
         assert_eq!(plan.handed_off, SlotRanges::from_ranges([(9, 9)]));
         assert_eq!(
             plan.claims,
             [(0, owner(1, 0)), (1, owner(1, 0)), (2, owner(1, 0))]
         );
         assert_eq!(plan.handoffs, [(9, owner(2, 1))]);
-        // Absent with a tenure above 0, or below it: wait.
-        let m = marker(vec![(SlotRanges::from_ranges([(3, 3), (8, 8)]), 1)], vec![]);
-        let plan = plan_load(&map, 1, &m);
+        // Another partition's, or absent with a tenure above 0: wait.
+        let m = marker(vec![(SlotRanges::from_ranges([(5, 5)]), 2)], vec![]);
         assert_eq!(
-            plan.wait,
+            plan_load(&map, 1, &m).wait,
             Some(LoadWait {
-                slot: 3,
+                slot: 5,
+                gen: 2,
+                current: Some(owner(0, 1))
+            })
+        );
+        let m = marker(vec![(SlotRanges::from_ranges([(8, 8)]), 1)], vec![]);
+        assert_eq!(
+            plan_load(&map, 1, &m).wait,
+            Some(LoadWait {
+                slot: 8,
                 gen: 1,
-                current: Some(owner(1, 0))
+                current: None
             })
         );
         // A handoff the map already took is not done again.

@@ -902,7 +902,6 @@ impl DrainerPart {
                     split_entries: report.split_entries,
                     cluster: report.cluster,
                     handoff: report.handoff.map(|wait| wait.to_string()),
-                    entries_superseded: report.entries_superseded,
                     last_refused: report.last_refused.map(|refused| RefusedCommand {
                         log_id: refused.log_id.0,
                         command: refused.command,
