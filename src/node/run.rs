@@ -196,8 +196,8 @@ impl SnapshotProvider for ListenerSnapshots {
                     replid: taken.replid,
                     offset: taken.offset,
                     scope: taken.scope,
-                    tenures: Vec::new(),
-                    handoffs: Vec::new(),
+                    tenures: taken.tenures,
+                    handoffs: taken.handoffs,
                 },
                 marker_log_id: taken.marker_log_id,
             })
@@ -609,6 +609,8 @@ impl ListenerParts {
 const TOPOLOGY_POLL: Duration = Duration::from_secs(2);
 /// Longest pause between topology reads while they fail.
 const TOPOLOGY_POLL_MAX: Duration = Duration::from_secs(30);
+/// The topology poll while slots are on the move (docs/cluster.md, rule 2).
+const TOPOLOGY_POLL_MOVING: Duration = Duration::from_millis(200);
 
 /// Starts the listener partitions of the node's source (module doc of
 /// [`crate::listener::ClusterSource`] for a cluster); their tasks, and a
@@ -701,16 +703,23 @@ async fn source_kind(
 }
 
 /// Reads a cluster source's topology every [`TOPOLOGY_POLL`] (backoff on
-/// errors): routes follow moved masters, and a new shard gets a partition
-/// and a listener. Waits for the listeners it started on shutdown.
+/// errors; every [`TOPOLOGY_POLL_MOVING`] while slots move): routes follow
+/// moved masters, a new shard gets a partition and a listener, and slots
+/// the source handed to another shard get their handoff records. Waits for the listeners it started on shutdown.
 async fn follow_cluster(cluster: Arc<ClusterSource>, ctx: PartContext, parts: Arc<ListenerParts>) {
     let mut tasks = Vec::new();
     let mut backoff = Backoff::new(TOPOLOGY_POLL, TOPOLOGY_POLL_MAX);
     let mut last_error: Option<String> = None;
+    let mut moving = false;
     loop {
+        let delay = if moving && last_error.is_none() {
+            TOPOLOGY_POLL_MOVING
+        } else {
+            backoff.current()
+        };
         tokio::select! {
             _ = ctx.shutdown.cancelled() => break,
-            _ = tokio::time::sleep(backoff.current()) => {}
+            _ = tokio::time::sleep(delay) => {}
         }
         match cluster.refresh().await {
             Ok(()) => {
@@ -718,6 +727,9 @@ async fn follow_cluster(cluster: Arc<ClusterSource>, ctx: PartContext, parts: Ar
                 if last_error.take().is_some() {
                     info!("source cluster topology readable again");
                 }
+                // Slots on the move: their handoffs are logged soon after
+                // the source settles them (docs/cluster.md, rule 2).
+                moving = cluster.check_handoffs().await;
             }
             Err(error) => {
                 let message = error.to_string();
