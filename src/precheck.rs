@@ -145,6 +145,9 @@ impl Report {
         outcomes: Vec<(String, Verdict, String)>,
     ) {
         let check = check.into();
+        if outcomes.is_empty() {
+            return;
+        }
         if !cluster {
             for (_, verdict, detail) in outcomes {
                 self.push(check.clone(), verdict, detail);
@@ -704,7 +707,13 @@ async fn reach_cluster(
     } else {
         "Redis Cluster (cluster_enabled:1): applied by slot to every master"
     };
-    let topology = match cluster_view(entry_url, seeds).await {
+    // A node that accepts but never answers must not hang the precheck.
+    let patience = cfg.connect_timeout * 2 * (seeds.len() as u32 + 1);
+    let view = match tokio::time::timeout(patience, cluster_view(entry_url, seeds)).await {
+        Ok(view) => view,
+        Err(_) => Err(format!("no topology within {patience:?}")),
+    };
+    let topology = match view {
         Ok(topology) => topology,
         Err(error) => {
             report.push(
@@ -848,7 +857,8 @@ async fn reach_cluster(
     let gaps = uncovered(&served);
     let mut down = Vec::new();
     for node in &mut nodes {
-        if let Some(state) = cluster_state(&mut node.side.client).await {
+        let state = tokio::time::timeout(cfg.connect_timeout, cluster_state(&mut node.side.client));
+        if let Ok(Some(state)) = state.await {
             if state != "ok" {
                 down.push(format!("cluster_state:{state} on {}", node.addr));
             }
@@ -947,8 +957,15 @@ pub async fn run(cfg: &PrecheckConfig) -> Report {
             None => {}
         }
     }
-    for side in [&mut source, &mut target].into_iter().flatten() {
-        report.checks.append(&mut side.rows);
+    for side in [&mut source, &mut target] {
+        if let Some(reached) = side {
+            report.checks.append(&mut reached.rows);
+            // A cluster none of whose masters answered: nothing more to read
+            // (its `reachable` row failed).
+            if reached.nodes.is_empty() {
+                *side = None;
+            }
+        }
     }
     if let Some(source) = &mut source {
         let versions = source.outcomes(source_version);

@@ -368,3 +368,30 @@ fn sync_refuses_a_cluster_target_with_keys_on_a_later_master() {
     assert_eq!(target.node(third).dbsize(), 1);
     assert_eq!(target.total_keys(), 1);
 }
+
+/// Every master down, a replica named: the precheck says so and ends (no
+/// master left to read is not a crash).
+#[test]
+fn a_cluster_with_every_master_down_fails_naming_them() {
+    let mut target = Cluster::start(3, 1);
+    let source = RedisServer::start(&[]);
+    let shards = target.shards();
+    let replica = shards[0].replicas[0].port;
+    let masters: Vec<u16> = shards.iter().map(|s| s.master.port).collect();
+    for &port in &masters {
+        target.kill9(port);
+    }
+    let url = format!("redis://{}", addr(replica));
+    let (code, rows) = precheck(&source.url(), &url, &[]);
+    let reachable = row(&rows, "target reachable");
+    assert_eq!((code, reachable.verdict.as_str()), (1, "FAIL"), "{rows:#?}");
+    for &port in &masters {
+        assert_eq!(
+            reachable.nodes.get(&addr(port)).map(String::as_str),
+            Some("FAIL"),
+            "{rows:#?}"
+        );
+    }
+    assert!(reachable.detail.contains("answering: none"), "{rows:#?}");
+    assert!(!rows.contains_key("target data"), "{rows:#?}");
+}
