@@ -239,6 +239,17 @@ fn every_master_of_a_cluster_source_is_checked() {
         "client-output-buffer-limit",
         "replica 1 1 0",
     ]);
+    // A few MB of dataset on the third master, so that even the precheck's
+    // own traffic there would overflow a 1-byte buffer during its sync.
+    let slot = source.shard_of_master(third).master.slots[0].0;
+    let tag = key_in_slot("data", slot);
+    let mut conn = source.node(third).conn();
+    let value = "d".repeat(100);
+    for i in 0..20_000 {
+        conn.queue(&["SET", &format!("{tag}:{i}"), &value]);
+    }
+    let replies = conn.replies().expect("SET replies");
+    assert!(replies.iter().all(|r| *r == Resp::Simple("OK".into())));
     // A steady writer on the second and third masters: ~200 KB/s each,
     // which a 16 KiB backlog covers for a fraction of a second and the
     // default 1 MiB one for seconds.
