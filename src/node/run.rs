@@ -1128,11 +1128,12 @@ const PRECHECK_OUTAGE: Duration = Duration::from_secs(60);
 
 /// The precheck before a node's first full sync (its WAL holds no
 /// partition yet): the checks of the sides it has, refusing to start on any
-/// FAIL with the report's table. A side that does not answer yet is not a
-/// refusal: the stages wait for it as they always do (and the applier still
-/// refuses existing data atomically at the first load); its checks are
-/// skipped with a warning. A node resuming (its WAL holds data) is not
-/// checked again.
+/// FAIL with the report's table. A side that does not answer yet (a server,
+/// or a master of a cluster) or a cluster that does not serve every slot
+/// yet is not a refusal: the stages wait for it as they always do (and the
+/// applier still refuses existing data atomically at the first load, on
+/// every master); the checks of what does not answer are skipped with a
+/// warning. A node resuming (its WAL holds data) is not checked again.
 async fn precheck_first_sync(
     wal: &Wal,
     source: Option<&crate::listener::ListenerConfig>,
@@ -1142,19 +1143,22 @@ async fn precheck_first_sync(
     if !wal.partitions().is_empty() {
         return Ok(());
     }
-    // The source's address with its password (from the URL, a file or a
-    // variable).
-    // The source's (first) address with its password (from the URL, a file
-    // or a variable); of a cluster, the node named first.
+    // The source's addresses with the password (from the URL, a file or a
+    // variable): one, or a cluster's seed list; every master of a cluster
+    // is checked. The target's the same way.
     let parse = |listener: &crate::listener::ListenerConfig| {
         listener
             .validate()
-            .map(|checked| checked.source)
+            .map(|checked| checked.seeds)
             .map_err(|e| NodeError::Config(format!("listener.{}: {}", e.field, e.reason)))
     };
-    let source = source.map(parse).transpose()?;
+    let source = source.map(parse).transpose()?.unwrap_or_default();
     let config = |error: apply::ApplyConfigError| NodeError::Config(error.to_string());
-    let target = apply.map(|a| a.target_url()).transpose().map_err(config)?;
+    let target = apply
+        .map(|a| a.target_seeds())
+        .transpose()
+        .map_err(config)?
+        .unwrap_or_default();
     let mut cfg = crate::precheck::PrecheckConfig::new(source, target);
     cfg.outage = outage;
     // Every fresh start waits for this: enough to see a busy source.
@@ -1165,16 +1169,17 @@ async fn precheck_first_sync(
         cfg.id = Some(apply.drainer_id.clone());
     }
     let report = crate::precheck::run(&cfg).await;
+    let waits = |check: &str| check.ends_with(" reachable") || check.ends_with(" cluster slots");
     let unreachable: Vec<&str> = report
         .checks
         .iter()
-        .filter(|c| c.verdict == Verdict::Fail && c.check.ends_with(" reachable"))
+        .filter(|c| c.verdict == Verdict::Fail && waits(&c.check))
         .map(|c| c.detail.as_str())
         .collect();
     let refused = report
         .checks
         .iter()
-        .any(|c| c.verdict == Verdict::Fail && !c.check.ends_with(" reachable"));
+        .any(|c| c.verdict == Verdict::Fail && !waits(&c.check));
     if refused {
         let table = report.render();
         error!("precheck before the first full sync failed:\n{table}");
@@ -1191,8 +1196,8 @@ async fn precheck_first_sync(
     } else {
         warn!(
             unreachable = ?unreachable,
-            "precheck could not reach every server; the checks of a server that does not answer \
-             are skipped, and the stages wait for it"
+            "precheck could not reach every server (or a cluster does not serve every slot); \
+             the checks of a server that does not answer are skipped, and the stages wait for it"
         );
     }
     Ok(())
