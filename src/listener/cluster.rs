@@ -377,15 +377,16 @@ impl ShardRoute {
         Some(SlotTenure { slot, gen })
     }
 
-    /// Records handoffs of this partition that are durable in its log.
-    pub fn handoffs_durable(&self, done: &[SlotHandoff]) -> Result<(), ShardMapError> {
+    /// Records handoffs of this partition that are durable in its log, each
+    /// with the log id of its record.
+    pub fn handoffs_durable(&self, done: &[(SlotHandoff, u64)]) -> Result<(), ShardMapError> {
         if done.is_empty() {
             return Ok(());
         }
         self.source.handoffs_durable(self.partition.0, done)?;
         self.handoffs.send_if_modified(|pending| {
             let before = pending.len();
-            pending.retain(|p| !done.contains(&p.handoff));
+            pending.retain(|p| !done.iter().any(|(h, _)| *h == p.handoff));
             pending.len() != before
         });
         Ok(())
@@ -394,9 +395,10 @@ impl ShardRoute {
     /// The slots of a snapshot marker taken now (docs/cluster.md, rule 3):
     /// the slots this partition owns in the log, plus those its master
     /// serves or imports in its own view, each with its tenure, and the
-    /// handoffs it made last. `Err` when the master cannot be asked (the
-    /// imported slots would be unknown).
-    pub async fn marker_slots(&self) -> Result<MarkerSlots, String> {
+    /// handoffs it made last with a record at or below log id `up_to` (the
+    /// marker's). `Err` when the master cannot be asked (the imported slots
+    /// would be unknown).
+    pub async fn marker_slots(&self, up_to: u64) -> Result<MarkerSlots, String> {
         let master = self
             .state
             .borrow()
@@ -414,7 +416,7 @@ impl ShardRoute {
         for &(slot, _) in &me.importing {
             scope.insert_range(slot, slot);
         }
-        Ok(self.source.marker_slots(self.partition.0, scope))
+        Ok(self.source.marker_slots(self.partition.0, scope, up_to))
     }
 
     /// Resolves once the route names a master other than `addr` (the
@@ -642,14 +644,18 @@ impl ClusterSource {
             .map_or(0, |table| table.tenure(partition, slot))
     }
 
-    fn handoffs_durable(&self, from: u32, done: &[SlotHandoff]) -> Result<(), ShardMapError> {
+    fn handoffs_durable(
+        &self,
+        from: u32,
+        done: &[(SlotHandoff, u64)],
+    ) -> Result<(), ShardMapError> {
         let mut state = self.lock();
         let Some(table) = state.slots.as_mut() else {
             return Ok(());
         };
         let mut changed = false;
-        for handoff in done {
-            changed |= table.hand_off(from, handoff);
+        for (handoff, log_id) in done {
+            changed |= table.hand_off(from, handoff, *log_id);
         }
         if changed {
             table.save(&self.slots_path)?;
@@ -658,7 +664,7 @@ impl ClusterSource {
         Ok(())
     }
 
-    fn marker_slots(&self, partition: u32, served: SlotRanges) -> MarkerSlots {
+    fn marker_slots(&self, partition: u32, served: SlotRanges, up_to: u64) -> MarkerSlots {
         let state = self.lock();
         let Some(table) = state.slots.as_ref() else {
             return MarkerSlots {
@@ -672,7 +678,7 @@ impl ClusterSource {
         }
         MarkerSlots {
             tenures: table.tenures(partition, &scope),
-            handoffs: table.handoffs_from(partition),
+            handoffs: table.handoffs_from(partition, up_to),
             scope,
         }
     }
@@ -734,7 +740,13 @@ impl ClusterSource {
             route.handoffs.send_if_modified(|pending| {
                 let mut changed = false;
                 for (handoff, at) in &confirmed {
-                    if !pending.iter().any(|p| p.handoff == *handoff) {
+                    // One handoff per generation: a slot that moved on again
+                    // before its first handoff was logged keeps the first
+                    // (the next owner hands it on in its own log).
+                    let same = |p: &PendingHandoff| {
+                        p.handoff.slot == handoff.slot && p.handoff.gen == handoff.gen
+                    };
+                    if !pending.iter().any(same) {
                         info!(%partition, slot = handoff.slot, to = handoff.to, gen = handoff.gen, at, "slot handed over by the source: logging its handoff once received up to the offset");
                         pending.push(PendingHandoff {
                             handoff: *handoff,

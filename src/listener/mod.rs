@@ -268,6 +268,7 @@ impl ListenerHandle {
     pub(crate) async fn marker_slots(
         &self,
         shutdown: &CancellationToken,
+        up_to: u64,
     ) -> Result<Option<MarkerSlots>, String> {
         let Some(route) = &self.inner.route else {
             return Ok(None);
@@ -280,7 +281,7 @@ impl ListenerHandle {
                     _ = tokio::time::sleep(Duration::from_millis(200 * attempt)) => {}
                 }
             }
-            match route.marker_slots().await {
+            match route.marker_slots(up_to).await {
                 Ok(slots) => return Ok(Some(slots)),
                 Err(error) => last = error,
             }
@@ -491,8 +492,9 @@ struct BatchInfo {
     last: SourcePosition,
     /// Highest heartbeat timestamp in the batch.
     heartbeat_unix_ms: Option<u64>,
-    /// Slot handoffs in the batch (recorded in the slot table once durable).
-    handoffs: Vec<SlotHandoff>,
+    /// Slot handoffs in the batch and their places in it (recorded in the
+    /// slot table once durable).
+    handoffs: Vec<(usize, SlotHandoff)>,
 }
 
 /// Entries waiting for an append.
@@ -501,7 +503,7 @@ struct Pending {
     entries: Vec<NewEntry>,
     bytes: usize,
     heartbeat_unix_ms: Option<u64>,
-    handoffs: Vec<SlotHandoff>,
+    handoffs: Vec<(usize, SlotHandoff)>,
 }
 
 struct Session {
@@ -703,7 +705,8 @@ impl Session {
             }
             Err(error) => return Err(error),
         };
-        let slots = match self.handle.marker_slots(shutdown).await {
+        // The new marker follows every handoff record of the log.
+        let slots = match self.handle.marker_slots(shutdown, u64::MAX).await {
             Ok(slots) => slots,
             Err(error) => {
                 // Without the shard's slots the marker cannot say which
@@ -782,7 +785,12 @@ impl Session {
         ack.set(last.offset);
         self.publish_durable(ack, range.last, &last.replid);
         if let Some(route) = &self.inner().route {
-            if let Err(error) = route.handoffs_durable(&batch.handoffs) {
+            let done: Vec<(SlotHandoff, u64)> = batch
+                .handoffs
+                .iter()
+                .map(|&(index, handoff)| (handoff, range.first.0 + index as u64))
+                .collect();
+            if let Err(error) = route.handoffs_durable(&done) {
                 // Logged again after a restart (the table still names this
                 // partition): a repeated handoff changes nothing.
                 warn!(partition = %self.inner().cfg.partition, %error, "slot handoffs are durable in the log but the slot table was not saved");
@@ -1044,7 +1052,9 @@ impl Session {
                 },
                 payload,
             });
-            pending.handoffs.push(waiting.handoff);
+            pending
+                .handoffs
+                .push((pending.entries.len() - 1, waiting.handoff));
             pushed.push(waiting.handoff);
         }
     }

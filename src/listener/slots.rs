@@ -14,11 +14,12 @@
 //!
 //! ```text
 //! v1
-//! 0-5460 0 0 -
-//! 5461 2 1 1
+//! 0-5460 0 0 - 0
+//! 5461 2 1 1 5120
 //! ```
 //!
-//! (`first[-last] owner gen from`, `from` being `-` for none). Every slot
+//! (`first[-last] owner gen from log`: `from` is `-` for none, `log` the
+//! log id of the handoff record in `from`'s log, 0 for none). Every slot
 //! appears exactly once; anything else is a typed error naming the line.
 
 use std::fmt::Write as _;
@@ -63,6 +64,8 @@ pub struct SlotOwner {
     pub gen: u64,
     /// The partition that handed it to `owner`, if any.
     pub from: Option<u32>,
+    /// The log id of that handoff record in `from`'s log (0: none).
+    pub log_id: u64,
 }
 
 /// Every slot's owner (module doc).
@@ -81,6 +84,7 @@ impl SlotTable {
                 owner: owner_of(slot)?,
                 gen: 0,
                 from: None,
+                log_id: 0,
             });
         }
         Some(SlotTable { slots })
@@ -125,13 +129,14 @@ impl SlotTable {
             .collect()
     }
 
-    /// The slots `partition` handed over last, as the handoffs a load of its
-    /// marker applies.
-    pub fn handoffs_from(&self, partition: u32) -> Vec<SlotHandoff> {
+    /// The slots `partition` handed over last with a record at or below log
+    /// id `up_to`, as the handoffs a load of its marker at `up_to` applies
+    /// (a record after the marker is applied after the load, in log order).
+    pub fn handoffs_from(&self, partition: u32, up_to: u64) -> Vec<SlotHandoff> {
         (0..CLUSTER_SLOTS)
             .filter_map(|slot| {
                 let o = self.get(slot);
-                (o.from == Some(partition)).then_some(SlotHandoff {
+                (o.from == Some(partition) && o.log_id <= up_to).then_some(SlotHandoff {
                     slot,
                     to: o.owner,
                     gen: o.gen,
@@ -140,10 +145,11 @@ impl SlotTable {
             .collect()
     }
 
-    /// Records a durable handoff made by `from`. Returns whether the table
-    /// changed: a handoff of a generation already recorded (a record made
-    /// again after a crash) changes nothing.
-    pub fn hand_off(&mut self, from: u32, handoff: &SlotHandoff) -> bool {
+    /// Records a durable handoff made by `from`, its record at `log_id` in
+    /// `from`'s log. Returns whether the table changed: a handoff of a
+    /// generation already recorded (a record made again after a crash)
+    /// changes nothing.
+    pub fn hand_off(&mut self, from: u32, handoff: &SlotHandoff, log_id: u64) -> bool {
         let index = usize::from(handoff.slot) % SLOTS;
         let current = self.slots[index];
         if handoff.gen <= current.gen {
@@ -153,6 +159,7 @@ impl SlotTable {
             owner: handoff.to,
             gen: handoff.gen,
             from: Some(from),
+            log_id,
         };
         true
     }
@@ -215,9 +222,12 @@ impl SlotTable {
                 continue;
             }
             let fields: Vec<&str> = line.split(' ').collect();
-            let [range, owner, gen, from] = fields[..] else {
-                return Err((number, format!("expected 4 fields, found {}", fields.len())));
+            let [range, owner, gen, from, log_id] = fields[..] else {
+                return Err((number, format!("expected 5 fields, found {}", fields.len())));
             };
+            let log_id: u64 = log_id
+                .parse()
+                .map_err(|_| (number, format!("log id {log_id:?} is not a number")))?;
             let range = SlotRanges::parse(range).map_err(|e| (number, e))?;
             let owner: u32 = owner
                 .parse()
@@ -238,7 +248,12 @@ impl SlotTable {
                     if place.is_some() {
                         return Err((number, format!("slot {slot} appears twice")));
                     }
-                    *place = Some(SlotOwner { owner, gen, from });
+                    *place = Some(SlotOwner {
+                        owner,
+                        gen,
+                        from,
+                        log_id,
+                    });
                 }
             }
         }
@@ -264,7 +279,11 @@ impl SlotTable {
                 format!("{start}-{end}")
             };
             let from = owner.from.map_or("-".to_string(), |f| f.to_string());
-            let _ = writeln!(text, "{range} {} {} {from}", owner.owner, owner.gen);
+            let _ = writeln!(
+                text,
+                "{range} {} {} {from} {}",
+                owner.owner, owner.gen, owner.log_id
+            );
             start = end + 1;
         }
         text
@@ -301,13 +320,16 @@ mod tests {
             to: 1,
             gen: 1,
         };
-        assert!(table.hand_off(0, &handoff));
-        assert!(!table.hand_off(0, &handoff));
+        assert!(table.hand_off(0, &handoff, 40));
+        assert!(!table.hand_off(0, &handoff, 41));
         assert_eq!(table.tenure(1, 10), 1);
         // The old owner would only get it back in a later tenure.
         assert_eq!(table.tenure(0, 10), 2);
-        assert_eq!(table.handoffs_from(0), [handoff]);
-        assert!(table.handoffs_from(1).is_empty());
+        assert_eq!(table.handoffs_from(0, u64::MAX), [handoff]);
+        assert_eq!(table.handoffs_from(0, 40), [handoff]);
+        // A marker before the record leaves it to the log.
+        assert!(table.handoffs_from(0, 39).is_empty());
+        assert!(table.handoffs_from(1, u64::MAX).is_empty());
         assert!(!table.owned_by(0).contains(10));
         assert!(table.owned_by(1).contains(10));
         let scope = SlotRanges::from_ranges([(9, 11)]);
@@ -330,10 +352,14 @@ mod tests {
                 to: 0,
                 gen: 1,
             },
+            77,
         );
         let text = table.render();
-        assert!(text.starts_with("v1\n0-5461 0 0 -\n"), "{text}");
-        assert!(text.ends_with("10924-16382 2 0 -\n16383 0 1 2\n"), "{text}");
+        assert!(text.starts_with("v1\n0-5461 0 0 - 0\n"), "{text}");
+        assert!(
+            text.ends_with("10924-16382 2 0 - 0\n16383 0 1 2 77\n"),
+            "{text}"
+        );
         assert_eq!(SlotTable::parse(&text).unwrap(), table);
 
         let dir = tempfile::tempdir().unwrap();
@@ -344,11 +370,12 @@ mod tests {
 
         for (text, line, why) in [
             ("v2\n", 1, "header"),
-            ("v1\n0-16383 0 0\n", 2, "4 fields"),
-            ("v1\n0-16383 x 0 -\n", 2, "partition id"),
-            ("v1\n0-16383 0 0 -\n5 1 0 -\n", 3, "twice"),
-            ("v1\n0-16382 0 0 -\n", 0, "slot 16383 is missing"),
-            ("v1\n0-16384 0 0 -\n", 2, ""),
+            ("v1\n0-16383 0 0 -\n", 2, "5 fields"),
+            ("v1\n0-16383 x 0 - 0\n", 2, "partition id"),
+            ("v1\n0-16383 0 0 - x\n", 2, "log id"),
+            ("v1\n0-16383 0 0 - 0\n5 1 0 - 0\n", 3, "twice"),
+            ("v1\n0-16382 0 0 - 0\n", 0, "slot 16383 is missing"),
+            ("v1\n0-16384 0 0 - 0\n", 2, ""),
         ] {
             let (at, reason) = SlotTable::parse(text).unwrap_err();
             assert_eq!(at, line, "{text:?}: {reason}");

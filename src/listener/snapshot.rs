@@ -424,7 +424,7 @@ impl ListenerHandle {
         // Taken once the log holds everything up to the RDB: every handoff
         // logged before the marker is then in the slot table (docs/cluster.md,
         // rule 3).
-        let slots = match self.marker_slots(shutdown).await {
+        let slots = match self.marker_slots(shutdown, found.marker_log_id.0).await {
             Ok(slots) => slots,
             Err(error) => {
                 if let Err(cleanup) = self.finish_epoch(epoch, false).await {
