@@ -405,6 +405,22 @@ impl ListenerPart {
                 }
             })
             .collect();
+        let pending_handoffs: Vec<String> = self
+            .handle
+            .route()
+            .map(|route| {
+                route
+                    .pending_handoffs()
+                    .iter()
+                    .map(|p| {
+                        format!(
+                            "slot {} to partition {} (generation {}) at source offset {}",
+                            p.handoff.slot, p.handoff.to, p.handoff.gen, p.at
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
         let route = self.handle.route().map(|route| route.state());
         let source = match route.as_ref().and_then(|state| state.master.as_ref()) {
             Some(master) => master.addr(),
@@ -418,6 +434,7 @@ impl ListenerPart {
                 master_id: state.master_id.unwrap_or_default(),
                 slots: state.slots.to_string(),
                 slot_count: state.slots.count() as u32,
+                pending_handoffs,
             }),
             source_state: listener.state.to_string(),
             // A paused WAL explains a stalled stream better than any link error.
