@@ -362,7 +362,8 @@ fn kill_9_mid_full_sync(target: Side) {
     let dir = tempfile::tempdir().expect("temp dir");
     let rounds = AtomicUsize::new(0);
     let done = AtomicBool::new(false);
-    let mut ferry = FerryProcess::sync(&dir.path().join("sync"), &cluster.url(), &target.url(), &[]);
+    let mut ferry =
+        FerryProcess::sync(&dir.path().join("sync"), &cluster.url(), &target.url(), &[]);
     let (big_partition, killed_at) = std::thread::scope(|scope| {
         let _stop = StopOnDrop(&done);
         let writer = scope.spawn(|| writer_loop(&rounds, &done, || incr_round(&cluster)));
@@ -452,7 +453,10 @@ fn kill_9_mid_full_sync(target: Side) {
     }
     for row in listeners(&ferry) {
         let want = u64::from(row["partition"] == big_partition);
-        assert_eq!(row["full_syncs"], want, "full syncs after the restart: {row}");
+        assert_eq!(
+            row["full_syncs"], want,
+            "full syncs after the restart: {row}"
+        );
         if want == 0 {
             assert!(row["partial_resyncs"].as_u64() >= Some(1), "{row}");
         }
@@ -462,9 +466,12 @@ fn kill_9_mid_full_sync(target: Side) {
         vec![big_partition],
         "full syncs stored after the restart"
     );
-    assert_verify_clean("kill -9 mid full sync", &cluster.url(), &target.url(), || {
-        ferry.log_tail(40)
-    });
+    assert_verify_clean(
+        "kill -9 mid full sync",
+        &cluster.url(),
+        &target.url(),
+        || ferry.log_tail(40),
+    );
 }
 
 /// See the module doc.
@@ -799,14 +806,21 @@ fn a_standalone_target_shut_down_for_a_while() {
         "after the outages",
     );
     assert_counters(&dump(&source.addr()), &dump(&target.addr()), rounds);
-    assert_eq!(appliers(&ferry)[0]["epoch"], epoch, "a snapshot was loaded again");
+    assert_eq!(
+        appliers(&ferry)[0]["epoch"],
+        epoch,
+        "a snapshot was loaded again"
+    );
     assert_eq!(sync_full_of(&source), 1, "the source full-resynced again");
     let log = ferry.log_since(mark);
     assert!(
         !log.contains("loading snapshot"),
         "a snapshot load after the outages:\n{log}"
     );
-    assert_verify_clean("standalone target away", &source.url(), &target.url(), || {
-        ferry.log_tail(40)
-    });
+    assert_verify_clean(
+        "standalone target away",
+        &source.url(),
+        &target.url(),
+        || ferry.log_tail(40),
+    );
 }
