@@ -9,7 +9,10 @@
 //!   full sync is still running when the others' are stored; ferry is
 //!   SIGKILLed right then and started again on the same data dir. Only that
 //!   shard full-resyncs again (its master's `sync_full` goes 1 -> 2, the
-//!   others' stay 1, ferry's rows after the restart say the same).
+//!   others' stay 1; ferry's log and rows say the same). Then ferry is
+//!   SIGKILLed again while its applier loads that shard's new snapshot into
+//!   the target (a load scoped to the shard's slots): the load runs again
+//!   from the start, for that shard only, and nothing full-resyncs.
 //! - [`a_target_master_paused_for_a_while`] and
 //!   [`a_target_master_shut_down_for_a_while`]: one master of a 3-master
 //!   cluster target (no replica: no failover) SIGSTOPped, or shut down
@@ -331,6 +334,13 @@ fn stored_partitions(log: &str) -> Vec<u64> {
     out
 }
 
+/// Whether a ferry log line is an applier starting a snapshot load
+/// (src/apply/snapshot.rs, src/apply/cluster.rs: scoped or not, into a
+/// standalone server or a cluster).
+fn is_load_start(line: &str) -> bool {
+    line.contains("loading snapshot") || line.contains("loading a snapshot")
+}
+
 /// See the module doc. Returns nothing; panics with what went wrong.
 fn kill_9_mid_full_sync(target: Side) {
     let cluster = start_source_cluster();
@@ -364,7 +374,7 @@ fn kill_9_mid_full_sync(target: Side) {
     let done = AtomicBool::new(false);
     let mut ferry =
         FerryProcess::sync(&dir.path().join("sync"), &cluster.url(), &target.url(), &[]);
-    let (big_partition, killed_at) = std::thread::scope(|scope| {
+    let (big_partition, killed_at, killed_again_at) = std::thread::scope(|scope| {
         let _stop = StopOnDrop(&done);
         let writer = scope.spawn(|| writer_loop(&rounds, &done, || incr_round(&cluster)));
         // Wait for the big shard's partition in its full sync while the
@@ -424,11 +434,53 @@ fn kill_9_mid_full_sync(target: Side) {
                 Err(format!("{rows:?}"))
             }
         });
+        // Second kill: while the applier loads the big shard's new snapshot
+        // into the target (a scoped load: only that shard's slots are
+        // deleted and loaded again).
+        let deadline = Instant::now() + CONVERGE;
+        let load = loop {
+            let row = appliers(&ferry)
+                .into_iter()
+                .find(|r| r["partition"] == big_partition);
+            let load = row.as_ref().map(|r| r["snapshot_load"].clone());
+            if let Some(load) = load.filter(|l| l.is_object()) {
+                assert!(
+                    load["done"] != true,
+                    "the big shard's load ended before the kill: {load}"
+                );
+                if load["keys_loaded"].as_u64() > Some(1000) {
+                    break load;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "never saw the big shard's snapshot load: {row:?}\n{}",
+                ferry.log_tail(40)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        ferry.kill9();
+        let killed_again_at = ferry.log_len();
+        eprintln!("kill -9 mid full sync: killed again mid load: {load}");
+        std::thread::sleep(Duration::from_secs(1));
+        ferry.spawn();
+        wait_for(
+            "every partition ONLINE after the second restart",
+            &ferry,
+            || {
+                let rows = listeners(&ferry);
+                if rows.len() == 3 && rows.iter().all(|r| r["source_state"] == "ONLINE") {
+                    Ok(())
+                } else {
+                    Err(format!("{rows:?}"))
+                }
+            },
+        );
         // Writes go on a little after the restart.
         std::thread::sleep(Duration::from_secs(2));
         done.store(true, Ordering::Relaxed);
         writer.join().expect("writer");
-        (big_partition, killed_at)
+        (big_partition, killed_at, killed_again_at)
     });
     let rounds = rounds.load(Ordering::Relaxed);
     assert!(rounds > 5, "the writer ran only {rounds} rounds");
@@ -451,20 +503,47 @@ fn kill_9_mid_full_sync(target: Side) {
             sync_full(port)
         );
     }
+    // The last process resumed every shard with a partial resync.
     for row in listeners(&ferry) {
-        let want = u64::from(row["partition"] == big_partition);
         assert_eq!(
-            row["full_syncs"], want,
-            "full syncs after the restart: {row}"
+            row["full_syncs"], 0,
+            "a full sync after the second restart: {row}"
         );
-        if want == 0 {
-            assert!(row["partial_resyncs"].as_u64() >= Some(1), "{row}");
-        }
+        assert!(row["partial_resyncs"].as_u64() >= Some(1), "{row}");
     }
+    let log = ferry.log_since(killed_at);
     assert_eq!(
-        stored_partitions(&ferry.log_since(killed_at)),
+        stored_partitions(&log),
         vec![big_partition],
-        "full syncs stored after the restart"
+        "full syncs stored after the first kill"
+    );
+    // The big shard's load started after the first kill, was cut by the
+    // second and ran again; after the second kill no other shard's load
+    // ran again (theirs may have run again after the first kill: a load
+    // that had not finished then starts over, from the same stored
+    // snapshot).
+    let snapshot_lines = |log: &str| {
+        log.lines()
+            .filter(|line| line.contains("snapshot"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let big_field = format!("partition={big_partition} ");
+    let big_loads = log
+        .lines()
+        .filter(|line| is_load_start(line) && line.contains(&big_field))
+        .count();
+    assert!(
+        big_loads >= 2,
+        "{big_loads} loads of the big shard after the first kill:\n{}",
+        snapshot_lines(&log)
+    );
+    let log = ferry.log_since(killed_again_at);
+    let loads: Vec<&str> = log.lines().filter(|line| is_load_start(line)).collect();
+    assert!(
+        !loads.is_empty() && loads.iter().all(|line| line.contains(&big_field)),
+        "snapshot loads after the second kill:\n{}",
+        snapshot_lines(&log)
     );
     assert_verify_clean(
         "kill -9 mid full sync",
@@ -709,7 +788,7 @@ fn target_master_outage(outage: Outage) {
     assert_eq!(sync_full_of(&source), 1, "the source full-resynced again");
     let log = ferry.log_since(mark);
     assert!(
-        !log.contains("loading snapshot"),
+        !log.lines().any(is_load_start),
         "a snapshot load after the outage:\n{log}"
     );
     assert_verify_clean(
@@ -814,7 +893,7 @@ fn a_standalone_target_shut_down_for_a_while() {
     assert_eq!(sync_full_of(&source), 1, "the source full-resynced again");
     let log = ferry.log_since(mark);
     assert!(
-        !log.contains("loading snapshot"),
+        !log.lines().any(is_load_start),
         "a snapshot load after the outages:\n{log}"
     );
     assert_verify_clean(
