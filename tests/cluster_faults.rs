@@ -700,6 +700,14 @@ fn target_master_outage(outage: Outage) {
         "before the outage",
     );
     let epoch = appliers(&ferry)[0]["epoch"].clone();
+    // The status names the target as the seed list it was given, address
+    // by address (a seed list read as one URL showed as
+    // `redis://[h1:p1,h2:p2,h3]:p3`).
+    let seeds: Vec<String> = cluster
+        .nodes()
+        .map(|node| format!("redis://{}", node.addr()))
+        .collect();
+    assert_eq!(appliers(&ferry)[0]["target"], seeds.join(","));
     let mark = ferry.log_len();
 
     let rounds = AtomicUsize::new(0);

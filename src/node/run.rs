@@ -128,10 +128,16 @@ impl Fatal {
     }
 }
 
-/// The address of `url` without its password (for status and logs).
+/// The address of `url` without its password (for status and logs); a
+/// comma-separated seed list (a Redis Cluster) address by address, as the
+/// stages split it, not parsed as one URL (whose "host" would be everything
+/// up to the last colon, shown as `redis://[h1:p1,h2:p2,h3]:p3`). One
+/// address that does not parse makes it all `<invalid url>`.
 fn redacted(url: &str) -> String {
-    RedisUrl::parse(url)
-        .map(|url| url.to_string())
+    url.split(',')
+        .map(|address| RedisUrl::parse(address.trim()).map(|url| url.to_string()))
+        .collect::<Result<Vec<_>, _>>()
+        .map(|addresses| addresses.join(","))
         .unwrap_or_else(|_| "<invalid url>".to_string())
 }
 
@@ -488,12 +494,7 @@ async fn start_listener_part(
         .as_ref()
         .map_or(PartitionId(cfg.partition), |route| route.partition());
     let listener_id = cfg.id.clone();
-    let source = cfg
-        .source
-        .split(',')
-        .map(|address| redacted(address.trim()))
-        .collect::<Vec<_>>()
-        .join(",");
+    let source = redacted(&cfg.source);
     let status = Arc::new(ListenerStatus::new(partition));
     let mut listener = Listener::open_routed(cfg, wal.clone(), status, route).await?;
     if check_not_cluster {
