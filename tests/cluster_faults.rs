@@ -23,6 +23,10 @@
 //!   fences each at its start, and a batch's pieces go to all of them; after
 //!   the cluster's node timeout the other masters answer `CLUSTERDOWN`
 //!   anyway). Once the master is back it converges, without a full resync.
+//!   ferry runs with `reply-timeout = "1s"` as in tests/crash.rs: with the
+//!   default 60 s, a frozen master shows only as the applier's growing lag
+//!   and latency (still ONLINE, no error) until the 60 s are up. The
+//!   status also names the target as the seed list it was given.
 //! - [`a_standalone_target_shut_down_for_a_while`]: the same ~10 s outage
 //!   (SIGSTOP, then `SHUTDOWN SAVE` and a restart) of a standalone target.
 //!   tests/crash.rs covers shorter ones (`paused_target_resumes_without_loss`:
