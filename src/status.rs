@@ -67,6 +67,10 @@ pub struct SourceShard {
     /// lost all its slots or its nodes left the cluster).
     pub slots: String,
     pub slot_count: u32,
+    /// Slot handoffs waiting for the stream to reach their offset
+    /// (docs/cluster.md, rule 2).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pending_handoffs: Vec<String>,
 }
 
 /// Shipping of one listener partition to one drainer.

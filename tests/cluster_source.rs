@@ -655,6 +655,10 @@ fn a_shard_listener_scopes_its_snapshot_markers_to_the_shard_slots() {
             Some(slots.clone()),
             "the full resync's marker"
         );
+        // Every slot of the shard in tenure 0; no handoff made yet
+        // (docs/cluster.md, rule 3).
+        assert_eq!(marker.tenures, [(slots.clone(), 0)]);
+        assert!(marker.handoffs.is_empty());
         // Only the shard's keys came (the other masters' keys are elsewhere).
         assert!(marker.rdb_bytes > 0);
         let fallback = handle.take_fallback_snapshot(&shutdown).await.unwrap();
@@ -939,4 +943,215 @@ fn a_key_moved_by_a_source_resharding_holds_the_receiving_partition() {
             Err(format!("{other_key} on the target: {value:?}"))
         }
     });
+}
+
+// ---------------------------------------------------------------------------
+// (h) Source resharding, the listener half (docs/cluster.md, rules 1-3):
+// the giving partition's log hands the slot over after every entry of the
+// slot it carries, the receiving partition's entries of the slot are in the
+// next tenure, and the slot table keeps the handoff.
+
+/// Every record of `partition` in the listener WAL at `dir`, in log order.
+fn log_records(dir: &Path, partition: u32) -> Vec<(u64, ferry::record::Record)> {
+    use ferry::position::{LogId, PartitionId};
+    use ferry::record::{Record, RecordLimits};
+    use ferry::wal::{ReadLimits, Wal, WalConfig};
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let wal = Wal::open(WalConfig::with_dir(dir.to_path_buf()))
+            .await
+            .expect("listener wal");
+        let mut out = Vec::new();
+        let mut next = LogId(1);
+        loop {
+            // Entries applied a while ago may be trimmed already.
+            let entries = match wal.read(PartitionId(partition), next, ReadLimits::default()) {
+                Err(ferry::wal::WalError::Trimmed {
+                    first_available, ..
+                }) => {
+                    next = first_available;
+                    continue;
+                }
+                read => read.expect("read the log"),
+            };
+            let Some(last) = entries.last() else { break };
+            next = last.log_id.next();
+            for entry in entries {
+                let record =
+                    Record::decode(&entry.payload, RecordLimits::default()).expect("a record");
+                out.push((entry.log_id.0, record));
+            }
+        }
+        wal.close().await.expect("close");
+        out
+    })
+}
+
+#[test]
+fn a_resharded_slot_is_handed_over_in_the_giving_log_after_its_entries() {
+    use ferry::record::{Record, SlotHandoff};
+
+    let cluster = start_cluster();
+    let dir = tempfile::tempdir().expect("temp dir");
+    write_round(&cluster, "pre", 0, 300);
+    // A listener alone: its drainer never comes, so nothing of its log is
+    // trimmed before it is read below.
+    let config = dir.path().join("listener.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"data-dir = "{}"
+admin = "127.0.0.1:0"
+
+[listener]
+id = "listener-1"
+source = "{}"
+
+[[drainers]]
+id = "absent"
+endpoint = "http://127.0.0.1:{}"
+secret = "0123456789abcdef0123456789abcdef"
+"#,
+            dir.path().join("listener").display(),
+            cluster.url(),
+            common::free_port()
+        ),
+    )
+    .unwrap();
+    let mut ferry = FerryProcess::with_config("listener", &config, &dir.path().join("listener"));
+    let rows = wait_partitions_online(&cluster, &ferry);
+    // A counter and a few keys in one slot, moved below.
+    let key = spread_keys("pre0", 300).into_iter().next().expect("a key");
+    let slot = ferry::redis::command::key_hash_slot(key.as_bytes());
+    let counter = format!("{{{key}}}:n");
+    for _ in 0..3 {
+        cluster.call_key(&counter, &["INCR", &counter]);
+    }
+    let from = cluster.master_for_key(&key).port;
+    let to = cluster
+        .master_ports()
+        .into_iter()
+        .find(|p| *p != from)
+        .expect("another master");
+    let by_master = partition_by_master(&rows);
+    let giving = by_master[&cluster.node(from).id()] as u32;
+    let receiving = by_master[&cluster.node(to).id()] as u32;
+
+    cluster.begin_slot_migration(slot, from, to);
+    cluster.migrate_slot_keys(slot, from, to);
+    cluster.finish_slot_migration(slot, from, to);
+    for _ in 0..2 {
+        cluster.call_key(&counter, &["INCR", &counter]);
+    }
+    // The handoff is recorded in the slot table once durable in the log.
+    let table_path = dir
+        .path()
+        .join("listener")
+        .join(ferry::listener::SLOT_TABLE_FILE);
+    wait_for("the slot's handoff in the slot table", &ferry, || {
+        let table = ferry::listener::SlotTable::load(&table_path)
+            .map_err(|e| e.to_string())?
+            .ok_or("no slot table")?;
+        let owner = table.get(slot);
+        if owner.owner == receiving && owner.gen == 1 && owner.from == Some(giving) {
+            Ok(())
+        } else {
+            Err(format!("slot {slot}: {owner:?}"))
+        }
+    });
+    // The receiving partition's writes of the slot after the move are durable.
+    wait_for("the counter's INCRs in the receiving log", &ferry, || {
+        let status = ferry.status_json();
+        let row = status["listeners"]
+            .as_array()
+            .and_then(|rows| {
+                rows.iter()
+                    .find(|r| r["partition"].as_u64() == Some(u64::from(receiving)))
+                    .cloned()
+            })
+            .ok_or("no listener row")?;
+        let master_offset: u64 = cluster
+            .node(to)
+            .info_field("master_repl_offset")
+            .and_then(|v| v.parse().ok())
+            .ok_or("no offset")?;
+        match row["durable_offset"].as_u64() {
+            Some(durable) if durable >= master_offset => Ok(()),
+            other => Err(format!("durable {other:?} < {master_offset}")),
+        }
+    });
+    ferry.terminate(Duration::from_secs(30));
+
+    let wal_dir = dir.path().join("listener").join("wal");
+    let in_slot = |record: &Record| match record {
+        Record::Write(w) => w.tenure.filter(|t| t.slot == slot).map(|t| t.gen),
+        _ => None,
+    };
+    // Giving log: every write of the slot in tenure 0, all before the one
+    // handoff, which opens tenure 1 for the receiving partition.
+    let giving_log = log_records(&wal_dir, giving);
+    let handoffs: Vec<(u64, SlotHandoff)> = giving_log
+        .iter()
+        .filter_map(|(id, r)| match r {
+            Record::Handoff(h) => Some((*id, *h)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        handoffs.iter().map(|(_, h)| *h).collect::<Vec<_>>(),
+        [SlotHandoff {
+            slot,
+            to: receiving,
+            gen: 1
+        }],
+        "{handoffs:?}"
+    );
+    let handoff_at = handoffs[0].0;
+    let giving_writes: Vec<(u64, u64)> = giving_log
+        .iter()
+        .filter_map(|(id, r)| in_slot(r).map(|gen| (*id, gen)))
+        .collect();
+    assert!(
+        giving_writes.len() >= 2,
+        "the INCRs and the migration's DEL: {giving_writes:?}"
+    );
+    assert!(
+        giving_writes
+            .iter()
+            .all(|&(id, gen)| gen == 0 && id < handoff_at),
+        "{giving_writes:?} vs the handoff at {handoff_at}"
+    );
+    let migration_del = giving_log.iter().any(|(id, r)| {
+        matches!(r, Record::Write(w) if *id < handoff_at
+            && w.commands.iter().any(|c| c.is("DEL") && c.args.iter().any(|a| a.as_ref() == counter.as_bytes())))
+    });
+    assert!(
+        migration_del,
+        "the migration's DEL of {counter} before the handoff"
+    );
+    // Receiving log: the moved keys and the later INCRs, in tenure 1.
+    let receiving_log = log_records(&wal_dir, receiving);
+    let receiving_writes: Vec<&Record> = receiving_log
+        .iter()
+        .filter(|(_, r)| in_slot(r).is_some())
+        .map(|(_, r)| r)
+        .collect();
+    assert!(
+        receiving_writes.iter().all(|r| in_slot(r) == Some(1)),
+        "{receiving_writes:?}"
+    );
+    let restored = receiving_writes.iter().any(
+        |r| matches!(r, Record::Write(w) if w.commands.iter().any(|c| c.is("RESTORE-ASKING"))),
+    );
+    let incrs = receiving_writes
+        .iter()
+        .filter(|r| matches!(r, Record::Write(w) if w.commands.iter().any(|c| c.is("INCR"))))
+        .count();
+    assert!(restored, "{receiving_writes:?}");
+    assert_eq!(incrs, 2, "{receiving_writes:?}");
+    // No other partition logged anything of the slot.
+    let third = (0..3u32).find(|p| *p != giving && *p != receiving).unwrap();
+    assert!(log_records(&wal_dir, third)
+        .iter()
+        .all(|(_, r)| in_slot(r).is_none()));
 }

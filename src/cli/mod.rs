@@ -90,9 +90,9 @@ pub enum Verb {
     /// passes; exit code 1 when they differ.
     Verify(verify::VerifyArgs),
     /// Check a source and a target before a sync (reachability, versions,
-    /// cluster mode, target data, eviction policy, persistence, backlog and
-    /// output buffer against the write rate): a PASS / WARN / FAIL table;
-    /// exit code 1 on any FAIL.
+    /// cluster mode and slots, target data, eviction policy, persistence,
+    /// backlog and output buffer against the write rate; every master of a
+    /// Redis Cluster): a PASS / WARN / FAIL table; exit code 1 on any FAIL.
     Precheck(precheck::PrecheckArgs),
 }
 

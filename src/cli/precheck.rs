@@ -1,6 +1,6 @@
 //! `ferry precheck --source URL --target URL [--json]`: the checks of
 //! [`crate::precheck`] as a PASS / WARN / FAIL table (or JSON); exit code 1
-//! when any check FAILs.
+//! when any check FAILs. Either URL may be a Redis Cluster's seed list.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -11,17 +11,20 @@ use crate::apply::keyspace::FilterError;
 use crate::apply::ExistingData;
 use crate::config_units::HumanDuration;
 use crate::precheck::{self, PrecheckConfig, Report};
-use crate::secret::{url_from_flags, FlagUrlError, SecretUrl};
+use crate::secret::{FlagUrlError, SecretUrl};
 
 /// `ferry precheck` flags.
 #[derive(Debug, Clone, Args)]
 pub struct PrecheckArgs {
-    /// The source Redis: `redis://[user[:password]@]host:port` (a password
-    /// here shows in `ps`: prefer --source-password-file or
-    /// FERRY_SOURCE_PASSWORD).
+    /// The source Redis: `redis://[user[:password]@]host:port`, or any node
+    /// of a Redis Cluster, or a comma-separated seed list of its nodes
+    /// (`redis://host1:port,host2:port`; the others take the first one's
+    /// credentials): every master is checked. A password here shows in
+    /// `ps`: prefer --source-password-file or FERRY_SOURCE_PASSWORD.
     #[arg(long)]
     pub source: SecretUrl,
-    /// The target Redis: `redis://[user[:password]@]host:port` (see
+    /// The target Redis: `redis://[user[:password]@]host:port`, or any node
+    /// or a seed list of a Redis Cluster, as --source (see
     /// --target-password-file, FERRY_TARGET_PASSWORD).
     #[arg(long)]
     pub target: SecretUrl,
@@ -72,17 +75,16 @@ pub enum PrecheckCommandError {
 
 /// Runs the checks and prints the report.
 pub fn precheck(args: &PrecheckArgs) -> Result<(), PrecheckCommandError> {
+    let side = |which, text, file| {
+        super::verify::seeds_from_flags(which, text, file).map(|(first, others)| {
+            let mut seeds = vec![first];
+            seeds.extend(others);
+            seeds
+        })
+    };
     let mut cfg = PrecheckConfig::new(
-        Some(url_from_flags(
-            "source",
-            &args.source,
-            args.source_password_file.as_deref(),
-        )?),
-        Some(url_from_flags(
-            "target",
-            &args.target,
-            args.target_password_file.as_deref(),
-        )?),
+        side("source", &args.source, args.source_password_file.as_deref())?,
+        side("target", &args.target, args.target_password_file.as_deref())?,
     );
     cfg.keyspace = args
         .filter

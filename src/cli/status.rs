@@ -327,6 +327,9 @@ fn render_listeners(out: &mut String, listeners: &[ListenerSide], style: RenderS
                     shard.slot_count
                 );
             }
+            for pending in &shard.pending_handoffs {
+                let _ = write!(line, ", handing over {}", clean(pending));
+            }
         }
         if let Some(replid) = &side.replid {
             let _ = write!(line, ", replid {}", clean(replid));
@@ -835,6 +838,9 @@ Drainer → target
             master_id: "a".repeat(40),
             slots: "0-5460".into(),
             slot_count: 5461,
+            pending_handoffs: vec![
+                "slot 5461 to partition 1 (generation 1) at source offset 7".into()
+            ],
         });
         second.partition = 1;
         second.source = "127.0.0.1:30002".into();
@@ -842,11 +848,12 @@ Drainer → target
             master_id: String::new(),
             slots: String::new(),
             slot_count: 0,
+            pending_handoffs: Vec::new(),
         });
         status.listeners.push(second);
         let text = render_status(&status, NOW, RenderStyle::default());
         assert!(
-            text.contains("part 0 (listener l1): source 127.0.0.1:6379 ONLINE, shard slots 0-5460 (5461 slots), replid"),
+            text.contains("part 0 (listener l1): source 127.0.0.1:6379 ONLINE, shard slots 0-5460 (5461 slots), handing over slot 5461 to partition 1 (generation 1) at source offset 7, replid"),
             "{text}"
         );
         assert!(

@@ -124,7 +124,7 @@ impl VerifyArgs {
 /// password as [`url_from_flags`] says and whose other addresses without
 /// credentials take the first one's ([`parse_seed_list`]). Returns the first
 /// address and the others.
-fn seeds_from_flags(
+pub(crate) fn seeds_from_flags(
     which: &'static str,
     text: &SecretUrl,
     password_file: Option<&Path>,

@@ -46,10 +46,14 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::watch;
-use tracing::info;
+use tracing::{debug, info};
 
+use super::slots::{SlotTable, SlotTableError, SLOT_TABLE_FILE};
 use crate::position::PartitionId;
+use crate::record::{SlotHandoff, SlotTenure};
+use crate::redis::client::Client;
 use crate::redis::cluster::{self, SlotRanges, Topology, TopologyError};
+use crate::redis::command::{self, Command, CLUSTER_SLOTS};
 use crate::redis::url::RedisUrl;
 
 /// Name of the shard map file in the listener's data dir.
@@ -70,6 +74,8 @@ pub enum ShardMapError {
         line: usize,
         reason: String,
     },
+    #[error("slot table: {0}")]
+    Slots(#[from] SlotTableError),
 }
 
 /// Partitions and the node ids of their shards (module doc).
@@ -230,7 +236,7 @@ impl ShardMap {
 
 /// Replaces `path` by `bytes` so that a crash leaves the old or the new file,
 /// and the new one is durable when this returns.
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(super) fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let tmp = path.with_extension("tmp");
     let mut file = std::fs::File::create(&tmp)?;
@@ -286,7 +292,27 @@ pub struct ShardState {
 pub struct ShardRoute {
     partition: PartitionId,
     state: watch::Sender<ShardState>,
+    /// Handoffs this partition's stream is to append (docs/cluster.md,
+    /// rule 2), set by [`ClusterSource::check_handoffs`].
+    handoffs: watch::Sender<Vec<PendingHandoff>>,
     source: Arc<ClusterSource>,
+}
+
+/// A slot this partition's log is to hand over once its stream has been
+/// received up to source offset `at` (every command of the slot its master
+/// ran is at or below it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PendingHandoff {
+    pub handoff: SlotHandoff,
+    pub at: u64,
+}
+
+/// A snapshot marker's slots (docs/cluster.md, rule 3).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MarkerSlots {
+    pub scope: SlotRanges,
+    pub tenures: Vec<(SlotRanges, u64)>,
+    pub handoffs: Vec<SlotHandoff>,
 }
 
 impl ShardRoute {
@@ -325,6 +351,74 @@ impl ShardRoute {
         }
     }
 
+    /// The handoffs waiting to be appended to this partition's log.
+    pub fn pending_handoffs(&self) -> Vec<PendingHandoff> {
+        self.handoffs.borrow().clone()
+    }
+
+    /// Changes of [`Self::pending_handoffs`].
+    pub fn watch_handoffs(&self) -> watch::Receiver<Vec<PendingHandoff>> {
+        self.handoffs.subscribe()
+    }
+
+    /// The slot tenure of a write of this partition (docs/cluster.md, rule
+    /// 1): `None` for a keyless write, one of ferry's own keys, or a
+    /// command whose keys are not known.
+    pub fn tenure_of(&self, commands: &[Command]) -> Option<SlotTenure> {
+        let slot = commands.iter().find_map(|cmd| {
+            let keys = command::keys(cmd).ok()?;
+            let key = keys.first()?;
+            if key.starts_with(crate::record::INTERNAL_PREFIX) {
+                return None;
+            }
+            Some(command::key_hash_slot(key))
+        })?;
+        let gen = self.source.tenure(self.partition.0, slot);
+        Some(SlotTenure { slot, gen })
+    }
+
+    /// Records handoffs of this partition that are durable in its log, each
+    /// with the log id of its record.
+    pub fn handoffs_durable(&self, done: &[(SlotHandoff, u64)]) -> Result<(), ShardMapError> {
+        if done.is_empty() {
+            return Ok(());
+        }
+        self.source.handoffs_durable(self.partition.0, done)?;
+        self.handoffs.send_if_modified(|pending| {
+            let before = pending.len();
+            pending.retain(|p| !done.iter().any(|(h, _)| *h == p.handoff));
+            pending.len() != before
+        });
+        Ok(())
+    }
+
+    /// The slots of a snapshot marker taken now (docs/cluster.md, rule 3):
+    /// the slots this partition owns in the log, plus those its master
+    /// serves or imports in its own view, each with its tenure, and the
+    /// handoffs it made last with a record at or below log id `up_to` (the
+    /// marker's). `Err` when the master cannot be asked (the imported slots
+    /// would be unknown).
+    pub async fn marker_slots(&self, up_to: u64) -> Result<MarkerSlots, String> {
+        let master = self
+            .state
+            .borrow()
+            .master
+            .clone()
+            .ok_or_else(|| format!("partition {} has no master", self.partition))?;
+        let view = cluster::read_topology(&master)
+            .await
+            .map_err(|e| format!("reading the slots of {}: {e}", master.addr()))?;
+        let me =
+            view.nodes.iter().find(|n| n.myself).ok_or_else(|| {
+                format!("{} does not name itself in CLUSTER NODES", master.addr())
+            })?;
+        let mut scope = me.slots.clone();
+        for &(slot, _) in &me.importing {
+            scope.insert_range(slot, slot);
+        }
+        Ok(self.source.marker_slots(self.partition.0, scope, up_to))
+    }
+
     /// Resolves once the route names a master other than `addr` (the
     /// session on `addr` should end); never while no master is known.
     pub async fn moved_from(&self, addr: &str) -> String {
@@ -344,6 +438,11 @@ impl ShardRoute {
 
 struct ClusterState {
     map: ShardMap,
+    /// The slot table (`None` until the first topology is read on a first
+    /// start).
+    slots: Option<SlotTable>,
+    /// Whether the last topology read showed a slot migrating or importing.
+    migrating: bool,
     /// Every node address seen, for rediscovery beyond the seeds.
     known: Vec<RedisUrl>,
     routes: BTreeMap<PartitionId, Arc<ShardRoute>>,
@@ -355,6 +454,7 @@ struct ClusterState {
 pub struct ClusterSource {
     seeds: Vec<RedisUrl>,
     map_path: PathBuf,
+    slots_path: PathBuf,
     state: Mutex<ClusterState>,
     /// One discovery at a time (listeners and the poller share it).
     discovering: tokio::sync::Mutex<()>,
@@ -369,11 +469,16 @@ impl ClusterSource {
     ) -> Result<Arc<ClusterSource>, ShardMapError> {
         let map_path = data_dir.join(SHARD_MAP_FILE);
         let map = ShardMap::load(&map_path)?.unwrap_or_default();
+        let slots_path = data_dir.join(SLOT_TABLE_FILE);
+        let slots = SlotTable::load(&slots_path)?;
         let source = Arc::new(ClusterSource {
             seeds,
             map_path,
+            slots_path,
             state: Mutex::new(ClusterState {
                 map,
+                slots,
+                migrating: false,
                 known: Vec::new(),
                 routes: BTreeMap::new(),
                 started: BTreeSet::new(),
@@ -398,9 +503,11 @@ impl ClusterSource {
 
     fn new_route(self: &Arc<Self>, partition: PartitionId) -> Arc<ShardRoute> {
         let (state, _) = watch::channel(ShardState::default());
+        let (handoffs, _) = watch::channel(Vec::new());
         Arc::new(ShardRoute {
             partition,
             state,
+            handoffs,
             source: Arc::clone(self),
         })
     }
@@ -439,6 +546,28 @@ impl ClusterSource {
             info!(map = %self.map_path.display(), "cluster shard map updated");
         }
         state.map = map;
+        state.migrating = topology.migrating();
+        if state.slots.is_none() {
+            // First start: every slot belongs to its shard's partition.
+            let owners: Vec<(SlotRanges, u32)> = shards
+                .iter()
+                .zip(&assigned)
+                .filter_map(|((_, master), partition)| {
+                    Some((master.as_ref()?.slots.clone(), partition.as_ref()?.0))
+                })
+                .collect();
+            let table = SlotTable::initial(|slot| {
+                owners
+                    .iter()
+                    .find(|(slots, _)| slots.contains(slot))
+                    .map(|(_, p)| *p)
+            });
+            if let Some(table) = table {
+                table.save(&self.slots_path).map_err(ShardMapError::from)?;
+                info!(table = %self.slots_path.display(), "cluster slot table made");
+                state.slots = Some(table);
+            }
+        }
         state.known = topology
             .nodes
             .iter()
@@ -505,6 +634,184 @@ impl ClusterSource {
     pub fn seeds(&self) -> &[RedisUrl] {
         &self.seeds
     }
+
+    /// The tenure of a write of `slot` by `partition` (0 before the table
+    /// exists: nothing was handed over yet).
+    fn tenure(&self, partition: u32, slot: u16) -> u64 {
+        self.lock()
+            .slots
+            .as_ref()
+            .map_or(0, |table| table.tenure(partition, slot))
+    }
+
+    fn handoffs_durable(
+        &self,
+        from: u32,
+        done: &[(SlotHandoff, u64)],
+    ) -> Result<(), ShardMapError> {
+        let mut state = self.lock();
+        let Some(table) = state.slots.as_mut() else {
+            return Ok(());
+        };
+        let mut changed = false;
+        for (handoff, log_id) in done {
+            changed |= table.hand_off(from, handoff, *log_id);
+        }
+        if changed {
+            table.save(&self.slots_path)?;
+            info!(from, handoffs = ?done, "slot handoffs recorded");
+        }
+        Ok(())
+    }
+
+    fn marker_slots(&self, partition: u32, served: SlotRanges, up_to: u64) -> MarkerSlots {
+        let state = self.lock();
+        let Some(table) = state.slots.as_ref() else {
+            return MarkerSlots {
+                scope: served,
+                ..MarkerSlots::default()
+            };
+        };
+        let mut scope = table.owned_by(partition);
+        for &(first, last) in served.ranges() {
+            scope.insert_range(first, last);
+        }
+        MarkerSlots {
+            tenures: table.tenures(partition, &scope),
+            handoffs: table.handoffs_from(partition, up_to),
+            scope,
+        }
+    }
+
+    /// Finds the slots whose owner in the slot table no longer serves them
+    /// while another shard does, confirms each with the owner's master
+    /// (its own view: neither served nor migrating), reads that master's
+    /// offset right after, and hands the handoff to the owner's route
+    /// (docs/cluster.md, rule 2). Returns whether a slot is on the move
+    /// (the caller then polls faster).
+    pub async fn check_handoffs(&self) -> bool {
+        // Candidates per owning partition, from the last topology read.
+        let mut candidates: BTreeMap<PartitionId, (RedisUrl, Vec<SlotHandoff>)> = BTreeMap::new();
+        {
+            let state = self.lock();
+            let Some(table) = state.slots.as_ref() else {
+                return false;
+            };
+            let served: Vec<(PartitionId, ShardState)> =
+                state.routes.iter().map(|(p, r)| (*p, r.state())).collect();
+            for slot in 0..CLUSTER_SLOTS {
+                let owner = table.get(slot);
+                let Some((_, owner_state)) = served.iter().find(|(p, _)| p.0 == owner.owner) else {
+                    continue;
+                };
+                if owner_state.slots.contains(slot) {
+                    continue;
+                }
+                let Some((to, _)) = served.iter().find(|(_, s)| s.slots.contains(slot)) else {
+                    continue;
+                };
+                let Some(master) = owner_state.master.clone() else {
+                    continue;
+                };
+                candidates
+                    .entry(PartitionId(owner.owner))
+                    .or_insert_with(|| (master, Vec::new()))
+                    .1
+                    .push(SlotHandoff {
+                        slot,
+                        to: to.0,
+                        gen: owner.gen + 1,
+                    });
+            }
+        }
+        let moving = !candidates.is_empty() || self.lock().migrating;
+        for (partition, (master, slots)) in candidates {
+            let route = self.lock().routes.get(&partition).cloned();
+            let Some(route) = route else {
+                continue;
+            };
+            let confirmed = match confirm_handoffs(&master, &slots).await {
+                Ok(confirmed) => confirmed,
+                Err(error) => {
+                    debug!(%partition, master = %master.addr(), %error, "slot handoff not confirmed yet");
+                    continue;
+                }
+            };
+            route.handoffs.send_if_modified(|pending| {
+                let mut changed = false;
+                for (handoff, at) in &confirmed {
+                    // One handoff per generation: a slot that moved on again
+                    // before its first handoff was logged keeps the first
+                    // (the next owner hands it on in its own log).
+                    let same = |p: &PendingHandoff| {
+                        p.handoff.slot == handoff.slot && p.handoff.gen == handoff.gen
+                    };
+                    if !pending.iter().any(same) {
+                        info!(%partition, slot = handoff.slot, to = handoff.to, gen = handoff.gen, at, "slot handed over by the source: logging its handoff once received up to the offset");
+                        pending.push(PendingHandoff {
+                            handoff: *handoff,
+                            at: *at,
+                        });
+                        changed = true;
+                    }
+                }
+                changed
+            });
+        }
+        moving
+    }
+}
+
+/// Asks `master` which of the slots of `slots` it no longer serves nor
+/// migrates, then its replication offset: every command of those
+/// slots it ran is at or below that offset.
+async fn confirm_handoffs(
+    master: &RedisUrl,
+    slots: &[SlotHandoff],
+) -> Result<Vec<(SlotHandoff, u64)>, String> {
+    let addr = master.addr();
+    let view = cluster::read_topology(master)
+        .await
+        .map_err(|e| e.to_string())?;
+    let me = view
+        .nodes
+        .iter()
+        .find(|n| n.myself)
+        .ok_or_else(|| format!("{addr} does not name itself in CLUSTER NODES"))?;
+    if !me.master {
+        return Err(format!("{addr} is not a master any more"));
+    }
+    let gone: Vec<SlotHandoff> = slots
+        .iter()
+        .filter(|h| !me.slots.contains(h.slot) && !me.migrating.iter().any(|(s, _)| *s == h.slot))
+        .copied()
+        .collect();
+    if gone.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut client = Client::connect(master)
+        .await
+        .map_err(|e| format!("{addr}: {e}"))?;
+    let info = client
+        .call(["INFO", "replication"])
+        .await
+        .map_err(|e| format!("{addr}: {e}"))?;
+    let text = info
+        .as_bytes()
+        .map(|b| String::from_utf8_lossy(b).into_owned())
+        .unwrap_or_default();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(name)?.strip_prefix(':'))
+            .map(str::to_string)
+    };
+    if field("role").as_deref() != Some("master") {
+        return Err(format!("{addr} is not a master any more"));
+    }
+    let offset: u64 = field("master_repl_offset")
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| format!("{addr}: INFO replication has no master_repl_offset"))?;
+    Ok(gone.into_iter().map(|h| (h, offset)).collect())
 }
 
 /// Why [`ClusterSource::refresh`] failed.

@@ -78,6 +78,7 @@
 mod cluster;
 mod config;
 mod heartbeat;
+mod slots;
 mod snapshot;
 mod status;
 
@@ -93,15 +94,17 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 pub use cluster::{
-    ClusterSource, RefreshError, ShardMap, ShardMapError, ShardNodes, ShardRoute, ShardState,
-    SHARD_MAP_FILE,
+    ClusterSource, MarkerSlots, PendingHandoff, RefreshError, ShardMap, ShardMapError, ShardNodes,
+    ShardRoute, ShardState, SHARD_MAP_FILE,
 };
 pub use config::{CheckedListenerConfig, ListenerConfig, ListenerConfigError, ReplicaSettings};
+pub use slots::{SlotOwner, SlotTable, SlotTableError, SLOT_TABLE_FILE};
 pub use snapshot::FallbackSnapshot;
 pub use status::{ListenerStatus, ListenerStatusSnapshot, SyncState};
 
 use crate::backoff::Backoff;
 use crate::position::{LogId, PartitionId, ReplId, ReplOffset};
+use crate::record::SlotHandoff;
 use crate::record::{Record, RecordError, SnapshotMarker};
 use crate::redis::psync::{AckHandle, PsyncSource, ReplError, ReplEvent, ReplPosition};
 use crate::wal::{AppendedRange, NewEntry, SnapshotPhase, SourcePosition, Wal, WalError};
@@ -259,10 +262,31 @@ impl ListenerHandle {
         Ok(replica)
     }
 
-    /// The scope of a snapshot taken now: the shard's slots for a cluster
-    /// source, the whole keyspace otherwise.
-    pub(crate) fn snapshot_scope(&self) -> Option<crate::redis::cluster::SlotRanges> {
-        self.inner.route.as_ref().map(|route| route.slots())
+    /// The slots of a snapshot marker written now ([`ShardRoute::marker_slots`]),
+    /// `None` (the whole keyspace) for a standalone source. The shard's
+    /// master is asked a few times before this gives up.
+    pub(crate) async fn marker_slots(
+        &self,
+        shutdown: &CancellationToken,
+        up_to: u64,
+    ) -> Result<Option<MarkerSlots>, String> {
+        let Some(route) = &self.inner.route else {
+            return Ok(None);
+        };
+        let mut last = String::new();
+        for attempt in 0..5u64 {
+            if attempt > 0 {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(200 * attempt)) => {}
+                }
+            }
+            match route.marker_slots(up_to).await {
+                Ok(slots) => return Ok(Some(slots)),
+                Err(error) => last = error,
+            }
+        }
+        Err(last)
     }
 }
 
@@ -468,6 +492,9 @@ struct BatchInfo {
     last: SourcePosition,
     /// Highest heartbeat timestamp in the batch.
     heartbeat_unix_ms: Option<u64>,
+    /// Slot handoffs in the batch and their places in it (recorded in the
+    /// slot table once durable).
+    handoffs: Vec<(usize, SlotHandoff)>,
 }
 
 /// Entries waiting for an append.
@@ -476,6 +503,7 @@ struct Pending {
     entries: Vec<NewEntry>,
     bytes: usize,
     heartbeat_unix_ms: Option<u64>,
+    handoffs: Vec<(usize, SlotHandoff)>,
 }
 
 struct Session {
@@ -677,11 +705,31 @@ impl Session {
             }
             Err(error) => return Err(error),
         };
+        // The new marker follows every handoff record of the log.
+        let slots = match self.handle.marker_slots(shutdown, u64::MAX).await {
+            Ok(slots) => slots,
+            Err(error) => {
+                // Without the shard's slots the marker cannot say which
+                // keys it holds: the full sync is done again.
+                self.handle.finish_epoch(epoch, false).await?;
+                return Ok(Some(SessionEnd::Lost {
+                    error: ReplError::MasterError {
+                        step: "CLUSTER NODES (the snapshot marker's slots)",
+                        message: error,
+                    },
+                    established: false,
+                }));
+            }
+        };
         self.handle.finish_epoch(epoch, true).await?;
         let source = SourcePosition {
             replid: replid.to_string(),
             offset,
             db: 0,
+        };
+        let (scope, tenures, handoffs) = match slots {
+            Some(slots) => (Some(slots.scope), slots.tenures, slots.handoffs),
+            None => (None, Vec::new(), Vec::new()),
         };
         let marker = Record::Snapshot(SnapshotMarker {
             epoch,
@@ -689,9 +737,9 @@ impl Session {
             chunks,
             replid: replid.to_string(),
             offset: offset.0,
-            scope: self.handle.snapshot_scope(),
-            tenures: Vec::new(),
-            handoffs: Vec::new(),
+            scope,
+            tenures,
+            handoffs,
         });
         let range = self
             .inner()
@@ -718,6 +766,7 @@ impl Session {
             &BatchInfo {
                 last: source,
                 heartbeat_unix_ms: None,
+                handoffs: Vec::new(),
             },
         );
         Ok(None)
@@ -735,6 +784,18 @@ impl Session {
         }
         ack.set(last.offset);
         self.publish_durable(ack, range.last, &last.replid);
+        if let Some(route) = &self.inner().route {
+            let done: Vec<(SlotHandoff, u64)> = batch
+                .handoffs
+                .iter()
+                .map(|&(index, handoff)| (handoff, range.first.0 + index as u64))
+                .collect();
+            if let Err(error) = route.handoffs_durable(&done) {
+                // Logged again after a restart (the table still names this
+                // partition): a repeated handoff changes nothing.
+                warn!(partition = %self.inner().cfg.partition, %error, "slot handoffs are durable in the log but the slot table was not saved");
+            }
+        }
         if let Some(sent) = batch.heartbeat_unix_ms {
             let latency = unix_ms().saturating_sub(sent);
             self.inner().status.update(|s| {
@@ -805,6 +866,10 @@ impl Session {
         // Fragments taken of the entry being received.
         let mut fragments = 0u32;
         let mut replid = psync.position().replid.to_string();
+        // Slot handoffs (docs/cluster.md, rule 2) appended this session.
+        let mut handoffs_pushed: Vec<SlotHandoff> = Vec::new();
+        let mut handoff_rx = self.inner().route.as_ref().map(|r| r.watch_handoffs());
+        self.push_handoffs(psync, &mut pending, &replid, &mut handoffs_pushed);
         if self
             .resume
             .as_ref()
@@ -826,6 +891,7 @@ impl Session {
                         .map(|e| e.source.clone())
                         .unwrap_or_default(),
                     heartbeat_unix_ms: batch.heartbeat_unix_ms,
+                    handoffs: batch.handoffs,
                 };
                 let wal = wal.clone();
                 in_flight = Some((
@@ -850,6 +916,7 @@ impl Session {
             enum Step {
                 Stop,
                 Moved(String),
+                Handoffs,
                 Appended(Result<AppendedRange, WalError>),
                 Event(Result<ReplEvent, ReplError>),
             }
@@ -863,6 +930,16 @@ impl Session {
                         None => std::future::pending().await,
                     }
                 }, if end.is_none() => Step::Moved(to),
+                _ = async {
+                    match handoff_rx.as_mut() {
+                        Some(rx) => {
+                            if rx.changed().await.is_err() {
+                                std::future::pending::<()>().await;
+                            }
+                        }
+                        None => std::future::pending().await,
+                    }
+                }, if end.is_none() => Step::Handoffs,
                 appended = async {
                     match in_flight.as_mut() {
                         Some((future, _)) => future.await,
@@ -880,6 +957,11 @@ impl Session {
                         from: addr.to_string(),
                         to,
                     })
+                }
+                Step::Handoffs => {
+                    if fragments == 0 {
+                        self.push_handoffs(psync, &mut pending, &replid, &mut handoffs_pushed);
+                    }
                 }
                 Step::Appended(result) => {
                     let range = result?;
@@ -929,10 +1011,51 @@ impl Session {
                             event = psync.next_event().now_or_never();
                         }
                     }
+                    if fragments == 0 && end.is_none() {
+                        self.push_handoffs(psync, &mut pending, &replid, &mut handoffs_pushed);
+                    }
                     let received = psync.received_offset().0;
                     self.inner().status.update(|s| s.received_offset = received);
                 }
             }
+        }
+    }
+
+    /// Appends the pending slot handoffs whose offset the stream has reached
+    /// (docs/cluster.md, rule 2): every entry at or below it is already in
+    /// `pending` or in the log before it. Never inside an entry's fragment
+    /// run (the caller checks).
+    fn push_handoffs(
+        &self,
+        psync: &PsyncSource,
+        pending: &mut Pending,
+        replid: &str,
+        pushed: &mut Vec<SlotHandoff>,
+    ) {
+        let Some(route) = &self.inner().route else {
+            return;
+        };
+        let position = psync.position();
+        for waiting in route.pending_handoffs() {
+            if waiting.at > position.offset.0 || pushed.contains(&waiting.handoff) {
+                continue;
+            }
+            let payload = Record::Handoff(waiting.handoff).encode();
+            pending.bytes += payload.len();
+            pending.entries.push(NewEntry {
+                flags: 0,
+                created_unix_ms: Some(unix_ms()),
+                source: SourcePosition {
+                    replid: replid.to_string(),
+                    offset: position.offset,
+                    db: position.db,
+                },
+                payload,
+            });
+            pending
+                .handoffs
+                .push((pending.entries.len() - 1, waiting.handoff));
+            pushed.push(waiting.handoff);
         }
     }
 
@@ -982,11 +1105,17 @@ impl Session {
                     )));
                 }
                 *fragments = 0;
-                let payload = Record::encode_write_streamed(
+                let tenure = self
+                    .inner()
+                    .route
+                    .as_ref()
+                    .and_then(|route| route.tenure_of(&entry.commands));
+                let payload = Record::encode_write_tagged(
                     entry.db,
                     &entry.commands,
                     entry.transaction,
                     &entry.streamed,
+                    tenure,
                 );
                 if payload.len() > crate::wal::MAX_PAYLOAD_LEN {
                     return Err(ListenerError::EntryTooLarge {

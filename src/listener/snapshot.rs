@@ -103,9 +103,13 @@ pub struct FallbackSnapshot {
     /// if the log holds none); every entry after it has a source offset >
     /// `offset`, or follows a newer snapshot marker.
     pub marker_log_id: LogId,
-    /// The slots of the cluster shard the RDB holds, as the listener knew
-    /// them when the source started it (`None`: a standalone source).
+    /// The slots of the cluster shard the RDB holds (`None`: a standalone
+    /// source), with their tenures and the handoffs the partition made last
+    /// (docs/cluster.md, rule 3), as the slot table had them once the log
+    /// held everything up to the RDB.
     pub scope: Option<crate::redis::cluster::SlotRanges>,
+    pub tenures: Vec<(crate::redis::cluster::SlotRanges, u64)>,
+    pub handoffs: Vec<crate::record::SlotHandoff>,
 }
 
 /// Complete epochs kept besides those in progress (module doc).
@@ -378,7 +382,6 @@ impl ListenerHandle {
                 })
             }
         };
-        let scope = self.snapshot_scope();
         info!(partition = %partition, %replid, offset, "fallback snapshot: receiving rdb");
         let epoch = self.begin_epoch().await?;
         let outcome = self.receive_rdb(&mut psync, epoch, shutdown, |_| {}).await;
@@ -418,6 +421,22 @@ impl ListenerHandle {
         })
         .await
         .map_err(|e| ListenerError::Task(e.to_string()))??;
+        // Taken once the log holds everything up to the RDB: every handoff
+        // logged before the marker is then in the slot table (docs/cluster.md,
+        // rule 3).
+        let slots = match self.marker_slots(shutdown, found.marker_log_id.0).await {
+            Ok(slots) => slots,
+            Err(error) => {
+                if let Err(cleanup) = self.finish_epoch(epoch, false).await {
+                    warn!(partition = %partition, epoch, error = %cleanup, "cannot delete an abandoned snapshot epoch");
+                }
+                return Err(ListenerError::Route { partition, error });
+            }
+        };
+        let (scope, tenures, handoffs) = match slots {
+            Some(slots) => (Some(slots.scope), slots.tenures, slots.handoffs),
+            None => (None, Vec::new(), Vec::new()),
+        };
         let mut era_start = self.inner.era_start.lock().await;
         if era_start.is_none() || *era_start < found.era_start {
             *era_start = found.era_start;
@@ -431,6 +450,8 @@ impl ListenerHandle {
             chunks,
             marker_log_id: found.marker_log_id,
             scope,
+            tenures,
+            handoffs,
         })
     }
 

@@ -128,10 +128,16 @@ impl Fatal {
     }
 }
 
-/// The address of `url` without its password (for status and logs).
+/// The address of `url` without its password (for status and logs); a
+/// comma-separated seed list (a Redis Cluster) address by address, as the
+/// stages split it, not parsed as one URL (whose "host" would be everything
+/// up to the last colon, shown as `redis://[h1:p1,h2:p2,h3]:p3`). One
+/// address that does not parse makes it all `<invalid url>`.
 fn redacted(url: &str) -> String {
-    RedisUrl::parse(url)
-        .map(|url| url.to_string())
+    url.split(',')
+        .map(|address| RedisUrl::parse(address.trim()).map(|url| url.to_string()))
+        .collect::<Result<Vec<_>, _>>()
+        .map(|addresses| addresses.join(","))
         .unwrap_or_else(|_| "<invalid url>".to_string())
 }
 
@@ -196,8 +202,8 @@ impl SnapshotProvider for ListenerSnapshots {
                     replid: taken.replid,
                     offset: taken.offset,
                     scope: taken.scope,
-                    tenures: Vec::new(),
-                    handoffs: Vec::new(),
+                    tenures: taken.tenures,
+                    handoffs: taken.handoffs,
                 },
                 marker_log_id: taken.marker_log_id,
             })
@@ -405,6 +411,22 @@ impl ListenerPart {
                 }
             })
             .collect();
+        let pending_handoffs: Vec<String> = self
+            .handle
+            .route()
+            .map(|route| {
+                route
+                    .pending_handoffs()
+                    .iter()
+                    .map(|p| {
+                        format!(
+                            "slot {} to partition {} (generation {}) at source offset {}",
+                            p.handoff.slot, p.handoff.to, p.handoff.gen, p.at
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
         let route = self.handle.route().map(|route| route.state());
         let source = match route.as_ref().and_then(|state| state.master.as_ref()) {
             Some(master) => master.addr(),
@@ -418,6 +440,7 @@ impl ListenerPart {
                 master_id: state.master_id.unwrap_or_default(),
                 slots: state.slots.to_string(),
                 slot_count: state.slots.count() as u32,
+                pending_handoffs,
             }),
             source_state: listener.state.to_string(),
             // A paused WAL explains a stalled stream better than any link error.
@@ -471,12 +494,7 @@ async fn start_listener_part(
         .as_ref()
         .map_or(PartitionId(cfg.partition), |route| route.partition());
     let listener_id = cfg.id.clone();
-    let source = cfg
-        .source
-        .split(',')
-        .map(|address| redacted(address.trim()))
-        .collect::<Vec<_>>()
-        .join(",");
+    let source = redacted(&cfg.source);
     let status = Arc::new(ListenerStatus::new(partition));
     let mut listener = Listener::open_routed(cfg, wal.clone(), status, route).await?;
     if check_not_cluster {
@@ -609,6 +627,8 @@ impl ListenerParts {
 const TOPOLOGY_POLL: Duration = Duration::from_secs(2);
 /// Longest pause between topology reads while they fail.
 const TOPOLOGY_POLL_MAX: Duration = Duration::from_secs(30);
+/// The topology poll while slots are on the move (docs/cluster.md, rule 2).
+const TOPOLOGY_POLL_MOVING: Duration = Duration::from_millis(200);
 
 /// Starts the listener partitions of the node's source (module doc of
 /// [`crate::listener::ClusterSource`] for a cluster); their tasks, and a
@@ -701,16 +721,23 @@ async fn source_kind(
 }
 
 /// Reads a cluster source's topology every [`TOPOLOGY_POLL`] (backoff on
-/// errors): routes follow moved masters, and a new shard gets a partition
-/// and a listener. Waits for the listeners it started on shutdown.
+/// errors; every [`TOPOLOGY_POLL_MOVING`] while slots move): routes follow
+/// moved masters, a new shard gets a partition and a listener, and slots
+/// the source handed to another shard get their handoff records. Waits for the listeners it started on shutdown.
 async fn follow_cluster(cluster: Arc<ClusterSource>, ctx: PartContext, parts: Arc<ListenerParts>) {
     let mut tasks = Vec::new();
     let mut backoff = Backoff::new(TOPOLOGY_POLL, TOPOLOGY_POLL_MAX);
     let mut last_error: Option<String> = None;
+    let mut moving = false;
     loop {
+        let delay = if moving && last_error.is_none() {
+            TOPOLOGY_POLL_MOVING
+        } else {
+            backoff.current()
+        };
         tokio::select! {
             _ = ctx.shutdown.cancelled() => break,
-            _ = tokio::time::sleep(backoff.current()) => {}
+            _ = tokio::time::sleep(delay) => {}
         }
         match cluster.refresh().await {
             Ok(()) => {
@@ -718,6 +745,9 @@ async fn follow_cluster(cluster: Arc<ClusterSource>, ctx: PartContext, parts: Ar
                 if last_error.take().is_some() {
                     info!("source cluster topology readable again");
                 }
+                // Slots on the move: their handoffs are logged soon after
+                // the source settles them (docs/cluster.md, rule 2).
+                moving = cluster.check_handoffs().await;
             }
             Err(error) => {
                 let message = error.to_string();
@@ -1117,11 +1147,12 @@ const PRECHECK_OUTAGE: Duration = Duration::from_secs(60);
 
 /// The precheck before a node's first full sync (its WAL holds no
 /// partition yet): the checks of the sides it has, refusing to start on any
-/// FAIL with the report's table. A side that does not answer yet is not a
-/// refusal: the stages wait for it as they always do (and the applier still
-/// refuses existing data atomically at the first load); its checks are
-/// skipped with a warning. A node resuming (its WAL holds data) is not
-/// checked again.
+/// FAIL with the report's table. A side that does not answer yet (a server,
+/// or a master of a cluster) or a cluster that does not serve every slot
+/// yet is not a refusal: the stages wait for it as they always do (and the
+/// applier still refuses existing data atomically at the first load, on
+/// every master); the checks of what does not answer are skipped with a
+/// warning. A node resuming (its WAL holds data) is not checked again.
 async fn precheck_first_sync(
     wal: &Wal,
     source: Option<&crate::listener::ListenerConfig>,
@@ -1131,19 +1162,22 @@ async fn precheck_first_sync(
     if !wal.partitions().is_empty() {
         return Ok(());
     }
-    // The source's address with its password (from the URL, a file or a
-    // variable).
-    // The source's (first) address with its password (from the URL, a file
-    // or a variable); of a cluster, the node named first.
+    // The source's addresses with the password (from the URL, a file or a
+    // variable): one, or a cluster's seed list; every master of a cluster
+    // is checked. The target's the same way.
     let parse = |listener: &crate::listener::ListenerConfig| {
         listener
             .validate()
-            .map(|checked| checked.source)
+            .map(|checked| checked.seeds)
             .map_err(|e| NodeError::Config(format!("listener.{}: {}", e.field, e.reason)))
     };
-    let source = source.map(parse).transpose()?;
+    let source = source.map(parse).transpose()?.unwrap_or_default();
     let config = |error: apply::ApplyConfigError| NodeError::Config(error.to_string());
-    let target = apply.map(|a| a.target_url()).transpose().map_err(config)?;
+    let target = apply
+        .map(|a| a.target_seeds())
+        .transpose()
+        .map_err(config)?
+        .unwrap_or_default();
     let mut cfg = crate::precheck::PrecheckConfig::new(source, target);
     cfg.outage = outage;
     // Every fresh start waits for this: enough to see a busy source.
@@ -1154,16 +1188,17 @@ async fn precheck_first_sync(
         cfg.id = Some(apply.drainer_id.clone());
     }
     let report = crate::precheck::run(&cfg).await;
+    let waits = |check: &str| check.ends_with(" reachable") || check.ends_with(" cluster slots");
     let unreachable: Vec<&str> = report
         .checks
         .iter()
-        .filter(|c| c.verdict == Verdict::Fail && c.check.ends_with(" reachable"))
+        .filter(|c| c.verdict == Verdict::Fail && waits(&c.check))
         .map(|c| c.detail.as_str())
         .collect();
     let refused = report
         .checks
         .iter()
-        .any(|c| c.verdict == Verdict::Fail && !c.check.ends_with(" reachable"));
+        .any(|c| c.verdict == Verdict::Fail && !waits(&c.check));
     if refused {
         let table = report.render();
         error!("precheck before the first full sync failed:\n{table}");
@@ -1180,8 +1215,8 @@ async fn precheck_first_sync(
     } else {
         warn!(
             unreachable = ?unreachable,
-            "precheck could not reach every server; the checks of a server that does not answer \
-             are skipped, and the stages wait for it"
+            "precheck could not reach every server (or a cluster does not serve every slot); \
+             the checks of a server that does not answer are skipped, and the stages wait for it"
         );
     }
     Ok(())

@@ -1,0 +1,385 @@
+//! The slot table of a cluster source: which partition each hash slot
+//! belongs to in the log, and since which handoff (docs/cluster.md, "The
+//! listener's slot table").
+//!
+//! In: the first topology (every slot owned by its shard's partition,
+//! generation 0) and the handoff records made durable since. Out: the slot
+//! tenure of each write a partition logs ([`SlotTable::tenure`]), the
+//! tenures and handoffs of its snapshot markers, and the file
+//! `<data-dir>/cluster-slots` that keeps it across restarts, replaced
+//! atomically (like the shard map) each time a handoff is recorded.
+//!
+//! File format, one line per run of slots with the same owner, generation
+//! and origin, after a `v1` header line:
+//!
+//! ```text
+//! v1
+//! 0-5460 0 0 - 0
+//! 5461 2 1 1 5120
+//! ```
+//!
+//! (`first[-last] owner gen from log`: `from` is `-` for none, `log` the
+//! log id of the handoff record in `from`'s log, 0 for none). Every slot
+//! appears exactly once; anything else is a typed error naming the line.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use crate::record::SlotHandoff;
+use crate::redis::cluster::SlotRanges;
+use crate::redis::command::CLUSTER_SLOTS;
+
+/// Name of the slot table file in the listener's data dir.
+pub const SLOT_TABLE_FILE: &str = "cluster-slots";
+
+/// Longest slot table file read (16384 single-slot lines of four numbers
+/// fit in well under 1 MiB).
+const MAX_TABLE_BYTES: u64 = 2 << 20;
+
+const SLOTS: usize = CLUSTER_SLOTS as usize;
+
+/// Why the slot table could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum SlotTableError {
+    #[error("{path}: {error}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        error: std::io::Error,
+    },
+    #[error("{path} line {line}: {reason}")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
+}
+
+/// One slot's place in the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotOwner {
+    /// The partition whose log carries the slot now.
+    pub owner: u32,
+    /// Handoffs of the slot so far (its current tenure).
+    pub gen: u64,
+    /// The partition that handed it to `owner`, if any.
+    pub from: Option<u32>,
+    /// The log id of that handoff record in `from`'s log (0: none).
+    pub log_id: u64,
+}
+
+/// Every slot's owner (module doc).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotTable {
+    slots: Vec<SlotOwner>,
+}
+
+impl SlotTable {
+    /// The table of a first start: each slot owned by `owner_of(slot)` at
+    /// generation 0; `None` if some slot has no owner.
+    pub fn initial(owner_of: impl Fn(u16) -> Option<u32>) -> Option<SlotTable> {
+        let mut slots = Vec::with_capacity(SLOTS);
+        for slot in 0..CLUSTER_SLOTS {
+            slots.push(SlotOwner {
+                owner: owner_of(slot)?,
+                gen: 0,
+                from: None,
+                log_id: 0,
+            });
+        }
+        Some(SlotTable { slots })
+    }
+
+    pub fn get(&self, slot: u16) -> SlotOwner {
+        self.slots[usize::from(slot) % SLOTS]
+    }
+
+    /// The tenure a write of `slot` logged by `partition` belongs to: the
+    /// current one when the partition owns the slot, else the next one (it
+    /// is receiving the slot).
+    pub fn tenure(&self, partition: u32, slot: u16) -> u64 {
+        let owner = self.get(slot);
+        if owner.owner == partition {
+            owner.gen
+        } else {
+            owner.gen + 1
+        }
+    }
+
+    /// The slots `partition` owns.
+    pub fn owned_by(&self, partition: u32) -> SlotRanges {
+        self.ranges_where(|_, o| o.owner == partition)
+    }
+
+    /// The tenures of `scope`'s slots for a marker of `partition`, grouped
+    /// by generation.
+    pub fn tenures(&self, partition: u32, scope: &SlotRanges) -> Vec<(SlotRanges, u64)> {
+        let mut by_gen: std::collections::BTreeMap<u64, SlotRanges> = Default::default();
+        for &(first, last) in scope.ranges() {
+            for slot in first..=last {
+                by_gen
+                    .entry(self.tenure(partition, slot))
+                    .or_default()
+                    .insert_range(slot, slot);
+            }
+        }
+        by_gen
+            .into_iter()
+            .map(|(gen, slots)| (slots, gen))
+            .collect()
+    }
+
+    /// The slots `partition` handed over last with a record at or below log
+    /// id `up_to`, as the handoffs a load of its marker at `up_to` applies
+    /// (a record after the marker is applied after the load, in log order).
+    pub fn handoffs_from(&self, partition: u32, up_to: u64) -> Vec<SlotHandoff> {
+        (0..CLUSTER_SLOTS)
+            .filter_map(|slot| {
+                let o = self.get(slot);
+                (o.from == Some(partition) && o.log_id <= up_to).then_some(SlotHandoff {
+                    slot,
+                    to: o.owner,
+                    gen: o.gen,
+                })
+            })
+            .collect()
+    }
+
+    /// Records a durable handoff made by `from`, its record at `log_id` in
+    /// `from`'s log. Returns whether the table changed: a handoff of a
+    /// generation already recorded (a record made again after a crash)
+    /// changes nothing.
+    pub fn hand_off(&mut self, from: u32, handoff: &SlotHandoff, log_id: u64) -> bool {
+        let index = usize::from(handoff.slot) % SLOTS;
+        let current = self.slots[index];
+        if handoff.gen <= current.gen {
+            return false;
+        }
+        self.slots[index] = SlotOwner {
+            owner: handoff.to,
+            gen: handoff.gen,
+            from: Some(from),
+            log_id,
+        };
+        true
+    }
+
+    fn ranges_where(&self, keep: impl Fn(u16, &SlotOwner) -> bool) -> SlotRanges {
+        let mut ranges = SlotRanges::new();
+        for slot in 0..CLUSTER_SLOTS {
+            if keep(slot, &self.get(slot)) {
+                ranges.insert_range(slot, slot);
+            }
+        }
+        ranges
+    }
+
+    /// Reads the table; a missing file is `None`.
+    pub fn load(path: &Path) -> Result<Option<SlotTable>, SlotTableError> {
+        use std::io::Read;
+        let io = |error| SlotTableError::Io {
+            path: path.to_path_buf(),
+            error,
+        };
+        let file = match std::fs::File::open(path) {
+            Ok(file) => file,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(error) => return Err(io(error)),
+        };
+        let mut text = String::new();
+        file.take(MAX_TABLE_BYTES + 1)
+            .read_to_string(&mut text)
+            .map_err(io)?;
+        let parse_error = |line, reason: String| SlotTableError::Parse {
+            path: path.to_path_buf(),
+            line,
+            reason,
+        };
+        if text.len() as u64 > MAX_TABLE_BYTES {
+            return Err(parse_error(
+                0,
+                format!("longer than {MAX_TABLE_BYTES} bytes"),
+            ));
+        }
+        SlotTable::parse(&text)
+            .map(Some)
+            .map_err(|(line, reason)| parse_error(line, reason))
+    }
+
+    fn parse(text: &str) -> Result<SlotTable, (usize, String)> {
+        let mut lines = text.lines().enumerate();
+        match lines.next() {
+            Some((_, "v1")) => {}
+            Some((_, other)) => {
+                return Err((1, format!("expected the header v1, found {other:?}")))
+            }
+            None => return Err((1, "empty".into())),
+        }
+        let mut slots: Vec<Option<SlotOwner>> = vec![None; SLOTS];
+        for (i, line) in lines {
+            let number = i + 1;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let fields: Vec<&str> = line.split(' ').collect();
+            let [range, owner, gen, from, log_id] = fields[..] else {
+                return Err((number, format!("expected 5 fields, found {}", fields.len())));
+            };
+            let log_id: u64 = log_id
+                .parse()
+                .map_err(|_| (number, format!("log id {log_id:?} is not a number")))?;
+            let range = SlotRanges::parse(range).map_err(|e| (number, e))?;
+            let owner: u32 = owner
+                .parse()
+                .map_err(|_| (number, format!("owner {owner:?} is not a partition id")))?;
+            let gen: u64 = gen
+                .parse()
+                .map_err(|_| (number, format!("generation {gen:?} is not a number")))?;
+            let from = match from {
+                "-" => None,
+                from => Some(
+                    from.parse::<u32>()
+                        .map_err(|_| (number, format!("from {from:?} is not a partition id")))?,
+                ),
+            };
+            for &(first, last) in range.ranges() {
+                for slot in first..=last {
+                    let place = &mut slots[usize::from(slot)];
+                    if place.is_some() {
+                        return Err((number, format!("slot {slot} appears twice")));
+                    }
+                    *place = Some(SlotOwner {
+                        owner,
+                        gen,
+                        from,
+                        log_id,
+                    });
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(SLOTS);
+        for (slot, owner) in slots.into_iter().enumerate() {
+            out.push(owner.ok_or_else(|| (0, format!("slot {slot} is missing")))?);
+        }
+        Ok(SlotTable { slots: out })
+    }
+
+    fn render(&self) -> String {
+        let mut text = String::from("v1\n");
+        let mut start = 0usize;
+        while start < SLOTS {
+            let owner = self.slots[start];
+            let mut end = start;
+            while end + 1 < SLOTS && self.slots[end + 1] == owner {
+                end += 1;
+            }
+            let range = if start == end {
+                start.to_string()
+            } else {
+                format!("{start}-{end}")
+            };
+            let from = owner.from.map_or("-".to_string(), |f| f.to_string());
+            let _ = writeln!(
+                text,
+                "{range} {} {} {from} {}",
+                owner.owner, owner.gen, owner.log_id
+            );
+            start = end + 1;
+        }
+        text
+    }
+
+    /// Replaces the file atomically (temporary file, fsync, rename, dir
+    /// fsync).
+    pub fn save(&self, path: &Path) -> Result<(), SlotTableError> {
+        super::cluster::write_atomically(path, self.render().as_bytes()).map_err(|error| {
+            SlotTableError::Io {
+                path: path.to_path_buf(),
+                error,
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn three_shards() -> SlotTable {
+        SlotTable::initial(|slot| Some(u32::from(slot / 5462))).unwrap()
+    }
+
+    #[test]
+    fn tenures_follow_handoffs_and_repeated_records_change_nothing() {
+        let mut table = three_shards();
+        assert_eq!(table.tenure(0, 10), 0);
+        // Partition 1 receiving slot 10 writes in the next tenure.
+        assert_eq!(table.tenure(1, 10), 1);
+        let handoff = SlotHandoff {
+            slot: 10,
+            to: 1,
+            gen: 1,
+        };
+        assert!(table.hand_off(0, &handoff, 40));
+        assert!(!table.hand_off(0, &handoff, 41));
+        assert_eq!(table.tenure(1, 10), 1);
+        // The old owner would only get it back in a later tenure.
+        assert_eq!(table.tenure(0, 10), 2);
+        assert_eq!(table.handoffs_from(0, u64::MAX), [handoff]);
+        assert_eq!(table.handoffs_from(0, 40), [handoff]);
+        // A marker before the record leaves it to the log.
+        assert!(table.handoffs_from(0, 39).is_empty());
+        assert!(table.handoffs_from(1, u64::MAX).is_empty());
+        assert!(!table.owned_by(0).contains(10));
+        assert!(table.owned_by(1).contains(10));
+        let scope = SlotRanges::from_ranges([(9, 11)]);
+        assert_eq!(
+            table.tenures(0, &scope),
+            [
+                (SlotRanges::from_ranges([(9, 9), (11, 11)]), 0),
+                (SlotRanges::from_ranges([(10, 10)]), 2)
+            ]
+        );
+    }
+
+    #[test]
+    fn the_file_round_trips_and_bad_files_name_the_line() {
+        let mut table = three_shards();
+        table.hand_off(
+            2,
+            &SlotHandoff {
+                slot: 16383,
+                to: 0,
+                gen: 1,
+            },
+            77,
+        );
+        let text = table.render();
+        assert!(text.starts_with("v1\n0-5461 0 0 - 0\n"), "{text}");
+        assert!(
+            text.ends_with("10924-16382 2 0 - 0\n16383 0 1 2 77\n"),
+            "{text}"
+        );
+        assert_eq!(SlotTable::parse(&text).unwrap(), table);
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(SLOT_TABLE_FILE);
+        assert!(SlotTable::load(&path).unwrap().is_none());
+        table.save(&path).unwrap();
+        assert_eq!(SlotTable::load(&path).unwrap(), Some(table));
+
+        for (text, line, why) in [
+            ("v2\n", 1, "header"),
+            ("v1\n0-16383 0 0 -\n", 2, "5 fields"),
+            ("v1\n0-16383 x 0 - 0\n", 2, "partition id"),
+            ("v1\n0-16383 0 0 - x\n", 2, "log id"),
+            ("v1\n0-16383 0 0 - 0\n5 1 0 - 0\n", 3, "twice"),
+            ("v1\n0-16382 0 0 - 0\n", 0, "slot 16383 is missing"),
+            ("v1\n0-16384 0 0 - 0\n", 2, ""),
+        ] {
+            let (at, reason) = SlotTable::parse(text).unwrap_err();
+            assert_eq!(at, line, "{text:?}: {reason}");
+            assert!(reason.contains(why), "{text:?}: {reason}");
+        }
+    }
+}
