@@ -873,12 +873,13 @@ fn a_shard_that_lost_its_slots_and_nodes_keeps_its_partition_idle() {
 }
 
 // ---------------------------------------------------------------------------
-// A resharding of the source (keys moving between shards) is not carried
-// yet (docs/cluster.md): the receiving shard's partition holds at the first
-// migrated key, never applying it in no order with the giving shard's DEL.
+// A resharding of the source, carried by slot tenures (docs/cluster.md):
+// the receiving shard's partition holds (HANDOFF) at the first migrated key
+// until the giving partition's handoff reaches the target, then applies it,
+// never in no order with the giving shard's DEL.
 
 #[test]
-fn a_key_moved_by_a_source_resharding_holds_the_receiving_partition() {
+fn a_slot_moved_by_a_source_resharding_is_held_then_carried_exactly() {
     let cluster = start_cluster();
     let target = RedisServer::start(&[]);
     let dir = tempfile::tempdir().expect("temp dir");
@@ -887,8 +888,13 @@ fn a_key_moved_by_a_source_resharding_holds_the_receiving_partition() {
     let rows = wait_partitions_online(&cluster, &ferry);
     wait_converged(&cluster, &target, &ferry, "before the resharding");
 
-    // One key with a value moves from its master to another one.
+    // One key with a value, and a counter of its slot, move from their
+    // master to another one.
     let key = spread_keys("pre0", 300).into_iter().next().expect("a key");
+    let counter = format!("{{{key}}}:n");
+    for _ in 0..3 {
+        cluster.call_key(&counter, &["INCR", &counter]);
+    }
     let from = cluster.master_for_key(&key).port;
     let to = cluster
         .master_ports()
@@ -901,7 +907,8 @@ fn a_key_moved_by_a_source_resharding_holds_the_receiving_partition() {
     let to_id = cluster.node(to).id();
     let partition = partition_by_master(&rows)[&to_id];
 
-    // The receiving partition holds at the RESTORE-ASKING, naming it.
+    // The receiving partition holds at the RESTORE-ASKING (HANDOFF, naming
+    // the slot): the slot is still the giving partition's.
     wait_for("the receiving partition to hold", &ferry, || {
         let status = ferry.status_json();
         let row = status["drainers"]
@@ -912,17 +919,9 @@ fn a_key_moved_by_a_source_resharding_holds_the_receiving_partition() {
                     .cloned()
             })
             .ok_or("no applier row")?;
-        if row["state"] != "BLOCKED" {
+        let handoff = row["handoff"].as_str().unwrap_or_default();
+        if row["state"] != "HANDOFF" || !handoff.contains(&format!("slot {slot} ")) {
             return Err(format!("partition {partition}: {row}"));
-        }
-        let blocked = &row["blocked"];
-        if blocked["command"] != "RESTORE-ASKING"
-            || !blocked["error"]
-                .as_str()
-                .unwrap_or_default()
-                .contains("resharding")
-        {
-            return Err(format!("blocked on {blocked}"));
         }
         Ok(())
     });
@@ -943,6 +942,18 @@ fn a_key_moved_by_a_source_resharding_holds_the_receiving_partition() {
             Err(format!("{other_key} on the target: {value:?}"))
         }
     });
+    // The migration ends: the giving partition hands the slot over, the
+    // receiving one applies the moved keys and the counter's later INCRs.
+    cluster.migrate_slot_keys(slot, from, to);
+    cluster.finish_slot_migration(slot, from, to);
+    for _ in 0..4 {
+        cluster.call_key(&counter, &["INCR", &counter]);
+    }
+    wait_converged(&cluster, &target, &ferry, "after the resharding");
+    assert_eq!(
+        dump(&target.addr()).get(&counter).map(String::as_str),
+        Some("7")
+    );
 }
 
 // ---------------------------------------------------------------------------
