@@ -811,6 +811,22 @@ impl Cluster {
         self.wait_settled();
     }
 
+    /// `redis-cli --cluster rebalance` with `threshold` (percent of a
+    /// master's expected slots it may differ by before slots move); returns
+    /// what redis-cli printed, once settled.
+    pub fn rebalance(&self, threshold: &str) -> String {
+        let text = self.redis_cli_cluster(&[
+            "--cluster".into(),
+            "rebalance".into(),
+            self.node(self.any_port()).addr(),
+            "--cluster-threshold".into(),
+            threshold.into(),
+            "--cluster-yes".into(),
+        ]);
+        self.wait_settled();
+        text
+    }
+
     /// Starts a node and adds it as a master without slots
     /// (`redis-cli --cluster add-node`); returns its port once settled.
     pub fn add_master(&mut self) -> u16 {
