@@ -419,15 +419,17 @@ impl ShardRoute {
         Ok(self.source.marker_slots(self.partition.0, scope, up_to))
     }
 
-    /// Resolves once the route names a master other than `addr` (the
-    /// session on `addr` should end); never while no master is known.
+    /// Resolves once the route names a master other than `addr`, or none
+    /// any more (every node of the shard left it: `addr` may now replicate
+    /// another shard, whose stream is not this partition's); the session on
+    /// `addr` should end.
     pub async fn moved_from(&self, addr: &str) -> String {
         let mut rx = self.state.subscribe();
         loop {
-            if let Some(master) = &rx.borrow_and_update().master {
-                if master.addr() != addr {
-                    return master.addr();
-                }
+            match &rx.borrow_and_update().master {
+                Some(master) if master.addr() != addr => return master.addr(),
+                Some(_) => {}
+                None => return "no master (the shard's nodes left it)".to_string(),
             }
             if rx.changed().await.is_err() {
                 return std::future::pending().await;
@@ -692,6 +694,7 @@ impl ClusterSource {
     pub async fn check_handoffs(&self) -> bool {
         // Candidates per owning partition, from the last topology read.
         let mut candidates: BTreeMap<PartitionId, (RedisUrl, Vec<SlotHandoff>)> = BTreeMap::new();
+        let mut idle: Vec<(PartitionId, SlotHandoff)> = Vec::new();
         {
             let state = self.lock();
             let Some(table) = state.slots.as_ref() else {
@@ -711,6 +714,17 @@ impl ClusterSource {
                     continue;
                 };
                 let Some(master) = owner_state.master.clone() else {
+                    // The owner's shard has no master any more (its nodes
+                    // left it): its log is final, the handoff goes at its
+                    // end (the listener appends it, ListenerHandle side).
+                    idle.push((
+                        PartitionId(owner.owner),
+                        SlotHandoff {
+                            slot,
+                            to: to.0,
+                            gen: owner.gen + 1,
+                        },
+                    ));
                     continue;
                 };
                 candidates
@@ -724,7 +738,13 @@ impl ClusterSource {
                     });
             }
         }
-        let moving = !candidates.is_empty() || self.lock().migrating;
+        let moving = !candidates.is_empty() || !idle.is_empty() || self.lock().migrating;
+        for (partition, handoff) in idle {
+            let route = self.lock().routes.get(&partition).cloned();
+            if let Some(route) = route {
+                route.add_pending(&[(handoff, 0)], partition);
+            }
+        }
         for (partition, (master, slots)) in candidates {
             let route = self.lock().routes.get(&partition).cloned();
             let Some(route) = route else {
@@ -737,9 +757,18 @@ impl ClusterSource {
                     continue;
                 }
             };
-            route.handoffs.send_if_modified(|pending| {
+            route.add_pending(&confirmed, partition);
+        }
+        moving
+    }
+}
+
+impl ShardRoute {
+    /// Adds handoffs to log once the stream reaches their offset.
+    fn add_pending(&self, confirmed: &[(SlotHandoff, u64)], partition: PartitionId) {
+        self.handoffs.send_if_modified(|pending| {
                 let mut changed = false;
-                for (handoff, at) in &confirmed {
+                for (handoff, at) in confirmed {
                     // One handoff per generation: a slot that moved on again
                     // before its first handoff was logged keeps the first
                     // (the next owner hands it on in its own log).
@@ -757,8 +786,6 @@ impl ClusterSource {
                 }
                 changed
             });
-        }
-        moving
     }
 }
 

@@ -597,7 +597,10 @@ impl Session {
                         return Ok(());
                     }
                 },
-                Err(error) => (error, false),
+                Err(error) => {
+                    self.append_idle_handoffs().await?;
+                    (error, false)
+                }
             };
             if established {
                 backoff.reset();
@@ -803,6 +806,53 @@ impl Session {
                 s.heartbeat_unix_ms = Some(sent);
             });
         }
+    }
+
+    /// A shard whose nodes all left (or joined other shards) has no stream
+    /// any more: what its log holds is all it will ever hold, so the slots
+    /// handed over from it (`ClusterSource::check_handoffs` does not ask a
+    /// master there is not) are appended at its last durable position.
+    async fn append_idle_handoffs(&mut self) -> Result<(), ListenerError> {
+        let Some(route) = self.inner().route.clone() else {
+            return Ok(());
+        };
+        let pending = route.pending_handoffs();
+        if pending.is_empty() || route.state().master.is_some() {
+            return Ok(());
+        }
+        let Some(resume) = self.resume.clone() else {
+            return Ok(());
+        };
+        let partition = self.inner().cfg.partition;
+        let source = SourcePosition {
+            replid: resume.replid.to_string(),
+            offset: resume.offset,
+            db: resume.db,
+        };
+        let entries: Vec<NewEntry> = pending
+            .iter()
+            .map(|p| NewEntry {
+                flags: 0,
+                created_unix_ms: Some(unix_ms()),
+                source: source.clone(),
+                payload: Record::Handoff(p.handoff).encode(),
+            })
+            .collect();
+        let range = self.inner().wal.append(partition, entries).await?;
+        info!(partition = %partition, handoffs = pending.len(), first_log_id = %range.first, "slot handoffs of a shard that left the cluster appended at its last position");
+        let done: Vec<(SlotHandoff, u64)> = pending
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.handoff, range.first.0 + i as u64))
+            .collect();
+        if let Err(error) = route.handoffs_durable(&done) {
+            warn!(partition = %partition, %error, "slot handoffs are durable in the log but the slot table was not saved");
+        }
+        self.inner().status.update(|s| s.last_log_id = range.last.0);
+        let mut mark = self.inner().durable_tx.borrow().clone();
+        mark.log_id = range.last;
+        self.inner().durable_tx.send_replace(mark);
+        Ok(())
     }
 
     fn publish_durable(&self, ack: &AckHandle, log_id: LogId, replid: &str) {
