@@ -1209,3 +1209,206 @@ fn a_cluster_reshard_during_writes_and_kill9_converges_with_exact_counters() {
         log.matches("held for a slot handoff").count()
     );
 }
+
+// ---------------------------------------------------------------------------
+// (i) Source resharding end to end (docs/cluster.md): slots and their keys
+// move between shards while INCR counters are written; the target ends equal
+// to the source, every counter exact, no shard full-resynced, no snapshot
+// loaded again.
+
+/// Moves `slot` with its keys from the master on `from` to the one on `to`
+/// (`SETSLOT IMPORTING/MIGRATING`, `MIGRATE` of every key, `SETSLOT NODE`).
+fn move_slot(cluster: &Cluster, slot: u16, from: u16, to: u16) {
+    cluster.begin_slot_migration(slot, from, to);
+    cluster.migrate_slot_keys(slot, from, to);
+    cluster.finish_slot_migration(slot, from, to);
+}
+
+/// Waits until the listener's slot table gives every slot to the partition
+/// of the master serving it (every handoff of the moves so far logged): a
+/// slot moved on before its last move was recorded is held BLOCKED by the
+/// appliers (docs/cluster.md), so these tests let the listener see each
+/// move, as an operator's reshards spaced by more than a topology poll do.
+fn wait_table_settled(cluster: &Cluster, ferry: &FerryProcess, data_dir: &Path) {
+    let table_path = data_dir.join(ferry::listener::SLOT_TABLE_FILE);
+    wait_for("the slot table to follow the moves", ferry, || {
+        let by_master = partition_by_master(&listeners(ferry));
+        let table = ferry::listener::SlotTable::load(&table_path)
+            .map_err(|e| e.to_string())?
+            .ok_or("no slot table")?;
+        for shard in cluster.shards() {
+            let partition = by_master
+                .get(&shard.master.id)
+                .ok_or_else(|| format!("no partition for {}", shard.master.id))?;
+            for &(first, last) in &shard.master.slots {
+                for slot in first..=last {
+                    let owner = table.get(slot);
+                    if u64::from(owner.owner) != *partition {
+                        return Err(format!(
+                            "slot {slot}: table {owner:?}, served by partition {partition}"
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    });
+}
+
+/// Runs `moves` while a writer thread writes rounds of every counter (and
+/// 100 keys); returns the number of rounds written.
+fn with_writer(cluster: &Cluster, moves: impl FnOnce()) -> usize {
+    let rounds = AtomicUsize::new(1);
+    let done = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let writer = scope.spawn(|| {
+            while !done.load(Ordering::Relaxed) {
+                let round = rounds.load(Ordering::Relaxed);
+                write_round(cluster, "live", round, 100);
+                rounds.store(round + 1, Ordering::Relaxed);
+            }
+        });
+        moves();
+        std::thread::sleep(Duration::from_secs(1));
+        done.store(true, Ordering::Relaxed);
+        writer.join().expect("writer");
+    });
+    rounds.load(Ordering::Relaxed)
+}
+
+/// The end state every resharding test requires.
+fn assert_resharded_sync_exact(
+    cluster: &Cluster,
+    target: &RedisServer,
+    ferry: &FerryProcess,
+    rounds: usize,
+    epochs: &[u64],
+    full_syncs: u64,
+) {
+    assert!(rounds > 2, "the writer ran {rounds} rounds");
+    wait_converged(cluster, target, ferry, "after the resharding");
+    assert_counters(cluster, target, rounds);
+    // The process's own count: its first full syncs, or none after a
+    // restart that resumed.
+    for row in listeners(ferry) {
+        assert_eq!(row["full_syncs"], full_syncs, "a full resync: {row}");
+    }
+    let after: Vec<u64> = (0..epochs.len() as u64)
+        .map(|p| applier_epoch(ferry, p))
+        .collect();
+    assert_eq!(after, epochs, "a snapshot was loaded again");
+    common::ferry::assert_verify_clean(
+        "after the resharding",
+        &cluster.url(),
+        &target.url(),
+        || ferry.log_tail(40),
+    );
+}
+
+#[test]
+fn a_source_resharding_under_writes_converges_with_every_counter_exact() {
+    let cluster = start_cluster();
+    let target = RedisServer::start(&[]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    write_round(&cluster, "pre", 0, 2000);
+    let ferry = start_sync(dir.path(), &cluster.url(), &target);
+    wait_partitions_online(&cluster, &ferry);
+    wait_converged(&cluster, &target, &ferry, "after the full sync");
+    let epochs: Vec<u64> = (0..3).map(|p| applier_epoch(&ferry, p)).collect();
+    let masters = cluster.master_ports();
+    let data_dir = dir.path().join("sync");
+    let rounds = with_writer(&cluster, || {
+        // The slots of four counters move to the next master, one of them
+        // and back again (A -> B -> A) ...
+        for key in counter_keys().iter().take(4) {
+            let slot = ferry::redis::command::key_hash_slot(key.as_bytes());
+            let from = cluster.master_for_key(key).port;
+            let to = masters[(masters.iter().position(|p| *p == from).unwrap() + 1) % 3];
+            move_slot(&cluster, slot, from, to);
+            wait_table_settled(&cluster, &ferry, &data_dir);
+        }
+        let key = &counter_keys()[0];
+        let slot = ferry::redis::command::key_hash_slot(key.as_bytes());
+        let now = cluster.master_for_key(key).port;
+        let back = masters[(masters.iter().position(|p| *p == now).unwrap() + 2) % 3];
+        move_slot(&cluster, slot, now, back);
+        wait_table_settled(&cluster, &ferry, &data_dir);
+        // ... redis-cli moves 40 more with their keys, and rebalances them
+        // back.
+        cluster.reshard(masters[1], masters[2], 40);
+        wait_table_settled(&cluster, &ferry, &data_dir);
+        let moved = cluster.rebalance("0.1");
+        assert!(moved.contains("Moving"), "rebalance moved nothing: {moved}");
+    });
+    assert_resharded_sync_exact(&cluster, &target, &ferry, rounds, &epochs, 1);
+}
+
+#[test]
+fn kill_9_of_ferry_mid_migration_converges_with_every_counter_exact() {
+    let cluster = start_cluster();
+    let target = RedisServer::start(&[]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    write_round(&cluster, "pre", 0, 2000);
+    let mut ferry = start_sync(dir.path(), &cluster.url(), &target);
+    wait_partitions_online(&cluster, &ferry);
+    wait_converged(&cluster, &target, &ferry, "after the full sync");
+    let epochs: Vec<u64> = (0..3).map(|p| applier_epoch(&ferry, p)).collect();
+    let masters = cluster.master_ports();
+    let key = counter_keys()[1].clone();
+    let slot = ferry::redis::command::key_hash_slot(key.as_bytes());
+    let from = cluster.master_for_key(&key).port;
+    let to = *masters.iter().find(|p| **p != from).unwrap();
+    let rounds = with_writer(&cluster, || {
+        cluster.begin_slot_migration(slot, from, to);
+        std::thread::sleep(Duration::from_millis(500));
+        cluster.migrate_key(&key, from, to);
+        std::thread::sleep(Duration::from_millis(500));
+        ferry.kill9();
+        cluster.migrate_slot_keys(slot, from, to);
+        cluster.finish_slot_migration(slot, from, to);
+        std::thread::sleep(Duration::from_millis(500));
+        ferry.spawn();
+        wait_partitions_online(&cluster, &ferry);
+        std::thread::sleep(Duration::from_secs(1));
+    });
+    assert_resharded_sync_exact(&cluster, &target, &ferry, rounds, &epochs, 0);
+}
+
+#[test]
+fn a_slot_moved_there_and_back_while_one_partition_ships_nothing_converges() {
+    let cluster = start_cluster();
+    let target = RedisServer::start(&[]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    write_round(&cluster, "pre", 0, 2000);
+    let ferry = start_sync(dir.path(), &cluster.url(), &target);
+    let rows = wait_partitions_online(&cluster, &ferry);
+    wait_converged(&cluster, &target, &ferry, "after the full sync");
+    let epochs: Vec<u64> = (0..3).map(|p| applier_epoch(&ferry, p)).collect();
+    let masters = cluster.master_ports();
+    let key = counter_keys()[2].clone();
+    let slot = ferry::redis::command::key_hash_slot(key.as_bytes());
+    let a = cluster.master_for_key(&key).port;
+    let b = *masters.iter().find(|p| **p != a).unwrap();
+    let partition_a = partition_by_master(&rows)[&cluster.node(a).id()];
+    let data_dir = dir.path().join("sync");
+    let admin = |verb: &str| {
+        let out = std::process::Command::new(common::ferry::ferry_bin())
+            .args([verb, "--data-dir"])
+            .arg(&data_dir)
+            .args(["--partition", &partition_a.to_string()])
+            .output()
+            .expect("ferry admin verb");
+        assert!(out.status.success(), "{verb}: {out:?}");
+    };
+    let rounds = with_writer(&cluster, || {
+        // A's entries stop reaching its applier: the slot's handoff to B
+        // and its way back are applied only once A ships again.
+        admin("stop-sync");
+        move_slot(&cluster, slot, a, b);
+        std::thread::sleep(Duration::from_secs(1));
+        move_slot(&cluster, slot, b, a);
+        std::thread::sleep(Duration::from_secs(1));
+        admin("restart-sync");
+    });
+    assert_resharded_sync_exact(&cluster, &target, &ferry, rounds, &epochs, 1);
+}

@@ -427,10 +427,10 @@ async fn a_moved_slot_is_applied_in_tenure_order_whatever_applier_runs_first() {
 /// RDB holds the counter at 30, P0's count). Its load, started before P0's
 /// applier, waits (HANDOFF, naming the marker and `s`) with nothing written
 /// until P0's handoff moves the owner map, then loads `s` and P1 increments
-/// it. An entry of P0 tagged for `s` after its handoff (a stale replay) is
-/// held (the map names P1), never applied: the owner decides (rule 4).
+/// it. An entry of P0 tagged for `s` in tenure 0 after its handoff (the
+/// map has passed that tenure) is held BLOCKED, never applied (rule 4).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_load_waits_for_the_owner_and_a_stale_entry_of_a_moved_slot_is_held() {
+async fn a_load_waits_for_the_owner_and_a_stale_entry_of_a_moved_slot_is_blocked() {
     let source_0 = RedisServer::start(&[]);
     let source_1 = RedisServer::start(&[]);
     let target = RedisServer::start(&[]);
@@ -474,14 +474,25 @@ async fn a_load_waits_for_the_owner_and_a_stale_entry_of_a_moved_slot_is_held() 
     p1_run.wait_applied(last_1).await;
     assert_eq!(target.cmd(&["GET", &m.counter]), "35");
 
-    // A stale entry of P0's tenure 0, then a write of its own slots: held
-    // at the first, naming s and its owner.
+    // A stale entry of P0's tenure 0 (the map has passed it: a tenure the
+    // listener did not record), then a write of its own slots: held BLOCKED
+    // at the first, naming s and its owner, never applied.
     let mut stale = incrs(&m.counter, 7, m.slot, 0);
     stale.push(untagged(&["SET", &a_key, "a2"]));
     append(&wal, 0, &stale).await;
-    let report = p0_run.wait_handoff(m.slot, 0).await;
+    let report = p0_run
+        .wait("blocked at the stale entry", |r| {
+            r.state == SyncState::Blocked
+        })
+        .await;
     assert_eq!(report.applied, handed);
-    assert_eq!(report.handoff.unwrap().current, Some((1, 1)));
+    let blocked = report.blocked.expect("blocked");
+    assert!(
+        blocked.error.contains(&format!("slot {}", m.slot))
+            && blocked.error.contains("partition 1 generation 1"),
+        "{}",
+        blocked.error
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(target.cmd(&["GET", &m.counter]), "35");
     assert_eq!(target.cmd(&["EXISTS", &a_key]), "0");

@@ -820,6 +820,20 @@ impl BatchBuilder {
         // follow tenures) holds the partition here. Keys this sync does not
         // own (ferry's heartbeats moving with their slot, keys outside the
         // key filter) are left out as usual.
+        if let Some(Decision::Foreign { current }) = self.decision(write) {
+            let tenure = write.tenure.map(|t| (t.slot, t.gen)).unwrap_or_default();
+            return Err((
+                write.commands.first().map(command_name).unwrap_or_default(),
+                format!(
+                    "a write of slot {} in tenure generation {} of this partition, but the target's \
+                     owner map gives the slot to {current}: the slot passed through this \
+                     shard in a tenure the listener did not record (it moved on before the topology \
+                     was read, docs/cluster.md), so the write is held rather than applied out of \
+                     order. Sync again from a new data dir once the resharding is over",
+                    tenure.0, tenure.1
+                ),
+            ));
+        }
         let ordered = write.tenure.is_some() && self.tenures.is_some();
         if let Some(cmd) = write.commands.iter().filter(|_| !ordered).find(|c| {
             c.is("RESTORE-ASKING") && c.args.get(1).is_some_and(|key| self.keyspace.owns_key(key))
@@ -1255,14 +1269,30 @@ mod tests {
     }
 
     #[test]
+    fn a_write_of_a_tenure_the_map_has_passed_is_refused_not_applied() {
+        // Slot 7 is partition 1's in generation 3; a write of its
+        // generation 1 (a tenure the listener did not record) is held
+        // BLOCKED, never applied after the later tenure's writes.
+        let mut builder = tenured(&[(7, 1, 3)]);
+        let mut pending: VecDeque<Pending> = [tagged(1, &["INCR", "a"], 7, 1)].into();
+        let batch = builder.build(&mut pending, 0, None).unwrap();
+        let refused = batch.refused.expect("refused");
+        assert!(
+            refused.error.contains("did not record"),
+            "{}",
+            refused.error
+        );
+        assert!(builder.tenure_wait(&pending).is_none());
+    }
+
+    #[test]
     fn tagged_writes_are_applied_or_held_by_the_owner_map() {
         let mut builder = tenured(&[(7, 1, 1), (8, 0, 2), (9, 0, 0)]);
         let mut pending: VecDeque<Pending> = [
             tagged(1, &["INCR", "a"], 7, 1),
             write(2, 0, &[&["SET", "c", "1"]], false),
             tagged(3, &["RESTORE-ASKING", "d", "0", "x"], 7, 1),
-            // The owner decides, not the generation.
-            tagged(4, &["INCR", "b"], 7, 0),
+            tagged(4, &["INCR", "b"], 7, 1),
             tagged(5, &["INCR", "e"], 9, 1),
             tagged(6, &["INCR", "f"], 7, 1),
         ]

@@ -1391,6 +1391,9 @@ impl Applier {
             // Everything before it is applied: the next entry waits for a
             // slot handoff of another partition.
             if let Some(wait) = builder.tenure_wait(&feed.pending) {
+                feed.take_ahead(tenure::HOLD_LOOKAHEAD_ENTRIES, tenure::HOLD_LOOKAHEAD_BYTES)?;
+                self.raise_handoffs_ahead(target, &mut builder, &feed.pending, wait.log_id)
+                    .await?;
                 if !self.wait_for_tenure(target, &mut builder, wait).await? {
                     return Ok(()); // shut down while held
                 }
@@ -1408,6 +1411,76 @@ impl Applier {
                 }
             }
         }
+    }
+
+    /// While held at `held`, applies each slot handoff record read ahead in
+    /// `pending` that no entry of its slot precedes (from `held` on): every
+    /// entry of that slot before it is then applied, so the next owner may
+    /// go on now rather than when this partition reaches the record (two
+    /// partitions each held before a handoff the other waits for would wait
+    /// forever: a slot handed over while the shard already received
+    /// another). The record raises the map again when reached, changing
+    /// nothing. A write whose keys are unknown ends the scan.
+    async fn raise_handoffs_ahead(
+        &mut self,
+        target: &mut Target,
+        builder: &mut BatchBuilder,
+        pending: &VecDeque<Pending>,
+        held: LogId,
+    ) -> Result<(), ApplyError> {
+        let mut touched: std::collections::BTreeSet<u16> = Default::default();
+        let mut raises: Vec<(u16, tenure::Owner)> = Vec::new();
+        for entry in pending.iter().filter(|p| p.log_id >= held) {
+            match &entry.record {
+                Record::Write(write) => match write.tenure {
+                    Some(t) => {
+                        touched.insert(t.slot);
+                    }
+                    None => {
+                        let mut known = true;
+                        for cmd in &write.commands {
+                            match crate::redis::command::keys(cmd) {
+                                Ok(keys) => touched.extend(
+                                    keys.iter().map(|k| crate::redis::command::key_hash_slot(k)),
+                                ),
+                                Err(_) => known = false,
+                            }
+                        }
+                        if !known {
+                            break;
+                        }
+                    }
+                },
+                Record::Handoff(h) => {
+                    let owner = tenure::Owner {
+                        partition: h.to,
+                        gen: h.gen,
+                    };
+                    if !touched.contains(&h.slot)
+                        && self.owners.get(h.slot).map_or(true, |o| o.gen < h.gen)
+                        && !raises.iter().any(|(slot, _)| *slot == h.slot)
+                    {
+                        raises.push((h.slot, owner));
+                    }
+                }
+                Record::Snapshot(_) => break,
+                Record::Fragment(_) => {}
+            }
+        }
+        if raises.is_empty() {
+            return Ok(());
+        }
+        target
+            .call_command(&tenure::raise_command(&self.owners_key, &raises))
+            .await?;
+        for &(slot, owner) in &raises {
+            self.owners.raise(slot, owner);
+            if let Some(tenures) = &mut builder.tenures {
+                tenures.map.raise(slot, owner);
+            }
+        }
+        info!(partition = %self.partition, held = %held, handoffs = ?raises, "slot handoffs applied ahead of a hold (no entry of their slots before them)");
+        Ok(())
     }
 
     /// Holds the partition at `wait`'s entry (everything before it
@@ -1718,6 +1791,29 @@ struct Feed {
 }
 
 impl Feed {
+    /// Takes what the reader has ready, without waiting, up to
+    /// `max_entries` entries and `max_bytes` bytes held (a partition held
+    /// for a handoff reads ahead this far for handoffs it can apply).
+    fn take_ahead(&mut self, max_entries: usize, max_bytes: usize) -> Result<(), ApplyError> {
+        let mut bytes: usize = self.pending.iter().map(|p| p.size).sum();
+        while self.pending.len() < max_entries && bytes < max_bytes {
+            match self.runs.try_recv() {
+                Ok(run) => {
+                    let before = self.pending.len();
+                    self.accept(Some(run))?;
+                    bytes += self
+                        .pending
+                        .iter()
+                        .skip(before)
+                        .map(|p| p.size)
+                        .sum::<usize>();
+                }
+                Err(_) => break,
+            }
+        }
+        Ok(())
+    }
+
     /// Takes what the reader has ready, without waiting.
     fn take_ready(&mut self) -> Result<(), ApplyError> {
         while self.pending.len() < self.max_pending {

@@ -52,6 +52,12 @@ pub const HOLD_POLL: Duration = Duration::from_millis(200);
 /// Longest map value accepted (`<u32> <u64>`).
 const MAX_VALUE_LEN: usize = 32;
 
+/// How far a partition held for a handoff reads ahead for handoff records
+/// it can apply (the applier's `raise_handoffs_ahead`): entries held in
+/// memory, and their bytes.
+pub const HOLD_LOOKAHEAD_ENTRIES: usize = 100_000;
+pub const HOLD_LOOKAHEAD_BYTES: usize = 64 << 20;
+
 /// Raises slots of the owner map `KEYS[1]`: `ARGV` is a list of triples
 /// `slot partition gen`; each slot is set to `"<partition> <gen>"` unless
 /// its stored generation is already `gen` or more. Returns how many slots
@@ -215,15 +221,21 @@ pub fn raise_command(key: &Bytes, raises: &[(u16, Owner)]) -> Command {
 pub enum Decision {
     /// The map names the partition as the slot's owner: apply it.
     Apply,
-    /// The map names another partition, or none (`current`): hold until
-    /// it names this one.
+    /// The map is behind the write's tenure, or has none (`current`): hold
+    /// until the handoff that opens it.
     Wait { current: Option<Owner> },
+    /// The map is at or past the write's tenure and gives it to another
+    /// partition, or is past it: the slot passed through this shard in a
+    /// tenure the listener did not record (it moved on faster than the
+    /// topology was read). Never applied out of order: held BLOCKED.
+    Foreign { current: Owner },
 }
 
 /// Rule 4 for a write of `partition` tagged `tenure`, with `map`.
 pub fn decide(map: &OwnerMap, partition: u32, tenure: SlotTenure) -> Decision {
     match map.get(tenure.slot) {
-        Some(owner) if owner.partition == partition => Decision::Apply,
+        Some(owner) if owner.partition == partition && owner.gen == tenure.gen => Decision::Apply,
+        Some(owner) if owner.gen >= tenure.gen => Decision::Foreign { current: owner },
         current => Decision::Wait { current },
     }
 }
@@ -323,19 +335,25 @@ mod tests {
     }
 
     #[test]
-    fn entries_are_decided_by_the_owner() {
+    fn entries_are_decided_by_their_exact_tenure() {
         let mut map = OwnerMap::default();
         assert_eq!(decide(&map, 0, tag(7, 0)), Decision::Wait { current: None });
         map.raise(7, owner(0, 0));
         assert_eq!(decide(&map, 0, tag(7, 0)), Decision::Apply);
-        let held = Decision::Wait {
-            current: Some(owner(0, 0)),
-        };
-        assert_eq!(decide(&map, 1, tag(7, 1)), held);
-        // The owner decides, not the tag's generation (one guessed before
-        // an earlier handoff was logged).
-        assert_eq!(decide(&map, 1, tag(7, 0)), held);
-        assert_eq!(decide(&map, 0, tag(7, 1)), Decision::Apply);
+        // P1 receiving the slot waits for P0's handoff.
+        assert_eq!(
+            decide(&map, 1, tag(7, 1)),
+            Decision::Wait {
+                current: Some(owner(0, 0))
+            }
+        );
+        // Another partition's tenure of the same generation: blocked.
+        assert_eq!(
+            decide(&map, 1, tag(7, 0)),
+            Decision::Foreign {
+                current: owner(0, 0)
+            }
+        );
         // P0's handoff to P1.
         assert!(map.raise(7, owner(1, 1)));
         assert!(
@@ -344,10 +362,19 @@ mod tests {
         );
         assert!(!map.raise(7, owner(0, 0)), "never lowered");
         assert_eq!(decide(&map, 1, tag(7, 1)), Decision::Apply);
+        // A write of a tenure the map has passed (one the listener did
+        // not record) is never applied, even by the owner of a later one.
         assert_eq!(
             decide(&map, 0, tag(7, 0)),
-            Decision::Wait {
-                current: Some(owner(1, 1))
+            Decision::Foreign {
+                current: owner(1, 1)
+            }
+        );
+        map.raise(7, owner(1, 3));
+        assert_eq!(
+            decide(&map, 1, tag(7, 2)),
+            Decision::Foreign {
+                current: owner(1, 3)
             }
         );
     }

@@ -188,6 +188,14 @@ impl ShardMap {
         self.parts.keys().map(|&p| PartitionId(p))
     }
 
+    /// The partition whose shard holds the node `id`.
+    pub fn partition_of_node(&self, id: &str) -> Option<PartitionId> {
+        self.parts
+            .iter()
+            .find(|(_, ids)| ids.contains(id))
+            .map(|(&p, _)| PartitionId(p))
+    }
+
     /// Matches `shards` to partitions (module doc); returns the partition of
     /// each shard (`None`: a master without slots no partition knows) and
     /// whether the map changed.
@@ -460,6 +468,16 @@ pub struct ClusterSource {
     state: Mutex<ClusterState>,
     /// One discovery at a time (listeners and the poller share it).
     discovering: tokio::sync::Mutex<()>,
+    /// When a partition last logged a write of a slot it does not own (a
+    /// migration into its shard): the poller then reads the topology at
+    /// once and fast, so the old owner's handoff is seen while the slot is
+    /// away from it (unix ms; 0: never).
+    receiving_since: std::sync::atomic::AtomicU64,
+    receiving: tokio::sync::Notify,
+    /// Slots a partition that does not own them logged writes of: the old
+    /// owner is asked about them at every poll until the table names the
+    /// receiver (the topology read may lag the migrations).
+    received: Mutex<BTreeMap<u16, BTreeSet<u32>>>,
 }
 
 impl ClusterSource {
@@ -486,6 +504,9 @@ impl ClusterSource {
                 started: BTreeSet::new(),
             }),
             discovering: tokio::sync::Mutex::new(()),
+            receiving_since: std::sync::atomic::AtomicU64::new(0),
+            receiving: tokio::sync::Notify::new(),
+            received: Mutex::new(BTreeMap::new()),
         });
         {
             let mut state = source.lock();
@@ -638,12 +659,46 @@ impl ClusterSource {
     }
 
     /// The tenure of a write of `slot` by `partition` (0 before the table
-    /// exists: nothing was handed over yet).
+    /// exists: nothing was handed over yet). A write of a slot the
+    /// partition does not own wakes the poller ([`Self::slots_on_the_move`]).
     fn tenure(&self, partition: u32, slot: u16) -> u64 {
-        self.lock()
-            .slots
-            .as_ref()
-            .map_or(0, |table| table.tenure(partition, slot))
+        let (tenure, owned) = self.lock().slots.as_ref().map_or((0, true), |table| {
+            (
+                table.tenure(partition, slot),
+                table.get(slot).owner == partition,
+            )
+        });
+        if !owned {
+            self.received
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(slot)
+                .or_default()
+                .insert(partition);
+            let now = crate::position::now_unix_ms();
+            let before = self
+                .receiving_since
+                .swap(now, std::sync::atomic::Ordering::Relaxed);
+            if now.saturating_sub(before) > 100 {
+                self.receiving.notify_one();
+            }
+        }
+        tenure
+    }
+
+    /// Whether a partition logged a write of a slot it does not own within
+    /// the last few seconds (the poller reads the topology fast then).
+    pub fn slots_on_the_move(&self) -> bool {
+        let since = self
+            .receiving_since
+            .load(std::sync::atomic::Ordering::Relaxed);
+        since > 0 && crate::position::now_unix_ms().saturating_sub(since) < 5_000
+    }
+
+    /// Resolves when a partition starts logging writes of a slot it does not
+    /// own (a migration into its shard).
+    pub async fn receiving_notified(&self) {
+        self.receiving.notified().await
     }
 
     fn handoffs_durable(
@@ -692,13 +747,22 @@ impl ClusterSource {
     /// (docs/cluster.md, rule 2). Returns whether a slot is on the move
     /// (the caller then polls faster).
     pub async fn check_handoffs(&self) -> bool {
-        // Candidates per owning partition, from the last topology read.
+        // Candidates per owning partition: slots the last topology read
+        // shows elsewhere, and slots another partition logged writes of.
         let mut candidates: BTreeMap<PartitionId, (RedisUrl, Vec<SlotHandoff>)> = BTreeMap::new();
         let mut idle: Vec<(PartitionId, SlotHandoff)> = Vec::new();
         {
             let state = self.lock();
             let Some(table) = state.slots.as_ref() else {
                 return false;
+            };
+            let received: BTreeSet<u16> = {
+                let mut received = self.received.lock().unwrap_or_else(|p| p.into_inner());
+                received.retain(|slot, receivers| {
+                    receivers.remove(&table.get(*slot).owner);
+                    !receivers.is_empty()
+                });
+                received.keys().copied().collect()
             };
             let served: Vec<(PartitionId, ShardState)> =
                 state.routes.iter().map(|(p, r)| (*p, r.state())).collect();
@@ -707,7 +771,20 @@ impl ClusterSource {
                 let Some((_, owner_state)) = served.iter().find(|(p, _)| p.0 == owner.owner) else {
                     continue;
                 };
-                if owner_state.slots.contains(slot) {
+                if owner_state.slots.contains(slot) && !received.contains(&slot) {
+                    continue;
+                }
+                if let (Some(master), true) = (&owner_state.master, received.contains(&slot)) {
+                    // The old owner's own view names the new one.
+                    candidates
+                        .entry(PartitionId(owner.owner))
+                        .or_insert_with(|| (master.clone(), Vec::new()))
+                        .1
+                        .push(SlotHandoff {
+                            slot,
+                            to: u32::MAX,
+                            gen: owner.gen + 1,
+                        });
                     continue;
                 }
                 let Some((to, _)) = served.iter().find(|(_, s)| s.slots.contains(slot)) else {
@@ -750,7 +827,8 @@ impl ClusterSource {
             let Some(route) = route else {
                 continue;
             };
-            let confirmed = match confirm_handoffs(&master, &slots).await {
+            let map = self.lock().map.clone();
+            let confirmed = match confirm_handoffs(&master, &slots, &map).await {
                 Ok(confirmed) => confirmed,
                 Err(error) => {
                     debug!(%partition, master = %master.addr(), %error, "slot handoff not confirmed yet");
@@ -795,6 +873,7 @@ impl ShardRoute {
 async fn confirm_handoffs(
     master: &RedisUrl,
     slots: &[SlotHandoff],
+    map: &ShardMap,
 ) -> Result<Vec<(SlotHandoff, u64)>, String> {
     let addr = master.addr();
     let view = cluster::read_topology(master)
@@ -808,10 +887,16 @@ async fn confirm_handoffs(
     if !me.master {
         return Err(format!("{addr} is not a master any more"));
     }
+    // The new owner is the one this master's view names (the topology read
+    // may be from a node that lags, or already a later move).
     let gone: Vec<SlotHandoff> = slots
         .iter()
         .filter(|h| !me.slots.contains(h.slot) && !me.migrating.iter().any(|(s, _)| *s == h.slot))
-        .copied()
+        .filter_map(|h| {
+            let node = view.master_for_slot(h.slot)?;
+            let to = map.partition_of_node(&node.id)?;
+            Some(SlotHandoff { to: to.0, ..*h })
+        })
         .collect();
     if gone.is_empty() {
         return Ok(Vec::new());

@@ -738,6 +738,8 @@ async fn follow_cluster(cluster: Arc<ClusterSource>, ctx: PartContext, parts: Ar
         tokio::select! {
             _ = ctx.shutdown.cancelled() => break,
             _ = tokio::time::sleep(delay) => {}
+            // A migration into a shard: look at once, then fast.
+            _ = cluster.receiving_notified() => {}
         }
         match cluster.refresh().await {
             Ok(()) => {
@@ -747,7 +749,7 @@ async fn follow_cluster(cluster: Arc<ClusterSource>, ctx: PartContext, parts: Ar
                 }
                 // Slots on the move: their handoffs are logged soon after
                 // the source settles them (docs/cluster.md, rule 2).
-                moving = cluster.check_handoffs().await;
+                moving = cluster.check_handoffs().await || cluster.slots_on_the_move();
             }
             Err(error) => {
                 let message = error.to_string();
