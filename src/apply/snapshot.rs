@@ -634,33 +634,7 @@ impl Applier {
         target.client.queue(&Command::from_parts(["EXEC"]));
         target.flush().await?;
         let expected = if claims.is_empty() { 4 } else { 5 };
-        let mut replies = Vec::with_capacity(expected);
-        for _ in 0..expected {
-            replies.push(target.reply().await?);
-        }
-        match replies.last() {
-            Some(Frame::Array(results)) if results.iter().all(|r| r.error_message().is_none()) => {}
-            Some(Frame::Null) => {
-                return Err(ApplyError::CheckpointMoved {
-                    first: log_id,
-                    last: log_id,
-                })
-            }
-            _ => {
-                let why = replies
-                    .iter()
-                    .find_map(|reply| match reply {
-                        Frame::Array(results) => results.iter().find_map(Frame::error_message),
-                        other => other.error_message(),
-                    })
-                    .unwrap_or_else(|| format!("{:?}", replies.last()));
-                return Err(ApplyError::Snapshot {
-                    log_id,
-                    epoch,
-                    what: format!("the target refused the start of the load: {why}"),
-                });
-            }
-        }
+        read_watched_exec(target, expected, log_id, epoch, "the start of the load").await?;
         self.first_load = false;
         self.scope = Some(scope.clone());
         for &(slot, owner) in claims {
@@ -790,33 +764,7 @@ impl Applier {
             .queue(&tenure::raise_command(&self.owners_key, &plan.handoffs));
         target.client.queue(&Command::from_parts(["EXEC"]));
         target.flush().await?;
-        let mut replies = Vec::with_capacity(4);
-        for _ in 0..4 {
-            replies.push(target.reply().await?);
-        }
-        match replies.last() {
-            Some(Frame::Array(results)) if results.iter().all(|r| r.error_message().is_none()) => {}
-            Some(Frame::Null) => {
-                return Err(ApplyError::CheckpointMoved {
-                    first: log_id,
-                    last: log_id,
-                })
-            }
-            _ => {
-                let why = replies
-                    .iter()
-                    .find_map(|reply| match reply {
-                        Frame::Array(results) => results.iter().find_map(Frame::error_message),
-                        other => other.error_message(),
-                    })
-                    .unwrap_or_else(|| format!("{:?}", replies.last()));
-                return Err(ApplyError::Snapshot {
-                    log_id,
-                    epoch,
-                    what: format!("the target refused the owner map's handoffs: {why}"),
-                });
-            }
-        }
+        read_watched_exec(target, 4, log_id, epoch, "the owner map's handoffs").await?;
         info!(
             partition = %self.partition,
             marker = %log_id,
@@ -1082,6 +1030,46 @@ pub(super) fn scopeguard(f: impl FnOnce()) -> impl Drop {
         }
     }
     Guard(Some(f))
+}
+
+/// Reads the `expected` replies of a `WATCH … MULTI … EXEC` sent for the
+/// load of the marker at `log_id`: `Ok` when every queued command ran; a
+/// null `EXEC` is [`ApplyError::CheckpointMoved`] (a late batch moved the
+/// checkpoint), any error reply [`ApplyError::Snapshot`] naming `what`.
+async fn read_watched_exec(
+    target: &mut Target,
+    expected: usize,
+    log_id: LogId,
+    epoch: u64,
+    what: &str,
+) -> Result<(), ApplyError> {
+    let mut replies = Vec::with_capacity(expected);
+    for _ in 0..expected {
+        replies.push(target.reply().await?);
+    }
+    match replies.last() {
+        Some(Frame::Array(results)) if results.iter().all(|r| r.error_message().is_none()) => {
+            Ok(())
+        }
+        Some(Frame::Null) => Err(ApplyError::CheckpointMoved {
+            first: log_id,
+            last: log_id,
+        }),
+        _ => {
+            let why = replies
+                .iter()
+                .find_map(|reply| match reply {
+                    Frame::Array(results) => results.iter().find_map(Frame::error_message),
+                    other => other.error_message(),
+                })
+                .unwrap_or_else(|| format!("{:?}", replies.last()));
+            Err(ApplyError::Snapshot {
+                log_id,
+                epoch,
+                what: format!("the target refused {what}: {why}"),
+            })
+        }
+    }
 }
 
 #[cfg(test)]
