@@ -46,7 +46,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::cluster::{spread_keys, Cluster};
+use common::cluster::{dump_cluster, dump_difference, dump_strings, spread_keys, Cluster};
 use common::ferry::log::FULL_SYNC_STORED;
 use common::ferry::{assert_verify_clean, signal, FerryProcess};
 use common::resp::{self, Resp};
@@ -68,64 +68,6 @@ fn counter_keys() -> Vec<String> {
 
 // ---------------------------------------------------------------------------
 // Reading both sides.
-
-/// Every data key of one server (`__ferry*` keys left out) and its string
-/// value.
-fn dump(addr: &str) -> BTreeMap<String, String> {
-    let mut conn = resp::connect(addr);
-    let keys: Vec<String> = conn
-        .call(&["KEYS", "*"])
-        .unwrap_or_else(|e| panic!("KEYS on {addr}: {e}"))
-        .items()
-        .iter()
-        .filter_map(Resp::text)
-        .filter(|key| !key.starts_with("__ferry"))
-        .collect();
-    let mut out = BTreeMap::new();
-    for chunk in keys.chunks(1000) {
-        for key in chunk {
-            conn.queue(&["GET", key.as_str()]);
-        }
-        let replies = conn
-            .replies()
-            .unwrap_or_else(|e| panic!("GET on {addr}: {e}"));
-        for (key, reply) in chunk.iter().zip(replies) {
-            if let Some(value) = reply.text() {
-                out.insert(key.clone(), value);
-            }
-        }
-    }
-    out
-}
-
-/// Every data key of a cluster, read from each master.
-fn dump_cluster(cluster: &Cluster) -> BTreeMap<String, String> {
-    let mut all = BTreeMap::new();
-    for port in cluster.master_ports() {
-        all.extend(dump(&format!("127.0.0.1:{port}")));
-    }
-    all
-}
-
-/// What differs between the two dumps (a few keys named).
-fn difference(source: &BTreeMap<String, String>, target: &BTreeMap<String, String>) -> String {
-    let mut out = Vec::new();
-    for (key, value) in source {
-        match target.get(key) {
-            None => out.push(format!("{key} missing on the target")),
-            Some(other) if other != value => {
-                out.push(format!("{key}: source {value:?}, target {other:?}"))
-            }
-            Some(_) => {}
-        }
-    }
-    for key in target.keys().filter(|k| !source.contains_key(*k)) {
-        out.push(format!("{key} only on the target"));
-    }
-    let count = out.len();
-    out.truncate(8);
-    format!("{count} differences: {}", out.join("; "))
-}
 
 fn wait_for(what: &str, ferry: &FerryProcess, mut check: impl FnMut() -> Result<(), String>) {
     let deadline = Instant::now() + CONVERGE;
@@ -160,7 +102,7 @@ impl Side {
 
     fn dump(&self) -> BTreeMap<String, String> {
         match self {
-            Side::Standalone(server) => dump(&server.addr()),
+            Side::Standalone(server) => dump_strings(&server.addr()),
             Side::Cluster(cluster) => dump_cluster(cluster),
         }
     }
@@ -178,7 +120,7 @@ fn wait_converged(
         if source == target {
             Ok(())
         } else {
-            Err(difference(&source, &target))
+            Err(dump_difference(&source, &target))
         }
     });
 }
@@ -698,7 +640,7 @@ fn target_master_outage(outage: Outage) {
     let dir = tempfile::tempdir().expect("temp dir");
     let ferry = sync_with_fast_retries(dir.path(), &source.url(), &cluster.seed_list());
     wait_converged(
-        || dump(&source.addr()),
+        || dump_strings(&source.addr()),
         || dump_cluster(&cluster),
         &ferry,
         "before the outage",
@@ -784,7 +726,7 @@ fn target_master_outage(outage: Outage) {
 
     let back = Instant::now();
     wait_converged(
-        || dump(&source.addr()),
+        || dump_strings(&source.addr()),
         || dump_cluster(&cluster),
         &ferry,
         "after the outage",
@@ -793,7 +735,11 @@ fn target_master_outage(outage: Outage) {
         "target master {outage:?}: converged {:?} after the cluster settled, {rounds} rounds",
         back.elapsed()
     );
-    assert_counters(&dump(&source.addr()), &dump_cluster(&cluster), rounds);
+    assert_counters(
+        &dump_strings(&source.addr()),
+        &dump_cluster(&cluster),
+        rounds,
+    );
     let row = &appliers(&ferry)[0];
     assert_eq!(row["state"], "ONLINE", "{row}");
     assert_eq!(row["epoch"], epoch, "a snapshot was loaded again: {row}");
@@ -841,8 +787,8 @@ fn a_standalone_target_shut_down_for_a_while() {
     let dir = tempfile::tempdir().expect("temp dir");
     let ferry = sync_with_fast_retries(dir.path(), &source.url(), &target.url());
     wait_converged(
-        || dump(&source.addr()),
-        || dump(&target.addr()),
+        || dump_strings(&source.addr()),
+        || dump_strings(&target.addr()),
         &ferry,
         "before the outages",
     );
@@ -891,12 +837,16 @@ fn a_standalone_target_shut_down_for_a_while() {
     });
     let rounds = rounds.load(Ordering::Relaxed);
     wait_converged(
-        || dump(&source.addr()),
-        || dump(&target.addr()),
+        || dump_strings(&source.addr()),
+        || dump_strings(&target.addr()),
         &ferry,
         "after the outages",
     );
-    assert_counters(&dump(&source.addr()), &dump(&target.addr()), rounds);
+    assert_counters(
+        &dump_strings(&source.addr()),
+        &dump_strings(&target.addr()),
+        rounds,
+    );
     assert_eq!(
         appliers(&ferry)[0]["epoch"],
         epoch,

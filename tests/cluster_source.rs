@@ -20,9 +20,9 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::cluster::{spread_keys, Cluster};
+use common::cluster::{dump_cluster, dump_difference, dump_strings, spread_keys, Cluster};
 use common::ferry::FerryProcess;
-use common::resp::{self, Resp};
+use common::resp::Resp;
 use common::RedisServer;
 
 /// Longest wait for ferry to reach a state or the target to converge.
@@ -36,64 +36,6 @@ const COUNTERS: usize = 24;
 
 fn counter_keys() -> Vec<String> {
     spread_keys("ctr", COUNTERS)
-}
-
-/// Every data key of one server (`__ferry*` keys left out) and its string
-/// value.
-fn dump(addr: &str) -> BTreeMap<String, String> {
-    let mut conn = resp::connect(addr);
-    let keys: Vec<String> = conn
-        .call(&["KEYS", "*"])
-        .unwrap_or_else(|e| panic!("KEYS on {addr}: {e}"))
-        .items()
-        .iter()
-        .filter_map(Resp::text)
-        .filter(|key| !key.starts_with("__ferry"))
-        .collect();
-    let mut out = BTreeMap::new();
-    for chunk in keys.chunks(1000) {
-        for key in chunk {
-            conn.queue(&["GET", key.as_str()]);
-        }
-        let replies = conn
-            .replies()
-            .unwrap_or_else(|e| panic!("GET on {addr}: {e}"));
-        for (key, reply) in chunk.iter().zip(replies) {
-            if let Some(value) = reply.text() {
-                out.insert(key.clone(), value);
-            }
-        }
-    }
-    out
-}
-
-/// Every data key of the cluster, read from each master.
-fn dump_cluster(cluster: &Cluster) -> BTreeMap<String, String> {
-    let mut all = BTreeMap::new();
-    for port in cluster.master_ports() {
-        all.extend(dump(&format!("127.0.0.1:{port}")));
-    }
-    all
-}
-
-/// What differs between the two dumps (a few keys named).
-fn difference(source: &BTreeMap<String, String>, target: &BTreeMap<String, String>) -> String {
-    let mut out = Vec::new();
-    for (key, value) in source {
-        match target.get(key) {
-            None => out.push(format!("{key} missing on the target")),
-            Some(other) if other != value => {
-                out.push(format!("{key}: source {value:?}, target {other:?}"))
-            }
-            Some(_) => {}
-        }
-    }
-    for key in target.keys().filter(|k| !source.contains_key(*k)) {
-        out.push(format!("{key} only on the target"));
-    }
-    let count = out.len();
-    out.truncate(8);
-    format!("{count} differences: {}", out.join("; "))
 }
 
 fn wait_for(what: &str, ferry: &FerryProcess, mut check: impl FnMut() -> Result<(), String>) {
@@ -116,11 +58,11 @@ fn wait_for(what: &str, ferry: &FerryProcess, mut check: impl FnMut() -> Result<
 fn wait_converged(cluster: &Cluster, target: &RedisServer, ferry: &FerryProcess, when: &str) {
     wait_for(&format!("target converged {when}"), ferry, || {
         let source = dump_cluster(cluster);
-        let target = dump(&target.addr());
+        let target = dump_strings(&target.addr());
         if source == target {
             Ok(())
         } else {
-            Err(difference(&source, &target))
+            Err(dump_difference(&source, &target))
         }
     });
 }
@@ -220,7 +162,7 @@ fn start_sync(dir: &Path, source: &str, target: &RedisServer) -> FerryProcess {
 
 fn assert_counters(cluster: &Cluster, target: &RedisServer, rounds: usize) {
     let source = dump_cluster(cluster);
-    let copy = dump(&target.addr());
+    let copy = dump_strings(&target.addr());
     for key in counter_keys() {
         assert_eq!(
             source.get(&key).map(String::as_str),
@@ -935,7 +877,7 @@ fn a_slot_moved_by_a_source_resharding_is_held_then_carried_exactly() {
         .expect("a key of the third shard");
     cluster.call_key(&other_key, &["SET", &other_key, "flows"]);
     wait_for("the third shard to go on", &ferry, || {
-        let value = dump(&target.addr()).remove(&other_key);
+        let value = dump_strings(&target.addr()).remove(&other_key);
         if value.as_deref() == Some("flows") {
             Ok(())
         } else {
@@ -951,7 +893,9 @@ fn a_slot_moved_by_a_source_resharding_is_held_then_carried_exactly() {
     }
     wait_converged(&cluster, &target, &ferry, "after the resharding");
     assert_eq!(
-        dump(&target.addr()).get(&counter).map(String::as_str),
+        dump_strings(&target.addr())
+            .get(&counter)
+            .map(String::as_str),
         Some("7")
     );
 }

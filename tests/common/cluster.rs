@@ -1017,3 +1017,64 @@ pub fn key_in_slot(prefix: &str, slot: u16) -> String {
         .find(|key| key_hash_slot(key.as_bytes()) == slot)
         .expect("a tag for every slot")
 }
+
+/// Every data key of one server (`__ferry*` keys left out) and its string
+/// value (read with `KEYS` and `GET`: string keys of test data sets).
+pub fn dump_strings(addr: &str) -> BTreeMap<String, String> {
+    let mut conn = super::resp::connect(addr);
+    let keys: Vec<String> = conn
+        .call(&["KEYS", "*"])
+        .unwrap_or_else(|e| panic!("KEYS on {addr}: {e}"))
+        .items()
+        .iter()
+        .filter_map(Resp::text)
+        .filter(|key| !key.starts_with("__ferry"))
+        .collect();
+    let mut out = BTreeMap::new();
+    for chunk in keys.chunks(1000) {
+        for key in chunk {
+            conn.queue(&["GET", key.as_str()]);
+        }
+        let replies = conn
+            .replies()
+            .unwrap_or_else(|e| panic!("GET on {addr}: {e}"));
+        for (key, reply) in chunk.iter().zip(replies) {
+            if let Some(value) = reply.text() {
+                out.insert(key.clone(), value);
+            }
+        }
+    }
+    out
+}
+
+/// Every data key of the cluster, read from each master.
+pub fn dump_cluster(cluster: &Cluster) -> BTreeMap<String, String> {
+    let mut all = BTreeMap::new();
+    for port in cluster.master_ports() {
+        all.extend(dump_strings(&format!("127.0.0.1:{port}")));
+    }
+    all
+}
+
+/// What differs between the two dumps (a few keys named).
+pub fn dump_difference(
+    source: &BTreeMap<String, String>,
+    target: &BTreeMap<String, String>,
+) -> String {
+    let mut out = Vec::new();
+    for (key, value) in source {
+        match target.get(key) {
+            None => out.push(format!("{key} missing on the target")),
+            Some(other) if other != value => {
+                out.push(format!("{key}: source {value:?}, target {other:?}"))
+            }
+            Some(_) => {}
+        }
+    }
+    for key in target.keys().filter(|k| !source.contains_key(*k)) {
+        out.push(format!("{key} only on the target"));
+    }
+    let count = out.len();
+    out.truncate(8);
+    format!("{count} differences: {}", out.join("; "))
+}
