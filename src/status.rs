@@ -146,6 +146,9 @@ pub struct DrainerSide {
     /// State HANDOFF (a cluster source's resharding): the entry held, the
     /// slot it waits for and the slot's owner now.
     pub handoff: Option<String>,
+    /// Entries of a cluster source's aborted slot imports skipped, never
+    /// applied (docs/cluster.md, rule 9): how many, the last one.
+    pub voided: Option<String>,
 }
 
 /// An entry the target refuses when it is queued, holding its partition.

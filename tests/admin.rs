@@ -191,6 +191,7 @@ fn sync_status() -> NodeStatus {
             last_refused: None,
             split_entries: 0,
             handoff: None,
+            voided: None,
             cluster: None,
         }],
     }

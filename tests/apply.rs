@@ -84,7 +84,7 @@ fn single(db: u32, args: &[&str]) -> Record {
 fn entry(record: &Record, offset: u64) -> NewEntry {
     let db = match record {
         Record::Write(w) => w.db,
-        Record::Snapshot(_) | Record::Fragment(_) | Record::Handoff(_) => 0,
+        Record::Snapshot(_) | Record::Fragment(_) | Record::Handoff(_) | Record::Void(_) => 0,
     };
     NewEntry::new(
         SourcePosition {
@@ -364,7 +364,7 @@ async fn every_record_kind_applies_like_the_source() {
             // The source's SELECTs place the commands after them; the
             // applier sends its own.
             Record::Write(w) => w.commands.iter().filter(|c| !c.is("SELECT")).count(),
-            Record::Snapshot(_) | Record::Fragment(_) | Record::Handoff(_) => 0,
+            Record::Snapshot(_) | Record::Fragment(_) | Record::Handoff(_) | Record::Void(_) => 0,
         })
         .sum();
     assert_eq!(report.commands_applied, data_commands as u64);

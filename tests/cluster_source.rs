@@ -1356,3 +1356,169 @@ fn a_slot_moved_there_and_back_while_one_partition_ships_nothing_converges() {
     });
     assert_resharded_sync_exact(&cluster, &target, &ferry, rounds, &epochs, 1);
 }
+
+// ---------------------------------------------------------------------------
+// (j) Aborted migrations (docs/cluster.md, "Aborted migrations"): a slot's
+// import into another shard stopped (`SETSLOT STABLE`) after keys moved,
+// the moved keys brought back to the owner by `redis-cli --cluster fix`:
+// the receiving partition's entries of that import are voided, never held
+// forever and never applied.
+
+/// Keys of `slot` (one per prefix `abort<i>`), written on the cluster.
+fn keys_of_slot(cluster: &Cluster, slot: u16, count: usize) -> Vec<String> {
+    let keys: Vec<String> = (0..count)
+        .map(|i| common::cluster::key_in_slot(&format!("abort{i}"), slot))
+        .collect();
+    for key in &keys {
+        cluster.call_key(key, &["SET", key, "before"]);
+    }
+    keys
+}
+
+/// `CLUSTER SETSLOT slot STABLE` on the master on `port`.
+fn set_stable(cluster: &Cluster, slot: u16, port: u16) {
+    assert_eq!(
+        cluster
+            .node(port)
+            .call(&["CLUSTER", "SETSLOT", &slot.to_string(), "STABLE"]),
+        Resp::Simple("OK".into())
+    );
+}
+
+/// A write of a new key of the importing slot on `port`, as a client
+/// following `ASK` sends it.
+fn asking_set(port: u16, key: &str, value: &str) {
+    let mut conn = common::resp::connect(&format!("127.0.0.1:{port}"));
+    conn.queue(&["ASKING"]);
+    conn.queue(&["SET", key, value]);
+    let replies = conn.replies().expect("ASKING SET");
+    assert_eq!(
+        replies.last(),
+        Some(&Resp::Simple("OK".into())),
+        "{replies:?}"
+    );
+}
+
+/// Runs `redis-cli --cluster fix` through the node on `port`; its output.
+fn cluster_fix(port: u16) -> String {
+    let out = common::output_within(
+        std::process::Command::new(common::redis_cli_bin()).args([
+            "--cluster",
+            "fix",
+            &format!("127.0.0.1:{port}"),
+            "--cluster-yes",
+        ]),
+        Duration::from_secs(120),
+    )
+    .expect("redis-cli --cluster fix");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The applier rows of `ferry status --json`.
+fn appliers(ferry: &FerryProcess) -> Vec<serde_json::Value> {
+    ferry.status_json()["drainers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Waits until no applier is held (HANDOFF or BLOCKED).
+fn wait_none_held(ferry: &FerryProcess) {
+    wait_for("no applier held", ferry, || {
+        let rows = appliers(ferry);
+        match rows
+            .iter()
+            .find(|r| r["state"] == "HANDOFF" || r["state"] == "BLOCKED")
+        {
+            Some(row) => Err(format!("held: {row}")),
+            None => Ok(()),
+        }
+    });
+}
+
+/// Aborts the migration of `slot` from `a` to `b` after `moved` keys went
+/// to `b` (and one new key was written there through `ASK`), the way an
+/// operator does: `SETSLOT STABLE` on both; then brings the moved keys
+/// back with `redis-cli --cluster fix` (which acts on open slots only, so
+/// the slot is opened as importing on `b` first). Returns the keys that
+/// went to `b`.
+fn abort_and_fix(cluster: &Cluster, slot: u16, a: u16, b: u16, keys: &[String], moved: usize) {
+    cluster.begin_slot_migration(slot, a, b);
+    for key in keys.iter().take(moved) {
+        cluster.migrate_key(key, a, b);
+    }
+    asking_set(b, &common::cluster::key_in_slot("asked", slot), "on-b");
+    std::thread::sleep(Duration::from_millis(700));
+    set_stable(cluster, slot, a);
+    set_stable(cluster, slot, b);
+    // Stranded on b for a while: not served by the cluster.
+    std::thread::sleep(Duration::from_secs(2));
+    let a_id = cluster.node(a).id();
+    assert_eq!(
+        cluster
+            .node(b)
+            .call(&["CLUSTER", "SETSLOT", &slot.to_string(), "IMPORTING", &a_id]),
+        Resp::Simple("OK".into())
+    );
+    let fixed = cluster_fix(a);
+    assert!(
+        fixed.contains("Moving all the") || fixed.contains("Case 2"),
+        "redis-cli --cluster fix did not move the keys back: {fixed}"
+    );
+    cluster.wait_settled();
+    // The keys are back on a, a still owns the slot.
+    assert_eq!(cluster.master_for_slot(slot).port, a, "{fixed}");
+    let on_b = cluster
+        .node(b)
+        .call(&["CLUSTER", "COUNTKEYSINSLOT", &slot.to_string()]);
+    assert_eq!(on_b, Resp::Int(0), "{fixed}");
+}
+
+#[test]
+fn an_aborted_migration_fixed_back_converges_without_holding_a_partition() {
+    let cluster = start_cluster();
+    let target = RedisServer::start(&[]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    write_round(&cluster, "pre", 0, 2000);
+    let ferry = start_sync(dir.path(), &cluster.url(), &target);
+    wait_partitions_online(&cluster, &ferry);
+    wait_converged(&cluster, &target, &ferry, "after the full sync");
+    let epochs: Vec<u64> = (0..3).map(|p| applier_epoch(&ferry, p)).collect();
+    let masters = cluster.master_ports();
+    // The slot of a counter the writer increments all along.
+    let counter = counter_keys()[1].clone();
+    let slot = ferry::redis::command::key_hash_slot(counter.as_bytes());
+    let a = cluster.master_for_key(&counter).port;
+    let b = *masters.iter().find(|p| **p != a).unwrap();
+    // More keys of the slot stay on a than move, so `--cluster fix` picks a
+    // as the owner and moves the others back to it.
+    let keys = keys_of_slot(&cluster, slot, 12);
+    let rounds = with_writer(&cluster, || {
+        // A migration aborted before any key moved holds nothing.
+        cluster.begin_slot_migration(slot, a, b);
+        std::thread::sleep(Duration::from_millis(700));
+        set_stable(&cluster, slot, a);
+        set_stable(&cluster, slot, b);
+        std::thread::sleep(Duration::from_millis(700));
+        abort_and_fix(&cluster, slot, a, b, &keys, 3);
+        std::thread::sleep(Duration::from_secs(1));
+    });
+    wait_none_held(&ferry);
+    assert_resharded_sync_exact(&cluster, &target, &ferry, rounds, &epochs, 1);
+    println!("{}", status_text(&ferry));
+}
+
+/// `ferry status` as an operator reads it.
+fn status_text(ferry: &FerryProcess) -> String {
+    let addr = ferry.admin_addr(Duration::from_secs(30));
+    let out = common::output_within(
+        std::process::Command::new(common::ferry::ferry_bin()).args(["status", "--admin", &addr]),
+        Duration::from_secs(20),
+    )
+    .expect("ferry status");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

@@ -234,7 +234,9 @@ fn writes(log: &[(WalEntry, Record)]) -> Vec<WriteRecord> {
     log.iter()
         .filter_map(|(_, record)| match record {
             Record::Write(write) => Some(write.clone()),
-            Record::Snapshot(_) | Record::Fragment(_) | Record::Handoff(_) => None,
+            Record::Snapshot(_) | Record::Fragment(_) | Record::Handoff(_) | Record::Void(_) => {
+                None
+            }
         })
         .collect()
 }
@@ -454,7 +456,9 @@ async fn fallback_snapshot_is_located_in_the_log() {
         .filter(|(entry, _)| entry.log_id > m)
         .filter_map(|(_, record)| match record {
             Record::Write(write) => Some(write.clone()),
-            Record::Snapshot(_) | Record::Fragment(_) | Record::Handoff(_) => None,
+            Record::Snapshot(_) | Record::Fragment(_) | Record::Handoff(_) | Record::Void(_) => {
+                None
+            }
         })
         .collect();
     replay(&replayed, &after_m).await;
@@ -840,7 +844,7 @@ fn kill9_resumes_without_loss_or_full_resync() {
             .iter()
             .filter_map(|(entry, record)| match record {
                 Record::Snapshot(marker) => Some((entry.log_id, marker.clone())),
-                Record::Write(_) | Record::Fragment(_) | Record::Handoff(_) => None,
+                Record::Write(_) | Record::Fragment(_) | Record::Handoff(_) | Record::Void(_) => None,
             })
             .collect();
         assert_eq!(markers.len(), 1, "exactly one complete full sync: {markers:?}");
@@ -1034,7 +1038,7 @@ async fn restarted_source_continues_or_full_resyncs_into_a_new_epoch() {
         .iter()
         .filter_map(|(entry, record)| match record {
             Record::Snapshot(marker) => Some((entry.log_id, marker.clone())),
-            Record::Write(_) | Record::Fragment(_) | Record::Handoff(_) => None,
+            Record::Write(_) | Record::Fragment(_) | Record::Handoff(_) | Record::Void(_) => None,
         })
         .collect();
     if full_resync {

@@ -226,6 +226,7 @@ impl From<DrainerSide> for pb::DrainerSide {
             split_entries,
             cluster,
             handoff,
+            voided,
         } = side;
         pb::DrainerSide {
             drainer_id,
@@ -251,6 +252,7 @@ impl From<DrainerSide> for pb::DrainerSide {
             split_entries,
             cluster,
             handoff,
+            voided,
         }
     }
 }
@@ -281,6 +283,7 @@ impl From<pb::DrainerSide> for DrainerSide {
             split_entries,
             cluster,
             handoff,
+            voided,
         } = side;
         DrainerSide {
             drainer_id,
@@ -306,6 +309,7 @@ impl From<pb::DrainerSide> for DrainerSide {
             split_entries,
             cluster,
             handoff,
+            voided,
         }
     }
 }
@@ -603,6 +607,7 @@ mod tests {
                     split_entries: 34,
                     cluster: Some("cluster: 3 masters".into()),
                     handoff: Some("entry 35 waits for slot 7".into()),
+                    voided: Some("3 entries of aborted slot imports skipped".into()),
                     last_refused: Some(RefusedCommand {
                         log_id: 33,
                         command: "SET".into(),

@@ -70,7 +70,7 @@ use super::keyspace::{KeyClass, OwnedKeyspace, Placed, Translated};
 use super::status::RefusedCommand;
 use super::tenure::{self, Decision, Owner, OwnerMap};
 use crate::position::LogId;
-use crate::record::{Record, WriteRecord};
+use crate::record::{Record, SlotTenure, WriteRecord};
 use crate::redis::cluster::SlotRanges;
 use crate::redis::command::{self, Command};
 use crate::redis::resp::Frame;
@@ -141,6 +141,9 @@ pub(crate) struct Batch {
     /// a scope: [`BatchBuilder::scope`]); empty: none. Such a batch holds
     /// only the flush's entry (its other commands, the checkpoint).
     pub scope_delete: Vec<u32>,
+    /// Entries of a voided slot tenure this batch covers without sending
+    /// anything (docs/cluster.md, rule 9), with their tags.
+    pub voided: Vec<(LogId, SlotTenure)>,
 }
 
 /// A cluster source's slot tenures on the target ([`super::tenure`]):
@@ -152,7 +155,16 @@ pub(crate) struct Tenures {
     /// The owner map's key.
     pub map_key: Bytes,
     pub map: OwnerMap,
+    /// Tenures voided in this partition's log (docs/cluster.md, rule 9):
+    /// (slot, gen) -> the log id of the latest `SlotVoid` record known.
+    /// An entry of that tenure before it that would not be applied is
+    /// voided.
+    pub voids: VoidedTenures,
 }
+
+/// (slot, gen) -> the log id of the latest `SlotVoid` record of that tenure
+/// known in the partition's log.
+pub(crate) type VoidedTenures = std::collections::BTreeMap<(u16, u64), LogId>;
 
 /// One write translated for the target ([`BatchBuilder::prepare`]).
 struct Prepared {
@@ -397,13 +409,16 @@ impl BatchBuilder {
                 };
                 let after = &pending[end];
                 if let Record::Write(write) = &after.record {
+                    // A voided write's run is covered with it.
+                    let voided = self.voided(after.log_id, write).is_some();
                     // A held write's run waits with it.
-                    if matches!(self.decision(write), Some(Decision::Wait { .. })) {
+                    if !voided && matches!(self.decision(write), Some(Decision::Wait { .. })) {
                         break;
                     }
-                    let alone = hold.is_some_and(|hold| hold.log_id == after.log_id)
-                        || (self.scope.is_some() && flushes(write))
-                        || self.check(after.log_id, write).is_err();
+                    let alone = !voided
+                        && (hold.is_some_and(|hold| hold.log_id == after.log_id)
+                            || (self.scope.is_some() && flushes(write))
+                            || self.check(after.log_id, write).is_err());
                     if entries >= self.max_entries
                         || (entries > 0 && (alone || bytes + after.size > self.max_bytes))
                     {
@@ -449,11 +464,39 @@ impl BatchBuilder {
                 entries += 1;
                 continue;
             }
+            if let Record::Void(void) = front.record {
+                // A tenure voided (docs/cluster.md, rule 9): covered with
+                // nothing sent; the entries it voids are before it.
+                let Some(Pending { log_id, .. }) = pending.pop_front() else {
+                    break;
+                };
+                let batch =
+                    batch.get_or_insert_with(|| Batch::starting_at(log_id, epoch, self.log_tag));
+                batch.last = log_id;
+                if let Some(tenures) = &mut self.tenures {
+                    let known = tenures.voids.entry((void.slot, void.gen)).or_insert(log_id);
+                    *known = (*known).max(log_id);
+                }
+                entries += 1;
+                continue;
+            }
             let Record::Write(write) = &front.record else {
                 break;
             };
             if entries >= self.max_entries || (entries > 0 && bytes + front.size > self.max_bytes) {
                 break;
+            }
+            if let Some(tenure) = self.voided(front.log_id, write) {
+                // An entry of an aborted import: covered, never applied.
+                let Some(Pending { log_id, .. }) = pending.pop_front() else {
+                    break;
+                };
+                let batch =
+                    batch.get_or_insert_with(|| Batch::starting_at(log_id, epoch, self.log_tag));
+                batch.last = log_id;
+                batch.voided.push((log_id, tenure));
+                entries += 1;
+                continue;
             }
             let held = hold.filter(|hold| hold.log_id == front.log_id);
             if held.is_some() && entries > 0 {
@@ -759,6 +802,18 @@ impl BatchBuilder {
         Ok((all, rest))
     }
 
+    /// Rule 9: the tag of `write` (at `log_id`) when it is voided: it would
+    /// not be applied (rule 4: wait or blocked), and a `SlotVoid` of its
+    /// tenure follows it in the partition's log.
+    pub fn voided(&self, log_id: LogId, write: &WriteRecord) -> Option<SlotTenure> {
+        let tenures = self.tenures.as_ref()?;
+        let tag = write.tenure?;
+        let void_at = tenures.voids.get(&(tag.slot, tag.gen))?;
+        (*void_at > log_id
+            && tenure::decide(&tenures.map, tenures.partition, tag) != Decision::Apply)
+            .then_some(tag)
+    }
+
     /// Rule 4 for `write`, when tenures are followed and it is tagged.
     fn decision(&self, write: &WriteRecord) -> Option<Decision> {
         let tenures = self.tenures.as_ref()?;
@@ -778,6 +833,9 @@ impl BatchBuilder {
         let Record::Write(write) = &next.record else {
             return None;
         };
+        if self.voided(next.log_id, write).is_some() {
+            return None;
+        }
         match self.decision(write)? {
             Decision::Wait { current } => {
                 let tenure = write.tenure?;
@@ -1037,6 +1095,7 @@ impl Batch {
             checkpoint: Checkpoint::Applied { log_id, epoch, log },
             streams: Vec::new(),
             scope_delete: Vec::new(),
+            voided: Vec::new(),
         }
     }
 
@@ -1263,9 +1322,99 @@ mod tests {
                 partition: 1,
                 map_key: Bytes::from_static(b"__ferry:slots:d"),
                 map,
+                voids: VoidedTenures::new(),
             }),
             ..builder(10)
         }
+    }
+
+    fn void(log_id: u64, slot: u16, gen: u64) -> Pending {
+        let record = Record::Void(crate::record::SlotVoid { slot, gen });
+        Pending {
+            log_id: LogId(log_id),
+            size: record.encode().len(),
+            record,
+        }
+    }
+
+    #[test]
+    fn entries_of_a_voided_tenure_are_covered_never_sent_and_counted() {
+        // Slot 7 is partition 0's; partition 1 received it in tenure 1, then
+        // the import was aborted: a void of (7, 1) follows in its log.
+        let mut builder = tenured(&[(7, 0, 0)]);
+        let mut pending: VecDeque<Pending> = [
+            write(1, 0, &[&["SET", "c", "1"]], false),
+            tagged(2, &["RESTORE-ASKING", "k", "0", "x"], 7, 1),
+            tagged(3, &["SET", "new", "1"], 7, 1),
+            write(4, 0, &[&["SET", "d", "1"]], false),
+            tagged(5, &["DEL", "k"], 7, 1),
+            void(6, 7, 1),
+            write(7, 0, &[&["SET", "e", "1"]], false),
+            // A later import of the slot, after the void: held again.
+            tagged(8, &["RESTORE-ASKING", "k", "0", "y"], 7, 2),
+        ]
+        .into();
+        // Not known yet: held at entry 2 (the applier looks for the void).
+        let batch = builder.build(&mut pending, 0, None).unwrap();
+        assert_eq!(batch.last, LogId(1));
+        assert_eq!(
+            builder.tenure_wait(&pending).map(|w| w.log_id),
+            Some(LogId(2))
+        );
+        if let Some(tenures) = &mut builder.tenures {
+            tenures.voids.insert((7, 1), LogId(6));
+        }
+        assert_eq!(builder.tenure_wait(&pending), None);
+        let batch = builder.build(&mut pending, 0, None).unwrap();
+        assert_eq!(
+            shown(&batch),
+            [
+                "SET d 1",
+                "SET e 1",
+                "SET __ferry:checkpoint:d:0 v2 applied=7 epoch=0 log=00000000000000ab"
+            ]
+        );
+        assert_eq!(
+            batch.voided,
+            [
+                (LogId(2), crate::record::SlotTenure { slot: 7, gen: 1 }),
+                (LogId(3), crate::record::SlotTenure { slot: 7, gen: 1 }),
+                (LogId(5), crate::record::SlotTenure { slot: 7, gen: 1 }),
+            ]
+        );
+        assert_eq!(
+            builder.tenure_wait(&pending).map(|w| (w.log_id, w.gen)),
+            Some((LogId(8), 2))
+        );
+        // An entry of the voided tenure after the void record is not voided
+        // by it, nor one the map would apply.
+        let mut pending: VecDeque<Pending> = [tagged(9, &["SET", "x", "1"], 7, 1)].into();
+        assert!(builder.build(&mut pending, 0, None).is_none());
+        let mut builder = tenured(&[(7, 1, 1)]);
+        if let Some(tenures) = &mut builder.tenures {
+            tenures.voids.insert((7, 1), LogId(6));
+        }
+        let mut pending: VecDeque<Pending> = [tagged(2, &["SET", "x", "1"], 7, 1)].into();
+        let batch = builder.build(&mut pending, 0, None).unwrap();
+        assert_eq!(shown(&batch)[0], "SET x 1");
+        assert!(batch.voided.is_empty());
+    }
+
+    #[test]
+    fn a_voided_write_of_a_tenure_the_map_has_passed_is_voided_not_refused() {
+        // The slot went on to partition 2 in generation 1 while partition
+        // 1's import of it was aborted: blocked without the void, voided
+        // with it.
+        let mut builder = tenured(&[(7, 2, 1)]);
+        let mut pending: VecDeque<Pending> =
+            [tagged(1, &["INCR", "a"], 7, 1), void(2, 7, 1)].into();
+        if let Some(tenures) = &mut builder.tenures {
+            tenures.voids.insert((7, 1), LogId(2));
+        }
+        let batch = builder.build(&mut pending, 0, None).unwrap();
+        assert!(batch.refused.is_none());
+        assert_eq!(batch.voided.len(), 1);
+        assert_eq!(batch.last, LogId(2));
     }
 
     #[test]

@@ -567,6 +567,8 @@ pub async fn run(
             scope_key: Bytes::from(scope::scope_key(&cfg.drainer_id, partition)),
             owners: tenure::OwnerMap::default(),
             owners_key: Bytes::from(tenure::owner_map_key(&cfg.drainer_id)),
+            voids: batch::VoidedTenures::new(),
+            void_scan: LogId::ZERO,
             cfg,
         };
         let result = applier.run().await;
@@ -822,6 +824,11 @@ pub(crate) struct Applier {
     owners: tenure::OwnerMap,
     /// Where the owner map is kept ([`tenure::owner_map_key`]).
     owners_key: Bytes,
+    /// Slot tenures voided in this partition's log, as far as read
+    /// (docs/cluster.md, rule 9; [`Applier::find_voids`]).
+    voids: batch::VoidedTenures,
+    /// Where the search of the WAL for `SlotVoid` records goes on.
+    void_scan: LogId,
 }
 
 impl Applier {
@@ -1225,6 +1232,7 @@ impl Applier {
                 partition: self.partition.0,
                 map_key: self.owners_key.clone(),
                 map: self.owners.clone(),
+                voids: self.voids.clone(),
             }),
         }
     }
@@ -1303,6 +1311,7 @@ impl Applier {
                     return Ok(());
                 }
                 if open.is_none() {
+                    self.find_voids(&mut builder, &feed.pending)?;
                     if let Some(batch) =
                         builder.build(&mut feed.pending, self.epoch, self.hold().as_ref())
                     {
@@ -1413,6 +1422,98 @@ impl Applier {
         }
     }
 
+    /// Rule 9 (docs/cluster.md): when the next entry to batch is tagged
+    /// with a tenure it would not be applied in (wait or blocked), looks
+    /// for a `SlotVoid` of that tenure after it in this partition's log:
+    /// in the entries read ahead, then in the WAL from where the last
+    /// search stopped (a bounded read per call, so a void far ahead is
+    /// found over a few hold polls, with no more memory). What it finds
+    /// goes into `builder`, which then voids the entry.
+    fn find_voids(
+        &mut self,
+        builder: &mut BatchBuilder,
+        pending: &VecDeque<Pending>,
+    ) -> Result<(), ApplyError> {
+        /// Entries read from the WAL per call.
+        const SCAN_ENTRIES: usize = 16 * 1024;
+        let Some(tenures) = builder.tenures.as_mut() else {
+            return Ok(());
+        };
+        let Some(next) = pending
+            .iter()
+            .find(|p| !matches!(p.record, Record::Fragment(_)))
+        else {
+            return Ok(());
+        };
+        let Record::Write(write) = &next.record else {
+            return Ok(());
+        };
+        let Some(tag) = write.tenure else {
+            return Ok(());
+        };
+        let known = |voids: &batch::VoidedTenures| {
+            voids
+                .get(&(tag.slot, tag.gen))
+                .is_some_and(|at| *at > next.log_id)
+        };
+        if tenure::decide(&tenures.map, tenures.partition, tag) == tenure::Decision::Apply
+            || known(&tenures.voids)
+        {
+            return Ok(());
+        }
+        let note = |voids: &mut batch::VoidedTenures, slot: u16, gen: u64, at: LogId| {
+            let known = voids.entry((slot, gen)).or_insert(at);
+            *known = (*known).max(at);
+        };
+        for entry in pending.iter().filter(|p| p.log_id > next.log_id) {
+            if let Record::Void(void) = entry.record {
+                note(&mut self.voids, void.slot, void.gen, entry.log_id);
+            }
+        }
+        // The WAL beyond what is held here.
+        let mut from = self
+            .void_scan
+            .max(pending.back().map_or(next.log_id, |p| p.log_id).next());
+        let mut read = 0;
+        while read < SCAN_ENTRIES && !known(&self.voids) {
+            let limits = ReadLimits {
+                max_entries: 1024,
+                max_bytes: 16 << 20,
+            };
+            let entries = match self.wal.read(self.partition, from, limits) {
+                Ok(entries) => entries,
+                Err(WalError::Trimmed {
+                    first_available, ..
+                }) => {
+                    from = first_available;
+                    continue;
+                }
+                Err(error) => return Err(error.into()),
+            };
+            let Some(last) = entries.last() else {
+                break;
+            };
+            from = last.log_id.next();
+            read += entries.len();
+            for entry in entries {
+                match Record::decode_shared(&entry.payload, RecordLimits::default()) {
+                    Ok(Record::Void(void)) => {
+                        note(&mut self.voids, void.slot, void.gen, entry.log_id)
+                    }
+                    Ok(_) => {}
+                    // The feed reports it when it gets there.
+                    Err(_) => {}
+                }
+            }
+        }
+        self.void_scan = from;
+        tenures.voids = self.voids.clone();
+        if known(&self.voids) {
+            info!(partition = %self.partition, log_id = %next.log_id, slot = tag.slot, gen = tag.gen, "the slot's import into this shard was aborted in the source (a void of its tenure follows in the log): its entries of that tenure are skipped, never applied");
+        }
+        Ok(())
+    }
+
     /// While held at `held`, applies each slot handoff record read ahead in
     /// `pending` that no entry of its slot precedes (from `held` on): every
     /// entry of that slot before it is then applied, so the next owner may
@@ -1464,7 +1565,7 @@ impl Applier {
                     }
                 }
                 Record::Snapshot(_) => break,
-                Record::Fragment(_) => {}
+                Record::Fragment(_) | Record::Void(_) => {}
             }
         }
         if raises.is_empty() {
@@ -1644,6 +1745,18 @@ impl Applier {
         }
         self.status
             .add_counts(applied, refused_count, batch.skipped);
+        if let Some(&(last, tag)) = batch.voided.last() {
+            warn!(
+                partition = %self.partition,
+                entries = batch.voided.len(),
+                last = %last,
+                slot = tag.slot,
+                gen = tag.gen,
+                "entries of an aborted slot import voided (skipped, never applied; docs/cluster.md rule 9)"
+            );
+            self.status
+                .add_voided(batch.voided.len() as u64, last, tag.slot, tag.gen);
+        }
         self.status.clear_handoff();
         self.status.set_applied(batch.last, self.epoch);
         self.status.set_online();
@@ -1765,6 +1878,7 @@ fn read_fragment(
                     Record::Write(_) => "a write".to_string(),
                     Record::Snapshot(_) => "a snapshot marker".to_string(),
                     Record::Handoff(_) => "a slot handoff".to_string(),
+                    Record::Void(_) => "a slot tenure void".to_string(),
                 }
             ),
         }),

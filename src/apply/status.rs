@@ -66,6 +66,27 @@ pub struct BlockedEntry {
     pub since_unix_ms: u64,
 }
 
+/// Entries of a cluster source's aborted slot imports the applier skipped
+/// (docs/cluster.md, rule 9): how many, and the last one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VoidedEntries {
+    pub entries: u64,
+    pub last: LogId,
+    pub slot: u16,
+    pub gen: u64,
+}
+
+impl std::fmt::Display for VoidedEntries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} entries of aborted slot imports skipped, never applied (the shard gave the keys \
+             back to the slot's owner); last: entry {}, slot {} tenure generation {}",
+            self.entries, self.last, self.slot, self.gen
+        )
+    }
+}
+
 /// What a partition held for a slot handoff waits for (docs/cluster.md,
 /// rules 4 and 6): the owner map of the target must name this partition
 /// as the owner of `slot`.
@@ -149,6 +170,7 @@ struct StatusFields {
     handoff: Option<HandoffWait>,
     entries_skipped: u64,
     last_skipped: Option<LogId>,
+    voided: Option<VoidedEntries>,
     dead_letter_file: Option<String>,
     fence: Option<String>,
     split_entries: u64,
@@ -200,6 +222,8 @@ pub struct ApplyReport {
     /// "skip-and-record"`) and recorded in the dead-letter file.
     pub entries_skipped: u64,
     pub last_skipped: Option<LogId>,
+    /// Entries of aborted slot imports skipped (docs/cluster.md, rule 9).
+    pub voided: Option<VoidedEntries>,
     /// Where skipped entries are recorded.
     pub dead_letter_file: Option<String>,
     /// How late batches of abandoned connections are kept out
@@ -237,6 +261,7 @@ impl ApplyStatus {
                 handoff: None,
                 entries_skipped: 0,
                 last_skipped: None,
+                voided: None,
                 dead_letter_file: None,
                 fence: None,
                 split_entries: 0,
@@ -287,6 +312,7 @@ impl ApplyStatus {
             handoff: fields.handoff,
             entries_skipped: fields.entries_skipped,
             last_skipped: fields.last_skipped,
+            voided: fields.voided,
             dead_letter_file: fields.dead_letter_file,
             fence: fields.fence,
             split_entries: fields.split_entries,
@@ -372,6 +398,19 @@ impl ApplyStatus {
 
     pub(crate) fn blocked(&self) -> Option<BlockedEntry> {
         self.lock().blocked.clone()
+    }
+
+    /// Counts `entries` voided entries, the last one `last` of `slot`'s
+    /// tenure `gen`.
+    pub(crate) fn add_voided(&self, entries: u64, last: LogId, slot: u16, gen: u64) {
+        let mut fields = self.lock();
+        let before = fields.voided.map_or(0, |v| v.entries);
+        fields.voided = Some(VoidedEntries {
+            entries: before + entries,
+            last,
+            slot,
+            gen,
+        });
     }
 
     /// Holds the applier for a slot handoff; keeps the time it first

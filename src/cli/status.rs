@@ -471,6 +471,9 @@ fn render_drainers(out: &mut String, drainers: &[DrainerSide], style: RenderStyl
         if let Some(handoff) = &side.handoff {
             let _ = writeln!(out, "  part {part}: HANDOFF: {}", clean(handoff));
         }
+        if let Some(voided) = &side.voided {
+            let _ = writeln!(out, "  part {part}: voided: {}", clean(voided));
+        }
         if side.split_entries > 0 {
             let _ = writeln!(
                 out,
@@ -646,6 +649,7 @@ mod tests {
                 split_entries: 0,
                 cluster: None,
                 handoff: None,
+                voided: None,
                 fence: Some("client-kill".into()),
                 last_refused: None,
             }],
@@ -661,6 +665,17 @@ mod tests {
         let text = render_status(&status, NOW, RenderStyle::default());
         assert!(
             text.contains("  part 0: HANDOFF: entry 9 waits for slot 7 to be handed to this partition (tenure generation 1); the target's owner map has partition 0 generation 0\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn renders_voided_entries() {
+        let mut status = online();
+        status.drainers[0].voided = Some("2 entries of aborted slot imports skipped, never applied (the shard gave the keys back to the slot's owner); last: entry 40, slot 7 tenure generation 1".into());
+        let text = render_status(&status, NOW, RenderStyle::default());
+        assert!(
+            text.contains("  part 0: voided: 2 entries of aborted slot imports skipped, never applied (the shard gave the keys back to the slot's owner); last: entry 40, slot 7 tenure generation 1\n"),
             "{text}"
         );
     }

@@ -50,7 +50,7 @@ use tracing::{debug, info};
 
 use super::slots::{SlotTable, SlotTableError, SLOT_TABLE_FILE};
 use crate::position::PartitionId;
-use crate::record::{SlotHandoff, SlotTenure};
+use crate::record::{SlotHandoff, SlotTenure, SlotVoid};
 use crate::redis::client::Client;
 use crate::redis::cluster::{self, SlotRanges, Topology, TopologyError};
 use crate::redis::command::{self, Command, CLUSTER_SLOTS};
@@ -303,7 +303,23 @@ pub struct ShardRoute {
     /// Handoffs this partition's stream is to append (docs/cluster.md,
     /// rule 2), set by [`ClusterSource::check_handoffs`].
     handoffs: watch::Sender<Vec<PendingHandoff>>,
+    /// Tenures this partition's stream is to void (docs/cluster.md, rule
+    /// 9), set by [`ClusterSource::check_handoffs`]; a change wakes the
+    /// stream through `handoffs`.
+    voids: Mutex<Vec<PendingVoid>>,
+    /// Slots whose import into this shard stopped with keys left on its
+    /// master (not served; nothing voided), for status.
+    stranded: Mutex<Vec<String>>,
     source: Arc<ClusterSource>,
+}
+
+/// A tenure this partition's log is to void once its stream has been
+/// received up to source offset `at` (its master then held no key of the
+/// slot and neither served nor imported it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PendingVoid {
+    pub void: SlotVoid,
+    pub at: u64,
 }
 
 /// A slot this partition's log is to hand over once its stream has been
@@ -364,9 +380,48 @@ impl ShardRoute {
         self.handoffs.borrow().clone()
     }
 
-    /// Changes of [`Self::pending_handoffs`].
+    /// Changes of [`Self::pending_handoffs`] (and of [`Self::pending_voids`]).
     pub fn watch_handoffs(&self) -> watch::Receiver<Vec<PendingHandoff>> {
         self.handoffs.subscribe()
+    }
+
+    /// The tenure voids waiting to be appended to this partition's log.
+    pub fn pending_voids(&self) -> Vec<PendingVoid> {
+        self.voids.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Status lines of slots whose aborted import left keys on this
+    /// shard's master.
+    pub fn stranded(&self) -> Vec<String> {
+        self.stranded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// A void is queued in this partition's stream: later writes of its
+    /// slot are tagged past the voided tenure (in memory; the file is
+    /// saved once the record is durable, [`Self::voids_durable`]).
+    pub fn void_queued(&self, void: &SlotVoid) {
+        self.source.void_queued(self.partition.0, void);
+        self.voids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|p| p.void != *void);
+    }
+
+    /// Records voids of this partition that are durable in its log.
+    pub fn voids_durable(&self, done: &[SlotVoid]) -> Result<(), ShardMapError> {
+        if done.is_empty() {
+            return Ok(());
+        }
+        self.source.voids_durable(self.partition.0, done)
+    }
+
+    /// Saves the slot table if a write logged since names a new receiver
+    /// (docs/cluster.md, rule 9): called before that write is appended.
+    pub fn save_receivers(&self) -> Result<(), ShardMapError> {
+        self.source.save_receivers()
     }
 
     /// The slot tenure of a write of this partition (docs/cluster.md, rule
@@ -478,6 +533,8 @@ pub struct ClusterSource {
     /// owner is asked about them at every poll until the table names the
     /// receiver (the topology read may lag the migrations).
     received: Mutex<BTreeMap<u16, BTreeSet<u32>>>,
+    /// A receiver was added to the slot table since it was last saved.
+    receivers_unsaved: std::sync::atomic::AtomicBool,
 }
 
 impl ClusterSource {
@@ -507,6 +564,7 @@ impl ClusterSource {
             receiving_since: std::sync::atomic::AtomicU64::new(0),
             receiving: tokio::sync::Notify::new(),
             received: Mutex::new(BTreeMap::new()),
+            receivers_unsaved: std::sync::atomic::AtomicBool::new(false),
         });
         {
             let mut state = source.lock();
@@ -531,6 +589,8 @@ impl ClusterSource {
             partition,
             state,
             handoffs,
+            voids: Mutex::new(Vec::new()),
+            stranded: Mutex::new(Vec::new()),
             source: Arc::clone(self),
         })
     }
@@ -662,12 +722,21 @@ impl ClusterSource {
     /// exists: nothing was handed over yet). A write of a slot the
     /// partition does not own wakes the poller ([`Self::slots_on_the_move`]).
     fn tenure(&self, partition: u32, slot: u16) -> u64 {
-        let (tenure, owned) = self.lock().slots.as_ref().map_or((0, true), |table| {
-            (
-                table.tenure(partition, slot),
-                table.get(slot).owner == partition,
-            )
-        });
+        let (tenure, owned) = {
+            let mut state = self.lock();
+            match state.slots.as_mut() {
+                None => (0, true),
+                Some(table) => {
+                    let tenure = table.tenure(partition, slot);
+                    let owned = table.get(slot).owner == partition;
+                    if !owned && table.add_receiver(slot, partition, tenure) {
+                        self.receivers_unsaved
+                            .store(true, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    (tenure, owned)
+                }
+            }
+        };
         if !owned {
             self.received
                 .lock()
@@ -719,6 +788,110 @@ impl ClusterSource {
             info!(from, handoffs = ?done, "slot handoffs recorded");
         }
         Ok(())
+    }
+
+    fn save_receivers(&self) -> Result<(), ShardMapError> {
+        if !self
+            .receivers_unsaved
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            return Ok(());
+        }
+        let state = self.lock();
+        if let Some(table) = state.slots.as_ref() {
+            if let Err(error) = table.save(&self.slots_path) {
+                self.receivers_unsaved
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+                return Err(error.into());
+            }
+        }
+        Ok(())
+    }
+
+    fn void_queued(&self, partition: u32, void: &SlotVoid) {
+        if let Some(table) = self.lock().slots.as_mut() {
+            table.void(partition, void);
+        }
+    }
+
+    fn voids_durable(&self, partition: u32, done: &[SlotVoid]) -> Result<(), ShardMapError> {
+        let mut state = self.lock();
+        let Some(table) = state.slots.as_mut() else {
+            return Ok(());
+        };
+        for void in done {
+            table.void(partition, void);
+        }
+        table.save(&self.slots_path)?;
+        info!(partition, voids = ?done, "slot tenures voided (aborted imports) recorded");
+        Ok(())
+    }
+
+    /// Rule 9 (docs/cluster.md): asks the master of each partition that
+    /// received a slot it does not own whether it still serves or imports
+    /// it, or holds keys of it; a partition whose master does none of it
+    /// gets a pending void of that tenure, at the master's offset read in
+    /// the same `MULTI`.
+    async fn check_voids(&self) {
+        let mut asks: BTreeMap<PartitionId, (Arc<ShardRoute>, RedisUrl, Vec<SlotVoid>)> =
+            BTreeMap::new();
+        {
+            let state = self.lock();
+            let Some(table) = state.slots.as_ref() else {
+                return;
+            };
+            for (slot, partition, gen) in table.receivers() {
+                let Some(route) = state.routes.get(&PartitionId(partition)) else {
+                    continue;
+                };
+                let void = SlotVoid { slot, gen };
+                if route.pending_voids().iter().any(|p| p.void == void) {
+                    continue;
+                }
+                let Some(master) = route.state().master else {
+                    continue;
+                };
+                asks.entry(PartitionId(partition))
+                    .or_insert_with(|| (Arc::clone(route), master, Vec::new()))
+                    .2
+                    .push(void);
+            }
+        }
+        for (partition, (route, master, voids)) in asks {
+            match confirm_voids(&master, &voids).await {
+                Ok((confirmed, stranded)) => {
+                    *route.stranded.lock().unwrap_or_else(|p| p.into_inner()) = stranded
+                        .iter()
+                        .map(|(void, keys)| {
+                            format!(
+                                "slot {} (tenure generation {}): its import into this shard stopped with {keys} keys left on {} (not served by the cluster): nothing is voided and the partition's applier holds until they are moved (CLUSTER SETSLOT {} IMPORTING <owner-id> on it, then redis-cli --cluster fix) or the migration is finished",
+                                void.slot, void.gen, master.addr(), void.slot
+                            )
+                        })
+                        .collect();
+                    if confirmed.is_empty() {
+                        continue;
+                    }
+                    {
+                        let mut pending = route.voids.lock().unwrap_or_else(|p| p.into_inner());
+                        for (void, at) in &confirmed {
+                            if !pending.iter().any(|p| p.void == *void) {
+                                info!(%partition, slot = void.slot, gen = void.gen, at, "slot import aborted in the source (the shard neither serves nor imports it, and holds no key of it): logging the void of its tenure once received up to the offset");
+                                pending.push(PendingVoid {
+                                    void: *void,
+                                    at: *at,
+                                });
+                            }
+                        }
+                    }
+                    // Wakes the stream loop.
+                    route.handoffs.send_modify(|_| {});
+                }
+                Err(error) => {
+                    debug!(%partition, master = %master.addr(), %error, "aborted imports not checked");
+                }
+            }
+        }
     }
 
     fn marker_slots(&self, partition: u32, served: SlotRanges, up_to: u64) -> MarkerSlots {
@@ -816,6 +989,7 @@ impl ClusterSource {
             }
         }
         let moving = !candidates.is_empty() || !idle.is_empty() || self.lock().migrating;
+        self.check_voids().await;
         for (partition, handoff) in idle {
             let route = self.lock().routes.get(&partition).cloned();
             if let Some(route) = route {
@@ -924,6 +1098,86 @@ async fn confirm_handoffs(
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| format!("{addr}: INFO replication has no master_repl_offset"))?;
     Ok(gone.into_iter().map(|h| (h, offset)).collect())
+}
+
+/// Asks `master`, in one `MULTI` (one instant of its state), for its own
+/// view, its keys in each slot of `voids` and its replication offset.
+/// Returns the voids it confirms (it neither serves nor imports the slot
+/// and holds no key of it) with that offset, and those whose slot it
+/// still holds keys of (with how many).
+async fn confirm_voids(
+    master: &RedisUrl,
+    voids: &[SlotVoid],
+) -> Result<(Vec<(SlotVoid, u64)>, Vec<(SlotVoid, i64)>), String> {
+    let addr = master.addr();
+    let mut client = Client::connect(master)
+        .await
+        .map_err(|e| format!("{addr}: {e}"))?;
+    let mut commands = vec![
+        Command::from_parts(["MULTI"]),
+        Command::from_parts(["CLUSTER", "NODES"]),
+    ];
+    for void in voids {
+        commands.push(Command::from_parts([
+            "CLUSTER".to_string(),
+            "COUNTKEYSINSLOT".to_string(),
+            void.slot.to_string(),
+        ]));
+    }
+    commands.push(Command::from_parts(["INFO", "replication"]));
+    commands.push(Command::from_parts(["EXEC"]));
+    let replies = client
+        .pipeline(&commands)
+        .await
+        .map_err(|e| format!("{addr}: {e}"))?;
+    let Some(crate::redis::resp::Frame::Array(results)) = replies.last() else {
+        return Err(format!("{addr}: EXEC answered {:?}", replies.last()));
+    };
+    if results.len() != voids.len() + 2 {
+        return Err(format!("{addr}: EXEC gave {} replies", results.len()));
+    }
+    let text = |frame: &crate::redis::resp::Frame| {
+        frame
+            .as_bytes()
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .ok_or_else(|| format!("{addr}: unexpected reply {frame:?}"))
+    };
+    let view = Topology::parse(&addr, &text(&results[0])?).map_err(|e| e.to_string())?;
+    let me = view
+        .nodes
+        .iter()
+        .find(|n| n.myself)
+        .ok_or_else(|| format!("{addr} does not name itself in CLUSTER NODES"))?;
+    if !me.master {
+        return Err(format!("{addr} is not a master any more"));
+    }
+    let info = crate::redis::client::parse_info(&text(&results[voids.len() + 1])?);
+    if info.get("role").map(String::as_str) != Some("master") {
+        return Err(format!("{addr} is not a master any more"));
+    }
+    let offset: u64 = info
+        .get("master_repl_offset")
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| format!("{addr}: INFO replication has no master_repl_offset"))?;
+    let mut confirmed = Vec::new();
+    let mut stranded = Vec::new();
+    for (void, count) in voids.iter().zip(&results[1..=voids.len()]) {
+        let crate::redis::resp::Frame::Integer(count) = count else {
+            return Err(format!("{addr}: COUNTKEYSINSLOT answered {count:?}"));
+        };
+        let busy = me.slots.contains(void.slot)
+            || me.importing.iter().any(|(s, _)| *s == void.slot)
+            || me.migrating.iter().any(|(s, _)| *s == void.slot);
+        if busy {
+            continue;
+        }
+        if *count > 0 {
+            stranded.push((*void, *count));
+        } else {
+            confirmed.push((*void, offset));
+        }
+    }
+    Ok((confirmed, stranded))
 }
 
 /// Why [`ClusterSource::refresh`] failed.

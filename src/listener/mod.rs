@@ -94,8 +94,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 pub use cluster::{
-    ClusterSource, MarkerSlots, PendingHandoff, RefreshError, ShardMap, ShardMapError, ShardNodes,
-    ShardRoute, ShardState, SHARD_MAP_FILE,
+    ClusterSource, MarkerSlots, PendingHandoff, PendingVoid, RefreshError, ShardMap, ShardMapError,
+    ShardNodes, ShardRoute, ShardState, SHARD_MAP_FILE,
 };
 pub use config::{CheckedListenerConfig, ListenerConfig, ListenerConfigError, ReplicaSettings};
 pub use slots::{SlotOwner, SlotTable, SlotTableError, SLOT_TABLE_FILE};
@@ -104,8 +104,8 @@ pub use status::{ListenerStatus, ListenerStatusSnapshot, SyncState};
 
 use crate::backoff::Backoff;
 use crate::position::{LogId, PartitionId, ReplId, ReplOffset};
-use crate::record::SlotHandoff;
 use crate::record::{Record, RecordError, SnapshotMarker};
+use crate::record::{SlotHandoff, SlotVoid};
 use crate::redis::psync::{AckHandle, PsyncSource, ReplError, ReplEvent, ReplPosition};
 use crate::wal::{AppendedRange, NewEntry, SnapshotPhase, SourcePosition, Wal, WalError};
 use snapshot::{EpochAllocator, RdbOutcome};
@@ -495,6 +495,8 @@ struct BatchInfo {
     /// Slot handoffs in the batch and their places in it (recorded in the
     /// slot table once durable).
     handoffs: Vec<(usize, SlotHandoff)>,
+    /// Tenure voids in the batch (recorded in the slot table once durable).
+    voids: Vec<SlotVoid>,
 }
 
 /// Entries waiting for an append.
@@ -504,6 +506,7 @@ struct Pending {
     bytes: usize,
     heartbeat_unix_ms: Option<u64>,
     handoffs: Vec<(usize, SlotHandoff)>,
+    voids: Vec<SlotVoid>,
 }
 
 struct Session {
@@ -770,6 +773,7 @@ impl Session {
                 last: source,
                 heartbeat_unix_ms: None,
                 handoffs: Vec::new(),
+                voids: Vec::new(),
             },
         );
         Ok(None)
@@ -797,6 +801,11 @@ impl Session {
                 // Logged again after a restart (the table still names this
                 // partition): a repeated handoff changes nothing.
                 warn!(partition = %self.inner().cfg.partition, %error, "slot handoffs are durable in the log but the slot table was not saved");
+            }
+            if let Err(error) = route.voids_durable(&batch.voids) {
+                // Checked again after a restart (the receiver is still in
+                // the file): a repeated void changes nothing.
+                warn!(partition = %self.inner().cfg.partition, %error, "slot tenure voids are durable in the log but the slot table was not saved");
             }
         }
         if let Some(sent) = batch.heartbeat_unix_ms {
@@ -933,6 +942,17 @@ impl Session {
         }
         loop {
             if in_flight.is_none() && !pending.entries.is_empty() {
+                // A write of a slot its partition receives is appended only
+                // once the slot table names the partition as a receiver
+                // (docs/cluster.md, rule 9).
+                if let Some(route) = &self.inner().route {
+                    if let Err(error) = route.save_receivers() {
+                        return Err(ListenerError::Route {
+                            partition,
+                            error: format!("saving the slot table: {error}"),
+                        });
+                    }
+                }
                 let batch = std::mem::take(&mut pending);
                 let info = BatchInfo {
                     last: batch
@@ -942,6 +962,7 @@ impl Session {
                         .unwrap_or_default(),
                     heartbeat_unix_ms: batch.heartbeat_unix_ms,
                     handoffs: batch.handoffs,
+                    voids: batch.voids,
                 };
                 let wal = wal.clone();
                 in_flight = Some((
@@ -1106,6 +1127,27 @@ impl Session {
                 .handoffs
                 .push((pending.entries.len() - 1, waiting.handoff));
             pushed.push(waiting.handoff);
+        }
+        // Tenure voids (docs/cluster.md, rule 9), once at their offset:
+        // the writes after the record are tagged past the voided tenure.
+        for waiting in route.pending_voids() {
+            if waiting.at > position.offset.0 {
+                continue;
+            }
+            route.void_queued(&waiting.void);
+            let payload = Record::Void(waiting.void).encode();
+            pending.bytes += payload.len();
+            pending.entries.push(NewEntry {
+                flags: 0,
+                created_unix_ms: Some(unix_ms()),
+                source: SourcePosition {
+                    replid: replid.to_string(),
+                    offset: position.offset,
+                    db: position.db,
+                },
+                payload,
+            });
+            pending.voids.push(waiting.void);
         }
     }
 

@@ -9,23 +9,34 @@
 //! `<data-dir>/cluster-slots` that keeps it across restarts, replaced
 //! atomically (like the shard map) each time a handoff is recorded.
 //!
-//! File format, one line per run of slots with the same owner, generation
-//! and origin, after a `v1` header line:
+//! It also keeps the **receivers** of each slot (docs/cluster.md, rule 9):
+//! the partitions that logged a write of the slot's next tenure without
+//! owning it, each with that tenure, until the slot is handed to them or
+//! their tenure is voided (their import was aborted). A void makes the
+//! slot's next tenure one higher ([`SlotOwner::next`]).
+//!
+//! File format, one line per run of slots with the same owner, generation,
+//! origin and next tenure, after a `v2` header line, then one line per
+//! receiver:
 //!
 //! ```text
-//! v1
+//! v2
 //! 0-5460 0 0 - 0
 //! 5461 2 1 1 5120
+//! 5462 1 0 - 0 2
+//! r 5462 2 1
 //! ```
 //!
-//! (`first[-last] owner gen from log`: `from` is `-` for none, `log` the
-//! log id of the handoff record in `from`'s log, 0 for none). Every slot
-//! appears exactly once; anything else is a typed error naming the line.
+//! (`first[-last] owner gen from log [next]`: `from` is `-` for none, `log`
+//! the log id of the handoff record in `from`'s log, 0 for none, `next`
+//! the next tenure when it is not `gen + 1`; `r slot partition gen`.) Every
+//! slot appears exactly once; anything else is a typed error naming the
+//! line. A `v1` file (no `next`, no receivers) is read too.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use crate::record::SlotHandoff;
+use crate::record::{SlotHandoff, SlotVoid};
 use crate::redis::cluster::SlotRanges;
 use crate::redis::command::CLUSTER_SLOTS;
 
@@ -66,12 +77,17 @@ pub struct SlotOwner {
     pub from: Option<u32>,
     /// The log id of that handoff record in `from`'s log (0: none).
     pub log_id: u64,
+    /// The tenure the next owner gets, and the tag of writes of partitions
+    /// receiving the slot: `gen + 1`, higher after voids (rule 9).
+    pub next: u64,
 }
 
 /// Every slot's owner (module doc).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SlotTable {
     slots: Vec<SlotOwner>,
+    /// (slot, partition, tenure) of the partitions receiving a slot.
+    receivers: std::collections::BTreeSet<(u16, u32, u64)>,
 }
 
 impl SlotTable {
@@ -85,9 +101,13 @@ impl SlotTable {
                 gen: 0,
                 from: None,
                 log_id: 0,
+                next: 1,
             });
         }
-        Some(SlotTable { slots })
+        Some(SlotTable {
+            slots,
+            receivers: Default::default(),
+        })
     }
 
     pub fn get(&self, slot: u16) -> SlotOwner {
@@ -102,8 +122,38 @@ impl SlotTable {
         if owner.owner == partition {
             owner.gen
         } else {
-            owner.gen + 1
+            owner.next
         }
+    }
+
+    /// Records that `partition` logs a write of `slot` in tenure `gen`
+    /// without owning it; returns whether it is new (the table must then
+    /// be saved before that write is appended).
+    pub fn add_receiver(&mut self, slot: u16, partition: u32, gen: u64) -> bool {
+        self.receivers.insert((slot, partition, gen))
+    }
+
+    /// The receivers the table does not name as the owner of their slot:
+    /// (slot, partition, tenure).
+    pub fn receivers(&self) -> Vec<(u16, u32, u64)> {
+        self.receivers
+            .iter()
+            .copied()
+            .filter(|&(slot, partition, _)| self.get(slot).owner != partition)
+            .collect()
+    }
+
+    /// Voids tenure `void.gen` of `void.slot` for `partition` (rule 9): the
+    /// slot's next tenure goes past it. Returns whether the table changed.
+    pub fn void(&mut self, partition: u32, void: &SlotVoid) -> bool {
+        let index = usize::from(void.slot) % SLOTS;
+        let mut changed = self.receivers.remove(&(void.slot, partition, void.gen));
+        let owner = &mut self.slots[index];
+        if owner.next <= void.gen {
+            owner.next = void.gen + 1;
+            changed = true;
+        }
+        changed
     }
 
     /// The slots `partition` owns.
@@ -160,7 +210,12 @@ impl SlotTable {
             gen: handoff.gen,
             from: Some(from),
             log_id,
+            next: handoff.gen + 1,
         };
+        // The new owner's writes of the tenure it got are its own now.
+        self.receivers.retain(|&(slot, partition, gen)| {
+            !(slot == handoff.slot && partition == handoff.to && gen <= handoff.gen)
+        });
         true
     }
 
@@ -208,22 +263,55 @@ impl SlotTable {
 
     fn parse(text: &str) -> Result<SlotTable, (usize, String)> {
         let mut lines = text.lines().enumerate();
-        match lines.next() {
-            Some((_, "v1")) => {}
+        let v2 = match lines.next() {
+            Some((_, "v1")) => false,
+            Some((_, "v2")) => true,
             Some((_, other)) => {
-                return Err((1, format!("expected the header v1, found {other:?}")))
+                return Err((1, format!("expected the header v1 or v2, found {other:?}")))
             }
             None => return Err((1, "empty".into())),
-        }
+        };
         let mut slots: Vec<Option<SlotOwner>> = vec![None; SLOTS];
+        let mut receivers = std::collections::BTreeSet::new();
         for (i, line) in lines {
             let number = i + 1;
             if line.trim().is_empty() {
                 continue;
             }
             let fields: Vec<&str> = line.split(' ').collect();
-            let [range, owner, gen, from, log_id] = fields[..] else {
-                return Err((number, format!("expected 5 fields, found {}", fields.len())));
+            if v2 && fields.first() == Some(&"r") {
+                let [_, slot, partition, gen] = fields[..] else {
+                    return Err((
+                        number,
+                        format!("expected `r slot partition gen`, found {line:?}"),
+                    ));
+                };
+                let slot = slot
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|s| *s < CLUSTER_SLOTS)
+                    .ok_or_else(|| (number, format!("receiver slot {slot:?} is not a slot")))?;
+                let partition: u32 = partition.parse().map_err(|_| {
+                    (
+                        number,
+                        format!("receiver {partition:?} is not a partition id"),
+                    )
+                })?;
+                let gen: u64 = gen.parse().map_err(|_| {
+                    (
+                        number,
+                        format!("receiver generation {gen:?} is not a number"),
+                    )
+                })?;
+                receivers.insert((slot, partition, gen));
+                continue;
+            }
+            let (range, owner, gen, from, log_id, next) = match fields[..] {
+                [range, owner, gen, from, log_id] => (range, owner, gen, from, log_id, None),
+                [range, owner, gen, from, log_id, next] if v2 => {
+                    (range, owner, gen, from, log_id, Some(next))
+                }
+                _ => return Err((number, format!("expected 5 fields, found {}", fields.len()))),
             };
             let log_id: u64 = log_id
                 .parse()
@@ -242,6 +330,14 @@ impl SlotTable {
                         .map_err(|_| (number, format!("from {from:?} is not a partition id")))?,
                 ),
             };
+            let next = match next {
+                None => gen + 1,
+                Some(next) => next
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|n| *n > gen)
+                    .ok_or_else(|| (number, format!("next tenure {next:?} is not above {gen}")))?,
+            };
             for &(first, last) in range.ranges() {
                 for slot in first..=last {
                     let place = &mut slots[usize::from(slot)];
@@ -253,6 +349,7 @@ impl SlotTable {
                         gen,
                         from,
                         log_id,
+                        next,
                     });
                 }
             }
@@ -261,11 +358,14 @@ impl SlotTable {
         for (slot, owner) in slots.into_iter().enumerate() {
             out.push(owner.ok_or_else(|| (0, format!("slot {slot} is missing")))?);
         }
-        Ok(SlotTable { slots: out })
+        Ok(SlotTable {
+            slots: out,
+            receivers,
+        })
     }
 
     fn render(&self) -> String {
-        let mut text = String::from("v1\n");
+        let mut text = String::from("v2\n");
         let mut start = 0usize;
         while start < SLOTS {
             let owner = self.slots[start];
@@ -279,12 +379,20 @@ impl SlotTable {
                 format!("{start}-{end}")
             };
             let from = owner.from.map_or("-".to_string(), |f| f.to_string());
+            let next = if owner.next == owner.gen + 1 {
+                String::new()
+            } else {
+                format!(" {}", owner.next)
+            };
             let _ = writeln!(
                 text,
-                "{range} {} {} {from} {}",
+                "{range} {} {} {from} {}{next}",
                 owner.owner, owner.gen, owner.log_id
             );
             start = end + 1;
+        }
+        for (slot, partition, gen) in &self.receivers {
+            let _ = writeln!(text, "r {slot} {partition} {gen}");
         }
         text
     }
@@ -343,6 +451,48 @@ mod tests {
     }
 
     #[test]
+    fn a_void_moves_the_next_tenure_past_it_and_the_file_keeps_it() {
+        let mut table = three_shards();
+        // Partition 1 receives slot 10 in tenure 1.
+        assert_eq!(table.tenure(1, 10), 1);
+        assert!(table.add_receiver(10, 1, 1));
+        assert!(!table.add_receiver(10, 1, 1));
+        assert_eq!(table.receivers(), [(10, 1, 1)]);
+        let text = table.render();
+        assert!(text.ends_with("r 10 1 1\n"), "{text}");
+        assert_eq!(SlotTable::parse(&text).unwrap(), table);
+        // Its import is aborted: tenure 1 is voided, receivers tag 2 now,
+        // the owner keeps its tenure, and the next handoff opens 2.
+        let void = SlotVoid { slot: 10, gen: 1 };
+        assert!(table.void(1, &void));
+        assert!(!table.void(1, &void), "a void twice changes nothing");
+        assert!(table.receivers().is_empty());
+        assert_eq!(table.tenure(0, 10), 0);
+        assert_eq!(table.tenure(1, 10), 2);
+        assert_eq!(table.tenure(2, 10), 2);
+        let text = table.render();
+        assert!(text.contains("\n10 0 0 - 0 2\n"), "{text}");
+        assert_eq!(SlotTable::parse(&text).unwrap(), table);
+        // A handoff to a receiver drops it; others stay.
+        table.add_receiver(10, 1, 2);
+        table.add_receiver(10, 2, 2);
+        assert!(table.hand_off(
+            0,
+            &SlotHandoff {
+                slot: 10,
+                to: 1,
+                gen: 2
+            },
+            9
+        ));
+        assert_eq!(table.receivers(), [(10, 2, 2)]);
+        assert_eq!(table.tenure(2, 10), 3);
+        // A v1 file (before receivers) is read.
+        let v1 = "v1\n0-16383 0 0 - 0\n";
+        assert_eq!(SlotTable::parse(v1).unwrap().tenure(1, 5), 1);
+    }
+
+    #[test]
     fn the_file_round_trips_and_bad_files_name_the_line() {
         let mut table = three_shards();
         table.hand_off(
@@ -355,7 +505,7 @@ mod tests {
             77,
         );
         let text = table.render();
-        assert!(text.starts_with("v1\n0-5461 0 0 - 0\n"), "{text}");
+        assert!(text.starts_with("v2\n0-5461 0 0 - 0\n"), "{text}");
         assert!(
             text.ends_with("10924-16382 2 0 - 0\n16383 0 1 2 77\n"),
             "{text}"
@@ -369,7 +519,12 @@ mod tests {
         assert_eq!(SlotTable::load(&path).unwrap(), Some(table));
 
         for (text, line, why) in [
-            ("v2\n", 1, "header"),
+            ("v3\n", 1, "header"),
+            ("v1\n0-16383 0 0 - 0 2\n", 2, "5 fields"),
+            ("v1\n0-16383 0 0 - 0\nr 1 2 3\n", 3, "5 fields"),
+            ("v2\n0-16383 0 0 - 0 0\n", 2, "not above"),
+            ("v2\n0-16383 0 0 - 0\nr 16384 2 3\n", 3, "not a slot"),
+            ("v2\n0-16383 0 0 - 0\nr 1 x 3\n", 3, "partition id"),
             ("v1\n0-16383 0 0 -\n", 2, "5 fields"),
             ("v1\n0-16383 x 0 - 0\n", 2, "partition id"),
             ("v1\n0-16383 0 0 - x\n", 2, "log id"),

@@ -424,6 +424,13 @@ impl ListenerPart {
                             p.handoff.slot, p.handoff.to, p.handoff.gen, p.at
                         )
                     })
+                    .chain(route.pending_voids().iter().map(|p| {
+                        format!(
+                            "void of slot {} tenure generation {} (an aborted import) at source offset {}",
+                            p.void.slot, p.void.gen, p.at
+                        )
+                    }))
+                    .chain(route.stranded())
                     .collect()
             })
             .unwrap_or_default();
@@ -934,6 +941,7 @@ impl DrainerPart {
                     split_entries: report.split_entries,
                     cluster: report.cluster,
                     handoff: report.handoff.map(|wait| wait.to_string()),
+                    voided: report.voided.map(|voided| voided.to_string()),
                     last_refused: report.last_refused.map(|refused| RefusedCommand {
                         log_id: refused.log_id.0,
                         command: refused.command,
