@@ -1444,15 +1444,23 @@ fn wait_none_held(ferry: &FerryProcess) {
 /// to `b` (and one new key was written there through `ASK`), the way an
 /// operator does: `SETSLOT STABLE` on both; then brings the moved keys
 /// back with `redis-cli --cluster fix` (which acts on open slots only, so
-/// the slot is opened as importing on `b` first). Returns the keys that
-/// went to `b`.
-fn abort_and_fix(cluster: &Cluster, slot: u16, a: u16, b: u16, keys: &[String], moved: usize) {
+/// the slot is opened as importing on `b` first). `at` is called after the
+/// keys moved (`"moved"`) and right after the fix (`"fixed"`).
+fn abort_and_fix(
+    cluster: &Cluster,
+    slot: u16,
+    (a, b): (u16, u16),
+    keys: &[String],
+    moved: usize,
+    at: &mut dyn FnMut(&str),
+) {
     cluster.begin_slot_migration(slot, a, b);
     for key in keys.iter().take(moved) {
         cluster.migrate_key(key, a, b);
     }
     asking_set(b, &common::cluster::key_in_slot("asked", slot), "on-b");
     std::thread::sleep(Duration::from_millis(700));
+    at("moved");
     set_stable(cluster, slot, a);
     set_stable(cluster, slot, b);
     // Stranded on b for a while: not served by the cluster.
@@ -1465,6 +1473,7 @@ fn abort_and_fix(cluster: &Cluster, slot: u16, a: u16, b: u16, keys: &[String], 
         Resp::Simple("OK".into())
     );
     let fixed = cluster_fix(a);
+    at("fixed");
     assert!(
         fixed.contains("Moving all the") || fixed.contains("Case 2"),
         "redis-cli --cluster fix did not move the keys back: {fixed}"
@@ -1497,18 +1506,94 @@ fn an_aborted_migration_fixed_back_converges_without_holding_a_partition() {
     // More keys of the slot stay on a than move, so `--cluster fix` picks a
     // as the owner and moves the others back to it.
     let keys = keys_of_slot(&cluster, slot, 12);
+    // A migration aborted before any key moved (no writer: a new key of the
+    // slot would go to b through ASK) holds nothing and voids nothing.
+    cluster.begin_slot_migration(slot, a, b);
+    cluster.call_key(&counter, &["INCR", &counter]);
+    std::thread::sleep(Duration::from_millis(700));
+    set_stable(&cluster, slot, a);
+    set_stable(&cluster, slot, b);
+    cluster.call_key(&counter, &["DECR", &counter]);
+    cluster.wait_settled();
+    wait_converged(
+        &cluster,
+        &target,
+        &ferry,
+        "after a migration aborted before any key moved",
+    );
+    wait_none_held(&ferry);
+    let data_dir = dir.path().join("sync");
+    let table = ferry::listener::SlotTable::load(&data_dir.join(ferry::listener::SLOT_TABLE_FILE))
+        .expect("slot table")
+        .expect("a slot table");
+    assert_eq!(table.get(slot).gen, 0);
+    assert_eq!(
+        table
+            .tenure(0, slot)
+            .max(table.tenure(1, slot))
+            .max(table.tenure(2, slot)),
+        1,
+        "nothing voided"
+    );
+    assert!(table.receivers().is_empty(), "{:?}", table.receivers());
     let rounds = with_writer(&cluster, || {
-        // A migration aborted before any key moved holds nothing.
-        cluster.begin_slot_migration(slot, a, b);
-        std::thread::sleep(Duration::from_millis(700));
-        set_stable(&cluster, slot, a);
-        set_stable(&cluster, slot, b);
-        std::thread::sleep(Duration::from_millis(700));
-        abort_and_fix(&cluster, slot, a, b, &keys, 3);
+        abort_and_fix(&cluster, slot, (a, b), &keys, 3, &mut |_| {});
         std::thread::sleep(Duration::from_secs(1));
     });
     wait_none_held(&ferry);
     assert_resharded_sync_exact(&cluster, &target, &ferry, rounds, &epochs, 1);
+    let status = status_text(&ferry);
+    println!("{status}");
+    let b_partition = partition_by_master(&listeners(&ferry))[&cluster.node(b).id()];
+    let voided = appliers(&ferry)
+        .into_iter()
+        .find(|r| r["partition"] == b_partition)
+        .and_then(|r| r["voided"].as_str().map(str::to_string))
+        .unwrap_or_default();
+    assert!(
+        voided.contains(&format!("slot {slot} tenure generation 1")),
+        "the receiving partition shows what it voided: {voided:?}\n{status}"
+    );
+    assert!(
+        status.contains(&format!("part {b_partition}: voided: ")),
+        "{status}"
+    );
+}
+
+/// The same abort and fix with ferry killed (SIGKILL) once after the keys
+/// moved and once right after the fix, each time started again a moment
+/// later: the void is made once the listener is back (the receiver is in
+/// its slot table), and the sync still ends exact, with no full resync.
+#[test]
+fn kill_9_of_ferry_during_an_aborted_migration_and_its_fix_converges() {
+    let cluster = start_cluster();
+    let target = RedisServer::start(&[]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    write_round(&cluster, "pre", 0, 2000);
+    let mut ferry = start_sync(dir.path(), &cluster.url(), &target);
+    wait_partitions_online(&cluster, &ferry);
+    wait_converged(&cluster, &target, &ferry, "after the full sync");
+    let epochs: Vec<u64> = (0..3).map(|p| applier_epoch(&ferry, p)).collect();
+    let masters = cluster.master_ports();
+    let counter = counter_keys()[3].clone();
+    let slot = ferry::redis::command::key_hash_slot(counter.as_bytes());
+    let a = cluster.master_for_key(&counter).port;
+    let b = *masters.iter().find(|p| **p != a).unwrap();
+    let keys = keys_of_slot(&cluster, slot, 12);
+    let rounds = with_writer(&cluster, || {
+        abort_and_fix(&cluster, slot, (a, b), &keys, 4, &mut |phase| {
+            ferry.kill9();
+            if phase == "fixed" {
+                // Down while the fix's effects reach the source's streams.
+                std::thread::sleep(Duration::from_millis(1500));
+            }
+            ferry.spawn();
+        });
+        std::thread::sleep(Duration::from_secs(1));
+    });
+    wait_partitions_online(&cluster, &ferry);
+    wait_none_held(&ferry);
+    assert_resharded_sync_exact(&cluster, &target, &ferry, rounds, &epochs, 0);
     println!("{}", status_text(&ferry));
 }
 

@@ -1434,8 +1434,6 @@ impl Applier {
         builder: &mut BatchBuilder,
         pending: &VecDeque<Pending>,
     ) -> Result<(), ApplyError> {
-        /// Entries read from the WAL per call.
-        const SCAN_ENTRIES: usize = 16 * 1024;
         let Some(tenures) = builder.tenures.as_mut() else {
             return Ok(());
         };
@@ -1461,21 +1459,54 @@ impl Applier {
         {
             return Ok(());
         }
-        let note = |voids: &mut batch::VoidedTenures, slot: u16, gen: u64, at: LogId| {
-            let known = voids.entry((slot, gen)).or_insert(at);
-            *known = (*known).max(at);
-        };
         for entry in pending.iter().filter(|p| p.log_id > next.log_id) {
             if let Record::Void(void) = entry.record {
-                note(&mut self.voids, void.slot, void.gen, entry.log_id);
+                note_void(&mut self.voids, void, entry.log_id);
             }
         }
         // The WAL beyond what is held here.
-        let mut from = self
-            .void_scan
-            .max(pending.back().map_or(next.log_id, |p| p.log_id).next());
+        let from = pending.back().map_or(next.log_id, |p| p.log_id).next();
+        self.scan_voids(from, SCAN_ENTRIES, |voids| known(voids))?;
+        tenures.voids = self.voids.clone();
+        if known(&self.voids) {
+            info!(partition = %self.partition, log_id = %next.log_id, slot = tag.slot, gen = tag.gen, "the slot's import into this shard was aborted in the source (a void of its tenure follows in the log): its entries of that tenure are skipped, never applied");
+        }
+        Ok(())
+    }
+
+    /// The (slot, tenure) pairs of `marker`'s tenures (at `log_id`) voided
+    /// by a `SlotVoid` after it in this partition's log, as far as read.
+    fn voided_after(
+        &self,
+        log_id: LogId,
+        marker: &crate::record::SnapshotMarker,
+    ) -> Vec<(u16, u64)> {
+        marker
+            .tenures
+            .iter()
+            .flat_map(|(ranges, gen)| {
+                ranges
+                    .ranges()
+                    .iter()
+                    .flat_map(|&(first, last)| first..=last)
+                    .map(move |slot| (slot, *gen))
+            })
+            .filter(|key| self.voids.get(key).is_some_and(|at| *at > log_id))
+            .collect()
+    }
+
+    /// Reads this partition's WAL from `from` (or from where the last scan
+    /// stopped, if further) for `SlotVoid` records, up to `max` entries or
+    /// until `done`; notes them in [`Applier::voids`].
+    pub(crate) fn scan_voids(
+        &mut self,
+        from: LogId,
+        max: usize,
+        done: impl Fn(&batch::VoidedTenures) -> bool,
+    ) -> Result<(), ApplyError> {
+        let mut from = self.void_scan.max(from);
         let mut read = 0;
-        while read < SCAN_ENTRIES && !known(&self.voids) {
+        while read < max && !done(&self.voids) {
             let limits = ReadLimits {
                 max_entries: 1024,
                 max_bytes: 16 << 20,
@@ -1496,21 +1527,16 @@ impl Applier {
             from = last.log_id.next();
             read += entries.len();
             for entry in entries {
-                match Record::decode_shared(&entry.payload, RecordLimits::default()) {
-                    Ok(Record::Void(void)) => {
-                        note(&mut self.voids, void.slot, void.gen, entry.log_id)
-                    }
-                    Ok(_) => {}
-                    // The feed reports it when it gets there.
-                    Err(_) => {}
+                // A record that does not decode is reported by the feed
+                // when it gets there.
+                if let Ok(Record::Void(void)) =
+                    Record::decode_shared(&entry.payload, RecordLimits::default())
+                {
+                    note_void(&mut self.voids, void, entry.log_id);
                 }
             }
         }
         self.void_scan = from;
-        tenures.voids = self.voids.clone();
-        if known(&self.voids) {
-            info!(partition = %self.partition, log_id = %next.log_id, slot = tag.slot, gen = tag.gen, "the slot's import into this shard was aborted in the source (a void of its tenure follows in the log): its entries of that tenure are skipped, never applied");
-        }
         Ok(())
     }
 
@@ -1888,6 +1914,15 @@ fn read_fragment(
             error,
         }),
     }
+}
+
+/// Entries read from the WAL per [`Applier::scan_voids`] call while held.
+const SCAN_ENTRIES: usize = 16 * 1024;
+
+/// Notes a `SlotVoid` record at `at` (the latest one of each tenure).
+fn note_void(voids: &mut batch::VoidedTenures, void: crate::record::SlotVoid, at: LogId) {
+    let known = voids.entry((void.slot, void.gen)).or_insert(at);
+    *known = (*known).max(at);
 }
 
 /// Entries from the reader, checked for order, waiting to be batched.

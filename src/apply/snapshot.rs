@@ -679,6 +679,18 @@ impl Applier {
     ) -> Result<Option<LoadPlan>, ApplyError> {
         loop {
             self.owners = target.read_owner_map(&self.owners_key).await?;
+            // Slots whose tenure of the marker is voided after it (an
+            // aborted import, docs/cluster.md rule 9) are neither awaited
+            // nor loaded: the shard gave their keys back to the owner.
+            self.scan_voids(log_id.next(), super::SCAN_ENTRIES, |_| false)?;
+            let voided = self.voided_after(log_id, marker);
+            let unvoided;
+            let marker = if voided.is_empty() {
+                marker
+            } else {
+                unvoided = tenure::without_voided(marker, &voided);
+                &unvoided
+            };
             let plan = tenure::plan_load(&self.owners, self.partition.0, marker);
             if !plan.handoffs.is_empty() {
                 if !self
@@ -717,6 +729,14 @@ impl Applier {
                     _ = tokio::time::sleep(tenure::HOLD_POLL) => {}
                 }
                 current = target.read_owner(&self.owners_key, wait.slot).await?;
+                self.scan_voids(log_id.next(), super::SCAN_ENTRIES, |_| false)?;
+                if self
+                    .voids
+                    .get(&(wait.slot, wait.gen))
+                    .is_some_and(|at| *at > log_id)
+                {
+                    break;
+                }
             }
         }
     }

@@ -306,6 +306,28 @@ pub fn plan_load(map: &OwnerMap, partition: u32, marker: &SnapshotMarker) -> Loa
     plan
 }
 
+/// `marker` without the slots of `voided` (slot, tenure) in its tenures:
+/// their import was aborted after the marker (docs/cluster.md, rule 9), so
+/// a load neither waits for them nor loads them.
+pub fn without_voided(marker: &SnapshotMarker, voided: &[(u16, u64)]) -> SnapshotMarker {
+    let mut out = marker.clone();
+    out.tenures = marker
+        .tenures
+        .iter()
+        .map(|(ranges, gen)| {
+            let kept = ranges
+                .ranges()
+                .iter()
+                .flat_map(|&(first, last)| first..=last)
+                .filter(|slot| !voided.contains(&(*slot, *gen)))
+                .map(|slot| (slot, slot));
+            (SlotRanges::from_ranges(kept), *gen)
+        })
+        .filter(|(ranges, _)| !ranges.ranges().is_empty())
+        .collect();
+    out
+}
+
 /// The slots a flush of `partition`'s shard deletes: those of its
 /// `scope` (its last marker's) that the map gives no other partition, and
 /// every slot the map gives it. Without map entries: `scope`.
@@ -472,6 +494,32 @@ mod tests {
             }],
         );
         assert_eq!(plan_load(&map, 1, &m), LoadPlan::default());
+    }
+
+    #[test]
+    fn a_load_neither_waits_for_nor_loads_a_voided_slot() {
+        let mut map = OwnerMap::default();
+        map.raise(5, owner(0, 0));
+        // Partition 1's marker was taken while it imported slot 5 (tenure
+        // 1); the import was aborted after it.
+        let m = marker(
+            vec![
+                (SlotRanges::from_ranges([(0, 2)]), 0),
+                (SlotRanges::from_ranges([(5, 5)]), 1),
+            ],
+            vec![],
+        );
+        assert_eq!(plan_load(&map, 1, &m).wait.map(|w| w.slot), Some(5));
+        let plan = plan_load(&map, 1, &without_voided(&m, &[(5, 1)]));
+        assert_eq!(plan.wait, None);
+        assert_eq!(plan.load, SlotRanges::from_ranges([(0, 2)]));
+        // Another tenure of the slot is not voided by it.
+        assert_eq!(
+            plan_load(&map, 1, &without_voided(&m, &[(5, 2)]))
+                .wait
+                .map(|w| w.slot),
+            Some(5)
+        );
     }
 
     #[test]

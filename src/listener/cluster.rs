@@ -857,6 +857,16 @@ impl ClusterSource {
                     .push(void);
             }
         }
+        let routes: Vec<Arc<ShardRoute>> = self.lock().routes.values().cloned().collect();
+        for route in routes {
+            if !asks.contains_key(&route.partition) {
+                route
+                    .stranded
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clear();
+            }
+        }
         for (partition, (route, master, voids)) in asks {
             match confirm_voids(&master, &voids).await {
                 Ok((confirmed, stranded)) => {
@@ -864,7 +874,7 @@ impl ClusterSource {
                         .iter()
                         .map(|(void, keys)| {
                             format!(
-                                "slot {} (tenure generation {}): its import into this shard stopped with {keys} keys left on {} (not served by the cluster): nothing is voided and the partition's applier holds until they are moved (CLUSTER SETSLOT {} IMPORTING <owner-id> on it, then redis-cli --cluster fix) or the migration is finished",
+                                "slot {} back to its owner: not yet, its import into this shard (tenure generation {}) stopped with {keys} keys left on {} (not served by the cluster), so nothing is voided and the partition's applier holds until they are moved (CLUSTER SETSLOT {} IMPORTING <owner-id> on it, then redis-cli --cluster fix) or the migration is finished",
                                 void.slot, void.gen, master.addr(), void.slot
                             )
                         })

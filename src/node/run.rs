@@ -426,7 +426,7 @@ impl ListenerPart {
                     })
                     .chain(route.pending_voids().iter().map(|p| {
                         format!(
-                            "void of slot {} tenure generation {} (an aborted import) at source offset {}",
+                            "slot {} back to its owner (import aborted: tenure generation {} voided) at source offset {}",
                             p.void.slot, p.void.gen, p.at
                         )
                     }))
