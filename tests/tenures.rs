@@ -24,7 +24,7 @@ use ferry::apply::{
     run, ApplyConfig, ApplyError, ApplyReport, ApplyStatus, ExistingData, SyncState,
 };
 use ferry::position::{LogId, PartitionId, ReplOffset};
-use ferry::record::{Record, SlotHandoff, SlotTenure, SnapshotMarker, WriteRecord};
+use ferry::record::{Record, SlotHandoff, SlotTenure, SlotVoid, SnapshotMarker, WriteRecord};
 use ferry::redis::client::Client;
 use ferry::redis::cluster::SlotRanges;
 use ferry::redis::command::{key_hash_slot, Command};
@@ -984,5 +984,110 @@ async fn a_flush_of_a_shard_follows_the_owner_map() {
     assert_eq!(data(&target).await, BTreeMap::new(), "P1's flush took s");
     p0_run.stop().await;
     p1_run.stop().await;
+    wal.close().await.unwrap();
+}
+
+/// (j) An import of `s` into P1 aborted in the source (docs/cluster.md, rule
+/// 9): P1's snapshot was taken while it imported `s` (its RDB holds a key
+/// of `s` written there through `ASK`, its marker names `s` at tenure 1),
+/// then its log has the moved key, that `ASK` write, the `DEL`s of
+/// `redis-cli --cluster fix` moving them back, and a `SlotVoid` of (s, 1).
+/// P1's load neither waits for `s` nor loads it, its entries of (s, 1) are
+/// skipped and counted, never applied, even when its applier is ended
+/// abruptly in the middle and started again; P0's log (the owner's), with
+/// the key moved back by `RESTORE-ASKING`, gives the target every value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aborted_import_is_voided_in_the_load_and_the_log() {
+    let source_0 = RedisServer::start(&[]);
+    let source_1 = RedisServer::start(&[]);
+    let target = RedisServer::start(&[]);
+    let work = tempfile::tempdir().unwrap();
+    let wal = Wal::open(wal_config(&work.path().join("wal")))
+        .await
+        .unwrap();
+    let m = moving();
+    let b_keys = keys_in(&range_1(), "b", 3);
+    let mut c = connect(&source_1).await;
+    for key in &b_keys {
+        c.call(["SET", key.as_str(), "from-b"]).await.unwrap();
+    }
+    // The key written on P1's master through ASK while it imported s.
+    c.call(["SET", m.stale.as_str(), "asked"]).await.unwrap();
+    let payload = dump_payload(&source_0, &m.moved, "v0").await;
+
+    // P1: the marker of its import, then its entries of (s, 1), the fix's
+    // DELs, the void, and its own writes around them.
+    let scope = {
+        let mut scope = range_1();
+        scope.insert_range(m.slot, m.slot);
+        scope
+    };
+    let marker_1 = append_snapshot(
+        &wal,
+        1,
+        &source_1,
+        1,
+        Slots {
+            scope,
+            tenures: vec![
+                (range_1(), 0),
+                (SlotRanges::from_ranges([(m.slot, m.slot)]), 1),
+            ],
+            handoffs: vec![],
+        },
+        work.path(),
+    )
+    .await;
+    let mut p1 = vec![
+        restore_asking(&m.moved, payload.clone(), m.slot, 1),
+        untagged(&["SET", &b_keys[0], "own"]),
+        tagged(&["DEL", &m.moved], m.slot, 1),
+        tagged(&["DEL", &m.stale], m.slot, 1),
+    ];
+    p1.push(Record::Void(SlotVoid {
+        slot: m.slot,
+        gen: 1,
+    }));
+    p1.push(untagged(&["SET", &b_keys[1], "after"]));
+    let last_1 = append(&wal, 1, &p1).await;
+    assert!(last_1 > marker_1);
+
+    // P0: the owner all along: its counter, the key that moved to P1
+    // (MIGRATE's DEL) and back with the ASK write (the fix's
+    // RESTORE-ASKINGs).
+    let stale_payload = dump_payload(&source_0, &m.stale, "asked").await;
+    first_marker(&wal, 0, &source_0, range_0(), work.path()).await;
+    let mut p0 = incrs(&m.counter, 30, m.slot, 0);
+    p0.push(tagged(&["SET", &m.moved, "v0"], m.slot, 0));
+    p0.push(tagged(&["DEL", &m.moved], m.slot, 0));
+    p0.push(restore_asking(&m.moved, payload, m.slot, 0));
+    p0.push(restore_asking(&m.stale, stale_payload, m.slot, 0));
+    p0.extend(incrs(&m.counter, 5, m.slot, 0));
+    let last_0 = append(&wal, 0, &p0).await;
+
+    // P1 first, ended abruptly while it runs, then again: its load and its
+    // entries never wait for P0.
+    let first = start(&target, &wal, 1);
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    first.abort().await;
+    let p1_run = start(&target, &wal, 1);
+    let report = p1_run.wait_applied(last_1).await;
+    assert!(report.handoff.is_none(), "{report:?}");
+    let voided = report.voided.expect("voided entries counted");
+    assert_eq!((voided.slot, voided.gen), (m.slot, 1), "{voided:?}");
+    assert!(voided.entries >= 1 && voided.entries <= 3, "{voided:?}");
+    // Nothing of s from P1: not its RDB's key, not its entries.
+    assert_eq!(target.cmd(&["EXISTS", &m.stale]), "0");
+    assert_eq!(target.cmd(&["EXISTS", &m.moved]), "0");
+    assert_eq!(target.cmd(&["GET", &b_keys[1]]), "after");
+    assert_eq!(target.cmd(&["HGET", OWNER_MAP, &m.slot.to_string()]), "");
+    let p0_run = start(&target, &wal, 0);
+    p0_run.wait_applied(last_0).await;
+    p0_run.stop().await;
+    p1_run.stop().await;
+    assert_eq!(target.cmd(&["GET", &m.counter]), "35");
+    assert_eq!(target.cmd(&["GET", &m.moved]), "v0");
+    assert_eq!(target.cmd(&["GET", &m.stale]), "asked");
+    assert_eq!(target.cmd(&["HGET", OWNER_MAP, &m.slot.to_string()]), "0 0");
     wal.close().await.unwrap();
 }
