@@ -676,14 +676,26 @@ impl ClusterSource {
                     route
                 }
             };
+            let mut master_moved = false;
             route.state.send_if_modified(|s| {
                 if *s == new {
                     return false;
                 }
                 info!(partition = %partition, master = %master.addr, slots = %new.slots, "source shard");
+                master_moved = s.master_id.is_some() && s.master_id != new.master_id;
                 *s = new;
                 true
             });
+            if master_moved {
+                // A void's offset was read from the old master: the new
+                // one (a promoted replica) may not have reached it. The
+                // receivers are still in the table: asked again.
+                route
+                    .voids
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clear();
+            }
         }
         // A partition whose nodes all left the cluster: idle, master unknown.
         for (partition, route) in &state.routes {
