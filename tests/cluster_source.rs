@@ -1640,3 +1640,117 @@ fn status_text(ferry: &FerryProcess) -> String {
     .expect("ferry status");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// The listener half of rule 9 (docs/cluster.md): after an import aborted
+/// and its keys brought back, the receiving partition's log holds every
+/// write of the slot's next tenure (the moved keys, the `ASK` write, the
+/// fix's `DEL`s) before one `SlotVoid` of that tenure; the slot table keeps
+/// the owner, moves the slot's next tenure past the voided one and forgets
+/// the receiver.
+#[test]
+fn an_aborted_import_is_voided_in_the_receiving_log_after_its_entries() {
+    use ferry::record::{Record, SlotVoid};
+
+    let cluster = start_cluster();
+    let dir = tempfile::tempdir().expect("temp dir");
+    write_round(&cluster, "pre", 0, 300);
+    // A listener alone: nothing of its log is trimmed before it is read.
+    let config = dir.path().join("listener.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"data-dir = "{}"
+admin = "127.0.0.1:0"
+
+[listener]
+id = "listener-1"
+source = "{}"
+
+[[drainers]]
+id = "absent"
+endpoint = "http://127.0.0.1:{}"
+secret = "0123456789abcdef0123456789abcdef"
+"#,
+            dir.path().join("listener").display(),
+            cluster.url(),
+            common::free_port()
+        ),
+    )
+    .unwrap();
+    let mut ferry = FerryProcess::with_config("listener", &config, &dir.path().join("listener"));
+    let rows = wait_partitions_online(&cluster, &ferry);
+    let counter = counter_keys()[5].clone();
+    let slot = ferry::redis::command::key_hash_slot(counter.as_bytes());
+    let a = cluster.master_for_key(&counter).port;
+    let b = *cluster
+        .master_ports()
+        .iter()
+        .find(|p| **p != a)
+        .expect("another master");
+    let by_master = partition_by_master(&rows);
+    let owner = by_master[&cluster.node(a).id()] as u32;
+    let receiving = by_master[&cluster.node(b).id()] as u32;
+    let keys = keys_of_slot(&cluster, slot, 12);
+    abort_and_fix(&cluster, slot, (a, b), &keys, 3, &mut |_| {});
+    let table_path = dir
+        .path()
+        .join("listener")
+        .join(ferry::listener::SLOT_TABLE_FILE);
+    wait_for("the void in the slot table", &ferry, || {
+        let table = ferry::listener::SlotTable::load(&table_path)
+            .map_err(|e| e.to_string())?
+            .ok_or("no slot table")?;
+        let row = table.get(slot);
+        if row.owner == owner && row.gen == 0 && row.next == 2 && table.receivers().is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "slot {slot}: {row:?}, receivers {:?}",
+                table.receivers()
+            ))
+        }
+    });
+    ferry.terminate(Duration::from_secs(30));
+
+    let wal_dir = dir.path().join("listener").join("wal");
+    let log = log_records(&wal_dir, receiving);
+    let voids: Vec<(u64, SlotVoid)> = log
+        .iter()
+        .filter_map(|(id, r)| match r {
+            Record::Void(v) => Some((*id, *v)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        voids.iter().map(|(_, v)| *v).collect::<Vec<_>>(),
+        [SlotVoid { slot, gen: 1 }],
+        "{voids:?}"
+    );
+    let void_at = voids[0].0;
+    let of_slot: Vec<(u64, &ferry::record::WriteRecord)> = log
+        .iter()
+        .filter_map(|(id, r)| match r {
+            Record::Write(w) if w.tenure.is_some_and(|t| t.slot == slot) => Some((*id, w)),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        of_slot
+            .iter()
+            .all(|(id, w)| *id < void_at && w.tenure.map(|t| t.gen) == Some(1)),
+        "every write of the slot in tenure 1, before the void at {void_at}: {of_slot:?}"
+    );
+    let has = |name: &str| {
+        of_slot
+            .iter()
+            .any(|(_, w)| w.commands.iter().any(|c| c.is(name)))
+    };
+    assert!(has("RESTORE-ASKING"), "the moved keys: {of_slot:?}");
+    assert!(has("SET"), "the ASK write: {of_slot:?}");
+    assert!(has("DEL"), "the fix moving them back: {of_slot:?}");
+    // The owner's log has them back, in its own tenure.
+    let owner_log = log_records(&wal_dir, owner);
+    assert!(owner_log.iter().any(|(_, r)| matches!(r,
+        Record::Write(w) if w.tenure == Some(ferry::record::SlotTenure { slot, gen: 0 })
+            && w.commands.iter().any(|c| c.is("RESTORE-ASKING")))));
+}
