@@ -1551,6 +1551,9 @@ fn an_aborted_migration_fixed_back_converges_without_holding_a_partition() {
     assert!(table.receivers().is_empty(), "{:?}", table.receivers());
     let rounds = with_writer(&cluster, || {
         abort_and_fix(&cluster, slot, (a, b), &keys, 3, &mut |phase| {
+            if phase == "fixed" {
+                println!("redis-cli --cluster fix done at {} UTC", utc_time_of_day());
+            }
             if phase != "stranded" {
                 return;
             }
@@ -1588,6 +1591,26 @@ fn an_aborted_migration_fixed_back_converges_without_holding_a_partition() {
         status.contains(&format!("part {b_partition}: voided: ")),
         "{status}"
     );
+    for line in ferry.log_tail(2000).lines() {
+        if line.contains("import aborted") || line.contains("voided") {
+            println!("{line}");
+        }
+    }
+}
+
+/// The time of day in UTC, `HH:MM:SS.mmm` (to read against ferry's log).
+fn utc_time_of_day() -> String {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis())
+        % 86_400_000;
+    format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        ms / 3_600_000,
+        ms / 60_000 % 60,
+        ms / 1000 % 60,
+        ms % 1000
+    )
 }
 
 /// The same abort and fix with ferry killed (SIGKILL) once after the keys
