@@ -281,7 +281,8 @@
 //! covers it ([`batch`]). A marker with tenures takes its handoffs, waits
 //! until the map names it for every slot it loads (or claims them), and
 //! loads only those slots ([`snapshot`]). Untagged entries are applied as
-//! before; an untagged `RESTORE-ASKING` holds (BLOCKED).
+//! before; an untagged `RESTORE-ASKING` holds (BLOCKED). A cluster target
+//! follows the same rules ([`cluster`], "Slot tenures").
 //!
 //! # Cluster targets
 //!
