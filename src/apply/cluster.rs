@@ -542,6 +542,10 @@ impl Applier {
             // still has queued at any master is discarded.
             let mut unavailable = Vec::new();
             for node in &mut cluster.nodes {
+                node.target.stall_watch = Some(super::target::StallWatch {
+                    status: Arc::clone(&self.status),
+                    target: node.addr.clone(),
+                });
                 match super::fence::fence(&mut node.target, &self.client_name).await? {
                     super::fence::Fence::Closed(closed) if closed > 0 => {
                         info!(partition = %self.partition, node = %node.addr, closed, "closed earlier connections of this applier at a target master");

@@ -1036,6 +1036,10 @@ impl Applier {
                 self.cfg.reply_timeout.0,
             )
             .await?;
+            target.stall_watch = Some(target::StallWatch {
+                status: Arc::clone(&self.status),
+                target: self.url.addr(),
+            });
             // Before the checkpoint is read: whatever an earlier connection
             // still has unread or queued at the target is discarded.
             self.fence(&mut target).await?;
