@@ -364,6 +364,16 @@ impl ShardRoute {
         self.handoffs.borrow().clone()
     }
 
+    /// The latest handoff of `slot` waiting to be appended, if any.
+    fn pending_for(&self, slot: u16) -> Option<SlotHandoff> {
+        self.handoffs
+            .borrow()
+            .iter()
+            .filter(|p| p.handoff.slot == slot)
+            .map(|p| p.handoff)
+            .max_by_key(|h| h.gen)
+    }
+
     /// Changes of [`Self::pending_handoffs`].
     pub fn watch_handoffs(&self) -> watch::Receiver<Vec<PendingHandoff>> {
         self.handoffs.subscribe()
@@ -660,14 +670,31 @@ impl ClusterSource {
 
     /// The tenure of a write of `slot` by `partition` (0 before the table
     /// exists: nothing was handed over yet). A write of a slot the
-    /// partition does not own wakes the poller ([`Self::slots_on_the_move`]).
+    /// partition does not own wakes the poller ([`Self::slots_on_the_move`]);
+    /// its tenure counts the owner's handoff of the slot still waiting to
+    /// be logged, if any ([`slots::receiving_tenure`]).
     fn tenure(&self, partition: u32, slot: u16) -> u64 {
-        let (tenure, owned) = self.lock().slots.as_ref().map_or((0, true), |table| {
-            (
-                table.tenure(partition, slot),
-                table.get(slot).owner == partition,
-            )
-        });
+        let (tenure, owned) = {
+            let state = self.lock();
+            match state.slots.as_ref() {
+                None => (0, true),
+                Some(table) => {
+                    let owner = table.get(slot);
+                    if owner.owner == partition {
+                        (owner.gen, true)
+                    } else {
+                        let pending = state
+                            .routes
+                            .get(&PartitionId(owner.owner))
+                            .and_then(|route| route.pending_for(slot));
+                        (
+                            super::slots::receiving_tenure(owner, pending, partition),
+                            false,
+                        )
+                    }
+                }
+            }
+        };
         if !owned {
             self.received
                 .lock()
