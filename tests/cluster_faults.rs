@@ -597,6 +597,16 @@ fn wait_applier_offline(ferry: &FerryProcess, within: Duration) -> serde_json::V
     }
 }
 
+/// Waits until the single applier is ONLINE again.
+fn wait_applier_online(ferry: &FerryProcess) {
+    wait_for("the applier ONLINE again", ferry, || {
+        match appliers(ferry).as_slice() {
+            [row] if row["state"] == "ONLINE" => Ok(()),
+            rows => Err(format!("{rows:?}")),
+        }
+    });
+}
+
 /// `INCR`s executed by each master other than `down` (`INFO
 /// commandstats`: a command refused with `CLUSTERDOWN` or in a discarded
 /// `MULTI` is not counted as a call; the keys themselves cannot be read
@@ -827,13 +837,7 @@ fn a_standalone_target_shut_down_for_a_while() {
                 Outage::Paused => signal(target.pid(), "CONT"),
                 Outage::ShutDown => target.spawn(),
             }
-            wait_for("the applier ONLINE again", &ferry, || {
-                let rows = appliers(&ferry);
-                match rows.as_slice() {
-                    [row] if row["state"] == "ONLINE" => Ok(()),
-                    _ => Err(format!("{rows:?}")),
-                }
-            });
+            wait_applier_online(&ferry);
         }
         std::thread::sleep(Duration::from_secs(2));
         done.store(true, Ordering::Relaxed);
@@ -936,12 +940,7 @@ fn frozen_target_shows_stalled(target: Side) {
             text.contains("| STALLED ") && text.contains("has not answered for"),
             "{text}"
         );
-        wait_for("the applier ONLINE again", &ferry, || {
-            match appliers(&ferry).as_slice() {
-                [row] if row["state"] == "ONLINE" => Ok(()),
-                rows => Err(format!("{rows:?}")),
-            }
-        });
+        wait_applier_online(&ferry);
         std::thread::sleep(Duration::from_secs(1));
         done.store(true, Ordering::Relaxed);
         writer.join().expect("writer");

@@ -859,9 +859,11 @@ impl Applier {
         let mut segment: Vec<Routed> = Vec::new();
         let mut skipped = batch.skipped;
         let mut handoffs = batch.handoffs.iter().copied().peekable();
-        for (log_id, commands) in entries {
-            // The batch's slot handoffs before this entry.
-            while let Some((at, handoff)) = handoffs.next_if(|(at, _)| *at < log_id) {
+        // Each entry, then the end of the batch (`None`).
+        for next in entries.into_iter().map(Some).chain([None]) {
+            // The batch's slot handoffs before it.
+            let before = |at: &LogId| next.as_ref().map_or(true, |(log_id, _)| at < log_id);
+            while let Some((at, handoff)) = handoffs.next_if(|(at, _)| before(at)) {
                 if !self
                     .handoff_barrier(
                         cluster,
@@ -878,6 +880,9 @@ impl Applier {
                     return Ok(false);
                 }
             }
+            let Some((log_id, commands)) = next else {
+                break;
+            };
             let mut routes = Vec::new();
             let mut refusal = None;
             for &index in &commands {
@@ -942,23 +947,6 @@ impl Applier {
                 continue;
             }
             segment.push(entry);
-        }
-        for (at, handoff) in handoffs {
-            if !self
-                .handoff_barrier(
-                    cluster,
-                    batch,
-                    table,
-                    &mut start,
-                    &mut segment,
-                    &mut skipped,
-                    at,
-                    handoff,
-                )
-                .await?
-            {
-                return Ok(false);
-            }
         }
         if start <= batch.last {
             return self
