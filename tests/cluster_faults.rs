@@ -23,15 +23,19 @@
 //!   fences each at its start, and a batch's pieces go to all of them; after
 //!   the cluster's node timeout the other masters answer `CLUSTERDOWN`
 //!   anyway). Once the master is back it converges, without a full resync.
-//!   ferry runs with `reply-timeout = "1s"` as in tests/crash.rs: with the
-//!   default 60 s, a frozen master shows only as the applier's growing lag
-//!   and latency (still ONLINE, no error) until the 60 s are up. The
-//!   status also names the target as the seed list it was given.
+//!   ferry runs with `reply-timeout = "1s"` as in tests/crash.rs, so that
+//!   the session ends and is retried. The status also names the target as
+//!   the seed list it was given.
 //! - [`a_standalone_target_shut_down_for_a_while`]: the same ~10 s outage
 //!   (SIGSTOP, then `SHUTDOWN SAVE` and a restart) of a standalone target.
 //!   tests/crash.rs covers shorter ones (`paused_target_resumes_without_loss`:
 //!   3 s SIGSTOP twice; `aof_*_target_survives_sigkills`: kill -9 and down
 //!   0.5 to 1.5 s).
+//! - [`a_frozen_standalone_target_shows_stalled_then_applies_on`] and
+//!   [`a_frozen_cluster_target_master_shows_stalled_then_applies_on`]: with
+//!   the default `reply-timeout` (60 s) a target SIGSTOPped shows STALLED in
+//!   `ferry status` (the target named, for how long) from 5 s on, and the
+//!   applier goes on once it answers, within the same session.
 //!
 //! Every test ends with the target equal to the source, every counter equal
 //! to the number of increments made, `ferry verify` clean (the real binary),
@@ -593,6 +597,16 @@ fn wait_applier_offline(ferry: &FerryProcess, within: Duration) -> serde_json::V
     }
 }
 
+/// Waits until the single applier is ONLINE again.
+fn wait_applier_online(ferry: &FerryProcess) {
+    wait_for("the applier ONLINE again", ferry, || {
+        match appliers(ferry).as_slice() {
+            [row] if row["state"] == "ONLINE" => Ok(()),
+            rows => Err(format!("{rows:?}")),
+        }
+    });
+}
+
 /// `INCR`s executed by each master other than `down` (`INFO
 /// commandstats`: a command refused with `CLUSTERDOWN` or in a discarded
 /// `MULTI` is not counted as a call; the keys themselves cannot be read
@@ -823,13 +837,7 @@ fn a_standalone_target_shut_down_for_a_while() {
                 Outage::Paused => signal(target.pid(), "CONT"),
                 Outage::ShutDown => target.spawn(),
             }
-            wait_for("the applier ONLINE again", &ferry, || {
-                let rows = appliers(&ferry);
-                match rows.as_slice() {
-                    [row] if row["state"] == "ONLINE" => Ok(()),
-                    _ => Err(format!("{rows:?}")),
-                }
-            });
+            wait_applier_online(&ferry);
         }
         std::thread::sleep(Duration::from_secs(2));
         done.store(true, Ordering::Relaxed);
@@ -864,4 +872,114 @@ fn a_standalone_target_shut_down_for_a_while() {
         &target.url(),
         || ferry.log_tail(40),
     );
+}
+
+// ---------------------------------------------------------------------------
+// 3. A frozen target with the default `reply-timeout` (60 s): the applier
+// shows STALLED, naming the target that is late and for how long, from 5 s
+// on, instead of ONLINE with no error until the minute is up; it applies on
+// once the target answers, exactly once, without ending its session.
+
+fn frozen_target_shows_stalled(target: Side) {
+    let source = start_source();
+    let victim = match &target {
+        Side::Standalone(server) => (server.addr(), server.pid()),
+        Side::Cluster(cluster) => {
+            let port = cluster.master_ports()[0];
+            (cluster.node(port).addr(), cluster.node(port).pid())
+        }
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ferry = FerryProcess::sync(&dir.path().join("sync"), &source.url(), &target.url(), &[]);
+    let mut conn = resp::connect(&source.addr());
+    incr_standalone(&mut conn);
+    wait_converged(
+        || dump_strings(&source.addr()),
+        || target.dump(),
+        &ferry,
+        "before the freeze",
+    );
+    let mark = ferry.log_len();
+    let rounds = AtomicUsize::new(1);
+    let done = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let writer = scope.spawn(|| {
+            let mut conn = resp::connect(&source.addr());
+            writer_loop(&rounds, &done, || incr_standalone(&mut conn))
+        });
+        let _stop = StopOnDrop(&done);
+        std::thread::sleep(Duration::from_millis(500));
+        signal(victim.1, "STOP");
+        let frozen = Instant::now();
+        let mut seen = None;
+        while frozen.elapsed() < Duration::from_secs(15) {
+            if let [row] = appliers(&ferry).as_slice() {
+                if row["state"] == "STALLED" {
+                    // As the operator reads it, while still frozen.
+                    seen = Some((frozen.elapsed(), row.clone(), ferry_status_text(&ferry)));
+                    break;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        signal(victim.1, "CONT");
+        let (after, row, text) = seen.unwrap_or_else(|| {
+            panic!(
+                "the applier never showed STALLED while the target was frozen: {:?}\n{}",
+                appliers(&ferry),
+                ferry.log_tail(40)
+            )
+        });
+        eprintln!("STALLED after {after:?}: {}", row["last_error"]);
+        let error = row["last_error"].as_str().unwrap_or_default();
+        assert!(
+            error.starts_with(&format!("the target {} has not answered for", victim.0)),
+            "{row}"
+        );
+        assert!(
+            text.contains("| STALLED ") && text.contains("has not answered for"),
+            "{text}"
+        );
+        wait_applier_online(&ferry);
+        std::thread::sleep(Duration::from_secs(1));
+        done.store(true, Ordering::Relaxed);
+        writer.join().expect("writer");
+    });
+    let rounds = rounds.load(Ordering::Relaxed);
+    wait_converged(
+        || dump_strings(&source.addr()),
+        || target.dump(),
+        &ferry,
+        "after the freeze",
+    );
+    assert_counters(&dump_strings(&source.addr()), &target.dump(), rounds);
+    // The late reply came within the session: no error, no new session.
+    let log = ferry.log_since(mark);
+    assert!(
+        !log.contains("reachable again"),
+        "the session ended while the target was frozen:\n{log}"
+    );
+    assert_verify_clean("after the freeze", &source.url(), &target.url(), || {
+        ferry.log_tail(40)
+    });
+}
+
+/// `ferry status` as the operator reads it.
+fn ferry_status_text(ferry: &FerryProcess) -> String {
+    let out = std::process::Command::new(common::ferry::ferry_bin())
+        .args(["status", "--data-dir"])
+        .arg(&ferry.data_dir)
+        .output()
+        .expect("ferry status");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_frozen_standalone_target_shows_stalled_then_applies_on() {
+    frozen_target_shows_stalled(Side::Standalone(RedisServer::start(&[])));
+}
+
+#[test]
+fn a_frozen_cluster_target_master_shows_stalled_then_applies_on() {
+    frozen_target_shows_stalled(Side::Cluster(Cluster::start(3, 0)));
 }

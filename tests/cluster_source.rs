@@ -54,11 +54,36 @@ fn wait_for(what: &str, ferry: &FerryProcess, mut check: impl FnMut() -> Result<
     }
 }
 
+/// What a test syncs into: a standalone server or a cluster.
+trait Sink {
+    fn sink_url(&self) -> String;
+    /// Every string key and value outside `__ferry*`.
+    fn dump(&self) -> BTreeMap<String, String>;
+}
+
+impl Sink for RedisServer {
+    fn sink_url(&self) -> String {
+        self.url()
+    }
+    fn dump(&self) -> BTreeMap<String, String> {
+        dump_strings(&self.addr())
+    }
+}
+
+impl Sink for Cluster {
+    fn sink_url(&self) -> String {
+        self.url()
+    }
+    fn dump(&self) -> BTreeMap<String, String> {
+        dump_cluster(self)
+    }
+}
+
 /// Waits until the target holds exactly the cluster's keys and values.
-fn wait_converged(cluster: &Cluster, target: &RedisServer, ferry: &FerryProcess, when: &str) {
+fn wait_converged(cluster: &Cluster, target: &impl Sink, ferry: &FerryProcess, when: &str) {
     wait_for(&format!("target converged {when}"), ferry, || {
         let source = dump_cluster(cluster);
-        let target = dump_strings(&target.addr());
+        let target = target.dump();
         if source == target {
             Ok(())
         } else {
@@ -167,13 +192,13 @@ fn start_cluster() -> Cluster {
     cluster
 }
 
-fn start_sync(dir: &Path, source: &str, target: &RedisServer) -> FerryProcess {
-    FerryProcess::sync(&dir.join("sync"), source, &target.url(), EXISTING_DATA)
+fn start_sync(dir: &Path, source: &str, target: &impl Sink) -> FerryProcess {
+    FerryProcess::sync(&dir.join("sync"), source, &target.sink_url(), EXISTING_DATA)
 }
 
-fn assert_counters(cluster: &Cluster, target: &RedisServer, rounds: usize) {
+fn assert_counters(cluster: &Cluster, target: &impl Sink, rounds: usize) {
     let source = dump_cluster(cluster);
-    let copy = dump_strings(&target.addr());
+    let copy = target.dump();
     for key in counter_keys() {
         assert_eq!(
             source.get(&key).map(String::as_str),
@@ -1130,13 +1155,21 @@ secret = "0123456789abcdef0123456789abcdef"
 /// nothing is applied twice).
 #[test]
 fn a_cluster_reshard_during_writes_and_kill9_converges_with_exact_counters() {
+    reshard_with_kill9(&RedisServer::start(&[]));
+}
+
+#[test]
+fn a_cluster_reshard_during_writes_and_kill9_into_a_cluster_target_converges_with_exact_counters() {
+    reshard_with_kill9(&Cluster::start_by_hand(2));
+}
+
+fn reshard_with_kill9(target: &impl Sink) {
     let cluster = start_cluster();
-    let target = RedisServer::start(&[]);
     let dir = tempfile::tempdir().expect("temp dir");
     write_round(&cluster, "pre", 0, 2000);
-    let mut ferry = start_sync(dir.path(), &cluster.url(), &target);
+    let mut ferry = start_sync(dir.path(), &cluster.url(), target);
     wait_partitions_online(&cluster, &ferry);
-    wait_converged(&cluster, &target, &ferry, "before the resharding");
+    wait_converged(&cluster, target, &ferry, "before the resharding");
     let masters = cluster.master_ports();
     let stop = std::sync::atomic::AtomicBool::new(false);
     let rounds = std::thread::scope(|scope| {
@@ -1156,8 +1189,8 @@ fn a_cluster_reshard_during_writes_and_kill9_converges_with_exact_counters() {
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         writer.join().expect("writer")
     });
-    wait_converged(&cluster, &target, &ferry, "after the resharding");
-    assert_counters(&cluster, &target, rounds);
+    wait_converged(&cluster, target, &ferry, "after the resharding");
+    assert_counters(&cluster, target, rounds);
     let log = std::fs::read_to_string(dir.path().join("sync.log")).unwrap_or_default();
     println!(
         "rounds {rounds}; holds logged: {}",
@@ -1234,7 +1267,7 @@ fn with_writer(cluster: &Cluster, moves: impl FnOnce()) -> usize {
 /// The end state every resharding test requires.
 fn assert_resharded_sync_exact(
     cluster: &Cluster,
-    target: &RedisServer,
+    target: &impl Sink,
     ferry: &FerryProcess,
     rounds: usize,
     epochs: &[u64],
@@ -1252,23 +1285,39 @@ fn assert_resharded_sync_exact(
         .map(|p| applier_epoch(ferry, p))
         .collect();
     assert_eq!(after, epochs, "a snapshot was loaded again");
+    let log = ferry.log_since(0);
+    println!(
+        "rounds {rounds}; holds for a handoff: {}; handoffs applied by a cluster target's \
+         barrier: {}, ahead of a hold: {}",
+        log.matches("held for a slot handoff").count(),
+        log.matches("the owner map moved").count(),
+        log.matches("applied ahead of a hold").count(),
+    );
     common::ferry::assert_verify_clean(
         "after the resharding",
         &cluster.url(),
-        &target.url(),
+        &target.sink_url(),
         || ferry.log_tail(40),
     );
 }
 
 #[test]
 fn a_source_resharding_under_writes_converges_with_every_counter_exact() {
+    resharding_under_writes(&RedisServer::start(&[]));
+}
+
+#[test]
+fn a_source_resharding_under_writes_into_a_cluster_target_converges_with_every_counter_exact() {
+    resharding_under_writes(&Cluster::start_by_hand(2));
+}
+
+fn resharding_under_writes(target: &impl Sink) {
     let cluster = start_cluster();
-    let target = RedisServer::start(&[]);
     let dir = tempfile::tempdir().expect("temp dir");
     write_round(&cluster, "pre", 0, 2000);
-    let ferry = start_sync(dir.path(), &cluster.url(), &target);
+    let ferry = start_sync(dir.path(), &cluster.url(), target);
     wait_partitions_online(&cluster, &ferry);
-    wait_converged(&cluster, &target, &ferry, "after the full sync");
+    wait_converged(&cluster, target, &ferry, "after the full sync");
     let epochs: Vec<u64> = (0..3).map(|p| applier_epoch(&ferry, p)).collect();
     let masters = cluster.master_ports();
     let data_dir = dir.path().join("sync");
@@ -1295,18 +1344,26 @@ fn a_source_resharding_under_writes_converges_with_every_counter_exact() {
         let moved = cluster.rebalance("0.1");
         assert!(moved.contains("Moving"), "rebalance moved nothing: {moved}");
     });
-    assert_resharded_sync_exact(&cluster, &target, &ferry, rounds, &epochs, 1);
+    assert_resharded_sync_exact(&cluster, target, &ferry, rounds, &epochs, 1);
 }
 
 #[test]
 fn kill_9_of_ferry_mid_migration_converges_with_every_counter_exact() {
+    kill_9_mid_migration(&RedisServer::start(&[]));
+}
+
+#[test]
+fn kill_9_of_ferry_mid_migration_into_a_cluster_target_converges_with_every_counter_exact() {
+    kill_9_mid_migration(&Cluster::start_by_hand(2));
+}
+
+fn kill_9_mid_migration(target: &impl Sink) {
     let cluster = start_cluster();
-    let target = RedisServer::start(&[]);
     let dir = tempfile::tempdir().expect("temp dir");
     write_round(&cluster, "pre", 0, 2000);
-    let mut ferry = start_sync(dir.path(), &cluster.url(), &target);
+    let mut ferry = start_sync(dir.path(), &cluster.url(), target);
     wait_partitions_online(&cluster, &ferry);
-    wait_converged(&cluster, &target, &ferry, "after the full sync");
+    wait_converged(&cluster, target, &ferry, "after the full sync");
     let epochs: Vec<u64> = (0..3).map(|p| applier_epoch(&ferry, p)).collect();
     let masters = cluster.master_ports();
     let key = counter_keys()[1].clone();
@@ -1326,18 +1383,26 @@ fn kill_9_of_ferry_mid_migration_converges_with_every_counter_exact() {
         wait_partitions_online(&cluster, &ferry);
         std::thread::sleep(Duration::from_secs(1));
     });
-    assert_resharded_sync_exact(&cluster, &target, &ferry, rounds, &epochs, 0);
+    assert_resharded_sync_exact(&cluster, target, &ferry, rounds, &epochs, 0);
 }
 
 #[test]
 fn a_slot_moved_there_and_back_while_one_partition_ships_nothing_converges() {
+    there_and_back_while_stopped(&RedisServer::start(&[]));
+}
+
+#[test]
+fn a_slot_moved_there_and_back_while_one_partition_ships_nothing_converges_into_a_cluster_target() {
+    there_and_back_while_stopped(&Cluster::start_by_hand(2));
+}
+
+fn there_and_back_while_stopped(target: &impl Sink) {
     let cluster = start_cluster();
-    let target = RedisServer::start(&[]);
     let dir = tempfile::tempdir().expect("temp dir");
     write_round(&cluster, "pre", 0, 2000);
-    let ferry = start_sync(dir.path(), &cluster.url(), &target);
+    let ferry = start_sync(dir.path(), &cluster.url(), target);
     let rows = wait_partitions_online(&cluster, &ferry);
-    wait_converged(&cluster, &target, &ferry, "after the full sync");
+    wait_converged(&cluster, target, &ferry, "after the full sync");
     let epochs: Vec<u64> = (0..3).map(|p| applier_epoch(&ferry, p)).collect();
     let masters = cluster.master_ports();
     let key = counter_keys()[2].clone();
@@ -1365,7 +1430,72 @@ fn a_slot_moved_there_and_back_while_one_partition_ships_nothing_converges() {
         std::thread::sleep(Duration::from_secs(1));
         admin("restart-sync");
     });
-    assert_resharded_sync_exact(&cluster, &target, &ferry, rounds, &epochs, 1);
+    assert_resharded_sync_exact(&cluster, target, &ferry, rounds, &epochs, 1);
+}
+
+// ---------------------------------------------------------------------------
+// (j) A first full sync while a slot is half migrated (docs/cluster.md, rule
+// 6): the receiving shard's snapshot holds the slot's moved keys in the next
+// tenure, so its load waits for the giving partition's handoff and loads
+// that slot only then; the giving shard's load claims the slot.
+
+#[test]
+fn a_full_sync_during_a_migration_loads_the_importing_slot_after_its_handoff() {
+    full_sync_during_a_migration(&RedisServer::start(&[]));
+}
+
+#[test]
+fn a_full_sync_during_a_migration_into_a_cluster_target_loads_the_importing_slot_after_its_handoff()
+{
+    full_sync_during_a_migration(&Cluster::start_by_hand(2));
+}
+
+fn full_sync_during_a_migration(target: &impl Sink) {
+    let cluster = start_cluster();
+    let dir = tempfile::tempdir().expect("temp dir");
+    write_round(&cluster, "pre", 0, 2000);
+    let masters = cluster.master_ports();
+    let key = counter_keys()[3].clone();
+    let slot = ferry::redis::command::key_hash_slot(key.as_bytes());
+    let from = cluster.master_for_key(&key).port;
+    let to = *masters
+        .iter()
+        .find(|p| **p != from)
+        .expect("another master");
+    let data_dir = dir.path().join("sync");
+    let mut ferry = None;
+    let rounds = with_writer(&cluster, || {
+        cluster.begin_slot_migration(slot, from, to);
+        cluster.migrate_key(&key, from, to);
+        let started = start_sync(dir.path(), &cluster.url(), target);
+        wait_partitions_online(&cluster, &started);
+        // The receiving shard's load waits for the slot (HANDOFF).
+        let to_partition = partition_by_master(&listeners(&started))[&cluster.node(to).id()];
+        wait_for("the receiving shard's load to wait", &started, || {
+            let status = started.status_json();
+            let row = status["drainers"]
+                .as_array()
+                .and_then(|rows| {
+                    rows.iter()
+                        .find(|r| r["partition"].as_u64() == Some(to_partition))
+                        .cloned()
+                })
+                .ok_or("no applier row")?;
+            let handoff = row["handoff"].as_str().unwrap_or_default();
+            if row["state"] != "HANDOFF" || !handoff.contains(&format!("slot {slot} ")) {
+                return Err(format!("partition {to_partition}: {row}"));
+            }
+            Ok(())
+        });
+        cluster.migrate_slot_keys(slot, from, to);
+        cluster.finish_slot_migration(slot, from, to);
+        wait_table_settled(&cluster, &started, &data_dir);
+        ferry = Some(started);
+    });
+    let ferry = ferry.expect("ferry started");
+    wait_converged(&cluster, target, &ferry, "after the migration");
+    let epochs: Vec<u64> = (0..3).map(|p| applier_epoch(&ferry, p)).collect();
+    assert_resharded_sync_exact(&cluster, target, &ferry, rounds, &epochs, 1);
 }
 
 // ---------------------------------------------------------------------------

@@ -70,7 +70,7 @@ use super::keyspace::{KeyClass, OwnedKeyspace, Placed, Translated};
 use super::status::RefusedCommand;
 use super::tenure::{self, Decision, Owner, OwnerMap};
 use crate::position::LogId;
-use crate::record::{Record, SlotTenure, WriteRecord};
+use crate::record::{Record, SlotHandoff, SlotTenure, WriteRecord};
 use crate::redis::cluster::SlotRanges;
 use crate::redis::command::{self, Command};
 use crate::redis::resp::Frame;
@@ -144,6 +144,11 @@ pub(crate) struct Batch {
     /// Entries of a voided slot tenure this batch covers without sending
     /// anything (docs/cluster.md, rule 9), with their tags.
     pub voided: Vec<(LogId, SlotTenure)>,
+    /// The slot handoff records of this batch, in log order (followed
+    /// tenures only): their raises are also in `commands`; a cluster
+    /// target applies them on their own, once every entry before each is
+    /// below the floor ([`super::cluster`]).
+    pub handoffs: Vec<(LogId, SlotHandoff)>,
 }
 
 /// A cluster source's slot tenures on the target ([`super::tenure`]):
@@ -246,9 +251,9 @@ pub(crate) struct BatchBuilder {
     /// Slot tenures followed (docs/cluster.md, rules 4 and 5): a tagged
     /// write is applied when the owner map names this partition as its
     /// slot's owner, else held (the batch ends before it), and a handoff
-    /// raises the map in the batch's `MULTI`. `None` (the
-    /// cluster target's applier, which does not keep the map yet): tags
-    /// are ignored, a handoff is covered with nothing sent, and every
+    /// raises the map in the batch's `MULTI` (a cluster target's applier
+    /// sends it on its own: [`Batch::handoffs`]). `None`: tags are
+    /// ignored, a handoff is covered with nothing sent, and every
     /// `RESTORE-ASKING` of an owned key holds the partition.
     pub tenures: Option<Tenures>,
 }
@@ -436,8 +441,8 @@ impl BatchBuilder {
             if let Record::Handoff(handoff) = front.record {
                 // A slot handoff of a cluster source (docs/cluster.md, rule
                 // 5): the owner map takes it in this batch's MULTI, with the
-                // checkpoint that covers it. Without tenures (a cluster
-                // target) it is covered with nothing sent.
+                // checkpoint that covers it. Without tenures it is covered
+                // with nothing sent.
                 let Some(Pending { log_id, .. }) = pending.pop_front() else {
                     break;
                 };
@@ -450,6 +455,7 @@ impl BatchBuilder {
                         gen: handoff.gen,
                     };
                     tenures.map.raise(handoff.slot, owner);
+                    batch.handoffs.push((log_id, handoff));
                     if db != 0 {
                         batch.commands.push(select(0));
                         batch.slots.push(Slot::Internal);
@@ -1096,6 +1102,7 @@ impl Batch {
             streams: Vec::new(),
             scope_delete: Vec::new(),
             voided: Vec::new(),
+            handoffs: Vec::new(),
         }
     }
 

@@ -149,6 +149,35 @@
 //! rest of its entry goes as pieces with the floor after them (a crash in
 //! between deletes again: idempotent).
 //!
+//! # Slot tenures
+//!
+//! A cluster source's resharding is followed as on a standalone target
+//! (docs/cluster.md, rules 4 to 6; module doc of [`super`], "Slot
+//! tenures"), with the owner map `__ferry:slots:<drainer-id>` in the slot
+//! its name hashes to, read from that slot's master at every session's
+//! start:
+//!
+//! - a tagged write is decided by the batch builder against the map (held
+//!   HANDOFF while the map is behind its tenure: the batches before it
+//!   commit, the floor moves past them, then the slot is read again every
+//!   200 ms; BLOCKED when the map has passed it);
+//! - a **handoff record** is a barrier: the batch's entries before it are
+//!   applied and the floor is moved past them, then the map is raised in
+//!   a piece of the map's slot (`WATCH`, `MULTI`, the raise script, that
+//!   slot's checkpoint at the record, `EXEC`). Floor first, because a
+//!   session resumes from the floor and decides again every entry above
+//!   it: an entry of the slot already applied must not meet a map that has
+//!   moved on (it would be held BLOCKED). A crash between the raise and the
+//!   floor raises again: nothing changes;
+//! - a held partition raises ahead, after moving the floor, the handoffs
+//!   no entry of their slot precedes (rule 4), as on a standalone target;
+//! - a load with tenures takes the marker's handoffs first (their slots'
+//!   keys deleted on the masters serving them, then the map raised), waits
+//!   (HANDOFF) until the map opens every slot of its tenures to it, writes
+//!   `loading=M`, then the slots it claims, deletes and loads only the
+//!   slots it takes (the RDB's keys of other slots are not written). A
+//!   crash anywhere plans the same load again: the map only rises.
+//!
 //! # Cost
 //!
 //! Every piece is `WATCH`, `MULTI`, its commands, `SET`, `EXEC`: with keys
@@ -178,10 +207,11 @@ use super::reader::spawn_reader;
 use super::snapshot::{client_error, feed_chunks, scopeguard, CHUNK_QUEUE};
 use super::status::{RefusedCommand, SnapshotLoadProgress};
 use super::target::Target;
+use super::tenure;
 use super::{stream_command, Applier, ApplyError, Feed, ReplyError};
 use crate::backoff::Backoff;
 use crate::position::LogId;
-use crate::record::{Record, SnapshotMarker, INTERNAL_PREFIX};
+use crate::record::{Record, SlotHandoff, SnapshotMarker, INTERNAL_PREFIX};
 use crate::redis::cluster::{discover, SlotRanges, Topology};
 use crate::redis::command::{self, key_hash_slot, Command, CommandError, CLUSTER_SLOTS};
 use crate::redis::rdb::rebuild::{Output, RebuildOptions, RebuildStats, Rebuilder};
@@ -512,6 +542,10 @@ impl Applier {
             // still has queued at any master is discarded.
             let mut unavailable = Vec::new();
             for node in &mut cluster.nodes {
+                node.target.stall_watch = Some(super::target::StallWatch {
+                    status: Arc::clone(&self.status),
+                    target: node.addr.clone(),
+                });
                 match super::fence::fence(&mut node.target, &self.client_name).await? {
                     super::fence::Fence::Closed(closed) if closed > 0 => {
                         info!(partition = %self.partition, node = %node.addr, closed, "closed earlier connections of this applier at a target master");
@@ -542,12 +576,14 @@ impl Applier {
                 .target
                 .read_scope(&self.scope_key)
                 .await?;
-            Ok::<_, ApplyError>((cluster, floor, slots, scope))
+            let owners = read_owners(&mut cluster, &self.owners_key).await?;
+            Ok::<_, ApplyError>((cluster, floor, slots, scope, owners))
         };
-        let (mut cluster, floor, mut table, scope) = tokio::select! {
+        let (mut cluster, floor, mut table, scope, owners) = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             connected = connect => connected?,
         };
+        self.owners = owners;
         // Only with a floor of this partition: its scope goes with the data
         // the floor describes.
         self.scope = if floor.is_some() { scope } else { None };
@@ -688,10 +724,6 @@ impl Applier {
         let mut builder = self.builder(&cluster.nodes[0].target);
         // A cluster has db 0 only.
         builder.databases = 1;
-        // Slot tenures of a cluster source are not followed here yet (the
-        // owner map would need a slot of its own and the pieces' order
-        // around it): tags are ignored and a moved key holds the partition.
-        builder.tenures = None;
         loop {
             feed.take_ready()?;
             if self.shutdown.is_cancelled() {
@@ -714,6 +746,10 @@ impl Applier {
                     let Some(scope) = self.scope.clone() else {
                         return Err(ApplyError::Task("a scoped flush without a scope".into()));
                     };
+                    // With slot tenures the shard's keys are those of the
+                    // slots the owner map gives this partition now.
+                    self.owners = read_owners(cluster, &self.owners_key).await?;
+                    let scope = tenure::flush_slots(&scope, &self.owners, self.partition.0);
                     let deleted = tokio::select! {
                         _ = self.shutdown.cancelled() => return Ok(()),
                         deleted = delete_slots(cluster, &scope, &self.keyspace) => deleted?,
@@ -734,14 +770,33 @@ impl Applier {
                     if !self.cluster_load(cluster, table, log_id, marker).await? {
                         return Ok(());
                     }
-                    // The marker's scope is the partition's from now on.
+                    // The marker's scope is the partition's from now on,
+                    // and the load may have changed the owner map.
                     builder.scope = self.scope.clone();
+                    if let Some(tenures) = &mut builder.tenures {
+                        tenures.map = self.owners.clone();
+                    }
                     self.passed(log_id.next());
                     continue;
                 }
             }
             // Idle: the floor catches up before waiting.
             self.flush_floor(cluster).await?;
+            // Everything before it is applied and below the floor (a
+            // replay never decides an applied entry again against a map
+            // raised since): the next entry waits for a slot handoff of
+            // another partition.
+            if let Some(wait) = builder.tenure_wait(&feed.pending) {
+                feed.take_ahead(tenure::HOLD_LOOKAHEAD_ENTRIES, tenure::HOLD_LOOKAHEAD_BYTES)?;
+                let node = cluster.node_of(key_hash_slot(&self.owners_key))?;
+                let target = &mut cluster.nodes[node].target;
+                self.raise_handoffs_ahead(target, &mut builder, &feed.pending, wait.log_id)
+                    .await?;
+                if !self.wait_for_tenure(target, &mut builder, wait).await? {
+                    return Ok(()); // shut down while held
+                }
+                continue;
+            }
             tokio::select! {
                 _ = self.shutdown.cancelled() => return Ok(()),
                 run = feed.runs.recv() => {
@@ -803,7 +858,31 @@ impl Applier {
         let mut start = batch.first;
         let mut segment: Vec<Routed> = Vec::new();
         let mut skipped = batch.skipped;
-        for (log_id, commands) in entries {
+        let mut handoffs = batch.handoffs.iter().copied().peekable();
+        // Each entry, then the end of the batch (`None`).
+        for next in entries.into_iter().map(Some).chain([None]) {
+            // The batch's slot handoffs before it.
+            let before = |at: &LogId| next.as_ref().map_or(true, |(log_id, _)| at < log_id);
+            while let Some((at, handoff)) = handoffs.next_if(|(at, _)| before(at)) {
+                if !self
+                    .handoff_barrier(
+                        cluster,
+                        batch,
+                        table,
+                        &mut start,
+                        &mut segment,
+                        &mut skipped,
+                        at,
+                        handoff,
+                    )
+                    .await?
+                {
+                    return Ok(false);
+                }
+            }
+            let Some((log_id, commands)) = next else {
+                break;
+            };
             let mut routes = Vec::new();
             let mut refusal = None;
             for &index in &commands {
@@ -874,6 +953,80 @@ impl Applier {
                 .apply_segment(cluster, batch, table, batch.last, segment, skipped)
                 .await;
         }
+        Ok(true)
+    }
+
+    /// A slot handoff record at `log_id` of a batch (docs/cluster.md, rule
+    /// 5): the batch's entries before it are applied and the floor moved
+    /// past them first, so that no entry of its slot is left to apply (or
+    /// to decide again after a crash, against a map that has moved on);
+    /// then the map is raised in a piece of the map's own slot, with that
+    /// slot's checkpoint at `log_id`. A crash before the floor passes the
+    /// record raises it again, which changes nothing. `false`: shut down.
+    #[allow(clippy::too_many_arguments)]
+    async fn handoff_barrier(
+        &mut self,
+        cluster: &mut ClusterTarget,
+        batch: &Batch,
+        table: &mut SlotTable,
+        start: &mut LogId,
+        segment: &mut Vec<Routed>,
+        skipped: &mut u64,
+        log_id: LogId,
+        handoff: SlotHandoff,
+    ) -> Result<bool, ApplyError> {
+        if log_id > *start {
+            let before = std::mem::take(segment);
+            if !self
+                .apply_segment(cluster, batch, table, log_id.prev(), before, *skipped)
+                .await?
+            {
+                return Ok(false);
+            }
+            *skipped = 0;
+        }
+        self.flush_floor(cluster).await?;
+        let owner = tenure::Owner {
+            partition: handoff.to,
+            gen: handoff.gen,
+        };
+        let slot = key_hash_slot(&self.owners_key);
+        if log_id > table.0[usize::from(slot)] {
+            let node = cluster.node_of(slot)?;
+            let piece = [PieceCommand {
+                log_id,
+                cmd: tenure::raise_command(&self.owners_key, &[(handoff.slot, owner)]),
+                source: None,
+            }];
+            let value = self.checkpoint_at(log_id);
+            let target = &mut cluster.nodes[node].target;
+            self.queue_piece(target, batch, slot, &piece, &value)
+                .await?;
+            target.flush().await?;
+            match read_piece(target, &piece, slot).await? {
+                PieceOutcome::Committed { refused, .. } => {
+                    if let Some(refused) = refused.into_iter().next() {
+                        return Err(ApplyError::Reply(ReplyError::InternalRefused {
+                            command: "the owner map's raise".into(),
+                            error: refused.error,
+                        }));
+                    }
+                }
+                PieceOutcome::Redirect(why) => {
+                    return Err(ApplyError::Topology(format!(
+                        "the owner map's slot {slot}, raising slot {} for a handoff: {why}",
+                        handoff.slot
+                    )))
+                }
+            }
+            table.0[usize::from(slot)] = log_id;
+            cluster.nodes[node].touched = true;
+        }
+        self.owners.raise(handoff.slot, owner);
+        info!(partition = %self.partition, %log_id, slot = handoff.slot, to = handoff.to, gen = handoff.gen, "slot handed over: the owner map moved");
+        self.floor_reached(log_id, 0, Vec::new(), 0, 0);
+        self.floor_due(cluster, log_id).await?;
+        *start = log_id.next();
         Ok(true)
     }
 
@@ -1418,6 +1571,25 @@ if ARGV[1] == 'flush' and redis.call('DBSIZE') > 0 then
 end
 return #kept";
 
+/// The owner map of slot tenures ([`tenure`]), read from the master of its
+/// slot (a redirection ends the session: the next one reads the map again).
+async fn read_owners(
+    cluster: &mut ClusterTarget,
+    key: &Bytes,
+) -> Result<tenure::OwnerMap, ApplyError> {
+    let node = cluster.node_of(key_hash_slot(key))?;
+    match cluster.nodes[node].target.read_owner_map(key).await {
+        Err(ApplyError::Client(crate::redis::client::ClientError::Server { message, .. }))
+            if is_redirect(&message) =>
+        {
+            Err(ApplyError::Topology(format!(
+                "reading the slot owner map: {message}"
+            )))
+        }
+        other => other,
+    }
+}
+
 /// Lua: the number of keys of this node outside `__ferry*`.
 const COUNT_DATA_SCRIPT: &str = "\
 return redis.call('DBSIZE') - #redis.call('KEYS', '__ferry*')";
@@ -1718,6 +1890,55 @@ fn produce_commands(
 }
 
 impl Applier {
+    /// Rule 6 of docs/cluster.md for the load of `marker` (at `log_id`)
+    /// into a cluster: reads the owner map; takes the marker's `handoffs`
+    /// the map has not taken (the keys of those slots deleted on their
+    /// masters, then the map raised: before waiting for anything, so a
+    /// marker that hands a slot over and waits for it back does not wait
+    /// for itself); holds (HANDOFF) while a slot of its tenures is not
+    /// open to it. The plan's claims are written by the load. `None` on
+    /// shutdown.
+    async fn plan_cluster_load(
+        &mut self,
+        cluster: &mut ClusterTarget,
+        log_id: LogId,
+        marker: &SnapshotMarker,
+    ) -> Result<Option<tenure::LoadPlan>, ApplyError> {
+        loop {
+            self.owners = read_owners(cluster, &self.owners_key).await?;
+            let plan = tenure::plan_load(&self.owners, self.partition.0, marker);
+            let node = cluster.node_of(key_hash_slot(&self.owners_key))?;
+            if !plan.handoffs.is_empty() {
+                let deleted = tokio::select! {
+                    _ = self.shutdown.cancelled() => return Ok(None),
+                    deleted = delete_slots(cluster, &plan.handed_off, &self.keyspace) => deleted?,
+                };
+                cluster.nodes[node]
+                    .target
+                    .call_command(&tenure::raise_command(&self.owners_key, &plan.handoffs))
+                    .await?;
+                info!(
+                    partition = %self.partition,
+                    marker = %log_id,
+                    slots = %plan.handed_off,
+                    deleted,
+                    "took the handoffs of the snapshot: deleted the keys of the slots handed over, moved the owner map"
+                );
+                continue;
+            }
+            let Some(wait) = plan.wait else {
+                self.status.clear_handoff();
+                return Ok(Some(plan));
+            };
+            if !self
+                .wait_load_handoff(&mut cluster.nodes[node].target, log_id, wait)
+                .await?
+            {
+                return Ok(None);
+            }
+        }
+    }
+
     /// Loads the snapshot of `marker` (at `log_id`) into the cluster
     /// (module doc, "Snapshot loads"). `false`: shut down during the load.
     async fn cluster_load(
@@ -1745,13 +1966,28 @@ impl Applier {
         if first.is_empty() && marker.chunks > 0 {
             return Err(snapshot_error("its chunks are not in the wal".into()));
         }
+        // Slot tenures of a cluster source (docs/cluster.md, rule 6): the
+        // marker's handoffs taken, its slots waited for or claimed; only
+        // the slots it takes are deleted and loaded.
+        let plan = if marker.tenures.is_empty() {
+            None
+        } else {
+            match self.plan_cluster_load(cluster, log_id, &marker).await? {
+                Some(plan) => Some(plan),
+                None => return Ok(false),
+            }
+        };
+        let taken = match &plan {
+            Some(plan) => Some(plan.load.clone()),
+            None => marker.scope.clone(),
+        };
         let policy = self.cfg.existing_data;
         // A cluster has db 0 only: nothing of it may be owned.
         let flush = policy != ExistingData::Keep && self.keyspace.owns_target_db(0);
         if self.first_load && policy == ExistingData::Refuse {
             let mut keys = 0i64;
-            if let Some(scope) = &marker.scope {
-                keys = count_slots(cluster, scope, &self.keyspace).await? as i64;
+            if let (Some(_), Some(taken)) = (&marker.scope, &taken) {
+                keys = count_slots(cluster, taken, &self.keyspace).await? as i64;
             } else if self.keyspace.key_filter().is_some() {
                 keys = scan_owned(cluster, &self.keyspace, false).await? as i64;
             }
@@ -1806,12 +2042,24 @@ impl Applier {
             .call_command(&scope_cmd)
             .await?;
         self.scope = marker.scope.clone();
+        // The slots the load claims (after `loading=M`: a crash before the
+        // claim plans the same load again, one after it finds them named).
+        if let Some(plan) = plan.as_ref().filter(|plan| !plan.claims.is_empty()) {
+            let node = cluster.node_of(key_hash_slot(&self.owners_key))?;
+            cluster.nodes[node]
+                .target
+                .call_command(&tenure::raise_command(&self.owners_key, &plan.claims))
+                .await?;
+            for &(slot, owner) in &plan.claims {
+                self.owners.raise(slot, owner);
+            }
+        }
         let mut pattern = self.key.to_vec();
         pattern.extend_from_slice(b":*");
         let pattern = String::from_utf8_lossy(&pattern).into_owned();
-        if let (Some(scope), true) = (&marker.scope, flush) {
-            let deleted = delete_slots(cluster, scope, &self.keyspace).await?;
-            info!(partition = %self.partition, %scope, deleted, "deleted the keys of the partition's slots on every master");
+        if let (Some(_), Some(taken), true) = (&marker.scope, &taken, flush) {
+            let deleted = delete_slots(cluster, taken, &self.keyspace).await?;
+            info!(partition = %self.partition, slots = %taken, deleted, "deleted the keys of the partition's slots on every master");
         }
         // A scoped partition never empties a master: only its slots' keys
         // (deleted above) and its own slot checkpoints.
@@ -1888,6 +2136,11 @@ impl Applier {
         let partition = self.partition;
         let progress_ref = &mut progress;
         let bytes_ref = &bytes_fed;
+        // With tenures, the RDB's keys of slots the load does not take (the
+        // shard imports them in a tenure not open yet) are not written.
+        let only = plan.as_ref().map(|plan| plan.load.clone());
+        let mut outside = 0u64;
+        let outside_ref = &mut outside;
         let route_all = async {
             // Commands queued per master, not yet answered.
             let mut pending: Vec<Vec<Command>> = vec![Vec::new(); cluster.nodes.len()];
@@ -1903,6 +2156,10 @@ impl Applier {
                                         Ok(Some(slot)) => slot,
                                         _ => 0,
                                     };
+                                    if only.as_ref().is_some_and(|only| !only.contains(slot)) {
+                                        *outside_ref += 1;
+                                        continue;
+                                    }
                                     let node = cluster.node_of(slot)?;
                                     cluster.nodes[node].target.client.queue(&cmd);
                                     pending[node].push(cmd);
@@ -2015,6 +2272,7 @@ impl Applier {
             keys = progress.keys_loaded,
             bytes = progress.bytes_loaded,
             refused = progress.commands_refused,
+            not_taken = outside,
             "snapshot loaded into the cluster"
         );
         self.status.set_snapshot_load(progress.clone());

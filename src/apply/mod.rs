@@ -281,7 +281,8 @@
 //! covers it ([`batch`]). A marker with tenures takes its handoffs, waits
 //! until the map names it for every slot it loads (or claims them), and
 //! loads only those slots ([`snapshot`]). Untagged entries are applied as
-//! before; an untagged `RESTORE-ASKING` holds (BLOCKED).
+//! before; an untagged `RESTORE-ASKING` holds (BLOCKED). A cluster target
+//! follows the same rules ([`cluster`], "Slot tenures").
 //!
 //! # Cluster targets
 //!
@@ -1042,6 +1043,10 @@ impl Applier {
                 self.cfg.reply_timeout.0,
             )
             .await?;
+            target.stall_watch = Some(target::StallWatch {
+                status: Arc::clone(&self.status),
+                target: self.url.addr(),
+            });
             // Before the checkpoint is read: whatever an earlier connection
             // still has unread or queued at the target is discarded.
             self.fence(&mut target).await?;

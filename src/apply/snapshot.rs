@@ -705,40 +705,56 @@ impl Applier {
                 self.status.clear_handoff();
                 return Ok(Some(plan));
             };
-            info!(
-                partition = %self.partition,
-                marker = %log_id,
-                slot = wait.slot,
-                gen = wait.gen,
-                current = ?wait.current,
-                "the snapshot load waits for a slot handoff of another partition"
-            );
-            // Only the awaited slot is read while waiting; the whole map
-            // again once it moved.
-            let mut current = wait.current;
-            while current.map_or(true, |owner| owner.partition != self.partition.0) {
-                self.status.set_handoff(HandoffWait {
-                    log_id,
-                    slot: wait.slot,
-                    gen: wait.gen,
-                    current: current.map(|owner| (owner.partition, owner.gen)),
-                    since_unix_ms: super::status::now_unix_ms(),
-                });
-                tokio::select! {
-                    _ = self.shutdown.cancelled() => return Ok(None),
-                    _ = tokio::time::sleep(tenure::HOLD_POLL) => {}
-                }
-                current = target.read_owner(&self.owners_key, wait.slot).await?;
-                self.scan_voids(log_id.next(), super::SCAN_ENTRIES, |_| false)?;
-                if self
-                    .voids
-                    .get(&(wait.slot, wait.gen))
-                    .is_some_and(|at| *at > log_id)
-                {
-                    break;
-                }
+            if !self.wait_load_handoff(target, log_id, wait).await? {
+                return Ok(None);
             }
         }
+    }
+
+    /// Holds the load of the marker at `log_id` (status HANDOFF) until the
+    /// owner map, at `target` (the master of its slot on a cluster), names
+    /// this partition for `wait`'s slot, reading only that slot every
+    /// [`tenure::HOLD_POLL`]. `false` on shutdown.
+    pub(super) async fn wait_load_handoff(
+        &mut self,
+        target: &mut Target,
+        log_id: LogId,
+        wait: tenure::LoadWait,
+    ) -> Result<bool, ApplyError> {
+        info!(
+            partition = %self.partition,
+            marker = %log_id,
+            slot = wait.slot,
+            gen = wait.gen,
+            current = ?wait.current,
+            "the snapshot load waits for a slot handoff of another partition"
+        );
+        let mut current = wait.current;
+        while current.map_or(true, |owner| owner.partition != self.partition.0) {
+            self.status.set_handoff(HandoffWait {
+                log_id,
+                slot: wait.slot,
+                gen: wait.gen,
+                current: current.map(|owner| (owner.partition, owner.gen)),
+                since_unix_ms: super::status::now_unix_ms(),
+            });
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return Ok(false),
+                _ = tokio::time::sleep(tenure::HOLD_POLL) => {}
+            }
+            current = target.read_owner(&self.owners_key, wait.slot).await?;
+            // The slot's tenure voided after the marker (rule 9): the load
+            // is planned again without it.
+            self.scan_voids(log_id.next(), super::SCAN_ENTRIES, |_| false)?;
+            if self
+                .voids
+                .get(&(wait.slot, wait.gen))
+                .is_some_and(|at| *at > log_id)
+            {
+                break;
+            }
+        }
+        Ok(true)
     }
 
     /// Takes the `handoffs` of a marker (at `log_id`) that the owner map

@@ -18,15 +18,34 @@ use crate::wal::{Wal, WalError};
 
 /// Whether the applier is applying (ONLINE), waiting to retry (OFFLINE),
 /// held at an entry the target refuses (BLOCKED: the entries after it
-/// wait; [`ApplyReport::blocked`] names it), or held until another
+/// wait; [`ApplyReport::blocked`] names it), held until another
 /// partition hands a slot over (HANDOFF, a cluster source's resharding:
-/// [`ApplyReport::handoff`] names the slot and the tenure awaited).
+/// [`ApplyReport::handoff`] names the slot and the tenure awaited), or
+/// waiting for a reply the target is late with (STALLED: longer than
+/// [`stall_after`]; `last_error` names the target and for how long; the
+/// session ends at `reply-timeout`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SyncState {
     Online,
     Offline,
     Blocked,
     Handoff,
+    Stalled,
+}
+
+/// How long a reply of the target may take before the applier shows
+/// STALLED: 5 s, or half of `reply_timeout` when that is shorter (the
+/// session ends at `reply_timeout`, OFFLINE).
+pub fn stall_after(reply_timeout: std::time::Duration) -> std::time::Duration {
+    (reply_timeout / 2).min(std::time::Duration::from_secs(5))
+}
+
+/// A reply the target is late with: which target, since when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stall {
+    target: String,
+    since_unix_ms: u64,
+    reply_timeout: std::time::Duration,
 }
 
 impl std::fmt::Display for SyncState {
@@ -36,6 +55,7 @@ impl std::fmt::Display for SyncState {
             SyncState::Offline => "OFFLINE",
             SyncState::Blocked => "BLOCKED",
             SyncState::Handoff => "HANDOFF",
+            SyncState::Stalled => "STALLED",
         })
     }
 }
@@ -175,6 +195,8 @@ struct StatusFields {
     fence: Option<String>,
     split_entries: u64,
     cluster: Option<String>,
+    /// A reply the target is late with.
+    stall: Option<Stall>,
     /// `ferry skip` asked to skip this entry (the blocked one).
     skip_request: Option<LogId>,
 }
@@ -266,6 +288,7 @@ impl ApplyStatus {
                 fence: None,
                 split_entries: 0,
                 cluster: None,
+                stall: None,
                 skip_request: None,
             }),
             wake: Notify::new(),
@@ -287,17 +310,36 @@ impl ApplyStatus {
     /// The status without the WAL-relative figures (`durable`, `lag` and
     /// `latency_ms` are 0). Never blocks on I/O.
     pub fn snapshot(&self) -> ApplyReport {
+        self.snapshot_at(now_unix_ms())
+    }
+
+    fn snapshot_at(&self, now_unix_ms: u64) -> ApplyReport {
         let fields = self.lock().clone();
+        let stalled = fields
+            .stall
+            .as_ref()
+            .filter(|_| fields.state == SyncState::Online && fields.blocked.is_none());
         ApplyReport {
             partition: self.partition,
             state: if fields.blocked.is_some() {
                 SyncState::Blocked
+            } else if stalled.is_some() {
+                SyncState::Stalled
             } else if fields.handoff.is_some() && fields.state == SyncState::Online {
                 SyncState::Handoff
             } else {
                 fields.state
             },
-            last_error: fields.last_error,
+            last_error: match stalled {
+                Some(stall) => Some(format!(
+                    "the target {} has not answered for {:.1} s (the session ends, and is \
+                     retried, at reply-timeout {:?})",
+                    stall.target,
+                    now_unix_ms.saturating_sub(stall.since_unix_ms) as f64 / 1000.0,
+                    stall.reply_timeout
+                )),
+                None => fields.last_error,
+            },
             applied: fields.applied,
             epoch: fields.epoch,
             durable: LogId::ZERO,
@@ -328,7 +370,7 @@ impl ApplyStatus {
 
     /// [`ApplyStatus::report`] as of `now_unix_ms`.
     pub fn report_at(&self, wal: &Wal, now_unix_ms: u64) -> Result<ApplyReport, WalError> {
-        let mut report = self.snapshot();
+        let mut report = self.snapshot_at(now_unix_ms);
         let durable = wal.last_log_id(self.partition)?.unwrap_or(LogId::ZERO);
         report.durable = durable;
         report.lag = durable.0.saturating_sub(report.applied.0);
@@ -350,6 +392,7 @@ impl ApplyStatus {
         let mut fields = self.lock();
         fields.state = SyncState::Offline;
         fields.last_error = Some(error);
+        fields.stall = None;
     }
 
     pub(crate) fn set_applied(&self, applied: LogId, epoch: u64) {
@@ -428,6 +471,26 @@ impl ApplyStatus {
     /// The applier is not (or no longer) waiting for a handoff.
     pub(crate) fn clear_handoff(&self) {
         self.lock().handoff = None;
+    }
+
+    /// The target at `target` has not answered for [`stall_after`]: shown
+    /// STALLED until [`ApplyStatus::clear_stall`].
+    pub(crate) fn set_stall(
+        &self,
+        target: &str,
+        since_unix_ms: u64,
+        reply_timeout: std::time::Duration,
+    ) {
+        self.lock().stall = Some(Stall {
+            target: target.to_string(),
+            since_unix_ms,
+            reply_timeout,
+        });
+    }
+
+    /// The late reply came (or the wait ended).
+    pub(crate) fn clear_stall(&self) {
+        self.lock().stall = None;
     }
 
     /// Records that `log_id` was skipped (and recorded).
@@ -528,5 +591,51 @@ mod tests {
         status.set_online();
         status.clear_handoff();
         assert_eq!(status.snapshot().state, SyncState::Online);
+    }
+
+    #[test]
+    fn a_late_reply_shows_stalled_with_the_target_and_how_long() {
+        let status = ApplyStatus::new(PartitionId(0));
+        status.set_online();
+        let timeout = std::time::Duration::from_secs(60);
+        assert_eq!(stall_after(timeout), std::time::Duration::from_secs(5));
+        assert_eq!(
+            stall_after(std::time::Duration::from_secs(1)),
+            std::time::Duration::from_millis(500)
+        );
+        status.set_stall("127.0.0.1:7000", 10_000, timeout);
+        let report = status.snapshot_at(17_500);
+        assert_eq!(report.state.to_string(), "STALLED");
+        assert_eq!(
+            report.last_error.as_deref(),
+            Some(
+                "the target 127.0.0.1:7000 has not answered for 7.5 s (the session ends, and is \
+                 retried, at reply-timeout 60s)"
+            )
+        );
+        // A hold at a refused entry is what an operator must act on.
+        let entry = BlockedEntry {
+            log_id: LogId(3),
+            command: "SET".into(),
+            error: "OOM".into(),
+            transient: true,
+            since_unix_ms: 1,
+        };
+        status.set_blocked(entry, "OOM command not allowed".into());
+        let report = status.snapshot();
+        assert_eq!(report.state, SyncState::Blocked);
+        assert_eq!(
+            report.last_error.as_deref(),
+            Some("OOM command not allowed")
+        );
+        status.clear_blocked();
+        status.clear_stall();
+        assert_eq!(status.snapshot_at(20_000).state, SyncState::Online);
+        // A session that ended is OFFLINE with its own error.
+        status.set_stall("127.0.0.1:7000", 10_000, timeout);
+        status.set_offline("timed out".into());
+        let report = status.snapshot();
+        assert_eq!(report.state, SyncState::Offline);
+        assert_eq!(report.last_error.as_deref(), Some("timed out"));
     }
 }

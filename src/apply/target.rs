@@ -1,7 +1,12 @@
 //! The applier's connection to the target Redis: connect, learn what the
 //! target can take (`databases`, version), read the checkpoint, and read
-//! replies with a timeout so that a hung target counts as a dead one.
+//! replies with a timeout so that a hung target counts as a dead one. A
+//! reply later than [`super::status::stall_after`] shows the applier
+//! STALLED (naming the target) until it comes or the timeout ends the
+//! session ([`StallWatch`]).
 
+use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -31,6 +36,59 @@ pub(crate) struct Target {
     /// allowed): a streamed argument longer than it is refused before it is
     /// sent, since the target would drop the connection on its header.
     pub max_bulk_len: Option<u64>,
+    /// Where a late reply is shown (`None`: nowhere, e.g. before the
+    /// applier's session owns the connection).
+    pub stall_watch: Option<StallWatch>,
+}
+
+/// The applier status a late reply of one target is shown in.
+#[derive(Debug, Clone)]
+pub(crate) struct StallWatch {
+    pub status: Arc<super::status::ApplyStatus>,
+    /// The target's address, as shown.
+    pub target: String,
+}
+
+/// Clears the stall it was made for when dropped (the reply came, the
+/// timeout ended the wait, or the wait was cancelled).
+struct StallShown<'a>(&'a StallWatch);
+
+impl Drop for StallShown<'_> {
+    fn drop(&mut self) {
+        self.0.status.clear_stall();
+    }
+}
+
+/// `io` bounded by `reply_timeout`; past [`super::status::stall_after`]
+/// the wait is shown in `watch`'s status.
+async fn bounded<T, E>(
+    watch: Option<&StallWatch>,
+    reply_timeout: Duration,
+    io: impl Future<Output = Result<T, E>>,
+) -> Result<T, ApplyError>
+where
+    ApplyError: From<E>,
+{
+    let timed_out = |_| ApplyError::Timeout(reply_timeout);
+    let Some(watch) = watch else {
+        return tokio::time::timeout(reply_timeout, io)
+            .await
+            .map_err(timed_out)?
+            .map_err(ApplyError::from);
+    };
+    let io = std::pin::pin!(io);
+    let mut io = io;
+    let first = super::status::stall_after(reply_timeout);
+    if let Ok(done) = tokio::time::timeout(first, &mut io).await {
+        return done.map_err(ApplyError::from);
+    }
+    let since = super::status::now_unix_ms().saturating_sub(first.as_millis() as u64);
+    watch.status.set_stall(&watch.target, since, reply_timeout);
+    let _shown = StallShown(watch);
+    tokio::time::timeout(reply_timeout.saturating_sub(first), io)
+        .await
+        .map_err(timed_out)?
+        .map_err(ApplyError::from)
 }
 
 impl Target {
@@ -52,6 +110,7 @@ impl Target {
             databases: DEFAULT_DATABASES,
             caps: None,
             max_bulk_len: None,
+            stall_watch: None,
         };
         let info = target.call(&["INFO", "server"]).await?;
         let text = info
@@ -77,26 +136,32 @@ impl Target {
 
     /// The next reply, or [`ApplyError::Timeout`].
     pub async fn reply(&mut self) -> Result<Frame, ApplyError> {
-        tokio::time::timeout(self.reply_timeout, self.client.read_reply())
-            .await
-            .map_err(|_| ApplyError::Timeout(self.reply_timeout))?
-            .map_err(ApplyError::from)
+        bounded(
+            self.stall_watch.as_ref(),
+            self.reply_timeout,
+            self.client.read_reply(),
+        )
+        .await
     }
 
     pub async fn flush(&mut self) -> Result<(), ApplyError> {
-        tokio::time::timeout(self.reply_timeout, self.client.flush())
-            .await
-            .map_err(|_| ApplyError::Timeout(self.reply_timeout))?
-            .map_err(ApplyError::from)
+        bounded(
+            self.stall_watch.as_ref(),
+            self.reply_timeout,
+            self.client.flush(),
+        )
+        .await
     }
 
     /// Sends one command and waits for its reply; an error reply is
     /// [`ApplyError::Client`] (`ClientError::Server`).
     pub async fn call_command(&mut self, cmd: &Command) -> Result<Frame, ApplyError> {
-        tokio::time::timeout(self.reply_timeout, self.client.call_command(cmd))
-            .await
-            .map_err(|_| ApplyError::Timeout(self.reply_timeout))?
-            .map_err(ApplyError::from)
+        bounded(
+            self.stall_watch.as_ref(),
+            self.reply_timeout,
+            self.client.call_command(cmd),
+        )
+        .await
     }
 
     pub async fn call(&mut self, args: &[&str]) -> Result<Frame, ApplyError> {
@@ -179,4 +244,72 @@ fn bad_owner_map(key: &Bytes, why: String) -> ApplyError {
         value: String::from_utf8_lossy(key).into_owned(),
         why: format!("not a slot owner map: {why}"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::apply::status::{ApplyStatus, SyncState};
+    use crate::position::PartitionId;
+    use crate::redis::client::ClientError;
+
+    fn watched() -> StallWatch {
+        let status = Arc::new(ApplyStatus::new(PartitionId(0)));
+        status.set_online();
+        StallWatch {
+            status,
+            target: "127.0.0.1:7000".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_late_reply_is_shown_while_it_is_awaited_and_cleared_when_it_comes() {
+        let watch = watched();
+        let status = Arc::clone(&watch.status);
+        // Stalled after 1 s of the 2 s timeout; the reply comes at 1.8 s.
+        let wait = tokio::spawn(async move {
+            bounded(Some(&watch), Duration::from_secs(2), async {
+                tokio::time::sleep(Duration::from_millis(1800)).await;
+                Ok::<_, ClientError>(7)
+            })
+            .await
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(status.snapshot().state, SyncState::Online);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let report = status.snapshot();
+        assert_eq!(report.state, SyncState::Stalled, "{report:?}");
+        assert!(report
+            .last_error
+            .is_some_and(|e| e.starts_with("the target 127.0.0.1:7000 has not answered for")));
+        assert_eq!(wait.await.expect("join").expect("reply"), 7);
+        assert_eq!(status.snapshot().state, SyncState::Online);
+    }
+
+    #[tokio::test]
+    async fn a_reply_that_never_comes_times_out_and_clears_the_stall() {
+        let watch = watched();
+        let outcome = bounded(
+            Some(&watch),
+            Duration::from_millis(300),
+            std::future::pending::<Result<(), ClientError>>(),
+        )
+        .await;
+        assert!(
+            matches!(outcome, Err(ApplyError::Timeout(_))),
+            "{outcome:?}"
+        );
+        assert_eq!(watch.status.snapshot().state, SyncState::Online);
+        // Unwatched, the same bound holds.
+        let outcome = bounded(
+            None,
+            Duration::from_millis(100),
+            std::future::pending::<Result<(), ClientError>>(),
+        )
+        .await;
+        assert!(
+            matches!(outcome, Err(ApplyError::Timeout(_))),
+            "{outcome:?}"
+        );
+    }
 }

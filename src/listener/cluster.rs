@@ -380,6 +380,16 @@ impl ShardRoute {
         self.handoffs.borrow().clone()
     }
 
+    /// The latest handoff of `slot` waiting to be appended, if any.
+    fn pending_for(&self, slot: u16) -> Option<SlotHandoff> {
+        self.handoffs
+            .borrow()
+            .iter()
+            .filter(|p| p.handoff.slot == slot)
+            .map(|p| p.handoff)
+            .max_by_key(|h| h.gen)
+    }
+
     /// Changes of [`Self::pending_handoffs`] (and of [`Self::pending_voids`]).
     pub fn watch_handoffs(&self) -> watch::Receiver<Vec<PendingHandoff>> {
         self.handoffs.subscribe()
@@ -732,20 +742,32 @@ impl ClusterSource {
 
     /// The tenure of a write of `slot` by `partition` (0 before the table
     /// exists: nothing was handed over yet). A write of a slot the
-    /// partition does not own wakes the poller ([`Self::slots_on_the_move`]).
+    /// partition does not own wakes the poller ([`Self::slots_on_the_move`]);
+    /// its tenure counts the owner's handoff of the slot still waiting to
+    /// be logged, if any ([`slots::receiving_tenure`]).
     fn tenure(&self, partition: u32, slot: u16) -> u64 {
         let (tenure, owned) = {
-            let mut state = self.lock();
+            let mut guard = self.lock();
+            let state: &mut ClusterState = &mut guard;
             match state.slots.as_mut() {
                 None => (0, true),
                 Some(table) => {
-                    let tenure = table.tenure(partition, slot);
-                    let owned = table.get(slot).owner == partition;
-                    if !owned && table.add_receiver(slot, partition, tenure) {
-                        self.receivers_unsaved
-                            .store(true, std::sync::atomic::Ordering::SeqCst);
+                    let owner = table.get(slot);
+                    if owner.owner == partition {
+                        (owner.gen, true)
+                    } else {
+                        let pending = state
+                            .routes
+                            .get(&PartitionId(owner.owner))
+                            .and_then(|route| route.pending_for(slot));
+                        let tenure = super::slots::receiving_tenure(owner, pending, partition);
+                        // Rule 9: saved before the write is appended.
+                        if table.add_receiver(slot, partition, tenure) {
+                            self.receivers_unsaved
+                                .store(true, std::sync::atomic::Ordering::SeqCst);
+                        }
+                        (tenure, false)
                     }
-                    (tenure, owned)
                 }
             }
         };
@@ -978,7 +1000,7 @@ impl ClusterSource {
                         .push(SlotHandoff {
                             slot,
                             to: u32::MAX,
-                            gen: owner.gen + 1,
+                            gen: owner.next,
                         });
                     continue;
                 }
@@ -994,7 +1016,7 @@ impl ClusterSource {
                         SlotHandoff {
                             slot,
                             to: to.0,
-                            gen: owner.gen + 1,
+                            gen: owner.next,
                         },
                     ));
                     continue;
@@ -1006,7 +1028,7 @@ impl ClusterSource {
                     .push(SlotHandoff {
                         slot,
                         to: to.0,
-                        gen: owner.gen + 1,
+                        gen: owner.next,
                     });
             }
         }

@@ -409,6 +409,27 @@ impl SlotTable {
     }
 }
 
+/// The tenure of a write of a slot by `partition`, which does not own it
+/// in the table (`owner` does): the next one (`owner.next`, past any
+/// voided tenure), or, when `owner`'s handoff of
+/// the slot to another partition is detected but not logged yet
+/// (`pending`), the one after it. A slot moved A → B → C, C's first writes
+/// arriving while A's handoff to B still waits for A's stream to reach its
+/// offset, are C's tenure (gen + 2), not B's: tagged gen + 1 they would be
+/// held for a tenure that never comes (docs/cluster.md, rule 1).
+pub fn receiving_tenure(owner: SlotOwner, pending: Option<SlotHandoff>, partition: u32) -> u64 {
+    match pending {
+        Some(handoff) if handoff.gen > owner.gen && handoff.to != u32::MAX => {
+            if handoff.to == partition {
+                handoff.gen
+            } else {
+                handoff.gen + 1
+            }
+        }
+        _ => owner.next,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -490,6 +511,36 @@ mod tests {
         // A v1 file (before receivers) is read.
         let v1 = "v1\n0-16383 0 0 - 0\n";
         assert_eq!(SlotTable::parse(v1).unwrap().tenure(1, 5), 1);
+    }
+
+    #[test]
+    fn a_receiver_counts_the_owners_handoff_still_to_be_logged() {
+        let mut table = three_shards();
+        let owner = table.get(10);
+        // Nothing pending: the next tenure.
+        assert_eq!(receiving_tenure(owner, None, 1), 1);
+        // 0 -> 1 detected, not logged yet: 1 receives in tenure 1, and 2,
+        // receiving after 1 (a slot moved 0 -> 1 -> 2), in tenure 2.
+        let to_1 = SlotHandoff {
+            slot: 10,
+            to: 1,
+            gen: 1,
+        };
+        assert_eq!(receiving_tenure(owner, Some(to_1), 1), 1);
+        assert_eq!(receiving_tenure(owner, Some(to_1), 2), 2);
+        // Once logged the table says the same.
+        assert!(table.hand_off(0, &to_1, 40));
+        assert_eq!(table.tenure(2, 10), 2);
+        assert_eq!(receiving_tenure(table.get(10), None, 2), 2);
+        // A pending handoff of an older generation (already in the table)
+        // or with no receiver known counts for nothing.
+        assert_eq!(receiving_tenure(table.get(10), Some(to_1), 2), 2);
+        let unknown = SlotHandoff {
+            slot: 10,
+            to: u32::MAX,
+            gen: 2,
+        };
+        assert_eq!(receiving_tenure(table.get(10), Some(unknown), 2), 2);
     }
 
     #[test]

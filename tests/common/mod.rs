@@ -116,6 +116,11 @@ impl RedisServer {
         panic!("redis-server did not start (log in {:?})", dir.path());
     }
 
+    /// The server's process id (for signals).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
