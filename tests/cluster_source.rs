@@ -1702,9 +1702,18 @@ fn an_aborted_migration_fixed_back_converges_without_holding_a_partition() {
             });
         });
         std::thread::sleep(Duration::from_secs(1));
+        // The migration done again after the void: handed over in the
+        // tenure after the voided one.
+        wait_none_held(&ferry);
+        move_slot(&cluster, slot, a, b);
+        wait_table_settled(&cluster, &ferry, &data_dir);
     });
     wait_none_held(&ferry);
     assert_resharded_sync_exact(&cluster, &target, &ferry, rounds, &epochs, 1);
+    let table = ferry::listener::SlotTable::load(&data_dir.join(ferry::listener::SLOT_TABLE_FILE))
+        .expect("slot table")
+        .expect("a slot table");
+    assert_eq!(table.get(slot).gen, 2, "{:?}", table.get(slot));
     let status = status_text(&ferry);
     println!("{status}");
     let b_partition = partition_by_master(&listeners(&ferry))[&cluster.node(b).id()];
