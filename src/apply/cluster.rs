@@ -730,6 +730,8 @@ impl Applier {
                 self.flush_floor(cluster).await?;
                 return Ok(());
             }
+            // Entries of an aborted import's tenure are voided (rule 9).
+            self.find_voids(&mut builder, &feed.pending)?;
             if let Some(batch) = builder.build(&mut feed.pending, self.epoch, self.hold().as_ref())
             {
                 if let Some(refused) = batch.refused {
@@ -759,6 +761,7 @@ impl Applier {
                 if !self.cluster_batch(cluster, &batch, table).await? {
                     return Ok(()); // shut down while held
                 }
+                self.report_voided(&batch);
                 continue;
             }
             if let Some(front) = feed.pending.front() {
@@ -1056,6 +1059,8 @@ impl Applier {
             self.status.add_split_entries(split);
         }
         self.status.set_applied(floor, self.epoch);
+        // Past any hold for a handoff.
+        self.status.clear_handoff();
         self.status.set_online();
         self.progressed = true;
     }
@@ -1906,6 +1911,8 @@ impl Applier {
     ) -> Result<Option<tenure::LoadPlan>, ApplyError> {
         loop {
             self.owners = read_owners(cluster, &self.owners_key).await?;
+            let unvoided = self.marker_without_voids(log_id, marker)?;
+            let marker = unvoided.as_ref().unwrap_or(marker);
             let plan = tenure::plan_load(&self.owners, self.partition.0, marker);
             let node = cluster.node_of(key_hash_slot(&self.owners_key))?;
             if !plan.handoffs.is_empty() {

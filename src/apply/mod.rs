@@ -1479,6 +1479,22 @@ impl Applier {
         Ok(())
     }
 
+    /// Logs and counts the entries of voided tenures `batch` covered.
+    fn report_voided(&self, batch: &Batch) {
+        if let Some(&(last, tag)) = batch.voided.last() {
+            warn!(
+                partition = %self.partition,
+                entries = batch.voided.len(),
+                last = %last,
+                slot = tag.slot,
+                gen = tag.gen,
+                "entries of an aborted slot import voided (skipped, never applied; docs/cluster.md rule 9)"
+            );
+            self.status
+                .add_voided(batch.voided.len() as u64, last, tag.slot, tag.gen);
+        }
+    }
+
     /// The (slot, tenure) pairs of `marker`'s tenures (at `log_id`) voided
     /// by a `SlotVoid` after it in this partition's log, as far as read.
     fn voided_after(
@@ -1776,18 +1792,7 @@ impl Applier {
         }
         self.status
             .add_counts(applied, refused_count, batch.skipped);
-        if let Some(&(last, tag)) = batch.voided.last() {
-            warn!(
-                partition = %self.partition,
-                entries = batch.voided.len(),
-                last = %last,
-                slot = tag.slot,
-                gen = tag.gen,
-                "entries of an aborted slot import voided (skipped, never applied; docs/cluster.md rule 9)"
-            );
-            self.status
-                .add_voided(batch.voided.len() as u64, last, tag.slot, tag.gen);
-        }
+        self.report_voided(batch);
         self.status.clear_handoff();
         self.status.set_applied(batch.last, self.epoch);
         self.status.set_online();

@@ -679,18 +679,8 @@ impl Applier {
     ) -> Result<Option<LoadPlan>, ApplyError> {
         loop {
             self.owners = target.read_owner_map(&self.owners_key).await?;
-            // Slots whose tenure of the marker is voided after it (an
-            // aborted import, docs/cluster.md rule 9) are neither awaited
-            // nor loaded: the shard gave their keys back to the owner.
-            self.scan_voids(log_id.next(), super::SCAN_ENTRIES, |_| false)?;
-            let voided = self.voided_after(log_id, marker);
-            let unvoided;
-            let marker = if voided.is_empty() {
-                marker
-            } else {
-                unvoided = tenure::without_voided(marker, &voided);
-                &unvoided
-            };
+            let unvoided = self.marker_without_voids(log_id, marker)?;
+            let marker = unvoided.as_ref().unwrap_or(marker);
             let plan = tenure::plan_load(&self.owners, self.partition.0, marker);
             if !plan.handoffs.is_empty() {
                 if !self
@@ -709,6 +699,20 @@ impl Applier {
                 return Ok(None);
             }
         }
+    }
+
+    /// `marker` (at `log_id`) without the slots whose tenure of it is
+    /// voided after it in this partition's log (an aborted import,
+    /// docs/cluster.md rule 9): they are neither awaited nor loaded, the
+    /// shard gave their keys back to the owner. `None`: none is.
+    pub(super) fn marker_without_voids(
+        &mut self,
+        log_id: LogId,
+        marker: &SnapshotMarker,
+    ) -> Result<Option<SnapshotMarker>, ApplyError> {
+        self.scan_voids(log_id.next(), super::SCAN_ENTRIES, |_| false)?;
+        let voided = self.voided_after(log_id, marker);
+        Ok((!voided.is_empty()).then(|| tenure::without_voided(marker, &voided)))
     }
 
     /// Holds the load of the marker at `log_id` (status HANDOFF) until the
