@@ -760,7 +760,12 @@ impl ClusterSource {
                             .routes
                             .get(&PartitionId(owner.owner))
                             .and_then(|route| route.pending_for(slot));
-                        let tenure = super::slots::receiving_tenure(owner, pending, partition);
+                        let tenure = super::slots::receiving_tenure(
+                            owner,
+                            pending,
+                            partition,
+                            table.receiving(slot, partition),
+                        );
                         // Rule 9: saved before the write is appended.
                         if table.add_receiver(slot, partition, tenure) {
                             self.receivers_unsaved
@@ -1037,7 +1042,7 @@ impl ClusterSource {
         for (partition, handoff) in idle {
             let route = self.lock().routes.get(&partition).cloned();
             if let Some(route) = route {
-                route.add_pending(&[(handoff, 0)], partition);
+                route.add_pending(&[(self.opening(handoff), 0)], partition);
             }
         }
         for (partition, (master, slots)) in candidates {
@@ -1053,9 +1058,26 @@ impl ClusterSource {
                     continue;
                 }
             };
+            let confirmed: Vec<(SlotHandoff, u64)> = confirmed
+                .into_iter()
+                .map(|(handoff, at)| (self.opening(handoff), at))
+                .collect();
             route.add_pending(&confirmed, partition);
         }
         moving
+    }
+
+    /// `handoff` (its receiver known) opening the tenure its receiver has
+    /// been receiving the slot in, when it has (its writes of the slot are
+    /// tagged with it), else the slot's next tenure (docs/cluster.md, rules
+    /// 2 and 9).
+    fn opening(&self, mut handoff: SlotHandoff) -> SlotHandoff {
+        if let Some(table) = self.lock().slots.as_ref() {
+            if let Some(gen) = table.receiving(handoff.slot, handoff.to) {
+                handoff.gen = gen;
+            }
+        }
+        handoff
     }
 }
 
@@ -1065,12 +1087,10 @@ impl ShardRoute {
         self.handoffs.send_if_modified(|pending| {
                 let mut changed = false;
                 for (handoff, at) in confirmed {
-                    // One handoff per generation: a slot that moved on again
-                    // before its first handoff was logged keeps the first
-                    // (the next owner hands it on in its own log).
-                    let same = |p: &PendingHandoff| {
-                        p.handoff.slot == handoff.slot && p.handoff.gen == handoff.gen
-                    };
+                    // One handoff of a slot at a time: a slot that moved on
+                    // again before its first handoff was logged keeps the
+                    // first (the next owner hands it on in its own log).
+                    let same = |p: &PendingHandoff| p.handoff.slot == handoff.slot;
                     if !pending.iter().any(same) {
                         info!(%partition, slot = handoff.slot, to = handoff.to, gen = handoff.gen, at, "slot handed over by the source: logging its handoff once received up to the offset");
                         pending.push(PendingHandoff {

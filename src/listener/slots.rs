@@ -115,15 +115,26 @@ impl SlotTable {
     }
 
     /// The tenure a write of `slot` logged by `partition` belongs to: the
-    /// current one when the partition owns the slot, else the next one (it
-    /// is receiving the slot).
+    /// current one when the partition owns the slot, else the one it has
+    /// been receiving the slot in, if any, else the next one.
     pub fn tenure(&self, partition: u32, slot: u16) -> u64 {
         let owner = self.get(slot);
         if owner.owner == partition {
             owner.gen
         } else {
-            owner.next
+            self.receiving(slot, partition).unwrap_or(owner.next)
         }
+    }
+
+    /// The tenure `partition` has been receiving `slot` in (its writes of
+    /// the slot are tagged with it until it owns the slot or the tenure is
+    /// voided): the lowest of its receivers' above the owner's.
+    pub fn receiving(&self, slot: u16, partition: u32) -> Option<u64> {
+        let owner = self.get(slot);
+        self.receivers
+            .range((slot, partition, owner.gen + 1)..=(slot, partition, u64::MAX))
+            .next()
+            .map(|&(_, _, gen)| gen)
     }
 
     /// Records that `partition` logs a write of `slot` in tenure `gen`
@@ -210,7 +221,8 @@ impl SlotTable {
             gen: handoff.gen,
             from: Some(from),
             log_id,
-            next: handoff.gen + 1,
+            // A tenure voided for another receiver stays passed.
+            next: current.next.max(handoff.gen + 1),
         };
         // The new owner's writes of the tenure it got are its own now.
         self.receivers.retain(|&(slot, partition, gen)| {
@@ -417,7 +429,21 @@ impl SlotTable {
 /// arriving while A's handoff to B still waits for A's stream to reach its
 /// offset, are C's tenure (gen + 2), not B's: tagged gen + 1 they would be
 /// held for a tenure that never comes (docs/cluster.md, rule 1).
-pub fn receiving_tenure(owner: SlotOwner, pending: Option<SlotHandoff>, partition: u32) -> u64 {
+///
+/// A partition already receiving the slot keeps its tenure (`receiving`,
+/// [`SlotTable::receiving`]): one run of writes into a shard is one
+/// tenure, even when another receiver's void moves the slot's next tenure
+/// meanwhile (A -> B -> C with B's pass voided: C's first and later writes
+/// alike are C's tenure, which the handoff to C opens).
+pub fn receiving_tenure(
+    owner: SlotOwner,
+    pending: Option<SlotHandoff>,
+    partition: u32,
+    receiving: Option<u64>,
+) -> u64 {
+    if let Some(gen) = receiving {
+        return gen;
+    }
     match pending {
         Some(handoff) if handoff.gen > owner.gen && handoff.to != u32::MAX => {
             if handoff.to == partition {
@@ -518,7 +544,7 @@ mod tests {
         let mut table = three_shards();
         let owner = table.get(10);
         // Nothing pending: the next tenure.
-        assert_eq!(receiving_tenure(owner, None, 1), 1);
+        assert_eq!(receiving_tenure(owner, None, 1, None), 1);
         // 0 -> 1 detected, not logged yet: 1 receives in tenure 1, and 2,
         // receiving after 1 (a slot moved 0 -> 1 -> 2), in tenure 2.
         let to_1 = SlotHandoff {
@@ -526,21 +552,54 @@ mod tests {
             to: 1,
             gen: 1,
         };
-        assert_eq!(receiving_tenure(owner, Some(to_1), 1), 1);
-        assert_eq!(receiving_tenure(owner, Some(to_1), 2), 2);
+        assert_eq!(receiving_tenure(owner, Some(to_1), 1, None), 1);
+        assert_eq!(receiving_tenure(owner, Some(to_1), 2, None), 2);
         // Once logged the table says the same.
         assert!(table.hand_off(0, &to_1, 40));
         assert_eq!(table.tenure(2, 10), 2);
-        assert_eq!(receiving_tenure(table.get(10), None, 2), 2);
+        assert_eq!(receiving_tenure(table.get(10), None, 2, None), 2);
         // A pending handoff of an older generation (already in the table)
         // or with no receiver known counts for nothing.
-        assert_eq!(receiving_tenure(table.get(10), Some(to_1), 2), 2);
+        assert_eq!(receiving_tenure(table.get(10), Some(to_1), 2, None), 2);
         let unknown = SlotHandoff {
             slot: 10,
             to: u32::MAX,
             gen: 2,
         };
-        assert_eq!(receiving_tenure(table.get(10), Some(unknown), 2), 2);
+        assert_eq!(receiving_tenure(table.get(10), Some(unknown), 2, None), 2);
+    }
+
+    #[test]
+    fn a_receiver_keeps_its_tenure_and_its_handoff_opens_it_past_anothers_void() {
+        let mut table = three_shards();
+        // Slot 10 went 0 -> 1 -> 2 before the listener saw it on 1: both
+        // received it in tenure 1.
+        assert!(table.add_receiver(10, 1, table.tenure(1, 10)));
+        assert!(table.add_receiver(10, 2, table.tenure(2, 10)));
+        assert_eq!(table.receiving(10, 2), Some(1));
+        // 1 gave every key on: its pass is voided, the next tenure is 2 ...
+        assert!(table.void(1, &SlotVoid { slot: 10, gen: 1 }));
+        assert_eq!(table.get(10).next, 2);
+        // ... but 2 goes on writing in the tenure it has been receiving in,
+        // a newcomer takes the next one,
+        assert_eq!(table.tenure(2, 10), 1);
+        assert_eq!(
+            receiving_tenure(table.get(10), None, 2, table.receiving(10, 2)),
+            1
+        );
+        assert_eq!(table.tenure(0, 10), 0);
+        assert_eq!(table.receiving(10, 1), None);
+        // and the handoff to 2 opens tenure 1 without lowering the next.
+        let handoff = SlotHandoff {
+            slot: 10,
+            to: 2,
+            gen: 1,
+        };
+        assert!(table.hand_off(0, &handoff, 7));
+        assert_eq!(table.get(10).next, 2);
+        assert_eq!(table.tenure(2, 10), 1);
+        assert_eq!(table.receiving(10, 2), None, "an owner receives no more");
+        assert_eq!(table.tenure(1, 10), 2);
     }
 
     #[test]
