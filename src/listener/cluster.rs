@@ -310,6 +310,14 @@ pub struct ShardRoute {
     /// Slots whose import into this shard stopped with keys left on its
     /// master (not served; nothing voided), for status.
     stranded: Mutex<Vec<String>>,
+    /// Handoffs appended to this partition's stream this session, not
+    /// durable yet: the writes after one in the log are no longer the
+    /// owner's (rule 1), though the table changes only once it is durable.
+    queued: Mutex<Vec<SlotHandoff>>,
+    /// The lowest source offset a pending handoff or void waits for
+    /// (`u64::MAX`: none): the stream appends them as soon as it gets
+    /// there, between two entries ([`ShardRoute::due`]).
+    due: std::sync::atomic::AtomicU64,
     source: Arc<ClusterSource>,
 }
 
@@ -378,6 +386,64 @@ impl ShardRoute {
     /// The handoffs waiting to be appended to this partition's log.
     pub fn pending_handoffs(&self) -> Vec<PendingHandoff> {
         self.handoffs.borrow().clone()
+    }
+
+    /// The lowest offset a pending handoff or void waits for (`u64::MAX`:
+    /// none).
+    pub fn due(&self) -> u64 {
+        self.due.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// A handoff or void now waits for offset `at`.
+    fn note_due(&self, at: u64) {
+        self.due.fetch_min(at, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// What still waits beyond `offset`, once those at or below it are
+    /// appended.
+    pub fn set_due_after(&self, offset: u64) {
+        let handoffs = self
+            .handoffs
+            .borrow()
+            .iter()
+            .map(|p| p.at)
+            .collect::<Vec<_>>();
+        let voids = self.pending_voids().into_iter().map(|p| p.at);
+        let due = handoffs
+            .into_iter()
+            .chain(voids)
+            .filter(|&at| at > offset)
+            .min()
+            .unwrap_or(u64::MAX);
+        self.due.store(due, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// `handoff` is appended to this partition's stream (not durable yet).
+    pub fn handoff_queued(&self, handoff: SlotHandoff) {
+        self.queued
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(handoff);
+    }
+
+    /// A new stream session: what the last one appended and did not make
+    /// durable is received and appended again.
+    pub fn reset_queued(&self) {
+        self.queued
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
+    /// This partition's handoff of `slot` appended and not durable yet.
+    fn queued_for(&self, slot: u16) -> Option<SlotHandoff> {
+        self.queued
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|h| h.slot == slot)
+            .max_by_key(|h| h.gen)
+            .copied()
     }
 
     /// The latest handoff of `slot` waiting to be appended, if any.
@@ -457,6 +523,10 @@ impl ShardRoute {
             return Ok(());
         }
         self.source.handoffs_durable(self.partition.0, done)?;
+        self.queued
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|q| !done.iter().any(|(h, _)| h == q));
         self.handoffs.send_if_modified(|pending| {
             let before = pending.len();
             pending.retain(|p| !done.iter().any(|(h, _)| *h == p.handoff));
@@ -601,6 +671,8 @@ impl ClusterSource {
             handoffs,
             voids: Mutex::new(Vec::new()),
             stranded: Mutex::new(Vec::new()),
+            queued: Mutex::new(Vec::new()),
+            due: std::sync::atomic::AtomicU64::new(u64::MAX),
             source: Arc::clone(self),
         })
     }
@@ -753,7 +825,25 @@ impl ClusterSource {
                 None => (0, true),
                 Some(table) => {
                     let owner = table.get(slot);
-                    if owner.owner == partition {
+                    let handed = (owner.owner == partition)
+                        .then(|| state.routes.get(&PartitionId(partition)))
+                        .flatten()
+                        .and_then(|route| route.queued_for(slot))
+                        .filter(|h| h.gen > owner.gen);
+                    if let Some(handoff) = handed {
+                        // Its own handoff of the slot is in the log before
+                        // this write (not durable yet): the partition is
+                        // receiving the slot again, after the handoff's
+                        // tenure.
+                        let tenure = table
+                            .receiving_above(slot, partition, handoff.gen)
+                            .unwrap_or(owner.next.max(handoff.gen + 1));
+                        if table.add_receiver(slot, partition, tenure) {
+                            self.receivers_unsaved
+                                .store(true, std::sync::atomic::Ordering::SeqCst);
+                        }
+                        (tenure, false)
+                    } else if owner.owner == partition {
                         (owner.gen, true)
                     } else {
                         let pending = state
@@ -926,6 +1016,7 @@ impl ClusterSource {
                         for (void, at) in &confirmed {
                             if !pending.iter().any(|p| p.void == *void) {
                                 info!(%partition, slot = void.slot, gen = void.gen, at, "slot import aborted in the source (the shard neither serves nor imports it, and holds no key of it): logging the void of its tenure once received up to the offset");
+                                route.note_due(*at);
                                 pending.push(PendingVoid {
                                     void: *void,
                                     at: *at,
@@ -1092,6 +1183,7 @@ impl ShardRoute {
                     // first (the next owner hands it on in its own log).
                     let same = |p: &PendingHandoff| p.handoff.slot == handoff.slot;
                     if !pending.iter().any(same) {
+                        self.note_due(*at);
                         info!(%partition, slot = handoff.slot, to = handoff.to, gen = handoff.gen, at, "slot handed over by the source: logging its handoff once received up to the offset");
                         pending.push(PendingHandoff {
                             handoff: *handoff,
@@ -1114,9 +1206,35 @@ async fn confirm_handoffs(
     map: &ShardMap,
 ) -> Result<Vec<(SlotHandoff, u64)>, String> {
     let addr = master.addr();
-    let view = cluster::read_topology(master)
+    let mut client = Client::connect(master)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| format!("{addr}: {e}"))?;
+    // The view and the offset of one instant: every command of the slot the
+    // master ran is at or below the offset, and none of a later import of
+    // it back (a slot it imports is not handed over yet).
+    let commands = [
+        Command::from_parts(["MULTI"]),
+        Command::from_parts(["CLUSTER", "NODES"]),
+        Command::from_parts(["INFO", "replication"]),
+        Command::from_parts(["EXEC"]),
+    ];
+    let replies = client
+        .pipeline(&commands)
+        .await
+        .map_err(|e| format!("{addr}: {e}"))?;
+    let Some(crate::redis::resp::Frame::Array(results)) = replies.last() else {
+        return Err(format!("{addr}: EXEC answered {:?}", replies.last()));
+    };
+    let [nodes, info] = results.as_slice() else {
+        return Err(format!("{addr}: EXEC gave {} replies", results.len()));
+    };
+    let text = |frame: &crate::redis::resp::Frame| {
+        frame
+            .as_bytes()
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .ok_or_else(|| format!("{addr}: unexpected reply {frame:?}"))
+    };
+    let view = Topology::parse(&addr, &text(nodes)?).map_err(|e| e.to_string())?;
     let me = view
         .nodes
         .iter()
@@ -1125,43 +1243,29 @@ async fn confirm_handoffs(
     if !me.master {
         return Err(format!("{addr} is not a master any more"));
     }
+    let info = crate::redis::client::parse_info(&text(info)?);
+    if info.get("role").map(String::as_str) != Some("master") {
+        return Err(format!("{addr} is not a master any more"));
+    }
+    let offset: u64 = info
+        .get("master_repl_offset")
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| format!("{addr}: INFO replication has no master_repl_offset"))?;
     // The new owner is the one this master's view names (the topology read
     // may be from a node that lags, or already a later move).
-    let gone: Vec<SlotHandoff> = slots
+    Ok(slots
         .iter()
-        .filter(|h| !me.slots.contains(h.slot) && !me.migrating.iter().any(|(s, _)| *s == h.slot))
+        .filter(|h| {
+            !me.slots.contains(h.slot)
+                && !me.migrating.iter().any(|(s, _)| *s == h.slot)
+                && !me.importing.iter().any(|(s, _)| *s == h.slot)
+        })
         .filter_map(|h| {
             let node = view.master_for_slot(h.slot)?;
             let to = map.partition_of_node(&node.id)?;
-            Some(SlotHandoff { to: to.0, ..*h })
+            Some((SlotHandoff { to: to.0, ..*h }, offset))
         })
-        .collect();
-    if gone.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut client = Client::connect(master)
-        .await
-        .map_err(|e| format!("{addr}: {e}"))?;
-    let info = client
-        .call(["INFO", "replication"])
-        .await
-        .map_err(|e| format!("{addr}: {e}"))?;
-    let text = info
-        .as_bytes()
-        .map(|b| String::from_utf8_lossy(b).into_owned())
-        .unwrap_or_default();
-    let field = |name: &str| {
-        text.lines()
-            .find_map(|l| l.trim().strip_prefix(name)?.strip_prefix(':'))
-            .map(str::to_string)
-    };
-    if field("role").as_deref() != Some("master") {
-        return Err(format!("{addr} is not a master any more"));
-    }
-    let offset: u64 = field("master_repl_offset")
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| format!("{addr}: INFO replication has no master_repl_offset"))?;
-    Ok(gone.into_iter().map(|h| (h, offset)).collect())
+        .collect())
 }
 
 /// Asks `master`, in one `MULTI` (one instant of its state), for its own

@@ -927,6 +927,9 @@ impl Session {
         let mut replid = psync.position().replid.to_string();
         // Slot handoffs (docs/cluster.md, rule 2) appended this session.
         let mut handoffs_pushed: Vec<SlotHandoff> = Vec::new();
+        if let Some(route) = &self.inner().route {
+            route.reset_queued();
+        }
         let mut handoff_rx = self.inner().route.as_ref().map(|r| r.watch_handoffs());
         self.push_handoffs(psync, &mut pending, &replid, &mut handoffs_pushed);
         if self
@@ -1078,6 +1081,12 @@ impl Session {
                             }
                             Err(error) => return Err(error),
                         }
+                        // A handoff (or void) goes right after the entry that
+                        // reaches its offset, before any later one (their
+                        // tags count it, rule 1).
+                        if fragments == 0 && self.handoff_due(psync) {
+                            self.push_handoffs(psync, &mut pending, &replid, &mut handoffs_pushed);
+                        }
                         if pending.entries.len() < max_entries && pending.bytes < max_bytes {
                             event = psync.next_event().now_or_never();
                         }
@@ -1090,6 +1099,15 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Whether a pending handoff or void waits for an offset the stream has
+    /// reached.
+    fn handoff_due(&self, psync: &PsyncSource) -> bool {
+        self.inner()
+            .route
+            .as_ref()
+            .is_some_and(|route| route.due() <= psync.position().offset.0)
     }
 
     /// Appends the pending slot handoffs whose offset the stream has reached
@@ -1127,6 +1145,8 @@ impl Session {
                 .handoffs
                 .push((pending.entries.len() - 1, waiting.handoff));
             pushed.push(waiting.handoff);
+            // The writes after it are tagged as no longer the owner's.
+            route.handoff_queued(waiting.handoff);
         }
         // Tenure voids (docs/cluster.md, rule 9), once at their offset:
         // the writes after the record are tagged past the voided tenure.
@@ -1149,6 +1169,7 @@ impl Session {
             });
             pending.voids.push(waiting.void);
         }
+        route.set_due_after(position.offset.0);
     }
 
     fn take_event(

@@ -130,9 +130,14 @@ impl SlotTable {
     /// the slot are tagged with it until it owns the slot or the tenure is
     /// voided): the lowest of its receivers' above the owner's.
     pub fn receiving(&self, slot: u16, partition: u32) -> Option<u64> {
-        let owner = self.get(slot);
+        self.receiving_above(slot, partition, self.get(slot).gen)
+    }
+
+    /// The lowest tenure above `gen` `partition` has been receiving `slot`
+    /// in.
+    pub fn receiving_above(&self, slot: u16, partition: u32, gen: u64) -> Option<u64> {
         self.receivers
-            .range((slot, partition, owner.gen + 1)..=(slot, partition, u64::MAX))
+            .range((slot, partition, gen + 1)..=(slot, partition, u64::MAX))
             .next()
             .map(|&(_, _, gen)| gen)
     }
