@@ -1993,29 +1993,26 @@ fn away_and_straight_back(target: &impl Sink) {
 }
 
 // ---------------------------------------------------------------------------
-// (m) A slot passed on through a shard (A -> B -> C, keys and all, the second
-// move right after the first, or both while ferry is stopped): whether the
-// listener saw the slot on B or not (B's pass is then voided: every key went
-// on to C, whose stream carries it; C's writes keep the tenure they were
-// received in, which the handoff to C opens), the sync converges with every
-// counter exact and no partition held.
-
-#[test]
-fn a_slot_passed_on_through_a_shard_at_once_converges() {
-    passed_on_through_a_shard(&RedisServer::start(&[]), false);
-}
-
-#[test]
-fn a_slot_passed_on_through_a_shard_at_once_into_a_cluster_target_converges() {
-    passed_on_through_a_shard(&Cluster::start_by_hand(2), false);
-}
+// (m) A slot passed on through a shard while ferry is stopped (A -> B -> C,
+// keys and all): the listener never sees the slot on B. B's pass is voided
+// (every key went on to C, whose stream carries it); C's writes keep the
+// tenure they were received in, which the handoff to C opens. The sync
+// converges with every counter exact and no partition held. (The same
+// moves made at once while ferry runs can race the listener's poll: C's
+// first writes tagged before the move into B was seen hold C BLOCKED,
+// docs/cluster.md "Limit"; so they are not a test here.)
 
 #[test]
 fn a_slot_passed_on_through_a_shard_while_ferry_is_stopped_converges() {
-    passed_on_through_a_shard(&RedisServer::start(&[]), true);
+    passed_on_through_a_shard(&RedisServer::start(&[]));
 }
 
-fn passed_on_through_a_shard(target: &impl Sink, stopped: bool) {
+#[test]
+fn a_slot_passed_on_through_a_shard_while_ferry_is_stopped_into_a_cluster_target_converges() {
+    passed_on_through_a_shard(&Cluster::start_by_hand(2));
+}
+
+fn passed_on_through_a_shard(target: &impl Sink) {
     let cluster = start_cluster();
     let dir = tempfile::tempdir().expect("temp dir");
     write_round(&cluster, "pre", 0, 2000);
@@ -2026,9 +2023,7 @@ fn passed_on_through_a_shard(target: &impl Sink, stopped: bool) {
     let masters = cluster.master_ports();
     let data_dir = dir.path().join("sync");
     let rounds = with_writer(&cluster, || {
-        if stopped {
-            ferry.kill9();
-        }
+        ferry.kill9();
         // Two counters' slots, each passed on through the next master.
         for key in counter_keys().iter().skip(7).take(2) {
             let slot = ferry::redis::command::key_hash_slot(key.as_bytes());
@@ -2038,27 +2033,19 @@ fn passed_on_through_a_shard(target: &impl Sink, stopped: bool) {
             move_slot(&cluster, slot, a, b);
             move_slot(&cluster, slot, b, c);
         }
-        if stopped {
-            std::thread::sleep(Duration::from_secs(1));
-            ferry.spawn();
-            wait_partitions_online(&cluster, &ferry);
-        }
+        std::thread::sleep(Duration::from_secs(1));
+        ferry.spawn();
+        wait_partitions_online(&cluster, &ferry);
         wait_table_settled(&cluster, &ferry, &data_dir);
     });
     wait_none_held(&ferry);
-    assert_resharded_sync_exact(
-        &cluster,
-        target,
-        &ferry,
-        rounds,
-        &epochs,
-        u64::from(!stopped),
-    );
+    assert_resharded_sync_exact(&cluster, target, &ferry, rounds, &epochs, 0);
     let log = ferry.log_since(0);
+    let voids = log.matches("logging the void").count();
     println!(
-        "handoffs logged: {}; voids logged: {}; entries voided: {}",
+        "handoffs logged: {}; voids logged: {voids}; entries voided: {}",
         log.matches("logging its handoff").count(),
-        log.matches("logging the void").count(),
         log.matches("aborted slot import voided").count()
     );
+    assert!(voids >= 2, "each pass through B is voided:\n{log}");
 }
