@@ -52,7 +52,7 @@ use super::slots::{SlotTable, SlotTableError, SLOT_TABLE_FILE};
 use crate::position::PartitionId;
 use crate::record::{SlotHandoff, SlotTenure, SlotVoid};
 use crate::redis::client::Client;
-use crate::redis::cluster::{self, SlotRanges, Topology, TopologyError};
+use crate::redis::cluster::{self, NodeInfo, SlotRanges, Topology, TopologyError};
 use crate::redis::command::{self, Command, CLUSTER_SLOTS};
 use crate::redis::url::RedisUrl;
 
@@ -1197,6 +1197,61 @@ impl ShardRoute {
     }
 }
 
+/// One instant of `master`'s state, in one `MULTI`: its own view (`CLUSTER
+/// NODES`, and its own line of it), the replies of `extra`, and its
+/// `master_repl_offset`. An error when it is not a master (any more).
+async fn master_instant(
+    master: &RedisUrl,
+    extra: Vec<Command>,
+) -> Result<(Topology, NodeInfo, u64, Vec<crate::redis::resp::Frame>), String> {
+    let addr = master.addr();
+    let mut client = Client::connect(master)
+        .await
+        .map_err(|e| format!("{addr}: {e}"))?;
+    let asked = extra.len();
+    let mut commands = vec![
+        Command::from_parts(["MULTI"]),
+        Command::from_parts(["CLUSTER", "NODES"]),
+    ];
+    commands.extend(extra);
+    commands.push(Command::from_parts(["INFO", "replication"]));
+    commands.push(Command::from_parts(["EXEC"]));
+    let replies = client
+        .pipeline(&commands)
+        .await
+        .map_err(|e| format!("{addr}: {e}"))?;
+    let Some(crate::redis::resp::Frame::Array(mut results)) = replies.last().cloned() else {
+        return Err(format!("{addr}: EXEC answered {:?}", replies.last()));
+    };
+    if results.len() != asked + 2 {
+        return Err(format!("{addr}: EXEC gave {} replies", results.len()));
+    }
+    let text = |frame: &crate::redis::resp::Frame| {
+        frame
+            .as_bytes()
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .ok_or_else(|| format!("{addr}: unexpected reply {frame:?}"))
+    };
+    let info = crate::redis::client::parse_info(&text(&results[asked + 1])?);
+    let view = Topology::parse(&addr, &text(&results[0])?).map_err(|e| e.to_string())?;
+    let me = view
+        .nodes
+        .iter()
+        .find(|n| n.myself)
+        .ok_or_else(|| format!("{addr} does not name itself in CLUSTER NODES"))?;
+    if !me.master || info.get("role").map(String::as_str) != Some("master") {
+        return Err(format!("{addr} is not a master any more"));
+    }
+    let offset: u64 = info
+        .get("master_repl_offset")
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| format!("{addr}: INFO replication has no master_repl_offset"))?;
+    let me = me.clone();
+    results.truncate(asked + 1);
+    results.remove(0);
+    Ok((view, me, offset, results))
+}
+
 /// Asks `master` which of the slots of `slots` it no longer serves nor
 /// migrates, then its replication offset: every command of those
 /// slots it ran is at or below that offset.
@@ -1205,52 +1260,10 @@ async fn confirm_handoffs(
     slots: &[SlotHandoff],
     map: &ShardMap,
 ) -> Result<Vec<(SlotHandoff, u64)>, String> {
-    let addr = master.addr();
-    let mut client = Client::connect(master)
-        .await
-        .map_err(|e| format!("{addr}: {e}"))?;
     // The view and the offset of one instant: every command of the slot the
     // master ran is at or below the offset, and none of a later import of
     // it back (a slot it imports is not handed over yet).
-    let commands = [
-        Command::from_parts(["MULTI"]),
-        Command::from_parts(["CLUSTER", "NODES"]),
-        Command::from_parts(["INFO", "replication"]),
-        Command::from_parts(["EXEC"]),
-    ];
-    let replies = client
-        .pipeline(&commands)
-        .await
-        .map_err(|e| format!("{addr}: {e}"))?;
-    let Some(crate::redis::resp::Frame::Array(results)) = replies.last() else {
-        return Err(format!("{addr}: EXEC answered {:?}", replies.last()));
-    };
-    let [nodes, info] = results.as_slice() else {
-        return Err(format!("{addr}: EXEC gave {} replies", results.len()));
-    };
-    let text = |frame: &crate::redis::resp::Frame| {
-        frame
-            .as_bytes()
-            .map(|b| String::from_utf8_lossy(b).into_owned())
-            .ok_or_else(|| format!("{addr}: unexpected reply {frame:?}"))
-    };
-    let view = Topology::parse(&addr, &text(nodes)?).map_err(|e| e.to_string())?;
-    let me = view
-        .nodes
-        .iter()
-        .find(|n| n.myself)
-        .ok_or_else(|| format!("{addr} does not name itself in CLUSTER NODES"))?;
-    if !me.master {
-        return Err(format!("{addr} is not a master any more"));
-    }
-    let info = crate::redis::client::parse_info(&text(info)?);
-    if info.get("role").map(String::as_str) != Some("master") {
-        return Err(format!("{addr} is not a master any more"));
-    }
-    let offset: u64 = info
-        .get("master_repl_offset")
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| format!("{addr}: INFO replication has no master_repl_offset"))?;
+    let (view, me, offset, _) = master_instant(master, Vec::new()).await?;
     // The new owner is the one this master's view names (the topology read
     // may be from a node that lags, or already a later move).
     Ok(slots
@@ -1278,58 +1291,20 @@ async fn confirm_voids(
     voids: &[SlotVoid],
 ) -> Result<(Vec<(SlotVoid, u64)>, Vec<(SlotVoid, i64)>), String> {
     let addr = master.addr();
-    let mut client = Client::connect(master)
-        .await
-        .map_err(|e| format!("{addr}: {e}"))?;
-    let mut commands = vec![
-        Command::from_parts(["MULTI"]),
-        Command::from_parts(["CLUSTER", "NODES"]),
-    ];
-    for void in voids {
-        commands.push(Command::from_parts([
-            "CLUSTER".to_string(),
-            "COUNTKEYSINSLOT".to_string(),
-            void.slot.to_string(),
-        ]));
-    }
-    commands.push(Command::from_parts(["INFO", "replication"]));
-    commands.push(Command::from_parts(["EXEC"]));
-    let replies = client
-        .pipeline(&commands)
-        .await
-        .map_err(|e| format!("{addr}: {e}"))?;
-    let Some(crate::redis::resp::Frame::Array(results)) = replies.last() else {
-        return Err(format!("{addr}: EXEC answered {:?}", replies.last()));
-    };
-    if results.len() != voids.len() + 2 {
-        return Err(format!("{addr}: EXEC gave {} replies", results.len()));
-    }
-    let text = |frame: &crate::redis::resp::Frame| {
-        frame
-            .as_bytes()
-            .map(|b| String::from_utf8_lossy(b).into_owned())
-            .ok_or_else(|| format!("{addr}: unexpected reply {frame:?}"))
-    };
-    let view = Topology::parse(&addr, &text(&results[0])?).map_err(|e| e.to_string())?;
-    let me = view
-        .nodes
+    let counts = voids
         .iter()
-        .find(|n| n.myself)
-        .ok_or_else(|| format!("{addr} does not name itself in CLUSTER NODES"))?;
-    if !me.master {
-        return Err(format!("{addr} is not a master any more"));
-    }
-    let info = crate::redis::client::parse_info(&text(&results[voids.len() + 1])?);
-    if info.get("role").map(String::as_str) != Some("master") {
-        return Err(format!("{addr} is not a master any more"));
-    }
-    let offset: u64 = info
-        .get("master_repl_offset")
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| format!("{addr}: INFO replication has no master_repl_offset"))?;
+        .map(|void| {
+            Command::from_parts([
+                "CLUSTER".to_string(),
+                "COUNTKEYSINSLOT".to_string(),
+                void.slot.to_string(),
+            ])
+        })
+        .collect();
+    let (_, me, offset, results) = master_instant(master, counts).await?;
     let mut confirmed = Vec::new();
     let mut stranded = Vec::new();
-    for (void, count) in voids.iter().zip(&results[1..=voids.len()]) {
+    for (void, count) in voids.iter().zip(results) {
         let crate::redis::resp::Frame::Integer(count) = count else {
             return Err(format!("{addr}: COUNTKEYSINSLOT answered {count:?}"));
         };
@@ -1339,8 +1314,8 @@ async fn confirm_voids(
         if busy {
             continue;
         }
-        if *count > 0 {
-            stranded.push((*void, *count));
+        if count > 0 {
+            stranded.push((*void, count));
         } else {
             confirmed.push((*void, offset));
         }

@@ -1125,11 +1125,9 @@ impl Session {
             return;
         };
         let position = psync.position();
-        for waiting in route.pending_handoffs() {
-            if waiting.at > position.offset.0 || pushed.contains(&waiting.handoff) {
-                continue;
-            }
-            let payload = Record::Handoff(waiting.handoff).encode();
+        // A record of the log's own at the stream's position.
+        let append = |pending: &mut Pending, record: Record| {
+            let payload = record.encode();
             pending.bytes += payload.len();
             pending.entries.push(NewEntry {
                 flags: 0,
@@ -1141,6 +1139,12 @@ impl Session {
                 },
                 payload,
             });
+        };
+        for waiting in route.pending_handoffs() {
+            if waiting.at > position.offset.0 || pushed.contains(&waiting.handoff) {
+                continue;
+            }
+            append(pending, Record::Handoff(waiting.handoff));
             pending
                 .handoffs
                 .push((pending.entries.len() - 1, waiting.handoff));
@@ -1155,18 +1159,7 @@ impl Session {
                 continue;
             }
             route.void_queued(&waiting.void);
-            let payload = Record::Void(waiting.void).encode();
-            pending.bytes += payload.len();
-            pending.entries.push(NewEntry {
-                flags: 0,
-                created_unix_ms: Some(unix_ms()),
-                source: SourcePosition {
-                    replid: replid.to_string(),
-                    offset: position.offset,
-                    db: position.db,
-                },
-                payload,
-            });
+            append(pending, Record::Void(waiting.void));
             pending.voids.push(waiting.void);
         }
         route.set_due_after(position.offset.0);
