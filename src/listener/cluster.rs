@@ -1133,7 +1133,9 @@ impl ClusterSource {
         for (partition, handoff) in idle {
             let route = self.lock().routes.get(&partition).cloned();
             if let Some(route) = route {
-                route.add_pending(&[(self.opening(handoff), 0)], partition);
+                if let Some(handoff) = self.opening(partition, handoff) {
+                    route.add_pending(&[(handoff, 0)], partition);
+                }
             }
         }
         for (partition, (master, slots)) in candidates {
@@ -1151,24 +1153,36 @@ impl ClusterSource {
             };
             let confirmed: Vec<(SlotHandoff, u64)> = confirmed
                 .into_iter()
-                .map(|(handoff, at)| (self.opening(handoff), at))
+                .filter_map(|(handoff, at)| Some((self.opening(partition, handoff)?, at)))
                 .collect();
             route.add_pending(&confirmed, partition);
         }
         moving
     }
 
-    /// `handoff` (its receiver known) opening the tenure its receiver has
-    /// been receiving the slot in, when it has (its writes of the slot are
-    /// tagged with it), else the slot's next tenure (docs/cluster.md, rules
-    /// 2 and 9).
-    fn opening(&self, mut handoff: SlotHandoff) -> SlotHandoff {
-        if let Some(table) = self.lock().slots.as_ref() {
-            if let Some(gen) = table.receiving(handoff.slot, handoff.to) {
-                handoff.gen = gen;
-            }
+    /// `handoff` by `from` (its receiver known), with the tenure it opens
+    /// as the table is now: the one its receiver has been receiving the
+    /// slot in, when it has (its writes of the slot are tagged with it),
+    /// else the slot's next tenure (docs/cluster.md, rules 2 and 9).
+    /// `None` when the table no longer names `from` as the owner in the
+    /// tenure the check found: the check began before an earlier handoff of
+    /// the slot became durable (with a void since, it would open a tenure
+    /// past the one handed over).
+    fn opening(&self, from: PartitionId, mut handoff: SlotHandoff) -> Option<SlotHandoff> {
+        let state = self.lock();
+        let Some(table) = state.slots.as_ref() else {
+            return Some(handoff);
+        };
+        let owner = table.get(handoff.slot);
+        // (The candidate's generation is the next one as the check found
+        // the table: a slot handed on and back since has passed it.)
+        if owner.owner != from.0 || owner.gen >= handoff.gen {
+            return None;
         }
-        handoff
+        handoff.gen = table
+            .receiving(handoff.slot, handoff.to)
+            .unwrap_or(owner.next);
+        Some(handoff)
     }
 }
 
