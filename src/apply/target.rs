@@ -76,8 +76,7 @@ where
             .map_err(timed_out)?
             .map_err(ApplyError::from);
     };
-    let io = std::pin::pin!(io);
-    let mut io = io;
+    let mut io = std::pin::pin!(io);
     let first = super::status::stall_after(reply_timeout);
     if let Ok(done) = tokio::time::timeout(first, &mut io).await {
         return done.map_err(ApplyError::from);

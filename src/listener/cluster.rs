@@ -830,39 +830,34 @@ impl ClusterSource {
                         .flatten()
                         .and_then(|route| route.queued_for(slot))
                         .filter(|h| h.gen > owner.gen);
-                    if let Some(handoff) = handed {
+                    let tenure = if let Some(handoff) = handed {
                         // Its own handoff of the slot is in the log before
                         // this write (not durable yet): the partition is
                         // receiving the slot again, after the handoff's
                         // tenure.
-                        let tenure = table
+                        table
                             .receiving_above(slot, partition, handoff.gen)
-                            .unwrap_or(owner.next.max(handoff.gen + 1));
-                        if table.add_receiver(slot, partition, tenure) {
-                            self.receivers_unsaved
-                                .store(true, std::sync::atomic::Ordering::SeqCst);
-                        }
-                        (tenure, false)
+                            .unwrap_or(owner.next.max(handoff.gen + 1))
                     } else if owner.owner == partition {
-                        (owner.gen, true)
+                        return owner.gen;
                     } else {
                         let pending = state
                             .routes
                             .get(&PartitionId(owner.owner))
                             .and_then(|route| route.pending_for(slot));
-                        let tenure = super::slots::receiving_tenure(
+                        super::slots::receiving_tenure(
                             owner,
                             pending,
                             partition,
                             table.receiving(slot, partition),
-                        );
-                        // Rule 9: saved before the write is appended.
-                        if table.add_receiver(slot, partition, tenure) {
-                            self.receivers_unsaved
-                                .store(true, std::sync::atomic::Ordering::SeqCst);
-                        }
-                        (tenure, false)
+                        )
+                    };
+                    // Rule 9: saved before the write is appended.
+                    if table.add_receiver(slot, partition, tenure) {
+                        self.receivers_unsaved
+                            .store(true, std::sync::atomic::Ordering::SeqCst);
                     }
+                    (tenure, false)
                 }
             }
         };
@@ -1230,12 +1225,13 @@ async fn master_instant(
     commands.extend(extra);
     commands.push(Command::from_parts(["INFO", "replication"]));
     commands.push(Command::from_parts(["EXEC"]));
-    let replies = client
+    let mut replies = client
         .pipeline(&commands)
         .await
         .map_err(|e| format!("{addr}: {e}"))?;
-    let Some(crate::redis::resp::Frame::Array(mut results)) = replies.last().cloned() else {
-        return Err(format!("{addr}: EXEC answered {:?}", replies.last()));
+    let mut results = match replies.pop() {
+        Some(crate::redis::resp::Frame::Array(results)) => results,
+        other => return Err(format!("{addr}: EXEC answered {other:?}")),
     };
     if results.len() != asked + 2 {
         return Err(format!("{addr}: EXEC gave {} replies", results.len()));
@@ -1269,6 +1265,14 @@ async fn master_instant(
 /// Asks `master` which of the slots of `slots` it no longer serves nor
 /// migrates, then its replication offset: every command of those
 /// slots it ran is at or below that offset.
+/// Whether the master `me` serves `slot`, or migrates or imports it, in its
+/// own view.
+fn has_slot(me: &NodeInfo, slot: u16) -> bool {
+    me.slots.contains(slot)
+        || me.migrating.iter().any(|(s, _)| *s == slot)
+        || me.importing.iter().any(|(s, _)| *s == slot)
+}
+
 async fn confirm_handoffs(
     master: &RedisUrl,
     slots: &[SlotHandoff],
@@ -1282,11 +1286,7 @@ async fn confirm_handoffs(
     // may be from a node that lags, or already a later move).
     Ok(slots
         .iter()
-        .filter(|h| {
-            !me.slots.contains(h.slot)
-                && !me.migrating.iter().any(|(s, _)| *s == h.slot)
-                && !me.importing.iter().any(|(s, _)| *s == h.slot)
-        })
+        .filter(|h| !has_slot(&me, h.slot))
         .filter_map(|h| {
             let node = view.master_for_slot(h.slot)?;
             let to = map.partition_of_node(&node.id)?;
@@ -1322,10 +1322,7 @@ async fn confirm_voids(
         let crate::redis::resp::Frame::Integer(count) = count else {
             return Err(format!("{addr}: COUNTKEYSINSLOT answered {count:?}"));
         };
-        let busy = me.slots.contains(void.slot)
-            || me.importing.iter().any(|(s, _)| *s == void.slot)
-            || me.migrating.iter().any(|(s, _)| *s == void.slot);
-        if busy {
+        if has_slot(&me, void.slot) {
             continue;
         }
         if count > 0 {
