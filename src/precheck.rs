@@ -271,7 +271,9 @@ pub struct PrecheckConfig {
     /// The sync's id (drainer id): its checkpoint on the target means the
     /// sync is resuming, not starting.
     pub id: Option<String>,
-    /// How long the source's write rate is measured.
+    /// How long the source's write rate is measured (for the backlog and
+    /// replica output buffer checks); zero leaves those checks out, for
+    /// [`source_rate`] to run beside the sync.
     pub sample: Duration,
     pub connect_timeout: Duration,
 }
@@ -970,7 +972,9 @@ pub async fn run(cfg: &PrecheckConfig) -> Report {
     if let Some(source) = &mut source {
         let versions = source.outcomes(source_version);
         report.push_nodes("source version", source.cluster, versions);
-        check_backlog_and_buffers(&mut report, source, cfg).await;
+        if !cfg.sample.is_zero() {
+            check_backlog_and_buffers(&mut report, source, cfg).await;
+        }
     }
     if let Some(target) = &mut target {
         for (check, outcome) in [
@@ -985,6 +989,20 @@ pub async fn run(cfg: &PrecheckConfig) -> Report {
     }
     if let (Some(source), Some(target)) = (&mut source, &mut target) {
         check_pair(&mut report, source, target, cfg).await;
+    }
+    report
+}
+
+/// The checks that need the source's write rate (`source backlog`, `source
+/// replica output buffer`), measured over `cfg.sample`: they can only warn,
+/// so a node runs them beside its first full sync instead of delaying it.
+pub async fn source_rate(cfg: &PrecheckConfig) -> Report {
+    let mut report = Report::default();
+    if let Some(mut source) = reach(&mut report, "source", &cfg.source, cfg).await {
+        report.checks.append(&mut source.rows);
+        if !source.nodes.is_empty() {
+            check_backlog_and_buffers(&mut report, &mut source, cfg).await;
+        }
     }
     report
 }

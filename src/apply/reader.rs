@@ -29,7 +29,7 @@ use super::batch::Pending;
 use super::ApplyError;
 use crate::position::{LogId, PartitionId};
 use crate::record::{Fragment, Record, RecordLimits};
-use crate::wal::{ReadLimits, Wal, WalError};
+use crate::wal::{ReadLimits, Wal, WalEntry, WalError};
 
 /// Runs of entries queued between the reader and the applier.
 const QUEUE_RUNS: usize = 2;
@@ -39,6 +39,10 @@ pub(crate) type ReadResult = Result<Vec<Pending>, ApplyError>;
 fn join_error(error: tokio::task::JoinError) -> ApplyError {
     ApplyError::Task(error.to_string())
 }
+
+/// Most entries of a run decoded on the async runtime (read from the WAL's
+/// read tail); a longer run is decoded on a blocking thread.
+const INLINE_DECODE_ENTRIES: usize = 256;
 
 /// Reads and decodes entries `from..` within `limits` (blocking).
 fn read_run(
@@ -84,6 +88,11 @@ fn read_run(
         }
         Err(error) => return Err(error.into()),
     };
+    decode_run(partition, entries)
+}
+
+/// Decodes the records of `entries` into a run.
+fn decode_run(partition: PartitionId, entries: Vec<WalEntry>) -> Result<Vec<Pending>, ApplyError> {
     entries
         .into_iter()
         .map(|entry| {
@@ -173,12 +182,33 @@ pub(crate) fn spawn_reader(
                 }
                 continue;
             }
-            let read_wal = wal.clone();
-            let run =
-                tokio::task::spawn_blocking(move || read_run(&read_wal, partition, next, limits))
+            // A reader that keeps up finds its entries in the WAL's read
+            // tail: no storage read, and a short run is decoded right here.
+            let cached = match wal.read_cached(partition, next, limits) {
+                Some(Ok(entries)) if !entries.is_empty() => Some(entries),
+                // Empty, trimmed or failed: `read_run` decides, as before.
+                _ => None,
+            };
+            let run = match cached {
+                Some(entries) if entries.len() <= INLINE_DECODE_ENTRIES => {
+                    decode_run(partition, entries)
+                }
+                Some(entries) => {
+                    tokio::task::spawn_blocking(move || decode_run(partition, entries))
+                        .await
+                        .map_err(join_error)
+                        .and_then(|run| run)
+                }
+                None => {
+                    let read_wal = wal.clone();
+                    tokio::task::spawn_blocking(move || {
+                        read_run(&read_wal, partition, next, limits)
+                    })
                     .await
                     .map_err(join_error)
-                    .and_then(|run| run);
+                    .and_then(|run| run)
+                }
+            };
             let failed = run.is_err();
             if let Ok(run) = &run {
                 match run.last() {

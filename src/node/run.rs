@@ -1190,8 +1190,9 @@ async fn precheck_first_sync(
         .unwrap_or_default();
     let mut cfg = crate::precheck::PrecheckConfig::new(source, target);
     cfg.outage = outage;
-    // Every fresh start waits for this: enough to see a busy source.
-    cfg.sample = Duration::from_millis(500);
+    // The write rate is measured beside the full sync (its checks only warn),
+    // so that the sync does not wait for the sample.
+    cfg.sample = Duration::ZERO;
     if let Some(apply) = apply {
         cfg.keyspace = apply.keyspace().map_err(config)?;
         cfg.existing_data = apply.existing_data;
@@ -1216,6 +1217,23 @@ async fn precheck_first_sync(
     }
     for check in report.checks.iter().filter(|c| c.verdict == Verdict::Warn) {
         warn!(check = %check.check, detail = %check.detail, "precheck warning");
+    }
+    if !cfg.source.is_empty() {
+        // Enough to see a busy source; the sync starts meanwhile.
+        cfg.sample = Duration::from_millis(500);
+        tokio::spawn(async move {
+            let report = crate::precheck::source_rate(&cfg).await;
+            let rate = |c: &&crate::precheck::Check| {
+                c.verdict == Verdict::Warn
+                    && matches!(
+                        c.check.as_str(),
+                        "source write rate" | "source backlog" | "source replica output buffer"
+                    )
+            };
+            for check in report.checks.iter().filter(rate) {
+                warn!(check = %check.check, detail = %check.detail, "precheck warning");
+            }
+        });
     }
     if unreachable.is_empty() {
         info!(

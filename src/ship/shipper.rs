@@ -693,9 +693,13 @@ impl ActiveStream<'_> {
             _ => {
                 let wal = self.shipper.wal.clone();
                 let partition = self.partition();
-                tokio::task::spawn_blocking(move || wal.read(partition, from, limits))
-                    .await
-                    .map_err(join_error)??
+                // A shipper that keeps up finds its entries in the read tail.
+                match wal.read_cached(partition, from, limits) {
+                    Some(read) => read?,
+                    None => tokio::task::spawn_blocking(move || wal.read(partition, from, limits))
+                        .await
+                        .map_err(join_error)??,
+                }
             }
         };
         if let Some(last) = entries.last() {

@@ -75,6 +75,11 @@ pub struct WalConfig {
     /// (it cannot recover in-process). `"0B"` turns the check off. Default:
     /// `"256MiB"`.
     pub min_free_space: ByteSize,
+    /// Memory for the latest committed entries (payload, replid and 128
+    /// bytes each), shared by the partitions, so that readers that keep up
+    /// (shippers, appliers) read them without a storage read. `"0B"` keeps
+    /// none. Default: `"2MiB"`.
+    pub tail_bytes: ByteSize,
 }
 
 impl Default for WalConfig {
@@ -94,6 +99,7 @@ impl Default for WalConfig {
             block_cache_size: ByteSize::mib(64),
             max_background_jobs: 2,
             min_free_space: ByteSize::mib(256),
+            tail_bytes: ByteSize::mib(2),
         }
     }
 }

@@ -147,6 +147,7 @@ mod codec;
 pub mod config;
 mod rocks;
 mod storage;
+mod tail;
 mod writer;
 
 #[cfg(test)]

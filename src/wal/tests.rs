@@ -394,9 +394,12 @@ async fn invalid_appends_are_rejected_without_side_effects() {
 async fn corrupt_entries_in_memory_are_typed_errors() {
     let storage = Arc::new(MemWalStorage::new());
     let dir = tempfile::tempdir().unwrap();
-    let wal = Wal::with_storage(storage.clone(), test_config(dir.path()))
-        .await
-        .unwrap();
+    // The storage is corrupted behind the WAL's back: read it, not the tail.
+    let config = WalConfig {
+        tail_bytes: ByteSize(0),
+        ..test_config(dir.path())
+    };
+    let wal = Wal::with_storage(storage.clone(), config).await.unwrap();
     wal.append(P2, vec![entry(b"a", 1), entry(b"b", 1)])
         .await
         .unwrap();
@@ -1273,4 +1276,100 @@ async fn trimmed_entries_stay_as_garbage_until_released_then_go() {
         storage.stored_bounds(P1, LogId(1)).unwrap(),
         Some((LogId(90), LogId(100)))
     );
+}
+
+/// Every read, from every id, with tight and loose limits, answers the same
+/// from a WAL with a read tail as from one without, across appends, a trim,
+/// a reset of the log past its end and a reset to the id right after it.
+#[tokio::test]
+async fn reads_from_the_tail_equal_reads_from_the_storage() {
+    let dir = tempfile::tempdir().unwrap();
+    let tailed = Wal::with_storage(
+        Arc::new(MemWalStorage::new()),
+        WalConfig {
+            tail_bytes: ByteSize(1000),
+            ..test_config(dir.path())
+        },
+    )
+    .await
+    .unwrap();
+    let plain = Wal::with_storage(
+        Arc::new(MemWalStorage::new()),
+        WalConfig {
+            tail_bytes: ByteSize(0),
+            ..test_config(dir.path())
+        },
+    )
+    .await
+    .unwrap();
+    let compare = |step: &str| {
+        let last = plain.last_log_id(P1).unwrap().unwrap_or(LogId::ZERO).0;
+        for from in 0..=last + 2 {
+            for limits in [
+                ReadLimits::default(),
+                ReadLimits {
+                    max_entries: 3,
+                    max_bytes: usize::MAX,
+                },
+                ReadLimits {
+                    max_entries: 100,
+                    max_bytes: 25,
+                },
+            ] {
+                let a = tailed.read(P1, LogId(from), limits);
+                let b = plain.read(P1, LogId(from), limits);
+                assert_eq!(format!("{a:?}"), format!("{b:?}"), "{step}: from {from}");
+                let cached = tailed.read_cached(P1, LogId(from), limits);
+                if let Some(cached) = cached {
+                    assert_eq!(
+                        format!("{cached:?}"),
+                        format!("{b:?}"),
+                        "{step}: cached {from}"
+                    );
+                }
+            }
+        }
+    };
+    let mut served = 0;
+    for round in 0..6u64 {
+        let batch: Vec<NewEntry> = (0..5)
+            .map(|i| entry(format!("entry-{round}-{i}").as_bytes(), 10 + round))
+            .collect();
+        tailed.append(P1, batch.clone()).await.unwrap();
+        plain.append(P1, batch).await.unwrap();
+        compare(&format!("append {round}"));
+        let last = tailed.last_log_id(P1).unwrap().unwrap();
+        served += usize::from(
+            tailed
+                .read_cached(P1, last, ReadLimits::default())
+                .is_some(),
+        );
+    }
+    // The newest entries are held; the oldest are past the 1000 B cap.
+    assert_eq!(served, 6);
+    assert!(tailed
+        .read_cached(P1, LogId(1), ReadLimits::default())
+        .is_none());
+    for wal in [&tailed, &plain] {
+        wal.trim(P1, LogId(27)).await.unwrap();
+    }
+    compare("trim");
+    for wal in [&tailed, &plain] {
+        wal.reset_partition(P1, LogId(40), entry(b"marker-a", 30))
+            .await
+            .unwrap();
+        wal.append(P1, vec![entry(b"after-a", 30)]).await.unwrap();
+    }
+    compare("reset past the end");
+    for wal in [&tailed, &plain] {
+        wal.reset_partition(P1, LogId(42), entry(b"marker-b", 31))
+            .await
+            .unwrap();
+        wal.append(P1, vec![entry(b"after-b", 31), entry(b"more", 31)])
+            .await
+            .unwrap();
+    }
+    compare("reset right after the end");
+    tailed.close().await.unwrap();
+    plain.close().await.unwrap();
 }

@@ -27,6 +27,7 @@ use tracing::{debug, error, info, warn};
 
 use super::codec::encoded_entry_len;
 use super::storage::{StoredPartition, WalStorage, WriteOp};
+use super::tail::Tails;
 use super::{
     random_id, AppendedRange, DownstreamId, LogMeta, NewEntry, PartitionHistory,
     PartitionPositions, ReadLimits, RocksWalStorage, SnapshotState, WalConfig, WalEntry, WalError,
@@ -78,6 +79,9 @@ enum HistoryClaim {
 struct Shared {
     partitions: HashMap<PartitionId, PartitionState>,
     poisoned: Option<String>,
+    /// The latest committed entries of each partition, for caught-up
+    /// readers; changed only together with `partitions`.
+    tails: Tails,
 }
 
 enum Request {
@@ -357,6 +361,7 @@ impl Wal {
         let shared = Arc::new(Mutex::new(Shared {
             partitions,
             poisoned: None,
+            tails: Tails::new(config.tail_bytes.as_usize()),
         }));
         let (command_tx, command_rx) = mpsc::channel(config.queue_depth);
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -881,21 +886,15 @@ impl Wal {
         limits: ReadLimits,
     ) -> Result<Vec<WalEntry>, WalError> {
         let from = from.max(LogId(1));
-        let Some(state) = self.state(partition)? else {
-            return Ok(Vec::new());
+        let durable = match self.read_held(partition, from, limits) {
+            Held::Answer(answer) => return answer,
+            Held::Stored { durable } => durable,
         };
         let trimmed = |first_available| WalError::Trimmed {
             partition,
             wanted: from,
             first_available,
         };
-        if from < state.log.first {
-            return Err(trimmed(state.log.first));
-        }
-        let durable = state.log.last;
-        if from > durable || limits.max_entries == 0 {
-            return Ok(Vec::new());
-        }
         let entries = self
             .inner
             .storage
@@ -936,6 +935,49 @@ impl Wal {
             }
         }
         Ok(entries)
+    }
+
+    /// [`Wal::read`] when it needs no storage read: `from` is trimmed, past
+    /// the durable end, or held in the partition's read tail (the latest
+    /// committed entries, kept in memory). `None`: the entries are in the
+    /// storage only, read them with [`Wal::read`] (blocking). Does not block,
+    /// so caught-up readers call it on the async runtime first.
+    pub fn read_cached(
+        &self,
+        partition: PartitionId,
+        from: LogId,
+        limits: ReadLimits,
+    ) -> Option<Result<Vec<WalEntry>, WalError>> {
+        match self.read_held(partition, from.max(LogId(1)), limits) {
+            Held::Answer(answer) => Some(answer),
+            Held::Stored { .. } => None,
+        }
+    }
+
+    /// The part of a read decided under the lock: the bounds, and the tail.
+    fn read_held(&self, partition: PartitionId, from: LogId, limits: ReadLimits) -> Held {
+        let shared = lock(&self.inner.shared);
+        if let Some(reason) = &shared.poisoned {
+            return Held::Answer(Err(WalError::Poisoned(reason.clone())));
+        }
+        let Some(state) = shared.partitions.get(&partition) else {
+            return Held::Answer(Ok(Vec::new()));
+        };
+        if from < state.log.first {
+            return Held::Answer(Err(WalError::Trimmed {
+                partition,
+                wanted: from,
+                first_available: state.log.first,
+            }));
+        }
+        let durable = state.log.last;
+        if from > durable || limits.max_entries == 0 {
+            return Held::Answer(Ok(Vec::new()));
+        }
+        match shared.tails.read(partition, from, limits) {
+            Some(entries) => Held::Answer(Ok(entries)),
+            None => Held::Stored { durable },
+        }
     }
 
     /// All positions of `partition`; `None` if it has no stored state.
@@ -1134,6 +1176,14 @@ async fn run_retention(
             }
         }
     }
+}
+
+/// What the lock-held part of a read decided.
+enum Held {
+    /// The read's result, without the storage.
+    Answer(Result<Vec<WalEntry>, WalError>),
+    /// The entries `from..=durable` must be read from the storage.
+    Stored { durable: LogId },
 }
 
 /// A partition's state while a batch is being staged.
@@ -1404,14 +1454,21 @@ impl GroupCommitWriter {
                 }
             }
         }
+        let mut written_ops = Vec::new();
         if !ops.is_empty() {
             self.wait_for_buffer_space().await;
             let storage = Arc::clone(&self.storage);
             let sync = self.sync;
-            let written = tokio::task::spawn_blocking(move || storage.write(&ops, sync))
-                .await
-                .map_err(join_error)
-                .and_then(|result| result);
+            let written = tokio::task::spawn_blocking(move || {
+                let result = storage.write(&ops, sync);
+                (ops, result)
+            })
+            .await
+            .map_err(join_error)
+            .and_then(|(ops, result)| {
+                written_ops = ops;
+                result
+            });
             if let Err(error) = written {
                 error!(%error, "wal write failed, poisoning the wal");
                 let reason = error.to_string();
@@ -1422,6 +1479,13 @@ impl GroupCommitWriter {
                 return;
             }
         }
+        // The entries just made durable, for the read tails.
+        let mut appended: HashMap<PartitionId, Vec<WalEntry>> = HashMap::new();
+        for op in written_ops {
+            if let WriteOp::Entry { partition, entry } = op {
+                appended.entry(partition).or_default().push(entry);
+            }
+        }
         let mut releases = Vec::new();
         {
             let mut shared = lock(&self.shared);
@@ -1429,8 +1493,13 @@ impl GroupCommitWriter {
                 if !staged.changed {
                     continue;
                 }
+                let first = staged.state.log.first;
                 if staged.first_raised {
-                    releases.push((partition, staged.state.log.first));
+                    releases.push((partition, first));
+                    shared.tails.trim(partition, first);
+                }
+                if let Some(entries) = appended.remove(&partition) {
+                    shared.tails.extend(partition, entries, first);
                 }
                 staged.state.received = staged.state.log.last;
                 shared.partitions.insert(partition, staged.state);
