@@ -1361,3 +1361,198 @@ async fn throughput() {
     drainer.stop().await;
     listener_wal.close().await.unwrap();
 }
+
+/// A provider that says a full resync of epoch `resync` is being stored (as
+/// the listener does while it receives the source's RDB); no fallbacks.
+struct ResyncInProgress {
+    resync: std::sync::Mutex<Option<u64>>,
+}
+
+impl SnapshotProvider for ResyncInProgress {
+    fn fallback_snapshot(
+        &self,
+        partition: PartitionId,
+    ) -> BoxFuture<'_, Result<FallbackSnapshot, SnapshotProviderError>> {
+        Box::pin(async move {
+            Err(format!("test: no fallback snapshot expected for partition {partition}").into())
+        })
+    }
+
+    fn resync_epoch(&self, partition: PartitionId) -> Option<u64> {
+        (partition == P)
+            .then(|| *self.resync.lock().unwrap())
+            .flatten()
+    }
+}
+
+fn chunk_bytes(epoch: u64, seq: u64) -> Bytes {
+    Bytes::from(format!("epoch {epoch} chunk {seq} ").repeat(1000))
+}
+
+/// The chunks of a full resync reach the drainer while the listener stores
+/// them, all but the newest; the marker's transfer continues from there and
+/// the drainer ends with the whole epoch, then the marker and the entries
+/// after it. A resync that fails halfway leaves its chunks in the drainer's
+/// `Writing` epoch, replaced by the next resync's transfer; nothing is
+/// loaded without a marker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_resync_is_shipped_while_the_listener_stores_it() {
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let listener_wal = Wal::open(wal_config(dirs.0.path())).await.unwrap();
+    let drainer = DrainerServer::start(dirs.1.path(), None).await;
+    let provider = Arc::new(ResyncInProgress {
+        resync: std::sync::Mutex::new(None),
+    });
+    let shipper = RunningShipper::start(
+        &listener_wal,
+        "drainer-a",
+        drainer.endpoint(),
+        SECRET,
+        provider.clone(),
+    );
+    let drainer_chunks = |wal: &Wal| -> Vec<(u64, usize)> {
+        wal.snapshot_epochs(P)
+            .unwrap()
+            .into_iter()
+            .map(|epoch| {
+                let count = wal
+                    .read_snapshot_chunks(P, epoch, 0, usize::MAX)
+                    .unwrap()
+                    .len();
+                (epoch, count)
+            })
+            .collect()
+    };
+    let writing = |epoch| SnapshotState {
+        epoch,
+        phase: SnapshotPhase::Writing,
+    };
+
+    // Epoch 1: a resync that fails after 3 chunks.
+    listener_wal
+        .set_snapshot_state(P, writing(1))
+        .await
+        .unwrap();
+    *provider.resync.lock().unwrap() = Some(1);
+    for seq in 0..3 {
+        listener_wal
+            .put_snapshot_chunk(P, 1, seq, chunk_bytes(1, seq))
+            .await
+            .unwrap();
+    }
+    wait_until(
+        "2 chunks of the failing resync on the drainer",
+        Duration::from_secs(30),
+        || drainer_chunks(&drainer.wal).iter().any(|(_, n)| *n == 2),
+    )
+    .await;
+    *provider.resync.lock().unwrap() = None;
+    listener_wal.delete_snapshot(P, 1).await.unwrap();
+
+    // Epoch 2: stored chunk by chunk; the drainer follows one behind.
+    listener_wal
+        .set_snapshot_state(P, writing(2))
+        .await
+        .unwrap();
+    *provider.resync.lock().unwrap() = Some(2);
+    let chunks = 6u64;
+    let mut rdb = Vec::new();
+    for seq in 0..chunks {
+        let data = chunk_bytes(2, seq);
+        rdb.extend_from_slice(&data);
+        listener_wal
+            .put_snapshot_chunk(P, 2, seq, data)
+            .await
+            .unwrap();
+        if seq > 0 {
+            wait_until(
+                &format!(
+                    "chunk {} of the resync on the drainer before its marker",
+                    seq - 1
+                ),
+                Duration::from_secs(30),
+                || {
+                    drainer_chunks(&drainer.wal)
+                        .iter()
+                        .any(|(_, n)| *n == seq as usize)
+                },
+            )
+            .await;
+        }
+    }
+    assert_eq!(last_id(&drainer.wal), LogId::ZERO, "nothing but chunks yet");
+    // The newest chunk is held back until the marker says it is the last.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !drainer_chunks(&drainer.wal)
+            .iter()
+            .any(|(_, n)| *n == chunks as usize),
+        "{:?}",
+        drainer_chunks(&drainer.wal)
+    );
+    listener_wal
+        .set_snapshot_state(
+            P,
+            SnapshotState {
+                epoch: 2,
+                phase: SnapshotPhase::Complete,
+            },
+        )
+        .await
+        .unwrap();
+    let marker = Record::Snapshot(SnapshotMarker {
+        epoch: 2,
+        rdb_bytes: rdb.len() as u64,
+        chunks,
+        replid: REPLID.into(),
+        offset: 1000,
+        scope: None,
+        tenures: Vec::new(),
+        handoffs: Vec::new(),
+    });
+    listener_wal
+        .append(
+            P,
+            vec![NewEntry::new(
+                SourcePosition {
+                    replid: REPLID.into(),
+                    offset: ReplOffset(1000),
+                    db: 0,
+                },
+                marker.encode(),
+            )],
+        )
+        .await
+        .unwrap();
+    *provider.resync.lock().unwrap() = None;
+    listener_wal
+        .append(P, (2..=10).map(entry).collect())
+        .await
+        .unwrap();
+    wait_until(
+        "the marker and 9 entries on the drainer",
+        Duration::from_secs(30),
+        || last_id(&drainer.wal) == LogId(10),
+    )
+    .await;
+    let (marker_id, stored) = first_entry_marker(&drainer.wal).expect("a marker first");
+    assert_eq!(marker_id, LogId(1));
+    assert_eq!(stored.chunks, chunks);
+    assert_eq!(
+        chunks_of(&drainer.wal, stored.epoch),
+        rdb,
+        "the epoch's bytes"
+    );
+    // The failed resync's chunks went with the transfer that replaced them.
+    assert_eq!(
+        drainer_chunks(&drainer.wal),
+        vec![(stored.epoch, chunks as usize)]
+    );
+    assert_eq!(
+        shipped_view(&read_all(&drainer.wal, LogId(2))),
+        shipped_view(&read_all(&listener_wal, LogId(2)))
+    );
+    shipper.stop().await;
+    drainer.stop().await;
+    listener_wal.close().await.unwrap();
+}

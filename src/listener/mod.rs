@@ -215,6 +215,19 @@ struct Inner {
     /// not answer when the node started): a first full sync is then refused
     /// from a cluster node (see [`Listener::check_not_cluster`]).
     check_not_cluster: std::sync::atomic::AtomicBool,
+    /// The snapshot epoch of the full resync being stored (0: none); its
+    /// marker will follow in the log unless the attempt fails
+    /// ([`ListenerHandle::resync_epoch`]).
+    resync_epoch: std::sync::atomic::AtomicU64,
+}
+
+/// Clears [`Inner::resync_epoch`] when a full resync attempt ends, however.
+struct ResyncMark<'a>(&'a std::sync::atomic::AtomicU64);
+
+impl Drop for ResyncMark<'_> {
+    fn drop(&mut self) {
+        self.0.store(0, std::sync::atomic::Ordering::Release);
+    }
 }
 
 /// A listener bound to its WAL, before it runs.
@@ -238,6 +251,21 @@ impl ListenerHandle {
 
     pub fn partition(&self) -> PartitionId {
         self.inner.cfg.partition
+    }
+
+    /// The epoch of the full resync being stored right now, whose chunks a
+    /// shipper may send before its marker is in the log; `None` between
+    /// full resyncs (and during fallback snapshots, which get no marker in
+    /// the log).
+    pub fn resync_epoch(&self) -> Option<u64> {
+        match self
+            .inner
+            .resync_epoch
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            0 => None,
+            epoch => Some(epoch),
+        }
     }
 
     pub fn config(&self) -> &CheckedListenerConfig {
@@ -403,6 +431,7 @@ impl Listener {
             era_start: Mutex::new(None),
             route,
             check_not_cluster: std::sync::atomic::AtomicBool::new(false),
+            resync_epoch: std::sync::atomic::AtomicU64::new(0),
         });
         Ok(Listener {
             handle: ListenerHandle { inner },
@@ -689,6 +718,11 @@ impl Session {
             s.full_sync_bytes_total = None;
         });
         let epoch = self.handle.begin_epoch().await?;
+        let inner = Arc::clone(&self.handle.inner);
+        inner
+            .resync_epoch
+            .store(epoch, std::sync::atomic::Ordering::Release);
+        let _resync = ResyncMark(&inner.resync_epoch);
         let status = Arc::clone(&self.inner().status);
         let outcome = self
             .handle

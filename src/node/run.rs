@@ -180,6 +180,12 @@ struct ListenerSnapshots {
 }
 
 impl SnapshotProvider for ListenerSnapshots {
+    fn resync_epoch(&self, partition: PartitionId) -> Option<u64> {
+        (partition == self.handle.partition())
+            .then(|| self.handle.resync_epoch())
+            .flatten()
+    }
+
     fn fallback_snapshot(
         &self,
         partition: PartitionId,

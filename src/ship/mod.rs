@@ -20,7 +20,8 @@
 //!                                                          ALREADY_EXISTS (partition held by another listener)
 //!                                          ◀──   Welcome { durable_log_id = D, snapshot_epoch,
 //!                                                          owner, incarnation }
-//!   [SnapshotChunk { epoch, seq 0..n, data, last }]*   (only right before a marker entry)
+//!   [SnapshotChunk { epoch, seq 0..n, data, last }]*   (before a marker entry; a full resync's
+//!                                                         may start while it is being stored)
 //!   EntryBatch { first_log_id, count, raw_len, snappy_entries } ──▶ append_at, fsync
 //!                                          ◀──   Ack { durable_log_id }   (after each durable append)
 //! ```
@@ -33,8 +34,15 @@
 //!   `Record::Snapshot` payload is a *snapshot marker*: the partition's state
 //!   at that id is the RDB of the marker's epoch. The chunks of that epoch
 //!   (`seq` 0..`chunks`, `last` on the final one, each snappy-compressed) are
-//!   sent on the same stream right before the marker's batch; a marker is
-//!   always alone in its batch.
+//!   sent on the same stream before the marker's batch; a marker is always
+//!   alone in its batch. The chunks of a full resync the listener is storing
+//!   ([`SnapshotProvider::resync_epoch`]) go as soon as they are durable, once
+//!   the shipper has sent every entry: all but the newest, which is sent
+//!   with `last` right before the marker, when its count is known. Entries
+//!   may come between chunks of a transfer (rule 4 tracks the transfer
+//!   alone). A resync that fails leaves its chunks in the drainer's
+//!   `writing` epoch: they are never loaded (no marker names them) and the
+//!   next transfer's `seq 0` deletes them.
 //! - The stream carries nothing else. Either side ends it on any error; the
 //!   listener reconnects and starts over with `Hello`.
 //!
@@ -244,6 +252,15 @@ pub trait SnapshotProvider: Send + Sync + 'static {
         &self,
         partition: PartitionId,
     ) -> BoxFuture<'_, Result<FallbackSnapshot, SnapshotProviderError>>;
+
+    /// The epoch of a full resync of `partition` being stored in the
+    /// listener's WAL right now, whose marker will follow in the log if it
+    /// completes: a caught-up shipper sends its chunks as they are stored
+    /// (all but the newest, which goes last, with the marker's count). `None`
+    /// (the default): chunks go only once their marker is in the log.
+    fn resync_epoch(&self, _partition: PartitionId) -> Option<u64> {
+        None
+    }
 }
 
 /// Errors of shipping, on both sides. Drainer-side ones become the stream's

@@ -2,8 +2,9 @@
 //! (partition, drainer).
 //!
 //! In: durable entries and snapshot chunks of one partition of the
-//! listener's WAL, fallback snapshots from a [`SnapshotProvider`], a shutdown
-//! token. Out: `Ship` messages to one drainer, its acks recorded as the
+//! listener's WAL (a full resync's chunks while the listener stores them,
+//! once the stream is caught up), fallback snapshots from a
+//! [`SnapshotProvider`], a shutdown token. Out: `Ship` messages to one drainer, its acks recorded as the
 //! listener WAL's downstream acks, and a [`ShipperStatus`] readable at any
 //! time. Rules in `ship/mod.rs`.
 
@@ -549,6 +550,7 @@ impl Shipper {
             acked_remote: durable,
             acked_wal: durable,
             needs_snapshot: !follows,
+            transfer: None,
         };
         let result = stream.pump(shutdown).await;
         // A read ahead holds a handle of the WAL: let it end before the
@@ -562,6 +564,9 @@ impl Shipper {
         }
     }
 }
+
+/// Chunks of a full resync read at a time while it is being stored.
+const RESYNC_CHUNKS_PER_READ: usize = 17;
 
 /// A WAL read running on a blocking thread.
 type WalRead = JoinHandle<Result<Vec<WalEntry>, WalError>>;
@@ -595,6 +600,11 @@ struct ActiveStream<'a> {
     /// The drainer holds another history: the next thing sent must be a
     /// snapshot (its marker resets the drainer's partition).
     needs_snapshot: bool,
+    /// A chunk transfer this stream started and has not finished: the epoch
+    /// and the next chunk to send. Chunks of a full resync go while the
+    /// listener stores them ([`ActiveStream::send_resync_chunks`]), all but
+    /// the newest; its marker's transfer continues from here.
+    transfer: Option<(u64, u64)>,
 }
 
 impl ActiveStream<'_> {
@@ -626,6 +636,9 @@ impl ActiveStream<'_> {
                 match self.read_more().await {
                     Ok(0) => {
                         self.note_oldest();
+                        if self.send_resync_chunks(shutdown).await? {
+                            continue;
+                        }
                         tokio::select! {
                             _ = shutdown.cancelled() => return Err(ShipError::Shutdown),
                             reply = self.replies.message() => self.on_reply(reply)?,
@@ -802,8 +815,70 @@ impl ActiveStream<'_> {
         Ok(())
     }
 
-    /// Sends chunks `0..chunks` of `epoch` from the listener's WAL; `false`
-    /// if some are missing there.
+    /// Sends the chunks of the full resync the listener is storing, as far
+    /// as they are stored, but the newest one (the last chunk of a transfer
+    /// says so, and only the marker tells which one is last); `true` if it
+    /// sent any. The drainer keeps them in its `Writing` epoch: the marker,
+    /// once in the log, continues the transfer ([`ActiveStream::send_chunks`]);
+    /// a resync that fails leaves them to the next transfer, whose first
+    /// chunk deletes them (relay convention: a snapshot is loaded only from
+    /// its marker).
+    async fn send_resync_chunks(
+        &mut self,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, ShipError> {
+        let partition = self.partition();
+        let Some(epoch) = self.shipper.provider.resync_epoch(partition) else {
+            return Ok(false);
+        };
+        let from = match self.transfer {
+            Some((sending, next)) if sending == epoch => next,
+            _ => 0,
+        };
+        let _pin = self.shipper.wal.pin_snapshot(partition, epoch);
+        let wal = self.shipper.wal.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            wal.read_snapshot_chunks(partition, epoch, from, RESYNC_CHUNKS_PER_READ)
+        })
+        .await
+        .map_err(join_error)??;
+        // Contiguous from `from`, the newest held back.
+        let stored = read
+            .iter()
+            .enumerate()
+            .take_while(|(i, (seq, _))| *seq == from + *i as u64)
+            .count();
+        let sendable = stored.saturating_sub(1);
+        for (seq, data) in read.into_iter().take(sendable) {
+            self.send_chunk(epoch, seq, &data, false, shutdown).await?;
+            self.transfer = Some((epoch, seq + 1));
+        }
+        Ok(sendable > 0)
+    }
+
+    async fn send_chunk(
+        &mut self,
+        epoch: u64,
+        seq: u64,
+        data: &[u8],
+        last: bool,
+        shutdown: &CancellationToken,
+    ) -> Result<(), ShipError> {
+        let chunk = wire::encode_chunk(epoch, seq, data, last);
+        let bytes = chunk.data.len() as u64;
+        let message = pb::ShipMessage {
+            kind: Some(ship_message::Kind::SnapshotChunk(chunk)),
+        };
+        self.send(message, shutdown).await?;
+        let mut status = self.shipper.status();
+        status.bytes_sent += bytes;
+        status.raw_bytes_sent += data.len() as u64;
+        Ok(())
+    }
+
+    /// Sends chunks `0..chunks` of `epoch` from the listener's WAL (from
+    /// where this stream's transfer of `epoch` got to, if it began early);
+    /// `false` if some are missing there.
     async fn send_chunks(
         &mut self,
         epoch: u64,
@@ -812,7 +887,10 @@ impl ActiveStream<'_> {
     ) -> Result<bool, ShipError> {
         // The listener's snapshot collection leaves an epoch being sent alone.
         let _pin = self.shipper.wal.pin_snapshot(self.partition(), epoch);
-        let mut seq = 0;
+        let mut seq = match self.transfer.take() {
+            Some((sending, next)) if sending == epoch && next < chunks => next,
+            _ => 0,
+        };
         while seq < chunks {
             let wal = self.shipper.wal.clone();
             let partition = self.partition();
@@ -832,16 +910,8 @@ impl ActiveStream<'_> {
                 if seq >= chunks {
                     break;
                 }
-                let chunk = wire::encode_chunk(epoch, seq, &data, seq + 1 == chunks);
-                let bytes = chunk.data.len() as u64;
-                let message = pb::ShipMessage {
-                    kind: Some(ship_message::Kind::SnapshotChunk(chunk)),
-                };
-                self.send(message, shutdown).await?;
-                let mut status = self.shipper.status();
-                status.bytes_sent += bytes;
-                status.raw_bytes_sent += data.len() as u64;
-                drop(status);
+                self.send_chunk(epoch, seq, &data, seq + 1 == chunks, shutdown)
+                    .await?;
                 seq += 1;
             }
         }

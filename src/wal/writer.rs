@@ -627,8 +627,8 @@ impl Wal {
     }
 
     /// A receiver whose value changes after every committed batch that
-    /// appended entries (to any partition), so a reader that caught up can
-    /// wait for more instead of polling. Mark it seen (`borrow_and_update`)
+    /// appended entries or stored snapshot chunks (to any partition), so a
+    /// reader that caught up can wait for more instead of polling. Mark it seen (`borrow_and_update`)
     /// before reading, then wait on `changed()` once the read came back
     /// empty: no append can be missed in between.
     pub fn subscribe_appends(&self) -> watch::Receiver<u64> {
@@ -1406,6 +1406,7 @@ impl GroupCommitWriter {
         let mut staged: HashMap<PartitionId, Staged> = HashMap::new();
         let mut ops = Vec::new();
         let mut answers = Vec::new();
+        let mut chunks_stored = false;
         {
             let mut shared = lock(&self.shared);
             if let Some(reason) = shared.poisoned.clone() {
@@ -1417,6 +1418,7 @@ impl GroupCommitWriter {
             }
             for (request, reply) in batch {
                 let partition = request.partition();
+                chunks_stored |= matches!(request, Request::SnapshotChunk { .. });
                 let entry = staged.entry(partition).or_insert_with(|| {
                     let state = shared
                         .partitions
@@ -1514,9 +1516,12 @@ impl GroupCommitWriter {
                 release_trimmed(storage.as_ref(), &releases)
             }));
         }
-        if answers
-            .iter()
-            .any(|(_, outcome)| matches!(outcome, Outcome::Appended(_)))
+        // Chunks too: a shipper sends the chunks of a full resync while the
+        // listener stores them.
+        if chunks_stored
+            || answers
+                .iter()
+                .any(|(_, outcome)| matches!(outcome, Outcome::Appended(_)))
         {
             self.appended_tx
                 .send_modify(|generation| *generation = generation.wrapping_add(1));
