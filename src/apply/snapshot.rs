@@ -50,14 +50,15 @@
 //! marker would need more than that: the flush would have to be recorded
 //! without `M` (a checkpoint state such as `preloading epoch=E`, restarted
 //! from the flush on any crash), the applier would have to stop applying
-//! entries from then on, and the protocol would have to guarantee that the
-//! next entry the drainer stores after a chunk transfer is a marker (today
-//! it is, after an aborted transfer: the shipper resumes at the same
-//! drainer position, where a marker is due), else a target flushed for a
-//! transfer that never completes would wait with no data for the next
-//! snapshot. Not done: the load now mostly waits for the target's CPU, and
-//! the overlap would only pay off together with shipping chunks while the
-//! listener still receives them.
+//! entries from then on, and a transfer that never completes would have to
+//! be handled: since a full resync's chunks are shipped while the listener
+//! stores them (`ship/mod.rs`), a failed resync leaves chunks on the drainer
+//! and the next entry it stores can be an ordinary one (the listener resumed
+//! with `+CONTINUE`), after which a target flushed for that transfer would
+//! wait with no data for the next snapshot. Not done yet: with the chunks
+//! now on the drainer when the marker comes, the load (waiting mostly for
+//! the target's CPU) is what remains between a full sync and a native
+//! replica's (benches/README.md, issue 13).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
