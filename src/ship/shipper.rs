@@ -4,9 +4,9 @@
 //! In: durable entries and snapshot chunks of one partition of the
 //! listener's WAL (a full resync's chunks while the listener stores them,
 //! once the stream is caught up), fallback snapshots from a
-//! [`SnapshotProvider`], a shutdown token. Out: `Ship` messages to one drainer, its acks recorded as the
-//! listener WAL's downstream acks, and a [`ShipperStatus`] readable at any
-//! time. Rules in `ship/mod.rs`.
+//! [`SnapshotProvider`], a shutdown token. Out: `Ship` messages to one
+//! drainer, its acks recorded as the listener WAL's downstream acks, and a
+//! [`ShipperStatus`] readable at any time. Rules in `ship/mod.rs`.
 
 use crate::position::now_unix_ms;
 use std::collections::VecDeque;
@@ -551,6 +551,7 @@ impl Shipper {
             acked_wal: durable,
             needs_snapshot: !follows,
             transfer: None,
+            newest_epoch_sent: 0,
         };
         let result = stream.pump(shutdown).await;
         // A read ahead holds a handle of the WAL: let it end before the
@@ -605,6 +606,10 @@ struct ActiveStream<'a> {
     /// listener stores them ([`ActiveStream::send_resync_chunks`]), all but
     /// the newest; its marker's transfer continues from here.
     transfer: Option<(u64, u64)>,
+    /// The newest epoch this stream sent chunks of: a resync's chunks go
+    /// early only if their epoch is not older (the drainer refuses a transfer
+    /// older than the epoch it holds).
+    newest_epoch_sent: u64,
 }
 
 impl ActiveStream<'_> {
@@ -831,6 +836,9 @@ impl ActiveStream<'_> {
         let Some(epoch) = self.shipper.provider.resync_epoch(partition) else {
             return Ok(false);
         };
+        if epoch < self.newest_epoch_sent {
+            return Ok(false);
+        }
         let from = match self.transfer {
             Some((sending, next)) if sending == epoch => next,
             _ => 0,
@@ -870,6 +878,7 @@ impl ActiveStream<'_> {
             kind: Some(ship_message::Kind::SnapshotChunk(chunk)),
         };
         self.send(message, shutdown).await?;
+        self.newest_epoch_sent = self.newest_epoch_sent.max(epoch);
         let mut status = self.shipper.status();
         status.bytes_sent += bytes;
         status.raw_bytes_sent += data.len() as u64;
