@@ -55,6 +55,9 @@ fn wal_config(dir: &Path) -> WalConfig {
     WalConfig {
         // Tests that need retention run it themselves or set it.
         retention_interval: HumanDuration(Duration::from_secs(3600)),
+        // Off by default; these tests ship through it (caught-up shippers
+        // read from the listener's tail, the drainer fills its own).
+        tail_bytes: ferry::config_units::ByteSize::mib(1),
         ..WalConfig::with_dir(dir)
     }
 }

@@ -12,8 +12,8 @@
 //! log, starts it afresh). It is bounded in bytes per partition
 //! ([`Tails::cap`]: payload, replid and a fixed overhead per entry); the
 //! oldest entries leave first. A drainer's payloads are slices of the batch
-//! they arrived in, so its tail keeps up to a batch more alive than it
-//! counts. It never decides what
+//! they arrived in: the writer copies them before the tail keeps them, so
+//! that it never keeps a whole batch alive. It never decides what
 //! is readable: [`super::Wal::read`] checks the trimmed and durable bounds
 //! first, so an entry the tail still holds below the log's first id is never
 //! returned.

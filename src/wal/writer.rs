@@ -1407,6 +1407,10 @@ impl GroupCommitWriter {
         let mut ops = Vec::new();
         let mut answers = Vec::new();
         let mut chunks_stored = false;
+        // Partitions appended at given ids (a drainer's): their payloads are
+        // slices of the batch they arrived in, copied before the tail keeps
+        // them so that it does not keep whole batches alive.
+        let mut received: std::collections::HashSet<PartitionId> = Default::default();
         {
             let mut shared = lock(&self.shared);
             if let Some(reason) = shared.poisoned.clone() {
@@ -1419,6 +1423,9 @@ impl GroupCommitWriter {
             for (request, reply) in batch {
                 let partition = request.partition();
                 chunks_stored |= matches!(request, Request::SnapshotChunk { .. });
+                if matches!(request, Request::AppendAt { .. }) {
+                    received.insert(partition);
+                }
                 let entry = staged.entry(partition).or_insert_with(|| {
                     let state = shared
                         .partitions
@@ -1484,7 +1491,14 @@ impl GroupCommitWriter {
         // The entries just made durable, for the read tails.
         let mut appended: HashMap<PartitionId, Vec<WalEntry>> = HashMap::new();
         for op in written_ops {
-            if let WriteOp::Entry { partition, entry } = op {
+            if let WriteOp::Entry {
+                partition,
+                mut entry,
+            } = op
+            {
+                if received.contains(&partition) {
+                    entry.payload = Bytes::copy_from_slice(&entry.payload);
+                }
                 appended.entry(partition).or_default().push(entry);
             }
         }
