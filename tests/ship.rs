@@ -1376,9 +1376,8 @@ impl SnapshotProvider for ResyncInProgress {
         &self,
         partition: PartitionId,
     ) -> BoxFuture<'_, Result<FallbackSnapshot, SnapshotProviderError>> {
-        Box::pin(async move {
-            Err(format!("test: no fallback snapshot expected for partition {partition}").into())
-        })
+        static NONE: NoSnapshots = NoSnapshots;
+        NONE.fallback_snapshot(partition)
     }
 
     fn resync_epoch(&self, partition: PartitionId) -> Option<u64> {

@@ -1288,24 +1288,15 @@ async fn trimmed_entries_stay_as_garbage_until_released_then_go() {
 #[tokio::test]
 async fn reads_from_the_tail_equal_reads_from_the_storage() {
     let dir = tempfile::tempdir().unwrap();
-    let tailed = Wal::with_storage(
-        Arc::new(MemWalStorage::new()),
-        WalConfig {
-            tail_bytes: ByteSize(1000),
+    let open = |tail_bytes| {
+        let config = WalConfig {
+            tail_bytes: ByteSize(tail_bytes),
             ..test_config(dir.path())
-        },
-    )
-    .await
-    .unwrap();
-    let plain = Wal::with_storage(
-        Arc::new(MemWalStorage::new()),
-        WalConfig {
-            tail_bytes: ByteSize(0),
-            ..test_config(dir.path())
-        },
-    )
-    .await
-    .unwrap();
+        };
+        Wal::with_storage(Arc::new(MemWalStorage::new()), config)
+    };
+    let tailed = open(1000).await.unwrap();
+    let plain = open(0).await.unwrap();
     let compare = |step: &str| {
         let last = plain.last_log_id(P1).unwrap().unwrap_or(LogId::ZERO).0;
         for from in 0..=last + 2 {
