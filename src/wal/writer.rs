@@ -388,6 +388,7 @@ impl Wal {
                 state: Arc::clone(&disk_state),
             },
             release: None,
+            keeps_tail: config.tail_bytes.as_u64() > 0,
         };
         let writer_task = tokio::spawn(writer.run(command_rx));
         let inner = Arc::new(Inner {
@@ -1217,6 +1218,9 @@ struct GroupCommitWriter {
     /// The release of trimmed entries in flight (one at a time, awaited
     /// before the next one and at shutdown).
     release: Option<JoinHandle<()>>,
+    /// Whether committed entries go to the read tails (`tail-bytes` > 0);
+    /// without them a commit keeps nothing of its batch.
+    keeps_tail: bool,
 }
 
 /// Keeps `min-free-space` free on the WAL's file system by pausing writes.
@@ -1423,7 +1427,7 @@ impl GroupCommitWriter {
             for (request, reply) in batch {
                 let partition = request.partition();
                 chunks_stored |= matches!(request, Request::SnapshotChunk { .. });
-                if matches!(request, Request::AppendAt { .. }) {
+                if self.keeps_tail && matches!(request, Request::AppendAt { .. }) {
                     received.insert(partition);
                 }
                 let entry = staged.entry(partition).or_insert_with(|| {
@@ -1468,14 +1472,15 @@ impl GroupCommitWriter {
             self.wait_for_buffer_space().await;
             let storage = Arc::clone(&self.storage);
             let sync = self.sync;
+            let keeps_tail = self.keeps_tail;
             let written = tokio::task::spawn_blocking(move || {
                 let result = storage.write(&ops, sync);
-                (ops, result)
+                (keeps_tail.then_some(ops), result)
             })
             .await
             .map_err(join_error)
             .and_then(|(ops, result)| {
-                written_ops = ops;
+                written_ops = ops.unwrap_or_default();
                 result
             });
             if let Err(error) = written {
