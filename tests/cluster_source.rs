@@ -987,16 +987,10 @@ fn log_records(dir: &Path, partition: u32) -> Vec<(u64, ferry::record::Record)> 
     })
 }
 
-#[test]
-fn a_resharded_slot_is_handed_over_in_the_giving_log_after_its_entries() {
-    use ferry::record::{Record, SlotHandoff};
-
-    let cluster = start_cluster();
-    let dir = tempfile::tempdir().expect("temp dir");
-    write_round(&cluster, "pre", 0, 300);
-    // A listener alone: its drainer never comes, so nothing of its log is
-    // trimmed before it is read below.
-    let config = dir.path().join("listener.toml");
+/// `ferry listener` of `cluster` alone in `dir`: its drainer never comes,
+/// so nothing of its log is trimmed before a test reads it.
+fn lone_listener(cluster: &Cluster, dir: &Path) -> FerryProcess {
+    let config = dir.join("listener.toml");
     std::fs::write(
         &config,
         format!(
@@ -1012,13 +1006,23 @@ id = "absent"
 endpoint = "http://127.0.0.1:{}"
 secret = "0123456789abcdef0123456789abcdef"
 "#,
-            dir.path().join("listener").display(),
+            dir.join("listener").display(),
             cluster.url(),
             common::free_port()
         ),
     )
     .unwrap();
-    let mut ferry = FerryProcess::with_config("listener", &config, &dir.path().join("listener"));
+    FerryProcess::with_config("listener", &config, &dir.join("listener"))
+}
+
+#[test]
+fn a_resharded_slot_is_handed_over_in_the_giving_log_after_its_entries() {
+    use ferry::record::{Record, SlotHandoff};
+
+    let cluster = start_cluster();
+    let dir = tempfile::tempdir().expect("temp dir");
+    write_round(&cluster, "pre", 0, 300);
+    let mut ferry = lone_listener(&cluster, dir.path());
     let rows = wait_partitions_online(&cluster, &ferry);
     // A counter and a few keys in one slot, moved below.
     let key = spread_keys("pre0", 300).into_iter().next().expect("a key");
@@ -1320,14 +1324,43 @@ fn a_source_resharding_under_writes_into_a_cluster_target_converges_with_every_c
     resharding_under_writes(&Cluster::start_by_hand(2));
 }
 
-fn resharding_under_writes(target: &impl Sink) {
+/// A 3-master source cluster with 2000 keys of a first round, and `ferry
+/// sync` of it into `target` converged after its full sync.
+struct Synced {
+    cluster: Cluster,
+    dir: tempfile::TempDir,
+    ferry: FerryProcess,
+    /// The listeners' rows once a partition per shard is online.
+    rows: Vec<serde_json::Value>,
+    /// Each partition's loaded snapshot epoch (no reload may follow).
+    epochs: Vec<u64>,
+}
+
+fn synced(target: &impl Sink) -> Synced {
     let cluster = start_cluster();
     let dir = tempfile::tempdir().expect("temp dir");
     write_round(&cluster, "pre", 0, 2000);
     let ferry = start_sync(dir.path(), &cluster.url(), target);
-    wait_partitions_online(&cluster, &ferry);
+    let rows = wait_partitions_online(&cluster, &ferry);
     wait_converged(&cluster, target, &ferry, "after the full sync");
     let epochs: Vec<u64> = (0..3).map(|p| applier_epoch(&ferry, p)).collect();
+    Synced {
+        cluster,
+        dir,
+        ferry,
+        rows,
+        epochs,
+    }
+}
+
+fn resharding_under_writes(target: &impl Sink) {
+    let Synced {
+        cluster,
+        dir,
+        ferry,
+        rows: _,
+        epochs,
+    } = synced(target);
     let masters = cluster.master_ports();
     let data_dir = dir.path().join("sync");
     let rounds = with_writer(&cluster, || {
@@ -1367,13 +1400,13 @@ fn kill_9_of_ferry_mid_migration_into_a_cluster_target_converges_with_every_coun
 }
 
 fn kill_9_mid_migration(target: &impl Sink) {
-    let cluster = start_cluster();
-    let dir = tempfile::tempdir().expect("temp dir");
-    write_round(&cluster, "pre", 0, 2000);
-    let mut ferry = start_sync(dir.path(), &cluster.url(), target);
-    wait_partitions_online(&cluster, &ferry);
-    wait_converged(&cluster, target, &ferry, "after the full sync");
-    let epochs: Vec<u64> = (0..3).map(|p| applier_epoch(&ferry, p)).collect();
+    let Synced {
+        cluster,
+        dir: _dir,
+        mut ferry,
+        rows: _,
+        epochs,
+    } = synced(target);
     let masters = cluster.master_ports();
     let key = counter_keys()[1].clone();
     let slot = ferry::redis::command::key_hash_slot(key.as_bytes());
@@ -1406,13 +1439,13 @@ fn a_slot_moved_there_and_back_while_one_partition_ships_nothing_converges_into_
 }
 
 fn there_and_back_while_stopped(target: &impl Sink) {
-    let cluster = start_cluster();
-    let dir = tempfile::tempdir().expect("temp dir");
-    write_round(&cluster, "pre", 0, 2000);
-    let ferry = start_sync(dir.path(), &cluster.url(), target);
-    let rows = wait_partitions_online(&cluster, &ferry);
-    wait_converged(&cluster, target, &ferry, "after the full sync");
-    let epochs: Vec<u64> = (0..3).map(|p| applier_epoch(&ferry, p)).collect();
+    let Synced {
+        cluster,
+        dir,
+        ferry,
+        rows,
+        epochs,
+    } = synced(target);
     let masters = cluster.master_ports();
     let key = counter_keys()[2].clone();
     let slot = ferry::redis::command::key_hash_slot(key.as_bytes());
@@ -1650,13 +1683,13 @@ fn an_aborted_migration_fixed_back_converges_without_holding_a_partition_of_a_cl
 }
 
 fn aborted_migration_fixed_back(target: &impl Sink) {
-    let cluster = start_cluster();
-    let dir = tempfile::tempdir().expect("temp dir");
-    write_round(&cluster, "pre", 0, 2000);
-    let ferry = start_sync(dir.path(), &cluster.url(), &target);
-    wait_partitions_online(&cluster, &ferry);
-    wait_converged(&cluster, &target, &ferry, "after the full sync");
-    let epochs: Vec<u64> = (0..3).map(|p| applier_epoch(&ferry, p)).collect();
+    let Synced {
+        cluster,
+        dir,
+        ferry,
+        rows: _,
+        epochs,
+    } = synced(target);
     let masters = cluster.master_ports();
     // The slot of a counter the writer increments all along.
     let counter = counter_keys()[1].clone();
@@ -1784,13 +1817,13 @@ fn kill_9_of_ferry_during_an_aborted_migration_and_its_fix_into_a_cluster_target
 }
 
 fn kill_9_during_an_aborted_migration(target: &impl Sink) {
-    let cluster = start_cluster();
-    let dir = tempfile::tempdir().expect("temp dir");
-    write_round(&cluster, "pre", 0, 2000);
-    let mut ferry = start_sync(dir.path(), &cluster.url(), &target);
-    wait_partitions_online(&cluster, &ferry);
-    wait_converged(&cluster, &target, &ferry, "after the full sync");
-    let epochs: Vec<u64> = (0..3).map(|p| applier_epoch(&ferry, p)).collect();
+    let Synced {
+        cluster,
+        dir: _dir,
+        mut ferry,
+        rows: _,
+        epochs,
+    } = synced(target);
     let masters = cluster.master_ports();
     let counter = counter_keys()[3].clone();
     let slot = ferry::redis::command::key_hash_slot(counter.as_bytes());
@@ -1841,30 +1874,7 @@ fn an_aborted_import_is_voided_in_the_receiving_log_after_its_entries() {
     let cluster = start_cluster();
     let dir = tempfile::tempdir().expect("temp dir");
     write_round(&cluster, "pre", 0, 300);
-    // A listener alone: nothing of its log is trimmed before it is read.
-    let config = dir.path().join("listener.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"data-dir = "{}"
-admin = "127.0.0.1:0"
-
-[listener]
-id = "listener-1"
-source = "{}"
-
-[[drainers]]
-id = "absent"
-endpoint = "http://127.0.0.1:{}"
-secret = "0123456789abcdef0123456789abcdef"
-"#,
-            dir.path().join("listener").display(),
-            cluster.url(),
-            common::free_port()
-        ),
-    )
-    .unwrap();
-    let mut ferry = FerryProcess::with_config("listener", &config, &dir.path().join("listener"));
+    let mut ferry = lone_listener(&cluster, dir.path());
     let rows = wait_partitions_online(&cluster, &ferry);
     let counter = counter_keys()[5].clone();
     let slot = ferry::redis::command::key_hash_slot(counter.as_bytes());
@@ -1960,13 +1970,13 @@ fn a_slot_moved_away_and_straight_back_into_a_cluster_target_converges() {
 }
 
 fn away_and_straight_back(target: &impl Sink) {
-    let cluster = start_cluster();
-    let dir = tempfile::tempdir().expect("temp dir");
-    write_round(&cluster, "pre", 0, 2000);
-    let ferry = start_sync(dir.path(), &cluster.url(), target);
-    wait_partitions_online(&cluster, &ferry);
-    wait_converged(&cluster, target, &ferry, "after the full sync");
-    let epochs: Vec<u64> = (0..3).map(|p| applier_epoch(&ferry, p)).collect();
+    let Synced {
+        cluster,
+        dir,
+        ferry,
+        rows: _,
+        epochs,
+    } = synced(target);
     let masters = cluster.master_ports();
     let data_dir = dir.path().join("sync");
     let rounds = with_writer(&cluster, || {
@@ -2013,13 +2023,13 @@ fn a_slot_passed_on_through_a_shard_while_ferry_is_stopped_into_a_cluster_target
 }
 
 fn passed_on_through_a_shard(target: &impl Sink) {
-    let cluster = start_cluster();
-    let dir = tempfile::tempdir().expect("temp dir");
-    write_round(&cluster, "pre", 0, 2000);
-    let mut ferry = start_sync(dir.path(), &cluster.url(), target);
-    wait_partitions_online(&cluster, &ferry);
-    wait_converged(&cluster, target, &ferry, "after the full sync");
-    let epochs: Vec<u64> = (0..3).map(|p| applier_epoch(&ferry, p)).collect();
+    let Synced {
+        cluster,
+        dir,
+        mut ferry,
+        rows: _,
+        epochs,
+    } = synced(target);
     let masters = cluster.master_ports();
     let data_dir = dir.path().join("sync");
     let rounds = with_writer(&cluster, || {
