@@ -216,7 +216,7 @@ pub struct SkipOutcome {
 pub enum ControlError {
     #[error("this process runs no listener, so it has no sync to {0}")]
     NoListener(&'static str),
-    #[error("no shipper matches partition {partition:?} drainer {drainer_id:?}")]
+    #[error("no sync matches partition {partition:?} drainer {drainer_id:?}")]
     NoMatch {
         partition: Option<u32>,
         drainer_id: Option<String>,
@@ -242,12 +242,15 @@ pub trait NodeControl: Send + Sync + 'static {
     /// A reading of every stage now. May block briefly (point reads of the
     /// WAL); call it from a blocking-friendly context.
     fn status(&self) -> NodeStatus;
-    /// Stops shipping to the selected drainers: the listener keeps
-    /// replicating and its WAL accumulates (subject to `wal-ttl`). Persisted:
-    /// a restarted process stays stopped. Returns how many shippers changed.
+    /// Stops shipping to the selected drainers (in a `ferry sync` that
+    /// applies from the listener's WAL: stops the selected partitions'
+    /// appliers): the listener keeps replicating and its WAL accumulates
+    /// (subject to `wal-ttl`). Persisted: a restarted process stays
+    /// stopped. Returns how many syncs changed.
     fn stop_sync(&self, which: &SyncSelector) -> Result<usize, ControlError>;
-    /// Resumes shipping: the drainer gets what accumulated, or a fallback
-    /// snapshot if entries it needs expired. Returns how many changed.
+    /// Resumes shipping (or applying): the drainer gets what accumulated,
+    /// or a fallback snapshot if entries it needs expired. Returns how many
+    /// changed.
     fn restart_sync(&self, which: &SyncSelector) -> Result<usize, ControlError>;
     /// Skips the entry a partition's applier is blocked on (only that one),
     /// recording it in the dead-letter file first. May block briefly to

@@ -357,7 +357,7 @@ fn stop_and_restart_sync_flip_the_selected_shippers() {
         "--partition",
         "0",
     ]));
-    assert_eq!(out, "stopped 2 shippers (selected: partition 0)\n");
+    assert_eq!(out, "stopped 2 syncs (selected: partition 0)\n");
     assert_eq!(
         ship_states(&json_status(&["--admin", &admin])),
         states(&[
@@ -380,7 +380,7 @@ fn stop_and_restart_sync_flip_the_selected_shippers() {
         "--drainer",
         "d2",
     ]));
-    assert_eq!(out, "restarted 1 shipper (selected: drainer d2)\n");
+    assert_eq!(out, "restarted 1 sync (selected: drainer d2)\n");
     assert_eq!(
         ship_states(&json_status(&["--admin", &admin])),
         states(&[
@@ -393,7 +393,7 @@ fn stop_and_restart_sync_flip_the_selected_shippers() {
 
     // Without a selector: everything.
     let out = stdout_of(&ferry(&["stop-sync", "--admin", &admin]));
-    assert_eq!(out, "stopped 3 shippers (selected: all)\n");
+    assert_eq!(out, "stopped 3 syncs (selected: all)\n");
     assert!(fixture
         .node
         .status()
@@ -412,7 +412,7 @@ fn stop_and_restart_sync_flip_the_selected_shippers() {
     ]));
     assert!(
         error.contains(&format!(
-            "ferry at {admin}: no shipper matches partition Some(9)"
+            "ferry at {admin}: no sync matches partition Some(9)"
         )),
         "{error}"
     );
@@ -532,7 +532,7 @@ fn status_by_data_dir_reads_the_addr_file() {
         "--drainer",
         "d1",
     ]));
-    assert_eq!(out, "stopped 2 shippers (selected: drainer d1)\n");
+    assert_eq!(out, "stopped 2 syncs (selected: drainer d1)\n");
 
     // One or the other, not both.
     let both = ferry(&[

@@ -314,10 +314,20 @@ fn a_cluster_source_syncs_every_shard_into_its_own_partition() {
         );
     };
     control(&["stop-sync", "--partition", "1"]);
-    let shipping = |partition: u64| listener_row(&ferry, partition)["shipping"][0]["state"].clone();
-    assert_eq!(shipping(1), "STOPPED");
-    assert_ne!(shipping(0), "STOPPED");
-    assert_ne!(shipping(2), "STOPPED");
+    // `ferry sync` applies from the listener's WAL: the partition's applier
+    // is what stops.
+    let applying = |partition: u64| {
+        ferry.status_json()["drainers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|row| row["partition"].as_u64() == Some(partition))
+            .map(|row| row["state"].clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(applying(1), "STOPPED");
+    assert_ne!(applying(0), "STOPPED");
+    assert_ne!(applying(2), "STOPPED");
     let stopped = std::fs::read_to_string(dir.path().join("sync").join("stopped-syncs")).unwrap();
     assert_eq!(
         stopped.lines().collect::<Vec<_>>(),

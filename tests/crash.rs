@@ -65,8 +65,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::ferry::log::{
-    APPLYING, APPLY_BACK, APPLY_FAILED, FALLBACK_SNAPSHOT, FULL_SYNC_STARTED, FULL_SYNC_STORED,
-    GAP, PARTIAL_RESYNC, TARGET_BEHIND,
+    APPLYING, APPLY_BACK, APPLY_FAILED, ASKS_FALLBACK, FALLBACK_SNAPSHOT, FALLBACK_TAKEN,
+    FALLBACK_WAS_LOADING, FULL_SYNC_STARTED, FULL_SYNC_STORED, GAP, PARTIAL_RESYNC, TARGET_BEHIND,
 };
 use common::ferry::{assert_verify_clean, signal, FerryProcess};
 use common::load::{assert_counters, Load, LoadReport};
@@ -957,11 +957,24 @@ fn sync_with_config(
     apply: &str,
     wal: &str,
 ) -> FerryProcess {
+    sync_from(dir, source, target, "", apply, wal)
+}
+
+/// [`sync_with_config`] with `top` (top-level keys, e.g. `apply-from`).
+fn sync_from(
+    dir: &Path,
+    source: &RedisServer,
+    target: &FixedPortRedis,
+    top: &str,
+    apply: &str,
+    wal: &str,
+) -> FerryProcess {
     let config = dir.join("sync.toml");
     std::fs::write(
         &config,
         format!(
-            r#"[apply]
+            r#"{top}
+[apply]
 reply-timeout = "1s"
 connect-timeout = "1s"
 retry-backoff-min = "50ms"
@@ -1257,18 +1270,19 @@ fn target_rollback_loop(test: &str, rounds: usize) {
 }
 
 /// A target without persistence SIGKILLed and started again comes back
-/// empty, its checkpoint gone. What a non-persistent target lost is not
-/// re-sent (docs/ARCHITECTURE.md, "Recovery rules"); pinned here: the
-/// applier notices (no checkpoint while the WAL says applied), finds the
-/// entries it would need trimmed with no snapshot marker in their place, and
-/// the node stops with exit 1 and the fatal gap error saying the target
-/// needs a snapshot. Nothing is applied to the empty target: applying the
-/// entries still in the WAL on an empty data set would be a silent loss.
+/// empty, its checkpoint gone, on the relayed path (`apply-from =
+/// "drainer-wal"`). What a non-persistent target lost is not re-sent
+/// from the drainer's WAL (docs/ARCHITECTURE.md, "Recovery rules"); pinned
+/// here: the applier notices (no checkpoint while the WAL says applied),
+/// finds the entries it would need trimmed with no snapshot marker in their
+/// place, and the node stops with exit 1 and the fatal gap error saying the
+/// target needs a snapshot. Nothing is applied to the empty target: applying
+/// the entries still in the WAL on an empty data set would be a silent loss.
 /// Then the way out the error names: with the drainer's WAL dir moved away,
 /// `ferry sync` starts again, the fresh drainer gets a fallback snapshot
 /// from the listener, and the target ends equal to the source.
 #[test]
-fn empty_target_after_restart_stops_the_node() {
+fn empty_target_after_restart_stops_a_relayed_sync() {
     let source = RedisServer::start(SOURCE_ARGS);
     let mut target = FixedPortRedis::start(&[]);
     source.cmd(&["DEBUG", "POPULATE", "2000", "pre", "100"]);
@@ -1277,10 +1291,11 @@ fn empty_target_after_restart_stops_the_node() {
     // Acked (and so trimmable) 200 ms after being applied, trimmed every
     // 200 ms: the snapshot marker is long gone when the target restarts.
     let start = |target: &FixedPortRedis| {
-        sync_with_config(
+        sync_from(
             dir.path(),
             &source,
             target,
+            "apply-from = \"drainer-wal\"",
             "retain-applied = \"200ms\"",
             "retention-interval = \"200ms\"",
         )
@@ -1290,6 +1305,11 @@ fn empty_target_after_restart_stops_the_node() {
     wait_for_fence(&source.addr(), &target.addr(), &[&ferry]);
     std::thread::sleep(Duration::from_millis(1500));
     let mark = ferry.log_len();
+    assert!(
+        ferry.log_since(0).contains("apply_from=\"drainer-wal\""),
+        "{}",
+        ferry.log_tail(40)
+    );
     target.kill9();
     target.spawn();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -1361,6 +1381,290 @@ fn empty_target_after_restart_stops_the_node() {
     assert_verify_clean("target resynced", &source.url(), &target.url(), || {
         ferry.log_tail(40)
     });
+}
+
+/// The same target loss with `ferry sync` applying from the listener's WAL
+/// (the default): the log no longer holds what the empty target needs, so
+/// the applier asks the listener for a fallback snapshot and loads it in
+/// place of the lost data, and the sync goes on without an operator. Then
+/// ferry is SIGKILLed while such a load runs (the target's checkpoint says
+/// `loading=M`, and `M` is no marker in the listener's log): the next run
+/// takes another fallback snapshot instead of applying entries on a
+/// half-loaded target. Every counter exact, the target equal to the source.
+#[test]
+fn empty_target_after_restart_gets_a_fallback_snapshot() {
+    let source = RedisServer::start(SOURCE_ARGS);
+    let mut target = FixedPortRedis::start(&[]);
+    // Big enough that a load takes a while to catch in the middle.
+    source.cmd(&["DEBUG", "POPULATE", "300000", "pre", "100"]);
+    let load = Load::start(&source.addr());
+    let dir = tempfile::tempdir().unwrap();
+    let start = |target: &FixedPortRedis| {
+        sync_with_config(
+            dir.path(),
+            &source,
+            target,
+            "retain-applied = \"200ms\"",
+            "retention-interval = \"200ms\"",
+        )
+    };
+    let mut ferry = start(&target);
+    wait_first_snapshot_stored(&ferry);
+    wait_for_fence(&source.addr(), &target.addr(), &[&ferry]);
+    assert!(
+        ferry.log_since(0).contains("apply_from=\"listener-wal\""),
+        "{}",
+        ferry.log_tail(40)
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+
+    // 1. The target comes back empty: a fallback snapshot, no stop.
+    let mark = ferry.log_len();
+    target.kill9();
+    target.spawn();
+    wait_until(
+        "a fallback snapshot taken for the empty target",
+        Duration::from_secs(60),
+        &[&ferry],
+        || ferry.log_since(mark).contains(FALLBACK_TAKEN),
+    );
+    let log = ferry.log_since(mark);
+    for needle in [TARGET_BEHIND, ASKS_FALLBACK] {
+        assert!(
+            log.contains(needle),
+            "{needle:?} not logged\n{}",
+            ferry.log_tail(40)
+        );
+    }
+    wait_for_fence(&source.addr(), &target.addr(), &[&ferry]);
+    assert_no_fatal(&ferry);
+
+    // 2. Empty again, and ferry killed in the middle of the load.
+    // Connects anew each time: the target is killed in between.
+    let target_addr = target.addr();
+    let checkpoint = || {
+        common::resp::Conn::connect(&target_addr, Duration::from_secs(1))
+            .and_then(|mut conn| conn.call(&["GET", "__ferry:checkpoint:ferry:0"]))
+            .ok()
+            .and_then(|reply| reply.text())
+            .unwrap_or_default()
+    };
+    let mut caught = 0;
+    for round in 0..3 {
+        let mark = ferry.log_len();
+        target.kill9();
+        target.spawn();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if checkpoint().contains("loading=") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: no load seen\n{}",
+                ferry.log_since(mark)
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        kill9_running(&mut ferry, "ferry mid-load");
+        let value = checkpoint();
+        println!("round {round}: killed with the checkpoint at {value:?}");
+        ferry = start(&target);
+        wait_for_fence(&source.addr(), &target.addr(), &[&ferry]);
+        if value.contains("loading=") {
+            caught += 1;
+            assert!(
+                ferry.log_since(0).contains(FALLBACK_WAS_LOADING),
+                "round {round}: the restarted sync did not replace the fallback that was loading\n{}",
+                ferry.log_tail(40)
+            );
+        }
+        assert_no_fatal(&ferry);
+    }
+    assert!(
+        caught > 0,
+        "no kill landed mid-load: the test proves nothing"
+    );
+    let report = load.finish();
+    wait_for_fence(&source.addr(), &target.addr(), &[&ferry]);
+    assert_counters("target reloaded", &report, &source.addr(), &target.addr());
+    assert_verify_clean("target reloaded", &source.url(), &target.url(), || {
+        ferry.log_tail(40)
+    });
+}
+
+/// A target paused for longer than `wal-ttl` while the source keeps
+/// writing (`ferry sync`, applying from the listener's WAL): the entries
+/// it needs are trimmed before it is back, so the applier loads a fallback
+/// snapshot instead (a stopped relay would have shipped one), and the
+/// counters come out exact.
+#[test]
+fn a_target_paused_past_wal_ttl_gets_a_fallback_snapshot() {
+    let source = RedisServer::start(SOURCE_ARGS);
+    let target = FixedPortRedis::start(&[]);
+    source.cmd(&["DEBUG", "POPULATE", "2000", "pre", "100"]);
+    let load = Load::start(&source.addr());
+    let dir = tempfile::tempdir().unwrap();
+    let ferry = sync_with_config(
+        dir.path(),
+        &source,
+        &target,
+        "retain-applied = \"200ms\"",
+        "wal-ttl = \"2s\"\nretention-interval = \"200ms\"",
+    );
+    wait_first_snapshot_stored(&ferry);
+    wait_for_fence(&source.addr(), &target.addr(), &[&ferry]);
+    let mark = ferry.log_len();
+    signal(target.pid(), "STOP");
+    std::thread::sleep(Duration::from_secs(5));
+    signal(target.pid(), "CONT");
+    wait_until(
+        "a fallback snapshot after the pause",
+        Duration::from_secs(60),
+        &[&ferry],
+        || ferry.log_since(mark).contains(FALLBACK_TAKEN),
+    );
+    assert!(
+        !ferry.log_since(mark).contains(TARGET_BEHIND),
+        "the paused target kept its data: {}",
+        ferry.log_tail(40)
+    );
+    let report = load.finish();
+    wait_for_fence(&source.addr(), &target.addr(), &[&ferry]);
+    assert_no_fatal(&ferry);
+    assert_counters("after the pause", &report, &source.addr(), &target.addr());
+    assert_verify_clean("after the pause", &source.url(), &target.url(), || {
+        ferry.log_tail(40)
+    });
+}
+
+/// `ferry stop-sync` on a `ferry sync` that applies from the listener's
+/// WAL stops the applier (the listener goes on); the stop survives a
+/// SIGKILL and restart of ferry; the source writes meanwhile for longer
+/// than `wal-ttl`, so after `ferry restart-sync` the entries the target
+/// needs are gone and a fallback snapshot replaces them. Counters exact.
+#[test]
+fn a_stopped_sync_past_wal_ttl_restarts_with_a_fallback_snapshot() {
+    let source = RedisServer::start(SOURCE_ARGS);
+    let target = FixedPortRedis::start(&[]);
+    source.cmd(&["DEBUG", "POPULATE", "2000", "pre", "100"]);
+    let load = Load::start(&source.addr());
+    let dir = tempfile::tempdir().unwrap();
+    let start = || {
+        sync_with_config(
+            dir.path(),
+            &source,
+            &target,
+            "retain-applied = \"200ms\"",
+            "wal-ttl = \"2s\"\nretention-interval = \"200ms\"",
+        )
+    };
+    let mut ferry = start();
+    wait_first_snapshot_stored(&ferry);
+    wait_for_fence(&source.addr(), &target.addr(), &[&ferry]);
+    let control = |verb: &str, ferry: &FerryProcess| {
+        let out = std::process::Command::new(common::ferry::ferry_bin())
+            .args([verb, "--admin", &ferry.admin_addr(Duration::from_secs(10))])
+            .output()
+            .expect("ferry control");
+        assert!(
+            out.status.success(),
+            "{verb}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let state = |ferry: &FerryProcess| ferry.status_json()["drainers"][0]["state"].clone();
+    assert_eq!(
+        control("stop-sync", &ferry),
+        "stopped 1 sync (selected: all)\n"
+    );
+    assert_eq!(state(&ferry), "STOPPED");
+    // Let the batch in flight land, then the target must stand still.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut checkpoint = checkpoint_reader(&target.addr(), "__ferry:checkpoint:ferry:0");
+    let held = checkpoint();
+    std::thread::sleep(Duration::from_secs(2));
+    kill9_running(&mut ferry, "ferry, stopped");
+    let mark = ferry.log_len();
+    ferry = start();
+    wait_until(
+        "the restarted ferry to say the sync is stopped",
+        Duration::from_secs(30),
+        &[&ferry],
+        || ferry.log_since(mark).contains("sync is stopped"),
+    );
+    assert_eq!(state(&ferry), "STOPPED");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        checkpoint(),
+        held,
+        "the target moved while the sync was stopped"
+    );
+    let mark = ferry.log_len();
+    assert_eq!(
+        control("restart-sync", &ferry),
+        "restarted 1 sync (selected: all)\n"
+    );
+    wait_until(
+        "a fallback snapshot for the expired entries",
+        Duration::from_secs(60),
+        &[&ferry],
+        || ferry.log_since(mark).contains(FALLBACK_TAKEN),
+    );
+    assert!(ferry.log_since(mark).contains(ASKS_FALLBACK));
+    let report = load.finish();
+    wait_for_fence(&source.addr(), &target.addr(), &[&ferry]);
+    assert_no_fatal(&ferry);
+    assert_counters(
+        "after restart-sync",
+        &report,
+        &source.addr(),
+        &target.addr(),
+    );
+    assert_verify_clean("after restart-sync", &source.url(), &target.url(), || {
+        ferry.log_tail(40)
+    });
+}
+
+/// A data dir made by a ferry that relayed through a drainer WAL (here:
+/// `apply-from = "drainer-wal"`) keeps that path when started with the
+/// default `apply-from = "auto"`: its target's checkpoints count the drainer
+/// WAL's log, so switching would need a full sync. It resumes where it was,
+/// without one, and the counters come out exact.
+#[test]
+fn a_relayed_data_dir_keeps_its_path() {
+    let source = RedisServer::start(SOURCE_ARGS);
+    let target = FixedPortRedis::start(&[]);
+    let load = Load::start(&source.addr());
+    let dir = tempfile::tempdir().unwrap();
+    let mut ferry = sync_from(
+        dir.path(),
+        &source,
+        &target,
+        "apply-from = \"drainer-wal\"",
+        "",
+        "",
+    );
+    wait_first_snapshot_stored(&ferry);
+    wait_for_fence(&source.addr(), &target.addr(), &[&ferry]);
+    kill9_running(&mut ferry, "ferry, relayed");
+    let mark = ferry.log_len();
+    let ferry = sync_with_config(dir.path(), &source, &target, "", "");
+    wait_for_fence(&source.addr(), &target.addr(), &[&ferry]);
+    let log = ferry.log_since(mark);
+    for needle in ["keeping the relayed path", "apply_from=\"drainer-wal\""] {
+        assert!(
+            log.contains(needle),
+            "{needle:?} not logged\n{}",
+            ferry.log_tail(40)
+        );
+    }
+    assert!(!log.contains(FULL_SYNC_STARTED), "{}", ferry.log_tail(40));
+    let report = load.finish();
+    wait_for_fence(&source.addr(), &target.addr(), &[&ferry]);
+    assert_no_fatal(&ferry);
+    assert_counters("after the restart", &report, &source.addr(), &target.addr());
 }
 
 /// A target frozen while the applier catches up with big batches (about

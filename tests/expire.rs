@@ -460,8 +460,10 @@ macro_rules! wait_for {
     }};
 }
 
-/// After `stop-sync`: waits until the drainer has applied everything it
-/// holds and the target's checkpoint has not moved for a second.
+/// After `stop-sync`: waits until the applier stopped (`ferry sync` applies
+/// from the listener's WAL: its row says STOPPED) or, on the relayed path,
+/// the drainer has applied everything it holds, and the target's
+/// checkpoint has not moved for a second.
 async fn wait_stopped(ferry: &FerryProcess, target: &mut Client, checkpoint: &str) {
     let deadline = Instant::now() + WAIT;
     let mut last = call(target, &["GET", checkpoint]).await;
@@ -473,7 +475,8 @@ async fn wait_stopped(ferry: &FerryProcess, target: &mut Client, checkpoint: &st
             last = now;
             since = Instant::now();
         }
-        let caught_up = ferry.status_json()["drainers"][0]["lag"].as_u64() == Some(0);
+        let applier = &ferry.status_json()["drainers"][0];
+        let caught_up = applier["lag"].as_u64() == Some(0) || applier["state"] == "STOPPED";
         if caught_up && last != Frame::Null && since.elapsed() >= Duration::from_secs(1) {
             return;
         }
@@ -578,12 +581,15 @@ async fn a_refresh_near_the_deadline_survives_a_stopped_sync() {
         ferry,
         call(&mut target, &["EXISTS", "expired"]).await == Frame::Integer(0)
     );
-    // Caught up: the drainer has what the listener has and applied it
-    // (heartbeats keep both moving, so both lags are read at once).
+    // Caught up: the applier applied what the listener has (heartbeats
+    // keep the log moving, so the lags are read at once; with the relayed
+    // path, the shipper's too).
     wait_for!("the sync to catch up", ferry, {
         let status = ferry.status_json();
-        status["listeners"][0]["shipping"][0]["lag"].as_u64() == Some(0)
-            && status["drainers"][0]["lag"].as_u64() == Some(0)
+        let shipped = status["listeners"][0]["shipping"]
+            .as_array()
+            .is_some_and(|ships| ships.iter().all(|s| s["lag"].as_u64() == Some(0)));
+        shipped && status["drainers"][0]["lag"].as_u64() == Some(0)
     });
     assert_eq!(
         call(&mut target, &["GET", "refreshed"]).await,

@@ -952,7 +952,7 @@ async fn stop_sync_holds_the_target_and_restart_sync_delivers() {
     let admin = ferry.admin_addr(CONVERGE);
 
     let said = control("stop-sync", &admin, &logs);
-    assert!(said.starts_with("stopped 1 shipper"), "{said}");
+    assert!(said.starts_with("stopped 1 sync"), "{said}");
     assert_eq!(ship_state(&ferry.status_json()), "STOPPED", "{}", context());
     let checkpoint_key = "__ferry:checkpoint:ctl:0";
     let held_checkpoint = wait_quiet(&ferry, &target, checkpoint_key, context).await;
@@ -1009,7 +1009,7 @@ async fn stop_sync_holds_the_target_and_restart_sync_delivers() {
 
     let admin = ferry.admin_addr(CONVERGE);
     let said = control("restart-sync", &admin, &logs);
-    assert!(said.starts_with("restarted 1 shipper"), "{said}");
+    assert!(said.starts_with("restarted 1 sync"), "{said}");
     wait_converged(
         &source.url(),
         &target.url(),

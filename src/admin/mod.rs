@@ -246,7 +246,7 @@ pub async fn fetch_status(addr: &str) -> Result<NodeStatus, AdminError> {
 }
 
 /// Stops shipping to the drainers `which` selects on the node at `addr`;
-/// returns how many shippers changed.
+/// returns how many syncs changed.
 pub async fn stop_sync(addr: &str, which: &SyncSelector) -> Result<u32, AdminError> {
     let request = pb::SyncControlRequest {
         selector: Some(which.clone().into()),
@@ -260,7 +260,7 @@ pub async fn stop_sync(addr: &str, which: &SyncSelector) -> Result<u32, AdminErr
 }
 
 /// Resumes shipping to the drainers `which` selects on the node at `addr`;
-/// returns how many shippers changed.
+/// returns how many syncs changed.
 pub async fn restart_sync(addr: &str, which: &SyncSelector) -> Result<u32, AdminError> {
     let request = pb::SyncControlRequest {
         selector: Some(which.clone().into()),

@@ -203,7 +203,7 @@ use super::checkpoint::Checkpoint;
 use super::config::ExistingData;
 use super::expire::{self, ExpireGrace};
 use super::keyspace::OwnedKeyspace;
-use super::reader::spawn_reader;
+use super::reader::{spawn_reader, ReaderConfig};
 use super::snapshot::{client_error, feed_chunks, scopeguard, CHUNK_QUEUE};
 use super::status::{RefusedCommand, SnapshotLoadProgress};
 use super::target::Target;
@@ -611,8 +611,12 @@ impl Applier {
             self.wal.clone(),
             self.partition,
             resume,
-            limits,
-            self.cfg.idle_poll.0,
+            marker_first,
+            ReaderConfig {
+                limits,
+                idle_poll: self.cfg.idle_poll.0,
+                direct: self.direct.clone(),
+            },
             cancel,
         );
         let mut feed = Feed {
@@ -620,6 +624,7 @@ impl Applier {
             pending: Default::default(),
             expected: resume,
             marker_first,
+            fallbacks: self.direct.is_some(),
             partition: self.partition,
             max_pending: self.cfg.batch_max_entries.saturating_mul(2),
         };

@@ -328,13 +328,14 @@ use crate::redis::cluster::SlotRanges;
 use crate::redis::command::Command;
 use crate::redis::rdb_stream::RdbStreamError;
 use crate::redis::resp::{encode_array_header, encode_bulk, encode_bulk_header, Frame};
+use crate::ship::SnapshotProvider;
 use crate::wal::{DownstreamId, ReadLimits, SnapshotPhase, Wal, WalError};
 
 use batch::{Batch, BatchBuilder, BatchOutcome, Hold, Pending, StreamedPlace, TenureWait};
 use checkpoint::{checkpoint_key, Checkpoint, CheckpointError};
 use dead_letter::{DeadEntry, DeadLetter, DeadLetterError, SkippedBy};
 use fence::Fence;
-use reader::{spawn_reader, ReadResult};
+use reader::{spawn_reader, ReadResult, ReaderConfig};
 use target::Target;
 
 pub use batch::ReplyError;
@@ -470,6 +471,16 @@ pub enum ApplyError {
     /// Retried: the next session discovers the cluster again.
     #[error("target cluster: {0}")]
     Topology(String),
+    /// (`ferry sync`, reading the listener's WAL) the log lacks what the
+    /// target needs and the listener could not take the fallback snapshot
+    /// that replaces it yet (the source unreachable, say). Retried.
+    #[error(
+        "partition {partition}: a fallback snapshot is needed and could not be taken: {error}"
+    )]
+    Fallback {
+        partition: PartitionId,
+        error: String,
+    },
 }
 
 impl ApplyError {
@@ -495,6 +506,7 @@ impl ApplyError {
             | ApplyError::Refused { .. }
             | ApplyError::DeadLetter(_)
             | ApplyError::Topology(_)
+            | ApplyError::Fallback { .. }
             | ApplyError::Snapshot { .. } => false,
         }
     }
@@ -519,6 +531,31 @@ pub async fn run(
     status: Arc<ApplyStatus>,
     shutdown: CancellationToken,
 ) -> Result<(), ApplyError> {
+    run_inner(cfg, wal, status, shutdown, None).await
+}
+
+/// [`run`] on the listener's own WAL (`ferry sync`): no drainer WAL in
+/// between. What the log cannot give (entries trimmed before they were
+/// applied, a snapshot epoch the listener no longer keeps) is replaced by a
+/// fallback snapshot from `snapshots` ([`reader`], "Reading the listener's
+/// WAL"), and the listener's rules keep and delete its snapshot epochs.
+pub async fn run_direct(
+    cfg: ApplyConfig,
+    wal: Wal,
+    status: Arc<ApplyStatus>,
+    shutdown: CancellationToken,
+    snapshots: Arc<dyn SnapshotProvider>,
+) -> Result<(), ApplyError> {
+    run_inner(cfg, wal, status, shutdown, Some(snapshots)).await
+}
+
+async fn run_inner(
+    cfg: ApplyConfig,
+    wal: Wal,
+    status: Arc<ApplyStatus>,
+    shutdown: CancellationToken,
+    direct: Option<Arc<dyn SnapshotProvider>>,
+) -> Result<(), ApplyError> {
     let cfg = cfg.validate()?;
     let partition = cfg.partition_id();
     let span = tracing::info_span!("apply", partition = %partition, drainer = %cfg.drainer_id);
@@ -534,7 +571,8 @@ pub async fn run(
             downstream,
             cfg.retain_applied.0,
             applied_rx,
-            loaded_rx,
+            // The listener keeps and deletes its own epochs.
+            direct.is_none().then_some(loaded_rx),
         ));
         let dead_letter = cfg
             .dead_letter_dir
@@ -570,6 +608,7 @@ pub async fn run(
             owners_key: Bytes::from(tenure::owner_map_key(&cfg.drainer_id)),
             voids: batch::VoidedTenures::new(),
             void_scan: LogId::ZERO,
+            direct,
             cfg,
         };
         let result = applier.run().await;
@@ -605,8 +644,12 @@ async fn keep_wal_marks(
     downstream: DownstreamId,
     retain_applied: Duration,
     mut applied_rx: watch::Receiver<LogId>,
-    mut loaded_rx: watch::Receiver<u64>,
+    loaded_rx: Option<watch::Receiver<u64>>,
 ) -> Result<(), ApplyError> {
+    let collects = loaded_rx.is_some();
+    // Without collection the receiver's sender is dropped, never changed.
+    let (_never, idle_rx) = watch::channel(0u64);
+    let mut loaded_rx = loaded_rx.unwrap_or(idle_rx);
     let mut written = LogId::ZERO;
     let mut acked = LogId::ZERO;
     // Applied ids and when they were applied, oldest first, waiting to be
@@ -626,7 +669,7 @@ async fn keep_wal_marks(
                     collect.reset_immediately();
                 }
             }
-            _ = collect.tick() => {
+            _ = collect.tick(), if collects => {
                 let loaded_epoch = *loaded_rx.borrow();
                 match collect_drainer_snapshots(&wal, partition, loaded_epoch).await {
                     Ok(deleted) if !deleted.is_empty() => {
@@ -825,6 +868,9 @@ pub(crate) struct Applier {
     owners: tenure::OwnerMap,
     /// Where the owner map is kept ([`tenure::owner_map_key`]).
     owners_key: Bytes,
+    /// Reading the listener's WAL (`ferry sync`): where fallback snapshots
+    /// come from ([`run_direct`]).
+    direct: Option<Arc<dyn SnapshotProvider>>,
     /// Slot tenures voided in this partition's log, as far as read
     /// (docs/cluster.md, rule 9; [`Applier::find_voids`]).
     voids: batch::VoidedTenures,
@@ -1095,8 +1141,12 @@ impl Applier {
             self.wal.clone(),
             self.partition,
             resume,
-            limits,
-            self.cfg.idle_poll.0,
+            marker_first,
+            ReaderConfig {
+                limits,
+                idle_poll: self.cfg.idle_poll.0,
+                direct: self.direct.clone(),
+            },
             cancel,
         );
         let mut feed = Feed {
@@ -1104,6 +1154,7 @@ impl Applier {
             pending: VecDeque::new(),
             expected: resume,
             marker_first,
+            fallbacks: self.direct.is_some(),
             partition: self.partition,
             max_pending: self.cfg.batch_max_entries.saturating_mul(2),
         };
@@ -1944,6 +1995,9 @@ struct Feed {
     /// The checkpoint said `loading`: the first entry must be a snapshot
     /// marker (the one being loaded, or a later one after a trim).
     marker_first: bool,
+    /// Reading the listener's WAL: the reader may hand over a fallback
+    /// snapshot's marker, at any log id ([`reader`]).
+    fallbacks: bool,
     partition: PartitionId,
     /// Entries held here at most (the reader's channel holds more).
     max_pending: usize,
@@ -1993,7 +2047,9 @@ impl Feed {
             let is_marker = matches!(entry.record, Record::Snapshot(_));
             // Only a snapshot marker may follow a gap (it replaces what was
             // trimmed before it).
-            if entry.log_id != self.expected && !(is_marker && entry.log_id > self.expected) {
+            let placed = entry.log_id == self.expected
+                || (is_marker && (entry.log_id > self.expected || self.fallbacks));
+            if !placed {
                 return Err(ApplyError::Inconsistent {
                     partition: self.partition,
                     what: format!(

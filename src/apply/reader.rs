@@ -16,7 +16,30 @@
 //! trimmed and the first entry still stored is a snapshot marker, the reader
 //! continues from that marker (loading it replaces everything before it;
 //! relay convention 5: a drainer's log restarts at a snapshot marker).
+//!
+//! # Reading the listener's WAL (`ferry sync`)
+//!
+//! An applier of `ferry sync` reads the listener's WAL itself
+//! ([`super::run_direct`]). That log has no drainer to give it a snapshot in
+//! place of what it lost, so the reader asks the listener for a fallback
+//! snapshot (relay convention 4: consistent with the log at `M`) and hands
+//! the applier a snapshot marker at `M` that is not in the log, then the
+//! entries from `M + 1`, whenever the log cannot give it what it needs:
+//!
+//! - the entry wanted was trimmed (past `wal-ttl` or the size cap) and the
+//!   first one stored is not a loadable marker;
+//! - the target's checkpoint says a snapshot is loading at `from`
+//!   (`marker_first`) and the entry there is not a loadable marker: the
+//!   marker being loaded was such a fallback marker, or its epoch is gone;
+//! - a marker in the log whose epoch's chunks are gone (the listener keeps
+//!   the latest epochs, `listener/snapshot.rs`): the run stops before it,
+//!   and the fallback takes its place.
+//!
+//! A fallback marker may sit below the id the reader was at (the applier
+//! accepts it anywhere: a load replaces the whole owned data set), and the
+//! reader continues after it.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -28,7 +51,8 @@ use tracing::info;
 use super::batch::Pending;
 use super::ApplyError;
 use crate::position::{LogId, PartitionId};
-use crate::record::{Fragment, Record, RecordLimits};
+use crate::record::{Fragment, Record, RecordLimits, SnapshotMarker};
+use crate::ship::SnapshotProvider;
 use crate::wal::{ReadLimits, Wal, WalEntry, WalError};
 
 /// Runs of entries queued between the reader and the applier.
@@ -44,13 +68,109 @@ fn join_error(error: tokio::task::JoinError) -> ApplyError {
 /// read tail); a longer run is decoded on a blocking thread.
 const INLINE_DECODE_ENTRIES: usize = 256;
 
-/// Reads and decodes entries `from..` within `limits` (blocking).
+/// What a run read from the WAL needs before it can be applied.
+enum Run {
+    Entries(Vec<Pending>),
+    /// (Direct reads) the log cannot give what is needed at `at`: a
+    /// fallback snapshot goes first (module doc); `entries` are the ones
+    /// read before that point, to hand over first.
+    Fallback {
+        entries: Vec<Pending>,
+        at: LogId,
+    },
+}
+
+/// Whether `marker`'s chunks are in the WAL (a marker of an empty RDB has
+/// none).
+fn chunks_stored(
+    wal: &Wal,
+    partition: PartitionId,
+    marker: &SnapshotMarker,
+) -> Result<bool, WalError> {
+    Ok(marker.chunks == 0
+        || !wal
+            .read_snapshot_chunks(partition, marker.epoch, 0, 1)?
+            .is_empty())
+}
+
+/// Reads and decodes entries `from..` within `limits` (blocking). With
+/// `direct` (the listener's WAL, module doc) a gap or a marker that cannot
+/// be loaded asks for a fallback snapshot instead of failing.
 fn read_run(
     wal: &Wal,
     partition: PartitionId,
     from: LogId,
     limits: ReadLimits,
-) -> Result<Vec<Pending>, ApplyError> {
+    direct: bool,
+    marker_first: bool,
+) -> Result<Run, ApplyError> {
+    let run = match read_stored(wal, partition, from, limits, direct)? {
+        None => {
+            return Ok(Run::Fallback {
+                entries: Vec::new(),
+                at: from,
+            })
+        }
+        Some(entries) => decode_run(partition, entries)?,
+    };
+    if !direct {
+        return Ok(Run::Entries(run));
+    }
+    Ok(direct_checks(wal, partition, from, run, marker_first))
+}
+
+/// (Direct reads) where `run`, read from `from`, needs a fallback snapshot
+/// (module doc). Blocking: reads the first chunk of any marker in it.
+fn direct_checks(
+    wal: &Wal,
+    partition: PartitionId,
+    from: LogId,
+    run: Vec<Pending>,
+    marker_first: bool,
+) -> Run {
+    let first_is_marker = run
+        .first()
+        .is_some_and(|p| matches!(p.record, Record::Snapshot(_)));
+    if marker_first && !first_is_marker {
+        info!(
+            partition = %partition,
+            log_id = %from,
+            "the target's checkpoint says a snapshot is loading at an entry that is not a snapshot marker in the log (a fallback snapshot was loading); asking the listener for a fallback snapshot"
+        );
+        return Run::Fallback {
+            entries: Vec::new(),
+            at: from,
+        };
+    }
+    let unloadable = run.iter().position(|p| match &p.record {
+        Record::Snapshot(marker) => !matches!(chunks_stored(wal, partition, marker), Ok(true)),
+        _ => false,
+    });
+    match unloadable {
+        Some(index) => {
+            let at = run[index].log_id;
+            info!(
+                partition = %partition,
+                marker = %at,
+                "the snapshot epoch of a marker in the log is gone (the listener keeps the latest ones); asking the listener for a fallback snapshot in its place"
+            );
+            let mut entries = run;
+            entries.truncate(index);
+            Run::Fallback { entries, at }
+        }
+        None => Run::Entries(run),
+    }
+}
+
+/// The stored entries `from..`, or those from the marker that replaces
+/// trimmed ones; `None` (direct reads only) when no marker does.
+fn read_stored(
+    wal: &Wal,
+    partition: PartitionId,
+    from: LogId,
+    limits: ReadLimits,
+    direct: bool,
+) -> Result<Option<Vec<WalEntry>>, ApplyError> {
     let entries = match wal.read(partition, from, limits) {
         Ok(entries) => entries,
         Err(WalError::Trimmed {
@@ -71,6 +191,15 @@ fn read_run(
                     Ok(Record::Snapshot(_))
                 )
             });
+            if !is_marker && direct {
+                info!(
+                    partition = %partition,
+                    wanted = %from,
+                    first_available = %first_available,
+                    "entries the target needs were trimmed (past wal-ttl or the size cap) with no snapshot marker in their place; asking the listener for a fallback snapshot"
+                );
+                return Ok(None);
+            }
             if !is_marker {
                 return Err(ApplyError::Gap {
                     partition,
@@ -88,7 +217,7 @@ fn read_run(
         }
         Err(error) => return Err(error.into()),
     };
-    decode_run(partition, entries)
+    Ok(Some(entries))
 }
 
 /// Decodes the records of `entries` into a run.
@@ -152,21 +281,39 @@ async fn wait_for_appends(
     }
 }
 
+/// How a reader reads.
+pub(crate) struct ReaderConfig {
+    pub limits: ReadLimits,
+    /// The fallback period of looking for new entries.
+    pub idle_poll: Duration,
+    /// Reading the listener's WAL: its fallback snapshots (module doc).
+    pub direct: Option<Arc<dyn SnapshotProvider>>,
+}
+
 /// Starts the reader at `from`. It stops on `cancel`, when the receiver is
 /// dropped, or after sending an error. `idle_poll` is the fallback period of
-/// looking for new entries when no append notification came.
+/// looking for new entries when no append notification came. With `direct`
+/// (the listener's WAL and its fallback snapshots, module doc), what the log
+/// cannot give is replaced by a fallback snapshot; `marker_first` says the
+/// target is loading a snapshot at `from`.
 pub(crate) fn spawn_reader(
     wal: Wal,
     partition: PartitionId,
     from: LogId,
-    limits: ReadLimits,
-    idle_poll: Duration,
+    marker_first: bool,
+    cfg: ReaderConfig,
     cancel: CancellationToken,
 ) -> (mpsc::Receiver<ReadResult>, JoinHandle<()>) {
+    let ReaderConfig {
+        limits,
+        idle_poll,
+        direct,
+    } = cfg;
     let (run_tx, run_rx) = mpsc::channel(QUEUE_RUNS);
     let mut appended_rx = wal.subscribe_appends();
     let task = tokio::spawn(async move {
         let mut next = from;
+        let mut marker_first = marker_first;
         loop {
             appended_rx.borrow_and_update();
             let durable = match wal.last_log_id(partition) {
@@ -189,12 +336,19 @@ pub(crate) fn spawn_reader(
                 // Empty, trimmed or failed: `read_run` decides, as before.
                 _ => None,
             };
+            let is_direct = direct.is_some();
+            let read_wal = wal.clone();
+            let at = next;
+            let check = move |run: Vec<Pending>| match is_direct {
+                true => direct_checks(&read_wal, partition, at, run, marker_first),
+                false => Run::Entries(run),
+            };
             let run = match cached {
-                Some(entries) if entries.len() <= INLINE_DECODE_ENTRIES => {
-                    decode_run(partition, entries)
+                Some(entries) if entries.len() <= INLINE_DECODE_ENTRIES && !is_direct => {
+                    decode_run(partition, entries).map(check)
                 }
                 Some(entries) => {
-                    tokio::task::spawn_blocking(move || decode_run(partition, entries))
+                    tokio::task::spawn_blocking(move || decode_run(partition, entries).map(check))
                         .await
                         .map_err(join_error)
                         .and_then(|run| run)
@@ -202,26 +356,75 @@ pub(crate) fn spawn_reader(
                 None => {
                     let read_wal = wal.clone();
                     tokio::task::spawn_blocking(move || {
-                        read_run(&read_wal, partition, next, limits)
+                        read_run(&read_wal, partition, at, limits, is_direct, marker_first)
                     })
                     .await
                     .map_err(join_error)
                     .and_then(|run| run)
                 }
             };
+            let (run, fallback_at) = match run {
+                Ok(Run::Entries(run)) => (Ok(run), None),
+                Ok(Run::Fallback { entries, at }) => (Ok(entries), Some(at)),
+                Err(error) => (Err(error), None),
+            };
             let failed = run.is_err();
             if let Ok(run) = &run {
                 match run.last() {
-                    Some(last) => next = last.log_id.next(),
+                    Some(last) => {
+                        next = last.log_id.next();
+                        marker_first = false;
+                    }
                     // Raced with a trim between the look and the read.
-                    None => {
+                    None if fallback_at.is_none() => {
                         if !wait_for_appends(&mut appended_rx, idle_poll, &cancel).await {
                             return;
                         }
                         continue;
                     }
+                    None => {}
                 }
             }
+            if !matches!(&run, Ok(run) if run.is_empty()) {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    sent = run_tx.send(run) => {
+                        if sent.is_err() || failed {
+                            return;
+                        }
+                    }
+                }
+            }
+            let (Some(at), Some(provider)) = (fallback_at, direct.as_ref()) else {
+                continue;
+            };
+            let taken = tokio::select! {
+                _ = cancel.cancelled() => return,
+                taken = provider.fallback_snapshot(partition) => taken,
+            };
+            let run = match taken {
+                Ok(fallback) => {
+                    info!(
+                        partition = %partition,
+                        needed_at = %at,
+                        marker = %fallback.marker_log_id,
+                        epoch = fallback.epoch,
+                        "fallback snapshot taken; it is loaded in place of what the log lacks"
+                    );
+                    next = fallback.marker_log_id.next();
+                    marker_first = false;
+                    Ok(vec![Pending {
+                        log_id: fallback.marker_log_id,
+                        size: 0,
+                        record: Record::Snapshot(fallback.marker),
+                    }])
+                }
+                Err(error) => Err(ApplyError::Fallback {
+                    partition,
+                    error: error.to_string(),
+                }),
+            };
+            let failed = run.is_err();
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 sent = run_tx.send(run) => {

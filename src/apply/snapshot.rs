@@ -839,6 +839,9 @@ impl Applier {
         let caps = target.caps.ok_or_else(|| {
             snapshot_error("the target's INFO server gave no usable redis_version".into())
         })?;
+        // Kept while it loads: the listener's WAL (`ferry sync`) deletes
+        // epochs by its own rule (`listener/snapshot.rs`).
+        let _pin = self.wal.pin_snapshot(self.partition, epoch);
         // Refuse to flush the target for a snapshot that is not there.
         let wal = self.wal.clone();
         let partition = self.partition;

@@ -76,11 +76,11 @@ pub enum Verb {
     /// Show the sync status of a running ferry process (listener → drainer,
     /// drainer → target).
     Status(status::StatusArgs),
-    /// Stop shipping to drainers; the listener keeps replicating and its WAL
-    /// accumulates (within wal-ttl).
+    /// Stop shipping to drainers (ferry sync: stop applying); the listener
+    /// keeps replicating and its WAL accumulates (within wal-ttl).
     StopSync(status::SyncControlArgs),
-    /// Resume shipping stopped by stop-sync: drainers get what accumulated,
-    /// or a snapshot if it expired.
+    /// Resume what stop-sync stopped: the target gets what accumulated, or
+    /// a snapshot if it expired.
     RestartSync(status::SyncControlArgs),
     /// Skip the entry a partition is BLOCKED on (the target refuses it),
     /// recording it in the dead-letter file first (replay it with

@@ -7,7 +7,7 @@
 //! tables in the style of NebulaGraph's `SHOW SYNC STATUS` /
 //! `SHOW DRAINER SYNC STATUS` ([`render_status`]) or as one JSON object per
 //! reading (`--json`: the serde form of [`NodeStatus`], field names as in
-//! `src/status.rs`); for the control verbs, how many shippers changed; for
+//! `src/status.rs`); for the control verbs, how many syncs changed (shippers, or the appliers of a `ferry sync` reading the listener's WAL); for
 //! `ferry skip`, whether the entry was skipped and the dead-letter file
 //! that holds it.
 //!
@@ -73,7 +73,8 @@ pub struct SyncControlArgs {
     /// Only this listener partition [default: every partition].
     #[arg(long, value_name = "N")]
     pub partition: Option<u32>,
-    /// Only the shipper to this drainer id [default: every drainer].
+    /// Only the sync to this drainer id (ferry sync: its --id) [default:
+    /// every drainer].
     #[arg(long = "drainer", value_name = "ID")]
     pub drainer: Option<String>,
 }
@@ -204,7 +205,7 @@ fn skip_summary(request: &SkipRequest, outcome: &SkipOutcome) -> String {
 }
 
 fn control_summary(done: &str, changed: u32, selector: &SyncSelector) -> String {
-    let noun = if changed == 1 { "shipper" } else { "shippers" };
+    let noun = if changed == 1 { "sync" } else { "syncs" };
     let mut which = String::new();
     if let Some(partition) = selector.partition {
         let _ = write!(which, " partition {partition}");
@@ -292,14 +293,26 @@ pub fn render_status(status: &NodeStatus, now_unix_ms: u64, style: RenderStyle) 
     let age = now_unix_ms.saturating_sub(status.taken_unix_ms);
     let _ = writeln!(out, "ferry {role}: status taken {age} ms ago");
     out.push('\n');
-    render_listeners(&mut out, &status.listeners, style);
+    // A `ferry sync` whose appliers read the listener's WAL: no shipper.
+    let direct = status.role == "sync"
+        && !status.listeners.is_empty()
+        && status.listeners.iter().all(|side| side.shipping.is_empty());
+    render_listeners(&mut out, &status.listeners, style, direct);
     out.push('\n');
-    render_drainers(&mut out, &status.drainers, style);
+    render_drainers(&mut out, &status.drainers, style, direct);
     out
 }
 
-fn render_listeners(out: &mut String, listeners: &[ListenerSide], style: RenderStyle) {
-    out.push_str("Listener → drainer\n");
+fn render_listeners(
+    out: &mut String,
+    listeners: &[ListenerSide],
+    style: RenderStyle,
+    direct: bool,
+) {
+    out.push_str(match direct {
+        true => "Source → listener WAL\n",
+        false => "Listener → drainer\n",
+    });
     if listeners.is_empty() {
         out.push_str("  (no listener in this process)\n");
         return;
@@ -365,19 +378,30 @@ fn render_listeners(out: &mut String, listeners: &[ListenerSide], style: RenderS
         if let Some(error) = &side.source_error {
             errors.push(format!("  part {part}: source error: {}", clean(error)));
         }
+        let shard_cells = || match &side.shard {
+            Some(shard) if shard.slot_count == 0 => vec![clean(&side.source), "idle".into()],
+            Some(shard) => vec![
+                clean(&side.source),
+                format!("{} ({})", clean(&shard.slots), shard.slot_count),
+            ],
+            None => vec![clean(&side.source), String::new()],
+        };
+        if direct {
+            let mut row = vec![part.to_string()];
+            if sharded {
+                row.extend(shard_cells());
+            }
+            row.extend([
+                clean(&side.source_state),
+                side.durable_offset.to_string(),
+                side.last_log_id.to_string(),
+            ]);
+            rows.push(row);
+        }
         for ship in &side.shipping {
             let mut row = vec![part.to_string()];
             if sharded {
-                let (source, slots) = match &side.shard {
-                    Some(shard) if shard.slot_count == 0 => (clean(&side.source), "idle".into()),
-                    Some(shard) => (
-                        clean(&side.source),
-                        format!("{} ({})", clean(&shard.slots), shard.slot_count),
-                    ),
-                    None => (clean(&side.source), String::new()),
-                };
-                row.push(source);
-                row.push(slots);
+                row.extend(shard_cells());
             }
             row.extend([
                 clean(&ship.drainer_id),
@@ -400,6 +424,13 @@ fn render_listeners(out: &mut String, listeners: &[ListenerSide], style: RenderS
     }
     if rows.is_empty() {
         out.push_str("  (no drainer configured)\n");
+    } else if direct {
+        let mut headers = vec!["PartId"];
+        if sharded {
+            headers.extend(["Source Shard", "Slots"]);
+        }
+        headers.extend(["Source Status", "Durable Offset", "Last LogId"]);
+        table(out, &headers, &rows);
     } else {
         let mut headers = vec!["PartId"];
         if sharded {
@@ -421,8 +452,11 @@ fn render_listeners(out: &mut String, listeners: &[ListenerSide], style: RenderS
     }
 }
 
-fn render_drainers(out: &mut String, drainers: &[DrainerSide], style: RenderStyle) {
-    out.push_str("Drainer → target\n");
+fn render_drainers(out: &mut String, drainers: &[DrainerSide], style: RenderStyle, direct: bool) {
+    out.push_str(match direct {
+        true => "Listener WAL → target\n",
+        false => "Drainer → target\n",
+    });
     if drainers.is_empty() {
         out.push_str("  (no drainer in this process)\n");
         return;
@@ -432,6 +466,7 @@ fn render_drainers(out: &mut String, drainers: &[DrainerSide], style: RenderStyl
     for side in drainers {
         let part = side.partition;
         let listener = match &side.connected_listener {
+            _ if direct => "applying from the listener's WAL".to_string(),
             Some(listener) => format!("listener {} connected", clean(listener)),
             None => "no listener connected".to_string(),
         };
@@ -796,6 +831,34 @@ Drainer → target
     }
 
     #[test]
+    fn renders_a_sync_node_applying_from_the_listener_wal() {
+        let mut status = online();
+        status.listeners[0].shipping.clear();
+        status.drainers[0].connected_listener = None;
+        let text = render_status(&status, NOW, RenderStyle::default());
+        let expected = "\
+ferry sync: status taken 12 ms ago
+
+Source → listener WAL
+  part 0 (listener l1): source 127.0.0.1:6379 ONLINE, replid 5f1c0e3b9d2a47e8a1b6c0d9e8f7a6b5c4d3e2f1, durable offset 1234 (received 1300), log ids 1..57, full syncs 1, partial resyncs 2, heartbeat 3 ms
++--------+---------------+----------------+------------+
+| PartId | Source Status | Durable Offset | Last LogId |
++--------+---------------+----------------+------------+
+| 0      | ONLINE        | 1234           | 57         |
++--------+---------------+----------------+------------+
+
+Listener WAL → target
+  part 0 (drainer d1): applying from the listener's WAL, durable 57, commands applied 1000, refused 0, entries skipped 0
++--------+----------------+-------------+-----------+-------------------+---------+-------+
+| PartId | Target         | Sync Status | LogId Lag | Time Latency (ms) | Applied | Epoch |
++--------+----------------+-------------+-----------+-------------------+---------+-------+
+| 0      | 127.0.0.1:6380 | ONLINE      | 0         | 0                 | 57      | 1     |
++--------+----------------+-------------+-----------+-------------------+---------+-------+
+";
+        assert_eq!(text, expected);
+    }
+
+    #[test]
     fn renders_offline_links_with_their_errors() {
         let mut status = online();
         let listener = &mut status.listeners[0];
@@ -1058,7 +1121,7 @@ Drainer → target
     fn control_summaries_name_the_selection() {
         assert_eq!(
             control_summary("stopped", 1, &SyncSelector::default()),
-            "stopped 1 shipper (selected: all)\n"
+            "stopped 1 sync (selected: all)\n"
         );
         let selector = SyncSelector {
             partition: Some(3),
@@ -1066,7 +1129,7 @@ Drainer → target
         };
         assert_eq!(
             control_summary("restarted", 0, &selector),
-            "restarted 0 shippers (selected: partition 3 drainer d\\n2)\n"
+            "restarted 0 syncs (selected: partition 3 drainer d\\n2)\n"
         );
     }
 }

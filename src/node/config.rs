@@ -154,6 +154,25 @@ pub struct SyncFileConfig {
     pub apply: Option<ApplyConfig>,
     #[serde(default)]
     pub filter: Option<FilterConfig>,
+    /// Which WAL the appliers read (default `"auto"`).
+    #[serde(default)]
+    pub apply_from: Option<ApplyFrom>,
+}
+
+/// Which WAL the appliers of `ferry sync` read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ApplyFrom {
+    /// `"listener-wal"` unless the data dir holds a drainer WAL from an
+    /// earlier ferry, which keeps `"drainer-wal"`.
+    #[default]
+    Auto,
+    /// The listener's WAL, directly: each entry written and fsynced once.
+    ListenerWal,
+    /// The relayed path: shipped over gRPC on 127.0.0.1 into a second WAL
+    /// (`<data-dir>/drainer`), as between `ferry listener` and `ferry
+    /// drainer`.
+    DrainerWal,
 }
 
 /// Everything `ferry sync` runs with, after flags and file are merged.
@@ -166,9 +185,11 @@ pub struct SyncConfig {
     /// The listener's WAL (`<data-dir>/listener`).
     pub listener_wal: WalConfig,
     pub ship: ShipperConfig,
-    /// The drainer's WAL (`<data-dir>/drainer`).
+    /// The drainer's WAL (`<data-dir>/drainer`), with `apply_from` the
+    /// relayed path.
     pub drainer_wal: WalConfig,
     pub apply: ApplyConfig,
+    pub apply_from: ApplyFrom,
 }
 
 /// `ferry sync` command-line values that override the file.
@@ -647,6 +668,7 @@ impl SyncConfig {
             ship,
             drainer_wal,
             apply,
+            apply_from: file_cfg.apply_from.unwrap_or_default(),
         })
     }
 }

@@ -28,7 +28,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use super::config::{DrainerNodeConfig, DrainerPeer, ListenerNodeConfig, SyncConfig};
+use super::config::{ApplyFrom, DrainerNodeConfig, DrainerPeer, ListenerNodeConfig, SyncConfig};
 use crate::apply::{self, ApplyConfig, ApplyStatus};
 use crate::backoff::Backoff;
 use crate::listener::{
@@ -811,57 +811,223 @@ impl ListenerPart {
 // ---------------------------------------------------------------------------
 // Drainer side
 
-/// Each partition's applier: its status and its task.
-type Appliers = BTreeMap<PartitionId, (Arc<ApplyStatus>, JoinHandle<()>)>;
+/// A partition's applier: its status (kept across a stop and a restart),
+/// its task while it runs, and what stops it alone.
+struct RunningApplier {
+    status: Arc<ApplyStatus>,
+    task: Option<JoinHandle<()>>,
+    cancel: CancellationToken,
+}
+
+type Appliers = BTreeMap<PartitionId, RunningApplier>;
+
+/// Where a drainer part's appliers read: its own WAL, filled by its ship
+/// endpoint, or (`ferry sync`) the listener's WAL directly.
+enum ApplySource {
+    Relayed(DrainerService),
+    Direct {
+        listeners: Arc<ListenerParts>,
+        /// `<data-dir>/stopped-syncs`: with no shipper, `ferry stop-sync`
+        /// stops the partition's applier.
+        stop_file: PathBuf,
+        /// One stop/restart at a time (they rewrite the stop file).
+        control: Mutex<()>,
+    },
+}
 
 /// The drainer's ship endpoint and its appliers, one per partition.
 pub struct DrainerPart {
     drainer_id: String,
     target: String,
     wal: Wal,
-    service: DrainerService,
+    source: ApplySource,
     apply_cfg: ApplyConfig,
     appliers: Mutex<Appliers>,
+    /// Partitions whose sync is stopped (direct reads only).
+    stopped: Mutex<BTreeSet<u32>>,
     shutdown: CancellationToken,
     fatal: Arc<Fatal>,
 }
 
 impl DrainerPart {
-    /// Starts an applier for every partition that has none yet.
+    /// The partitions to apply, each with the listener's fallback
+    /// snapshots when the applier reads the listener's WAL.
+    fn partitions(&self) -> Vec<(PartitionId, Option<Arc<dyn SnapshotProvider>>)> {
+        match &self.source {
+            ApplySource::Relayed(service) => {
+                let mut partitions: BTreeSet<PartitionId> =
+                    self.wal.partitions().into_iter().collect();
+                partitions.extend(service.status().iter().map(|s| s.partition));
+                partitions.into_iter().map(|p| (p, None)).collect()
+            }
+            ApplySource::Direct { listeners, .. } => listeners
+                .list()
+                .iter()
+                .map(|part| (part.partition, Some(Arc::clone(&part.provider))))
+                .collect(),
+        }
+    }
+
+    /// Starts an applier for every partition that has none yet (and whose
+    /// sync is not stopped).
     fn spawn_appliers(&self) {
-        let mut partitions = self.wal.partitions();
-        partitions.extend(self.service.status().iter().map(|s| s.partition));
+        if self.shutdown.is_cancelled() {
+            return;
+        }
+        let partitions = self.partitions();
+        let stopped = lock(&self.stopped).clone();
         let mut appliers = lock(&self.appliers);
-        for partition in partitions {
-            if appliers.contains_key(&partition) {
+        for (partition, snapshots) in partitions {
+            if stopped.contains(&partition.0) {
+                appliers.entry(partition).or_insert_with(|| {
+                    let cancel = self.shutdown.child_token();
+                    cancel.cancel();
+                    RunningApplier {
+                        status: Arc::new(ApplyStatus::new(partition)),
+                        task: None,
+                        cancel,
+                    }
+                });
                 continue;
             }
-            let status = Arc::new(ApplyStatus::new(partition));
-            let cfg = ApplyConfig {
-                partition: partition.0,
-                ..self.apply_cfg.clone()
+            let earlier = match appliers.get_mut(&partition) {
+                Some(applier) if !applier.cancel.is_cancelled() => continue,
+                // Stopped, now restarted: the new one starts once the
+                // stopped one ended.
+                Some(applier) => applier.task.take(),
+                None => None,
             };
-            let fatal = Arc::clone(&self.fatal);
-            let task = tokio::spawn(apply::run(
-                cfg,
-                self.wal.clone(),
+            let status = appliers
+                .get(&partition)
+                .map(|a| Arc::clone(&a.status))
+                .unwrap_or_else(|| Arc::new(ApplyStatus::new(partition)));
+            let cancel = self.shutdown.child_token();
+            let task = self.spawn_applier(
+                partition,
+                snapshots,
                 Arc::clone(&status),
-                self.shutdown.clone(),
-            ));
-            let task = tokio::spawn(async move {
-                match task.await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(error)) => {
-                        fatal.raise(format!("applier of partition {partition}: {error}"))
-                    }
-                    Err(error) => fatal.raise(format!(
-                        "applier of partition {partition} panicked: {error}"
-                    )),
-                }
-            });
+                cancel.clone(),
+                earlier,
+            );
             info!(partition = %partition, target = %self.target, "applier started");
-            appliers.insert(partition, (status, task));
+            appliers.insert(
+                partition,
+                RunningApplier {
+                    status,
+                    task: Some(task),
+                    cancel,
+                },
+            );
         }
+    }
+
+    fn spawn_applier(
+        &self,
+        partition: PartitionId,
+        snapshots: Option<Arc<dyn SnapshotProvider>>,
+        status: Arc<ApplyStatus>,
+        cancel: CancellationToken,
+        earlier: Option<JoinHandle<()>>,
+    ) -> JoinHandle<()> {
+        let cfg = ApplyConfig {
+            partition: partition.0,
+            ..self.apply_cfg.clone()
+        };
+        let fatal = Arc::clone(&self.fatal);
+        let wal = self.wal.clone();
+        tokio::spawn(async move {
+            if let Some(earlier) = earlier {
+                let _ = earlier.await;
+            }
+            let result = match snapshots {
+                Some(snapshots) => apply::run_direct(cfg, wal, status, cancel, snapshots).await,
+                None => apply::run(cfg, wal, status, cancel).await,
+            };
+            if let Err(error) = result {
+                fatal.raise(format!("applier of partition {partition}: {error}"));
+            }
+        })
+    }
+
+    /// `ferry stop-sync` / `restart-sync` when the appliers read the
+    /// listener's WAL: stops or restarts the matching partitions' appliers
+    /// (their entries stay in the listener's WAL, subject to `wal-ttl`; a
+    /// restarted one gets a fallback snapshot for what expired), saved in
+    /// the stop file. Returns how many changed.
+    fn set_stopped(&self, which: &SyncSelector, stop: bool) -> Result<usize, ControlError> {
+        let ApplySource::Direct {
+            stop_file, control, ..
+        } = &self.source
+        else {
+            return Err(ControlError::NoListener(if stop {
+                "stop"
+            } else {
+                "restart"
+            }));
+        };
+        let _one = lock(control);
+        let no_match = || ControlError::NoMatch {
+            partition: which.partition,
+            drainer_id: which.drainer_id.clone(),
+        };
+        if which
+            .drainer_id
+            .as_deref()
+            .is_some_and(|id| id != self.drainer_id)
+        {
+            return Err(no_match());
+        }
+        let matched: Vec<PartitionId> = self
+            .partitions()
+            .into_iter()
+            .map(|(p, _)| p)
+            .filter(|p| which.partition.map_or(true, |w| w == p.0))
+            .collect();
+        if matched.is_empty() {
+            return Err(no_match());
+        }
+        let mut changed = 0;
+        {
+            let mut stopped = lock(&self.stopped);
+            for partition in &matched {
+                let was = stopped.contains(&partition.0);
+                if was == stop {
+                    continue;
+                }
+                changed += 1;
+                if stop {
+                    stopped.insert(partition.0);
+                } else {
+                    stopped.remove(&partition.0);
+                }
+            }
+            let text: String = stopped
+                .iter()
+                .map(|p| format!("{p} {}\n", self.drainer_id))
+                .collect();
+            write_atomically(stop_file, &text).map_err(|error| {
+                ControlError::Failed(format!("writing {}: {error}", stop_file.display()))
+            })?;
+        }
+        if stop {
+            let mut appliers = lock(&self.appliers);
+            for partition in &matched {
+                if let Some(applier) = appliers.get_mut(partition) {
+                    if !applier.cancel.is_cancelled() {
+                        info!(partition = %partition, drainer = %self.drainer_id, "sync stopped");
+                    }
+                    // It finishes the batch in flight and ends (a fatal
+                    // error is raised by it); a restart waits for that.
+                    applier.cancel.cancel();
+                }
+            }
+        } else {
+            for partition in &matched {
+                info!(partition = %partition, drainer = %self.drainer_id, "sync restarted");
+            }
+            self.spawn_appliers();
+        }
+        Ok(changed)
     }
 
     async fn supervise(self: Arc<Self>) {
@@ -877,7 +1043,7 @@ impl DrainerPart {
     async fn join_appliers(&self) {
         let tasks: Vec<JoinHandle<()>> = std::mem::take(&mut *lock(&self.appliers))
             .into_values()
-            .map(|(_, task)| task)
+            .filter_map(|applier| applier.task)
             .collect();
         for task in tasks {
             let _ = task.await;
@@ -885,24 +1051,32 @@ impl DrainerPart {
     }
 
     fn status(&self) -> Vec<DrainerSide> {
-        let streams: BTreeMap<PartitionId, (Option<String>, Option<String>)> = self
-            .service
-            .status()
-            .into_iter()
-            .map(|s| {
+        let streams: BTreeMap<PartitionId, (Option<String>, Option<String>)> = match &self.source {
+            ApplySource::Relayed(service) => service
+                .status()
+                .into_iter()
+                .map(|s| {
+                    (
+                        s.partition,
+                        (s.connected_listener, recent_refusal(s.refused)),
+                    )
+                })
+                .collect(),
+            ApplySource::Direct { .. } => BTreeMap::new(),
+        };
+        let appliers: Vec<(PartitionId, Arc<ApplyStatus>, bool)> = lock(&self.appliers)
+            .iter()
+            .map(|(partition, applier)| {
                 (
-                    s.partition,
-                    (s.connected_listener, recent_refusal(s.refused)),
+                    *partition,
+                    Arc::clone(&applier.status),
+                    applier.cancel.is_cancelled() && !self.shutdown.is_cancelled(),
                 )
             })
             .collect();
-        let appliers: Vec<(PartitionId, Arc<ApplyStatus>)> = lock(&self.appliers)
-            .iter()
-            .map(|(partition, (status, _))| (*partition, Arc::clone(status)))
-            .collect();
         appliers
             .into_iter()
-            .map(|(partition, status)| {
+            .map(|(partition, status, stopped)| {
                 let report = status
                     .report(&self.wal)
                     .unwrap_or_else(|_| status.snapshot());
@@ -910,7 +1084,10 @@ impl DrainerPart {
                     drainer_id: self.drainer_id.clone(),
                     partition: partition.0,
                     target: self.target.clone(),
-                    state: report.state.to_string(),
+                    state: match stopped {
+                        true => "STOPPED".to_string(),
+                        false => report.state.to_string(),
+                    },
                     // A listener refused for this partition (it belongs to
                     // another) is shown while it keeps trying.
                     last_error: self
@@ -976,7 +1153,8 @@ impl DrainerPart {
         }
         let status = lock(&self.appliers)
             .get(&partition)
-            .map(|(status, _)| Arc::clone(status))
+            .filter(|applier| !applier.cancel.is_cancelled())
+            .map(|applier| Arc::clone(&applier.status))
             .ok_or_else(no_applier)?;
         let log_id = LogId(request.log_id);
         let dead_letter_file = status
@@ -1027,9 +1205,10 @@ fn start_drainer_part(
         drainer_id: apply_cfg.drainer_id.clone(),
         target: redacted(&apply_cfg.target),
         wal,
-        service: service.clone(),
+        source: ApplySource::Relayed(service.clone()),
         apply_cfg,
         appliers: Mutex::new(BTreeMap::new()),
+        stopped: Mutex::new(BTreeSet::new()),
         shutdown: shutdown.clone(),
         fatal: Arc::clone(fatal),
     });
@@ -1047,6 +1226,48 @@ fn start_drainer_part(
     Ok(part)
 }
 
+/// Starts the appliers of `ferry sync` on the listener's WAL (one per
+/// listener partition, more as a cluster source's shards appear), under a
+/// supervisor; the partitions listed in `<data-dir>/stopped-syncs` wait for
+/// `ferry restart-sync`.
+fn start_direct_part(
+    data_dir: &Path,
+    listeners: Arc<ListenerParts>,
+    wal: Wal,
+    apply_cfg: ApplyConfig,
+    stages: &mut Stages,
+) -> Result<Arc<DrainerPart>, NodeError> {
+    let stop_file = data_dir.join("stopped-syncs");
+    let stopped = read_stopped(&stop_file)?
+        .into_iter()
+        .filter(|(_, id)| *id == apply_cfg.drainer_id)
+        .map(|(partition, _)| partition)
+        .collect::<BTreeSet<u32>>();
+    for partition in &stopped {
+        info!(partition, drainer = %apply_cfg.drainer_id, "sync is stopped (ferry restart-sync resumes it)");
+    }
+    let part = Arc::new(DrainerPart {
+        drainer_id: apply_cfg.drainer_id.clone(),
+        target: redacted(&apply_cfg.target),
+        wal,
+        source: ApplySource::Direct {
+            listeners,
+            stop_file,
+            control: Mutex::new(()),
+        },
+        apply_cfg,
+        appliers: Mutex::new(BTreeMap::new()),
+        stopped: Mutex::new(stopped),
+        shutdown: stages.shutdown.clone(),
+        fatal: Arc::clone(&stages.fatal),
+    });
+    part.spawn_appliers();
+    stages
+        .tasks
+        .push(tokio::spawn(Arc::clone(&part).supervise()));
+    Ok(part)
+}
+
 // ---------------------------------------------------------------------------
 // The node
 
@@ -1055,6 +1276,26 @@ pub struct Node {
     role: &'static str,
     listener: Option<Arc<ListenerParts>>,
     drainer: Option<Arc<DrainerPart>>,
+}
+
+impl Node {
+    /// Stops or restarts syncs: the shippers, or (`ferry sync` reading the
+    /// listener's WAL, which has none) the appliers.
+    fn set_stopped(&self, which: &SyncSelector, stop: bool) -> Result<usize, ControlError> {
+        if let Some(drainer) = &self.drainer {
+            if matches!(drainer.source, ApplySource::Direct { .. }) {
+                return drainer.set_stopped(which, stop);
+            }
+        }
+        match &self.listener {
+            Some(part) => part.set_stopped(which, stop),
+            None => Err(ControlError::NoListener(if stop {
+                "stop"
+            } else {
+                "restart"
+            })),
+        }
+    }
 }
 
 impl NodeControl for Node {
@@ -1076,17 +1317,11 @@ impl NodeControl for Node {
     }
 
     fn stop_sync(&self, which: &SyncSelector) -> Result<usize, ControlError> {
-        match &self.listener {
-            Some(part) => part.set_stopped(which, true),
-            None => Err(ControlError::NoListener("stop")),
-        }
+        self.set_stopped(which, true)
     }
 
     fn restart_sync(&self, which: &SyncSelector) -> Result<usize, ControlError> {
-        match &self.listener {
-            Some(part) => part.set_stopped(which, false),
-            None => Err(ControlError::NoListener("restart")),
-        }
+        self.set_stopped(which, false)
     }
 
     fn skip(&self, request: &SkipRequest) -> Result<SkipOutcome, ControlError> {
@@ -1340,8 +1575,11 @@ fn random_secret() -> Secret {
         .into()
 }
 
-/// `ferry sync`: a listener and a drainer in one process, the stream between
-/// them over gRPC on 127.0.0.1, each with its own WAL.
+/// `ferry sync`: a listener and its appliers in one process. The appliers
+/// read the listener's WAL ([`apply::run_direct`]); a data dir that holds a
+/// drainer WAL from an earlier ferry (or `apply-from = "drainer-wal"`)
+/// keeps the relayed path: the stream over gRPC on 127.0.0.1 into a second
+/// WAL, as between a `ferry listener` and a `ferry drainer`.
 pub async fn run_sync(cfg: SyncConfig, shutdown: CancellationToken) -> Result<(), NodeError> {
     create_data_dir(&cfg.data_dir)?;
     let mut stages = Stages::new(shutdown);
@@ -1353,6 +1591,40 @@ pub async fn run_sync(cfg: SyncConfig, shutdown: CancellationToken) -> Result<()
         PRECHECK_OUTAGE,
     )
     .await?;
+    let relayed = match cfg.apply_from {
+        ApplyFrom::ListenerWal => false,
+        ApplyFrom::DrainerWal => true,
+        ApplyFrom::Auto => cfg.drainer_wal.dir.exists(),
+    };
+    if !relayed {
+        let listener = start_listeners(
+            &cfg.data_dir,
+            &cfg.listener,
+            listener_wal.clone(),
+            cfg.ship.clone(),
+            &[],
+            &mut stages,
+        )
+        .await?;
+        let drainer = start_direct_part(
+            &cfg.data_dir,
+            Arc::clone(&listener),
+            listener_wal.clone(),
+            cfg.apply.clone(),
+            &mut stages,
+        )?;
+        let node = Arc::new(Node {
+            role: "sync",
+            listener: Some(listener),
+            drainer: Some(drainer),
+        });
+        start_admin(&cfg.data_dir, &cfg.admin, Arc::clone(&node), &mut stages).await?;
+        info!(source = %redacted(&cfg.listener.source), target = %redacted(&cfg.apply.target), apply_from = "listener-wal", "sync running");
+        return finish(stages, node, vec![listener_wal]).await;
+    }
+    if cfg.apply_from == ApplyFrom::Auto {
+        info!(dir = %cfg.drainer_wal.dir.display(), "this data dir holds a drainer WAL from an earlier ferry: keeping the relayed path (listener WAL -> drainer WAL); set apply-from = \"listener-wal\" to apply from the listener's WAL (one full sync)");
+    }
     let drainer_wal = open_wal(cfg.drainer_wal.clone()).await?;
     let socket = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -1395,6 +1667,6 @@ pub async fn run_sync(cfg: SyncConfig, shutdown: CancellationToken) -> Result<()
         drainer: Some(drainer),
     });
     start_admin(&cfg.data_dir, &cfg.admin, Arc::clone(&node), &mut stages).await?;
-    info!(source = %redacted(&cfg.listener.source), target = %redacted(&cfg.apply.target), "sync running");
+    info!(source = %redacted(&cfg.listener.source), target = %redacted(&cfg.apply.target), apply_from = "drainer-wal", "sync running");
     finish(stages, node, vec![listener_wal, drainer_wal]).await
 }

@@ -40,6 +40,13 @@ pub mod log {
     /// The shipper's line when a drainer needs entries the listener no
     /// longer holds.
     pub const FALLBACK_SNAPSHOT: &str = "sending a fallback snapshot";
+    /// An applier reading the listener's WAL (`ferry sync`) asking for a
+    /// fallback snapshot (src/apply/reader.rs), and getting it.
+    pub const ASKS_FALLBACK: &str = "asking the listener for a fallback snapshot";
+    pub const FALLBACK_TAKEN: &str = "fallback snapshot taken; it is loaded";
+    /// ... because the snapshot loading at the target's checkpoint was a
+    /// fallback (no marker at that id in the log).
+    pub const FALLBACK_WAS_LOADING: &str = "a fallback snapshot was loading";
 }
 
 /// The `ferry` binary cargo built for this test run.
