@@ -1281,14 +1281,16 @@ fn target_persistence(target: &Side) -> (Verdict, String) {
             Verdict::Warn,
             format!(
                 "RDB snapshots only (save \"{save}\"): a restarted target loses the writes since \
-                 its last save, more than retain-applied keeps; the drainer then stops with the \
-                 gap error. appendonly yes is safer"
+                 its last save, more than retain-applied keeps; ferry sync then reloads it from a \
+                 fallback snapshot of the source, a drainer stops with the gap error. appendonly \
+                 yes is safer"
             ),
         ),
         (Some(_), _) => (
             Verdict::Warn,
-            "none (appendonly no, no save points): a restarted target comes back empty and the \
-             drainer stops with the gap error until it gets a snapshot"
+            "none (appendonly no, no save points): a restarted target comes back empty; ferry \
+             sync then reloads it from a fallback snapshot of the source, a drainer stops with \
+             the gap error until it gets a snapshot"
                 .into(),
         ),
         (None, _) => (

@@ -1631,7 +1631,10 @@ fn a_stopped_sync_past_wal_ttl_restarts_with_a_fallback_snapshot() {
 /// `apply-from = "drainer-wal"`) keeps that path when started with the
 /// default `apply-from = "auto"`: its target's checkpoints count the drainer
 /// WAL's log, so switching would need a full sync. It resumes where it was,
-/// without one, and the counters come out exact.
+/// without one. Then `apply-from = "listener-wal"` switches it: the
+/// target's checkpoint counts the drainer WAL's log ids, so the applier
+/// loads a fallback snapshot instead of resuming by id. The counters come
+/// out exact.
 #[test]
 fn a_relayed_data_dir_keeps_its_path() {
     let source = RedisServer::start(SOURCE_ARGS);
@@ -1661,10 +1664,34 @@ fn a_relayed_data_dir_keeps_its_path() {
         );
     }
     assert!(!log.contains(FULL_SYNC_STARTED), "{}", ferry.log_tail(40));
+    let mut ferry = ferry;
+    kill9_running(&mut ferry, "ferry, relayed again");
+    let mark = ferry.log_len();
+    let ferry = sync_from(
+        dir.path(),
+        &source,
+        &target,
+        "apply-from = \"listener-wal\"",
+        "",
+        "",
+    );
+    wait_until(
+        "a fallback snapshot in place of the drainer WAL's checkpoint",
+        Duration::from_secs(60),
+        &[&ferry],
+        || ferry.log_since(mark).contains(FALLBACK_TAKEN),
+    );
+    assert!(
+        ferry
+            .log_since(mark)
+            .contains("loading a fallback snapshot of the source in place of what it holds"),
+        "{}",
+        ferry.log_tail(40)
+    );
     let report = load.finish();
     wait_for_fence(&source.addr(), &target.addr(), &[&ferry]);
     assert_no_fatal(&ferry);
-    assert_counters("after the restart", &report, &source.addr(), &target.addr());
+    assert_counters("after the switch", &report, &source.addr(), &target.addr());
 }
 
 /// A target frozen while the applier catches up with big batches (about

@@ -1,6 +1,9 @@
 //! The drainer's applier: one partition of the drainer's WAL applied to the
 //! target Redis, in log order, exactly once across crashes of the applier
-//! and of the target.
+//! and of the target. In `ferry sync` it reads the listener's WAL instead
+//! ([`run_direct`]; [`reader`], "Reading the listener's WAL", has what that
+//! changes: fallback snapshots for what the log lacks, and the listener's
+//! rule for snapshot epochs). Everything below holds for both.
 //!
 //! In: durable WAL entries ([`crate::record::Record`]s at the listener's log
 //! ids) and the snapshot chunks they refer to. Out: `MULTI`/`EXEC`
@@ -634,7 +637,8 @@ async fn run_inner(
 ///   once it has been applied for `retain_applied`, so that a target that
 ///   comes back from a crash with an older checkpoint still finds the
 ///   entries after it (module doc, "Retention");
-/// - snapshot epochs this applier no longer needs
+/// - on a drainer's WAL (not the listener's, whose own rule keeps its
+///   epochs), snapshot epochs this applier no longer needs
 ///   ([`collect_drainer_snapshots`]), after every load and every
 ///   `retention-interval` (retention trimming a snapshot marker is what
 ///   makes the latest epoch collectable).
@@ -1252,20 +1256,37 @@ impl Applier {
             Err(WalError::Trimmed { .. }) => None,
             Err(error) => return Err(error.into()),
         };
-        let Some(marker) = marker else {
-            return Err(ApplyError::ForeignCheckpoint {
-                partition: self.partition,
-                checkpoint: checkpoint.log(),
-                wal: self.log_tag,
-            });
+        let marker = match (marker, &self.direct) {
+            (Some(marker), _) => {
+                warn!(
+                    partition = %self.partition,
+                    ?checkpoint,
+                    wal_log = format_args!("{:016x}", self.log_tag),
+                    %marker,
+                    "the target's checkpoint counts another WAL's log ids; loading the snapshot this WAL starts with"
+                );
+                marker
+            }
+            // The listener's WAL: its reader replaces the marker the log
+            // lacks with a fallback snapshot (a target that was applied
+            // from a drainer WAL, say, before `apply-from` changed).
+            (None, Some(_)) => {
+                warn!(
+                    partition = %self.partition,
+                    ?checkpoint,
+                    wal_log = format_args!("{:016x}", self.log_tag),
+                    "the target's checkpoint counts another WAL's log ids; loading a fallback snapshot of the source in place of what it holds"
+                );
+                LogId(1)
+            }
+            (None, None) => {
+                return Err(ApplyError::ForeignCheckpoint {
+                    partition: self.partition,
+                    checkpoint: checkpoint.log(),
+                    wal: self.log_tag,
+                })
+            }
         };
-        warn!(
-            partition = %self.partition,
-            ?checkpoint,
-            wal_log = format_args!("{:016x}", self.log_tag),
-            %marker,
-            "the target's checkpoint counts another WAL's log ids; loading the snapshot this WAL starts with"
-        );
         self.epoch = 0;
         // The target's data is this sync's (its checkpoint says so), not
         // data that was there before it: not a first load.

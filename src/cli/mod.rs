@@ -52,8 +52,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Verb {
-    /// Replicate a source Redis into a target Redis: listener and drainer in
-    /// one process, each with its own WAL under --data-dir.
+    /// Replicate a source Redis into a target Redis: a listener and its
+    /// appliers in one process, one WAL under --data-dir.
     Sync(node::SyncArgs),
     /// Run a listener: replicate a source, persist, ship to drainers.
     Listener {

@@ -940,8 +940,24 @@ impl DrainerPart {
                 let _ = earlier.await;
             }
             let result = match snapshots {
-                Some(snapshots) => apply::run_direct(cfg, wal, status, cancel, snapshots).await,
-                None => apply::run(cfg, wal, status, cancel).await,
+                Some(snapshots) => {
+                    // A shipper of the relayed path (`apply-from` changed)
+                    // no longer holds back the listener's retention.
+                    let shipped = DownstreamId::new(cfg.drainer_id.clone())
+                        .map_err(|e| NodeError::Config(format!("id {:?}: {e}", cfg.drainer_id)));
+                    match shipped {
+                        Ok(shipped) => match wal.unregister_downstream(partition, shipped).await {
+                            Ok(()) => apply::run_direct(cfg, wal, status, cancel, snapshots)
+                                .await
+                                .map_err(NodeError::from),
+                            Err(error) => Err(NodeError::from(apply::ApplyError::from(error))),
+                        },
+                        Err(error) => Err(error),
+                    }
+                }
+                None => apply::run(cfg, wal, status, cancel)
+                    .await
+                    .map_err(NodeError::from),
             };
             if let Err(error) = result {
                 fatal.raise(format!("applier of partition {partition}: {error}"));
