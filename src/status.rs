@@ -140,6 +140,9 @@ pub struct DrainerSide {
     /// several slots of a cluster target: each piece exactly once, the
     /// entry not atomic.
     pub split_entries: u64,
+    /// Fallback snapshots loaded in place of entries the log lacked (`ferry
+    /// sync`, applying from the listener's WAL).
+    pub fallback_snapshots: u64,
     /// A cluster target: its masters, and the slot the applier waits on
     /// (a migration, `TRYAGAIN`, `CLUSTERDOWN`), if any.
     pub cluster: Option<String>,

@@ -190,6 +190,7 @@ fn sync_status() -> NodeStatus {
             fence: Some("client-kill".into()),
             last_refused: None,
             split_entries: 0,
+            fallback_snapshots: 0,
             handoff: None,
             voided: None,
             cluster: None,

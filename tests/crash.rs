@@ -66,7 +66,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::ferry::log::{
     APPLYING, APPLY_BACK, APPLY_FAILED, ASKS_FALLBACK, FALLBACK_SNAPSHOT, FALLBACK_TAKEN,
-    FALLBACK_WAS_LOADING, FULL_SYNC_STARTED, FULL_SYNC_STORED, GAP, PARTIAL_RESYNC, TARGET_BEHIND,
+    FALLBACK_WAS_LOADING, FULL_SYNC_STARTED, FULL_SYNC_STORED, GAP, PARTIAL_RESYNC, PRELOAD,
+    TARGET_BEHIND,
 };
 use common::ferry::{assert_verify_clean, signal, FerryProcess};
 use common::load::{assert_counters, Load, LoadReport};
@@ -1692,6 +1693,100 @@ fn a_relayed_data_dir_keeps_its_path() {
     wait_for_fence(&source.addr(), &target.addr(), &[&ferry]);
     assert_no_fatal(&ferry);
     assert_counters("after the switch", &report, &source.addr(), &target.addr());
+}
+
+/// A full resync loaded while the listener stores it (`ferry sync`, a
+/// standalone source): the target fills before the listener has the whole
+/// RDB. ferry is SIGKILLed in the middle of such a load, three times: each
+/// restart finds `loading=1` on the target with no marker there (the epoch
+/// it was loading was never finished), the listener takes the source's full
+/// resync again and the applier loads the new epoch, again as it comes.
+/// Under a write load; the counters come out exact.
+#[test]
+fn a_full_resync_is_loaded_while_it_is_stored() {
+    // The source makes its RDB slowly (20 us per key), sent as it is made.
+    let mut args = SOURCE_ARGS.to_vec();
+    args.extend(["--rdb-key-save-delay", "20"]);
+    let source = RedisServer::start(&args);
+    let target = FixedPortRedis::start(&[]);
+    source.cmd(&["DEBUG", "POPULATE", "100000", "pre", "100"]);
+    let load = Load::start(&source.addr());
+    let dir = tempfile::tempdir().unwrap();
+    let start = || sync_with_config(dir.path(), &source, &target, "", "");
+    let target_addr = target.addr();
+    let checkpoint = || {
+        common::resp::Conn::connect(&target_addr, Duration::from_secs(1))
+            .and_then(|mut conn| conn.call(&["GET", "__ferry:checkpoint:ferry:0"]))
+            .ok()
+            .and_then(|reply| reply.text())
+            .unwrap_or_default()
+    };
+    let dbsize = || {
+        common::resp::Conn::connect(&target_addr, Duration::from_secs(1))
+            .and_then(|mut conn| conn.call(&["DBSIZE"]))
+            .map(|reply| reply.int())
+            .unwrap_or(0)
+    };
+    let mut ferry = start();
+    let mut overlapped = 0;
+    for round in 0..4 {
+        let mark = ferry.log_len();
+        // Keys loaded by this run while its listener is still receiving
+        // the RDB.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let seen = loop {
+            let stored = ferry.log_since(mark).contains(FULL_SYNC_STORED);
+            let load = ferry.status_json()["drainers"][0]["snapshot_load"].clone();
+            let keys = load["keys_loaded"].as_u64().unwrap_or(0);
+            if keys > 1000 {
+                break !stored && load["done"] == false;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: no load seen ({keys} keys, stored: {stored})\n{}",
+                ferry.log_since(mark)
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        assert!(
+            ferry.log_since(mark).contains(PRELOAD),
+            "round {round}: {}",
+            ferry.log_tail(40)
+        );
+        assert!(checkpoint().contains("loading=1 "), "{}", checkpoint());
+        println!("round {round}: keys on the target before the RDB was stored: {seen}");
+        overlapped += u32::from(seen);
+        if round == 3 {
+            break;
+        }
+        kill9_running(&mut ferry, "ferry mid-load");
+        let log = ferry.log_since(mark);
+        println!(
+            "{}",
+            log.lines()
+                .filter(|l| [FULL_SYNC_STARTED, FULL_SYNC_STORED, PRELOAD, "snapshot loaded"]
+                    .iter()
+                    .any(|n| l.contains(n)))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        if log.contains(FULL_SYNC_STORED) {
+            // The RDB was stored in the moment before the kill: the next
+            // run resumes the stream, there is no resync to load.
+            ferry = start();
+            break;
+        }
+        ferry = start();
+    }
+    assert!(overlapped > 0, "the load never ran ahead of the transfer");
+    wait_for_fence(&source.addr(), &target.addr(), &[&ferry]);
+    assert_no_fatal(&ferry);
+    let report = load.finish();
+    wait_for_fence(&source.addr(), &target.addr(), &[&ferry]);
+    assert_counters("after the loads", &report, &source.addr(), &target.addr());
+    assert_verify_clean("after the loads", &source.url(), &target.url(), || {
+        ferry.log_tail(40)
+    });
 }
 
 /// A target frozen while the applier catches up with big batches (about

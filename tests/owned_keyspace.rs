@@ -142,8 +142,8 @@ fn admin(ferry: &FerryProcess, verb: &str) {
     );
 }
 
-/// Stops shipping, changes the source for longer than wal-ttl, restarts:
-/// the drainer gets a fallback snapshot, which it loads.
+/// Stops the sync, changes the source for longer than wal-ttl, restarts:
+/// the applier gets a fallback snapshot, which it loads.
 fn force_fallback_snapshot(ferry: &FerryProcess, source: &RedisServer, db: u32, what: &str) {
     let before = fallback_snapshots(ferry);
     admin(ferry, "stop-sync");
@@ -167,9 +167,7 @@ fn force_fallback_snapshot(ferry: &FerryProcess, source: &RedisServer, db: u32, 
 }
 
 fn fallback_snapshots(ferry: &FerryProcess) -> u64 {
-    ferry.status_json()["listeners"][0]["shipping"][0]["fallback_snapshots"]
-        .as_u64()
-        .unwrap_or(0)
+    ferry.fallback_snapshots()
 }
 
 fn sync_with(

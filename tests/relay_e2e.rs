@@ -886,12 +886,36 @@ fn control(verb: &str, admin: &str, logs: &Logs) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// The state of the only shipper in `status` (`ferry status --json`).
+/// The state of the only sync in `status` (`ferry status --json`): its
+/// shipper's, or with no shipper (`ferry sync` applying from the listener's
+/// WAL) its applier's.
 fn ship_state(status: &serde_json::Value) -> String {
-    status["listeners"][0]["shipping"][0]["state"]
+    let shipper = &status["listeners"][0]["shipping"][0];
+    let row = if shipper.is_null() {
+        &status["drainers"][0]
+    } else {
+        shipper
+    };
+    row["state"]
         .as_str()
-        .unwrap_or_else(|| panic!("no shipper state in {status}"))
+        .unwrap_or_else(|| panic!("no sync state in {status}"))
         .to_string()
+}
+
+/// The only sync's lag (its shipper's, or its applier's).
+fn sync_lag(status: &serde_json::Value) -> Option<u64> {
+    let shipper = &status["listeners"][0]["shipping"][0];
+    match shipper.is_null() {
+        true => status["drainers"][0]["lag"].as_u64(),
+        false => shipper["lag"].as_u64(),
+    }
+}
+
+/// The `--config` of a `ferry sync` on `apply_from` with `extra` keys.
+fn sync_config(dir: &std::path::Path, apply_from: &str, extra: &str) -> String {
+    let config = dir.join("sync.toml");
+    write_config(&config, &format!("apply-from = \"{apply_from}\"\n{extra}"));
+    config.to_str().expect("utf-8 path").to_string()
 }
 
 /// Waits until what was in flight when a sync stopped has landed: the
@@ -913,7 +937,8 @@ async fn wait_quiet(
             last = now;
             since = Instant::now();
         }
-        let caught_up = ferry.status_json()["drainers"][0]["lag"].as_u64() == Some(0);
+        let applier = &ferry.status_json()["drainers"][0];
+        let caught_up = applier["lag"].as_u64() == Some(0) || applier["state"] == "STOPPED";
         if caught_up && since.elapsed() >= Duration::from_secs(1) {
             return last;
         }
@@ -936,15 +961,25 @@ fn replica_ack_offset(source: &RedisServer) -> Option<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_sync_holds_the_target_and_restart_sync_delivers() {
+    stop_and_restart("listener-wal").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_sync_of_a_relayed_sync_holds_the_target_and_restart_sync_delivers() {
+    stop_and_restart("drainer-wal").await;
+}
+
+async fn stop_and_restart(apply_from: &str) {
     let source = RedisServer::start(&["--repl-diskless-sync-delay", "0"]);
     let target = RedisServer::start(&[]);
     source.cmd(&["DEBUG", "POPULATE", "200", "key", "10"]);
     let dir = tempfile::tempdir().expect("temp dir");
+    let config = sync_config(dir.path(), apply_from, "");
     let mut ferry = FerryProcess::sync(
         &dir.path().join("sync"),
         &source.url(),
         &target.url(),
-        &["--id", "ctl"],
+        &["--id", "ctl", "--config", &config],
     );
     let logs = Logs::of(&[&ferry]);
     let context = || logs.tail();
@@ -983,10 +1018,8 @@ async fn stop_sync_holds_the_target_and_restart_sync_delivers() {
         "the listener is not durable up to the writes: {status}"
     );
     assert!(
-        status["listeners"][0]["shipping"][0]["lag"]
-            .as_u64()
-            .is_some_and(|lag| lag >= 200),
-        "the stopped shipper shows no lag: {status}"
+        sync_lag(&status).is_some_and(|lag| lag >= 200),
+        "the stopped sync shows no lag: {status}"
     );
     tokio::time::sleep(Duration::from_millis(1_000)).await;
     let still = server_state(&mut connect(&target).await).await;
@@ -1019,7 +1052,7 @@ async fn stop_sync_holds_the_target_and_restart_sync_delivers() {
     )
     .await;
     assert_eq!(target.cmd(&["GET", "counter"]), "101");
-    wait_until("the shipper back ONLINE", CONVERGE, context, || {
+    wait_until("the sync back ONLINE", CONVERGE, context, || {
         ship_state(&ferry.status_json()) == "ONLINE"
     })
     .await;
@@ -1033,25 +1066,30 @@ async fn stop_sync_holds_the_target_and_restart_sync_delivers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn restart_sync_after_wal_ttl_sends_a_snapshot() {
+async fn restart_sync_after_wal_ttl_loads_a_snapshot() {
+    restart_past_wal_ttl("listener-wal").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_sync_of_a_relayed_sync_after_wal_ttl_sends_a_snapshot() {
+    restart_past_wal_ttl("drainer-wal").await;
+}
+
+async fn restart_past_wal_ttl(apply_from: &str) {
     let source = RedisServer::start(&["--repl-diskless-sync-delay", "0"]);
     let target = RedisServer::start(&[]);
     source.cmd(&["DEBUG", "POPULATE", "200", "key", "10"]);
     let dir = tempfile::tempdir().expect("temp dir");
-    let config = dir.path().join("sync.toml");
-    write_config(&config, "[wal]\nretention-interval = \"200ms\"\n");
+    let config = sync_config(
+        dir.path(),
+        apply_from,
+        "[wal]\nretention-interval = \"200ms\"\n",
+    );
     let mut ferry = FerryProcess::sync(
         &dir.path().join("sync"),
         &source.url(),
         &target.url(),
-        &[
-            "--id",
-            "ttl",
-            "--wal-ttl",
-            "2s",
-            "--config",
-            config.to_str().expect("utf-8 path"),
-        ],
+        &["--id", "ttl", "--wal-ttl", "2s", "--config", &config],
     );
     let logs = Logs::of(&[&ferry]);
     let context = || logs.tail();
@@ -1077,11 +1115,11 @@ async fn restart_sync_after_wal_ttl_sends_a_snapshot() {
     )
     .await;
     let status = ferry.status_json();
-    assert_eq!(
-        status["listeners"][0]["shipping"][0]["fallback_snapshots"].as_u64(),
-        Some(1),
-        "{status}"
-    );
+    let fallbacks = match apply_from {
+        "drainer-wal" => &status["listeners"][0]["shipping"][0]["fallback_snapshots"],
+        _ => &status["drainers"][0]["fallback_snapshots"],
+    };
+    assert_eq!(fallbacks.as_u64(), Some(1), "{status}");
     assert!(
         checkpoint_epoch(&target, "ttl").is_some_and(|now| now > epoch),
         "the target did not load a new snapshot epoch\n{}",

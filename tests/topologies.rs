@@ -234,13 +234,11 @@ fn admin(ferry: &FerryProcess, verb: &str) {
 }
 
 fn fallback_snapshots(ferry: &FerryProcess) -> u64 {
-    ferry.status_json()["listeners"][0]["shipping"][0]["fallback_snapshots"]
-        .as_u64()
-        .unwrap_or(0)
+    ferry.fallback_snapshots()
 }
 
-/// Stops shipping, runs `change` on the source for longer than wal-ttl,
-/// restarts: the drainer gets a fallback snapshot, which it loads.
+/// Stops the sync, runs `change` on the source for longer than wal-ttl,
+/// restarts: the applier gets a fallback snapshot, which it loads.
 fn force_fallback_snapshot(ferry: &FerryProcess, change: &dyn Fn(), what: &str) {
     let before = fallback_snapshots(ferry);
     admin(ferry, "stop-sync");

@@ -227,6 +227,7 @@ impl From<DrainerSide> for pb::DrainerSide {
             cluster,
             handoff,
             voided,
+            fallback_snapshots,
         } = side;
         pb::DrainerSide {
             drainer_id,
@@ -253,6 +254,7 @@ impl From<DrainerSide> for pb::DrainerSide {
             cluster,
             handoff,
             voided,
+            fallback_snapshots,
         }
     }
 }
@@ -284,6 +286,7 @@ impl From<pb::DrainerSide> for DrainerSide {
             cluster,
             handoff,
             voided,
+            fallback_snapshots,
         } = side;
         DrainerSide {
             drainer_id,
@@ -310,6 +313,7 @@ impl From<pb::DrainerSide> for DrainerSide {
             cluster,
             handoff,
             voided,
+            fallback_snapshots,
         }
     }
 }
@@ -605,6 +609,7 @@ mod tests {
                     dead_letter_file: Some("/d/dead-letter/d1-3.resp".into()),
                     fence: Some("client-kill".into()),
                     split_entries: 34,
+                    fallback_snapshots: 2,
                     cluster: Some("cluster: 3 masters".into()),
                     handoff: Some("entry 35 waits for slot 7".into()),
                     voided: Some("3 entries of aborted slot imports skipped".into()),

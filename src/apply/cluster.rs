@@ -616,6 +616,7 @@ impl Applier {
                 limits,
                 idle_poll: self.cfg.idle_poll.0,
                 direct: self.direct.clone(),
+                status: Arc::clone(&self.status),
             },
             cancel,
         );
@@ -625,6 +626,7 @@ impl Applier {
             expected: resume,
             marker_first,
             fallbacks: self.direct.is_some(),
+            skip_marker: None,
             partition: self.partition,
             max_pending: self.cfg.batch_max_entries.saturating_mul(2),
         };

@@ -1150,6 +1150,7 @@ impl Applier {
                 limits,
                 idle_poll: self.cfg.idle_poll.0,
                 direct: self.direct.clone(),
+                status: Arc::clone(&self.status),
             },
             cancel,
         );
@@ -1159,6 +1160,7 @@ impl Applier {
             expected: resume,
             marker_first,
             fallbacks: self.direct.is_some(),
+            skip_marker: None,
             partition: self.partition,
             max_pending: self.cfg.batch_max_entries.saturating_mul(2),
         };
@@ -1376,6 +1378,8 @@ impl Applier {
 
     async fn apply_loop(&mut self, target: &mut Target, feed: &mut Feed) -> Result<(), ApplyError> {
         let mut builder = self.builder(target);
+        // Only a direct applier looks for resyncs to load early.
+        let mut appended = self.direct.as_ref().map(|_| self.wal.subscribe_appends());
         let exec = Command::from_parts(["EXEC"]);
         // MULTI and commands sent, EXEC not yet.
         let mut open: Option<Batch> = None;
@@ -1485,7 +1489,18 @@ impl Applier {
                 }
                 continue;
             }
-            // Everything read is applied: wait for more.
+            // Everything read is applied: a full resync being stored may be
+            // loaded at once (`snapshot`, "Loading a resync while it is
+            // stored"); else wait for more.
+            if let Some((log_id, epoch)) = self.preload_due(feed)? {
+                if !self.preload_snapshot(target, log_id, epoch).await? {
+                    return Ok(()); // shut down during the load
+                }
+                feed.skip_marker = Some((log_id, epoch));
+                builder.scope = self.scope.clone();
+                self.passed(log_id.next());
+                continue;
+            }
             tokio::select! {
                 _ = self.shutdown.cancelled() => return Ok(()),
                 run = feed.runs.recv() => {
@@ -1495,8 +1510,28 @@ impl Applier {
                     }
                     feed.accept(run)?
                 }
+                // Chunks stored (a resync begins) wake the WAL's appends.
+                _ = wait_appended(&mut appended) => {}
             }
         }
+    }
+
+    /// (Reading the listener's WAL) the next log id and the epoch of a full
+    /// resync the listener is storing, when this applier, idle, is caught
+    /// up with the log, so that the marker will be its next entry.
+    fn preload_due(&self, feed: &Feed) -> Result<Option<(LogId, u64)>, ApplyError> {
+        let Some(epoch) = self
+            .direct
+            .as_ref()
+            .and_then(|direct| direct.preload_epoch(self.partition))
+        else {
+            return Ok(None);
+        };
+        if epoch <= self.epoch || !feed.pending.is_empty() || feed.skip_marker.is_some() {
+            return Ok(None);
+        }
+        let durable = self.wal.last_log_id(self.partition)?.unwrap_or(LogId::ZERO);
+        Ok((durable.next() == feed.expected).then_some((feed.expected, epoch)))
     }
 
     /// Rule 9 (docs/cluster.md): when the next entry to batch is tagged
@@ -2001,6 +2036,18 @@ fn read_fragment(
 /// Entries read from the WAL per [`Applier::scan_voids`] call while held.
 const SCAN_ENTRIES: usize = 16 * 1024;
 
+/// Waits for the WAL's next append notification; forever without one.
+async fn wait_appended(appended: &mut Option<watch::Receiver<u64>>) {
+    match appended {
+        Some(rx) => {
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending::<()>().await,
+    }
+}
+
 /// Notes a `SlotVoid` record at `at` (the latest one of each tenure).
 fn note_void(voids: &mut batch::VoidedTenures, void: crate::record::SlotVoid, at: LogId) {
     let known = voids.entry((void.slot, void.gen)).or_insert(at);
@@ -2019,6 +2066,10 @@ struct Feed {
     /// Reading the listener's WAL: the reader may hand over a fallback
     /// snapshot's marker, at any log id ([`reader`]).
     fallbacks: bool,
+    /// The marker (log id, epoch) of a resync loaded while it was stored
+    /// (`snapshot`, "Loading a resync while it is stored"): already loaded,
+    /// so the reader's copy is dropped.
+    skip_marker: Option<(LogId, u64)>,
     partition: PartitionId,
     /// Entries held here at most (the reader's channel holds more).
     max_pending: usize,
@@ -2065,6 +2116,27 @@ impl Feed {
             return Err(ApplyError::Task("the wal reader stopped".into()));
         };
         for entry in run? {
+            if let Some((log_id, epoch)) = self.skip_marker {
+                if entry.log_id == log_id {
+                    match &entry.record {
+                        Record::Snapshot(marker) if marker.epoch == epoch => {
+                            self.skip_marker = None;
+                            self.marker_first = false;
+                            self.expected = log_id.next();
+                            continue;
+                        }
+                        _ => {
+                            return Err(ApplyError::Inconsistent {
+                                partition: self.partition,
+                                what: format!(
+                                    "entry {log_id} was confirmed as the marker of epoch {epoch} \
+                                     when it was loaded, but is something else now"
+                                ),
+                            })
+                        }
+                    }
+                }
+            }
             let is_marker = matches!(entry.record, Record::Snapshot(_));
             // Only a snapshot marker may follow a gap (it replaces what was
             // trimmed before it).

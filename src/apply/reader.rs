@@ -288,6 +288,8 @@ pub(crate) struct ReaderConfig {
     pub idle_poll: Duration,
     /// Reading the listener's WAL: its fallback snapshots (module doc).
     pub direct: Option<Arc<dyn SnapshotProvider>>,
+    /// Where fallback snapshots taken are counted.
+    pub status: Arc<super::ApplyStatus>,
 }
 
 /// Starts the reader at `from`. It stops on `cancel`, when the receiver is
@@ -308,6 +310,7 @@ pub(crate) fn spawn_reader(
         limits,
         idle_poll,
         direct,
+        status,
     } = cfg;
     let (run_tx, run_rx) = mpsc::channel(QUEUE_RUNS);
     let mut appended_rx = wal.subscribe_appends();
@@ -411,6 +414,7 @@ pub(crate) fn spawn_reader(
                         epoch = fallback.epoch,
                         "fallback snapshot taken; it is loaded in place of what the log lacks"
                     );
+                    status.add_fallback_snapshot();
                     next = fallback.marker_log_id.next();
                     marker_first = false;
                     Ok(vec![Pending {

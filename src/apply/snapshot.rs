@@ -60,6 +60,28 @@
 //! the target's CPU) is what remains between a full sync and a native
 //! replica's (benches/README.md, issue 13).
 
+//!
+//! # Loading a resync while it is stored (`ferry sync`)
+//!
+//! An applier that reads the listener's WAL ([`super::run_direct`]) and is
+//! caught up with the log when a full resync of a standalone source starts
+//! being stored ([`crate::ship::SnapshotProvider::preload_epoch`]) does not
+//! wait for the marker: the marker will be the log's next entry `M`
+//! (nothing else is appended to a standalone source's log while its RDB is
+//! received), so the load starts at once with the usual `loading=M` flush,
+//! and the chunks are fed to the parser as they become durable. Once the
+//! RDB is through, the load waits for entry `M`: the marker of that epoch,
+//! with the chunk and byte counts fed, commits `applied=M` (and the reader's
+//! copy of the marker is then dropped, [`super::Feed`]); anything else ends
+//! the load with an error. Every way it can end is one the direct reader
+//! already recovers from, since a `loading=M` checkpoint whose `M` is not a
+//! loadable marker gets a fallback snapshot (`reader.rs`): a resync that
+//! failed and was retried puts another epoch's marker at `M` (loaded from
+//! the start), one the source continued with `+CONTINUE` puts an ordinary
+//! entry there (a fallback snapshot), and a crash restarts from the flush.
+//! The price of a failed resync is a target flushed early. A cluster source
+//! or target, and a drainer's WAL, keep waiting for the marker.
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -79,7 +101,7 @@ use super::target::Target;
 use super::tenure::{self, LoadPlan};
 use super::{Applier, ApplyError};
 use crate::position::{LogId, PartitionId};
-use crate::record::{SnapshotMarker, INTERNAL_PREFIX};
+use crate::record::{Record, RecordLimits, SnapshotMarker, INTERNAL_PREFIX};
 use crate::redis::client::ClientError;
 use crate::redis::cluster::SlotRanges;
 use crate::redis::command::Command;
@@ -87,7 +109,7 @@ use crate::redis::rdb::rebuild::{Output, RebuildOptions, RebuildStats, Rebuilder
 use crate::redis::rdb::{ParseOptions, RdbEvent, RdbParser};
 use crate::redis::rdb_stream::ChannelReader;
 use crate::redis::resp::{encode_command, Frame, RespDecoder, RespLimits};
-use crate::wal::Wal;
+use crate::wal::{ReadLimits, Wal};
 
 /// Snapshot chunks read from the WAL at a time.
 ///
@@ -206,9 +228,34 @@ pub(super) async fn feed_chunks(
     chunk_tx: mpsc::Sender<Bytes>,
     bytes_fed: Arc<AtomicU64>,
 ) -> Result<(), String> {
+    feed_chunks_until(wal, partition, marker, None, chunk_tx, bytes_fed)
+        .await
+        .map(|_| ())
+}
+
+/// Where a preload's marker is awaited: how often to look again when no
+/// append notification comes.
+const PRELOAD_POLL: Duration = Duration::from_millis(100);
+
+/// [`feed_chunks`]; with `preload` (module doc, "Loading a resync while it
+/// is stored"), `marker` has only its epoch: chunks are fed as they are
+/// stored, until the log's entry `preload` is that epoch's marker, which is
+/// returned once every chunk it counts was fed.
+async fn feed_chunks_until(
+    wal: Wal,
+    partition: PartitionId,
+    mut marker: SnapshotMarker,
+    preload: Option<LogId>,
+    chunk_tx: mpsc::Sender<Bytes>,
+    bytes_fed: Arc<AtomicU64>,
+) -> Result<SnapshotMarker, String> {
     let mut seq = 0u64;
     let mut bytes = 0u64;
+    let mut appended = wal.subscribe_appends();
+    // A preload's marker, once it is in the log.
+    let mut known = preload.is_none();
     loop {
+        appended.borrow_and_update();
         let read_wal = wal.clone();
         let epoch = marker.epoch;
         let chunks = tokio::task::spawn_blocking(move || {
@@ -217,8 +264,39 @@ pub(super) async fn feed_chunks(
         .await
         .map_err(|error| format!("chunk reader failed: {error}"))?
         .map_err(|error| format!("reading chunk {seq}: {error}"))?;
-        if chunks.is_empty() {
+        if chunks.is_empty() && known {
             break;
+        }
+        if chunks.is_empty() {
+            let at = preload.unwrap_or(LogId::ZERO);
+            match preload_marker(&wal, partition, at).await? {
+                Some(Record::Snapshot(logged)) if logged.epoch == epoch => {
+                    marker = logged;
+                    known = true;
+                    // Its chunks were all durable before it: read on.
+                    continue;
+                }
+                Some(other) => {
+                    return Err(format!(
+                        "the resync loaded while it was stored did not end in its marker: entry \
+                         {at} is {}",
+                        match other {
+                            Record::Snapshot(other) =>
+                                format!("the marker of epoch {}", other.epoch),
+                            _ => "not a snapshot marker".to_string(),
+                        }
+                    ))
+                }
+                None => {
+                    // Not in the log yet: wait for the next chunk or entry
+                    // (the load aborts this task if it ends first).
+                    tokio::select! {
+                        _ = appended.changed() => {}
+                        _ = tokio::time::sleep(PRELOAD_POLL) => {}
+                    }
+                    continue;
+                }
+            }
         }
         for (chunk_seq, data) in chunks {
             if chunk_seq != seq {
@@ -232,8 +310,12 @@ pub(super) async fn feed_chunks(
                 continue;
             }
             if chunk_tx.send(data).await.is_err() {
-                // The parser ended or failed; the producer says why.
-                return Ok(());
+                // The parser ended or failed; the producer says why. (A
+                // preload's marker is not confirmed: never loaded as done.)
+                return match known {
+                    true => Ok(marker),
+                    false => Err("the parser stopped before the resync was stored".into()),
+                };
             }
             bytes_fed.store(bytes, Ordering::Relaxed);
         }
@@ -245,7 +327,33 @@ pub(super) async fn feed_chunks(
             marker.chunks, marker.rdb_bytes
         ));
     }
-    Ok(())
+    Ok(marker)
+}
+
+/// The record at `log_id` once it is durable (`None` before).
+async fn preload_marker(
+    wal: &Wal,
+    partition: PartitionId,
+    log_id: LogId,
+) -> Result<Option<Record>, String> {
+    let wal = wal.clone();
+    tokio::task::spawn_blocking(move || {
+        if wal.last_log_id(partition)?.unwrap_or(LogId::ZERO) < log_id {
+            return Ok(None);
+        }
+        let one = ReadLimits {
+            max_entries: 1,
+            max_bytes: 1,
+        };
+        let entries = wal.read(partition, log_id, one)?;
+        Ok(entries
+            .into_iter()
+            .find(|entry| entry.log_id == log_id)
+            .and_then(|entry| Record::decode(&entry.payload, RecordLimits::default()).ok()))
+    })
+    .await
+    .map_err(|error| format!("reading entry {log_id}: {error}"))?
+    .map_err(|error: crate::wal::WalError| format!("reading entry {log_id}: {error}"))
 }
 
 /// The producer thread: parses the RDB from `chunk_rx`, rebuilds commands,
@@ -825,6 +933,44 @@ impl Applier {
         log_id: LogId,
         marker: SnapshotMarker,
     ) -> Result<bool, ApplyError> {
+        self.load_snapshot_of(target, log_id, marker, false).await
+    }
+
+    /// Loads the full resync of epoch `epoch` while the listener stores it,
+    /// its marker expected at `log_id` (module doc, "Loading a resync while
+    /// it is stored"). `Ok(false)` on shutdown.
+    pub(super) async fn preload_snapshot(
+        &mut self,
+        target: &mut Target,
+        log_id: LogId,
+        epoch: u64,
+    ) -> Result<bool, ApplyError> {
+        info!(
+            partition = %self.partition,
+            marker = %log_id,
+            epoch,
+            "a full resync of the source is being stored: loading it as it comes, its marker expected at the next entry"
+        );
+        let marker = SnapshotMarker {
+            epoch,
+            rdb_bytes: 0,
+            chunks: 0,
+            replid: String::new(),
+            offset: 0,
+            scope: None,
+            tenures: Vec::new(),
+            handoffs: Vec::new(),
+        };
+        self.load_snapshot_of(target, log_id, marker, true).await
+    }
+
+    async fn load_snapshot_of(
+        &mut self,
+        target: &mut Target,
+        log_id: LogId,
+        marker: SnapshotMarker,
+        preload: bool,
+    ) -> Result<bool, ApplyError> {
         let epoch = marker.epoch;
         let snapshot_error = |what: String| ApplyError::Snapshot {
             log_id,
@@ -849,7 +995,7 @@ impl Applier {
             tokio::task::spawn_blocking(move || wal.read_snapshot_chunks(partition, epoch, 0, 1))
                 .await
                 .map_err(|error| ApplyError::Task(error.to_string()))??;
-        if first.is_empty() && marker.chunks > 0 {
+        if first.is_empty() && marker.chunks > 0 && !preload {
             return Err(snapshot_error("its chunks are not in the wal".into()));
         }
         // A cluster source's marker with slot tenures (rule 6): waits until
@@ -916,10 +1062,11 @@ impl Applier {
         let producer =
             tokio::task::spawn_blocking(move || produce_windows(producer_cfg, chunk_rx, window_tx));
         let bytes_fed = Arc::new(AtomicU64::new(0));
-        let feeding = tokio::spawn(feed_chunks(
+        let feeding = tokio::spawn(feed_chunks_until(
             self.wal.clone(),
             self.partition,
             marker.clone(),
+            preload.then_some(log_id),
             chunk_tx,
             Arc::clone(&bytes_fed),
         ));
@@ -1016,11 +1163,17 @@ impl Applier {
                 return Err(data_error(why));
             }
         };
-        match feeding.await {
-            Ok(Ok(())) => {}
+        // A preload waits here for its marker to be logged.
+        let fed = tokio::select! {
+            _ = self.shutdown.cancelled() => return Ok(false),
+            fed = feeding => fed,
+        };
+        let marker = match fed {
+            Ok(Ok(marker)) => marker,
             Ok(Err(why)) => return Err(snapshot_error(why)),
             Err(error) => return Err(ApplyError::Task(error.to_string())),
-        }
+        };
+        progress.rdb_bytes = marker.rdb_bytes;
         progress.commands_refused += produced.refused_unsent;
         let stats = produced.stats;
         if produced.db != 0 {

@@ -194,6 +194,7 @@ struct StatusFields {
     dead_letter_file: Option<String>,
     fence: Option<String>,
     split_entries: u64,
+    fallback_snapshots: u64,
     cluster: Option<String>,
     /// A reply the target is late with.
     stall: Option<Stall>,
@@ -257,6 +258,9 @@ pub struct ApplyReport {
     /// and functions, on several masters): each piece is exactly once, but
     /// the entry is not atomic on the target.
     pub split_entries: u64,
+    /// Fallback snapshots taken for this applier in place of entries its
+    /// log lacked (reading the listener's WAL).
+    pub fallback_snapshots: u64,
     /// A cluster target: its masters, and the slot the applier waits on
     /// (migrating, `TRYAGAIN`, `CLUSTERDOWN`), if any; `None` for a
     /// standalone target.
@@ -287,6 +291,7 @@ impl ApplyStatus {
                 dead_letter_file: None,
                 fence: None,
                 split_entries: 0,
+                fallback_snapshots: 0,
                 cluster: None,
                 stall: None,
                 skip_request: None,
@@ -358,6 +363,7 @@ impl ApplyStatus {
             dead_letter_file: fields.dead_letter_file,
             fence: fields.fence,
             split_entries: fields.split_entries,
+            fallback_snapshots: fields.fallback_snapshots,
             cluster: fields.cluster,
         }
     }
@@ -513,6 +519,10 @@ impl ApplyStatus {
 
     pub(crate) fn add_split_entries(&self, entries: u64) {
         self.lock().split_entries += entries;
+    }
+
+    pub(crate) fn add_fallback_snapshot(&self) {
+        self.lock().fallback_snapshots += 1;
     }
 
     pub(crate) fn set_cluster(&self, cluster: Option<String>) {

@@ -509,6 +509,13 @@ fn render_drainers(out: &mut String, drainers: &[DrainerSide], style: RenderStyl
         if let Some(voided) = &side.voided {
             let _ = writeln!(out, "  part {part}: voided: {}", clean(voided));
         }
+        if side.fallback_snapshots > 0 {
+            let _ = writeln!(
+                out,
+                "  part {part}: {} fallback snapshots loaded (entries it needed had expired)",
+                side.fallback_snapshots
+            );
+        }
         if side.split_entries > 0 {
             let _ = writeln!(
                 out,
@@ -682,6 +689,7 @@ mod tests {
                 last_skipped: None,
                 dead_letter_file: Some("/d/dead-letter/d1-0.resp".into()),
                 split_entries: 0,
+                fallback_snapshots: 0,
                 cluster: None,
                 handoff: None,
                 voided: None,

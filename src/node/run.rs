@@ -186,6 +186,14 @@ impl SnapshotProvider for ListenerSnapshots {
             .flatten()
     }
 
+    fn preload_epoch(&self, partition: PartitionId) -> Option<u64> {
+        self.handle
+            .route()
+            .is_none()
+            .then(|| self.resync_epoch(partition))
+            .flatten()
+    }
+
     fn fallback_snapshot(
         &self,
         partition: PartitionId,
@@ -1138,6 +1146,7 @@ impl DrainerPart {
                     dead_letter_file: report.dead_letter_file,
                     fence: report.fence,
                     split_entries: report.split_entries,
+                    fallback_snapshots: report.fallback_snapshots,
                     cluster: report.cluster,
                     handoff: report.handoff.map(|wait| wait.to_string()),
                     voided: report.voided.map(|voided| voided.to_string()),

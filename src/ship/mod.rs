@@ -261,6 +261,16 @@ pub trait SnapshotProvider: Send + Sync + 'static {
     fn resync_epoch(&self, _partition: PartitionId) -> Option<u64> {
         None
     }
+
+    /// [`SnapshotProvider::resync_epoch`] when nothing but its marker can
+    /// be appended to the log before the resync ends: a standalone source
+    /// (a cluster source's listener may log slot records meanwhile). An
+    /// applier of `ferry sync` caught up with the log may then start loading
+    /// it while it is stored, its marker expected as the next entry
+    /// (`apply::snapshot`, "Loading a resync while it is stored").
+    fn preload_epoch(&self, _partition: PartitionId) -> Option<u64> {
+        None
+    }
 }
 
 /// Errors of shipping, on both sides. Drainer-side ones become the stream's

@@ -47,6 +47,9 @@ pub mod log {
     /// ... because the snapshot loading at the target's checkpoint was a
     /// fallback (no marker at that id in the log).
     pub const FALLBACK_WAS_LOADING: &str = "a fallback snapshot was loading";
+    /// An applier of `ferry sync` loading a full resync while it is stored
+    /// (src/apply/snapshot.rs).
+    pub const PRELOAD: &str = "loading it as it comes";
 }
 
 /// The `ferry` binary cargo built for this test run.
@@ -218,6 +221,20 @@ impl FerryProcess {
     }
 
     /// The log's length in bytes: a mark for [`FerryProcess::log_since`].
+    /// Fallback snapshots of partition 0 so far: sent to the drainer, or
+    /// (`ferry sync` applying from the listener's WAL) loaded by the
+    /// applier.
+    pub fn fallback_snapshots(&self) -> u64 {
+        let status = self.status_json();
+        let shipped = status["listeners"][0]["shipping"][0]["fallback_snapshots"]
+            .as_u64()
+            .unwrap_or(0);
+        shipped
+            + status["drainers"][0]["fallback_snapshots"]
+                .as_u64()
+                .unwrap_or(0)
+    }
+
     pub fn log_len(&self) -> u64 {
         std::fs::metadata(&self.log).map_or(0, |meta| meta.len())
     }
