@@ -1721,12 +1721,6 @@ fn a_full_resync_is_loaded_while_it_is_stored() {
             .and_then(|reply| reply.text())
             .unwrap_or_default()
     };
-    let dbsize = || {
-        common::resp::Conn::connect(&target_addr, Duration::from_secs(1))
-            .and_then(|mut conn| conn.call(&["DBSIZE"]))
-            .map(|reply| reply.int())
-            .unwrap_or(0)
-    };
     let mut ferry = start();
     let mut overlapped = 0;
     for round in 0..4 {
@@ -1764,9 +1758,14 @@ fn a_full_resync_is_loaded_while_it_is_stored() {
         println!(
             "{}",
             log.lines()
-                .filter(|l| [FULL_SYNC_STARTED, FULL_SYNC_STORED, PRELOAD, "snapshot loaded"]
-                    .iter()
-                    .any(|n| l.contains(n)))
+                .filter(|l| [
+                    FULL_SYNC_STARTED,
+                    FULL_SYNC_STORED,
+                    PRELOAD,
+                    "snapshot loaded"
+                ]
+                .iter()
+                .any(|n| l.contains(n)))
                 .collect::<Vec<_>>()
                 .join("\n")
         );

@@ -40,26 +40,19 @@
 //! grace, and a key whose deadline passed less than the grace ago is still
 //! loaded (the source propagates its `DEL`, which follows the marker).
 //!
-//! # Why the load waits for the marker
+//! # Why the load waits for the marker (a drainer's WAL)
 //!
-//! The load starts only at the marker, once the whole epoch is durable in
-//! the WAL: the marker is what says the snapshot is complete and at which
-//! log id `M` it holds, and the flush that starts the load writes
-//! `loading=M` in the same transaction, so a crash or an aborted load always
-//! restarts from the flush. Starting on chunks that arrive before the
-//! marker would need more than that: the flush would have to be recorded
-//! without `M` (a checkpoint state such as `preloading epoch=E`, restarted
-//! from the flush on any crash), the applier would have to stop applying
-//! entries from then on, and a transfer that never completes would have to
-//! be handled: since a full resync's chunks are shipped while the listener
-//! stores them (`ship/mod.rs`), a failed resync leaves chunks on the drainer
-//! and the next entry it stores can be an ordinary one (the listener resumed
-//! with `+CONTINUE`), after which a target flushed for that transfer would
-//! wait with no data for the next snapshot. Not done yet: with the chunks
-//! now on the drainer when the marker comes, the load (waiting mostly for
-//! the target's CPU) is what remains between a full sync and a native
-//! replica's (benches/README.md, issue 13).
-
+//! On a drainer's WAL the load starts only at the marker, once the whole
+//! epoch is durable there: the marker is what says the snapshot is complete
+//! and at which log id `M` it holds, and the flush that starts the load
+//! writes `loading=M` in the same transaction, so a crash or an aborted load
+//! always restarts from the flush. A drainer's log cannot say where the
+//! marker will be (a marker resets it, relay convention 5), and a failed
+//! resync whose chunks were shipped early (`ship/mod.rs`) can be followed by
+//! an ordinary entry (the listener resumed with `+CONTINUE`), after which a
+//! target flushed for that transfer would wait with no data for the next
+//! snapshot: a drainer has no fallback of its own to give it. The listener's
+//! WAL has both, below.
 //!
 //! # Loading a resync while it is stored (`ferry sync`)
 //!

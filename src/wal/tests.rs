@@ -622,10 +622,15 @@ struct ReleaseGate {
     inner: Arc<dyn WalStorage>,
     hold: Arc<std::sync::atomic::AtomicBool>,
     buffered: Option<std::sync::atomic::AtomicU64>,
+    /// Every write's `sync` flag, when recorded.
+    syncs: Option<std::sync::Mutex<Vec<bool>>>,
 }
 
 impl WalStorage for ReleaseGate {
     fn write(&self, ops: &[WriteOp], sync: bool) -> Result<(), WalError> {
+        if let Some(syncs) = &self.syncs {
+            syncs.lock().unwrap().push(sync);
+        }
         self.inner.write(ops, sync)
     }
 
@@ -697,6 +702,7 @@ async fn open_gated_rocks(
         inner: storage.clone(),
         hold: Arc::clone(hold),
         buffered: None,
+        syncs: None,
     };
     let wal = Wal::with_storage(Arc::new(gate), config).await.unwrap();
     (wal, storage)
@@ -711,6 +717,7 @@ async fn open_gated_mem(
         inner: storage.clone(),
         hold: Arc::clone(hold),
         buffered: None,
+        syncs: None,
     };
     Wal::with_storage(Arc::new(gate), config).await.unwrap()
 }
@@ -825,6 +832,51 @@ proptest! {
     }
 }
 
+/// Acks and applied marks alone are written without a fsync of their own
+/// (advisory; durable with the next synced write); anything with them in
+/// the same group commit, and everything else, is synced.
+#[tokio::test]
+async fn marks_alone_are_written_without_a_fsync() {
+    let storage = Arc::new(ReleaseGate {
+        inner: Arc::new(MemWalStorage::new()),
+        hold: Arc::default(),
+        buffered: None,
+        syncs: Some(Default::default()),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::with_storage(storage.clone(), test_config(dir.path()))
+        .await
+        .unwrap();
+    let synced = |storage: &ReleaseGate| {
+        std::mem::take(&mut *storage.syncs.as_ref().unwrap().lock().unwrap())
+    };
+    let downstream = DownstreamId::new("d").unwrap();
+    wal.register_downstream(P1, downstream.clone())
+        .await
+        .unwrap();
+    wal.append(P1, vec![entry(b"a", 1), entry(b"b", 2)])
+        .await
+        .unwrap();
+    assert!(synced(&storage).iter().all(|sync| *sync));
+    wal.ack(P1, downstream.clone(), LogId(1)).await.unwrap();
+    wal.set_applied(P1, LogId(1)).await.unwrap();
+    assert_eq!(synced(&storage), vec![false, false]);
+    // An append is synced whatever else its commit holds.
+    let (ack, append) = tokio::join!(
+        wal.ack(P1, downstream.clone(), LogId(2)),
+        wal.append(P1, vec![entry(b"c", 3)])
+    );
+    ack.unwrap();
+    append.unwrap();
+    let syncs = synced(&storage);
+    assert!(syncs.contains(&true), "{syncs:?}");
+    // What they say is kept like any write.
+    let positions = wal.positions(P1).unwrap().unwrap();
+    assert_eq!(positions.applied, LogId(1));
+    assert_eq!(positions.acked, vec![(downstream, LogId(2))]);
+    wal.close().await.unwrap();
+}
+
 #[tokio::test]
 async fn appends_stall_while_write_buffers_exceed_twice_the_budget() {
     use std::sync::atomic::Ordering;
@@ -832,6 +884,7 @@ async fn appends_stall_while_write_buffers_exceed_twice_the_budget() {
         inner: Arc::new(MemWalStorage::new()),
         hold: Arc::default(),
         buffered: Some(std::sync::atomic::AtomicU64::new(0)),
+        syncs: None,
     });
     let dir = tempfile::tempdir().unwrap();
     let config = test_config(dir.path());

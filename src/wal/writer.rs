@@ -3,8 +3,9 @@
 //!
 //! In: append / ack / apply / trim / snapshot requests from any number of
 //! tasks. Out: each request resolves once the batch holding it is durable
-//! (fsynced when `sync`), with the ids it was given or a typed error; reads
-//! return durable entries only.
+//! (fsynced when `sync`; a batch of acks and applied marks alone is written
+//! without a fsync of its own, since they are advisory: see `commit`), with
+//! the ids it was given or a typed error; reads return durable entries only.
 //!
 //! The writer is the only task that mutates the storage. It collects requests
 //! until `group-commit-linger` passed or `group-commit-max-bytes` of payload
@@ -1411,6 +1412,15 @@ impl GroupCommitWriter {
         let mut ops = Vec::new();
         let mut answers = Vec::new();
         let mut chunks_stored = false;
+        // Marks alone (acks, applied ids) are advisory: written without a
+        // fsync of their own, they become durable with the next synced
+        // write. One lost in a crash only makes retention keep more, or the
+        // applied mark lag the target's checkpoint, which the applier
+        // corrects (`apply` module doc). An append no longer waits behind
+        // an applier's mark for a second fsync.
+        let marks_only = batch
+            .iter()
+            .all(|(request, _)| matches!(request, Request::Ack { .. } | Request::Apply { .. }));
         // Partitions appended at given ids (a drainer's): their payloads are
         // slices of the batch they arrived in, copied before the tail keeps
         // them so that it does not keep whole batches alive.
@@ -1471,7 +1481,7 @@ impl GroupCommitWriter {
         if !ops.is_empty() {
             self.wait_for_buffer_space().await;
             let storage = Arc::clone(&self.storage);
-            let sync = self.sync;
+            let sync = self.sync && !marks_only;
             let keeps_tail = self.keeps_tail;
             let written = tokio::task::spawn_blocking(move || {
                 let result = storage.write(&ops, sync);
