@@ -4,8 +4,8 @@
 # loopback ports, write sample data to the source, move it to the target
 # continuously through `ferry sync`, and show its status. Everything it starts is stopped on exit.
 #
-# `ferry sync` runs listener and drainer in one process (each with its own
-# RocksDB WAL under a data dir): a full sync first, then the live stream.
+# `ferry sync` runs a listener and its applier in one process (one RocksDB
+# WAL under a data dir): a full sync first, then the live stream.
 # The demo writes data before and while it runs, then shows `ferry status`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
