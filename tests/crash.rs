@@ -588,6 +588,23 @@ fn checkpoint_reader(target: &str, key: &str) -> impl FnMut() -> String {
     }
 }
 
+/// The end of a run under `load`: the load stops, the target catches up,
+/// nothing fatal was logged, the counters are exact and `ferry verify`
+/// finds no difference.
+fn assert_exact_end(
+    what: &str,
+    load: Load,
+    source: &RedisServer,
+    target: &FixedPortRedis,
+    ferry: &FerryProcess,
+) {
+    let report = load.finish();
+    wait_for_fence(&source.addr(), &target.addr(), &[ferry]);
+    assert_no_fatal(ferry);
+    assert_counters(what, &report, &source.addr(), &target.addr());
+    assert_verify_clean(what, &source.url(), &target.url(), || ferry.log_tail(40));
+}
+
 /// Load after the last restart, before the fence.
 const SETTLE: Duration = Duration::from_millis(500);
 
@@ -1486,12 +1503,7 @@ fn empty_target_after_restart_gets_a_fallback_snapshot() {
         caught > 0,
         "no kill landed mid-load: the test proves nothing"
     );
-    let report = load.finish();
-    wait_for_fence(&source.addr(), &target.addr(), &[&ferry]);
-    assert_counters("target reloaded", &report, &source.addr(), &target.addr());
-    assert_verify_clean("target reloaded", &source.url(), &target.url(), || {
-        ferry.log_tail(40)
-    });
+    assert_exact_end("target reloaded", load, &source, &target, &ferry);
 }
 
 /// A target paused for longer than `wal-ttl` while the source keeps
@@ -1530,13 +1542,7 @@ fn a_target_paused_past_wal_ttl_gets_a_fallback_snapshot() {
         "the paused target kept its data: {}",
         ferry.log_tail(40)
     );
-    let report = load.finish();
-    wait_for_fence(&source.addr(), &target.addr(), &[&ferry]);
-    assert_no_fatal(&ferry);
-    assert_counters("after the pause", &report, &source.addr(), &target.addr());
-    assert_verify_clean("after the pause", &source.url(), &target.url(), || {
-        ferry.log_tail(40)
-    });
+    assert_exact_end("after the pause", load, &source, &target, &ferry);
 }
 
 /// `ferry stop-sync` on a `ferry sync` that applies from the listener's
@@ -1614,18 +1620,7 @@ fn a_stopped_sync_past_wal_ttl_restarts_with_a_fallback_snapshot() {
         || ferry.log_since(mark).contains(FALLBACK_TAKEN),
     );
     assert!(ferry.log_since(mark).contains(ASKS_FALLBACK));
-    let report = load.finish();
-    wait_for_fence(&source.addr(), &target.addr(), &[&ferry]);
-    assert_no_fatal(&ferry);
-    assert_counters(
-        "after restart-sync",
-        &report,
-        &source.addr(),
-        &target.addr(),
-    );
-    assert_verify_clean("after restart-sync", &source.url(), &target.url(), || {
-        ferry.log_tail(40)
-    });
+    assert_exact_end("after restart-sync", load, &source, &target, &ferry);
 }
 
 /// A data dir made by a ferry that relayed through a drainer WAL (here:
@@ -1778,14 +1773,7 @@ fn a_full_resync_is_loaded_while_it_is_stored() {
         ferry = start();
     }
     assert!(overlapped > 0, "the load never ran ahead of the transfer");
-    wait_for_fence(&source.addr(), &target.addr(), &[&ferry]);
-    assert_no_fatal(&ferry);
-    let report = load.finish();
-    wait_for_fence(&source.addr(), &target.addr(), &[&ferry]);
-    assert_counters("after the loads", &report, &source.addr(), &target.addr());
-    assert_verify_clean("after the loads", &source.url(), &target.url(), || {
-        ferry.log_tail(40)
-    });
+    assert_exact_end("after the loads", load, &source, &target, &ferry);
 }
 
 /// A target frozen while the applier catches up with big batches (about

@@ -203,7 +203,6 @@ use super::checkpoint::Checkpoint;
 use super::config::ExistingData;
 use super::expire::{self, ExpireGrace};
 use super::keyspace::OwnedKeyspace;
-use super::reader::{spawn_reader, ReaderConfig};
 use super::snapshot::{client_error, feed_chunks, scopeguard, CHUNK_QUEUE};
 use super::status::{RefusedCommand, SnapshotLoadProgress};
 use super::target::Target;
@@ -219,7 +218,6 @@ use crate::redis::rdb::{ParseOptions, RdbEvent, RdbParser};
 use crate::redis::rdb_stream::ChannelReader;
 use crate::redis::resp::Frame;
 use crate::redis::url::RedisUrl;
-use crate::wal::ReadLimits;
 
 const SLOTS: usize = CLUSTER_SLOTS as usize;
 /// No master serves the slot (in the map).
@@ -603,33 +601,7 @@ impl Applier {
         }
         let cancel = self.shutdown.child_token();
         let _stop_reader = cancel.clone().drop_guard();
-        let limits = ReadLimits {
-            max_entries: self.cfg.batch_max_entries,
-            max_bytes: self.cfg.batch_max_bytes.as_usize(),
-        };
-        let (runs, _reader) = spawn_reader(
-            self.wal.clone(),
-            self.partition,
-            resume,
-            marker_first,
-            ReaderConfig {
-                limits,
-                idle_poll: self.cfg.idle_poll.0,
-                direct: self.direct.clone(),
-                status: Arc::clone(&self.status),
-            },
-            cancel,
-        );
-        let mut feed = Feed {
-            runs,
-            pending: Default::default(),
-            expected: resume,
-            marker_first,
-            fallbacks: self.direct.is_some(),
-            skip_marker: None,
-            partition: self.partition,
-            max_pending: self.cfg.batch_max_entries.saturating_mul(2),
-        };
+        let (mut feed, _reader) = self.start_feed(resume, marker_first, cancel);
         self.cluster_loop(&mut cluster, &mut feed, &mut table).await
     }
 

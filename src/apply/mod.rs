@@ -1137,11 +1137,23 @@ impl Applier {
         let cancel = self.shutdown.child_token();
         // Stops the reader whenever this session ends.
         let _stop_reader = cancel.clone().drop_guard();
+        let (mut feed, _reader) = self.start_feed(resume, marker_first, cancel);
+        self.apply_loop(&mut target, &mut feed).await
+    }
+
+    /// Starts this session's WAL reader at `resume` (stopped by `cancel`)
+    /// and the feed that takes its runs.
+    fn start_feed(
+        &self,
+        resume: LogId,
+        marker_first: bool,
+        cancel: CancellationToken,
+    ) -> (Feed, tokio::task::JoinHandle<()>) {
         let limits = ReadLimits {
             max_entries: self.cfg.batch_max_entries,
             max_bytes: self.cfg.batch_max_bytes.as_usize(),
         };
-        let (runs, _reader) = spawn_reader(
+        let (runs, reader) = spawn_reader(
             self.wal.clone(),
             self.partition,
             resume,
@@ -1154,7 +1166,7 @@ impl Applier {
             },
             cancel,
         );
-        let mut feed = Feed {
+        let feed = Feed {
             runs,
             pending: VecDeque::new(),
             expected: resume,
@@ -1164,7 +1176,7 @@ impl Applier {
             partition: self.partition,
             max_pending: self.cfg.batch_max_entries.saturating_mul(2),
         };
-        self.apply_loop(&mut target, &mut feed).await
+        (feed, reader)
     }
 
     /// Compares the target's checkpoint with the WAL's applied mark; returns
