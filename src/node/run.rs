@@ -1621,6 +1621,24 @@ pub async fn run_sync(cfg: SyncConfig, shutdown: CancellationToken) -> Result<()
         ApplyFrom::DrainerWal => true,
         ApplyFrom::Auto => cfg.drainer_wal.dir.exists(),
     };
+    if !relayed && cfg.drainer_wal.dir.exists() {
+        // Switched by `apply-from = "listener-wal"`: the old drainer WAL is
+        // set aside, so that `auto` does not go back to it (its log would
+        // no longer match the target's checkpoint).
+        let aside = cfg
+            .data_dir
+            .join(format!("drainer.unused-{}", now_unix_ms()));
+        std::fs::rename(&cfg.drainer_wal.dir, &aside).map_err(io(format!(
+            "moving {} to {}",
+            cfg.drainer_wal.dir.display(),
+            aside.display()
+        )))?;
+        warn!(
+            from = %cfg.drainer_wal.dir.display(),
+            to = %aside.display(),
+            "apply-from = \"listener-wal\": the drainer WAL of the relayed path is no longer used and was moved aside (delete it once the target has loaded its snapshot)"
+        );
+    }
     if !relayed {
         let listener = start_listeners(
             &cfg.data_dir,
