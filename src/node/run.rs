@@ -943,11 +943,11 @@ impl DrainerPart {
         };
         let fatal = Arc::clone(&self.fatal);
         let wal = self.wal.clone();
-        tokio::spawn(async move {
+        let applier = async move {
             if let Some(earlier) = earlier {
                 let _ = earlier.await;
             }
-            let result = match snapshots {
+            match snapshots {
                 Some(snapshots) => {
                     // A shipper of the relayed path (`apply-from` changed)
                     // no longer holds back the listener's retention.
@@ -966,9 +966,17 @@ impl DrainerPart {
                 None => apply::run(cfg, wal, status, cancel)
                     .await
                     .map_err(NodeError::from),
-            };
-            if let Err(error) = result {
-                fatal.raise(format!("applier of partition {partition}: {error}"));
+            }
+        };
+        // Its own task, so that a panic is seen here and stops the node.
+        let task = tokio::spawn(applier);
+        tokio::spawn(async move {
+            match task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => fatal.raise(format!("applier of partition {partition}: {error}")),
+                Err(error) => fatal.raise(format!(
+                    "applier of partition {partition} panicked: {error}"
+                )),
             }
         })
     }
