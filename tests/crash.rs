@@ -605,6 +605,27 @@ fn assert_exact_end(
     assert_verify_clean(what, &source.url(), &target.url(), || ferry.log_tail(40));
 }
 
+/// A source with 2000 keys under the write load, and an empty target.
+fn servers_under_load() -> (RedisServer, FixedPortRedis, Load) {
+    let source = RedisServer::start(SOURCE_ARGS);
+    let target = FixedPortRedis::start(&[]);
+    source.cmd(&["DEBUG", "POPULATE", "2000", "pre", "100"]);
+    let load = Load::start(&source.addr());
+    (source, target, load)
+}
+
+/// `ferry sync` whose applied entries leave the WAL 200 ms after they were
+/// applied and whose unapplied ones expire after 2 s (`wal-ttl`).
+fn short_ttl_sync(dir: &Path, source: &RedisServer, target: &FixedPortRedis) -> FerryProcess {
+    sync_with_config(
+        dir,
+        source,
+        target,
+        "retain-applied = \"200ms\"",
+        "wal-ttl = \"2s\"\nretention-interval = \"200ms\"",
+    )
+}
+
 /// Load after the last restart, before the fence.
 const SETTLE: Duration = Duration::from_millis(500);
 
@@ -1513,18 +1534,9 @@ fn empty_target_after_restart_gets_a_fallback_snapshot() {
 /// counters come out exact.
 #[test]
 fn a_target_paused_past_wal_ttl_gets_a_fallback_snapshot() {
-    let source = RedisServer::start(SOURCE_ARGS);
-    let target = FixedPortRedis::start(&[]);
-    source.cmd(&["DEBUG", "POPULATE", "2000", "pre", "100"]);
-    let load = Load::start(&source.addr());
+    let (source, target, load) = servers_under_load();
     let dir = tempfile::tempdir().unwrap();
-    let ferry = sync_with_config(
-        dir.path(),
-        &source,
-        &target,
-        "retain-applied = \"200ms\"",
-        "wal-ttl = \"2s\"\nretention-interval = \"200ms\"",
-    );
+    let ferry = short_ttl_sync(dir.path(), &source, &target);
     wait_first_snapshot_stored(&ferry);
     wait_for_fence(&source.addr(), &target.addr(), &[&ferry]);
     let mark = ferry.log_len();
@@ -1552,20 +1564,9 @@ fn a_target_paused_past_wal_ttl_gets_a_fallback_snapshot() {
 /// needs are gone and a fallback snapshot replaces them. Counters exact.
 #[test]
 fn a_stopped_sync_past_wal_ttl_restarts_with_a_fallback_snapshot() {
-    let source = RedisServer::start(SOURCE_ARGS);
-    let target = FixedPortRedis::start(&[]);
-    source.cmd(&["DEBUG", "POPULATE", "2000", "pre", "100"]);
-    let load = Load::start(&source.addr());
+    let (source, target, load) = servers_under_load();
     let dir = tempfile::tempdir().unwrap();
-    let start = || {
-        sync_with_config(
-            dir.path(),
-            &source,
-            &target,
-            "retain-applied = \"200ms\"",
-            "wal-ttl = \"2s\"\nretention-interval = \"200ms\"",
-        )
-    };
+    let start = || short_ttl_sync(dir.path(), &source, &target);
     let mut ferry = start();
     wait_first_snapshot_stored(&ferry);
     wait_for_fence(&source.addr(), &target.addr(), &[&ferry]);
