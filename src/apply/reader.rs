@@ -116,18 +116,19 @@ fn read_run(
     if !direct {
         return Ok(Run::Entries(run));
     }
-    Ok(direct_checks(wal, partition, from, run, marker_first))
+    direct_checks(wal, partition, from, run, marker_first)
 }
 
 /// (Direct reads) where `run`, read from `from`, needs a fallback snapshot
-/// (module doc). Blocking: reads the first chunk of any marker in it.
+/// (module doc). Blocking: reads the first chunk of any marker in it (a
+/// failing read is the WAL's error, not a reason for a snapshot).
 fn direct_checks(
     wal: &Wal,
     partition: PartitionId,
     from: LogId,
     run: Vec<Pending>,
     marker_first: bool,
-) -> Run {
+) -> Result<Run, ApplyError> {
     let first_is_marker = run
         .first()
         .is_some_and(|p| matches!(p.record, Record::Snapshot(_)));
@@ -137,15 +138,20 @@ fn direct_checks(
             log_id = %from,
             "the target's checkpoint says a snapshot is loading at an entry that is not a snapshot marker in the log (a fallback snapshot was loading); asking the listener for a fallback snapshot"
         );
-        return Run::Fallback {
+        return Ok(Run::Fallback {
             entries: Vec::new(),
             at: from,
-        };
+        });
     }
-    let unloadable = run.iter().position(|p| match &p.record {
-        Record::Snapshot(marker) => !matches!(chunks_stored(wal, partition, marker), Ok(true)),
-        _ => false,
-    });
+    let mut unloadable = None;
+    for (index, pending) in run.iter().enumerate() {
+        if let Record::Snapshot(marker) = &pending.record {
+            if !chunks_stored(wal, partition, marker)? {
+                unloadable = Some(index);
+                break;
+            }
+        }
+    }
     match unloadable {
         Some(index) => {
             let at = run[index].log_id;
@@ -156,9 +162,9 @@ fn direct_checks(
             );
             let mut entries = run;
             entries.truncate(index);
-            Run::Fallback { entries, at }
+            Ok(Run::Fallback { entries, at })
         }
-        None => Run::Entries(run),
+        None => Ok(Run::Entries(run)),
     }
 }
 
@@ -344,18 +350,18 @@ pub(crate) fn spawn_reader(
             let at = next;
             let check = move |run: Vec<Pending>| match is_direct {
                 true => direct_checks(&read_wal, partition, at, run, marker_first),
-                false => Run::Entries(run),
+                false => Ok(Run::Entries(run)),
             };
             let run = match cached {
                 Some(entries) if entries.len() <= INLINE_DECODE_ENTRIES && !is_direct => {
-                    decode_run(partition, entries).map(check)
+                    decode_run(partition, entries).and_then(check)
                 }
-                Some(entries) => {
-                    tokio::task::spawn_blocking(move || decode_run(partition, entries).map(check))
-                        .await
-                        .map_err(join_error)
-                        .and_then(|run| run)
-                }
+                Some(entries) => tokio::task::spawn_blocking(move || {
+                    decode_run(partition, entries).and_then(check)
+                })
+                .await
+                .map_err(join_error)
+                .and_then(|run| run),
                 None => {
                     let read_wal = wal.clone();
                     tokio::task::spawn_blocking(move || {
@@ -405,7 +411,30 @@ pub(crate) fn spawn_reader(
                 _ = cancel.cancelled() => return,
                 taken = provider.fallback_snapshot(partition) => taken,
             };
-            let run = match taken {
+            let last = wal
+                .last_log_id(partition)
+                .ok()
+                .flatten()
+                .unwrap_or(LogId::ZERO);
+            let run = match taken
+                .map_err(|error| error.to_string())
+                .and_then(|fallback| {
+                    // What the applier will load at `marker_log_id` must be a
+                    // whole stored epoch at an id of this log.
+                    let marker = &fallback.marker;
+                    let fits = marker.epoch == fallback.epoch
+                        && marker.chunks > 0
+                        && fallback.marker_log_id > LogId::ZERO
+                        && fallback.marker_log_id <= last;
+                    match fits {
+                        true => Ok(fallback),
+                        false => Err(format!(
+                        "the listener returned epoch {} with a marker of epoch {} and {} chunks \
+                         at log id {} (the log ends at {last})",
+                        fallback.epoch, marker.epoch, marker.chunks, fallback.marker_log_id
+                    )),
+                    }
+                }) {
                 Ok(fallback) => {
                     info!(
                         partition = %partition,
@@ -423,10 +452,7 @@ pub(crate) fn spawn_reader(
                         record: Record::Snapshot(fallback.marker),
                     }])
                 }
-                Err(error) => Err(ApplyError::Fallback {
-                    partition,
-                    error: error.to_string(),
-                }),
+                Err(error) => Err(ApplyError::Fallback { partition, error }),
             };
             let failed = run.is_err();
             tokio::select! {
@@ -440,4 +466,154 @@ pub(crate) fn spawn_reader(
         }
     });
     (run_rx, task)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use futures::future::BoxFuture;
+
+    use super::*;
+    use crate::position::ReplOffset;
+    use crate::record::WriteRecord;
+    use crate::redis::command::Command;
+    use crate::ship::{FallbackSnapshot, SnapshotProviderError};
+    use crate::wal::{MemWalStorage, NewEntry, SourcePosition, WalConfig};
+
+    const P: PartitionId = PartitionId(0);
+
+    /// Hands out the fallback snapshots it is given, counting the asks.
+    struct Provider {
+        answer: Mutex<Option<FallbackSnapshot>>,
+        asked: Mutex<u32>,
+    }
+
+    impl SnapshotProvider for Provider {
+        fn fallback_snapshot(
+            &self,
+            _partition: PartitionId,
+        ) -> BoxFuture<'_, Result<FallbackSnapshot, SnapshotProviderError>> {
+            *self.asked.lock().unwrap() += 1;
+            let answer = self.answer.lock().unwrap().clone();
+            Box::pin(async move { answer.ok_or_else(|| "source unreachable".into()) })
+        }
+    }
+
+    fn fallback(marker_log_id: u64, epoch: u64, marker_epoch: u64) -> FallbackSnapshot {
+        FallbackSnapshot {
+            epoch,
+            marker: SnapshotMarker {
+                epoch: marker_epoch,
+                rdb_bytes: 10,
+                chunks: 1,
+                replid: "r".repeat(40),
+                offset: 7,
+                scope: None,
+                tenures: Vec::new(),
+                handoffs: Vec::new(),
+            },
+            marker_log_id: LogId(marker_log_id),
+        }
+    }
+
+    /// A WAL holding three writes.
+    async fn wal_of_three(dir: &std::path::Path) -> Wal {
+        let wal = Wal::with_storage(Arc::new(MemWalStorage::new()), WalConfig::with_dir(dir))
+            .await
+            .unwrap();
+        let entries = (1..=3)
+            .map(|i| {
+                let record = Record::Write(WriteRecord {
+                    db: 0,
+                    commands: vec![Command::from_parts(["SET", "k", "v"])],
+                    transaction: false,
+                    streamed: Vec::new(),
+                    tenure: None,
+                });
+                let source = SourcePosition {
+                    replid: "r".repeat(40),
+                    offset: ReplOffset(i),
+                    db: 0,
+                };
+                NewEntry::new(source, record.encode())
+            })
+            .collect();
+        wal.append(P, entries).await.unwrap();
+        wal
+    }
+
+    fn read_from_one(
+        wal: &Wal,
+        provider: &Arc<Provider>,
+        status: &Arc<super::super::ApplyStatus>,
+    ) -> (mpsc::Receiver<ReadResult>, CancellationToken) {
+        let cancel = CancellationToken::new();
+        let direct: Arc<dyn SnapshotProvider> = Arc::clone(provider) as Arc<dyn SnapshotProvider>;
+        let cfg = ReaderConfig {
+            limits: ReadLimits {
+                max_entries: 100,
+                max_bytes: 1 << 20,
+            },
+            idle_poll: Duration::from_millis(50),
+            direct: Some(direct),
+            status: Arc::clone(status),
+        };
+        // The target says a snapshot is loading at 1, which is a write: a
+        // fallback that was loading (module doc).
+        let (runs, _task) = spawn_reader(wal.clone(), P, LogId(1), true, cfg, cancel.clone());
+        (runs, cancel)
+    }
+
+    #[tokio::test]
+    async fn a_loading_checkpoint_without_its_marker_gets_a_checked_fallback() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = wal_of_three(dir.path()).await;
+        let status = Arc::new(super::super::ApplyStatus::new(P));
+
+        // A fallback consistent with the log at 2: its marker, then 3.
+        let provider = Arc::new(Provider {
+            answer: Mutex::new(Some(fallback(2, 7, 7))),
+            asked: Mutex::new(0),
+        });
+        let (mut runs, cancel) = read_from_one(&wal, &provider, &status);
+        let first = runs.recv().await.unwrap().unwrap();
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].log_id, LogId(2));
+        assert!(matches!(&first[0].record, Record::Snapshot(m) if m.epoch == 7));
+        let next = runs.recv().await.unwrap().unwrap();
+        assert_eq!(
+            next.iter().map(|p| p.log_id).collect::<Vec<_>>(),
+            vec![LogId(3)]
+        );
+        assert_eq!(*provider.asked.lock().unwrap(), 1);
+        assert_eq!(status.snapshot().fallback_snapshots, 1);
+        cancel.cancel();
+
+        // What the listener hands out is checked: a marker past the log's
+        // end, or of another epoch than the one stored, is a retried error.
+        for (bad, why) in [
+            (fallback(9, 7, 7), "log ends at 3"),
+            (fallback(2, 7, 6), "epoch 7"),
+        ] {
+            *provider.answer.lock().unwrap() = Some(bad);
+            let (mut runs, cancel) = read_from_one(&wal, &provider, &status);
+            match runs.recv().await.unwrap() {
+                Err(error @ ApplyError::Fallback { .. }) => {
+                    assert!(!error.is_fatal());
+                    assert!(error.to_string().contains(why), "{error}");
+                }
+                other => panic!("{other:?}"),
+            }
+            cancel.cancel();
+        }
+        // A provider that cannot take one: the same retried error.
+        *provider.answer.lock().unwrap() = None;
+        let (mut runs, cancel) = read_from_one(&wal, &provider, &status);
+        let error = runs.recv().await.unwrap().unwrap_err();
+        assert!(error.to_string().contains("source unreachable"), "{error}");
+        cancel.cancel();
+        assert_eq!(status.snapshot().fallback_snapshots, 1);
+        wal.close().await.unwrap();
+    }
 }

@@ -331,22 +331,27 @@ async fn preload_marker(
 ) -> Result<Option<Record>, String> {
     let wal = wal.clone();
     tokio::task::spawn_blocking(move || {
-        if wal.last_log_id(partition)?.unwrap_or(LogId::ZERO) < log_id {
+        let last = wal.last_log_id(partition).map_err(|e| e.to_string())?;
+        if last.unwrap_or(LogId::ZERO) < log_id {
             return Ok(None);
         }
         let one = ReadLimits {
             max_entries: 1,
             max_bytes: 1,
         };
-        let entries = wal.read(partition, log_id, one)?;
-        Ok(entries
-            .into_iter()
-            .find(|entry| entry.log_id == log_id)
-            .and_then(|entry| Record::decode(&entry.payload, RecordLimits::default()).ok()))
+        let entries = wal
+            .read(partition, log_id, one)
+            .map_err(|e| e.to_string())?;
+        match entries.into_iter().find(|entry| entry.log_id == log_id) {
+            Some(entry) => Record::decode(&entry.payload, RecordLimits::default())
+                .map(Some)
+                .map_err(|error| format!("entry {log_id} does not decode: {error}")),
+            None => Ok(None),
+        }
     })
     .await
     .map_err(|error| format!("reading entry {log_id}: {error}"))?
-    .map_err(|error: crate::wal::WalError| format!("reading entry {log_id}: {error}"))
+    .map_err(|error: String| format!("reading entry {log_id}: {error}"))
 }
 
 /// The producer thread: parses the RDB from `chunk_rx`, rebuilds commands,
