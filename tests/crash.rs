@@ -332,8 +332,15 @@ fn wait_for_fence(source: &str, target: &str, processes: &[&FerryProcess]) {
             let Some(conn) = target_conn.as_mut() else {
                 return false;
             };
-            match conn.call(&["GET", "crash:fence"]) {
-                Ok(reply) => reply.text().as_deref() == Some(fence.as_str()),
+            // The fence can also arrive inside a snapshot (a fallback taken
+            // after it was written), whose other keys may still be loading:
+            // then only a checkpoint past `loading=` says all of it is there.
+            let seen = conn
+                .call(&["GET", "crash:fence"])
+                .map(|reply| reply.text().as_deref() == Some(fence.as_str()))
+                .and_then(|seen| Ok(seen && !loading(conn)?));
+            match seen {
+                Ok(seen) => seen,
                 Err(_) => {
                     target_conn = None;
                     false
@@ -341,6 +348,22 @@ fn wait_for_fence(source: &str, target: &str, processes: &[&FerryProcess]) {
             }
         },
     );
+}
+
+/// Whether a ferry checkpoint on the target says a snapshot is loading.
+fn loading(conn: &mut Conn) -> std::io::Result<bool> {
+    let keys = conn.call(&["KEYS", "__ferry:checkpoint:*"])?;
+    for key in keys.items() {
+        let Some(key) = key.text() else { continue };
+        if conn
+            .call(&["GET", &key])?
+            .text()
+            .is_some_and(|value| value.contains("loading="))
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// Differences between source and target in every db (type, digest, TTL,
