@@ -331,15 +331,28 @@ fn raw_db(dir: &Path) -> rocksdb::DB {
     rocksdb::DB::open_cf(&options, dir, names).unwrap()
 }
 
+/// Appends entries 1..=count, one append each: each is stored as a block
+/// of its own (a log value per entry).
 fn append_some(dir: &Path, partition: u32, count: u64) {
+    append_blocks(dir, partition, count, 1);
+}
+
+/// Appends entries 1..=count, `per_append` per append (a block each).
+fn append_blocks(dir: &Path, partition: u32, count: u64, per_append: u64) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     runtime.block_on(async {
         let wal = Wal::open(config(dir)).await.unwrap();
-        let entries = (1..=count).map(|id| new_entry(0, partition, id)).collect();
-        wal.append(PartitionId(partition), entries).await.unwrap();
+        let ids: Vec<u64> = (1..=count).collect();
+        for chunk in ids.chunks(per_append as usize) {
+            let entries = chunk
+                .iter()
+                .map(|id| new_entry(0, partition, *id))
+                .collect();
+            wal.append(PartitionId(partition), entries).await.unwrap();
+        }
         wal.close().await.unwrap();
     });
 }
@@ -384,6 +397,44 @@ fn a_flipped_byte_is_reported_as_corrupt_with_partition_and_log_id() {
     }
     // Entries after the corrupt one are still readable.
     assert_eq!(open_and_read(dir.path(), 7, 4).unwrap(), 2);
+}
+
+/// A flipped byte in a block of entries is reported under the block's first
+/// id for a read of any entry it holds; the blocks around it stay readable.
+#[test]
+fn a_flipped_byte_in_a_block_is_corrupt_for_each_of_its_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    append_blocks(dir.path(), 7, 15, 5);
+    {
+        let db = raw_db(dir.path());
+        let cf = db.cf_handle("p7.log").unwrap();
+        let key = 6u64.to_be_bytes();
+        let mut value = db.get_cf(cf, key).unwrap().unwrap();
+        let middle = value.len() / 2;
+        value[middle] ^= 0x01;
+        db.put_cf(cf, key, value).unwrap();
+    }
+    for from in 6..=10 {
+        match open_and_read(dir.path(), 7, from) {
+            Err(WalError::Corrupt {
+                partition,
+                log_id,
+                what,
+            }) => {
+                assert_eq!((partition, log_id), (PartitionId(7), LogId(6)));
+                assert!(what.contains("checksum"), "{what}");
+            }
+            other => panic!("from {from}: expected Corrupt, got {other:?}"),
+        }
+    }
+    assert_eq!(open_and_read(dir.path(), 7, 11).unwrap(), 5);
+    assert!(matches!(
+        open_and_read(dir.path(), 7, 1),
+        Err(WalError::Corrupt {
+            log_id: LogId(6),
+            ..
+        })
+    ));
 }
 
 #[test]

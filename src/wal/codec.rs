@@ -91,6 +91,11 @@ fn seal(key: &[u8], mut value: Vec<u8>) -> Vec<u8> {
 
 /// Checks version and checksum; returns the body between them.
 fn unseal<'a>(key: &[u8], value: &'a [u8]) -> Result<&'a [u8], String> {
+    unseal_version(key, value, FORMAT_VERSION)
+}
+
+/// [`unseal`] of a value of format `version`.
+fn unseal_version<'a>(key: &[u8], value: &'a [u8], version: u8) -> Result<&'a [u8], String> {
     if value.len() < 1 + CRC_LEN {
         return Err(format!("value of {} bytes is too short", value.len()));
     }
@@ -102,7 +107,7 @@ fn unseal<'a>(key: &[u8], value: &'a [u8]) -> Result<&'a [u8], String> {
             "checksum mismatch (stored {stored:#010x}, computed {computed:#010x})"
         ));
     }
-    if sealed[0] != FORMAT_VERSION {
+    if sealed[0] != version {
         return Err(format!("unknown format version {}", sealed[0]));
     }
     Ok(&sealed[1..])
@@ -191,38 +196,172 @@ fn get_source(cursor: &mut Cursor<'_>) -> Result<SourcePosition, String> {
     Ok(SourcePosition { replid, offset, db })
 }
 
-/// Encodes an entry value (layout in `wal/mod.rs`).
-pub fn encode_entry(entry: &WalEntry) -> Vec<u8> {
-    let mut out = Vec::with_capacity(
-        ENTRY_FIXED_LEN + entry.source.replid.len() + 4 + entry.payload.len() + CRC_LEN,
-    );
-    encode_entry_into(entry, &mut out);
-    out
+/// Version byte of a log value holding a block of entries (`wal/mod.rs`,
+/// "On-disk format"): every log value written now. A value of version 1 is
+/// one entry, as data dirs written before blocks hold them.
+pub const BLOCK_VERSION: u8 = 2;
+/// Entries a block holds at most.
+pub const BLOCK_MAX_ENTRIES: usize = 128;
+/// Payload bytes after which a block takes no further entry (an entry as
+/// large or larger is a block of its own).
+pub const BLOCK_MAX_BYTES: usize = 32 << 10;
+/// Replid length byte of an entry whose replid is that of the entry before
+/// it in its block (replids are at most [`MAX_REPLID_LEN`] bytes).
+const SAME_REPLID: u8 = 0xff;
+/// Fixed part of a block before its entries: version, entry count.
+const BLOCK_HEADER_LEN: usize = 1 + 4;
+
+/// Whether a block of `count` entries with `payload_bytes` of payload, the
+/// last of them `last`, takes `next` too: same partition's next id, within
+/// [`BLOCK_MAX_ENTRIES`] and [`BLOCK_MAX_BYTES`].
+pub fn block_takes(count: usize, payload_bytes: usize, last: LogId, next: &WalEntry) -> bool {
+    count < BLOCK_MAX_ENTRIES && payload_bytes < BLOCK_MAX_BYTES && last.next() == next.log_id
 }
 
-/// Encodes an entry value into `out` (cleared first), so that a writer can
-/// reuse one buffer for a whole batch.
-pub fn encode_entry_into(entry: &WalEntry, out: &mut Vec<u8>) {
+/// Encodes a block of entries with consecutive ids, stored under the first
+/// one's id, into `out` (cleared first, so that a writer reuses one
+/// buffer). `entries` must not be empty.
+pub fn encode_block_into<'a>(entries: impl IntoIterator<Item = &'a WalEntry>, out: &mut Vec<u8>) {
     out.clear();
-    out.push(FORMAT_VERSION);
-    out.extend_from_slice(&entry.flags.to_be_bytes());
-    out.extend_from_slice(&entry.created_unix_ms.to_be_bytes());
-    out.extend_from_slice(&entry.bytes_end.to_be_bytes());
-    put_source(out, &entry.source);
-    // Payload length is bounded by MAX_PAYLOAD_LEN (< 4GiB) at append.
-    out.extend_from_slice(&(entry.payload.len() as u32).to_be_bytes());
-    out.extend_from_slice(&entry.payload);
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&log_key(entry.log_id)), out);
+    out.push(BLOCK_VERSION);
+    out.extend_from_slice(&[0; 4]);
+    let mut first = None;
+    let mut count: u32 = 0;
+    let mut replid: Option<&str> = None;
+    for entry in entries {
+        first.get_or_insert(entry.log_id);
+        count += 1;
+        out.extend_from_slice(&entry.flags.to_be_bytes());
+        out.extend_from_slice(&entry.created_unix_ms.to_be_bytes());
+        out.extend_from_slice(&entry.bytes_end.to_be_bytes());
+        out.extend_from_slice(&entry.source.offset.0.to_be_bytes());
+        out.extend_from_slice(&entry.source.db.to_be_bytes());
+        if replid == Some(entry.source.replid.as_str()) {
+            out.push(SAME_REPLID);
+        } else {
+            // Callers validate the length against MAX_REPLID_LEN (< 255).
+            out.push(entry.source.replid.len() as u8);
+            out.extend_from_slice(entry.source.replid.as_bytes());
+            replid = Some(entry.source.replid.as_str());
+        }
+        // Payload length is bounded by MAX_PAYLOAD_LEN (< 4GiB) at append.
+        out.extend_from_slice(&(entry.payload.len() as u32).to_be_bytes());
+        out.extend_from_slice(&entry.payload);
+    }
+    out[1..BLOCK_HEADER_LEN].copy_from_slice(&count.to_be_bytes());
+    let key = log_key(first.unwrap_or(LogId::ZERO));
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&key), out);
     out.extend_from_slice(&crc.to_be_bytes());
 }
 
-/// The stored size of an entry, as [`encode_entry`] would produce it.
+/// The stored size an entry is accounted for (`bytes_end`, size caps): its
+/// size as a value of its own (format 1), whatever block holds it.
 pub fn encoded_entry_len(replid_len: usize, payload_len: usize) -> u64 {
     (ENTRY_FIXED_LEN + replid_len + 4 + payload_len + CRC_LEN) as u64
 }
 
+/// The id of the last entry of the log value stored under `first`, read
+/// from its header without checking it (`None` if the header is not one):
+/// for trims, which keep a block while any of its entries is live.
+pub fn value_last_id(first: LogId, value: &[u8]) -> Option<LogId> {
+    match value.first()? {
+        1 => Some(first),
+        &BLOCK_VERSION => {
+            let count = u32::from_be_bytes(value.get(1..BLOCK_HEADER_LEN)?.try_into().ok()?);
+            let more = u64::from(count.checked_sub(1)?);
+            Some(LogId(first.0.checked_add(more)?))
+        }
+        _ => None,
+    }
+}
+
+/// Decodes and checks the log value stored under `first`: a block of
+/// entries, or a single entry (format 1). Calls `visit` with each entry in
+/// id order (its payload empty, and where the payload lies in `value`)
+/// until it returns false. Readers copy many payloads into one buffer.
+pub fn decode_log_value(
+    first: LogId,
+    value: &[u8],
+    mut visit: impl FnMut(WalEntry, std::ops::Range<usize>) -> bool,
+) -> Result<(), String> {
+    if value.first() != Some(&BLOCK_VERSION) {
+        let (entry, payload) = decode_entry_header(first, value)?;
+        visit(entry, payload);
+        return Ok(());
+    }
+    let body = unseal_version(&log_key(first), value, BLOCK_VERSION)?;
+    let mut cursor = Cursor::new(body);
+    let count = cursor.u32("block entry count")?;
+    if count == 0 {
+        return Err("block of 0 entries".to_string());
+    }
+    if first.0.checked_add(u64::from(count) - 1).is_none() {
+        return Err(format!("block of {count} entries overflows the log ids"));
+    }
+    let mut replid: Option<String> = None;
+    for index in 0..u64::from(count) {
+        let flags = cursor.u16("flags")?;
+        let created_unix_ms = cursor.u64("creation time")?;
+        let bytes_end = cursor.u64("cumulative size")?;
+        let offset = ReplOffset(cursor.u64("source offset")?);
+        let db = cursor.u32("source db")?;
+        let replid = match cursor.u8("replid length")? {
+            SAME_REPLID => replid
+                .clone()
+                .ok_or_else(|| format!("entry {index} of the block repeats a replid before any"))?,
+            len => {
+                let len = usize::from(len);
+                if len > MAX_REPLID_LEN {
+                    return Err(format!("replid length {len} exceeds {MAX_REPLID_LEN}"));
+                }
+                let own = std::str::from_utf8(cursor.take(len, "replid")?)
+                    .map_err(|_| "replid is not utf-8".to_string())?
+                    .to_string();
+                replid = Some(own.clone());
+                own
+            }
+        };
+        let payload_len = cursor.u32("payload length")? as usize;
+        // The body starts after the version byte.
+        let start = 1 + cursor.offset;
+        cursor.take(payload_len, "payload")?;
+        let entry = WalEntry {
+            log_id: LogId(first.0 + index),
+            flags,
+            created_unix_ms,
+            bytes_end,
+            stored_len: encoded_entry_len(replid.len(), payload_len),
+            source: SourcePosition { replid, offset, db },
+            payload: Bytes::new(),
+        };
+        if !visit(entry, start..start + payload_len) {
+            return Ok(());
+        }
+    }
+    cursor.finish("block")
+}
+
+/// Encodes an entry as a value of its own (format 1, what data dirs
+/// written before blocks hold; tests of reading them).
+#[cfg(test)]
+pub fn encode_entry(entry: &WalEntry) -> Vec<u8> {
+    let mut out = Vec::with_capacity(
+        ENTRY_FIXED_LEN + entry.source.replid.len() + 4 + entry.payload.len() + CRC_LEN,
+    );
+    out.push(FORMAT_VERSION);
+    out.extend_from_slice(&entry.flags.to_be_bytes());
+    out.extend_from_slice(&entry.created_unix_ms.to_be_bytes());
+    out.extend_from_slice(&entry.bytes_end.to_be_bytes());
+    put_source(&mut out, &entry.source);
+    out.extend_from_slice(&(entry.payload.len() as u32).to_be_bytes());
+    out.extend_from_slice(&entry.payload);
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&log_key(entry.log_id)), &out);
+    out.extend_from_slice(&crc.to_be_bytes());
+    out
+}
+
 /// Decodes an entry value stored under `log_id` (tests; readers use
-/// [`decode_entry_header`]).
+/// [`decode_log_value`]).
 #[cfg(test)]
 pub fn decode_entry(log_id: LogId, value: &[u8]) -> Result<WalEntry, String> {
     let (mut entry, payload) = decode_entry_header(log_id, value)?;
@@ -230,10 +369,10 @@ pub fn decode_entry(log_id: LogId, value: &[u8]) -> Result<WalEntry, String> {
     Ok(entry)
 }
 
-/// Decodes and checks an entry value stored under `log_id` except for
-/// copying its payload: returns the entry with an empty payload and where
-/// the payload lies in `value` (readers copy many payloads into one buffer).
-pub fn decode_entry_header(
+/// Decodes and checks a single-entry value (format 1) stored under
+/// `log_id` except for copying its payload: returns the entry with an empty
+/// payload and where the payload lies in `value`.
+fn decode_entry_header(
     log_id: LogId,
     value: &[u8],
 ) -> Result<(WalEntry, std::ops::Range<usize>), String> {
@@ -457,6 +596,87 @@ mod tests {
         for len in 0..value.len() {
             assert!(decode_entry(LogId(42), &value[..len]).is_err());
         }
+    }
+
+    /// Three entries with consecutive ids, the last with another replid.
+    fn sample_block() -> Vec<WalEntry> {
+        let mut entries = vec![sample_entry(), sample_entry(), sample_entry()];
+        entries[2].source.replid = "other".to_string();
+        for (index, entry) in entries.iter_mut().enumerate() {
+            entry.log_id = LogId(42 + index as u64);
+            entry.payload = Bytes::from(vec![index as u8; index * 3]);
+            entry.stored_len = encoded_entry_len(entry.source.replid.len(), entry.payload.len());
+        }
+        entries
+    }
+
+    fn decode_block(first: LogId, value: &[u8]) -> Result<Vec<WalEntry>, String> {
+        let mut entries = Vec::new();
+        decode_log_value(first, value, |mut entry, payload| {
+            entry.payload = Bytes::copy_from_slice(&value[payload]);
+            entries.push(entry);
+            true
+        })?;
+        Ok(entries)
+    }
+
+    #[test]
+    fn blocks_round_trip_and_name_their_last_id() {
+        let entries = sample_block();
+        let mut value = Vec::new();
+        encode_block_into(&entries, &mut value);
+        assert_eq!(decode_block(LogId(42), &value).unwrap(), entries);
+        assert_eq!(value_last_id(LogId(42), &value), Some(LogId(44)));
+        // The replid of the second entry is stored once, for both.
+        let replids = value
+            .windows(entries[0].source.replid.len())
+            .filter(|w| *w == entries[0].source.replid.as_bytes())
+            .count();
+        assert_eq!(replids, 1);
+        // A single entry of format 1 decodes through the same call.
+        let single = encode_entry(&entries[0]);
+        assert_eq!(value_last_id(LogId(42), &single), Some(LogId(42)));
+        let back = decode_block(LogId(42), &single).unwrap();
+        assert_eq!(
+            back,
+            vec![WalEntry {
+                stored_len: single.len() as u64,
+                ..entries[0].clone()
+            }]
+        );
+        // A visitor that stops early gets no more entries.
+        let mut seen = 0;
+        decode_log_value(LogId(42), &value, |_, _| {
+            seen += 1;
+            false
+        })
+        .unwrap();
+        assert_eq!(seen, 1);
+    }
+
+    #[test]
+    fn damaged_blocks_are_errors_not_panics() {
+        let mut value = Vec::new();
+        encode_block_into(&sample_block(), &mut value);
+        for index in 0..value.len() {
+            let mut bad = value.clone();
+            bad[index] ^= 0x40;
+            assert!(decode_block(LogId(42), &bad).is_err(), "flip at {index}");
+        }
+        for len in 0..value.len() {
+            assert!(
+                decode_block(LogId(42), &value[..len]).is_err(),
+                "cut at {len}"
+            );
+        }
+        let err = decode_block(LogId(43), &value).unwrap_err();
+        assert!(err.contains("checksum"), "{err}");
+        assert_eq!(value_last_id(LogId(42), &[]), None);
+        assert_eq!(value_last_id(LogId(42), &[BLOCK_VERSION, 0, 0, 0, 0]), None);
+        assert_eq!(
+            value_last_id(LogId(u64::MAX), &[BLOCK_VERSION, 0, 0, 0, 2]),
+            None
+        );
     }
 
     #[test]

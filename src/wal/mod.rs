@@ -37,28 +37,44 @@
 //! holds likewise. Acks and applied marks never move backwards (a stale one is
 //! a no-op). Readers only ever see durable entries.
 //!
-//! # On-disk format (format version 1)
+//! # On-disk format
 //!
 //! One RocksDB instance per data dir. Column families:
 //!
-//! - `p<id>.log` (one per partition, `<id>` decimal): key = LogId as 8 bytes
-//!   big-endian (so RocksDB's bytewise order is log order); value:
+//! - `p<id>.log` (one per partition, `<id>` decimal): blocks of entries. A
+//!   run of one partition's consecutive entries in one write batch is stored
+//!   as blocks of at most 128 entries (a block takes no further entry once
+//!   its payloads reach 32 KiB), each under the id of its first entry as 8
+//!   bytes big-endian (so RocksDB's bytewise order is log order); value:
 //!
 //!   ```text
-//!   u8  version (1)
-//!   u16 flags            caller-defined, stored and returned untouched
-//!   u64 created_unix_ms  creation time, non-decreasing within a partition
-//!   u64 bytes_end        cumulative stored bytes of the partition's log
-//!                        including this entry (size accounting without scans)
-//!   u64 source offset    replication offset after this entry
-//!   u32 source db        selected db at this entry
-//!   u8  replid length (<= 64), then the replid bytes (utf-8)
-//!   u32 payload length, then the payload (opaque to the WAL)
+//!   u8  version (2)
+//!   u32 count            entries in the block (>= 1), ids key..key+count-1
+//!   per entry:
+//!     u16 flags            caller-defined, stored and returned untouched
+//!     u64 created_unix_ms  creation time, non-decreasing within a partition
+//!     u64 bytes_end        cumulative accounted bytes of the partition's log
+//!                          including this entry (size accounting without scans)
+//!     u64 source offset    replication offset after this entry
+//!     u32 source db        selected db at this entry
+//!     u8  replid length (<= 64), then the replid bytes (utf-8); or 0xff:
+//!         the replid of the entry before it in the block
+//!     u32 payload length, then the payload (opaque to the WAL)
 //!   u32 crc32c over (key ++ everything above)
 //!   ```
 //!
+//!   A value of version 1 (data dirs written before blocks) is one entry:
+//!   `u8 version (1)`, the fields of one entry above with its replid always
+//!   spelled out, and the crc32c. Both are read; only blocks are written.
+//!   An entry is accounted (`bytes_end`, `partition-size-cap`) for its size
+//!   as a version-1 value, whatever block holds it. Why blocks: RocksDB's
+//!   costs are mostly per key (the write batch, the memtable's skip list,
+//!   flushes, iterator steps); a key per entry made them the largest part
+//!   of a busy listener's CPU (benches/README.md, "Issue 13, third round").
+//!
 //!   All integers are big-endian. A value whose checksum, version or lengths
-//!   do not match is [`WalError::Corrupt`] naming the partition and log id.
+//!   do not match is [`WalError::Corrupt`] naming the partition and the log
+//!   id it is stored under (a block's first id, whichever entry was read).
 //! - `p<id>.snap`: key = snapshot epoch (u64 BE) ++ chunk sequence (u64 BE);
 //!   value = `u8 version, chunk bytes, u32 crc32c(key ++ version ++ bytes)`.
 //! - `meta`: one record per partition and kind, every value
@@ -86,11 +102,12 @@
 //! 1. Entries and the log meta describing them are written in the same
 //!    RocksDB `WriteBatch`, which RocksDB's own WAL applies atomically after a
 //!    crash (`PointInTime` recovery). So after any crash `meta.last` is
-//!    exactly the greatest stored key: never ahead of the entries, never
+//!    exactly the greatest stored entry id: never ahead of the entries, never
 //!    behind them.
 //! 2. Trims (and resets) write only the meta update of `first`: stored ids
 //!    below `meta.first` are garbage, never read and ignored by recovery;
-//!    entries in `[first, last]` are all present. Garbage is dropped only
+//!    entries in `[first, last]` are all present. A block holding `first`
+//!    stays whole until all of its entries are below `first`. Garbage is dropped only
 //!    after the batch that raised `first` is durable and published to
 //!    readers ([`WalStorage::release_trimmed`]: whole SST files at once, a
 //!    compaction filter for the rest), so a crash can leave garbage behind

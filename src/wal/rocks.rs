@@ -35,7 +35,10 @@ use rocksdb::{
 use tracing::{info, warn};
 
 use super::codec;
-use super::storage::{decode_meta_records, EntryCollector, StoredPartition, WalStorage, WriteOp};
+use super::storage::{
+    decode_meta_records, start_key, stored_ops, EntryCollector, Stored, StoredPartition,
+    WalStorage, WriteOp,
+};
 use super::{ReadLimits, WalConfig, WalEntry, WalError};
 use crate::position::{LogId, PartitionId};
 
@@ -99,10 +102,15 @@ impl CompactionFilterFactory for TrimmedFilterFactory {
 }
 
 impl CompactionFilter for TrimmedFilter {
-    fn filter(&mut self, _level: u32, key: &[u8], _value: &[u8]) -> Decision {
-        // A key that is not a log id is left alone: open reports it.
-        match <[u8; 8]>::try_from(key) {
-            Ok(id) if u64::from_be_bytes(id) < self.below => Decision::Remove,
+    fn filter(&mut self, _level: u32, key: &[u8], value: &[u8]) -> Decision {
+        // A block goes once its last entry is below the mark. A key that is
+        // not a log id, or a value without a header, is left alone: reads
+        // and open report it.
+        let Ok(first) = <[u8; 8]>::try_from(key) else {
+            return Decision::Keep;
+        };
+        match codec::value_last_id(LogId(u64::from_be_bytes(first)), value) {
+            Some(last) if last.0 < self.below => Decision::Remove,
             _ => Decision::Keep,
         }
     }
@@ -176,6 +184,30 @@ fn parse_log_key(partition: PartitionId, key: &[u8]) -> Result<LogId, WalError> 
 }
 
 impl RocksWalStorage {
+    /// The key a read of `from` starts at: the block holding `from`, else
+    /// `from` ([`start_key`]).
+    fn start_key(
+        &self,
+        cf: &Arc<BoundColumnFamily<'_>>,
+        partition: PartitionId,
+        from: LogId,
+    ) -> Result<LogId, WalError> {
+        let mut read_options = ReadOptions::default();
+        read_options.fill_cache(false);
+        let mut iter = self.db.raw_iterator_cf_opt(cf, read_options);
+        iter.seek_for_prev(codec::log_key(from));
+        let below = match (iter.key(), iter.value()) {
+            (Some(key), Some(value)) if iter.valid() => {
+                Some((parse_log_key(partition, key)?, value))
+            }
+            _ => {
+                iter.status()?;
+                None
+            }
+        };
+        Ok(start_key(from, below))
+    }
+
     /// Opens (or creates) the RocksDB instance in `config.dir`.
     pub fn open(config: &WalConfig) -> Result<RocksWalStorage, WalError> {
         crate::secret::create_private_dir(&config.dir)?;
@@ -323,6 +355,20 @@ impl RocksWalStorage {
         Ok(())
     }
 
+    /// Stores `value` as the log value under `log_id`, bypassing the
+    /// encoder (tests of values older versions wrote).
+    #[cfg(test)]
+    pub fn put_raw_log_value(
+        &self,
+        partition: PartitionId,
+        log_id: LogId,
+        value: &[u8],
+    ) -> Result<(), WalError> {
+        let cf = self.log_cf(partition)?;
+        self.db.put_cf(&cf, codec::log_key(log_id), value)?;
+        Ok(())
+    }
+
     fn log_cf(&self, partition: PartitionId) -> Result<Arc<BoundColumnFamily<'_>>, WalError> {
         self.cf_or_create(&codec::log_cf_name(partition))
     }
@@ -336,21 +382,28 @@ impl WalStorage for RocksWalStorage {
     fn write(&self, ops: &[WriteOp], sync: bool) -> Result<(), WalError> {
         let meta = self.meta_cf()?;
         let mut batch = WriteBatch::default();
-        // Per batch, not per entry: the last log column family used (a batch
+        // Per batch, not per block: the last log column family used (a batch
         // holds runs of one partition) and one encoding buffer (the batch
         // copies each value).
         let mut log_cf: Option<(PartitionId, Arc<BoundColumnFamily<'_>>)> = None;
         let mut value = Vec::new();
-        for op in ops {
-            match op {
-                WriteOp::Entry { partition, entry } => {
+        for stored in stored_ops(ops) {
+            let op = match stored {
+                Stored::Block { partition, entries } => {
                     let cf = match &log_cf {
-                        Some((cached, cf)) if cached == partition => cf,
-                        _ => &log_cf.insert((*partition, self.log_cf(*partition)?)).1,
+                        Some((cached, cf)) if *cached == partition => cf,
+                        _ => &log_cf.insert((partition, self.log_cf(partition)?)).1,
                     };
-                    codec::encode_entry_into(entry, &mut value);
-                    batch.put_cf(cf, codec::log_key(entry.log_id), &value);
+                    let first = entries[0].log_id;
+                    codec::encode_block_into(entries, &mut value);
+                    batch.put_cf(cf, codec::log_key(first), &value);
+                    continue;
                 }
+                Stored::Other(op) => op,
+            };
+            match op {
+                // Stored as blocks above.
+                WriteOp::Entry { .. } => {}
                 WriteOp::LogMeta {
                     partition,
                     meta: log_meta,
@@ -431,12 +484,17 @@ impl WalStorage for RocksWalStorage {
         }
         self.trimmed_mark(partition)
             .fetch_max(below.0, Ordering::AcqRel);
-        // Whole files of garbage go at once; the compaction filter takes
-        // the rest when a compaction rewrites the file holding it.
+        // Whole files of garbage go at once, up to the block holding
+        // `below` (its live entries stay); the compaction filter takes the
+        // rest when a compaction rewrites the file holding it.
+        let keep = self.start_key(&cf, partition, below)?;
+        if keep <= LogId(1) {
+            return Ok(());
+        }
         if let Err(error) = self.db.delete_file_in_range_cf(
             &cf,
             codec::log_key(LogId::ZERO),
-            codec::log_key(below.prev()),
+            codec::log_key(keep.prev()),
         ) {
             warn!(partition = %partition, %error, "dropping trimmed sst files failed");
         }
@@ -459,9 +517,10 @@ impl WalStorage for RocksWalStorage {
         // Entries are read once each (shipping, applying), so their blocks
         // would only push other data out of the cache and grow the RSS.
         read_options.fill_cache(false);
+        let start = self.start_key(&cf, partition, from)?;
         let mut iter = self.db.raw_iterator_cf_opt(&cf, read_options);
-        iter.seek(codec::log_key(from));
-        let mut collector = EntryCollector::new(partition, to, limits);
+        iter.seek(codec::log_key(start));
+        let mut collector = EntryCollector::new(partition, from, to, limits);
         while iter.valid() {
             let (Some(key), Some(value)) = (iter.key(), iter.value()) else {
                 break;
@@ -485,18 +544,26 @@ impl WalStorage for RocksWalStorage {
         let Some(cf) = self.cf(&codec::log_cf_name(partition)) else {
             return Ok(None);
         };
+        let start = self.start_key(&cf, partition, from)?;
         let mut iter = self.db.raw_iterator_cf(&cf);
-        iter.seek(codec::log_key(from));
+        iter.seek(codec::log_key(start));
         let first = match iter.key() {
-            Some(key) if iter.valid() => parse_log_key(partition, key)?,
+            Some(key) if iter.valid() => parse_log_key(partition, key)?.max(from),
             _ => {
                 iter.status()?;
                 return Ok(None);
             }
         };
         iter.seek_to_last();
-        let last = match iter.key() {
-            Some(key) if iter.valid() => parse_log_key(partition, key)?,
+        let last = match (iter.key(), iter.value()) {
+            (Some(key), Some(value)) if iter.valid() => {
+                let key = parse_log_key(partition, key)?;
+                codec::value_last_id(key, value).ok_or_else(|| WalError::Corrupt {
+                    partition,
+                    log_id: key,
+                    what: "log value without a block header".to_string(),
+                })?
+            }
             _ => {
                 iter.status()?;
                 return Ok(None);

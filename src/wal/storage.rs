@@ -103,7 +103,8 @@ pub trait WalStorage: Send + Sync + 'static {
     /// Called once `below` is the partition's first id in a durably written
     /// log meta and published to readers (after a trim or a reset, and at
     /// open): the storage may now drop every stored entry with an id below
-    /// `below`, whenever it likes. Trims write nothing but the meta, so
+    /// `below`, whenever it likes (a block of entries goes once all of them
+    /// are below it). Trims write nothing but the meta, so
     /// until then (and after a crash before it) those entries stay stored
     /// as garbage, which readers never ask for and recovery ignores.
     fn release_trimmed(&self, partition: PartitionId, below: LogId) -> Result<(), WalError>;
@@ -187,9 +188,52 @@ pub(crate) fn decode_meta_records<'a>(
     Ok(partitions.into_values().collect())
 }
 
+/// What one write op of a batch is stored as: runs of entries become
+/// blocks (one log value each, `wal/mod.rs` "On-disk format").
+pub(crate) enum Stored<'a> {
+    /// Entries of `partition` with consecutive ids, stored under the first.
+    Block {
+        partition: PartitionId,
+        entries: Vec<&'a WalEntry>,
+    },
+    Other(&'a WriteOp),
+}
+
+/// Groups the entries of `ops` into blocks ([`codec::block_takes`]): a run
+/// of one partition's consecutive ids, in the order given.
+pub(crate) fn stored_ops(ops: &[WriteOp]) -> Vec<Stored<'_>> {
+    let mut stored: Vec<Stored<'_>> = Vec::new();
+    let mut payload_bytes = 0;
+    for op in ops {
+        let WriteOp::Entry { partition, entry } = op else {
+            stored.push(Stored::Other(op));
+            continue;
+        };
+        if let Some(Stored::Block {
+            partition: open,
+            entries,
+        }) = stored.last_mut()
+        {
+            let last = entries.last().map_or(LogId::ZERO, |e| e.log_id);
+            if open == partition && codec::block_takes(entries.len(), payload_bytes, last, entry) {
+                payload_bytes += entry.payload.len();
+                entries.push(entry);
+                continue;
+            }
+        }
+        payload_bytes = entry.payload.len();
+        stored.push(Stored::Block {
+            partition: *partition,
+            entries: vec![entry],
+        });
+    }
+    stored
+}
+
 /// Collects entries of one read, in order, within its limits.
 pub(crate) struct EntryCollector {
     partition: PartitionId,
+    from: LogId,
     to: LogId,
     limits: ReadLimits,
     payload_bytes: usize,
@@ -201,9 +245,10 @@ pub(crate) struct EntryCollector {
 }
 
 impl EntryCollector {
-    pub(crate) fn new(partition: PartitionId, to: LogId, limits: ReadLimits) -> Self {
+    pub(crate) fn new(partition: PartitionId, from: LogId, to: LogId, limits: ReadLimits) -> Self {
         EntryCollector {
             partition,
+            from,
             to,
             limits,
             payload_bytes: 0,
@@ -219,18 +264,28 @@ impl EntryCollector {
             || (!self.entries.is_empty() && self.payload_bytes >= self.limits.max_bytes)
     }
 
-    pub(crate) fn push(&mut self, log_id: LogId, value: &[u8]) -> Result<(), WalError> {
-        let (entry, payload) =
-            codec::decode_entry_header(log_id, value).map_err(|what| WalError::Corrupt {
-                partition: self.partition,
-                log_id,
-                what,
-            })?;
-        let start = self.payloads.len();
-        self.payloads.extend_from_slice(&value[payload]);
-        self.payload_bytes += self.payloads.len() - start;
-        self.entries.push((entry, start..self.payloads.len()));
-        Ok(())
+    /// Takes the entries of the log value stored under `first` (a block or
+    /// a single entry) that the read asks for.
+    pub(crate) fn push(&mut self, first: LogId, value: &[u8]) -> Result<(), WalError> {
+        let partition = self.partition;
+        codec::decode_log_value(first, value, |entry, payload| {
+            if entry.log_id < self.from {
+                return true;
+            }
+            if self.is_done(entry.log_id) {
+                return false;
+            }
+            let start = self.payloads.len();
+            self.payloads.extend_from_slice(&value[payload]);
+            self.payload_bytes += self.payloads.len() - start;
+            self.entries.push((entry, start..self.payloads.len()));
+            true
+        })
+        .map_err(|what| WalError::Corrupt {
+            partition,
+            log_id: first,
+            what,
+        })
     }
 
     pub(crate) fn finish(self) -> Vec<WalEntry> {
@@ -242,6 +297,18 @@ impl EntryCollector {
                 entry
             })
             .collect()
+    }
+}
+
+/// The key of the log value a read of `from` starts at, given the greatest
+/// key at or below `from` and its value: that block if it holds `from`,
+/// else `from` itself (the next key above).
+pub(crate) fn start_key(from: LogId, at_or_below: Option<(LogId, &[u8])>) -> LogId {
+    match at_or_below {
+        Some((key, value)) if codec::value_last_id(key, value).is_some_and(|last| last >= from) => {
+            key
+        }
+        _ => from,
     }
 }
 
@@ -271,7 +338,23 @@ impl MemWalStorage {
             .unwrap_or_else(|poison| poison.into_inner())
     }
 
-    /// Overwrites the stored bytes of an entry (tests of corruption).
+    /// The ids each stored log value of `partition` spans (first, last).
+    #[cfg(test)]
+    pub fn stored_spans(&self, partition: PartitionId) -> Vec<(LogId, LogId)> {
+        self.lock().logs.get(&partition).map_or(Vec::new(), |log| {
+            log.iter()
+                .map(|(first, value)| {
+                    (
+                        *first,
+                        codec::value_last_id(*first, value).unwrap_or(*first),
+                    )
+                })
+                .collect()
+        })
+    }
+
+    /// Overwrites the log value stored under `log_id` (tests of corruption
+    /// and of values written by older versions).
     pub fn overwrite_raw_entry(&self, partition: PartitionId, log_id: LogId, value: Vec<u8>) {
         self.lock()
             .logs
@@ -283,13 +366,8 @@ impl MemWalStorage {
 
 fn apply_op(state: &mut MemState, op: &WriteOp) {
     match op {
-        WriteOp::Entry { partition, entry } => {
-            state
-                .logs
-                .entry(*partition)
-                .or_default()
-                .insert(entry.log_id, codec::encode_entry(entry));
-        }
+        // Stored as blocks by the caller (`stored_ops`).
+        WriteOp::Entry { .. } => {}
         WriteOp::LogMeta { partition, meta } => {
             state.meta.insert(
                 codec::meta_key(codec::META_LOG, *partition),
@@ -355,8 +433,20 @@ fn apply_op(state: &mut MemState, op: &WriteOp) {
 impl WalStorage for MemWalStorage {
     fn write(&self, ops: &[WriteOp], _sync: bool) -> Result<(), WalError> {
         let mut state = self.lock();
-        for op in ops {
-            apply_op(&mut state, op);
+        for stored in stored_ops(ops) {
+            match stored {
+                Stored::Block { partition, entries } => {
+                    let first = entries[0].log_id;
+                    let mut value = Vec::new();
+                    codec::encode_block_into(entries, &mut value);
+                    state
+                        .logs
+                        .entry(partition)
+                        .or_default()
+                        .insert(first, value);
+                }
+                Stored::Other(op) => apply_op(&mut state, op),
+            }
         }
         Ok(())
     }
@@ -372,8 +462,14 @@ impl WalStorage for MemWalStorage {
         let Some(log) = state.logs.get(&partition) else {
             return Ok(Vec::new());
         };
-        let mut collector = EntryCollector::new(partition, to, limits);
-        for (log_id, value) in log.range(from..) {
+        let start = start_key(
+            from,
+            log.range(..=from)
+                .next_back()
+                .map(|(key, value)| (*key, &value[..])),
+        );
+        let mut collector = EntryCollector::new(partition, from, to, limits);
+        for (log_id, value) in log.range(start..) {
             if collector.is_done(*log_id) {
                 break;
             }
@@ -391,17 +487,37 @@ impl WalStorage for MemWalStorage {
         let Some(log) = state.logs.get(&partition) else {
             return Ok(None);
         };
-        let mut stored = log.range(from..);
-        Ok(stored
-            .next()
-            .map(|(first, _)| *first)
-            .zip(log.last_key_value().map(|(last, _)| *last)))
+        let start = start_key(
+            from,
+            log.range(..=from)
+                .next_back()
+                .map(|(key, value)| (*key, &value[..])),
+        );
+        let Some((first, _)) = log.range(start..).next() else {
+            return Ok(None);
+        };
+        let Some((key, value)) = log.last_key_value() else {
+            return Ok(None);
+        };
+        let last = codec::value_last_id(*key, value).ok_or_else(|| WalError::Corrupt {
+            partition,
+            log_id: *key,
+            what: "log value without a block header".to_string(),
+        })?;
+        Ok(Some(((*first).max(from), last)))
     }
 
     fn release_trimmed(&self, partition: PartitionId, below: LogId) -> Result<(), WalError> {
         let mut state = self.lock();
         if let Some(log) = state.logs.get_mut(&partition) {
-            *log = log.split_off(&below);
+            // A block holding `below` stays whole (its live entries).
+            let keep = start_key(
+                below,
+                log.range(..=below)
+                    .next_back()
+                    .map(|(key, value)| (*key, &value[..])),
+            );
+            *log = log.split_off(&keep);
         }
         Ok(())
     }

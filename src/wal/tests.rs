@@ -802,10 +802,14 @@ fn run_model(ops: &[Op]) -> Result<(), TestCaseError> {
         let (rocks, rocks_storage) = open_gated_rocks(model_config(dir.path()), &hold).await;
         for partition in mem.partitions() {
             let first = mem.positions(partition).unwrap().unwrap().first_available;
-            // Below first the mem storage holds nothing once released.
-            prop_assert_eq!(
-                mem_storage.stored_bounds(partition, LogId(1)).unwrap(),
-                mem_storage.stored_bounds(partition, first).unwrap()
+            // Below first the mem storage holds nothing once released but
+            // the block holding first.
+            let spans = mem_storage.stored_spans(partition);
+            prop_assert!(
+                spans.iter().all(|(_, last)| *last >= first),
+                "below {}: {:?}",
+                first,
+                spans
             );
             let limits = ReadLimits {
                 max_entries: usize::MAX,
@@ -1264,9 +1268,15 @@ async fn trimmed_entries_stay_as_garbage_until_released_then_go() {
     let dir = tempfile::tempdir().unwrap();
     let hold = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let (wal, storage) = open_gated_rocks(test_config(dir.path()), &hold).await;
-    wal.append(P1, (0..100).map(|i| entry(b"entry", i)).collect())
+    // Ten blocks of ten entries: 1..=10, 11..=20, ...
+    for block in 0..10 {
+        wal.append(
+            P1,
+            (0..10).map(|i| entry(b"entry", block * 10 + i)).collect(),
+        )
         .await
         .unwrap();
+    }
     // A reset on another partition turns its old log into garbage too.
     wal.append(P2, (0..10).map(|i| entry(b"old", i)).collect())
         .await
@@ -1274,11 +1284,11 @@ async fn trimmed_entries_stay_as_garbage_until_released_then_go() {
     wal.reset_partition(P2, LogId(50), entry(b"marker", 20))
         .await
         .unwrap();
-    assert_eq!(wal.trim(P1, LogId(60)).await.unwrap(), LogId(60));
+    assert_eq!(wal.trim(P1, LogId(61)).await.unwrap(), LogId(61));
     assert!(matches!(
         wal.read(P1, LogId(10), ReadLimits::default()),
         Err(WalError::Trimmed {
-            first_available: LogId(60),
+            first_available: LogId(61),
             ..
         })
     ));
@@ -1297,7 +1307,7 @@ async fn trimmed_entries_stay_as_garbage_until_released_then_go() {
     let positions = wal.positions(P1).unwrap().unwrap();
     assert_eq!(
         (positions.first_available, positions.durable),
-        (LogId(60), LogId(100))
+        (LogId(61), LogId(100))
     );
     assert_eq!(
         storage.stored_bounds(P2, LogId(1)).unwrap(),
@@ -1314,24 +1324,34 @@ async fn trimmed_entries_stay_as_garbage_until_released_then_go() {
     storage.compact_log(P2).unwrap();
     assert_eq!(
         storage.stored_bounds(P1, LogId(1)).unwrap(),
-        Some((LogId(60), LogId(100)))
+        Some((LogId(61), LogId(100)))
     );
     assert_eq!(
         storage.stored_bounds(P2, LogId(1)).unwrap(),
         Some((LogId(50), LogId(50)))
     );
-    let entries = wal.read(P1, LogId(60), ReadLimits::default()).unwrap();
+    let entries = wal.read(P1, LogId(61), ReadLimits::default()).unwrap();
     assert_eq!(
         entries.iter().map(|e| e.log_id.0).collect::<Vec<_>>(),
-        (60..=100).collect::<Vec<_>>()
+        (61..=100).collect::<Vec<_>>()
     );
-    // A trim with releases let through drops them without a reopen.
-    wal.trim(P1, LogId(90)).await.unwrap();
+    // A trim with releases let through drops them without a reopen, but
+    // not the block holding the new first id (81..=90 holds 85).
+    wal.trim(P1, LogId(85)).await.unwrap();
+    let entries = wal.read(P1, LogId(85), ReadLimits::default()).unwrap();
+    assert_eq!(
+        entries.iter().map(|e| e.log_id.0).collect::<Vec<_>>(),
+        (85..=100).collect::<Vec<_>>()
+    );
     wal.close().await.unwrap();
     storage.compact_log(P1).unwrap();
     assert_eq!(
         storage.stored_bounds(P1, LogId(1)).unwrap(),
-        Some((LogId(90), LogId(100)))
+        Some((LogId(81), LogId(100)))
+    );
+    assert_eq!(
+        storage.stored_bounds(P1, LogId(85)).unwrap(),
+        Some((LogId(85), LogId(100)))
     );
 }
 
@@ -1420,4 +1440,108 @@ async fn reads_from_the_tail_equal_reads_from_the_storage() {
     compare("reset right after the end");
     tailed.close().await.unwrap();
     plain.close().await.unwrap();
+}
+
+/// Data dirs written before blocks hold one entry per log value (format
+/// 1): they are read as before, next to the blocks appended after them,
+/// trimmed and released with them.
+#[tokio::test]
+async fn single_entry_values_of_format_1_read_next_to_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let hold = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let config = WalConfig {
+        tail_bytes: ByteSize(0),
+        ..test_config(dir.path())
+    };
+    let (wal, storage) = open_gated_rocks(config.clone(), &hold).await;
+    for i in 0..5 {
+        wal.append(P1, vec![entry(format!("old {i}").as_bytes(), i)])
+            .await
+            .unwrap();
+    }
+    let old = wal.read(P1, LogId(1), ReadLimits::default()).unwrap();
+    // What an older version stored for them: a value of its own each.
+    for entry in &old {
+        storage
+            .put_raw_log_value(P1, entry.log_id, &codec::encode_entry(entry))
+            .unwrap();
+    }
+    wal.close().await.unwrap();
+    drop(storage);
+
+    let (wal, storage) = open_gated_rocks(config, &hold).await;
+    wal.append(P1, (5..25).map(|i| entry(b"new", i)).collect())
+        .await
+        .unwrap();
+    let read = wal.read(P1, LogId(1), ReadLimits::default()).unwrap();
+    assert_eq!(read.len(), 25);
+    for (expected, got) in old.iter().zip(&read) {
+        assert_eq!(expected.payload, got.payload);
+        assert_eq!(expected.source, got.source);
+        assert_eq!(expected.stored_len, got.stored_len);
+        assert_eq!(expected.bytes_end, got.bytes_end);
+    }
+    // The new entries are one block, and account the same sizes.
+    for pair in read.windows(2) {
+        assert_eq!(pair[1].bytes_end, pair[0].bytes_end + pair[1].stored_len);
+    }
+    let mid = wal
+        .read(
+            P1,
+            LogId(4),
+            ReadLimits {
+                max_entries: 4,
+                max_bytes: usize::MAX,
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        mid.iter().map(|e| e.log_id.0).collect::<Vec<_>>(),
+        vec![4, 5, 6, 7]
+    );
+    wal.trim(P1, LogId(7)).await.unwrap();
+    wal.close().await.unwrap();
+    storage.compact_log(P1).unwrap();
+    assert_eq!(
+        storage.stored_bounds(P1, LogId(1)).unwrap(),
+        Some((LogId(6), LogId(25)))
+    );
+}
+
+/// A damaged block is reported under its first id, whichever of its entries
+/// a read asks for.
+#[tokio::test]
+async fn a_damaged_block_is_corrupt_for_every_entry_in_it() {
+    let storage = Arc::new(MemWalStorage::new());
+    let dir = tempfile::tempdir().unwrap();
+    let config = WalConfig {
+        tail_bytes: ByteSize(0),
+        ..test_config(dir.path())
+    };
+    let wal = Wal::with_storage(storage.clone(), config).await.unwrap();
+    wal.append(P1, (0..10).map(|i| entry(b"entry", i)).collect())
+        .await
+        .unwrap();
+    let mut value = Vec::new();
+    let entries = wal.read(P1, LogId(1), ReadLimits::default()).unwrap();
+    codec::encode_block_into(&entries, &mut value);
+    let flip = value.len() / 2;
+    value[flip] ^= 1;
+    storage.overwrite_raw_entry(P1, LogId(1), value);
+    for from in [1, 5, 10] {
+        let err = wal
+            .read(P1, LogId(from), ReadLimits::default())
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                WalError::Corrupt {
+                    partition: P1,
+                    log_id: LogId(1),
+                    ..
+                }
+            ),
+            "from {from}: {err}"
+        );
+    }
 }
