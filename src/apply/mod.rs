@@ -630,9 +630,10 @@ async fn run_inner(
 /// applier ends (then it writes the last applied id, acks what is due, and
 /// returns):
 ///
-/// - the latest applied id as the WAL's `applied` mark at once, coalescing
-///   ids that arrive while a write is in progress (each write waits for a
-///   group commit; the applier does not);
+/// - the latest applied id as the WAL's `applied` mark, at most every
+///   [`APPLIED_MARK_EVERY`] (the mark is advisory), coalescing ids that
+///   arrive meanwhile and while a write is in progress (each write waits
+///   for a group commit; the applier does not);
 /// - as this applier's downstream ack (which lets retention trim it) only
 ///   once it has been applied for `retain_applied`, so that a target that
 ///   comes back from a crash with an older checkpoint still finds the
@@ -642,6 +643,11 @@ async fn run_inner(
 ///   ([`collect_drainer_snapshots`]), after every load and every
 ///   `retention-interval` (retention trimming a snapshot marker is what
 ///   makes the latest epoch collectable).
+/// How often the WAL's `applied` mark is written at most while entries are
+/// applied (it is advisory: the target's checkpoint is what counts), so
+/// that a moderate rate of small batches does not cost a WAL write each.
+const APPLIED_MARK_EVERY: Duration = Duration::from_millis(50);
+
 async fn keep_wal_marks(
     wal: Wal,
     partition: PartitionId,
@@ -662,12 +668,18 @@ async fn keep_wal_marks(
     let mut waiting: VecDeque<(Instant, LogId)> = VecDeque::new();
     let mut collect = tokio::time::interval(wal.config().retention_interval.0);
     collect.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // When the applied mark was last written, and the newest id seen.
+    let mut marked_at: Option<Instant> = None;
+    let mut latest = LogId::ZERO;
     loop {
         let mut ended = false;
         let ack_due = waiting.front().map(|(at, _)| *at + retain_applied);
+        let mark_due = (latest > written)
+            .then(|| marked_at.map_or_else(Instant::now, |at| at + APPLIED_MARK_EVERY));
         tokio::select! {
             changed = applied_rx.changed() => ended = changed.is_err(),
             _ = tokio::time::sleep_until(ack_due.unwrap_or_else(Instant::now)), if ack_due.is_some() => {}
+            _ = tokio::time::sleep_until(mark_due.unwrap_or_else(Instant::now)), if mark_due.is_some() => {}
             changed = loaded_rx.changed(), if !loaded_rx.is_closed() => {
                 if changed.is_ok() {
                     collect.reset_immediately();
@@ -688,7 +700,7 @@ async fn keep_wal_marks(
                 continue;
             }
         }
-        let latest = *applied_rx.borrow_and_update();
+        latest = latest.max(*applied_rx.borrow_and_update());
         let now = Instant::now();
         let newest_waiting = waiting.back().map_or(acked, |(_, id)| *id);
         if latest > newest_waiting {
@@ -705,11 +717,17 @@ async fn keep_wal_marks(
             ack = Some(id);
             waiting.pop_front();
         }
-        let applied = (latest > written).then_some(latest);
+        let mark_due = ended
+            || ack.is_some()
+            || marked_at.is_none_or(|at| now.duration_since(at) >= APPLIED_MARK_EVERY);
+        let applied = (latest > written && mark_due).then_some(latest);
         if applied.is_some() || ack.is_some() {
             match mark_applied(&wal, partition, &downstream, applied, ack).await {
                 Ok(()) => {
-                    written = written.max(latest);
+                    if applied.is_some() {
+                        written = written.max(latest);
+                        marked_at = Some(now);
+                    }
                     acked = ack.unwrap_or(acked);
                 }
                 // A WAL closed during shutdown: nothing more to mark.

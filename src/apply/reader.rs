@@ -353,8 +353,24 @@ pub(crate) fn spawn_reader(
                 false => Ok(Run::Entries(run)),
             };
             let run = match cached {
-                Some(entries) if entries.len() <= INLINE_DECODE_ENTRIES && !is_direct => {
-                    decode_run(partition, entries).and_then(check)
+                // The direct checks block only on a snapshot marker (they
+                // read its first chunk): a run without one is checked here.
+                Some(entries) if entries.len() <= INLINE_DECODE_ENTRIES => {
+                    match decode_run(partition, entries) {
+                        Ok(run)
+                            if is_direct
+                                && (marker_first
+                                    || run
+                                        .iter()
+                                        .any(|p| matches!(p.record, Record::Snapshot(_)))) =>
+                        {
+                            tokio::task::spawn_blocking(move || check(run))
+                                .await
+                                .map_err(join_error)
+                                .and_then(|run| run)
+                        }
+                        decoded => decoded.and_then(check),
+                    }
                 }
                 Some(entries) => tokio::task::spawn_blocking(move || {
                     decode_run(partition, entries).and_then(check)

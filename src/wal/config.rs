@@ -76,10 +76,11 @@ pub struct WalConfig {
     /// `"256MiB"`.
     pub min_free_space: ByteSize,
     /// Memory for the latest committed entries (payload, replid and 128
-    /// bytes each), shared by the partitions, so that readers that keep up
-    /// (shippers, appliers) read them without a storage read: lower latency
-    /// at a moderate rate, but a higher peak RSS under a heavy load
-    /// (benches/README.md, issue 13). `"0B"` keeps none. Default: `"0B"`.
+    /// bytes each), shared by the partitions (each gets at least 64 KiB),
+    /// so that readers that keep up (shippers, appliers) read them without
+    /// a storage read and without a blocking-thread hop: lower latency at a
+    /// moderate rate (benches/README.md, issue 13, third round). `"0B"`
+    /// keeps none. Default: `"2MiB"`.
     pub tail_bytes: ByteSize,
 }
 
@@ -100,7 +101,7 @@ impl Default for WalConfig {
             block_cache_size: ByteSize::mib(64),
             max_background_jobs: 2,
             min_free_space: ByteSize::mib(256),
-            tail_bytes: ByteSize(0),
+            tail_bytes: ByteSize::mib(2),
         }
     }
 }

@@ -517,9 +517,28 @@ impl WalStorage for RocksWalStorage {
         // Entries are read once each (shipping, applying), so their blocks
         // would only push other data out of the cache and grow the RSS.
         read_options.fill_cache(false);
-        let start = self.start_key(&cf, partition, from)?;
         let mut iter = self.db.raw_iterator_cf_opt(&cf, read_options);
-        iter.seek(codec::log_key(start));
+        let from_key = codec::log_key(from);
+        iter.seek(from_key);
+        // A read mostly goes on where the last one ended: at a block's
+        // first id. Only otherwise can `from` lie inside a block stored
+        // under a smaller id, and is the costlier backward seek needed (it
+        // positions in every table file, reading their last blocks).
+        if !(iter.valid() && iter.key() == Some(&from_key[..])) {
+            iter.status()?;
+            iter.seek_for_prev(from_key);
+            let holds = match (iter.key(), iter.value()) {
+                (Some(key), Some(value)) if iter.valid() => {
+                    let key = parse_log_key(partition, key)?;
+                    start_key(from, Some((key, value))) == key
+                }
+                _ => false,
+            };
+            if !holds {
+                iter.status()?;
+                iter.seek(from_key);
+            }
+        }
         let mut collector = EntryCollector::new(partition, from, to, limits);
         while iter.valid() {
             let (Some(key), Some(value)) = (iter.key(), iter.value()) else {
