@@ -626,6 +626,11 @@ async fn run_inner(
     .await
 }
 
+/// How often the WAL's `applied` mark is written at most while entries
+/// are applied (it is advisory: the target's checkpoint is what counts),
+/// so that a moderate rate of small batches does not cost a WAL write each.
+const APPLIED_MARK_EVERY: Duration = Duration::from_millis(50);
+
 /// Keeps the drainer's WAL informed of the applier's progress, until the
 /// applier ends (then it writes the last applied id, acks what is due, and
 /// returns):
@@ -643,11 +648,6 @@ async fn run_inner(
 ///   ([`collect_drainer_snapshots`]), after every load and every
 ///   `retention-interval` (retention trimming a snapshot marker is what
 ///   makes the latest epoch collectable).
-/// How often the WAL's `applied` mark is written at most while entries are
-/// applied (it is advisory: the target's checkpoint is what counts), so
-/// that a moderate rate of small batches does not cost a WAL write each.
-const APPLIED_MARK_EVERY: Duration = Duration::from_millis(50);
-
 async fn keep_wal_marks(
     wal: Wal,
     partition: PartitionId,
@@ -719,7 +719,7 @@ async fn keep_wal_marks(
         }
         let mark_due = ended
             || ack.is_some()
-            || marked_at.is_none_or(|at| now.duration_since(at) >= APPLIED_MARK_EVERY);
+            || marked_at.map_or(true, |at| now.duration_since(at) >= APPLIED_MARK_EVERY);
         let applied = (latest > written && mark_due).then_some(latest);
         if applied.is_some() || ack.is_some() {
             match mark_applied(&wal, partition, &downstream, applied, ack).await {
