@@ -23,10 +23,14 @@
 //!   [--mode full|outline] [--passes N] [--qps N] [--json]`: compare two
 //!   servers key by key ([`verify`]; exit code 1 on a difference, 2 on an
 //!   error).
+//! - `ferry guard --target URL [--ferry-user NAME] --ferry-password-file F
+//!   [--app-user NAME --app-password-file F] [--off]`: a target only ferry
+//!   writes ([`guard`]).
 //! - `sync`, `precheck` and `verify` take a sync's keyspace ([`FilterArgs`]:
 //!   `--db-map S=T,…`, `--key-prefix P`, `--exclude-key-prefix P`).
 
 pub mod fetch;
+pub mod guard;
 pub mod node;
 pub mod precheck;
 pub mod rdb;
@@ -94,6 +98,11 @@ pub enum Verb {
     /// backlog and output buffer against the write rate; every master of a
     /// Redis Cluster): a PASS / WARN / FAIL table; exit code 1 on any FAIL.
     Precheck(precheck::PrecheckArgs),
+    /// Make a target writable only by ferry: an ACL user ferry writes as,
+    /// the default user read-only (-@write -@admin), optionally a read-only
+    /// user for applications; --off restores what it changed (recorded on
+    /// the target in __ferry:guard). Standalone targets, Redis 6 or later.
+    Guard(guard::GuardArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -220,6 +229,8 @@ pub enum CliError {
     Verify(#[from] verify::VerifyCommandError),
     #[error(transparent)]
     Precheck(#[from] precheck::PrecheckCommandError),
+    #[error(transparent)]
+    Guard(#[from] guard::GuardError),
 }
 
 impl CliError {
@@ -298,6 +309,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Verb::Skip(args) => Ok(status::skip(&args)?),
         Verb::Verify(args) => Ok(verify::verify(&args)?),
         Verb::Precheck(args) => Ok(precheck::precheck(&args)?),
+        Verb::Guard(args) => Ok(guard::guard(&args)?),
     }
 }
 

@@ -1,0 +1,221 @@
+//! `ferry guard` against real redis-servers: a target only ferry writes,
+//! `ferry sync` writing through the guard as its user, and `--off` putting
+//! back exactly what was there (issue 11, "guarded target").
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use common::ferry::FerryProcess;
+use common::{redis_cli_bin, RedisServer};
+
+fn ferry(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(args)
+        .env_remove("FERRY_TARGET_PASSWORD")
+        .output()
+        .expect("run ferry")
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// `redis-cli` as `user` (`None`: the default user, no login).
+fn cli_as(server: &RedisServer, user: Option<(&str, &str)>, args: &[&str]) -> String {
+    let mut cmd = Command::new(redis_cli_bin());
+    cmd.args(["-p", &server.port.to_string()]);
+    if let Some((user, password)) = user {
+        cmd.args(["--user", user, "--pass", password, "--no-auth-warning"]);
+    }
+    let output = cmd.args(args).output().expect("run redis-cli");
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
+}
+
+fn write_file(dir: &Path, name: &str, content: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, content).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_guarded_target_takes_writes_only_from_ferry_and_off_restores_it() {
+    let source = RedisServer::start(&[]);
+    let target = RedisServer::start(&[]);
+    let secrets = tempfile::tempdir().unwrap();
+    let ferry_pw = write_file(secrets.path(), "ferry.pw", "s3cret-ferry\n");
+    let app_pw = write_file(secrets.path(), "app.pw", "s3cret-app\n");
+    let rules_before = cli_as(&target, None, &["ACL", "LIST"]);
+    target.cmd(&["SET", "before", "1"]);
+
+    let out = ferry(&[
+        "guard",
+        "--target",
+        &target.url(),
+        "--ferry-password-file",
+        &ferry_pw,
+        "--app-user",
+        "app",
+        "--app-password-file",
+        &app_pw,
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let said = text(&out);
+    assert!(said.contains("guarded"), "{said}");
+    assert!(said.contains("no aclfile"), "{said}");
+    assert!(!said.contains("s3cret"), "a password in the output: {said}");
+
+    // Applications (no login, or the app user) read, and cannot write nor
+    // lift the guard.
+    let ferry_login = Some(("ferry", "s3cret-ferry"));
+    let app_login = Some(("app", "s3cret-app"));
+    for login in [None, app_login] {
+        assert_eq!(cli_as(&target, login, &["GET", "before"]), "1");
+        assert!(cli_as(&target, login, &["SET", "k", "v"]).contains("NOPERM"));
+        let script = cli_as(
+            &target,
+            login,
+            &["EVAL", "return redis.call('SET','k','v')", "0"],
+        );
+        assert!(script.contains("can't run this command"), "{script}");
+        assert!(cli_as(&target, login, &["ACL", "SETUSER", "default", "+@all"]).contains("NOPERM"));
+        assert!(cli_as(&target, login, &["CONFIG", "SET", "maxmemory", "1"]).contains("NOPERM"));
+    }
+    assert_eq!(
+        cli_as(&target, ferry_login, &["SET", "by-ferry", "1"]),
+        "OK"
+    );
+    assert_eq!(cli_as(&target, ferry_login, &["DEL", "by-ferry"]), "1");
+
+    // ferry sync writes through the guard as its user.
+    source.cmd(&["SET", "replicated", "a"]);
+    let data = tempfile::tempdir().unwrap();
+    let target_url = format!("redis://ferry@127.0.0.1:{}", target.port);
+    let mut sync = FerryProcess::sync(
+        &data.path().join("sync"),
+        &source.url(),
+        &target_url,
+        &[
+            "--target-password-file",
+            &ferry_pw,
+            "--existing-data",
+            "keep",
+        ],
+    );
+    wait_for("the full sync through the guard", || {
+        cli_as(&target, None, &["GET", "replicated"]) == "a"
+    });
+    source.cmd(&["INCR", "counter"]);
+    wait_for("a stream write through the guard", || {
+        cli_as(&target, None, &["GET", "counter"]) == "1"
+    });
+    assert!(sync.try_exit().is_none(), "ferry sync ended");
+    sync.terminate(Duration::from_secs(30));
+
+    // Guarding again keeps the first record (what --off goes back to).
+    let out = ferry(&[
+        "guard",
+        "--target",
+        &target_url,
+        "--target-password-file",
+        &ferry_pw,
+        "--ferry-password-file",
+        &ferry_pw,
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let recorded = cli_as(&target, None, &["HGET", "__ferry:guard", "default-rules"]);
+    assert_eq!(format!("user default {recorded}"), rules_before);
+    assert_eq!(
+        cli_as(&target, None, &["HGET", "__ferry:guard", "users"]),
+        "ferry app"
+    );
+
+    // Off: from the ferry user's login, back to the rules there were.
+    let out = ferry(&[
+        "guard",
+        "--off",
+        "--target",
+        &target_url,
+        "--target-password-file",
+        &ferry_pw,
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(cli_as(&target, None, &["ACL", "LIST"]), rules_before);
+    assert_eq!(cli_as(&target, None, &["SET", "k", "v"]), "OK");
+    assert_eq!(cli_as(&target, None, &["EXISTS", "__ferry:guard"]), "0");
+    assert_eq!(cli_as(&target, None, &["GET", "replicated"]), "a");
+
+    // Nothing to undo any more: said, and nothing changes.
+    let out = ferry(&["guard", "--off", "--target", &target.url()]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("not guarded"), "{}", text(&out));
+    assert_eq!(cli_as(&target, None, &["ACL", "LIST"]), rules_before);
+}
+
+#[test]
+fn a_guard_is_saved_to_the_aclfile_and_refused_where_it_cannot_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let aclfile = dir.path().join("users.acl");
+    std::fs::write(&aclfile, "user default on nopass ~* &* +@all\n").unwrap();
+    let target = RedisServer::start(&["--aclfile", aclfile.to_str().unwrap()]);
+    let ferry_pw = write_file(dir.path(), "ferry.pw", "pw1");
+    let out = ferry(&[
+        "guard",
+        "--target",
+        &target.url(),
+        "--ferry-password-file",
+        &ferry_pw,
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("aclfile"), "{}", text(&out));
+    let saved = std::fs::read_to_string(&aclfile).unwrap();
+    assert!(saved.contains("user ferry on"), "{saved}");
+    assert!(saved.contains("-@write"), "{saved}");
+    let out = ferry(&[
+        "guard",
+        "--off",
+        "--target",
+        &format!("redis://ferry@127.0.0.1:{}", target.port),
+        "--target-password-file",
+        &ferry_pw,
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let saved = std::fs::read_to_string(&aclfile).unwrap();
+    assert!(!saved.contains("user ferry"), "{saved}");
+    assert!(!saved.contains("-@write"), "{saved}");
+
+    // Without a password for the ferry user, and on a cluster node: refused,
+    // and nothing changes.
+    let out = ferry(&["guard", "--target", &target.url()]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("--ferry-password-file"),
+        "{}",
+        text(&out)
+    );
+    let node = RedisServer::start(&["--cluster-enabled", "yes"]);
+    let out = ferry(&[
+        "guard",
+        "--target",
+        &node.url(),
+        "--ferry-password-file",
+        &ferry_pw,
+    ]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("Redis Cluster"), "{}", text(&out));
+    assert!(!node.cmd(&["ACL", "LIST"]).contains("ferry"));
+}
