@@ -172,6 +172,7 @@ fn a_guard_is_saved_to_the_aclfile_and_refused_where_it_cannot_hold() {
     let aclfile = dir.path().join("users.acl");
     std::fs::write(&aclfile, "user default on nopass ~* &* +@all\n").unwrap();
     let target = RedisServer::start(&["--aclfile", aclfile.to_str().unwrap()]);
+    let rules_before = target.cmd(&["ACL", "LIST"]);
     let ferry_pw = write_file(dir.path(), "ferry.pw", "pw1");
     let out = ferry(&[
         "guard",
@@ -198,8 +199,10 @@ fn a_guard_is_saved_to_the_aclfile_and_refused_where_it_cannot_hold() {
     assert!(!saved.contains("user ferry"), "{saved}");
     assert!(!saved.contains("-@write"), "{saved}");
 
-    // Without a password for the ferry user, and on a cluster node: refused,
-    // and nothing changes.
+    assert_eq!(target.cmd(&["ACL", "LIST"]), rules_before);
+
+    // Without a password for the ferry user, with an empty one, and on a
+    // cluster node: refused, and nothing changes.
     let out = ferry(&["guard", "--target", &target.url()]);
     assert!(!out.status.success());
     assert!(
@@ -207,6 +210,17 @@ fn a_guard_is_saved_to_the_aclfile_and_refused_where_it_cannot_hold() {
         "{}",
         text(&out)
     );
+    let empty = write_file(dir.path(), "empty.pw", "\n");
+    let out = ferry(&[
+        "guard",
+        "--target",
+        &target.url(),
+        "--ferry-password-file",
+        &empty,
+    ]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("is empty"), "{}", text(&out));
+    assert_eq!(target.cmd(&["ACL", "LIST"]), rules_before);
     let node = RedisServer::start(&["--cluster-enabled", "yes"]);
     let out = ferry(&[
         "guard",

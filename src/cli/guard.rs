@@ -133,11 +133,12 @@ pub fn guard(args: &GuardArgs) -> Result<(), GuardError> {
                 .to_string(),
         ));
     };
-    let ferry_password = read_secret_file("ferry user password", file)?;
+    let ferry_password = read_password("the ferry user's password", file)?;
     let app = match (&args.app_user, &args.app_password_file) {
-        (Some(user), Some(file)) => {
-            Some((user.clone(), read_secret_file("app user password", file)?))
-        }
+        (Some(user), Some(file)) => Some((
+            user.clone(),
+            read_password("the application user's password", file)?,
+        )),
         _ => None,
     };
     let report = runtime.block_on(guard_on(
@@ -149,6 +150,19 @@ pub fn guard(args: &GuardArgs) -> Result<(), GuardError> {
     ))?;
     println!("{report}");
     Ok(())
+}
+
+/// A password from `file`; an empty one is refused (`ACL SETUSER` would
+/// take it, and anyone could log in).
+fn read_password(what: &str, file: &std::path::Path) -> Result<String, GuardError> {
+    let password = read_secret_file(what, file)?;
+    if password.is_empty() {
+        return Err(GuardError::Usage(format!(
+            "{what} file {} is empty",
+            file.display()
+        )));
+    }
+    Ok(password)
 }
 
 /// Makes `target` writable only by `ferry_user` (module doc, "On");
