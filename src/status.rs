@@ -143,6 +143,12 @@ pub struct DrainerSide {
     /// Fallback snapshots loaded in place of entries the log lacked (`ferry
     /// sync`, applying from the listener's WAL).
     pub fallback_snapshots: u64,
+    /// Writes on a standalone target that ferry did not make, seen in the
+    /// sampling windows so far (`[apply] foreign-writes-every`); the windows
+    /// watched; the latest few (`db <n> <COMMAND> "<key>" by <client>`).
+    pub foreign_writes: u64,
+    pub foreign_windows: u64,
+    pub foreign_samples: Vec<String>,
     /// A cluster target: its masters, and the slot the applier waits on
     /// (a migration, `TRYAGAIN`, `CLUSTERDOWN`), if any.
     pub cluster: Option<String>,

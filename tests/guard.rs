@@ -233,3 +233,96 @@ fn a_guard_is_saved_to_the_aclfile_and_refused_where_it_cannot_hold() {
     assert!(text(&out).contains("Redis Cluster"), "{}", text(&out));
     assert!(!node.cmd(&["ACL", "LIST"]).contains("ferry"));
 }
+
+/// An unguarded target written by someone else: `ferry sync` notices it in
+/// its sampling windows (count, samples, a warning in the log and in `ferry
+/// status`), never counting its own writes.
+#[test]
+fn writes_ferry_did_not_make_are_noticed() {
+    let source = RedisServer::start(&["--repl-diskless-sync-delay", "0"]);
+    let target = RedisServer::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("sync.toml");
+    std::fs::write(
+        &config,
+        "[apply]\nforeign-writes-every = \"300ms\"\nforeign-writes-window = \"250ms\"\n",
+    )
+    .unwrap();
+    let sync = FerryProcess::sync(
+        &dir.path().join("sync"),
+        &source.url(),
+        &target.url(),
+        &["--config", config.to_str().unwrap()],
+    );
+    let side = |field: &str| sync.status_json()["drainers"][0][field].clone();
+    // Only ferry writes: windows pass, nothing counted.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, port) = (stop.clone(), source.port);
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let _ = Command::new(redis_cli_bin())
+                    .args(["-p", &port.to_string(), "INCR", "from-source"])
+                    .output();
+                i += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            i
+        })
+    };
+    // The full sync is done before anyone else writes the target (keys
+    // there would stop it: existing-data = "refuse").
+    wait_for("the full sync", || {
+        !cli_as(&target, None, &["GET", "from-source"]).is_empty()
+    });
+    let before = side("foreign_windows").as_u64().unwrap_or(0);
+    wait_for("a few sampling windows", || {
+        side("foreign_windows").as_u64().unwrap_or(0) >= before + 4
+    });
+    assert_eq!(
+        side("foreign_writes").as_u64(),
+        Some(0),
+        "ferry's own writes counted"
+    );
+
+    // Someone else writes the target: noticed, with the key and client.
+    let app = {
+        let (stop, port) = (stop.clone(), target.port);
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let _ = Command::new(redis_cli_bin())
+                    .args(["-p", &port.to_string(), "SET", "app:x", "1"])
+                    .output();
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+    };
+    wait_for("the foreign writes noticed", || {
+        side("foreign_writes").as_u64().unwrap_or(0) > 0
+    });
+    let samples = side("foreign_samples").to_string();
+    assert!(samples.contains(r#"SET \"app:x\""#), "{samples}");
+    assert!(!samples.contains("from-source"), "{samples}");
+    let log = std::fs::read_to_string(&sync.log).unwrap();
+    assert!(
+        log.contains("writes on the target that ferry did not make"),
+        "{log}"
+    );
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    app.join().unwrap();
+    assert!(writer.join().unwrap() > 0);
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["status", "--data-dir", sync.data_dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        text(&out).contains("writes on the target that ferry did not make"),
+        "{}",
+        text(&out)
+    );
+    let expected = source.cmd(&["GET", "from-source"]);
+    wait_for("ferry's own writes on the target", || {
+        cli_as(&target, None, &["GET", "from-source"]) == expected
+    });
+}

@@ -228,6 +228,9 @@ impl From<DrainerSide> for pb::DrainerSide {
             handoff,
             voided,
             fallback_snapshots,
+            foreign_writes,
+            foreign_windows,
+            foreign_samples,
         } = side;
         pb::DrainerSide {
             drainer_id,
@@ -255,6 +258,9 @@ impl From<DrainerSide> for pb::DrainerSide {
             handoff,
             voided,
             fallback_snapshots,
+            foreign_writes,
+            foreign_windows,
+            foreign_samples,
         }
     }
 }
@@ -287,6 +293,9 @@ impl From<pb::DrainerSide> for DrainerSide {
             handoff,
             voided,
             fallback_snapshots,
+            foreign_writes,
+            foreign_windows,
+            foreign_samples,
         } = side;
         DrainerSide {
             drainer_id,
@@ -314,6 +323,9 @@ impl From<pb::DrainerSide> for DrainerSide {
             handoff,
             voided,
             fallback_snapshots,
+            foreign_writes,
+            foreign_windows,
+            foreign_samples,
         }
     }
 }
@@ -610,6 +622,9 @@ mod tests {
                     fence: Some("client-kill".into()),
                     split_entries: 34,
                     fallback_snapshots: 2,
+                    foreign_writes: 3,
+                    foreign_windows: 7,
+                    foreign_samples: vec!["db 0 SET \"k\" by 10.0.0.2:2 (app)".into()],
                     cluster: Some("cluster: 3 masters".into()),
                     handoff: Some("entry 35 waits for slot 7".into()),
                     voided: Some("3 entries of aborted slot imports skipped".into()),

@@ -93,6 +93,14 @@ pub struct ApplyConfig {
     /// notification; this is how often it looks for new entries anyway (a
     /// fallback, not the normal wake-up). Default: `"1s"`, at most `"60s"`.
     pub idle_poll: HumanDuration,
+    /// How often the applier of a standalone target watches it for writes
+    /// ferry did not make ([`super::foreign`]: `MONITOR` for
+    /// `foreign-writes-window`, counted in status, a warning when any).
+    /// `"0s"` never. Default: `"60s"`.
+    pub foreign_writes_every: HumanDuration,
+    /// How long each of those windows lasts (`MONITOR` slows the target
+    /// while it runs). Default: `"200ms"`, at most `"10s"`.
+    pub foreign_writes_window: HumanDuration,
     /// Timeout of a connection attempt to the target. Default: `"5s"`.
     pub connect_timeout: HumanDuration,
     /// Longest wait for one reply of the target before the connection is
@@ -219,6 +227,8 @@ impl Default for ApplyConfig {
             retry_backoff_min: HumanDuration(Duration::from_millis(100)),
             retry_backoff_max: HumanDuration(Duration::from_secs(10)),
             idle_poll: HumanDuration(Duration::from_secs(1)),
+            foreign_writes_every: HumanDuration(Duration::from_secs(60)),
+            foreign_writes_window: HumanDuration(Duration::from_millis(200)),
             connect_timeout: HumanDuration(Duration::from_secs(5)),
             reply_timeout: HumanDuration(Duration::from_secs(60)),
             load_window: 8192,
@@ -355,6 +365,19 @@ impl ApplyConfig {
         self.target_url()?;
         self.downstream_id()?;
         self.keyspace()?;
+        if self.foreign_writes_window.0.is_zero()
+            || self.foreign_writes_window.0 > Duration::from_secs(10)
+        {
+            return Err(bad("foreign-writes-window", "must be from 1ms to 10s"));
+        }
+        if !self.foreign_writes_every.0.is_zero()
+            && self.foreign_writes_every.0 < self.foreign_writes_window.0
+        {
+            return Err(bad(
+                "foreign-writes-every",
+                "must be 0s (never) or at least foreign-writes-window",
+            ));
+        }
         if self.retain_applied.0 > Duration::from_secs(3600) {
             return Err(bad("retain-applied", "must be at most 1h"));
         }

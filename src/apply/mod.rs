@@ -303,6 +303,7 @@ pub mod config;
 pub mod dead_letter;
 pub mod expire;
 mod fence;
+pub mod foreign;
 pub mod keyspace;
 mod reader;
 pub mod scope;
@@ -612,6 +613,7 @@ async fn run_inner(
             voids: batch::VoidedTenures::new(),
             void_scan: LogId::ZERO,
             direct,
+            foreign: None,
             cfg,
         };
         let result = applier.run().await;
@@ -893,6 +895,9 @@ pub(crate) struct Applier {
     /// Reading the listener's WAL (`ferry sync`): where fallback snapshots
     /// come from ([`run_direct`]).
     direct: Option<Arc<dyn SnapshotProvider>>,
+    /// The foreign-writes sampler of a standalone target ([`foreign`]),
+    /// once started: cancelled when the applier is dropped.
+    foreign: Option<tokio_util::sync::DropGuard>,
     /// Slot tenures voided in this partition's log, as far as read
     /// (docs/cluster.md, rule 9; [`Applier::find_voids`]).
     voids: batch::VoidedTenures,
@@ -1102,6 +1107,18 @@ impl Applier {
         }
         if self.cluster == Some(true) {
             return self.cluster_session(last_error).await;
+        }
+        if self.foreign.is_none() && !self.cfg.foreign_writes_every.0.is_zero() {
+            // Ends with the applier (the guard cancels it when dropped).
+            let cancel = self.shutdown.child_token();
+            tokio::spawn(foreign::run(
+                self.url.clone(),
+                self.cfg.foreign_writes_every.0,
+                self.cfg.foreign_writes_window.0,
+                Arc::clone(&self.status),
+                cancel.clone(),
+            ));
+            self.foreign = Some(cancel.drop_guard());
         }
         let shutdown = self.shutdown.clone();
         let connect = async {

@@ -195,6 +195,9 @@ struct StatusFields {
     fence: Option<String>,
     split_entries: u64,
     fallback_snapshots: u64,
+    foreign_writes: u64,
+    foreign_windows: u64,
+    foreign_samples: Vec<String>,
     cluster: Option<String>,
     /// A reply the target is late with.
     stall: Option<Stall>,
@@ -261,6 +264,12 @@ pub struct ApplyReport {
     /// Fallback snapshots taken for this applier in place of entries its
     /// log lacked (reading the listener's WAL).
     pub fallback_snapshots: u64,
+    /// Writes on the target that ferry did not make, seen in the sampling
+    /// windows so far ([`super::foreign`]), the windows watched, and the
+    /// latest few (`db <n> <COMMAND> "<key>" by <client>`).
+    pub foreign_writes: u64,
+    pub foreign_windows: u64,
+    pub foreign_samples: Vec<String>,
     /// A cluster target: its masters, and the slot the applier waits on
     /// (migrating, `TRYAGAIN`, `CLUSTERDOWN`), if any; `None` for a
     /// standalone target.
@@ -292,6 +301,9 @@ impl ApplyStatus {
                 fence: None,
                 split_entries: 0,
                 fallback_snapshots: 0,
+                foreign_writes: 0,
+                foreign_windows: 0,
+                foreign_samples: Vec::new(),
                 cluster: None,
                 stall: None,
                 skip_request: None,
@@ -364,6 +376,9 @@ impl ApplyStatus {
             fence: fields.fence,
             split_entries: fields.split_entries,
             fallback_snapshots: fields.fallback_snapshots,
+            foreign_writes: fields.foreign_writes,
+            foreign_windows: fields.foreign_windows,
+            foreign_samples: fields.foreign_samples,
             cluster: fields.cluster,
         }
     }
@@ -523,6 +538,24 @@ impl ApplyStatus {
 
     pub(crate) fn add_fallback_snapshot(&self) {
         self.lock().fallback_snapshots += 1;
+    }
+
+    /// A foreign-writes window watched: `writes` seen, the latest samples
+    /// first kept (at most [`super::foreign::SAMPLES_KEPT`]).
+    pub(crate) fn add_foreign_window(
+        &self,
+        writes: u64,
+        samples: Vec<super::foreign::ForeignWrite>,
+    ) {
+        let mut fields = self.lock();
+        fields.foreign_windows += 1;
+        fields.foreign_writes += writes;
+        if !samples.is_empty() {
+            let mut kept: Vec<String> = samples.iter().map(ToString::to_string).collect();
+            kept.extend(std::mem::take(&mut fields.foreign_samples));
+            kept.truncate(super::foreign::SAMPLES_KEPT);
+            fields.foreign_samples = kept;
+        }
     }
 
     pub(crate) fn set_cluster(&self, cluster: Option<String>) {

@@ -516,6 +516,16 @@ fn render_drainers(out: &mut String, drainers: &[DrainerSide], style: RenderStyl
                 side.fallback_snapshots
             );
         }
+        if side.foreign_writes > 0 {
+            let _ = writeln!(
+                out,
+                "  part {part}: WARNING {} writes on the target that ferry did not make, seen in {} \
+                 sampling windows (latest: {}); see ferry guard",
+                side.foreign_writes,
+                side.foreign_windows,
+                clean(&side.foreign_samples.join("; "))
+            );
+        }
         if side.split_entries > 0 {
             let _ = writeln!(
                 out,
@@ -690,6 +700,9 @@ mod tests {
                 dead_letter_file: Some("/d/dead-letter/d1-0.resp".into()),
                 split_entries: 0,
                 fallback_snapshots: 0,
+                foreign_writes: 0,
+                foreign_windows: 0,
+                foreign_samples: Vec::new(),
                 cluster: None,
                 handoff: None,
                 voided: None,
@@ -708,6 +721,20 @@ mod tests {
         let text = render_status(&status, NOW, RenderStyle::default());
         assert!(
             text.contains("  part 0: HANDOFF: entry 9 waits for slot 7 to be handed to this partition (tenure generation 1); the target's owner map has partition 0 generation 0\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn renders_foreign_writes() {
+        let mut status = online();
+        assert!(!render_status(&status, NOW, RenderStyle::default()).contains("did not make"));
+        status.drainers[0].foreign_writes = 2;
+        status.drainers[0].foreign_windows = 5;
+        status.drainers[0].foreign_samples = vec!["db 0 SET \"k\" by 10.0.0.2:2 (app)".into()];
+        let text = render_status(&status, NOW, RenderStyle::default());
+        assert!(
+            text.contains("  part 0: WARNING 2 writes on the target that ferry did not make, seen in 5 sampling windows (latest: db 0 SET \"k\" by 10.0.0.2:2 (app)); see ferry guard\n"),
             "{text}"
         );
     }
