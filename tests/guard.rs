@@ -210,27 +210,22 @@ fn a_guard_is_saved_to_the_aclfile_and_refused_where_it_cannot_hold() {
         "{}",
         text(&out)
     );
+    let refused = |url: &str, password_file: &str, why: &str| {
+        let out = ferry(&[
+            "guard",
+            "--target",
+            url,
+            "--ferry-password-file",
+            password_file,
+        ]);
+        assert!(!out.status.success());
+        assert!(text(&out).contains(why), "{}", text(&out));
+    };
     let empty = write_file(dir.path(), "empty.pw", "\n");
-    let out = ferry(&[
-        "guard",
-        "--target",
-        &target.url(),
-        "--ferry-password-file",
-        &empty,
-    ]);
-    assert!(!out.status.success());
-    assert!(text(&out).contains("is empty"), "{}", text(&out));
+    refused(&target.url(), &empty, "is empty");
     assert_eq!(target.cmd(&["ACL", "LIST"]), rules_before);
     let node = RedisServer::start(&["--cluster-enabled", "yes"]);
-    let out = ferry(&[
-        "guard",
-        "--target",
-        &node.url(),
-        "--ferry-password-file",
-        &ferry_pw,
-    ]);
-    assert!(!out.status.success());
-    assert!(text(&out).contains("Redis Cluster"), "{}", text(&out));
+    refused(&node.url(), &ferry_pw, "Redis Cluster");
     assert!(!node.cmd(&["ACL", "LIST"]).contains("ferry"));
 }
 

@@ -197,39 +197,16 @@ pub async fn guard_on(
         addr: addr.clone(),
         source,
     };
-    let password_rule = format!(">{ferry_password}");
-    client
-        .call([
-            "ACL",
-            "SETUSER",
-            ferry_user,
-            "reset",
-            "on",
-            password_rule.as_str(),
-            "~*",
-            "&*",
-            "+@all",
-        ])
-        .await
-        .map_err(redis)?;
+    set_user(&mut client, &addr, ferry_user, ferry_password, &["+@all"]).await?;
     if let Some((user, password)) = app {
-        let password_rule = format!(">{password}");
-        client
-            .call([
-                "ACL",
-                "SETUSER",
-                user,
-                "reset",
-                "on",
-                password_rule.as_str(),
-                "~*",
-                "&*",
-                "+@all",
-                "-@write",
-                "-@admin",
-            ])
-            .await
-            .map_err(redis)?;
+        set_user(
+            &mut client,
+            &addr,
+            user,
+            password,
+            &["+@all", "-@write", "-@admin"],
+        )
+        .await?;
     }
     // From here on the login may lose its rights (it may be `default`).
     client
@@ -342,6 +319,36 @@ pub async fn guard_off(target: &RedisUrl) -> Result<String, GuardError> {
             ""
         }
     ))
+}
+
+/// `ACL SETUSER <user> reset on ><password> ~* &* <commands>`.
+async fn set_user(
+    client: &mut Client,
+    addr: &str,
+    user: &str,
+    password: &str,
+    commands: &[&str],
+) -> Result<(), GuardError> {
+    let password_rule = format!(">{password}");
+    let mut args = vec![
+        "ACL",
+        "SETUSER",
+        user,
+        "reset",
+        "on",
+        &password_rule,
+        "~*",
+        "&*",
+    ];
+    args.extend_from_slice(commands);
+    client
+        .call(args)
+        .await
+        .map(|_| ())
+        .map_err(|source| GuardError::Redis {
+            addr: addr.to_string(),
+            source,
+        })
 }
 
 fn refused(addr: &str, reason: String) -> GuardError {

@@ -390,16 +390,23 @@ async fn invalid_appends_are_rejected_without_side_effects() {
     .await;
 }
 
-#[tokio::test]
-async fn corrupt_entries_in_memory_are_typed_errors() {
+/// A WAL on an in-memory storage, without a read tail (reads go to the
+/// storage, which tests then damage behind its back).
+async fn untailed_mem_wal() -> (Arc<MemWalStorage>, Wal, tempfile::TempDir) {
     let storage = Arc::new(MemWalStorage::new());
     let dir = tempfile::tempdir().unwrap();
-    // The storage is corrupted behind the WAL's back: read it, not the tail.
     let config = WalConfig {
         tail_bytes: ByteSize(0),
         ..test_config(dir.path())
     };
     let wal = Wal::with_storage(storage.clone(), config).await.unwrap();
+    (storage, wal, dir)
+}
+
+#[tokio::test]
+async fn corrupt_entries_in_memory_are_typed_errors() {
+    // The storage is corrupted behind the WAL's back: read it, not the tail.
+    let (storage, wal, _dir) = untailed_mem_wal().await;
     wal.append(P2, vec![entry(b"a", 1), entry(b"b", 1)])
         .await
         .unwrap();
@@ -1512,13 +1519,7 @@ async fn single_entry_values_of_format_1_read_next_to_blocks() {
 /// a read asks for.
 #[tokio::test]
 async fn a_damaged_block_is_corrupt_for_every_entry_in_it() {
-    let storage = Arc::new(MemWalStorage::new());
-    let dir = tempfile::tempdir().unwrap();
-    let config = WalConfig {
-        tail_bytes: ByteSize(0),
-        ..test_config(dir.path())
-    };
-    let wal = Wal::with_storage(storage.clone(), config).await.unwrap();
+    let (storage, wal, _dir) = untailed_mem_wal().await;
     wal.append(P1, (0..10).map(|i| entry(b"entry", i)).collect())
         .await
         .unwrap();
