@@ -130,8 +130,9 @@ pub struct Fragment {
 }
 
 /// The state at this log id is snapshot `epoch`, consistent with the source
-/// at (`replid`, `offset`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// at (`replid`, `offset`). The default is an empty marker of epoch 0 (a
+/// preload's stand-in until the real marker is read).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SnapshotMarker {
     pub epoch: u64,
     pub rdb_bytes: u64,

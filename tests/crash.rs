@@ -1504,13 +1504,7 @@ fn empty_target_after_restart_gets_a_fallback_snapshot() {
     // 2. Empty again, and ferry killed in the middle of the load.
     // Connects anew each time: the target is killed in between.
     let target_addr = target.addr();
-    let checkpoint = || {
-        common::resp::Conn::connect(&target_addr, Duration::from_secs(1))
-            .and_then(|mut conn| conn.call(&["GET", "__ferry:checkpoint:ferry:0"]))
-            .ok()
-            .and_then(|reply| reply.text())
-            .unwrap_or_default()
-    };
+    let checkpoint = || read_checkpoint(&target_addr);
     let mut caught = 0;
     for round in 0..3 {
         let mark = ferry.log_len();
@@ -1743,13 +1737,7 @@ fn a_full_resync_is_loaded_while_it_is_stored() {
     let dir = tempfile::tempdir().unwrap();
     let start = || sync_with_config(dir.path(), &source, &target, "", "");
     let target_addr = target.addr();
-    let checkpoint = || {
-        common::resp::Conn::connect(&target_addr, Duration::from_secs(1))
-            .and_then(|mut conn| conn.call(&["GET", "__ferry:checkpoint:ferry:0"]))
-            .ok()
-            .and_then(|reply| reply.text())
-            .unwrap_or_default()
-    };
+    let checkpoint = || read_checkpoint(&target_addr);
     let mut ferry = start();
     let mut overlapped = 0;
     for round in 0..4 {
@@ -1857,4 +1845,15 @@ fn frozen_target_during_catch_up() {
     let status = ferry.terminate(Duration::from_secs(30));
     assert!(status.success(), "{status:?}; {}", ferry.log_tail(30));
     assert_no_fatal(&ferry);
+}
+
+/// The checkpoint of `ferry sync`'s partition 0 on the target at `addr`,
+/// empty when there is none or the target does not answer (it is killed
+/// in between: a new connection each time).
+fn read_checkpoint(addr: &str) -> String {
+    common::resp::Conn::connect(addr, Duration::from_secs(1))
+        .and_then(|mut conn| conn.call(&["GET", "__ferry:checkpoint:ferry:0"]))
+        .ok()
+        .and_then(|reply| reply.text())
+        .unwrap_or_default()
 }

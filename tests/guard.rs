@@ -226,6 +226,12 @@ fn a_guard_is_saved_to_the_aclfile_and_refused_where_it_cannot_hold() {
     assert_eq!(target.cmd(&["ACL", "LIST"]), rules_before);
     let node = RedisServer::start(&["--cluster-enabled", "yes"]);
     refused(&node.url(), &ferry_pw, "Redis Cluster");
+    // An operator's own user of that name is not taken over (nor, later,
+    // deleted by --off).
+    target.cmd(&["ACL", "SETUSER", "ferry", "on", ">ops", "~ops:*", "+get"]);
+    let operators = target.cmd(&["ACL", "LIST"]);
+    refused(&target.url(), &ferry_pw, "was not made by ferry guard");
+    assert_eq!(target.cmd(&["ACL", "LIST"]), operators);
     assert!(!node.cmd(&["ACL", "LIST"]).contains("ferry"));
 }
 

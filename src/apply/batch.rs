@@ -1664,13 +1664,7 @@ mod tests {
             size: 10,
             record: Record::Snapshot(SnapshotMarker {
                 epoch: 1,
-                rdb_bytes: 0,
-                chunks: 0,
-                replid: String::new(),
-                offset: 0,
-                scope: None,
-                tenures: Vec::new(),
-                handoffs: Vec::new(),
+                ..SnapshotMarker::default()
             }),
         };
         let mut pending: VecDeque<Pending> = [
@@ -2010,13 +2004,7 @@ mod tests {
             size: 10,
             record: Record::Snapshot(SnapshotMarker {
                 epoch: 1,
-                rdb_bytes: 0,
-                chunks: 0,
-                replid: String::new(),
-                offset: 0,
-                scope: None,
-                tenures: Vec::new(),
-                handoffs: Vec::new(),
+                ..SnapshotMarker::default()
             }),
         };
         let mut pending: VecDeque<Pending> = [fragment(9, 0), fragment(10, 1), marker].into();

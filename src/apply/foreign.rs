@@ -46,8 +46,10 @@ pub const SAMPLES_KEPT: usize = 5;
 /// The name of the sampler's own connection.
 const MONITOR_CLIENT_NAME: &str = "ferry-monitor";
 
-/// Lines of one window read at most (a busy target's MONITOR is a flood).
+/// Lines and bytes of one window read at most (a busy target's MONITOR is
+/// a flood, and a line holds a whole command): the window ends early.
 const MAX_LINES: usize = 100_000;
+const MAX_BYTES: usize = 16 << 20;
 
 /// One foreign write seen.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,11 +129,13 @@ pub async fn watch(url: &RedisUrl, window: Duration) -> Result<Window, ClientErr
     client.call(["MONITOR"]).await?;
     let deadline = tokio::time::Instant::now() + window;
     let mut lines = Vec::new();
-    while lines.len() < MAX_LINES {
+    let mut bytes = 0;
+    while lines.len() < MAX_LINES && bytes < MAX_BYTES {
         match tokio::time::timeout_at(deadline, client.read_frame()).await {
             Err(_) => break,
             Ok(frame) => {
                 if let Some(line) = frame?.as_bytes() {
+                    bytes += line.len();
                     lines.push(line.clone());
                 }
             }

@@ -951,13 +951,7 @@ impl Applier {
         );
         let marker = SnapshotMarker {
             epoch,
-            rdb_bytes: 0,
-            chunks: 0,
-            replid: String::new(),
-            offset: 0,
-            scope: None,
-            tenures: Vec::new(),
-            handoffs: Vec::new(),
+            ..SnapshotMarker::default()
         };
         self.load_snapshot_of(target, log_id, marker, true).await
     }

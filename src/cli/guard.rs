@@ -25,7 +25,9 @@
 //!    drops the guard (the command says so).
 //!
 //! Guarding a guarded target keeps the rules recorded the first time (they
-//! are what `--off` goes back to) and sets the users' passwords again.
+//! are what `--off` goes back to) and sets the users' passwords again. A
+//! user that exists and was not made by the guard is refused: `--off`
+//! would delete it.
 //!
 //! # Off
 //!
@@ -193,6 +195,20 @@ pub async fn guard_on(
     let mut client = connect(target, &addr).await?;
     check_standalone(&mut client, &addr).await?;
     let existing = read_record(&mut client, &addr).await?;
+    // Users the guard did not make are the operator's: `--off` would
+    // delete them, so they are not taken over.
+    let made = existing.as_ref().map_or(&[][..], |r| r.users.as_slice());
+    for user in std::iter::once(ferry_user).chain(app.map(|(user, _)| user)) {
+        if !made.iter().any(|u| u == user) && user_exists(&mut client, &addr, user).await? {
+            return Err(refused(
+                &addr,
+                format!(
+                    "the ACL user {user:?} exists and was not made by ferry guard (--off would \
+                     delete it): name another user"
+                ),
+            ));
+        }
+    }
     let redis = |source| GuardError::Redis {
         addr: addr.clone(),
         source,
@@ -476,6 +492,18 @@ async fn default_rules(client: &mut Client, addr: &str) -> Result<String, GuardE
         .map(|line| String::from_utf8_lossy(line).into_owned())
         .find_map(|line| line.strip_prefix("user default ").map(String::from))
         .ok_or_else(|| refused(addr, "ACL LIST names no default user".to_string()))
+}
+
+/// Whether the ACL user `user` exists (`ACL GETUSER` answers nil when not).
+async fn user_exists(client: &mut Client, addr: &str, user: &str) -> Result<bool, GuardError> {
+    let reply = client
+        .call(["ACL", "GETUSER", user])
+        .await
+        .map_err(|source| GuardError::Redis {
+            addr: addr.to_string(),
+            source,
+        })?;
+    Ok(!matches!(reply, Frame::Null))
 }
 
 async fn has_aclfile(client: &mut Client, addr: &str) -> Result<bool, GuardError> {
