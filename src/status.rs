@@ -265,4 +265,40 @@ pub trait NodeControl: Send + Sync + 'static {
     /// recording it in the dead-letter file first. May block briefly to
     /// report whether it was done.
     fn skip(&self, request: &SkipRequest) -> Result<SkipOutcome, ControlError>;
+    /// Reverses a running one-way sync (`ferry switchover`): writes paused
+    /// on the source, the target caught up, the old target replicated into
+    /// the old source from the exact position, the pause lifted. The
+    /// report lists every step, also when it failed (then the old direction
+    /// runs on). Only `ferry sync` can; the default refuses.
+    fn switchover(
+        &self,
+        _timeout: std::time::Duration,
+    ) -> futures::future::BoxFuture<'static, Result<SwitchoverReport, ControlError>> {
+        Box::pin(async {
+            Err(ControlError::Refused(
+                "only `ferry sync` can switch over (a listener and drainer pair cannot yet)".into(),
+            ))
+        })
+    }
+}
+
+/// What `ferry switchover` did, step by step.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct SwitchoverReport {
+    pub steps: Vec<SwitchStep>,
+    /// Why it stopped; `None`: the direction is reversed.
+    pub error: Option<String>,
+    /// The sync's direction once it ended (addresses, no credentials).
+    pub source: String,
+    pub target: String,
+    /// How long the old source's writes were paused.
+    pub write_pause_ms: u64,
+}
+
+/// One step of a switchover and how long it took.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct SwitchStep {
+    pub name: String,
+    pub millis: u64,
+    pub detail: String,
 }

@@ -9,7 +9,7 @@
 use crate::record::pb;
 use crate::status::{
     BlockedEntry, DrainerSide, ListenerSide, NodeStatus, RefusedCommand, ShipSide, SkipOutcome,
-    SkipRequest, SnapshotLoad, SourceShard, SyncSelector,
+    SkipRequest, SnapshotLoad, SourceShard, SwitchStep, SwitchoverReport, SyncSelector,
 };
 
 impl From<NodeStatus> for pb::NodeStatus {
@@ -475,6 +475,70 @@ impl From<SkipOutcome> for pb::SkipReply {
         pb::SkipReply {
             dead_letter_file,
             done,
+        }
+    }
+}
+
+impl From<SwitchoverReport> for pb::SwitchoverReply {
+    fn from(report: SwitchoverReport) -> Self {
+        let SwitchoverReport {
+            steps,
+            error,
+            source,
+            target,
+            write_pause_ms,
+        } = report;
+        pb::SwitchoverReply {
+            steps: steps
+                .into_iter()
+                .map(
+                    |SwitchStep {
+                         name,
+                         millis,
+                         detail,
+                     }| pb::SwitchStep {
+                        name,
+                        millis,
+                        detail,
+                    },
+                )
+                .collect(),
+            error,
+            source,
+            target,
+            write_pause_ms,
+        }
+    }
+}
+
+impl From<pb::SwitchoverReply> for SwitchoverReport {
+    fn from(reply: pb::SwitchoverReply) -> Self {
+        let pb::SwitchoverReply {
+            steps,
+            error,
+            source,
+            target,
+            write_pause_ms,
+        } = reply;
+        SwitchoverReport {
+            steps: steps
+                .into_iter()
+                .map(
+                    |pb::SwitchStep {
+                         name,
+                         millis,
+                         detail,
+                     }| SwitchStep {
+                        name,
+                        millis,
+                        detail,
+                    },
+                )
+                .collect(),
+            error,
+            source,
+            target,
+            write_pause_ms,
         }
     }
 }

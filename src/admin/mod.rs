@@ -57,7 +57,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 use crate::record::pb;
-use crate::status::{NodeStatus, SkipOutcome, SkipRequest, SyncSelector};
+use crate::status::{NodeStatus, SkipOutcome, SkipRequest, SwitchoverReport, SyncSelector};
 
 pub use crate::record::pb::admin_client::AdminClient;
 pub use crate::record::pb::admin_server::{Admin, AdminServer};
@@ -74,6 +74,11 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest a skip request waits for the applier to have skipped the entry
 /// (well within [`REQUEST_TIMEOUT`]).
 pub const SKIP_WAIT: Duration = Duration::from_secs(3);
+/// How long `ferry switchover` lets writes on the source stay paused
+/// unless told otherwise.
+pub const SWITCHOVER_DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest `--timeout` a switchover takes.
+pub const SWITCHOVER_MAX_TIMEOUT: Duration = Duration::from_secs(600);
 /// Largest reply either side encodes or decodes.
 pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
 /// Largest request the server decodes (requests are a few bytes).
@@ -280,13 +285,41 @@ pub async fn skip(addr: &str, request: &SkipRequest) -> Result<SkipOutcome, Admi
     Ok(reply.into())
 }
 
+/// Asks the node at `addr` to switch its sync over, letting writes on the
+/// source stay paused at most `timeout`; the report lists every step.
+pub async fn switchover(addr: &str, timeout: Duration) -> Result<SwitchoverReport, AdminError> {
+    let request = pb::SwitchoverRequest {
+        timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+    };
+    // The node stops and starts its stages around the pause.
+    let limit = timeout + Duration::from_secs(120);
+    let reply = call_within(addr, limit, |mut client| async move {
+        client.switchover(request).await
+    })
+    .await?;
+    Ok(reply.into())
+}
+
 /// Connects to `addr` and runs one call, the whole bounded in time.
 async fn call<T, F, Fut>(addr: &str, request: F) -> Result<T, AdminError>
 where
     F: FnOnce(AdminClient<Channel>) -> Fut,
     Fut: Future<Output = Result<tonic::Response<T>, Status>>,
 {
-    let endpoint = endpoint(addr)?;
+    call_within(addr, REQUEST_TIMEOUT, request).await
+}
+
+/// [`call`] with `request_timeout` for the answer.
+async fn call_within<T, F, Fut>(
+    addr: &str,
+    request_timeout: Duration,
+    request: F,
+) -> Result<T, AdminError>
+where
+    F: FnOnce(AdminClient<Channel>) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+{
+    let endpoint = endpoint(addr)?.timeout(request_timeout);
     let work = async {
         let channel = endpoint
             .connect()
@@ -303,7 +336,7 @@ where
             .map(tonic::Response::into_inner)
             .map_err(|status| AdminError::from_status(addr, status))
     };
-    let limit = CONNECT_TIMEOUT + REQUEST_TIMEOUT;
+    let limit = CONNECT_TIMEOUT + request_timeout;
     tokio::time::timeout(limit, work).await.unwrap_or_else(|_| {
         Err(AdminError::Timeout {
             addr: addr.to_string(),

@@ -18,8 +18,10 @@ use crate::status::{ControlError, NodeControl, SkipRequest, SyncSelector};
 /// dropping them: admin calls are short, a client that holds a connection
 /// longer must not hold the process's exit.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
-/// Longest time the server spends on one call.
-const SERVER_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest time the server spends on one call: a switchover's longest
+/// pause and the time to stop and start the stages around it.
+const SERVER_REQUEST_TIMEOUT: Duration =
+    Duration::from_secs(super::SWITCHOVER_MAX_TIMEOUT.as_secs() + 120);
 
 /// The admin service of one process.
 #[derive(Clone)]
@@ -135,6 +137,33 @@ impl Admin for AdminService {
             "skip"
         );
         Ok(Response::new(outcome.into()))
+    }
+
+    async fn switchover(
+        &self,
+        request: Request<pb::SwitchoverRequest>,
+    ) -> Result<Response<pb::SwitchoverReply>, Status> {
+        let asked = request.into_inner().timeout_ms;
+        let timeout = if asked == 0 {
+            super::SWITCHOVER_DEFAULT_TIMEOUT
+        } else {
+            Duration::from_millis(asked)
+        };
+        if timeout > super::SWITCHOVER_MAX_TIMEOUT {
+            return Err(Status::invalid_argument(format!(
+                "a switchover timeout is at most {}s",
+                super::SWITCHOVER_MAX_TIMEOUT.as_secs()
+            )));
+        }
+        info!(timeout_ms = timeout.as_millis() as u64, "switchover asked");
+        // The node runs the switchover on its own task: a caller that goes
+        // away does not leave it half-done.
+        let report = self
+            .node
+            .switchover(timeout)
+            .await
+            .map_err(control_error_status)?;
+        Ok(Response::new(report.into()))
     }
 }
 

@@ -103,6 +103,13 @@ pub enum Verb {
     /// user for applications; --off restores what it changed (recorded on
     /// the target in __ferry:guard). Standalone targets, Redis 6 or later.
     Guard(guard::GuardArgs),
+    /// Reverse a running `ferry sync` with no full sync: pause writes on the
+    /// source, wait until the target has applied everything, replicate the
+    /// old target into the old source from that exact point, unpause
+    /// (closing the clients whose writes the pause held). Prints each step
+    /// and its duration; on timeout or error the sync runs on as before.
+    /// Standalone source and target.
+    Switchover(status::SwitchoverArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -310,6 +317,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Verb::Verify(args) => Ok(verify::verify(&args)?),
         Verb::Precheck(args) => Ok(precheck::precheck(&args)?),
         Verb::Guard(args) => Ok(guard::guard(&args)?),
+        Verb::Switchover(args) => Ok(status::switchover(&args)?),
     }
 }
 

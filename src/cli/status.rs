@@ -25,8 +25,9 @@ use std::time::Duration;
 use clap::Args;
 
 use crate::admin::{self, AdminError, DEFAULT_ADMIN_ADDR};
+use crate::config_units::HumanDuration;
 use crate::status::{
-    DrainerSide, ListenerSide, NodeStatus, SkipOutcome, SkipRequest, SyncSelector,
+    DrainerSide, ListenerSide, NodeStatus, SkipOutcome, SkipRequest, SwitchoverReport, SyncSelector,
 };
 use crate::table::table;
 
@@ -105,6 +106,20 @@ pub struct SkipArgs {
     pub drainer: Option<String>,
 }
 
+/// `ferry switchover` arguments.
+#[derive(Debug, Clone, Args)]
+pub struct SwitchoverArgs {
+    #[command(flatten)]
+    pub target: AdminTarget,
+    /// Longest time writes on the source stay paused waiting for the target
+    /// to catch up; past it the switchover is undone, the source unpaused,
+    /// and the sync goes on in its old direction (at most 600s).
+    #[arg(long, default_value = "30s")]
+    pub timeout: HumanDuration,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
 /// Why a status or control verb failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StatusCommandError {
@@ -116,6 +131,8 @@ pub enum StatusCommandError {
     Json(#[from] serde_json::Error),
     #[error("cannot start the async runtime: {0}")]
     Runtime(#[source] io::Error),
+    #[error("switchover failed, the sync runs on in its old direction: {0}")]
+    Switchover(String),
 }
 
 /// How [`render_status`] draws progress.
@@ -189,6 +206,64 @@ pub fn skip(args: &SkipArgs) -> Result<(), StatusCommandError> {
         admin::skip(&addr, &request).await
     })?;
     write_stdout(&skip_summary(&request, &outcome))
+}
+
+/// `ferry switchover`: prints every step; exit code 1 when it failed.
+pub fn switchover(args: &SwitchoverArgs) -> Result<(), StatusCommandError> {
+    let report = runtime()?.block_on(async {
+        let addr = args.target.resolve()?;
+        admin::switchover(&addr, args.timeout.0).await
+    })?;
+    let text = if args.json {
+        serde_json::to_string(&report)? + "\n"
+    } else {
+        render_switchover(&report)
+    };
+    write_stdout(&text)?;
+    match report.error {
+        Some(error) => Err(StatusCommandError::Switchover(clean(&error))),
+        None => Ok(()),
+    }
+}
+
+fn render_switchover(report: &SwitchoverReport) -> String {
+    let rows: Vec<Vec<String>> = report
+        .steps
+        .iter()
+        .map(|step| {
+            vec![
+                clean(&step.name),
+                step.millis.to_string(),
+                clean(&step.detail),
+            ]
+        })
+        .collect();
+    let mut out = String::new();
+    table(&mut out, &["step", "ms", "detail"], &rows);
+    let direction = format!("{} -> {}", clean(&report.source), clean(&report.target));
+    match &report.error {
+        None => {
+            let _ = writeln!(
+                out,
+                "switched over: the sync now replicates {direction}; writes on the old source were \
+                 paused {} ms. Point writers at {}.",
+                report.write_pause_ms,
+                clean(&report.source)
+            );
+        }
+        Some(_) if report.write_pause_ms > 0 => {
+            let _ = writeln!(
+                out,
+                "not switched over: the sync replicates {direction}; writes on the source were \
+                 paused {} ms and are unpaused.",
+                report.write_pause_ms
+            );
+        }
+        Some(_) => {
+            let _ = writeln!(out, "not switched over: the sync replicates {direction}.");
+        }
+    }
+    out
 }
 
 fn skip_summary(request: &SkipRequest, outcome: &SkipOutcome) -> String {

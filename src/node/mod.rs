@@ -11,6 +11,7 @@
 
 pub mod config;
 pub mod run;
+pub mod switchover;
 
 pub use config::{
     DrainerNodeConfig, ListenerNodeConfig, NodeConfigError, SyncConfig, SyncOverrides,

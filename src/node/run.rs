@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::config::{ApplyFrom, DrainerNodeConfig, DrainerPeer, ListenerNodeConfig, SyncConfig};
+use super::switchover;
 use crate::apply::{self, ApplyConfig, ApplyStatus};
 use crate::backoff::Backoff;
 use crate::listener::{
@@ -45,7 +46,7 @@ use crate::ship::{
 };
 use crate::status::{
     BlockedEntry, ControlError, DrainerSide, ListenerSide, NodeControl, NodeStatus, RefusedCommand,
-    ShipSide, SkipOutcome, SkipRequest, SnapshotLoad, SourceShard, SyncSelector,
+    ShipSide, SkipOutcome, SkipRequest, SnapshotLoad, SourceShard, SwitchoverReport, SyncSelector,
 };
 use crate::wal::{DownstreamId, Wal, WalConfig, WalError};
 
@@ -284,7 +285,7 @@ fn read_stopped(path: &Path) -> Result<BTreeSet<(u32, String)>, NodeError> {
     Ok(stopped)
 }
 
-fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
+pub(super) fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text)?;
     std::fs::File::open(&tmp)?.sync_all()?;
@@ -1372,7 +1373,7 @@ impl NodeControl for Node {
 async fn start_admin(
     data_dir: &Path,
     addr: &str,
-    node: Arc<Node>,
+    node: Arc<dyn NodeControl>,
     stages: &mut Stages,
 ) -> Result<(), NodeError> {
     let socket = tokio::net::TcpListener::bind(addr)
@@ -1557,7 +1558,7 @@ pub async fn run_listener(
         listener: Some(listener),
         drainer: None,
     });
-    start_admin(&cfg.data_dir, &cfg.admin, Arc::clone(&node), &mut stages).await?;
+    start_admin(&cfg.data_dir, &cfg.admin, node.clone(), &mut stages).await?;
     finish(stages, node, vec![wal]).await
 }
 
@@ -1586,7 +1587,7 @@ pub async fn run_drainer(
         listener: None,
         drainer: Some(drainer),
     });
-    start_admin(&cfg.data_dir, &cfg.admin, Arc::clone(&node), &mut stages).await?;
+    start_admin(&cfg.data_dir, &cfg.admin, node.clone(), &mut stages).await?;
     finish(stages, node, vec![wal]).await
 }
 
@@ -1618,7 +1619,8 @@ fn random_secret() -> Secret {
 /// WAL, as between a `ferry listener` and a `ferry drainer`.
 pub async fn run_sync(cfg: SyncConfig, shutdown: CancellationToken) -> Result<(), NodeError> {
     create_data_dir(&cfg.data_dir)?;
-    let mut stages = Stages::new(shutdown);
+    let (cfg, record) = switchover::lay_record(cfg)?;
+    let mut stages = Stages::new(shutdown.clone());
     let listener_wal = open_wal(cfg.listener_wal.clone()).await?;
     precheck_first_sync(
         &listener_wal,
@@ -1651,30 +1653,15 @@ pub async fn run_sync(cfg: SyncConfig, shutdown: CancellationToken) -> Result<()
         );
     }
     if !relayed {
-        let listener = start_listeners(
-            &cfg.data_dir,
-            &cfg.listener,
-            listener_wal.clone(),
-            cfg.ship.clone(),
-            &[],
-            &mut stages,
-        )
-        .await?;
-        let drainer = start_direct_part(
-            &cfg.data_dir,
-            Arc::clone(&listener),
-            listener_wal.clone(),
-            cfg.apply.clone(),
-            &mut stages,
-        )?;
-        let node = Arc::new(Node {
-            role: "sync",
-            listener: Some(listener),
-            drainer: Some(drainer),
-        });
-        start_admin(&cfg.data_dir, &cfg.admin, Arc::clone(&node), &mut stages).await?;
-        info!(source = %redacted(&cfg.listener.source), target = %redacted(&cfg.apply.target), apply_from = "listener-wal", "sync running");
-        return finish(stages, node, vec![listener_wal]).await;
+        return run_direct(cfg, shutdown, listener_wal, record).await;
+    }
+    if record.is_some() {
+        return Err(NodeError::Config(format!(
+            "{} says this data dir was switched over, which only a sync applying from the \
+             listener's WAL does; it holds a drainer WAL ({}) for the relayed path",
+            cfg.data_dir.join(switchover::RECORD_FILE).display(),
+            cfg.drainer_wal.dir.display()
+        )));
     }
     if cfg.apply_from == ApplyFrom::Auto {
         info!(dir = %cfg.drainer_wal.dir.display(), "this data dir holds a drainer WAL from an earlier ferry: keeping the relayed path (listener WAL -> drainer WAL); set apply-from = \"listener-wal\" to apply from the listener's WAL (one full sync)");
@@ -1720,7 +1707,255 @@ pub async fn run_sync(cfg: SyncConfig, shutdown: CancellationToken) -> Result<()
         listener: Some(listener),
         drainer: Some(drainer),
     });
-    start_admin(&cfg.data_dir, &cfg.admin, Arc::clone(&node), &mut stages).await?;
+    start_admin(&cfg.data_dir, &cfg.admin, node.clone(), &mut stages).await?;
     info!(source = %redacted(&cfg.listener.source), target = %redacted(&cfg.apply.target), apply_from = "drainer-wal", "sync running");
     finish(stages, node, vec![listener_wal, drainer_wal]).await
+}
+
+/// The stages of one direction of a `ferry sync` that applies from the
+/// listener's WAL.
+async fn start_direct_stages(
+    cfg: &SyncConfig,
+    wal: Wal,
+    stages: &mut Stages,
+) -> Result<Arc<Node>, NodeError> {
+    let listener = start_listeners(
+        &cfg.data_dir,
+        &cfg.listener,
+        wal.clone(),
+        cfg.ship.clone(),
+        &[],
+        stages,
+    )
+    .await?;
+    let drainer = start_direct_part(
+        &cfg.data_dir,
+        Arc::clone(&listener),
+        wal,
+        cfg.apply.clone(),
+        stages,
+    )?;
+    Ok(Arc::new(Node {
+        role: "sync",
+        listener: Some(listener),
+        drainer: Some(drainer),
+    }))
+}
+
+/// A switchover asked through the admin API.
+struct SwitchRequest {
+    timeout: Duration,
+    reply: tokio::sync::oneshot::Sender<SwitchoverReport>,
+}
+
+/// `ferry sync` as the admin API sees it: the node of the direction that
+/// runs (none while a switchover stops one and starts the other) and the
+/// way to ask for a switchover, which the run loop carries out
+/// ([`run_direct`]), one at a time.
+struct SyncHost {
+    node: Mutex<Option<Arc<Node>>>,
+    requests: tokio::sync::mpsc::Sender<SwitchRequest>,
+    switching: std::sync::atomic::AtomicBool,
+}
+
+impl SyncHost {
+    fn current(&self) -> Result<Arc<Node>, ControlError> {
+        lock(&self.node).clone().ok_or_else(|| {
+            ControlError::Refused(
+                "a switchover is stopping one direction and starting the other; try again in a \
+                 moment"
+                    .into(),
+            )
+        })
+    }
+
+    fn set(&self, node: Option<Arc<Node>>) {
+        *lock(&self.node) = node;
+    }
+
+    fn reply(
+        &self,
+        reply: tokio::sync::oneshot::Sender<SwitchoverReport>,
+        report: SwitchoverReport,
+    ) {
+        self.switching
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        // The caller may have gone; the switchover is done either way.
+        let _ = reply.send(report);
+    }
+}
+
+impl NodeControl for SyncHost {
+    fn status(&self) -> NodeStatus {
+        match lock(&self.node).clone() {
+            Some(node) => node.status(),
+            None => NodeStatus {
+                role: "sync".into(),
+                taken_unix_ms: now_unix_ms(),
+                ..NodeStatus::default()
+            },
+        }
+    }
+
+    fn stop_sync(&self, which: &SyncSelector) -> Result<usize, ControlError> {
+        self.current()?.stop_sync(which)
+    }
+
+    fn restart_sync(&self, which: &SyncSelector) -> Result<usize, ControlError> {
+        self.current()?.restart_sync(which)
+    }
+
+    fn skip(&self, request: &SkipRequest) -> Result<SkipOutcome, ControlError> {
+        self.current()?.skip(request)
+    }
+
+    fn switchover(
+        &self,
+        timeout: Duration,
+    ) -> BoxFuture<'static, Result<SwitchoverReport, ControlError>> {
+        let requests = self.requests.clone();
+        let busy = self
+            .switching
+            .swap(true, std::sync::atomic::Ordering::SeqCst);
+        Box::pin(async move {
+            if busy {
+                return Err(ControlError::Refused(
+                    "a switchover is already running".into(),
+                ));
+            }
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            requests
+                .send(SwitchRequest { timeout, reply })
+                .await
+                .map_err(|_| ControlError::Failed("the sync is shutting down".into()))?;
+            answer.await.map_err(|_| {
+                ControlError::Failed("the sync stopped before the switchover ended".into())
+            })
+        })
+    }
+}
+
+/// `ferry sync` applying from the listener's WAL: one direction's stages
+/// at a time, which a switchover ([`switchover`]) stops, reverses and
+/// starts again while the admin API keeps serving.
+async fn run_direct(
+    mut cfg: SyncConfig,
+    shutdown: CancellationToken,
+    mut wal: Wal,
+    mut record: Option<switchover::DirectionRecord>,
+) -> Result<(), NodeError> {
+    let (requests, mut asked) = tokio::sync::mpsc::channel(1);
+    let host = Arc::new(SyncHost {
+        node: Mutex::new(None),
+        requests,
+        switching: std::sync::atomic::AtomicBool::new(false),
+    });
+    let control: Arc<dyn NodeControl> = host.clone();
+    let mut admin = Stages::new(shutdown.clone());
+    start_admin(&cfg.data_dir, &cfg.admin, control.clone(), &mut admin).await?;
+    let mut pending: Option<(
+        switchover::Committed,
+        tokio::sync::oneshot::Sender<SwitchoverReport>,
+    )> = None;
+    if let Some(record) = record.as_mut().filter(|r| !r.released) {
+        switchover::release_after_restart(&cfg, record).await;
+    }
+    let result = loop {
+        let direction = shutdown.child_token();
+        let mut stages = Stages::new(direction.clone());
+        let starting = std::time::Instant::now();
+        let node = match start_direct_stages(&cfg, wal.clone(), &mut stages).await {
+            Ok(node) => node,
+            Err(error) => {
+                if let Some((committed, reply)) = pending.take() {
+                    let report = committed.finish(starting, Some(error.to_string()));
+                    host.reply(reply, report);
+                }
+                direction.cancel();
+                for task in stages.tasks {
+                    let _ = task.await;
+                }
+                let _ = wal.close().await;
+                break Err(error);
+            }
+        };
+        host.set(Some(Arc::clone(&node)));
+        info!(source = %redacted(&cfg.listener.source), target = %redacted(&cfg.apply.target), apply_from = "listener-wal", "sync running");
+        if let Some((committed, reply)) = pending.take() {
+            let report = committed.finish(starting, None);
+            host.reply(reply, report);
+        }
+        let ended = finish(stages, node, vec![wal.clone()]);
+        tokio::pin!(ended);
+        let switching = loop {
+            tokio::select! {
+                result = &mut ended => break Err(result),
+                Some(request) = asked.recv() => {
+                    let drained = switchover::drain(
+                        &cfg,
+                        record.as_ref(),
+                        &control,
+                        &direction,
+                        request.timeout,
+                    )
+                    .await;
+                    match drained {
+                        Ok(drained) => break Ok((drained, request.reply)),
+                        Err(report) => host.reply(request.reply, report),
+                    }
+                }
+            }
+        };
+        let (drained, reply) = match switching {
+            Ok(switching) => switching,
+            Err(result) => break result,
+        };
+        let stopping = std::time::Instant::now();
+        host.set(None);
+        direction.cancel();
+        if let Err(error) = ended.await {
+            let why = format!("stopping the old direction: {error}");
+            host.reply(reply, drained.abandon(why).await);
+            break Err(error);
+        }
+        if shutdown.is_cancelled() {
+            let why = "ferry is shutting down".to_string();
+            host.reply(reply, drained.abandon(why).await);
+            break Ok(());
+        }
+        let old_dir = cfg.listener_wal.dir.clone();
+        match drained.commit(&cfg, stopping).await {
+            Ok((next, mut committed)) => {
+                cfg = next;
+                // Released before the new WAL is opened: the source's
+                // writes are paused until then.
+                committed.release(&cfg).await;
+                record = Some(committed.record.clone());
+                pending = Some((committed, reply));
+                if let Err(error) = std::fs::remove_dir_all(&old_dir) {
+                    warn!(dir = %old_dir.display(), %error, "cannot delete the old direction's WAL (the next start does)");
+                }
+            }
+            Err(report) => host.reply(reply, report),
+        }
+        wal = match open_wal(cfg.listener_wal.clone()).await {
+            Ok(wal) => wal,
+            Err(error) => {
+                if let Some((committed, reply)) = pending.take() {
+                    let report = committed.finish(starting, Some(error.to_string()));
+                    host.reply(reply, report);
+                }
+                break Err(error);
+            }
+        };
+    };
+    host.set(None);
+    shutdown.cancel();
+    for task in admin.tasks {
+        let _ = task.await;
+    }
+    if let Some(error) = admin.fatal.take() {
+        warn!(%error, "admin API");
+    }
+    result
 }

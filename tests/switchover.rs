@@ -1,0 +1,397 @@
+//! `ferry switchover` against real redis-servers (issue 11, item 3): under
+//! a write load, every write the old source acknowledged is on the new one
+//! exactly once, the reversed stream carries later writes back, a restart
+//! with the original command line follows the switch, and a switchover
+//! that cannot finish in time leaves the sync as it was.
+
+mod common;
+
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::ferry::FerryProcess;
+use common::resp::{connect, Conn, Resp};
+use common::RedisServer;
+
+fn ferry(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(args)
+        .output()
+        .expect("run ferry")
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// What a writer had acknowledged, per server.
+#[derive(Debug, Default)]
+struct Acked {
+    /// `INCR counter` replies acknowledged.
+    incrs: i64,
+    /// `RPUSH log <n>` elements acknowledged, in order.
+    pushed: Vec<String>,
+}
+
+/// Writes `INCR counter` and `RPUSH log n` (one round trip each) to
+/// `first` until its connection is closed (the switchover closes the
+/// clients its pause holds), then to `second` until `stop`.
+fn writer(first: String, second: String, stop: Arc<AtomicBool>) -> (Acked, Acked) {
+    let mut acked = (Acked::default(), Acked::default());
+    let mut n = 0u64;
+    let mut on_first = true;
+    let mut conn = connect(&first);
+    while !stop.load(Ordering::SeqCst) || on_first {
+        n += 1;
+        let element = format!("e{n}");
+        let side = if on_first { &mut acked.0 } else { &mut acked.1 };
+        let incr = conn.call(&["INCR", "counter"]);
+        let push = incr
+            .as_ref()
+            .ok()
+            .map(|_| conn.call(&["RPUSH", "log", &element]));
+        match (incr, push) {
+            (Ok(Resp::Int(_)), Some(Ok(Resp::Int(_)))) => {
+                side.incrs += 1;
+                side.pushed.push(element);
+            }
+            (Ok(Resp::Int(_)), _) => {
+                // The INCR ran, the RPUSH did not (its connection closed).
+                side.incrs += 1;
+                assert!(on_first, "the new source closed a writer");
+                on_first = false;
+                conn = connect(&second);
+            }
+            (Err(_), _) => {
+                assert!(on_first, "the new source closed a writer");
+                on_first = false;
+                conn = connect(&second);
+            }
+            other => panic!("unexpected replies {other:?}"),
+        }
+        if !on_first && acked.1.pushed.len() >= 300 {
+            // Enough on the new source; keep going only until told.
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+    acked
+}
+
+fn counter_and_log(conn: &mut Conn) -> (i64, Vec<String>) {
+    let counter = conn
+        .call(&["GET", "counter"])
+        .unwrap()
+        .text()
+        .map_or(0, |t| t.parse().unwrap());
+    let log = conn
+        .call(&["LRANGE", "log", "0", "-1"])
+        .unwrap()
+        .items()
+        .iter()
+        .map(|item| item.text().unwrap())
+        .collect();
+    (counter, log)
+}
+
+#[test]
+fn a_switchover_under_load_loses_nothing_writes_nothing_twice_and_reverses() {
+    let a = RedisServer::start(&[]);
+    let b = RedisServer::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (a_url, b_url) = (a.url(), b.url());
+    let mut sync = FerryProcess::sync(&data, &a_url, &b_url, &[]);
+    a.cmd(&["SET", "before", "1"]);
+    wait_for("the first full sync", Duration::from_secs(60), || {
+        b.cmd(&["GET", "before"]) == "1"
+    });
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (a_addr, b_addr, stop) = (a.addr(), b.addr(), Arc::clone(&stop));
+        thread::spawn(move || writer(a_addr, b_addr, stop))
+    };
+    thread::sleep(Duration::from_millis(700));
+    let admin = sync.admin_addr(Duration::from_secs(10));
+    let out = ferry(&["switchover", "--admin", &admin, "--timeout", "20s"]);
+    let shown = text(&out);
+    assert!(out.status.success(), "{shown}\n{}", sync.log_tail(40));
+    for step in [
+        "check",
+        "pause writes on the source",
+        "wait for the target",
+        "stop the old direction",
+        "mark the switch point on the target",
+        "store the reversed start",
+        "start the reversed direction",
+        "release the old source",
+    ] {
+        assert!(shown.contains(step), "no step {step:?} in {shown}");
+    }
+    assert!(
+        shown.contains(&format!("now replicates {} -> {}", b.addr(), a.addr())),
+        "{shown}"
+    );
+    wait_for("writes on the new source", Duration::from_secs(60), || {
+        load.is_finished() || counter_and_log(&mut connect(&b.addr())).1.len() > 400
+    });
+    stop.store(true, Ordering::SeqCst);
+    let (on_a, on_b) = load.join().unwrap();
+    assert!(
+        on_a.incrs > 50,
+        "too few writes before the switch: {on_a:?}"
+    );
+    assert!(!on_b.pushed.is_empty(), "no writes after the switch");
+
+    // Every write acknowledged by either side, once, on both.
+    let want_counter = on_a.incrs + on_b.incrs;
+    let want_log: Vec<String> = on_a.pushed.iter().chain(&on_b.pushed).cloned().collect();
+    let converged = |server: &RedisServer| {
+        let mut conn = connect(&server.addr());
+        counter_and_log(&mut conn) == (want_counter, want_log.clone())
+    };
+    wait_for(
+        "the reversed stream to deliver",
+        Duration::from_secs(60),
+        || converged(&a),
+    );
+    assert!(converged(&b), "the new source lacks acknowledged writes");
+    let status = sync.status_json();
+    assert_eq!(status["listeners"][0]["source"], b_url.as_str(), "{status}");
+    assert_eq!(status["listeners"][0]["full_syncs"], 0, "{status}");
+
+    // A restart with the original command line follows the record: B -> A,
+    // resumed by PSYNC, no full sync.
+    sync.kill9();
+    let mut sync = FerryProcess::sync(&data, &a_url, &b_url, &[]);
+    b.cmd(&["INCR", "counter"]);
+    wait_for("a write after the restart", Duration::from_secs(60), || {
+        a.cmd(&["GET", "counter"]) == (want_counter + 1).to_string()
+    });
+    let status = sync.status_json();
+    assert_eq!(status["listeners"][0]["source"], b_url.as_str(), "{status}");
+    assert_eq!(status["listeners"][0]["full_syncs"], 0, "{status}");
+    let log = std::fs::read_to_string(&sync.log).unwrap();
+    assert!(log.contains("this data dir was switched over"), "{log}");
+    sync.terminate(Duration::from_secs(20));
+
+    // Servers the record does not name are refused, naming the record.
+    let c = RedisServer::start(&[]);
+    let out = ferry(&[
+        "sync",
+        "--source",
+        &a_url,
+        "--target",
+        &c.url(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--admin",
+        "127.0.0.1:0",
+    ]);
+    let shown = text(&out);
+    assert!(!out.status.success(), "{shown}");
+    assert!(
+        shown.contains("direction") && shown.contains(&b.addr()) && shown.contains(&c.addr()),
+        "{shown}"
+    );
+
+    // And switching back works the same way: A is the source again.
+    let mut sync = FerryProcess::sync(&data, &a_url, &b_url, &[]);
+    wait_for("the sync to run", Duration::from_secs(30), || {
+        sync.status_json()["drainers"][0]["state"] == "ONLINE"
+    });
+    let admin = sync.admin_addr(Duration::from_secs(10));
+    let out = ferry(&["switchover", "--admin", &admin]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        text(&out),
+        sync.log_tail(40)
+    );
+    a.cmd(&["SET", "back", "home"]);
+    wait_for("the second reversal", Duration::from_secs(60), || {
+        b.cmd(&["GET", "back"]) == "home"
+    });
+    let status = sync.status_json();
+    assert_eq!(status["listeners"][0]["source"], a_url.as_str(), "{status}");
+    assert_eq!(status["drainers"][0]["fallback_snapshots"], 0, "{status}");
+    assert_eq!(
+        counter_and_log(&mut connect(&b.addr())).0,
+        want_counter + 1,
+        "the second switchover applied something twice"
+    );
+    sync.terminate(Duration::from_secs(20));
+}
+
+#[test]
+fn a_switchover_that_times_out_unpauses_the_source_and_keeps_the_direction() {
+    let a = RedisServer::start(&[]);
+    let b = RedisServer::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut sync = FerryProcess::sync(&data, &a.url(), &b.url(), &[]);
+    a.cmd(&["SET", "k", "0"]);
+    wait_for("the first full sync", Duration::from_secs(60), || {
+        b.cmd(&["GET", "k"]) == "0"
+    });
+    // The target takes no writes for a while: the applier cannot catch up.
+    b.cmd(&["CLIENT", "PAUSE", "6000", "WRITE"]);
+    a.cmd(&["SET", "k", "1"]);
+    let admin = sync.admin_addr(Duration::from_secs(10));
+    let started = Instant::now();
+    let out = ferry(&["switchover", "--admin", &admin, "--timeout", "1s"]);
+    let shown = text(&out);
+    assert!(!out.status.success(), "{shown}");
+    assert!(shown.contains("timed out"), "{shown}");
+    assert!(shown.contains("runs on in its old direction"), "{shown}");
+    assert!(started.elapsed() < Duration::from_secs(5), "{shown}");
+    // The source takes writes again at once.
+    let mut conn = common::resp::Conn::connect(&a.addr(), Duration::from_secs(1)).unwrap();
+    assert_eq!(
+        conn.call(&["SET", "k", "2"]).unwrap(),
+        Resp::Simple("OK".into())
+    );
+    // Nothing of the switchover is left; the old direction goes on once
+    // the target takes writes again.
+    assert!(!data.join("direction").exists());
+    assert!(!data.join("listener.g1").exists());
+    b.cmd(&["CLIENT", "UNPAUSE"]);
+    wait_for(
+        "the old direction to go on",
+        Duration::from_secs(60),
+        || b.cmd(&["GET", "k"]) == "2",
+    );
+    let status = sync.status_json();
+    assert_eq!(
+        status["listeners"][0]["source"],
+        a.url().as_str(),
+        "{status}"
+    );
+    assert_eq!(
+        a.cmd(&["EXISTS", "__ferry:checkpoint:ferry:0"]),
+        "0",
+        "the prepared checkpoint was left on the source"
+    );
+    sync.terminate(Duration::from_secs(20));
+}
+
+/// Writes `INCR counter` and `RPUSH log n` to whichever of `addrs` it is
+/// on, moving to the other one when its connection is closed (a
+/// switchover closes the writers its pause holds on the old source);
+/// returns the acknowledged increments and elements, in order.
+fn following_writer(addrs: [String; 2], stop: Arc<AtomicBool>) -> Acked {
+    let mut acked = Acked::default();
+    let mut side = 0;
+    let mut conn = connect(&addrs[side]);
+    let mut n = 0u64;
+    while !stop.load(Ordering::SeqCst) {
+        n += 1;
+        let element = format!("e{n}");
+        match conn.call(&["INCR", "counter"]) {
+            Ok(Resp::Int(_)) => acked.incrs += 1,
+            Ok(other) => panic!("INCR answered {other:?}"),
+            Err(_) => {
+                side = 1 - side;
+                conn = connect(&addrs[side]);
+                continue;
+            }
+        }
+        match conn.call(&["RPUSH", "log", &element]) {
+            Ok(Resp::Int(_)) => acked.pushed.push(element),
+            Ok(other) => panic!("RPUSH answered {other:?}"),
+            Err(_) => {
+                side = 1 - side;
+                conn = connect(&addrs[side]);
+            }
+        }
+        thread::sleep(Duration::from_micros(200));
+    }
+    acked
+}
+
+#[test]
+fn kill_9_of_ferry_at_any_step_of_a_switchover_loses_and_repeats_nothing() {
+    let a = RedisServer::start(&[]);
+    let b = RedisServer::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (a_url, b_url) = (a.url(), b.url());
+    let mut sync = FerryProcess::sync(&data, &a_url, &b_url, &[]);
+    a.cmd(&["SET", "before", "1"]);
+    wait_for("the first full sync", Duration::from_secs(60), || {
+        b.cmd(&["GET", "before"]) == "1"
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (addrs, stop) = ([a.addr(), b.addr()], Arc::clone(&stop));
+        thread::spawn(move || following_writer(addrs, stop))
+    };
+    // Kills spread over the steps (a switchover takes some tens of ms
+    // here), the last after it ended.
+    for delay_ms in [20u64, 35, 45, 55, 65, 80, 120, 500] {
+        thread::sleep(Duration::from_millis(300));
+        let admin = sync.admin_addr(Duration::from_secs(10));
+        let mut asked = Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(["switchover", "--admin", &admin, "--timeout", "3s"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        thread::sleep(Duration::from_millis(delay_ms));
+        sync.kill9();
+        let _ = asked.wait();
+        std::fs::remove_file(data.join("admin.addr")).unwrap();
+        // The command line keeps the first order; the record decides.
+        sync = FerryProcess::sync(&data, &a_url, &b_url, &[]);
+        wait_for("the sync to run again", Duration::from_secs(60), || {
+            sync.status_json()["drainers"][0]["state"] == "ONLINE"
+        });
+    }
+    thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::SeqCst);
+    let acked = load.join().unwrap();
+    assert!(acked.incrs > 100, "too few writes: {acked:?}");
+    let want = (acked.incrs, acked.pushed.clone());
+    for server in [&a, &b] {
+        wait_for(
+            &format!("{} to hold every acknowledged write once", server.addr()),
+            Duration::from_secs(60),
+            || counter_and_log(&mut connect(&server.addr())) == want,
+        );
+    }
+    let status = sync.status_json();
+    assert_eq!(status["drainers"][0]["fallback_snapshots"], 0, "{status}");
+    assert_eq!(status["listeners"][0]["full_syncs"], 0, "{status}");
+    sync.terminate(Duration::from_secs(20));
+    // Where the kills landed, for the record of a run.
+    let log = std::fs::read_to_string(&sync.log).unwrap();
+    assert!(
+        log.contains("step=store the reversed start"),
+        "no switchover committed at all"
+    );
+    for what in [
+        "step=pause writes on the source",
+        "step=store the reversed start",
+        "step=release the old source",
+        "released the old source of an unfinished switchover",
+        "this data dir was switched over",
+        "full resync stored",
+    ] {
+        eprintln!("{what}: {}", log.matches(what).count());
+    }
+}
