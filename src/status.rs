@@ -140,6 +140,9 @@ pub struct DrainerSide {
     /// several slots of a cluster target: each piece exactly once, the
     /// entry not atomic.
     pub split_entries: u64,
+    /// Two-way sync: entries of the source that the other direction wrote
+    /// there, covered and never sent back.
+    pub echoes: u64,
     /// Fallback snapshots loaded in place of entries the log lacked (`ferry
     /// sync`, applying from the listener's WAL).
     pub fallback_snapshots: u64,

@@ -190,6 +190,7 @@ fn sync_status() -> NodeStatus {
             fence: Some("client-kill".into()),
             last_refused: None,
             split_entries: 0,
+            echoes: 0,
             fallback_snapshots: 0,
             foreign_writes: 0,
             foreign_windows: 0,

@@ -144,6 +144,9 @@ pub(crate) struct Batch {
     /// Entries of a voided slot tenure this batch covers without sending
     /// anything (docs/cluster.md, rule 9), with their tags.
     pub voided: Vec<(LogId, SlotTenure)>,
+    /// Two-way sync: entries this batch covers without sending anything
+    /// because the other direction's applier wrote them ([`BatchBuilder::echo`]).
+    pub echoes: u64,
     /// The slot handoff records of this batch, in log order (followed
     /// tenures only): their raises are also in `commands`; a cluster
     /// target applies them on their own, once every entry before each is
@@ -256,7 +259,15 @@ pub(crate) struct BatchBuilder {
     /// ignored, a handoff is covered with nothing sent, and every
     /// `RESTORE-ASKING` of an owned key holds the partition.
     pub tenures: Option<Tenures>,
+    /// Two-way sync: the checkpoint key of the applier that writes this
+    /// partition's source ([`BatchBuilder::echo`]). `None`: one-way.
+    pub echo_of: Option<Bytes>,
 }
+
+/// The commands a two-way sync refuses: they cannot be applied to the other
+/// side without destroying what its own writers did there meanwhile
+/// (module doc of [`super`], "Two-way sync").
+const TWO_WAY_REFUSED: [&str; 3] = ["FLUSHALL", "FLUSHDB", "SWAPDB"];
 
 /// The slot tenure an applier holds its partition for: the next entry to
 /// batch waits until the owner map reaches `gen` for `slot`.
@@ -414,8 +425,9 @@ impl BatchBuilder {
                 };
                 let after = &pending[end];
                 if let Record::Write(write) = &after.record {
-                    // A voided write's run is covered with it.
-                    let voided = self.voided(after.log_id, write).is_some();
+                    // A voided write's run is covered with it, and so is
+                    // an echo's.
+                    let voided = self.voided(after.log_id, write).is_some() || self.echo(write);
                     // A held write's run waits with it.
                     if !voided && matches!(self.decision(write), Some(Decision::Wait { .. })) {
                         break;
@@ -491,6 +503,19 @@ impl BatchBuilder {
             };
             if entries >= self.max_entries || (entries > 0 && bytes + front.size > self.max_bytes) {
                 break;
+            }
+            if self.echo(write) {
+                // What the other direction applied to this side, back in
+                // its stream: covered, never sent back.
+                let Some(Pending { log_id, .. }) = pending.pop_front() else {
+                    break;
+                };
+                let batch =
+                    batch.get_or_insert_with(|| Batch::starting_at(log_id, epoch, self.log_tag));
+                batch.last = log_id;
+                batch.echoes += 1;
+                entries += 1;
+                continue;
             }
             if let Some(tenure) = self.voided(front.log_id, write) {
                 // An entry of an aborted import: covered, never applied.
@@ -820,6 +845,23 @@ impl BatchBuilder {
             .then_some(tag)
     }
 
+    /// Two-way sync: whether `write` is what the other direction's applier
+    /// wrote to this partition's source, coming back in its stream. That
+    /// applier writes every batch as one `MULTI`/`EXEC` ending with its
+    /// checkpoint `SET`, which the source propagates as one transaction
+    /// (one entry) holding that `SET`; no other writer writes that key
+    /// (`__ferry*` keys are ferry's), so an entry that writes it is an echo,
+    /// whole, and one that does not is not.
+    pub fn echo(&self, write: &WriteRecord) -> bool {
+        let Some(key) = &self.echo_of else {
+            return false;
+        };
+        write
+            .commands
+            .iter()
+            .any(|cmd| cmd.is("SET") && cmd.args.get(1).is_some_and(|k| k == key))
+    }
+
     /// Rule 4 for `write`, when tenures are followed and it is tagged.
     fn decision(&self, write: &WriteRecord) -> Option<Decision> {
         let tenures = self.tenures.as_ref()?;
@@ -910,6 +952,22 @@ impl BatchBuilder {
                  data dir (ferry skip loses the key; the dead-letter file keeps the command)"
                     .into(),
             ));
+        }
+        if self.echo_of.is_some() {
+            if let Some(cmd) = write
+                .commands
+                .iter()
+                .find(|c| TWO_WAY_REFUSED.iter().any(|name| c.is(name)))
+            {
+                return Err((
+                    command_name(cmd),
+                    "two-way sync refuses flushes and SWAPDB: applied to the other side they \
+                     would destroy what its writers did there meanwhile. The entry is held (ferry \
+                     skip passes it over, recorded in the dead-letter file); flush both sides by \
+                     hand if that is what was meant"
+                        .into(),
+                ));
+            }
         }
         let classes: Vec<KeyClass> = write
             .commands
@@ -1102,8 +1160,20 @@ impl Batch {
             streams: Vec::new(),
             scope_delete: Vec::new(),
             voided: Vec::new(),
+            echoes: 0,
             handoffs: Vec::new(),
         }
+    }
+
+    /// Whether the batch only moves the checkpoint: its entries apply
+    /// nothing (heartbeats, other syncs' keys, a two-way sync's echoes) and
+    /// it records, holds or raises nothing.
+    pub fn is_silent(&self) -> bool {
+        self.commands.len() == 1
+            && self.refused.is_none()
+            && self.skip.is_none()
+            && self.scope_delete.is_empty()
+            && self.handoffs.is_empty()
     }
 
     /// Number of replies the target sends for this batch: `MULTI`, one per
@@ -1242,6 +1312,7 @@ mod tests {
             log_tag: 0xab,
             scope: None,
             tenures: None,
+            echo_of: None,
         }
     }
 
@@ -1618,6 +1689,60 @@ mod tests {
         let plain = builder(10).build(&mut pending, 1, None).unwrap();
         assert_eq!(plain.last, LogId(6));
         assert!(plain.scope_delete.is_empty());
+    }
+
+    #[test]
+    fn two_way_echoes_are_covered_whole_and_flushes_refused() {
+        let peer = "__ferry:checkpoint:d:1";
+        let mut two_way = BatchBuilder {
+            echo_of: Some(Bytes::from_static(b"__ferry:checkpoint:d:1")),
+            ..builder(10)
+        };
+        let echoed = &[
+            &["INCR", "a"][..],
+            &["LPUSH", "l", "from-the-other-side"],
+            &["SET", peer, "v2 applied=9 epoch=0 log=00000000000000aa"],
+        ];
+        let mut pending: VecDeque<Pending> = [
+            write(5, 0, &[&["INCR", "a"]], false),
+            write(6, 0, echoed, true),
+            // The peer's checkpoint alone (its batch's data changed nothing).
+            write(
+                7,
+                0,
+                &[&["SET", peer, "v2 applied=10 epoch=0 log=00000000000000aa"]],
+                false,
+            ),
+            write(8, 2, &[&["HINCRBY", "h", "f", "2"]], false),
+            write(9, 0, &[&["FLUSHDB"]], false),
+            write(10, 0, &[&["INCR", "a"]], false),
+        ]
+        .into();
+        let batch = two_way.build(&mut pending, 0, None).unwrap();
+        assert_eq!((batch.first, batch.last), (LogId(5), LogId(8)));
+        assert_eq!(batch.echoes, 2);
+        assert_eq!(
+            shown(&batch),
+            [
+                "INCR a",
+                "SELECT 2",
+                "HINCRBY h f 2",
+                "SELECT 0",
+                "SET __ferry:checkpoint:d:0 v2 applied=8 epoch=0 log=00000000000000ab",
+            ]
+        );
+        let refused = two_way.build(&mut pending, 0, None).unwrap();
+        let why = refused.refused.expect("FLUSHDB refused");
+        assert_eq!((why.log_id, why.command.as_str()), (LogId(9), "FLUSHDB"));
+        assert!(why.error.contains("two-way sync refuses"), "{}", why.error);
+        // One-way, the same entries are applied as they are.
+        let mut pending: VecDeque<Pending> = [write(6, 0, echoed, true)].into();
+        let batch = builder(10).build(&mut pending, 0, None).unwrap();
+        assert_eq!(batch.echoes, 0);
+        assert_eq!(
+            shown(&batch)[..2],
+            ["INCR a", "LPUSH l from-the-other-side"]
+        );
     }
 
     #[test]

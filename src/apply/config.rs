@@ -101,6 +101,16 @@ pub struct ApplyConfig {
     /// How long each of those windows lasts (`MONITOR` slows the target
     /// while it runs). Default: `"200ms"`, at most `"10s"`.
     pub foreign_writes_window: HumanDuration,
+    /// Two-way sync (`ferry sync --two-way`; never read from a file): the
+    /// partition whose applier writes this applier's source. An entry of
+    /// the source that writes that applier's checkpoint is its echo,
+    /// covered and never sent back; flushes and `SWAPDB` are refused.
+    #[serde(skip)]
+    pub two_way_peer: Option<u32>,
+    /// Two-way sync once established: any snapshot load is refused
+    /// ([`super::ApplyError::TwoWayLoad`]); never read from a file.
+    #[serde(skip)]
+    pub refuse_loads: bool,
     /// Timeout of a connection attempt to the target. Default: `"5s"`.
     pub connect_timeout: HumanDuration,
     /// Longest wait for one reply of the target before the connection is
@@ -229,6 +239,8 @@ impl Default for ApplyConfig {
             idle_poll: HumanDuration(Duration::from_secs(1)),
             foreign_writes_every: HumanDuration(Duration::from_secs(60)),
             foreign_writes_window: HumanDuration(Duration::from_millis(200)),
+            two_way_peer: None,
+            refuse_loads: false,
             connect_timeout: HumanDuration(Duration::from_secs(5)),
             reply_timeout: HumanDuration(Duration::from_secs(60)),
             load_window: 8192,

@@ -380,6 +380,17 @@ pub enum ApplyError {
         wanted: LogId,
         first_available: LogId,
     },
+    #[error(
+        "partition {partition}: two-way sync must not load a snapshot (the marker at {marker}: \
+         the source's stream broke, by a full resync after its backlog was overrun or entries \
+         expired past wal-ttl): it would overwrite the writes on this side that the other \
+         direction has not carried yet. Two-way sync stops here; compare both sides (ferry \
+         verify) and start it again from a new data dir"
+    )]
+    TwoWayLoad {
+        partition: PartitionId,
+        marker: LogId,
+    },
     #[error("partition {partition}: {what}")]
     Inconsistent {
         partition: PartitionId,
@@ -497,6 +508,7 @@ impl ApplyError {
             | ApplyError::Inconsistent { .. }
             | ApplyError::SnapshotData { .. }
             | ApplyError::Gap { .. }
+            | ApplyError::TwoWayLoad { .. }
             | ApplyError::ExistingData { .. }
             | ApplyError::Task(_) => true,
             ApplyError::Wal(error) => !matches!(error, WalError::Trimmed { .. }),
@@ -632,6 +644,10 @@ async fn run_inner(
 /// are applied (it is advisory: the target's checkpoint is what counts),
 /// so that a moderate rate of small batches does not cost a WAL write each.
 const APPLIED_MARK_EVERY: Duration = Duration::from_millis(50);
+
+/// Two-way sync: the longest a silent batch waits to be written (at most a
+/// quarter of `wal-ttl`).
+const SILENT_FLUSH: Duration = Duration::from_secs(30);
 
 /// Keeps the drainer's WAL informed of the applier's progress, until the
 /// applier ends (then it writes the last applied id, acks what is due, and
@@ -1360,6 +1376,10 @@ impl Applier {
                 map: self.owners.clone(),
                 voids: self.voids.clone(),
             }),
+            echo_of: self
+                .cfg
+                .two_way_peer
+                .map(|peer| checkpoint_key(&self.cfg.drainer_id, PartitionId(peer)).into()),
         }
     }
 
@@ -1432,6 +1452,10 @@ impl Applier {
         let mut open: Option<Batch> = None;
         // EXEC sent, replies not read yet.
         let mut executing: Option<Batch> = None;
+        // Two-way sync: a silent batch not written yet, and since when
+        // (module doc, "Two-way sync").
+        let mut silent: Option<(Batch, Instant)> = None;
+        let silent_flush = SILENT_FLUSH.min(self.wal.config().wal_ttl.0 / 4);
         loop {
             feed.take_ready()?;
             if executing.is_none() {
@@ -1443,6 +1467,19 @@ impl Applier {
                     if let Some(batch) =
                         builder.build(&mut feed.pending, self.epoch, self.hold().as_ref())
                     {
+                        if self.cfg.two_way_peer.is_some() && batch.is_silent() {
+                            // Writing it would be echoed by the other side,
+                            // whose silent batch would be echoed here: kept
+                            // back until a batch with data covers it, or
+                            // `silent_flush` passed (the WAL must not trim
+                            // entries the target's checkpoint is before).
+                            let since = silent.take().map_or_else(Instant::now, |(_, at)| at);
+                            self.status.set_applied(batch.last, self.epoch);
+                            silent = Some((batch, since));
+                            continue;
+                        }
+                        // A batch with data covers a silent one before it.
+                        silent = None;
                         if batch.refused.is_none() {
                             // Every batch before it committed: a flush of a
                             // scoped partition deletes its scope now.
@@ -1548,8 +1585,16 @@ impl Applier {
                 self.passed(log_id.next());
                 continue;
             }
+            let flush_at = silent.as_ref().map(|(_, since)| *since + silent_flush);
             tokio::select! {
                 _ = self.shutdown.cancelled() => return Ok(()),
+                _ = sleep_until_some(flush_at) => {
+                    if let Some((batch, _)) = silent.take() {
+                        Self::queue_batch(target, &batch, &self.key, &self.wal, self.partition)
+                            .await?;
+                        open = Some(batch);
+                    }
+                }
                 run = feed.runs.recv() => {
                     // The reader also stops on shutdown.
                     if run.is_none() && self.shutdown.is_cancelled() {
@@ -1947,6 +1992,7 @@ impl Applier {
         self.status
             .add_counts(applied, refused_count, batch.skipped);
         self.report_voided(batch);
+        self.status.add_echoes(batch.echoes);
         self.status.clear_handoff();
         self.status.set_applied(batch.last, self.epoch);
         self.status.set_online();
@@ -2084,6 +2130,14 @@ fn read_fragment(
 const SCAN_ENTRIES: usize = 16 * 1024;
 
 /// Waits for the WAL's next append notification; forever without one.
+/// Sleeps until `at`; forever when `None`.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending::<()>().await,
+    }
+}
+
 async fn wait_appended(appended: &mut Option<watch::Receiver<u64>>) {
     match appended {
         Some(rx) => {

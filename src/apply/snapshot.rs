@@ -963,6 +963,14 @@ impl Applier {
         marker: SnapshotMarker,
         preload: bool,
     ) -> Result<bool, ApplyError> {
+        if self.cfg.refuse_loads {
+            // Two-way sync, established: a load would overwrite this side's
+            // writes the other direction has not carried yet.
+            return Err(ApplyError::TwoWayLoad {
+                partition: self.partition,
+                marker: log_id,
+            });
+        }
         let epoch = marker.epoch;
         let snapshot_error = |what: String| ApplyError::Snapshot {
             log_id,

@@ -194,6 +194,7 @@ struct StatusFields {
     dead_letter_file: Option<String>,
     fence: Option<String>,
     split_entries: u64,
+    echoes: u64,
     fallback_snapshots: u64,
     foreign_writes: u64,
     foreign_windows: u64,
@@ -261,6 +262,9 @@ pub struct ApplyReport {
     /// and functions, on several masters): each piece is exactly once, but
     /// the entry is not atomic on the target.
     pub split_entries: u64,
+    /// Two-way sync: entries of the source that the other direction's
+    /// applier wrote there, covered and never sent back.
+    pub echoes: u64,
     /// Fallback snapshots taken for this applier in place of entries its
     /// log lacked (reading the listener's WAL).
     pub fallback_snapshots: u64,
@@ -300,6 +304,7 @@ impl ApplyStatus {
                 dead_letter_file: None,
                 fence: None,
                 split_entries: 0,
+                echoes: 0,
                 fallback_snapshots: 0,
                 foreign_writes: 0,
                 foreign_windows: 0,
@@ -375,6 +380,7 @@ impl ApplyStatus {
             dead_letter_file: fields.dead_letter_file,
             fence: fields.fence,
             split_entries: fields.split_entries,
+            echoes: fields.echoes,
             fallback_snapshots: fields.fallback_snapshots,
             foreign_writes: fields.foreign_writes,
             foreign_windows: fields.foreign_windows,
@@ -530,6 +536,10 @@ impl ApplyStatus {
 
     pub(crate) fn set_fence(&self, fence: String) {
         self.lock().fence = Some(fence);
+    }
+
+    pub(crate) fn add_echoes(&self, entries: u64) {
+        self.lock().echoes += entries;
     }
 
     pub(crate) fn add_split_entries(&self, entries: u64) {

@@ -82,6 +82,13 @@ pub struct SyncArgs {
     /// (load over them, keep the others), `flush` (delete them first).
     #[arg(long, value_name = "refuse|keep|flush")]
     pub existing_data: Option<ExistingData>,
+    /// Two-way sync between two standalone Redis 7 servers: one full sync
+    /// source -> target (the target passes the existing-data rule), then
+    /// writes on either side replicate to the other. What ferry applies to
+    /// one side is recognised in that side's stream and never sent back;
+    /// flushes and SWAPDB are refused.
+    #[arg(long)]
+    pub two_way: bool,
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, NodeCommandError> {
@@ -127,6 +134,7 @@ pub fn sync(args: SyncArgs) -> Result<(), NodeCommandError> {
             wal_ttl: args.wal_ttl,
             filter: args.filter.to_config(args.dbs),
             existing_data: args.existing_data,
+            two_way: args.two_way,
         },
     )?;
     runtime()?.block_on(async {

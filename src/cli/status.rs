@@ -601,6 +601,13 @@ fn render_drainers(out: &mut String, drainers: &[DrainerSide], style: RenderStyl
                 clean(&side.foreign_samples.join("; "))
             );
         }
+        if side.echoes > 0 {
+            let _ = writeln!(
+                out,
+                "  part {part}: two-way, {} entries the other direction wrote on its source covered, not sent back",
+                side.echoes
+            );
+        }
         if side.split_entries > 0 {
             let _ = writeln!(
                 out,
@@ -774,6 +781,7 @@ mod tests {
                 last_skipped: None,
                 dead_letter_file: Some("/d/dead-letter/d1-0.resp".into()),
                 split_entries: 0,
+                echoes: 0,
                 fallback_snapshots: 0,
                 foreign_writes: 0,
                 foreign_windows: 0,

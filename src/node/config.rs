@@ -157,6 +157,10 @@ pub struct SyncFileConfig {
     /// Which WAL the appliers read (default `"auto"`).
     #[serde(default)]
     pub apply_from: Option<ApplyFrom>,
+    /// Two-way sync (`--two-way`): the target's writes replicate back to
+    /// the source (default false).
+    #[serde(default)]
+    pub two_way: Option<bool>,
 }
 
 /// Which WAL the appliers of `ferry sync` read.
@@ -190,6 +194,9 @@ pub struct SyncConfig {
     pub drainer_wal: WalConfig,
     pub apply: ApplyConfig,
     pub apply_from: ApplyFrom,
+    /// Two-way sync: partition 0 replicates the source into the target,
+    /// partition 1 the target into the source (`run::run_direct`).
+    pub two_way: bool,
 }
 
 /// `ferry sync` command-line values that override the file.
@@ -210,6 +217,8 @@ pub struct SyncOverrides {
     pub filter: FilterConfig,
     /// `--existing-data` (`[apply] existing-data`).
     pub existing_data: Option<ExistingData>,
+    /// `--two-way` (set: on; unset: the file decides).
+    pub two_way: bool,
 }
 
 fn default_admin() -> String {
@@ -659,6 +668,25 @@ impl SyncConfig {
         apply
             .target_url()
             .map_err(|e| invalid(path, e.path(), e.reason))?;
+        let apply_from = file_cfg.apply_from.unwrap_or_default();
+        let two_way = flags.two_way || file_cfg.two_way.unwrap_or(false);
+        if two_way {
+            if apply_from == ApplyFrom::DrainerWal {
+                return Err(invalid(
+                    path,
+                    "apply-from",
+                    "two-way sync applies from the listener's WAL (leave apply-from unset)",
+                ));
+            }
+            if apply.filter.db_map.is_some() {
+                return Err(invalid(
+                    path,
+                    "filter.db-map",
+                    "two-way sync replicates each db into the db of the same number both ways \
+                     (use dbs)",
+                ));
+            }
+        }
         Ok(SyncConfig {
             id,
             data_dir,
@@ -668,7 +696,8 @@ impl SyncConfig {
             ship,
             drainer_wal,
             apply,
-            apply_from: file_cfg.apply_from.unwrap_or_default(),
+            apply_from,
+            two_way,
         })
     }
 }

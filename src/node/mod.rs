@@ -12,6 +12,7 @@
 pub mod config;
 pub mod run;
 pub mod switchover;
+pub mod two_way;
 
 pub use config::{
     DrainerNodeConfig, ListenerNodeConfig, NodeConfigError, SyncConfig, SyncOverrides,

@@ -30,6 +30,7 @@ use tracing::{error, info, warn};
 
 use super::config::{ApplyFrom, DrainerNodeConfig, DrainerPeer, ListenerNodeConfig, SyncConfig};
 use super::switchover;
+use super::two_way;
 use crate::apply::{self, ApplyConfig, ApplyStatus};
 use crate::backoff::Backoff;
 use crate::listener::{
@@ -284,6 +285,9 @@ fn read_stopped(path: &Path) -> Result<BTreeSet<(u32, String)>, NodeError> {
     }
     Ok(stopped)
 }
+
+/// One rewrite of `<data-dir>/stopped-syncs` at a time in this process.
+static STOP_FILE_LOCK: Mutex<()> = Mutex::new(());
 
 pub(super) fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
@@ -1034,10 +1038,20 @@ impl DrainerPart {
                     stopped.remove(&partition.0);
                 }
             }
-            let text: String = stopped
-                .iter()
-                .map(|p| format!("{p} {}\n", self.drainer_id))
-                .collect();
+            // The file also holds the lines of the other direction's part
+            // of a two-way sync (same drainer id, other partitions): kept.
+            let own: BTreeSet<u32> = self.partitions().iter().map(|(p, _)| p.0).collect();
+            let _file = lock(&STOP_FILE_LOCK);
+            let mut lines =
+                read_stopped(stop_file).map_err(|error| ControlError::Failed(error.to_string()))?;
+            lines.retain(|(p, id)| !(*id == self.drainer_id && own.contains(p)));
+            lines.extend(
+                stopped
+                    .iter()
+                    .filter(|p| own.contains(p))
+                    .map(|p| (*p, self.drainer_id.clone())),
+            );
+            let text: String = lines.iter().map(|(p, id)| format!("{p} {id}\n")).collect();
             write_atomically(stop_file, &text).map_err(|error| {
                 ControlError::Failed(format!("writing {}: {error}", stop_file.display()))
             })?;
@@ -1155,6 +1169,7 @@ impl DrainerPart {
                     dead_letter_file: report.dead_letter_file,
                     fence: report.fence,
                     split_entries: report.split_entries,
+                    echoes: report.echoes,
                     fallback_snapshots: report.fallback_snapshots,
                     foreign_writes: report.foreign_writes,
                     foreign_windows: report.foreign_windows,
@@ -1308,23 +1323,38 @@ fn start_direct_part(
 // ---------------------------------------------------------------------------
 // The node
 
-/// A running process: what the admin API reads and controls.
+/// A running process: what the admin API reads and controls. A two-way
+/// `ferry sync` has two of each part, one per direction.
 pub struct Node {
     role: &'static str,
-    listener: Option<Arc<ListenerParts>>,
-    drainer: Option<Arc<DrainerPart>>,
+    listeners: Vec<Arc<ListenerParts>>,
+    drainers: Vec<Arc<DrainerPart>>,
 }
 
 impl Node {
     /// Stops or restarts syncs: the shippers, or (`ferry sync` reading the
     /// listener's WAL, which has none) the appliers.
     fn set_stopped(&self, which: &SyncSelector, stop: bool) -> Result<usize, ControlError> {
-        if let Some(drainer) = &self.drainer {
-            if matches!(drainer.source, ApplySource::Direct { .. }) {
-                return drainer.set_stopped(which, stop);
+        let direct: Vec<&Arc<DrainerPart>> = self
+            .drainers
+            .iter()
+            .filter(|part| matches!(part.source, ApplySource::Direct { .. }))
+            .collect();
+        if !direct.is_empty() {
+            let mut changed = None;
+            for part in direct {
+                match part.set_stopped(which, stop) {
+                    Ok(count) => *changed.get_or_insert(0) += count,
+                    Err(ControlError::NoMatch { .. }) => {}
+                    Err(error) => return Err(error),
+                }
             }
+            return changed.ok_or_else(|| ControlError::NoMatch {
+                partition: which.partition,
+                drainer_id: which.drainer_id.clone(),
+            });
         }
-        match &self.listener {
+        match self.listeners.first() {
             Some(part) => part.set_stopped(which, stop),
             None => Err(ControlError::NoListener(if stop {
                 "stop"
@@ -1341,15 +1371,15 @@ impl NodeControl for Node {
             role: self.role.to_string(),
             taken_unix_ms: now_unix_ms(),
             listeners: self
-                .listener
-                .as_ref()
-                .map(|parts| parts.status())
-                .unwrap_or_default(),
+                .listeners
+                .iter()
+                .flat_map(|part| part.status())
+                .collect(),
             drainers: self
-                .drainer
-                .as_ref()
-                .map(|part| part.status())
-                .unwrap_or_default(),
+                .drainers
+                .iter()
+                .flat_map(|part| part.status())
+                .collect(),
         }
     }
 
@@ -1362,10 +1392,14 @@ impl NodeControl for Node {
     }
 
     fn skip(&self, request: &SkipRequest) -> Result<SkipOutcome, ControlError> {
-        match &self.drainer {
-            Some(part) => part.skip(request),
-            None => Err(ControlError::NoDrainer),
+        let mut last = ControlError::NoDrainer;
+        for part in &self.drainers {
+            match part.skip(request) {
+                Err(error @ ControlError::NoApplier { .. }) => last = error,
+                done => return done,
+            }
         }
+        Err(last)
     }
 }
 
@@ -1406,10 +1440,10 @@ async fn finish(stages: Stages, node: Arc<Node>, wals: Vec<Wal>) -> Result<(), N
     } = stages;
     shutdown.cancelled().await;
     info!("shutting down");
-    if let Some(part) = &node.listener {
+    for part in &node.listeners {
         part.join_shippers().await;
     }
-    if let Some(part) = &node.drainer {
+    for part in &node.drainers {
         part.join_appliers().await;
     }
     for task in tasks {
@@ -1555,8 +1589,8 @@ pub async fn run_listener(
     .await?;
     let node = Arc::new(Node {
         role: "listener",
-        listener: Some(listener),
-        drainer: None,
+        listeners: vec![listener],
+        drainers: Vec::new(),
     });
     start_admin(&cfg.data_dir, &cfg.admin, node.clone(), &mut stages).await?;
     finish(stages, node, vec![wal]).await
@@ -1584,8 +1618,8 @@ pub async fn run_drainer(
     )?;
     let node = Arc::new(Node {
         role: "drainer",
-        listener: None,
-        drainer: Some(drainer),
+        listeners: Vec::new(),
+        drainers: vec![drainer],
     });
     start_admin(&cfg.data_dir, &cfg.admin, node.clone(), &mut stages).await?;
     finish(stages, node, vec![wal]).await
@@ -1652,8 +1686,18 @@ pub async fn run_sync(cfg: SyncConfig, shutdown: CancellationToken) -> Result<()
             "apply-from = \"listener-wal\": the drainer WAL of the relayed path is no longer used and was moved aside (delete it once the target has loaded its snapshot)"
         );
     }
+    if cfg.two_way && listener_wal.partitions().is_empty() {
+        two_way::precheck(&cfg).await?;
+    }
     if !relayed {
         return run_direct(cfg, shutdown, listener_wal, record).await;
+    }
+    if cfg.two_way {
+        return Err(NodeError::Config(format!(
+            "two-way sync applies from the listener's WAL; this data dir holds a drainer WAL ({}) \
+             for the relayed path: give two-way sync a new data dir",
+            cfg.drainer_wal.dir.display()
+        )));
     }
     if record.is_some() {
         return Err(NodeError::Config(format!(
@@ -1704,8 +1748,8 @@ pub async fn run_sync(cfg: SyncConfig, shutdown: CancellationToken) -> Result<()
     .await?;
     let node = Arc::new(Node {
         role: "sync",
-        listener: Some(listener),
-        drainer: Some(drainer),
+        listeners: vec![listener],
+        drainers: vec![drainer],
     });
     start_admin(&cfg.data_dir, &cfg.admin, node.clone(), &mut stages).await?;
     info!(source = %redacted(&cfg.listener.source), target = %redacted(&cfg.apply.target), apply_from = "drainer-wal", "sync running");
@@ -1728,18 +1772,44 @@ async fn start_direct_stages(
         stages,
     )
     .await?;
+    let established = cfg.two_way && two_way::established(&wal)?;
+    let forward = match cfg.two_way {
+        true => two_way::forward_apply(cfg, established),
+        false => cfg.apply.clone(),
+    };
     let drainer = start_direct_part(
         &cfg.data_dir,
         Arc::clone(&listener),
-        wal,
-        cfg.apply.clone(),
+        wal.clone(),
+        forward,
         stages,
     )?;
-    Ok(Arc::new(Node {
+    let mut node = Node {
         role: "sync",
-        listener: Some(listener),
-        drainer: Some(drainer),
-    }))
+        listeners: vec![listener],
+        drainers: vec![drainer],
+    };
+    if established {
+        let listener = start_listeners(
+            &cfg.data_dir,
+            &two_way::backward_listener(cfg),
+            wal.clone(),
+            cfg.ship.clone(),
+            &[],
+            stages,
+        )
+        .await?;
+        let drainer = start_direct_part(
+            &cfg.data_dir,
+            Arc::clone(&listener),
+            wal,
+            two_way::backward_apply(cfg),
+            stages,
+        )?;
+        node.listeners.push(listener);
+        node.drainers.push(drainer);
+    }
+    Ok(Arc::new(node))
 }
 
 /// A switchover asked through the admin API.
@@ -1887,9 +1957,34 @@ async fn run_direct(
         }
         let ended = finish(stages, node, vec![wal.clone()]);
         tokio::pin!(ended);
+        // Two-way, not established yet: the backward direction starts once
+        // the first full sync is in the target (`two_way`, module doc).
+        let mut establishing = match cfg.two_way && !two_way::established(&wal)? {
+            true => Some(Box::pin(two_way::establish(
+                cfg.clone(),
+                wal.clone(),
+                control.clone(),
+                direction.clone(),
+            ))),
+            false => None,
+        };
         let switching = loop {
             tokio::select! {
                 result = &mut ended => break Err(result),
+                done = async { establishing.as_mut().expect("guarded").await }, if establishing.is_some() => {
+                    establishing = None;
+                    match done {
+                        // Stopping: `ended` follows.
+                        Ok(()) if direction.is_cancelled() => {}
+                        Ok(()) => break Ok(None),
+                        Err(why) => {
+                            error!(%why, "two-way sync cannot start the target -> source direction");
+                            direction.cancel();
+                            let _ = (&mut ended).await;
+                            break Err(Err(NodeError::Fatal(why)));
+                        }
+                    }
+                }
                 Some(request) = asked.recv() => {
                     let drained = switchover::drain(
                         &cfg,
@@ -1900,14 +1995,29 @@ async fn run_direct(
                     )
                     .await;
                     match drained {
-                        Ok(drained) => break Ok((drained, request.reply)),
+                        Ok(drained) => break Ok(Some((drained, request.reply))),
                         Err(report) => host.reply(request.reply, report),
                     }
                 }
             }
         };
         let (drained, reply) = match switching {
-            Ok(switching) => switching,
+            Ok(Some(switching)) => switching,
+            Ok(None) => {
+                // Established: both directions' stages from now on.
+                host.set(None);
+                direction.cancel();
+                if let Err(error) = ended.await {
+                    break Err(error);
+                }
+                if shutdown.is_cancelled() {
+                    break Ok(());
+                }
+                // The last handle: RocksDB's lock goes with it.
+                drop(wal);
+                wal = open_wal(cfg.listener_wal.clone()).await?;
+                continue;
+            }
             Err(result) => break result,
         };
         let stopping = std::time::Instant::now();
@@ -1923,6 +2033,9 @@ async fn run_direct(
             host.reply(reply, drained.abandon(why).await);
             break Ok(());
         }
+        // The last handle of the old WAL: RocksDB's lock goes with it
+        // (a rollback opens the same dir again).
+        drop(wal);
         let old_dir = cfg.listener_wal.dir.clone();
         match drained.commit(&cfg, stopping).await {
             Ok((next, mut committed)) => {

@@ -175,7 +175,7 @@ fn addresses(cfg: &SyncConfig) -> Result<(String, String), NodeError> {
     Ok((join(&source), join(&target)))
 }
 
-fn urls(cfg: &SyncConfig) -> Result<(Vec<RedisUrl>, Vec<RedisUrl>), NodeError> {
+pub(super) fn urls(cfg: &SyncConfig) -> Result<(Vec<RedisUrl>, Vec<RedisUrl>), NodeError> {
     let source = cfg
         .listener
         .validate()
@@ -319,12 +319,12 @@ impl Steps {
     }
 }
 
-fn client_error(what: &str, addr: &str) -> impl FnOnce(ClientError) -> String {
+pub(super) fn client_error(what: &str, addr: &str) -> impl FnOnce(ClientError) -> String {
     let (what, addr) = (what.to_string(), addr.to_string());
     move |error| format!("{what} on {addr}: {error}")
 }
 
-async fn connect(url: &RedisUrl) -> Result<Client, String> {
+pub(super) async fn connect(url: &RedisUrl) -> Result<Client, String> {
     Client::connect(url)
         .await
         .map_err(|error| format!("connecting to {}: {error}", url.addr()))
@@ -352,7 +352,7 @@ fn field<'a>(
 }
 
 /// A standalone master of at least `major.minor`.
-async fn check_master(
+pub(super) async fn check_master(
     client: &mut Client,
     addr: &str,
     side: &str,
@@ -383,7 +383,7 @@ async fn check_master(
 }
 
 /// Makes `target` keep a replication backlog (module doc, step 1).
-async fn ensure_backlog(target: &RedisUrl) -> Result<&'static str, String> {
+pub(super) async fn ensure_backlog(target: &RedisUrl) -> Result<&'static str, String> {
     let addr = target.addr();
     let mut client = connect(target).await?;
     let active = |info: &std::collections::HashMap<String, String>| {
@@ -420,6 +420,59 @@ async fn ensure_backlog(target: &RedisUrl) -> Result<&'static str, String> {
     }
 }
 
+/// Marks the end of what `server` holds in its replication stream (module
+/// doc, step 6): `MULTI; SET __ferry:<name> <note>; INFO replication;
+/// EXEC`. Returns the `SET` (the first entry of the stream after that
+/// point, which it makes begin in db 0) and (replid, offset) of the point;
+/// the server's backlog must reach it.
+pub(super) async fn mark_stream(
+    server: &RedisUrl,
+    name: &str,
+    note: &str,
+) -> Result<(Command, String, u64), String> {
+    let addr = server.addr();
+    let mut client = connect(server).await?;
+    let mut key = INTERNAL_PREFIX.to_vec();
+    key.push(b':');
+    key.extend_from_slice(name.as_bytes());
+    let set = Command::from_parts([b"SET".as_slice(), key.as_slice(), note.as_bytes()]);
+    let replies = client
+        .pipeline(&[
+            Command::from_parts(["MULTI"]),
+            set.clone(),
+            Command::from_parts(["INFO", "replication"]),
+            Command::from_parts(["EXEC"]),
+        ])
+        .await
+        .map_err(client_error("the stream mark's transaction", &addr))?;
+    let info_text = match replies.last() {
+        Some(Frame::Array(items)) if items.len() == 2 => match &items[1] {
+            Frame::Bulk(text) => String::from_utf8_lossy(text).into_owned(),
+            Frame::Verbatim { text, .. } => String::from_utf8_lossy(text).into_owned(),
+            other => return Err(format!("{addr}: INFO inside MULTI answered {other:?}")),
+        },
+        other => return Err(format!("{addr}: the stream mark's EXEC answered {other:?}")),
+    };
+    let replication = parse_info(&info_text);
+    let replid = field(&replication, "master_replid", &addr)?.to_string();
+    let offset: u64 = field(&replication, "master_repl_offset", &addr)?
+        .parse()
+        .map_err(|_| format!("{addr}: master_repl_offset is not a number"))?;
+    let backlog_first: u64 = replication
+        .get("repl_backlog_first_byte_offset")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(u64::MAX);
+    if replication.get("repl_backlog_active").map(String::as_str) != Some("1")
+        || backlog_first > offset + 1
+    {
+        return Err(format!(
+            "{addr}'s replication backlog does not reach offset {} (it begins at {backlog_first})",
+            offset + 1
+        ));
+    }
+    Ok((set, replid, offset))
+}
+
 /// A switchover paused on the source with the target caught up: what the
 /// next steps need.
 pub(super) struct Drained {
@@ -450,7 +503,7 @@ pub(super) struct Committed {
     pub(super) record: DirectionRecord,
 }
 
-async fn read_status(node: &Arc<dyn NodeControl>) -> Result<NodeStatus, String> {
+pub(super) async fn read_status(node: &Arc<dyn NodeControl>) -> Result<NodeStatus, String> {
     let node = Arc::clone(node);
     tokio::task::spawn_blocking(move || node.status())
         .await
@@ -550,6 +603,11 @@ async fn check(
     cfg: &SyncConfig,
     node: &Arc<dyn NodeControl>,
 ) -> Result<(RedisUrl, RedisUrl, String), String> {
+    if cfg.two_way {
+        return Err(
+            "a two-way sync replicates both ways already: there is no direction to switch".into(),
+        );
+    }
     check_reversible(cfg)?;
     let (sources, targets) = urls(cfg).map_err(|e| e.to_string())?;
     let (Some(source), Some(target)) = (sources.first(), targets.first()) else {
@@ -773,54 +831,14 @@ impl Drained {
         }
         let started = Instant::now();
         let addr = self.target.addr();
-        let mut b = connect(&self.target).await?;
-        let mut key = INTERNAL_PREFIX.to_vec();
-        key.extend_from_slice(format!(":switchover:{}", cfg.id).as_bytes());
         let note = format!(
             "{{\"generation\":{},\"unix-ms\":{},\"from\":\"{}\"}}",
             self.generation,
             now_unix_ms(),
             self.source.addr()
         );
-        let set = Command::from_parts([b"SET".as_slice(), key.as_slice(), note.as_bytes()]);
-        let replies = b
-            .pipeline(&[
-                Command::from_parts(["MULTI"]),
-                set.clone(),
-                Command::from_parts(["INFO", "replication"]),
-                Command::from_parts(["EXEC"]),
-            ])
-            .await
-            .map_err(client_error("the switch point's transaction", &addr))?;
-        let info_text = match replies.last() {
-            Some(Frame::Array(items)) if items.len() == 2 => match &items[1] {
-                Frame::Bulk(text) => String::from_utf8_lossy(text).into_owned(),
-                Frame::Verbatim { text, .. } => String::from_utf8_lossy(text).into_owned(),
-                other => return Err(format!("{addr}: INFO inside MULTI answered {other:?}")),
-            },
-            other => {
-                return Err(format!(
-                    "{addr}: the switch point's EXEC answered {other:?}"
-                ))
-            }
-        };
-        let replication = parse_info(&info_text);
-        let replid = field(&replication, "master_replid", &addr)?.to_string();
-        let offset: u64 = field(&replication, "master_repl_offset", &addr)?
-            .parse()
-            .map_err(|_| format!("{addr}: master_repl_offset is not a number"))?;
-        let backlog_first: u64 = replication
-            .get("repl_backlog_first_byte_offset")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(u64::MAX);
-        if replication.get("repl_backlog_active").map(String::as_str) != Some("1")
-            || backlog_first > offset + 1
-        {
-            return Err(format!(
-                "{addr}'s replication backlog does not reach offset {} (it begins at {backlog_first})",
-                offset + 1
-            ));
-        }
+        let (set, replid, offset) =
+            mark_stream(&self.target, &format!("switchover:{}", cfg.id), &note).await?;
         self.steps.done(
             "mark the switch point on the target",
             started,

@@ -1,0 +1,253 @@
+//! `ferry sync --two-way` against real redis-servers (issue 11, items 1 and
+//! 5): concurrent writes to the same keys on both sides while ferry is
+//! killed with SIGKILL again and again end with every increment counted
+//! once and every pushed element present once, on both sides; nothing loops
+//! once the writers stop; flushes are refused; the precheck covers both
+//! directions.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::ferry::FerryProcess;
+use common::resp::{connect, Resp};
+use common::RedisServer;
+
+fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Both directions run: two appliers, both ONLINE.
+fn established(sync: &FerryProcess) -> bool {
+    let status = sync.status_json();
+    status["drainers"]
+        .as_array()
+        .is_some_and(|d| d.len() == 2 && d.iter().all(|side| side["state"] == "ONLINE"))
+}
+
+/// What one side's writer had acknowledged.
+#[derive(Debug, Default)]
+struct Done {
+    incr: i64,
+    incrby: i64,
+    hincrby: i64,
+    pushed: Vec<String>,
+}
+
+fn int(reply: std::io::Result<Resp>, what: &str) {
+    match reply {
+        Ok(Resp::Int(_)) => {}
+        other => panic!("{what}: {other:?}"),
+    }
+}
+
+/// `INCR c`, `INCRBY c2 3`, `HINCRBY h f 2`, `LPUSH l <name>-<n>` on one
+/// side, one round trip each, until `stop`.
+fn side_writer(addr: String, name: &'static str, stop: Arc<AtomicBool>) -> Done {
+    let mut conn = connect(&addr);
+    let mut done = Done::default();
+    let mut n = 0u64;
+    while !stop.load(Ordering::SeqCst) {
+        n += 1;
+        int(conn.call(&["INCR", "c"]), "INCR");
+        done.incr += 1;
+        int(conn.call(&["INCRBY", "c2", "3"]), "INCRBY");
+        done.incrby += 3;
+        int(conn.call(&["HINCRBY", "h", "f", "2"]), "HINCRBY");
+        done.hincrby += 2;
+        let element = format!("{name}-{n}");
+        int(conn.call(&["LPUSH", "l", &element]), "LPUSH");
+        done.pushed.push(element);
+        thread::sleep(Duration::from_millis(1));
+    }
+    done
+}
+
+/// (c, c2, h.f, l sorted) of a server.
+fn state(server: &RedisServer) -> (i64, i64, i64, Vec<String>) {
+    let mut conn = connect(&server.addr());
+    let number = |reply: Resp| reply.text().map_or(0, |t| t.parse::<i64>().unwrap());
+    let c = number(conn.call(&["GET", "c"]).unwrap());
+    let c2 = number(conn.call(&["GET", "c2"]).unwrap());
+    let hf = number(conn.call(&["HGET", "h", "f"]).unwrap());
+    let mut list: Vec<String> = conn
+        .call(&["LRANGE", "l", "0", "-1"])
+        .unwrap()
+        .items()
+        .iter()
+        .map(|item| item.text().unwrap())
+        .collect();
+    list.sort();
+    (c, c2, hf, list)
+}
+
+fn counters(sync: &FerryProcess) -> Vec<(u64, u64)> {
+    let status = sync.status_json();
+    status["drainers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|side| {
+            (
+                side["commands_applied"].as_u64().unwrap(),
+                side["echoes"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn concurrent_writes_on_both_sides_converge_exactly_once_across_kill_9() {
+    let a = RedisServer::start(&[]);
+    let b = RedisServer::start(&[]);
+    a.cmd(&["SET", "seed", "1"]);
+    a.cmd(&["INCRBY", "c", "100"]);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (a_url, b_url) = (a.url(), b.url());
+    let mut sync = FerryProcess::sync(&data, &a_url, &b_url, &["--two-way"]);
+    wait_for(
+        "two-way sync to be established",
+        Duration::from_secs(60),
+        || established(&sync),
+    );
+    assert_eq!(b.cmd(&["GET", "seed"]), "1");
+    let log = std::fs::read_to_string(&sync.log).unwrap();
+    assert!(log.contains("two-way sync established"), "{log}");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = [(a.addr(), "a"), (b.addr(), "b")]
+        .into_iter()
+        .map(|(addr, name)| {
+            let stop = Arc::clone(&stop);
+            thread::spawn(move || side_writer(addr, name, stop))
+        })
+        .collect();
+    for round in 0..6u64 {
+        thread::sleep(Duration::from_millis(350 + 70 * round));
+        sync.kill9();
+        std::fs::remove_file(data.join("admin.addr")).unwrap();
+        sync = FerryProcess::sync(&data, &a_url, &b_url, &["--two-way"]);
+    }
+    thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::SeqCst);
+    let done: Vec<Done> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+    let (on_a, on_b) = (&done[0], &done[1]);
+    assert!(
+        on_a.incr > 100 && on_b.incr > 100,
+        "too few writes: {on_a:?} {on_b:?}"
+    );
+
+    let mut pushed: Vec<String> = on_a.pushed.iter().chain(&on_b.pushed).cloned().collect();
+    pushed.sort();
+    let want = (
+        100 + on_a.incr + on_b.incr,
+        on_a.incrby + on_b.incrby,
+        on_a.hincrby + on_b.hincrby,
+        pushed,
+    );
+    for server in [&a, &b] {
+        wait_for(
+            &format!("{} to hold every write of both sides once", server.addr()),
+            Duration::from_secs(90),
+            || state(server) == want,
+        );
+    }
+    wait_for("both directions to run", Duration::from_secs(60), || {
+        established(&sync)
+    });
+
+    // Nothing loops: idle, neither side gets anything applied, and no echo
+    // comes back (the silent checkpoints wait).
+    let settled = counters(&sync);
+    assert!(
+        settled.iter().all(|(_, echoes)| *echoes > 0),
+        "each direction saw the other's echoes: {settled:?}"
+    );
+    thread::sleep(Duration::from_secs(3));
+    assert_eq!(counters(&sync), settled, "something went back and forth");
+    for server in [&a, &b] {
+        assert_eq!(state(server), want);
+    }
+    let log = std::fs::read_to_string(&sync.log).unwrap();
+    assert!(!log.contains("full resync stored partition=1"), "{log}");
+    sync.terminate(Duration::from_secs(20));
+}
+
+#[test]
+fn two_way_refuses_flushes_and_a_target_with_data() {
+    let a = RedisServer::start(&[]);
+    let b = RedisServer::start(&[]);
+    a.cmd(&["SET", "k", "1"]);
+    b.cmd(&["SET", "mine", "1"]);
+    let dir = tempfile::tempdir().unwrap();
+
+    // The first full sync A -> B would overwrite B's keys: refused.
+    let mut refused = FerryProcess::sync(
+        &dir.path().join("first"),
+        &a.url(),
+        &b.url(),
+        &["--two-way"],
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !refused.has_exited() {
+        assert!(Instant::now() < deadline, "{}", refused.log_tail(30));
+        thread::sleep(Duration::from_millis(50));
+    }
+    let log = std::fs::read_to_string(&refused.log).unwrap();
+    assert!(log.contains("precheck") && log.contains("FAIL"), "{log}");
+    assert_eq!(b.cmd(&["GET", "mine"]), "1");
+    let _ = refused.try_exit();
+
+    // A flush on one side is held, not carried to the other.
+    b.cmd(&["DEL", "mine"]);
+    let data = dir.path().join("data");
+    let sync = FerryProcess::sync(&data, &a.url(), &b.url(), &["--two-way"]);
+    wait_for(
+        "two-way sync to be established",
+        Duration::from_secs(60),
+        || established(&sync),
+    );
+    b.cmd(&["SET", "from-b", "1"]);
+    wait_for("a write of B on A", Duration::from_secs(30), || {
+        a.cmd(&["GET", "from-b"]) == "1"
+    });
+    a.cmd(&["FLUSHDB"]);
+    wait_for("the flush to be held", Duration::from_secs(30), || {
+        let status = sync.status_json();
+        status["drainers"][0]["state"] == "BLOCKED"
+            && status["drainers"][0]["blocked"]["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("two-way sync refuses"))
+    });
+    assert_eq!(
+        b.cmd(&["GET", "k"]),
+        "1",
+        "the flush reached the other side"
+    );
+    assert_eq!(b.cmd(&["GET", "from-b"]), "1");
+    // The other direction goes on.
+    b.cmd(&["SET", "after", "1"]);
+    wait_for("B's next write on A", Duration::from_secs(30), || {
+        a.cmd(&["GET", "after"]) == "1"
+    });
+    // And a switchover has nothing to switch.
+    let admin = sync.admin_addr(Duration::from_secs(10));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["switchover", "--admin", &admin])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("no direction to switch")
+            || String::from_utf8_lossy(&out.stderr).contains("no direction to switch"),
+        "{out:?}"
+    );
+}
