@@ -295,6 +295,23 @@
 //! once every piece of a batch committed; entries over several slots split
 //! and counted; `MOVED`/`ASK`/`TRYAGAIN`/`CLUSTERDOWN` followed or waited
 //! out. Its module doc has the design and the recovery rules.
+//!
+//! # Two-way sync
+//!
+//! With `two_way_peer` (set by `ferry sync --two-way`, `crate::node::two_way`
+//! has the design), this applier's source is also written by the applier of
+//! the peer partition. That applier's batches come back in the source's
+//! stream as entries that write its checkpoint key: the batch builder covers
+//! them without sending anything (`echo`, counted as `echoes`). A batch that
+//! covers only entries that apply nothing (heartbeats, echoes) is *silent*:
+//! it is not written at once, or each side's checkpoint write would be echoed
+//! by the other for ever; it waits for the next batch with data (whose
+//! checkpoint covers it) or [`SILENT_FLUSH`] (a quarter of `wal-ttl` at
+//! most, so retention never trims entries the target's checkpoint is
+//! before). Until then the target's checkpoint is behind entries that apply
+//! nothing, which a restart covers again. `FLUSHALL`/`FLUSHDB`/`SWAPDB` are
+//! refused like an entry that would reach outside the owned keyspace, and
+//! with `refuse_loads` any snapshot load is [`ApplyError::TwoWayLoad`].
 
 mod batch;
 pub mod checkpoint;
