@@ -23,6 +23,23 @@ pub struct NodeStatus {
     pub listeners: Vec<ListenerSide>,
     /// One per (drainer, partition) applier.
     pub drainers: Vec<DrainerSide>,
+    /// A two-way sync, established: its conflicts.
+    pub two_way: Option<TwoWayStatus>,
+}
+
+/// A two-way sync's conflicts: one key written on both sides before either
+/// saw the other's write (`src/node/conflicts.rs`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct TwoWayStatus {
+    /// Conflicts found so far.
+    pub conflicts: u64,
+    /// The latest one: `db <n> "<key>"`.
+    pub last_conflict: Option<String>,
+    /// Where each is appended (JSON lines).
+    pub conflict_log: String,
+    /// Entries the detector could not examine (trimmed before it read them,
+    /// or pushed out of a full window).
+    pub unexamined: u64,
 }
 
 /// A listener partition: its link to the source and what it ships.

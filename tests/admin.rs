@@ -159,6 +159,7 @@ fn listener(partition: u32) -> ListenerSide {
 
 fn sync_status() -> NodeStatus {
     NodeStatus {
+        two_way: None,
         role: "sync".into(),
         taken_unix_ms: 1_700_000_000_000,
         listeners: vec![listener(0), listener(1)],

@@ -10,6 +10,7 @@ use crate::record::pb;
 use crate::status::{
     BlockedEntry, DrainerSide, ListenerSide, NodeStatus, RefusedCommand, ShipSide, SkipOutcome,
     SkipRequest, SnapshotLoad, SourceShard, SwitchStep, SwitchoverReport, SyncSelector,
+    TwoWayStatus,
 };
 
 impl From<NodeStatus> for pb::NodeStatus {
@@ -19,12 +20,19 @@ impl From<NodeStatus> for pb::NodeStatus {
             taken_unix_ms,
             listeners,
             drainers,
+            two_way,
         } = status;
         pb::NodeStatus {
             role,
             taken_unix_ms,
             listeners: listeners.into_iter().map(Into::into).collect(),
             drainers: drainers.into_iter().map(Into::into).collect(),
+            two_way: two_way.map(|t| pb::TwoWayStatus {
+                conflicts: t.conflicts,
+                last_conflict: t.last_conflict,
+                conflict_log: t.conflict_log,
+                unexamined: t.unexamined,
+            }),
         }
     }
 }
@@ -36,12 +44,19 @@ impl From<pb::NodeStatus> for NodeStatus {
             taken_unix_ms,
             listeners,
             drainers,
+            two_way,
         } = status;
         NodeStatus {
             role,
             taken_unix_ms,
             listeners: listeners.into_iter().map(Into::into).collect(),
             drainers: drainers.into_iter().map(Into::into).collect(),
+            two_way: two_way.map(|t| TwoWayStatus {
+                conflicts: t.conflicts,
+                last_conflict: t.last_conflict,
+                conflict_log: t.conflict_log,
+                unexamined: t.unexamined,
+            }),
         }
     }
 }
@@ -598,6 +613,12 @@ mod tests {
         NodeStatus {
             role: "sync".into(),
             taken_unix_ms: 1_700_000_000_123,
+            two_way: Some(TwoWayStatus {
+                conflicts: 4,
+                last_conflict: Some("db 0 \"k\"".into()),
+                conflict_log: "/d/conflicts.jsonl".into(),
+                unexamined: 1,
+            }),
             listeners: vec![
                 ListenerSide {
                     listener_id: "l1".into(),

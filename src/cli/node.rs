@@ -89,6 +89,12 @@ pub struct SyncArgs {
     /// flushes and SWAPDB are refused.
     #[arg(long)]
     pub two_way: bool,
+    /// Two-way sync's conflict policy (one key written on both sides
+    /// before either saw the other's write): `report` (default) appends
+    /// each to DATA_DIR/conflicts.jsonl and counts it in `ferry status`;
+    /// `source-wins` and `target-wins` are not built yet.
+    #[arg(long, value_name = "POLICY")]
+    pub conflict: Option<String>,
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, NodeCommandError> {
@@ -135,6 +141,7 @@ pub fn sync(args: SyncArgs) -> Result<(), NodeCommandError> {
             filter: args.filter.to_config(args.dbs),
             existing_data: args.existing_data,
             two_way: args.two_way,
+            conflict: args.conflict,
         },
     )?;
     runtime()?.block_on(async {

@@ -375,6 +375,27 @@ pub fn render_status(status: &NodeStatus, now_unix_ms: u64, style: RenderStyle) 
     render_listeners(&mut out, &status.listeners, style, direct);
     out.push('\n');
     render_drainers(&mut out, &status.drainers, style, direct);
+    if let Some(two_way) = &status.two_way {
+        let _ = write!(
+            out,
+            "\nTwo-way: partition 0 source → target, partition 1 target → source; {} conflict(s) \
+             (one key written on both sides before either saw the other's write), logged in {}",
+            two_way.conflicts,
+            clean(&two_way.conflict_log)
+        );
+        if let Some(last) = &two_way.last_conflict {
+            let _ = write!(out, "; latest: {}", clean(last));
+        }
+        if two_way.unexamined > 0 {
+            let _ = write!(
+                out,
+                "; WARNING: {} entries not examined (trimmed before the detector read them, or a \
+                 full window)",
+                two_way.unexamined
+            );
+        }
+        out.push('\n');
+    }
     out
 }
 
@@ -725,6 +746,7 @@ mod tests {
         NodeStatus {
             role: "sync".into(),
             taken_unix_ms: NOW - 12,
+            two_way: None,
             listeners: vec![ListenerSide {
                 listener_id: "l1".into(),
                 partition: 0,

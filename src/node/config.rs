@@ -161,6 +161,10 @@ pub struct SyncFileConfig {
     /// the source (default false).
     #[serde(default)]
     pub two_way: Option<bool>,
+    /// Two-way sync's conflict policy: `"report"` (the default and, for
+    /// now, the only one built).
+    #[serde(default)]
+    pub conflict: Option<String>,
 }
 
 /// Which WAL the appliers of `ferry sync` read.
@@ -219,6 +223,8 @@ pub struct SyncOverrides {
     pub existing_data: Option<ExistingData>,
     /// `--two-way` (set: on; unset: the file decides).
     pub two_way: bool,
+    /// `--conflict`.
+    pub conflict: Option<String>,
 }
 
 fn default_admin() -> String {
@@ -670,6 +676,24 @@ impl SyncConfig {
             .map_err(|e| invalid(path, e.path(), e.reason))?;
         let apply_from = file_cfg.apply_from.unwrap_or_default();
         let two_way = flags.two_way || file_cfg.two_way.unwrap_or(false);
+        match flags.conflict.or(file_cfg.conflict).as_deref() {
+            None | Some("report") => {}
+            Some("source-wins" | "target-wins") => {
+                return Err(invalid(
+                    path,
+                    "conflict",
+                    "source-wins and target-wins are not built yet: two-way sync detects \
+                     conflicts and reports them (\"report\")",
+                ))
+            }
+            Some(other) => {
+                return Err(invalid(
+                    path,
+                    "conflict",
+                    format!("{other:?} is not a policy (report, source-wins, target-wins)"),
+                ))
+            }
+        }
         if two_way {
             if apply_from == ApplyFrom::DrainerWal {
                 return Err(invalid(

@@ -10,6 +10,7 @@
 //! below both this module and [`crate::admin`], which serves them.
 
 pub mod config;
+pub mod conflicts;
 pub mod run;
 pub mod switchover;
 pub mod two_way;

@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::config::{ApplyFrom, DrainerNodeConfig, DrainerPeer, ListenerNodeConfig, SyncConfig};
+use super::conflicts;
 use super::switchover;
 use super::two_way;
 use crate::apply::{self, ApplyConfig, ApplyStatus};
@@ -1329,6 +1330,8 @@ pub struct Node {
     role: &'static str,
     listeners: Vec<Arc<ListenerParts>>,
     drainers: Vec<Arc<DrainerPart>>,
+    /// A two-way sync, established: its conflict detector's counts.
+    conflicts: Option<Arc<conflicts::ConflictStats>>,
 }
 
 impl Node {
@@ -1380,6 +1383,7 @@ impl NodeControl for Node {
                 .iter()
                 .flat_map(|part| part.status())
                 .collect(),
+            two_way: self.conflicts.as_ref().map(|stats| stats.snapshot()),
         }
     }
 
@@ -1591,6 +1595,7 @@ pub async fn run_listener(
         role: "listener",
         listeners: vec![listener],
         drainers: Vec::new(),
+        conflicts: None,
     });
     start_admin(&cfg.data_dir, &cfg.admin, node.clone(), &mut stages).await?;
     finish(stages, node, vec![wal]).await
@@ -1620,6 +1625,7 @@ pub async fn run_drainer(
         role: "drainer",
         listeners: Vec::new(),
         drainers: vec![drainer],
+        conflicts: None,
     });
     start_admin(&cfg.data_dir, &cfg.admin, node.clone(), &mut stages).await?;
     finish(stages, node, vec![wal]).await
@@ -1750,6 +1756,7 @@ pub async fn run_sync(cfg: SyncConfig, shutdown: CancellationToken) -> Result<()
         role: "sync",
         listeners: vec![listener],
         drainers: vec![drainer],
+        conflicts: None,
     });
     start_admin(&cfg.data_dir, &cfg.admin, node.clone(), &mut stages).await?;
     info!(source = %redacted(&cfg.listener.source), target = %redacted(&cfg.apply.target), apply_from = "drainer-wal", "sync running");
@@ -1788,6 +1795,7 @@ async fn start_direct_stages(
         role: "sync",
         listeners: vec![listener],
         drainers: vec![drainer],
+        conflicts: None,
     };
     if established {
         let listener = start_listeners(
@@ -1799,6 +1807,7 @@ async fn start_direct_stages(
             stages,
         )
         .await?;
+        let wal_for_conflicts = wal.clone();
         let drainer = start_direct_part(
             &cfg.data_dir,
             Arc::clone(&listener),
@@ -1808,6 +1817,15 @@ async fn start_direct_stages(
         )?;
         node.listeners.push(listener);
         node.drainers.push(drainer);
+        let stats = Arc::new(conflicts::ConflictStats::default());
+        stages.tasks.push(tokio::spawn(conflicts::run(
+            wal_for_conflicts,
+            cfg.data_dir.clone(),
+            cfg.apply.drainer_id.clone(),
+            Arc::clone(&stats),
+            stages.shutdown.clone(),
+        )));
+        node.conflicts = Some(stats);
     }
     Ok(Arc::new(node))
 }

@@ -48,6 +48,14 @@
 //! established" (`ferry status` shows partition 1). A crash before entry 1
 //! is durable does it again; after it, partition 1 resumes like any.
 //!
+//! # Conflicts
+//!
+//! One key written on both sides before either saw the other's write:
+//! found from the two logs by [`super::conflicts`] (its module doc has the
+//! rule), appended to `<data-dir>/conflicts.jsonl` and counted in `ferry
+//! status`. The policy is `report`; `source-wins` and `target-wins` are
+//! refused by the config (not built yet).
+//!
 //! # What two-way refuses
 //!
 //! - `FLUSHALL`, `FLUSHDB`, `SWAPDB` (held like an entry the target refuses;

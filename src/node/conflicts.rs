@@ -1,0 +1,684 @@
+//! Two-way sync conflicts (issue 11, item 2): the same key written on both
+//! sides before either saw the other's write.
+//!
+//! In: partitions 0 (the source A's stream) and 1 (the target B's stream)
+//! of a two-way sync's WAL (`super::two_way`). Out: every conflict
+//! appended to `<data-dir>/conflicts.jsonl` (one JSON object per line) and
+//! counted in `ferry status`; the state that lets a restart go on where
+//! it stopped, `<data-dir>/conflicts.state`. The policy is `report`: both
+//! writes are applied as they come, so a key written with two different
+//! values may end different on the two sides (`ferry verify` lists it).
+//!
+//! # What the logs tell
+//!
+//! Each side's log holds that side's own writes and its echoes (the other
+//! direction's batches, each carrying that applier's checkpoint
+//! `applied=N`: the side had applied the other log up to N). So a write of
+//! A at id `x` of partition 0 was made having seen B's writes up to
+//! `seen(x)`, the `applied` of the last echo before `x` in partition 0 (and
+//! the same for B's writes at `y` in partition 1). Writes `x` and `y` of
+//! one key (db and name) conflict when neither saw the other:
+//! `y > seen(x)` and `x > seen(y)`.
+//!
+//! # Finding them
+//!
+//! The detector reads both logs in order, each at its own pace. It keeps,
+//! per side, the writes the other side may not have seen yet (a window,
+//! indexed by key): a write `x` of A leaves A's window once an echo in B's
+//! log says B applied `x`, because every later write of B has seen it.
+//! Reading a write checks the other side's window for its keys. A pair is
+//! found when the later of its two writes is read, whichever side goes
+//! first, and only then. A window holds the writes within the replication
+//! lag; past [`WINDOW_CAP`] writes per side the oldest go (counted as
+//! `unexamined`, like entries the WAL trimmed before the detector read
+//! them).
+//!
+//! # Restarts
+//!
+//! The state (positions, what each side has seen, the windows) is saved
+//! atomically every second, after the conflicts found before it are in
+//! the log (appended and fsynced). A restart goes on from the state; the
+//! pairs found again between the state and the crash are recognised in the
+//! log's tail and not appended twice. Without a state (a data dir of an
+//! older ferry), detection starts at the logs' ends.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::two_way::{BACKWARD, FORWARD};
+use crate::apply::checkpoint::{checkpoint_key, Checkpoint};
+use crate::position::{now_unix_ms, LogId, PartitionId};
+use crate::record::{Record, RecordLimits, INTERNAL_PREFIX};
+use crate::redis::command;
+use crate::status::TwoWayStatus;
+use crate::wal::{ReadLimits, Wal, WalEntry, WalError};
+
+/// The conflict log, in the data dir.
+pub const CONFLICT_LOG: &str = "conflicts.jsonl";
+/// The detector's state, in the data dir.
+const STATE_FILE: &str = "conflicts.state";
+const STATE_VERSION: u32 = 1;
+/// Writes kept per side (module doc, "Finding them").
+pub const WINDOW_CAP: usize = 200_000;
+/// How often the detector looks for new entries when no append woke it.
+const POLL: Duration = Duration::from_millis(200);
+/// How often the state is saved when it changed.
+const SAVE_EVERY: Duration = Duration::from_secs(1);
+/// How much of the log's end a restart reads to skip pairs already logged.
+const LOG_TAIL_BYTES: u64 = 4 << 20;
+const READ: ReadLimits = ReadLimits {
+    max_entries: 4096,
+    max_bytes: 16 << 20,
+};
+
+/// What `ferry status` shows of the detector.
+#[derive(Debug, Default)]
+pub struct ConflictStats {
+    inner: Mutex<TwoWayStatus>,
+}
+
+impl ConflictStats {
+    pub fn snapshot(&self) -> TwoWayStatus {
+        self.inner
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .clone()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut TwoWayStatus)) {
+        f(&mut self
+            .inner
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner()));
+    }
+}
+
+/// A write of one side the other side may not have seen.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Seen {
+    id: u64,
+    /// The other side's log id this side had applied up to when it wrote.
+    seen: u64,
+    db: u32,
+    /// The key, hex.
+    key: String,
+    unix_ms: u64,
+    offset: u64,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct State {
+    version: u32,
+    /// Next log id to read, per partition (0, 1).
+    next: [u64; 2],
+    /// The other log's id each side has applied up to (from its echoes).
+    seen: [u64; 2],
+    windows: [Vec<Seen>; 2],
+    conflicts: u64,
+    unexamined: u64,
+}
+
+/// One side: where its log is read, what it has seen, its window.
+#[derive(Default)]
+struct Side {
+    next: u64,
+    seen: u64,
+    /// In log order (for leaving the window).
+    order: VecDeque<(u64, u32, Bytes)>,
+    by_key: HashMap<(u32, Bytes), Vec<Seen>>,
+}
+
+impl Side {
+    fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    fn insert(&mut self, seen: Seen, key: Bytes) {
+        self.order.push_back((seen.id, seen.db, key.clone()));
+        self.by_key.entry((seen.db, key)).or_default().push(seen);
+    }
+
+    /// Drops the writes up to `id` (the other side has seen them).
+    fn leave_through(&mut self, id: u64) {
+        while self.order.front().is_some_and(|(first, _, _)| *first <= id) {
+            self.drop_front();
+        }
+    }
+
+    fn drop_front(&mut self) {
+        let Some((id, db, key)) = self.order.pop_front() else {
+            return;
+        };
+        let slot = (db, key);
+        if let Some(list) = self.by_key.get_mut(&slot) {
+            list.retain(|w| w.id != id);
+            if list.is_empty() {
+                self.by_key.remove(&slot);
+            }
+        }
+    }
+}
+
+/// One conflict, as a line of the log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Conflict {
+    /// The key, as text where it is UTF-8 (else lossy; `key_hex` is exact).
+    pub key: String,
+    pub key_hex: String,
+    pub db: u32,
+    /// The source's write (partition 0) and the target's (partition 1).
+    pub source: WritePosition,
+    pub target: WritePosition,
+    pub detected_unix_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WritePosition {
+    pub partition: u32,
+    pub log_id: u64,
+    /// The side's replication offset after the write.
+    pub offset: u64,
+    /// When ferry logged it.
+    pub unix_ms: u64,
+    /// The other side's log id this side had applied when it wrote.
+    pub seen: u64,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &str) -> Option<Bytes> {
+    if text.len() % 2 != 0 {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect::<Option<Vec<u8>>>()
+        .map(Bytes::from)
+}
+
+/// The detector of one two-way sync.
+struct Detector {
+    sides: [Side; 2],
+    /// The other direction's checkpoint key, per side: in partition 0 (A's
+    /// stream) the echoes write partition 1's checkpoint, and the reverse.
+    echo_keys: [Bytes; 2],
+    conflicts: u64,
+    unexamined: u64,
+    /// Pairs already in the log (found again after a restart).
+    logged: HashSet<(u64, u64, u32, String)>,
+}
+
+impl Detector {
+    fn new(drainer_id: &str) -> Detector {
+        Detector {
+            sides: [Side::default(), Side::default()],
+            echo_keys: [
+                checkpoint_key(drainer_id, BACKWARD).into(),
+                checkpoint_key(drainer_id, FORWARD).into(),
+            ],
+            conflicts: 0,
+            unexamined: 0,
+            logged: HashSet::new(),
+        }
+    }
+
+    fn state(&self) -> State {
+        let window = |side: &Side| {
+            side.order
+                .iter()
+                .filter_map(|(id, db, key)| {
+                    side.by_key
+                        .get(&(*db, key.clone()))
+                        .and_then(|list| list.iter().find(|w| w.id == *id).cloned())
+                })
+                .collect()
+        };
+        State {
+            version: STATE_VERSION,
+            next: [self.sides[0].next, self.sides[1].next],
+            seen: [self.sides[0].seen, self.sides[1].seen],
+            windows: [window(&self.sides[0]), window(&self.sides[1])],
+            conflicts: self.conflicts,
+            unexamined: self.unexamined,
+        }
+    }
+
+    fn restore(&mut self, state: State) {
+        for (index, window) in state.windows.into_iter().enumerate() {
+            let side = &mut self.sides[index];
+            side.next = state.next[index];
+            side.seen = state.seen[index];
+            for seen in window {
+                if let Some(key) = unhex(&seen.key) {
+                    side.insert(seen, key);
+                }
+            }
+        }
+        self.conflicts = state.conflicts;
+        self.unexamined = state.unexamined;
+    }
+
+    /// Takes one entry of side `x` (read in log order); returns the
+    /// conflicts it completes.
+    fn take(&mut self, x: usize, entry: &WalEntry) -> Vec<Conflict> {
+        let y = 1 - x;
+        let mut found = Vec::new();
+        let Ok(Record::Write(write)) = Record::decode(&entry.payload, RecordLimits::default())
+        else {
+            return found;
+        };
+        // An echo: the side has applied the other log up to its `applied`.
+        let echo = write
+            .commands
+            .iter()
+            .find(|cmd| cmd.is("SET") && cmd.args.get(1).is_some_and(|k| *k == self.echo_keys[x]));
+        if let Some(cmd) = echo {
+            if let Some(applied) = cmd
+                .args
+                .get(2)
+                .and_then(|value| Checkpoint::decode(value).ok())
+                .map(|c| c.applied().0)
+            {
+                if applied > self.sides[x].seen {
+                    self.sides[x].seen = applied;
+                    self.sides[y].leave_through(applied);
+                }
+            }
+            return found;
+        }
+        let x_seen = self.sides[x].seen;
+        let mut db = write.db;
+        for cmd in &write.commands {
+            if cmd.is("SELECT") {
+                if let Some(n) = cmd
+                    .args
+                    .get(1)
+                    .and_then(|a| std::str::from_utf8(a).ok()?.parse().ok())
+                {
+                    db = n;
+                }
+                continue;
+            }
+            let Ok(keys) = command::keys(cmd) else {
+                continue;
+            };
+            for key in keys {
+                if key.starts_with(INTERNAL_PREFIX) {
+                    continue;
+                }
+                let mine = Seen {
+                    id: entry.log_id.0,
+                    seen: x_seen,
+                    db,
+                    key: hex(&key),
+                    unix_ms: entry.created_unix_ms,
+                    offset: entry.source.offset.0,
+                };
+                if let Some(theirs) = self.sides[y].by_key.get(&(db, key.clone())) {
+                    for other in theirs
+                        .iter()
+                        .filter(|other| other.id > x_seen && other.seen < mine.id)
+                    {
+                        let (source, target) = if x == 0 {
+                            (&mine, other)
+                        } else {
+                            (other, &mine)
+                        };
+                        let conflict = Conflict {
+                            key: String::from_utf8_lossy(&key).into_owned(),
+                            key_hex: mine.key.clone(),
+                            db,
+                            source: position(FORWARD, source),
+                            target: position(BACKWARD, target),
+                            detected_unix_ms: now_unix_ms(),
+                        };
+                        let tag = (source.id, target.id, db, mine.key.clone());
+                        if self.logged.insert(tag) {
+                            found.push(conflict);
+                        }
+                    }
+                }
+                // Writes the other side has seen already need no window.
+                if mine.id > self.sides[y].seen {
+                    if self.sides[x].len() >= WINDOW_CAP {
+                        self.sides[x].drop_front();
+                        self.unexamined += 1;
+                    }
+                    self.sides[x].insert(mine, key);
+                }
+            }
+        }
+        found
+    }
+}
+
+fn position(partition: PartitionId, seen: &Seen) -> WritePosition {
+    WritePosition {
+        partition: partition.0,
+        log_id: seen.id,
+        offset: seen.offset,
+        unix_ms: seen.unix_ms,
+        seen: seen.seen,
+    }
+}
+
+/// The pairs in the last [`LOG_TAIL_BYTES`] of the conflict log.
+fn logged_pairs(path: &Path) -> HashSet<(u64, u64, u32, String)> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut pairs = HashSet::new();
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return pairs;
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(LOG_TAIL_BYTES);
+    let mut text = String::new();
+    if file.seek(SeekFrom::Start(start)).is_err() || file.read_to_string(&mut text).is_err() {
+        return pairs;
+    }
+    for line in text.lines() {
+        if let Ok(c) = serde_json::from_str::<Conflict>(line) {
+            pairs.insert((c.source.log_id, c.target.log_id, c.db, c.key_hex));
+        }
+    }
+    pairs
+}
+
+fn append(path: &Path, conflicts: &[Conflict]) -> std::io::Result<()> {
+    let mut text = String::new();
+    for conflict in conflicts {
+        text.push_str(&serde_json::to_string(conflict).map_err(std::io::Error::other)?);
+        text.push('\n');
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    file.write_all(text.as_bytes())?;
+    file.sync_data()
+}
+
+fn load_state(path: &Path) -> Option<State> {
+    let text = std::fs::read_to_string(path).ok()?;
+    match serde_json::from_str::<State>(&text) {
+        Ok(state) if state.version == STATE_VERSION => Some(state),
+        Ok(state) => {
+            warn!(path = %path.display(), version = state.version, "unknown conflict state version; detection starts at the logs' ends");
+            None
+        }
+        Err(error) => {
+            warn!(path = %path.display(), %error, "unreadable conflict state; detection starts at the logs' ends");
+            None
+        }
+    }
+}
+
+/// Runs the detector until `stop`.
+pub async fn run(
+    wal: Wal,
+    data_dir: PathBuf,
+    drainer_id: String,
+    stats: Arc<ConflictStats>,
+    stop: CancellationToken,
+) {
+    let log_path = data_dir.join(CONFLICT_LOG);
+    let state_path = data_dir.join(STATE_FILE);
+    let mut detector = Detector::new(&drainer_id);
+    match load_state(&state_path) {
+        Some(state) => detector.restore(state),
+        None => {
+            for (index, partition) in [FORWARD, BACKWARD].into_iter().enumerate() {
+                let last = wal
+                    .last_log_id(partition)
+                    .ok()
+                    .flatten()
+                    .unwrap_or(LogId::ZERO);
+                // Partition 1 starts with the two-way mark: read it all.
+                detector.sides[index].next = if partition == BACKWARD { 1 } else { last.0 + 1 };
+            }
+        }
+    }
+    detector.logged = logged_pairs(&log_path);
+    stats.update(|s| {
+        s.conflicts = detector.conflicts;
+        s.unexamined = detector.unexamined;
+        s.conflict_log = log_path.display().to_string();
+    });
+    let mut appended = wal.subscribe_appends();
+    let mut saved = Instant::now();
+    let mut dirty = true;
+    loop {
+        let mut found = Vec::new();
+        let mut progressed = false;
+        for (index, partition) in [FORWARD, BACKWARD].into_iter().enumerate() {
+            let from = LogId(detector.sides[index].next.max(1));
+            let read_wal = wal.clone();
+            let read =
+                tokio::task::spawn_blocking(move || read_wal.read(partition, from, READ)).await;
+            let entries = match read {
+                Ok(Ok(entries)) => entries,
+                Ok(Err(WalError::Trimmed {
+                    first_available, ..
+                })) => {
+                    let skipped = first_available.0.saturating_sub(from.0);
+                    warn!(partition = %partition, from = %from, to = %first_available, "conflict detection: entries trimmed before they were read; not examined");
+                    detector.unexamined += skipped;
+                    detector.sides[index].next = first_available.0;
+                    dirty = true;
+                    continue;
+                }
+                Ok(Err(error)) => {
+                    warn!(%error, "conflict detection: reading the WAL");
+                    continue;
+                }
+                Err(error) => {
+                    warn!(%error, "conflict detection: reading the WAL");
+                    continue;
+                }
+            };
+            for entry in &entries {
+                found.extend(detector.take(index, entry));
+                detector.sides[index].next = entry.log_id.0 + 1;
+                progressed = true;
+            }
+        }
+        if !found.is_empty() {
+            for conflict in &found {
+                warn!(key = %conflict.key, db = conflict.db, source_log_id = conflict.source.log_id, target_log_id = conflict.target.log_id, "two-way conflict: the key was written on both sides before either saw the other's write");
+            }
+            if let Err(error) = append(&log_path, &found) {
+                warn!(path = %log_path.display(), %error, "cannot append to the conflict log");
+            }
+            detector.conflicts += found.len() as u64;
+            let last = found.last().map(|c| format!("db {} {:?}", c.db, c.key));
+            stats.update(|s| {
+                s.conflicts = detector.conflicts;
+                s.last_conflict = last;
+            });
+        }
+        dirty |= progressed;
+        stats.update(|s| s.unexamined = detector.unexamined);
+        if dirty && (saved.elapsed() >= SAVE_EVERY || stop.is_cancelled()) {
+            let state = detector.state();
+            match serde_json::to_string(&state) {
+                Ok(text) => {
+                    if let Err(error) = super::run::write_atomically(&state_path, &text) {
+                        warn!(path = %state_path.display(), %error, "cannot save the conflict state");
+                    }
+                }
+                Err(error) => warn!(%error, "cannot encode the conflict state"),
+            }
+            saved = Instant::now();
+            dirty = false;
+        }
+        if stop.is_cancelled() {
+            info!(conflicts = detector.conflicts, "conflict detection stopped");
+            return;
+        }
+        if progressed {
+            continue;
+        }
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = appended.changed() => {}
+            _ = tokio::time::sleep(POLL) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::WriteRecord;
+    use crate::redis::command::Command;
+    use crate::wal::SourcePosition;
+
+    fn entry(id: u64, commands: &[&[&str]], transaction: bool) -> WalEntry {
+        let write = WriteRecord {
+            db: 0,
+            commands: commands
+                .iter()
+                .map(|c| Command::from_parts(c.iter()))
+                .collect(),
+            transaction,
+            streamed: vec![],
+            tenure: None,
+        };
+        WalEntry {
+            log_id: LogId(id),
+            flags: 0,
+            created_unix_ms: 1000 + id,
+            bytes_end: 0,
+            stored_len: 0,
+            source: SourcePosition {
+                replid: "r".into(),
+                offset: crate::position::ReplOffset(100 * id),
+                db: 0,
+            },
+            payload: Record::Write(write).encode(),
+        }
+    }
+
+    /// An echo in side `x`'s log: the other direction applied up to `applied`.
+    fn echo(id: u64, x: usize, applied: u64) -> WalEntry {
+        let key = if x == 0 {
+            "__ferry:checkpoint:d:1"
+        } else {
+            "__ferry:checkpoint:d:0"
+        };
+        let value = format!("v2 applied={applied} epoch=0 log=00000000000000aa");
+        entry(id, &[&["INCR", "k"], &["SET", key, &value]], true)
+    }
+
+    #[test]
+    fn writes_neither_side_saw_conflict_and_seen_ones_do_not() {
+        let mut d = Detector::new("d");
+        // A writes k at 1; B writes k at 1 without having seen A's: conflict.
+        assert!(d
+            .take(0, &entry(1, &[&["SET", "k", "a"]], false))
+            .is_empty());
+        let found = d.take(1, &entry(1, &[&["SET", "k", "b"]], false));
+        assert_eq!(found.len(), 1);
+        assert_eq!((found[0].source.log_id, found[0].target.log_id), (1, 1));
+        assert_eq!(found[0].key, "k");
+        // B applies A's log up to 1 (an echo in B's log): A's write leaves
+        // the window; B's next write of k saw it.
+        assert!(d.take(1, &echo(2, 1, 1)).is_empty());
+        assert!(d
+            .take(1, &entry(3, &[&["SET", "k", "c"]], false))
+            .is_empty());
+        // A's write at 2, before A saw B's 1 and 3: conflicts with both.
+        let found = d.take(0, &entry(2, &[&["SET", "k", "d"]], false));
+        let pairs: Vec<(u64, u64)> = found
+            .iter()
+            .map(|c| (c.source.log_id, c.target.log_id))
+            .collect();
+        assert_eq!(pairs, [(2, 1), (2, 3)]);
+        // A applies B's log through 3: A's later write saw everything.
+        assert!(d.take(0, &echo(3, 0, 3)).is_empty());
+        assert!(d
+            .take(0, &entry(4, &[&["SET", "k", "e"]], false))
+            .is_empty());
+        // Other keys, other dbs and ferry's keys never conflict.
+        assert!(d
+            .take(
+                1,
+                &entry(
+                    4,
+                    &[&["SET", "other", "x"], &["SET", "__ferry:x", "1"]],
+                    true
+                )
+            )
+            .is_empty());
+    }
+
+    #[test]
+    fn the_order_the_two_logs_are_read_in_does_not_matter() {
+        let a = [
+            entry(1, &[&["SET", "k", "a"]], false),
+            echo(2, 0, 2),
+            entry(3, &[&["INCR", "n"]], false),
+        ];
+        let b = [
+            entry(1, &[&["INCR", "n"]], false),
+            entry(2, &[&["SET", "k", "b"]], false),
+            echo(3, 1, 1),
+            entry(4, &[&["INCR", "n"]], false),
+        ];
+        let pairs = |order: &[(usize, usize)]| {
+            let mut d = Detector::new("d");
+            let mut found: Vec<(u64, u64, String)> = order
+                .iter()
+                .flat_map(|&(side, i)| d.take(side, if side == 0 { &a[i] } else { &b[i] }))
+                .map(|c| (c.source.log_id, c.target.log_id, c.key))
+                .collect();
+            found.sort();
+            found
+        };
+        let a_first = pairs(&[(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (1, 3)]);
+        let b_first = pairs(&[(1, 0), (1, 1), (1, 2), (1, 3), (0, 0), (0, 1), (0, 2)]);
+        let mixed = pairs(&[(1, 0), (0, 0), (1, 1), (0, 1), (1, 2), (0, 2), (1, 3)]);
+        // k: A's 1 (seen 0) and B's 2 (seen 0). n: A's 3 (seen 2: B's 1 and
+        // 2) against B's 1 (seen) and B's 4 (seen 1 < 3): a conflict.
+        let want = vec![(1, 2, "k".to_string()), (3, 4, "n".to_string())];
+        assert_eq!(a_first, want);
+        assert_eq!(b_first, want);
+        assert_eq!(mixed, want);
+    }
+
+    #[test]
+    fn state_round_trips_and_a_restart_does_not_log_a_pair_twice() {
+        let mut d = Detector::new("d");
+        d.take(0, &entry(1, &[&["SET", "k", "a"]], false));
+        d.sides[0].next = 2;
+        let state = serde_json::to_string(&d.state()).unwrap();
+        let mut again = Detector::new("d");
+        again.restore(serde_json::from_str(&state).unwrap());
+        assert_eq!(again.sides[0].next, 2);
+        let found = again.take(1, &entry(1, &[&["SET", "k", "b"]], false));
+        assert_eq!(found.len(), 1);
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join(CONFLICT_LOG);
+        append(&log, &found).unwrap();
+        let mut third = Detector::new("d");
+        third.restore(serde_json::from_str(&state).unwrap());
+        third.logged = logged_pairs(&log);
+        assert!(third
+            .take(1, &entry(1, &[&["SET", "k", "b"]], false))
+            .is_empty());
+        assert_eq!(
+            unhex(&hex(b"\x00\xffk")).unwrap(),
+            Bytes::from_static(b"\x00\xffk")
+        );
+    }
+}
