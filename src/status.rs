@@ -40,6 +40,12 @@ pub struct TwoWayStatus {
     /// Entries the detector could not examine (trimmed before it read them,
     /// or pushed out of a full window).
     pub unexamined: u64,
+    /// The policy: `report`, `source-wins`, `target-wins`.
+    pub policy: String,
+    /// Conflicts a winner policy repaired, and those still waiting for their
+    /// side to apply the winner's write.
+    pub repaired: u64,
+    pub repairs_owed: u64,
 }
 
 /// A listener partition: its link to the source and what it ships.

@@ -348,3 +348,66 @@ fn one_key_written_on_both_sides_before_either_saw_the_other_is_a_conflict() {
     assert_eq!(conflict_lines(&data).len(), 2);
     sync.terminate(Duration::from_secs(20));
 }
+
+/// A conflict under a winner policy: both sides end with what the winner's
+/// write left.
+fn a_winner_policy_makes_both_sides_converge(policy: &str, winner_value: &str) {
+    let a = RedisServer::start(&[]);
+    let b = RedisServer::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let sync = FerryProcess::sync(
+        &data,
+        &a.url(),
+        &b.url(),
+        &["--two-way", "--conflict", policy],
+    );
+    wait_for(
+        "two-way sync to be established",
+        Duration::from_secs(60),
+        || established(&sync),
+    );
+    let admin = sync.admin_addr(Duration::from_secs(10));
+    assert!(ferry_cli(&["stop-sync", "--admin", &admin])
+        .status
+        .success());
+    a.cmd(&["SET", "both:key", "from-a"]);
+    b.cmd(&["SET", "both:key", "from-b"]);
+    a.cmd(&["SADD", "both:set", "a"]);
+    b.cmd(&["DEL", "both:set"]);
+    a.cmd(&["SET", "both:gone", "a"]);
+    b.cmd(&["SET", "both:gone", "b"]);
+    b.cmd(&["DEL", "both:gone"]);
+    assert!(ferry_cli(&["restart-sync", "--admin", &admin])
+        .status
+        .success());
+    wait_for("the repairs", Duration::from_secs(60), || {
+        let status = sync.status_json();
+        status["two_way"]["conflicts"] == 3 && status["two_way"]["repaired"] == 3
+    });
+    wait_for("both sides to agree", Duration::from_secs(60), || {
+        let (on_a, on_b) = (a.cmd(&["GET", "both:key"]), b.cmd(&["GET", "both:key"]));
+        on_a == on_b && a.cmd(&["EXISTS", "both:gone"]) == b.cmd(&["EXISTS", "both:gone"])
+    });
+    assert_eq!(a.cmd(&["GET", "both:key"]), winner_value);
+    let out = ferry_cli(&["verify", "--source", &a.url(), "--target", &b.url()]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = conflict_lines(&data);
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert!(lines.iter().all(|l| l["policy"] == policy), "{lines:?}");
+}
+
+#[test]
+fn source_wins_makes_both_sides_end_with_the_sources_write() {
+    a_winner_policy_makes_both_sides_converge("source-wins", "from-a");
+}
+
+#[test]
+fn target_wins_makes_both_sides_end_with_the_targets_write() {
+    a_winner_policy_makes_both_sides_converge("target-wins", "from-b");
+}

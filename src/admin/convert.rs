@@ -32,6 +32,9 @@ impl From<NodeStatus> for pb::NodeStatus {
                 last_conflict: t.last_conflict,
                 conflict_log: t.conflict_log,
                 unexamined: t.unexamined,
+                policy: t.policy,
+                repaired: t.repaired,
+                repairs_owed: t.repairs_owed,
             }),
         }
     }
@@ -56,6 +59,9 @@ impl From<pb::NodeStatus> for NodeStatus {
                 last_conflict: t.last_conflict,
                 conflict_log: t.conflict_log,
                 unexamined: t.unexamined,
+                policy: t.policy,
+                repaired: t.repaired,
+                repairs_owed: t.repairs_owed,
             }),
         }
     }
@@ -618,6 +624,9 @@ mod tests {
                 last_conflict: Some("db 0 \"k\"".into()),
                 conflict_log: "/d/conflicts.jsonl".into(),
                 unexamined: 1,
+                policy: "source-wins".into(),
+                repaired: 3,
+                repairs_owed: 1,
             }),
             listeners: vec![
                 ListenerSide {

@@ -298,7 +298,7 @@
 //!
 //! # Two-way sync
 //!
-//! With `two_way_peer` (set by `ferry sync --two-way`, `crate::node::two_way`
+//! With `two_way_peer` (set by `ferry sync --two-way`; src/node/two_way.rs
 //! has the design), this applier's source is also written by the applier of
 //! the peer partition. That applier's batches come back in the source's
 //! stream as entries that write its checkpoint key: the batch builder covers

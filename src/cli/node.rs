@@ -92,7 +92,9 @@ pub struct SyncArgs {
     /// Two-way sync's conflict policy (one key written on both sides
     /// before either saw the other's write): `report` (default) appends
     /// each to DATA_DIR/conflicts.jsonl and counts it in `ferry status`;
-    /// `source-wins` and `target-wins` are not built yet.
+    /// `source-wins` / `target-wins` also make both sides end with what
+    /// that side's write left (the key written again where it was applied
+    /// last, which carries it to the other side).
     #[arg(long, value_name = "POLICY")]
     pub conflict: Option<String>,
 }

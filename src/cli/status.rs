@@ -386,6 +386,15 @@ pub fn render_status(status: &NodeStatus, now_unix_ms: u64, style: RenderStyle) 
         if let Some(last) = &two_way.last_conflict {
             let _ = write!(out, "; latest: {}", clean(last));
         }
+        if two_way.policy != "report" && !two_way.policy.is_empty() {
+            let _ = write!(
+                out,
+                "; policy {}: {} repaired, {} waiting",
+                clean(&two_way.policy),
+                two_way.repaired,
+                two_way.repairs_owed
+            );
+        }
         if two_way.unexamined > 0 {
             let _ = write!(
                 out,

@@ -201,6 +201,33 @@ pub struct SyncConfig {
     /// Two-way sync: partition 0 replicates the source into the target,
     /// partition 1 the target into the source (`run::run_direct`).
     pub two_way: bool,
+    /// Two-way sync's conflict policy (`super::conflicts`).
+    pub conflict: ConflictPolicy,
+}
+
+/// What two-way sync does with a conflict (`super::conflicts`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConflictPolicy {
+    /// Logged and counted; both writes applied as they came.
+    #[default]
+    Report,
+    /// Also: once the target applied the source's write, the key as the
+    /// target holds it then is written again on the target, which carries
+    /// it to the source: both sides end with what the source's write left.
+    SourceWins,
+    /// The same the other way round.
+    TargetWins,
+}
+
+impl ConflictPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConflictPolicy::Report => "report",
+            ConflictPolicy::SourceWins => "source-wins",
+            ConflictPolicy::TargetWins => "target-wins",
+        }
+    }
 }
 
 /// `ferry sync` command-line values that override the file.
@@ -676,16 +703,10 @@ impl SyncConfig {
             .map_err(|e| invalid(path, e.path(), e.reason))?;
         let apply_from = file_cfg.apply_from.unwrap_or_default();
         let two_way = flags.two_way || file_cfg.two_way.unwrap_or(false);
-        match flags.conflict.or(file_cfg.conflict).as_deref() {
-            None | Some("report") => {}
-            Some("source-wins" | "target-wins") => {
-                return Err(invalid(
-                    path,
-                    "conflict",
-                    "source-wins and target-wins are not built yet: two-way sync detects \
-                     conflicts and reports them (\"report\")",
-                ))
-            }
+        let conflict = match flags.conflict.or(file_cfg.conflict).as_deref() {
+            None | Some("report") => ConflictPolicy::Report,
+            Some("source-wins") => ConflictPolicy::SourceWins,
+            Some("target-wins") => ConflictPolicy::TargetWins,
             Some(other) => {
                 return Err(invalid(
                     path,
@@ -693,7 +714,7 @@ impl SyncConfig {
                     format!("{other:?} is not a policy (report, source-wins, target-wins)"),
                 ))
             }
-        }
+        };
         if two_way {
             if apply_from == ApplyFrom::DrainerWal {
                 return Err(invalid(
@@ -722,6 +743,7 @@ impl SyncConfig {
             apply,
             apply_from,
             two_way,
+            conflict,
         })
     }
 }

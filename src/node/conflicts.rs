@@ -5,9 +5,8 @@
 //! of a two-way sync's WAL (`super::two_way`). Out: every conflict
 //! appended to `<data-dir>/conflicts.jsonl` (one JSON object per line) and
 //! counted in `ferry status`; the state that lets a restart go on where
-//! it stopped, `<data-dir>/conflicts.state`. The policy is `report`: both
-//! writes are applied as they come, so a key written with two different
-//! values may end different on the two sides (`ferry verify` lists it).
+//! it stopped, `<data-dir>/conflicts.state`; under a winner policy, the
+//! repairs that make both sides converge ("Policies").
 //!
 //! # What the logs tell
 //!
@@ -33,6 +32,27 @@
 //! `unexamined`, like entries the WAL trimmed before the detector read
 //! them).
 //!
+//! # Policies
+//!
+//! - `report`: both writes are applied as they come, so a key written
+//!   with two different values may end different on the two sides (`ferry
+//!   verify` lists it).
+//! - `source-wins`: the source's write `x` left its value where it was
+//!   applied last, on the target (the target's own write `y` came first
+//!   there). Once the target's checkpoint of partition 0 is at `x` or past
+//!   it, the key is written again on the target as it is there
+//!   ([`TOUCH`]: `RESTORE … REPLACE` of its own `DUMP`, or a `SET` and
+//!   `DEL` for a key that is not there). The target's stream carries that
+//!   write to the source after `y`, so both sides end with what `x` left.
+//!   The write is an ordinary one of the target: if someone writes the key
+//!   on the source meanwhile, that is a new conflict, handled the same way.
+//! - `target-wins`: the same with the sides swapped (the source's
+//!   checkpoint of partition 1 at `y`, the key written again on the
+//!   source).
+//!
+//! Owed repairs are in the saved state; one done twice after a crash
+//! writes the same value again.
+//!
 //! # Restarts
 //!
 //! The state (positions, what each side has seen, the windows) is saved
@@ -53,11 +73,15 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use super::config::ConflictPolicy;
 use super::two_way::{BACKWARD, FORWARD};
 use crate::apply::checkpoint::{checkpoint_key, Checkpoint};
 use crate::position::{now_unix_ms, LogId, PartitionId};
 use crate::record::{Record, RecordLimits, INTERNAL_PREFIX};
-use crate::redis::command;
+use crate::redis::client::Client;
+use crate::redis::command::{self, Command};
+use crate::redis::resp::Frame;
+use crate::redis::url::RedisUrl;
 use crate::status::TwoWayStatus;
 use crate::wal::{ReadLimits, Wal, WalEntry, WalError};
 
@@ -114,6 +138,41 @@ struct Seen {
     offset: u64,
 }
 
+/// A repair a winner policy owes: the key written again on side `touch`
+/// once that side's checkpoint of partition `wait_partition` reached
+/// `wait_id` (module doc, "Policies").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Repair {
+    db: u32,
+    /// The key, hex.
+    key: String,
+    touch: usize,
+    wait_partition: u32,
+    wait_id: u64,
+}
+
+/// A winner policy and the two sides' servers (A, B).
+pub struct Resolution {
+    pub policy: ConflictPolicy,
+    pub sides: [RedisUrl; 2],
+}
+
+/// Writes a key again as it is, so that the server's stream carries its
+/// value (or its absence) to the other side: `RESTORE … REPLACE` of its
+/// own `DUMP` with its TTL, or, for a key that is not there, a `SET` and a
+/// `DEL` (a `DEL` of nothing would not be propagated). Redis 7 propagates a
+/// script's effects, so the other side gets these commands.
+const TOUCH: &str = "local v = redis.call('DUMP', KEYS[1]) \
+if v then \
+  local ttl = redis.call('PTTL', KEYS[1]) \
+  if ttl < 0 then ttl = 0 end \
+  redis.call('RESTORE', KEYS[1], ttl, v, 'REPLACE') \
+  return 1 \
+end \
+redis.call('SET', KEYS[1], '') \
+redis.call('DEL', KEYS[1]) \
+return 0";
+
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct State {
     version: u32,
@@ -124,6 +183,10 @@ struct State {
     windows: [Vec<Seen>; 2],
     conflicts: u64,
     unexamined: u64,
+    #[serde(default)]
+    repairs: Vec<Repair>,
+    #[serde(default)]
+    repaired: u64,
 }
 
 /// One side: where its log is read, what it has seen, its window.
@@ -178,6 +241,9 @@ pub struct Conflict {
     pub source: WritePosition,
     pub target: WritePosition,
     pub detected_unix_ms: u64,
+    /// The policy it was handled by (`report`, `source-wins`, `target-wins`).
+    #[serde(default)]
+    pub policy: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -217,6 +283,9 @@ struct Detector {
     unexamined: u64,
     /// Pairs already in the log (found again after a restart).
     logged: HashSet<(u64, u64, u32, String)>,
+    policy: ConflictPolicy,
+    repairs: Vec<Repair>,
+    repaired: u64,
 }
 
 impl Detector {
@@ -230,6 +299,9 @@ impl Detector {
             conflicts: 0,
             unexamined: 0,
             logged: HashSet::new(),
+            policy: ConflictPolicy::Report,
+            repairs: Vec::new(),
+            repaired: 0,
         }
     }
 
@@ -251,6 +323,8 @@ impl Detector {
             windows: [window(&self.sides[0]), window(&self.sides[1])],
             conflicts: self.conflicts,
             unexamined: self.unexamined,
+            repairs: self.repairs.clone(),
+            repaired: self.repaired,
         }
     }
 
@@ -267,6 +341,8 @@ impl Detector {
         }
         self.conflicts = state.conflicts;
         self.unexamined = state.unexamined;
+        self.repairs = state.repairs;
+        self.repaired = state.repaired;
     }
 
     /// Takes one entry of side `x` (read in log order); returns the
@@ -342,9 +418,27 @@ impl Detector {
                             source: position(FORWARD, source),
                             target: position(BACKWARD, target),
                             detected_unix_ms: now_unix_ms(),
+                            policy: self.policy.as_str().to_string(),
                         };
                         let tag = (source.id, target.id, db, mine.key.clone());
                         if self.logged.insert(tag) {
+                            // A winner's write left its value where it was
+                            // applied last: the other side, once it has
+                            // applied it.
+                            let repair = match self.policy {
+                                ConflictPolicy::Report => None,
+                                ConflictPolicy::SourceWins => Some((1, FORWARD, source.id)),
+                                ConflictPolicy::TargetWins => Some((0, BACKWARD, target.id)),
+                            };
+                            if let Some((touch, partition, id)) = repair {
+                                self.repairs.push(Repair {
+                                    db,
+                                    key: mine.key.clone(),
+                                    touch,
+                                    wait_partition: partition.0,
+                                    wait_id: id,
+                                });
+                            }
                             found.push(conflict);
                         }
                     }
@@ -423,13 +517,60 @@ fn load_state(path: &Path) -> Option<State> {
     }
 }
 
-/// Runs the detector until `stop`.
+/// Carries out `repair` if its side has applied what it waits for:
+/// `Ok(true)` when done.
+async fn repair(url: &RedisUrl, drainer_id: &str, repair: &Repair) -> Result<bool, String> {
+    let addr = url.addr();
+    let failed = |what: &str| {
+        let what = format!("{what} on {addr}");
+        move |error: crate::redis::client::ClientError| format!("{what}: {error}")
+    };
+    let mut client = Client::connect(url).await.map_err(failed("connecting"))?;
+    let key = checkpoint_key(drainer_id, PartitionId(repair.wait_partition));
+    let applied = match client
+        .call([b"GET".as_slice(), key.as_slice()])
+        .await
+        .map_err(failed("GET of the checkpoint"))?
+    {
+        Frame::Bulk(value) => Checkpoint::decode(&value)
+            .map(|c| c.applied().0)
+            .map_err(|e| e.to_string())?,
+        _ => 0,
+    };
+    if applied < repair.wait_id {
+        return Ok(false);
+    }
+    let name = unhex(&repair.key).ok_or("a repair's key is not hex")?;
+    let db = repair.db.to_string();
+    let commands = [
+        Command::from_parts([b"SELECT".as_slice(), db.as_bytes()]),
+        Command::from_parts([b"EVAL".as_slice(), TOUCH.as_bytes(), b"1", &name]),
+    ];
+    let replies = client
+        .pipeline(&commands)
+        .await
+        .map_err(failed("the repair"))?;
+    match replies.iter().find(|r| matches!(r, Frame::Error(_))) {
+        Some(Frame::Error(error)) => Err(format!(
+            "the repair on {addr}: {}",
+            String::from_utf8_lossy(error)
+        )),
+        _ => Ok(true),
+    }
+}
+
+/// How often owed repairs are tried.
+const REPAIR_EVERY: Duration = Duration::from_millis(200);
+
+/// Runs the detector until `stop`; with `resolution`, also carries out the
+/// repairs its winner policy owes (module doc, "Policies").
 pub async fn run(
     wal: Wal,
     data_dir: PathBuf,
     drainer_id: String,
     stats: Arc<ConflictStats>,
     stop: CancellationToken,
+    resolution: Option<Resolution>,
 ) {
     let log_path = data_dir.join(CONFLICT_LOG);
     let state_path = data_dir.join(STATE_FILE);
@@ -449,11 +590,18 @@ pub async fn run(
         }
     }
     detector.logged = logged_pairs(&log_path);
+    detector.policy = resolution
+        .as_ref()
+        .map_or(ConflictPolicy::Report, |r| r.policy);
     stats.update(|s| {
         s.conflicts = detector.conflicts;
         s.unexamined = detector.unexamined;
         s.conflict_log = log_path.display().to_string();
+        s.policy = detector.policy.as_str().to_string();
+        s.repaired = detector.repaired;
+        s.repairs_owed = detector.repairs.len() as u64;
     });
+    let mut repaired_at = Instant::now();
     let mut appended = wal.subscribe_appends();
     let mut saved = Instant::now();
     let mut dirty = true;
@@ -506,8 +654,33 @@ pub async fn run(
                 s.last_conflict = last;
             });
         }
+        if let Some(resolution) = resolution
+            .as_ref()
+            .filter(|_| !detector.repairs.is_empty() && repaired_at.elapsed() >= REPAIR_EVERY)
+        {
+            repaired_at = Instant::now();
+            let owed = std::mem::take(&mut detector.repairs);
+            for owed in owed {
+                match repair(&resolution.sides[owed.touch], &drainer_id, &owed).await {
+                    Ok(true) => {
+                        info!(db = owed.db, key_hex = %owed.key, side = owed.touch, policy = detector.policy.as_str(), "two-way conflict repaired: the key written again where the winner's write was applied last");
+                        detector.repaired += 1;
+                        dirty = true;
+                    }
+                    Ok(false) => detector.repairs.push(owed),
+                    Err(error) => {
+                        warn!(%error, "two-way conflict repair failed; retrying");
+                        detector.repairs.push(owed);
+                    }
+                }
+            }
+        }
         dirty |= progressed;
-        stats.update(|s| s.unexamined = detector.unexamined);
+        stats.update(|s| {
+            s.unexamined = detector.unexamined;
+            s.repaired = detector.repaired;
+            s.repairs_owed = detector.repairs.len() as u64;
+        });
         if dirty && (saved.elapsed() >= SAVE_EVERY || stop.is_cancelled()) {
             let state = detector.state();
             match serde_json::to_string(&state) {
@@ -528,10 +701,15 @@ pub async fn run(
         if progressed {
             continue;
         }
+        let poll = if detector.repairs.is_empty() {
+            POLL
+        } else {
+            REPAIR_EVERY
+        };
         tokio::select! {
             _ = stop.cancelled() => {}
             _ = appended.changed() => {}
-            _ = tokio::time::sleep(POLL) => {}
+            _ = tokio::time::sleep(poll) => {}
         }
     }
 }

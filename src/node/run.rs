@@ -1824,6 +1824,7 @@ async fn start_direct_stages(
             cfg.apply.drainer_id.clone(),
             Arc::clone(&stats),
             stages.shutdown.clone(),
+            two_way::resolution(cfg),
         )));
         node.conflicts = Some(stats);
     }

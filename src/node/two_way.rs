@@ -53,8 +53,8 @@
 //! One key written on both sides before either saw the other's write:
 //! found from the two logs by [`super::conflicts`] (its module doc has the
 //! rule), appended to `<data-dir>/conflicts.jsonl` and counted in `ferry
-//! status`. The policy is `report`; `source-wins` and `target-wins` are
-//! refused by the config (not built yet).
+//! status`; with `--conflict source-wins` or `target-wins` both sides then
+//! converge on what the winner's write left.
 //!
 //! # What two-way refuses
 //!
@@ -140,6 +140,18 @@ pub(super) fn backward_apply(cfg: &SyncConfig) -> ApplyConfig {
     apply.target_password_env = cfg.listener.source_password_env.clone();
     apply.two_way_peer = Some(FORWARD.0);
     apply
+}
+
+/// The conflict policy with both sides' servers, for a winner policy.
+pub(super) fn resolution(cfg: &SyncConfig) -> Option<super::conflicts::Resolution> {
+    if cfg.conflict == super::config::ConflictPolicy::Report {
+        return None;
+    }
+    let (a, b) = urls(cfg).ok()?;
+    Some(super::conflicts::Resolution {
+        policy: cfg.conflict,
+        sides: [a.first()?.clone(), b.first()?.clone()],
+    })
 }
 
 /// A and B: standalone masters of Redis 7.0 or later.
