@@ -411,3 +411,49 @@ fn source_wins_makes_both_sides_end_with_the_sources_write() {
 fn target_wins_makes_both_sides_end_with_the_targets_write() {
     a_winner_policy_makes_both_sides_converge("target-wins", "from-b");
 }
+
+#[test]
+fn kill_9_while_two_way_is_being_established_establishes_it_once() {
+    let a = RedisServer::start(&[]);
+    let b = RedisServer::start(&[]);
+    for i in 0..2000 {
+        a.cmd(&["SET", &format!("k{i}"), "v"]);
+    }
+    a.cmd(&["SET", "n", "0"]);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (a_url, b_url) = (a.url(), b.url());
+    // Killed at moments spread over the first full sync and the start of
+    // the other direction.
+    for delay_ms in [150u64, 300, 450, 600, 800] {
+        let mut sync = FerryProcess::sync(&data, &a_url, &b_url, &["--two-way"]);
+        thread::sleep(Duration::from_millis(delay_ms));
+        sync.kill9();
+        let _ = std::fs::remove_file(data.join("admin.addr"));
+    }
+    let sync = FerryProcess::sync(&data, &a_url, &b_url, &["--two-way"]);
+    wait_for(
+        "two-way sync to be established",
+        Duration::from_secs(60),
+        || established(&sync),
+    );
+    assert!(b.cmd(&["DBSIZE"]).parse::<i64>().unwrap() >= 2001);
+    a.cmd(&["INCR", "n"]);
+    b.cmd(&["INCR", "n"]);
+    wait_for(
+        "both increments on both sides",
+        Duration::from_secs(30),
+        || a.cmd(&["GET", "n"]) == "2" && b.cmd(&["GET", "n"]) == "2",
+    );
+    let out = ferry_cli(&["verify", "--source", &a_url, "--target", &b_url]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let log = std::fs::read_to_string(&sync.log).unwrap();
+    assert!(
+        !log.contains("full resync stored partition=1"),
+        "partition 1 never full-syncs: {log}"
+    );
+}

@@ -21,14 +21,19 @@
 //! Commands a script runs (`[db lua]`) belong to the script's caller, the
 //! client of the line before them.
 //!
+//! One applier per target watches it in a process ([`claim`]): the
+//! appliers of a cluster source's partitions, writing one standalone
+//! target, would each count the same writes. The first to start takes it;
+//! the others show none, and take it over when it stops.
+//!
 //! It is a sample: writes between the windows are not seen, so a count of 0
 //! proves nothing, and a count above 0 proves such writes happen. `MONITOR`
 //! costs the target some throughput while it runs, so windows are short and
 //! rare by default (200 ms every minute). `ferry guard` keeps other clients
 //! from writing at all.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -81,15 +86,42 @@ pub struct Window {
     pub lines: usize,
 }
 
-/// Runs windows every `every` until `cancel`; errors are logged and the
-/// next window tries again.
+/// The targets an applier of this process watches.
+static WATCHED: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+
+fn watched() -> std::sync::MutexGuard<'static, BTreeSet<String>> {
+    WATCHED.lock().unwrap_or_else(|poison| poison.into_inner())
+}
+
+/// The right to watch one target in this process; given up when dropped.
+#[derive(Debug)]
+pub struct Claim(String);
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        watched().remove(&self.0);
+    }
+}
+
+/// Claims watching `target` (`host:port`); `None` when another applier of
+/// this process watches it.
+pub fn claim(target: &str) -> Option<Claim> {
+    watched()
+        .insert(target.to_string())
+        .then(|| Claim(target.to_string()))
+}
+
+/// Runs windows every `every` until `cancel`, holding `claim`; errors are
+/// logged and the next window tries again.
 pub async fn run(
     url: RedisUrl,
     every: Duration,
     window: Duration,
     status: Arc<ApplyStatus>,
     cancel: CancellationToken,
+    claim: Claim,
 ) {
+    let _claim = claim;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -314,6 +346,19 @@ pub fn classify(lines: &[MonitorLine], names: &HashMap<String, String>) -> Windo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_applier_per_target_watches_it() {
+        let first = claim("claim-test:1").expect("free");
+        assert!(
+            claim("claim-test:1").is_none(),
+            "a second applier of the same target"
+        );
+        let other = claim("claim-test:2").expect("another target");
+        drop(first);
+        assert!(claim("claim-test:1").is_some(), "taken over once given up");
+        drop(other);
+    }
 
     #[test]
     fn monitor_lines_parse_with_escapes() {

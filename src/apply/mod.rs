@@ -1141,7 +1141,10 @@ impl Applier {
         if self.cluster == Some(true) {
             return self.cluster_session(last_error).await;
         }
-        if self.foreign.is_none() && !self.cfg.foreign_writes_every.0.is_zero() {
+        let claim = (self.foreign.is_none() && !self.cfg.foreign_writes_every.0.is_zero())
+            .then(|| foreign::claim(&self.url.addr()))
+            .flatten();
+        if let Some(claim) = claim {
             // Ends with the applier (the guard cancels it when dropped).
             let cancel = self.shutdown.child_token();
             tokio::spawn(foreign::run(
@@ -1150,6 +1153,7 @@ impl Applier {
                 self.cfg.foreign_writes_window.0,
                 Arc::clone(&self.status),
                 cancel.clone(),
+                claim,
             ));
             self.foreign = Some(cancel.drop_guard());
         }
