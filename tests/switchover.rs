@@ -108,18 +108,45 @@ fn counter_and_log(conn: &mut Conn) -> (i64, Vec<String>) {
     (counter, log)
 }
 
-#[test]
-fn a_switchover_under_load_loses_nothing_writes_nothing_twice_and_reverses() {
+/// Two servers and a one-way `ferry sync` between them, past its first
+/// full sync.
+struct Pair {
+    a: RedisServer,
+    b: RedisServer,
+    dir: tempfile::TempDir,
+    data: std::path::PathBuf,
+    sync: FerryProcess,
+}
+
+fn synced_pair() -> Pair {
     let a = RedisServer::start(&[]);
     let b = RedisServer::start(&[]);
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let (a_url, b_url) = (a.url(), b.url());
-    let mut sync = FerryProcess::sync(&data, &a_url, &b_url, &[]);
+    let sync = FerryProcess::sync(&data, &a.url(), &b.url(), &[]);
     a.cmd(&["SET", "before", "1"]);
     wait_for("the first full sync", Duration::from_secs(60), || {
         b.cmd(&["GET", "before"]) == "1"
     });
+    Pair {
+        a,
+        b,
+        dir,
+        data,
+        sync,
+    }
+}
+
+#[test]
+fn a_switchover_under_load_loses_nothing_writes_nothing_twice_and_reverses() {
+    let Pair {
+        a,
+        b,
+        dir: _dir,
+        data,
+        mut sync,
+    } = synced_pair();
+    let (a_url, b_url) = (a.url(), b.url());
 
     let stop = Arc::new(AtomicBool::new(false));
     let load = {
@@ -326,16 +353,14 @@ fn following_writer(addrs: [String; 2], stop: Arc<AtomicBool>) -> Acked {
 
 #[test]
 fn kill_9_of_ferry_at_any_step_of_a_switchover_loses_and_repeats_nothing() {
-    let a = RedisServer::start(&[]);
-    let b = RedisServer::start(&[]);
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
+    let Pair {
+        a,
+        b,
+        dir: _dir,
+        data,
+        mut sync,
+    } = synced_pair();
     let (a_url, b_url) = (a.url(), b.url());
-    let mut sync = FerryProcess::sync(&data, &a_url, &b_url, &[]);
-    a.cmd(&["SET", "before", "1"]);
-    wait_for("the first full sync", Duration::from_secs(60), || {
-        b.cmd(&["GET", "before"]) == "1"
-    });
     let stop = Arc::new(AtomicBool::new(false));
     let load = {
         let (addrs, stop) = ([a.addr(), b.addr()], Arc::clone(&stop));

@@ -103,21 +103,31 @@ fn counters(sync: &FerryProcess) -> Vec<(u64, u64)> {
         .collect()
 }
 
+/// `ferry sync --two-way` between `a` and `b`, established: its temp dir
+/// (kept alive by the caller), data dir and process.
+fn two_way_sync(
+    a: &RedisServer,
+    b: &RedisServer,
+) -> (tempfile::TempDir, std::path::PathBuf, FerryProcess) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let sync = FerryProcess::sync(&data, &a.url(), &b.url(), &["--two-way"]);
+    wait_for(
+        "two-way sync to be established",
+        Duration::from_secs(60),
+        || established(&sync),
+    );
+    (dir, data, sync)
+}
+
 #[test]
 fn concurrent_writes_on_both_sides_converge_exactly_once_across_kill_9() {
     let a = RedisServer::start(&[]);
     let b = RedisServer::start(&[]);
     a.cmd(&["SET", "seed", "1"]);
     a.cmd(&["INCRBY", "c", "100"]);
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
+    let (_dir, data, mut sync) = two_way_sync(&a, &b);
     let (a_url, b_url) = (a.url(), b.url());
-    let mut sync = FerryProcess::sync(&data, &a_url, &b_url, &["--two-way"]);
-    wait_for(
-        "two-way sync to be established",
-        Duration::from_secs(60),
-        || established(&sync),
-    );
     assert_eq!(b.cmd(&["GET", "seed"]), "1");
     let log = std::fs::read_to_string(&sync.log).unwrap();
     assert!(log.contains("two-way sync established"), "{log}");
@@ -271,15 +281,8 @@ fn conflict_lines(data: &std::path::Path) -> Vec<serde_json::Value> {
 fn one_key_written_on_both_sides_before_either_saw_the_other_is_a_conflict() {
     let a = RedisServer::start(&[]);
     let b = RedisServer::start(&[]);
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
+    let (_dir, data, mut sync) = two_way_sync(&a, &b);
     let (a_url, b_url) = (a.url(), b.url());
-    let mut sync = FerryProcess::sync(&data, &a_url, &b_url, &["--two-way"]);
-    wait_for(
-        "two-way sync to be established",
-        Duration::from_secs(60),
-        || established(&sync),
-    );
     // One side after the other saw it: no conflict.
     a.cmd(&["SET", "turns", "a"]);
     wait_for("A's write on B", Duration::from_secs(30), || {
