@@ -327,3 +327,48 @@ fn writes_ferry_did_not_make_are_noticed() {
         cli_as(&target, None, &["GET", "from-source"]) == expected
     });
 }
+
+#[test]
+fn writes_ferry_did_not_make_are_noticed_on_every_master_of_a_cluster_target() {
+    let source = RedisServer::start(&["--repl-diskless-sync-delay", "0"]);
+    source.cmd(&["SET", "from-source", "1"]);
+    let cluster = common::cluster::Cluster::start(3, 0);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("sync.toml");
+    std::fs::write(
+        &config,
+        "[apply]\nforeign-writes-every = \"300ms\"\nforeign-writes-window = \"250ms\"\n",
+    )
+    .unwrap();
+    let sync = FerryProcess::sync(
+        &dir.path().join("sync"),
+        &source.url(),
+        &cluster.url(),
+        &["--config", config.to_str().unwrap()],
+    );
+    let side = |field: &str| sync.status_json()["drainers"][0][field].clone();
+    wait_for("the full sync", || {
+        cluster
+            .call_key("from-source", &["GET", "from-source"])
+            .text()
+            == Some("1".into())
+    });
+    wait_for("sampling windows on the masters", || {
+        side("foreign_windows").as_u64().unwrap_or(0) >= 6
+    });
+    assert_eq!(
+        side("foreign_writes").as_u64(),
+        Some(0),
+        "ferry's own writes counted"
+    );
+    // Someone else writes keys of every master: noticed.
+    let keys: Vec<String> = (0..30).map(|i| format!("app:{i}")).collect();
+    wait_for("the foreign writes noticed", || {
+        for key in &keys {
+            cluster.call_key(key, &["SET", key, "1"]);
+        }
+        side("foreign_writes").as_u64().unwrap_or(0) > 0
+    });
+    let samples = side("foreign_samples").to_string();
+    assert!(samples.contains("app:"), "{samples}");
+}

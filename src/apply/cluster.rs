@@ -521,6 +521,39 @@ impl Applier {
     /// A session against a cluster target: discover, fence every master,
     /// read the floor and the slot checkpoints, then apply until shutdown or
     /// the first error.
+    /// Starts a foreign-write sampler ([`super::foreign`]) for each master
+    /// of `cluster` no other applier of this process samples; dropping the
+    /// guards stops them.
+    fn sample_foreign_writes(
+        &self,
+        cluster: &ClusterTarget,
+    ) -> Vec<(super::foreign::Claim, tokio_util::sync::DropGuard)> {
+        if self.cfg.foreign_writes_every.0.is_zero() {
+            return Vec::new();
+        }
+        let mut guards = Vec::new();
+        for node in &cluster.nodes {
+            let Ok(mut url) = RedisUrl::parse(&format!("redis://{}", node.addr)) else {
+                continue;
+            };
+            url.user = cluster.template.user.clone();
+            url.password = cluster.template.password.clone();
+            let Some(claim) = super::foreign::claim(&node.addr) else {
+                continue;
+            };
+            let cancel = self.shutdown.child_token();
+            tokio::spawn(super::foreign::run(
+                url,
+                self.cfg.foreign_writes_every.0,
+                self.cfg.foreign_writes_window.0,
+                Arc::clone(&self.status),
+                cancel.clone(),
+            ));
+            guards.push((claim, cancel.drop_guard()));
+        }
+        guards
+    }
+
     pub(super) async fn cluster_session(
         &mut self,
         last_error: &mut Option<String>,
@@ -587,6 +620,10 @@ impl Applier {
         self.scope = if floor.is_some() { scope } else { None };
         self.cluster_nodes = cluster.seeds.clone();
         self.status.set_cluster(Some(cluster.describe()));
+        // Writes ferry did not make, sampled on every master of this
+        // session (each by one applier of this process: `foreign::claim`);
+        // the samplers end with the session.
+        let _samplers = self.sample_foreign_writes(&cluster);
         let (resume, marker_first) = self.reconcile(floor).await?;
         if marker_first {
             table.reset();

@@ -1,4 +1,4 @@
-//! Writes on a standalone target that ferry did not make, sampled (the
+//! Writes on a target that ferry did not make, sampled (the
 //! "guarded target" of a one-way sync: only ferry should write it).
 //!
 //! In: the target's address, `foreign-writes-every` and
@@ -20,6 +20,9 @@
 //!
 //! Commands a script runs (`[db lua]`) belong to the script's caller, the
 //! client of the line before them.
+//!
+//! A cluster target is watched master by master, each as above, for as
+//! long as an applier's session uses that master.
 //!
 //! One applier per target watches it in a process ([`claim`]): the
 //! appliers of a cluster source's partitions, writing one standalone
@@ -111,17 +114,16 @@ pub fn claim(target: &str) -> Option<Claim> {
         .then(|| Claim(target.to_string()))
 }
 
-/// Runs windows every `every` until `cancel`, holding `claim`; errors are
-/// logged and the next window tries again.
+/// Runs windows every `every` until `cancel`; errors are logged and the
+/// next window tries again. The caller holds the target's [`Claim`] while
+/// it runs.
 pub async fn run(
     url: RedisUrl,
     every: Duration,
     window: Duration,
     status: Arc<ApplyStatus>,
     cancel: CancellationToken,
-    claim: Claim,
 ) {
-    let _claim = claim;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,

@@ -930,7 +930,7 @@ pub(crate) struct Applier {
     direct: Option<Arc<dyn SnapshotProvider>>,
     /// The foreign-writes sampler of a standalone target ([`foreign`]),
     /// once started: cancelled when the applier is dropped.
-    foreign: Option<tokio_util::sync::DropGuard>,
+    foreign: Option<(foreign::Claim, tokio_util::sync::DropGuard)>,
     /// Slot tenures voided in this partition's log, as far as read
     /// (docs/cluster.md, rule 9; [`Applier::find_voids`]).
     voids: batch::VoidedTenures,
@@ -1153,9 +1153,8 @@ impl Applier {
                 self.cfg.foreign_writes_window.0,
                 Arc::clone(&self.status),
                 cancel.clone(),
-                claim,
             ));
-            self.foreign = Some(cancel.drop_guard());
+            self.foreign = Some((claim, cancel.drop_guard()));
         }
         let shutdown = self.shutdown.clone();
         let connect = async {
