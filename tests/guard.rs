@@ -235,13 +235,9 @@ fn a_guard_is_saved_to_the_aclfile_and_refused_where_it_cannot_hold() {
     assert!(!node.cmd(&["ACL", "LIST"]).contains("ferry"));
 }
 
-/// An unguarded target written by someone else: `ferry sync` notices it in
-/// its sampling windows (count, samples, a warning in the log and in `ferry
-/// status`), never counting its own writes.
-#[test]
-fn writes_ferry_did_not_make_are_noticed() {
-    let source = RedisServer::start(&["--repl-diskless-sync-delay", "0"]);
-    let target = RedisServer::start(&[]);
+/// `ferry sync` from `source` into `target` with short foreign-write
+/// sampling windows (every 300 ms for 250 ms).
+fn sampling_sync(source: &RedisServer, target: &str) -> (tempfile::TempDir, FerryProcess) {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("sync.toml");
     std::fs::write(
@@ -252,9 +248,20 @@ fn writes_ferry_did_not_make_are_noticed() {
     let sync = FerryProcess::sync(
         &dir.path().join("sync"),
         &source.url(),
-        &target.url(),
+        target,
         &["--config", config.to_str().unwrap()],
     );
+    (dir, sync)
+}
+
+/// An unguarded target written by someone else: `ferry sync` notices it in
+/// its sampling windows (count, samples, a warning in the log and in `ferry
+/// status`), never counting its own writes.
+#[test]
+fn writes_ferry_did_not_make_are_noticed() {
+    let source = RedisServer::start(&["--repl-diskless-sync-delay", "0"]);
+    let target = RedisServer::start(&[]);
+    let (_dir, sync) = sampling_sync(&source, &target.url());
     let side = |field: &str| sync.status_json()["drainers"][0][field].clone();
     // Only ferry writes: windows pass, nothing counted.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -333,19 +340,7 @@ fn writes_ferry_did_not_make_are_noticed_on_every_master_of_a_cluster_target() {
     let source = RedisServer::start(&["--repl-diskless-sync-delay", "0"]);
     source.cmd(&["SET", "from-source", "1"]);
     let cluster = common::cluster::Cluster::start(3, 0);
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("sync.toml");
-    std::fs::write(
-        &config,
-        "[apply]\nforeign-writes-every = \"300ms\"\nforeign-writes-window = \"250ms\"\n",
-    )
-    .unwrap();
-    let sync = FerryProcess::sync(
-        &dir.path().join("sync"),
-        &source.url(),
-        &cluster.url(),
-        &["--config", config.to_str().unwrap()],
-    );
+    let (_dir, sync) = sampling_sync(&source, &cluster.url());
     let side = |field: &str| sync.status_json()["drainers"][0][field].clone();
     wait_for("the full sync", || {
         cluster

@@ -25,6 +25,8 @@
 //! per side, the writes the other side may not have seen yet (a window,
 //! indexed by key): a write `x` of A leaves A's window once an echo in B's
 //! log says B applied `x`, because every later write of B has seen it.
+//! Only keys the sync owns count (its `[filter]`): a key outside it is
+//! neither carried nor, under a winner policy, ever written by a repair.
 //! Reading a write checks the other side's window for its keys. A pair is
 //! found when the later of its two writes is read, whichever side goes
 //! first, and only then. A window holds the writes within the replication
@@ -76,6 +78,7 @@ use tracing::{info, warn};
 use super::config::ConflictPolicy;
 use super::two_way::{BACKWARD, FORWARD};
 use crate::apply::checkpoint::{checkpoint_key, Checkpoint};
+use crate::apply::OwnedKeyspace;
 use crate::position::{now_unix_ms, LogId, PartitionId};
 use crate::record::{Record, RecordLimits, INTERNAL_PREFIX};
 use crate::redis::client::Client;
@@ -286,10 +289,12 @@ struct Detector {
     policy: ConflictPolicy,
     repairs: Vec<Repair>,
     repaired: u64,
+    /// The keys the sync owns (the same both ways: no `db-map`).
+    keyspace: OwnedKeyspace,
 }
 
 impl Detector {
-    fn new(drainer_id: &str) -> Detector {
+    fn new(drainer_id: &str, keyspace: OwnedKeyspace) -> Detector {
         Detector {
             sides: [Side::default(), Side::default()],
             echo_keys: [
@@ -302,6 +307,7 @@ impl Detector {
             policy: ConflictPolicy::Report,
             repairs: Vec::new(),
             repaired: 0,
+            keyspace,
         }
     }
 
@@ -390,7 +396,10 @@ impl Detector {
                 continue;
             };
             for key in keys {
-                if key.starts_with(INTERNAL_PREFIX) {
+                if key.starts_with(INTERNAL_PREFIX)
+                    || self.keyspace.target_db(db).is_none()
+                    || !self.keyspace.owns_key(&key)
+                {
                     continue;
                 }
                 let mine = Seen {
@@ -568,13 +577,14 @@ pub async fn run(
     wal: Wal,
     data_dir: PathBuf,
     drainer_id: String,
+    keyspace: OwnedKeyspace,
     stats: Arc<ConflictStats>,
     stop: CancellationToken,
     resolution: Option<Resolution>,
 ) {
     let log_path = data_dir.join(CONFLICT_LOG);
     let state_path = data_dir.join(STATE_FILE);
-    let mut detector = Detector::new(&drainer_id);
+    let mut detector = Detector::new(&drainer_id, keyspace);
     match load_state(&state_path) {
         Some(state) => detector.restore(state),
         None => {
@@ -760,7 +770,7 @@ mod tests {
 
     #[test]
     fn writes_neither_side_saw_conflict_and_seen_ones_do_not() {
-        let mut d = Detector::new("d");
+        let mut d = Detector::new("d", OwnedKeyspace::all());
         // A writes k at 1; B writes k at 1 without having seen A's: conflict.
         assert!(d
             .take(0, &entry(1, &[&["SET", "k", "a"]], false))
@@ -801,6 +811,29 @@ mod tests {
     }
 
     #[test]
+    fn keys_the_sync_does_not_own_never_conflict() {
+        let owned = crate::apply::FilterConfig {
+            key_prefix: Some(vec!["app:".into()]),
+            ..Default::default()
+        }
+        .keyspace()
+        .unwrap();
+        let mut d = Detector::new("d", owned);
+        d.policy = ConflictPolicy::SourceWins;
+        d.take(
+            0,
+            &entry(1, &[&["SET", "other", "a"], &["SET", "app:k", "a"]], true),
+        );
+        let found = d.take(
+            1,
+            &entry(1, &[&["SET", "other", "b"], &["SET", "app:k", "b"]], true),
+        );
+        let keys: Vec<&str> = found.iter().map(|c| c.key.as_str()).collect();
+        assert_eq!(keys, ["app:k"]);
+        assert_eq!(d.repairs.len(), 1, "a repair only of the owned key");
+    }
+
+    #[test]
     fn the_order_the_two_logs_are_read_in_does_not_matter() {
         let a = [
             entry(1, &[&["SET", "k", "a"]], false),
@@ -814,7 +847,7 @@ mod tests {
             entry(4, &[&["INCR", "n"]], false),
         ];
         let pairs = |order: &[(usize, usize)]| {
-            let mut d = Detector::new("d");
+            let mut d = Detector::new("d", OwnedKeyspace::all());
             let mut found: Vec<(u64, u64, String)> = order
                 .iter()
                 .flat_map(|&(side, i)| d.take(side, if side == 0 { &a[i] } else { &b[i] }))
@@ -836,11 +869,11 @@ mod tests {
 
     #[test]
     fn state_round_trips_and_a_restart_does_not_log_a_pair_twice() {
-        let mut d = Detector::new("d");
+        let mut d = Detector::new("d", OwnedKeyspace::all());
         d.take(0, &entry(1, &[&["SET", "k", "a"]], false));
         d.sides[0].next = 2;
         let state = serde_json::to_string(&d.state()).unwrap();
-        let mut again = Detector::new("d");
+        let mut again = Detector::new("d", OwnedKeyspace::all());
         again.restore(serde_json::from_str(&state).unwrap());
         assert_eq!(again.sides[0].next, 2);
         let found = again.take(1, &entry(1, &[&["SET", "k", "b"]], false));
@@ -848,7 +881,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join(CONFLICT_LOG);
         append(&log, &found).unwrap();
-        let mut third = Detector::new("d");
+        let mut third = Detector::new("d", OwnedKeyspace::all());
         third.restore(serde_json::from_str(&state).unwrap());
         third.logged = logged_pairs(&log);
         assert!(third

@@ -1822,6 +1822,9 @@ async fn start_direct_stages(
             wal_for_conflicts,
             cfg.data_dir.clone(),
             cfg.apply.drainer_id.clone(),
+            cfg.apply
+                .keyspace()
+                .map_err(|error| NodeError::Config(error.to_string()))?,
             Arc::clone(&stats),
             stages.shutdown.clone(),
             two_way::resolution(cfg),

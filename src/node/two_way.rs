@@ -205,7 +205,12 @@ pub(super) async fn precheck(cfg: &SyncConfig) -> Result<(), NodeError> {
     for check in report.checks.iter().filter(|c| c.verdict == Verdict::Warn) {
         warn!(check = %check.check, detail = %check.detail, "two-way precheck warning (the target into the source)");
     }
-    match check_sides(&a[0], &b[0]).await {
+    let (Some(a), Some(b)) = (a.first(), b.first()) else {
+        return Err(NodeError::Config(
+            "two-way sync: no source or no target".into(),
+        ));
+    };
+    match check_sides(a, b).await {
         Err(why) if !why.contains("connecting to") => Err(NodeError::Precheck(why)),
         Err(why) => {
             warn!(%why, "two-way precheck: a side does not answer yet; checked again before the other direction starts");
@@ -228,7 +233,10 @@ pub(super) async fn establish(
 ) -> Result<(), String> {
     let (a, b) = {
         let (a, b) = urls(&cfg).map_err(|e| e.to_string())?;
-        (a[0].clone(), b[0].clone())
+        match (a.first(), b.first()) {
+            (Some(a), Some(b)) => (a.clone(), b.clone()),
+            _ => return Err("no source or no target".into()),
+        }
     };
     // The first full sync, in B.
     loop {
