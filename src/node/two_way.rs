@@ -254,7 +254,9 @@ pub(super) async fn establish(
                     && d.state == "ONLINE"
                     && d.snapshot_load.as_ref().map_or(true, |load| load.done)
             });
-        if loaded {
+        // The status may show the load's progress between its states; the
+        // target's own checkpoint says whether the load is committed.
+        if loaded && full_sync_committed(&cfg, &b).await {
             break;
         }
         tokio::select! {
@@ -282,6 +284,22 @@ pub(super) async fn establish(
             _ = stop.cancelled() => return Ok(()),
             _ = tokio::time::sleep(ESTABLISH_RETRY) => {}
         }
+    }
+}
+
+/// Whether the target's checkpoint of partition 0 is `applied` in a
+/// loaded epoch (not `loading`, not absent).
+async fn full_sync_committed(cfg: &SyncConfig, b: &RedisUrl) -> bool {
+    let Ok(mut client) = connect(b).await else {
+        return false;
+    };
+    let key = checkpoint_key(&cfg.apply.drainer_id, FORWARD);
+    match client.call([b"GET".as_slice(), key.as_slice()]).await {
+        Ok(crate::redis::resp::Frame::Bulk(value)) => matches!(
+            Checkpoint::decode(&value),
+            Ok(Checkpoint::Applied { epoch, .. }) if epoch > 0
+        ),
+        _ => false,
     }
 }
 
