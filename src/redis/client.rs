@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{ReadHalf, WriteHalf};
-use tokio::net::TcpStream;
+
+pub use super::tls::RedisStream;
 
 use super::command::Command;
 use super::resp::{encode_command, Frame, RespDecoder, RespError, RespLimits};
@@ -58,7 +58,7 @@ pub enum ClientError {
 
 /// One connection to a Redis server.
 pub struct Client {
-    stream: TcpStream,
+    stream: RedisStream,
     read_buf: BytesMut,
     write_buf: BytesMut,
     decoder: RespDecoder,
@@ -73,14 +73,18 @@ impl Client {
     }
 
     pub async fn connect_with(url: &RedisUrl, opts: &ClientOptions) -> Result<Client, ClientError> {
-        let addr = url.addr();
-        let stream =
-            match tokio::time::timeout(opts.connect_timeout, TcpStream::connect(&addr)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(source)) => return Err(ClientError::Connect { addr, source }),
-                Err(_) => return Err(ClientError::ConnectTimeout { addr }),
-            };
-        stream.set_nodelay(true)?;
+        let stream = match super::tls::connect(url, opts.connect_timeout).await {
+            Ok(stream) => stream,
+            Err(super::tls::ConnectError::Timeout { addr }) => {
+                return Err(ClientError::ConnectTimeout { addr })
+            }
+            Err(error) => {
+                return Err(ClientError::Connect {
+                    addr: url.addr(),
+                    source: error.into_io(),
+                })
+            }
+        };
         let mut client = Client {
             stream,
             read_buf: BytesMut::with_capacity(16 * 1024),
@@ -154,6 +158,7 @@ impl Client {
     pub async fn write_through(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
         self.flush().await?;
         self.stream.write_all(bytes).await?;
+        self.stream.flush().await?;
         Ok(())
     }
 
@@ -170,6 +175,7 @@ impl Client {
     pub async fn flush(&mut self) -> Result<(), ClientError> {
         if !self.write_buf.is_empty() {
             self.stream.write_all(&self.write_buf).await?;
+            self.stream.flush().await?;
             self.write_buf.clear();
         }
         Ok(())
@@ -229,7 +235,7 @@ impl Client {
     /// reply it caused before using the client again.
     pub fn split_pipeline(&mut self, idle_timeout: Duration) -> (WriteHalf<'_>, ReplyReader<'_>) {
         debug_assert!(self.write_buf.is_empty() && self.pending == 0);
-        let (read, write) = self.stream.split();
+        let (read, write) = tokio::io::split(&mut self.stream);
         let reader = ReplyReader {
             read,
             read_buf: &mut self.read_buf,
@@ -241,12 +247,16 @@ impl Client {
 
     /// The socket, the bytes read past the last decoded frame, and the decoder
     /// (whose `consumed()` counts every byte decoded so far).
-    pub fn into_parts(self) -> (TcpStream, BytesMut, RespDecoder) {
+    pub fn into_parts(self) -> (RedisStream, BytesMut, RespDecoder) {
         (self.stream, self.read_buf, self.decoder)
     }
 }
 
 /// Reads replies from the read half of a [`Client::split_pipeline`].
+/// The write half of a [`Client::split_pipeline`].
+pub type WriteHalf<'a> = tokio::io::WriteHalf<&'a mut RedisStream>;
+type ReadHalf<'a> = tokio::io::ReadHalf<&'a mut RedisStream>;
+
 pub struct ReplyReader<'a> {
     read: ReadHalf<'a>,
     read_buf: &'a mut BytesMut,

@@ -290,6 +290,7 @@ impl Topology {
             user: template.user.clone(),
             password: template.password.clone(),
             db: 0,
+            tls: template.tls.clone(),
         }
     }
 }
@@ -376,6 +377,10 @@ pub fn parse_seed_list(text: &str) -> Result<Vec<RedisUrl>, UrlError> {
             if url.user.is_none() && url.password.is_none() {
                 url.user = first.user.clone();
                 url.password = first.password.clone();
+            }
+            // A seed list is one cluster: TLS for one is TLS for all.
+            if url.tls.is_none() {
+                url.tls = first.tls.clone();
             }
         }
         seeds.push(url);

@@ -19,4 +19,5 @@ pub mod psync;
 pub mod rdb;
 pub mod rdb_stream;
 pub mod resp;
+pub mod tls;
 pub mod url;

@@ -114,10 +114,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::tls::RedisStream;
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
+
+type OwnedReadHalf = tokio::io::ReadHalf<RedisStream>;
+type OwnedWriteHalf = tokio::io::WriteHalf<RedisStream>;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
@@ -642,19 +644,13 @@ impl PsyncSource {
     ) -> Result<PsyncSource, ReplError> {
         cfg.validate()?;
         let addr = cfg.source.addr();
-        let stream =
-            match tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(&addr)).await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(source)) => return Err(ReplError::Connect { addr, source }),
-                Err(_) => {
-                    return Err(ReplError::Connect {
-                        addr,
-                        source: io::Error::new(io::ErrorKind::TimedOut, "connect timed out"),
-                    })
-                }
-            };
-        stream.set_nodelay(true)?;
-        let (reader, mut writer) = stream.into_split();
+        let stream = super::tls::connect(&cfg.source, cfg.connect_timeout)
+            .await
+            .map_err(|error| ReplError::Connect {
+                addr,
+                source: error.into_io(),
+            })?;
+        let (reader, mut writer) = tokio::io::split(stream);
         let mut link = Link {
             reader,
             buf: BytesMut::with_capacity(READ_SIZE),
@@ -1405,6 +1401,7 @@ async fn send<T: AsRef<[u8]>>(writer: &mut OwnedWriteHalf, args: &[T]) -> Result
     let mut buf = BytesMut::new();
     encode_command(args, &mut buf);
     writer.write_all(&buf).await?;
+    writer.flush().await?;
     Ok(())
 }
 

@@ -4,8 +4,15 @@
 //! password (`redis://app@host`) takes its password from a file or the
 //! environment (see [`crate::secret`]); with neither, it is refused there
 //! (older ferry read `redis://NAME@host` as a password).
+//!
+//! `rediss://` is the same over TLS ([`super::tls`]); its options follow
+//! the address as a query: `rediss://host:6380?tls-ca-file=/etc/ca.pem`
+//! `&tls-cert-file=client.pem&tls-key-file=client.key`
+//! `&tls-server-name=redis.example` (each optional; values %-escaped where
+//! they hold `&`). `Display` shows `rediss://host:port`, without them.
 
 use std::fmt;
+use std::path::PathBuf;
 
 /// A parsed Redis address.
 #[derive(Clone, PartialEq, Eq)]
@@ -15,6 +22,49 @@ pub struct RedisUrl {
     pub user: Option<String>,
     pub password: Option<String>,
     pub db: u32,
+    /// `rediss://`: TLS, with these options.
+    pub tls: Option<TlsOptions>,
+}
+
+/// How a `rediss://` connection is made.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct TlsOptions {
+    /// PEM certificates the server's must chain to; default: the system's.
+    pub ca_file: Option<PathBuf>,
+    /// A client certificate and its key (PEM), for `tls-auth-clients yes`.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// The name the server's certificate must carry; default: the host.
+    pub server_name: Option<String>,
+}
+
+/// Parses `tls-…=value&…` into `options`.
+fn parse_tls_query(query: &str, options: &mut TlsOptions) -> Result<(), String> {
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("TLS option {pair:?} has no value"))?;
+        let value = percent_decode(value)?;
+        if value.is_empty() {
+            return Err(format!("TLS option {key} is empty"));
+        }
+        match key {
+            "tls-ca-file" => options.ca_file = Some(PathBuf::from(value)),
+            "tls-cert-file" => options.cert_file = Some(PathBuf::from(value)),
+            "tls-key-file" => options.key_file = Some(PathBuf::from(value)),
+            "tls-server-name" => options.server_name = Some(value),
+            other => {
+                return Err(format!(
+                    "unknown option {other:?} (tls-ca-file, tls-cert-file, tls-key-file, \
+                     tls-server-name)"
+                ))
+            }
+        }
+    }
+    if options.cert_file.is_some() != options.key_file.is_some() {
+        return Err("tls-cert-file and tls-key-file go together".to_string());
+    }
+    Ok(())
 }
 
 /// Why an address was refused.
@@ -31,14 +81,26 @@ impl RedisUrl {
             input: redact(input),
             reason: reason.to_string(),
         };
-        let rest = match input.split_once("://") {
-            Some(("redis", rest)) => rest,
+        let (mut tls, rest) = match input.split_once("://") {
+            Some(("redis", rest)) => (None, rest),
+            Some(("rediss", rest)) => (Some(TlsOptions::default()), rest),
             Some((scheme, _)) => {
                 return Err(fail(&format!(
-                    "unsupported scheme {scheme:?} (only redis://)"
+                    "unsupported scheme {scheme:?} (redis:// or rediss://)"
                 )))
             }
-            None => input,
+            None => (None, input),
+        };
+        // The options start at `?tls-`: a password may hold a `?`.
+        let rest = match rest.find("?tls-") {
+            Some(at) => {
+                let options = tls
+                    .as_mut()
+                    .ok_or_else(|| fail("TLS options need a rediss:// address"))?;
+                parse_tls_query(&rest[at + 1..], options).map_err(|e| fail(&e))?;
+                &rest[..at]
+            }
+            None => rest,
         };
         let (auth, hostpart) = match rest.rsplit_once('@') {
             Some((auth, host)) => (Some(auth), host),
@@ -92,6 +154,7 @@ impl RedisUrl {
             user,
             password,
             db,
+            tls,
         })
     }
 
@@ -114,7 +177,10 @@ impl std::str::FromStr for RedisUrl {
 
 impl fmt::Display for RedisUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "redis://")?;
+        match self.tls {
+            Some(_) => write!(f, "rediss://")?,
+            None => write!(f, "redis://")?,
+        }
         match (&self.user, &self.password) {
             (Some(u), Some(_)) => write!(f, "{u}:***@")?,
             (Some(u), None) => write!(f, "{u}@")?,
@@ -164,6 +230,41 @@ fn percent_decode(s: &str) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tls_addresses() {
+        let u = RedisUrl::parse(
+            "rediss://app:pw@h:6380/2?tls-ca-file=/etc/ca.pem&tls-cert-file=c.pem&tls-key-file=k%26.pem&tls-server-name=redis.example",
+        )
+        .unwrap();
+        assert_eq!((u.host.as_str(), u.port, u.db), ("h", 6380, 2));
+        let tls = u.tls.as_ref().unwrap();
+        assert_eq!(
+            tls.ca_file.as_deref(),
+            Some(std::path::Path::new("/etc/ca.pem"))
+        );
+        assert_eq!(
+            tls.key_file.as_deref(),
+            Some(std::path::Path::new("k&.pem"))
+        );
+        assert_eq!(tls.server_name.as_deref(), Some("redis.example"));
+        assert_eq!(u.to_string(), "rediss://app:***@h:6380/2");
+        let plain = RedisUrl::parse("rediss://h:1").unwrap();
+        assert_eq!(plain.tls, Some(TlsOptions::default()));
+        // A password may hold a '?'.
+        let u = RedisUrl::parse("redis://:a?b@h:1").unwrap();
+        assert_eq!(u.password.as_deref(), Some("a?b"));
+        for bad in [
+            "redis://h:1?tls-ca-file=x",
+            "rediss://h:1?tls-cert-file=c.pem",
+            "rediss://h:1?tls-colour=blue",
+            "rediss://h:1?tls-ca-file=",
+            "rediss://h:1?tls-ca-file",
+            "http://h:1",
+        ] {
+            assert!(RedisUrl::parse(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn parses_forms() {

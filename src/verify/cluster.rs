@@ -708,6 +708,7 @@ fn node_url(seeds: &[RedisUrl], addr: &str) -> Option<RedisUrl> {
         user: template.user.clone(),
         password: template.password.clone(),
         db: 0,
+        tls: template.tls.clone(),
     })
 }
 
