@@ -173,6 +173,8 @@
    */
   async function api(method, path, body) {
     const init = { method, headers: { Accept: "application/json" } };
+    const token = storedToken();
+    if (token) init.headers.Authorization = `Bearer ${token}`;
     if (body !== undefined) {
       init.headers["Content-Type"] = "application/json";
       init.body = JSON.stringify(body);
@@ -192,12 +194,54 @@
         data = null;
       }
     }
+    if (response.status === 401) askForToken(token !== null);
     let error = null;
     if (!response.ok) {
       if (data && typeof data.error === "string") error = data.error;
       else error = `HTTP ${response.status}${text ? `: ${text.slice(0, 300)}` : ""}`;
     }
     return { ok: response.ok, status: response.status, body: data, error };
+  }
+
+  // ---------------------------------------------------------------- access token
+
+  // A daemon started with --token-file wants `Authorization: Bearer` on every
+  // API call; the token is asked for in the page and kept for this tab only.
+  const TOKEN_KEY = "ferry.token";
+
+  function storedToken() {
+    try {
+      return sessionStorage.getItem(TOKEN_KEY);
+    } catch (_) {
+      return null;
+    }
+  }
+
+  function askForToken(rejected) {
+    const bar = document.getElementById("token-bar");
+    if (!bar.hidden) return;
+    const input = h("input", { id: "token-input", type: "password", autocomplete: "off", placeholder: "bearer token" });
+    const save = h("button", { type: "submit", class: "button primary", id: "token-save" }, "Use token");
+    const form = h(
+      "form",
+      { class: "token-form" },
+      h("span", null, rejected ? "The access token was refused; enter it again:" : "This ferry serve requires an access token (--token-file):"),
+      input,
+      save,
+    );
+    form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      try {
+        sessionStorage.setItem(TOKEN_KEY, input.value.trim());
+      } catch (_) {
+        // Private modes may refuse storage; the token then lasts until reload.
+      }
+      show(bar, false);
+      route();
+    });
+    bar.replaceChildren(form);
+    show(bar, true);
+    input.focus();
   }
 
   function taskPath(id) {
@@ -430,7 +474,7 @@
       "tr",
       { "data-testid": "task-row", "data-task-id": task.id, "data-state": task.state },
       nameCell,
-      h("td", null, task.mode || "one-way"),
+      h("td", { class: "nowrap" }, task.mode || "one-way"),
       h(
         "td",
         { class: "endpoint" },
@@ -842,7 +886,7 @@
           h("th", { class: "num" }, "LogId Lag"),
           h("th", { class: "num" }, "Time Latency"),
           h("th", null, "Endpoint"),
-          h("th", null, "Full sync / applied"),
+          h("th", null, "Progress"),
         ),
       ),
       partitionRows,
@@ -1031,43 +1075,49 @@
   }
 
   function partitionRow(partition) {
-    const endpoint = partition.side === "listener" ? partition.source : partition.target;
-    let progressCell;
-    if (partition.side === "listener") {
+    const listener = partition.side === "listener";
+    const endpoint = listener ? partition.source : partition.target;
+    const progress = [];
+    if (listener) {
       const total = partition.full_sync_bytes_total;
       const received = partition.full_sync_bytes_received;
-      if (typeof received === "number" || typeof total === "number") {
+      if ((typeof received === "number" && received > 0) || (typeof total === "number" && total > 0)) {
         const done = typeof total === "number" && total > 0 && received >= total;
-        const progress = progressBar(received, total, done, { "data-testid": "partition-progress" });
-        progressCell = h("div", null, progress.bar, h("div", { class: "progress-label" }, progress.label));
-      } else {
-        progressCell = h("span", { class: "muted" }, "—");
+        const bar = progressBar(received, total, done, { "data-testid": "partition-progress" });
+        progress.push(bar.bar, h("div", { class: "progress-label" }, `full sync: ${bar.label}`));
+      }
+      if (typeof partition.last_log_id === "number") {
+        progress.push(h("div", { class: "progress-label" }, `received up to #${fmtCount(partition.last_log_id)}`));
       }
     } else {
-      const parts = [];
-      if (typeof partition.applied_log_id === "number") parts.push(`applied up to #${fmtCount(partition.applied_log_id)}`);
-      if (partition.snapshot_load) parts.push(`loading a snapshot: ${describe(partition.snapshot_load)}`);
-      progressCell = h("span", { class: parts.length ? "" : "muted" }, parts.length ? parts.join("; ") : "—");
+      const load = partition.snapshot_load;
+      if (load && typeof load === "object") {
+        const bar = progressBar(load.bytes_loaded, load.rdb_bytes, load.done, { "data-testid": "partition-progress" });
+        const keys = typeof load.keys_loaded === "number" ? `, ${fmtCount(load.keys_loaded)} keys` : "";
+        progress.push(
+          bar.bar,
+          h("div", { class: "progress-label" }, load.done ? `snapshot loaded: ${fmtBytes(load.bytes_loaded)}${keys}` : `loading snapshot: ${bar.label}${keys}`),
+        );
+      }
+      if (typeof partition.applied_log_id === "number") {
+        progress.push(h("div", { class: "progress-label" }, `applied up to #${fmtCount(partition.applied_log_id)}`));
+      }
+    }
+    const statusCell = h("td", null, badge(partition.sync_status, { "data-testid": "partition-status" }));
+    if (partition.error) {
+      statusCell.append(h("div", { class: "row-error wrap", "data-testid": "partition-error" }, String(partition.error)));
     }
     return h(
       "tr",
       { "data-testid": "partition-row", "data-side": partition.side, "data-part-id": partition.part_id },
       h("td", { class: "mono" }, String(partition.part_id)),
-      h("td", null, partition.side === "listener" ? "listener (source)" : partition.side === "drainer" ? "applier (target)" : partition.side),
-      h("td", null, badge(partition.sync_status, { "data-testid": "partition-status" })),
+      h("td", { class: "nowrap" }, listener ? "listener (source)" : partition.side === "drainer" ? "applier (target)" : partition.side),
+      statusCell,
       h("td", { class: "num" }, fmtCount(partition.log_id_lag)),
       h("td", { class: "num" }, fmtMs(partition.time_latency_ms)),
       h("td", { class: "endpoint" }, endpoint || "—"),
-      h("td", null, progressCell),
+      h("td", { class: "progress-cell" }, progress.length ? progress : h("span", { class: "muted" }, "—")),
     );
-  }
-
-  /** A short text of a JSON value (a snapshot load's fields). */
-  function describe(value) {
-    if (value === null || typeof value !== "object") return String(value);
-    return Object.entries(value)
-      .map(([key, item]) => `${key.replace(/_/g, " ")} ${typeof item === "object" ? JSON.stringify(item) : item}`)
-      .join(", ");
   }
 
   // ---------------------------------------------------------------- lag chart
