@@ -290,8 +290,9 @@ fn wait_for_daemon(ferry: &FerryProcess, http: &str) {
     }
 }
 
-/// A plain HTTP/1.0 GET on loopback: the status and body, or None when
-/// nothing answers.
+/// A plain HTTP/1.1 GET on loopback (chromedriver ignores 1.0): the status and body, or None when
+/// nothing answers. The body is read up to its `Content-Length` (chromedriver
+/// keeps the connection open), else to the end.
 fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     let socket: SocketAddr = addr.parse().ok()?;
     let mut stream = TcpStream::connect_timeout(&socket, Duration::from_secs(2)).ok()?;
@@ -300,15 +301,30 @@ fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
         .ok()?;
     write!(
         stream,
-        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
     )
     .ok()?;
     let mut reply = Vec::new();
-    stream.read_to_end(&mut reply).ok()?;
-    let reply = String::from_utf8_lossy(&reply);
-    let (head, body) = reply.split_once("\r\n\r\n")?;
-    let status = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some((status, body.to_string()))
+    let mut chunk = [0u8; 8192];
+    loop {
+        let read = stream.read(&mut chunk).ok()?;
+        reply.extend_from_slice(&chunk[..read]);
+        let text = String::from_utf8_lossy(&reply);
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length = head.lines().find_map(|line| {
+                let (name, value) = line.split_once(':')?;
+                name.trim()
+                    .eq_ignore_ascii_case("content-length")
+                    .then(|| value.trim().parse::<usize>().ok())?
+            });
+            if read == 0 || length.is_some_and(|length| body.len() >= length) {
+                let status = head.split_whitespace().nth(1)?.parse().ok()?;
+                return Some((status, body.to_string()));
+            }
+        } else if read == 0 {
+            return None;
+        }
+    }
 }
 
 /// The browser binary chromedriver is told to run.
@@ -606,11 +622,16 @@ impl Ui {
         .await;
     }
 
-    /// A PNG of the whole page: the window grows to the page's height for it.
+    /// A PNG of the whole page, from its top: the window grows to the
+    /// page's height (plus the window's own frame) for it.
     async fn screenshot(&self, name: &str) {
         let height = self
             .client
-            .execute("return document.documentElement.scrollHeight;", vec![])
+            .execute(
+                "window.scrollTo(0, 0); return document.documentElement.scrollHeight \
+                 + Math.max(0, window.outerHeight - window.innerHeight);",
+                vec![],
+            )
             .await
             .ok()
             .and_then(|height| height.as_u64())

@@ -51,6 +51,12 @@
     }
   }
 
+  /** Replaces a node's children (null and false are skipped, unlike `replaceChildren`). */
+  function setChildren(node, ...children) {
+    node.replaceChildren();
+    appendChildren(node, children);
+  }
+
   function show(node, visible) {
     node.hidden = !visible;
   }
@@ -239,7 +245,7 @@
       show(bar, false);
       route();
     });
-    bar.replaceChildren(form);
+    setChildren(bar, form);
     show(bar, true);
     input.focus();
   }
@@ -449,7 +455,7 @@
       const signature = JSON.stringify(tasks);
       if (signature === shown) return;
       shown = signature;
-      rows.replaceChildren(...tasks.map(taskRow));
+      setChildren(rows, ...tasks.map(taskRow));
       show(table, tasks.length > 0);
       show(empty, tasks.length === 0);
     });
@@ -732,7 +738,7 @@
       precheckButton.textContent = "Run precheck again";
       if (!reply.ok) {
         show(precheckResult, false);
-        wizardError.replaceChildren(h("div", { class: "alert-title" }, "The precheck could not run"), reply.error);
+        setChildren(wizardError, h("div", { class: "alert-title" }, "The precheck could not run"), reply.error);
         show(wizardError, true);
         precheckNote.textContent = "Fix the problem and run the precheck again.";
         refreshCreate();
@@ -774,7 +780,7 @@
         renderPrecheck(precheckResult, reply.body.precheck);
         setStep(2);
       }
-      wizardError.replaceChildren(h("div", { class: "alert-title" }, `The task was not created (HTTP ${reply.status})`), reply.error);
+      setChildren(wizardError, h("div", { class: "alert-title" }, `The task was not created (HTTP ${reply.status})`), reply.error);
       show(wizardError, true);
       precheckNote.textContent = reply.status === 422 ? "The task's precheck failed: fix it and run the precheck again." : "";
       refreshCreate();
@@ -944,7 +950,7 @@
       title.textContent = task.name || task.id;
       setBadge(state, task.state, "lg");
       state.dataset.state = task.state;
-      subtitle.replaceChildren(
+      setChildren(subtitle,
         h("span", { class: "mono" }, task.source),
         h("span", { class: "arrow" }, task.mode === "two-way" ? "⇄" : "→"),
         h("span", { class: "mono" }, task.target),
@@ -953,7 +959,7 @@
         task.options && task.options.wal_ttl ? h("span", { class: "muted" }, `  ·  WAL TTL ${task.options.wal_ttl}`) : null,
       );
       if (task.error) {
-        failure.replaceChildren(h("div", { class: "alert-title" }, task.state === "FAILED" ? "The task failed" : "Error"), String(task.error));
+        setChildren(failure, h("div", { class: "alert-title" }, task.state === "FAILED" ? "The task failed" : "Error"), String(task.error));
         show(failure, true);
       } else {
         show(failure, false);
@@ -964,7 +970,7 @@
       createdNote.textContent = `created ${fmtDateTime(task.created_unix_ms)}`;
       renderFullSync(fullSyncBox, task.full_sync);
       const partitions = Array.isArray(task.partitions) ? task.partitions : [];
-      partitionRows.replaceChildren(...partitions.map(partitionRow));
+      setChildren(partitionRows, ...partitions.map(partitionRow));
       show(partitionTable, partitions.length > 0);
       show(partitionEmpty, partitions.length === 0);
       renderLagChart(chart, Array.isArray(task.lag_history) ? task.lag_history : []);
@@ -1063,11 +1069,11 @@
 
   function renderFullSync(container, fullSync) {
     if (!fullSync) {
-      container.replaceChildren(h("div", { class: "tile-value muted" }, "none yet"));
+      setChildren(container, h("div", { class: "tile-value muted" }, "none yet"));
       return;
     }
     const progress = progressBar(fullSync.bytes_received, fullSync.bytes_total, fullSync.applied, { id: "full-sync-bar" });
-    container.replaceChildren(
+    setChildren(container,
       h("div", { class: "tile-value", id: "full-sync-state" }, fullSync.applied ? "applied" : "in progress"),
       progress.bar,
       h("div", { class: "progress-label" }, progress.label),
@@ -1124,10 +1130,10 @@
 
   function renderLagChart(container, samples) {
     if (samples.length < 2) {
-      container.replaceChildren(h("div", { class: "empty", id: "lag-chart-empty" }, "Collecting samples: one every 2 s."));
+      setChildren(container, h("div", { class: "empty", id: "lag-chart-empty" }, "Collecting samples: one every 2 s."));
       return;
     }
-    container.replaceChildren(
+    setChildren(container,
       lineChart(samples, "lag_entries", "LogId lag (entries)", fmtCount, "lag"),
       lineChart(samples, "latency_ms", "Time latency", fmtMs, "latency"),
     );
