@@ -61,7 +61,7 @@ async fn dashboard_creates_stops_starts_and_cancels_a_task_in_a_real_browser() {
         ],
     );
     wait_for_daemon(&ferry, &http);
-    let (status, index) = http_get(&http, "/").expect("GET /");
+    let (status, index) = http_request("GET", &http, "/").expect("GET /");
     assert!(
         status == 200 && index.contains("/app.js"),
         "GET / is not the dashboard: {status} {index:.300}"
@@ -165,27 +165,63 @@ async fn dashboard_creates_stops_starts_and_cancels_a_task_in_a_real_browser() {
     ui.wait_displayed_css("[data-testid=chart-lag]").await;
     ui.screenshot("4-task-incremental").await;
 
+    // The list shows it running; its link leads back to its page.
+    ui.click("nav-tasks").await;
+    ui.wait("the task INCREMENTAL in the list", UI_TIMEOUT, || async {
+        let row = ui
+            .client
+            .find(Locator::Css("[data-task-id=orders]"))
+            .await
+            .map_err(|error| error.to_string())?;
+        let state = row.attr("data-state").await.map_err(|e| e.to_string())?;
+        (state.as_deref() == Some("INCREMENTAL"))
+            .then_some(())
+            .ok_or(format!("state {state:?}"))
+    })
+    .await;
+    ui.screenshot("5-list-running").await;
+    ui.click_css("[data-task-id=orders] a.task-link").await;
+    ui.wait_state("INCREMENTAL", UI_TIMEOUT).await;
+
     // Stop, through the confirmation dialog.
-    ui.click("btn-stop").await;
+    ui.stop(Some("6-confirm-stop")).await;
+    source.cmd(&["SET", "while:stopped", "kept-in-the-source"]);
+    ui.screenshot("7-task-stopped").await;
+
+    // An action's error is shown next to the buttons: the task is started
+    // through the API while Start's dialog is open, so the page's own start
+    // is refused.
+    ui.click("btn-start").await;
     ui.wait_displayed("modal-confirm").await;
-    ui.screenshot("5-confirm-stop").await;
+    let (status, reply) =
+        http_request("POST", &http, "/api/v1/tasks/orders/start").expect("POST start");
+    assert_eq!(status, 200, "start through the API: {reply}");
     ui.click("modal-confirm").await;
-    ui.wait_state("STOPPED", UI_TIMEOUT).await;
-    ui.wait_enabled("btn-start").await;
+    ui.wait_displayed("action-error").await;
+    let refused = ui.text("action-error").await.unwrap_or_default();
+    assert!(
+        refused.starts_with("Start task failed:"),
+        "action error: {refused}"
+    );
+    println!("shown next to the buttons: {refused}");
+    ui.wait_state("INCREMENTAL", SYNC_TIMEOUT).await;
+    ui.screenshot("8-action-error").await;
+    wait_key(&ui, &target, "while:stopped", "kept-in-the-source").await;
+
+    // Stop and start from the page: back to INCREMENTAL, and what the source
+    // got meanwhile arrives.
+    ui.stop(None).await;
+    source.cmd(&["SET", "while:stopped", "written-again"]);
+    ui.click("btn-start").await;
+    ui.wait_displayed("modal-confirm").await;
+    ui.click("modal-confirm").await;
+    ui.wait_state("INCREMENTAL", SYNC_TIMEOUT).await;
     assert!(
         !ui.displayed("action-error").await,
         "{}",
         ui.text("action-error").await.unwrap_or_default()
     );
-    source.cmd(&["SET", "while:stopped", "kept-in-the-source"]);
-    ui.screenshot("6-task-stopped").await;
-
-    // Start: back to INCREMENTAL, and what the source got meanwhile arrives.
-    ui.click("btn-start").await;
-    ui.wait_displayed("modal-confirm").await;
-    ui.click("modal-confirm").await;
-    ui.wait_state("INCREMENTAL", SYNC_TIMEOUT).await;
-    wait_key(&ui, &target, "while:stopped", "kept-in-the-source").await;
+    wait_key(&ui, &target, "while:stopped", "written-again").await;
 
     // Cancel: gone from the list, its checkpoint keys gone from the target,
     // the replicated data kept.
@@ -205,11 +241,11 @@ async fn dashboard_creates_stops_starts_and_cancels_a_task_in_a_real_browser() {
         "task still listed"
     );
     assert_eq!(
-        http_get(&http, "/api/v1/tasks/orders").map(|reply| reply.0),
+        http_request("GET", &http, "/api/v1/tasks/orders").map(|reply| reply.0),
         Some(404),
         "the API still has the task"
     );
-    ui.screenshot("7-list-after-cancel").await;
+    ui.screenshot("9-list-after-cancel").await;
     ui.wait("the checkpoint keys deleted", UI_TIMEOUT, || async {
         let left = checkpoint_keys(&target);
         left.is_empty().then_some(()).ok_or(format!("{left:?}"))
@@ -222,7 +258,7 @@ async fn dashboard_creates_stops_starts_and_cancels_a_task_in_a_real_browser() {
             format!("value-{}", SEEDED_KEYS - 1),
         ),
         ("late:key", "after-incremental".to_string()),
-        ("while:stopped", "kept-in-the-source".to_string()),
+        ("while:stopped", "written-again".to_string()),
     ] {
         assert_eq!(target.cmd(&["GET", key]), value, "{key} on the target");
     }
@@ -273,7 +309,7 @@ async fn wait_key(ui: &Ui, server: &RedisServer, key: &str, value: &str) {
 fn wait_for_daemon(ferry: &FerryProcess, http: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Some((200, _)) = http_get(http, "/api/v1/tasks") {
+        if let Some((200, _)) = http_request("GET", http, "/api/v1/tasks") {
             return;
         }
         assert!(
@@ -290,10 +326,11 @@ fn wait_for_daemon(ferry: &FerryProcess, http: &str) {
     }
 }
 
-/// A plain HTTP/1.1 GET on loopback (chromedriver ignores 1.0): the status and body, or None when
-/// nothing answers. The body is read up to its `Content-Length` (chromedriver
-/// keeps the connection open), else to the end.
-fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+/// A plain HTTP/1.1 request without a body on loopback (chromedriver ignores
+/// 1.0): the status and body, or None when nothing answers. The body is read
+/// up to its `Content-Length` (chromedriver keeps the connection open), else
+/// to the end.
+fn http_request(method: &str, addr: &str, path: &str) -> Option<(u16, String)> {
     let socket: SocketAddr = addr.parse().ok()?;
     let mut stream = TcpStream::connect_timeout(&socket, Duration::from_secs(2)).ok()?;
     stream
@@ -301,7 +338,7 @@ fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
         .ok()?;
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     )
     .ok()?;
     let mut reply = Vec::new();
@@ -391,7 +428,7 @@ impl ChromeDriver {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let addr = format!("127.0.0.1:{port}");
-            if let Some((200, body)) = http_get(&addr, "/status") {
+            if let Some((200, body)) = http_request("GET", &addr, "/status") {
                 if body.contains("\"ready\":true") {
                     return driver;
                 }
@@ -607,6 +644,37 @@ impl Ui {
             element.click().await.map_err(|error| error.to_string())
         })
         .await;
+    }
+
+    /// Clicks the element `css` selects once it is shown.
+    async fn click_css(&self, css: &str) {
+        self.wait(&format!("a click on {css}"), UI_TIMEOUT, || async {
+            let element = self
+                .client
+                .find(Locator::Css(css))
+                .await
+                .map_err(|error| error.to_string())?;
+            element.click().await.map_err(|error| error.to_string())
+        })
+        .await;
+    }
+
+    /// Stops the task from its page, through the confirmation dialog (a
+    /// screenshot of it named `dialog_shot`, if given).
+    async fn stop(&self, dialog_shot: Option<&str>) {
+        self.click("btn-stop").await;
+        self.wait_displayed("modal-confirm").await;
+        if let Some(name) = dialog_shot {
+            self.screenshot(name).await;
+        }
+        self.click("modal-confirm").await;
+        self.wait_state("STOPPED", UI_TIMEOUT).await;
+        self.wait_enabled("btn-start").await;
+        assert!(
+            !self.displayed("action-error").await,
+            "{}",
+            self.text("action-error").await.unwrap_or_default()
+        );
     }
 
     /// Replaces the text of the input `#id`.
