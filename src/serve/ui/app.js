@@ -461,6 +461,15 @@
     });
   }
 
+  /** One line of an error: the first that says FAIL (a failed precheck's error is its table), else the first. */
+  function summary(error) {
+    const lines = String(error)
+      .split("\n")
+      .map((line) => line.trim())
+      .filter((line) => line.length > 0);
+    return lines.find((line) => /\bFAIL\b/.test(line)) || lines[0] || "";
+  }
+
   function taskRow(task) {
     const nameCell = h(
       "td",
@@ -468,8 +477,7 @@
       h("a", { href: taskHash(task.id), class: "task-link", "data-testid": "task-link" }, task.name || task.id),
     );
     if (task.state === "FAILED" && task.error) {
-      const firstLine = String(task.error).split("\n")[0];
-      nameCell.append(h("div", { class: "row-error", title: String(task.error), "data-testid": "task-row-error" }, firstLine));
+      nameCell.append(h("div", { class: "row-error", title: String(task.error), "data-testid": "task-row-error" }, summary(task.error)));
     }
     let fullSync = h("span", { class: "muted" }, "—");
     if (task.full_sync) {
@@ -780,7 +788,15 @@
         renderPrecheck(precheckResult, reply.body.precheck);
         setStep(2);
       }
-      setChildren(wizardError, h("div", { class: "alert-title" }, `The task was not created (HTTP ${reply.status})`), reply.error);
+      const failedTask = reply.status === 422 && reply.body && reply.body.task;
+      setChildren(
+        wizardError,
+        h("div", { class: "alert-title" }, failedTask ? "The task was stored as FAILED: its precheck failed" : `The task was not created (HTTP ${reply.status})`),
+        reply.error,
+        failedTask
+          ? h("div", null, h("a", { href: taskHash(failedTask.id), id: "failed-task-link" }, `Open task "${failedTask.id}"`), " to start it again once fixed, or cancel it.")
+          : null,
+      );
       show(wizardError, true);
       precheckNote.textContent = reply.status === 422 ? "The task's precheck failed: fix it and run the precheck again." : "";
       refreshCreate();
