@@ -250,6 +250,12 @@
     input.focus();
   }
 
+  /** An error text: a table (several lines) keeps its columns in a monospace block. */
+  function errorText(error) {
+    const text = String(error);
+    return text.includes("\n") ? h("pre", { class: "error-text" }, text) : text;
+  }
+
   function taskPath(id) {
     return `/tasks/${encodeURIComponent(id)}`;
   }
@@ -746,7 +752,7 @@
       precheckButton.textContent = "Run precheck again";
       if (!reply.ok) {
         show(precheckResult, false);
-        setChildren(wizardError, h("div", { class: "alert-title" }, "The precheck could not run"), reply.error);
+        setChildren(wizardError, h("div", { class: "alert-title" }, "The precheck could not run"), errorText(reply.error));
         show(wizardError, true);
         precheckNote.textContent = "Fix the problem and run the precheck again.";
         refreshCreate();
@@ -792,7 +798,7 @@
       setChildren(
         wizardError,
         h("div", { class: "alert-title" }, failedTask ? "The task was stored as FAILED: its precheck failed" : `The task was not created (HTTP ${reply.status})`),
-        reply.error,
+        errorText(reply.error),
         failedTask
           ? h("div", null, h("a", { href: taskHash(failedTask.id), id: "failed-task-link" }, `Open task "${failedTask.id}"`), " to start it again once fixed, or cancel it.")
           : null,
@@ -975,7 +981,7 @@
         task.options && task.options.wal_ttl ? h("span", { class: "muted" }, `  ·  WAL TTL ${task.options.wal_ttl}`) : null,
       );
       if (task.error) {
-        setChildren(failure, h("div", { class: "alert-title" }, task.state === "FAILED" ? "The task failed" : "Error"), String(task.error));
+        setChildren(failure, h("div", { class: "alert-title" }, task.state === "FAILED" ? "The task failed" : "Error"), errorText(task.error));
         show(failure, true);
       } else {
         show(failure, false);
