@@ -20,6 +20,7 @@ pub mod precheck;
 pub mod record;
 pub mod redis;
 pub mod secret;
+pub mod serve;
 pub mod ship;
 pub mod status;
 pub mod table;

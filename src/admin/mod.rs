@@ -184,9 +184,14 @@ fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
 /// Writes `addr` into `<data_dir>/admin.addr` atomically (temp file, fsync,
 /// rename). An unspecified IP is written as the loopback of its family.
 pub fn write_addr_file(data_dir: &Path, addr: SocketAddr) -> io::Result<()> {
+    write_addr_file_named(data_dir, ADDR_FILE_NAME, addr)
+}
+
+/// [`write_addr_file`] under another name (`ferry serve`'s `http.addr`).
+pub fn write_addr_file_named(data_dir: &Path, name: &str, addr: SocketAddr) -> io::Result<()> {
     let addr = connectable(addr);
-    let path = data_dir.join(ADDR_FILE_NAME);
-    let tmp = data_dir.join(format!("{ADDR_FILE_NAME}.tmp.{}", std::process::id()));
+    let path = data_dir.join(name);
+    let tmp = data_dir.join(format!("{name}.tmp.{}", std::process::id()));
     let written = (|| {
         let mut file = std::fs::File::create(&tmp)?;
         writeln!(file, "{addr}")?;

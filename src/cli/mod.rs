@@ -26,6 +26,10 @@
 //! - `ferry guard --target URL [--ferry-user NAME] --ferry-password-file F
 //!   [--app-user NAME --app-password-file F] [--off]`: a target only ferry
 //!   writes ([`guard`]).
+//! - `ferry serve --data-dir DIR [--http ADDR] [--token-file F]`: many
+//!   sync tasks in one daemon, with an HTTP API and a dashboard;
+//!   `ferry task create|list|show|stop|start|cancel --server URL`: its
+//!   client ([`serve`]).
 //! - `sync`, `precheck` and `verify` take a sync's keyspace ([`FilterArgs`]:
 //!   `--db-map S=T,…`, `--key-prefix P`, `--exclude-key-prefix P`).
 
@@ -34,6 +38,7 @@ pub mod guard;
 pub mod node;
 pub mod precheck;
 pub mod rdb;
+pub mod serve;
 pub mod status;
 pub mod verify;
 
@@ -110,6 +115,13 @@ pub enum Verb {
     /// and its duration; on timeout or error the sync runs on as before.
     /// Standalone source and target.
     Switchover(status::SwitchoverArgs),
+    /// Run many sync tasks in one daemon, managed over an HTTP API
+    /// (docs/API.md) and a web dashboard at http://ADDR/; tasks survive a
+    /// restart of the daemon.
+    Serve(serve::ServeArgs),
+    /// Manage the tasks of a `ferry serve`: create, list, show, stop,
+    /// start, cancel.
+    Task(serve::TaskArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -238,6 +250,8 @@ pub enum CliError {
     Precheck(#[from] precheck::PrecheckCommandError),
     #[error(transparent)]
     Guard(#[from] guard::GuardError),
+    #[error(transparent)]
+    Serve(#[from] serve::ServeCommandError),
 }
 
 impl CliError {
@@ -256,7 +270,7 @@ impl Verb {
     pub fn is_daemon(&self) -> bool {
         matches!(
             self,
-            Verb::Sync(_) | Verb::Listener { .. } | Verb::Drainer { .. }
+            Verb::Sync(_) | Verb::Listener { .. } | Verb::Drainer { .. } | Verb::Serve(_)
         )
     }
 }
@@ -318,6 +332,8 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Verb::Precheck(args) => Ok(precheck::precheck(&args)?),
         Verb::Guard(args) => Ok(guard::guard(&args)?),
         Verb::Switchover(args) => Ok(status::switchover(&args)?),
+        Verb::Serve(args) => Ok(serve::serve(args)?),
+        Verb::Task(args) => Ok(serve::task(args)?),
     }
 }
 

@@ -107,7 +107,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, NodeCommandError> {
 }
 
 /// A token cancelled by the first SIGINT or SIGTERM.
-fn shutdown_on_signal() -> CancellationToken {
+pub(crate) fn shutdown_on_signal() -> CancellationToken {
     let token = CancellationToken::new();
     let cancel = token.clone();
     tokio::spawn(async move {
@@ -144,6 +144,7 @@ pub fn sync(args: SyncArgs) -> Result<(), NodeCommandError> {
             existing_data: args.existing_data,
             two_way: args.two_way,
             conflict: args.conflict,
+            no_password_env: false,
         },
     )?;
     runtime()?.block_on(async {

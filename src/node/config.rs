@@ -252,6 +252,9 @@ pub struct SyncOverrides {
     pub two_way: bool,
     /// `--conflict`.
     pub conflict: Option<String>,
+    /// Leave `FERRY_SOURCE_PASSWORD` / `FERRY_TARGET_PASSWORD` unread even
+    /// when set (`ferry serve`: each task has its own passwords).
+    pub no_password_env: bool,
 }
 
 fn default_admin() -> String {
@@ -626,7 +629,10 @@ impl SyncConfig {
                     "--source-password-file",
                     flags.source_password_file.map(PasswordRef::File),
                 ),
-                (SOURCE_PASSWORD_ENV, implicit_env(SOURCE_PASSWORD_ENV)),
+                (
+                    SOURCE_PASSWORD_ENV,
+                    implicit_env(SOURCE_PASSWORD_ENV).filter(|_| !flags.no_password_env),
+                ),
             ],
         )?;
         listener.source_password_file = file;
@@ -690,7 +696,10 @@ impl SyncConfig {
                     "--target-password-file",
                     flags.target_password_file.map(PasswordRef::File),
                 ),
-                (TARGET_PASSWORD_ENV, implicit_env(TARGET_PASSWORD_ENV)),
+                (
+                    TARGET_PASSWORD_ENV,
+                    implicit_env(TARGET_PASSWORD_ENV).filter(|_| !flags.no_password_env),
+                ),
             ],
         )?;
         apply.target_password_file = file;

@@ -18,4 +18,7 @@ pub mod two_way;
 pub use config::{
     DrainerNodeConfig, ListenerNodeConfig, NodeConfigError, SyncConfig, SyncOverrides,
 };
-pub use run::{run_drainer, run_listener, run_sync, Node, NodeError};
+pub use run::{
+    run_drainer, run_listener, run_sync, run_sync_hosted, sync_precheck, ControlSlot, Node,
+    NodeError,
+};

@@ -1471,6 +1471,60 @@ async fn finish(stages: Stages, node: Arc<Node>, wals: Vec<Wal>) -> Result<(), N
 /// precheck checks the source's backlog against.
 const PRECHECK_OUTAGE: Duration = Duration::from_secs(60);
 
+/// What the precheck before a first full sync checks: the source's and the
+/// target's addresses (with their passwords), the keyspace the sync owns.
+fn precheck_config(
+    source: Option<&crate::listener::ListenerConfig>,
+    apply: Option<&apply::ApplyConfig>,
+    outage: Duration,
+) -> Result<crate::precheck::PrecheckConfig, NodeError> {
+    let parse = |listener: &crate::listener::ListenerConfig| {
+        listener
+            .validate()
+            .map(|checked| checked.seeds)
+            .map_err(|e| NodeError::Config(format!("listener.{}: {}", e.field, e.reason)))
+    };
+    let source = source.map(parse).transpose()?.unwrap_or_default();
+    let config = |error: apply::ApplyConfigError| NodeError::Config(error.to_string());
+    let target = apply
+        .map(|a| a.target_seeds())
+        .transpose()
+        .map_err(config)?
+        .unwrap_or_default();
+    let mut cfg = crate::precheck::PrecheckConfig::new(source, target);
+    cfg.outage = outage;
+    if let Some(apply) = apply {
+        cfg.keyspace = apply.keyspace().map_err(config)?;
+        cfg.existing_data = apply.existing_data;
+        cfg.id = Some(apply.drainer_id.clone());
+    }
+    Ok(cfg)
+}
+
+/// The precheck of a sync that has not started (`ferry serve` shows it
+/// before a task starts): every check, the source's write rate sampled for
+/// `sample`; a two-way sync is also checked the other way round. Err: the
+/// config cannot be checked (a bad URL, a password file missing).
+pub async fn sync_precheck(
+    cfg: &SyncConfig,
+    sample: Duration,
+) -> Result<crate::precheck::Report, NodeError> {
+    let mut precheck = precheck_config(Some(&cfg.listener), Some(&cfg.apply), PRECHECK_OUTAGE)?;
+    precheck.sample = sample;
+    let mut report = crate::precheck::run(&precheck).await;
+    if cfg.two_way && !report.failed() {
+        if let Err(error) = two_way::precheck(cfg).await {
+            report.checks.push(crate::precheck::Check {
+                check: "two-way".into(),
+                verdict: Verdict::Fail,
+                detail: error.to_string(),
+                nodes: Vec::new(),
+            });
+        }
+    }
+    Ok(report)
+}
+
 /// The precheck before a node's first full sync (its WAL holds no
 /// partition yet): the checks of the sides it has, refusing to start on any
 /// FAIL with the report's table. A side that does not answer yet (a server,
@@ -1491,29 +1545,10 @@ async fn precheck_first_sync(
     // The source's addresses with the password (from the URL, a file or a
     // variable): one, or a cluster's seed list; every master of a cluster
     // is checked. The target's the same way.
-    let parse = |listener: &crate::listener::ListenerConfig| {
-        listener
-            .validate()
-            .map(|checked| checked.seeds)
-            .map_err(|e| NodeError::Config(format!("listener.{}: {}", e.field, e.reason)))
-    };
-    let source = source.map(parse).transpose()?.unwrap_or_default();
-    let config = |error: apply::ApplyConfigError| NodeError::Config(error.to_string());
-    let target = apply
-        .map(|a| a.target_seeds())
-        .transpose()
-        .map_err(config)?
-        .unwrap_or_default();
-    let mut cfg = crate::precheck::PrecheckConfig::new(source, target);
-    cfg.outage = outage;
+    let mut cfg = precheck_config(source, apply, outage)?;
     // The write rate is measured beside the full sync (its checks only warn),
     // so that the sync does not wait for the sample.
     cfg.sample = Duration::ZERO;
-    if let Some(apply) = apply {
-        cfg.keyspace = apply.keyspace().map_err(config)?;
-        cfg.existing_data = apply.existing_data;
-        cfg.id = Some(apply.drainer_id.clone());
-    }
     let report = crate::precheck::run(&cfg).await;
     let waits = |check: &str| check.ends_with(" reachable") || check.ends_with(" cluster slots");
     let unreachable: Vec<&str> = report
@@ -1658,6 +1693,42 @@ fn random_secret() -> Secret {
 /// keeps the relayed path: the stream over gRPC on 127.0.0.1 into a second
 /// WAL, as between a `ferry listener` and a `ferry drainer`.
 pub async fn run_sync(cfg: SyncConfig, shutdown: CancellationToken) -> Result<(), NodeError> {
+    run_sync_hosted(cfg, shutdown, ControlSlot::default()).await
+}
+
+/// Where a sync run in-process (`ferry serve`'s tasks) publishes what
+/// answers its admin API: set once the stages are up, cleared when the
+/// run ends.
+#[derive(Clone, Default)]
+pub struct ControlSlot(Arc<Mutex<Option<Arc<dyn NodeControl>>>>);
+
+impl ControlSlot {
+    pub fn get(&self) -> Option<Arc<dyn NodeControl>> {
+        lock(&self.0).clone()
+    }
+
+    fn set(&self, control: Option<Arc<dyn NodeControl>>) {
+        *lock(&self.0) = control;
+    }
+}
+
+/// [`run_sync`], publishing its control in `slot` (also served on the
+/// admin address, as `ferry sync` does).
+pub async fn run_sync_hosted(
+    cfg: SyncConfig,
+    shutdown: CancellationToken,
+    slot: ControlSlot,
+) -> Result<(), NodeError> {
+    let result = run_sync_inner(cfg, shutdown, &slot).await;
+    slot.set(None);
+    result
+}
+
+async fn run_sync_inner(
+    cfg: SyncConfig,
+    shutdown: CancellationToken,
+    slot: &ControlSlot,
+) -> Result<(), NodeError> {
     create_data_dir(&cfg.data_dir)?;
     let (cfg, record) = switchover::lay_record(cfg)?;
     let mut stages = Stages::new(shutdown.clone());
@@ -1696,7 +1767,7 @@ pub async fn run_sync(cfg: SyncConfig, shutdown: CancellationToken) -> Result<()
         two_way::precheck(&cfg).await?;
     }
     if !relayed {
-        return run_direct(cfg, shutdown, listener_wal, record).await;
+        return run_direct(cfg, shutdown, listener_wal, record, slot).await;
     }
     if cfg.two_way {
         return Err(NodeError::Config(format!(
@@ -1759,6 +1830,7 @@ pub async fn run_sync(cfg: SyncConfig, shutdown: CancellationToken) -> Result<()
         conflicts: None,
     });
     start_admin(&cfg.data_dir, &cfg.admin, node.clone(), &mut stages).await?;
+    slot.set(Some(node.clone()));
     info!(source = %redacted(&cfg.listener.source), target = %redacted(&cfg.apply.target), apply_from = "drainer-wal", "sync running");
     finish(stages, node, vec![listener_wal, drainer_wal]).await
 }
@@ -1935,6 +2007,7 @@ async fn run_direct(
     shutdown: CancellationToken,
     mut wal: Wal,
     mut record: Option<switchover::DirectionRecord>,
+    slot: &ControlSlot,
 ) -> Result<(), NodeError> {
     let (requests, mut asked) = tokio::sync::mpsc::channel(1);
     let host = Arc::new(SyncHost {
@@ -1943,6 +2016,7 @@ async fn run_direct(
         switching: std::sync::atomic::AtomicBool::new(false),
     });
     let control: Arc<dyn NodeControl> = host.clone();
+    slot.set(Some(control.clone()));
     let mut admin = Stages::new(shutdown.clone());
     start_admin(&cfg.data_dir, &cfg.admin, control.clone(), &mut admin).await?;
     let mut pending: Option<(

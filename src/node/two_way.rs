@@ -175,7 +175,7 @@ async fn check_sides(a: &RedisUrl, b: &RedisUrl) -> Result<(), String> {
 /// one-way checks the other way round (B as the source, A as the target,
 /// whose data is expected), and both sides' versions. A side that does
 /// not answer yet is left to the establishing, which checks again.
-pub(super) async fn precheck(cfg: &SyncConfig) -> Result<(), NodeError> {
+pub(crate) async fn precheck(cfg: &SyncConfig) -> Result<(), NodeError> {
     let (a, b) = urls(cfg)?;
     if a.len() > 1 || b.len() > 1 {
         return Err(NodeError::Precheck(

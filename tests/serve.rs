@@ -1,0 +1,445 @@
+//! `ferry serve` as a process between real redis-servers: tasks created,
+//! watched, stopped, started and canceled through the HTTP API and `ferry
+//! task`, a kill -9 of the daemon survived, passwords never shown, bad
+//! requests answered with their error, and the bearer token enforced.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use common::ferry::{ferry_bin, FerryProcess};
+use common::{free_port, output_within, RedisServer};
+use serde_json::{json, Value};
+
+const TARGET_PASSWORD: &str = "t4rget-s3cret-pw";
+
+/// One HTTP/1.1 request; (status, body as JSON or a string).
+fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    token: Option<&str>,
+) -> (u16, Value) {
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to ferry serve");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .unwrap();
+    let body = body.unwrap_or(b"");
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\nContent-Type: application/json\r\n",
+        body.len()
+    );
+    if let Some(token) = token {
+        head.push_str(&format!("Authorization: Bearer {token}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).unwrap();
+    // A server may answer (413) before reading a large body.
+    let _ = stream.write_all(body);
+    let mut reply = Vec::new();
+    let _ = stream.read_to_end(&mut reply);
+    let split = reply
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("not an HTTP reply: {:?}", String::from_utf8_lossy(&reply)));
+    let head = String::from_utf8_lossy(&reply[..split]).into_owned();
+    let status: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let text = &reply[split + 4..];
+    let value = serde_json::from_slice(text)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(text).into_owned()));
+    (status, value)
+}
+
+fn ferry_cli(args: &[&str]) -> Output {
+    output_within(
+        Command::new(ferry_bin()).args(args).env("RUST_LOG", "warn"),
+        Duration::from_secs(150),
+    )
+    .expect("run ferry")
+}
+
+struct Daemon {
+    process: FerryProcess,
+    http: String,
+}
+
+impl Daemon {
+    fn start(data: &Path, extra: &[&str]) -> Daemon {
+        let port = free_port();
+        let mut args: Vec<String> = vec![
+            "serve".into(),
+            "--data-dir".into(),
+            data.to_str().unwrap().into(),
+            "--http".into(),
+            format!("127.0.0.1:{port}"),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let process = FerryProcess::start(data, &args);
+        let daemon = Daemon {
+            process,
+            http: format!("127.0.0.1:{port}"),
+        };
+        daemon.wait_up();
+        daemon
+    }
+
+    fn wait_up(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(&self.http).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "ferry serve did not listen: {}",
+                self.process.log_tail(30)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn get(&self, path: &str) -> (u16, Value) {
+        http(&self.http, "GET", path, None, None)
+    }
+
+    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        http(
+            &self.http,
+            "POST",
+            path,
+            Some(body.to_string().as_bytes()),
+            None,
+        )
+    }
+
+    fn server(&self) -> String {
+        format!("http://{}", self.http)
+    }
+
+    /// Waits until task `name` is in `state`; returns its detail.
+    fn wait_state(&self, name: &str, state: &str, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (status, task) = self.get(&format!("/api/v1/tasks/{name}"));
+            if status == 200 && task["state"] == state {
+                return task;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "task {name} not {state} after {timeout:?}: {status} {task}\n{}",
+                self.process.log_tail(40)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn target_cmd(target: &RedisServer, args: &[&str]) -> String {
+    let mut all = vec!["-a", TARGET_PASSWORD, "--no-auth-warning"];
+    all.extend_from_slice(args);
+    target.cmd(&all)
+}
+
+#[test]
+fn a_task_runs_stops_starts_survives_kill_9_and_cancels_cleanly() {
+    let source = RedisServer::start(&["--repl-diskless-sync-delay", "0"]);
+    let target = RedisServer::start(&["--requirepass", TARGET_PASSWORD]);
+    source.cmd(&["DEBUG", "POPULATE", "1000", "key", "20"]);
+    for _ in 0..10 {
+        source.cmd(&["INCR", "counter"]);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("serve");
+    let mut daemon = Daemon::start(&data, &[]);
+    let password_file = dir.path().join("target.pw");
+    std::fs::write(&password_file, format!("{TARGET_PASSWORD}\n")).unwrap();
+
+    // Created by the CLI: the precheck's table, then the task.
+    let out = ferry_cli(&[
+        "task",
+        "create",
+        "--server",
+        &daemon.server(),
+        "--name",
+        "orders",
+        "--source",
+        &source.url(),
+        "--target",
+        &target.url(),
+        "--target-password-file",
+        password_file.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("target reachable") && stdout.contains("orders"),
+        "{stdout}"
+    );
+
+    let task = daemon.wait_state("orders", "INCREMENTAL", Duration::from_secs(60));
+    let parts = task["partitions"].as_array().unwrap();
+    assert!(
+        parts
+            .iter()
+            .any(|p| p["side"] == "listener" && p["part_id"] == 0)
+            && parts
+                .iter()
+                .any(|p| p["side"] == "drainer" && p["part_id"] == 0),
+        "{task}"
+    );
+    assert_eq!(
+        task["precheck"]["verdict"].as_str().map(|v| v != "FAIL"),
+        Some(true)
+    );
+    assert_eq!(task["full_sync"]["applied"], true, "{task}");
+    wait_for("the counter", Duration::from_secs(30), || {
+        target_cmd(&target, &["GET", "counter"]) == "10"
+    });
+    for _ in 0..10 {
+        source.cmd(&["INCR", "counter"]);
+    }
+    wait_for("20 increments", Duration::from_secs(30), || {
+        target_cmd(&target, &["GET", "counter"]) == "20"
+    });
+    // Lag samples accumulate (one every 2 s).
+    wait_for("a lag sample", Duration::from_secs(10), || {
+        daemon.get("/api/v1/tasks/orders").1["lag_history"]
+            .as_array()
+            .is_some_and(|h| !h.is_empty())
+    });
+
+    // The password is nowhere: views, list, the daemon's log.
+    let (_, list) = daemon.get("/api/v1/tasks");
+    let (_, detail) = daemon.get("/api/v1/tasks/orders");
+    for shown in [
+        list.to_string(),
+        detail.to_string(),
+        std::fs::read_to_string(&daemon.process.log).unwrap(),
+    ] {
+        assert!(
+            !shown.contains(TARGET_PASSWORD),
+            "the password shows: {shown}"
+        );
+    }
+    let table =
+        String::from_utf8_lossy(&ferry_cli(&["task", "list", "--server", &daemon.server()]).stdout)
+            .into_owned();
+    assert!(
+        table.contains("orders") && table.contains("INCREMENTAL"),
+        "{table}"
+    );
+
+    // Stopped: the source's writes wait in the source; started: they
+    // arrive, by PSYNC (one full sync in all).
+    let (status, stopped) = daemon.post("/api/v1/tasks/orders/stop", &json!({}));
+    assert_eq!(
+        (status, stopped["state"].as_str()),
+        (200, Some("STOPPED")),
+        "{stopped}"
+    );
+    for _ in 0..5 {
+        source.cmd(&["INCR", "counter"]);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(target_cmd(&target, &["GET", "counter"]), "20");
+    let out = ferry_cli(&["task", "start", "orders", "--server", &daemon.server()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    daemon.wait_state("orders", "INCREMENTAL", Duration::from_secs(30));
+    wait_for("25 increments", Duration::from_secs(30), || {
+        target_cmd(&target, &["GET", "counter"]) == "25"
+    });
+
+    // kill -9 of the daemon: the task resumes where it was.
+    daemon.process.kill9();
+    for _ in 0..5 {
+        source.cmd(&["INCR", "counter"]);
+    }
+    daemon.process.spawn();
+    daemon.wait_up();
+    daemon.wait_state("orders", "INCREMENTAL", Duration::from_secs(30));
+    wait_for("30 increments", Duration::from_secs(30), || {
+        target_cmd(&target, &["GET", "counter"]) == "30"
+    });
+    assert_eq!(source.info_field("sync_full").as_deref(), Some("1"));
+
+    // Canceled: the task, its directory and ferry's keys go; the data stays.
+    let out = ferry_cli(&["task", "cancel", "orders", "--server", &daemon.server()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("CANCELED"),
+        "{stdout}"
+    );
+    let (_, list) = daemon.get("/api/v1/tasks");
+    assert_eq!(list["tasks"], json!([]));
+    assert_eq!(daemon.get("/api/v1/tasks/orders").0, 404);
+    assert!(!data.join("tasks").join("orders").exists());
+    assert_eq!(target_cmd(&target, &["KEYS", "__ferry*"]), "");
+    assert_eq!(source.cmd(&["KEYS", "__ferry*"]), "");
+    assert_eq!(target_cmd(&target, &["DBSIZE"]), "1001");
+    assert_eq!(target_cmd(&target, &["GET", "counter"]), "30");
+    let status = daemon.process.terminate(Duration::from_secs(30));
+    assert!(
+        status.success(),
+        "{status:?} {}",
+        daemon.process.log_tail(20)
+    );
+}
+
+#[test]
+fn bad_requests_get_their_error_and_a_failed_precheck_is_shown() {
+    let source = RedisServer::start(&[]);
+    let target = RedisServer::start(&[]);
+    target.cmd(&["SET", "someone-elses", "data"]);
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(&dir.path().join("serve"), &[]);
+    let spec = |name: &str, target: &str| json!({ "name": name, "source": source.url(), "target": target });
+
+    // Field errors name the field; nothing is stored.
+    let (status, reply) = daemon.post("/api/v1/tasks", &spec("Bad Name", &target.url()));
+    assert_eq!(status, 400, "{reply}");
+    assert!(
+        reply["error"].as_str().unwrap().starts_with("name:"),
+        "{reply}"
+    );
+    let mut with_password = spec("a", "redis://:pw@127.0.0.1:1");
+    with_password["mode"] = json!("one-way");
+    let (status, reply) = daemon.post("/api/v1/tasks", &with_password);
+    assert_eq!(status, 400);
+    assert!(
+        reply["error"].as_str().unwrap().starts_with("target:"),
+        "{reply}"
+    );
+    let (status, reply) = daemon.post("/api/v1/tasks", &json!({"name": "x", "source": 1}));
+    assert_eq!(status, 400, "{reply}");
+    let (status, _) = http(
+        &daemon.http,
+        "POST",
+        "/api/v1/tasks",
+        Some(b"{not json"),
+        None,
+    );
+    assert_eq!(status, 400);
+    let huge = vec![b' '; 2 << 20];
+    let (status, _) = http(&daemon.http, "POST", "/api/v1/tasks", Some(&huge), None);
+    assert_eq!(status, 413);
+    assert_eq!(daemon.get("/api/v1/tasks/nope").0, 404);
+    assert_eq!(daemon.get("/api/v2/whatever").0, 404);
+    assert_eq!(daemon.get("/api/v1/tasks").1["tasks"], json!([]));
+
+    // A dry-run precheck: the target holds keys, refused by default.
+    let (status, report) = daemon.post("/api/v1/precheck", &spec("p", &target.url()));
+    assert_eq!(status, 200);
+    assert_eq!(report["verdict"], "FAIL", "{report}");
+    assert!(
+        report["table"].as_str().unwrap().contains("target"),
+        "{report}"
+    );
+    assert_eq!(daemon.get("/api/v1/tasks").1["tasks"], json!([]));
+
+    // Created against it: 422, stored FAILED with the table, never started.
+    let (status, reply) = daemon.post("/api/v1/tasks", &spec("refused", &target.url()));
+    assert_eq!(status, 422, "{reply}");
+    assert_eq!(reply["task"]["state"], "FAILED");
+    assert!(
+        reply["error"].as_str().unwrap().contains("precheck failed"),
+        "{reply}"
+    );
+    let (status, _) = daemon.post("/api/v1/tasks", &spec("refused", &target.url()));
+    assert_eq!(status, 409, "the name is taken");
+
+    // A target nothing listens on: FAIL, named.
+    let nowhere = format!("redis://127.0.0.1:{}", free_port());
+    let (status, reply) = daemon.post("/api/v1/tasks", &spec("nowhere", &nowhere));
+    assert_eq!(status, 422, "{reply}");
+    assert!(
+        reply["precheck"]["table"]
+            .as_str()
+            .unwrap()
+            .contains("FAIL"),
+        "{reply}"
+    );
+
+    // Failed tasks that never ran are canceled without touching a server.
+    for name in ["refused", "nowhere"] {
+        let (status, reply) = http(
+            &daemon.http,
+            "DELETE",
+            &format!("/api/v1/tasks/{name}"),
+            None,
+            None,
+        );
+        assert_eq!(status, 200, "{reply}");
+        assert_eq!(reply["task"]["state"], "CANCELED");
+    }
+    assert_eq!(target.cmd(&["DBSIZE"]), "1");
+}
+
+#[test]
+fn the_token_is_required_and_beyond_loopback_is_refused_without_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    let token = "a-long-enough-test-token-1234";
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    let daemon = Daemon::start(
+        &dir.path().join("serve"),
+        &["--token-file", token_file.to_str().unwrap()],
+    );
+    let (status, reply) = http(&daemon.http, "GET", "/api/v1/tasks", None, None);
+    assert_eq!(status, 401, "{reply}");
+    let (status, _) = http(
+        &daemon.http,
+        "GET",
+        "/api/v1/tasks",
+        None,
+        Some("wrong-token-wrong-token"),
+    );
+    assert_eq!(status, 401);
+    let (status, _) = http(&daemon.http, "GET", "/api/v1/tasks/x", None, None);
+    assert_eq!(status, 401, "no route is told apart without the token");
+    let (status, reply) = http(&daemon.http, "GET", "/api/v1/tasks", None, Some(token));
+    assert_eq!((status, &reply["tasks"]), (200, &json!([])));
+    let out = ferry_cli(&[
+        "task",
+        "list",
+        "--server",
+        &daemon.server(),
+        "--token-file",
+        token_file.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Beyond loopback without a token: refused at start.
+    let out = ferry_cli(&[
+        "serve",
+        "--data-dir",
+        dir.path().join("other").to_str().unwrap(),
+        "--http",
+        "0.0.0.0:0",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("--token-file"),
+        "{stderr}"
+    );
+}
