@@ -498,9 +498,8 @@
       h(
         "td",
         { class: "endpoint" },
-        task.source,
-        h("span", { class: "arrow" }, task.mode === "two-way" ? "⇄" : "→"),
-        task.target,
+        h("div", null, task.source),
+        h("div", null, h("span", { class: "arrow" }, task.mode === "two-way" ? "⇄" : "→"), task.target),
       ),
       h("td", null, badge(task.state, { "data-testid": "task-state" })),
       h("td", { class: "num" }, fmtCount(task.lag_entries)),
@@ -811,6 +810,28 @@
     inputs.name.focus();
   }
 
+  /**
+   * The rows of the text table `ferry precheck` prints (src/table.rs: a
+   * `+---+` rule gives the columns' bounds), as `checks`; empty when the
+   * text is not that table.
+   */
+  function checksOfTable(text) {
+    if (typeof text !== "string") return [];
+    const lines = text.split("\n").map((line) => Array.from(line));
+    const rule = lines.find((line) => line[0] === "+" && line[1] === "-");
+    if (!rule) return [];
+    const bounds = [];
+    rule.forEach((char, index) => {
+      if (char === "+") bounds.push(index);
+    });
+    const rows = lines
+      .filter((line) => line[0] === "|" && line.length === rule.length)
+      .map((line) => bounds.slice(1).map((end, column) => line.slice(bounds[column] + 1, end).join("").trim()));
+    const [header, ...body] = rows;
+    if (!header || header.join(",") !== "Check,Result,Detail") return [];
+    return body.map(([check, verdict, detail]) => ({ check, verdict, detail }));
+  }
+
   /** The PASS / WARN / FAIL table of a precheck reply (`checks`, else its text `table`). */
   function renderPrecheck(container, precheck) {
     container.replaceChildren();
@@ -819,7 +840,7 @@
       return;
     }
     const verdict = precheck.verdict || "—";
-    const checks = Array.isArray(precheck.checks) ? precheck.checks : [];
+    const checks = Array.isArray(precheck.checks) ? precheck.checks : checksOfTable(precheck.table);
     const counts = { WARN: 0, FAIL: 0 };
     for (const check of checks) if (check.verdict in counts) counts[check.verdict] += 1;
     container.append(
@@ -898,7 +919,7 @@
     const createdNote = h("div", { class: "tile-note", id: "task-created" });
 
     const partitionRows = h("tbody", { id: "partition-rows" });
-    const partitionEmpty = h("div", { class: "empty", id: "partition-empty" }, "No partition yet: the task has not started its stages.");
+    const partitionEmpty = h("div", { class: "empty", id: "partition-empty" });
     const partitionTable = h(
       "table",
       { class: "table", id: "partition-table" },
@@ -990,11 +1011,14 @@
       latencyValue.textContent = fmtMs(task.latency_ms);
       updatedValue.textContent = fmtClock(task.updated_unix_ms);
       createdNote.textContent = `created ${fmtDateTime(task.created_unix_ms)}`;
-      renderFullSync(fullSyncBox, task.full_sync);
+      renderFullSync(fullSyncBox, task.full_sync, task.state);
       const partitions = Array.isArray(task.partitions) ? task.partitions : [];
       setChildren(partitionRows, ...partitions.map(partitionRow));
       show(partitionTable, partitions.length > 0);
       show(partitionEmpty, partitions.length === 0);
+      partitionEmpty.textContent = RUNNING_STATES.includes(task.state)
+        ? "No partition yet: the task's stages are starting."
+        : `The task is ${String(task.state).toLowerCase()}: none of its stages runs. Start it to resume.`;
       renderLagChart(chart, Array.isArray(task.lag_history) ? task.lag_history : []);
       if (task.precheck) renderPrecheck(precheckBox, task.precheck);
       const status = task.status === undefined ? null : task.status;
@@ -1089,9 +1113,17 @@
     cancelButton.addEventListener("click", () => act("cancel"));
   }
 
-  function renderFullSync(container, fullSync) {
+  function renderFullSync(container, fullSync, state) {
     if (!fullSync) {
-      setChildren(container, h("div", { class: "tile-value muted" }, "none yet"));
+      setChildren(
+        container,
+        h("div", { class: "tile-value muted" }, "—"),
+        h(
+          "div",
+          { class: "tile-note" },
+          state === "INCREMENTAL" ? "none in this run: resumed from the WAL" : RUNNING_STATES.includes(state) ? "not started yet" : "not running",
+        ),
+      );
       return;
     }
     const progress = progressBar(fullSync.bytes_received, fullSync.bytes_total, fullSync.applied, { id: "full-sync-bar" });
@@ -1183,7 +1215,8 @@
     const start = Math.min(...times);
     const end = Math.max(...times);
     const span = Math.max(1, end - start);
-    const max = niceCeil(Math.max(...values));
+    // At least 10, so that the middle tick is a whole number.
+    const max = niceCeil(Math.max(10, ...values));
     const x = (t) => left + ((t - start) / span) * plotWidth;
     const y = (v) => top + plotHeight - (v / max) * plotHeight;
 
