@@ -120,6 +120,7 @@
       case "PRECHECK":
       case "CONNECTING":
       case "LOADING":
+      case "HANDOFF":
         return "info";
       case "STOPPED":
       case "WARN":
@@ -267,7 +268,7 @@
   // ---------------------------------------------------------------- router
 
   let leaveHooks = [];
-  /** A message for the next page (e.g. "task canceled" on the list). */
+  /** A message for the next page (`{warn, text}`, e.g. "task canceled" on the list). */
   let flash = null;
 
   function onLeave(hook) {
@@ -438,7 +439,7 @@
       ),
     );
     if (flash) {
-      root.append(h("div", { class: "alert alert-ok", id: "flash", role: "status" }, flash));
+      root.append(h("div", { class: `alert ${flash.warn ? "alert-warn" : "alert-ok"}`, id: "flash", role: "status" }, flash.text));
       flash = null;
     }
     root.append(listError, h("div", { class: "card flush" }, table, loading, empty));
@@ -1072,11 +1073,21 @@
       },
       cancel: {
         title: `Cancel task "${id}"?`,
-        body: `It stops, and its WAL, its directory and the checkpoint keys ferry wrote (__ferry:checkpoint:${id}:*) are deleted. The replicated data stays on the target. This cannot be undone.`,
+        body: `It stops; the keys ferry wrote for it (__ferry:checkpoint:${id}:* and its other __ferry:*:${id} keys), then its WAL and directory are deleted. The replicated data stays on the target. This cannot be undone.`,
         confirm: "Cancel task",
         danger: true,
         method: "DELETE",
         path: () => taskPath(id),
+        doing: "Canceling…",
+      },
+      // After a cancel refused because a server could not be reached.
+      forceCancel: {
+        title: `Force the cancel of "${id}"?`,
+        body: "Its directory and record are deleted even though a server could not be reached: the keys ferry could not delete there are listed afterwards, for you to delete by hand.",
+        confirm: "Cancel anyway",
+        danger: true,
+        method: "DELETE",
+        path: () => `${taskPath(id)}?force=true`,
         doing: "Canceling…",
       },
     };
@@ -1093,14 +1104,25 @@
       busy = false;
       actionNote.textContent = "";
       if (!reply.ok) {
-        actionError.textContent = `${action.confirm} failed: ${reply.error}`;
+        const forceable = kind === "cancel" && reply.status === 409;
+        setChildren(
+          actionError,
+          `${action.confirm} failed: ${reply.error}`,
+          forceable
+            ? h("div", null, h("button", { type: "button", class: "button danger", id: "btn-force-cancel", onclick: () => act("forceCancel") }, "Cancel anyway…"))
+            : null,
+        );
         show(actionError, true);
         updateButtons();
         refresh();
         return;
       }
-      if (kind === "cancel") {
-        flash = `Task "${id}" canceled: its WAL and checkpoint keys are deleted; the replicated data stays.`;
+      if (kind === "cancel" || kind === "forceCancel") {
+        const left = reply.body && Array.isArray(reply.body.keys_left) ? reply.body.keys_left : [];
+        flash =
+          left.length > 0
+            ? { warn: true, text: `Task "${id}" canceled, but these keys could not be deleted (delete them by hand): ${left.join(", ")}` }
+            : { warn: false, text: `Task "${id}" canceled: its WAL and the keys ferry wrote are deleted; the replicated data stays.` };
         location.hash = "#/";
         return;
       }
