@@ -19,6 +19,7 @@ pub mod http;
 pub mod manager;
 pub mod store;
 pub mod task;
+pub mod ui;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -110,7 +111,7 @@ pub async fn serve(cfg: ServeConfig, shutdown: CancellationToken) -> Result<(), 
         manager: Arc::clone(&manager),
         token: token.map(Arc::new),
     };
-    let router = http::api_routes(api);
+    let router = http::api_routes(api).merge(ui::routes());
     info!(http = %bound, data_dir = %cfg.data_dir.display(), "ferry serve listening");
     let stopping = shutdown.clone();
     let served = axum::serve(socket, router)
