@@ -132,6 +132,7 @@ fn ship(drainer: &str, lag: u64) -> ShipSide {
         entries_sent: 100 - lag,
         bytes_sent: 4096,
         last_error: None,
+        reconnects: 0,
     }
 }
 
@@ -153,6 +154,7 @@ fn listener(partition: u32) -> ListenerSide {
         full_sync_bytes_received: 2048,
         full_sync_bytes_total: Some(2048),
         heartbeat_latency_ms: Some(2),
+        reconnects: 0,
         shipping: vec![ship("d1", 0), ship("d2", 7)],
     }
 }
@@ -199,7 +201,9 @@ fn sync_status() -> NodeStatus {
             handoff: None,
             voided: None,
             cluster: None,
+            reconnects: 0,
         }],
+        wals: Vec::new(),
     }
 }
 

@@ -2,11 +2,12 @@
 # Installs what a fresh Debian machine lacks to build and test ferry:
 # redis-server/redis-cli 7.0 (sources and targets of the tests), clang and
 # libclang-dev (bindgen for the RocksDB bindings), Debian's librocksdb-dev
-# (linked instead of compiling RocksDB from source), protobuf-compiler (gRPC).
+# (linked instead of compiling RocksDB from source), protobuf-compiler (gRPC),
+# prometheus (its promtool checks the /metrics text in tests/metrics.rs).
 # Idempotent; runs apt-get only when a package is missing.
 set -euo pipefail
 
-packages=(redis-server redis-tools clang libclang-dev librocksdb-dev protobuf-compiler pkg-config)
+packages=(redis-server redis-tools clang libclang-dev librocksdb-dev protobuf-compiler pkg-config prometheus)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
