@@ -757,3 +757,39 @@ fn watch_on_a_terminal_redraws_with_progress_bars() {
         "{text:?}"
     );
 }
+
+#[test]
+fn metrics_are_served_over_http_next_to_grpc() {
+    let fixture = AdminFixture::start(sync_status());
+    let addr = fixture.admin();
+    let reply = common::http::get(&addr, "/metrics").unwrap();
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(
+        reply.header("content-type"),
+        Some(ferry::metrics::CONTENT_TYPE)
+    );
+    assert!(
+        reply
+            .body
+            .contains("ferry_ship_lag_entries{role=\"sync\",listener_id=\"l1\",partition=\"1\",drainer_id=\"d2\"} 7\n"),
+        "{}",
+        reply.body
+    );
+    assert!(
+        reply.body.contains(
+            "ferry_apply_lag_seconds{role=\"sync\",drainer_id=\"d1\",partition=\"0\"} 1.234\n"
+        ),
+        "{}",
+        reply.body
+    );
+    common::http::promtool_check(&reply.body).unwrap();
+
+    for path in ["/", "/metrics/x", "/status"] {
+        let reply = common::http::get(&addr, path).unwrap();
+        assert_eq!(reply.status, 404, "{path}: {reply:?}");
+    }
+    // gRPC on the same port, after and between the HTTP requests.
+    let status = json_status(&["--admin", &addr]);
+    assert_eq!(status["drainers"][0]["applied"], 93);
+    assert_eq!(common::http::get(&addr, "/metrics").unwrap().status, 200);
+}

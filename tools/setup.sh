@@ -21,6 +21,8 @@ if [ ${#missing[@]} -gt 0 ]; then
     # The Debian package starts a system redis on 6379; ferry's tests and demo
     # start their own servers, so stop it to leave the machine as it was.
     $sudo_cmd service redis-server stop >/dev/null 2>&1 || true
+    # Only promtool is wanted from the prometheus package, not its server.
+    $sudo_cmd service prometheus stop >/dev/null 2>&1 || true
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then
