@@ -769,14 +769,12 @@ mod tests {
         }
     }
 
+    /// A parsed sample: name, labels, value.
+    type Sample = (String, BTreeMap<String, String>, String);
+
     /// Every `# TYPE` line's family, and every sample as (name, labels,
     /// value); checks the basic grammar of each line on the way.
-    fn parse(
-        text: &str,
-    ) -> (
-        Vec<(String, String)>,
-        Vec<(String, BTreeMap<String, String>, String)>,
-    ) {
+    fn parse(text: &str) -> (Vec<(String, String)>, Vec<Sample>) {
         let mut types = Vec::new();
         let mut samples = Vec::new();
         for line in text.lines() {
