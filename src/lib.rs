@@ -14,6 +14,7 @@ pub mod backoff;
 pub mod cli;
 pub mod config_units;
 pub mod listener;
+pub mod metrics;
 pub mod node;
 pub mod position;
 pub mod precheck;

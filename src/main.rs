@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use ferry::cli::LogFormat;
 use tracing_subscriber::EnvFilter;
 
 /// Allocations at least this large get their own mapping from glibc's
@@ -39,14 +40,20 @@ fn main() -> ExitCode {
     tune_allocator();
     let cli = ferry::cli::Cli::parse();
     let default_filter = if cli.verb.is_daemon() { "info" } else { "warn" };
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     // Logs go to stderr so that stdout stays clean for `rdb dump`.
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter)),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        // Spans as a list, the current one too: a line names its
+        // partition or connection without walking the span tree.
+        LogFormat::Json => logs.json().with_span_list(true).init(),
+    }
     match ferry::cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

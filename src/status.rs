@@ -25,6 +25,37 @@ pub struct NodeStatus {
     pub drainers: Vec<DrainerSide>,
     /// A two-way sync, established: its conflicts.
     pub two_way: Option<TwoWayStatus>,
+    /// The process's WALs: what they wrote, how long their fsyncs took.
+    pub wals: Vec<WalStatus>,
+}
+
+/// One WAL of a process (`ferry sync` applying from the listener's WAL has
+/// one, a relayed `ferry sync` two).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct WalStatus {
+    /// Whose log it is: `listener` or `drainer`.
+    pub wal: String,
+    /// Bytes of entries (as accounted against the size cap) and snapshot
+    /// chunks written since the process started.
+    pub bytes_written: u64,
+    /// Write batches (one RocksDB write each).
+    pub batches_written: u64,
+    /// Duration of each synced write (the batch's fsync).
+    pub fsync: LatencyHistogram,
+}
+
+/// Durations counted in buckets (not cumulative: each observation is in
+/// one bucket).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct LatencyHistogram {
+    /// Upper bounds of the buckets in microseconds, increasing.
+    pub bounds_us: Vec<u64>,
+    /// Observations per bucket: `counts[i]` took at most `bounds_us[i]`
+    /// and more than the bound before; one more entry at the end counts
+    /// those above the last bound.
+    pub counts: Vec<u64>,
+    /// Sum of every observation, microseconds.
+    pub sum_us: u64,
 }
 
 /// A two-way sync's conflicts: one key written on both sides before either
@@ -77,6 +108,9 @@ pub struct ListenerSide {
     pub full_sync_bytes_total: Option<u64>,
     /// Heartbeat round trip (source write → durable in the WAL).
     pub heartbeat_latency_ms: Option<u64>,
+    /// Times the link to the source was lost, or could not be made, and
+    /// ferry reconnected.
+    pub reconnects: u64,
     /// One per drainer this partition ships to.
     pub shipping: Vec<ShipSide>,
 }
@@ -114,6 +148,9 @@ pub struct ShipSide {
     pub entries_sent: u64,
     pub bytes_sent: u64,
     pub last_error: Option<String>,
+    /// Times a stream to the drainer ended or could not be made, and the
+    /// shipper reconnected.
+    pub reconnects: u64,
 }
 
 /// One applier: a partition of a drainer's WAL applied to a target.
@@ -184,6 +221,9 @@ pub struct DrainerSide {
     /// Entries of a cluster source's aborted slot imports skipped, never
     /// applied (docs/cluster.md, rule 9): how many, the last one.
     pub voided: Option<String>,
+    /// Times the applier lost the target (ONLINE to OFFLINE) and
+    /// reconnected.
+    pub reconnects: u64,
 }
 
 /// An entry the target refuses when it is queued, holding its partition.

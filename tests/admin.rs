@@ -132,6 +132,7 @@ fn ship(drainer: &str, lag: u64) -> ShipSide {
         entries_sent: 100 - lag,
         bytes_sent: 4096,
         last_error: None,
+        reconnects: 0,
     }
 }
 
@@ -153,6 +154,7 @@ fn listener(partition: u32) -> ListenerSide {
         full_sync_bytes_received: 2048,
         full_sync_bytes_total: Some(2048),
         heartbeat_latency_ms: Some(2),
+        reconnects: 0,
         shipping: vec![ship("d1", 0), ship("d2", 7)],
     }
 }
@@ -199,7 +201,9 @@ fn sync_status() -> NodeStatus {
             handoff: None,
             voided: None,
             cluster: None,
+            reconnects: 0,
         }],
+        wals: Vec::new(),
     }
 }
 
@@ -752,4 +756,40 @@ fn watch_on_a_terminal_redraws_with_progress_bars() {
         text.contains("part 0: full sync: [########............]  42% 21.0 of 50.0 MiB received"),
         "{text:?}"
     );
+}
+
+#[test]
+fn metrics_are_served_over_http_next_to_grpc() {
+    let fixture = AdminFixture::start(sync_status());
+    let addr = fixture.admin();
+    let reply = common::http::get(&addr, "/metrics").unwrap();
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(
+        reply.header("content-type"),
+        Some(ferry::metrics::CONTENT_TYPE)
+    );
+    assert!(
+        reply
+            .body
+            .contains("ferry_ship_lag_entries{role=\"sync\",listener_id=\"l1\",partition=\"1\",drainer_id=\"d2\"} 7\n"),
+        "{}",
+        reply.body
+    );
+    assert!(
+        reply.body.contains(
+            "ferry_apply_lag_seconds{role=\"sync\",drainer_id=\"d1\",partition=\"0\"} 1.234\n"
+        ),
+        "{}",
+        reply.body
+    );
+    common::http::promtool_check(&reply.body).unwrap();
+
+    for path in ["/", "/metrics/x", "/status"] {
+        let reply = common::http::get(&addr, path).unwrap();
+        assert_eq!(reply.status, 404, "{path}: {reply:?}");
+    }
+    // gRPC on the same port, after and between the HTTP requests.
+    let status = json_status(&["--admin", &addr]);
+    assert_eq!(status["drainers"][0]["applied"], 93);
+    assert_eq!(common::http::get(&addr, "/metrics").unwrap().status, 200);
 }

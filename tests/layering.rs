@@ -8,6 +8,7 @@
 //! - `admin` serves the status types of `status` and does not use `node`
 //!   (the node uses `admin` to serve itself: no cycle);
 //! - `status` is a leaf: it uses none of `node`, `admin`, `cli`;
+//! - `metrics` renders `status` readings and uses nothing else of ferry;
 //! - one backoff helper (`src/backoff.rs`);
 //! - every `*.md` document cited in `src/` exists.
 
@@ -81,6 +82,12 @@ fn lower_modules_do_not_reach_up() {
         ("verify", &["cli", "node", "admin"]),
         ("admin", &["node", "cli"]),
         ("status", &["node", "admin", "cli"]),
+        (
+            "metrics",
+            &[
+                "node", "admin", "cli", "apply", "ship", "listener", "redis", "wal",
+            ],
+        ),
         ("table", &["node", "admin", "cli", "verify"]),
         ("backoff", &["node", "admin", "cli"]),
     ];

@@ -221,6 +221,26 @@ fn a_task_runs_stops_starts_survives_kill_9_and_cancels_cleanly() {
             .is_some_and(|h| !h.is_empty())
     });
 
+    // Metrics: the task's state and its stages' series, labelled with
+    // the task, valid for promtool.
+    let (status, metrics) = daemon.get("/metrics");
+    let metrics = metrics.as_str().unwrap_or_default().to_string();
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("ferry_task_state{task=\"orders\",state=\"INCREMENTAL\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("ferry_apply_lag_entries{") && l.contains("task=\"orders\"")),
+        "{metrics}"
+    );
+    if let Err(error) = common::http::promtool_check(&metrics) {
+        panic!("promtool refuses ferry serve's /metrics: {error}\n{metrics}");
+    }
+    assert!(!metrics.contains(TARGET_PASSWORD));
+
     // The password is nowhere: views, list, the daemon's log.
     let (_, list) = daemon.get("/api/v1/tasks");
     let (_, detail) = daemon.get("/api/v1/tasks/orders");

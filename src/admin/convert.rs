@@ -8,9 +8,9 @@
 
 use crate::record::pb;
 use crate::status::{
-    BlockedEntry, DrainerSide, ListenerSide, NodeStatus, RefusedCommand, ShipSide, SkipOutcome,
-    SkipRequest, SnapshotLoad, SourceShard, SwitchStep, SwitchoverReport, SyncSelector,
-    TwoWayStatus,
+    BlockedEntry, DrainerSide, LatencyHistogram, ListenerSide, NodeStatus, RefusedCommand,
+    ShipSide, SkipOutcome, SkipRequest, SnapshotLoad, SourceShard, SwitchStep, SwitchoverReport,
+    SyncSelector, TwoWayStatus, WalStatus,
 };
 
 impl From<NodeStatus> for pb::NodeStatus {
@@ -21,6 +21,7 @@ impl From<NodeStatus> for pb::NodeStatus {
             listeners,
             drainers,
             two_way,
+            wals,
         } = status;
         pb::NodeStatus {
             role,
@@ -36,6 +37,7 @@ impl From<NodeStatus> for pb::NodeStatus {
                 repaired: t.repaired,
                 repairs_owed: t.repairs_owed,
             }),
+            wals: wals.into_iter().map(Into::into).collect(),
         }
     }
 }
@@ -48,6 +50,7 @@ impl From<pb::NodeStatus> for NodeStatus {
             listeners,
             drainers,
             two_way,
+            wals,
         } = status;
         NodeStatus {
             role,
@@ -63,6 +66,55 @@ impl From<pb::NodeStatus> for NodeStatus {
                 repaired: t.repaired,
                 repairs_owed: t.repairs_owed,
             }),
+            wals: wals.into_iter().map(Into::into).collect(),
+        }
+    }
+}
+
+impl From<WalStatus> for pb::WalStatus {
+    fn from(wal: WalStatus) -> Self {
+        let WalStatus {
+            wal,
+            bytes_written,
+            batches_written,
+            fsync,
+        } = wal;
+        let LatencyHistogram {
+            bounds_us,
+            counts,
+            sum_us,
+        } = fsync;
+        pb::WalStatus {
+            wal,
+            bytes_written,
+            batches_written,
+            fsync: Some(pb::LatencyHistogram {
+                bounds_us,
+                counts,
+                sum_us,
+            }),
+        }
+    }
+}
+
+impl From<pb::WalStatus> for WalStatus {
+    fn from(wal: pb::WalStatus) -> Self {
+        let pb::WalStatus {
+            wal,
+            bytes_written,
+            batches_written,
+            fsync,
+        } = wal;
+        let fsync = fsync.unwrap_or_default();
+        WalStatus {
+            wal,
+            bytes_written,
+            batches_written,
+            fsync: LatencyHistogram {
+                bounds_us: fsync.bounds_us,
+                counts: fsync.counts,
+                sum_us: fsync.sum_us,
+            },
         }
     }
 }
@@ -85,6 +137,7 @@ impl From<ListenerSide> for pb::ListenerSide {
             full_sync_bytes_received,
             full_sync_bytes_total,
             heartbeat_latency_ms,
+            reconnects,
             shipping,
             shard,
         } = side;
@@ -110,6 +163,7 @@ impl From<ListenerSide> for pb::ListenerSide {
             full_sync_bytes_received,
             full_sync_bytes_total,
             heartbeat_latency_ms,
+            reconnects,
             shipping: shipping.into_iter().map(Into::into).collect(),
         }
     }
@@ -133,6 +187,7 @@ impl From<pb::ListenerSide> for ListenerSide {
             full_sync_bytes_received,
             full_sync_bytes_total,
             heartbeat_latency_ms,
+            reconnects,
             shipping,
             shard,
         } = side;
@@ -158,6 +213,7 @@ impl From<pb::ListenerSide> for ListenerSide {
             full_sync_bytes_received,
             full_sync_bytes_total,
             heartbeat_latency_ms,
+            reconnects,
             shipping: shipping.into_iter().map(Into::into).collect(),
         }
     }
@@ -176,6 +232,7 @@ impl From<ShipSide> for pb::ShipSide {
             entries_sent,
             bytes_sent,
             last_error,
+            reconnects,
         } = side;
         pb::ShipSide {
             drainer_id,
@@ -188,6 +245,7 @@ impl From<ShipSide> for pb::ShipSide {
             entries_sent,
             bytes_sent,
             last_error,
+            reconnects,
         }
     }
 }
@@ -205,6 +263,7 @@ impl From<pb::ShipSide> for ShipSide {
             entries_sent,
             bytes_sent,
             last_error,
+            reconnects,
         } = side;
         ShipSide {
             drainer_id,
@@ -217,6 +276,7 @@ impl From<pb::ShipSide> for ShipSide {
             entries_sent,
             bytes_sent,
             last_error,
+            reconnects,
         }
     }
 }
@@ -253,6 +313,7 @@ impl From<DrainerSide> for pb::DrainerSide {
             foreign_writes,
             foreign_windows,
             foreign_samples,
+            reconnects,
         } = side;
         pb::DrainerSide {
             drainer_id,
@@ -284,6 +345,7 @@ impl From<DrainerSide> for pb::DrainerSide {
             foreign_writes,
             foreign_windows,
             foreign_samples,
+            reconnects,
         }
     }
 }
@@ -320,6 +382,7 @@ impl From<pb::DrainerSide> for DrainerSide {
             foreign_writes,
             foreign_windows,
             foreign_samples,
+            reconnects,
         } = side;
         DrainerSide {
             drainer_id,
@@ -351,6 +414,7 @@ impl From<pb::DrainerSide> for DrainerSide {
             foreign_writes,
             foreign_windows,
             foreign_samples,
+            reconnects,
         }
     }
 }
@@ -653,6 +717,7 @@ mod tests {
                     full_sync_bytes_received: 6,
                     full_sync_bytes_total: Some(7),
                     heartbeat_latency_ms: Some(8),
+                    reconnects: 9,
                     shipping: vec![
                         ShipSide {
                             drainer_id: "d1".into(),
@@ -665,6 +730,7 @@ mod tests {
                             entries_sent: 16,
                             bytes_sent: 17,
                             last_error: Some("refused".into()),
+                            reconnects: 18,
                         },
                         ShipSide {
                             drainer_id: "d2".into(),
@@ -732,6 +798,7 @@ mod tests {
                         command: "SET".into(),
                         error: "WRONGTYPE".into(),
                     }),
+                    reconnects: 36,
                 },
                 DrainerSide {
                     drainer_id: "d1".into(),
@@ -745,6 +812,22 @@ mod tests {
                     fence: None,
                     last_refused: None,
                     ..DrainerSide::default()
+                },
+            ],
+            wals: vec![
+                WalStatus {
+                    wal: "listener".into(),
+                    bytes_written: 40,
+                    batches_written: 41,
+                    fsync: LatencyHistogram {
+                        bounds_us: vec![250, 1000],
+                        counts: vec![42, 43, 44],
+                        sum_us: 45,
+                    },
+                },
+                WalStatus {
+                    wal: "drainer".into(),
+                    ..WalStatus::default()
                 },
             ],
         }

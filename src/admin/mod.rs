@@ -1,4 +1,5 @@
-//! The admin API of a ferry process: status and sync control over gRPC.
+//! The admin API of a ferry process: status and sync control over gRPC,
+//! and Prometheus metrics over plain HTTP on the same port.
 //!
 //! In (server side, [`serve_admin`]): requests of `ferry status`,
 //! `ferry stop-sync`, `ferry restart-sync` and `ferry skip`, answered by
@@ -27,6 +28,10 @@
 //!   message is the error's text, shown to the operator as is.
 //! - `Skip` waits (at most [`SKIP_WAIT`]) for the applier to have skipped
 //!   the entry; `done: false` means it will when it next gets to it.
+//! - The same port answers HTTP/1.1 (and HTTP/2) `GET /metrics` with the
+//!   process's status in Prometheus text format 0.0.4
+//!   ([`crate::metrics`]); any other path is `404`, and a gRPC request of
+//!   an unknown method gets `UNIMPLEMENTED` ([`admin_routes`]).
 //! - Limits: requests are at most [`MAX_REQUEST_BYTES`], replies at most
 //!   [`MAX_MESSAGE_BYTES`] on both ends, so a hostile peer cannot make the
 //!   other side allocate more. The client bounds connecting by
@@ -61,7 +66,7 @@ use crate::status::{NodeStatus, SkipOutcome, SkipRequest, SwitchoverReport, Sync
 
 pub use crate::record::pb::admin_client::AdminClient;
 pub use crate::record::pb::admin_server::{Admin, AdminServer};
-pub use server::{control_error_status, serve_admin, AdminService};
+pub use server::{admin_routes, control_error_status, serve_admin, AdminService};
 
 /// Where a node serves the admin API unless told otherwise.
 pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:7390";

@@ -1,11 +1,15 @@
 //! [`AdminService`]: the server end of the `Admin` gRPC service, answering
-//! from a [`NodeControl`].
+//! from a [`NodeControl`], and the plain HTTP routes served on the same port
+//! ([`admin_routes`]: `GET /metrics`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response as HttpResponse};
 use tokio_util::sync::CancellationToken;
+use tonic::service::Routes;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info};
 
@@ -179,9 +183,11 @@ pub async fn serve_admin(
     let local: Option<SocketAddr> = listener.local_addr().ok();
     let incoming = tonic::transport::server::TcpIncoming::from_listener(listener, true, None)
         .map_err(|error| AdminError::Serve(format!("listening socket: {error}")))?;
+    // HTTP/1.1 too, for `GET /metrics` (gRPC stays on HTTP/2).
     let server = tonic::transport::Server::builder()
         .timeout(SERVER_REQUEST_TIMEOUT)
-        .add_service(AdminService::new(node).into_server())
+        .accept_http1(true)
+        .add_routes(admin_routes(node))
         .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
     debug!(addr = ?local, "admin API serving");
     tokio::pin!(server);
@@ -196,4 +202,62 @@ pub async fn serve_admin(
         // Dropping the server closes the connections still open.
         _ = grace_over => Ok(()),
     }
+}
+
+/// Everything the admin port answers: the `Admin` gRPC service, `GET
+/// /metrics` (Prometheus text format, [`crate::metrics`]) and, for any
+/// other path, `404 Not Found` (a gRPC request of an unknown method gets
+/// gRPC's `UNIMPLEMENTED` instead).
+pub fn admin_routes(node: Arc<dyn NodeControl>) -> Routes {
+    let grpc = Routes::new(AdminService::new(Arc::clone(&node)).into_server());
+    let router = grpc
+        .into_axum_router()
+        .route(
+            "/metrics",
+            axum::routing::get(move || metrics_reply(Arc::clone(&node))),
+        )
+        .fallback(not_found);
+    Routes::from(router)
+}
+
+async fn metrics_reply(node: Arc<dyn NodeControl>) -> HttpResponse {
+    // `status()` may do point reads of the WAL.
+    let status = match tokio::task::spawn_blocking(move || node.status()).await {
+        Ok(status) => status,
+        Err(error) => {
+            let body = format!("status panicked: {error}\n");
+            return (StatusCode::INTERNAL_SERVER_ERROR, body).into_response();
+        }
+    };
+    let body = crate::metrics::render_node(&status);
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+        )],
+        body,
+    )
+        .into_response()
+}
+
+async fn not_found(headers: HeaderMap) -> HttpResponse {
+    let grpc = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with("application/grpc"));
+    if grpc {
+        // What tonic answers for a method no service has.
+        return (
+            StatusCode::OK,
+            [
+                ("grpc-status", HeaderValue::from_static("12")),
+                (
+                    header::CONTENT_TYPE.as_str(),
+                    HeaderValue::from_static("application/grpc"),
+                ),
+            ],
+        )
+            .into_response();
+    }
+    (StatusCode::NOT_FOUND, "not found\n").into_response()
 }

@@ -204,6 +204,8 @@ struct StatusFields {
     stall: Option<Stall>,
     /// `ferry skip` asked to skip this entry (the blocked one).
     skip_request: Option<LogId>,
+    /// ONLINE to OFFLINE transitions: the target lost, then reconnected.
+    reconnects: u64,
 }
 
 /// Shared status of one applier.
@@ -278,6 +280,8 @@ pub struct ApplyReport {
     /// (migrating, `TRYAGAIN`, `CLUSTERDOWN`), if any; `None` for a
     /// standalone target.
     pub cluster: Option<String>,
+    /// Times the applier lost the target (ONLINE to OFFLINE).
+    pub reconnects: u64,
 }
 
 impl ApplyStatus {
@@ -312,6 +316,7 @@ impl ApplyStatus {
                 cluster: None,
                 stall: None,
                 skip_request: None,
+                reconnects: 0,
             }),
             wake: Notify::new(),
         }
@@ -386,6 +391,7 @@ impl ApplyStatus {
             foreign_windows: fields.foreign_windows,
             foreign_samples: fields.foreign_samples,
             cluster: fields.cluster,
+            reconnects: fields.reconnects,
         }
     }
 
@@ -417,6 +423,9 @@ impl ApplyStatus {
 
     pub(crate) fn set_offline(&self, error: String) {
         let mut fields = self.lock();
+        if fields.state == SyncState::Online {
+            fields.reconnects += 1;
+        }
         fields.state = SyncState::Offline;
         fields.last_error = Some(error);
         fields.stall = None;

@@ -30,6 +30,9 @@
 //!   sync tasks in one daemon, with an HTTP API and a dashboard;
 //!   `ferry task create|list|show|stop|start|cancel --server URL`: its
 //!   client ([`serve`]).
+//! - Every verb takes `--log-format text|json` (or `FERRY_LOG_FORMAT`):
+//!   log lines on stderr as text or as JSON objects, one per line
+//!   ([`LogFormat`]; `main.rs` installs it).
 //! - `sync`, `precheck` and `verify` take a sync's keyspace ([`FilterArgs`]:
 //!   `--db-map S=T,…`, `--key-prefix P`, `--exclude-key-prefix P`).
 
@@ -55,8 +58,28 @@ use crate::secret::{url_from_flags, SecretUrl};
 #[derive(Debug, Parser)]
 #[command(name = "ferry", version, about)]
 pub struct Cli {
+    /// Log lines on stderr: `text`, or `json` (one JSON object per line:
+    /// timestamp, level, target, fields, spans). The level filter is
+    /// RUST_LOG.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value_t = LogFormat::Text,
+        env = "FERRY_LOG_FORMAT"
+    )]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub verb: Verb,
+}
+
+/// How log lines are written (`--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 #[derive(Debug, Subcommand)]

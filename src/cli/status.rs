@@ -773,6 +773,7 @@ mod tests {
                 full_sync_bytes_received: 4096,
                 full_sync_bytes_total: Some(4096),
                 heartbeat_latency_ms: Some(3),
+                reconnects: 0,
                 shipping: vec![ShipSide {
                     drainer_id: "d1".into(),
                     endpoint: "http://127.0.0.1:9000".into(),
@@ -784,6 +785,7 @@ mod tests {
                     entries_sent: 57,
                     bytes_sent: 9000,
                     last_error: None,
+                    reconnects: 0,
                 }],
             }],
             drainers: vec![DrainerSide {
@@ -822,7 +824,9 @@ mod tests {
                 voided: None,
                 fence: Some("client-kill".into()),
                 last_refused: None,
+                reconnects: 0,
             }],
+            wals: Vec::new(),
         }
     }
 

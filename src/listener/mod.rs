@@ -646,6 +646,7 @@ impl Session {
             self.inner().status.update(|s| {
                 s.state = SyncState::Offline;
                 s.last_error = Some(message.clone());
+                s.reconnects += 1;
             });
             last_error = Some(message);
             tokio::select! {

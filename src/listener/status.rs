@@ -77,6 +77,9 @@ pub struct ListenerStatusSnapshot {
     pub heartbeat_unix_ms: Option<u64>,
     /// Why the last heartbeat write failed, while it keeps failing.
     pub heartbeat_error: Option<String>,
+    /// Times the link was lost (or could not be made) and the listener
+    /// reconnected.
+    pub reconnects: u64,
 }
 
 /// The live status of one listener; share it as `Arc<ListenerStatus>`.

@@ -427,6 +427,7 @@ impl ListenerPart {
                     fallback_snapshots: live.as_ref().map_or(0, |l| l.fallback_snapshots),
                     entries_sent: live.as_ref().map_or(0, |l| l.entries_sent),
                     bytes_sent: live.as_ref().map_or(0, |l| l.bytes_sent),
+                    reconnects: live.as_ref().map_or(0, |l| l.reconnects),
                     last_error: live.and_then(|l| l.last_error),
                 }
             })
@@ -487,6 +488,7 @@ impl ListenerPart {
             full_sync_bytes_received: listener.full_sync_bytes_received,
             full_sync_bytes_total: listener.full_sync_bytes_total,
             heartbeat_latency_ms: listener.heartbeat_latency_ms,
+            reconnects: listener.reconnects,
             shipping,
         }
     }
@@ -1183,6 +1185,7 @@ impl DrainerPart {
                         command: refused.command,
                         error: refused.error,
                     }),
+                    reconnects: report.reconnects,
                 }
             })
             .collect()
@@ -1332,6 +1335,8 @@ pub struct Node {
     drainers: Vec<Arc<DrainerPart>>,
     /// A two-way sync, established: its conflict detector's counts.
     conflicts: Option<Arc<conflicts::ConflictStats>>,
+    /// The WALs the parts write, named by side (`listener`, `drainer`).
+    wals: Vec<(&'static str, Wal)>,
 }
 
 impl Node {
@@ -1384,6 +1389,11 @@ impl NodeControl for Node {
                 .flat_map(|part| part.status())
                 .collect(),
             two_way: self.conflicts.as_ref().map(|stats| stats.snapshot()),
+            wals: self
+                .wals
+                .iter()
+                .map(|(side, wal)| wal.metrics().reading(side))
+                .collect(),
         }
     }
 
@@ -1631,6 +1641,7 @@ pub async fn run_listener(
         listeners: vec![listener],
         drainers: Vec::new(),
         conflicts: None,
+        wals: vec![("listener", wal.clone())],
     });
     start_admin(&cfg.data_dir, &cfg.admin, node.clone(), &mut stages).await?;
     finish(stages, node, vec![wal]).await
@@ -1661,6 +1672,7 @@ pub async fn run_drainer(
         listeners: Vec::new(),
         drainers: vec![drainer],
         conflicts: None,
+        wals: vec![("drainer", wal.clone())],
     });
     start_admin(&cfg.data_dir, &cfg.admin, node.clone(), &mut stages).await?;
     finish(stages, node, vec![wal]).await
@@ -1828,6 +1840,10 @@ async fn run_sync_inner(
         listeners: vec![listener],
         drainers: vec![drainer],
         conflicts: None,
+        wals: vec![
+            ("listener", listener_wal.clone()),
+            ("drainer", drainer_wal.clone()),
+        ],
     });
     start_admin(&cfg.data_dir, &cfg.admin, node.clone(), &mut stages).await?;
     slot.set(Some(node.clone()));
@@ -1868,6 +1884,7 @@ async fn start_direct_stages(
         listeners: vec![listener],
         drainers: vec![drainer],
         conflicts: None,
+        wals: vec![("listener", wal.clone())],
     };
     if established {
         let listener = start_listeners(

@@ -253,6 +253,34 @@ async fn cancel(
     }
 }
 
+/// Every task's state, then the metrics of every running task's stages
+/// (`crate::metrics`), each sample labelled `task`.
+async fn metrics(State(api): State<Api>) -> Response {
+    let readings = api.manager.list().await;
+    let mut out = String::new();
+    out.push_str("# HELP ferry_task_state A task's state: 1 for the one it is in.\n");
+    out.push_str("# TYPE ferry_task_state gauge\n");
+    for reading in &readings {
+        for state in TaskState::ALL {
+            let value = u8::from(reading.record.state == state);
+            out.push_str(&format!(
+                "ferry_task_state{{task=\"{}\",state=\"{}\"}} {value}\n",
+                reading.record.name,
+                state.as_str()
+            ));
+        }
+    }
+    let sets: Vec<(Vec<(&str, String)>, &NodeStatus)> = readings
+        .iter()
+        .filter_map(|r| {
+            let status = r.status.as_ref()?;
+            Some((vec![("task", r.record.name.clone())], status))
+        })
+        .collect();
+    crate::metrics::render(&mut out, &sets);
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], out).into_response()
+}
+
 async fn not_found() -> Response {
     error(StatusCode::NOT_FOUND, "no such route")
 }
@@ -297,6 +325,7 @@ pub fn api_routes(api: Api) -> Router {
         .route("/api/v1/tasks/:id", get(show).delete(cancel))
         .route("/api/v1/tasks/:id/stop", post(stop))
         .route("/api/v1/tasks/:id/start", post(start))
+        .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(api.clone(), authorize))
         .with_state(api)

@@ -45,12 +45,27 @@ pub enum TaskState {
 }
 
 impl TaskState {
-    /// A state in which the task's stages run.
-    pub fn runs(self) -> bool {
-        matches!(
-            self,
-            TaskState::Precheck | TaskState::FullSync | TaskState::Incremental
-        )
+    pub const ALL: [TaskState; 7] = [
+        TaskState::Created,
+        TaskState::Precheck,
+        TaskState::FullSync,
+        TaskState::Incremental,
+        TaskState::Stopped,
+        TaskState::Failed,
+        TaskState::Canceled,
+    ];
+
+    /// The state as the API spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Created => "CREATED",
+            TaskState::Precheck => "PRECHECK",
+            TaskState::FullSync => "FULL_SYNC",
+            TaskState::Incremental => "INCREMENTAL",
+            TaskState::Stopped => "STOPPED",
+            TaskState::Failed => "FAILED",
+            TaskState::Canceled => "CANCELED",
+        }
     }
 }
 
@@ -436,6 +451,16 @@ mod tests {
         assert_eq!(cfg.apply.target_password_file, None);
         assert_eq!(cfg.apply.filter.dbs, Some(vec![0, 2]));
         assert!(!cfg.two_way);
+    }
+
+    #[test]
+    fn states_are_spelled_as_serde_spells_them() {
+        for state in TaskState::ALL {
+            assert_eq!(
+                serde_json::to_value(state).unwrap(),
+                serde_json::json!(state.as_str())
+            );
+        }
     }
 
     #[test]

@@ -203,6 +203,9 @@ pub struct ShipperStatus {
     pub raw_bytes_sent: u64,
     /// Why the last session ended, if it failed.
     pub last_error: Option<String>,
+    /// Sessions that ended in a failure (or never started), each followed
+    /// by a reconnect.
+    pub reconnects: u64,
 }
 
 #[derive(Debug, Default)]
@@ -216,6 +219,7 @@ struct StatusCell {
     bytes_sent: u64,
     raw_bytes_sent: u64,
     last_error: Option<String>,
+    reconnects: u64,
 }
 
 /// Reads a shipper's status; cheap to clone, usable from any task.
@@ -266,6 +270,7 @@ impl ShipperStatusHandle {
             bytes_sent: cell.bytes_sent,
             raw_bytes_sent: cell.raw_bytes_sent,
             last_error: cell.last_error.clone(),
+            reconnects: cell.reconnects,
         }
     }
 }
@@ -391,7 +396,11 @@ impl Shipper {
             } else {
                 debug!(partition = %partition, %error, retry_in = ?backoff.current(), "drainer still offline");
             }
-            self.status().last_error = Some(error.to_string());
+            {
+                let mut status = self.status();
+                status.last_error = Some(error.to_string());
+                status.reconnects += 1;
+            }
             self.refresh_offline_latency().await;
             tokio::select! {
                 _ = shutdown.cancelled() => break,

@@ -162,6 +162,7 @@
 
 mod codec;
 pub mod config;
+pub mod metrics;
 mod rocks;
 mod storage;
 mod tail;
@@ -177,6 +178,7 @@ use bytes::Bytes;
 use crate::position::{LogId, PartitionId, ReplOffset};
 
 pub use config::{WalConfig, WalConfigError};
+pub use metrics::WalMetrics;
 pub use rocks::RocksWalStorage;
 pub use storage::{MemWalStorage, StoredPartition, WalStorage, WriteOp};
 pub use writer::{PendingAppend, SnapshotPin, Wal};

@@ -27,6 +27,7 @@ use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
 use super::codec::encoded_entry_len;
+use super::metrics::WalMetrics;
 use super::storage::{StoredPartition, WalStorage, WriteOp};
 use super::tail::Tails;
 use super::{
@@ -205,6 +206,8 @@ struct Inner {
     pins: Arc<Mutex<HashMap<(PartitionId, u64), usize>>>,
     /// Why writes are paused for lack of disk space, while they are.
     disk_state: Arc<Mutex<Option<String>>>,
+    /// Bytes and batches written, fsync latencies.
+    metrics: Arc<WalMetrics>,
 }
 
 /// Keeps a snapshot epoch from [`Wal::collect_snapshots`] while it lives
@@ -368,7 +371,9 @@ impl Wal {
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let appended_tx = Arc::new(watch::channel(0u64).0);
         let disk_state = Arc::new(Mutex::new(None));
+        let metrics = Arc::new(WalMetrics::default());
         let writer = GroupCommitWriter {
+            metrics: Arc::clone(&metrics),
             appended_tx: Arc::clone(&appended_tx),
             storage: Arc::clone(&storage),
             shared: Arc::clone(&shared),
@@ -403,6 +408,7 @@ impl Wal {
             appended_tx,
             pins: Arc::new(Mutex::new(HashMap::new())),
             disk_state,
+            metrics,
         });
         let retention_task = tokio::spawn(run_retention(
             Arc::downgrade(&inner),
@@ -454,6 +460,12 @@ impl Wal {
 
     pub fn config(&self) -> &WalConfig {
         &self.inner.config
+    }
+
+    /// What this WAL wrote since it was opened, and how long its fsyncs
+    /// took.
+    pub fn metrics(&self) -> &WalMetrics {
+        &self.inner.metrics
     }
 
     /// The storage under this WAL (read-only use: writing to it directly
@@ -1204,6 +1216,7 @@ struct Staged {
 }
 
 struct GroupCommitWriter {
+    metrics: Arc<WalMetrics>,
     appended_tx: Arc<watch::Sender<u64>>,
     storage: Arc<dyn WalStorage>,
     shared: Arc<Mutex<Shared>>,
@@ -1483,8 +1496,14 @@ impl GroupCommitWriter {
             let storage = Arc::clone(&self.storage);
             let sync = self.sync && !marks_only;
             let keeps_tail = self.keeps_tail;
+            let metrics = Arc::clone(&self.metrics);
             let written = tokio::task::spawn_blocking(move || {
+                let bytes = written_bytes(&ops);
+                let started = std::time::Instant::now();
                 let result = storage.write(&ops, sync);
+                if result.is_ok() {
+                    metrics.record_batch(bytes, sync.then(|| started.elapsed()));
+                }
                 (keeps_tail.then_some(ops), result)
             })
             .await
@@ -1559,6 +1578,20 @@ impl GroupCommitWriter {
             let _ = reply.send(Ok(outcome));
         }
     }
+}
+
+/// Bytes of entries (as accounted against the size cap) and snapshot chunks
+/// in a batch, for [`WalMetrics`].
+fn written_bytes(ops: &[WriteOp]) -> u64 {
+    ops.iter()
+        .map(|op| match op {
+            WriteOp::Entry { entry, .. } => {
+                encoded_entry_len(entry.source.replid.len(), entry.payload.len())
+            }
+            WriteOp::SnapshotChunk { data, .. } => data.len() as u64,
+            _ => 0,
+        })
+        .sum()
 }
 
 /// Lets the storage drop entries below each partition's new first id. A

@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod ferry;
+pub mod http;
 pub mod load;
 pub mod proxy;
 pub mod resp;
