@@ -463,3 +463,46 @@ fn the_token_is_required_and_beyond_loopback_is_refused_without_one() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_two_way_task_replicates_both_ways_and_cancels_on_both_sides() {
+    let a = RedisServer::start(&["--repl-diskless-sync-delay", "0"]);
+    let b = RedisServer::start(&["--repl-diskless-sync-delay", "0"]);
+    a.cmd(&["SET", "from-a", "1"]);
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(&dir.path().join("serve"), &[]);
+    let spec = json!({
+        "name": "pair",
+        "source": a.url(),
+        "target": b.url(),
+        "mode": "two-way",
+        "options": { "conflict": "report" },
+    });
+    let (status, reply) = daemon.post("/api/v1/tasks", &spec);
+    assert_eq!(status, 201, "{reply}");
+    // INCREMENTAL only once the second direction is established.
+    let task = daemon.wait_state("pair", "INCREMENTAL", Duration::from_secs(60));
+    let appliers: Vec<&Value> = task["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["side"] == "drainer")
+        .collect();
+    assert_eq!(appliers.len(), 2, "{task}");
+    wait_for("a's key on b", Duration::from_secs(30), || {
+        b.cmd(&["GET", "from-a"]) == "1"
+    });
+    for _ in 0..10 {
+        a.cmd(&["INCR", "counter"]);
+        b.cmd(&["INCR", "counter"]);
+    }
+    wait_for("20 increments on both", Duration::from_secs(30), || {
+        a.cmd(&["GET", "counter"]) == "20" && b.cmd(&["GET", "counter"]) == "20"
+    });
+    let (status, reply) = http(&daemon.http, "DELETE", "/api/v1/tasks/pair", None, None);
+    assert_eq!(status, 200, "{reply}");
+    for side in [&a, &b] {
+        assert_eq!(side.cmd(&["KEYS", "__ferry*"]), "");
+        assert_eq!(side.cmd(&["GET", "counter"]), "20");
+    }
+}
