@@ -194,7 +194,20 @@ pub fn write_addr_file(data_dir: &Path, addr: SocketAddr) -> io::Result<()> {
 
 /// [`write_addr_file`] under another name (`ferry serve`'s `http.addr`).
 pub fn write_addr_file_named(data_dir: &Path, name: &str, addr: SocketAddr) -> io::Result<()> {
-    let addr = connectable(addr);
+    write_line_file(data_dir, name, &connectable(addr).to_string())
+}
+
+/// Writes `<scheme>://HOST:PORT` of `addr` into `<data_dir>/<name>` as
+/// [`write_addr_file`] does (`ferry serve`'s `http.url`, a node's
+/// `admin.url`): the address with how to speak to it.
+pub fn write_url_file(data_dir: &Path, name: &str, scheme: &str, addr: SocketAddr) -> io::Result<()> {
+    write_line_file(data_dir, name, &format!("{scheme}://{}", connectable(addr)))
+}
+
+/// Writes `line` and a newline into `<data_dir>/<name>`: a temp file,
+/// fsync'd and renamed over the old one.
+fn write_line_file(data_dir: &Path, name: &str, line: &str) -> io::Result<()> {
+    let addr = line;
     let path = data_dir.join(name);
     let tmp = data_dir.join(format!("{name}.tmp.{}", std::process::id()));
     let written = (|| {
