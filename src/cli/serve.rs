@@ -168,7 +168,10 @@ struct ServerAddr {
 
 /// `http://host:port[/prefix]` or `https://…` → [`ServerAddr`].
 fn server_addr(server: &str) -> Result<ServerAddr, ServeCommandError> {
-    let (rest, tls) = match (server.strip_prefix("http://"), server.strip_prefix("https://")) {
+    let (rest, tls) = match (
+        server.strip_prefix("http://"),
+        server.strip_prefix("https://"),
+    ) {
         (Some(rest), _) => (rest, false),
         (None, Some(rest)) => (rest, true),
         (None, None) => {
@@ -558,10 +561,7 @@ mod tests {
             server_addr("http://h:1/ferry/").unwrap(),
             addr("h:1", "/ferry", false)
         );
-        assert_eq!(
-            server_addr("https://h:1").unwrap(),
-            addr("h:1", "", true)
-        );
+        assert_eq!(server_addr("https://h:1").unwrap(), addr("h:1", "", true));
         assert!(server_addr("ftp://h:1").is_err());
         assert!(server_addr("h:1").is_err());
         assert!(server_addr("http://").is_err());

@@ -149,7 +149,10 @@ pub(crate) fn read_pem(what: &str, path: &Path) -> Result<Vec<u8>, String> {
 
 /// The PEM certificates of `path`; errors name `what` (the key or flag that
 /// gave the file) and the file.
-pub(crate) fn certificates(what: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+pub(crate) fn certificates(
+    what: &str,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, String> {
     let pem = read_pem(what, path)?;
     let certs = rustls_pemfile::certs(&mut pem.as_slice())
         .collect::<Result<Vec<_>, _>>()
@@ -207,7 +210,10 @@ fn client_config(options: &TlsOptions) -> Result<Arc<rustls::ClientConfig>, Stri
         .with_root_certificates(roots);
     let config = match (&options.cert_file, &options.key_file) {
         (Some(cert), Some(key)) => builder
-            .with_client_auth_cert(certificates("tls-cert-file", cert)?, private_key("tls-key-file", key)?)
+            .with_client_auth_cert(
+                certificates("tls-cert-file", cert)?,
+                private_key("tls-key-file", key)?,
+            )
             .map_err(|e| format!("tls-cert-file {}: {e}", cert.display()))?,
         (None, None) => builder.with_no_client_auth(),
         _ => return Err("tls-cert-file and tls-key-file go together".to_string()),

@@ -143,9 +143,7 @@ pub async fn serve(cfg: ServeConfig, shutdown: CancellationToken) -> Result<(), 
     let manager = manager::Manager::open(&cfg.data_dir, tasks)?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     crate::admin::write_addr_file_named(&cfg.data_dir, HTTP_ADDR_FILE, bound)
-        .and_then(|()| {
-            crate::admin::write_url_file(&cfg.data_dir, HTTP_URL_FILE, scheme, bound)
-        })
+        .and_then(|()| crate::admin::write_url_file(&cfg.data_dir, HTTP_URL_FILE, scheme, bound))
         .map_err(|error| ServeError::Io {
             what: format!("writing {}", cfg.data_dir.join(HTTP_ADDR_FILE).display()),
             error,
