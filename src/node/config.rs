@@ -933,6 +933,42 @@ mod tests {
     }
 
     #[test]
+    fn the_admin_api_beyond_loopback_needs_a_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let flags = |admin: &str, token: Option<&str>| {
+            let token_file = token.map(|t| {
+                let file = dir.path().join("token");
+                std::fs::write(&file, format!("{t}\n")).unwrap();
+                file
+            });
+            SyncOverrides {
+                source: Some("redis://127.0.0.1:7000".into()),
+                target: Some("redis://127.0.0.1:7001".into()),
+                data_dir: Some(dir.path().join("d")),
+                admin: Some(admin.into()),
+                admin_token_file: token_file,
+                no_password_env: true,
+                ..SyncOverrides::default()
+            }
+        };
+        let error = SyncConfig::build(None, flags("0.0.0.0:7390", None))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("admin-token-file"), "{error}");
+        let error = SyncConfig::build(None, flags("0.0.0.0:7390", Some("short")))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("at least 16"), "{error}");
+        let cfg =
+            SyncConfig::build(None, flags("0.0.0.0:7390", Some("long-enough-token-123"))).unwrap();
+        let token = cfg.admin_access.token.as_ref().unwrap();
+        assert_eq!(token.expose(), "long-enough-token-123");
+        assert!(!format!("{cfg:?}").contains("long-enough-token-123"));
+        let cfg = SyncConfig::build(None, flags("127.0.0.1:0", None)).unwrap();
+        assert_eq!(cfg.admin_access, AdminAccess::default());
+    }
+
+    #[test]
     fn shipped_examples_load() {
         let listener = ListenerNodeConfig::load(&conf("listener.toml")).unwrap();
         assert_eq!(listener.wal.dir, Path::new("data/listener/wal"));
