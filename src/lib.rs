@@ -25,5 +25,6 @@ pub mod serve;
 pub mod ship;
 pub mod status;
 pub mod table;
+pub mod tls;
 pub mod verify;
 pub mod wal;

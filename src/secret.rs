@@ -65,6 +65,16 @@ impl Secret {
     pub fn len(&self) -> usize {
         self.0.len()
     }
+
+    /// Whether `given` is this secret, compared in time that depends on the
+    /// lengths only (a bearer token checked by a server).
+    pub fn matches(&self, given: &str) -> bool {
+        let (a, b) = (self.0.as_bytes(), given.as_bytes());
+        if a.len() != b.len() {
+            return false;
+        }
+        a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
 }
 
 impl From<String> for Secret {
@@ -340,6 +350,23 @@ pub fn url_from_flags(
         .map_err(|error| FlagUrlError { which, error })
 }
 
+/// Shortest bearer token an API takes: a guess is no way in.
+pub const TOKEN_MIN_LEN: usize = 16;
+
+/// Reads a bearer token file (`ferry serve --token-file`, the admin API's
+/// `admin-token-file`): at least [`TOKEN_MIN_LEN`] characters, no spaces.
+/// Errors name `what` (the flag or key) and the file.
+pub fn read_token_file(what: &str, path: &Path) -> Result<Secret, String> {
+    let token = read_secret_file(what, path).map_err(|e| e.to_string())?;
+    if token.len() < TOKEN_MIN_LEN || token.contains(char::is_whitespace) {
+        return Err(format!(
+            "{what} {}: the token must be at least {TOKEN_MIN_LEN} characters, without spaces",
+            path.display()
+        ));
+    }
+    Ok(Secret::new(token))
+}
+
 /// A secret file's content, without one trailing `\n` or `\r\n`.
 pub fn read_secret_file(what: &str, path: &Path) -> Result<String, SecretError> {
     let text = std::fs::read_to_string(path).map_err(|error| SecretError::ReadFile {
@@ -374,6 +401,15 @@ pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_comparison() {
+        let token = Secret::new("abc");
+        assert!(token.matches("abc"));
+        assert!(!token.matches("abd"));
+        assert!(!token.matches("abcd"));
+        assert!(!token.matches(""));
+    }
 
     #[test]
     fn debug_and_serialize_redact() {

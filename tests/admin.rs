@@ -219,6 +219,11 @@ struct AdminFixture {
 
 impl AdminFixture {
     fn start(status: NodeStatus) -> AdminFixture {
+        AdminFixture::start_with(status, admin::AdminAccess::default())
+    }
+
+    /// With a token and/or TLS.
+    fn start_with(status: NodeStatus, access: admin::AdminAccess) -> AdminFixture {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -232,7 +237,12 @@ impl AdminFixture {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
             let control: Arc<dyn NodeControl> = node.clone();
-            let served = tokio::spawn(admin::serve_admin(listener, control, shutdown.clone()));
+            let served = tokio::spawn(admin::serve_admin(
+                listener,
+                control,
+                access,
+                shutdown.clone(),
+            ));
             (addr, served)
         });
         AdminFixture {
@@ -655,7 +665,9 @@ fn oversized_replies_are_refused_by_the_client() {
                 .add_service(admin::AdminServer::new(AdminService::new(node)))
                 .serve_with_incoming_shutdown(incoming, stop.cancelled_owned()),
         );
-        let error = admin::fetch_status(&addr).await.unwrap_err();
+        let error = admin::fetch_status(&addr, &admin::ClientAccess::default())
+            .await
+            .unwrap_err();
         match &error {
             AdminError::Call { message, .. } => {
                 assert!(message.contains("too large"), "{error}")
@@ -792,4 +804,70 @@ fn metrics_are_served_over_http_next_to_grpc() {
     let status = json_status(&["--admin", &addr]);
     assert_eq!(status["drainers"][0]["applied"], 93);
     assert_eq!(common::http::get(&addr, "/metrics").unwrap().status, 200);
+}
+
+#[test]
+fn a_token_guards_every_call_and_the_metrics() {
+    let token = "admin-token-0123456789";
+    let fixture = AdminFixture::start_with(
+        sync_status(),
+        admin::AdminAccess {
+            token: Some(token.into()),
+            ..admin::AdminAccess::default()
+        },
+    );
+    let addr = fixture.admin();
+    let dir = tempfile::tempdir().unwrap();
+    let right = dir.path().join("token");
+    std::fs::write(&right, format!("{token}\n")).unwrap();
+    let wrong = dir.path().join("wrong");
+    std::fs::write(&wrong, "not-the-token-0123456789\n").unwrap();
+
+    for given in [None, Some(&wrong)] {
+        let mut args = vec!["status", "--admin", &addr];
+        if let Some(file) = given {
+            args.extend(["--token-file", file.to_str().unwrap()]);
+        }
+        let out = ferry(&args);
+        let stderr = stderr_of_failure(&out);
+        assert!(stderr.contains("UNAUTHENTICATED"), "{given:?}: {stderr}");
+        assert!(!stderr.contains(token), "{stderr}");
+        let mut control = vec!["stop-sync", "--admin", &addr];
+        if let Some(file) = given {
+            control.extend(["--token-file", file.to_str().unwrap()]);
+        }
+        let stderr = stderr_of_failure(&ferry(&control));
+        assert!(stderr.contains("UNAUTHENTICATED"), "{stderr}");
+    }
+    assert_eq!(
+        fixture.node.status().listeners[0].shipping[0].state,
+        "ONLINE",
+        "a refused stop-sync stopped nothing"
+    );
+    let status = json_status(&["--admin", &addr, "--token-file", right.to_str().unwrap()]);
+    assert_eq!(status["drainers"][0]["applied"], 93);
+
+    // HTTP: 401 on every path without the token, the metrics with it.
+    let bearer = format!("Bearer {token}");
+    for (path, headers) in [
+        ("/metrics", vec![]),
+        (
+            "/metrics",
+            vec![("Authorization", "Bearer not-the-token-0123456789")],
+        ),
+        ("/metrics", vec![("Authorization", token)]),
+        ("/nowhere", vec![]),
+    ] {
+        let reply = common::http::get_with(&addr, path, &headers).unwrap();
+        assert_eq!(reply.status, 401, "{path} {headers:?}: {reply:?}");
+        assert!(!reply.body.contains("ferry_"), "{reply:?}");
+    }
+    let reply =
+        common::http::get_with(&addr, "/metrics", &[("Authorization", bearer.as_str())]).unwrap();
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert!(
+        reply.body.contains("ferry_ship_lag_entries"),
+        "{}",
+        reply.body
+    );
 }

@@ -10,7 +10,7 @@
 //!
 //! # Wire protocol (`proto/ferry.proto`, service `Admin`)
 //!
-//! Four unary calls on plain HTTP/2 (the API is meant for loopback):
+//! Unary calls on HTTP/2, plain or over TLS (see Access below):
 //!
 //! ```text
 //! Status(StatusRequest {})                      -> StatusReply { status: NodeStatus }
@@ -39,6 +39,19 @@
 //!   [`REQUEST_TIMEOUT`]: a silent or garbage-speaking peer is an error,
 //!   never a hang.
 //!
+//! # Access
+//!
+//! A node's config may give the admin API a bearer token
+//! (`admin-token-file`, required when the admin address is not loopback)
+//! and TLS (`admin-tls-cert-file`, `admin-tls-key-file`): [`AdminAccess`].
+//! With a token, every gRPC call must carry the metadata `authorization:
+//! Bearer <token>` and every HTTP request (`GET /metrics`) the same header;
+//! a missing or wrong one gets `UNAUTHENTICATED` (gRPC) or `401` (HTTP)
+//! and nothing else, whatever the path. With TLS the port speaks TLS only
+//! ([`crate::tls`], ALPN `h2` and `http/1.1`). The client verbs take
+//! `https://HOST:PORT` for TLS, a CA file and a token file
+//! ([`ClientAccess`]); the server's certificate is always verified.
+//!
 //! # Address file
 //!
 //! Once serving, a node writes the address it is bound to into
@@ -47,7 +60,9 @@
 //! reader sees the old or the new address, never a partial one. An
 //! unspecified bind address (`0.0.0.0`, `::`) is written as the loopback of
 //! its family, which is what a local `ferry status --data-dir DIR` connects
-//! to.
+//! to. Next to it, `admin.url` ([`URL_FILE_NAME`]) holds the same address
+//! with its scheme (`http://` or `https://`), which `--data-dir` prefers
+//! ([`read_admin_url`]).
 
 pub mod convert;
 mod server;
@@ -56,10 +71,18 @@ use std::future::Future;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use tokio_rustls::rustls;
+use tonic::codegen::InterceptedService;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::{Code, Status};
+
+use crate::secret::Secret;
 
 use crate::record::pb;
 use crate::status::{NodeStatus, SkipOutcome, SkipRequest, SwitchoverReport, SyncSelector};
@@ -72,6 +95,8 @@ pub use server::{admin_routes, control_error_status, serve_admin, AdminService};
 pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:7390";
 /// Name of the address file in a node's data dir.
 pub const ADDR_FILE_NAME: &str = "admin.addr";
+/// Name of the file holding the admin API's URL (its address and scheme).
+pub const URL_FILE_NAME: &str = "admin.url";
 /// Longest wait for the TCP connection to the admin API.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Longest wait for an answer once connected.
@@ -117,6 +142,16 @@ pub enum AdminError {
         code: Code,
         message: String,
     },
+    /// The node wants a bearer token and the call had none or another.
+    #[error(
+        "the ferry admin API at {addr} refused the call: UNAUTHENTICATED ({message}); give \
+         --token-file with the node's admin-token-file"
+    )]
+    Unauthenticated { addr: String, message: String },
+    /// The client's TLS or token cannot be used (a CA file missing, a
+    /// token that is not ASCII).
+    #[error("the ferry admin API at {addr}: {reason}")]
+    Access { addr: String, reason: String },
     #[error("malformed reply from the ferry admin API at {addr}: {reason}")]
     BadReply { addr: String, reason: String },
     #[error("cannot read {}: {reason}; is ferry running with --data-dir {}?", path.display(), dir.display())]
@@ -146,6 +181,10 @@ impl AdminError {
             };
         }
         match code {
+            Code::Unauthenticated => AdminError::Unauthenticated {
+                addr: addr.to_string(),
+                message,
+            },
             Code::FailedPrecondition | Code::NotFound | Code::InvalidArgument => {
                 AdminError::Refused {
                     addr: addr.to_string(),
@@ -194,7 +233,25 @@ pub fn write_addr_file(data_dir: &Path, addr: SocketAddr) -> io::Result<()> {
 
 /// [`write_addr_file`] under another name (`ferry serve`'s `http.addr`).
 pub fn write_addr_file_named(data_dir: &Path, name: &str, addr: SocketAddr) -> io::Result<()> {
-    let addr = connectable(addr);
+    write_line_file(data_dir, name, &connectable(addr).to_string())
+}
+
+/// Writes `<scheme>://HOST:PORT` of `addr` into `<data_dir>/<name>` as
+/// [`write_addr_file`] does (`ferry serve`'s `http.url`, a node's
+/// `admin.url`): the address with how to speak to it.
+pub fn write_url_file(
+    data_dir: &Path,
+    name: &str,
+    scheme: &str,
+    addr: SocketAddr,
+) -> io::Result<()> {
+    write_line_file(data_dir, name, &format!("{scheme}://{}", connectable(addr)))
+}
+
+/// Writes `line` and a newline into `<data_dir>/<name>`: a temp file,
+/// fsync'd and renamed over the old one.
+fn write_line_file(data_dir: &Path, name: &str, line: &str) -> io::Result<()> {
+    let addr = line;
     let path = data_dir.join(name);
     let tmp = data_dir.join(format!("{name}.tmp.{}", std::process::id()));
     let written = (|| {
@@ -247,9 +304,101 @@ pub fn read_addr_file(data_dir: &Path) -> Result<SocketAddr, AdminError> {
     })
 }
 
+/// The admin address a node wrote into its data dir: `admin.url`
+/// (`http://HOST:PORT` or `https://HOST:PORT`) when there, else
+/// `admin.addr` (written by every ferry, older ones too).
+pub fn read_admin_url(data_dir: &Path) -> Result<String, AdminError> {
+    let path = data_dir.join(URL_FILE_NAME);
+    let fail = |reason: String| AdminError::AddrFile {
+        path: path.clone(),
+        dir: data_dir.to_path_buf(),
+        reason,
+    };
+    let file = match std::fs::File::open(&path) {
+        Ok(file) => file,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => {
+            return read_addr_file(data_dir).map(|addr| addr.to_string())
+        }
+        Err(error) => return Err(fail(error.to_string())),
+    };
+    let mut bytes = Vec::new();
+    file.take(MAX_ADDR_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|error| fail(error.to_string()))?;
+    if bytes.len() as u64 > MAX_ADDR_FILE_BYTES {
+        return Err(fail(format!(
+            "longer than {MAX_ADDR_FILE_BYTES} bytes, not an address file"
+        )));
+    }
+    let text = String::from_utf8_lossy(&bytes);
+    let line = text.trim();
+    let addr = line
+        .strip_prefix("http://")
+        .or_else(|| line.strip_prefix("https://"));
+    match addr.map(str::parse::<SocketAddr>) {
+        Some(Ok(_)) => Ok(line.to_string()),
+        _ => {
+            let shown: String = line.chars().take(64).collect();
+            Err(fail(format!(
+                "{shown:?} is not an http://HOST:PORT or https://HOST:PORT address"
+            )))
+        }
+    }
+}
+
+/// The access a node's config gives its admin API: a bearer token
+/// (`admin-token-file`) and TLS (`admin-tls-cert-file`,
+/// `admin-tls-key-file`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AdminAccess {
+    /// Every call must carry `authorization: Bearer <token>`.
+    pub token: Option<Secret>,
+    /// The PEM certificate chain of the admin API's TLS.
+    pub tls_cert_file: Option<PathBuf>,
+    /// Its PEM private key.
+    pub tls_key_file: Option<PathBuf>,
+}
+
+impl AdminAccess {
+    /// The TLS config, when TLS is given (errors name the keys).
+    pub fn tls_config(&self) -> Result<Option<Arc<rustls::ServerConfig>>, String> {
+        match (&self.tls_cert_file, &self.tls_key_file) {
+            (None, None) => Ok(None),
+            (Some(cert), Some(key)) => {
+                let files = crate::tls::ServerFiles {
+                    cert_what: "admin-tls-cert-file",
+                    cert,
+                    key_what: "admin-tls-key-file",
+                    key,
+                };
+                crate::tls::server_config(files, crate::tls::ALPN_H2_HTTP1).map(Some)
+            }
+            (Some(_), None) => Err("admin-tls-cert-file needs admin-tls-key-file".into()),
+            (None, Some(_)) => Err("admin-tls-key-file needs admin-tls-cert-file".into()),
+        }
+    }
+
+    /// `https` with TLS, else `http`.
+    pub fn scheme(&self) -> &'static str {
+        match self.tls_cert_file.is_some() {
+            true => "https",
+            false => "http",
+        }
+    }
+}
+
+/// What a client of the admin API brings: the node's token, the CA its
+/// certificate chains to (`https://` addresses; default: the system's
+/// roots).
+#[derive(Debug, Clone, Default)]
+pub struct ClientAccess {
+    pub token: Option<Secret>,
+    pub ca_file: Option<PathBuf>,
+}
+
 /// Asks the node at `addr` (`HOST:PORT`) for its status.
-pub async fn fetch_status(addr: &str) -> Result<NodeStatus, AdminError> {
-    let reply = call(addr, |mut client| async move {
+pub async fn fetch_status(addr: &str, access: &ClientAccess) -> Result<NodeStatus, AdminError> {
+    let reply = call(addr, access, |mut client| async move {
         client.status(pb::StatusRequest {}).await
     })
     .await?;
@@ -262,25 +411,32 @@ pub async fn fetch_status(addr: &str) -> Result<NodeStatus, AdminError> {
 
 /// Stops shipping to the drainers `which` selects on the node at `addr`;
 /// returns how many syncs changed.
-pub async fn stop_sync(addr: &str, which: &SyncSelector) -> Result<u32, AdminError> {
+pub async fn stop_sync(
+    addr: &str,
+    access: &ClientAccess,
+    which: &SyncSelector,
+) -> Result<u32, AdminError> {
     let request = pb::SyncControlRequest {
         selector: Some(which.clone().into()),
     };
-    let reply = call(
-        addr,
-        |mut client| async move { client.stop_sync(request).await },
-    )
+    let reply = call(addr, access, |mut client| async move {
+        client.stop_sync(request).await
+    })
     .await?;
     Ok(reply.changed)
 }
 
 /// Resumes shipping to the drainers `which` selects on the node at `addr`;
 /// returns how many syncs changed.
-pub async fn restart_sync(addr: &str, which: &SyncSelector) -> Result<u32, AdminError> {
+pub async fn restart_sync(
+    addr: &str,
+    access: &ClientAccess,
+    which: &SyncSelector,
+) -> Result<u32, AdminError> {
     let request = pb::SyncControlRequest {
         selector: Some(which.clone().into()),
     };
-    let reply = call(addr, |mut client| async move {
+    let reply = call(addr, access, |mut client| async move {
         client.restart_sync(request).await
     })
     .await?;
@@ -289,56 +445,146 @@ pub async fn restart_sync(addr: &str, which: &SyncSelector) -> Result<u32, Admin
 
 /// Asks the node at `addr` to skip the entry a partition's applier is
 /// blocked on.
-pub async fn skip(addr: &str, request: &SkipRequest) -> Result<SkipOutcome, AdminError> {
+pub async fn skip(
+    addr: &str,
+    access: &ClientAccess,
+    request: &SkipRequest,
+) -> Result<SkipOutcome, AdminError> {
     let request: pb::SkipRequest = request.clone().into();
-    let reply = call(addr, |mut client| async move { client.skip(request).await }).await?;
+    let reply = call(addr, access, |mut client| async move {
+        client.skip(request).await
+    })
+    .await?;
     Ok(reply.into())
 }
 
 /// Asks the node at `addr` to switch its sync over, letting writes on the
 /// source stay paused at most `timeout`; the report lists every step.
-pub async fn switchover(addr: &str, timeout: Duration) -> Result<SwitchoverReport, AdminError> {
+pub async fn switchover(
+    addr: &str,
+    access: &ClientAccess,
+    timeout: Duration,
+) -> Result<SwitchoverReport, AdminError> {
     let request = pb::SwitchoverRequest {
         timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
     };
     // The node stops and starts its stages around the pause.
     let limit = timeout + Duration::from_secs(120);
-    let reply = call_within(addr, limit, |mut client| async move {
+    let reply = call_within(addr, access, limit, |mut client| async move {
         client.switchover(request).await
     })
     .await?;
     Ok(reply.into())
 }
 
+/// The client of one call: the admin API's stub with the token added to
+/// every request.
+type Client = AdminClient<InterceptedService<Channel, BearerToken>>;
+
+/// Adds `authorization: Bearer <token>` to every request, when there is a
+/// token.
+#[derive(Clone)]
+struct BearerToken(Option<MetadataValue<Ascii>>);
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// Connects over TLS to one address, whatever the URI asked for (the
+/// endpoint's URI says `http://`: the TLS is this connector's).
+#[derive(Clone)]
+struct TlsConnector {
+    host_port: String,
+    config: Arc<rustls::ClientConfig>,
+}
+
+type TlsIo = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+
+impl tonic::codegen::Service<Uri> for TlsConnector {
+    type Response = TlsIo;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<TlsIo>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _uri: Uri) -> Self::Future {
+        let host_port = self.host_port.clone();
+        let config = Arc::clone(&self.config);
+        Box::pin(async move {
+            crate::tls::connect(&host_port, config)
+                .await
+                .map(hyper_util::rt::TokioIo::new)
+        })
+    }
+}
+
 /// Connects to `addr` and runs one call, the whole bounded in time.
-async fn call<T, F, Fut>(addr: &str, request: F) -> Result<T, AdminError>
+async fn call<T, F, Fut>(addr: &str, access: &ClientAccess, request: F) -> Result<T, AdminError>
 where
-    F: FnOnce(AdminClient<Channel>) -> Fut,
+    F: FnOnce(Client) -> Fut,
     Fut: Future<Output = Result<tonic::Response<T>, Status>>,
 {
-    call_within(addr, REQUEST_TIMEOUT, request).await
+    call_within(addr, access, REQUEST_TIMEOUT, request).await
 }
 
 /// [`call`] with `request_timeout` for the answer.
 async fn call_within<T, F, Fut>(
     addr: &str,
+    access: &ClientAccess,
     request_timeout: Duration,
     request: F,
 ) -> Result<T, AdminError>
 where
-    F: FnOnce(AdminClient<Channel>) -> Fut,
+    F: FnOnce(Client) -> Fut,
     Fut: Future<Output = Result<tonic::Response<T>, Status>>,
 {
-    let endpoint = endpoint(addr)?.timeout(request_timeout);
+    let target = target(addr)?;
+    let refused = |reason: String| AdminError::Access {
+        addr: addr.to_string(),
+        reason,
+    };
+    let token = match &access.token {
+        Some(token) => {
+            let mut value: MetadataValue<Ascii> = format!("Bearer {}", token.expose())
+                .parse()
+                .map_err(|_| refused("the token is not printable ASCII".into()))?;
+            value.set_sensitive(true);
+            Some(value)
+        }
+        None => None,
+    };
+    let tls = match &target.tls_host {
+        Some(host_port) => Some(TlsConnector {
+            host_port: host_port.clone(),
+            config: crate::tls::client_config(
+                "--ca-file",
+                access.ca_file.as_deref(),
+                crate::tls::ALPN_H2,
+            )
+            .map_err(refused)?,
+        }),
+        None => None,
+    };
+    let endpoint = target.endpoint.timeout(request_timeout);
     let work = async {
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|error| AdminError::Unreachable {
-                addr: addr.to_string(),
-                reason: error_chain(&error),
-            })?;
-        let client = AdminClient::new(channel)
+        let connected = match tls {
+            Some(connector) => endpoint.connect_with_connector(connector).await,
+            None => endpoint.connect().await,
+        };
+        let channel = connected.map_err(|error| AdminError::Unreachable {
+            addr: addr.to_string(),
+            reason: error_chain(&error),
+        })?;
+        let client = AdminClient::with_interceptor(channel, BearerToken(token))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_REQUEST_BYTES);
         request(client)
@@ -355,32 +601,51 @@ where
     })
 }
 
-/// The endpoint for `addr`: `HOST:PORT`, optionally prefixed by `http://`.
-fn endpoint(addr: &str) -> Result<Endpoint, AdminError> {
+/// Where a call goes.
+struct Target {
+    /// Always an `http://` URI: TLS, when asked for, is done by
+    /// [`TlsConnector`].
+    endpoint: Endpoint,
+    /// `HOST:PORT` of an `https://` address.
+    tls_host: Option<String>,
+}
+
+/// The target of `addr`: `HOST:PORT`, optionally prefixed by `http://`, or
+/// `https://HOST:PORT` for TLS.
+fn target(addr: &str) -> Result<Target, AdminError> {
     let bad = |reason: String| AdminError::BadAddress {
         addr: addr.to_string(),
         reason,
     };
-    let uri = if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
+    let (rest, tls) = match addr.split_once("://") {
+        None => (addr, false),
+        Some(("http", rest)) => (rest, false),
+        Some(("https", rest)) => (rest, true),
+        Some((scheme, _)) => {
+            return Err(bad(format!(
+                "{scheme}:// is not served (http:// or https://)"
+            )))
+        }
     };
-    let endpoint = Endpoint::from_shared(uri).map_err(|error| bad(error_chain(&error)))?;
+    let endpoint = Endpoint::from_shared(format!("http://{rest}"))
+        .map_err(|error| bad(error_chain(&error)))?;
     let parsed = endpoint.uri();
-    if parsed.scheme_str() != Some("http") {
-        return Err(bad("only http:// is served".into()));
-    }
-    if parsed.port_u16().is_none() {
+    let Some(port) = parsed.port_u16() else {
         return Err(bad("no port".into()));
-    }
+    };
     if !matches!(parsed.path(), "" | "/") {
         return Err(bad(format!("unexpected path {:?}", parsed.path())));
     }
-    Ok(endpoint
+    let tls_host = match (tls, parsed.host()) {
+        (false, _) => None,
+        (true, Some(host)) => Some(format!("{host}:{port}")),
+        (true, None) => return Err(bad("no host".into())),
+    };
+    let endpoint = endpoint
         .connect_timeout(CONNECT_TIMEOUT)
         .timeout(REQUEST_TIMEOUT)
-        .tcp_nodelay(true))
+        .tcp_nodelay(true);
+    Ok(Target { endpoint, tls_host })
 }
 
 #[cfg(test)]
@@ -443,22 +708,67 @@ mod tests {
 
     #[test]
     fn endpoints_need_host_and_port() {
-        assert!(endpoint("127.0.0.1:7390").is_ok());
-        assert!(endpoint("http://localhost:7390").is_ok());
-        assert!(endpoint("[::1]:7390").is_ok());
+        assert!(target("127.0.0.1:7390").unwrap().tls_host.is_none());
+        assert!(target("http://localhost:7390").unwrap().tls_host.is_none());
+        assert!(target("[::1]:7390").is_ok());
+        assert_eq!(
+            target("https://127.0.0.1:7390")
+                .unwrap()
+                .tls_host
+                .as_deref(),
+            Some("127.0.0.1:7390")
+        );
+        assert_eq!(
+            target("https://[::1]:7390").unwrap().tls_host.as_deref(),
+            Some("[::1]:7390")
+        );
         for bad in [
             "127.0.0.1",
-            "https://127.0.0.1:7390",
+            "https://127.0.0.1",
+            "ftp://127.0.0.1:7390",
             "127.0.0.1:7390/x",
             "",
             "a b:1",
         ] {
-            let error = endpoint(bad).unwrap_err();
+            let error = target(bad).err().unwrap();
             assert!(
                 matches!(error, AdminError::BadAddress { .. }),
                 "{bad:?}: {error}"
             );
         }
+    }
+
+    #[test]
+    fn the_url_file_wins_over_the_addr_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let addr: SocketAddr = "127.0.0.1:45678".parse().unwrap();
+        write_addr_file(dir.path(), addr).unwrap();
+        assert_eq!(read_admin_url(dir.path()).unwrap(), "127.0.0.1:45678");
+        write_url_file(dir.path(), URL_FILE_NAME, "https", addr).unwrap();
+        assert_eq!(
+            read_admin_url(dir.path()).unwrap(),
+            "https://127.0.0.1:45678"
+        );
+        std::fs::write(dir.path().join(URL_FILE_NAME), "gopher://x\n").unwrap();
+        let error = read_admin_url(dir.path()).unwrap_err().to_string();
+        assert!(error.contains("not an http://HOST:PORT"), "{error}");
+    }
+
+    #[test]
+    fn tls_needs_both_files() {
+        let access = AdminAccess {
+            tls_cert_file: Some("c.pem".into()),
+            ..AdminAccess::default()
+        };
+        let error = access.tls_config().unwrap_err();
+        assert!(error.contains("admin-tls-key-file"), "{error}");
+        let access = AdminAccess {
+            tls_key_file: Some("k.pem".into()),
+            ..AdminAccess::default()
+        };
+        let error = access.tls_config().unwrap_err();
+        assert!(error.contains("admin-tls-cert-file"), "{error}");
+        assert!(AdminAccess::default().tls_config().unwrap().is_none());
     }
 
     #[test]

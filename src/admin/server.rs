@@ -1,22 +1,28 @@
 //! [`AdminService`]: the server end of the `Admin` gRPC service, answering
 //! from a [`NodeControl`], and the plain HTTP routes served on the same port
-//! ([`admin_routes`]: `GET /metrics`).
+//! ([`admin_routes`]: `GET /metrics`), behind the bearer token when there
+//! is one ([`authorize`]); plain or over TLS ([`serve_admin`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::Request as HttpRequest;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response as HttpResponse};
+use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info};
 
-use super::{AdminError, MAX_MESSAGE_BYTES, MAX_REQUEST_BYTES};
+use super::{AdminAccess, AdminError, MAX_MESSAGE_BYTES, MAX_REQUEST_BYTES};
 use crate::record::pb;
 use crate::record::pb::admin_server::{Admin, AdminServer};
+use crate::secret::Secret;
 use crate::status::{ControlError, NodeControl, SkipRequest, SyncSelector};
+use crate::tls::TlsConnection;
 
 /// How long a graceful shutdown waits for open admin connections before
 /// dropping them: admin calls are short, a client that holds a connection
@@ -171,53 +177,132 @@ impl Admin for AdminService {
     }
 }
 
-/// Serves the admin API of `node` on `listener` until `shutdown` fires.
+/// Serves the admin API of `node` on `listener` until `shutdown` fires,
+/// with `access`'s token and TLS.
 ///
 /// The caller binds the listener (so it can write the address file with
 /// [`write_addr_file`](super::write_addr_file) once it knows the port).
 pub async fn serve_admin(
     listener: tokio::net::TcpListener,
     node: Arc<dyn NodeControl>,
+    access: AdminAccess,
     shutdown: CancellationToken,
 ) -> Result<(), AdminError> {
     let local: Option<SocketAddr> = listener.local_addr().ok();
-    let incoming = tonic::transport::server::TcpIncoming::from_listener(listener, true, None)
-        .map_err(|error| AdminError::Serve(format!("listening socket: {error}")))?;
+    let tls = access.tls_config().map_err(AdminError::Serve)?;
     // HTTP/1.1 too, for `GET /metrics` (gRPC stays on HTTP/2).
-    let server = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .timeout(SERVER_REQUEST_TIMEOUT)
         .accept_http1(true)
-        .add_routes(admin_routes(node))
-        .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
-    debug!(addr = ?local, "admin API serving");
+        .add_routes(admin_routes(node, access.token));
+    debug!(addr = ?local, tls = tls.is_some(), "admin API serving");
+    let stopped = shutdown.clone().cancelled_owned();
+    let accepting = shutdown.clone();
+    let server = async move {
+        match tls {
+            Some(tls) => {
+                let incoming = crate::tls::accept(listener, tls, accepting)
+                    .map(Ok::<TlsConnection, std::io::Error>);
+                router.serve_with_incoming_shutdown(incoming, stopped).await
+            }
+            None => {
+                let incoming =
+                    tonic::transport::server::TcpIncoming::from_listener(listener, true, None)
+                        .map_err(|error| AdminError::Serve(format!("listening socket: {error}")))?;
+                router.serve_with_incoming_shutdown(incoming, stopped).await
+            }
+        }
+        .map_err(|error| AdminError::Serve(format!("serving: {}", super::error_chain(&error))))
+    };
     tokio::pin!(server);
     let grace_over = async {
         shutdown.cancelled().await;
         tokio::time::sleep(SHUTDOWN_GRACE).await;
     };
     tokio::select! {
-        served = &mut server => {
-            served.map_err(|error| AdminError::Serve(format!("serving: {}", super::error_chain(&error))))
-        }
+        served = &mut server => served,
         // Dropping the server closes the connections still open.
         _ = grace_over => Ok(()),
+    }
+}
+
+impl tonic::transport::server::Connected for TlsConnection {
+    type ConnectInfo = SocketAddr;
+
+    fn connect_info(&self) -> SocketAddr {
+        self.peer()
     }
 }
 
 /// Everything the admin port answers: the `Admin` gRPC service, `GET
 /// /metrics` (Prometheus text format, [`crate::metrics`]) and, for any
 /// other path, `404 Not Found` (a gRPC request of an unknown method gets
-/// gRPC's `UNIMPLEMENTED` instead).
-pub fn admin_routes(node: Arc<dyn NodeControl>) -> Routes {
+/// gRPC's `UNIMPLEMENTED` instead); with a `token`, all of it behind
+/// [`authorize`].
+pub fn admin_routes(node: Arc<dyn NodeControl>, token: Option<Secret>) -> Routes {
     let grpc = Routes::new(AdminService::new(Arc::clone(&node)).into_server());
-    let router = grpc
+    let mut router = grpc
         .into_axum_router()
         .route(
             "/metrics",
             axum::routing::get(move || metrics_reply(Arc::clone(&node))),
         )
         .fallback(not_found);
+    if let Some(token) = token {
+        let token = Arc::new(token);
+        router = router.layer(axum::middleware::from_fn(
+            move |request: HttpRequest, next: Next| {
+                let token = Arc::clone(&token);
+                async move { authorize(&token, request, next).await }
+            },
+        ));
+    }
     Routes::from(router)
+}
+
+/// Lets a request through when it carries `authorization: Bearer <token>`;
+/// otherwise answers gRPC's `UNAUTHENTICATED` (a gRPC request) or `401`,
+/// and nothing else.
+async fn authorize(token: &Secret, request: HttpRequest, next: Next) -> HttpResponse {
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "));
+    if given.is_some_and(|given| token.matches(given)) {
+        return next.run(request).await;
+    }
+    if is_grpc(request.headers()) {
+        // A trailers-only reply, as tonic gives a `Status`.
+        return (
+            StatusCode::OK,
+            [
+                ("grpc-status", HeaderValue::from_static("16")),
+                (
+                    "grpc-message",
+                    HeaderValue::from_static("a bearer token is required"),
+                ),
+                (
+                    header::CONTENT_TYPE.as_str(),
+                    HeaderValue::from_static("application/grpc"),
+                ),
+            ],
+        )
+            .into_response();
+    }
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"))],
+        "a bearer token is required\n",
+    )
+        .into_response()
+}
+
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with("application/grpc"))
 }
 
 async fn metrics_reply(node: Arc<dyn NodeControl>) -> HttpResponse {
@@ -241,11 +326,7 @@ async fn metrics_reply(node: Arc<dyn NodeControl>) -> HttpResponse {
 }
 
 async fn not_found(headers: HeaderMap) -> HttpResponse {
-    let grpc = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|value| value.to_str().ok())
-        .is_some_and(|value| value.starts_with("application/grpc"));
-    if grpc {
+    if is_grpc(&headers) {
         // What tonic answers for a method no service has.
         return (
             StatusCode::OK,

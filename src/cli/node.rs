@@ -58,6 +58,18 @@ pub struct SyncArgs {
     /// free port (written to DATA_DIR/admin.addr). Default 127.0.0.1:7390.
     #[arg(long)]
     pub admin: Option<String>,
+    /// A file holding the admin API's bearer token (at least 16
+    /// characters): every admin call and `GET /metrics` must carry it.
+    /// Required when --admin is not a loopback address.
+    #[arg(long, value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// Serve the admin API over TLS (only) with this PEM certificate
+    /// chain; needs --admin-tls-key-file.
+    #[arg(long, value_name = "FILE")]
+    pub admin_tls_cert_file: Option<PathBuf>,
+    /// The PEM private key of --admin-tls-cert-file.
+    #[arg(long, value_name = "FILE")]
+    pub admin_tls_key_file: Option<PathBuf>,
     /// A TOML file with the same keys and the stage sections (see
     /// conf/sync.toml); flags win over it.
     #[arg(long)]
@@ -138,6 +150,9 @@ pub fn sync(args: SyncArgs) -> Result<(), NodeCommandError> {
             target_password_file: args.target_password_file,
             data_dir: args.data_dir,
             admin: args.admin,
+            admin_token_file: args.admin_token_file,
+            admin_tls_cert_file: args.admin_tls_cert_file,
+            admin_tls_key_file: args.admin_tls_key_file,
             id: args.id,
             wal_ttl: args.wal_ttl,
             filter: args.filter.to_config(args.dbs),

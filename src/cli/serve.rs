@@ -1,7 +1,9 @@
 //! `ferry serve` (the daemon) and `ferry task …` (its HTTP API's client).
 //!
-//! The client speaks HTTP/1.1 over a plain TCP connection (the API is
-//! JSON, one request per connection): a reply is read up to
+//! The client speaks HTTP/1.1 over a plain TCP connection, or over TLS for
+//! an `https://` server (its certificate verified against `--ca-file`, else
+//! the system's roots; the name it must carry is the server's host). The
+//! API is JSON, one request per connection: a reply is read up to
 //! [`REPLY_MAX`] bytes, within [`REQUEST_TIMEOUT`].
 
 use std::path::PathBuf;
@@ -32,16 +34,28 @@ pub struct ServeArgs {
     /// API and metrics request must carry (`Authorization: Bearer TOKEN`).
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+    /// Serve HTTPS (only) with this PEM certificate chain; needs
+    /// --tls-key-file.
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The PEM private key of --tls-cert-file.
+    #[arg(long, value_name = "FILE")]
+    pub tls_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
 pub struct TaskArgs {
-    /// The `ferry serve` to talk to.
+    /// The `ferry serve` to talk to: http://HOST:PORT or https://HOST:PORT
+    /// (as in the daemon's DATA_DIR/http.url).
     #[arg(long, global = true, default_value = "http://127.0.0.1:7380")]
     pub server: String,
     /// A file holding the daemon's bearer token.
     #[arg(long, global = true, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+    /// For https://: the PEM CA certificate(s) the daemon's certificate
+    /// must chain to [default: the system's roots].
+    #[arg(long, global = true, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
     /// Print the API's JSON instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
@@ -132,6 +146,8 @@ pub fn serve(args: ServeArgs) -> Result<(), ServeCommandError> {
         data_dir: args.data_dir,
         http: args.http,
         token_file: args.token_file,
+        tls_cert_file: args.tls_cert_file,
+        tls_key_file: args.tls_key_file,
     };
     runtime()?.block_on(async {
         let shutdown = super::node::shutdown_on_signal();
@@ -140,13 +156,31 @@ pub fn serve(args: ServeArgs) -> Result<(), ServeCommandError> {
     Ok(())
 }
 
-/// `http://host:port` → (host:port, path prefix).
-fn server_addr(server: &str) -> Result<(String, String), ServeCommandError> {
-    let rest = server.strip_prefix("http://").ok_or_else(|| {
-        ServeCommandError::Client(format!(
-            "--server {server:?}: give http://HOST:PORT (the daemon's --http address)"
-        ))
-    })?;
+/// Where the client connects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ServerAddr {
+    /// `HOST:PORT`.
+    host: String,
+    /// A path prefix (`/ferry` of `http://h:1/ferry/`).
+    prefix: String,
+    tls: bool,
+}
+
+/// `http://host:port[/prefix]` or `https://…` → [`ServerAddr`].
+fn server_addr(server: &str) -> Result<ServerAddr, ServeCommandError> {
+    let (rest, tls) = match (
+        server.strip_prefix("http://"),
+        server.strip_prefix("https://"),
+    ) {
+        (Some(rest), _) => (rest, false),
+        (None, Some(rest)) => (rest, true),
+        (None, None) => {
+            return Err(ServeCommandError::Client(format!(
+                "--server {server:?}: give http://HOST:PORT or https://HOST:PORT (the daemon's \
+                 --http address)"
+            )))
+        }
+    };
     let (host, path) = match rest.find('/') {
         Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
         None => (rest, ""),
@@ -156,7 +190,44 @@ fn server_addr(server: &str) -> Result<(String, String), ServeCommandError> {
             "--server {server:?}: no host"
         )));
     }
-    Ok((host.to_string(), path.to_string()))
+    Ok(ServerAddr {
+        host: host.to_string(),
+        prefix: path.to_string(),
+        tls,
+    })
+}
+
+/// Sends `head` and `body` on `stream` and reads the reply to its end (at
+/// most [`REPLY_MAX`] bytes).
+async fn exchange<S>(mut stream: S, server: &str, head: &str, body: &str) -> Result<Vec<u8>, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    stream
+        .write_all(head.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    stream
+        .write_all(body.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    stream.flush().await.map_err(|e| e.to_string())?;
+    let mut reply = Vec::new();
+    let read = (&mut stream)
+        .take(REPLY_MAX as u64 + 1)
+        .read_to_end(&mut reply)
+        .await;
+    match read {
+        Ok(_) => {}
+        // A server that closes without TLS's close_notify once it has
+        // answered (`Connection: close`) has still answered.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !reply.is_empty() => {}
+        Err(e) => return Err(format!("reading the reply of {server}: {e}")),
+    }
+    if reply.len() > REPLY_MAX {
+        return Err(format!("the reply of {server} is over {REPLY_MAX} bytes"));
+    }
+    Ok(reply)
 }
 
 /// The body of a reply: after the head, de-chunked when chunked.
@@ -197,13 +268,20 @@ async fn request(
     path: &str,
     body: Option<&Value>,
 ) -> Result<(u16, Value), ServeCommandError> {
-    let (host, prefix) = server_addr(&args.server)?;
+    let ServerAddr { host, prefix, tls } = server_addr(&args.server)?;
     let token = match &args.token_file {
         Some(path) => Some(
             crate::secret::read_secret_file("token", path)
                 .map_err(|e| ServeCommandError::Client(e.to_string()))?,
         ),
         None => None,
+    };
+    let tls_config = match tls {
+        true => Some(
+            crate::tls::client_config("--ca-file", args.ca_file.as_deref(), crate::tls::ALPN_HTTP1)
+                .map_err(ServeCommandError::Client)?,
+        ),
+        false => None,
     };
     let body = body.map(|b| b.to_string()).unwrap_or_default();
     let mut head = format!(
@@ -220,27 +298,20 @@ async fn request(
     head.push_str("\r\n");
     let server = args.server.clone();
     let work = async {
-        let mut stream = tokio::net::TcpStream::connect(&host)
-            .await
-            .map_err(|e| format!("connecting to {server}: {e}"))?;
-        stream
-            .write_all(head.as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        stream
-            .write_all(body.as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut reply = Vec::new();
-        (&mut stream)
-            .take(REPLY_MAX as u64 + 1)
-            .read_to_end(&mut reply)
-            .await
-            .map_err(|e| format!("reading the reply of {server}: {e}"))?;
-        if reply.len() > REPLY_MAX {
-            return Err(format!("the reply of {server} is over {REPLY_MAX} bytes"));
+        match tls_config {
+            Some(config) => {
+                let stream = crate::tls::connect(&host, config)
+                    .await
+                    .map_err(|e| format!("connecting to {server}: {e}"))?;
+                exchange(stream, &server, &head, &body).await
+            }
+            None => {
+                let stream = tokio::net::TcpStream::connect(&host)
+                    .await
+                    .map_err(|e| format!("connecting to {server}: {e}"))?;
+                exchange(stream, &server, &head, &body).await
+            }
         }
-        Ok::<_, String>(reply)
     };
     let reply = tokio::time::timeout(REQUEST_TIMEOUT, work)
         .await
@@ -477,16 +548,24 @@ mod tests {
 
     #[test]
     fn server_addresses() {
+        let addr = |host: &str, prefix: &str, tls: bool| ServerAddr {
+            host: host.into(),
+            prefix: prefix.into(),
+            tls,
+        };
         assert_eq!(
             server_addr("http://127.0.0.1:7380").unwrap(),
-            ("127.0.0.1:7380".into(), String::new())
+            addr("127.0.0.1:7380", "", false)
         );
         assert_eq!(
             server_addr("http://h:1/ferry/").unwrap(),
-            ("h:1".into(), "/ferry".into())
+            addr("h:1", "/ferry", false)
         );
-        assert!(server_addr("https://h:1").is_err());
+        assert_eq!(server_addr("https://h:1").unwrap(), addr("h:1", "", true));
+        assert!(server_addr("ftp://h:1").is_err());
+        assert!(server_addr("h:1").is_err());
         assert!(server_addr("http://").is_err());
+        assert!(server_addr("https://").is_err());
     }
 
     #[test]

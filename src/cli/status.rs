@@ -2,8 +2,10 @@
 //! skip`: the admin API's client verbs.
 //!
 //! In: the address of a running ferry process (`--admin ADDR`, or
-//! `--data-dir DIR` whose `admin.addr` the process wrote; default
-//! [`DEFAULT_ADMIN_ADDR`]). Out: on stdout, the process's status as two
+//! `--data-dir DIR` whose `admin.url` or `admin.addr` the process wrote;
+//! default [`DEFAULT_ADMIN_ADDR`]; `https://HOST:PORT` for an admin API
+//! with TLS, verified against `--ca-file`), and its bearer token
+//! (`--token-file`). Out: on stdout, the process's status as two
 //! tables in the style of NebulaGraph's `SHOW SYNC STATUS` /
 //! `SHOW DRAINER SYNC STATUS` ([`render_status`]) or as one JSON object per
 //! reading (`--json`: the serde form of [`NodeStatus`], field names as in
@@ -34,22 +36,46 @@ use crate::table::table;
 /// Which process to talk to.
 #[derive(Debug, Clone, Default, Args)]
 pub struct AdminTarget {
-    /// Admin API address of the ferry process, HOST:PORT [default: 127.0.0.1:7390].
+    /// Admin API address of the ferry process, HOST:PORT, or
+    /// https://HOST:PORT for one with TLS [default: 127.0.0.1:7390].
     #[arg(long, value_name = "ADDR", conflicts_with = "data_dir")]
     pub admin: Option<String>,
-    /// Data dir of the ferry process: its admin address is read from DIR/admin.addr.
+    /// Data dir of the ferry process: its admin address is read from
+    /// DIR/admin.url (else DIR/admin.addr).
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+    /// A file holding the admin API's bearer token (the process's
+    /// admin-token-file).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// For https:// addresses: the PEM CA certificate(s) the process's
+    /// certificate must chain to [default: the system's roots].
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
 }
 
 impl AdminTarget {
-    /// The `HOST:PORT` to connect to.
+    /// The address to connect to.
     pub fn resolve(&self) -> Result<String, AdminError> {
         match (&self.admin, &self.data_dir) {
             (Some(addr), _) => Ok(addr.clone()),
-            (None, Some(dir)) => Ok(admin::read_addr_file(dir)?.to_string()),
+            (None, Some(dir)) => admin::read_admin_url(dir),
             (None, None) => Ok(DEFAULT_ADMIN_ADDR.to_string()),
         }
+    }
+
+    /// The token and CA the calls go with.
+    pub fn access(&self) -> Result<admin::ClientAccess, StatusCommandError> {
+        let token = self
+            .token_file
+            .as_deref()
+            .map(|path| crate::secret::read_secret_file("--token-file", path))
+            .transpose()
+            .map_err(|error| StatusCommandError::Access(error.to_string()))?;
+        Ok(admin::ClientAccess {
+            token: token.map(crate::secret::Secret::new),
+            ca_file: self.ca_file.clone(),
+        })
     }
 }
 
@@ -133,6 +159,8 @@ pub enum StatusCommandError {
     Runtime(#[source] io::Error),
     #[error("switchover failed, the sync runs on in its old direction: {0}")]
     Switchover(String),
+    #[error("{0}")]
+    Access(String),
 }
 
 /// How [`render_status`] draws progress.
@@ -161,7 +189,8 @@ pub fn status(args: &StatusArgs) -> Result<(), StatusCommandError> {
     let runtime = runtime()?;
     match args.watch {
         None => {
-            let status = runtime.block_on(fetch(&args.target))?;
+            let access = args.target.access()?;
+            let status = runtime.block_on(fetch(&args.target, &access))?;
             let text = if args.json {
                 serde_json::to_string(&status)? + "\n"
             } else {
@@ -177,9 +206,10 @@ pub fn status(args: &StatusArgs) -> Result<(), StatusCommandError> {
 /// `ferry stop-sync`.
 pub fn stop_sync(args: &SyncControlArgs) -> Result<(), StatusCommandError> {
     let selector = args.selector();
+    let access = args.target.access()?;
     let changed = runtime()?.block_on(async {
         let addr = args.target.resolve()?;
-        admin::stop_sync(&addr, &selector).await
+        admin::stop_sync(&addr, &access, &selector).await
     })?;
     write_stdout(&control_summary("stopped", changed, &selector))
 }
@@ -187,9 +217,10 @@ pub fn stop_sync(args: &SyncControlArgs) -> Result<(), StatusCommandError> {
 /// `ferry restart-sync`.
 pub fn restart_sync(args: &SyncControlArgs) -> Result<(), StatusCommandError> {
     let selector = args.selector();
+    let access = args.target.access()?;
     let changed = runtime()?.block_on(async {
         let addr = args.target.resolve()?;
-        admin::restart_sync(&addr, &selector).await
+        admin::restart_sync(&addr, &access, &selector).await
     })?;
     write_stdout(&control_summary("restarted", changed, &selector))
 }
@@ -201,18 +232,20 @@ pub fn skip(args: &SkipArgs) -> Result<(), StatusCommandError> {
         log_id: args.log_id,
         drainer_id: args.drainer.clone(),
     };
+    let access = args.target.access()?;
     let outcome = runtime()?.block_on(async {
         let addr = args.target.resolve()?;
-        admin::skip(&addr, &request).await
+        admin::skip(&addr, &access, &request).await
     })?;
     write_stdout(&skip_summary(&request, &outcome))
 }
 
 /// `ferry switchover`: prints every step; exit code 1 when it failed.
 pub fn switchover(args: &SwitchoverArgs) -> Result<(), StatusCommandError> {
+    let access = args.target.access()?;
     let report = runtime()?.block_on(async {
         let addr = args.target.resolve()?;
-        admin::switchover(&addr, args.timeout.0).await
+        admin::switchover(&addr, &access, args.timeout.0).await
     })?;
     let text = if args.json {
         serde_json::to_string(&report)? + "\n"
@@ -294,9 +327,12 @@ fn control_summary(done: &str, changed: u32, selector: &SyncSelector) -> String 
     format!("{done} {changed} {noun} (selected:{which})\n")
 }
 
-async fn fetch(target: &AdminTarget) -> Result<NodeStatus, AdminError> {
+async fn fetch(
+    target: &AdminTarget,
+    access: &admin::ClientAccess,
+) -> Result<NodeStatus, AdminError> {
     let addr = target.resolve()?;
-    admin::fetch_status(&addr).await
+    admin::fetch_status(&addr, access).await
 }
 
 async fn watch(args: &StatusArgs, interval: Duration) -> Result<(), StatusCommandError> {
@@ -304,10 +340,11 @@ async fn watch(args: &StatusArgs, interval: Duration) -> Result<(), StatusComman
     let style = RenderStyle {
         progress_bars: redraw,
     };
+    let access = args.target.access()?;
     loop {
         // The address is resolved on every tick: a restarted process may
         // have written a new one into its data dir.
-        let reading = fetch(&args.target).await;
+        let reading = fetch(&args.target, &access).await;
         let now = crate::position::now_unix_ms();
         let text = match (&reading, args.json) {
             (Ok(status), true) => serde_json::to_string(status)? + "\n",

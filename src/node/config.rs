@@ -26,6 +26,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::admin::AdminAccess;
 use crate::apply::{ApplyConfig, ExistingData, FilterConfig};
 use crate::listener::ListenerConfig;
 use crate::secret::{PasswordSource, Secret, SecretUrl, SOURCE_PASSWORD_ENV, TARGET_PASSWORD_ENV};
@@ -86,6 +87,22 @@ pub struct ListenerNodeConfig {
     /// Address of the admin API. Default: `"127.0.0.1:7390"`.
     #[serde(default = "default_admin")]
     pub admin: String,
+    /// A file holding the admin API's bearer token (at least 16
+    /// characters, read when the config is loaded): every admin call and
+    /// `GET /metrics` must carry it. Required when `admin` is not a
+    /// loopback address. Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_token_file: Option<PathBuf>,
+    /// The admin API's TLS certificate chain (PEM); with
+    /// `admin-tls-key-file`, the admin port speaks TLS only. Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_tls_cert_file: Option<PathBuf>,
+    /// The private key (PEM) of `admin-tls-cert-file`. Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_tls_key_file: Option<PathBuf>,
+    /// What the `admin-*-file` keys give, once loaded.
+    #[serde(skip)]
+    pub admin_access: AdminAccess,
     /// The source and how it is replicated (`source` is required).
     pub listener: ListenerConfig,
     #[serde(default)]
@@ -104,6 +121,22 @@ pub struct DrainerNodeConfig {
     pub data_dir: PathBuf,
     #[serde(default = "default_admin")]
     pub admin: String,
+    /// A file holding the admin API's bearer token (at least 16
+    /// characters, read when the config is loaded): every admin call and
+    /// `GET /metrics` must carry it. Required when `admin` is not a
+    /// loopback address. Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_token_file: Option<PathBuf>,
+    /// The admin API's TLS certificate chain (PEM); with
+    /// `admin-tls-key-file`, the admin port speaks TLS only. Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_tls_cert_file: Option<PathBuf>,
+    /// The private key (PEM) of `admin-tls-cert-file`. Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_tls_key_file: Option<PathBuf>,
+    /// What the `admin-*-file` keys give, once loaded.
+    #[serde(skip)]
+    pub admin_access: AdminAccess,
     /// Address the ship endpoint listens on, e.g. `"0.0.0.0:7391"`.
     pub listen: String,
     /// The endpoint's limits and the listeners allowed to ship here.
@@ -140,6 +173,19 @@ pub struct SyncFileConfig {
     pub target_password_env: Option<String>,
     pub data_dir: Option<PathBuf>,
     pub admin: Option<String>,
+    /// A file holding the admin API's bearer token (at least 16
+    /// characters, read when the config is loaded): every admin call and
+    /// `GET /metrics` must carry it. Required when `admin` is not a
+    /// loopback address. Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_token_file: Option<PathBuf>,
+    /// The admin API's TLS certificate chain (PEM); with
+    /// `admin-tls-key-file`, the admin port speaks TLS only. Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_tls_cert_file: Option<PathBuf>,
+    /// The private key (PEM) of `admin-tls-cert-file`. Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_tls_key_file: Option<PathBuf>,
     /// Name of this sync: the listener id, the drainer id and so the
     /// checkpoint key `__ferry:checkpoint:<id>:<partition>`. Default:
     /// `"ferry"`.
@@ -189,6 +235,8 @@ pub struct SyncConfig {
     pub id: String,
     pub data_dir: PathBuf,
     pub admin: String,
+    /// The admin API's token and TLS.
+    pub admin_access: AdminAccess,
     pub listener: ListenerConfig,
     /// The listener's WAL (`<data-dir>/listener`).
     pub listener_wal: WalConfig,
@@ -241,6 +289,12 @@ pub struct SyncOverrides {
     pub target_password_file: Option<PathBuf>,
     pub data_dir: Option<PathBuf>,
     pub admin: Option<String>,
+    /// `--admin-token-file`.
+    pub admin_token_file: Option<PathBuf>,
+    /// `--admin-tls-cert-file`.
+    pub admin_tls_cert_file: Option<PathBuf>,
+    /// `--admin-tls-key-file`.
+    pub admin_tls_key_file: Option<PathBuf>,
     pub id: Option<String>,
     pub wal_ttl: Option<crate::config_units::HumanDuration>,
     /// `--dbs`, `--db-map`, `--key-prefix`, `--exclude-key-prefix`: laid
@@ -437,6 +491,48 @@ fn check_admin(path: &Path, admin: &str) -> Result<(), NodeConfigError> {
         .map_err(|e| invalid(path, "admin", format!("{admin:?} is not ip:port ({e})")))
 }
 
+/// The admin API's access from its keys: the token read, the TLS files
+/// checked; a token is required when `admin` is not loopback.
+fn admin_access(
+    path: &Path,
+    admin: &str,
+    token_file: Option<&Path>,
+    tls_cert_file: Option<PathBuf>,
+    tls_key_file: Option<PathBuf>,
+) -> Result<AdminAccess, NodeConfigError> {
+    let token = token_file
+        .map(|file| crate::secret::read_token_file("admin-token-file", file))
+        .transpose()
+        .map_err(|reason| invalid(path, "admin-token-file", reason))?;
+    let field = match (&tls_cert_file, &tls_key_file) {
+        (None, Some(_)) => "admin-tls-cert-file",
+        (Some(_), None) => "admin-tls-key-file",
+        _ => "admin-tls-cert-file",
+    };
+    let access = AdminAccess {
+        token,
+        tls_cert_file,
+        tls_key_file,
+    };
+    access
+        .tls_config()
+        .map_err(|reason| invalid(path, field, reason))?;
+    let beyond_loopback = admin
+        .parse::<std::net::SocketAddr>()
+        .is_ok_and(|addr| !addr.ip().is_loopback());
+    if beyond_loopback && access.token.is_none() {
+        return Err(invalid(
+            path,
+            "admin-token-file",
+            format!(
+                "admin {admin} listens beyond loopback: give admin-token-file \
+                 (--admin-token-file), a bearer token every admin call must carry"
+            ),
+        ));
+    }
+    Ok(access)
+}
+
 fn check_data_dir(path: &Path, data_dir: &Path) -> Result<(), NodeConfigError> {
     if data_dir.as_os_str().is_empty() {
         return Err(invalid(path, "data-dir", "must not be empty"));
@@ -455,6 +551,13 @@ impl ListenerNodeConfig {
         let mut cfg: ListenerNodeConfig = parse(path, text)?;
         check_data_dir(path, &cfg.data_dir)?;
         check_admin(path, &cfg.admin)?;
+        cfg.admin_access = admin_access(
+            path,
+            &cfg.admin,
+            cfg.admin_token_file.as_deref(),
+            cfg.admin_tls_cert_file.clone(),
+            cfg.admin_tls_key_file.clone(),
+        )?;
         cfg.listener
             .validate()
             .map_err(|e| invalid(path, format!("listener.{}", e.field), e.reason))?;
@@ -530,6 +633,13 @@ impl DrainerNodeConfig {
         let mut cfg: DrainerNodeConfig = parse(path, text)?;
         check_data_dir(path, &cfg.data_dir)?;
         check_admin(path, &cfg.admin)?;
+        cfg.admin_access = admin_access(
+            path,
+            &cfg.admin,
+            cfg.admin_token_file.as_deref(),
+            cfg.admin_tls_cert_file.clone(),
+            cfg.admin_tls_key_file.clone(),
+        )?;
         cfg.listen.parse::<std::net::SocketAddr>().map_err(|e| {
             invalid(
                 path,
@@ -600,6 +710,16 @@ impl SyncConfig {
         check_data_dir(path, &data_dir)?;
         let admin = flags.admin.or(file_cfg.admin).unwrap_or_else(default_admin);
         check_admin(path, &admin)?;
+        let admin_access = admin_access(
+            path,
+            &admin,
+            flags
+                .admin_token_file
+                .or(file_cfg.admin_token_file)
+                .as_deref(),
+            flags.admin_tls_cert_file.or(file_cfg.admin_tls_cert_file),
+            flags.admin_tls_key_file.or(file_cfg.admin_tls_key_file),
+        )?;
         let id = flags.id.or(file_cfg.id).unwrap_or_else(|| "ferry".into());
 
         let mut listener = file_cfg.listener.unwrap_or_default();
@@ -745,6 +865,7 @@ impl SyncConfig {
             id,
             data_dir,
             admin,
+            admin_access,
             listener,
             listener_wal,
             ship,
@@ -809,6 +930,42 @@ mod tests {
         Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("conf")
             .join(name)
+    }
+
+    #[test]
+    fn the_admin_api_beyond_loopback_needs_a_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let flags = |admin: &str, token: Option<&str>| {
+            let token_file = token.map(|t| {
+                let file = dir.path().join("token");
+                std::fs::write(&file, format!("{t}\n")).unwrap();
+                file
+            });
+            SyncOverrides {
+                source: Some("redis://127.0.0.1:7000".into()),
+                target: Some("redis://127.0.0.1:7001".into()),
+                data_dir: Some(dir.path().join("d")),
+                admin: Some(admin.into()),
+                admin_token_file: token_file,
+                no_password_env: true,
+                ..SyncOverrides::default()
+            }
+        };
+        let error = SyncConfig::build(None, flags("0.0.0.0:7390", None))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("admin-token-file"), "{error}");
+        let error = SyncConfig::build(None, flags("0.0.0.0:7390", Some("short")))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("at least 16"), "{error}");
+        let cfg =
+            SyncConfig::build(None, flags("0.0.0.0:7390", Some("long-enough-token-123"))).unwrap();
+        let token = cfg.admin_access.token.as_ref().unwrap();
+        assert_eq!(token.expose(), "long-enough-token-123");
+        assert!(!format!("{cfg:?}").contains("long-enough-token-123"));
+        let cfg = SyncConfig::build(None, flags("127.0.0.1:0", None)).unwrap();
+        assert_eq!(cfg.admin_access, AdminAccess::default());
     }
 
     #[test]

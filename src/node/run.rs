@@ -32,6 +32,7 @@ use super::config::{ApplyFrom, DrainerNodeConfig, DrainerPeer, ListenerNodeConfi
 use super::conflicts;
 use super::switchover;
 use super::two_way;
+use crate::admin::AdminAccess;
 use crate::apply::{self, ApplyConfig, ApplyStatus};
 use crate::backoff::Backoff;
 use crate::listener::{
@@ -1417,10 +1418,12 @@ impl NodeControl for Node {
     }
 }
 
-/// Binds the admin API and writes `<data-dir>/admin.addr`.
+/// Binds the admin API and writes `<data-dir>/admin.addr` and
+/// `<data-dir>/admin.url`.
 async fn start_admin(
     data_dir: &Path,
     addr: &str,
+    access: &AdminAccess,
     node: Arc<dyn NodeControl>,
     stages: &mut Stages,
 ) -> Result<(), NodeError> {
@@ -1430,15 +1433,30 @@ async fn start_admin(
     let bound = socket
         .local_addr()
         .map_err(io("reading the admin API address"))?;
-    crate::admin::write_addr_file(data_dir, bound).map_err(io(format!(
-        "writing {}",
-        data_dir.join("admin.addr").display()
-    )))?;
-    info!(admin = %bound, "admin API listening");
+    crate::admin::write_addr_file(data_dir, bound)
+        .and_then(|()| {
+            crate::admin::write_url_file(
+                data_dir,
+                crate::admin::URL_FILE_NAME,
+                access.scheme(),
+                bound,
+            )
+        })
+        .map_err(io(format!(
+            "writing {}",
+            data_dir.join("admin.addr").display()
+        )))?;
+    info!(
+        admin = %bound,
+        tls = access.tls_cert_file.is_some(),
+        token = access.token.is_some(),
+        "admin API listening"
+    );
     let fatal = Arc::clone(&stages.fatal);
     let shutdown = stages.shutdown.clone();
+    let access = access.clone();
     stages.tasks.push(tokio::spawn(async move {
-        if let Err(error) = crate::admin::serve_admin(socket, node, shutdown).await {
+        if let Err(error) = crate::admin::serve_admin(socket, node, access, shutdown).await {
             fatal.raise(format!("admin API: {error}"));
         }
     }));
@@ -1643,7 +1661,14 @@ pub async fn run_listener(
         conflicts: None,
         wals: vec![("listener", wal.clone())],
     });
-    start_admin(&cfg.data_dir, &cfg.admin, node.clone(), &mut stages).await?;
+    start_admin(
+        &cfg.data_dir,
+        &cfg.admin,
+        &cfg.admin_access,
+        node.clone(),
+        &mut stages,
+    )
+    .await?;
     finish(stages, node, vec![wal]).await
 }
 
@@ -1674,7 +1699,14 @@ pub async fn run_drainer(
         conflicts: None,
         wals: vec![("drainer", wal.clone())],
     });
-    start_admin(&cfg.data_dir, &cfg.admin, node.clone(), &mut stages).await?;
+    start_admin(
+        &cfg.data_dir,
+        &cfg.admin,
+        &cfg.admin_access,
+        node.clone(),
+        &mut stages,
+    )
+    .await?;
     finish(stages, node, vec![wal]).await
 }
 
@@ -1845,7 +1877,14 @@ async fn run_sync_inner(
             ("drainer", drainer_wal.clone()),
         ],
     });
-    start_admin(&cfg.data_dir, &cfg.admin, node.clone(), &mut stages).await?;
+    start_admin(
+        &cfg.data_dir,
+        &cfg.admin,
+        &cfg.admin_access,
+        node.clone(),
+        &mut stages,
+    )
+    .await?;
     slot.set(Some(node.clone()));
     info!(source = %redacted(&cfg.listener.source), target = %redacted(&cfg.apply.target), apply_from = "drainer-wal", "sync running");
     finish(stages, node, vec![listener_wal, drainer_wal]).await
@@ -2035,7 +2074,14 @@ async fn run_direct(
     let control: Arc<dyn NodeControl> = host.clone();
     slot.set(Some(control.clone()));
     let mut admin = Stages::new(shutdown.clone());
-    start_admin(&cfg.data_dir, &cfg.admin, control.clone(), &mut admin).await?;
+    start_admin(
+        &cfg.data_dir,
+        &cfg.admin,
+        &cfg.admin_access,
+        control.clone(),
+        &mut admin,
+    )
+    .await?;
     let mut pending: Option<(
         switchover::Committed,
         tokio::sync::oneshot::Sender<SwitchoverReport>,

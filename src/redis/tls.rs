@@ -133,7 +133,7 @@ fn configs() -> &'static Configs {
     CONFIGS.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
-fn read_pem(what: &str, path: &Path) -> Result<Vec<u8>, String> {
+pub(crate) fn read_pem(what: &str, path: &Path) -> Result<Vec<u8>, String> {
     // PEM files of certificates and keys are small; a bigger one is not one.
     const PEM_MAX: u64 = 1 << 20;
     let meta = std::fs::metadata(path).map_err(|e| format!("{what} {}: {e}", path.display()))?;
@@ -147,7 +147,12 @@ fn read_pem(what: &str, path: &Path) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("{what} {}: {e}", path.display()))
 }
 
-fn certificates(what: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+/// The PEM certificates of `path`; errors name `what` (the key or flag that
+/// gave the file) and the file.
+pub(crate) fn certificates(
+    what: &str,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, String> {
     let pem = read_pem(what, path)?;
     let certs = rustls_pemfile::certs(&mut pem.as_slice())
         .collect::<Result<Vec<_>, _>>()
@@ -161,11 +166,12 @@ fn certificates(what: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>,
     Ok(certs)
 }
 
-fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
-    let pem = read_pem("tls-key-file", path)?;
+/// The PEM private key of `path`; errors name `what` and the file.
+pub(crate) fn private_key(what: &str, path: &Path) -> Result<PrivateKeyDer<'static>, String> {
+    let pem = read_pem(what, path)?;
     rustls_pemfile::private_key(&mut pem.as_slice())
-        .map_err(|e| format!("tls-key-file {}: {e}", path.display()))?
-        .ok_or_else(|| format!("tls-key-file {}: no PEM private key in it", path.display()))
+        .map_err(|e| format!("{what} {}: {e}", path.display()))?
+        .ok_or_else(|| format!("{what} {}: no PEM private key in it", path.display()))
 }
 
 /// The client config of `options`, built on first use.
@@ -204,7 +210,10 @@ fn client_config(options: &TlsOptions) -> Result<Arc<rustls::ClientConfig>, Stri
         .with_root_certificates(roots);
     let config = match (&options.cert_file, &options.key_file) {
         (Some(cert), Some(key)) => builder
-            .with_client_auth_cert(certificates("tls-cert-file", cert)?, private_key(key)?)
+            .with_client_auth_cert(
+                certificates("tls-cert-file", cert)?,
+                private_key("tls-key-file", key)?,
+            )
             .map_err(|e| format!("tls-cert-file {}: {e}", cert.display()))?,
         (None, None) => builder.with_no_client_auth(),
         _ => return Err("tls-cert-file and tls-key-file go together".to_string()),

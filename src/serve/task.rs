@@ -333,6 +333,10 @@ impl TaskRecord {
             // Each task's own admin API, on a free loopback port (in
             // <task dir>/sync/admin.addr): `ferry status --data-dir` works.
             admin: Some("127.0.0.1:0".into()),
+            // Internal, on loopback: neither token nor TLS.
+            admin_token_file: None,
+            admin_tls_cert_file: None,
+            admin_tls_key_file: None,
             id: Some(self.name.clone()),
             wal_ttl,
             filter: FilterConfig {

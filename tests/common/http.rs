@@ -27,14 +27,75 @@ impl HttpReply {
 /// `GET path` from `addr` (`HOST:PORT`) over HTTP/1.1, the connection
 /// closed after the reply.
 pub fn get(addr: &str, path: &str) -> std::io::Result<HttpReply> {
-    let mut stream = TcpStream::connect(addr)?;
+    get_with(addr, path, &[])
+}
+
+/// [`get`] with more request headers.
+pub fn get_with(addr: &str, path: &str, headers: &[(&str, &str)]) -> std::io::Result<HttpReply> {
+    let stream = TcpStream::connect(addr)?;
     stream.set_read_timeout(Some(Duration::from_secs(20)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: */*\r\nConnection: close\r\n\r\n"
-    )?;
+    exchange(stream, addr, path, headers)
+}
+
+/// [`get_with`] over TLS, the server's certificate checked against the PEM
+/// CA file `ca` and the host of `addr` (an IP address).
+pub fn get_tls(
+    addr: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    ca: &std::path::Path,
+) -> std::io::Result<HttpReply> {
+    use std::sync::Arc;
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(ca)?;
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        roots.add(cert?).map_err(std::io::Error::other)?;
+    }
+    #[allow(deprecated)]
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(std::io::Error::other)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let host = addr.rsplit_once(':').map_or(addr, |(host, _)| host);
+    let name =
+        rustls::pki_types::ServerName::try_from(host.to_string()).map_err(std::io::Error::other)?;
+    let connection =
+        rustls::ClientConnection::new(Arc::new(config), name).map_err(std::io::Error::other)?;
+    let tcp = TcpStream::connect(addr)?;
+    tcp.set_read_timeout(Some(Duration::from_secs(20)))?;
+    exchange(
+        rustls::StreamOwned::new(connection, tcp),
+        addr,
+        path,
+        headers,
+    )
+}
+
+fn exchange(
+    mut stream: impl Read + Write,
+    addr: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> std::io::Result<HttpReply> {
+    let mut head =
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: */*\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes())?;
+    stream.flush()?;
     let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
+    match stream.read_to_end(&mut raw) {
+        Ok(_) => {}
+        // A TLS peer that closed without close_notify once it answered.
+        Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
+        Err(error) => return Err(error),
+    }
     let bad =
         |what: &str| std::io::Error::other(format!("{what}: {:?}", String::from_utf8_lossy(&raw)));
     let split = raw
