@@ -369,10 +369,30 @@ pub fn read_token_file(what: &str, path: &Path) -> Result<Secret, String> {
 
 /// A secret file's content, without one trailing `\n` or `\r\n`.
 pub fn read_secret_file(what: &str, path: &Path) -> Result<String, SecretError> {
-    let text = std::fs::read_to_string(path).map_err(|error| SecretError::ReadFile {
+    use std::io::Read;
+    // A password or token is short: a bigger file is not one (a device,
+    // a log named by mistake), and is not read whole.
+    const SECRET_FILE_MAX: u64 = 64 * 1024;
+    let fail = |error: std::io::Error| SecretError::ReadFile {
         what: what.to_string(),
         path: path.to_path_buf(),
         error,
+    };
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|file| file.take(SECRET_FILE_MAX + 1).read_to_end(&mut bytes))
+        .map_err(fail)?;
+    if bytes.len() as u64 > SECRET_FILE_MAX {
+        return Err(fail(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than {SECRET_FILE_MAX} bytes: not a secret"),
+        )));
+    }
+    let text = String::from_utf8(bytes).map_err(|_| {
+        fail(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "not UTF-8",
+        ))
     })?;
     let text = text
         .strip_suffix('\n')
