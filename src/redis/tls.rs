@@ -147,7 +147,10 @@ fn read_pem(what: &str, path: &Path) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("{what} {}: {e}", path.display()))
 }
 
-fn certificates(what: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+pub(crate) fn certificates(
+    what: &str,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, String> {
     let pem = read_pem(what, path)?;
     let certs = rustls_pemfile::certs(&mut pem.as_slice())
         .collect::<Result<Vec<_>, _>>()
@@ -161,26 +164,26 @@ fn certificates(what: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>,
     Ok(certs)
 }
 
-fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
-    let pem = read_pem("tls-key-file", path)?;
+pub(crate) fn private_key(what: &str, path: &Path) -> Result<PrivateKeyDer<'static>, String> {
+    let pem = read_pem(what, path)?;
     rustls_pemfile::private_key(&mut pem.as_slice())
-        .map_err(|e| format!("tls-key-file {}: {e}", path.display()))?
-        .ok_or_else(|| format!("tls-key-file {}: no PEM private key in it", path.display()))
+        .map_err(|e| format!("{what} {}: {e}", path.display()))?
+        .ok_or_else(|| format!("{what} {}: no PEM private key in it", path.display()))
 }
 
-/// The client config of `options`, built on first use.
-fn client_config(options: &TlsOptions) -> Result<Arc<rustls::ClientConfig>, String> {
-    let mut cache = configs().lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(config) = cache.get(options) {
-        return Ok(Arc::clone(config));
-    }
+/// The roots a client trusts: the certificates of `ca_file` (named `what`
+/// in errors), else the system's.
+pub(crate) fn root_store(
+    what: &str,
+    ca_file: Option<&Path>,
+) -> Result<rustls::RootCertStore, String> {
     let mut roots = rustls::RootCertStore::empty();
-    match &options.ca_file {
+    match ca_file {
         Some(path) => {
-            for cert in certificates("tls-ca-file", path)? {
+            for cert in certificates(what, path)? {
                 roots
                     .add(cert)
-                    .map_err(|e| format!("tls-ca-file {}: {e}", path.display()))?;
+                    .map_err(|e| format!("{what} {}: {e}", path.display()))?;
             }
         }
         None => {
@@ -190,21 +193,40 @@ fn client_config(options: &TlsOptions) -> Result<Arc<rustls::ClientConfig>, Stri
                 let _ = roots.add(cert);
             }
             if roots.is_empty() {
-                return Err("no tls-ca-file given and no system root certificate found".to_string());
+                return Err(format!(
+                    "no {what} given and no system root certificate found"
+                ));
             }
         }
     }
-    // ring, not aws-lc-rs (which needs cmake to build); rustls deprecates
-    // ring's provider only for its lack of post-quantum key exchange.
+    Ok(roots)
+}
+
+/// The crypto provider of every TLS config ferry builds: ring, not
+/// aws-lc-rs (which needs cmake to build); rustls deprecates ring's provider
+/// only for its lack of post-quantum key exchange.
+pub(crate) fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
     #[allow(deprecated)]
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The client config of `options`, built on first use.
+fn client_config(options: &TlsOptions) -> Result<Arc<rustls::ClientConfig>, String> {
+    let mut cache = configs().lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(config) = cache.get(options) {
+        return Ok(Arc::clone(config));
+    }
+    let roots = root_store("tls-ca-file", options.ca_file.as_deref())?;
+    let builder = rustls::ClientConfig::builder_with_provider(crypto_provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .with_root_certificates(roots);
     let config = match (&options.cert_file, &options.key_file) {
         (Some(cert), Some(key)) => builder
-            .with_client_auth_cert(certificates("tls-cert-file", cert)?, private_key(key)?)
+            .with_client_auth_cert(
+                certificates("tls-cert-file", cert)?,
+                private_key("tls-key-file", key)?,
+            )
             .map_err(|e| format!("tls-cert-file {}: {e}", cert.display()))?,
         (None, None) => builder.with_no_client_auth(),
         _ => return Err("tls-cert-file and tls-key-file go together".to_string()),
