@@ -45,6 +45,9 @@
 //!   next transfer's `seq 0` deletes them.
 //! - The stream carries nothing else. Either side ends it on any error; the
 //!   listener reconnects and starts over with `Hello`.
+//! - The transport is HTTP/2, plain or TLS (a drainer with `[drainer.tls]`,
+//!   listeners with `https://` endpoints, optionally mutual TLS; module
+//!   [`tls`]). The `Hello` secret is checked either way.
 //!
 //! # History
 //!
