@@ -152,7 +152,11 @@ impl DrainerServer {
         let shutdown = CancellationToken::new();
         let task = tokio::spawn({
             let (service, shutdown) = (service.clone(), shutdown.clone());
-            async move { serve_drainer(listener, service, shutdown).await.unwrap() }
+            async move {
+                serve_drainer(listener, service, None, shutdown)
+                    .await
+                    .unwrap()
+            }
         });
         DrainerServer {
             addr,
@@ -217,6 +221,7 @@ impl RunningShipper {
             endpoint,
             listener_id: LISTENER.into(),
             secret: secret.into(),
+            tls: None,
         };
         let shipper = Shipper::new(wal.clone(), P, target, shipper_config(), provider).unwrap();
         let status = shipper.status_handle();
@@ -1328,6 +1333,7 @@ async fn throughput() {
         endpoint: drainer.endpoint(),
         listener_id: LISTENER.into(),
         secret: SECRET.into(),
+        tls: None,
     };
     // Default batching (the other tests use small batches to cut streams
     // mid-way more often).

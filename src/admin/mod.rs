@@ -219,7 +219,7 @@ fn append_chain(text: &mut String, error: &(dyn std::error::Error + 'static)) {
     }
 }
 
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = String::new();
     append_chain(&mut text, error);
     text

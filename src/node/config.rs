@@ -30,6 +30,7 @@ use crate::admin::AdminAccess;
 use crate::apply::{ApplyConfig, ExistingData, FilterConfig};
 use crate::listener::ListenerConfig;
 use crate::secret::{PasswordSource, Secret, SecretUrl, SOURCE_PASSWORD_ENV, TARGET_PASSWORD_ENV};
+use crate::ship::tls::{ClientTls, ClientTlsOptions, ServerTls};
 use crate::ship::{AllowedListener, DrainerServiceConfig, ShipperConfig};
 use crate::wal::WalConfig;
 
@@ -62,7 +63,8 @@ pub struct DrainerPeer {
     /// The drainer's name: the listener's WAL keeps entries until this
     /// drainer has them (up to `wal-ttl`).
     pub id: String,
-    /// `http://host:port` of the drainer's ship endpoint.
+    /// `http://host:port` of the drainer's ship endpoint; `https://host:port`
+    /// for a drainer with `[drainer.tls]`.
     pub endpoint: String,
     /// The secret this drainer expects from this listener (at least 8
     /// bytes). Give it here, or in `secret-file` or `secret-env`.
@@ -76,6 +78,48 @@ pub struct DrainerPeer {
     /// none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_env: Option<String>,
+    /// CA certificates (PEM) the drainer's certificate must chain to
+    /// (`https://` only). Default: the system's roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca_file: Option<PathBuf>,
+    /// This listener's certificate (PEM), for a drainer with
+    /// `client-ca-file` (mutual TLS); with `tls-key-file`. Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The private key (PEM) of `tls-cert-file`. Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_key_file: Option<PathBuf>,
+    /// The name the drainer's certificate must carry. Default: the
+    /// endpoint's host (a DNS name or an IP address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_server_name: Option<String>,
+}
+
+impl DrainerPeer {
+    /// The TLS options of an `https://` endpoint; `None` for `http://`.
+    pub fn tls_options(&self) -> Option<ClientTlsOptions> {
+        self.endpoint
+            .starts_with("https://")
+            .then(|| ClientTlsOptions {
+                ca_file: self.tls_ca_file.clone(),
+                cert_file: self.tls_cert_file.clone(),
+                key_file: self.tls_key_file.clone(),
+                server_name: self.tls_server_name.clone(),
+            })
+    }
+
+    /// The `tls-*` keys that are set, by name.
+    fn tls_keys_set(&self) -> Vec<&'static str> {
+        [
+            ("tls-ca-file", self.tls_ca_file.is_some()),
+            ("tls-cert-file", self.tls_cert_file.is_some()),
+            ("tls-key-file", self.tls_key_file.is_some()),
+            ("tls-server-name", self.tls_server_name.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(key, set)| set.then_some(key))
+        .collect()
+    }
 }
 
 /// `ferry listener --config FILE`.
@@ -604,8 +648,26 @@ fn check_peer(path: &Path, index: usize, peer: &DrainerPeer) -> Result<(), NodeC
         return Err(invalid(
             path,
             format!("drainers[{index}].endpoint"),
-            format!("{:?} must look like http://host:port", peer.endpoint),
+            format!(
+                "{:?} must look like http://host:port (or https://host:port for TLS)",
+                peer.endpoint
+            ),
         ));
+    }
+    match peer.tls_options() {
+        Some(options) => {
+            ClientTls::new(&peer.endpoint, &options)
+                .map_err(|e| invalid(path, format!("drainers[{index}].{}", e.field), e.reason))?;
+        }
+        None => {
+            if let Some(key) = peer.tls_keys_set().first() {
+                return Err(invalid(
+                    path,
+                    format!("drainers[{index}].{key}"),
+                    format!("TLS needs an https:// endpoint, not {:?}", peer.endpoint),
+                ));
+            }
+        }
     }
     if peer.secret.is_empty() {
         return Err(invalid(
@@ -675,6 +737,10 @@ impl DrainerNodeConfig {
             .drainer
             .validate()
             .map_err(|e| invalid(path, "drainer", e.to_string()))?;
+        if let Some(tls) = &cfg.drainer.tls {
+            ServerTls::new(tls)
+                .map_err(|e| invalid(path, format!("drainer.tls.{}", e.field), e.reason))?;
+        }
         cfg.wal = check_wal(path, "wal", wal_in(cfg.wal, &cfg.data_dir, "wal"))?;
         cfg.apply.filter = cfg.filter.clone();
         cfg.apply = dead_letter_in(cfg.apply, &cfg.data_dir)
@@ -1033,6 +1099,103 @@ secret = "12345678"
     }
 
     #[test]
+    fn tls_keys_are_checked_at_load_naming_file_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str| dir.path().join(name).display().to_string();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        std::fs::write(dir.path().join("cert.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.path().join("key.pem"), key.serialize_pem()).unwrap();
+        std::fs::write(dir.path().join("junk.pem"), "not pem").unwrap();
+        let other_key = rcgen::KeyPair::generate().unwrap();
+        std::fs::write(dir.path().join("other.key"), other_key.serialize_pem()).unwrap();
+
+        // Listener side.
+        let https = LISTENER.replace("http://", "https://");
+        let with = |text: &str, keys: &str| format!("{text}{keys}\n");
+        let ca = format!("tls-ca-file = \"{}\"", file("cert.pem"));
+        ListenerNodeConfig::from_toml(Path::new("l.toml"), &with(&https, &ca)).unwrap();
+        let error = listener_error(&with(LISTENER, &ca));
+        assert!(
+            error.contains("l.toml") && error.contains("drainers[0].tls-ca-file"),
+            "{error}"
+        );
+        assert!(error.contains("https://"), "{error}");
+        let error = listener_error(&with(
+            &https,
+            &format!("tls-ca-file = \"{}\"", file("missing.pem")),
+        ));
+        assert!(
+            error.contains("drainers[0].tls-ca-file") && error.contains("missing.pem"),
+            "{error}"
+        );
+        let error = listener_error(&with(
+            &https,
+            &format!("{ca}\ntls-key-file = \"{}\"", file("key.pem")),
+        ));
+        assert!(error.contains("drainers[0].tls-cert-file"), "{error}");
+        let error = listener_error(&with(
+            &https,
+            &format!(
+                "{ca}\ntls-cert-file = \"{}\"\ntls-key-file = \"{}\"",
+                file("cert.pem"),
+                file("junk.pem")
+            ),
+        ));
+        assert!(
+            error.contains("drainers[0].tls-key-file") && error.contains("no PEM private key"),
+            "{error}"
+        );
+
+        // Drainer side.
+        let drainer = |tls: &str| {
+            format!(
+                "data-dir = \"d\"\nlisten = \"127.0.0.1:1\"\n[[drainer.listeners]]\n\
+                 id = \"l\"\nsecret = \"12345678\"\n[drainer.tls]\n{tls}\n\
+                 [apply]\ndrainer-id = \"d\"\ntarget = \"redis://127.0.0.1:2\"\n"
+            )
+        };
+        let drainer_error = |tls: &str| {
+            DrainerNodeConfig::from_toml(Path::new("d.toml"), &drainer(tls))
+                .unwrap_err()
+                .to_string()
+        };
+        let good = format!(
+            "cert-file = \"{}\"\nkey-file = \"{}\"\nclient-ca-file = \"{}\"",
+            file("cert.pem"),
+            file("key.pem"),
+            file("cert.pem")
+        );
+        let checked = DrainerNodeConfig::from_toml(Path::new("d.toml"), &drainer(&good)).unwrap();
+        assert!(checked.drainer.tls.is_some());
+        let error = drainer_error(&format!("key-file = \"{}\"", file("key.pem")));
+        assert!(
+            error.contains("d.toml") && error.contains("cert-file"),
+            "{error}"
+        );
+        let error = drainer_error(&good.replace("cert.pem\"\nkey", "junk.pem\"\nkey"));
+        assert!(
+            error.contains("drainer.tls.cert-file") && error.contains("junk.pem"),
+            "{error}"
+        );
+        let error = drainer_error(&good.replace("key.pem", "other.key"));
+        assert!(error.contains("drainer.tls.key-file"), "{error}");
+        let error = drainer_error(&good.replace(
+            &format!("client-ca-file = \"{}\"", file("cert.pem")),
+            &format!("client-ca-file = \"{}\"", file("missing-ca.pem")),
+        ));
+        assert!(
+            error.contains("drainer.tls.client-ca-file") && error.contains("missing-ca.pem"),
+            "{error}"
+        );
+        let error = drainer_error(&format!("{good}\ncert = 1"));
+        assert!(error.contains("cert"), "{error}");
+    }
+
+    #[test]
     fn sync_needs_source_target_and_dir() {
         let err = SyncConfig::build(None, SyncOverrides::default()).unwrap_err();
         assert!(err.to_string().contains("--source"), "{err}");
@@ -1268,6 +1431,7 @@ secret = "12345678"
                     endpoint: "http://h:1".into(),
                     listener_id: "l".into(),
                     secret: listener.drainers[0].secret.clone(),
+                    tls: None,
                 }
             ),
         ];

@@ -43,6 +43,7 @@ use crate::precheck::Verdict;
 use crate::record::SnapshotMarker;
 use crate::redis::url::RedisUrl;
 use crate::secret::Secret;
+use crate::ship::tls::ServerTls;
 use crate::ship::{
     self, AllowedListener, DrainerService, DrainerServiceConfig, DrainerTarget, FallbackSnapshot,
     Shipper, ShipperConfig, ShipperStatusHandle, SnapshotProvider, SnapshotProviderError,
@@ -543,6 +544,7 @@ async fn start_listener_part(
                 endpoint: peer.endpoint.clone(),
                 listener_id: listener_id.clone(),
                 secret: peer.secret.clone(),
+                tls: peer.tls_options(),
             },
             running: None,
             status: None,
@@ -1250,6 +1252,7 @@ fn recent_refusal(refused: Option<(u64, String)>) -> Option<String> {
 /// Starts the ship endpoint on `socket` and the applier supervisor.
 fn start_drainer_part(
     socket: tokio::net::TcpListener,
+    tls: Option<ServerTls>,
     service_cfg: DrainerServiceConfig,
     wal: Wal,
     apply_cfg: ApplyConfig,
@@ -1272,7 +1275,7 @@ fn start_drainer_part(
     let serve_fatal = Arc::clone(fatal);
     let serve_shutdown = shutdown.clone();
     stages.tasks.push(tokio::spawn(async move {
-        if let Err(error) = ship::serve_drainer(socket, service, serve_shutdown).await {
+        if let Err(error) = ship::serve_drainer(socket, service, tls, serve_shutdown).await {
             serve_fatal.raise(format!("ship endpoint: {error}"));
         }
     }));
@@ -1681,12 +1684,20 @@ pub async fn run_drainer(
     let mut stages = Stages::new(shutdown);
     let wal = open_wal(cfg.wal.clone()).await?;
     precheck_first_sync(&wal, None, Some(&cfg.apply), PRECHECK_OUTAGE).await?;
+    let tls = cfg
+        .drainer
+        .tls
+        .as_ref()
+        .map(ServerTls::new)
+        .transpose()
+        .map_err(|e| NodeError::Config(format!("drainer.tls.{e}")))?;
     let socket = tokio::net::TcpListener::bind(&cfg.listen)
         .await
         .map_err(io(format!("binding the ship endpoint on {}", cfg.listen)))?;
-    info!(listen = %cfg.listen, "ship endpoint listening");
+    info!(listen = %cfg.listen, tls = tls.is_some(), mutual_tls = cfg.drainer.tls.as_ref().is_some_and(|t| t.client_ca_file.is_some()), "ship endpoint listening");
     let drainer = start_drainer_part(
         socket,
+        tls,
         cfg.drainer.clone(),
         wal.clone(),
         cfg.apply.clone(),
@@ -1842,8 +1853,10 @@ async fn run_sync_inner(
             .map_err(io("reading the ship endpoint address"))?
     );
     let secret = random_secret();
+    // Loopback, within one process: no TLS.
     let drainer = start_drainer_part(
         socket,
+        None,
         DrainerServiceConfig {
             listeners: vec![AllowedListener::new(cfg.id.clone(), secret.clone())],
             ..DrainerServiceConfig::default()
@@ -1863,6 +1876,10 @@ async fn run_sync_inner(
             secret,
             secret_file: None,
             secret_env: None,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_server_name: None,
         }],
         &mut stages,
     )

@@ -174,19 +174,19 @@ pub(crate) fn private_key(what: &str, path: &Path) -> Result<PrivateKeyDer<'stat
         .ok_or_else(|| format!("{what} {}: no PEM private key in it", path.display()))
 }
 
-/// The client config of `options`, built on first use.
-fn client_config(options: &TlsOptions) -> Result<Arc<rustls::ClientConfig>, String> {
-    let mut cache = configs().lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(config) = cache.get(options) {
-        return Ok(Arc::clone(config));
-    }
+/// The roots a client trusts: the certificates of `ca_file` (named `what`
+/// in errors), else the system's.
+pub(crate) fn root_store(
+    what: &str,
+    ca_file: Option<&Path>,
+) -> Result<rustls::RootCertStore, String> {
     let mut roots = rustls::RootCertStore::empty();
-    match &options.ca_file {
+    match ca_file {
         Some(path) => {
-            for cert in certificates("tls-ca-file", path)? {
+            for cert in certificates(what, path)? {
                 roots
                     .add(cert)
-                    .map_err(|e| format!("tls-ca-file {}: {e}", path.display()))?;
+                    .map_err(|e| format!("{what} {}: {e}", path.display()))?;
             }
         }
         None => {
@@ -196,15 +196,31 @@ fn client_config(options: &TlsOptions) -> Result<Arc<rustls::ClientConfig>, Stri
                 let _ = roots.add(cert);
             }
             if roots.is_empty() {
-                return Err("no tls-ca-file given and no system root certificate found".to_string());
+                return Err(format!(
+                    "no {what} given and no system root certificate found"
+                ));
             }
         }
     }
-    // ring, not aws-lc-rs (which needs cmake to build); rustls deprecates
-    // ring's provider only for its lack of post-quantum key exchange.
+    Ok(roots)
+}
+
+/// The crypto provider of every TLS config ferry builds: ring, not
+/// aws-lc-rs (which needs cmake to build); rustls deprecates ring's provider
+/// only for its lack of post-quantum key exchange.
+pub(crate) fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
     #[allow(deprecated)]
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The client config of `options`, built on first use.
+fn client_config(options: &TlsOptions) -> Result<Arc<rustls::ClientConfig>, String> {
+    let mut cache = configs().lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(config) = cache.get(options) {
+        return Ok(Arc::clone(config));
+    }
+    let roots = root_store("tls-ca-file", options.ca_file.as_deref())?;
+    let builder = rustls::ClientConfig::builder_with_provider(crypto_provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .with_root_certificates(roots);

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn, Instrument};
 
+use super::tls::{ServerTls, ServerTlsConfig};
 use super::wire::{self, DecodedEntry};
 use super::{secrets_match, ShipError, ShipLimits, PROTOCOL_VERSION};
 use crate::config_units::HumanDuration;
@@ -86,6 +87,11 @@ pub struct DrainerServiceConfig {
     pub max_batch_entries: u32,
     /// Largest decompressed snapshot chunk. Default: 8MiB.
     pub max_chunk_raw_bytes: usize,
+    /// TLS on the endpoint (`[drainer.tls]`): the drainer's certificate and
+    /// key, and optionally the CA that listeners' certificates must chain to
+    /// (mutual TLS). Default: none (plain gRPC; listeners use `http://`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ServerTlsConfig>,
 }
 
 impl Default for DrainerServiceConfig {
@@ -100,6 +106,7 @@ impl Default for DrainerServiceConfig {
             max_batch_raw_bytes: limits.max_batch_raw_bytes,
             max_batch_entries: limits.max_batch_entries,
             max_chunk_raw_bytes: limits.max_chunk_raw_bytes,
+            tls: None,
         }
     }
 }
@@ -994,30 +1001,43 @@ impl StreamSession {
     }
 }
 
-/// Serves `service` on `listener` until `shutdown` fires; then ends every
-/// stream and waits for them (so the WAL can be closed afterwards).
+/// Serves `service` on `listener` until `shutdown` fires, over TLS when
+/// `tls` is given; then ends every stream and waits for them (so the WAL can
+/// be closed afterwards).
 pub async fn serve_drainer(
     listener: tokio::net::TcpListener,
     service: DrainerService,
+    tls: Option<ServerTls>,
     shutdown: CancellationToken,
 ) -> Result<(), ShipError> {
     let keepalive = service.inner.config.keepalive.0;
-    let incoming =
-        tonic::transport::server::TcpIncoming::from_listener(listener, true, Some(keepalive))
-            .map_err(|error| ShipError::Config(format!("listening socket: {error}")))?;
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(keepalive))
         .http2_keepalive_timeout(Some(keepalive))
         .add_service(service.clone().into_server());
     let stop = shutdown.clone();
     let sessions = service.clone();
-    let served = server
-        .serve_with_incoming_shutdown(incoming, async move {
-            stop.cancelled().await;
-            // Long-lived streams would hold the graceful shutdown forever.
-            sessions.shutdown().await;
-        })
-        .await;
+    let stopped = async move {
+        stop.cancelled().await;
+        // Long-lived streams would hold the graceful shutdown forever.
+        sessions.shutdown().await;
+    };
+    let served = match tls {
+        Some(tls) => {
+            server
+                .serve_with_incoming_shutdown(tls.incoming(listener), stopped)
+                .await
+        }
+        None => {
+            let incoming = tonic::transport::server::TcpIncoming::from_listener(
+                listener,
+                true,
+                Some(keepalive),
+            )
+            .map_err(|error| ShipError::Config(format!("listening socket: {error}")))?;
+            server.serve_with_incoming_shutdown(incoming, stopped).await
+        }
+    };
     service.shutdown().await;
     served.map_err(|error| ShipError::Config(format!("serving: {error}")))
 }

@@ -45,6 +45,9 @@
 //!   next transfer's `seq 0` deletes them.
 //! - The stream carries nothing else. Either side ends it on any error; the
 //!   listener reconnects and starts over with `Hello`.
+//! - The transport is HTTP/2, plain or TLS (a drainer with `[drainer.tls]`,
+//!   listeners with `https://` endpoints, optionally mutual TLS; module
+//!   [`tls`]). The `Hello` secret is checked either way.
 //!
 //! # History
 //!
@@ -173,6 +176,7 @@
 
 mod drainer;
 mod shipper;
+pub mod tls;
 pub mod wire;
 
 use std::error::Error as StdError;
@@ -336,13 +340,18 @@ pub enum ShipError {
     ShuttingDown,
     #[error("wal: {0}")]
     Wal(#[from] WalError),
-    #[error("connecting to {endpoint}: {error}")]
+    #[error("connecting to {endpoint}: {}", crate::admin::error_chain(.error))]
     Connect {
         endpoint: String,
         #[source]
         error: tonic::transport::Error,
     },
-    #[error("drainer answered {:?}: {}", .0.code(), .0.message())]
+    /// The TLS handshake with the drainer failed, or the drainer ended the
+    /// TLS session (an untrusted certificate either way, a drainer that does
+    /// not speak TLS).
+    #[error("TLS with {endpoint}: {reason}")]
+    Tls { endpoint: String, reason: String },
+    #[error("drainer answered {:?}: {}", .0.code(), status_text(.0))]
     Remote(Box<Status>),
     #[error("drainer closed the stream")]
     StreamClosed,
@@ -394,6 +403,7 @@ impl ShipError {
             ShipError::ShuttingDown => "drainer-shutting-down",
             ShipError::Wal(_) => "wal",
             ShipError::Connect { .. } => "connect",
+            ShipError::Tls { .. } => "tls",
             ShipError::Remote(status) => match status.code() {
                 Code::Unauthenticated => "remote-unauthenticated",
                 Code::PermissionDenied => "remote-permission-denied",
@@ -433,6 +443,7 @@ impl From<ShipError> for Status {
             ShipError::Remote(status) => *status,
             ShipError::Wal(_)
             | ShipError::Connect { .. }
+            | ShipError::Tls { .. }
             | ShipError::StreamClosed
             | ShipError::Protocol(_)
             | ShipError::Snapshot { .. }
@@ -440,6 +451,20 @@ impl From<ShipError> for Status {
             | ShipError::Config(_) => Status::internal(message),
         }
     }
+}
+
+/// A status's message and, for one tonic made of a transport failure (whose
+/// message alone is "transport error"), its causes.
+fn status_text(status: &Status) -> String {
+    let mut text = status.message().to_string();
+    if let Some(source) = std::error::Error::source(status) {
+        let causes = crate::admin::error_chain(source);
+        if !causes.is_empty() && !text.contains(&causes) {
+            text.push_str(": ");
+            text.push_str(&causes);
+        }
+    }
+    text
 }
 
 /// Compares secrets without an early exit on the first differing byte, so

@@ -22,6 +22,7 @@ use tonic::transport::Endpoint;
 use tonic::Streaming;
 use tracing::{debug, info, warn, Instrument};
 
+use super::tls::{tls_cause, ClientTls, ClientTlsOptions};
 use super::wire;
 use super::{ShipError, ShipLimits, SnapshotProvider, PROTOCOL_VERSION};
 use crate::backoff::Backoff;
@@ -153,11 +154,15 @@ pub struct DrainerTarget {
     /// The drainer's name as a downstream of the listener's WAL (its acks
     /// hold back retention).
     pub drainer_id: DownstreamId,
-    /// `http://host:port` of the drainer's `Ship` endpoint.
+    /// `http://host:port` of the drainer's `Ship` endpoint, or
+    /// `https://host:port` for TLS.
     pub endpoint: String,
     /// This listener's id and the secret the drainer expects from it.
     pub listener_id: String,
     pub secret: Secret,
+    /// TLS options of an `https://` endpoint (`None`: the system's roots,
+    /// no client certificate); an `http://` endpoint takes none.
+    pub tls: Option<ClientTlsOptions>,
 }
 
 /// Sync status of one (partition, drainer) pair, as `ferry status` shows it.
@@ -283,6 +288,8 @@ pub struct Shipper {
     config: ShipperConfig,
     provider: Arc<dyn SnapshotProvider>,
     status: Arc<Mutex<StatusCell>>,
+    /// The TLS of an `https://` endpoint.
+    tls: Option<ClientTls>,
 }
 
 fn join_error(error: tokio::task::JoinError) -> ShipError {
@@ -302,6 +309,20 @@ impl Shipper {
         Endpoint::from_shared(target.endpoint.clone()).map_err(|error| {
             ShipError::Config(format!("drainer endpoint {:?}: {error}", target.endpoint))
         })?;
+        let tls = if target.endpoint.starts_with("https://") {
+            let options = target.tls.clone().unwrap_or_default();
+            let tls = ClientTls::new(&target.endpoint, &options).map_err(|error| {
+                ShipError::Config(format!("drainer endpoint {:?}: {error}", target.endpoint))
+            })?;
+            Some(tls)
+        } else if target.tls.is_some() {
+            return Err(ShipError::Config(format!(
+                "drainer endpoint {:?}: TLS options need an https:// endpoint",
+                target.endpoint
+            )));
+        } else {
+            None
+        };
         Ok(Shipper {
             wal,
             partition,
@@ -309,6 +330,7 @@ impl Shipper {
             config,
             provider,
             status: Arc::new(Mutex::new(StatusCell::default())),
+            tls,
         })
     }
 
@@ -412,6 +434,21 @@ impl Shipper {
         Ok(())
     }
 
+    /// A failed call as a [`ShipError`]: over TLS, a status caused by the
+    /// TLS session (a drainer that refused this listener's certificate) is
+    /// [`ShipError::Tls`].
+    fn remote_error(&self, status: tonic::Status) -> ShipError {
+        if self.tls.is_some() {
+            if let Some(reason) = tls_cause(&status) {
+                return ShipError::Tls {
+                    endpoint: self.target.endpoint.clone(),
+                    reason,
+                };
+            }
+        }
+        ShipError::remote(status)
+    }
+
     async fn refresh_offline_latency(&self) {
         let wal = self.wal.clone();
         let partition = self.partition;
@@ -437,16 +474,38 @@ impl Shipper {
             error,
         };
         let keepalive = self.config.keepalive.0;
-        let channel = Endpoint::from_shared(endpoint.clone())
+        // Over TLS, ferry's connector does the handshake and tonic sees
+        // plain HTTP/2 on it (with tonic's own `tls` feature on, an https://
+        // URI would make it want to do the handshake itself).
+        let uri = match &self.tls {
+            Some(_) => endpoint.replacen("https://", "http://", 1),
+            None => endpoint.clone(),
+        };
+        let channel = Endpoint::from_shared(uri)
             .map_err(connect_error)?
             .connect_timeout(self.config.connect_timeout.0)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(keepalive)
             .keep_alive_timeout(keepalive)
             .keep_alive_while_idle(true);
+        let connect = async {
+            match &self.tls {
+                Some(tls) => channel
+                    .connect_with_connector(tls.connector())
+                    .await
+                    .map_err(|error| match tls_cause(&error) {
+                        Some(reason) => ShipError::Tls {
+                            endpoint: endpoint.clone(),
+                            reason,
+                        },
+                        None => connect_error(error),
+                    }),
+                None => channel.connect().await.map_err(connect_error),
+            }
+        };
         let channel = tokio::select! {
             _ = shutdown.cancelled() => return Err(ShipError::Shutdown),
-            channel = channel.connect() => channel.map_err(connect_error)?,
+            channel = connect => channel?,
         };
         let limit = self.config.max_message_bytes;
         let mut client = DrainerClient::new(channel)
@@ -469,7 +528,10 @@ impl Shipper {
             out_rx.recv().await.map(|message| (message, out_rx))
         });
         let handshake = async {
-            let response = client.ship(outbound).await.map_err(ShipError::remote)?;
+            let response = client
+                .ship(outbound)
+                .await
+                .map_err(|status| self.remote_error(status))?;
             let mut replies = response.into_inner();
             match replies.message().await {
                 Ok(Some(pb::ShipReply {
@@ -479,7 +541,7 @@ impl Shipper {
                     "expected Welcome, got {other:?}"
                 ))),
                 Ok(None) => Err(ShipError::StreamClosed),
-                Err(status) => Err(ShipError::remote(status)),
+                Err(status) => Err(self.remote_error(status)),
             }
         };
         let timeout = self.config.handshake_timeout.0;
@@ -1036,7 +1098,7 @@ impl ActiveStream<'_> {
         let reply = match reply {
             Ok(Some(reply)) => reply,
             Ok(None) => return Err(ShipError::StreamClosed),
-            Err(status) => return Err(ShipError::remote(status)),
+            Err(status) => return Err(self.shipper.remote_error(status)),
         };
         match reply.kind {
             Some(ship_reply::Kind::Ack(ack)) => {
