@@ -687,7 +687,11 @@ fn sync_kill_loop(test: &str, kills: usize) {
     // stream applied batch after batch: 4-6 counted from the start (some
     // land while the process starts), 7-9 from the applier's first batch.
     let mut mid_stream = 0;
-    for kill in 0..kills {
+    // On a loaded machine a restart can take longer than the kill's delay,
+    // so that no batch commits in it: up to 6 more kills (each once the
+    // applier applies) until two landed mid-stream.
+    let mut kill = 0;
+    while kill < kills || (mid_stream < 2 && kill < kills + 6) {
         let (delay, after) = if kill < 2 && stored.is_none() {
             wait_until(
                 "the listener to start the full sync",
@@ -747,6 +751,7 @@ fn sync_kill_loop(test: &str, kills: usize) {
         stored = stored.or_else(|| stored_stats(&runs, &ferry, &source));
         runs.starting(&ferry);
         ferry.spawn();
+        kill += 1;
     }
     if stored.is_none() {
         wait_until(
