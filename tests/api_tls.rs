@@ -9,59 +9,23 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use common::ferry::{ferry_bin, FerryProcess};
+use common::pki::Pki;
 use common::{free_port, output_within, RedisServer};
-use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
 
 const TOKEN: &str = "api-tls-test-token-0123456789";
 
-/// A CA, the server certificate it signed for 127.0.0.1, another CA and a
-/// token file, in a directory.
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let dir = tempfile::tempdir().unwrap();
-        let write = |name: &str, text: String| std::fs::write(dir.path().join(name), text).unwrap();
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, "ferry API test CA");
-        let ca_key = KeyPair::generate().unwrap();
-        let ca = ca_params.self_signed(&ca_key).unwrap();
-        write("ca.pem", ca.pem());
-        let mut params = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
-        params.distinguished_name.push(DnType::CommonName, "ferry");
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let key = KeyPair::generate().unwrap();
-        write(
-            "server.pem",
-            params.signed_by(&key, &ca, &ca_key).unwrap().pem(),
-        );
-        write("server.key", key.serialize_pem());
-        let mut other = CertificateParams::new(Vec::<String>::new()).unwrap();
-        other.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let other_key = KeyPair::generate().unwrap();
-        write("other-ca.pem", other.self_signed(&other_key).unwrap().pem());
-        write("token", format!("{TOKEN}\n"));
-        write("wrong-token", "a-wrong-token-0123456789\n".to_string());
-        Pki { dir }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn file(&self, name: &str) -> String {
-        self.path(name).to_str().unwrap().to_string()
-    }
+/// The test's certificates (`common::pki`), with a token file and a
+/// wrong one beside them.
+fn pki_with_tokens() -> Pki {
+    let pki = Pki::new();
+    std::fs::write(pki.path("token"), format!("{TOKEN}\n")).unwrap();
+    std::fs::write(pki.path("wrong-token"), "a-wrong-token-0123456789\n").unwrap();
+    pki
 }
 
 fn ferry(args: &[&str]) -> Output {
@@ -110,7 +74,7 @@ fn plain_http_to(addr: &str) -> Vec<u8> {
 
 #[test]
 fn ferry_serve_over_https() {
-    let pki = Pki::new();
+    let pki = pki_with_tokens();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("serve");
     let port = free_port();
@@ -219,7 +183,7 @@ fn ferry_serve_over_https() {
 
 #[test]
 fn the_admin_api_over_tls_with_a_token() {
-    let pki = Pki::new();
+    let pki = pki_with_tokens();
     let source = RedisServer::start(&[]);
     let target = RedisServer::start(&[]);
     source.cmd(&["SET", "k", "v"]);
@@ -330,7 +294,7 @@ fn the_admin_api_over_tls_with_a_token() {
 
 #[test]
 fn an_admin_api_beyond_loopback_needs_a_token() {
-    let pki = Pki::new();
+    let pki = pki_with_tokens();
     let dir = tempfile::tempdir().unwrap();
     let base = |admin: &str| -> Vec<String> {
         [

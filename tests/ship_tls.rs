@@ -22,66 +22,15 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::ferry::FerryProcess;
+use common::pki::Pki;
 use common::workload::{call, connect, wait_converged};
 use common::{free_port, RedisServer};
-use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
 
 /// Longest wait for a target to equal its source, or for a status.
 const CONVERGE: Duration = Duration::from_secs(60);
 /// Longest wait for a process to stop after SIGTERM.
 const STOP: Duration = Duration::from_secs(30);
 const SECRET: &str = "a-listener-secret-42";
-
-/// A CA and what it signed, as PEM files in a directory.
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let write = |name: &str, text: String| {
-            std::fs::write(dir.path().join(name), text).expect("write a PEM file")
-        };
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, "ferry test CA");
-        let ca_key = KeyPair::generate().expect("CA key");
-        let ca = ca_params.self_signed(&ca_key).expect("CA certificate");
-        write("ca.pem", ca.pem());
-        for (name, usage) in [
-            ("drainer", ExtendedKeyUsagePurpose::ServerAuth),
-            ("listener", ExtendedKeyUsagePurpose::ClientAuth),
-        ] {
-            let mut params = CertificateParams::new(vec!["127.0.0.1".to_string()]).expect("params");
-            params.distinguished_name.push(DnType::CommonName, name);
-            params.extended_key_usages = vec![usage];
-            let key = KeyPair::generate().expect("key");
-            let cert = params.signed_by(&key, &ca, &ca_key).expect("certificate");
-            write(&format!("{name}.pem"), cert.pem());
-            write(&format!("{name}.key"), key.serialize_pem());
-        }
-        let mut other = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-        other.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let other_key = KeyPair::generate().expect("CA key");
-        write(
-            "other-ca.pem",
-            other.self_signed(&other_key).expect("CA certificate").pem(),
-        );
-        Pki { dir }
-    }
-
-    fn file(&self, name: &str) -> String {
-        self.dir
-            .path()
-            .join(name)
-            .to_str()
-            .expect("utf-8 path")
-            .to_string()
-    }
-}
 
 /// Writes `<dir>/<name>.toml` and starts `ferry <verb>` on it, data in
 /// `<dir>/<name>`.
@@ -264,8 +213,8 @@ async fn mutual_tls_refuses_a_listener_without_a_certificate_and_relays_with_one
             &target.url(),
             &format!(
                 "cert-file = \"{}\"\nkey-file = \"{}\"\nclient-ca-file = \"{}\"",
-                pki.file("drainer.pem"),
-                pki.file("drainer.key"),
+                pki.file("server.pem"),
+                pki.file("server.key"),
                 pki.file("ca.pem")
             ),
         ),
@@ -277,8 +226,8 @@ async fn mutual_tls_refuses_a_listener_without_a_certificate_and_relays_with_one
         if with_certificate {
             extra.push_str(&format!(
                 "\ntls-cert-file = \"{}\"\ntls-key-file = \"{}\"",
-                pki.file("listener.pem"),
-                pki.file("listener.key")
+                pki.file("client.pem"),
+                pki.file("client.key")
             ));
         }
         listener_toml(
@@ -364,8 +313,8 @@ async fn untrusted_or_plain_peers_fail_naming_tls() {
             &target.url(),
             &format!(
                 "cert-file = \"{}\"\nkey-file = \"{}\"",
-                pki.file("drainer.pem"),
-                pki.file("drainer.key")
+                pki.file("server.pem"),
+                pki.file("server.key")
             ),
         ),
     );

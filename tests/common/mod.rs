@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod ferry;
 pub mod http;
 pub mod load;
+pub mod pki;
 pub mod proxy;
 pub mod resp;
 pub mod workload;
