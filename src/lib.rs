@@ -13,6 +13,7 @@ pub mod apply;
 pub mod backoff;
 pub mod cli;
 pub mod config_units;
+pub mod errors;
 pub mod listener;
 pub mod metrics;
 pub mod node;

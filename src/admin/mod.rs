@@ -84,6 +84,7 @@ use tonic::{Code, Status};
 
 use crate::secret::Secret;
 
+use crate::errors::{append_chain, error_chain};
 use crate::record::pb;
 use crate::status::{NodeStatus, SkipOutcome, SkipRequest, SwitchoverReport, SyncSelector};
 
@@ -199,30 +200,6 @@ impl AdminError {
             },
         }
     }
-}
-
-/// Appends `error` and its sources to `text` as `: a: b`, skipping a level
-/// whose text the previous one already contains (transport errors repeat
-/// themselves down the chain) and tonic's bare "transport error" wrapper,
-/// which says nothing its sources do not.
-fn append_chain(text: &mut String, error: &(dyn std::error::Error + 'static)) {
-    let mut next = Some(error);
-    while let Some(error) = next {
-        let level = error.to_string();
-        if !level.is_empty() && level != "transport error" && !text.contains(&level) {
-            if !text.is_empty() {
-                text.push_str(": ");
-            }
-            text.push_str(&level);
-        }
-        next = error.source();
-    }
-}
-
-pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = String::new();
-    append_chain(&mut text, error);
-    text
 }
 
 /// Writes `addr` into `<data_dir>/admin.addr` atomically (temp file, fsync,

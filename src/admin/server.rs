@@ -212,7 +212,9 @@ pub async fn serve_admin(
                 router.serve_with_incoming_shutdown(incoming, stopped).await
             }
         }
-        .map_err(|error| AdminError::Serve(format!("serving: {}", super::error_chain(&error))))
+        .map_err(|error| {
+            AdminError::Serve(format!("serving: {}", crate::errors::error_chain(&error)))
+        })
     };
     tokio::pin!(server);
     let grace_over = async {

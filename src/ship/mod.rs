@@ -340,7 +340,7 @@ pub enum ShipError {
     ShuttingDown,
     #[error("wal: {0}")]
     Wal(#[from] WalError),
-    #[error("connecting to {endpoint}: {}", crate::admin::error_chain(.error))]
+    #[error("connecting to {endpoint}: {}", crate::errors::error_chain(.error))]
     Connect {
         endpoint: String,
         #[source]
@@ -458,7 +458,7 @@ impl From<ShipError> for Status {
 fn status_text(status: &Status) -> String {
     let mut text = status.message().to_string();
     if let Some(source) = std::error::Error::source(status) {
-        let causes = crate::admin::error_chain(source);
+        let causes = crate::errors::error_chain(source);
         if !causes.is_empty() && !text.contains(&causes) {
             text.push_str(": ");
             text.push_str(&causes);
