@@ -31,12 +31,14 @@ use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::redis::tls::{certificates, private_key};
+use crate::redis::tls::{certificates, crypto_provider, private_key, root_store};
 
 /// Longest a client may take over its TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections past their handshake that wait for the server to take them.
 const ACCEPTED_QUEUE: usize = 64;
+/// Handshakes run at once; more connections wait to be accepted.
+const MAX_CONCURRENT_HANDSHAKES: usize = 64;
 /// Pause after a failed `accept` (out of file descriptors): retrying at
 /// once would spin.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
@@ -48,13 +50,6 @@ pub const ALPN_HTTP1: &[&[u8]] = &[b"http/1.1"];
 pub const ALPN_H2_HTTP1: &[&[u8]] = &[b"h2", b"http/1.1"];
 /// ALPN of a gRPC client.
 pub const ALPN_H2: &[&[u8]] = &[b"h2"];
-
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    // ring, not aws-lc-rs (which needs cmake to build); rustls deprecates
-    // ring's provider only for its lack of post-quantum key exchange.
-    #[allow(deprecated)]
-    Arc::new(rustls::crypto::ring::default_provider())
-}
 
 /// The certificate and key files of a server, with the names of the flags
 /// or keys that gave them (for errors).
@@ -74,7 +69,7 @@ pub fn server_config(
 ) -> Result<Arc<rustls::ServerConfig>, String> {
     let chain = certificates(files.cert_what, files.cert)?;
     let key = private_key(files.key_what, files.key)?;
-    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+    let mut config = rustls::ServerConfig::builder_with_provider(crypto_provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .with_no_client_auth()
@@ -99,28 +94,8 @@ pub fn client_config(
     ca_file: Option<&Path>,
     alpn: &[&[u8]],
 ) -> Result<Arc<rustls::ClientConfig>, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    match ca_file {
-        Some(path) => {
-            for cert in certificates(ca_what, path)? {
-                roots
-                    .add(cert)
-                    .map_err(|e| format!("{ca_what} {}: {e}", path.display()))?;
-            }
-        }
-        None => {
-            for cert in rustls_native_certs::load_native_certs().certs {
-                // A system root rustls cannot use is passed over.
-                let _ = roots.add(cert);
-            }
-            if roots.is_empty() {
-                return Err(format!(
-                    "no {ca_what} given and no system root certificate found"
-                ));
-            }
-        }
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+    let roots = root_store(ca_what, ca_file)?;
+    let mut config = rustls::ClientConfig::builder_with_provider(crypto_provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .with_root_certificates(roots)
@@ -217,6 +192,7 @@ pub fn accept(
 ) -> impl Stream<Item = TlsConnection> + Send + 'static {
     let (accepted_tx, accepted_rx) = tokio::sync::mpsc::channel(ACCEPTED_QUEUE);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_HANDSHAKES));
     tokio::spawn(async move {
         loop {
             let (tcp, peer) = tokio::select! {
@@ -232,9 +208,19 @@ pub fn accept(
                 },
             };
             let _ = tcp.set_nodelay(true);
+            // A flood of connections that never finish their handshake
+            // holds at most this many tasks; the next accept waits.
+            let permit = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                permit = Arc::clone(&handshakes).acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => return,
+                },
+            };
             let acceptor = acceptor.clone();
             let accepted_tx = accepted_tx.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
                         let connection = TlsConnection {

@@ -255,6 +255,20 @@ fn connectable(addr: SocketAddr) -> SocketAddr {
     }
 }
 
+/// The one line of an address file, read up to [`MAX_ADDR_FILE_BYTES`].
+fn read_addr_line(file: std::fs::File) -> Result<String, String> {
+    let mut bytes = Vec::new();
+    file.take(MAX_ADDR_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|error| error.to_string())?;
+    if bytes.len() as u64 > MAX_ADDR_FILE_BYTES {
+        return Err(format!(
+            "longer than {MAX_ADDR_FILE_BYTES} bytes, not an address file"
+        ));
+    }
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
 /// Reads the address a node wrote into `<data_dir>/admin.addr`.
 pub fn read_addr_file(data_dir: &Path) -> Result<SocketAddr, AdminError> {
     let path = data_dir.join(ADDR_FILE_NAME);
@@ -264,16 +278,7 @@ pub fn read_addr_file(data_dir: &Path) -> Result<SocketAddr, AdminError> {
         reason,
     };
     let file = std::fs::File::open(&path).map_err(|error| fail(error.to_string()))?;
-    let mut bytes = Vec::new();
-    file.take(MAX_ADDR_FILE_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|error| fail(error.to_string()))?;
-    if bytes.len() as u64 > MAX_ADDR_FILE_BYTES {
-        return Err(fail(format!(
-            "longer than {MAX_ADDR_FILE_BYTES} bytes, not an address file"
-        )));
-    }
-    let text = String::from_utf8_lossy(&bytes);
+    let text = read_addr_line(file).map_err(fail)?;
     let line = text.trim();
     line.parse::<SocketAddr>().map_err(|_| {
         let shown: String = line.chars().take(64).collect();
@@ -298,16 +303,7 @@ pub fn read_admin_url(data_dir: &Path) -> Result<String, AdminError> {
         }
         Err(error) => return Err(fail(error.to_string())),
     };
-    let mut bytes = Vec::new();
-    file.take(MAX_ADDR_FILE_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|error| fail(error.to_string()))?;
-    if bytes.len() as u64 > MAX_ADDR_FILE_BYTES {
-        return Err(fail(format!(
-            "longer than {MAX_ADDR_FILE_BYTES} bytes, not an address file"
-        )));
-    }
-    let text = String::from_utf8_lossy(&bytes);
+    let text = read_addr_line(file).map_err(fail)?;
     let line = text.trim();
     let addr = line
         .strip_prefix("http://")
