@@ -211,13 +211,15 @@ impl FerryProcess {
             Command::new(ferry_bin()).args(["status", "--admin", &addr, "--json"]),
             Duration::from_secs(20),
         )
-        .expect("ferry status");
+        .unwrap_or_else(|error| panic!("ferry status: {error}; {}", self.log_tail(40)));
         assert!(
             out.status.success(),
-            "ferry status failed: {}",
-            String::from_utf8_lossy(&out.stderr)
+            "ferry status failed: {}; {}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log_tail(40)
         );
-        serde_json::from_slice(&out.stdout).expect("status JSON")
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|error| panic!("status JSON: {error}; {}", self.log_tail(40)))
     }
 
     /// The log's length in bytes: a mark for [`FerryProcess::log_since`].
