@@ -1817,6 +1817,39 @@ mod tests {
     }
 
     #[test]
+    fn a_generations_cluster_files_are_in_its_own_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        let mut cfg = config(&data, "redis://127.0.0.1:7000", "redis://127.0.0.1:7001");
+        assert_eq!(cluster_dir(&cfg), data);
+        cfg.listener_wal.dir = data.join("listener.g3");
+        assert_eq!(cluster_dir(&cfg), data.join("cluster.g3"));
+    }
+
+    #[test]
+    fn a_clusters_record_keeps_every_partition_and_older_records_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cluster = record();
+        cluster.partitions = vec![PartitionStart {
+            partition: 0,
+            master: "127.0.0.1:7001".into(),
+            node_id: "a".repeat(40),
+            slots: "0-5460".into(),
+            replid: "b".repeat(40),
+            offset: 5,
+            log_tag: 9,
+        }];
+        cluster.save(dir.path()).unwrap();
+        assert_eq!(DirectionRecord::load(dir.path()).unwrap(), Some(cluster));
+        // A standalone record has no partitions field at all.
+        record().save(dir.path()).unwrap();
+        let text = std::fs::read_to_string(dir.path().join(RECORD_FILE)).unwrap();
+        assert!(!text.contains("partitions"), "{text}");
+        assert_eq!(DirectionRecord::load(dir.path()).unwrap(), Some(record()));
+    }
+
+    #[test]
     fn records_round_trip_and_bad_ones_name_the_file() {
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(DirectionRecord::load(dir.path()).unwrap(), None);
@@ -1918,6 +1951,8 @@ mod tests {
             "listener.g2",
             "drainer",
             "listener.gx",
+            "cluster.g1",
+            "cluster.g2",
         ] {
             std::fs::create_dir(dir.path().join(name)).unwrap();
         }
@@ -1927,6 +1962,11 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         left.sort();
-        assert_eq!(left, ["drainer", "listener.g1", "listener.gx"]);
+        assert_eq!(
+            left,
+            ["cluster.g1", "drainer", "listener.g1", "listener.gx"]
+        );
+        remove_other_generations(dir.path(), "listener");
+        assert!(!dir.path().join("cluster.g1").exists());
     }
 }
