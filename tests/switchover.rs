@@ -544,6 +544,7 @@ fn a_cluster_switchover_under_load_loses_nothing_and_reverses_on_every_shard() {
     let out = ferry(&["switchover", "--admin", &admin, "--timeout", "20s"]);
     let shown = text(&out);
     assert!(out.status.success(), "{shown}\n{}", sync.log_tail(60));
+    eprintln!("{shown}");
     for step in [
         "check",
         "prepare the reverse",
@@ -689,5 +690,41 @@ fn a_cluster_switchover_that_times_out_unpauses_every_source_master() {
             "a prepared checkpoint was left on the source"
         );
     }
+    sync.terminate(Duration::from_secs(20));
+}
+
+/// A cluster source with a standalone target: refused, naming both
+/// kinds, and the sync runs on as it was.
+#[test]
+fn a_switchover_of_a_cluster_with_a_standalone_server_is_refused() {
+    let a = Cluster::start(3, 0);
+    let b = RedisServer::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut sync = FerryProcess::sync(&data, &a.seed_list(), &b.url(), &[]);
+    let key = key_in_slot("k", 100);
+    a.call_key(&key, &["SET", &key, "1"]);
+    wait_for("the first full sync", Duration::from_secs(60), || {
+        b.cmd(&["GET", &key]) == "1"
+    });
+    wait_for("every partition online", Duration::from_secs(30), || {
+        let status = sync.status_json();
+        status["drainers"]
+            .as_array()
+            .is_some_and(|d| d.len() == 3 && d.iter().all(|p| p["state"] == "ONLINE"))
+    });
+    let admin = sync.admin_addr(Duration::from_secs(10));
+    let out = ferry(&["switchover", "--admin", &admin, "--timeout", "5s"]);
+    let shown = text(&out);
+    assert!(!out.status.success(), "{shown}");
+    assert!(
+        shown.contains("the source is a Redis Cluster and the target a standalone server"),
+        "{shown}"
+    );
+    assert!(!data.join("direction").exists());
+    a.call_key(&key, &["SET", &key, "2"]);
+    wait_for("the sync to go on", Duration::from_secs(30), || {
+        b.cmd(&["GET", &key]) == "2"
+    });
     sync.terminate(Duration::from_secs(20));
 }
