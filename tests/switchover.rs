@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::cluster::{key_in_slot, Cluster};
 use common::ferry::FerryProcess;
 use common::resp::{connect, Conn, Resp};
 use common::RedisServer;
@@ -93,13 +94,17 @@ fn writer(first: String, second: String, stop: Arc<AtomicBool>) -> (Acked, Acked
 }
 
 fn counter_and_log(conn: &mut Conn) -> (i64, Vec<String>) {
+    counter_and_log_of(conn, ["counter", "log"])
+}
+
+fn counter_and_log_of(conn: &mut Conn, keys: [&str; 2]) -> (i64, Vec<String>) {
     let counter = conn
-        .call(&["GET", "counter"])
+        .call(&["GET", keys[0]])
         .unwrap()
         .text()
         .map_or(0, |t| t.parse().unwrap());
     let log = conn
-        .call(&["LRANGE", "log", "0", "-1"])
+        .call(&["LRANGE", keys[1], "0", "-1"])
         .unwrap()
         .items()
         .iter()
@@ -322,33 +327,46 @@ fn a_switchover_that_times_out_unpauses_the_source_and_keeps_the_direction() {
 /// switchover closes the writers its pause holds on the old source);
 /// returns the acknowledged increments and elements, in order.
 fn following_writer(addrs: [String; 2], stop: Arc<AtomicBool>) -> Acked {
+    following_writer_of(["counter", "log"], addrs, stop).0
+}
+
+/// [`following_writer`] on the keys `keys` (counter, list); also returns
+/// how often it moved to the other server.
+fn following_writer_of(
+    keys: [&str; 2],
+    addrs: [String; 2],
+    stop: Arc<AtomicBool>,
+) -> (Acked, usize) {
     let mut acked = Acked::default();
+    let mut moves = 0;
     let mut side = 0;
     let mut conn = connect(&addrs[side]);
     let mut n = 0u64;
     while !stop.load(Ordering::SeqCst) {
         n += 1;
         let element = format!("e{n}");
-        match conn.call(&["INCR", "counter"]) {
+        match conn.call(&["INCR", keys[0]]) {
             Ok(Resp::Int(_)) => acked.incrs += 1,
             Ok(other) => panic!("INCR answered {other:?}"),
             Err(_) => {
                 side = 1 - side;
+                moves += 1;
                 conn = connect(&addrs[side]);
                 continue;
             }
         }
-        match conn.call(&["RPUSH", "log", &element]) {
+        match conn.call(&["RPUSH", keys[1], &element]) {
             Ok(Resp::Int(_)) => acked.pushed.push(element),
             Ok(other) => panic!("RPUSH answered {other:?}"),
             Err(_) => {
                 side = 1 - side;
+                moves += 1;
                 conn = connect(&addrs[side]);
             }
         }
         thread::sleep(Duration::from_micros(200));
     }
-    acked
+    (acked, moves)
 }
 
 #[test]
@@ -419,4 +437,294 @@ fn kill_9_of_ferry_at_any_step_of_a_switchover_loses_and_repeats_nothing() {
     ] {
         eprintln!("{what}: {}", log.matches(what).count());
     }
+}
+
+/// Slots of the writers of the cluster tests: two in each third of the
+/// slot range, so every master of a 3-master cluster made by
+/// `redis-cli --cluster create` gets some.
+const WRITER_SLOTS: [u16; 6] = [100, 4000, 6000, 9000, 12000, 16000];
+
+/// The counter and list keys of writer `i`, in its slot.
+fn writer_keys(i: usize) -> (String, String) {
+    let tag = key_in_slot("w", WRITER_SLOTS[i]);
+    // `w:{tN}`: the same tag for both keys.
+    let tag = tag.trim_start_matches("w:");
+    (format!("counter:{tag}"), format!("log:{tag}"))
+}
+
+/// Two 3-master clusters and a one-way `ferry sync` between them, every
+/// partition online past its first full sync.
+struct ClusterPair {
+    a: Cluster,
+    b: Cluster,
+    dir: tempfile::TempDir,
+    data: std::path::PathBuf,
+    sync: FerryProcess,
+}
+
+fn synced_clusters() -> ClusterPair {
+    let a = Cluster::start(3, 0);
+    let b = Cluster::start(3, 0);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let sync = FerryProcess::sync(&data, &a.seed_list(), &b.seed_list(), &[]);
+    let keys: Vec<String> = WRITER_SLOTS
+        .iter()
+        .map(|&slot| key_in_slot("before", slot))
+        .collect();
+    for key in &keys {
+        a.call_key(key, &["SET", key, "1"]);
+    }
+    wait_for("the first full sync", Duration::from_secs(60), || {
+        keys.iter()
+            .all(|key| b.call_key(key, &["GET", key]).text().as_deref() == Some("1"))
+    });
+    wait_for("every partition online", Duration::from_secs(30), || {
+        let status = sync.status_json();
+        let online = |side: &str, field: &str| {
+            status[side]
+                .as_array()
+                .is_some_and(|parts| parts.len() == 3 && parts.iter().all(|p| p[field] == "ONLINE"))
+        };
+        online("listeners", "source_state") && online("drainers", "state")
+    });
+    ClusterPair {
+        a,
+        b,
+        dir,
+        data,
+        sync,
+    }
+}
+
+fn sync_fulls(cluster: &Cluster) -> Vec<(u16, String)> {
+    cluster
+        .master_ports()
+        .into_iter()
+        .map(|port| {
+            let node = cluster.node(port);
+            (port, node.info_field("sync_full").unwrap_or_default())
+        })
+        .collect()
+}
+
+fn values_of(cluster: &Cluster, keys: &(String, String)) -> (i64, Vec<String>) {
+    let mut conn = connect(&cluster.master_for_key(&keys.0).addr());
+    counter_and_log_of(&mut conn, [&keys.0, &keys.1])
+}
+
+/// A Redis Cluster -> Redis Cluster sync switched over under a load on
+/// every shard: every acknowledged write once on both sides, the reversed
+/// stream carrying the later writes back to every shard of the old source,
+/// and a kill -9 and restart with the original command line resuming by
+/// PSYNC.
+#[test]
+fn a_cluster_switchover_under_load_loses_nothing_and_reverses_on_every_shard() {
+    let ClusterPair {
+        a,
+        b,
+        dir: _dir,
+        data,
+        mut sync,
+    } = synced_clusters();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..WRITER_SLOTS.len())
+        .map(|i| {
+            let keys = writer_keys(i);
+            let addrs = [
+                a.master_for_key(&keys.0).addr(),
+                b.master_for_key(&keys.0).addr(),
+            ];
+            let stop = Arc::clone(&stop);
+            thread::spawn(move || following_writer_of([&keys.0, &keys.1], addrs, stop))
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(700));
+    let admin = sync.admin_addr(Duration::from_secs(10));
+    let out = ferry(&["switchover", "--admin", &admin, "--timeout", "20s"]);
+    let shown = text(&out);
+    assert!(out.status.success(), "{shown}\n{}", sync.log_tail(60));
+    eprintln!("{shown}");
+    for step in [
+        "check",
+        "prepare the reverse",
+        "pause writes on the source",
+        "wait for the target",
+        "stop the old direction",
+        "mark the switch point on the target",
+        "store the reversed start",
+        "release the old source",
+        "start the reversed direction",
+    ] {
+        assert!(shown.contains(step), "no step {step:?} in {shown}");
+    }
+    let record = std::fs::read_to_string(data.join("direction")).unwrap();
+    let record: serde_json::Value = serde_json::from_str(&record).unwrap();
+    assert_eq!(
+        record["partitions"].as_array().map(Vec::len),
+        Some(3),
+        "{record}"
+    );
+    thread::sleep(Duration::from_millis(1500));
+    stop.store(true, Ordering::SeqCst);
+    let results: Vec<(Acked, usize)> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+
+    for (i, (acked, moves)) in results.iter().enumerate() {
+        assert_eq!(*moves, 1, "writer {i} did not move to the new source once");
+        assert!(acked.incrs > 10, "writer {i}: too few writes: {acked:?}");
+        let keys = writer_keys(i);
+        let want = (acked.incrs, acked.pushed.clone());
+        wait_for(
+            &format!("writer {i}'s writes back on the old source"),
+            Duration::from_secs(30),
+            || values_of(&a, &keys) == want,
+        );
+        assert_eq!(
+            values_of(&b, &keys),
+            want,
+            "writer {i}: the new source differs from what was acknowledged"
+        );
+    }
+    let status = sync.status_json();
+    let listeners = status["listeners"].as_array().cloned().unwrap_or_default();
+    assert_eq!(listeners.len(), 3, "{status}");
+    for listener in &listeners {
+        assert_eq!(listener["full_syncs"], 0, "{status}");
+    }
+    let fulls = sync_fulls(&b);
+
+    // kill -9, restart with the original command line: B -> A resumed by
+    // PSYNC on every shard.
+    sync.kill9();
+    let _ = std::fs::remove_file(data.join("admin.addr"));
+    let mut sync = FerryProcess::sync(&data, &a.seed_list(), &b.seed_list(), &[]);
+    let after: Vec<String> = WRITER_SLOTS
+        .iter()
+        .map(|&slot| key_in_slot("after", slot))
+        .collect();
+    for key in &after {
+        b.call_key(key, &["SET", key, "restarted"]);
+    }
+    wait_for(
+        "writes after the restart on every shard of A",
+        Duration::from_secs(40),
+        || {
+            after
+                .iter()
+                .all(|key| a.call_key(key, &["GET", key]).text().as_deref() == Some("restarted"))
+        },
+    );
+    let status = sync.status_json();
+    let listeners = status["listeners"].as_array().cloned().unwrap_or_default();
+    assert_eq!(listeners.len(), 3, "{status}");
+    for listener in &listeners {
+        assert_eq!(listener["full_syncs"], 0, "{status}");
+    }
+    assert_eq!(sync_fulls(&b), fulls, "a full sync of the new source");
+    let log = std::fs::read_to_string(&sync.log).unwrap();
+    assert!(log.contains("this data dir was switched over"), "{log}");
+    sync.terminate(Duration::from_secs(20));
+}
+
+/// A cluster switchover that cannot finish in time (one master of the
+/// target takes no writes) unpauses every master of the source, leaves
+/// nothing of itself, and the old direction goes on.
+#[test]
+fn a_cluster_switchover_that_times_out_unpauses_every_source_master() {
+    let ClusterPair {
+        a,
+        b,
+        dir: _dir,
+        data,
+        mut sync,
+    } = synced_clusters();
+    let keys: Vec<String> = WRITER_SLOTS
+        .iter()
+        .map(|&slot| key_in_slot("k", slot))
+        .collect();
+    // The master of the first slot on B takes no writes for a while.
+    let held = b.master_for_key(&keys[0]).addr();
+    connect(&held)
+        .call(&["CLIENT", "PAUSE", "8000", "WRITE"])
+        .unwrap();
+    for key in &keys {
+        a.call_key(key, &["SET", key, "1"]);
+    }
+    let admin = sync.admin_addr(Duration::from_secs(10));
+    let started = Instant::now();
+    let out = ferry(&["switchover", "--admin", &admin, "--timeout", "1s"]);
+    let shown = text(&out);
+    assert!(!out.status.success(), "{shown}");
+    assert!(shown.contains("timed out"), "{shown}");
+    assert!(shown.contains("runs on in its old direction"), "{shown}");
+    assert!(started.elapsed() < Duration::from_secs(8), "{shown}");
+    // Every master of the source takes writes again at once.
+    for key in &keys {
+        let master = a.master_for_key(key).addr();
+        let mut conn = Conn::connect(&master, Duration::from_secs(1)).unwrap();
+        assert_eq!(
+            conn.call(&["SET", key, "2"]).unwrap(),
+            Resp::Simple("OK".into()),
+            "{master} is still paused"
+        );
+    }
+    // Nothing of the switchover is left; the old direction goes on once
+    // the target's master takes writes again.
+    for left in ["direction", "listener.g1", "cluster.g1"] {
+        assert!(!data.join(left).exists(), "{left} was left");
+    }
+    connect(&held).call(&["CLIENT", "UNPAUSE"]).unwrap();
+    wait_for(
+        "the old direction to go on",
+        Duration::from_secs(40),
+        || {
+            keys.iter()
+                .all(|key| b.call_key(key, &["GET", key]).text().as_deref() == Some("2"))
+        },
+    );
+    for partition in 0..3 {
+        let key = format!("__ferry:checkpoint:ferry:{partition}");
+        assert_eq!(
+            a.call_key(&key, &["EXISTS", &key]),
+            Resp::Int(0),
+            "a prepared checkpoint was left on the source"
+        );
+    }
+    sync.terminate(Duration::from_secs(20));
+}
+
+/// A cluster source with a standalone target: refused, naming both
+/// kinds, and the sync runs on as it was.
+#[test]
+fn a_switchover_of_a_cluster_with_a_standalone_server_is_refused() {
+    let a = Cluster::start(3, 0);
+    let b = RedisServer::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut sync = FerryProcess::sync(&data, &a.seed_list(), &b.url(), &[]);
+    let key = key_in_slot("k", 100);
+    a.call_key(&key, &["SET", &key, "1"]);
+    wait_for("the first full sync", Duration::from_secs(60), || {
+        b.cmd(&["GET", &key]) == "1"
+    });
+    wait_for("every partition online", Duration::from_secs(30), || {
+        let status = sync.status_json();
+        status["drainers"]
+            .as_array()
+            .is_some_and(|d| d.len() == 3 && d.iter().all(|p| p["state"] == "ONLINE"))
+    });
+    let admin = sync.admin_addr(Duration::from_secs(10));
+    let out = ferry(&["switchover", "--admin", &admin, "--timeout", "5s"]);
+    let shown = text(&out);
+    assert!(!out.status.success(), "{shown}");
+    assert!(
+        shown.contains("the source is a Redis Cluster and the target a standalone server"),
+        "{shown}"
+    );
+    assert!(!data.join("direction").exists());
+    a.call_key(&key, &["SET", &key, "2"]);
+    wait_for("the sync to go on", Duration::from_secs(30), || {
+        b.cmd(&["GET", &key]) == "2"
+    });
+    sync.terminate(Duration::from_secs(20));
 }

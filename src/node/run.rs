@@ -665,8 +665,11 @@ const TOPOLOGY_POLL_MOVING: Duration = Duration::from_millis(200);
 /// Starts the listener partitions of the node's source (module doc of
 /// [`crate::listener::ClusterSource`] for a cluster); their tasks, and a
 /// cluster source's topology follower, go to `stages`.
+/// A cluster source's shard map and slot table are in `cluster_dir` (the
+/// data dir, or a switched-over generation's dir: `switchover::cluster_dir`).
 async fn start_listeners(
     data_dir: &Path,
+    cluster_dir: &Path,
     cfg: &crate::listener::ListenerConfig,
     wal: Wal,
     ship_cfg: ShipperConfig,
@@ -686,7 +689,7 @@ async fn start_listeners(
     let checked = cfg
         .validate()
         .map_err(|e| NodeError::Config(format!("listener.{}: {}", e.field, e.reason)))?;
-    let kind = source_kind(data_dir, &checked).await;
+    let kind = source_kind(cluster_dir, &checked).await;
     let Some(true) = kind else {
         // Standalone, or not known yet (the source does not answer).
         let (part, task) = start_listener_part(&ctx, None, kind.is_none()).await?;
@@ -700,8 +703,8 @@ async fn start_listeners(
                 .to_string(),
         ));
     }
-    let has_map = ClusterSource::has_map(data_dir);
-    let cluster = ClusterSource::open(checked.seeds.clone(), data_dir)
+    let has_map = ClusterSource::has_map(cluster_dir);
+    let cluster = ClusterSource::open(checked.seeds.clone(), cluster_dir)
         .map_err(|error| NodeError::Config(error.to_string()))?;
     let holds_log = ctx
         .wal
@@ -712,7 +715,7 @@ async fn start_listeners(
         return Err(NodeError::Config(format!(
             "the source is a Redis Cluster but {} holds the log of a standalone source (no {}); \
              give the cluster sync a new data dir",
-            data_dir.display(),
+            cluster_dir.display(),
             crate::listener::SHARD_MAP_FILE
         )));
     }
@@ -1650,6 +1653,7 @@ pub async fn run_listener(
     precheck_first_sync(&wal, Some(&cfg.listener), None, PRECHECK_OUTAGE).await?;
     let listener = start_listeners(
         &cfg.data_dir,
+        &cfg.data_dir,
         &cfg.listener,
         wal.clone(),
         cfg.ship.clone(),
@@ -1867,6 +1871,7 @@ async fn run_sync_inner(
     )?;
     let listener = start_listeners(
         &cfg.data_dir,
+        &cfg.data_dir,
         &cfg.listener,
         listener_wal.clone(),
         cfg.ship.clone(),
@@ -1916,6 +1921,7 @@ async fn start_direct_stages(
 ) -> Result<Arc<Node>, NodeError> {
     let listener = start_listeners(
         &cfg.data_dir,
+        &switchover::cluster_dir(cfg),
         &cfg.listener,
         wal.clone(),
         cfg.ship.clone(),
@@ -1944,6 +1950,7 @@ async fn start_direct_stages(
     };
     if established {
         let listener = start_listeners(
+            &cfg.data_dir,
             &cfg.data_dir,
             &two_way::backward_listener(cfg),
             wal.clone(),

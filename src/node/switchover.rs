@@ -2,7 +2,8 @@
 //! exact position, without a full sync (issue 11, item 3).
 //!
 //! In: a `ferry sync` applying a standalone source A to a standalone
-//! target B from the listener's WAL, and a timeout. Out: the same process
+//! target B (or a Redis Cluster to a Redis Cluster: "Two clusters" below)
+//! from the listener's WAL, and a timeout. Out: the same process
 //! replicating B into A, a [`DirectionRecord`] in the data dir that a
 //! restart follows, and a [`SwitchoverReport`] of every step.
 //!
@@ -56,14 +57,58 @@
 //!    which answers `+CONTINUE`; the applier finds `applied=1` on A and
 //!    applies from entry 2. B's writes made meanwhile wait in its backlog.
 //!
+//! # Two clusters
+//!
+//! A sync of a Redis Cluster A into a Redis Cluster B (one partition per
+//! master of A; B applied by slot, apply module "Applying into a Redis
+//! Cluster target") is switched over the same way, master by master:
+//!
+//! 1. **check**: both sides clusters (a standalone server and a cluster, in
+//!    either order, are refused: the reverse would need partitions the sync
+//!    never had), every slot served on both, none migrating or importing,
+//!    no node failing, every master of A followed by an online partition
+//!    with no slot handoff waiting, every applier running and not blocked;
+//!    every master of B gets a backlog as above.
+//! 2. **prepare**: the new WAL with one partition per master of B (`i`: the
+//!    `i`-th by first slot), and `cluster.g<N>` next to it holding the
+//!    reversed listener's shard map (partition `i`: that master and its
+//!    replicas) and slot table (every slot its master's partition's,
+//!    generation 0). Generation 0 keeps these files in the data dir;
+//!    [`cluster_dir`] says where a generation's are.
+//! 3. **pause**: `CLIENT PAUSE … WRITE` on every master of A.
+//! 4. **wait**: each paused master's `master_repl_offset` durable in the
+//!    partition following it and applied by its applier.
+//! 6. **mark**: every master of B marked alone, with the key
+//!    `__ferry:switchover:{ferry:N}:<id>`, `{ferry:N}` a tag of the
+//!    master's first slot, so the transaction runs on it.
+//! 7. **store**: entry 1 of each partition at its master's mark, then the
+//!    record with every partition's start (master, node id, slots,
+//!    replid, offset, log tag): one atomic write, the commit point.
+//! 8. **release**: held writers closed and `CLIENT UNPAUSE` on every master
+//!    of A; then A gets the state a cluster target's applier reads at the
+//!    start of a session, as a load would have left it: the owner map
+//!    `__ferry:slots:<drainer-id>` (every slot to the partition of B's
+//!    master that served it, generation 0, as the reversed slot table
+//!    says), each partition's slot scope (its master's slots) and its
+//!    floor checkpoint `applied=1 log=T_i` (slot checkpoints of other logs
+//!    do not count). Nothing is written when every floor is of its log
+//!    already; the floors go last, so an interrupted release writes it all
+//!    again.
+//! 9. **start**: each partition `PSYNC`s its master of B from its mark.
+//!
+//! A failure or timeout before the commit unpauses every master of A and
+//! deletes the new WAL and `cluster.g<N>`.
+//!
 //! What a switchover does not change: the keys of both sides carry the
 //! deadlines the old target had, the source's plus `expire-grace` (apply
 //! module, "Expiry"); the new target gets the new source's plus the grace.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -71,10 +116,14 @@ use tracing::{info, warn};
 use super::config::SyncConfig;
 use super::run::NodeError;
 use crate::apply::checkpoint::{checkpoint_key, Checkpoint};
+use crate::apply::scope::{encode_scope, scope_key};
+use crate::apply::tenure::owner_map_key;
+use crate::listener::{ShardMap, ShardNodes, SlotTable, SHARD_MAP_FILE, SLOT_TABLE_FILE};
 use crate::position::{now_unix_ms, LogId, PartitionId, ReplOffset};
 use crate::record::{Record, INTERNAL_PREFIX};
 use crate::redis::client::{parse_info, Client, ClientError};
-use crate::redis::command::Command;
+use crate::redis::cluster::{tag_for_slot, SlotRanges, Topology};
+use crate::redis::command::{key_hash_slot, Command};
 use crate::redis::resp::Frame;
 use crate::redis::url::RedisUrl;
 use crate::status::{NodeControl, NodeStatus, SwitchStep, SwitchoverReport};
@@ -91,6 +140,9 @@ const POLL: Duration = Duration::from_millis(5);
 const BACKLOG_WAIT: Duration = Duration::from_secs(5);
 /// Prefix of the WAL dirs of switched-over generations.
 const WAL_DIR_PREFIX: &str = "listener.g";
+/// Prefix of the dirs holding a cluster source's shard map and slot table
+/// of switched-over generations (generation 0 keeps them in the data dir).
+const CLUSTER_DIR_PREFIX: &str = "cluster.g";
 
 /// What direction a data dir's sync runs in since its last switchover:
 /// `<data-dir>/direction`, JSON, replaced atomically. Absent: as
@@ -118,6 +170,30 @@ pub struct DirectionRecord {
     /// starts (module doc, step 8).
     #[serde(default)]
     pub released: bool,
+    /// A cluster's switchover: the generation's partitions, one per master
+    /// of the new source (empty: standalone servers, the one partition 0
+    /// of `replid`, `offset` and `log_tag` above, which for a cluster are
+    /// partition 0's).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub partitions: Vec<PartitionStart>,
+}
+
+/// Where one partition of a cluster's reversed direction started: the
+/// master of the new source it replicates (as it was at the switch) and
+/// its mark there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct PartitionStart {
+    pub partition: u32,
+    /// `host:port` of the master, and its node id.
+    pub master: String,
+    pub node_id: String,
+    /// The slots it served (`0-5460`): the partition's slot scope and its
+    /// slots in the new target's owner map.
+    pub slots: String,
+    pub replid: String,
+    pub offset: u64,
+    pub log_tag: u64,
 }
 
 impl DirectionRecord {
@@ -256,18 +332,51 @@ pub fn lay_record(cfg: SyncConfig) -> Result<(SyncConfig, Option<DirectionRecord
     Ok((cfg, Some(record)))
 }
 
-/// Deletes the listener WAL dirs of `data_dir` other than `current`.
+/// Where the listener of `cfg` keeps a cluster source's shard map and slot
+/// table: the data dir for the configured direction, `cluster.g<N>` in it
+/// for the generation whose WAL is `listener.g<N>` (a switched-over
+/// cluster's shards are the other cluster's, under partition ids of their
+/// own).
+pub fn cluster_dir(cfg: &SyncConfig) -> PathBuf {
+    match generation_of(&cfg.listener_wal.dir) {
+        Some(generation) => cfg
+            .data_dir
+            .join(format!("{CLUSTER_DIR_PREFIX}{generation}")),
+        None => cfg.data_dir.clone(),
+    }
+}
+
+/// `N` of a WAL dir `listener.g<N>`.
+fn generation_of(wal_dir: &Path) -> Option<u64> {
+    wal_dir
+        .file_name()?
+        .to_str()?
+        .strip_prefix(WAL_DIR_PREFIX)?
+        .parse()
+        .ok()
+}
+
+/// Deletes the listener WAL dirs (and the cluster dirs) of `data_dir` other
+/// than `current`'s.
 fn remove_other_generations(data_dir: &Path, current: &str) {
     let Ok(entries) = std::fs::read_dir(data_dir) else {
         return;
     };
+    let current_cluster = current
+        .strip_prefix(WAL_DIR_PREFIX)
+        .map(|n| format!("{CLUSTER_DIR_PREFIX}{n}"));
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let generation = name == "listener"
-            || name
-                .strip_prefix(WAL_DIR_PREFIX)
-                .is_some_and(|n| n.parse::<u64>().is_ok());
-        if generation && name != current {
+        let numbered = |prefix: &str| {
+            name.strip_prefix(prefix)
+                .is_some_and(|n| n.parse::<u64>().is_ok())
+        };
+        let wal = name == "listener" || numbered(WAL_DIR_PREFIX);
+        let other = match wal {
+            true => name != current,
+            false => numbered(CLUSTER_DIR_PREFIX) && Some(&name) != current_cluster.as_ref(),
+        };
+        if (wal || numbered(CLUSTER_DIR_PREFIX)) && other {
             let path = entry.path();
             match std::fs::remove_dir_all(&path) {
                 Ok(()) => info!(dir = %path.display(), "deleted the WAL of another sync direction"),
@@ -358,6 +467,18 @@ pub(super) async fn check_master(
     side: &str,
     min: (u32, u32),
 ) -> Result<String, String> {
+    check_node(client, addr, side, min, false).await
+}
+
+/// A master of at least `major.minor`, a cluster node when `cluster`, else
+/// a standalone server.
+async fn check_node(
+    client: &mut Client,
+    addr: &str,
+    side: &str,
+    min: (u32, u32),
+    cluster: bool,
+) -> Result<String, String> {
     let server = info(client, addr, "server").await?;
     let version = field(&server, "redis_version", addr)?.to_string();
     let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
@@ -368,11 +489,17 @@ pub(super) async fn check_master(
             min.0, min.1
         ));
     }
-    let cluster = info(client, addr, "cluster").await?;
-    if cluster.get("cluster_enabled").map(String::as_str) == Some("1") {
-        return Err(format!(
-            "the {side} {addr} is a Redis Cluster node: a switchover needs standalone servers (a cluster's comes later)"
-        ));
+    let enabled = info(client, addr, "cluster").await?;
+    let is_cluster = enabled.get("cluster_enabled").map(String::as_str) == Some("1");
+    if is_cluster != cluster {
+        return Err(match is_cluster {
+            true => format!(
+                "the {side} {addr} is a Redis Cluster node where a standalone server was expected"
+            ),
+            false => format!(
+                "the {side} {addr} is a standalone server where a Redis Cluster node was expected"
+            ),
+        });
     }
     let replication = info(client, addr, "replication").await?;
     let role = field(&replication, "role", addr)?;
@@ -473,21 +600,53 @@ pub(super) async fn mark_stream(
     Ok((set, replid, offset))
 }
 
+/// A master of one side of a switchover: a standalone server, or a master
+/// of a cluster with its node id, its slots and its replicas' ids.
+#[derive(Debug, Clone)]
+struct Master {
+    url: RedisUrl,
+    id: String,
+    slots: SlotRanges,
+    replicas: Vec<String>,
+}
+
+impl Master {
+    fn standalone(url: &RedisUrl) -> Master {
+        Master {
+            url: url.clone(),
+            id: String::new(),
+            slots: SlotRanges::new(),
+            replicas: Vec::new(),
+        }
+    }
+}
+
+/// The servers of a switchover: the source's masters (paused, each
+/// followed by a partition of the old direction) and the target's
+/// (marked; master `i` starts partition `i` of the reversed direction).
+#[derive(Debug, Clone)]
+struct Sides {
+    cluster: bool,
+    sources: Vec<Master>,
+    targets: Vec<Master>,
+}
+
 /// A switchover paused on the source with the target caught up: what the
 /// next steps need.
 pub(super) struct Drained {
     steps: Steps,
     paused: Instant,
     deadline: Instant,
-    source: RedisUrl,
-    target: RedisUrl,
-    /// The connection that paused the source.
-    pauser: Client,
+    sides: Sides,
+    /// The connections that paused the source's masters, in their order.
+    pausers: Vec<Client>,
     next: Wal,
     next_dir: PathBuf,
+    /// A cluster's shard map and slot table of the reversed direction.
+    next_cluster_dir: Option<PathBuf>,
     generation: u64,
-    partition: PartitionId,
-    log_tag: u64,
+    /// The log tag of each reversed partition.
+    log_tags: Vec<u64>,
     direction: (String, String),
 }
 
@@ -496,8 +655,8 @@ pub(super) struct Drained {
 pub(super) struct Committed {
     steps: Steps,
     paused: Instant,
-    source: RedisUrl,
-    pauser: Client,
+    /// The old source's masters and the connections that paused them.
+    pausers: Vec<(RedisUrl, Client)>,
     /// When the release unpaused the source.
     unpaused: Option<Instant>,
     pub(super) record: DirectionRecord,
@@ -523,8 +682,7 @@ pub(super) async fn drain(
     let mut steps = Steps { list: Vec::new() };
     let direction = addresses(cfg).unwrap_or_default();
     let started = Instant::now();
-    let checked = check(cfg, node).await;
-    let (source, target, detail) = match checked {
+    let (sides, detail) = match check(cfg, node).await {
         Ok(checked) => checked,
         Err(error) => return Err(steps.report(Some(error), direction, None)),
     };
@@ -533,52 +691,84 @@ pub(super) async fn drain(
     let started = Instant::now();
     let generation = record.map(|r| r.generation).unwrap_or(0) + 1;
     let next_dir = cfg.data_dir.join(format!("{WAL_DIR_PREFIX}{generation}"));
-    let partition = PartitionId(0);
-    let prepared = prepare(cfg, &next_dir, partition).await;
-    let (next, log_tag) = match prepared {
+    let next_cluster_dir = sides.cluster.then(|| {
+        cfg.data_dir
+            .join(format!("{CLUSTER_DIR_PREFIX}{generation}"))
+    });
+    let prepared = prepare(cfg, &next_dir, next_cluster_dir.as_deref(), &sides.targets).await;
+    let (next, log_tags) = match prepared {
         Ok(prepared) => prepared,
         Err(error) => {
-            discard_wal(None, &next_dir).await;
+            discard(None, &next_dir, next_cluster_dir.as_deref()).await;
             return Err(steps.report(Some(error), direction, None));
         }
     };
+    let tags: Vec<String> = log_tags.iter().map(|t| format!("{t:016x}")).collect();
     steps.done(
         "prepare the reverse",
         started,
-        format!("new WAL {}, log {log_tag:016x}", next_dir.display()),
+        match sides.cluster {
+            false => format!("new WAL {}, log {}", next_dir.display(), tags.join(", ")),
+            true => format!(
+                "new WAL {} with {} partitions (logs {}), shard map in {}",
+                next_dir.display(),
+                tags.len(),
+                tags.join(", "),
+                next_cluster_dir.as_deref().unwrap_or(&next_dir).display()
+            ),
+        },
     );
 
     let started = Instant::now();
     let pause_ms = (timeout + PAUSE_MARGIN).as_millis().to_string();
-    let paused = async {
-        let mut pauser = connect(&source).await?;
-        pauser
-            .call(["CLIENT", "PAUSE", pause_ms.as_str(), "WRITE"])
-            .await
-            .map_err(client_error("CLIENT PAUSE", &source.addr()))?;
-        Ok::<Client, String>(pauser)
-    }
-    .await;
-    let mut pauser = match paused {
-        Ok(pauser) => pauser,
-        Err(error) => {
-            undo(None, &source, &next, &next_dir).await;
-            return Err(steps.report(Some(error), direction, None));
+    let mut pausers = Vec::with_capacity(sides.sources.len());
+    for master in &sides.sources {
+        let paused = async {
+            let mut pauser = connect(&master.url).await?;
+            pauser
+                .call(["CLIENT", "PAUSE", pause_ms.as_str(), "WRITE"])
+                .await
+                .map_err(client_error("CLIENT PAUSE", &master.url.addr()))?;
+            Ok::<Client, String>(pauser)
         }
-    };
+        .await;
+        match paused {
+            Ok(pauser) => pausers.push(pauser),
+            Err(error) => {
+                let paused_at = (started, Instant::now());
+                undo(
+                    pausers,
+                    &sides.sources,
+                    &next,
+                    &next_dir,
+                    next_cluster_dir.as_deref(),
+                )
+                .await;
+                return Err(steps.report(Some(error), direction, Some(paused_at)));
+            }
+        }
+    }
     let paused_at = started;
     let deadline = paused_at + timeout;
+    let addrs: Vec<String> = sides.sources.iter().map(|m| m.url.addr()).collect();
     steps.done(
         "pause writes on the source",
         started,
-        format!("CLIENT PAUSE {pause_ms} WRITE on {}", source.addr()),
+        format!("CLIENT PAUSE {pause_ms} WRITE on {}", addrs.join(", ")),
     );
 
     let started = Instant::now();
-    match caught_up(&mut pauser, &source, node, stopping, deadline, timeout).await {
+    match caught_up(&mut pausers, &sides, node, stopping, deadline, timeout).await {
         Ok(detail) => steps.done("wait for the target", started, detail),
         Err(error) => {
-            undo(Some(pauser), &source, &next, &next_dir).await;
+            undo(
+                pausers,
+                &sides.sources,
+                &next,
+                &next_dir,
+                next_cluster_dir.as_deref(),
+            )
+            .await;
             return Err(steps.report(Some(error), direction, Some((paused_at, Instant::now()))));
         }
     }
@@ -586,23 +776,35 @@ pub(super) async fn drain(
         steps,
         paused: paused_at,
         deadline,
-        source,
-        target,
-        pauser,
+        sides,
+        pausers,
         next,
         next_dir,
+        next_cluster_dir,
         generation,
-        partition,
-        log_tag,
+        log_tags,
         direction,
     })
 }
 
+/// Whether the servers of `urls` (a standalone server or a cluster's
+/// seeds) are a Redis Cluster: what the first that answers says.
+async fn is_cluster(urls: &[RedisUrl], side: &str) -> Result<bool, String> {
+    let mut errors = Vec::new();
+    for url in urls {
+        match crate::redis::cluster::is_cluster(url).await {
+            Ok(cluster) => return Ok(cluster),
+            Err(error) => errors.push(error.to_string()),
+        }
+    }
+    Err(format!(
+        "cannot ask the {side} whether it runs Redis Cluster: {}",
+        errors.join("; ")
+    ))
+}
+
 /// Step 1: what a switchover needs (module doc).
-async fn check(
-    cfg: &SyncConfig,
-    node: &Arc<dyn NodeControl>,
-) -> Result<(RedisUrl, RedisUrl, String), String> {
+async fn check(cfg: &SyncConfig, node: &Arc<dyn NodeControl>) -> Result<(Sides, String), String> {
     if cfg.two_way {
         return Err(
             "a two-way sync replicates both ways already: there is no direction to switch".into(),
@@ -613,36 +815,63 @@ async fn check(
     let (Some(source), Some(target)) = (sources.first(), targets.first()) else {
         return Err("no source or no target".into());
     };
-    if sources.len() > 1 || targets.len() > 1 {
-        return Err("a switchover needs standalone servers (a cluster's comes later)".into());
-    }
     let status = read_status(node).await?;
-    let (Some(listener), Some(applier)) = (status.listeners.first(), status.drainers.first())
-    else {
+    if status.listeners.is_empty() || status.drainers.is_empty() {
         return Err("the sync has not started its stages yet".into());
-    };
+    }
+    for applier in &status.drainers {
+        if applier.state == "STOPPED" {
+            return Err(format!(
+                "the sync of partition {} is stopped (ferry restart-sync first)",
+                applier.partition
+            ));
+        }
+        if let Some(blocked) = &applier.blocked {
+            return Err(format!(
+                "the applier of partition {} is held at entry {} ({}): the target refuses it; \
+                 resolve it first",
+                applier.partition, blocked.log_id, blocked.error
+            ));
+        }
+    }
+    for listener in &status.listeners {
+        if listener.source_state != "ONLINE" {
+            return Err(format!(
+                "the listener of partition {} is {}, not ONLINE{}",
+                listener.partition,
+                listener.source_state,
+                listener
+                    .source_error
+                    .as_deref()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default()
+            ));
+        }
+    }
+    let source_cluster = is_cluster(&sources, "source").await?;
+    let target_cluster = is_cluster(&targets, "target").await?;
+    match (source_cluster, target_cluster) {
+        (false, false) => {}
+        (true, true) => return check_clusters(&sources, &targets, &status).await,
+        (true, false) | (false, true) => {
+            let kind = |cluster: bool| match cluster {
+                true => "a Redis Cluster",
+                false => "a standalone server",
+            };
+            return Err(format!(
+                "the source is {} and the target {}: a switchover reverses a sync between two \
+                 standalone servers or between two clusters (the reverse of a mixed pair would \
+                 replicate into or out of a cluster through partitions the sync never had)",
+                kind(source_cluster),
+                kind(target_cluster)
+            ));
+        }
+    }
+    if sources.len() > 1 || targets.len() > 1 {
+        return Err("a seed list names standalone servers: give one address per side".into());
+    }
     if status.listeners.len() != 1 || status.drainers.len() != 1 {
-        return Err("a switchover needs a sync of one partition".into());
-    }
-    if applier.state == "STOPPED" {
-        return Err("the sync is stopped (ferry restart-sync first)".into());
-    }
-    if let Some(blocked) = &applier.blocked {
-        return Err(format!(
-            "the applier is held at entry {} ({}): the target refuses it; resolve it first",
-            blocked.log_id, blocked.error
-        ));
-    }
-    if listener.source_state != "ONLINE" {
-        return Err(format!(
-            "the listener is {}, not ONLINE{}",
-            listener.source_state,
-            listener
-                .source_error
-                .as_deref()
-                .map(|e| format!(": {e}"))
-                .unwrap_or_default()
-        ));
+        return Err("a switchover of standalone servers needs a sync of one partition".into());
     }
     let mut a = connect(source).await?;
     let a_version = check_master(&mut a, &source.addr(), "source", (6, 2)).await?;
@@ -650,8 +879,11 @@ async fn check(
     let b_version = check_master(&mut b, &target.addr(), "target", (6, 0)).await?;
     let backlog = ensure_backlog(target).await?;
     Ok((
-        source.clone(),
-        target.clone(),
+        Sides {
+            cluster: false,
+            sources: vec![Master::standalone(source)],
+            targets: vec![Master::standalone(target)],
+        },
         format!(
             "source {} (Redis {a_version}) and target {} (Redis {b_version}) standalone masters; {backlog}",
             source.addr(),
@@ -660,15 +892,135 @@ async fn check(
     ))
 }
 
-/// Step 2: the new WAL and its partition's history; returns its log tag.
+/// Step 1 for two clusters: full and stable slot maps on both sides, every
+/// master of the source followed by an online partition.
+async fn check_clusters(
+    sources: &[RedisUrl],
+    targets: &[RedisUrl],
+    status: &NodeStatus,
+) -> Result<(Sides, String), String> {
+    let (a, a_version) = cluster_masters(sources, "source", (6, 2)).await?;
+    let (b, b_version) = cluster_masters(targets, "target", (6, 0)).await?;
+    for master in &a {
+        let followed = status.listeners.iter().find(|l| {
+            l.shard
+                .as_ref()
+                .is_some_and(|shard| shard.master_id == master.id)
+        });
+        let Some(listener) = followed else {
+            return Err(format!(
+                "no partition follows the source master {} ({}) yet",
+                master.url.addr(),
+                master.id
+            ));
+        };
+        if let Some(pending) = listener.shard.as_ref().map(|s| &s.pending_handoffs) {
+            if !pending.is_empty() {
+                return Err(format!(
+                    "partition {} has slot handoffs waiting ({}): a switchover needs a stable \
+                     slot map",
+                    listener.partition,
+                    pending.join(", ")
+                ));
+            }
+        }
+        if !status
+            .drainers
+            .iter()
+            .any(|d| d.partition == listener.partition)
+        {
+            return Err(format!(
+                "partition {} has no applier running",
+                listener.partition
+            ));
+        }
+    }
+    let mut backlogs = 0;
+    for master in &b {
+        if ensure_backlog(&master.url).await?.starts_with("created") {
+            backlogs += 1;
+        }
+    }
+    Ok((
+        Sides {
+            cluster: true,
+            sources: a.clone(),
+            targets: b.clone(),
+        },
+        format!(
+            "source: a Redis Cluster of {} masters (Redis {a_version}), each followed by an \
+             online partition; target: a Redis Cluster of {} masters (Redis {b_version}); all \
+             16384 slots served on both sides, none moving; {backlogs} target master(s) given a \
+             replication backlog",
+            a.len(),
+            b.len()
+        ),
+    ))
+}
+
+/// The masters of a cluster with every slot served and none moving, each a
+/// master of at least `min`; and the version of the last.
+async fn cluster_masters(
+    seeds: &[RedisUrl],
+    side: &str,
+    min: (u32, u32),
+) -> Result<(Vec<Master>, String), String> {
+    let topology = crate::redis::cluster::discover(seeds)
+        .await
+        .map_err(|error| format!("the {side} cluster: {error}"))?;
+    if topology.migrating() {
+        return Err(format!(
+            "the {side} cluster has slots migrating or importing (seen from {}): a switchover \
+             needs a stable slot map",
+            topology.seen_from
+        ));
+    }
+    if let Some(failing) = topology.nodes.iter().find(|n| n.failing) {
+        return Err(format!(
+            "the {side} cluster's node {} ({}) is flagged failing (seen from {})",
+            failing.addr, failing.id, topology.seen_from
+        ));
+    }
+    let template = seeds.first().ok_or_else(|| format!("no {side} address"))?;
+    let mut masters = Vec::new();
+    let mut version = String::new();
+    let mut covered = 0;
+    for shard in topology.shards() {
+        let url = Topology::url_for(&shard.master, template);
+        let mut client = connect(&url).await?;
+        version = check_node(&mut client, &url.addr(), side, min, true).await?;
+        covered += shard.master.slots.count();
+        masters.push(Master {
+            url,
+            id: shard.master.id.clone(),
+            slots: shard.master.slots.clone(),
+            replicas: shard.replicas.iter().map(|r| r.id.clone()).collect(),
+        });
+    }
+    if covered != usize::from(crate::redis::command::CLUSTER_SLOTS) {
+        return Err(format!(
+            "the {side} cluster's masters serve {covered} of 16384 slots (seen from {})",
+            topology.seen_from
+        ));
+    }
+    Ok((masters, version))
+}
+
+/// Step 2: the new WAL and a history for each partition (one per master
+/// of the target), and a cluster's shard map and slot table (partition
+/// `i`: master `i`, every slot its master's at generation 0); returns the
+/// partitions' log tags.
 async fn prepare(
     cfg: &SyncConfig,
     next_dir: &Path,
-    partition: PartitionId,
-) -> Result<(Wal, u64), String> {
-    if next_dir.exists() {
-        std::fs::remove_dir_all(next_dir)
-            .map_err(|error| format!("deleting {}: {error}", next_dir.display()))?;
+    cluster_dir: Option<&Path>,
+    targets: &[Master],
+) -> Result<(Wal, Vec<u64>), String> {
+    for dir in std::iter::once(next_dir).chain(cluster_dir) {
+        if dir.exists() {
+            std::fs::remove_dir_all(dir)
+                .map_err(|error| format!("deleting {}: {error}", dir.display()))?;
+        }
     }
     let wal_cfg = WalConfig {
         dir: next_dir.to_path_buf(),
@@ -677,98 +1029,186 @@ async fn prepare(
     let wal = Wal::open(wal_cfg)
         .await
         .map_err(|error| format!("creating the WAL in {}: {error}", next_dir.display()))?;
-    match wal.open_history(partition, &cfg.listener.id).await {
-        Ok(history) => Ok((wal, history.log_tag)),
-        Err(error) => {
-            let _ = wal.close().await;
-            Err(format!("creating the partition's history: {error}"))
+    let mut tags = Vec::with_capacity(targets.len());
+    for partition in 0..targets.len() {
+        let partition = PartitionId(u32::try_from(partition).unwrap_or(u32::MAX));
+        match wal.open_history(partition, &cfg.listener.id).await {
+            Ok(history) => tags.push(history.log_tag),
+            Err(error) => {
+                let _ = wal.close().await;
+                return Err(format!(
+                    "creating the history of partition {partition}: {error}"
+                ));
+            }
         }
     }
+    if let Some(dir) = cluster_dir {
+        if let Err(error) = write_cluster_files(dir, targets) {
+            let _ = wal.close().await;
+            return Err(error);
+        }
+    }
+    Ok((wal, tags))
 }
 
-/// Step 4: until the listener holds everything the paused source has and
-/// the applier applied all of it.
+/// The reversed direction's shard map and slot table in `dir`.
+fn write_cluster_files(dir: &Path, targets: &[Master]) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|error| format!("creating {}: {error}", dir.display()))?;
+    let nodes: Vec<ShardNodes> = targets
+        .iter()
+        .map(|m| ShardNodes {
+            master: m.id.clone(),
+            replicas: m.replicas.clone(),
+            has_slots: true,
+        })
+        .collect();
+    let mut map = ShardMap::default();
+    let (assigned, _) = map.assign(&nodes);
+    let expected: Vec<Option<PartitionId>> = (0..targets.len())
+        .map(|i| Some(PartitionId(u32::try_from(i).unwrap_or(u32::MAX))))
+        .collect();
+    if assigned != expected {
+        return Err(format!(
+            "the target's masters got partitions {assigned:?}, not one each in order"
+        ));
+    }
+    map.save(&dir.join(SHARD_MAP_FILE))
+        .map_err(|error| format!("writing the reversed shard map: {error}"))?;
+    let table = SlotTable::initial(|slot| {
+        targets
+            .iter()
+            .position(|m| m.slots.contains(slot))
+            .and_then(|i| u32::try_from(i).ok())
+    })
+    .ok_or("the target's masters do not serve every slot")?;
+    table
+        .save(&dir.join(SLOT_TABLE_FILE))
+        .map_err(|error| format!("writing the reversed slot table: {error}"))
+}
+
+/// Step 4: until the listeners hold everything the paused source masters
+/// have and the appliers applied all of it.
 async fn caught_up(
-    pauser: &mut Client,
-    source: &RedisUrl,
+    pausers: &mut [Client],
+    sides: &Sides,
     node: &Arc<dyn NodeControl>,
     stopping: &CancellationToken,
     deadline: Instant,
     timeout: Duration,
 ) -> Result<String, String> {
-    let addr = source.addr();
-    let replication = info(pauser, &addr, "replication").await?;
-    let offset: u64 = field(&replication, "master_repl_offset", &addr)?
-        .parse()
-        .map_err(|_| format!("{addr}: master_repl_offset is not a number"))?;
-    let replid = field(&replication, "master_replid", &addr)?.to_string();
+    // Each paused master's end, read once (only PINGs to replicas move it
+    // after the pause).
+    let mut ends = Vec::with_capacity(pausers.len());
+    for (pauser, master) in pausers.iter_mut().zip(&sides.sources) {
+        let addr = master.url.addr();
+        let replication = info(pauser, &addr, "replication").await?;
+        let offset: u64 = field(&replication, "master_repl_offset", &addr)?
+            .parse()
+            .map_err(|_| format!("{addr}: master_repl_offset is not a number"))?;
+        let replid = field(&replication, "master_replid", &addr)?.to_string();
+        ends.push((addr, master.id.as_str(), replid, offset));
+    }
     loop {
         if stopping.is_cancelled() {
             return Err("the sync stopped during the switchover".into());
         }
         let status = read_status(node).await?;
-        let (Some(listener), Some(applier)) = (status.listeners.first(), status.drainers.first())
-        else {
-            return Err("the sync's stages are gone".into());
-        };
-        if let Some(blocked) = &applier.blocked {
-            return Err(format!(
-                "the applier is held at entry {}: {}",
-                blocked.log_id, blocked.error
-            ));
+        let mut behind = None;
+        let mut applied = Vec::new();
+        for (addr, id, replid, offset) in &ends {
+            let listener = match sides.cluster {
+                false => status.listeners.first(),
+                true => status
+                    .listeners
+                    .iter()
+                    .find(|l| l.shard.as_ref().is_some_and(|s| s.master_id == *id)),
+            };
+            let Some(listener) = listener else {
+                return Err(format!(
+                    "no partition follows the source master {addr} any more"
+                ));
+            };
+            let partition = listener.partition;
+            let Some(applier) = status.drainers.iter().find(|d| d.partition == partition) else {
+                return Err(format!("the applier of partition {partition} is gone"));
+            };
+            if let Some(blocked) = &applier.blocked {
+                return Err(format!(
+                    "the applier of partition {partition} is held at entry {}: {}",
+                    blocked.log_id, blocked.error
+                ));
+            }
+            let received = listener.replid.as_deref() == Some(replid.as_str())
+                && listener.durable_offset >= *offset;
+            if received && applier.applied >= listener.last_log_id {
+                applied.push(format!("{addr} at {offset}: log id {}", applier.applied));
+            } else if behind.is_none() {
+                behind = Some(format!(
+                    "the source {addr} is at offset {offset}, the listener of partition \
+                     {partition} at {} (durable), the target at log id {} of {}",
+                    listener.durable_offset, applier.applied, listener.last_log_id
+                ));
+            }
         }
-        let received = listener.replid.as_deref() == Some(replid.as_str())
-            && listener.durable_offset >= offset;
-        if received && applier.applied >= listener.last_log_id {
+        let Some(behind) = behind else {
             return Ok(format!(
-                "the source's offset {offset} is durable and applied (log id {})",
-                applier.applied
+                "every paused offset is durable and applied ({})",
+                applied.join("; ")
             ));
-        }
+        };
         if Instant::now() >= deadline {
             return Err(format!(
-                "timed out after {}s: the source is at offset {offset}, the listener at {} \
-                 (durable), the target at log id {} of {}",
-                timeout.as_secs_f64(),
-                listener.durable_offset,
-                applier.applied,
-                listener.last_log_id
+                "timed out after {}s: {behind}",
+                timeout.as_secs_f64()
             ));
         }
         tokio::time::sleep(POLL).await;
     }
 }
 
-/// Rolls back what [`drain`] or [`Drained::commit`] prepared: the source
-/// unpaused, the new WAL closed and deleted.
-async fn undo(pauser: Option<Client>, source: &RedisUrl, next: &Wal, next_dir: &Path) {
-    let unpaused = async {
-        let mut client = match pauser {
-            Some(client) => client,
-            None => connect(source).await?,
-        };
-        client
-            .call(["CLIENT", "UNPAUSE"])
-            .await
-            .map_err(client_error("CLIENT UNPAUSE", &source.addr()))?;
-        Ok::<(), String>(())
+/// Rolls back what [`drain`] or [`Drained::commit`] prepared: every master
+/// of the source unpaused (through its pauser when there is one), the new
+/// WAL closed and deleted, with a cluster's dir.
+async fn undo(
+    pausers: Vec<Client>,
+    sources: &[Master],
+    next: &Wal,
+    next_dir: &Path,
+    cluster_dir: Option<&Path>,
+) {
+    let mut pausers = pausers.into_iter();
+    for master in sources {
+        let pauser = pausers.next();
+        let unpaused = async {
+            let mut client = match pauser {
+                Some(client) => client,
+                None => connect(&master.url).await?,
+            };
+            client
+                .call(["CLIENT", "UNPAUSE"])
+                .await
+                .map_err(client_error("CLIENT UNPAUSE", &master.url.addr()))?;
+            Ok::<(), String>(())
+        }
+        .await;
+        if let Err(error) = unpaused {
+            warn!(%error, "rolling back a switchover: the source unpauses by itself when the pause ends");
+        }
     }
-    .await;
-    if let Err(error) = unpaused {
-        warn!(%error, "rolling back a switchover: the source unpauses by itself when the pause ends");
-    }
-    discard_wal(Some(next.clone()), next_dir).await;
+    discard(Some(next.clone()), next_dir, cluster_dir).await;
 }
 
-async fn discard_wal(wal: Option<Wal>, dir: &Path) {
+async fn discard(wal: Option<Wal>, dir: &Path, cluster_dir: Option<&Path>) {
     if let Some(wal) = wal {
         if let Err(error) = wal.close().await {
             warn!(%error, "closing the switchover's WAL");
         }
     }
-    if dir.exists() {
-        if let Err(error) = std::fs::remove_dir_all(dir) {
-            warn!(dir = %dir.display(), %error, "cannot delete the switchover's WAL");
+    for dir in std::iter::once(dir).chain(cluster_dir) {
+        if dir.exists() {
+            if let Err(error) = std::fs::remove_dir_all(dir) {
+                warn!(dir = %dir.display(), %error, "cannot delete what the switchover prepared");
+            }
         }
     }
 }
@@ -792,20 +1232,20 @@ impl Drained {
             Ok(record) => {
                 let mut next_cfg = reversed(cfg.clone());
                 next_cfg.listener_wal.dir = cfg.data_dir.join(&record.wal_dir);
+                let sources = self.sides.sources.iter().map(|m| m.url.clone());
                 Ok((
                     next_cfg,
                     Committed {
                         steps: self.steps,
                         paused: self.paused,
-                        source: self.source,
-                        pauser: self.pauser,
+                        pausers: sources.zip(self.pausers).collect(),
                         unpaused: None,
                         record,
                     },
                 ))
             }
             Err(error) => {
-                undo(Some(self.pauser), &self.source, &self.next, &self.next_dir).await;
+                self.rollback().await;
                 Err(self.steps.report(
                     Some(error),
                     self.direction,
@@ -815,9 +1255,20 @@ impl Drained {
         }
     }
 
+    async fn rollback(&mut self) {
+        undo(
+            std::mem::take(&mut self.pausers),
+            &self.sides.sources,
+            &self.next,
+            &self.next_dir,
+            self.next_cluster_dir.as_deref(),
+        )
+        .await;
+    }
+
     /// The old direction could not be stopped cleanly: roll back.
-    pub(super) async fn abandon(self, why: String) -> SwitchoverReport {
-        undo(Some(self.pauser), &self.source, &self.next, &self.next_dir).await;
+    pub(super) async fn abandon(mut self, why: String) -> SwitchoverReport {
+        self.rollback().await;
         self.steps.report(
             Some(why),
             self.direction,
@@ -830,55 +1281,102 @@ impl Drained {
             return Err("timed out before the switch point was marked".into());
         }
         let started = Instant::now();
-        let addr = self.target.addr();
         let note = format!(
             "{{\"generation\":{},\"unix-ms\":{},\"from\":\"{}\"}}",
             self.generation,
             now_unix_ms(),
-            self.source.addr()
+            self.direction.0
         );
-        let (set, replid, offset) =
-            mark_stream(&self.target, &format!("switchover:{}", cfg.id), &note).await?;
+        let mut marks = Vec::with_capacity(self.sides.targets.len());
+        for master in &self.sides.targets {
+            // On a cluster the key is in a slot of the master, so that
+            // the whole transaction runs there.
+            let name = match self.sides.cluster {
+                false => format!("switchover:{}", cfg.id),
+                true => {
+                    let slot = master
+                        .slots
+                        .first()
+                        .ok_or_else(|| format!("{} serves no slot", master.url.addr()))?;
+                    format!("switchover:{}:{}", tag_for_slot(slot), cfg.id)
+                }
+            };
+            marks.push(mark_stream(&master.url, &name, &note).await?);
+        }
+        let shown: Vec<String> = self
+            .sides
+            .targets
+            .iter()
+            .zip(&marks)
+            .map(|(m, (_, replid, offset))| {
+                format!("{} at replid {replid} offset {offset}", m.url.addr())
+            })
+            .collect();
         self.steps.done(
             "mark the switch point on the target",
             started,
-            format!("{addr} at replid {replid} offset {offset}"),
+            shown.join("; "),
         );
 
         let started = Instant::now();
-        let payload = Record::encode_write(0, &[set], false);
-        let position = SourcePosition {
-            replid: replid.clone(),
-            offset: ReplOffset(offset),
-            db: 0,
-        };
-        let appended = self
-            .next
-            .append(self.partition, vec![NewEntry::new(position, payload)])
-            .await
-            .map_err(|error| format!("storing the reversed start: {error}"))?;
-        if appended.first != LogId(1) {
-            return Err(format!(
-                "the reversed WAL's first entry got id {}, not 1",
-                appended.first
-            ));
+        let mut partitions = Vec::with_capacity(marks.len());
+        for (i, ((set, replid, offset), master)) in
+            marks.into_iter().zip(&self.sides.targets).enumerate()
+        {
+            let partition = PartitionId(u32::try_from(i).unwrap_or(u32::MAX));
+            let payload = Record::encode_write(0, &[set], false);
+            let position = SourcePosition {
+                replid: replid.clone(),
+                offset: ReplOffset(offset),
+                db: 0,
+            };
+            let appended = self
+                .next
+                .append(partition, vec![NewEntry::new(position, payload)])
+                .await
+                .map_err(|error| {
+                    format!("storing the reversed start of partition {partition}: {error}")
+                })?;
+            if appended.first != LogId(1) {
+                return Err(format!(
+                    "the reversed WAL's first entry of partition {partition} got id {}, not 1",
+                    appended.first
+                ));
+            }
+            partitions.push(PartitionStart {
+                partition: partition.0,
+                master: master.url.addr(),
+                node_id: master.id.clone(),
+                slots: master.slots.to_string(),
+                replid,
+                offset,
+                log_tag: self.log_tags.get(i).copied().unwrap_or_default(),
+            });
         }
         self.next
             .clone()
             .close()
             .await
             .map_err(|error| format!("closing the reversed WAL: {error}"))?;
+        let first = partitions
+            .first()
+            .cloned()
+            .ok_or("the target has no master")?;
         let record = DirectionRecord {
             version: RECORD_VERSION,
             generation: self.generation,
-            source: self.target.addr(),
-            target: self.source.addr(),
+            source: self.direction.1.clone(),
+            target: self.direction.0.clone(),
             wal_dir: format!("{WAL_DIR_PREFIX}{}", self.generation),
             switched_unix_ms: now_unix_ms(),
-            replid,
-            offset,
-            log_tag: self.log_tag,
+            replid: first.replid,
+            offset: first.offset,
+            log_tag: first.log_tag,
             released: false,
+            partitions: match self.sides.cluster {
+                true => partitions.clone(),
+                false => Vec::new(),
+            },
         };
         record.save(&cfg.data_dir).map_err(|error| {
             format!(
@@ -886,12 +1384,22 @@ impl Drained {
                 cfg.data_dir.join(RECORD_FILE).display()
             )
         })?;
+        let entries = match partitions.len() {
+            1 => format!(
+                "entry 1 of {} at offset {}",
+                self.next_dir.display(),
+                first.offset
+            ),
+            n => format!(
+                "entry 1 of each of the {n} partitions of {}",
+                self.next_dir.display()
+            ),
+        };
         self.steps.done(
             "store the reversed start",
             started,
             format!(
-                "entry 1 of {} at offset {offset}; {} committed (generation {})",
-                self.next_dir.display(),
+                "{entries}; {} committed (generation {})",
                 cfg.data_dir.join(RECORD_FILE).display(),
                 self.generation
             ),
@@ -902,12 +1410,12 @@ impl Drained {
 
 impl Committed {
     /// Step 8 (module doc): the held writers closed, the old source
-    /// unpaused and given the reversed applier's checkpoint. Done before the
-    /// reversed stages start, so that the checkpoint is there when the
-    /// applier reads it.
+    /// unpaused and given the reversed appliers' checkpoints. Done before
+    /// the reversed stages start, so that the checkpoints are there when
+    /// the appliers read them.
     pub(super) async fn release(&mut self, cfg: &SyncConfig) {
         let began = Instant::now();
-        let released = release(&mut self.pauser, &self.source, cfg, &self.record).await;
+        let released = release(&mut self.pausers, cfg, &self.record).await;
         match released {
             Ok(detail) => {
                 self.unpaused = Some(Instant::now());
@@ -957,9 +1465,23 @@ impl Committed {
 pub async fn release_after_restart(cfg: &SyncConfig, record: &mut DirectionRecord) {
     let released = async {
         let (_, targets) = urls(cfg).map_err(|e| e.to_string())?;
-        let target = targets.first().ok_or("no target")?.clone();
-        let mut client = connect(&target).await?;
-        release(&mut client, &target, cfg, record).await
+        let template = targets.first().ok_or("no target")?.clone();
+        let masters = match record.partitions.is_empty() {
+            true => vec![template],
+            false => crate::redis::cluster::discover(&targets)
+                .await
+                .map_err(|error| format!("the old source cluster: {error}"))?
+                .shards()
+                .iter()
+                .map(|shard| Topology::url_for(&shard.master, &template))
+                .collect(),
+        };
+        let mut clients = Vec::with_capacity(masters.len());
+        for url in masters {
+            let client = connect(&url).await?;
+            clients.push((url, client));
+        }
+        release(&mut clients, cfg, record).await
     }
     .await;
     match released {
@@ -976,30 +1498,51 @@ pub async fn release_after_restart(cfg: &SyncConfig, record: &mut DirectionRecor
     }
 }
 
-/// Step 8: closes the clients the pause holds (not ferry's), unpauses, and
-/// sets the reversed applier's checkpoint, `applied=1` of the record's log,
-/// unless the old source already holds one of that log (a release done
-/// again after a crash must not move back a checkpoint the applier moved).
-/// Returns what it did.
+/// Step 8: on every master of the old source, closes the clients the
+/// pause holds (not ferry's) and unpauses; then sets the reversed
+/// appliers' checkpoints (standalone: [`standalone_checkpoint`]; cluster:
+/// [`cluster_checkpoints`]). Returns what it did.
 async fn release(
-    pauser: &mut Client,
-    source: &RedisUrl,
+    masters: &mut [(RedisUrl, Client)],
     cfg: &SyncConfig,
     record: &DirectionRecord,
 ) -> Result<String, String> {
-    let addr = source.addr();
-    let own = pauser
+    let mut closed = 0;
+    for (url, client) in masters.iter_mut() {
+        closed += release_held(client, &url.addr()).await?;
+    }
+    let checkpoints = match record.partitions.is_empty() {
+        true => {
+            let (url, client) = masters.first_mut().ok_or("no old source")?;
+            standalone_checkpoint(client, &url.addr(), cfg, record).await?
+        }
+        false => cluster_checkpoints(cfg, record).await?,
+    };
+    Ok(format!(
+        "{closed} client(s) with writes held by the pause closed (their writes did not run), \
+         CLIENT UNPAUSE{}; {checkpoints}",
+        match masters.len() {
+            1 => String::new(),
+            n => format!(" on each of {n} masters"),
+        }
+    ))
+}
+
+/// Closes the clients the pause of `client`'s server holds (not ferry's)
+/// and unpauses it; returns how many it closed.
+async fn release_held(client: &mut Client, addr: &str) -> Result<usize, String> {
+    let own = client
         .call(["CLIENT", "ID"])
         .await
-        .map_err(client_error("CLIENT ID", &addr))?;
+        .map_err(client_error("CLIENT ID", addr))?;
     let own = match own {
         Frame::Integer(id) => id.to_string(),
         other => return Err(format!("{addr}: CLIENT ID answered {other:?}")),
     };
-    let list = pauser
+    let list = client
         .call(["CLIENT", "LIST", "TYPE", "normal"])
         .await
-        .map_err(client_error("CLIENT LIST", &addr))?;
+        .map_err(client_error("CLIENT LIST", addr))?;
     let text = match &list {
         Frame::Bulk(text) => String::from_utf8_lossy(text).into_owned(),
         Frame::Verbatim { text, .. } => String::from_utf8_lossy(text).into_owned(),
@@ -1011,46 +1554,209 @@ async fn release(
         .map(|id| Command::from_parts(["CLIENT", "KILL", "ID", id.as_str()]))
         .collect();
     commands.push(Command::from_parts(["CLIENT", "UNPAUSE"]));
-    let replies = pauser
+    let replies = client
         .pipeline(&commands)
         .await
-        .map_err(client_error("CLIENT KILL / UNPAUSE", &addr))?;
+        .map_err(client_error("CLIENT KILL / UNPAUSE", addr))?;
     if let Some(Frame::Error(error)) = replies.last() {
         return Err(format!(
             "{addr}: CLIENT UNPAUSE answered {}",
             String::from_utf8_lossy(error)
         ));
     }
+    Ok(held.len())
+}
+
+/// The reversed applier's checkpoint on a standalone old source,
+/// `applied=1` of the record's log, unless it already holds one of that
+/// log (a release done again after a crash must not move back a
+/// checkpoint the applier moved).
+async fn standalone_checkpoint(
+    client: &mut Client,
+    addr: &str,
+    cfg: &SyncConfig,
+    record: &DirectionRecord,
+) -> Result<String, String> {
     let key = checkpoint_key(&cfg.apply.drainer_id, PartitionId(0));
-    let current = pauser
+    let current = client
         .call([b"GET".as_slice(), key.as_slice()])
         .await
-        .map_err(client_error("GET of the checkpoint", &addr))?;
-    let ours = match &current {
-        Frame::Bulk(value) => Checkpoint::decode(value).is_ok_and(|c| c.log() == record.log_tag),
+        .map_err(client_error("GET of the checkpoint", addr))?;
+    if is_ours(&current, record.log_tag) {
+        return Ok("the reversed applier's checkpoint was there".into());
+    }
+    client
+        .call([
+            b"SET".as_slice(),
+            key.as_slice(),
+            first_applied(record.log_tag).as_bytes(),
+        ])
+        .await
+        .map_err(client_error("SET of the checkpoint", addr))?;
+    Ok("the reversed applier's checkpoint set to resume after entry 1".into())
+}
+
+fn is_ours(value: &Frame, log_tag: u64) -> bool {
+    match value {
+        Frame::Bulk(value) => Checkpoint::decode(value).is_ok_and(|c| c.log() == log_tag),
         _ => false,
-    };
-    if !ours {
-        let value = Checkpoint::Applied {
-            log_id: LogId(1),
-            epoch: 0,
-            log: record.log_tag,
+    }
+}
+
+fn first_applied(log_tag: u64) -> String {
+    Checkpoint::Applied {
+        log_id: LogId(1),
+        epoch: 0,
+        log: log_tag,
+    }
+    .encode()
+}
+
+/// Connections to the masters of a cluster, a command sent to the master
+/// of its key's slot.
+struct Routed {
+    topology: Topology,
+    template: RedisUrl,
+    clients: BTreeMap<String, Client>,
+}
+
+impl Routed {
+    /// `commands` pipelined on the master of `key`'s slot; an error reply
+    /// is an error naming the master.
+    async fn run(&mut self, key: &[u8], commands: &[Command]) -> Result<Vec<Frame>, String> {
+        let slot = key_hash_slot(key);
+        let node = self.topology.master_for_slot(slot).ok_or_else(|| {
+            format!(
+                "no master of the cluster {} serves slot {slot}",
+                self.topology.seen_from
+            )
+        })?;
+        let url = Topology::url_for(node, &self.template);
+        let addr = url.addr();
+        if !self.clients.contains_key(&addr) {
+            let client = connect(&url).await?;
+            self.clients.insert(addr.clone(), client);
         }
-        .encode();
-        pauser
-            .call([b"SET".as_slice(), key.as_slice(), value.as_bytes()])
+        let client = self
+            .clients
+            .get_mut(&addr)
+            .ok_or_else(|| format!("no connection to {addr}"))?;
+        let replies = client
+            .pipeline(commands)
             .await
-            .map_err(client_error("SET of the checkpoint", &addr))?;
+            .map_err(client_error("the reversed appliers' checkpoints", &addr))?;
+        let failed = |frame: &Frame| match frame {
+            Frame::Error(error) => Some(String::from_utf8_lossy(error).into_owned()),
+            Frame::Array(items) => items.iter().find_map(|item| match item {
+                Frame::Error(error) => Some(String::from_utf8_lossy(error).into_owned()),
+                _ => None,
+            }),
+            _ => None,
+        };
+        if let Some(error) = replies.iter().find_map(failed) {
+            return Err(format!("{addr} answered {error}"));
+        }
+        Ok(replies)
+    }
+}
+
+/// The reversed appliers' state on an old source that is a cluster (a
+/// cluster target's, apply module): every slot of the owner map given to
+/// the partition whose master served it at the switch, generation 0 (the
+/// slot table the reversed listener starts with); each partition's slot
+/// scope, its master's slots; each partition's floor checkpoint
+/// `applied=1` of its log. Nothing is written when every floor is of its
+/// partition's log already (a release done again after a crash must not
+/// move back what the appliers moved); the floors go last, so a crash in
+/// between writes everything again.
+async fn cluster_checkpoints(cfg: &SyncConfig, record: &DirectionRecord) -> Result<String, String> {
+    let (_, targets) = urls(cfg).map_err(|e| e.to_string())?;
+    let template = targets.first().ok_or("no target")?.clone();
+    let topology = crate::redis::cluster::discover(&targets)
+        .await
+        .map_err(|error| format!("the old source cluster: {error}"))?;
+    let mut routed = Routed {
+        topology,
+        template,
+        clients: BTreeMap::new(),
+    };
+    let drainer = &cfg.apply.drainer_id;
+    let mut missing = Vec::new();
+    for start in &record.partitions {
+        let key = checkpoint_key(drainer, PartitionId(start.partition));
+        let replies = routed
+            .run(&key, &[Command::from_parts([b"GET".as_slice(), &key])])
+            .await?;
+        if !replies.first().is_some_and(|r| is_ours(r, start.log_tag)) {
+            missing.push(start);
+        }
+    }
+    if missing.is_empty() {
+        return Ok("the reversed appliers' checkpoints were there".into());
+    }
+    let map_key = owner_map_key(drainer);
+    let mut hset = vec![Bytes::from_static(b"HSET"), Bytes::from(map_key.clone())];
+    let mut scopes = Vec::with_capacity(record.partitions.len());
+    for start in &record.partitions {
+        let slots = SlotRanges::parse(&start.slots).map_err(|why| {
+            format!(
+                "{}: the slots {:?} of partition {}: {why}",
+                cfg.data_dir.join(RECORD_FILE).display(),
+                start.slots,
+                start.partition
+            )
+        })?;
+        let owner = Bytes::from(format!("{} 0", start.partition));
+        for &(first, last) in slots.ranges() {
+            for slot in first..=last {
+                hset.push(Bytes::from(slot.to_string()));
+                hset.push(owner.clone());
+            }
+        }
+        scopes.push((start.partition, encode_scope(&slots)));
+    }
+    routed
+        .run(
+            &map_key,
+            &[
+                Command::from_parts(["MULTI"]),
+                Command::from_parts([b"DEL".as_slice(), &map_key]),
+                Command::new(hset),
+                Command::from_parts(["EXEC"]),
+            ],
+        )
+        .await?;
+    for (partition, scope) in &scopes {
+        let key = scope_key(drainer, PartitionId(*partition));
+        routed
+            .run(
+                &key,
+                &[Command::from_parts([
+                    b"SET".as_slice(),
+                    &key,
+                    scope.as_bytes(),
+                ])],
+            )
+            .await?;
+    }
+    for start in &missing {
+        let key = checkpoint_key(drainer, PartitionId(start.partition));
+        let value = first_applied(start.log_tag);
+        routed
+            .run(
+                &key,
+                &[Command::from_parts([
+                    b"SET".as_slice(),
+                    &key,
+                    value.as_bytes(),
+                ])],
+            )
+            .await?;
     }
     Ok(format!(
-        "{} client(s) with writes held by the pause closed (their writes did not run), \
-         CLIENT UNPAUSE; {}",
-        held.len(),
-        if ours {
-            "the reversed applier's checkpoint was there"
-        } else {
-            "the reversed applier's checkpoint set to resume after entry 1"
-        }
+        "the reversed appliers' owner map (16384 slots, generation 0) and slot scopes written, \
+         {} checkpoint(s) set to resume after entry 1",
+        missing.len()
     ))
 }
 
@@ -1106,7 +1812,41 @@ mod tests {
             offset: 99,
             log_tag: 7,
             released: true,
+            partitions: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_generations_cluster_files_are_in_its_own_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        let mut cfg = config(&data, "redis://127.0.0.1:7000", "redis://127.0.0.1:7001");
+        assert_eq!(cluster_dir(&cfg), data);
+        cfg.listener_wal.dir = data.join("listener.g3");
+        assert_eq!(cluster_dir(&cfg), data.join("cluster.g3"));
+    }
+
+    #[test]
+    fn a_clusters_record_keeps_every_partition_and_older_records_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cluster = record();
+        cluster.partitions = vec![PartitionStart {
+            partition: 0,
+            master: "127.0.0.1:7001".into(),
+            node_id: "a".repeat(40),
+            slots: "0-5460".into(),
+            replid: "b".repeat(40),
+            offset: 5,
+            log_tag: 9,
+        }];
+        cluster.save(dir.path()).unwrap();
+        assert_eq!(DirectionRecord::load(dir.path()).unwrap(), Some(cluster));
+        // A standalone record has no partitions field at all.
+        record().save(dir.path()).unwrap();
+        let text = std::fs::read_to_string(dir.path().join(RECORD_FILE)).unwrap();
+        assert!(!text.contains("partitions"), "{text}");
+        assert_eq!(DirectionRecord::load(dir.path()).unwrap(), Some(record()));
     }
 
     #[test]
@@ -1211,6 +1951,8 @@ mod tests {
             "listener.g2",
             "drainer",
             "listener.gx",
+            "cluster.g1",
+            "cluster.g2",
         ] {
             std::fs::create_dir(dir.path().join(name)).unwrap();
         }
@@ -1220,6 +1962,11 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         left.sort();
-        assert_eq!(left, ["drainer", "listener.g1", "listener.gx"]);
+        assert_eq!(
+            left,
+            ["cluster.g1", "drainer", "listener.g1", "listener.gx"]
+        );
+        remove_other_generations(dir.path(), "listener");
+        assert!(!dir.path().join("cluster.g1").exists());
     }
 }
