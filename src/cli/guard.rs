@@ -2,10 +2,13 @@
 //! ferry can write (NebulaGraph sets its secondary read-only). `--off` undoes
 //! it.
 //!
-//! In: the target (a standalone Redis with ACLs, 6.0 or later) and an admin
-//! login in its URL. Out: Redis ACLs, and a record of what was changed in the
+//! In: the target (a standalone Redis with ACLs, 6.0 or later, or any one
+//! node of a Redis Cluster) and an admin login in its URL. Out: Redis ACLs
+//! (on every node of a cluster), and a record of what was changed in the
 //! target's own `__ferry:guard` hash (db 0), so that `--off` restores exactly
-//! that, from any machine.
+//! that, from any machine. The record is under ferry's `__ferry` prefix:
+//! syncs never replicate such keys nor count them as target data, and their
+//! flushes of db 0 keep them (`apply::keyspace`).
 //!
 //! # On
 //!
@@ -16,10 +19,16 @@
 //!    `reset on >PASSWORD ~* &* +@all -@write -@admin`.
 //! 3. The connection authenticates as the ferry user, then one `MULTI`:
 //!    record the `default` user's rules (its `ACL LIST` line) and the users
-//!    made in `__ferry:guard`, and `ACL SETUSER default -@write -@admin`:
-//!    clients that do not log in keep reading, and get `NOPERM` for writes
-//!    and for the commands that would lift the guard (`ACL`, `CONFIG`, …).
-//!    Scripts and functions run their commands with the caller's rights.
+//!    made in `__ferry:guard`, and `ACL SETUSER default -@write -@admin
+//!    +psync +replconf`: clients that do not log in keep reading, and get
+//!    `NOPERM` for writes and for the commands that would lift the guard
+//!    (`ACL`, `CONFIG`, …). Scripts and functions run their commands with
+//!    the caller's rights. `PSYNC` and `REPLCONF` stay (they are `@admin`):
+//!    a replica logs in to its master as `default` unless it has a
+//!    `masteruser`, and without them it could not resync after its link
+//!    broke or a failover (the price: a client without a login may stream
+//!    the data as a replica would, which it can read anyway, and acknowledge
+//!    offsets, which `WAIT` counts).
 //! 4. `ACL SAVE` in the same `MULTI` when the server has an `aclfile`;
 //!    without one the ACLs live in memory and a restart of the target
 //!    drops the guard (the command says so).
@@ -40,14 +49,65 @@
 //! the connections of a deleted user once the transaction ran, a running
 //! `ferry sync` logged in as the ferry user included.
 //!
-//! A Redis Cluster target is refused: every node has its own ACLs, and
-//! guarding them one by one is not done yet.
+//! # Cluster
+//!
+//! Every node of a Redis Cluster has its own ACLs, and applications read
+//! from replicas too (`READONLY`); a replica promoted by a failover must
+//! already be guarded. So the guard reads `CLUSTER NODES` from the node
+//! given and guards every node listed, masters and replicas, each
+//! connected with the same login (`Topology::url_for`). The guarded users
+//! keep what applications need to route and read: `CLUSTER SLOTS`/`SHARDS`/
+//! `NODES`/`INFO`, `READONLY`, `ASKING` are neither `@admin` nor `@write`.
+//! `CLUSTER FAILOVER`/`SETSLOT`/`MEET`/`FORGET`/`REPLICATE` are `@admin`
+//! and `MIGRATE` is `@write`, so an operator changing the cluster
+//! (`redis-cli --cluster reshard`, a manual failover) logs in as a user
+//! with those rights (the ferry user, or their own: other users keep their
+//! rights). `redis-cli --cluster add-node` without a login works: it only
+//! reads the guarded nodes, and the new node is not guarded yet. The
+//! cluster bus is not subject to ACLs, and ferry itself reads the topology
+//! as the ferry user.
+//!
+//! **The record.** A key lives on the master serving its slot, so there is
+//! one record for the whole cluster: `__ferry:guard` on that master (and,
+//! replicated, on its replicas; a failover keeps it, a resharding moves it
+//! with its slot), with the field `users` (the users the guard made, on
+//! every node) and one field `default-rules:<node id>` per node guarded
+//! (its `default` rules before the guard). Node ids survive failovers and
+//! restarts, addresses need not. Any node finds it the way a client does:
+//! `CLUSTER NODES`, then the master serving its slot.
+//!
+//! **On, check first.** Nothing changes until every node listed answered
+//! with the login (one flagged failing, unreachable, or refusing `ACL LIST`
+//! / `CONFIG GET aclfile` is named, and nothing changed) and no node has a
+//! user of the guard's names that the record does not list. Then the
+//! record is written (whole, in one `MULTI`: existing fields kept, a node
+//! added since gets its own), and the nodes are guarded one by one as in
+//! "On", the record's master last; each node saves to its own `aclfile`
+//! when it has one, and the report names the nodes without one. If a node
+//! refuses or fails part way, what this run changed is put back: the
+//! record as it was, and on each node changed the `default` user's rules
+//! and the users it set as `ACL LIST` showed them before (the error says
+//! so, or names what could not be put back). A guard killed part way
+//! leaves the record naming every node, so `--off` restores them all (on a
+//! node not guarded yet, restoring its recorded rules changes nothing).
+//!
+//! Guarding again through the ferry user's login needs that user on every
+//! node: a node added since (or restarted without an `aclfile`) does not
+//! have it, and is named; log in as a user that exists everywhere, or
+//! create the ferry user there first (the record says the guard made it).
+//!
+//! **Off, node by node.** Every node the record lists must answer before
+//! anything changes; nodes it does not list (added since) are named and
+//! left alone, and recorded nodes no longer in the cluster are named. Each
+//! node is restored as in "Off", then its field leaves the record at once,
+//! so a run that stops part way leaves the record naming exactly the nodes
+//! still guarded, and `--off` again finishes them; the record's master is
+//! restored last, the record deleted in the same `MULTI`.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use clap::Args;
-
-use std::collections::BTreeMap;
 
 use crate::redis::client::{Client, ClientError};
 use crate::redis::cluster::{read_topology, NodeInfo, Topology, TopologyError};
@@ -65,20 +125,21 @@ pub const GUARD_KEY: &str = "__ferry:guard";
 /// failover.
 pub const GUARDED_DEFAULT: [&str; 4] = ["-@write", "-@admin", "+psync", "+replconf"];
 
-/// How long one command on a node may take before the guard gives up on
-/// it (a node that hangs is named, not waited for).
 /// The application user's command rules.
 const APP_RULES: [&str; 3] = ["+@all", "-@write", "-@admin"];
 
+/// How long one command on a node may take before the guard gives up on
+/// it (a node that hangs is named, not waited for).
 const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// `ferry guard` flags.
 #[derive(Debug, Clone, Args)]
 pub struct GuardArgs {
     /// The target: `redis://[user[:password]@]host:port`, logged in as a
-    /// user allowed to run `ACL` (to turn the guard off: the ferry user). A
-    /// password here shows in `ps`: prefer --target-password-file or
-    /// FERRY_TARGET_PASSWORD.
+    /// user allowed to run `ACL` (to turn the guard off: the ferry user).
+    /// Of a Redis Cluster any one node: every node it lists is guarded,
+    /// with this same login. A password here shows in `ps`: prefer
+    /// --target-password-file or FERRY_TARGET_PASSWORD.
     #[arg(long)]
     pub target: SecretUrl,
     /// A file holding the target login's password.
