@@ -25,7 +25,7 @@
 //!   error).
 //! - `ferry guard --target URL [--ferry-user NAME] --ferry-password-file F
 //!   [--app-user NAME --app-password-file F] [--off]`: a target only ferry
-//!   writes ([`guard`]).
+//!   writes, standalone or every node of a cluster ([`guard`]).
 //! - `ferry serve --data-dir DIR [--http ADDR] [--token-file F]`: many
 //!   sync tasks in one daemon, with an HTTP API and a dashboard;
 //!   `ferry task create|list|show|stop|start|cancel --server URL`: its
@@ -127,9 +127,11 @@ pub enum Verb {
     /// Redis Cluster): a PASS / WARN / FAIL table; exit code 1 on any FAIL.
     Precheck(precheck::PrecheckArgs),
     /// Make a target writable only by ferry: an ACL user ferry writes as,
-    /// the default user read-only (-@write -@admin), optionally a read-only
-    /// user for applications; --off restores what it changed (recorded on
-    /// the target in __ferry:guard). Standalone targets, Redis 6 or later.
+    /// the default user read-only (-@write -@admin, keeping +psync
+    /// +replconf for replicas), optionally a read-only user for
+    /// applications; --off restores what it changed (recorded on the target
+    /// in __ferry:guard). A standalone Redis 6 or later, or a Redis Cluster
+    /// given by any one node: every node, masters and replicas.
     Guard(guard::GuardArgs),
     /// Reverse a running `ferry sync` with no full sync: pause writes on the
     /// source, wait until the target has applied everything, replicate the
