@@ -388,6 +388,24 @@ fn remove_other_generations(data_dir: &Path, current: &str) {
     }
 }
 
+/// The environment variable of the crash tests' hook: a switchover stops
+/// for good at the point it names, for a test to kill -9 the process
+/// exactly there: `drained` (the source paused, the target caught up, the
+/// old direction still running), `committed` (the record written, nothing
+/// released), `unpaused` (the old source's masters unpaused, its
+/// checkpoints not written yet), `released` (the release done, the
+/// reversed direction not started). Unset in production.
+const HOLD_ENV: &str = "FERRY_TEST_SWITCHOVER_HOLD";
+
+/// The crash tests' hook ([`HOLD_ENV`]): never returns at `point` when the
+/// variable names it.
+async fn hold_for_test(point: &str) {
+    if std::env::var(HOLD_ENV).is_ok_and(|held| held == point) {
+        warn!(point, "{HOLD_ENV}: the switchover holds here until the process is killed");
+        std::future::pending::<()>().await;
+    }
+}
+
 /// The steps so far, each logged as it ends.
 struct Steps {
     list: Vec<SwitchStep>,
@@ -772,6 +790,7 @@ pub(super) async fn drain(
             return Err(steps.report(Some(error), direction, Some((paused_at, Instant::now()))));
         }
     }
+    hold_for_test("drained").await;
     Ok(Drained {
         steps,
         paused: paused_at,
@@ -1414,6 +1433,7 @@ impl Committed {
     /// the reversed stages start, so that the checkpoints are there when
     /// the appliers read them.
     pub(super) async fn release(&mut self, cfg: &SyncConfig) {
+        hold_for_test("committed").await;
         let began = Instant::now();
         let released = release(&mut self.pausers, cfg, &self.record).await;
         match released {
@@ -1423,7 +1443,8 @@ impl Committed {
                 if let Err(error) = self.record.save(&cfg.data_dir) {
                     warn!(%error, "cannot note in the direction record that the old source was released (the next start does it again, which changes nothing)");
                 }
-                self.steps.done("release the old source", began, detail)
+                self.steps.done("release the old source", began, detail);
+                hold_for_test("released").await;
             }
             Err(error) => self.steps.done(
                 "release the old source",
@@ -1511,6 +1532,7 @@ async fn release(
     for (url, client) in masters.iter_mut() {
         closed += release_held(client, &url.addr()).await?;
     }
+    hold_for_test("unpaused").await;
     let checkpoints = match record.partitions.is_empty() {
         true => {
             let (url, client) = masters.first_mut().ok_or("no old source")?;
