@@ -784,8 +784,16 @@ fn assert_exactly_once(a: &Cluster, b: &Cluster, results: &[(Acked, usize)], syn
                     have.1.len(),
                     want.0,
                     want.1.len(),
-                    want.1.iter().filter(|e| !have.1.contains(e)).take(5).collect::<Vec<_>>(),
-                    have.1.iter().filter(|e| !want.1.contains(e)).take(5).collect::<Vec<_>>(),
+                    want.1
+                        .iter()
+                        .filter(|e| !have.1.contains(e))
+                        .take(5)
+                        .collect::<Vec<_>>(),
+                    have.1
+                        .iter()
+                        .filter(|e| !want.1.contains(e))
+                        .take(5)
+                        .collect::<Vec<_>>(),
                     sync.log_tail(40)
                 );
                 thread::sleep(Duration::from_millis(100));
@@ -885,10 +893,7 @@ fn kill_held_switchover(sync: &mut FerryProcess, point: &str) {
             asked.try_wait().unwrap().is_none(),
             "the switchover ended before the hold at {point}\n{log}"
         );
-        assert!(
-            Instant::now() < deadline,
-            "no hold at {point}\n{log}"
-        );
+        assert!(Instant::now() < deadline, "no hold at {point}\n{log}");
         thread::sleep(Duration::from_millis(10));
     }
     sync.kill9();
@@ -906,7 +911,8 @@ fn record_of(data: &std::path::Path) -> Option<serde_json::Value> {
 /// kill -9 of ferry at three moments of cluster switchovers, under a load
 /// on every shard, each followed by a restart with the original command
 /// line: after the pause with the target caught up (before the commit:
-/// rolled back, the pause ends by itself, A -> B goes on), after the commit
+/// rolled back, the restart unpauses every master of A, A -> B goes on,
+/// the writes the pause held included), after the commit
 /// and before the release (the restart releases every master of A, B -> A
 /// runs), and, switching back, after the old source's masters were
 /// unpaused and before its checkpoints were written (the restart writes
@@ -937,9 +943,16 @@ fn kill_9_of_ferry_mid_cluster_switchover_rolls_back_or_releases_and_repeats_not
     for left in ["direction", "listener.g1", "cluster.g1"] {
         assert!(!data.join(left).exists(), "{left} was left");
     }
-    // The pause (2 s timeout + 10 s) ends by itself.
-    assert_masters_take_writes(&a, Duration::from_secs(20), "after a kill before the commit");
+    // The restart unpaused A (its pause, 2 s timeout + 10 s, lasts on).
+    assert_masters_take_writes(&a, Duration::from_secs(2), "after a kill before the commit");
     eprintln!("A took writes again {:?} after the kill", killed.elapsed());
+    let log = std::fs::read_to_string(&sync.log).unwrap();
+    assert!(
+        log.contains("unpaused the source of a switchover that a stop interrupted"),
+        "{}",
+        sync.log_tail(60)
+    );
+    assert!(!data.join("switchover.paused").exists());
     assert_flows(&a, &b, "rolled-back", &sync);
     let fulls_b = sync_fulls(&b);
 
@@ -955,8 +968,13 @@ fn kill_9_of_ferry_mid_cluster_switchover_rolls_back_or_releases_and_repeats_not
     wait_online(&sync);
     let record = record_of(&data).unwrap();
     assert_eq!(record["released"], true, "{record}");
+    assert!(!data.join("switchover.paused").exists());
     // Released at the restart, not by the pause's end.
-    assert_masters_take_writes(&a, Duration::from_secs(2), "after a restart past the commit");
+    assert_masters_take_writes(
+        &a,
+        Duration::from_secs(2),
+        "after a restart past the commit",
+    );
     assert_flows(&b, &a, "committed", &sync);
     let log = std::fs::read_to_string(&sync.log).unwrap();
     assert!(

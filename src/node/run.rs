@@ -2113,6 +2113,7 @@ async fn run_direct(
     if let Some(record) = record.as_mut().filter(|r| !r.released) {
         switchover::release_after_restart(&cfg, record).await;
     }
+    switchover::unpause_after_restart(&cfg, record.as_ref()).await;
     let result = loop {
         let direction = shutdown.child_token();
         let mut stages = Stages::new(direction.clone());
