@@ -1565,17 +1565,8 @@ pub async fn unpause_after_restart(cfg: &SyncConfig, record: Option<&DirectionRe
     }
     let unpaused = async {
         let (sources, _) = urls(cfg).map_err(|e| e.to_string())?;
-        let template = sources.first().ok_or("no source")?.clone();
-        let masters = match is_cluster(&sources, "source").await? {
-            false => vec![template],
-            true => crate::redis::cluster::discover(&sources)
-                .await
-                .map_err(|error| format!("the source cluster: {error}"))?
-                .shards()
-                .iter()
-                .map(|shard| Topology::url_for(&shard.master, &template))
-                .collect(),
-        };
+        let cluster = is_cluster(&sources, "source").await?;
+        let masters = master_urls(&sources, cluster, "source").await?;
         let mut addrs = Vec::with_capacity(masters.len());
         for url in masters {
             let addr = url.addr();
@@ -1600,6 +1591,26 @@ pub async fn unpause_after_restart(cfg: &SyncConfig, record: Option<&DirectionRe
     }
 }
 
+/// The masters of one side: its URL for a standalone server, every shard's
+/// master for a cluster (with the first seed's login and TLS options).
+async fn master_urls(
+    seeds: &[RedisUrl],
+    cluster: bool,
+    side: &str,
+) -> Result<Vec<RedisUrl>, String> {
+    let template = seeds.first().ok_or_else(|| format!("no {side}"))?.clone();
+    if !cluster {
+        return Ok(vec![template]);
+    }
+    Ok(crate::redis::cluster::discover(seeds)
+        .await
+        .map_err(|error| format!("the {side} cluster: {error}"))?
+        .shards()
+        .iter()
+        .map(|shard| Topology::url_for(&shard.master, &template))
+        .collect())
+}
+
 /// Step 8 for a process that died between the commit and the release: the
 /// old source is the target now (`cfg` has the record laid over it). A
 /// target that does not answer is left to its pause's end; the applier
@@ -1608,17 +1619,7 @@ pub async fn unpause_after_restart(cfg: &SyncConfig, record: Option<&DirectionRe
 pub async fn release_after_restart(cfg: &SyncConfig, record: &mut DirectionRecord) {
     let released = async {
         let (_, targets) = urls(cfg).map_err(|e| e.to_string())?;
-        let template = targets.first().ok_or("no target")?.clone();
-        let masters = match record.partitions.is_empty() {
-            true => vec![template],
-            false => crate::redis::cluster::discover(&targets)
-                .await
-                .map_err(|error| format!("the old source cluster: {error}"))?
-                .shards()
-                .iter()
-                .map(|shard| Topology::url_for(&shard.master, &template))
-                .collect(),
-        };
+        let masters = master_urls(&targets, !record.partitions.is_empty(), "old source").await?;
         let mut clients = Vec::with_capacity(masters.len());
         for url in masters {
             let client = connect(&url).await?;
