@@ -1871,32 +1871,20 @@ async fn cluster_checkpoints(cfg: &SyncConfig, record: &DirectionRecord) -> Resu
             ],
         )
         .await?;
-    for (partition, scope) in &scopes {
-        let key = scope_key(drainer, PartitionId(*partition));
-        routed
-            .run(
-                &key,
-                &[Command::from_parts([
-                    b"SET".as_slice(),
-                    &key,
-                    scope.as_bytes(),
-                ])],
-            )
-            .await?;
-    }
-    for start in &missing {
+    // The scopes, then the floors last.
+    let scopes = scopes.iter().map(|(partition, scope)| {
+        (
+            scope_key(drainer, PartitionId(*partition)),
+            scope.to_string(),
+        )
+    });
+    let floors = missing.iter().map(|start| {
         let key = checkpoint_key(drainer, PartitionId(start.partition));
-        let value = first_applied(start.log_tag);
-        routed
-            .run(
-                &key,
-                &[Command::from_parts([
-                    b"SET".as_slice(),
-                    &key,
-                    value.as_bytes(),
-                ])],
-            )
-            .await?;
+        (key, first_applied(start.log_tag))
+    });
+    for (key, value) in scopes.chain(floors) {
+        let set = Command::from_parts([b"SET".as_slice(), &key, value.as_bytes()]);
+        routed.run(&key, &[set]).await?;
     }
     Ok(format!(
         "the reversed appliers' owner map (16384 slots, generation 0) and slot scopes written, \
