@@ -586,9 +586,11 @@ impl BatchBuilder {
             }
             // A flush of a partition with a slot scope goes alone, as the
             // deletion of the scope and the rest of its entry (a skipped
-            // one is recorded as received).
+            // one is recorded as received). Two-way sync refuses it
+            // instead (`check`).
             let mut scope_delete = None;
             if self.scope.is_some()
+                && self.echo_of.is_none()
                 && flushes(write)
                 && !held.is_some_and(|hold| hold.skip.is_some())
             {

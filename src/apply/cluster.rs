@@ -761,6 +761,7 @@ impl Applier {
                         transient: false,
                     });
                 }
+                self.status.add_echoes(batch.echoes);
                 if self.cfg.two_way_peers.is_some() && batch.is_silent() {
                     // Its floor would be echoed by the other side, whose
                     // silent batch would be echoed here: kept back until a

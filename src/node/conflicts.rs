@@ -95,6 +95,9 @@ const STATE_FILE: &str = "conflicts.state";
 const STATE_VERSION: u32 = 2;
 /// Writes kept per side (module doc, "Finding them").
 pub const WINDOW_CAP: usize = 200_000;
+/// Conflicts logged one by one per pass of the detector (all are in the
+/// conflict log).
+const WARN_PER_PASS: usize = 20;
 /// How often the detector looks for new entries when no append woke it.
 const POLL: Duration = Duration::from_millis(200);
 /// How often the state is saved when it changed.
@@ -746,6 +749,11 @@ pub async fn run(
         let mut found = Vec::new();
         let mut progressed = false;
         for partition in wal.partitions() {
+            // Many conflicts make a pass long: a stop does not wait for it.
+            if stop.is_cancelled() {
+                break;
+            }
+            tokio::task::yield_now().await;
             let index = detector.side_of(partition);
             // A partition that appeared since (a new shard): all of it.
             let next = *detector.sides[index].next.entry(partition.0).or_insert(1);
@@ -785,8 +793,14 @@ pub async fn run(
             }
         }
         if !found.is_empty() {
-            for conflict in &found {
+            for conflict in found.iter().take(WARN_PER_PASS) {
                 warn!(key = %conflict.key, db = conflict.db, source_log_id = conflict.source.log_id, target_log_id = conflict.target.log_id, "two-way conflict: the key was written on both sides before either saw the other's write");
+            }
+            if found.len() > WARN_PER_PASS {
+                warn!(
+                    conflicts = found.len(),
+                    "two-way conflicts: more than are logged here; every one is in the conflict log"
+                );
             }
             if let Err(error) = append(&log_path, &found) {
                 warn!(path = %log_path.display(), %error, "cannot append to the conflict log");
