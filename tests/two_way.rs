@@ -637,6 +637,8 @@ fn clusters_concurrent_writes_on_both_sides_converge_exactly_once_across_kill_9(
     let log = std::fs::read_to_string(&sync.log).unwrap();
     assert!(!log.contains("full resync stored partition=10"), "{log}");
     sync.terminate(Duration::from_secs(20));
+    let conflicts = std::fs::metadata(data.join("conflicts.jsonl")).map_or(0, |m| m.len());
+    eprintln!("conflict log: {conflicts} bytes");
 }
 
 /// One key written on both clusters before either saw the other's write:

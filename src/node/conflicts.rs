@@ -95,6 +95,9 @@ const STATE_FILE: &str = "conflicts.state";
 const STATE_VERSION: u32 = 2;
 /// Writes kept per side (module doc, "Finding them").
 pub const WINDOW_CAP: usize = 200_000;
+/// Conflicts a pass holds at most before it appends them (a pass ends
+/// after the entry that reaches it; the next goes on from there).
+const FOUND_PER_PASS: usize = 50_000;
 /// Conflicts logged one by one per pass of the detector (all are in the
 /// conflict log).
 const WARN_PER_PASS: usize = 20;
@@ -784,12 +787,37 @@ pub async fn run(
                     continue;
                 }
             };
-            for entry in &entries {
-                found.extend(detector.take(partition, entry));
-                detector.sides[index]
-                    .next
-                    .insert(partition.0, entry.log_id.0 + 1);
-                progressed = true;
+            // Off the runtime: many conflicts make it long.
+            let stopping = stop.clone();
+            let mut taken = std::mem::take(&mut found);
+            let took = tokio::task::spawn_blocking(move || {
+                let mut any = false;
+                for entry in &entries {
+                    if stopping.is_cancelled() || taken.len() >= FOUND_PER_PASS {
+                        break;
+                    }
+                    taken.extend(detector.take(partition, entry));
+                    detector.sides[index]
+                        .next
+                        .insert(partition.0, entry.log_id.0 + 1);
+                    any = true;
+                }
+                (detector, taken, any)
+            })
+            .await;
+            match took {
+                Ok((back, taken, any)) => {
+                    detector = back;
+                    found = taken;
+                    progressed |= any;
+                }
+                Err(error) => {
+                    warn!(%error, "conflict detection stopped");
+                    return;
+                }
+            }
+            if found.len() >= FOUND_PER_PASS {
+                break;
             }
         }
         if !found.is_empty() {
