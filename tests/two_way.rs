@@ -477,7 +477,9 @@ fn clusters_established(sync: &FerryProcess, masters: usize) -> bool {
     status["drainers"].as_array().is_some_and(|d| {
         d.len() == 2 * masters
             && d.iter().all(|side| side["state"] == "ONLINE")
-            && d.iter().filter(|side| side["partition"].as_u64() >= Some(1000)).count()
+            && d.iter()
+                .filter(|side| side["partition"].as_u64() >= Some(1000))
+                .count()
                 == masters
     })
 }
@@ -538,7 +540,11 @@ fn two_way_clusters(
     let masters = a.master_ports().len();
     let deadline = Instant::now() + Duration::from_secs(60);
     while !clusters_established(&sync, masters) {
-        assert!(Instant::now() < deadline, "not established: {}", sync.log_tail(40));
+        assert!(
+            Instant::now() < deadline,
+            "not established: {}",
+            sync.log_tail(40)
+        );
         thread::sleep(Duration::from_millis(100));
     }
     (dir, data, sync)
@@ -681,16 +687,31 @@ fn clusters_one_key_written_on_both_sides_is_a_conflict() {
     assert_eq!(lines.len(), 1, "{lines:?}");
     let line = &lines[0];
     assert_eq!(line["key"], key.as_str(), "{line}");
-    assert!(line["source"]["partition"].as_u64().unwrap() < 1000, "{line}");
-    assert!(line["target"]["partition"].as_u64().unwrap() >= 1000, "{line}");
+    assert!(
+        line["source"]["partition"].as_u64().unwrap() < 1000,
+        "{line}"
+    );
+    assert!(
+        line["target"]["partition"].as_u64().unwrap() >= 1000,
+        "{line}"
+    );
     assert!(line["source"]["log_id"].as_u64().unwrap() > 0, "{line}");
     assert!(line["target"]["log_id"].as_u64().unwrap() > 0, "{line}");
-    let out = ferry_cli(&["verify", "--source", &a.seed_list(), "--target", &b.seed_list()]);
+    let out = ferry_cli(&[
+        "verify",
+        "--source",
+        &a.seed_list(),
+        "--target",
+        &b.seed_list(),
+    ]);
     let shown =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{shown}");
     assert!(shown.contains(&key), "{shown}");
-    assert!(!shown.contains(&other) && !shown.contains(&turns), "{shown}");
+    assert!(
+        !shown.contains(&other) && !shown.contains(&turns),
+        "{shown}"
+    );
 }
 
 /// Between clusters a flush is held, and a standalone server paired with a

@@ -2,7 +2,8 @@
 //! sides before either saw the other's write.
 //!
 //! In: partitions 0 (the source A's stream) and 1 (the target B's stream)
-//! of a two-way sync's WAL (`super::two_way`). Out: every conflict
+//! of a two-way sync's WAL (`super::two_way`), or between clusters every
+//! partition of both directions. Out: every conflict
 //! appended to `<data-dir>/conflicts.jsonl` (one JSON object per line) and
 //! counted in `ferry status`; the state that lets a restart go on where
 //! it stopped, `<data-dir>/conflicts.state`; under a winner policy, the
@@ -55,6 +56,21 @@
 //! Owed repairs are in the saved state; one done twice after a crash
 //! writes the same value again.
 //!
+//! # Two clusters
+//!
+//! Between clusters (`super::two_way`, "Two clusters") each side has a log
+//! per master. A key lives in one slot, so its writes on A are in the log
+//! of the A-master serving it and its writes on B in the log of the
+//! B-master serving it; the echoes that tell what a side has applied are
+//! the pieces of that slot, in the same log as the key's writes (each
+//! writes the slot checkpoint of its partition `q`, `applied=N`: the side
+//! has applied `q`'s log up to `N` in that slot). So `seen` is kept per
+//! (other side's partition, slot), and a write `x` of partition `p` and
+//! `y` of partition `q` of one key conflict when `y > seen_q(x)` and
+//! `x > seen_p(y)` in the key's slot. Floors are not used: written on one
+//! master, they say nothing of where another shard's log was. Between
+//! standalone servers there is one slot (0) and one partition per side.
+//!
 //! # Restarts
 //!
 //! The state (positions, what each side has seen, the windows) is saved
@@ -62,7 +78,10 @@
 //! the log (appended and fsynced). A restart goes on from the state; the
 //! pairs found again between the state and the crash are recognised in the
 //! log's tail and not appended twice. Without a state (a data dir of an
-//! older ferry), detection starts at the logs' ends.
+//! older ferry, whose state version this one does not read), detection
+//! starts at the logs' ends. A pass appends at most 50 000 conflicts
+//! before it saves and goes on (conflicts are pairs: many concurrent writes
+//! of one key on both sides make many), and stops at once on shutdown.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io::Write as _;
@@ -213,6 +232,9 @@ struct State {
     repaired: u64,
 }
 
+/// (log id, db, key) of a write in a window, in log order.
+type WindowEntry = (u64, u32, Bytes);
+
 /// One side: where its logs are read, what it has seen, its window.
 #[derive(Default)]
 struct Side {
@@ -223,7 +245,7 @@ struct Side {
     /// standalone servers).
     seen: HashMap<(u32, u16), u64>,
     /// Per (partition, slot), in log order (for leaving the window).
-    order: HashMap<(u32, u16), VecDeque<(u64, u32, Bytes)>>,
+    order: HashMap<(u32, u16), VecDeque<WindowEntry>>,
     by_key: HashMap<(u32, Bytes), Vec<Seen>>,
     len: usize,
 }
@@ -702,6 +724,7 @@ const REPAIR_EVERY: Duration = Duration::from_millis(200);
 
 /// Runs the detector until `stop`; with `resolution`, also carries out the
 /// repairs its winner policy owes (module doc, "Policies").
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     wal: Wal,
     data_dir: PathBuf,

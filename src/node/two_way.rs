@@ -1,5 +1,6 @@
 //! Two-way sync (issue 11, item 1): `ferry sync --two-way` between two
-//! standalone Redis 7 servers A (`--source`) and B (`--target`).
+//! standalone Redis 7 servers A (`--source`) and B (`--target`), or two
+//! Redis 7 Clusters ("Two clusters" below).
 //!
 //! In: the sync's config and its one WAL. Out: the configs of the two
 //! directions' stages, the backward direction established once the first
@@ -56,6 +57,46 @@
 //! status`; with `--conflict source-wins` or `target-wins` both sides then
 //! converge on what the winner's write left.
 //!
+//! # Two clusters
+//!
+//! Between two clusters ([`Pair::Clusters`]; a standalone server paired
+//! with a cluster is refused) each direction is what a one-way sync of a
+//! cluster into a cluster is (apply module, "Applying into a Redis Cluster
+//! target"), in the same one WAL:
+//!
+//! - forward: a partition per master of A (0, 1, …; the shard map and slot
+//!   table in the data dir), each applied into B by slot;
+//! - backward: a partition per master of B from [`CLUSTER_BACKWARD_BASE`]
+//!   (1000, 1001, …; the `i`-th master by first slot is 1000 + `i`), the
+//!   shard map and slot table in [`CLUSTER_BACKWARD_DIR`], each applied
+//!   into A by slot.
+//!
+//! Establishing waits until every forward partition's floor on B is
+//! `applied` in a loaded epoch, then does what a switchover of two
+//! clusters does (`super::switchover`, "Two clusters", steps 2, 6 to 8):
+//! the backward shard map and slot table, a history per partition, A
+//! prepared as their target (owner map, slot scopes, floors `applied=1` of
+//! each log), each master of B marked alone (`MULTI; SET
+//! __ferry:two-way:{ferry:N}:<id> …; INFO replication; EXEC`, `{ferry:N}` a
+//! tag of its first slot) and the mark stored as its partition's entry 1;
+//! last, [`CLUSTER_ESTABLISHED_FILE`]. A retry after a crash keeps the
+//! partitions whose entry 1 is durable (B's writes after such a mark are in
+//! its stream after it) and marks the others, if B's masters are the same.
+//!
+//! No loops: an applier writes each piece of a batch as one transaction
+//! ending with its slot checkpoint `__ferry:checkpoint:<id>:<p>:{ferry:N}`,
+//! and its floor `__ferry:checkpoint:<id>:<p>` alone; the other direction's
+//! appliers cover every entry writing a checkpoint of a partition of this
+//! direction's range (`EchoRule`). Owner map and scope keys are written
+//! with a floor or a slot checkpoint, or only at establishing (then they
+//! are `__ferry*` keys, never applied). Silent batches are held back into a
+//! cluster as into a standalone server, and commands without keys but
+//! `PUBLISH` are refused (run on every master, they would come back from
+//! the masters whose transaction has no checkpoint). Conflicts: a key
+//! lives in one slot, so its writes come from one shard's log per side;
+//! `super::conflicts` keeps what each side has seen per (partition, slot).
+//! `--conflict source-wins|target-wins` is refused between clusters.
+//!
 //! # What two-way refuses
 //!
 //! - `FLUSHALL`, `FLUSHDB`, `SWAPDB` (held like an entry the target refuses;
@@ -65,8 +106,9 @@
 //!   overrun, entries expired past `wal-ttl`): it would overwrite the
 //!   loading side's writes the other direction has not carried yet. The
 //!   node stops with the error.
-//! - Redis before 7.0 on either side, a Redis Cluster, a `db-map`, the
-//!   relayed path, a switchover.
+//! - Redis before 7.0 on either side (every master of a cluster), a
+//!   standalone server with a cluster, a `db-map`, the relayed path, a
+//!   switchover.
 //!
 //! The foreign-write sampler is off: both sides take writes by design.
 
