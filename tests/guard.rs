@@ -107,19 +107,8 @@ fn a_guarded_target_takes_writes_only_from_ferry_and_off_restores_it() {
 
     // ferry sync writes through the guard as its user.
     source.cmd(&["SET", "replicated", "a"]);
-    let data = tempfile::tempdir().unwrap();
     let target_url = format!("redis://ferry@127.0.0.1:{}", target.port);
-    let mut sync = FerryProcess::sync(
-        &data.path().join("sync"),
-        &source.url(),
-        &target_url,
-        &[
-            "--target-password-file",
-            &ferry_pw,
-            "--existing-data",
-            "keep",
-        ],
-    );
+    let (_data, mut sync) = sync_as_ferry(&source.url(), &target_url, &ferry_pw);
     wait_for("the full sync through the guard", || {
         cli_as(&target, None, &["GET", "replicated"]) == "a"
     });
@@ -578,22 +567,11 @@ fn a_guarded_cluster_takes_writes_only_from_ferry_on_every_node_and_off_restores
 
     // ferry sync writes through the guard as its user, to every master.
     source.cmd(&["SET", "replicated", "a"]);
-    let data = tempfile::tempdir().unwrap();
     let target_url = format!(
         "redis://ferry@{}",
         cluster.url().trim_start_matches("redis://")
     );
-    let mut sync = FerryProcess::sync(
-        &data.path().join("sync"),
-        &source.url(),
-        &target_url,
-        &[
-            "--target-password-file",
-            &ferry_pw,
-            "--existing-data",
-            "keep",
-        ],
-    );
+    let (_data, mut sync) = sync_as_ferry(&source.url(), &target_url, &ferry_pw);
     wait_for("the full sync through the guard", || {
         cluster
             .call_key("replicated", &["GET", "replicated"])
@@ -794,4 +772,26 @@ fn a_cluster_guard_refused_on_one_node_leaves_every_node_unchanged() {
     expected.remove(&added);
     assert_eq!(acl_lists(&cluster), expected);
     assert!(!record_exists(&cluster));
+}
+
+/// `ferry sync` into a guarded target as the ferry user (the target keeps
+/// what it has), with its data dir.
+fn sync_as_ferry(
+    source_url: &str,
+    target_url: &str,
+    ferry_pw: &str,
+) -> (tempfile::TempDir, FerryProcess) {
+    let data = tempfile::tempdir().unwrap();
+    let sync = FerryProcess::sync(
+        &data.path().join("sync"),
+        source_url,
+        target_url,
+        &[
+            "--target-password-file",
+            ferry_pw,
+            "--existing-data",
+            "keep",
+        ],
+    );
+    (data, sync)
 }

@@ -728,3 +728,343 @@ fn a_switchover_of_a_cluster_with_a_standalone_server_is_refused() {
     });
     sync.terminate(Duration::from_secs(20));
 }
+
+/// The writers of the cluster tests, one per slot of [`WRITER_SLOTS`],
+/// each following its slot from one cluster to the other as its
+/// connection is closed ([`following_writer_of`]).
+struct ClusterWriters {
+    stop: Arc<AtomicBool>,
+    threads: Vec<thread::JoinHandle<(Acked, usize)>>,
+}
+
+impl ClusterWriters {
+    fn start(a: &Cluster, b: &Cluster) -> ClusterWriters {
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = (0..WRITER_SLOTS.len())
+            .map(|i| {
+                let keys = writer_keys(i);
+                let addrs = [
+                    a.master_for_key(&keys.0).addr(),
+                    b.master_for_key(&keys.0).addr(),
+                ];
+                let stop = Arc::clone(&stop);
+                thread::spawn(move || following_writer_of([&keys.0, &keys.1], addrs, stop))
+            })
+            .collect();
+        ClusterWriters { stop, threads }
+    }
+
+    fn stop(self) -> Vec<(Acked, usize)> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.threads
+            .into_iter()
+            .map(|w| w.join().unwrap())
+            .collect()
+    }
+}
+
+/// Every writer's acknowledged writes, exactly once, on both clusters.
+fn assert_exactly_once(a: &Cluster, b: &Cluster, results: &[(Acked, usize)], sync: &FerryProcess) {
+    for (i, (acked, _)) in results.iter().enumerate() {
+        assert!(acked.incrs > 10, "writer {i}: too few writes: {acked:?}");
+        let keys = writer_keys(i);
+        let want = (acked.incrs, acked.pushed.clone());
+        for (name, cluster) in [("A", a), ("B", b)] {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let have = values_of(cluster, &keys);
+                if have == want {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "writer {i} on {name}: counter {} and {} elements, acknowledged {} and {} \
+                     (missing {:?}, extra {:?})\n{}",
+                    have.0,
+                    have.1.len(),
+                    want.0,
+                    want.1.len(),
+                    want.1
+                        .iter()
+                        .filter(|e| !have.1.contains(e))
+                        .take(5)
+                        .collect::<Vec<_>>(),
+                    have.1
+                        .iter()
+                        .filter(|e| !want.1.contains(e))
+                        .take(5)
+                        .collect::<Vec<_>>(),
+                    sync.log_tail(40)
+                );
+                thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+/// Writes a key in every slot of [`WRITER_SLOTS`] on `from` (whose masters
+/// may still be paused for a while: each write waits) and waits for all of
+/// them on `to`: the sync carries `from` into `to` on every shard.
+fn assert_flows(from: &Cluster, to: &Cluster, what: &str, sync: &FerryProcess) {
+    let keys: Vec<String> = WRITER_SLOTS
+        .iter()
+        .map(|&slot| key_in_slot(&format!("flow:{what}"), slot))
+        .collect();
+    for key in &keys {
+        assert_eq!(
+            from.call_key(key, &["SET", key, what]),
+            Resp::Simple("OK".into())
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while !keys
+        .iter()
+        .all(|key| to.call_key(key, &["GET", key]).text().as_deref() == Some(what))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: the writes did not reach the other cluster on every shard\n{}",
+            sync.log_tail(60)
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Every master of `cluster` takes a write within `within` (a master
+/// still paused holds it).
+fn assert_masters_take_writes(cluster: &Cluster, within: Duration, what: &str) {
+    for shard in cluster.shards() {
+        let addr = cluster.node(shard.master.port).addr();
+        let slot = shard.master.slots.first().map(|r| r.0).unwrap();
+        let key = key_in_slot("probe", slot);
+        let mut conn = Conn::connect(&addr, within).unwrap();
+        let reply = conn.call(&["SET", &key, "1"]);
+        assert!(
+            matches!(reply, Ok(Resp::Simple(ref ok)) if ok == "OK"),
+            "{what}: the master {addr} did not take a write within {within:?}: {reply:?}"
+        );
+    }
+}
+
+/// Waits until every partition is online (3 listeners and appliers).
+fn wait_online(sync: &FerryProcess) {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let status = sync.status_json();
+        let online = |side: &str, field: &str| {
+            status[side]
+                .as_array()
+                .is_some_and(|parts| parts.len() == 3 && parts.iter().all(|p| p[field] == "ONLINE"))
+        };
+        if online("listeners", "source_state") && online("drainers", "state") {
+            for listener in status["listeners"].as_array().unwrap() {
+                assert_eq!(listener["full_syncs"], 0, "{status}");
+            }
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the partitions did not come online: {status}\n{}",
+            sync.log_tail(60)
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Starts `ferry switchover` on `sync` (held by the hook at `point`,
+/// [`HOLD_ENV`] set on the running process), waits for the hold, and kills
+/// ferry with SIGKILL there.
+fn kill_held_switchover(sync: &mut FerryProcess, point: &str) {
+    let mark = sync.log_len();
+    let admin = sync.admin_addr(Duration::from_secs(10));
+    let mut asked = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["switchover", "--admin", &admin, "--timeout", "2s"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = sync.log_since(mark);
+        if log.contains("the switchover holds here") && log.contains(&format!("\"{point}\"")) {
+            break;
+        }
+        assert!(
+            asked.try_wait().unwrap().is_none(),
+            "the switchover ended before the hold at {point}\n{log}"
+        );
+        assert!(Instant::now() < deadline, "no hold at {point}\n{log}");
+        thread::sleep(Duration::from_millis(10));
+    }
+    sync.kill9();
+    let _ = asked.wait();
+}
+
+/// The crash tests' hook in src/node/switchover.rs.
+const HOLD_ENV: &str = "FERRY_TEST_SWITCHOVER_HOLD";
+
+fn record_of(data: &std::path::Path) -> Option<serde_json::Value> {
+    let text = std::fs::read_to_string(data.join("direction")).ok()?;
+    Some(serde_json::from_str(&text).unwrap())
+}
+
+/// kill -9 of ferry at three moments of cluster switchovers, under a load
+/// on every shard, each followed by a restart with the original command
+/// line: after the pause with the target caught up (before the commit:
+/// rolled back, the restart unpauses every master of A, A -> B goes on,
+/// the writes the pause held included), after the commit
+/// and before the release (the restart releases every master of A, B -> A
+/// runs), and, switching back, after the old source's masters were
+/// unpaused and before its checkpoints were written (the restart writes
+/// them, A -> B runs). Every acknowledged write once on both sides, no full
+/// sync anywhere.
+#[test]
+fn kill_9_of_ferry_mid_cluster_switchover_rolls_back_or_releases_and_repeats_nothing() {
+    let ClusterPair {
+        a,
+        b,
+        dir: _dir,
+        data,
+        mut sync,
+    } = synced_clusters();
+    let fulls_a = sync_fulls(&a);
+    let writers = ClusterWriters::start(&a, &b);
+
+    // 1. Before the commit: the switchover is rolled back.
+    sync.respawn_with_env(&[(HOLD_ENV, "drained")]);
+    wait_online(&sync);
+    // B's masters are given a backlog by the first switchover's check.
+    thread::sleep(Duration::from_millis(300));
+    kill_held_switchover(&mut sync, "drained");
+    let killed = Instant::now();
+    assert!(record_of(&data).is_none(), "a record before the commit");
+    sync.respawn_with_env(&[]);
+    wait_online(&sync);
+    for left in ["direction", "listener.g1", "cluster.g1"] {
+        assert!(!data.join(left).exists(), "{left} was left");
+    }
+    // The restart unpaused A (its pause, 2 s timeout + 10 s, lasts on).
+    assert_masters_take_writes(&a, Duration::from_secs(2), "after a kill before the commit");
+    eprintln!("A took writes again {:?} after the kill", killed.elapsed());
+    let log = std::fs::read_to_string(&sync.log).unwrap();
+    assert!(
+        log.contains("unpaused the source of a switchover that a stop interrupted"),
+        "{}",
+        sync.log_tail(60)
+    );
+    assert!(!data.join("switchover.paused").exists());
+    assert_flows(&a, &b, "rolled-back", &sync);
+    let fulls_b = sync_fulls(&b);
+
+    // 2. After the commit, before the release: the restart releases A.
+    sync.respawn_with_env(&[(HOLD_ENV, "committed")]);
+    wait_online(&sync);
+    thread::sleep(Duration::from_millis(300));
+    kill_held_switchover(&mut sync, "committed");
+    let record = record_of(&data).expect("the record of the commit");
+    assert_eq!(record["generation"], 1, "{record}");
+    assert_eq!(record["released"], false, "{record}");
+    sync.respawn_with_env(&[]);
+    wait_online(&sync);
+    let record = record_of(&data).unwrap();
+    assert_eq!(record["released"], true, "{record}");
+    assert!(!data.join("switchover.paused").exists());
+    // Released at the restart, not by the pause's end.
+    assert_masters_take_writes(
+        &a,
+        Duration::from_secs(2),
+        "after a restart past the commit",
+    );
+    assert_flows(&b, &a, "committed", &sync);
+    let log = std::fs::read_to_string(&sync.log).unwrap();
+    assert!(
+        log.contains("released the old source of an unfinished switchover"),
+        "{}",
+        sync.log_tail(60)
+    );
+
+    // 3. Switching back, after the unpause of B's masters and before
+    // their checkpoints: the restart writes them, A -> B runs.
+    sync.respawn_with_env(&[(HOLD_ENV, "unpaused")]);
+    wait_online(&sync);
+    thread::sleep(Duration::from_millis(300));
+    kill_held_switchover(&mut sync, "unpaused");
+    let record = record_of(&data).unwrap();
+    assert_eq!(record["generation"], 2, "{record}");
+    assert_eq!(record["released"], false, "{record}");
+    sync.respawn_with_env(&[]);
+    wait_online(&sync);
+    assert_eq!(record_of(&data).unwrap()["released"], true);
+    assert_masters_take_writes(&b, Duration::from_secs(2), "after a restart mid-release");
+    assert_flows(&a, &b, "switched-back", &sync);
+
+    thread::sleep(Duration::from_millis(500));
+    let results = writers.stop();
+    for (i, (_, moves)) in results.iter().enumerate() {
+        assert_eq!(*moves, 2, "writer {i} did not follow both switches");
+    }
+    assert_exactly_once(&a, &b, &results, &sync);
+    assert_eq!(sync_fulls(&a), fulls_a, "a full sync of A");
+    assert_eq!(sync_fulls(&b), fulls_b, "a full sync of B");
+    let log = std::fs::read_to_string(&sync.log).unwrap();
+    assert_eq!(
+        log.matches(common::ferry::log::FULL_SYNC_STORED).count(),
+        3,
+        "full syncs other than the first (one per partition)"
+    );
+    sync.terminate(Duration::from_secs(20));
+}
+
+/// A cluster switched over and back (generation 2) under a load on every
+/// shard: the original direction carries new writes on every shard, the
+/// counters are exact on both sides, and a restart with the original
+/// command line resumes generation 2 without a full sync.
+#[test]
+fn a_cluster_switched_over_and_back_runs_its_first_direction_again() {
+    let ClusterPair {
+        a,
+        b,
+        dir: _dir,
+        data,
+        mut sync,
+    } = synced_clusters();
+    let fulls_a = sync_fulls(&a);
+    let writers = ClusterWriters::start(&a, &b);
+    let mut fulls_b = None;
+    for (generation, (from, to)) in [(&b, &a), (&a, &b)].into_iter().enumerate() {
+        thread::sleep(Duration::from_millis(700));
+        let admin = sync.admin_addr(Duration::from_secs(10));
+        let out = ferry(&["switchover", "--admin", &admin, "--timeout", "20s"]);
+        let shown = text(&out);
+        assert!(out.status.success(), "{shown}\n{}", sync.log_tail(60));
+        eprintln!("generation {}: {shown}", generation + 1);
+        let record = record_of(&data).unwrap();
+        assert_eq!(record["generation"], generation + 1, "{record}");
+        assert_eq!(record["released"], true, "{record}");
+        wait_online(&sync);
+        assert_flows(from, to, &format!("generation-{}", generation + 1), &sync);
+        fulls_b.get_or_insert_with(|| sync_fulls(&b));
+    }
+    assert!(!data.join("listener.g1").exists() && !data.join("cluster.g1").exists());
+    thread::sleep(Duration::from_millis(700));
+    let results = writers.stop();
+    for (i, (_, moves)) in results.iter().enumerate() {
+        assert_eq!(*moves, 2, "writer {i} did not follow both switches");
+    }
+    assert_exactly_once(&a, &b, &results, &sync);
+
+    // A restart with the original command line resumes generation 2.
+    sync.respawn_with_env(&[]);
+    wait_online(&sync);
+    assert_flows(&a, &b, "restarted", &sync);
+    assert_masters_take_writes(&a, Duration::from_secs(2), "the end");
+    assert_eq!(sync_fulls(&a), fulls_a, "a full sync of A");
+    assert_eq!(sync_fulls(&b), fulls_b.unwrap(), "a full sync of B");
+    let log = std::fs::read_to_string(&sync.log).unwrap();
+    assert_eq!(
+        log.matches(common::ferry::log::FULL_SYNC_STORED).count(),
+        3,
+        "full syncs other than the first (one per partition)"
+    );
+    sync.terminate(Duration::from_secs(20));
+}

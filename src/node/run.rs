@@ -2121,6 +2121,7 @@ async fn run_direct(
     if let Some(record) = record.as_mut().filter(|r| !r.released) {
         switchover::release_after_restart(&cfg, record).await;
     }
+    switchover::unpause_after_restart(&cfg, record.as_ref()).await;
     let result = loop {
         let direction = shutdown.child_token();
         let mut stages = Stages::new(direction.clone());
@@ -2232,6 +2233,10 @@ async fn run_direct(
         // (a rollback opens the same dir again).
         drop(wal);
         let old_dir = cfg.listener_wal.dir.clone();
+        // A switched-over generation's cluster files (generation 0 keeps
+        // them in the data dir, with other files).
+        let old_cluster_dir =
+            Some(switchover::cluster_dir(&cfg)).filter(|dir| *dir != cfg.data_dir);
         match drained.commit(&cfg, stopping).await {
             Ok((next, mut committed)) => {
                 cfg = next;
@@ -2240,8 +2245,10 @@ async fn run_direct(
                 committed.release(&cfg).await;
                 record = Some(committed.record.clone());
                 pending = Some((committed, reply));
-                if let Err(error) = std::fs::remove_dir_all(&old_dir) {
-                    warn!(dir = %old_dir.display(), %error, "cannot delete the old direction's WAL (the next start does)");
+                for dir in std::iter::once(&old_dir).chain(&old_cluster_dir) {
+                    if let Err(error) = std::fs::remove_dir_all(dir) {
+                        warn!(dir = %dir.display(), %error, "cannot delete the old direction's WAL or cluster files (the next start does)");
+                    }
                 }
             }
             Err(report) => host.reply(reply, report),

@@ -40,9 +40,9 @@
 //!    at (replid, O, db 0), fsynced; then the record is written (temp
 //!    file, fsync, rename, fsync of the dir): **this is the commit point**.
 //!    Before it every failure rolls back (A unpaused, the new WAL dir
-//!    deleted, A → B started again; a kill -9 leaves A paused until the
-//!    pause ends, and the next start deletes the dir); after it a restart
-//!    runs B → A whatever the command line's order.
+//!    deleted, A → B started again; after a kill -9 the next start deletes
+//!    the dir and unpauses A: "A crash" below); after it a restart runs
+//!    B → A whatever the command line's order.
 //! 8. **release the old source**: the clients A holds in the pause (flag
 //!    `b`, not ferry's) are closed, as a Redis `FAILOVER` answers them
 //!    `-READONLY`: their writes never ran, so none is acknowledged by A
@@ -97,7 +97,27 @@
 //! 9. **start**: each partition `PSYNC`s its master of B from its mark.
 //!
 //! A failure or timeout before the commit unpauses every master of A and
-//! deletes the new WAL and `cluster.g<N>`.
+//! deletes the new WAL and `cluster.g<N>`; the commit deletes the old
+//! direction's `cluster.g<N-1>` with its WAL (generation 0's files stay in
+//! the data dir).
+//!
+//! # A crash
+//!
+//! Before pausing, the switchover writes `switchover.paused` in the data
+//! dir: the generation it would commit. It is deleted once the source is
+//! unpaused (a rollback) or the record is committed and the release tried.
+//! A start that finds it naming a generation the record does not have (the
+//! process died between the pause and the commit) sends `CLIENT UNPAUSE`
+//! to every master of the source (of a cluster: as discovered now), so the
+//! writers the pause held go on at once, their writes replicated the old
+//! way, rather than after the pause's own end (timeout + 10 s, which is
+//! what is left when the source does not answer). This also lifts a pause
+//! somebody else set on those masters meanwhile. A note naming the
+//! record's generation is only deleted: the record's `released` flag
+//! decides whether the start releases the old source (step 8).
+//!
+//! For the crash tests, `FERRY_TEST_SWITCHOVER_HOLD=<point>` makes a
+//! switchover stop for good at a point ([`HOLD_ENV`]).
 //!
 //! What a switchover does not change: the keys of both sides carry the
 //! deadlines the old target had, the source's plus `expire-grace` (apply
@@ -138,6 +158,10 @@ const PAUSE_MARGIN: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(5);
 /// Longest wait for a backlog to appear on the target.
 const BACKLOG_WAIT: Duration = Duration::from_secs(5);
+/// A switchover's pause in flight: the generation it would commit, written
+/// before the source is paused and deleted once it is unpaused (module doc,
+/// "A crash").
+const PAUSED_FILE: &str = "switchover.paused";
 /// Prefix of the WAL dirs of switched-over generations.
 const WAL_DIR_PREFIX: &str = "listener.g";
 /// Prefix of the dirs holding a cluster source's shard map and slot table
@@ -388,6 +412,27 @@ fn remove_other_generations(data_dir: &Path, current: &str) {
     }
 }
 
+/// The environment variable of the crash tests' hook: a switchover stops
+/// for good at the point it names, for a test to kill -9 the process
+/// exactly there: `drained` (the source paused, the target caught up, the
+/// old direction still running), `committed` (the record written, nothing
+/// released), `unpaused` (the old source's masters unpaused, its
+/// checkpoints not written yet), `released` (the release done, the
+/// reversed direction not started). Unset in production.
+const HOLD_ENV: &str = "FERRY_TEST_SWITCHOVER_HOLD";
+
+/// The crash tests' hook ([`HOLD_ENV`]): never returns at `point` when the
+/// variable names it.
+async fn hold_for_test(point: &str) {
+    if std::env::var(HOLD_ENV).is_ok_and(|held| held == point) {
+        warn!(
+            point,
+            "{HOLD_ENV}: the switchover holds here until the process is killed"
+        );
+        std::future::pending::<()>().await;
+    }
+}
+
 /// The steps so far, each logged as it ends.
 struct Steps {
     list: Vec<SwitchStep>,
@@ -634,6 +679,7 @@ struct Sides {
 /// A switchover paused on the source with the target caught up: what the
 /// next steps need.
 pub(super) struct Drained {
+    data_dir: PathBuf,
     steps: Steps,
     paused: Instant,
     deadline: Instant,
@@ -720,6 +766,10 @@ pub(super) async fn drain(
     );
 
     let started = Instant::now();
+    if let Err(error) = note_pause(&cfg.data_dir, generation) {
+        discard(Some(next), &next_dir, next_cluster_dir.as_deref()).await;
+        return Err(steps.report(Some(error), direction, None));
+    }
     let pause_ms = (timeout + PAUSE_MARGIN).as_millis().to_string();
     let mut pausers = Vec::with_capacity(sides.sources.len());
     for master in &sides.sources {
@@ -737,6 +787,7 @@ pub(super) async fn drain(
             Err(error) => {
                 let paused_at = (started, Instant::now());
                 undo(
+                    &cfg.data_dir,
                     pausers,
                     &sides.sources,
                     &next,
@@ -762,6 +813,7 @@ pub(super) async fn drain(
         Ok(detail) => steps.done("wait for the target", started, detail),
         Err(error) => {
             undo(
+                &cfg.data_dir,
                 pausers,
                 &sides.sources,
                 &next,
@@ -772,7 +824,9 @@ pub(super) async fn drain(
             return Err(steps.report(Some(error), direction, Some((paused_at, Instant::now()))));
         }
     }
+    hold_for_test("drained").await;
     Ok(Drained {
+        data_dir: cfg.data_dir.clone(),
         steps,
         paused: paused_at,
         deadline,
@@ -1182,6 +1236,7 @@ async fn caught_up(
 /// of the source unpaused (through its pauser when there is one), the new
 /// WAL closed and deleted, with a cluster's dir.
 async fn undo(
+    data_dir: &Path,
     pausers: Vec<Client>,
     sources: &[Master],
     next: &Wal,
@@ -1189,6 +1244,7 @@ async fn undo(
     cluster_dir: Option<&Path>,
 ) {
     let mut pausers = pausers.into_iter();
+    let mut all_unpaused = true;
     for master in sources {
         let pauser = pausers.next();
         let unpaused = async {
@@ -1205,7 +1261,11 @@ async fn undo(
         .await;
         if let Err(error) = unpaused {
             warn!(%error, "rolling back a switchover: the source unpauses by itself when the pause ends");
+            all_unpaused = false;
         }
+    }
+    if all_unpaused {
+        clear_pause_note(data_dir);
     }
     discard(Some(next.clone()), next_dir, cluster_dir).await;
 }
@@ -1269,6 +1329,7 @@ impl Drained {
 
     async fn rollback(&mut self) {
         undo(
+            &self.data_dir,
             std::mem::take(&mut self.pausers),
             &self.sides.sources,
             &self.next,
@@ -1426,8 +1487,11 @@ impl Committed {
     /// the reversed stages start, so that the checkpoints are there when
     /// the appliers read them.
     pub(super) async fn release(&mut self, cfg: &SyncConfig) {
+        hold_for_test("committed").await;
         let began = Instant::now();
         let released = release(&mut self.pausers, cfg, &self.record).await;
+        // Committed: the record says what a restart does from now on.
+        clear_pause_note(&cfg.data_dir);
         match released {
             Ok(detail) => {
                 self.unpaused = Some(Instant::now());
@@ -1435,7 +1499,8 @@ impl Committed {
                 if let Err(error) = self.record.save(&cfg.data_dir) {
                     warn!(%error, "cannot note in the direction record that the old source was released (the next start does it again, which changes nothing)");
                 }
-                self.steps.done("release the old source", began, detail)
+                self.steps.done("release the old source", began, detail);
+                hold_for_test("released").await;
             }
             Err(error) => self.steps.done(
                 "release the old source",
@@ -1469,6 +1534,95 @@ impl Committed {
     }
 }
 
+/// Notes in the data dir that a switchover to `generation` pauses the
+/// source ([`PAUSED_FILE`]).
+fn note_pause(data_dir: &Path, generation: u64) -> Result<(), String> {
+    let path = data_dir.join(PAUSED_FILE);
+    super::run::write_atomically(&path, &format!("{generation}\n"))
+        .map_err(|error| format!("writing {}: {error}", path.display()))
+}
+
+fn clear_pause_note(data_dir: &Path) {
+    let path = data_dir.join(PAUSED_FILE);
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => {
+            warn!(file = %path.display(), %error, "cannot delete the switchover's pause note")
+        }
+    }
+}
+
+/// For a process that died while a switchover it never committed had the
+/// source paused (its [`PAUSED_FILE`] names a generation the record does
+/// not have): `CLIENT UNPAUSE` on every master of the source (`cfg` has the
+/// record laid over it: the direction that was paused), rather than leaving
+/// its writers waiting for the pause's end. The writes the pause held then
+/// run on the source and go the old direction's way. A committed
+/// switchover's note is only deleted: [`release_after_restart`] releases.
+pub async fn unpause_after_restart(cfg: &SyncConfig, record: Option<&DirectionRecord>) {
+    let path = cfg.data_dir.join(PAUSED_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return,
+        Err(error) => {
+            warn!(file = %path.display(), %error, "cannot read the switchover's pause note; the source's pause ends by itself");
+            return;
+        }
+    };
+    let noted = text.trim().parse::<u64>().ok();
+    if noted.is_some() && noted == record.map(|r| r.generation) {
+        clear_pause_note(&cfg.data_dir);
+        return;
+    }
+    let unpaused = async {
+        let (sources, _) = urls(cfg).map_err(|e| e.to_string())?;
+        let cluster = is_cluster(&sources, "source").await?;
+        let masters = master_urls(&sources, cluster, "source").await?;
+        let mut addrs = Vec::with_capacity(masters.len());
+        for url in masters {
+            let addr = url.addr();
+            connect(&url)
+                .await?
+                .call(["CLIENT", "UNPAUSE"])
+                .await
+                .map_err(client_error("CLIENT UNPAUSE", &addr))?;
+            addrs.push(addr);
+        }
+        Ok::<String, String>(addrs.join(", "))
+    }
+    .await;
+    match unpaused {
+        Ok(addrs) => {
+            info!(masters = %addrs, "unpaused the source of a switchover that a stop interrupted before its commit");
+            clear_pause_note(&cfg.data_dir);
+        }
+        Err(error) => {
+            warn!(%error, "cannot unpause the source of an interrupted switchover; its pause ends by itself")
+        }
+    }
+}
+
+/// The masters of one side: its URL for a standalone server, every shard's
+/// master for a cluster (with the first seed's login and TLS options).
+async fn master_urls(
+    seeds: &[RedisUrl],
+    cluster: bool,
+    side: &str,
+) -> Result<Vec<RedisUrl>, String> {
+    let template = seeds.first().ok_or_else(|| format!("no {side}"))?.clone();
+    if !cluster {
+        return Ok(vec![template]);
+    }
+    Ok(crate::redis::cluster::discover(seeds)
+        .await
+        .map_err(|error| format!("the {side} cluster: {error}"))?
+        .shards()
+        .iter()
+        .map(|shard| Topology::url_for(&shard.master, &template))
+        .collect())
+}
+
 /// Step 8 for a process that died between the commit and the release: the
 /// old source is the target now (`cfg` has the record laid over it). A
 /// target that does not answer is left to its pause's end; the applier
@@ -1477,17 +1631,7 @@ impl Committed {
 pub async fn release_after_restart(cfg: &SyncConfig, record: &mut DirectionRecord) {
     let released = async {
         let (_, targets) = urls(cfg).map_err(|e| e.to_string())?;
-        let template = targets.first().ok_or("no target")?.clone();
-        let masters = match record.partitions.is_empty() {
-            true => vec![template],
-            false => crate::redis::cluster::discover(&targets)
-                .await
-                .map_err(|error| format!("the old source cluster: {error}"))?
-                .shards()
-                .iter()
-                .map(|shard| Topology::url_for(&shard.master, &template))
-                .collect(),
-        };
+        let masters = master_urls(&targets, !record.partitions.is_empty(), "old source").await?;
         let mut clients = Vec::with_capacity(masters.len());
         for url in masters {
             let client = connect(&url).await?;
@@ -1523,6 +1667,7 @@ async fn release(
     for (url, client) in masters.iter_mut() {
         closed += release_held(client, &url.addr()).await?;
     }
+    hold_for_test("unpaused").await;
     let checkpoints = match record.partitions.is_empty() {
         true => {
             let (url, client) = masters.first_mut().ok_or("no old source")?;
@@ -1747,32 +1892,20 @@ pub(super) async fn cluster_target_state(
             ],
         )
         .await?;
-    for (partition, scope) in &scopes {
-        let key = scope_key(drainer, PartitionId(*partition));
-        routed
-            .run(
-                &key,
-                &[Command::from_parts([
-                    b"SET".as_slice(),
-                    &key,
-                    scope.as_bytes(),
-                ])],
-            )
-            .await?;
-    }
-    for start in &missing {
+    // The scopes, then the floors last.
+    let scopes = scopes.iter().map(|(partition, scope)| {
+        (
+            scope_key(drainer, PartitionId(*partition)),
+            scope.to_string(),
+        )
+    });
+    let floors = missing.iter().map(|start| {
         let key = checkpoint_key(drainer, PartitionId(start.partition));
-        let value = first_applied(start.log_tag);
-        routed
-            .run(
-                &key,
-                &[Command::from_parts([
-                    b"SET".as_slice(),
-                    &key,
-                    value.as_bytes(),
-                ])],
-            )
-            .await?;
+        (key, first_applied(start.log_tag))
+    });
+    for (key, value) in scopes.chain(floors) {
+        let set = Command::from_parts([b"SET".as_slice(), &key, value.as_bytes()]);
+        routed.run(&key, &[set]).await?;
     }
     Ok(format!(
         "the reversed appliers' owner map (16384 slots, generation 0) and slot scopes written, \

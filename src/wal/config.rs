@@ -82,6 +82,12 @@ pub struct WalConfig {
     /// moderate rate (benches/README.md, issue 13, third round). `"0B"`
     /// keeps none. Default: `"2MiB"`.
     pub tail_bytes: ByteSize,
+    /// RocksDB writes table files (flushes, compactions) to disk every this
+    /// many bytes as it writes them (`bytes_per_sync`), instead of leaving
+    /// them to the kernel's write-back: a burst of dirty pages written back
+    /// at once delays the WAL's own fsyncs behind it. `"0B"` leaves it to
+    /// the kernel. Default: `"1MiB"`.
+    pub bytes_per_sync: ByteSize,
 }
 
 impl Default for WalConfig {
@@ -102,6 +108,7 @@ impl Default for WalConfig {
             max_background_jobs: 2,
             min_free_space: ByteSize::mib(256),
             tail_bytes: ByteSize::mib(2),
+            bytes_per_sync: ByteSize::mib(1),
         }
     }
 }

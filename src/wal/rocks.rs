@@ -172,6 +172,7 @@ fn db_options(config: &WalConfig, cache: &Cache) -> Options {
     options.set_max_open_files(MAX_OPEN_FILES);
     options.set_keep_log_file_num(4);
     options.set_max_log_file_size(16 << 20);
+    options.set_bytes_per_sync(config.bytes_per_sync.as_u64());
     options
 }
 

@@ -63,6 +63,8 @@ pub struct FerryProcess {
     pub data_dir: PathBuf,
     pub log: PathBuf,
     args: Vec<String>,
+    /// Extra environment of the next spawns.
+    env: Vec<(String, String)>,
 }
 
 impl FerryProcess {
@@ -76,9 +78,22 @@ impl FerryProcess {
             data_dir: data_dir.to_path_buf(),
             log,
             args: args.to_vec(),
+            env: Vec::new(),
         };
         process.spawn();
         process
+    }
+
+    /// Stops the process (SIGKILL) if it runs and starts it again with the
+    /// same arguments and `env` (replacing the extra environment of earlier
+    /// spawns).
+    pub fn respawn_with_env(&mut self, env: &[(&str, &str)]) {
+        self.kill9();
+        self.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.spawn();
     }
 
     /// `ferry sync` between two servers, admin on a free port.
@@ -127,6 +142,7 @@ impl FerryProcess {
                 "RUST_LOG",
                 std::env::var("FERRY_TEST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
