@@ -460,3 +460,321 @@ fn kill_9_while_two_way_is_being_established_establishes_it_once() {
         "partition 1 never full-syncs: {log}"
     );
 }
+
+// ---------------------------------------------------------------------------
+// Two Redis Clusters
+
+use common::cluster::{key_in_slot, Cluster};
+
+/// One slot in each third of the range: every master of a 3-master cluster
+/// made by `redis-cli --cluster create` gets one.
+const CLUSTER_SLOTS: [u16; 3] = [100, 6000, 12000];
+
+/// Both directions run between clusters: an applier per master of each
+/// side, all ONLINE.
+fn clusters_established(sync: &FerryProcess, masters: usize) -> bool {
+    let status = sync.status_json();
+    status["drainers"].as_array().is_some_and(|d| {
+        d.len() == 2 * masters
+            && d.iter().all(|side| side["state"] == "ONLINE")
+            && d.iter()
+                .filter(|side| side["partition"].as_u64() >= Some(1000))
+                .count()
+                == masters
+    })
+}
+
+/// The writer of `side_writer` on the keys of one slot (`c:{t}`, ...) at
+/// the master serving it.
+fn slot_writer(addr: String, tag: String, name: String, stop: Arc<AtomicBool>) -> Done {
+    let mut conn = connect(&addr);
+    let mut done = Done::default();
+    let mut n = 0u64;
+    let (c, c2, h, l) = (
+        format!("c:{tag}"),
+        format!("c2:{tag}"),
+        format!("h:{tag}"),
+        format!("l:{tag}"),
+    );
+    while !stop.load(Ordering::SeqCst) {
+        n += 1;
+        int(conn.call(&["INCR", &c]), "INCR");
+        done.incr += 1;
+        int(conn.call(&["INCRBY", &c2, "3"]), "INCRBY");
+        done.incrby += 3;
+        int(conn.call(&["HINCRBY", &h, "f", "2"]), "HINCRBY");
+        done.hincrby += 2;
+        let element = format!("{name}-{n}");
+        int(conn.call(&["LPUSH", &l, &element]), "LPUSH");
+        done.pushed.push(element);
+        thread::sleep(Duration::from_millis(2));
+    }
+    done
+}
+
+fn cluster_state(cluster: &Cluster, tag: &str) -> (i64, i64, i64, Vec<String>) {
+    let key = format!("c:{tag}");
+    let mut conn = connect(&cluster.master_for_key(&key).addr());
+    let number = |reply: Resp| reply.text().map_or(0, |t| t.parse::<i64>().unwrap());
+    let c = number(conn.call(&["GET", &key]).unwrap());
+    let c2 = number(conn.call(&["GET", &format!("c2:{tag}")]).unwrap());
+    let hf = number(conn.call(&["HGET", &format!("h:{tag}"), "f"]).unwrap());
+    let mut list: Vec<String> = conn
+        .call(&["LRANGE", &format!("l:{tag}"), "0", "-1"])
+        .unwrap()
+        .items()
+        .iter()
+        .map(|item| item.text().unwrap())
+        .collect();
+    list.sort();
+    (c, c2, hf, list)
+}
+
+fn two_way_clusters(
+    a: &Cluster,
+    b: &Cluster,
+) -> (tempfile::TempDir, std::path::PathBuf, FerryProcess) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let sync = FerryProcess::sync(&data, &a.seed_list(), &b.seed_list(), &["--two-way"]);
+    let masters = a.master_ports().len();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !clusters_established(&sync, masters) {
+        assert!(
+            Instant::now() < deadline,
+            "not established: {}",
+            sync.log_tail(40)
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    (dir, data, sync)
+}
+
+/// The test between two 3-master clusters: concurrent `INCR`,
+/// `INCRBY`, `HINCRBY`, `LPUSH` on keys of every shard from both sides
+/// while ferry is killed with SIGKILL again and again: every increment
+/// counted once and every element present once on both clusters, and
+/// nothing moves once idle (no echo goes back and forth).
+#[test]
+fn clusters_concurrent_writes_on_both_sides_converge_exactly_once_across_kill_9() {
+    let a = Cluster::start(3, 0);
+    let b = Cluster::start(3, 0);
+    let tags: Vec<String> = CLUSTER_SLOTS
+        .iter()
+        .map(|&slot| key_in_slot("x", slot).trim_start_matches("x:").to_string())
+        .collect();
+    for tag in &tags {
+        let key = format!("c:{tag}");
+        a.call_key(&key, &["INCRBY", &key, "100"]);
+    }
+    let (_dir, data, mut sync) = two_way_clusters(&a, &b);
+    let (a_seeds, b_seeds) = (a.seed_list(), b.seed_list());
+    let log = std::fs::read_to_string(&sync.log).unwrap();
+    assert!(log.contains("two-way sync established"), "{log}");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for tag in &tags {
+        let key = format!("c:{tag}");
+        for (cluster, side) in [(&a, "a"), (&b, "b")] {
+            let addr = cluster.master_for_key(&key).addr();
+            let (tag, name, stop) = (tag.clone(), format!("{side}{tag}"), Arc::clone(&stop));
+            writers.push(thread::spawn(move || slot_writer(addr, tag, name, stop)));
+        }
+    }
+    for round in 0..4u64 {
+        thread::sleep(Duration::from_millis(600 + 150 * round));
+        sync.kill9();
+        let _ = std::fs::remove_file(data.join("admin.addr"));
+        sync = FerryProcess::sync(&data, &a_seeds, &b_seeds, &["--two-way"]);
+    }
+    thread::sleep(Duration::from_millis(700));
+    stop.store(true, Ordering::SeqCst);
+    let done: Vec<Done> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+    for (i, tag) in tags.iter().enumerate() {
+        let (on_a, on_b) = (&done[2 * i], &done[2 * i + 1]);
+        assert!(
+            on_a.incr > 20 && on_b.incr > 20,
+            "too few writes: {on_a:?} {on_b:?}"
+        );
+        let mut pushed: Vec<String> = on_a.pushed.iter().chain(&on_b.pushed).cloned().collect();
+        pushed.sort();
+        let want = (
+            100 + on_a.incr + on_b.incr,
+            on_a.incrby + on_b.incrby,
+            on_a.hincrby + on_b.hincrby,
+            pushed,
+        );
+        for (cluster, side) in [(&a, "A"), (&b, "B")] {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let have = cluster_state(cluster, tag);
+                if have == want {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{side}, keys {tag}: have {:?}, want {:?} (lists {} vs {})\n{}",
+                    (have.0, have.1, have.2),
+                    (want.0, want.1, want.2),
+                    have.3.len(),
+                    want.3.len(),
+                    sync.log_tail(40)
+                );
+                thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !clusters_established(&sync, 3) {
+        assert!(Instant::now() < deadline, "{}", sync.log_tail(40));
+        thread::sleep(Duration::from_millis(100));
+    }
+    // Nothing loops: idle, no applier applies anything and no echo comes
+    // back (the silent floors wait).
+    thread::sleep(Duration::from_millis(1500));
+    let settled = counters(&sync);
+    assert!(
+        settled.iter().filter(|(_, echoes)| *echoes > 0).count() >= 2,
+        "echoes were seen: {settled:?}"
+    );
+    thread::sleep(Duration::from_secs(3));
+    assert_eq!(counters(&sync), settled, "something went back and forth");
+    let log = std::fs::read_to_string(&sync.log).unwrap();
+    assert!(!log.contains("full resync stored partition=10"), "{log}");
+    sync.terminate(Duration::from_secs(20));
+    let conflicts = std::fs::metadata(data.join("conflicts.jsonl")).map_or(0, |m| m.len());
+    eprintln!("conflict log: {conflicts} bytes");
+}
+
+/// One key written on both clusters before either saw the other's write:
+/// one conflict with both positions, `ferry verify` lists exactly that key.
+#[test]
+fn clusters_one_key_written_on_both_sides_is_a_conflict() {
+    let a = Cluster::start(3, 0);
+    let b = Cluster::start(3, 0);
+    let (_dir, data, sync) = two_way_clusters(&a, &b);
+    let key = key_in_slot("both", 7000);
+    let other = key_in_slot("only-b", 13000);
+    let turns = key_in_slot("turns", 200);
+    a.call_key(&turns, &["SET", &turns, "a"]);
+    wait_for("A's write on B", Duration::from_secs(30), || {
+        b.call_key(&turns, &["GET", &turns]).text().as_deref() == Some("a")
+    });
+    b.call_key(&turns, &["SET", &turns, "b"]);
+    wait_for("B's write on A", Duration::from_secs(30), || {
+        a.call_key(&turns, &["GET", &turns]).text().as_deref() == Some("b")
+    });
+    let admin = sync.admin_addr(Duration::from_secs(10));
+    let out = ferry_cli(&["stop-sync", "--admin", &admin]);
+    assert!(out.status.success(), "{out:?}");
+    a.call_key(&key, &["SET", &key, "from-a"]);
+    b.call_key(&key, &["SET", &key, "from-b"]);
+    b.call_key(&other, &["SET", &other, "1"]);
+    let out = ferry_cli(&["restart-sync", "--admin", &admin]);
+    assert!(out.status.success(), "{out:?}");
+    wait_for("one conflict", Duration::from_secs(30), || {
+        sync.status_json()["two_way"]["conflicts"] == 1
+    });
+    wait_for("the SETs to cross", Duration::from_secs(30), || {
+        a.call_key(&key, &["GET", &key]).text().as_deref() == Some("from-b")
+            && b.call_key(&key, &["GET", &key]).text().as_deref() == Some("from-a")
+    });
+    wait_for("B's other write on A", Duration::from_secs(30), || {
+        a.call_key(&other, &["GET", &other]).text().as_deref() == Some("1")
+    });
+    let lines = conflict_lines(&data);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let line = &lines[0];
+    assert_eq!(line["key"], key.as_str(), "{line}");
+    assert!(
+        line["source"]["partition"].as_u64().unwrap() < 1000,
+        "{line}"
+    );
+    assert!(
+        line["target"]["partition"].as_u64().unwrap() >= 1000,
+        "{line}"
+    );
+    assert!(line["source"]["log_id"].as_u64().unwrap() > 0, "{line}");
+    assert!(line["target"]["log_id"].as_u64().unwrap() > 0, "{line}");
+    let out = ferry_cli(&[
+        "verify",
+        "--source",
+        &a.seed_list(),
+        "--target",
+        &b.seed_list(),
+    ]);
+    let shown =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{shown}");
+    assert!(shown.contains(&key), "{shown}");
+    assert!(
+        !shown.contains(&other) && !shown.contains(&turns),
+        "{shown}"
+    );
+}
+
+/// Between clusters a flush is held, and a standalone server paired with a
+/// cluster, or a winner policy, is refused with the reason.
+#[test]
+fn clusters_two_way_refuses_flushes_mixed_pairs_and_winner_policies() {
+    let a = Cluster::start(3, 0);
+    let standalone = RedisServer::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let refused = |source: &str, target: &str, extra: &[&str], want: &str, name: &str| {
+        let mut args = vec!["--two-way"];
+        args.extend_from_slice(extra);
+        let mut sync = FerryProcess::sync(&dir.path().join(name), source, target, &args);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !sync.has_exited() {
+            assert!(Instant::now() < deadline, "{}", sync.log_tail(30));
+            thread::sleep(Duration::from_millis(50));
+        }
+        let log = std::fs::read_to_string(&sync.log).unwrap();
+        assert!(log.contains(want), "{log}");
+        let _ = sync.try_exit();
+    };
+    let mixed = "two-way sync runs between two standalone servers or between two Redis Clusters";
+    refused(&a.seed_list(), &standalone.url(), &[], mixed, "mixed1");
+    refused(&standalone.url(), &a.seed_list(), &[], mixed, "mixed2");
+    let b = Cluster::start(3, 0);
+    refused(
+        &a.seed_list(),
+        &b.seed_list(),
+        &["--conflict", "source-wins"],
+        "--conflict source-wins is not supported",
+        "winner",
+    );
+    let (_dir, _data, sync) = two_way_clusters(&a, &b);
+    let key = key_in_slot("k", 300);
+    a.call_key(&key, &["SET", &key, "1"]);
+    wait_for("A's write on B", Duration::from_secs(30), || {
+        b.call_key(&key, &["GET", &key]).text().as_deref() == Some("1")
+    });
+    // A flush on one master of B: held by the applier of its partition.
+    b.master_for_key(&key).call(&["FLUSHALL"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = sync.status_json();
+        let held = status["drainers"].as_array().unwrap().iter().any(|d| {
+            d["state"] == "BLOCKED"
+                && d["blocked"]["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("two-way sync refuses"))
+        });
+        if held {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the flush is not held: {status:#}\n{}",
+            sync.log_tail(30)
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        a.call_key(&key, &["GET", &key]).text().as_deref(),
+        Some("1"),
+        "the flush reached the other side"
+    );
+}

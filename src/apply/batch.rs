@@ -259,9 +259,55 @@ pub(crate) struct BatchBuilder {
     /// ignored, a handoff is covered with nothing sent, and every
     /// `RESTORE-ASKING` of an owned key holds the partition.
     pub tenures: Option<Tenures>,
-    /// Two-way sync: the checkpoint key of the applier that writes this
+    /// Two-way sync: the checkpoint keys of the appliers that write this
     /// partition's source ([`BatchBuilder::echo`]). `None`: one-way.
-    pub echo_of: Option<Bytes>,
+    pub echo_of: Option<EchoRule>,
+}
+
+/// Two-way sync: which checkpoint keys the other direction's appliers write
+/// on this partition's source, so that an entry writing one is their echo.
+/// A key is `__ferry:checkpoint:<drainer>:<p>` (a standalone target's
+/// checkpoint, a cluster target's floor) or that followed by `:{ferry:N}`
+/// (a cluster target's slot checkpoint), with `p` among the other
+/// direction's partitions. Both directions share the drainer id, and the
+/// checkpoint keys of a side are written only by the applier that targets
+/// it, so the partitions tell them apart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EchoRule {
+    /// `__ferry:checkpoint:<drainer>:`
+    prefix: Bytes,
+    partitions: std::ops::RangeInclusive<u32>,
+}
+
+impl EchoRule {
+    pub fn new(drainer_id: &str, partitions: std::ops::RangeInclusive<u32>) -> EchoRule {
+        let mut prefix = crate::record::INTERNAL_PREFIX.to_vec();
+        prefix.extend_from_slice(format!(":checkpoint:{drainer_id}:").as_bytes());
+        EchoRule {
+            prefix: Bytes::from(prefix),
+            partitions,
+        }
+    }
+
+    /// The partition of the other direction whose checkpoint `key` is, if
+    /// it is one.
+    pub fn partition_of(&self, key: &[u8]) -> Option<u32> {
+        let rest = key.strip_prefix(&self.prefix[..])?;
+        let end = rest.iter().position(|b| *b == b':').unwrap_or(rest.len());
+        let (digits, tail) = rest.split_at(end);
+        if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        if !(tail.is_empty() || tail.starts_with(b":{")) {
+            return None;
+        }
+        let partition: u32 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+        self.partitions.contains(&partition).then_some(partition)
+    }
+
+    pub fn matches(&self, key: &[u8]) -> bool {
+        self.partition_of(key).is_some()
+    }
 }
 
 /// The commands a two-way sync refuses: they cannot be applied to the other
@@ -540,9 +586,11 @@ impl BatchBuilder {
             }
             // A flush of a partition with a slot scope goes alone, as the
             // deletion of the scope and the rest of its entry (a skipped
-            // one is recorded as received).
+            // one is recorded as received). Two-way sync refuses it
+            // instead (`check`).
             let mut scope_delete = None;
             if self.scope.is_some()
+                && self.echo_of.is_none()
                 && flushes(write)
                 && !held.is_some_and(|hold| hold.skip.is_some())
             {
@@ -848,18 +896,20 @@ impl BatchBuilder {
     /// Two-way sync: whether `write` is what the other direction's applier
     /// wrote to this partition's source, coming back in its stream. That
     /// applier writes every batch as one `MULTI`/`EXEC` ending with its
-    /// checkpoint `SET`, which the source propagates as one transaction
+    /// checkpoint `SET` (into a cluster, each piece ends with its slot
+    /// checkpoint's, and the floor is a `SET` alone: [`EchoRule`]), which
+    /// the source propagates as one transaction
     /// (one entry) holding that `SET`; no other writer writes that key
     /// (`__ferry*` keys are ferry's), so an entry that writes it is an echo,
     /// whole, and one that does not is not.
     pub fn echo(&self, write: &WriteRecord) -> bool {
-        let Some(key) = &self.echo_of else {
+        let Some(rule) = &self.echo_of else {
             return false;
         };
         write
             .commands
             .iter()
-            .any(|cmd| cmd.is("SET") && cmd.args.get(1).is_some_and(|k| k == key))
+            .any(|cmd| cmd.is("SET") && cmd.args.get(1).is_some_and(|k| rule.matches(k)))
     }
 
     /// Rule 4 for `write`, when tenures are followed and it is tagged.
@@ -1692,10 +1742,32 @@ mod tests {
     }
 
     #[test]
+    fn the_echo_rule_knows_the_other_directions_checkpoint_keys() {
+        let standalone = EchoRule::new("d", 1..=1);
+        assert!(standalone.matches(b"__ferry:checkpoint:d:1"));
+        assert!(!standalone.matches(b"__ferry:checkpoint:d:0"));
+        assert!(!standalone.matches(b"__ferry:checkpoint:d:11"));
+        assert!(!standalone.matches(b"__ferry:checkpoint:dd:1"));
+        let backward = EchoRule::new("d", 1000..=u32::MAX);
+        assert_eq!(
+            backward.partition_of(b"__ferry:checkpoint:d:1002:{ferry:17}"),
+            Some(1002)
+        );
+        assert!(backward.matches(b"__ferry:checkpoint:d:1000"));
+        assert!(!backward.matches(b"__ferry:checkpoint:d:2:{ferry:17}"));
+        assert!(!backward.matches(b"__ferry:checkpoint:d:1000x"));
+        assert!(!backward.matches(b"__ferry:checkpoint:d:"));
+        assert!(!backward.matches(b"__ferry:checkpoint:d:99999999999"));
+        let forward = EchoRule::new("d", 0..=999);
+        assert!(forward.matches(b"__ferry:checkpoint:d:2:{ferry:17}"));
+        assert!(!forward.matches(b"__ferry:heartbeat:d:2"));
+    }
+
+    #[test]
     fn two_way_echoes_are_covered_whole_and_flushes_refused() {
         let peer = "__ferry:checkpoint:d:1";
         let mut two_way = BatchBuilder {
-            echo_of: Some(Bytes::from_static(b"__ferry:checkpoint:d:1")),
+            echo_of: Some(EchoRule::new("d", 1..=1)),
             ..builder(10)
         };
         let echoed = &[

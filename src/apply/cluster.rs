@@ -740,6 +740,10 @@ impl Applier {
         let mut builder = self.builder(&cluster.nodes[0].target);
         // A cluster has db 0 only.
         builder.databases = 1;
+        // Two-way sync: a silent batch not written yet, and since when
+        // (module doc of [`super`], "Two-way sync").
+        let mut silent: Option<(Batch, tokio::time::Instant)> = None;
+        let silent_flush = super::SILENT_FLUSH.min(self.wal.config().wal_ttl.0 / 4);
         loop {
             feed.take_ready()?;
             if self.shutdown.is_cancelled() {
@@ -757,6 +761,19 @@ impl Applier {
                         transient: false,
                     });
                 }
+                self.status.add_echoes(batch.echoes);
+                if self.cfg.two_way_peers.is_some() && batch.is_silent() {
+                    // Its floor would be echoed by the other side, whose
+                    // silent batch would be echoed here: kept back until a
+                    // batch with data covers it, or `silent_flush` passed.
+                    let since = silent
+                        .take()
+                        .map_or_else(tokio::time::Instant::now, |(_, at)| at);
+                    self.status.set_applied(batch.last, self.epoch);
+                    silent = Some((batch, since));
+                    continue;
+                }
+                silent = None;
                 // Every batch before it committed: a flush of a scoped
                 // partition deletes its slots' keys now (idempotent: a crash
                 // before its floor runs it again).
@@ -784,6 +801,8 @@ impl Applier {
                 if let Record::Snapshot(marker) = &front.record {
                     let (log_id, marker) = (front.log_id, marker.clone());
                     feed.pending.pop_front();
+                    // The load's floor covers a silent batch before it.
+                    silent = None;
                     // The load rewrites the floor (`loading=M`, `applied=M`).
                     self.flush_floor(cluster).await?;
                     if !self.cluster_load(cluster, table, log_id, marker).await? {
@@ -816,8 +835,16 @@ impl Applier {
                 }
                 continue;
             }
+            let flush_at = silent.as_ref().map(|(_, since)| *since + silent_flush);
             tokio::select! {
                 _ = self.shutdown.cancelled() => return Ok(()),
+                _ = super::sleep_until_some(flush_at) => {
+                    if let Some((batch, _)) = silent.take() {
+                        if !self.cluster_batch(cluster, &batch, table).await? {
+                            return Ok(()); // shut down while held
+                        }
+                    }
+                }
                 run = feed.runs.recv() => {
                     if run.is_none() && self.shutdown.is_cancelled() {
                         return Ok(());
@@ -919,6 +946,22 @@ impl Applier {
                 }
             }
             let entry = Routed { log_id, routes };
+            if refusal.is_none()
+                && self.cfg.two_way_peers.is_some()
+                && entry
+                    .routes
+                    .iter()
+                    .any(|(r, _)| matches!(r, Route::Every(_)))
+            {
+                refusal = Some((
+                    batch::command_name(&batch.commands[commands[0]]),
+                    "two-way sync into a cluster refuses commands without keys (FUNCTION, ...): \
+                     run on every master of this side, they would come back from the masters \
+                     whose transaction holds no checkpoint. The entry is held (ferry skip passes \
+                     it over); run it on both sides by hand"
+                        .to_string(),
+                ));
+            }
             if refusal.is_none() && entry.keyless() && entry.keyed() {
                 refusal = Some((
                     batch::command_name(&batch.commands[commands[0]]),

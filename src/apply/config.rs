@@ -102,11 +102,14 @@ pub struct ApplyConfig {
     /// while it runs). Default: `"200ms"`, at most `"10s"`.
     pub foreign_writes_window: HumanDuration,
     /// Two-way sync (`ferry sync --two-way`; never read from a file): the
-    /// partition whose applier writes this applier's source. An entry of
-    /// the source that writes that applier's checkpoint is its echo,
-    /// covered and never sent back; flushes and `SWAPDB` are refused.
+    /// partitions whose appliers write this applier's source (one for
+    /// standalone servers, the other direction's range between clusters).
+    /// An entry of the source that writes one of their checkpoint keys is
+    /// an echo, covered and never sent back; flushes and `SWAPDB` are
+    /// refused (and, into a cluster, every command without keys but
+    /// `PUBLISH`).
     #[serde(skip)]
-    pub two_way_peer: Option<u32>,
+    pub two_way_peers: Option<std::ops::RangeInclusive<u32>>,
     /// Two-way sync once established: any snapshot load is refused
     /// ([`super::ApplyError::TwoWayLoad`]); never read from a file.
     #[serde(skip)]
@@ -239,7 +242,7 @@ impl Default for ApplyConfig {
             idle_poll: HumanDuration(Duration::from_secs(1)),
             foreign_writes_every: HumanDuration(Duration::from_secs(60)),
             foreign_writes_window: HumanDuration(Duration::from_millis(200)),
-            two_way_peer: None,
+            two_way_peers: None,
             refuse_loads: false,
             connect_timeout: HumanDuration(Duration::from_secs(5)),
             reply_timeout: HumanDuration(Duration::from_secs(60)),

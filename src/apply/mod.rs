@@ -298,11 +298,13 @@
 //!
 //! # Two-way sync
 //!
-//! With `two_way_peer` (set by `ferry sync --two-way`; src/node/two_way.rs
-//! has the design), this applier's source is also written by the applier of
-//! the peer partition. That applier's batches come back in the source's
-//! stream as entries that write its checkpoint key: the batch builder covers
-//! them without sending anything (`echo`, counted as `echoes`). A batch that
+//! With `two_way_peers` (set by `ferry sync --two-way`; src/node/two_way.rs
+//! has the design), this applier's source is also written by the appliers of
+//! the peer partitions. Their batches come back in the source's stream as
+//! entries that write one of their checkpoint keys (a standalone target's
+//! checkpoint, a cluster target's slot checkpoints and floor): the batch
+//! builder covers them without sending anything (`echo`, counted as
+//! `echoes`). A batch that
 //! covers only entries that apply nothing (heartbeats, echoes) is *silent*:
 //! it is not written at once, or each side's checkpoint write would be echoed
 //! by the other for ever; it waits for the next batch with data (whose
@@ -312,6 +314,10 @@
 //! nothing, which a restart covers again. `FLUSHALL`/`FLUSHDB`/`SWAPDB` are
 //! refused like an entry that would reach outside the owned keyspace, and
 //! with `refuse_loads` any snapshot load is [`ApplyError::TwoWayLoad`].
+//! Into a cluster the same holds (the silent batch moves no floor), and a
+//! command without keys other than `PUBLISH` (`FUNCTION ...`) is refused:
+//! run on every master, it would come back from the masters whose
+//! transaction holds no checkpoint.
 
 mod batch;
 pub mod checkpoint;
@@ -359,7 +365,7 @@ use fence::Fence;
 use reader::{spawn_reader, ReadResult, ReaderConfig};
 use target::Target;
 
-pub use batch::ReplyError;
+pub use batch::{EchoRule, ReplyError};
 pub use config::{ApplyConfig, ApplyConfigError, ExistingData, OnRefused};
 pub use keyspace::{FilterConfig, OwnedKeyspace};
 pub use status::{
@@ -664,7 +670,7 @@ const APPLIED_MARK_EVERY: Duration = Duration::from_millis(50);
 
 /// Two-way sync: the longest a silent batch waits to be written (at most a
 /// quarter of `wal-ttl`).
-const SILENT_FLUSH: Duration = Duration::from_secs(30);
+pub(super) const SILENT_FLUSH: Duration = Duration::from_secs(30);
 
 /// Keeps the drainer's WAL informed of the applier's progress, until the
 /// applier ends (then it writes the last applied id, acks what is due, and
@@ -1398,8 +1404,9 @@ impl Applier {
             }),
             echo_of: self
                 .cfg
-                .two_way_peer
-                .map(|peer| checkpoint_key(&self.cfg.drainer_id, PartitionId(peer)).into()),
+                .two_way_peers
+                .clone()
+                .map(|peers| batch::EchoRule::new(&self.cfg.drainer_id, peers)),
         }
     }
 
@@ -1487,7 +1494,7 @@ impl Applier {
                     if let Some(batch) =
                         builder.build(&mut feed.pending, self.epoch, self.hold().as_ref())
                     {
-                        if self.cfg.two_way_peer.is_some() && batch.is_silent() {
+                        if self.cfg.two_way_peers.is_some() && batch.is_silent() {
                             // Writing it would be echoed by the other side,
                             // whose silent batch would be echoed here: kept
                             // back until a batch with data covers it, or
@@ -2151,7 +2158,7 @@ const SCAN_ENTRIES: usize = 16 * 1024;
 
 /// Waits for the WAL's next append notification; forever without one.
 /// Sleeps until `at`; forever when `None`.
-async fn sleep_until_some(at: Option<Instant>) {
+pub(super) async fn sleep_until_some(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending::<()>().await,

@@ -94,7 +94,8 @@ pub struct SyncArgs {
     /// (load over them, keep the others), `flush` (delete them first).
     #[arg(long, value_name = "refuse|keep|flush")]
     pub existing_data: Option<ExistingData>,
-    /// Two-way sync between two standalone Redis 7 servers: one full sync
+    /// Two-way sync between two standalone Redis 7 servers or two Redis 7
+    /// Clusters (seed lists): one full sync
     /// source -> target (the target passes the existing-data rule), then
     /// writes on either side replicate to the other. What ferry applies to
     /// one side is recognised in that side's stream and never sent back;
@@ -106,7 +107,7 @@ pub struct SyncArgs {
     /// each to DATA_DIR/conflicts.jsonl and counts it in `ferry status`;
     /// `source-wins` / `target-wins` also make both sides end with what
     /// that side's write left (the key written again where it was applied
-    /// last, which carries it to the other side).
+    /// last, which carries it to the other side; standalone pairs only).
     #[arg(long, value_name = "POLICY")]
     pub conflict: Option<String>,
 }

@@ -82,6 +82,9 @@ pub enum ShardMapError {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ShardMap {
     parts: BTreeMap<u32, BTreeSet<String>>,
+    /// The id of the first partition of an empty map (not saved: once a
+    /// partition exists, new ones follow the highest).
+    first: u32,
 }
 
 /// The node ids of one shard as the topology shows it now.
@@ -158,7 +161,16 @@ impl ShardMap {
                 return Err((index + 1, format!("partition {partition} listed twice")));
             }
         }
-        Ok(ShardMap { parts })
+        Ok(ShardMap { parts, first: 0 })
+    }
+
+    /// An empty map whose first partition is `first` (a two-way sync's
+    /// backward direction numbers its partitions after the forward ones').
+    pub fn starting_at(first: u32) -> ShardMap {
+        ShardMap {
+            parts: BTreeMap::new(),
+            first,
+        }
     }
 
     fn render(&self) -> String {
@@ -214,7 +226,7 @@ impl ShardMap {
             let partition = match found {
                 Some(p) => p,
                 None if shard.has_slots => {
-                    let next = self.parts.keys().next_back().map_or(0, |&p| p + 1);
+                    let next = self.parts.keys().next_back().map_or(self.first, |&p| p + 1);
                     self.parts.insert(next, BTreeSet::new());
                     next
                 }

@@ -2,7 +2,8 @@
 //! sides before either saw the other's write.
 //!
 //! In: partitions 0 (the source A's stream) and 1 (the target B's stream)
-//! of a two-way sync's WAL (`super::two_way`). Out: every conflict
+//! of a two-way sync's WAL (`super::two_way`), or between clusters every
+//! partition of both directions. Out: every conflict
 //! appended to `<data-dir>/conflicts.jsonl` (one JSON object per line) and
 //! counted in `ferry status`; the state that lets a restart go on where
 //! it stopped, `<data-dir>/conflicts.state`; under a winner policy, the
@@ -55,6 +56,21 @@
 //! Owed repairs are in the saved state; one done twice after a crash
 //! writes the same value again.
 //!
+//! # Two clusters
+//!
+//! Between clusters (`super::two_way`, "Two clusters") each side has a log
+//! per master. A key lives in one slot, so its writes on A are in the log
+//! of the A-master serving it and its writes on B in the log of the
+//! B-master serving it; the echoes that tell what a side has applied are
+//! the pieces of that slot, in the same log as the key's writes (each
+//! writes the slot checkpoint of its partition `q`, `applied=N`: the side
+//! has applied `q`'s log up to `N` in that slot). So `seen` is kept per
+//! (other side's partition, slot), and a write `x` of partition `p` and
+//! `y` of partition `q` of one key conflict when `y > seen_q(x)` and
+//! `x > seen_p(y)` in the key's slot. Floors are not used: written on one
+//! master, they say nothing of where another shard's log was. Between
+//! standalone servers there is one slot (0) and one partition per side.
+//!
 //! # Restarts
 //!
 //! The state (positions, what each side has seen, the windows) is saved
@@ -62,9 +78,12 @@
 //! the log (appended and fsynced). A restart goes on from the state; the
 //! pairs found again between the state and the crash are recognised in the
 //! log's tail and not appended twice. Without a state (a data dir of an
-//! older ferry), detection starts at the logs' ends.
+//! older ferry, whose state version this one does not read), detection
+//! starts at the logs' ends. A pass appends at most 50 000 conflicts
+//! before it saves and goes on (conflicts are pairs: many concurrent writes
+//! of one key on both sides make many), and stops at once on shutdown.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -76,13 +95,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::config::ConflictPolicy;
-use super::two_way::{BACKWARD, FORWARD};
+use super::two_way::{Pair, BACKWARD, FORWARD};
 use crate::apply::checkpoint::{checkpoint_key, Checkpoint};
-use crate::apply::OwnedKeyspace;
+use crate::apply::{EchoRule, OwnedKeyspace};
 use crate::position::{now_unix_ms, LogId, PartitionId};
 use crate::record::{Record, RecordLimits, INTERNAL_PREFIX};
 use crate::redis::client::Client;
-use crate::redis::command::{self, Command};
+use crate::redis::command::{self, key_hash_slot, Command};
 use crate::redis::resp::Frame;
 use crate::redis::url::RedisUrl;
 use crate::status::TwoWayStatus;
@@ -92,9 +111,15 @@ use crate::wal::{ReadLimits, Wal, WalEntry, WalError};
 pub const CONFLICT_LOG: &str = "conflicts.jsonl";
 /// The detector's state, in the data dir.
 const STATE_FILE: &str = "conflicts.state";
-const STATE_VERSION: u32 = 1;
+const STATE_VERSION: u32 = 2;
 /// Writes kept per side (module doc, "Finding them").
 pub const WINDOW_CAP: usize = 200_000;
+/// Conflicts a pass holds at most before it appends them (a pass ends
+/// after the entry that reaches it; the next goes on from there).
+const FOUND_PER_PASS: usize = 50_000;
+/// Conflicts logged one by one per pass of the detector (all are in the
+/// conflict log).
+const WARN_PER_PASS: usize = 20;
 /// How often the detector looks for new entries when no append woke it.
 const POLL: Duration = Duration::from_millis(200);
 /// How often the state is saved when it changed.
@@ -131,14 +156,28 @@ impl ConflictStats {
 /// A write of one side the other side may not have seen.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Seen {
+    /// The partition of the side's log it is in, and its id there.
+    #[serde(default)]
+    partition: u32,
     id: u64,
-    /// The other side's log id this side had applied up to when it wrote.
-    seen: u64,
+    /// What this side had applied of the other side's partitions in the
+    /// key's slot when it wrote: (partition, log id).
+    seen: Vec<(u32, u64)>,
     db: u32,
     /// The key, hex.
     key: String,
     unix_ms: u64,
     offset: u64,
+}
+
+impl Seen {
+    /// What this write had seen of the other side's `partition`.
+    fn seen_of(&self, partition: u32) -> u64 {
+        self.seen
+            .iter()
+            .find(|(p, _)| *p == partition)
+            .map_or(0, |(_, id)| *id)
+    }
 }
 
 /// A repair a winner policy owes: the key written again on side `touch`
@@ -179,10 +218,11 @@ return 0";
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct State {
     version: u32,
-    /// Next log id to read, per partition (0, 1).
-    next: [u64; 2],
-    /// The other log's id each side has applied up to (from its echoes).
-    seen: [u64; 2],
+    /// Next log id to read, per side and partition: (partition, id).
+    next: [Vec<(u32, u64)>; 2],
+    /// What each side has applied of the other's partitions, per slot
+    /// (from its echoes): (partition, slot, log id).
+    seen: [Vec<(u32, u16, u64)>; 2],
     windows: [Vec<Seen>; 2],
     conflicts: u64,
     unexamined: u64,
@@ -192,40 +232,91 @@ struct State {
     repaired: u64,
 }
 
-/// One side: where its log is read, what it has seen, its window.
+/// (log id, db, key) of a write in a window, in log order.
+type WindowEntry = (u64, u32, Bytes);
+
+/// One side: where its logs are read, what it has seen, its window.
 #[derive(Default)]
 struct Side {
-    next: u64,
-    seen: u64,
-    /// In log order (for leaving the window).
-    order: VecDeque<(u64, u32, Bytes)>,
+    /// Next log id to read, per partition of this side.
+    next: BTreeMap<u32, u64>,
+    /// (the other side's partition, slot) -> the log id this side has
+    /// applied it up to (module doc, "Two clusters": per slot; 0 for
+    /// standalone servers).
+    seen: HashMap<(u32, u16), u64>,
+    /// Per (partition, slot), in log order (for leaving the window).
+    order: HashMap<(u32, u16), VecDeque<WindowEntry>>,
     by_key: HashMap<(u32, Bytes), Vec<Seen>>,
+    len: usize,
 }
 
 impl Side {
-    fn len(&self) -> usize {
-        self.order.len()
+    fn seen(&self, partition: u32, slot: u16) -> u64 {
+        self.seen.get(&(partition, slot)).copied().unwrap_or(0)
     }
 
-    fn insert(&mut self, seen: Seen, key: Bytes) {
-        self.order.push_back((seen.id, seen.db, key.clone()));
+    /// What this side has seen in `slot`, of every partition.
+    fn seen_in(&self, slot: u16) -> Vec<(u32, u64)> {
+        let mut seen: Vec<(u32, u64)> = self
+            .seen
+            .iter()
+            .filter(|((_, s), _)| *s == slot)
+            .map(|((p, _), id)| (*p, *id))
+            .collect();
+        seen.sort_unstable();
+        seen
+    }
+
+    fn insert(&mut self, slot: u16, seen: Seen, key: Bytes) {
+        self.order
+            .entry((seen.partition, slot))
+            .or_default()
+            .push_back((seen.id, seen.db, key.clone()));
         self.by_key.entry((seen.db, key)).or_default().push(seen);
+        self.len += 1;
     }
 
-    /// Drops the writes up to `id` (the other side has seen them).
-    fn leave_through(&mut self, id: u64) {
-        while self.order.front().is_some_and(|(first, _, _)| *first <= id) {
-            self.drop_front();
+    /// Drops the writes of `partition` in `slot` up to `id` (the other side
+    /// has seen them).
+    fn leave_through(&mut self, partition: u32, slot: u16, id: u64) {
+        let Some(order) = self.order.get_mut(&(partition, slot)) else {
+            return;
+        };
+        let mut gone = Vec::new();
+        while order.front().is_some_and(|(first, _, _)| *first <= id) {
+            if let Some(front) = order.pop_front() {
+                gone.push(front);
+            }
+        }
+        if order.is_empty() {
+            self.order.remove(&(partition, slot));
+        }
+        for (id, db, key) in gone {
+            self.forget(partition, id, db, key);
         }
     }
 
-    fn drop_front(&mut self) {
-        let Some((id, db, key)) = self.order.pop_front() else {
-            return;
+    /// Drops the oldest write of `partition` in `slot` (the window is full).
+    fn drop_front(&mut self, partition: u32, slot: u16) -> bool {
+        let Some(order) = self.order.get_mut(&(partition, slot)) else {
+            return false;
         };
+        let Some((id, db, key)) = order.pop_front() else {
+            return false;
+        };
+        if order.is_empty() {
+            self.order.remove(&(partition, slot));
+        }
+        self.forget(partition, id, db, key);
+        true
+    }
+
+    fn forget(&mut self, partition: u32, id: u64, db: u32, key: Bytes) {
         let slot = (db, key);
         if let Some(list) = self.by_key.get_mut(&slot) {
-            list.retain(|w| w.id != id);
+            let before = list.len();
+            list.retain(|w| !(w.id == id && w.partition == partition));
+            self.len -= before - list.len();
             if list.is_empty() {
                 self.by_key.remove(&slot);
             }
@@ -279,13 +370,14 @@ fn unhex(text: &str) -> Option<Bytes> {
 /// The detector of one two-way sync.
 struct Detector {
     sides: [Side; 2],
-    /// The other direction's checkpoint key, per side: in partition 0 (A's
-    /// stream) the echoes write partition 1's checkpoint, and the reverse.
-    echo_keys: [Bytes; 2],
+    pair: Pair,
+    /// The other direction's checkpoint keys, per side: in A's logs the
+    /// echoes write the backward partitions' checkpoints, and the reverse.
+    echo_rules: [EchoRule; 2],
     conflicts: u64,
     unexamined: u64,
     /// Pairs already in the log (found again after a restart).
-    logged: HashSet<(u64, u64, u32, String)>,
+    logged: HashSet<LoggedPair>,
     policy: ConflictPolicy,
     repairs: Vec<Repair>,
     repaired: u64,
@@ -293,13 +385,17 @@ struct Detector {
     keyspace: OwnedKeyspace,
 }
 
+/// (source partition, id, target partition, id, db, key hex).
+type LoggedPair = (u32, u64, u32, u64, u32, String);
+
 impl Detector {
-    fn new(drainer_id: &str, keyspace: OwnedKeyspace) -> Detector {
+    fn new(drainer_id: &str, keyspace: OwnedKeyspace, pair: Pair) -> Detector {
         Detector {
             sides: [Side::default(), Side::default()],
-            echo_keys: [
-                checkpoint_key(drainer_id, BACKWARD).into(),
-                checkpoint_key(drainer_id, FORWARD).into(),
+            pair,
+            echo_rules: [
+                EchoRule::new(drainer_id, pair.backward()),
+                EchoRule::new(drainer_id, pair.forward()),
             ],
             conflicts: 0,
             unexamined: 0,
@@ -311,21 +407,37 @@ impl Detector {
         }
     }
 
+    /// The side whose logs partition `partition` is.
+    fn side_of(&self, partition: PartitionId) -> usize {
+        usize::from(self.pair.is_backward(partition))
+    }
+
+    /// The slot seen and windows are kept by: the key's between clusters,
+    /// one for everything between standalone servers.
+    fn slot_of(&self, key: &[u8]) -> u16 {
+        match self.pair {
+            Pair::Standalone => 0,
+            Pair::Clusters => key_hash_slot(key),
+        }
+    }
+
     fn state(&self) -> State {
         let window = |side: &Side| {
-            side.order
-                .iter()
-                .filter_map(|(id, db, key)| {
-                    side.by_key
-                        .get(&(*db, key.clone()))
-                        .and_then(|list| list.iter().find(|w| w.id == *id).cloned())
-                })
-                .collect()
+            let mut all: Vec<Seen> = side.by_key.values().flatten().cloned().collect();
+            all.sort_by_key(|w| (w.partition, w.id));
+            all
+        };
+        let next = |side: &Side| side.next.iter().map(|(p, id)| (*p, *id)).collect();
+        let seen = |side: &Side| {
+            let mut seen: Vec<(u32, u16, u64)> =
+                side.seen.iter().map(|((p, s), id)| (*p, *s, *id)).collect();
+            seen.sort_unstable();
+            seen
         };
         State {
             version: STATE_VERSION,
-            next: [self.sides[0].next, self.sides[1].next],
-            seen: [self.sides[0].seen, self.sides[1].seen],
+            next: [next(&self.sides[0]), next(&self.sides[1])],
+            seen: [seen(&self.sides[0]), seen(&self.sides[1])],
             windows: [window(&self.sides[0]), window(&self.sides[1])],
             conflicts: self.conflicts,
             unexamined: self.unexamined,
@@ -336,12 +448,20 @@ impl Detector {
 
     fn restore(&mut self, state: State) {
         for (index, window) in state.windows.into_iter().enumerate() {
+            let slot_of = |key: &[u8]| match self.pair {
+                Pair::Standalone => 0,
+                Pair::Clusters => key_hash_slot(key),
+            };
             let side = &mut self.sides[index];
-            side.next = state.next[index];
-            side.seen = state.seen[index];
+            side.next = state.next[index].iter().copied().collect();
+            side.seen = state.seen[index]
+                .iter()
+                .map(|(p, s, id)| ((*p, *s), *id))
+                .collect();
             for seen in window {
                 if let Some(key) = unhex(&seen.key) {
-                    side.insert(seen, key);
+                    let slot = slot_of(&key);
+                    side.insert(slot, seen, key);
                 }
             }
         }
@@ -351,35 +471,50 @@ impl Detector {
         self.repaired = state.repaired;
     }
 
-    /// Takes one entry of side `x` (read in log order); returns the
+    /// Takes one entry of `partition` (read in log order); returns the
     /// conflicts it completes.
-    fn take(&mut self, x: usize, entry: &WalEntry) -> Vec<Conflict> {
+    fn take(&mut self, partition: PartitionId, entry: &WalEntry) -> Vec<Conflict> {
+        let x = self.side_of(partition);
         let y = 1 - x;
+        let p = partition.0;
         let mut found = Vec::new();
         let Ok(Record::Write(write)) = Record::decode(&entry.payload, RecordLimits::default())
         else {
             return found;
         };
-        // An echo: the side has applied the other log up to its `applied`.
-        let echo = write
-            .commands
-            .iter()
-            .find(|cmd| cmd.is("SET") && cmd.args.get(1).is_some_and(|k| *k == self.echo_keys[x]));
-        if let Some(cmd) = echo {
-            if let Some(applied) = cmd
+        // An echo: the side has applied the other side's partition `q` up
+        // to its `applied` (between clusters, in the slot of the key).
+        let mut echoed = false;
+        for cmd in write.commands.iter().filter(|cmd| cmd.is("SET")) {
+            let Some(key) = cmd.args.get(1) else {
+                continue;
+            };
+            let Some(q) = self.echo_rules[x].partition_of(key) else {
+                continue;
+            };
+            echoed = true;
+            let slot = match self.pair {
+                Pair::Standalone => 0,
+                // A floor covers no slot of this log in particular.
+                Pair::Clusters if !key.ends_with(b"}") => continue,
+                Pair::Clusters => key_hash_slot(key),
+            };
+            let applied = cmd
                 .args
                 .get(2)
                 .and_then(|value| Checkpoint::decode(value).ok())
-                .map(|c| c.applied().0)
-            {
-                if applied > self.sides[x].seen {
-                    self.sides[x].seen = applied;
-                    self.sides[y].leave_through(applied);
+                .map(|c| c.applied().0);
+            if let Some(applied) = applied {
+                let seen = self.sides[x].seen.entry((q, slot)).or_insert(0);
+                if applied > *seen {
+                    *seen = applied;
+                    self.sides[y].leave_through(q, slot, applied);
                 }
             }
+        }
+        if echoed {
             return found;
         }
-        let x_seen = self.sides[x].seen;
         let mut db = write.db;
         for cmd in &write.commands {
             if cmd.is("SELECT") {
@@ -402,19 +537,20 @@ impl Detector {
                 {
                     continue;
                 }
+                let slot = self.slot_of(&key);
                 let mine = Seen {
+                    partition: p,
                     id: entry.log_id.0,
-                    seen: x_seen,
+                    seen: self.sides[x].seen_in(slot),
                     db,
                     key: hex(&key),
                     unix_ms: entry.created_unix_ms,
                     offset: entry.source.offset.0,
                 };
                 if let Some(theirs) = self.sides[y].by_key.get(&(db, key.clone())) {
-                    for other in theirs
-                        .iter()
-                        .filter(|other| other.id > x_seen && other.seen < mine.id)
-                    {
+                    for other in theirs.iter().filter(|other| {
+                        other.id > mine.seen_of(other.partition) && other.seen_of(p) < mine.id
+                    }) {
                         let (source, target) = if x == 0 {
                             (&mine, other)
                         } else {
@@ -424,12 +560,19 @@ impl Detector {
                             key: String::from_utf8_lossy(&key).into_owned(),
                             key_hex: mine.key.clone(),
                             db,
-                            source: position(FORWARD, source),
-                            target: position(BACKWARD, target),
+                            source: position(source, target.partition),
+                            target: position(target, source.partition),
                             detected_unix_ms: now_unix_ms(),
                             policy: self.policy.as_str().to_string(),
                         };
-                        let tag = (source.id, target.id, db, mine.key.clone());
+                        let tag = (
+                            source.partition,
+                            source.id,
+                            target.partition,
+                            target.id,
+                            db,
+                            mine.key.clone(),
+                        );
                         if self.logged.insert(tag) {
                             // A winner's write left its value where it was
                             // applied last: the other side, once it has
@@ -453,12 +596,11 @@ impl Detector {
                     }
                 }
                 // Writes the other side has seen already need no window.
-                if mine.id > self.sides[y].seen {
-                    if self.sides[x].len() >= WINDOW_CAP {
-                        self.sides[x].drop_front();
+                if mine.id > self.sides[y].seen(p, slot) {
+                    if self.sides[x].len >= WINDOW_CAP && self.sides[x].drop_front(p, slot) {
                         self.unexamined += 1;
                     }
-                    self.sides[x].insert(mine, key);
+                    self.sides[x].insert(slot, mine, key);
                 }
             }
         }
@@ -466,18 +608,20 @@ impl Detector {
     }
 }
 
-fn position(partition: PartitionId, seen: &Seen) -> WritePosition {
+/// A write's position, with what it had seen of the other write's
+/// partition `other`.
+fn position(seen: &Seen, other: u32) -> WritePosition {
     WritePosition {
-        partition: partition.0,
+        partition: seen.partition,
         log_id: seen.id,
         offset: seen.offset,
         unix_ms: seen.unix_ms,
-        seen: seen.seen,
+        seen: seen.seen_of(other),
     }
 }
 
 /// The pairs in the last [`LOG_TAIL_BYTES`] of the conflict log.
-fn logged_pairs(path: &Path) -> HashSet<(u64, u64, u32, String)> {
+fn logged_pairs(path: &Path) -> HashSet<LoggedPair> {
     use std::io::{Read, Seek, SeekFrom};
     let mut pairs = HashSet::new();
     let Ok(mut file) = std::fs::File::open(path) else {
@@ -491,7 +635,14 @@ fn logged_pairs(path: &Path) -> HashSet<(u64, u64, u32, String)> {
     }
     for line in text.lines() {
         if let Ok(c) = serde_json::from_str::<Conflict>(line) {
-            pairs.insert((c.source.log_id, c.target.log_id, c.db, c.key_hex));
+            pairs.insert((
+                c.source.partition,
+                c.source.log_id,
+                c.target.partition,
+                c.target.log_id,
+                c.db,
+                c.key_hex,
+            ));
         }
     }
     pairs
@@ -573,6 +724,7 @@ const REPAIR_EVERY: Duration = Duration::from_millis(200);
 
 /// Runs the detector until `stop`; with `resolution`, also carries out the
 /// repairs its winner policy owes (module doc, "Policies").
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     wal: Wal,
     data_dir: PathBuf,
@@ -581,21 +733,25 @@ pub async fn run(
     stats: Arc<ConflictStats>,
     stop: CancellationToken,
     resolution: Option<Resolution>,
+    pair: Pair,
 ) {
     let log_path = data_dir.join(CONFLICT_LOG);
     let state_path = data_dir.join(STATE_FILE);
-    let mut detector = Detector::new(&drainer_id, keyspace);
+    let mut detector = Detector::new(&drainer_id, keyspace, pair);
     match load_state(&state_path) {
         Some(state) => detector.restore(state),
         None => {
-            for (index, partition) in [FORWARD, BACKWARD].into_iter().enumerate() {
+            for partition in wal.partitions() {
                 let last = wal
                     .last_log_id(partition)
                     .ok()
                     .flatten()
                     .unwrap_or(LogId::ZERO);
-                // Partition 1 starts with the two-way mark: read it all.
-                detector.sides[index].next = if partition == BACKWARD { 1 } else { last.0 + 1 };
+                // The backward partitions start with the two-way marks:
+                // read them all; the forward ones from their ends.
+                let index = detector.side_of(partition);
+                let next = if index == 1 { 1 } else { last.0 + 1 };
+                detector.sides[index].next.insert(partition.0, next);
             }
         }
     }
@@ -618,8 +774,16 @@ pub async fn run(
     loop {
         let mut found = Vec::new();
         let mut progressed = false;
-        for (index, partition) in [FORWARD, BACKWARD].into_iter().enumerate() {
-            let from = LogId(detector.sides[index].next.max(1));
+        for partition in wal.partitions() {
+            // Many conflicts make a pass long: a stop does not wait for it.
+            if stop.is_cancelled() {
+                break;
+            }
+            tokio::task::yield_now().await;
+            let index = detector.side_of(partition);
+            // A partition that appeared since (a new shard): all of it.
+            let next = *detector.sides[index].next.entry(partition.0).or_insert(1);
+            let from = LogId(next.max(1));
             let read_wal = wal.clone();
             let read =
                 tokio::task::spawn_blocking(move || read_wal.read(partition, from, READ)).await;
@@ -631,7 +795,9 @@ pub async fn run(
                     let skipped = first_available.0.saturating_sub(from.0);
                     warn!(partition = %partition, from = %from, to = %first_available, "conflict detection: entries trimmed before they were read; not examined");
                     detector.unexamined += skipped;
-                    detector.sides[index].next = first_available.0;
+                    detector.sides[index]
+                        .next
+                        .insert(partition.0, first_available.0);
                     dirty = true;
                     continue;
                 }
@@ -644,15 +810,48 @@ pub async fn run(
                     continue;
                 }
             };
-            for entry in &entries {
-                found.extend(detector.take(index, entry));
-                detector.sides[index].next = entry.log_id.0 + 1;
-                progressed = true;
+            // Off the runtime: many conflicts make it long.
+            let stopping = stop.clone();
+            let mut taken = std::mem::take(&mut found);
+            let took = tokio::task::spawn_blocking(move || {
+                let mut any = false;
+                for entry in &entries {
+                    if stopping.is_cancelled() || taken.len() >= FOUND_PER_PASS {
+                        break;
+                    }
+                    taken.extend(detector.take(partition, entry));
+                    detector.sides[index]
+                        .next
+                        .insert(partition.0, entry.log_id.0 + 1);
+                    any = true;
+                }
+                (detector, taken, any)
+            })
+            .await;
+            match took {
+                Ok((back, taken, any)) => {
+                    detector = back;
+                    found = taken;
+                    progressed |= any;
+                }
+                Err(error) => {
+                    warn!(%error, "conflict detection stopped");
+                    return;
+                }
+            }
+            if found.len() >= FOUND_PER_PASS {
+                break;
             }
         }
         if !found.is_empty() {
-            for conflict in &found {
+            for conflict in found.iter().take(WARN_PER_PASS) {
                 warn!(key = %conflict.key, db = conflict.db, source_log_id = conflict.source.log_id, target_log_id = conflict.target.log_id, "two-way conflict: the key was written on both sides before either saw the other's write");
+            }
+            if found.len() > WARN_PER_PASS {
+                warn!(
+                    conflicts = found.len(),
+                    "two-way conflicts: more than are logged here; every one is in the conflict log"
+                );
             }
             if let Err(error) = append(&log_path, &found) {
                 warn!(path = %log_path.display(), %error, "cannot append to the conflict log");
@@ -770,37 +969,37 @@ mod tests {
 
     #[test]
     fn writes_neither_side_saw_conflict_and_seen_ones_do_not() {
-        let mut d = Detector::new("d", OwnedKeyspace::all());
+        let mut d = Detector::new("d", OwnedKeyspace::all(), Pair::Standalone);
         // A writes k at 1; B writes k at 1 without having seen A's: conflict.
         assert!(d
-            .take(0, &entry(1, &[&["SET", "k", "a"]], false))
+            .take(FORWARD, &entry(1, &[&["SET", "k", "a"]], false))
             .is_empty());
-        let found = d.take(1, &entry(1, &[&["SET", "k", "b"]], false));
+        let found = d.take(BACKWARD, &entry(1, &[&["SET", "k", "b"]], false));
         assert_eq!(found.len(), 1);
         assert_eq!((found[0].source.log_id, found[0].target.log_id), (1, 1));
         assert_eq!(found[0].key, "k");
         // B applies A's log up to 1 (an echo in B's log): A's write leaves
         // the window; B's next write of k saw it.
-        assert!(d.take(1, &echo(2, 1, 1)).is_empty());
+        assert!(d.take(BACKWARD, &echo(2, 1, 1)).is_empty());
         assert!(d
-            .take(1, &entry(3, &[&["SET", "k", "c"]], false))
+            .take(BACKWARD, &entry(3, &[&["SET", "k", "c"]], false))
             .is_empty());
         // A's write at 2, before A saw B's 1 and 3: conflicts with both.
-        let found = d.take(0, &entry(2, &[&["SET", "k", "d"]], false));
+        let found = d.take(FORWARD, &entry(2, &[&["SET", "k", "d"]], false));
         let pairs: Vec<(u64, u64)> = found
             .iter()
             .map(|c| (c.source.log_id, c.target.log_id))
             .collect();
         assert_eq!(pairs, [(2, 1), (2, 3)]);
         // A applies B's log through 3: A's later write saw everything.
-        assert!(d.take(0, &echo(3, 0, 3)).is_empty());
+        assert!(d.take(FORWARD, &echo(3, 0, 3)).is_empty());
         assert!(d
-            .take(0, &entry(4, &[&["SET", "k", "e"]], false))
+            .take(FORWARD, &entry(4, &[&["SET", "k", "e"]], false))
             .is_empty());
         // Other keys, other dbs and ferry's keys never conflict.
         assert!(d
             .take(
-                1,
+                BACKWARD,
                 &entry(
                     4,
                     &[&["SET", "other", "x"], &["SET", "__ferry:x", "1"]],
@@ -818,14 +1017,14 @@ mod tests {
         }
         .keyspace()
         .unwrap();
-        let mut d = Detector::new("d", owned);
+        let mut d = Detector::new("d", owned, Pair::Standalone);
         d.policy = ConflictPolicy::SourceWins;
         d.take(
-            0,
+            FORWARD,
             &entry(1, &[&["SET", "other", "a"], &["SET", "app:k", "a"]], true),
         );
         let found = d.take(
-            1,
+            BACKWARD,
             &entry(1, &[&["SET", "other", "b"], &["SET", "app:k", "b"]], true),
         );
         let keys: Vec<&str> = found.iter().map(|c| c.key.as_str()).collect();
@@ -847,10 +1046,15 @@ mod tests {
             entry(4, &[&["INCR", "n"]], false),
         ];
         let pairs = |order: &[(usize, usize)]| {
-            let mut d = Detector::new("d", OwnedKeyspace::all());
+            let mut d = Detector::new("d", OwnedKeyspace::all(), Pair::Standalone);
             let mut found: Vec<(u64, u64, String)> = order
                 .iter()
-                .flat_map(|&(side, i)| d.take(side, if side == 0 { &a[i] } else { &b[i] }))
+                .flat_map(|&(side, i)| {
+                    d.take(
+                        PartitionId(side as u32),
+                        if side == 0 { &a[i] } else { &b[i] },
+                    )
+                })
                 .map(|c| (c.source.log_id, c.target.log_id, c.key))
                 .collect();
             found.sort();
@@ -869,27 +1073,124 @@ mod tests {
 
     #[test]
     fn state_round_trips_and_a_restart_does_not_log_a_pair_twice() {
-        let mut d = Detector::new("d", OwnedKeyspace::all());
-        d.take(0, &entry(1, &[&["SET", "k", "a"]], false));
-        d.sides[0].next = 2;
+        let mut d = Detector::new("d", OwnedKeyspace::all(), Pair::Standalone);
+        d.take(FORWARD, &entry(1, &[&["SET", "k", "a"]], false));
+        d.sides[0].next.insert(0, 2);
         let state = serde_json::to_string(&d.state()).unwrap();
-        let mut again = Detector::new("d", OwnedKeyspace::all());
+        let mut again = Detector::new("d", OwnedKeyspace::all(), Pair::Standalone);
         again.restore(serde_json::from_str(&state).unwrap());
-        assert_eq!(again.sides[0].next, 2);
-        let found = again.take(1, &entry(1, &[&["SET", "k", "b"]], false));
+        assert_eq!(again.sides[0].next.get(&0), Some(&2));
+        let found = again.take(BACKWARD, &entry(1, &[&["SET", "k", "b"]], false));
         assert_eq!(found.len(), 1);
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join(CONFLICT_LOG);
         append(&log, &found).unwrap();
-        let mut third = Detector::new("d", OwnedKeyspace::all());
+        let mut third = Detector::new("d", OwnedKeyspace::all(), Pair::Standalone);
         third.restore(serde_json::from_str(&state).unwrap());
         third.logged = logged_pairs(&log);
         assert!(third
-            .take(1, &entry(1, &[&["SET", "k", "b"]], false))
+            .take(BACKWARD, &entry(1, &[&["SET", "k", "b"]], false))
             .is_empty());
         assert_eq!(
             unhex(&hex(b"\x00\xffk")).unwrap(),
             Bytes::from_static(b"\x00\xffk")
         );
+    }
+}
+
+#[cfg(test)]
+mod cluster_tests {
+    use super::*;
+    use crate::record::WriteRecord;
+    use crate::redis::cluster::tag_for_slot;
+    use crate::wal::SourcePosition;
+
+    fn entry(id: u64, commands: &[&[&str]]) -> WalEntry {
+        let write = WriteRecord {
+            db: 0,
+            commands: commands
+                .iter()
+                .map(|c| Command::from_parts(c.iter()))
+                .collect(),
+            transaction: commands.len() > 1,
+            streamed: vec![],
+            tenure: None,
+        };
+        WalEntry {
+            log_id: LogId(id),
+            flags: 0,
+            created_unix_ms: 1000 + id,
+            bytes_end: 0,
+            stored_len: 0,
+            source: SourcePosition {
+                replid: "r".into(),
+                offset: crate::position::ReplOffset(100 * id),
+                db: 0,
+            },
+            payload: Record::Write(write).encode(),
+        }
+    }
+
+    /// A piece of the other direction's partition `q` in `key`'s slot,
+    /// applied through `applied`.
+    fn piece(id: u64, q: u32, key: &str, applied: u64) -> WalEntry {
+        let slot = key_hash_slot(key.as_bytes());
+        let checkpoint = format!("__ferry:checkpoint:d:{q}:{}", tag_for_slot(slot));
+        let value = format!("v2 applied={applied} epoch=1 log=00000000000000aa");
+        entry(id, &[&["INCR", key], &["SET", &checkpoint, &value]])
+    }
+
+    #[test]
+    fn between_clusters_seen_is_per_partition_and_slot() {
+        let mut d = Detector::new("d", OwnedKeyspace::all(), Pair::Clusters);
+        let (a0, a1) = (PartitionId(0), PartitionId(1));
+        let (b0, b1) = (PartitionId(1000), PartitionId(1001));
+        // k on A's shard 0 and B's shard 1001; other on A's 1 and B's 1000.
+        assert!(d.take(a0, &entry(1, &[&["SET", "k", "a"]])).is_empty());
+        assert!(d.take(a1, &entry(1, &[&["SET", "other", "a"]])).is_empty());
+        // B applied A0 through 1 in k's slot: B's later write of k saw it.
+        assert!(d.take(b1, &piece(1, 0, "k", 1)).is_empty());
+        assert!(d.take(b1, &entry(2, &[&["SET", "k", "b"]])).is_empty());
+        // B's write of other did not see A1's (B applied A1 in another
+        // slot only): a conflict, whatever B's shard 1001 saw.
+        assert!(d.take(b0, &piece(1, 1, "elsewhere", 5)).is_empty());
+        let found = d.take(b0, &entry(2, &[&["SET", "other", "b"]]));
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].key, "other");
+        assert_eq!((found[0].source.partition, found[0].source.log_id), (1, 1));
+        assert_eq!(
+            (found[0].target.partition, found[0].target.log_id),
+            (1000, 2)
+        );
+        // A's shard 0 writes k again having applied B1001 through 1 only
+        // in k's slot (not B's write at 2): a conflict with it.
+        assert!(d.take(a0, &piece(2, 1001, "k", 1)).is_empty());
+        let found = d.take(a0, &entry(3, &[&["SET", "k", "a2"]]));
+        let pairs: Vec<(u64, u32, u64)> = found
+            .iter()
+            .map(|c| (c.source.log_id, c.target.partition, c.target.log_id))
+            .collect();
+        assert_eq!(pairs, [(3, 1001, 2)]);
+        // A floor (no slot) is no echo of a slot.
+        assert!(d
+            .take(
+                a0,
+                &entry(
+                    4,
+                    &[&[
+                        "SET",
+                        "__ferry:checkpoint:d:1001",
+                        "v2 applied=99 epoch=1 log=00000000000000aa"
+                    ]]
+                )
+            )
+            .is_empty());
+        assert_eq!(d.sides[0].seen(1001, key_hash_slot(b"k")), 1);
+        // State round trip.
+        let state = serde_json::to_string(&d.state()).unwrap();
+        let mut again = Detector::new("d", OwnedKeyspace::all(), Pair::Clusters);
+        again.restore(serde_json::from_str(&state).unwrap());
+        assert_eq!(again.sides[0].seen(1001, key_hash_slot(b"k")), 1);
+        assert_eq!(again.sides[1].len, d.sides[1].len);
     }
 }

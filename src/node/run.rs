@@ -1929,10 +1929,17 @@ async fn start_direct_stages(
         stages,
     )
     .await?;
-    let established = cfg.two_way && two_way::established(&wal)?;
-    let forward = match cfg.two_way {
-        true => two_way::forward_apply(cfg, established),
-        false => cfg.apply.clone(),
+    let pair = match cfg.two_way {
+        true => Some(two_way::pair(cfg, &wal).await?),
+        false => None,
+    };
+    let established = match pair {
+        Some(pair) => two_way::established(cfg, &wal, pair)?,
+        None => false,
+    };
+    let forward = match pair {
+        Some(pair) => two_way::forward_apply(cfg, established, pair),
+        None => cfg.apply.clone(),
     };
     let drainer = start_direct_part(
         &cfg.data_dir,
@@ -1948,11 +1955,11 @@ async fn start_direct_stages(
         conflicts: None,
         wals: vec![("listener", wal.clone())],
     };
-    if established {
+    if let Some(pair) = pair.filter(|_| established) {
         let listener = start_listeners(
             &cfg.data_dir,
-            &cfg.data_dir,
-            &two_way::backward_listener(cfg),
+            &two_way::backward_cluster_dir(cfg, pair),
+            &two_way::backward_listener(cfg, pair),
             wal.clone(),
             cfg.ship.clone(),
             &[],
@@ -1964,7 +1971,7 @@ async fn start_direct_stages(
             &cfg.data_dir,
             Arc::clone(&listener),
             wal,
-            two_way::backward_apply(cfg),
+            two_way::backward_apply(cfg, pair),
             stages,
         )?;
         node.listeners.push(listener);
@@ -1980,6 +1987,7 @@ async fn start_direct_stages(
             Arc::clone(&stats),
             stages.shutdown.clone(),
             two_way::resolution(cfg),
+            pair,
         )));
         node.conflicts = Some(stats);
     }
@@ -2143,7 +2151,11 @@ async fn run_direct(
         tokio::pin!(ended);
         // Two-way, not established yet: the backward direction starts once
         // the first full sync is in the target (`two_way`, module doc).
-        let mut establishing = match cfg.two_way && !two_way::established(&wal)? {
+        let unestablished = match cfg.two_way {
+            true => !two_way::established(&cfg, &wal, two_way::pair(&cfg, &wal).await?)?,
+            false => false,
+        };
+        let mut establishing = match unestablished {
             true => Some(Box::pin(two_way::establish(
                 cfg.clone(),
                 wal.clone(),

@@ -648,11 +648,11 @@ pub(super) async fn mark_stream(
 /// A master of one side of a switchover: a standalone server, or a master
 /// of a cluster with its node id, its slots and its replicas' ids.
 #[derive(Debug, Clone)]
-struct Master {
-    url: RedisUrl,
-    id: String,
-    slots: SlotRanges,
-    replicas: Vec<String>,
+pub(super) struct Master {
+    pub(super) url: RedisUrl,
+    pub(super) id: String,
+    pub(super) slots: SlotRanges,
+    pub(super) replicas: Vec<String>,
 }
 
 impl Master {
@@ -843,7 +843,7 @@ pub(super) async fn drain(
 
 /// Whether the servers of `urls` (a standalone server or a cluster's
 /// seeds) are a Redis Cluster: what the first that answers says.
-async fn is_cluster(urls: &[RedisUrl], side: &str) -> Result<bool, String> {
+pub(super) async fn is_cluster(urls: &[RedisUrl], side: &str) -> Result<bool, String> {
     let mut errors = Vec::new();
     for url in urls {
         match crate::redis::cluster::is_cluster(url).await {
@@ -1014,7 +1014,7 @@ async fn check_clusters(
 
 /// The masters of a cluster with every slot served and none moving, each a
 /// master of at least `min`; and the version of the last.
-async fn cluster_masters(
+pub(super) async fn cluster_masters(
     seeds: &[RedisUrl],
     side: &str,
     min: (u32, u32),
@@ -1107,6 +1107,13 @@ async fn prepare(
 
 /// The reversed direction's shard map and slot table in `dir`.
 fn write_cluster_files(dir: &Path, targets: &[Master]) -> Result<(), String> {
+    write_shard_files(dir, targets, 0)
+}
+
+/// A shard map and slot table in `dir` for a listener of the cluster of
+/// `masters`: master `i` is partition `base + i`, every slot its master's
+/// at generation 0.
+pub(super) fn write_shard_files(dir: &Path, targets: &[Master], base: u32) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|error| format!("creating {}: {error}", dir.display()))?;
     let nodes: Vec<ShardNodes> = targets
         .iter()
@@ -1116,10 +1123,14 @@ fn write_cluster_files(dir: &Path, targets: &[Master]) -> Result<(), String> {
             has_slots: true,
         })
         .collect();
-    let mut map = ShardMap::default();
+    let mut map = ShardMap::starting_at(base);
     let (assigned, _) = map.assign(&nodes);
     let expected: Vec<Option<PartitionId>> = (0..targets.len())
-        .map(|i| Some(PartitionId(u32::try_from(i).unwrap_or(u32::MAX))))
+        .map(|i| {
+            Some(PartitionId(
+                base + u32::try_from(i).unwrap_or(u32::MAX - base),
+            ))
+        })
         .collect();
     if assigned != expected {
         return Err(format!(
@@ -1133,6 +1144,7 @@ fn write_cluster_files(dir: &Path, targets: &[Master]) -> Result<(), String> {
             .iter()
             .position(|m| m.slots.contains(slot))
             .and_then(|i| u32::try_from(i).ok())
+            .map(|i| base + i)
     })
     .ok_or("the target's masters do not serve every slot")?;
     table
@@ -1815,6 +1827,15 @@ impl Routed {
 /// move back what the appliers moved); the floors go last, so a crash in
 /// between writes everything again.
 async fn cluster_checkpoints(cfg: &SyncConfig, record: &DirectionRecord) -> Result<String, String> {
+    cluster_target_state(cfg, &record.partitions).await
+}
+
+/// [`cluster_checkpoints`] for the partitions `starts` into the target of
+/// `cfg` (also the backward direction of a two-way sync between clusters).
+pub(super) async fn cluster_target_state(
+    cfg: &SyncConfig,
+    starts: &[PartitionStart],
+) -> Result<String, String> {
     let (_, targets) = urls(cfg).map_err(|e| e.to_string())?;
     let template = targets.first().ok_or("no target")?.clone();
     let topology = crate::redis::cluster::discover(&targets)
@@ -1827,7 +1848,7 @@ async fn cluster_checkpoints(cfg: &SyncConfig, record: &DirectionRecord) -> Resu
     };
     let drainer = &cfg.apply.drainer_id;
     let mut missing = Vec::new();
-    for start in &record.partitions {
+    for start in starts {
         let key = checkpoint_key(drainer, PartitionId(start.partition));
         let replies = routed
             .run(&key, &[Command::from_parts([b"GET".as_slice(), &key])])
@@ -1841,8 +1862,8 @@ async fn cluster_checkpoints(cfg: &SyncConfig, record: &DirectionRecord) -> Resu
     }
     let map_key = owner_map_key(drainer);
     let mut hset = vec![Bytes::from_static(b"HSET"), Bytes::from(map_key.clone())];
-    let mut scopes = Vec::with_capacity(record.partitions.len());
-    for start in &record.partitions {
+    let mut scopes = Vec::with_capacity(starts.len());
+    for start in starts {
         let slots = SlotRanges::parse(&start.slots).map_err(|why| {
             format!(
                 "{}: the slots {:?} of partition {}: {why}",
