@@ -339,9 +339,20 @@ async fn check_clusters(a: &[RedisUrl], b: &[RedisUrl]) -> Result<Vec<Master>, S
              its effects, and ferry's echo rule rests on how 7.0 propagates transactions)"
         )
     };
-    cluster_masters(a, "source", MIN_VERSION)
+    let (sources, _) = cluster_masters(a, "source", MIN_VERSION)
         .await
         .map_err(why)?;
+    // A's partitions (one per master, more as shards come) must stay below
+    // the ids of B's.
+    if sources.len() >= CLUSTER_BACKWARD_BASE as usize / 2 {
+        return Err(format!(
+            "two-way sync: the source cluster has {} masters; two-way takes at most {} (its \
+             partitions must stay below {CLUSTER_BACKWARD_BASE}, where the target's begin, with \
+             room for shards added later)",
+            sources.len(),
+            CLUSTER_BACKWARD_BASE / 2 - 1
+        ));
+    }
     let (masters, _) = cluster_masters(b, "target", MIN_VERSION)
         .await
         .map_err(why)?;
