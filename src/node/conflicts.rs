@@ -930,7 +930,7 @@ mod tests {
     use crate::redis::command::Command;
     use crate::wal::SourcePosition;
 
-    fn entry(id: u64, commands: &[&[&str]], transaction: bool) -> WalEntry {
+    pub(super) fn entry(id: u64, commands: &[&[&str]], transaction: bool) -> WalEntry {
         let write = WriteRecord {
             db: 0,
             commands: commands
@@ -1101,34 +1101,10 @@ mod tests {
 #[cfg(test)]
 mod cluster_tests {
     use super::*;
-    use crate::record::WriteRecord;
     use crate::redis::cluster::tag_for_slot;
-    use crate::wal::SourcePosition;
 
     fn entry(id: u64, commands: &[&[&str]]) -> WalEntry {
-        let write = WriteRecord {
-            db: 0,
-            commands: commands
-                .iter()
-                .map(|c| Command::from_parts(c.iter()))
-                .collect(),
-            transaction: commands.len() > 1,
-            streamed: vec![],
-            tenure: None,
-        };
-        WalEntry {
-            log_id: LogId(id),
-            flags: 0,
-            created_unix_ms: 1000 + id,
-            bytes_end: 0,
-            stored_len: 0,
-            source: SourcePosition {
-                replid: "r".into(),
-                offset: crate::position::ReplOffset(100 * id),
-                db: 0,
-            },
-            payload: Record::Write(write).encode(),
-        }
+        super::tests::entry(id, commands, commands.len() > 1)
     }
 
     /// A piece of the other direction's partition `q` in `key`'s slot,

@@ -553,6 +553,33 @@ enum Seeding {
 }
 
 /// Partition 1's history, A's checkpoint of it, B's point and entry 1.
+/// Marks `master`'s stream (`name`, `note`) and stores the mark as entry 1
+/// of `partition`: the partition starts at that exact point. Returns the
+/// point's replid and offset.
+async fn seed_partition(
+    wal: &Wal,
+    partition: PartitionId,
+    master: &RedisUrl,
+    name: &str,
+    note: &str,
+) -> Result<(String, u64), Seeding> {
+    let (set, replid, offset) = mark_stream(master, name, note)
+        .await
+        .map_err(Seeding::Failed)?;
+    let position = SourcePosition {
+        replid: replid.clone(),
+        offset: ReplOffset(offset),
+        db: 0,
+    };
+    let payload = Record::encode_write(0, &[set], false);
+    wal.append(partition, vec![NewEntry::new(position, payload)])
+        .await
+        .map_err(|error| {
+            Seeding::Failed(format!("storing partition {partition}'s start: {error}"))
+        })?;
+    Ok((replid, offset))
+}
+
 async fn seed(cfg: &SyncConfig, wal: &Wal, a: &RedisUrl, b: &RedisUrl) -> Result<String, Seeding> {
     check_sides(a, b).await.map_err(|why| {
         if why.contains("connecting to") || why.contains("INFO") {
@@ -584,18 +611,8 @@ async fn seed(cfg: &SyncConfig, wal: &Wal, a: &RedisUrl, b: &RedisUrl) -> Result
         now_unix_ms(),
         a.addr()
     );
-    let (set, replid, offset) = mark_stream(b, &format!("two-way:{}", cfg.id), &note)
-        .await
-        .map_err(Seeding::Failed)?;
-    let position = SourcePosition {
-        replid: replid.clone(),
-        offset: ReplOffset(offset),
-        db: 0,
-    };
-    let payload = Record::encode_write(0, &[set], false);
-    wal.append(BACKWARD, vec![NewEntry::new(position, payload)])
-        .await
-        .map_err(|error| Seeding::Failed(format!("storing partition 1's start: {error}")))?;
+    let (replid, offset) =
+        seed_partition(wal, BACKWARD, b, &format!("two-way:{}", cfg.id), &note).await?;
     Ok(format!(
         "partition 1 starts at {} replid {replid} offset {offset}, log {:016x}",
         b.addr(),
@@ -701,20 +718,7 @@ async fn seed_clusters(
             crate::redis::cluster::tag_for_slot(slot),
             cfg.id
         );
-        let (set, replid, offset) = mark_stream(&master.url, &name, &note)
-            .await
-            .map_err(Seeding::Failed)?;
-        let position = SourcePosition {
-            replid: replid.clone(),
-            offset: ReplOffset(offset),
-            db: 0,
-        };
-        let payload = Record::encode_write(0, &[set], false);
-        wal.append(partition, vec![NewEntry::new(position, payload)])
-            .await
-            .map_err(|error| {
-                Seeding::Failed(format!("storing partition {partition}'s start: {error}"))
-            })?;
+        let (replid, offset) = seed_partition(wal, partition, &master.url, &name, &note).await?;
         marked.push(format!(
             "partition {partition} at {} replid {replid} offset {offset}",
             master.url.addr()
