@@ -41,6 +41,20 @@ struct Done {
     pushed: Vec<String>,
 }
 
+/// What both sides must hold once both writers' work arrived: the
+/// counter (from 100), `INCRBY` and `HINCRBY` sums, and every pushed
+/// element once (sorted).
+fn expected(on_a: &Done, on_b: &Done) -> (i64, i64, i64, Vec<String>) {
+    let mut pushed: Vec<String> = on_a.pushed.iter().chain(&on_b.pushed).cloned().collect();
+    pushed.sort();
+    (
+        100 + on_a.incr + on_b.incr,
+        on_a.incrby + on_b.incrby,
+        on_a.hincrby + on_b.hincrby,
+        pushed,
+    )
+}
+
 fn int(reply: std::io::Result<Resp>, what: &str) {
     match reply {
         Ok(Resp::Int(_)) => {}
@@ -155,14 +169,7 @@ fn concurrent_writes_on_both_sides_converge_exactly_once_across_kill_9() {
         "too few writes: {on_a:?} {on_b:?}"
     );
 
-    let mut pushed: Vec<String> = on_a.pushed.iter().chain(&on_b.pushed).cloned().collect();
-    pushed.sort();
-    let want = (
-        100 + on_a.incr + on_b.incr,
-        on_a.incrby + on_b.incrby,
-        on_a.hincrby + on_b.hincrby,
-        pushed,
-    );
+    let want = expected(on_a, on_b);
     for server in [&a, &b] {
         wait_for(
             &format!("{} to hold every write of both sides once", server.addr()),
@@ -597,14 +604,7 @@ fn clusters_concurrent_writes_on_both_sides_converge_exactly_once_across_kill_9(
             on_a.incr > 20 && on_b.incr > 20,
             "too few writes: {on_a:?} {on_b:?}"
         );
-        let mut pushed: Vec<String> = on_a.pushed.iter().chain(&on_b.pushed).cloned().collect();
-        pushed.sort();
-        let want = (
-            100 + on_a.incr + on_b.incr,
-            on_a.incrby + on_b.incrby,
-            on_a.hincrby + on_b.hincrby,
-            pushed,
-        );
+        let want = expected(on_a, on_b);
         for (cluster, side) in [(&a, "A"), (&b, "B")] {
             let deadline = Instant::now() + Duration::from_secs(60);
             loop {

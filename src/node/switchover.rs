@@ -1423,7 +1423,9 @@ impl Drained {
                 slots: master.slots.to_string(),
                 replid,
                 offset,
-                log_tag: self.log_tags.get(i).copied().unwrap_or_default(),
+                log_tag: self.log_tags.get(i).copied().ok_or_else(|| {
+                    format!("no log tag prepared for the reversed partition {partition}")
+                })?,
             });
         }
         self.next
