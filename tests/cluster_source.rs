@@ -2012,6 +2012,67 @@ fn away_and_straight_back(target: &impl Sink) {
     );
 }
 
+// A slot that comes back while the listener's question to its old master is
+// still unanswered: the answer's offset is below what the old owner's stream
+// received meanwhile (the slot's import back included). The stream waits for
+// the answer before it takes a write of the slot, so the handoff goes before
+// the import back in the log (docs/cluster.md, rule 2, "late answers").
+// Without the wait, the import back was logged in the old tenure: the
+// receiver's RESTORE met the key (BUSYKEY) and the target lost the counter.
+// The answer is held by a test hook (`FERRY_TEST_SLOT_CHECK_HOLD_MS`), as a
+// slow master or a loaded machine holds it.
+
+#[test]
+fn a_slot_back_before_the_answer_of_its_handoff_check_converges() {
+    back_before_the_answer(&RedisServer::start(&[]));
+}
+
+#[test]
+fn a_slot_back_before_the_answer_of_its_handoff_check_into_a_cluster_target_converges() {
+    back_before_the_answer(&Cluster::start_by_hand(2));
+}
+
+fn back_before_the_answer(target: &impl Sink) {
+    let Synced {
+        cluster,
+        dir,
+        mut ferry,
+        rows: _,
+        epochs,
+    } = synced(target);
+    ferry.respawn_with_env(&[("FERRY_TEST_SLOT_CHECK_HOLD_MS", "2000")]);
+    wait_partitions_online(&cluster, &ferry);
+    let masters = cluster.master_ports();
+    let data_dir = dir.path().join("sync");
+    let key = &counter_keys()[5];
+    let slot = ferry::redis::command::key_hash_slot(key.as_bytes());
+    let a = cluster.master_for_key(key).port;
+    let b = *masters.iter().find(|p| **p != a).expect("another master");
+    let rounds = with_writer(&cluster, || {
+        let mark = ferry.log_len();
+        move_slot(&cluster, slot, a, b);
+        wait_for("the handoff check's answer held", &ferry, || {
+            if ferry
+                .log_since(mark)
+                .contains("holding the answer of a slot check")
+            {
+                Ok(())
+            } else {
+                Err("not yet".into())
+            }
+        });
+        move_slot(&cluster, slot, b, a);
+        wait_table_settled(&cluster, &ferry, &data_dir);
+    });
+    wait_none_held(&ferry);
+    assert_resharded_sync_exact(&cluster, target, &ferry, rounds, &epochs, 0);
+    let log = ferry.log_since(0);
+    assert!(
+        !log.contains("BUSYKEY"),
+        "a RESTORE met its key on the target"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // (m) A slot passed on through a shard while ferry is stopped (A -> B -> C,
 // keys and all): the listener never sees the slot on B. B's pass is voided

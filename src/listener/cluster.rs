@@ -330,8 +330,53 @@ pub struct ShardRoute {
     /// (`u64::MAX`: none): the stream appends them as soon as it gets
     /// there, between two entries ([`ShardRoute::due`]).
     due: std::sync::atomic::AtomicU64,
+    /// Slots this partition's master is being asked about right now (a
+    /// handoff or a void check, each counted): the stream takes no write of
+    /// them until the answer is in (docs/cluster.md, rule 2, "late
+    /// answers"). `checks` is their total, read first on the hot path.
+    checking: Mutex<BTreeMap<u16, usize>>,
+    checks: std::sync::atomic::AtomicUsize,
+    /// Bumped when a check ends.
+    checked: watch::Sender<u64>,
     source: Arc<ClusterSource>,
 }
+
+/// A check of slots of one partition's master in flight
+/// ([`ShardRoute::begin_check`]); ends when dropped, after what it found is
+/// pending in the route.
+struct SlotCheck {
+    route: Arc<ShardRoute>,
+    slots: Vec<u16>,
+}
+
+impl Drop for SlotCheck {
+    fn drop(&mut self) {
+        {
+            let mut checking = self
+                .route
+                .checking
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            for slot in &self.slots {
+                if let Some(count) = checking.get_mut(slot) {
+                    *count -= 1;
+                    if *count == 0 {
+                        checking.remove(slot);
+                    }
+                }
+            }
+            self.route
+                .checks
+                .fetch_sub(self.slots.len(), std::sync::atomic::Ordering::SeqCst);
+        }
+        self.route.checked.send_modify(|n| *n = n.wrapping_add(1));
+    }
+}
+
+/// How long one check of a master (a `MULTI` of its view and offset) may
+/// take; the stream waits for it when it meets a write of a slot asked
+/// about.
+const CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A tenure this partition's log is to void once its stream has been
 /// received up to source offset `at` (its master then held no key of the
@@ -362,6 +407,50 @@ pub struct MarkerSlots {
 impl ShardRoute {
     pub fn partition(&self) -> PartitionId {
         self.partition
+    }
+
+    /// Marks `slots` as being asked about on this partition's master, until
+    /// the returned check is dropped. Called before the question is sent:
+    /// every write of them the stream took before is at or below the offset
+    /// the answer carries.
+    fn begin_check(self: &Arc<Self>, slots: Vec<u16>) -> SlotCheck {
+        {
+            let mut checking = self.checking.lock().unwrap_or_else(|p| p.into_inner());
+            for slot in &slots {
+                *checking.entry(*slot).or_default() += 1;
+            }
+            self.checks
+                .fetch_add(slots.len(), std::sync::atomic::Ordering::SeqCst);
+        }
+        SlotCheck {
+            route: Arc::clone(self),
+            slots,
+        }
+    }
+
+    /// Whether a check of this partition's master is in flight for `slot`
+    /// (`None`: for any slot).
+    pub fn checking(&self, slot: Option<u16>) -> bool {
+        if self.checks.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            return false;
+        }
+        let checking = self.checking.lock().unwrap_or_else(|p| p.into_inner());
+        match slot {
+            Some(slot) => checking.contains_key(&slot),
+            None => !checking.is_empty(),
+        }
+    }
+
+    /// Waits until no check of `slot` (`None`: of any slot) is in flight;
+    /// what a check found is then pending ([`Self::due`]). Bounded: a check
+    /// gives up after [`CHECK_TIMEOUT`].
+    pub async fn check_done(&self, slot: Option<u16>) {
+        let mut checked = self.checked.subscribe();
+        while self.checking(slot) {
+            if checked.changed().await.is_err() {
+                return;
+            }
+        }
     }
 
     pub fn state(&self) -> ShardState {
@@ -516,14 +605,7 @@ impl ShardRoute {
     /// 1): `None` for a keyless write, one of ferry's own keys, or a
     /// command whose keys are not known.
     pub fn tenure_of(&self, commands: &[Command]) -> Option<SlotTenure> {
-        let slot = commands.iter().find_map(|cmd| {
-            let keys = command::keys(cmd).ok()?;
-            let key = keys.first()?;
-            if key.starts_with(crate::record::INTERNAL_PREFIX) {
-                return None;
-            }
-            Some(command::key_hash_slot(key))
-        })?;
+        let slot = write_slot(commands)?;
         let gen = self.source.tenure(self.partition.0, slot);
         Some(SlotTenure { slot, gen })
     }
@@ -685,6 +767,9 @@ impl ClusterSource {
             stranded: Mutex::new(Vec::new()),
             queued: Mutex::new(Vec::new()),
             due: std::sync::atomic::AtomicU64::new(u64::MAX),
+            checking: Mutex::new(BTreeMap::new()),
+            checks: std::sync::atomic::AtomicUsize::new(0),
+            checked: watch::channel(0).0,
             source: Arc::clone(self),
         })
     }
@@ -1004,6 +1089,7 @@ impl ClusterSource {
             }
         }
         for (partition, (route, master, voids)) in asks {
+            let _check = route.begin_check(voids.iter().map(|v| v.slot).collect());
             match confirm_voids(&master, &voids).await {
                 Ok((confirmed, stranded)) => {
                     *route.stranded.lock().unwrap_or_else(|p| p.into_inner()) = stranded
@@ -1151,6 +1237,7 @@ impl ClusterSource {
                 continue;
             };
             let map = self.lock().map.clone();
+            let _check = route.begin_check(slots.iter().map(|h| h.slot).collect());
             let confirmed = match confirm_handoffs(&master, &slots, &map).await {
                 Ok(confirmed) => confirmed,
                 Err(error) => {
@@ -1158,6 +1245,9 @@ impl ClusterSource {
                     continue;
                 }
             };
+            if !confirmed.is_empty() {
+                test_hold_answer(partition).await;
+            }
             let confirmed: Vec<(SlotHandoff, u64)> = confirmed
                 .into_iter()
                 .filter_map(|(handoff, at)| Some((self.opening(partition, handoff)?, at)))
@@ -1218,6 +1308,34 @@ impl ShardRoute {
     }
 }
 
+/// Test hook: `FERRY_TEST_SLOT_CHECK_HOLD_MS` holds each answer of a
+/// master that found a handoff that long before it is pending, as a slow
+/// answer would be (tests of writes that meet a check in flight).
+async fn test_hold_answer(partition: PartitionId) {
+    let Some(ms) = std::env::var("FERRY_TEST_SLOT_CHECK_HOLD_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    else {
+        return;
+    };
+    info!(%partition, ms, "test hook: holding the answer of a slot check");
+    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+}
+
+/// The slot a write of a cluster source is tagged with (docs/cluster.md,
+/// rule 1): its first key's, `None` for a keyless write, one of ferry's own
+/// keys, or a command whose keys are not known.
+pub fn write_slot(commands: &[Command]) -> Option<u16> {
+    commands.iter().find_map(|cmd| {
+        let keys = command::keys(cmd).ok()?;
+        let key = keys.first()?;
+        if key.starts_with(crate::record::INTERNAL_PREFIX) {
+            return None;
+        }
+        Some(command::key_hash_slot(key))
+    })
+}
+
 /// One instant of `master`'s state, in one `MULTI`: its own view (`CLUSTER
 /// NODES`, and its own line of it), the replies of `extra`, and its
 /// `master_repl_offset`. An error when it is not a master (any more).
@@ -1226,9 +1344,6 @@ async fn master_instant(
     extra: Vec<Command>,
 ) -> Result<(Topology, NodeInfo, u64, Vec<crate::redis::resp::Frame>), String> {
     let addr = master.addr();
-    let mut client = Client::connect(master)
-        .await
-        .map_err(|e| format!("{addr}: {e}"))?;
     let asked = extra.len();
     let mut commands = vec![
         Command::from_parts(["MULTI"]),
@@ -1237,10 +1352,20 @@ async fn master_instant(
     commands.extend(extra);
     commands.push(Command::from_parts(["INFO", "replication"]));
     commands.push(Command::from_parts(["EXEC"]));
-    let mut replies = client
-        .pipeline(&commands)
+    // Bounded: the partition's stream waits for the answer when it meets a
+    // write of a slot asked about.
+    let asking = async {
+        let mut client = Client::connect(master)
+            .await
+            .map_err(|e| format!("{addr}: {e}"))?;
+        client
+            .pipeline(&commands)
+            .await
+            .map_err(|e| format!("{addr}: {e}"))
+    };
+    let mut replies = tokio::time::timeout(CHECK_TIMEOUT, asking)
         .await
-        .map_err(|e| format!("{addr}: {e}"))?;
+        .map_err(|_| format!("{addr}: no answer within {CHECK_TIMEOUT:?}"))??;
     let mut results = match replies.pop() {
         Some(crate::redis::resp::Frame::Array(results)) => results,
         other => return Err(format!("{addr}: EXEC answered {other:?}")),

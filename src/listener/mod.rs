@@ -966,6 +966,8 @@ impl Session {
         let mut replid = psync.position().replid.to_string();
         // Slot handoffs (docs/cluster.md, rule 2) appended this session.
         let mut handoffs_pushed: Vec<SlotHandoff> = Vec::new();
+        // The stream's offset and db after the last event taken.
+        let mut last_position = psync.offset_db();
         if let Some(route) = &self.inner().route {
             route.reset_queued();
         }
@@ -1088,6 +1090,17 @@ impl Session {
                     // Take what is already buffered without waiting, up to
                     // the batch limits.
                     while let Some(next) = event.take() {
+                        if let (Ok(next), 0) = (&next, fragments) {
+                            self.before_entry(
+                                psync,
+                                next,
+                                last_position,
+                                &mut pending,
+                                &replid,
+                                &mut handoffs_pushed,
+                            )
+                            .await;
+                        }
                         let taken = match next {
                             Ok(next) => self.take_event(
                                 psync,
@@ -1121,6 +1134,7 @@ impl Session {
                             }
                             Err(error) => return Err(error),
                         }
+                        last_position = psync.offset_db();
                         // A handoff (or void) goes right after the entry that
                         // reaches its offset, before any later one (their
                         // tags count it, rule 1).
@@ -1161,10 +1175,24 @@ impl Session {
         replid: &str,
         pushed: &mut Vec<SlotHandoff>,
     ) {
+        let at = psync.offset_db();
+        self.push_handoffs_at(at, at.0 .0, pending, replid, pushed);
+    }
+
+    /// [`Self::push_handoffs`] for the records due at or below `reached`,
+    /// placed at `(offset, db)` (the stream's position after the last event
+    /// taken, at or below `reached`).
+    fn push_handoffs_at(
+        &self,
+        (offset, db): (ReplOffset, u32),
+        reached: u64,
+        pending: &mut Pending,
+        replid: &str,
+        pushed: &mut Vec<SlotHandoff>,
+    ) {
         let Some(route) = &self.inner().route else {
             return;
         };
-        let position = psync.position();
         // A record of the log's own at the stream's position.
         let append = |pending: &mut Pending, record: Record| {
             let payload = record.encode();
@@ -1174,14 +1202,14 @@ impl Session {
                 created_unix_ms: Some(unix_ms()),
                 source: SourcePosition {
                     replid: replid.to_string(),
-                    offset: position.offset,
-                    db: position.db,
+                    offset,
+                    db,
                 },
                 payload,
             });
         };
         for waiting in route.pending_handoffs() {
-            if waiting.at > position.offset.0 || pushed.contains(&waiting.handoff) {
+            if waiting.at > reached || pushed.contains(&waiting.handoff) {
                 continue;
             }
             append(pending, Record::Handoff(waiting.handoff));
@@ -1195,14 +1223,59 @@ impl Session {
         // Tenure voids (docs/cluster.md, rule 9), once at their offset:
         // the writes after the record are tagged past the voided tenure.
         for waiting in route.pending_voids() {
-            if waiting.at > position.offset.0 {
+            if waiting.at > reached {
                 continue;
             }
             route.void_queued(&waiting.void);
             append(pending, Record::Void(waiting.void));
             pending.voids.push(waiting.void);
         }
-        route.set_due_after(position.offset.0);
+        route.set_due_after(reached);
+    }
+
+    /// Before `event` when it begins an entry (no fragment of one taken):
+    /// when this partition's master is being asked about a slot the entry
+    /// may write (a handoff or void check in flight), waits for the answer,
+    /// then appends what is due before the entry's first byte, at
+    /// `position` (offset and db after the last event taken). The answer's offset may be
+    /// below what the stream received meanwhile; without the wait, a write
+    /// of the slot past that offset (the slot coming back into the shard)
+    /// would be tagged and logged before the record that orders it after
+    /// the handoff (docs/cluster.md, rule 2, "late answers").
+    async fn before_entry(
+        &self,
+        psync: &PsyncSource,
+        event: &ReplEvent,
+        position: (ReplOffset, u32),
+        pending: &mut Pending,
+        replid: &str,
+        pushed: &mut Vec<SlotHandoff>,
+    ) {
+        let Some(route) = self.inner().route.as_ref() else {
+            return;
+        };
+        if !route.checking(None) {
+            return;
+        }
+        // The entry's slot, and the highest record offset that goes before
+        // it: a record's offset is a command boundary, so one below the
+        // entry's end is at or below its start.
+        let (slot, reached) = match event {
+            ReplEvent::Entry(entry) => match cluster::write_slot(&entry.commands) {
+                Some(slot) => (Some(slot), entry.offset.0.saturating_sub(1)),
+                None => return,
+            },
+            // A streamed entry's keys are not known yet: any slot.
+            ReplEvent::Fragment(_) => (None, psync.position().offset.0),
+            _ => return,
+        };
+        if !route.checking(slot) {
+            return;
+        }
+        route.check_done(slot).await;
+        if route.due() <= reached {
+            self.push_handoffs_at(position, reached, pending, replid, pushed);
+        }
     }
 
     fn take_event(

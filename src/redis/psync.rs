@@ -864,6 +864,11 @@ impl PsyncSource {
         }
     }
 
+    /// [`PsyncSource::position`]'s offset and db, without the replid.
+    pub fn offset_db(&self) -> (ReplOffset, u32) {
+        (ReplOffset(self.offset), self.db)
+    }
+
     /// Offset after the last whole frame received; ahead of
     /// [`PsyncSource::position`] while a transaction is being collected.
     pub fn received_offset(&self) -> ReplOffset {
