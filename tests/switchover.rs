@@ -886,7 +886,7 @@ fn kill_held_switchover(sync: &mut FerryProcess, point: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let log = sync.log_since(mark);
-        if log.contains("the switchover holds here") && log.contains(&format!("\"{point}\"")) {
+        if log.contains("ferry holds here") && log.contains(&format!("\"{point}\"")) {
             break;
         }
         assert!(

@@ -647,6 +647,112 @@ fn clusters_concurrent_writes_on_both_sides_converge_exactly_once_across_kill_9(
     eprintln!("conflict log: {conflicts} bytes");
 }
 
+/// kill -9 at each step of establishing two-way between clusters: once
+/// the first master of B is marked (its partition's entry 1 durable, the
+/// others not marked yet), and once every master is marked (the
+/// established file not written). Each restart keeps the marks made and
+/// marks the rest; the sync is established once: no backward partition
+/// ever full-syncs, B holds A's data, and writes on both sides then
+/// converge exactly once.
+#[test]
+fn clusters_kill_9_while_two_way_is_being_established_establishes_it_once() {
+    let a = Cluster::start(3, 0);
+    let b = Cluster::start(3, 0);
+    for i in 0..600 {
+        let key = format!("k{i}");
+        a.call_key(&key, &["SET", &key, "v"]);
+    }
+    let tags: Vec<String> = CLUSTER_SLOTS
+        .iter()
+        .map(|&slot| key_in_slot("x", slot).trim_start_matches("x:").to_string())
+        .collect();
+    for tag in &tags {
+        let key = format!("c:{tag}");
+        a.call_key(&key, &["INCRBY", &key, "100"]);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (a_seeds, b_seeds) = (a.seed_list(), b.seed_list());
+    let mut sync = FerryProcess::sync(&data, &a_seeds, &b_seeds, &["--two-way"]);
+    for point in ["two-way-marked-one", "two-way-marked-all"] {
+        let mark = sync.log_len();
+        sync.respawn_with_env(&[("FERRY_TEST_SWITCHOVER_HOLD", point)]);
+        wait_for(
+            &format!("the hold at {point}"),
+            Duration::from_secs(90),
+            || {
+                let log = sync.log_since(mark);
+                log.contains("ferry holds here") && log.contains(point)
+            },
+        );
+        let log = sync.log_since(mark);
+        assert!(!log.contains("two-way sync established"), "{log}");
+        sync.kill9();
+        let _ = std::fs::remove_file(data.join("admin.addr"));
+    }
+    let mark = sync.log_len();
+    sync.respawn_with_env(&[]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !clusters_established(&sync, 3) {
+        assert!(
+            Instant::now() < deadline,
+            "not established: {}",
+            sync.log_tail(40)
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    // The restart marked no master again: every backward partition had
+    // its entry 1 already.
+    let restart = sync.log_since(mark);
+    let established = restart
+        .lines()
+        .find(|line| line.contains("two-way sync established"))
+        .unwrap_or_else(|| panic!("{restart}"));
+    assert!(!established.contains(" at 127.0.0.1:"), "{established}");
+    for i in 0..600 {
+        let key = format!("k{i}");
+        assert_eq!(
+            b.call_key(&key, &["GET", &key]).text().as_deref(),
+            Some("v")
+        );
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for tag in &tags {
+        let key = format!("c:{tag}");
+        for (cluster, side) in [(&a, "a"), (&b, "b")] {
+            let addr = cluster.master_for_key(&key).addr();
+            let (tag, name, stop) = (tag.clone(), format!("{side}{tag}"), Arc::clone(&stop));
+            writers.push(thread::spawn(move || slot_writer(addr, tag, name, stop)));
+        }
+    }
+    thread::sleep(Duration::from_millis(1500));
+    stop.store(true, Ordering::SeqCst);
+    let done: Vec<Done> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+    for (i, tag) in tags.iter().enumerate() {
+        let want = expected(&done[2 * i], &done[2 * i + 1]);
+        for (cluster, side) in [(&a, "A"), (&b, "B")] {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let have = cluster_state(cluster, tag);
+                if have == want {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{side}, keys {tag}: have {:?}, want {:?}\n{}",
+                    (have.0, have.1, have.2),
+                    (want.0, want.1, want.2),
+                    sync.log_tail(40)
+                );
+                thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    let log = std::fs::read_to_string(&sync.log).unwrap();
+    assert!(!log.contains("full resync stored partition=10"), "{log}");
+}
+
 /// One key written on both clusters before either saw the other's write:
 /// one conflict with both positions, `ferry verify` lists exactly that key.
 #[test]

@@ -418,16 +418,20 @@ fn remove_other_generations(data_dir: &Path, current: &str) {
 /// old direction still running), `committed` (the record written, nothing
 /// released), `unpaused` (the old source's masters unpaused, its
 /// checkpoints not written yet), `released` (the release done, the
-/// reversed direction not started). Unset in production.
+/// reversed direction not started). Two-way sync between clusters
+/// establishing (`super::two_way`): `two-way-marked-one` (the first master
+/// of the target marked and its entry 1 durable, the others not yet),
+/// `two-way-marked-all` (every master marked, the established file not
+/// written). Unset in production.
 const HOLD_ENV: &str = "FERRY_TEST_SWITCHOVER_HOLD";
 
 /// The crash tests' hook ([`HOLD_ENV`]): never returns at `point` when the
 /// variable names it.
-async fn hold_for_test(point: &str) {
+pub(super) async fn hold_for_test(point: &str) {
     if std::env::var(HOLD_ENV).is_ok_and(|held| held == point) {
         warn!(
             point,
-            "{HOLD_ENV}: the switchover holds here until the process is killed"
+            "{HOLD_ENV}: ferry holds here until the process is killed"
         );
         std::future::pending::<()>().await;
     }

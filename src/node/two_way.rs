@@ -723,7 +723,11 @@ async fn seed_clusters(
             "partition {partition} at {} replid {replid} offset {offset}",
             master.url.addr()
         ));
+        if marked.len() == 1 {
+            super::switchover::hold_for_test("two-way-marked-one").await;
+        }
     }
+    super::switchover::hold_for_test("two-way-marked-all").await;
     let path = cfg.data_dir.join(CLUSTER_ESTABLISHED_FILE);
     let text = serde_json::to_string_pretty(&starts)
         .map_err(|error| Seeding::Failed(error.to_string()))?
