@@ -639,7 +639,17 @@ fn clusters_concurrent_writes_on_both_sides_converge_exactly_once_across_kill_9(
         "echoes were seen: {settled:?}"
     );
     thread::sleep(Duration::from_secs(3));
-    assert_eq!(counters(&sync), settled, "something went back and forth");
+    // No command goes back and forth. A few echoes may still be counted
+    // in the window (held-back silent batches written: one per partition
+    // per `SILENT_FLUSH`, 30 s, or when data comes; seen as +1 to +4 on a
+    // loaded machine): a loop would count them by the thousand.
+    let now = counters(&sync);
+    for ((applied, echoes), (applied_then, echoes_then)) in now.iter().zip(&settled) {
+        assert!(
+            applied == applied_then && *echoes <= echoes_then + 10,
+            "something went back and forth: {now:?}, settled {settled:?}"
+        );
+    }
     let log = std::fs::read_to_string(&sync.log).unwrap();
     assert!(!log.contains("full resync stored partition=10"), "{log}");
     sync.terminate(Duration::from_secs(20));

@@ -230,8 +230,13 @@ impl FerryProcess {
         .unwrap_or_else(|error| panic!("ferry status: {error}; {}", self.log_tail(40)));
         assert!(
             out.status.success(),
-            "ferry status failed: {}; {}",
+            "ferry status failed: {}; the process {}; {}",
             String::from_utf8_lossy(&out.stderr),
+            if self.has_exited() {
+                "has exited"
+            } else {
+                "runs"
+            },
             self.log_tail(40)
         );
         serde_json::from_slice(&out.stdout)
