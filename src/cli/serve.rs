@@ -102,7 +102,8 @@ pub struct CreateArgs {
     pub source_password_file: Option<PathBuf>,
     #[arg(long, value_name = "FILE")]
     pub target_password_file: Option<PathBuf>,
-    /// Two-way sync (standalone Redis 7 pairs).
+    /// Two-way sync: two standalone Redis 7 servers, or two Redis 7 Clusters
+    /// (between clusters `--conflict report` only).
     #[arg(long)]
     pub two_way: bool,
     #[arg(long)]
