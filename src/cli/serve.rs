@@ -413,6 +413,7 @@ fn show_task(task: &Value) -> String {
                 [
                     "part_id",
                     "side",
+                    "direction",
                     "sync_status",
                     "log_id_lag",
                     "time_latency_ms",
@@ -427,12 +428,16 @@ fn show_task(task: &Value) -> String {
             &[
                 "PartId",
                 "Side",
+                "Direction",
                 "Sync Status",
                 "LogId Lag",
                 "Time Latency ms",
             ],
             &rows,
         );
+    }
+    if let Some(conflicts) = task["conflicts"].as_u64() {
+        out.push_str(&format!("two-way conflicts: {conflicts}\n"));
     }
     out
 }
