@@ -85,6 +85,12 @@ async fn dashboard_creates_stops_starts_and_cancels_a_task_in_a_real_browser() {
     // the error of a precheck that could not run) shown in the page, and no
     // way to create the task.
     ui.click("new-task").await;
+    // Two-way is offered for both kinds of pair ferry sync runs it between.
+    let modes = ui.text("f-mode").await.unwrap_or_default();
+    assert!(
+        modes.contains("two-way (two standalone servers or two clusters, Redis 7+)"),
+        "the mode options: {modes:?}"
+    );
     let dead_port = free_port();
     ui.fill("f-name", "orders").await;
     ui.fill("f-source", &source.url()).await;

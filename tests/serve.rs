@@ -506,3 +506,359 @@ fn a_two_way_task_replicates_both_ways_and_cancels_on_both_sides() {
         assert_eq!(side.cmd(&["GET", "counter"]), "20");
     }
 }
+
+// ---------------------------------------------------------------------------
+// Two-way tasks between two Redis Clusters
+
+use common::cluster::{key_in_slot, Cluster};
+
+/// One slot in each third of the range: every master of a 3-master cluster
+/// made by `redis-cli --cluster create` gets one.
+const CLUSTER_SLOTS: [u16; 3] = [100, 6000, 12000];
+
+/// The hash tags (`{…}`) of [`CLUSTER_SLOTS`].
+fn slot_tags() -> Vec<String> {
+    CLUSTER_SLOTS
+        .iter()
+        .map(|&slot| key_in_slot("x", slot).trim_start_matches("x:").to_string())
+        .collect()
+}
+
+fn get_key(cluster: &Cluster, key: &str) -> Option<String> {
+    cluster.call_key(key, &["GET", key]).text()
+}
+
+/// Every `__ferry*` key of every node of `cluster` (masters and replicas),
+/// sorted.
+fn ferry_keys(cluster: &Cluster) -> Vec<String> {
+    let mut keys: Vec<String> = cluster
+        .nodes()
+        .flat_map(|node| {
+            node.call(&["KEYS", "__ferry*"])
+                .items()
+                .iter()
+                .filter_map(|k| k.text())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    keys.sort();
+    keys
+}
+
+/// `sync_full` of every master of `cluster`, by port.
+fn full_syncs(cluster: &Cluster) -> Vec<(u16, String)> {
+    cluster
+        .master_ports()
+        .into_iter()
+        .map(|port| {
+            let syncs = cluster.node(port).info_field("sync_full");
+            (port, syncs.unwrap_or_default())
+        })
+        .collect()
+}
+
+/// `n` increments of the counter `<counter>:{tag}` for every tag, on
+/// `cluster`.
+fn increments(cluster: &Cluster, counter: &str, tags: &[String], n: usize) {
+    for tag in tags {
+        let key = format!("{counter}:{tag}");
+        for _ in 0..n {
+            cluster.call_key(&key, &["INCR", &key]);
+        }
+    }
+}
+
+/// Waits until `<counter>:{tag}` is `want` on both clusters, for every tag.
+fn wait_counters(
+    daemon: &Daemon,
+    (a, b): (&Cluster, &Cluster),
+    counter: &str,
+    tags: &[String],
+    want: i64,
+) {
+    let want = want.to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let have: Vec<(Option<String>, Option<String>)> = tags
+            .iter()
+            .map(|tag| {
+                let key = format!("{counter}:{tag}");
+                (get_key(a, &key), get_key(b, &key))
+            })
+            .collect();
+        if have
+            .iter()
+            .all(|(on_a, on_b)| on_a.as_deref() == Some(&want) && on_b.as_deref() == Some(&want))
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{counter}: {have:?}, want {want} on both sides\n{}",
+            daemon.process.log_tail(40)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Both directions shown: a listener and an applier per master of each
+/// cluster, the target's from partition 1000, with their direction, all
+/// ONLINE; the conflicts counted.
+fn both_directions_shown(task: &Value, masters: usize) -> bool {
+    let Some(parts) = task["partitions"].as_array() else {
+        return false;
+    };
+    let rows = |side: &str, backward: bool| {
+        parts
+            .iter()
+            .filter(|p| p["side"] == side)
+            .filter(|p| (p["part_id"].as_u64().unwrap_or(0) >= 1000) == backward)
+            .filter(|p| {
+                p["direction"]
+                    == match backward {
+                        true => "target-to-source",
+                        false => "source-to-target",
+                    }
+            })
+            .filter(|p| p["sync_status"] == "ONLINE")
+            .count()
+    };
+    parts.len() == 4 * masters
+        && ["listener", "drainer"]
+            .iter()
+            .all(|side| rows(side, false) == masters && rows(side, true) == masters)
+        && task["conflicts"].is_u64()
+}
+
+fn wait_both_directions(daemon: &Daemon, name: &str, masters: usize) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let task = daemon.wait_state(name, "INCREMENTAL", Duration::from_secs(90));
+        if both_directions_shown(&task, masters) {
+            return task;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "both directions not shown: {task:#}\n{}",
+            daemon.process.log_tail(40)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A two-way task between two 3-master clusters, through the API: both
+/// directions established and shown, writes on both sides carried exactly
+/// once (counters), a conflict counted, stop/start and a kill -9 of the
+/// daemon resumed without a full sync, and its cancel deletes every key
+/// ferry wrote for it on every node of both clusters, and only those.
+#[test]
+fn a_two_way_cluster_task_converges_survives_kill_9_and_cancels_on_every_master() {
+    let a = Cluster::start(3, 0);
+    let b = Cluster::start(3, 0);
+    let tags = slot_tags();
+    for tag in &tags {
+        let key = format!("c:{tag}");
+        a.call_key(&key, &["INCRBY", &key, "100"]);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("serve");
+    let mut daemon = Daemon::start(&data, &[]);
+    let spec = json!({
+        "name": "pair",
+        "source": a.seed_list(),
+        "target": b.seed_list(),
+        "mode": "two-way",
+        "options": { "conflict": "report" },
+    });
+    let (status, reply) = daemon.post("/api/v1/tasks", &spec);
+    assert_eq!(status, 201, "{reply}");
+    assert_ne!(reply["precheck"]["verdict"], "FAIL", "{reply}");
+    let task = wait_both_directions(&daemon, "pair", 3);
+    assert_eq!(task["conflicts"], 0, "{task}");
+    // `ferry task show`: both directions' rows and the conflicts.
+    let out = ferry_cli(&["task", "show", "pair", "--server", &daemon.server()]);
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{shown}");
+    assert_eq!(shown.matches("target-to-source").count(), 6, "{shown}");
+    assert_eq!(shown.matches("source-to-target").count(), 6, "{shown}");
+    assert!(shown.contains("two-way conflicts: 0"), "{shown}");
+    let sides = (&a, &b);
+    wait_counters(&daemon, sides, "c", &tags, 100);
+    // Keys of other owners under ferry's prefix: never deleted.
+    let foreign_a = key_in_slot("__ferry:checkpoint:other:0", 7000);
+    let foreign_b = "__ferry:two-way:{ferry:1}:pair-b".to_string();
+    a.call_key(&foreign_a, &["SET", &foreign_a, "x"]);
+    b.call_key(&foreign_b, &["SET", &foreign_b, "x"]);
+
+    // Writes on both sides, carried once each way (each side writes once
+    // it has seen the other's writes: no conflict).
+    increments(&a, "c", &tags, 10);
+    wait_counters(&daemon, sides, "c", &tags, 110);
+    increments(&b, "c", &tags, 10);
+    wait_counters(&daemon, sides, "c", &tags, 120);
+    let (a_syncs, b_syncs) = (full_syncs(&a), full_syncs(&b));
+    assert!(a_syncs.iter().all(|(_, n)| n == "1"), "{a_syncs:?}");
+    // B's: the replica handshake that made each master keep a backlog
+    // before its mark (hung up at once); its stream is read by PSYNC.
+    assert!(b_syncs.iter().all(|(_, n)| n == "1"), "{b_syncs:?}");
+    assert_eq!(daemon.get("/api/v1/tasks/pair").1["conflicts"], 0);
+
+    // Stopped: both sides take writes, one key on both (a conflict);
+    // started: each resumes from its WAL.
+    let (status, stopped) = daemon.post("/api/v1/tasks/pair/stop", &json!({}));
+    assert_eq!((status, stopped["state"].as_str()), (200, Some("STOPPED")));
+    increments(&a, "c", &tags, 5);
+    increments(&b, "d", &tags, 5);
+    let both = key_in_slot("both", 9000);
+    a.call_key(&both, &["SET", &both, "from-a"]);
+    b.call_key(&both, &["SET", &both, "from-b"]);
+    let (status, started) = daemon.post("/api/v1/tasks/pair/start", &json!({}));
+    assert_eq!(status, 200, "{started}");
+    wait_both_directions(&daemon, "pair", 3);
+    wait_counters(&daemon, sides, "c", &tags, 125);
+    wait_counters(&daemon, sides, "d", &tags, 5);
+    wait_for("the SETs to cross", Duration::from_secs(30), || {
+        get_key(&a, &both).as_deref() == Some("from-b")
+            && get_key(&b, &both).as_deref() == Some("from-a")
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let task = daemon.get("/api/v1/tasks/pair").1;
+        if task["conflicts"] == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not one conflict: {}\nconflict log: {:?}\n{}",
+            task["status"]["two_way"],
+            std::fs::read_to_string(data.join("tasks/pair/sync/conflicts.jsonl")),
+            daemon.process.log_tail(30)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // kill -9 of the daemon, writes on both sides meanwhile: resumed where
+    // it was (the conflict still counted), no full sync on either side.
+    // The detector saves its state, with the count, at most 1 s after a
+    // change (`node::conflicts`); a pair found again after a crash before
+    // that save is in the conflict log already and is not counted again.
+    std::thread::sleep(Duration::from_millis(1500));
+    daemon.process.kill9();
+    increments(&a, "c", &tags, 5);
+    increments(&b, "d", &tags, 5);
+    daemon.process.spawn();
+    daemon.wait_up();
+    let task = wait_both_directions(&daemon, "pair", 3);
+    assert_eq!(task["conflicts"], 1, "{}", task["status"]["two_way"]);
+    wait_counters(&daemon, sides, "c", &tags, 130);
+    wait_counters(&daemon, sides, "d", &tags, 10);
+    increments(&b, "c", &tags, 5);
+    wait_counters(&daemon, sides, "c", &tags, 135);
+    increments(&a, "d", &tags, 3);
+    wait_counters(&daemon, sides, "d", &tags, 13);
+    assert_eq!(full_syncs(&a), a_syncs);
+    assert_eq!(full_syncs(&b), b_syncs);
+    // One snapshot stored per master of A, at the first full sync only.
+    let log = std::fs::read_to_string(&daemon.process.log).unwrap();
+    assert_eq!(log.matches("full resync stored").count(), 3, "{log}");
+
+    // The task's keys are on both sides while it runs: checkpoints, slot
+    // checkpoints, owner maps, scopes, heartbeats, marks.
+    let kept = |keys: &[String], kind: &str| keys.iter().any(|k| k.starts_with(kind));
+    for (cluster, side) in [(&a, "A"), (&b, "B")] {
+        let keys = ferry_keys(cluster);
+        for kind in [
+            "__ferry:checkpoint:pair:",
+            "__ferry:heartbeat:pair:{ferry:",
+            "__ferry:slots:pair",
+            "__ferry:scope:pair:",
+        ] {
+            assert!(kept(&keys, kind), "{side}: no {kind}… in {keys:?}");
+        }
+    }
+    assert!(kept(&ferry_keys(&b), "__ferry:two-way:{ferry:"));
+
+    // Canceled: every key ferry wrote for it goes, on every node of both
+    // clusters; the data and other owners' keys stay.
+    let (status, reply) = http(&daemon.http, "DELETE", "/api/v1/tasks/pair", None, None);
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["task"]["state"], "CANCELED", "{reply}");
+    assert_eq!(ferry_keys(&a), vec![foreign_a]);
+    assert_eq!(ferry_keys(&b), vec![foreign_b]);
+    for (counter, want) in [("c", "135"), ("d", "13")] {
+        for tag in &tags {
+            let key = format!("{counter}:{tag}");
+            assert_eq!(get_key(&a, &key).as_deref(), Some(want), "{key}");
+            assert_eq!(get_key(&b, &key).as_deref(), Some(want), "{key}");
+        }
+    }
+    assert_eq!(get_key(&a, &both).as_deref(), Some("from-b"));
+    assert!(!data.join("tasks").join("pair").exists());
+    let status = daemon.process.terminate(Duration::from_secs(30));
+    assert!(status.success(), "{}", daemon.process.log_tail(20));
+}
+
+/// Refused at creation, with the reason, as `ferry sync --two-way` refuses
+/// them: a standalone server paired with a cluster (either way round) and
+/// a winner policy between clusters. Nothing runs, nothing is written.
+#[test]
+fn two_way_cluster_tasks_refuse_mixed_pairs_and_winner_policies() {
+    let a = Cluster::start(3, 0);
+    let b = Cluster::start(3, 0);
+    let standalone = RedisServer::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(&dir.path().join("serve"), &[]);
+    let mixed = "two-way sync runs between two standalone servers or between two Redis Clusters";
+    let winner = "--conflict source-wins is not supported";
+    let cases = [
+        ("mixed1", a.seed_list(), standalone.url(), "report", mixed),
+        ("mixed2", standalone.url(), a.seed_list(), "report", mixed),
+        (
+            "winner",
+            a.seed_list(),
+            b.seed_list(),
+            "source-wins",
+            winner,
+        ),
+    ];
+    for (name, source, target, conflict, want) in cases {
+        let spec = json!({
+            "name": name,
+            "source": source,
+            "target": target,
+            "mode": "two-way",
+            "options": { "conflict": conflict },
+        });
+        let (status, report) = daemon.post("/api/v1/precheck", &spec);
+        assert_eq!(status, 200, "{report}");
+        assert_eq!(report["verdict"], "FAIL", "{name}: {report}");
+        assert!(
+            report["table"].as_str().unwrap().contains(want),
+            "{name}: {report}"
+        );
+        let (status, reply) = daemon.post("/api/v1/tasks", &spec);
+        assert_eq!(status, 422, "{name}: {reply}");
+        assert_eq!(reply["task"]["state"], "FAILED", "{name}: {reply}");
+        let error = reply["error"].as_str().unwrap();
+        assert!(
+            error.contains("precheck failed") && error.contains(want),
+            "{name}: {reply}"
+        );
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    for name in ["mixed1", "mixed2", "winner"] {
+        let (_, task) = daemon.get(&format!("/api/v1/tasks/{name}"));
+        assert_eq!(task["state"], "FAILED", "{task}");
+        let (status, reply) = http(
+            &daemon.http,
+            "DELETE",
+            &format!("/api/v1/tasks/{name}"),
+            None,
+            None,
+        );
+        assert_eq!(status, 200, "{reply}");
+    }
+    assert_eq!(ferry_keys(&a), Vec::<String>::new());
+    assert_eq!(ferry_keys(&b), Vec::<String>::new());
+    assert_eq!(standalone.cmd(&["KEYS", "__ferry*"]), "");
+}

@@ -102,7 +102,8 @@ pub struct CreateArgs {
     pub source_password_file: Option<PathBuf>,
     #[arg(long, value_name = "FILE")]
     pub target_password_file: Option<PathBuf>,
-    /// Two-way sync (standalone Redis 7 pairs).
+    /// Two-way sync: two standalone Redis 7 servers, or two Redis 7 Clusters
+    /// (between clusters `--conflict report` only).
     #[arg(long)]
     pub two_way: bool,
     #[arg(long)]
@@ -412,6 +413,7 @@ fn show_task(task: &Value) -> String {
                 [
                     "part_id",
                     "side",
+                    "direction",
                     "sync_status",
                     "log_id_lag",
                     "time_latency_ms",
@@ -426,12 +428,16 @@ fn show_task(task: &Value) -> String {
             &[
                 "PartId",
                 "Side",
+                "Direction",
                 "Sync Status",
                 "LogId Lag",
                 "Time Latency ms",
             ],
             &rows,
         );
+    }
+    if let Some(conflicts) = task["conflicts"].as_u64() {
+        out.push_str(&format!("two-way conflicts: {conflicts}\n"));
     }
     out
 }

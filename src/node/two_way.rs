@@ -187,7 +187,25 @@ impl Pair {
 /// standalone server and a cluster are refused). With a standalone log and
 /// no map, or servers that do not answer, the seed lists decide.
 pub(super) async fn pair(cfg: &SyncConfig, wal: &Wal) -> Result<Pair, NodeError> {
-    let refuse_winner = |pair: Pair| match (pair, cfg.conflict) {
+    if crate::listener::ClusterSource::has_map(&cfg.data_dir) {
+        return refuse_winner(cfg, Pair::Clusters);
+    }
+    let holds_log = wal
+        .partitions()
+        .into_iter()
+        .any(|p| matches!(wal.last_log_id(p), Ok(Some(_))));
+    if holds_log {
+        return Ok(Pair::Standalone);
+    }
+    servers_pair(cfg)
+        .await
+        .and_then(|pair| refuse_winner(cfg, pair))
+}
+
+/// `pair`, unless `cfg`'s conflict policy is one it does not support (a
+/// winner policy between clusters, module doc "Two clusters").
+fn refuse_winner(cfg: &SyncConfig, pair: Pair) -> Result<Pair, NodeError> {
+    match (pair, cfg.conflict) {
         (Pair::Clusters, policy) if policy != super::config::ConflictPolicy::Report => {
             Err(NodeError::Config(format!(
                 "two-way sync between Redis Clusters: --conflict {} is not supported (a repair \
@@ -197,18 +215,7 @@ pub(super) async fn pair(cfg: &SyncConfig, wal: &Wal) -> Result<Pair, NodeError>
             )))
         }
         _ => Ok(pair),
-    };
-    if crate::listener::ClusterSource::has_map(&cfg.data_dir) {
-        return refuse_winner(Pair::Clusters);
     }
-    let holds_log = wal
-        .partitions()
-        .into_iter()
-        .any(|p| matches!(wal.last_log_id(p), Ok(Some(_))));
-    if holds_log {
-        return Ok(Pair::Standalone);
-    }
-    servers_pair(cfg).await.and_then(refuse_winner)
 }
 
 /// What the servers of `cfg` are (module doc, "What two-way refuses").
@@ -383,6 +390,7 @@ async fn check_sides(a: &RedisUrl, b: &RedisUrl) -> Result<(), String> {
 pub(crate) async fn precheck(cfg: &SyncConfig) -> Result<(), NodeError> {
     let (a, b) = urls(cfg)?;
     let pair = servers_pair(cfg).await?;
+    refuse_winner(cfg, pair)?;
     let mut reverse = crate::precheck::PrecheckConfig::new(b.clone(), a.clone());
     reverse.sample = Duration::ZERO;
     reverse.existing_data = crate::apply::ExistingData::Keep;

@@ -12,8 +12,9 @@ use axum::routing::{get, post};
 use axum::Router;
 use serde_json::{json, Value};
 
-use super::manager::{lag, Manager, TaskError, TaskReading};
+use super::manager::{is_backward, lag, Manager, TaskError, TaskReading};
 use super::task::{TaskSpec, TaskState};
+use crate::node::two_way::Pair;
 use crate::precheck::Report;
 use crate::secret::Secret;
 use crate::status::NodeStatus;
@@ -56,8 +57,9 @@ fn precheck_json(report: &Report) -> Value {
 }
 
 /// The full-sync progress of a reading: summed over the source's
-/// partitions; `applied` once every applier loaded it.
-fn full_sync(status: &NodeStatus) -> Value {
+/// partitions; `applied` once every applier of the source's partitions
+/// loaded it (`pair`: [`is_backward`]).
+fn full_sync(status: &NodeStatus, pair: Option<Pair>) -> Value {
     let received: u64 = status
         .listeners
         .iter()
@@ -79,7 +81,7 @@ fn full_sync(status: &NodeStatus) -> Value {
         && status
             .drainers
             .iter()
-            .filter(|d| d.partition == 0 || status.two_way.is_none())
+            .filter(|d| !is_backward(pair, d.partition))
             .all(|d| d.epoch > 0 && d.snapshot_load.as_ref().map_or(true, |l| l.done));
     json!({ "bytes_received": received, "bytes_total": total, "applied": applied })
 }
@@ -90,7 +92,7 @@ fn view(reading: &TaskReading) -> Value {
     let (lag_entries, latency_ms, full) = match &reading.status {
         Some(status) => {
             let (lag, latency) = lag(status);
-            (json!(lag), json!(latency), full_sync(status))
+            (json!(lag), json!(latency), full_sync(status, reading.pair))
         }
         None => (Value::Null, Value::Null, Value::Null),
     };
@@ -111,6 +113,15 @@ fn view(reading: &TaskReading) -> Value {
     })
 }
 
+/// Which way a partition replicates: the source into the target, or (a
+/// two-way task's backward direction) the target into the source.
+fn direction(pair: Option<Pair>, partition: u32) -> &'static str {
+    match is_backward(pair, partition) {
+        true => "target-to-source",
+        false => "source-to-target",
+    }
+}
+
 /// A task's view with its partitions, lag history, precheck and status.
 fn detail(reading: &TaskReading) -> Value {
     let mut value = view(reading);
@@ -120,6 +131,7 @@ fn detail(reading: &TaskReading) -> Value {
             partitions.push(json!({
                 "part_id": l.partition,
                 "side": "listener",
+                "direction": direction(reading.pair, l.partition),
                 "sync_status": l.source_state,
                 "log_id_lag": Value::Null,
                 "time_latency_ms": l.heartbeat_latency_ms,
@@ -135,6 +147,7 @@ fn detail(reading: &TaskReading) -> Value {
             partitions.push(json!({
                 "part_id": d.partition,
                 "side": "drainer",
+                "direction": direction(reading.pair, d.partition),
                 "sync_status": if loading && d.state == "ONLINE" { "LOADING" } else { d.state.as_str() },
                 "log_id_lag": d.lag,
                 "time_latency_ms": d.latency_ms,
@@ -149,6 +162,8 @@ fn detail(reading: &TaskReading) -> Value {
         map.insert("partitions".into(), Value::Array(partitions));
         map.insert("lag_history".into(), json!(reading.history));
         map.insert("precheck".into(), json!(reading.record.precheck));
+        let conflicts = reading.status.as_ref().and_then(|s| s.two_way.as_ref());
+        map.insert("conflicts".into(), json!(conflicts.map(|t| t.conflicts)));
         map.insert("status".into(), json!(reading.status));
     }
     value

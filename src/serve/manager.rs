@@ -8,8 +8,13 @@
 //!   otherwise the sync starts (FULL_SYNC).
 //! - **Phase:** once a second each running task's status is read. It is
 //!   FULL_SYNC while a source partition receives a snapshot or an applier
-//!   has not loaded one (two-way: also until its second direction is
-//!   established), INCREMENTAL otherwise. A lag sample (largest LogId Lag
+//!   of the source's partitions has not loaded one (two-way: also until
+//!   its second direction is established), INCREMENTAL otherwise. Which
+//!   partitions carry the target into the source ([`established_pair`]): none
+//!   until a two-way task is established (its status shows `two_way`),
+//!   then partition 1 between standalone servers, and those from
+//!   [`crate::node::two_way::CLUSTER_BACKWARD_BASE`] between clusters
+//!   (the sync's data dir holds the source cluster's shard map). A lag sample (largest LogId Lag
 //!   and Time Latency) is kept every 2 s, 10 minutes of them.
 //! - **Stop / start:** stop ends the task's stages (as SIGTERM ends `ferry
 //!   sync`); start runs them again from the WAL (PSYNC where the source
@@ -39,6 +44,7 @@ use super::task::{
     password_file, sync_dir, Mode, PrecheckSummary, Side, SpecError, TaskRecord, TaskSpec,
     TaskState,
 };
+use crate::node::two_way::Pair;
 use crate::node::{run_sync_hosted, sync_precheck, ControlSlot};
 use crate::position::now_unix_ms;
 use crate::precheck::Report;
@@ -114,6 +120,9 @@ impl TaskEntry {
 pub struct TaskReading {
     pub record: TaskRecord,
     pub status: Option<NodeStatus>,
+    /// An established two-way task's pair: which of the status's
+    /// partitions are the target into the source ([`established_pair`]).
+    pub pair: Option<Pair>,
     pub history: Vec<LagSample>,
 }
 
@@ -126,8 +135,29 @@ pub struct Manager {
     shutdown: CancellationToken,
 }
 
-/// The phase a running task's status shows.
-pub fn phase(mode: Mode, status: &NodeStatus) -> TaskState {
+/// The pair of a two-way task whose status shows it established (its
+/// conflicts are counted from then on); `None` for a one-way task or one
+/// not yet established, whose partitions all carry the source into the
+/// target. Between clusters the sync's data dir (`sync_dir`) holds the
+/// forward listener's shard map.
+pub fn established_pair(mode: Mode, status: &NodeStatus, sync_dir: &Path) -> Option<Pair> {
+    if mode != Mode::TwoWay || status.two_way.is_none() {
+        return None;
+    }
+    match crate::listener::ClusterSource::has_map(sync_dir) {
+        true => Some(Pair::Clusters),
+        false => Some(Pair::Standalone),
+    }
+}
+
+/// Whether `partition` carries the target into the source (a two-way
+/// task's backward direction, `pair` from [`established_pair`]).
+pub fn is_backward(pair: Option<Pair>, partition: u32) -> bool {
+    pair.is_some_and(|pair| pair.is_backward(crate::position::PartitionId(partition)))
+}
+
+/// The phase a running task's status shows (`pair` from [`established_pair`]).
+pub fn phase(mode: Mode, status: &NodeStatus, pair: Option<Pair>) -> TaskState {
     let receiving = status
         .listeners
         .iter()
@@ -135,13 +165,13 @@ pub fn phase(mode: Mode, status: &NodeStatus) -> TaskState {
     let forward: Vec<_> = status
         .drainers
         .iter()
-        .filter(|d| mode == Mode::OneWay || d.partition == 0)
+        .filter(|d| !is_backward(pair, d.partition))
         .collect();
     let loading = forward.is_empty()
         || forward
             .iter()
             .any(|d| d.epoch == 0 || d.snapshot_load.as_ref().is_some_and(|l| !l.done));
-    let established = mode == Mode::OneWay || status.drainers.iter().any(|d| d.partition == 1);
+    let established = mode == Mode::OneWay || pair.is_some();
     match receiving || loading || !established {
         true => TaskState::FullSync,
         false => TaskState::Incremental,
@@ -335,7 +365,8 @@ impl Manager {
                         latency_ms,
                     });
                 }
-                let now = phase(record.mode, &status);
+                let pair = established_pair(record.mode, &status, &self.sync_dir(&record.name));
+                let now = phase(record.mode, &status, pair);
                 let moving = matches!(record.state, TaskState::FullSync | TaskState::Incremental);
                 if moving && now != record.state {
                     info!(task = %record.name, from = ?record.state, to = ?now, "task state");
@@ -356,7 +387,7 @@ impl Manager {
         let entries: Vec<Arc<TaskEntry>> = lock(&self.tasks).values().cloned().collect();
         let mut readings = Vec::new();
         for entry in entries {
-            readings.push(Self::reading(&entry).await);
+            readings.push(self.reading(&entry).await);
         }
         readings
     }
@@ -364,10 +395,10 @@ impl Manager {
     /// One task.
     pub async fn get(&self, name: &str) -> Result<TaskReading, TaskError> {
         let entry = self.entry(name)?;
-        Ok(Self::reading(&entry).await)
+        Ok(self.reading(&entry).await)
     }
 
-    async fn reading(entry: &TaskEntry) -> TaskReading {
+    async fn reading(&self, entry: &TaskEntry) -> TaskReading {
         let record = lock(&entry.record).clone();
         let status = match entry.slot.get() {
             Some(control) => tokio::task::spawn_blocking(move || control.status())
@@ -375,9 +406,13 @@ impl Manager {
                 .ok(),
             None => None,
         };
+        let pair = status
+            .as_ref()
+            .and_then(|status| established_pair(record.mode, status, &self.sync_dir(&record.name)));
         TaskReading {
             record,
             status,
+            pair,
             history: lock(&entry.history).iter().copied().collect(),
         }
     }
@@ -462,7 +497,7 @@ impl Manager {
                     r.error = Some(format!("the precheck cannot run: {error}"));
                 })?;
                 drop(run);
-                return Ok((Self::reading(&entry).await, None));
+                return Ok((self.reading(&entry).await, None));
             }
         };
         let summary = PrecheckSummary {
@@ -483,7 +518,7 @@ impl Manager {
             *run = Some(self.spawn_run(&entry)?);
         }
         drop(run);
-        Ok((Self::reading(&entry).await, Some(report)))
+        Ok((self.reading(&entry).await, Some(report)))
     }
 
     /// Stops a task's sync and waits for it to end.
@@ -506,7 +541,7 @@ impl Manager {
         })?;
         drop(run);
         info!(task = %name, "task stopped");
-        Ok(Self::reading(&entry).await)
+        Ok(self.reading(&entry).await)
     }
 
     pub async fn start(self: &Arc<Self>, name: &str) -> Result<TaskReading, TaskError> {
@@ -522,7 +557,7 @@ impl Manager {
         *run = Some(self.spawn_run(&entry)?);
         drop(run);
         info!(task = %name, "task started");
-        Ok(Self::reading(&entry).await)
+        Ok(self.reading(&entry).await)
     }
 
     /// Cancels a task: stops it, removes its keys from the servers, its
@@ -602,6 +637,7 @@ impl Manager {
             TaskReading {
                 record,
                 status: None,
+                pair: None,
                 history: Vec::new(),
             },
             left,

@@ -539,7 +539,7 @@
       ["report", "report (log them)"],
       ["source-wins", "source-wins"],
       ["target-wins", "target-wins"],
-    ]), { hint: "Two-way only: what happens when both sides wrote a key." });
+    ]), { hint: "Two-way only: what happens when both sides wrote a key. Between two clusters: report only." });
 
     const form = h(
       "form",
@@ -569,7 +569,7 @@
           { class: "form-grid" },
           field("mode", "Mode", select("f-mode", [
             ["one-way", "one-way"],
-            ["two-way", "two-way (standalone, Redis 7+)"],
+            ["two-way", "two-way (two standalone servers or two clusters, Redis 7+)"],
           ])),
           field("existing_data", "Existing data on the target", select("f-existing-data", [
             ["refuse", "refuse (default)"],
@@ -1001,6 +1001,7 @@
         h("span", { class: "muted" }, `  ·  ${task.mode || "one-way"}`),
         task.options && task.options.existing_data ? h("span", { class: "muted" }, `  ·  existing data: ${task.options.existing_data}`) : null,
         task.options && task.options.wal_ttl ? h("span", { class: "muted" }, `  ·  WAL TTL ${task.options.wal_ttl}`) : null,
+        typeof task.conflicts === "number" ? h("span", { class: "muted", "data-testid": "task-conflicts" }, `  ·  conflicts: ${fmtCount(task.conflicts)}`) : null,
       );
       if (task.error) {
         setChildren(failure, h("div", { class: "alert-title" }, task.state === "FAILED" ? "The task failed" : "Error"), errorText(task.error));
@@ -1156,6 +1157,14 @@
     );
   }
 
+  /** "listener (source)", "applier (target)"; a two-way task's backward rows read the target and write the source. */
+  function sideLabel(partition) {
+    const backward = partition.direction === "target-to-source";
+    if (partition.side === "listener") return backward ? "listener (target)" : "listener (source)";
+    if (partition.side === "drainer") return backward ? "applier (source)" : "applier (target)";
+    return partition.side;
+  }
+
   function partitionRow(partition) {
     const listener = partition.side === "listener";
     const endpoint = listener ? partition.source : partition.target;
@@ -1193,7 +1202,7 @@
       "tr",
       { "data-testid": "partition-row", "data-side": partition.side, "data-part-id": partition.part_id },
       h("td", { class: "mono" }, String(partition.part_id)),
-      h("td", { class: "nowrap" }, listener ? "listener (source)" : partition.side === "drainer" ? "applier (target)" : partition.side),
+      h("td", { class: "nowrap", "data-testid": "partition-side" }, sideLabel(partition)),
       statusCell,
       h("td", { class: "num" }, fmtCount(partition.log_id_lag)),
       h("td", { class: "num" }, fmtMs(partition.time_latency_ms)),
