@@ -77,9 +77,10 @@
 //! atomically every second, after the conflicts found before it are in
 //! the log (appended and fsynced). A restart goes on from the state; the
 //! pairs found again between the state and the crash are recognised in the
-//! log's tail and not appended twice. Without a state (a data dir of an
-//! older ferry, whose state version this one does not read), detection
-//! starts at the logs' ends. A pass appends at most 50 000 conflicts
+//! log's tail and not appended twice, but counted (the saved count is from
+//! before them). Without a state (a data dir of an older ferry, whose
+//! state version this one does not read), detection starts at the logs'
+//! ends. A pass appends at most 50 000 conflicts
 //! before it saves and goes on (conflicts are pairs: many concurrent writes
 //! of one key on both sides make many), and stops at once on shutdown.
 
@@ -376,8 +377,14 @@ struct Detector {
     echo_rules: [EchoRule; 2],
     conflicts: u64,
     unexamined: u64,
-    /// Pairs already in the log (found again after a restart).
+    /// Pairs the log's tail held when this run began (found again after a
+    /// restart: counted, not appended again). A pair is found once per run
+    /// (when the later of its writes is read), so each leaves the set when
+    /// found and the set only shrinks.
     logged: HashSet<LoggedPair>,
+    /// Pairs of [`Self::logged`] found again since the last pass counted
+    /// them: conflicts the saved count did not have yet.
+    refound: u64,
     policy: ConflictPolicy,
     repairs: Vec<Repair>,
     repaired: u64,
@@ -400,6 +407,7 @@ impl Detector {
             conflicts: 0,
             unexamined: 0,
             logged: HashSet::new(),
+            refound: 0,
             policy: ConflictPolicy::Report,
             repairs: Vec::new(),
             repaired: 0,
@@ -573,24 +581,30 @@ impl Detector {
                             db,
                             mine.key.clone(),
                         );
-                        if self.logged.insert(tag) {
-                            // A winner's write left its value where it was
-                            // applied last: the other side, once it has
-                            // applied it.
-                            let repair = match self.policy {
-                                ConflictPolicy::Report => None,
-                                ConflictPolicy::SourceWins => Some((1, FORWARD, source.id)),
-                                ConflictPolicy::TargetWins => Some((0, BACKWARD, target.id)),
-                            };
-                            if let Some((touch, partition, id)) = repair {
-                                self.repairs.push(Repair {
-                                    db,
-                                    key: mine.key.clone(),
-                                    touch,
-                                    wait_partition: partition.0,
-                                    wait_id: id,
-                                });
-                            }
+                        // A winner's write left its value where it was
+                        // applied last: the other side, once it has
+                        // applied it. (Owed again for a pair found again
+                        // after a restart: the repair may not have been
+                        // saved; done twice, it writes the same value.)
+                        let repair = match self.policy {
+                            ConflictPolicy::Report => None,
+                            ConflictPolicy::SourceWins => Some((1, FORWARD, source.id)),
+                            ConflictPolicy::TargetWins => Some((0, BACKWARD, target.id)),
+                        };
+                        if let Some((touch, partition, id)) = repair {
+                            self.repairs.push(Repair {
+                                db,
+                                key: mine.key.clone(),
+                                touch,
+                                wait_partition: partition.0,
+                                wait_id: id,
+                            });
+                        }
+                        if self.logged.remove(&tag) {
+                            // In the log already, found before the crash
+                            // and after the last saved count.
+                            self.refound += 1;
+                        } else {
                             found.push(conflict);
                         }
                     }
@@ -843,6 +857,10 @@ pub async fn run(
                 break;
             }
         }
+        if detector.refound > 0 {
+            detector.conflicts += std::mem::take(&mut detector.refound);
+            stats.update(|s| s.conflicts = detector.conflicts);
+        }
         if !found.is_empty() {
             for conflict in found.iter().take(WARN_PER_PASS) {
                 warn!(key = %conflict.key, db = conflict.db, source_log_id = conflict.source.log_id, target_log_id = conflict.target.log_id, "two-way conflict: the key was written on both sides before either saw the other's write");
@@ -1088,9 +1106,13 @@ mod tests {
         let mut third = Detector::new("d", OwnedKeyspace::all(), Pair::Standalone);
         third.restore(serde_json::from_str(&state).unwrap());
         third.logged = logged_pairs(&log);
+        assert_eq!(third.logged.len(), 1);
         assert!(third
             .take(BACKWARD, &entry(1, &[&["SET", "k", "b"]], false))
             .is_empty());
+        // Not appended again, but counted: the saved count was from before.
+        assert_eq!(third.refound, 1);
+        assert!(third.logged.is_empty(), "the restart's set only shrinks");
         assert_eq!(
             unhex(&hex(b"\x00\xffk")).unwrap(),
             Bytes::from_static(b"\x00\xffk")
