@@ -48,7 +48,7 @@ async fn append_workload(wal: &Wal, partitions: u32, payload: &Bytes) {
                     .map(|i| {
                         NewEntry::new(
                             SourcePosition {
-                                replid: "b".repeat(40),
+                                replid: "b".repeat(40).into(),
                                 offset: ReplOffset(i as u64),
                                 db: 0,
                             },

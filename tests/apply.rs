@@ -88,7 +88,7 @@ fn entry(record: &Record, offset: u64) -> NewEntry {
     };
     NewEntry::new(
         SourcePosition {
-            replid: "a".repeat(40),
+            replid: "a".repeat(40).into(),
             offset: ReplOffset(offset),
             db,
         },

@@ -642,7 +642,7 @@ async fn append_to(
         .map(|(i, r)| {
             NewEntry::new(
                 SourcePosition {
-                    replid: "b".repeat(40),
+                    replid: "b".repeat(40).into(),
                     offset: ReplOffset(first_offset + i as u64),
                     db: 0,
                 },

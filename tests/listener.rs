@@ -1049,13 +1049,13 @@ async fn restarted_source_continues_or_full_resyncs_into_a_new_epoch() {
         // One history: the entries after the restart carry the new id.
         assert_eq!(markers.len(), 1, "{markers:?}");
         let last = &log.last().unwrap().0;
-        assert_eq!(last.source.replid, new_replid);
+        assert_eq!(*last.source.replid, *new_replid);
     }
     // Everything of the first history is there, under its id.
     let (last_marker, marker) = markers.last().unwrap();
     let last_old = log
         .iter()
-        .filter(|(e, _)| e.source.replid == old_replid)
+        .filter(|(e, _)| *e.source.replid == *old_replid)
         .map(|(e, _)| e)
         .next_back()
         .unwrap();

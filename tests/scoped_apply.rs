@@ -88,7 +88,7 @@ fn single(args: &[&str]) -> Record {
 fn entry(record: &Record, offset: u64) -> NewEntry {
     NewEntry::new(
         SourcePosition {
-            replid: "b".repeat(40),
+            replid: "b".repeat(40).into(),
             offset: ReplOffset(offset),
             db: 0,
         },

@@ -959,7 +959,7 @@ async fn run_test_listener(
         handoffs: Vec::new(),
     });
     let position = |offset: ReplOffset, db| SourcePosition {
-        replid: replid.to_string(),
+        replid: replid.as_str().into(),
         offset,
         db,
     };

@@ -385,17 +385,33 @@ fn kill_9_of_ferry_at_any_step_of_a_switchover_loses_and_repeats_nothing() {
         thread::spawn(move || following_writer(addrs, stop))
     };
     // Kills spread over the steps (a switchover takes some tens of ms
-    // here), the last after it ended.
-    for delay_ms in [20u64, 35, 45, 55, 65, 80, 120, 500] {
+    // here), the last after it ended (`None`: once the command returned,
+    // however long a loaded machine made it).
+    for delay_ms in [
+        Some(20u64),
+        Some(35),
+        Some(45),
+        Some(55),
+        Some(65),
+        Some(80),
+        Some(120),
+        None,
+    ] {
         thread::sleep(Duration::from_millis(300));
         let admin = sync.admin_addr(Duration::from_secs(10));
         let mut asked = Command::new(env!("CARGO_BIN_EXE_ferry"))
-            .args(["switchover", "--admin", &admin, "--timeout", "3s"])
+            .args(["switchover", "--admin", &admin, "--timeout", "10s"])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        thread::sleep(Duration::from_millis(delay_ms));
+        match delay_ms {
+            Some(ms) => thread::sleep(Duration::from_millis(ms)),
+            None => {
+                let ended = asked.wait().unwrap();
+                assert!(ended.success(), "the last switchover failed: {ended}");
+            }
+        }
         sync.kill9();
         let _ = asked.wait();
         std::fs::remove_file(data.join("admin.addr")).unwrap();

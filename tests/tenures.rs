@@ -132,7 +132,7 @@ fn incrs(key: &str, n: usize, slot: u16, gen: u64) -> Vec<Record> {
 fn entry(record: &Record, offset: u64) -> NewEntry {
     NewEntry::new(
         SourcePosition {
-            replid: "c".repeat(40),
+            replid: "c".repeat(40).into(),
             offset: ReplOffset(offset),
             db: 0,
         },

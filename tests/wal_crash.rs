@@ -38,7 +38,7 @@ fn payload(round: u64, partition: u32, log_id: u64) -> Bytes {
 fn new_entry(round: u64, partition: u32, log_id: u64) -> NewEntry {
     NewEntry::new(
         SourcePosition {
-            replid: "c".repeat(40),
+            replid: "c".repeat(40).into(),
             offset: ReplOffset(log_id * 100),
             db: partition,
         },

@@ -548,7 +548,7 @@ mod tests {
                     tenure: None,
                 });
                 let source = SourcePosition {
-                    replid: "r".repeat(40),
+                    replid: "r".repeat(40).into(),
                     offset: ReplOffset(i),
                     db: 0,
                 };

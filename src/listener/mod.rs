@@ -768,7 +768,7 @@ impl Session {
         };
         self.handle.finish_epoch(epoch, true).await?;
         let source = SourcePosition {
-            replid: replid.to_string(),
+            replid: replid.as_str().into(),
             offset,
             db: 0,
         };
@@ -873,7 +873,7 @@ impl Session {
         };
         let partition = self.inner().cfg.partition;
         let source = SourcePosition {
-            replid: resume.replid.to_string(),
+            replid: resume.replid.as_str().into(),
             offset: resume.offset,
             db: resume.db,
         };
@@ -963,7 +963,7 @@ impl Session {
         let mut end: Option<SessionEnd> = None;
         // Fragments taken of the entry being received.
         let mut fragments = 0u32;
-        let mut replid = psync.position().replid.to_string();
+        let mut replid: Arc<str> = psync.position().replid.as_str().into();
         // Slot handoffs (docs/cluster.md, rule 2) appended this session.
         let mut handoffs_pushed: Vec<SlotHandoff> = Vec::new();
         // The stream's offset and db after the last event taken.
@@ -976,7 +976,7 @@ impl Session {
         if self
             .resume
             .as_ref()
-            .is_some_and(|r| r.replid.as_str() != replid)
+            .is_some_and(|r| r.replid.as_str() != &*replid)
         {
             // `+CONTINUE <new id>`: the durable history is now known under it.
             // The borrow must end before publish_durable writes the watch:
@@ -1201,7 +1201,7 @@ impl Session {
                 flags: 0,
                 created_unix_ms: Some(unix_ms()),
                 source: SourcePosition {
-                    replid: replid.to_string(),
+                    replid: replid.into(),
                     offset,
                     db,
                 },
@@ -1284,7 +1284,7 @@ impl Session {
         event: ReplEvent,
         pending: &mut Pending,
         progress: &mut Option<u64>,
-        replid: &mut String,
+        replid: &mut Arc<str>,
         fragments: &mut u32,
     ) -> Result<(), ListenerError> {
         let partition = self.inner().cfg.partition;
@@ -1293,8 +1293,8 @@ impl Session {
                 // The entry's start: this entry is not acked until its write
                 // is durable, and a restart receives it again from there.
                 let position = psync.position();
-                if replid.as_str() != position.replid.as_str() {
-                    *replid = position.replid.to_string();
+                if **replid != *position.replid.as_str() {
+                    *replid = position.replid.as_str().into();
                 }
                 let payload = Record::encode_fragment(*fragments, &data);
                 *fragments += 1;
@@ -1303,7 +1303,7 @@ impl Session {
                     flags: 0,
                     created_unix_ms: Some(pending.now_unix_ms),
                     source: SourcePosition {
-                        replid: replid.clone(),
+                        replid: Arc::clone(replid),
                         offset: position.offset,
                         db: position.db,
                     },
@@ -1313,8 +1313,8 @@ impl Session {
             }
             ReplEvent::Entry(entry) => {
                 let position = psync.position();
-                if replid.as_str() != position.replid.as_str() {
-                    *replid = position.replid.to_string();
+                if **replid != *position.replid.as_str() {
+                    *replid = position.replid.as_str().into();
                 }
                 let expected: u64 = entry.streamed.iter().map(|s| u64::from(s.fragments)).sum();
                 if expected != u64::from(*fragments) {
@@ -1354,7 +1354,7 @@ impl Session {
                     // The db after the entry, so that resuming here is exact
                     // even after a transaction that switched db.
                     source: SourcePosition {
-                        replid: replid.clone(),
+                        replid: Arc::clone(replid),
                         offset: entry.offset,
                         db: position.db,
                     },

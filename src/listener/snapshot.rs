@@ -684,7 +684,7 @@ mod tests {
         });
         NewEntry::new(
             SourcePosition {
-                replid: "a".repeat(40),
+                replid: "a".repeat(40).into(),
                 offset: ReplOffset(offset),
                 db: 0,
             },
@@ -705,7 +705,7 @@ mod tests {
         });
         NewEntry::new(
             SourcePosition {
-                replid: "a".repeat(40),
+                replid: "a".repeat(40).into(),
                 offset: ReplOffset(offset),
                 db: 0,
             },
@@ -776,7 +776,7 @@ mod tests {
     fn fragment(offset: u64, seq: u32) -> NewEntry {
         NewEntry::new(
             SourcePosition {
-                replid: "a".repeat(40),
+                replid: "a".repeat(40).into(),
                 offset: ReplOffset(offset),
                 db: 0,
             },

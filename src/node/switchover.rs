@@ -1403,7 +1403,7 @@ impl Drained {
             let partition = PartitionId(u32::try_from(i).unwrap_or(u32::MAX));
             let payload = Record::encode_write(0, &[set], false);
             let position = SourcePosition {
-                replid: replid.clone(),
+                replid: replid.as_str().into(),
                 offset: ReplOffset(offset),
                 db: 0,
             };

@@ -575,7 +575,7 @@ async fn seed_partition(
         .await
         .map_err(Seeding::Failed)?;
     let position = SourcePosition {
-        replid: replid.clone(),
+        replid: replid.as_str().into(),
         offset: ReplOffset(offset),
         db: 0,
     };

@@ -1076,7 +1076,7 @@ impl ActiveStream<'_> {
             bytes_end: 0,
             stored_len: 0,
             source: SourcePosition {
-                replid: snapshot.marker.replid.clone(),
+                replid: snapshot.marker.replid.as_str().into(),
                 offset: ReplOffset(snapshot.marker.offset),
                 db: 0,
             },

@@ -7,7 +7,7 @@
 //! declared length against [`ShipLimits`] before allocating, and names the
 //! entry and byte offset of anything malformed.
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use prost::Message;
 
 use super::{ShipError, ShipLimits};
@@ -25,7 +25,7 @@ const MAX_WIRE_ENTRY_LEN: usize = MAX_PAYLOAD_LEN + 4096;
 /// [`put_wire_entry`]) rather than through `pb::WireEntry`, which would clone
 /// the replid for every entry shipped.
 fn wire_body_len(entry: &WalEntry) -> usize {
-    use prost::encoding::{bytes, string, uint32, uint64};
+    use prost::encoding::{bytes, encoded_len_varint, key_len, uint32, uint64};
     let mut len = 0;
     if entry.log_id.0 != 0 {
         len += uint64::encoded_len(1, &entry.log_id.0);
@@ -37,7 +37,10 @@ fn wire_body_len(entry: &WalEntry) -> usize {
         len += uint32::encoded_len(3, &u32::from(entry.flags));
     }
     if !entry.source.replid.is_empty() {
-        len += string::encoded_len(4, &entry.source.replid);
+        // A string field (prost's `string::encoded_len`, which wants a
+        // `String`).
+        let replid_len = entry.source.replid.len();
+        len += key_len(4) + encoded_len_varint(replid_len as u64) + replid_len;
     }
     if entry.source.offset.0 != 0 {
         len += uint64::encoded_len(5, &entry.source.offset.0);
@@ -54,7 +57,7 @@ fn wire_body_len(entry: &WalEntry) -> usize {
 /// Writes `entry` as a length-prefixed `WireEntry`: the same bytes as
 /// prost's encoding of `pb::WireEntry` (field order, defaults left out).
 fn put_wire_entry(entry: &WalEntry, out: &mut BytesMut) {
-    use prost::encoding::{bytes, encode_varint, string, uint32, uint64};
+    use prost::encoding::{bytes, encode_key, encode_varint, uint32, uint64, WireType};
     encode_varint(wire_body_len(entry) as u64, out);
     if entry.log_id.0 != 0 {
         uint64::encode(1, &entry.log_id.0, out);
@@ -66,7 +69,9 @@ fn put_wire_entry(entry: &WalEntry, out: &mut BytesMut) {
         uint32::encode(3, &u32::from(entry.flags), out);
     }
     if !entry.source.replid.is_empty() {
-        string::encode(4, &entry.source.replid, out);
+        encode_key(4, WireType::LengthDelimited, out);
+        encode_varint(entry.source.replid.len() as u64, out);
+        out.put_slice(entry.source.replid.as_bytes());
     }
     if entry.source.offset.0 != 0 {
         uint64::encode(5, &entry.source.offset.0, out);
@@ -246,7 +251,7 @@ pub fn decode_batch(
                 flags,
                 created_unix_ms: Some(wire.created_unix_ms),
                 source: SourcePosition {
-                    replid: wire.replid,
+                    replid: wire.replid.into(),
                     offset: ReplOffset(wire.offset),
                     db: wire.db,
                 },
@@ -329,7 +334,7 @@ mod tests {
             bytes_end: 0,
             stored_len: 0,
             source: SourcePosition {
-                replid: "b".repeat(40),
+                replid: "b".repeat(40).into(),
                 offset: ReplOffset(100 * log_id),
                 db: 2,
             },
@@ -379,7 +384,7 @@ mod tests {
                 log_id: entry.log_id.0,
                 created_unix_ms: entry.created_unix_ms,
                 flags: u32::from(entry.flags),
-                replid: entry.source.replid.clone(),
+                replid: entry.source.replid.to_string(),
                 offset: entry.source.offset.0,
                 db: entry.source.db,
                 payload: entry.payload.clone(),

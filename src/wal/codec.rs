@@ -6,6 +6,8 @@
 //! Decoding never panics and never allocates from a length it has not checked
 //! against the bytes actually present.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 
 use super::{
@@ -192,7 +194,7 @@ fn get_source(cursor: &mut Cursor<'_>) -> Result<SourcePosition, String> {
     }
     let replid = std::str::from_utf8(cursor.take(replid_len, "replid")?)
         .map_err(|_| "replid is not utf-8".to_string())?
-        .to_string();
+        .into();
     Ok(SourcePosition { replid, offset, db })
 }
 
@@ -236,13 +238,13 @@ pub fn encode_block_into<'a>(entries: impl IntoIterator<Item = &'a WalEntry>, ou
         out.extend_from_slice(&entry.bytes_end.to_be_bytes());
         out.extend_from_slice(&entry.source.offset.0.to_be_bytes());
         out.extend_from_slice(&entry.source.db.to_be_bytes());
-        if replid == Some(entry.source.replid.as_str()) {
+        if replid == Some(&*entry.source.replid) {
             out.push(SAME_REPLID);
         } else {
             // Callers validate the length against MAX_REPLID_LEN (< 255).
             out.push(entry.source.replid.len() as u8);
             out.extend_from_slice(entry.source.replid.as_bytes());
-            replid = Some(entry.source.replid.as_str());
+            replid = Some(&*entry.source.replid);
         }
         // Payload length is bounded by MAX_PAYLOAD_LEN (< 4GiB) at append.
         out.extend_from_slice(&(entry.payload.len() as u32).to_be_bytes());
@@ -298,7 +300,8 @@ pub fn decode_log_value(
     if first.0.checked_add(u64::from(count) - 1).is_none() {
         return Err(format!("block of {count} entries overflows the log ids"));
     }
-    let mut replid: Option<String> = None;
+    // Written once per block: its entries share one copy.
+    let mut replid: Option<Arc<str>> = None;
     for index in 0..u64::from(count) {
         let flags = cursor.u16("flags")?;
         let created_unix_ms = cursor.u64("creation time")?;
@@ -314,10 +317,10 @@ pub fn decode_log_value(
                 if len > MAX_REPLID_LEN {
                     return Err(format!("replid length {len} exceeds {MAX_REPLID_LEN}"));
                 }
-                let own = std::str::from_utf8(cursor.take(len, "replid")?)
+                let own: Arc<str> = std::str::from_utf8(cursor.take(len, "replid")?)
                     .map_err(|_| "replid is not utf-8".to_string())?
-                    .to_string();
-                replid = Some(own.clone());
+                    .into();
+                replid = Some(Arc::clone(&own));
                 own
             }
         };
@@ -550,7 +553,7 @@ mod tests {
             bytes_end: 1234,
             stored_len: 0,
             source: SourcePosition {
-                replid: "8f3c".repeat(10),
+                replid: "8f3c".repeat(10).into(),
                 offset: ReplOffset(99),
                 db: 2,
             },
@@ -601,7 +604,7 @@ mod tests {
     /// Three entries with consecutive ids, the last with another replid.
     fn sample_block() -> Vec<WalEntry> {
         let mut entries = vec![sample_entry(), sample_entry(), sample_entry()];
-        entries[2].source.replid = "other".to_string();
+        entries[2].source.replid = "other".into();
         for (index, entry) in entries.iter_mut().enumerate() {
             entry.log_id = LogId(42 + index as u64);
             entry.payload = Bytes::from(vec![index as u8; index * 3]);

@@ -172,6 +172,7 @@ mod writer;
 mod tests;
 
 use std::fmt;
+use std::sync::Arc;
 
 use bytes::Bytes;
 
@@ -194,8 +195,10 @@ pub const MAX_DOWNSTREAM_ID_LEN: usize = 64;
 /// Where in the source's replication stream an entry came from.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub struct SourcePosition {
-    /// The source master's replication id.
-    pub replid: String,
+    /// The source master's replication id. Shared: every entry of a stream
+    /// carries the same one, and a clone per entry (listener, WAL reads, read
+    /// tail) is a reference count, not an allocation.
+    pub replid: Arc<str>,
     /// The replication offset after this entry.
     pub offset: ReplOffset,
     /// The db selected at this entry.

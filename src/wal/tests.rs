@@ -15,7 +15,7 @@ use crate::position::{LogId, PartitionId, ReplOffset};
 
 fn source(offset: u64) -> SourcePosition {
     SourcePosition {
-        replid: "a".repeat(40),
+        replid: "a".repeat(40).into(),
         offset: ReplOffset(offset),
         db: 0,
     }
@@ -378,7 +378,7 @@ async fn invalid_appends_are_rejected_without_side_effects() {
         let err = wal.append(P1, Vec::new()).await.unwrap_err();
         assert!(matches!(err, WalError::InvalidEntry { .. }), "{err}");
         let mut bad = entry(b"x", 1);
-        bad.source.replid = "r".repeat(MAX_REPLID_LEN + 1);
+        bad.source.replid = "r".repeat(MAX_REPLID_LEN + 1).into();
         let err = wal
             .append(P1, vec![entry(b"ok", 1), bad])
             .await
