@@ -537,6 +537,56 @@ fn cluster_state(cluster: &Cluster, tag: &str) -> (i64, i64, i64, Vec<String>) {
     (c, c2, hf, list)
 }
 
+/// A [`slot_writer`] on each side for each of `tags`, at the master
+/// serving it: A's and B's writers of `tags[i]` are the joined `2i` and
+/// `2i + 1`.
+fn slot_writers(
+    a: &Cluster,
+    b: &Cluster,
+    tags: &[String],
+    stop: &Arc<AtomicBool>,
+) -> Vec<thread::JoinHandle<Done>> {
+    let mut writers = Vec::new();
+    for tag in tags {
+        let key = format!("c:{tag}");
+        for (cluster, side) in [(a, "a"), (b, "b")] {
+            let addr = cluster.master_for_key(&key).addr();
+            let (tag, name, stop) = (tag.clone(), format!("{side}{tag}"), Arc::clone(stop));
+            writers.push(thread::spawn(move || slot_writer(addr, tag, name, stop)));
+        }
+    }
+    writers
+}
+
+/// Waits until both clusters hold `want` for the keys of `tag`.
+fn wait_both_hold(
+    a: &Cluster,
+    b: &Cluster,
+    tag: &str,
+    want: &(i64, i64, i64, Vec<String>),
+    sync: &FerryProcess,
+) {
+    for (cluster, side) in [(a, "A"), (b, "B")] {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let have = cluster_state(cluster, tag);
+            if have == *want {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{side}, keys {tag}: have {:?}, want {:?} (lists {} vs {})\n{}",
+                (have.0, have.1, have.2),
+                (want.0, want.1, want.2),
+                have.3.len(),
+                want.3.len(),
+                sync.log_tail(40)
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
 fn two_way_clusters(
     a: &Cluster,
     b: &Cluster,
@@ -580,15 +630,7 @@ fn clusters_concurrent_writes_on_both_sides_converge_exactly_once_across_kill_9(
     assert!(log.contains("two-way sync established"), "{log}");
 
     let stop = Arc::new(AtomicBool::new(false));
-    let mut writers = Vec::new();
-    for tag in &tags {
-        let key = format!("c:{tag}");
-        for (cluster, side) in [(&a, "a"), (&b, "b")] {
-            let addr = cluster.master_for_key(&key).addr();
-            let (tag, name, stop) = (tag.clone(), format!("{side}{tag}"), Arc::clone(&stop));
-            writers.push(thread::spawn(move || slot_writer(addr, tag, name, stop)));
-        }
-    }
+    let writers = slot_writers(&a, &b, &tags, &stop);
     for round in 0..4u64 {
         thread::sleep(Duration::from_millis(600 + 150 * round));
         sync.kill9();
@@ -604,26 +646,7 @@ fn clusters_concurrent_writes_on_both_sides_converge_exactly_once_across_kill_9(
             on_a.incr > 20 && on_b.incr > 20,
             "too few writes: {on_a:?} {on_b:?}"
         );
-        let want = expected(on_a, on_b);
-        for (cluster, side) in [(&a, "A"), (&b, "B")] {
-            let deadline = Instant::now() + Duration::from_secs(60);
-            loop {
-                let have = cluster_state(cluster, tag);
-                if have == want {
-                    break;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "{side}, keys {tag}: have {:?}, want {:?} (lists {} vs {})\n{}",
-                    (have.0, have.1, have.2),
-                    (want.0, want.1, want.2),
-                    have.3.len(),
-                    want.3.len(),
-                    sync.log_tail(40)
-                );
-                thread::sleep(Duration::from_millis(100));
-            }
-        }
+        wait_both_hold(&a, &b, tag, &expected(on_a, on_b), &sync);
     }
     let deadline = Instant::now() + Duration::from_secs(60);
     while !clusters_established(&sync, 3) {
@@ -727,37 +750,18 @@ fn clusters_kill_9_while_two_way_is_being_established_establishes_it_once() {
         );
     }
     let stop = Arc::new(AtomicBool::new(false));
-    let mut writers = Vec::new();
-    for tag in &tags {
-        let key = format!("c:{tag}");
-        for (cluster, side) in [(&a, "a"), (&b, "b")] {
-            let addr = cluster.master_for_key(&key).addr();
-            let (tag, name, stop) = (tag.clone(), format!("{side}{tag}"), Arc::clone(&stop));
-            writers.push(thread::spawn(move || slot_writer(addr, tag, name, stop)));
-        }
-    }
+    let writers = slot_writers(&a, &b, &tags, &stop);
     thread::sleep(Duration::from_millis(1500));
     stop.store(true, Ordering::SeqCst);
     let done: Vec<Done> = writers.into_iter().map(|w| w.join().unwrap()).collect();
     for (i, tag) in tags.iter().enumerate() {
-        let want = expected(&done[2 * i], &done[2 * i + 1]);
-        for (cluster, side) in [(&a, "A"), (&b, "B")] {
-            let deadline = Instant::now() + Duration::from_secs(60);
-            loop {
-                let have = cluster_state(cluster, tag);
-                if have == want {
-                    break;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "{side}, keys {tag}: have {:?}, want {:?}\n{}",
-                    (have.0, have.1, have.2),
-                    (want.0, want.1, want.2),
-                    sync.log_tail(40)
-                );
-                thread::sleep(Duration::from_millis(100));
-            }
-        }
+        wait_both_hold(
+            &a,
+            &b,
+            tag,
+            &expected(&done[2 * i], &done[2 * i + 1]),
+            &sync,
+        );
     }
     let log = std::fs::read_to_string(&sync.log).unwrap();
     assert!(!log.contains("full resync stored partition=10"), "{log}");
