@@ -175,6 +175,44 @@ async fn open_wal(cfg: WalConfig) -> Result<Wal, NodeError> {
         .map_err(|error| NodeError::WalOpen { dir, error })
 }
 
+/// How long [`reopen_wal`] waits for the old handles of a WAL to go.
+const REOPEN_WAIT: Duration = Duration::from_secs(30);
+
+/// Opens the WAL of `cfg` again once the stages that used it stopped and
+/// the last handle was dropped. A handle can outlive the stages by a
+/// moment: an admin API `status` call running on the blocking pool holds
+/// the node, and with it the WAL. RocksDB's lock is then still held by
+/// this process, and the open is retried until the handle goes (at most
+/// [`REOPEN_WAIT`]). Before, that open failed and the process exited
+/// (seen right after two-way sync was established, while status was
+/// polled).
+async fn reopen_wal(cfg: WalConfig) -> Result<Wal, NodeError> {
+    let deadline = std::time::Instant::now() + REOPEN_WAIT;
+    let mut waited = false;
+    loop {
+        match open_wal(cfg.clone()).await {
+            Err(NodeError::WalOpen {
+                error: crate::wal::WalError::Rocks(error),
+                dir,
+            }) if is_lock_held(&error) && std::time::Instant::now() < deadline => {
+                if !waited {
+                    info!(dir = %dir.display(), "the WAL's old handle is still in use; opening it again once it is dropped");
+                    waited = true;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            done => return done,
+        }
+    }
+}
+
+/// Whether RocksDB refused an open because its `LOCK` file is held (by
+/// this process: another handle of the same dir is still open).
+fn is_lock_held(error: &rocksdb::Error) -> bool {
+    let text = error.to_string();
+    text.contains("/LOCK") || text.contains("lock hold by current process")
+}
+
 // ---------------------------------------------------------------------------
 // Listener side
 
@@ -2211,7 +2249,7 @@ async fn run_direct(
                 }
                 // The last handle: RocksDB's lock goes with it.
                 drop(wal);
-                wal = open_wal(cfg.listener_wal.clone()).await?;
+                wal = reopen_wal(cfg.listener_wal.clone()).await?;
                 continue;
             }
             Err(result) => break result,
@@ -2253,7 +2291,7 @@ async fn run_direct(
             }
             Err(report) => host.reply(reply, report),
         }
-        wal = match open_wal(cfg.listener_wal.clone()).await {
+        wal = match reopen_wal(cfg.listener_wal.clone()).await {
             Ok(wal) => wal,
             Err(error) => {
                 if let Some((committed, reply)) = pending.take() {
@@ -2273,4 +2311,38 @@ async fn run_direct(
         warn!(%error, "admin API");
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A WAL whose old handle is still held for a moment (as by an admin
+    /// `status` call on the blocking pool) opens once it is dropped; an
+    /// open at once is refused with the lock error it waits out.
+    #[tokio::test]
+    async fn a_wal_is_opened_again_once_its_last_old_handle_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = WalConfig::with_dir(dir.path().join("wal"));
+        let wal = open_wal(cfg.clone()).await.unwrap();
+        let held = wal.clone();
+        wal.close().await.unwrap();
+        match open_wal(cfg.clone()).await {
+            Err(NodeError::WalOpen {
+                error: crate::wal::WalError::Rocks(error),
+                ..
+            }) => assert!(is_lock_held(&error), "{error}"),
+            Err(other) => panic!("another error: {other}"),
+            Ok(_) => panic!("opened while a handle was held"),
+        }
+        let dropped = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            drop(held);
+        });
+        let started = std::time::Instant::now();
+        let wal = reopen_wal(cfg).await.unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(250));
+        dropped.await.unwrap();
+        wal.close().await.unwrap();
+    }
 }
