@@ -537,6 +537,20 @@ fn cluster_state(cluster: &Cluster, tag: &str) -> (i64, i64, i64, Vec<String>) {
     (c, c2, hf, list)
 }
 
+/// The hash tags of [`CLUSTER_SLOTS`] (one per master), each tag's counter
+/// `c:{tag}` set to 100 on `a` (what [`expected`] counts from).
+fn seeded_tags(a: &Cluster) -> Vec<String> {
+    let tags: Vec<String> = CLUSTER_SLOTS
+        .iter()
+        .map(|&slot| key_in_slot("x", slot).trim_start_matches("x:").to_string())
+        .collect();
+    for tag in &tags {
+        let key = format!("c:{tag}");
+        a.call_key(&key, &["INCRBY", &key, "100"]);
+    }
+    tags
+}
+
 /// A [`slot_writer`] on each side for each of `tags`, at the master
 /// serving it: A's and B's writers of `tags[i]` are the joined `2i` and
 /// `2i + 1`.
@@ -616,14 +630,7 @@ fn two_way_clusters(
 fn clusters_concurrent_writes_on_both_sides_converge_exactly_once_across_kill_9() {
     let a = Cluster::start(3, 0);
     let b = Cluster::start(3, 0);
-    let tags: Vec<String> = CLUSTER_SLOTS
-        .iter()
-        .map(|&slot| key_in_slot("x", slot).trim_start_matches("x:").to_string())
-        .collect();
-    for tag in &tags {
-        let key = format!("c:{tag}");
-        a.call_key(&key, &["INCRBY", &key, "100"]);
-    }
+    let tags = seeded_tags(&a);
     let (_dir, data, mut sync) = two_way_clusters(&a, &b);
     let (a_seeds, b_seeds) = (a.seed_list(), b.seed_list());
     let log = std::fs::read_to_string(&sync.log).unwrap();
@@ -695,14 +702,7 @@ fn clusters_kill_9_while_two_way_is_being_established_establishes_it_once() {
         let key = format!("k{i}");
         a.call_key(&key, &["SET", &key, "v"]);
     }
-    let tags: Vec<String> = CLUSTER_SLOTS
-        .iter()
-        .map(|&slot| key_in_slot("x", slot).trim_start_matches("x:").to_string())
-        .collect();
-    for tag in &tags {
-        let key = format!("c:{tag}");
-        a.call_key(&key, &["INCRBY", &key, "100"]);
-    }
+    let tags = seeded_tags(&a);
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let (a_seeds, b_seeds) = (a.seed_list(), b.seed_list());
