@@ -799,27 +799,20 @@ fn a_two_way_cluster_task_converges_survives_kill_9_and_cancels_on_every_master(
 }
 
 /// Refused at creation, with the reason, as `ferry sync --two-way` refuses
-/// them: a standalone server paired with a cluster (either way round) and
-/// a winner policy between clusters. Nothing runs, nothing is written.
+/// them: a standalone server paired with a cluster (either way round).
+/// Nothing runs, nothing is written. A winner policy between clusters
+/// passes the precheck.
 #[test]
-fn two_way_cluster_tasks_refuse_mixed_pairs_and_winner_policies() {
+fn two_way_cluster_tasks_refuse_mixed_pairs() {
     let a = Cluster::start(3, 0);
     let b = Cluster::start(3, 0);
     let standalone = RedisServer::start(&[]);
     let dir = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(&dir.path().join("serve"), &[]);
     let mixed = "two-way sync runs between two standalone servers or between two Redis Clusters";
-    let winner = "--conflict source-wins is not supported";
     let cases = [
         ("mixed1", a.seed_list(), standalone.url(), "report", mixed),
         ("mixed2", standalone.url(), a.seed_list(), "report", mixed),
-        (
-            "winner",
-            a.seed_list(),
-            b.seed_list(),
-            "source-wins",
-            winner,
-        ),
     ];
     for (name, source, target, conflict, want) in cases {
         let spec = json!({
@@ -845,8 +838,18 @@ fn two_way_cluster_tasks_refuse_mixed_pairs_and_winner_policies() {
             "{name}: {reply}"
         );
     }
+    let winner = json!({
+        "name": "winner",
+        "source": a.seed_list(),
+        "target": b.seed_list(),
+        "mode": "two-way",
+        "options": { "conflict": "source-wins" },
+    });
+    let (status, report) = daemon.post("/api/v1/precheck", &winner);
+    assert_eq!(status, 200, "{report}");
+    assert_ne!(report["verdict"], "FAIL", "{report}");
     std::thread::sleep(Duration::from_millis(500));
-    for name in ["mixed1", "mixed2", "winner"] {
+    for name in ["mixed1", "mixed2"] {
         let (_, task) = daemon.get(&format!("/api/v1/tasks/{name}"));
         assert_eq!(task["state"], "FAILED", "{task}");
         let (status, reply) = http(

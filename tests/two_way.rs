@@ -605,9 +605,19 @@ fn two_way_clusters(
     a: &Cluster,
     b: &Cluster,
 ) -> (tempfile::TempDir, std::path::PathBuf, FerryProcess) {
+    two_way_clusters_with(a, b, &[])
+}
+
+fn two_way_clusters_with(
+    a: &Cluster,
+    b: &Cluster,
+    extra: &[&str],
+) -> (tempfile::TempDir, std::path::PathBuf, FerryProcess) {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let sync = FerryProcess::sync(&data, &a.seed_list(), &b.seed_list(), &["--two-way"]);
+    let mut args = vec!["--two-way"];
+    args.extend_from_slice(extra);
+    let sync = FerryProcess::sync(&data, &a.seed_list(), &b.seed_list(), &args);
     let masters = a.master_ports().len();
     let deadline = Instant::now() + Duration::from_secs(60);
     while !clusters_established(&sync, masters) {
@@ -834,10 +844,92 @@ fn clusters_one_key_written_on_both_sides_is_a_conflict() {
     );
 }
 
-/// Between clusters a flush is held, and a standalone server paired with a
-/// cluster, or a winner policy, is refused with the reason.
+/// Between clusters under a winner policy: conflicts on keys of every
+/// shard, repaired once the winner's shard is applied on the side where it
+/// was applied last, leave both clusters with what the winner's writes
+/// left (`ferry verify` clean).
+fn clusters_a_winner_policy_makes_both_sides_converge(policy: &str, winner: &str) {
+    let a = Cluster::start(3, 0);
+    let b = Cluster::start(3, 0);
+    let (_dir, data, sync) = two_way_clusters_with(&a, &b, &["--conflict", policy]);
+    let (key, set, gone) = (
+        key_in_slot("both", 100),
+        key_in_slot("set", 7000),
+        key_in_slot("gone", 13000),
+    );
+    let admin = sync.admin_addr(Duration::from_secs(10));
+    assert!(ferry_cli(&["stop-sync", "--admin", &admin])
+        .status
+        .success());
+    a.call_key(&key, &["SET", &key, "from-a"]);
+    b.call_key(&key, &["SET", &key, "from-b"]);
+    a.call_key(&set, &["SADD", &set, "a"]);
+    b.call_key(&set, &["DEL", &set]);
+    b.call_key(&set, &["SADD", &set, "b"]);
+    a.call_key(&gone, &["SET", &gone, "a"]);
+    b.call_key(&gone, &["SET", &gone, "b"]);
+    b.call_key(&gone, &["DEL", &gone]);
+    assert!(ferry_cli(&["restart-sync", "--admin", &admin])
+        .status
+        .success());
+    wait_for("the repairs", Duration::from_secs(60), || {
+        let status = sync.status_json();
+        status["two_way"]["conflicts"].as_u64() >= Some(3)
+            && status["two_way"]["repairs_owed"] == 0
+            && status["two_way"]["repaired"] == status["two_way"]["conflicts"]
+    });
+    let text = |cluster: &Cluster, args: &[&str]| cluster.call_key(args[1], args).text();
+    let members = |cluster: &Cluster| {
+        let reply = cluster.call_key(&set, &["SMEMBERS", &set]);
+        let mut members: Vec<Option<String>> = reply.items().iter().map(|m| m.text()).collect();
+        members.sort();
+        members
+    };
+    let exists = |cluster: &Cluster| cluster.call_key(&gone, &["EXISTS", &gone]).int();
+    wait_for("both sides to agree", Duration::from_secs(60), || {
+        text(&a, &["GET", &key]) == text(&b, &["GET", &key])
+            && members(&a) == members(&b)
+            && exists(&a) == exists(&b)
+    });
+    assert_eq!(text(&a, &["GET", &key]).as_deref(), Some(winner));
+    assert_eq!(exists(&a), i64::from(policy == "source-wins"));
+    let out = ferry_cli(&[
+        "verify",
+        "--source",
+        &a.seed_list(),
+        "--target",
+        &b.seed_list(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = conflict_lines(&data);
+    let mut keys: Vec<&str> = lines.iter().map(|l| l["key"].as_str().unwrap()).collect();
+    keys.sort();
+    keys.dedup();
+    let mut want = vec![key.as_str(), set.as_str(), gone.as_str()];
+    want.sort();
+    assert_eq!(keys, want, "{lines:?}");
+    assert!(lines.iter().all(|l| l["policy"] == policy), "{lines:?}");
+}
+
 #[test]
-fn clusters_two_way_refuses_flushes_mixed_pairs_and_winner_policies() {
+fn clusters_source_wins_makes_both_sides_end_with_the_sources_writes() {
+    clusters_a_winner_policy_makes_both_sides_converge("source-wins", "from-a");
+}
+
+#[test]
+fn clusters_target_wins_makes_both_sides_end_with_the_targets_writes() {
+    clusters_a_winner_policy_makes_both_sides_converge("target-wins", "from-b");
+}
+
+/// Between clusters a flush is held, and a standalone server paired with a
+/// cluster is refused with the reason.
+#[test]
+fn clusters_two_way_refuses_flushes_and_mixed_pairs() {
     let a = Cluster::start(3, 0);
     let standalone = RedisServer::start(&[]);
     let dir = tempfile::tempdir().unwrap();
@@ -858,13 +950,6 @@ fn clusters_two_way_refuses_flushes_mixed_pairs_and_winner_policies() {
     refused(&a.seed_list(), &standalone.url(), &[], mixed, "mixed1");
     refused(&standalone.url(), &a.seed_list(), &[], mixed, "mixed2");
     let b = Cluster::start(3, 0);
-    refused(
-        &a.seed_list(),
-        &b.seed_list(),
-        &["--conflict", "source-wins"],
-        "--conflict source-wins is not supported",
-        "winner",
-    );
     let (_dir, _data, sync) = two_way_clusters(&a, &b);
     let key = key_in_slot("k", 300);
     a.call_key(&key, &["SET", &key, "1"]);

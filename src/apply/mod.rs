@@ -366,6 +366,7 @@ use reader::{spawn_reader, ReadResult, ReaderConfig};
 use target::Target;
 
 pub use batch::{EchoRule, ReplyError};
+pub(crate) use cluster::slot_checkpoint_key;
 pub use config::{ApplyConfig, ApplyConfigError, ExistingData, OnRefused};
 pub use keyspace::{FilterConfig, OwnedKeyspace};
 pub use status::{

@@ -71,6 +71,15 @@
 //! master, they say nothing of where another shard's log was. Between
 //! standalone servers there is one slot (0) and one partition per side.
 //!
+//! A winner policy's repair waits for the touched side's checkpoint of the
+//! winner's partition (the A- or B-master's log that holds the winning
+//! write) in the key's slot: its floor, or above it the slot checkpoint of
+//! the floor's epoch and log (the apply module, "Applying into a Redis
+//! Cluster target"). The slot checkpoint lives in the key's slot, so it is
+//! read from the master that then runs the repair; each round of repairs
+//! reads each side's topology once, and a repair whose slot is moving
+//! (`MOVED`, `ASK`, `TRYAGAIN`) waits for the next round.
+//!
 //! # Restarts
 //!
 //! The state (positions, what each side has seen, the windows) is saved
@@ -96,12 +105,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::config::ConflictPolicy;
-use super::two_way::{Pair, BACKWARD, FORWARD};
+use super::two_way::Pair;
 use crate::apply::checkpoint::{checkpoint_key, Checkpoint};
 use crate::apply::{EchoRule, OwnedKeyspace};
 use crate::position::{now_unix_ms, LogId, PartitionId};
 use crate::record::{Record, RecordLimits, INTERNAL_PREFIX};
 use crate::redis::client::Client;
+use crate::redis::cluster::{discover, Topology};
 use crate::redis::command::{self, key_hash_slot, Command};
 use crate::redis::resp::Frame;
 use crate::redis::url::RedisUrl;
@@ -194,10 +204,12 @@ struct Repair {
     wait_id: u64,
 }
 
-/// A winner policy and the two sides' servers (A, B).
+/// A winner policy and the two sides' servers (A, B): each side's URL,
+/// or between clusters its seed list.
 pub struct Resolution {
     pub policy: ConflictPolicy,
-    pub sides: [RedisUrl; 2],
+    pub sides: [Vec<RedisUrl>; 2],
+    pub pair: Pair,
 }
 
 /// Writes a key again as it is, so that the server's stream carries its
@@ -586,17 +598,19 @@ impl Detector {
                         // applied it. (Owed again for a pair found again
                         // after a restart: the repair may not have been
                         // saved; done twice, it writes the same value.)
+                        // Between clusters the winner's partition is the
+                        // A- or B-master's log that holds its write.
                         let repair = match self.policy {
                             ConflictPolicy::Report => None,
-                            ConflictPolicy::SourceWins => Some((1, FORWARD, source.id)),
-                            ConflictPolicy::TargetWins => Some((0, BACKWARD, target.id)),
+                            ConflictPolicy::SourceWins => Some((1, source.partition, source.id)),
+                            ConflictPolicy::TargetWins => Some((0, target.partition, target.id)),
                         };
                         if let Some((touch, partition, id)) = repair {
                             self.repairs.push(Repair {
                                 db,
                                 key: mine.key.clone(),
                                 touch,
-                                wait_partition: partition.0,
+                                wait_partition: partition,
                                 wait_id: id,
                             });
                         }
@@ -691,45 +705,147 @@ fn load_state(path: &Path) -> Option<State> {
     }
 }
 
-/// Carries out `repair` if its side has applied what it waits for:
-/// `Ok(true)` when done.
-async fn repair(url: &RedisUrl, drainer_id: &str, repair: &Repair) -> Result<bool, String> {
-    let addr = url.addr();
-    let failed = |what: &str| {
-        let what = format!("{what} on {addr}");
-        move |error: crate::redis::client::ClientError| format!("{what}: {error}")
-    };
-    let mut client = Client::connect(url).await.map_err(failed("connecting"))?;
-    let key = checkpoint_key(drainer_id, PartitionId(repair.wait_partition));
-    let applied = match client
-        .call([b"GET".as_slice(), key.as_slice()])
-        .await
-        .map_err(failed("GET of the checkpoint"))?
-    {
-        Frame::Bulk(value) => Checkpoint::decode(&value)
-            .map(|c| c.applied().0)
-            .map_err(|e| e.to_string())?,
-        _ => 0,
-    };
-    if applied < repair.wait_id {
-        return Ok(false);
+/// One round of repairs: a connection per server, between clusters each
+/// side's topology read once (module doc, "Policies").
+struct Repairs<'a> {
+    resolution: &'a Resolution,
+    drainer_id: &'a str,
+    clients: HashMap<String, Client>,
+    topologies: [Option<Topology>; 2],
+}
+
+/// Whether a server's error reply says the slot is served elsewhere (a
+/// slot moving on that side): the repair waits for the next round.
+fn redirected(message: &str) -> bool {
+    ["MOVED ", "ASK ", "TRYAGAIN", "CLUSTERDOWN"]
+        .iter()
+        .any(|prefix| message.starts_with(prefix))
+}
+
+impl<'a> Repairs<'a> {
+    fn new(resolution: &'a Resolution, drainer_id: &'a str) -> Repairs<'a> {
+        Repairs {
+            resolution,
+            drainer_id,
+            clients: HashMap::new(),
+            topologies: [None, None],
+        }
     }
-    let name = unhex(&repair.key).ok_or("a repair's key is not hex")?;
-    let db = repair.db.to_string();
-    let commands = [
-        Command::from_parts([b"SELECT".as_slice(), db.as_bytes()]),
-        Command::from_parts([b"EVAL".as_slice(), TOUCH.as_bytes(), b"1", &name]),
-    ];
-    let replies = client
-        .pipeline(&commands)
-        .await
-        .map_err(failed("the repair"))?;
-    match replies.iter().find(|r| matches!(r, Frame::Error(_))) {
-        Some(Frame::Error(error)) => Err(format!(
-            "the repair on {addr}: {}",
-            String::from_utf8_lossy(error)
-        )),
-        _ => Ok(true),
+
+    /// The server of side `side` that serves `slot` (a standalone side's
+    /// only one).
+    async fn server(&mut self, side: usize, slot: u16) -> Result<RedisUrl, String> {
+        let seeds = &self.resolution.sides[side];
+        let first = seeds
+            .first()
+            .ok_or_else(|| format!("side {side} has no server"))?;
+        if self.resolution.pair == Pair::Standalone {
+            return Ok(first.clone());
+        }
+        if self.topologies[side].is_none() {
+            let topology = discover(seeds)
+                .await
+                .map_err(|error| format!("reading the cluster's topology: {error}"))?;
+            self.topologies[side] = Some(topology);
+        }
+        let topology = self.topologies[side].as_ref().expect("read above");
+        let master = topology
+            .master_for_slot(slot)
+            .ok_or_else(|| format!("no master of slot {slot} on {}", topology.seen_from))?;
+        Ok(Topology::url_for(master, first))
+    }
+
+    async fn client(&mut self, url: &RedisUrl) -> Result<&mut Client, String> {
+        let addr = url.addr();
+        if !self.clients.contains_key(&addr) {
+            let client = Client::connect(url)
+                .await
+                .map_err(|error| format!("connecting to {addr}: {error}"))?;
+            self.clients.insert(addr.clone(), client);
+        }
+        Ok(self.clients.get_mut(&addr).expect("inserted above"))
+    }
+
+    /// The checkpoint `key` of side `side` (on the master of its slot);
+    /// `Ok(None)` when it is not there, or its slot is moving.
+    async fn checkpoint(&mut self, side: usize, key: &[u8]) -> Result<Option<Checkpoint>, String> {
+        let url = self.server(side, key_hash_slot(key)).await?;
+        let client = self.client(&url).await?;
+        match client.call([b"GET".as_slice(), key]).await {
+            Ok(Frame::Bulk(value)) => Checkpoint::decode(&value)
+                .map(Some)
+                .map_err(|error| format!("a checkpoint on {}: {error}", url.addr())),
+            Ok(_) => Ok(None),
+            Err(crate::redis::client::ClientError::Server { message, .. })
+                if redirected(&message) =>
+            {
+                Ok(None)
+            }
+            Err(error) => {
+                self.clients.remove(&url.addr());
+                Err(format!("GET of a checkpoint on {}: {error}", url.addr()))
+            }
+        }
+    }
+
+    /// How far side `side` has applied `partition`'s log in `slot`: its
+    /// checkpoint; between clusters the floor, or the slot's checkpoint
+    /// above it when of the floor's epoch and log (apply module,
+    /// "Applying into a Redis Cluster target").
+    async fn applied(&mut self, side: usize, partition: u32, slot: u16) -> Result<u64, String> {
+        let floor_key = checkpoint_key(self.drainer_id, PartitionId(partition));
+        let floor = self.checkpoint(side, &floor_key).await?;
+        let Some(floor) = floor else {
+            return Ok(0);
+        };
+        let Checkpoint::Applied { log_id, epoch, log } = floor else {
+            return Ok(floor.applied().0);
+        };
+        if self.resolution.pair == Pair::Standalone {
+            return Ok(log_id.0);
+        }
+        let slot_key = crate::apply::slot_checkpoint_key(&floor_key, slot);
+        Ok(match self.checkpoint(side, &slot_key).await? {
+            Some(Checkpoint::Applied {
+                log_id: in_slot,
+                epoch: e,
+                log: l,
+            }) if e == epoch && l == log => log_id.max(in_slot).0,
+            _ => log_id.0,
+        })
+    }
+
+    /// Carries out `repair` if its side has applied what it waits for:
+    /// `Ok(true)` when done.
+    async fn run(&mut self, repair: &Repair) -> Result<bool, String> {
+        let name = unhex(&repair.key).ok_or("a repair's key is not hex")?;
+        let slot = key_hash_slot(&name);
+        let applied = self
+            .applied(repair.touch, repair.wait_partition, slot)
+            .await?;
+        if applied < repair.wait_id {
+            return Ok(false);
+        }
+        let url = self.server(repair.touch, slot).await?;
+        let addr = url.addr();
+        let db = repair.db.to_string();
+        let commands = [
+            Command::from_parts([b"SELECT".as_slice(), db.as_bytes()]),
+            Command::from_parts([b"EVAL".as_slice(), TOUCH.as_bytes(), b"1", &name]),
+        ];
+        let client = self.client(&url).await?;
+        let replies = match client.pipeline(&commands).await {
+            Ok(replies) => replies,
+            Err(error) => {
+                self.clients.remove(&addr);
+                return Err(format!("the repair on {addr}: {error}"));
+            }
+        };
+        match replies.iter().find_map(|r| r.error_message()) {
+            Some(message) if redirected(&message) => Ok(false),
+            Some(message) => Err(format!("the repair on {addr}: {message}")),
+            None => Ok(true),
+        }
     }
 }
 
@@ -887,8 +1003,9 @@ pub async fn run(
         {
             repaired_at = Instant::now();
             let owed = std::mem::take(&mut detector.repairs);
+            let mut round = Repairs::new(resolution, &drainer_id);
             for owed in owed {
-                match repair(&resolution.sides[owed.touch], &drainer_id, &owed).await {
+                match round.run(&owed).await {
                     Ok(true) => {
                         info!(db = owed.db, key_hex = %owed.key, side = owed.touch, policy = detector.policy.as_str(), "two-way conflict repaired: the key written again where the winner's write was applied last");
                         detector.repaired += 1;
@@ -943,6 +1060,7 @@ pub async fn run(
 
 #[cfg(test)]
 mod tests {
+    use super::super::two_way::{BACKWARD, FORWARD};
     use super::*;
     use crate::record::WriteRecord;
     use crate::redis::command::Command;
@@ -1190,5 +1308,30 @@ mod cluster_tests {
         again.restore(serde_json::from_str(&state).unwrap());
         assert_eq!(again.sides[0].seen(1001, key_hash_slot(b"k")), 1);
         assert_eq!(again.sides[1].len, d.sides[1].len);
+    }
+    /// A winner policy's repair between clusters waits for the winner's
+    /// own partition (the master's log holding the winning write), on the
+    /// side where that write was applied last.
+    #[test]
+    fn between_clusters_a_repair_waits_for_the_winners_partition() {
+        for (policy, want) in [
+            (ConflictPolicy::SourceWins, (1, 2, 7)),
+            (ConflictPolicy::TargetWins, (0, 1001, 4)),
+        ] {
+            let mut d = Detector::new("d", OwnedKeyspace::all(), Pair::Clusters);
+            d.policy = policy;
+            assert!(d
+                .take(PartitionId(2), &entry(7, &[&["SET", "k", "a"]]))
+                .is_empty());
+            let found = d.take(PartitionId(1001), &entry(4, &[&["SET", "k", "b"]]));
+            assert_eq!(found.len(), 1, "{found:?}");
+            let repairs: Vec<(usize, u32, u64)> = d
+                .repairs
+                .iter()
+                .map(|r| (r.touch, r.wait_partition, r.wait_id))
+                .collect();
+            assert_eq!(repairs, [want], "{policy:?}");
+            assert_eq!(unhex(&d.repairs[0].key).unwrap(), Bytes::from_static(b"k"));
+        }
     }
 }

@@ -2024,7 +2024,7 @@ async fn start_direct_stages(
                 .map_err(|error| NodeError::Config(error.to_string()))?,
             Arc::clone(&stats),
             stages.shutdown.clone(),
-            two_way::resolution(cfg),
+            two_way::resolution(cfg, pair),
             pair,
         )));
         node.conflicts = Some(stats);

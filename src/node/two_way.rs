@@ -94,8 +94,9 @@
 //! `PUBLISH` are refused (run on every master, they would come back from
 //! the masters whose transaction has no checkpoint). Conflicts: a key
 //! lives in one slot, so its writes come from one shard's log per side;
-//! `super::conflicts` keeps what each side has seen per (partition, slot).
-//! `--conflict source-wins|target-wins` is refused between clusters.
+//! `super::conflicts` keeps what each side has seen per (partition, slot),
+//! and a winner policy's repair waits for the checkpoint of the winner's
+//! partition in the key's slot.
 //!
 //! # What two-way refuses
 //!
@@ -188,7 +189,7 @@ impl Pair {
 /// no map, or servers that do not answer, the seed lists decide.
 pub(super) async fn pair(cfg: &SyncConfig, wal: &Wal) -> Result<Pair, NodeError> {
     if crate::listener::ClusterSource::has_map(&cfg.data_dir) {
-        return refuse_winner(cfg, Pair::Clusters);
+        return Ok(Pair::Clusters);
     }
     let holds_log = wal
         .partitions()
@@ -197,25 +198,7 @@ pub(super) async fn pair(cfg: &SyncConfig, wal: &Wal) -> Result<Pair, NodeError>
     if holds_log {
         return Ok(Pair::Standalone);
     }
-    servers_pair(cfg)
-        .await
-        .and_then(|pair| refuse_winner(cfg, pair))
-}
-
-/// `pair`, unless `cfg`'s conflict policy is one it does not support (a
-/// winner policy between clusters, module doc "Two clusters").
-fn refuse_winner(cfg: &SyncConfig, pair: Pair) -> Result<Pair, NodeError> {
-    match (pair, cfg.conflict) {
-        (Pair::Clusters, policy) if policy != super::config::ConflictPolicy::Report => {
-            Err(NodeError::Config(format!(
-                "two-way sync between Redis Clusters: --conflict {} is not supported (a repair \
-                 would have to wait for the checkpoints of the slot's partitions on both sides); \
-                 use --conflict report",
-                policy.as_str()
-            )))
-        }
-        _ => Ok(pair),
-    }
+    servers_pair(cfg).await
 }
 
 /// What the servers of `cfg` are (module doc, "What two-way refuses").
@@ -325,14 +308,15 @@ fn backward_cfg(cfg: &SyncConfig, pair: Pair) -> SyncConfig {
 }
 
 /// The conflict policy with both sides' servers, for a winner policy.
-pub(super) fn resolution(cfg: &SyncConfig) -> Option<super::conflicts::Resolution> {
+pub(super) fn resolution(cfg: &SyncConfig, pair: Pair) -> Option<super::conflicts::Resolution> {
     if cfg.conflict == super::config::ConflictPolicy::Report {
         return None;
     }
     let (a, b) = urls(cfg).ok()?;
     Some(super::conflicts::Resolution {
         policy: cfg.conflict,
-        sides: [a.first()?.clone(), b.first()?.clone()],
+        sides: [a, b],
+        pair,
     })
 }
 
@@ -390,7 +374,6 @@ async fn check_sides(a: &RedisUrl, b: &RedisUrl) -> Result<(), String> {
 pub(crate) async fn precheck(cfg: &SyncConfig) -> Result<(), NodeError> {
     let (a, b) = urls(cfg)?;
     let pair = servers_pair(cfg).await?;
-    refuse_winner(cfg, pair)?;
     let mut reverse = crate::precheck::PrecheckConfig::new(b.clone(), a.clone());
     reverse.sample = Duration::ZERO;
     reverse.existing_data = crate::apply::ExistingData::Keep;

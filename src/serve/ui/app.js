@@ -539,7 +539,7 @@
       ["report", "report (log them)"],
       ["source-wins", "source-wins"],
       ["target-wins", "target-wins"],
-    ]), { hint: "Two-way only: what happens when both sides wrote a key. Between two clusters: report only." });
+    ]), { hint: "Two-way only: what happens when both sides wrote a key." });
 
     const form = h(
       "form",
