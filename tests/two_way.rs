@@ -388,18 +388,26 @@ fn a_winner_policy_makes_both_sides_converge(policy: &str, winner_value: &str) {
     a.cmd(&["SET", "both:gone", "a"]);
     b.cmd(&["SET", "both:gone", "b"]);
     b.cmd(&["DEL", "both:gone"]);
+    // In another db: the repair's connection goes back to db 0, where the
+    // checkpoints it reads for the next repairs are.
+    a.cmd(&["-n", "2", "SET", "both:db2", "from-a"]);
+    b.cmd(&["-n", "2", "SET", "both:db2", "from-b"]);
     assert!(ferry_cli(&["restart-sync", "--admin", &admin])
         .status
         .success());
     wait_for("the repairs", Duration::from_secs(60), || {
         let status = sync.status_json();
-        status["two_way"]["conflicts"] == 3 && status["two_way"]["repaired"] == 3
+        status["two_way"]["conflicts"] == 4 && status["two_way"]["repaired"] == 4
     });
     wait_for("both sides to agree", Duration::from_secs(60), || {
         let (on_a, on_b) = (a.cmd(&["GET", "both:key"]), b.cmd(&["GET", "both:key"]));
-        on_a == on_b && a.cmd(&["EXISTS", "both:gone"]) == b.cmd(&["EXISTS", "both:gone"])
+        let db2 = |s: &RedisServer| s.cmd(&["-n", "2", "GET", "both:db2"]);
+        on_a == on_b
+            && a.cmd(&["EXISTS", "both:gone"]) == b.cmd(&["EXISTS", "both:gone"])
+            && db2(&a) == db2(&b)
     });
     assert_eq!(a.cmd(&["GET", "both:key"]), winner_value);
+    assert_eq!(a.cmd(&["-n", "2", "GET", "both:db2"]), winner_value);
     let out = ferry_cli(&["verify", "--source", &a.url(), "--target", &b.url()]);
     assert!(
         out.status.success(),
@@ -408,7 +416,7 @@ fn a_winner_policy_makes_both_sides_converge(policy: &str, winner_value: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
     let lines = conflict_lines(&data);
-    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert_eq!(lines.len(), 4, "{lines:?}");
     assert!(lines.iter().all(|l| l["policy"] == policy), "{lines:?}");
 }
 
