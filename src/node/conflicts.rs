@@ -80,6 +80,16 @@
 //! reads each side's topology once, and a repair whose slot is moving
 //! (`MOVED`, `ASK`, `TRYAGAIN`) waits for the next round.
 //!
+//! # The log
+//!
+//! One JSON object per conflict, appended and fsynced before the state
+//! that counts it is saved. Crossing writes of one hot key make many pairs
+//! (each write against every one of the other side's it did not see), so
+//! the log is bounded: past [`LOG_MAX_BYTES`] it is renamed to
+//! [`ROTATED_LOG`] (replacing the one before) and a new one begun, at most
+//! about twice that on disk. The count in `ferry status` is of every
+//! conflict, rotated away or not.
+//!
 //! # Restarts
 //!
 //! The state (positions, what each side has seen, the windows) is saved
@@ -137,6 +147,10 @@ const POLL: Duration = Duration::from_millis(200);
 const SAVE_EVERY: Duration = Duration::from_secs(1);
 /// How much of the log's end a restart reads to skip pairs already logged.
 const LOG_TAIL_BYTES: u64 = 4 << 20;
+/// The conflict log's size at which it is rotated (module doc, "The log").
+pub const LOG_MAX_BYTES: u64 = 256 << 20;
+/// The rotated log: the one before the current, in the data dir.
+pub const ROTATED_LOG: &str = "conflicts.jsonl.1";
 const READ: ReadLimits = ReadLimits {
     max_entries: 4096,
     max_bytes: 16 << 20,
@@ -648,20 +662,17 @@ fn position(seen: &Seen, other: u32) -> WritePosition {
     }
 }
 
-/// The pairs in the last [`LOG_TAIL_BYTES`] of the conflict log.
+/// The pairs in the last [`LOG_TAIL_BYTES`] of the conflict log (reaching
+/// into the rotated one when the current is shorter).
 fn logged_pairs(path: &Path) -> HashSet<LoggedPair> {
-    use std::io::{Read, Seek, SeekFrom};
     let mut pairs = HashSet::new();
-    let Ok(mut file) = std::fs::File::open(path) else {
-        return pairs;
+    let current = read_tail(path, LOG_TAIL_BYTES);
+    let left = LOG_TAIL_BYTES.saturating_sub(current.len() as u64);
+    let rotated = match left {
+        0 => String::new(),
+        left => read_tail(&rotated_path(path), left),
     };
-    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let start = len.saturating_sub(LOG_TAIL_BYTES);
-    let mut text = String::new();
-    if file.seek(SeekFrom::Start(start)).is_err() || file.read_to_string(&mut text).is_err() {
-        return pairs;
-    }
-    for line in text.lines() {
+    for line in rotated.lines().chain(current.lines()) {
         if let Ok(c) = serde_json::from_str::<Conflict>(line) {
             pairs.insert((
                 c.source.partition,
@@ -676,18 +687,59 @@ fn logged_pairs(path: &Path) -> HashSet<LoggedPair> {
     pairs
 }
 
-fn append(path: &Path, conflicts: &[Conflict]) -> std::io::Result<()> {
+/// The last `bytes` of the file at `path` (empty when it cannot be read;
+/// a line cut at the start does not parse and is skipped).
+fn read_tail(path: &Path, bytes: u64) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut raw = Vec::new();
+    if file
+        .seek(SeekFrom::Start(len.saturating_sub(bytes)))
+        .is_err()
+        || file.take(bytes).read_to_end(&mut raw).is_err()
+    {
+        return String::new();
+    }
+    String::from_utf8_lossy(&raw).into_owned()
+}
+
+/// Where the log at `path` is rotated to ([`ROTATED_LOG`] beside it).
+fn rotated_path(path: &Path) -> PathBuf {
+    path.with_file_name(ROTATED_LOG)
+}
+
+/// Appends `conflicts` to the log at `path` and fsyncs it. A log that
+/// would pass `max_bytes` is first rotated: renamed to [`ROTATED_LOG`]
+/// (replacing the one before it) and the directory fsynced, so the two
+/// files hold at most twice `max_bytes` (plus one append).
+fn append(path: &Path, conflicts: &[Conflict], max_bytes: u64) -> std::io::Result<()> {
     let mut text = String::new();
     for conflict in conflicts {
         text.push_str(&serde_json::to_string(conflict).map_err(std::io::Error::other)?);
         text.push('\n');
+    }
+    let len = std::fs::metadata(path).map_or(0, |m| m.len());
+    let rotate = len > 0 && len + text.len() as u64 > max_bytes;
+    if rotate {
+        std::fs::rename(path, rotated_path(path))?;
     }
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)?;
     file.write_all(text.as_bytes())?;
-    file.sync_data()
+    file.sync_data()?;
+    // A file made here (first, or after the rotation) lasts a crash only
+    // with its directory entry.
+    if rotate || len == 0 {
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+    }
+    Ok(())
 }
 
 fn load_state(path: &Path) -> Option<State> {
@@ -994,7 +1046,7 @@ pub async fn run(
                     "two-way conflicts: more than are logged here; every one is in the conflict log"
                 );
             }
-            if let Err(error) = append(&log_path, &found) {
+            if let Err(error) = append(&log_path, &found, LOG_MAX_BYTES) {
                 warn!(path = %log_path.display(), %error, "cannot append to the conflict log");
             }
             detector.conflicts += found.len() as u64;
@@ -1215,6 +1267,51 @@ mod tests {
     }
 
     #[test]
+    fn the_log_is_rotated_past_its_size_and_a_restart_reads_both_tails() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(CONFLICT_LOG);
+        let conflict = |n: u64| Conflict {
+            key: format!("k{n}"),
+            key_hex: hex(format!("k{n}").as_bytes()),
+            db: 0,
+            source: WritePosition {
+                partition: 0,
+                log_id: n,
+                offset: n,
+                unix_ms: 1,
+                seen: 0,
+            },
+            target: WritePosition {
+                partition: 1,
+                log_id: n,
+                offset: n,
+                unix_ms: 1,
+                seen: 0,
+            },
+            detected_unix_ms: 1,
+            policy: "report".into(),
+        };
+        let line = serde_json::to_string(&conflict(10)).unwrap().len() as u64 + 1;
+        // Room for three lines a file: the fourth append rotates.
+        let max = 3 * line + line / 2;
+        for n in 10..14 {
+            append(&path, &[conflict(n)], max).unwrap();
+        }
+        let lines = |p: &Path| std::fs::read_to_string(p).unwrap().lines().count();
+        let rotated = dir.path().join(ROTATED_LOG);
+        assert_eq!((lines(&rotated), lines(&path)), (3, 1));
+        for n in 14..17 {
+            append(&path, &[conflict(n)], max).unwrap();
+        }
+        // The rotated log is replaced, never grown: two files at most.
+        assert_eq!((lines(&rotated), lines(&path)), (3, 1));
+        assert!(std::fs::metadata(&rotated).unwrap().len() <= max);
+        let logged = logged_pairs(&path);
+        let ids: std::collections::BTreeSet<u64> = logged.iter().map(|p| p.1).collect();
+        assert_eq!(ids, (13..17).collect());
+    }
+
+    #[test]
     fn state_round_trips_and_a_restart_does_not_log_a_pair_twice() {
         let mut d = Detector::new("d", OwnedKeyspace::all(), Pair::Standalone);
         d.take(FORWARD, &entry(1, &[&["SET", "k", "a"]], false));
@@ -1227,7 +1324,7 @@ mod tests {
         assert_eq!(found.len(), 1);
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join(CONFLICT_LOG);
-        append(&log, &found).unwrap();
+        append(&log, &found, LOG_MAX_BYTES).unwrap();
         let mut third = Detector::new("d", OwnedKeyspace::all(), Pair::Standalone);
         third.restore(serde_json::from_str(&state).unwrap());
         third.logged = logged_pairs(&log);
