@@ -1250,9 +1250,10 @@ fn cluster_with_standalone_concurrent_writes_converge_exactly_once_across_kill_9
 }
 
 /// kill -9 of a mixed pair's ferry while the backward direction is being
-/// established: once B's first master is marked, and once every master is
-/// (a standalone B: its one mark, both times), the established file not
-/// written. Each restart keeps the marks made; the sync is established
+/// established: during the first full sync, once A is prepared as the
+/// backward appliers' target (nothing marked), once B's first master is
+/// marked, and once every master is (a standalone B: its one mark), the
+/// established file not written. Each restart keeps the marks made; the sync is established
 /// once, no backward partition full-syncs, and writes converge.
 fn mixed_kill_9_while_establishing_establishes_it_once(standalone_source: bool) {
     let pair = MixedPair::start(standalone_source);
@@ -1263,25 +1264,33 @@ fn mixed_kill_9_while_establishing_establishes_it_once(standalone_source: bool) 
     let tags = pair.seeded_tags();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    // Killed at moments spread over the first full sync first.
-    for delay_ms in [200u64, 500] {
-        let mut sync = pair.sync(&data, &[]);
-        thread::sleep(Duration::from_millis(delay_ms));
-        sync.kill9();
-        let _ = std::fs::remove_file(data.join("admin.addr"));
-    }
+    // Killed at moments spread over the first full sync first, each run
+    // held before B's first mark at the latest (a small full sync takes
+    // less than the delays), the last one at that hold: A prepared as the
+    // backward appliers' target, nothing marked.
     let mut sync = pair.sync(&data, &[]);
-    for point in ["two-way-marked-one", "two-way-marked-all"] {
+    let prepared = [("FERRY_TEST_SWITCHOVER_HOLD", "two-way-prepared")];
+    for delay_ms in [0u64, 200, 500] {
+        thread::sleep(Duration::from_millis(delay_ms));
+        let _ = std::fs::remove_file(data.join("admin.addr"));
+        sync.respawn_with_env(&prepared);
+    }
+    for point in [
+        "two-way-prepared",
+        "two-way-marked-one",
+        "two-way-marked-all",
+    ] {
         let mark = sync.log_len();
         sync.respawn_with_env(&[("FERRY_TEST_SWITCHOVER_HOLD", point)]);
-        wait_for(
-            &format!("the hold at {point}"),
-            Duration::from_secs(90),
-            || {
-                let log = sync.log_since(mark);
-                log.contains("ferry holds here") && log.contains(point)
-            },
-        );
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let log = sync.log_since(mark);
+            if log.contains("ferry holds here") && log.contains(point) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "no hold at {point}: {log}");
+            thread::sleep(Duration::from_millis(50));
+        }
         let log = sync.log_since(mark);
         assert!(!log.contains("two-way sync established"), "{log}");
         sync.kill9();

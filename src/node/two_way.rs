@@ -879,6 +879,7 @@ async fn seed_clusters(
         now_unix_ms(),
         a.first().map(RedisUrl::addr).unwrap_or_default()
     );
+    super::switchover::hold_for_test("two-way-prepared").await;
     let mut marked = Vec::new();
     for ((master, &partition), started) in masters.iter().zip(&partitions).zip(&started) {
         if *started {
