@@ -1492,7 +1492,7 @@ impl Applier {
                 }
                 if open.is_none() {
                     self.find_voids(&mut builder, &feed.pending)?;
-                    if let Some(batch) =
+                    if let Some(mut batch) =
                         builder.build(&mut feed.pending, self.epoch, self.hold().as_ref())
                     {
                         if self.cfg.two_way_peers.is_some() && batch.is_silent() {
@@ -1501,6 +1501,9 @@ impl Applier {
                             // back until a batch with data covers it, or
                             // `silent_flush` passed (the WAL must not trim
                             // entries the target's checkpoint is before).
+                            // Its echoes are counted now, as the cluster
+                            // applier does: a later batch covers it whole.
+                            self.status.add_echoes(std::mem::take(&mut batch.echoes));
                             let since = silent.take().map_or_else(Instant::now, |(_, at)| at);
                             self.status.set_applied(batch.last, self.epoch);
                             silent = Some((batch, since));

@@ -780,10 +780,16 @@ impl<'a> Repairs<'a> {
         Ok(Topology::url_for(master, first))
     }
 
+    /// A connection to `url`'s server, in db 0 (where checkpoints live)
+    /// between calls.
     async fn client(&mut self, url: &RedisUrl) -> Result<&mut Client, String> {
         let addr = url.addr();
         if !self.clients.contains_key(&addr) {
-            let client = Client::connect(url)
+            let in_db0 = RedisUrl {
+                db: 0,
+                ..url.clone()
+            };
+            let client = Client::connect(&in_db0)
                 .await
                 .map_err(|error| format!("connecting to {addr}: {error}"))?;
             self.clients.insert(addr.clone(), client);
@@ -857,6 +863,7 @@ impl<'a> Repairs<'a> {
         let commands = [
             Command::from_parts([b"SELECT".as_slice(), db.as_bytes()]),
             Command::from_parts([b"EVAL".as_slice(), TOUCH.as_bytes(), b"1", &name]),
+            Command::from_parts([b"SELECT".as_slice(), b"0"]),
         ];
         let client = self.client(&url).await?;
         let replies = match client.pipeline(&commands).await {
