@@ -1509,7 +1509,8 @@ fn cluster_with_standalone_source_wins_makes_both_sides_end_with_the_sources_wri
 /// A cluster has db 0 only: a standalone side holding keys in another db
 /// fails the precheck, whichever side it is (for a standalone target, the
 /// check the other way round), and nothing is written; `--dbs 0` leaves
-/// them out.
+/// them out; a write in another db once running is held by the applier
+/// into the cluster.
 #[test]
 fn mixed_pairs_refuse_a_standalone_side_with_keys_in_other_dbs() {
     for standalone_source in [true, false] {
@@ -1547,6 +1548,45 @@ fn mixed_pairs_refuse_a_standalone_side_with_keys_in_other_dbs() {
         assert_eq!(
             conn.call(&["GET", "in-db-3"]).unwrap().text().as_deref(),
             Some("1")
+        );
+        let mut sync = sync;
+        sync.terminate(Duration::from_secs(20));
+        // Every db owned, none but db 0 holding keys at the start: a later
+        // write of the standalone side in db 3 is held by the applier into
+        // the cluster.
+        conn.call(&["DEL", "in-db-3"]).unwrap();
+        let data = dir.path().join("data-all");
+        let sync = pair.sync(&data, &["--existing-data", "keep"]);
+        pair.wait_established(&sync);
+        conn.call(&["SET", "late-in-db-3", "1"]).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let status = sync.status_json();
+            let held = status["drainers"].as_array().unwrap().iter().any(|d| {
+                d["state"] == "BLOCKED"
+                    && d["blocked"]["error"]
+                        .as_str()
+                        .is_some_and(|e| e.contains("db 3 is out of range"))
+            });
+            if held {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the write in db 3 is not held: {status:#}\n{}",
+                sync.log_tail(30)
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+        // The held entry holds its partition (the standalone side's
+        // later writes wait behind it); the cluster's writes still come.
+        let (cluster, standalone) = (Side::Cluster(&pair.cluster), Side::Standalone(&pair.server));
+        let key = key_in_slot("still", 3000);
+        cluster.call_key(&key, &["SET", &key, "1"]);
+        wait_for(
+            "the cluster's write on the standalone server",
+            Duration::from_secs(30),
+            || standalone.get(&key).as_deref() == Some("1"),
         );
     }
 }
