@@ -921,3 +921,58 @@ async fn seed_clusters(
         marked.join("; ")
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The two directions' partitions never meet, in any pair, and a side
+    /// is a cluster where the pair says so.
+    #[test]
+    fn every_pair_keeps_the_directions_apart() {
+        for (a_cluster, b_cluster) in [(false, false), (true, true), (false, true), (true, false)] {
+            let pair = Pair::of(a_cluster, b_cluster);
+            assert_eq!(
+                (pair.is_cluster(0), pair.is_cluster(1)),
+                (a_cluster, b_cluster)
+            );
+            let (forward, backward) = (pair.forward(), pair.backward());
+            assert!(
+                forward.end() < backward.start(),
+                "{pair:?}: {forward:?} {backward:?}"
+            );
+            assert!(forward.contains(&FORWARD.0));
+            assert!(!pair.is_backward(FORWARD));
+            assert_eq!(Pair::parse(pair.as_str()), Some(pair));
+        }
+        // A standalone side's one partition: A's 0, B's 1000.
+        assert_eq!(Pair::StandaloneCluster.forward(), 0..=0);
+        assert_eq!(Pair::ClusterStandalone.backward(), 1000..=1000);
+        assert!(Pair::StandaloneCluster.is_backward(PartitionId(1002)));
+        assert!(!Pair::ClusterStandalone.is_backward(PartitionId(5)));
+        assert_eq!(Pair::parse("mixed"), None);
+    }
+
+    /// The stored pair wins over what the data dir holds; without it an
+    /// older ferry's data dir is read as before, and a bad file is an
+    /// error naming it.
+    #[test]
+    fn the_stored_pair_is_what_a_restart_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(stored_pair(dir.path(), None), Ok(None));
+        // A's shard map, as a cluster A's forward listener writes it.
+        std::fs::write(dir.path().join(crate::listener::SHARD_MAP_FILE), "{}").unwrap();
+        assert_eq!(stored_pair(dir.path(), None), Ok(Some(Pair::Clusters)));
+        std::fs::write(dir.path().join(PAIR_FILE), "cluster-standalone\n").unwrap();
+        assert_eq!(
+            stored_pair(dir.path(), None),
+            Ok(Some(Pair::ClusterStandalone))
+        );
+        std::fs::write(dir.path().join(PAIR_FILE), "both\n").unwrap();
+        let error = stored_pair(dir.path(), None).unwrap_err();
+        assert!(
+            error.contains(PAIR_FILE) && error.contains("both"),
+            "{error}"
+        );
+    }
+}
