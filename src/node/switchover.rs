@@ -1859,7 +1859,7 @@ pub(super) async fn cluster_target_state(
         true => Some(
             crate::redis::cluster::discover(&targets)
                 .await
-                .map_err(|error| format!("the old source cluster: {error}"))?,
+                .map_err(|error| format!("the cluster the reversed appliers write: {error}"))?,
         ),
         false => None,
     };

@@ -60,9 +60,9 @@
 //!
 //! # Two clusters
 //!
-//! Between two clusters ([`Pair::Clusters`]) each direction is what a one-way sync of a
-//! cluster into a cluster is (apply module, "Applying into a Redis Cluster
-//! target"), in the same one WAL:
+//! Between two clusters ([`Pair::Clusters`]) each direction is what a
+//! one-way sync of a cluster into a cluster is (apply module, "Applying
+//! into a Redis Cluster target"), in the same one WAL:
 //!
 //! - forward: a partition per master of A (0, 1, …; the shard map and slot
 //!   table in the data dir), each applied into B by slot;
