@@ -798,60 +798,151 @@ fn a_two_way_cluster_task_converges_survives_kill_9_and_cancels_on_every_master(
     assert!(status.success(), "{}", daemon.process.log_tail(20));
 }
 
-/// Refused at creation, with the reason, as `ferry sync --two-way` refuses
-/// them: a standalone server paired with a cluster (either way round).
-/// Nothing runs, nothing is written. A winner policy between clusters
-/// passes the precheck.
+/// Both directions shown for a task between a standalone server and a
+/// cluster: `forward` listeners and appliers below 1000 and `backward`
+/// from 1000, with their direction, all ONLINE; the conflicts counted.
+fn mixed_directions_shown(task: &Value, forward: usize, backward: usize) -> bool {
+    let Some(parts) = task["partitions"].as_array() else {
+        return false;
+    };
+    let rows = |side: &str, is_backward: bool| {
+        parts
+            .iter()
+            .filter(|p| p["side"] == side)
+            .filter(|p| (p["part_id"].as_u64().unwrap_or(0) >= 1000) == is_backward)
+            .filter(|p| {
+                p["direction"]
+                    == match is_backward {
+                        true => "target-to-source",
+                        false => "source-to-target",
+                    }
+            })
+            .filter(|p| p["sync_status"] == "ONLINE")
+            .count()
+    };
+    parts.len() == 2 * (forward + backward)
+        && ["listener", "drainer"]
+            .iter()
+            .all(|side| rows(side, false) == forward && rows(side, true) == backward)
+        && task["conflicts"].is_u64()
+}
+
+/// Two-way tasks between a standalone server and a 3-master cluster, in
+/// both orders, through the API: the precheck passes (a winner policy
+/// too), both directions are established and shown (the standalone side's
+/// one partition, the cluster's per master, the target's from 1000),
+/// increments on both sides are carried once, and the cancel deletes
+/// every key ferry wrote for the task on both sides (the standalone
+/// server, every node of the cluster) and only those.
 #[test]
-fn two_way_cluster_tasks_refuse_mixed_pairs() {
-    let a = Cluster::start(3, 0);
-    let b = Cluster::start(3, 0);
-    let standalone = RedisServer::start(&[]);
+fn two_way_tasks_between_a_standalone_server_and_a_cluster() {
+    let cluster = Cluster::start(3, 0);
+    let tags = slot_tags();
     let dir = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(&dir.path().join("serve"), &[]);
-    let mixed = "two-way sync runs between two standalone servers or between two Redis Clusters";
-    let cases = [
-        ("mixed1", a.seed_list(), standalone.url(), "report", mixed),
-        ("mixed2", standalone.url(), a.seed_list(), "report", mixed),
-    ];
-    for (name, source, target, conflict, want) in cases {
+    // Other owners' keys under ferry's prefix: never deleted.
+    let foreign = key_in_slot("__ferry:checkpoint:other:0", 7000);
+    cluster.call_key(&foreign, &["SET", &foreign, "x"]);
+    for (name, standalone_source, counter) in [("mixed1", true, "c"), ("mixed2", false, "d")] {
+        // A new standalone server each time: the second one, a target, must
+        // pass the existing-data rule.
+        let standalone = RedisServer::start(&["--repl-diskless-sync-delay", "0"]);
+        standalone.cmd(&["SET", "__ferry:two-way:mixed1-b", "x"]);
+        let standalone_keys = || {
+            let mut keys: Vec<String> = standalone
+                .cmd(&["KEYS", "__ferry*"])
+                .lines()
+                .filter(|k| !k.is_empty())
+                .map(String::from)
+                .collect();
+            keys.sort();
+            keys
+        };
+        let standalone_get = |key: &str| {
+            let value = standalone.cmd(&["GET", key]);
+            (!value.is_empty()).then_some(value)
+        };
+        let (source, target) = match standalone_source {
+            true => (standalone.url(), cluster.seed_list()),
+            false => (cluster.seed_list(), standalone.url()),
+        };
+        let winner = json!({
+            "name": format!("{name}-winner"),
+            "source": source,
+            "target": target,
+            "mode": "two-way",
+            "options": { "conflict": "source-wins" },
+        });
+        let (status, report) = daemon.post("/api/v1/precheck", &winner);
+        assert_eq!(status, 200, "{report}");
+        assert_ne!(report["verdict"], "FAIL", "{name}: {report}");
         let spec = json!({
             "name": name,
             "source": source,
             "target": target,
             "mode": "two-way",
-            "options": { "conflict": conflict },
+            "options": { "conflict": "report" },
         });
-        let (status, report) = daemon.post("/api/v1/precheck", &spec);
-        assert_eq!(status, 200, "{report}");
-        assert_eq!(report["verdict"], "FAIL", "{name}: {report}");
-        assert!(
-            report["table"].as_str().unwrap().contains(want),
-            "{name}: {report}"
-        );
         let (status, reply) = daemon.post("/api/v1/tasks", &spec);
-        assert_eq!(status, 422, "{name}: {reply}");
-        assert_eq!(reply["task"]["state"], "FAILED", "{name}: {reply}");
-        let error = reply["error"].as_str().unwrap();
+        assert_eq!(status, 201, "{name}: {reply}");
+        let (forward, backward) = match standalone_source {
+            true => (1, 3),
+            false => (3, 1),
+        };
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let task = daemon.wait_state(name, "INCREMENTAL", Duration::from_secs(90));
+            if mixed_directions_shown(&task, forward, backward) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name}: both directions not shown: {task:#}\n{}",
+                daemon.process.log_tail(40)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        // Each side writes once it has seen the other's writes.
+        for round in 0..2 {
+            for tag in &tags {
+                let key = format!("{counter}:{tag}");
+                for _ in 0..5 {
+                    match (round == 0) == standalone_source {
+                        true => {
+                            standalone.cmd(&["INCR", &key]);
+                        }
+                        false => {
+                            cluster.call_key(&key, &["INCR", &key]);
+                        }
+                    }
+                }
+            }
+            let want = (5 * (round + 1)).to_string();
+            wait_for(
+                &format!("{name}: the counters at {want} on both sides"),
+                Duration::from_secs(60),
+                || {
+                    tags.iter().all(|tag| {
+                        let key = format!("{counter}:{tag}");
+                        standalone_get(&key).as_deref() == Some(want.as_str())
+                            && get_key(&cluster, &key).as_deref() == Some(want.as_str())
+                    })
+                },
+            );
+        }
+        let keys = standalone_keys();
         assert!(
-            error.contains("precheck failed") && error.contains(want),
-            "{name}: {reply}"
+            keys.iter()
+                .any(|k| k.starts_with(&format!("__ferry:checkpoint:{name}:"))),
+            "{keys:?}"
         );
-    }
-    let winner = json!({
-        "name": "winner",
-        "source": a.seed_list(),
-        "target": b.seed_list(),
-        "mode": "two-way",
-        "options": { "conflict": "source-wins" },
-    });
-    let (status, report) = daemon.post("/api/v1/precheck", &winner);
-    assert_eq!(status, 200, "{report}");
-    assert_ne!(report["verdict"], "FAIL", "{report}");
-    std::thread::sleep(Duration::from_millis(500));
-    for name in ["mixed1", "mixed2"] {
-        let (_, task) = daemon.get(&format!("/api/v1/tasks/{name}"));
-        assert_eq!(task["state"], "FAILED", "{task}");
+        assert!(
+            ferry_keys(&cluster)
+                .iter()
+                .any(|k| k.starts_with(&format!("__ferry:checkpoint:{name}:"))),
+            "{:?}",
+            ferry_keys(&cluster)
+        );
         let (status, reply) = http(
             &daemon.http,
             "DELETE",
@@ -860,8 +951,17 @@ fn two_way_cluster_tasks_refuse_mixed_pairs() {
             None,
         );
         assert_eq!(status, 200, "{reply}");
+        assert_eq!(reply["task"]["state"], "CANCELED", "{reply}");
+        assert_eq!(ferry_keys(&cluster), vec![foreign.clone()], "{name}");
+        assert_eq!(
+            standalone_keys(),
+            vec!["__ferry:two-way:mixed1-b".to_string()],
+            "{name}"
+        );
+        for tag in &tags {
+            let key = format!("{counter}:{tag}");
+            assert_eq!(standalone_get(&key).as_deref(), Some("10"), "{key}");
+            assert_eq!(get_key(&cluster, &key).as_deref(), Some("10"), "{key}");
+        }
     }
-    assert_eq!(ferry_keys(&a), Vec::<String>::new());
-    assert_eq!(ferry_keys(&b), Vec::<String>::new());
-    assert_eq!(standalone.cmd(&["KEYS", "__ferry*"]), "");
 }

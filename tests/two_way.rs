@@ -946,29 +946,10 @@ fn clusters_target_wins_makes_both_sides_end_with_the_targets_writes() {
     clusters_a_winner_policy_makes_both_sides_converge("target-wins", "from-b");
 }
 
-/// Between clusters a flush is held, and a standalone server paired with a
-/// cluster is refused with the reason.
+/// Between clusters a flush is held.
 #[test]
-fn clusters_two_way_refuses_flushes_and_mixed_pairs() {
+fn clusters_two_way_refuses_flushes() {
     let a = Cluster::start(3, 0);
-    let standalone = RedisServer::start(&[]);
-    let dir = tempfile::tempdir().unwrap();
-    let refused = |source: &str, target: &str, extra: &[&str], want: &str, name: &str| {
-        let mut args = vec!["--two-way"];
-        args.extend_from_slice(extra);
-        let mut sync = FerryProcess::sync(&dir.path().join(name), source, target, &args);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !sync.has_exited() {
-            assert!(Instant::now() < deadline, "{}", sync.log_tail(30));
-            thread::sleep(Duration::from_millis(50));
-        }
-        let log = std::fs::read_to_string(&sync.log).unwrap();
-        assert!(log.contains(want), "{log}");
-        let _ = sync.try_exit();
-    };
-    let mixed = "two-way sync runs between two standalone servers or between two Redis Clusters";
-    refused(&a.seed_list(), &standalone.url(), &[], mixed, "mixed1");
-    refused(&standalone.url(), &a.seed_list(), &[], mixed, "mixed2");
     let b = Cluster::start(3, 0);
     let (_dir, _data, sync) = two_way_clusters(&a, &b);
     let key = key_in_slot("k", 300);
@@ -1002,4 +983,610 @@ fn clusters_two_way_refuses_flushes_and_mixed_pairs() {
         Some("1"),
         "the flush reached the other side"
     );
+}
+
+// ---------------------------------------------------------------------------
+// A standalone server and a Redis Cluster, either way round
+
+/// One side of a mixed pair.
+#[derive(Clone, Copy)]
+enum Side<'a> {
+    Standalone(&'a RedisServer),
+    Cluster(&'a Cluster),
+}
+
+impl Side<'_> {
+    /// What ferry is given: the server's URL or the cluster's seed list.
+    fn url(&self) -> String {
+        match self {
+            Side::Standalone(server) => server.url(),
+            Side::Cluster(cluster) => cluster.seed_list(),
+        }
+    }
+
+    /// The server that holds `key`.
+    fn addr_for(&self, key: &str) -> String {
+        match self {
+            Side::Standalone(server) => server.addr(),
+            Side::Cluster(cluster) => cluster.master_for_key(key).addr(),
+        }
+    }
+
+    fn call_key(&self, key: &str, args: &[&str]) -> Resp {
+        connect(&self.addr_for(key)).call(args).unwrap()
+    }
+
+    fn get(&self, key: &str) -> Option<String> {
+        self.call_key(key, &["GET", key]).text()
+    }
+
+    /// Every `__ferry*` key of every server of the side (a cluster's
+    /// replicas too), sorted.
+    fn ferry_keys(&self) -> Vec<String> {
+        let addrs: Vec<String> = match self {
+            Side::Standalone(server) => vec![server.addr()],
+            Side::Cluster(cluster) => cluster.nodes().map(|node| node.addr()).collect(),
+        };
+        let mut keys: Vec<String> = addrs
+            .iter()
+            .flat_map(|addr| {
+                connect(addr)
+                    .call(&["KEYS", "__ferry*"])
+                    .unwrap()
+                    .items()
+                    .iter()
+                    .filter_map(|k| k.text())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        keys.sort();
+        keys
+    }
+}
+
+/// (c, c2, h.f, l sorted) of the keys of `tag` on `side`.
+fn side_state(side: Side, tag: &str) -> (i64, i64, i64, Vec<String>) {
+    let mut conn = connect(&side.addr_for(&format!("c:{tag}")));
+    let number = |reply: Resp| reply.text().map_or(0, |t| t.parse::<i64>().unwrap());
+    let c = number(conn.call(&["GET", &format!("c:{tag}")]).unwrap());
+    let c2 = number(conn.call(&["GET", &format!("c2:{tag}")]).unwrap());
+    let hf = number(conn.call(&["HGET", &format!("h:{tag}"), "f"]).unwrap());
+    let mut list: Vec<String> = conn
+        .call(&["LRANGE", &format!("l:{tag}"), "0", "-1"])
+        .unwrap()
+        .items()
+        .iter()
+        .map(|item| item.text().unwrap())
+        .collect();
+    list.sort();
+    (c, c2, hf, list)
+}
+
+/// A standalone server and a 3-master cluster, `standalone_source` saying
+/// which is A (`--source`).
+struct MixedPair {
+    server: RedisServer,
+    cluster: Cluster,
+    standalone_source: bool,
+}
+
+impl MixedPair {
+    fn start(standalone_source: bool) -> MixedPair {
+        MixedPair {
+            server: RedisServer::start(&[]),
+            cluster: Cluster::start(3, 0),
+            standalone_source,
+        }
+    }
+
+    fn a(&self) -> Side<'_> {
+        match self.standalone_source {
+            true => Side::Standalone(&self.server),
+            false => Side::Cluster(&self.cluster),
+        }
+    }
+
+    fn b(&self) -> Side<'_> {
+        match self.standalone_source {
+            true => Side::Cluster(&self.cluster),
+            false => Side::Standalone(&self.server),
+        }
+    }
+
+    /// The partitions of A (from 0) and of B (from 1000).
+    fn partitions(&self) -> (usize, usize) {
+        match self.standalone_source {
+            true => (1, 3),
+            false => (3, 1),
+        }
+    }
+
+    /// What the data dir stores as the pair.
+    fn stored(&self) -> &'static str {
+        match self.standalone_source {
+            true => "standalone-cluster",
+            false => "cluster-standalone",
+        }
+    }
+
+    fn sync(&self, data: &std::path::Path, extra: &[&str]) -> FerryProcess {
+        let mut args = vec!["--two-way"];
+        args.extend_from_slice(extra);
+        FerryProcess::sync(data, &self.a().url(), &self.b().url(), &args)
+    }
+
+    /// Both directions run: an applier per partition of each side, the
+    /// backward ones from 1000, all ONLINE.
+    fn established(&self, sync: &FerryProcess) -> bool {
+        let (forward, backward) = self.partitions();
+        let status = sync.status_json();
+        status["drainers"].as_array().is_some_and(|d| {
+            d.len() == forward + backward
+                && d.iter().all(|side| side["state"] == "ONLINE")
+                && d.iter()
+                    .filter(|side| side["partition"].as_u64() >= Some(1000))
+                    .count()
+                    == backward
+        })
+    }
+
+    fn wait_established(&self, sync: &FerryProcess) {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while !self.established(sync) {
+            assert!(
+                Instant::now() < deadline,
+                "not established: {}",
+                sync.log_tail(40)
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// A [`slot_writer`] on each side for each of `tags`, at the server
+    /// holding it: A's and B's writers of `tags[i]` are `2i` and `2i + 1`.
+    fn writers(&self, tags: &[String], stop: &Arc<AtomicBool>) -> Vec<thread::JoinHandle<Done>> {
+        let mut writers = Vec::new();
+        for tag in tags {
+            let key = format!("c:{tag}");
+            for (side, name) in [(self.a(), "a"), (self.b(), "b")] {
+                let addr = side.addr_for(&key);
+                let (tag, name, stop) = (tag.clone(), format!("{name}{tag}"), Arc::clone(stop));
+                writers.push(thread::spawn(move || slot_writer(addr, tag, name, stop)));
+            }
+        }
+        writers
+    }
+
+    /// The tags of [`CLUSTER_SLOTS`] (a key of each on every master of the
+    /// cluster), each tag's counter set to 100 on A.
+    fn seeded_tags(&self) -> Vec<String> {
+        let tags: Vec<String> = CLUSTER_SLOTS
+            .iter()
+            .map(|&slot| key_in_slot("x", slot).trim_start_matches("x:").to_string())
+            .collect();
+        for tag in &tags {
+            let key = format!("c:{tag}");
+            self.a().call_key(&key, &["INCRBY", &key, "100"]);
+        }
+        tags
+    }
+
+    fn wait_both_hold(&self, tag: &str, want: &(i64, i64, i64, Vec<String>), sync: &FerryProcess) {
+        for (side, name) in [(self.a(), "A"), (self.b(), "B")] {
+            let deadline = Instant::now() + Duration::from_secs(90);
+            loop {
+                let have = side_state(side, tag);
+                if have == *want {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{name}, keys {tag}: have {:?}, want {:?} (lists {} vs {})\n{}",
+                    (have.0, have.1, have.2),
+                    (want.0, want.1, want.2),
+                    have.3.len(),
+                    want.3.len(),
+                    sync.log_tail(40)
+                );
+                thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+/// The test for a mixed pair: concurrent `INCR`, `INCRBY`,
+/// `HINCRBY`, `LPUSH` on keys of every shard of the cluster from both
+/// sides while ferry is killed with SIGKILL again and again: every
+/// increment counted once and every element present once on both sides,
+/// and nothing moves once idle.
+fn mixed_concurrent_writes_converge_exactly_once_across_kill_9(standalone_source: bool) {
+    let pair = MixedPair::start(standalone_source);
+    let tags = pair.seeded_tags();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut sync = pair.sync(&data, &[]);
+    pair.wait_established(&sync);
+    let log = std::fs::read_to_string(&sync.log).unwrap();
+    assert!(log.contains("two-way sync established"), "{log}");
+    assert_eq!(
+        std::fs::read_to_string(data.join("two-way.pair")).unwrap(),
+        format!("{}\n", pair.stored())
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers = pair.writers(&tags, &stop);
+    for round in 0..4u64 {
+        thread::sleep(Duration::from_millis(600 + 150 * round));
+        sync.kill9();
+        let _ = std::fs::remove_file(data.join("admin.addr"));
+        sync = pair.sync(&data, &[]);
+    }
+    thread::sleep(Duration::from_millis(700));
+    stop.store(true, Ordering::SeqCst);
+    let done: Vec<Done> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+    for (i, tag) in tags.iter().enumerate() {
+        let (on_a, on_b) = (&done[2 * i], &done[2 * i + 1]);
+        assert!(
+            on_a.incr > 20 && on_b.incr > 20,
+            "too few writes: {on_a:?} {on_b:?}"
+        );
+        pair.wait_both_hold(tag, &expected(on_a, on_b), &sync);
+    }
+    pair.wait_established(&sync);
+    // Nothing loops: idle, no applier applies anything and no echo comes
+    // back but the few held-back silent batches (see the clusters' test).
+    thread::sleep(Duration::from_millis(1500));
+    let settled = counters(&sync);
+    assert!(
+        settled.iter().filter(|(_, echoes)| *echoes > 0).count() >= 2,
+        "echoes were seen: {settled:?}"
+    );
+    thread::sleep(Duration::from_secs(3));
+    let now = counters(&sync);
+    for ((applied, echoes), (applied_then, echoes_then)) in now.iter().zip(&settled) {
+        assert!(
+            applied == applied_then && *echoes <= echoes_then + 10,
+            "something went back and forth: {now:?}, settled {settled:?}"
+        );
+    }
+    for (i, tag) in tags.iter().enumerate() {
+        let want = expected(&done[2 * i], &done[2 * i + 1]);
+        assert_eq!(side_state(pair.a(), tag), want);
+        assert_eq!(side_state(pair.b(), tag), want);
+    }
+    let log = std::fs::read_to_string(&sync.log).unwrap();
+    assert!(!log.contains("full resync stored partition=10"), "{log}");
+    sync.terminate(Duration::from_secs(20));
+}
+
+#[test]
+fn standalone_with_cluster_concurrent_writes_converge_exactly_once_across_kill_9() {
+    mixed_concurrent_writes_converge_exactly_once_across_kill_9(true);
+}
+
+#[test]
+fn cluster_with_standalone_concurrent_writes_converge_exactly_once_across_kill_9() {
+    mixed_concurrent_writes_converge_exactly_once_across_kill_9(false);
+}
+
+/// kill -9 of a mixed pair's ferry while the backward direction is being
+/// established: during the first full sync, once A is prepared as the
+/// backward appliers' target (nothing marked), once B's first master is
+/// marked, and once every master is (a standalone B: its one mark), the
+/// established file not written. Each restart keeps the marks made; the sync is established
+/// once, no backward partition full-syncs, and writes converge.
+fn mixed_kill_9_while_establishing_establishes_it_once(standalone_source: bool) {
+    let pair = MixedPair::start(standalone_source);
+    for i in 0..600 {
+        let key = format!("k{i}");
+        pair.a().call_key(&key, &["SET", &key, "v"]);
+    }
+    let tags = pair.seeded_tags();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // Killed at moments spread over the first full sync first, each run
+    // held before B's first mark at the latest (a small full sync takes
+    // less than the delays), the last one at that hold: A prepared as the
+    // backward appliers' target, nothing marked.
+    let mut sync = pair.sync(&data, &[]);
+    let prepared = [("FERRY_TEST_SWITCHOVER_HOLD", "two-way-prepared")];
+    for delay_ms in [0u64, 200, 500] {
+        thread::sleep(Duration::from_millis(delay_ms));
+        let _ = std::fs::remove_file(data.join("admin.addr"));
+        sync.respawn_with_env(&prepared);
+    }
+    for point in [
+        "two-way-prepared",
+        "two-way-marked-one",
+        "two-way-marked-all",
+    ] {
+        let mark = sync.log_len();
+        sync.respawn_with_env(&[("FERRY_TEST_SWITCHOVER_HOLD", point)]);
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let log = sync.log_since(mark);
+            if log.contains("ferry holds here") && log.contains(point) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "no hold at {point}: {log}");
+            thread::sleep(Duration::from_millis(50));
+        }
+        let log = sync.log_since(mark);
+        assert!(!log.contains("two-way sync established"), "{log}");
+        sync.kill9();
+        let _ = std::fs::remove_file(data.join("admin.addr"));
+    }
+    let mark = sync.log_len();
+    sync.respawn_with_env(&[]);
+    pair.wait_established(&sync);
+    // The restart marked nothing again: every backward partition had its
+    // entry 1 already.
+    let restart = sync.log_since(mark);
+    let established = restart
+        .lines()
+        .find(|line| line.contains("two-way sync established"))
+        .unwrap_or_else(|| panic!("{restart}"));
+    assert!(!established.contains(" at 127.0.0.1:"), "{established}");
+    for i in 0..600 {
+        let key = format!("k{i}");
+        assert_eq!(pair.b().get(&key).as_deref(), Some("v"), "{key}");
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers = pair.writers(&tags, &stop);
+    thread::sleep(Duration::from_millis(1500));
+    stop.store(true, Ordering::SeqCst);
+    let done: Vec<Done> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+    for (i, tag) in tags.iter().enumerate() {
+        pair.wait_both_hold(tag, &expected(&done[2 * i], &done[2 * i + 1]), &sync);
+    }
+    let log = std::fs::read_to_string(&sync.log).unwrap();
+    assert!(!log.contains("full resync stored partition=10"), "{log}");
+}
+
+#[test]
+fn standalone_with_cluster_kill_9_while_establishing_establishes_it_once() {
+    mixed_kill_9_while_establishing_establishes_it_once(true);
+}
+
+#[test]
+fn cluster_with_standalone_kill_9_while_establishing_establishes_it_once() {
+    mixed_kill_9_while_establishing_establishes_it_once(false);
+}
+
+/// A standalone source and a cluster target: one key written on both
+/// sides before either saw the other's write is one conflict with both
+/// positions (A's partition 0, B's master's from 1000); `ferry verify`
+/// lists exactly that key.
+#[test]
+fn standalone_with_cluster_one_key_written_on_both_sides_is_a_conflict() {
+    let pair = MixedPair::start(true);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let sync = pair.sync(&data, &[]);
+    pair.wait_established(&sync);
+    let (a, b) = (pair.a(), pair.b());
+    let key = key_in_slot("both", 7000);
+    let other = key_in_slot("only-b", 13000);
+    let turns = key_in_slot("turns", 200);
+    a.call_key(&turns, &["SET", &turns, "a"]);
+    wait_for("A's write on B", Duration::from_secs(30), || {
+        b.get(&turns).as_deref() == Some("a")
+    });
+    b.call_key(&turns, &["SET", &turns, "b"]);
+    wait_for("B's write on A", Duration::from_secs(30), || {
+        a.get(&turns).as_deref() == Some("b")
+    });
+    let admin = sync.admin_addr(Duration::from_secs(10));
+    let out = ferry_cli(&["stop-sync", "--admin", &admin]);
+    assert!(out.status.success(), "{out:?}");
+    a.call_key(&key, &["SET", &key, "from-a"]);
+    b.call_key(&key, &["SET", &key, "from-b"]);
+    b.call_key(&other, &["SET", &other, "1"]);
+    let out = ferry_cli(&["restart-sync", "--admin", &admin]);
+    assert!(out.status.success(), "{out:?}");
+    wait_for("one conflict", Duration::from_secs(30), || {
+        sync.status_json()["two_way"]["conflicts"] == 1
+    });
+    wait_for("the SETs to cross", Duration::from_secs(30), || {
+        a.get(&key).as_deref() == Some("from-b") && b.get(&key).as_deref() == Some("from-a")
+    });
+    wait_for("B's other write on A", Duration::from_secs(30), || {
+        a.get(&other).as_deref() == Some("1")
+    });
+    // Nothing else: the turns, seen by each side before it wrote, are no
+    // conflict.
+    thread::sleep(Duration::from_millis(500));
+    assert_eq!(sync.status_json()["two_way"]["conflicts"], 1);
+    let lines = conflict_lines(&data);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let line = &lines[0];
+    assert_eq!(line["key"], key.as_str(), "{line}");
+    assert_eq!(line["source"]["partition"], 0, "{line}");
+    assert!(
+        line["target"]["partition"].as_u64().unwrap() >= 1000,
+        "{line}"
+    );
+    let out = ferry_cli(&["verify", "--source", &a.url(), "--target", &b.url()]);
+    let shown =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{shown}");
+    assert!(shown.contains(&key), "{shown}");
+    assert!(
+        !shown.contains(&other) && !shown.contains(&turns),
+        "{shown}"
+    );
+}
+
+/// A mixed pair under a winner policy: conflicts on keys of every shard of
+/// the cluster, each repaired on the side where the winner's write was
+/// applied last (the standalone server, or the cluster master of the
+/// key's slot), leave both sides with what the winner's writes left
+/// (`ferry verify` clean).
+fn mixed_a_winner_policy_makes_both_sides_converge(
+    standalone_source: bool,
+    policy: &str,
+    winner: &str,
+) {
+    let pair = MixedPair::start(standalone_source);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let sync = pair.sync(&data, &["--conflict", policy]);
+    pair.wait_established(&sync);
+    let (a, b) = (pair.a(), pair.b());
+    let (key, set, gone) = (
+        key_in_slot("both", 100),
+        key_in_slot("set", 7000),
+        key_in_slot("gone", 13000),
+    );
+    let admin = sync.admin_addr(Duration::from_secs(10));
+    assert!(ferry_cli(&["stop-sync", "--admin", &admin])
+        .status
+        .success());
+    a.call_key(&key, &["SET", &key, "from-a"]);
+    b.call_key(&key, &["SET", &key, "from-b"]);
+    a.call_key(&set, &["SADD", &set, "a"]);
+    b.call_key(&set, &["DEL", &set]);
+    b.call_key(&set, &["SADD", &set, "b"]);
+    a.call_key(&gone, &["SET", &gone, "a"]);
+    b.call_key(&gone, &["SET", &gone, "b"]);
+    b.call_key(&gone, &["DEL", &gone]);
+    assert!(ferry_cli(&["restart-sync", "--admin", &admin])
+        .status
+        .success());
+    wait_for("the repairs", Duration::from_secs(60), || {
+        let status = sync.status_json();
+        status["two_way"]["conflicts"].as_u64() >= Some(3)
+            && status["two_way"]["repairs_owed"] == 0
+            && status["two_way"]["repaired"] == status["two_way"]["conflicts"]
+    });
+    let members = |side: Side| {
+        let reply = side.call_key(&set, &["SMEMBERS", &set]);
+        let mut members: Vec<Option<String>> = reply.items().iter().map(|m| m.text()).collect();
+        members.sort();
+        members
+    };
+    let exists = |side: Side| side.call_key(&gone, &["EXISTS", &gone]).int();
+    wait_for("both sides to agree", Duration::from_secs(60), || {
+        a.get(&key) == b.get(&key) && members(a) == members(b) && exists(a) == exists(b)
+    });
+    assert_eq!(a.get(&key).as_deref(), Some(winner));
+    assert_eq!(exists(a), i64::from(policy == "source-wins"));
+    let out = ferry_cli(&["verify", "--source", &a.url(), "--target", &b.url()]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = conflict_lines(&data);
+    let mut keys: Vec<&str> = lines.iter().map(|l| l["key"].as_str().unwrap()).collect();
+    keys.sort();
+    keys.dedup();
+    let mut want = vec![key.as_str(), set.as_str(), gone.as_str()];
+    want.sort();
+    assert_eq!(keys, want, "{lines:?}");
+    assert!(lines.iter().all(|l| l["policy"] == policy), "{lines:?}");
+}
+
+/// The repairs touch the cluster B, by slot.
+#[test]
+fn standalone_with_cluster_source_wins_makes_both_sides_end_with_the_sources_writes() {
+    mixed_a_winner_policy_makes_both_sides_converge(true, "source-wins", "from-a");
+}
+
+/// The repairs touch the standalone A.
+#[test]
+fn standalone_with_cluster_target_wins_makes_both_sides_end_with_the_targets_writes() {
+    mixed_a_winner_policy_makes_both_sides_converge(true, "target-wins", "from-b");
+}
+
+/// The repairs touch the standalone B.
+#[test]
+fn cluster_with_standalone_source_wins_makes_both_sides_end_with_the_sources_writes() {
+    mixed_a_winner_policy_makes_both_sides_converge(false, "source-wins", "from-a");
+}
+
+/// A cluster has db 0 only: a standalone side holding keys in another db
+/// fails the precheck, whichever side it is (for a standalone target, the
+/// check the other way round), and nothing is written; `--dbs 0` leaves
+/// them out; a write in another db once running is held by the applier
+/// into the cluster.
+#[test]
+fn mixed_pairs_refuse_a_standalone_side_with_keys_in_other_dbs() {
+    for standalone_source in [true, false] {
+        let pair = MixedPair::start(standalone_source);
+        let mut conn = connect(&pair.server.addr());
+        conn.call(&["SELECT", "3"]).unwrap();
+        conn.call(&["SET", "in-db-3", "1"]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        // A standalone target's keys in db 3 would also be existing data.
+        let mut sync = pair.sync(&data, &["--existing-data", "keep"]);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !sync.has_exited() {
+            assert!(Instant::now() < deadline, "{}", sync.log_tail(30));
+            thread::sleep(Duration::from_millis(50));
+        }
+        let log = std::fs::read_to_string(&sync.log).unwrap();
+        assert!(
+            log.contains("FAIL") && log.contains("db 3 (1 keys)") && log.contains("db 0 only"),
+            "{log}"
+        );
+        let _ = sync.try_exit();
+        for side in [pair.a(), pair.b()] {
+            assert_eq!(side.ferry_keys(), Vec::<String>::new());
+        }
+        // The other dbs left out: the pair runs.
+        let data = dir.path().join("data-db0");
+        let sync = pair.sync(&data, &["--existing-data", "keep", "--dbs", "0"]);
+        pair.wait_established(&sync);
+        let key = key_in_slot("after", 9000);
+        pair.b().call_key(&key, &["SET", &key, "1"]);
+        wait_for("B's write on A", Duration::from_secs(30), || {
+            pair.a().get(&key).as_deref() == Some("1")
+        });
+        assert_eq!(
+            conn.call(&["GET", "in-db-3"]).unwrap().text().as_deref(),
+            Some("1")
+        );
+        let mut sync = sync;
+        sync.terminate(Duration::from_secs(20));
+        // Every db owned, none but db 0 holding keys at the start: a later
+        // write of the standalone side in db 3 is held by the applier into
+        // the cluster.
+        conn.call(&["DEL", "in-db-3"]).unwrap();
+        let data = dir.path().join("data-all");
+        let sync = pair.sync(&data, &["--existing-data", "keep"]);
+        pair.wait_established(&sync);
+        conn.call(&["SET", "late-in-db-3", "1"]).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let status = sync.status_json();
+            let held = status["drainers"].as_array().unwrap().iter().any(|d| {
+                d["state"] == "BLOCKED"
+                    && d["blocked"]["error"]
+                        .as_str()
+                        .is_some_and(|e| e.contains("db 3 is out of range"))
+            });
+            if held {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the write in db 3 is not held: {status:#}\n{}",
+                sync.log_tail(30)
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+        // The held entry holds its partition (the standalone side's
+        // later writes wait behind it); the cluster's writes still come.
+        let (cluster, standalone) = (Side::Cluster(&pair.cluster), Side::Standalone(&pair.server));
+        let key = key_in_slot("still", 3000);
+        cluster.call_key(&key, &["SET", &key, "1"]);
+        wait_for(
+            "the cluster's write on the standalone server",
+            Duration::from_secs(30),
+            || standalone.get(&key).as_deref() == Some("1"),
+        );
+    }
 }

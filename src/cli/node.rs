@@ -94,8 +94,9 @@ pub struct SyncArgs {
     /// (load over them, keep the others), `flush` (delete them first).
     #[arg(long, value_name = "refuse|keep|flush")]
     pub existing_data: Option<ExistingData>,
-    /// Two-way sync between two standalone Redis 7 servers or two Redis 7
-    /// Clusters (seed lists): one full sync
+    /// Two-way sync between Redis 7 servers: two standalone servers, two
+    /// Redis Clusters (seed lists), or a standalone server and a cluster in
+    /// either order: one full sync
     /// source -> target (the target passes the existing-data rule), then
     /// writes on either side replicate to the other. What ferry applies to
     /// one side is recognised in that side's stream and never sent back;
@@ -107,7 +108,7 @@ pub struct SyncArgs {
     /// each to DATA_DIR/conflicts.jsonl and counts it in `ferry status`;
     /// `source-wins` / `target-wins` also make both sides end with what
     /// that side's write left (the key written again where it was applied
-    /// last, which carries it to the other side; standalone pairs only).
+    /// last, which carries it to the other side).
     #[arg(long, value_name = "POLICY")]
     pub conflict: Option<String>,
 }

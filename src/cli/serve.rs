@@ -102,8 +102,8 @@ pub struct CreateArgs {
     pub source_password_file: Option<PathBuf>,
     #[arg(long, value_name = "FILE")]
     pub target_password_file: Option<PathBuf>,
-    /// Two-way sync: two standalone Redis 7 servers, or two Redis 7 Clusters
-    /// (between clusters `--conflict report` only).
+    /// Two-way sync between Redis 7 servers: two standalone servers, two
+    /// Redis Clusters, or a standalone server and a cluster in either order.
     #[arg(long)]
     pub two_way: bool,
     #[arg(long)]

@@ -2,8 +2,8 @@
 //! sides before either saw the other's write.
 //!
 //! In: partitions 0 (the source A's stream) and 1 (the target B's stream)
-//! of a two-way sync's WAL (`super::two_way`), or between clusters every
-//! partition of both directions. Out: every conflict
+//! of a two-way sync's WAL (`super::two_way`), or with a cluster on either
+//! side every partition of both directions. Out: every conflict
 //! appended to `<data-dir>/conflicts.jsonl` (one JSON object per line) and
 //! counted in `ferry status`; the state that lets a restart go on where
 //! it stopped, `<data-dir>/conflicts.state`; under a winner policy, the
@@ -71,6 +71,20 @@
 //! master, they say nothing of where another shard's log was. Between
 //! standalone servers there is one slot (0) and one partition per side.
 //!
+//! # A standalone server and a cluster
+//!
+//! With one standalone side and one cluster side, the two sides' echoes
+//! are of two kinds. The cluster side's are slot checkpoints, as between
+//! clusters: what it has seen is per (partition, slot), floors ignored.
+//! The standalone side applies each of the cluster's partitions with one
+//! checkpoint on its one server, and every echo of it is in its one log:
+//! `applied=N` there says it has applied that partition through `N` in
+//! every slot, so what it has seen is per partition (kept under slot 0).
+//! A write's `seen` is read by its own side's rule, and it waits in its
+//! side's window by the other side's rule (the other side's echoes make it
+//! leave): the slot of the key when the other side is a cluster, slot 0
+//! when it is standalone.
+//!
 //! A winner policy's repair waits for the touched side's checkpoint of the
 //! winner's partition (the A- or B-master's log that holds the winning
 //! write) in the key's slot: its floor, or above it the slot checkpoint of
@@ -78,7 +92,9 @@
 //! Cluster target"). The slot checkpoint lives in the key's slot, so it is
 //! read from the master that then runs the repair; each round of repairs
 //! reads each side's topology once, and a repair whose slot is moving
-//! (`MOVED`, `ASK`, `TRYAGAIN`) waits for the next round.
+//! (`MOVED`, `ASK`, `TRYAGAIN`) waits for the next round. A standalone
+//! side (paired with a cluster) is repaired on its server, after its
+//! plain checkpoint of the winner's partition.
 //!
 //! # The log
 //!
@@ -446,13 +462,12 @@ impl Detector {
         usize::from(self.pair.is_backward(partition))
     }
 
-    /// The slot seen and windows are kept by: the key's between clusters,
-    /// one for everything between standalone servers.
-    fn slot_of(&self, key: &[u8]) -> u16 {
-        match self.pair {
-            Pair::Standalone => 0,
-            Pair::Clusters => key_hash_slot(key),
-        }
+    /// The slot side `side`'s echoes speak of for `key` (module doc, "A
+    /// standalone server and a cluster"): the key's on a cluster side (its
+    /// echoes are slot checkpoints), one for every key on a standalone side
+    /// (its echoes are whole checkpoints).
+    fn slot_in(&self, side: usize, key: &[u8]) -> u16 {
+        slot_in(self.pair, side, key)
     }
 
     fn state(&self) -> State {
@@ -482,10 +497,9 @@ impl Detector {
 
     fn restore(&mut self, state: State) {
         for (index, window) in state.windows.into_iter().enumerate() {
-            let slot_of = |key: &[u8]| match self.pair {
-                Pair::Standalone => 0,
-                Pair::Clusters => key_hash_slot(key),
-            };
+            // A side's window leaves by the other side's echoes.
+            let pair = self.pair;
+            let slot_of = |key: &[u8]| slot_in(pair, 1 - index, key);
             let side = &mut self.sides[index];
             side.next = state.next[index].iter().copied().collect();
             side.seen = state.seen[index]
@@ -527,11 +541,12 @@ impl Detector {
                 continue;
             };
             echoed = true;
-            let slot = match self.pair {
-                Pair::Standalone => 0,
+            let slot = match self.pair.is_cluster(x) {
+                // A standalone side's checkpoint of `q`: every slot.
+                false => 0,
                 // A floor covers no slot of this log in particular.
-                Pair::Clusters if !key.ends_with(b"}") => continue,
-                Pair::Clusters => key_hash_slot(key),
+                true if !key.ends_with(b"}") => continue,
+                true => key_hash_slot(key),
             };
             let applied = cmd
                 .args
@@ -571,11 +586,13 @@ impl Detector {
                 {
                     continue;
                 }
-                let slot = self.slot_of(&key);
+                // What this side had seen, by its own echoes' slot; the
+                // window, by the other side's (which make the write leave).
+                let slot = self.slot_in(y, &key);
                 let mine = Seen {
                     partition: p,
                     id: entry.log_id.0,
-                    seen: self.sides[x].seen_in(slot),
+                    seen: self.sides[x].seen_in(self.slot_in(x, &key)),
                     db,
                     key: hex(&key),
                     unix_ms: entry.created_unix_ms,
@@ -647,6 +664,14 @@ impl Detector {
             }
         }
         found
+    }
+}
+
+/// [`Detector::slot_in`] of `pair`.
+fn slot_in(pair: Pair, side: usize, key: &[u8]) -> u16 {
+    match pair.is_cluster(side) {
+        true => key_hash_slot(key),
+        false => 0,
     }
 }
 
@@ -791,7 +816,7 @@ impl<'a> Repairs<'a> {
         let first = seeds
             .first()
             .ok_or_else(|| format!("side {side} has no server"))?;
-        if self.resolution.pair == Pair::Standalone {
+        if !self.resolution.pair.is_cluster(side) {
             return Ok(first.clone());
         }
         if self.topologies[side].is_none() {
@@ -859,7 +884,7 @@ impl<'a> Repairs<'a> {
         let Checkpoint::Applied { log_id, epoch, log } = floor else {
             return Ok(floor.applied().0);
         };
-        if self.resolution.pair == Pair::Standalone {
+        if !self.resolution.pair.is_cluster(side) {
             return Ok(log_id.0);
         }
         let slot_key = crate::apply::slot_checkpoint_key(&floor_key, slot);
@@ -1413,6 +1438,104 @@ mod cluster_tests {
         assert_eq!(again.sides[0].seen(1001, key_hash_slot(b"k")), 1);
         assert_eq!(again.sides[1].len, d.sides[1].len);
     }
+    /// A whole checkpoint of the other direction's partition `q`: a
+    /// standalone side's echo (a cluster side's floor has the same shape).
+    fn whole(id: u64, q: u32, key: &str, applied: u64) -> WalEntry {
+        let checkpoint = format!("__ferry:checkpoint:d:{q}");
+        let value = format!("v2 applied={applied} epoch=0 log=00000000000000aa");
+        entry(id, &[&["INCR", key], &["SET", &checkpoint, &value]])
+    }
+
+    /// A standalone A and a cluster B: what A has seen of each of B's
+    /// partitions is one number for every slot (its echoes are whole
+    /// checkpoints), what B has seen of A's one partition is per slot (its
+    /// echoes are slot checkpoints; its floors say nothing).
+    #[test]
+    fn a_standalone_source_and_a_cluster_target() {
+        assert_ne!(key_hash_slot(b"k"), key_hash_slot(b"other"));
+        assert_ne!(key_hash_slot(b"other"), key_hash_slot(b"elsewhere"));
+        let mut d = Detector::new("d", OwnedKeyspace::all(), Pair::StandaloneCluster);
+        let a = PartitionId(0);
+        let (b0, b1) = (PartitionId(1000), PartitionId(1001));
+        assert!(d.take(a, &entry(1, &[&["SET", "k", "a"]])).is_empty());
+        assert!(d.take(a, &entry(2, &[&["SET", "other", "a"]])).is_empty());
+        // B's shard 1001 applied A through 2 in k's slot: its write of k
+        // saw A's.
+        assert!(d.take(b1, &piece(1, 0, "k", 2)).is_empty());
+        assert!(d.take(b1, &entry(2, &[&["SET", "k", "b"]])).is_empty());
+        // B's shard 1000 applied A through 2 in another slot only (and a
+        // floor says nothing): its write of other did not see A's.
+        assert!(d.take(b0, &piece(1, 0, "elsewhere", 2)).is_empty());
+        assert!(d.take(b0, &whole(2, 0, "elsewhere", 2)).is_empty());
+        let found = d.take(b0, &entry(3, &[&["SET", "other", "b"]]));
+        let pairs: Vec<(u64, u32, u64)> = found
+            .iter()
+            .map(|c| (c.source.log_id, c.target.partition, c.target.log_id))
+            .collect();
+        assert_eq!(pairs, [(2, 1000, 3)]);
+        // A applied B's 1000 through 3, one checkpoint for every slot: its
+        // next write of other saw B's.
+        assert!(d.take(a, &whole(3, 1000, "x", 3)).is_empty());
+        assert!(d.take(a, &entry(4, &[&["SET", "other", "a2"]])).is_empty());
+        // A has applied nothing of 1001: its write of k conflicts with B's.
+        let found = d.take(a, &entry(5, &[&["SET", "k", "a3"]]));
+        let pairs: Vec<(u64, u32, u64)> = found
+            .iter()
+            .map(|c| (c.source.log_id, c.target.partition, c.target.log_id))
+            .collect();
+        assert_eq!(pairs, [(5, 1001, 2)]);
+        assert_eq!(d.sides[0].seen(1000, 0), 3);
+        assert_eq!(d.sides[1].seen(0, key_hash_slot(b"k")), 2);
+        assert_eq!(d.sides[1].seen(0, 0), 0);
+        // A's echo of 1001 makes B's write of k leave B's window, whatever
+        // its slot.
+        assert_eq!(d.sides[1].len, 1);
+        assert!(d.take(a, &whole(6, 1001, "y", 2)).is_empty());
+        assert_eq!(d.sides[1].len, 0);
+        // State round trip: A's window by B's slots.
+        let state = serde_json::to_string(&d.state()).unwrap();
+        let mut again = Detector::new("d", OwnedKeyspace::all(), Pair::StandaloneCluster);
+        again.restore(serde_json::from_str(&state).unwrap());
+        assert_eq!(again.sides[0].len, d.sides[0].len);
+        again.sides[0].leave_through(0, key_hash_slot(b"k"), 5);
+        assert!(again.sides[0]
+            .by_key
+            .keys()
+            .all(|(_, key)| key.as_ref() != b"k"));
+    }
+
+    /// A cluster A and a standalone B: the same rule the other way round.
+    #[test]
+    fn a_cluster_source_and_a_standalone_target() {
+        let mut d = Detector::new("d", OwnedKeyspace::all(), Pair::ClusterStandalone);
+        let (a0, a1) = (PartitionId(0), PartitionId(1));
+        let b = PartitionId(1000);
+        assert!(!d.pair.is_backward(a1) && d.pair.is_backward(b));
+        assert!(d.take(a0, &entry(1, &[&["SET", "k", "a"]])).is_empty());
+        assert!(d.take(a1, &entry(1, &[&["SET", "other", "a"]])).is_empty());
+        // B applied A's shard 0 through 1 (whole): B's write of k saw A's,
+        // its write of other did not see A's shard 1.
+        assert!(d.take(b, &whole(1, 0, "x", 1)).is_empty());
+        assert!(d.take(b, &entry(2, &[&["SET", "k", "b"]])).is_empty());
+        let found = d.take(b, &entry(3, &[&["SET", "other", "b"]]));
+        let pairs: Vec<(u32, u64, u64)> = found
+            .iter()
+            .map(|c| (c.source.partition, c.source.log_id, c.target.log_id))
+            .collect();
+        assert_eq!(pairs, [(1, 1, 3)]);
+        // A's shard 1 applied B through 3 in other's slot: its next write
+        // of other saw B's; A's shard 0 saw nothing of B in k's slot.
+        assert!(d.take(a1, &piece(2, 1000, "other", 3)).is_empty());
+        assert!(d.take(a1, &entry(3, &[&["SET", "other", "a2"]])).is_empty());
+        let found = d.take(a0, &entry(2, &[&["SET", "k", "a2"]]));
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!((found[0].source.log_id, found[0].target.log_id), (2, 2));
+        // A floor on the cluster side A is no echo of a slot.
+        assert!(d.take(a0, &whole(3, 1000, "y", 9)).is_empty());
+        assert_eq!(d.sides[0].seen(1000, key_hash_slot(b"k")), 0);
+        assert_eq!(d.sides[1].seen(0, 0), 1);
+    }
+
     /// A winner policy's repair between clusters waits for the winner's
     /// own partition (the master's log holding the winning write), on the
     /// side where that write was applied last.

@@ -1863,6 +1863,15 @@ async fn run_sync_inner(
     if cfg.two_way && listener_wal.partitions().is_empty() {
         two_way::precheck(&cfg).await?;
     }
+    if cfg.two_way
+        && !relayed
+        && two_way::settle_pair(&cfg, &listener_wal, &shutdown)
+            .await?
+            .is_none()
+    {
+        let _ = listener_wal.close().await;
+        return Ok(());
+    }
     if !relayed {
         return run_direct(cfg, shutdown, listener_wal, record, slot).await;
     }

@@ -660,7 +660,7 @@ pub(super) struct Master {
 }
 
 impl Master {
-    fn standalone(url: &RedisUrl) -> Master {
+    pub(super) fn standalone(url: &RedisUrl) -> Master {
         Master {
             url: url.clone(),
             id: String::new(),
@@ -1776,9 +1776,10 @@ fn first_applied(log_tag: u64) -> String {
 }
 
 /// Connections to the masters of a cluster, a command sent to the master
-/// of its key's slot.
+/// of its key's slot; without a topology, every command to the one
+/// standalone server `template`.
 struct Routed {
-    topology: Topology,
+    topology: Option<Topology>,
     template: RedisUrl,
     clients: BTreeMap<String, Client>,
 }
@@ -1787,14 +1788,19 @@ impl Routed {
     /// `commands` pipelined on the master of `key`'s slot; an error reply
     /// is an error naming the master.
     async fn run(&mut self, key: &[u8], commands: &[Command]) -> Result<Vec<Frame>, String> {
-        let slot = key_hash_slot(key);
-        let node = self.topology.master_for_slot(slot).ok_or_else(|| {
-            format!(
-                "no master of the cluster {} serves slot {slot}",
-                self.topology.seen_from
-            )
-        })?;
-        let url = Topology::url_for(node, &self.template);
+        let url = match &self.topology {
+            None => self.template.clone(),
+            Some(topology) => {
+                let slot = key_hash_slot(key);
+                let node = topology.master_for_slot(slot).ok_or_else(|| {
+                    format!(
+                        "no master of the cluster {} serves slot {slot}",
+                        topology.seen_from
+                    )
+                })?;
+                Topology::url_for(node, &self.template)
+            }
+        };
         let addr = url.addr();
         if !self.clients.contains_key(&addr) {
             let client = connect(&url).await?;
@@ -1833,20 +1839,30 @@ impl Routed {
 /// move back what the appliers moved); the floors go last, so a crash in
 /// between writes everything again.
 async fn cluster_checkpoints(cfg: &SyncConfig, record: &DirectionRecord) -> Result<String, String> {
-    cluster_target_state(cfg, &record.partitions).await
+    cluster_target_state(cfg, &record.partitions, true).await
 }
 
 /// [`cluster_checkpoints`] for the partitions `starts` into the target of
-/// `cfg` (also the backward direction of a two-way sync between clusters).
+/// `cfg` (also the backward direction of a two-way sync with a cluster on
+/// either side). A standalone target (`target_cluster` false) gets the
+/// same keys on its one server, its floors being its checkpoints. Starts
+/// without slots (a standalone source's one partition) get their floor
+/// alone: no owner map, no scope.
 pub(super) async fn cluster_target_state(
     cfg: &SyncConfig,
     starts: &[PartitionStart],
+    target_cluster: bool,
 ) -> Result<String, String> {
     let (_, targets) = urls(cfg).map_err(|e| e.to_string())?;
     let template = targets.first().ok_or("no target")?.clone();
-    let topology = crate::redis::cluster::discover(&targets)
-        .await
-        .map_err(|error| format!("the old source cluster: {error}"))?;
+    let topology = match target_cluster {
+        true => Some(
+            crate::redis::cluster::discover(&targets)
+                .await
+                .map_err(|error| format!("the cluster the reversed appliers write: {error}"))?,
+        ),
+        false => None,
+    };
     let mut routed = Routed {
         topology,
         template,
@@ -1866,10 +1882,11 @@ pub(super) async fn cluster_target_state(
     if missing.is_empty() {
         return Ok("the reversed appliers' checkpoints were there".into());
     }
+    let sharded = starts.iter().any(|start| !start.slots.is_empty());
     let map_key = owner_map_key(drainer);
     let mut hset = vec![Bytes::from_static(b"HSET"), Bytes::from(map_key.clone())];
     let mut scopes = Vec::with_capacity(starts.len());
-    for start in starts {
+    for start in starts.iter().filter(|_| sharded) {
         let slots = SlotRanges::parse(&start.slots).map_err(|why| {
             format!(
                 "{}: the slots {:?} of partition {}: {why}",
@@ -1887,17 +1904,19 @@ pub(super) async fn cluster_target_state(
         }
         scopes.push((start.partition, encode_scope(&slots)));
     }
-    routed
-        .run(
-            &map_key,
-            &[
-                Command::from_parts(["MULTI"]),
-                Command::from_parts([b"DEL".as_slice(), &map_key]),
-                Command::new(hset),
-                Command::from_parts(["EXEC"]),
-            ],
-        )
-        .await?;
+    if sharded {
+        routed
+            .run(
+                &map_key,
+                &[
+                    Command::from_parts(["MULTI"]),
+                    Command::from_parts([b"DEL".as_slice(), &map_key]),
+                    Command::new(hset),
+                    Command::from_parts(["EXEC"]),
+                ],
+            )
+            .await?;
+    }
     // The scopes, then the floors last.
     let scopes = scopes.iter().map(|(partition, scope)| {
         (
@@ -1913,11 +1932,17 @@ pub(super) async fn cluster_target_state(
         let set = Command::from_parts([b"SET".as_slice(), &key, value.as_bytes()]);
         routed.run(&key, &[set]).await?;
     }
-    Ok(format!(
-        "the reversed appliers' owner map (16384 slots, generation 0) and slot scopes written, \
-         {} checkpoint(s) set to resume after entry 1",
-        missing.len()
-    ))
+    Ok(match sharded {
+        true => format!(
+            "the reversed appliers' owner map (16384 slots, generation 0) and slot scopes \
+             written, {} checkpoint(s) set to resume after entry 1",
+            missing.len()
+        ),
+        false => format!(
+            "{} checkpoint(s) set to resume after entry 1",
+            missing.len()
+        ),
+    })
 }
 
 /// Ids of the clients of a `CLIENT LIST` that are blocked (flag `b`: held

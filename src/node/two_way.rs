@@ -1,6 +1,7 @@
 //! Two-way sync (issue 11, item 1): `ferry sync --two-way` between two
-//! standalone Redis 7 servers A (`--source`) and B (`--target`), or two
-//! Redis 7 Clusters ("Two clusters" below).
+//! standalone Redis 7 servers A (`--source`) and B (`--target`), two
+//! Redis 7 Clusters ("Two clusters" below), or a standalone server and a
+//! cluster in either order ("A standalone server and a cluster").
 //!
 //! In: the sync's config and its one WAL. Out: the configs of the two
 //! directions' stages, the backward direction established once the first
@@ -59,10 +60,9 @@
 //!
 //! # Two clusters
 //!
-//! Between two clusters ([`Pair::Clusters`]; a standalone server paired
-//! with a cluster is refused) each direction is what a one-way sync of a
-//! cluster into a cluster is (apply module, "Applying into a Redis Cluster
-//! target"), in the same one WAL:
+//! Between two clusters ([`Pair::Clusters`]) each direction is what a
+//! one-way sync of a cluster into a cluster is (apply module, "Applying
+//! into a Redis Cluster target"), in the same one WAL:
 //!
 //! - forward: a partition per master of A (0, 1, …; the shard map and slot
 //!   table in the data dir), each applied into B by slot;
@@ -98,6 +98,53 @@
 //! and a winner policy's repair waits for the checkpoint of the winner's
 //! partition in the key's slot.
 //!
+//! # A standalone server and a cluster
+//!
+//! A standalone A with a cluster B ([`Pair::StandaloneCluster`]), or a
+//! cluster A with a standalone B ([`Pair::ClusterStandalone`]): each
+//! direction is the one-way sync of its kind (a standalone source into a
+//! cluster, apply module "Applying into a Redis Cluster target"; a cluster
+//! source into a standalone server by slot tenures, docs/cluster.md), and
+//! the partitions are numbered as between clusters, so the two directions'
+//! ids never meet:
+//!
+//! - forward: A's one partition 0, or a partition per master of A below
+//!   [`CLUSTER_BACKWARD_BASE`] (A's shard map and slot table in the data
+//!   dir);
+//! - backward: a partition per master of B from [`CLUSTER_BACKWARD_BASE`]
+//!   (the shard map and slot table in [`CLUSTER_BACKWARD_DIR`]), or B's one
+//!   partition [`CLUSTER_BACKWARD_BASE`] (no shard map there: B's listener
+//!   is a standalone one).
+//!
+//! Establishing is the clusters' (the masters of B marked one by one; a
+//! standalone B is one master, marked `__ferry:two-way:<id>`), then
+//! [`CLUSTER_ESTABLISHED_FILE`]. What A gets as the backward appliers'
+//! target: a cluster B's owner map and slot scopes and every partition's
+//! floor, on a standalone A plain checkpoints on its one server; a
+//! standalone B's partition its floor alone on the cluster A (it carries
+//! no slot tenures). The echo rule is the same: on a standalone side the
+//! echoes write the other side's partitions' checkpoints, on a cluster
+//! side their slot checkpoints and floors. Conflicts: `seen` is per slot on
+//! the cluster side and one for every slot on the standalone side
+//! (`super::conflicts`, "A standalone server and a cluster"); a repair
+//! touches a standalone side on its server, a cluster side on the master of
+//! the key's slot.
+//!
+//! A cluster has db 0 only. A standalone side with keys in another db that
+//! the sync owns fails the precheck ("databases", the one-way check in the
+//! direction into the cluster: forward for a standalone A, the other way
+//! round for a standalone B), and a write in such a db afterwards is held
+//! by the cluster's applier like any entry naming a db the target lacks
+//! (BLOCKED, `ferry skip` passes it over). `--dbs 0` leaves the others out.
+//!
+//! # The pair
+//!
+//! What the servers are is asked once, at the first start, and stored in
+//! [`PAIR_FILE`] before either direction logs anything: a restart runs the
+//! same pair whatever the servers answer then (a data dir of a ferry
+//! before the file is read as before: A's shard map means two clusters,
+//! a log two standalone servers).
+//!
 //! # What two-way refuses
 //!
 //! - `FLUSHALL`, `FLUSHDB`, `SWAPDB` (held like an entry the target refuses;
@@ -108,8 +155,7 @@
 //!   loading side's writes the other direction has not carried yet. The
 //!   node stops with the error.
 //! - Redis before 7.0 on either side (every master of a cluster), a
-//!   standalone server with a cluster, a `db-map`, the relayed path, a
-//!   switchover.
+//!   `db-map`, the relayed path, a switchover.
 //!
 //! The foreign-write sampler is off: both sides take writes by design.
 
@@ -158,22 +204,52 @@ pub enum Pair {
     /// Two Redis Clusters: a partition per master of A below
     /// [`CLUSTER_BACKWARD_BASE`], one per master of B from it.
     Clusters,
+    /// A standalone source A and a Redis Cluster target B (module doc,
+    /// "A standalone server and a cluster"): partition 0 for A, one per
+    /// master of B from [`CLUSTER_BACKWARD_BASE`].
+    StandaloneCluster,
+    /// A Redis Cluster source A and a standalone target B: a partition per
+    /// master of A below [`CLUSTER_BACKWARD_BASE`], B's is
+    /// [`CLUSTER_BACKWARD_BASE`].
+    ClusterStandalone,
 }
 
 impl Pair {
+    /// The pair of a standalone or cluster A and B.
+    pub fn of(a_cluster: bool, b_cluster: bool) -> Pair {
+        match (a_cluster, b_cluster) {
+            (false, false) => Pair::Standalone,
+            (true, true) => Pair::Clusters,
+            (false, true) => Pair::StandaloneCluster,
+            (true, false) => Pair::ClusterStandalone,
+        }
+    }
+
+    /// Whether side `side` (0: A, the source; 1: B, the target) is a
+    /// Redis Cluster.
+    pub fn is_cluster(self, side: usize) -> bool {
+        match self {
+            Pair::Standalone => false,
+            Pair::Clusters => true,
+            Pair::StandaloneCluster => side == 1,
+            Pair::ClusterStandalone => side == 0,
+        }
+    }
+
     /// The partitions of the backward direction (B's stream).
     pub fn backward(self) -> std::ops::RangeInclusive<u32> {
         match self {
             Pair::Standalone => BACKWARD.0..=BACKWARD.0,
-            Pair::Clusters => CLUSTER_BACKWARD_BASE..=u32::MAX,
+            Pair::Clusters | Pair::StandaloneCluster => CLUSTER_BACKWARD_BASE..=u32::MAX,
+            Pair::ClusterStandalone => CLUSTER_BACKWARD_BASE..=CLUSTER_BACKWARD_BASE,
         }
     }
 
     /// The partitions of the forward direction (A's stream).
     pub fn forward(self) -> std::ops::RangeInclusive<u32> {
         match self {
-            Pair::Standalone => FORWARD.0..=FORWARD.0,
-            Pair::Clusters => 0..=CLUSTER_BACKWARD_BASE - 1,
+            Pair::Standalone | Pair::StandaloneCluster => FORWARD.0..=FORWARD.0,
+            Pair::Clusters | Pair::ClusterStandalone => 0..=CLUSTER_BACKWARD_BASE - 1,
         }
     }
 
@@ -181,69 +257,156 @@ impl Pair {
     pub fn is_backward(self, partition: PartitionId) -> bool {
         self.backward().contains(&partition.0)
     }
-}
 
-/// What `cfg`'s two-way sync runs between: two clusters once the data dir
-/// holds the forward listener's shard map; else what the servers say (a
-/// standalone server and a cluster are refused). With a standalone log and
-/// no map, or servers that do not answer, the seed lists decide.
-pub(super) async fn pair(cfg: &SyncConfig, wal: &Wal) -> Result<Pair, NodeError> {
-    if crate::listener::ClusterSource::has_map(&cfg.data_dir) {
-        return Ok(Pair::Clusters);
+    /// The name stored in [`PAIR_FILE`].
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Pair::Standalone => "standalone",
+            Pair::Clusters => "clusters",
+            Pair::StandaloneCluster => "standalone-cluster",
+            Pair::ClusterStandalone => "cluster-standalone",
+        }
     }
-    let holds_log = wal
-        .partitions()
+
+    fn parse(text: &str) -> Option<Pair> {
+        [
+            Pair::Standalone,
+            Pair::Clusters,
+            Pair::StandaloneCluster,
+            Pair::ClusterStandalone,
+        ]
         .into_iter()
-        .any(|p| matches!(wal.last_log_id(p), Ok(Some(_))));
-    if holds_log {
-        return Ok(Pair::Standalone);
+        .find(|pair| pair.as_str() == text)
     }
-    servers_pair(cfg).await
 }
 
-/// What the servers of `cfg` are (module doc, "What two-way refuses").
-async fn servers_pair(cfg: &SyncConfig) -> Result<Pair, NodeError> {
+/// The pair a data dir's two-way sync runs between, in the data dir:
+/// written once the servers said what they are, before either direction
+/// logs anything, and read by every later start (module doc, "The pair").
+pub const PAIR_FILE: &str = "two-way.pair";
+
+/// The pair stored in `data_dir` ([`PAIR_FILE`]); without the file (a data
+/// dir of a ferry before it, which knew two pairs only), what the data
+/// dir holds: the forward listener's shard map (two clusters), or a log
+/// (two standalone servers). `Ok(None)`: nothing tells yet.
+pub fn stored_pair(data_dir: &std::path::Path, wal: Option<&Wal>) -> Result<Option<Pair>, String> {
+    let path = data_dir.join(PAIR_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            return Pair::parse(text.trim()).map(Some).ok_or_else(|| {
+                format!(
+                    "{}: {:?} is not a two-way pair (standalone, clusters, standalone-cluster, \
+                     cluster-standalone)",
+                    path.display(),
+                    text.trim()
+                )
+            })
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => return Err(format!("reading {}: {error}", path.display())),
+    }
+    if crate::listener::ClusterSource::has_map(data_dir) {
+        return Ok(Some(Pair::Clusters));
+    }
+    let holds_log = wal.is_some_and(|wal| {
+        wal.partitions()
+            .into_iter()
+            .any(|p| matches!(wal.last_log_id(p), Ok(Some(_))))
+    });
+    Ok(holds_log.then_some(Pair::Standalone))
+}
+
+/// What `cfg`'s two-way sync runs between: the pair stored in the data dir
+/// ([`stored_pair`], which [`settle_pair`] wrote at the first start); else
+/// what the servers say, or with servers that do not answer what the seed
+/// lists say (a list of more than one address is a cluster).
+pub(super) async fn pair(cfg: &SyncConfig, wal: &Wal) -> Result<Pair, NodeError> {
+    if let Some(pair) = stored_pair(&cfg.data_dir, Some(wal)).map_err(NodeError::Config)? {
+        return Ok(pair);
+    }
+    match servers_pair(cfg).await? {
+        Ok(pair) => Ok(pair),
+        Err(why) => guessed_pair(cfg, &why),
+    }
+}
+
+/// How often the first start asks the servers again what they are.
+const PAIR_RETRY: Duration = Duration::from_secs(1);
+
+/// The first start of a two-way sync (nothing stored yet): asks both sides
+/// whether they run Redis Cluster until both answer, and stores the pair
+/// in [`PAIR_FILE`] before any stage starts (module doc, "The pair"): a
+/// guess from the seed lists could be wrong, and nothing can be replicated
+/// before both sides answer anyway. `Ok(None)`: `stop` fired first.
+pub(super) async fn settle_pair(
+    cfg: &SyncConfig,
+    wal: &Wal,
+    stop: &CancellationToken,
+) -> Result<Option<Pair>, NodeError> {
+    loop {
+        if let Some(pair) = stored_pair(&cfg.data_dir, Some(wal)).map_err(NodeError::Config)? {
+            return Ok(Some(pair));
+        }
+        match servers_pair(cfg).await? {
+            Ok(pair) => {
+                let path = cfg.data_dir.join(PAIR_FILE);
+                super::run::write_atomically(&path, &format!("{}\n", pair.as_str())).map_err(
+                    |error| NodeError::Io {
+                        what: format!("writing {}", path.display()),
+                        error,
+                    },
+                )?;
+                info!(
+                    pair = pair.as_str(),
+                    "two-way sync: the pair is stored in the data dir"
+                );
+                return Ok(Some(pair));
+            }
+            Err(why) => {
+                warn!(%why, "two-way sync: waiting for both sides to answer whether they run Redis Cluster (the first start stores the pair)")
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(None),
+            _ = tokio::time::sleep(PAIR_RETRY) => {}
+        }
+    }
+}
+
+/// What the servers of `cfg` are: `Err` with why when a side does not
+/// answer.
+async fn servers_pair(cfg: &SyncConfig) -> Result<Result<Pair, String>, NodeError> {
     let (a, b) = urls(cfg)?;
-    let asked = async {
-        let a_cluster = is_cluster(&a, "source").await?;
-        let b_cluster = is_cluster(&b, "target").await?;
-        Ok::<_, String>((a_cluster, b_cluster))
-    }
-    .await;
-    match asked {
-        Ok((false, false)) => Ok(Pair::Standalone),
-        Ok((true, true)) => Ok(Pair::Clusters),
-        Ok((a_cluster, _)) => {
-            let kind = |cluster: bool| match cluster {
-                true => "a Redis Cluster",
-                false => "a standalone server",
-            };
-            Err(NodeError::Precheck(format!(
-                "two-way sync: the source is {} and the target {}; two-way sync runs between two \
-                 standalone servers or between two Redis Clusters (a cluster's writes come in \
-                 one stream per master, which a standalone side cannot give back by slot)",
-                kind(a_cluster),
-                kind(!a_cluster)
-            )))
-        }
-        Err(why) => {
-            let pair = match a.len() > 1 || b.len() > 1 {
-                true => Pair::Clusters,
-                false => Pair::Standalone,
-            };
-            warn!(%why, ?pair, "two-way sync: cannot ask the servers whether they run Redis Cluster; going by the seed lists");
-            Ok(pair)
-        }
-    }
+    let a_cluster = match is_cluster(&a, "source").await {
+        Ok(cluster) => cluster,
+        Err(why) => return Ok(Err(why)),
+    };
+    Ok(is_cluster(&b, "target")
+        .await
+        .map(|b_cluster| Pair::of(a_cluster, b_cluster)))
+}
+
+/// The pair the seed lists suggest (a list of more than one address is a
+/// cluster), for servers that do not answer.
+fn guessed_pair(cfg: &SyncConfig, why: &str) -> Result<Pair, NodeError> {
+    let (a, b) = urls(cfg)?;
+    let pair = Pair::of(a.len() > 1, b.len() > 1);
+    warn!(%why, ?pair, "two-way sync: cannot ask the servers whether they run Redis Cluster; going by the seed lists");
+    Ok(pair)
 }
 
 /// Where the backward listener keeps a cluster's shard map and slot table.
 pub(super) fn backward_cluster_dir(cfg: &SyncConfig, pair: Pair) -> std::path::PathBuf {
     match pair {
         Pair::Standalone => cfg.data_dir.clone(),
-        Pair::Clusters => cfg.data_dir.join(CLUSTER_BACKWARD_DIR),
+        // A standalone B's listener too: the data dir holds A's shard map
+        // when A is a cluster, which would make B's listener one.
+        Pair::Clusters | Pair::StandaloneCluster | Pair::ClusterStandalone => {
+            cfg.data_dir.join(CLUSTER_BACKWARD_DIR)
+        }
     }
 }
+
 /// The Redis version both sides need (module doc, "What two-way refuses").
 const MIN_VERSION: (u32, u32) = (7, 0);
 /// How often establishing looks at the forward applier, and retries.
@@ -251,15 +414,17 @@ const ESTABLISH_POLL: Duration = Duration::from_millis(200);
 const ESTABLISH_RETRY: Duration = Duration::from_secs(1);
 
 /// Whether the backward direction is established: its first entry is
-/// durable (between clusters, every backward partition's: the file written
-/// after the last).
+/// durable (with a cluster on either side, every backward partition's: the
+/// file written after the last).
 pub(super) fn established(cfg: &SyncConfig, wal: &Wal, pair: Pair) -> Result<bool, NodeError> {
     match pair {
         Pair::Standalone => wal
             .last_log_id(BACKWARD)
             .map(|last| last.is_some())
             .map_err(|error| NodeError::Fatal(format!("reading the WAL: {error}"))),
-        Pair::Clusters => Ok(cfg.data_dir.join(CLUSTER_ESTABLISHED_FILE).exists()),
+        Pair::Clusters | Pair::StandaloneCluster | Pair::ClusterStandalone => {
+            Ok(cfg.data_dir.join(CLUSTER_ESTABLISHED_FILE).exists())
+        }
     }
 }
 
@@ -274,8 +439,10 @@ pub(super) fn forward_apply(cfg: &SyncConfig, established: bool, pair: Pair) -> 
     }
 }
 
-/// The backward listener: B as its source, partition 1 (between clusters,
-/// the shard map in [`CLUSTER_BACKWARD_DIR`] numbers them).
+/// The backward listener: B as its source, partition 1 between standalone
+/// servers, [`CLUSTER_BACKWARD_BASE`] for a standalone B paired with a
+/// cluster (a cluster B's shard map in [`CLUSTER_BACKWARD_DIR`] numbers
+/// its partitions).
 pub(super) fn backward_listener(cfg: &SyncConfig, pair: Pair) -> ListenerConfig {
     let mut listener = cfg.listener.clone();
     listener.source = cfg.apply.target.clone();
@@ -283,7 +450,8 @@ pub(super) fn backward_listener(cfg: &SyncConfig, pair: Pair) -> ListenerConfig 
     listener.source_password_env = cfg.apply.target_password_env.clone();
     listener.partition = match pair {
         Pair::Standalone => BACKWARD.0,
-        Pair::Clusters => 0,
+        Pair::ClusterStandalone => CLUSTER_BACKWARD_BASE,
+        Pair::Clusters | Pair::StandaloneCluster => 0,
     };
     listener
 }
@@ -320,51 +488,48 @@ pub(super) fn resolution(cfg: &SyncConfig, pair: Pair) -> Option<super::conflict
     })
 }
 
-/// Between clusters: every master of A and of B a master of Redis 7.0 or
-/// later, every slot served, none moving; returns B's masters (by first
-/// slot: master `i` starts partition [`CLUSTER_BACKWARD_BASE`] + `i`).
-async fn check_clusters(a: &[RedisUrl], b: &[RedisUrl]) -> Result<Vec<Master>, String> {
+/// Both sides of `pair` checked: each server of a standalone side, and
+/// every master of a cluster side, a master of Redis 7.0 or later; a
+/// cluster with every slot served, none moving, and a cluster A with few
+/// enough masters for its partitions to stay below
+/// [`CLUSTER_BACKWARD_BASE`]. Returns B's masters (a cluster's by first
+/// slot: master `i` starts partition [`CLUSTER_BACKWARD_BASE`] + `i`; a
+/// standalone B is its one server, without node id or slots).
+async fn check_pair(a: &[RedisUrl], b: &[RedisUrl], pair: Pair) -> Result<Vec<Master>, String> {
     let why = |why: String| {
         format!(
             "two-way sync: {why} (before 7.0 a script may be replicated verbatim instead of by \
              its effects, and ferry's echo rule rests on how 7.0 propagates transactions)"
         )
     };
-    let (sources, _) = cluster_masters(a, "source", MIN_VERSION)
-        .await
-        .map_err(why)?;
-    // A's partitions (one per master, more as shards come) must stay below
-    // the ids of B's.
-    if sources.len() >= CLUSTER_BACKWARD_BASE as usize / 2 {
-        return Err(format!(
-            "two-way sync: the source cluster has {} masters; two-way takes at most {} (its \
-             partitions must stay below {CLUSTER_BACKWARD_BASE}, where the target's begin, with \
-             room for shards added later)",
-            sources.len(),
-            CLUSTER_BACKWARD_BASE / 2 - 1
-        ));
+    let mut masters = Vec::new();
+    for (index, (seeds, side)) in [(a, "source"), (b, "target")].into_iter().enumerate() {
+        if pair.is_cluster(index) {
+            let (found, _) = cluster_masters(seeds, side, MIN_VERSION)
+                .await
+                .map_err(why)?;
+            // A's partitions (one per master, more as shards come) must
+            // stay below the ids of B's.
+            if index == 0 && found.len() >= CLUSTER_BACKWARD_BASE as usize / 2 {
+                return Err(format!(
+                    "two-way sync: the source cluster has {} masters; two-way takes at most {} \
+                     (its partitions must stay below {CLUSTER_BACKWARD_BASE}, where the \
+                     target's begin, with room for shards added later)",
+                    found.len(),
+                    CLUSTER_BACKWARD_BASE / 2 - 1
+                ));
+            }
+            masters = found;
+        } else {
+            let url = seeds.first().ok_or_else(|| format!("no {side} address"))?;
+            let mut client = connect(url).await?;
+            check_master(&mut client, &url.addr(), side, MIN_VERSION)
+                .await
+                .map_err(why)?;
+            masters = vec![Master::standalone(url)];
+        }
     }
-    let (masters, _) = cluster_masters(b, "target", MIN_VERSION)
-        .await
-        .map_err(why)?;
     Ok(masters)
-}
-
-/// A and B: standalone masters of Redis 7.0 or later.
-async fn check_sides(a: &RedisUrl, b: &RedisUrl) -> Result<(), String> {
-    for (url, side) in [(a, "source"), (b, "target")] {
-        let mut client = connect(url).await?;
-        check_master(&mut client, &url.addr(), side, MIN_VERSION)
-            .await
-            .map_err(|why| {
-                format!(
-                    "two-way sync: {why} (before 7.0 a script may be replicated verbatim instead \
-                     of by its effects, and ferry's echo rule rests on how 7.0 propagates \
-                     transactions)"
-                )
-            })?;
-    }
-    Ok(())
 }
 
 /// The precheck of a first two-way sync beside the one-way one: the
@@ -373,7 +538,10 @@ async fn check_sides(a: &RedisUrl, b: &RedisUrl) -> Result<(), String> {
 /// not answer yet is left to the establishing, which checks again.
 pub(crate) async fn precheck(cfg: &SyncConfig) -> Result<(), NodeError> {
     let (a, b) = urls(cfg)?;
-    let pair = servers_pair(cfg).await?;
+    let pair = match servers_pair(cfg).await? {
+        Ok(pair) => pair,
+        Err(why) => guessed_pair(cfg, &why)?,
+    };
     let mut reverse = crate::precheck::PrecheckConfig::new(b.clone(), a.clone());
     reverse.sample = Duration::ZERO;
     reverse.existing_data = crate::apply::ExistingData::Keep;
@@ -397,18 +565,12 @@ pub(crate) async fn precheck(cfg: &SyncConfig) -> Result<(), NodeError> {
     for check in report.checks.iter().filter(|c| c.verdict == Verdict::Warn) {
         warn!(check = %check.check, detail = %check.detail, "two-way precheck warning (the target into the source)");
     }
-    let checked = match pair {
-        Pair::Clusters => check_clusters(&a, &b).await.map(|_| ()),
-        Pair::Standalone => {
-            let (Some(a), Some(b)) = (a.first(), b.first()) else {
-                return Err(NodeError::Config(
-                    "two-way sync: no source or no target".into(),
-                ));
-            };
-            check_sides(a, b).await
-        }
-    };
-    match checked {
+    if a.is_empty() || b.is_empty() {
+        return Err(NodeError::Config(
+            "two-way sync: no source or no target".into(),
+        ));
+    }
+    match check_pair(&a, &b, pair).await.map(|_| ()) {
         Err(why) if !unreachable(&why) => Err(NodeError::Precheck(why)),
         Err(why) => {
             warn!(%why, "two-way precheck: a side does not answer yet; checked again before the other direction starts");
@@ -461,7 +623,7 @@ pub(super) async fn establish(
         let loaded = !forward.is_empty() && forward.len() >= status.listeners.len();
         // The status may show the load's progress between its states; the
         // target's own checkpoints say whether the load is committed.
-        if loaded && full_sync_committed(&cfg, &b, &forward).await {
+        if loaded && full_sync_committed(&cfg, &b, pair.is_cluster(1), &forward).await {
             break;
         }
         tokio::select! {
@@ -473,7 +635,9 @@ pub(super) async fn establish(
         let started = Instant::now();
         let seeded = match pair {
             Pair::Standalone => seed(&cfg, &wal, &a[0], &b[0]).await,
-            Pair::Clusters => seed_clusters(&cfg, &wal, &a, &b).await,
+            Pair::Clusters | Pair::StandaloneCluster | Pair::ClusterStandalone => {
+                seed_clusters(&cfg, &wal, &a, &b, pair).await
+            }
         };
         match seeded {
             Ok(detail) => {
@@ -498,11 +662,16 @@ pub(super) async fn establish(
 
 /// Whether the target's checkpoint (a cluster's floor) of each forward
 /// partition is `applied` in a loaded epoch (not `loading`, not absent).
-async fn full_sync_committed(cfg: &SyncConfig, b: &[RedisUrl], partitions: &[u32]) -> bool {
+async fn full_sync_committed(
+    cfg: &SyncConfig,
+    b: &[RedisUrl],
+    b_cluster: bool,
+    partitions: &[u32],
+) -> bool {
     let Some(template) = b.first() else {
         return false;
     };
-    let topology = match b.len() > 1 || partitions.iter().any(|p| *p != FORWARD.0) {
+    let topology = match b_cluster {
         true => match crate::redis::cluster::discover(b).await {
             Ok(topology) => Some(topology),
             Err(_) => return false,
@@ -572,7 +741,13 @@ async fn seed_partition(
 }
 
 async fn seed(cfg: &SyncConfig, wal: &Wal, a: &RedisUrl, b: &RedisUrl) -> Result<String, Seeding> {
-    check_sides(a, b).await.map_err(|why| {
+    check_pair(
+        std::slice::from_ref(a),
+        std::slice::from_ref(b),
+        Pair::Standalone,
+    )
+    .await
+    .map_err(|why| {
         if why.contains("connecting to") || why.contains("INFO") {
             Seeding::Failed(why)
         } else {
@@ -611,20 +786,25 @@ async fn seed(cfg: &SyncConfig, wal: &Wal, a: &RedisUrl, b: &RedisUrl) -> Result
     ))
 }
 
-/// Between clusters (module doc, "Two clusters"): the backward partitions'
-/// shard map and slot table, their histories, A prepared as their target
-/// (owner map, slot scopes, floors), each master of B marked and its mark
-/// stored as its partition's entry 1, then [`CLUSTER_ESTABLISHED_FILE`].
-/// A retry after a partial attempt keeps the partitions whose entry 1 is
-/// durable (their marks stand: what B wrote after one is in its stream
-/// after it) and marks the others, as long as B's masters are the same.
+/// With a cluster on either side (module doc, "Two clusters", "A
+/// standalone server and a cluster"): a cluster B's backward shard map and
+/// slot table, the backward partitions' histories, A prepared as their
+/// target (for a cluster B the owner map and slot scopes; the floors, on a
+/// standalone A the plain checkpoints), each master of B (a standalone B:
+/// the server) marked and its mark stored as its partition's entry 1, then
+/// [`CLUSTER_ESTABLISHED_FILE`]. A retry after a partial attempt keeps the
+/// partitions whose entry 1 is durable (their marks stand: what B wrote
+/// after one is in its stream after it) and marks the others, as long as
+/// B's masters are the same.
 async fn seed_clusters(
     cfg: &SyncConfig,
     wal: &Wal,
     a: &[RedisUrl],
     b: &[RedisUrl],
+    pair: Pair,
 ) -> Result<String, Seeding> {
-    let masters = check_clusters(a, b)
+    let b_cluster = pair.is_cluster(1);
+    let masters = check_pair(a, b, pair)
         .await
         .map_err(|why| match unreachable(&why) {
             true => Seeding::Failed(why),
@@ -646,7 +826,7 @@ async fn seed_clusters(
     }
     let dir = cfg.data_dir.join(CLUSTER_BACKWARD_DIR);
     let map_path = dir.join(crate::listener::SHARD_MAP_FILE);
-    if started.iter().any(|s| *s) {
+    if b_cluster && started.iter().any(|s| *s) {
         // The partitions of an earlier attempt must still be these masters.
         let map = crate::listener::ShardMap::load(&map_path)
             .map_err(|error| Seeding::Failed(error.to_string()))?
@@ -668,7 +848,11 @@ async fn seed_clusters(
             }
         }
     }
-    write_shard_files(&dir, &masters, CLUSTER_BACKWARD_BASE).map_err(failed)?;
+    // A standalone B's listener has no shard map: its partition is the
+    // one its config names.
+    if b_cluster {
+        write_shard_files(&dir, &masters, CLUSTER_BACKWARD_BASE).map_err(failed)?;
+    }
     let mut starts = Vec::with_capacity(partitions.len());
     for (master, &partition) in masters.iter().zip(&partitions) {
         let history = wal
@@ -687,7 +871,7 @@ async fn seed_clusters(
             log_tag: history.log_tag,
         });
     }
-    let prepared = cluster_target_state(&backward_cfg(cfg, Pair::Clusters), &starts)
+    let prepared = cluster_target_state(&backward_cfg(cfg, pair), &starts, pair.is_cluster(0))
         .await
         .map_err(failed)?;
     let note = format!(
@@ -695,20 +879,25 @@ async fn seed_clusters(
         now_unix_ms(),
         a.first().map(RedisUrl::addr).unwrap_or_default()
     );
+    super::switchover::hold_for_test("two-way-prepared").await;
     let mut marked = Vec::new();
     for ((master, &partition), started) in masters.iter().zip(&partitions).zip(&started) {
         if *started {
             continue;
         }
-        let slot = master
-            .slots
-            .first()
-            .ok_or_else(|| Seeding::Failed(format!("{} serves no slot", master.url.addr())))?;
-        let name = format!(
-            "two-way:{}:{}",
-            crate::redis::cluster::tag_for_slot(slot),
-            cfg.id
-        );
+        let name = match b_cluster {
+            true => {
+                let slot = master.slots.first().ok_or_else(|| {
+                    Seeding::Failed(format!("{} serves no slot", master.url.addr()))
+                })?;
+                format!(
+                    "two-way:{}:{}",
+                    crate::redis::cluster::tag_for_slot(slot),
+                    cfg.id
+                )
+            }
+            false => format!("two-way:{}", cfg.id),
+        };
         let (replid, offset) = seed_partition(wal, partition, &master.url, &name, &note).await?;
         marked.push(format!(
             "partition {partition} at {} replid {replid} offset {offset}",
@@ -731,4 +920,59 @@ async fn seed_clusters(
         CLUSTER_BACKWARD_BASE,
         marked.join("; ")
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The two directions' partitions never meet, in any pair, and a side
+    /// is a cluster where the pair says so.
+    #[test]
+    fn every_pair_keeps_the_directions_apart() {
+        for (a_cluster, b_cluster) in [(false, false), (true, true), (false, true), (true, false)] {
+            let pair = Pair::of(a_cluster, b_cluster);
+            assert_eq!(
+                (pair.is_cluster(0), pair.is_cluster(1)),
+                (a_cluster, b_cluster)
+            );
+            let (forward, backward) = (pair.forward(), pair.backward());
+            assert!(
+                forward.end() < backward.start(),
+                "{pair:?}: {forward:?} {backward:?}"
+            );
+            assert!(forward.contains(&FORWARD.0));
+            assert!(!pair.is_backward(FORWARD));
+            assert_eq!(Pair::parse(pair.as_str()), Some(pair));
+        }
+        // A standalone side's one partition: A's 0, B's 1000.
+        assert_eq!(Pair::StandaloneCluster.forward(), 0..=0);
+        assert_eq!(Pair::ClusterStandalone.backward(), 1000..=1000);
+        assert!(Pair::StandaloneCluster.is_backward(PartitionId(1002)));
+        assert!(!Pair::ClusterStandalone.is_backward(PartitionId(5)));
+        assert_eq!(Pair::parse("mixed"), None);
+    }
+
+    /// The stored pair wins over what the data dir holds; without it an
+    /// older ferry's data dir is read as before, and a bad file is an
+    /// error naming it.
+    #[test]
+    fn the_stored_pair_is_what_a_restart_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(stored_pair(dir.path(), None), Ok(None));
+        // A's shard map, as a cluster A's forward listener writes it.
+        std::fs::write(dir.path().join(crate::listener::SHARD_MAP_FILE), "{}").unwrap();
+        assert_eq!(stored_pair(dir.path(), None), Ok(Some(Pair::Clusters)));
+        std::fs::write(dir.path().join(PAIR_FILE), "cluster-standalone\n").unwrap();
+        assert_eq!(
+            stored_pair(dir.path(), None),
+            Ok(Some(Pair::ClusterStandalone))
+        );
+        std::fs::write(dir.path().join(PAIR_FILE), "both\n").unwrap();
+        let error = stored_pair(dir.path(), None).unwrap_err();
+        assert!(
+            error.contains(PAIR_FILE) && error.contains("both"),
+            "{error}"
+        );
+    }
 }

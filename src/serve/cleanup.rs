@@ -14,15 +14,19 @@
 //!   the target;
 //! - `__ferry:heartbeat:N` and `__ferry:heartbeat:N:<tag>`: the listener's
 //!   heartbeat on its source (a cluster's, one per shard);
-//! - `__ferry:two-way:N` (standalone pair) and `__ferry:two-way:<tag>:N`
-//!   (two clusters, one per master of the target): the marks where two-way
-//!   sync established its second direction.
+//! - `__ferry:two-way:N` (a standalone target) and `__ferry:two-way:<tag>:N`
+//!   (a cluster target, one per master): the marks where two-way sync
+//!   established its second direction.
 //!
 //! A two-way task writes all of these on both sides: its backward
-//! direction's appliers (partition 1, or partitions from
-//! [`crate::node::two_way::CLUSTER_BACKWARD_BASE`] between clusters) keep
+//! direction's appliers (partition 1 between standalone servers, else
+//! partitions from [`crate::node::two_way::CLUSTER_BACKWARD_BASE`]) keep
 //! their checkpoints, scopes and owner map on the source, its backward
-//! listener its heartbeats on the target. `__ferry:switchover:*` (kept by
+//! listener its heartbeats on the target. A standalone server paired with
+//! a cluster gets the same shapes as either end of a one-way sync of its
+//! kind: plain checkpoints of the cluster's partitions with their owner
+//! map and scopes, or slot checkpoints and floors of its one partition on
+//! the cluster. `__ferry:switchover:*` (kept by
 //! `ferry switchover`, which a task does not run) and every other
 //! `__ferry*` key (`__ferry:guard`, other syncs' keys) are left alone.
 //!

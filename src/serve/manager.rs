@@ -13,8 +13,8 @@
 //!   partitions carry the target into the source ([`established_pair`]): none
 //!   until a two-way task is established (its status shows `two_way`),
 //!   then partition 1 between standalone servers, and those from
-//!   [`crate::node::two_way::CLUSTER_BACKWARD_BASE`] between clusters
-//!   (the sync's data dir holds the source cluster's shard map). A lag sample (largest LogId Lag
+//!   [`crate::node::two_way::CLUSTER_BACKWARD_BASE`] with a cluster on
+//!   either side (the sync's data dir holds the pair). A lag sample (largest LogId Lag
 //!   and Time Latency) is kept every 2 s, 10 minutes of them.
 //! - **Stop / start:** stop ends the task's stages (as SIGTERM ends `ferry
 //!   sync`); start runs them again from the WAL (PSYNC where the source
@@ -138,15 +138,21 @@ pub struct Manager {
 /// The pair of a two-way task whose status shows it established (its
 /// conflicts are counted from then on); `None` for a one-way task or one
 /// not yet established, whose partitions all carry the source into the
-/// target. Between clusters the sync's data dir (`sync_dir`) holds the
-/// forward listener's shard map.
+/// target. The sync's data dir (`sync_dir`) holds the pair
+/// ([`crate::node::two_way::stored_pair`]).
 pub fn established_pair(mode: Mode, status: &NodeStatus, sync_dir: &Path) -> Option<Pair> {
     if mode != Mode::TwoWay || status.two_way.is_none() {
         return None;
     }
-    match crate::listener::ClusterSource::has_map(sync_dir) {
-        true => Some(Pair::Clusters),
-        false => Some(Pair::Standalone),
+    match crate::node::two_way::stored_pair(sync_dir, None) {
+        Ok(Some(pair)) => Some(pair),
+        // Established means it was stored (or, from an older ferry, a
+        // standalone pair's data dir without a shard map).
+        Ok(None) => Some(Pair::Standalone),
+        Err(error) => {
+            warn!(dir = %sync_dir.display(), %error, "cannot read the two-way pair");
+            None
+        }
     }
 }
 
