@@ -872,68 +872,14 @@ fn clusters_a_winner_policy_makes_both_sides_converge(policy: &str, winner: &str
     let a = Cluster::start(3, 0);
     let b = Cluster::start(3, 0);
     let (_dir, data, sync) = two_way_clusters_with(&a, &b, &["--conflict", policy]);
-    let (key, set, gone) = (
-        key_in_slot("both", 100),
-        key_in_slot("set", 7000),
-        key_in_slot("gone", 13000),
+    winner_policy_converges(
+        Side::Cluster(&a),
+        Side::Cluster(&b),
+        &data,
+        &sync,
+        policy,
+        winner,
     );
-    let admin = sync.admin_addr(Duration::from_secs(10));
-    assert!(ferry_cli(&["stop-sync", "--admin", &admin])
-        .status
-        .success());
-    a.call_key(&key, &["SET", &key, "from-a"]);
-    b.call_key(&key, &["SET", &key, "from-b"]);
-    a.call_key(&set, &["SADD", &set, "a"]);
-    b.call_key(&set, &["DEL", &set]);
-    b.call_key(&set, &["SADD", &set, "b"]);
-    a.call_key(&gone, &["SET", &gone, "a"]);
-    b.call_key(&gone, &["SET", &gone, "b"]);
-    b.call_key(&gone, &["DEL", &gone]);
-    assert!(ferry_cli(&["restart-sync", "--admin", &admin])
-        .status
-        .success());
-    wait_for("the repairs", Duration::from_secs(60), || {
-        let status = sync.status_json();
-        status["two_way"]["conflicts"].as_u64() >= Some(3)
-            && status["two_way"]["repairs_owed"] == 0
-            && status["two_way"]["repaired"] == status["two_way"]["conflicts"]
-    });
-    let text = |cluster: &Cluster, args: &[&str]| cluster.call_key(args[1], args).text();
-    let members = |cluster: &Cluster| {
-        let reply = cluster.call_key(&set, &["SMEMBERS", &set]);
-        let mut members: Vec<Option<String>> = reply.items().iter().map(|m| m.text()).collect();
-        members.sort();
-        members
-    };
-    let exists = |cluster: &Cluster| cluster.call_key(&gone, &["EXISTS", &gone]).int();
-    wait_for("both sides to agree", Duration::from_secs(60), || {
-        text(&a, &["GET", &key]) == text(&b, &["GET", &key])
-            && members(&a) == members(&b)
-            && exists(&a) == exists(&b)
-    });
-    assert_eq!(text(&a, &["GET", &key]).as_deref(), Some(winner));
-    assert_eq!(exists(&a), i64::from(policy == "source-wins"));
-    let out = ferry_cli(&[
-        "verify",
-        "--source",
-        &a.seed_list(),
-        "--target",
-        &b.seed_list(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let lines = conflict_lines(&data);
-    let mut keys: Vec<&str> = lines.iter().map(|l| l["key"].as_str().unwrap()).collect();
-    keys.sort();
-    keys.dedup();
-    let mut want = vec![key.as_str(), set.as_str(), gone.as_str()];
-    want.sort();
-    assert_eq!(keys, want, "{lines:?}");
-    assert!(lines.iter().all(|l| l["policy"] == policy), "{lines:?}");
 }
 
 #[test]
@@ -1417,22 +1363,18 @@ fn standalone_with_cluster_one_key_written_on_both_sides_is_a_conflict() {
     );
 }
 
-/// A mixed pair under a winner policy: conflicts on keys of every shard of
-/// the cluster, each repaired on the side where the winner's write was
-/// applied last (the standalone server, or the cluster master of the
-/// key's slot), leave both sides with what the winner's writes left
-/// (`ferry verify` clean).
-fn mixed_a_winner_policy_makes_both_sides_converge(
-    standalone_source: bool,
+/// Conflicts on keys of three slots (a string, a set, a key one side
+/// deleted), written on both sides while the appliers are stopped: once
+/// every repair is done both sides hold what the winner's writes left, and
+/// `ferry verify` is clean.
+fn winner_policy_converges(
+    a: Side,
+    b: Side,
+    data: &std::path::Path,
+    sync: &FerryProcess,
     policy: &str,
     winner: &str,
 ) {
-    let pair = MixedPair::start(standalone_source);
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let sync = pair.sync(&data, &["--conflict", policy]);
-    pair.wait_established(&sync);
-    let (a, b) = (pair.a(), pair.b());
     let (key, set, gone) = (
         key_in_slot("both", 100),
         key_in_slot("set", 7000),
@@ -1478,7 +1420,7 @@ fn mixed_a_winner_policy_makes_both_sides_converge(
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    let lines = conflict_lines(&data);
+    let lines = conflict_lines(data);
     let mut keys: Vec<&str> = lines.iter().map(|l| l["key"].as_str().unwrap()).collect();
     keys.sort();
     keys.dedup();
@@ -1486,6 +1428,24 @@ fn mixed_a_winner_policy_makes_both_sides_converge(
     want.sort();
     assert_eq!(keys, want, "{lines:?}");
     assert!(lines.iter().all(|l| l["policy"] == policy), "{lines:?}");
+}
+
+/// A mixed pair under a winner policy: conflicts on keys of every shard of
+/// the cluster, each repaired on the side where the winner's write was
+/// applied last (the standalone server, or the cluster master of the
+/// key's slot), leave both sides with what the winner's writes left
+/// (`ferry verify` clean).
+fn mixed_a_winner_policy_makes_both_sides_converge(
+    standalone_source: bool,
+    policy: &str,
+    winner: &str,
+) {
+    let pair = MixedPair::start(standalone_source);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let sync = pair.sync(&data, &["--conflict", policy]);
+    pair.wait_established(&sync);
+    winner_policy_converges(pair.a(), pair.b(), &data, &sync, policy, winner);
 }
 
 /// The repairs touch the cluster B, by slot.
