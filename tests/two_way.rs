@@ -892,6 +892,30 @@ fn clusters_target_wins_makes_both_sides_end_with_the_targets_writes() {
     clusters_a_winner_policy_makes_both_sides_converge("target-wins", "from-b");
 }
 
+/// Waits until an applier is BLOCKED by an entry whose error contains
+/// `error` (`what` names the entry).
+fn wait_held(sync: &FerryProcess, error: &str, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = sync.status_json();
+        let held = status["drainers"].as_array().unwrap().iter().any(|d| {
+            d["state"] == "BLOCKED"
+                && d["blocked"]["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains(error))
+        });
+        if held {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} is not held: {status:#}\n{}",
+            sync.log_tail(30)
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Between clusters a flush is held.
 #[test]
 fn clusters_two_way_refuses_flushes() {
@@ -905,25 +929,7 @@ fn clusters_two_way_refuses_flushes() {
     });
     // A flush on one master of B: held by the applier of its partition.
     b.master_for_key(&key).call(&["FLUSHALL"]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let status = sync.status_json();
-        let held = status["drainers"].as_array().unwrap().iter().any(|d| {
-            d["state"] == "BLOCKED"
-                && d["blocked"]["error"]
-                    .as_str()
-                    .is_some_and(|e| e.contains("two-way sync refuses"))
-        });
-        if held {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the flush is not held: {status:#}\n{}",
-            sync.log_tail(30)
-        );
-        thread::sleep(Duration::from_millis(100));
-    }
+    wait_held(&sync, "two-way sync refuses", "the flush");
     assert_eq!(
         a.call_key(&key, &["GET", &key]).text().as_deref(),
         Some("1"),
@@ -1519,25 +1525,7 @@ fn mixed_pairs_refuse_a_standalone_side_with_keys_in_other_dbs() {
         let sync = pair.sync(&data, &["--existing-data", "keep"]);
         pair.wait_established(&sync);
         conn.call(&["SET", "late-in-db-3", "1"]).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let status = sync.status_json();
-            let held = status["drainers"].as_array().unwrap().iter().any(|d| {
-                d["state"] == "BLOCKED"
-                    && d["blocked"]["error"]
-                        .as_str()
-                        .is_some_and(|e| e.contains("db 3 is out of range"))
-            });
-            if held {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the write in db 3 is not held: {status:#}\n{}",
-                sync.log_tail(30)
-            );
-            thread::sleep(Duration::from_millis(100));
-        }
+        wait_held(&sync, "db 3 is out of range", "the write in db 3");
         // The held entry holds its partition (the standalone side's
         // later writes wait behind it); the cluster's writes still come.
         let (cluster, standalone) = (Side::Cluster(&pair.cluster), Side::Standalone(&pair.server));
