@@ -528,23 +528,6 @@ fn get_key(cluster: &Cluster, key: &str) -> Option<String> {
     cluster.call_key(key, &["GET", key]).text()
 }
 
-/// Every `__ferry*` key of every node of `cluster` (masters and replicas),
-/// sorted.
-fn ferry_keys(cluster: &Cluster) -> Vec<String> {
-    let mut keys: Vec<String> = cluster
-        .nodes()
-        .flat_map(|node| {
-            node.call(&["KEYS", "__ferry*"])
-                .items()
-                .iter()
-                .filter_map(|k| k.text())
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    keys.sort();
-    keys
-}
-
 /// `sync_full` of every master of `cluster`, by port.
 fn full_syncs(cluster: &Cluster) -> Vec<(u16, String)> {
     cluster
@@ -605,29 +588,7 @@ fn wait_counters(
 /// cluster, the target's from partition 1000, with their direction, all
 /// ONLINE; the conflicts counted.
 fn both_directions_shown(task: &Value, masters: usize) -> bool {
-    let Some(parts) = task["partitions"].as_array() else {
-        return false;
-    };
-    let rows = |side: &str, backward: bool| {
-        parts
-            .iter()
-            .filter(|p| p["side"] == side)
-            .filter(|p| (p["part_id"].as_u64().unwrap_or(0) >= 1000) == backward)
-            .filter(|p| {
-                p["direction"]
-                    == match backward {
-                        true => "target-to-source",
-                        false => "source-to-target",
-                    }
-            })
-            .filter(|p| p["sync_status"] == "ONLINE")
-            .count()
-    };
-    parts.len() == 4 * masters
-        && ["listener", "drainer"]
-            .iter()
-            .all(|side| rows(side, false) == masters && rows(side, true) == masters)
-        && task["conflicts"].is_u64()
+    mixed_directions_shown(task, masters, masters)
 }
 
 fn wait_both_directions(daemon: &Daemon, name: &str, masters: usize) -> Value {
@@ -766,7 +727,7 @@ fn a_two_way_cluster_task_converges_survives_kill_9_and_cancels_on_every_master(
     // checkpoints, owner maps, scopes, heartbeats, marks.
     let kept = |keys: &[String], kind: &str| keys.iter().any(|k| k.starts_with(kind));
     for (cluster, side) in [(&a, "A"), (&b, "B")] {
-        let keys = ferry_keys(cluster);
+        let keys = cluster.ferry_keys();
         for kind in [
             "__ferry:checkpoint:pair:",
             "__ferry:heartbeat:pair:{ferry:",
@@ -776,15 +737,15 @@ fn a_two_way_cluster_task_converges_survives_kill_9_and_cancels_on_every_master(
             assert!(kept(&keys, kind), "{side}: no {kind}… in {keys:?}");
         }
     }
-    assert!(kept(&ferry_keys(&b), "__ferry:two-way:{ferry:"));
+    assert!(kept(&b.ferry_keys(), "__ferry:two-way:{ferry:"));
 
     // Canceled: every key ferry wrote for it goes, on every node of both
     // clusters; the data and other owners' keys stay.
     let (status, reply) = http(&daemon.http, "DELETE", "/api/v1/tasks/pair", None, None);
     assert_eq!(status, 200, "{reply}");
     assert_eq!(reply["task"]["state"], "CANCELED", "{reply}");
-    assert_eq!(ferry_keys(&a), vec![foreign_a]);
-    assert_eq!(ferry_keys(&b), vec![foreign_b]);
+    assert_eq!(a.ferry_keys(), vec![foreign_a]);
+    assert_eq!(b.ferry_keys(), vec![foreign_b]);
     for (counter, want) in [("c", "135"), ("d", "13")] {
         for tag in &tags {
             let key = format!("{counter}:{tag}");
@@ -798,9 +759,10 @@ fn a_two_way_cluster_task_converges_survives_kill_9_and_cancels_on_every_master(
     assert!(status.success(), "{}", daemon.process.log_tail(20));
 }
 
-/// Both directions shown for a task between a standalone server and a
-/// cluster: `forward` listeners and appliers below 1000 and `backward`
-/// from 1000, with their direction, all ONLINE; the conflicts counted.
+/// Both directions shown (for a task between a standalone server and a
+/// cluster, or two clusters): `forward` listeners and appliers below 1000
+/// and `backward` from 1000, with their direction, all ONLINE; the
+/// conflicts counted.
 fn mixed_directions_shown(task: &Value, forward: usize, backward: usize) -> bool {
     let Some(parts) = task["partitions"].as_array() else {
         return false;
@@ -937,11 +899,12 @@ fn two_way_tasks_between_a_standalone_server_and_a_cluster() {
             "{keys:?}"
         );
         assert!(
-            ferry_keys(&cluster)
+            cluster
+                .ferry_keys()
                 .iter()
                 .any(|k| k.starts_with(&format!("__ferry:checkpoint:{name}:"))),
             "{:?}",
-            ferry_keys(&cluster)
+            cluster.ferry_keys()
         );
         let (status, reply) = http(
             &daemon.http,
@@ -952,7 +915,7 @@ fn two_way_tasks_between_a_standalone_server_and_a_cluster() {
         );
         assert_eq!(status, 200, "{reply}");
         assert_eq!(reply["task"]["state"], "CANCELED", "{reply}");
-        assert_eq!(ferry_keys(&cluster), vec![foreign.clone()], "{name}");
+        assert_eq!(cluster.ferry_keys(), vec![foreign.clone()], "{name}");
         assert_eq!(
             standalone_keys(),
             vec!["__ferry:two-way:mixed1-b".to_string()],

@@ -117,6 +117,36 @@ fn counters(sync: &FerryProcess) -> Vec<(u64, u64)> {
         .collect()
 }
 
+/// Nothing loops: once at least `echoing` directions count echoes (each
+/// side took the other's writes), idle, no applier applies anything and no
+/// echo comes back. A few echoes may still be counted (held-back silent
+/// batches written: one per partition per `SILENT_FLUSH`, 30 s, or when
+/// data comes; seen as +1 to +4 on a loaded machine): a loop would count
+/// them by the thousand.
+fn assert_nothing_loops(sync: &FerryProcess, echoing: usize) {
+    wait_for(
+        "the directions to count echoes",
+        Duration::from_secs(30),
+        || {
+            counters(sync)
+                .iter()
+                .filter(|(_, echoes)| *echoes > 0)
+                .count()
+                >= echoing
+        },
+    );
+    thread::sleep(Duration::from_millis(1500));
+    let settled = counters(sync);
+    thread::sleep(Duration::from_secs(3));
+    let now = counters(sync);
+    for ((applied, echoes), (applied_then, echoes_then)) in now.iter().zip(&settled) {
+        assert!(
+            applied == applied_then && *echoes <= echoes_then + 10,
+            "something went back and forth: {now:?}, settled {settled:?}"
+        );
+    }
+}
+
 /// `ferry sync --two-way` between `a` and `b`, established: its temp dir
 /// (kept alive by the caller), data dir and process.
 fn two_way_sync(
@@ -183,25 +213,7 @@ fn concurrent_writes_on_both_sides_converge_exactly_once_across_kill_9() {
 
     // Since the last restart each side took the other's writes, so each
     // stream carries echoes (counted once read, held back or not).
-    wait_for(
-        "each direction to count echoes",
-        Duration::from_secs(30),
-        || counters(&sync).iter().all(|(_, echoes)| *echoes > 0),
-    );
-    // Nothing loops: idle, neither side gets anything applied, and no echo
-    // comes back (the silent checkpoints wait). A few echoes may still be
-    // counted (held-back silent batches written: one per direction per
-    // `SILENT_FLUSH`, 30 s); a loop would count them by the thousand.
-    thread::sleep(Duration::from_millis(1500));
-    let settled = counters(&sync);
-    thread::sleep(Duration::from_secs(3));
-    let now = counters(&sync);
-    for ((applied, echoes), (applied_then, echoes_then)) in now.iter().zip(&settled) {
-        assert!(
-            applied == applied_then && *echoes <= echoes_then + 10,
-            "something went back and forth: {now:?}, settled {settled:?}"
-        );
-    }
+    assert_nothing_loops(&sync, 2);
     for server in [&a, &b] {
         assert_eq!(state(server), want);
     }
@@ -500,14 +512,20 @@ const CLUSTER_SLOTS: [u16; 3] = [100, 6000, 12000];
 /// Both directions run between clusters: an applier per master of each
 /// side, all ONLINE.
 fn clusters_established(sync: &FerryProcess, masters: usize) -> bool {
+    established_with(sync, masters, masters)
+}
+
+/// Both directions run: `forward` appliers below partition 1000 and
+/// `backward` from it, all ONLINE.
+fn established_with(sync: &FerryProcess, forward: usize, backward: usize) -> bool {
     let status = sync.status_json();
     status["drainers"].as_array().is_some_and(|d| {
-        d.len() == 2 * masters
+        d.len() == forward + backward
             && d.iter().all(|side| side["state"] == "ONLINE")
             && d.iter()
                 .filter(|side| side["partition"].as_u64() >= Some(1000))
                 .count()
-                == masters
+                == backward
     })
 }
 
@@ -539,27 +557,10 @@ fn slot_writer(addr: String, tag: String, name: String, stop: Arc<AtomicBool>) -
     done
 }
 
-fn cluster_state(cluster: &Cluster, tag: &str) -> (i64, i64, i64, Vec<String>) {
-    let key = format!("c:{tag}");
-    let mut conn = connect(&cluster.master_for_key(&key).addr());
-    let number = |reply: Resp| reply.text().map_or(0, |t| t.parse::<i64>().unwrap());
-    let c = number(conn.call(&["GET", &key]).unwrap());
-    let c2 = number(conn.call(&["GET", &format!("c2:{tag}")]).unwrap());
-    let hf = number(conn.call(&["HGET", &format!("h:{tag}"), "f"]).unwrap());
-    let mut list: Vec<String> = conn
-        .call(&["LRANGE", &format!("l:{tag}"), "0", "-1"])
-        .unwrap()
-        .items()
-        .iter()
-        .map(|item| item.text().unwrap())
-        .collect();
-    list.sort();
-    (c, c2, hf, list)
-}
-
-/// The hash tags of [`CLUSTER_SLOTS`] (one per master), each tag's counter
-/// `c:{tag}` set to 100 on `a` (what [`expected`] counts from).
-fn seeded_tags(a: &Cluster) -> Vec<String> {
+/// The hash tags of [`CLUSTER_SLOTS`] (one per master of a 3-master
+/// cluster), each tag's counter `c:{tag}` set to 100 on `a` (what
+/// [`expected`] counts from).
+fn seeded_tags(a: Side) -> Vec<String> {
     let tags: Vec<String> = CLUSTER_SLOTS
         .iter()
         .map(|&slot| key_in_slot("x", slot).trim_start_matches("x:").to_string())
@@ -575,8 +576,8 @@ fn seeded_tags(a: &Cluster) -> Vec<String> {
 /// serving it: A's and B's writers of `tags[i]` are the joined `2i` and
 /// `2i + 1`.
 fn slot_writers(
-    a: &Cluster,
-    b: &Cluster,
+    a: Side,
+    b: Side,
     tags: &[String],
     stop: &Arc<AtomicBool>,
 ) -> Vec<thread::JoinHandle<Done>> {
@@ -584,7 +585,7 @@ fn slot_writers(
     for tag in tags {
         let key = format!("c:{tag}");
         for (cluster, side) in [(a, "a"), (b, "b")] {
-            let addr = cluster.master_for_key(&key).addr();
+            let addr = cluster.addr_for(&key);
             let (tag, name, stop) = (tag.clone(), format!("{side}{tag}"), Arc::clone(stop));
             writers.push(thread::spawn(move || slot_writer(addr, tag, name, stop)));
         }
@@ -592,18 +593,18 @@ fn slot_writers(
     writers
 }
 
-/// Waits until both clusters hold `want` for the keys of `tag`.
+/// Waits until both sides hold `want` for the keys of `tag`.
 fn wait_both_hold(
-    a: &Cluster,
-    b: &Cluster,
+    a: Side,
+    b: Side,
     tag: &str,
     want: &(i64, i64, i64, Vec<String>),
     sync: &FerryProcess,
 ) {
     for (cluster, side) in [(a, "A"), (b, "B")] {
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + Duration::from_secs(90);
         loop {
-            let have = cluster_state(cluster, tag);
+            let have = side_state(cluster, tag);
             if have == *want {
                 break;
             }
@@ -660,14 +661,14 @@ fn two_way_clusters_with(
 fn clusters_concurrent_writes_on_both_sides_converge_exactly_once_across_kill_9() {
     let a = Cluster::start(3, 0);
     let b = Cluster::start(3, 0);
-    let tags = seeded_tags(&a);
+    let tags = seeded_tags(Side::Cluster(&a));
     let (_dir, data, mut sync) = two_way_clusters(&a, &b);
     let (a_seeds, b_seeds) = (a.seed_list(), b.seed_list());
     let log = std::fs::read_to_string(&sync.log).unwrap();
     assert!(log.contains("two-way sync established"), "{log}");
 
     let stop = Arc::new(AtomicBool::new(false));
-    let writers = slot_writers(&a, &b, &tags, &stop);
+    let writers = slot_writers(Side::Cluster(&a), Side::Cluster(&b), &tags, &stop);
     for round in 0..4u64 {
         thread::sleep(Duration::from_millis(600 + 150 * round));
         sync.kill9();
@@ -683,33 +684,20 @@ fn clusters_concurrent_writes_on_both_sides_converge_exactly_once_across_kill_9(
             on_a.incr > 20 && on_b.incr > 20,
             "too few writes: {on_a:?} {on_b:?}"
         );
-        wait_both_hold(&a, &b, tag, &expected(on_a, on_b), &sync);
+        wait_both_hold(
+            Side::Cluster(&a),
+            Side::Cluster(&b),
+            tag,
+            &expected(on_a, on_b),
+            &sync,
+        );
     }
     let deadline = Instant::now() + Duration::from_secs(60);
     while !clusters_established(&sync, 3) {
         assert!(Instant::now() < deadline, "{}", sync.log_tail(40));
         thread::sleep(Duration::from_millis(100));
     }
-    // Nothing loops: idle, no applier applies anything and no echo comes
-    // back (the silent floors wait).
-    thread::sleep(Duration::from_millis(1500));
-    let settled = counters(&sync);
-    assert!(
-        settled.iter().filter(|(_, echoes)| *echoes > 0).count() >= 2,
-        "echoes were seen: {settled:?}"
-    );
-    thread::sleep(Duration::from_secs(3));
-    // No command goes back and forth. A few echoes may still be counted
-    // in the window (held-back silent batches written: one per partition
-    // per `SILENT_FLUSH`, 30 s, or when data comes; seen as +1 to +4 on a
-    // loaded machine): a loop would count them by the thousand.
-    let now = counters(&sync);
-    for ((applied, echoes), (applied_then, echoes_then)) in now.iter().zip(&settled) {
-        assert!(
-            applied == applied_then && *echoes <= echoes_then + 10,
-            "something went back and forth: {now:?}, settled {settled:?}"
-        );
-    }
+    assert_nothing_loops(&sync, 2);
     let log = std::fs::read_to_string(&sync.log).unwrap();
     assert!(!log.contains("full resync stored partition=10"), "{log}");
     sync.terminate(Duration::from_secs(20));
@@ -732,7 +720,7 @@ fn clusters_kill_9_while_two_way_is_being_established_establishes_it_once() {
         let key = format!("k{i}");
         a.call_key(&key, &["SET", &key, "v"]);
     }
-    let tags = seeded_tags(&a);
+    let tags = seeded_tags(Side::Cluster(&a));
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let (a_seeds, b_seeds) = (a.seed_list(), b.seed_list());
@@ -780,14 +768,14 @@ fn clusters_kill_9_while_two_way_is_being_established_establishes_it_once() {
         );
     }
     let stop = Arc::new(AtomicBool::new(false));
-    let writers = slot_writers(&a, &b, &tags, &stop);
+    let writers = slot_writers(Side::Cluster(&a), Side::Cluster(&b), &tags, &stop);
     thread::sleep(Duration::from_millis(1500));
     stop.store(true, Ordering::SeqCst);
     let done: Vec<Done> = writers.into_iter().map(|w| w.join().unwrap()).collect();
     for (i, tag) in tags.iter().enumerate() {
         wait_both_hold(
-            &a,
-            &b,
+            Side::Cluster(&a),
+            Side::Cluster(&b),
             tag,
             &expected(&done[2 * i], &done[2 * i + 1]),
             &sync,
@@ -975,24 +963,20 @@ impl Side<'_> {
     /// Every `__ferry*` key of every server of the side (a cluster's
     /// replicas too), sorted.
     fn ferry_keys(&self) -> Vec<String> {
-        let addrs: Vec<String> = match self {
-            Side::Standalone(server) => vec![server.addr()],
-            Side::Cluster(cluster) => cluster.nodes().map(|node| node.addr()).collect(),
-        };
-        let mut keys: Vec<String> = addrs
-            .iter()
-            .flat_map(|addr| {
-                connect(addr)
+        match self {
+            Side::Standalone(server) => {
+                let mut keys: Vec<String> = connect(&server.addr())
                     .call(&["KEYS", "__ferry*"])
                     .unwrap()
                     .items()
                     .iter()
                     .filter_map(|k| k.text())
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        keys.sort();
-        keys
+                    .collect();
+                keys.sort();
+                keys
+            }
+            Side::Cluster(cluster) => cluster.ferry_keys(),
+        }
     }
 }
 
@@ -1071,15 +1055,7 @@ impl MixedPair {
     /// backward ones from 1000, all ONLINE.
     fn established(&self, sync: &FerryProcess) -> bool {
         let (forward, backward) = self.partitions();
-        let status = sync.status_json();
-        status["drainers"].as_array().is_some_and(|d| {
-            d.len() == forward + backward
-                && d.iter().all(|side| side["state"] == "ONLINE")
-                && d.iter()
-                    .filter(|side| side["partition"].as_u64() >= Some(1000))
-                    .count()
-                    == backward
-        })
+        established_with(sync, forward, backward)
     }
 
     fn wait_established(&self, sync: &FerryProcess) {
@@ -1093,57 +1069,6 @@ impl MixedPair {
             thread::sleep(Duration::from_millis(100));
         }
     }
-
-    /// A [`slot_writer`] on each side for each of `tags`, at the server
-    /// holding it: A's and B's writers of `tags[i]` are `2i` and `2i + 1`.
-    fn writers(&self, tags: &[String], stop: &Arc<AtomicBool>) -> Vec<thread::JoinHandle<Done>> {
-        let mut writers = Vec::new();
-        for tag in tags {
-            let key = format!("c:{tag}");
-            for (side, name) in [(self.a(), "a"), (self.b(), "b")] {
-                let addr = side.addr_for(&key);
-                let (tag, name, stop) = (tag.clone(), format!("{name}{tag}"), Arc::clone(stop));
-                writers.push(thread::spawn(move || slot_writer(addr, tag, name, stop)));
-            }
-        }
-        writers
-    }
-
-    /// The tags of [`CLUSTER_SLOTS`] (a key of each on every master of the
-    /// cluster), each tag's counter set to 100 on A.
-    fn seeded_tags(&self) -> Vec<String> {
-        let tags: Vec<String> = CLUSTER_SLOTS
-            .iter()
-            .map(|&slot| key_in_slot("x", slot).trim_start_matches("x:").to_string())
-            .collect();
-        for tag in &tags {
-            let key = format!("c:{tag}");
-            self.a().call_key(&key, &["INCRBY", &key, "100"]);
-        }
-        tags
-    }
-
-    fn wait_both_hold(&self, tag: &str, want: &(i64, i64, i64, Vec<String>), sync: &FerryProcess) {
-        for (side, name) in [(self.a(), "A"), (self.b(), "B")] {
-            let deadline = Instant::now() + Duration::from_secs(90);
-            loop {
-                let have = side_state(side, tag);
-                if have == *want {
-                    break;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "{name}, keys {tag}: have {:?}, want {:?} (lists {} vs {})\n{}",
-                    (have.0, have.1, have.2),
-                    (want.0, want.1, want.2),
-                    have.3.len(),
-                    want.3.len(),
-                    sync.log_tail(40)
-                );
-                thread::sleep(Duration::from_millis(100));
-            }
-        }
-    }
 }
 
 /// The test for a mixed pair: concurrent `INCR`, `INCRBY`,
@@ -1153,7 +1078,7 @@ impl MixedPair {
 /// and nothing moves once idle.
 fn mixed_concurrent_writes_converge_exactly_once_across_kill_9(standalone_source: bool) {
     let pair = MixedPair::start(standalone_source);
-    let tags = pair.seeded_tags();
+    let tags = seeded_tags(pair.a());
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let mut sync = pair.sync(&data, &[]);
@@ -1166,7 +1091,7 @@ fn mixed_concurrent_writes_converge_exactly_once_across_kill_9(standalone_source
     );
 
     let stop = Arc::new(AtomicBool::new(false));
-    let writers = pair.writers(&tags, &stop);
+    let writers = slot_writers(pair.a(), pair.b(), &tags, &stop);
     for round in 0..4u64 {
         thread::sleep(Duration::from_millis(600 + 150 * round));
         sync.kill9();
@@ -1182,25 +1107,10 @@ fn mixed_concurrent_writes_converge_exactly_once_across_kill_9(standalone_source
             on_a.incr > 20 && on_b.incr > 20,
             "too few writes: {on_a:?} {on_b:?}"
         );
-        pair.wait_both_hold(tag, &expected(on_a, on_b), &sync);
+        wait_both_hold(pair.a(), pair.b(), tag, &expected(on_a, on_b), &sync);
     }
     pair.wait_established(&sync);
-    // Nothing loops: idle, no applier applies anything and no echo comes
-    // back but the few held-back silent batches (see the clusters' test).
-    thread::sleep(Duration::from_millis(1500));
-    let settled = counters(&sync);
-    assert!(
-        settled.iter().filter(|(_, echoes)| *echoes > 0).count() >= 2,
-        "echoes were seen: {settled:?}"
-    );
-    thread::sleep(Duration::from_secs(3));
-    let now = counters(&sync);
-    for ((applied, echoes), (applied_then, echoes_then)) in now.iter().zip(&settled) {
-        assert!(
-            applied == applied_then && *echoes <= echoes_then + 10,
-            "something went back and forth: {now:?}, settled {settled:?}"
-        );
-    }
+    assert_nothing_loops(&sync, 2);
     for (i, tag) in tags.iter().enumerate() {
         let want = expected(&done[2 * i], &done[2 * i + 1]);
         assert_eq!(side_state(pair.a(), tag), want);
@@ -1233,7 +1143,7 @@ fn mixed_kill_9_while_establishing_establishes_it_once(standalone_source: bool) 
         let key = format!("k{i}");
         pair.a().call_key(&key, &["SET", &key, "v"]);
     }
-    let tags = pair.seeded_tags();
+    let tags = seeded_tags(pair.a());
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     // Killed at moments spread over the first full sync first, each run
@@ -1284,12 +1194,18 @@ fn mixed_kill_9_while_establishing_establishes_it_once(standalone_source: bool) 
         assert_eq!(pair.b().get(&key).as_deref(), Some("v"), "{key}");
     }
     let stop = Arc::new(AtomicBool::new(false));
-    let writers = pair.writers(&tags, &stop);
+    let writers = slot_writers(pair.a(), pair.b(), &tags, &stop);
     thread::sleep(Duration::from_millis(1500));
     stop.store(true, Ordering::SeqCst);
     let done: Vec<Done> = writers.into_iter().map(|w| w.join().unwrap()).collect();
     for (i, tag) in tags.iter().enumerate() {
-        pair.wait_both_hold(tag, &expected(&done[2 * i], &done[2 * i + 1]), &sync);
+        wait_both_hold(
+            pair.a(),
+            pair.b(),
+            tag,
+            &expected(&done[2 * i], &done[2 * i + 1]),
+            &sync,
+        );
     }
     let log = std::fs::read_to_string(&sync.log).unwrap();
     assert!(!log.contains("full resync stored partition=10"), "{log}");

@@ -789,6 +789,10 @@ struct Repairs<'a> {
     drainer_id: &'a str,
     clients: HashMap<String, Client>,
     topologies: [Option<Topology>; 2],
+    /// What each (side, partition, slot) was read to have applied this
+    /// round: the many repairs of one hot key read it once. A value that
+    /// grows meanwhile only moves a repair to the next round.
+    applied: HashMap<(usize, u32, u16), u64>,
 }
 
 /// Whether a server's error reply says the slot is served elsewhere (a
@@ -806,6 +810,7 @@ impl<'a> Repairs<'a> {
             drainer_id,
             clients: HashMap::new(),
             topologies: [None, None],
+            applied: HashMap::new(),
         }
     }
 
@@ -876,6 +881,25 @@ impl<'a> Repairs<'a> {
     /// above it when of the floor's epoch and log (apply module,
     /// "Applying into a Redis Cluster target").
     async fn applied(&mut self, side: usize, partition: u32, slot: u16) -> Result<u64, String> {
+        let slot = match self.resolution.pair.is_cluster(side) {
+            true => slot,
+            false => 0,
+        };
+        if let Some(applied) = self.applied.get(&(side, partition, slot)) {
+            return Ok(*applied);
+        }
+        let applied = self.read_applied(side, partition, slot).await?;
+        self.applied.insert((side, partition, slot), applied);
+        Ok(applied)
+    }
+
+    /// [`Self::applied`], read from the side.
+    async fn read_applied(
+        &mut self,
+        side: usize,
+        partition: u32,
+        slot: u16,
+    ) -> Result<u64, String> {
         let floor_key = checkpoint_key(self.drainer_id, PartitionId(partition));
         let floor = self.checkpoint(side, &floor_key).await?;
         let Some(floor) = floor else {

@@ -425,6 +425,23 @@ impl Cluster {
         self.nodes.iter().filter(|n| n.is_running())
     }
 
+    /// Every `__ferry*` key of every running node (masters and replicas),
+    /// sorted.
+    pub fn ferry_keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self
+            .nodes()
+            .flat_map(|node| {
+                node.call(&["KEYS", "__ferry*"])
+                    .items()
+                    .iter()
+                    .filter_map(|k| k.text())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        keys.sort();
+        keys
+    }
+
     pub fn node(&self, port: u16) -> &ClusterNode {
         self.nodes
             .iter()
