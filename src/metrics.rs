@@ -375,13 +375,13 @@ fn node(families: &mut Families, base: &Labels, status: &NodeStatus) {
         );
         families.counter(
             "ferry_two_way_repaired_total",
-            "Two-way sync: conflicts a winner policy repaired.",
+            "Two-way sync: repairs a winner policy made (a key's conflicts share one).",
             base,
             two_way.repaired,
         );
         families.gauge(
             "ferry_two_way_repairs_owed",
-            "Two-way sync: conflicts waiting for their side to apply the winner's write.",
+            "Two-way sync: repairs waiting for their side to apply the winner's write.",
             base,
             two_way.repairs_owed,
         );

@@ -73,8 +73,9 @@ pub struct TwoWayStatus {
     pub unexamined: u64,
     /// The policy: `report`, `source-wins`, `target-wins`.
     pub policy: String,
-    /// Conflicts a winner policy repaired, and those still waiting for their
-    /// side to apply the winner's write.
+    /// Keys a winner policy wrote again (a key's conflicts share one repair,
+    /// at the latest winner's write), and the repairs still waiting for
+    /// their side to apply the winner's write.
     pub repaired: u64,
     pub repairs_owed: u64,
 }

@@ -53,8 +53,15 @@
 //!   checkpoint of partition 1 at `y`, the key written again on the
 //!   source).
 //!
-//! Owed repairs are in the saved state; one done twice after a crash
-//! writes the same value again.
+//! A key owes at most one repair per side and winner's partition: a
+//! later conflict of it only moves that repair's wait to the later
+//! winner's write, since the key written again then holds what every
+//! earlier winner's write left, overwritten (a repair done at an earlier
+//! wait would be undone by the later write, and done again after it). So
+//! `repaired` in `ferry status` counts keys written again, at most one per
+//! conflict, and a hot key written on both sides at once is written again
+//! once per round of repairs, not once per pair. Owed repairs are in the
+//! saved state; one done twice after a crash writes the same value again.
 //!
 //! # Two clusters
 //!
@@ -232,6 +239,62 @@ struct Repair {
     touch: usize,
     wait_partition: u32,
     wait_id: u64,
+}
+
+/// The repairs owed, one per key, side and wait partition: a key's
+/// later conflict only moves its repair's wait further (module doc,
+/// "Policies"). In repair order: the key's own order within a side.
+#[derive(Debug, Default)]
+struct Owed {
+    /// (touch, wait partition, db, key hex) to the highest wait id owed.
+    by_key: BTreeMap<(usize, u32, u32, String), u64>,
+}
+
+impl Owed {
+    fn from_repairs(repairs: Vec<Repair>) -> Owed {
+        let mut owed = Owed::default();
+        for repair in repairs {
+            owed.owe(repair);
+        }
+        owed
+    }
+
+    /// Owes `repair`; one owed already for its key keeps the higher wait.
+    fn owe(&mut self, repair: Repair) {
+        let wait = self
+            .by_key
+            .entry((repair.touch, repair.wait_partition, repair.db, repair.key))
+            .or_insert(repair.wait_id);
+        *wait = (*wait).max(repair.wait_id);
+    }
+
+    fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
+
+    fn to_vec(&self) -> Vec<Repair> {
+        self.by_key
+            .iter()
+            .map(|((touch, partition, db, key), id)| Repair {
+                db: *db,
+                key: key.clone(),
+                touch: *touch,
+                wait_partition: *partition,
+                wait_id: *id,
+            })
+            .collect()
+    }
+
+    /// Every owed repair, leaving none owed.
+    fn take(&mut self) -> Vec<Repair> {
+        let all = self.to_vec();
+        self.by_key.clear();
+        all
+    }
 }
 
 /// A winner policy and the two sides' servers (A, B): each side's URL,
@@ -428,7 +491,7 @@ struct Detector {
     /// them: conflicts the saved count did not have yet.
     refound: u64,
     policy: ConflictPolicy,
-    repairs: Vec<Repair>,
+    repairs: Owed,
     repaired: u64,
     /// The keys the sync owns (the same both ways: no `db-map`).
     keyspace: OwnedKeyspace,
@@ -451,7 +514,7 @@ impl Detector {
             logged: HashSet::new(),
             refound: 0,
             policy: ConflictPolicy::Report,
-            repairs: Vec::new(),
+            repairs: Owed::default(),
             repaired: 0,
             keyspace,
         }
@@ -490,7 +553,7 @@ impl Detector {
             windows: [window(&self.sides[0]), window(&self.sides[1])],
             conflicts: self.conflicts,
             unexamined: self.unexamined,
-            repairs: self.repairs.clone(),
+            repairs: self.repairs.to_vec(),
             repaired: self.repaired,
         }
     }
@@ -515,7 +578,7 @@ impl Detector {
         }
         self.conflicts = state.conflicts;
         self.unexamined = state.unexamined;
-        self.repairs = state.repairs;
+        self.repairs = Owed::from_repairs(state.repairs);
         self.repaired = state.repaired;
     }
 
@@ -637,7 +700,7 @@ impl Detector {
                             ConflictPolicy::TargetWins => Some((0, target.partition, target.id)),
                         };
                         if let Some((touch, partition, id)) = repair {
-                            self.repairs.push(Repair {
+                            self.repairs.owe(Repair {
                                 db,
                                 key: mine.key.clone(),
                                 touch,
@@ -1110,7 +1173,7 @@ pub async fn run(
             .filter(|_| !detector.repairs.is_empty() && repaired_at.elapsed() >= REPAIR_EVERY)
         {
             repaired_at = Instant::now();
-            let owed = std::mem::take(&mut detector.repairs);
+            let owed = detector.repairs.take();
             let mut round = Repairs::new(resolution, &drainer_id);
             for owed in owed {
                 match round.run(&owed).await {
@@ -1119,10 +1182,10 @@ pub async fn run(
                         detector.repaired += 1;
                         dirty = true;
                     }
-                    Ok(false) => detector.repairs.push(owed),
+                    Ok(false) => detector.repairs.owe(owed),
                     Err(error) => {
                         warn!(%error, "two-way conflict repair failed; retrying");
-                        detector.repairs.push(owed);
+                        detector.repairs.owe(owed);
                     }
                 }
             }
@@ -1313,6 +1376,52 @@ mod tests {
         assert_eq!(a_first, want);
         assert_eq!(b_first, want);
         assert_eq!(mixed, want);
+    }
+
+    #[test]
+    fn a_hot_keys_conflicts_owe_one_repair_that_waits_for_the_latest_winner() {
+        // A writes k at 1, 2 and 3, B at 1 and 2, none seeing the other:
+        // six pairs, and under source-wins one repair of k on B, once B
+        // applied A's 3 (its earlier ones would be overwritten by then).
+        for (policy, want) in [
+            (ConflictPolicy::SourceWins, (1, 0, 3)),
+            (ConflictPolicy::TargetWins, (0, 1, 2)),
+        ] {
+            let mut d = Detector::new("d", OwnedKeyspace::all(), Pair::Standalone);
+            d.policy = policy;
+            let mut found = 0;
+            for id in 1..=3 {
+                found += d
+                    .take(FORWARD, &entry(id, &[&["SET", "k", "a"]], false))
+                    .len();
+            }
+            for id in 1..=2 {
+                found += d
+                    .take(BACKWARD, &entry(id, &[&["SET", "k", "b"]], false))
+                    .len();
+            }
+            found += d
+                .take(BACKWARD, &entry(3, &[&["SET", "other", "b"]], false))
+                .len();
+            assert_eq!(found, 6, "{policy:?}");
+            let owed: Vec<(usize, u32, u64)> = d
+                .repairs
+                .to_vec()
+                .iter()
+                .map(|r| (r.touch, r.wait_partition, r.wait_id))
+                .collect();
+            assert_eq!(owed, [want], "{policy:?}");
+            // Saved and restored (a state of an older ferry may list a key
+            // more than once): still one, at the highest wait.
+            let mut state = d.state();
+            state.repairs.push(Repair {
+                wait_id: 1,
+                ..state.repairs[0].clone()
+            });
+            let mut restored = Detector::new("d", OwnedKeyspace::all(), Pair::Standalone);
+            restored.restore(state);
+            assert_eq!(restored.repairs.to_vec(), d.repairs.to_vec());
+        }
     }
 
     #[test]
@@ -1578,11 +1687,15 @@ mod cluster_tests {
             assert_eq!(found.len(), 1, "{found:?}");
             let repairs: Vec<(usize, u32, u64)> = d
                 .repairs
+                .to_vec()
                 .iter()
                 .map(|r| (r.touch, r.wait_partition, r.wait_id))
                 .collect();
             assert_eq!(repairs, [want], "{policy:?}");
-            assert_eq!(unhex(&d.repairs[0].key).unwrap(), Bytes::from_static(b"k"));
+            assert_eq!(
+                unhex(&d.repairs.to_vec()[0].key).unwrap(),
+                Bytes::from_static(b"k")
+            );
         }
     }
 }
