@@ -840,8 +840,10 @@ fn a_cluster_into_standalone_switchover_under_load_loses_nothing_and_reverses() 
 /// every step reported, the record with B's partitions and the reversed
 /// pair, every acknowledged write once on both sides (the writes on B
 /// carried back to A), no full sync; then a kill -9 and a restart with the
-/// original command line resume B -> A by PSYNC on every partition.
+/// original command line resume B -> A by PSYNC on every partition, and a
+/// switch back runs A -> B again with nothing applied twice.
 fn switchover_under_load(a: Side, b: Side, data: &std::path::Path, mut sync: FerryProcess) {
+    let fulls_a = sync_fulls(a);
     let writers = ClusterWriters::start(a, b);
     thread::sleep(Duration::from_millis(700));
     let admin = sync.admin_addr(Duration::from_secs(10));
@@ -898,6 +900,24 @@ fn switchover_under_load(a: Side, b: Side, data: &std::path::Path, mut sync: Fer
         a.partitions(),
         "full syncs other than the first (one per partition of A)"
     );
+
+    // Switching back (generation 2): A -> B again from the exact point,
+    // nothing of either generation applied again.
+    let admin = sync.admin_addr(Duration::from_secs(10));
+    let out = ferry(&["switchover", "--admin", &admin, "--timeout", "20s"]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        text(&out),
+        sync.log_tail(60)
+    );
+    let record = record_of(data).unwrap();
+    assert_eq!(record["generation"], 2, "{record}");
+    assert_eq!(record["released"], true, "{record}");
+    wait_online(&sync, a.partitions());
+    assert_flows(a, b, "switched-back", &sync);
+    assert_exactly_once(a, b, &results, &sync);
+    assert_eq!(sync_fulls(a), fulls_a, "a full sync of A");
     sync.terminate(Duration::from_secs(20));
 }
 
