@@ -1102,13 +1102,22 @@ fn kill_9_of_ferry_mid_cluster_switchover_rolls_back_or_releases_and_repeats_not
     kill_9_mid_switchover(Side::Cluster(&a), Side::Cluster(&b), &data, sync);
 }
 
-/// The same for a cluster syncing into a standalone server: the release
-/// after the restart writes the owner map, scopes and checkpoints on the
-/// server (B -> A) and then, switching back, partition 0's floor on the
-/// cluster.
+/// The same for a cluster syncing into a standalone server: the restart
+/// unpauses every master of the cluster, then releases them (partition
+/// 0's floor on the cluster, B -> A) and, switching back, the server (the
+/// owner map, scopes and a checkpoint per partition on it, A -> B).
 #[test]
 fn kill_9_of_ferry_mid_mixed_switchover_rolls_back_or_releases_and_repeats_nothing() {
     MixedPair::start(false).run(kill_9_mid_switchover);
+}
+
+/// The same for a standalone server syncing into a cluster: the restart
+/// unpauses the server, then releases it (the owner map, scopes and a
+/// checkpoint per partition on it, B -> A) and, switching back, every
+/// master of the cluster (partition 0's floor on the cluster, A -> B).
+#[test]
+fn kill_9_of_ferry_mid_mixed_switchover_the_other_way_round() {
+    MixedPair::start(true).run(kill_9_mid_switchover);
 }
 
 /// kill -9 of ferry at three moments of switchovers of `sync` (`a` into
