@@ -104,7 +104,7 @@
 //! # A standalone server and a cluster
 //!
 //! A standalone A into a cluster B, or a cluster A into a standalone B
-//! (the one-way syncs of apply module, "Applying into a Redis Cluster
+//! (the one-way syncs of the apply module, "Applying into a Redis Cluster
 //! target", and of docs/cluster.md), is switched over by side: each step
 //! does for a cluster side what "Two clusters" does and for a standalone
 //! side what the standalone steps do.
@@ -118,7 +118,7 @@
 //!    `cluster.g<N>`, as between clusters), a standalone B its one
 //!    partition 0 (no `cluster.g<N>`: its listener asks B what it is, a
 //!    standalone server).
-//! 3. and 4. **pause** and **wait**: A's one server, or every master of A.
+//! 3. **pause**, and 4. **wait**: A's one server, or every master of A.
 //! 6. **mark**: B's one server as `__ferry:switchover:<id>`, or every
 //!    master of B alone as between clusters.
 //! 7. **store**: the record as between two standalone servers (a
