@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use common::cluster::{key_in_slot, Cluster};
 use common::ferry::FerryProcess;
 use common::resp::{connect, Conn, Resp};
+use common::side::Side;
 use common::RedisServer;
 
 fn ferry(args: &[&str]) -> Output {
@@ -489,35 +490,7 @@ struct ClusterPair {
 fn synced_clusters() -> ClusterPair {
     let a = Cluster::start(3, 0);
     let b = Cluster::start(3, 0);
-    for node in a.nodes().chain(b.nodes()) {
-        assert_eq!(
-            node.call(&["CONFIG", "SET", "repl-backlog-size", BACKLOG]),
-            Resp::Simple("OK".into())
-        );
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let sync = FerryProcess::sync(&data, &a.seed_list(), &b.seed_list(), &[]);
-    let keys: Vec<String> = WRITER_SLOTS
-        .iter()
-        .map(|&slot| key_in_slot("before", slot))
-        .collect();
-    for key in &keys {
-        a.call_key(key, &["SET", key, "1"]);
-    }
-    wait_for("the first full sync", Duration::from_secs(60), || {
-        keys.iter()
-            .all(|key| b.call_key(key, &["GET", key]).text().as_deref() == Some("1"))
-    });
-    wait_for("every partition online", Duration::from_secs(30), || {
-        let status = sync.status_json();
-        let online = |side: &str, field: &str| {
-            status[side]
-                .as_array()
-                .is_some_and(|parts| parts.len() == 3 && parts.iter().all(|p| p[field] == "ONLINE"))
-        };
-        online("listeners", "source_state") && online("drainers", "state")
-    });
+    let (dir, data, sync) = synced(Side::Cluster(&a), Side::Cluster(&b));
     ClusterPair {
         a,
         b,
@@ -527,19 +500,122 @@ fn synced_clusters() -> ClusterPair {
     }
 }
 
-fn sync_fulls(cluster: &Cluster) -> Vec<(u16, String)> {
-    cluster
-        .master_ports()
+/// A standalone server and a 3-master cluster with a one-way `ferry sync`
+/// between them (`standalone_source`: the server is the source), every
+/// partition online past its first full sync.
+struct MixedPair {
+    server: RedisServer,
+    cluster: Cluster,
+    standalone_source: bool,
+    dir: tempfile::TempDir,
+    data: std::path::PathBuf,
+    sync: FerryProcess,
+}
+
+impl MixedPair {
+    fn start(standalone_source: bool) -> MixedPair {
+        let server = RedisServer::start(&[]);
+        let cluster = Cluster::start(3, 0);
+        let (dir, data, sync) = {
+            let (server, cluster) = (Side::Standalone(&server), Side::Cluster(&cluster));
+            match standalone_source {
+                true => synced(server, cluster),
+                false => synced(cluster, server),
+            }
+        };
+        MixedPair {
+            server,
+            cluster,
+            standalone_source,
+            dir,
+            data,
+            sync,
+        }
+    }
+
+    /// Runs `scenario` on the source (A), the target (B), the data dir and
+    /// the sync.
+    fn run(self, scenario: impl FnOnce(Side, Side, &std::path::Path, FerryProcess)) {
+        let MixedPair {
+            server,
+            cluster,
+            standalone_source,
+            dir: _dir,
+            data,
+            sync,
+        } = self;
+        let (server, cluster) = (Side::Standalone(&server), Side::Cluster(&cluster));
+        match standalone_source {
+            true => scenario(server, cluster, &data, sync),
+            false => scenario(cluster, server, &data, sync),
+        }
+    }
+}
+
+/// A one-way `ferry sync` of `a` into `b` (every server given a backlog of
+/// [`BACKLOG`]) past its first full sync, every partition online; returns
+/// the temp dir, the data dir and the process.
+fn synced(a: Side, b: Side) -> (tempfile::TempDir, std::path::PathBuf, FerryProcess) {
+    for addr in a.servers().into_iter().chain(b.servers()) {
+        assert_eq!(
+            connect(&addr)
+                .call(&["CONFIG", "SET", "repl-backlog-size", BACKLOG])
+                .unwrap(),
+            Resp::Simple("OK".into())
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let sync = FerryProcess::sync(&data, &a.url(), &b.url(), &[]);
+    let keys: Vec<String> = WRITER_SLOTS
+        .iter()
+        .map(|&slot| key_in_slot("before", slot))
+        .collect();
+    for key in &keys {
+        a.call_key(key, &["SET", key, "1"]);
+    }
+    wait_for("the first full sync", Duration::from_secs(60), || {
+        keys.iter().all(|key| b.get(key).as_deref() == Some("1"))
+    });
+    wait_for("every partition online", Duration::from_secs(30), || {
+        online(&sync.status_json(), a.partitions())
+    });
+    (dir, data, sync)
+}
+
+/// Whether `status` shows `partitions` listeners and appliers, all online.
+fn online(status: &serde_json::Value, partitions: usize) -> bool {
+    let online = |side: &str, field: &str| {
+        status[side].as_array().is_some_and(|parts| {
+            parts.len() == partitions && parts.iter().all(|p| p[field] == "ONLINE")
+        })
+    };
+    online("listeners", "source_state") && online("drainers", "state")
+}
+
+/// `sync_full` (full syncs served to replicas) of every master of `side`.
+fn sync_fulls(side: Side) -> Vec<(String, String)> {
+    side.masters()
         .into_iter()
-        .map(|port| {
-            let node = cluster.node(port);
-            (port, node.info_field("sync_full").unwrap_or_default())
+        .map(|addr| {
+            let info = connect(&addr)
+                .call(&["INFO", "stats"])
+                .unwrap()
+                .text()
+                .unwrap_or_default();
+            let fulls = info
+                .lines()
+                .find_map(|line| line.strip_prefix("sync_full:"))
+                .unwrap_or_default()
+                .trim()
+                .to_string();
+            (addr, fulls)
         })
         .collect()
 }
 
-fn values_of(cluster: &Cluster, keys: &(String, String)) -> (i64, Vec<String>) {
-    let mut conn = connect(&cluster.master_for_key(&keys.0).addr());
+fn values_of(side: Side, keys: &(String, String)) -> (i64, Vec<String>) {
+    let mut conn = connect(&side.addr_for(&keys.0));
     counter_and_log_of(&mut conn, [&keys.0, &keys.1])
 }
 
@@ -607,10 +683,10 @@ fn a_cluster_switchover_under_load_loses_nothing_and_reverses_on_every_shard() {
         wait_for(
             &format!("writer {i}'s writes back on the old source"),
             Duration::from_secs(30),
-            || values_of(&a, &keys) == want,
+            || values_of(Side::Cluster(&a), &keys) == want,
         );
         assert_eq!(
-            values_of(&b, &keys),
+            values_of(Side::Cluster(&b), &keys),
             want,
             "writer {i}: the new source differs from what was acknowledged"
         );
@@ -621,7 +697,7 @@ fn a_cluster_switchover_under_load_loses_nothing_and_reverses_on_every_shard() {
     for listener in &listeners {
         assert_eq!(listener["full_syncs"], 0, "{status}");
     }
-    let fulls = sync_fulls(&b);
+    let fulls = sync_fulls(Side::Cluster(&b));
 
     // kill -9, restart with the original command line: B -> A resumed by
     // PSYNC on every shard.
@@ -650,7 +726,11 @@ fn a_cluster_switchover_under_load_loses_nothing_and_reverses_on_every_shard() {
     for listener in &listeners {
         assert_eq!(listener["full_syncs"], 0, "{status}");
     }
-    assert_eq!(sync_fulls(&b), fulls, "a full sync of the new source");
+    assert_eq!(
+        sync_fulls(Side::Cluster(&b)),
+        fulls,
+        "a full sync of the new source"
+    );
     let log = std::fs::read_to_string(&sync.log).unwrap();
     assert!(log.contains("this data dir was switched over"), "{log}");
     sync.terminate(Duration::from_secs(20));
@@ -666,14 +746,27 @@ fn a_cluster_switchover_that_times_out_unpauses_every_source_master() {
         b,
         dir: _dir,
         data,
-        mut sync,
+        sync,
     } = synced_clusters();
+    switchover_times_out(Side::Cluster(&a), Side::Cluster(&b), &data, sync);
+}
+
+/// The same with a standalone source and a cluster target.
+#[test]
+fn a_mixed_switchover_that_times_out_unpauses_the_source() {
+    MixedPair::start(true).run(switchover_times_out);
+}
+
+/// A switchover of `sync` (`a` into `b`) that cannot finish in time (the
+/// master of B's first writer slot takes no writes): every master of A
+/// unpaused, nothing of the switchover left, the old direction goes on.
+fn switchover_times_out(a: Side, b: Side, data: &std::path::Path, sync: FerryProcess) {
     let keys: Vec<String> = WRITER_SLOTS
         .iter()
         .map(|&slot| key_in_slot("k", slot))
         .collect();
     // The master of the first slot on B takes no writes for a while.
-    let held = b.master_for_key(&keys[0]).addr();
+    let held = b.addr_for(&keys[0]);
     connect(&held)
         .call(&["CLIENT", "PAUSE", "8000", "WRITE"])
         .unwrap();
@@ -690,7 +783,7 @@ fn a_cluster_switchover_that_times_out_unpauses_every_source_master() {
     assert!(started.elapsed() < Duration::from_secs(8), "{shown}");
     // Every master of the source takes writes again at once.
     for key in &keys {
-        let master = a.master_for_key(key).addr();
+        let master = a.addr_for(key);
         let mut conn = Conn::connect(&master, Duration::from_secs(1)).unwrap();
         assert_eq!(
             conn.call(&["SET", key, "2"]).unwrap(),
@@ -700,19 +793,23 @@ fn a_cluster_switchover_that_times_out_unpauses_every_source_master() {
     }
     // Nothing of the switchover is left; the old direction goes on once
     // the target's master takes writes again.
-    for left in ["direction", "listener.g1", "cluster.g1"] {
+    for left in [
+        "direction",
+        "listener.g1",
+        "cluster.g1",
+        "switchover.paused",
+    ] {
         assert!(!data.join(left).exists(), "{left} was left");
     }
     connect(&held).call(&["CLIENT", "UNPAUSE"]).unwrap();
     wait_for(
         "the old direction to go on",
         Duration::from_secs(40),
-        || {
-            keys.iter()
-                .all(|key| b.call_key(key, &["GET", key]).text().as_deref() == Some("2"))
-        },
+        || keys.iter().all(|key| b.get(key).as_deref() == Some("2")),
     );
-    for partition in 0..3 {
+    let status = sync.status_json();
+    assert!(online(&status, a.partitions()), "{status}");
+    for partition in 0..b.partitions() {
         let key = format!("__ferry:checkpoint:ferry:{partition}");
         assert_eq!(
             a.call_key(&key, &["EXISTS", &key]),
@@ -720,63 +817,125 @@ fn a_cluster_switchover_that_times_out_unpauses_every_source_master() {
             "a prepared checkpoint was left on the source"
         );
     }
+    let mut sync = sync;
     sync.terminate(Duration::from_secs(20));
 }
 
-/// A cluster source with a standalone target: refused, naming both
-/// kinds, and the sync runs on as it was.
+/// A standalone server switched over with a 3-master cluster it syncs
+/// into, under a load on every writer slot ([`switchover_under_load`]).
 #[test]
-fn a_switchover_of_a_cluster_with_a_standalone_server_is_refused() {
-    let a = Cluster::start(3, 0);
-    let b = RedisServer::start(&[]);
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let mut sync = FerryProcess::sync(&data, &a.seed_list(), &b.url(), &[]);
-    let key = key_in_slot("k", 100);
-    a.call_key(&key, &["SET", &key, "1"]);
-    wait_for("the first full sync", Duration::from_secs(60), || {
-        b.cmd(&["GET", &key]) == "1"
-    });
-    wait_for("every partition online", Duration::from_secs(30), || {
-        let status = sync.status_json();
-        status["drainers"]
-            .as_array()
-            .is_some_and(|d| d.len() == 3 && d.iter().all(|p| p["state"] == "ONLINE"))
-    });
+fn a_standalone_into_cluster_switchover_under_load_loses_nothing_and_reverses() {
+    MixedPair::start(true).run(switchover_under_load);
+}
+
+/// A 3-master cluster switched over with the standalone server it syncs
+/// into, under a load on every writer slot ([`switchover_under_load`]).
+#[test]
+fn a_cluster_into_standalone_switchover_under_load_loses_nothing_and_reverses() {
+    MixedPair::start(false).run(switchover_under_load);
+}
+
+/// `ferry switchover` of `sync` (`a` into `b`) under a writer per slot of
+/// [`WRITER_SLOTS`], each moving from A to B once the release closes it:
+/// every step reported, the record with B's partitions and the reversed
+/// pair, every acknowledged write once on both sides (the writes on B
+/// carried back to A), no full sync; then a kill -9 and a restart with the
+/// original command line resume B -> A by PSYNC on every partition, and a
+/// switch back runs A -> B again with nothing applied twice.
+fn switchover_under_load(a: Side, b: Side, data: &std::path::Path, mut sync: FerryProcess) {
+    let fulls_a = sync_fulls(a);
+    let writers = ClusterWriters::start(a, b);
+    thread::sleep(Duration::from_millis(700));
     let admin = sync.admin_addr(Duration::from_secs(10));
-    let out = ferry(&["switchover", "--admin", &admin, "--timeout", "5s"]);
+    let out = ferry(&["switchover", "--admin", &admin, "--timeout", "20s"]);
     let shown = text(&out);
-    assert!(!out.status.success(), "{shown}");
-    assert!(
-        shown.contains("the source is a Redis Cluster and the target a standalone server"),
-        "{shown}"
+    assert!(out.status.success(), "{shown}\n{}", sync.log_tail(60));
+    eprintln!("{shown}");
+    for step in [
+        "check",
+        "prepare the reverse",
+        "pause writes on the source",
+        "wait for the target",
+        "stop the old direction",
+        "mark the switch point on the target",
+        "store the reversed start",
+        "release the old source",
+        "start the reversed direction",
+    ] {
+        assert!(shown.contains(step), "no step {step:?} in {shown}");
+    }
+    let record = record_of(data).unwrap();
+    assert_eq!(record["generation"], 1, "{record}");
+    assert_eq!(record["released"], true, "{record}");
+    let (partitions, pair) = match (a, b) {
+        (Side::Standalone(_), Side::Cluster(_)) => (Some(3), "cluster-standalone"),
+        (Side::Cluster(_), Side::Standalone(_)) => (None, "standalone-cluster"),
+        _ => panic!("switchover_under_load runs a mixed pair"),
+    };
+    assert_eq!(
+        record["partitions"].as_array().map(Vec::len),
+        partitions,
+        "{record}"
     );
-    assert!(!data.join("direction").exists());
-    a.call_key(&key, &["SET", &key, "2"]);
-    wait_for("the sync to go on", Duration::from_secs(30), || {
-        b.cmd(&["GET", &key]) == "2"
-    });
+    assert_eq!(record["pair"], pair, "{record}");
+    wait_online(&sync, b.partitions());
+    thread::sleep(Duration::from_millis(1500));
+    let results = writers.stop();
+    for (i, (_, moves)) in results.iter().enumerate() {
+        assert_eq!(*moves, 1, "writer {i} did not move to the new source once");
+    }
+    assert_exactly_once(a, b, &results, &sync);
+    let fulls = sync_fulls(b);
+
+    // kill -9, restart with the original command line: B -> A resumed by
+    // PSYNC on every partition.
+    sync.respawn_with_env(&[]);
+    wait_online(&sync, b.partitions());
+    assert_flows(b, a, "restarted", &sync);
+    assert_eq!(sync_fulls(b), fulls, "a full sync of the new source");
+    let log = std::fs::read_to_string(&sync.log).unwrap();
+    assert!(log.contains("this data dir was switched over"), "{log}");
+    assert_eq!(
+        log.matches(common::ferry::log::FULL_SYNC_STORED).count(),
+        a.partitions(),
+        "full syncs other than the first (one per partition of A)"
+    );
+
+    // Switching back (generation 2): A -> B again from the exact point,
+    // nothing of either generation applied again.
+    let admin = sync.admin_addr(Duration::from_secs(10));
+    let out = ferry(&["switchover", "--admin", &admin, "--timeout", "20s"]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        text(&out),
+        sync.log_tail(60)
+    );
+    let record = record_of(data).unwrap();
+    assert_eq!(record["generation"], 2, "{record}");
+    assert_eq!(record["released"], true, "{record}");
+    wait_online(&sync, a.partitions());
+    assert_flows(a, b, "switched-back", &sync);
+    assert_exactly_once(a, b, &results, &sync);
+    assert_eq!(sync_fulls(a), fulls_a, "a full sync of A");
     sync.terminate(Duration::from_secs(20));
 }
 
 /// The writers of the cluster tests, one per slot of [`WRITER_SLOTS`],
-/// each following its slot from one cluster to the other as its
-/// connection is closed ([`following_writer_of`]).
+/// each following its slot from one side to the other as its connection
+/// is closed ([`following_writer_of`]).
 struct ClusterWriters {
     stop: Arc<AtomicBool>,
     threads: Vec<thread::JoinHandle<(Acked, usize)>>,
 }
 
 impl ClusterWriters {
-    fn start(a: &Cluster, b: &Cluster) -> ClusterWriters {
+    fn start(a: Side, b: Side) -> ClusterWriters {
         let stop = Arc::new(AtomicBool::new(false));
         let threads = (0..WRITER_SLOTS.len())
             .map(|i| {
                 let keys = writer_keys(i);
-                let addrs = [
-                    a.master_for_key(&keys.0).addr(),
-                    b.master_for_key(&keys.0).addr(),
-                ];
+                let addrs = [a.addr_for(&keys.0), b.addr_for(&keys.0)];
                 let stop = Arc::clone(&stop);
                 thread::spawn(move || following_writer_of([&keys.0, &keys.1], addrs, stop))
             })
@@ -793,16 +952,16 @@ impl ClusterWriters {
     }
 }
 
-/// Every writer's acknowledged writes, exactly once, on both clusters.
-fn assert_exactly_once(a: &Cluster, b: &Cluster, results: &[(Acked, usize)], sync: &FerryProcess) {
+/// Every writer's acknowledged writes, exactly once, on both sides.
+fn assert_exactly_once(a: Side, b: Side, results: &[(Acked, usize)], sync: &FerryProcess) {
     for (i, (acked, _)) in results.iter().enumerate() {
         assert!(acked.incrs > 10, "writer {i}: too few writes: {acked:?}");
         let keys = writer_keys(i);
         let want = (acked.incrs, acked.pushed.clone());
-        for (name, cluster) in [("A", a), ("B", b)] {
+        for (name, side) in [("A", a), ("B", b)] {
             let deadline = Instant::now() + Duration::from_secs(30);
             loop {
-                let have = values_of(cluster, &keys);
+                let have = values_of(side, &keys);
                 if have == want {
                     break;
                 }
@@ -834,8 +993,8 @@ fn assert_exactly_once(a: &Cluster, b: &Cluster, results: &[(Acked, usize)], syn
 
 /// Writes a key in every slot of [`WRITER_SLOTS`] on `from` (whose masters
 /// may still be paused for a while: each write waits) and waits for all of
-/// them on `to`: the sync carries `from` into `to` on every shard.
-fn assert_flows(from: &Cluster, to: &Cluster, what: &str, sync: &FerryProcess) {
+/// them on `to`: the sync carries `from` into `to` on every partition.
+fn assert_flows(from: Side, to: Side, what: &str, sync: &FerryProcess) {
     let keys: Vec<String> = WRITER_SLOTS
         .iter()
         .map(|&slot| key_in_slot(&format!("flow:{what}"), slot))
@@ -847,26 +1006,21 @@ fn assert_flows(from: &Cluster, to: &Cluster, what: &str, sync: &FerryProcess) {
         );
     }
     let deadline = Instant::now() + Duration::from_secs(40);
-    while !keys
-        .iter()
-        .all(|key| to.call_key(key, &["GET", key]).text().as_deref() == Some(what))
-    {
+    while !keys.iter().all(|key| to.get(key).as_deref() == Some(what)) {
         assert!(
             Instant::now() < deadline,
-            "{what}: the writes did not reach the other cluster on every shard\n{}",
+            "{what}: the writes did not reach the other side on every partition\n{}",
             sync.log_tail(60)
         );
         thread::sleep(Duration::from_millis(50));
     }
 }
 
-/// Every master of `cluster` takes a write within `within` (a master
-/// still paused holds it).
-fn assert_masters_take_writes(cluster: &Cluster, within: Duration, what: &str) {
-    for shard in cluster.shards() {
-        let addr = cluster.node(shard.master.port).addr();
-        let slot = shard.master.slots.first().map(|r| r.0).unwrap();
-        let key = key_in_slot("probe", slot);
+/// Every master of `side` takes a write within `within` (a master still
+/// paused holds it).
+fn assert_masters_take_writes(side: Side, within: Duration, what: &str) {
+    for key in side.key_per_master("probe") {
+        let addr = side.addr_for(&key);
         let mut conn = Conn::connect(&addr, within).unwrap();
         let reply = conn.call(&["SET", &key, "1"]);
         assert!(
@@ -876,17 +1030,13 @@ fn assert_masters_take_writes(cluster: &Cluster, within: Duration, what: &str) {
     }
 }
 
-/// Waits until every partition is online (3 listeners and appliers).
-fn wait_online(sync: &FerryProcess) {
+/// Waits until every partition is online (`partitions` listeners and
+/// appliers), none after a full sync.
+fn wait_online(sync: &FerryProcess, partitions: usize) {
     let deadline = Instant::now() + Duration::from_secs(40);
     loop {
         let status = sync.status_json();
-        let online = |side: &str, field: &str| {
-            status[side]
-                .as_array()
-                .is_some_and(|parts| parts.len() == 3 && parts.iter().all(|p| p[field] == "ONLINE"))
-        };
-        if online("listeners", "source_state") && online("drainers", "state") {
+        if online(&status, partitions) {
             for listener in status["listeners"].as_array().unwrap() {
                 assert_eq!(listener["full_syncs"], 0, "{status}");
             }
@@ -938,16 +1088,8 @@ fn record_of(data: &std::path::Path) -> Option<serde_json::Value> {
     Some(serde_json::from_str(&text).unwrap())
 }
 
-/// kill -9 of ferry at three moments of cluster switchovers, under a load
-/// on every shard, each followed by a restart with the original command
-/// line: after the pause with the target caught up (before the commit:
-/// rolled back, the restart unpauses every master of A, A -> B goes on,
-/// the writes the pause held included), after the commit
-/// and before the release (the restart releases every master of A, B -> A
-/// runs), and, switching back, after the old source's masters were
-/// unpaused and before its checkpoints were written (the restart writes
-/// them, A -> B runs). Every acknowledged write once on both sides, no full
-/// sync anywhere.
+/// kill -9 of ferry at three moments of cluster switchovers
+/// ([`kill_9_mid_switchover`]).
 #[test]
 fn kill_9_of_ferry_mid_cluster_switchover_rolls_back_or_releases_and_repeats_nothing() {
     let ClusterPair {
@@ -955,26 +1097,58 @@ fn kill_9_of_ferry_mid_cluster_switchover_rolls_back_or_releases_and_repeats_not
         b,
         dir: _dir,
         data,
-        mut sync,
+        sync,
     } = synced_clusters();
-    let fulls_a = sync_fulls(&a);
-    let writers = ClusterWriters::start(&a, &b);
+    kill_9_mid_switchover(Side::Cluster(&a), Side::Cluster(&b), &data, sync);
+}
+
+/// The same for a cluster syncing into a standalone server: the restart
+/// unpauses every master of the cluster, then releases them (partition
+/// 0's floor on the cluster, B -> A) and, switching back, the server (the
+/// owner map, scopes and a checkpoint per partition on it, A -> B).
+#[test]
+fn kill_9_of_ferry_mid_mixed_switchover_rolls_back_or_releases_and_repeats_nothing() {
+    MixedPair::start(false).run(kill_9_mid_switchover);
+}
+
+/// The same for a standalone server syncing into a cluster: the restart
+/// unpauses the server, then releases it (the owner map, scopes and a
+/// checkpoint per partition on it, B -> A) and, switching back, every
+/// master of the cluster (partition 0's floor on the cluster, A -> B).
+#[test]
+fn kill_9_of_ferry_mid_mixed_switchover_the_other_way_round() {
+    MixedPair::start(true).run(kill_9_mid_switchover);
+}
+
+/// kill -9 of ferry at three moments of switchovers of `sync` (`a` into
+/// `b`), under a load on every writer slot, each followed by a restart
+/// with the original command line: after the pause with the target caught
+/// up (before the commit: rolled back, the restart unpauses every master
+/// of A, A -> B goes on, the writes the pause held included), after the
+/// commit and before the release (the restart releases every master of A,
+/// B -> A runs), and, switching back, after the old source's masters were
+/// unpaused and before its checkpoints were written (the restart writes
+/// them, A -> B runs). Every acknowledged write once on both sides, no full
+/// sync anywhere.
+fn kill_9_mid_switchover(a: Side, b: Side, data: &std::path::Path, mut sync: FerryProcess) {
+    let fulls_a = sync_fulls(a);
+    let writers = ClusterWriters::start(a, b);
 
     // 1. Before the commit: the switchover is rolled back.
     sync.respawn_with_env(&[(HOLD_ENV, "drained")]);
-    wait_online(&sync);
+    wait_online(&sync, a.partitions());
     // B's masters are given a backlog by the first switchover's check.
     thread::sleep(Duration::from_millis(300));
     kill_held_switchover(&mut sync, "drained");
     let killed = Instant::now();
-    assert!(record_of(&data).is_none(), "a record before the commit");
+    assert!(record_of(data).is_none(), "a record before the commit");
     sync.respawn_with_env(&[]);
-    wait_online(&sync);
+    wait_online(&sync, a.partitions());
     for left in ["direction", "listener.g1", "cluster.g1"] {
         assert!(!data.join(left).exists(), "{left} was left");
     }
     // The restart unpaused A (its pause, 2 s timeout + 10 s, lasts on).
-    assert_masters_take_writes(&a, Duration::from_secs(2), "after a kill before the commit");
+    assert_masters_take_writes(a, Duration::from_secs(2), "after a kill before the commit");
     eprintln!("A took writes again {:?} after the kill", killed.elapsed());
     let log = std::fs::read_to_string(&sync.log).unwrap();
     assert!(
@@ -983,29 +1157,25 @@ fn kill_9_of_ferry_mid_cluster_switchover_rolls_back_or_releases_and_repeats_not
         sync.log_tail(60)
     );
     assert!(!data.join("switchover.paused").exists());
-    assert_flows(&a, &b, "rolled-back", &sync);
-    let fulls_b = sync_fulls(&b);
+    assert_flows(a, b, "rolled-back", &sync);
+    let fulls_b = sync_fulls(b);
 
     // 2. After the commit, before the release: the restart releases A.
     sync.respawn_with_env(&[(HOLD_ENV, "committed")]);
-    wait_online(&sync);
+    wait_online(&sync, a.partitions());
     thread::sleep(Duration::from_millis(300));
     kill_held_switchover(&mut sync, "committed");
-    let record = record_of(&data).expect("the record of the commit");
+    let record = record_of(data).expect("the record of the commit");
     assert_eq!(record["generation"], 1, "{record}");
     assert_eq!(record["released"], false, "{record}");
     sync.respawn_with_env(&[]);
-    wait_online(&sync);
-    let record = record_of(&data).unwrap();
+    wait_online(&sync, b.partitions());
+    let record = record_of(data).unwrap();
     assert_eq!(record["released"], true, "{record}");
     assert!(!data.join("switchover.paused").exists());
     // Released at the restart, not by the pause's end.
-    assert_masters_take_writes(
-        &a,
-        Duration::from_secs(2),
-        "after a restart past the commit",
-    );
-    assert_flows(&b, &a, "committed", &sync);
+    assert_masters_take_writes(a, Duration::from_secs(2), "after a restart past the commit");
+    assert_flows(b, a, "committed", &sync);
     let log = std::fs::read_to_string(&sync.log).unwrap();
     assert!(
         log.contains("released the old source of an unfinished switchover"),
@@ -1016,31 +1186,31 @@ fn kill_9_of_ferry_mid_cluster_switchover_rolls_back_or_releases_and_repeats_not
     // 3. Switching back, after the unpause of B's masters and before
     // their checkpoints: the restart writes them, A -> B runs.
     sync.respawn_with_env(&[(HOLD_ENV, "unpaused")]);
-    wait_online(&sync);
+    wait_online(&sync, b.partitions());
     thread::sleep(Duration::from_millis(300));
     kill_held_switchover(&mut sync, "unpaused");
-    let record = record_of(&data).unwrap();
+    let record = record_of(data).unwrap();
     assert_eq!(record["generation"], 2, "{record}");
     assert_eq!(record["released"], false, "{record}");
     sync.respawn_with_env(&[]);
-    wait_online(&sync);
-    assert_eq!(record_of(&data).unwrap()["released"], true);
-    assert_masters_take_writes(&b, Duration::from_secs(2), "after a restart mid-release");
-    assert_flows(&a, &b, "switched-back", &sync);
+    wait_online(&sync, a.partitions());
+    assert_eq!(record_of(data).unwrap()["released"], true);
+    assert_masters_take_writes(b, Duration::from_secs(2), "after a restart mid-release");
+    assert_flows(a, b, "switched-back", &sync);
 
     thread::sleep(Duration::from_millis(500));
     let results = writers.stop();
     for (i, (_, moves)) in results.iter().enumerate() {
         assert_eq!(*moves, 2, "writer {i} did not follow both switches");
     }
-    assert_exactly_once(&a, &b, &results, &sync);
-    assert_eq!(sync_fulls(&a), fulls_a, "a full sync of A");
-    assert_eq!(sync_fulls(&b), fulls_b, "a full sync of B");
+    assert_exactly_once(a, b, &results, &sync);
+    assert_eq!(sync_fulls(a), fulls_a, "a full sync of A");
+    assert_eq!(sync_fulls(b), fulls_b, "a full sync of B");
     let log = std::fs::read_to_string(&sync.log).unwrap();
     assert_eq!(
         log.matches(common::ferry::log::FULL_SYNC_STORED).count(),
-        3,
-        "full syncs other than the first (one per partition)"
+        a.partitions(),
+        "full syncs other than the first (one per partition of A)"
     );
     sync.terminate(Duration::from_secs(20));
 }
@@ -1058,10 +1228,11 @@ fn a_cluster_switched_over_and_back_runs_its_first_direction_again() {
         data,
         mut sync,
     } = synced_clusters();
-    let fulls_a = sync_fulls(&a);
-    let writers = ClusterWriters::start(&a, &b);
+    let (a, b) = (Side::Cluster(&a), Side::Cluster(&b));
+    let fulls_a = sync_fulls(a);
+    let writers = ClusterWriters::start(a, b);
     let mut fulls_b = None;
-    for (generation, (from, to)) in [(&b, &a), (&a, &b)].into_iter().enumerate() {
+    for (generation, (from, to)) in [(b, a), (a, b)].into_iter().enumerate() {
         thread::sleep(Duration::from_millis(700));
         let admin = sync.admin_addr(Duration::from_secs(10));
         let out = ferry(&["switchover", "--admin", &admin, "--timeout", "20s"]);
@@ -1071,9 +1242,9 @@ fn a_cluster_switched_over_and_back_runs_its_first_direction_again() {
         let record = record_of(&data).unwrap();
         assert_eq!(record["generation"], generation + 1, "{record}");
         assert_eq!(record["released"], true, "{record}");
-        wait_online(&sync);
+        wait_online(&sync, 3);
         assert_flows(from, to, &format!("generation-{}", generation + 1), &sync);
-        fulls_b.get_or_insert_with(|| sync_fulls(&b));
+        fulls_b.get_or_insert_with(|| sync_fulls(b));
     }
     assert!(!data.join("listener.g1").exists() && !data.join("cluster.g1").exists());
     thread::sleep(Duration::from_millis(700));
@@ -1081,15 +1252,15 @@ fn a_cluster_switched_over_and_back_runs_its_first_direction_again() {
     for (i, (_, moves)) in results.iter().enumerate() {
         assert_eq!(*moves, 2, "writer {i} did not follow both switches");
     }
-    assert_exactly_once(&a, &b, &results, &sync);
+    assert_exactly_once(a, b, &results, &sync);
 
     // A restart with the original command line resumes generation 2.
     sync.respawn_with_env(&[]);
-    wait_online(&sync);
-    assert_flows(&a, &b, "restarted", &sync);
-    assert_masters_take_writes(&a, Duration::from_secs(2), "the end");
-    assert_eq!(sync_fulls(&a), fulls_a, "a full sync of A");
-    assert_eq!(sync_fulls(&b), fulls_b.unwrap(), "a full sync of B");
+    wait_online(&sync, 3);
+    assert_flows(a, b, "restarted", &sync);
+    assert_masters_take_writes(a, Duration::from_secs(2), "the end");
+    assert_eq!(sync_fulls(a), fulls_a, "a full sync of A");
+    assert_eq!(sync_fulls(b), fulls_b.unwrap(), "a full sync of B");
     let log = std::fs::read_to_string(&sync.log).unwrap();
     assert_eq!(
         log.matches(common::ferry::log::FULL_SYNC_STORED).count(),

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::ferry::FerryProcess;
 use common::resp::{connect, Resp};
+use common::side::Side;
 use common::RedisServer;
 
 fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
@@ -932,58 +933,6 @@ fn clusters_two_way_refuses_flushes() {
 
 // ---------------------------------------------------------------------------
 // A standalone server and a Redis Cluster, either way round
-
-/// One side of a mixed pair.
-#[derive(Clone, Copy)]
-enum Side<'a> {
-    Standalone(&'a RedisServer),
-    Cluster(&'a Cluster),
-}
-
-impl Side<'_> {
-    /// What ferry is given: the server's URL or the cluster's seed list.
-    fn url(&self) -> String {
-        match self {
-            Side::Standalone(server) => server.url(),
-            Side::Cluster(cluster) => cluster.seed_list(),
-        }
-    }
-
-    /// The server that holds `key`.
-    fn addr_for(&self, key: &str) -> String {
-        match self {
-            Side::Standalone(server) => server.addr(),
-            Side::Cluster(cluster) => cluster.master_for_key(key).addr(),
-        }
-    }
-
-    fn call_key(&self, key: &str, args: &[&str]) -> Resp {
-        connect(&self.addr_for(key)).call(args).unwrap()
-    }
-
-    fn get(&self, key: &str) -> Option<String> {
-        self.call_key(key, &["GET", key]).text()
-    }
-
-    /// Every `__ferry*` key of every server of the side (a cluster's
-    /// replicas too), sorted.
-    fn ferry_keys(&self) -> Vec<String> {
-        match self {
-            Side::Standalone(server) => {
-                let mut keys: Vec<String> = connect(&server.addr())
-                    .call(&["KEYS", "__ferry*"])
-                    .unwrap()
-                    .items()
-                    .iter()
-                    .filter_map(|k| k.text())
-                    .collect();
-                keys.sort();
-                keys
-            }
-            Side::Cluster(cluster) => cluster.ferry_keys(),
-        }
-    }
-}
 
 /// (c, c2, h.f, l sorted) of the keys of `tag` on `side`.
 fn side_state(side: Side, tag: &str) -> (i64, i64, i64, Vec<String>) {

@@ -138,8 +138,9 @@ pub enum Verb {
     /// old target into the old source from that exact point, unpause
     /// (closing the clients whose writes the pause held). Prints each step
     /// and its duration; on timeout or error the sync runs on as before.
-    /// Two standalone servers, or two Redis Clusters (every source master
-    /// paused, every shard reversed).
+    /// Two standalone servers, two Redis Clusters (every source master
+    /// paused, every shard reversed), or a standalone server and a cluster
+    /// in either order.
     Switchover(status::SwitchoverArgs),
     /// Run many sync tasks in one daemon, managed over an HTTP API
     /// (docs/API.md) and a web dashboard at http://ADDR/; tasks survive a

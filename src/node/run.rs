@@ -2281,9 +2281,10 @@ async fn run_direct(
         drop(wal);
         let old_dir = cfg.listener_wal.dir.clone();
         // A switched-over generation's cluster files (generation 0 keeps
-        // them in the data dir, with other files).
+        // them in the data dir, with other files; a standalone source's
+        // generation has none).
         let old_cluster_dir =
-            Some(switchover::cluster_dir(&cfg)).filter(|dir| *dir != cfg.data_dir);
+            Some(switchover::cluster_dir(&cfg)).filter(|dir| *dir != cfg.data_dir && dir.exists());
         match drained.commit(&cfg, stopping).await {
             Ok((next, mut committed)) => {
                 cfg = next;

@@ -2,8 +2,10 @@
 //! exact position, without a full sync (issue 11, item 3).
 //!
 //! In: a `ferry sync` applying a standalone source A to a standalone
-//! target B (or a Redis Cluster to a Redis Cluster: "Two clusters" below)
-//! from the listener's WAL, and a timeout. Out: the same process
+//! target B (or a Redis Cluster to a Redis Cluster: "Two clusters" below;
+//! or a standalone server and a cluster, in either order: "A standalone
+//! server and a cluster") from the listener's WAL, and a timeout. Out: the
+//! same process
 //! replicating B into A, a [`DirectionRecord`] in the data dir that a
 //! restart follows, and a [`SwitchoverReport`] of every step.
 //!
@@ -63,12 +65,10 @@
 //! master of A; B applied by slot, apply module "Applying into a Redis
 //! Cluster target") is switched over the same way, master by master:
 //!
-//! 1. **check**: both sides clusters (a standalone server and a cluster, in
-//!    either order, are refused: the reverse would need partitions the sync
-//!    never had), every slot served on both, none migrating or importing,
-//!    no node failing, every master of A followed by an online partition
-//!    with no slot handoff waiting, every applier running and not blocked;
-//!    every master of B gets a backlog as above.
+//! 1. **check**: both sides clusters, every slot served on both, none
+//!    migrating or importing, no node failing, every master of A followed
+//!    by an online partition with no slot handoff waiting, every applier
+//!    running and not blocked; every master of B gets a backlog as above.
 //! 2. **prepare**: the new WAL with one partition per master of B (`i`: the
 //!    `i`-th by first slot), and `cluster.g<N>` next to it holding the
 //!    reversed listener's shard map (partition `i`: that master and its
@@ -100,6 +100,46 @@
 //! deletes the new WAL and `cluster.g<N>`; the commit deletes the old
 //! direction's `cluster.g<N-1>` with its WAL (generation 0's files stay in
 //! the data dir).
+//!
+//! # A standalone server and a cluster
+//!
+//! A standalone A into a cluster B, or a cluster A into a standalone B
+//! (the one-way syncs of the apply module, "Applying into a Redis Cluster
+//! target", and of docs/cluster.md), is switched over by side: each step
+//! does for a cluster side what "Two clusters" does and for a standalone
+//! side what the standalone steps do.
+//!
+//! 1. **check**: a cluster side as in "Two clusters" (a cluster A: every
+//!    master followed by an online partition), a standalone side as in the
+//!    standalone steps (a standalone A: a sync of one partition); B's one
+//!    server, or each master, gets a backlog.
+//! 2. **prepare**: the reversed direction's partitions are numbered as a
+//!    one-way sync of B numbers them: a cluster B one per master (and
+//!    `cluster.g<N>`, as between clusters), a standalone B its one
+//!    partition 0 (no `cluster.g<N>`: its listener asks B what it is, a
+//!    standalone server).
+//! 3. **pause**, and 4. **wait**: A's one server, or every master of A.
+//! 6. **mark**: B's one server as `__ferry:switchover:<id>`, or every
+//!    master of B alone as between clusters.
+//! 7. **store**: the record as between two standalone servers (a
+//!    standalone B) or two clusters (a cluster B, every partition's start),
+//!    plus `pair`, what the reversed direction runs between
+//!    (`standalone-cluster`, `cluster-standalone`, B first): a restart
+//!    releases and runs it whatever the command line's order.
+//! 8. **release**: A's one server, or every master of A, released as
+//!    above; then A gets what the reversed appliers read at a session's
+//!    start, as a load would have left it. A standalone A fed by a cluster
+//!    B: the owner map, each partition's slot scope and its checkpoint
+//!    `applied=1 log=T_i`, all on its one server. A cluster A fed by a
+//!    standalone B: partition 0's floor `applied=1 log=T` alone, on the
+//!    master of its key's slot (a standalone source's writes carry no slot
+//!    tenure: no owner map, no scope). The same rule as between clusters:
+//!    nothing is written when every floor is of its log, the floors last.
+//! 9. **start**: B's one partition `PSYNC`s B, or each partition its master
+//!    of B, from its mark.
+//!
+//! Rollback, the commit and "A crash" below are the same: the pause note
+//! and the unpause at a start name A's one server or every master of A.
 //!
 //! # A crash
 //!
@@ -135,6 +175,7 @@ use tracing::{info, warn};
 
 use super::config::SyncConfig;
 use super::run::NodeError;
+use super::two_way::Pair;
 use crate::apply::checkpoint::{checkpoint_key, Checkpoint};
 use crate::apply::scope::{encode_scope, scope_key};
 use crate::apply::tenure::owner_map_key;
@@ -194,12 +235,19 @@ pub struct DirectionRecord {
     /// starts (module doc, step 8).
     #[serde(default)]
     pub released: bool,
-    /// A cluster's switchover: the generation's partitions, one per master
-    /// of the new source (empty: standalone servers, the one partition 0
-    /// of `replid`, `offset` and `log_tag` above, which for a cluster are
-    /// partition 0's).
+    /// A cluster new source's switchover: the generation's partitions, one
+    /// per master of the new source (empty: a standalone new source, the
+    /// one partition 0 of `replid`, `offset` and `log_tag` above, which for
+    /// a cluster are partition 0's).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub partitions: Vec<PartitionStart>,
+    /// What the generation replicates between, `source` first: written for
+    /// a standalone server with a cluster (`standalone-cluster`,
+    /// `cluster-standalone`) only, so that the record of two standalone
+    /// servers or two clusters reads as before (absent: both sides are
+    /// what `partitions` says, [`DirectionRecord::pair`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pair: Option<Pair>,
 }
 
 /// Where one partition of a cluster's reversed direction started: the
@@ -253,7 +301,42 @@ impl DirectionRecord {
                 record.wal_dir, record.generation
             )));
         }
+        if record.pair().is_cluster(0) == record.partitions.is_empty() {
+            return Err(bad(format!(
+                "the pair {} does not go with {} partition start(s) (a cluster source has one \
+                 per master, a standalone source none)",
+                record.pair().as_str(),
+                record.partitions.len()
+            )));
+        }
         Ok(Some(record))
+    }
+
+    /// What the generation replicates between, its `source` first (module
+    /// doc, "A standalone server and a cluster").
+    pub fn pair(&self) -> Pair {
+        self.pair.unwrap_or(match self.partitions.is_empty() {
+            true => Pair::Standalone,
+            false => Pair::Clusters,
+        })
+    }
+
+    /// The start of every partition of the generation: `partitions`, or
+    /// for a standalone new source its one partition 0 (no node id, no
+    /// slots) at `replid`, `offset`, `log_tag`.
+    fn starts(&self) -> Vec<PartitionStart> {
+        if !self.partitions.is_empty() {
+            return self.partitions.clone();
+        }
+        vec![PartitionStart {
+            partition: 0,
+            master: self.source.clone(),
+            node_id: String::new(),
+            slots: String::new(),
+            replid: self.replid.clone(),
+            offset: self.offset,
+            log_tag: self.log_tag,
+        }]
     }
 
     fn save(&self, data_dir: &Path) -> std::io::Result<()> {
@@ -672,10 +755,11 @@ impl Master {
 
 /// The servers of a switchover: the source's masters (paused, each
 /// followed by a partition of the old direction) and the target's
-/// (marked; master `i` starts partition `i` of the reversed direction).
+/// (marked; master `i` starts partition `i` of the reversed direction);
+/// `pair` says which side is a cluster, the source first.
 #[derive(Debug, Clone)]
 struct Sides {
-    cluster: bool,
+    pair: Pair,
     sources: Vec<Master>,
     targets: Vec<Master>,
 }
@@ -741,7 +825,7 @@ pub(super) async fn drain(
     let started = Instant::now();
     let generation = record.map(|r| r.generation).unwrap_or(0) + 1;
     let next_dir = cfg.data_dir.join(format!("{WAL_DIR_PREFIX}{generation}"));
-    let next_cluster_dir = sides.cluster.then(|| {
+    let next_cluster_dir = sides.pair.is_cluster(1).then(|| {
         cfg.data_dir
             .join(format!("{CLUSTER_DIR_PREFIX}{generation}"))
     });
@@ -757,7 +841,7 @@ pub(super) async fn drain(
     steps.done(
         "prepare the reverse",
         started,
-        match sides.cluster {
+        match sides.pair.is_cluster(1) {
             false => format!("new WAL {}, log {}", next_dir.display(), tags.join(", ")),
             true => format!(
                 "new WAL {} with {} partitions (logs {}), shard map in {}",
@@ -870,9 +954,9 @@ async fn check(cfg: &SyncConfig, node: &Arc<dyn NodeControl>) -> Result<(Sides, 
     }
     check_reversible(cfg)?;
     let (sources, targets) = urls(cfg).map_err(|e| e.to_string())?;
-    let (Some(source), Some(target)) = (sources.first(), targets.first()) else {
+    if sources.is_empty() || targets.is_empty() {
         return Err("no source or no target".into());
-    };
+    }
     let status = read_status(node).await?;
     if status.listeners.is_empty() || status.drainers.is_empty() {
         return Err("the sync has not started its stages yet".into());
@@ -906,60 +990,80 @@ async fn check(cfg: &SyncConfig, node: &Arc<dyn NodeControl>) -> Result<(Sides, 
             ));
         }
     }
-    let source_cluster = is_cluster(&sources, "source").await?;
-    let target_cluster = is_cluster(&targets, "target").await?;
-    match (source_cluster, target_cluster) {
-        (false, false) => {}
-        (true, true) => return check_clusters(&sources, &targets, &status).await,
-        (true, false) | (false, true) => {
-            let kind = |cluster: bool| match cluster {
-                true => "a Redis Cluster",
-                false => "a standalone server",
-            };
-            return Err(format!(
-                "the source is {} and the target {}: a switchover reverses a sync between two \
-                 standalone servers or between two clusters (the reverse of a mixed pair would \
-                 replicate into or out of a cluster through partitions the sync never had)",
-                kind(source_cluster),
-                kind(target_cluster)
-            ));
+    let pair = Pair::of(
+        is_cluster(&sources, "source").await?,
+        is_cluster(&targets, "target").await?,
+    );
+    let (a, a_shown) = side_masters(&sources, "source", pair.is_cluster(0), (6, 2)).await?;
+    let (b, b_shown) = side_masters(&targets, "target", pair.is_cluster(1), (6, 0)).await?;
+    let followed = match pair.is_cluster(0) {
+        true => check_followed(&a, &status)?,
+        false if status.listeners.len() != 1 || status.drainers.len() != 1 => {
+            return Err("a switchover of a standalone source needs a sync of one partition".into())
         }
+        false => "",
+    };
+    let mut backlogs = Vec::with_capacity(b.len());
+    for master in &b {
+        backlogs.push(ensure_backlog(&master.url).await?);
     }
-    if sources.len() > 1 || targets.len() > 1 {
-        return Err("a seed list names standalone servers: give one address per side".into());
-    }
-    if status.listeners.len() != 1 || status.drainers.len() != 1 {
-        return Err("a switchover of standalone servers needs a sync of one partition".into());
-    }
-    let mut a = connect(source).await?;
-    let a_version = check_master(&mut a, &source.addr(), "source", (6, 2)).await?;
-    let mut b = connect(target).await?;
-    let b_version = check_master(&mut b, &target.addr(), "target", (6, 0)).await?;
-    let backlog = ensure_backlog(target).await?;
+    let backlog = match pair.is_cluster(1) {
+        false => backlogs.concat(),
+        true => format!(
+            "{} target master(s) given a replication backlog",
+            backlogs.iter().filter(|b| b.starts_with("created")).count()
+        ),
+    };
+    let slots = match (pair.is_cluster(0), pair.is_cluster(1)) {
+        (true, true) => "; all 16384 slots served on both sides, none moving",
+        (true, false) => "; all 16384 slots served on the source, none moving",
+        (false, true) => "; all 16384 slots served on the target, none moving",
+        (false, false) => "",
+    };
     Ok((
         Sides {
-            cluster: false,
-            sources: vec![Master::standalone(source)],
-            targets: vec![Master::standalone(target)],
+            pair,
+            sources: a,
+            targets: b,
         },
-        format!(
-            "source {} (Redis {a_version}) and target {} (Redis {b_version}) standalone masters; {backlog}",
-            source.addr(),
-            target.addr()
-        ),
+        format!("source: {a_shown}{followed}; target: {b_shown}{slots}; {backlog}"),
     ))
 }
 
-/// Step 1 for two clusters: full and stable slot maps on both sides, every
-/// master of the source followed by an online partition.
-async fn check_clusters(
-    sources: &[RedisUrl],
-    targets: &[RedisUrl],
-    status: &NodeStatus,
-) -> Result<(Sides, String), String> {
-    let (a, a_version) = cluster_masters(sources, "source", (6, 2)).await?;
-    let (b, b_version) = cluster_masters(targets, "target", (6, 0)).await?;
-    for master in &a {
+/// The masters of one side of a switchover, and what they are: a cluster's
+/// ([`cluster_masters`]), or a standalone master of at least `min`.
+async fn side_masters(
+    seeds: &[RedisUrl],
+    side: &str,
+    cluster: bool,
+    min: (u32, u32),
+) -> Result<(Vec<Master>, String), String> {
+    if cluster {
+        let (masters, version) = cluster_masters(seeds, side, min).await?;
+        let shown = format!(
+            "a Redis Cluster of {} masters (Redis {version})",
+            masters.len()
+        );
+        return Ok((masters, shown));
+    }
+    let [url] = seeds else {
+        return Err(format!(
+            "the {side} is a standalone server but {} addresses are given: give one",
+            seeds.len()
+        ));
+    };
+    let mut client = connect(url).await?;
+    let version = check_master(&mut client, &url.addr(), side, min).await?;
+    Ok((
+        vec![Master::standalone(url)],
+        format!("{}, a standalone master (Redis {version})", url.addr()),
+    ))
+}
+
+/// Step 1 for a cluster source: every master followed by an online
+/// partition with an applier and no slot handoff waiting.
+fn check_followed(masters: &[Master], status: &NodeStatus) -> Result<&'static str, String> {
+    for master in masters {
         let followed = status.listeners.iter().find(|l| {
             l.shard
                 .as_ref()
@@ -993,27 +1097,7 @@ async fn check_clusters(
             ));
         }
     }
-    let mut backlogs = 0;
-    for master in &b {
-        if ensure_backlog(&master.url).await?.starts_with("created") {
-            backlogs += 1;
-        }
-    }
-    Ok((
-        Sides {
-            cluster: true,
-            sources: a.clone(),
-            targets: b.clone(),
-        },
-        format!(
-            "source: a Redis Cluster of {} masters (Redis {a_version}), each followed by an \
-             online partition; target: a Redis Cluster of {} masters (Redis {b_version}); all \
-             16384 slots served on both sides, none moving; {backlogs} target master(s) given a \
-             replication backlog",
-            a.len(),
-            b.len()
-        ),
-    ))
+    Ok(", each followed by an online partition")
 }
 
 /// The masters of a cluster with every slot served and none moving, each a
@@ -1186,7 +1270,7 @@ async fn caught_up(
         let mut behind = None;
         let mut applied = Vec::new();
         for (addr, id, replid, offset) in &ends {
-            let listener = match sides.cluster {
+            let listener = match sides.pair.is_cluster(0) {
                 false => status.listeners.first(),
                 true => status
                     .listeners
@@ -1368,7 +1452,7 @@ impl Drained {
         for master in &self.sides.targets {
             // On a cluster the key is in a slot of the master, so that
             // the whole transaction runs there.
-            let name = match self.sides.cluster {
+            let name = match self.sides.pair.is_cluster(1) {
                 false => format!("switchover:{}", cfg.id),
                 true => {
                     let slot = master
@@ -1452,9 +1536,15 @@ impl Drained {
             offset: first.offset,
             log_tag: first.log_tag,
             released: false,
-            partitions: match self.sides.cluster {
+            // The reversed direction: the old target is its source.
+            partitions: match self.sides.pair.is_cluster(1) {
                 true => partitions.clone(),
                 false => Vec::new(),
+            },
+            pair: match self.sides.pair {
+                Pair::StandaloneCluster => Some(Pair::ClusterStandalone),
+                Pair::ClusterStandalone => Some(Pair::StandaloneCluster),
+                Pair::Standalone | Pair::Clusters => None,
             },
         };
         record.save(&cfg.data_dir).map_err(|error| {
@@ -1637,7 +1727,7 @@ async fn master_urls(
 pub async fn release_after_restart(cfg: &SyncConfig, record: &mut DirectionRecord) {
     let released = async {
         let (_, targets) = urls(cfg).map_err(|e| e.to_string())?;
-        let masters = master_urls(&targets, !record.partitions.is_empty(), "old source").await?;
+        let masters = master_urls(&targets, record.pair().is_cluster(1), "old source").await?;
         let mut clients = Vec::with_capacity(masters.len());
         for url in masters {
             let client = connect(&url).await?;
@@ -1662,7 +1752,8 @@ pub async fn release_after_restart(cfg: &SyncConfig, record: &mut DirectionRecor
 
 /// Step 8: on every master of the old source, closes the clients the
 /// pause holds (not ferry's) and unpauses; then sets the reversed
-/// appliers' checkpoints (standalone: [`standalone_checkpoint`]; cluster:
+/// appliers' checkpoints (two standalone servers:
+/// [`standalone_checkpoint`]; a cluster on either side:
 /// [`cluster_checkpoints`]). Returns what it did.
 async fn release(
     masters: &mut [(RedisUrl, Client)],
@@ -1674,12 +1765,14 @@ async fn release(
         closed += release_held(client, &url.addr()).await?;
     }
     hold_for_test("unpaused").await;
-    let checkpoints = match record.partitions.is_empty() {
-        true => {
+    let checkpoints = match record.pair() {
+        Pair::Standalone => {
             let (url, client) = masters.first_mut().ok_or("no old source")?;
             standalone_checkpoint(client, &url.addr(), cfg, record).await?
         }
-        false => cluster_checkpoints(cfg, record).await?,
+        Pair::Clusters | Pair::StandaloneCluster | Pair::ClusterStandalone => {
+            cluster_checkpoints(cfg, record).await?
+        }
     };
     Ok(format!(
         "{closed} client(s) with writes held by the pause closed (their writes did not run), \
@@ -1829,17 +1922,21 @@ impl Routed {
     }
 }
 
-/// The reversed appliers' state on an old source that is a cluster (a
-/// cluster target's, apply module): every slot of the owner map given to
-/// the partition whose master served it at the switch, generation 0 (the
-/// slot table the reversed listener starts with); each partition's slot
-/// scope, its master's slots; each partition's floor checkpoint
-/// `applied=1` of its log. Nothing is written when every floor is of its
+/// The reversed appliers' state on the old source with a cluster on
+/// either side (what a cluster source's appliers, or any applier into a
+/// cluster, read at a session's start; apply module): for a cluster new
+/// source, every slot of the owner map given to the partition whose master
+/// served it at the switch, generation 0 (the slot table the reversed
+/// listener starts with), and each partition's slot scope, its master's
+/// slots; each partition's floor checkpoint `applied=1` of its log (on a
+/// standalone old source its plain checkpoint; a standalone new source's
+/// one partition 0 gets that alone, on the master of its key's slot of a
+/// cluster old source). Nothing is written when every floor is of its
 /// partition's log already (a release done again after a crash must not
 /// move back what the appliers moved); the floors go last, so a crash in
 /// between writes everything again.
 async fn cluster_checkpoints(cfg: &SyncConfig, record: &DirectionRecord) -> Result<String, String> {
-    cluster_target_state(cfg, &record.partitions, true).await
+    cluster_target_state(cfg, &record.starts(), record.pair().is_cluster(1)).await
 }
 
 /// [`cluster_checkpoints`] for the partitions `starts` into the target of
@@ -1998,7 +2095,64 @@ mod tests {
             log_tag: 7,
             released: true,
             partitions: Vec::new(),
+            pair: None,
         }
+    }
+
+    /// A mixed pair's record names its pair; its partitions go with the
+    /// kind of its source, and a standalone source's one partition is the
+    /// record's own start.
+    #[test]
+    fn a_mixed_pairs_record_names_its_pair() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut into_cluster = record();
+        into_cluster.pair = Some(Pair::StandaloneCluster);
+        into_cluster.save(dir.path()).unwrap();
+        let text = std::fs::read_to_string(dir.path().join(RECORD_FILE)).unwrap();
+        assert!(text.contains("\"pair\": \"standalone-cluster\""), "{text}");
+        let loaded = DirectionRecord::load(dir.path()).unwrap().unwrap();
+        assert_eq!(loaded, into_cluster);
+        assert_eq!(loaded.pair(), Pair::StandaloneCluster);
+        let starts = loaded.starts();
+        assert_eq!(starts.len(), 1);
+        assert_eq!((starts[0].partition, starts[0].slots.as_str()), (0, ""));
+        assert_eq!(
+            (
+                starts[0].offset,
+                starts[0].log_tag,
+                starts[0].master.as_str()
+            ),
+            (99, 7, "127.0.0.1:7001")
+        );
+        // Without the field: what the partitions say.
+        assert_eq!(record().pair(), Pair::Standalone);
+        // A cluster source without partitions, or a standalone one with
+        // them, is refused naming the file.
+        let mut wrong = record();
+        wrong.pair = Some(Pair::ClusterStandalone);
+        wrong.save(dir.path()).unwrap();
+        let error = DirectionRecord::load(dir.path()).unwrap_err().to_string();
+        assert!(
+            error.contains(RECORD_FILE) && error.contains("cluster-standalone"),
+            "{error}"
+        );
+        wrong.pair = Some(Pair::StandaloneCluster);
+        wrong.partitions = vec![PartitionStart {
+            partition: 0,
+            master: "127.0.0.1:7001".into(),
+            node_id: "a".repeat(40),
+            slots: "0-16383".into(),
+            replid: "b".repeat(40),
+            offset: 5,
+            log_tag: 9,
+        }];
+        wrong.save(dir.path()).unwrap();
+        assert!(DirectionRecord::load(dir.path()).is_err());
+        wrong.pair = Some(Pair::ClusterStandalone);
+        wrong.save(dir.path()).unwrap();
+        let loaded = DirectionRecord::load(dir.path()).unwrap().unwrap();
+        assert_eq!(loaded.pair(), Pair::ClusterStandalone);
+        assert_eq!(loaded.starts(), wrong.partitions);
     }
 
     #[test]

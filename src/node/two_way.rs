@@ -196,8 +196,11 @@ pub const CLUSTER_BACKWARD_DIR: &str = "cluster.two-way";
 /// is durable (the backward direction is established).
 const CLUSTER_ESTABLISHED_FILE: &str = "two-way.established";
 
-/// What a two-way sync runs between.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What a two-way sync runs between (also what a switchover's direction
+/// record says a direction runs between: `super::switchover`). Serialized
+/// as [`Pair::as_str`] names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Pair {
     /// Two standalone servers: partitions 0 and 1.
     Standalone,
@@ -944,6 +947,10 @@ mod tests {
             assert!(forward.contains(&FORWARD.0));
             assert!(!pair.is_backward(FORWARD));
             assert_eq!(Pair::parse(pair.as_str()), Some(pair));
+            // A switchover's direction record stores the pair by that name.
+            let json = serde_json::to_string(&pair).unwrap();
+            assert_eq!(json, format!("\"{}\"", pair.as_str()));
+            assert_eq!(serde_json::from_str::<Pair>(&json).unwrap(), pair);
         }
         // A standalone side's one partition: A's 0, B's 1000.
         assert_eq!(Pair::StandaloneCluster.forward(), 0..=0);

@@ -9,6 +9,7 @@ pub mod load;
 pub mod pki;
 pub mod proxy;
 pub mod resp;
+pub mod side;
 pub mod workload;
 
 use std::net::TcpListener;
