@@ -5,9 +5,8 @@
 //! target B (or a Redis Cluster to a Redis Cluster: "Two clusters" below;
 //! or a standalone server and a cluster, in either order: "A standalone
 //! server and a cluster") from the listener's WAL, and a timeout. Out: the
-//! same process
-//! replicating B into A, a [`DirectionRecord`] in the data dir that a
-//! restart follows, and a [`SwitchoverReport`] of every step.
+//! same process replicating B into A, a [`DirectionRecord`] in the data
+//! dir that a restart follows, and a [`SwitchoverReport`] of every step.
 //!
 //! # The steps
 //!
