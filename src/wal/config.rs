@@ -31,11 +31,8 @@ pub struct WalConfig {
     /// then be lost on a machine crash (not on a process crash).
     pub sync: bool,
     /// How long the group-commit writer waits for more work after the first
-    /// request of a batch, when the batch before held appends of several
-    /// partitions (after a batch of one partition's appends it does not
-    /// wait: a single appender sends its next append only once the last one
-    /// is durable). Work that arrives while a batch is being written joins
-    /// the next batch anyway, so this only matters at low load.
+    /// request of a batch. Work that arrives while a batch is being written
+    /// joins the next batch anyway, so this only matters at low load.
     /// Below 1ms (tokio's timer granularity) the writer waits by yielding to
     /// other tasks rather than sleeping. Default: `"200us"`.
     pub group_commit_linger: HumanDuration,

@@ -379,7 +379,6 @@ impl Wal {
             shared: Arc::clone(&shared),
             sync: config.sync,
             linger: config.group_commit_linger.0,
-            last_appenders: 0,
             max_bytes: config.group_commit_max_bytes.as_usize(),
             buffered_limit: config.memtable_budget.as_u64().saturating_mul(2),
             last_buffer_check: None,
@@ -1223,11 +1222,6 @@ struct GroupCommitWriter {
     shared: Arc<Mutex<Shared>>,
     sync: bool,
     linger: Duration,
-    /// Partitions whose appends the last batch held. The writer lingers
-    /// only after a batch that held several: a single appender awaits each
-    /// append before sending the next, so waiting for more of its work only
-    /// delays it (and the yielding wait burns a core).
-    last_appenders: usize,
     max_bytes: usize,
     /// Stall writes while the storage buffers more than this.
     buffered_limit: u64,
@@ -1371,12 +1365,7 @@ impl GroupCommitWriter {
                 }
                 Command::Shutdown => open = false,
             }
-            let linger = if self.last_appenders > 1 {
-                self.linger
-            } else {
-                Duration::ZERO
-            };
-            let deadline = Instant::now() + linger;
+            let deadline = Instant::now() + self.linger;
             while open && bytes < self.max_bytes {
                 let next = match command_rx.try_recv() {
                     Ok(command) => Some(command),
@@ -1385,7 +1374,7 @@ impl GroupCommitWriter {
                         if Instant::now() >= deadline {
                             break;
                         }
-                        if linger < TIMER_RESOLUTION {
+                        if self.linger < TIMER_RESOLUTION {
                             // tokio's timer would round a sub-millisecond
                             // linger up to 1ms; yielding instead lets the
                             // appenders run and enqueue until the deadline.
@@ -1445,16 +1434,6 @@ impl GroupCommitWriter {
         let marks_only = batch
             .iter()
             .all(|(request, _)| matches!(request, Request::Ack { .. } | Request::Apply { .. }));
-        let mut appenders: Vec<PartitionId> = batch
-            .iter()
-            .filter(|(request, _)| {
-                matches!(request, Request::Append { .. } | Request::AppendAt { .. })
-            })
-            .map(|(request, _)| request.partition())
-            .collect();
-        appenders.sort_unstable();
-        appenders.dedup();
-        self.last_appenders = appenders.len();
         // Partitions appended at given ids (a drainer's): their payloads are
         // slices of the batch they arrived in, copied before the tail keeps
         // them so that it does not keep whole batches alive.
