@@ -243,7 +243,8 @@ struct Repair {
 
 /// The repairs owed, one per key, side and wait partition: a key's
 /// later conflict only moves its repair's wait further (module doc,
-/// "Policies"). In repair order: the key's own order within a side.
+/// "Policies"). Ordered by side, partition, db and key (repairs of
+/// different keys do not depend on each other's order).
 #[derive(Debug, Default)]
 struct Owed {
     /// (touch, wait partition, db, key hex) to the highest wait id owed.
@@ -276,24 +277,40 @@ impl Owed {
         self.by_key.is_empty()
     }
 
+    fn repair(
+        ((touch, wait_partition, db, key), wait_id): ((usize, u32, u32, String), u64),
+    ) -> Repair {
+        Repair {
+            db,
+            key,
+            touch,
+            wait_partition,
+            wait_id,
+        }
+    }
+
     fn to_vec(&self) -> Vec<Repair> {
         self.by_key
             .iter()
-            .map(|((touch, partition, db, key), id)| Repair {
-                db: *db,
-                key: key.clone(),
-                touch: *touch,
-                wait_partition: *partition,
-                wait_id: *id,
-            })
+            .map(|(key, id)| Owed::repair((key.clone(), *id)))
             .collect()
     }
 
     /// Every owed repair, leaving none owed.
     fn take(&mut self) -> Vec<Repair> {
-        let all = self.to_vec();
-        self.by_key.clear();
-        all
+        std::mem::take(&mut self.by_key)
+            .into_iter()
+            .map(Owed::repair)
+            .collect()
+    }
+
+    /// (side touched, wait partition, wait id) of each owed repair.
+    #[cfg(test)]
+    fn waits(&self) -> Vec<(usize, u32, u64)> {
+        self.to_vec()
+            .iter()
+            .map(|r| (r.touch, r.wait_partition, r.wait_id))
+            .collect()
     }
 }
 
@@ -1404,13 +1421,7 @@ mod tests {
                 .take(BACKWARD, &entry(3, &[&["SET", "other", "b"]], false))
                 .len();
             assert_eq!(found, 6, "{policy:?}");
-            let owed: Vec<(usize, u32, u64)> = d
-                .repairs
-                .to_vec()
-                .iter()
-                .map(|r| (r.touch, r.wait_partition, r.wait_id))
-                .collect();
-            assert_eq!(owed, [want], "{policy:?}");
+            assert_eq!(d.repairs.waits(), [want], "{policy:?}");
             // Saved and restored (a state of an older ferry may list a key
             // more than once): still one, at the highest wait.
             let mut state = d.state();
@@ -1685,13 +1696,7 @@ mod cluster_tests {
                 .is_empty());
             let found = d.take(PartitionId(1001), &entry(4, &[&["SET", "k", "b"]]));
             assert_eq!(found.len(), 1, "{found:?}");
-            let repairs: Vec<(usize, u32, u64)> = d
-                .repairs
-                .to_vec()
-                .iter()
-                .map(|r| (r.touch, r.wait_partition, r.wait_id))
-                .collect();
-            assert_eq!(repairs, [want], "{policy:?}");
+            assert_eq!(d.repairs.waits(), [want], "{policy:?}");
             assert_eq!(
                 unhex(&d.repairs.to_vec()[0].key).unwrap(),
                 Bytes::from_static(b"k")
