@@ -110,6 +110,12 @@ pub struct ApplyConfig {
     /// `PUBLISH`).
     #[serde(skip)]
     pub two_way_peers: Option<std::ops::RangeInclusive<u32>>,
+    /// Two-way sync: the drainer whose checkpoints of `two_way_peers` mark
+    /// an echo. None: this applier's own `drainer-id` (`ferry sync
+    /// --two-way`, both directions one drainer); `ferry site`: the other
+    /// site's drainer. Never read from a file.
+    #[serde(skip)]
+    pub two_way_echo_of: Option<String>,
     /// Two-way sync once established: any snapshot load is refused
     /// ([`super::ApplyError::TwoWayLoad`]); never read from a file.
     #[serde(skip)]
@@ -243,6 +249,7 @@ impl Default for ApplyConfig {
             foreign_writes_every: HumanDuration(Duration::from_secs(60)),
             foreign_writes_window: HumanDuration(Duration::from_millis(200)),
             two_way_peers: None,
+            two_way_echo_of: None,
             refuse_loads: false,
             connect_timeout: HumanDuration(Duration::from_secs(5)),
             reply_timeout: HumanDuration(Duration::from_secs(60)),

@@ -298,10 +298,11 @@
 //!
 //! # Two-way sync
 //!
-//! With `two_way_peers` (set by `ferry sync --two-way`; src/node/two_way.rs
-//! has the design), this applier's source is also written by the appliers of
-//! the peer partitions. Their batches come back in the source's stream as
-//! entries that write one of their checkpoint keys (a standalone target's
+//! With `two_way_peers` (set by `ferry sync --two-way` and `ferry site`;
+//! src/node/two_way.rs and src/node/site.rs have the design), this
+//! applier's source is also written by the appliers of the peer partitions
+//! (this drainer's, or `two_way_echo_of`'s). Their batches come back in the
+//! source's stream as entries that write one of their checkpoint keys (a standalone target's
 //! checkpoint, a cluster target's slot checkpoints and floor): the batch
 //! builder covers them without sending anything (`echo`, counted as
 //! `echoes`). A batch that
@@ -1403,11 +1404,10 @@ impl Applier {
                 map: self.owners.clone(),
                 voids: self.voids.clone(),
             }),
-            echo_of: self
-                .cfg
-                .two_way_peers
-                .clone()
-                .map(|peers| batch::EchoRule::new(&self.cfg.drainer_id, peers)),
+            echo_of: self.cfg.two_way_peers.clone().map(|peers| {
+                let of = self.cfg.two_way_echo_of.as_deref();
+                batch::EchoRule::new(of.unwrap_or(&self.cfg.drainer_id), peers)
+            }),
         }
     }
 

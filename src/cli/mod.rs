@@ -100,6 +100,15 @@ pub enum Verb {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Run one site of a two-way sync between two standalone Redis servers
+    /// in a listener/drainer deployment: the listener of this site's server,
+    /// shipping to the other site, and the drainer applying the other
+    /// site's stream to it, in one WAL.
+    Site {
+        /// Its TOML config (see conf/site-a.toml and conf/site-b.toml).
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Read RDB files: dump them as JSON, or load them into a Redis server.
     Rdb {
         #[command(subcommand)]
@@ -297,7 +306,11 @@ impl Verb {
     pub fn is_daemon(&self) -> bool {
         matches!(
             self,
-            Verb::Sync(_) | Verb::Listener { .. } | Verb::Drainer { .. } | Verb::Serve(_)
+            Verb::Sync(_)
+                | Verb::Listener { .. }
+                | Verb::Drainer { .. }
+                | Verb::Site { .. }
+                | Verb::Serve(_)
         )
     }
 }
@@ -308,6 +321,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Verb::Sync(args) => Ok(node::sync(args)?),
         Verb::Listener { config } => Ok(node::listener(config)?),
         Verb::Drainer { config } => Ok(node::drainer(config)?),
+        Verb::Site { config } => Ok(node::site(config)?),
         Verb::Rdb { command } => match command {
             RdbCommand::Dump {
                 file,

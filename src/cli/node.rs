@@ -12,8 +12,8 @@ use tracing::info;
 use crate::apply::ExistingData;
 use crate::config_units::HumanDuration;
 use crate::node::{
-    self, DrainerNodeConfig, ListenerNodeConfig, NodeConfigError, NodeError, SyncConfig,
-    SyncOverrides,
+    self, DrainerNodeConfig, ListenerNodeConfig, NodeConfigError, NodeError, SiteNodeConfig,
+    SyncConfig, SyncOverrides,
 };
 use crate::secret::SecretUrl;
 
@@ -176,6 +176,15 @@ pub fn listener(config: PathBuf) -> Result<(), NodeCommandError> {
     runtime()?.block_on(async {
         let shutdown = shutdown_on_signal();
         node::run_listener(cfg, shutdown).await
+    })?;
+    Ok(())
+}
+
+pub fn site(config: PathBuf) -> Result<(), NodeCommandError> {
+    let cfg = SiteNodeConfig::load(&config)?;
+    runtime()?.block_on(async {
+        let shutdown = shutdown_on_signal();
+        node::run_site(cfg, shutdown).await
     })?;
     Ok(())
 }

@@ -413,10 +413,14 @@ pub fn render_status(status: &NodeStatus, now_unix_ms: u64, style: RenderStyle) 
     out.push('\n');
     render_drainers(&mut out, &status.drainers, style, direct);
     if let Some(two_way) = &status.two_way {
+        let directions = match status.role.as_str() {
+            "site" => "partition 0 side a → side b, partition 1 side b → side a",
+            _ => "partition 0 source → target, partition 1 target → source",
+        };
         let _ = write!(
             out,
-            "\nTwo-way: partition 0 source → target, partition 1 target → source; {} conflict(s) \
-             (one key written on both sides before either saw the other's write), logged in {}",
+            "\nTwo-way: {directions}; {} conflict(s) (one key written on both sides before \
+             either saw the other's write), logged in {}",
             two_way.conflicts,
             clean(&two_way.conflict_log)
         );

@@ -298,7 +298,7 @@ pub struct SyncConfig {
 }
 
 /// What two-way sync does with a conflict (`super::conflicts`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ConflictPolicy {
     /// Logged and counted; both writes applied as they came.
@@ -592,7 +592,12 @@ impl ListenerNodeConfig {
 
     /// Parses and checks `text` (`path` only names it in errors).
     pub fn from_toml(path: &Path, text: &str) -> Result<ListenerNodeConfig, NodeConfigError> {
-        let mut cfg: ListenerNodeConfig = parse(path, text)?;
+        parse::<ListenerNodeConfig>(path, text)?.checked(path)
+    }
+
+    /// Checks a parsed config (`path` only names it in errors).
+    fn checked(self, path: &Path) -> Result<ListenerNodeConfig, NodeConfigError> {
+        let mut cfg = self;
         check_data_dir(path, &cfg.data_dir)?;
         check_admin(path, &cfg.admin)?;
         cfg.admin_access = admin_access(
@@ -692,7 +697,12 @@ impl DrainerNodeConfig {
     }
 
     pub fn from_toml(path: &Path, text: &str) -> Result<DrainerNodeConfig, NodeConfigError> {
-        let mut cfg: DrainerNodeConfig = parse(path, text)?;
+        parse::<DrainerNodeConfig>(path, text)?.checked(path)
+    }
+
+    /// Checks a parsed config (`path` only names it in errors).
+    fn checked(self, path: &Path) -> Result<DrainerNodeConfig, NodeConfigError> {
+        let mut cfg = self;
         check_data_dir(path, &cfg.data_dir)?;
         check_admin(path, &cfg.admin)?;
         cfg.admin_access = admin_access(
@@ -750,6 +760,239 @@ impl DrainerNodeConfig {
             .target_url()
             .map_err(|e| invalid(path, e.path(), e.reason))?;
         Ok(cfg)
+    }
+}
+
+/// Which side of a two-way pair a site is (`ferry site`, `[site] side`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SiteSide {
+    /// Its server's data is the first full sync's: it is copied to side b,
+    /// then both directions stream. Its listener is partition 0.
+    A,
+    /// Its server receives the first full sync (the drainer's
+    /// `existing-data` rule applies), then its own writes go to side a from
+    /// the exact end of that sync. Its listener is partition 1.
+    B,
+}
+
+impl SiteSide {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SiteSide::A => "a",
+            SiteSide::B => "b",
+        }
+    }
+}
+
+/// `[site]` of `ferry site --config FILE`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct SiteSection {
+    /// `"a"` or `"b"` (see [`SiteSide`]). Required.
+    pub side: SiteSide,
+    /// Two-way sync's conflict policy (`super::conflicts`): side b's site
+    /// finds the conflicts (both logs count the ids its checkpoints
+    /// count), so only its file sets it. Default: `"report"`.
+    #[serde(default)]
+    pub conflict: ConflictPolicy,
+    /// Side b with `source-wins`/`target-wins`: side a's server, which a
+    /// repair may write (`redis://[user[:password]@]host[:port]`).
+    /// Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<SecretUrl>,
+    /// A file holding `peer`'s password. Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_password_file: Option<PathBuf>,
+    /// An environment variable holding `peer`'s password. Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_password_env: Option<String>,
+}
+
+/// `ferry site --config FILE`, as written: one site of a two-way sync
+/// between two standalone servers in a listener/drainer deployment (see
+/// conf/site-a.toml).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct SiteFile {
+    data_dir: PathBuf,
+    #[serde(default = "default_admin")]
+    admin: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    admin_token_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    admin_tls_cert_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    admin_tls_key_file: Option<PathBuf>,
+    listen: String,
+    site: SiteSection,
+    listener: ListenerConfig,
+    #[serde(default)]
+    wal: WalConfig,
+    #[serde(default)]
+    ship: ShipperConfig,
+    drainers: Vec<DrainerPeer>,
+    drainer: DrainerServiceConfig,
+    #[serde(default)]
+    apply: ApplyConfig,
+    #[serde(default)]
+    filter: FilterConfig,
+}
+
+/// `ferry site --config FILE`, checked: the site's listener (its server as
+/// the source, shipping to the other site's drainer) and its drainer (the
+/// other site's stream applied to its server), one data dir, one WAL.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SiteNodeConfig {
+    pub site: SiteSection,
+    /// `peer` with its password, parsed.
+    pub peer: Option<crate::redis::url::RedisUrl>,
+    /// The listener's half: `data-dir`, `admin`, `[listener]` (partition
+    /// 0 on side a, 1 on side b), `[wal]`, `[ship]`, `[[drainers]]`.
+    pub listener: ListenerNodeConfig,
+    /// The drainer's half: `listen`, `[drainer]`, `[apply]` (its target
+    /// the listener's source), `[filter]`; the same data dir and WAL.
+    pub drainer: DrainerNodeConfig,
+}
+
+impl SiteNodeConfig {
+    pub fn load(path: &Path) -> Result<SiteNodeConfig, NodeConfigError> {
+        Self::from_toml(path, &read(path)?)
+    }
+
+    pub fn from_toml(path: &Path, text: &str) -> Result<SiteNodeConfig, NodeConfigError> {
+        let file: SiteFile = parse(path, text)?;
+        let table: toml::Table = parse(path, text)?;
+        let given = |section: &str, key: &str| {
+            table
+                .get(section)
+                .and_then(|s| s.as_table())
+                .is_some_and(|s| s.contains_key(key))
+        };
+        for key in ["target", "target-password-file", "target-password-env"] {
+            if given("apply", key) {
+                return Err(invalid(
+                    path,
+                    format!("apply.{key}"),
+                    "leave it out: a site's drainer writes its own server, the listener's source",
+                ));
+            }
+        }
+        if given("listener", "partition") {
+            return Err(invalid(
+                path,
+                "listener.partition",
+                "leave it out: side a's listener is partition 0, side b's 1",
+            ));
+        }
+        if file.drainers.len() != 1 {
+            return Err(invalid(
+                path,
+                "drainers",
+                "name exactly one [[drainers]]: the other site's drainer",
+            ));
+        }
+        if file.drainer.listeners.len() != 1 {
+            return Err(invalid(
+                path,
+                "drainer.listeners",
+                "name exactly one [[drainer.listeners]]: the other site's listener",
+            ));
+        }
+        let side = file.site.side;
+        let mut listener = file.listener;
+        listener.partition = match side {
+            SiteSide::A => 0,
+            SiteSide::B => 1,
+        };
+        let mut apply = file.apply;
+        apply.target = listener.source.clone();
+        apply.target_password_file = listener.source_password_file.clone();
+        apply.target_password_env = listener.source_password_env.clone();
+        if side == SiteSide::A {
+            // Side a's drainer never loads a snapshot (two-way refuses any
+            // load into a side that takes writes): its server's data stays.
+            apply.existing_data = ExistingData::Keep;
+        }
+        if file.drainer.listeners[0].id == listener.id {
+            return Err(invalid(
+                path,
+                "drainer.listeners[0].id",
+                format!(
+                    "{:?} is this site's own listener; name the other site's",
+                    listener.id
+                ),
+            ));
+        }
+        let peer = match (&file.site.peer, side, file.site.conflict) {
+            (Some(_), SiteSide::A, _) => {
+                return Err(invalid(
+                    path,
+                    "site.peer",
+                    "only side b's site repairs conflicts; leave it out on side a",
+                ))
+            }
+            (_, SiteSide::A, policy) if policy != ConflictPolicy::Report => {
+                return Err(invalid(
+                    path,
+                    "site.conflict",
+                    "side b's site finds and repairs conflicts; set the policy in its file",
+                ))
+            }
+            (None, SiteSide::B, policy) if policy != ConflictPolicy::Report => {
+                return Err(invalid(
+                    path,
+                    "site.peer",
+                    format!(
+                        "conflict = \"{}\" writes the key again on either side: name side \
+                         a's server",
+                        policy.as_str()
+                    ),
+                ))
+            }
+            (Some(url), _, _) => Some(
+                url.parse_with(&PasswordSource::from_keys(
+                    "peer-password",
+                    file.site.peer_password_file.as_deref(),
+                    file.site.peer_password_env.as_deref(),
+                ))
+                .map_err(|e| invalid(path, "site.peer", e.to_string()))?,
+            ),
+            (None, _, _) => None,
+        };
+        let listener = ListenerNodeConfig {
+            data_dir: file.data_dir.clone(),
+            admin: file.admin.clone(),
+            admin_token_file: file.admin_token_file.clone(),
+            admin_tls_cert_file: file.admin_tls_cert_file.clone(),
+            admin_tls_key_file: file.admin_tls_key_file.clone(),
+            admin_access: AdminAccess::default(),
+            listener,
+            wal: file.wal.clone(),
+            ship: file.ship,
+            drainers: file.drainers,
+        }
+        .checked(path)?;
+        let drainer = DrainerNodeConfig {
+            data_dir: file.data_dir,
+            admin: file.admin,
+            admin_token_file: file.admin_token_file,
+            admin_tls_cert_file: file.admin_tls_cert_file,
+            admin_tls_key_file: file.admin_tls_key_file,
+            admin_access: AdminAccess::default(),
+            listen: file.listen,
+            drainer: file.drainer,
+            wal: file.wal,
+            apply,
+            filter: file.filter,
+        }
+        .checked(path)?;
+        Ok(SiteNodeConfig {
+            site: file.site,
+            peer,
+            listener,
+            drainer,
+        })
     }
 }
 
@@ -1032,6 +1275,80 @@ mod tests {
         assert!(!format!("{cfg:?}").contains("long-enough-token-123"));
         let cfg = SyncConfig::build(None, flags("127.0.0.1:0", None)).unwrap();
         assert_eq!(cfg.admin_access, AdminAccess::default());
+    }
+
+    /// The shipped site pair fits together: each ships to the other's
+    /// drainer with the secret the other expects; each drainer writes its
+    /// own server; the partitions and side a's existing-data are set.
+    #[test]
+    fn shipped_site_examples_load_and_pair_up() {
+        let a = SiteNodeConfig::load(&conf("site-a.toml")).unwrap();
+        let b = SiteNodeConfig::load(&conf("site-b.toml")).unwrap();
+        assert_eq!((a.site.side, b.site.side), (SiteSide::A, SiteSide::B));
+        assert_eq!(a.listener.listener.partition, 0);
+        assert_eq!(b.listener.listener.partition, 1);
+        for (this, other) in [(&a, &b), (&b, &a)] {
+            assert_eq!(this.listener.drainers[0].id, other.drainer.apply.drainer_id);
+            assert_eq!(
+                this.listener.drainers[0].secret,
+                other.drainer.drainer.listeners[0].secret
+            );
+            assert_eq!(
+                this.drainer.drainer.listeners[0].id,
+                other.listener.listener.id
+            );
+            assert_eq!(this.drainer.apply.target, this.listener.listener.source);
+            assert_eq!(this.drainer.wal.dir, this.listener.wal.dir);
+        }
+        assert_eq!(a.drainer.apply.existing_data, ExistingData::Keep);
+        assert_eq!(b.drainer.apply.existing_data, ExistingData::Refuse);
+        assert_eq!(a.listener.wal.dir, Path::new("data/site-a/wal"));
+        assert_eq!(b.site.conflict, ConflictPolicy::Report);
+        assert!(b.peer.is_none());
+    }
+
+    /// A site file that would not pair up is refused, naming the key.
+    #[test]
+    fn a_site_config_refuses_what_would_not_pair_up() {
+        let base = std::fs::read_to_string(conf("site-b.toml")).unwrap();
+        let path = Path::new("site-b.toml");
+        let refused = |text: &str, field: &str| {
+            let error = SiteNodeConfig::from_toml(path, text)
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(field), "{field}: {error}");
+            error
+        };
+        refused(
+            &base.replace("[apply]\n", "[apply]\ntarget = \"redis://127.0.0.1:1\"\n"),
+            "apply.target",
+        );
+        refused(
+            &base.replace("[listener]\n", "[listener]\npartition = 1\n"),
+            "listener.partition",
+        );
+        let second = "[[drainers]]\nid = \"other\"\nendpoint = \"http://127.0.0.1:1\"\nsecret = \"12345678\"\n\n[drainer]";
+        refused(&base.replacen("[drainer]", second, 1), "drainers");
+        refused(
+            &base.replace("id = \"listener-a\"", "id = \"listener-b\""),
+            "drainer.listeners[0].id",
+        );
+        let winner = base.replace("conflict = \"report\"", "conflict = \"source-wins\"");
+        refused(&winner, "site.peer");
+        let with_peer = winner.replace(
+            "# peer = \"redis://127.0.0.1:6379\"",
+            "peer = \"redis://:pw@127.0.0.1:6379\"",
+        );
+        let cfg = SiteNodeConfig::from_toml(path, &with_peer).unwrap();
+        assert_eq!(cfg.peer.as_ref().unwrap().addr(), "127.0.0.1:6379");
+        assert!(!format!("{cfg:?}").contains("pw@"));
+        let side_a = with_peer.replace("side = \"b\"", "side = \"a\"");
+        refused(&side_a, "site.peer");
+        refused(
+            &winner.replace("side = \"b\"", "side = \"a\""),
+            "site.conflict",
+        );
+        refused(&base.replace("side = \"b\"", "side = \"c\""), "side");
     }
 
     #[test]

@@ -518,13 +518,15 @@ struct Detector {
 type LoggedPair = (u32, u64, u32, u64, u32, String);
 
 impl Detector {
-    fn new(drainer_id: &str, keyspace: OwnedKeyspace, pair: Pair) -> Detector {
+    /// `drainer_ids`: the drainer applying into A (its checkpoints mark
+    /// the echoes in A's log), and the one applying into B.
+    fn new(drainer_ids: [&str; 2], keyspace: OwnedKeyspace, pair: Pair) -> Detector {
         Detector {
             sides: [Side::default(), Side::default()],
             pair,
             echo_rules: [
-                EchoRule::new(drainer_id, pair.backward()),
-                EchoRule::new(drainer_id, pair.forward()),
+                EchoRule::new(drainer_ids[0], pair.backward()),
+                EchoRule::new(drainer_ids[1], pair.forward()),
             ],
             conflicts: 0,
             unexamined: 0,
@@ -866,7 +868,8 @@ fn load_state(path: &Path) -> Option<State> {
 /// side's topology read once (module doc, "Policies").
 struct Repairs<'a> {
     resolution: &'a Resolution,
-    drainer_id: &'a str,
+    /// The drainer applying into each side (its checkpoints there).
+    drainer_ids: &'a [String; 2],
     clients: HashMap<String, Client>,
     topologies: [Option<Topology>; 2],
     /// What each (side, partition, slot) was read to have applied this
@@ -884,10 +887,10 @@ fn redirected(message: &str) -> bool {
 }
 
 impl<'a> Repairs<'a> {
-    fn new(resolution: &'a Resolution, drainer_id: &'a str) -> Repairs<'a> {
+    fn new(resolution: &'a Resolution, drainer_ids: &'a [String; 2]) -> Repairs<'a> {
         Repairs {
             resolution,
-            drainer_id,
+            drainer_ids,
             clients: HashMap::new(),
             topologies: [None, None],
             applied: HashMap::new(),
@@ -980,7 +983,7 @@ impl<'a> Repairs<'a> {
         partition: u32,
         slot: u16,
     ) -> Result<u64, String> {
-        let floor_key = checkpoint_key(self.drainer_id, PartitionId(partition));
+        let floor_key = checkpoint_key(&self.drainer_ids[side], PartitionId(partition));
         let floor = self.checkpoint(side, &floor_key).await?;
         let Some(floor) = floor else {
             return Ok(0);
@@ -1046,7 +1049,7 @@ const REPAIR_EVERY: Duration = Duration::from_millis(200);
 pub async fn run(
     wal: Wal,
     data_dir: PathBuf,
-    drainer_id: String,
+    drainer_ids: [String; 2],
     keyspace: OwnedKeyspace,
     stats: Arc<ConflictStats>,
     stop: CancellationToken,
@@ -1055,7 +1058,11 @@ pub async fn run(
 ) {
     let log_path = data_dir.join(CONFLICT_LOG);
     let state_path = data_dir.join(STATE_FILE);
-    let mut detector = Detector::new(&drainer_id, keyspace, pair);
+    let mut detector = Detector::new(
+        [drainer_ids[0].as_str(), drainer_ids[1].as_str()],
+        keyspace,
+        pair,
+    );
     match load_state(&state_path) {
         Some(state) => detector.restore(state),
         None => {
@@ -1191,7 +1198,7 @@ pub async fn run(
         {
             repaired_at = Instant::now();
             let owed = detector.repairs.take();
-            let mut round = Repairs::new(resolution, &drainer_id);
+            let mut round = Repairs::new(resolution, &drainer_ids);
             for owed in owed {
                 match round.run(&owed).await {
                     Ok(true) => {
@@ -1293,7 +1300,7 @@ mod tests {
 
     #[test]
     fn writes_neither_side_saw_conflict_and_seen_ones_do_not() {
-        let mut d = Detector::new("d", OwnedKeyspace::all(), Pair::Standalone);
+        let mut d = Detector::new(["d", "d"], OwnedKeyspace::all(), Pair::Standalone);
         // A writes k at 1; B writes k at 1 without having seen A's: conflict.
         assert!(d
             .take(FORWARD, &entry(1, &[&["SET", "k", "a"]], false))
@@ -1341,7 +1348,7 @@ mod tests {
         }
         .keyspace()
         .unwrap();
-        let mut d = Detector::new("d", owned, Pair::Standalone);
+        let mut d = Detector::new(["d", "d"], owned, Pair::Standalone);
         d.policy = ConflictPolicy::SourceWins;
         d.take(
             FORWARD,
@@ -1370,7 +1377,7 @@ mod tests {
             entry(4, &[&["INCR", "n"]], false),
         ];
         let pairs = |order: &[(usize, usize)]| {
-            let mut d = Detector::new("d", OwnedKeyspace::all(), Pair::Standalone);
+            let mut d = Detector::new(["d", "d"], OwnedKeyspace::all(), Pair::Standalone);
             let mut found: Vec<(u64, u64, String)> = order
                 .iter()
                 .flat_map(|&(side, i)| {
@@ -1404,7 +1411,7 @@ mod tests {
             (ConflictPolicy::SourceWins, (1, 0, 3)),
             (ConflictPolicy::TargetWins, (0, 1, 2)),
         ] {
-            let mut d = Detector::new("d", OwnedKeyspace::all(), Pair::Standalone);
+            let mut d = Detector::new(["d", "d"], OwnedKeyspace::all(), Pair::Standalone);
             d.policy = policy;
             let mut found = 0;
             for id in 1..=3 {
@@ -1429,7 +1436,7 @@ mod tests {
                 wait_id: 1,
                 ..state.repairs[0].clone()
             });
-            let mut restored = Detector::new("d", OwnedKeyspace::all(), Pair::Standalone);
+            let mut restored = Detector::new(["d", "d"], OwnedKeyspace::all(), Pair::Standalone);
             restored.restore(state);
             assert_eq!(restored.repairs.to_vec(), d.repairs.to_vec());
         }
@@ -1482,11 +1489,11 @@ mod tests {
 
     #[test]
     fn state_round_trips_and_a_restart_does_not_log_a_pair_twice() {
-        let mut d = Detector::new("d", OwnedKeyspace::all(), Pair::Standalone);
+        let mut d = Detector::new(["d", "d"], OwnedKeyspace::all(), Pair::Standalone);
         d.take(FORWARD, &entry(1, &[&["SET", "k", "a"]], false));
         d.sides[0].next.insert(0, 2);
         let state = serde_json::to_string(&d.state()).unwrap();
-        let mut again = Detector::new("d", OwnedKeyspace::all(), Pair::Standalone);
+        let mut again = Detector::new(["d", "d"], OwnedKeyspace::all(), Pair::Standalone);
         again.restore(serde_json::from_str(&state).unwrap());
         assert_eq!(again.sides[0].next.get(&0), Some(&2));
         let found = again.take(BACKWARD, &entry(1, &[&["SET", "k", "b"]], false));
@@ -1494,7 +1501,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join(CONFLICT_LOG);
         append(&log, &found, LOG_MAX_BYTES).unwrap();
-        let mut third = Detector::new("d", OwnedKeyspace::all(), Pair::Standalone);
+        let mut third = Detector::new(["d", "d"], OwnedKeyspace::all(), Pair::Standalone);
         third.restore(serde_json::from_str(&state).unwrap());
         third.logged = logged_pairs(&log);
         assert_eq!(third.logged.len(), 1);
@@ -1531,7 +1538,7 @@ mod cluster_tests {
 
     #[test]
     fn between_clusters_seen_is_per_partition_and_slot() {
-        let mut d = Detector::new("d", OwnedKeyspace::all(), Pair::Clusters);
+        let mut d = Detector::new(["d", "d"], OwnedKeyspace::all(), Pair::Clusters);
         let (a0, a1) = (PartitionId(0), PartitionId(1));
         let (b0, b1) = (PartitionId(1000), PartitionId(1001));
         // k on A's shard 0 and B's shard 1001; other on A's 1 and B's 1000.
@@ -1577,7 +1584,7 @@ mod cluster_tests {
         assert_eq!(d.sides[0].seen(1001, key_hash_slot(b"k")), 1);
         // State round trip.
         let state = serde_json::to_string(&d.state()).unwrap();
-        let mut again = Detector::new("d", OwnedKeyspace::all(), Pair::Clusters);
+        let mut again = Detector::new(["d", "d"], OwnedKeyspace::all(), Pair::Clusters);
         again.restore(serde_json::from_str(&state).unwrap());
         assert_eq!(again.sides[0].seen(1001, key_hash_slot(b"k")), 1);
         assert_eq!(again.sides[1].len, d.sides[1].len);
@@ -1598,7 +1605,7 @@ mod cluster_tests {
     fn a_standalone_source_and_a_cluster_target() {
         assert_ne!(key_hash_slot(b"k"), key_hash_slot(b"other"));
         assert_ne!(key_hash_slot(b"other"), key_hash_slot(b"elsewhere"));
-        let mut d = Detector::new("d", OwnedKeyspace::all(), Pair::StandaloneCluster);
+        let mut d = Detector::new(["d", "d"], OwnedKeyspace::all(), Pair::StandaloneCluster);
         let a = PartitionId(0);
         let (b0, b1) = (PartitionId(1000), PartitionId(1001));
         assert!(d.take(a, &entry(1, &[&["SET", "k", "a"]])).is_empty());
@@ -1638,7 +1645,7 @@ mod cluster_tests {
         assert_eq!(d.sides[1].len, 0);
         // State round trip: A's window by B's slots.
         let state = serde_json::to_string(&d.state()).unwrap();
-        let mut again = Detector::new("d", OwnedKeyspace::all(), Pair::StandaloneCluster);
+        let mut again = Detector::new(["d", "d"], OwnedKeyspace::all(), Pair::StandaloneCluster);
         again.restore(serde_json::from_str(&state).unwrap());
         assert_eq!(again.sides[0].len, d.sides[0].len);
         again.sides[0].leave_through(0, key_hash_slot(b"k"), 5);
@@ -1651,7 +1658,7 @@ mod cluster_tests {
     /// A cluster A and a standalone B: the same rule the other way round.
     #[test]
     fn a_cluster_source_and_a_standalone_target() {
-        let mut d = Detector::new("d", OwnedKeyspace::all(), Pair::ClusterStandalone);
+        let mut d = Detector::new(["d", "d"], OwnedKeyspace::all(), Pair::ClusterStandalone);
         let (a0, a1) = (PartitionId(0), PartitionId(1));
         let b = PartitionId(1000);
         assert!(!d.pair.is_backward(a1) && d.pair.is_backward(b));
@@ -1689,7 +1696,7 @@ mod cluster_tests {
             (ConflictPolicy::SourceWins, (1, 2, 7)),
             (ConflictPolicy::TargetWins, (0, 1001, 4)),
         ] {
-            let mut d = Detector::new("d", OwnedKeyspace::all(), Pair::Clusters);
+            let mut d = Detector::new(["d", "d"], OwnedKeyspace::all(), Pair::Clusters);
             d.policy = policy;
             assert!(d
                 .take(PartitionId(2), &entry(7, &[&["SET", "k", "a"]]))

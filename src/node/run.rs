@@ -92,14 +92,14 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// What every stage of a node is started with: the node's stop token, its
 /// fatal-error slot, and the list of tasks `finish` waits for.
-struct Stages {
-    shutdown: CancellationToken,
+pub(super) struct Stages {
+    pub(super) shutdown: CancellationToken,
     fatal: Arc<Fatal>,
-    tasks: Vec<JoinHandle<()>>,
+    pub(super) tasks: Vec<JoinHandle<()>>,
 }
 
 impl Stages {
-    fn new(shutdown: CancellationToken) -> Stages {
+    pub(super) fn new(shutdown: CancellationToken) -> Stages {
         Stages {
             fatal: Fatal::new(shutdown.clone()),
             shutdown,
@@ -138,7 +138,7 @@ impl Fatal {
 /// stages split it, not parsed as one URL (whose "host" would be everything
 /// up to the last colon, shown as `redis://[h1:p1,h2:p2,h3]:p3`). One
 /// address that does not parse makes it all `<invalid url>`.
-fn redacted(url: &str) -> String {
+pub(super) fn redacted(url: &str) -> String {
     url.split(',')
         .map(|address| RedisUrl::parse(address.trim()).map(|url| url.to_string()))
         .collect::<Result<Vec<_>, _>>()
@@ -167,7 +167,7 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> NodeError {
     move |error| NodeError::Io { what, error }
 }
 
-async fn open_wal(cfg: WalConfig) -> Result<Wal, NodeError> {
+pub(super) async fn open_wal(cfg: WalConfig) -> Result<Wal, NodeError> {
     let dir = cfg.dir.clone();
     crate::secret::create_private_dir(&dir).map_err(io(format!("creating {}", dir.display())))?;
     Wal::open(cfg)
@@ -186,7 +186,7 @@ const REOPEN_WAIT: Duration = Duration::from_secs(30);
 /// [`REOPEN_WAIT`]). Before, that open failed and the process exited
 /// (seen right after two-way sync was established, while status was
 /// polled).
-async fn reopen_wal(cfg: WalConfig) -> Result<Wal, NodeError> {
+pub(super) async fn reopen_wal(cfg: WalConfig) -> Result<Wal, NodeError> {
     let deadline = std::time::Instant::now() + REOPEN_WAIT;
     let mut waited = false;
     loop {
@@ -705,7 +705,7 @@ const TOPOLOGY_POLL_MOVING: Duration = Duration::from_millis(200);
 /// cluster source's topology follower, go to `stages`.
 /// A cluster source's shard map and slot table are in `cluster_dir` (the
 /// data dir, or a switched-over generation's dir: `switchover::cluster_dir`).
-async fn start_listeners(
+pub(super) async fn start_listeners(
     data_dir: &Path,
     cluster_dir: &Path,
     cfg: &crate::listener::ListenerConfig,
@@ -901,6 +901,9 @@ pub struct DrainerPart {
     target: String,
     wal: Wal,
     source: ApplySource,
+    /// The one partition to apply (`ferry site`: the other site's; its
+    /// WAL also holds the site's own listener's partition).
+    only: Option<PartitionId>,
     apply_cfg: ApplyConfig,
     appliers: Mutex<Appliers>,
     /// Partitions whose sync is stopped (direct reads only).
@@ -918,7 +921,11 @@ impl DrainerPart {
                 let mut partitions: BTreeSet<PartitionId> =
                     self.wal.partitions().into_iter().collect();
                 partitions.extend(service.status().iter().map(|s| s.partition));
-                partitions.into_iter().map(|p| (p, None)).collect()
+                partitions
+                    .into_iter()
+                    .filter(|p| self.only.map_or(true, |only| only == *p))
+                    .map(|p| (p, None))
+                    .collect()
             }
             ApplySource::Direct { listeners, .. } => listeners
                 .list()
@@ -1291,12 +1298,13 @@ fn recent_refusal(refused: Option<(u64, String)>) -> Option<String> {
 }
 
 /// Starts the ship endpoint on `socket` and the applier supervisor.
-fn start_drainer_part(
+pub(super) fn start_drainer_part(
     socket: tokio::net::TcpListener,
     tls: Option<ServerTls>,
     service_cfg: DrainerServiceConfig,
     wal: Wal,
     apply_cfg: ApplyConfig,
+    only: Option<PartitionId>,
     stages: &mut Stages,
 ) -> Result<Arc<DrainerPart>, NodeError> {
     let shutdown = &stages.shutdown;
@@ -1307,6 +1315,7 @@ fn start_drainer_part(
         target: redacted(&apply_cfg.target),
         wal,
         source: ApplySource::Relayed(service.clone()),
+        only,
         apply_cfg,
         appliers: Mutex::new(BTreeMap::new()),
         stopped: Mutex::new(BTreeSet::new()),
@@ -1351,6 +1360,7 @@ fn start_direct_part(
         drainer_id: apply_cfg.drainer_id.clone(),
         target: redacted(&apply_cfg.target),
         wal,
+        only: None,
         source: ApplySource::Direct {
             listeners,
             stop_file,
@@ -1375,13 +1385,13 @@ fn start_direct_part(
 /// A running process: what the admin API reads and controls. A two-way
 /// `ferry sync` has two of each part, one per direction.
 pub struct Node {
-    role: &'static str,
-    listeners: Vec<Arc<ListenerParts>>,
-    drainers: Vec<Arc<DrainerPart>>,
+    pub(super) role: &'static str,
+    pub(super) listeners: Vec<Arc<ListenerParts>>,
+    pub(super) drainers: Vec<Arc<DrainerPart>>,
     /// A two-way sync, established: its conflict detector's counts.
-    conflicts: Option<Arc<conflicts::ConflictStats>>,
+    pub(super) conflicts: Option<Arc<conflicts::ConflictStats>>,
     /// The WALs the parts write, named by side (`listener`, `drainer`).
-    wals: Vec<(&'static str, Wal)>,
+    pub(super) wals: Vec<(&'static str, Wal)>,
 }
 
 impl Node {
@@ -1464,7 +1474,7 @@ impl NodeControl for Node {
 
 /// Binds the admin API and writes `<data-dir>/admin.addr` and
 /// `<data-dir>/admin.url`.
-async fn start_admin(
+pub(super) async fn start_admin(
     data_dir: &Path,
     addr: &str,
     access: &AdminAccess,
@@ -1508,7 +1518,11 @@ async fn start_admin(
 }
 
 /// Waits for the stop signal, then for every task, then closes the WALs.
-async fn finish(stages: Stages, node: Arc<Node>, wals: Vec<Wal>) -> Result<(), NodeError> {
+pub(super) async fn finish(
+    stages: Stages,
+    node: Arc<Node>,
+    wals: Vec<Wal>,
+) -> Result<(), NodeError> {
     let Stages {
         shutdown,
         fatal,
@@ -1541,7 +1555,7 @@ async fn finish(stages: Stages, node: Arc<Node>, wals: Vec<Wal>) -> Result<(), N
 
 /// The outage of the listener (or of its link to the source) the startup
 /// precheck checks the source's backlog against.
-const PRECHECK_OUTAGE: Duration = Duration::from_secs(60);
+pub(super) const PRECHECK_OUTAGE: Duration = Duration::from_secs(60);
 
 /// What the precheck before a first full sync checks: the source's and the
 /// target's addresses (with their passwords), the keyspace the sync owns.
@@ -1605,7 +1619,7 @@ pub async fn sync_precheck(
 /// applier still refuses existing data atomically at the first load, on
 /// every master); the checks of what does not answer are skipped with a
 /// warning. A node resuming (its WAL holds data) is not checked again.
-async fn precheck_first_sync(
+pub(super) async fn precheck_first_sync(
     wal: &Wal,
     source: Option<&crate::listener::ListenerConfig>,
     apply: Option<&apply::ApplyConfig>,
@@ -1675,7 +1689,7 @@ async fn precheck_first_sync(
 
 /// Creates the data dir (mode 0700: it holds the WALs, i.e. the replicated
 /// data); an existing one keeps its mode.
-fn create_data_dir(data_dir: &Path) -> Result<(), NodeError> {
+pub(super) fn create_data_dir(data_dir: &Path) -> Result<(), NodeError> {
     crate::secret::create_private_dir(data_dir)
         .map_err(io(format!("creating {}", data_dir.display())))
 }
@@ -1743,6 +1757,7 @@ pub async fn run_drainer(
         cfg.drainer.clone(),
         wal.clone(),
         cfg.apply.clone(),
+        None,
         &mut stages,
     )?;
     let node = Arc::new(Node {
@@ -1914,6 +1929,7 @@ async fn run_sync_inner(
         },
         drainer_wal.clone(),
         cfg.apply.clone(),
+        None,
         &mut stages,
     )?;
     let listener = start_listeners(
@@ -2027,7 +2043,7 @@ async fn start_direct_stages(
         stages.tasks.push(tokio::spawn(conflicts::run(
             wal_for_conflicts,
             cfg.data_dir.clone(),
-            cfg.apply.drainer_id.clone(),
+            [cfg.apply.drainer_id.clone(), cfg.apply.drainer_id.clone()],
             cfg.apply
                 .keyspace()
                 .map_err(|error| NodeError::Config(error.to_string()))?,

@@ -411,10 +411,10 @@ pub(super) fn backward_cluster_dir(cfg: &SyncConfig, pair: Pair) -> std::path::P
 }
 
 /// The Redis version both sides need (module doc, "What two-way refuses").
-const MIN_VERSION: (u32, u32) = (7, 0);
+pub(super) const MIN_VERSION: (u32, u32) = (7, 0);
 /// How often establishing looks at the forward applier, and retries.
 const ESTABLISH_POLL: Duration = Duration::from_millis(200);
-const ESTABLISH_RETRY: Duration = Duration::from_secs(1);
+pub(super) const ESTABLISH_RETRY: Duration = Duration::from_secs(1);
 
 /// Whether the backward direction is established: its first entry is
 /// durable (with a cluster on either side, every backward partition's: the
@@ -584,7 +584,7 @@ pub(crate) async fn precheck(cfg: &SyncConfig) -> Result<(), NodeError> {
 }
 
 /// Whether a check failed because a server did not answer (retried).
-fn unreachable(why: &str) -> bool {
+pub(super) fn unreachable(why: &str) -> bool {
     why.contains("connecting to") || why.contains("INFO") || why.contains("cluster: ")
 }
 
@@ -604,35 +604,8 @@ pub(super) async fn establish(
         return Err("no source or no target".into());
     }
     let pair = pair(&cfg, &wal).await.map_err(|e| e.to_string())?;
-    // The first full sync, in B.
-    loop {
-        if stop.is_cancelled() {
-            return Ok(());
-        }
-        let status = read_status(&node).await?;
-        let forward: Vec<u32> = status
-            .drainers
-            .iter()
-            .filter(|d| pair.forward().contains(&d.partition))
-            .filter(|d| {
-                d.epoch > 0
-                    && d.applied > 0
-                    && d.state == "ONLINE"
-                    && d.snapshot_load.as_ref().map_or(true, |load| load.done)
-            })
-            .map(|d| d.partition)
-            .collect();
-        // Every partition of the forward direction (one per master of A).
-        let loaded = !forward.is_empty() && forward.len() >= status.listeners.len();
-        // The status may show the load's progress between its states; the
-        // target's own checkpoints say whether the load is committed.
-        if loaded && full_sync_committed(&cfg, &b, pair.is_cluster(1), &forward).await {
-            break;
-        }
-        tokio::select! {
-            _ = stop.cancelled() => return Ok(()),
-            _ = tokio::time::sleep(ESTABLISH_POLL) => {}
-        }
+    if !wait_full_sync(&node, &cfg.apply.drainer_id, &b, pair, &stop).await? {
+        return Ok(());
     }
     loop {
         let started = Instant::now();
@@ -663,10 +636,53 @@ pub(super) async fn establish(
     }
 }
 
+/// Waits until the first full sync is in B: every forward partition's
+/// applier (of `node`, drainer `drainer_id`) online after a load, and B's
+/// checkpoints (a cluster's floors) of them `applied` in a loaded epoch.
+/// `Ok(false)`: `stop` fired first.
+pub(super) async fn wait_full_sync(
+    node: &Arc<dyn NodeControl>,
+    drainer_id: &str,
+    b: &[RedisUrl],
+    pair: Pair,
+    stop: &CancellationToken,
+) -> Result<bool, String> {
+    loop {
+        if stop.is_cancelled() {
+            return Ok(false);
+        }
+        let status = read_status(node).await?;
+        let forward: Vec<u32> = status
+            .drainers
+            .iter()
+            .filter(|d| pair.forward().contains(&d.partition))
+            .filter(|d| {
+                d.epoch > 0
+                    && d.applied > 0
+                    && d.state == "ONLINE"
+                    && d.snapshot_load.as_ref().map_or(true, |load| load.done)
+            })
+            .map(|d| d.partition)
+            .collect();
+        // Every partition of the forward direction (one per master of A;
+        // the one of a `ferry site`, which has no listener of A).
+        let loaded = !forward.is_empty() && forward.len() >= status.listeners.len();
+        // The status may show the load's progress between its states; the
+        // target's own checkpoints say whether the load is committed.
+        if loaded && full_sync_committed(drainer_id, b, pair.is_cluster(1), &forward).await {
+            return Ok(true);
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(false),
+            _ = tokio::time::sleep(ESTABLISH_POLL) => {}
+        }
+    }
+}
+
 /// Whether the target's checkpoint (a cluster's floor) of each forward
 /// partition is `applied` in a loaded epoch (not `loading`, not absent).
 async fn full_sync_committed(
-    cfg: &SyncConfig,
+    drainer_id: &str,
     b: &[RedisUrl],
     b_cluster: bool,
     partitions: &[u32],
@@ -682,7 +698,7 @@ async fn full_sync_committed(
         false => None,
     };
     for &partition in partitions {
-        let key = checkpoint_key(&cfg.apply.drainer_id, PartitionId(partition));
+        let key = checkpoint_key(drainer_id, PartitionId(partition));
         let url = match &topology {
             None => template.clone(),
             Some(topology) => {
@@ -710,7 +726,7 @@ async fn full_sync_committed(
     true
 }
 
-enum Seeding {
+pub(super) enum Seeding {
     Refused(String),
     Failed(String),
 }
@@ -719,7 +735,7 @@ enum Seeding {
 /// Marks `master`'s stream (`name`, `note`) and stores the mark as entry 1
 /// of `partition`: the partition starts at that exact point. Returns the
 /// point's replid and offset.
-async fn seed_partition(
+pub(super) async fn seed_partition(
     wal: &Wal,
     partition: PartitionId,
     master: &RedisUrl,

@@ -1,0 +1,429 @@
+//! `ferry site` against real redis-servers (issue 11, item 1, in conf/ for
+//! listener/drainer deployments): two processes, one per site, each the
+//! listener of its server and the drainer into it. Concurrent writes to
+//! the same keys on both sides while either site is killed with SIGKILL
+//! again and again end with every increment counted once and every pushed
+//! element present once on both sides, and nothing loops; side b's site
+//! finds conflicts and, under a winner policy, makes both sides converge.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::ferry::FerryProcess;
+use common::resp::{connect, Resp};
+use common::{free_port, RedisServer};
+
+fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A site's config: side `side` ("a" or "b") with its server `url`, its
+/// drainer endpoint on `listen`, shipping to the other site's on
+/// `peer_listen`; `site_extra` goes in `[site]`.
+fn site_config(
+    dir: &Path,
+    side: &str,
+    url: &str,
+    listen: u16,
+    peer_listen: u16,
+    site_extra: &str,
+) -> (PathBuf, PathBuf) {
+    let other = if side == "a" { "b" } else { "a" };
+    let data = dir.join(format!("site-{side}"));
+    let text = format!(
+        r#"data-dir = "{data}"
+admin = "127.0.0.1:0"
+listen = "127.0.0.1:{listen}"
+
+[site]
+side = "{side}"
+{site_extra}
+
+[listener]
+id = "listener-{side}"
+source = "{url}"
+heartbeat-interval = "200ms"
+
+[ship]
+reconnect-min = "50ms"
+reconnect-max = "500ms"
+
+[[drainers]]
+id = "drainer-{other}"
+endpoint = "http://127.0.0.1:{peer_listen}"
+secret = "secret-{side}-to-{other}"
+
+[drainer]
+[[drainer.listeners]]
+id = "listener-{other}"
+secret = "secret-{other}-to-{side}"
+
+[apply]
+drainer-id = "drainer-{side}"
+retry-backoff-max = "500ms"
+"#,
+        data = data.display()
+    );
+    let path = dir.join(format!("site-{side}.toml"));
+    std::fs::write(&path, text).unwrap();
+    (path, data)
+}
+
+/// Both sites of a two-way sync between `a` and `b`.
+struct Sites {
+    _dir: tempfile::TempDir,
+    a: FerryProcess,
+    b: FerryProcess,
+    b_data: PathBuf,
+}
+
+impl Sites {
+    /// Starts both sites; `b_extra` goes in side b's `[site]`.
+    fn start(a: &RedisServer, b: &RedisServer, b_extra: &str) -> Sites {
+        let dir = tempfile::tempdir().unwrap();
+        let (listen_a, listen_b) = (free_port(), free_port());
+        let (a_cfg, a_data) = site_config(dir.path(), "a", &a.url(), listen_a, listen_b, "");
+        let (b_cfg, b_data) = site_config(dir.path(), "b", &b.url(), listen_b, listen_a, b_extra);
+        let site_a = FerryProcess::with_config("site", &a_cfg, &a_data);
+        let site_b = FerryProcess::with_config("site", &b_cfg, &b_data);
+        Sites {
+            _dir: dir,
+            a: site_a,
+            b: site_b,
+            b_data,
+        }
+    }
+
+    /// Both directions run: site b's listener of B (partition 1) and its
+    /// drainer of partition 0, site a's drainer of partition 1, every
+    /// applier ONLINE.
+    fn established(&self) -> bool {
+        let drainer_online = |status: &serde_json::Value, partition: u64| {
+            status["drainers"].as_array().is_some_and(|d| {
+                d.iter()
+                    .any(|s| s["partition"] == partition && s["state"] == "ONLINE")
+            })
+        };
+        let b = self.b.status_json();
+        let b_listens = b["listeners"]
+            .as_array()
+            .is_some_and(|l| l.iter().any(|s| s["partition"] == 1));
+        b_listens && drainer_online(&b, 0) && drainer_online(&self.a.status_json(), 1)
+    }
+
+    fn wait_established(&self) {
+        wait_for(
+            "both sites to run both directions",
+            Duration::from_secs(60),
+            || self.established(),
+        );
+    }
+
+    /// (commands applied, echoes) of site a's drainer, then site b's.
+    fn counters(&self) -> Vec<(u64, u64)> {
+        [&self.a, &self.b]
+            .iter()
+            .map(|site| {
+                let status = site.status_json();
+                let side = &status["drainers"][0];
+                (
+                    side["commands_applied"].as_u64().unwrap_or(0),
+                    side["echoes"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect()
+    }
+
+    /// Nothing loops (as `tests/two_way.rs` checks a `ferry sync
+    /// --two-way`): once both drainers count echoes, idle, no drainer
+    /// applies anything and echoes stay within the held-back silent
+    /// batches' few.
+    fn assert_nothing_loops(&self) {
+        wait_for(
+            "both drainers to count echoes",
+            Duration::from_secs(30),
+            || self.counters().iter().all(|(_, echoes)| *echoes > 0),
+        );
+        thread::sleep(Duration::from_millis(1500));
+        let settled = self.counters();
+        thread::sleep(Duration::from_secs(3));
+        let now = self.counters();
+        for ((applied, echoes), (applied_then, echoes_then)) in now.iter().zip(&settled) {
+            assert!(
+                applied == applied_then && *echoes <= echoes_then + 10,
+                "something went back and forth: {now:?}, settled {settled:?}"
+            );
+        }
+    }
+}
+
+/// What one side's writer had acknowledged.
+#[derive(Debug, Default)]
+struct Done {
+    incr: i64,
+    incrby: i64,
+    hincrby: i64,
+    pushed: Vec<String>,
+}
+
+fn int(reply: std::io::Result<Resp>, what: &str) {
+    match reply {
+        Ok(Resp::Int(_)) => {}
+        other => panic!("{what}: {other:?}"),
+    }
+}
+
+/// `INCR c`, `INCRBY c2 3`, `HINCRBY h f 2`, `LPUSH l <name>-<n>` on one
+/// side, one round trip each, until `stop`.
+fn side_writer(addr: String, name: &'static str, stop: Arc<AtomicBool>) -> Done {
+    let mut conn = connect(&addr);
+    let mut done = Done::default();
+    let mut n = 0u64;
+    while !stop.load(Ordering::SeqCst) {
+        n += 1;
+        int(conn.call(&["INCR", "c"]), "INCR");
+        done.incr += 1;
+        int(conn.call(&["INCRBY", "c2", "3"]), "INCRBY");
+        done.incrby += 3;
+        int(conn.call(&["HINCRBY", "h", "f", "2"]), "HINCRBY");
+        done.hincrby += 2;
+        let element = format!("{name}-{n}");
+        int(conn.call(&["LPUSH", "l", &element]), "LPUSH");
+        done.pushed.push(element);
+        thread::sleep(Duration::from_millis(1));
+    }
+    done
+}
+
+/// (c, c2, h.f, l sorted) of a server.
+fn state(server: &RedisServer) -> (i64, i64, i64, Vec<String>) {
+    let mut conn = connect(&server.addr());
+    let number = |reply: Resp| reply.text().map_or(0, |t| t.parse::<i64>().unwrap());
+    let c = number(conn.call(&["GET", "c"]).unwrap());
+    let c2 = number(conn.call(&["GET", "c2"]).unwrap());
+    let hf = number(conn.call(&["HGET", "h", "f"]).unwrap());
+    let mut list: Vec<String> = conn
+        .call(&["LRANGE", "l", "0", "-1"])
+        .unwrap()
+        .items()
+        .iter()
+        .map(|item| item.text().unwrap())
+        .collect();
+    list.sort();
+    (c, c2, hf, list)
+}
+
+fn ferry_cli(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn log_of(site: &FerryProcess) -> String {
+    std::fs::read_to_string(&site.log).unwrap()
+}
+
+#[test]
+fn two_sites_concurrent_writes_converge_exactly_once_across_kill_9_of_either() {
+    let a = RedisServer::start(&[]);
+    let b = RedisServer::start(&[]);
+    a.cmd(&["SET", "seed", "1"]);
+    a.cmd(&["INCRBY", "c", "100"]);
+    let mut sites = Sites::start(&a, &b, "");
+    sites.wait_established();
+    assert_eq!(b.cmd(&["GET", "seed"]), "1");
+    assert!(log_of(&sites.b).contains("two-way sync established"));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = [(a.addr(), "a"), (b.addr(), "b")]
+        .into_iter()
+        .map(|(addr, name)| {
+            let stop = Arc::clone(&stop);
+            thread::spawn(move || side_writer(addr, name, stop))
+        })
+        .collect();
+    // Each site killed three times, in turns, at moments spread out.
+    for round in 0..6u64 {
+        thread::sleep(Duration::from_millis(400 + 90 * round));
+        let site = if round % 2 == 0 {
+            &mut sites.a
+        } else {
+            &mut sites.b
+        };
+        site.kill9();
+        site.spawn();
+    }
+    thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::SeqCst);
+    let done: Vec<Done> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+    let (on_a, on_b) = (&done[0], &done[1]);
+    assert!(
+        on_a.incr > 100 && on_b.incr > 100,
+        "too few writes: {on_a:?} {on_b:?}"
+    );
+    let mut pushed: Vec<String> = on_a.pushed.iter().chain(&on_b.pushed).cloned().collect();
+    pushed.sort();
+    let want = (
+        100 + on_a.incr + on_b.incr,
+        on_a.incrby + on_b.incrby,
+        on_a.hincrby + on_b.hincrby,
+        pushed,
+    );
+    for server in [&a, &b] {
+        wait_for(
+            &format!("{} to hold every write of both sides once", server.addr()),
+            Duration::from_secs(90),
+            || state(server) == want,
+        );
+    }
+    sites.wait_established();
+    sites.assert_nothing_loops();
+    for server in [&a, &b] {
+        assert_eq!(state(server), want);
+    }
+    // Partition 1 never full-syncs: B's stream starts at its mark, and
+    // site a's drainer never loads (a load there would stop it).
+    let b_log = log_of(&sites.b);
+    assert!(!b_log.contains("full resync stored partition=1"), "{b_log}");
+    assert!(!sites.a.has_exited() && !sites.b.has_exited());
+    // (The list's order differs between the sides: concurrent `LPUSH`es
+    // of one key are conflicts, applied as they came under `report`.)
+    sites.a.terminate(Duration::from_secs(20));
+    sites.b.terminate(Duration::from_secs(20));
+}
+
+/// Side b's site finds the conflicts from both logs and, under
+/// `source-wins`, writes each conflicted key again where the winner's write
+/// was applied last, through `peer` when that is A: both sides end with
+/// side a's writes.
+#[test]
+fn side_b_finds_conflicts_and_a_winner_policy_makes_both_sides_converge() {
+    let a = RedisServer::start(&[]);
+    let b = RedisServer::start(&[]);
+    let extra = format!("conflict = \"source-wins\"\npeer = \"{}\"", a.url());
+    let sites = Sites::start(&a, &b, &extra);
+    sites.wait_established();
+    // One side after the other saw it: no conflict.
+    a.cmd(&["SET", "turns", "a"]);
+    wait_for("A's write on B", Duration::from_secs(30), || {
+        b.cmd(&["GET", "turns"]) == "a"
+    });
+    b.cmd(&["SET", "turns", "b"]);
+    wait_for("B's write on A", Duration::from_secs(30), || {
+        a.cmd(&["GET", "turns"]) == "b"
+    });
+    // Both streams held while both sides write.
+    let admins: Vec<String> = [&sites.a, &sites.b]
+        .iter()
+        .map(|site| site.admin_addr(Duration::from_secs(10)))
+        .collect();
+    for admin in &admins {
+        let out = ferry_cli(&["stop-sync", "--admin", admin]);
+        assert!(out.status.success(), "{out:?}");
+    }
+    a.cmd(&["SET", "both:key", "from-a"]);
+    b.cmd(&["SET", "both:key", "from-b"]);
+    a.cmd(&["INCR", "both:n"]);
+    b.cmd(&["INCR", "both:n"]);
+    b.cmd(&["SET", "only-b", "1"]);
+    for admin in &admins {
+        let out = ferry_cli(&["restart-sync", "--admin", admin]);
+        assert!(out.status.success(), "{out:?}");
+    }
+    wait_for(
+        "two conflicts, two keys repaired",
+        Duration::from_secs(60),
+        || {
+            let status = sites.b.status_json();
+            status["two_way"]["conflicts"] == 2
+                && status["two_way"]["repaired"] == 2
+                && status["two_way"]["repairs_owed"] == 0
+        },
+    );
+    wait_for("both sides to agree", Duration::from_secs(60), || {
+        a.cmd(&["GET", "both:key"]) == "from-a" && b.cmd(&["GET", "both:key"]) == "from-a"
+    });
+    wait_for("the counter on both sides", Duration::from_secs(30), || {
+        a.cmd(&["GET", "both:n"]) == "2" && b.cmd(&["GET", "both:n"]) == "2"
+    });
+    wait_for("B's other write on A", Duration::from_secs(30), || {
+        a.cmd(&["GET", "only-b"]) == "1"
+    });
+    let lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(sites.b_data.join("conflicts.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect();
+    let mut keys: Vec<&str> = lines.iter().map(|l| l["key"].as_str().unwrap()).collect();
+    keys.sort();
+    assert_eq!(keys, ["both:key", "both:n"], "{lines:?}");
+    for line in &lines {
+        assert_eq!(line["source"]["partition"], 0, "{line}");
+        assert_eq!(line["target"]["partition"], 1, "{line}");
+        assert_eq!(line["policy"], "source-wins", "{line}");
+    }
+    let out = ferry_cli(&["verify", "--source", &a.url(), "--target", &b.url()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // Site a finds none: it has no detector.
+    assert!(sites.a.status_json()["two_way"].is_null());
+}
+
+/// Killed while being established (during the first full sync, and while
+/// side b marks B), side b establishes its direction once: partition 1
+/// never full-syncs, and writes on both sides after it carry both ways.
+#[test]
+fn kill_9_of_side_b_while_establishing_establishes_it_once() {
+    let a = RedisServer::start(&[]);
+    let b = RedisServer::start(&[]);
+    for i in 0..2000 {
+        a.cmd(&["SET", &format!("k{i}"), "v"]);
+    }
+    a.cmd(&["SET", "n", "0"]);
+    let mut sites = Sites::start(&a, &b, "");
+    for delay_ms in [150u64, 300, 450, 600, 800] {
+        thread::sleep(Duration::from_millis(delay_ms));
+        sites.b.kill9();
+        sites.b.spawn();
+    }
+    sites.wait_established();
+    assert!(b.cmd(&["DBSIZE"]).parse::<i64>().unwrap() >= 2001);
+    a.cmd(&["INCR", "n"]);
+    b.cmd(&["INCR", "n"]);
+    wait_for(
+        "both increments on both sides",
+        Duration::from_secs(30),
+        || a.cmd(&["GET", "n"]) == "2" && b.cmd(&["GET", "n"]) == "2",
+    );
+    let out = ferry_cli(&["verify", "--source", &a.url(), "--target", &b.url()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let b_log = log_of(&sites.b);
+    assert!(
+        !b_log.contains("full resync stored partition=1"),
+        "partition 1 never full-syncs: {b_log}"
+    );
+    // Logged once, or not at all when a kill came between entry 1
+    // and the line.
+    assert!(
+        b_log.matches("two-way sync established").count() <= 1,
+        "{b_log}"
+    );
+}
