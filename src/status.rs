@@ -358,7 +358,8 @@ pub struct SwitchoverReport {
     /// The sync's direction once it ended (addresses, no credentials).
     pub source: String,
     pub target: String,
-    /// How long the old source's writes were paused.
+    /// How long the old source's writes were paused: from `CLIENT PAUSE` to
+    /// the last master's `CLIENT UNPAUSE` (or the report, when none ran).
     pub write_pause_ms: u64,
 }
 

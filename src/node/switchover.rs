@@ -1584,12 +1584,15 @@ impl Committed {
     pub(super) async fn release(&mut self, cfg: &SyncConfig) {
         hold_for_test("committed").await;
         let began = Instant::now();
-        let released = release(&mut self.pausers, cfg, &self.record).await;
+        let mut unpaused = None;
+        let released = release(&mut self.pausers, cfg, &self.record, &mut unpaused).await;
+        // The write pause ended with the last `CLIENT UNPAUSE`, before the
+        // reversed appliers' checkpoints were written.
+        self.unpaused = unpaused;
         // Committed: the record says what a restart does from now on.
         clear_pause_note(&cfg.data_dir);
         match released {
             Ok(detail) => {
-                self.unpaused = Some(Instant::now());
                 self.record.released = true;
                 if let Err(error) = self.record.save(&cfg.data_dir) {
                     warn!(%error, "cannot note in the direction record that the old source was released (the next start does it again, which changes nothing)");
@@ -1732,7 +1735,7 @@ pub async fn release_after_restart(cfg: &SyncConfig, record: &mut DirectionRecor
             let client = connect(&url).await?;
             clients.push((url, client));
         }
-        release(&mut clients, cfg, record).await
+        release(&mut clients, cfg, record, &mut None).await
     }
     .await;
     match released {
@@ -1753,16 +1756,19 @@ pub async fn release_after_restart(cfg: &SyncConfig, record: &mut DirectionRecor
 /// pause holds (not ferry's) and unpauses; then sets the reversed
 /// appliers' checkpoints (two standalone servers:
 /// [`standalone_checkpoint`]; a cluster on either side:
-/// [`cluster_checkpoints`]). Returns what it did.
+/// [`cluster_checkpoints`]). Returns what it did; `unpaused` gets when the
+/// last master was unpaused (the write pause's end).
 async fn release(
     masters: &mut [(RedisUrl, Client)],
     cfg: &SyncConfig,
     record: &DirectionRecord,
+    unpaused: &mut Option<Instant>,
 ) -> Result<String, String> {
     let mut closed = 0;
     for (url, client) in masters.iter_mut() {
         closed += release_held(client, &url.addr()).await?;
     }
+    *unpaused = Some(Instant::now());
     hold_for_test("unpaused").await;
     let checkpoints = match record.pair() {
         Pair::Standalone => {
