@@ -1447,11 +1447,11 @@ impl Drained {
             now_unix_ms(),
             self.direction.0
         );
-        let mut marks = Vec::with_capacity(self.sides.targets.len());
+        let mut names = Vec::with_capacity(self.sides.targets.len());
         for master in &self.sides.targets {
             // On a cluster the key is in a slot of the master, so that
             // the whole transaction runs there.
-            let name = match self.sides.pair.is_cluster(1) {
+            names.push(match self.sides.pair.is_cluster(1) {
                 false => format!("switchover:{}", cfg.id),
                 true => {
                     let slot = master
@@ -1460,9 +1460,18 @@ impl Drained {
                         .ok_or_else(|| format!("{} serves no slot", master.url.addr()))?;
                     format!("switchover:{}:{}", tag_for_slot(slot), cfg.id)
                 }
-            };
-            marks.push(mark_stream(&master.url, &name, &note).await?);
+            });
         }
+        // Every master at once: each mark is its own master's point, and
+        // the writes are paused on the other side meanwhile.
+        let marks = futures::future::try_join_all(
+            self.sides
+                .targets
+                .iter()
+                .zip(&names)
+                .map(|(master, name)| mark_stream(&master.url, name, &note)),
+        )
+        .await?;
         let shown: Vec<String> = self
             .sides
             .targets
@@ -1479,30 +1488,43 @@ impl Drained {
         );
 
         let started = Instant::now();
+        // Every partition's entry 1 at once: the WAL's group commit makes
+        // them durable together.
+        let stored = futures::future::try_join_all(marks.iter().enumerate().map(
+            |(i, (set, replid, offset))| {
+                let partition = PartitionId(u32::try_from(i).unwrap_or(u32::MAX));
+                let payload = Record::encode_write(0, std::slice::from_ref(set), false);
+                let position = SourcePosition {
+                    replid: replid.as_str().into(),
+                    offset: ReplOffset(*offset),
+                    db: 0,
+                };
+                let wal = self.next.clone();
+                async move {
+                    let appended = wal
+                        .append(partition, vec![NewEntry::new(position, payload)])
+                        .await
+                        .map_err(|error| {
+                            format!("storing the reversed start of partition {partition}: {error}")
+                        })?;
+                    match appended.first == LogId(1) {
+                        true => Ok(()),
+                        false => Err(format!(
+                            "the reversed WAL's first entry of partition {partition} got id {}, \
+                             not 1",
+                            appended.first
+                        )),
+                    }
+                }
+            },
+        ))
+        .await;
+        stored?;
         let mut partitions = Vec::with_capacity(marks.len());
-        for (i, ((set, replid, offset), master)) in
+        for (i, ((_, replid, offset), master)) in
             marks.into_iter().zip(&self.sides.targets).enumerate()
         {
             let partition = PartitionId(u32::try_from(i).unwrap_or(u32::MAX));
-            let payload = Record::encode_write(0, &[set], false);
-            let position = SourcePosition {
-                replid: replid.as_str().into(),
-                offset: ReplOffset(offset),
-                db: 0,
-            };
-            let appended = self
-                .next
-                .append(partition, vec![NewEntry::new(position, payload)])
-                .await
-                .map_err(|error| {
-                    format!("storing the reversed start of partition {partition}: {error}")
-                })?;
-            if appended.first != LogId(1) {
-                return Err(format!(
-                    "the reversed WAL's first entry of partition {partition} got id {}, not 1",
-                    appended.first
-                ));
-            }
             partitions.push(PartitionStart {
                 partition: partition.0,
                 master: master.url.addr(),
