@@ -427,3 +427,31 @@ fn kill_9_of_side_b_while_establishing_establishes_it_once() {
         "{b_log}"
     );
 }
+
+/// Side b's first start runs its drainer's precheck on B (the first full
+/// sync's `existing-data = "refuse"`): a B that holds keys is refused and
+/// nothing is written to it. Side a's server keeps its data: its drainer
+/// never loads, so the same rule does not stop it.
+#[test]
+fn side_b_refuses_a_server_with_data_and_side_a_keeps_its_own() {
+    let a = RedisServer::start(&[]);
+    let b = RedisServer::start(&[]);
+    a.cmd(&["SET", "on-a", "1"]);
+    b.cmd(&["SET", "on-b", "1"]);
+    let mut sites = Sites::start(&a, &b, "");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = sites.b.try_exit() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "side b did not stop");
+        thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success());
+    let log = log_of(&sites.b);
+    assert!(log.contains("precheck failed"), "{log}");
+    assert!(log.contains("existing-data"), "{log}");
+    assert_eq!(b.cmd(&["DBSIZE"]), "1");
+    assert!(!sites.a.has_exited(), "{}", log_of(&sites.a));
+    assert_eq!(a.cmd(&["GET", "on-a"]), "1");
+}
