@@ -455,3 +455,40 @@ fn side_b_refuses_a_server_with_data_and_side_a_keeps_its_own() {
     assert!(!sites.a.has_exited(), "{}", log_of(&sites.a));
     assert_eq!(a.cmd(&["GET", "on-a"]), "1");
 }
+
+/// A flush on one side is held by the other site's drainer (BLOCKED, the
+/// two-way refusal), not carried over; the other direction goes on, and a
+/// switchover is refused.
+#[test]
+fn a_flush_on_one_side_is_held_by_the_other_sites_drainer() {
+    let a = RedisServer::start(&[]);
+    let b = RedisServer::start(&[]);
+    a.cmd(&["SET", "k", "1"]);
+    let sites = Sites::start(&a, &b, "");
+    sites.wait_established();
+    b.cmd(&["SET", "from-b", "1"]);
+    wait_for("a write of B on A", Duration::from_secs(30), || {
+        a.cmd(&["GET", "from-b"]) == "1"
+    });
+    a.cmd(&["FLUSHDB"]);
+    wait_for(
+        "site b's drainer to hold the flush",
+        Duration::from_secs(30),
+        || {
+            let status = sites.b.status_json();
+            status["drainers"][0]["state"] == "BLOCKED"
+                && status["drainers"][0]["blocked"]["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("two-way sync refuses"))
+        },
+    );
+    assert_eq!(b.cmd(&["GET", "k"]), "1", "the flush reached B");
+    assert_eq!(b.cmd(&["GET", "from-b"]), "1");
+    b.cmd(&["SET", "after", "1"]);
+    wait_for("B's next write on A", Duration::from_secs(30), || {
+        a.cmd(&["GET", "after"]) == "1"
+    });
+    let admin = sites.b.admin_addr(Duration::from_secs(10));
+    let out = ferry_cli(&["switchover", "--admin", &admin]);
+    assert!(!out.status.success(), "{out:?}");
+}
