@@ -10,6 +10,7 @@ pub mod pki;
 pub mod proxy;
 pub mod resp;
 pub mod side;
+pub mod two_way;
 pub mod workload;
 
 use std::net::TcpListener;
