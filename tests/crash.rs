@@ -935,22 +935,29 @@ fn split_kill_loop(test: &str, listener_kills: usize, drainer_kills: usize) {
     // EXTRA_DRAINER_KILLS more are made (with longer delays) until two did.
     const EXTRA_DRAINER_KILLS: usize = 6;
     let mut kills = 0;
+    // The target's checkpoint when the running drainer was started.
+    let mut at_spawn = String::new();
     while kills < drainer_kills || (mid_stream < 2 && kills < drainer_kills + EXTRA_DRAINER_KILLS) {
         let kill = kills;
         kills += 1;
         let after = if kill == 0 {
             "the start"
         } else {
+            // Started, and its first batch committed: the stream flows
+            // again (its shipper reconnected), so the kill below lands
+            // among batches being applied, not before the first one.
             wait_until(
-                "the drainer's applier to start applying",
+                "the drainer's applier to apply its first batch",
                 Duration::from_secs(60),
                 &[&listener, &drainer],
                 || {
-                    drainer.log_since(drainer_run).contains(APPLYING)
-                        && checkpoint().contains("applied=")
+                    drainer.log_since(drainer_run).contains(APPLYING) && {
+                        let now = checkpoint();
+                        now.contains("applied=") && now != at_spawn
+                    }
                 },
             );
-            "the applier started"
+            "the applier's first batch"
         };
         let delay = if kill < drainer_kills {
             rng.millis(50, 800)
@@ -966,6 +973,7 @@ fn split_kill_loop(test: &str, listener_kills: usize, drainer_kills: usize) {
         }
         println!("drainer kill {kill}: {delay:?} after {after}; target checkpoint {before:?} -> {at_kill:?}");
         drainer_run = drainer.log_len();
+        at_spawn = checkpoint();
         drainer.spawn();
     }
     std::thread::sleep(SETTLE);
