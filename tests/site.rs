@@ -15,6 +15,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::ferry::FerryProcess;
+use common::pki::Pki;
 use common::two_way::{expected, side_writer, state, wait_for, Done};
 use common::{free_port, RedisServer};
 
@@ -28,9 +29,31 @@ fn site_config(
     listen: u16,
     peer_listen: u16,
     site_extra: &str,
+    tls: Option<&Pki>,
 ) -> (PathBuf, PathBuf) {
     let other = if side == "a" { "b" } else { "a" };
     let data = dir.join(format!("site-{side}"));
+    // Mutual TLS between the sites: each drainer endpoint presents the
+    // server certificate and wants a client certificate of the CA; each
+    // shipper trusts the CA and presents the client certificate.
+    let (scheme, ship_tls, drainer_tls) = match tls {
+        None => ("http", String::new(), String::new()),
+        Some(pki) => (
+            "https",
+            format!(
+                "tls-ca-file = \"{}\"\ntls-cert-file = \"{}\"\ntls-key-file = \"{}\"\n",
+                pki.file("ca.pem"),
+                pki.file("client.pem"),
+                pki.file("client.key")
+            ),
+            format!(
+                "[drainer.tls]\ncert-file = \"{}\"\nkey-file = \"{}\"\nclient-ca-file = \"{}\"\n",
+                pki.file("server.pem"),
+                pki.file("server.key"),
+                pki.file("ca.pem")
+            ),
+        ),
+    };
     let text = format!(
         r#"data-dir = "{data}"
 admin = "127.0.0.1:0"
@@ -51,13 +74,15 @@ reconnect-max = "500ms"
 
 [[drainers]]
 id = "drainer-{other}"
-endpoint = "http://127.0.0.1:{peer_listen}"
+endpoint = "{scheme}://127.0.0.1:{peer_listen}"
 secret = "secret-{side}-to-{other}"
-
+{ship_tls}
 [drainer]
 [[drainer.listeners]]
 id = "listener-{other}"
 secret = "secret-{other}-to-{side}"
+
+{drainer_tls}
 
 [apply]
 drainer-id = "drainer-{side}"
@@ -81,10 +106,17 @@ struct Sites {
 impl Sites {
     /// Starts both sites; `b_extra` goes in side b's `[site]`.
     fn start(a: &RedisServer, b: &RedisServer, b_extra: &str) -> Sites {
+        Sites::start_with(a, b, b_extra, None)
+    }
+
+    /// [`Sites::start`], the link between the sites over mutual TLS with
+    /// `tls`'s certificates when given.
+    fn start_with(a: &RedisServer, b: &RedisServer, b_extra: &str, tls: Option<&Pki>) -> Sites {
         let dir = tempfile::tempdir().unwrap();
         let (listen_a, listen_b) = (free_port(), free_port());
-        let (a_cfg, a_data) = site_config(dir.path(), "a", &a.url(), listen_a, listen_b, "");
-        let (b_cfg, b_data) = site_config(dir.path(), "b", &b.url(), listen_b, listen_a, b_extra);
+        let (a_cfg, a_data) = site_config(dir.path(), "a", &a.url(), listen_a, listen_b, "", tls);
+        let (b_cfg, b_data) =
+            site_config(dir.path(), "b", &b.url(), listen_b, listen_a, b_extra, tls);
         let site_a = FerryProcess::with_config("site", &a_cfg, &a_data);
         let site_b = FerryProcess::with_config("site", &b_cfg, &b_data);
         Sites {
@@ -420,4 +452,29 @@ fn a_flush_on_one_side_is_held_by_the_other_sites_drainer() {
     let admin = sites.b.admin_addr(Duration::from_secs(10));
     let out = ferry_cli(&["switchover", "--admin", &admin]);
     assert!(!out.status.success(), "{out:?}");
+}
+
+/// The link between the sites over mutual TLS (`https://` endpoints,
+/// `[drainer.tls]` with `client-ca-file`, each shipper's client
+/// certificate): established, and writes carried both ways.
+#[test]
+fn two_sites_over_mutual_tls_carry_writes_both_ways() {
+    let pki = Pki::new();
+    let a = RedisServer::start(&[]);
+    let b = RedisServer::start(&[]);
+    a.cmd(&["SET", "seed", "1"]);
+    let sites = Sites::start_with(&a, &b, "", Some(&pki));
+    sites.wait_established();
+    assert_eq!(b.cmd(&["GET", "seed"]), "1");
+    a.cmd(&["INCR", "n"]);
+    b.cmd(&["INCR", "n"]);
+    wait_for(
+        "both increments on both sides",
+        Duration::from_secs(30),
+        || a.cmd(&["GET", "n"]) == "2" && b.cmd(&["GET", "n"]) == "2",
+    );
+    for site in [&sites.a, &sites.b] {
+        let log = log_of(site);
+        assert!(log.contains("mutual_tls=true"), "{log}");
+    }
 }

@@ -231,7 +231,7 @@ async fn start_site_stages(
             what: format!("binding the ship endpoint on {}", cfg.drainer.listen),
             error,
         })?;
-    info!(listen = %cfg.drainer.listen, side = cfg.site.side.as_str(), partition = %other, "ship endpoint listening for the other site's stream");
+    info!(listen = %cfg.drainer.listen, side = cfg.site.side.as_str(), partition = %other, tls = tls.is_some(), mutual_tls = cfg.drainer.drainer.tls.as_ref().is_some_and(|t| t.client_ca_file.is_some()), "ship endpoint listening for the other site's stream");
     let drainer = start_drainer_part(
         socket,
         tls,
