@@ -65,30 +65,57 @@ fn ferry_cli(args: &[&str]) -> Output {
 struct Daemon {
     process: FerryProcess,
     http: String,
+    data: std::path::PathBuf,
 }
 
 impl Daemon {
+    /// Starts `ferry serve` on an ephemeral port (its bound address read
+    /// from `<data>/http.addr`: a port picked free beforehand could be
+    /// taken meanwhile by a parallel test's Redis, which closes an HTTP
+    /// request without a reply).
     fn start(data: &Path, extra: &[&str]) -> Daemon {
-        let port = free_port();
+        let _ = std::fs::remove_file(data.join("http.addr"));
         let mut args: Vec<String> = vec![
             "serve".into(),
             "--data-dir".into(),
             data.to_str().unwrap().into(),
             "--http".into(),
-            format!("127.0.0.1:{port}"),
+            "127.0.0.1:0".into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let process = FerryProcess::start(data, &args);
-        let daemon = Daemon {
+        let mut daemon = Daemon {
             process,
-            http: format!("127.0.0.1:{port}"),
+            http: String::new(),
+            data: data.to_path_buf(),
         };
         daemon.wait_up();
         daemon
     }
 
-    fn wait_up(&self) {
+    /// Starts the killed daemon again (a new ephemeral port).
+    fn respawn(&mut self) {
+        let _ = std::fs::remove_file(self.data.join("http.addr"));
+        self.process.spawn();
+        self.wait_up();
+    }
+
+    fn wait_up(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
+        let file = self.data.join("http.addr");
+        self.http = loop {
+            match std::fs::read_to_string(&file) {
+                Ok(addr) if !addr.trim().is_empty() => break addr.trim().to_string(),
+                _ => {}
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ferry serve wrote no {}: {}",
+                file.display(),
+                self.process.log_tail(30)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
         while std::net::TcpStream::connect(&self.http).is_err() {
             assert!(
                 Instant::now() < deadline,
@@ -291,8 +318,7 @@ fn a_task_runs_stops_starts_survives_kill_9_and_cancels_cleanly() {
     for _ in 0..5 {
         source.cmd(&["INCR", "counter"]);
     }
-    daemon.process.spawn();
-    daemon.wait_up();
+    daemon.respawn();
     daemon.wait_state("orders", "INCREMENTAL", Duration::from_secs(30));
     wait_for("30 increments", Duration::from_secs(30), || {
         target_cmd(&target, &["GET", "counter"]) == "30"
@@ -707,8 +733,7 @@ fn a_two_way_cluster_task_converges_survives_kill_9_and_cancels_on_every_master(
     daemon.process.kill9();
     increments(&a, "c", &tags, 5);
     increments(&b, "d", &tags, 5);
-    daemon.process.spawn();
-    daemon.wait_up();
+    daemon.respawn();
     let task = wait_both_directions(&daemon, "pair", 3);
     assert_eq!(task["conflicts"], 1, "{}", task["status"]["two_way"]);
     wait_counters(&daemon, sides, "c", &tags, 130);
