@@ -78,6 +78,11 @@ pub struct TwoWayStatus {
     /// their side to apply the winner's write.
     pub repaired: u64,
     pub repairs_owed: u64,
+    /// What the sync runs between (`standalone`, `clusters`,
+    /// `standalone-cluster`, `cluster-standalone`): A's partitions are
+    /// below 1000 and B's from 1000, but for two standalone servers (0
+    /// and 1).
+    pub pair: String,
 }
 
 /// A listener partition: its link to the source and what it ships.

@@ -13,9 +13,12 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::ferry::FerryProcess;
-use common::resp::{connect, Resp};
+use common::resp::connect;
 use common::side::Side;
-use common::two_way::{expected, int, side_writer, state, wait_for, Done};
+use common::two_way::{
+    expected, seeded_tags, side_state, side_writer, slot_writers, state, stop_and_wait_both_hold,
+    wait_for, Done,
+};
 use common::RedisServer;
 
 /// Both directions run: two appliers, both ONLINE.
@@ -434,10 +437,6 @@ fn kill_9_while_two_way_is_being_established_establishes_it_once() {
 
 use common::cluster::{key_in_slot, Cluster};
 
-/// One slot in each third of the range: every master of a 3-master cluster
-/// made by `redis-cli --cluster create` gets one.
-const CLUSTER_SLOTS: [u16; 3] = [100, 6000, 12000];
-
 /// Both directions run between clusters: an applier per master of each
 /// side, all ONLINE.
 fn clusters_established(sync: &FerryProcess, masters: usize) -> bool {
@@ -456,99 +455,6 @@ fn established_with(sync: &FerryProcess, forward: usize, backward: usize) -> boo
                 .count()
                 == backward
     })
-}
-
-/// The writer of `side_writer` on the keys of one slot (`c:{t}`, ...) at
-/// the master serving it.
-fn slot_writer(addr: String, tag: String, name: String, stop: Arc<AtomicBool>) -> Done {
-    let mut conn = connect(&addr);
-    let mut done = Done::default();
-    let mut n = 0u64;
-    let (c, c2, h, l) = (
-        format!("c:{tag}"),
-        format!("c2:{tag}"),
-        format!("h:{tag}"),
-        format!("l:{tag}"),
-    );
-    while !stop.load(Ordering::SeqCst) {
-        n += 1;
-        int(conn.call(&["INCR", &c]), "INCR");
-        done.incr += 1;
-        int(conn.call(&["INCRBY", &c2, "3"]), "INCRBY");
-        done.incrby += 3;
-        int(conn.call(&["HINCRBY", &h, "f", "2"]), "HINCRBY");
-        done.hincrby += 2;
-        let element = format!("{name}-{n}");
-        int(conn.call(&["LPUSH", &l, &element]), "LPUSH");
-        done.pushed.push(element);
-        thread::sleep(Duration::from_millis(2));
-    }
-    done
-}
-
-/// The hash tags of [`CLUSTER_SLOTS`] (one per master of a 3-master
-/// cluster), each tag's counter `c:{tag}` set to 100 on `a` (what
-/// [`expected`] counts from).
-fn seeded_tags(a: Side) -> Vec<String> {
-    let tags: Vec<String> = CLUSTER_SLOTS
-        .iter()
-        .map(|&slot| key_in_slot("x", slot).trim_start_matches("x:").to_string())
-        .collect();
-    for tag in &tags {
-        let key = format!("c:{tag}");
-        a.call_key(&key, &["INCRBY", &key, "100"]);
-    }
-    tags
-}
-
-/// A [`slot_writer`] on each side for each of `tags`, at the master
-/// serving it: A's and B's writers of `tags[i]` are the joined `2i` and
-/// `2i + 1`.
-fn slot_writers(
-    a: Side,
-    b: Side,
-    tags: &[String],
-    stop: &Arc<AtomicBool>,
-) -> Vec<thread::JoinHandle<Done>> {
-    let mut writers = Vec::new();
-    for tag in tags {
-        let key = format!("c:{tag}");
-        for (cluster, side) in [(a, "a"), (b, "b")] {
-            let addr = cluster.addr_for(&key);
-            let (tag, name, stop) = (tag.clone(), format!("{side}{tag}"), Arc::clone(stop));
-            writers.push(thread::spawn(move || slot_writer(addr, tag, name, stop)));
-        }
-    }
-    writers
-}
-
-/// Waits until both sides hold `want` for the keys of `tag`.
-fn wait_both_hold(
-    a: Side,
-    b: Side,
-    tag: &str,
-    want: &(i64, i64, i64, Vec<String>),
-    sync: &FerryProcess,
-) {
-    for (cluster, side) in [(a, "A"), (b, "B")] {
-        let deadline = Instant::now() + Duration::from_secs(90);
-        loop {
-            let have = side_state(cluster, tag);
-            if have == *want {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{side}, keys {tag}: have {:?}, want {:?} (lists {} vs {})\n{}",
-                (have.0, have.1, have.2),
-                (want.0, want.1, want.2),
-                have.3.len(),
-                want.3.len(),
-                sync.log_tail(40)
-            );
-            thread::sleep(Duration::from_millis(100));
-        }
-    }
 }
 
 fn two_way_clusters(
@@ -605,22 +511,13 @@ fn clusters_concurrent_writes_on_both_sides_converge_exactly_once_across_kill_9(
         sync = FerryProcess::sync(&data, &a_seeds, &b_seeds, &["--two-way"]);
     }
     thread::sleep(Duration::from_millis(700));
-    stop.store(true, Ordering::SeqCst);
-    let done: Vec<Done> = writers.into_iter().map(|w| w.join().unwrap()).collect();
-    for (i, tag) in tags.iter().enumerate() {
-        let (on_a, on_b) = (&done[2 * i], &done[2 * i + 1]);
-        assert!(
-            on_a.incr > 20 && on_b.incr > 20,
-            "too few writes: {on_a:?} {on_b:?}"
-        );
-        wait_both_hold(
-            Side::Cluster(&a),
-            Side::Cluster(&b),
-            tag,
-            &expected(on_a, on_b),
-            &sync,
-        );
-    }
+    stop_and_wait_both_hold(
+        (Side::Cluster(&a), Side::Cluster(&b)),
+        &tags,
+        (&stop, writers),
+        20,
+        &[&sync],
+    );
     let deadline = Instant::now() + Duration::from_secs(60);
     while !clusters_established(&sync, 3) {
         assert!(Instant::now() < deadline, "{}", sync.log_tail(40));
@@ -699,17 +596,13 @@ fn clusters_kill_9_while_two_way_is_being_established_establishes_it_once() {
     let stop = Arc::new(AtomicBool::new(false));
     let writers = slot_writers(Side::Cluster(&a), Side::Cluster(&b), &tags, &stop);
     thread::sleep(Duration::from_millis(1500));
-    stop.store(true, Ordering::SeqCst);
-    let done: Vec<Done> = writers.into_iter().map(|w| w.join().unwrap()).collect();
-    for (i, tag) in tags.iter().enumerate() {
-        wait_both_hold(
-            Side::Cluster(&a),
-            Side::Cluster(&b),
-            tag,
-            &expected(&done[2 * i], &done[2 * i + 1]),
-            &sync,
-        );
-    }
+    stop_and_wait_both_hold(
+        (Side::Cluster(&a), Side::Cluster(&b)),
+        &tags,
+        (&stop, writers),
+        0,
+        &[&sync],
+    );
     let log = std::fs::read_to_string(&sync.log).unwrap();
     assert!(!log.contains("full resync stored partition=10"), "{log}");
 }
@@ -857,24 +750,6 @@ fn clusters_two_way_refuses_flushes() {
 // ---------------------------------------------------------------------------
 // A standalone server and a Redis Cluster, either way round
 
-/// (c, c2, h.f, l sorted) of the keys of `tag` on `side`.
-fn side_state(side: Side, tag: &str) -> (i64, i64, i64, Vec<String>) {
-    let mut conn = connect(&side.addr_for(&format!("c:{tag}")));
-    let number = |reply: Resp| reply.text().map_or(0, |t| t.parse::<i64>().unwrap());
-    let c = number(conn.call(&["GET", &format!("c:{tag}")]).unwrap());
-    let c2 = number(conn.call(&["GET", &format!("c2:{tag}")]).unwrap());
-    let hf = number(conn.call(&["HGET", &format!("h:{tag}"), "f"]).unwrap());
-    let mut list: Vec<String> = conn
-        .call(&["LRANGE", &format!("l:{tag}"), "0", "-1"])
-        .unwrap()
-        .items()
-        .iter()
-        .map(|item| item.text().unwrap())
-        .collect();
-    list.sort();
-    (c, c2, hf, list)
-}
-
 /// A standalone server and a 3-master cluster, `standalone_source` saying
 /// which is A (`--source`).
 struct MixedPair {
@@ -976,16 +851,7 @@ fn mixed_concurrent_writes_converge_exactly_once_across_kill_9(standalone_source
         sync = pair.sync(&data, &[]);
     }
     thread::sleep(Duration::from_millis(700));
-    stop.store(true, Ordering::SeqCst);
-    let done: Vec<Done> = writers.into_iter().map(|w| w.join().unwrap()).collect();
-    for (i, tag) in tags.iter().enumerate() {
-        let (on_a, on_b) = (&done[2 * i], &done[2 * i + 1]);
-        assert!(
-            on_a.incr > 20 && on_b.incr > 20,
-            "too few writes: {on_a:?} {on_b:?}"
-        );
-        wait_both_hold(pair.a(), pair.b(), tag, &expected(on_a, on_b), &sync);
-    }
+    let done = stop_and_wait_both_hold((pair.a(), pair.b()), &tags, (&stop, writers), 20, &[&sync]);
     pair.wait_established(&sync);
     assert_nothing_loops(&sync, 2);
     for (i, tag) in tags.iter().enumerate() {
@@ -1073,17 +939,7 @@ fn mixed_kill_9_while_establishing_establishes_it_once(standalone_source: bool) 
     let stop = Arc::new(AtomicBool::new(false));
     let writers = slot_writers(pair.a(), pair.b(), &tags, &stop);
     thread::sleep(Duration::from_millis(1500));
-    stop.store(true, Ordering::SeqCst);
-    let done: Vec<Done> = writers.into_iter().map(|w| w.join().unwrap()).collect();
-    for (i, tag) in tags.iter().enumerate() {
-        wait_both_hold(
-            pair.a(),
-            pair.b(),
-            tag,
-            &expected(&done[2 * i], &done[2 * i + 1]),
-            &sync,
-        );
-    }
+    stop_and_wait_both_hold((pair.a(), pair.b()), &tags, (&stop, writers), 0, &[&sync]);
     let log = std::fs::read_to_string(&sync.log).unwrap();
     assert!(!log.contains("full resync stored partition=10"), "{log}");
 }

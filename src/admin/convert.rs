@@ -36,6 +36,7 @@ impl From<NodeStatus> for pb::NodeStatus {
                 policy: t.policy,
                 repaired: t.repaired,
                 repairs_owed: t.repairs_owed,
+                pair: t.pair,
             }),
             wals: wals.into_iter().map(Into::into).collect(),
         }
@@ -65,6 +66,7 @@ impl From<pb::NodeStatus> for NodeStatus {
                 policy: t.policy,
                 repaired: t.repaired,
                 repairs_owed: t.repairs_owed,
+                pair: t.pair,
             }),
             wals: wals.into_iter().map(Into::into).collect(),
         }
@@ -691,6 +693,7 @@ mod tests {
                 policy: "source-wins".into(),
                 repaired: 3,
                 repairs_owed: 1,
+                pair: "clusters".into(),
             }),
             listeners: vec![
                 ListenerSide {

@@ -100,8 +100,9 @@ pub enum Verb {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Run one site of a two-way sync between two standalone Redis servers
-    /// in a listener/drainer deployment: the listener of this site's server,
+    /// Run one site of a two-way sync between two Redis servers (each a
+    /// standalone server or a Redis Cluster) in a listener/drainer
+    /// deployment: the listener of this site's server,
     /// shipping to the other site, and the drainer applying the other
     /// site's stream to it, in one WAL.
     Site {

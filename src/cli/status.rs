@@ -413,10 +413,17 @@ pub fn render_status(status: &NodeStatus, now_unix_ms: u64, style: RenderStyle) 
     out.push('\n');
     render_drainers(&mut out, &status.drainers, style, direct);
     if let Some(two_way) = &status.two_way {
-        let directions = match status.role.as_str() {
-            "site" => "partition 0 side a → side b, partition 1 side b → side a",
-            _ => "partition 0 source → target, partition 1 target → source",
+        let (a, b) = match status.role.as_str() {
+            "site" => ("side a", "side b"),
+            _ => ("source", "target"),
         };
+        let (forward, backward) = match two_way.pair.as_str() {
+            "clusters" => ("partitions below 1000", "partitions from 1000"),
+            "standalone-cluster" => ("partition 0", "partitions from 1000"),
+            "cluster-standalone" => ("partitions below 1000", "partition 1000"),
+            _ => ("partition 0", "partition 1"),
+        };
+        let directions = format!("{forward} {a} → {b}, {backward} {b} → {a}");
         let _ = write!(
             out,
             "\nTwo-way: {directions}; {} conflict(s) (one key written on both sides before \

@@ -796,9 +796,11 @@ pub struct SiteSection {
     /// count), so only its file sets it. Default: `"report"`.
     #[serde(default)]
     pub conflict: ConflictPolicy,
-    /// Side b with `source-wins`/`target-wins`: side a's server, which a
-    /// repair may write (`redis://[user[:password]@]host[:port]`).
-    /// Default: none.
+    /// Side b: side a's server (`redis://[user[:password]@]host[:port]`; a
+    /// cluster: any node). Needed for `source-wins`/`target-wins` (a repair
+    /// may write A) and when either side is a Redis Cluster (side b counts
+    /// A's masters and prepares A as the target of B's partitions).
+    /// Default: none (A is a standalone server).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer: Option<SecretUrl>,
     /// A file holding `peer`'s password. Default: none.
@@ -810,8 +812,8 @@ pub struct SiteSection {
 }
 
 /// `ferry site --config FILE`, as written: one site of a two-way sync
-/// between two standalone servers in a listener/drainer deployment (see
-/// conf/site-a.toml).
+/// between two servers (each standalone or a Redis Cluster) in a
+/// listener/drainer deployment (see conf/site-a.toml).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct SiteFile {
@@ -848,7 +850,8 @@ pub struct SiteNodeConfig {
     /// `peer` with its password, parsed.
     pub peer: Option<crate::redis::url::RedisUrl>,
     /// The listener's half: `data-dir`, `admin`, `[listener]` (partition
-    /// 0 on side a, 1 on side b), `[wal]`, `[ship]`, `[[drainers]]`.
+    /// 0 on side a, 1 on side b; `super::site` sets side b's by the pair),
+    /// `[wal]`, `[ship]`, `[[drainers]]`.
     pub listener: ListenerNodeConfig,
     /// The drainer's half: `listen`, `[drainer]`, `[apply]` (its target
     /// the listener's source), `[filter]`; the same data dir and WAL.
@@ -882,7 +885,8 @@ impl SiteNodeConfig {
             return Err(invalid(
                 path,
                 "listener.partition",
-                "leave it out: side a's listener is partition 0, side b's 1",
+                "leave it out: side a's partitions are 0 and up, side b's 1 (two standalone \
+                 servers) or 1000 and up",
             ));
         }
         if file.drainers.len() != 1 {

@@ -1089,6 +1089,7 @@ pub async fn run(
         s.unexamined = detector.unexamined;
         s.conflict_log = log_path.display().to_string();
         s.policy = detector.policy.as_str().to_string();
+        s.pair = pair.as_str().to_string();
         s.repaired = detector.repaired;
         s.repairs_owed = detector.repairs.len() as u64;
     });

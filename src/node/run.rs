@@ -19,6 +19,7 @@
 use crate::position::now_unix_ms;
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{BuildHasher, Hasher};
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -901,9 +902,9 @@ pub struct DrainerPart {
     target: String,
     wal: Wal,
     source: ApplySource,
-    /// The one partition to apply (`ferry site`: the other site's; its
-    /// WAL also holds the site's own listener's partition).
-    only: Option<PartitionId>,
+    /// The partitions to apply (`ferry site`: the other site's; its WAL
+    /// also holds the site's own listener's partitions).
+    only: Option<RangeInclusive<u32>>,
     apply_cfg: ApplyConfig,
     appliers: Mutex<Appliers>,
     /// Partitions whose sync is stopped (direct reads only).
@@ -923,7 +924,7 @@ impl DrainerPart {
                 partitions.extend(service.status().iter().map(|s| s.partition));
                 partitions
                     .into_iter()
-                    .filter(|p| self.only.map_or(true, |only| only == *p))
+                    .filter(|p| self.only.as_ref().map_or(true, |only| only.contains(&p.0)))
                     .map(|p| (p, None))
                     .collect()
             }
@@ -1304,7 +1305,7 @@ pub(super) fn start_drainer_part(
     service_cfg: DrainerServiceConfig,
     wal: Wal,
     apply_cfg: ApplyConfig,
-    only: Option<PartitionId>,
+    only: Option<RangeInclusive<u32>>,
     stages: &mut Stages,
 ) -> Result<Arc<DrainerPart>, NodeError> {
     let shutdown = &stages.shutdown;

@@ -1963,25 +1963,41 @@ impl Routed {
 /// move back what the appliers moved); the floors go last, so a crash in
 /// between writes everything again.
 async fn cluster_checkpoints(cfg: &SyncConfig, record: &DirectionRecord) -> Result<String, String> {
-    cluster_target_state(cfg, &record.starts(), record.pair().is_cluster(1)).await
+    let (_, targets) = urls(cfg).map_err(|e| e.to_string())?;
+    let target = TargetState {
+        targets: &targets,
+        cluster: record.pair().is_cluster(1),
+        drainer: &cfg.apply.drainer_id,
+        origin: &cfg.data_dir.join(RECORD_FILE),
+    };
+    cluster_target_state(&target, &record.starts()).await
 }
 
-/// [`cluster_checkpoints`] for the partitions `starts` into the target of
-/// `cfg` (also the backward direction of a two-way sync with a cluster on
-/// either side). A standalone target (`target_cluster` false) gets the
-/// same keys on its one server, its floors being its checkpoints. Starts
-/// without slots (a standalone source's one partition) get their floor
-/// alone: no owner map, no scope.
+/// The appliers' target [`cluster_target_state`] prepares.
+pub(super) struct TargetState<'a> {
+    /// The target's seeds (a standalone target's one server).
+    pub(super) targets: &'a [RedisUrl],
+    /// Whether the target runs Redis Cluster.
+    pub(super) cluster: bool,
+    /// The drainer id of the appliers (their keys' names).
+    pub(super) drainer: &'a str,
+    /// Where the starts' slots come from, for errors.
+    pub(super) origin: &'a Path,
+}
+
+/// [`cluster_checkpoints`] for the partitions `starts` into `target` (also
+/// the backward direction of a two-way sync with a cluster on either side).
+/// A standalone target gets the same keys on its one server, its floors
+/// being its checkpoints. Starts without slots (a standalone source's one
+/// partition) get their floor alone: no owner map, no scope.
 pub(super) async fn cluster_target_state(
-    cfg: &SyncConfig,
+    target: &TargetState<'_>,
     starts: &[PartitionStart],
-    target_cluster: bool,
 ) -> Result<String, String> {
-    let (_, targets) = urls(cfg).map_err(|e| e.to_string())?;
-    let template = targets.first().ok_or("no target")?.clone();
-    let topology = match target_cluster {
+    let template = target.targets.first().ok_or("no target")?.clone();
+    let topology = match target.cluster {
         true => Some(
-            crate::redis::cluster::discover(&targets)
+            crate::redis::cluster::discover(target.targets)
                 .await
                 .map_err(|error| format!("the cluster the reversed appliers write: {error}"))?,
         ),
@@ -1992,7 +2008,7 @@ pub(super) async fn cluster_target_state(
         template,
         clients: BTreeMap::new(),
     };
-    let drainer = &cfg.apply.drainer_id;
+    let drainer = target.drainer;
     let mut missing = Vec::new();
     for start in starts {
         let key = checkpoint_key(drainer, PartitionId(start.partition));
@@ -2014,7 +2030,7 @@ pub(super) async fn cluster_target_state(
         let slots = SlotRanges::parse(&start.slots).map_err(|why| {
             format!(
                 "{}: the slots {:?} of partition {}: {why}",
-                cfg.data_dir.join(RECORD_FILE).display(),
+                target.origin.display(),
                 start.slots,
                 start.partition
             )

@@ -170,6 +170,7 @@ use super::run::NodeError;
 use super::switchover::{
     check_master, client_error, cluster_masters, cluster_target_state, connect, ensure_backlog,
     is_cluster, mark_stream, read_status, urls, write_shard_files, Master, PartitionStart,
+    TargetState,
 };
 use crate::apply::checkpoint::{checkpoint_key, Checkpoint};
 use crate::apply::ApplyConfig;
@@ -194,7 +195,7 @@ pub const CLUSTER_BACKWARD_BASE: u32 = 1000;
 pub const CLUSTER_BACKWARD_DIR: &str = "cluster.two-way";
 /// Between clusters: written once every backward partition's first entry
 /// is durable (the backward direction is established).
-const CLUSTER_ESTABLISHED_FILE: &str = "two-way.established";
+pub(super) const CLUSTER_ESTABLISHED_FILE: &str = "two-way.established";
 
 /// What a two-way sync runs between (also what a switchover's direction
 /// record says a direction runs between: `super::switchover`). Serialized
@@ -271,7 +272,7 @@ impl Pair {
         }
     }
 
-    fn parse(text: &str) -> Option<Pair> {
+    pub(super) fn parse(text: &str) -> Option<Pair> {
         [
             Pair::Standalone,
             Pair::Clusters,
@@ -470,14 +471,6 @@ pub(super) fn backward_apply(cfg: &SyncConfig, pair: Pair) -> ApplyConfig {
     apply
 }
 
-/// `cfg` as the backward direction's: B the source, A the target.
-fn backward_cfg(cfg: &SyncConfig, pair: Pair) -> SyncConfig {
-    let mut backward = cfg.clone();
-    backward.listener = backward_listener(cfg, pair);
-    backward.apply = backward_apply(cfg, pair);
-    backward
-}
-
 /// The conflict policy with both sides' servers, for a winner policy.
 pub(super) fn resolution(cfg: &SyncConfig, pair: Pair) -> Option<super::conflicts::Resolution> {
     if cfg.conflict == super::config::ConflictPolicy::Report {
@@ -604,7 +597,7 @@ pub(super) async fn establish(
         return Err("no source or no target".into());
     }
     let pair = pair(&cfg, &wal).await.map_err(|e| e.to_string())?;
-    if !wait_full_sync(&node, &cfg.apply.drainer_id, &b, pair, &stop).await? {
+    if !wait_full_sync(&node, &cfg.apply.drainer_id, &b, pair, None, &stop).await? {
         return Ok(());
     }
     loop {
@@ -639,12 +632,14 @@ pub(super) async fn establish(
 /// Waits until the first full sync is in B: every forward partition's
 /// applier (of `node`, drainer `drainer_id`) online after a load, and B's
 /// checkpoints (a cluster's floors) of them `applied` in a loaded epoch.
-/// `Ok(false)`: `stop` fired first.
+/// The forward partitions are `expected` (a site's: A's masters), or as
+/// many as `node` has listeners. `Ok(false)`: `stop` fired first.
 pub(super) async fn wait_full_sync(
     node: &Arc<dyn NodeControl>,
     drainer_id: &str,
     b: &[RedisUrl],
     pair: Pair,
+    expected: Option<usize>,
     stop: &CancellationToken,
 ) -> Result<bool, String> {
     loop {
@@ -664,9 +659,9 @@ pub(super) async fn wait_full_sync(
             })
             .map(|d| d.partition)
             .collect();
-        // Every partition of the forward direction (one per master of A;
-        // the one of a `ferry site`, which has no listener of A).
-        let loaded = !forward.is_empty() && forward.len() >= status.listeners.len();
+        // Every partition of the forward direction (one per master of A).
+        let expected = expected.unwrap_or(status.listeners.len());
+        let loaded = !forward.is_empty() && forward.len() >= expected;
         // The status may show the load's progress between its states; the
         // target's own checkpoints say whether the load is committed.
         if loaded && full_sync_committed(drainer_id, b, pair.is_cluster(1), &forward).await {
@@ -806,15 +801,8 @@ async fn seed(cfg: &SyncConfig, wal: &Wal, a: &RedisUrl, b: &RedisUrl) -> Result
 }
 
 /// With a cluster on either side (module doc, "Two clusters", "A
-/// standalone server and a cluster"): a cluster B's backward shard map and
-/// slot table, the backward partitions' histories, A prepared as their
-/// target (for a cluster B the owner map and slot scopes; the floors, on a
-/// standalone A the plain checkpoints), each master of B (a standalone B:
-/// the server) marked and its mark stored as its partition's entry 1, then
-/// [`CLUSTER_ESTABLISHED_FILE`]. A retry after a partial attempt keeps the
-/// partitions whose entry 1 is durable (their marks stand: what B wrote
-/// after one is in its stream after it) and marks the others, as long as
-/// B's masters are the same.
+/// standalone server and a cluster"): [`seed_backward`] for `cfg`'s sync,
+/// whose backward appliers read the same WAL as its backward listener.
 async fn seed_clusters(
     cfg: &SyncConfig,
     wal: &Wal,
@@ -822,6 +810,54 @@ async fn seed_clusters(
     b: &[RedisUrl],
     pair: Pair,
 ) -> Result<String, Seeding> {
+    let plan = Backward {
+        a,
+        b,
+        pair,
+        listener_id: &cfg.listener.id,
+        a_drainer: &cfg.apply.drainer_id,
+        same_wal: true,
+        mark_id: &cfg.id,
+        data_dir: &cfg.data_dir,
+    };
+    seed_backward(&plan, wal).await
+}
+
+/// What establishing a backward direction with a cluster on either side
+/// takes ([`seed_backward`]): `ferry sync --two-way`'s, or side b's of a
+/// `ferry site` pair (`super::site`).
+pub(super) struct Backward<'a> {
+    /// A's seeds (a standalone A's server): the backward appliers' target.
+    pub(super) a: &'a [RedisUrl],
+    /// B's seeds (a standalone B's server): the backward listener's source.
+    pub(super) b: &'a [RedisUrl],
+    pub(super) pair: Pair,
+    /// The backward listener's id: the owner of the partitions' logs.
+    pub(super) listener_id: &'a str,
+    /// The drainer id of the appliers that write A.
+    pub(super) a_drainer: &'a str,
+    /// Whether those appliers read this WAL (`ferry sync`): their floors
+    /// name its logs. A site's drainer reads its own WAL, whose logs of
+    /// the partitions have their own tags: the floors name none (a
+    /// checkpoint without a tag is taken as the reader's log).
+    pub(super) same_wal: bool,
+    /// The id in the marks' names (`two-way:{ferry:N}:<id>`).
+    pub(super) mark_id: &'a str,
+    /// Where [`CLUSTER_BACKWARD_DIR`] and [`CLUSTER_ESTABLISHED_FILE`] go.
+    pub(super) data_dir: &'a std::path::Path,
+}
+
+/// A cluster B's backward shard map and slot table, the backward
+/// partitions' histories, A prepared as their target (for a cluster B the
+/// owner map and slot scopes; the floors, on a standalone A the plain
+/// checkpoints), each master of B (a standalone B: the server) marked and
+/// its mark stored as its partition's entry 1, then
+/// [`CLUSTER_ESTABLISHED_FILE`]. A retry after a partial attempt keeps the
+/// partitions whose entry 1 is durable (their marks stand: what B wrote
+/// after one is in its stream after it) and marks the others, as long as
+/// B's masters are the same.
+pub(super) async fn seed_backward(plan: &Backward<'_>, wal: &Wal) -> Result<String, Seeding> {
+    let (a, b, pair) = (plan.a, plan.b, plan.pair);
     let b_cluster = pair.is_cluster(1);
     let masters = check_pair(a, b, pair)
         .await
@@ -843,7 +879,7 @@ async fn seed_clusters(
         })?;
         started.push(last.is_some());
     }
-    let dir = cfg.data_dir.join(CLUSTER_BACKWARD_DIR);
+    let dir = plan.data_dir.join(CLUSTER_BACKWARD_DIR);
     let map_path = dir.join(crate::listener::SHARD_MAP_FILE);
     if b_cluster && started.iter().any(|s| *s) {
         // The partitions of an earlier attempt must still be these masters.
@@ -875,7 +911,7 @@ async fn seed_clusters(
     let mut starts = Vec::with_capacity(partitions.len());
     for (master, &partition) in masters.iter().zip(&partitions) {
         let history = wal
-            .open_history(partition, &cfg.listener.id)
+            .open_history(partition, plan.listener_id)
             .await
             .map_err(|error| {
                 Seeding::Failed(format!("partition {partition}'s history: {error}"))
@@ -887,10 +923,16 @@ async fn seed_clusters(
             slots: master.slots.to_string(),
             replid: String::new(),
             offset: 0,
-            log_tag: history.log_tag,
+            log_tag: if plan.same_wal { history.log_tag } else { 0 },
         });
     }
-    let prepared = cluster_target_state(&backward_cfg(cfg, pair), &starts, pair.is_cluster(0))
+    let target = TargetState {
+        targets: a,
+        cluster: pair.is_cluster(0),
+        drainer: plan.a_drainer,
+        origin: &plan.data_dir.join(CLUSTER_ESTABLISHED_FILE),
+    };
+    let prepared = cluster_target_state(&target, &starts)
         .await
         .map_err(failed)?;
     let note = format!(
@@ -912,10 +954,10 @@ async fn seed_clusters(
                 format!(
                     "two-way:{}:{}",
                     crate::redis::cluster::tag_for_slot(slot),
-                    cfg.id
+                    plan.mark_id
                 )
             }
-            false => format!("two-way:{}", cfg.id),
+            false => format!("two-way:{}", plan.mark_id),
         };
         let (replid, offset) = seed_partition(wal, partition, &master.url, &name, &note).await?;
         marked.push(format!(
@@ -927,7 +969,7 @@ async fn seed_clusters(
         }
     }
     super::switchover::hold_for_test("two-way-marked-all").await;
-    let path = cfg.data_dir.join(CLUSTER_ESTABLISHED_FILE);
+    let path = plan.data_dir.join(CLUSTER_ESTABLISHED_FILE);
     let text = serde_json::to_string_pretty(&starts)
         .map_err(|error| Seeding::Failed(error.to_string()))?
         + "\n";

@@ -18,10 +18,31 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A free TCP port on 127.0.0.1 (bound, then released).
+/// Ports [`free_port`] handed out in this process: never twice.
+static FREE_PORTS_TAKEN: std::sync::Mutex<Option<std::collections::HashSet<u16>>> =
+    std::sync::Mutex::new(None);
+
+/// A free TCP port on 127.0.0.1, for a server the test starts or a daemon
+/// it names in a config: from 2000..12000, below the kernel's ephemeral
+/// range (32768 and up), so no outgoing connection of a parallel test and
+/// no bind to port 0 can take it between this call and the bind; never
+/// the same twice in one test process, and free when handed out. (Cluster
+/// nodes take theirs from 12000..32000: `cluster::cluster_port`.)
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    listener.local_addr().expect("local addr").port()
+    let seed = u64::from(std::process::id()) * 7919
+        + std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::from(d.subsec_nanos()))
+            .unwrap_or(0);
+    let mut taken = FREE_PORTS_TAKEN.lock().unwrap_or_else(|e| e.into_inner());
+    let taken = taken.get_or_insert_with(std::collections::HashSet::new);
+    for step in 0..10_000u64 {
+        let port = 2000 + ((seed + step * 37) % 10_000) as u16;
+        if taken.insert(port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in 2000..12000");
 }
 
 pub fn redis_server_bin() -> String {
