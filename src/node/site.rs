@@ -91,7 +91,7 @@
 use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -105,9 +105,9 @@ use super::run::{
 };
 use super::switchover::{check_master, cluster_masters, connect, ensure_backlog, is_cluster};
 use super::two_way::{
-    seed_backward, seed_partition, unreachable, wait_full_sync, Backward, Pair, Seeding, BACKWARD,
-    CLUSTER_BACKWARD_BASE, CLUSTER_BACKWARD_DIR, CLUSTER_ESTABLISHED_FILE, ESTABLISH_RETRY,
-    FORWARD, MIN_VERSION,
+    retry_seeding, seed_backward, seed_partition, unreachable, wait_full_sync, Backward, Pair,
+    Seeding, BACKWARD, CLUSTER_BACKWARD_BASE, CLUSTER_BACKWARD_DIR, CLUSTER_ESTABLISHED_FILE,
+    ESTABLISH_RETRY, FORWARD, MIN_VERSION,
 };
 use crate::apply::{ApplyConfig, ExistingData};
 use crate::config_units::HumanDuration;
@@ -506,47 +506,33 @@ async fn establish(
     if !wait_full_sync(node, drainer_id, &b, pair, Some(expected), stop).await? {
         return Ok(());
     }
-    loop {
-        let started = Instant::now();
-        let seeded = match pair {
+    let plan = Backward {
+        a: &a,
+        b: &b,
+        pair,
+        listener_id: &cfg.listener.listener.id,
+        a_drainer: cfg
+            .listener
+            .drainers
+            .first()
+            .map_or("", |peer| peer.id.as_str()),
+        same_wal: false,
+        mark_id: &cfg.listener.listener.id,
+        data_dir: &cfg.listener.data_dir,
+    };
+    let attempt = || async {
+        match pair {
             Pair::Standalone => seed(cfg, wal, &b[0]).await,
-            _ => {
-                let plan = Backward {
-                    a: &a,
-                    b: &b,
-                    pair,
-                    listener_id: &cfg.listener.listener.id,
-                    a_drainer: cfg
-                        .listener
-                        .drainers
-                        .first()
-                        .map_or("", |peer| peer.id.as_str()),
-                    same_wal: false,
-                    mark_id: &cfg.listener.listener.id,
-                    data_dir: &cfg.listener.data_dir,
-                };
-                seed_backward(&plan, wal).await
-            }
-        };
-        match seeded {
-            Ok(detail) => {
-                info!(
-                    ms = started.elapsed().as_millis() as u64,
-                    %detail,
-                    "two-way sync established: this site's writes replicate to the other site"
-                );
-                return Ok(());
-            }
-            Err(Seeding::Refused(why)) => return Err(why),
-            Err(Seeding::Failed(why)) => {
-                warn!(%why, "two-way site: cannot start this side's direction yet; retrying")
-            }
+            _ => seed_backward(&plan, wal).await,
         }
-        tokio::select! {
-            _ = stop.cancelled() => return Ok(()),
-            _ = tokio::time::sleep(ESTABLISH_RETRY) => {}
-        }
-    }
+    };
+    retry_seeding(
+        stop,
+        "two-way sync established: this site's writes replicate to the other site",
+        "two-way site: cannot start this side's direction yet; retrying",
+        attempt,
+    )
+    .await
 }
 
 /// How many partitions side a's stream has: a cluster A's masters (asked

@@ -600,27 +600,47 @@ pub(super) async fn establish(
     if !wait_full_sync(&node, &cfg.apply.drainer_id, &b, pair, None, &stop).await? {
         return Ok(());
     }
-    loop {
-        let started = Instant::now();
-        let seeded = match pair {
+    let attempt = || async {
+        match pair {
             Pair::Standalone => seed(&cfg, &wal, &a[0], &b[0]).await,
             Pair::Clusters | Pair::StandaloneCluster | Pair::ClusterStandalone => {
                 seed_clusters(&cfg, &wal, &a, &b, pair).await
             }
-        };
-        match seeded {
+        }
+    };
+    retry_seeding(
+        &stop,
+        "two-way sync established: writes on either side replicate to the other",
+        "two-way sync: cannot start the target -> source direction yet; retrying",
+        attempt,
+    )
+    .await
+}
+
+/// Runs `attempt` until it establishes the backward direction (logged as
+/// `established`, with its detail and how long the attempt took) or is
+/// refused (`Err`), or `stop` fires (`Ok`, which the caller sees); a
+/// failed attempt is logged as `retrying` and runs again after
+/// [`ESTABLISH_RETRY`].
+pub(super) async fn retry_seeding<F, Fut>(
+    stop: &CancellationToken,
+    established: &str,
+    retrying: &str,
+    mut attempt: F,
+) -> Result<(), String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<String, Seeding>>,
+{
+    loop {
+        let started = Instant::now();
+        match attempt().await {
             Ok(detail) => {
-                info!(
-                    ms = started.elapsed().as_millis() as u64,
-                    %detail,
-                    "two-way sync established: writes on either side replicate to the other"
-                );
+                info!(ms = started.elapsed().as_millis() as u64, %detail, "{established}");
                 return Ok(());
             }
             Err(Seeding::Refused(why)) => return Err(why),
-            Err(Seeding::Failed(why)) => {
-                warn!(%why, "two-way sync: cannot start the target -> source direction yet; retrying")
-            }
+            Err(Seeding::Failed(why)) => warn!(%why, "{retrying}"),
         }
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
