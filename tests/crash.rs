@@ -1085,7 +1085,13 @@ fn target_outage(
     let load = Load::start(&source.addr());
     let sampler = Sampler::start(&source.addr(), &target.addr(), "__ferry:checkpoint:ferry:0");
     let dir = tempfile::tempdir().unwrap();
-    let mut ferry = sync_with_fast_retries(dir.path(), &source, &target);
+    // The entries a restored target lost are applied again from the WAL,
+    // which keeps them `retain-applied` after they were applied (5 s by
+    // default): a loaded box that takes longer than that to restart and
+    // reload the target would trim them and make this a fallback snapshot
+    // (a full resync, which the test refuses): the likely cause of one CI
+    // failure, where the target spent long loading.
+    let mut ferry = sync_with_config(dir.path(), &source, &target, "retain-applied = \"60s\"", "");
     wait_first_snapshot_stored(&ferry);
     let full_at_stored = info_stat(&source, "sync_full");
     wait_for_fence(&source.addr(), &target.addr(), &[&ferry]);

@@ -174,7 +174,23 @@ impl Layout {
 /// log is a site of a ferry before clusters, which ran between standalone
 /// servers only. `Ok(None)`: not settled yet.
 fn stored_layout(cfg: &SiteNodeConfig, wal: &Wal) -> Result<Option<Layout>, NodeError> {
-    let path = cfg.listener.data_dir.join(LAYOUT_FILE);
+    if let Some(layout) = layout_file(&cfg.listener.data_dir, cfg.site.side)? {
+        return Ok(Some(layout));
+    }
+    let holds_log = wal
+        .partitions()
+        .into_iter()
+        .any(|p| matches!(wal.last_log_id(p), Ok(Some(_))));
+    Ok(holds_log.then_some(match cfg.site.side {
+        SiteSide::A => Layout::A { cluster: false },
+        SiteSide::B => Layout::B(Pair::Standalone),
+    }))
+}
+
+/// [`LAYOUT_FILE`] in `data_dir`, if there is one, checked against the
+/// config's `side`.
+fn layout_file(data_dir: &std::path::Path, side: SiteSide) -> Result<Option<Layout>, NodeError> {
+    let path = data_dir.join(LAYOUT_FILE);
     match std::fs::read_to_string(&path) {
         Ok(text) => {
             let layout = Layout::parse(text.trim()).ok_or_else(|| {
@@ -185,36 +201,26 @@ fn stored_layout(cfg: &SiteNodeConfig, wal: &Wal) -> Result<Option<Layout>, Node
                     text.trim()
                 ))
             })?;
-            let side = match layout {
+            let stored = match layout {
                 Layout::A { .. } => SiteSide::A,
                 Layout::B(_) => SiteSide::B,
             };
-            if side != cfg.site.side {
+            if stored != side {
                 return Err(NodeError::Config(format!(
                     "{} is side {}'s data dir; this config is side {}'s",
-                    cfg.listener.data_dir.display(),
-                    side.as_str(),
-                    cfg.site.side.as_str()
+                    data_dir.display(),
+                    stored.as_str(),
+                    side.as_str()
                 )));
             }
-            return Ok(Some(layout));
+            Ok(Some(layout))
         }
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-        Err(error) => {
-            return Err(NodeError::Io {
-                what: format!("reading {}", path.display()),
-                error,
-            })
-        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(error) => Err(NodeError::Io {
+            what: format!("reading {}", path.display()),
+            error,
+        }),
     }
-    let holds_log = wal
-        .partitions()
-        .into_iter()
-        .any(|p| matches!(wal.last_log_id(p), Ok(Some(_))));
-    Ok(holds_log.then_some(match cfg.site.side {
-        SiteSide::A => Layout::A { cluster: false },
-        SiteSide::B => Layout::B(Pair::Standalone),
-    }))
 }
 
 /// How often the first start asks the servers again what they are.
@@ -798,5 +804,34 @@ mod tests {
         }
         assert_eq!(Layout::parse("c clusters"), None);
         assert_eq!(Layout::parse("b nothing"), None);
+    }
+
+    /// The stored layout is read back on its side; another side's data dir
+    /// and a damaged file are config errors naming them.
+    #[test]
+    fn a_stored_layout_is_checked_against_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(layout_file(dir.path(), SiteSide::B), Ok(None)));
+        std::fs::write(dir.path().join(LAYOUT_FILE), "b clusters\n").unwrap();
+        assert_eq!(
+            layout_file(dir.path(), SiteSide::B).unwrap(),
+            Some(Layout::B(Pair::Clusters))
+        );
+        match layout_file(dir.path(), SiteSide::A) {
+            Err(NodeError::Config(why)) => {
+                assert!(why.contains("side b's data dir"), "{why}")
+            }
+            other => panic!("{other:?}"),
+        }
+        std::fs::write(dir.path().join(LAYOUT_FILE), "b\n").unwrap();
+        match layout_file(dir.path(), SiteSide::B) {
+            Err(NodeError::Config(why)) => {
+                assert!(
+                    why.contains(LAYOUT_FILE) && why.contains("not a site layout"),
+                    "{why}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }
