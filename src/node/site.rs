@@ -12,8 +12,10 @@
 //!
 //! # Partitions and ids
 //!
-//! The partitions are those of `ferry sync --two-way` (`super::two_way`):
-//! A's stream is partition 0, B's partition 1, at both sites. Site a's WAL
+//! The partitions are those of `ferry sync --two-way` (`super::two_way`)
+//! for the same pair; between two standalone servers (below; "Clusters"
+//! for the others) A's stream is partition 0, B's partition 1, at both
+//! sites. Site a's WAL
 //! holds partition 0 as its listener logs it and partition 1 as its drainer
 //! receives it; site b's the other way round. Each drainer has its own id,
 //! and its checkpoint on its server is `__ferry:checkpoint:<its id>:<the
