@@ -63,7 +63,7 @@ use std::collections::VecDeque;
 
 use bytes::Bytes;
 
-use super::checkpoint::Checkpoint;
+use super::checkpoint::{Checkpoint, SourceMark};
 use super::dead_letter::SkippedBy;
 use super::expire::ExpireGrace;
 use super::keyspace::{KeyClass, OwnedKeyspace, Placed, Translated};
@@ -84,6 +84,9 @@ pub(crate) struct Pending {
     /// Payload size, streamed bytes included, for the batch byte limit
     /// (0 for a fragment: its write counts them).
     pub size: usize,
+    /// Read before it was durable (an early read of the listener's WAL):
+    /// its source position, for a checkpoint that names it (`v3`).
+    pub mark: Option<SourceMark>,
 }
 
 /// A streamed argument of a batch's command: its `len` bytes are the data
@@ -685,6 +688,7 @@ impl BatchBuilder {
                 log_id,
                 record: Record::Write(write),
                 size,
+                ..
             }) = pending.pop_front()
             else {
                 break;
@@ -770,6 +774,7 @@ impl BatchBuilder {
             log_id: batch.last,
             epoch,
             log: self.log_tag,
+            source: None,
         };
         batch.commands.push(Command::new(vec![
             Bytes::from_static(b"SET"),
@@ -1197,6 +1202,26 @@ fn show(frame: &Frame) -> String {
 }
 
 impl Batch {
+    /// The entry this batch's checkpoint names was applied before it was
+    /// durable: the checkpoint keeps its source position (`v3`, checked
+    /// after a crash), in the `SET` that ends the batch.
+    pub fn mark_source(&mut self, checkpoint_key: &Bytes, mark: SourceMark) {
+        let Checkpoint::Applied { source, .. } = &mut self.checkpoint else {
+            return;
+        };
+        *source = Some(mark);
+        let set = Command::new(vec![
+            Bytes::from_static(b"SET"),
+            checkpoint_key.clone(),
+            Bytes::from(self.checkpoint.encode()),
+        ]);
+        // `build` ends every batch with its checkpoint's SET.
+        debug_assert!(matches!(self.slots.last(), Some(Slot::Internal)));
+        if let Some(last) = self.commands.last_mut() {
+            *last = set;
+        }
+    }
+
     fn starting_at(log_id: LogId, epoch: u64, log: u64) -> Batch {
         Batch {
             first: log_id,
@@ -1206,7 +1231,12 @@ impl Batch {
             refused: None,
             skip: None,
             skipped: 0,
-            checkpoint: Checkpoint::Applied { log_id, epoch, log },
+            checkpoint: Checkpoint::Applied {
+                log_id,
+                epoch,
+                log,
+                source: None,
+            },
             streams: Vec::new(),
             scope_delete: Vec::new(),
             voided: Vec::new(),
@@ -1345,6 +1375,7 @@ mod tests {
             tenure: None,
         });
         Pending {
+            mark: None,
             log_id: LogId(log_id),
             size: record.encode().len(),
             record,
@@ -1390,6 +1421,7 @@ mod tests {
         let mut pending: VecDeque<Pending> = [
             write(5, 0, &[&["SET", "a", "1"]], false),
             Pending {
+                mark: None,
                 log_id: LogId(6),
                 size: handoff.encode().len(),
                 record: handoff.clone(),
@@ -1403,6 +1435,7 @@ mod tests {
         assert!(pending.is_empty());
         // Alone, it still moves the checkpoint.
         let mut pending: VecDeque<Pending> = [Pending {
+            mark: None,
             log_id: LogId(8),
             size: 1,
             record: handoff,
@@ -1424,6 +1457,7 @@ mod tests {
             tenure: Some(crate::record::SlotTenure { slot, gen }),
         });
         Pending {
+            mark: None,
             log_id: LogId(log_id),
             size: record.encode().len(),
             record,
@@ -1433,6 +1467,7 @@ mod tests {
     fn handoff(log_id: u64, slot: u16, to: u32, gen: u64) -> Pending {
         let record = Record::Handoff(crate::record::SlotHandoff { slot, to, gen });
         Pending {
+            mark: None,
             log_id: LogId(log_id),
             size: record.encode().len(),
             record,
@@ -1459,6 +1494,7 @@ mod tests {
     fn void(log_id: u64, slot: u16, gen: u64) -> Pending {
         let record = Record::Void(crate::record::SlotVoid { slot, gen });
         Pending {
+            mark: None,
             log_id: LogId(log_id),
             size: record.encode().len(),
             record,
@@ -1857,6 +1893,7 @@ mod tests {
     #[test]
     fn stops_at_limits_and_snapshot_markers() {
         let marker = Pending {
+            mark: None,
             log_id: LogId(3),
             size: 10,
             record: Record::Snapshot(SnapshotMarker {
@@ -2108,6 +2145,7 @@ mod tests {
 
     fn fragment(log_id: u64, seq: u32) -> Pending {
         Pending {
+            mark: None,
             log_id: LogId(log_id),
             size: 0,
             record: Record::Fragment(crate::record::Fragment {
@@ -2133,6 +2171,7 @@ mod tests {
             tenure: None,
         });
         Pending {
+            mark: None,
             log_id: LogId(log_id),
             size: record.encode().len() + len as usize,
             record,
@@ -2197,6 +2236,7 @@ mod tests {
 
         // An orphan run right before a snapshot marker: a batch of its own.
         let marker = Pending {
+            mark: None,
             log_id: LogId(11),
             size: 10,
             record: Record::Snapshot(SnapshotMarker {
@@ -2306,6 +2346,7 @@ mod tests {
             fragment(2, 1),
             fragment(3, 2),
             Pending {
+                mark: None,
                 log_id: LogId(4),
                 size: 100,
                 record: write,
@@ -2417,6 +2458,7 @@ mod tests {
         let mut pending: VecDeque<Pending> = [
             fragment(1, 0),
             Pending {
+                mark: None,
                 log_id: LogId(2),
                 size: 100,
                 record,

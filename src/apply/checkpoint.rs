@@ -7,6 +7,7 @@
 //! ```text
 //! v2 applied=<log id> epoch=<epoch> log=<16 hex digits>
 //! v2 loading=<log id> epoch=<epoch> log=<16 hex digits>
+//! v3 applied=<log id> epoch=<epoch> log=<16 hex digits> src=<16 hex digits>:<offset>
 //! ```
 //!
 //! - `log=T`: the log tag of the drainer WAL partition whose ids these are
@@ -19,6 +20,13 @@
 //!   are read as counting the WAL's ids, as they always were; the applier
 //!   writes `v2` from then on. An older ferry refuses a `v2` value
 //!   ("unsupported version v2").
+//! - `v3`, `src=H:O`: the entry at the applied log id was applied before the
+//!   WAL write holding it was durable (`apply` module doc, "Applying before
+//!   the fsync"). `H` is [`SourceMark::replid`] (a hash of the source's
+//!   replication id) and `O` the source offset after that entry: after a
+//!   crash the applier resumes after it only if the WAL holds an entry with
+//!   this source position there. Written only then: every other value is
+//!   `v2`, which an older ferry still reads.
 //!
 //! - `applied=L epoch=E`: every WAL entry up to and including `L` is applied,
 //!   on top of snapshot epoch `E` (0: no snapshot was ever loaded; the data
@@ -35,15 +43,49 @@ use std::fmt;
 
 use crate::position::{LogId, PartitionId};
 use crate::record::INTERNAL_PREFIX;
+use crate::wal::SourcePosition;
 
 /// Longest value accepted when reading a checkpoint back.
 pub const MAX_CHECKPOINT_LEN: usize = 256;
 
+/// Where in the source's replication stream an entry ends: what a `v3`
+/// checkpoint keeps of the entry it names (module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SourceMark {
+    /// FNV-1a (64 bits) of the source's replication id: the same stream
+    /// gives the same hash, and another id a different one but by a 2^-64
+    /// chance.
+    pub replid: u64,
+    /// The replication offset after the entry.
+    pub offset: u64,
+}
+
+impl SourceMark {
+    /// The mark of an entry at `source`.
+    pub fn of(source: &SourcePosition) -> SourceMark {
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for byte in source.replid.as_bytes() {
+            hash ^= u64::from(*byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+        SourceMark {
+            replid: hash,
+            offset: source.offset.0,
+        }
+    }
+}
+
 /// What the target's data set is, as far as this applier is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Checkpoint {
-    /// Entries up to and including `log_id` are applied.
-    Applied { log_id: LogId, epoch: u64, log: u64 },
+    /// Entries up to and including `log_id` are applied. `source`: the entry
+    /// at `log_id` was applied before it was durable (module doc, `v3`).
+    Applied {
+        log_id: LogId,
+        epoch: u64,
+        log: u64,
+        source: Option<SourceMark>,
+    },
     /// The snapshot marker at `log_id` is being loaded.
     Loading { log_id: LogId, epoch: u64, log: u64 },
 }
@@ -88,6 +130,15 @@ impl Checkpoint {
         }
     }
 
+    /// The source position of the applied entry, when it was applied
+    /// before it was durable (`v3`).
+    pub fn source(&self) -> Option<SourceMark> {
+        match *self {
+            Checkpoint::Applied { source, .. } => source,
+            Checkpoint::Loading { .. } => None,
+        }
+    }
+
     pub fn epoch(&self) -> u64 {
         match *self {
             Checkpoint::Applied { epoch, .. } | Checkpoint::Loading { epoch, .. } => epoch,
@@ -109,12 +160,13 @@ impl Checkpoint {
         }
         let text = std::str::from_utf8(value).map_err(|_| fail("not UTF-8"))?;
         let mut fields = text.split(' ');
-        let tagged = match fields.next() {
-            Some("v1") => false,
-            Some("v2") => true,
+        let (tagged, marked) = match fields.next() {
+            Some("v1") => (false, false),
+            Some("v2") => (true, false),
+            Some("v3") => (true, true),
             Some(v) if v.starts_with('v') => {
                 return Err(fail(&format!(
-                    "unsupported version {v} (this ferry reads v1 and v2)"
+                    "unsupported version {v} (this ferry reads v1, v2 and v3)"
                 )))
             }
             _ => return Err(fail("no version prefix")),
@@ -148,12 +200,37 @@ impl Checkpoint {
         } else {
             0
         };
+        let source = if marked {
+            let field = fields.next().ok_or_else(|| fail("no src field"))?;
+            let (hash, offset) = field
+                .strip_prefix("src=")
+                .and_then(|mark| mark.split_once(':'))
+                .ok_or_else(|| fail(&format!("expected src=H:O, found {field:?}")))?;
+            let replid = u64::from_str_radix(hash, 16)
+                .ok()
+                .filter(|_| hash.len() == 16)
+                .ok_or_else(|| fail("src's hash is not 16 hex digits"))?;
+            let offset = offset
+                .parse::<u64>()
+                .ok()
+                .filter(|_| offset.bytes().all(|b| b.is_ascii_digit()))
+                .ok_or_else(|| fail("src's offset is not a number"))?;
+            Some(SourceMark { replid, offset })
+        } else {
+            None
+        };
         if fields.next().is_some() {
             return Err(fail("trailing fields"));
         }
         let log_id = LogId(log_id);
         match phase.as_str() {
-            "applied" => Ok(Checkpoint::Applied { log_id, epoch, log }),
+            "applied" => Ok(Checkpoint::Applied {
+                log_id,
+                epoch,
+                log,
+                source,
+            }),
+            "loading" if marked => Err(fail("a v3 value is always applied=")),
             "loading" if log_id > LogId::ZERO => Ok(Checkpoint::Loading { log_id, epoch, log }),
             "loading" => Err(fail("loading a snapshot at log id 0")),
             other => Err(fail(&format!("unknown phase {other:?}"))),
@@ -163,11 +240,21 @@ impl Checkpoint {
 
 impl fmt::Display for Checkpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let (phase, log_id, epoch, log) = match *self {
-            Checkpoint::Applied { log_id, epoch, log } => ("applied", log_id, epoch, log),
-            Checkpoint::Loading { log_id, epoch, log } => ("loading", log_id, epoch, log),
+        let (phase, log_id, epoch, log, source) = match *self {
+            Checkpoint::Applied {
+                log_id,
+                epoch,
+                log,
+                source,
+            } => ("applied", log_id, epoch, log, source),
+            Checkpoint::Loading { log_id, epoch, log } => ("loading", log_id, epoch, log, None),
         };
-        if log == 0 {
+        if let Some(SourceMark { replid, offset }) = source.filter(|_| log != 0) {
+            write!(
+                f,
+                "v3 {phase}={log_id} epoch={epoch} log={log:016x} src={replid:016x}:{offset}"
+            )
+        } else if log == 0 {
             // Only a value read as v1 has no tag; it is written back as it was.
             write!(f, "v1 {phase}={log_id} epoch={epoch}")
         } else {
@@ -186,6 +273,7 @@ mod tests {
             log_id: LogId(1234),
             epoch: 7,
             log: 0xab,
+            source: None,
         };
         assert_eq!(
             applied.encode(),
@@ -199,6 +287,36 @@ mod tests {
         let legacy = Checkpoint::decode(b"v1 applied=1234 epoch=7").unwrap();
         assert_eq!(legacy.log(), 0);
         assert_eq!(legacy.encode(), "v1 applied=1234 epoch=7");
+        // Applied before it was durable: its source position goes with it.
+        let mark = SourceMark::of(&SourcePosition {
+            replid: "8a1b".into(),
+            offset: crate::position::ReplOffset(99),
+            db: 0,
+        });
+        assert_ne!(
+            mark.replid,
+            SourceMark::of(&SourcePosition {
+                replid: "8a1c".into(),
+                ..SourcePosition::default()
+            })
+            .replid
+        );
+        let early = Checkpoint::Applied {
+            log_id: LogId(1234),
+            epoch: 7,
+            log: 0xab,
+            source: Some(mark),
+        };
+        assert_eq!(
+            early.encode(),
+            format!(
+                "v3 applied=1234 epoch=7 log=00000000000000ab src={:016x}:99",
+                mark.replid
+            )
+        );
+        assert_eq!(Checkpoint::decode(early.encode().as_bytes()), Ok(early));
+        assert_eq!(early.source(), Some(mark));
+        assert_eq!(early.resume_at(), LogId(1235));
         let loading = Checkpoint::Loading {
             log_id: LogId(40),
             epoch: 2,
@@ -216,9 +334,15 @@ mod tests {
     #[test]
     fn refuses_malformed_values() {
         let long = vec![b'v'; MAX_CHECKPOINT_LEN + 1];
-        let cases: [&[u8]; 15] = [
+        let cases: [&[u8]; 21] = [
             b"",
-            b"v3 applied=1 epoch=0",
+            b"v4 applied=1 epoch=0",
+            b"v3 applied=1 epoch=0 log=00000000000000ab",
+            b"v3 applied=1 epoch=0 log=00000000000000ab src=12:5",
+            b"v3 applied=1 epoch=0 log=00000000000000ab src=00000000000000ab",
+            b"v3 applied=1 epoch=0 log=00000000000000ab src=00000000000000ab:x",
+            b"v3 loading=1 epoch=0 log=00000000000000ab src=00000000000000ab:5",
+            b"v3 applied=1 epoch=0 log=00000000000000ab src=00000000000000ab:5 more",
             b"v2 applied=1 epoch=0",
             b"v2 applied=1 epoch=0 log=0000000000000000",
             b"v2 applied=1 epoch=0 log=abc",
@@ -240,7 +364,7 @@ mod tests {
                 String::from_utf8_lossy(value)
             );
         }
-        let error = Checkpoint::decode(b"v3 applied=1 epoch=0").unwrap_err();
-        assert!(error.why.contains("unsupported version v3"), "{error}");
+        let error = Checkpoint::decode(b"v4 applied=1 epoch=0").unwrap_err();
+        assert!(error.why.contains("unsupported version v4"), "{error}");
     }
 }

@@ -638,7 +638,7 @@ impl Applier {
         }
         let cancel = self.shutdown.child_token();
         let _stop_reader = cancel.clone().drop_guard();
-        let (mut feed, _reader) = self.start_feed(resume, marker_first, cancel);
+        let (mut feed, _reader) = self.start_feed(resume, marker_first, false, cancel);
         self.cluster_loop(&mut cluster, &mut feed, &mut table).await
     }
 
@@ -676,6 +676,7 @@ impl Applier {
                 log_id,
                 epoch: e,
                 log: l,
+                ..
             } = Checkpoint::decode(value)?
             {
                 if e == epoch && l == log {
@@ -861,6 +862,7 @@ impl Applier {
                 log_id,
                 epoch: self.epoch,
                 log: self.log_tag,
+                source: None,
             }
             .encode(),
         )
@@ -2323,6 +2325,7 @@ impl Applier {
             log_id,
             epoch,
             log: self.log_tag,
+            source: None,
         };
         self.set_floor(cluster, Bytes::from(applied.encode()))
             .await?;

@@ -120,6 +120,14 @@ pub struct ApplyConfig {
     /// ([`super::ApplyError::TwoWayLoad`]); never read from a file.
     #[serde(skip)]
     pub refuse_loads: bool,
+    /// Applying the listener's own WAL (`ferry sync`, `apply-from =
+    /// "listener-wal"`): apply an entry while the WAL write holding it is
+    /// being fsynced, instead of after. The source is still acked only once
+    /// it is durable; after a crash the applier checks that the entry its
+    /// checkpoint names is the one the source sent again ([`super`] module
+    /// doc, "Applying before the fsync"). No effect on a drainer's WAL.
+    /// Default: `true`.
+    pub early_apply: bool,
     /// Timeout of a connection attempt to the target. Default: `"5s"`.
     pub connect_timeout: HumanDuration,
     /// Longest wait for one reply of the target before the connection is
@@ -251,6 +259,7 @@ impl Default for ApplyConfig {
             two_way_peers: None,
             two_way_echo_of: None,
             refuse_loads: false,
+            early_apply: true,
             connect_timeout: HumanDuration(Duration::from_secs(5)),
             reply_timeout: HumanDuration(Duration::from_secs(60)),
             load_window: 8192,

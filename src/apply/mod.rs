@@ -60,6 +60,45 @@
 //! the applier logs a warning and re-applies from the target's checkpoint,
 //! which is what the target needs.
 //!
+//! # Applying before the fsync
+//!
+//! An applier of the listener's own WAL (`ferry sync`) with `early-apply`
+//! (the default) applies an entry while the WAL write holding it is being
+//! fsynced, instead of after: the write is in the WAL's read tail when its
+//! batch goes to the storage ([`Wal::read_written`]). A write then waits for
+//! one fsync less (the one in flight, then its own). What stays as it was:
+//!
+//! - The listener acks the source (`REPLCONF ACK`) only for what is durable,
+//!   so after a crash the source sends every entry that was not durable
+//!   again, the same bytes at the same offsets.
+//! - The WAL's `applied` mark and this applier's downstream ack move only
+//!   over durable entries ([`keep_wal_marks`]).
+//! - Only writes are applied early. A snapshot marker, a fragment of a big
+//!   value, a slot handoff or void waits to be durable, and so does every
+//!   entry after it. So the entries the target holds past the WAL's durable
+//!   end after a crash are exactly one entry per command of the source's
+//!   stream between the two.
+//! - A batch whose last entry was read before it was durable writes a `v3`
+//!   checkpoint: the entry's source position (replication id, offset after
+//!   it) with its log id ([`checkpoint`]).
+//!
+//! On start, a `v3` checkpoint is checked before anything is applied
+//! ([`reader`], "Early reads"): once the WAL is durable up to the log id it
+//! names, the entry there must have the same source position. A replication
+//! id and an offset name one history of the source (that is what `PSYNC`
+//! relies on), and the same number of commands of it ends at the same log
+//! id only if they are the same commands, so the applier resumes after it.
+//! Anything else (the listener full-synced meanwhile: a snapshot marker
+//! before it is loaded; a promoted replica that lacked those writes: another
+//! replication id there) is a history that the target's data did not come
+//! from, and a fallback snapshot of the source replaces it. Both outcomes are
+//! logged, and tests/early_apply.rs kills `ferry sync` ahead of its WAL
+//! (with `FERRY_TEST_WAL_SYNC_DELAY_MS` slowing every fsync) for each.
+//!
+//! A drainer's applier and a cluster target's never apply early: a drainer's
+//! WAL is fed by a listener that re-sends by log id, not by source position,
+//! and a cluster target's per-slot checkpoints have no `v3`.
+//!
 //! A connection the applier gave up on (a reply timeout, a stalled target,
 //! a slow network) may still have a whole batch on its way to the target
 //! or unread in the target's query buffer, which the target would run once
@@ -360,7 +399,7 @@ use crate::ship::SnapshotProvider;
 use crate::wal::{DownstreamId, ReadLimits, SnapshotPhase, Wal, WalError};
 
 use batch::{Batch, BatchBuilder, BatchOutcome, Hold, Pending, StreamedPlace, TenureWait};
-use checkpoint::{checkpoint_key, Checkpoint, CheckpointError};
+use checkpoint::{checkpoint_key, Checkpoint, CheckpointError, SourceMark};
 use dead_letter::{DeadEntry, DeadLetter, DeadLetterError, SkippedBy};
 use fence::Fence;
 use reader::{spawn_reader, ReadResult, ReaderConfig};
@@ -649,6 +688,7 @@ async fn run_inner(
             owners_key: Bytes::from(tenure::owner_map_key(&cfg.drainer_id)),
             voids: batch::VoidedTenures::new(),
             void_scan: LogId::ZERO,
+            verify: None,
             direct,
             foreign: None,
             cfg,
@@ -714,6 +754,10 @@ async fn keep_wal_marks(
     // When the applied mark was last written, and the newest id seen.
     let mut marked_at: Option<Instant> = None;
     let mut latest = LogId::ZERO;
+    // The newest id applied; `latest` is the durable part of it (an entry
+    // applied before it was durable is marked and acked once it is).
+    let mut seen = LogId::ZERO;
+    let mut appended_rx = wal.subscribe_appends();
     loop {
         let mut ended = false;
         let ack_due = waiting.front().map(|(at, _)| *at + retain_applied);
@@ -721,6 +765,11 @@ async fn keep_wal_marks(
             .then(|| marked_at.map_or_else(Instant::now, |at| at + APPLIED_MARK_EVERY));
         tokio::select! {
             changed = applied_rx.changed() => ended = changed.is_err(),
+            changed = appended_rx.changed(), if seen > latest => {
+                if changed.is_err() {
+                    return Ok(()); // the WAL is gone
+                }
+            }
             _ = tokio::time::sleep_until(ack_due.unwrap_or_else(Instant::now)), if ack_due.is_some() => {}
             _ = tokio::time::sleep_until(mark_due.unwrap_or_else(Instant::now)), if mark_due.is_some() => {}
             changed = loaded_rx.changed(), if !loaded_rx.is_closed() => {
@@ -743,7 +792,14 @@ async fn keep_wal_marks(
                 continue;
             }
         }
-        latest = latest.max(*applied_rx.borrow_and_update());
+        seen = seen.max(*applied_rx.borrow_and_update());
+        appended_rx.borrow_and_update();
+        let durable = match wal.last_log_id(partition) {
+            Ok(durable) => durable.unwrap_or(LogId::ZERO),
+            Err(WalError::Closed) => return Ok(()),
+            Err(error) => return Err(error.into()),
+        };
+        latest = latest.max(seen.min(durable));
         let now = Instant::now();
         let newest_waiting = waiting.back().map_or(acked, |(_, id)| *id);
         if latest > newest_waiting {
@@ -944,6 +1000,9 @@ pub(crate) struct Applier {
     voids: batch::VoidedTenures,
     /// Where the search of the WAL for `SlotVoid` records goes on.
     void_scan: LogId,
+    /// The target's checkpoint named an entry applied before it was durable
+    /// (`v3`): the next reader checks it first ([`reconcile`](Self::reconcile)).
+    verify: Option<reader::Verify>,
 }
 
 impl Applier {
@@ -1216,16 +1275,20 @@ impl Applier {
         let cancel = self.shutdown.child_token();
         // Stops the reader whenever this session ends.
         let _stop_reader = cancel.clone().drop_guard();
-        let (mut feed, _reader) = self.start_feed(resume, marker_first, cancel);
+        let early = self.cfg.early_apply && self.direct.is_some();
+        let (mut feed, _reader) = self.start_feed(resume, marker_first, early, cancel);
         self.apply_loop(&mut target, &mut feed).await
     }
 
     /// Starts this session's WAL reader at `resume` (stopped by `cancel`)
-    /// and the feed that takes its runs.
+    /// and the feed that takes its runs. `early`: the reader reads entries
+    /// being fsynced (module doc, "Applying before the fsync"; the batches
+    /// then keep their source positions in the checkpoint).
     fn start_feed(
-        &self,
+        &mut self,
         resume: LogId,
         marker_first: bool,
+        early: bool,
         cancel: CancellationToken,
     ) -> (Feed, tokio::task::JoinHandle<()>) {
         let limits = ReadLimits {
@@ -1242,6 +1305,8 @@ impl Applier {
                 idle_poll: self.cfg.idle_poll.0,
                 direct: self.direct.clone(),
                 status: Arc::clone(&self.status),
+                early,
+                verify: self.verify.take(),
             },
             cancel,
         );
@@ -1254,6 +1319,7 @@ impl Applier {
             skip_marker: None,
             partition: self.partition,
             max_pending: self.cfg.batch_max_entries.saturating_mul(2),
+            marks: VecDeque::new(),
         };
         (feed, reader)
     }
@@ -1277,6 +1343,29 @@ impl Applier {
             .map(|p| (p.applied, p.durable))
             .unwrap_or((LogId::ZERO, LogId::ZERO));
         let target_applied = checkpoint.map(|c| c.applied()).unwrap_or(LogId::ZERO);
+        self.verify = match (checkpoint, &self.direct) {
+            (
+                Some(Checkpoint::Applied {
+                    log_id,
+                    source: Some(mark),
+                    ..
+                }),
+                Some(_),
+            ) => {
+                info!(
+                    partition = %self.partition,
+                    log_id = %log_id,
+                    durable = %durable,
+                    "the target's checkpoint names an entry applied before it was durable; checking the log's entry there before resuming"
+                );
+                Some(reader::Verify {
+                    at: log_id,
+                    mark,
+                    scan_from: durable.next(),
+                })
+            }
+            _ => None,
+        };
         self.first_load = checkpoint.is_none();
         self.epoch = checkpoint.map(|c| c.epoch()).unwrap_or(0);
         self.status.set_applied(target_applied, self.epoch);
@@ -1288,7 +1377,7 @@ impl Applier {
                 "the target is behind the wal's applied mark (it lost acknowledged writes, or it \
                  is another server); applying again from its checkpoint"
             );
-        } else if target_applied > durable {
+        } else if target_applied > durable && self.verify.is_none() {
             warn!(
                 partition = %self.partition,
                 durable = %durable,
@@ -1492,8 +1581,9 @@ impl Applier {
                 }
                 if open.is_none() {
                     self.find_voids(&mut builder, &feed.pending)?;
+                    let hold = self.hold();
                     if let Some(mut batch) =
-                        builder.build(&mut feed.pending, self.epoch, self.hold().as_ref())
+                        feed.build(&mut builder, &self.key, self.epoch, hold.as_ref())
                     {
                         if self.cfg.two_way_peers.is_some() && batch.is_silent() {
                             // Writing it would be echoed by the other side,
@@ -1551,7 +1641,7 @@ impl Applier {
                     // (A scoped flush's deletion waits for this EXEC.)
                     if !held_next && !builder.scoped_flush_next(&feed.pending) {
                         if let Some(batch) =
-                            builder.build(&mut feed.pending, self.epoch, hold.as_ref())
+                            feed.build(&mut builder, &self.key, self.epoch, hold.as_ref())
                         {
                             // A batch the applier refuses is not queued: it
                             // is turned into the error once the one before
@@ -2205,9 +2295,44 @@ struct Feed {
     partition: PartitionId,
     /// Entries held here at most (the reader's channel holds more).
     max_pending: usize,
+    /// The source positions of entries read before they were durable, in
+    /// log order, until a batch's checkpoint names them or passes them.
+    marks: VecDeque<(LogId, SourceMark)>,
 }
 
 impl Feed {
+    /// The source position of `log_id` if it was read before it was
+    /// durable; forgets those of the entries before it.
+    fn take_mark(&mut self, log_id: LogId) -> Option<SourceMark> {
+        while let Some(&(id, mark)) = self.marks.front() {
+            if id > log_id {
+                break;
+            }
+            self.marks.pop_front();
+            if id == log_id {
+                return Some(mark);
+            }
+        }
+        None
+    }
+
+    /// The next batch `builder` makes of the pending entries; a checkpoint
+    /// that names an entry read before it was durable keeps its source
+    /// position (`v3`).
+    fn build(
+        &mut self,
+        builder: &mut BatchBuilder,
+        checkpoint_key: &Bytes,
+        epoch: u64,
+        hold: Option<&Hold>,
+    ) -> Option<Batch> {
+        let mut batch = builder.build(&mut self.pending, epoch, hold)?;
+        if let Some(mark) = self.take_mark(batch.last) {
+            batch.mark_source(checkpoint_key, mark);
+        }
+        Some(batch)
+    }
+
     /// Takes what the reader has ready, without waiting, up to
     /// `max_entries` entries and `max_bytes` bytes held (a partition held
     /// for a handoff reads ahead this far for handoffs it can apply).
@@ -2295,6 +2420,9 @@ impl Feed {
             }
             self.marker_first = false;
             self.expected = entry.log_id.next();
+            if let Some(mark) = entry.mark {
+                self.marks.push_back((entry.log_id, mark));
+            }
             self.pending.push_back(entry);
         }
         Ok(())

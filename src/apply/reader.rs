@@ -38,6 +38,24 @@
 //! A fallback marker may sit below the id the reader was at (the applier
 //! accepts it anywhere: a load replaces the whole owned data set), and the
 //! reader continues after it.
+//!
+//! # Early reads
+//!
+//! With `early` (the listener's WAL, `early-apply`), the reader reads what
+//! the WAL has handed to the storage, durable or still being fsynced
+//! ([`Wal::read_written`], from the read tail only), and wakes on
+//! [`Wal::subscribe_written`] as well. Past the durable end a run takes
+//! writes only, each with its [`SourceMark`], and stops before anything else;
+//! that entry is read once it is durable ([`super`] module doc, "Applying
+//! before the fsync", has why).
+//!
+//! Before its first read, a reader given a [`Verify`] (the target's
+//! checkpoint is a `v3`) reads the log from the first id that was not
+//! durable at the applier's start up to the checkpoint's id, as it becomes
+//! durable: a snapshot marker there is loaded (the listener full-synced
+//! after the crash); otherwise the entry at the checkpoint's id must have
+//! the checkpoint's source position, and the reader goes on after it, or a
+//! fallback snapshot replaces what the target holds.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,6 +67,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use super::batch::Pending;
+use super::checkpoint::SourceMark;
 use super::ApplyError;
 use crate::position::{LogId, PartitionId};
 use crate::record::{Fragment, Record, RecordLimits, SnapshotMarker};
@@ -111,7 +130,7 @@ fn read_run(
                 at: from,
             })
         }
-        Some(entries) => decode_run(partition, entries)?,
+        Some(entries) => decode_run(partition, entries, None)?,
     };
     if !direct {
         return Ok(Run::Entries(run));
@@ -226,42 +245,65 @@ fn read_stored(
     Ok(Some(entries))
 }
 
-/// Decodes the records of `entries` into a run.
-fn decode_run(partition: PartitionId, entries: Vec<WalEntry>) -> Result<Vec<Pending>, ApplyError> {
-    entries
-        .into_iter()
-        .map(|entry| {
-            let record = Record::decode_shared(&entry.payload, RecordLimits::default()).map_err(
-                |error| ApplyError::Record {
+/// Decodes the records of `entries` into a run. `durable`: the entries were
+/// read early ([`Wal::read_written`]) when the log was durable up to this id;
+/// past it the run takes only writes, each with its source position (module
+/// doc, "Early reads"), and ends before anything else.
+fn decode_run(
+    partition: PartitionId,
+    entries: Vec<WalEntry>,
+    durable: Option<LogId>,
+) -> Result<Vec<Pending>, ApplyError> {
+    let mut run = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let early = durable.is_some_and(|durable| entry.log_id > durable);
+        let record =
+            Record::decode_shared(&entry.payload, RecordLimits::default()).map_err(|error| {
+                ApplyError::Record {
                     partition,
                     log_id: entry.log_id,
                     error,
-                },
-            )?;
-            let (record, size) = match record {
-                // Its data is read again when its write is sent: holding it
-                // here would hold whole big values.
-                Record::Fragment(fragment) => (
-                    Record::Fragment(Fragment {
-                        seq: fragment.seq,
-                        data: Bytes::new(),
-                    }),
-                    0,
-                ),
-                Record::Write(write) => {
-                    let streamed = usize::try_from(write.streamed_bytes()).unwrap_or(usize::MAX);
-                    let size = entry.payload.len().saturating_add(streamed);
-                    (Record::Write(write), size)
                 }
-                record => (record, entry.payload.len()),
-            };
-            Ok(Pending {
-                log_id: entry.log_id,
-                size,
-                record,
-            })
-        })
-        .collect()
+            })?;
+        if early && !matches!(record, Record::Write(_)) {
+            break;
+        }
+        let mark = early.then(|| SourceMark::of(&entry.source));
+        run.push(pending_of(entry.log_id, entry.payload.len(), record, mark));
+    }
+    Ok(run)
+}
+
+/// The pending entry of a decoded record.
+fn pending_of(
+    log_id: LogId,
+    payload_len: usize,
+    record: Record,
+    mark: Option<SourceMark>,
+) -> Pending {
+    let (record, size) = match record {
+        // Its data is read again when its write is sent: holding it here
+        // would hold whole big values.
+        Record::Fragment(fragment) => (
+            Record::Fragment(Fragment {
+                seq: fragment.seq,
+                data: Bytes::new(),
+            }),
+            0,
+        ),
+        Record::Write(write) => {
+            let streamed = usize::try_from(write.streamed_bytes()).unwrap_or(usize::MAX);
+            let size = payload_len.saturating_add(streamed);
+            (Record::Write(write), size)
+        }
+        record => (record, payload_len),
+    };
+    Pending {
+        log_id,
+        size,
+        record,
+        mark,
+    }
 }
 
 /// Waits until the WAL committed another append (or `idle_poll` passed);
@@ -287,6 +329,144 @@ async fn wait_for_appends(
     }
 }
 
+/// Waits until the WAL committed another append or handed another batch to
+/// the storage (or `idle_poll` passed); `false` on `cancel`. Without
+/// `written_rx`, [`wait_for_appends`].
+async fn wait_for_more(
+    appended_rx: &mut watch::Receiver<u64>,
+    written_rx: Option<&mut watch::Receiver<u64>>,
+    idle_poll: Duration,
+    cancel: &CancellationToken,
+) -> bool {
+    let Some(written_rx) = written_rx else {
+        return wait_for_appends(appended_rx, idle_poll, cancel).await;
+    };
+    tokio::select! {
+        _ = cancel.cancelled() => false,
+        changed = appended_rx.changed() => {
+            if changed.is_err() {
+                // The WAL is gone; only the fallback poll is left.
+                tokio::select! {
+                    _ = cancel.cancelled() => return false,
+                    _ = tokio::time::sleep(idle_poll) => {}
+                }
+            }
+            true
+        }
+        changed = written_rx.changed() => {
+            if changed.is_err() {
+                tokio::select! {
+                    _ = cancel.cancelled() => return false,
+                    _ = tokio::time::sleep(idle_poll) => {}
+                }
+            }
+            true
+        }
+        _ = tokio::time::sleep(idle_poll) => true,
+    }
+}
+
+/// (Direct reads) The target's checkpoint names entry `at` as applied before
+/// it was durable, at source position `mark` (checkpoint `v3`): the reader
+/// first finds out whether the log holds that entry there now (module doc,
+/// "Early reads").
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Verify {
+    pub at: LogId,
+    pub mark: SourceMark,
+    /// The first id that may have been written after the crash: a snapshot
+    /// marker from here to `at` replaces what the target holds.
+    pub scan_from: LogId,
+}
+
+/// What the log holds where a `v3` checkpoint points.
+enum Checked {
+    /// The same entry: resume after it.
+    Same,
+    /// A snapshot marker at or before it (the listener full-synced after the
+    /// crash): load it.
+    Marker(LogId),
+    /// Another entry, or none any more: a fallback snapshot replaces what the
+    /// target holds.
+    Other(String),
+}
+
+/// Reads the log from `verify.scan_from` to `verify.at` as it becomes
+/// durable (module doc, "Early reads"). `None` on `cancel`.
+async fn check_early_checkpoint(
+    wal: &Wal,
+    partition: PartitionId,
+    verify: Verify,
+    appended_rx: &mut watch::Receiver<u64>,
+    idle_poll: Duration,
+    cancel: &CancellationToken,
+) -> Option<Result<Checked, ApplyError>> {
+    let mut scan = verify.scan_from.clamp(LogId(1), verify.at);
+    loop {
+        appended_rx.borrow_and_update();
+        let durable = match wal.last_log_id(partition) {
+            Ok(durable) => durable.unwrap_or(LogId::ZERO),
+            Err(error) => return Some(Err(error.into())),
+        };
+        if durable < scan {
+            if !wait_for_appends(appended_rx, idle_poll, cancel).await {
+                return None;
+            }
+            continue;
+        }
+        let until = durable.min(verify.at);
+        let limits = ReadLimits {
+            max_entries: usize::try_from(until.0 - scan.0 + 1)
+                .unwrap_or(usize::MAX)
+                .min(4096),
+            max_bytes: 8 << 20,
+        };
+        let (read_wal, from) = (wal.clone(), scan);
+        let read = tokio::task::spawn_blocking(move || read_wal.read(partition, from, limits))
+            .await
+            .map_err(join_error);
+        let entries = match read {
+            Ok(Ok(entries)) => entries,
+            Ok(Err(WalError::Trimmed { .. })) => {
+                return Some(Ok(Checked::Other(format!(
+                    "entries up to {} were trimmed",
+                    verify.at
+                ))))
+            }
+            Ok(Err(error)) => return Some(Err(error.into())),
+            Err(error) => return Some(Err(error)),
+        };
+        if entries.is_empty() {
+            // Raced with a trim or a reset: look again.
+            if !wait_for_appends(appended_rx, idle_poll, cancel).await {
+                return None;
+            }
+            continue;
+        }
+        for entry in entries
+            .into_iter()
+            .take_while(|entry| entry.log_id <= until)
+        {
+            let record = Record::decode_shared(&entry.payload, RecordLimits::default());
+            if matches!(record, Ok(Record::Snapshot(_))) {
+                return Some(Ok(Checked::Marker(entry.log_id)));
+            }
+            if entry.log_id == verify.at {
+                let found = SourceMark::of(&entry.source);
+                return Some(Ok(if found == verify.mark {
+                    Checked::Same
+                } else {
+                    Checked::Other(format!(
+                        "source position {}, the checkpoint's {:016x}:{}",
+                        entry.source, verify.mark.replid, verify.mark.offset
+                    ))
+                }));
+            }
+            scan = entry.log_id.next();
+        }
+    }
+}
+
 /// How a reader reads.
 pub(crate) struct ReaderConfig {
     pub limits: ReadLimits,
@@ -296,6 +476,11 @@ pub(crate) struct ReaderConfig {
     pub direct: Option<Arc<dyn SnapshotProvider>>,
     /// Where fallback snapshots taken are counted.
     pub status: Arc<super::ApplyStatus>,
+    /// (Direct reads) Read entries while their WAL write is being fsynced
+    /// (module doc, "Early reads").
+    pub early: bool,
+    /// (Direct reads) The target's checkpoint is a `v3`: check it first.
+    pub verify: Option<Verify>,
 }
 
 /// Starts the reader at `from`. It stops on `cancel`, when the receiver is
@@ -317,14 +502,65 @@ pub(crate) fn spawn_reader(
         idle_poll,
         direct,
         status,
+        early,
+        verify,
     } = cfg;
+    let early = early && direct.is_some();
     let (run_tx, run_rx) = mpsc::channel(QUEUE_RUNS);
     let mut appended_rx = wal.subscribe_appends();
+    let mut written_rx = early.then(|| wal.subscribe_written());
     let task = tokio::spawn(async move {
         let mut next = from;
         let mut marker_first = marker_first;
+        // A fallback snapshot to take before anything is read.
+        let mut fallback_first = None;
+        if let (Some(verify), true) = (verify, direct.is_some()) {
+            let checked = check_early_checkpoint(
+                &wal,
+                partition,
+                verify,
+                &mut appended_rx,
+                idle_poll,
+                &cancel,
+            )
+            .await;
+            match checked {
+                None => return,
+                Some(Err(error)) => {
+                    let _ = run_tx.send(Err(error)).await;
+                    return;
+                }
+                Some(Ok(Checked::Same)) => info!(
+                    partition = %partition,
+                    log_id = %verify.at,
+                    "the log holds the same entry the target's checkpoint names; resuming after it"
+                ),
+                Some(Ok(Checked::Marker(marker))) => {
+                    info!(
+                        partition = %partition,
+                        log_id = %verify.at,
+                        %marker,
+                        "the log holds a snapshot marker before the entry the target's checkpoint names (the source was synced in full again); loading it"
+                    );
+                    next = marker;
+                }
+                Some(Ok(Checked::Other(what))) => {
+                    info!(
+                        partition = %partition,
+                        log_id = %verify.at,
+                        found = %what,
+                        "the log holds another entry there than the one the target's checkpoint names (the source's history changed while ferry was down); asking the listener for a fallback snapshot"
+                    );
+                    fallback_first = Some(verify.at.next());
+                }
+            }
+        }
         loop {
             appended_rx.borrow_and_update();
+            if let Some(written_rx) = written_rx.as_mut() {
+                written_rx.borrow_and_update();
+            }
+            let forced = fallback_first.take();
             let durable = match wal.last_log_id(partition) {
                 Ok(durable) => durable.unwrap_or(LogId::ZERO),
                 Err(error) => {
@@ -332,31 +568,59 @@ pub(crate) fn spawn_reader(
                     return;
                 }
             };
-            if durable < next {
-                if !wait_for_appends(&mut appended_rx, idle_poll, &cancel).await {
+            // An early reader reads what is written, durable or not (module
+            // doc, "Early reads"), as long as the read tail holds it.
+            let mut early_durable = None;
+            let written = match (early && forced.is_none())
+                .then(|| wal.read_written(partition, next, limits))
+                .flatten()
+            {
+                Some(Ok((entries, durable))) if !entries.is_empty() => {
+                    early_durable = Some(durable);
+                    Some(entries)
+                }
+                Some(Err(error)) => {
+                    let _ = run_tx.send(Err(error.into())).await;
+                    return;
+                }
+                _ => None,
+            };
+            if forced.is_none() && written.is_none() && durable < next {
+                if !wait_for_more(&mut appended_rx, written_rx.as_mut(), idle_poll, &cancel).await {
                     return;
                 }
                 continue;
             }
             // A reader that keeps up finds its entries in the WAL's read
             // tail: no storage read, and a short run is decoded right here.
-            let cached = match wal.read_cached(partition, next, limits) {
-                Some(Ok(entries)) if !entries.is_empty() => Some(entries),
-                // Empty, trimmed or failed: `read_run` decides, as before.
-                _ => None,
+            let cached = match (forced, written) {
+                (Some(_), _) => None,
+                (None, Some(entries)) => Some(entries),
+                (None, None) => match wal.read_cached(partition, next, limits) {
+                    Some(Ok(entries)) if !entries.is_empty() => Some(entries),
+                    // Empty, trimmed or failed: `read_run` decides, as before.
+                    _ => None,
+                },
             };
             let is_direct = direct.is_some();
             let read_wal = wal.clone();
             let at = next;
             let check = move |run: Vec<Pending>| match is_direct {
+                // An early run cut short before its first entry (not a
+                // write): nothing to check, wait for it to be durable.
+                true if run.is_empty() => Ok(Run::Entries(run)),
                 true => direct_checks(&read_wal, partition, at, run, marker_first),
                 false => Ok(Run::Entries(run)),
             };
             let run = match cached {
+                _ if forced.is_some() => Ok(Run::Fallback {
+                    entries: Vec::new(),
+                    at: forced.unwrap_or(next),
+                }),
                 // The direct checks block only on a snapshot marker (they
                 // read its first chunk): a run without one is checked here.
                 Some(entries) if entries.len() <= INLINE_DECODE_ENTRIES => {
-                    match decode_run(partition, entries) {
+                    match decode_run(partition, entries, early_durable) {
                         Ok(run)
                             if is_direct
                                 && (marker_first
@@ -373,7 +637,7 @@ pub(crate) fn spawn_reader(
                     }
                 }
                 Some(entries) => tokio::task::spawn_blocking(move || {
-                    decode_run(partition, entries).and_then(check)
+                    decode_run(partition, entries, early_durable).and_then(check)
                 })
                 .await
                 .map_err(join_error)
@@ -463,6 +727,7 @@ pub(crate) fn spawn_reader(
                     next = fallback.marker_log_id.next();
                     marker_first = false;
                     Ok(vec![Pending {
+                        mark: None,
                         log_id: fallback.marker_log_id,
                         size: 0,
                         record: Record::Snapshot(fallback.marker),
@@ -574,6 +839,8 @@ mod tests {
             idle_poll: Duration::from_millis(50),
             direct: Some(direct),
             status: Arc::clone(status),
+            early: false,
+            verify: None,
         };
         // The target says a snapshot is loading at 1, which is a write: a
         // fallback that was loading (module doc).
@@ -631,5 +898,159 @@ mod tests {
         cancel.cancel();
         assert_eq!(status.snapshot().fallback_snapshots, 1);
         wal.close().await.unwrap();
+    }
+    /// A direct reader from `from` that first checks `verify`.
+    fn read_verifying(
+        wal: &Wal,
+        provider: &Arc<Provider>,
+        status: &Arc<super::super::ApplyStatus>,
+        from: LogId,
+        verify: Verify,
+    ) -> (mpsc::Receiver<ReadResult>, CancellationToken) {
+        let cancel = CancellationToken::new();
+        let direct: Arc<dyn SnapshotProvider> = Arc::clone(provider) as Arc<dyn SnapshotProvider>;
+        let cfg = ReaderConfig {
+            limits: ReadLimits {
+                max_entries: 100,
+                max_bytes: 1 << 20,
+            },
+            idle_poll: Duration::from_millis(50),
+            direct: Some(direct),
+            status: Arc::clone(status),
+            early: true,
+            verify: Some(verify),
+        };
+        let (runs, _task) = spawn_reader(wal.clone(), P, from, false, cfg, cancel.clone());
+        (runs, cancel)
+    }
+
+    fn mark_at(offset: u64) -> SourceMark {
+        SourceMark::of(&SourcePosition {
+            replid: "r".repeat(40).into(),
+            offset: ReplOffset(offset),
+            db: 0,
+        })
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_applied_before_it_was_durable_is_checked_against_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = wal_of_three(dir.path()).await;
+        let status = Arc::new(super::super::ApplyStatus::new(P));
+        let provider = Arc::new(Provider {
+            answer: Mutex::new(Some(fallback(3, 7, 7))),
+            asked: Mutex::new(0),
+        });
+        // The log holds the entry the checkpoint names (entry 2, offset 2):
+        // the reader goes on after it.
+        let verify = Verify {
+            at: LogId(2),
+            mark: mark_at(2),
+            scan_from: LogId(1),
+        };
+        let (mut runs, cancel) = read_verifying(&wal, &provider, &status, LogId(3), verify);
+        let run = runs.recv().await.unwrap().unwrap();
+        assert_eq!(
+            run.iter().map(|p| p.log_id).collect::<Vec<_>>(),
+            vec![LogId(3)]
+        );
+        assert_eq!(*provider.asked.lock().unwrap(), 0);
+        cancel.cancel();
+        // Another source position there (another history): a fallback
+        // snapshot comes first, then what follows its marker.
+        let verify = Verify {
+            mark: mark_at(99),
+            ..verify
+        };
+        let (mut runs, cancel) = read_verifying(&wal, &provider, &status, LogId(3), verify);
+        let run = runs.recv().await.unwrap().unwrap();
+        assert!(
+            matches!(&run[..], [p] if p.log_id == LogId(3) && matches!(p.record, Record::Snapshot(_)))
+        );
+        assert_eq!(*provider.asked.lock().unwrap(), 1);
+        cancel.cancel();
+        // Not written yet: the check waits for the log to reach it.
+        let verify = Verify {
+            at: LogId(5),
+            mark: mark_at(5),
+            scan_from: LogId(4),
+        };
+        let (mut runs, cancel) = read_verifying(&wal, &provider, &status, LogId(6), verify);
+        let waited = tokio::time::timeout(Duration::from_millis(200), runs.recv()).await;
+        assert!(waited.is_err(), "{waited:?}");
+        let more = (4..=6)
+            .map(|i| {
+                let record = Record::Write(WriteRecord {
+                    db: 0,
+                    commands: vec![Command::from_parts(["SET", "k", "v"])],
+                    transaction: false,
+                    streamed: Vec::new(),
+                    tenure: None,
+                });
+                let source = SourcePosition {
+                    replid: "r".repeat(40).into(),
+                    offset: ReplOffset(i),
+                    db: 0,
+                };
+                NewEntry::new(source, record.encode())
+            })
+            .collect();
+        wal.append(P, more).await.unwrap();
+        let run = runs.recv().await.unwrap().unwrap();
+        assert_eq!(
+            run.iter().map(|p| p.log_id).collect::<Vec<_>>(),
+            vec![LogId(6)]
+        );
+        assert_eq!(*provider.asked.lock().unwrap(), 1);
+        cancel.cancel();
+        wal.close().await.unwrap();
+    }
+
+    #[test]
+    fn an_early_run_takes_writes_only_past_the_durable_end() {
+        let write = Record::Write(WriteRecord {
+            db: 0,
+            commands: vec![Command::from_parts(["INCR", "k"])],
+            transaction: false,
+            streamed: Vec::new(),
+            tenure: None,
+        });
+        let marker = Record::Snapshot(fallback(3, 7, 7).marker);
+        let entry = |id: u64, record: &Record| WalEntry {
+            log_id: LogId(id),
+            flags: 0,
+            created_unix_ms: 0,
+            bytes_end: 0,
+            stored_len: 0,
+            source: SourcePosition {
+                replid: "r".repeat(40).into(),
+                offset: ReplOffset(id),
+                db: 0,
+            },
+            payload: record.encode(),
+        };
+        let entries = || {
+            vec![
+                entry(1, &write),
+                entry(2, &write),
+                entry(3, &marker),
+                entry(4, &write),
+            ]
+        };
+        // Durable up to 1: entry 2 is taken with its source position, the
+        // marker past the durable end stops the run.
+        let run = decode_run(P, entries(), Some(LogId(1))).unwrap();
+        let got: Vec<_> = run.iter().map(|p| (p.log_id.0, p.mark)).collect();
+        assert_eq!(got, vec![(1, None), (2, Some(mark_at(2)))]);
+        // Durable up to 3: the marker is durable, entry 4 early.
+        let run = decode_run(P, entries(), Some(LogId(3))).unwrap();
+        let got: Vec<_> = run.iter().map(|p| (p.log_id.0, p.mark)).collect();
+        assert_eq!(
+            got,
+            vec![(1, None), (2, None), (3, None), (4, Some(mark_at(4)))]
+        );
+        // Not an early read: every entry, no marks.
+        let run = decode_run(P, entries(), None).unwrap();
+        assert!(run.iter().all(|p| p.mark.is_none()) && run.len() == 4);
     }
 }

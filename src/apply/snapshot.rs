@@ -1183,6 +1183,7 @@ impl Applier {
             log_id,
             epoch,
             log: self.log_tag,
+            source: None,
         };
         target
             .call_command(&Command::new(vec![

@@ -988,7 +988,10 @@ impl<'a> Repairs<'a> {
         let Some(floor) = floor else {
             return Ok(0);
         };
-        let Checkpoint::Applied { log_id, epoch, log } = floor else {
+        let Checkpoint::Applied {
+            log_id, epoch, log, ..
+        } = floor
+        else {
             return Ok(floor.applied().0);
         };
         if !self.resolution.pair.is_cluster(side) {
@@ -1000,6 +1003,7 @@ impl<'a> Repairs<'a> {
                 log_id: in_slot,
                 epoch: e,
                 log: l,
+                ..
             }) if e == epoch && l == log => log_id.max(in_slot).0,
             _ => log_id.0,
         })

@@ -1891,6 +1891,7 @@ fn first_applied(log_tag: u64) -> String {
         log_id: LogId(1),
         epoch: 0,
         log: log_tag,
+        source: None,
     }
     .encode()
 }

@@ -799,6 +799,7 @@ async fn seed(cfg: &SyncConfig, wal: &Wal, a: &RedisUrl, b: &RedisUrl) -> Result
         log_id: LogId(1),
         epoch: 0,
         log: history.log_tag,
+        source: None,
     }
     .encode();
     let mut client = connect(a).await.map_err(Seeding::Failed)?;

@@ -2,14 +2,15 @@
 //! memory so that readers that are caught up (a shipper, an applier's
 //! reader) get them without a storage read, its checksum and its copy.
 //!
-//! In: the entries of a batch, after the batch is durable and under the
-//! same lock that publishes the partition's new positions. Out: a read of
-//! `from..` within [`ReadLimits`], answered exactly as the storage would
-//! answer it, or nothing when `from` is not in the tail.
+//! In: the entries of a batch, when the batch is handed to the storage
+//! (before its fsync). Out: a read of `from..=until` within [`ReadLimits`],
+//! answered exactly as the storage would answer it, or nothing when `from`
+//! is not in the tail. Readers bound `until` by the durable end; only an
+//! early reader ([`super::Wal::read_written`]) reads past it.
 //!
-//! The tail holds a contiguous run of ids ending at the partition's durable
-//! end (an append that does not follow its last id, after a reset of the
-//! log, starts it afresh). It is bounded in bytes per partition
+//! The tail holds a contiguous run of ids ending at the partition's last
+//! written id (an append that does not follow its last id, after a reset of
+//! the log, starts it afresh). It is bounded in bytes per partition
 //! ([`Tails::cap`]: payload, replid and a fixed overhead per entry); the
 //! oldest entries leave first. A drainer's payloads are slices of the batch
 //! they arrived in: the writer copies them before the tail keeps them, so
@@ -70,9 +71,9 @@ impl Tail {
         }
     }
 
-    fn read(&self, from: LogId, limits: ReadLimits) -> Option<Vec<WalEntry>> {
+    fn read(&self, from: LogId, until: LogId, limits: ReadLimits) -> Option<Vec<WalEntry>> {
         let first = self.entries.front()?.log_id;
-        if from < first {
+        if from < first || from > until {
             return None;
         }
         let skip = usize::try_from(from.0 - first.0).ok()?;
@@ -84,7 +85,10 @@ impl Tail {
         let mut out = Vec::new();
         let mut bytes = 0;
         for entry in self.entries.iter().skip(skip) {
-            if out.len() >= limits.max_entries || (!out.is_empty() && bytes >= limits.max_bytes) {
+            if entry.log_id > until
+                || out.len() >= limits.max_entries
+                || (!out.is_empty() && bytes >= limits.max_bytes)
+            {
                 break;
             }
             bytes += entry.payload.len();
@@ -144,16 +148,18 @@ impl Tails {
         }
     }
 
-    /// Entries `from..` within `limits`, if the tail of `partition` holds
-    /// `from`. The caller checked that `from` is at or above the log's first
-    /// id and at or below its durable end.
+    /// Entries `from..=until` within `limits`, if the tail of `partition`
+    /// holds `from`. The caller checked that `from` is at or above the log's
+    /// first id, and bounds `until` (the durable end, or for an early reader
+    /// the last written id).
     pub(crate) fn read(
         &self,
         partition: PartitionId,
         from: LogId,
+        until: LogId,
         limits: ReadLimits,
     ) -> Option<Vec<WalEntry>> {
-        self.tails.get(&partition)?.read(from, limits)
+        self.tails.get(&partition)?.read(from, until, limits)
     }
 
     /// Bytes held ([`charge`]), over every partition.
@@ -187,6 +193,9 @@ mod tests {
 
     const P: PartitionId = PartitionId(0);
 
+    /// No bound on the last id read.
+    const ALL: LogId = LogId(u64::MAX);
+
     fn limits(max_entries: usize, max_bytes: usize) -> ReadLimits {
         ReadLimits {
             max_entries,
@@ -198,7 +207,7 @@ mod tests {
     fn reads_follow_the_storage_limits() {
         let mut tails = Tails::new(1 << 20);
         tails.extend(P, (1..=10).map(|id| entry(id, 10)), LogId(1));
-        let read = |from, l| tails.read(P, LogId(from), l).map(|e| ids(&e));
+        let read = |from, l| tails.read(P, LogId(from), ALL, l).map(|e| ids(&e));
         assert_eq!(read(3, limits(4, 1000)), Some(vec![3, 4, 5, 6]));
         // Stops once max_bytes were reached, never before the first entry.
         assert_eq!(read(3, limits(100, 25)), Some(vec![3, 4, 5]));
@@ -206,7 +215,19 @@ mod tests {
         assert_eq!(read(10, limits(100, 1000)), Some(vec![10]));
         // Not held: the caller goes to the storage.
         assert_eq!(read(11, limits(100, 1000)), None);
-        assert_eq!(tails.read(PartitionId(1), LogId(1), limits(1, 1)), None);
+        assert_eq!(
+            tails.read(PartitionId(1), LogId(1), ALL, limits(1, 1)),
+            None
+        );
+        // Bounded by `until` (the durable end, for every reader but an
+        // early one): nothing past it, and nothing at all from past it.
+        assert_eq!(
+            tails
+                .read(P, LogId(3), LogId(5), limits(100, 1000))
+                .map(|e| ids(&e)),
+            Some(vec![3, 4, 5])
+        );
+        assert_eq!(tails.read(P, LogId(6), LogId(5), limits(100, 1000)), None);
     }
 
     #[test]
@@ -215,16 +236,16 @@ mod tests {
         let big = MIN_PARTITION_CAP / 4 - ENTRY_OVERHEAD;
         tails.extend(P, (1..=6).map(|id| entry(id, big)), LogId(1));
         assert_eq!(tails.bytes(), MIN_PARTITION_CAP);
-        assert_eq!(tails.read(P, LogId(2), limits(10, usize::MAX)), None);
+        assert_eq!(tails.read(P, LogId(2), ALL, limits(10, usize::MAX)), None);
         assert_eq!(
             tails
-                .read(P, LogId(3), limits(10, usize::MAX))
+                .read(P, LogId(3), ALL, limits(10, usize::MAX))
                 .map(|e| ids(&e)),
             Some(vec![3, 4, 5, 6])
         );
         tails.trim(P, LogId(5));
         assert_eq!(tails.bytes(), MIN_PARTITION_CAP / 2);
-        assert_eq!(tails.read(P, LogId(4), limits(10, usize::MAX)), None);
+        assert_eq!(tails.read(P, LogId(4), ALL, limits(10, usize::MAX)), None);
     }
 
     #[test]
@@ -233,17 +254,17 @@ mod tests {
         tails.extend(P, (1..=5).map(|id| entry(id, 1)), LogId(1));
         // A reset of the log to id 3: the old 3..=5 must never be served.
         tails.extend(P, [entry(3, 2)], LogId(3));
-        let read = tails.read(P, LogId(3), limits(10, 1000)).unwrap();
+        let read = tails.read(P, LogId(3), ALL, limits(10, 1000)).unwrap();
         assert_eq!(ids(&read), vec![3]);
         assert_eq!(read[0].payload.len(), 2);
-        assert_eq!(tails.read(P, LogId(1), limits(10, 1000)), None);
+        assert_eq!(tails.read(P, LogId(1), ALL, limits(10, 1000)), None);
     }
 
     #[test]
     fn a_zero_budget_keeps_nothing() {
         let mut tails = Tails::new(0);
         tails.extend(P, (1..=3).map(|id| entry(id, 1)), LogId(1));
-        assert_eq!(tails.read(P, LogId(1), limits(10, 1000)), None);
+        assert_eq!(tails.read(P, LogId(1), ALL, limits(10, 1000)), None);
         assert_eq!(tails.bytes(), 0);
     }
 }

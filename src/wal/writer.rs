@@ -81,9 +81,13 @@ enum HistoryClaim {
 struct Shared {
     partitions: HashMap<PartitionId, PartitionState>,
     poisoned: Option<String>,
-    /// The latest committed entries of each partition, for caught-up
-    /// readers; changed only together with `partitions`.
+    /// The latest entries of each partition, for caught-up readers: put in
+    /// when their batch goes to the storage, read only up to the durable end
+    /// (`partitions`) except by an early reader ([`Wal::read_written`]).
     tails: Tails,
+    /// Each partition's last id handed to the storage, durable or not yet
+    /// (at least its durable end once that batch committed).
+    written: HashMap<PartitionId, LogId>,
 }
 
 enum Request {
@@ -184,6 +188,20 @@ enum Outcome {
 /// Granularity of tokio's timer; shorter lingers are waited by yielding.
 const TIMER_RESOLUTION: Duration = Duration::from_millis(1);
 
+/// Test hook for the crash tests of early apply: `FERRY_TEST_WAL_SYNC_DELAY_MS`
+/// makes every synced write wait this long before it starts, so that an
+/// early reader is reliably ahead of the durable end when the process is
+/// killed. Unset (always, outside those tests): no delay.
+fn test_sync_delay() -> Option<Duration> {
+    let ms = std::env::var("FERRY_TEST_WAL_SYNC_DELAY_MS").ok()?;
+    let ms: u64 = ms.trim().parse().ok()?;
+    warn!(
+        ms,
+        "FERRY_TEST_WAL_SYNC_DELAY_MS is set: every synced wal write is delayed (a test hook)"
+    );
+    Some(Duration::from_millis(ms))
+}
+
 type Reply = oneshot::Sender<Result<Outcome, WalError>>;
 
 enum Command {
@@ -201,6 +219,9 @@ struct Inner {
     shutdown_tx: watch::Sender<bool>,
     /// Bumped after every committed batch that appended entries.
     appended_tx: Arc<watch::Sender<u64>>,
+    /// Bumped when a batch that appends entries goes to the storage, before
+    /// its fsync ([`Wal::subscribe_written`]).
+    written_tx: Arc<watch::Sender<u64>>,
     /// Snapshot epochs being read right now ([`Wal::pin_snapshot`]), with
     /// their reader counts; [`Wal::collect_snapshots`] leaves them alone.
     pins: Arc<Mutex<HashMap<(PartitionId, u64), usize>>>,
@@ -366,15 +387,19 @@ impl Wal {
             partitions,
             poisoned: None,
             tails: Tails::new(config.tail_bytes.as_usize()),
+            written: HashMap::new(),
         }));
         let (command_tx, command_rx) = mpsc::channel(config.queue_depth);
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let appended_tx = Arc::new(watch::channel(0u64).0);
+        let written_tx = Arc::new(watch::channel(0u64).0);
         let disk_state = Arc::new(Mutex::new(None));
         let metrics = Arc::new(WalMetrics::default());
         let writer = GroupCommitWriter {
             metrics: Arc::clone(&metrics),
             appended_tx: Arc::clone(&appended_tx),
+            written_tx: Arc::clone(&written_tx),
+            sync_delay: test_sync_delay(),
             storage: Arc::clone(&storage),
             shared: Arc::clone(&shared),
             sync: config.sync,
@@ -406,6 +431,7 @@ impl Wal {
             retention: Mutex::new(None),
             shutdown_tx,
             appended_tx,
+            written_tx,
             pins: Arc::new(Mutex::new(HashMap::new())),
             disk_state,
             metrics,
@@ -647,6 +673,14 @@ impl Wal {
     /// empty: no append can be missed in between.
     pub fn subscribe_appends(&self) -> watch::Receiver<u64> {
         self.inner.appended_tx.subscribe()
+    }
+
+    /// A receiver whose value changes whenever a batch that appends entries
+    /// goes to the storage, before its fsync: what an early reader
+    /// ([`Wal::read_written`]) waits on, as others wait on
+    /// [`Wal::subscribe_appends`].
+    pub fn subscribe_written(&self) -> watch::Receiver<u64> {
+        self.inner.written_tx.subscribe()
     }
 
     /// Registers a downstream: from now on entries are kept until it acks
@@ -988,10 +1022,57 @@ impl Wal {
         if from > durable || limits.max_entries == 0 {
             return Held::Answer(Ok(Vec::new()));
         }
-        match shared.tails.read(partition, from, limits) {
+        match shared.tails.read(partition, from, durable, limits) {
             Some(entries) => Held::Answer(Ok(entries)),
             None => Held::Stored { durable },
         }
+    }
+
+    /// An early read: entries `from..` up to the last id handed to the
+    /// storage, durable or still being fsynced, if the read tail holds
+    /// them; with the durable end at the time of the read (the entries past
+    /// it may still be lost in a crash). `None`: not in the tail (or nothing
+    /// past `from` was written); read durable entries instead. Does not
+    /// block.
+    ///
+    /// Only for an applier of the listener's own WAL (`apply` module doc,
+    /// "Applying before the fsync"): what it applies early, the source sends
+    /// again after a crash, and the applier checks it is the same.
+    pub fn read_written(
+        &self,
+        partition: PartitionId,
+        from: LogId,
+        limits: ReadLimits,
+    ) -> Option<Result<(Vec<WalEntry>, LogId), WalError>> {
+        let shared = lock(&self.inner.shared);
+        if let Some(reason) = &shared.poisoned {
+            return Some(Err(WalError::Poisoned(reason.clone())));
+        }
+        let state = shared.partitions.get(&partition)?;
+        let written = shared.written.get(&partition).copied()?;
+        if from < state.log.first || from > written || limits.max_entries == 0 {
+            return None;
+        }
+        let entries = shared.tails.read(partition, from, written, limits)?;
+        Some(Ok((entries, state.log.last)))
+    }
+
+    /// The last id of `partition` handed to the storage, durable or being
+    /// fsynced (its durable end if nothing is in flight).
+    pub fn written_log_id(&self, partition: PartitionId) -> Result<LogId, WalError> {
+        let shared = lock(&self.inner.shared);
+        if let Some(reason) = &shared.poisoned {
+            return Err(WalError::Poisoned(reason.clone()));
+        }
+        let durable = shared
+            .partitions
+            .get(&partition)
+            .map_or(LogId::ZERO, |state| state.log.last);
+        Ok(shared
+            .written
+            .get(&partition)
+            .copied()
+            .map_or(durable, |written| written.max(durable)))
     }
 
     /// All positions of `partition`; `None` if it has no stored state.
@@ -1218,6 +1299,9 @@ struct Staged {
 struct GroupCommitWriter {
     metrics: Arc<WalMetrics>,
     appended_tx: Arc<watch::Sender<u64>>,
+    written_tx: Arc<watch::Sender<u64>>,
+    /// Test hook: slept before each synced write (`FERRY_TEST_WAL_SYNC_DELAY_MS`).
+    sync_delay: Option<Duration>,
     storage: Arc<dyn WalStorage>,
     shared: Arc<Mutex<Shared>>,
     sync: bool,
@@ -1478,6 +1562,22 @@ impl GroupCommitWriter {
                     }
                 }
             }
+            // The entries go to the read tails now, before their fsync: other
+            // readers read them only up to the durable end, an early reader
+            // (`Wal::read_written`) up to `written`.
+            let mut appended: HashMap<PartitionId, Vec<WalEntry>> = HashMap::new();
+            if self.keeps_tail {
+                for op in &ops {
+                    if let WriteOp::Entry { partition, entry } = op {
+                        let mut entry = entry.clone();
+                        if received.contains(partition) {
+                            entry.payload = Bytes::copy_from_slice(&entry.payload);
+                        }
+                        appended.entry(*partition).or_default().push(entry);
+                    }
+                }
+            }
+            let mut wrote_entries = false;
             for (partition, staged) in &staged {
                 if staged.log_changed {
                     ops.push(WriteOp::LogMeta {
@@ -1487,31 +1587,42 @@ impl GroupCommitWriter {
                     if let Some(state) = shared.partitions.get_mut(partition) {
                         state.received = staged.state.log.last;
                     }
+                    shared.written.insert(*partition, staged.state.log.last);
+                    wrote_entries = true;
+                }
+                if let Some(entries) = appended.remove(partition) {
+                    shared
+                        .tails
+                        .extend(*partition, entries, staged.state.log.first);
                 }
             }
+            drop(shared);
+            if wrote_entries {
+                self.written_tx
+                    .send_modify(|generation| *generation = generation.wrapping_add(1));
+            }
         }
-        let mut written_ops = Vec::new();
         if !ops.is_empty() {
             self.wait_for_buffer_space().await;
             let storage = Arc::clone(&self.storage);
             let sync = self.sync && !marks_only;
-            let keeps_tail = self.keeps_tail;
             let metrics = Arc::clone(&self.metrics);
+            let delay = self.sync_delay.filter(|_| sync);
             let written = tokio::task::spawn_blocking(move || {
                 let bytes = written_bytes(&ops);
+                if let Some(delay) = delay {
+                    std::thread::sleep(delay);
+                }
                 let started = std::time::Instant::now();
                 let result = storage.write(&ops, sync);
                 if result.is_ok() {
                     metrics.record_batch(bytes, sync.then(|| started.elapsed()));
                 }
-                (keeps_tail.then_some(ops), result)
+                result
             })
             .await
             .map_err(join_error)
-            .and_then(|(ops, result)| {
-                written_ops = ops.unwrap_or_default();
-                result
-            });
+            .and_then(|result| result);
             if let Err(error) = written {
                 error!(%error, "wal write failed, poisoning the wal");
                 let reason = error.to_string();
@@ -1520,20 +1631,6 @@ impl GroupCommitWriter {
                     let _ = reply.send(Err(WalError::Poisoned(reason.clone())));
                 }
                 return;
-            }
-        }
-        // The entries just made durable, for the read tails.
-        let mut appended: HashMap<PartitionId, Vec<WalEntry>> = HashMap::new();
-        for op in written_ops {
-            if let WriteOp::Entry {
-                partition,
-                mut entry,
-            } = op
-            {
-                if received.contains(&partition) {
-                    entry.payload = Bytes::copy_from_slice(&entry.payload);
-                }
-                appended.entry(partition).or_default().push(entry);
             }
         }
         let mut releases = Vec::new();
@@ -1547,9 +1644,6 @@ impl GroupCommitWriter {
                 if staged.first_raised {
                     releases.push((partition, first));
                     shared.tails.trim(partition, first);
-                }
-                if let Some(entries) = appended.remove(&partition) {
-                    shared.tails.extend(partition, entries, first);
                 }
                 staged.state.received = staged.state.log.last;
                 shared.partitions.insert(partition, staged.state);

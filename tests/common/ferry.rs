@@ -50,6 +50,14 @@ pub mod log {
     /// An applier of `ferry sync` loading a full resync while it is stored
     /// (src/apply/snapshot.rs).
     pub const PRELOAD: &str = "loading it as it comes";
+    /// The applier of `ferry sync` with early apply (`[apply] early-apply`)
+    /// starting from a checkpoint written while the entry it names was not
+    /// durable yet (a `v3` value with `src=`): it compares that entry's
+    /// source position with the one the log holds at its id now, and either
+    /// resumes after it or takes a fallback snapshot.
+    pub const EARLY_CHECKED: &str = "applied before it was durable";
+    pub const EARLY_SAME: &str = "the log holds the same entry";
+    pub const EARLY_OTHER: &str = "the log holds another entry there";
 }
 
 /// The `ferry` binary cargo built for this test run.
@@ -72,13 +80,23 @@ impl FerryProcess {
     /// so restarts keep the history). `data_dir` is where the daemon writes
     /// `admin.addr`.
     pub fn start(data_dir: &Path, args: &[String]) -> FerryProcess {
+        FerryProcess::start_with_env(data_dir, args, &[])
+    }
+
+    /// [`FerryProcess::start`] with `env` added to the process's
+    /// environment, this spawn and the next ones (e.g. a test hook such as
+    /// `FERRY_TEST_WAL_SYNC_DELAY_MS`).
+    pub fn start_with_env(data_dir: &Path, args: &[String], env: &[(&str, &str)]) -> FerryProcess {
         let log = data_dir.with_extension("log");
         let mut process = FerryProcess {
             child: None,
             data_dir: data_dir.to_path_buf(),
             log,
             args: args.to_vec(),
-            env: Vec::new(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         process.spawn();
         process
@@ -98,6 +116,18 @@ impl FerryProcess {
 
     /// `ferry sync` between two servers, admin on a free port.
     pub fn sync(data_dir: &Path, source: &str, target: &str, extra: &[&str]) -> FerryProcess {
+        FerryProcess::sync_with_env(data_dir, source, target, extra, &[])
+    }
+
+    /// [`FerryProcess::sync`] with `env` added to the process's environment
+    /// ([`FerryProcess::start_with_env`]).
+    pub fn sync_with_env(
+        data_dir: &Path,
+        source: &str,
+        target: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> FerryProcess {
         let mut args: Vec<String> = [
             "sync",
             "--source",
@@ -113,7 +143,7 @@ impl FerryProcess {
         .map(|s| s.to_string())
         .collect();
         args.extend(extra.iter().map(|s| s.to_string()));
-        FerryProcess::start(data_dir, &args)
+        FerryProcess::start_with_env(data_dir, &args, env)
     }
 
     /// `ferry <verb> --config FILE` (`listener` or `drainer`); `data_dir` is

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod crash;
 pub mod ferry;
 pub mod http;
 pub mod load;
