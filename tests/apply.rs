@@ -824,14 +824,18 @@ fn checkpoint(port: u16) -> String {
     progress(&raw_checkpoint(port))
 }
 
-/// `v2 applied=N epoch=E log=T` (or `v1 ...` without a tag) as
+/// `v2 applied=N epoch=E log=T` (or `v1 ...` without a tag, or `v3 ...
+/// src=H:O` of an entry applied before it was durable) as
 /// `applied=N epoch=E`.
 fn progress(value: &str) -> String {
     let mut fields: Vec<&str> = value.split(' ').collect();
-    if fields.first().is_some_and(|v| *v == "v1" || *v == "v2") {
+    if fields
+        .first()
+        .is_some_and(|v| *v == "v1" || *v == "v2" || *v == "v3")
+    {
         fields.remove(0);
     }
-    fields.retain(|field| !field.starts_with("log="));
+    fields.retain(|field| !field.starts_with("log=") && !field.starts_with("src="));
     fields.join(" ")
 }
 

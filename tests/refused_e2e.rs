@@ -74,7 +74,7 @@ fn applier(sync: &FerryProcess) -> serde_json::Value {
 fn wait_online(sync: &FerryProcess, target: &RedisServer) {
     wait_for("the initial sync", sync, || {
         let checkpoint = target.cmd(&["GET", "__ferry:checkpoint:ferry:0"]);
-        (checkpoint.starts_with("v2 applied=") && applier(sync)["state"] == "ONLINE").then_some(())
+        (checkpoint.contains(" applied=") && applier(sync)["state"] == "ONLINE").then_some(())
     });
 }
 

@@ -224,6 +224,9 @@ impl Checkpoint {
         }
         let log_id = LogId(log_id);
         match phase.as_str() {
+            "applied" if marked && log_id == LogId::ZERO => {
+                Err(fail("a v3 value names an entry (applied=0)"))
+            }
             "applied" => Ok(Checkpoint::Applied {
                 log_id,
                 epoch,
@@ -334,8 +337,9 @@ mod tests {
     #[test]
     fn refuses_malformed_values() {
         let long = vec![b'v'; MAX_CHECKPOINT_LEN + 1];
-        let cases: [&[u8]; 21] = [
+        let cases: [&[u8]; 22] = [
             b"",
+            b"v3 applied=0 epoch=0 log=00000000000000ab src=00000000000000ab:5",
             b"v4 applied=1 epoch=0",
             b"v3 applied=1 epoch=0 log=00000000000000ab",
             b"v3 applied=1 epoch=0 log=00000000000000ab src=12:5",

@@ -83,8 +83,11 @@
 //!   it) with its log id ([`checkpoint`]).
 //!
 //! On start, a `v3` checkpoint is checked before anything is applied
-//! ([`reader`], "Early reads"): once the WAL is durable up to the log id it
-//! names, the entry there must have the same source position. A replication
+//! ([`reader`], "Early reads"), unless the WAL's own `applied` mark is at or
+//! past it (then the WAL holds that entry durable, as this applier applied
+//! it: the usual case of a target that restarted while ferry ran on, whose
+//! entry may be trimmed by now). Once the WAL is durable up to the log id
+//! it names, the entry there must have the same source position. A replication
 //! id and an offset name one history of the source (that is what `PSYNC`
 //! relies on), and the same number of commands of it ends at the same log
 //! id only if they are the same commands, so the applier resumes after it.
@@ -1332,6 +1335,7 @@ impl Applier {
     ) -> Result<(LogId, bool), ApplyError> {
         let wal = self.wal.clone();
         let partition = self.partition;
+        self.verify = None;
         self.log_tag = wal.follow_history(partition, None, 0).await?.log_tag;
         if let Some(foreign) = checkpoint.filter(|c| c.log() != 0 && c.log() != self.log_tag) {
             return self.reconcile_foreign(foreign).await;
@@ -1343,6 +1347,9 @@ impl Applier {
             .map(|p| (p.applied, p.durable))
             .unwrap_or((LogId::ZERO, LogId::ZERO));
         let target_applied = checkpoint.map(|c| c.applied()).unwrap_or(LogId::ZERO);
+        // The WAL's own applied mark at or past the entry says this WAL holds
+        // it durable, as applied by this applier: nothing to check (the mark
+        // moves over durable ids only, and a durable entry never changes).
         self.verify = match (checkpoint, &self.direct) {
             (
                 Some(Checkpoint::Applied {
@@ -1351,7 +1358,7 @@ impl Applier {
                     ..
                 }),
                 Some(_),
-            ) => {
+            ) if wal_applied < log_id => {
                 info!(
                     partition = %self.partition,
                     log_id = %log_id,

@@ -401,7 +401,8 @@ async fn check_early_checkpoint(
     idle_poll: Duration,
     cancel: &CancellationToken,
 ) -> Option<Result<Checked, ApplyError>> {
-    let mut scan = verify.scan_from.clamp(LogId(1), verify.at);
+    // (A `v3` checkpoint names an entry: `at` >= 1, checked when decoded.)
+    let mut scan = verify.scan_from.min(verify.at).max(LogId(1));
     loop {
         appended_rx.borrow_and_update();
         let durable = match wal.last_log_id(partition) {
@@ -415,6 +416,9 @@ async fn check_early_checkpoint(
             continue;
         }
         let until = durable.min(verify.at);
+        if until < scan {
+            return Some(Ok(Checked::Other(format!("no entry {}", verify.at))));
+        }
         let limits = ReadLimits {
             max_entries: usize::try_from(until.0 - scan.0 + 1)
                 .unwrap_or(usize::MAX)
