@@ -63,8 +63,9 @@ use std::time::{Duration, Instant};
 
 use common::crash::{
     assert_converged, assert_full_syncs, assert_no_fatal, checkpoint_reader, differences,
-    info_stat, kill9_running, read_checkpoint, stored_stats, wait_first_snapshot_stored,
-    wait_for_fence, wait_until, Rng, Runs, Sampler, SOURCE_ARGS,
+    finish_converged, info_stat, kill9_running, read_checkpoint, stored_stats,
+    wait_first_snapshot_stored, wait_for_fence, wait_until, Rng, Runs, Sampler, SETTLE,
+    SOURCE_ARGS,
 };
 use common::ferry::log::{
     APPLYING, APPLY_BACK, APPLY_FAILED, ASKS_FALLBACK, FALLBACK_SNAPSHOT, FALLBACK_TAKEN,
@@ -117,9 +118,6 @@ fn short_ttl_sync(dir: &Path, source: &RedisServer, target: &FixedPortRedis) -> 
         "wal-ttl = \"2s\"\nretention-interval = \"200ms\"",
     )
 }
-
-/// Load after the last restart, before the fence.
-const SETTLE: Duration = Duration::from_millis(500);
 
 #[test]
 fn sync_survives_random_sigkills() {
@@ -232,12 +230,7 @@ fn sync_kill_loop(test: &str, kills: usize) {
         stored = stored_stats(&runs, &ferry, &source);
     }
     let (full_at_stored, partial_at_stored) = stored.expect("stored above");
-    std::thread::sleep(SETTLE);
-    let report = load.finish();
-    wait_for_fence(&source.addr(), &target.addr(), &[&ferry]);
-    let samples = sampler.finish();
-    println!("{report:?}; {samples:?}");
-    assert_converged(&source.addr(), &target.addr(), &report, &samples, &[&ferry]);
+    finish_converged(load, sampler, &source.addr(), &target.addr(), &[&ferry]);
     let (killed_mid_transfer, resumed) = assert_full_syncs(
         &runs,
         &ferry,
@@ -445,16 +438,11 @@ fn split_kill_loop(test: &str, listener_kills: usize, drainer_kills: usize) {
         at_spawn = checkpoint();
         drainer.spawn();
     }
-    std::thread::sleep(SETTLE);
-    let report = load.finish();
-    wait_for_fence(&source.addr(), &target.addr(), &[&listener, &drainer]);
-    let samples = sampler.finish();
-    println!("{report:?}; {samples:?}");
-    assert_converged(
+    finish_converged(
+        load,
+        sampler,
         &source.addr(),
         &target.addr(),
-        &report,
-        &samples,
         &[&listener, &drainer],
     );
     let (_, resumed) = assert_full_syncs(

@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::crash::{
-    assert_converged, assert_full_syncs, assert_no_fatal, checkpoint_reader, differences,
+    assert_full_syncs, assert_no_fatal, checkpoint_reader, differences, finish_converged,
     info_stat, kill9_running, stored_stats, wait_for_fence, wait_until, Rng, Runs, Sampler,
     SOURCE_ARGS,
 };
@@ -50,9 +50,6 @@ const CHECKPOINT_KEY: &str = "__ferry:checkpoint:ferry:0";
 
 /// The WAL writer's sleep before each synced write (the test hook).
 const SYNC_DELAY_ENV: &str = "FERRY_TEST_WAL_SYNC_DELAY_MS";
-
-/// Load after the last restart, before the fence.
-const SETTLE: Duration = Duration::from_millis(500);
 
 /// Writes `dir/sync.toml`: early apply on (the default, named so that the
 /// tests do not depend on it) and `listener` lines in `[listener]`.
@@ -209,12 +206,7 @@ fn sync_killed_while_applied_ahead_of_the_wal_applies_exactly_once() {
         ferry.spawn();
         kill += 1;
     }
-    std::thread::sleep(SETTLE);
-    let report = load.finish();
-    wait_for_fence(&source.addr(), &target.addr(), &[&ferry]);
-    let samples = sampler.finish();
-    println!("{report:?}; {samples:?}");
-    assert_converged(&source.addr(), &target.addr(), &report, &samples, &[&ferry]);
+    finish_converged(load, sampler, &source.addr(), &target.addr(), &[&ferry]);
     assert_full_syncs(
         &runs,
         &ferry,

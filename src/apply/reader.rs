@@ -802,12 +802,9 @@ mod tests {
         }
     }
 
-    /// A WAL holding three writes.
-    async fn wal_of_three(dir: &std::path::Path) -> Wal {
-        let wal = Wal::with_storage(Arc::new(MemWalStorage::new()), WalConfig::with_dir(dir))
-            .await
-            .unwrap();
-        let entries = (1..=3)
+    /// Writes of one stream, each ending at its offset in `offsets`.
+    fn writes(offsets: std::ops::RangeInclusive<u64>) -> Vec<NewEntry> {
+        offsets
             .map(|i| {
                 let record = Record::Write(WriteRecord {
                     db: 0,
@@ -823,8 +820,15 @@ mod tests {
                 };
                 NewEntry::new(source, record.encode())
             })
-            .collect();
-        wal.append(P, entries).await.unwrap();
+            .collect()
+    }
+
+    /// A WAL holding three writes.
+    async fn wal_of_three(dir: &std::path::Path) -> Wal {
+        let wal = Wal::with_storage(Arc::new(MemWalStorage::new()), WalConfig::with_dir(dir))
+            .await
+            .unwrap();
+        wal.append(P, writes(1..=3)).await.unwrap();
         wal
     }
 
@@ -982,24 +986,7 @@ mod tests {
         let (mut runs, cancel) = read_verifying(&wal, &provider, &status, LogId(6), verify);
         let waited = tokio::time::timeout(Duration::from_millis(200), runs.recv()).await;
         assert!(waited.is_err(), "{waited:?}");
-        let more = (4..=6)
-            .map(|i| {
-                let record = Record::Write(WriteRecord {
-                    db: 0,
-                    commands: vec![Command::from_parts(["SET", "k", "v"])],
-                    transaction: false,
-                    streamed: Vec::new(),
-                    tenure: None,
-                });
-                let source = SourcePosition {
-                    replid: "r".repeat(40).into(),
-                    offset: ReplOffset(i),
-                    db: 0,
-                };
-                NewEntry::new(source, record.encode())
-            })
-            .collect();
-        wal.append(P, more).await.unwrap();
+        wal.append(P, writes(4..=6)).await.unwrap();
         let run = runs.recv().await.unwrap().unwrap();
         assert_eq!(
             run.iter().map(|p| p.log_id).collect::<Vec<_>>(),

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use super::ferry::assert_verify_clean;
 use super::ferry::log::{FULL_SYNC_STARTED, FULL_SYNC_STORED, PARTIAL_RESYNC};
 use super::ferry::FerryProcess;
-use super::load::{assert_counters, LoadReport};
+use super::load::{assert_counters, Load, LoadReport};
 use super::resp::{connect, Conn, Resp};
 use super::workload::differences_now;
 use super::RedisServer;
@@ -330,6 +330,27 @@ pub fn differences(source: &str, target: &str) -> Vec<String> {
         found.push(format!("... {total} differences in all"));
     }
     found
+}
+
+/// Load after the last restart, before the fence.
+pub const SETTLE: Duration = Duration::from_millis(500);
+
+/// The end of a kill loop: the load runs [`SETTLE`] more and stops, the
+/// fence arrives, and everything [`assert_converged`] checks holds.
+pub fn finish_converged(
+    load: Load,
+    sampler: Sampler,
+    source: &str,
+    target: &str,
+    processes: &[&FerryProcess],
+) -> LoadReport {
+    std::thread::sleep(SETTLE);
+    let report = load.finish();
+    wait_for_fence(source, target, processes);
+    let samples = sampler.finish();
+    println!("{report:?}; {samples:?}");
+    assert_converged(source, target, &report, &samples, processes);
+    report
 }
 
 /// Everything that must hold once the load stopped and the fence arrived:
