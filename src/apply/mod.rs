@@ -73,9 +73,10 @@
 //!   again, the same bytes at the same offsets.
 //! - The WAL's `applied` mark and this applier's downstream ack move only
 //!   over durable entries ([`keep_wal_marks`]).
-//! - Only writes are applied early. A snapshot marker, a fragment of a big
-//!   value, a slot handoff or void waits to be durable, and so does every
-//!   entry after it. So the entries the target holds past the WAL's durable
+//! - Only writes are applied early. A snapshot marker, a big value (its
+//!   fragments and the write that streams them: a restart stores them
+//!   again, at other ids), a slot handoff or void waits to be durable, and
+//!   so does every entry after it. So the entries the target holds past the WAL's durable
 //!   end after a crash are exactly one entry per command of the source's
 //!   stream between the two.
 //! - A batch whose last entry was read before it was durable writes a `v3`

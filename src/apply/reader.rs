@@ -45,7 +45,8 @@
 //! the WAL has handed to the storage, durable or still being fsynced
 //! ([`Wal::read_written`], from the read tail only), and wakes on
 //! [`Wal::subscribe_written`] as well. Past the durable end a run takes
-//! writes only, each with its [`SourceMark`], and stops before anything else;
+//! writes only (without streamed arguments), each with its [`SourceMark`],
+//! and stops before anything else;
 //! that entry is read once it is durable ([`super`] module doc, "Applying
 //! before the fsync", has why).
 //!
@@ -247,8 +248,9 @@ fn read_stored(
 
 /// Decodes the records of `entries` into a run. `durable`: the entries were
 /// read early ([`Wal::read_written`]) when the log was durable up to this id;
-/// past it the run takes only writes, each with its source position (module
-/// doc, "Early reads"), and ends before anything else.
+/// past it the run takes only writes without streamed arguments, each with
+/// its source position (module doc, "Early reads"), and ends before anything
+/// else.
 fn decode_run(
     partition: PartitionId,
     entries: Vec<WalEntry>,
@@ -265,7 +267,9 @@ fn decode_run(
                     error,
                 }
             })?;
-        if early && !matches!(record, Record::Write(_)) {
+        // A write with streamed arguments is not one entry of its command:
+        // its fragments come first, and a restart stores them again.
+        if early && !matches!(&record, Record::Write(write) if write.streamed.is_empty()) {
             break;
         }
         let mark = early.then(|| SourceMark::of(&entry.source));
@@ -1043,5 +1047,22 @@ mod tests {
         // Not an early read: every entry, no marks.
         let run = decode_run(P, entries(), None).unwrap();
         assert!(run.iter().all(|p| p.mark.is_none()) && run.len() == 4);
+        // A write that streams a big value (its fragments before it) waits
+        // to be durable too.
+        let big = Record::Write(WriteRecord {
+            db: 0,
+            commands: vec![Command::from_parts(["SET", "big", ""])],
+            transaction: false,
+            streamed: vec![crate::redis::psync::StreamedArg {
+                command: 0,
+                arg: 2,
+                len: 10,
+                fragments: 1,
+            }],
+            tenure: None,
+        });
+        let run = decode_run(P, vec![entry(1, &write), entry(2, &big)], Some(LogId(0))).unwrap();
+        let got: Vec<_> = run.iter().map(|p| (p.log_id.0, p.mark)).collect();
+        assert_eq!(got, vec![(1, Some(mark_at(1)))]);
     }
 }
