@@ -317,57 +317,38 @@ async fn wait_for_appends(
     idle_poll: Duration,
     cancel: &CancellationToken,
 ) -> bool {
-    tokio::select! {
-        _ = cancel.cancelled() => false,
-        changed = appended_rx.changed() => {
-            if changed.is_err() {
-                // The WAL is gone; only the fallback poll is left.
-                tokio::select! {
-                    _ = cancel.cancelled() => return false,
-                    _ = tokio::time::sleep(idle_poll) => {}
-                }
-            }
-            true
-        }
-        _ = tokio::time::sleep(idle_poll) => true,
-    }
+    wait_for_more(appended_rx, None, idle_poll, cancel).await
 }
 
-/// Waits until the WAL committed another append or handed another batch to
-/// the storage (or `idle_poll` passed); `false` on `cancel`. Without
-/// `written_rx`, [`wait_for_appends`].
+/// Waits until the WAL committed another append or, with `written_rx`,
+/// handed another batch to the storage (or `idle_poll` passed); `false` on
+/// `cancel`.
 async fn wait_for_more(
     appended_rx: &mut watch::Receiver<u64>,
     written_rx: Option<&mut watch::Receiver<u64>>,
     idle_poll: Duration,
     cancel: &CancellationToken,
 ) -> bool {
-    let Some(written_rx) = written_rx else {
-        return wait_for_appends(appended_rx, idle_poll, cancel).await;
+    let written = async {
+        match written_rx {
+            Some(written_rx) => written_rx.changed().await,
+            None => std::future::pending().await,
+        }
     };
-    tokio::select! {
-        _ = cancel.cancelled() => false,
-        changed = appended_rx.changed() => {
-            if changed.is_err() {
-                // The WAL is gone; only the fallback poll is left.
-                tokio::select! {
-                    _ = cancel.cancelled() => return false,
-                    _ = tokio::time::sleep(idle_poll) => {}
-                }
-            }
-            true
+    let changed = tokio::select! {
+        _ = cancel.cancelled() => return false,
+        changed = appended_rx.changed() => changed,
+        changed = written => changed,
+        _ = tokio::time::sleep(idle_poll) => return true,
+    };
+    if changed.is_err() {
+        // The WAL is gone; only the fallback poll is left.
+        tokio::select! {
+            _ = cancel.cancelled() => return false,
+            _ = tokio::time::sleep(idle_poll) => {}
         }
-        changed = written_rx.changed() => {
-            if changed.is_err() {
-                tokio::select! {
-                    _ = cancel.cancelled() => return false,
-                    _ = tokio::time::sleep(idle_poll) => {}
-                }
-            }
-            true
-        }
-        _ = tokio::time::sleep(idle_poll) => true,
     }
+    true
 }
 
 /// (Direct reads) The target's checkpoint names entry `at` as applied before
