@@ -226,6 +226,29 @@ impl Record {
         streamed: &[StreamedArg],
         tenure: Option<SlotTenure>,
     ) -> Bytes {
+        Record::encode_write_into(
+            &mut BytesMut::new(),
+            db,
+            commands,
+            transaction,
+            streamed,
+            tenure,
+        )
+    }
+
+    /// [`Record::encode_write_tagged`], encoded at the end of `arena` and
+    /// split off it. The listener encodes every entry of a receive pass into
+    /// one arena: the payloads then share one buffer, so an entry costs no
+    /// allocation of its own, and cloning its payload (for the WAL's read
+    /// tail) only counts a reference.
+    pub fn encode_write_into(
+        arena: &mut BytesMut,
+        db: u32,
+        commands: &[Command],
+        transaction: bool,
+        streamed: &[StreamedArg],
+        tenure: Option<SlotTenure>,
+    ) -> Bytes {
         // Protobuf tags: field number << 3 | wire type (0 varint, 2 bytes).
         const RECORD_WRITE: u8 = 1 << 3 | 2;
         const WRITE_DB: u8 = 1 << 3;
@@ -261,19 +284,26 @@ impl Record {
         if let Some(t) = &tenure_pb {
             write_len += field_len(t.encoded_len());
         }
-        let mut buf = BytesMut::with_capacity(field_len(write_len));
+        // Written into the arena's free room, or a new block of it.
+        const ARENA_BLOCK: usize = 64 * 1024;
+        debug_assert!(arena.is_empty(), "every record is split off its arena");
+        let len = field_len(write_len);
+        if arena.capacity() < len {
+            *arena = BytesMut::with_capacity(len.max(ARENA_BLOCK));
+        }
+        let buf = arena;
         buf.put_u8(RECORD_WRITE);
-        encode_varint(write_len as u64, &mut buf);
+        encode_varint(write_len as u64, buf);
         if db != 0 {
             buf.put_u8(WRITE_DB);
-            encode_varint(u64::from(db), &mut buf);
+            encode_varint(u64::from(db), buf);
         }
         for command in commands {
             buf.put_u8(WRITE_COMMAND);
-            encode_varint(command_len(command) as u64, &mut buf);
+            encode_varint(command_len(command) as u64, buf);
             for arg in &command.args {
                 buf.put_u8(COMMAND_ARG);
-                encode_varint(arg.len() as u64, &mut buf);
+                encode_varint(arg.len() as u64, buf);
                 buf.put_slice(arg);
             }
         }
@@ -283,16 +313,16 @@ impl Record {
         }
         for arg in &streamed_pb {
             buf.put_u8(WRITE_STREAMED);
-            encode_varint(arg.encoded_len() as u64, &mut buf);
+            encode_varint(arg.encoded_len() as u64, buf);
             // `buf` was sized for it: encoding cannot fail.
-            let _ = arg.encode(&mut buf);
+            let _ = arg.encode(buf);
         }
         if let Some(t) = &tenure_pb {
             buf.put_u8(WRITE_TENURE);
-            encode_varint(t.encoded_len() as u64, &mut buf);
-            let _ = t.encode(&mut buf);
+            encode_varint(t.encoded_len() as u64, buf);
+            let _ = t.encode(buf);
         }
-        buf.freeze()
+        buf.split().freeze()
     }
 
     /// The encoded record of a fragment (one copy of `data`).
@@ -337,6 +367,9 @@ impl Record {
     /// it, no copies): the form for payloads already held as [`Bytes`].
     pub fn decode_shared(payload: &Bytes, limits: RecordLimits) -> Result<Record, RecordError> {
         Record::check_len(payload.len(), limits)?;
+        if let Some(write) = plain_write(payload, limits) {
+            return Ok(Record::Write(write));
+        }
         let message =
             pb::Record::decode(payload.clone()).map_err(|e| RecordError::Decode(e.to_string()))?;
         Record::from_pb(message, limits)
@@ -554,6 +587,130 @@ fn scope_from_pb(scope: pb::SlotScope) -> Result<SlotRanges, RecordError> {
         ranges.push((r.first as u16, r.last as u16));
     }
     Ok(SlotRanges::from_ranges(ranges))
+}
+
+/// The write record of `payload` when it is laid out as
+/// [`Record::encode_write_tagged`] lays out a write without streamed
+/// arguments, and valid; `None` for anything else (another kind, streamed
+/// arguments, another field order, an unknown field, an invalid write), which
+/// the caller decodes with prost instead, errors included.
+///
+/// This runs once per entry an applier reads. Prost builds each command's
+/// arguments by pushing onto a vector that starts empty; this counts them
+/// first, so each command costs one allocation. Whatever it accepts, prost
+/// decodes to the same record (a test checks it on mutated payloads).
+fn plain_write(payload: &Bytes, limits: RecordLimits) -> Option<WriteRecord> {
+    const RECORD_WRITE: u8 = 1 << 3 | 2;
+    const WRITE_DB: u8 = 1 << 3;
+    const WRITE_COMMAND: u8 = 2 << 3 | 2;
+    const WRITE_TRANSACTION: u8 = 3 << 3;
+    const WRITE_TENURE: u8 = 5 << 3 | 2;
+    const COMMAND_ARG: u8 = 1 << 3 | 2;
+    const TENURE_SLOT: u8 = 1 << 3;
+    const TENURE_GEN: u8 = 2 << 3;
+    let bytes = &payload[..];
+    let mut pos = 0;
+    if *bytes.first()? != RECORD_WRITE {
+        return None;
+    }
+    pos += 1;
+    let len = plain_len(bytes, &mut pos)?;
+    if len != bytes.len() - pos {
+        return None;
+    }
+    let mut write = WriteRecord {
+        db: 0,
+        commands: Vec::with_capacity(1),
+        transaction: false,
+        streamed: Vec::new(),
+        tenure: None,
+    };
+    if bytes.get(pos) == Some(&WRITE_DB) {
+        pos += 1;
+        write.db = u32::try_from(varint(bytes, &mut pos)?).ok()?;
+    }
+    while bytes.get(pos) == Some(&WRITE_COMMAND) {
+        pos += 1;
+        let len = plain_len(bytes, &mut pos)?;
+        let end = pos.checked_add(len).filter(|&end| end <= bytes.len())?;
+        // First pass: count and check the arguments.
+        let (mut at, mut count) = (pos, 0usize);
+        while at < end {
+            if bytes[at] != COMMAND_ARG {
+                return None;
+            }
+            at += 1;
+            let len = plain_len(&bytes[..end], &mut at)?;
+            at = at.checked_add(len).filter(|&next| next <= end)?;
+            count += 1;
+        }
+        if count == 0 || write.commands.len() == limits.max_commands {
+            return None;
+        }
+        let mut args = Vec::with_capacity(count);
+        while pos < end {
+            pos += 1;
+            // Read above: within `end`.
+            let len = plain_len(bytes, &mut pos)?;
+            args.push(payload.slice(pos..pos + len));
+            pos += len;
+        }
+        write.commands.push(Command::new(args));
+    }
+    if write.commands.is_empty() {
+        return None;
+    }
+    if bytes.get(pos) == Some(&WRITE_TRANSACTION) {
+        pos += 1;
+        write.transaction = varint(bytes, &mut pos)? != 0;
+    }
+    if bytes.get(pos) == Some(&WRITE_TENURE) {
+        pos += 1;
+        let len = plain_len(bytes, &mut pos)?;
+        let end = pos.checked_add(len).filter(|&end| end == bytes.len())?;
+        let (mut slot, mut gen) = (0u64, 0u64);
+        if bytes.get(pos) == Some(&TENURE_SLOT) && pos < end {
+            pos += 1;
+            slot = varint(&bytes[..end], &mut pos)?;
+        }
+        if bytes.get(pos) == Some(&TENURE_GEN) && pos < end {
+            pos += 1;
+            gen = varint(&bytes[..end], &mut pos)?;
+        }
+        if pos != end {
+            return None;
+        }
+        write.tenure = Some(SlotTenure {
+            slot: u16::try_from(slot)
+                .ok()
+                .filter(|&slot| slot < CLUSTER_SLOTS)?,
+            gen,
+        });
+    }
+    (pos == bytes.len()).then_some(write)
+}
+
+/// A varint as protobuf writes it (at most 10 bytes, no bits past 64).
+fn varint(bytes: &[u8], pos: &mut usize) -> Option<u64> {
+    let mut value = 0u64;
+    for shift in 0..10 {
+        let byte = *bytes.get(*pos)?;
+        *pos += 1;
+        if shift == 9 && byte > 1 {
+            return None;
+        }
+        value |= u64::from(byte & 0x7f) << (7 * shift);
+        if byte < 0x80 {
+            return Some(value);
+        }
+    }
+    None
+}
+
+/// A length prefix that fits in what is left of `bytes`.
+fn plain_len(bytes: &[u8], pos: &mut usize) -> Option<usize> {
+    let len = usize::try_from(varint(bytes, pos)?).ok()?;
+    (len <= bytes.len() - *pos).then_some(len)
 }
 
 /// A write must carry 1..=`max_commands` commands, none of them empty.
@@ -924,5 +1081,131 @@ mod tests {
                 data: Bytes::from_static(b"data")
             }))
         );
+    }
+
+    mod plain {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn writes() -> impl Strategy<Value = WriteRecord> {
+            let arg = proptest::collection::vec(any::<u8>(), 0..200).prop_map(Bytes::from);
+            let command = proptest::collection::vec(arg, 1..6).prop_map(Command::new);
+            let tenure = proptest::option::of(
+                (0..CLUSTER_SLOTS, any::<u64>()).prop_map(|(slot, gen)| SlotTenure { slot, gen }),
+            );
+            (
+                prop_oneof![Just(0u32), any::<u32>()],
+                proptest::collection::vec(command, 1..5),
+                any::<bool>(),
+                tenure,
+            )
+                .prop_map(|(db, commands, transaction, tenure)| WriteRecord {
+                    db,
+                    commands,
+                    transaction,
+                    streamed: Vec::new(),
+                    tenure,
+                })
+        }
+
+        /// What prost makes of `payload`, as `decode_shared` did before the
+        /// plain path.
+        fn by_prost(payload: &Bytes, limits: RecordLimits) -> Result<Record, RecordError> {
+            Record::check_len(payload.len(), limits)?;
+            let message = pb::Record::decode(payload.clone())
+                .map_err(|e| RecordError::Decode(e.to_string()))?;
+            Record::from_pb(message, limits)
+        }
+
+        proptest! {
+            #[test]
+            fn every_encoded_write_takes_the_plain_path(write in writes()) {
+                let payload = Record::Write(write.clone()).encode();
+                prop_assert_eq!(plain_write(&payload, RecordLimits::default()), Some(write.clone()));
+                prop_assert_eq!(by_prost(&payload, RecordLimits::default()), Ok(Record::Write(write)));
+            }
+
+            #[test]
+            fn what_the_plain_path_accepts_prost_reads_the_same(
+                write in writes(),
+                edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0..3u8), 1..4),
+            ) {
+                let mut bytes = Record::Write(write).encode().to_vec();
+                for (at, byte, how) in edits {
+                    if bytes.is_empty() {
+                        break;
+                    }
+                    let at = at.index(bytes.len());
+                    match how {
+                        0 => bytes[at] = byte,
+                        1 => bytes.truncate(at),
+                        _ => bytes.insert(at, byte),
+                    }
+                }
+                let payload = Bytes::from(bytes);
+                let limits = RecordLimits { max_payload: 1 << 20, max_commands: 3 };
+                if let Some(write) = plain_write(&payload, limits) {
+                    prop_assert_eq!(by_prost(&payload, limits), Ok(Record::Write(write)));
+                }
+                prop_assert_eq!(Record::decode_shared(&payload, limits), by_prost(&payload, limits));
+            }
+        }
+
+        #[test]
+        fn other_layouts_go_to_prost() {
+            let limits = RecordLimits::default();
+            let streamed = Record::Write(WriteRecord {
+                db: 0,
+                commands: vec![Command::from_parts(["SET", "k", ""])],
+                transaction: false,
+                streamed: vec![StreamedArg {
+                    command: 0,
+                    arg: 2,
+                    len: 10,
+                    fragments: 1,
+                }],
+                tenure: None,
+            });
+            let set = Command::from_parts(["SET", "k", "v"]);
+            // The fields in another order than ours: db after the command.
+            let mut reordered = pb::Write {
+                commands: vec![pb::Command {
+                    args: set.args.clone(),
+                }],
+                ..Default::default()
+            }
+            .encode_to_vec();
+            reordered.extend_from_slice(&[0x08, 0x05]);
+            let mut reordered_record = vec![0x0a, reordered.len() as u8];
+            reordered_record.extend_from_slice(&reordered);
+            let reordered_record = Bytes::from(reordered_record);
+            for payload in [
+                streamed.encode(),
+                Record::encode_fragment(0, b"x"),
+                Record::Handoff(SlotHandoff {
+                    slot: 1,
+                    to: 2,
+                    gen: 3,
+                })
+                .encode(),
+                reordered_record.clone(),
+            ] {
+                assert_eq!(plain_write(&payload, limits), None);
+            }
+            assert_eq!(
+                Record::decode_shared(&streamed.encode(), limits),
+                Ok(streamed)
+            );
+            assert_eq!(
+                Record::decode_shared(&reordered_record, limits),
+                Ok(Record::Write(WriteRecord {
+                    db: 5,
+                    commands: vec![set],
+                    transaction: false,
+                    streamed: Vec::new(),
+                    tenure: None,
+                }))
+            );
+        }
     }
 }

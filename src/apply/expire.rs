@@ -269,9 +269,17 @@ impl ExpireGrace {
         if self.ms == 0 || cmd.args.len() < 3 {
             return cmd;
         }
-        let name = cmd.name().to_ascii_uppercase();
+        // Every name below fits: a longer one is none of them. Uppercased
+        // on the stack, as this runs for every replicated command.
+        let mut upper = [0u8; 16];
+        let Some(name) = upper.get_mut(..cmd.name().len()) else {
+            return cmd;
+        };
+        name.copy_from_slice(cmd.name());
+        name.make_ascii_uppercase();
+        let name: &[u8] = name;
         let args = &mut cmd.args;
-        match name.as_slice() {
+        match name {
             b"SET" => self.rewrite_options(args, 3),
             b"GETEX" => self.rewrite_options(args, 2),
             b"SETEX" => {
@@ -281,7 +289,7 @@ impl ExpireGrace {
                 self.rewrite_at(args, 2, TimeForm::RelativeMs);
             }
             b"EXPIRE" | b"PEXPIRE" | b"EXPIREAT" | b"PEXPIREAT" => {
-                let form = match name.as_slice() {
+                let form = match name {
                     b"EXPIRE" => TimeForm::RelativeS,
                     b"PEXPIRE" => TimeForm::RelativeMs,
                     b"EXPIREAT" => TimeForm::AbsoluteS,

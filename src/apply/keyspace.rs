@@ -98,6 +98,7 @@
 //! Without a key filter nothing here allocates per command beyond what the
 //! command table's key lookup already does.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
@@ -941,27 +942,33 @@ impl OwnedKeyspace {
         if self.keys.is_some() && SCRIPT_COMMANDS.iter().any(|name| cmd.is(name)) {
             return KeyClass::Unknown;
         }
-        match command::keys(cmd) {
-            Ok(keys) if keys.is_empty() => KeyClass::Data,
-            Ok(keys) => {
-                let (mut internal, mut owned) = (0, 0);
-                for key in &keys {
-                    if key.starts_with(INTERNAL_PREFIX) {
-                        internal += 1;
-                    } else if self.keys.as_ref().map_or(true, |filter| filter.owns(key)) {
-                        owned += 1;
-                    }
-                }
-                if owned == keys.len() {
-                    KeyClass::Data
-                } else if internal == keys.len() {
-                    KeyClass::Internal
-                } else if owned == 0 {
-                    KeyClass::Outside
-                } else {
-                    KeyClass::Mixed
+        // Once per replicated command: the key indices go into one buffer
+        // per thread (kept small), and the keys are read in place.
+        thread_local! {
+            static INDICES: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
+        }
+        let counts = INDICES.with_borrow_mut(|indices| {
+            let found = command::key_indices_into(cmd, indices);
+            let (mut keys, mut internal, mut owned) = (0usize, 0usize, 0usize);
+            for key in indices.iter().filter_map(|&i| cmd.args.get(i)) {
+                keys += 1;
+                if key.starts_with(INTERNAL_PREFIX) {
+                    internal += 1;
+                } else if self.keys.as_ref().map_or(true, |filter| filter.owns(key)) {
+                    owned += 1;
                 }
             }
+            if indices.capacity() > 1024 {
+                *indices = Vec::new();
+            }
+            found.map(|()| (keys, internal, owned))
+        });
+        match counts {
+            Ok((0, _, _)) => KeyClass::Data,
+            Ok((keys, _, owned)) if owned == keys => KeyClass::Data,
+            Ok((keys, internal, _)) if internal == keys => KeyClass::Internal,
+            Ok((_, _, 0)) => KeyClass::Outside,
+            Ok(_) => KeyClass::Mixed,
             // Without a key filter: data, as far as we can tell.
             Err(_) if self.keys.is_none() => KeyClass::Data,
             Err(_) => KeyClass::Unknown,
@@ -1082,7 +1089,10 @@ impl OwnedKeyspace {
         databases: u32,
         track: bool,
     ) -> Result<Translated, Refusal> {
-        let mut out = Translated::default();
+        let mut out = Translated {
+            commands: Vec::with_capacity(commands.len()),
+            ..Translated::default()
+        };
         let mut db = db;
         for (index, cmd) in commands.into_iter().enumerate() {
             if cmd.is("SELECT") {

@@ -86,7 +86,7 @@ pub(crate) use crate::position::now_unix_ms as unix_ms;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use tokio::sync::{watch, Mutex};
@@ -540,6 +540,9 @@ struct Pending {
     /// clock reading per pass, as it all arrived together (a reading per
     /// entry was 1% of the listener's CPU at full rate).
     now_unix_ms: u64,
+    /// Where the entries' payloads are encoded ([`Record::encode_write_into`]):
+    /// blocks shared by consecutive entries. Carried from batch to batch.
+    arena: BytesMut,
 }
 
 struct Session {
@@ -997,7 +1000,10 @@ impl Session {
                         });
                     }
                 }
-                let batch = std::mem::take(&mut pending);
+                let mut batch = std::mem::take(&mut pending);
+                // The next batch is likely as long: one allocation for it.
+                pending.entries.reserve(batch.entries.len());
+                pending.arena = std::mem::take(&mut batch.arena);
                 let info = BatchInfo {
                     last: batch
                         .entries
@@ -1329,7 +1335,8 @@ impl Session {
                     .route
                     .as_ref()
                     .and_then(|route| route.tenure_of(&entry.commands));
-                let payload = Record::encode_write_tagged(
+                let payload = Record::encode_write_into(
+                    &mut pending.arena,
                     entry.db,
                     &entry.commands,
                     entry.transaction,

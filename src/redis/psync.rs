@@ -1018,6 +1018,17 @@ impl PsyncSource {
                 }
                 Scan::Complete => {}
             }
+            if let Some((command, len)) = self.frame_scan.take_command(&mut self.link.buf) {
+                self.frame_scan = FrameScan::default();
+                self.decoder.skip(len as u64);
+                let start = self.received;
+                self.received += len as u64;
+                self.acks.received.store(self.received, Ordering::Release);
+                if let Some(event) = self.on_command(command, &[], 0, start, len)? {
+                    return Ok(event);
+                }
+                continue;
+            }
             let Some((frame, len)) = self.decoder.decode_frame(&mut self.link.buf)? else {
                 self.frame_scan = FrameScan::default();
                 let offset = self.received;
@@ -1625,6 +1636,50 @@ impl FrameScan {
     }
 }
 
+impl FrameScan {
+    /// The command at the front of `buf`, taken out of it, when the scan
+    /// found it whole: a non-empty array of bulk strings within the limits,
+    /// each followed by its CRLF. `None` leaves `buf` as it is, for the
+    /// decoder proper (which names what is wrong, if anything).
+    ///
+    /// This is the usual frame of the stream: its arguments are slices of
+    /// one buffer, without the decoder's second scan and its frame tree.
+    fn take_command(&self, buf: &mut BytesMut) -> Option<(Command, usize)> {
+        if self.elements_left != Some(0) || self.elements_seen == 0 || buf.len() < self.scanned {
+            return None;
+        }
+        let count = usize::try_from(self.elements_seen).ok()?;
+        // Each argument's data, after its header at `pos`: the scan checked
+        // every header and length, and the terminators are checked here,
+        // before anything is taken.
+        let arg_at = |buf: &[u8], pos: usize| -> Option<std::ops::Range<usize>> {
+            let Header::Len { value, end } = read_header(buf, pos, b'$', u64::MAX) else {
+                return None;
+            };
+            let data_end = end.checked_add(usize::try_from(value).ok()?)?;
+            (buf.get(data_end..data_end.checked_add(2)?)? == b"\r\n").then_some(end..data_end)
+        };
+        let Header::Len { end: first, .. } = read_header(buf, 0, b'*', u64::MAX) else {
+            return None;
+        };
+        let mut pos = first;
+        for _ in 0..count {
+            pos = arg_at(buf, pos)?.end + 2;
+        }
+        if pos != self.scanned {
+            return None;
+        }
+        let frame = buf.split_to(pos).freeze();
+        let mut args = Vec::with_capacity(count);
+        let mut pos = first;
+        while let Some(range) = (pos < frame.len()).then(|| arg_at(&frame, pos)).flatten() {
+            pos = range.end + 2;
+            args.push(frame.slice(range));
+        }
+        Some((Command::new(args), pos))
+    }
+}
+
 enum Header {
     Incomplete,
     /// Not a well-formed `<tag><len>\r\n` within the limits.
@@ -1660,8 +1715,14 @@ fn read_header(buf: &[u8], pos: usize, tag: u8, limit: u64) -> Header {
         return Header::Incomplete;
     };
     let digits = &window[..cr];
-    let value = (lf == b'\n' && !digits.is_empty() && digits.iter().all(u8::is_ascii_digit))
-        .then(|| std::str::from_utf8(digits).ok()?.parse::<u64>().ok())
+    // At most 21 digits, all ASCII (checked above): overflow is the only
+    // way to fail.
+    let value = (lf == b'\n' && !digits.is_empty())
+        .then(|| {
+            digits.iter().try_fold(0u64, |value, digit| {
+                value.checked_mul(10)?.checked_add(u64::from(digit - b'0'))
+            })
+        })
         .flatten();
     match value {
         Some(value) if value <= limit => Header::Len {
@@ -1788,6 +1849,58 @@ mod tests {
         let (payload, rest) = run_eof(&data, 5, 8);
         assert_eq!(payload, [&MARK[..39], b"xyz"].concat());
         assert!(rest.is_empty());
+    }
+
+    mod take_command {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Whatever the scan's fast path takes, the decoder reads as the
+            /// same command, from the same bytes; what it leaves, it leaves
+            /// untouched.
+            #[test]
+            fn agrees_with_the_decoder(
+                args in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..40), 1..6),
+                edit in proptest::option::of((any::<prop::sample::Index>(), any::<u8>())),
+                cut in any::<prop::sample::Index>(),
+            ) {
+                let mut wire = BytesMut::new();
+                crate::redis::resp::encode_command(&args, &mut wire);
+                if let Some((at, byte)) = edit {
+                    let at = at.index(wire.len());
+                    wire[at] = byte;
+                }
+                // Followed by part of the next command.
+                wire.extend_from_slice(&b"*1\r\n$4\r\nPI"[..cut.index(11)]);
+                let limits = RespLimits::default();
+                let rule = StreamRule { threshold: 1 << 20, budget_left: 1 << 20 };
+                let mut scan = FrameScan::default();
+                if scan.complete(&wire, &limits, &rule) != Scan::Complete {
+                    return Ok(());
+                }
+                let mut fast_buf = wire.clone();
+                let fast = scan.take_command(&mut fast_buf);
+                let mut slow_buf = wire.clone();
+                let slow = RespDecoder::new(limits)
+                    .decode_frame(&mut slow_buf)
+                    .ok()
+                    .flatten()
+                    .and_then(|(frame, len)| frame_to_command(frame, 0).ok().map(|c| (c, len)));
+                match fast {
+                    Some(fast) => {
+                        prop_assert_eq!(Some(fast), slow);
+                        prop_assert_eq!(fast_buf, slow_buf);
+                    }
+                    None => {
+                        prop_assert_eq!(fast_buf, wire);
+                        if edit.is_none() {
+                            prop_assert!(false, "an intact command was left to the decoder");
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -142,9 +142,26 @@ fn put_line(dst: &mut BytesMut, tag: u8, line: &[u8]) {
 }
 
 fn put_int(dst: &mut BytesMut, tag: u8, i: i64) {
-    let mut buf = itoa_buf();
-    let text = format_i64(&mut buf, i);
-    put_line(dst, tag, text);
+    // The whole line in one copy: the tag, a sign, at most 19 digits, CRLF.
+    let mut line = [0u8; 24];
+    line[22..].copy_from_slice(b"\r\n");
+    let mut pos = 22;
+    let mut n = i.unsigned_abs();
+    loop {
+        pos -= 1;
+        line[pos] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    if i < 0 {
+        pos -= 1;
+        line[pos] = b'-';
+    }
+    pos -= 1;
+    line[pos] = tag;
+    dst.put_slice(&line[pos..]);
 }
 
 fn put_len(dst: &mut BytesMut, tag: u8, len: usize) {
@@ -152,38 +169,18 @@ fn put_len(dst: &mut BytesMut, tag: u8, len: usize) {
 }
 
 fn put_bulk(dst: &mut BytesMut, tag: u8, data: &[u8]) {
+    // The header (a tag, at most 20 digits, CRLF) and the data at once.
+    dst.reserve(data.len() + 25);
     put_len(dst, tag, data.len());
-    dst.reserve(data.len() + 2);
     dst.put_slice(data);
     dst.put_slice(b"\r\n");
 }
 
-fn itoa_buf() -> [u8; 20] {
-    [0u8; 20]
-}
-
-/// Formats `i` into `buf` without allocating; returns the digits.
-fn format_i64(buf: &mut [u8; 20], i: i64) -> &[u8] {
-    let negative = i < 0;
-    let mut n = i.unsigned_abs();
-    let mut pos = buf.len();
-    loop {
-        pos -= 1;
-        buf[pos] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    if negative {
-        pos -= 1;
-        buf[pos] = b'-';
-    }
-    &buf[pos..]
-}
-
 /// Appends a command as a RESP array of bulk strings.
 pub fn encode_command<T: AsRef<[u8]>>(args: &[T], dst: &mut BytesMut) {
+    // Room for every header at its longest: one reservation per command.
+    let data: usize = args.iter().map(|arg| arg.as_ref().len()).sum();
+    dst.reserve(data.saturating_add((args.len() + 1).saturating_mul(25)));
     put_len(dst, b'*', args.len());
     for arg in args {
         put_bulk(dst, b'$', arg.as_ref());
@@ -357,11 +354,35 @@ fn scan_line(buf: &[u8], pos: usize, limits: &RespLimits, base: u64) -> ScanResu
     }
 }
 
+/// An integer as `str::parse::<i64>` reads one (an optional sign, then
+/// ASCII digits), without its UTF-8 check: every length header of the
+/// replication stream goes through here.
 fn parse_i64(text: &[u8]) -> Option<i64> {
     if text.is_empty() || text.len() > 20 {
         return None;
     }
-    std::str::from_utf8(text).ok()?.parse().ok()
+    let (negative, digits) = match text[0] {
+        b'-' => (true, &text[1..]),
+        b'+' => (false, &text[1..]),
+        _ => (false, text),
+    };
+    if digits.is_empty() {
+        return None;
+    }
+    // Accumulated negative: i64::MIN has no positive counterpart.
+    let mut value: i64 = 0;
+    for &byte in digits {
+        let digit = byte.wrapping_sub(b'0');
+        if digit > 9 {
+            return None;
+        }
+        value = value.checked_mul(10)?.checked_sub(i64::from(digit))?;
+    }
+    if negative {
+        Some(value)
+    } else {
+        value.checked_neg()
+    }
 }
 
 /// Reads a length header (`-1` allowed for nulls); checks it against `limit`.
@@ -912,6 +933,21 @@ mod tests {
         }
 
         proptest! {
+            /// The length parser reads what `str::parse::<i64>` reads.
+            #[test]
+            fn integers_parse_as_std_does(text in prop_oneof![
+                proptest::collection::vec(prop_oneof![Just(b'-'), Just(b'+'), b'0'..=b'9', any::<u8>()], 0..22),
+                any::<i64>().prop_map(|i| i.to_string().into_bytes()),
+                any::<u64>().prop_map(|i| format!("+{i}").into_bytes()),
+            ]) {
+                let std = if text.is_empty() || text.len() > 20 {
+                    None
+                } else {
+                    std::str::from_utf8(&text).ok().and_then(|t| t.parse::<i64>().ok())
+                };
+                prop_assert_eq!(parse_i64(&text), std);
+            }
+
             /// Any split of a valid stream into reads decodes to the same frames
             /// with the same wire lengths.
             #[test]

@@ -2056,6 +2056,7 @@ fn stage_entries(
 ) -> AppendedRange {
     let first = state.log.last.next();
     let count = entries.len();
+    ops.reserve(count);
     for (index, entry) in entries.into_iter().enumerate() {
         let log_id = state.log.last.next();
         let created_unix_ms = entry
