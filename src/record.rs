@@ -249,14 +249,7 @@ impl Record {
         streamed: &[StreamedArg],
         tenure: Option<SlotTenure>,
     ) -> Bytes {
-        // Protobuf tags: field number << 3 | wire type (0 varint, 2 bytes).
-        const RECORD_WRITE: u8 = 1 << 3 | 2;
-        const WRITE_DB: u8 = 1 << 3;
-        const WRITE_COMMAND: u8 = 2 << 3 | 2;
-        const WRITE_TRANSACTION: u8 = 3 << 3;
-        const WRITE_STREAMED: u8 = 4 << 3 | 2;
-        const WRITE_TENURE: u8 = 5 << 3 | 2;
-        const COMMAND_ARG: u8 = 1 << 3 | 2;
+        use tag::*;
         let field_len = |len: usize| 1 + encoded_len_varint(len as u64) + len;
         let command_len = |command: &Command| -> usize {
             command.args.iter().map(|arg| field_len(arg.len())).sum()
@@ -589,6 +582,21 @@ fn scope_from_pb(scope: pb::SlotScope) -> Result<SlotRanges, RecordError> {
     Ok(SlotRanges::from_ranges(ranges))
 }
 
+/// The protobuf tags (field number << 3 | wire type: 0 varint, 2 bytes) of
+/// the write record's fields, for the hand-written encoder and decoder
+/// (`proto/ferry.proto`).
+mod tag {
+    pub const RECORD_WRITE: u8 = 1 << 3 | 2;
+    pub const WRITE_DB: u8 = 1 << 3;
+    pub const WRITE_COMMAND: u8 = 2 << 3 | 2;
+    pub const WRITE_TRANSACTION: u8 = 3 << 3;
+    pub const WRITE_STREAMED: u8 = 4 << 3 | 2;
+    pub const WRITE_TENURE: u8 = 5 << 3 | 2;
+    pub const COMMAND_ARG: u8 = 1 << 3 | 2;
+    pub const TENURE_SLOT: u8 = 1 << 3;
+    pub const TENURE_GEN: u8 = 2 << 3;
+}
+
 /// The write record of `payload` when it is laid out as
 /// [`Record::encode_write_tagged`] lays out a write without streamed
 /// arguments, and valid; `None` for anything else (another kind, streamed
@@ -600,14 +608,7 @@ fn scope_from_pb(scope: pb::SlotScope) -> Result<SlotRanges, RecordError> {
 /// first, so each command costs one allocation. Whatever it accepts, prost
 /// decodes to the same record (a test checks it on mutated payloads).
 fn plain_write(payload: &Bytes, limits: RecordLimits) -> Option<WriteRecord> {
-    const RECORD_WRITE: u8 = 1 << 3 | 2;
-    const WRITE_DB: u8 = 1 << 3;
-    const WRITE_COMMAND: u8 = 2 << 3 | 2;
-    const WRITE_TRANSACTION: u8 = 3 << 3;
-    const WRITE_TENURE: u8 = 5 << 3 | 2;
-    const COMMAND_ARG: u8 = 1 << 3 | 2;
-    const TENURE_SLOT: u8 = 1 << 3;
-    const TENURE_GEN: u8 = 2 << 3;
+    use tag::*;
     let bytes = &payload[..];
     let mut pos = 0;
     if *bytes.first()? != RECORD_WRITE {

@@ -135,6 +135,10 @@ impl Target {
 
     /// The next reply, or [`ApplyError::Timeout`].
     pub async fn reply(&mut self) -> Result<Frame, ApplyError> {
+        // Already buffered (most replies of a batch): no timer to set.
+        if let Some(frame) = self.client.buffered_reply()? {
+            return Ok(frame);
+        }
         bounded(
             self.stall_watch.as_ref(),
             self.reply_timeout,

@@ -188,6 +188,18 @@ impl Client {
         Ok(frame)
     }
 
+    /// The next reply if it is already buffered whole, without reading:
+    /// `Ok(None)` when a read is needed. Replies to a pipeline mostly arrive
+    /// together, and a caller that bounds each read with a timer needs one
+    /// only when this says a read is needed.
+    pub fn buffered_reply(&mut self) -> Result<Option<Frame>, ClientError> {
+        let Some((frame, _)) = self.decoder.decode_frame(&mut self.read_buf)? else {
+            return Ok(None);
+        };
+        self.pending = self.pending.saturating_sub(1);
+        Ok(Some(frame))
+    }
+
     /// Reads the next frame without counting it as a reply (push messages,
     /// or a stream the server writes on its own).
     pub async fn read_frame(&mut self) -> Result<Frame, ClientError> {
@@ -362,6 +374,19 @@ mod tests {
             Err(ClientError::Io(error)) => assert_eq!(error.kind(), std::io::ErrorKind::TimedOut),
             other => panic!("expected a timeout, got {other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn buffered_replies_are_taken_without_a_read() {
+        let mut client = client_fed_with(vec![b"+QUEUED\r\n+QUEUED\r\n*2\r\n:1"]).await;
+        client.pending = 3;
+        assert_eq!(client.buffered_reply().unwrap(), None);
+        let queued = Frame::Simple(bytes::Bytes::from_static(b"QUEUED"));
+        assert_eq!(client.read_reply().await.unwrap(), queued);
+        assert_eq!(client.buffered_reply().unwrap(), Some(queued));
+        // Half an EXEC reply: a read is needed, and nothing was taken.
+        assert_eq!(client.buffered_reply().unwrap(), None);
+        assert_eq!(client.pending_replies(), 1);
     }
 
     #[test]

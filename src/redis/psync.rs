@@ -1670,13 +1670,15 @@ impl FrameScan {
             return None;
         }
         let frame = buf.split_to(pos).freeze();
+        // The same bytes as the first pass: the same ranges, all found.
         let mut args = Vec::with_capacity(count);
         let mut pos = first;
         while let Some(range) = (pos < frame.len()).then(|| arg_at(&frame, pos)).flatten() {
             pos = range.end + 2;
             args.push(frame.slice(range));
         }
-        Some((Command::new(args), pos))
+        debug_assert_eq!((args.len(), pos), (count, frame.len()));
+        Some((Command::new(args), frame.len()))
     }
 }
 
