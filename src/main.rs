@@ -48,6 +48,8 @@ const TRIM_THRESHOLD: libc::c_int = 8 * 1024 * 1024;
 /// applied already. Runs first in `main`, before any thread.
 fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    let tunables = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
     for (variable, tunable, parameter, value, name) in [
         (
             "MALLOC_MMAP_THRESHOLD_",
@@ -64,7 +66,6 @@ fn tune_allocator() {
             "M_TRIM_THRESHOLD",
         ),
     ] {
-        let tunables = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
         if std::env::var_os(variable).is_some() || tunables.contains(tunable) {
             continue;
         }

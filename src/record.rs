@@ -203,42 +203,14 @@ impl Record {
     /// The encoded record of a write, built straight from borrowed commands:
     /// the same bytes as `Record::Write(..).encode()` (prost's field order,
     /// defaults left out), without cloning the commands into messages first.
-    /// This runs once per replication entry on the listener.
     pub fn encode_write(db: u32, commands: &[Command], transaction: bool) -> Bytes {
-        Record::encode_write_streamed(db, commands, transaction, &[])
+        Record::encode_write_into(&mut BytesMut::new(), db, commands, transaction, &[], None)
     }
 
-    /// [`Record::encode_write`] of a write with streamed arguments.
-    pub fn encode_write_streamed(
-        db: u32,
-        commands: &[Command],
-        transaction: bool,
-        streamed: &[StreamedArg],
-    ) -> Bytes {
-        Record::encode_write_tagged(db, commands, transaction, streamed, None)
-    }
-
-    /// [`Record::encode_write_streamed`] with a slot tenure.
-    pub fn encode_write_tagged(
-        db: u32,
-        commands: &[Command],
-        transaction: bool,
-        streamed: &[StreamedArg],
-        tenure: Option<SlotTenure>,
-    ) -> Bytes {
-        Record::encode_write_into(
-            &mut BytesMut::new(),
-            db,
-            commands,
-            transaction,
-            streamed,
-            tenure,
-        )
-    }
-
-    /// [`Record::encode_write_tagged`], encoded at the end of `arena` and
-    /// split off it. The listener encodes every entry of a receive pass into
-    /// one arena: the payloads then share one buffer, so an entry costs no
+    /// [`Record::encode_write`] with streamed arguments and a slot tenure,
+    /// encoded at the end of `arena` and split off it. The listener encodes
+    /// every entry this way (once per replication entry), into one arena:
+    /// consecutive payloads share one buffer, so an entry costs no
     /// allocation of its own, and cloning its payload (for the WAL's read
     /// tail) only counts a reference.
     pub fn encode_write_into(
@@ -333,7 +305,8 @@ impl Record {
 
     pub fn encode(&self) -> Bytes {
         if let Record::Write(write) = self {
-            return Record::encode_write_tagged(
+            return Record::encode_write_into(
+                &mut BytesMut::new(),
                 write.db,
                 &write.commands,
                 write.transaction,
@@ -598,7 +571,7 @@ mod tag {
 }
 
 /// The write record of `payload` when it is laid out as
-/// [`Record::encode_write_tagged`] lays out a write without streamed
+/// [`Record::encode_write_into`] lays out a write without streamed
 /// arguments, and valid; `None` for anything else (another kind, streamed
 /// arguments, another field order, an unknown field, an invalid write), which
 /// the caller decodes with prost instead, errors included.
